@@ -1,0 +1,354 @@
+"""The synchronous engine core: admission, one scheduling step at a time, and request outputs.
+
+``add_request`` validates and queues; ``step`` schedules, runs the model once for every scheduled
+token, appends sampled tokens, detokenises, applies stop conditions and frees finished sequences'
+blocks at once. Front ends (``LLM``, the API server's async engine) drive ``step`` in a loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmserve.config import EngineConfig, resolve_dtype
+from llmserve.engine.block_manager import BlockManager
+from llmserve.engine.detokenizer import IncrementalDetokenizer
+from llmserve.engine.scheduler import Scheduler
+from llmserve.engine.sequence import Sequence
+from llmserve.errors import InvalidRequestError
+from llmserve.layers.attention.backend import get_attention_backend
+from llmserve.layers.sampler import make_generator
+from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
+from llmserve.models.registry import resolve_model_class
+from llmserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from llmserve.sampling_params import SamplingParams
+from llmserve.tokenizer import load_tokenizer
+from llmserve.worker.model_runner import ModelRunner, TokenLogprobs
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_CACHE_BYTES = 4 * 2**30   # vLLM's CPU default
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+class OutputKind(enum.Enum):
+    """When ``step`` reports a request: every step with everything so far, or only once finished."""
+
+    CUMULATIVE = "cumulative"
+    FINAL_ONLY = "final_only"
+
+
+@dataclass
+class RequestState:
+    """Engine-side bookkeeping of one user request and its n sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output_kind: OutputKind
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    arrival_time: float
+    logprobs: list[list[PositionLogprobs]] | None = None
+    cumulative_logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    finished_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)   # unseeded requests: reproducible run to run
+        if config.model is None:
+            from llmserve.testing.checkpoints import demo_model_path
+
+            config.model = str(demo_model_path())
+        path = resolve_model_path(config.model, config.revision, config.download_dir)
+        self.model_path = path
+        self.hf_config = load_config(path, config.trust_remote_code, config.revision)
+        resolve_model_class(self.hf_config)   # fail on an unsupported architecture before anything heavy
+        self.dtype = resolve_dtype(config.dtype, checkpoint_dtype(self.hf_config), self.device)
+        tokenizer_path = config.tokenizer or path
+        if config.tokenizer:
+            tokenizer_path = resolve_model_path(config.tokenizer, config.tokenizer_revision, config.download_dir)
+        self.tokenizer = load_tokenizer(tokenizer_path, config.tokenizer_revision, config.trust_remote_code)
+        self.vocab_size = int(self.hf_config.vocab_size)
+        self.eos_token_id = self._eos_token_id()
+        self.max_model_len = self._max_model_len()
+        self.max_num_batched_tokens = config.max_num_batched_tokens or (
+            DEFAULT_MAX_NUM_BATCHED_TOKENS if config.enable_chunked_prefill
+            else max(DEFAULT_MAX_NUM_BATCHED_TOKENS, self.max_model_len))
+        if not config.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) is smaller than "
+                             f"--max-model-len ({self.max_model_len}) with chunked prefill disabled: "
+                             "long prompts could never be scheduled")
+        t0 = time.perf_counter()
+        model = load_model(self.hf_config, path, self.dtype, self.device)
+        logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, self.dtype, self.device,
+                    path, time.perf_counter() - t0)
+        self.runner = ModelRunner(model, get_attention_backend(self.device), config.block_size,
+                                  self.vocab_size, self.device, self.dtype)
+        num_blocks = self._num_kv_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.requests: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+        tokens = num_blocks * config.block_size
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", num_blocks, config.block_size,
+                    tokens, num_blocks * self.runner.kv_cache_bytes_per_block() / 2**30)
+        logger.info("Maximum concurrency for %d tokens per request: %.2fx", self.max_model_len,
+                    tokens / self.max_model_len)
+
+    # ------------------------------------------------------------------ start-up helpers
+    def _eos_token_id(self) -> int | None:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.hf_config, "eos_token_id", None)
+            if isinstance(eos, list):
+                eos = eos[0] if eos else None
+        return eos
+
+    def _max_model_len(self) -> int:
+        derived = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or None
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and getattr(self.hf_config, "use_sliding_window", True) and (derived is None or window < derived):
+            logger.warning("Sliding-window attention is not implemented; capping the context at the "
+                           "window (%d tokens), where full attention is exact", window)
+            derived = int(window)
+        requested = self.config.max_model_len
+        if requested is None:
+            if derived is None:
+                raise ValueError("config.json has no max_position_embeddings: pass --max-model-len")
+            return derived
+        if derived is not None and requested > derived:
+            raise ValueError(f"--max-model-len {requested} is larger than the model's maximum context "
+                             f"length ({derived} tokens)")
+        return requested
+
+    def _num_kv_blocks(self) -> int:
+        per_block = self.runner.kv_cache_bytes_per_block()
+        budget = self.config.kv_cache_memory_bytes
+        if budget is None and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            # Headroom for activations of a max_num_batched_tokens forward (profiled precisely on GPU later).
+            budget = int(total * self.config.gpu_memory_utilization) - used - 2**30
+        elif budget is None:
+            budget = CPU_DEFAULT_KV_CACHE_BYTES
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"the KV-cache budget ({budget} bytes) is smaller than one block ({per_block} bytes); "
+                             "raise --kv-cache-memory-bytes or --gpu-memory-utilization")
+        return int(num_blocks)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+        """Validate and queue a request; raises :class:`InvalidRequestError` (and queues nothing) if it is bad."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        params.verify(self.vocab_size, self.config.max_logprobs)
+        max_tokens = self._resolve_max_tokens(len(prompt_ids), params.max_tokens)
+        needed = self.block_manager.blocks_for(len(prompt_ids) + max_tokens)
+        if needed > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                f"this request needs {needed} KV-cache blocks ({len(prompt_ids)} prompt + {max_tokens} completion "
+                f"tokens) but the whole cache holds {self.block_manager.num_blocks}; lower max_tokens or give the "
+                "cache more memory (--kv-cache-memory-bytes)", "max_tokens")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seqs = []
+        for index in range(params.n):
+            generator = None if params.seed is None else make_generator(params.seed, index, self.device)
+            seqs.append(Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, max_tokens,
+                                 self.eos_token_id, generator, arrival_time=arrival))
+        state = RequestState(
+            request_id, prompt_text, prompt_ids, params, output_kind, seqs,
+            [IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
+                                    spaces_between_special_tokens=params.spaces_between_special_tokens,
+                                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+             for _ in seqs],
+            arrival,
+            logprobs=[[] for _ in seqs] if params.logprobs is not None else None,
+            cumulative_logprobs=[0.0] * params.n,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )
+        self.requests[request_id] = state
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.num_prompt_tokens_total += len(prompt_ids)
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidRequestError("prompt must be a string or a list of token ids (integers)", "prompt")
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})", "prompt")
+        return None, list(prompt)
+
+    def _resolve_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_len} "
+                "tokens, which leaves no room for a completion. Please reduce the length of the prompt.", "prompt")
+        if max_tokens is None:
+            return limit - prompt_len
+        if prompt_len + max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the completion). "
+                "Please reduce the length of the prompt or completion.", "max_tokens")
+        return max_tokens
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False if it is unknown or already finished."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return False
+        for seq in state.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return outputs for requests that progressed (per their output kind)."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        result = self.runner.execute(sched.scheduled)
+        now = time.monotonic()
+        touched: dict[str, RequestState] = {}
+        for seq, num_new in sched.scheduled:
+            seq.num_computed_tokens += num_new
+            state = self.requests[seq.request_id]
+            if seq.seq_id in result.prompt_logprobs:
+                self._record_prompt_logprobs(state, *result.prompt_logprobs[seq.seq_id])
+            token = result.sampled.get(seq.seq_id)
+            if token is None:
+                continue   # a prefill chunk that did not reach the end of the prompt
+            seq.append_token(token)
+            self.num_generation_tokens_total += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.last_token_time = now
+            token_logprobs = result.logprobs.get(seq.seq_id)
+            if token_logprobs is not None:
+                state.cumulative_logprobs[seq.index] += token_logprobs.logprob
+                if state.logprobs is not None:
+                    state.logprobs[seq.index].append(self._position_logprobs(token_logprobs))
+            stop_string = state.detokenizers[seq.index].update([token])
+            self._check_stop(seq, token, stop_string)
+            if seq.finish_reason:
+                self.scheduler.finish(seq)
+            touched[state.request_id] = state
+        outputs = []
+        for state in touched.values():
+            finished = state.finished
+            if finished:
+                state.finished_time = now
+                del self.requests[state.request_id]
+            if finished or state.output_kind is OutputKind.CUMULATIVE:
+                outputs.append(self._make_output(state, finished))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int, stop_string: str | None) -> None:
+        """Set ``seq.finish_reason`` when a stop condition holds (vLLM's order: EOS, stop ids, stop strings, length)."""
+        params = seq.params
+        num_out = len(seq.output_token_ids)
+        if num_out >= params.min_tokens:
+            if token == seq.eos_token_id and not params.ignore_eos:
+                seq.finish_reason = "stop"
+                return
+            if token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+                return
+        if stop_string is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop_string
+            return
+        if num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _record_prompt_logprobs(self, state: RequestState, start: int, entries: list[TokenLogprobs]) -> None:
+        """Store prompt logprobs once; a recomputed (preempted) or parallel sequence reports them again.
+
+        ``entries[i]`` is the logprob of prompt token ``start + i + 1``; slot 0 (the first token) is None.
+        """
+        assert state.prompt_logprobs is not None
+        for offset, entry in enumerate(entries):
+            if start + offset + 1 == len(state.prompt_logprobs):
+                state.prompt_logprobs.append(self._position_logprobs(entry))
+
+    def _position_logprobs(self, entry: TokenLogprobs) -> PositionLogprobs:
+        decode = self.tokenizer.convert_ids_to_tokens
+        result = {entry.token_id: Logprob(entry.logprob, entry.rank, decode(entry.token_id))}
+        for rank, (token, lp) in enumerate(zip(entry.top_ids, entry.top_logprobs), start=1):
+            result.setdefault(token, Logprob(lp, rank, decode(token)))
+        return result
+
+    def _make_output(self, state: RequestState, finished: bool) -> RequestOutput:
+        completions = []
+        for seq, detok in zip(state.seqs, state.detokenizers):
+            completions.append(CompletionOutput(
+                index=seq.index,
+                text=detok.output_text,
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=state.cumulative_logprobs[seq.index] if state.logprobs is not None else None,
+                logprobs=state.logprobs[seq.index] if state.logprobs is not None else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            ))
+        metrics = RequestMetrics(
+            arrival_time=state.arrival_time,
+            first_scheduled_time=min((s.first_scheduled_time for s in state.seqs if s.first_scheduled_time),
+                                     default=None),
+            first_token_time=min((s.first_token_time for s in state.seqs if s.first_token_time), default=None),
+            last_token_time=max((s.last_token_time for s in state.seqs if s.last_token_time), default=None),
+            finished_time=state.finished_time,
+        )
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, state.prompt_logprobs,
+                             completions, finished, metrics, sum(s.num_preemptions for s in state.seqs))
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.block_manager.usage,
+            "num_free_blocks": self.block_manager.num_free_blocks,
+            "num_blocks": self.block_manager.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens": self.num_prompt_tokens_total,
+            "generation_tokens": self.num_generation_tokens_total,
+        }

@@ -1,0 +1,66 @@
+"""The unit the scheduler works on: one sample of one request, with its tokens and KV progress.
+
+vLLM V1's single scheduling rule: a sequence has ``num_tokens`` known tokens (prompt + generated) and
+``num_computed_tokens`` whose K/V are in the cache. Each step closes part of the gap; when the gap is
+closed, the model's last logits give the next token. Prefill, chunked prefill, decode and recompute
+after preemption are all the same rule.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from llmserve.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int                       # sample index within its request (0..n-1)
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int                  # params.max_tokens resolved against the context length
+    eos_token_id: int | None
+    generator: torch.Generator | None
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

@@ -1,0 +1,50 @@
+"""Engine flags shared by every command (named as vLLM names them)."""
+
+from __future__ import annotations
+
+import argparse
+
+from llmserve.config import EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
+    if model_positional:
+        parser.add_argument("model_tag", nargs="?", metavar="MODEL",
+                            help="Hugging Face checkpoint folder or Hub id (default: the built-in demo model)")
+    parser.add_argument("--model", default=None, help="same as the positional MODEL")
+    g = parser.add_argument_group("engine")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's)")
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model")
+    g.add_argument("--tokenizer-revision", default=None, help="Hub revision of the tokenizer")
+    g.add_argument("--download-dir", default=None, help="where Hub downloads go (default: the Hugging Face cache)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations; auto = float32 on CPU, the checkpoint's dtype on GPU")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--seed", type=int, default=0, help="seed for requests that do not set their own")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (prompt + output); default: the model's")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--kv-cache-memory-bytes", default=None,
+                   help="KV-cache size as bytes or with a unit (4GiB, 512MB); default 4GiB on CPU")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights + activations + KV cache (GPU only)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="most tokens in one step (default 2048); long prompts are prefilled in chunks of this")
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="split long prompts across steps (default on)")
+    g.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / prompt_logprobs accepted")
+    g.add_argument("--num-threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    model = getattr(args, "model_tag", None) or args.model
+    return EngineConfig(
+        model=model, tokenizer=args.tokenizer, revision=args.revision, tokenizer_revision=args.tokenizer_revision,
+        download_dir=args.download_dir, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
+        device=args.device, seed=args.seed, max_model_len=args.max_model_len, block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill, max_logprobs=args.max_logprobs,
+        num_threads=args.num_threads)

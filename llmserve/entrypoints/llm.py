@@ -1,0 +1,115 @@
+"""The offline Python API: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as SequenceABC
+from typing import Any, Union
+
+from llmserve.config import EngineConfig
+from llmserve.engine.llm_engine import LLMEngine, OutputKind
+from llmserve.errors import InvalidRequestError
+from llmserve.outputs import RequestOutput
+from llmserve.sampling_params import SamplingParams
+
+# A prompt is text, a list of token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
+PromptType = Union[str, list[int], dict[str, Any]]
+
+
+class LLM:
+    """Generate for many prompts at once with continuous batching on a paged KV cache.
+
+    ``model`` is a local Hugging Face checkpoint folder or a Hub id; ``None`` uses the built-in demo
+    model (random weights). Keyword arguments are :class:`EngineConfig` fields, named as vLLM's
+    (``max_model_len``, ``block_size``, ``kv_cache_memory_bytes``, ``max_num_seqs``, ...).
+    """
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | SequenceABC[PromptType],
+                 sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of ``prompts``.
+
+        If any prompt is refused, none of them runs and the error names the prompt's index.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"got {len(prompt_list)} prompts but {len(params_list)} sampling params")
+        request_ids: list[str] = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+                request_id = str(next(self._ids))
+                try:
+                    self.engine.add_request(request_id, _prompt_value(prompt), params,
+                                            output_kind=OutputKind.FINAL_ONLY)
+                except InvalidRequestError as exc:
+                    raise InvalidRequestError(f"prompt {i}: {exc}", exc.param) from None
+                request_ids.append(request_id)
+        except BaseException:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(request_ids)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template (or ``chat_template``) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": _apply_chat_template(self.engine.tokenizer, conv, chat_template,
+                                                             add_generation_prompt)}
+                   for conv in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
+        try:
+            while len(finished) < len(wanted):
+                for output in self.engine.step():
+                    if output.finished and output.request_id in wanted:
+                        finished[output.request_id] = output
+        except BaseException:
+            for request_id in wanted - finished.keys():
+                self.engine.abort_request(request_id)
+            raise
+        return [finished[r] for r in request_ids]
+
+
+def _apply_chat_template(tokenizer: Any, conversation: list[dict[str, Any]], chat_template: str | None,
+                         add_generation_prompt: bool) -> list[int]:
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; pass chat_template")
+    ids = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=True,
+                                        add_generation_prompt=add_generation_prompt)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return [prompts]   # one prompt given as token ids
+    return prompts
+
+
+def _prompt_value(prompt: PromptType) -> str | list[int]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt["prompt_token_ids"]
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'", "prompt")
+    return prompt

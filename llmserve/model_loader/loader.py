@@ -1,0 +1,107 @@
+"""Find a checkpoint (local folder or Hugging Face Hub id), read its config and stream its weights.
+
+Weights are read tensor by tensor from memory-mapped safetensors files straight into the model's
+preallocated parameters, so peak memory is the model plus one tensor, never two copies of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from llmserve.models.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.txt"]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
+    """A local folder as is; anything else is a Hub id, downloaded (or found in the cache) through huggingface_hub.
+
+    ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub: only the local cache is looked at.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"model path {model} is a file; pass the checkpoint folder")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model:
+        raise ModelNotFoundError(f"model folder {model} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, revision=revision, cache_dir=download_dir,
+                                      allow_patterns=_HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(
+            f"model {model!r} is not a local folder and is not in the Hugging Face cache"
+            + (" (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else
+               " and the Hub could not be reached")) from None
+    except (HfHubHTTPError, ValueError, OSError) as exc:
+        raise ModelNotFoundError(f"could not fetch model {model!r} from the Hugging Face Hub: {exc}") from None
+
+
+def load_config(path: Path, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
+    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, revision=revision)
+
+
+def checkpoint_dtype(config: Any) -> torch.dtype | None:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise ModelNotFoundError(f"{index.name} lists shards that are not in {path}: {', '.join(missing)}")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"no *.safetensors weights in {path} (PyTorch .bin checkpoints are not supported)")
+    return files
+
+
+def iterate_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` one at a time from every safetensors shard."""
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    model_cls = resolve_model_class(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.load_weights(iterate_weights(path))
+    # Rotary tables stay float32 for accuracy; everything else is in the serving dtype.
+    return model.eval()
