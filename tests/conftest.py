@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny checkpoints of every family, written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmserve.testing.checkpoints import write_checkpoint
+
+FAMILY_NAMES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory):
+    """``checkpoint_dir(family)`` -> folder of a tiny random-weight checkpoint (cached per session)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    cache: dict[str, Path] = {}
+
+    def get(family: str = "llama") -> Path:
+        if family not in cache:
+            cache[family] = write_checkpoint(root / family, family=family, size="tiny", seed=0)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llama_dir(checkpoint_dir) -> Path:
+    return checkpoint_dir("llama")

@@ -1,0 +1,39 @@
+"""The correctness oracle: Hugging Face transformers running the same checkpoint, greedily."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+
+@lru_cache(maxsize=8)
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens (EOS not special: never stops early) and their logprobs, with HF's own KV cache."""
+    model = hf_model(str(path))
+    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        step_logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
+        token = int(step_logprobs.argmax())
+        tokens.append(token)
+        logprobs.append(step_logprobs[token].item())
+        out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, logprobs
+
+
+@torch.inference_mode()
+def hf_prompt_logprobs(path: Path, prompt_ids: list[int]) -> list[float]:
+    """logprob of prompt token i+1 given tokens 0..i, for every i."""
+    model = hf_model(str(path))
+    logits = model(torch.tensor([prompt_ids])).logits[0].float()
+    logprobs = torch.log_softmax(logits, -1)
+    return [logprobs[i, prompt_ids[i + 1]].item() for i in range(len(prompt_ids) - 1)]
