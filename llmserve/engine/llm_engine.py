@@ -268,9 +268,10 @@ class LLMEngine:
                 state.cumulative_logprobs[seq.index] += token_logprobs.logprob
                 if state.logprobs is not None:
                     state.logprobs[seq.index].append(self._position_logprobs(token_logprobs))
-            stop_string = state.detokenizers[seq.index].update([token])
-            self._check_stop(seq, token, stop_string)
+            detokenizer = state.detokenizers[seq.index]
+            self._check_stop(seq, token, detokenizer.update([token]))
             if seq.finish_reason:
+                detokenizer.get_next_output_text(finished=True, delta=False)   # flush a cut-off character
                 self.scheduler.finish(seq)
             touched[state.request_id] = state
         outputs = []

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Creates .venv and installs llmserve into it.
+#
+# PyTorch: if the Python used here can already import torch (a GPU box with its CUDA build, say), the
+# virtual environment sees that torch and nothing is reinstalled. Otherwise the CPU build of torch
+# 2.13.0 is installed (from the PyTorch CPU index; an unpinned `pip install torch` would pull several
+# GB of CUDA packages). Override with LLMSERVE_TORCH_SPEC / LLMSERVE_TORCH_INDEX_URL.
+#
+# Usage: scripts/setup.sh [--test]   (--test also installs the test dependencies)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${LLMSERVE_VENV:-.venv}
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: using the torch already installed for $PYTHON ($("$PYTHON" -c 'import torch; print(torch.__version__)'))"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+PIP="$VENV/bin/python -m pip"
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  if [ "$(uname -s)" = "Linux" ] && [ "$(uname -m)" = "x86_64" ]; then
+    spec=${LLMSERVE_TORCH_SPEC:-torch==2.13.0+cpu}
+    index=${LLMSERVE_TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
+  else
+    spec=${LLMSERVE_TORCH_SPEC:-torch==2.13.0}
+    index=${LLMSERVE_TORCH_INDEX_URL:-}
+  fi
+  echo "setup: installing $spec"
+  $PIP install --quiet "$spec" ${index:+--extra-index-url "$index"}
+fi
+$PIP install --quiet -e ".$extras"
+echo "setup: ready ($VENV/bin/llmserve)"
