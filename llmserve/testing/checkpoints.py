@@ -1,0 +1,609 @@
+"""Small Hugging Face checkpoints with RANDOM weights, for tests and the demo.
+
+No model can be downloaded in this project's environment, so llmserve makes its
+own checkpoints.  They are complete Hugging Face model folders (``config.json``,
+``generation_config.json``, ``model.safetensors`` or sharded
+``model-0000K-of-0000N.safetensors`` + ``model.safetensors.index.json``,
+``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``) that
+``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` load without any
+missing or unexpected weights.
+
+**The weights are random.  The models know nothing, and everything they
+generate is gibberish.**  They exist to exercise the engine (loading, the
+tokenizer, attention, the KV cache, batching, sampling) and to be compared
+token-for-token with Hugging Face transformers, never to produce meaningful text.
+
+The tokenizers are real BPE tokenizers trained on a bundled corpus
+(``corpus/corpus.txt``: CPython standard library docstrings plus a short
+multilingual section), see :mod:`llmserve.testing.tokenizer_files`.
+
+Families (:data:`FAMILIES`):
+
+``llama``    ``LlamaForCausalLM``, sentencepiece-style BPE with byte fallback, Llama-2 ``[INST]`` chat template.
+``llama3``   ``LlamaForCausalLM`` with Llama-3 rope scaling (``rope_type="llama3"``), rope_theta 500000 and
+             tied input/output embeddings (no ``lm_head.weight`` in the file); same tokenizer kind as ``llama``.
+``mistral``  ``MistralForCausalLM`` with ``sliding_window: null`` and rope_theta 1e6, Mistral ``[INST]`` template.
+``qwen2``    ``Qwen2ForCausalLM``: q/k/v projections with bias, byte-level BPE, ChatML template.
+``qwen3``    ``Qwen3ForCausalLM``: per-head ``q_norm``/``k_norm`` RMSNorm, explicit ``head_dim`` (twice
+             hidden/heads), no attention bias, byte-level BPE, ChatML template.
+
+Sizes (:data:`SIZES`): ``tiny`` (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 2000) for tests and
+``bench``, the ~125M-parameter Llama-shaped benchmark and demo model (hidden 768, 12 layers, 12 heads /
+4 KV heads, intermediate 2048, vocab 32000).
+
+Weights are drawn from a ``torch.Generator`` seeded from ``(seed, tensor name)``, so the same arguments
+always produce byte-identical files, and a given tensor does not depend on sharding.  Scales are chosen so
+that a hidden state gives logits with a standard deviation of about 4 across the vocabulary: greedy
+decoding then has clear winners and rarely hinges on float rounding.
+
+``rope_theta``/``rope_scaling`` are written both the way checkpoints from the transformers 4.x era have them
+(top-level ``rope_theta`` plus ``rope_scaling``) and the way transformers 5 writes them (``rope_parameters``
+holding ``rope_type`` and ``rope_theta``); pass ``config_style="legacy"`` or ``"v5"`` to get only one of them.
+
+Typical use::
+
+    from llmserve.testing.checkpoints import write_checkpoint, demo_model_path
+    path = write_checkpoint(tmp_path / "m", family="qwen3")        # tiny, seconds
+    demo = demo_model_path()                                       # ~/.cache/llmserve/models/llmserve-demo-llama-125m
+
+or from a shell: ``python -m llmserve.testing.checkpoints OUT_DIR --family llama --size tiny``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from .tokenizer_files import BYTELEVEL, SENTENCEPIECE, TokenizerInfo, build_tokenizer, write_tokenizer_files
+
+__all__ = [
+    "FAMILIES",
+    "SIZES",
+    "FamilySpec",
+    "SizeSpec",
+    "write_checkpoint",
+    "demo_model_path",
+    "cache_dir",
+    "tensor_specs",
+    "TensorSpec",
+    "DEMO_MODEL_NAME",
+]
+
+# Bump when the bytes written for given arguments change, so cached demo models get rebuilt.
+FORMAT_VERSION = 1
+
+DEMO_MODEL_NAME = "llmserve-demo-llama-125m"
+_STAMP_FILE = ".llmserve-checkpoint.json"
+
+# Target standard deviation of the logits across the vocabulary.
+LOGIT_STD = 4.0
+# Standard deviation of each entry of q and k (before rope) for a unit-RMS input.
+QK_STD = 1.2
+
+
+# --------------------------------------------------------------------------------------------------
+# Chat templates
+# --------------------------------------------------------------------------------------------------
+
+LLAMA2_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}"
+    "{%- set system_message = '' %}"
+    "{%- set loop_messages = messages %}"
+    "{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first %}{%- set content = system_message + message['content'] %}"
+    "{%- else %}{%- set content = message['content'] %}{%- endif %}"
+    "{{- bos_token + '[INST] ' + content + ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- ' ' + message['content'] + ' ' + eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] + '\\n\\n' %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}"
+    "{%- set system_message = '' %}"
+    "{%- set loop_messages = messages %}"
+    "{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first %}{{- '[INST] ' + system_message + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- message['content'] + eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Families and sizes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    architecture: str
+    model_type: str
+    tokenizer_kind: str
+    chat_template: str
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    # head_dim = head_dim_factor * hidden_size // num_attention_heads
+    head_dim_factor: int = 1
+    # Llama-3 rope scaling (original_max_position_embeddings = max_position_embeddings // 8).
+    llama3_rope_scaling: bool = False
+    # Multiplies the init scale of o_proj and down_proj (the residual branches).  Tied families need the
+    # layers to dominate the residual stream: otherwise the current token's own embedding, read back
+    # through the tied output matrix, keeps winning and greedy decoding collapses into repeats.
+    branch_gain: float = 1.0
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+SIZES: dict[str, SizeSpec] = {
+    "tiny": SizeSpec(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=2048,
+        vocab_size=2000,
+    ),
+    "bench": SizeSpec(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+        max_position_embeddings=4096,
+        vocab_size=32000,
+    ),
+}
+
+FAMILIES: dict[str, FamilySpec] = {
+    "llama": FamilySpec(
+        name="llama",
+        architecture="LlamaForCausalLM",
+        model_type="llama",
+        tokenizer_kind=SENTENCEPIECE,
+        chat_template=LLAMA2_CHAT_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        extra_config={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
+    ),
+    "llama3": FamilySpec(
+        name="llama3",
+        architecture="LlamaForCausalLM",
+        model_type="llama",
+        tokenizer_kind=SENTENCEPIECE,
+        chat_template=LLAMA2_CHAT_TEMPLATE,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        llama3_rope_scaling=True,
+        branch_gain=4.0,
+        extra_config={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
+    ),
+    "mistral": FamilySpec(
+        name="mistral",
+        architecture="MistralForCausalLM",
+        model_type="mistral",
+        tokenizer_kind=SENTENCEPIECE,
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+        extra_config={"sliding_window": None},
+    ),
+    "qwen2": FamilySpec(
+        name="qwen2",
+        architecture="Qwen2ForCausalLM",
+        model_type="qwen2",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        qkv_bias=True,
+        extra_config={"use_sliding_window": False, "sliding_window": None},
+    ),
+    "qwen3": FamilySpec(
+        name="qwen3",
+        architecture="Qwen3ForCausalLM",
+        model_type="qwen3",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        qk_norm=True,
+        head_dim_factor=2,
+        extra_config={"attention_bias": False, "use_sliding_window": False, "sliding_window": None},
+    ),
+}
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _get_family(family: str) -> FamilySpec:
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}") from None
+
+
+def _get_size(size: str) -> SizeSpec:
+    try:
+        return SIZES[size]
+    except KeyError:
+        raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}") from None
+
+
+def _head_dim(fam: FamilySpec, sz: SizeSpec) -> int:
+    return fam.head_dim_factor * sz.hidden_size // sz.num_attention_heads
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    init: Callable[[torch.Generator, tuple[int, ...]], torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _normal(std: float, mean: float = 0.0):
+    def init(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+        t = torch.randn(shape, generator=gen, dtype=torch.float32)
+        t.mul_(std)
+        if mean:
+            t.add_(mean)
+        return t
+
+    return init
+
+
+# RMSNorm weights: around 1 (not exactly 1, so that an engine ignoring them is caught).
+_NORM_INIT = _normal(0.1, mean=1.0)
+
+
+def tensor_specs(family: str = "llama", size: str = "tiny") -> list[TensorSpec]:
+    """The tensors of a checkpoint, in the order transformers' ``state_dict()`` lists them."""
+    fam, sz = _get_family(family), _get_size(size)
+    h, inter, v = sz.hidden_size, sz.intermediate_size, sz.vocab_size
+    hd = _head_dim(fam, sz)
+    q_out, kv_out = sz.num_attention_heads * hd, sz.num_key_value_heads * hd
+    inv = lambda n: 1.0 / math.sqrt(n)  # noqa: E731
+    out_std = LOGIT_STD / math.sqrt(h)  # final hidden has RMS ~1 after the norm
+
+    specs = [TensorSpec("model.embed_tokens.weight", (v, h), _normal(out_std if fam.tie_word_embeddings else 1.0))]
+    for i in range(sz.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for proj, out_dim, std in (("q", q_out, QK_STD * inv(h)), ("k", kv_out, QK_STD * inv(h)), ("v", kv_out, inv(h))):
+            specs.append(TensorSpec(p + f"self_attn.{proj}_proj.weight", (out_dim, h), _normal(std)))
+            if fam.qkv_bias:
+                specs.append(TensorSpec(p + f"self_attn.{proj}_proj.bias", (out_dim,), _normal(0.5)))
+        specs.append(TensorSpec(p + "self_attn.o_proj.weight", (h, q_out), _normal(fam.branch_gain * inv(q_out))))
+        if fam.qk_norm:
+            specs += [
+                TensorSpec(p + "self_attn.q_norm.weight", (hd,), _NORM_INIT),
+                TensorSpec(p + "self_attn.k_norm.weight", (hd,), _NORM_INIT),
+            ]
+        specs += [
+            TensorSpec(p + "mlp.gate_proj.weight", (inter, h), _normal(inv(h))),
+            TensorSpec(p + "mlp.up_proj.weight", (inter, h), _normal(inv(h))),
+            TensorSpec(p + "mlp.down_proj.weight", (h, inter), _normal(fam.branch_gain * inv(inter))),
+            TensorSpec(p + "input_layernorm.weight", (h,), _NORM_INIT),
+            TensorSpec(p + "post_attention_layernorm.weight", (h,), _NORM_INIT),
+        ]
+    specs.append(TensorSpec("model.norm.weight", (h,), _NORM_INIT))
+    if not fam.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", (v, h), _normal(out_std)))
+    return specs
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"llmserve-testing/{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _make_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(_tensor_seed(seed, spec.name))
+    t = spec.init(gen, spec.shape)
+    return t if dtype == torch.float32 else t.to(dtype)
+
+
+def _plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Same greedy split as ``huggingface_hub.split_torch_state_dict_into_shards`` (a tensor larger than
+    the limit gets a shard of its own, placed before the shard being filled)."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
+    for name, nbytes in sizes:
+        if nbytes > max_shard_bytes:
+            shards.append([name])
+            continue
+        if current_size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(name)
+        current_size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _write_weights(path: Path, specs: list[TensorSpec], seed: int, dtype: torch.dtype, max_shard_bytes: int | None):
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [(s.name, s.numel * itemsize) for s in specs]
+    by_name = {s.name: s for s in specs}
+    # transformers 5's save_pretrained shards the state dict in sorted-name order.
+    sizes.sort()
+    shards = [[n for n, _ in sizes]] if max_shard_bytes is None else _plan_shards(sizes, int(max_shard_bytes))
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file({n: _make_tensor(by_name[n], seed, dtype) for n in shards[0]}, path / "model.safetensors", metadata)
+        return
+    weight_map = {}
+    for k, names in enumerate(shards):
+        filename = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: _make_tensor(by_name[n], seed, dtype) for n in names}
+        save_file(tensors, path / filename, metadata)
+        del tensors
+        weight_map.update({n: filename for n in names})
+    index = {
+        "metadata": {"total_parameters": sum(s.numel for s in specs), "total_size": sum(b for _, b in sizes)},
+        "weight_map": weight_map,
+    }
+    # Formatted exactly like transformers' save_pretrained.
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_config(fam: FamilySpec, sz: SizeSpec, tok: TokenizerInfo, dtype: torch.dtype, config_style: str) -> dict:
+    if tok.kind == SENTENCEPIECE:
+        bos_id, eos_id = tok.special_ids["<s>"], tok.special_ids["</s>"]
+    else:
+        bos_id, eos_id = tok.special_ids["<|endoftext|>"], tok.special_ids["<|im_end|>"]
+    rope_scaling = None
+    if fam.llama3_rope_scaling:
+        rope_scaling = {
+            "factor": 8.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": sz.max_position_embeddings // 8,
+            "rope_type": "llama3",
+        }
+    config: dict[str, Any] = {
+        "architectures": [fam.architecture],
+        "model_type": fam.model_type,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "head_dim": _head_dim(fam, sz),
+        "hidden_act": "silu",
+        "hidden_size": sz.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": sz.intermediate_size,
+        "max_position_embeddings": sz.max_position_embeddings,
+        "num_attention_heads": sz.num_attention_heads,
+        "num_hidden_layers": sz.num_hidden_layers,
+        "num_key_value_heads": sz.num_key_value_heads,
+        "rms_norm_eps": fam.rms_norm_eps,
+        "tie_word_embeddings": fam.tie_word_embeddings,
+        "use_cache": True,
+        "vocab_size": sz.vocab_size,
+        "dtype": _DTYPE_NAMES[dtype],
+        "torch_dtype": _DTYPE_NAMES[dtype],
+    }
+    if config_style in ("both", "legacy"):
+        config["rope_theta"] = fam.rope_theta
+        config["rope_scaling"] = rope_scaling
+    if config_style in ("both", "v5"):
+        config["rope_parameters"] = {**(rope_scaling or {"rope_type": "default"}), "rope_theta": fam.rope_theta}
+    if fam.model_type in ("qwen2", "qwen3"):
+        config["max_window_layers"] = sz.num_hidden_layers
+    config.update(fam.extra_config)
+    return dict(sorted(config.items()))
+
+
+def _generation_config(tok: TokenizerInfo) -> dict:
+    if tok.kind == SENTENCEPIECE:
+        return {"bos_token_id": tok.special_ids["<s>"], "eos_token_id": tok.special_ids["</s>"]}
+    eot, im_end = tok.special_ids["<|endoftext|>"], tok.special_ids["<|im_end|>"]
+    return {"bos_token_id": eot, "eos_token_id": [im_end, eot], "pad_token_id": eot}
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def write_checkpoint(
+    path: str | os.PathLike,
+    family: str = "llama",
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int | None = None,
+    *,
+    config_style: str = "both",
+) -> Path:
+    """Write a random-weight Hugging Face checkpoint of ``family``/``size`` into ``path`` and return it.
+
+    ``path`` is created if needed; weight and index files already in it are removed first.  With
+    ``max_shard_bytes`` smaller than the weights, they are split like transformers' ``save_pretrained``
+    does (``model-00001-of-0000N.safetensors`` + ``model.safetensors.index.json``).  ``dtype`` is one of
+    float32, float16, bfloat16.  ``config_style`` picks how rope settings appear in config.json:
+    ``"both"`` (default), ``"legacy"`` (``rope_theta`` + ``rope_scaling``) or ``"v5"``
+    (``rope_parameters``).  Same arguments, same bytes.
+    """
+    fam, sz = _get_family(family), _get_size(size)
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"unsupported dtype {dtype}; expected one of {list(_DTYPE_NAMES)}")
+    if config_style not in ("both", "legacy", "v5"):
+        raise ValueError(f"config_style must be 'both', 'legacy' or 'v5', not {config_style!r}")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise ValueError("max_shard_bytes must be positive")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        stale.unlink()
+
+    _, tok = build_tokenizer(fam.tokenizer_kind, sz.vocab_size)
+    write_tokenizer_files(
+        path,
+        fam.tokenizer_kind,
+        sz.vocab_size,
+        chat_template=fam.chat_template,
+        model_max_length=sz.max_position_embeddings,
+    )
+    _write_json(path / "config.json", _model_config(fam, sz, tok, dtype, config_style))
+    _write_json(path / "generation_config.json", _generation_config(tok))
+    _write_weights(path, tensor_specs(family, size), seed, dtype, max_shard_bytes)
+    return path
+
+
+def cache_dir() -> Path:
+    """``$LLMSERVE_CACHE_DIR``, or ``~/.cache/llmserve``."""
+    env = os.environ.get("LLMSERVE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmserve"
+
+
+def _demo_stamp() -> dict:
+    return {"family": "llama", "size": "bench", "seed": 0, "dtype": "float32", "format_version": FORMAT_VERSION}
+
+
+def _read_stamp(path: Path) -> dict | None:
+    try:
+        return json.loads((path / _STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def demo_model_path() -> Path:
+    """The demo model (family llama, size bench, seed 0, float32; ~125M random parameters).
+
+    Lives in ``cache_dir()/models/llmserve-demo-llama-125m`` and is written on first use (a few
+    seconds).  It is built in a temporary folder next to it and renamed into place, so an interrupted
+    build never leaves a half-written checkpoint behind.
+    """
+    models_dir = cache_dir() / "models"
+    final = models_dir / DEMO_MODEL_NAME
+    stamp = _demo_stamp()
+    if _read_stamp(final) == stamp:
+        return final
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = models_dir / f".tmp-{DEMO_MODEL_NAME}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write_checkpoint(tmp, family=stamp["family"], size=stamp["size"], seed=stamp["seed"], dtype=torch.float32)
+        _write_json(tmp / _STAMP_FILE, stamp)
+        if final.exists():
+            if _read_stamp(final) == stamp:  # another process won the race
+                shutil.rmtree(tmp)
+                return final
+            # Outdated (older format version): move it aside, then replace it.
+            old = models_dir / f".old-{DEMO_MODEL_NAME}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if _read_stamp(final) != stamp:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(
+        prog="python -m llmserve.testing.checkpoints",
+        description="Write a random-weight Hugging Face checkpoint (outputs are gibberish).",
+    )
+    parser.add_argument("path", nargs="?", help="output folder (default: the cached demo model)")
+    parser.add_argument("--family", default="llama", choices=sorted(FAMILIES))
+    parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPE_NAMES.values()))
+    parser.add_argument("--max-shard-bytes", type=int, default=None)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if args.path is None:
+        out = demo_model_path()
+    else:
+        out = write_checkpoint(
+            args.path,
+            family=args.family,
+            size=args.size,
+            seed=args.seed,
+            dtype=getattr(torch, args.dtype),
+            max_shard_bytes=args.max_shard_bytes,
+        )
+    print(f"{out} ({time.perf_counter() - start:.1f}s)")
+
+
+if __name__ == "__main__":
+    _main()
