@@ -9,12 +9,12 @@ checked by :meth:`SamplingParams.verify`, which the engine calls at admission.
 
 from __future__ import annotations
 
-from llmserve.errors import InvalidRequestError
-
 import copy
 import math
 import numbers
 from dataclasses import dataclass
+
+from llmserve.errors import InvalidRequestError
 
 # Temperatures below this are treated as greedy: dividing logits by such a
 # value overflows float32 and the distribution is an argmax anyway.
