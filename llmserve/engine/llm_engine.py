@@ -100,7 +100,7 @@ class LLMEngine:
         model = load_model(self.hf_config, path, self.dtype, self.device)
         logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, self.dtype, self.device,
                     path, time.perf_counter() - t0)
-        self.runner = ModelRunner(model, get_attention_backend(self.device), config.block_size,
+        self.runner = ModelRunner(model, get_attention_backend(self.device, self.dtype), config.block_size,
                                   self.vocab_size, self.device, self.dtype)
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
@@ -269,7 +269,11 @@ class LLMEngine:
                 if state.logprobs is not None:
                     state.logprobs[seq.index].append(self._position_logprobs(token_logprobs))
             detokenizer = state.detokenizers[seq.index]
-            self._check_stop(seq, token, detokenizer.update([token]))
+            if self._stops_on_token(seq, token) and not seq.params.include_stop_str_in_output:
+                stop_string = None   # the text of the EOS / stop token is not part of the output (vLLM)
+            else:
+                stop_string = detokenizer.update([token])
+            self._check_stop(seq, token, stop_string)
             if seq.finish_reason:
                 detokenizer.get_next_output_text(finished=True, delta=False)   # flush a cut-off character
                 self.scheduler.finish(seq)
@@ -286,20 +290,24 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int, stop_string: str | None) -> None:
         """Set ``seq.finish_reason`` when a stop condition holds (vLLM's order: EOS, stop ids, stop strings, length)."""
-        params = seq.params
-        num_out = len(seq.output_token_ids)
-        if num_out >= params.min_tokens:
-            if token == seq.eos_token_id and not params.ignore_eos:
-                seq.finish_reason = "stop"
-                return
-            if token in params.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-                return
+        if self._stops_on_token(seq, token):
+            seq.finish_reason = "stop"
+            if token != seq.eos_token_id or seq.params.ignore_eos:
+                seq.stop_reason = token   # a stop token id; EOS has no stop_reason
+            return
         if stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_string
             return
-        if num_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
+
+    @staticmethod
+    def _stops_on_token(seq: Sequence, token: int) -> bool:
+        """Whether ``token``, just appended, is an EOS or stop token that ends ``seq`` (never before min_tokens)."""
+        params = seq.params
+        if len(seq.output_token_ids) < params.min_tokens:
+            return False
+        return (token == seq.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids
 
     def _record_prompt_logprobs(self, state: RequestState, start: int, entries: list[TokenLogprobs]) -> None:
         """Store prompt logprobs once; a recomputed (preempted) or parallel sequence reports them again.

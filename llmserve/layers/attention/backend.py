@@ -56,8 +56,8 @@ class AttentionBackend(ABC):
         """
 
 
-def get_attention_backend(device: torch.device) -> AttentionBackend:
+def get_attention_backend(device: torch.device, dtype: torch.dtype) -> AttentionBackend:
     """The backend for a device (only the PyTorch one exists today; a Triton backend plugs in here)."""
     from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 
-    return TorchAttentionBackend()
+    return TorchAttentionBackend(dtype)

@@ -1,6 +1,6 @@
 """Paged attention in plain PyTorch: correct everywhere, and the fast path on CPU.
 
-Decodes (one query token each) are batched into one padded gather + matmul per layer; prefill chunks
+Decodes (one query token each) are batched into one padded gather + SDPA call per layer; prefill chunks
 go through ``scaled_dot_product_attention`` one sequence at a time (a step holds few of them), causal
 within the chunk and over the whole cached context before it.
 """
@@ -29,12 +29,15 @@ class TorchAttentionMetadata:
     slot_mapping: torch.Tensor
     num_decodes: int
     decode_block_tables: torch.Tensor | None   # [B, max_blocks]
-    decode_bias: torch.Tensor | None           # [B, 1, 1, max_blocks * block_size]: 0 or -inf
+    decode_bias: torch.Tensor | None           # [B, 1, 1, max_blocks * block_size]: 0 or -inf (padding)
     prefills: list[PrefillChunk]
 
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype   # of the additive decode mask: SDPA wants it to match the queries
 
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> TorchAttentionMetadata:
         bs = layout.block_size
@@ -47,7 +50,7 @@ class TorchAttentionBackend(AttentionBackend):
             decode_tables = torch.tensor(tables, dtype=torch.long, device=device)
             positions = torch.arange(max_blocks * bs, device=device)
             lens = torch.tensor(seq_lens, device=device)
-            decode_bias = torch.zeros(nd, 1, 1, max_blocks * bs, device=device)
+            decode_bias = torch.zeros(nd, 1, 1, max_blocks * bs, dtype=self.dtype, device=device)
             decode_bias.masked_fill_((positions[None, :] >= lens[:, None]).view(nd, 1, 1, -1), float("-inf"))
         prefills = []
         start = nd
@@ -82,8 +85,8 @@ class TorchAttentionBackend(AttentionBackend):
                 k, v = key[chunk.query_start:end], value[chunk.query_start:end]
             else:
                 seq_len = chunk.context_len + chunk.query_len
-                k = key_cache[chunk.block_table].view(-1, num_kv_heads, head_dim)[:seq_len]
-                v = value_cache[chunk.block_table].view(-1, num_kv_heads, head_dim)[:seq_len]
+                k = key_cache.index_select(0, chunk.block_table).view(-1, num_kv_heads, head_dim)[:seq_len]
+                v = value_cache.index_select(0, chunk.block_table).view(-1, num_kv_heads, head_dim)[:seq_len]
             o = F.scaled_dot_product_attention(
                 q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
                 attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale,
@@ -94,15 +97,14 @@ class TorchAttentionBackend(AttentionBackend):
     @staticmethod
     def _decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                 metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
-        """One query token per sequence: gather each sequence's blocks (padded) and attend in one matmul."""
+        """One query token per sequence: gather each sequence's blocks (padded to the longest) with one
+        ``index_select`` and attend in one SDPA call; the [B, L, KV, D] -> [B, KV, L, D] transpose stays a
+        view (SDPA's CPU kernel reads strided K/V), so the gather is the only copy of the context."""
         b, num_heads, head_dim = query.shape
         num_kv_heads = key_cache.shape[2]
-        group = num_heads // num_kv_heads
-        tables = metadata.decode_block_tables
-        k = key_cache[tables].view(b, -1, num_kv_heads, head_dim)      # [B, L, KV, D]
-        v = value_cache[tables].view(b, -1, num_kv_heads, head_dim)
-        q = query.view(b, num_kv_heads, group, head_dim)
-        scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale         # [B, KV, G, L]
-        scores = scores.float() + metadata.decode_bias
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.matmul(probs, v.transpose(1, 2)).view(b, num_heads, head_dim)
+        flat_tables = metadata.decode_block_tables.view(-1)
+        k = key_cache.index_select(0, flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
+        v = value_cache.index_select(0, flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(query.unsqueeze(2), k, v, attn_mask=metadata.decode_bias,
+                                             scale=scale, enable_gqa=num_heads != num_kv_heads)
+        return out.view(b, num_heads, head_dim)

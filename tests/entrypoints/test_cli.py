@@ -1,0 +1,28 @@
+"""The ``llmserve`` command line: make-checkpoint, generate, and clear errors."""
+
+from __future__ import annotations
+
+from llmserve.entrypoints.cli import main
+
+
+def test_make_checkpoint_then_generate(tmp_path, capsys):
+    out_dir = tmp_path / "qwen3"
+    assert main(["make-checkpoint", "--family", "qwen3", "--size", "tiny", "--output", str(out_dir)]) == 0
+    assert (out_dir / "config.json").is_file()
+    capsys.readouterr()
+    code = main(["--log-level", "warning", "generate", str(out_dir), "--kv-cache-memory-bytes", "8MiB",
+                 "--prompt", "Hello", "--prompt", "World", "--max-tokens", "5", "--ignore-eos"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("--- prompt") == 2
+    assert "(length, 5 tokens)" in printed
+
+
+def test_generate_on_a_missing_model_exits_2_with_a_message(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_engine_flag_value_exits_2(tmp_path, capsys, llama_dir):
+    assert main(["generate", str(llama_dir), "--block-size", "0", "--prompt", "x"]) == 2
+    assert "--block-size" in capsys.readouterr().err
