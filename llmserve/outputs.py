@@ -23,7 +23,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[PositionLogprobs] | None
-    finish_reason: str | None = None      # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None      # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
@@ -59,3 +59,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     num_preemptions: int = 0
+    num_generated_tokens: int = 0     # so far, of the longest sample (streamed outputs hold only what is new)
+    error: str | None = None          # why the engine failed this request, if it did

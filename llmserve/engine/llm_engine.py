@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from llmserve.models.registry import resolve_model_class
 from llmserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from llmserve.sampling_params import SamplingParams
 from llmserve.tokenizer import load_tokenizer
-from llmserve.worker.model_runner import ModelRunner, TokenLogprobs
+from llmserve.worker.model_runner import ModelRunner, StepOutput, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,11 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
 class OutputKind(enum.Enum):
-    """When ``step`` reports a request: every step with everything so far, or only once finished."""
+    """When ``step`` reports a request and what it holds: every step with everything so far (CUMULATIVE),
+    every step with only what is new (DELTA, for streaming), or only once finished (FINAL_ONLY)."""
 
     CUMULATIVE = "cumulative"
+    DELTA = "delta"
     FINAL_ONLY = "final_only"
 
 
@@ -60,6 +63,9 @@ class RequestState:
     cumulative_logprobs: list[float] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     finished_time: float | None = None
+    reported: list[int] = field(default_factory=list)   # DELTA: output tokens already reported, per sample
+    prompt_logprobs_sent: bool = False
+    error: str | None = None   # set when the model failed on this request (finish_reason "error")
 
     @property
     def finished(self) -> bool:
@@ -88,6 +94,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(tokenizer_path, config.tokenizer_revision, config.trust_remote_code)
         self.vocab_size = int(self.hf_config.vocab_size)
         self.eos_token_id = self._eos_token_id()
+        self.extra_eos_token_ids = self._extra_eos_token_ids(path)
         self.max_model_len = self._max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or (
             DEFAULT_MAX_NUM_BATCHED_TOKENS if config.enable_chunked_prefill
@@ -126,6 +133,20 @@ class LLMEngine:
                 eos = eos[0] if eos else None
         return eos
 
+    def _extra_eos_token_ids(self, path: Any) -> list[int]:
+        """EOS ids of config.json / generation_config.json other than the tokenizer's (Qwen's <|endoftext|>,
+        Llama 3's <|end_of_text|>); like vLLM, every request gets them as stop_token_ids unless ignore_eos."""
+        sources = [getattr(self.hf_config, "eos_token_id", None)]
+        generation_config = path / "generation_config.json"
+        if generation_config.is_file():
+            sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))
+        ids: list[int] = []
+        for eos in sources:
+            for token in (eos if isinstance(eos, list) else [eos]):
+                if isinstance(token, int) and token != self.eos_token_id and token not in ids:
+                    ids.append(token)
+        return ids
+
     def _max_model_len(self) -> int:
         derived = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or None
         window = getattr(self.hf_config, "sliding_window", None)
@@ -163,11 +184,22 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     arrival_time: float | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
         """Validate and queue a request; raises :class:`InvalidRequestError` (and queues nothing) if it is bad."""
+        self.enqueue(self.prepare_request(request_id, prompt, params, arrival_time, output_kind))
+
+    def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                        arrival_time: float | None = None,
+                        output_kind: OutputKind = OutputKind.CUMULATIVE) -> RequestState:
+        """Tokenise and validate without touching the engine's state, so a front end can do it on its own
+        thread; raises :class:`InvalidRequestError` naming the field."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         prompt_text, prompt_ids = self._tokenize(prompt)
         params.verify(self.vocab_size, self.config.max_logprobs)
+        extra_eos = [t for t in self.extra_eos_token_ids if t not in params.stop_token_ids]
+        if extra_eos and not params.ignore_eos:
+            params = params.clone()   # the caller's object is not changed
+            params.stop_token_ids = params.stop_token_ids + extra_eos
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params.max_tokens)
         needed = self.block_manager.blocks_for(len(prompt_ids) + max_tokens)
         if needed > self.block_manager.num_blocks:
@@ -191,11 +223,18 @@ class LLMEngine:
             logprobs=[[] for _ in seqs] if params.logprobs is not None else None,
             cumulative_logprobs=[0.0] * params.n,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            reported=[0] * params.n,
         )
-        self.requests[request_id] = state
-        for seq in seqs:
+        return state
+
+    def enqueue(self, state: RequestState) -> None:
+        """Queue a prepared request for scheduling."""
+        if state.request_id in self.requests:
+            raise InvalidRequestError(f"request id {state.request_id!r} is already in use", "request_id")
+        self.requests[state.request_id] = state
+        for seq in state.seqs:
             self.scheduler.add(seq)
-        self.num_prompt_tokens_total += len(prompt_ids)
+        self.num_prompt_tokens_total += len(state.prompt_token_ids)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -247,10 +286,18 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
-        result = self.runner.execute(sched.scheduled)
+        result, scheduled, failures = self._execute(sched.scheduled)
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
-        for seq, num_new in sched.scheduled:
+        for request_id, message in failures.items():
+            state = self.requests[request_id]
+            state.error = message
+            for seq in state.seqs:
+                if not seq.is_finished:
+                    seq.finish_reason = "error"
+                    self.scheduler.finish(seq)
+            touched[request_id] = state
+        for seq, num_new in scheduled:
             seq.num_computed_tokens += num_new
             state = self.requests[seq.request_id]
             if seq.seq_id in result.prompt_logprobs:
@@ -287,6 +334,31 @@ class LLMEngine:
             if finished or state.output_kind is OutputKind.CUMULATIVE:
                 outputs.append(self._make_output(state, finished))
         return outputs
+
+    def _execute(self, scheduled: list[tuple[Sequence, int]]
+                 ) -> tuple[StepOutput, list[tuple[Sequence, int]], dict[str, str]]:
+        """Run the step; if the model fails, find the request(s) it fails on by running each sequence alone.
+
+        Returns the merged results, the sequences that ran, and an error message per failed request. A
+        retry is harmless: it writes the same K/V into the same slots. The other requests go on.
+        """
+        try:
+            return self.runner.execute(scheduled), scheduled, {}
+        except Exception as exc:   # noqa: BLE001 - isolated below; the loop must survive one bad request
+            if len(scheduled) == 1:
+                logger.exception("model failed on request %s", scheduled[0][0].request_id)
+                return StepOutput(), [], {scheduled[0][0].request_id: f"{type(exc).__name__}: {exc}"}
+            logger.warning("model step failed (%s: %s); retrying its %d sequences one by one",
+                           type(exc).__name__, exc, len(scheduled))
+        merged, ran, failures = StepOutput(), [], {}
+        for item in scheduled:
+            if item[0].request_id in failures:
+                continue
+            part, ok, failed = self._execute([item])
+            merged.merge(part)
+            ran += ok
+            failures.update(failed)
+        return merged, [item for item in ran if item[0].request_id not in failures], failures
 
     def _check_stop(self, seq: Sequence, token: int, stop_string: str | None) -> None:
         """Set ``seq.finish_reason`` when a stop condition holds (vLLM's order: EOS, stop ids, stop strings, length)."""
@@ -327,17 +399,31 @@ class LLMEngine:
         return result
 
     def _make_output(self, state: RequestState, finished: bool) -> RequestOutput:
+        delta = state.output_kind is OutputKind.DELTA
         completions = []
         for seq, detok in zip(state.seqs, state.detokenizers):
+            start = state.reported[seq.index] if delta else 0
+            logprobs = state.logprobs[seq.index][start:] if state.logprobs is not None else None
+            if delta:
+                text = detok.get_next_output_text(finished=seq.finish_reason is not None, delta=True)
+                state.reported[seq.index] = len(seq.output_token_ids)
+            else:
+                text = detok.output_text
             completions.append(CompletionOutput(
                 index=seq.index,
-                text=detok.output_text,
-                token_ids=list(seq.output_token_ids),
+                text=text,
+                token_ids=seq.output_token_ids[start:],
                 cumulative_logprob=state.cumulative_logprobs[seq.index] if state.logprobs is not None else None,
-                logprobs=state.logprobs[seq.index] if state.logprobs is not None else None,
+                logprobs=logprobs,
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
             ))
+        prompt_logprobs = state.prompt_logprobs
+        if delta and prompt_logprobs is not None:
+            # Streamed once, with the first output after the whole prompt has been computed.
+            complete = len(prompt_logprobs) == len(state.prompt_token_ids) and not state.prompt_logprobs_sent
+            state.prompt_logprobs_sent |= complete
+            prompt_logprobs = prompt_logprobs if complete else None
         metrics = RequestMetrics(
             arrival_time=state.arrival_time,
             first_scheduled_time=min((s.first_scheduled_time for s in state.seqs if s.first_scheduled_time),
@@ -346,8 +432,10 @@ class LLMEngine:
             last_token_time=max((s.last_token_time for s in state.seqs if s.last_token_time), default=None),
             finished_time=state.finished_time,
         )
-        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, state.prompt_logprobs,
-                             completions, finished, metrics, sum(s.num_preemptions for s in state.seqs))
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, prompt_logprobs,
+                             completions, finished, metrics, sum(s.num_preemptions for s in state.seqs),
+                             num_generated_tokens=max(len(s.output_token_ids) for s in state.seqs),
+                             error=state.error)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:

@@ -36,6 +36,11 @@ class StepOutput:
     # seq_id -> (first position p, logprobs of prompt tokens p+1, p+2, ...)
     prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 
+    def merge(self, other: StepOutput) -> None:
+        self.sampled.update(other.sampled)
+        self.logprobs.update(other.logprobs)
+        self.prompt_logprobs.update(other.prompt_logprobs)
+
 
 class ModelRunner:
     def __init__(self, model: nn.Module, backend: AttentionBackend, block_size: int, vocab_size: int,

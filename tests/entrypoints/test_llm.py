@@ -1,0 +1,163 @@
+"""The offline API, ``LLM``.
+
+Specified: ``generate`` takes one prompt or many, as text, token ids or vLLM's dict forms, with one
+``SamplingParams`` for all or one per prompt, and returns finished outputs in the order of the
+prompts; if any prompt is refused, none runs, the error names the prompt's index and keeps the
+offending ``param``, and the engine is left idle and usable; an exception while running aborts the
+batch without leaking KV blocks. ``chat`` renders the tokenizer's (or a given) chat template,
+with the generation prompt, and generates from it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmserve import LLM, RequestOutput, SamplingParams
+from llmserve.errors import InvalidRequestError
+
+PROMPTS = ["Hello world, this is", "The quick brown fox", "A"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir) -> LLM:
+    return LLM(str(llama_dir), kv_cache_memory_bytes="32MiB", max_model_len=64)
+
+
+@pytest.fixture(autouse=True)
+def leaves_engine_idle(llm):
+    yield
+    engine = llm.engine
+    assert not engine.has_unfinished_requests()
+    assert engine.scheduler.num_unfinished == 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.fixture(scope="module")
+def reference(llm) -> dict[str, list[int]]:
+    """Greedy tokens of each prompt generated on its own."""
+    return {p: llm.generate(p, GREEDY)[0].outputs[0].token_ids for p in PROMPTS}
+
+
+def tokens(outputs: list[RequestOutput]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_batch_outputs_come_back_in_prompt_order(llm, reference):
+    outputs = llm.generate(PROMPTS, GREEDY)
+    assert [o.prompt for o in outputs] == PROMPTS
+    assert tokens(outputs) == [reference[p] for p in PROMPTS]
+    assert all(o.finished for o in outputs)
+    assert len({o.request_id for o in outputs}) == 3
+
+
+def test_prompt_forms_are_equivalent(llm, reference):
+    tok = llm.get_tokenizer()
+    ids = [tok.encode(p) for p in PROMPTS]
+    single = llm.generate(PROMPTS[0], GREEDY)
+    assert len(single) == 1 and tokens(single) == [reference[PROMPTS[0]]]
+    assert tokens(llm.generate(ids[0], GREEDY)) == [reference[PROMPTS[0]]]        # one prompt as ids
+    assert tokens(llm.generate(ids, GREEDY)) == [reference[p] for p in PROMPTS]   # many as ids
+    mixed = [{"prompt": PROMPTS[0]}, {"prompt_token_ids": ids[1]}, PROMPTS[2]]
+    outputs = llm.generate(mixed, GREEDY)
+    assert tokens(outputs) == [reference[p] for p in PROMPTS]
+    assert outputs[0].prompt == PROMPTS[0] and outputs[1].prompt is None
+    assert outputs[1].prompt_token_ids == ids[1]
+
+
+def test_default_sampling_params(llm):
+    out = llm.generate(PROMPTS[0])[0].outputs[0]
+    assert 1 <= len(out.token_ids) <= 16      # vLLM's default max_tokens
+    assert out.finish_reason in ("stop", "length")
+
+
+def test_one_sampling_params_per_prompt(llm, reference):
+    params = [SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True) for k in (1, 3, 6)]
+    outputs = llm.generate(PROMPTS, params)
+    assert tokens(outputs) == [reference[p][:k] for p, k in zip(PROMPTS, (1, 3, 6))]
+    with pytest.raises(ValueError, match="3 prompts but 2"):
+        llm.generate(PROMPTS, params[:2])
+
+
+@pytest.mark.parametrize("bad_index, bad_prompt, param", [
+    (0, "", "prompt"),
+    (2, [5] * 64, "prompt"),
+    (1, {"prompt_token_ids": [1, 99999]}, "prompt"),
+    (2, {"text": "no prompt key"}, "prompt"),
+])
+def test_one_bad_prompt_runs_none(llm, reference, bad_index, bad_prompt, param):
+    prompts = list(PROMPTS)
+    prompts[bad_index] = bad_prompt
+    generated = llm.engine.num_generation_tokens_total
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate(prompts, GREEDY)
+    assert str(info.value).startswith(f"prompt {bad_index}: ")
+    assert info.value.param == param
+    assert llm.engine.num_generation_tokens_total == generated, "some prompt ran"
+    assert not llm.engine.has_unfinished_requests()
+    assert tokens(llm.generate(PROMPTS, GREEDY)) == [reference[p] for p in PROMPTS]
+
+
+def test_bad_params_for_one_prompt_runs_none(llm):
+    params = [GREEDY, SamplingParams(logprobs=1000), GREEDY]
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate(PROMPTS, params)
+    assert str(info.value).startswith("prompt 1: ") and info.value.param == "logprobs"
+
+
+def test_context_error_message_keeps_vllm_wording(llm):
+    with pytest.raises(InvalidRequestError, match=r"^prompt 0: This model's maximum context length is 64"):
+        llm.generate([[5] * 60], SamplingParams(max_tokens=10))
+
+
+def test_exception_while_running_aborts_the_batch(llm, reference, monkeypatch):
+    real = llm.engine.step
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(llm.engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY)
+    monkeypatch.setattr(llm.engine, "step", real)
+    assert tokens(llm.generate(PROMPTS, GREEDY)) == [reference[p] for p in PROMPTS]
+
+
+def test_chat_renders_the_template_and_generates(llm):
+    tok = llm.get_tokenizer()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}]
+    out = llm.chat(messages, GREEDY)
+    assert len(out) == 1
+    rendered = tok.decode(out[0].prompt_token_ids)
+    assert "<<SYS>>\nBe brief.\n<</SYS>>\n\nhi there [/INST]" in rendered
+    assert out[0].prompt_token_ids[0] == tok.bos_token_id
+    assert out[0].prompt_token_ids == tok.encode(tok.apply_chat_template(messages, tokenize=False),
+                                                 add_special_tokens=False)
+    assert len(out[0].outputs[0].token_ids) == 6
+    # Same tokens as generating from the rendered prompt ourselves.
+    assert tokens(llm.generate([out[0].prompt_token_ids], GREEDY)) == tokens(out)
+
+
+def test_chat_with_several_conversations_and_a_custom_template(llm):
+    tok = llm.get_tokenizer()
+    template = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}\n{% endfor %}"
+    conversations = [[{"role": "user", "content": "one"}], [{"role": "user", "content": "two"}]]
+    outputs = llm.chat(conversations, GREEDY, chat_template=template)
+    assert len(outputs) == 2
+    assert [tok.decode(o.prompt_token_ids, skip_special_tokens=True) for o in outputs] == [
+        tok.decode(tok.encode("<<user>>one\n", add_special_tokens=False)),
+        tok.decode(tok.encode("<<user>>two\n", add_special_tokens=False)),
+    ]
