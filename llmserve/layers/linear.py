@@ -29,8 +29,28 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: o
     copy_checked(param, loaded, getattr(param, "checkpoint_name", ""))
 
 
+def cpu_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN's prepacked float32 GEMM is about 2x faster than the default BLAS path on x86 CPUs."""
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def pack_weight_for_cpu(weight: torch.Tensor) -> torch.Tensor:
+    # The batch-size hint only tunes the blocking; the packed weight serves any number of rows.
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class Linear(nn.Module):
-    """``y = x W^T + b`` with a plain (unsharded) weight."""
+    """``y = x W^T + b`` with a plain (unsharded) weight.
+
+    After loading, :meth:`pack_for_cpu` may replace the weight by a oneDNN-packed copy (same values,
+    a GEMM-friendly layout); ``forward`` then uses it.
+    """
+
+    packed_weight: torch.Tensor | None = None
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
@@ -47,7 +67,14 @@ class Linear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         default_weight_loader(param, loaded)
 
+    def pack_for_cpu(self) -> None:
+        """Swap the weight for its packed copy (the plain one is released, so memory does not grow)."""
+        self.packed_weight = pack_weight_for_cpu(self.weight)
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

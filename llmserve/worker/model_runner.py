@@ -16,6 +16,7 @@ from torch import nn
 from llmserve.engine.sequence import Sequence
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
 from llmserve.layers.sampler import Sampler, SamplingBatch, SamplingRow, compute_logprobs
+from llmserve.worker.cpu_tuning import keep_large_allocations_in_heap
 
 
 @dataclass
@@ -53,6 +54,8 @@ class ModelRunner:
         self.dtype = dtype
         self.sampler = Sampler()
         self.num_blocks = 0
+        if device.type == "cpu":
+            keep_large_allocations_in_heap()
 
     def kv_cache_bytes_per_block(self) -> int:
         layers = self.model.attention_layers()
