@@ -96,8 +96,10 @@ class IncrementalDetokenizer:
         self._sent, self._unsent = [sent] if sent else [], [unsent] if unsent else []
         return sent + unsent
 
-    def update(self, new_token_ids: list[int]) -> str | None:
+    def update(self, new_token_ids: list[int], check_stop: bool = True) -> str | None:
         """Appends generated tokens and returns the stop string they complete, if any.
+
+        ``check_stop=False`` (while a request is still under ``min_tokens``) only appends the text.
 
         On a match the text is cut at the start of the stop string (or after it when
         `include_stop_str_in_output`) and the caller must finish the request with finish_reason
@@ -112,6 +114,8 @@ class IncrementalDetokenizer:
         lookback = self._last_chars(self._lookback)
         searched, searched_from = lookback + new_text, self._len - len(lookback)
         self._append(new_text)
+        if not check_stop:
+            return None
         matches = [(i + len(s), i, s) for s in self._stop if (i := searched.find(s)) >= 0]
         if not matches:
             return None

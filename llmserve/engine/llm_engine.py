@@ -319,7 +319,9 @@ class LLMEngine:
             if self._stops_on_token(seq, token) and not seq.params.include_stop_str_in_output:
                 stop_string = None   # the text of the EOS / stop token is not part of the output (vLLM)
             else:
-                stop_string = detokenizer.update([token])
+                # vLLM: stop strings count only once more than min_tokens tokens exist.
+                stop_string = detokenizer.update(
+                    [token], check_stop=len(seq.output_token_ids) > seq.params.min_tokens)
             self._check_stop(seq, token, stop_string)
             if seq.finish_reason:
                 detokenizer.get_next_output_text(finished=True, delta=False)   # flush a cut-off character

@@ -1,4 +1,4 @@
-"""The ``llmserve`` command: generate, bench, make-checkpoint."""
+"""The ``llmserve`` command: serve, generate, bench, make-checkpoint."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from llmserve.entrypoints.openai.api_server import run_server
+
+    return run_server(args)
+
+
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from llmserve.testing.checkpoints import write_checkpoint
 
@@ -48,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmserve", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from llmserve.entrypoints.openai.api_server import add_server_args
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    add_server_args(serve)
+    serve.set_defaults(func=_serve)
 
     gen = sub.add_parser("generate", help="generate text for prompts with the offline engine")
     add_engine_args(gen)

@@ -562,8 +562,6 @@ def test_generation_config_eos_ids_also_stop(checkpoint_dir):
     assert_idle(engine)
 
 
-@pytest.mark.xfail(strict=True, reason="IncrementalDetokenizer checks stop strings from the first token; "
-                                       "vLLM ignores them until min_tokens tokens are generated")
 def test_min_tokens_holds_back_stop_strings(engine):
     text, ids, lengths = greedy_text_offsets(engine, PROMPT, 12)
     stop = text[1:4]                         # completed by the first or second token

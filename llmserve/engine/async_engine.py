@@ -1,0 +1,170 @@
+"""Runs the engine's step loop in a background thread and streams each request's outputs to asyncio.
+
+The HTTP server never runs the model: it validates and tokenises a request in the event loop, hands it
+to the engine thread through a command queue and reads the request's outputs from an asyncio queue.
+A slow client never stalls a step; a disconnect becomes an abort that the loop applies before its next
+step, so the request's blocks come back within one step. If the loop itself fails, every stream gets
+:class:`EngineDeadError` and ``on_dead`` is called (the server turns /health to 503 and exits non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from llmserve.engine.llm_engine import LLMEngine, OutputKind, RequestState
+from llmserve.outputs import RequestOutput
+from llmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served any more."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None,
+                 on_dead: Callable[[BaseException], None] | None = None) -> None:
+        self.engine = engine
+        self.on_step = on_step
+        self.on_dead = on_dead
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._pending_adds = 0
+        self._pending_lock = threading.Lock()   # the counter moves on both threads
+        self._stop = threading.Event()
+        self.dead_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="llmserve-engine", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None))
+        self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self.dead_error is None
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests accepted but not yet running (queued in the scheduler or on their way to it)."""
+        return len(self.engine.scheduler.waiting) + self._pending_adds
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams) + self._pending_adds
+
+    # ------------------------------------------------------------------ requests (event-loop side)
+    def prepare(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                arrival_time: float | None = None) -> RequestState:
+        """Tokenise and validate (raises :class:`~llmserve.errors.InvalidRequestError`); queues nothing, so
+        a request with several prompts can be checked whole before any of it runs."""
+        if self.dead_error is not None or not self._thread.is_alive():
+            raise EngineDeadError("the engine is not running")
+        return self.engine.prepare_request(request_id, prompt, params, arrival_time, OutputKind.DELTA)
+
+    def submit(self, state: RequestState) -> AsyncIterator[RequestOutput]:
+        """Queue a prepared request now; iterate the result for its outputs (each holds only what is new).
+
+        Closing the iterator before the request finishes (client gone, timeout) aborts it.
+        """
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._pending_lock:
+            self._pending_adds += 1
+        self._commands.put(("add", (state, stream)))
+        return self._outputs(state.request_id, stream)
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """``prepare`` + ``submit`` for a single prompt."""
+        async for output in self.submit(self.prepare(request_id, prompt, params, arrival_time)):
+            yield output
+
+    async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # ------------------------------------------------------------------ the loop (engine thread)
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._apply_commands(block=not self.engine.has_unfinished_requests())
+                if self._stop.is_set():
+                    break
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    for output in outputs:
+                        stream = self._streams.get(output.request_id)
+                        if stream is not None:
+                            if output.finished:
+                                del self._streams[output.request_id]
+                            stream.put(output)
+                    if self.on_step is not None:
+                        self.on_step(self.engine, outputs)
+        except BaseException as exc:   # noqa: BLE001 - whatever kills the loop kills the server
+            logger.exception("engine loop died")
+            self.dead_error = exc
+            dead = EngineDeadError(f"the engine loop died: {type(exc).__name__}")
+            for stream in self._streams.values():
+                stream.put(dead)
+            self._streams.clear()
+            if self.on_dead is not None:
+                self.on_dead(exc)
+
+    def _apply_commands(self, block: bool) -> None:
+        """Apply every queued add/abort; when idle, wait for the next one."""
+        while True:
+            try:
+                kind, payload = self._commands.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                state, stream = payload
+                self._add(state, stream)
+                with self._pending_lock:
+                    self._pending_adds -= 1
+            elif kind == "abort":
+                self._streams.pop(payload, None)
+                self.engine.abort_request(payload)
+
+    def _add(self, state: RequestState, stream: _Stream) -> None:
+        try:
+            self.engine.enqueue(state)
+        except Exception as exc:   # noqa: BLE001 - a bad request must not kill the loop
+            stream.put(exc)
+            return
+        self._streams[state.request_id] = stream

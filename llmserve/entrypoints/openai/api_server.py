@@ -1,0 +1,342 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+``llmserve serve [MODEL] ...`` or ``python -m llmserve.entrypoints.openai.api_server --model MODEL ...``.
+The HTTP port opens at once; the model loads in the background, and /health answers 503 until it is
+ready (and again if the engine dies, after which the process exits non-zero so a supervisor restarts
+it). SIGTERM stops accepting requests, lets running ones finish within --shutdown-timeout, exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import llmserve
+from llmserve.config import EngineConfig, parse_size
+from llmserve.engine.async_engine import AsyncLLMEngine
+from llmserve.engine.llm_engine import LLMEngine
+from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
+from llmserve.entrypoints.openai.errors import APIError, error_response, install_error_handlers
+from llmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                                  TokenizeRequest)
+from llmserve.entrypoints.openai.serving_base import ServerLimits
+from llmserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from llmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from llmserve.metrics.prometheus import EngineMetrics
+
+logger = logging.getLogger("llmserve.api")
+
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20
+DEFAULT_MAX_HEADER_BYTES = 16 * 2**10
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_names: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    chat_template: str | None = None
+    max_num_queued_reqs: int | None = None
+    request_timeout: float | None = None
+    allowed_origins: list[str] = field(default_factory=list)
+    shutdown_timeout: float = 30.0
+    max_n: int = 128
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+
+
+class ServerState:
+    """What the routes need; filled in once the engine has loaded."""
+
+    def __init__(self, config: ServerConfig, engine_config: EngineConfig) -> None:
+        self.config = config
+        self.engine_config = engine_config
+        self.engine: AsyncLLMEngine | None = None
+        self.completions: OpenAIServingCompletion | None = None
+        self.chat: OpenAIServingChat | None = None
+        self.metrics: EngineMetrics | None = None
+        self.load_error: BaseException | None = None
+        self.exit_code = 0
+        self.on_fatal: Any = None   # set by run_server: stops uvicorn
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.is_running
+
+    def load(self) -> None:
+        """Load the model and start the engine loop (runs in a background thread)."""
+        try:
+            engine = LLMEngine(self.engine_config)
+            names = self.config.served_model_names or [self.engine_config.model or "llmserve-demo"]
+            self.metrics = EngineMetrics(names[0])
+            metrics = self.metrics
+            async_engine = AsyncLLMEngine(engine, on_step=lambda e, outs: metrics.record_step(e.stats(), outs),
+                                          on_dead=self._engine_died)
+            limits = ServerLimits(self.config.max_num_queued_reqs, self.config.request_timeout, self.config.max_n)
+            self.completions = OpenAIServingCompletion(async_engine, names, limits)
+            self.chat = OpenAIServingChat(async_engine, names, limits, _read_chat_template(self.config.chat_template))
+            async_engine.start()
+            self.engine = async_engine
+            logger.info("ready: serving %s", ", ".join(names))
+        except BaseException as exc:   # noqa: BLE001
+            logger.exception("failed to load the model")
+            self.load_error = exc
+            self._fatal(1)
+
+    def _engine_died(self, exc: BaseException) -> None:
+        self._fatal(1)
+
+    def _fatal(self, code: int) -> None:
+        self.exit_code = code
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+
+def _read_chat_template(value: str | None) -> str | None:
+    """``--chat-template`` is a file path or the Jinja template itself."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if len(value) < 4096 and path.is_file():
+        return path.read_text()
+    return value
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a body over the limit, by Content-Length or by counting a chunked body."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
+        response = error_response(413, f"request body larger than {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def build_app(state: ServerState) -> FastAPI:
+    config = state.config
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # noqa: ANN202
+        threading.Thread(target=state.load, name="llmserve-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="llmserve", version=llmserve.__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):  # noqa: ANN001, ANN202
+        incoming = request.headers.get("x-request-id")
+        request.state.request_id = incoming[:256] if incoming else None
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = request.state.request_id or uuid.uuid4().hex
+        return response
+
+    def require_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), config.api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", None,
+                           "invalid_api_key")
+
+    def require_ready() -> None:
+        if not state.ready:
+            raise APIError(503, "the model is not ready" if state.engine is None else "the engine is not running",
+                           None, "not_ready", headers={"Retry-After": "5"})
+
+    protected = [Depends(require_api_key), Depends(require_ready)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not state.ready:
+            return error_response(503, "not ready" if state.engine is None else "the engine is not running")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": llmserve.__version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body = generate_latest(state.metrics.registry) if state.metrics is not None else b""
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=protected)
+    async def models() -> dict:
+        engine = state.engine.engine
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(time.time()), "owned_by": "llmserve",
+             "root": str(engine.model_path), "max_model_len": engine.max_model_len}
+            for name in state.completions.served_model_names]}
+
+    @app.post("/v1/completions", dependencies=protected)
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await state.completions.create(body, raw, raw.state.request_id)
+
+    @app.post("/v1/chat/completions", dependencies=protected)
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await state.chat.create(body, raw, raw.state.request_id)
+
+    @app.post("/tokenize", dependencies=protected)
+    async def tokenize(body: TokenizeRequest) -> dict:
+        state.completions.check_model(body.model)
+        engine = state.engine.engine
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        if body.messages is not None:
+            tokens = state.chat.render_prompt(body.messages, body.add_generation_prompt)
+        else:
+            tokens = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize", dependencies=protected)
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        state.completions.check_model(body.model)
+        engine = state.engine.engine
+        bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is out of range [0, {engine.vocab_size})", "tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients use (default: the MODEL argument)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on model endpoints")
+    g.add_argument("--chat-template", default=None, help="Jinja chat template, inline or a file path")
+    g.add_argument("--max-num-queued-reqs", type=int, default=None,
+                   help="answer 503 (Retry-After) when this many requests are already waiting")
+    g.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may run before it is aborted (504, or an SSE error event)")
+    g.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins allowed (default: none)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests get to finish")
+    g.add_argument("--max-n", type=int, default=128, help="largest n / best_of accepted")
+    g.add_argument("--max-request-body-bytes", default=str(DEFAULT_MAX_BODY_BYTES),
+                   help="larger request bodies get 413 (bytes or a size such as 32MiB)")
+    g.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
+                   help="largest request head (request line + headers) accepted")
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    for name in ("max_num_queued_reqs", "max_n"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    return ServerConfig(host=args.host, port=args.port, served_model_names=args.served_model_name or [],
+                        api_key=args.api_key, chat_template=args.chat_template,
+                        max_num_queued_reqs=args.max_num_queued_reqs, request_timeout=args.request_timeout,
+                        allowed_origins=args.allowed_origins, shutdown_timeout=args.shutdown_timeout,
+                        max_n=args.max_n, max_request_body_bytes=parse_size(args.max_request_body_bytes),
+                        max_header_bytes=args.max_header_bytes)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    engine_config = engine_config_from_args(args)
+    config = server_config_from_args(args)
+    if not config.served_model_names and engine_config.model:
+        config.served_model_names = [engine_config.model]
+    state = ServerState(config, engine_config)
+    app = build_app(state)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, http="h11", log_level="warning",
+                               timeout_graceful_shutdown=config.shutdown_timeout,
+                               h11_max_incomplete_event_size=config.max_header_bytes)
+    server = uvicorn.Server(uv_config)
+    loop_holder: dict[str, asyncio.AbstractEventLoop] = {}
+
+    def stop_server() -> None:
+        loop = loop_holder.get("loop")
+        if loop is not None:
+            loop.call_soon_threadsafe(setattr, server, "should_exit", True)
+
+    state.on_fatal = stop_server
+
+    async def serve() -> None:
+        loop_holder["loop"] = asyncio.get_running_loop()
+        logger.info("listening on http://%s:%d", config.host, config.port)
+        await server.serve()
+
+    asyncio.run(serve())
+    return state.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmserve.entrypoints.openai.api_server",
+                                     description="OpenAI-compatible server")
+    add_engine_args(parser, model_positional=False)
+    add_server_args(parser)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    try:
+        return run_server(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

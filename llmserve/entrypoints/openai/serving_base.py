@@ -1,0 +1,237 @@
+"""What /v1/completions and /v1/chat/completions share: admission (model name, queue limit, validation
+of every prompt before any runs), running the engine streams under a timeout and a disconnect watch,
+SSE framing, logprob rendering and the per-request log line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from llmserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from llmserve.engine.llm_engine import RequestState
+from llmserve.entrypoints.openai.errors import APIError, error_body
+from llmserve.outputs import RequestOutput
+from llmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("llmserve.api")
+
+
+@dataclass
+class ServerLimits:
+    max_num_queued_reqs: int | None = None
+    request_timeout: float | None = None
+    max_n: int = 128
+
+
+@dataclass
+class Submitted:
+    """One HTTP request's engine requests (one per prompt), already queued."""
+
+    request_id: str
+    log_id: str            # the client's X-Request-Id if it sent one
+    created: int
+    states: list[RequestState]
+    streams: list[AsyncIterator[RequestOutput]]
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], limits: ServerLimits) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.limits = limits
+        self.tokenizer = engine.engine.tokenizer
+        self.token_text = TokenTexts(self.tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.served_model_names:
+            raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+
+    def check_n(self, n: int) -> None:
+        if n > self.limits.max_n:
+            raise APIError(400, f"n must be at most {self.limits.max_n}, got {n}", "n")
+
+    def submit(self, prefix: str, prompts: list[str | list[int]], params: SamplingParams,
+               header_request_id: str | None) -> Submitted:
+        """Validate every prompt, check the queue, then queue them all (or none)."""
+        limit = self.limits.max_num_queued_reqs
+        if limit is not None and self.engine.num_waiting + len(prompts) > limit:
+            raise APIError(503, f"the server is overloaded: {self.engine.num_waiting} requests are waiting "
+                           f"(--max-num-queued-reqs {limit}); retry later", None, "overloaded",
+                           headers={"Retry-After": "1"})
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        arrival = time.monotonic()
+        try:
+            states = [self.engine.prepare(f"{request_id}-{i}", prompt, params, arrival)
+                      for i, prompt in enumerate(prompts)]
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), None, "engine_dead") from None
+        streams = [self.engine.submit(state) for state in states]
+        return Submitted(request_id, header_request_id or request_id, int(time.time()), states, streams)
+
+    async def collect(self, raw: Request, submitted: Submitted) -> list[RequestOutput]:
+        """Run every stream to completion (non-streaming response); if the client leaves or the request
+        times out, every unfinished request is aborted. Returns each prompt's final output."""
+
+        async def run(stream: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
+            return [output async for output in stream]
+
+        tasks = [asyncio.ensure_future(run(s)) for s in submitted.streams]
+        everything = asyncio.gather(*tasks)
+        watcher = asyncio.ensure_future(_wait_disconnect(raw))
+        try:
+            done, _ = await asyncio.wait([everything, watcher], timeout=self.limits.request_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if everything not in done:
+                if watcher in done:
+                    raise APIError(499, "client disconnected", None, "client_closed")   # nobody reads it
+                raise APIError(504, f"the request did not finish within --request-timeout "
+                               f"({self.limits.request_timeout} s)", None, "timeout")
+            results = everything.result()
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), None, "engine_dead") from None
+        finally:
+            watcher.cancel()
+            everything.cancel()   # cancelling an unfinished stream aborts its request
+        merged = [merge_deltas(outputs) for outputs in results]
+        for output in merged:
+            if output.error is not None:
+                raise APIError(500, f"the engine failed on this request: {output.error}", None, "engine_error")
+        for output in merged:
+            log_finished(submitted.log_id, output)
+        return merged
+
+    async def stream_events(self, submitted: Submitted,
+                            render: Callable[[int, RequestOutput], Awaitable[list[dict]] | list[dict]],
+                            finish: Callable[[list[RequestOutput]], list[dict]]) -> AsyncIterator[str]:
+        """SSE body: each engine output rendered to chunks, then ``finish``'s chunks, then ``[DONE]``.
+        An error after the stream started goes out as an error event followed by ``[DONE]``."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done_marker = object()
+
+        async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+            try:
+                async for output in stream:
+                    await queue.put((index, output))
+            except BaseException as exc:   # noqa: BLE001 - forwarded to the response
+                await queue.put((index, exc))
+                return
+            await queue.put((index, done_marker))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(submitted.streams)]
+        finals: list[list[RequestOutput]] = [[] for _ in tasks]
+        remaining = len(tasks)
+        deadline = None if self.limits.request_timeout is None else (
+            submitted.states[0].arrival_time + self.limits.request_timeout)
+        try:
+            while remaining:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    index, item = await asyncio.wait_for(queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    yield sse(error_body(504, f"the request did not finish within --request-timeout "
+                                         f"({self.limits.request_timeout} s)", None, "timeout"))
+                    yield sse("[DONE]")
+                    return
+                if item is done_marker:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    status, code = (503, "engine_dead") if isinstance(item, EngineDeadError) else (500, "engine_error")
+                    yield sse(error_body(status, str(item), None, code))
+                    yield sse("[DONE]")
+                    return
+                if item.error is not None:
+                    yield sse(error_body(500, f"the engine failed on this request: {item.error}", None,
+                                         "engine_error"))
+                    yield sse("[DONE]")
+                    return
+                finals[index].append(item)
+                chunks = render(index, item)
+                if asyncio.iscoroutine(chunks):
+                    chunks = await chunks
+                for chunk in chunks:
+                    yield sse(chunk)
+            merged = [merge_deltas(outputs) for outputs in finals]
+            for output in merged:
+                log_finished(submitted.log_id, output)
+            for chunk in finish(merged):
+                yield sse(chunk)
+            yield sse("[DONE]")
+        finally:
+            for task in tasks:
+                task.cancel()   # client gone or error: unfinished requests are aborted
+
+
+async def _wait_disconnect(raw: Request) -> None:
+    while not await raw.is_disconnected():
+        await asyncio.sleep(0.05)
+
+
+def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
+    """Fold a request's streamed (delta) outputs into one final output."""
+    last = outputs[-1]
+    merged = []
+    for i, completion in enumerate(last.outputs):
+        parts = [o.outputs[i] for o in outputs]
+        logprobs = None if completion.logprobs is None else [lp for p in parts for lp in (p.logprobs or [])]
+        merged.append(type(completion)(
+            index=completion.index, text="".join(p.text for p in parts),
+            token_ids=[t for p in parts for t in p.token_ids], cumulative_logprob=completion.cumulative_logprob,
+            logprobs=logprobs, finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, prompt_logprobs, merged,
+                         last.finished, last.metrics, last.num_preemptions, last.num_generated_tokens, last.error)
+
+
+def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def log_finished(log_id: str, output: RequestOutput) -> None:
+    m = output.metrics
+    ttft = m.time_to_first_token
+    total = (m.finished_time or time.monotonic()) - m.arrival_time
+    logger.info("request %s finished: prompt_tokens=%d output_tokens=%d ttft=%s total=%.3fs finish=%s",
+                log_id, len(output.prompt_token_ids),
+                sum(len(c.token_ids) for c in output.outputs),
+                f"{ttft:.3f}s" if ttft is not None else "-", total,
+                ",".join(str(c.finish_reason) for c in output.outputs))
+
+
+class TokenTexts:
+    """The text each token id adds to a sequence, as logprobs show it (a sentencepiece "▁the" is " the",
+    which decoding the id alone would strip). Cached: a vocabulary is finite."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+        self.anchor_text = tokenizer.decode(self.anchor)
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            if token_id in self.tokenizer.all_special_ids:
+                text = self.tokenizer.decode([token_id])
+            else:
+                text = self.tokenizer.decode(self.anchor + [token_id])[len(self.anchor_text):]
+            self.cache[token_id] = text
+        return text

@@ -1,0 +1,115 @@
+"""POST /v1/chat/completions: messages through the chat template, streaming or not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from llmserve.engine.async_engine import AsyncLLMEngine
+from llmserve.entrypoints.openai.errors import APIError
+from llmserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
+from llmserve.entrypoints.openai.serving_base import OpenAIServing, ServerLimits, usage
+from llmserve.outputs import PositionLogprobs, RequestOutput
+
+
+class OpenAIServingChat(OpenAIServing):
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], limits: ServerLimits,
+                 chat_template: str | None) -> None:
+        super().__init__(engine, served_model_names, limits)
+        self.chat_template = chat_template
+
+    def render_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                      template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Messages -> token ids through ``--chat-template`` or the tokenizer's template."""
+        if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; start the server with --chat-template", "messages")
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      **(template_kwargs or {}))
+        except Exception as exc:   # noqa: BLE001 - template errors are the client's messages or the template
+            raise APIError(400, f"the chat template could not render these messages: {exc}", "messages") from None
+        # The template writes BOS itself where the model wants one.
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    async def create(self, body: ChatCompletionRequest, raw: Request, header_request_id: str | None
+                     ) -> JSONResponse | StreamingResponse:
+        self.check_model(body.model)
+        self.check_n(body.n)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+        prompt_ids = self.render_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(max_tokens, logprobs)
+        submitted = self.submit("chatcmpl", [prompt_ids], params, header_request_id)
+        if body.stream:
+            return StreamingResponse(self._stream(body, submitted), media_type="text/event-stream")
+        output = (await self.collect(raw, submitted))[0]
+        choices = []
+        for c in output.outputs:
+            choices.append({
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": {"content": self._logprobs(c.token_ids, c.logprobs or [], logprobs or 0)}
+                if body.logprobs else None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            })
+        return JSONResponse({"id": submitted.request_id, "object": "chat.completion", "created": submitted.created,
+                             "model": self.model_name, "choices": choices, "usage": usage([output])})
+
+    def _stream(self, body: ChatCompletionRequest, submitted):  # noqa: ANN001, ANN202
+        include_usage = body.include_usage_in_stream
+        top = (body.top_logprobs or 0) if body.logprobs else 0
+        started: set[int] = set()
+
+        def chunk(choices: list[dict]) -> dict:
+            data = {"id": submitted.request_id, "object": "chat.completion.chunk", "created": submitted.created,
+                    "model": self.model_name, "choices": choices}
+            if include_usage:
+                data["usage"] = None
+            return data
+
+        def render(_: int, output: RequestOutput) -> list[dict]:
+            chunks = []
+            for c in output.outputs:
+                if c.index not in started:   # OpenAI's first chunk of a choice carries only the role
+                    started.add(c.index)
+                    chunks.append(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]))
+                if c.text or c.token_ids and body.logprobs:
+                    chunks.append(chunk([{
+                        "index": c.index, "delta": {"content": c.text},
+                        "logprobs": {"content": self._logprobs(c.token_ids, c.logprobs or [], top)}
+                        if body.logprobs else None,
+                        "finish_reason": None}]))
+                if c.finish_reason is not None:
+                    chunks.append(chunk([{"index": c.index, "delta": {}, "logprobs": None,
+                                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]))
+            return chunks
+
+        def finish(outputs: list[RequestOutput]) -> list[dict]:
+            if not include_usage:
+                return []
+            return [{"id": submitted.request_id, "object": "chat.completion.chunk", "created": submitted.created,
+                     "model": self.model_name, "choices": [], "usage": usage(outputs)}]
+
+        return self.stream_events(submitted, render, finish)
+
+    def _logprobs(self, token_ids: list[int], positions: list[PositionLogprobs], k: int) -> list[dict]:
+        """OpenAI's chat logprobs: one entry per token with its top-k alternatives."""
+        content = []
+        for token_id, position in zip(token_ids, positions):
+            text = self.token_text(token_id)
+            ranked = sorted((item for item in position.items() if item[1].rank is not None and item[1].rank <= k),
+                            key=lambda item: item[1].rank)
+            content.append({
+                "token": text, "logprob": position[token_id].logprob, "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [{"token": (t := self.token_text(tid)), "logprob": lp.logprob,
+                                  "bytes": list(t.encode("utf-8"))} for tid, lp in ranked],
+            })
+        return content

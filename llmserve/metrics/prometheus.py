@@ -1,0 +1,96 @@
+"""Prometheus metrics with vLLM's names, so existing Grafana dashboards work unchanged.
+
+Gauges are refreshed after every engine step (from the engine thread; prometheus_client is
+thread-safe); counters and histograms are fed from each step's outputs and from finished requests.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from llmserve.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                          2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.num_requests_running = gauge("vllm:num_requests_running", "Requests in the running batch.")
+        self.num_requests_waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage = gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = 100%).")
+        self.gpu_cache_usage = gauge("vllm:gpu_cache_usage_perc",
+                                     "Fraction of KV-cache blocks in use; older name of vllm:kv_cache_usage_perc.")
+        self.num_preemptions = counter("vllm:num_preemptions", "Sequences preempted (blocks freed, recomputed later).")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
+        self._request_success = Counter("vllm:request_success", "Requests finished, by finish reason.",
+                                        labels + ["finished_reason"], registry=r)
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
+        self.tpot = histogram("vllm:time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request.", _TOKEN_LATENCY_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between consecutive tokens.",
+                             _TOKEN_LATENCY_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", _LATENCY_BUCKETS)
+        self.queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.",
+                                    _LATENCY_BUCKETS)
+        self._seen_preemptions = 0
+        self._seen_prompt_tokens = 0
+        self._seen_generation_tokens = 0
+        self._last_token_time: dict[str, float] = {}
+
+    def record_step(self, stats: dict, outputs: list[RequestOutput]) -> None:
+        """Called by the engine thread after each step with the engine's stats and the step's outputs."""
+        self.num_requests_running.set(stats["num_requests_running"])
+        self.num_requests_waiting.set(stats["num_requests_waiting"])
+        self.kv_cache_usage.set(stats["kv_cache_usage"])
+        self.gpu_cache_usage.set(stats["kv_cache_usage"])
+        self.num_preemptions.inc(stats["num_preemptions"] - self._seen_preemptions)
+        self._seen_preemptions = stats["num_preemptions"]
+        self.prompt_tokens.inc(stats["prompt_tokens"] - self._seen_prompt_tokens)
+        self._seen_prompt_tokens = stats["prompt_tokens"]
+        self.generation_tokens.inc(stats["generation_tokens"] - self._seen_generation_tokens)
+        self._seen_generation_tokens = stats["generation_tokens"]
+        now = time.monotonic()
+        for output in outputs:
+            new_tokens = sum(len(c.token_ids) for c in output.outputs)
+            if new_tokens:
+                last = self._last_token_time.get(output.request_id)
+                if last is not None:
+                    for _ in range(new_tokens):
+                        self.itl.observe(now - last)
+                self._last_token_time[output.request_id] = now
+            if output.finished:
+                self._last_token_time.pop(output.request_id, None)
+                self.record_finished(output)
+
+    def record_finished(self, output: RequestOutput) -> None:
+        m = output.metrics
+        for completion in output.outputs:
+            self._request_success.labels(self.model_name, completion.finish_reason or "abort").inc()
+        if m.first_token_time is not None:
+            self.ttft.observe(m.first_token_time - m.arrival_time)
+        if m.queue_time is not None:
+            self.queue_time.observe(m.queue_time)
+        if m.finished_time is not None:
+            self.e2e.observe(m.finished_time - m.arrival_time)
+            if m.first_token_time is not None and output.num_generated_tokens > 1:
+                self.tpot.observe((m.finished_time - m.first_token_time) / (output.num_generated_tokens - 1))
