@@ -36,6 +36,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue_, output in items:
+        queue_.put_nowait(output)
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None) -> None:
@@ -126,12 +131,7 @@ class AsyncLLMEngine:
                     break
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
-                    for output in outputs:
-                        stream = self._streams.get(output.request_id)
-                        if stream is not None:
-                            if output.finished:
-                                del self._streams[output.request_id]
-                            stream.put(output)
+                    self._deliver(outputs)
                     if self.on_step is not None:
                         self.on_step(self.engine, outputs)
         except BaseException as exc:   # noqa: BLE001 - whatever kills the loop kills the server
@@ -143,6 +143,19 @@ class AsyncLLMEngine:
             self._streams.clear()
             if self.on_dead is not None:
                 self.on_dead(exc)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams with one wake-up per event loop, not one per request."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            batches.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _apply_commands(self, block: bool) -> None:
         """Apply every queued add/abort; when idle, wait for the next one."""

@@ -333,7 +333,7 @@ class LLMEngine:
             if finished:
                 state.finished_time = now
                 del self.requests[state.request_id]
-            if finished or state.output_kind is OutputKind.CUMULATIVE:
+            if finished or state.output_kind is not OutputKind.FINAL_ONLY:
                 outputs.append(self._make_output(state, finished))
         return outputs
 

@@ -48,6 +48,13 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from llmserve.benchmarks.serve import run_serve_benchmark
+
+    metrics = run_serve_benchmark(args)
+    return 0 if metrics["failed"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmserve.testing.checkpoints import FAMILIES, SIZES
 
@@ -97,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how many prompts HF runs one at a time (default: all); the rate is per token")
     thr.add_argument("--output-json", default=None, help="write the results as JSON")
     thr.set_defaults(func=_bench_throughput)
+    srv = bench_sub.add_parser("serve", help="load a running OpenAI-compatible server with streaming requests")
+    srv.add_argument("--base-url", default="http://127.0.0.1:8000")
+    srv.add_argument("--model", default=None, help="model name (default: the server's first)")
+    srv.add_argument("--api-key", default=None)
+    srv.add_argument("--num-prompts", type=int, default=64)
+    srv.add_argument("--random-input-len", type=int, default=128)
+    srv.add_argument("--random-output-len", type=int, default=128)
+    srv.add_argument("--vocab-size", type=int, default=32000, help="token ids are drawn below this")
+    srv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
+    srv.add_argument("--max-concurrency", type=int, default=None)
+    srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--metric-percentiles", default="50,99", help="comma-separated percentiles")
+    srv.add_argument("--save-result", default=None, help="write the metrics as JSON")
+    srv.set_defaults(func=_bench_serve)
     return parser
 
 

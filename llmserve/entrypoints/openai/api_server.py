@@ -297,8 +297,13 @@ def run_server(args: argparse.Namespace) -> int:
 
     engine_config = engine_config_from_args(args)
     config = server_config_from_args(args)
-    if not config.served_model_names and engine_config.model:
-        config.served_model_names = [engine_config.model]
+    if not config.served_model_names:
+        if engine_config.model:
+            config.served_model_names = [engine_config.model]
+        else:
+            from llmserve.testing.checkpoints import DEMO_MODEL_NAME
+
+            config.served_model_names = [DEMO_MODEL_NAME]
     state = ServerState(config, engine_config)
     app = build_app(state)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, http="h11", log_level="warning",
