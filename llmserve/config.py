@@ -62,6 +62,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     max_logprobs: int = 20
     num_threads: int | None = None
 

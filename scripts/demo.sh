@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Quick start: set up, then generate with the built-in demo model (random weights: the text is gibberish).
+# Quick start: set up, then serve the built-in demo model (random weights: its text is gibberish) on
+# http://127.0.0.1:8000 with the OpenAI-compatible API. Extra arguments go to `llmserve serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/llmserve generate --prompt "The capital of France is" --prompt "Once upon a time" "$@"
+exec .venv/bin/llmserve serve "$@"

@@ -71,7 +71,7 @@ class AsyncLLMEngine:
     @property
     def num_waiting(self) -> int:
         """Requests accepted but not yet running (queued in the scheduler or on their way to it)."""
-        return len(self.engine.scheduler.waiting) + self._pending_adds
+        return self.engine.num_waiting_requests + self._pending_adds
 
     @property
     def num_unfinished(self) -> int:

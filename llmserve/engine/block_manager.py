@@ -1,26 +1,51 @@
-"""Hands out fixed-size KV-cache blocks to sequences on demand (PagedAttention).
+"""Hands out fixed-size KV-cache blocks to sequences on demand (PagedAttention), and shares them.
 
 A sequence holds ``ceil(num_tokens / block_size)`` blocks, listed in order in its block table; it grows
-one block at a time and returns every block the moment it finishes, is preempted or is aborted, so
-at most one partly filled block per sequence is ever wasted. Reference counts are kept so blocks can
-later be shared (prefix caching, parallel samples).
+one block at a time and returns every block the moment it finishes, is preempted or is aborted, so at
+most one partly filled block per sequence is wasted.
+
+Sharing, by reference count:
+
+- **Prefix caching.** Every full block is named by a chained SHA-256 of (parent block's hash, its token
+  ids); a collision would need a SHA-256 collision, so a hit never serves wrong KV. A new sequence takes
+  every cached block of its longest cached prefix and computes only the rest. Freed blocks keep their
+  hash and stay reusable until a new allocation needs them; the free pool is LRU-ordered (freed
+  sequences give their tail blocks first), so the least recently used cached blocks are evicted first.
+- **Parallel samples.** ``fork`` gives a child the parent's blocks; the first write into a shared,
+  partly filled block copies it first (copy-on-write). The copy is recorded in ``pending_copies`` and
+  done by the model runner before the next forward.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
 
 from llmserve.engine.sequence import Sequence
 
+_ROOT_HASH = b"llmserve-prefix-root"
+
+
+def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
+    return hashlib.sha256(parent + np.asarray(token_ids, dtype=np.int64).tobytes()).digest()
+
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache must hold at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))   # LRU first
         self.ref_counts = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}
+        self.pending_copies: list[tuple[int, int]] = []
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -28,30 +53,130 @@ class BlockManager:
 
     @property
     def usage(self) -> float:
-        """Fraction of blocks in use (vLLM's kv_cache_usage_perc)."""
+        """Fraction of blocks in use (vLLM's kv_cache_usage_perc); cached-but-free blocks count as free."""
         return 1.0 - len(self.free_blocks) / self.num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    # ------------------------------------------------------------------ prefix caching
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a block-less sequence the cached blocks of its longest cached prefix; returns the tokens hit.
+
+        At least one token is left to compute, since the step that computes it produces the next logits.
+        """
+        if not self.enable_prefix_caching or seq.block_table:
+            return 0
+        hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
+        hit: list[int] = []
+        for h in hashes:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hit.append(block)
+        for block in hit:
+            self._take(block)
+        seq.block_table = hit
+        seq.num_computed_tokens = len(hit) * self.block_size
+        return seq.num_computed_tokens
+
+    def record_prefix_query(self, num_tokens: int, num_hit: int) -> None:
+        """Count one admitted sequence's prompt lookup (vLLM counts tokens)."""
+        self.prefix_query_tokens += num_tokens
+        self.prefix_hit_tokens += num_hit
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Publish the hashes of ``seq``'s blocks that became full with computed K/V this step."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_published_blocks:
+            return
+        hashes = self._block_hashes(seq, num_full)
+        for i in range(seq.num_published_blocks, num_full):
+            block, h = seq.block_table[i], hashes[i]
+            if self.block_hash[block] is None and h not in self.cached:
+                self.cached[h] = block
+                self.block_hash[block] = h
+        seq.num_published_blocks = num_full
+
+    def _block_hashes(self, seq: Sequence, count: int) -> list[bytes]:
+        """The chained hashes of ``seq``'s first ``count`` full blocks (computed once, kept on the sequence)."""
+        hashes = seq.block_hashes
+        bs = self.block_size
+        tokens = seq.all_token_ids
+        while len(hashes) < count:
+            i = len(hashes)
+            hashes.append(chain_hash(hashes[-1] if hashes else _ROOT_HASH, tokens[i * bs:(i + 1) * bs]))
+        return hashes[:count]
+
+    # ------------------------------------------------------------------ allocation
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow ``seq``'s block table to hold ``num_tokens`` tokens. All or nothing: False if too few blocks are free."""
-        needed = self.blocks_for(num_tokens) - len(seq.block_table)
-        if needed <= 0:
-            return True
+        """Grow ``seq``'s block table to hold ``num_tokens`` tokens, copying a shared partly filled block
+        before it is written. All or nothing: False (and no change) if too few blocks are free."""
+        table = seq.block_table
+        first_write = seq.num_computed_tokens // self.block_size
+        copy_on_write = first_write < len(table) and self.ref_counts[table[first_write]] > 1
+        needed = max(0, self.blocks_for(num_tokens) - len(table)) + copy_on_write
         if needed > len(self.free_blocks):
             return False
+        if copy_on_write:
+            shared = table[first_write]
+            table[first_write] = self._pop_free()
+            self.ref_counts[shared] -= 1
+            self.pending_copies.append((shared, table[first_write]))
+            needed -= 1
         for _ in range(needed):
-            block = self.free_blocks.popleft()
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
+            table.append(self._pop_free())
         return True
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """``child`` shares every block of ``parent`` (whose K/V it has) until it writes its own."""
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            self.ref_counts[block] += 1
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.block_hashes = list(parent.block_hashes)
+        child.num_published_blocks = parent.num_published_blocks
+
     def free(self, seq: Sequence) -> None:
-        """Return every block of ``seq`` (last first, so the next sequence reuses cache-warm blocks)."""
+        """Return every block of ``seq``; blocks nobody else holds go to the free pool, tail blocks first."""
         for block in reversed(seq.block_table):
             self.ref_counts[block] -= 1
             assert self.ref_counts[block] >= 0, f"block {block} freed twice"
             if self.ref_counts[block] == 0:
-                self.free_blocks.appendleft(block)
+                self.free_blocks[block] = None
         seq.block_table = []
+        seq.num_published_blocks = 0
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def _take(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free_blocks[block]
+        self.ref_counts[block] += 1
+
+    def _pop_free(self) -> int:
+        """The least recently used free block; if it held a cached prefix block, that entry is evicted."""
+        block, _ = self.free_blocks.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:
+            if self.cached.get(h) == block:
+                del self.cached[h]
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    # ------------------------------------------------------------------ accounting
+    def waste(self, seqs: list[Sequence]) -> tuple[int, int]:
+        """(slots allocated, slots holding computed tokens) over the distinct blocks of ``seqs``."""
+        filled: dict[int, int] = {}
+        bs = self.block_size
+        for seq in seqs:
+            for i, block in enumerate(seq.block_table):
+                fill = min(bs, max(0, seq.num_computed_tokens - i * bs))
+                if fill > filled.get(block, -1):
+                    filled[block] = fill
+        return len(filled) * bs, sum(filled.values())

@@ -65,6 +65,7 @@ class RequestState:
     finished_time: float | None = None
     reported: list[int] = field(default_factory=list)   # DELTA: output tokens already reported, per sample
     prompt_logprobs_sent: bool = False
+    pending_forks: list[Sequence] = field(default_factory=list)   # samples waiting for sample 0's prefill
     error: str | None = None   # set when the model failed on this request (finish_reason "error")
 
     @property
@@ -111,7 +112,7 @@ class LLMEngine:
                                   self.vocab_size, self.device, self.dtype)
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.requests: dict[str, RequestState] = {}
@@ -232,8 +233,9 @@ class LLMEngine:
         if state.request_id in self.requests:
             raise InvalidRequestError(f"request id {state.request_id!r} is already in use", "request_id")
         self.requests[state.request_id] = state
-        for seq in state.seqs:
-            self.scheduler.add(seq)
+        # n > 1: only the first sample prefills; the others fork from it when its prompt is done.
+        self.scheduler.add(state.seqs[0])
+        state.pending_forks = state.seqs[1:]
         self.num_prompt_tokens_total += len(state.prompt_token_ids)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -286,7 +288,9 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
-        result, scheduled, failures = self._execute(sched.scheduled)
+        self.runner.copy_blocks(self.block_manager.take_pending_copies())
+        forks = self._forks_due(sched.scheduled)
+        result, scheduled, failures = self._execute(sched.scheduled, forks)
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
         for request_id, message in failures.items():
@@ -299,33 +303,21 @@ class LLMEngine:
             touched[request_id] = state
         for seq, num_new in scheduled:
             seq.num_computed_tokens += num_new
+            self.block_manager.cache_full_blocks(seq)
             state = self.requests[seq.request_id]
             if seq.seq_id in result.prompt_logprobs:
                 self._record_prompt_logprobs(state, *result.prompt_logprobs[seq.seq_id])
-            token = result.sampled.get(seq.seq_id)
-            if token is None:
+            if seq.seq_id not in result.sampled:
                 continue   # a prefill chunk that did not reach the end of the prompt
-            seq.append_token(token)
-            self.num_generation_tokens_total += 1
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.last_token_time = now
-            token_logprobs = result.logprobs.get(seq.seq_id)
-            if token_logprobs is not None:
-                state.cumulative_logprobs[seq.index] += token_logprobs.logprob
-                if state.logprobs is not None:
-                    state.logprobs[seq.index].append(self._position_logprobs(token_logprobs))
-            detokenizer = state.detokenizers[seq.index]
-            if self._stops_on_token(seq, token) and not seq.params.include_stop_str_in_output:
-                stop_string = None   # the text of the EOS / stop token is not part of the output (vLLM)
-            else:
-                # vLLM: stop strings count only once more than min_tokens tokens exist.
-                stop_string = detokenizer.update(
-                    [token], check_stop=len(seq.output_token_ids) > seq.params.min_tokens)
-            self._check_stop(seq, token, stop_string)
-            if seq.finish_reason:
-                detokenizer.get_next_output_text(finished=True, delta=False)   # flush a cut-off character
-                self.scheduler.finish(seq)
+            children = forks.get(seq.seq_id, [])
+            for child in children:   # share the prompt's blocks before the parent may finish and free them
+                self.block_manager.fork(seq, child)
+                child.first_scheduled_time = seq.first_scheduled_time
+                self.scheduler.add_running(child)
+            if children:
+                state.pending_forks = []
+            for sampled_seq in (seq, *children):
+                self._append_token(state, sampled_seq, result, now)
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
@@ -337,7 +329,41 @@ class LLMEngine:
                 outputs.append(self._make_output(state, finished))
         return outputs
 
-    def _execute(self, scheduled: list[tuple[Sequence, int]]
+    def _forks_due(self, scheduled: list[tuple[Sequence, int]]) -> dict[int, list[Sequence]]:
+        """Parents whose prompt completes this step -> the samples that fork from them."""
+        forks = {}
+        for seq, num_new in scheduled:
+            if seq.num_computed_tokens + num_new == seq.num_tokens and not seq.output_token_ids:
+                pending = self.requests[seq.request_id].pending_forks
+                if pending:
+                    forks[seq.seq_id] = pending
+        return forks
+
+    def _append_token(self, state: RequestState, seq: Sequence, result: StepOutput, now: float) -> None:
+        """Append a sampled token and apply logprobs, detokenisation and stop conditions."""
+        token = result.sampled[seq.seq_id]
+        seq.append_token(token)
+        self.num_generation_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        token_logprobs = result.logprobs.get(seq.seq_id)
+        if token_logprobs is not None:
+            state.cumulative_logprobs[seq.index] += token_logprobs.logprob
+            if state.logprobs is not None:
+                state.logprobs[seq.index].append(self._position_logprobs(token_logprobs))
+        detokenizer = state.detokenizers[seq.index]
+        if self._stops_on_token(seq, token) and not seq.params.include_stop_str_in_output:
+            stop_string = None   # the text of the EOS / stop token is not part of the output (vLLM)
+        else:
+            # vLLM: stop strings count only once more than min_tokens tokens exist.
+            stop_string = detokenizer.update([token], check_stop=len(seq.output_token_ids) > seq.params.min_tokens)
+        self._check_stop(seq, token, stop_string)
+        if seq.finish_reason:
+            detokenizer.get_next_output_text(finished=True, delta=False)   # flush a cut-off character
+            self.scheduler.finish(seq)
+
+    def _execute(self, scheduled: list[tuple[Sequence, int]], forks: dict[int, list[Sequence]]
                  ) -> tuple[StepOutput, list[tuple[Sequence, int]], dict[str, str]]:
         """Run the step; if the model fails, find the request(s) it fails on by running each sequence alone.
 
@@ -345,7 +371,7 @@ class LLMEngine:
         retry is harmless: it writes the same K/V into the same slots. The other requests go on.
         """
         try:
-            return self.runner.execute(scheduled), scheduled, {}
+            return self.runner.execute(scheduled, forks), scheduled, {}
         except Exception as exc:   # noqa: BLE001 - isolated below; the loop must survive one bad request
             if len(scheduled) == 1:
                 logger.exception("model failed on request %s", scheduled[0][0].request_id)
@@ -356,7 +382,7 @@ class LLMEngine:
         for item in scheduled:
             if item[0].request_id in failures:
                 continue
-            part, ok, failed = self._execute([item])
+            part, ok, failed = self._execute([item], {k: v for k, v in forks.items() if k == item[0].seq_id})
             merged.merge(part)
             ran += ok
             failures.update(failed)
@@ -440,14 +466,31 @@ class LLMEngine:
                              error=state.error)
 
     # ------------------------------------------------------------------ stats
+    @property
+    def num_running_requests(self) -> int:
+        """Requests with a sequence in the running batch (vLLM counts requests, not samples)."""
+        return len({seq.request_id for seq in self.scheduler.running.values()})
+
+    @property
+    def num_waiting_requests(self) -> int:
+        return len(self.requests) - self.num_running_requests
+
+    def kv_cache_waste(self) -> float:
+        """Slots allocated to running sequences but not holding computed tokens, over slots allocated."""
+        allocated, filled = self.block_manager.waste(list(self.scheduler.running.values()))
+        return (allocated - filled) / allocated if allocated else 0.0
+
     def stats(self) -> dict[str, Any]:
         return {
-            "num_requests_running": len(self.scheduler.running),
-            "num_requests_waiting": len(self.scheduler.waiting),
+            "num_requests_running": self.num_running_requests,
+            "num_requests_waiting": self.num_waiting_requests,
             "kv_cache_usage": self.block_manager.usage,
             "num_free_blocks": self.block_manager.num_free_blocks,
             "num_blocks": self.block_manager.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.block_manager.prefix_query_tokens,
+            "prefix_cache_hits": self.block_manager.prefix_hit_tokens,
+            "kv_cache_waste": self.kv_cache_waste(),
             "prompt_tokens": self.num_prompt_tokens_total,
             "generation_tokens": self.num_generation_tokens_total,
         }

@@ -4,7 +4,8 @@ Running sequences go first, in admission order, then waiting ones (FCFS) while t
 (``max_num_batched_tokens``), the sequence cap (``max_num_seqs``) and free blocks allow. A long prompt
 takes what is left of the budget and continues next step (chunked prefill). When a running sequence
 cannot get a block, the most recently admitted running sequence is preempted: its blocks are freed and
-it goes back to the front of the queue to be recomputed later.
+it goes back to the front of the queue to be recomputed later. A waiting sequence first takes the
+blocks of its longest cached prefix (prefix caching), so only the rest of its prompt is computed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Admit a sequence whose K/V already exists (a forked parallel sample)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running[seq.seq_id] = seq
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence and free its blocks at once."""
@@ -88,12 +94,16 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            num_hit = self.block_manager.match_prefix(seq)   # cached prefix blocks count as computed
             num_new = seq.num_tokens - seq.num_computed_tokens
-            if num_new > budget and not self.enable_chunked_prefill:
+            if (num_new > budget and not self.enable_chunked_prefill) or not self.block_manager.allocate(
+                    seq, seq.num_computed_tokens + min(num_new, budget)):
+                self.block_manager.free(seq)   # give the prefix hits back; they stay cached
+                seq.num_computed_tokens = 0
                 break
             num_new = min(num_new, budget)
-            if not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
-                break
+            self.block_manager.record_prefix_query(seq.num_tokens, num_hit)
+            seq.num_cached_tokens = max(seq.num_cached_tokens, num_hit)
             self.waiting.popleft()
             self.running[seq.seq_id] = seq
             seq.status = SequenceStatus.RUNNING

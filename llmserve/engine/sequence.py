@@ -38,6 +38,9 @@ class Sequence:
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)   # chained hashes of full blocks (prefix cache)
+    num_published_blocks: int = 0                              # full blocks already offered to the cache
+    num_cached_tokens: int = 0                                 # prompt tokens served by the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     num_preemptions: int = 0
     finish_reason: str | None = None

@@ -34,6 +34,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                    help="most tokens in one step (default 2048); long prompts are prefilled in chunks of this")
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="split long prompts across steps (default on)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of cached prompt prefixes (default on)")
     g.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / prompt_logprobs accepted")
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
 
@@ -46,5 +48,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         device=args.device, seed=args.seed, max_model_len=args.max_model_len, block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_chunked_prefill=args.enable_chunked_prefill, max_logprobs=args.max_logprobs,
+        enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
+        max_logprobs=args.max_logprobs,
         num_threads=args.num_threads)

@@ -42,6 +42,11 @@ class EngineMetrics:
         self.num_preemptions = counter("vllm:num_preemptions", "Sequences preempted (blocks freed, recomputed later).")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Tokens generated.")
+        self.prefix_cache_queries = counter("vllm:prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("vllm:prefix_cache_hits", "Prompt tokens served by the prefix cache.")
+        self.kv_cache_waste = gauge("llmserve:kv_cache_waste_perc",
+                                    "KV slots allocated to running sequences but not filled, over slots allocated.")
         self._request_success = Counter("vllm:request_success", "Requests finished, by finish reason.",
                                         labels + ["finished_reason"], registry=r)
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
@@ -53,6 +58,8 @@ class EngineMetrics:
         self.queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.",
                                     _LATENCY_BUCKETS)
         self._seen_preemptions = 0
+        self._seen_prefix_queries = 0
+        self._seen_prefix_hits = 0
         self._seen_prompt_tokens = 0
         self._seen_generation_tokens = 0
         self._last_token_time: dict[str, float] = {}
@@ -69,6 +76,11 @@ class EngineMetrics:
         self._seen_prompt_tokens = stats["prompt_tokens"]
         self.generation_tokens.inc(stats["generation_tokens"] - self._seen_generation_tokens)
         self._seen_generation_tokens = stats["generation_tokens"]
+        self.prefix_cache_queries.inc(stats["prefix_cache_queries"] - self._seen_prefix_queries)
+        self._seen_prefix_queries = stats["prefix_cache_queries"]
+        self.prefix_cache_hits.inc(stats["prefix_cache_hits"] - self._seen_prefix_hits)
+        self._seen_prefix_hits = stats["prefix_cache_hits"]
+        self.kv_cache_waste.set(stats["kv_cache_waste"])
         now = time.monotonic()
         for output in outputs:
             new_tokens = sum(len(c.token_ids) for c in output.outputs)

@@ -71,7 +71,21 @@ class ModelRunner:
                             torch.zeros(shape, dtype=self.dtype, device=self.device))
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepOutput:
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate shared blocks (every layer's K and V) before a sequence writes into its copy."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for attn in self.model.attention_layers():
+            attn.key_cache.index_copy_(0, dst, attn.key_cache.index_select(0, src))
+            attn.value_cache.index_copy_(0, dst, attn.value_cache.index_select(0, src))
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]],
+                forks: dict[int, list[Sequence]] | None = None) -> StepOutput:
+        """Run one step. ``forks`` maps a sequence whose prompt completes now to the parallel samples that
+        share its prompt: each gets its own token sampled from the same logits."""
         batch = sorted(scheduled, key=lambda item: item[1] != 1)   # decodes first (stable)
         input_ids: list[int] = []
         positions: list[int] = []
@@ -104,6 +118,10 @@ class ModelRunner:
         metadata = self.backend.build_metadata(layout, self.device)
         hidden = self.model(torch.tensor(input_ids, device=self.device),
                             torch.tensor(positions, device=self.device), metadata)
+        for i, seq in enumerate(list(sample_seqs)):
+            for child in (forks or {}).get(seq.seq_id, ()):
+                sample_rows.append(sample_rows[i])
+                sample_seqs.append(child)
         out = StepOutput()
         if sample_seqs:
             self._sample(hidden, sample_rows, sample_seqs, out)

@@ -122,16 +122,20 @@ def test_shared_block_is_freed_by_its_last_holder():
     assert bm.num_free_blocks == 4 and bm.ref_counts == [0] * 4
 
 
-def test_freed_blocks_are_reused_first():
-    """The last blocks freed are handed out first (cache-warm reuse)."""
+def test_free_pool_is_least_recently_used_first():
+    """Freed blocks go to the back of the free pool (a freed sequence's tail block first), so blocks that
+    may hold a cached prefix are reused last."""
     bm = BlockManager(8, 1)
     a = make_seq()
     bm.allocate(a, 3)
     freed = list(a.block_table)
     bm.free(a)
     b = make_seq()
-    bm.allocate(b, 3)
-    assert b.block_table == freed
+    bm.allocate(b, 5)
+    assert b.block_table == [3, 4, 5, 6, 7]   # never-used blocks first
+    c = make_seq()
+    bm.allocate(c, 3)
+    assert c.block_table == list(reversed(freed))   # then a's blocks, its tail block first
 
 
 # One op: (sequence slot, number of tokens) grows that slot's sequence to that many tokens;

@@ -285,11 +285,11 @@ def test_transient_model_failure_is_retried_per_sequence(llm, engine, monkeypatc
     real = engine.runner.execute
     calls = []
 
-    def failing(scheduled):
+    def failing(scheduled, *args):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("boom")
-        return real(scheduled)
+        return real(scheduled, *args)
 
     monkeypatch.setattr(engine.runner, "execute", failing)
     outs = llm.generate([PROMPT, OTHER], GREEDY)
@@ -304,11 +304,11 @@ def test_model_failure_on_one_request_fails_only_that_request(llm, engine, monke
     real = engine.runner.execute
     poison = engine.tokenizer.encode(OTHER)[-1]
 
-    def failing(scheduled):
+    def failing(scheduled, *args):
         if any(poison in seq.all_token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]
                for seq, n in scheduled):
             raise RuntimeError("injected fault")
-        return real(scheduled)
+        return real(scheduled, *args)
 
     monkeypatch.setattr(engine.runner, "execute", failing)
     good, bad = llm.generate([PROMPT, OTHER], GREEDY)
@@ -514,12 +514,12 @@ def test_stats_move_and_return_to_idle(engine):
     engine.add_request("s1", PROMPT, SamplingParams(max_tokens=4, ignore_eos=True))
     engine.add_request("s2", OTHER, SamplingParams(n=2, max_tokens=3, ignore_eos=True, seed=3))
     queued = engine.stats()
-    assert queued["num_requests_waiting"] == 3 and queued["num_requests_running"] == 0
+    assert queued["num_requests_waiting"] == 2 and queued["num_requests_running"] == 0   # requests, not samples
     num_prompt = len(engine.tokenizer.encode(PROMPT)) + len(engine.tokenizer.encode(OTHER))
     assert queued["prompt_tokens"] == before["prompt_tokens"] + num_prompt
     engine.step()
     running = engine.stats()
-    assert running["num_requests_running"] == 3 and running["num_requests_waiting"] == 0
+    assert running["num_requests_running"] == 2 and running["num_requests_waiting"] == 0
     assert running["kv_cache_usage"] > 0 and running["num_free_blocks"] < running["num_blocks"]
     assert running["generation_tokens"] == before["generation_tokens"] + 3
     drain(engine)
