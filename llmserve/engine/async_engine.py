@@ -52,6 +52,7 @@ class AsyncLLMEngine:
         self._pending_adds = 0
         self._pending_lock = threading.Lock()   # the counter moves on both threads
         self._stop = threading.Event()
+        self._idle_reported = True
         self.dead_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="llmserve-engine", daemon=True)
 
@@ -132,8 +133,13 @@ class AsyncLLMEngine:
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
                     self._deliver(outputs)
-                    if self.on_step is not None:
-                        self.on_step(self.engine, outputs)
+                elif self._idle_reported:
+                    continue
+                else:
+                    outputs = []   # gone idle (e.g. after an abort): report the freed state once
+                self._idle_reported = not self.engine.has_unfinished_requests()
+                if self.on_step is not None:
+                    self.on_step(self.engine, outputs)
         except BaseException as exc:   # noqa: BLE001 - whatever kills the loop kills the server
             logger.exception("engine loop died")
             self.dead_error = exc

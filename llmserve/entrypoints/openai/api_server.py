@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import logging
+import signal
 import sys
 import threading
 import time
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
@@ -292,8 +295,21 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_header_bytes=args.max_header_bytes)
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn re-raises a captured SIGTERM after shutting down, which makes the exit status -15; a
+    graceful shutdown should exit 0, so ``run_server`` installs its own signal handlers instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # noqa: ANN201
+        yield
+
+    def request_exit(self) -> None:
+        if self.should_exit:
+            self.force_exit = True   # a second signal: stop waiting for running requests
+        self.should_exit = True
+
+
 def run_server(args: argparse.Namespace) -> int:
-    import uvicorn
 
     engine_config = engine_config_from_args(args)
     config = server_config_from_args(args)
@@ -309,7 +325,7 @@ def run_server(args: argparse.Namespace) -> int:
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, http="h11", log_level="warning",
                                timeout_graceful_shutdown=config.shutdown_timeout,
                                h11_max_incomplete_event_size=config.max_header_bytes)
-    server = uvicorn.Server(uv_config)
+    server = GracefulServer(uv_config)
     loop_holder: dict[str, asyncio.AbstractEventLoop] = {}
 
     def stop_server() -> None:
@@ -320,7 +336,10 @@ def run_server(args: argparse.Namespace) -> int:
     state.on_fatal = stop_server
 
     async def serve() -> None:
-        loop_holder["loop"] = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        loop_holder["loop"] = loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.request_exit)
         logger.info("listening on http://%s:%d", config.host, config.port)
         await server.serve()
 
