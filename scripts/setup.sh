@@ -32,7 +32,8 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     index=${LLMSERVE_TORCH_INDEX_URL:-}
   fi
   echo "setup: installing $spec"
-  $PIP install --quiet "$spec" ${index:+--extra-index-url "$index"}
+  # The configured indexes first (a local wheel or mirror answers at once); then the PyTorch index.
+  $PIP install --quiet "$spec" 2>/dev/null || $PIP install --quiet "$spec" ${index:+--extra-index-url "$index"}
 fi
 $PIP install --quiet -e ".$extras"
 echo "setup: ready ($VENV/bin/llmserve)"

@@ -48,6 +48,13 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_prefix_cache(args: argparse.Namespace) -> int:
+    from llmserve.benchmarks.prefix_cache import run_prefix_cache_benchmark
+
+    run_prefix_cache_benchmark(args)
+    return 0
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     from llmserve.benchmarks.serve import run_serve_benchmark
 
@@ -104,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how many prompts HF runs one at a time (default: all); the rate is per token")
     thr.add_argument("--output-json", default=None, help="write the results as JSON")
     thr.set_defaults(func=_bench_throughput)
+    pc = bench_sub.add_parser("prefix-cache", help="TTFT with/without prefix caching, n-sample sharing, KV waste")
+    add_engine_args(pc)
+    pc.add_argument("--prefix-len", type=int, default=2000)
+    pc.add_argument("--suffix-len", type=int, default=100)
+    pc.add_argument("--num-prompts", type=int, default=8)
+    pc.add_argument("--output-len", type=int, default=8)
+    pc.add_argument("--n", type=int, default=4, help="parallel samples for the sharing measurement")
+    pc.add_argument("--waste-requests", type=int, default=64)
+    pc.set_defaults(func=_bench_prefix_cache)
     srv = bench_sub.add_parser("serve", help="load a running OpenAI-compatible server with streaming requests")
     srv.add_argument("--base-url", default="http://127.0.0.1:8000")
     srv.add_argument("--model", default=None, help="model name (default: the server's first)")
