@@ -23,7 +23,6 @@ Specified:
 from __future__ import annotations
 
 import pytest
-import torch
 
 from llmserve import LLM, SamplingParams
 from llmserve.engine.llm_engine import LLMEngine, OutputKind
@@ -34,15 +33,6 @@ MAX_MODEL_LEN = 64
 PROMPT = "Hello world, this is"
 OTHER = "The quick brown fox"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is fastest on one thread; more threads only contend on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ block), and none of it changes a single greedy token."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from llmserve import LLM, SamplingParams
 from tests.hf_reference import hf_greedy
@@ -16,14 +15,6 @@ SYSTEM = ("You are a helpful assistant. Answer briefly and precisely, quoting th
 QUESTIONS = ["What does os.path.join do?", "How do I sort a dict by value?", "Explain list comprehensions.",
              "What is a context manager?", "Why use pathlib?"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_llm(path, caching: bool, **kwargs) -> LLM:

@@ -28,14 +28,6 @@ SEEDED = SamplingParams(temperature=0.9, top_p=0.95, top_k=200, seed=1234, max_t
 MAX_TOKENS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def llm(llama_dir) -> LLM:
     return LLM(str(llama_dir), kv_cache_memory_bytes="32MiB", max_model_len=128)

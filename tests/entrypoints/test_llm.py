@@ -11,21 +11,12 @@ with the generation prompt, and generates from it.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from llmserve import LLM, RequestOutput, SamplingParams
 from llmserve.errors import InvalidRequestError
 
 PROMPTS = ["Hello world, this is", "The quick brown fox", "A"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

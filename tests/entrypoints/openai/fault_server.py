@@ -1,0 +1,37 @@
+"""Runs the API server with faults injected into the engine, for the fault-isolation tests.
+
+A prompt containing token id FORWARD_POISON makes the model forward fail whenever that request is in
+the batch; a prompt containing LOOP_POISON makes the engine loop itself fail. The product has no test
+hooks: this script patches the classes, then starts the normal server entry point.
+"""
+
+import sys
+
+from llmserve.engine.llm_engine import LLMEngine
+from llmserve.entrypoints.openai import api_server
+from llmserve.worker.model_runner import ModelRunner
+
+FORWARD_POISON = 1999
+LOOP_POISON = 1998
+
+_execute = ModelRunner.execute
+_step = LLMEngine.step
+
+
+def execute(self, scheduled, *args):
+    if any(FORWARD_POISON in seq.prompt_token_ids for seq, _ in scheduled):
+        raise RuntimeError("injected model fault")
+    return _execute(self, scheduled, *args)
+
+
+def step(self):
+    if any(LOOP_POISON in state.prompt_token_ids for state in self.requests.values()):
+        raise RuntimeError("injected engine-loop fault")
+    return _step(self)
+
+
+ModelRunner.execute = execute
+LLMEngine.step = step
+
+if __name__ == "__main__":
+    sys.exit(api_server.main())
