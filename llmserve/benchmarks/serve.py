@@ -1,9 +1,20 @@
-"""``llmserve bench serve``: load an OpenAI-compatible server with streaming requests and report what
-vLLM's benchmark_serving reports (same JSON field names): throughput, TTFT, TPOT, ITL and E2E latency.
+"""``llmserve bench serve``: load any OpenAI-compatible server with streaming requests and report what
+vLLM's ``benchmark_serving`` reports, under the same JSON field names (see :mod:`.metrics`).
 
-Prompts are random token ids (``--random-input-len``) sent as token-id prompts to /v1/completions with
-``ignore_eos`` so every request produces exactly ``--random-output-len`` tokens; requests arrive all at
-once (``--request-rate inf``) or as a Poisson process, at most ``--max-concurrency`` in flight.
+Requests (see :mod:`.datasets`):
+
+* ``--dataset-name random``: ``--random-input-len`` / ``--random-output-len`` tokens, spread by
+  ``--random-range-ratio``; token-id prompts on ``/v1/completions``, corpus text on ``/v1/chat/completions``;
+* ``--dataset-name sharegpt``: ShareGPT-shaped lengths (synthetic, no download) or a ShareGPT JSON file
+  given with ``--dataset-path``; prompts are text;
+* ``--dataset-name prefix-repetition``: a few long shared prefixes with random suffixes (prefix caching).
+
+Every request is greedy and streams (``stream_options.include_usage``); by default it also sends
+``ignore_eos`` so each produces exactly its expected output length (``--no-ignore-eos`` for servers
+that refuse the field). Requests arrive all at once (``--request-rate inf``) or as a Poisson process
+(gamma with ``--burstiness`` != 1), at most ``--max-concurrency`` in flight. Token counts come from
+the ``usage`` of each response; where a server sends none, from the tokenizer (``--tokenizer``, else
+the server's ``/tokenize``), else one token per streamed chunk.
 """
 
 from __future__ import annotations
@@ -11,149 +22,358 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
+import os
+import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 
+from llmserve.benchmarks.datasets import (DATASET_NAMES, SHAREGPT_MAX_TOTAL_LEN, ApproxTokenizer, CorpusText,
+                                          HFTokenizer, SampleRequest, ServerTokenizer, TextTokenizer,
+                                          allowed_token_ids, load_sharegpt, sample_prefix_repetition, sample_random,
+                                          sample_sharegpt_synthetic)
+from llmserve.benchmarks.metrics import (DETAIL_FIELDS, RequestResult, compute_metrics, format_report,
+                                         parse_goodput, parse_metric_list, parse_percentiles)
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+COMPLETIONS_ENDPOINT = "/v1/completions"
+CHAT_TEMPLATE_MARGIN = 64   # tokens a chat template may add around the prompt
+
+
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("dataset")
+    g.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
+    g.add_argument("--dataset-path", default=None,
+                   help="a ShareGPT JSON file (with --dataset-name sharegpt); default: ShareGPT-shaped synthetic "
+                        "requests built from the bundled corpus")
+    g.add_argument("--num-prompts", type=int, default=64)
+    g.add_argument("--random-input-len", type=int, default=128)
+    g.add_argument("--random-output-len", type=int, default=128)
+    g.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="lengths are uniform in [len * (1 - r), len * (1 + r)]")
+    g.add_argument("--sharegpt-output-len", type=int, default=None,
+                   help="fixed output length for sharegpt requests (default: the dataset's)")
+    g.add_argument("--prefix-repetition-prefix-len", type=int, default=256)
+    g.add_argument("--prefix-repetition-suffix-len", type=int, default=256)
+    g.add_argument("--prefix-repetition-num-prefixes", type=int, default=10)
+    g.add_argument("--prefix-repetition-output-len", type=int, default=128)
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or Hub id used to build and count text prompts (default: the "
+                        "server's /tokenize if it has one, else about 4 characters per token)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own Python code")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="random token-id prompts draw ids in [100, this) (default: the tokenizer's, else 32000)")
+
+
+def add_serve_args(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """Flags of ``bench serve`` (``sweep=True`` leaves out the single --request-rate and result flags)."""
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
+    parser.add_argument("--endpoint", default=COMPLETIONS_ENDPOINT, choices=[COMPLETIONS_ENDPOINT, CHAT_ENDPOINT])
+    parser.add_argument("--model", default=None, help="model name (default: the server's first)")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                        help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
+    add_dataset_args(parser)
+    if not sweep:
+        parser.add_argument("--request-rate", type=float, default=float("inf"),
+                            help="requests/s (Poisson); inf = all at once")
+    parser.add_argument("--burstiness", type=float, default=1.0,
+                        help="gamma shape of the arrival gaps: 1 = Poisson, < 1 burstier, > 1 more regular")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                        help="send ignore_eos so every request generates its full output length (default on)")
+    parser.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el",
+                        help="which of ttft,tpot,itl,e2el to report percentiles of")
+    parser.add_argument("--metric-percentiles", default="50,99", help="comma-separated percentiles")
+    parser.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                        help="SLOs for goodput, e.g. ttft:500 tpot:50 (ms; keys ttft, tpot, e2el)")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed single request sent first")
+    if not sweep:
+        parser.add_argument("--save-result", default=None, help="write the result as JSON to this file")
+        parser.add_argument("--save-detailed", action="store_true",
+                            help="also save per-request lengths, TTFTs, ITLs, texts and errors")
+
+
+# ------------------------------------------------------------------------------------------- target
+
 
 @dataclass
-class RequestResult:
-    success: bool = False
-    prompt_len: int = 0
-    output_tokens: int = 0
-    ttft: float = 0.0
-    latency: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    error: str = ""
+class Target:
+    base_url: str
+    endpoint: str
+    model: str
+    headers: dict[str, str] = field(default_factory=dict)
+    max_model_len: int | None = None
+
+    @property
+    def url(self) -> str:
+        return self.base_url + self.endpoint
+
+    @property
+    def chat(self) -> bool:
+        return self.endpoint == CHAT_ENDPOINT
 
 
-def percentile_stats(name: str, values_s: list[float], percentiles: list[float]) -> dict[str, float]:
-    """mean/median/std and chosen percentiles of ``values_s`` (seconds), reported in ms as vLLM does."""
-    arr = np.asarray(values_s or [0.0]) * 1000
-    stats = {f"mean_{name}_ms": float(arr.mean()), f"median_{name}_ms": float(np.median(arr)),
-             f"std_{name}_ms": float(arr.std())}
-    for p in percentiles:
-        stats[f"p{p:g}_{name}_ms"] = float(np.percentile(arr, p))
-    return stats
+def resolve_target(args: argparse.Namespace) -> Target:
+    """The model name and context length from ``/v1/models`` (``--model`` picks among several)."""
+    import httpx
 
-
-def compute_metrics(results: list[RequestResult], duration: float, percentiles: list[float]) -> dict[str, Any]:
-    ok = [r for r in results if r.success]
-    out_tokens = sum(r.output_tokens for r in ok)
-    in_tokens = sum(r.prompt_len for r in ok)
-    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-    metrics: dict[str, Any] = {
-        "completed": len(ok), "failed": len(results) - len(ok), "duration": duration,
-        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
-        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
-        "total_token_throughput": (in_tokens + out_tokens) / duration,
-    }
-    metrics.update(percentile_stats("ttft", [r.ttft for r in ok], percentiles))
-    metrics.update(percentile_stats("tpot", tpots, percentiles))
-    metrics.update(percentile_stats("itl", [x for r in ok for x in r.itl], percentiles))
-    metrics.update(percentile_stats("e2el", [r.latency for r in ok], percentiles))
-    return metrics
-
-
-async def send_completion(client: Any, url: str, model: str, prompt: list[int], output_len: int,
-                          headers: dict[str, str]) -> RequestResult:
-    result = RequestResult(prompt_len=len(prompt))
-    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    last = start
+    base_url = args.base_url.rstrip("/")
+    if base_url.endswith("/v1"):
+        base_url = base_url[:-3]
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    models: list[dict[str, Any]] = []
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
+        response = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=30)
+        if response.status_code == 200:
+            models = response.json().get("data", [])
+        elif args.model is None:
+            raise ValueError(f"GET {base_url}/v1/models answered {response.status_code}; pass --model")
+    except httpx.HTTPError as exc:
+        raise ValueError(f"cannot reach {base_url}: {exc}") from None
+    if args.model is None and not models:
+        raise ValueError(f"{base_url}/v1/models lists no model; pass --model")
+    model = args.model or models[0]["id"]
+    max_len = next((m.get("max_model_len") for m in models if m.get("id") == model), None)
+    return Target(base_url, args.endpoint, model, headers, int(max_len) if max_len else None)
+
+
+def resolve_tokenizer(args: argparse.Namespace, target: Target) -> TextTokenizer:
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        return HFTokenizer(AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code),
+                           args.tokenizer)
+    return ServerTokenizer.probe(target.base_url, target.model, target.headers) or ApproxTokenizer()
+
+
+def token_id_pool(args: argparse.Namespace, tokenizer: TextTokenizer) -> list[int]:
+    if args.vocab_size is not None:
+        return allowed_token_ids(args.vocab_size, low=100)
+    if isinstance(tokenizer, HFTokenizer):
+        return allowed_token_ids(tokenizer.vocab_size, tokenizer.special_ids)
+    return allowed_token_ids(32000, low=100)
+
+
+def build_requests(args: argparse.Namespace, target: Target,
+                   tokenizer: TextTokenizer) -> list[SampleRequest]:
+    """The benchmark's requests: token ids for random / prefix-repetition on /v1/completions, text otherwise."""
+    if args.num_prompts < 1:
+        raise ValueError("--num-prompts must be >= 1")
+    token_prompts = not target.chat and args.dataset_name in ("random", "prefix-repetition")
+    ids = token_id_pool(args, tokenizer) if token_prompts else None
+    corpus = None if token_prompts else CorpusText(tokenizer)
+    if args.dataset_name == "random":
+        return sample_random(args.num_prompts, args.random_input_len, args.random_output_len,
+                             args.random_range_ratio, args.seed, token_ids=ids, corpus=corpus)
+    if args.dataset_name == "prefix-repetition":
+        return sample_prefix_repetition(args.num_prompts, args.prefix_repetition_prefix_len,
+                                        args.prefix_repetition_suffix_len, args.prefix_repetition_num_prefixes,
+                                        args.prefix_repetition_output_len, args.seed, token_ids=ids, corpus=corpus)
+    max_total = SHAREGPT_MAX_TOTAL_LEN
+    if target.max_model_len:
+        max_total = min(max_total, target.max_model_len - (CHAT_TEMPLATE_MARGIN if target.chat else 0))
+    if args.dataset_path:
+        return load_sharegpt(args.dataset_path, args.num_prompts, tokenizer, args.seed, args.sharegpt_output_len,
+                             max_total)
+    assert corpus is not None
+    return sample_sharegpt_synthetic(args.num_prompts, corpus, args.seed, max_total, args.sharegpt_output_len)
+
+
+# ------------------------------------------------------------------------------------------- requests
+
+
+def request_body(target: Target, request: SampleRequest, ignore_eos: bool,
+                 max_tokens: int | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": target.model, "temperature": 0.0, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    tokens = max_tokens if max_tokens is not None else request.expected_output_len
+    if target.chat:
+        body["messages"] = [{"role": "user", "content": request.prompt}]
+        body["max_completion_tokens"] = tokens
+    else:
+        body["prompt"] = request.prompt
+        body["max_tokens"] = tokens
+    if ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+def _chunk_text(chunk: dict[str, Any], chat: bool) -> str:
+    choices = chunk.get("choices") or []
+    if not choices:
+        return ""
+    if chat:
+        return (choices[0].get("delta") or {}).get("content") or ""
+    return choices[0].get("text") or ""
+
+
+async def send_request(client: Any, target: Target, request: SampleRequest, ignore_eos: bool,
+                       bench_start: float, max_tokens: int | None = None) -> RequestResult:
+    """Stream one request; TTFT is the first chunk with content, ITLs the gaps between content chunks."""
+    result = RequestResult(prompt_len=request.prompt_len)
+    body = request_body(target, request, ignore_eos, max_tokens)
+    start = time.perf_counter()
+    result.start = start - bench_start
+    last = start
+    pieces: list[str] = []
+    chunks = 0
+    try:
+        async with client.stream("POST", target.url, json=body, headers=target.headers) as response:
             if response.status_code != 200:
-                result.error = (await response.aread()).decode(errors="replace")[:500]
+                result.error = f"HTTP {response.status_code}: " + (await response.aread()).decode(errors="replace")[:500]
                 return result
             async for line in response.aiter_lines():
-                if not line.startswith("data: "):
+                if not line.startswith("data:"):
                     continue
-                data = line[6:]
+                data = line[5:].strip()
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    result.error = chunk["error"].get("message", "error")
+                    error = chunk["error"]
+                    result.error = error.get("message", str(error)) if isinstance(error, dict) else str(error)
                     return result
-                if chunk.get("usage"):
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                usage = chunk.get("usage")
+                if usage:
+                    result.output_tokens = int(usage.get("completion_tokens") or 0)
+                    if usage.get("prompt_tokens"):
+                        result.prompt_len = int(usage["prompt_tokens"])
+                text = _chunk_text(chunk, target.chat)
+                if text:
                     now = time.perf_counter()
-                    if result.ttft == 0.0:
+                    if chunks == 0:
                         result.ttft = now - start
                     else:
                         result.itl.append(now - last)
                     last = now
+                    chunks += 1
+                    pieces.append(text)
         result.latency = time.perf_counter() - start
+        result.generated_text = "".join(pieces)
+        if chunks == 0:
+            result.error = "the response streamed no content"
+        elif result.output_tokens == 0:
+            result.output_tokens = -chunks   # no usage: counted later (negative = chunk count)
         result.success = result.error == ""
     except Exception as exc:   # noqa: BLE001 - a failed request is counted, not fatal
         result.error = f"{type(exc).__name__}: {exc}"
     return result
 
 
-async def run_benchmark(base_url: str, model: str, prompts: list[list[int]], output_len: int,
-                        request_rate: float, max_concurrency: int | None, seed: int,
-                        api_key: str | None = None) -> tuple[list[RequestResult], float]:
-    import httpx
+def arrival_gaps(num: int, request_rate: float, burstiness: float, seed: int) -> list[float]:
+    """Seconds to wait after each request before sending the next (gamma/Poisson, as vLLM draws them)."""
+    if request_rate == float("inf"):
+        return [0.0] * num
+    if request_rate <= 0 or burstiness <= 0:
+        raise ValueError("--request-rate and --burstiness must be > 0")
+    rng = np.random.default_rng(seed)
+    return rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=num).tolist()
 
-    rng = random.Random(seed)
-    semaphore = asyncio.Semaphore(max_concurrency or len(prompts))
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+async def run_benchmark(target: Target, requests: list[SampleRequest], request_rate: float,
+                        max_concurrency: int | None = None, seed: int = 0, burstiness: float = 1.0,
+                        ignore_eos: bool = True, disable_tqdm: bool = False,
+                        description: str = "") -> tuple[list[RequestResult], float]:
+    """Send ``requests`` and return their results and the wall time from the first send to the last byte."""
+    import httpx
+    from tqdm.auto import tqdm
+
+    gaps = arrival_gaps(len(requests), request_rate, burstiness, seed)
+    semaphore = asyncio.Semaphore(max_concurrency or len(requests))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        async def one(prompt: list[int]) -> RequestResult:
+    bar = tqdm(total=len(requests), disable=disable_tqdm, desc=description or None, unit="req", file=sys.stderr)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=60), limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(request: SampleRequest) -> RequestResult:
             async with semaphore:
-                return await send_completion(client, f"{base_url}/v1/completions", model, prompt, output_len,
-                                             headers)
+                result = await send_request(client, target, request, ignore_eos, start)
+            bar.update(1)
+            return result
 
         tasks = []
-        start = time.perf_counter()
-        for prompt in prompts:
-            tasks.append(asyncio.ensure_future(one(prompt)))
-            if request_rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(request_rate))
-        results = await asyncio.gather(*tasks)
-        return list(results), time.perf_counter() - start
+        for request, gap in zip(requests, gaps):
+            tasks.append(asyncio.ensure_future(one(request)))
+            if gap:
+                await asyncio.sleep(gap)
+        results = list(await asyncio.gather(*tasks))
+        duration = time.perf_counter() - start
+    bar.close()
+    return results, duration
 
 
-def random_token_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab_size) for _ in range(length)] for _ in range(num)]
+async def warm_up(target: Target, request: SampleRequest, ignore_eos: bool) -> RequestResult:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=60)) as client:
+        return await send_request(client, target, request, ignore_eos, time.perf_counter(),
+                                  max_tokens=min(4, request.expected_output_len))
+
+
+def count_missing_output_tokens(results: list[RequestResult], tokenizer: TextTokenizer) -> None:
+    """Requests whose response had no usage: count their text with the tokenizer (or keep the chunk count)."""
+    for r in results:
+        if r.output_tokens < 0:
+            chunks = -r.output_tokens
+            r.output_tokens = len(tokenizer.encode(r.generated_text)) if tokenizer.exact else chunks
+
+
+def benchmark_at_rate(target: Target, requests: list[SampleRequest], tokenizer: TextTokenizer, rate: float,
+                      args: argparse.Namespace, description: str = "") -> dict[str, Any]:
+    """One timed run at ``rate``: vLLM's metrics (plus the per-request detail fields)."""
+    results, duration = asyncio.run(run_benchmark(target, requests, rate, args.max_concurrency, args.seed,
+                                                  args.burstiness, args.ignore_eos, args.disable_tqdm, description))
+    count_missing_output_tokens(results, tokenizer)
+    return compute_metrics(results, duration, parse_percentiles(args.metric_percentiles),
+                           parse_metric_list(args.percentile_metrics), parse_goodput(args.goodput))
+
+
+def prepare(args: argparse.Namespace) -> tuple[Target, TextTokenizer, list[SampleRequest]]:
+    """Resolve the server, the tokenizer and the requests, and send the untimed warm-up request."""
+    parse_percentiles(args.metric_percentiles)          # fail on bad flags before any work
+    parse_metric_list(args.percentile_metrics)
+    parse_goodput(args.goodput)
+    target = resolve_target(args)
+    tokenizer = resolve_tokenizer(args, target)
+    requests = build_requests(args, target, tokenizer)
+    print(f"{target.url} model {target.model!r}; {len(requests)} {args.dataset_name} requests "
+          f"({'token ids' if requests and not isinstance(requests[0].prompt, str) else 'text'}), "
+          f"mean {np.mean([r.prompt_len for r in requests]):.0f} prompt / "
+          f"{np.mean([r.expected_output_len for r in requests]):.0f} output tokens; tokenizer: {tokenizer.name}")
+    if not args.no_warmup:
+        result = asyncio.run(warm_up(target, requests[0], args.ignore_eos))
+        if not result.success:
+            raise ValueError(f"the warm-up request failed: {result.error}")
+    return target, tokenizer, requests
+
+
+def result_header(args: argparse.Namespace, target: Target, tokenizer: TextTokenizer, rate: float) -> dict[str, Any]:
+    return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai-chat" if target.chat else "openai",
+            "base_url": target.base_url, "endpoint": target.endpoint, "model_id": target.model,
+            "tokenizer_id": tokenizer.name, "dataset_name": args.dataset_name, "dataset_path": args.dataset_path,
+            "num_prompts": args.num_prompts, "request_rate": rate if rate != float("inf") else "inf",
+            "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, "ignore_eos": args.ignore_eos,
+            "seed": args.seed}
 
 
 def run_serve_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
-
-    base_url = args.base_url.rstrip("/")
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    models = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=30).json()["data"]
-    model = args.model or models[0]["id"]
-    vocab = args.vocab_size
-    prompts = random_token_prompts(args.num_prompts, args.random_input_len, vocab, args.seed)
-    percentiles = [float(p) for p in args.metric_percentiles.split(",")]
-    results, duration = asyncio.run(run_benchmark(base_url, model, prompts, args.random_output_len,
-                                                  args.request_rate, args.max_concurrency, args.seed, args.api_key))
-    metrics = compute_metrics(results, duration, percentiles)
-    print(f"{'Successful requests:':<40}{metrics['completed']:>10}")
-    print(f"{'Failed requests:':<40}{metrics['failed']:>10}")
-    print(f"{'Benchmark duration (s):':<40}{duration:>10.2f}")
-    print(f"{'Total input tokens:':<40}{metrics['total_input_tokens']:>10}")
-    print(f"{'Total generated tokens:':<40}{metrics['total_output_tokens']:>10}")
-    print(f"{'Request throughput (req/s):':<40}{metrics['request_throughput']:>10.2f}")
-    print(f"{'Output token throughput (tok/s):':<40}{metrics['output_throughput']:>10.2f}")
-    print(f"{'Total token throughput (tok/s):':<40}{metrics['total_token_throughput']:>10.2f}")
-    for name in ("ttft", "tpot", "itl", "e2el"):
-        print(f"{name.upper()}: mean {metrics[f'mean_{name}_ms']:.1f} ms, median {metrics[f'median_{name}_ms']:.1f} ms"
-              + "".join(f", p{p:g} {metrics[f'p{p:g}_{name}_ms']:.1f} ms" for p in percentiles))
-    failures = [r.error for r in results if not r.success]
+    target, tokenizer, requests = prepare(args)
+    metrics = benchmark_at_rate(target, requests, tokenizer, args.request_rate, args)
+    selected = parse_metric_list(args.percentile_metrics)
+    print(format_report(metrics, parse_percentiles(args.metric_percentiles), selected))
+    failures = [e for e in metrics["errors"] if e]
     if failures:
         print(f"first failure: {failures[0]}")
     if args.save_result:
+        result = dict(result_header(args, target, tokenizer, args.request_rate), **metrics)
+        if not args.save_detailed:
+            for name in DETAIL_FIELDS:
+                result.pop(name, None)
         with open(args.save_result, "w") as f:
-            json.dump(metrics, f, indent=2)
+            json.dump(result, f, indent=2)
     return metrics

@@ -74,10 +74,6 @@ class AsyncLLMEngine:
         """Requests accepted but not yet running (queued in the scheduler or on their way to it)."""
         return self.engine.num_waiting_requests + self._pending_adds
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._streams) + self._pending_adds
-
     # ------------------------------------------------------------------ requests (event-loop side)
     def prepare(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                 arrival_time: float | None = None) -> RequestState:
@@ -97,12 +93,6 @@ class AsyncLLMEngine:
             self._pending_adds += 1
         self._commands.put(("add", (state, stream)))
         return self._outputs(state.request_id, stream)
-
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
-        """``prepare`` + ``submit`` for a single prompt."""
-        async for output in self.submit(self.prepare(request_id, prompt, params, arrival_time)):
-            yield output
 
     async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False

@@ -152,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
         """
         params = dict(self.named_parameters())
         expected: set[tuple[str, object]] = set()
-        for name, param in params.items():
+        for name in params:
             module = self.get_submodule(name.rsplit(".", 1)[0])
             if isinstance(module, MergedLinear):
                 shards = (["q", "k", "v"] if isinstance(module, QKVLinear) else range(len(module.output_sizes)))
