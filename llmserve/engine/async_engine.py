@@ -122,14 +122,14 @@ class AsyncLLMEngine:
                     break
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
-                    self._deliver(outputs)
                 elif self._idle_reported:
                     continue
                 else:
                     outputs = []   # gone idle (e.g. after an abort): report the freed state once
                 self._idle_reported = not self.engine.has_unfinished_requests()
-                if self.on_step is not None:
+                if self.on_step is not None:   # metrics first, so they include what clients receive next
                     self.on_step(self.engine, outputs)
+                self._deliver(outputs)
         except BaseException as exc:   # noqa: BLE001 - whatever kills the loop kills the server
             logger.exception("engine loop died")
             self.dead_error = exc

@@ -16,6 +16,7 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                           2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+FINISH_REASONS = ("stop", "length", "abort", "error")   # the engine's finish reasons
 
 
 class EngineMetrics:
@@ -49,6 +50,8 @@ class EngineMetrics:
                                     "KV slots allocated to running sequences but not filled, over slots allocated.")
         self._request_success = Counter("vllm:request_success", "Requests finished, by finish reason.",
                                         labels + ["finished_reason"], registry=r)
+        for reason in FINISH_REASONS:   # exported (at 0) from the start, as vLLM does, so rates are never empty
+            self._request_success.labels(model_name, reason)
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
         self.tpot = histogram("vllm:time_per_output_token_seconds",
                               "Mean time per output token after the first, per request.", _TOKEN_LATENCY_BUCKETS)

@@ -184,21 +184,26 @@ def build_app(state: ServerState) -> FastAPI:
         response.headers["X-Request-Id"] = request.state.request_id or uuid.uuid4().hex
         return response
 
-    def require_api_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), config.api_key.encode()):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", None,
-                           "invalid_api_key")
+    if config.api_key is not None:
+        expected_key = config.api_key.encode()
+
+        @app.middleware("http")
+        async def require_api_key(request: Request, call_next):  # noqa: ANN001, ANN202
+            """Outermost, so a request without the key gets 401 before its body is read or parsed."""
+            path = request.url.path
+            if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected_key):
+                    return error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                          None, "invalid_api_key")
+            return await call_next(request)
 
     def require_ready() -> None:
         if not state.ready:
             raise APIError(503, "the model is not ready" if state.engine is None else "the engine is not running",
                            None, "not_ready", headers={"Retry-After": "5"})
 
-    protected = [Depends(require_api_key), Depends(require_ready)]
+    protected = [Depends(require_ready)]
 
     @app.get("/health")
     async def health() -> Response:

@@ -45,7 +45,12 @@ class OpenAIServingCompletion(OpenAIServing):
                         logprobs = self._logprobs(c.token_ids, c.logprobs or [], body.logprobs)
                     choices.append({"index": index * n + c.index, "text": c.text, "logprobs": logprobs,
                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-                return [self._chunk(submitted.request_id, submitted.created, choices)] if choices else []
+                if not choices:
+                    return []
+                chunk = self._chunk(submitted.request_id, submitted.created, choices)
+                if body.include_usage_in_stream:
+                    chunk["usage"] = None   # OpenAI: every chunk but the last has "usage": null
+                return [chunk]
 
             def finish(outputs: list[RequestOutput]) -> list[dict]:
                 if not body.include_usage_in_stream:
