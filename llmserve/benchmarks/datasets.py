@@ -191,12 +191,28 @@ def load_corpus() -> str:
     return CORPUS_PATH.read_text(encoding="utf-8")
 
 
+def _paragraph_chunks(text: str, size: int = 4000) -> list[str]:
+    """``text`` in pieces of about ``size`` characters cut after a newline (each well under any tokenizer's
+    maximum length, and small requests for a server's /tokenize)."""
+    chunks, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = text.rfind("\n", start, end)
+            end = cut + 1 if cut > start else end
+        chunks.append(text[start:end])
+        start = end
+    return chunks
+
+
 class CorpusText:
     """Prompts of an exact number of tokens, cut from the bundled corpus at random offsets."""
 
     def __init__(self, tokenizer: TextTokenizer, text: str | None = None) -> None:
         self.tokenizer = tokenizer
-        self.units = tokenizer.encode(text if text is not None else load_corpus())
+        self.units: list[Any] = []
+        for piece in _paragraph_chunks(text if text is not None else load_corpus()):
+            self.units.extend(tokenizer.encode(piece))
         if not self.units:
             raise ValueError("the corpus is empty")
 

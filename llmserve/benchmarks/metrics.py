@@ -179,6 +179,8 @@ def format_report(metrics: dict[str, Any], percentiles: list[float], selected: l
     row("Peak output token throughput (tok/s):", metrics["max_output_tokens_per_s"], ".2f")
     row("Peak concurrent requests:", metrics["max_concurrent_requests"])
     row("Total Token throughput (tok/s):", metrics["total_token_throughput"], ".2f")
+    if metrics.get("client_cpu_s") is not None:
+        row("Load generator CPU time (s):", metrics["client_cpu_s"], ".2f")
     for name in selected:
         lines.append("{s:{c}^{n}}".format(s=METRIC_TITLES[name], n=50, c="-"))
         label = name.upper()

@@ -12,8 +12,59 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from llmserve.engine.llm_engine import LLMEngine
+from llmserve.layers.embedding import LMHead
+from llmserve.layers.linear import Linear
 from llmserve.sampling_params import SamplingParams
+
+
+@dataclass
+class ModelCosts:
+    """What one step of the model must read and compute, from the model's shapes."""
+
+    body_params: int          # weights of every linear layer in the decoder layers (used by every token)
+    lm_head_params: int       # the LM head (used once per sampled row)
+    other_params: int         # norms etc. (read every step; the embedding table is not: only its rows)
+    dtype_bytes: int
+    kv_bytes_per_token: int   # K and V of one token over all layers
+    q_dim: int                # sum over layers of num_heads * head_dim (attention FLOPs per query-key pair / 4)
+
+    @classmethod
+    def of(cls, engine: LLMEngine) -> ModelCosts:
+        model = engine.runner.model
+        body = head = other = 0
+        linear_ids: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, Linear):
+                body += module.input_size * module.output_size + (module.output_size if module.bias is not None else 0)
+                linear_ids.update(id(p) for p in module.parameters(recurse=False))
+            elif isinstance(module, LMHead):
+                head += module.vocab_size * int(engine.hf_config.hidden_size)
+                linear_ids.update(id(p) for p in module.parameters(recurse=False))
+        embedding_ids = {id(m.weight) for m in model.modules() if type(m).__name__ == "VocabEmbedding"}
+        for p in model.parameters():
+            if id(p) not in linear_ids and id(p) not in embedding_ids:
+                other += p.numel()
+        runner = engine.runner
+        return cls(body, head, other, torch.tensor([], dtype=engine.dtype).element_size(),
+                   runner.kv_cache_bytes_per_block() // runner.block_size,
+                   sum(a.num_heads * a.head_dim for a in model.attention_layers()))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights a step reads (every linear layer, the LM head and the norms)."""
+        return (self.body_params + self.lm_head_params + self.other_params) * self.dtype_bytes
+
+    def step_bytes(self, record: StepRecord) -> int:
+        return self.weight_bytes + self.kv_bytes_per_token * record.kv_tokens_read
+
+    def step_flops(self, record: StepRecord) -> int:
+        """Multiply-adds x 2 of the step: linear layers per token, LM head per sampled row, attention
+        QK^T and PV per query-key pair."""
+        return (2 * self.body_params * record.num_tokens + 2 * self.lm_head_params * record.num_logits
+                + 4 * self.q_dim * record.attended)
 
 
 @dataclass
@@ -21,7 +72,9 @@ class StepRecord:
     num_seqs: int
     num_tokens: int
     num_decodes: int
-    context_tokens: int     # tokens already in the KV cache of the scheduled sequences (read by attention)
+    num_logits: int         # sequences whose next token is sampled (the LM head runs for these rows)
+    kv_tokens_read: int     # KV-cache tokens attention reads (each sequence's context incl. this step's tokens)
+    attended: int           # query-key pairs of the step (causal), for attention FLOPs
     wall_s: float
     forward_s: float        # model forward + LM head
     sampler_s: float
@@ -54,7 +107,7 @@ class StepProfiler:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.records: list[StepRecord] = []
-        self._scheduled: list[tuple[Any, int]] = []
+        self._scheduled: list[tuple[int, int, int]] = []   # (new tokens, computed before, total tokens)
 
     def __enter__(self) -> StepProfiler:
         runner = self.engine.runner
@@ -64,7 +117,7 @@ class StepProfiler:
         execute = runner.execute
 
         def traced_execute(scheduled: list[tuple[Any, int]], *args: Any, **kwargs: Any) -> Any:
-            self._scheduled.extend((seq, n, seq.num_computed_tokens) for seq, n in scheduled)
+            self._scheduled.extend((n, seq.num_computed_tokens, seq.num_tokens) for seq, n in scheduled)
             return execute(scheduled, *args, **kwargs)
 
         runner.model.forward, runner.model.compute_logits = self._forward, self._logits
@@ -81,10 +134,13 @@ class StepProfiler:
         start = time.perf_counter()
         outputs = self.engine.step()
         wall = time.perf_counter() - start
+        items = self._scheduled
         record = StepRecord(
-            num_seqs=len(self._scheduled), num_tokens=sum(n for _, n, _ in self._scheduled),
-            num_decodes=sum(1 for _, n, _ in self._scheduled if n == 1),
-            context_tokens=sum(ctx for _, _, ctx in self._scheduled), wall_s=wall,
+            num_seqs=len(items), num_tokens=sum(n for n, _, _ in items),
+            num_decodes=sum(1 for n, _, _ in items if n == 1),
+            num_logits=sum(1 for n, done, total in items if done + n == total),
+            kv_tokens_read=sum(done + n for n, done, _ in items),
+            attended=sum(n * done + n * (n + 1) // 2 for n, done, _ in items), wall_s=wall,
             forward_s=self._forward.seconds + self._logits.seconds - before[0],
             sampler_s=self._sampler.seconds - before[1])
         self.records.append(record)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -120,7 +121,10 @@ class Target:
 
 def resolve_target(args: argparse.Namespace) -> Target:
     """The model name and context length from ``/v1/models`` (``--model`` picks among several)."""
-    import httpx
+    try:
+        import httpx
+    except ImportError:
+        raise ValueError("bench serve / sweep need httpx: pip install httpx (or pip install 'llmserve[bench]')") from None
 
     base_url = args.base_url.rstrip("/")
     if base_url.endswith("/v1"):
@@ -326,15 +330,21 @@ def count_missing_output_tokens(results: list[RequestResult], tokenizer: TextTok
 def benchmark_at_rate(target: Target, requests: list[SampleRequest], tokenizer: TextTokenizer, rate: float,
                       args: argparse.Namespace, description: str = "") -> dict[str, Any]:
     """One timed run at ``rate``: vLLM's metrics (plus the per-request detail fields)."""
+    cpu_before = time.process_time()
     results, duration = asyncio.run(run_benchmark(target, requests, rate, args.max_concurrency, args.seed,
                                                   args.burstiness, args.ignore_eos, args.disable_tqdm, description))
+    client_cpu = time.process_time() - cpu_before
     count_missing_output_tokens(results, tokenizer)
-    return compute_metrics(results, duration, parse_percentiles(args.metric_percentiles),
-                           parse_metric_list(args.percentile_metrics), parse_goodput(args.goodput))
+    metrics = compute_metrics(results, duration, parse_percentiles(args.metric_percentiles),
+                              parse_metric_list(args.percentile_metrics), parse_goodput(args.goodput))
+    # Not a vLLM field: CPU the load generator itself used (it competes with a server on the same machine).
+    metrics["client_cpu_s"] = client_cpu
+    return metrics
 
 
 def prepare(args: argparse.Namespace) -> tuple[Target, TextTokenizer, list[SampleRequest]]:
     """Resolve the server, the tokenizer and the requests, and send the untimed warm-up request."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)   # no log line per request
     parse_percentiles(args.metric_percentiles)          # fail on bad flags before any work
     parse_metric_list(args.percentile_metrics)
     parse_goodput(args.goodput)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +45,8 @@ class ThroughputResult:
     elapsed_s: float
     prompt_tokens: int
     output_tokens: int
+    load_before: float | None = None   # 1-minute load average of the machine when the run started / ended
+    load_after: float | None = None
 
     @property
     def requests_per_s(self) -> float:
@@ -104,6 +107,21 @@ def make_requests(args: argparse.Namespace, llm: LLM) -> list[SampleRequest]:
                                      getattr(args, "sharegpt_output_len", None), as_token_ids=True)
 
 
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def with_load(run: Any, *args: Any) -> ThroughputResult:
+    """``run(*args)`` with the machine's load average noted before and after (a busy shared machine shows)."""
+    before = load_average()
+    result = run(*args)
+    result.load_before, result.load_after = before, load_average()
+    return result
+
+
 def run_engine(llm: LLM, requests: list[SampleRequest]) -> ThroughputResult:
     llm.generate([requests[0].prompt], greedy(2))   # warm-up
     prompts = [{"prompt_token_ids": r.prompt} for r in requests]
@@ -155,7 +173,7 @@ def run_throughput_benchmark(args: argparse.Namespace) -> dict[str, Any]:
           f"{torch.get_num_threads()} threads); {len(requests)} {dataset} requests: prompt mean "
           f"{shape['mean_prompt_len']:.0f} (max {shape['max_prompt_len']}) tokens, output mean "
           f"{shape['mean_output_len']:.0f} (max {shape['max_output_len']}) tokens")
-    results = [run_engine(llm, requests)]
+    results = [with_load(run_engine, llm, requests)]
     batch1 = measure_batch1_decode(llm, list(requests[0].prompt), max(requests[0].expected_output_len, 2))
     report: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "dataset": shape}
     if args.compare_hf:
@@ -166,9 +184,9 @@ def run_throughput_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         hf = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).eval()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         batch = args.hf_batch_size or min(len(requests), DEFAULT_HF_MAX_BATCH)
-        results.append(run_hf(hf, requests, batch, pad, f"HF transformers static batch {batch}"))
+        results.append(with_load(run_hf, hf, requests, batch, pad, f"HF transformers static batch {batch}"))
         seq = requests[:args.hf_sequential_prompts or len(requests)]
-        results.append(run_hf(hf, seq, 1, pad, "HF transformers one at a time"))
+        results.append(with_load(run_hf, hf, seq, 1, pad, "HF transformers one at a time"))
     print(HEADER)
     for r in results:
         print(r.row())
@@ -176,6 +194,9 @@ def run_throughput_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for r in results[1:]:
         ratios[r.name] = results[0].output_tokens_per_s / r.output_tokens_per_s
         print(f"llmserve / {r.name}: {ratios[r.name]:.2f}x output tokens/s")
+    if results[0].load_before is not None:
+        print("machine load (1-min average) at the start / end of each run: " + "; ".join(
+            f"{r.name} {r.load_before:.2f} / {r.load_after:.2f}" for r in results))
     print(f"batch-1 decode: TPOT {batch1['tpot_ms']:.2f} ms = model forward {batch1['model_forward_ms']:.2f} ms "
           f"+ sampler {batch1['sampler_ms']:.2f} ms + engine overhead {batch1['engine_overhead_ms']:.2f} ms per step")
     report["results"] = [dict(asdict(r), requests_per_s=r.requests_per_s, output_tokens_per_s=r.output_tokens_per_s,

@@ -27,6 +27,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop has stopped; no request can be served any more."""
 
 
+class ShutdownError(RuntimeError):
+    """The server is shutting down and the request ran out of the time it was given to finish."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -53,6 +57,7 @@ class AsyncLLMEngine:
         self._pending_lock = threading.Lock()   # the counter moves on both threads
         self._stop = threading.Event()
         self._idle_reported = True
+        self._aborted: list[RequestOutput] = []   # final outputs of aborted requests, for on_step (stats)
         self.dead_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="llmserve-engine", daemon=True)
 
@@ -113,6 +118,10 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def abort_all(self, error: BaseException) -> None:
+        """Abort every request queued or running (server shutdown); their streams raise ``error``."""
+        self._commands.put(("abort_all", error))
+
     # ------------------------------------------------------------------ the loop (engine thread)
     def _run(self) -> None:
         try:
@@ -120,15 +129,16 @@ class AsyncLLMEngine:
                 self._apply_commands(block=not self.engine.has_unfinished_requests())
                 if self._stop.is_set():
                     break
+                aborted, self._aborted = self._aborted, []
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
-                elif self._idle_reported:
+                elif self._idle_reported and not aborted:
                     continue
                 else:
                     outputs = []   # gone idle (e.g. after an abort): report the freed state once
                 self._idle_reported = not self.engine.has_unfinished_requests()
                 if self.on_step is not None:   # metrics first, so they include what clients receive next
-                    self.on_step(self.engine, outputs)
+                    self.on_step(self.engine, aborted + outputs)   # aborted ones: nobody to deliver to
                 self._deliver(outputs)
         except BaseException as exc:   # noqa: BLE001 - whatever kills the loop kills the server
             logger.exception("engine loop died")
@@ -168,7 +178,17 @@ class AsyncLLMEngine:
                     self._pending_adds -= 1
             elif kind == "abort":
                 self._streams.pop(payload, None)
-                self.engine.abort_request(payload)
+                self._abort(payload)
+            elif kind == "abort_all":
+                for request_id, stream in list(self._streams.items()):
+                    stream.put(payload)
+                    self._abort(request_id)
+                self._streams.clear()
+
+    def _abort(self, request_id: str) -> None:
+        output = self.engine.abort(request_id)
+        if output is not None:
+            self._aborted.append(output)
 
     def _add(self, state: RequestState, stream: _Stream) -> None:
         try:

@@ -270,14 +270,20 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; False if it is unknown or already finished."""
+        return self.abort(request_id) is not None
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Like :meth:`abort_request`, returning the request's final output (finish_reason ``"abort"``, with
+        whatever it had not reported yet) so that stats can count it; None if unknown or already finished."""
         state = self.requests.pop(request_id, None)
         if state is None:
-            return False
+            return None
         for seq in state.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
-        return True
+        state.finished_time = time.monotonic()
+        return self._make_output(state, finished=True)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

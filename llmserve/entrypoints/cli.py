@@ -62,6 +62,27 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0 if metrics["failed"] == 0 else 1
 
 
+def _bench_sweep(args: argparse.Namespace) -> int:
+    from llmserve.benchmarks.sweep import run_sweep
+
+    run_sweep(args)
+    return 0
+
+
+def _bench_latency(args: argparse.Namespace) -> int:
+    from llmserve.benchmarks.latency import run_latency_benchmark
+
+    run_latency_benchmark(args)
+    return 0
+
+
+def _bench_roofline(args: argparse.Namespace) -> int:
+    from llmserve.benchmarks.roofline import run_roofline_benchmark
+
+    run_roofline_benchmark(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmserve.testing.checkpoints import FAMILIES, SIZES
 
@@ -101,12 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     thr = bench_sub.add_parser("throughput", help="offline throughput on synthetic requests")
     add_engine_args(thr)
+    thr.add_argument("--dataset-name", default="random", choices=["random", "sharegpt"],
+                     help="random: fixed lengths; sharegpt: ShareGPT-shaped lengths (synthetic unless --dataset-path)")
+    thr.add_argument("--dataset-path", default=None, help="a ShareGPT JSON file (with --dataset-name sharegpt)")
     thr.add_argument("--num-prompts", type=int, default=64)
-    thr.add_argument("--input-len", type=int, default=128)
-    thr.add_argument("--output-len", type=int, default=128)
+    thr.add_argument("--input-len", type=int, default=128, help="prompt tokens (random)")
+    thr.add_argument("--output-len", type=int, default=128, help="output tokens (random)")
+    thr.add_argument("--random-range-ratio", type=float, default=0.0,
+                     help="random lengths are uniform in [len * (1 - r), len * (1 + r)]")
+    thr.add_argument("--sharegpt-output-len", type=int, default=None,
+                     help="fixed output length for sharegpt requests (default: the dataset's)")
     thr.add_argument("--compare-hf", action="store_true",
                      help="also run Hugging Face transformers generate (one at a time and static batches)")
-    thr.add_argument("--hf-batch-size", type=int, default=None, help="static batch size for HF (default: all)")
+    thr.add_argument("--hf-batch-size", type=int, default=None,
+                     help="static batch size for HF (default: all requests, at most 64)")
     thr.add_argument("--hf-sequential-prompts", type=int, default=None,
                      help="how many prompts HF runs one at a time (default: all); the rate is per token")
     thr.add_argument("--output-json", default=None, help="write the results as JSON")
@@ -120,20 +149,40 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--n", type=int, default=4, help="parallel samples for the sharing measurement")
     pc.add_argument("--waste-requests", type=int, default=64)
     pc.set_defaults(func=_bench_prefix_cache)
+    from llmserve.benchmarks.serve import add_serve_args
+
     srv = bench_sub.add_parser("serve", help="load a running OpenAI-compatible server with streaming requests")
-    srv.add_argument("--base-url", default="http://127.0.0.1:8000")
-    srv.add_argument("--model", default=None, help="model name (default: the server's first)")
-    srv.add_argument("--api-key", default=None)
-    srv.add_argument("--num-prompts", type=int, default=64)
-    srv.add_argument("--random-input-len", type=int, default=128)
-    srv.add_argument("--random-output-len", type=int, default=128)
-    srv.add_argument("--vocab-size", type=int, default=32000, help="token ids are drawn below this")
-    srv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
-    srv.add_argument("--max-concurrency", type=int, default=None)
-    srv.add_argument("--seed", type=int, default=0)
-    srv.add_argument("--metric-percentiles", default="50,99", help="comma-separated percentiles")
-    srv.add_argument("--save-result", default=None, help="write the metrics as JSON")
+    add_serve_args(srv)
     srv.set_defaults(func=_bench_serve)
+    swp = bench_sub.add_parser("sweep", help="bench serve at increasing request rates: plot and capacity")
+    add_serve_args(swp, sweep=True)
+    swp.add_argument("--request-rates", default="1,2,4,8", help="comma-separated requests/s (Poisson)")
+    swp.add_argument("--slo", nargs="+", default=None, metavar="METRIC_STAT:MS",
+                     help="targets for the capacity, e.g. ttft_p99:2000 tpot_p99:100")
+    swp.add_argument("--plot", default="sweep.png", help="PNG to draw ('' for none)")
+    swp.add_argument("--save-result", default=None, help="write every rate's metrics as JSON")
+    swp.set_defaults(func=_bench_sweep)
+    lat = bench_sub.add_parser("latency", help="offline TPOT and step time per batch size")
+    add_engine_args(lat)
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=32)
+    lat.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256", help="comma-separated batch sizes")
+    lat.add_argument("--skip-steps", type=int, default=2, help="decode steps per batch size left out as warm-up")
+    lat.add_argument("--gemm-size", type=int, default=2048, help="matrix size of the GEMM peak measurement")
+    lat.add_argument("--no-peak", action="store_true", help="do not measure the GEMM peak")
+    lat.add_argument("--output-json", default=None, help="write the results as JSON")
+    lat.add_argument("--plot", default=None, help="draw TPOT and tokens/s against the batch size into this PNG")
+    lat.set_defaults(func=_bench_latency)
+    roof = bench_sub.add_parser("roofline", help="memory bandwidth and GEMM peak against the engine's steps")
+    add_engine_args(roof)
+    roof.add_argument("--input-len", type=int, default=128)
+    roof.add_argument("--output-len", type=int, default=32, help="output tokens of each measured run")
+    roof.add_argument("--decode-batch", type=int, default=256, help="sequences in the large-batch decode step")
+    roof.add_argument("--repeats", type=int, default=2, help="runs of every measurement; the best counts")
+    roof.add_argument("--bandwidth-bytes", type=int, default=512 * 2**20, help="size of the copied tensor")
+    roof.add_argument("--gemm-size", type=int, default=2048, help="matrix size of the GEMM peak measurement")
+    roof.add_argument("--output-json", default=None, help="write the results as JSON")
+    roof.set_defaults(func=_bench_roofline)
     return parser
 
 

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import signal
 import sys
@@ -20,21 +21,25 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import h11
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers, MutableHeaders
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import llmserve
 from llmserve.config import EngineConfig, parse_size
-from llmserve.engine.async_engine import AsyncLLMEngine
+from llmserve.engine.async_engine import AsyncLLMEngine, ShutdownError
 from llmserve.engine.llm_engine import LLMEngine
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
-from llmserve.entrypoints.openai.errors import APIError, error_response, install_error_handlers
+from llmserve.entrypoints.openai.errors import APIError, error_body, error_response, install_error_handlers
 from llmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                   TokenizeRequest)
 from llmserve.entrypoints.openai.serving_base import ServerLimits
@@ -102,6 +107,19 @@ class ServerState:
             self.load_error = exc
             self._fatal(1)
 
+    def begin_shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM: running requests may go on until shortly before --shutdown-timeout; then whatever is
+        left is aborted, so each client gets a 503 (or an SSE error event and ``[DONE]``) instead of a
+        cut connection, and the process can exit in time (the interpreter itself takes about a second to
+        exit, hence the margin)."""
+        timeout = self.config.shutdown_timeout
+        logger.info("shutting down: running requests get %.1f s to finish", timeout)
+        if self.engine is not None:
+            engine = self.engine
+            loop.call_later(max(timeout - 2.0, timeout / 2), engine.abort_all,
+                            ShutdownError(f"the server is shutting down and the request did not finish within "
+                                          f"--shutdown-timeout ({timeout:g} s)"))
+
     def _engine_died(self, exc: BaseException) -> None:
         self._fatal(1)
 
@@ -121,42 +139,111 @@ def _read_chat_template(value: str | None) -> str | None:
     return value
 
 
-class BodySizeLimit:
-    """ASGI middleware: 413 for a body over the limit, by Content-Length or by counting a chunked body."""
+class RequestLimits:
+    """ASGI middleware bounding what one request may make the server hold: a request head (request line +
+    headers) over ``max_header_bytes`` gets 431, a body over ``max_body_bytes`` gets 413, whether its size is
+    announced by Content-Length or only found by counting a chunked body (which is read here, up to the
+    limit, before the route sees it). Both answers are OpenAI error objects and close the connection."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_body_bytes: int, max_header_bytes: int) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(scope, receive, send)
+        headers = scope.get("headers") or []
+        head = (len(scope.get("method", "")) + len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+                + sum(len(name) + len(value) + 4 for name, value in headers))
+        if head > self.max_header_bytes:
+            return await _reject(scope, receive, send, 431,
+                                 f"request headers larger than {self.max_header_bytes} bytes")
+        length = dict(headers).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _reject(scope, receive, send, 400, "invalid Content-Length header")
+            if int(length) > self.max_body_bytes:
+                return await self._too_large(scope, receive, send)
+            return await self.app(scope, receive, send)   # h11 never delivers more than Content-Length
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        # No Content-Length (chunked): read the body now, counting, so an oversized one is refused with
+        # 413 before any of it is parsed (a route reading it would turn the refusal into a parse error).
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge()
-            return message
+            if message["type"] != "http.request":   # the client left before finishing its body
+                return
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.max_body_bytes:
+                return await self._too_large(scope, receive, send)
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._reject(scope, receive, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()   # afterwards: http.disconnect when the client goes
 
-    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
-        response = error_response(413, f"request body larger than {self.max_bytes} bytes")
-        await response(scope, receive, send)
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        await _reject(scope, receive, send, 413, f"request body larger than {self.max_body_bytes} bytes")
 
 
-class _BodyTooLarge(Exception):
-    pass
+class RequestId:
+    """ASGI middleware: the client's X-Request-Id (or a fresh one) is ``request.state.request_id``, names the
+    request in the log, and is echoed in the response's X-Request-Id header."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        incoming = Headers(scope=scope).get("x-request-id")
+        request_id = incoming[:256] if incoming else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-Id"] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class RequireApiKey:
+    """ASGI middleware: the model endpoints want ``Authorization: Bearer <key>``; the probes do not, nor do
+    CORS preflights (browsers send those without credentials)."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and (
+                path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.expected):
+                response = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                          None, "invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def _reject(scope: dict, receive: Any, send: Any, status: int, message: str) -> None:
+    """An OpenAI error that also closes the connection (the rest of the request is never read)."""
+    response = error_response(status, message, headers={"Connection": "close"})
+    await response(scope, receive, send)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -174,29 +261,14 @@ def build_app(state: ServerState) -> FastAPI:
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes)
+    app.add_middleware(RequestLimits, max_body_bytes=config.max_request_body_bytes,
+                       max_header_bytes=config.max_header_bytes)
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):  # noqa: ANN001, ANN202
-        incoming = request.headers.get("x-request-id")
-        request.state.request_id = incoming[:256] if incoming else None
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = request.state.request_id or uuid.uuid4().hex
-        return response
-
+    # Plain ASGI middlewares: FastAPI's @app.middleware("http") would hide the client's disconnect from
+    # the routes (Request.is_disconnected never turns true behind it), so nobody would abort its request.
+    app.add_middleware(RequestId)
     if config.api_key is not None:
-        expected_key = config.api_key.encode()
-
-        @app.middleware("http")
-        async def require_api_key(request: Request, call_next):  # noqa: ANN001, ANN202
-            """Outermost, so a request without the key gets 401 before its body is read or parsed."""
-            path = request.url.path
-            if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
-                scheme, _, token = request.headers.get("authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected_key):
-                    return error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                          None, "invalid_api_key")
-            return await call_next(request)
+        app.add_middleware(RequireApiKey, api_key=config.api_key)   # outermost: 401 before the body is read
 
     def require_ready() -> None:
         if not state.ready:
@@ -300,6 +372,29 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_header_bytes=args.max_header_bytes)
 
 
+class _H11Protocol(H11Protocol):
+    """uvicorn answers a request head h11 cannot parse with a plain-text 400; this answers OpenAI's error
+    object, with 431 when the head is over --max-header-bytes (what reaches h11 in pieces; a head that
+    arrives whole is measured by :class:`RequestLimits`)."""
+
+    def send_400_response(self, msg: str) -> None:
+        pending, _ = self.conn.trailing_data
+        limit = self.config.h11_max_incomplete_event_size
+        status = 431 if limit is not None and len(pending) > limit else 400
+        message = f"request headers larger than {limit} bytes" if status == 431 else "invalid HTTP request"
+        body = json.dumps(error_body(status, message)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        head = h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode())
+        try:
+            self.transport.write(self.conn.send(head))
+            self.transport.write(self.conn.send(h11.Data(data=body)))
+            self.transport.write(self.conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:
+            pass
+        self.transport.close()
+
+
 class GracefulServer(uvicorn.Server):
     """uvicorn re-raises a captured SIGTERM after shutting down, which makes the exit status -15; a
     graceful shutdown should exit 0, so ``run_server`` installs its own signal handlers instead."""
@@ -327,7 +422,7 @@ def run_server(args: argparse.Namespace) -> int:
             config.served_model_names = [DEMO_MODEL_NAME]
     state = ServerState(config, engine_config)
     app = build_app(state)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, http="h11", log_level="warning",
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, http=_H11Protocol, log_level="warning",
                                timeout_graceful_shutdown=config.shutdown_timeout,
                                h11_max_incomplete_event_size=config.max_header_bytes)
     server = GracefulServer(uv_config)
@@ -343,8 +438,14 @@ def run_server(args: argparse.Namespace) -> int:
     async def serve() -> None:
         loop = asyncio.get_running_loop()
         loop_holder["loop"] = loop
+
+        def on_signal() -> None:
+            if not server.should_exit:
+                state.begin_shutdown(loop)
+            server.request_exit()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, server.request_exit)
+            loop.add_signal_handler(sig, on_signal)
         logger.info("listening on http://%s:%d", config.host, config.port)
         await server.serve()
 

@@ -10,8 +10,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmserve.errors import InvalidRequestError
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error",
-          504: "server_error"}
+          405: "invalid_request_error", 413: "invalid_request_error", 431: "invalid_request_error",
+          500: "server_error", 503: "server_error", 504: "server_error"}
 
 
 class APIError(Exception):
@@ -37,21 +37,62 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+def _is_union_tag(part: object) -> bool:
+    """pydantic names the member of a union it tried (``str``, ``list[int]``, ``list[TextContentPart]``) in an
+    error's location; that is not a field of the request."""
+    if not isinstance(part, str):
+        return False
+    return ("[" in part or part in {"str", "int", "float", "bool", "dict", "list", "none"}
+            or part[:1].isupper() or part.startswith(("function-", "json-or-python", "lax-", "strict-")))
+
+
+def _path(loc: tuple) -> str:
+    """``("messages", 0, "role")`` -> ``messages[0].role``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _field_loc(error: dict) -> tuple:
+    loc = tuple(error.get("loc", ()))
+    return loc[1:] if loc[:1] == ("body",) else loc
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """First pydantic error as ``field: reason`` (never echoing the input, which may be huge or private)."""
+    """The first pydantic error as ``(message, param)``: the message says where (``messages[0].role: ...``),
+    ``param`` is the request field it is in. Never echoes the input, which may be huge or private."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    field = ".".join(loc) if loc else None
-    message = str(first.get("msg", "invalid value"))
-    if first.get("type") == "missing":
-        message = "field required"
-    param = next((part for part in reversed(loc) if not part.isdigit()), None) if loc else None
-    return (f"{field}: {message}" if field else message), param
+    loc = _field_loc(first)
+    if not loc:   # the body as a whole: empty, not an object, or not sent as JSON
+        if first.get("type") == "missing":
+            return "the request body is empty; send a JSON object", None
+        return "the request body must be a JSON object (sent with Content-Type: application/json)", None
+    tag_at = next((i for i, part in enumerate(loc) if _is_union_tag(part)), None)
+    message = "field required" if first.get("type") == "missing" else str(first.get("msg", "invalid value"))
+    if tag_at is not None:
+        # One error per member of the union: report the member that got furthest (the shape the client
+        # evidently meant), or, if none did, the shapes accepted.
+        prefix = loc[:tag_at]
+        members = [(m, e) for e in errors if (m := _field_loc(e))[:tag_at] == prefix and len(m) > tag_at]
+        reach: dict[str, int] = {}   # how deep each member's errors go
+        for m, _ in members:
+            reach[str(m[tag_at])] = max(reach.get(str(m[tag_at]), 0), len(m))
+        best = max(reach.values(), default=0)
+        leaders = [tag for tag, d in reach.items() if d == best]
+        if len(leaders) == 1 and best > tag_at + 1:
+            m, e = next((m, e) for m, e in members if str(m[tag_at]) == leaders[0] and len(m) == best)
+            loc = tuple(part for part in m if not _is_union_tag(part))
+            message = "field required" if e.get("type") == "missing" else str(e.get("msg", "invalid value"))
+        else:
+            loc = prefix
+            message = "expected one of: " + ", ".join(reach)
+    return f"{_path(loc)}: {message}", str(loc[0]) if loc else None
 
 
 def install_error_handlers(app) -> None:  # noqa: ANN001 - FastAPI app

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import Request
 
-from llmserve.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from llmserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, ShutdownError
 from llmserve.engine.llm_engine import RequestState
 from llmserve.entrypoints.openai.errors import APIError, error_body
 from llmserve.outputs import RequestOutput
@@ -36,7 +36,7 @@ class Submitted:
     """One HTTP request's engine requests (one per prompt), already queued."""
 
     request_id: str
-    log_id: str            # the client's X-Request-Id if it sent one
+    log_id: str            # names it in the log: the X-Request-Id it was sent or given
     created: int
     states: list[RequestState]
     streams: list[AsyncIterator[RequestOutput]]
@@ -70,7 +70,7 @@ class OpenAIServing:
                header_request_id: str | None) -> Submitted:
         """Validate every prompt, check the queue, then queue them all (or none)."""
         limit = self.limits.max_num_queued_reqs
-        if limit is not None and self.engine.num_waiting + len(prompts) > limit:
+        if limit is not None and self.engine.num_waiting >= limit:   # full (a batch of prompts may overfill it)
             raise APIError(503, f"the server is overloaded: {self.engine.num_waiting} requests are waiting "
                            f"(--max-num-queued-reqs {limit}); retry later", None, "overloaded",
                            headers={"Retry-After": "1"})
@@ -99,18 +99,23 @@ class OpenAIServing:
                                          return_when=asyncio.FIRST_COMPLETED)
             if everything not in done:
                 if watcher in done:
+                    log_failed(submitted.log_id, "aborted: the client disconnected")
                     raise APIError(499, "client disconnected", None, "client_closed")   # nobody reads it
+                log_failed(submitted.log_id, f"aborted: no result within --request-timeout "
+                                             f"({self.limits.request_timeout} s)")
                 raise APIError(504, f"the request did not finish within --request-timeout "
                                f"({self.limits.request_timeout} s)", None, "timeout")
             results = everything.result()
-        except EngineDeadError as exc:
-            raise APIError(503, str(exc), None, "engine_dead") from None
+        except (EngineDeadError, ShutdownError) as exc:
+            log_failed(submitted.log_id, f"failed: {exc}")
+            raise APIError(503, str(exc), None, _unavailable_code(exc), headers={"Retry-After": "5"}) from None
         finally:
             watcher.cancel()
             everything.cancel()   # cancelling an unfinished stream aborts its request
         merged = [merge_deltas(outputs) for outputs in results]
         for output in merged:
             if output.error is not None:
+                log_failed(submitted.log_id, f"failed: {output.error}")
                 raise APIError(500, f"the engine failed on this request: {output.error}", None, "engine_error")
         for output in merged:
             log_finished(submitted.log_id, output)
@@ -144,6 +149,8 @@ class OpenAIServing:
                 try:
                     index, item = await asyncio.wait_for(queue.get(), timeout)
                 except asyncio.TimeoutError:
+                    log_failed(submitted.log_id, f"aborted: no result within --request-timeout "
+                                                 f"({self.limits.request_timeout} s)")
                     yield sse(error_body(504, f"the request did not finish within --request-timeout "
                                          f"({self.limits.request_timeout} s)", None, "timeout"))
                     yield sse("[DONE]")
@@ -152,11 +159,15 @@ class OpenAIServing:
                     remaining -= 1
                     continue
                 if isinstance(item, BaseException):
-                    status, code = (503, "engine_dead") if isinstance(item, EngineDeadError) else (500, "engine_error")
-                    yield sse(error_body(status, str(item), None, code))
+                    log_failed(submitted.log_id, f"failed: {item}")
+                    if isinstance(item, (EngineDeadError, ShutdownError)):
+                        yield sse(error_body(503, str(item), None, _unavailable_code(item)))
+                    else:
+                        yield sse(error_body(500, f"internal error ({type(item).__name__})", None, "engine_error"))
                     yield sse("[DONE]")
                     return
                 if item.error is not None:
+                    log_failed(submitted.log_id, f"failed: {item.error}")
                     yield sse(error_body(500, f"the engine failed on this request: {item.error}", None,
                                          "engine_error"))
                     yield sse("[DONE]")
@@ -173,9 +184,16 @@ class OpenAIServing:
             for chunk in finish(merged):
                 yield sse(chunk)
             yield sse("[DONE]")
+        except (GeneratorExit, asyncio.CancelledError):   # the response was dropped: the client left
+            log_failed(submitted.log_id, "aborted: the client disconnected")
+            raise
         finally:
             for task in tasks:
                 task.cancel()   # client gone or error: unfinished requests are aborted
+
+
+def _unavailable_code(exc: BaseException) -> str:
+    return "shutting_down" if isinstance(exc, ShutdownError) else "engine_dead"
 
 
 async def _wait_disconnect(raw: Request) -> None:
@@ -214,6 +232,10 @@ def log_finished(log_id: str, output: RequestOutput) -> None:
                 sum(len(c.token_ids) for c in output.outputs),
                 f"{ttft:.3f}s" if ttft is not None else "-", total,
                 ",".join(str(c.finish_reason) for c in output.outputs))
+
+
+def log_failed(log_id: str, what: str) -> None:
+    logger.info("request %s %s", log_id, what)
 
 
 class TokenTexts:

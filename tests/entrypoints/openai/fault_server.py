@@ -30,8 +30,12 @@ def step(self):
     return _step(self)
 
 
-ModelRunner.execute = execute
-LLMEngine.step = step
+def install() -> None:
+    """Patch the engine classes (only in a server process: tests import this module for the poison ids)."""
+    ModelRunner.execute = execute
+    LLMEngine.step = step
+
 
 if __name__ == "__main__":
+    install()
     sys.exit(api_server.main())

@@ -1,0 +1,424 @@
+"""Every refusal is OpenAI's error object, with the right status and the offending field named.
+
+Checked over raw HTTP (httpx, raw sockets) against a server started with ``--max-n 4 --max-model-len 64
+--max-request-body-bytes 2000 --max-header-bytes 4096`` unless said otherwise.
+
+* Shape: every error body is exactly ``{"error": {"message", "type", "param", "code"}}`` served as
+  ``application/json``; ``type`` is ``invalid_request_error`` for 4xx and ``server_error`` for 5xx. A
+  message never leaks a server path (the model folder, ``/tmp``, ``site-packages``), a memory address
+  (``0x...``) or a traceback.
+* 400, never FastAPI's 422: a body that is not JSON, not a JSON object, empty, or valid JSON sent as
+  ``text/plain`` (``param`` null); a field of the wrong JSON type (``"max_tokens": "ten"``,
+  ``"temperature": "hot"``, ``messages`` not a list, a prompt of mixed shapes) or out of range
+  (``temperature`` -1, ``top_p`` 0 or 1.5, ``n`` 0, ``n`` over ``--max-n``, ``best_of`` != ``n``,
+  ``logprobs`` / ``top_logprobs`` 21 (the bound is 20), 17 stop strings (the bound is 16), ``logit_bias``
+  with a non-numeric key, a non-numeric value, a value over 100, an id outside the vocabulary or more
+  than 1024 entries, ...): ``param`` is the request field (``messages`` for ``messages[0].role``, whose
+  full path the message gives). Prompts: ``""``, ``[]``, ``[[]]``, one empty prompt in a batch, a
+  missing or null prompt / messages, a token id outside ``[0, vocab_size)``: 400 with ``param``
+  ``prompt`` (``messages``); when one prompt of a batch is bad nothing of the batch runs (the prompt-token
+  counter does not move).
+* Context: prompt + ``max_tokens`` over ``--max-model-len`` is 400 ``"This model's maximum context length
+  is 64 tokens. However, you requested N tokens (P in the prompt, M in the completion)..."`` with
+  ``param`` ``max_tokens`` (also for the completions default of 16 tokens, and for chat); a prompt that
+  alone fills the context is 400 with ``param`` ``prompt``; exactly 64 tokens in all is served.
+* A request with ``"stream": true`` that is refused gets a JSON error, not an event stream.
+* 404 ``model_not_found`` (``param`` ``model``) for an unknown model on every model endpoint; an unknown
+  route is 404 and a known route with the wrong method 405 (with ``Allow``), both in OpenAI's shape.
+* 413 for a body over ``--max-request-body-bytes``, whether announced by Content-Length or only counted
+  in a chunked body, and the connection is closed; a body of exactly the limit is served.
+* 431 for request headers over ``--max-header-bytes``, whether the head arrives at once or in pieces;
+  headers under the limit are served.
+* 503 with ``Retry-After`` and code ``overloaded`` when ``--max-num-queued-reqs`` requests are already
+  waiting (``--max-num-queued-reqs 1 --max-num-seqs 1``, saturated by two long streams: one runs, one
+  waits), for completions, chat and streaming requests alike; the two streams still complete normally,
+  and afterwards requests are served again.
+* After all of this the server is idle (nothing running, KV cache empty) and answers normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import select
+import socket
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.entrypoints.openai.conftest import HERE
+
+SLOW = HERE / "slow_server.py"
+MAX_MODEL_LEN = 64
+MAX_BODY = 2000
+MAX_HEADER = 4096
+CHAT = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def limited(start_server):
+    return start_server("--max-n", "4", "--max-model-len", str(MAX_MODEL_LEN), "--max-request-body-bytes",
+                        str(MAX_BODY), "--max-header-bytes", str(MAX_HEADER))
+
+
+@pytest.fixture(scope="module")
+def vocab_size(llama_dir) -> int:
+    return json.loads((llama_dir / "config.json").read_text())["vocab_size"]
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+def check_error(response: httpx.Response, status: int, param: str | None = "<any>", code: str | None = "<any>",
+                secrets: tuple[str, ...] = ()) -> dict:
+    """``response`` is OpenAI's error object with this status; returns its ``error``."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    error = body["error"]
+    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    assert isinstance(error["message"], str) and error["message"]
+    if param != "<any>":
+        assert error["param"] == param, error
+    if code != "<any>":
+        assert error["code"] == code, error
+    message = error["message"]
+    assert not re.search(r"0x[0-9a-fA-F]{4,}", message), message
+    for leak in ("/tmp", "/work", "site-packages", "Traceback", 'File "', *secrets):
+        assert leak not in message, message
+    return error
+
+
+def post(base_url: str, path: str, body: dict | bytes, **kwargs) -> httpx.Response:
+    if isinstance(body, bytes):
+        return httpx.post(base_url + path, content=body, timeout=30,
+                          headers={"content-type": "application/json", **kwargs.pop("headers", {})}, **kwargs)
+    return httpx.post(base_url + path, json=body, timeout=30, **kwargs)
+
+
+# ------------------------------------------------------------------ 400: bodies and fields
+
+COMPLETION_CASES = [
+    # (id, fields merged into {"model": "tiny", "prompt": "Hello", "max_tokens": 2}, param, message fragment)
+    ("max_tokens-string", {"max_tokens": "ten"}, "max_tokens", "max_tokens"),
+    ("max_tokens-fraction", {"max_tokens": 1.5}, "max_tokens", None),
+    ("max_tokens-zero", {"max_tokens": 0}, "max_tokens", None),
+    ("temperature-string", {"temperature": "hot"}, "temperature", "temperature"),
+    ("temperature-negative", {"temperature": -1}, "temperature", None),
+    ("top_p-zero", {"top_p": 0}, "top_p", None),
+    ("top_p-above-one", {"top_p": 1.5}, "top_p", None),
+    ("top_k-negative", {"top_k": -5}, "top_k", None),
+    ("presence_penalty-range", {"presence_penalty": 3}, "presence_penalty", None),
+    ("seed-string", {"seed": "abc"}, "seed", None),
+    ("n-zero", {"n": 0}, "n", None),
+    ("n-over-max-n", {"n": 5}, "n", "4"),
+    ("best_of-not-n", {"n": 2, "best_of": 3}, "best_of", None),
+    ("best_of-without-n", {"best_of": 2}, "best_of", None),
+    ("logprobs-21", {"logprobs": 21}, "logprobs", "20"),
+    ("logprobs-negative", {"logprobs": -1}, "logprobs", None),
+    ("stop-17-strings", {"stop": ["x"] * 17}, "stop", "16"),
+    ("stop-not-strings", {"stop": [1]}, "stop", "stop[0]"),
+    ("stop-too-long", {"stop": "s" * 1025}, "stop", None),
+    ("logit_bias-key-not-a-number", {"logit_bias": {"abc": 1}}, "logit_bias", None),
+    ("logit_bias-value-not-a-number", {"logit_bias": {"5": "a"}}, "logit_bias", None),
+    ("logit_bias-value-over-100", {"logit_bias": {"5": 101}}, "logit_bias", None),
+    ("logit_bias-id-out-of-vocab", {"logit_bias": {"1000000": 1}}, "logit_bias", None),
+    ("stop_token_ids-out-of-vocab", {"stop_token_ids": [1000000]}, "stop_token_ids", None),
+    ("suffix", {"suffix": "tail"}, "suffix", None),
+    ("prompt-empty-string", {"prompt": ""}, "prompt", None),
+    ("prompt-empty-list", {"prompt": []}, "prompt", None),
+    ("prompt-empty-token-list", {"prompt": [[]]}, "prompt", None),
+    ("prompt-one-empty-in-batch", {"prompt": ["Hello", ""]}, "prompt", None),
+    ("prompt-null", {"prompt": None}, "prompt", None),
+    ("prompt-object", {"prompt": {"text": "Hello"}}, "prompt", None),
+    ("prompt-mixed-shapes", {"prompt": ["Hello", [1, 2]]}, "prompt", None),
+    ("prompt-token-not-int", {"prompt": [[5, "six"]]}, "prompt", "prompt[0][1]"),
+    ("prompt-token-negative", {"prompt": [5, -1]}, "prompt", "-1"),
+    ("prompt-token-huge", {"prompt": [5, 10 ** 9]}, "prompt", None),
+]
+
+CHAT_CASES = [
+    ("messages-not-a-list", {"messages": "hi"}, "messages", None),
+    ("messages-empty", {"messages": []}, "messages", None),
+    ("messages-null", {"messages": None}, "messages", None),
+    ("messages-role-unknown", {"messages": [{"role": "wizard", "content": "x"}]}, "messages", "messages[0].role"),
+    ("messages-role-missing", {"messages": [CHAT[0], {"content": "x"}]}, "messages", "messages[1].role"),
+    ("messages-content-part", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
+     "messages[0].content[0].type"),
+    ("messages-content-number", {"messages": [{"role": "user", "content": 5}]}, "messages", None),
+    ("top_logprobs-21", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "20"),
+    ("top_logprobs-without-logprobs", {"top_logprobs": 2}, "top_logprobs", None),
+    ("n-over-max-n", {"n": 5}, "n", None),
+    ("max_tokens-string", {"max_tokens": "ten"}, "max_tokens", None),
+    ("max_completion_tokens-zero", {"max_completion_tokens": 0}, "max_completion_tokens", None),
+    ("temperature-string", {"temperature": "hot"}, "temperature", None),
+    ("logit_bias-key", {"logit_bias": {"x": 1}}, "logit_bias", None),
+]
+
+
+@pytest.mark.parametrize("fields,param,fragment", [c[1:] for c in COMPLETION_CASES],
+                         ids=[c[0] for c in COMPLETION_CASES])
+def test_bad_completion_field_is_400_naming_it(limited, llama_dir, fields, param, fragment):
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, **fields}
+    error = check_error(post(limited.base_url, "/v1/completions", body), 400, param, secrets=(str(llama_dir),))
+    if fragment is not None:
+        assert fragment in error["message"]
+
+
+@pytest.mark.parametrize("fields,param,fragment", [c[1:] for c in CHAT_CASES], ids=[c[0] for c in CHAT_CASES])
+def test_bad_chat_field_is_400_naming_it(limited, fields, param, fragment):
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 2, **fields}
+    error = check_error(post(limited.base_url, "/v1/chat/completions", body), 400, param)
+    if fragment is not None:
+        assert fragment in error["message"]
+
+
+def test_missing_prompt_or_messages_names_it(limited):
+    error = check_error(post(limited.base_url, "/v1/completions", {"model": "tiny"}), 400, "prompt")
+    assert "required" in error["message"]
+    error = check_error(post(limited.base_url, "/v1/chat/completions", {"model": "tiny"}), 400, "messages")
+    assert "required" in error["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b'{"model": "tiny", "prompt": "x",}', b"", b"[1, 2]", b'"Hello"',
+                                 b"null", b"42", b'{"prompt": "\xff\xfe"}'],
+                         ids=["garbage", "trailing-comma", "empty", "array", "string", "null", "number", "bad-utf8"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+def test_body_that_is_not_a_json_object_is_400_not_422(limited, raw, path):
+    check_error(post(limited.base_url, path, raw), 400, None)
+
+
+def test_json_sent_as_text_plain_is_400_saying_so(limited):
+    response = httpx.post(f"{limited.base_url}/v1/completions", content=b'{"prompt": "Hello"}',
+                          headers={"content-type": "text/plain"})
+    assert "JSON object" in check_error(response, 400, None)["message"]
+
+
+def test_bad_prompt_in_a_batch_runs_nothing(limited, vocab_size):
+    before = scrape(limited.base_url)
+    check_error(post(limited.base_url, "/v1/completions", {"prompt": [[5, 6], [5, vocab_size]], "max_tokens": 2}),
+                400, "prompt")
+    check_error(post(limited.base_url, "/v1/completions", {"prompt": ["Hello", "", "World"], "max_tokens": 2}),
+                400, "prompt")
+    after = scrape(limited.base_url)
+    assert after["vllm:prompt_tokens_total"] == before["vllm:prompt_tokens_total"]
+    assert after["vllm:request_success_total"] == before["vllm:request_success_total"]
+    # The boundary: the largest id is a valid prompt.
+    ok = post(limited.base_url, "/v1/completions", {"prompt": [[5, vocab_size - 1]], "max_tokens": 1})
+    assert ok.status_code == 200, ok.text
+
+
+def test_logit_bias_with_too_many_entries(server):
+    """Over 1024 entries: a body too big for the limited server, so the default one answers."""
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "logit_bias": {str(i): 1 for i in range(1025)}}
+    assert "1024" in check_error(post(server.base_url, "/v1/completions", body), 400, "logit_bias")["message"]
+
+
+def test_refused_streaming_request_gets_json_not_a_stream(limited):
+    for path, body in [("/v1/completions", {"prompt": "Hello", "temperature": -1}),
+                       ("/v1/chat/completions", {"messages": CHAT, "top_p": 0}),
+                       ("/v1/completions", {"prompt": "Hello", "model": "other"})]:
+        with httpx.stream("POST", limited.base_url + path, json={"stream": True, **body}) as response:
+            response.read()
+        assert not response.headers["content-type"].startswith("text/event-stream")
+        check_error(response, 404 if "model" in body else 400)
+
+
+# ------------------------------------------------------------------ context length
+
+
+def test_prompt_plus_max_tokens_over_the_context(limited):
+    url = limited.base_url
+    error = check_error(post(url, "/v1/completions", {"prompt": [5] * 40, "max_tokens": 30}), 400, "max_tokens")
+    assert error["message"].startswith(f"This model's maximum context length is {MAX_MODEL_LEN} tokens. "
+                                       "However, you requested 70 tokens (40 in the prompt, 30 in the completion)")
+    # The completions default of 16 tokens counts too.
+    error = check_error(post(url, "/v1/completions", {"prompt": [5] * 60}), 400, "max_tokens")
+    assert "you requested 76 tokens" in error["message"]
+    # A prompt that fills the context on its own names the prompt.
+    for prompt in ([5] * MAX_MODEL_LEN, "hello " * 80):
+        error = check_error(post(url, "/v1/completions", {"prompt": prompt, "max_tokens": 1}), 400, "prompt")
+        assert error["message"].startswith(f"This model's maximum context length is {MAX_MODEL_LEN} tokens")
+    # Chat: the rendered conversation is the prompt.
+    prompt_len = httpx.post(f"{url}/tokenize", json={"messages": CHAT}).json()["count"]
+    error = check_error(post(url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": MAX_MODEL_LEN}), 400,
+                        "max_tokens")
+    assert f"you requested {prompt_len + MAX_MODEL_LEN} tokens ({prompt_len} in the prompt" in error["message"]
+    # Exactly the context is served.
+    ok = post(url, "/v1/completions", {"prompt": [5] * 48, "max_tokens": 16, "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 16
+    ok = post(url, "/v1/chat/completions", {"messages": CHAT, "max_tokens": MAX_MODEL_LEN - prompt_len,
+                                           "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["total_tokens"] == MAX_MODEL_LEN
+
+
+# ------------------------------------------------------------------ 404 / 405
+
+
+def test_unknown_model_is_404_model_not_found(limited):
+    for path, body in [("/v1/completions", {"prompt": "Hello"}), ("/v1/chat/completions", {"messages": CHAT}),
+                       ("/tokenize", {"prompt": "Hello"}), ("/detokenize", {"tokens": [5]})]:
+        error = check_error(post(limited.base_url, path, {"model": "gpt-4o", **body}), 404, "model",
+                            "model_not_found")
+        assert "gpt-4o" in error["message"]
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("GET", "/v1/nothing", 404), ("POST", "/v1/nothing", 404), ("GET", "/", 404), ("POST", "/v2/completions", 404),
+    ("GET", "/v1/completions", 405), ("PUT", "/v1/chat/completions", 405), ("DELETE", "/health", 405),
+    ("POST", "/v1/models", 405),
+])
+def test_unknown_route_or_method_in_openai_shape(limited, method, path, status):
+    response = httpx.request(method, limited.base_url + path)
+    check_error(response, status, None)
+    if status == 405:
+        assert response.headers.get("allow")
+
+
+# ------------------------------------------------------------------ size limits
+
+
+def padded_body(size: int) -> bytes:
+    """A valid completions request of exactly ``size`` bytes."""
+    base = b'{"model": "tiny", "prompt": "Hello", "max_tokens": 1}'
+    return base[:-1] + b" " * (size - len(base)) + b"}"
+
+
+def test_body_over_the_limit_is_413_by_content_length_and_by_counting(limited):
+    url = f"{limited.base_url}/v1/completions"
+    assert post(limited.base_url, "/v1/completions", padded_body(MAX_BODY)).status_code == 200
+    response = post(limited.base_url, "/v1/completions", padded_body(MAX_BODY + 1))
+    check_error(response, 413, None)
+    assert response.headers.get("connection") == "close"
+
+    def chunked(body: bytes):
+        for i in range(0, len(body), 300):
+            yield body[i:i + 300]
+
+    for size, status in [(MAX_BODY, 200), (MAX_BODY + 1, 413), (50 * MAX_BODY, 413)]:
+        response = httpx.post(url, content=chunked(padded_body(size)), headers={"content-type": "application/json"})
+        assert response.request.headers.get("transfer-encoding") == "chunked"
+        if status == 413:
+            check_error(response, 413, None)
+        else:
+            assert response.status_code == 200, response.text
+    # Streaming requests too, and chat.
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * MAX_BODY}],
+                       "stream": True}).encode()
+    check_error(post(limited.base_url, "/v1/chat/completions", body), 413, None)
+
+
+def raw_request(port: int, head: bytes, pieces: int = 1) -> bytes:
+    """Send ``head`` over a fresh socket in ``pieces`` writes; return what the server answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        step = -(-len(head) // pieces)
+        try:
+            for i in range(0, len(head), step):
+                if select.select([sock], [], [], 0)[0]:
+                    break   # answered already: stop writing, so the server's close cannot reset the answer
+                sock.sendall(head[i:i + step])
+                time.sleep(0.05)
+        except OSError:
+            pass   # the server answered and closed before the whole head was sent
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _content_length(data):
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def _content_length(data: bytes) -> int:
+    match = re.search(rb"content-length: (\d+)", data, re.IGNORECASE)
+    return int(match.group(1)) if match else 0
+
+
+def test_headers_over_the_limit_are_refused_431(limited):
+    ok = httpx.get(f"{limited.base_url}/health", headers={"x-padding": "a" * (MAX_HEADER - 1000)})
+    assert ok.status_code == 200
+    check_error(httpx.get(f"{limited.base_url}/health", headers={"x-padding": "a" * MAX_HEADER}), 431, None)
+    check_error(httpx.post(f"{limited.base_url}/v1/completions", json={"prompt": "Hello"},
+                           headers={"x-padding": "a" * MAX_HEADER}), 431, None)
+    for size, pieces in [(2 * MAX_HEADER, 4), (100_000, 20)]:
+        head = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Padding: " + b"a" * size + b"\r\n\r\n"
+        answer = raw_request(limited.port, head, pieces)
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 431"), answer[:200]
+        body = json.loads(rest.partition(b"\r\n\r\n")[2])
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{limited.base_url}/health").status_code == 200
+
+
+# ------------------------------------------------------------------ 503: the queue is full
+
+
+def test_full_queue_is_503_with_retry_after_then_recovers(start_server):
+    srv = start_server("--max-num-queued-reqs", "1", "--max-num-seqs", "1", "--step-delay", "0.005",
+                       wrapper=SLOW)
+    url = srv.base_url
+    long_body = {"model": "tiny", "prompt": "go", "max_tokens": 500, "ignore_eos": True, "stream": True}
+
+    async def run() -> list[list[str]]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async def stream() -> list[str]:
+                async with client.stream("POST", "/v1/completions", json=long_body) as response:
+                    assert response.status_code == 200
+                    return [line async for line in response.aiter_lines() if line]
+
+            async def until(running: int, waiting: int) -> None:
+                for _ in range(500):
+                    m = scrape(url)
+                    if m["vllm:num_requests_running"] == running and m["vllm:num_requests_waiting"] == waiting:
+                        return
+                    await asyncio.sleep(0.02)
+                pytest.fail(f"never {running} running and {waiting} waiting: {m}")
+
+            # One at a time: a request not yet scheduled counts as waiting, so two sent together could
+            # find the queue full already.
+            streams = [asyncio.ensure_future(stream())]
+            await until(1, 0)
+            streams.append(asyncio.ensure_future(stream()))
+            await until(1, 1)
+            for path, body in [("/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
+                               ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2}),
+                               ("/v1/completions", {"prompt": "Hello", "max_tokens": 2, "stream": True})]:
+                refused = await client.post(path, json=body)
+                check_error(refused, 503, None, "overloaded")
+                assert int(refused.headers["retry-after"]) >= 1
+            assert not any(s.done() for s in streams)   # they were running all along
+            return await asyncio.gather(*streams)
+
+    for events in asyncio.run(run()):
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+    ok = post(url, "/v1/completions", {"prompt": "Hello", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    m = scrape(url)
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+
+
+def test_server_is_idle_and_healthy_after_all_errors(limited):
+    deadline = time.monotonic() + 5
+    while True:
+        m = scrape(limited.base_url)
+        if m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0:
+            break
+        assert time.monotonic() < deadline, m
+        time.sleep(0.05)
+    assert m["vllm:num_requests_waiting"] == 0
+    assert httpx.get(f"{limited.base_url}/health").status_code == 200
+    ok = post(limited.base_url, "/v1/completions", {"prompt": "Hello", "max_tokens": 3})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
