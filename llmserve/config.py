@@ -65,6 +65,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_logprobs: int = 20
     num_threads: int | None = None
+    # GPU only: run every step eagerly instead of replaying CUDA graphs for decode steps.
+    enforce_eager: bool = False
+    # GPU only: decode steps whose longest context exceeds this run eagerly (the graphs' block-table width).
+    max_seq_len_to_capture: int = 8192
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -79,6 +83,8 @@ class EngineConfig:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_bytes is not None:
             self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory_bytes)
+        if self.max_seq_len_to_capture < 1:
+            raise ValueError(f"--max-seq-len-to-capture must be >= 1, got {self.max_seq_len_to_capture}")
         if self.max_logprobs < 0:
             raise ValueError(f"--max-logprobs must be >= 0, got {self.max_logprobs}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -109,7 +109,10 @@ class LLMEngine:
         logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, self.dtype, self.device,
                     path, time.perf_counter() - t0)
         self.runner = ModelRunner(model, get_attention_backend(self.device, self.dtype), config.block_size,
-                                  self.vocab_size, self.device, self.dtype)
+                                  self.vocab_size, self.device, self.dtype, max_num_seqs=config.max_num_seqs,
+                                  enforce_eager=config.enforce_eager,
+                                  max_seq_len_to_capture=config.max_seq_len_to_capture,
+                                  max_model_len=self.max_model_len)
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -169,10 +172,8 @@ class LLMEngine:
         per_block = self.runner.kv_cache_bytes_per_block()
         budget = self.config.kv_cache_memory_bytes
         if budget is None and self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            # Headroom for activations of a max_num_batched_tokens forward (profiled precisely on GPU later).
-            budget = int(total * self.config.gpu_memory_utilization) - used - 2**30
+            budget = self.runner.profile_kv_cache_budget(self.max_num_batched_tokens, self.config.max_num_seqs,
+                                                         self.max_model_len, self.config.gpu_memory_utilization)
         elif budget is None:
             budget = CPU_DEFAULT_KV_CACHE_BYTES
         num_blocks = budget // per_block

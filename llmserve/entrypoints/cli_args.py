@@ -38,6 +38,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                    help="reuse the KV blocks of cached prompt prefixes (default on)")
     g.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / prompt_logprobs accepted")
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="GPU only: never replay CUDA graphs (every step runs eagerly)")
+    g.add_argument("--max-seq-len-to-capture", type=int, default=8192,
+                   help="GPU only: decode steps with a longer context than this run eagerly, not in a CUDA graph")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -50,4 +54,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
         max_logprobs=args.max_logprobs,
-        num_threads=args.num_threads)
+        num_threads=args.num_threads, enforce_eager=args.enforce_eager,
+        max_seq_len_to_capture=args.max_seq_len_to_capture)

@@ -29,7 +29,8 @@ Families (:data:`FAMILIES`):
 
 Sizes (:data:`SIZES`): ``tiny`` (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 2000) for tests and
 ``bench``, the ~125M-parameter Llama-shaped benchmark and demo model (hidden 768, 12 layers, 12 heads /
-4 KV heads, intermediate 2048, vocab 32000).
+4 KV heads, intermediate 2048, vocab 32000); ``1b`` (Llama-3.2-1B's shape) and ``8b`` (Llama-3-8B's
+shape, vocab 128256) for GPU benchmarks (``scripts/gpu_suite.sh``).
 
 Weights are drawn from a ``torch.Generator`` seeded from ``(seed, tensor name)``, so the same arguments
 always produce byte-identical files, and a given tensor does not depend on sharding.  Scales are chosen so
@@ -201,6 +202,28 @@ SIZES: dict[str, SizeSpec] = {
         intermediate_size=2048,
         max_position_embeddings=4096,
         vocab_size=32000,
+    ),
+    # GPU benchmark shapes (bf16: about 2.5 GB and 16 GB of weights). Llama-3.2-1B: 16 layers, hidden 2048,
+    # 32 heads / 8 KV heads of 64, intermediate 8192 (pair it with family llama3: tied embeddings).
+    "1b": SizeSpec(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        max_position_embeddings=8192,
+        vocab_size=128256,
+    ),
+    # Llama-3-8B: 32 layers, hidden 4096, 32 heads / 8 KV heads of 128, intermediate 14336 (family llama:
+    # untied embeddings).
+    "8b": SizeSpec(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        max_position_embeddings=8192,
+        vocab_size=128256,
     ),
 }
 

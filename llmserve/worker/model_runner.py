@@ -3,10 +3,17 @@
 Per step it builds the flat batch (decodes first, then prefill chunks), the slot mapping and block
 tables, asks the attention backend for its metadata once, runs one forward over every token of the
 step, computes logits only where a token is sampled or a prompt logprob is asked for, and samples.
+
+On CUDA, decode-only steps replay CUDA graphs (:mod:`llmserve.worker.cuda_graphs`) unless
+``enforce_eager`` is set or the attention backend cannot be captured, and
+:meth:`ModelRunner.profile_kv_cache_budget` sizes the KV cache from a profiled forward pass. On CPU none
+of this runs. The only host sync of a step is reading the sampled token ids back (plus the logprobs a
+request asked for).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +23,11 @@ from torch import nn
 from llmserve.engine.sequence import Sequence
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
 from llmserve.layers.sampler import Sampler, SamplingBatch, SamplingRow, compute_logprobs
+from llmserve.sampling_params import SamplingParams
 from llmserve.worker.cpu_tuning import keep_large_allocations_in_heap
+from llmserve.worker.cuda_graphs import DecodeGraphs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,9 +54,33 @@ class StepOutput:
         self.prompt_logprobs.update(other.prompt_logprobs)
 
 
+def kv_cache_budget(total_bytes: int, gpu_memory_utilization: float, peak_bytes: int, non_torch_bytes: int) -> int:
+    """Bytes left for the KV cache (as vLLM sizes it): the utilisation share of the GPU, less the peak
+    PyTorch memory of a profiled worst-case step (weights + activations + logits + sampler) and the
+    memory used outside PyTorch's allocator (CUDA context, cuBLAS workspaces, other processes)."""
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    return int(total_bytes * gpu_memory_utilization) - peak_bytes - non_torch_bytes
+
+
+def profile_batch(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> list[int]:
+    """Prompt lengths of the worst-case step the KV cache must leave room for: ``max_num_batched_tokens``
+    tokens in as few sequences as ``max_model_len`` allows, at most ``max_num_seqs`` of them."""
+    if min(max_num_batched_tokens, max_num_seqs, max_model_len) < 1:
+        raise ValueError("max_num_batched_tokens, max_num_seqs and max_model_len must be >= 1")
+    lengths: list[int] = []
+    left = max_num_batched_tokens
+    while left > 0 and len(lengths) < max_num_seqs:
+        lengths.append(min(left, max_model_len))
+        left -= lengths[-1]
+    return lengths
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, backend: AttentionBackend, block_size: int, vocab_size: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, *, max_num_seqs: int = 256,
+                 enforce_eager: bool = False, max_seq_len_to_capture: int = 8192,
+                 max_model_len: int | None = None) -> None:
         self.model = model
         self.backend = backend
         self.block_size = block_size
@@ -54,8 +89,18 @@ class ModelRunner:
         self.dtype = dtype
         self.sampler = Sampler()
         self.num_blocks = 0
+        self.max_num_seqs = max_num_seqs
+        self.enforce_eager = enforce_eager
+        # No graph needs to be wider than the longest sequence the engine accepts.
+        self.max_seq_len_to_capture = min(max_seq_len_to_capture, max_model_len or max_seq_len_to_capture)
+        self.graphs: DecodeGraphs | None = None
         if device.type == "cpu":
             keep_large_allocations_in_heap()
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return (self.device.type == "cuda" and not self.enforce_eager
+                and getattr(self.backend, "supports_cuda_graphs", False))
 
     def kv_cache_bytes_per_block(self) -> int:
         layers = self.model.attention_layers()
@@ -63,12 +108,80 @@ class ModelRunner:
         return per_layer * torch.tensor([], dtype=self.dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """Zeroed so padded (masked) reads of never-written slots stay finite."""
+        """Zeroed so padded (masked) reads of never-written slots stay finite. On CUDA (unless
+        ``enforce_eager``) the decode graphs are captured here, since they read these caches."""
+        self.graphs = None   # graphs captured against an older cache must never replay
+        self._bind_cache(num_blocks)
+        if self.use_cuda_graphs:
+            self.graphs = DecodeGraphs(self.model, self.backend, self.block_size, self.max_num_seqs,
+                                       self.max_seq_len_to_capture, self.device)
+            self.graphs.capture()
+
+    def _bind_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
             attn.bind_cache(self.backend, torch.zeros(shape, dtype=self.dtype, device=self.device),
                             torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    @torch.inference_mode()
+    def profile_kv_cache_budget(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+                                gpu_memory_utilization: float) -> int:
+        """CUDA only, before :meth:`allocate_kv_cache`: run the worst-case step (a full
+        ``max_num_batched_tokens`` prefill, logits for ``max_num_seqs`` rows and a top-k/top-p sampler
+        pass over them) against a throwaway cache, and return the bytes the KV cache may take
+        (:func:`kv_cache_budget`)."""
+        if self.device.type != "cuda":
+            raise RuntimeError("KV-cache profiling measures GPU memory; on CPU the cache size is configured")
+        lengths = profile_batch(max_num_batched_tokens, max_num_seqs, max_model_len)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._bind_cache(sum(-(-n // self.block_size) for n in lengths))
+        scratch_cache = self.num_blocks * self.kv_cache_bytes_per_block()
+        try:
+            self.run_worst_case_step(lengths, max_num_seqs)
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - scratch_cache
+            free, total = torch.cuda.mem_get_info(self.device)
+            non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        finally:
+            for attn in self.model.attention_layers():
+                attn.bind_cache(self.backend, torch.empty(0), torch.empty(0))
+            self.num_blocks = 0
+            torch.cuda.empty_cache()
+        budget = kv_cache_budget(total, gpu_memory_utilization, peak, non_torch)
+        logger.info("Memory profile: peak %.2f GiB in PyTorch (weights + a %d-token step), %.2f GiB outside it; "
+                    "%.2f GiB left for the KV cache (%.2f GiB x %.2f)", peak / 2**30, sum(lengths),
+                    non_torch / 2**30, budget / 2**30, total / 2**30, gpu_memory_utilization)
+        return budget
+
+    @torch.inference_mode()
+    def run_worst_case_step(self, lengths: list[int], max_num_seqs: int) -> torch.Tensor:
+        """Prefill fresh prompts of ``lengths`` (into blocks 0, 1, ... of the bound cache), then compute
+        logits for the last ``max_num_seqs`` tokens and sample them with top-k, top-p and logprobs on:
+        the step that needs the most activation memory. Returns the sampled ids."""
+        bs = self.block_size
+        tables, slots, next_block = [], [], 0
+        for n in lengths:
+            used = -(-n // bs)
+            tables.append(list(range(next_block, next_block + used)))
+            slots.append(np.arange(next_block * bs, next_block * bs + n))
+            next_block += used
+        if next_block > self.num_blocks:
+            raise ValueError(f"the worst-case step needs {next_block} KV blocks, {self.num_blocks} are bound")
+        layout = BatchLayout(query_lens=lengths, context_lens=[0] * len(lengths), block_tables=tables,
+                             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(self.device),
+                             num_decodes=0, block_size=bs)   # all prefills, even a 1-token tail
+        tokens = sum(lengths)
+        hidden = self.model(torch.zeros(tokens, dtype=torch.long, device=self.device),
+                            torch.cat([torch.arange(n, device=self.device) for n in lengths]),
+                            self.backend.build_metadata(layout, self.device))
+        rows = min(max_num_seqs, tokens)
+        logits = self.model.compute_logits(hidden[tokens - rows:])
+        params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, logprobs=5)
+        batch = SamplingBatch.build([SamplingRow(params, [], [], None, None)] * rows, self.vocab_size, self.device)
+        return self.sampler(logits, batch).sampled_token_ids
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -111,13 +224,17 @@ class ModelRunner:
             query_lens=[n for _, n in batch],
             context_lens=[seq.num_computed_tokens for seq, _ in batch],
             block_tables=[seq.block_table for seq, _ in batch],
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(self.device),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)),
             num_decodes=sum(1 for _, n in batch if n == 1),
             block_size=bs,
         )
-        metadata = self.backend.build_metadata(layout, self.device)
-        hidden = self.model(torch.tensor(input_ids, device=self.device),
-                            torch.tensor(positions, device=self.device), metadata)
+        if self.graphs is not None and not prompt_rows and self.graphs.can_run(layout):
+            hidden = self.graphs.run(layout, input_ids, positions)
+        else:
+            layout.slot_mapping = layout.slot_mapping.to(self.device)
+            metadata = self.backend.build_metadata(layout, self.device)
+            hidden = self.model(torch.tensor(input_ids, device=self.device),
+                                torch.tensor(positions, device=self.device), metadata)
         for i, seq in enumerate(list(sample_seqs)):
             for child in (forks or {}).get(seq.seq_id, ()):
                 sample_rows.append(sample_rows[i])

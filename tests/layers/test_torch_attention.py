@@ -1,5 +1,6 @@
 """The PyTorch paged-attention backend against plain causal attention on contiguous K/V, on random
-block tables, odd lengths, GQA ratios and block sizes, for mixed decode + prefill batches."""
+block tables, odd lengths, GQA ratios and block sizes, for mixed decode + prefill batches whose decodes
+have very different context lengths (so they are attended in several length groups)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from llmserve.layers.attention.backend import BatchLayout
-from llmserve.layers.attention.torch_backend import TorchAttentionBackend
+from llmserve.layers.attention.torch_backend import TorchAttentionBackend, group_decodes_by_length
 
 
 def reference_attention(q, k, v, context_len, scale):
@@ -29,10 +30,11 @@ def reference_attention(q, k, v, context_len, scale):
 def test_mixed_batch_matches_reference(block_size, num_heads, num_kv_heads, seed):
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    head_dim, num_blocks = 8, 256
+    head_dim, num_blocks = 8, 2048
     scale = head_dim ** -0.5
     # (context already cached, new query tokens): decodes first, then prefill chunks with and without context.
-    seqs = [(rng.randint(1, 40), 1) for _ in range(3)] + [(0, rng.randint(1, 23)), (rng.randint(1, 30), rng.randint(2, 9))]
+    decode_contexts = [rng.randint(1, 40), rng.randint(300, 400), rng.randint(1, 10), rng.randint(120, 160)]
+    seqs = [(c, 1) for c in decode_contexts] + [(0, rng.randint(1, 23)), (rng.randint(1, 30), rng.randint(2, 9))]
     key_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim)
     value_cache = torch.zeros_like(key_cache)
     free = list(range(num_blocks))
@@ -54,9 +56,10 @@ def test_mixed_batch_matches_reference(block_size, num_heads, num_kv_heads, seed
         new_k.append(k[ctx:])
         new_v.append(v[ctx:])
     layout = BatchLayout(query_lens=[n for _, n in seqs], context_lens=[c for c, _ in seqs], block_tables=tables,
-                         slot_mapping=torch.tensor(slots), num_decodes=3, block_size=block_size)
+                         slot_mapping=torch.tensor(slots), num_decodes=4, block_size=block_size)
     backend = TorchAttentionBackend(torch.float32)
     metadata = backend.build_metadata(layout, torch.device("cpu"))
+    assert len(metadata.decode_groups) >= 2   # the long decodes are not padded with the short ones
     out = backend.forward(torch.cat(queries), torch.cat(new_k), torch.cat(new_v), key_cache, value_cache,
                           metadata, scale)
     start = 0
@@ -67,3 +70,16 @@ def test_mixed_batch_matches_reference(block_size, num_heads, num_kv_heads, seed
     # The new tokens' K/V landed in their slots.
     flat_k = key_cache.view(-1, num_kv_heads, head_dim)
     torch.testing.assert_close(flat_k[torch.tensor(slots)], torch.cat(new_k))
+
+
+def test_decode_groups_bound_padding_and_cover_every_row():
+    rng = random.Random(0)
+    lengths = [rng.choice([1, 2, 3, 50, 51, 60, 200, 130]) for _ in range(64)]
+    groups = group_decodes_by_length(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(64))
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        assert all(longest - lengths[i] <= max(0.25 * longest, 8) for i in group)
+    assert len(groups) <= 5
+    assert group_decodes_by_length([7] * 10) == [list(range(10))]   # equal lengths: one call, in order
+    assert group_decodes_by_length([]) == []

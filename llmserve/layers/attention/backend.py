@@ -40,6 +40,9 @@ class AttentionBackend(ABC):
     """Paged attention for mixed prefill + decode batches."""
 
     name: str
+    # Whether a decode-only step can be captured in a CUDA graph (static metadata buffers, a kernel grid
+    # that depends only on the batch size); see TritonAttentionBackend.graph_decode_metadata.
+    supports_cuda_graphs: bool = False
 
     @abstractmethod
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> object:
@@ -55,9 +58,59 @@ class AttentionBackend(ABC):
         Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``.
         """
 
+    def graph_decode_metadata(self, batch_size: int, max_blocks: int, max_seq_len: int,
+                              device: torch.device) -> object:
+        """Static metadata buffers for a CUDA-graph decode batch (backends with ``supports_cuda_graphs``)."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
 
-def get_attention_backend(device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """The backend for a device (only the PyTorch one exists today; a Triton backend plugs in here)."""
+    def fill_graph_decode_metadata(self, static: object, layout: BatchLayout) -> None:
+        """Write a decode-only step into buffers from :meth:`graph_decode_metadata`, in place."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
+
+
+ATTENTION_BACKEND_ENV = "LLMSERVE_ATTENTION_BACKEND"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_attention_backend(device: torch.device, choice: str | None = None) -> str:
+    """``"torch"`` or ``"triton"`` for ``device``.
+
+    ``choice`` (default: the ``LLMSERVE_ATTENTION_BACKEND`` environment variable) may be ``auto`` (or
+    empty), ``torch`` or ``triton``. ``auto`` picks Triton on CUDA when it imports, else PyTorch.
+    Forcing ``triton`` off CUDA is allowed only under the Triton interpreter (``TRITON_INTERPRET=1``),
+    which is how the kernels are tested without a GPU.
+    """
+    import os
+
+    choice = (choice if choice is not None else os.environ.get(ATTENTION_BACKEND_ENV, "")).strip().lower() or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{ATTENTION_BACKEND_ENV} must be auto, torch or triton, got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ATTENTION_BACKEND_ENV}=triton but triton is not installed (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"the Triton attention backend needs a CUDA device (or TRITON_INTERPRET=1), "
+                               f"not {device.type}")
+        return "triton"
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+def get_attention_backend(device: torch.device, dtype: torch.dtype, choice: str | None = None) -> AttentionBackend:
+    """The backend for a device: Triton kernels on CUDA when triton imports, PyTorch otherwise
+    (see :func:`select_attention_backend` for forcing one)."""
+    if select_attention_backend(device, choice) == "triton":
+        from llmserve.layers.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(dtype)
     from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend(dtype)

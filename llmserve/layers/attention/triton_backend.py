@@ -1,0 +1,153 @@
+"""Paged attention with Triton kernels: the GPU path (see :mod:`llmserve.layers.attention.triton_kernels`).
+
+Per step, :meth:`TritonAttentionBackend.build_metadata` turns the :class:`BatchLayout` into a few small
+int32 tensors (block tables, lengths, query offsets) with one host-to-device copy each; ``forward`` then
+launches, per layer, the K/V store kernel, the split-K decode kernel + its reduce for the decode rows,
+and the flash-attention prefill kernel for the prefill chunks.
+
+For CUDA graphs the decode metadata can live in static buffers (:meth:`TritonAttentionBackend.
+graph_decode_metadata`) that :meth:`TritonAttentionBackend.fill_graph_decode_metadata` rewrites in place
+before each replay: a decode batch's kernel grid depends only on its (padded) size and split count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmserve.layers.attention import triton_kernels as kernels
+from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
+
+
+@dataclass
+class TritonAttentionMetadata:
+    slot_mapping: torch.Tensor               # [T] int64; < 0 = padding, not stored
+    num_decodes: int
+    decode_block_tables: torch.Tensor | None   # [num_decodes, max_blocks] int32
+    decode_seq_lens: torch.Tensor | None       # [num_decodes] int32, including the new token
+    num_splits: int
+    num_prefills: int
+    prefill_block_tables: torch.Tensor | None  # [num_prefills, max_blocks] int32
+    prefill_query_start: torch.Tensor | None   # [num_prefills] int32: first row of each chunk in the step
+    prefill_query_lens: torch.Tensor | None
+    prefill_context_lens: torch.Tensor | None
+    max_prefill_query_len: int
+
+
+def _padded_tables(tables: list[list[int]], num_blocks: list[int]) -> np.ndarray:
+    width = max(max(num_blocks), 1)
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    for i, (table, n) in enumerate(zip(tables, num_blocks)):
+        out[i, :n] = table[:n]
+    return out
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"the Triton attention backend supports float16, bfloat16 and float32, not {dtype}")
+        self.dtype = dtype
+        self._num_sms: dict[torch.device, int] = {}
+        self._num_kv_heads: int | None = None
+
+    def _splits(self, device: torch.device, num_seqs: int, max_seq_len: int) -> int:
+        if device not in self._num_sms:
+            self._num_sms[device] = _num_sms(device)
+        # The KV-head count only refines the choice; 8 (Llama-3 style GQA) until a forward has told us.
+        return kernels.choose_num_splits(num_seqs, self._num_kv_heads or 8, max_seq_len, self._num_sms[device])
+
+    def build_metadata(self, layout: BatchLayout, device: torch.device) -> TritonAttentionMetadata:
+        bs = layout.block_size
+        nd = layout.num_decodes
+        seq_lens = layout.seq_lens
+        num_blocks = [-(-s // bs) for s in seq_lens]
+
+        def to_device(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(device, non_blocking=True)
+
+        decode_tables = decode_lens = None
+        num_splits = 1
+        if nd:
+            decode_tables = to_device(_padded_tables(layout.block_tables[:nd], num_blocks[:nd]))
+            decode_lens = to_device(np.asarray(seq_lens[:nd], dtype=np.int32))
+            num_splits = self._splits(device, nd, max(seq_lens[:nd]))
+        np_ = len(layout.query_lens) - nd
+        prefill_tables = query_start = query_lens = context_lens = None
+        max_q = 0
+        if np_:
+            q_lens = np.asarray(layout.query_lens[nd:], dtype=np.int32)
+            starts = nd + np.concatenate(([0], np.cumsum(q_lens)[:-1])).astype(np.int32)
+            prefill_tables = to_device(_padded_tables(layout.block_tables[nd:], num_blocks[nd:]))
+            query_start = to_device(starts.astype(np.int32))
+            query_lens = to_device(q_lens)
+            context_lens = to_device(np.asarray(layout.context_lens[nd:], dtype=np.int32))
+            max_q = int(q_lens.max())
+        slot_mapping = layout.slot_mapping.to(device=device, dtype=torch.int64)
+        return TritonAttentionMetadata(slot_mapping, nd, decode_tables, decode_lens, num_splits, np_,
+                                       prefill_tables, query_start, query_lens, context_lens, max_q)
+
+    # --------------------------------------------------------------------------- CUDA-graph decode metadata
+    def graph_decode_metadata(self, batch_size: int, max_blocks: int, max_seq_len: int,
+                              device: torch.device) -> TritonAttentionMetadata:
+        """Static metadata for a decode-only batch of ``batch_size`` rows whose contexts fit in
+        ``max_blocks`` blocks (``max_seq_len`` tokens); the split count is fixed for the graph's life."""
+        return TritonAttentionMetadata(
+            slot_mapping=torch.full((batch_size,), -1, dtype=torch.int64, device=device),
+            num_decodes=batch_size,
+            decode_block_tables=torch.zeros(batch_size, max_blocks, dtype=torch.int32, device=device),
+            decode_seq_lens=torch.zeros(batch_size, dtype=torch.int32, device=device),
+            num_splits=self._splits(device, batch_size, max_seq_len),
+            num_prefills=0, prefill_block_tables=None, prefill_query_start=None, prefill_query_lens=None,
+            prefill_context_lens=None, max_prefill_query_len=0)
+
+    def fill_graph_decode_metadata(self, static: TritonAttentionMetadata, layout: BatchLayout) -> None:
+        """Copy a decode-only step into ``static`` (from :meth:`graph_decode_metadata`), in place.
+
+        Rows past the step's batch are padding: slot -1 (nothing stored) and length 0 (zero output).
+        """
+        n = layout.num_decodes
+        capacity, max_blocks = static.decode_block_tables.shape
+        if n != len(layout.query_lens) or n > capacity:
+            raise ValueError(f"a graph replay takes up to {capacity} decodes and nothing else")
+        bs = layout.block_size
+        tables = np.zeros((capacity, max_blocks), dtype=np.int32)
+        lens = np.zeros(capacity, dtype=np.int32)
+        for i, (ctx, table) in enumerate(zip(layout.context_lens, layout.block_tables)):
+            used = -(-(ctx + 1) // bs)
+            if used > max_blocks:
+                raise ValueError(f"context of {ctx + 1} tokens exceeds the captured {max_blocks} blocks")
+            tables[i, :used] = table[:used]
+            lens[i] = ctx + 1
+        slots = np.full(capacity, -1, dtype=np.int64)
+        slots[:n] = layout.slot_mapping.cpu().numpy()
+        static.decode_block_tables.copy_(torch.from_numpy(tables), non_blocking=True)
+        static.decode_seq_lens.copy_(torch.from_numpy(lens), non_blocking=True)
+        static.slot_mapping.copy_(torch.from_numpy(slots), non_blocking=True)
+
+    # --------------------------------------------------------------------------- forward
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: TritonAttentionMetadata,
+                scale: float) -> torch.Tensor:
+        self._num_kv_heads = key_cache.shape[2]
+        kernels.store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        nd = metadata.num_decodes
+        if nd:
+            kernels.decode_attention(query[:nd], key_cache, value_cache, out[:nd], metadata.decode_block_tables,
+                                     metadata.decode_seq_lens, metadata.num_splits, scale)
+        if metadata.num_prefills:
+            kernels.prefill_attention(query, key_cache, value_cache, out, metadata.prefill_block_tables,
+                                      metadata.prefill_query_start, metadata.prefill_query_lens,
+                                      metadata.prefill_context_lens, metadata.max_prefill_query_len, scale)
+        return out

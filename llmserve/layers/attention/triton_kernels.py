@@ -1,0 +1,347 @@
+"""Triton kernels for paged attention, and thin launch wrappers.
+
+Layouts (all row-major):
+
+- ``query`` ``[T, H, D]`` and ``key``/``value`` ``[T, KV, D]``; the last dimension must be contiguous, the
+  others may be strided (views of a fused QKV projection are fine);
+- caches ``[num_blocks, block_size, KV, D]``, contiguous;
+- ``slot_mapping`` ``[T]`` int64: flat slot ``block * block_size + offset`` of each token's K/V. A
+  **negative slot means "padding": that token's K/V are not stored** (CUDA-graph replays pad a decode
+  batch up to a captured size and give the padded rows slot -1);
+- block tables ``[num_seqs, max_blocks]`` int32, padded with any valid block id (entries past a
+  sequence's length are never read).
+
+Kernels:
+
+- :func:`store_kv`: one program per token copies its K and V into the cache slot;
+- :func:`prefill_attention`: flash attention over the paged cache for prefill chunks (any number of
+  query tokens per sequence). Grid ``(sequence, query tile, query head)``; each program walks the KV
+  blocks of its sequence up to the causal frontier of its tile with an online softmax (running max and
+  sum in float32, accumulator in float32). A chunk's own K/V are read back from the cache, where
+  :func:`store_kv` has just put them, so the cached context and the chunk are one causal range;
+- :func:`decode_attention`: one query token per sequence, flash-decoding: the context is split into
+  ``num_splits`` ranges processed by separate programs (grid ``(sequence, KV head, split)``); each program
+  handles all query heads of its KV head (GQA), so K/V are read once per KV head. Each split writes an
+  unnormalised partial output plus its running max and sum; a reduce kernel combines the splits.
+
+Block sizes: any ``block_size >= 1`` works (K/V rows are gathered per token through the block table, so a
+kernel tile may span several cache blocks or part of one). ``head_dim`` may be any size; it is padded to
+a power of two (at least 16) inside the kernels. ``tl.dot`` needs tiles of at least 16 in every
+dimension, so query tiles and the per-KV-head group of query heads are padded to 16 rows.
+
+float16, bfloat16 and float32 inputs are supported; scores, softmax statistics and accumulators are
+float32 in every case (float32 inputs use exact IEEE dot products, so they can be checked against a
+float64 reference).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Whether the kernels below are defined for the Triton interpreter (``@triton.jit`` decides when it runs).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETED and type(tl.zeros).__name__ == "JITFunction":
+    # triton.language's own jitted helpers (tl.zeros, tl.cdiv, ...) were defined for the compiler: the
+    # interpreter would fail inside every kernel with "Cannot call @triton.jit'd outside of the scope of a kernel".
+    raise ImportError("TRITON_INTERPRET=1 was set after triton had been imported; set it before the first "
+                      "`import triton` of the process")
+
+# Tile sizes. Small enough that the Triton interpreter (CPU tests) stays fast, large enough for GPUs.
+PREFILL_BLOCK_M = 32
+PREFILL_BLOCK_N = 32
+DECODE_BLOCK_N = 32
+MAX_DECODE_SPLITS = 64
+# A split shorter than this many tokens is not worth its own program.
+MIN_TOKENS_PER_SPLIT = 256
+
+
+def _pow2_at_least(n: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                      max_splits: int = MAX_DECODE_SPLITS, min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT) -> int:
+    """How many programs share one (sequence, KV head) in :func:`decode_attention`.
+
+    Enough to give every streaming multiprocessor about two programs when the batch alone does not, but
+    never so many that a split covers fewer than ``min_tokens_per_split`` tokens of the longest context.
+    A power of two, between 1 and ``max_splits``.
+    """
+    if num_seqs < 1 or num_kv_heads < 1:
+        raise ValueError("num_seqs and num_kv_heads must be >= 1")
+    programs = num_seqs * num_kv_heads
+    wanted = -(-2 * max(num_sms, 1) // programs)
+    useful = max(1, -(-max_seq_len // min_tokens_per_split))
+    splits = min(wanted, useful, max_splits)
+    return 1 if splits <= 1 else min(triton.next_power_of_2(splits), max_splits)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot`` with a float32 accumulator. ``UPCAST`` (set only under the Triton interpreter for
+    bfloat16, whose CPU emulation of ``tl.dot`` mishandles bfloat16 operands) multiplies the exact float32
+    images of the operands instead, which gives the same products."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, keep, kv_head, offs_d,
+                    d_mask, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
+                    BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One KV tile of flash attention, shared by prefill and decode: gather the tile's K/V rows through the
+    block table, score the queries against them (``keep`` masks scores out), and fold the tile into the
+    running max ``m_i``, sum ``l_i`` and unnormalised output ``acc`` (all float32)."""
+    blocks = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    kv_off = blocks * stride_c_block + (offs_n % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh, stride_c_slot, stride_c_head,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    slots = tl.zeros([BLOCK_H, 1], dtype=tl.int64) + slot   # broadcast: the mask must be a tensor
+    mask = (offs_h < NUM_KV_HEADS) & (offs_d < HEAD_DIM) & (slots >= 0)
+    dst = slot * stride_c_slot + offs_h * stride_c_head + offs_d
+    k = tl.load(key_ptr + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
+    tl.store(key_cache_ptr + dst, k, mask=mask)
+    v = tl.load(value_ptr + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
+    tl.store(value_cache_ptr + dst, v, mask=mask)
+
+
+@triton.jit
+def _prefill_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+        block_tables_ptr, query_start_ptr, query_lens_ptr, context_lens_ptr,
+        scale_log2,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_c_block, stride_c_slot, stride_c_head, stride_bt,
+        GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr):
+    seq = tl.program_id(0)
+    tile = tl.program_id(1)
+    head = tl.program_id(2)
+    q_len = tl.load(query_lens_ptr + seq)
+    m0 = tile * BLOCK_M
+    if m0 >= q_len:   # this sequence has fewer query tiles than the longest one
+        return
+    kv_head = head // GROUP
+    q_start = tl.load(query_start_ptr + seq).to(tl.int64)
+    context_len = tl.load(context_lens_ptr + seq)
+    seq_len = context_len + q_len
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < q_len
+    d_mask = offs_d < HEAD_DIM
+    q_rows = q_start + offs_m
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q_pos = context_len + offs_m   # absolute positions of this tile's queries
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Keys past the last query of the tile are masked for every row: stop there.
+    kv_end = tl.minimum(seq_len, context_len + m0 + BLOCK_M)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < kv_end
+        # Causal over the whole sequence. Row 0 of every tile sees key 0, so the first iteration gives
+        # every row a finite maximum and no row ever computes exp2(-inf - -inf).
+        keep = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        m_i, l_i, acc = _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, keep,
+                                        kv_head, offs_d, d_mask, scale_log2, stride_c_block, stride_c_slot,
+                                        stride_c_head, BLOCK_SIZE, PRECISION, UPCAST)
+    acc = acc / l_i[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+        part_out_ptr, part_m_ptr, part_l_ptr,
+        scale_log2, num_splits,
+        stride_qt, stride_qh, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
+        NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Splits cover whole BLOCK_N tiles; trailing splits of a short sequence are empty.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        # start < end: every tile has a valid key, so every row's maximum is finite.
+        m_i, l_i, acc = _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask,
+                                        n_mask[None, :], kv_head, offs_d, d_mask, scale_log2, stride_c_block,
+                                        stride_c_slot, stride_c_head, BLOCK_SIZE, PRECISION, UPCAST)
+    # Partials are [seq, head, split] (+ [HEAD_DIM] for the output); empty splits write (-inf, 0, 0).
+    row = (seq.to(tl.int64) * NUM_HEADS + heads) * num_splits + split
+    tl.store(part_m_ptr + row, m_i, mask=g_mask)
+    tl.store(part_l_ptr + row, l_i, mask=g_mask)
+    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, num_splits,
+                          stride_ot, stride_oh,
+                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < HEAD_DIM
+    row = (seq * NUM_HEADS + head) * num_splits + offs_s
+    m = tl.load(part_m_ptr + row, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    # A sequence of length 0 (a padded CUDA-graph row) has no finite split: give it a zero output.
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)   # empty splits (m = -inf) weigh 0
+    part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                   mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    num = tl.sum(part * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+# ---------------------------------------------------------------------------------------------- wrappers
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"   # tf32 only matters for float32 inputs
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and INTERPRETED
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_cache(cache: torch.Tensor) -> None:
+    if cache.dim() != 4 or not cache.is_contiguous():
+        raise ValueError("KV caches must be contiguous [num_blocks, block_size, num_kv_heads, head_dim] tensors")
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write ``key``/``value`` ``[T, KV, D]`` into their cache slots; slots < 0 are skipped."""
+    _check_cache(key_cache)
+    _check_cache(value_cache)
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    _store_kv_kernel[(num_tokens,)](
+        key, value, key_cache, value_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        key_cache.stride(1), key_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=_pow2_at_least(num_kv_heads), BLOCK_D=_pow2_at_least(head_dim))
+
+
+def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      out: torch.Tensor, block_tables: torch.Tensor, query_start: torch.Tensor,
+                      query_lens: torch.Tensor, context_lens: torch.Tensor, max_query_len: int,
+                      scale: float) -> None:
+    """Causal attention of prefill chunks over the paged cache (which already holds their own K/V).
+
+    ``query``/``out`` are ``[T, H, D]`` for the whole step; sequence ``i`` owns rows
+    ``query_start[i] : query_start[i] + query_lens[i]`` at positions ``context_lens[i]`` onwards.
+    """
+    num_seqs = query_lens.shape[0]
+    if num_seqs == 0 or max_query_len == 0:
+        return
+    _check_cache(key_cache)
+    query = _last_dim_contiguous(query)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    grid = (num_seqs, triton.cdiv(max_query_len, PREFILL_BLOCK_M), num_heads)
+    _prefill_attention_kernel[grid](
+        query, key_cache, value_cache, out, block_tables, query_start, query_lens, context_lens,
+        scale * math.log2(math.e),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        BLOCK_D=_pow2_at_least(head_dim, 16), BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N,
+        PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype))
+
+
+def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     out: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, num_splits: int,
+                     scale: float) -> None:
+    """One query token per sequence (``query``/``out`` ``[B, H, D]``) over ``seq_lens[i]`` cached tokens,
+    split into ``num_splits`` ranges per sequence and combined by a reduce kernel. The grid depends
+    only on ``B`` and ``num_splits``, never on the lengths, so a CUDA graph can replay it."""
+    batch = query.shape[0]
+    if batch == 0:
+        return
+    _check_cache(key_cache)
+    query = _last_dim_contiguous(query)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    group = num_heads // num_kv_heads
+    part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+    part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    part_l = torch.empty_like(part_m)
+    block_d = _pow2_at_least(head_dim, 16)
+    _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
+        query, key_cache, value_cache, block_tables, seq_lens, part_out, part_m, part_l,
+        scale * math.log2(math.e), num_splits,
+        query.stride(0), query.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+        NUM_HEADS=num_heads, GROUP=group, BLOCK_G=_pow2_at_least(group, 16),
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N,
+        PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype))
+    _decode_reduce_kernel[(batch, num_heads)](
+        part_out, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=_pow2_at_least(num_splits), BLOCK_D=block_d)

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# The GPU suite: on a machine with a CUDA GPU, writes random-weight bf16 checkpoints shaped like
+# Llama-3-8B and Llama-3.2-1B, runs the test suite on CUDA, then the benchmarks:
+#   1. pytest (kernels, runner, models, engine) on the GPU;
+#   2. llmserve bench throughput --compare-hf (llmserve against Hugging Face generate), 1B and 8B;
+#   3. batch-1 TPOT against the HBM floor (bench latency + bench roofline; bench throughput with one
+#      prompt if those commands are missing), eager and with CUDA graphs;
+#   4. llmserve bench serve against `llmserve serve` at several request rates (8B).
+# Everything (logs, JSON results, plots) goes into one results folder.
+#
+# Usage: scripts/gpu_suite.sh [RESULTS_DIR]       (default: results/gpu-<date>)
+# Environment:
+#   PYTHON            the Python with llmserve and a CUDA build of torch (default: .venv/bin/python if
+#                     present, else python3)
+#   LLMSERVE_MODELS   where the checkpoints go (default: ~/.cache/llmserve/gpu-models); reused if present
+#   SIZES             which checkpoints to benchmark (default: "1b 8b")
+#   RATES             bench serve request rates (default: "1 4 16 inf")
+#   NUM_PROMPTS       prompts per throughput / serve run (default: 200)
+#   SKIP_TESTS=1      skip the pytest step
+#   PORT              port of the server under test (default: 8765)
+#
+# The checkpoints' weights are random: outputs are gibberish, only speed and memory are meaningful.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+LLMSERVE=("$PYTHON" -m llmserve.entrypoints.cli)
+
+# ---------------------------------------------------------------------------------------------- fail fast
+if ! "$PYTHON" - <<'EOF'
+import sys
+try:
+    import torch
+except ImportError:
+    sys.exit("gpu_suite: torch is not importable by this Python (set PYTHON=...)")
+if not torch.cuda.is_available():
+    sys.exit(f"gpu_suite: no CUDA GPU is visible to torch {torch.__version__} "
+             f"(built for CUDA: {torch.version.cuda or 'no, a CPU-only build'}); this suite needs one")
+EOF
+then
+  exit 2
+fi
+if ! "$PYTHON" -c "import llmserve" 2>/dev/null; then
+  echo "gpu_suite: llmserve is not importable by $PYTHON (run scripts/setup.sh --test first)" >&2
+  exit 2
+fi
+
+RESULTS=${1:-results/gpu-$(date +%Y%m%d-%H%M%S)}
+MODELS=${LLMSERVE_MODELS:-$HOME/.cache/llmserve/gpu-models}
+SIZES=${SIZES:-"1b 8b"}
+RATES=${RATES:-"1 4 16 inf"}
+NUM_PROMPTS=${NUM_PROMPTS:-200}
+PORT=${PORT:-8765}
+mkdir -p "$RESULTS" "$MODELS"
+RESULTS=$(cd "$RESULTS" && pwd)
+exec > >(tee -a "$RESULTS/suite.log") 2>&1
+failures=()
+step() { echo; echo "=== $(date +%H:%M:%S) $*"; }
+run() {   # run a command, log it, remember a failure and go on
+  echo "+ $*"
+  "$@" || { echo "!!! failed ($?): $*"; failures+=("$*"); }
+}
+
+step "environment"
+nvidia-smi | tee "$RESULTS/nvidia-smi.txt"
+"$PYTHON" - <<'EOF' | tee "$RESULTS/environment.txt"
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / 2**30, "GiB")
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton not installed: attention falls back to the PyTorch backend")
+from llmserve.layers.attention.backend import select_attention_backend
+print("attention backend", select_attention_backend(torch.device("cuda")))
+EOF
+git rev-parse HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$RESULTS/environment.txt"
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+declare -A FAMILY=([1b]=llama3 [8b]=llama)
+for size in $SIZES; do
+  dir="$MODELS/llama-$size-bf16"
+  if [ -f "$dir/config.json" ]; then
+    echo "checkpoint $dir exists"
+  else
+    step "writing the $size checkpoint (random bf16 weights) to $dir"
+    run "$PYTHON" -m llmserve.testing.checkpoints "$dir" --family "${FAMILY[$size]}" --size "$size" \
+      --dtype bfloat16 --max-shard-bytes 5000000000
+  fi
+done
+
+# ---------------------------------------------------------------------------------------------- tests
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  step "tests on CUDA"
+  run "$PYTHON" -m pytest -q -p no:cacheprovider tests/layers tests/worker tests/models tests/engine \
+    --junitxml "$RESULTS/pytest.xml"
+fi
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+has_command() { "${LLMSERVE[@]}" bench "$1" --help >/dev/null 2>&1; }
+
+for size in $SIZES; do
+  model="$MODELS/llama-$size-bf16"
+  [ -f "$model/config.json" ] || continue
+  common=(--device cuda --dtype bfloat16 --max-model-len 4096)
+
+  step "[$size] offline throughput against Hugging Face"
+  run "${LLMSERVE[@]}" bench throughput "$model" "${common[@]}" --dataset-name sharegpt \
+    --num-prompts "$NUM_PROMPTS" --compare-hf --hf-sequential-prompts 16 --output-json "$RESULTS/throughput-$size.json"
+
+  step "[$size] batch-1 TPOT against the HBM floor"
+  if has_command roofline; then
+    run "${LLMSERVE[@]}" bench roofline "$model" "${common[@]}" --output-json "$RESULTS/roofline-$size.json"
+  fi
+  for mode in graphs eager; do
+    extra=(); [ "$mode" = eager ] && extra=(--enforce-eager)
+    if has_command latency; then
+      run "${LLMSERVE[@]}" bench latency "$model" "${common[@]}" "${extra[@]}" --input-len 128 --output-len 128 \
+        --batch-sizes 1,8,32,128 --output-json "$RESULTS/latency-$size-$mode.json" \
+        --plot "$RESULTS/latency-$size-$mode.png"
+    else
+      run "${LLMSERVE[@]}" bench throughput "$model" "${common[@]}" "${extra[@]}" --input-len 128 \
+        --output-len 256 --num-prompts 1 --output-json "$RESULTS/latency-$size-$mode.json"
+    fi
+  done
+done
+
+# ---------------------------------------------------------------------------------------------- serving
+serve_size=$(echo "$SIZES" | awk '{print $NF}')   # the largest
+model="$MODELS/llama-$serve_size-bf16"
+if [ -f "$model/config.json" ]; then
+  step "[$serve_size] online serving at request rates: $RATES"
+  "${LLMSERVE[@]}" serve "$model" --device cuda --dtype bfloat16 --max-model-len 4096 --host 127.0.0.1 \
+    --port "$PORT" > "$RESULTS/server-$serve_size.log" 2>&1 &
+  server=$!
+  trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
+  ready=0
+  for _ in $(seq 1 600); do
+    if ! kill -0 $server 2>/dev/null; then break; fi
+    if "$PYTHON" -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2).status != 200)" 2>/dev/null; then
+      ready=1; break
+    fi
+    sleep 1
+  done
+  if [ $ready = 1 ]; then
+    for rate in $RATES; do
+      run "${LLMSERVE[@]}" bench serve --base-url "http://127.0.0.1:$PORT" --dataset-name sharegpt \
+        --num-prompts "$NUM_PROMPTS" --request-rate "$rate" \
+        --disable-tqdm --save-result "$RESULTS/serve-$serve_size-rate-$rate.json"
+    done
+  else
+    echo "!!! the server did not become healthy; see $RESULTS/server-$serve_size.log"
+    failures+=("llmserve serve $model")
+  fi
+  kill $server 2>/dev/null; wait $server 2>/dev/null
+  trap - EXIT
+fi
+
+step "done: results in $RESULTS"
+ls -l "$RESULTS"
+if [ ${#failures[@]} -gt 0 ]; then
+  echo "${#failures[@]} step(s) failed:"; printf '  %s\n' "${failures[@]}"
+  exit 1
+fi

@@ -1,0 +1,136 @@
+"""CUDA-graph bookkeeping that does not need a GPU: capture sizes, batch padding, and the replay path's
+static buffers, checked end to end on the CPU with a stand-in "graph" whose replay runs the forward
+eagerly on the captured static inputs (so padding, metadata refills and the eager fallbacks are the real
+code; only the CUDA capture itself is not)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from llmserve.worker.cuda_graphs import (
+    MAX_CAPTURE_BATCH_SIZE,
+    DecodeGraphs,
+    _Graph,
+    capture_batch_sizes,
+    padded_batch_size,
+)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to capture graphs")
+
+
+def test_capture_sizes_follow_vllm():
+    assert capture_batch_sizes(1) == [1]
+    assert capture_batch_sizes(4) == [1, 2, 4]
+    assert capture_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    sizes = capture_batch_sizes(256)
+    assert sizes[:6] == [1, 2, 4, 8, 16, 24] and sizes[-1] == 256 and len(sizes) == 35
+    assert all(b - a == 8 for a, b in itertools.pairwise(sizes[3:]))
+    big = capture_batch_sizes(1024)
+    assert big[-1] == MAX_CAPTURE_BATCH_SIZE and big[big.index(256) + 1] == 272
+    assert sorted(set(big)) == big
+    with pytest.raises(ValueError):
+        capture_batch_sizes(0)
+
+
+def test_padded_batch_size():
+    sizes = capture_batch_sizes(20)
+    assert [padded_batch_size(n, sizes) for n in (1, 2, 3, 5, 8, 9, 17, 20)] == [1, 2, 4, 8, 8, 16, 20, 20]
+    assert padded_batch_size(21, sizes) is None
+
+
+# ---------------------------------------------------------------------------------------------- replay path
+class _EagerReplay:
+    """Stands in for a captured graph: replay recomputes the forward from the same static buffers."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+class EagerReplayGraphs(DecodeGraphs):
+    def capture_without_cuda(self, hidden_size: int) -> None:
+        for size in reversed(self.sizes):
+            metadata = self.backend.graph_decode_metadata(size, self.max_blocks, self.max_seq_len, self.device)
+            ids, pos = self.input_ids[:size], self.positions[:size]
+            output = torch.empty(size, hidden_size)
+
+            def run(ids=ids, pos=pos, metadata=metadata, output=output):
+                with torch.inference_mode():
+                    output.copy_(self.model(ids, pos, metadata))
+
+            self.graphs[size] = _Graph(_EagerReplay(run), metadata, output)
+
+    @property
+    def replays(self) -> int:
+        return sum(g.graph.replays for g in self.graphs.values())
+
+
+def _generate(llm, prompts, max_tokens):
+    from llmserve import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outputs = llm.generate(prompts, params)
+    return [o.outputs[0].token_ids for o in outputs], [len(o.prompt_token_ids) for o in outputs]
+
+
+def _replays_expected(prompt_lens, max_tokens, max_seq_len):
+    """Decode step k (1-based) of a batch that stays together reads contexts of prompt_len + k tokens."""
+    return sum(1 for k in range(1, max_tokens) if max(prompt_lens) + k <= max_seq_len)
+
+
+def test_graph_replay_path_matches_eager_and_torch_backend(llama_dir, monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton, or the [test] extra)")
+    from llmserve import LLM
+    from llmserve.layers.attention.triton_backend import TritonAttentionBackend
+
+    prompts = ["Hi there", "The quick fox", "A", "import os"]
+    max_tokens, max_seq_len = 10, 14
+    monkeypatch.setenv("LLMSERVE_ATTENTION_BACKEND", "torch")
+    expected, prompt_lens = _generate(LLM(str(llama_dir), kv_cache_memory_bytes="4MiB", max_model_len=64,
+                                          device="cpu"), prompts, max_tokens)
+    monkeypatch.setenv("LLMSERVE_ATTENTION_BACKEND", "triton")
+    llm = LLM(str(llama_dir), kv_cache_memory_bytes="4MiB", max_model_len=64, device="cpu", block_size=4)
+    runner = llm.engine.runner
+    assert isinstance(runner.backend, TritonAttentionBackend)
+    assert runner.graphs is None   # CPU: nothing is captured
+    assert _generate(llm, prompts, max_tokens)[0] == expected
+
+    # Sizes 1, 2, 4, 5. Four decodes replay the size-4 graph until the longest context passes 14 tokens,
+    # then fall back to eager steps; three decodes are padded to 4; one alone uses size 1.
+    graphs = EagerReplayGraphs(runner.model, runner.backend, runner.block_size, max_num_seqs=5,
+                               max_seq_len_to_capture=max_seq_len, device=runner.device)
+    assert graphs.sizes == [1, 2, 4, 5]
+    graphs.capture_without_cuda(llm.engine.hf_config.hidden_size)
+    runner.graphs = graphs
+    assert _generate(llm, prompts, max_tokens)[0] == expected
+    four = graphs.graphs[4].graph
+    replayed = _replays_expected(prompt_lens, max_tokens, max_seq_len)
+    assert four.replays == replayed and 0 < replayed < max_tokens - 1   # some steps eager, some replayed
+    assert _generate(llm, prompts[1:], max_tokens)[0] == expected[1:]
+    assert four.replays == replayed + _replays_expected(prompt_lens[1:], max_tokens, max_seq_len)
+    assert graphs.graphs[2].graph.replays == 0 and graphs.graphs[5].graph.replays == 0
+    assert _generate(llm, prompts[2:3], max_tokens)[0] == expected[2:3]
+    assert graphs.graphs[1].graph.replays == _replays_expected(prompt_lens[2:3], max_tokens, max_seq_len)
+
+
+@needs_cuda
+def test_cuda_graph_capture_and_replay_match_eager(llama_dir):
+    pytest.importorskip("triton")
+    from llmserve import LLM
+
+    prompts = ["Hello world, this is", "The quick brown fox jumps", "A"]
+    llm = LLM(str(llama_dir), kv_cache_memory_bytes="64MiB", max_model_len=64, device="cuda", dtype="float32")
+    runner = llm.engine.runner
+    assert runner.graphs is not None and runner.graphs.sizes[0] == 1
+    with_graphs = _generate(llm, prompts, 12)[0]
+    runner.graphs = None
+    assert _generate(llm, prompts, 12)[0] == with_graphs
