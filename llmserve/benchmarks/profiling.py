@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from llmserve.engine.llm_engine import LLMEngine
-from llmserve.layers.embedding import LMHead
+from llmserve.layers.embedding import LMHead, VocabEmbedding
 from llmserve.layers.linear import Linear
 from llmserve.sampling_params import SamplingParams
 
@@ -43,7 +43,7 @@ class ModelCosts:
             elif isinstance(module, LMHead):
                 head += module.vocab_size * int(engine.hf_config.hidden_size)
                 linear_ids.update(id(p) for p in module.parameters(recurse=False))
-        embedding_ids = {id(m.weight) for m in model.modules() if type(m).__name__ == "VocabEmbedding"}
+        embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, VocabEmbedding)}
         for p in model.parameters():
             if id(p) not in linear_ids and id(p) not in embedding_ids:
                 other += p.numel()

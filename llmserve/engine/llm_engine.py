@@ -108,7 +108,9 @@ class LLMEngine:
         model = load_model(self.hf_config, path, self.dtype, self.device)
         logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, self.dtype, self.device,
                     path, time.perf_counter() - t0)
-        self.runner = ModelRunner(model, get_attention_backend(self.device, self.dtype), config.block_size,
+        backend = get_attention_backend(self.device, self.dtype,
+                                        num_kv_heads=model.attention_layers()[0].num_kv_heads)
+        self.runner = ModelRunner(model, backend, config.block_size,
                                   self.vocab_size, self.device, self.dtype, max_num_seqs=config.max_num_seqs,
                                   enforce_eager=config.enforce_eager,
                                   max_seq_len_to_capture=config.max_seq_len_to_capture,

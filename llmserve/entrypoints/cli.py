@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from typing import Callable
 
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
 
@@ -41,18 +43,14 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_throughput(args: argparse.Namespace) -> int:
-    from llmserve.benchmarks.throughput import run_throughput_benchmark
+def _bench(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A ``bench`` subcommand that imports its module only when it runs (``llmserve --help`` stays fast)."""
 
-    run_throughput_benchmark(args)
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        getattr(importlib.import_module(f"llmserve.benchmarks.{module}"), function)(args)
+        return 0
 
-
-def _bench_prefix_cache(args: argparse.Namespace) -> int:
-    from llmserve.benchmarks.prefix_cache import run_prefix_cache_benchmark
-
-    run_prefix_cache_benchmark(args)
-    return 0
+    return run
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
@@ -60,27 +58,6 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
     metrics = run_serve_benchmark(args)
     return 0 if metrics["failed"] == 0 else 1
-
-
-def _bench_sweep(args: argparse.Namespace) -> int:
-    from llmserve.benchmarks.sweep import run_sweep
-
-    run_sweep(args)
-    return 0
-
-
-def _bench_latency(args: argparse.Namespace) -> int:
-    from llmserve.benchmarks.latency import run_latency_benchmark
-
-    run_latency_benchmark(args)
-    return 0
-
-
-def _bench_roofline(args: argparse.Namespace) -> int:
-    from llmserve.benchmarks.roofline import run_roofline_benchmark
-
-    run_roofline_benchmark(args)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument("--hf-sequential-prompts", type=int, default=None,
                      help="how many prompts HF runs one at a time (default: all); the rate is per token")
     thr.add_argument("--output-json", default=None, help="write the results as JSON")
-    thr.set_defaults(func=_bench_throughput)
+    thr.set_defaults(func=_bench("throughput", "run_throughput_benchmark"))
     pc = bench_sub.add_parser("prefix-cache", help="TTFT with/without prefix caching, n-sample sharing, KV waste")
     add_engine_args(pc)
     pc.add_argument("--prefix-len", type=int, default=2000)
@@ -148,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--output-len", type=int, default=8)
     pc.add_argument("--n", type=int, default=4, help="parallel samples for the sharing measurement")
     pc.add_argument("--waste-requests", type=int, default=64)
-    pc.set_defaults(func=_bench_prefix_cache)
+    pc.set_defaults(func=_bench("prefix_cache", "run_prefix_cache_benchmark"))
     from llmserve.benchmarks.serve import add_serve_args
 
     srv = bench_sub.add_parser("serve", help="load a running OpenAI-compatible server with streaming requests")
@@ -161,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="targets for the capacity, e.g. ttft_p99:2000 tpot_p99:100")
     swp.add_argument("--plot", default="sweep.png", help="PNG to draw ('' for none)")
     swp.add_argument("--save-result", default=None, help="write every rate's metrics as JSON")
-    swp.set_defaults(func=_bench_sweep)
+    swp.set_defaults(func=_bench("sweep", "run_sweep"))
     lat = bench_sub.add_parser("latency", help="offline TPOT and step time per batch size")
     add_engine_args(lat)
     lat.add_argument("--input-len", type=int, default=128)
@@ -172,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--no-peak", action="store_true", help="do not measure the GEMM peak")
     lat.add_argument("--output-json", default=None, help="write the results as JSON")
     lat.add_argument("--plot", default=None, help="draw TPOT and tokens/s against the batch size into this PNG")
-    lat.set_defaults(func=_bench_latency)
+    lat.set_defaults(func=_bench("latency", "run_latency_benchmark"))
     roof = bench_sub.add_parser("roofline", help="memory bandwidth and GEMM peak against the engine's steps")
     add_engine_args(roof)
     roof.add_argument("--input-len", type=int, default=128)
@@ -182,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     roof.add_argument("--bandwidth-bytes", type=int, default=512 * 2**20, help="size of the copied tensor")
     roof.add_argument("--gemm-size", type=int, default=2048, help="matrix size of the GEMM peak measurement")
     roof.add_argument("--output-json", default=None, help="write the results as JSON")
-    roof.set_defaults(func=_bench_roofline)
+    roof.set_defaults(func=_bench("roofline", "run_roofline_benchmark"))
     return parser
 
 

@@ -8,6 +8,7 @@ into its own precomputed metadata (masks, index tensors, kernel arguments) once 
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -87,8 +88,6 @@ def select_attention_backend(device: torch.device, choice: str | None = None) ->
     Forcing ``triton`` off CUDA is allowed only under the Triton interpreter (``TRITON_INTERPRET=1``),
     which is how the kernels are tested without a GPU.
     """
-    import os
-
     choice = (choice if choice is not None else os.environ.get(ATTENTION_BACKEND_ENV, "")).strip().lower() or "auto"
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"{ATTENTION_BACKEND_ENV} must be auto, torch or triton, got {choice!r}")
@@ -104,13 +103,15 @@ def select_attention_backend(device: torch.device, choice: str | None = None) ->
     return "triton" if device.type == "cuda" and triton_available() else "torch"
 
 
-def get_attention_backend(device: torch.device, dtype: torch.dtype, choice: str | None = None) -> AttentionBackend:
+def get_attention_backend(device: torch.device, dtype: torch.dtype, choice: str | None = None, *,
+                          num_kv_heads: int = 8) -> AttentionBackend:
     """The backend for a device: Triton kernels on CUDA when triton imports, PyTorch otherwise
-    (see :func:`select_attention_backend` for forcing one)."""
+    (see :func:`select_attention_backend` for forcing one). ``num_kv_heads`` is the model's (the Triton
+    decode kernel sizes its split-K grid with it)."""
     if select_attention_backend(device, choice) == "triton":
         from llmserve.layers.attention.triton_backend import TritonAttentionBackend
 
-        return TritonAttentionBackend(dtype)
+        return TritonAttentionBackend(dtype, num_kv_heads)
     from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend(dtype)

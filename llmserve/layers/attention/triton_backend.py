@@ -54,18 +54,17 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, num_kv_heads: int = 8) -> None:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"the Triton attention backend supports float16, bfloat16 and float32, not {dtype}")
         self.dtype = dtype
         self._num_sms: dict[torch.device, int] = {}
-        self._num_kv_heads: int | None = None
+        self.num_kv_heads = num_kv_heads   # (sequence, KV head) pairs per decode row: the split choice needs it
 
     def _splits(self, device: torch.device, num_seqs: int, max_seq_len: int) -> int:
         if device not in self._num_sms:
             self._num_sms[device] = _num_sms(device)
-        # The KV-head count only refines the choice; 8 (Llama-3 style GQA) until a forward has told us.
-        return kernels.choose_num_splits(num_seqs, self._num_kv_heads or 8, max_seq_len, self._num_sms[device])
+        return kernels.choose_num_splits(num_seqs, self.num_kv_heads, max_seq_len, self._num_sms[device])
 
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> TritonAttentionMetadata:
         bs = layout.block_size
@@ -139,7 +138,6 @@ class TritonAttentionBackend(AttentionBackend):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: TritonAttentionMetadata,
                 scale: float) -> torch.Tensor:
-        self._num_kv_heads = key_cache.shape[2]
         kernels.store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         nd = metadata.num_decodes
