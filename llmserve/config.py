@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,6 +17,13 @@ _SIZE_UNITS = {
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where llmserve keeps what it builds (demo checkpoints, compiled CPU kernels):
+    ``$LLMSERVE_CACHE_DIR``, or ``~/.cache/llmserve``."""
+    env = os.environ.get("LLMSERVE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmserve"
 
 
 def parse_size(value: str | int) -> int:

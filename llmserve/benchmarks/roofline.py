@@ -4,8 +4,9 @@ Measures, in one process:
 
 * memory bandwidth: a large tensor copy (bytes read + bytes written per second) and a large
   reduction (bytes read per second); the higher of the two is used, so the floor is the strict one;
-* matmul throughput: a large float32 GEMM through ``torch.mm`` and through the oneDNN-packed path the
-  engine's linear layers use (``pack_weight_for_cpu`` / ``packed_linear``); the faster is the peak;
+* matmul throughput: a large float32 GEMM through ``torch.mm``, through the path the engine's linear
+  layers take (``apply_linear``: oneDNN on the plain weight) and through oneDNN on a prepacked weight
+  (which the engine does not keep: a second copy of the weights); the fastest is the peak;
 * the engine's batch-1 decode step, a large-batch decode step (``--decode-batch`` sequences), and the
   full ``max_num_batched_tokens`` steps that prefill that batch's prompts (prompt chunks, plus the
   decodes of sequences already prefilled; the accounting below counts both).
@@ -34,7 +35,7 @@ import torch
 from llmserve.benchmarks.profiling import ModelCosts, StepRecord, decode_steps
 from llmserve.entrypoints.cli_args import engine_config_from_args
 from llmserve.entrypoints.llm import LLM
-from llmserve.layers.linear import cpu_packing_available, pack_weight_for_cpu, packed_linear
+from llmserve.layers.linear import apply_linear
 
 
 BATCH1_RUNS_PER_REPEAT = 3
@@ -63,18 +64,25 @@ def measure_bandwidth(num_bytes: int = 512 * 2**20, repeats: int = 5) -> dict[st
 
 
 def measure_matmul(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """GFLOP/s of a ``size``-cubed GEMM, plain and (on CPU, float32) through the engine's packed path."""
+    """GFLOP/s of a ``size``-cubed GEMM: ``torch.mm``, the engine's path, and (CPU, float32) oneDNN prepacked."""
     a = torch.randn(size, size, dtype=dtype)
     w = torch.randn(size, size, dtype=dtype)
     flops = 2 * size ** 3
+
+    def gflop_s(fn: Callable[[], Any]) -> float:
+        return flops / _best_time(fn, repeats) / 1e9
+
     with torch.inference_mode():
-        plain = flops / _best_time(lambda: torch.nn.functional.linear(a, w), repeats) / 1e9
-        result: dict[str, Any] = {"size": size, "plain_gflop_s": plain, "packed_gflop_s": None}
-        if cpu_packing_available(a.device, dtype):
-            packed_w = pack_weight_for_cpu(w)
-            result["packed_gflop_s"] = flops / _best_time(lambda: packed_linear(a, packed_w, None), repeats) / 1e9
-    result["peak_gflop_s"] = max(v for v in (result["plain_gflop_s"], result["packed_gflop_s"]) if v)
-    result["path"] = "packed" if result["peak_gflop_s"] == result["packed_gflop_s"] else "plain"
+        result: dict[str, Any] = {"size": size, "plain_gflop_s": gflop_s(lambda: torch.mm(a, w.t())),
+                                  "engine_gflop_s": gflop_s(lambda: apply_linear(a, w, None)),
+                                  "packed_gflop_s": None}
+        if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, size)
+            result["packed_gflop_s"] = gflop_s(
+                lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    paths = {name: result[f"{name}_gflop_s"] for name in ("plain", "engine", "packed") if result[f"{name}_gflop_s"]}
+    result["path"] = max(paths, key=paths.__getitem__)
+    result["peak_gflop_s"] = paths[result["path"]]
     return result
 
 
@@ -167,7 +175,8 @@ def run_roofline_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rows[f"prefill_step_{per_step_prefill}_tokens"] = step_roofline(costs, _best(prefill_runs), bandwidth, peak)
     print(f"memory bandwidth: copy {best_memory['copy_gb_s']:.1f} GB/s (read + write), read {best_memory['read_gb_s']:.1f}"
           f" GB/s -> {bandwidth:.1f} GB/s used")
-    print(f"matmul float32 {best_matmul['size']}^3: torch.mm {best_matmul['plain_gflop_s']:.1f} GFLOP/s"
+    print(f"matmul float32 {best_matmul['size']}^3: torch.mm {best_matmul['plain_gflop_s']:.1f} GFLOP/s, "
+          f"engine path {best_matmul['engine_gflop_s']:.1f} GFLOP/s"
           + (f", oneDNN packed {best_matmul['packed_gflop_s']:.1f} GFLOP/s" if best_matmul["packed_gflop_s"] else "")
           + f" -> peak {peak:.1f} GFLOP/s")
     print(f"decode floor at batch 1: {costs.weight_bytes / 1e6:.0f} MB weights + KV / {bandwidth:.1f} GB/s = "

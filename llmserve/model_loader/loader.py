@@ -17,8 +17,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from llmserve.layers.embedding import LMHead
-from llmserve.layers.linear import Linear, cpu_packing_available
 from llmserve.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -105,8 +103,4 @@ def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(iterate_weights(path))
-    if cpu_packing_available(device, dtype):
-        for module in model.modules():
-            if isinstance(module, (Linear, LMHead)):
-                module.pack_for_cpu()
     return model.eval()

@@ -65,6 +65,8 @@ from typing import Any, Callable, Mapping
 import torch
 from safetensors.torch import save_file
 
+from llmserve.config import cache_dir
+
 from .tokenizer_files import BYTELEVEL, SENTENCEPIECE, TokenizerInfo, build_tokenizer, write_tokenizer_files
 
 __all__ = [
@@ -542,12 +544,6 @@ def write_checkpoint(
     _write_json(path / "generation_config.json", _generation_config(tok))
     _write_weights(path, tensor_specs(family, size), seed, dtype, max_shard_bytes)
     return path
-
-
-def cache_dir() -> Path:
-    """``$LLMSERVE_CACHE_DIR``, or ``~/.cache/llmserve``."""
-    env = os.environ.get("LLMSERVE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmserve"
 
 
 def _demo_stamp() -> dict:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llmserve.layers.cpu_kernels import cpu_kernels
+
 
 @dataclass
 class BatchLayout:
@@ -80,19 +82,28 @@ def triton_available() -> bool:
     return True
 
 
-def select_attention_backend(device: torch.device, choice: str | None = None) -> str:
-    """``"torch"`` or ``"triton"`` for ``device``.
+def select_attention_backend(device: torch.device, choice: str | None = None,
+                             dtype: torch.dtype = torch.float32) -> str:
+    """``"torch"``, ``"cpu"`` or ``"triton"`` for ``device`` and the model's ``dtype``.
 
     ``choice`` (default: the ``LLMSERVE_ATTENTION_BACKEND`` environment variable) may be ``auto`` (or
-    empty), ``torch`` or ``triton``. ``auto`` picks Triton on CUDA when it imports, else PyTorch.
-    Forcing ``triton`` off CUDA is allowed only under the Triton interpreter (``TRITON_INTERPRET=1``),
-    which is how the kernels are tested without a GPU.
+    empty), ``torch``, ``cpu`` or ``triton``. ``auto`` picks Triton on CUDA when it imports; on CPU in
+    float32 the compiled decode kernel (``cpu``) when it builds here; else PyTorch. Forcing ``triton`` off
+    CUDA is allowed only under the Triton interpreter (``TRITON_INTERPRET=1``), which is how the kernels
+    are tested without a GPU.
     """
     choice = (choice if choice is not None else os.environ.get(ATTENTION_BACKEND_ENV, "")).strip().lower() or "auto"
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"{ATTENTION_BACKEND_ENV} must be auto, torch or triton, got {choice!r}")
+    if choice not in ("auto", "torch", "cpu", "triton"):
+        raise ValueError(f"{ATTENTION_BACKEND_ENV} must be auto, torch, cpu or triton, got {choice!r}")
     if choice == "torch":
         return "torch"
+    if choice == "cpu":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise RuntimeError(f"the cpu attention backend runs float32 on the CPU, not {dtype} on {device.type}")
+        if cpu_kernels() is None:
+            raise RuntimeError(f"{ATTENTION_BACKEND_ENV}=cpu but the CPU kernels could not be built (see the "
+                               f"warning above; a C compiler is needed)")
+        return "cpu"
     if choice == "triton":
         if not triton_available():
             raise RuntimeError(f"{ATTENTION_BACKEND_ENV}=triton but triton is not installed (pip install triton)")
@@ -100,18 +111,27 @@ def select_attention_backend(device: torch.device, choice: str | None = None) ->
             raise RuntimeError(f"the Triton attention backend needs a CUDA device (or TRITON_INTERPRET=1), "
                                f"not {device.type}")
         return "triton"
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if device.type == "cuda":
+        return "triton" if triton_available() else "torch"
+    if device.type == "cpu" and dtype == torch.float32 and cpu_kernels() is not None:
+        return "cpu"
+    return "torch"
 
 
 def get_attention_backend(device: torch.device, dtype: torch.dtype, choice: str | None = None, *,
                           num_kv_heads: int = 8) -> AttentionBackend:
-    """The backend for a device: Triton kernels on CUDA when triton imports, PyTorch otherwise
-    (see :func:`select_attention_backend` for forcing one). ``num_kv_heads`` is the model's (the Triton
-    decode kernel sizes its split-K grid with it)."""
-    if select_attention_backend(device, choice) == "triton":
+    """The backend for a device and dtype: Triton kernels on CUDA when triton imports, the compiled decode
+    kernel on CPU in float32, PyTorch otherwise (see :func:`select_attention_backend` for forcing one).
+    ``num_kv_heads`` is the model's (the Triton decode kernel sizes its split-K grid with it)."""
+    selected = select_attention_backend(device, choice, dtype)
+    if selected == "triton":
         from llmserve.layers.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend(dtype, num_kv_heads)
+    if selected == "cpu":
+        from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
+
+        return CPUAttentionBackend(cpu_kernels())
     from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend(dtype)

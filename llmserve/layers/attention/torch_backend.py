@@ -10,6 +10,7 @@ chunk and over the whole cached context before it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ class DecodeGroup:
 class TorchAttentionMetadata:
     slot_mapping: torch.Tensor
     num_decodes: int
-    decode_groups: list[DecodeGroup]
+    decodes: Any                 # what ``_attend_decodes`` needs: here a list of DecodeGroup
     prefills: list[PrefillChunk]
 
 
@@ -74,15 +75,7 @@ class TorchAttentionBackend(AttentionBackend):
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> TorchAttentionMetadata:
         bs = layout.block_size
         nd = layout.num_decodes
-        groups = []
-        if nd:
-            seq_lens = [c + 1 for c in layout.context_lens[:nd]]
-            blocks = [(n + bs - 1) // bs for n in seq_lens]
-            partition = group_decodes_by_length(blocks)
-            for rows in partition:
-                groups.append(self._decode_group(rows, [seq_lens[i] for i in rows],
-                                                 [layout.block_tables[i] for i in rows], bs, device,
-                                                 in_order=len(partition) == 1 and rows == sorted(rows)))
+        decodes = self._decode_metadata(layout, device) if nd else None
         prefills = []
         start = nd
         for q_len, ctx, table in zip(layout.query_lens[nd:], layout.context_lens[nd:], layout.block_tables[nd:]):
@@ -95,7 +88,16 @@ class TorchAttentionBackend(AttentionBackend):
             prefills.append(PrefillChunk(start, q_len, ctx,
                                          torch.tensor(table[:num_blocks], dtype=torch.long, device=device), mask))
             start += q_len
-        return TorchAttentionMetadata(layout.slot_mapping, nd, groups, prefills)
+        return TorchAttentionMetadata(layout.slot_mapping, nd, decodes, prefills)
+
+    def _decode_metadata(self, layout: BatchLayout, device: torch.device) -> list[DecodeGroup]:
+        bs = layout.block_size
+        seq_lens = [c + 1 for c in layout.context_lens[:layout.num_decodes]]
+        blocks = [(n + bs - 1) // bs for n in seq_lens]
+        partition = group_decodes_by_length(blocks)
+        return [self._decode_group(rows, [seq_lens[i] for i in rows], [layout.block_tables[i] for i in rows], bs,
+                                   device, in_order=len(partition) == 1 and rows == sorted(rows))
+                for rows in partition]
 
     def _decode_group(self, rows: list[int], seq_lens: list[int], tables: list[list[int]], bs: int,
                       device: torch.device, in_order: bool) -> DecodeGroup:
@@ -117,13 +119,9 @@ class TorchAttentionBackend(AttentionBackend):
         flat_k.index_copy_(0, metadata.slot_mapping, key)
         flat_v.index_copy_(0, metadata.slot_mapping, value)
         out = torch.empty_like(query)
-        decode_out = out[:metadata.num_decodes]
-        for group in metadata.decode_groups:
-            if group.rows is None:
-                decode_out.copy_(self._decode(query[:metadata.num_decodes], key_cache, value_cache, group, scale))
-            else:
-                q = query.index_select(0, group.rows)
-                decode_out.index_copy_(0, group.rows, self._decode(q, key_cache, value_cache, group, scale))
+        if metadata.num_decodes:
+            self._attend_decodes(query[:metadata.num_decodes], key_cache, value_cache, metadata.decodes, scale,
+                                 out[:metadata.num_decodes])
         for chunk in metadata.prefills:
             end = chunk.query_start + chunk.query_len
             q = query[chunk.query_start:end].transpose(0, 1).unsqueeze(0)
@@ -139,6 +137,16 @@ class TorchAttentionBackend(AttentionBackend):
                 enable_gqa=q.shape[1] != num_kv_heads)
             out[chunk.query_start:end] = o[0].transpose(0, 1)
         return out
+
+    def _attend_decodes(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        groups: list[DecodeGroup], scale: float, out: torch.Tensor) -> None:
+        """Attend the decode rows (one query token each) and write them into ``out``."""
+        for group in groups:
+            if group.rows is None:
+                out.copy_(self._decode(query, key_cache, value_cache, group, scale))
+            else:
+                q = query.index_select(0, group.rows)
+                out.index_copy_(0, group.rows, self._decode(q, key_cache, value_cache, group, scale))
 
     @staticmethod
     def _decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, group: DecodeGroup,

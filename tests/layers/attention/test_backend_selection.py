@@ -7,7 +7,9 @@ import torch
 
 from llmserve.layers.attention import backend as backend_module
 from llmserve.layers.attention.backend import ATTENTION_BACKEND_ENV, get_attention_backend, select_attention_backend
+from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
 from llmserve.layers.attention.torch_backend import TorchAttentionBackend
+from llmserve.layers.cpu_kernels import cpu_kernels
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -19,11 +21,30 @@ def no_override(monkeypatch):
 
 def test_auto_picks_triton_on_cuda_only(no_override, monkeypatch):
     monkeypatch.setattr(backend_module, "triton_available", lambda: True)
-    assert select_attention_backend(CPU) == "torch"
+    assert select_attention_backend(CPU) != "triton"
     assert select_attention_backend(CUDA) == "triton"
     monkeypatch.setattr(backend_module, "triton_available", lambda: False)
     assert select_attention_backend(CUDA) == "torch"
-    assert isinstance(get_attention_backend(CPU, torch.float32), TorchAttentionBackend)
+
+
+def test_auto_picks_the_compiled_kernel_on_cpu_in_float32_when_it_builds(no_override, monkeypatch):
+    assert cpu_kernels() is not None, "the test machine has a C compiler"
+    assert isinstance(get_attention_backend(CPU, torch.float32), CPUAttentionBackend)
+    assert type(get_attention_backend(CPU, torch.bfloat16)) is TorchAttentionBackend
+    monkeypatch.setattr(backend_module, "cpu_kernels", lambda: None)
+    assert type(get_attention_backend(CPU, torch.float32)) is TorchAttentionBackend
+
+
+def test_forcing_the_cpu_backend_where_it_cannot_run_is_refused(monkeypatch):
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "cpu")
+    assert select_attention_backend(CPU) == "cpu"
+    with pytest.raises(RuntimeError, match="float32 on the CPU"):
+        select_attention_backend(CPU, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="float32 on the CPU"):
+        select_attention_backend(CUDA)
+    monkeypatch.setattr(backend_module, "cpu_kernels", lambda: None)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        select_attention_backend(CPU)
 
 
 def test_environment_variable_forces_a_backend(monkeypatch):
@@ -43,7 +64,7 @@ def test_environment_variable_forces_a_backend(monkeypatch):
     with pytest.raises(RuntimeError, match="not installed"):
         select_attention_backend(CUDA)
     monkeypatch.setenv(ATTENTION_BACKEND_ENV, "flash")
-    with pytest.raises(ValueError, match="auto, torch or triton"):
+    with pytest.raises(ValueError, match="auto, torch, cpu or triton"):
         select_attention_backend(CUDA)
 
 

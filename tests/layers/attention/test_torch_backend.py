@@ -1,6 +1,7 @@
-"""The PyTorch paged-attention backend against plain causal attention on contiguous K/V, on random
-block tables, odd lengths, GQA ratios and block sizes, for mixed decode + prefill batches whose decodes
-have very different context lengths (so they are attended in several length groups)."""
+"""The PyTorch paged-attention backend, and the CPU backend (its decodes through the compiled kernel),
+against plain causal attention on contiguous K/V, on random block tables, odd lengths, GQA ratios, head
+sizes and block sizes, for mixed decode + prefill batches whose decodes have very different context
+lengths (the PyTorch backend attends them in several length groups; the kernel in one call)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,18 @@ import random
 import pytest
 import torch
 
-from llmserve.layers.attention.backend import BatchLayout
+from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
+from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
 from llmserve.layers.attention.torch_backend import TorchAttentionBackend, group_decodes_by_length
+from llmserve.layers.cpu_kernels import cpu_kernels
+
+
+def make_backend(name: str) -> AttentionBackend:
+    if name == "torch":
+        return TorchAttentionBackend(torch.float32)
+    kernels = cpu_kernels()
+    assert kernels is not None, "the test machine has a C compiler"
+    return CPUAttentionBackend(kernels)
 
 
 def reference_attention(q, k, v, context_len, scale):
@@ -24,13 +35,14 @@ def reference_attention(q, k, v, context_len, scale):
     return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v.double()).float()
 
 
+@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 4, 8), (4, 2, 8), (6, 1, 8), (12, 4, 64), (6, 2, 20)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_mixed_batch_matches_reference(block_size, num_heads, num_kv_heads, seed):
+def test_mixed_batch_matches_reference(backend_name, block_size, num_heads, num_kv_heads, head_dim, seed):
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    head_dim, num_blocks = 8, 2048
+    num_blocks = 2048
     scale = head_dim ** -0.5
     # (context already cached, new query tokens): decodes first, then prefill chunks with and without context.
     decode_contexts = [rng.randint(1, 40), rng.randint(300, 400), rng.randint(1, 10), rng.randint(120, 160)]
@@ -57,9 +69,10 @@ def test_mixed_batch_matches_reference(block_size, num_heads, num_kv_heads, seed
         new_v.append(v[ctx:])
     layout = BatchLayout(query_lens=[n for _, n in seqs], context_lens=[c for c, _ in seqs], block_tables=tables,
                          slot_mapping=torch.tensor(slots), num_decodes=4, block_size=block_size)
-    backend = TorchAttentionBackend(torch.float32)
+    backend = make_backend(backend_name)
     metadata = backend.build_metadata(layout, torch.device("cpu"))
-    assert len(metadata.decode_groups) >= 2   # the long decodes are not padded with the short ones
+    if backend_name == "torch":
+        assert len(metadata.decodes) >= 2   # the long decodes are not padded with the short ones
     out = backend.forward(torch.cat(queries), torch.cat(new_k), torch.cat(new_v), key_cache, value_cache,
                           metadata, scale)
     start = 0
@@ -83,3 +96,29 @@ def test_decode_groups_bound_padding_and_cover_every_row():
     assert len(groups) <= 5
     assert group_decodes_by_length([7] * 10) == [list(range(10))]   # equal lengths: one call, in order
     assert group_decodes_by_length([]) == []
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
+def test_decode_only_batch_with_strided_queries(backend_name):
+    """Queries come from a fused QKV projection: a strided view, not a contiguous tensor."""
+    torch.manual_seed(3)
+    num_heads, num_kv_heads, head_dim, block_size = 8, 2, 16, 4
+    key_cache = torch.randn(64, block_size, num_kv_heads, head_dim)
+    value_cache = torch.randn_like(key_cache)
+    tables = [[5, 9, 1], [40], [7, 8]]
+    lens = [11, 1, 6]   # tokens attended, the new one included
+    qkv = torch.randn(3, (num_heads + 2 * num_kv_heads) * head_dim)
+    query = qkv[:, :num_heads * head_dim].view(3, num_heads, head_dim)
+    key = qkv[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view(3, num_kv_heads, head_dim)
+    value = qkv[:, (num_heads + num_kv_heads) * head_dim:].view(3, num_kv_heads, head_dim)
+    slots = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables, lens)]
+    layout = BatchLayout(query_lens=[1, 1, 1], context_lens=[n - 1 for n in lens], block_tables=tables,
+                         slot_mapping=torch.tensor(slots), num_decodes=3, block_size=block_size)
+    backend = make_backend(backend_name)
+    out = backend.forward(query, key, value, key_cache, value_cache,
+                          backend.build_metadata(layout, torch.device("cpu")), 0.25)
+    for i, (table, n) in enumerate(zip(tables, lens)):
+        k = key_cache[torch.tensor(table)].reshape(-1, num_kv_heads, head_dim)[:n]
+        v = value_cache[torch.tensor(table)].reshape(-1, num_kv_heads, head_dim)[:n]
+        torch.testing.assert_close(out[i:i + 1], reference_attention(query[i:i + 1], k, v, n - 1, 0.25),
+                                   atol=1e-5, rtol=1e-4)

@@ -1,0 +1,45 @@
+"""The CPU fast path: the PyTorch backend with decodes through the compiled paged-decode kernel.
+
+Prefill chunks stay on ``scaled_dot_product_attention`` (compute-bound, and oneDNN's kernel is good);
+decode rows, which are bound by reading each sequence's KV blocks, go through
+``llmserve_paged_decode_attention`` (``layers/csrc/cpu_attention.c``): it reads the blocks in place through
+the block table, once per KV head for the whole query group, with no gathered copy and no padding, so
+sequences of any mix of lengths share one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmserve.layers.attention.backend import BatchLayout
+from llmserve.layers.attention.torch_backend import TorchAttentionBackend
+from llmserve.layers.cpu_kernels import CPUKernels
+
+
+@dataclass
+class DecodeBatch:
+    block_tables: torch.Tensor   # int32 [num_decodes, max_blocks], rows padded with 0
+    seq_lens: torch.Tensor       # int32 [num_decodes]: context + the new token
+
+
+class CPUAttentionBackend(TorchAttentionBackend):
+    name = "cpu"
+
+    def __init__(self, kernels: CPUKernels) -> None:
+        super().__init__(torch.float32)
+        self.kernels = kernels
+
+    def _decode_metadata(self, layout: BatchLayout, device: torch.device) -> DecodeBatch:
+        nd = layout.num_decodes
+        seq_lens = [c + 1 for c in layout.context_lens[:nd]]
+        num_blocks = [(n + layout.block_size - 1) // layout.block_size for n in seq_lens]
+        width = max(num_blocks)
+        padded = [table[:n] + [0] * (width - n) for table, n in zip(layout.block_tables[:nd], num_blocks)]
+        return DecodeBatch(torch.tensor(padded, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32))
+
+    def _attend_decodes(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        decodes: DecodeBatch, scale: float, out: torch.Tensor) -> None:
+        self.kernels.paged_decode_attention(query, key_cache, value_cache, decodes.block_tables,
+                                            decodes.seq_lens, scale, out)
