@@ -15,10 +15,15 @@ Kernels:
 
 - :func:`store_kv`: one program per token copies its K and V into the cache slot;
 - :func:`prefill_attention`: flash attention over the paged cache for prefill chunks (any number of
-  query tokens per sequence). Grid ``(sequence, query tile, query head)``; each program walks the KV
-  blocks of its sequence up to the causal frontier of its tile with an online softmax (running max and
-  sum in float32, accumulator in float32). A chunk's own K/V are read back from the cache, where
-  :func:`store_kv` has just put them, so the cached context and the chunk are one causal range;
+  query tokens per sequence). Grid ``(sequence, query tile, KV head)``: with grouped-query attention the
+  ``G = H / KV`` query heads of a KV head all attend to the same K/V, so one program takes them together
+  and each K/V tile it loads serves all ``G`` heads (a grid over query heads loads every K/V tile ``G``
+  times). Its query tile is ``PREFILL_BLOCK_M`` rows, ``PREFILL_BLOCK_M // G`` tokens times their ``G``
+  heads flattened token-major (:func:`prefill_tile`); a ``G`` that does not divide the rows (3 of a
+  12/4-head model) leaves a few masked padding rows. Each program walks the KV blocks of its sequence up to
+  the causal frontier of its tile with an online softmax (running max and sum in float32, accumulator in
+  float32). A chunk's own K/V are read back from the cache, where :func:`store_kv` has just put them, so
+  the cached context and the chunk are one causal range;
 - :func:`decode_attention`: one query token per sequence, flash-decoding: the context is split into
   ``num_splits`` ranges processed by separate programs (grid ``(sequence, KV head, split)``); each program
   handles all query heads of its KV head (GQA), so K/V are read once per KV head. Each split writes an
@@ -27,7 +32,8 @@ Kernels:
 Block sizes: any ``block_size >= 1`` works (K/V rows are gathered per token through the block table, so a
 kernel tile may span several cache blocks or part of one). ``head_dim`` may be any size; it is padded to
 a power of two (at least 16) inside the kernels. ``tl.dot`` needs tiles of at least 16 in every
-dimension, so query tiles and the per-KV-head group of query heads are padded to 16 rows.
+dimension, so decode pads the per-KV-head group of query heads to 16 rows (a prefill tile has at least
+``PREFILL_BLOCK_M`` rows).
 
 float16, bfloat16 and float32 inputs are supported; scores, softmax statistics and accumulators are
 float32 in every case (float32 inputs use exact IEEE dot products, so they can be checked against a
@@ -52,8 +58,13 @@ if INTERPRETED and type(tl.zeros).__name__ == "JITFunction":
                       "`import triton` of the process")
 
 # Tile sizes. Small enough that the Triton interpreter (CPU tests) stays fast, large enough for GPUs.
-PREFILL_BLOCK_M = 32
+# Prefill tiles are PREFILL_BLOCK_M query rows (tokens x the query heads of one KV head) by PREFILL_BLOCK_N
+# keys, on PREFILL_NUM_WARPS warps: for 16-bit inputs with head_dim 64 or 128 and GQA ratios 1-8 that
+# compiles for sm_80 and sm_90 without register spills (ptxas -v; 64 rows on 4 warps, or 128 rows on 8,
+# spill at head_dim 128). float32 inputs (tests) spill at head_dim 128, as they did with 32-row tiles.
+PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 32
+PREFILL_NUM_WARPS = 8
 DECODE_BLOCK_N = 32
 MAX_DECODE_SPLITS = 64
 # A split shorter than this many tokens is not worth its own program.
@@ -62,6 +73,15 @@ MIN_TOKENS_PER_SPLIT = 256
 
 def _pow2_at_least(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
+
+
+def prefill_tile(group: int) -> tuple[int, int]:
+    """``(rows, tokens)`` of a :func:`prefill_attention` query tile for ``group`` query heads per KV head:
+    ``tokens`` whole query tokens times their ``group`` heads fill ``rows``, a power of two (``tl.arange``
+    and ``tl.dot`` need one), :data:`PREFILL_BLOCK_M` unless one token's heads need more. The
+    ``rows - tokens * group`` rows left over (a group of 3 uses 63 of 64) are masked padding."""
+    rows = _pow2_at_least(group, PREFILL_BLOCK_M)
+    return rows, rows // group
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
@@ -145,43 +165,48 @@ def _prefill_attention_kernel(
         UPCAST: tl.constexpr):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
-    head = tl.program_id(2)
+    kv_head = tl.program_id(2)
+    # The BLOCK_M query rows are BLOCK_M // GROUP query tokens x the GROUP query heads of this KV head,
+    # token-major (row r is token r // GROUP, head r % GROUP; a token's heads are adjacent in memory), so
+    # every K/V tile loaded serves all of them. The BLOCK_M % GROUP rows after the last whole token are padding.
+    tile_tokens = BLOCK_M // GROUP
     q_len = tl.load(query_lens_ptr + seq)
-    m0 = tile * BLOCK_M
+    m0 = tile * tile_tokens
     if m0 >= q_len:   # this sequence has fewer query tiles than the longest one
         return
-    kv_head = head // GROUP
     q_start = tl.load(query_start_ptr + seq).to(tl.int64)
     context_len = tl.load(context_lens_ptr + seq)
     seq_len = context_len + q_len
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows // GROUP   # query token of each row, within the chunk
+    heads = kv_head * GROUP + rows % GROUP
     offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < q_len
+    row_mask = (rows < tile_tokens * GROUP) & (offs_m < q_len)
     d_mask = offs_d < HEAD_DIM
     q_rows = q_start + offs_m
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     q_pos = context_len + offs_m   # absolute positions of this tile's queries
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Keys past the last query of the tile are masked for every row: stop there.
-    kv_end = tl.minimum(seq_len, context_len + m0 + BLOCK_M)
+    kv_end = tl.minimum(seq_len, context_len + m0 + tile_tokens)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for start_n in range(0, kv_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < kv_end
-        # Causal over the whole sequence. Row 0 of every tile sees key 0, so the first iteration gives
-        # every row a finite maximum and no row ever computes exp2(-inf - -inf).
+        # Causal over the whole sequence. Every row (padding included) sees key 0, so the first iteration
+        # gives every row a finite maximum and no row ever computes exp2(-inf - -inf).
         keep = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
         m_i, l_i, acc = _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, keep,
                                         kv_head, offs_d, d_mask, scale_log2, stride_c_block, stride_c_slot,
                                         stride_c_head, BLOCK_SIZE, PRECISION, UPCAST)
     acc = acc / l_i[:, None]
-    tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -305,15 +330,17 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     query = _last_dim_contiguous(query)
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
-    grid = (num_seqs, triton.cdiv(max_query_len, PREFILL_BLOCK_M), num_heads)
+    group = num_heads // num_kv_heads
+    rows, tokens = prefill_tile(group)
+    grid = (num_seqs, triton.cdiv(max_query_len, tokens), num_kv_heads)
     _prefill_attention_kernel[grid](
         query, key_cache, value_cache, out, block_tables, query_start, query_lens, context_lens,
         scale * math.log2(math.e),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        GROUP=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        BLOCK_D=_pow2_at_least(head_dim, 16), BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N,
-        PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype))
+        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        BLOCK_D=_pow2_at_least(head_dim, 16), BLOCK_M=rows, BLOCK_N=PREFILL_BLOCK_N,
+        PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype), num_warps=PREFILL_NUM_WARPS)
 
 
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -2,9 +2,9 @@
 
 Without a GPU they run under the Triton interpreter (``TRITON_INTERPRET=1``, set by this folder's
 conftest.py before triton is imported), so shapes are kept small. Every case uses shuffled,
-non-contiguous block ids, odd lengths, GQA ratios 1, 2 and 4, block sizes 1, 16 and 32 (any block size
-works: the kernels gather K/V per token), head dims 64 and 128, mixed decode + prefill batches and
-contexts long enough to spread over several split-K programs.
+non-contiguous block ids, odd lengths, GQA ratios 1, 2, 3, 4 and 8 (3 leaves padding rows in a prefill
+tile), block sizes 1, 5, 16 and 32 (any block size works: the kernels gather K/V per token), head dims 64
+and 128, mixed decode + prefill batches and contexts long enough to spread over several split-K programs.
 """
 
 from __future__ import annotations
@@ -141,10 +141,12 @@ def test_store_kv_writes_slots_and_skips_padding(block_size, dtype):
 
 # ---------------------------------------------------------------------------------------------- prefill
 @pytest.mark.parametrize("block_size,num_heads,num_kv_heads,head_dim", [
-    (16, 4, 4, 64), (1, 4, 2, 64), (32, 4, 1, 128), (16, 8, 2, 128)])
+    (16, 4, 4, 64), (1, 4, 2, 64), (32, 4, 1, 128), (16, 8, 2, 128), (16, 12, 4, 64), (5, 8, 1, 64)])
 def test_prefill_chunks_with_and_without_context(block_size, num_heads, num_kv_heads, head_dim):
-    # Fresh prompt; chunk after a cached context that ends mid-block; a chunk longer than one query tile.
-    seqs = [(0, 19), (37, 7), (21, 45)]
+    # Fresh prompt; chunk after a cached context that ends mid-block; a chunk over two query tiles and a bit
+    # (a tile holds fewer tokens the more query heads share a KV head).
+    _, tokens = kernels.prefill_tile(num_heads // num_kv_heads)
+    seqs = [(0, 19), (37, 7), (21, 2 * tokens + 3)]
     batch = Batch(seqs, block_size, num_heads, num_kv_heads, head_dim, torch.float32, seed=block_size + head_dim)
     backend = TritonAttentionBackend(torch.float32)
     metadata = backend.build_metadata(batch.layout(num_decodes=0), DEVICE)
@@ -154,6 +156,17 @@ def test_prefill_chunks_with_and_without_context(block_size, num_heads, num_kv_h
     # The chunks' own K/V were stored where the slot mapping says.
     flat_k = batch.key_cache.view(-1, num_kv_heads, head_dim)
     assert torch.equal(flat_k[batch.slots], batch.key)
+
+
+def test_prefill_tile_packs_whole_tokens_into_power_of_two_rows():
+    block_m = kernels.PREFILL_BLOCK_M
+    assert kernels.prefill_tile(1) == (block_m, block_m)
+    assert kernels.prefill_tile(3) == (block_m, block_m // 3)   # block_m % 3 padding rows
+    assert kernels.prefill_tile(8) == (block_m, block_m // 8)
+    assert kernels.prefill_tile(2 * block_m + 1) == (4 * block_m, 1)   # one token's heads exceed block_m rows
+    for group in range(1, 2 * block_m):
+        rows, tokens = kernels.prefill_tile(group)
+        assert rows & (rows - 1) == 0 and tokens >= 1 and rows - group < tokens * group <= rows
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -185,7 +198,8 @@ def test_decode_zero_length_rows_give_zeros():
 
 # ---------------------------------------------------------------------------------------------- mixed batches
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("block_size,num_heads,num_kv_heads,head_dim", [(16, 4, 1, 64), (32, 4, 2, 128)])
+@pytest.mark.parametrize("block_size,num_heads,num_kv_heads,head_dim", [
+    (16, 4, 1, 64), (32, 4, 2, 128), (16, 12, 4, 64)])
 def test_mixed_batch_matches_reference_and_torch_backend(dtype, block_size, num_heads, num_kv_heads, head_dim):
     rng = random.Random(block_size)
     # Decodes first (one with a long context), then prefill chunks with and without context.

@@ -45,26 +45,28 @@ SCRIPT = textwrap.dedent('''
 
     precision = "ieee" if dtype == "fp32" else "tf32"
     block_d = max(16, triton.next_power_of_2(head_dim))
+    rows, _ = K.prefill_tile(group)
+    # (kernel, constexprs, num_warps as launched)
     kernels = [
-        (K._store_kv_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=head_dim, BLOCK_H=8, BLOCK_D=block_d)),
+        (K._store_kv_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=head_dim, BLOCK_H=8, BLOCK_D=block_d), 4),
         (K._prefill_attention_kernel, dict(GROUP=group, BLOCK_SIZE=16, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                                           BLOCK_M=K.PREFILL_BLOCK_M, BLOCK_N=K.PREFILL_BLOCK_N,
-                                           PRECISION=precision, UPCAST=False)),
+                                           BLOCK_M=rows, BLOCK_N=K.PREFILL_BLOCK_N,
+                                           PRECISION=precision, UPCAST=False), K.PREFILL_NUM_WARPS),
         (K._decode_attention_kernel, dict(NUM_HEADS=8 * group, GROUP=group, BLOCK_G=max(16, group),
                                           BLOCK_SIZE=16, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                                          BLOCK_N=K.DECODE_BLOCK_N, PRECISION=precision, UPCAST=False)),
-        (K._decode_reduce_kernel, dict(NUM_HEADS=8 * group, HEAD_DIM=head_dim, BLOCK_S=16, BLOCK_D=block_d)),
+                                          BLOCK_N=K.DECODE_BLOCK_N, PRECISION=precision, UPCAST=False), 4),
+        (K._decode_reduce_kernel, dict(NUM_HEADS=8 * group, HEAD_DIM=head_dim, BLOCK_S=16, BLOCK_D=block_d), 4),
     ]
-    for fn, constexprs in kernels:
+    for fn, constexprs, num_warps in kernels:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32))
+                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
         assert compiled.asm["cubin"], fn.__name__
         print(fn.__name__, "ok")
 ''')
 
 
 @pytest.mark.parametrize("arch,dtype,head_dim,group", [
-    (90, "bf16", 128, 4), (90, "fp16", 64, 1), (90, "fp32", 128, 2), (80, "bf16", 64, 4)])
+    (90, "bf16", 128, 4), (90, "fp16", 64, 1), (90, "fp32", 128, 2), (80, "bf16", 64, 4), (80, "fp16", 128, 3)])
 def test_kernels_compile_for_nvidia_targets(arch, dtype, head_dim, group):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
