@@ -3,54 +3,179 @@
  *
  * Doing this with tensor ops means gathering every sequence's blocks into a padded contiguous copy and
  * then running a one-query SDPA over it: the context is read twice and written once, and the padding
- * is computed too. Here each (sequence, KV head) is one work item that walks the block table, scores
- * the whole query group sharing that KV head against each key as it is read (grouped-query attention
- * reads K/V once per group, not once per query head), takes an exact softmax over the scores, then
- * accumulates the values. Items are spread over the OpenMP threads dynamically, since context lengths
- * differ. float32; caches are [num_blocks, block_size, num_kv_heads, head_dim], contiguous.
+ * is computed too. Here each work item (a sequence, or one KV head of it when there are few sequences)
+ * walks the block table, prefetching the rows a few tokens ahead, scores every query head sharing a KV
+ * head against each key as it is read (grouped-query attention reads K/V once per group, not once per
+ * query head), takes an exact softmax over the scores with a vectorised exp, then accumulates the
+ * values. Items are spread over the OpenMP threads dynamically, since context lengths differ. float32; caches are [num_blocks, block_size, num_kv_heads, head_dim],
+ * contiguous. Head sizes that are a multiple of 16 take the vector path, others a scalar one.
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
-static inline float dot(const float *a, const float *b, long n) {
-    float s = 0.f;
-    #pragma omp simd reduction(+:s)
-    for (long i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
+#define LANES 16
+#define MAX_VECS 16   /* head_dim up to 256 on the vector path */
+
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+typedef int ivec __attribute__((vector_size(LANES * sizeof(int))));
+typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
+
+static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+static inline vec splat(float x) { return (vec){0} + x; }
+
+static inline float hsum(vec v) {
+    vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[1]) + (b[2] + b[3]);
 }
 
-/* Attend the `group` query heads starting at `q` (head stride head_dim) for one sequence and one KV
- * head, accumulating into `out` (same layout); `scores` holds group * seq_len floats. */
-static void attend_one(const float *q, const float *k_cache, const float *v_cache, const int *table,
-                       long seq_len, long group, long kv_head, long num_kv_heads, long head_dim,
-                       long block_size, float scale, float *scores, float *out) {
+static inline vec vmax(vec a, vec b) {
+    ivec take_a = a > b;
+    return (vec)(((ivec)a & take_a) | ((ivec)b & ~take_a));
+}
+
+/* exp(x) for x <= 0 (scores minus their maximum), relative error ~2e-7: x = n ln2 + r with |r| <= ln2/2,
+ * a degree-6 polynomial for exp(r), and 2^n put into the exponent bits. Below -87 the result is
+ * flushed towards 0 (exp(-87) ~ 1.6e-38 is already negligible next to the maximum's exp(0) = 1). */
+static inline vec vexp(vec x) {
+    x = vmax(x, splat(-87.0f));
+    const vec shifter = splat(12582912.0f);   /* 1.5 * 2^23: adding it rounds to an integer */
+    vec n = (x * splat(1.44269504f) + shifter) - shifter;
+    vec r = x - n * splat(0.693145752f) - n * splat(1.42860677e-06f);
+    vec p = splat(1.0f / 720);
+    p = p * r + splat(1.0f / 120);
+    p = p * r + splat(1.0f / 24);
+    p = p * r + splat(1.0f / 6);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return p * (vec)bits;
+}
+
+/* Softmax over each of the `rows` rows of `scores` (row stride `stride`, `len` valid entries). */
+static void softmax_rows(float *scores, long rows, long len, long stride) {
+    for (long r = 0; r < rows; r++) {
+        float *s = scores + r * stride;
+        float m = -INFINITY;
+        long t = 0;
+        vec vm = splat(-INFINITY);
+        for (; t + LANES <= len; t += LANES) vm = vmax(vm, load(s + t));
+        for (long i = 0; i < LANES; i++) m = vm[i] > m ? vm[i] : m;
+        for (; t < len; t++) m = s[t] > m ? s[t] : m;
+        vec vs = {0};
+        for (t = 0; t + LANES <= len; t += LANES) {
+            vec e = vexp(load(s + t) - m);
+            store(s + t, e);
+            vs += e;
+        }
+        float sum = hsum(vs);
+        for (; t < len; t++) { s[t] = expf(s[t] - m); sum += s[t]; }
+        const float inv = 1.0f / sum;
+        for (t = 0; t < len; t++) s[t] *= inv;
+    }
+}
+
+/* Where token t of a sequence lies in a cache, for KV head 0. */
+static inline const float *token_row(const float *cache, const int *table, long t, long block_size,
+                                     long token_stride) {
+    return cache + (table[t / block_size] * block_size + t % block_size) * token_stride;
+}
+
+/* Prefetch the slice [first, first + count) floats of token t's row, if t is in the sequence: rows of
+ * consecutive tokens lie apart (one per slot, blocks scattered), so the hardware prefetchers miss them. */
+static inline void prefetch_row(const float *cache, const int *table, long t, long seq_len, long block_size,
+                                long token_stride, long first, long count) {
+    if (t >= seq_len) return;
+    const float *row = token_row(cache, table, t, block_size, token_stride) + first;
+    for (long i = 0; i < count; i += 64 / (long)sizeof(float)) __builtin_prefetch(row + i, 0, 3);
+}
+
+#define PREFETCH_TOKENS 4   /* how far ahead rows are prefetched */
+
+/* The vector path: head_dim = nv * 16 (`nv` is a constant at the call sites that matter: 4, 8), for the
+ * query heads of KV heads [kv_head, kv_head + kv_count): `q` and `out` point at the first of them. */
+static inline __attribute__((always_inline)) void
+attend_vec(const float *q, const float *k_cache, const float *v_cache, const int *table, long seq_len,
+           long group, long kv_head, long kv_count, long num_kv_heads, long block_size, float scale,
+           float *scores, float *out, const int nv) {
+    const long head_dim = nv * LANES;
     const long token_stride = num_kv_heads * head_dim;
-    const long block_stride = block_size * token_stride;
-    long t = 0;
-    for (long b = 0; t < seq_len; b++) {
-        const float *k = k_cache + table[b] * block_stride + kv_head * head_dim;
-        for (long o = 0; o < block_size && t < seq_len; o++, t++, k += token_stride)
-            for (long g = 0; g < group; g++) scores[g * seq_len + t] = dot(q + g * head_dim, k, head_dim) * scale;
-    }
-    for (long g = 0; g < group; g++) {
-        float *s = scores + g * seq_len;
-        float m = -INFINITY, sum = 0.f;
-        for (long i = 0; i < seq_len; i++) m = s[i] > m ? s[i] : m;
-        for (long i = 0; i < seq_len; i++) { s[i] = expf(s[i] - m); sum += s[i]; }
-        for (long i = 0; i < seq_len; i++) s[i] /= sum;
-    }
-    for (long i = 0; i < group * head_dim; i++) out[i] = 0.f;
-    t = 0;
-    for (long b = 0; t < seq_len; b++) {
-        const float *v = v_cache + table[b] * block_stride + kv_head * head_dim;
-        for (long o = 0; o < block_size && t < seq_len; o++, t++, v += token_stride)
+    const long first = kv_head * head_dim, count = kv_count * head_dim;
+    const long rows = kv_count * group;   /* query heads attended: score rows */
+    for (long t = 0; t < seq_len; t++) {
+        prefetch_row(k_cache, table, t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count);
+        const float *k = token_row(k_cache, table, t, block_size, token_stride) + first;
+        for (long h = 0; h < kv_count; h++, k += head_dim) {
+            vec kv[MAX_VECS];
+            for (int c = 0; c < nv; c++) kv[c] = load(k + c * LANES);
             for (long g = 0; g < group; g++) {
-                const float p = scores[g * seq_len + t];
-                float *a = out + g * head_dim;
-                #pragma omp simd
-                for (long d = 0; d < head_dim; d++) a[d] += p * v[d];
+                const float *qh = q + (h * group + g) * head_dim;
+                vec acc = kv[0] * load(qh);
+                for (int c = 1; c < nv; c++) acc += kv[c] * load(qh + c * LANES);
+                scores[(h * group + g) * seq_len + t] = hsum(acc) * scale;
             }
+        }
     }
+    softmax_rows(scores, rows, seq_len, seq_len);
+    memset(out, 0, sizeof(float) * rows * head_dim);
+    for (long t = 0; t < seq_len; t++) {
+        prefetch_row(v_cache, table, t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count);
+        const float *v = token_row(v_cache, table, t, block_size, token_stride) + first;
+        for (long h = 0; h < kv_count; h++, v += head_dim) {
+            vec vv[MAX_VECS];
+            for (int c = 0; c < nv; c++) vv[c] = load(v + c * LANES);
+            for (long g = 0; g < group; g++) {
+                const vec p = splat(scores[(h * group + g) * seq_len + t]);
+                float *oh = out + (h * group + g) * head_dim;
+                for (int c = 0; c < nv; c++) store(oh + c * LANES, load(oh + c * LANES) + p * vv[c]);
+            }
+        }
+    }
+}
+
+/* The scalar path, for head sizes that are not a multiple of 16 (same arguments). */
+static void attend_scalar(const float *q, const float *k_cache, const float *v_cache, const int *table,
+                          long seq_len, long group, long kv_head, long kv_count, long num_kv_heads, long head_dim,
+                          long block_size, float scale, float *scores, float *out) {
+    const long token_stride = num_kv_heads * head_dim;
+    const long rows = kv_count * group;
+    for (long t = 0; t < seq_len; t++) {
+        const float *k = token_row(k_cache, table, t, block_size, token_stride) + kv_head * head_dim;
+        for (long r = 0; r < rows; r++) {
+            const float *kh = k + (r / group) * head_dim;
+            float s = 0.f;
+            for (long d = 0; d < head_dim; d++) s += q[r * head_dim + d] * kh[d];
+            scores[r * seq_len + t] = s * scale;
+        }
+    }
+    softmax_rows(scores, rows, seq_len, seq_len);
+    memset(out, 0, sizeof(float) * rows * head_dim);
+    for (long t = 0; t < seq_len; t++) {
+        const float *v = token_row(v_cache, table, t, block_size, token_stride) + kv_head * head_dim;
+        for (long r = 0; r < rows; r++)
+            for (long d = 0; d < head_dim; d++) out[r * head_dim + d] += scores[r * seq_len + t] * v[(r / group) * head_dim + d];
+    }
+}
+
+static void attend_one(const float *q, const float *k_cache, const float *v_cache, const int *table,
+                       long seq_len, long group, long kv_head, long kv_count, long num_kv_heads, long head_dim,
+                       long block_size, float scale, float *scores, float *out) {
+    switch (head_dim) {
+        case 64: attend_vec(q, k_cache, v_cache, table, seq_len, group, kv_head, kv_count, num_kv_heads,
+                            block_size, scale, scores, out, 4); return;
+        case 128: attend_vec(q, k_cache, v_cache, table, seq_len, group, kv_head, kv_count, num_kv_heads,
+                             block_size, scale, scores, out, 8); return;
+    }
+    if (head_dim % LANES == 0 && head_dim / LANES <= MAX_VECS)
+        attend_vec(q, k_cache, v_cache, table, seq_len, group, kv_head, kv_count, num_kv_heads, block_size,
+                   scale, scores, out, (int)(head_dim / LANES));
+    else
+        attend_scalar(q, k_cache, v_cache, table, seq_len, group, kv_head, kv_count, num_kv_heads, head_dim,
+                      block_size, scale, scores, out);
 }
 
 /* q: [num_seqs, num_heads, head_dim] with row stride q_stride; out likewise with out_stride;
@@ -64,21 +189,25 @@ int llmserve_paged_decode_attention(const float *q, long q_stride, const float *
     const long group = num_heads / num_kv_heads;
     long max_len = 1;
     for (long s = 0; s < num_seqs; s++) max_len = seq_lens[s] > max_len ? seq_lens[s] : max_len;
+    /* Work items: (sequence, run of KV heads). Whole sequences read each token's K/V row contiguously;
+     * with few sequences, one KV head per item keeps every thread busy. */
+    const long kv_per_item = num_seqs >= 4L * num_threads ? num_kv_heads : 1;
+    const long items_per_seq = num_kv_heads / kv_per_item;
     int out_of_memory = 0;
     #pragma omp parallel num_threads(num_threads)
     {
-        float *scores = malloc(sizeof(float) * group * max_len);
+        float *scores = malloc(sizeof(float) * kv_per_item * group * max_len);
         if (scores == NULL) {
             #pragma omp atomic write
             out_of_memory = 1;
         }
         #pragma omp for schedule(dynamic, 1)
-        for (long item = 0; item < num_seqs * num_kv_heads; item++) {
-            const long s = item / num_kv_heads, h = item % num_kv_heads;
+        for (long item = 0; item < num_seqs * items_per_seq; item++) {
+            const long s = item / items_per_seq, h = (item % items_per_seq) * kv_per_item;
             if (scores != NULL)
                 attend_one(q + s * q_stride + h * group * head_dim, k_cache, v_cache,
-                           block_tables + s * table_stride, seq_lens[s], group, h, num_kv_heads, head_dim,
-                           block_size, scale, scores, out + s * out_stride + h * group * head_dim);
+                           block_tables + s * table_stride, seq_lens[s], group, h, kv_per_item, num_kv_heads,
+                           head_dim, block_size, scale, scores, out + s * out_stride + h * group * head_dim);
         }
         free(scores);
     }
