@@ -36,4 +36,14 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   $PIP install --quiet "$spec" 2>/dev/null || $PIP install --quiet "$spec" ${index:+--extra-index-url "$index"}
 fi
 $PIP install --quiet -e ".$extras"
+
+# The CPU kernels are C, compiled on first use; without a compiler llmserve runs (slower) PyTorch paths.
+if ! command -v "${CC:-cc}" >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing gcc for the CPU kernels"
+    apt-get install -y -qq gcc >/dev/null || { apt-get update -qq && apt-get install -y -qq gcc >/dev/null; }
+  else
+    echo "setup: no C compiler found: the CPU kernels will be off (install gcc for faster CPU decoding)" >&2
+  fi
+fi
 echo "setup: ready ($VENV/bin/llmserve)"

@@ -1,13 +1,16 @@
 """Hand-written CPU kernels (``layers/csrc/*.c``), compiled for this machine on first use.
 
-Two places where PyTorch's CPU kernels leave most of the machine idle at decode time:
+Three places where PyTorch's CPU kernels leave most of the machine idle at decode time:
 
 * a linear layer on a handful of rows is a matrix-vector product bound by how fast the weights stream
   from memory; oneDNN and MKL reach about 80% of what a plain read of the same bytes does
   (``cpu_linear.c``);
 * paged decode attention done with PyTorch ops gathers every sequence's KV blocks into a padded copy
   and then runs a one-query SDPA over it; the kernel reads each sequence's blocks in place, once per
-  KV head for the whole query group (``cpu_attention.c``).
+  KV head for the whole query group (``cpu_attention.c``);
+* the small per-layer ops (RMSNorm with the residual add, SiLU-and-multiply, rotary embedding) are
+  each many tensor ops whose fixed costs dominate at small batch; each is one pass here
+  (``cpu_layer_ops.c``).
 
 The C sources are compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) as
 ``-O3 -march=native -fopenmp`` into ``cache_dir()/kernels/<hash>/`` (the hash covers the sources,
@@ -37,7 +40,8 @@ from llmserve.config import cache_dir
 logger = logging.getLogger(__name__)
 
 CPU_KERNELS_ENV = "LLMSERVE_CPU_KERNELS"
-SOURCES = ("cpu_linear.c", "cpu_attention.c")
+SOURCES = ("cpu_linear.c", "cpu_attention.c", "cpu_layer_ops.c")
+HEADERS = ("cpu_vec.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _SRC_DIR = Path(__file__).parent / "csrc"
 
@@ -77,7 +81,7 @@ def build_library(compiler: str | None = None) -> Path:
         raise CPUKernelsUnavailable(f"cannot run the C compiler {cc!r}: {exc}") from exc
     digest = hashlib.sha256()
     for part in (version, " ".join(CFLAGS), platform.machine(), _cpu_signature(),
-                 *((_SRC_DIR / name).read_text() for name in SOURCES)):
+                 *((_SRC_DIR / name).read_text() for name in SOURCES + HEADERS)):
         digest.update(part.encode())
         digest.update(b"\0")
     out_dir = cache_dir() / "kernels" / digest.hexdigest()[:16]
@@ -111,6 +115,12 @@ class CPUKernels:
         lib.llmserve_paged_decode_attention.argtypes = [_P, _L, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _P, _L,
                                                         _I]
         lib.llmserve_paged_decode_attention.restype = _I
+        lib.llmserve_rms_norm.argtypes = [_P, _L, _P, _L, _P, _F, _P, _L, _P, _L, _L, _L, _I]
+        lib.llmserve_rms_norm.restype = None
+        lib.llmserve_silu_and_mul.argtypes = [_P, _L, _P, _L, _L, _L, _I]
+        lib.llmserve_silu_and_mul.restype = None
+        lib.llmserve_rotary_embedding.argtypes = [_P, _L, _L, _P, _L, _L, _L, _P, _P, _P, _L, _L, _I]
+        lib.llmserve_rotary_embedding.restype = _I
         self._lib = lib
         self.max_linear_rows: int = lib.llmserve_linear_max_rows()
 
@@ -157,8 +167,64 @@ class CPUKernels:
             raise ValueError(f"paged_decode_attention: {num_heads} query heads is not a multiple of "
                              f"{num_kv_heads} KV heads")
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm over the last dim of a 2-D ``x``; with ``residual``, ``(norm(x + residual), x + residual)``."""
+        rows, n = x.shape
+        _check_rows(x, n, "x")
+        if residual is not None:
+            _check_rows(residual, n, "residual")
+        if not weight.is_contiguous() or weight.numel() != n:
+            raise ValueError(f"rms_norm: weight must be {n} contiguous floats")
+        out = torch.empty(rows, n, dtype=torch.float32)
+        residual_out = torch.empty(rows, n, dtype=torch.float32) if residual is not None else None
+        self._lib.llmserve_rms_norm(
+            x.data_ptr(), x.stride(0), residual.data_ptr() if residual is not None else None,
+            residual.stride(0) if residual is not None else 0, weight.data_ptr(), eps, out.data_ptr(), n,
+            residual_out.data_ptr() if residual_out is not None else None, n, rows, n, torch.get_num_threads())
+        return out if residual_out is None else (out, residual_out)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for a 2-D ``x`` = ``[gate | up]``."""
+        rows, width = x.shape
+        _check_rows(x, width, "x")
+        n = width // 2
+        out = torch.empty(rows, n, dtype=torch.float32)
+        self._lib.llmserve_silu_and_mul(x.data_ptr(), x.stride(0), out.data_ptr(), n, rows, n,
+                                        torch.get_num_threads())
+        return out
+
+    def rotary_embedding(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
+                         sin_cache: torch.Tensor) -> None:
+        """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] in place (neox layout) by int64 ``positions`` [T]."""
+        rows, num_heads, head_dim = q.shape
+        for name, t in (("q", q), ("k", k)):
+            if t.stride(2) != 1 or t.stride(1) != head_dim or t.shape[0] != rows or t.shape[2] != head_dim:
+                raise ValueError(f"rotary_embedding: {name} must be [T, heads, {head_dim}] with heads and dims contiguous")
+        if positions.dtype != torch.int64 or not positions.is_contiguous() or positions.numel() != rows:
+            raise ValueError(f"rotary_embedding: positions must be {rows} contiguous int64")
+        status = self._lib.llmserve_rotary_embedding(
+            q.data_ptr(), q.stride(0), num_heads, k.data_ptr(), k.stride(0), k.shape[1], head_dim,
+            positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(), cos_cache.shape[0], rows,
+            torch.get_num_threads())
+        if status != 0:
+            raise IndexError(f"rotary_embedding: a position is outside 0..{cos_cache.shape[0] - 1}")
+
     def __repr__(self) -> str:
         return f"CPUKernels(max_linear_rows={self.max_linear_rows})"
+
+
+def _check_rows(t: torch.Tensor, width: int, name: str) -> None:
+    if t.dim() != 2 or t.shape[1] != width or t.stride(1) != 1 or t.dtype != torch.float32:
+        raise ValueError(f"{name} must be 2-D float32 with {width} contiguous values per row, got "
+                         f"{tuple(t.shape)} {t.dtype} strides {t.stride()}")
+
+
+def kernels_for(x: torch.Tensor) -> CPUKernels | None:
+    """The kernels when ``x`` is a float32 CPU tensor and they are available, else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    return cpu_kernels()
 
 
 @lru_cache(maxsize=1)

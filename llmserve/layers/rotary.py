@@ -1,6 +1,7 @@
 """Rotary position embedding (neox / rotate-half layout, as HF Llama, Mistral and Qwen use).
 
 cos/sin are computed once for every position up to ``max_position`` and gathered by position per step.
+On CPU in float32, q and k are rotated in place by one compiled call (``cpu_layer_ops.c``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from llmserve.layers.cpu_kernels import kernels_for
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -53,7 +56,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] by their token positions [T]."""
+        """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] by their token positions [T] (in place on CPU)."""
+        kernels = kernels_for(q)
+        if (kernels is not None and k.dtype == q.dtype and q.stride(2) == 1 and k.stride(2) == 1
+                and q.stride(1) == self.head_dim and k.stride(1) == self.head_dim):
+            kernels.rotary_embedding(positions.contiguous(), q, k, self.cos_cache, self.sin_cache)
+            return q, k
         cos = self.cos_cache[positions].unsqueeze(1)
         sin = self.sin_cache[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -78,7 +78,7 @@ def test_compile_errors_are_reported_with_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMSERVE_CACHE_DIR", str(tmp_path))
     broken = tmp_path / "csrc"
     broken.mkdir()
-    for name in module.SOURCES:
+    for name in module.SOURCES + module.HEADERS:
         (broken / name).write_text("this is not C;\n")
     monkeypatch.setattr(module, "_SRC_DIR", broken)
     with pytest.raises(CPUKernelsUnavailable, match="compiling the CPU kernels failed"):
@@ -101,3 +101,66 @@ def test_disabled_or_unbuildable_kernels_fall_back_with_a_log_line(monkeypatch, 
     with caplog.at_level(logging.WARNING, logger=module.__name__):
         assert load() is None
     assert "no C compiler found" in caplog.text
+
+
+def _pytorch_path(monkeypatch, *modules) -> None:
+    for m in modules:
+        monkeypatch.setattr(m, "kernels_for", lambda x: None)
+
+
+@pytest.mark.parametrize("shape", [(1, 768), (33, 100), (3, 4, 64)])   # 3-D: per-head q/k norm (Qwen3)
+def test_rms_norm_matches_the_pytorch_path(kernels, monkeypatch, shape):
+    from llmserve.layers import layernorm
+    from llmserve.layers.layernorm import RMSNorm
+
+    torch.manual_seed(len(shape))
+    norm = RMSNorm(shape[-1], 1e-5)
+    norm.weight.data.normal_()
+    x, residual = torch.randn(shape), torch.randn(shape)
+    fused, fused_with_residual = norm(x), norm(x, residual)
+    _pytorch_path(monkeypatch, layernorm)
+    torch.testing.assert_close(fused, norm(x), atol=1e-5, rtol=1e-5)
+    for got, expected in zip(fused_with_residual, norm(x, residual)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_silu_and_mul_matches_the_pytorch_path_including_extremes(kernels, monkeypatch):
+    from llmserve.layers import activation
+    from llmserve.layers.activation import SiluAndMul
+
+    gate = torch.cat([torch.randn(4, 37) * 10, torch.tensor([[-200.0, -88, -1e-4, 0, 1e-4, 88, 200]] * 4)], 1)
+    x = torch.cat([gate, torch.randn_like(gate)], 1)
+    fused = SiluAndMul()(x)
+    _pytorch_path(monkeypatch, activation)
+    torch.testing.assert_close(fused, SiluAndMul()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_embedding_rotates_strided_q_and_k_in_place(kernels, monkeypatch):
+    from llmserve.layers import rotary
+    from llmserve.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, 512, 10000.0)
+    qkv = torch.randn(5, (8 + 2 * 2) * 64)   # q and k are views into one fused projection's output
+    positions = torch.tensor([0, 3, 511, 17, 17])
+    _pytorch_path(monkeypatch, rotary)
+    q_ref, k_ref = rope(positions, qkv[:, :512].reshape(5, 8, 64), qkv[:, 512:640].reshape(5, 2, 64))
+    monkeypatch.undo()
+    q, k = qkv[:, :512].view(5, 8, 64), qkv[:, 512:640].view(5, 2, 64)
+    q_out, k_out = rope(positions, q, k)
+    assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
+    torch.testing.assert_close(q_out, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_out, k_ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(IndexError, match="outside 0..511"):
+        rope(torch.tensor([512] * 5), q, k)
+
+
+def test_layer_ops_refuse_bad_shapes(kernels):
+    with pytest.raises(ValueError, match="2-D float32"):
+        kernels.rms_norm(torch.randn(3, 8).t(), torch.ones(3), 1e-5)
+    with pytest.raises(ValueError, match="weight must be 8"):
+        kernels.rms_norm(torch.randn(3, 8), torch.ones(4), 1e-5)
+    with pytest.raises(ValueError, match="2-D float32"):
+        kernels.silu_and_mul(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="positions"):
+        kernels.rotary_embedding(torch.zeros(2, dtype=torch.int32), torch.randn(2, 1, 4), torch.randn(2, 1, 4),
+                                 torch.ones(8, 2), torch.zeros(8, 2))

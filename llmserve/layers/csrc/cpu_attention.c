@@ -14,47 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 16
+#include "cpu_vec.h"
+
 #define MAX_VECS 16   /* head_dim up to 256 on the vector path */
-
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-typedef int ivec __attribute__((vector_size(LANES * sizeof(int))));
-typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
-
-static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
-static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
-static inline vec splat(float x) { return (vec){0} + x; }
-
-static inline float hsum(vec v) {
-    vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[1]) + (b[2] + b[3]);
-}
-
-static inline vec vmax(vec a, vec b) {
-    ivec take_a = a > b;
-    return (vec)(((ivec)a & take_a) | ((ivec)b & ~take_a));
-}
-
-/* exp(x) for x <= 0 (scores minus their maximum), relative error ~2e-7: x = n ln2 + r with |r| <= ln2/2,
- * a degree-6 polynomial for exp(r), and 2^n put into the exponent bits. Below -87 the result is
- * flushed towards 0 (exp(-87) ~ 1.6e-38 is already negligible next to the maximum's exp(0) = 1). */
-static inline vec vexp(vec x) {
-    x = vmax(x, splat(-87.0f));
-    const vec shifter = splat(12582912.0f);   /* 1.5 * 2^23: adding it rounds to an integer */
-    vec n = (x * splat(1.44269504f) + shifter) - shifter;
-    vec r = x - n * splat(0.693145752f) - n * splat(1.42860677e-06f);
-    vec p = splat(1.0f / 720);
-    p = p * r + splat(1.0f / 120);
-    p = p * r + splat(1.0f / 24);
-    p = p * r + splat(1.0f / 6);
-    p = p * r + splat(0.5f);
-    p = p * r + splat(1.0f);
-    p = p * r + splat(1.0f);
-    ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-    return p * (vec)bits;
-}
 
 /* Softmax over each of the `rows` rows of `scores` (row stride `stride`, `len` valid entries). */
 static void softmax_rows(float *scores, long rows, long len, long stride) {
@@ -68,7 +30,7 @@ static void softmax_rows(float *scores, long rows, long len, long stride) {
         for (; t < len; t++) m = s[t] > m ? s[t] : m;
         vec vs = {0};
         for (t = 0; t + LANES <= len; t += LANES) {
-            vec e = vexp(load(s + t) - m);
+            vec e = vexp_nonpositive(load(s + t) - m);
             store(s + t, e);
             vs += e;
         }

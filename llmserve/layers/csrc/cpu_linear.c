@@ -10,26 +10,12 @@
  * is built on (-march=native); float32 throughout.
  */
 #include <stddef.h>
-#include <string.h>
 
-#define LANES 16
+#include "cpu_vec.h"
+
 #define CHUNK (4 * LANES)          /* floats per inner step: four vectors */
 #define PREFETCH_AHEAD 1024        /* floats ahead of the current load (4 KiB) */
 #define MAX_ROWS 8
-
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-
-static inline vec load(const float *p) {
-    vec v;
-    memcpy(&v, p, sizeof v);       /* unaligned load; compiles to one vector move */
-    return v;
-}
-
-static inline float hsum(vec v) {
-    float s = 0.f;
-    for (int i = 0; i < LANES; i++) s += v[i];
-    return s;
-}
 
 static inline void prefetch_chunk(const float *p) {
     for (int line = 0; line < CHUNK; line += 64 / (int)sizeof(float)) __builtin_prefetch(p + line, 0, 3);
