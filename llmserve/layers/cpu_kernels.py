@@ -1,6 +1,6 @@
 """Hand-written CPU kernels (``layers/csrc/*.c``), compiled for this machine on first use.
 
-Three places where PyTorch's CPU kernels leave most of the machine idle at decode time:
+Places where PyTorch's CPU kernels leave most of the machine idle at decode time:
 
 * a linear layer on a handful of rows is a matrix-vector product bound by how fast the weights stream
   from memory; oneDNN and MKL reach about 80% of what a plain read of the same bytes does
@@ -10,7 +10,9 @@ Three places where PyTorch's CPU kernels leave most of the machine idle at decod
   KV head for the whole query group (``cpu_attention.c``);
 * the small per-layer ops (RMSNorm with the residual add, SiLU-and-multiply, rotary embedding) are
   each many tensor ops whose fixed costs dominate at small batch; each is one pass here
-  (``cpu_layer_ops.c``).
+  (``cpu_layer_ops.c``);
+* the sampler's row reductions over [rows, vocab] logits (log-sum-exp, argmax) take several passes and a
+  full-size temporary in PyTorch; one pass per row here (``cpu_sampling.c``).
 
 The C sources are compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) as
 ``-O3 -march=native -fopenmp`` into ``cache_dir()/kernels/<hash>/`` (the hash covers the sources,
@@ -40,7 +42,7 @@ from llmserve.config import cache_dir
 logger = logging.getLogger(__name__)
 
 CPU_KERNELS_ENV = "LLMSERVE_CPU_KERNELS"
-SOURCES = ("cpu_linear.c", "cpu_attention.c", "cpu_layer_ops.c")
+SOURCES = ("cpu_linear.c", "cpu_attention.c", "cpu_layer_ops.c", "cpu_sampling.c")
 HEADERS = ("cpu_vec.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _SRC_DIR = Path(__file__).parent / "csrc"
@@ -121,6 +123,10 @@ class CPUKernels:
         lib.llmserve_silu_and_mul.restype = None
         lib.llmserve_rotary_embedding.argtypes = [_P, _L, _L, _P, _L, _L, _L, _P, _P, _P, _L, _L, _I]
         lib.llmserve_rotary_embedding.restype = _I
+        lib.llmserve_logsumexp_rows.argtypes = [_P, _L, _P, _L, _L, _I]
+        lib.llmserve_logsumexp_rows.restype = None
+        lib.llmserve_argmax_rows.argtypes = [_P, _L, _P, _L, _L, _I]
+        lib.llmserve_argmax_rows.restype = None
         self._lib = lib
         self.max_linear_rows: int = lib.llmserve_linear_max_rows()
 
@@ -209,6 +215,24 @@ class CPUKernels:
             torch.get_num_threads())
         if status != 0:
             raise IndexError(f"rotary_embedding: a position is outside 0..{cos_cache.shape[0] - 1}")
+
+    def logsumexp_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``torch.logsumexp(x, dim=-1)`` for a 2-D float32 ``x``."""
+        rows, n = x.shape
+        _check_rows(x, n, "x")
+        out = torch.empty(rows, dtype=torch.float32)
+        self._lib.llmserve_logsumexp_rows(x.data_ptr(), x.stride(0), out.data_ptr(), rows, n, torch.get_num_threads())
+        return out
+
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x.argmax(dim=-1)`` for a 2-D float32 ``x`` with at least one column."""
+        rows, n = x.shape
+        _check_rows(x, n, "x")
+        if n == 0:
+            raise ValueError("argmax_rows: rows are empty")
+        out = torch.empty(rows, dtype=torch.int64)
+        self._lib.llmserve_argmax_rows(x.data_ptr(), x.stride(0), out.data_ptr(), rows, n, torch.get_num_threads())
+        return out
 
     def __repr__(self) -> str:
         return f"CPUKernels(max_linear_rows={self.max_linear_rows})"

@@ -164,3 +164,21 @@ def test_layer_ops_refuse_bad_shapes(kernels):
     with pytest.raises(ValueError, match="positions"):
         kernels.rotary_embedding(torch.zeros(2, dtype=torch.int32), torch.randn(2, 1, 4), torch.randn(2, 1, 4),
                                  torch.ones(8, 2), torch.zeros(8, 2))
+
+
+def test_row_reductions_match_torch_including_ties_infinities_and_nan(kernels):
+    torch.manual_seed(0)
+    x = torch.randn(6, 1000) * 20
+    x[1, 17] = x[1, 900] = 1e4                       # a tie: the first index wins
+    x[2] = float("-inf")                             # everything masked
+    x[3, 5] = float("inf")
+    x[4, 600] = float("nan")                         # NaN counts as the largest, as in torch
+    x[5, :] = 0.0
+    assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1))
+    torch.testing.assert_close(kernels.logsumexp_rows(x), torch.logsumexp(x, dim=-1), equal_nan=True,
+                               atol=1e-5, rtol=1e-6)
+    odd = torch.randn(3, 37)[:, 1:]                  # rows of 36 with a stride of 37: tails, no padding
+    assert torch.equal(kernels.argmax_rows(odd), odd.argmax(dim=-1))
+    torch.testing.assert_close(kernels.logsumexp_rows(odd), torch.logsumexp(odd, dim=-1), atol=1e-5, rtol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        kernels.argmax_rows(torch.empty(2, 0))
