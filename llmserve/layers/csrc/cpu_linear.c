@@ -1,8 +1,9 @@
 /* Small-batch linear layer for CPUs: y[m, :] = W x[m, :] + b for a handful of rows m.
  *
  * At decode time with few sequences a linear layer is a matrix-vector product: every weight is read
- * from DRAM once and used for only M multiply-adds, so the speed is the speed of streaming W. BLAS
- * GEMV paths reach about half of the machine's read bandwidth; this loop streams each thread's
+ * from DRAM once and used for only M multiply-adds, so the speed is the speed of streaming W. oneDNN's
+ * GEMV on a prepacked weight streams at ~85% of what a plain sum reads, MKL's through F.linear at a
+ * third to a half; this loop (about as fast as the sum, sometimes faster) streams each thread's
  * contiguous slice of rows with software prefetch ahead of the loads (hardware prefetchers stop at
  * page boundaries) and keeps the M input rows in cache.
  *
