@@ -113,3 +113,23 @@ def test_token_id_prompts_equal_text_prompts(llama_dir):
     by_ids = llm.generate([o.prompt_token_ids for o in by_text], GREEDY)
     assert [o.outputs[0].token_ids for o in by_text] == [o.outputs[0].token_ids for o in by_ids]
     assert [o.outputs[0].text for o in by_text] == [o.outputs[0].text for o in by_ids]
+
+
+@pytest.fixture
+def without_cpu_kernels(monkeypatch):
+    """The PyTorch paths the engine takes where the C kernels cannot be built (no compiler)."""
+    from llmserve.layers.cpu_kernels import CPU_KERNELS_ENV, cpu_kernels
+
+    monkeypatch.setenv(CPU_KERNELS_ENV, "0")
+    cpu_kernels.cache_clear()
+    yield
+    monkeypatch.undo()
+    cpu_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_pytorch_paths_without_cpu_kernels_match_hf(checkpoint_dir, family, without_cpu_kernels):
+    path = checkpoint_dir(family)
+    llm = LLM(str(path), max_num_batched_tokens=7, block_size=4, kv_cache_memory_bytes="32MiB")
+    assert llm.engine.runner.backend.name == "torch"
+    assert_matches_hf(path, llm.generate(PROMPTS, GREEDY))
