@@ -104,7 +104,7 @@ def run_latency_benchmark(args: argparse.Namespace) -> dict[str, Any]:
           f"prompt {args.input_len} tokens, {args.output_len} output tokens; batch sizes {sizes}")
     decode_steps(engine, random_prompts(2, min(8, args.input_len), engine.vocab_size, 7), 4,
                  request_prefix="warmup")
-    peak = None if args.no_peak else measure_matmul(args.gemm_size, 3)
+    peak = None if args.no_peak else measure_matmul(args.gemm_size, 3, engine.dtype, engine.device)
     rows = []
     for b in sizes:
         # Every sequence must still be decoding once the last prompt is prefilled (which takes several steps
@@ -139,12 +139,12 @@ def run_latency_benchmark(args: argparse.Namespace) -> dict[str, Any]:
               f" + overhead {row['engine_overhead_ms']:.2f} | {row['decode_tokens_per_s']:8.1f} tok/s | "
               f"{gflops:6.1f} GFLOP/s")
     if peak:
-        after = measure_matmul(args.gemm_size, 3)   # the machine may be busier now or then: keep the best
+        after = measure_matmul(args.gemm_size, 3, engine.dtype, engine.device)   # the machine may be busier now or then: keep the best
         if after["peak_gflop_s"] > peak["peak_gflop_s"]:
             peak = after
         for row in rows:
             row["fraction_of_peak_flops"] = row["achieved_gflop_s"] / peak["peak_gflop_s"]
-        print(f"float32 GEMM peak {peak['peak_gflop_s']:.1f} GFLOP/s ({peak['path']} path, {args.gemm_size}^3, best of "
+        print(f"{engine.dtype} GEMM peak {peak['peak_gflop_s']:.1f} GFLOP/s ({peak['path']} path, {args.gemm_size}^3, best of "
               "before and after): " + ", ".join(f"batch {r['batch_size']} {r['fraction_of_peak_flops']:.0%}"
                                                 for r in rows))
     report = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "peak": peak, "results": rows}

@@ -2,11 +2,13 @@
 
 Measures, in one process:
 
-* memory bandwidth: a large tensor copy (bytes read + bytes written per second) and a large
-  reduction (bytes read per second); the higher of the two is used, so the floor is the strict one;
-* matmul throughput: a large float32 GEMM through ``torch.mm``, through the path the engine's linear
-  layers take (``apply_linear``: oneDNN on the plain weight) and through oneDNN on a prepacked weight
-  (which the engine does not keep: a second copy of the weights); the fastest is the peak;
+* memory bandwidth of the engine's device (host memory, or a GPU's HBM): a large tensor copy (bytes
+  read + bytes written per second) and a large reduction (bytes read per second); the higher of the
+  two is used, so the floor is the strict one;
+* matmul throughput: a large GEMM in the model's dtype on its device through ``torch.mm``, through the
+  path the engine's linear layers take (``apply_linear``: on CPU, oneDNN on the plain weight) and, on
+  CPU in float32, through oneDNN on a prepacked weight (which the engine does not keep: a second copy
+  of the weights); the fastest is the peak;
 * the engine's batch-1 decode step, a large-batch decode step (``--decode-batch`` sequences), and the
   full ``max_num_batched_tokens`` steps that prefill that batch's prompts (prompt chunks, plus the
   decodes of sequences already prefilled; the accounting below counts both).
@@ -39,44 +41,57 @@ from llmserve.layers.linear import apply_linear
 
 
 BATCH1_RUNS_PER_REPEAT = 3
+CPU = torch.device("cpu")
 
 
-def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+def _best_time(fn: Callable[[], Any], repeats: int, device: torch.device = CPU) -> float:
+    """Best wall time of ``fn`` (on CUDA, up to the end of the work it queued)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()   # warm-up
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def measure_bandwidth(num_bytes: int = 512 * 2**20, repeats: int = 5) -> dict[str, float]:
-    """GB/s of a large float32 copy (read + write counted) and of a large sum (read only)."""
+def measure_bandwidth(num_bytes: int = 512 * 2**20, repeats: int = 5, device: torch.device = CPU
+                      ) -> dict[str, float]:
+    """GB/s of a large float32 copy (read + write counted) and of a large sum (read only), on ``device``
+    (host memory, or the GPU's HBM)."""
     n = max(1, num_bytes // 4)
-    src = torch.randn(n)
+    src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    copy_s = _best_time(lambda: dst.copy_(src), repeats)
-    read_s = _best_time(lambda: src.sum(), repeats)
+    copy_s = _best_time(lambda: dst.copy_(src), repeats, device)
+    read_s = _best_time(lambda: src.sum(), repeats, device)
     copy_gbs = 2 * n * 4 / copy_s / 1e9
     read_gbs = n * 4 / read_s / 1e9
     return {"bytes": n * 4, "copy_gb_s": copy_gbs, "read_gb_s": read_gbs, "bandwidth_gb_s": max(copy_gbs, read_gbs)}
 
 
-def measure_matmul(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """GFLOP/s of a ``size``-cubed GEMM: ``torch.mm``, the engine's path, and (CPU, float32) oneDNN prepacked."""
-    a = torch.randn(size, size, dtype=dtype)
-    w = torch.randn(size, size, dtype=dtype)
+def measure_matmul(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32,
+                   device: torch.device = CPU) -> dict[str, Any]:
+    """GFLOP/s of a ``size``-cubed GEMM in ``dtype`` on ``device``: ``torch.mm``, the engine's path, and
+    (CPU, float32) oneDNN on a prepacked weight."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    w = torch.randn(size, size, dtype=dtype, device=device)
     flops = 2 * size ** 3
 
     def gflop_s(fn: Callable[[], Any]) -> float:
-        return flops / _best_time(fn, repeats) / 1e9
+        return flops / _best_time(fn, repeats, device) / 1e9
 
     with torch.inference_mode():
-        result: dict[str, Any] = {"size": size, "plain_gflop_s": gflop_s(lambda: torch.mm(a, w.t())),
+        result: dict[str, Any] = {"size": size, "dtype": str(dtype), "device": str(device),
+                                  "plain_gflop_s": gflop_s(lambda: torch.mm(a, w.t())),
                                   "engine_gflop_s": gflop_s(lambda: apply_linear(a, w, None)),
                                   "packed_gflop_s": None}
-        if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
             packed = torch.ops.mkldnn._reorder_linear_weight(w, size)
             result["packed_gflop_s"] = gflop_s(
                 lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
@@ -86,8 +101,10 @@ def measure_matmul(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torc
     return result
 
 
-def measure_machine(repeats: int, bandwidth_bytes: int, gemm_size: int) -> dict[str, Any]:
-    return {"memory": measure_bandwidth(bandwidth_bytes, repeats), "matmul": measure_matmul(gemm_size, repeats)}
+def measure_machine(repeats: int, bandwidth_bytes: int, gemm_size: int, device: torch.device = CPU,
+                    dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    return {"memory": measure_bandwidth(bandwidth_bytes, repeats, device),
+            "matmul": measure_matmul(gemm_size, repeats, dtype, device)}
 
 
 def step_roofline(costs: ModelCosts, records: list[StepRecord], bandwidth_gb_s: float,
@@ -152,7 +169,7 @@ def run_roofline_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     decode_steps(engine, decode_prompts, 4, request_prefix="warmup")   # first-step costs out of the way
     machine_runs, batch1_runs, large_runs, prefill_runs = [], [], [], []
     for rep in range(args.repeats):
-        machine_runs.append(measure_machine(3, args.bandwidth_bytes, args.gemm_size))
+        machine_runs.append(measure_machine(3, args.bandwidth_bytes, args.gemm_size, engine.device, engine.dtype))
         seed = 1000 * rep   # fresh prompts each time: no prefix-cache hits
         for i in range(BATCH1_RUNS_PER_REPEAT):   # cheap: more chances to catch the machine quiet
             _, b1 = decode_steps(engine, random_prompts(1, args.input_len, vocab, seed + 10 + i), args.output_len,
@@ -175,7 +192,8 @@ def run_roofline_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rows[f"prefill_step_{per_step_prefill}_tokens"] = step_roofline(costs, _best(prefill_runs), bandwidth, peak)
     print(f"memory bandwidth: copy {best_memory['copy_gb_s']:.1f} GB/s (read + write), read {best_memory['read_gb_s']:.1f}"
           f" GB/s -> {bandwidth:.1f} GB/s used")
-    print(f"matmul float32 {best_matmul['size']}^3: torch.mm {best_matmul['plain_gflop_s']:.1f} GFLOP/s, "
+    print(f"matmul {engine.dtype} {best_matmul['size']}^3 on {engine.device}: "
+          f"torch.mm {best_matmul['plain_gflop_s']:.1f} GFLOP/s, "
           f"engine path {best_matmul['engine_gflop_s']:.1f} GFLOP/s"
           + (f", oneDNN packed {best_matmul['packed_gflop_s']:.1f} GFLOP/s" if best_matmul["packed_gflop_s"] else "")
           + f" -> peak {peak:.1f} GFLOP/s")

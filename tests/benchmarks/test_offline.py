@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from llmserve.entrypoints.cli import main
 
@@ -82,3 +83,14 @@ def test_roofline_smoke(tmp_path, llama_dir, capsys):
     assert prefill["tokens"] == 64 and prefill["flops"] > 64 * 2 * model["body_params"]
     printed = capsys.readouterr().out
     assert "memory bandwidth: copy" in printed and "decode_batch_8" in printed
+
+
+def test_machine_measurements_report_the_device_and_dtype_they_ran_on():
+    from llmserve.benchmarks.roofline import measure_bandwidth, measure_matmul
+
+    memory = measure_bandwidth(4 * 2**20, repeats=1, device=torch.device("cpu"))
+    assert memory["bandwidth_gb_s"] == max(memory["copy_gb_s"], memory["read_gb_s"]) > 0
+    matmul = measure_matmul(64, repeats=1, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert matmul["dtype"] == "torch.bfloat16" and matmul["device"] == "cpu"
+    assert matmul["packed_gflop_s"] is None            # prepacking is measured for float32 only
+    assert matmul["peak_gflop_s"] == max(matmul["plain_gflop_s"], matmul["engine_gflop_s"])
