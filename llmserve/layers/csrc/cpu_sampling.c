@@ -49,15 +49,6 @@ void llmserve_logsumexp_rows(const float *x, long x_stride, float *out, long row
     }
 }
 
-typedef int ivec8 __attribute__((vector_size(8 * sizeof(int))));
-typedef int ivec4 __attribute__((vector_size(4 * sizeof(int))));
-
-static inline int any_lane(ivec m) {
-    ivec8 a = __builtin_shufflevector(m, m, 0, 1, 2, 3, 4, 5, 6, 7) | __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15);
-    ivec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) | __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] | b[1] | b[2] | b[3]) != 0;
-}
-
 /* The first index of `value` in row[0..n) (which holds it), or of the first NaN when `value` is NaN. */
 static long first_index_of(const float *row, long n, float value) {
     long i = 0;

@@ -16,11 +16,42 @@ static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return 
 static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 static inline vec splat(float x) { return (vec){0} + x; }
 
+#if defined(__clang__) || __GNUC__ >= 12
+#define HAVE_SHUFFLEVECTOR 1
+#endif
+
+/* Sum of the 16 lanes as a tree of halvings. */
 static inline float hsum(vec v) {
+#ifdef HAVE_SHUFFLEVECTOR
     vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
            + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
     vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
     return (b[0] + b[1]) + (b[2] + b[3]);
+#else
+    float s[LANES];
+    memcpy(s, &v, sizeof s);
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int i = 0; i < width; i++) s[i] += s[i + width];
+    return s[0];
+#endif
+}
+
+typedef int ivec8 __attribute__((vector_size(8 * sizeof(int))));
+typedef int ivec4 __attribute__((vector_size(4 * sizeof(int))));
+
+/* Whether any lane of a comparison mask is set. */
+static inline int any_lane(ivec m) {
+#ifdef HAVE_SHUFFLEVECTOR
+    ivec8 a = __builtin_shufflevector(m, m, 0, 1, 2, 3, 4, 5, 6, 7) | __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15);
+    ivec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) | __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] | b[1] | b[2] | b[3]) != 0;
+#else
+    int s[LANES];
+    memcpy(s, &m, sizeof s);
+    int any = 0;
+    for (int i = 0; i < LANES; i++) any |= s[i];
+    return any != 0;
+#endif
 }
 
 /* Lane-wise `mask ? a : b` for a mask from a vector comparison. */
