@@ -6,7 +6,7 @@ Measures, in one process:
   read + bytes written per second) and a large reduction (bytes read per second); the higher of the
   two is used, so the floor is the strict one;
 * matmul throughput: a large GEMM in the model's dtype on its device through ``torch.mm``, through the
-  path the engine's linear layers take (``apply_linear``: on CPU, oneDNN on the plain weight) and, on
+  path the engine's linear layers take (``apply_linear``: on CPU, the blocked-weight kernel) and, on
   CPU in float32, through oneDNN on a prepacked weight (which the engine does not keep: a second copy
   of the weights); the fastest is the peak;
 * the engine's batch-1 decode step, a large-batch decode step (``--decode-batch`` sequences), and the
@@ -37,7 +37,8 @@ import torch
 from llmserve.benchmarks.profiling import ModelCosts, StepRecord, decode_steps
 from llmserve.entrypoints.cli_args import engine_config_from_args
 from llmserve.entrypoints.llm import LLM
-from llmserve.layers.linear import apply_linear
+from llmserve.layers.cpu_kernels import block_weight
+from llmserve.layers.linear import apply_linear, blocked_layout_available
 
 
 BATCH1_RUNS_PER_REPEAT = 3
@@ -82,6 +83,7 @@ def measure_matmul(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torc
     a = torch.randn(size, size, dtype=dtype, device=device)
     w = torch.randn(size, size, dtype=dtype, device=device)
     flops = 2 * size ** 3
+    engine_w = block_weight(w) if blocked_layout_available(w) else w   # as the engine stores its weights
 
     def gflop_s(fn: Callable[[], Any]) -> float:
         return flops / _best_time(fn, repeats, device) / 1e9
@@ -89,7 +91,7 @@ def measure_matmul(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torc
     with torch.inference_mode():
         result: dict[str, Any] = {"size": size, "dtype": str(dtype), "device": str(device),
                                   "plain_gflop_s": gflop_s(lambda: torch.mm(a, w.t())),
-                                  "engine_gflop_s": gflop_s(lambda: apply_linear(a, w, None)),
+                                  "engine_gflop_s": gflop_s(lambda: apply_linear(a, engine_w, None)),
                                   "packed_gflop_s": None}
         if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
             packed = torch.ops.mkldnn._reorder_linear_weight(w, size)

@@ -2,9 +2,12 @@
 
 Places where PyTorch's CPU kernels leave most of the machine idle at decode time:
 
-* a linear layer on a handful of rows is a matrix-vector product bound by how fast the weights stream
-  from memory; oneDNN's GEMV streams at ~85% of what a plain read of the same bytes does, MKL's at a
-  third to a half; this one about as fast as the read (``cpu_linear.c``);
+* linear layers: on a handful of rows a matrix-vector product bound by how fast the weights stream
+  from memory (oneDNN's GEMV streams at ~85% of what a plain read of the same bytes does, MKL's at a
+  third to a half), on many rows a GEMM that oneDNN runs ~5% slower on a plain weight than on a
+  prepacked copy; ``cpu_linear.c`` keeps one copy, blocked as [out/16, in, 16] at load (see
+  :func:`block_weight`), and streams it at the speed of a plain read or multiplies it at the
+  prepacked speed;
 * paged decode attention done with PyTorch ops gathers every sequence's KV blocks into a padded copy
   and then runs a one-query SDPA over it; the kernel reads each sequence's blocks in place, once per
   KV head for the whole query group (``cpu_attention.c``);
@@ -114,6 +117,8 @@ class CPUKernels:
         lib.llmserve_linear_small_batch.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
         lib.llmserve_linear_small_batch.restype = _I
         lib.llmserve_linear_max_rows.restype = _I
+        lib.llmserve_linear_blocked.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
+        lib.llmserve_linear_blocked.restype = _I
         lib.llmserve_paged_decode_attention.argtypes = [_P, _L, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _P, _L,
                                                         _I]
         lib.llmserve_paged_decode_attention.restype = _I
@@ -143,6 +148,22 @@ class CPUKernels:
             out.data_ptr(), n, rows, n, k, torch.get_num_threads())
         if status != 0:
             raise ValueError(f"linear_small_batch takes 1..{self.max_linear_rows} rows, got {rows}")
+        return out
+
+    def linear_blocked(self, x: torch.Tensor, blocked_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + bias`` for a 2-D ``x`` (unit stride along the last dim), any number of rows, with
+        ``W`` given as :func:`block_weight` made it."""
+        rows, k = x.shape
+        blocks, k_w, lanes = blocked_weight.shape
+        if lanes != WEIGHT_BLOCK or k_w != k or not blocked_weight.is_contiguous() \
+                or (bias is not None and not bias.is_contiguous()):
+            raise ValueError(f"linear_blocked: weight {tuple(blocked_weight.shape)} is not a contiguous "
+                             f"[out/{WEIGHT_BLOCK}, {k}, {WEIGHT_BLOCK}] blocked weight")
+        n = blocks * WEIGHT_BLOCK
+        out = torch.empty(rows, n, dtype=torch.float32)
+        self._lib.llmserve_linear_blocked(
+            x.data_ptr(), x.stride(0), blocked_weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+            out.data_ptr(), n, rows, n, k, torch.get_num_threads())
         return out
 
     def paged_decode_attention(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -236,6 +257,18 @@ class CPUKernels:
 
     def __repr__(self) -> str:
         return f"CPUKernels(max_linear_rows={self.max_linear_rows})"
+
+
+WEIGHT_BLOCK = 16   # output rows interleaved in a blocked weight (one 16-float vector)
+
+
+def block_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` -> ``[out/16, in, 16]``: element ``[b, c, i]`` is ``weight[16 b + i, c]``, so the
+    kernels load one input column of 16 outputs as one vector. ``out`` must be a multiple of 16."""
+    n, k = weight.shape
+    if n % WEIGHT_BLOCK:
+        raise ValueError(f"block_weight: {n} output rows is not a multiple of {WEIGHT_BLOCK}")
+    return weight.view(n // WEIGHT_BLOCK, WEIGHT_BLOCK, k).transpose(1, 2).contiguous()
 
 
 def _check_rows(t: torch.Tensor, width: int, name: str) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.layers.cpu_kernels import cpu_kernels
+from llmserve.layers.cpu_kernels import WEIGHT_BLOCK, block_weight, cpu_kernels
 
 
 class WeightShapeError(ValueError):
@@ -32,13 +32,20 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: o
 
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x W^T + b``, by the fastest path for the shape on this device.
+    """``x W^T + b``, by the fastest path for the shape and the weight's layout.
 
-    On CPU in float32, a few rows (decode with few sequences: a matrix-vector product bound by streaming
-    the weights) go through the compiled small-batch kernel; more rows through oneDNN, which reads the
-    plain row-major weight at 90-97% of its speed on a prepacked one and so needs no second copy of the
-    weights. Elsewhere (CUDA, other dtypes, no kernels) ``F.linear``.
+    A 3-D ``weight`` is blocked for the CPU kernels (:meth:`Linear.use_blocked_layout`): they run any
+    number of rows. A plain weight on CPU in float32: the compiled GEMV for a few rows, else oneDNN;
+    elsewhere (CUDA, other dtypes, no kernels) ``F.linear``.
     """
+    if weight.dim() == 3:
+        kernels = cpu_kernels()
+        assert kernels is not None, "a blocked weight is only made where the CPU kernels load"
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        out = kernels.linear_blocked(rows, weight, bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
         kernels = cpu_kernels()
         if kernels is not None and x.shape[0] <= kernels.max_linear_rows and x.stride(1) == 1:
@@ -48,8 +55,15 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight, bias)
 
 
+def blocked_layout_available(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` [out, in] can be stored blocked for the CPU kernels."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.shape[0] % WEIGHT_BLOCK == 0 and cpu_kernels() is not None)
+
+
 class Linear(nn.Module):
-    """``y = x W^T + b`` with a plain (unsharded) weight."""
+    """``y = x W^T + b`` with an unsharded weight, loaded plain ``[out, in]``; after loading, on CPU,
+    :meth:`use_blocked_layout` may store it blocked for the CPU kernels (same values, one copy)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
@@ -65,6 +79,10 @@ class Linear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         default_weight_loader(param, loaded)
+
+    def use_blocked_layout(self) -> None:
+        if blocked_layout_available(self.weight):
+            self.weight.data = block_weight(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_linear(x, self.weight, self.bias)

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from llmserve.layers.embedding import LMHead
+from llmserve.layers.linear import Linear
 from llmserve.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -103,4 +105,7 @@ def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(iterate_weights(path))
+    for module in model.modules():
+        if isinstance(module, (Linear, LMHead)):
+            module.use_blocked_layout()   # CPU float32 with the kernels; a no-op elsewhere
     return model.eval()

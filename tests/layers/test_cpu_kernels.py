@@ -182,3 +182,28 @@ def test_row_reductions_match_torch_including_ties_infinities_and_nan(kernels):
     torch.testing.assert_close(kernels.logsumexp_rows(odd), torch.logsumexp(odd, dim=-1), atol=1e-5, rtol=1e-6)
     with pytest.raises(ValueError, match="empty"):
         kernels.argmax_rows(torch.empty(2, 0))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 9, 13, 64])   # the streaming path up to 8 rows, GEMM tiles above
+@pytest.mark.parametrize("out_features,in_features", [(16, 7), (48, 64), (80, 100), (320, 768)])
+def test_blocked_linear_matches_torch(kernels, rows, out_features, in_features):
+    from llmserve.layers.cpu_kernels import block_weight
+
+    torch.manual_seed(rows + out_features)
+    x, weight, bias = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+    blocked = block_weight(weight)
+    assert blocked.shape == (out_features // 16, in_features, 16)
+    torch.testing.assert_close(kernels.linear_blocked(x, blocked, bias), F.linear(x, weight, bias),
+                               atol=1e-4, rtol=1e-4)
+    strided = torch.randn(rows, in_features + 5)[:, 2:2 + in_features]
+    torch.testing.assert_close(kernels.linear_blocked(strided, blocked, None), F.linear(strided, weight),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_blocked_weights_must_be_multiples_of_16_and_match_the_input(kernels):
+    from llmserve.layers.cpu_kernels import block_weight
+
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        block_weight(torch.randn(24, 8))
+    with pytest.raises(ValueError, match="blocked weight"):
+        kernels.linear_blocked(torch.randn(2, 9), block_weight(torch.randn(32, 8)), None)

@@ -38,3 +38,34 @@ def test_without_kernels_or_in_other_dtypes_results_stay_the_same(monkeypatch):
     out = apply_linear(x.bfloat16(), weight.bfloat16(), None)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_blocked_layout_keeps_the_results_and_skips_what_it_cannot_block():
+    from llmserve.layers.embedding import LMHead, VocabEmbedding
+    from llmserve.layers.linear import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(40, 48, bias=True)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    x = torch.randn(11, 40)
+    expected = layer(x)
+    layer.use_blocked_layout()
+    assert layer.weight.shape == (3, 40, 16)                       # one copy, blocked
+    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer(x[:2]), expected[:2], atol=1e-4, rtol=1e-4)
+    odd = Linear(40, 20)                                            # 20 outputs: not a multiple of 16
+    odd.use_blocked_layout()
+    assert odd.weight.shape == (20, 40)
+    embedding = VocabEmbedding(64, 40)
+    tied = LMHead(64, 40, tie_to=embedding)                         # the embedding reads rows of it
+    tied.use_blocked_layout()
+    assert tied.weight.shape == (64, 40)
+
+
+def test_loaded_cpu_models_store_linear_weights_blocked(llama_dir):
+    from llmserve import LLM
+
+    model = LLM(str(llama_dir), kv_cache_memory_bytes="32MiB").engine.runner.model
+    layer = model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dim() == 3 and layer.mlp.down_proj.weight.dim() == 3

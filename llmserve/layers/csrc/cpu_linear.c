@@ -1,4 +1,12 @@
-/* Small-batch linear layer for CPUs: y[m, :] = W x[m, :] + b for a handful of rows m.
+/* Linear layers for CPUs: y[m, :] = W x[m, :] + b.
+ *
+ * `llmserve_linear_blocked` reads a weight stored blocked as [N/16][K][16] (16 output rows interleaved:
+ * one vector load is one input column of 16 outputs), made once at load time. For many rows it is a
+ * register-tiled GEMM (6 rows x 64 outputs per tile, broadcast inputs, no horizontal sums) that runs at
+ * the speed of oneDNN on a prepacked weight, where oneDNN on a plain weight reorders it on every call;
+ * for up to 8 rows it streams each 16-output block once, as a GEMV. `llmserve_linear_small_batch` is
+ * the row-major GEMV for weights kept plain (a tied LM head, which the embedding also reads, or an
+ * output size that is not a multiple of 16).
  *
  * At decode time with few sequences a linear layer is a matrix-vector product: every weight is read
  * from DRAM once and used for only M multiply-adds, so the speed is the speed of streaming W. oneDNN's
@@ -88,3 +96,109 @@ int llmserve_linear_small_batch(const float *x, long x_stride, const float *w, c
 }
 
 int llmserve_linear_max_rows(void) { return MAX_ROWS; }
+
+/* Few rows against one 16-output block of the blocked weight (a contiguous stream of k * 16 floats):
+ * the k loop is split over `na` accumulators per row so the FMA latency does not bound the stream
+ * (4 for up to 4 rows; 2 above, to stay within the vector registers). */
+static inline __attribute__((always_inline)) void
+stream_block(const float *x, long xs, const float *w, long k, const float *bias, float *y, long ys,
+             const int mr, const int na) {
+    vec acc[MAX_ROWS][4];
+    for (int m = 0; m < mr; m++)
+        for (int a = 0; a < na; a++) acc[m][a] = (vec){0};
+    long c = 0;
+    for (; c + 4 <= k; c += 4) {
+        for (int l = 0; l < 4; l++) __builtin_prefetch(w + (c + l) * LANES + PREFETCH_AHEAD, 0, 3);
+        const vec b[4] = {load(w + c * LANES), load(w + (c + 1) * LANES), load(w + (c + 2) * LANES),
+                          load(w + (c + 3) * LANES)};
+        for (int m = 0; m < mr; m++) {
+            const float *xm = x + m * xs + c;
+            for (int l = 0; l < 4; l++) acc[m][l % na] += splat(xm[l]) * b[l];
+        }
+    }
+    for (; c < k; c++)
+        for (int m = 0; m < mr; m++) acc[m][0] += splat(x[m * xs + c]) * load(w + c * LANES);
+    const vec b = bias ? load(bias) : (vec){0};
+    for (int m = 0; m < mr; m++) {
+        vec sum = acc[m][0];
+        for (int a = 1; a < na; a++) sum += acc[m][a];
+        store(y + m * ys, sum + b);
+    }
+}
+
+#define STREAM_CASE(MR, NA) case MR: stream_block(x, xs, w, k, bias, y, ys, MR, NA); return;
+static void stream_rows(const float *x, long xs, const float *w, long k, const float *bias, float *y, long ys,
+                        int mr) {
+    switch (mr) {
+        STREAM_CASE(1, 4) STREAM_CASE(2, 4) STREAM_CASE(3, 4) STREAM_CASE(4, 4)
+        STREAM_CASE(5, 2) STREAM_CASE(6, 2) STREAM_CASE(7, 2) STREAM_CASE(8, 2)
+    }
+}
+
+#define TILE_ROWS 6
+#define TILE_VECS 4                /* outputs per tile: TILE_VECS * 16 */
+
+/* One GEMM tile: `mr` rows of x (stride xs) against `nb` 16-output blocks of the blocked weight from `w`
+ * (block stride k * 16 floats), into y (stride ys); mr and nb are constants at every call site. */
+static inline __attribute__((always_inline)) void
+gemm_tile(const float *x, long xs, const float *w, long k, const float *bias, float *y, long ys, const int mr,
+          const int nb) {
+    vec acc[TILE_ROWS][TILE_VECS];
+    for (int m = 0; m < mr; m++)
+        for (int j = 0; j < nb; j++) acc[m][j] = (vec){0};
+    for (long c = 0; c < k; c++) {
+        vec b[TILE_VECS];
+        for (int j = 0; j < nb; j++) b[j] = load(w + (j * k + c) * LANES);
+        for (int m = 0; m < mr; m++) {
+            const vec xm = splat(x[m * xs + c]);
+            for (int j = 0; j < nb; j++) acc[m][j] += xm * b[j];
+        }
+    }
+    for (int j = 0; j < nb; j++) {
+        const vec bj = bias ? load(bias + j * LANES) : (vec){0};
+        for (int m = 0; m < mr; m++) store(y + m * ys + j * LANES, acc[m][j] + bj);
+    }
+}
+
+#define TILE_CASE(MR, NB) case MR: gemm_tile(x, xs, w, k, bias, y, ys, MR, NB); return;
+#define TILES_OF_WIDTH(NB)                                                                              \
+    static void tile_nb##NB(const float *x, long xs, const float *w, long k, const float *bias, float *y, \
+                            long ys, int mr) {                                                          \
+        switch (mr) {                                                                                   \
+            TILE_CASE(1, NB) TILE_CASE(2, NB) TILE_CASE(3, NB) TILE_CASE(4, NB) TILE_CASE(5, NB)        \
+            TILE_CASE(6, NB)                                                                            \
+        }                                                                                               \
+    }
+TILES_OF_WIDTH(1) TILES_OF_WIDTH(2) TILES_OF_WIDTH(3) TILES_OF_WIDTH(4)
+
+typedef void (*tile_fn)(const float *, long, const float *, long, const float *, float *, long, int);
+static const tile_fn TILES[TILE_VECS + 1] = {NULL, tile_nb1, tile_nb2, tile_nb3, tile_nb4};
+
+/* y[M, n] (row stride y_stride) = x[M, k] (row stride x_stride) W^T + bias, with W blocked as
+ * [n/16][k][16]. Threads take whole column panels (64 outputs) and run every row tile through them, so
+ * a panel's weights come from memory once and then from cache. Returns 0, or -1 when n is not a
+ * multiple of 16. */
+int llmserve_linear_blocked(const float *x, long x_stride, const float *w, const float *bias, float *y,
+                            long y_stride, long M, long n, long k, int num_threads) {
+    if (n % LANES != 0) return -1;
+    const long blocks = n / LANES;
+    if (M <= MAX_ROWS) {
+        #pragma omp parallel for num_threads(num_threads) schedule(static)
+        for (long blk = 0; blk < blocks; blk++)
+            stream_rows(x, x_stride, w + blk * k * LANES, k, bias ? bias + blk * LANES : NULL, y + blk * LANES,
+                        y_stride, (int)M);
+        return 0;
+    }
+    const long panels = (blocks + TILE_VECS - 1) / TILE_VECS;
+    #pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (long p = 0; p < panels; p++) {
+        const long first = p * TILE_VECS;
+        const int nb = blocks - first < TILE_VECS ? (int)(blocks - first) : TILE_VECS;
+        for (long m0 = 0; m0 < M; m0 += TILE_ROWS) {
+            const int mr = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
+            TILES[nb](x + m0 * x_stride, x_stride, w + first * k * LANES, k, bias ? bias + first * LANES : NULL,
+                      y + m0 * y_stride + first * LANES, y_stride, mr);
+        }
+    }
+    return 0;
+}
