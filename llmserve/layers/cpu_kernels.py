@@ -154,6 +154,7 @@ class CPUKernels:
         """``x @ W.T + bias`` for a 2-D ``x`` (unit stride along the last dim), any number of rows, with
         ``W`` given as :func:`block_weight` made it."""
         rows, k = x.shape
+        _check_rows(x, k, "x")
         blocks, k_w, lanes = blocked_weight.shape
         if lanes != WEIGHT_BLOCK or k_w != k or not blocked_weight.is_contiguous() \
                 or (bias is not None and not bias.is_contiguous()):
