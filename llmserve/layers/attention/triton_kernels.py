@@ -314,6 +314,16 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
         BLOCK_H=_pow2_at_least(num_kv_heads), BLOCK_D=_pow2_at_least(head_dim))
 
 
+def _attention_shapes(query: torch.Tensor, key_cache: torch.Tensor
+                      ) -> tuple[torch.Tensor, tuple[int, int, int, int, int]]:
+    """``query`` with a unit-stride last dim, and ``(heads, head_dim, kv_heads, block_size, group)``."""
+    _check_cache(key_cache)
+    query = _last_dim_contiguous(query)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    return query, (num_heads, head_dim, num_kv_heads, block_size, num_heads // num_kv_heads)
+
+
 def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       out: torch.Tensor, block_tables: torch.Tensor, query_start: torch.Tensor,
                       query_lens: torch.Tensor, context_lens: torch.Tensor, max_query_len: int,
@@ -326,11 +336,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     num_seqs = query_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0:
         return
-    _check_cache(key_cache)
-    query = _last_dim_contiguous(query)
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
-    group = num_heads // num_kv_heads
+    query, (num_heads, head_dim, num_kv_heads, block_size, group) = _attention_shapes(query, key_cache)
     rows, tokens = prefill_tile(group)
     grid = (num_seqs, triton.cdiv(max_query_len, tokens), num_kv_heads)
     _prefill_attention_kernel[grid](
@@ -352,11 +358,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     batch = query.shape[0]
     if batch == 0:
         return
-    _check_cache(key_cache)
-    query = _last_dim_contiguous(query)
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
-    group = num_heads // num_kv_heads
+    query, (num_heads, head_dim, num_kv_heads, block_size, group) = _attention_shapes(query, key_cache)
     part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
     part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
