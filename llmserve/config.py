@@ -78,6 +78,10 @@ class EngineConfig:
     enforce_eager: bool = False
     # GPU only: decode steps whose longest context exceeds this run eagerly (the graphs' block-table width).
     max_seq_len_to_capture: int = 8192
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # uni (one rank in process), mp (a process per rank) or ray; None: uni for one rank, else mp
+    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -96,10 +100,29 @@ class EngineConfig:
             raise ValueError(f"--max-seq-len-to-capture must be >= 1, got {self.max_seq_len_to_capture}")
         if self.max_logprobs < 0:
             raise ValueError(f"--max-logprobs must be >= 0, got {self.max_logprobs}")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size and --pipeline-parallel-size must be >= 1, got "
+                             f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+        if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):
+            raise ValueError(f"--distributed-executor-backend must be uni, mp or ray, got "
+                             f"{self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "uni" and self.world_size > 1:
+            raise ValueError(f"--distributed-executor-backend uni runs one rank, but tensor x pipeline parallel "
+                             f"size is {self.world_size}; use mp or ray")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"unsupported dtype {self.dtype!r}; choose one of auto, float32, bfloat16, float16")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.world_size == 1 else "mp"
 
     @property
     def torch_device(self) -> torch.device:

@@ -114,19 +114,22 @@ class StepProfiler:
         self._forward = _Timer(runner.model.forward)
         self._logits = _Timer(runner.model.compute_logits)
         self._sampler = _Timer(runner.sampler.forward)
-        execute = runner.execute
+        execute = runner.execute_model
 
-        def traced_execute(scheduled: list[tuple[Any, int]], *args: Any, **kwargs: Any) -> Any:
-            self._scheduled.extend((n, seq.num_computed_tokens, seq.num_tokens) for seq, n in scheduled)
-            return execute(scheduled, *args, **kwargs)
+        def traced_execute(sched: Any) -> Any:
+            output = execute(sched)
+            seqs = runner.input_batch.seqs   # patched from the step's message by execute
+            self._scheduled.extend((n, seqs[i].num_computed_tokens, seqs[i].num_tokens)
+                                   for i, n in sched.num_scheduled_tokens.items())
+            return output
 
         runner.model.forward, runner.model.compute_logits = self._forward, self._logits
-        runner.sampler.forward, runner.execute = self._sampler, traced_execute
+        runner.sampler.forward, runner.execute_model = self._sampler, traced_execute
         return self
 
     def __exit__(self, *exc: Any) -> None:
         runner = self.engine.runner
-        del runner.model.forward, runner.model.compute_logits, runner.sampler.forward, runner.execute
+        del runner.model.forward, runner.model.compute_logits, runner.sampler.forward, runner.execute_model
 
     def step(self) -> tuple[StepRecord, list[Any]]:
         before = (self._forward.seconds + self._logits.seconds, self._sampler.seconds)

@@ -7,7 +7,8 @@ most one partly filled block per sequence is wasted.
 Sharing, by reference count:
 
 - **Prefix caching.** Every full block is named by a chained SHA-256 of (parent block's hash, its token
-  ids); a collision would need a SHA-256 collision, so a hit never serves wrong KV. A new sequence takes
+  ids); the chain starts from the sequence's extra keys (a cache salt, later an adapter), so sequences
+  with different keys never share KV even for the same tokens. A collision would need a SHA-256 collision, so a hit never serves wrong KV. A new sequence takes
   every cached block of its longest cached prefix and computes only the rest. Freed blocks keep their
   hash and stay reusable until a new allocation needs them; the free pool is LRU-ordered (freed
   sequences give their tail blocks first), so the least recently used cached blocks are evicted first.
@@ -30,6 +31,11 @@ _ROOT_HASH = b"llmserve-prefix-root"
 
 def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.sha256(parent + np.asarray(token_ids, dtype=np.int64).tobytes()).digest()
+
+
+def chain_root(extra_keys: bytes) -> bytes:
+    """The parent hash of a sequence's first block: the root, or a hash of the root and its extra keys."""
+    return hashlib.sha256(_ROOT_HASH + extra_keys).digest() if extra_keys else _ROOT_HASH
 
 
 class BlockManager:
@@ -107,7 +113,8 @@ class BlockManager:
         tokens = seq.all_token_ids
         while len(hashes) < count:
             i = len(hashes)
-            hashes.append(chain_hash(hashes[-1] if hashes else _ROOT_HASH, tokens[i * bs:(i + 1) * bs]))
+            parent = hashes[-1] if hashes else chain_root(seq.extra_hash_keys)
+            hashes.append(chain_hash(parent, tokens[i * bs:(i + 1) * bs]))
         return hashes[:count]
 
     # ------------------------------------------------------------------ allocation
@@ -125,6 +132,7 @@ class BlockManager:
             table[first_write] = self._pop_free()
             self.ref_counts[shared] -= 1
             self.pending_copies.append((shared, table[first_write]))
+            seq.num_sent_blocks = min(seq.num_sent_blocks, first_write)   # the workers' table changes there
             needed -= 1
         for _ in range(needed):
             table.append(self._pop_free())

@@ -1,8 +1,12 @@
-"""The synchronous engine core: admission, one scheduling step at a time, and request outputs.
+"""The synchronous engine: input processing, the engine core, and output processing.
 
-``add_request`` validates and queues; ``step`` schedules, runs the model once for every scheduled
-token, appends sampled tokens, detokenises, applies stop conditions and frees finished sequences'
-blocks at once. Front ends (``LLM``, the API server's async engine) drive ``step`` in a loop.
+``add_request`` tokenises, validates and queues; ``step`` runs one step of the
+:class:`~llmserve.engine.core.EngineCore` (schedule, execute on the workers, update) and turns the
+tokens it produced into request outputs: logprobs, detokenised text, stop strings. Front ends (``LLM``,
+the API server's async engine) drive ``step`` in a loop.
+
+Tokenising happens on the front end's thread and detokenising on the engine's, so each has its own
+tokenizer instance: a Hugging Face fast tokenizer is not safe to use from two threads at once.
 """
 
 from __future__ import annotations
@@ -19,22 +23,21 @@ import torch
 
 from llmserve.config import EngineConfig, resolve_dtype
 from llmserve.engine.block_manager import BlockManager
+from llmserve.engine.core import EngineCore
 from llmserve.engine.detokenizer import IncrementalDetokenizer
-from llmserve.engine.scheduler import Scheduler
+from llmserve.engine.messages import TokenLogprobs
+from llmserve.engine.scheduler import Scheduler, stops_on_token
 from llmserve.engine.sequence import Sequence
 from llmserve.errors import InvalidRequestError
-from llmserve.layers.attention.backend import get_attention_backend
-from llmserve.layers.sampler import make_generator
-from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
+from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
 from llmserve.models.registry import resolve_model_class
 from llmserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from llmserve.sampling_params import SamplingParams
 from llmserve.tokenizer import load_tokenizer
-from llmserve.worker.model_runner import ModelRunner, StepOutput, TokenLogprobs
+from llmserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-CPU_DEFAULT_KV_CACHE_BYTES = 4 * 2**30   # vLLM's CPU default
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
@@ -65,7 +68,6 @@ class RequestState:
     finished_time: float | None = None
     reported: list[int] = field(default_factory=list)   # DELTA: output tokens already reported, per sample
     prompt_logprobs_sent: bool = False
-    pending_forks: list[Sequence] = field(default_factory=list)   # samples waiting for sample 0's prefill
     error: str | None = None   # set when the model failed on this request (finish_reason "error")
 
     @property
@@ -77,9 +79,6 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.torch_device
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        torch.manual_seed(config.seed)   # unseeded requests: reproducible run to run
         if config.model is None:
             from llmserve.testing.checkpoints import demo_model_path
 
@@ -93,6 +92,8 @@ class LLMEngine:
         if config.tokenizer:
             tokenizer_path = resolve_model_path(config.tokenizer, config.tokenizer_revision, config.download_dir)
         self.tokenizer = load_tokenizer(tokenizer_path, config.tokenizer_revision, config.trust_remote_code)
+        # The engine thread's own instance, for detokenising (see the module docstring).
+        self.output_tokenizer = load_tokenizer(tokenizer_path, config.tokenizer_revision, config.trust_remote_code)
         self.vocab_size = int(self.hf_config.vocab_size)
         self.eos_token_id = self._eos_token_id()
         self.extra_eos_token_ids = self._extra_eos_token_ids(path)
@@ -104,31 +105,31 @@ class LLMEngine:
             raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) is smaller than "
                              f"--max-model-len ({self.max_model_len}) with chunked prefill disabled: "
                              "long prompts could never be scheduled")
-        t0 = time.perf_counter()
-        model = load_model(self.hf_config, path, self.dtype, self.device)
-        logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, self.dtype, self.device,
-                    path, time.perf_counter() - t0)
-        backend = get_attention_backend(self.device, self.dtype,
-                                        num_kv_heads=model.attention_layers()[0].num_kv_heads)
-        self.runner = ModelRunner(model, backend, config.block_size,
-                                  self.vocab_size, self.device, self.dtype, max_num_seqs=config.max_num_seqs,
-                                  enforce_eager=config.enforce_eager,
-                                  max_seq_len_to_capture=config.max_seq_len_to_capture,
-                                  max_model_len=self.max_model_len)
-        num_blocks = self._num_kv_blocks()
-        self.runner.allocate_kv_cache(num_blocks)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
-                                   config.enable_chunked_prefill)
+        self.core = EngineCore(config, self.max_model_len, self.max_num_batched_tokens)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
-        tokens = num_blocks * config.block_size
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", num_blocks, config.block_size,
-                    tokens, num_blocks * self.runner.kv_cache_bytes_per_block() / 2**30)
-        logger.info("Maximum concurrency for %d tokens per request: %.2fx", self.max_model_len,
-                    tokens / self.max_model_len)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def block_manager(self) -> BlockManager:
+        return self.core.block_manager
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The model runner, when it runs in this process (the ``uni`` executor)."""
+        worker = getattr(self.core.executor, "worker", None)
+        if worker is None or worker.runner is None:
+            raise AttributeError("the model runs in worker processes; there is no runner in this process")
+        return worker.runner
+
+    def shutdown(self) -> None:
+        """Stop the workers (worker processes exit; in process, nothing to do)."""
+        self.core.shutdown()
 
     # ------------------------------------------------------------------ start-up helpers
     def _eos_token_id(self) -> int | None:
@@ -170,31 +171,22 @@ class LLMEngine:
                              f"length ({derived} tokens)")
         return requested
 
-    def _num_kv_blocks(self) -> int:
-        per_block = self.runner.kv_cache_bytes_per_block()
-        budget = self.config.kv_cache_memory_bytes
-        if budget is None and self.device.type == "cuda":
-            budget = self.runner.profile_kv_cache_budget(self.max_num_batched_tokens, self.config.max_num_seqs,
-                                                         self.max_model_len, self.config.gpu_memory_utilization)
-        elif budget is None:
-            budget = CPU_DEFAULT_KV_CACHE_BYTES
-        num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise ValueError(f"the KV-cache budget ({budget} bytes) is smaller than one block ({per_block} bytes); "
-                             "raise --kv-cache-memory-bytes or --gpu-memory-utilization")
-        return int(num_blocks)
-
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+                    arrival_time: float | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE,
+                    cache_salt: str | None = None) -> None:
         """Validate and queue a request; raises :class:`InvalidRequestError` (and queues nothing) if it is bad."""
-        self.enqueue(self.prepare_request(request_id, prompt, params, arrival_time, output_kind))
+        self.enqueue(self.prepare_request(request_id, prompt, params, arrival_time, output_kind, cache_salt))
 
     def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                         arrival_time: float | None = None,
-                        output_kind: OutputKind = OutputKind.CUMULATIVE) -> RequestState:
+                        output_kind: OutputKind = OutputKind.CUMULATIVE,
+                        cache_salt: str | None = None) -> RequestState:
         """Tokenise and validate without touching the engine's state, so a front end can do it on its own
-        thread; raises :class:`InvalidRequestError` naming the field."""
+        thread; raises :class:`InvalidRequestError` naming the field. Requests with a ``cache_salt`` share
+        prefix-cache blocks only with requests of the same salt (vLLM's field of that name)."""
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequestError("cache_salt must be a non-empty string", "cache_salt")
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
@@ -212,14 +204,12 @@ class LLMEngine:
                 f"tokens) but the whole cache holds {self.block_manager.num_blocks}; lower max_tokens or give the "
                 "cache more memory (--kv-cache-memory-bytes)", "max_tokens")
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        seqs = []
-        for index in range(params.n):
-            generator = None if params.seed is None else make_generator(params.seed, index, self.device)
-            seqs.append(Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, max_tokens,
-                                 self.eos_token_id, generator, arrival_time=arrival))
+        salt = cache_salt.encode() if cache_salt else b""
+        seqs = [Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, max_tokens, self.eos_token_id,
+                         arrival_time=arrival, extra_hash_keys=salt) for index in range(params.n)]
         state = RequestState(
             request_id, prompt_text, prompt_ids, params, output_kind, seqs,
-            [IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
+            [IncrementalDetokenizer(self.output_tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
                                     spaces_between_special_tokens=params.spaces_between_special_tokens,
                                     stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
              for _ in seqs],
@@ -237,8 +227,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {state.request_id!r} is already in use", "request_id")
         self.requests[state.request_id] = state
         # n > 1: only the first sample prefills; the others fork from it when its prompt is done.
-        self.scheduler.add(state.seqs[0])
-        state.pending_forks = state.seqs[1:]
+        state.seqs[0].pending_forks = state.seqs[1:]
+        self.core.add(state.seqs[0])
         self.num_prompt_tokens_total += len(state.prompt_token_ids)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -284,7 +274,7 @@ class LLMEngine:
         for seq in state.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self.core.finish(seq)
         state.finished_time = time.monotonic()
         return self._make_output(state, finished=True)
 
@@ -294,39 +284,23 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return outputs for requests that progressed (per their output kind)."""
-        sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return []
-        self.runner.copy_blocks(self.block_manager.take_pending_copies())
-        forks = self._forks_due(sched.scheduled)
-        result, scheduled, failures = self._execute(sched.scheduled, forks)
+        result = self.core.step()
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
-        for request_id, message in failures.items():
+        for request_id, message in result.failed.items():
+            logger.error("model failed on request %s: %s", request_id, message)
             state = self.requests[request_id]
             state.error = message
             for seq in state.seqs:
                 if not seq.is_finished:
                     seq.finish_reason = "error"
-                    self.scheduler.finish(seq)
+                    self.core.finish(seq)
             touched[request_id] = state
-        for seq, num_new in scheduled:
-            seq.num_computed_tokens += num_new
-            self.block_manager.cache_full_blocks(seq)
+        for seq, start, entries in result.prompt_logprobs:
+            self._record_prompt_logprobs(self.requests[seq.request_id], start, entries)
+        for seq, token, token_logprobs in result.sampled:
             state = self.requests[seq.request_id]
-            if seq.seq_id in result.prompt_logprobs:
-                self._record_prompt_logprobs(state, *result.prompt_logprobs[seq.seq_id])
-            if seq.seq_id not in result.sampled:
-                continue   # a prefill chunk that did not reach the end of the prompt
-            children = forks.get(seq.seq_id, [])
-            for child in children:   # share the prompt's blocks before the parent may finish and free them
-                self.block_manager.fork(seq, child)
-                child.first_scheduled_time = seq.first_scheduled_time
-                self.scheduler.add_running(child)
-            if children:
-                state.pending_forks = []
-            for sampled_seq in (seq, *children):
-                self._append_token(state, sampled_seq, result, now)
+            self._process_token(state, seq, token, token_logprobs)
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
@@ -338,85 +312,25 @@ class LLMEngine:
                 outputs.append(self._make_output(state, finished))
         return outputs
 
-    def _forks_due(self, scheduled: list[tuple[Sequence, int]]) -> dict[int, list[Sequence]]:
-        """Parents whose prompt completes this step -> the samples that fork from them."""
-        forks = {}
-        for seq, num_new in scheduled:
-            if seq.num_computed_tokens + num_new == seq.num_tokens and not seq.output_token_ids:
-                pending = self.requests[seq.request_id].pending_forks
-                if pending:
-                    forks[seq.seq_id] = pending
-        return forks
-
-    def _append_token(self, state: RequestState, seq: Sequence, result: StepOutput, now: float) -> None:
-        """Append a sampled token and apply logprobs, detokenisation and stop conditions."""
-        token = result.sampled[seq.seq_id]
-        seq.append_token(token)
+    def _process_token(self, state: RequestState, seq: Sequence, token: int,
+                       token_logprobs: TokenLogprobs | None) -> None:
+        """Logprobs, detokenisation and stop strings for a token the core appended (and maybe finished on)."""
         self.num_generation_tokens_total += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        seq.last_token_time = now
-        token_logprobs = result.logprobs.get(seq.seq_id)
         if token_logprobs is not None:
             state.cumulative_logprobs[seq.index] += token_logprobs.logprob
             if state.logprobs is not None:
                 state.logprobs[seq.index].append(self._position_logprobs(token_logprobs))
         detokenizer = state.detokenizers[seq.index]
-        if self._stops_on_token(seq, token) and not seq.params.include_stop_str_in_output:
+        if stops_on_token(seq, token) and not seq.params.include_stop_str_in_output:
             stop_string = None   # the text of the EOS / stop token is not part of the output (vLLM)
         else:
             # vLLM: stop strings count only once more than min_tokens tokens exist.
             stop_string = detokenizer.update([token], check_stop=len(seq.output_token_ids) > seq.params.min_tokens)
-        self._check_stop(seq, token, stop_string)
+        if stop_string is not None and not stops_on_token(seq, token):
+            seq.finish_reason, seq.stop_reason = "stop", stop_string   # before "length" (vLLM's order)
+            self.core.finish(seq)
         if seq.finish_reason:
             detokenizer.get_next_output_text(finished=True, delta=False)   # flush a cut-off character
-            self.scheduler.finish(seq)
-
-    def _execute(self, scheduled: list[tuple[Sequence, int]], forks: dict[int, list[Sequence]]
-                 ) -> tuple[StepOutput, list[tuple[Sequence, int]], dict[str, str]]:
-        """Run the step; if the model fails, find the request(s) it fails on by running each sequence alone.
-
-        Returns the merged results, the sequences that ran, and an error message per failed request. A
-        retry is harmless: it writes the same K/V into the same slots. The other requests go on.
-        """
-        try:
-            return self.runner.execute(scheduled, forks), scheduled, {}
-        except Exception as exc:   # noqa: BLE001 - isolated below; the loop must survive one bad request
-            if len(scheduled) == 1:
-                logger.exception("model failed on request %s", scheduled[0][0].request_id)
-                return StepOutput(), [], {scheduled[0][0].request_id: f"{type(exc).__name__}: {exc}"}
-            logger.warning("model step failed (%s: %s); retrying its %d sequences one by one",
-                           type(exc).__name__, exc, len(scheduled))
-        merged, ran, failures = StepOutput(), [], {}
-        for item in scheduled:
-            if item[0].request_id in failures:
-                continue
-            part, ok, failed = self._execute([item], {k: v for k, v in forks.items() if k == item[0].seq_id})
-            merged.merge(part)
-            ran += ok
-            failures.update(failed)
-        return merged, [item for item in ran if item[0].request_id not in failures], failures
-
-    def _check_stop(self, seq: Sequence, token: int, stop_string: str | None) -> None:
-        """Set ``seq.finish_reason`` when a stop condition holds (vLLM's order: EOS, stop ids, stop strings, length)."""
-        if self._stops_on_token(seq, token):
-            seq.finish_reason = "stop"
-            if token != seq.eos_token_id or seq.params.ignore_eos:
-                seq.stop_reason = token   # a stop token id; EOS has no stop_reason
-            return
-        if stop_string is not None:
-            seq.finish_reason, seq.stop_reason = "stop", stop_string
-            return
-        if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
-
-    @staticmethod
-    def _stops_on_token(seq: Sequence, token: int) -> bool:
-        """Whether ``token``, just appended, is an EOS or stop token that ends ``seq`` (never before min_tokens)."""
-        params = seq.params
-        if len(seq.output_token_ids) < params.min_tokens:
-            return False
-        return (token == seq.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids
 
     def _record_prompt_logprobs(self, state: RequestState, start: int, entries: list[TokenLogprobs]) -> None:
         """Store prompt logprobs once; a recomputed (preempted) or parallel sequence reports them again.
@@ -429,7 +343,7 @@ class LLMEngine:
                 state.prompt_logprobs.append(self._position_logprobs(entry))
 
     def _position_logprobs(self, entry: TokenLogprobs) -> PositionLogprobs:
-        decode = self.tokenizer.convert_ids_to_tokens
+        decode = self.output_tokenizer.convert_ids_to_tokens
         result = {entry.token_id: Logprob(entry.logprob, entry.rank, decode(entry.token_id))}
         for rank, (token, lp) in enumerate(zip(entry.top_ids, entry.top_logprobs), start=1):
             result.setdefault(token, Logprob(lp, rank, decode(token)))

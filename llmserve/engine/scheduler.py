@@ -1,11 +1,23 @@
-"""Continuous batching: decides, every step, which sequences run and how many tokens each computes.
+"""Continuous batching: decides, every step, which sequences run and how many tokens each computes, and
+owns every counter that moves when a step's result comes back.
 
-Running sequences go first, in admission order, then waiting ones (FCFS) while the token budget
-(``max_num_batched_tokens``), the sequence cap (``max_num_seqs``) and free blocks allow. A long prompt
-takes what is left of the budget and continues next step (chunked prefill). When a running sequence
-cannot get a block, the most recently admitted running sequence is preempted: its blocks are freed and
-it goes back to the front of the queue to be recomputed later. A waiting sequence first takes the
-blocks of its longest cached prefix (prefix caching), so only the rest of its prompt is computed.
+``schedule`` takes running sequences first, in admission order, then waiting ones (FCFS) while the token
+budget (``max_num_batched_tokens``), the sequence cap (``max_num_seqs``) and free blocks allow. A long
+prompt takes what is left of the budget and continues next step (chunked prefill). When a running
+sequence cannot get a block, the most recently admitted running sequence is preempted: its blocks are
+freed and it goes back to the front of the queue to be recomputed later. A waiting sequence first takes
+the blocks of its longest cached prefix (prefix caching), so only the rest of its prompt is computed.
+The step is described to the workers as a :class:`~llmserve.engine.messages.SchedulerOutput`.
+
+``update_from_output`` applies the workers' :class:`~llmserve.engine.messages.ModelRunnerOutput`: it
+advances ``num_computed_tokens``, publishes newly full blocks to the prefix cache, forks parallel
+samples, appends sampled tokens and finishes sequences on EOS, stop token ids and length. Stop strings
+need text, so the engine's output processing applies them through :meth:`finish`.
+
+A step that fails as a whole commits nothing. Its sequences become suspects: while there are any, each
+step runs the sequences of one suspect request alone, through the normal path (so every rank of a
+parallel job runs the same steps). A request whose solo step fails is failed; the others are cleared and
+continue with exactly the output they would have had.
 """
 
 from __future__ import annotations
@@ -15,83 +27,115 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llmserve.engine.block_manager import BlockManager
+from llmserve.engine.messages import (CachedSequenceData, ForkData, ModelRunnerOutput, NewSequenceData,
+                                      SchedulerOutput, TokenLogprobs)
 from llmserve.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
-class SchedulerOutput:
-    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)   # (sequence, tokens this step)
-    preempted: list[Sequence] = field(default_factory=list)
+class StepResult:
+    """What a step did to the sequences, for the engine's output processing."""
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
+    # (sequence, token appended this step, its logprobs if asked); finish_reason set if it finished
+    sampled: list[tuple[Sequence, int, TokenLogprobs | None]] = field(default_factory=list)
+    # (sequence, first position p, logprobs of prompt tokens p+1, ...)
+    prompt_logprobs: list[tuple[Sequence, int, list[TokenLogprobs]]] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)   # request id -> why its solo step failed
+
+
+def stops_on_token(seq: Sequence, token: int) -> bool:
+    """Whether ``token``, just appended, is an EOS or stop token that ends ``seq`` (never before min_tokens)."""
+    params = seq.params
+    if len(seq.output_token_ids) < params.min_tokens:
+        return False
+    return (token == seq.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True) -> None:
+                 enable_chunked_prefill: bool = True, max_model_len: int | None = None) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}   # insertion order = admission order; O(1) removal
         self.num_preemptions = 0
+        self.last_preempted: list[Sequence] = []
+        self._scheduled: list[tuple[Sequence, int]] = []      # the step awaiting its result
+        self._forks: dict[int, list[Sequence]] = {}
+        self._forget: list[int] = []                          # seq ids the workers must drop
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    @property
+    def has_suspects(self) -> bool:
+        return any(seq.suspect for seq in self.running.values())
+
     def add(self, seq: Sequence) -> None:
+        """Queue a sequence; its ``pending_forks`` join the running set when its prompt is computed."""
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> None:
-        """Admit a sequence whose K/V already exists (a forked parallel sample)."""
-        seq.status = SequenceStatus.RUNNING
-        self.running[seq.seq_id] = seq
-
     def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence and free its blocks at once."""
+        """Remove a finished or aborted sequence (and samples still waiting to fork from it); free its blocks."""
         if self.running.pop(seq.seq_id, None) is None:
             try:
                 self.waiting.remove(seq)   # aborts of queued requests only; rare
             except ValueError:
                 pass
         self.block_manager.free(seq)
+        self._release_from_workers(seq)
         seq.status = SequenceStatus.FINISHED
+        for child in seq.pending_forks:
+            child.status = SequenceStatus.FINISHED
+            child.finish_reason = child.finish_reason or seq.finish_reason
+        seq.pending_forks = []
 
+    # ------------------------------------------------------------------ scheduling
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        self.last_preempted = []
+        suspects = self._next_suspects()
         for seq in list(self.running.values()):
             if budget == 0:
                 break
-            if seq.seq_id not in self.running:
-                continue   # preempted earlier in this loop
+            if seq.seq_id not in self.running or (suspects and seq.seq_id not in suspects):
+                continue   # preempted earlier in this loop, or not this step's suspect
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self._allocate_or_preempt(seq, num_new, out):
-                out.scheduled.append((seq, num_new))
+            if self._allocate_or_preempt(seq, num_new):
+                scheduled.append((seq, num_new))
                 budget -= num_new
-        if not out.preempted:
-            self._admit_waiting(out, budget)
+        if not self.last_preempted and not suspects:
+            self._admit_waiting(scheduled, budget)
         now = time.monotonic()
-        for seq, _ in out.scheduled:
+        for seq, _ in scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        return out
+        self._scheduled = scheduled
+        return self._make_output(scheduled)
 
-    def _allocate_or_preempt(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
+    def _next_suspects(self) -> set[int]:
+        """The running sequences of the first suspect request (empty when there is none)."""
+        for seq in self.running.values():
+            if seq.suspect:
+                return {s.seq_id for s in self.running.values() if s.request_id == seq.request_id}
+        return set()
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int) -> bool:
         """Find blocks for ``seq`` by preempting from the tail of the running set; False if ``seq`` itself went."""
         while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
             victim = self.running[next(reversed(self.running))]
             self._preempt(victim)
-            out.preempted.append(victim)
+            self.last_preempted.append(victim)
             if victim is seq:
                 return False
         return True
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, scheduled: list[tuple[Sequence, int]], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             num_hit = self.block_manager.match_prefix(seq)   # cached prefix blocks count as computed
@@ -107,14 +151,120 @@ class Scheduler:
             self.waiting.popleft()
             self.running[seq.seq_id] = seq
             seq.status = SequenceStatus.RUNNING
-            out.scheduled.append((seq, num_new))
+            scheduled.append((seq, num_new))
             budget -= num_new
 
     def _preempt(self, seq: Sequence) -> None:
         del self.running[seq.seq_id]
         self.block_manager.free(seq)
+        self._release_from_workers(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _release_from_workers(self, seq: Sequence) -> None:
+        if seq.on_workers:
+            self._forget.append(seq.seq_id)
+            seq.on_workers = False
+        seq.num_sent_tokens = seq.num_sent_blocks = 0
+
+    def _make_output(self, scheduled: list[tuple[Sequence, int]]) -> SchedulerOutput:
+        if not scheduled:
+            return SchedulerOutput()   # copies and sequences to forget wait for a step that runs
+        out = SchedulerOutput(block_copies=self.block_manager.take_pending_copies(),
+                              finished_seq_ids=self._forget)
+        self._forget = []
+        self._forks = {}
+        for seq, n in scheduled:
+            out.num_scheduled_tokens[seq.seq_id] = n
+            if not seq.on_workers:
+                out.new_seqs.append(NewSequenceData(
+                    seq.seq_id, seq.index, seq.prompt_token_ids, list(seq.output_token_ids), seq.params,
+                    seq.eos_token_id, list(seq.block_table), seq.num_computed_tokens))
+                seq.on_workers = True
+            else:
+                out.cached_seqs.append(CachedSequenceData(
+                    seq.seq_id, seq.all_token_ids[seq.num_sent_tokens:], seq.num_sent_blocks,
+                    seq.block_table[seq.num_sent_blocks:], seq.num_computed_tokens))
+            seq.num_sent_tokens = seq.num_tokens
+            seq.num_sent_blocks = len(seq.block_table)
+            if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens and not seq.output_token_ids:
+                self._forks[seq.seq_id] = seq.pending_forks
+                out.forks[seq.seq_id] = [ForkData(c.seq_id, c.index) for c in seq.pending_forks]
+        return out
+
+    # ------------------------------------------------------------------ results
+    def update_from_output(self, sched_out: SchedulerOutput, result: ModelRunnerOutput) -> StepResult:
+        """Apply a step's result; every counter the step moved is moved here."""
+        scheduled, self._scheduled = self._scheduled, []
+        forks, self._forks = self._forks, {}
+        step = StepResult()
+        if result.error is not None:
+            self._fail_step(scheduled, forks, sched_out, result.error, step)
+            return step
+        now = time.monotonic()
+        for seq, num_new in scheduled:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue   # finished by an abort between schedule and update
+            seq.num_computed_tokens += num_new
+            seq.suspect = False
+            self.block_manager.cache_full_blocks(seq)
+            if seq.seq_id in result.prompt_logprobs:
+                start, entries = result.prompt_logprobs[seq.seq_id]
+                step.prompt_logprobs.append((seq, start, entries))
+            if seq.seq_id not in result.sampled:
+                continue   # a prefill chunk that did not reach the end of the prompt
+            children = forks.get(seq.seq_id, [])
+            for child in children:   # share the prompt's blocks before the parent may finish and free them
+                self.block_manager.fork(seq, child)
+                child.first_scheduled_time = seq.first_scheduled_time
+                child.status = SequenceStatus.RUNNING
+                child.on_workers = True
+                child.num_sent_tokens = seq.num_sent_tokens
+                child.num_sent_blocks = len(child.block_table)
+                self.running[child.seq_id] = child
+            if children:
+                seq.pending_forks = []
+            for sampled_seq in (seq, *children):
+                self._append_token(sampled_seq, result, now, step)
+        return step
+
+    def _append_token(self, seq: Sequence, result: ModelRunnerOutput, now: float, step: StepResult) -> None:
+        token = result.sampled[seq.seq_id]
+        seq.append_token(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        self._check_stop(seq, token)
+        step.sampled.append((seq, token, result.logprobs.get(seq.seq_id)))
+        if seq.finish_reason is not None:
+            self.finish(seq)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        """Set ``seq.finish_reason`` when a token stop condition holds (vLLM's order: EOS, stop ids, length)."""
+        if stops_on_token(seq, token):
+            seq.finish_reason = "stop"
+            if token != seq.eos_token_id or seq.params.ignore_eos:
+                seq.stop_reason = token   # a stop token id; EOS has no stop_reason
+        elif len(seq.output_token_ids) >= seq.max_tokens or (
+                self.max_model_len is not None and seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+
+    def _fail_step(self, scheduled: list[tuple[Sequence, int]], forks: dict[int, list[Sequence]],
+                   sched_out: SchedulerOutput, error: str, step: StepResult) -> None:
+        """Commit nothing; the workers drop what they built, and the step's requests become suspects (or,
+        if the step was one request's alone, that request fails)."""
+        self.block_manager.pending_copies[:0] = sched_out.block_copies   # idempotent: redone next step
+        for children in forks.values():
+            self._forget.extend(child.seq_id for child in children)
+        live = [seq for seq, _ in scheduled if seq.status is SequenceStatus.RUNNING]
+        for seq in live:
+            self._release_from_workers(seq)
+        requests = {seq.request_id for seq in live}
+        if len(requests) == 1:
+            step.failed[requests.pop()] = error
+            return
+        for seq in live:
+            seq.suspect = True

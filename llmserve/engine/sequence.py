@@ -12,8 +12,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from llmserve.sampling_params import SamplingParams
 
 
@@ -32,7 +30,6 @@ class Sequence:
     params: SamplingParams
     max_tokens: int                  # params.max_tokens resolved against the context length
     eos_token_id: int | None
-    generator: torch.Generator | None
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
@@ -42,6 +39,14 @@ class Sequence:
     num_published_blocks: int = 0                              # full blocks already offered to the cache
     num_cached_tokens: int = 0                                 # prompt tokens served by the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
+    # What the workers hold of this sequence (they are told only what changed since): whether they hold it
+    # at all, how many of its tokens and how many entries of its block table.
+    on_workers: bool = False
+    num_sent_tokens: int = 0
+    num_sent_blocks: int = 0
+    suspect: bool = False              # was in a step that failed; runs alone until a step of its own succeeds
+    pending_forks: list[Sequence] = field(default_factory=list)   # samples 2..n, forked when its prompt is done
+    extra_hash_keys: bytes = b""       # mixed into its prefix-cache block hashes (a cache salt, an adapter)
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -29,23 +29,19 @@ from llmserve.sampling_params import SamplingParams
 _MASK64 = (1 << 64) - 1
 
 
-def make_generator(seed: int, sample_index: int, device: torch.device | str) -> torch.Generator:
-    """Generator for sample ``sample_index`` of a seeded request.
-
-    Sample 0 uses ``seed`` itself, so ``n=1`` requests get the plain seeded
-    stream; the other samples of an ``n > 1`` request get seeds derived with
-    SplitMix64, so they are distinct and not simply ``seed + i`` (which would
-    make sample 1 of seed 42 equal sample 0 of seed 43).
-    """
-    state = seed & _MASK64
-    if sample_index:
-        z = (state + sample_index * 0x9E3779B97F4A7C15) & _MASK64
+def position_seed(seed: int, sample_index: int, position: int) -> int:
+    """The seed of the draw for output position ``position`` of sample ``sample_index`` of a seeded
+    request: SplitMix64 over the three, so samples and positions get unrelated streams (not ``seed + i``,
+    which would make sample 1 of seed 42 equal sample 0 of seed 43). A seeded sequence's tokens are then
+    a function of its seed and its own tokens only: the same whatever shares the batch, after a
+    preemption, after a failed step is run again, on any rank."""
+    z = seed & _MASK64
+    for value in (sample_index, position):
+        z = (z + (value + 1) * 0x9E3779B97F4A7C15) & _MASK64
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(state)
-    return generator
+        z ^= z >> 31
+    return z
 
 
 def compute_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -60,8 +56,8 @@ class SamplingRow:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
-    # Set when params.seed is not None; created once per sequence (see
-    # make_generator) and kept for its whole life, on the logits' device.
+    # Set when params.seed is not None: the sequence's generator, seeded with
+    # position_seed for the position being sampled, on the logits' device.
     generator: torch.Generator | None
     # Masked, together with params.stop_token_ids, while the output is
     # shorter than params.min_tokens; None disables masking it.

@@ -1,6 +1,7 @@
 """Turns a scheduled step into model inputs, runs the model and the sampler, and returns tokens.
 
-Per step it builds the flat batch (decodes first, then prefill chunks), the slot mapping and block
+It holds its own copy of the running sequences (:class:`~llmserve.worker.input_batch.InputBatch`),
+patched from each :class:`~llmserve.engine.messages.SchedulerOutput`. Per step it builds the flat batch (decodes first, then prefill chunks), the slot mapping and block
 tables, asks the attention backend for its metadata once, runs one forward over every token of the
 step, computes logits only where a token is sampled or a prompt logprob is asked for, and samples.
 
@@ -13,45 +14,27 @@ request asked for).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from llmserve.engine.sequence import Sequence
+from llmserve.distributed.parallel_state import get_pp_group, get_tp_group
+from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
 from llmserve.layers.sampler import Sampler, SamplingBatch, SamplingRow, compute_logprobs
 from llmserve.sampling_params import SamplingParams
 from llmserve.worker.cpu_tuning import keep_large_allocations_in_heap
 from llmserve.worker.cuda_graphs import DecodeGraphs
+from llmserve.worker.input_batch import CachedSequence, InputBatch
+
+if TYPE_CHECKING:
+    from llmserve.models.interface import IntermediateTensors
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprobs at one position: the chosen token's, its rank, and the top-k alternatives."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top_ids: list[int] = field(default_factory=list)
-    top_logprobs: list[float] = field(default_factory=list)
-
-
-@dataclass
-class StepOutput:
-    sampled: dict[int, int] = field(default_factory=dict)                   # seq_id -> new token
-    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)        # seq_id -> its logprobs
-    # seq_id -> (first position p, logprobs of prompt tokens p+1, p+2, ...)
-    prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
-
-    def merge(self, other: StepOutput) -> None:
-        self.sampled.update(other.sampled)
-        self.logprobs.update(other.logprobs)
-        self.prompt_logprobs.update(other.prompt_logprobs)
 
 
 def kv_cache_budget(total_bytes: int, gpu_memory_utilization: float, peak_bytes: int, non_torch_bytes: int) -> int:
@@ -88,6 +71,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.sampler = Sampler()
+        self.input_batch = InputBatch(device)
         self.num_blocks = 0
         self.max_num_seqs = max_num_seqs
         self.enforce_eager = enforce_eager
@@ -195,26 +179,30 @@ class ModelRunner:
             attn.value_cache.index_copy_(0, dst, attn.value_cache.index_select(0, src))
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]],
-                forks: dict[int, list[Sequence]] | None = None) -> StepOutput:
-        """Run one step. ``forks`` maps a sequence whose prompt completes now to the parallel samples that
-        share its prompt: each gets its own token sampled from the same logits."""
-        batch = sorted(scheduled, key=lambda item: item[1] != 1)   # decodes first (stable)
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Apply the step's changes to the input batch and run it. The driver (first tensor-parallel rank of
+        the last pipeline stage) returns the sampled tokens; other ranks return None."""
+        self.input_batch.update(sched)
+        self.copy_blocks(sched.block_copies)
+        if sched.is_empty:
+            return ModelRunnerOutput()
+        # Decodes (one query token) first, in a stable order.
+        batch = sorted(((self.input_batch.seqs[i], n) for i, n in sched.num_scheduled_tokens.items()),
+                       key=lambda item: item[1] != 1)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[np.ndarray] = []
         sample_rows: list[int] = []          # flat index of the token whose logits are sampled
-        sample_seqs: list[Sequence] = []
-        prompt_rows: list[tuple[Sequence, int, int, int]] = []   # (seq, first flat row, first position, n)
+        sample_seqs: list[CachedSequence] = []
+        prompt_rows: list[tuple[CachedSequence, int, int, int]] = []   # (seq, first flat row, first position, n)
         bs = self.block_size
         for seq, n in batch:
             start = seq.num_computed_tokens
             end = start + n
             flat = len(input_ids)
-            input_ids.extend(seq.all_token_ids[start:end])
+            input_ids.extend(seq.tokens(start, end))
             positions.extend(range(start, end))
-            pos = np.arange(start, end)
-            slots.append(np.asarray(seq.block_table)[pos // bs] * bs + pos % bs)
+            slots.append(seq.slots(start, end, bs))
             if end == seq.num_tokens:
                 sample_rows.append(flat + n - 1)
                 sample_seqs.append(seq)
@@ -223,33 +211,58 @@ class ModelRunner:
         layout = BatchLayout(
             query_lens=[n for _, n in batch],
             context_lens=[seq.num_computed_tokens for seq, _ in batch],
-            block_tables=[seq.block_table for seq, _ in batch],
+            block_tables=[seq.block_ids for seq, _ in batch],
             slot_mapping=torch.from_numpy(np.concatenate(slots)),
             num_decodes=sum(1 for _, n in batch if n == 1),
             block_size=bs,
         )
-        if self.graphs is not None and not prompt_rows and self.graphs.can_run(layout):
+        pp = get_pp_group()
+        if self.graphs is not None and not prompt_rows and pp.world_size == 1 and self.graphs.can_run(layout):
             hidden = self.graphs.run(layout, input_ids, positions)
         else:
             layout.slot_mapping = layout.slot_mapping.to(self.device)
             metadata = self.backend.build_metadata(layout, self.device)
-            hidden = self.model(torch.tensor(input_ids, device=self.device),
-                                torch.tensor(positions, device=self.device), metadata)
+            ids = torch.tensor(input_ids, device=self.device)
+            pos = torch.tensor(positions, device=self.device)
+            if pp.is_first_rank:
+                hidden = self.model(ids, pos, metadata)
+            else:
+                hidden = self.model(ids, pos, metadata, intermediate_tensors=self._receive(len(input_ids)))
+        if not pp.is_last_rank:
+            pp.send(hidden.hidden, pp.rank + 1)
+            pp.send(hidden.residual, pp.rank + 1)
+            return None
         for i, seq in enumerate(list(sample_seqs)):
-            for child in (forks or {}).get(seq.seq_id, ()):
+            for fork in sched.forks.get(seq.seq_id, ()):
                 sample_rows.append(sample_rows[i])
-                sample_seqs.append(child)
-        out = StepOutput()
+                sample_seqs.append(self.input_batch.fork(seq, fork.seq_id, fork.sample_index))
+        # Every tensor-parallel rank computes the logits (the LM head gathers over them); the driver samples.
+        driver = get_tp_group().is_first_rank
+        out = ModelRunnerOutput()
         if sample_seqs:
-            self._sample(hidden, sample_rows, sample_seqs, out)
+            logits = self.model.compute_logits(hidden[sample_rows])
+            if driver:
+                self._sample(logits, sample_seqs, out)
         for seq, flat, start, n in prompt_rows:
-            out.prompt_logprobs[seq.seq_id] = (start, self._prompt_logprobs(hidden, seq, flat, start, n))
-        return out
+            entries = self._prompt_logprobs(hidden, seq, flat, start, n, driver)
+            if driver:
+                out.prompt_logprobs[seq.seq_id] = (start, entries)
+        return out if driver else None
 
-    def _sample(self, hidden: torch.Tensor, rows: list[int], seqs: list[Sequence], out: StepOutput) -> None:
-        logits = self.model.compute_logits(hidden[rows])
+    def _receive(self, num_tokens: int) -> IntermediateTensors:
+        """The previous pipeline stage's hidden states and residual for this step's tokens."""
+        from llmserve.models.interface import IntermediateTensors  # TODO top-level once models/interface lands
+        pp = get_pp_group()
+        hidden_size = self.model.config.hidden_size
+        hidden = torch.empty(num_tokens, hidden_size, dtype=self.dtype, device=self.device)
+        residual = torch.empty_like(hidden)
+        pp.recv(hidden, pp.rank - 1)
+        pp.recv(residual, pp.rank - 1)
+        return IntermediateTensors(hidden, residual)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[CachedSequence], out: ModelRunnerOutput) -> None:
         sampling_batch = SamplingBatch.build(
-            [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, s.eos_token_id)
+            [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.seeded_generator(), s.eos_token_id)
              for s in seqs], self.vocab_size, self.device)
         result = self.sampler(logits, sampling_batch)
         tokens = result.sampled_token_ids.tolist()
@@ -268,12 +281,15 @@ class ModelRunner:
         for seq, token in zip(seqs, tokens):
             out.sampled[seq.seq_id] = token
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, seq: Sequence, flat: int, start: int,
-                         n: int) -> list[TokenLogprobs]:
+    def _prompt_logprobs(self, hidden: torch.Tensor, seq: CachedSequence, flat: int, start: int, n: int,
+                         driver: bool) -> list[TokenLogprobs]:
         """Logprob of each prompt token given the ones before it, for the prompt positions in this chunk."""
         stop = min(start + n, seq.num_prompt_tokens - 1)   # position p predicts prompt token p + 1
         count = stop - start
-        logprobs = compute_logprobs(self.model.compute_logits(hidden[flat:flat + count]))
+        logits = self.model.compute_logits(hidden[flat:flat + count])
+        if not driver:
+            return []
+        logprobs = compute_logprobs(logits)
         targets = torch.tensor(seq.prompt_token_ids[start + 1:stop + 1], device=logprobs.device)
         chosen = logprobs.gather(1, targets[:, None]).squeeze(1)
         ranks = ((logprobs > chosen[:, None]).sum(1) + 1).tolist()

@@ -270,18 +270,20 @@ def test_abort_before_any_step_and_in_random_order(engine):
     assert set(outputs) == {"r2", "r4"}
 
 
-def test_transient_model_failure_is_retried_per_sequence(llm, engine, monkeypatch, greedy_reference):
-    """A step that fails once is re-run sequence by sequence; every request still gets its exact output."""
-    real = engine.runner.execute
+def test_transient_model_failure_is_isolated_and_retried(llm, engine, monkeypatch, greedy_reference):
+    """A step that fails once commits nothing; its requests then run one at a time in ordinary steps until
+    each has a step of its own that succeeds, so every request still gets its exact output."""
+    model = engine.runner.model
+    real = model.forward
     calls = []
 
-    def failing(scheduled, *args):
+    def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("boom")
-        return real(scheduled, *args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.runner, "execute", failing)
+    monkeypatch.setattr(model, "forward", failing)
     outs = llm.generate([PROMPT, OTHER], GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == [greedy_reference[PROMPT], greedy_reference[OTHER]]
     assert all(o.error is None for o in outs)
@@ -289,25 +291,28 @@ def test_transient_model_failure_is_retried_per_sequence(llm, engine, monkeypatc
 
 
 def test_model_failure_on_one_request_fails_only_that_request(llm, engine, monkeypatch, greedy_reference):
-    """The model fails whenever a poisoned token is in the batch: that request finishes with
-    finish_reason "error" and a message; the other request is unaffected and nothing leaks."""
-    real = engine.runner.execute
+    """The model fails whenever a poisoned token is computed: that request finishes with finish_reason
+    "error" and a message; the other request is unaffected and nothing leaks. No step is re-run per
+    sequence: the failed step's requests are isolated by the scheduler in the following steps."""
+    model = engine.runner.model
+    real = model.forward
     poison = engine.tokenizer.encode(OTHER)[-1]
+    sizes = []
 
-    def failing(scheduled, *args):
-        if any(poison in seq.all_token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]
-               for seq, n in scheduled):
+    def failing(input_ids, *args, **kwargs):
+        sizes.append(len(input_ids))
+        if poison in input_ids.tolist():
             raise RuntimeError("injected fault")
-        return real(scheduled, *args)
+        return real(input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(engine.runner, "execute", failing)
+    monkeypatch.setattr(model, "forward", failing)
     good, bad = llm.generate([PROMPT, OTHER], GREEDY)
     assert good.outputs[0].token_ids == greedy_reference[PROMPT]
     assert good.error is None and good.outputs[0].finish_reason == "length"
     assert bad.outputs[0].finish_reason == "error"
     assert "injected fault" in bad.error
     assert_idle(engine)
-    monkeypatch.setattr(engine.runner, "execute", real)
+    monkeypatch.setattr(model, "forward", real)
     assert llm.generate([OTHER], GREEDY)[0].outputs[0].token_ids == greedy_reference[OTHER]
 
 

@@ -9,50 +9,74 @@ When a running sequence cannot get a block, the most recently admitted running s
 its blocks are freed, its progress reset, and it goes to the front of the queue; nothing is admitted in
 a step that preempted. ``finish`` removes a waiting or running sequence and frees its blocks.
 
-The "model" here is :func:`complete_step`: it does what the engine does after the forward pass
-(advance ``num_computed_tokens``, append a token when the prompt is done, finish at max_tokens).
+The scheduler is driven as the engine core drives it, with no model: ``schedule()`` gives the step's
+:class:`SchedulerOutput` and :func:`complete_step` answers it with a ``ModelRunnerOutput`` that samples
+token 1 for every sequence whose tokens are all computed; ``update_from_output`` does the rest (advance
+``num_computed_tokens``, append the token, finish at max_tokens and free the blocks).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import pytest
 
 from llmserve.engine.block_manager import BlockManager
-from llmserve.engine.scheduler import Scheduler, SchedulerOutput
+from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
+from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.sampling_params import SamplingParams
 
 _ids = iter(range(10**9))
+_seqs: dict[int, Sequence] = {}
 
 
 def make_seq(prompt_len: int, max_tokens: int = 4) -> Sequence:
     seq_id = next(_ids)
-    return Sequence(seq_id, f"r{seq_id}", 0, [7] * prompt_len, SamplingParams(max_tokens=max_tokens),
-                    max_tokens, None, None)
+    seq = Sequence(seq_id, f"r{seq_id}", 0, [7] * prompt_len, SamplingParams(max_tokens=max_tokens),
+                   max_tokens, None)
+    _seqs[seq_id] = seq
+    return seq
+
+
+@dataclass
+class Step:
+    """One ``schedule()`` as a test reads it: the message, and the sequences it names."""
+
+    message: SchedulerOutput
+    scheduled: list[tuple[Sequence, int]]
+    preempted: list[Sequence]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return self.message.total_num_scheduled_tokens
+
+
+def schedule(sched: Scheduler) -> Step:
+    message = sched.schedule()
+    return Step(message, [(_seqs[i], n) for i, n in message.num_scheduled_tokens.items()],
+                list(sched.last_preempted))
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32,
-                   chunked=True) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens, chunked)
+                   chunked=True, prefix_caching=False) -> Scheduler:
+    """Prefix caching is off unless a test is about it: the prompts here are all the same token."""
+    return Scheduler(BlockManager(num_blocks, block_size, prefix_caching), max_num_seqs, max_num_batched_tokens,
+                     chunked)
 
 
-def complete_step(sched: Scheduler, out: SchedulerOutput) -> list[Sequence]:
-    """Apply a step's result the way the engine does; returns the sequences that finished."""
-    finished = []
-    for seq, n in out.scheduled:
-        seq.num_computed_tokens += n
+def complete_step(sched: Scheduler, out: Step) -> list[Sequence]:
+    """Answer a step as a model would (token 1 for every sequence that reaches its end); returns the
+    sequences that finished."""
+    sampled = {seq.seq_id: 1 for seq, n in out.scheduled if seq.num_computed_tokens + n == seq.num_tokens}
+    result = sched.update_from_output(out.message, ModelRunnerOutput(sampled=sampled))
+    for seq, _ in out.scheduled:
         assert seq.num_computed_tokens <= seq.num_tokens
-        if seq.num_computed_tokens == seq.num_tokens:
-            seq.append_token(1)
-            if len(seq.output_token_ids) >= seq.max_tokens:
-                sched.finish(seq)
-                finished.append(seq)
-    return finished
+    return [seq for seq, _, _ in result.sampled if seq.is_finished]
 
 
-def check_step(sched: Scheduler, out: SchedulerOutput, computed_before: dict[int, int]) -> None:
+def check_step(sched: Scheduler, out: Step, computed_before: dict[int, int]) -> None:
     """The per-step invariants every schedule must satisfy."""
     seqs = [s for s, _ in out.scheduled]
     assert len({s.seq_id for s in seqs}) == len(seqs), "a sequence scheduled twice in one step"
@@ -77,13 +101,13 @@ def check_step(sched: Scheduler, out: SchedulerOutput, computed_before: dict[int
     assert all(s.block_table == [] for s in sched.waiting)
 
 
-def run_to_completion(sched: Scheduler, max_steps: int = 10_000) -> list[SchedulerOutput]:
+def run_to_completion(sched: Scheduler, max_steps: int = 10_000) -> list[Step]:
     outs = []
     for _ in range(max_steps):
         if not sched.num_unfinished:
             return outs
         before = {s.seq_id: s.num_computed_tokens for s in sched.running.values()}
-        out = sched.schedule()
+        out = schedule(sched)
         check_step(sched, out, before)
         outs.append(out)
         complete_step(sched, out)
@@ -110,13 +134,13 @@ def test_max_num_seqs_limits_admission():
     seqs = [make_seq(2) for _ in range(5)]
     for seq in seqs:
         sched.add(seq)
-    out = sched.schedule()
+    out = schedule(sched)
     assert [s for s, _ in out.scheduled] == seqs[:2]
     assert list(sched.waiting) == seqs[2:]
 
 
 def test_empty_queue_schedules_nothing():
-    assert make_scheduler().schedule().scheduled == []
+    assert schedule(make_scheduler()).scheduled == []
 
 
 # ------------------------------------------------------------------ order
@@ -127,11 +151,11 @@ def test_running_before_waiting_in_admission_order():
     first = [make_seq(5, max_tokens=10) for _ in range(3)]
     for seq in first:
         sched.add(seq)
-    complete_step(sched, sched.schedule())
+    complete_step(sched, schedule(sched))
     late = [make_seq(4) for _ in range(2)]
     for seq in late:
         sched.add(seq)
-    out = sched.schedule()
+    out = schedule(sched)
     assert [s for s, _ in out.scheduled] == first + late
     assert [n for _, n in out.scheduled] == [1, 1, 1, 4, 4]
 
@@ -141,11 +165,11 @@ def test_fcfs_admission_even_when_a_later_request_would_fit():
     sched = make_scheduler(max_num_batched_tokens=10, chunked=False)
     runner = make_seq(2, max_tokens=50)
     sched.add(runner)
-    complete_step(sched, sched.schedule())
+    complete_step(sched, schedule(sched))
     big, small = make_seq(10), make_seq(1)
     sched.add(big)
     sched.add(small)
-    out = sched.schedule()      # the runner's decode leaves 9 < 10 tokens of budget
+    out = schedule(sched)      # the runner's decode leaves 9 < 10 tokens of budget
     assert [s for s, _ in out.scheduled] == [runner]
     assert list(sched.waiting) == [big, small]
 
@@ -172,7 +196,7 @@ def test_chunked_prefill_splits_a_long_prompt_into_contiguous_chunks():
     sched.add(seq)
     chunks = []
     while sched.num_unfinished:
-        out = sched.schedule()
+        out = schedule(sched)
         chunks += [(s.num_computed_tokens, n) for s, n in out.scheduled]
         complete_step(sched, out)
     # (start, length) of each step: prompt in 4 + 4 + 2, then one decode of the first sampled token
@@ -184,13 +208,13 @@ def test_chunk_shares_the_budget_with_decodes():
     sched = make_scheduler(max_num_batched_tokens=6)
     a = make_seq(2, max_tokens=20)
     sched.add(a)
-    complete_step(sched, sched.schedule())
+    complete_step(sched, schedule(sched))
     b = make_seq(20)
     sched.add(b)
-    out = sched.schedule()
+    out = schedule(sched)
     assert out.scheduled == [(a, 1), (b, 5)]
     complete_step(sched, out)
-    out = sched.schedule()
+    out = schedule(sched)
     assert out.scheduled == [(a, 1), (b, 5)]
     assert b.num_computed_tokens == 5
 
@@ -201,10 +225,10 @@ def test_without_chunked_prefill_a_prompt_is_only_scheduled_whole():
     b = make_seq(8, max_tokens=2)
     sched.add(a)
     sched.add(b)
-    out = sched.schedule()
+    out = schedule(sched)
     assert out.scheduled == [(a, 3)]          # b (8 tokens) does not fit the 5 left: not split
     complete_step(sched, out)
-    out = sched.schedule()
+    out = schedule(sched)
     assert out.scheduled == [(a, 1)]          # 7 left, still not enough for b
     complete_step(sched, out)
     run_to_completion(sched)                  # b runs whole once a is done
@@ -241,7 +265,7 @@ def fill_cache():
     a, b, c = (make_seq(4, max_tokens=10) for _ in range(3))
     for seq in (a, b, c):
         sched.add(seq)
-    out = sched.schedule()
+    out = schedule(sched)
     assert [s for s, _ in out.scheduled] == [a, b, c]
     complete_step(sched, out)      # each now has 5 tokens, 4 computed, 2 full blocks
     assert sched.block_manager.num_free_blocks == 0
@@ -253,7 +277,7 @@ def fill_cache():
 def test_preemption_takes_the_most_recently_admitted():
     sched, a, b, c, d = fill_cache()
     c_blocks = list(c.block_table)
-    out = sched.schedule()         # a needs a third block: c goes; b then needs one too: ... see below
+    out = schedule(sched)         # a needs a third block: c goes; b then needs one too: ... see below
     assert out.preempted[0] is c
     assert c.block_table == [] and c.num_computed_tokens == 0
     assert c.status is SequenceStatus.WAITING and c.num_preemptions >= 1
@@ -266,7 +290,7 @@ def test_preemption_takes_the_most_recently_admitted():
 
 def test_preempted_goes_to_the_front_of_the_queue_and_nothing_is_admitted():
     sched, a, b, c, d = fill_cache()
-    out = sched.schedule()
+    out = schedule(sched)
     assert list(sched.waiting) == [c, d]
     assert d not in [s for s, _ in out.scheduled], "admitted in a step that preempted"
     assert d.status is SequenceStatus.WAITING
@@ -279,22 +303,22 @@ def test_no_admission_in_a_step_that_preempted_even_with_room():
     a, b, c = make_seq(4, max_tokens=10), make_seq(1, max_tokens=10), make_seq(4, max_tokens=10)
     for seq in (a, b, c):
         sched.add(seq)
-    complete_step(sched, sched.schedule())    # a: 2 blocks, b: 1, c: 2; none free
+    complete_step(sched, schedule(sched))    # a: 2 blocks, b: 1, c: 2; none free
     sched.max_num_batched_tokens = 3
-    out = sched.schedule()
+    out = schedule(sched)
     assert out.preempted == [c]
     assert out.scheduled == [(a, 1), (b, 1)]
     assert sched.block_manager.num_free_blocks == 1
     assert list(sched.waiting) == [c]
-    assert sched.schedule().scheduled == [(a, 1), (b, 1), (c, 1)]   # the next step takes it back
+    assert schedule(sched).scheduled == [(a, 1), (b, 1), (c, 1)]   # the next step takes it back
 
 
 def test_preempted_sequence_recomputes_from_scratch():
     sched, a, b, c, d = fill_cache()
-    complete_step(sched, sched.schedule())
+    complete_step(sched, schedule(sched))
     sched.finish(a)
     sched.finish(b)
-    out = sched.schedule()
+    out = schedule(sched)
     # c is first in line and recomputes prompt + generated token (5) in one go; then d
     assert out.scheduled == [(c, 5), (d, 1)]
 
@@ -305,8 +329,8 @@ def test_a_sequence_that_cannot_grow_preempts_itself_last():
     a, b, c = (make_seq(2, max_tokens=10) for _ in range(3))
     for seq in (a, b, c):
         sched.add(seq)
-    complete_step(sched, sched.schedule())    # each has 3 tokens, 2 computed, 1 block; no block free
-    out = sched.schedule()                    # a needs a block: c goes; b needs one: b itself goes
+    complete_step(sched, schedule(sched))    # each has 3 tokens, 2 computed, 1 block; no block free
+    out = schedule(sched)                    # a needs a block: c goes; b needs one: b itself goes
     assert out.preempted == [c, b]
     assert out.scheduled == [(a, 1)]
     assert list(sched.waiting) == [b, c]
@@ -333,13 +357,13 @@ def test_finish_running_frees_its_blocks():
     a, b = make_seq(9), make_seq(3)
     sched.add(a)
     sched.add(b)
-    complete_step(sched, sched.schedule())
+    complete_step(sched, schedule(sched))
     free = sched.block_manager.num_free_blocks
     sched.finish(a)
     assert a.block_table == [] and a.is_finished
     assert sched.block_manager.num_free_blocks == free + 3
     assert a.seq_id not in sched.running
-    assert [s for s, _ in sched.schedule().scheduled] == [b]
+    assert [s for s, _ in schedule(sched).scheduled] == [b]
 
 
 def test_finish_waiting_removes_it_from_the_queue():
@@ -347,18 +371,18 @@ def test_finish_waiting_removes_it_from_the_queue():
     a, b, c = make_seq(3), make_seq(3), make_seq(3)
     for seq in (a, b, c):
         sched.add(seq)
-    sched.schedule()
+    schedule(sched)
     sched.finish(b)
     assert list(sched.waiting) == [c] and b.is_finished
     sched.finish(a)
-    out = sched.schedule()
+    out = schedule(sched)
     assert [s for s, _ in out.scheduled] == [c]
     assert sched.num_unfinished == 1
 
 
 def test_finish_of_a_preempted_sequence_frees_everything():
     sched, a, b, c, d = fill_cache()
-    sched.schedule()                          # c preempted, waiting at the front
+    schedule(sched)                          # c preempted, waiting at the front
     for seq in (c, d, a, b):
         sched.finish(seq)
     assert sched.num_unfinished == 0

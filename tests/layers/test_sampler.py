@@ -11,7 +11,7 @@ from llmserve.layers.sampler import (
     apply_penalties,
     apply_top_k_top_p,
     compute_logprobs,
-    make_generator,
+    position_seed,
 )
 from llmserve.sampling_params import SamplingParams
 
@@ -285,9 +285,10 @@ def test_min_tokens_blocks_eos_and_stop_tokens(device):
 def seeded_tokens(logits_per_step, position, params, others, seed=1234):
     """Sample `steps` tokens for one seeded row placed at `position` among `others`."""
     device = logits_per_step[0].device
-    gen = make_generator(seed, 0, device)
+    gen = torch.Generator(device=device)
     tokens = []
     for logits in logits_per_step:
+        gen.manual_seed(position_seed(seed, 0, len(tokens)))
         rows = [row(p) for p in others]
         rows.insert(position, row(params, output=list(tokens), prompt=[1, 2, 3], generator=gen))
         vocab = logits.shape[-1]
@@ -323,18 +324,16 @@ def test_seeded_row_independent_of_batch(params, device):
     assert seeded_tokens(steps, 0, params, [], seed=99) != reference
 
 
-def test_make_generator():
-    g0 = make_generator(42, 0, CPU)
-    plain = torch.Generator().manual_seed(42)
-    assert torch.equal(torch.rand(5, generator=g0), torch.rand(5, generator=plain))
-    draws = {tuple(torch.rand(4, generator=make_generator(42, i, CPU)).tolist()) for i in range(5)}
-    assert len(draws) == 5
-    # Derived streams are not just seed + i.
-    a = torch.rand(4, generator=make_generator(42, 1, CPU))
-    b = torch.rand(4, generator=make_generator(43, 0, CPU))
-    assert not torch.equal(a, b)
-    make_generator(-5, 3, CPU)
-    make_generator(2**70, 0, CPU)
+def test_position_seed_gives_unrelated_streams():
+    seeds = {position_seed(42, i, p) for i in range(5) for p in range(5)}
+    assert len(seeds) == 25
+    # Derived streams are not just seed + i, in either coordinate.
+    assert position_seed(42, 1, 0) != position_seed(43, 0, 0)
+    assert position_seed(42, 0, 1) != position_seed(43, 0, 0)
+    assert position_seed(42, 0, 0) == position_seed(42, 0, 0)
+    for seed in (-5, 2**70):
+        assert 0 <= position_seed(seed, 3, 7) < 2**64
+        torch.Generator().manual_seed(position_seed(seed, 3, 7))
 
 
 def test_sampling_frequencies_match_probabilities():
@@ -352,10 +351,13 @@ def test_sampling_frequencies_match_probabilities():
 
 def test_seeded_frequencies_match_probabilities():
     probs = torch.tensor([0.5, 0.3, 0.2])
-    gen = make_generator(5, 0, CPU)
+    gen = torch.Generator(device=CPU)
     logits = probs.log()[None]
     batch = SamplingBatch.build([row(generator=gen)], 3, CPU)
-    draws = [sampler(logits, batch).sampled_token_ids.item() for _ in range(3000)]
+    draws = []
+    for position in range(3000):   # as a seeded sequence draws: one seed per output position
+        gen.manual_seed(position_seed(5, 0, position))
+        draws.append(sampler(logits, batch).sampled_token_ids.item())
     counts = torch.bincount(torch.tensor(draws), minlength=3).double()
     expected = probs.double() * 3000
     assert ((counts - expected) ** 2 / expected).sum().item() < 20.0

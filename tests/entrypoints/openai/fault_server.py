@@ -1,6 +1,6 @@
 """Runs the API server with faults injected into the engine, for the fault-isolation tests.
 
-A prompt containing token id FORWARD_POISON makes the model forward fail whenever that request is in
+A prompt containing token id FORWARD_POISON makes the model step fail whenever that request is in
 the batch; a prompt containing LOOP_POISON makes the engine loop itself fail. The product has no test
 hooks: this script patches the classes, then starts the normal server entry point.
 """
@@ -14,14 +14,17 @@ from llmserve.worker.model_runner import ModelRunner
 FORWARD_POISON = 1999
 LOOP_POISON = 1998
 
-_execute = ModelRunner.execute
+_execute = ModelRunner.execute_model
 _step = LLMEngine.step
 
 
-def execute(self, scheduled, *args):
-    if any(FORWARD_POISON in seq.prompt_token_ids for seq, _ in scheduled):
+def execute(self, sched):
+    prompts = [new.prompt_token_ids for new in sched.new_seqs]
+    prompts += [self.input_batch.seqs[c.seq_id].prompt_token_ids for c in sched.cached_seqs
+                if c.seq_id in self.input_batch.seqs]
+    if any(FORWARD_POISON in prompt for prompt in prompts):
         raise RuntimeError("injected model fault")
-    return _execute(self, scheduled, *args)
+    return _execute(self, sched)
 
 
 def step(self):
@@ -32,7 +35,7 @@ def step(self):
 
 def install() -> None:
     """Patch the engine classes (only in a server process: tests import this module for the poison ids)."""
-    ModelRunner.execute = execute
+    ModelRunner.execute_model = execute
     LLMEngine.step = step
 
 

@@ -17,7 +17,7 @@ from llmserve.worker.model_runner import ModelRunner
 
 
 def patch(load_delay: float, step_delay: float) -> None:
-    init, execute = LLMEngine.__init__, ModelRunner.execute
+    init, execute = LLMEngine.__init__, ModelRunner.execute_model
 
     def slow_init(self, *args, **kwargs):
         time.sleep(load_delay)
@@ -28,7 +28,7 @@ def patch(load_delay: float, step_delay: float) -> None:
         return execute(self, *args, **kwargs)
 
     LLMEngine.__init__ = slow_init
-    ModelRunner.execute = slow_execute
+    ModelRunner.execute_model = slow_execute
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""Which rank this process is in the tensor- and pipeline-parallel groups, and their collectives.
+
+Ranks are laid out as vLLM lays them out: ``rank = pp_rank * tp_size + tp_rank``, so the ranks of one
+pipeline stage form a tensor-parallel group. Before :func:`init_distributed` (a single process) every
+group is the trivial group of one rank whose collectives return their input, so layers and models call
+them unconditionally.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GroupCoordinator:
+    """One process group: this process's rank in it, its size, and the collectives layers use."""
+
+    rank: int = 0                       # rank within the group
+    world_size: int = 1
+    ranks: tuple[int, ...] = (0,)       # global ranks of the group's members
+    group: object | None = None         # torch.distributed ProcessGroup; None for a group of one
+
+    @property
+    def is_first_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last_rank(self) -> bool:
+        return self.rank == self.world_size - 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the group, in place; returns it."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along ``dim`` (rank order)."""
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Send to the member of rank ``dst`` within this group."""
+        dist.send(tensor.contiguous(), self.ranks[dst], group=self.group)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive into ``tensor`` from the member of rank ``src`` within this group."""
+        dist.recv(tensor, self.ranks[src], group=self.group)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+
+_TP = GroupCoordinator()
+_PP = GroupCoordinator()
+_WORLD = GroupCoordinator()
+
+
+def get_tp_group() -> GroupCoordinator:
+    return _TP
+
+
+def get_pp_group() -> GroupCoordinator:
+    return _PP
+
+
+def get_world_group() -> GroupCoordinator:
+    return _WORLD
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return _TP.rank
+
+
+def get_tensor_model_parallel_world_size() -> int:
+    return _TP.world_size
+
+
+def tensor_model_parallel_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    return _TP.all_reduce(tensor)
+
+
+def tensor_model_parallel_all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return _TP.all_gather(tensor, dim)
+
+
+def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str, backend: str = "gloo") -> None:
+    """Join the job's default group at ``init_method`` (``tcp://host:port``) and make the TP and PP groups.
+
+    Every rank must call this with the same sizes; ``backend`` is ``gloo`` on CPU and ``nccl`` on CUDA.
+    """
+    global _TP, _PP, _WORLD
+    world_size = tp_size * pp_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size} ranks")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    _WORLD = GroupCoordinator(rank, world_size, tuple(range(world_size)), dist.group.WORLD)
+    tp_rank, pp_rank = rank % tp_size, rank // tp_size
+    # Every rank must create every group, in the same order, even those it is not part of.
+    for stage in range(pp_size):
+        ranks = tuple(range(stage * tp_size, (stage + 1) * tp_size))
+        group = dist.new_group(list(ranks), backend=backend)
+        if stage == pp_rank:
+            _TP = GroupCoordinator(tp_rank, tp_size, ranks, group)
+    for column in range(tp_size):
+        ranks = tuple(range(column, world_size, tp_size))
+        group = dist.new_group(list(ranks), backend=backend)
+        if column == tp_rank:
+            _PP = GroupCoordinator(pp_rank, pp_size, ranks, group)
+    logger.debug("rank %d: tp %d/%d, pp %d/%d", rank, tp_rank, tp_size, pp_rank, pp_size)
+
+
+def destroy_distributed() -> None:
+    """Leave the groups (a worker shutting down); the trivial groups of one rank apply again."""
+    global _TP, _PP, _WORLD
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _TP, _PP, _WORLD = GroupCoordinator(), GroupCoordinator(), GroupCoordinator()

@@ -1,0 +1,99 @@
+"""The only things that cross the engine-core / worker boundary: one step's plan and its result.
+
+The scheduler describes a step as a :class:`SchedulerOutput`; each worker patches its own copy of the
+running sequences from it (new sequences in full, the others as deltas) and the driver worker answers
+with a :class:`ModelRunnerOutput`. Both are msgspec structs of plain values, so the same objects pass
+in process (no copy) or as msgpack bytes to worker processes (no pickle of anything a client sent).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from llmserve.sampling_params import SamplingParams
+
+
+class NewSequenceData(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A sequence the workers do not hold yet: a fresh one, or one resumed after preemption or a failed step."""
+
+    seq_id: int
+    sample_index: int                 # which of the request's n samples (seeds differ per sample)
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]       # generated so far (non-empty when resumed after a preemption)
+    params: SamplingParams
+    eos_token_id: int | None
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+class CachedSequenceData(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A sequence the workers hold: what changed since the step that last scheduled it."""
+
+    seq_id: int
+    new_token_ids: list[int]          # appended to its tokens (usually the one sampled last step)
+    block_table_start: int            # its block table from this index on is replaced by new_block_ids
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+class ForkData(msgspec.Struct, array_like=True):
+    """A parallel sample that shares its parent's prompt and draws its first token from the parent's logits."""
+
+    seq_id: int
+    sample_index: int
+
+
+class SchedulerOutput(msgspec.Struct, omit_defaults=True):
+    """One step, as the workers need it."""
+
+    new_seqs: list[NewSequenceData] = []
+    cached_seqs: list[CachedSequenceData] = []
+    num_scheduled_tokens: dict[int, int] = {}          # seq_id -> tokens computed this step
+    block_copies: list[tuple[int, int]] = []           # (src, dst) copy-on-write before the step
+    forks: dict[int, list[ForkData]] = {}              # parent seq_id -> samples forked when its prompt completes
+    finished_seq_ids: list[int] = []                   # forget these (finished, aborted, preempted or reset)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Logprobs at one position: the chosen token's, its rank, and the top-k alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
+    """What one step produced: a token per sampled sequence, logprobs where asked, and failed sequences."""
+
+    sampled: dict[int, int] = {}                                   # seq_id -> new token
+    logprobs: dict[int, TokenLogprobs] = {}                        # seq_id -> its logprobs
+    # seq_id -> (first position p, logprobs of prompt tokens p+1, p+2, ...)
+    prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] = {}
+    # set when the step failed as a whole: nothing of it is committed, every sequence in it is suspect
+    error: str | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders = {cls: msgspec.msgpack.Decoder(cls) for cls in (SchedulerOutput, ModelRunnerOutput)}
+
+
+def encode(message: SchedulerOutput | ModelRunnerOutput) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_scheduler_output(data: bytes) -> SchedulerOutput:
+    return _decoders[SchedulerOutput].decode(data)
+
+
+def decode_runner_output(data: bytes) -> ModelRunnerOutput:
+    return _decoders[ModelRunnerOutput].decode(data)

@@ -1,0 +1,119 @@
+"""One rank of the model: its device and threads, its shard of the weights, its KV cache, its model runner.
+
+The engine core never touches a worker directly; an executor drives every rank with the same calls and
+the same :class:`~llmserve.engine.messages.SchedulerOutput`, in process or in a process of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llmserve.config import EngineConfig, resolve_dtype
+from llmserve.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed
+from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
+from llmserve.layers.attention.backend import get_attention_backend
+from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
+from llmserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_CACHE_BYTES = 4 * 2**30   # vLLM's CPU default
+
+
+@dataclass(frozen=True)
+class WorkerPlacement:
+    """Where a worker sits in the job: its global rank and the group sizes, and how ranks meet."""
+
+    rank: int = 0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_init_method: str | None = None   # tcp://host:port; None for a single rank
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, placement: WorkerPlacement, max_model_len: int,
+                 max_num_batched_tokens: int) -> None:
+        self.config = config
+        self.placement = placement
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.device = config.torch_device
+        self.runner: ModelRunner | None = None
+
+    def init_device(self) -> None:
+        """Threads (each rank gets its share of ``--num-threads``), seed, and the process groups."""
+        world = self.placement.world_size
+        threads = self.config.num_threads
+        if world > 1:
+            threads = max(1, (threads or os.cpu_count() or 1) // world)
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(self.config.seed)
+        if world > 1:
+            assert self.placement.distributed_init_method is not None
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.placement.rank % torch.cuda.device_count())
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            init_distributed(self.placement.rank, self.placement.tensor_parallel_size,
+                             self.placement.pipeline_parallel_size, self.placement.distributed_init_method,
+                             backend="nccl" if self.device.type == "cuda" else "gloo")
+
+    def load_model(self) -> None:
+        config = self.config
+        path = resolve_model_path(config.model, config.revision, config.download_dir)
+        hf_config = load_config(path, config.trust_remote_code, config.revision)
+        dtype = resolve_dtype(config.dtype, checkpoint_dtype(hf_config), self.device)
+        t0 = time.perf_counter()
+        model = load_model(hf_config, path, dtype, self.device)
+        if self.placement.rank == 0:
+            logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, dtype, self.device, path,
+                        time.perf_counter() - t0)
+        layers = model.attention_layers()
+        backend = get_attention_backend(self.device, dtype, num_kv_heads=layers[0].num_kv_heads)
+        self.runner = ModelRunner(model, backend, config.block_size, int(hf_config.vocab_size), self.device, dtype,
+                                  max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager,
+                                  max_seq_len_to_capture=config.max_seq_len_to_capture,
+                                  max_model_len=self.max_model_len)
+
+    def kv_cache_bytes_per_block(self) -> int:
+        assert self.runner is not None
+        return self.runner.kv_cache_bytes_per_block()
+
+    def available_kv_blocks(self) -> int:
+        """How many blocks this rank's KV-cache budget holds (``--kv-cache-memory-bytes`` per rank, or
+        on CUDA what a profiled worst-case step leaves of ``--gpu-memory-utilization``)."""
+        assert self.runner is not None
+        per_block = self.runner.kv_cache_bytes_per_block()
+        budget = self.config.kv_cache_memory_bytes
+        if budget is None and self.device.type == "cuda":
+            budget = self.runner.profile_kv_cache_budget(self.max_num_batched_tokens, self.config.max_num_seqs,
+                                                         self.max_model_len, self.config.gpu_memory_utilization)
+        elif budget is None:
+            budget = CPU_DEFAULT_KV_CACHE_BYTES
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise ValueError(f"the KV-cache budget ({budget} bytes) is smaller than one block ({per_block} bytes); "
+                             "raise --kv-cache-memory-bytes or --gpu-memory-utilization")
+        return num_blocks
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        assert self.runner is not None
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        assert self.runner is not None
+        return self.runner.execute_model(sched)
+
+    @property
+    def is_driver(self) -> bool:
+        """The rank whose output the engine reads: the first tensor-parallel rank of the last stage."""
+        return get_pp_group().is_last_rank and get_tp_group().is_first_rank
