@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from llmserve.engine.llm_engine import LLMEngine
-from llmserve.layers.embedding import LMHead, VocabEmbedding
-from llmserve.layers.linear import Linear
+from llmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from llmserve.layers.linear import LinearBase
 from llmserve.sampling_params import SamplingParams
 
 
@@ -37,13 +37,13 @@ class ModelCosts:
         body = head = other = 0
         linear_ids: set[int] = set()
         for module in model.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, LinearBase):
                 body += module.input_size * module.output_size + (module.output_size if module.bias is not None else 0)
                 linear_ids.update(id(p) for p in module.parameters(recurse=False))
-            elif isinstance(module, LMHead):
+            elif isinstance(module, ParallelLMHead):
                 head += module.vocab_size * int(engine.hf_config.hidden_size)
                 linear_ids.update(id(p) for p in module.parameters(recurse=False))
-        embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, VocabEmbedding)}
+        embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, VocabParallelEmbedding)}
         for p in model.parameters():
             if id(p) not in linear_ids and id(p) not in embedding_ids:
                 other += p.numel()

@@ -38,7 +38,7 @@ from llmserve.benchmarks.profiling import ModelCosts, StepRecord, decode_steps
 from llmserve.entrypoints.cli_args import engine_config_from_args
 from llmserve.entrypoints.llm import LLM
 from llmserve.layers.cpu_kernels import block_weight
-from llmserve.layers.linear import apply_linear, blocked_layout_available
+from llmserve.quantization.unquantized import apply_linear, blocked_layout_available
 
 
 BATCH1_RUNS_PER_REPEAT = 3

@@ -69,6 +69,7 @@ class AsyncLLMEngine:
         self._stop.set()
         self._commands.put(("wake", None))
         self._thread.join(timeout)
+        self.engine.shutdown()   # worker processes, if any
 
     @property
     def is_running(self) -> bool:
@@ -147,6 +148,10 @@ class AsyncLLMEngine:
             for stream in self._streams.values():
                 stream.put(dead)
             self._streams.clear()
+            try:
+                self.engine.shutdown()   # no worker process outlives a dead engine
+            except Exception:   # noqa: BLE001 - already dying; the original error is what matters
+                logger.exception("stopping the workers failed")
             if self.on_dead is not None:
                 self.on_dead(exc)
 

@@ -42,6 +42,14 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                    help="GPU only: never replay CUDA graphs (every step runs eagerly)")
     g.add_argument("--max-seq-len-to-capture", type=int, default=8192,
                    help="GPU only: decode steps with a longer context than this run eagerly, not in a CUDA graph")
+    p = parser.add_argument_group("parallelism")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks that split every layer's heads and weights")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="stages that split the layers")
+    p.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
+                   help="how ranks run: uni (in process; one rank), mp (a process per rank on this machine; the "
+                        "default for more than one rank) or ray (across a Ray cluster)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -55,4 +63,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
         max_logprobs=args.max_logprobs,
         num_threads=args.num_threads, enforce_eager=args.enforce_eager,
-        max_seq_len_to_capture=args.max_seq_len_to_capture)
+        max_seq_len_to_capture=args.max_seq_len_to_capture,
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend)

@@ -17,8 +17,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from llmserve.layers.embedding import LMHead
-from llmserve.layers.linear import Linear
 from llmserve.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -96,6 +94,9 @@ def iterate_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Build this rank's part of the model (the TP and PP ranks come from
+    :mod:`~llmserve.distributed.parallel_state`, trivial groups in a single process), load it, then let
+    every layer post-process its loaded weights once (e.g. block them for the CPU kernels)."""
     model_cls = resolve_model_class(config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -106,6 +107,7 @@ def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device
         torch.set_default_dtype(previous)
     model.load_weights(iterate_weights(path))
     for module in model.modules():
-        if isinstance(module, (Linear, LMHead)):
-            module.use_blocked_layout()   # CPU float32 with the kernels; a no-op elsewhere
+        process = getattr(module, "process_weights_after_loading", None)
+        if callable(process):
+            process()
     return model.eval()

@@ -1,23 +1,31 @@
-"""Llama-family decoder (also the base that Mistral, Qwen2 and Qwen3 reuse, differing only in flags).
+"""Llama decoder blocks, shared by the Llama-shaped families (``mistral.py``, ``qwen2.py``, ``qwen3.py``).
 
-Model code is backend-agnostic: it receives the per-step attention metadata and passes it to each
-:class:`Attention` layer; where K/V live and how attention runs is the backend's business.
+A family differs only in a few block choices, which its file states explicitly as a
+:class:`LlamaBlockSpec` (biases, per-head q/k norm). Model code is backend-agnostic (attention
+metadata goes to each :class:`Attention` layer untouched) and parallelism-agnostic: layers shard
+themselves over the TP group, and the model builds only its pipeline stage's layers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from llmserve.distributed.parallel_state import get_pp_group
 from llmserve.layers.activation import SiluAndMul
 from llmserve.layers.attention.layer import Attention
-from llmserve.layers.embedding import LMHead, VocabEmbedding
+from llmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from llmserve.layers.layernorm import RMSNorm
-from llmserve.layers.linear import Linear, MergedLinear, QKVLinear, default_weight_loader
+from llmserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                    default_weight_loader)
 from llmserve.layers.rotary import RotaryEmbedding, rope_parameters
+from llmserve.models.interface import IntermediateTensors, layer_range
+from llmserve.quantization.base import QuantizationConfig
 
 
 class CheckpointMismatchError(ValueError):
@@ -28,18 +36,32 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+@dataclass(frozen=True)
+class LlamaBlockSpec:
+    """The choices that tell the Llama-shaped families apart."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False    # per-head RMSNorm on queries and keys before rotary (Qwen3)
+    mlp_bias: bool = False
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = head_dim_of(config)
-        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, o_bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads,
+                                          spec.qkv_bias, quant_config, f"{prefix}.qkv_proj")
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads   # this rank's
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, spec.o_bias,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
         theta, scaling = rope_parameters(config)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if spec.qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: object) -> torch.Tensor:
@@ -56,14 +78,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r}: only 'silu' is implemented")
-        bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
+                                                       spec.mlp_bias, quant_config, f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, spec.mlp_bias,
+                                           quant_config=quant_config, prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,10 +95,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, o_bias, qk_norm)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, spec, quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, spec, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -90,83 +115,127 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, config: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
-        super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, qkv_bias, o_bias, qk_norm)
-                                    for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+class PPMissingLayer(nn.Identity):
+    """Holds the place of a decoder layer another pipeline stage runs (no parameters), so the layers
+    that are here keep their global index: ``model.layers.5...`` names checkpoint tensors directly."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: object) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, attn_metadata)
+
+class LlamaModel(nn.Module):
+    """Embedding (first stage), this stage's decoder layers, final norm (last stage)."""
+
+    def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "model") -> None:
+        super().__init__()
+        pp = get_pp_group()
+        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
+        self.start_layer, self.end_layer = layer_range(config.num_hidden_layers, pp.rank, pp.world_size)
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                    prefix=f"{prefix}.embed_tokens")
+                             if self.is_first_stage else None)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, spec, quant_config, f"{prefix}.layers.{i}")
+            if self.start_layer <= i < self.end_layer else PPMissingLayer()
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last_stage else None
+
+    def stage_layers(self) -> list[LlamaDecoderLayer]:
+        return [self.layers[i] for i in range(self.start_layer, self.end_layer)]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: object,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        if self.is_first_stage:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            if intermediate_tensors is None:
+                raise ValueError("a pipeline stage after the first needs the previous stage's IntermediateTensors")
+            hidden, residual = intermediate_tensors.hidden, intermediate_tensors.residual
+        for i in range(self.start_layer, self.end_layer):
+            hidden, residual = self.layers[i](positions, hidden, residual, attn_metadata)
+        if not self.is_last_stage:
+            return IntermediateTensors(hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
 
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 class LlamaForCausalLM(nn.Module):
-    """Subclasses set these flags instead of copying the model.
+    """The Llama family; other families subclass it and override :meth:`block_spec` only."""
 
-    ``qkv_bias`` / ``o_bias``: None follows ``config.attention_bias``; ``qk_norm``: per-head q/k RMSNorm.
-    """
-
-    qkv_bias: bool | None = None
-    o_bias: bool | None = None
-    qk_norm = False
-
-    # (fused parameter, checkpoint name, shard id)
+    # (fused parameter, checkpoint name, shard id); a checkpoint that ships the fused tensor loads as is.
     stacked_params = (
         ("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
         ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
     )
     ignored_suffixes = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
-    def __init__(self, config: Any) -> None:
+    @classmethod
+    def block_spec(cls, config: Any) -> LlamaBlockSpec:
+        """Llama: one ``attention_bias`` switch for q/k/v and o, ``mlp_bias`` for the MLP."""
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return LlamaBlockSpec(qkv_bias=attention_bias, o_bias=attention_bias,
+                              mlp_bias=bool(getattr(config, "mlp_bias", False)))
+
+    def __init__(self, config: Any, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.config = config
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        self.model = LlamaModel(config,
-                                attention_bias if self.qkv_bias is None else self.qkv_bias,
-                                attention_bias if self.o_bias is None else self.o_bias,
-                                self.qk_norm)
+        self.model = LlamaModel(config, self.block_spec(config), quant_config, prefix="model")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size,
-                              tie_to=self.model.embed_tokens if self.tie_word_embeddings else None)
+        self.lm_head = None
+        if self.model.is_last_stage:
+            # A last stage without the embedding holds its own copy of a tied matrix.
+            tie_to = self.model.embed_tokens if self.tie_word_embeddings else None
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config, prefix="lm_head",
+                                          tie_to=tie_to)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: object) -> torch.Tensor:
-        return self.model(input_ids, positions, attn_metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: object,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, attn_metadata, intermediate_tensors)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.lm_head is not None, "logits are computed on the last pipeline stage"
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [layer.self_attn.attn for layer in self.model.stage_layers()]
+
+    def _on_other_stage(self, name: str) -> bool:
+        match = _LAYER_INDEX.match(name)
+        if match:
+            index = int(match.group(1))
+            return index < len(self.model.layers) and not self.model.start_layer <= index < self.model.end_layer
+        if name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is None
+        if name.startswith(("model.norm.", "lm_head.")):
+            return self.lm_head is None
+        return False
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors into the (fused) parameters, one tensor at a time.
+        """Copy checkpoint tensors into this rank's (fused, sharded) parameters, one tensor at a time;
+        tensors of other pipeline stages are skipped.
 
         Raises :class:`CheckpointMismatchError` naming every unexpected, missing or mis-shaped tensor.
         """
         params = dict(self.named_parameters())
-        expected: set[tuple[str, object]] = set()
-        for name in params:
-            module = self.get_submodule(name.rsplit(".", 1)[0])
-            if isinstance(module, MergedLinear):
-                shards = (["q", "k", "v"] if isinstance(module, QKVLinear) else range(len(module.output_sizes)))
-                expected.update((name, s) for s in shards)
-            else:
-                expected.add((name, None))
+
+        def shard_ids(param_name: str) -> tuple[object, ...]:
+            return getattr(self.get_submodule(param_name.rsplit(".", 1)[0]), "shard_ids", (None,))
+
+        expected = {(name, s) for name in params for s in shard_ids(name)}
         loaded: set[tuple[str, object]] = set()
         unexpected: list[str] = []
+        tied_copy = self.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is None
         for ckpt_name, tensor in weights:
             if ckpt_name.endswith(self.ignored_suffixes):
                 continue
             if self.tie_word_embeddings and ckpt_name == "lm_head.weight":
                 continue  # some tied checkpoints store the shared matrix twice
             target, shard = ckpt_name, None
+            if tied_copy and ckpt_name == "model.embed_tokens.weight":
+                target = "lm_head.weight"
+            elif self._on_other_stage(ckpt_name):
+                continue
             for fused, part, shard_id in self.stacked_params:
                 if f".{part}." in ckpt_name:
                     target, shard = ckpt_name.replace(f".{part}.", f".{fused}."), shard_id
@@ -179,7 +248,7 @@ class LlamaForCausalLM(nn.Module):
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
             except ValueError as exc:
                 raise CheckpointMismatchError(f"{ckpt_name}: {exc}") from None
-            loaded.add((target, shard))
+            loaded.update([(target, shard)] if shard is not None else [(target, s) for s in shard_ids(target)])
         missing = sorted(f"{n}" + (f" (shard {s})" if s is not None else "") for n, s in expected - loaded)
         if unexpected or missing:
             parts = []

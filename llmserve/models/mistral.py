@@ -1,7 +1,13 @@
-"""Mistral: the Llama architecture (sliding-window configs are capped to the window by the engine)."""
+"""Mistral: the Llama blocks without any bias (sliding-window configs are capped to the window by the engine)."""
 
-from llmserve.models.llama import LlamaForCausalLM
+from __future__ import annotations
+
+from typing import Any
+
+from llmserve.models.llama import LlamaBlockSpec, LlamaForCausalLM
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    pass
+    @classmethod
+    def block_spec(cls, config: Any) -> LlamaBlockSpec:
+        return LlamaBlockSpec(qkv_bias=False, o_bias=False, qk_norm=False, mlp_bias=False)

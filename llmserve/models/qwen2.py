@@ -1,8 +1,13 @@
-"""Qwen2: Llama with a bias on the q/k/v projections (none on o_proj)."""
+"""Qwen2: the Llama blocks with a bias on the q/k/v projections (none on o_proj or the MLP)."""
 
-from llmserve.models.llama import LlamaForCausalLM
+from __future__ import annotations
+
+from typing import Any
+
+from llmserve.models.llama import LlamaBlockSpec, LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    qkv_bias = True
-    o_bias = False
+    @classmethod
+    def block_spec(cls, config: Any) -> LlamaBlockSpec:
+        return LlamaBlockSpec(qkv_bias=True, o_bias=False, qk_norm=False, mlp_bias=False)

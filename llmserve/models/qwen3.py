@@ -1,7 +1,15 @@
-"""Qwen3: Llama with per-head RMSNorm on queries and keys before rotary, and no q/k/v bias."""
+"""Qwen3: the Llama blocks with per-head RMSNorm on queries and keys before rotary; ``attention_bias``
+(false in released checkpoints) on q/k/v and o, no MLP bias."""
 
-from llmserve.models.llama import LlamaForCausalLM
+from __future__ import annotations
+
+from typing import Any
+
+from llmserve.models.llama import LlamaBlockSpec, LlamaForCausalLM
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    qk_norm = True
+    @classmethod
+    def block_spec(cls, config: Any) -> LlamaBlockSpec:
+        bias = bool(getattr(config, "attention_bias", False))
+        return LlamaBlockSpec(qkv_bias=bias, o_bias=bias, qk_norm=True, mlp_bias=False)

@@ -14,8 +14,6 @@ request asked for).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import logging
 
 import numpy as np
@@ -27,12 +25,10 @@ from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLo
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
 from llmserve.layers.sampler import Sampler, SamplingBatch, SamplingRow, compute_logprobs
 from llmserve.sampling_params import SamplingParams
+from llmserve.models.interface import IntermediateTensors
 from llmserve.worker.cpu_tuning import keep_large_allocations_in_heap
 from llmserve.worker.cuda_graphs import DecodeGraphs
 from llmserve.worker.input_batch import CachedSequence, InputBatch
-
-if TYPE_CHECKING:
-    from llmserve.models.interface import IntermediateTensors
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +247,6 @@ class ModelRunner:
 
     def _receive(self, num_tokens: int) -> IntermediateTensors:
         """The previous pipeline stage's hidden states and residual for this step's tokens."""
-        from llmserve.models.interface import IntermediateTensors  # TODO top-level once models/interface lands
         pp = get_pp_group()
         hidden_size = self.model.config.hidden_size
         hidden = torch.empty(num_tokens, hidden_size, dtype=self.dtype, device=self.device)

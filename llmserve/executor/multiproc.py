@@ -1,0 +1,136 @@
+"""One worker process per rank on this machine, driven over pipes.
+
+Every step the same msgpack-encoded :class:`~llmserve.engine.messages.SchedulerOutput` goes to every
+rank (no pickle of anything a client sent); the driver rank answers with the encoded output, the others
+with an acknowledgement. Control calls (KV-cache sizing, allocation) are JSON. The parent waits on the
+pipes and on the processes' sentinels at once, so a worker that dies is noticed at once and one that
+hangs within ``LLMSERVE_EXECUTE_MODEL_TIMEOUT_SECONDS``; either way the engine is dead
+(:class:`~llmserve.executor.abstract.WorkerDiedError`). Workers die with their parent (``PR_SET_PDEATHSIG``
+and a closed pipe), so none is orphaned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import socket
+import time
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from llmserve.config import EngineConfig
+from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, decode_runner_output, encode
+from llmserve.executor.abstract import Executor, WorkerDiedError
+from llmserve.executor.worker_process import worker_main
+
+logger = logging.getLogger(__name__)
+
+EXECUTE_TIMEOUT_ENV = "LLMSERVE_EXECUTE_MODEL_TIMEOUT_SECONDS"
+STARTUP_TIMEOUT_S = 1800.0   # loading a large checkpoint from a slow disk
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, config: EngineConfig, max_model_len: int, max_num_batched_tokens: int) -> None:
+        super().__init__(config, max_model_len, max_num_batched_tokens)
+        self.world_size = config.world_size
+        self.driver_rank = (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
+        self.execute_timeout = float(os.environ.get(EXECUTE_TIMEOUT_ENV, "300"))
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        ctx = multiprocessing.get_context("spawn")
+        self.processes: list[Any] = []
+        self.pipes: list[Connection] = []
+        for rank in range(self.world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, name=f"llmserve-worker-{rank}",
+                               args=(child, config, rank, init_method, max_model_len, max_num_batched_tokens),
+                               daemon=True)
+            proc.start()
+            child.close()
+            self.processes.append(proc)
+            self.pipes.append(parent)
+        try:
+            self._collect(b"R", STARTUP_TIMEOUT_S)   # every rank reports ready (model loaded)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------ calls
+    def _control(self, method: str, *args: Any) -> list[Any]:
+        payload = b"C" + json.dumps([method, list(args)]).encode()
+        for pipe in self.pipes:
+            pipe.send_bytes(payload)
+        return [json.loads(reply) for reply in self._collect(b"R", STARTUP_TIMEOUT_S)]
+
+    def determine_num_kv_blocks(self) -> int:
+        return min(self._control("available_kv_blocks"))
+
+    def kv_cache_bytes_per_block(self) -> int:
+        return max(self._control("kv_cache_bytes_per_block"))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self._control("initialize_cache", num_blocks)
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        payload = b"E" + encode(sched)
+        for pipe in self.pipes:
+            pipe.send_bytes(payload)
+        replies = self._collect(None, self.execute_timeout)
+        errors = [r[1:].decode() for r in replies if r[:1] == b"X"]
+        if errors:
+            # The step failed on some rank; every rank dropped what it built (see worker_process).
+            return ModelRunnerOutput(error=errors[0])
+        return decode_runner_output(replies[self.driver_rank][1:])
+
+    def _collect(self, kind: bytes | None, timeout: float) -> list[bytes]:
+        """One reply from every rank, in rank order; raises WorkerDiedError if a rank dies or is silent."""
+        replies: dict[int, bytes] = {}
+        deadline = time.monotonic() + timeout
+        while len(replies) < self.world_size:
+            waiting = {self.pipes[r]: r for r in range(self.world_size) if r not in replies}
+            sentinels = {self.processes[r].sentinel: r for r in waiting.values()}
+            left = deadline - time.monotonic()
+            ready = wait([*waiting, *sentinels], timeout=max(0.0, left)) if left > 0 else []
+            if not ready:
+                raise WorkerDiedError(f"worker rank(s) {sorted(waiting.values())} did not answer within {timeout:.0f} s")
+            for obj in ready:
+                if obj in waiting:
+                    rank = waiting[obj]
+                    try:
+                        reply = obj.recv_bytes()
+                    except (EOFError, OSError):
+                        raise WorkerDiedError(f"worker rank {rank} closed its pipe") from None
+                    if reply[:1] == b"F":
+                        raise WorkerDiedError(f"worker rank {rank} failed: {reply[1:].decode()}")
+                    if kind is not None and reply[:1] != kind:
+                        raise WorkerDiedError(f"worker rank {rank} answered {reply[:1]!r}, expected {kind!r}")
+                    replies[rank] = reply[1:] if kind is not None else reply
+                else:
+                    rank = sentinels[obj]
+                    if rank not in replies and not self.pipes[rank].poll():
+                        code = self.processes[rank].exitcode
+                        raise WorkerDiedError(f"worker rank {rank} exited (exit code {code})")
+        return [replies[r] for r in range(self.world_size)]
+
+    def shutdown(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send_bytes(b"Q")
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 5.0
+        for proc in self.processes:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+        for pipe in self.pipes:
+            pipe.close()
+        self.processes, self.pipes = [], []

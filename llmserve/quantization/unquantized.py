@@ -1,0 +1,69 @@
+"""Plain float weights: ``[out, in]`` as checkpoints ship them, multiplied by the fastest path.
+
+On CPU in float32 with the compiled kernels, the weight is re-stored after loading as
+``[out/16, in, 16]`` (:func:`~llmserve.layers.cpu_kernels.block_weight`): one copy, which the blocked
+kernel multiplies for any number of rows at oneDNN's prepacked speed and streams at plain-read speed
+for a few rows. Elsewhere the weight stays plain and ``F.linear`` (or oneDNN on CPU) runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmserve.layers.cpu_kernels import WEIGHT_BLOCK, block_weight, cpu_kernels
+from llmserve.quantization.base import QuantizeMethodBase, set_weight_attrs
+
+
+def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T + b``, by the fastest path for the shape and the weight's layout.
+
+    A 3-D ``weight`` is blocked for the CPU kernels (:meth:`UnquantizedLinearMethod.process_weights_after_loading`):
+    they run any number of rows. A plain weight on CPU in float32: the compiled GEMV for a few rows,
+    else oneDNN; elsewhere (CUDA, other dtypes, no kernels) ``F.linear``.
+    """
+    if weight.dim() == 3:
+        kernels = cpu_kernels()
+        assert kernels is not None, "a blocked weight is only made where the CPU kernels load"
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        out = kernels.linear_blocked(rows, weight, bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
+        kernels = cpu_kernels()
+        if kernels is not None and x.shape[0] <= kernels.max_linear_rows and x.stride(1) == 1:
+            return kernels.linear_small_batch(x, weight, bias)
+        if torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def blocked_layout_available(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` [out, in] can be stored blocked for the CPU kernels."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.shape[0] % WEIGHT_BLOCK == 0 and cpu_kernels() is not None)
+
+
+class UnquantizedLinearMethod(QuantizeMethodBase):
+    """``layer.weight`` [out, in] in the model dtype; blocked after loading where the CPU kernels run."""
+
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype,
+                       **extra_weight_attrs: Any) -> None:
+        weight = nn.Parameter(torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+                              requires_grad=False)
+        # Loaders narrow checkpoint tensors along these dims for tensor parallelism.
+        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0, **extra_weight_attrs})
+        layer.register_parameter("weight", weight)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        # Same values, one copy: the plain weight is dropped, so memory does not double.
+        if blocked_layout_available(layer.weight):
+            layer.weight.data = block_weight(layer.weight.data)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return apply_linear(x, layer.weight, bias)

@@ -1,0 +1,40 @@
+"""Run a loaded model directly (no engine): bind a small KV cache and build one step's attention metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmserve.layers.attention.backend import BatchLayout
+from llmserve.layers.attention.torch_backend import TorchAttentionBackend
+from llmserve.model_loader.loader import load_config, load_model
+
+CPU = torch.device("cpu")
+BLOCK_SIZE = 4
+NUM_BLOCKS = 16
+
+
+def load_tiny(path: Path) -> torch.nn.Module:
+    """This rank's model (ranks from parallel_state), loaded and post-processed like the engine does."""
+    return load_model(load_config(path), path, torch.float32, CPU)
+
+
+def bind_cache(model: torch.nn.Module) -> TorchAttentionBackend:
+    backend = TorchAttentionBackend(torch.float32)
+    for attn in model.attention_layers():
+        shape = (NUM_BLOCKS, BLOCK_SIZE, attn.num_kv_heads, attn.head_dim)
+        attn.bind_cache(backend, torch.zeros(shape), torch.zeros(shape))
+    return backend
+
+
+def step_metadata(backend: TorchAttentionBackend, context: int, new: int) -> object:
+    """One sequence in blocks 0, 1, ...: ``new`` tokens after ``context`` cached ones (a decode if new == 1)."""
+    total = context + new
+    layout = BatchLayout(query_lens=[new], context_lens=[context], block_tables=[list(range(-(-total // BLOCK_SIZE)))],
+                         slot_mapping=torch.arange(context, total), num_decodes=1 if new == 1 and context else 0,
+                         block_size=BLOCK_SIZE)
+    return backend.build_metadata(layout, CPU)
+
+
+PROMPT = [5, 17, 301, 42, 7, 1999, 0, 64, 3]
