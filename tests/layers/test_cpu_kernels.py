@@ -56,6 +56,32 @@ def test_paged_decode_attention_refuses_bad_head_counts_and_index_types(kernels)
     with pytest.raises(TypeError, match="int32"):
         kernels.paged_decode_attention(torch.randn(1, 3, 8), cache, cache, tables.long(), lens, 1.0,
                                        torch.empty(1, 3, 8))
+    for bad in (dict(sliding_window=0), dict(soft_cap=0.0), dict(soft_cap=-1.0)):
+        with pytest.raises(ValueError, match="sliding_window must be >= 1 and soft_cap > 0"):
+            kernels.paged_decode_attention(torch.randn(1, 3, 8), cache, cache, tables, lens, 1.0,
+                                           torch.empty(1, 3, 8), **bad)
+
+
+def test_paged_decode_attention_window_and_soft_cap(kernels):
+    """A window of w tokens attends the last w of the context; a soft-cap bends the scores through tanh.
+    (Every row kind and backend against a dense reference: tests/layers/attention/test_window_softcap.py.)"""
+    torch.manual_seed(0)
+    cache_k, cache_v = torch.randn(8, 4, 1, 16), torch.randn(8, 4, 1, 16)
+    tables = torch.tensor([[3, 1, 6]], dtype=torch.int32)
+    lens = torch.tensor([11], dtype=torch.int32)
+    q = torch.randn(1, 2, 16) * 4
+    k = cache_k[[3, 1, 6]].reshape(12, 16)[:11]
+    v = cache_v[[3, 1, 6]].reshape(12, 16)[:11]
+    for window, cap in [(None, None), (4, None), (1, None), (None, 2.0), (6, 2.0), (11, None), (50, 2.0)]:
+        scores = q[0] @ k.T * 0.25
+        if cap is not None:
+            scores = cap * torch.tanh(scores / cap)
+        if window is not None:
+            scores[:, :max(0, 11 - window)] = float("-inf")
+        out = torch.empty(1, 2, 16)
+        kernels.paged_decode_attention(q, cache_k, cache_v, tables, lens, 0.25, out, sliding_window=window,
+                                       soft_cap=cap)
+        torch.testing.assert_close(out[0], scores.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
 
 
 def test_library_is_built_once_per_input_and_reused(tmp_path, monkeypatch):

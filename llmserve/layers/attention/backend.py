@@ -3,7 +3,11 @@
 The model runner describes each step's batch once as a :class:`BatchLayout` (which tokens belong to
 which sequence, where their K/V go, which blocks hold each sequence's context). A backend turns that
 into its own precomputed metadata (masks, index tensors, kernel arguments) once per step, and
-``forward`` is then called by every attention layer with that metadata.
+``forward`` is then called by every attention layer with that metadata and the layer's
+:class:`AttentionSpec` (head geometry, scale, sliding window, logit soft-cap). Layers of one model may
+differ in their spec (Gemma 2 alternates sliding-window and full layers), so whatever a backend derives
+from a spec per step (a window's masks, say) is built lazily at the first layer that needs it and cached
+on the metadata for the rest of the step.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,9 +24,12 @@ from llmserve.layers.cpu_kernels import cpu_kernels
 
 @dataclass
 class BatchLayout:
-    """One step's flattened batch. Sequences whose query is a single token come first (decodes).
+    """One step's flattened batch. The first ``num_decodes`` rows are decodes: rows with exactly one query
+    token (over any context). Every other row may have any number of query tokens over any cached context:
+    a fresh prompt (context 0), a prefill chunk after earlier chunks, or a running sequence verifying
+    1 + k speculated tokens; each is causal within its own tokens and sees its whole context.
 
-    - ``query_lens[i]``: tokens of sequence i computed this step (1 for a decode, a chunk for a prefill);
+    - ``query_lens[i]``: tokens of sequence i computed this step (1 for a decode);
     - ``context_lens[i]``: tokens of sequence i already in the KV cache before this step;
     - ``block_tables[i]``: the physical block ids holding sequence i, in order;
     - ``slot_mapping[t]``: the flat cache slot (block * block_size + offset) where token t's K/V go.
@@ -39,6 +47,85 @@ class BatchLayout:
         return [c + q for c, q in zip(self.context_lens, self.query_lens)]
 
 
+# Names of the dtype a KV cache may be asked for that mean "the model's dtype".
+_MODEL_DTYPE_NAMES = ("auto", "model")
+
+
+def _dtype_name(value: Any) -> str | None:
+    """``torch.bfloat16`` / ``"bfloat16"`` / ``"torch.bfloat16"`` / ``"bf16"`` -> ``"bfloat16"``; None when
+    ``value`` names no floating torch dtype."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if not isinstance(value, str):
+        return None
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
+        value.strip().lower().removeprefix("torch."), value.strip().lower().removeprefix("torch."))
+    dtype = getattr(torch, name, None)
+    return name if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one attention layer asks of the backend, besides the step's batch (plain, hashable fields).
+
+    - ``scale``: multiplies ``q . k`` (usually ``head_dim ** -0.5``);
+    - ``sliding_window``: None for full attention; else a query at position ``p`` sees the keys at
+      positions ``p - sliding_window < j <= p`` (its last ``sliding_window`` positions, itself included),
+      as transformers' ``sliding_window_overlay`` + ``causal_mask_function`` (Mistral, Qwen2, Gemma 2);
+    - ``logits_soft_cap``: None, or ``c`` for Gemma 2's ``c * tanh(scores / c)`` applied to the scaled
+      scores before the mask and the softmax;
+    - ``kv_cache_dtype``: ``"auto"`` (the cache holds the model's dtype), or the model's dtype itself
+      (``torch.bfloat16`` or ``"bfloat16"``, stored as its name). Nothing else is implemented yet: any other
+      value raises ``NotImplementedError``. The model's dtype is torch's default dtype when the spec is built
+      (the loader sets it while it constructs the model).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    sliding_window: int | None = None
+    logits_soft_cap: float | None = None
+    kv_cache_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
+                             f"({self.num_kv_heads})")
+        if self.head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {self.head_dim}")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or int(self.sliding_window) != self.sliding_window
+                                                or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive number of tokens (or None for full attention), "
+                             f"got {self.sliding_window!r}")
+        if self.logits_soft_cap is not None and not self.logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap must be > 0 (or None for no cap), got {self.logits_soft_cap!r}")
+        object.__setattr__(self, "scale", float(self.scale))
+        if self.sliding_window is not None:
+            object.__setattr__(self, "sliding_window", int(self.sliding_window))
+        if self.logits_soft_cap is not None:
+            object.__setattr__(self, "logits_soft_cap", float(self.logits_soft_cap))
+        object.__setattr__(self, "kv_cache_dtype", self._check_kv_cache_dtype(self.kv_cache_dtype))
+
+    @staticmethod
+    def _check_kv_cache_dtype(value: Any) -> str:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _MODEL_DTYPE_NAMES):
+            return "auto"
+        model = torch.get_default_dtype()
+        name = _dtype_name(value)
+        if name is None or getattr(torch, name) != model:
+            raise NotImplementedError(
+                f"kv_cache_dtype={value!r} is not supported: the KV cache holds the model's dtype ({model}) for "
+                f"now (pass 'auto')")
+        return name
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+
 class AttentionBackend(ABC):
     """Paged attention for mixed prefill + decode batches."""
 
@@ -54,9 +141,10 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: object,
-                scale: float) -> torch.Tensor:
+                spec: AttentionSpec) -> torch.Tensor:
         """Store ``key``/``value`` [T, KV, D] in the cache, attend ``query`` [T, H, D] over each
-        sequence's cached context causally, and return [T, H, D].
+        sequence's cached context causally (within ``spec.sliding_window`` when set, scores soft-capped by
+        ``spec.logits_soft_cap`` when set, scaled by ``spec.scale``), and return [T, H, D].
 
         Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``.
         """

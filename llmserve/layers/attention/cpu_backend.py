@@ -1,10 +1,12 @@
 """The CPU fast path: the PyTorch backend with decodes through the compiled paged-decode kernel.
 
-Prefill chunks stay on ``scaled_dot_product_attention`` (compute-bound, and oneDNN's kernel is good);
-decode rows, which are bound by reading each sequence's KV blocks, go through
-``llmserve_paged_decode_attention`` (``layers/csrc/cpu_attention.c``): it reads the blocks in place through
-the block table, once per KV head for the whole query group, with no gathered copy and no padding, so
-sequences of any mix of lengths share one call.
+Rows with several query tokens (prompts, prefill chunks, speculative verification) stay on
+``scaled_dot_product_attention`` (compute-bound, and oneDNN's kernel is good); decode rows, which are
+bound by reading each sequence's KV blocks, go through ``llmserve_paged_decode_attention``
+(``layers/csrc/cpu_attention.c``): it reads the blocks in place through the block table, once per KV head
+for the whole query group, with no gathered copy and no padding, so sequences of any mix of lengths share
+one call. The kernel takes the layer's sliding window and soft-cap as arguments, so one decode batch
+serves every layer of the step.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmserve.layers.attention.backend import BatchLayout
+from llmserve.layers.attention.backend import AttentionSpec, BatchLayout
 from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 from llmserve.layers.cpu_kernels import CPUKernels
 
@@ -26,12 +28,13 @@ class DecodeBatch:
 
 class CPUAttentionBackend(TorchAttentionBackend):
     name = "cpu"
+    decodes_depend_on_window = False   # the kernel skips the keys before each row's window itself
 
     def __init__(self, kernels: CPUKernels) -> None:
         super().__init__(torch.float32)
         self.kernels = kernels
 
-    def _decode_metadata(self, layout: BatchLayout, device: torch.device) -> DecodeBatch:
+    def _decode_metadata(self, layout: BatchLayout, device: torch.device, window: int | None) -> DecodeBatch:
         nd = layout.num_decodes
         seq_lens = [c + 1 for c in layout.context_lens[:nd]]
         num_blocks = [(n + layout.block_size - 1) // layout.block_size for n in seq_lens]
@@ -40,6 +43,7 @@ class CPUAttentionBackend(TorchAttentionBackend):
         return DecodeBatch(torch.tensor(padded, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32))
 
     def _attend_decodes(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        decodes: DecodeBatch, scale: float, out: torch.Tensor) -> None:
-        self.kernels.paged_decode_attention(query, key_cache, value_cache, decodes.block_tables,
-                                            decodes.seq_lens, scale, out)
+                        decodes: DecodeBatch, spec: AttentionSpec, window: int | None, out: torch.Tensor) -> None:
+        self.kernels.paged_decode_attention(query, key_cache, value_cache, decodes.block_tables, decodes.seq_lens,
+                                            spec.scale, out, sliding_window=window,
+                                            soft_cap=spec.logits_soft_cap)

@@ -1,28 +1,40 @@
-"""The attention layer models use: holds its head geometry and its slice of the KV cache."""
+"""The attention layer models use: holds its :class:`AttentionSpec` and its slice of the KV cache."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from llmserve.layers.attention.backend import AttentionBackend
+from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                 kv_cache_dtype: torch.dtype | str | None = None) -> None:
         super().__init__()
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})")
+        self.spec = AttentionSpec(num_heads, num_kv_heads, head_dim, scale, sliding_window=sliding_window,
+                                  logits_soft_cap=logits_soft_cap, kv_cache_dtype=kv_cache_dtype)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = scale
+        self.scale = self.spec.scale
         # Bound by the model runner once the cache is allocated.
         self.backend: AttentionBackend | None = None
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
 
+    def extra_repr(self) -> str:
+        spec = self.spec
+        extra = "".join(f", {name}={getattr(spec, name)}" for name in ("sliding_window", "logits_soft_cap")
+                        if getattr(spec, name) is not None)
+        return f"heads={spec.num_heads}, kv_heads={spec.num_kv_heads}, head_dim={spec.head_dim}{extra}"
+
     def bind_cache(self, backend: AttentionBackend, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+        if self.spec.kv_cache_dtype != "auto" and key_cache.numel() \
+                and key_cache.dtype != getattr(torch, self.spec.kv_cache_dtype):
+            raise NotImplementedError(f"this layer's KV cache must be {self.spec.kv_cache_dtype}, got a "
+                                      f"{key_cache.dtype} cache")
         self.backend = backend
         self.key_cache = key_cache
         self.value_cache = value_cache
@@ -34,5 +46,5 @@ class Attention(nn.Module):
         out = self.backend.forward(q.view(t, self.num_heads, self.head_dim),
                                    k.view(t, self.num_kv_heads, self.head_dim),
                                    v.view(t, self.num_kv_heads, self.head_dim),
-                                   self.key_cache, self.value_cache, metadata, self.scale)
+                                   self.key_cache, self.value_cache, metadata, self.spec)
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -2,29 +2,40 @@
 
 Decodes (one query token each) are batched into padded gather + SDPA calls: sequences of similar length
 share one call, so a batch of mixed lengths (a few long conversations among many short ones) does not pad
-every row to the longest context (see :func:`group_decodes_by_length`). Prefill chunks go through
-``scaled_dot_product_attention`` one sequence at a time (a step holds few of them), causal within the
-chunk and over the whole cached context before it.
+every row to the longest context (see :func:`group_decodes_by_length`). Every other row (a fresh prompt, a
+prefill chunk after cached context, a running sequence verifying 1 + k speculated tokens) goes through
+``scaled_dot_product_attention`` one sequence at a time, causal within the chunk and over the whole cached
+context before it.
+
+Per-layer differences (:class:`AttentionSpec`) are handled at forward time. A sliding window changes which
+keys a row sees: the metadata builds, the first time a layer with that window runs in the step, the
+window's decode groups (only the blocks inside the window are gathered) and prefill masks, and keeps them
+for the other layers with the same window; a window no shorter than the step's longest sequence is full
+attention and shares its masks. A logit soft-cap (Gemma 2) cannot go through SDPA, so such layers compute
+the scores explicitly (:func:`soft_capped_attention`); layers without one keep the SDPA path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
+from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
 
 
 @dataclass
 class PrefillChunk:
+    """A row with its own query tokens (any number) over its cached context."""
+
     query_start: int
     query_len: int
     context_len: int
-    block_table: torch.Tensor   # blocks covering context_len + query_len tokens
-    mask: torch.Tensor | None   # [query_len, seq_len] bool (True = attend); None when there is no context
+    block_table: torch.Tensor   # the blocks holding keys key_start .. context_len + query_len - 1
+    mask: torch.Tensor | None   # [query_len, seq_len - key_start] bool (True = attend); None: plain causal
+    key_start: int = 0          # position of the first key gathered (a block boundary; > 0 only with a window)
 
 
 @dataclass
@@ -33,21 +44,57 @@ class DecodeGroup:
 
     rows: torch.Tensor | None   # their indices among the step's decodes; None: all decodes, in order
     block_tables: torch.Tensor  # [B, max_blocks]
-    bias: torch.Tensor          # [B, 1, 1, max_blocks * block_size]: 0 or -inf (padding)
+    bias: torch.Tensor          # [B, 1, 1, max_blocks * block_size]: 0 or -inf (padding, outside the window)
 
 
 @dataclass
 class TorchAttentionMetadata:
+    """The step's batch; the decode groups and prefill chunks of each sliding window (None: full
+    attention) are built on first use by :meth:`decodes_for` / :meth:`prefills_for` and cached."""
+
     slot_mapping: torch.Tensor
     num_decodes: int
-    decodes: Any                 # what ``_attend_decodes`` needs: here a list of DecodeGroup
-    prefills: list[PrefillChunk]
+    layout: BatchLayout
+    device: torch.device
+    backend: TorchAttentionBackend
+    max_seq_len: int
+    _decodes: dict[int | None, Any] = field(default_factory=dict)
+    _prefills: dict[int | None, list[PrefillChunk]] = field(default_factory=dict)
+
+    def window(self, sliding_window: int | None) -> int | None:
+        """``sliding_window``, or None where it covers every sequence of the step (full attention)."""
+        return sliding_window if sliding_window is not None and sliding_window < self.max_seq_len else None
+
+    def decodes_for(self, window: int | None) -> Any:
+        """What ``_attend_decodes`` needs for this (normalised) window."""
+        key = window if self.backend.decodes_depend_on_window else None
+        if key not in self._decodes:
+            self._decodes[key] = self.backend._decode_metadata(self.layout, self.device, key)
+        return self._decodes[key]
+
+    def prefills_for(self, window: int | None) -> list[PrefillChunk]:
+        if window not in self._prefills:
+            self._prefills[window] = self.backend._prefill_metadata(self.layout, self.device, window)
+        return self._prefills[window]
+
+    @property
+    def decodes(self) -> Any:
+        """Full attention's decode metadata."""
+        return self.decodes_for(None)
+
+    @property
+    def prefills(self) -> list[PrefillChunk]:
+        """Full attention's prefill chunks."""
+        return self.prefills_for(None)
 
 
 # Padding a decode row may carry in its group: this fraction of the group's longest context, or this many
 # blocks, whichever is larger (short contexts are cheap to pad; each extra group costs a few kernel calls).
 MAX_PADDING_FRACTION = 0.25
 MIN_PADDING_BLOCKS = 8
+# Soft-capped attention materialises float32 scores: at most about this many at a time (query rows are
+# taken in slices to stay under it).
+MAX_SCORE_ELEMENTS = 1 << 24
 
 
 def group_decodes_by_length(num_blocks: list[int]) -> list[list[int]]:
@@ -66,91 +113,167 @@ def group_decodes_by_length(num_blocks: list[int]) -> list[list[int]]:
     return groups
 
 
+def window_start(position: int, window: int | None) -> int:
+    """The first key position a query at ``position`` sees (transformers' ``sliding_window_overlay``:
+    keys ``j`` with ``position - window < j <= position``)."""
+    return 0 if window is None else max(0, position - window + 1)
+
+
+def soft_capped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attn_mask: torch.Tensor | None, is_causal: bool, scale: float,
+                          soft_cap: float) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with Gemma 2's logit soft-cap (``cap * tanh(scores / cap)`` before
+    the mask), in float32: ``query`` [B, H, Q, D], ``key``/``value`` [B, KV, L, D] (GQA when KV < H);
+    ``attn_mask`` a bool keep-mask [Q, L] or an additive [B, 1, 1, L] bias; ``is_causal`` (with no mask)
+    for Q == L. Query rows go in slices so the scores stay under ``MAX_SCORE_ELEMENTS``."""
+    b, h, q_len, d = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    group = h // kv_heads
+    k = key.float().unsqueeze(2).transpose(-1, -2)   # [B, KV, 1, D, L]
+    v = value.float().unsqueeze(2)                   # [B, KV, 1, L, D]
+    if attn_mask is not None and attn_mask.dim() == 4:
+        attn_mask = attn_mask.unsqueeze(1)           # [B, 1, 1, Q or 1, L] against [B, KV, G, Q, L]
+    out = torch.empty(b, h, q_len, d, dtype=query.dtype, device=query.device)
+    step = max(1, MAX_SCORE_ELEMENTS // max(1, b * h * k_len))
+    for q0 in range(0, q_len, step):
+        q1 = min(q_len, q0 + step)
+        q = query[:, :, q0:q1].float().reshape(b, kv_heads, group, q1 - q0, d)
+        scores = torch.matmul(q, k).mul_(scale)
+        scores = torch.tanh(scores.div_(soft_cap)).mul_(soft_cap)
+        if is_causal:
+            keys = torch.arange(k_len, device=query.device)
+            rows = torch.arange(q0, q1, device=query.device) + (k_len - q_len)
+            scores.masked_fill_(keys[None, :] > rows[:, None], float("-inf"))
+        elif attn_mask is not None:
+            mask = attn_mask[..., q0:q1, :] if attn_mask.shape[-2] > 1 else attn_mask
+            if mask.dtype == torch.bool:
+                scores.masked_fill_(~mask, float("-inf"))
+            else:
+                scores.add_(mask)
+        out[:, :, q0:q1] = torch.matmul(scores.softmax(-1), v).reshape(b, h, q1 - q0, d)
+    return out
+
+
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+               is_causal: bool, spec: AttentionSpec) -> torch.Tensor:
+    """SDPA, or :func:`soft_capped_attention` for a layer with a soft-cap. Shapes as SDPA's."""
+    if spec.logits_soft_cap is not None:
+        return soft_capped_attention(query, key, value, attn_mask, is_causal, spec.scale, spec.logits_soft_cap)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                          scale=spec.scale, enable_gqa=query.shape[1] != key.shape[1])
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    # Whether the decode metadata differs per sliding window (here: the groups gather only the window's
+    # blocks); a backend whose decode kernel takes the window as an argument shares one.
+    decodes_depend_on_window = True
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype   # of the additive decode mask: SDPA wants it to match the queries
 
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> TorchAttentionMetadata:
+        return TorchAttentionMetadata(layout.slot_mapping, layout.num_decodes, layout, device, self,
+                                      max(layout.seq_lens, default=0))
+
+    def _prefill_metadata(self, layout: BatchLayout, device: torch.device,
+                          window: int | None) -> list[PrefillChunk]:
         bs = layout.block_size
         nd = layout.num_decodes
-        decodes = self._decode_metadata(layout, device) if nd else None
-        prefills = []
+        chunks = []
         start = nd
         for q_len, ctx, table in zip(layout.query_lens[nd:], layout.context_lens[nd:], layout.block_tables[nd:]):
             seq_len = ctx + q_len
             num_blocks = (seq_len + bs - 1) // bs
+            # Keys before the first query's window are never seen: gather from that block on.
+            first_block = 0 if ctx == 0 else window_start(ctx, window) // bs
+            key_start = first_block * bs
             mask = None
-            if ctx:
-                q_pos = torch.arange(ctx, seq_len, device=device)
-                mask = torch.arange(seq_len, device=device)[None, :] <= q_pos[:, None]
-            prefills.append(PrefillChunk(start, q_len, ctx,
-                                         torch.tensor(table[:num_blocks], dtype=torch.long, device=device), mask))
+            if ctx or (window is not None and window < q_len):
+                q_pos = torch.arange(ctx, seq_len, device=device)[:, None]
+                k_pos = torch.arange(key_start, seq_len, device=device)[None, :]
+                mask = k_pos <= q_pos
+                if window is not None:
+                    mask &= k_pos > q_pos - window
+            chunks.append(PrefillChunk(start, q_len, ctx, torch.tensor(table[first_block:num_blocks], dtype=torch.long,
+                                                                       device=device), mask, key_start))
             start += q_len
-        return TorchAttentionMetadata(layout.slot_mapping, nd, decodes, prefills)
+        return chunks
 
-    def _decode_metadata(self, layout: BatchLayout, device: torch.device) -> list[DecodeGroup]:
+    def _decode_metadata(self, layout: BatchLayout, device: torch.device, window: int | None) -> list[DecodeGroup]:
         bs = layout.block_size
-        seq_lens = [c + 1 for c in layout.context_lens[:layout.num_decodes]]
-        blocks = [(n + bs - 1) // bs for n in seq_lens]
+        nd = layout.num_decodes
+        seq_lens = [c + 1 for c in layout.context_lens[:nd]]
+        # Each row gathers the blocks that hold its window: from first_block, keys first_block * bs + j for
+        # lo <= j < hi.
+        first = [window_start(n - 1, window) // bs for n in seq_lens]
+        blocks = [(n + bs - 1) // bs - f for n, f in zip(seq_lens, first)]
+        lo = [window_start(n - 1, window) - f * bs for n, f in zip(seq_lens, first)]
+        hi = [n - f * bs for n, f in zip(seq_lens, first)]
+        tables = [t[f:f + b] for t, f, b in zip(layout.block_tables[:nd], first, blocks)]
         partition = group_decodes_by_length(blocks)
-        return [self._decode_group(rows, [seq_lens[i] for i in rows], [layout.block_tables[i] for i in rows], bs,
-                                   device, in_order=len(partition) == 1 and rows == sorted(rows))
+        return [self._decode_group(rows, [lo[i] for i in rows], [hi[i] for i in rows], [tables[i] for i in rows],
+                                   bs, device, in_order=len(partition) == 1 and rows == sorted(rows))
                 for rows in partition]
 
-    def _decode_group(self, rows: list[int], seq_lens: list[int], tables: list[list[int]], bs: int,
+    def _decode_group(self, rows: list[int], lo: list[int], hi: list[int], tables: list[list[int]], bs: int,
                       device: torch.device, in_order: bool) -> DecodeGroup:
-        max_blocks = (max(seq_lens) + bs - 1) // bs
-        padded = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables]
-        positions = torch.arange(max_blocks * bs, device=device)
-        lens = torch.tensor(seq_lens, device=device)
+        max_blocks = max(len(t) for t in tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        positions = torch.arange(max_blocks * bs, device=device)[None, :]
+        outside = positions >= torch.tensor(hi, device=device)[:, None]
+        if any(lo):
+            outside |= positions < torch.tensor(lo, device=device)[:, None]
         bias = torch.zeros(len(rows), 1, 1, max_blocks * bs, dtype=self.dtype, device=device)
-        bias.masked_fill_((positions[None, :] >= lens[:, None]).view(len(rows), 1, 1, -1), float("-inf"))
+        bias.masked_fill_(outside.view(len(rows), 1, 1, -1), float("-inf"))
         return DecodeGroup(None if in_order else torch.tensor(rows, dtype=torch.long, device=device),
                            torch.tensor(padded, dtype=torch.long, device=device), bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: TorchAttentionMetadata,
-                scale: float) -> torch.Tensor:
+                spec: AttentionSpec) -> torch.Tensor:
         num_kv_heads, head_dim = key.shape[1], key.shape[2]
         flat_k = key_cache.view(-1, num_kv_heads, head_dim)
         flat_v = value_cache.view(-1, num_kv_heads, head_dim)
         flat_k.index_copy_(0, metadata.slot_mapping, key)
         flat_v.index_copy_(0, metadata.slot_mapping, value)
         out = torch.empty_like(query)
-        if metadata.num_decodes:
-            self._attend_decodes(query[:metadata.num_decodes], key_cache, value_cache, metadata.decodes, scale,
-                                 out[:metadata.num_decodes])
-        for chunk in metadata.prefills:
+        window = metadata.window(spec.sliding_window)
+        nd = metadata.num_decodes
+        if nd:
+            self._attend_decodes(query[:nd], key_cache, value_cache, metadata.decodes_for(window), spec, window,
+                                 out[:nd])
+        if len(metadata.layout.query_lens) == nd:
+            return out
+        for chunk in metadata.prefills_for(window):
             end = chunk.query_start + chunk.query_len
             q = query[chunk.query_start:end].transpose(0, 1).unsqueeze(0)
             if chunk.context_len == 0:
                 k, v = key[chunk.query_start:end], value[chunk.query_start:end]
             else:
-                seq_len = chunk.context_len + chunk.query_len
-                k = key_cache.index_select(0, chunk.block_table).view(-1, num_kv_heads, head_dim)[:seq_len]
-                v = value_cache.index_select(0, chunk.block_table).view(-1, num_kv_heads, head_dim)[:seq_len]
-            o = F.scaled_dot_product_attention(
-                q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale,
-                enable_gqa=q.shape[1] != num_kv_heads)
+                num_keys = chunk.context_len + chunk.query_len - chunk.key_start
+                k = key_cache.index_select(0, chunk.block_table).view(-1, num_kv_heads, head_dim)[:num_keys]
+                v = value_cache.index_select(0, chunk.block_table).view(-1, num_kv_heads, head_dim)[:num_keys]
+            o = _attention(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), chunk.mask,
+                           chunk.mask is None, spec)
             out[chunk.query_start:end] = o[0].transpose(0, 1)
         return out
 
     def _attend_decodes(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        groups: list[DecodeGroup], scale: float, out: torch.Tensor) -> None:
-        """Attend the decode rows (one query token each) and write them into ``out``."""
+                        groups: list[DecodeGroup], spec: AttentionSpec, window: int | None,
+                        out: torch.Tensor) -> None:
+        """Attend the decode rows (one query token each) and write them into ``out``. ``groups`` were
+        built for ``window`` (the spec's, or None where it covers the whole step)."""
         for group in groups:
             if group.rows is None:
-                out.copy_(self._decode(query, key_cache, value_cache, group, scale))
+                out.copy_(self._decode(query, key_cache, value_cache, group, spec))
             else:
                 q = query.index_select(0, group.rows)
-                out.index_copy_(0, group.rows, self._decode(q, key_cache, value_cache, group, scale))
+                out.index_copy_(0, group.rows, self._decode(q, key_cache, value_cache, group, spec))
 
     @staticmethod
     def _decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, group: DecodeGroup,
-                scale: float) -> torch.Tensor:
+                spec: AttentionSpec) -> torch.Tensor:
         """One query token per sequence: gather each sequence's blocks (padded to the group's longest) with
         one ``index_select`` and attend in one SDPA call; the [B, L, KV, D] -> [B, KV, L, D] transpose stays a
         view (SDPA's CPU kernel reads strided K/V), so the gather is the only copy of the context."""
@@ -159,6 +282,5 @@ class TorchAttentionBackend(AttentionBackend):
         flat_tables = group.block_tables.view(-1)
         k = key_cache.index_select(0, flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
         v = value_cache.index_select(0, flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query.unsqueeze(2), k, v, attn_mask=group.bias,
-                                             scale=scale, enable_gqa=num_heads != num_kv_heads)
+        out = _attention(query.unsqueeze(2), k, v, group.bias, False, spec)
         return out.view(b, num_heads, head_dim)

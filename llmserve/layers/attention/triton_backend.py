@@ -8,17 +8,24 @@ and the flash-attention prefill kernel for the prefill chunks.
 For CUDA graphs the decode metadata can live in static buffers (:meth:`TritonAttentionBackend.
 graph_decode_metadata`) that :meth:`TritonAttentionBackend.fill_graph_decode_metadata` rewrites in place
 before each replay: a decode batch's kernel grid depends only on its (padded) size and split count.
+
+A layer's sliding window and logit soft-cap (:class:`AttentionSpec`) are kernel arguments, so one metadata
+serves every layer. Decode programs split only the window, so a windowed layer may use fewer splits than
+the step's longest context calls for: :meth:`TritonAttentionMetadata.splits_for` picks them once per
+window per step (for a CUDA graph, once at capture: they are a function of the captured size and width,
+and the window start is computed inside the kernel from the lengths, so no extra static input is needed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from llmserve.layers.attention import triton_kernels as kernels
-from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
+from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
 
 
 @dataclass
@@ -34,6 +41,26 @@ class TritonAttentionMetadata:
     prefill_query_lens: torch.Tensor | None
     prefill_context_lens: torch.Tensor | None
     max_prefill_query_len: int
+    max_decode_seq_len: int = 0                # the longest decode (for a graph: the captured width)
+    max_seq_len: int = 0                       # the longest row of the step (for a graph: the captured width)
+    # Split choice for the decode kernel given the tokens a row attends (None: num_splits).
+    choose_splits: Callable[[int], int] | None = None
+    _window_splits: dict[int, int] = field(default_factory=dict)
+
+    def window(self, sliding_window: int | None) -> int | None:
+        """``sliding_window``, or None where it covers every row of the step (the kernels' plain variant)."""
+        if sliding_window is not None and 0 < self.max_seq_len <= sliding_window:
+            return None
+        return sliding_window
+
+    def splits_for(self, window: int | None) -> int:
+        """Decode splits for a layer with this sliding window: ``num_splits`` unless the window is shorter
+        than the longest decode, then what a context of the window's length calls for (no more)."""
+        if window is None or window >= self.max_decode_seq_len or self.choose_splits is None:
+            return self.num_splits
+        if window not in self._window_splits:
+            self._window_splits[window] = min(self.num_splits, self.choose_splits(window))
+        return self._window_splits[window]
 
 
 def _padded_tables(tables: list[list[int]], num_blocks: list[int]) -> np.ndarray:
@@ -77,10 +104,12 @@ class TritonAttentionBackend(AttentionBackend):
 
         decode_tables = decode_lens = None
         num_splits = 1
+        max_decode = 0
         if nd:
             decode_tables = to_device(_padded_tables(layout.block_tables[:nd], num_blocks[:nd]))
             decode_lens = to_device(np.asarray(seq_lens[:nd], dtype=np.int32))
-            num_splits = self._splits(device, nd, max(seq_lens[:nd]))
+            max_decode = max(seq_lens[:nd])
+            num_splits = self._splits(device, nd, max_decode)
         np_ = len(layout.query_lens) - nd
         prefill_tables = query_start = query_lens = context_lens = None
         max_q = 0
@@ -94,7 +123,11 @@ class TritonAttentionBackend(AttentionBackend):
             max_q = int(q_lens.max())
         slot_mapping = layout.slot_mapping.to(device=device, dtype=torch.int64)
         return TritonAttentionMetadata(slot_mapping, nd, decode_tables, decode_lens, num_splits, np_,
-                                       prefill_tables, query_start, query_lens, context_lens, max_q)
+                                       prefill_tables, query_start, query_lens, context_lens, max_q, max_decode,
+                                       max(seq_lens, default=0), self._split_chooser(device, nd) if nd else None)
+
+    def _split_chooser(self, device: torch.device, num_seqs: int) -> Callable[[int], int]:
+        return lambda length: self._splits(device, num_seqs, length)
 
     # --------------------------------------------------------------------------- CUDA-graph decode metadata
     def graph_decode_metadata(self, batch_size: int, max_blocks: int, max_seq_len: int,
@@ -108,7 +141,8 @@ class TritonAttentionBackend(AttentionBackend):
             decode_seq_lens=torch.zeros(batch_size, dtype=torch.int32, device=device),
             num_splits=self._splits(device, batch_size, max_seq_len),
             num_prefills=0, prefill_block_tables=None, prefill_query_start=None, prefill_query_lens=None,
-            prefill_context_lens=None, max_prefill_query_len=0)
+            prefill_context_lens=None, max_prefill_query_len=0, max_decode_seq_len=max_seq_len,
+            max_seq_len=max_seq_len, choose_splits=self._split_chooser(device, batch_size))
 
     def fill_graph_decode_metadata(self, static: TritonAttentionMetadata, layout: BatchLayout) -> None:
         """Copy a decode-only step into ``static`` (from :meth:`graph_decode_metadata`), in place.
@@ -137,15 +171,18 @@ class TritonAttentionBackend(AttentionBackend):
     # --------------------------------------------------------------------------- forward
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: TritonAttentionMetadata,
-                scale: float) -> torch.Tensor:
+                spec: AttentionSpec) -> torch.Tensor:
         kernels.store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         nd = metadata.num_decodes
+        window, soft_cap = metadata.window(spec.sliding_window), spec.logits_soft_cap
         if nd:
             kernels.decode_attention(query[:nd], key_cache, value_cache, out[:nd], metadata.decode_block_tables,
-                                     metadata.decode_seq_lens, metadata.num_splits, scale)
+                                     metadata.decode_seq_lens, metadata.splits_for(window), spec.scale,
+                                     window=window, soft_cap=soft_cap)
         if metadata.num_prefills:
             kernels.prefill_attention(query, key_cache, value_cache, out, metadata.prefill_block_tables,
                                       metadata.prefill_query_start, metadata.prefill_query_lens,
-                                      metadata.prefill_context_lens, metadata.max_prefill_query_len, scale)
+                                      metadata.prefill_context_lens, metadata.max_prefill_query_len, spec.scale,
+                                      window=window, soft_cap=soft_cap)
         return out

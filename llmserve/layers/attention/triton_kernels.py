@@ -35,6 +35,13 @@ a power of two (at least 16) inside the kernels. ``tl.dot`` needs tiles of at le
 dimension, so decode pads the per-KV-head group of query heads to 16 rows (a prefill tile has at least
 ``PREFILL_BLOCK_M`` rows).
 
+Per-layer options: a sliding window (``window`` > 0: a query at position ``p`` sees keys ``p - window < j
+<= p``, as transformers' ``sliding_window_overlay``) and a logit soft-cap (``soft_cap`` > 0: Gemma 2's
+``cap * tanh(scores / cap)`` on the scaled scores). The prefill kernel starts each tile's key walk at the
+window of its first query and masks per row; decode splits the window ``[seq_len - window, seq_len)``
+instead of the whole context, so no program reads a key outside it. Both are compile-time switches
+(``USE_WINDOW``, ``SOFT_CAP``): layers without them run the same code as before.
+
 float16, bfloat16 and float32 inputs are supported; scores, softmax statistics and accumulators are
 float32 in every case (float32 inputs use exact IEEE dot products, so they can be checked against a
 float64 reference).
@@ -114,19 +121,39 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _soft_cap(s, CAP: tl.constexpr):
+    """``CAP * tanh(s / CAP)`` (any units: scores here are in log2 units, with ``CAP`` scaled to match),
+    as ``sign(y) (1 - e) / (1 + e)`` with ``e = exp(-2 |y|)`` <= 1: no overflow, and within a few float32
+    ulps of ``CAP`` (the Triton interpreter has no ``tanh``)."""
+    y = s / CAP
+    e = tl.exp2(tl.abs(y) * -2.8853900817779268)   # exp(-2 |y|) = 2^(-2 log2(e) |y|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(y < 0, -t, t) * CAP
+
+
+@triton.jit
 def _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, keep, kv_head, offs_d,
                     d_mask, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
-                    BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                    BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    SOFT_CAP: tl.constexpr, MAY_BE_EMPTY: tl.constexpr):
     """One KV tile of flash attention, shared by prefill and decode: gather the tile's K/V rows through the
     block table, score the queries against them (``keep`` masks scores out), and fold the tile into the
-    running max ``m_i``, sum ``l_i`` and unnormalised output ``acc`` (all float32)."""
+    running max ``m_i``, sum ``l_i`` and unnormalised output ``acc`` (all float32).
+
+    ``SOFT_CAP`` (log2 units, 0 = none) caps the scores before the mask. ``MAY_BE_EMPTY``: a row may have
+    no key kept in this tile nor before it (a sliding window that starts past the tile); its maximum stays
+    -inf and it is left at zero instead of computing ``exp2(-inf - -inf)``."""
     blocks = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     kv_off = blocks * stride_c_block + (offs_n % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
+    if SOFT_CAP > 0:
+        s = _soft_cap(s, SOFT_CAP)
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MAY_BE_EMPTY:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)   # such a row's p and alpha are then exp2(-inf) = 0
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -157,12 +184,12 @@ def _store_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_pt
 def _prefill_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         block_tables_ptr, query_start_ptr, query_lens_ptr, context_lens_ptr,
-        scale_log2,
+        scale_log2, window,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_c_block, stride_c_slot, stride_c_head, stride_bt,
         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr):
+        UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -194,16 +221,25 @@ def _prefill_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Keys past the last query of the tile are masked for every row: stop there.
     kv_end = tl.minimum(seq_len, context_len + m0 + tile_tokens)
+    # Keys before the window of the tile's first query are masked for every row: start at that tile.
+    kv_start = 0
+    if USE_WINDOW:
+        kv_start = tl.maximum(context_len + m0 - window + 1, 0) // BLOCK_N * BLOCK_N
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start_n in range(0, kv_end, BLOCK_N):
+    for start_n in range(kv_start, kv_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < kv_end
-        # Causal over the whole sequence. Every row (padding included) sees key 0, so the first iteration
-        # gives every row a finite maximum and no row ever computes exp2(-inf - -inf).
+        # Causal over the whole sequence. Without a window every row (padding included) sees key 0, so the
+        # first iteration gives every row a finite maximum and no row ever computes exp2(-inf - -inf); with
+        # one, a later row's window may start tiles later (MAY_BE_EMPTY guards it).
         keep = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if USE_WINDOW:
+            keep = keep & (offs_n[None, :] > q_pos[:, None] - window)
         m_i, l_i, acc = _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, keep,
                                         kv_head, offs_d, d_mask, scale_log2, stride_c_block, stride_c_slot,
-                                        stride_c_head, BLOCK_SIZE, PRECISION, UPCAST)
+                                        stride_c_head, BLOCK_SIZE, PRECISION, UPCAST, SOFT_CAP, USE_WINDOW)
+    if USE_WINDOW:
+        l_i = tl.where(l_i > 0, l_i, 1.0)   # padding rows may have seen no key
     acc = acc / l_i[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
@@ -213,18 +249,23 @@ def _prefill_attention_kernel(
 def _decode_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
         part_out_ptr, part_m_ptr, part_l_ptr,
-        scale_log2, num_splits,
+        scale_log2, num_splits, window,
         stride_qt, stride_qh, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        USE_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    # Splits cover whole BLOCK_N tiles; trailing splits of a short sequence are empty.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    # The keys attended: [first, seq_len), the last `window` of them under a sliding window.
+    first = 0
+    if USE_WINDOW:
+        first = tl.maximum(seq_len - window, 0)
+    # Splits cover whole BLOCK_N tiles of that range; trailing splits of a short sequence are empty.
+    split_len = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
+    start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -245,7 +286,8 @@ def _decode_attention_kernel(
         # start < end: every tile has a valid key, so every row's maximum is finite.
         m_i, l_i, acc = _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask,
                                         n_mask[None, :], kv_head, offs_d, d_mask, scale_log2, stride_c_block,
-                                        stride_c_slot, stride_c_head, BLOCK_SIZE, PRECISION, UPCAST)
+                                        stride_c_slot, stride_c_head, BLOCK_SIZE, PRECISION, UPCAST, SOFT_CAP,
+                                        False)
     # Partials are [seq, head, split] (+ [HEAD_DIM] for the output); empty splits write (-inf, 0, 0).
     row = (seq.to(tl.int64) * NUM_HEADS + heads) * num_splits + split
     tl.store(part_m_ptr + row, m_i, mask=g_mask)
@@ -288,6 +330,15 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and INTERPRETED
 
 
+def _layer_options(window: int | None, soft_cap: float | None) -> tuple[int, bool, float]:
+    """``(window argument, USE_WINDOW, SOFT_CAP)`` for a layer: the cap goes in the kernels' log2 units."""
+    if window is not None and window < 1:
+        raise ValueError(f"the sliding window must be >= 1 token (or None), got {window}")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"the logit soft-cap must be > 0 (or None), got {soft_cap}")
+    return (window or 0, window is not None, float(soft_cap) * math.log2(math.e) if soft_cap else 0.0)
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -327,37 +378,42 @@ def _attention_shapes(query: torch.Tensor, key_cache: torch.Tensor
 def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       out: torch.Tensor, block_tables: torch.Tensor, query_start: torch.Tensor,
                       query_lens: torch.Tensor, context_lens: torch.Tensor, max_query_len: int,
-                      scale: float) -> None:
+                      scale: float, *, window: int | None = None, soft_cap: float | None = None) -> None:
     """Causal attention of prefill chunks over the paged cache (which already holds their own K/V).
 
     ``query``/``out`` are ``[T, H, D]`` for the whole step; sequence ``i`` owns rows
-    ``query_start[i] : query_start[i] + query_lens[i]`` at positions ``context_lens[i]`` onwards.
+    ``query_start[i] : query_start[i] + query_lens[i]`` at positions ``context_lens[i]`` onwards (any
+    number of rows over any context). ``window``: a sliding window in tokens; ``soft_cap``: a logit cap.
     """
     num_seqs = query_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0:
         return
+    window_arg, use_window, cap = _layer_options(window, soft_cap)
     query, (num_heads, head_dim, num_kv_heads, block_size, group) = _attention_shapes(query, key_cache)
     rows, tokens = prefill_tile(group)
     grid = (num_seqs, triton.cdiv(max_query_len, tokens), num_kv_heads)
     _prefill_attention_kernel[grid](
         query, key_cache, value_cache, out, block_tables, query_start, query_lens, context_lens,
-        scale * math.log2(math.e),
+        scale * math.log2(math.e), window_arg,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_D=_pow2_at_least(head_dim, 16), BLOCK_M=rows, BLOCK_N=PREFILL_BLOCK_N,
-        PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype), num_warps=PREFILL_NUM_WARPS)
+        PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype), USE_WINDOW=use_window, SOFT_CAP=cap,
+        num_warps=PREFILL_NUM_WARPS)
 
 
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      out: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, num_splits: int,
-                     scale: float) -> None:
-    """One query token per sequence (``query``/``out`` ``[B, H, D]``) over ``seq_lens[i]`` cached tokens,
-    split into ``num_splits`` ranges per sequence and combined by a reduce kernel. The grid depends
-    only on ``B`` and ``num_splits``, never on the lengths, so a CUDA graph can replay it."""
+                     scale: float, *, window: int | None = None, soft_cap: float | None = None) -> None:
+    """One query token per sequence (``query``/``out`` ``[B, H, D]``) over ``seq_lens[i]`` cached tokens
+    (the last ``window`` of them with a sliding window), split into ``num_splits`` ranges per sequence and
+    combined by a reduce kernel. The grid depends only on ``B`` and ``num_splits``, never on the lengths,
+    so a CUDA graph can replay it."""
     batch = query.shape[0]
     if batch == 0:
         return
+    window_arg, use_window, cap = _layer_options(window, soft_cap)
     query, (num_heads, head_dim, num_kv_heads, block_size, group) = _attention_shapes(query, key_cache)
     part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
     part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=query.device)
@@ -365,12 +421,12 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     block_d = _pow2_at_least(head_dim, 16)
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, seq_lens, part_out, part_m, part_l,
-        scale * math.log2(math.e), num_splits,
+        scale * math.log2(math.e), num_splits, window_arg,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=_pow2_at_least(group, 16),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N,
-        PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype))
+        PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype), USE_WINDOW=use_window, SOFT_CAP=cap)
     _decode_reduce_kernel[(batch, num_heads)](
         part_out, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=_pow2_at_least(num_splits), BLOCK_D=block_d)

@@ -9,6 +9,11 @@
  * query head), takes an exact softmax over the scores with a vectorised exp, then accumulates the
  * values. Items are spread over the OpenMP threads dynamically, since context lengths differ. float32; caches are [num_blocks, block_size, num_kv_heads, head_dim],
  * contiguous. Head sizes that are a multiple of 16 take the vector path, others a scalar one.
+ *
+ * A sliding window (`window` > 0) makes a sequence of length n attend only its last `window` tokens,
+ * positions [n - window, n): the walk simply starts there. A logit soft-cap (`soft_cap` > 0, Gemma 2)
+ * replaces each scaled score s by soft_cap * tanh(s / soft_cap) in one pass over the scores before the
+ * softmax. Neither adds work inside the token loops when unused.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -18,8 +23,27 @@
 
 #define MAX_VECS 16   /* head_dim up to 256 on the vector path */
 
-/* Softmax over each of the `rows` rows of `scores` (row stride `stride`, `len` valid entries). */
-static void softmax_rows(float *scores, long rows, long len, long stride) {
+/* Gemma 2's logit soft-cap over `n` scores, in place: cap * tanh(s / cap), vectorised as
+ * sign(y) (1 - e) / (1 + e) with e = exp(-2 |y|) <= 1 (no overflow; absolute error ~1e-7 * cap). */
+static void soft_cap_scores(float *scores, long n, float cap) {
+    const float inv = 1.0f / cap;
+    const ivec sign_bit = (ivec){0} + (int)0x80000000u;
+    long i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const vec y = load(scores + i) * inv;
+        const ivec sign = (ivec)y & sign_bit;
+        const vec e = vexp_nonpositive((vec)((ivec)y | sign_bit) * 2.0f);   /* exp(-2 |y|) */
+        const vec t = (splat(1.0f) - e) / (splat(1.0f) + e);
+        store(scores + i, (vec)((ivec)t | sign) * cap);
+    }
+    for (; i < n; i++) scores[i] = cap * tanhf(scores[i] * inv);
+}
+
+/* Softmax over each of the `rows` rows of `scores` (row stride `stride`, `len` valid entries), soft-capped
+ * first when `soft_cap` > 0 (here rather than at the callers: a call between their token loops costs the
+ * common, uncapped path a few percent at short contexts). */
+static void softmax_rows(float *scores, long rows, long len, long stride, float soft_cap) {
+    if (soft_cap > 0.0f) soft_cap_scores(scores, rows * stride, soft_cap);
     for (long r = 0; r < rows; r++) {
         float *s = scores + r * stride;
         float m = -INFINITY;
@@ -59,18 +83,20 @@ static inline void prefetch_row(const float *cache, const int *table, long t, lo
 #define PREFETCH_TOKENS 4   /* how far ahead rows are prefetched */
 
 /* The vector path: head_dim = nv * 16 (`nv` is a constant at the call sites that matter: 4, 8), for the
- * query heads of KV heads [kv_head, kv_head + kv_count): `q` and `out` point at the first of them. */
+ * query heads of KV heads [kv_head, kv_head + kv_count): `q` and `out` point at the first of them. Keys
+ * [start, seq_len) are attended (start > 0 under a sliding window); `scores` has rows of seq_len - start. */
 static inline __attribute__((always_inline)) void
-attend_vec(const float *q, const float *k_cache, const float *v_cache, const int *table, long seq_len,
+attend_vec(const float *q, const float *k_cache, const float *v_cache, const int *table, long start, long seq_len,
            long group, long kv_head, long kv_count, long num_kv_heads, long block_size, float scale,
-           float *scores, float *out, const int nv) {
+           float soft_cap, float *scores, float *out, const int nv) {
     const long head_dim = nv * LANES;
     const long token_stride = num_kv_heads * head_dim;
     const long first = kv_head * head_dim, count = kv_count * head_dim;
     const long rows = kv_count * group;   /* query heads attended: score rows */
-    for (long t = 0; t < seq_len; t++) {
-        prefetch_row(k_cache, table, t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count);
-        const float *k = token_row(k_cache, table, t, block_size, token_stride) + first;
+    const long len = seq_len - start;   /* t below counts from the window's start */
+    for (long t = 0; t < len; t++) {
+        prefetch_row(k_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count);
+        const float *k = token_row(k_cache, table, start + t, block_size, token_stride) + first;
         for (long h = 0; h < kv_count; h++, k += head_dim) {
             vec kv[MAX_VECS];
             for (int c = 0; c < nv; c++) kv[c] = load(k + c * LANES);
@@ -78,20 +104,20 @@ attend_vec(const float *q, const float *k_cache, const float *v_cache, const int
                 const float *qh = q + (h * group + g) * head_dim;
                 vec acc = kv[0] * load(qh);
                 for (int c = 1; c < nv; c++) acc += kv[c] * load(qh + c * LANES);
-                scores[(h * group + g) * seq_len + t] = hsum(acc) * scale;
+                scores[(h * group + g) * len + t] = hsum(acc) * scale;
             }
         }
     }
-    softmax_rows(scores, rows, seq_len, seq_len);
+    softmax_rows(scores, rows, len, len, soft_cap);
     memset(out, 0, sizeof(float) * rows * head_dim);
-    for (long t = 0; t < seq_len; t++) {
-        prefetch_row(v_cache, table, t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count);
-        const float *v = token_row(v_cache, table, t, block_size, token_stride) + first;
+    for (long t = 0; t < len; t++) {
+        prefetch_row(v_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count);
+        const float *v = token_row(v_cache, table, start + t, block_size, token_stride) + first;
         for (long h = 0; h < kv_count; h++, v += head_dim) {
             vec vv[MAX_VECS];
             for (int c = 0; c < nv; c++) vv[c] = load(v + c * LANES);
             for (long g = 0; g < group; g++) {
-                const vec p = splat(scores[(h * group + g) * seq_len + t]);
+                const vec p = splat(scores[(h * group + g) * len + t]);
                 float *oh = out + (h * group + g) * head_dim;
                 for (int c = 0; c < nv; c++) store(oh + c * LANES, load(oh + c * LANES) + p * vv[c]);
             }
@@ -101,56 +127,67 @@ attend_vec(const float *q, const float *k_cache, const float *v_cache, const int
 
 /* The scalar path, for head sizes that are not a multiple of 16 (same arguments). */
 static void attend_scalar(const float *q, const float *k_cache, const float *v_cache, const int *table,
-                          long seq_len, long group, long kv_head, long kv_count, long num_kv_heads, long head_dim,
-                          long block_size, float scale, float *scores, float *out) {
+                          long start, long seq_len, long group, long kv_head, long kv_count, long num_kv_heads,
+                          long head_dim, long block_size, float scale, float soft_cap, float *scores, float *out) {
     const long token_stride = num_kv_heads * head_dim;
     const long rows = kv_count * group;
-    for (long t = 0; t < seq_len; t++) {
+    const long len = seq_len - start;
+    for (long t = start; t < seq_len; t++) {
         const float *k = token_row(k_cache, table, t, block_size, token_stride) + kv_head * head_dim;
         for (long r = 0; r < rows; r++) {
             const float *kh = k + (r / group) * head_dim;
             float s = 0.f;
             for (long d = 0; d < head_dim; d++) s += q[r * head_dim + d] * kh[d];
-            scores[r * seq_len + t] = s * scale;
+            scores[r * len + (t - start)] = s * scale;
         }
     }
-    softmax_rows(scores, rows, seq_len, seq_len);
+    softmax_rows(scores, rows, len, len, soft_cap);
     memset(out, 0, sizeof(float) * rows * head_dim);
-    for (long t = 0; t < seq_len; t++) {
+    for (long t = start; t < seq_len; t++) {
         const float *v = token_row(v_cache, table, t, block_size, token_stride) + kv_head * head_dim;
         for (long r = 0; r < rows; r++)
-            for (long d = 0; d < head_dim; d++) out[r * head_dim + d] += scores[r * seq_len + t] * v[(r / group) * head_dim + d];
+            for (long d = 0; d < head_dim; d++) out[r * head_dim + d] += scores[r * len + (t - start)] * v[(r / group) * head_dim + d];
     }
 }
 
 static void attend_one(const float *q, const float *k_cache, const float *v_cache, const int *table,
-                       long seq_len, long group, long kv_head, long kv_count, long num_kv_heads, long head_dim,
-                       long block_size, float scale, float *scores, float *out) {
+                       long start, long seq_len, long group, long kv_head, long kv_count, long num_kv_heads,
+                       long head_dim, long block_size, float scale, float soft_cap, float *scores, float *out) {
     switch (head_dim) {
-        case 64: attend_vec(q, k_cache, v_cache, table, seq_len, group, kv_head, kv_count, num_kv_heads,
-                            block_size, scale, scores, out, 4); return;
-        case 128: attend_vec(q, k_cache, v_cache, table, seq_len, group, kv_head, kv_count, num_kv_heads,
-                             block_size, scale, scores, out, 8); return;
+        case 64: attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads,
+                            block_size, scale, soft_cap, scores, out, 4); return;
+        case 128: attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads,
+                             block_size, scale, soft_cap, scores, out, 8); return;
     }
     if (head_dim % LANES == 0 && head_dim / LANES <= MAX_VECS)
-        attend_vec(q, k_cache, v_cache, table, seq_len, group, kv_head, kv_count, num_kv_heads, block_size,
-                   scale, scores, out, (int)(head_dim / LANES));
+        attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, block_size,
+                   scale, soft_cap, scores, out, (int)(head_dim / LANES));
     else
-        attend_scalar(q, k_cache, v_cache, table, seq_len, group, kv_head, kv_count, num_kv_heads, head_dim,
-                      block_size, scale, scores, out);
+        attend_scalar(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, head_dim,
+                      block_size, scale, soft_cap, scores, out);
+}
+
+/* The first key a sequence of `seq_len` tokens attends: its last `window` tokens (window > 0), else all. */
+static inline long first_key(long seq_len, long window) {
+    return window > 0 && seq_len > window ? seq_len - window : 0;
 }
 
 /* q: [num_seqs, num_heads, head_dim] with row stride q_stride; out likewise with out_stride;
  * block_tables: int32 [num_seqs, >= blocks needed] with row stride table_stride; seq_lens: int32.
+ * window: the sliding window in tokens (0 = full attention); soft_cap: the logit soft-cap (0 = none).
  * Returns 0; -1 when num_heads is not a multiple of num_kv_heads; -2 when scratch memory ran out. */
 int llmserve_paged_decode_attention(const float *q, long q_stride, const float *k_cache, const float *v_cache,
                                     const int *block_tables, long table_stride, const int *seq_lens,
                                     long num_seqs, long num_heads, long num_kv_heads, long head_dim,
-                                    long block_size, float scale, float *out, long out_stride, int num_threads) {
+                                    long block_size, float scale, long window, float soft_cap, float *out,
+                                    long out_stride, int num_threads) {
     if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0) return -1;
     const long group = num_heads / num_kv_heads;
     long max_len = 1;
-    for (long s = 0; s < num_seqs; s++) max_len = seq_lens[s] > max_len ? seq_lens[s] : max_len;
+    for (long s = 0; s < num_seqs; s++) {
+        const long len = seq_lens[s] - first_key(seq_lens[s], window);
+        max_len = len > max_len ? len : max_len;
+    }
     /* Work items: (sequence, run of KV heads). Whole sequences read each token's K/V row contiguously;
      * with few sequences, one KV head per item keeps every thread busy. */
     const long kv_per_item = num_seqs >= 4L * num_threads ? num_kv_heads : 1;
@@ -168,8 +205,9 @@ int llmserve_paged_decode_attention(const float *q, long q_stride, const float *
             const long s = item / items_per_seq, h = (item % items_per_seq) * kv_per_item;
             if (scores != NULL)
                 attend_one(q + s * q_stride + h * group * head_dim, k_cache, v_cache,
-                           block_tables + s * table_stride, seq_lens[s], group, h, kv_per_item, num_kv_heads,
-                           head_dim, block_size, scale, scores, out + s * out_stride + h * group * head_dim);
+                           block_tables + s * table_stride, first_key(seq_lens[s], window), seq_lens[s], group, h,
+                           kv_per_item, num_kv_heads, head_dim, block_size, scale, soft_cap, scores,
+                           out + s * out_stride + h * group * head_dim);
         }
         free(scores);
     }

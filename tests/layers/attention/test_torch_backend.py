@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
+from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
 from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
 from llmserve.layers.attention.torch_backend import TorchAttentionBackend, group_decodes_by_length
 from llmserve.layers.cpu_kernels import cpu_kernels
@@ -74,7 +74,7 @@ def test_mixed_batch_matches_reference(backend_name, block_size, num_heads, num_
     if backend_name == "torch":
         assert len(metadata.decodes) >= 2   # the long decodes are not padded with the short ones
     out = backend.forward(torch.cat(queries), torch.cat(new_k), torch.cat(new_v), key_cache, value_cache,
-                          metadata, scale)
+                          metadata, AttentionSpec(num_heads, num_kv_heads, head_dim, scale))
     start = 0
     for (ctx, n), q, k, v in zip(seqs, queries, full_k, full_v):
         expected = reference_attention(q, k, v, ctx, scale)
@@ -116,7 +116,8 @@ def test_decode_only_batch_with_strided_queries(backend_name):
                          slot_mapping=torch.tensor(slots), num_decodes=3, block_size=block_size)
     backend = make_backend(backend_name)
     out = backend.forward(query, key, value, key_cache, value_cache,
-                          backend.build_metadata(layout, torch.device("cpu")), 0.25)
+                          backend.build_metadata(layout, torch.device("cpu")),
+                          AttentionSpec(num_heads, num_kv_heads, head_dim, 0.25))
     for i, (table, n) in enumerate(zip(tables, lens)):
         k = key_cache[torch.tensor(table)].reshape(-1, num_kv_heads, head_dim)[:n]
         v = value_cache[torch.tensor(table)].reshape(-1, num_kv_heads, head_dim)[:n]

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed (pip install triton, or the [test] extra)")
 
 from llmserve.layers.attention import triton_kernels as kernels
-from llmserve.layers.attention.backend import BatchLayout, get_attention_backend
+from llmserve.layers.attention.backend import AttentionSpec, BatchLayout, get_attention_backend
 from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 from llmserve.layers.attention.triton_backend import TritonAttentionBackend
 
@@ -51,6 +51,7 @@ class Batch:
         gen = torch.Generator().manual_seed(seed)
         self.seqs = seqs
         self.scale = head_dim ** -0.5
+        self.spec = AttentionSpec(num_heads, num_kv_heads, head_dim, self.scale)
         needed = sum(-(-(c + n) // block_size) for c, n in seqs)
         num_blocks = num_blocks or needed + 7
         self.key_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
@@ -151,7 +152,7 @@ def test_prefill_chunks_with_and_without_context(block_size, num_heads, num_kv_h
     backend = TritonAttentionBackend(torch.float32)
     metadata = backend.build_metadata(batch.layout(num_decodes=0), DEVICE)
     out = backend.forward(batch.query, batch.key, batch.value, batch.key_cache, batch.value_cache, metadata,
-                          batch.scale)
+                          batch.spec)
     assert_close(out, batch.expected(), torch.float32)
     # The chunks' own K/V were stored where the slot mapping says.
     flat_k = batch.key_cache.view(-1, num_kv_heads, head_dim)
@@ -213,14 +214,14 @@ def test_mixed_batch_matches_reference_and_torch_backend(dtype, block_size, num_
     metadata = backend.build_metadata(layout, DEVICE)
     assert metadata.num_splits >= 1
     out = backend.forward(batch.query, batch.key, batch.value, batch.key_cache, batch.value_cache, metadata,
-                          batch.scale)
+                          batch.spec)
     assert out.dtype == dtype
     expected = batch.expected()
     assert_close(out, expected, dtype)
     if dtype == torch.float32:
         reference = TorchAttentionBackend(dtype)
         torch_out = reference.forward(batch.query, batch.key, batch.value, *torch_cache,
-                                      reference.build_metadata(layout, DEVICE), batch.scale)
+                                      reference.build_metadata(layout, DEVICE), batch.spec)
         torch.testing.assert_close(out, torch_out, atol=2e-5, rtol=1e-4)
         assert torch.equal(batch.key_cache, torch_cache[0]) and torch.equal(batch.value_cache, torch_cache[1])
 
@@ -233,7 +234,7 @@ def test_forced_split_count_on_long_decodes():
     metadata = backend.build_metadata(batch.layout(num_decodes=2), DEVICE)
     metadata.num_splits = 16
     out = backend.forward(batch.query, batch.key, batch.value, batch.key_cache, batch.value_cache, metadata,
-                          batch.scale)
+                          batch.spec)
     assert_close(out, batch.expected(), torch.float32)
 
 
@@ -251,7 +252,7 @@ def test_graph_decode_metadata_replays_padded_batches():
         return torch.cat([x, torch.zeros(5, *x.shape[1:], dtype=x.dtype, device=x.device)])
 
     out = backend.forward(padded(batch.query), padded(batch.key), padded(batch.value), batch.key_cache,
-                          batch.value_cache, static, batch.scale)
+                          batch.value_cache, static, batch.spec)
     assert_close(out[:3], batch.expected(), torch.float32)
     assert not out[3:].any()
     changed = (batch.key_cache != cache_before).any(-1).any(-1).view(-1)
@@ -291,5 +292,5 @@ def test_cuda_large_mixed_batch(dtype):
     assert isinstance(backend, TritonAttentionBackend)
     metadata = backend.build_metadata(batch.layout(num_decodes=12), DEVICE)
     out = backend.forward(batch.query, batch.key, batch.value, batch.key_cache, batch.value_cache, metadata,
-                          batch.scale)
+                          batch.spec)
     assert_close(out, batch.expected(), dtype)
