@@ -1,18 +1,22 @@
 """The engine core: the scheduler and KV-cache manager on one side, the executor and its workers on the other.
 
-One step is ``schedule`` -> ``executor.execute_model(SchedulerOutput)`` -> ``update_from_output``; the
-messages are the only thing that crosses to the workers. The core knows token ids, never text: turning
-tokens into outputs (detokenising, stop strings, logprobs) is the engine's output processing.
+It takes :class:`~llmserve.engine.messages.EngineCoreRequest` s and aborts, and each ``step`` is
+``schedule`` -> ``executor.execute_model(SchedulerOutput)`` -> ``update_from_output``, reported as
+:class:`~llmserve.engine.messages.EngineCoreOutputs`. It knows token ids, never text: detokenising, stop
+strings and output assembly are the front end's (:mod:`llmserve.engine.output_processor`), which may
+live in this process (``LLM``) or another (the API server).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 from llmserve.config import EngineConfig
 from llmserve.engine.block_manager import BlockManager
-from llmserve.engine.messages import ModelRunnerOutput
-from llmserve.engine.scheduler import Scheduler, StepResult
+from llmserve.engine.messages import (EngineCoreOutputs, EngineCoreRequest, ModelRunnerOutput, SampleOutput,
+                                      SchedulerStats)
+from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import Sequence
 from llmserve.executor.abstract import Executor, executor_class
 
@@ -32,23 +36,82 @@ class EngineCore:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_num_batched_tokens,
                                    config.enable_chunked_prefill, max_model_len)
+        self.requests: dict[str, list[Sequence]] = {}
+        self._seq_ids = itertools.count()
         tokens = num_blocks * config.block_size
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per rank)", num_blocks,
                     config.block_size, tokens, num_blocks * self.executor.kv_cache_bytes_per_block() / 2**30)
         logger.info("Maximum concurrency for %d tokens per request: %.2fx", max_model_len, tokens / max_model_len)
 
-    def add(self, seq: Sequence) -> None:
-        self.scheduler.add(seq)
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue a request's first sample; samples 2..n fork from it once its prompt is computed."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine core")
+        salt = request.cache_salt.encode() if request.cache_salt else b""
+        seqs = [Sequence(next(self._seq_ids), request.request_id, index, request.prompt_token_ids, request.params,
+                         request.max_tokens, request.eos_token_id, arrival_time=request.arrival_time,
+                         extra_hash_keys=salt) for index in range(request.params.n)]
+        seqs[0].pending_forks = seqs[1:]
+        self.requests[request.request_id] = seqs
+        self.scheduler.add(seqs[0])
 
-    def finish(self, seq: Sequence) -> None:
-        self.scheduler.finish(seq)
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request (or one of its samples, e.g. on a stop string) and free its blocks; unknown ids are
+        ignored (it may have finished in the step that crossed the abort)."""
+        seqs = self.requests.get(request_id)
+        if seqs is None:
+            return
+        for seq in seqs:
+            if (index is None or seq.index == index) and not seq.is_finished:
+                seq.finish_reason = seq.finish_reason or "abort"
+                self.scheduler.finish(seq)
+        if all(seq.is_finished for seq in seqs):
+            del self.requests[request_id]
 
-    def step(self) -> StepResult:
-        """Schedule, run and apply one step (nothing when there is nothing to compute)."""
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> EngineCoreOutputs:
+        """Schedule, run and apply one step (nothing runs when there is nothing to compute)."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return self.scheduler.update_from_output(sched, ModelRunnerOutput())
-        return self.scheduler.update_from_output(sched, self.executor.execute_model(sched))
+            self.scheduler.update_from_output(sched, ModelRunnerOutput())
+            return EngineCoreOutputs()   # no stats: nothing changed
+        step = self.scheduler.update_from_output(sched, self.executor.execute_model(sched))
+        out = EngineCoreOutputs(failed=step.failed)
+        for request_id in step.failed:
+            self.abort(request_id)
+        for seq, start, entries in step.prompt_logprobs:
+            out.prompt_logprobs.append((seq.request_id, start, entries))
+        for seq, token, token_logprobs in step.sampled:
+            out.samples.append(SampleOutput(
+                seq.request_id, seq.index, [token], [token_logprobs] if token_logprobs is not None else [],
+                seq.finish_reason, seq.stop_reason, seq.first_scheduled_time, seq.first_token_time,
+                seq.last_token_time, seq.num_preemptions))
+            if seq.is_finished:
+                seqs = self.requests.get(seq.request_id)
+                if seqs is not None and all(s.is_finished for s in seqs):
+                    del self.requests[seq.request_id]
+        out.stats = self.stats()
+        return out
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> SchedulerStats:
+        running = len({seq.request_id for seq in self.scheduler.running.values()})
+        allocated, filled = self.block_manager.waste(list(self.scheduler.running.values()))
+        return SchedulerStats(
+            num_requests_running=running,
+            num_requests_waiting=len(self.requests) - running,
+            kv_cache_usage=self.block_manager.usage,
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_blocks=self.block_manager.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.block_manager.prefix_query_tokens,
+            prefix_cache_hits=self.block_manager.prefix_hit_tokens,
+            kv_cache_waste=(allocated - filled) / allocated if allocated else 0.0,
+        )
 
     def shutdown(self) -> None:
         self.executor.shutdown()

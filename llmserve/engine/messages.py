@@ -1,9 +1,11 @@
-"""The only things that cross the engine-core / worker boundary: one step's plan and its result.
+"""The only things that cross the engine core's two boundaries.
 
-The scheduler describes a step as a :class:`SchedulerOutput`; each worker patches its own copy of the
-running sequences from it (new sequences in full, the others as deltas) and the driver worker answers
-with a :class:`ModelRunnerOutput`. Both are msgspec structs of plain values, so the same objects pass
-in process (no copy) or as msgpack bytes to worker processes (no pickle of anything a client sent).
+Front end -> core: an :class:`EngineCoreRequest` (tokenised and validated) or an abort; core -> front
+end: :class:`EngineCoreOutputs` (each sample's new tokens, logprobs and finish, plus the scheduler's
+stats). Core -> workers: one step's plan, :class:`SchedulerOutput`; each worker patches its own copy of
+the running sequences from it (new sequences in full, the others as deltas) and the driver worker
+answers with a :class:`ModelRunnerOutput`. All are msgspec structs of plain values, so the same objects
+pass in process (no copy) or as msgpack bytes between processes (no pickle of anything a client sent).
 """
 
 from __future__ import annotations
@@ -83,17 +85,65 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     error: str | None = None
 
 
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A request the front end has tokenised and validated; the core makes its ``params.n`` sequences."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int                    # params.max_tokens resolved against the context length
+    eos_token_id: int | None
+    arrival_time: float                # time.monotonic() (one clock for every process of the machine)
+    cache_salt: str | None = None
+
+
+class SampleOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What one step did to one sample (sequence) of a request."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprobs] = []          # one per new token, when the request asked for them
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_preemptions: int = 0
+
+
+class SchedulerStats(msgspec.Struct, omit_defaults=True):
+    """The core's gauges and counters after a step (the front end's /metrics reads these)."""
+
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    kv_cache_waste: float = 0.0
+
+
+class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
+    """One step's results for the front end."""
+
+    samples: list[SampleOutput] = []
+    # request id -> (first position p, logprobs of prompt tokens p+1, ...)
+    prompt_logprobs: list[tuple[str, int, list[TokenLogprobs]]] = []
+    failed: dict[str, str] = {}                 # request id -> why the model failed on it
+    stats: SchedulerStats | None = None
+
+
 _encoder = msgspec.msgpack.Encoder()
-_decoders = {cls: msgspec.msgpack.Decoder(cls) for cls in (SchedulerOutput, ModelRunnerOutput)}
+_decoders = {cls: msgspec.msgpack.Decoder(cls)
+             for cls in (SchedulerOutput, ModelRunnerOutput, EngineCoreRequest, EngineCoreOutputs)}
 
 
-def encode(message: SchedulerOutput | ModelRunnerOutput) -> bytes:
+def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def decode_scheduler_output(data: bytes) -> SchedulerOutput:
-    return _decoders[SchedulerOutput].decode(data)
-
-
-def decode_runner_output(data: bytes) -> ModelRunnerOutput:
-    return _decoders[ModelRunnerOutput].decode(data)
+def decode(data: bytes, cls: type[msgspec.Struct]) -> msgspec.Struct:
+    return _decoders[cls].decode(data)

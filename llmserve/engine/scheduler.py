@@ -265,6 +265,9 @@ class Scheduler:
         requests = {seq.request_id for seq in live}
         if len(requests) == 1:
             step.failed[requests.pop()] = error
+            for seq in live:
+                seq.finish_reason = "error"
+                self.finish(seq)
             return
         for seq in live:
             seq.suspect = True

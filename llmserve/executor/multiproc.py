@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from llmserve.config import EngineConfig
-from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, decode_runner_output, encode
+from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, decode, encode
 from llmserve.executor.abstract import Executor, WorkerDiedError
 from llmserve.executor.worker_process import worker_main
 
@@ -87,7 +87,7 @@ class MultiprocExecutor(Executor):
         if errors:
             # The step failed on some rank; every rank dropped what it built (see worker_process).
             return ModelRunnerOutput(error=errors[0])
-        return decode_runner_output(replies[self.driver_rank][1:])
+        return decode(replies[self.driver_rank][1:], ModelRunnerOutput)
 
     def _collect(self, kind: bytes | None, timeout: float) -> list[bytes]:
         """One reply from every rank, in rank order; raises WorkerDiedError if a rank dies or is silent."""

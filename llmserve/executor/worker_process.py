@@ -16,7 +16,7 @@ import traceback
 from multiprocessing.connection import Connection
 
 from llmserve.config import EngineConfig
-from llmserve.engine.messages import decode_scheduler_output, encode
+from llmserve.engine.messages import SchedulerOutput, decode, encode
 from llmserve.worker.worker import Worker, WorkerPlacement
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def worker_main(conn: Connection, config: EngineConfig, rank: int, init_method: 
                 return
         elif tag == b"E":
             try:
-                output = worker.execute_model(decode_scheduler_output(body))
+                output = worker.execute_model(decode(body, SchedulerOutput))
             except Exception as exc:   # noqa: BLE001 - the scheduler isolates the request it fails on
                 logger.warning("step failed: %s", traceback.format_exc(limit=3))
                 conn.send_bytes(b"X" + f"{type(exc).__name__}: {exc}".encode())

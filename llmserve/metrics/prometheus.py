@@ -68,7 +68,7 @@ class EngineMetrics:
         self._last_token_time: dict[str, float] = {}
 
     def record_step(self, stats: dict, outputs: list[RequestOutput]) -> None:
-        """Called by the engine thread after each step with the engine's stats and the step's outputs."""
+        """Called on the event loop after each step with the engine's stats and the step's outputs."""
         self.num_requests_running.set(stats["num_requests_running"])
         self.num_requests_waiting.set(stats["num_requests_waiting"])
         self.kv_cache_usage.set(stats["kv_cache_usage"])

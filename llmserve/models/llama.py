@@ -46,6 +46,25 @@ class LlamaBlockSpec:
     mlp_bias: bool = False
 
 
+def layer_index(prefix: str) -> int:
+    """The decoder-layer index in a parameter prefix such as ``model.layers.5.self_attn``."""
+    parts = prefix.split(".")
+    return int(parts[parts.index("layers") + 1])
+
+
+def sliding_window_of(config: Any, layer: int) -> int | None:
+    """The attention window of decoder layer ``layer`` (None: full attention), as transformers decides it:
+    ``layer_types`` where the config has them (Qwen2's ``use_sliding_window`` / ``max_window_layers``), else
+    ``sliding_window`` on every layer (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return int(window) if layer_types[layer] == "sliding_attention" else None
+    return int(window)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
                  prefix: str = "") -> None:
@@ -62,7 +81,8 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if spec.qk_norm else None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
+                              sliding_window=sliding_window_of(config, layer_index(prefix)))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: object) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(

@@ -133,3 +133,33 @@ def test_pytorch_paths_without_cpu_kernels_match_hf(checkpoint_dir, family, with
     llm = LLM(str(path), max_num_batched_tokens=7, block_size=4, kv_cache_memory_bytes="32MiB")
     assert llm.engine.runner.backend.name == "torch"
     assert_matches_hf(path, llm.generate(PROMPTS, GREEDY))
+
+
+SLIDING = {
+    "mistral": {"sliding_window": 6},                                                      # every layer
+    "qwen2": {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1},    # layer 1 only
+}
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_sliding_window_matches_hf(checkpoint_dir, tmp_path, family):
+    """A 6-token window, much shorter than the prompts and outputs: the context is not capped at the
+    window; each windowed layer attends to its last 6 positions, as HF does, through chunked prefill
+    (7-token steps), decodes and preemption (24 blocks of 4 tokens)."""
+    import json
+    import shutil
+
+    path = tmp_path / family
+    shutil.copytree(checkpoint_dir(family), path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(SLIDING[family])
+    (path / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(path), block_size=4, max_num_batched_tokens=7, kv_cache_memory_bytes=24 * llm_block_bytes(path, 4))
+    assert llm.engine.max_model_len == config["max_position_embeddings"]
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_matches_hf(path, outputs, max_tokens=24)
+    # The window changes the output (so the comparison above could fail).
+    full = LLM(str(checkpoint_dir(family)), kv_cache_memory_bytes="32MiB").generate(
+        PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in full] != [o.outputs[0].token_ids for o in outputs]

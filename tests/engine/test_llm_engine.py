@@ -230,7 +230,7 @@ def test_abort_a_running_request_mid_decode(engine, greedy_reference):
     engine.add_request("survivor", OTHER, GREEDY)
     for _ in range(4):
         engine.step()
-    victim_seq = engine.requests["victim"].seqs[0]
+    victim_seq = engine.core.requests["victim"][0]   # the engine core's sequence
     assert victim_seq.block_table and len(victim_seq.output_token_ids) == 4
     free_before = engine.block_manager.num_free_blocks
     assert engine.abort_request("victim") is True

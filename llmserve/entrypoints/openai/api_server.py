@@ -37,7 +37,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 import llmserve
 from llmserve.config import EngineConfig, parse_size
 from llmserve.engine.async_engine import AsyncLLMEngine, ShutdownError
-from llmserve.engine.llm_engine import LLMEngine
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
 from llmserve.entrypoints.openai.errors import APIError, error_body, error_response, install_error_handlers
 from llmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -87,19 +86,17 @@ class ServerState:
     def ready(self) -> bool:
         return self.engine is not None and self.engine.is_running
 
-    def load(self) -> None:
-        """Load the model and start the engine loop (runs in a background thread)."""
+    def load(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Load the model, start the engine-core process and attach to ``loop`` (runs in a background thread)."""
         try:
-            engine = LLMEngine(self.engine_config)
             names = self.config.served_model_names or [self.engine_config.model or "llmserve-demo"]
             self.metrics = EngineMetrics(names[0])
             metrics = self.metrics
-            async_engine = AsyncLLMEngine(engine, on_step=lambda e, outs: metrics.record_step(e.stats(), outs),
-                                          on_dead=self._engine_died)
+            async_engine = AsyncLLMEngine(self.engine_config, on_step=metrics.record_step, on_dead=self._engine_died)
             limits = ServerLimits(self.config.max_num_queued_reqs, self.config.request_timeout, self.config.max_n)
             self.completions = OpenAIServingCompletion(async_engine, names, limits)
             self.chat = OpenAIServingChat(async_engine, names, limits, _read_chat_template(self.config.chat_template))
-            async_engine.start()
+            async_engine.start(loop)
             self.engine = async_engine
             logger.info("ready: serving %s", ", ".join(names))
         except BaseException as exc:   # noqa: BLE001
@@ -251,7 +248,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # noqa: ANN202
-        threading.Thread(target=state.load, name="llmserve-load", daemon=True).start()
+        threading.Thread(target=state.load, args=(asyncio.get_running_loop(),), name="llmserve-load",
+                         daemon=True).start()
         yield
         if state.engine is not None:
             state.engine.shutdown()
@@ -294,7 +292,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", dependencies=protected)
     async def models() -> dict:
-        engine = state.engine.engine
+        engine = state.engine.info
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": int(time.time()), "owned_by": "llmserve",
              "root": str(engine.model_path), "max_model_len": engine.max_model_len}
@@ -311,7 +309,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/tokenize", dependencies=protected)
     async def tokenize(body: TokenizeRequest) -> dict:
         state.completions.check_model(body.model)
-        engine = state.engine.engine
+        engine = state.engine.info
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if body.messages is not None:
@@ -323,7 +321,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/detokenize", dependencies=protected)
     async def detokenize(body: DetokenizeRequest) -> dict:
         state.completions.check_model(body.model)
-        engine = state.engine.engine
+        engine = state.engine.info
         bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
         if bad:
             raise APIError(400, f"token id {bad[0]} is out of range [0, {engine.vocab_size})", "tokens")

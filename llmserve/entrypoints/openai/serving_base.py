@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 
 from llmserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, ShutdownError
-from llmserve.engine.llm_engine import RequestState
+from llmserve.engine.output_processor import RequestState
 from llmserve.entrypoints.openai.errors import APIError, error_body
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
@@ -51,7 +51,7 @@ class OpenAIServing:
         self.engine = engine
         self.served_model_names = served_model_names
         self.limits = limits
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.info.tokenizer
         self.token_text = TokenTexts(self.tokenizer)
 
     @property

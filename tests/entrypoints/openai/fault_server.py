@@ -2,20 +2,24 @@
 
 A prompt containing token id FORWARD_POISON makes the model step fail whenever that request is in
 the batch; a prompt containing LOOP_POISON makes the engine loop itself fail. The product has no test
-hooks: this script patches the classes, then starts the normal server entry point.
+hooks: this script patches the classes, then starts the normal server entry point. The engine-core
+process is spawned and imports this script again (as ``__mp_main__``): ``INSTALL_ENV`` tells that import to
+patch it too.
 """
 
+import os
 import sys
 
-from llmserve.engine.llm_engine import LLMEngine
+from llmserve.engine.core import EngineCore
 from llmserve.entrypoints.openai import api_server
 from llmserve.worker.model_runner import ModelRunner
 
 FORWARD_POISON = 1999
 LOOP_POISON = 1998
+INSTALL_ENV = "LLMSERVE_TEST_INJECT_FAULTS"
 
 _execute = ModelRunner.execute_model
-_step = LLMEngine.step
+_step = EngineCore.step
 
 
 def execute(self, sched):
@@ -28,17 +32,21 @@ def execute(self, sched):
 
 
 def step(self):
-    if any(LOOP_POISON in state.prompt_token_ids for state in self.requests.values()):
+    if any(LOOP_POISON in seqs[0].prompt_token_ids for seqs in self.requests.values()):
         raise RuntimeError("injected engine-loop fault")
     return _step(self)
 
 
 def install() -> None:
-    """Patch the engine classes (only in a server process: tests import this module for the poison ids)."""
+    """Patch the engine classes in this process and in the engine-core process it will start (only in a
+    server: tests import this module for the poison ids)."""
+    os.environ[INSTALL_ENV] = "1"
     ModelRunner.execute_model = execute
-    LLMEngine.step = step
+    EngineCore.step = step
 
 
 if __name__ == "__main__":
     install()
     sys.exit(api_server.main())
+elif os.environ.get(INSTALL_ENV) == "1":
+    install()

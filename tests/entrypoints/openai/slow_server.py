@@ -1,6 +1,7 @@
 """Runs the API server with a slowed-down engine, so that timing-dependent tests do not depend on how fast
 the machine is. The product has no test hooks: this script patches the classes, then starts the normal
-server entry point. Its own flags (removed before the server parses the rest):
+server entry point (the engine-core process is spawned and imports this script again as ``__mp_main__``;
+``DELAY_ENV`` makes that import patch it too). Its own flags (removed before the server parses the rest):
 
   --load-delay SECONDS   sleep this long while the model loads (/health answers 503 meanwhile)
   --step-delay SECONDS   sleep this long in every model forward (a 1000-token request takes >= 1000x it)
@@ -8,16 +9,20 @@ server entry point. Its own flags (removed before the server parses the rest):
 """
 
 import argparse
+import os
 import sys
 import time
 
-from llmserve.engine.llm_engine import LLMEngine
+from llmserve.engine.input_processor import ModelInfo
 from llmserve.entrypoints.openai import api_server
 from llmserve.worker.model_runner import ModelRunner
 
+DELAY_ENV = "LLMSERVE_TEST_DELAYS"
+
 
 def patch(load_delay: float, step_delay: float) -> None:
-    init, execute = LLMEngine.__init__, ModelRunner.execute_model
+    os.environ[DELAY_ENV] = f"{load_delay},{step_delay}"
+    init, execute = ModelInfo.__init__, ModelRunner.execute_model
 
     def slow_init(self, *args, **kwargs):
         time.sleep(load_delay)
@@ -27,7 +32,7 @@ def patch(load_delay: float, step_delay: float) -> None:
         time.sleep(step_delay)
         return execute(self, *args, **kwargs)
 
-    LLMEngine.__init__ = slow_init
+    ModelInfo.__init__ = slow_init
     ModelRunner.execute_model = slow_execute
 
 
@@ -43,3 +48,9 @@ if __name__ == "__main__":
         fault_server.install()
     patch(own.load_delay, own.step_delay)
     sys.exit(api_server.main(rest))
+elif DELAY_ENV in os.environ:
+    if os.environ.get("LLMSERVE_TEST_INJECT_FAULTS") == "1":
+        import fault_server
+
+        fault_server.install()
+    patch(*map(float, os.environ[DELAY_ENV].split(",")))

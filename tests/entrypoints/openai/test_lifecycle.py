@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import httpx
 import pytest
@@ -395,3 +397,64 @@ def test_sigterm_drains_then_exits_zero(start_server):
     assert time.monotonic() - signalled < shutdown_timeout
     log = srv.log()
     assert "request short finished" in log and "Traceback" not in log
+
+
+# ------------------------------------------------------------------ worker processes
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live direct children of ``pid``."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if _alive(int(p))]
+
+
+def spawned(pid: int) -> bool:
+    """Whether ``pid`` is a process started by multiprocessing's spawn (the engine core, a worker)."""
+    return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+
+
+def test_a_worker_process_that_dies_kills_the_server_and_leaves_no_orphans(start_server):
+    """-tp 2: the server, its engine-core process and two worker processes. One worker is killed mid-run:
+    the stream gets an error event, /health stops answering 200, the server exits non-zero within a
+    bounded time, and no process of it is left behind."""
+    srv = start_server("--step-delay", STEP_DELAY, "--tensor-parallel-size", "2", wrapper=SLOW)
+    url = srv.base_url
+    [core] = [p for p in child_pids(srv.process.pid) if spawned(p)]
+    workers = [p for p in child_pids(core) if spawned(p)]
+    assert len(workers) == 2
+    everything = [core, *workers, *child_pids(srv.process.pid), *child_pids(core)]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async def stream() -> list[str]:
+                async with client.stream("POST", "/v1/completions",
+                                         json=completion_body(LONG, stream=True)) as response:
+                    return [line async for line in response.aiter_lines() if line]
+
+            in_flight = asyncio.ensure_future(stream())
+            await asyncio.to_thread(wait_running, url, 1)
+            os.kill(workers[0], signal.SIGKILL)
+            killed = time.monotonic()
+            events = await in_flight
+            try:
+                health = (await client.get("/health")).status_code
+            except httpx.TransportError:
+                health = None
+            return killed, events, health
+
+    killed, events, health = asyncio.run(run())
+    sse_error(events, "engine_dead")
+    assert health in (503, None)
+    assert srv.process.wait(timeout=15) != 0
+    assert time.monotonic() - killed < 15
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in everything) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in everything if _alive(p)], "processes left behind"

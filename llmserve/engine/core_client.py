@@ -1,0 +1,193 @@
+"""The engine core in a process of its own, so the front end's per-token work (HTTP, SSE, detokenising)
+never takes the GIL or a core from the step loop (vLLM V1's layout).
+
+Two one-way pipes carry msgpack messages: requests and aborts in, :class:`EngineCoreOutputs` out. Each
+side reads and writes on threads of its own, so neither blocks on the other however large a prompt or a
+step's output is. The core process is spawned, never forked: a fork would inherit the server's listening
+socket and its threads' locks. It exits when its parent does.
+
+Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``Q`` (stop); out ``R`` + JSON
+(ready: the KV-cache size), ``O`` + outputs, ``F`` + text (the core failed and exited).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from llmserve.config import EngineConfig
+from llmserve.engine.core import EngineCore
+from llmserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, decode, encode
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 3600.0   # loading a large checkpoint, or downloading it
+
+
+class EngineCoreDiedError(RuntimeError):
+    """The engine-core process failed or exited."""
+
+
+class EngineCoreClient:
+    """The front end's handle on the core process."""
+
+    def __init__(self, config: EngineConfig, max_model_len: int, max_num_batched_tokens: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        in_recv, self._in = ctx.Pipe(duplex=False)
+        self._out, out_send = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=run_engine_core, name="llmserve-engine-core",
+                                   args=(in_recv, out_send, config, max_model_len, max_num_batched_tokens,
+                                         _logging_setup()))
+        self.process.start()
+        in_recv.close()
+        out_send.close()
+        self._sends: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        ready = self._receive(STARTUP_TIMEOUT_S)
+        if ready[:1] != b"R":
+            self.process.join(5.0)
+            raise EngineCoreDiedError(ready[1:].decode() if ready[:1] == b"F" else "the engine core did not start")
+        self.num_kv_blocks = int(json.loads(ready[1:])["num_kv_blocks"])
+        self._sender = threading.Thread(target=self._send_loop, name="llmserve-core-send", daemon=True)
+        self._sender.start()
+
+    # ------------------------------------------------------------------ to the core
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self._sends.put(b"A" + encode(request))
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        self._sends.put(b"B" + json.dumps([request_id, index]).encode())
+
+    def _send_loop(self) -> None:
+        while (message := self._sends.get()) is not None:
+            try:
+                self._in.send_bytes(message)
+            except (OSError, ValueError):
+                return   # the core is gone; the output side reports it
+
+    # ------------------------------------------------------------------ from the core
+    def fileno(self) -> int:
+        """Readable when the core has sent something (for an event loop's ``add_reader``)."""
+        return self._out.fileno()
+
+    def receive(self) -> EngineCoreOutputs:
+        """The next step's outputs (blocks until they come); raises :class:`EngineCoreDiedError`."""
+        message = self._receive(None)
+        if message[:1] != b"O":
+            raise EngineCoreDiedError(message[1:].decode() if message[:1] == b"F" else "unexpected message")
+        return decode(message[1:], EngineCoreOutputs)
+
+    def _receive(self, timeout: float | None) -> bytes:
+        if timeout is not None and not self._out.poll(timeout):
+            raise EngineCoreDiedError(f"the engine core did not answer within {timeout:.0f} s")
+        try:
+            return self._out.recv_bytes()
+        except (EOFError, OSError):
+            self.process.join(1.0)
+            raise EngineCoreDiedError(f"the engine-core process exited (exit code {self.process.exitcode})") from None
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self.process.is_alive():
+            self._sends.put(b"Q")
+        self._sends.put(None)
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(1.0)
+
+
+def _logging_setup() -> tuple[int, str | None]:
+    """This process's log level and format, for the spawned core to log the same way."""
+    root = logging.getLogger()
+    formatter = root.handlers[0].formatter if root.handlers else None
+    return root.getEffectiveLevel(), formatter._fmt if formatter is not None else None
+
+
+def _exit_with_parent() -> None:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="llmserve-parent-watch", daemon=True).start()
+
+
+def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfig, max_model_len: int,
+                    max_num_batched_tokens: int, log_setup: tuple[int, str | None]) -> None:
+    """The core process: build the core, then step while there is work, applying requests between steps."""
+    _exit_with_parent()
+    level, fmt = log_setup
+    logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT)
+    try:
+        core = EngineCore(config, max_model_len, max_num_batched_tokens)
+    except BaseException as exc:   # noqa: BLE001 - reported to the front end, which fails start-up with it
+        logger.exception("the engine core failed to start")
+        outputs.send_bytes(b"F" + f"{type(exc).__name__}: {exc}".encode())
+        return
+    outputs.send_bytes(b"R" + json.dumps({"num_kv_blocks": core.block_manager.num_blocks}).encode())
+    received: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+
+    def receive_loop() -> None:
+        while True:
+            try:
+                received.put(inputs.recv_bytes())
+            except (EOFError, OSError):
+                received.put(b"Q")
+                return
+
+    threading.Thread(target=receive_loop, name="llmserve-core-receive", daemon=True).start()
+    try:
+        _core_loop(core, received, outputs)
+    except BaseException as exc:   # noqa: BLE001 - whatever kills the loop kills the engine
+        logger.exception("the engine-core loop died")
+        try:
+            outputs.send_bytes(b"F" + f"the engine loop died: {type(exc).__name__}: {exc}".encode())
+        except OSError:
+            pass
+        core.shutdown()
+        os._exit(1)
+    core.shutdown()
+    logging.shutdown()
+    os._exit(0)   # nothing left to clean up; the interpreter's own teardown would only delay the server's exit
+
+
+def _core_loop(core: EngineCore, received: queue.SimpleQueue[bytes], outputs: Connection) -> None:
+    report_idle = False   # after an abort while idle, send the freed state once (gauges)
+    while True:
+        block = not core.has_unfinished_requests()
+        while True:
+            try:
+                message = received.get(block=block, timeout=None)
+            except queue.Empty:
+                break
+            block = False
+            tag, body = message[:1], message[1:]
+            if tag == b"Q":
+                return
+            if tag == b"A":
+                request: Any = decode(body, EngineCoreRequest)
+                try:
+                    core.add_request(request)
+                except ValueError as exc:
+                    outputs.send_bytes(b"O" + encode(EngineCoreOutputs(failed={request.request_id: str(exc)})))
+            elif tag == b"B":
+                request_id, index = json.loads(body)
+                core.abort(request_id, index)
+                report_idle = True
+        if core.has_unfinished_requests():
+            step = core.step()
+            if step.stats is not None or step.failed:
+                outputs.send_bytes(b"O" + encode(step))
+                report_idle = False
+        elif report_idle:
+            outputs.send_bytes(b"O" + encode(EngineCoreOutputs(stats=core.stats())))
+            report_idle = False

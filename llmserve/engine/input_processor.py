@@ -1,0 +1,162 @@
+"""The front end's half of admission: what it knows of the model, and turning a prompt into a core request.
+
+:class:`ModelInfo` reads the checkpoint's config and tokenizer (no weights), so a front end in its own
+process knows the vocabulary, the context length and the EOS ids without loading the model.
+:class:`InputProcessor` tokenises and validates a request and names the field of anything wrong with it
+(:class:`~llmserve.errors.InvalidRequestError`), before anything is queued.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from llmserve.config import EngineConfig, resolve_dtype
+from llmserve.engine.messages import EngineCoreRequest
+from llmserve.errors import InvalidRequestError
+from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
+from llmserve.models.registry import resolve_model_class
+from llmserve.sampling_params import SamplingParams
+from llmserve.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+class ModelInfo:
+    """The checkpoint's config, tokenizer and derived limits (``config.model`` is resolved in place)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.model is None:
+            from llmserve.testing.checkpoints import demo_model_path
+
+            config.model = str(demo_model_path())
+        self.config = config
+        self.device = config.torch_device
+        path = resolve_model_path(config.model, config.revision, config.download_dir)
+        self.model_path = path
+        self.hf_config = load_config(path, config.trust_remote_code, config.revision)
+        resolve_model_class(self.hf_config)   # fail on an unsupported architecture before anything heavy
+        self.dtype = resolve_dtype(config.dtype, checkpoint_dtype(self.hf_config), self.device)
+        self.tokenizer_path: Path | str = path
+        if config.tokenizer:
+            self.tokenizer_path = resolve_model_path(config.tokenizer, config.tokenizer_revision, config.download_dir)
+        self.vocab_size = int(self.hf_config.vocab_size)
+        self.tokenizer = self.load_tokenizer()
+        self.eos_token_id = self._eos_token_id()
+        self.extra_eos_token_ids = self._extra_eos_token_ids(path)
+        self.max_model_len = self._max_model_len()
+        self.max_num_batched_tokens = config.max_num_batched_tokens or (
+            DEFAULT_MAX_NUM_BATCHED_TOKENS if config.enable_chunked_prefill
+            else max(DEFAULT_MAX_NUM_BATCHED_TOKENS, self.max_model_len))
+        if not config.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) is smaller than "
+                             f"--max-model-len ({self.max_model_len}) with chunked prefill disabled: "
+                             "long prompts could never be scheduled")
+
+    def load_tokenizer(self) -> Any:
+        """A new tokenizer instance (one per thread that uses it: fast tokenizers are not thread-safe)."""
+        return load_tokenizer(self.tokenizer_path, self.config.tokenizer_revision, self.config.trust_remote_code)
+
+    def _eos_token_id(self) -> int | None:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.hf_config, "eos_token_id", None)
+            if isinstance(eos, list):
+                eos = eos[0] if eos else None
+        return eos
+
+    def _extra_eos_token_ids(self, path: Path) -> list[int]:
+        """EOS ids of config.json / generation_config.json other than the tokenizer's (Qwen's <|endoftext|>,
+        Llama 3's <|end_of_text|>); like vLLM, every request gets them as stop_token_ids unless ignore_eos."""
+        sources = [getattr(self.hf_config, "eos_token_id", None)]
+        generation_config = path / "generation_config.json"
+        if generation_config.is_file():
+            sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))
+        ids: list[int] = []
+        for eos in sources:
+            for token in (eos if isinstance(eos, list) else [eos]):
+                if isinstance(token, int) and token != self.eos_token_id and token not in ids:
+                    ids.append(token)
+        return ids
+
+    def _max_model_len(self) -> int:
+        derived = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or None
+        requested = self.config.max_model_len
+        if requested is None:
+            if derived is None:
+                raise ValueError("config.json has no max_position_embeddings: pass --max-model-len")
+            return derived
+        if derived is not None and requested > derived:
+            raise ValueError(f"--max-model-len {requested} is larger than the model's maximum context "
+                             f"length ({derived} tokens)")
+        return requested
+
+
+class InputProcessor:
+    """Tokenises and validates requests against the model and the engine core's KV-cache size."""
+
+    def __init__(self, info: ModelInfo, num_kv_blocks: int, block_size: int) -> None:
+        self.info = info
+        self.tokenizer = info.tokenizer
+        self.num_kv_blocks = num_kv_blocks
+        self.block_size = block_size
+
+    def process(self, request_id: str, prompt: str | list[int], params: SamplingParams | None,
+                arrival_time: float | None, cache_salt: str | None) -> tuple[str | None, EngineCoreRequest]:
+        """The prompt's text (None for token ids) and the request for the core; raises
+        :class:`InvalidRequestError` naming the field."""
+        params = params or SamplingParams()
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequestError("cache_salt must be a non-empty string", "cache_salt")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        params.verify(self.info.vocab_size, self.info.config.max_logprobs)
+        extra_eos = [t for t in self.info.extra_eos_token_ids if t not in params.stop_token_ids]
+        if extra_eos and not params.ignore_eos:
+            params = params.clone()   # the caller's object is not changed
+            params.stop_token_ids = params.stop_token_ids + extra_eos
+        max_tokens = self._resolve_max_tokens(len(prompt_ids), params.max_tokens)
+        needed = -(-(len(prompt_ids) + max_tokens) // self.block_size)
+        if needed > self.num_kv_blocks:
+            raise InvalidRequestError(
+                f"this request needs {needed} KV-cache blocks ({len(prompt_ids)} prompt + {max_tokens} completion "
+                f"tokens) but the whole cache holds {self.num_kv_blocks}; lower max_tokens or give the "
+                "cache more memory (--kv-cache-memory-bytes)", "max_tokens")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        return prompt_text, EngineCoreRequest(request_id, prompt_ids, params, max_tokens, self.info.eos_token_id,
+                                              arrival, cache_salt)
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if not isinstance(prompt, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidRequestError("prompt must be a string or a list of token ids (integers)", "prompt")
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        bad = [t for t in prompt if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is out of range [0, {self.info.vocab_size})",
+                                      "prompt")
+        return None, list(prompt)
+
+    def _resolve_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
+        limit = self.info.max_model_len
+        if prompt_len >= limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_len} "
+                "tokens, which leaves no room for a completion. Please reduce the length of the prompt.", "prompt")
+        if max_tokens is None:
+            return limit - prompt_len
+        if prompt_len + max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the completion). "
+                "Please reduce the length of the prompt or completion.", "max_tokens")
+        return max_tokens

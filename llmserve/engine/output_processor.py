@@ -1,0 +1,246 @@
+"""The front end's half of a step: the engine core's token ids become request outputs.
+
+Per request it keeps what the client will see: each sample's tokens, logprobs and incremental
+detokeniser, the prompt logprobs, and how much has been reported. Stop strings are found here, in text;
+a sample that hits one is finished at once and reported back so the core can free it (as vLLM V1's
+output processor does).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmserve.engine.detokenizer import IncrementalDetokenizer
+from llmserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, SampleOutput, TokenLogprobs
+from llmserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from llmserve.sampling_params import SamplingParams
+
+
+class OutputKind(enum.Enum):
+    """When ``step`` reports a request and what it holds: every step with everything so far (CUMULATIVE),
+    every step with only what is new (DELTA, for streaming), or only once finished (FINAL_ONLY)."""
+
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
+
+
+@dataclass
+class SampleState:
+    """One of a request's ``n`` samples, as the front end sees it."""
+
+    index: int
+    output_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestState:
+    """Front-end bookkeeping of one user request: its core request and what has been produced and reported."""
+
+    request_id: str
+    prompt: str | None
+    core_request: EngineCoreRequest
+    output_kind: OutputKind
+    samples: list[SampleState]
+    detokenizers: list[IncrementalDetokenizer]
+    logprobs: list[list[PositionLogprobs]] | None = None
+    cumulative_logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    finished_time: float | None = None
+    reported: list[int] = field(default_factory=list)   # DELTA: output tokens already reported, per sample
+    prompt_logprobs_sent: bool = False
+    error: str | None = None   # set when the model failed on this request (finish_reason "error")
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.core_request.prompt_token_ids
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.core_request.params
+
+    @property
+    def arrival_time(self) -> float:
+        return self.core_request.arrival_time
+
+    @property
+    def finished(self) -> bool:
+        return all(sample.is_finished for sample in self.samples)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer   # this thread's own instance
+        self.requests: dict[str, RequestState] = {}
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+
+    def make_state(self, prompt: str | None, request: EngineCoreRequest, output_kind: OutputKind) -> RequestState:
+        params, n = request.params, request.params.n
+        return RequestState(
+            request.request_id, prompt, request, output_kind, [SampleState(i) for i in range(n)],
+            [IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                    skip_special_tokens=params.skip_special_tokens,
+                                    spaces_between_special_tokens=params.spaces_between_special_tokens,
+                                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+             for _ in range(n)],
+            logprobs=[[] for _ in range(n)] if params.logprobs is not None else None,
+            cumulative_logprobs=[0.0] * n,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            reported=[0] * n)
+
+    def add(self, state: RequestState) -> None:
+        self.requests[state.request_id] = state
+        self.num_prompt_tokens_total += len(state.prompt_token_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish a request with ``"abort"``; its final output (with whatever was not reported yet), or None
+        if it is unknown or already finished."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for sample in state.samples:
+            if not sample.is_finished:
+                sample.finish_reason = "abort"
+        state.finished_time = time.monotonic()
+        return self._make_output(state, finished=True)
+
+    def process(self, core: EngineCoreOutputs) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
+        """This step's outputs (per each request's output kind), and the samples that a stop string
+        finished, which the core must stop."""
+        now = time.monotonic()
+        touched: dict[str, RequestState] = {}
+        stopped: list[tuple[str, int]] = []
+        for request_id, message in core.failed.items():
+            state = self.requests.get(request_id)
+            if state is None:
+                continue
+            state.error = message
+            for sample in state.samples:
+                if not sample.is_finished:
+                    sample.finish_reason = "error"
+            touched[request_id] = state
+        for request_id, start, entries in core.prompt_logprobs:
+            state = self.requests.get(request_id)
+            if state is not None:
+                self._record_prompt_logprobs(state, start, entries)
+        for out in core.samples:
+            state = self.requests.get(out.request_id)
+            if state is None or state.samples[out.index].is_finished:
+                continue   # aborted, or finished here on a stop string while the core ran on
+            if self._process_sample(state, out):
+                stopped.append((out.request_id, out.index))
+            touched[out.request_id] = state
+        outputs = []
+        for state in touched.values():
+            finished = state.finished
+            if finished:
+                state.finished_time = now
+                del self.requests[state.request_id]
+            if finished or state.output_kind is not OutputKind.FINAL_ONLY:
+                outputs.append(self._make_output(state, finished))
+        return outputs, stopped
+
+    def _process_sample(self, state: RequestState, out: SampleOutput) -> bool:
+        """Apply new tokens; True if a stop string finished a sample the core has not finished."""
+        sample = state.samples[out.index]
+        params = state.params
+        sample.first_scheduled_time = out.first_scheduled_time
+        sample.first_token_time = sample.first_token_time or out.first_token_time
+        sample.last_token_time = out.last_token_time
+        sample.num_preemptions = out.num_preemptions
+        detokenizer = state.detokenizers[out.index]
+        for i, token in enumerate(out.new_token_ids):
+            sample.output_token_ids.append(token)
+            self.num_generation_tokens_total += 1
+            if i < len(out.logprobs):
+                entry = out.logprobs[i]
+                state.cumulative_logprobs[out.index] += entry.logprob
+                if state.logprobs is not None:
+                    state.logprobs[out.index].append(self._position_logprobs(entry))
+            last = i == len(out.new_token_ids) - 1
+            stopped_on_token = last and out.finish_reason == "stop"   # the core stops on EOS / stop ids only
+            if stopped_on_token and not params.include_stop_str_in_output:
+                stop_string = None   # the text of the EOS / stop token is not part of the output (vLLM)
+            else:
+                # vLLM: stop strings count only once more than min_tokens tokens exist.
+                stop_string = detokenizer.update([token],
+                                                 check_stop=len(sample.output_token_ids) > params.min_tokens)
+            if stop_string is not None and not stopped_on_token:
+                sample.finish_reason, sample.stop_reason = "stop", stop_string   # before "length" (vLLM's order)
+                detokenizer.get_next_output_text(finished=True, delta=False)
+                return out.finish_reason is None   # else the core has finished it too
+        if out.finish_reason is not None:
+            sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
+            detokenizer.get_next_output_text(finished=True, delta=False)   # flush a cut-off character
+        return False
+
+    def _record_prompt_logprobs(self, state: RequestState, start: int, entries: list[TokenLogprobs]) -> None:
+        """Store prompt logprobs once; a recomputed (preempted) sequence reports them again.
+
+        ``entries[i]`` is the logprob of prompt token ``start + i + 1``; slot 0 (the first token) is None.
+        """
+        assert state.prompt_logprobs is not None
+        for offset, entry in enumerate(entries):
+            if start + offset + 1 == len(state.prompt_logprobs):
+                state.prompt_logprobs.append(self._position_logprobs(entry))
+
+    def _position_logprobs(self, entry: TokenLogprobs) -> PositionLogprobs:
+        decode = self.tokenizer.convert_ids_to_tokens
+        result = {entry.token_id: Logprob(entry.logprob, entry.rank, decode(entry.token_id))}
+        for rank, (token, lp) in enumerate(zip(entry.top_ids, entry.top_logprobs), start=1):
+            result.setdefault(token, Logprob(lp, rank, decode(token)))
+        return result
+
+    def _make_output(self, state: RequestState, finished: bool) -> RequestOutput:
+        delta = state.output_kind is OutputKind.DELTA
+        completions = []
+        for sample, detok in zip(state.samples, state.detokenizers):
+            start = state.reported[sample.index] if delta else 0
+            logprobs = state.logprobs[sample.index][start:] if state.logprobs is not None else None
+            if delta:
+                text = detok.get_next_output_text(finished=sample.is_finished, delta=True)
+                state.reported[sample.index] = len(sample.output_token_ids)
+            else:
+                text = detok.output_text
+            completions.append(CompletionOutput(
+                index=sample.index,
+                text=text,
+                token_ids=sample.output_token_ids[start:],
+                cumulative_logprob=state.cumulative_logprobs[sample.index] if state.logprobs is not None else None,
+                logprobs=logprobs,
+                finish_reason=sample.finish_reason,
+                stop_reason=sample.stop_reason,
+            ))
+        prompt_logprobs = state.prompt_logprobs
+        if delta and prompt_logprobs is not None:
+            # Streamed once, with the first output after the whole prompt has been computed.
+            complete = len(prompt_logprobs) == len(state.prompt_token_ids) and not state.prompt_logprobs_sent
+            state.prompt_logprobs_sent |= complete
+            prompt_logprobs = prompt_logprobs if complete else None
+        samples = state.samples
+        metrics = RequestMetrics(
+            arrival_time=state.arrival_time,
+            first_scheduled_time=min((s.first_scheduled_time for s in samples if s.first_scheduled_time),
+                                     default=None),
+            first_token_time=min((s.first_token_time for s in samples if s.first_token_time), default=None),
+            last_token_time=max((s.last_token_time for s in samples if s.last_token_time), default=None),
+            finished_time=state.finished_time,
+        )
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, prompt_logprobs,
+                             completions, finished, metrics, sum(s.num_preemptions for s in samples),
+                             num_generated_tokens=max(len(s.output_token_ids) for s in samples),
+                             error=state.error)
