@@ -46,6 +46,8 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # prefix-cache blocks are shared only between requests with the same salt (multi-tenant isolation)
+    cache_salt: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -67,7 +67,7 @@ class OpenAIServing:
             raise APIError(400, f"n must be at most {self.limits.max_n}, got {n}", "n")
 
     def submit(self, prefix: str, prompts: list[str | list[int]], params: SamplingParams,
-               header_request_id: str | None) -> Submitted:
+               header_request_id: str | None, cache_salt: str | None = None) -> Submitted:
         """Validate every prompt, check the queue, then queue them all (or none)."""
         limit = self.limits.max_num_queued_reqs
         if limit is not None and self.engine.num_waiting >= limit:   # full (a batch of prompts may overfill it)
@@ -77,7 +77,7 @@ class OpenAIServing:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         arrival = time.monotonic()
         try:
-            states = [self.engine.prepare(f"{request_id}-{i}", prompt, params, arrival)
+            states = [self.engine.prepare(f"{request_id}-{i}", prompt, params, arrival, cache_salt)
                       for i, prompt in enumerate(prompts)]
         except EngineDeadError as exc:
             raise APIError(503, str(exc), None, "engine_dead") from None

@@ -45,7 +45,7 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(max_tokens, logprobs)
-        submitted = self.submit("chatcmpl", [prompt_ids], params, header_request_id)
+        submitted = self.submit("chatcmpl", [prompt_ids], params, header_request_id, body.cache_salt)
         if body.stream:
             return StreamingResponse(self._stream(body, submitted), media_type="text/event-stream")
         output = (await self.collect(raw, submitted))[0]

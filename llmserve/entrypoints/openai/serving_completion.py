@@ -32,7 +32,7 @@ class OpenAIServingCompletion(OpenAIServing):
         params = body.sampling_params(max_tokens, body.logprobs,
                                       prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None
                                       else None)
-        submitted = self.submit("cmpl", prompts, params, header_request_id)
+        submitted = self.submit("cmpl", prompts, params, header_request_id, body.cache_salt)
         n = body.n
         if body.stream:
             def render(index: int, output: RequestOutput) -> list[dict]:

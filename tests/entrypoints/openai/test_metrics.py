@@ -243,3 +243,25 @@ def test_preemptions_are_counted(start_server, llama_dir):
     assert after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"] == sum(
         r.usage.prompt_tokens for r in responses)
     assert after.success("length") - before.success("length") == 4
+
+
+def test_cache_salt_isolates_prefix_cache_hits(metrics_server):
+    """The same long prompt again hits the prefix cache, but not under another ``cache_salt``; the same
+    salt again hits. An empty salt is refused."""
+    srv, _ = metrics_server
+    prompt = " ".join(f"word{i}" for i in range(60))
+
+    def hits_after(**extra) -> float:
+        before = scrape(srv.base_url)["vllm:prefix_cache_hits_total"]
+        response = httpx.post(f"{srv.base_url}/v1/completions", timeout=60,
+                              json={"prompt": prompt, "max_tokens": 1, **extra})
+        assert response.status_code == 200, response.text
+        return wait_for(srv.base_url, lambda s: s.idle)["vllm:prefix_cache_hits_total"] - before
+
+    hits_after()                                        # fills the cache
+    assert hits_after() > 0                             # unsalted again: hit
+    assert hits_after(cache_salt="tenant-a") == 0       # another salt: no hit
+    assert hits_after(cache_salt="tenant-a") > 0        # the same salt: hit
+    assert hits_after(cache_salt="tenant-b") == 0
+    response = httpx.post(f"{srv.base_url}/v1/completions", json={"prompt": prompt, "cache_salt": ""})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "cache_salt"
