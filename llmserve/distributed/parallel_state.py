@@ -4,15 +4,21 @@ Ranks are laid out as vLLM lays them out: ``rank = pp_rank * tp_size + tp_rank``
 pipeline stage form a tensor-parallel group. Before :func:`init_distributed` (a single process) every
 group is the trivial group of one rank whose collectives return their input, so layers and models call
 them unconditionally.
+
+On CPU (gloo), a tensor-parallel group whose ranks are all on this machine also gets a shared-memory
+segment (:mod:`llmserve.distributed.shm_all_reduce`): its all-reduce and all-gather of a contiguous CPU
+tensor of at most ``shm_all_reduce.MAX_BYTES`` go through it instead of gloo's TCP loopback.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from llmserve.distributed.shm_all_reduce import ShmCommunicator
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +31,7 @@ class GroupCoordinator:
     world_size: int = 1
     ranks: tuple[int, ...] = (0,)       # global ranks of the group's members
     group: object | None = None         # torch.distributed ProcessGroup; None for a group of one
+    shm: ShmCommunicator | None = field(default=None, repr=False, compare=False)   # same-machine fast path
 
     @property
     def is_first_rank(self) -> bool:
@@ -37,6 +44,9 @@ class GroupCoordinator:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the group, in place; returns it."""
         if self.world_size > 1:
+            shm = self.shm
+            if shm is not None and shm.can_reduce(tensor):
+                return shm.all_reduce(tensor)
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
@@ -44,6 +54,9 @@ class GroupCoordinator:
         """Concatenate every rank's ``tensor`` along ``dim`` (rank order)."""
         if self.world_size == 1:
             return tensor
+        shm = self.shm
+        if shm is not None and shm.can_gather(tensor):
+            return shm.all_gather(tensor, dim)
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
@@ -114,6 +127,8 @@ def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str, ba
         group = dist.new_group(list(ranks), backend=backend)
         if stage == pp_rank:
             _TP = GroupCoordinator(tp_rank, tp_size, ranks, group)
+    if backend == "gloo" and tp_size > 1:
+        _TP.shm = ShmCommunicator.create(_TP.group, tp_rank, tp_size)   # collective over the TP group
     for column in range(tp_size):
         ranks = tuple(range(column, world_size, tp_size))
         group = dist.new_group(list(ranks), backend=backend)
@@ -125,6 +140,10 @@ def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str, ba
 def destroy_distributed() -> None:
     """Leave the groups (a worker shutting down); the trivial groups of one rank apply again."""
     global _TP, _PP, _WORLD
+    for coordinator in (_TP, _PP, _WORLD):
+        if coordinator.shm is not None:
+            coordinator.shm.close()
+            coordinator.shm = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _TP, _PP, _WORLD = GroupCoordinator(), GroupCoordinator(), GroupCoordinator()
