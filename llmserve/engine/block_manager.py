@@ -71,8 +71,8 @@ class BlockManager:
 
         At least one token is left to compute, since the step that computes it produces the next logits.
         """
-        if not self.enable_prefix_caching or seq.block_table:
-            return 0
+        if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
+            return 0   # prompt logprobs need every prompt position computed (vLLM skips the cache too)
         hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
         hit: list[int] = []
         for h in hashes:

@@ -1,9 +1,10 @@
 """The engine core in a process of its own, so the front end's per-token work (HTTP, SSE, detokenising)
 never takes the GIL or a core from the step loop (vLLM V1's layout).
 
-Two one-way pipes carry msgpack messages: requests and aborts in, :class:`EngineCoreOutputs` out. Each
-side reads and writes on threads of its own, so neither blocks on the other however large a prompt or a
-step's output is. The core process is spawned, never forked: a fork would inherit the server's listening
+Two one-way pipes carry msgpack messages: requests and aborts in, :class:`EngineCoreOutputs` out. The
+front end writes from a sender thread and the core reads on a receiver thread, so neither side's loop
+waits on the other to take a large prompt; the core's outputs go out from its step loop, so a front end
+that falls behind slows the steps down (back-pressure) instead of queueing without bound. The core process is spawned, never forked: a fork would inherit the server's listening
 socket and its threads' locks. It exits when its parent does.
 
 Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``Q`` (stop); out ``R`` + JSON
@@ -18,13 +19,13 @@ import multiprocessing
 import os
 import queue
 import threading
-import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 from llmserve.config import EngineConfig
 from llmserve.engine.core import EngineCore
 from llmserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, decode, encode
+from llmserve.executor.parent_watch import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -109,22 +110,10 @@ def _logging_setup() -> tuple[int, str | None]:
     return root.getEffectiveLevel(), formatter._fmt if formatter is not None else None
 
 
-def _exit_with_parent() -> None:
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="llmserve-parent-watch", daemon=True).start()
-
-
 def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfig, max_model_len: int,
                     max_num_batched_tokens: int, log_setup: tuple[int, str | None]) -> None:
     """The core process: build the core, then step while there is work, applying requests between steps."""
-    _exit_with_parent()
+    exit_with_parent()
     level, fmt = log_setup
     logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT)
     try:

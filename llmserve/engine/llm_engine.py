@@ -178,7 +178,8 @@ def stats_dict(core: SchedulerStats, outputs: OutputProcessor) -> dict[str, Any]
     """The engine's stats as /metrics reads them: the core's gauges and the front end's token counters."""
     return {
         "num_requests_running": core.num_requests_running,
-        "num_requests_waiting": len(outputs.requests) - core.num_requests_running,
+        # the core's figures may be a step older than the front end's (an abort, a stop string)
+        "num_requests_waiting": max(0, len(outputs.requests) - core.num_requests_running),
         "kv_cache_usage": core.kv_cache_usage,
         "num_free_blocks": core.num_free_blocks,
         "num_blocks": core.num_blocks,

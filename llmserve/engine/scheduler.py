@@ -257,6 +257,7 @@ class Scheduler:
         """Commit nothing; the workers drop what they built, and the step's requests become suspects (or,
         if the step was one request's alone, that request fails)."""
         self.block_manager.pending_copies[:0] = sched_out.block_copies   # idempotent: redone next step
+        self._forget.extend(sched_out.finished_seq_ids)   # in case a worker failed before dropping them
         for children in forks.values():
             self._forget.extend(child.seq_id for child in children)
         live = [seq for seq, _ in scheduled if seq.status is SequenceStatus.RUNNING]

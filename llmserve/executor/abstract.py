@@ -7,12 +7,16 @@ machine, ``ray`` places them across a Ray cluster.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from typing import Any
 
 from llmserve.config import EngineConfig
-from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
+from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, decode
 
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+EXECUTE_TIMEOUT_ENV = "LLMSERVE_EXECUTE_MODEL_TIMEOUT_SECONDS"
+STARTUP_TIMEOUT_S = 1800.0   # loading a large checkpoint from a slow disk
 
 
 class WorkerDiedError(RuntimeError):
@@ -44,6 +48,48 @@ class Executor(ABC):
 
     def shutdown(self) -> None:
         """Stop the workers (a no-op in process)."""
+
+
+def ready_bodies(replies: list[bytes]) -> list[bytes]:
+    """The bodies of every rank's ``R`` reply (see ``worker_process``); anything else is a rank that cannot go on."""
+    for rank, reply in enumerate(replies):
+        if reply[:1] != b"R":
+            raise WorkerDiedError(f"worker rank {rank} failed: {reply[1:].decode(errors='replace')}")
+    return [reply[1:] for reply in replies]
+
+
+class MultiRankExecutor(Executor):
+    """What the executors of several ranks share: control calls answered by every rank, and the driver's
+    step output. Subclasses carry the bytes (``_control`` and ``execute_model``)."""
+
+    def __init__(self, config: EngineConfig, max_model_len: int, max_num_batched_tokens: int) -> None:
+        super().__init__(config, max_model_len, max_num_batched_tokens)
+        self.world_size = config.world_size
+        self.driver_rank = (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
+        self.execute_timeout = float(os.environ.get(EXECUTE_TIMEOUT_ENV, "300"))
+
+    @abstractmethod
+    def _control(self, method: str, *args: Any) -> list[Any]:
+        """Call ``method`` on every rank's worker; the JSON results in rank order."""
+
+    def determine_num_kv_blocks(self) -> int:
+        return min(self._control("available_kv_blocks"))
+
+    def kv_cache_bytes_per_block(self) -> int:
+        return max(self._control("kv_cache_bytes_per_block"))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self._control("initialize_cache", num_blocks)
+
+    def step_output(self, replies: list[bytes]) -> ModelRunnerOutput:
+        """Every rank's reply to a step -> the driver's output, or the failure (every rank dropped the step)."""
+        errors = [reply[1:].decode(errors="replace") for reply in replies if reply[:1] == b"X"]
+        if errors:
+            return ModelRunnerOutput(error=errors[0])
+        reply = replies[self.driver_rank]
+        if reply[:1] != b"O":
+            raise WorkerDiedError(f"driver rank {self.driver_rank} answered {reply[:1]!r} to a step")
+        return decode(reply[1:], ModelRunnerOutput)
 
 
 def executor_class(backend: str) -> type[Executor]:

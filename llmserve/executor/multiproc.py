@@ -14,22 +14,18 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import socket
 import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from llmserve.config import EngineConfig
-from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, decode, encode
-from llmserve.executor.abstract import Executor, WorkerDiedError
+from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, encode
+from llmserve.executor.abstract import (STARTUP_TIMEOUT_S, MultiRankExecutor, WorkerDiedError,
+                                        ready_bodies)
 from llmserve.executor.worker_process import worker_main
 
 logger = logging.getLogger(__name__)
-
-EXECUTE_TIMEOUT_ENV = "LLMSERVE_EXECUTE_MODEL_TIMEOUT_SECONDS"
-STARTUP_TIMEOUT_S = 1800.0   # loading a large checkpoint from a slow disk
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -37,12 +33,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(MultiRankExecutor):
     def __init__(self, config: EngineConfig, max_model_len: int, max_num_batched_tokens: int) -> None:
         super().__init__(config, max_model_len, max_num_batched_tokens)
-        self.world_size = config.world_size
-        self.driver_rank = (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
-        self.execute_timeout = float(os.environ.get(EXECUTE_TIMEOUT_ENV, "300"))
         init_method = f"tcp://127.0.0.1:{free_port()}"
         ctx = multiprocessing.get_context("spawn")
         self.processes: list[Any] = []
@@ -57,7 +50,7 @@ class MultiprocExecutor(Executor):
             self.processes.append(proc)
             self.pipes.append(parent)
         try:
-            self._collect(b"R", STARTUP_TIMEOUT_S)   # every rank reports ready (model loaded)
+            ready_bodies(self._collect(STARTUP_TIMEOUT_S))   # every rank reports ready (model loaded)
         except BaseException:
             self.shutdown()
             raise
@@ -67,29 +60,15 @@ class MultiprocExecutor(Executor):
         payload = b"C" + json.dumps([method, list(args)]).encode()
         for pipe in self.pipes:
             pipe.send_bytes(payload)
-        return [json.loads(reply) for reply in self._collect(b"R", STARTUP_TIMEOUT_S)]
-
-    def determine_num_kv_blocks(self) -> int:
-        return min(self._control("available_kv_blocks"))
-
-    def kv_cache_bytes_per_block(self) -> int:
-        return max(self._control("kv_cache_bytes_per_block"))
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self._control("initialize_cache", num_blocks)
+        return [json.loads(body) for body in ready_bodies(self._collect(STARTUP_TIMEOUT_S))]
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         payload = b"E" + encode(sched)
         for pipe in self.pipes:
             pipe.send_bytes(payload)
-        replies = self._collect(None, self.execute_timeout)
-        errors = [r[1:].decode() for r in replies if r[:1] == b"X"]
-        if errors:
-            # The step failed on some rank; every rank dropped what it built (see worker_process).
-            return ModelRunnerOutput(error=errors[0])
-        return decode(replies[self.driver_rank][1:], ModelRunnerOutput)
+        return self.step_output(self._collect(self.execute_timeout))
 
-    def _collect(self, kind: bytes | None, timeout: float) -> list[bytes]:
+    def _collect(self, timeout: float) -> list[bytes]:
         """One reply from every rank, in rank order; raises WorkerDiedError if a rank dies or is silent."""
         replies: dict[int, bytes] = {}
         deadline = time.monotonic() + timeout
@@ -109,9 +88,7 @@ class MultiprocExecutor(Executor):
                         raise WorkerDiedError(f"worker rank {rank} closed its pipe") from None
                     if reply[:1] == b"F":
                         raise WorkerDiedError(f"worker rank {rank} failed: {reply[1:].decode()}")
-                    if kind is not None and reply[:1] != kind:
-                        raise WorkerDiedError(f"worker rank {rank} answered {reply[:1]!r}, expected {kind!r}")
-                    replies[rank] = reply[1:] if kind is not None else reply
+                    replies[rank] = reply
                 else:
                     rank = sentinels[obj]
                     if rank not in replies and not self.pipes[rank].poll():

@@ -25,15 +25,16 @@ import logging
 import os
 import socket
 import time
-import traceback
 from typing import Any
 
 import torch
 
 from llmserve.config import EngineConfig
-from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, decode, encode
-from llmserve.executor.abstract import Executor, WorkerDiedError
-from llmserve.executor.multiproc import EXECUTE_TIMEOUT_ENV, STARTUP_TIMEOUT_S
+from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, encode
+from llmserve.executor.abstract import (STARTUP_TIMEOUT_S, MultiRankExecutor, WorkerDiedError,
+                                        ready_bodies)
+from llmserve.executor.worker_process import WorkerEndpoint
+from llmserve.worker.worker import WorkerPlacement
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class RayWorker:
         self.rank = rank
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.worker: Any = None
+        self.endpoint = WorkerEndpoint()
         logging.basicConfig(level=logging.INFO, format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
         if config.torch_device.type == "cpu":
             # Ray sets OMP_NUM_THREADS=1 in an actor's process; this rank gets its share of --num-threads
@@ -116,48 +117,24 @@ class RayWorker:
                 "torch_threads": torch.get_num_threads()}
 
     def init_worker(self, init_method: str) -> bytes:
-        """Threads, process groups, weights: ``R`` when ready, ``F`` + text when this rank cannot start."""
-        from llmserve.worker.worker import Worker, WorkerPlacement
-
+        """Threads, process groups, weights (``R`` when ready, ``F`` + text when this rank cannot start)."""
         placement = WorkerPlacement(self.rank, self.config.tensor_parallel_size, self.config.pipeline_parallel_size,
                                     init_method)
-        try:
-            worker = Worker(self.config, placement, self.max_model_len, self.max_num_batched_tokens)
-            worker.init_device()
-            worker.load_model()
-        except Exception as exc:   # noqa: BLE001 - reported to the engine, which fails start-up with it
-            return b"F" + f"{type(exc).__name__}: {exc}".encode()
-        self.worker = worker
-        return b"R"
+        return self.endpoint.start(self.config, placement, self.max_model_len, self.max_num_batched_tokens)
 
     def control(self, method: str, *args: Any) -> bytes:
-        """A control call: ``R`` + its JSON result, or ``F`` + text."""
-        try:
-            if method not in _CONTROL_CALLS:
-                raise ValueError(f"unknown worker call {method!r}")
-            return b"R" + json.dumps(getattr(self.worker, method)(*args)).encode()
-        except Exception as exc:   # noqa: BLE001
-            return b"F" + f"{method}: {type(exc).__name__}: {exc}".encode()
+        return self.endpoint.control(method, list(args))
 
     def execute(self, payload: bytes) -> bytes:
-        """One step from the encoded SchedulerOutput: ``O`` + encoded output (driver), ``N``, or ``X`` + text."""
-        try:
-            output = self.worker.execute_model(decode(payload, SchedulerOutput))
-        except Exception as exc:   # noqa: BLE001 - the scheduler isolates the request it fails on
-            logging.getLogger(__name__).warning("step failed: %s", traceback.format_exc(limit=3))
-            return b"X" + f"{type(exc).__name__}: {exc}".encode()
-        return b"N" if output is None else b"O" + encode(output)
+        return self.endpoint.execute(payload)
 
 
-class RayExecutor(Executor):
+class RayExecutor(MultiRankExecutor):
     def __init__(self, config: EngineConfig, max_model_len: int, max_num_batched_tokens: int) -> None:
         super().__init__(config, max_model_len, max_num_batched_tokens)
         ray = self._ray = import_ray()
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.world_size = config.world_size
-        self.driver_rank = (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
-        self.execute_timeout = float(os.environ.get(EXECUTE_TIMEOUT_ENV, "300"))
         self.workers: list[Any] = []
         self.placement_group: Any = None
         device = config.torch_device
@@ -178,7 +155,7 @@ class RayExecutor(Executor):
             ip, port = self._call([self.workers[0].node_ip_and_free_port.remote()], STARTUP_TIMEOUT_S, "start")[0]
             init_method = f"tcp://{ip}:{port}"
             logger.info("Ray executor: %d ranks (%s), meeting at %s", self.world_size, resource, init_method)
-            self._expect(self._call([w.init_worker.remote(init_method) for w in self.workers], STARTUP_TIMEOUT_S,
+            ready_bodies(self._call([w.init_worker.remote(init_method) for w in self.workers], STARTUP_TIMEOUT_S,
                                     "start"))
         except BaseException:
             self.shutdown()
@@ -223,38 +200,14 @@ class RayExecutor(Executor):
                     raise WorkerDiedError(f"worker rank {rank} failed ({what}): {exc}") from None
         return [values[i] for i in range(len(refs))]
 
-    @staticmethod
-    def _expect(replies: list[bytes]) -> list[bytes]:
-        """The bodies of ``R`` replies; an ``F`` (this rank cannot go on) raises WorkerDiedError."""
-        for rank, reply in enumerate(replies):
-            if reply[:1] != b"R":
-                raise WorkerDiedError(f"worker rank {rank} failed: {reply[1:].decode()}")
-        return [reply[1:] for reply in replies]
-
     def _control(self, method: str, *args: Any) -> list[Any]:
         replies = self._call([w.control.remote(method, *args) for w in self.workers], STARTUP_TIMEOUT_S, method)
-        return [json.loads(body) for body in self._expect(replies)]
-
-    def determine_num_kv_blocks(self) -> int:
-        return min(self._control("available_kv_blocks"))
-
-    def kv_cache_bytes_per_block(self) -> int:
-        return max(self._control("kv_cache_bytes_per_block"))
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self._control("initialize_cache", num_blocks)
+        return [json.loads(body) for body in ready_bodies(replies)]
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         payload = encode(sched)
-        replies = self._call([w.execute.remote(payload) for w in self.workers], self.execute_timeout, "step")
-        errors = [r[1:].decode() for r in replies if r[:1] == b"X"]
-        if errors:
-            # The step failed on some rank; every rank dropped what it built, as with worker processes.
-            return ModelRunnerOutput(error=errors[0])
-        reply = replies[self.driver_rank]
-        if reply[:1] != b"O":
-            raise WorkerDiedError(f"driver rank {self.driver_rank} answered {reply[:1]!r}, expected b'O'")
-        return decode(reply[1:], ModelRunnerOutput)
+        return self.step_output(self._call([w.execute.remote(payload) for w in self.workers], self.execute_timeout,
+                                           "step"))
 
     def shutdown(self) -> None:
         ray = getattr(self, "_ray", None)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
-import time
 import traceback
 from multiprocessing.connection import Connection
 
 from llmserve.config import EngineConfig
 from llmserve.engine.messages import SchedulerOutput, decode, encode
+from llmserve.executor.parent_watch import exit_with_parent
 from llmserve.worker.worker import Worker, WorkerPlacement
 
 logger = logging.getLogger(__name__)
@@ -24,32 +22,54 @@ logger = logging.getLogger(__name__)
 _CONTROL_CALLS = ("available_kv_blocks", "kv_cache_bytes_per_block", "initialize_cache")
 
 
-def _exit_with_parent() -> None:
-    """Exit as soon as the engine process is gone (a killed parent closes no pipe of ours in time)."""
-    parent = os.getppid()
+class WorkerEndpoint:
+    """A rank's side of the executor protocol, whatever carries the bytes (a pipe, a Ray actor call)."""
 
-    def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(1)
+    def __init__(self) -> None:
+        self.worker: Worker | None = None
 
-    threading.Thread(target=watch, name="llmserve-parent-watch", daemon=True).start()
+    def start(self, config: EngineConfig, placement: WorkerPlacement, max_model_len: int,
+              max_num_batched_tokens: int) -> bytes:
+        """Threads, process groups, weights: ``R`` when ready, ``F`` + text when this rank cannot start."""
+        try:
+            worker = Worker(config, placement, max_model_len, max_num_batched_tokens)
+            worker.init_device()
+            worker.load_model()
+        except Exception as exc:   # noqa: BLE001 - reported to the engine, which fails start-up with it
+            return b"F" + f"{type(exc).__name__}: {exc}".encode()
+        self.worker = worker
+        return b"Rnull"
+
+    def control(self, method: str, args: list) -> bytes:
+        """A control call: ``R`` + its JSON result, or ``F`` + text."""
+        try:
+            if method not in _CONTROL_CALLS:
+                raise ValueError(f"unknown worker call {method!r}")
+            return b"R" + json.dumps(getattr(self.worker, method)(*args)).encode()
+        except Exception as exc:   # noqa: BLE001
+            return b"F" + f"{method}: {type(exc).__name__}: {exc}".encode()
+
+    def execute(self, payload: bytes) -> bytes:
+        """One step from the encoded SchedulerOutput: ``O`` + encoded output (driver), ``N``, or ``X`` + text."""
+        assert self.worker is not None
+        try:
+            output = self.worker.execute_model(decode(payload, SchedulerOutput))
+        except Exception as exc:   # noqa: BLE001 - the scheduler isolates the request it fails on
+            logger.warning("step failed: %s", traceback.format_exc(limit=3))
+            return b"X" + f"{type(exc).__name__}: {exc}".encode()
+        return b"N" if output is None else b"O" + encode(output)
 
 
 def worker_main(conn: Connection, config: EngineConfig, rank: int, init_method: str, max_model_len: int,
                 max_num_batched_tokens: int) -> None:
-    _exit_with_parent()
+    exit_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
+    endpoint = WorkerEndpoint()
     placement = WorkerPlacement(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method)
-    try:
-        worker = Worker(config, placement, max_model_len, max_num_batched_tokens)
-        worker.init_device()
-        worker.load_model()
-    except Exception as exc:   # noqa: BLE001 - reported to the engine, which fails start-up with it
-        conn.send_bytes(b"F" + f"{type(exc).__name__}: {exc}".encode())
+    ready = endpoint.start(config, placement, max_model_len, max_num_batched_tokens)
+    conn.send_bytes(ready)
+    if ready[:1] != b"R":
         return
-    conn.send_bytes(b"Rnull")
     while True:
         try:
             message = conn.recv_bytes()
@@ -59,19 +79,9 @@ def worker_main(conn: Connection, config: EngineConfig, rank: int, init_method: 
         if tag == b"Q":
             return
         if tag == b"C":
-            method, args = json.loads(body)
-            try:
-                if method not in _CONTROL_CALLS:
-                    raise ValueError(f"unknown worker call {method!r}")
-                conn.send_bytes(b"R" + json.dumps(getattr(worker, method)(*args)).encode())
-            except Exception as exc:   # noqa: BLE001
-                conn.send_bytes(b"F" + f"{method}: {type(exc).__name__}: {exc}".encode())
+            reply = endpoint.control(*json.loads(body))
+            conn.send_bytes(reply)
+            if reply[:1] == b"F":
                 return
         elif tag == b"E":
-            try:
-                output = worker.execute_model(decode(body, SchedulerOutput))
-            except Exception as exc:   # noqa: BLE001 - the scheduler isolates the request it fails on
-                logger.warning("step failed: %s", traceback.format_exc(limit=3))
-                conn.send_bytes(b"X" + f"{type(exc).__name__}: {exc}".encode())
-                continue
-            conn.send_bytes(b"N" if output is None else b"O" + encode(output))
+            conn.send_bytes(endpoint.execute(body))

@@ -224,14 +224,15 @@ class ModelRunner:
                 hidden = self.model(ids, pos, metadata)
             else:
                 hidden = self.model(ids, pos, metadata, intermediate_tensors=self._receive(len(input_ids)))
-        if not pp.is_last_rank:
-            pp.send(hidden.hidden, pp.rank + 1)
-            pp.send(hidden.residual, pp.rank + 1)
-            return None
+        # Parallel samples join every rank's batch (the scheduler sends them as deltas from now on).
         for i, seq in enumerate(list(sample_seqs)):
             for fork in sched.forks.get(seq.seq_id, ()):
                 sample_rows.append(sample_rows[i])
                 sample_seqs.append(self.input_batch.fork(seq, fork.seq_id, fork.sample_index))
+        if not pp.is_last_rank:
+            pp.send(hidden.hidden, pp.rank + 1)
+            pp.send(hidden.residual, pp.rank + 1)
+            return None
         # Every tensor-parallel rank computes the logits (the LM head gathers over them); the driver samples.
         driver = get_tp_group().is_first_rank
         out = ModelRunnerOutput()

@@ -162,3 +162,19 @@ def test_waste_per_sequence_is_below_one_block(llama_dir):
     stats = engine.stats()
     assert stats["prefix_cache_hits"] > 0 and stats["prefix_cache_queries"] >= stats["prefix_cache_hits"]
     assert_idle(llm)
+
+
+def test_prompt_logprobs_are_computed_even_when_the_prompt_is_cached(llama_dir):
+    """A request that asks for prompt logprobs computes every prompt position (as vLLM, it skips the prefix
+    cache): asking twice gives the same complete list, not ``None`` for the cached positions."""
+    llm = LLM(str(llama_dir), block_size=BLOCK, kv_cache_memory_bytes="32MiB")
+    prompt = SYSTEM + QUESTIONS[0]
+    llm.generate([prompt], GREEDY)   # the prompt's blocks are now cached
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1)
+    first, second = (llm.generate([prompt], params)[0] for _ in range(2))
+    for out in (first, second):
+        assert out.prompt_logprobs[0] is None
+        assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
+        assert all(pos is not None for pos in out.prompt_logprobs[1:])
+    assert [p[t].logprob for p, t in zip(first.prompt_logprobs[1:], first.prompt_token_ids[1:])] == [
+        p[t].logprob for p, t in zip(second.prompt_logprobs[1:], second.prompt_token_ids[1:])]

@@ -38,3 +38,19 @@ def test_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir,
         assert again[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids[:8]
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)], ids=["tp1pp2", "tp2pp2"])
+def test_parallel_samples_fork_on_every_stage(llama_dir, tp, pp):
+    """n > 1: the samples fork from the prompt's last step on every rank, so they run on as deltas there;
+    greedy samples all equal HF's greedy output."""
+    llm = LLM(str(llama_dir), tensor_parallel_size=tp, pipeline_parallel_size=pp, kv_cache_memory_bytes="16MiB")
+    try:
+        outputs = llm.generate(PROMPTS[:1], SamplingParams(n=3, temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                           logprobs=0))
+        for out in outputs:
+            assert [c.finish_reason for c in out.outputs] == ["length"] * 3
+            assert all(c.token_ids == out.outputs[0].token_ids for c in out.outputs)
+        assert_matches_hf(llama_dir, outputs, max_tokens=8)
+    finally:
+        llm.shutdown()

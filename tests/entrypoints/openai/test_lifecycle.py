@@ -105,6 +105,12 @@ def sse_error(events: list[str], code: str) -> dict:
     return error
 
 
+async def sse_lines(client: httpx.AsyncClient, body: dict) -> list[str]:
+    """The non-empty lines of a streamed completion."""
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        return [line async for line in response.aiter_lines() if line]
+
+
 def completion_body(max_tokens: int, prompt: str | list[int] = "go", **extra) -> dict:
     return {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
             **extra}
@@ -330,12 +336,7 @@ def test_engine_loop_fault_kills_the_server(start_server):
 
     async def run():
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            async def stream() -> list[str]:
-                async with client.stream("POST", "/v1/completions",
-                                         json=completion_body(LONG, stream=True)) as response:
-                    return [line async for line in response.aiter_lines() if line]
-
-            in_flight = [asyncio.ensure_future(stream()),
+            in_flight = [asyncio.ensure_future(sse_lines(client, completion_body(LONG, stream=True))),
                          asyncio.ensure_future(client.post("/v1/completions", json=completion_body(LONG)))]
             while Metrics(url).values["vllm:num_requests_running"] < 2:
                 await asyncio.sleep(0.01)
@@ -433,12 +434,7 @@ def test_a_worker_process_that_dies_kills_the_server_and_leaves_no_orphans(start
 
     async def run():
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            async def stream() -> list[str]:
-                async with client.stream("POST", "/v1/completions",
-                                         json=completion_body(LONG, stream=True)) as response:
-                    return [line async for line in response.aiter_lines() if line]
-
-            in_flight = asyncio.ensure_future(stream())
+            in_flight = asyncio.ensure_future(sse_lines(client, completion_body(LONG, stream=True)))
             await asyncio.to_thread(wait_running, url, 1)
             os.kill(workers[0], signal.SIGKILL)
             killed = time.monotonic()
