@@ -291,8 +291,11 @@ def test_request_timeout(start_server):
 # ------------------------------------------------------------------ faults
 
 
-def test_model_fault_fails_only_the_poisoned_request(start_server):
-    srv = start_server("--inject-faults", "--step-delay", "0.002", wrapper=SLOW)
+@pytest.mark.parametrize("tp", ["1", "2"], ids=["in-process", "tp2-worker-processes"])
+def test_model_fault_fails_only_the_poisoned_request(start_server, tp):
+    """The poisoned request fails every step it is in (on every rank, with -tp 2 in the worker processes);
+    the requests it shared steps with are isolated and finish with exactly their normal output."""
+    srv = start_server("--inject-faults", "--step-delay", "0.002", "--tensor-parallel-size", tp, wrapper=SLOW)
     url = srv.base_url
     good = completion_body(150, "Hello world")
     expected = httpx.post(f"{url}/v1/completions", json=good, timeout=30).json()["choices"][0]["text"]
@@ -323,7 +326,7 @@ def test_model_fault_fails_only_the_poisoned_request(start_server):
     chunks = [json.loads(e[len("data: "):]) for e in normal_stream[:-1]]
     assert normal_stream[-1] == "data: [DONE]"
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == expected
-    after = wait_idle(url, within=1.0)
+    after = wait_idle(url, within=3.0)
     assert after.success["error"] - before.success["error"] == 2
     assert after.success["length"] - before.success["length"] == 4
     assert httpx.get(f"{url}/health").status_code == 200
