@@ -70,14 +70,9 @@ class GroupCoordinator:
         dist.recv(tensor, self.ranks[src], group=self.group)
         return tensor
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier(group=self.group)
-
 
 _TP = GroupCoordinator()
 _PP = GroupCoordinator()
-_WORLD = GroupCoordinator()
 
 
 def get_tp_group() -> GroupCoordinator:
@@ -88,38 +83,17 @@ def get_pp_group() -> GroupCoordinator:
     return _PP
 
 
-def get_world_group() -> GroupCoordinator:
-    return _WORLD
-
-
-def get_tensor_model_parallel_rank() -> int:
-    return _TP.rank
-
-
-def get_tensor_model_parallel_world_size() -> int:
-    return _TP.world_size
-
-
-def tensor_model_parallel_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    return _TP.all_reduce(tensor)
-
-
-def tensor_model_parallel_all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return _TP.all_gather(tensor, dim)
-
-
 def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str, backend: str = "gloo") -> None:
     """Join the job's default group at ``init_method`` (``tcp://host:port``) and make the TP and PP groups.
 
     Every rank must call this with the same sizes; ``backend`` is ``gloo`` on CPU and ``nccl`` on CUDA.
     """
-    global _TP, _PP, _WORLD
+    global _TP, _PP
     world_size = tp_size * pp_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size} ranks")
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
-    _WORLD = GroupCoordinator(rank, world_size, tuple(range(world_size)), dist.group.WORLD)
     tp_rank, pp_rank = rank % tp_size, rank // tp_size
     # Every rank must create every group, in the same order, even those it is not part of.
     for stage in range(pp_size):
@@ -139,11 +113,11 @@ def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str, ba
 
 def destroy_distributed() -> None:
     """Leave the groups (a worker shutting down); the trivial groups of one rank apply again."""
-    global _TP, _PP, _WORLD
-    for coordinator in (_TP, _PP, _WORLD):
+    global _TP, _PP
+    for coordinator in (_TP, _PP):
         if coordinator.shm is not None:
             coordinator.shm.close()
             coordinator.shm = None
     if dist.is_initialized():
         dist.destroy_process_group()
-    _TP, _PP, _WORLD = GroupCoordinator(), GroupCoordinator(), GroupCoordinator()
+    _TP, _PP = GroupCoordinator(), GroupCoordinator()

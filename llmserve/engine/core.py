@@ -24,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, max_model_len: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, config: EngineConfig, max_model_len: int, max_num_batched_tokens: int,
+                 report_stats: bool = False) -> None:
+        """``report_stats``: attach the scheduler's stats to every step's outputs (a front end in another
+        process reads them for /metrics; in process they are read on demand, and cost nothing per step)."""
+        self.report_stats = report_stats
         self.executor: Executor = executor_class(config.executor_backend)(config, max_model_len,
                                                                           max_num_batched_tokens)
         try:
@@ -78,7 +82,7 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self.scheduler.update_from_output(sched, ModelRunnerOutput())
-            return EngineCoreOutputs()   # no stats: nothing changed
+            return EngineCoreOutputs()   # nothing ran
         step = self.scheduler.update_from_output(sched, self.executor.execute_model(sched))
         out = EngineCoreOutputs(failed=step.failed)
         for request_id in step.failed:
@@ -94,7 +98,8 @@ class EngineCore:
                 seqs = self.requests.get(seq.request_id)
                 if seqs is not None and all(s.is_finished for s in seqs):
                     del self.requests[seq.request_id]
-        out.stats = self.stats()
+        if self.report_stats:
+            out.stats = self.stats()
         return out
 
     # ------------------------------------------------------------------ stats

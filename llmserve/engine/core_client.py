@@ -117,7 +117,7 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
     level, fmt = log_setup
     logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT)
     try:
-        core = EngineCore(config, max_model_len, max_num_batched_tokens)
+        core = EngineCore(config, max_model_len, max_num_batched_tokens, report_stats=True)
     except BaseException as exc:   # noqa: BLE001 - reported to the front end, which fails start-up with it
         logger.exception("the engine core failed to start")
         outputs.send_bytes(b"F" + f"{type(exc).__name__}: {exc}".encode())
@@ -174,7 +174,7 @@ def _core_loop(core: EngineCore, received: queue.SimpleQueue[bytes], outputs: Co
                 report_idle = True
         if core.has_unfinished_requests():
             step = core.step()
-            if step.stats is not None or step.failed:
+            if step.stats is not None:   # None: nothing was scheduled
                 outputs.send_bytes(b"O" + encode(step))
                 report_idle = False
         elif report_idle:

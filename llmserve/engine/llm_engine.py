@@ -154,15 +154,6 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stats
     @property
-    def num_running_requests(self) -> int:
-        """Requests with a sequence in the running batch (vLLM counts requests, not samples)."""
-        return self.core.stats().num_requests_running
-
-    @property
-    def num_waiting_requests(self) -> int:
-        return len(self.requests) - self.num_running_requests
-
-    @property
     def num_generation_tokens_total(self) -> int:
         return self.outputs.num_generation_tokens_total
 

@@ -71,10 +71,6 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    @property
-    def has_suspects(self) -> bool:
-        return any(seq.suspect for seq in self.running.values())
-
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; its ``pending_forks`` join the running set when its prompt is computed."""
         self.waiting.append(seq)

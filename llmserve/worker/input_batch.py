@@ -68,9 +68,6 @@ class InputBatch:
         self.device = device
         self.seqs: dict[int, CachedSequence] = {}
 
-    def __len__(self) -> int:
-        return len(self.seqs)
-
     def update(self, sched: SchedulerOutput) -> None:
         """Apply a step's changes: drop forgotten sequences, add new ones, patch the others."""
         for seq_id in sched.finished_seq_ids:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llmserve.config import EngineConfig, resolve_dtype
-from llmserve.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed
+from llmserve.distributed.parallel_state import init_distributed
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from llmserve.layers.attention.backend import get_attention_backend
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
@@ -112,8 +112,3 @@ class Worker:
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         assert self.runner is not None
         return self.runner.execute_model(sched)
-
-    @property
-    def is_driver(self) -> bool:
-        """The rank whose output the engine reads: the first tensor-parallel rank of the last stage."""
-        return get_pp_group().is_last_rank and get_tp_group().is_first_rank
