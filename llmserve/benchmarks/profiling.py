@@ -118,8 +118,8 @@ class StepProfiler:
 
         def traced_execute(sched: Any) -> Any:
             output = execute(sched)
-            seqs = runner.input_batch.seqs   # patched from the step's message by execute
-            self._scheduled.extend((n, seqs[i].num_computed_tokens, seqs[i].num_tokens)
+            batch = runner.input_batch   # patched from the step's message by execute
+            self._scheduled.extend((n, batch.num_computed_tokens(i), batch.seqs[i].num_tokens)
                                    for i, n in sched.num_scheduled_tokens.items())
             return output
 

@@ -7,7 +7,8 @@ them unconditionally.
 
 On CPU (gloo), a tensor-parallel group whose ranks are all on this machine also gets a shared-memory
 segment (:mod:`llmserve.distributed.shm_all_reduce`): its all-reduce and all-gather of a contiguous CPU
-tensor of at most ``shm_all_reduce.MAX_BYTES`` go through it instead of gloo's TCP loopback.
+tensor go through it instead of gloo's TCP loopback, and a rank whose step fails can abort its peers'
+waits there (:meth:`GroupCoordinator.abort_step`) instead of leaving them blocked in a collective.
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ class GroupCoordinator:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
+
+    def abort_step(self) -> None:
+        """This rank failed the step: make the group's pending and next collectives raise
+        :class:`~llmserve.distributed.shm_all_reduce.CollectiveAbortedError` on the other ranks. Only a
+        shared-memory group can: a peer waiting in gloo (ranks on several machines, or on CUDA) waits until
+        the executor's timeout, and the engine stops."""
+        if self.world_size > 1 and self.shm is not None:
+            self.shm.abort()
+
+    def recover_after_failed_step(self) -> None:
+        """Collective over the group after a failed step: the shared-memory counters agree again."""
+        if self.world_size > 1 and self.shm is not None:
+            self.shm.recover(self.group)
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         """Send to the member of rank ``dst`` within this group."""

@@ -12,9 +12,10 @@ the others open it by the name it gathers to them, and once every rank has repor
 it: the mappings stay valid, and no segment is left in ``/dev/shm`` whatever happens to the workers
 later. Any failure, on any rank, leaves the whole group on gloo.
 
-Layout: one 64-byte line per rank holding that rank's sequence counter (its flag), padded to a page,
-then ``2 x world_size`` data slots of :data:`MAX_BYTES` each (less where ``/dev/shm`` is small):
-``slot[parity][rank]``.
+Layout: one 64-byte line per rank holding that rank's sequence counter (its flag), one more line for the
+group's abort word, padded to a page, then ``2 x world_size`` data slots of :data:`MAX_BYTES` each (less
+where ``/dev/shm`` is small): ``slot[parity][rank]``. A tensor larger than a slot goes through in
+slot-sized pieces of its flat storage, one collective call each.
 
 One collective (call number ``seq``, counted from 1, the same on every rank because every rank makes
 the same calls): each rank copies its tensor into ``slot[seq % 2][rank]``, stores ``seq`` in its flag,
@@ -45,16 +46,23 @@ run the yield returns at once. After :data:`SLEEP_AFTER_S` of waiting, a 50 us s
 (a long wait then costs no core). A wait that outlasts :data:`TIMEOUT_S`, or whose peer process is
 gone, raises ``RuntimeError``.
 
-Use (:class:`~llmserve.distributed.parallel_state.GroupCoordinator`): a CPU tensor, contiguous, of a
-supported dtype and at most :data:`MAX_BYTES` goes through the segment, anything else through gloo;
-the choice depends only on the tensor's shape, dtype and layout, which every rank's call has the same,
-so all ranks take the same path. :data:`MAX_BYTES`: measured with ``python -m
+Aborting a step: a rank whose step fails between collectives (say, in its own LM-head shard) never makes
+the calls its peers are waiting in. It stores a new generation in the abort word (:meth:`abort`); every
+wait checks that word while it waits and raises :class:`CollectiveAbortedError`, so the whole group
+drops the step instead of hanging. Before the next step every rank calls :meth:`recover` (a gloo barrier,
+counters back to zero, the new generation taken, a second barrier), so the counters agree again however
+many calls each rank had made.
+
+Use (:class:`~llmserve.distributed.parallel_state.GroupCoordinator`): a contiguous CPU tensor (of a
+summable dtype, for a reduction) goes through the segment, anything else through gloo; the choice
+depends only on the tensor's dtype and layout, which every rank's call has the same, so all ranks take
+the same path. :data:`MAX_BYTES`: measured with ``python -m
 llmserve.benchmarks.collectives`` (2 ranks, float32, 1 KiB to 64 MiB), the shared-memory path beat gloo
 at every size, by far where gloo's fixed cost per call dominates (up to a few hundred KiB) and by a
 smaller factor where both are bound by memory bandwidth; so the limit is set by the segment's memory
 (``2 x world_size x MAX_BYTES`` of ``/dev/shm``, committed): 8 MiB covers every decode step's all-reduce
-(a batch of 512 tokens of hidden size 4096 in float32) and the LM head's all-gather of small batches,
-while larger tensors come from prefill chunks whose compute dwarfs the gloo call. Setting
+(a batch of 512 tokens of hidden size 4096 in float32) and the LM head's all-gather of small batches
+in one call, while larger tensors come from prefill chunks whose compute dwarfs the extra calls. Setting
 ``LLMSERVE_SHM_ALL_REDUCE=0`` keeps every group on gloo.
 """
 
@@ -91,6 +99,15 @@ _PAGE = 4096
 _VIEW_CACHE_LIMIT = 64
 
 
+class CollectiveAbortedError(RuntimeError):
+    """Another rank of the group failed this step and aborted its collectives."""
+
+
+def _header_bytes(world_size: int) -> int:
+    """The flag lines of every rank and the abort word's line, padded to a page."""
+    return -(-(world_size + 1) * _LINE // _PAGE) * _PAGE
+
+
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -124,13 +141,15 @@ class ShmCommunicator:
         self.name = name
         self.max_bytes = slot_bytes
         self._mm = mm
-        self._header_bytes = -(-world_size * _LINE // _PAGE) * _PAGE
+        self._header_bytes = _header_bytes(world_size)
         self._slot_bytes = slot_bytes
         self._flags_raw = memoryview(mm)
         self._flags = self._flags_raw[:self._header_bytes].cast("Q")
         self._stride = _LINE // 8
         self._own_flag = rank * self._stride
         self._peer_flags = [r * self._stride for r in range(world_size) if r != rank]
+        self._abort_word = world_size * self._stride
+        self._generation = 0   # the abort word's value as of the last recover()
         self._peer_pids = peer_pids
         # torch.frombuffer holds no export of the mapping: every tensor over it is ours, dropped in close()
         self._bytes = torch.frombuffer(mm, dtype=torch.uint8)
@@ -151,7 +170,7 @@ class ShmCommunicator:
         dist.all_gather_object(infos, me, group=group)
         if not all(info[2] for info in infos) or len({(info[0], info[1]) for info in infos}) != 1:
             return None
-        header = -(-world_size * _LINE // _PAGE) * _PAGE
+        header = _header_bytes(world_size)
         slot_bytes = -(-max_bytes // _PAGE) * _PAGE
         name, path, mm, error = "", None, None, ""
         if rank == 0:
@@ -232,19 +251,27 @@ class ShmCommunicator:
 
     # ------------------------------------------------------------------ collectives
     def can_reduce(self, tensor: torch.Tensor) -> bool:
-        return (tensor.is_cpu and tensor.nbytes <= self.max_bytes and tensor.dtype in REDUCE_DTYPES
-                and tensor.is_contiguous() and not tensor.requires_grad and not self.closed)
+        return (tensor.is_cpu and tensor.dtype in REDUCE_DTYPES and tensor.is_contiguous()
+                and not tensor.requires_grad and not self.closed)
 
     def can_gather(self, tensor: torch.Tensor) -> bool:
-        return tensor.is_cpu and tensor.nbytes <= self.max_bytes and tensor.is_contiguous() and not self.closed
+        return tensor.is_cpu and tensor.is_contiguous() and not self.closed
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the group, in place (the caller checked :meth:`can_reduce`)."""
-        views = self._exchange(tensor)
         if tensor.is_inference() and not torch.is_inference_mode_enabled():
             with torch.inference_mode():   # an inference tensor is written in place only in that mode
-                return self._sum(views, tensor)
-        return self._sum(views, tensor)
+                return self.all_reduce(tensor)
+        for piece in self._pieces(tensor):
+            self._sum(self._exchange(piece), piece)
+        return tensor
+
+    def _pieces(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """``tensor`` whole when it fits a slot, else slot-sized pieces of its flat storage."""
+        if tensor.nbytes <= self.max_bytes:
+            return [tensor]
+        per_piece = self.max_bytes // tensor.element_size()
+        return list(tensor.view(-1).split(per_piece))
 
     @staticmethod
     def _sum(views: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
@@ -263,7 +290,30 @@ class ShmCommunicator:
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Every rank's ``tensor`` concatenated along ``dim``, in rank order (a new tensor)."""
-        return torch.cat(self._exchange(tensor), dim=dim)
+        pieces = self._pieces(tensor)
+        if len(pieces) == 1:
+            return torch.cat(self._exchange(tensor), dim=dim)
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        start = 0
+        for piece in pieces:
+            for part, view in zip(parts, self._exchange(piece)):
+                part.view(-1)[start:start + piece.numel()].copy_(view)
+            start += piece.numel()
+        return torch.cat(parts, dim=dim)
+
+    def abort(self) -> None:
+        """Make every peer's current or next wait raise :class:`CollectiveAbortedError` (this step failed here)."""
+        if not self.closed:
+            self._flags[self._abort_word] = self._generation + 1
+
+    def recover(self, group) -> None:
+        """Collective over ``group``, after a failed step: counters back to zero and the abort cleared on
+        every rank, so the next step's calls line up whatever each rank had done."""
+        dist.barrier(group=group)   # nobody is inside a collective of the failed step any more
+        self._generation = self._flags[self._abort_word]
+        self._seq = 0
+        self._flags[self._own_flag] = 0
+        dist.barrier(group=group)   # nobody starts the next step before every counter is reset
 
     def _exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Publish ``tensor`` in this call's slot, wait for every rank's; their slots, shaped like it."""
@@ -292,7 +342,7 @@ class ShmCommunicator:
         return views
 
     def _wait(self, seq: int) -> None:
-        flags, peers = self._flags, self._peer_flags
+        flags, peers, abort_word, generation = self._flags, self._peer_flags, self._abort_word, self._generation
         checks, started, sleeping = 0, 0.0, False
         while True:
             for index in peers:
@@ -300,6 +350,8 @@ class ShmCommunicator:
                     break
             else:
                 return
+            if flags[abort_word] != generation:
+                raise CollectiveAbortedError("another tensor-parallel rank failed this step")
             checks += 1
             if checks <= SPIN_CHECKS:
                 continue

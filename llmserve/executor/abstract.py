@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from llmserve.config import EngineConfig
+from llmserve.distributed.shm_all_reduce import CollectiveAbortedError
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, decode
 
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
@@ -82,10 +83,15 @@ class MultiRankExecutor(Executor):
         self._control("initialize_cache", num_blocks)
 
     def step_output(self, replies: list[bytes]) -> ModelRunnerOutput:
-        """Every rank's reply to a step -> the driver's output, or the failure (every rank dropped the step)."""
+        """Every rank's reply to a step -> the driver's output, or the failure. A step that failed on any rank
+        failed on all (the failing rank aborted its peers' collectives, see ``ModelRunner.fail_step``); the
+        ranks then line up their collectives again before the next step, and the error reported is the one
+        that caused the failure, not a peer's aborted wait."""
         errors = [reply[1:].decode(errors="replace") for reply in replies if reply[:1] == b"X"]
         if errors:
-            return ModelRunnerOutput(error=errors[0])
+            self._control("recover_after_failed_step")
+            causes = [e for e in errors if not e.startswith(CollectiveAbortedError.__name__)]
+            return ModelRunnerOutput(error=(causes or errors)[0])
         reply = replies[self.driver_rank]
         if reply[:1] != b"O":
             raise WorkerDiedError(f"driver rank {self.driver_rank} answered {reply[:1]!r} to a step")

@@ -2,7 +2,12 @@
 
 A worker is told a sequence in full once (``new_seqs``) and afterwards only what changed: tokens to
 append, the tail of its block table, how many tokens are computed. It never sees the engine's objects,
-so it can live in another process, and nothing is rebuilt per step that did not change.
+so it can live in another process.
+
+Each sequence owns a row of persistent numpy arrays (token ids, block table, counts), written only where
+a step's message changes them. A step's flat inputs (token ids, positions, cache slots, the block-table
+rows of its sequences) are then gathered from those rows with a few vectorised numpy calls, whatever the
+batch size, instead of being rebuilt from per-sequence Python lists.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ from llmserve.engine.messages import NewSequenceData, SchedulerOutput
 from llmserve.layers.sampler import position_seed
 from llmserve.sampling_params import SamplingParams
 
+
 @dataclass
 class CachedSequence:
+    """What the sampler needs of one sequence (its token lists feed penalties) and its row in the arrays."""
+
     seq_id: int
     sample_index: int
+    row: int
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     params: SamplingParams
     eos_token_id: int | None
-    block_ids: list[int]
-    num_computed_tokens: int
     generator: torch.Generator | None
 
     @property
@@ -36,23 +43,6 @@ class CachedSequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    def tokens(self, start: int, end: int) -> list[int]:
-        """Token ids at positions ``[start, end)`` (prompt and output alike)."""
-        p = len(self.prompt_token_ids)
-        if end <= p:
-            return self.prompt_token_ids[start:end]
-        if start >= p:
-            return self.output_token_ids[start - p:end - p]
-        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
-
-    def append_tokens(self, token_ids: list[int]) -> None:
-        self.output_token_ids.extend(token_ids)
-
-    def slots(self, start: int, end: int, block_size: int) -> np.ndarray:
-        """The flat cache slots of positions ``[start, end)``."""
-        pos = np.arange(start, end)
-        return np.asarray(self.block_ids)[pos // block_size] * block_size + pos % block_size
-
     def seeded_generator(self) -> torch.Generator | None:
         """This sequence's generator, set for its next output position (None when unseeded)."""
         if self.generator is not None:
@@ -61,40 +51,187 @@ class CachedSequence:
         return self.generator
 
 
+@dataclass
+class StepInputs:
+    """One step's flat batch, decodes (one query token) first.
+
+    ``seq_ids[i]`` is row i of the batch; ``sample_rows`` are the flat indices whose logits are sampled,
+    for ``sample_seqs`` (the rows whose step reaches their last token); ``prompt_rows`` lists
+    (sequence, first flat index, first position, tokens) for rows that want prompt logprobs.
+    """
+
+    seq_ids: list[int]
+    input_ids: np.ndarray        # int64 [tokens]
+    positions: np.ndarray        # int64 [tokens]
+    slot_mapping: np.ndarray     # int64 [tokens]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: np.ndarray     # int32 [rows, blocks of the longest row], padded with 0
+    num_decodes: int
+    sample_rows: list[int]
+    sample_seqs: list[CachedSequence]
+    prompt_rows: list[tuple[CachedSequence, int, int, int]]
+
+
+def _grown(array: np.ndarray, rows: int = 0, cols: int = 0) -> np.ndarray:
+    """``array`` zero-padded to at least ``rows`` rows and (2-D) ``cols`` columns, at least doubling a
+    dimension that grows so that growth is amortised."""
+    shape = tuple(n if want <= n else max(want, 2 * n) for n, want in zip(array.shape, (rows, cols)))
+    if shape == array.shape:
+        return array
+    out = np.zeros(shape, dtype=array.dtype)
+    out[tuple(slice(0, n) for n in array.shape)] = array
+    return out
+
+
+# Token columns allocated up front; a longer sequence widens every row (amortised doubling).
+INITIAL_TOKEN_COLUMNS = 4096
+
+
 class InputBatch:
-    """Every sequence this worker holds, by seq id."""
+    """Every sequence this worker holds, by seq id, over rows of persistent arrays that grow on demand."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, block_size: int, max_num_seqs: int = 256,
+                 max_model_len: int = 2048) -> None:
         self.device = device
+        self.block_size = block_size
         self.seqs: dict[int, CachedSequence] = {}
+        rows = max(1, max_num_seqs)
+        width = max(1, min(max_model_len, INITIAL_TOKEN_COLUMNS))   # rows widen when a sequence outgrows them
+        self.token_ids = np.zeros((rows, width), dtype=np.int32)
+        self.block_table = np.zeros((rows, -(-width // block_size)), dtype=np.int32)
+        self.num_tokens = np.zeros(rows, dtype=np.int64)
+        self.num_computed = np.zeros(rows, dtype=np.int64)
+        self.num_blocks = np.zeros(rows, dtype=np.int64)
+        self._free_rows = list(range(rows - 1, -1, -1))
+        self._prompt_logprob_seqs: dict[int, CachedSequence] = {}
 
+    def num_computed_tokens(self, seq_id: int) -> int:
+        return int(self.num_computed[self.seqs[seq_id].row])
+
+    def block_ids(self, seq_id: int) -> list[int]:
+        row = self.seqs[seq_id].row
+        return self.block_table[row, :self.num_blocks[row]].tolist()
+
+    # ------------------------------------------------------------------ changes from the scheduler
     def update(self, sched: SchedulerOutput) -> None:
         """Apply a step's changes: drop forgotten sequences, add new ones, patch the others."""
         for seq_id in sched.finished_seq_ids:
-            self.seqs.pop(seq_id, None)
+            self._remove(seq_id)
         for new in sched.new_seqs:
-            self.seqs[new.seq_id] = self._make(new)
+            self._add(new)
         for cached in sched.cached_seqs:
             seq = self.seqs[cached.seq_id]
-            seq.append_tokens(cached.new_token_ids)
-            del seq.block_ids[cached.block_table_start:]
-            seq.block_ids.extend(cached.new_block_ids)
-            seq.num_computed_tokens = cached.num_computed_tokens
+            row = seq.row
+            if cached.new_token_ids:
+                self._write_tokens(row, int(self.num_tokens[row]), cached.new_token_ids)
+                seq.output_token_ids.extend(cached.new_token_ids)
+            self._write_blocks(row, cached.block_table_start, cached.new_block_ids)
+            self.num_computed[row] = cached.num_computed_tokens
 
     def fork(self, parent: CachedSequence, seq_id: int, sample_index: int) -> CachedSequence:
         """A parallel sample of ``parent`` that shares its prompt and blocks (copied on write by the scheduler)."""
-        child = CachedSequence(seq_id, sample_index, parent.prompt_token_ids, list(parent.output_token_ids),
-                               parent.params, parent.eos_token_id, list(parent.block_ids),
-                               parent.num_computed_tokens, self._generator(parent.params))
-        self.seqs[seq_id] = child
+        row = self._allocate_row()
+        p = parent.row
+        n, b = int(self.num_tokens[p]), int(self.num_blocks[p])
+        self.token_ids[row, :n] = self.token_ids[p, :n]
+        self.block_table[row, :b] = self.block_table[p, :b]
+        self.num_tokens[row], self.num_blocks[row], self.num_computed[row] = n, b, self.num_computed[p]
+        child = CachedSequence(seq_id, sample_index, row, parent.prompt_token_ids, list(parent.output_token_ids),
+                               parent.params, parent.eos_token_id, self._generator(parent.params))
+        self._register(child)
         return child
 
-    def _make(self, new: NewSequenceData) -> CachedSequence:
-        return CachedSequence(new.seq_id, new.sample_index, new.prompt_token_ids, list(new.output_token_ids),
-                              new.params, new.eos_token_id, list(new.block_ids), new.num_computed_tokens,
-                              self._generator(new.params))
+    def _add(self, new: NewSequenceData) -> None:
+        row = self._allocate_row()
+        seq = CachedSequence(new.seq_id, new.sample_index, row, new.prompt_token_ids, list(new.output_token_ids),
+                             new.params, new.eos_token_id, self._generator(new.params))
+        self.num_tokens[row] = 0
+        self._write_tokens(row, 0, new.prompt_token_ids)
+        self._write_tokens(row, len(new.prompt_token_ids), new.output_token_ids)
+        self._write_blocks(row, 0, new.block_ids)
+        self.num_computed[row] = new.num_computed_tokens
+        self._register(seq)
+
+    def _register(self, seq: CachedSequence) -> None:
+        self.seqs[seq.seq_id] = seq
+        if seq.params.prompt_logprobs is not None:
+            self._prompt_logprob_seqs[seq.seq_id] = seq
+
+    def _remove(self, seq_id: int) -> None:
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        self._prompt_logprob_seqs.pop(seq_id, None)
+        self.block_table[seq.row, :self.num_blocks[seq.row]] = 0   # padding reads block 0, never a stale id
+        self.num_blocks[seq.row] = self.num_tokens[seq.row] = self.num_computed[seq.row] = 0
+        self._free_rows.append(seq.row)
+
+    def _allocate_row(self) -> int:
+        if not self._free_rows:
+            old = self.token_ids.shape[0]
+            self._grow(rows=old + 1)
+            self._free_rows = list(range(self.token_ids.shape[0] - 1, old - 1, -1))
+        return self._free_rows.pop()
+
+    def _grow(self, rows: int = 0, tokens: int = 0, blocks: int = 0) -> None:
+        self.token_ids = _grown(self.token_ids, rows, tokens)
+        self.block_table = _grown(self.block_table, rows, blocks)
+        self.num_tokens = _grown(self.num_tokens, rows)
+        self.num_computed = _grown(self.num_computed, rows)
+        self.num_blocks = _grown(self.num_blocks, rows)
+
+    def _write_tokens(self, row: int, start: int, token_ids: list[int]) -> None:
+        end = start + len(token_ids)
+        if end > self.token_ids.shape[1]:
+            self._grow(tokens=end)
+        self.token_ids[row, start:end] = token_ids
+        self.num_tokens[row] = end
+
+    def _write_blocks(self, row: int, start: int, block_ids: list[int]) -> None:
+        """Replace the row's block table from ``start`` on (a copy-on-write swaps a tail block)."""
+        end = start + len(block_ids)
+        if end > self.block_table.shape[1]:
+            self._grow(blocks=end)
+        old_end = int(self.num_blocks[row])
+        self.block_table[row, start:end] = block_ids
+        if old_end > end:
+            self.block_table[row, end:old_end] = 0
+        self.num_blocks[row] = end
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None or params.is_greedy:
             return None
         return torch.Generator(device=self.device)
+
+    # ------------------------------------------------------------------ one step's inputs
+    def prepare(self, num_scheduled_tokens: dict[int, int]) -> StepInputs:
+        """Gather the step's flat inputs from the rows of its sequences (decodes first, in a stable order)."""
+        seq_ids = list(num_scheduled_tokens)
+        counts = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=len(seq_ids))
+        order = np.argsort(counts != 1, kind="stable")
+        seq_ids = [seq_ids[i] for i in order]
+        q = counts[order]
+        rows = np.fromiter((self.seqs[i].row for i in seq_ids), dtype=np.int64, count=len(seq_ids))
+        ctx = self.num_computed[rows]
+        ends = np.cumsum(q)
+        starts = ends - q
+        row_of_token = np.repeat(rows, q)
+        positions = np.repeat(ctx - starts, q) + np.arange(int(ends[-1]))
+        bs = self.block_size
+        slots = self.block_table[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        sampled = np.flatnonzero(ctx + q == self.num_tokens[rows])
+        width = int(max(1, (-(-(ctx + q) // bs)).max()))
+        prompt_rows = []
+        if self._prompt_logprob_seqs:
+            index = {seq_id: i for i, seq_id in enumerate(seq_ids)}
+            for seq_id, seq in self._prompt_logprob_seqs.items():
+                i = index.get(seq_id)
+                if i is not None and ctx[i] < seq.num_prompt_tokens - 1:
+                    prompt_rows.append((seq, int(starts[i]), int(ctx[i]), int(q[i])))
+        return StepInputs(
+            seq_ids=seq_ids, input_ids=self.token_ids[row_of_token, positions].astype(np.int64), positions=positions,
+            slot_mapping=slots, query_lens=q.tolist(), context_lens=ctx.tolist(),
+            block_tables=self.block_table[rows, :width], num_decodes=int((q == 1).sum()),
+            sample_rows=(ends[sampled] - 1).tolist(), sample_seqs=[self.seqs[seq_ids[i]] for i in sampled],
+            prompt_rows=prompt_rows)

@@ -1,9 +1,9 @@
 """Turns a scheduled step into model inputs, runs the model and the sampler, and returns tokens.
 
 It holds its own copy of the running sequences (:class:`~llmserve.worker.input_batch.InputBatch`),
-patched from each :class:`~llmserve.engine.messages.SchedulerOutput`. Per step it builds the flat batch (decodes first, then prefill chunks), the slot mapping and block
-tables, asks the attention backend for its metadata once, runs one forward over every token of the
-step, computes logits only where a token is sampled or a prompt logprob is asked for, and samples.
+patched from each :class:`~llmserve.engine.messages.SchedulerOutput`. Per step it gathers the flat batch
+(decodes first, then prefill chunks), the slot mapping and block tables from that batch's rows, asks the
+attention backend for its metadata once, runs one forward over every token of the step, computes logits only where a token is sampled or a prompt logprob is asked for, and samples.
 
 On CUDA, decode-only steps replay CUDA graphs (:mod:`llmserve.worker.cuda_graphs`) unless
 ``enforce_eager`` is set or the attention backend cannot be captured, and
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from llmserve.distributed.parallel_state import get_pp_group, get_tp_group
+from llmserve.distributed.shm_all_reduce import CollectiveAbortedError
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
 from llmserve.layers.sampler import Sampler, SamplingBatch, SamplingRow, compute_logprobs
@@ -31,6 +32,9 @@ from llmserve.worker.cuda_graphs import DecodeGraphs
 from llmserve.worker.input_batch import CachedSequence, InputBatch
 
 logger = logging.getLogger(__name__)
+
+# The status word a pipeline stage sends ahead of its hidden states (see ModelRunner.fail_step).
+_STAGE_OK, _STAGE_FAILED = 1, 0
 
 
 def kv_cache_budget(total_bytes: int, gpu_memory_utilization: float, peak_bytes: int, non_torch_bytes: int) -> int:
@@ -67,13 +71,14 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.sampler = Sampler()
-        self.input_batch = InputBatch(device)
+        self.input_batch = InputBatch(device, block_size, max_num_seqs, max_model_len or 2048)
         self.num_blocks = 0
         self.max_num_seqs = max_num_seqs
         self.enforce_eager = enforce_eager
         # No graph needs to be wider than the longest sequence the engine accepts.
         self.max_seq_len_to_capture = min(max_seq_len_to_capture, max_model_len or max_seq_len_to_capture)
         self.graphs: DecodeGraphs | None = None
+        self._received = self._sent = False   # this step's pipeline hand-offs, for fail_step
         if device.type == "cpu":
             keep_large_allocations_in_heap()
 
@@ -174,64 +179,44 @@ class ModelRunner:
             attn.key_cache.index_copy_(0, dst, attn.key_cache.index_select(0, src))
             attn.value_cache.index_copy_(0, dst, attn.value_cache.index_select(0, src))
 
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         """Apply the step's changes to the input batch and run it. The driver (first tensor-parallel rank of
-        the last pipeline stage) returns the sampled tokens; other ranks return None."""
+        the last pipeline stage) returns the sampled tokens; other ranks return None. If it raises, the
+        caller hands the failure on with :meth:`fail_step`."""
+        output = self._execute(sched)
+        self._received = self._sent = False   # only a failed step leaves them set, for fail_step
+        return output
+
+    @torch.inference_mode()
+    def _execute(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         self.input_batch.update(sched)
         self.copy_blocks(sched.block_copies)
         if sched.is_empty:
             return ModelRunnerOutput()
-        # Decodes (one query token) first, in a stable order.
-        batch = sorted(((self.input_batch.seqs[i], n) for i, n in sched.num_scheduled_tokens.items()),
-                       key=lambda item: item[1] != 1)
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[np.ndarray] = []
-        sample_rows: list[int] = []          # flat index of the token whose logits are sampled
-        sample_seqs: list[CachedSequence] = []
-        prompt_rows: list[tuple[CachedSequence, int, int, int]] = []   # (seq, first flat row, first position, n)
-        bs = self.block_size
-        for seq, n in batch:
-            start = seq.num_computed_tokens
-            end = start + n
-            flat = len(input_ids)
-            input_ids.extend(seq.tokens(start, end))
-            positions.extend(range(start, end))
-            slots.append(seq.slots(start, end, bs))
-            if end == seq.num_tokens:
-                sample_rows.append(flat + n - 1)
-                sample_seqs.append(seq)
-            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
-                prompt_rows.append((seq, flat, start, n))
-        layout = BatchLayout(
-            query_lens=[n for _, n in batch],
-            context_lens=[seq.num_computed_tokens for seq, _ in batch],
-            block_tables=[seq.block_ids for seq, _ in batch],
-            slot_mapping=torch.from_numpy(np.concatenate(slots)),
-            num_decodes=sum(1 for _, n in batch if n == 1),
-            block_size=bs,
-        )
+        step = self.input_batch.prepare(sched.num_scheduled_tokens)
+        layout = BatchLayout(query_lens=step.query_lens, context_lens=step.context_lens,
+                             block_tables=step.block_tables, slot_mapping=torch.from_numpy(step.slot_mapping),
+                             num_decodes=step.num_decodes, block_size=self.block_size)
+        sample_rows, sample_seqs, prompt_rows = step.sample_rows, step.sample_seqs, step.prompt_rows
         pp = get_pp_group()
         if self.graphs is not None and not prompt_rows and pp.world_size == 1 and self.graphs.can_run(layout):
-            hidden = self.graphs.run(layout, input_ids, positions)
+            hidden = self.graphs.run(layout, step.input_ids, step.positions)
         else:
             layout.slot_mapping = layout.slot_mapping.to(self.device)
             metadata = self.backend.build_metadata(layout, self.device)
-            ids = torch.tensor(input_ids, device=self.device)
-            pos = torch.tensor(positions, device=self.device)
+            ids = torch.from_numpy(step.input_ids).to(self.device)
+            pos = torch.from_numpy(step.positions).to(self.device)
             if pp.is_first_rank:
                 hidden = self.model(ids, pos, metadata)
             else:
-                hidden = self.model(ids, pos, metadata, intermediate_tensors=self._receive(len(input_ids)))
+                hidden = self.model(ids, pos, metadata, intermediate_tensors=self._receive(len(step.input_ids)))
         # Parallel samples join every rank's batch (the scheduler sends them as deltas from now on).
         for i, seq in enumerate(list(sample_seqs)):
             for fork in sched.forks.get(seq.seq_id, ()):
                 sample_rows.append(sample_rows[i])
                 sample_seqs.append(self.input_batch.fork(seq, fork.seq_id, fork.sample_index))
         if not pp.is_last_rank:
-            pp.send(hidden.hidden, pp.rank + 1)
-            pp.send(hidden.residual, pp.rank + 1)
+            self._send_to_next_stage(hidden)
             return None
         # Every tensor-parallel rank computes the logits (the LM head gathers over them); the driver samples.
         driver = get_tp_group().is_first_rank
@@ -246,9 +231,44 @@ class ModelRunner:
                 out.prompt_logprobs[seq.seq_id] = (start, entries)
         return out if driver else None
 
-    def _receive(self, num_tokens: int) -> IntermediateTensors:
-        """The previous pipeline stage's hidden states and residual for this step's tokens."""
+    def fail_step(self, sched: SchedulerOutput) -> None:
+        """This rank's step raised: make every other rank drop the step too rather than wait for this one.
+        The rank's tensor-parallel peers see their collectives aborted; the next pipeline stage gets a failed
+        status instead of hidden states, and whatever the previous stage sends is still received, so no rank
+        is left blocked in a send or a receive."""
+        get_tp_group().abort_step()
         pp = get_pp_group()
+        try:
+            if sched.is_empty or pp.world_size == 1:
+                return
+            if not pp.is_first_rank and not self._received:
+                try:
+                    self._receive(sched.total_num_scheduled_tokens)
+                except CollectiveAbortedError:
+                    pass
+            if not pp.is_last_rank and not self._sent:
+                self._send_to_next_stage(None)
+        finally:
+            self._received = self._sent = False
+
+    def _send_to_next_stage(self, hidden: IntermediateTensors | None) -> None:
+        """A status word, then (unless this stage failed: ``None``) the hidden states and residual."""
+        pp = get_pp_group()
+        self._sent = True
+        pp.send(torch.tensor([_STAGE_FAILED if hidden is None else _STAGE_OK], device=self.device), pp.rank + 1)
+        if hidden is not None:
+            pp.send(hidden.hidden, pp.rank + 1)
+            pp.send(hidden.residual, pp.rank + 1)
+
+    def _receive(self, num_tokens: int) -> IntermediateTensors:
+        """The previous pipeline stage's hidden states and residual for this step's tokens; raises
+        :class:`CollectiveAbortedError` when that stage failed the step."""
+        pp = get_pp_group()
+        status = torch.empty(1, dtype=torch.long, device=self.device)
+        pp.recv(status, pp.rank - 1)
+        self._received = True
+        if int(status.item()) != _STAGE_OK:
+            raise CollectiveAbortedError("an earlier pipeline stage failed this step")
         hidden_size = self.model.config.hidden_size
         hidden = torch.empty(num_tokens, hidden_size, dtype=self.dtype, device=self.device)
         residual = torch.empty_like(hidden)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llmserve.config import EngineConfig, resolve_dtype
-from llmserve.distributed.parallel_state import init_distributed
+from llmserve.distributed.parallel_state import get_tp_group, init_distributed
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from llmserve.layers.attention.backend import get_attention_backend
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
@@ -111,4 +111,15 @@ class Worker:
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         assert self.runner is not None
-        return self.runner.execute_model(sched)
+        try:
+            return self.runner.execute_model(sched)
+        except Exception:
+            try:
+                self.runner.fail_step(sched)
+            except Exception:   # noqa: BLE001 - the step's own error is the one to report
+                logger.exception("could not hand the failed step on to the other ranks")
+            raise
+
+    def recover_after_failed_step(self) -> None:
+        """Collective over every rank, after a step failed on any: the tensor-parallel collectives line up again."""
+        get_tp_group().recover_after_failed_step()

@@ -1,6 +1,7 @@
 """The shared-memory all-reduce / all-gather of a CPU tensor-parallel group, over real processes joined by
 ``parallel_state.init_distributed``: exact sums in rank order, bitwise the same on every rank, many calls
-in a row (the parity of the sequence numbers), gloo for what does not fit, and no segment left behind."""
+in a row (the parity of the sequence numbers), slot-sized pieces for what does not fit a slot, gloo for what
+shared memory cannot take, an aborted step and the recovery after it, and no segment left behind."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from llmserve.distributed import parallel_state, shm_all_reduce
-from llmserve.distributed.shm_all_reduce import SHM_ALL_REDUCE_ENV, SHM_DIR, ShmCommunicator
+from llmserve.distributed.shm_all_reduce import SHM_ALL_REDUCE_ENV, SHM_DIR, CollectiveAbortedError, ShmCommunicator
 
 pytestmark = pytest.mark.skipif(not shm_all_reduce._supported_here(), reason="no /dev/shm or not x86-64")
 
@@ -66,10 +67,10 @@ def _rank_main(rank: int, world: int, ports: list[int], out_dir: str) -> None:
         assert mapped(name) and not (SHM_DIR / name).exists(), "unlinked once every rank has it mapped"
         call = 0
 
-        def expect_shm(fn, used: bool = True):
+        def expect_shm(fn, used: bool = True, calls: int = 1):
             before = shm._seq
             out = fn()
-            assert shm._seq == before + int(used), "took the other path"
+            assert shm._seq == before + int(used) * calls, "took the other path"
             return out
 
         # Sums for several sizes and dtypes, many calls in a row (both parities, sizes changing).
@@ -119,7 +120,7 @@ def _rank_main(rank: int, world: int, ports: list[int], out_dir: str) -> None:
             assert torch.equal(got, want)
             assert got.data_ptr() != x.data_ptr()
 
-        # Gloo: a non-contiguous tensor, one larger than the buffer, an integer tensor.
+        # Gloo: a non-contiguous tensor, an integer tensor.
         call += 1
         base = rank_input(rank, torch.float32, 8 * 16, call).view(8, 16)
         x = base.t()
@@ -129,19 +130,36 @@ def _rank_main(rank: int, world: int, ports: list[int], out_dir: str) -> None:
         torch.testing.assert_close(x, want)
         got = expect_shm(lambda: tp.all_gather(x, 0), used=False)
         assert got.shape == (16 * world, 8)
-        numel = shm.max_bytes // 4 + 1
-        call += 1
-        x = rank_input(rank, torch.float32, numel, call)
-        expect_shm(lambda: tp.all_reduce(x), used=False)
-        torch.testing.assert_close(x, reference_sum(world, torch.float32, numel, call))
-        numel -= 1   # exactly the buffer: shared memory
-        call += 1
-        x = rank_input(rank, torch.float32, numel, call)
-        expect_shm(lambda: tp.all_reduce(x))
-        torch.testing.assert_close(x, reference_sum(world, torch.float32, numel, call), rtol=0, atol=0)
         x = torch.full((10,), rank + 1, dtype=torch.int64)
         expect_shm(lambda: tp.all_reduce(x), used=False)
         assert x.tolist() == [world * (world + 1) // 2] * 10
+
+        # Larger than a slot: in slot-sized pieces, the same sums; exactly a slot: one call.
+        numel = shm.max_bytes // 4
+        for extra, calls in ((1, 2), (0, 1)):
+            call += 1
+            x = rank_input(rank, torch.float32, numel + extra, call)
+            expect_shm(lambda: tp.all_reduce(x), calls=calls)
+            torch.testing.assert_close(x, reference_sum(world, torch.float32, numel + extra, call), rtol=0, atol=0)
+        call += 1
+        x = rank_input(rank, torch.float32, 2 * numel + 6, call).view(-1, 2)   # three pieces
+        got = expect_shm(lambda: tp.all_gather(x, -1), calls=3)
+        assert torch.equal(got, torch.cat([rank_input(r, torch.float32, 2 * numel + 6, call).view(-1, 2)
+                                           for r in range(world)], dim=-1))
+
+        # A step that fails on the last rank before a collective: the others' wait raises instead of hanging,
+        # whatever each had already done; after the recovery the counters agree and sums are right again.
+        x = torch.ones(8)
+        if rank == world - 1:
+            tp.abort_step()
+        else:
+            with pytest.raises(CollectiveAbortedError):
+                tp.all_reduce(x)   # answered by nobody: the abort ends it
+        tp.recover_after_failed_step()
+        call += 1
+        x = rank_input(rank, torch.float32, 100, call)
+        expect_shm(lambda: tp.all_reduce(x))
+        assert torch.equal(x, reference_sum(world, torch.float32, 100, call))
 
         # Interleaved with gloo, the sequence numbers stay in step.
         call += 1

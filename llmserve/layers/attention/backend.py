@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmserve.layers.cpu_kernels import cpu_kernels
@@ -31,20 +33,33 @@ class BatchLayout:
 
     - ``query_lens[i]``: tokens of sequence i computed this step (1 for a decode);
     - ``context_lens[i]``: tokens of sequence i already in the KV cache before this step;
-    - ``block_tables[i]``: the physical block ids holding sequence i, in order;
+    - ``block_tables[i]``: the physical block ids holding sequence i, in order, padded with 0 to the
+      widest row: an int32 array (given lists, it is built from them);
     - ``slot_mapping[t]``: the flat cache slot (block * block_size + offset) where token t's K/V go.
     """
 
     query_lens: list[int]
     context_lens: list[int]
-    block_tables: list[list[int]]
+    block_tables: np.ndarray
     slot_mapping: torch.Tensor
     num_decodes: int
     block_size: int
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_tables, np.ndarray):
+            self.block_tables = padded_block_tables(self.block_tables)
+
     @property
     def seq_lens(self) -> list[int]:
         return [c + q for c, q in zip(self.context_lens, self.query_lens)]
+
+
+def padded_block_tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
+    """Block-id lists as one int32 array [rows, longest], shorter rows padded with block 0."""
+    out = np.zeros((len(tables), max((len(t) for t in tables), default=0)), dtype=np.int32)
+    for i, table in enumerate(tables):
+        out[i, :len(table)] = table
+    return out
 
 
 # Names of the dtype a KV cache may be asked for that mean "the model's dtype".

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llmserve.layers.attention.backend import AttentionSpec, BatchLayout
@@ -36,11 +37,10 @@ class CPUAttentionBackend(TorchAttentionBackend):
 
     def _decode_metadata(self, layout: BatchLayout, device: torch.device, window: int | None) -> DecodeBatch:
         nd = layout.num_decodes
-        seq_lens = [c + 1 for c in layout.context_lens[:nd]]
-        num_blocks = [(n + layout.block_size - 1) // layout.block_size for n in seq_lens]
-        width = max(num_blocks)
-        padded = [table[:n] + [0] * (width - n) for table, n in zip(layout.block_tables[:nd], num_blocks)]
-        return DecodeBatch(torch.tensor(padded, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32))
+        seq_lens = np.asarray(layout.context_lens[:nd], dtype=np.int32) + 1
+        width = int(-(-seq_lens.max() // layout.block_size))
+        tables = np.ascontiguousarray(layout.block_tables[:nd, :width])   # rows past a sequence's blocks are 0
+        return DecodeBatch(torch.from_numpy(tables), torch.from_numpy(seq_lens))
 
     def _attend_decodes(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         decodes: DecodeBatch, spec: AttentionSpec, window: int | None, out: torch.Tensor) -> None:

@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
+from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout, padded_block_tables
 
 
 @dataclass
@@ -195,8 +196,8 @@ class TorchAttentionBackend(AttentionBackend):
                 mask = k_pos <= q_pos
                 if window is not None:
                     mask &= k_pos > q_pos - window
-            chunks.append(PrefillChunk(start, q_len, ctx, torch.tensor(table[first_block:num_blocks], dtype=torch.long,
-                                                                       device=device), mask, key_start))
+            blocks = torch.from_numpy(table[first_block:num_blocks]).to(device=device, dtype=torch.long)
+            chunks.append(PrefillChunk(start, q_len, ctx, blocks, mask, key_start))
             start += q_len
         return chunks
 
@@ -216,10 +217,10 @@ class TorchAttentionBackend(AttentionBackend):
                                    bs, device, in_order=len(partition) == 1 and rows == sorted(rows))
                 for rows in partition]
 
-    def _decode_group(self, rows: list[int], lo: list[int], hi: list[int], tables: list[list[int]], bs: int,
+    def _decode_group(self, rows: list[int], lo: list[int], hi: list[int], tables: list[np.ndarray], bs: int,
                       device: torch.device, in_order: bool) -> DecodeGroup:
-        max_blocks = max(len(t) for t in tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        padded = padded_block_tables(tables)
+        max_blocks = padded.shape[1]
         positions = torch.arange(max_blocks * bs, device=device)[None, :]
         outside = positions >= torch.tensor(hi, device=device)[:, None]
         if any(lo):
@@ -227,7 +228,7 @@ class TorchAttentionBackend(AttentionBackend):
         bias = torch.zeros(len(rows), 1, 1, max_blocks * bs, dtype=self.dtype, device=device)
         bias.masked_fill_(outside.view(len(rows), 1, 1, -1), float("-inf"))
         return DecodeGroup(None if in_order else torch.tensor(rows, dtype=torch.long, device=device),
-                           torch.tensor(padded, dtype=torch.long, device=device), bias)
+                           torch.from_numpy(padded).to(device=device, dtype=torch.long), bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: TorchAttentionMetadata,

@@ -63,12 +63,9 @@ class TritonAttentionMetadata:
         return self._window_splits[window]
 
 
-def _padded_tables(tables: list[list[int]], num_blocks: list[int]) -> np.ndarray:
-    width = max(max(num_blocks), 1)
-    out = np.zeros((len(tables), width), dtype=np.int32)
-    for i, (table, n) in enumerate(zip(tables, num_blocks)):
-        out[i, :n] = table[:n]
-    return out
+def _table_rows(tables: np.ndarray, num_blocks: list[int]) -> np.ndarray:
+    """The rows' block tables cut to the widest row's block count (at least one column)."""
+    return np.ascontiguousarray(tables[:, :max(max(num_blocks), 1)])
 
 
 def _num_sms(device: torch.device) -> int:
@@ -106,7 +103,7 @@ class TritonAttentionBackend(AttentionBackend):
         num_splits = 1
         max_decode = 0
         if nd:
-            decode_tables = to_device(_padded_tables(layout.block_tables[:nd], num_blocks[:nd]))
+            decode_tables = to_device(_table_rows(layout.block_tables[:nd], num_blocks[:nd]))
             decode_lens = to_device(np.asarray(seq_lens[:nd], dtype=np.int32))
             max_decode = max(seq_lens[:nd])
             num_splits = self._splits(device, nd, max_decode)
@@ -116,7 +113,7 @@ class TritonAttentionBackend(AttentionBackend):
         if np_:
             q_lens = np.asarray(layout.query_lens[nd:], dtype=np.int32)
             starts = nd + np.concatenate(([0], np.cumsum(q_lens)[:-1])).astype(np.int32)
-            prefill_tables = to_device(_padded_tables(layout.block_tables[nd:], num_blocks[nd:]))
+            prefill_tables = to_device(_table_rows(layout.block_tables[nd:], num_blocks[nd:]))
             query_start = to_device(starts.astype(np.int32))
             query_lens = to_device(q_lens)
             context_lens = to_device(np.asarray(layout.context_lens[nd:], dtype=np.int32))
@@ -154,14 +151,13 @@ class TritonAttentionBackend(AttentionBackend):
         if n != len(layout.query_lens) or n > capacity:
             raise ValueError(f"a graph replay takes up to {capacity} decodes and nothing else")
         bs = layout.block_size
-        tables = np.zeros((capacity, max_blocks), dtype=np.int32)
         lens = np.zeros(capacity, dtype=np.int32)
-        for i, (ctx, table) in enumerate(zip(layout.context_lens, layout.block_tables)):
-            used = -(-(ctx + 1) // bs)
-            if used > max_blocks:
-                raise ValueError(f"context of {ctx + 1} tokens exceeds the captured {max_blocks} blocks")
-            tables[i, :used] = table[:used]
-            lens[i] = ctx + 1
+        lens[:n] = np.asarray(layout.context_lens, dtype=np.int32) + 1
+        used = -(-int(lens.max(initial=0)) // bs)
+        if used > max_blocks:
+            raise ValueError(f"context of {int(lens.max())} tokens exceeds the captured {max_blocks} blocks")
+        tables = np.zeros((capacity, max_blocks), dtype=np.int32)
+        tables[:n, :used] = layout.block_tables[:n, :used]
         slots = np.full(capacity, -1, dtype=np.int64)
         slots[:n] = layout.slot_mapping.cpu().numpy()
         static.decode_block_tables.copy_(torch.from_numpy(tables), non_blocking=True)

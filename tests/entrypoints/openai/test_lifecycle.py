@@ -49,7 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import llmserve
 from tests.entrypoints.openai.conftest import HERE
-from tests.entrypoints.openai.fault_server import FORWARD_POISON, LOOP_POISON
+from tests.entrypoints.openai.fault_server import FORWARD_POISON, LOOP_POISON, RANK_POISON
 
 SLOW = HERE / "slow_server.py"
 STEP_DELAY = "0.005"   # seconds per forward: a 1500-token request takes over 7 s
@@ -331,6 +331,34 @@ def test_model_fault_fails_only_the_poisoned_request(start_server, tp):
     assert after.success["length"] - before.success["length"] == 4
     assert httpx.get(f"{url}/health").status_code == 200
     assert httpx.post(f"{url}/v1/completions", json=good, timeout=30).json()["choices"][0]["text"] == expected
+
+
+@pytest.mark.parametrize("parallel", [("--tensor-parallel-size", "2"), ("--pipeline-parallel-size", "2")],
+                         ids=["tp2-last-rank-mid-step", "pp2-first-stage"])
+def test_a_fault_on_one_rank_fails_only_that_request(start_server, parallel):
+    """The poisoned request fails on one rank only, where the other ranks would wait for it (in the LM
+    head's all-gather, or for the first stage's hidden states): they drop the step too, the poisoned
+    request fails alone, the others finish with exactly their normal output, and the ranks go on in step."""
+    srv = start_server("--inject-faults", "--step-delay", "0.002", *parallel, wrapper=SLOW)
+    url = srv.base_url
+    good = completion_body(150, "Hello world")
+    expected = httpx.post(f"{url}/v1/completions", json=good, timeout=60).json()["choices"][0]["text"]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            normal = [asyncio.ensure_future(client.post("/v1/completions", json=good)) for _ in range(2)]
+            while Metrics(url).values["vllm:num_requests_running"] < 2:
+                await asyncio.sleep(0.01)
+            bad = await client.post("/v1/completions", json=completion_body(5, [5, RANK_POISON, 6]))
+            assert not all(t.done() for t in normal)   # the poison met them in the batch
+            return bad, await asyncio.gather(*normal)
+
+    bad, normal = asyncio.run(run())
+    assert "injected fault on one rank" in openai_error(bad, 500, "engine_error")["message"]
+    assert [r.json()["choices"][0]["text"] for r in normal] == [expected, expected]
+    assert httpx.get(f"{url}/health").status_code == 200
+    again = [httpx.post(f"{url}/v1/completions", json=good, timeout=60) for _ in range(2)]
+    assert [r.json()["choices"][0]["text"] for r in again] == [expected, expected]
 
 
 def test_engine_loop_fault_kills_the_server(start_server):
