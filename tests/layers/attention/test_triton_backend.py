@@ -20,9 +20,10 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed (pip install triton, or the [test] extra)")
 
 from llmserve.layers.attention import triton_kernels as kernels
-from llmserve.layers.attention.backend import AttentionSpec, BatchLayout, get_attention_backend
+from llmserve.layers.attention.backend import AttentionSpec, get_attention_backend
 from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 from llmserve.layers.attention.triton_backend import TritonAttentionBackend
+from tests.layers.attention.paged_batch import PagedBatch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (real Triton compile)")
@@ -42,53 +43,18 @@ def reference_attention(q, k, v, context_len, scale):
     return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)
 
 
-class Batch:
-    """Sequences given as (cached context, new tokens), their K/V laid out in a paged cache on shuffled
-    blocks; the context is already in the cache, the new tokens' K/V are not."""
+class Batch(PagedBatch):
+    """A :class:`PagedBatch` on the test device, with its layer's spec and the reference output."""
 
     def __init__(self, seqs, block_size, num_heads, num_kv_heads, head_dim, dtype, seed, num_blocks=None):
-        rng = random.Random(seed)
-        gen = torch.Generator().manual_seed(seed)
-        self.seqs = seqs
+        super().__init__(seqs, block_size, num_heads, num_kv_heads, head_dim, dtype, seed, num_blocks)
         self.scale = head_dim ** -0.5
         self.spec = AttentionSpec(num_heads, num_kv_heads, head_dim, self.scale)
-        needed = sum(-(-(c + n) // block_size) for c, n in seqs)
-        num_blocks = num_blocks or needed + 7
-        self.key_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
-        self.value_cache = torch.zeros_like(self.key_cache)
-        free = list(range(num_blocks))
-        rng.shuffle(free)
-        self.tables, self.full_k, self.full_v, slots, queries = [], [], [], [], []
-        for ctx, n in seqs:
-            total = ctx + n
-            table = [free.pop() for _ in range(-(-total // block_size))]
-            k = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
-            v = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
-            pos = torch.arange(ctx)
-            blocks = torch.tensor(table, dtype=torch.long)[pos // block_size] if ctx else pos
-            self.key_cache[blocks, pos % block_size] = k[:ctx]
-            self.value_cache[blocks, pos % block_size] = v[:ctx]
-            slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx, total)]
-            queries.append(torch.randn(n, num_heads, head_dim, generator=gen).to(dtype))
-            self.tables.append(table)
-            self.full_k.append(k)
-            self.full_v.append(v)
-        self.query = torch.cat(queries)
-        self.key = torch.cat([k[c:] for k, (c, _) in zip(self.full_k, seqs)])
-        self.value = torch.cat([v[c:] for v, (c, _) in zip(self.full_v, seqs)])
-        self.slots = torch.tensor(slots, dtype=torch.long)
-        self.block_size = block_size
-        self.to(DEVICE)
-
-    def to(self, device):
         for name in ("key_cache", "value_cache", "query", "key", "value", "slots"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
+            setattr(self, name, getattr(self, name).to(DEVICE))
 
     def layout(self, num_decodes):
-        return BatchLayout(query_lens=[n for _, n in self.seqs], context_lens=[c for c, _ in self.seqs],
-                           block_tables=self.tables, slot_mapping=self.slots, num_decodes=num_decodes,
-                           block_size=self.block_size)
+        return self.batch_layout(num_decodes, DEVICE)
 
     def expected(self):
         out = []

@@ -14,7 +14,6 @@ contexts, or longer than everything) and a logit soft-cap, on and off. Window se
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -22,10 +21,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
+from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec
 from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
 from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 from llmserve.layers.cpu_kernels import cpu_kernels
+from tests.layers.attention.paged_batch import PagedBatch
 
 CPU = torch.device("cpu")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,48 +68,22 @@ def test_reference_window_is_transformers_sliding_window_causal_mask():
             assert torch.equal(hf, reference_mask(ctx, n, window))
 
 
-class Batch:
-    """Rows (cached context, new tokens) in a paged cache on shuffled blocks; the contexts' K/V are already
-    cached, the new tokens' are not. ``num_decodes`` leading rows have one query token."""
+class Batch(PagedBatch):
+    """A :class:`PagedBatch` whose ``num_decodes`` leading rows have one query token, with its queries and new
+    K/V on the test device."""
 
     def __init__(self, seqs, num_decodes, block_size, num_heads, num_kv_heads, head_dim, dtype=torch.float32,
                  seed=0, query_scale=1.0):
-        rng = random.Random(seed)
-        gen = torch.Generator().manual_seed(seed)
-        self.seqs, self.num_decodes, self.block_size = seqs, num_decodes, block_size
+        super().__init__(seqs, block_size, num_heads, num_kv_heads, head_dim, dtype, seed, query_scale=query_scale)
+        self.num_decodes = num_decodes
         self.shape = (num_heads, num_kv_heads, head_dim)
-        num_blocks = sum(-(-(c + n) // block_size) for c, n in seqs) + 5
-        self.key_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
-        self.value_cache = torch.zeros_like(self.key_cache)
-        free = list(range(num_blocks))
-        rng.shuffle(free)
-        self.tables, self.full_k, self.full_v, slots, queries = [], [], [], [], []
-        for ctx, n in seqs:
-            total = ctx + n
-            table = [free.pop() for _ in range(-(-total // block_size))]
-            k = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
-            v = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
-            for pos in range(ctx):
-                self.key_cache[table[pos // block_size], pos % block_size] = k[pos]
-                self.value_cache[table[pos // block_size], pos % block_size] = v[pos]
-            slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx, total)]
-            queries.append((torch.randn(n, num_heads, head_dim, generator=gen) * query_scale).to(dtype))
-            self.tables.append(table)
-            self.full_k.append(k)
-            self.full_v.append(v)
-        self.queries = queries
-        self.query = torch.cat(queries).to(DEVICE)
-        self.key = torch.cat([k[c:] for k, (c, _) in zip(self.full_k, seqs)]).to(DEVICE)
-        self.value = torch.cat([v[c:] for v, (c, _) in zip(self.full_v, seqs)]).to(DEVICE)
-        self.slots = torch.tensor(slots)
+        self.query, self.key, self.value = self.query.to(DEVICE), self.key.to(DEVICE), self.value.to(DEVICE)
 
     def caches(self, device):
         return self.key_cache.clone().to(device), self.value_cache.clone().to(device)
 
     def layout(self, device):
-        return BatchLayout(query_lens=[n for _, n in self.seqs], context_lens=[c for c, _ in self.seqs],
-                           block_tables=self.tables, slot_mapping=self.slots.to(device),
-                           num_decodes=self.num_decodes, block_size=self.block_size)
+        return self.batch_layout(self.num_decodes, device)
 
     def spec(self, window=None, soft_cap=None):
         num_heads, num_kv_heads, head_dim = self.shape
