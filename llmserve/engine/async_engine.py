@@ -153,7 +153,7 @@ class AsyncLLMEngine:
         for request_id, message in core_outputs.failed.items():
             logger.error("model failed on request %s: %s", request_id, message)
         if self.on_step is not None:   # metrics first, so they include what clients receive next
-            self.on_step(self.stats(), outputs)
+            self.on_step(stats_dict(self._stats, self.outputs, core_outputs.num_scheduled_tokens), outputs)
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:

@@ -84,14 +84,15 @@ class EngineCore:
             self.scheduler.update_from_output(sched, ModelRunnerOutput())
             return EngineCoreOutputs()   # nothing ran
         step = self.scheduler.update_from_output(sched, self.executor.execute_model(sched))
-        out = EngineCoreOutputs(failed=step.failed)
+        out = EngineCoreOutputs(failed=step.failed, num_scheduled_tokens=sched.total_num_scheduled_tokens)
         for request_id in step.failed:
             self.abort(request_id)
         for seq, start, entries in step.prompt_logprobs:
             out.prompt_logprobs.append((seq.request_id, start, entries))
         for seq, token, token_logprobs in step.sampled:
             out.samples.append(SampleOutput(
-                seq.request_id, seq.index, [token], [token_logprobs] if token_logprobs is not None else [],
+                seq.request_id, seq.index, [] if token is None else [token],
+                [token_logprobs] if token_logprobs is not None else [],
                 seq.finish_reason, seq.stop_reason, seq.first_scheduled_time, seq.first_token_time,
                 seq.last_token_time, seq.num_preemptions))
             if seq.is_finished:

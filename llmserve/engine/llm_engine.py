@@ -165,9 +165,11 @@ class LLMEngine:
         return stats_dict(self.core.stats(), self.outputs)
 
 
-def stats_dict(core: SchedulerStats, outputs: OutputProcessor) -> dict[str, Any]:
-    """The engine's stats as /metrics reads them: the core's gauges and the front end's token counters."""
+def stats_dict(core: SchedulerStats, outputs: OutputProcessor, iteration_tokens: int = 0) -> dict[str, Any]:
+    """The engine's stats as /metrics reads them: the core's gauges, the front end's token counters and,
+    when they come with a step's outputs, the tokens that step computed (0 otherwise)."""
     return {
+        "iteration_tokens": iteration_tokens,
         "num_requests_running": core.num_requests_running,
         # the core's figures may be a step older than the front end's (an abort, a stop string)
         "num_requests_waiting": max(0, len(outputs.requests) - core.num_requests_running),

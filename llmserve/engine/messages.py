@@ -134,6 +134,7 @@ class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
     prompt_logprobs: list[tuple[str, int, list[TokenLogprobs]]] = []
     failed: dict[str, str] = {}                 # request id -> why the model failed on it
     stats: SchedulerStats | None = None
+    num_scheduled_tokens: int = 0               # prompt and generation tokens the step computed
 
 
 _encoder = msgspec.msgpack.Encoder()

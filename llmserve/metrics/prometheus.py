@@ -16,6 +16,7 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                           2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)   # vLLM's
 FINISH_REASONS = ("stop", "length", "abort", "error")   # the engine's finish reasons
 
 
@@ -60,6 +61,9 @@ class EngineMetrics:
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", _LATENCY_BUCKETS)
         self.queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.",
                                     _LATENCY_BUCKETS)
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total",
+                                          "Prompt and generation tokens computed per engine step.",
+                                          _ITERATION_TOKEN_BUCKETS)
         self._seen_preemptions = 0
         self._seen_prefix_queries = 0
         self._seen_prefix_hits = 0
@@ -69,6 +73,8 @@ class EngineMetrics:
 
     def record_step(self, stats: dict, outputs: list[RequestOutput]) -> None:
         """Called on the event loop after each step with the engine's stats and the step's outputs."""
+        if stats["iteration_tokens"]:
+            self.iteration_tokens.observe(stats["iteration_tokens"])
         self.num_requests_running.set(stats["num_requests_running"])
         self.num_requests_waiting.set(stats["num_requests_waiting"])
         self.kv_cache_usage.set(stats["kv_cache_usage"])

@@ -8,7 +8,8 @@ that account for every request exactly.
   ``vllm:request_success_total`` with a ``finished_reason`` label for every finish reason
   (``stop``, ``length``, ``abort``: 0); histograms ``vllm:time_to_first_token_seconds``,
   ``vllm:time_per_output_token_seconds``, ``vllm:inter_token_latency_seconds``,
-  ``vllm:e2e_request_latency_seconds``, ``vllm:request_queue_time_seconds`` (count 0).
+  ``vllm:e2e_request_latency_seconds``, ``vllm:request_queue_time_seconds``,
+  ``vllm:iteration_tokens_total`` (count 0).
 * While requests run, the gauges show them: with ``--max-num-seqs 2`` and four long streamed requests,
   2 running and 2 waiting, KV-cache usage above 0 (``gpu_cache_usage_perc`` always equals
   ``kv_cache_usage_perc``).
@@ -42,7 +43,7 @@ GAUGES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cac
 COUNTERS = ["vllm:num_preemptions", "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success"]
 HISTOGRAMS = ["vllm:time_to_first_token_seconds", "vllm:time_per_output_token_seconds",
               "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds",
-              "vllm:request_queue_time_seconds"]
+              "vllm:request_queue_time_seconds", "vllm:iteration_tokens_total"]
 FINISH_REASONS = ["stop", "length", "abort"]
 
 
@@ -214,6 +215,10 @@ def test_gauges_while_running_and_exact_counts_after(metrics_server, offline):
     # Two long requests waited for the other two to finish all their tokens.
     assert delta("vllm:request_queue_time_seconds_sum") > 0
     assert delta("vllm:inter_token_latency_seconds_sum") > 0
+    # Every prompt token not served by the prefix cache was computed in some step, and the steps were batched.
+    computed_prompt = delta("vllm:prompt_tokens_total") - delta("vllm:prefix_cache_hits_total")
+    assert delta("vllm:iteration_tokens_total_sum") >= computed_prompt + sum(c - 1 for _, c, _ in requests)
+    assert 0 < delta("vllm:iteration_tokens_total_count") < sum(c for _, c, _ in requests)
 
 
 def test_preemptions_are_counted(start_server, llama_dir):
