@@ -38,3 +38,22 @@ def step_metadata(backend: TorchAttentionBackend, context: int, new: int) -> obj
 
 
 PROMPT = [5, 17, 301, 42, 7, 1999, 0, 64, 3]
+
+
+@torch.inference_mode()
+def prefill_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """float32 logits [len(ids), vocab] of one fresh sequence, through a freshly bound KV cache."""
+    backend = bind_cache(model)
+    tokens, positions = torch.tensor(ids), torch.arange(len(ids))
+    return model.compute_logits(model(tokens, positions, step_metadata(backend, 0, len(ids))))
+
+
+def tensor_parallel_logits(path: Path, tp: int, ids: list[int]) -> list[torch.Tensor]:
+    """Each simulated TP rank's logits for ``ids`` (ranks as threads, real all-reduce/all-gather semantics)."""
+    from tests.parallel_sim import as_rank, run_ranks, simulated_groups
+
+    ranks = []
+    for group in simulated_groups(tp):
+        with as_rank(tp=group):
+            ranks.append(load_tiny(path))
+    return run_ranks([lambda m=m: prefill_logits(m, ids) for m in ranks])

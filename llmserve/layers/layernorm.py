@@ -1,13 +1,16 @@
-"""RMSNorm with an optional fused residual add (saves one pass over the hidden states per layer).
+"""RMSNorm (Llama's, Gemma's ``1 + w``) and LayerNorm, each with an optional fused residual add (saves one
+pass over the hidden states per layer).
 
-On CPU in float32 both run as one compiled pass per row (``cpu_layer_ops.c``)."""
+On CPU in float32 both forms of RMSNorm run as one compiled pass per row (``cpu_layer_ops.c``)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmserve.layers.cpu_kernels import kernels_for
+from llmserve.layers.linear import check_shape
 
 
 class RMSNorm(nn.Module):
@@ -37,3 +40,45 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scales by ``1 + w`` in float32 (the checkpoint stores ``w``, centred on 0).
+
+    The weight is stored as ``1 + w`` in float32 when it loads, so the float32 path is the plain
+    RMSNorm kernel; other dtypes multiply before the cast as transformers does (``(x * (1 + w)).to(dtype)``,
+    where Llama casts first).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32), requires_grad=False)
+        self.weight.weight_loader = self._load_offset_weight
+
+    @staticmethod
+    def _load_offset_weight(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        check_shape(loaded, param.shape, getattr(param, "checkpoint_name", ""))
+        param.data.copy_(1.0 + loaded.float())
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        variance = x32.pow(2).mean(-1, keepdim=True)
+        return (x32 * torch.rsqrt(variance + self.eps) * self.weight).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a bias (GPT-2), with the same optional fused residual add as :class:`RMSNorm`."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Without ``residual``: ``norm(x)``. With it: ``(norm(x + residual), x + residual)``."""
+        if residual is not None:
+            x = x + residual
+        out = F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        return out if residual is None else (out, x)

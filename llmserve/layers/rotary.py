@@ -17,9 +17,19 @@ from llmserve.layers.cpu_kernels import kernels_for
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def rope_parameters(config: Any) -> tuple[float, dict]:
-    """Return ``(rope_theta, scaling dict)`` from a HF config, old (``rope_scaling``) or new (``rope_parameters``) style."""
+def rope_parameters(config: Any, layer_type: str | None = None) -> tuple[float, dict]:
+    """Return ``(rope_theta, scaling dict)`` from a HF config, old (``rope_scaling``) or new (``rope_parameters``) style.
+
+    transformers 5 keys ``rope_parameters`` by layer type where layer types differ in rope (Gemma 3: its
+    local layers' base ``rope_local_base_freq`` and its global layers' ``rope_theta`` and scaling), so a
+    layer passes its entry of ``config.layer_types``.
+    """
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        if layer_type not in params:
+            raise ValueError(f"rope_parameters are given per layer type ({', '.join(sorted(params))}) but this "
+                             f"layer's type is {layer_type!r}")
+        params = dict(params[layer_type])
     theta = float(params.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
     return theta, params
 

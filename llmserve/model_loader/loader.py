@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from llmserve.models.registry import resolve_model_class
+from llmserve.models.registry import resolve_model_class, text_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ def load_config(path: Path, trust_remote_code: bool = False, revision: str | Non
 
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
-    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, revision=revision)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, revision=revision)
+    return text_model_config(config)   # a multimodal checkpoint served as text: its language model's config
 
 
 def checkpoint_dtype(config: Any) -> torch.dtype | None:

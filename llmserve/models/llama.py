@@ -1,9 +1,13 @@
-"""Llama decoder blocks, shared by the Llama-shaped families (``mistral.py``, ``qwen2.py``, ``qwen3.py``).
+"""Llama decoder blocks, shared by the pre-norm decoder families (``mistral.py``, ``qwen2.py``, ``qwen3.py``,
+``gemma2.py``, ``gemma3.py``, ``gpt2.py``).
 
 A family differs only in a few block choices, which its file states explicitly as a
-:class:`LlamaBlockSpec` (biases, per-head q/k norm). Model code is backend-agnostic (attention
-metadata goes to each :class:`Attention` layer untouched) and parallelism-agnostic: layers shard
-themselves over the TP group, and the model builds only its pipeline stage's layers.
+:class:`LlamaBlockSpec` (biases, per-head q/k norm, norm kind, activation, attention scale and soft-cap,
+rotary or learned positions), plus, where the layout itself differs, a subclass of the decoder layer
+(Gemma's four norms) or of the embedding (Gemma's scale, GPT-2's learned positions), and a mapping of
+its checkpoint's names onto these modules (GPT-2). Model code is backend-agnostic (attention metadata
+goes to each :class:`Attention` layer untouched) and parallelism-agnostic: layers shard themselves over
+the TP group, and the model builds only its pipeline stage's layers.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ import torch
 from torch import nn
 
 from llmserve.distributed.parallel_state import get_pp_group
-from llmserve.layers.activation import SiluAndMul
+from llmserve.layers.activation import Activation, gated_activation
 from llmserve.layers.attention.layer import Attention
 from llmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from llmserve.layers.layernorm import RMSNorm
-from llmserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                    default_weight_loader)
+from llmserve.layers.layernorm import GemmaRMSNorm, LayerNorm, RMSNorm
+from llmserve.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
+                                    RowParallelLinear, default_weight_loader)
 from llmserve.layers.rotary import RotaryEmbedding, rope_parameters
 from llmserve.models.interface import IntermediateTensors, layer_range
 from llmserve.quantization.base import QuantizationConfig
@@ -32,18 +36,53 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not match the architecture (missing, unexpected or mis-shaped)."""
 
 
+class UnsupportedModelConfigError(ValueError):
+    """The checkpoint's config asks for something llmserve cannot run yet (refused rather than run wrongly)."""
+
+
 def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def intermediate_size_of(config: Any) -> int:
+    """The MLP's inner size (GPT-2: ``n_inner``, default 4 x hidden)."""
+    return (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+            or 4 * config.hidden_size)
+
+
+def norm_eps_of(config: Any) -> float:
+    for name in ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return float(value)
+    return 1e-6
+
+
 @dataclass(frozen=True)
 class LlamaBlockSpec:
-    """The choices that tell the Llama-shaped families apart."""
+    """The choices that tell the pre-norm decoder families apart."""
 
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: bool = False    # per-head RMSNorm on queries and keys before rotary (Qwen3)
+    qk_norm: bool = False    # per-head norm on queries and keys before rotary (Qwen3, Gemma 3)
     mlp_bias: bool = False
+    norm: str = "rms"        # "rms"; "gemma_rms" (scales by 1 + w, Gemma); "layer" (LayerNorm with bias, GPT-2)
+    activation: str = "silu"   # the MLP's, by its transformers name
+    gated_mlp: bool = True     # act(gate) * up; False: act(up) (GPT-2)
+    rotary: bool = True        # False: positions enter as learned embeddings (GPT-2)
+    attn_scale: float | None = None   # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_scale_by_inverse_layer: bool = False   # scale / (layer + 1) (GPT-2's scale_attn_by_inverse_layer_idx)
+    attn_logit_softcap: float | None = None     # c * tanh(scores / c) before the softmax (Gemma 2)
+
+
+def make_norm(spec: LlamaBlockSpec, size: int, eps: float) -> nn.Module:
+    if spec.norm == "rms":
+        return RMSNorm(size, eps)
+    if spec.norm == "gemma_rms":
+        return GemmaRMSNorm(size, eps)
+    if spec.norm == "layer":
+        return LayerNorm(size, eps)
+    raise ValueError(f"unknown norm kind {spec.norm!r}")
 
 
 def layer_index(prefix: str) -> int:
@@ -52,10 +91,23 @@ def layer_index(prefix: str) -> int:
     return int(parts[parts.index("layers") + 1])
 
 
+def hidden_act_of(config: Any) -> str:
+    """The MLP activation's transformers name (``hidden_act``; Gemma's ``hidden_activation``)."""
+    return getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or "silu"
+
+
+def layer_type_of(config: Any, layer: int) -> str | None:
+    """``config.layer_types[layer]`` (``"sliding_attention"`` / ``"full_attention"``), None where there are none."""
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types[layer] if layer_types is not None else None
+
+
 def sliding_window_of(config: Any, layer: int) -> int | None:
     """The attention window of decoder layer ``layer`` (None: full attention), as transformers decides it:
-    ``layer_types`` where the config has them (Qwen2's ``use_sliding_window`` / ``max_window_layers``), else
-    ``sliding_window`` on every layer (Mistral)."""
+    ``layer_types`` where the config has them (Qwen2's ``use_sliding_window`` / ``max_window_layers``; Gemma 2's
+    alternate layers; Gemma 3's 5 local : 1 global, from ``sliding_window_pattern`` in older configs; transformers
+    fills ``layer_types`` in from these when it reads the config), else ``sliding_window`` on every layer
+    (Mistral)."""
     window = getattr(config, "sliding_window", None)
     if not window or not getattr(config, "use_sliding_window", True):
         return None
@@ -72,17 +124,25 @@ class LlamaAttention(nn.Module):
         total_heads = config.num_attention_heads
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = head_dim_of(config)
+        layer = layer_index(prefix)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads,
                                           spec.qkv_bias, quant_config, f"{prefix}.qkv_proj")
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads   # this rank's
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, spec.o_bias,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
-        theta, scaling = rope_parameters(config)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if spec.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if spec.qk_norm else None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
-                              sliding_window=sliding_window_of(config, layer_index(prefix)))
+        self.rotary_emb = None
+        if spec.rotary:
+            theta, scaling = rope_parameters(config, layer_type_of(config, layer))
+            self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
+        eps = norm_eps_of(config)
+        self.q_norm = make_norm(spec, self.head_dim, eps) if spec.qk_norm else None
+        self.k_norm = make_norm(spec, self.head_dim, eps) if spec.qk_norm else None
+        scale = spec.attn_scale if spec.attn_scale is not None else self.head_dim ** -0.5
+        if spec.attn_scale_by_inverse_layer:
+            scale /= float(layer + 1)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale,
+                              sliding_window=sliding_window_of(config, layer),
+                              logits_soft_cap=spec.attn_logit_softcap)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: object) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(
@@ -92,26 +152,33 @@ class LlamaAttention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous(), attn_metadata)
         return self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):
+    """Gated (``gate_up_proj`` -> ``act(gate) * up``) or plain (``up_proj`` -> ``act``), then ``down_proj``."""
+
     def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
                  prefix: str = "") -> None:
         super().__init__()
-        act = getattr(config, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"unsupported hidden_act {act!r}: only 'silu' is implemented")
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
-                                                       spec.mlp_bias, quant_config, f"{prefix}.gate_up_proj")
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, spec.mlp_bias,
+        inner = intermediate_size_of(config)
+        if spec.gated_mlp:
+            self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inner] * 2, spec.mlp_bias,
+                                                           quant_config, f"{prefix}.gate_up_proj")
+            self.act_fn = gated_activation(spec.activation)
+        else:
+            self.up_proj = ColumnParallelLinear(config.hidden_size, inner, spec.mlp_bias, quant_config=quant_config,
+                                                prefix=f"{prefix}.up_proj")
+            self.act_fn = Activation(spec.activation)
+        self.down_proj = RowParallelLinear(inner, config.hidden_size, spec.mlp_bias,
                                            quant_config=quant_config, prefix=f"{prefix}.down_proj")
-        self.act_fn = SiluAndMul()
+        self.gated = spec.gated_mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x) if self.gated else self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -120,16 +187,18 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, spec, quant_config, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(config, spec, quant_config, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = make_norm(spec, config.hidden_size, norm_eps_of(config))
+        self.post_attention_layernorm = make_norm(spec, config.hidden_size, norm_eps_of(config))
+
+    def input_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_layernorm`` with the previous layer's residual add folded in (none before the first layer)."""
+        if residual is None:
+            return self.input_layernorm(hidden), hidden
+        return self.input_layernorm(hidden, residual)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 attn_metadata: object) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.input_norm(hidden, residual)
         hidden = self.self_attn(positions, hidden, attn_metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
@@ -141,7 +210,12 @@ class PPMissingLayer(nn.Identity):
 
 
 class LlamaModel(nn.Module):
-    """Embedding (first stage), this stage's decoder layers, final norm (last stage)."""
+    """Embedding (first stage), this stage's decoder layers, final norm (last stage).
+
+    Subclasses change the decoder layer (:attr:`decoder_layer_cls`) or how tokens are embedded (:meth:`embed`).
+    """
+
+    decoder_layer_cls: type[nn.Module] = LlamaDecoderLayer
 
     def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
                  prefix: str = "model") -> None:
@@ -153,18 +227,22 @@ class LlamaModel(nn.Module):
                                                     prefix=f"{prefix}.embed_tokens")
                              if self.is_first_stage else None)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, spec, quant_config, f"{prefix}.layers.{i}")
+            self.decoder_layer_cls(config, spec, quant_config, f"{prefix}.layers.{i}")
             if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last_stage else None
+        self.norm = make_norm(spec, config.hidden_size, norm_eps_of(config)) if self.is_last_stage else None
 
-    def stage_layers(self) -> list[LlamaDecoderLayer]:
+    def stage_layers(self) -> list[nn.Module]:
         return [self.layers[i] for i in range(self.start_layer, self.end_layer)]
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The first layer's input (first stage only)."""
+        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: object,
                 intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
         if self.is_first_stage:
-            hidden, residual = self.embed_tokens(input_ids), None
+            hidden, residual = self.embed(input_ids, positions), None
         else:
             if intermediate_tensors is None:
                 raise ValueError("a pipeline stage after the first needs the previous stage's IntermediateTensors")
@@ -181,26 +259,35 @@ _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class LlamaForCausalLM(nn.Module):
-    """The Llama family; other families subclass it and override :meth:`block_spec` only."""
+    """The Llama family; other families subclass it and override :meth:`block_spec` (and, where their layout
+    differs, :attr:`model_cls`, :meth:`check_config`, :meth:`checkpoint_tensor` or :meth:`compute_logits`)."""
 
+    model_cls: type[LlamaModel] = LlamaModel
     # (fused parameter, checkpoint name, shard id); a checkpoint that ships the fused tensor loads as is.
     stacked_params = (
         ("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
         ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
     )
     ignored_suffixes = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+    # Parameters only the first pipeline stage holds (the last holds the final norm and the LM head).
+    first_stage_prefixes: tuple[str, ...] = ("model.embed_tokens.",)
 
     @classmethod
     def block_spec(cls, config: Any) -> LlamaBlockSpec:
         """Llama: one ``attention_bias`` switch for q/k/v and o, ``mlp_bias`` for the MLP."""
         attention_bias = bool(getattr(config, "attention_bias", False))
         return LlamaBlockSpec(qkv_bias=attention_bias, o_bias=attention_bias,
-                              mlp_bias=bool(getattr(config, "mlp_bias", False)))
+                              mlp_bias=bool(getattr(config, "mlp_bias", False)), activation=hidden_act_of(config))
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise :class:`UnsupportedModelConfigError` for a config option this family cannot run yet."""
 
     def __init__(self, config: Any, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
+        self.check_config(config)
         self.config = config
-        self.model = LlamaModel(config, self.block_spec(config), quant_config, prefix="model")
+        self.model = self.model_cls(config, self.block_spec(config), quant_config, prefix="model")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None
         if self.model.is_last_stage:
@@ -225,11 +312,16 @@ class LlamaForCausalLM(nn.Module):
         if match:
             index = int(match.group(1))
             return index < len(self.model.layers) and not self.model.start_layer <= index < self.model.end_layer
-        if name.startswith("model.embed_tokens."):
-            return self.model.embed_tokens is None
+        if name.startswith(self.first_stage_prefixes):
+            return not self.model.is_first_stage
         if name.startswith(("model.norm.", "lm_head.")):
             return self.lm_head is None
         return False
+
+    def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """A checkpoint tensor as this model names and lays it out (None: not part of the model); a family
+        whose checkpoints name or store tensors differently overrides this (GPT-2)."""
+        return name, tensor
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors into this rank's (fused, sharded) parameters, one tensor at a time;
@@ -246,7 +338,11 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[tuple[str, object]] = set()
         unexpected: list[str] = []
         tied_copy = self.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is None
-        for ckpt_name, tensor in weights:
+        for original_name, tensor in weights:
+            mapped = self.checkpoint_tensor(original_name, tensor)
+            if mapped is None:
+                continue
+            ckpt_name, tensor = mapped
             if ckpt_name.endswith(self.ignored_suffixes):
                 continue
             if self.tie_word_embeddings and ckpt_name == "lm_head.weight":
@@ -257,17 +353,18 @@ class LlamaForCausalLM(nn.Module):
             elif self._on_other_stage(ckpt_name):
                 continue
             for fused, part, shard_id in self.stacked_params:
-                if f".{part}." in ckpt_name:
-                    target, shard = ckpt_name.replace(f".{part}.", f".{fused}."), shard_id
+                fused_target = target.replace(f".{part}.", f".{fused}.")
+                if f".{part}." in target and fused_target in params:   # GPT-2's plain MLP keeps its up_proj
+                    target, shard = fused_target, shard_id
                     break
             param = params.get(target)
             if param is None:
-                unexpected.append(ckpt_name)
+                unexpected.append(original_name)
                 continue
             try:
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
             except ValueError as exc:
-                raise CheckpointMismatchError(f"{ckpt_name}: {exc}") from None
+                raise CheckpointMismatchError(f"{original_name}: {exc}") from None
             loaded.update([(target, shard)] if shard is not None else [(target, s) for s in shard_ids(target)])
         missing = sorted(f"{n}" + (f" (shard {s})" if s is not None else "") for n, s in expected - loaded)
         if unexpected or missing:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmserve.models.llama import LlamaBlockSpec, LlamaForCausalLM
+from llmserve.models.llama import LlamaBlockSpec, LlamaForCausalLM, hidden_act_of
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     @classmethod
     def block_spec(cls, config: Any) -> LlamaBlockSpec:
         bias = bool(getattr(config, "attention_bias", False))
-        return LlamaBlockSpec(qkv_bias=bias, o_bias=bias, qk_norm=True, mlp_bias=False)
+        return LlamaBlockSpec(qkv_bias=bias, o_bias=bias, qk_norm=True, mlp_bias=False,
+                              activation=hidden_act_of(config))

@@ -6,6 +6,9 @@ from typing import Any
 
 from torch import nn
 
+from llmserve.models.gemma2 import Gemma2ForCausalLM
+from llmserve.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+from llmserve.models.gpt2 import GPT2LMHeadModel
 from llmserve.models.llama import LlamaForCausalLM
 from llmserve.models.mistral import MistralForCausalLM
 from llmserve.models.qwen2 import Qwen2ForCausalLM
@@ -16,6 +19,27 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+}
+
+# Multimodal checkpoints whose language model llmserve serves on its own (text in, text out).
+TEXT_ONLY_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
+
+# Known families llmserve does not run yet, and why (a clearer refusal than "unsupported architecture").
+NOT_YET_SUPPORTED: dict[str, str] = {
+    "Gemma4ForCausalLM": "Gemma 4 needs per-layer inputs, KV shared across layers and partial rotary",
+    "Gemma4ForConditionalGeneration": "Gemma 4 needs per-layer inputs, KV shared across layers and partial rotary",
+    "Gemma3nForCausalLM": "Gemma 3n needs per-layer inputs, KV sharing and AltUp",
+    "Gemma3nForConditionalGeneration": "Gemma 3n needs per-layer inputs, KV sharing and AltUp",
+    "GemmaForCausalLM": "Gemma (1) is not implemented yet (Gemma 2 and 3 are)",
+    "Phi3ForCausalLM": "Phi-3 needs LongRoPE",
+    "FalconForCausalLM": "Falcon needs parallel attention + MLP blocks and ALiBi",
+    "CohereForCausalLM": "Command-R needs parallel residual blocks and logit_scale",
+    "Cohere2ForCausalLM": "Command-R needs parallel residual blocks and logit_scale",
+    "BloomForCausalLM": "BLOOM needs ALiBi attention biases",
 }
 
 
@@ -28,6 +52,26 @@ def resolve_model_class(config: Any) -> type[nn.Module]:
     for arch in architectures:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
+    known = [f"{arch} ({NOT_YET_SUPPORTED[arch]})" for arch in architectures if arch in NOT_YET_SUPPORTED]
+    if known:
+        raise UnsupportedArchitectureError(f"model architecture {', '.join(known)} is not supported yet; llmserve "
+                                           f"supports: {', '.join(sorted(MODEL_REGISTRY))}")
     raise UnsupportedArchitectureError(
         f"unsupported model architecture {architectures or '(none in config.json)'}; "
         f"llmserve supports: {', '.join(sorted(MODEL_REGISTRY))}")
+
+
+def text_model_config(config: Any) -> Any:
+    """The config the model and the engine read: the config itself, or for a multimodal checkpoint served as
+    text only (:data:`TEXT_ONLY_ARCHITECTURES`), its ``text_config`` with the checkpoint's architecture and,
+    where the outer config sets them, its special token ids and dtype."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not any(arch in TEXT_ONLY_ARCHITECTURES for arch in architectures):
+        return config
+    text = config.get_text_config()
+    text.architectures = architectures
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id", "dtype"):
+        value = getattr(config, name, None)
+        if value is not None:
+            setattr(text, name, value)
+    return text

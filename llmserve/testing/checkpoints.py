@@ -26,16 +26,25 @@ Families (:data:`FAMILIES`):
 ``qwen2``    ``Qwen2ForCausalLM``: q/k/v projections with bias, byte-level BPE, ChatML template.
 ``qwen3``    ``Qwen3ForCausalLM``: per-head ``q_norm``/``k_norm`` RMSNorm, explicit ``head_dim`` (twice
              hidden/heads), no attention bias, byte-level BPE, ChatML template.
+``gemma2``   ``Gemma2ForCausalLM``: four ``1 + w`` norms per layer, GeGLU, attention and final-logit
+             soft-caps small enough to bite (4 and 15), ``query_pre_attn_scalar`` = hidden/heads != head_dim,
+             a 10-token sliding window on layer 0 (even layers), tied embeddings; tiny: hidden 48, 6 heads /
+             2 KV heads (GQA ratio 3) of head_dim 16. Sentencepiece-style BPE, Gemma turn template.
+``gemma3``   ``Gemma3ForCausalLM``: as gemma2 with q/k norms and no soft-caps; tiny has 6 layers, 5 local
+             (window 10, rope base 10k) and 1 global (rope base 1M, linear scaling x8).
+``gpt2``     ``GPT2LMHeadModel``: ``transformer.h.N`` Conv1D weights (``[in, out]``), fused ``c_attn``,
+             LayerNorm with bias, learned positions, ``gelu_new``, tied; ``n_inner`` 160 (not 4 x hidden).
+             Byte-level BPE with ``<|endoftext|>`` as BOS/EOS, ChatML template.
 
-Sizes (:data:`SIZES`): ``tiny`` (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 2000) for tests and
+Sizes (:data:`SIZES`): ``tiny`` (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 2000; a family may
+override it, see ``FamilySpec.size_overrides``) for tests and
 ``bench``, the ~125M-parameter Llama-shaped benchmark and demo model (hidden 768, 12 layers, 12 heads /
 4 KV heads, intermediate 2048, vocab 32000); ``1b`` (Llama-3.2-1B's shape) and ``8b`` (Llama-3-8B's
 shape, vocab 128256) for GPU benchmarks (``scripts/gpu_suite.sh``).
 
 Weights are drawn from a ``torch.Generator`` seeded from ``(seed, tensor name)``, so the same arguments
-always produce byte-identical files, and a given tensor does not depend on sharding.  Scales are chosen so
-that a hidden state gives logits with a standard deviation of about 4 across the vocabulary: greedy
-decoding then has clear winners and rarely hinges on float rounding.
+always produce byte-identical files, and a given tensor does not depend on sharding.  Tensor names, shapes
+and scales per layout are in :mod:`llmserve.testing.checkpoint_layouts`.
 
 ``rope_theta``/``rope_scaling`` are written both the way checkpoints from the transformers 4.x era have them
 (top-level ``rope_theta`` plus ``rope_scaling``) and the way transformers 5 writes them (``rope_parameters``
@@ -52,21 +61,22 @@ or from a shell: ``python -m llmserve.testing.checkpoints OUT_DIR --family llama
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import save_file
 
 from llmserve.config import cache_dir
 
+from .checkpoint_layouts import TensorSpec, gemma_config, gpt2_config, gpt2_tensors, llama_tensors
 from .tokenizer_files import BYTELEVEL, SENTENCEPIECE, TokenizerInfo, build_tokenizer, write_tokenizer_files
 
 __all__ = [
@@ -87,11 +97,6 @@ FORMAT_VERSION = 1
 
 DEMO_MODEL_NAME = "llmserve-demo-llama-125m"
 _STAMP_FILE = ".llmserve-checkpoint.json"
-
-# Target standard deviation of the logits across the vocabulary.
-LOGIT_STD = 4.0
-# Standard deviation of each entry of q and k (before rope) for a unit-RMS input.
-QK_STD = 1.2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,6 +141,23 @@ MISTRAL_CHAT_TEMPLATE = (
     "{%- endfor %}"
 )
 
+GEMMA_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}"
+    "{%- set first_user_prefix = '' %}"
+    "{%- set loop_messages = messages %}"
+    "{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{- '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] }}"
+    "{{- '<end_of_turn>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
+)
+
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if loop.first and message['role'] != 'system' %}"
@@ -161,6 +183,7 @@ class SizeSpec:
     intermediate_size: int
     max_position_embeddings: int
     vocab_size: int
+    head_dim: int | None = None   # None: the family's head_dim_factor x hidden / heads
 
 
 @dataclass(frozen=True)
@@ -184,6 +207,10 @@ class FamilySpec:
     # through the tied output matrix, keeps winning and greedy decoding collapses into repeats.
     branch_gain: float = 1.0
     extra_config: Mapping[str, Any] = field(default_factory=dict)
+    # Tensor names and layout: "llama", "gemma" or "gpt2" (see checkpoint_layouts).
+    layout: str = "llama"
+    # Per size name: SizeSpec fields to replace and other config.json keys to set.
+    size_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 SIZES: dict[str, SizeSpec] = {
@@ -286,6 +313,50 @@ FAMILIES: dict[str, FamilySpec] = {
         head_dim_factor=2,
         extra_config={"attention_bias": False, "use_sliding_window": False, "sliding_window": None},
     ),
+    "gemma2": FamilySpec(
+        name="gemma2",
+        architecture="Gemma2ForCausalLM",
+        model_type="gemma2",
+        tokenizer_kind=SENTENCEPIECE,
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        branch_gain=8.0,
+        layout="gemma",
+        extra_config={"attention_bias": False, "attn_logit_softcapping": 4.0, "final_logit_softcapping": 15.0},
+        size_overrides={"tiny": {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2,
+                                 "head_dim": 16, "sliding_window": 10}},
+    ),
+    "gemma3": FamilySpec(
+        name="gemma3",
+        architecture="Gemma3ForCausalLM",
+        model_type="gemma3_text",
+        tokenizer_kind=SENTENCEPIECE,
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        qk_norm=True,
+        branch_gain=8.0,
+        layout="gemma",
+        extra_config={"attention_bias": False, "attn_logit_softcapping": None, "final_logit_softcapping": None},
+        size_overrides={"tiny": {"hidden_size": 48, "num_hidden_layers": 6, "num_attention_heads": 6,
+                                 "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 10}},
+    ),
+    "gpt2": FamilySpec(
+        name="gpt2",
+        architecture="GPT2LMHeadModel",
+        model_type="gpt2",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=0.0,   # no rotary
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        branch_gain=4.0,
+        layout="gpt2",
+        size_overrides={"tiny": {"intermediate_size": 160}},
+    ),
 }
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -298,15 +369,25 @@ def _get_family(family: str) -> FamilySpec:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}") from None
 
 
-def _get_size(size: str) -> SizeSpec:
+def _get_size(size: str, fam: FamilySpec | None = None) -> SizeSpec:
+    """``size`` with ``fam``'s overrides of it applied (the SizeSpec fields among them)."""
     try:
-        return SIZES[size]
+        sz = SIZES[size]
     except KeyError:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}") from None
+    overrides = dict(fam.size_overrides.get(size, {})) if fam is not None else {}
+    fields = {f.name for f in dataclasses.fields(SizeSpec)}
+    return dataclasses.replace(sz, **{k: v for k, v in overrides.items() if k in fields})
+
+
+def _size_config_overrides(fam: FamilySpec, size: str) -> dict[str, Any]:
+    """The config.json keys among ``fam``'s overrides of ``size`` (the non-SizeSpec ones)."""
+    fields = {f.name for f in dataclasses.fields(SizeSpec)}
+    return {k: v for k, v in fam.size_overrides.get(size, {}).items() if k not in fields}
 
 
 def _head_dim(fam: FamilySpec, sz: SizeSpec) -> int:
-    return fam.head_dim_factor * sz.hidden_size // sz.num_attention_heads
+    return sz.head_dim or fam.head_dim_factor * sz.hidden_size // sz.num_attention_heads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,65 +395,13 @@ def _head_dim(fam: FamilySpec, sz: SizeSpec) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    init: Callable[[torch.Generator, tuple[int, ...]], torch.Tensor]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def _normal(std: float, mean: float = 0.0):
-    def init(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
-        t = torch.randn(shape, generator=gen, dtype=torch.float32)
-        t.mul_(std)
-        if mean:
-            t.add_(mean)
-        return t
-
-    return init
-
-
-# RMSNorm weights: around 1 (not exactly 1, so that an engine ignoring them is caught).
-_NORM_INIT = _normal(0.1, mean=1.0)
-
-
 def tensor_specs(family: str = "llama", size: str = "tiny") -> list[TensorSpec]:
     """The tensors of a checkpoint, in the order transformers' ``state_dict()`` lists them."""
-    fam, sz = _get_family(family), _get_size(size)
-    h, inter, v = sz.hidden_size, sz.intermediate_size, sz.vocab_size
-    hd = _head_dim(fam, sz)
-    q_out, kv_out = sz.num_attention_heads * hd, sz.num_key_value_heads * hd
-    inv = lambda n: 1.0 / math.sqrt(n)  # noqa: E731
-    out_std = LOGIT_STD / math.sqrt(h)  # final hidden has RMS ~1 after the norm
-
-    specs = [TensorSpec("model.embed_tokens.weight", (v, h), _normal(out_std if fam.tie_word_embeddings else 1.0))]
-    for i in range(sz.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for proj, out_dim, std in (("q", q_out, QK_STD * inv(h)), ("k", kv_out, QK_STD * inv(h)), ("v", kv_out, inv(h))):
-            specs.append(TensorSpec(p + f"self_attn.{proj}_proj.weight", (out_dim, h), _normal(std)))
-            if fam.qkv_bias:
-                specs.append(TensorSpec(p + f"self_attn.{proj}_proj.bias", (out_dim,), _normal(0.5)))
-        specs.append(TensorSpec(p + "self_attn.o_proj.weight", (h, q_out), _normal(fam.branch_gain * inv(q_out))))
-        if fam.qk_norm:
-            specs += [
-                TensorSpec(p + "self_attn.q_norm.weight", (hd,), _NORM_INIT),
-                TensorSpec(p + "self_attn.k_norm.weight", (hd,), _NORM_INIT),
-            ]
-        specs += [
-            TensorSpec(p + "mlp.gate_proj.weight", (inter, h), _normal(inv(h))),
-            TensorSpec(p + "mlp.up_proj.weight", (inter, h), _normal(inv(h))),
-            TensorSpec(p + "mlp.down_proj.weight", (h, inter), _normal(fam.branch_gain * inv(inter))),
-            TensorSpec(p + "input_layernorm.weight", (h,), _NORM_INIT),
-            TensorSpec(p + "post_attention_layernorm.weight", (h,), _NORM_INIT),
-        ]
-    specs.append(TensorSpec("model.norm.weight", (h,), _NORM_INIT))
-    if not fam.tie_word_embeddings:
-        specs.append(TensorSpec("lm_head.weight", (v, h), _normal(out_std)))
-    return specs
+    fam = _get_family(family)
+    sz = _get_size(size, fam)
+    if fam.layout == "gpt2":
+        return gpt2_tensors(fam, sz)
+    return llama_tensors(fam, sz, _head_dim(fam, sz))
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -438,11 +467,27 @@ def _write_weights(path: Path, specs: list[TensorSpec], seed: int, dtype: torch.
 # --------------------------------------------------------------------------------------------------
 
 
-def _model_config(fam: FamilySpec, sz: SizeSpec, tok: TokenizerInfo, dtype: torch.dtype, config_style: str) -> dict:
+def _special_ids(fam: FamilySpec, tok: TokenizerInfo) -> tuple[int, int]:
+    """``(bos, eos)`` ids of the family's tokenizer (GPT-2: ``<|endoftext|>`` for both)."""
     if tok.kind == SENTENCEPIECE:
-        bos_id, eos_id = tok.special_ids["<s>"], tok.special_ids["</s>"]
-    else:
-        bos_id, eos_id = tok.special_ids["<|endoftext|>"], tok.special_ids["<|im_end|>"]
+        return tok.special_ids["<s>"], tok.special_ids["</s>"]
+    eot = tok.special_ids["<|endoftext|>"]
+    return eot, (eot if fam.layout == "gpt2" else tok.special_ids["<|im_end|>"])
+
+
+def _model_config(fam: FamilySpec, sz: SizeSpec, tok: TokenizerInfo, dtype: torch.dtype, config_style: str,
+                  size_config: Mapping[str, Any] | None = None) -> dict:
+    bos_id, eos_id = _special_ids(fam, tok)
+    common = {
+        "architectures": [fam.architecture],
+        "model_type": fam.model_type,
+        "tie_word_embeddings": fam.tie_word_embeddings,
+        "dtype": _DTYPE_NAMES[dtype],
+        "torch_dtype": _DTYPE_NAMES[dtype],
+    }
+    if fam.layout == "gpt2":
+        config = {**common, **gpt2_config(sz, eos_id), **fam.extra_config, **(size_config or {})}
+        return dict(sorted(config.items()))
     rope_scaling = None
     if fam.llama3_rope_scaling:
         rope_scaling = {
@@ -453,8 +498,7 @@ def _model_config(fam: FamilySpec, sz: SizeSpec, tok: TokenizerInfo, dtype: torc
             "rope_type": "llama3",
         }
     config: dict[str, Any] = {
-        "architectures": [fam.architecture],
-        "model_type": fam.model_type,
+        **common,
         "attention_dropout": 0.0,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
@@ -468,27 +512,30 @@ def _model_config(fam: FamilySpec, sz: SizeSpec, tok: TokenizerInfo, dtype: torc
         "num_hidden_layers": sz.num_hidden_layers,
         "num_key_value_heads": sz.num_key_value_heads,
         "rms_norm_eps": fam.rms_norm_eps,
-        "tie_word_embeddings": fam.tie_word_embeddings,
         "use_cache": True,
         "vocab_size": sz.vocab_size,
-        "dtype": _DTYPE_NAMES[dtype],
-        "torch_dtype": _DTYPE_NAMES[dtype],
     }
+    if fam.layout == "gemma":
+        config["hidden_act"] = "gelu_pytorch_tanh"
+        config.update(gemma_config(fam, sz, config_style))
     if config_style in ("both", "legacy"):
-        config["rope_theta"] = fam.rope_theta
-        config["rope_scaling"] = rope_scaling
+        config.setdefault("rope_theta", fam.rope_theta)
+        config.setdefault("rope_scaling", rope_scaling)
     if config_style in ("both", "v5"):
-        config["rope_parameters"] = {**(rope_scaling or {"rope_type": "default"}), "rope_theta": fam.rope_theta}
+        config.setdefault("rope_parameters", {**(rope_scaling or {"rope_type": "default"}), "rope_theta": fam.rope_theta})
     if fam.model_type in ("qwen2", "qwen3"):
         config["max_window_layers"] = sz.num_hidden_layers
     config.update(fam.extra_config)
+    config.update(size_config or {})
     return dict(sorted(config.items()))
 
 
-def _generation_config(tok: TokenizerInfo) -> dict:
+def _generation_config(fam: FamilySpec, tok: TokenizerInfo) -> dict:
     if tok.kind == SENTENCEPIECE:
         return {"bos_token_id": tok.special_ids["<s>"], "eos_token_id": tok.special_ids["</s>"]}
     eot, im_end = tok.special_ids["<|endoftext|>"], tok.special_ids["<|im_end|>"]
+    if fam.layout == "gpt2":
+        return {"bos_token_id": eot, "eos_token_id": eot}
     return {"bos_token_id": eot, "eos_token_id": [im_end, eot], "pad_token_id": eot}
 
 
@@ -520,7 +567,8 @@ def write_checkpoint(
     ``"both"`` (default), ``"legacy"`` (``rope_theta`` + ``rope_scaling``) or ``"v5"``
     (``rope_parameters``).  Same arguments, same bytes.
     """
-    fam, sz = _get_family(family), _get_size(size)
+    fam = _get_family(family)
+    sz = _get_size(size, fam)
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"unsupported dtype {dtype}; expected one of {list(_DTYPE_NAMES)}")
     if config_style not in ("both", "legacy", "v5"):
@@ -539,9 +587,11 @@ def write_checkpoint(
         sz.vocab_size,
         chat_template=fam.chat_template,
         model_max_length=sz.max_position_embeddings,
+        eos_token="<|endoftext|>" if fam.layout == "gpt2" else None,
     )
-    _write_json(path / "config.json", _model_config(fam, sz, tok, dtype, config_style))
-    _write_json(path / "generation_config.json", _generation_config(tok))
+    config = _model_config(fam, sz, tok, dtype, config_style, _size_config_overrides(fam, size))
+    _write_json(path / "config.json", config)
+    _write_json(path / "generation_config.json", _generation_config(fam, tok))
     _write_weights(path, tensor_specs(family, size), seed, dtype, max_shard_bytes)
     return path
 

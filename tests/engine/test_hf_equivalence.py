@@ -68,11 +68,31 @@ def test_preemption_recomputes_identically(checkpoint_dir, family):
 
 def llm_block_bytes(path, block_size: int) -> int:
     """Bytes of one KV block for the tiny model (2 tensors x layers x block x kv heads x head_dim x 4 bytes)."""
-    import json
+    from transformers import AutoConfig
 
-    cfg = json.loads((path / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return 2 * cfg["num_hidden_layers"] * block_size * cfg["num_key_value_heads"] * head_dim * 4
+    cfg = AutoConfig.from_pretrained(path)   # maps GPT-2's n_layer / n_head / n_embd onto the usual names
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * block_size * kv_heads * head_dim * 4
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gpt2"])
+def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
+    """One engine per family under everything that changes how the KV cache fills: 7-token steps split the
+    prompts, 24 blocks of 4 tokens force preemption, and a repeated prompt is served from the prefix cache.
+    The tiny Gemmas slide a 10-token window (Gemma 3 on 5 of its 6 layers), shorter than most prompts and
+    than every prompt plus its 24 tokens."""
+    path = checkpoint_dir(family)
+    llm = LLM(str(path), block_size=4, max_num_batched_tokens=7, kv_cache_memory_bytes=24 * llm_block_bytes(path, 4))
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_matches_hf(path, outputs, max_tokens=24)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm.generate(PROMPTS[1:2], params)
+    hits = llm.engine.block_manager.prefix_hit_tokens
+    again = llm.generate(PROMPTS[1:2], params)
+    assert llm.engine.block_manager.prefix_hit_tokens > hits
+    assert again[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids[:8]
 
 
 def test_requests_added_mid_run(llama_dir):
@@ -127,7 +147,7 @@ def without_cpu_kernels(monkeypatch):
     cpu_kernels.cache_clear()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])   # gemma2: soft-caps and a window in PyTorch
 def test_pytorch_paths_without_cpu_kernels_match_hf(checkpoint_dir, family, without_cpu_kernels):
     path = checkpoint_dir(family)
     llm = LLM(str(path), max_num_batched_tokens=7, block_size=4, kv_cache_memory_bytes="32MiB")

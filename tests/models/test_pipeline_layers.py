@@ -61,13 +61,16 @@ def test_each_stage_builds_and_loads_only_its_part(checkpoint_dir):
     assert "model.layers.0" not in str(info.value) and "embed_tokens" not in str(info.value)
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3", "qwen3"])   # llama3: tied embeddings
+# llama3, gemma2, gpt2: tied embeddings; gemma2: a scaled embedding and four norms per layer; gpt2: learned
+# positions on the first stage only
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen3", "gemma2", "gpt2"])
 def test_two_stages_compose_to_the_one_stage_model(checkpoint_dir, family):
     path = checkpoint_dir(family)
     full = load_tiny(path)
     first, last = build_stages(path)
-    if family == "llama3":   # the last stage holds its own copy of the tied matrix
+    if family in ("llama3", "gemma2", "gpt2"):   # the last stage holds its own copy of the tied matrix
         assert full.lm_head.tied and not last.lm_head.tied
+    hidden_size, vocab = full.config.hidden_size, full.config.vocab_size
     backends = [bind_cache(m) for m in (full, first, last)]
     ids, positions, n = torch.tensor(PROMPT), torch.arange(len(PROMPT)), len(PROMPT)
     with torch.inference_mode():
@@ -75,10 +78,10 @@ def test_two_stages_compose_to_the_one_stage_model(checkpoint_dir, family):
             step = slice(context, context + new)
             expected = full.compute_logits(full(ids[step], positions[step], step_metadata(backends[0], context, new)))
             handover = first(ids[step], positions[step], step_metadata(backends[1], context, new))
-            assert isinstance(handover, IntermediateTensors) and handover.hidden.shape == (new, 64)
+            assert isinstance(handover, IntermediateTensors) and handover.hidden.shape == (new, hidden_size)
             hidden = last(ids[step], positions[step], step_metadata(backends[2], context, new), handover)
             got = last.compute_logits(hidden)
-            assert got.dtype == torch.float32 and got.shape == expected.shape == (new, 2000)
+            assert got.dtype == torch.float32 and got.shape == expected.shape == (new, vocab)
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
             ids = torch.cat([ids, expected[-1:].argmax(-1)])
             positions = torch.arange(len(ids))

@@ -85,7 +85,7 @@ def test_family_loads_in_hf_with_every_weight(family, tiny_checkpoints):
     if fam.tie_word_embeddings:
         assert "lm_head.weight" not in file_names
         expected.discard("lm_head.weight")
-        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     assert file_names == expected
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -113,6 +113,24 @@ def test_family_loads_in_hf_with_every_weight(family, tiny_checkpoints):
         assert config["head_dim"] != config["hidden_size"] // config["num_attention_heads"]
         assert config["attention_bias"] is False
         assert model.model.layers[0].self_attn.q_proj.weight.shape[0] == config["num_attention_heads"] * config["head_dim"]
+    if fam.layout == "gemma":   # odd shapes: GQA ratio 3, head_dim != hidden / heads != query_pre_attn_scalar
+        assert config["num_attention_heads"] // config["num_key_value_heads"] == 3
+        assert config["head_dim"] != config["hidden_size"] // config["num_attention_heads"]
+        assert config["query_pre_attn_scalar"] != config["head_dim"]
+        assert "model.layers.0.pre_feedforward_layernorm.weight" in file_names
+        types = model.config.layer_types
+        assert "sliding_attention" in types and "full_attention" in types and model.config.sliding_window == 10
+    if family == "gemma2":
+        assert types == ["sliding_attention", "full_attention"]
+        assert model.config.attn_logit_softcapping and model.config.final_logit_softcapping
+    if family == "gemma3":
+        assert types == ["sliding_attention"] * 5 + ["full_attention"]
+        rope = model.config.rope_parameters
+        assert rope["sliding_attention"]["rope_theta"] != rope["full_attention"]["rope_theta"]
+        assert rope["full_attention"]["rope_type"] == "linear"
+    if family == "gpt2":   # Conv1D: [in, out]; n_inner is not 4 x hidden
+        assert model.transformer.h[0].attn.c_attn.weight.shape == (config["n_embd"], 3 * config["n_embd"])
+        assert config["n_inner"] != 4 * config["n_embd"] and config["eos_token_id"] == config["bos_token_id"]
 
 
 @pytest.mark.parametrize("family", ["llama", "llama3", "qwen2"])
@@ -217,6 +235,8 @@ def test_chat_template_renders(family, tiny_checkpoints):
         assert m["content"] in text
     if FAMILIES[family].tokenizer_kind == BYTELEVEL:
         assert text.endswith("<|im_start|>assistant\n") and text.count("<|im_end|>") == 4
+    elif FAMILIES[family].layout == "gemma":
+        assert text.startswith("<s><start_of_turn>user\nBe brief.") and text.endswith("<start_of_turn>model\n")
     else:
         assert text.startswith("<s>[INST]") and text.endswith("[/INST]") and "</s>" in text
     ids = tok(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,178 @@
+"""The tensors of each checkpoint layout (their names, shapes and random init) and the config.json keys that
+differ by layout, for :mod:`llmserve.testing.checkpoints`.
+
+Layouts: ``llama`` (Llama, Mistral, Qwen2, Qwen3), ``gemma`` (Gemma 2 and 3: four norms per layer, norm
+weights centred on 0 since the model scales by ``1 + w``) and ``gpt2`` (``transformer.h.N``, Conv1D weights
+stored ``[in, out]``, fused ``c_attn``, LayerNorm with bias, learned positions).
+
+Scales are chosen so that a hidden state gives logits with a standard deviation of about 4 across the
+vocabulary: greedy decoding then has clear winners and rarely hinges on float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from llmserve.testing.checkpoints import FamilySpec, SizeSpec
+
+# Target standard deviation of the logits across the vocabulary.
+LOGIT_STD = 4.0
+# Standard deviation of each entry of q and k (before rope) for a unit-RMS input.
+QK_STD = 1.2
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    init: Callable[[torch.Generator, tuple[int, ...]], torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def normal(std: float, mean: float = 0.0):
+    def init(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+        t = torch.randn(shape, generator=gen, dtype=torch.float32)
+        t.mul_(std)
+        if mean:
+            t.add_(mean)
+        return t
+
+    return init
+
+
+# RMSNorm weights: around 1 (not exactly 1, so that an engine ignoring them is caught).
+NORM_INIT = normal(0.1, mean=1.0)
+# Gemma stores w and scales by 1 + w: around 0.
+GEMMA_NORM_INIT = normal(0.1)
+
+
+def _inv(n: int) -> float:
+    return 1.0 / math.sqrt(n)
+
+
+def llama_tensors(fam: FamilySpec, sz: SizeSpec, head_dim: int) -> list[TensorSpec]:
+    """Llama-shaped checkpoints, Gemma's included, in the order transformers' ``state_dict()`` lists them.
+
+    Gemma's tied embedding is multiplied by sqrt(hidden) on the way in, and its branch outputs are normed:
+    the post-norms' ``1 + w`` (around ``branch_gain``) sets how much each layer adds to the residual stream.
+    """
+    gemma = fam.layout == "gemma"
+    h, inter, v = sz.hidden_size, sz.intermediate_size, sz.vocab_size
+    q_out, kv_out = sz.num_attention_heads * head_dim, sz.num_key_value_heads * head_dim
+    out_std = LOGIT_STD / math.sqrt(h)  # final hidden has RMS ~1 after the norm
+    norm = GEMMA_NORM_INIT if gemma else NORM_INIT
+    post_norm = normal(0.1, mean=fam.branch_gain - 1.0)
+    branch = 1.0 if gemma else fam.branch_gain
+
+    specs = [TensorSpec("model.embed_tokens.weight", (v, h), normal(out_std if fam.tie_word_embeddings else 1.0))]
+    for i in range(sz.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for proj, out_dim, std in (("q", q_out, QK_STD * _inv(h)), ("k", kv_out, QK_STD * _inv(h)),
+                                   ("v", kv_out, _inv(h))):
+            specs.append(TensorSpec(p + f"self_attn.{proj}_proj.weight", (out_dim, h), normal(std)))
+            if fam.qkv_bias:
+                specs.append(TensorSpec(p + f"self_attn.{proj}_proj.bias", (out_dim,), normal(0.5)))
+        specs.append(TensorSpec(p + "self_attn.o_proj.weight", (h, q_out), normal(branch * _inv(q_out))))
+        if fam.qk_norm:
+            specs += [
+                TensorSpec(p + "self_attn.q_norm.weight", (head_dim,), norm),
+                TensorSpec(p + "self_attn.k_norm.weight", (head_dim,), norm),
+            ]
+        specs += [
+            TensorSpec(p + "mlp.gate_proj.weight", (inter, h), normal(_inv(h))),
+            TensorSpec(p + "mlp.up_proj.weight", (inter, h), normal(_inv(h))),
+            TensorSpec(p + "mlp.down_proj.weight", (h, inter), normal(branch * _inv(inter))),
+            TensorSpec(p + "input_layernorm.weight", (h,), norm),
+            TensorSpec(p + "post_attention_layernorm.weight", (h,), post_norm if gemma else norm),
+        ]
+        if gemma:
+            specs += [
+                TensorSpec(p + "pre_feedforward_layernorm.weight", (h,), norm),
+                TensorSpec(p + "post_feedforward_layernorm.weight", (h,), post_norm),
+            ]
+    specs.append(TensorSpec("model.norm.weight", (h,), norm))
+    if not fam.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", (v, h), normal(out_std)))
+    return specs
+
+
+def gpt2_tensors(fam: FamilySpec, sz: SizeSpec) -> list[TensorSpec]:
+    """GPT-2: Conv1D weights ``[in, out]``, q/k/v fused in ``c_attn``; always tied."""
+    h, inter, v = sz.hidden_size, sz.intermediate_size, sz.vocab_size
+    out_std = LOGIT_STD / math.sqrt(h)
+    bias = normal(0.1)
+    specs = [TensorSpec("transformer.wte.weight", (v, h), normal(out_std)),
+             TensorSpec("transformer.wpe.weight", (sz.max_position_embeddings, h), normal(out_std))]
+    for i in range(sz.num_hidden_layers):
+        p = f"transformer.h.{i}."
+        specs += [
+            TensorSpec(p + "ln_1.weight", (h,), NORM_INIT),
+            TensorSpec(p + "ln_1.bias", (h,), bias),
+            TensorSpec(p + "attn.c_attn.weight", (h, 3 * h), normal(QK_STD * _inv(h))),
+            TensorSpec(p + "attn.c_attn.bias", (3 * h,), bias),
+            TensorSpec(p + "attn.c_proj.weight", (h, h), normal(fam.branch_gain * _inv(h))),
+            TensorSpec(p + "attn.c_proj.bias", (h,), bias),
+            TensorSpec(p + "ln_2.weight", (h,), NORM_INIT),
+            TensorSpec(p + "ln_2.bias", (h,), bias),
+            TensorSpec(p + "mlp.c_fc.weight", (h, inter), normal(_inv(h))),
+            TensorSpec(p + "mlp.c_fc.bias", (inter,), bias),
+            TensorSpec(p + "mlp.c_proj.weight", (inter, h), normal(fam.branch_gain * _inv(inter))),
+            TensorSpec(p + "mlp.c_proj.bias", (h,), bias),
+        ]
+    specs += [TensorSpec("transformer.ln_f.weight", (h,), NORM_INIT),
+              TensorSpec("transformer.ln_f.bias", (h,), bias)]
+    return specs
+
+
+def gpt2_config(sz: SizeSpec, eos_id: int) -> dict[str, Any]:
+    """GPT-2's own config keys (``n_embd``, ``n_layer``...; transformers maps the usual names onto them)."""
+    return {
+        "activation_function": "gelu_new",
+        "attn_pdrop": 0.0,
+        "bos_token_id": eos_id,
+        "embd_pdrop": 0.0,
+        "eos_token_id": eos_id,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-5,
+        "n_ctx": sz.max_position_embeddings,
+        "n_embd": sz.hidden_size,
+        "n_head": sz.num_attention_heads,
+        "n_inner": sz.intermediate_size,
+        "n_layer": sz.num_hidden_layers,
+        "n_positions": sz.max_position_embeddings,
+        "reorder_and_upcast_attn": False,
+        "resid_pdrop": 0.0,
+        "scale_attn_by_inverse_layer_idx": False,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "vocab_size": sz.vocab_size,
+    }
+
+
+def gemma_config(fam: FamilySpec, sz: SizeSpec, config_style: str) -> dict[str, Any]:
+    """Gemma's keys besides the Llama ones: the attention scale (hidden / heads, as Gemma 2 27B, so it differs
+    from head_dim), which layers slide, and Gemma 3's rope per layer type (local base 10k, global 1M with
+    linear scaling), the way transformers 4.x and 5 write them."""
+    config: dict[str, Any] = {"query_pre_attn_scalar": sz.hidden_size // sz.num_attention_heads,
+                              "hidden_activation": "gelu_pytorch_tanh"}
+    if fam.model_type != "gemma3_text":
+        return config
+    pattern = 6
+    layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(sz.num_hidden_layers)]
+    scaling = {"rope_type": "linear", "factor": 8.0}
+    if config_style in ("both", "legacy"):
+        config.update(rope_theta=fam.rope_theta, rope_local_base_freq=10000.0, rope_scaling=scaling,
+                      sliding_window_pattern=pattern)
+    if config_style in ("both", "v5"):
+        config.update(layer_types=layer_types, rope_parameters={
+            "full_attention": {**scaling, "rope_theta": fam.rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    return config
