@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,6 +54,54 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None
     return _DTYPES[dtype]
 
 
+@dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """``--structured-outputs-config``, vLLM's flag: the grammar backend and the server-wide JSON whitespace rule.
+
+    llmserve has one backend, llguidance (vLLM calls it ``guidance``), so ``backend`` only accepts the names
+    that mean it; asking for another one is an error rather than a silent substitution.
+    ``disable_any_whitespace`` makes every JSON constraint compact (as a request's own
+    ``disable_any_whitespace`` does); ``disable_fallback`` is accepted and changes nothing (there is no
+    other backend to fall back to).
+    """
+
+    backend: str = "auto"
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False
+
+    BACKENDS = ("auto", "guidance", "llguidance")
+    _VLLM_ONLY = ("disable_additional_properties", "reasoning_parser", "enable_in_reasoning")
+
+    def __post_init__(self) -> None:
+        if self.backend not in self.BACKENDS:
+            raise ValueError(f"--structured-outputs-config: backend {self.backend!r} is not supported; llmserve "
+                             f"enforces structured outputs with llguidance: use one of {', '.join(self.BACKENDS)}")
+        for name in ("disable_any_whitespace", "disable_fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"--structured-outputs-config: {name} must be true or false")
+
+    @classmethod
+    def parse(cls, value: StructuredOutputsConfig | Mapping[str, Any] | str | None) -> StructuredOutputsConfig:
+        """The flag's JSON text (or a dict, for ``LLM(structured_outputs_config=...)``)."""
+        if isinstance(value, cls):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"--structured-outputs-config must be a JSON object: {exc}") from None
+        if not isinstance(value, Mapping):
+            raise ValueError("--structured-outputs-config must be a JSON object, e.g. '{\"backend\": \"auto\"}'")
+        known = ("backend", "disable_any_whitespace", "disable_fallback")
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            what = "is vLLM's but not supported" if unknown[0] in cls._VLLM_ONLY else "is not a known key"
+            raise ValueError(f"--structured-outputs-config: {unknown[0]!r} {what}; the keys are {', '.join(known)}")
+        return cls(**value)
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs to start; built from CLI flags or ``LLM(**kwargs)``."""
@@ -82,8 +133,11 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     # uni (one rank in process), mp (a process per rank) or ray; None: uni for one rank, else mp
     distributed_executor_backend: str | None = None
+    # JSON text or a dict, as vLLM's flag; normalised to StructuredOutputsConfig
+    structured_outputs_config: StructuredOutputsConfig | Mapping[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
+        self.structured_outputs_config = StructuredOutputsConfig.parse(self.structured_outputs_config)
         if self.block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -4,7 +4,8 @@ The fields and their meaning follow vLLM's ``SamplingParams`` so that the
 OpenAI-compatible front end can map request fields one to one. Everything that
 can be checked without knowing the model is checked in ``__post_init__``; the
 model-dependent limits (vocabulary size, maximum number of logprobs) are
-checked by :meth:`SamplingParams.verify`, which the engine calls at admission.
+checked by :meth:`SamplingParams.verify`, which the engine calls at admission,
+and so is whether the grammar library compiles a structured-output constraint.
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from llmserve.errors import InvalidRequestError
+from llmserve.structured_output.spec import StructuredOutputSpec
 
 # Temperatures below this are treated as greedy: dividing logits by such a
 # value overflows float32 and the distribution is an argmax anyway.
 SAMPLING_EPS = 1e-5
 
 _LOGIT_BIAS_LIMIT = 100.0
+
+# Every integer crosses process boundaries as msgpack: it must fit in 64 bits.
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
 
 
 class SamplingParamsError(InvalidRequestError):
@@ -40,6 +47,8 @@ def _check_int(name: str, value: object) -> int:
         raise SamplingParamsError(
             name, f"{name} must be an integer, got {type(value).__name__} {value!r}."
         )
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise SamplingParamsError(name, f"{name} must fit in a signed 64-bit integer, got {value}.")
     return int(value)
 
 
@@ -73,6 +82,11 @@ class SamplingParams:
     ``top_k`` of 0 or -1 disables top-k (-1 is normalised to 0). ``stop`` and
     ``stop_token_ids`` are normalised to lists, and ``logit_bias`` keys to
     ``int`` (JSON object keys arrive as strings).
+
+    ``structured_outputs`` constrains the output to a JSON schema, a regex, a
+    choice or a grammar: a :class:`StructuredOutputSpec`, or a dict in the shape
+    of vLLM's ``StructuredOutputsParams`` (``{"json": schema}``, ``{"regex": ...}``,
+    ``{"choice": [...]}``, ``{"grammar": ...}``), converted to one.
     """
 
     n: int = 1
@@ -95,6 +109,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputSpec | None = None
 
     def __post_init__(self) -> None:
         self._normalise_types()
@@ -127,6 +142,19 @@ class SamplingParams:
         self.stop = self._normalise_stop(self.stop)
         self.stop_token_ids = self._normalise_stop_token_ids(self.stop_token_ids)
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+        self.structured_outputs = self._normalise_structured_outputs(self.structured_outputs)
+
+    @staticmethod
+    def _normalise_structured_outputs(value: object) -> StructuredOutputSpec | None:
+        if value is None or isinstance(value, StructuredOutputSpec):
+            return value
+        if isinstance(value, Mapping):
+            return StructuredOutputSpec.from_structured_outputs(value)   # its errors name the key
+        raise SamplingParamsError(
+            "structured_outputs",
+            "structured_outputs must be a StructuredOutputSpec or a dict such as {\"json\": schema}, "
+            f"got {type(value).__name__}.",
+        )
 
     @staticmethod
     def _normalise_stop(stop: object) -> list[str]:
@@ -216,8 +244,9 @@ class SamplingParams:
             self.top_k = 0
         if not 0.0 <= self.min_p <= 1.0:
             fail("min_p", f"min_p must be in [0, 1], got {self.min_p}.")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            fail("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}.")
+        # 0 generates nothing: the prompt alone is computed (scoring it with prompt_logprobs).
+        if self.max_tokens is not None and self.max_tokens < 0:
+            fail("max_tokens", f"max_tokens must be at least 0, got {self.max_tokens}.")
         if self.min_tokens < 0:
             fail(
                 "min_tokens",
@@ -233,6 +262,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and value < 0:
                 fail(name, f"{name} must be non-negative, got {value}.")
+        if self.structured_outputs is not None and self.ignore_eos:
+            # Past its end a grammar allows nothing but EOS: there is no output to keep generating.
+            fail("ignore_eos", "ignore_eos cannot be combined with structured outputs: the grammar decides "
+                               "where the output ends.")
 
     def verify(self, vocab_size: int, max_logprobs: int) -> None:
         """Check the model-dependent limits; the engine calls this at admission.

@@ -1,6 +1,10 @@
+import copy
+
 import pytest
 
+from llmserve.engine.messages import EngineCoreRequest, decode, encode
 from llmserve.sampling_params import SamplingParams, SamplingParamsError
+from llmserve.structured_output import StructuredOutputError, StructuredOutputSpec
 
 
 def test_defaults():
@@ -33,7 +37,7 @@ def test_keyword_only():
         ("top_k", -2, "at least 1"),
         ("min_p", 1.1, "[0, 1]"),
         ("min_p", -0.1, "[0, 1]"),
-        ("max_tokens", 0, "at least 1"),
+        ("max_tokens", -1, "at least 0"),
         ("min_tokens", -1, "greater than or equal to 0"),
         ("logprobs", -1, "non-negative"),
         ("prompt_logprobs", -1, "non-negative"),
@@ -57,6 +61,9 @@ def test_keyword_only():
         ("ignore_eos", 1, "boolean"),
         ("skip_special_tokens", "yes", "boolean"),
         ("stop_token_ids", [1.0], "integer"),
+        # integers cross processes as msgpack: 64 bits
+        ("seed", 2**63, "64-bit"),
+        ("top_k", -(2**63) - 1, "64-bit"),
     ],
 )
 def test_invalid_field(field, value, fragment):
@@ -66,6 +73,13 @@ def test_invalid_field(field, value, fragment):
     assert field in str(info.value)
     assert fragment in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_max_tokens_zero_asks_for_the_prompt_alone():
+    """Nothing is generated: the prompt is computed (for its prompt_logprobs); min_tokens cannot exceed it."""
+    assert SamplingParams(max_tokens=0, prompt_logprobs=1).max_tokens == 0
+    with pytest.raises(SamplingParamsError, match="min_tokens"):
+        SamplingParams(max_tokens=0, min_tokens=1)
 
 
 def test_min_tokens_above_max_tokens():
@@ -128,3 +142,42 @@ def test_clone_is_deep():
     q.stop.append("y")
     q.logit_bias[2] = 1.0
     assert p.stop == ["x"] and p.logit_bias == {1: 2.0}
+
+
+# ------------------------------------------------------------------ structured outputs
+
+
+def test_structured_outputs_take_a_spec_or_a_dict_in_vllms_shape():
+    spec = StructuredOutputSpec.regex("[a-z]+")
+    assert SamplingParams().structured_outputs is None
+    assert SamplingParams(structured_outputs=spec).structured_outputs is spec
+    assert SamplingParams(structured_outputs={"regex": "[a-z]+"}).structured_outputs == spec
+    compact = SamplingParams(structured_outputs={"json": {"type": "object"}, "disable_any_whitespace": True})
+    assert compact.structured_outputs == StructuredOutputSpec.json_schema({"type": "object"}, any_whitespace=False)
+
+
+@pytest.mark.parametrize("value, param, fragment", [
+    ("[a-z]+", "structured_outputs", "StructuredOutputSpec or a dict"),
+    ({"regex": "a", "choice": ["a"]}, "structured_outputs", "exactly one of"),
+    ({"choice": []}, "structured_outputs.choice", "at least one option"),
+    ({"regex": "a", "whitespace_pattern": " "}, "structured_outputs.whitespace_pattern", "not supported"),
+])
+def test_bad_structured_outputs_name_the_field(value, param, fragment):
+    with pytest.raises(ValueError, match=fragment) as info:
+        SamplingParams(structured_outputs=value)
+    assert info.value.param == param
+
+
+def test_ignore_eos_cannot_be_combined_with_structured_outputs():
+    """Past its end a grammar allows only EOS: there is nothing to keep generating."""
+    with pytest.raises(SamplingParamsError, match="ignore_eos") as info:
+        SamplingParams(structured_outputs={"choice": ["a"]}, ignore_eos=True)
+    assert info.value.param == "ignore_eos"
+
+
+def test_structured_outputs_cross_processes_and_clone_unchanged():
+    params = SamplingParams(structured_outputs=StructuredOutputSpec.json_schema({"type": "object"}), max_tokens=5)
+    request = EngineCoreRequest("r", [1, 2], params, 5, 2, 0.0)
+    assert decode(encode(request), EngineCoreRequest) == request
+    assert params.clone() == params and copy.deepcopy(params).structured_outputs == params.structured_outputs
+    assert issubclass(StructuredOutputError, ValueError)

@@ -246,31 +246,42 @@ def random_token_ids(rng: random.Random, length: int, allowed: Sequence[int]) ->
     return [allowed[rng.randrange(len(allowed))] for _ in range(length)]
 
 
+def random_piece(rng: random.Random, length: int, token_ids: Sequence[int] | None,
+                 corpus: CorpusText | None) -> Any:
+    """``length`` random ids drawn from ``token_ids``, else corpus text of ``length`` tokens."""
+    if token_ids is not None:
+        return random_token_ids(rng, length, token_ids)
+    return corpus.text_of_length(length, rng)   # type: ignore[union-attr]
+
+
 def allowed_token_ids(vocab_size: int, special_ids: set[int] | None = None, low: int = 0) -> list[int]:
     special = special_ids or set()
     return [t for t in range(low, vocab_size) if t not in special]
 
 
 def sample_random(num: int, input_len: int, output_len: int, range_ratio: float = 0.0, seed: int = 0, *,
-                  token_ids: Sequence[int] | None = None, corpus: CorpusText | None = None) -> list[SampleRequest]:
-    """``num`` requests of about ``input_len`` prompt tokens and ``output_len`` output tokens.
+                  token_ids: Sequence[int] | None = None, corpus: CorpusText | None = None,
+                  prefix_len: int = 0) -> list[SampleRequest]:
+    """``num`` requests of about ``input_len`` prompt tokens and ``output_len`` output tokens, each after
+    the same ``prefix_len``-token prefix (vLLM's ``--random-prefix-len``).
 
     With ``token_ids`` the prompts are random ids drawn from it (token-id prompts); with ``corpus`` they
     are corpus text of that many tokens."""
     if (token_ids is None) == (corpus is None):
         raise ValueError("give exactly one of token_ids or corpus")
+    if prefix_len < 0:
+        raise ValueError(f"--random-prefix-len must be >= 0, got {prefix_len}")
     np_rng = np.random.default_rng(seed)
     rng = random.Random(seed)
     in_lens = uniform_lengths(np_rng, input_len, range_ratio, num)
     out_lens = uniform_lengths(np_rng, output_len, range_ratio, num)
+    prefix = random_piece(rng, prefix_len, token_ids, corpus) if prefix_len else None
     requests = []
     for n_in, n_out in zip(in_lens.tolist(), out_lens.tolist()):
-        prompt: str | list[int]
-        if token_ids is not None:
-            prompt = random_token_ids(rng, n_in, token_ids)
-        else:
-            prompt = corpus.text_of_length(n_in, rng)   # type: ignore[union-attr]
-        requests.append(SampleRequest(prompt, n_in, n_out))
+        prompt = random_piece(rng, n_in, token_ids, corpus)
+        if prefix is not None:
+            prompt = prefix + prompt if token_ids is not None else prefix + " " + prompt
+        requests.append(SampleRequest(prompt, prefix_len + n_in, n_out))
     return requests
 
 
@@ -375,18 +386,12 @@ def sample_prefix_repetition(num: int, prefix_len: int, suffix_len: int, num_pre
     if num_prefixes < 1:
         raise ValueError("--prefix-repetition-num-prefixes must be >= 1")
     rng = random.Random(seed)
-
-    def piece(length: int) -> Any:
-        if token_ids is not None:
-            return random_token_ids(rng, length, token_ids)
-        return corpus.text_of_length(length, rng)   # type: ignore[union-attr]
-
     per_prefix, extra = divmod(num, num_prefixes)
     requests = []
     for i in range(num_prefixes):
-        prefix = piece(prefix_len)
+        prefix = random_piece(rng, prefix_len, token_ids, corpus)
         for _ in range(per_prefix + (1 if i < extra else 0)):
-            suffix = piece(suffix_len)
+            suffix = random_piece(rng, suffix_len, token_ids, corpus)
             prompt = prefix + suffix if token_ids is not None else prefix + " " + suffix
             requests.append(SampleRequest(prompt, prefix_len + suffix_len, output_len))
     rng.shuffle(requests)

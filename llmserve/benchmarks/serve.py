@@ -4,17 +4,21 @@ vLLM's ``benchmark_serving`` reports, under the same JSON field names (see :mod:
 Requests (see :mod:`.datasets`):
 
 * ``--dataset-name random``: ``--random-input-len`` / ``--random-output-len`` tokens, spread by
-  ``--random-range-ratio``; token-id prompts on ``/v1/completions``, corpus text on ``/v1/chat/completions``;
+  ``--random-range-ratio``, after a shared ``--random-prefix-len`` prefix; token-id prompts on
+  ``/v1/completions``, corpus text on ``/v1/chat/completions``;
 * ``--dataset-name sharegpt``: ShareGPT-shaped lengths (synthetic, no download) or a ShareGPT JSON file
   given with ``--dataset-path``; prompts are text;
-* ``--dataset-name prefix-repetition``: a few long shared prefixes with random suffixes (prefix caching).
+* ``--dataset-name prefix_repetition`` (or ``prefix-repetition``): a few long shared prefixes with random
+  suffixes (prefix caching).
 
-Every request is greedy and streams (``stream_options.include_usage``); by default it also sends
-``ignore_eos`` so each produces exactly its expected output length (``--no-ignore-eos`` for servers
-that refuse the field). Requests arrive all at once (``--request-rate inf``) or as a Poisson process
-(gamma with ``--burstiness`` != 1), at most ``--max-concurrency`` in flight. Token counts come from
-the ``usage`` of each response; where a server sends none, from the tokenizer (``--tokenizer``, else
-the server's ``/tokenize``), else one token per streamed chunk.
+Every request streams (``stream_options.include_usage``) and is greedy unless ``--temperature`` etc. say
+otherwise; by default it also sends ``ignore_eos`` so each produces exactly its expected output length
+(``--no-ignore-eos`` for servers that refuse the field). Requests arrive all at once (``--request-rate
+inf``) or as a Poisson process (gamma with ``--burstiness`` != 1), at most ``--max-concurrency`` in
+flight. Token counts come from the ``usage`` of each response; where a server sends none, from the
+tokenizer (``--tokenizer``, else the server's ``/tokenize``), else one token per streamed chunk.
+
+The flags are vLLM's (:mod:`.serve_args`), and so is the result file (:mod:`.results`).
 """
 
 from __future__ import annotations
@@ -23,80 +27,25 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from llmserve.benchmarks.datasets import (DATASET_NAMES, SHAREGPT_MAX_TOTAL_LEN, ApproxTokenizer, CorpusText,
+from llmserve.benchmarks.datasets import (SHAREGPT_MAX_TOTAL_LEN, ApproxTokenizer, CorpusText,
                                           HFTokenizer, SampleRequest, ServerTokenizer, TextTokenizer,
                                           allowed_token_ids, load_sharegpt, sample_prefix_repetition, sample_random,
                                           sample_sharegpt_synthetic)
 from llmserve.benchmarks.metrics import (DETAIL_FIELDS, RequestResult, compute_metrics, format_report,
                                          parse_goodput, parse_metric_list, parse_percentiles)
+from llmserve.benchmarks.results import check_result_args, default_filename, save_result, saving
+from llmserve.benchmarks.serve_args import CHAT_ENDPOINT, resolve_url, sampling_fields
 
-CHAT_ENDPOINT = "/v1/chat/completions"
-COMPLETIONS_ENDPOINT = "/v1/completions"
 CHAT_TEMPLATE_MARGIN = 64   # tokens a chat template may add around the prompt
-
-
-def add_dataset_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("dataset")
-    g.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
-    g.add_argument("--dataset-path", default=None,
-                   help="a ShareGPT JSON file (with --dataset-name sharegpt); default: ShareGPT-shaped synthetic "
-                        "requests built from the bundled corpus")
-    g.add_argument("--num-prompts", type=int, default=64)
-    g.add_argument("--random-input-len", type=int, default=128)
-    g.add_argument("--random-output-len", type=int, default=128)
-    g.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="lengths are uniform in [len * (1 - r), len * (1 + r)]")
-    g.add_argument("--sharegpt-output-len", type=int, default=None,
-                   help="fixed output length for sharegpt requests (default: the dataset's)")
-    g.add_argument("--prefix-repetition-prefix-len", type=int, default=256)
-    g.add_argument("--prefix-repetition-suffix-len", type=int, default=256)
-    g.add_argument("--prefix-repetition-num-prefixes", type=int, default=10)
-    g.add_argument("--prefix-repetition-output-len", type=int, default=128)
-    g.add_argument("--tokenizer", default=None,
-                   help="tokenizer folder or Hub id used to build and count text prompts (default: the "
-                        "server's /tokenize if it has one, else about 4 characters per token)")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own Python code")
-    g.add_argument("--vocab-size", type=int, default=None,
-                   help="random token-id prompts draw ids in [100, this) (default: the tokenizer's, else 32000)")
-
-
-def add_serve_args(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
-    """Flags of ``bench serve`` (``sweep=True`` leaves out the single --request-rate and result flags)."""
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
-    parser.add_argument("--endpoint", default=COMPLETIONS_ENDPOINT, choices=[COMPLETIONS_ENDPOINT, CHAT_ENDPOINT])
-    parser.add_argument("--model", default=None, help="model name (default: the server's first)")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                        help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
-    add_dataset_args(parser)
-    if not sweep:
-        parser.add_argument("--request-rate", type=float, default=float("inf"),
-                            help="requests/s (Poisson); inf = all at once")
-    parser.add_argument("--burstiness", type=float, default=1.0,
-                        help="gamma shape of the arrival gaps: 1 = Poisson, < 1 burstier, > 1 more regular")
-    parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                        help="send ignore_eos so every request generates its full output length (default on)")
-    parser.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el",
-                        help="which of ttft,tpot,itl,e2el to report percentiles of")
-    parser.add_argument("--metric-percentiles", default="50,99", help="comma-separated percentiles")
-    parser.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
-                        help="SLOs for goodput, e.g. ttft:500 tpot:50 (ms; keys ttft, tpot, e2el)")
-    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
-    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed single request sent first")
-    if not sweep:
-        parser.add_argument("--save-result", default=None, help="write the result as JSON to this file")
-        parser.add_argument("--save-detailed", action="store_true",
-                            help="also save per-request lengths, TTFTs, ITLs, texts and errors")
 
 
 # ------------------------------------------------------------------------------------------- target
@@ -107,8 +56,10 @@ class Target:
     base_url: str
     endpoint: str
     model: str
+    backend: str = "openai"
     headers: dict[str, str] = field(default_factory=dict)
     max_model_len: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)   # fields every request carries
 
     @property
     def url(self) -> str:
@@ -120,30 +71,31 @@ class Target:
 
 
 def resolve_target(args: argparse.Namespace) -> Target:
-    """The model name and context length from ``/v1/models`` (``--model`` picks among several)."""
+    """The model name and context length from ``/v1/models`` (``--served-model-name`` or ``--model`` picks
+    among several)."""
     try:
         import httpx
     except ImportError:
         raise ValueError("bench serve / sweep need httpx: pip install httpx (or pip install 'llmserve[bench]')") from None
 
-    base_url = args.base_url.rstrip("/")
-    if base_url.endswith("/v1"):
-        base_url = base_url[:-3]
+    base_url, endpoint, backend = resolve_url(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    named = args.served_model_name or args.model
     models: list[dict[str, Any]] = []
     try:
         response = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=30)
         if response.status_code == 200:
             models = response.json().get("data", [])
-        elif args.model is None:
+        elif named is None:
             raise ValueError(f"GET {base_url}/v1/models answered {response.status_code}; pass --model")
     except httpx.HTTPError as exc:
         raise ValueError(f"cannot reach {base_url}: {exc}") from None
-    if args.model is None and not models:
+    if named is None and not models:
         raise ValueError(f"{base_url}/v1/models lists no model; pass --model")
-    model = args.model or models[0]["id"]
+    model = named or models[0]["id"]
     max_len = next((m.get("max_model_len") for m in models if m.get("id") == model), None)
-    return Target(base_url, args.endpoint, model, headers, int(max_len) if max_len else None)
+    return Target(base_url, endpoint, model, backend, headers, int(max_len) if max_len else None,
+                  sampling_fields(args, endpoint == CHAT_ENDPOINT))
 
 
 def resolve_tokenizer(args: argparse.Namespace, target: Target) -> TextTokenizer:
@@ -173,7 +125,8 @@ def build_requests(args: argparse.Namespace, target: Target,
     corpus = None if token_prompts else CorpusText(tokenizer)
     if args.dataset_name == "random":
         return sample_random(args.num_prompts, args.random_input_len, args.random_output_len,
-                             args.random_range_ratio, args.seed, token_ids=ids, corpus=corpus)
+                             args.random_range_ratio, args.seed, token_ids=ids, corpus=corpus,
+                             prefix_len=args.random_prefix_len)
     if args.dataset_name == "prefix-repetition":
         return sample_prefix_repetition(args.num_prompts, args.prefix_repetition_prefix_len,
                                         args.prefix_repetition_suffix_len, args.prefix_repetition_num_prefixes,
@@ -193,7 +146,7 @@ def build_requests(args: argparse.Namespace, target: Target,
 
 def request_body(target: Target, request: SampleRequest, ignore_eos: bool,
                  max_tokens: int | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": target.model, "temperature": 0.0, "stream": True,
+    body: dict[str, Any] = {"model": target.model, **target.sampling, "stream": True,
                             "stream_options": {"include_usage": True}}
     tokens = max_tokens if max_tokens is not None else request.expected_output_len
     if target.chat:
@@ -342,14 +295,20 @@ def benchmark_at_rate(target: Target, requests: list[SampleRequest], tokenizer: 
     return metrics
 
 
-def prepare(args: argparse.Namespace) -> tuple[Target, TextTokenizer, list[SampleRequest]]:
-    """Resolve the server, the tokenizer and the requests, and send the untimed warm-up request."""
+def prepare(args: argparse.Namespace, result_fields: Iterable[str] = ()
+            ) -> tuple[Target, TextTokenizer, list[SampleRequest]]:
+    """Resolve the server, the tokenizer and the requests, and send the untimed warm-up request.
+    ``result_fields``: what the caller's result adds to the header and metrics (no --metadata key may
+    reuse a result field)."""
     logging.getLogger("httpx").setLevel(logging.WARNING)   # no log line per request
-    parse_percentiles(args.metric_percentiles)          # fail on bad flags before any work
-    parse_metric_list(args.percentile_metrics)
-    parse_goodput(args.goodput)
+    percentiles = parse_percentiles(args.metric_percentiles)   # fail on bad flags before any work
+    selected = parse_metric_list(args.percentile_metrics)
+    goodput = parse_goodput(args.goodput)
+    check_result_args(args)
     target = resolve_target(args)
     tokenizer = resolve_tokenizer(args, target)
+    check_result_args(args, [*result_header(args, target, tokenizer, 0.0), "client_cpu_s", *result_fields,
+                             *compute_metrics([], 1.0, percentiles, selected, goodput)])
     requests = build_requests(args, target, tokenizer)
     print(f"{target.url} model {target.model!r}; {len(requests)} {args.dataset_name} requests "
           f"({'token ids' if requests and not isinstance(requests[0].prompt, str) else 'text'}), "
@@ -363,7 +322,7 @@ def prepare(args: argparse.Namespace) -> tuple[Target, TextTokenizer, list[Sampl
 
 
 def result_header(args: argparse.Namespace, target: Target, tokenizer: TextTokenizer, rate: float) -> dict[str, Any]:
-    return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": "openai-chat" if target.chat else "openai",
+    return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "backend": target.backend,
             "base_url": target.base_url, "endpoint": target.endpoint, "model_id": target.model,
             "tokenizer_id": tokenizer.name, "dataset_name": args.dataset_name, "dataset_path": args.dataset_path,
             "num_prompts": args.num_prompts, "request_rate": rate if rate != float("inf") else "inf",
@@ -379,11 +338,12 @@ def run_serve_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     failures = [e for e in metrics["errors"] if e]
     if failures:
         print(f"first failure: {failures[0]}")
-    if args.save_result:
+    if saving(args):
         result = dict(result_header(args, target, tokenizer, args.request_rate), **metrics)
         if not args.save_detailed:
             for name in DETAIL_FIELDS:
                 result.pop(name, None)
-        with open(args.save_result, "w") as f:
-            json.dump(result, f, indent=2)
+        name = default_filename(args.label or target.backend, f"{args.request_rate}", args.max_concurrency,
+                                target.model, result["date"])
+        print(f"result: {save_result(args, result, name)}")
     return metrics

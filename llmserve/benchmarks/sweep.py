@@ -5,6 +5,10 @@ from an earlier rate) with Poisson arrivals. The PNG shows p50/p99 TTFT, p50/p99
 against the offered rate; the capacity printed is the highest rate at which that rate and every lower
 one meet all ``--slo`` targets with no failed request: the rate to provision against.
 
+``--save-result`` saves every rate's metrics and the capacity as JSON, with ``bench serve``'s result
+flags (``--result-dir``, ``--result-filename``, ``--append-result``, ``--metadata``, ``--label``); the
+default file name is ``{backend}-sweep-{lowest}-{highest}qps[-concurrency{N}]-{model}-{date}.json``.
+
 SLOs are ``METRIC_STAT:MS`` with METRIC one of ttft, tpot, itl, e2el and STAT mean, median or pNN,
 e.g. ``--slo ttft_p99:2000 tpot_p99:100``.
 """
@@ -13,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import re
 from typing import Any
 
 from llmserve.benchmarks.metrics import DETAIL_FIELDS, METRIC_NAMES, parse_metric_list, parse_percentiles
+from llmserve.benchmarks.results import default_filename, save_result, saving
 from llmserve.benchmarks.serve import benchmark_at_rate, build_requests, prepare, result_header
 
+SWEEP_FIELDS = ("request_rates", "slo", "capacity_request_rate", "points")   # besides serve's header
 SLO_PATTERN = re.compile(r"^(ttft|tpot|itl|e2el)_(mean|median|p\d+(?:\.\d+)?)$")
 
 
@@ -147,7 +152,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         except ImportError:
             raise ValueError("bench sweep draws its plot with matplotlib: pip install matplotlib "
                              "(or pip install 'llmserve[bench]'), or pass --plot ''") from None
-    target, tokenizer, requests = prepare(args)
+    target, tokenizer, requests = prepare(args, SWEEP_FIELDS)
     points = []
     print(f"{'rate':>7} {'done req/s':>10} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "
           f"{'TPOT p99':>9} {'failed':>6}  SLO")
@@ -176,7 +181,8 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         plot_sweep(points, slos, args.plot, f"{target.model} {target.endpoint}, {args.dataset_name}, "
                    f"{args.num_prompts} requests per rate", cap)
         print(f"plot: {args.plot}")
-    if args.save_result:
-        with open(args.save_result, "w") as f:
-            json.dump(result, f, indent=2)
+    if saving(args):
+        name = default_filename(args.label or f"{target.backend}-sweep", f"{rates[0]:g}-{rates[-1]:g}",
+                                args.max_concurrency, target.model, result["date"])
+        print(f"result: {save_result(args, result, name)}")
     return result

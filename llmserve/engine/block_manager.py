@@ -8,7 +8,8 @@ Sharing, by reference count:
 
 - **Prefix caching.** Every full block is named by a chained SHA-256 of (parent block's hash, its token
   ids); the chain starts from the sequence's extra keys (a cache salt, later an adapter), so sequences
-  with different keys never share KV even for the same tokens. A collision would need a SHA-256 collision, so a hit never serves wrong KV. A new sequence takes
+  with different keys never share KV even for the same tokens. A collision would need a SHA-256
+  collision, so a hit never serves wrong KV. A new sequence takes
   every cached block of its longest cached prefix and computes only the rest. Freed blocks keep their
   hash and stay reusable until a new allocation needs them; the free pool is LRU-ordered (freed
   sequences give their tail blocks first), so the least recently used cached blocks are evicted first.

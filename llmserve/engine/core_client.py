@@ -4,7 +4,8 @@ never takes the GIL or a core from the step loop (vLLM V1's layout).
 Two one-way pipes carry msgpack messages: requests and aborts in, :class:`EngineCoreOutputs` out. The
 front end writes from a sender thread and the core reads on a receiver thread, so neither side's loop
 waits on the other to take a large prompt; the core's outputs go out from its step loop, so a front end
-that falls behind slows the steps down (back-pressure) instead of queueing without bound. The core process is spawned, never forked: a fork would inherit the server's listening
+that falls behind slows the steps down (back-pressure) instead of queueing without bound. The core
+process is spawned, never forked: a fork would inherit the server's listening
 socket and its threads' locks. It exits when its parent does.
 
 Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``Q`` (stop); out ``R`` + JSON

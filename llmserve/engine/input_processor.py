@@ -14,12 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from llmserve.config import EngineConfig, resolve_dtype
 from llmserve.engine.messages import EngineCoreRequest
 from llmserve.errors import InvalidRequestError
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
 from llmserve.models.registry import resolve_model_class
 from llmserve.sampling_params import SamplingParams
+from llmserve.structured_output import StructuredOutputError
 from llmserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -84,6 +87,11 @@ class ModelInfo:
                     ids.append(token)
         return ids
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a request unless ``ignore_eos``: where a grammar may end, it allows exactly these."""
+        return ([] if self.eos_token_id is None else [self.eos_token_id]) + self.extra_eos_token_ids
+
     def _max_model_len(self) -> int:
         derived = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or None
         requested = self.config.max_model_len
@@ -115,6 +123,8 @@ class InputProcessor:
             raise InvalidRequestError("cache_salt must be a non-empty string", "cache_salt")
         prompt_text, prompt_ids = self._tokenize(prompt)
         params.verify(self.info.vocab_size, self.info.config.max_logprobs)
+        if params.structured_outputs is not None:
+            params = self._check_structured_outputs(params)
         extra_eos = [t for t in self.info.extra_eos_token_ids if t not in params.stop_token_ids]
         if extra_eos and not params.ignore_eos:
             params = params.clone()   # the caller's object is not changed
@@ -129,6 +139,24 @@ class InputProcessor:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         return prompt_text, EngineCoreRequest(request_id, prompt_ids, params, max_tokens, self.info.eos_token_id,
                                               arrival, cache_salt)
+
+    def _check_structured_outputs(self, params: SamplingParams) -> SamplingParams:
+        """Refuse a constraint the grammar library cannot compile (the server has already named its own field;
+        this covers the offline API) and apply ``--structured-outputs-config``'s ``disable_any_whitespace``."""
+        spec = params.structured_outputs
+        assert spec is not None
+        if not self.info.eos_token_ids:
+            raise InvalidRequestError("structured outputs need a model with an EOS token to end the output",
+                                      "structured_outputs")
+        try:
+            spec.validate()
+        except StructuredOutputError as exc:
+            raise StructuredOutputError(str(exc), exc.param or "structured_outputs") from None
+        if self.info.config.structured_outputs_config.disable_any_whitespace and spec.any_whitespace and \
+                spec.kind in ("json", "json_object"):
+            params = params.clone()   # the caller's object is not changed
+            params.structured_outputs = msgspec.structs.replace(spec, any_whitespace=False)
+        return params
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -148,6 +176,8 @@ class InputProcessor:
 
     def _resolve_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
         limit = self.info.max_model_len
+        if max_tokens == 0 and prompt_len <= limit:
+            return 0   # the prompt alone (scoring it): it may fill the context
         if prompt_len >= limit:
             raise InvalidRequestError(
                 f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_len} "

@@ -11,7 +11,8 @@ The step is described to the workers as a :class:`~llmserve.engine.messages.Sche
 
 ``update_from_output`` applies the workers' :class:`~llmserve.engine.messages.ModelRunnerOutput`: it
 advances ``num_computed_tokens``, publishes newly full blocks to the prefix cache, forks parallel
-samples, appends sampled tokens and finishes sequences on EOS, stop token ids and length. Stop strings
+samples, appends sampled tokens and finishes sequences on EOS, stop token ids and length (a sequence with
+``max_tokens`` 0 finishes once its prompt is computed, with no token appended). Stop strings
 need text, so the engine's output processing applies them through :meth:`finish`.
 
 A step that fails as a whole commits nothing. Its sequences become suspects: while there are any, each
@@ -36,17 +37,20 @@ from llmserve.engine.sequence import Sequence, SequenceStatus
 class StepResult:
     """What a step did to the sequences, for the engine's output processing."""
 
-    # (sequence, token appended this step, its logprobs if asked); finish_reason set if it finished
-    sampled: list[tuple[Sequence, int, TokenLogprobs | None]] = field(default_factory=list)
+    # (sequence, token appended this step, its logprobs if asked); finish_reason set if it finished. A
+    # max_tokens=0 sequence is here with no token (None) once its prompt is computed.
+    sampled: list[tuple[Sequence, int | None, TokenLogprobs | None]] = field(default_factory=list)
     # (sequence, first position p, logprobs of prompt tokens p+1, ...)
     prompt_logprobs: list[tuple[Sequence, int, list[TokenLogprobs]]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)   # request id -> why its solo step failed
 
 
 def stops_on_token(seq: Sequence, token: int) -> bool:
-    """Whether ``token``, just appended, is an EOS or stop token that ends ``seq`` (never before min_tokens)."""
+    """Whether ``token``, just appended, is an EOS or stop token that ends ``seq`` (never before min_tokens,
+    unless a grammar ends there: the sampler lets a constrained sequence take a stop token under min_tokens
+    only where its grammar allows nothing else)."""
     params = seq.params
-    if len(seq.output_token_ids) < params.min_tokens:
+    if len(seq.output_token_ids) < params.min_tokens and params.structured_outputs is None:
         return False
     return (token == seq.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids
 
@@ -228,13 +232,18 @@ class Scheduler:
         return step
 
     def _append_token(self, seq: Sequence, result: ModelRunnerOutput, now: float, step: StepResult) -> None:
-        token = result.sampled[seq.seq_id]
-        seq.append_token(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        seq.last_token_time = now
-        self._check_stop(seq, token)
-        step.sampled.append((seq, token, result.logprobs.get(seq.seq_id)))
+        token: int | None = result.sampled[seq.seq_id]
+        if seq.max_tokens == 0:
+            # Only the prompt was asked for (scoring it): the token its last step sampled is dropped.
+            seq.finish_reason = "length"
+            token = None
+        else:
+            seq.append_token(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.last_token_time = now
+            self._check_stop(seq, token)
+        step.sampled.append((seq, token, result.logprobs.get(seq.seq_id) if token is not None else None))
         if seq.finish_reason is not None:
             self.finish(seq)
 

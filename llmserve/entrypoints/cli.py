@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--n", type=int, default=4, help="parallel samples for the sharing measurement")
     pc.add_argument("--waste-requests", type=int, default=64)
     pc.set_defaults(func=_bench("prefix_cache", "run_prefix_cache_benchmark"))
-    from llmserve.benchmarks.serve import add_serve_args
+    from llmserve.benchmarks.serve_args import add_serve_args
 
     srv = bench_sub.add_parser("serve", help="load a running OpenAI-compatible server with streaming requests")
     add_serve_args(srv)
@@ -137,7 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--slo", nargs="+", default=None, metavar="METRIC_STAT:MS",
                      help="targets for the capacity, e.g. ttft_p99:2000 tpot_p99:100")
     swp.add_argument("--plot", default="sweep.png", help="PNG to draw ('' for none)")
-    swp.add_argument("--save-result", default=None, help="write every rate's metrics as JSON")
     swp.set_defaults(func=_bench("sweep", "run_sweep"))
     lat = bench_sub.add_parser("latency", help="offline TPOT and step time per batch size")
     add_engine_args(lat)

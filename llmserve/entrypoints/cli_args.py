@@ -42,6 +42,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                    help="GPU only: never replay CUDA graphs (every step runs eagerly)")
     g.add_argument("--max-seq-len-to-capture", type=int, default=8192,
                    help="GPU only: decode steps with a longer context than this run eagerly, not in a CUDA graph")
+    g.add_argument("--structured-outputs-config", default=None, metavar="JSON",
+                   help='structured outputs, as vLLM\'s flag: {"backend": "auto" | "guidance" | "llguidance", '
+                        '"disable_any_whitespace": false} (llguidance is the only backend)')
     p = parser.add_argument_group("parallelism")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks that split every layer's heads and weights")
@@ -64,5 +67,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_logprobs=args.max_logprobs,
         num_threads=args.num_threads, enforce_eager=args.enforce_eager,
         max_seq_len_to_capture=args.max_seq_len_to_capture,
+        structured_outputs_config=args.structured_outputs_config,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend)

@@ -7,12 +7,15 @@ at forward time is drawing the random numbers of seeded rows from their own
 generators, which is what makes a seeded request reproducible whatever else
 shares its batch.
 
-Processing order (vLLM V1): logit bias, min-tokens masking, repetition /
-frequency / presence penalties; greedy rows then take the argmax; random rows
-go through temperature, top-k, top-p and min-p and are sampled with the
-exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``, which samples exactly
-from ``probs`` without a cumulative sum or a host sync. Returned logprobs are
-those of the raw model logits, before any of this processing.
+Processing order: logit bias, repetition / frequency / presence penalties,
+the structured-output grammar's token bitmask, min-tokens masking (a banned
+or masked token stays -inf through bias and penalties, so this is vLLM V1's
+order in effect); greedy rows then take the argmax; random rows go through
+temperature, top-k, top-p and min-p and are sampled with the exponential race
+``argmax(probs / q)``, ``q ~ Exp(1)``, which samples exactly from ``probs``
+without a cumulative sum or a host sync. Returned logprobs are those of the
+raw model logits, before any of this processing (vLLM's default), for
+constrained rows too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from llmserve.layers.cpu_kernels import kernels_for
 from llmserve.sampling_params import SamplingParams
+from llmserve.structured_output.bitmask import apply_token_bitmask
 
 _MASK64 = (1 << 64) - 1
 
@@ -130,6 +134,10 @@ class SamplingBatch:
     min_tokens_index: torch.Tensor | None
     # Largest params.logprobs in the batch; None when no row asked.
     max_num_logprobs: int | None
+    # Structured outputs: int32 [>= N, ceil(V/32)] allowed-token bits (row i for logits row i, on the CPU or
+    # the logits' device) and the rows it constrains; None when no row is constrained.
+    token_bitmask: torch.Tensor | None = None
+    bitmask_rows: Sequence[int] = ()
 
     @property
     def any_penalties(self) -> bool:
@@ -149,9 +157,17 @@ class SamplingBatch:
 
     @classmethod
     def build(
-        cls, rows: list[SamplingRow], vocab_size: int, device: torch.device | str
+        cls,
+        rows: list[SamplingRow],
+        vocab_size: int,
+        device: torch.device | str,
+        token_bitmask: torch.Tensor | None = None,
+        bitmask_rows: Sequence[int] = (),
     ) -> SamplingBatch:
-        """Gather the rows' parameters into tensors; O(rows + penalised tokens) Python work."""
+        """Gather the rows' parameters into tensors; O(rows + penalised tokens) Python work.
+
+        ``token_bitmask`` rows ``bitmask_rows`` (filled by the grammar matchers) restrict those rows' tokens.
+        """
         device = torch.device(device)
         num_rows = len(rows)
         params = [row.params for row in rows]
@@ -249,6 +265,8 @@ class SamplingBatch:
             logit_bias_value=bias_value,
             min_tokens_index=min_tokens_index,
             max_num_logprobs=max(asked) if asked else None,
+            token_bitmask=token_bitmask if bitmask_rows else None,
+            bitmask_rows=list(bitmask_rows),
         )
 
 
@@ -293,6 +311,21 @@ def apply_penalties(
     new -= frequency_penalty[row] * count
     new -= presence_penalty[row] * (count > 0).to(new.dtype)
     flat[index] = new
+
+
+def ban_stop_tokens(logits: torch.Tensor, index: torch.Tensor, grammar: bool) -> None:
+    """Set the EOS / stop-token logits at flat ``index`` to -inf (rows still under min_tokens), in place.
+
+    With a grammar in the batch, a row whose grammar allows only stop tokens here keeps them: the output
+    must end where its grammar does, and a row of -inf only would have no token to sample. (The scheduler
+    ends such a sequence on that token despite min_tokens.)
+    """
+    flat = logits.view(-1)
+    kept = flat[index] if grammar else None
+    flat.index_fill_(0, index, float("-inf"))
+    if kept is not None:
+        ends = torch.isneginf(logits).all(dim=1)[index // logits.shape[1]]
+        flat.index_copy_(0, index, torch.where(ends, kept, float("-inf")))
 
 
 def apply_top_k_top_p(
@@ -373,7 +406,7 @@ class Sampler(torch.nn.Module):
 
     @staticmethod
     def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Logit bias, min-tokens masking and penalties: what greedy rows argmax over.
+        """Logit bias, penalties, the grammar bitmask and min-tokens masking: what greedy rows argmax over.
 
         Returns ``logits`` itself when no row uses any of them, else a new tensor.
         """
@@ -381,14 +414,13 @@ class Sampler(torch.nn.Module):
             batch.logit_bias_index is None
             and batch.min_tokens_index is None
             and not batch.any_penalties
+            and batch.token_bitmask is None
         ):
             return logits
         logits = logits.clone(memory_format=torch.contiguous_format)
         flat = logits.view(-1)
         if batch.logit_bias_index is not None:
             flat.index_add_(0, batch.logit_bias_index, batch.logit_bias_value)
-        if batch.min_tokens_index is not None:
-            flat.index_fill_(0, batch.min_tokens_index, float("-inf"))
         if batch.any_penalties:
             apply_penalties(
                 logits,
@@ -398,6 +430,10 @@ class Sampler(torch.nn.Module):
                 batch.frequency_penalty,
                 batch.presence_penalty,
             )
+        if batch.token_bitmask is not None:
+            apply_token_bitmask(logits, batch.token_bitmask, batch.bitmask_rows)
+        if batch.min_tokens_index is not None:
+            ban_stop_tokens(logits, batch.min_tokens_index, grammar=batch.token_bitmask is not None)
         return logits
 
     @staticmethod

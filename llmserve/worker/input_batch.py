@@ -13,6 +13,7 @@ batch size, instead of being rebuilt from per-sequence Python lists.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ import torch
 from llmserve.engine.messages import NewSequenceData, SchedulerOutput
 from llmserve.layers.sampler import position_seed
 from llmserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llmserve.worker.structured_output_manager import StructuredOutputManager
 
 
 @dataclass
@@ -89,12 +93,17 @@ INITIAL_TOKEN_COLUMNS = 4096
 
 
 class InputBatch:
-    """Every sequence this worker holds, by seq id, over rows of persistent arrays that grow on demand."""
+    """Every sequence this worker holds, by seq id, over rows of persistent arrays that grow on demand.
+
+    ``structured_output`` (the driver's only) is told of each constrained sequence added, forked or removed,
+    so its grammar matchers follow exactly the sequences held here.
+    """
 
     def __init__(self, device: torch.device, block_size: int, max_num_seqs: int = 256,
-                 max_model_len: int = 2048) -> None:
+                 max_model_len: int = 2048, structured_output: StructuredOutputManager | None = None) -> None:
         self.device = device
         self.block_size = block_size
+        self.structured_output = structured_output
         self.seqs: dict[int, CachedSequence] = {}
         rows = max(1, max_num_seqs)
         width = max(1, min(max_model_len, INITIAL_TOKEN_COLUMNS))   # rows widen when a sequence outgrows them
@@ -157,12 +166,16 @@ class InputBatch:
         self.seqs[seq.seq_id] = seq
         if seq.params.prompt_logprobs is not None:
             self._prompt_logprob_seqs[seq.seq_id] = seq
+        if self.structured_output is not None and seq.params.structured_outputs is not None:
+            self.structured_output.add(seq.seq_id, seq.params.structured_outputs)
 
     def _remove(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
         if seq is None:
             return
         self._prompt_logprob_seqs.pop(seq_id, None)
+        if self.structured_output is not None:
+            self.structured_output.remove(seq_id)
         self.block_table[seq.row, :self.num_blocks[seq.row]] = 0   # padding reads block 0, never a stale id
         self.num_blocks[seq.row] = self.num_tokens[seq.row] = self.num_computed[seq.row] = 0
         self._free_rows.append(seq.row)

@@ -3,7 +3,10 @@
 It holds its own copy of the running sequences (:class:`~llmserve.worker.input_batch.InputBatch`),
 patched from each :class:`~llmserve.engine.messages.SchedulerOutput`. Per step it gathers the flat batch
 (decodes first, then prefill chunks), the slot mapping and block tables from that batch's rows, asks the
-attention backend for its metadata once, runs one forward over every token of the step, computes logits only where a token is sampled or a prompt logprob is asked for, and samples.
+attention backend for its metadata once, runs one forward over every token of the step, computes
+logits only where a token is sampled or a prompt logprob is asked for, and samples.
+On the driver, rows with a structured-output constraint are sampled under their grammar's token bitmask
+(:mod:`llmserve.worker.structured_output_manager`), filled while the forward pass runs.
 
 On CUDA, decode-only steps replay CUDA graphs (:mod:`llmserve.worker.cuda_graphs`) unless
 ``enforce_eager`` is set or the attention backend cannot be captured, and
@@ -15,6 +18,8 @@ request asked for).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +35,10 @@ from llmserve.models.interface import IntermediateTensors
 from llmserve.worker.cpu_tuning import keep_large_allocations_in_heap
 from llmserve.worker.cuda_graphs import DecodeGraphs
 from llmserve.worker.input_batch import CachedSequence, InputBatch
+from llmserve.worker.structured_output_manager import StructuredOutputManager
+
+if TYPE_CHECKING:
+    from llmserve.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +72,9 @@ class ModelRunner:
     def __init__(self, model: nn.Module, backend: AttentionBackend, block_size: int, vocab_size: int,
                  device: torch.device, dtype: torch.dtype, *, max_num_seqs: int = 256,
                  enforce_eager: bool = False, max_seq_len_to_capture: int = 8192,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None,
+                 load_grammar_compiler: Callable[[], GrammarCompiler] | None = None) -> None:
+        """``load_grammar_compiler`` is given to the driver only (the rank that samples keeps the grammars)."""
         self.model = model
         self.backend = backend
         self.block_size = block_size
@@ -71,7 +82,9 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.sampler = Sampler()
-        self.input_batch = InputBatch(device, block_size, max_num_seqs, max_model_len or 2048)
+        self.structured_output = (None if load_grammar_compiler is None
+                                  else StructuredOutputManager(load_grammar_compiler, max_num_seqs))
+        self.input_batch = InputBatch(device, block_size, max_num_seqs, max_model_len or 2048, self.structured_output)
         self.num_blocks = 0
         self.max_num_seqs = max_num_seqs
         self.enforce_eager = enforce_eager
@@ -222,9 +235,12 @@ class ModelRunner:
         driver = get_tp_group().is_first_rank
         out = ModelRunnerOutput()
         if sample_seqs:
+            # The grammars' masks are filled on the CPU while a GPU still runs the forward pass.
+            bitmask = (None if self.structured_output is None
+                       else self.structured_output.fill_bitmask(sample_seqs))
             logits = self.model.compute_logits(hidden[sample_rows])
             if driver:
-                self._sample(logits, sample_seqs, out)
+                self._sample(logits, sample_seqs, out, bitmask)
         for seq, flat, start, n in prompt_rows:
             entries = self._prompt_logprobs(hidden, seq, flat, start, n, driver)
             if driver:
@@ -276,12 +292,19 @@ class ModelRunner:
         pp.recv(residual, pp.rank - 1)
         return IntermediateTensors(hidden, residual)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[CachedSequence], out: ModelRunnerOutput) -> None:
+    def _sample(self, logits: torch.Tensor, seqs: list[CachedSequence], out: ModelRunnerOutput,
+                bitmask: tuple[torch.Tensor, list[int]] | None) -> None:
+        """Sample a token per row (``bitmask``: the grammar bitmask and the rows it constrains), and advance
+        the constrained rows' matchers by it."""
+        token_bitmask, bitmask_rows = bitmask if bitmask is not None else (None, [])
         sampling_batch = SamplingBatch.build(
             [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.seeded_generator(), s.eos_token_id)
-             for s in seqs], self.vocab_size, self.device)
+             for s in seqs], self.vocab_size, self.device, token_bitmask, bitmask_rows)
         result = self.sampler(logits, sampling_batch)
         tokens = result.sampled_token_ids.tolist()
+        if bitmask is not None:
+            assert self.structured_output is not None
+            self.structured_output.accept(seqs, tokens)
         wants_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if wants_logprobs:
             chosen = result.sampled_token_ids[:, None]

@@ -10,15 +10,19 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmserve.config import EngineConfig, resolve_dtype
-from llmserve.distributed.parallel_state import get_tp_group, init_distributed
+from llmserve.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from llmserve.layers.attention.backend import get_attention_backend
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
 from llmserve.worker.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from llmserve.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +83,21 @@ class Worker:
                         time.perf_counter() - t0)
         layers = model.attention_layers()
         backend = get_attention_backend(self.device, dtype, num_kv_heads=layers[0].num_kv_heads)
+        driver = get_tp_group().is_first_rank and get_pp_group().is_last_rank   # the rank that samples
         self.runner = ModelRunner(model, backend, config.block_size, int(hf_config.vocab_size), self.device, dtype,
                                   max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager,
                                   max_seq_len_to_capture=config.max_seq_len_to_capture,
-                                  max_model_len=self.max_model_len)
+                                  max_model_len=self.max_model_len,
+                                  load_grammar_compiler=self._grammar_compiler if driver else None)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of structured-output grammars for this model: its vocabulary (the logits' width) and
+        the EOS ids the scheduler stops on, which a grammar allows exactly where the output may end."""
+        from llmserve.engine.input_processor import ModelInfo
+        from llmserve.structured_output import GrammarCompiler
+
+        info = ModelInfo(self.config)
+        return GrammarCompiler(info.tokenizer, info.vocab_size, info.eos_token_ids)
 
     def kv_cache_bytes_per_block(self) -> int:
         assert self.runner is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -48,6 +49,20 @@ def test_random_text_prompts_have_the_token_count(corpus, tokenizer):
     for r in reqs:
         assert isinstance(r.prompt, str) and r.prompt_len == 64
         assert abs(len(tokenizer.encode(r.prompt)) - 64) <= 4     # decode + re-encode is nearly exact
+
+
+def test_random_prefix_is_shared_by_every_request(tokenizer, corpus):
+    """vLLM's --random-prefix-len: one prefix of that many tokens before each request's own input."""
+    ids = allowed_token_ids(tokenizer.vocab_size, tokenizer.special_ids)
+    reqs = sample_random(6, 10, 4, seed=2, token_ids=ids, prefix_len=12)
+    assert all(r.prompt_len == 22 and len(r.prompt) == 22 for r in reqs)
+    assert len({tuple(r.prompt[:12]) for r in reqs}) == 1 and len({tuple(r.prompt[12:]) for r in reqs}) == 6
+    text = sample_random(3, 10, 4, seed=2, corpus=corpus, prefix_len=12)
+    assert len(os.path.commonprefix([r.prompt for r in text])) >= 12 and all(r.prompt_len == 22 for r in text)
+    assert [r.prompt for r in sample_random(4, 10, 4, seed=2, token_ids=ids)] == \
+        [r.prompt for r in sample_random(4, 10, 4, seed=2, token_ids=ids, prefix_len=0)]
+    with pytest.raises(ValueError, match="random-prefix-len"):
+        sample_random(1, 10, 4, token_ids=ids, prefix_len=-1)
 
 
 def test_sharegpt_lengths_follow_the_filter_and_the_shape():

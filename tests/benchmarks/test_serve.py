@@ -1,11 +1,23 @@
-"""``bench serve`` and ``bench sweep`` end to end against a live server (tiny checkpoint, real subprocess)."""
+"""``bench serve`` and ``bench sweep`` end to end against a live server (tiny checkpoint, real subprocess).
+
+The flags are ``vllm bench serve``'s, so a script written for it runs unchanged: ``--save-result`` is a
+switch that writes vLLM's file name ``{backend}-{rate}qps[-concurrency{N}]-{model}-{date}.json`` into
+``--result-dir`` (or ``--result-filename``), ``--append-result`` adds a JSON line, ``--metadata KEY=VALUE``
+adds fields; ``--backend`` (openai, vllm, openai-chat) picks the endpoint, ``--host`` / ``--port`` the
+server when there is no ``--base-url``; ``prefix_repetition`` is vLLM's spelling of the dataset. vLLM flags
+for what this benchmark does not do are refused by name with the reason, and result flags that would do
+nothing without ``--save-result`` are refused too.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from llmserve.benchmarks.datasets import SampleRequest
+from llmserve.benchmarks.serve import Target, request_body
 from llmserve.entrypoints.cli import main
 
 
@@ -14,14 +26,16 @@ def bench(*args: str) -> int:
 
 
 def test_bench_serve_random_token_prompts(bench_server, tmp_path, capsys):
-    out = tmp_path / "serve.json"
     code = bench("serve", "--base-url", bench_server.base_url, "--num-prompts", "6", "--random-input-len", "12",
                  "--random-output-len", "5", "--vocab-size", "2000", "--metric-percentiles", "50,90,99",
-                 "--goodput", "ttft:100000", "tpot:100000", "--save-result", str(out), "--disable-tqdm")
+                 "--goodput", "ttft:100000", "tpot:100000", "--save-result", "--result-dir", str(tmp_path / "out"),
+                 "--disable-tqdm")
     assert code == 0
     printed = capsys.readouterr().out
     assert "Serving Benchmark Result" in printed and "P90 TTFT (ms):" in printed
-    result = json.loads(out.read_text())
+    [path] = (tmp_path / "out").iterdir()
+    assert re.fullmatch(r"openai-infqps-tiny-\d{8}-\d{6}\.json", path.name)   # vLLM's default name
+    result = json.loads(path.read_text())
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["total_input_tokens"] == 6 * 12 and result["total_output_tokens"] == 6 * 5
     assert result["request_goodput"] == pytest.approx(result["request_throughput"])   # loose SLOs: all good
@@ -36,19 +50,91 @@ def test_bench_serve_random_token_prompts(bench_server, tmp_path, capsys):
 
 def test_bench_serve_chat_sharegpt_counts_from_usage(bench_server, tmp_path):
     out = tmp_path / "chat.json"
-    code = bench("serve", "--base-url", bench_server.base_url, "--endpoint", "/v1/chat/completions",
+    code = bench("serve", "--base-url", bench_server.base_url, "--backend", "openai-chat",
                  "--dataset-name", "sharegpt", "--num-prompts", "4", "--sharegpt-output-len", "4",
                  "--request-rate", "50", "--percentile-metrics", "ttft,e2el", "--goodput", "ttft:0",
-                 "--save-result", str(out), "--save-detailed", "--disable-tqdm")
+                 "--save-result", "--result-filename", str(out), "--save-detailed", "--disable-tqdm")
     assert code == 0
     result = json.loads(out.read_text())
-    assert result["backend"] == "openai-chat" and result["tokenizer_id"].endswith("/tokenize")
+    assert result["backend"] == "openai-chat" and result["endpoint"] == "/v1/chat/completions"
+    assert result["tokenizer_id"].endswith("/tokenize")
     assert result["completed"] == 4 and result["output_lens"] == [4, 4, 4, 4]
     assert all(n >= 4 for n in result["input_lens"])    # the server's usage, chat template included
     assert result["request_goodput"] == 0.0
     assert "p99_ttft_ms" in result and "mean_tpot_ms" not in result
     # one ITL per later content chunk: at most 3 for 4 tokens (a token that completes no character sends no text)
     assert len(result["ttfts"]) == 4 and all(len(itl) <= 3 for itl in result["itls"])
+
+
+def test_a_vllm_script_runs_unchanged(bench_server, tmp_path):
+    """Flags as a vLLM benchmark script passes them: --backend vllm, --host / --port, --endpoint, vLLM's
+    dataset spelling, sampling flags, --metadata, --append-result, --result-dir + --result-filename."""
+    args = ["serve", "--backend", "vllm", "--host", "127.0.0.1", "--port", str(bench_server.port), "--model", "tiny",
+            "--endpoint", "/v1/completions", "--dataset-name", "prefix_repetition", "--num-prompts", "4",
+            "--prefix-repetition-prefix-len", "16", "--prefix-repetition-suffix-len", "4",
+            "--prefix-repetition-num-prefixes", "2", "--prefix-repetition-output-len", "3", "--vocab-size", "2000",
+            "--max-concurrency", "2", "--request-rate", "100", "--temperature", "0.7", "--top-k", "5", "--logprobs",
+            "1", "--ignore-eos", "--seed", "1", "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "99",
+            "--metadata", "tp=1", "version=0.3.3", "--append-result", "--result-dir", str(tmp_path),
+            "--result-filename", "runs.jsonl", "--disable-tqdm"]
+    assert bench(*args) == 0 and bench(*args) == 0
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        result = json.loads(line)
+        assert result["backend"] == "vllm" and result["completed"] == 4 and result["total_output_tokens"] == 12
+        assert (result["tp"], result["version"]) == ("1", "0.3.3")
+        assert result["dataset_name"] == "prefix-repetition" and result["max_concurrency"] == 2
+
+
+def test_default_file_name_names_rate_and_concurrency(bench_server, tmp_path):
+    assert bench("serve", "--base-url", bench_server.base_url, "--num-prompts", "2", "--random-input-len", "8",
+                 "--random-output-len", "2", "--vocab-size", "2000", "--random-prefix-len", "4",
+                 "--request-rate", "50", "--max-concurrency", "1", "--label", "mine", "--save-result",
+                 "--result-dir", str(tmp_path), "--disable-tqdm", "--no-warmup") == 0
+    [path] = tmp_path.iterdir()
+    assert re.fullmatch(r"mine-50\.0qps-concurrency1-tiny-\d{8}-\d{6}\.json", path.name)
+    assert json.loads(path.read_text())["total_input_tokens"] == 2 * 12
+
+
+def test_request_body_carries_the_sampling_flags():
+    target = Target("http://x", "/v1/chat/completions", "m",
+                    sampling={"temperature": 0.0, "top_p": 0.9, "logprobs": True, "top_logprobs": 2})
+    body = request_body(target, SampleRequest("hi", 1, 3), ignore_eos=False)
+    assert body == {"model": "m", "temperature": 0.0, "top_p": 0.9, "logprobs": True, "top_logprobs": 2,
+                    "stream": True, "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 3}
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--profile"], "--profile (a vllm bench serve flag) is not supported"),
+    (["--use-beam-search"], "beam search"),
+    (["--hf-split", "train"], "--hf-split"),
+    (["--ramp-up-strategy", "linear"], "ramp-up"),
+    (["--backend", "tgi"], "invalid choice: 'tgi'"),
+    (["--dataset-name", "sonnet"], "invalid choice: 'sonnet'"),
+    (["--tokenizer-mode", "mistral"], "invalid choice: 'mistral'"),
+])
+def test_vllm_flags_it_cannot_honour_are_refused_by_name(flags, fragment, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench("serve", "--model", "m", *flags)
+    assert info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--result-dir", "x"], "--result-dir needs --save-result"),
+    (["--result-filename", "x.json"], "--result-filename needs --save-result"),
+    (["--metadata", "a=1"], "--metadata needs --save-result"),
+    (["--save-detailed"], "--save-detailed needs --save-result"),
+    (["--save-result", "--metadata", "novalue"], "use KEY=VALUE"),
+    (["--save-result", "--metadata", "model_id=x"], "would overwrite the result's own 'model_id'"),
+    (["--backend", "openai-chat", "--endpoint", "/v1/completions"], "talks to /v1/chat/completions"),
+    (["--port", "1"], "not both"),
+])
+def test_flags_that_would_do_nothing_or_contradict_are_refused(bench_server, flags, fragment, capsys):
+    assert bench("serve", "--base-url", bench_server.base_url, "--num-prompts", "1", "--vocab-size", "2000",
+                 "--no-warmup", *flags) == 2
+    assert fragment in capsys.readouterr().err
 
 
 def test_bench_serve_prefix_repetition_and_bad_server(bench_server, tmp_path):
@@ -66,17 +152,21 @@ def test_bench_sweep(bench_server, tmp_path, capsys):
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
     code = bench("sweep", "--base-url", bench_server.base_url, "--request-rates", "40,20", "--num-prompts", "4",
                  "--random-input-len", "8", "--random-output-len", "3", "--vocab-size", "2000",
-                 "--slo", "ttft_p99:100000", "tpot_p90:100000", "--plot", str(png), "--save-result", str(out),
-                 "--disable-tqdm")
+                 "--slo", "ttft_p99:100000", "tpot_p90:100000", "--plot", str(png), "--save-result",
+                 "--result-filename", str(out), "--metadata", "run=a", "--disable-tqdm")
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(out.read_text())
     assert [p["request_rate"] for p in result["points"]] == [20.0, 40.0]
     assert all(p["meets_slo"] and p["metrics"]["completed"] == 4 for p in result["points"])
     assert "p90_tpot_ms" in result["points"][0]["metrics"]
-    assert result["capacity_request_rate"] == 40.0
+    assert result["capacity_request_rate"] == 40.0 and result["run"] == "a"
     assert "capacity: 40 req/s" in capsys.readouterr().out
     code = bench("sweep", "--base-url", bench_server.base_url, "--request-rates", "40", "--num-prompts", "2",
                  "--random-input-len", "8", "--random-output-len", "3", "--vocab-size", "2000",
-                 "--slo", "ttft_p99:0", "--plot", "", "--save-result", str(out), "--disable-tqdm")
-    assert code == 0 and json.loads(out.read_text())["capacity_request_rate"] is None
+                 "--slo", "ttft_p99:0", "--plot", "", "--save-result", "--result-dir", str(tmp_path / "runs"),
+                 "--disable-tqdm")
+    assert code == 0
+    [path] = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"openai-sweep-40-40qps-tiny-\d{8}-\d{6}\.json", path.name)
+    assert json.loads(path.read_text())["capacity_request_rate"] is None

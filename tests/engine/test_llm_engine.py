@@ -141,6 +141,17 @@ def test_prompt_filling_the_context_is_refused(engine, length):
         assert info.value.param == "prompt"
 
 
+def test_a_prompt_alone_may_fill_the_context(engine):
+    """max_tokens=0 generates nothing, so a prompt of exactly the context length is scored; one longer is not."""
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_request("long", [5] * (MAX_MODEL_LEN + 1), SamplingParams(max_tokens=0))
+    assert info.value.param == "prompt"
+    engine.add_request("full", [5] * MAX_MODEL_LEN, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    out = drain(engine)["full"]
+    assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "length"
+    assert len(out.prompt_logprobs) == MAX_MODEL_LEN and out.prompt_logprobs[0] is None
+
+
 def test_duplicate_request_id_is_refused_and_the_first_keeps_running(engine, greedy_reference):
     engine.add_request("dup", PROMPT, GREEDY)
     with pytest.raises(InvalidRequestError) as info:
@@ -196,7 +207,7 @@ def test_refusals_do_not_disturb_queued_and_running_requests(engine, greedy_refe
 
 @pytest.mark.parametrize("field, value", [
     ("n", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0),
-    ("max_tokens", 0), ("min_tokens", -1), ("presence_penalty", 3.0), ("repetition_penalty", 0.0),
+    ("max_tokens", -1), ("min_tokens", -1), ("presence_penalty", 3.0), ("repetition_penalty", 0.0),
     ("logprobs", -1), ("stop", [""]), ("logit_bias", {1: 200.0}),
 ])
 def test_bad_sampling_params_are_invalid_request_errors(field, value):

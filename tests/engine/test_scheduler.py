@@ -204,6 +204,23 @@ def test_chunked_prefill_splits_a_long_prompt_into_contiguous_chunks():
     assert len(seq.output_token_ids) == 2
 
 
+def test_max_tokens_zero_finishes_when_the_prompt_is_computed_with_no_token():
+    """The step that completes the prompt finishes it with "length", reported with no token: the one
+    sampled there is dropped, never appended, and there is no first-token time."""
+    sched = make_scheduler(max_num_batched_tokens=4)
+    seq = make_seq(6, max_tokens=0)
+    sched.add(seq)
+    assert complete_step(sched, schedule(sched)) == []   # 4 of 6 prompt tokens
+    out = schedule(sched)
+    assert out.scheduled == [(seq, 2)]
+    result = sched.update_from_output(out.message, ModelRunnerOutput(sampled={seq.seq_id: 9}))
+    assert [(s, token) for s, token, _ in result.sampled] == [(seq, None)]
+    assert seq.is_finished and seq.finish_reason == "length"
+    assert seq.output_token_ids == [] and seq.num_tokens == 6 and seq.first_token_time is None
+    assert sched.num_unfinished == 0
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+
+
 def test_chunk_shares_the_budget_with_decodes():
     sched = make_scheduler(max_num_batched_tokens=6)
     a = make_seq(2, max_tokens=20)

@@ -65,6 +65,20 @@ def test_prompt_forms_are_equivalent(llm, reference):
     assert outputs[1].prompt_token_ids == ids[1]
 
 
+def test_max_tokens_zero_scores_the_prompt(llm):
+    """max_tokens=0 with prompt_logprobs: nothing generated ("length", empty text), and the prompt's logprobs
+    are those a generating request gets; with n=2 both samples are empty."""
+    scoring = SamplingParams(max_tokens=0, prompt_logprobs=2, n=2)
+    scored, generated = llm.generate(PROMPTS[:1], scoring)[0], llm.generate(
+        PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2))[0]
+    assert [(c.text, c.token_ids, c.finish_reason) for c in scored.outputs] == [("", [], "length")] * 2
+    assert scored.prompt_logprobs[0] is None and len(scored.prompt_logprobs) == len(scored.prompt_token_ids)
+    for ours, theirs, token in zip(scored.prompt_logprobs[1:], generated.prompt_logprobs[1:],
+                                   scored.prompt_token_ids[1:]):
+        assert ours[token].logprob == pytest.approx(theirs[token].logprob, abs=1e-5)
+        assert ours.keys() == theirs.keys()
+
+
 def test_default_sampling_params(llm):
     out = llm.generate(PROMPTS[0])[0].outputs[0]
     assert 1 <= len(out.token_ids) <= 16      # vLLM's default max_tokens

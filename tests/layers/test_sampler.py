@@ -361,3 +361,53 @@ def test_seeded_frequencies_match_probabilities():
     counts = torch.bincount(torch.tensor(draws), minlength=3).double()
     expected = probs.double() * 3000
     assert ((counts - expected) ** 2 / expected).sum().item() < 20.0
+
+
+# ------------------------------------------------------------------ structured outputs: the grammar's bitmask
+
+
+def allowing(vocab: int, rows: dict[int, list[int]], num_rows: int) -> torch.Tensor:
+    """An int32 bitmask of ``num_rows`` rows where row r allows only ``rows[r]`` (tokens < 31)."""
+    from llmserve.structured_output import allocate_token_bitmask
+
+    bitmask = allocate_token_bitmask(num_rows, vocab, fill=0)
+    for r, tokens in rows.items():
+        for t in tokens:
+            bitmask[r, t // 32] |= 1 << (t % 32)
+    return bitmask
+
+
+def test_bitmask_constrains_its_rows_only_and_logprobs_stay_the_models():
+    """Constrained rows pick among their allowed tokens (greedy and sampled), after logit bias; the other
+    rows are untouched; returned logprobs are of the raw logits, as for unconstrained rows (vLLM's default)."""
+    torch.manual_seed(11)
+    vocab = 40
+    logits = torch.randn(4, vocab)
+    rows = [row(temperature=0.0, logprobs=2, logit_bias={7: 100.0}), row(temperature=0.0),
+            row(temperature=1.0), row(temperature=0.0)]
+    bitmask = allowing(vocab, {0: [3, 5], 2: [9, 12]}, 4)
+    batch = SamplingBatch.build(rows, vocab, CPU, bitmask, [0, 2])
+    out = sampler(logits, batch)
+    assert out.sampled_token_ids[0] == (3 if logits[0, 3] > logits[0, 5] else 5)   # the bias on 7 cannot win
+    assert out.sampled_token_ids[2] in (9, 12)
+    for i in (1, 3):
+        assert out.sampled_token_ids[i] == logits[i].argmax()
+    raw = compute_logprobs(logits)
+    chosen = out.sampled_token_ids[0]
+    assert math.isclose(out.sampled_logprobs[0].item(), raw[0, chosen].item(), rel_tol=1e-5)
+    assert torch.equal(out.topk_token_ids[0], raw[0].topk(2).indices)
+
+
+def test_min_tokens_yields_only_where_the_grammar_may_only_end():
+    """Under min_tokens EOS is banned; a constrained row whose grammar allows EOS and more takes the more, one
+    whose grammar allows only EOS keeps EOS rather than a row of -inf."""
+    vocab, eos = 30, 2
+    logits = torch.zeros(3, vocab)
+    logits[:, eos] = 5.0
+    rows = [row(temperature=0.0, min_tokens=3, eos=eos) for _ in range(3)]
+    bitmask = allowing(vocab, {0: [eos, 4], 1: [eos]}, 3)
+    batch = SamplingBatch.build(rows, vocab, CPU, bitmask, [0, 1])
+    processed = Sampler.apply_logits_processors(logits, batch)
+    assert not torch.isneginf(processed).all(dim=1).any()
+    assert processed[1, eos] == 5.0 and torch.isneginf(processed[2, eos])
+    assert sampler(logits, batch).sampled_token_ids.tolist()[:2] == [4, eos]

@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import signal
 import sys
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -29,9 +27,8 @@ import h11
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.datastructures import Headers, MutableHeaders
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import generate_latest
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import llmserve
@@ -39,8 +36,14 @@ from llmserve.config import EngineConfig, parse_size
 from llmserve.engine.async_engine import AsyncLLMEngine, ShutdownError
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
 from llmserve.entrypoints.openai.errors import APIError, error_body, error_response, install_error_handlers
+from llmserve.entrypoints.openai.middleware import RequestId, RequestLimits, RequireApiKey
+from llmserve.entrypoints.openai.openapi import (PrometheusText, install_openapi, json_ok, json_or_events_ok, route,
+                                                 text_ok)
 from llmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                   TokenizeRequest)
+from llmserve.entrypoints.openai.response_models import (ChatCompletionChunk, ChatCompletionResponse, CompletionChunk,
+                                                   CompletionResponse, DetokenizeResponse, ModelList,
+                                                   TokenizeResponse, VersionResponse)
 from llmserve.entrypoints.openai.serving_base import ServerLimits
 from llmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from llmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -136,113 +139,6 @@ def _read_chat_template(value: str | None) -> str | None:
     return value
 
 
-class RequestLimits:
-    """ASGI middleware bounding what one request may make the server hold: a request head (request line +
-    headers) over ``max_header_bytes`` gets 431, a body over ``max_body_bytes`` gets 413, whether its size is
-    announced by Content-Length or only found by counting a chunked body (which is read here, up to the
-    limit, before the route sees it). Both answers are OpenAI error objects and close the connection."""
-
-    def __init__(self, app: Any, max_body_bytes: int, max_header_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.max_header_bytes = max_header_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = scope.get("headers") or []
-        head = (len(scope.get("method", "")) + len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
-                + sum(len(name) + len(value) + 4 for name, value in headers))
-        if head > self.max_header_bytes:
-            return await _reject(scope, receive, send, 431,
-                                 f"request headers larger than {self.max_header_bytes} bytes")
-        length = dict(headers).get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await _reject(scope, receive, send, 400, "invalid Content-Length header")
-            if int(length) > self.max_body_bytes:
-                return await self._too_large(scope, receive, send)
-            return await self.app(scope, receive, send)   # h11 never delivers more than Content-Length
-        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        # No Content-Length (chunked): read the body now, counting, so an oversized one is refused with
-        # 413 before any of it is parsed (a route reading it would turn the refusal into a parse error).
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":   # the client left before finishing its body
-                return
-            body = message.get("body", b"")
-            seen += len(body)
-            if seen > self.max_body_bytes:
-                return await self._too_large(scope, receive, send)
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()   # afterwards: http.disconnect when the client goes
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
-        await _reject(scope, receive, send, 413, f"request body larger than {self.max_body_bytes} bytes")
-
-
-class RequestId:
-    """ASGI middleware: the client's X-Request-Id (or a fresh one) is ``request.state.request_id``, names the
-    request in the log, and is echoed in the response's X-Request-Id header."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        incoming = Headers(scope=scope).get("x-request-id")
-        request_id = incoming[:256] if incoming else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)["X-Request-Id"] = request_id
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-class RequireApiKey:
-    """ASGI middleware: the model endpoints want ``Authorization: Bearer <key>``; the probes do not, nor do
-    CORS preflights (browsers send those without credentials)."""
-
-    def __init__(self, app: Any, api_key: str) -> None:
-        self.app = app
-        self.expected = api_key.encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and (
-                path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.expected):
-                response = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                          None, "invalid_api_key")
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-async def _reject(scope: dict, receive: Any, send: Any, status: int, message: str) -> None:
-    """An OpenAI error that also closes the connection (the rest of the request is never read)."""
-    response = error_response(status, message, headers={"Connection": "close"})
-    await response(scope, receive, send)
-
-
 def build_app(state: ServerState) -> FastAPI:
     config = state.config
 
@@ -256,14 +152,12 @@ def build_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="llmserve", version=llmserve.__version__, lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app, api_key=config.api_key is not None, max_n=config.max_n)
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(RequestLimits, max_body_bytes=config.max_request_body_bytes,
                        max_header_bytes=config.max_header_bytes)
-
-    # Plain ASGI middlewares: FastAPI's @app.middleware("http") would hide the client's disconnect from
-    # the routes (Request.is_disconnected never turns true behind it), so nobody would abort its request.
     app.add_middleware(RequestId)
     if config.api_key is not None:
         app.add_middleware(RequireApiKey, api_key=config.api_key)   # outermost: 401 before the body is read
@@ -275,22 +169,24 @@ def build_app(state: ServerState) -> FastAPI:
 
     protected = [Depends(require_ready)]
 
-    @app.get("/health")
+    @app.get("/health", response_class=PlainTextResponse,
+             responses=route(text_ok(PlainTextResponse, "ready (empty body)", {"type": "string", "maxLength": 0}), 503))
     async def health() -> Response:
         if not state.ready:
             return error_response(503, "not ready" if state.engine is None else "the engine is not running")
-        return Response(status_code=200)
+        return PlainTextResponse("")
 
-    @app.get("/version")
+    @app.get("/version", response_model=None, responses=route(json_ok(VersionResponse)))
     async def version() -> dict:
         return {"version": llmserve.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PrometheusText,
+             responses=route(text_ok(PrometheusText, "Prometheus text exposition format 0.0.4 (vLLM's metric "
+                                                     "names)", {"type": "string"})))
     async def metrics() -> Response:
-        body = generate_latest(state.metrics.registry) if state.metrics is not None else b""
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        return PrometheusText(generate_latest(state.metrics.registry) if state.metrics is not None else b"")
 
-    @app.get("/v1/models", dependencies=protected)
+    @app.get("/v1/models", dependencies=protected, response_model=None, responses=route(json_ok(ModelList), 503))
     async def models() -> dict:
         engine = state.engine.info
         return {"object": "list", "data": [
@@ -298,27 +194,32 @@ def build_app(state: ServerState) -> FastAPI:
              "root": str(engine.model_path), "max_model_len": engine.max_model_len}
             for name in state.completions.served_model_names]}
 
-    @app.post("/v1/completions", dependencies=protected)
+    @app.post("/v1/completions", dependencies=protected,
+              responses=route(json_or_events_ok(CompletionResponse, CompletionChunk), 400, 404, 500, 503, 504))
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await state.completions.create(body, raw, raw.state.request_id)
 
-    @app.post("/v1/chat/completions", dependencies=protected)
+    @app.post("/v1/chat/completions", dependencies=protected,
+              responses=route(json_or_events_ok(ChatCompletionResponse, ChatCompletionChunk), 400, 404, 500, 503, 504))
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await state.chat.create(body, raw, raw.state.request_id)
 
-    @app.post("/tokenize", dependencies=protected)
+    @app.post("/tokenize", dependencies=protected, response_model=None,
+              responses=route(json_ok(TokenizeResponse), 400, 404, 503))
     async def tokenize(body: TokenizeRequest) -> dict:
         state.completions.check_model(body.model)
         engine = state.engine.info
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if body.messages is not None:
-            tokens = state.chat.render_prompt(body.messages, body.add_generation_prompt)
+            tokens = state.chat.render_prompt(body.messages, body.add_generation_prompt,
+                                              add_special_tokens=bool(body.add_special_tokens))
         else:
-            tokens = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+            tokens = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
 
-    @app.post("/detokenize", dependencies=protected)
+    @app.post("/detokenize", dependencies=protected, response_model=None,
+              responses=route(json_ok(DetokenizeResponse), 400, 404, 503))
     async def detokenize(body: DetokenizeRequest) -> dict:
         state.completions.check_model(body.model)
         engine = state.engine.info

@@ -38,12 +38,18 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def _is_union_tag(part: object) -> bool:
-    """pydantic names the member of a union it tried (``str``, ``list[int]``, ``list[TextContentPart]``) in an
-    error's location; that is not a field of the request."""
+    """pydantic names the member of a union it tried (``str``, ``constrained-str``, ``list[int]``,
+    ``list[TextContentPart]``) in an error's location; that is not a field of the request."""
     if not isinstance(part, str):
         return False
-    return ("[" in part or part in {"str", "int", "float", "bool", "dict", "list", "none"}
-            or part[:1].isupper() or part.startswith(("function-", "json-or-python", "lax-", "strict-")))
+    return ("[" in part or part in {"str", "int", "float", "bool", "dict", "list", "none"} or part[:1].isupper()
+            or part.startswith(("function-", "json-or-python", "lax-", "strict-", "constrained-")))
+
+
+def _is_type_error(error: dict) -> bool:
+    """The input has the wrong type (``int_type``, ``list_type``, ``int_parsing``...), not a bad value."""
+    kind = str(error.get("type", ""))
+    return kind.endswith(("_type", "_parsing"))
 
 
 def _path(loc: tuple) -> str:
@@ -77,7 +83,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     message = "field required" if first.get("type") == "missing" else str(first.get("msg", "invalid value"))
     if tag_at is not None:
         # One error per member of the union: report the member that got furthest (the shape the client
-        # evidently meant), or, if none did, the shapes accepted.
+        # evidently meant; among equals, the one whose errors are all about values, not types), or, if
+        # none did, the shapes accepted.
         prefix = loc[:tag_at]
         members = [(m, e) for e in errors if (m := _field_loc(e))[:tag_at] == prefix and len(m) > tag_at]
         reach: dict[str, int] = {}   # how deep each member's errors go
@@ -85,13 +92,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             reach[str(m[tag_at])] = max(reach.get(str(m[tag_at]), 0), len(m))
         best = max(reach.values(), default=0)
         leaders = [tag for tag, d in reach.items() if d == best]
-        if len(leaders) == 1 and best > tag_at + 1:
-            m, e = next((m, e) for m, e in members if str(m[tag_at]) == leaders[0] and len(m) == best)
+        right_shape = [tag for tag in leaders
+                       if not any(_is_type_error(e) for m, e in members if str(m[tag_at]) == tag)]
+        chosen = right_shape[0] if len(right_shape) == 1 else (
+            leaders[0] if len(leaders) == 1 and best > tag_at + 1 else None)
+        if chosen is not None:
+            m, e = next((m, e) for m, e in members if str(m[tag_at]) == chosen and len(m) == best)
             loc = tuple(part for part in m if not _is_union_tag(part))
             message = "field required" if e.get("type") == "missing" else str(e.get("msg", "invalid value"))
         else:
             loc = prefix
-            message = "expected one of: " + ", ".join(reach)
+            message = "expected one of: " + ", ".join(tag.replace("constrained-", "") for tag in reach)
     return f"{_path(loc)}: {message}", str(loc[0]) if loc else None
 
 

@@ -1,83 +1,220 @@
-"""Request bodies of the OpenAI-compatible API (pydantic), with the bounds that keep one request from
-exhausting the server. Unknown fields are accepted and ignored, as OpenAI's own API does."""
+"""Request bodies of the OpenAI-compatible API (pydantic). Their JSON schema is the OpenAPI document's, so
+every bound the server enforces without knowing the model is declared on the field; what depends on the
+model (token ids below the vocabulary size, prompt + ``max_tokens`` within the context) or on a server
+flag (``n`` up to ``--max-n``, set in the document at startup) is said in the field's description.
+
+A field that would change what a request means but is not implemented yet (tool calling) is declared with
+only its no-op values allowed, and anything else is refused with a 400 naming it. Unknown fields are
+ignored, as OpenAI's own API does, and logged once per name.
+
+Structured outputs come as OpenAI's ``response_format``, vLLM's ``structured_outputs`` object or vLLM's
+legacy ``guided_*`` fields (at most one of them); :meth:`_SamplingRequest.structured_output_spec` maps them
+onto one :class:`StructuredOutputSpec` and has the grammar library check it, naming the field at fault.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from llmserve.sampling_params import SamplingParams
+from llmserve.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
+from llmserve.structured_output import StructuredOutputError, StructuredOutputSpec
+
+logger = logging.getLogger("llmserve.api")
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 1024
 MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_TOP_LOGPROBS = 20
+MAX_LOGGED_UNKNOWN_FIELDS = 256   # distinct unknown names logged; a client cannot grow the set without bound
+
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX, description="below the model's vocabulary size")]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+
+_logged_unknown: set[str] = set()
+
+# field -> (is the value a no-op?, why anything else is refused)
+_TOOLS = "tool calling is not supported yet"
+NOT_SUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (lambda v: v == [], f"{_TOOLS}; only an empty list is accepted"),
+    "functions": (lambda v: v == [], f"{_TOOLS}; only an empty list is accepted"),
+    "tool_choice": (lambda v: v == "none", f"{_TOOLS}; only \"none\" is accepted"),
+    "function_call": (lambda v: v == "none", f"{_TOOLS}; only \"none\" is accepted"),
+    "tool_calls": (lambda v: v == [], f"{_TOOLS}; only an empty list is accepted"),
+    "suffix": (lambda v: v == "", "suffix (insertion) is not supported"),
+    "continuous_usage_stats": (lambda v: v is False, "usage in every chunk is not supported; the last chunk "
+                                                     "has it (include_usage)"),
+}
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+def _refuse_unless_noop(value: Any, info: ValidationInfo) -> Any:
+    """Before validation: a value other than the field's no-op is a 400 naming the field."""
+    is_noop, why = NOT_SUPPORTED[info.field_name]
+    if value is not None and not is_noop(value):
+        raise PydanticCustomError("not_supported", why)
+    return value
 
 
-class _SamplingRequest(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's plus vLLM's extras)."""
-
+class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_and_unknown_fields(cls, data: Any) -> Any:
+        """OpenAI's optional parameters are "X or null", and clients do send ``"n": null``,
+        ``"stream": null``...: an explicit null means the default, as if the field were absent. Unknown
+        fields are logged (once per name) and ignored."""
+        if not isinstance(data, dict):
+            return data
+        known = {field.alias or name for name, field in cls.model_fields.items()}
+        for name in data.keys() - known - _logged_unknown:
+            if len(_logged_unknown) < MAX_LOGGED_UNKNOWN_FIELDS and isinstance(name, str):
+                _logged_unknown.add(name)
+                logger.warning("request field %r is not a field llmserve knows; it is ignored (logged once)",
+                               name[:100])
+        return {key: value for key, value in data.items() if value is not None}
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    continuous_usage_stats: Literal[False] = Field(default=False, description="vLLM's; true is not supported (400)")
+
+    _refuse_continuous_usage = field_validator("continuous_usage_stats", mode="before")(_refuse_unless_noop)
+
+
+JsonSchema = Annotated[dict[str, Any] | StrictBool, Field(description="a JSON schema (an object, or true / false)")]
+
+
+class JsonSchemaResponseFormat(_Request):
+    """OpenAI's ``response_format.json_schema``."""
+
+    name: str = Field(description="required, as in OpenAI's API (and vLLM's); not used")
+    description: str | None = None
+    schema_: JsonSchema | None = Field(default=None, alias="schema", description="absent: any JSON value")
+    strict: bool | None = Field(default=None, description="the schema is always enforced exactly, strict or not")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaResponseFormat | None = Field(default=None, description="required with type json_schema")
+
+
+class StructuredOutputsParams(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one of ``json``, ``regex``, ``choice``, ``grammar``, ``json_object``.
+    vLLM's other options (``whitespace_pattern``, ``structural_tag``, ...) are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: JsonSchema | str | None = Field(default=None, alias="json", description="a JSON schema or its JSON text")
+    regex: str | None = Field(default=None, min_length=1, description="Rust regex syntax; the whole output matches")
+    choice: list[str] | None = Field(default=None, min_length=1, description="the output is one of these")
+    grammar: str | None = Field(default=None, min_length=1, description="GBNF / EBNF (root ::= ...) or Lark")
+    json_object: bool | None = Field(default=None, description="true: any JSON object")
+    disable_any_whitespace: bool | None = Field(default=None, description="true: compact JSON")
+    disable_fallback: bool | None = Field(default=None, description="accepted; there is one backend")
+
+
+def _field_error(field: str, exc: StructuredOutputError, path: str) -> StructuredOutputError:
+    """``param`` is the request's top-level field, as in every other 400; the message says where in it."""
+    message = str(exc)
+    return StructuredOutputError(message if message.startswith(path) else f"{path}: {message}", field)
+
+
+class _SamplingRequest(_Request):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's plus vLLM's extras)."""
+
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = Field(default=1, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX,
+                                   description="prompt + max_tokens must fit the model's context length")
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=INT64_MAX, description="at most --max-n")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="token id (below the vocabulary size) -> bias in [-100, 100]",
+        json_schema_extra={"maxProperties": MAX_LOGIT_BIAS_ENTRIES, "propertyNames": {"pattern": "^[0-9]+$"},
+                           "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     user: str | None = None
+    response_format: ResponseFormat | None = Field(
+        default=None, description="json_object or json_schema constrain the output (not with structured_outputs "
+                                  "or guided_*)")
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: int | None = Field(default=None, ge=-1, le=INT64_MAX, description="0 or -1: disabled")
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    min_tokens: int = Field(default=0, ge=0, le=INT64_MAX, description="at most max_tokens")
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # prefix-cache blocks are shared only between requests with the same salt (multi-tenant isolation)
     cache_salt: str | None = Field(default=None, min_length=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        """OpenAI's optional parameters are "X or null", and clients do send ``"n": null``,
-        ``"stream": null``...: an explicit null means the default, as if the field were absent."""
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
-
-    @field_validator("stop")
-    @classmethod
-    def _bound_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        items = [value] if isinstance(value, str) else (value or [])
-        if len(items) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        if any(len(s) > MAX_STOP_LENGTH for s in items):
-            raise ValueError(f"stop sequences are limited to {MAX_STOP_LENGTH} characters")
-        return value
+    structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's legacy forms of structured_outputs.json / regex / choice / grammar
+    guided_json: JsonSchema | str | None = Field(default=None, description="as structured_outputs.json")
+    guided_regex: str | None = Field(default=None, min_length=1, description="as structured_outputs.regex")
+    guided_choice: list[str] | None = Field(default=None, min_length=1, description="as structured_outputs.choice")
+    guided_grammar: str | None = Field(default=None, min_length=1, description="as structured_outputs.grammar")
 
     @field_validator("logit_bias")
     @classmethod
     def _bound_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value is not None and len(value) > MAX_LOGIT_BIAS_ENTRIES:
             raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries")
-        if value is not None:
-            for key in value:
-                if not key.lstrip("-").isdigit():
-                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        for key in value or ():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
         return value
+
+    def structured_output_spec(self) -> StructuredOutputSpec | None:
+        """The output constraint asked for, checked by the grammar library; a :class:`StructuredOutputError`
+        (a 400) names the field at fault, and the request may use only one of the three forms."""
+        given = [name for name in ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                                   "guided_choice", "guided_grammar") if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")   # no constraint
+        if not given:
+            return None
+        if len(given) > 1:
+            raise StructuredOutputError(f"give at most one of response_format (json_object, json_schema), "
+                                        f"structured_outputs and guided_*; got {', '.join(given)}", given[1])
+        field = given[0]
+        try:
+            spec = self._spec_from(field)
+        except StructuredOutputError as exc:
+            # guided_* goes through structured_outputs' mapping, whose paths are not this request's
+            raise _field_error(field, exc, field if field.startswith("guided_") else exc.param or field) from None
+        assert spec is not None   # response_format "text" was left out above
+        try:
+            spec.validate()
+        except StructuredOutputError as exc:
+            where = {"response_format": "response_format.json_schema.schema" if spec.kind == "json" else field,
+                     "structured_outputs": f"structured_outputs.{spec.kind}"}.get(field, field)
+            raise _field_error(field, exc, where) from None
+        except ImportError as exc:   # llguidance is an optional extra
+            raise StructuredOutputError(str(exc), field) from None
+        return spec
+
+    def _spec_from(self, field: str) -> StructuredOutputSpec | None:
+        if field == "response_format":
+            assert self.response_format is not None
+            return StructuredOutputSpec.from_response_format(
+                self.response_format.model_dump(by_alias=True, exclude_none=True))
+        if field == "structured_outputs":
+            assert self.structured_outputs is not None
+            return StructuredOutputSpec.from_structured_outputs(
+                self.structured_outputs.model_dump(by_alias=True, exclude_none=True))
+        return StructuredOutputSpec.from_structured_outputs({field.removeprefix("guided_"): getattr(self, field)})
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -92,6 +229,7 @@ class _SamplingRequest(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            structured_outputs=self.structured_output_spec(),
         )
 
     @property
@@ -100,19 +238,32 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = Field(default=None, ge=1)
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds | Annotated[
+        list[TokenIds], Field(min_length=1)] = Field(description="a string, a list of strings, token ids or a "
+                                                                 "list of token-id lists; none of them empty")
+    max_tokens: int | None = Field(
+        default=None, ge=0, le=INT64_MAX,
+        description="default 16; 0 generates nothing (with echo: the prompt and its logprobs, to score it); prompt + "
+                    "max_tokens must fit the model's context length")
+    best_of: int | None = Field(default=None, ge=1, le=INT64_MAX, description="must equal n")
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    suffix: str | None = None
+    suffix: str | None = Field(default=None, max_length=0, description="not supported (400) unless empty")
+
+    _refuse_suffix = field_validator("suffix", mode="before")(_refuse_unless_noop)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if value == "" or value == [] or (isinstance(value, list) and any(p == "" or p == [] for p in value)):
+            raise PydanticCustomError("empty_prompt", "a prompt must not be empty")
+        return value
 
     def prompts(self) -> list[str | list[int]]:
         """Normalise the four prompt shapes OpenAI accepts to a list of prompts."""
         prompt = self.prompt
         if isinstance(prompt, str):
             return [prompt]
-        if not prompt:
-            return []
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]   # type: ignore[arg-type]
         return list(prompt)   # type: ignore[arg-type]
@@ -125,10 +276,23 @@ class TextContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """A message of the conversation. ``tool`` messages and assistant ``tool_calls`` wait for tool calling."""
+
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, max_length=0,
+                                                    description="not supported yet (400) unless empty")
+
+    _refuse_tool_calls = field_validator("tool_calls", mode="before")(_refuse_unless_noop)
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _no_tool_role(cls, value: Any) -> Any:
+        if value in ("tool", "function"):
+            raise PydanticCustomError("not_supported", f"{_TOOLS}, so there are no {value} messages")
+        return value
 
     def text(self) -> str:
         if self.content is None:
@@ -137,26 +301,46 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def for_template(self) -> dict[str, str]:
+        """What the chat template sees (``name`` only when given)."""
+        message = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX, description="wins over max_tokens")
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs: true")
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="extra variables for the chat template (not its own parameters such as tokenize)")
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=0,
+                                               description="not supported yet (400) unless empty")
+    tool_choice: Literal["none"] | None = Field(default=None, description="not supported yet (400) unless \"none\"")
+    functions: list[dict[str, Any]] | None = Field(default=None, max_length=0,
+                                                   description="not supported yet (400) unless empty")
+    function_call: Literal["none"] | None = Field(default=None,
+                                                  description="not supported yet (400) unless \"none\"")
+
+    _refuse_tools = field_validator("tools", "tool_choice", "functions", "function_call",
+                                    mode="before")(_refuse_unless_noop)
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TokenizeRequest(_Request):
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    prompt: str | None = Field(default=None, description="give exactly one of prompt and messages")
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = Field(
+        default=None, description="add the tokenizer's special tokens (BOS); default true for a prompt, false for "
+                                  "messages (the chat template writes its own)")
+    add_generation_prompt: bool = Field(default=True, description="messages only")
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from fastapi import Request
@@ -19,21 +20,28 @@ class OpenAIServingChat(OpenAIServing):
                  chat_template: str | None) -> None:
         super().__init__(engine, served_model_names, limits)
         self.chat_template = chat_template
+        # chat_template_kwargs are the template's variables, never the renderer's own parameters
+        self.renderer_params = {name for name, p in inspect.signature(self.tokenizer.apply_chat_template).parameters
+                                .items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     def render_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                      template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        """Messages -> token ids through ``--chat-template`` or the tokenizer's template."""
+                      template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False) -> list[int]:
+        """Messages -> token ids through ``--chat-template`` or the tokenizer's template (which writes BOS
+        itself where the model wants one; ``add_special_tokens`` adds the tokenizer's on top)."""
         if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; start the server with --chat-template", "messages")
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        clash = sorted(self.renderer_params & set(template_kwargs or ()))
+        if clash:
+            raise APIError(400, f"chat_template_kwargs may not set {clash[0]!r}: it is a parameter of the "
+                           "renderer, not a template variable", "chat_template_kwargs")
+        conversation = [m.for_template() for m in messages]
         try:
             text = self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt,
                                                       **(template_kwargs or {}))
         except Exception as exc:   # noqa: BLE001 - template errors are the client's messages or the template
             raise APIError(400, f"the chat template could not render these messages: {exc}", "messages") from None
-        # The template writes BOS itself where the model wants one.
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     async def create(self, body: ChatCompletionRequest, raw: Request, header_request_id: str | None
                      ) -> JSONResponse | StreamingResponse:
@@ -42,6 +50,8 @@ class OpenAIServingChat(OpenAIServing):
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
         prompt_ids = self.render_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+        if not prompt_ids:
+            raise APIError(400, "the chat template renders these messages as no tokens at all", "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(max_tokens, logprobs)

@@ -17,7 +17,13 @@ Checked over raw HTTP (httpx, raw sockets) against a server started with ``--max
   full path the message gives). Prompts: ``""``, ``[]``, ``[[]]``, one empty prompt in a batch, a
   missing or null prompt / messages, a token id outside ``[0, vocab_size)``: 400 with ``param``
   ``prompt`` (``messages``); when one prompt of a batch is bad nothing of the batch runs (the prompt-token
-  counter does not move).
+  counter does not move). Integers beyond 64 bits (``seed``, ``top_k``) are 400 too.
+* Not supported yet, so never accepted silently: ``tools`` / ``functions`` other than ``[]``,
+  ``tool_choice`` / ``function_call`` other than ``"none"``, ``tool`` messages and assistant ``tool_calls``,
+  ``suffix``, vLLM's ``stream_options.continuous_usage_stats``: 400 "... not supported (yet)" naming the
+  field; their no-op values are served. So are
+  ``chat_template_kwargs`` that would set a parameter of the template renderer (``tokenize``).
+  Unknown fields are served, ignored, and logged once per name.
 * Context: prompt + ``max_tokens`` over ``--max-model-len`` is 400 ``"This model's maximum context length
   is 64 tokens. However, you requested N tokens (P in the prompt, M in the completion)..."`` with
   ``param`` ``max_tokens`` (also for the completions default of 16 tokens, and for chat); a prompt that
@@ -111,7 +117,7 @@ COMPLETION_CASES = [
     # (id, fields merged into {"model": "tiny", "prompt": "Hello", "max_tokens": 2}, param, message fragment)
     ("max_tokens-string", {"max_tokens": "ten"}, "max_tokens", "max_tokens"),
     ("max_tokens-fraction", {"max_tokens": 1.5}, "max_tokens", None),
-    ("max_tokens-zero", {"max_tokens": 0}, "max_tokens", None),
+    ("max_tokens-negative", {"max_tokens": -1}, "max_tokens", None),
     ("temperature-string", {"temperature": "hot"}, "temperature", "temperature"),
     ("temperature-negative", {"temperature": -1}, "temperature", None),
     ("top_p-zero", {"top_p": 0}, "top_p", None),
@@ -133,7 +139,12 @@ COMPLETION_CASES = [
     ("logit_bias-value-over-100", {"logit_bias": {"5": 101}}, "logit_bias", None),
     ("logit_bias-id-out-of-vocab", {"logit_bias": {"1000000": 1}}, "logit_bias", None),
     ("stop_token_ids-out-of-vocab", {"stop_token_ids": [1000000]}, "stop_token_ids", None),
-    ("suffix", {"suffix": "tail"}, "suffix", None),
+    ("suffix", {"suffix": "tail"}, "suffix", "not supported"),
+    ("seed-over-64-bits", {"seed": 2**64}, "seed", None),
+    ("top_k-over-64-bits", {"top_k": 2**63}, "top_k", None),
+    ("stream_options-continuous_usage_stats",
+     {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}, "stream_options",
+     "stream_options.continuous_usage_stats"),
     ("prompt-empty-string", {"prompt": ""}, "prompt", None),
     ("prompt-empty-list", {"prompt": []}, "prompt", None),
     ("prompt-empty-token-list", {"prompt": [[]]}, "prompt", None),
@@ -142,7 +153,7 @@ COMPLETION_CASES = [
     ("prompt-object", {"prompt": {"text": "Hello"}}, "prompt", None),
     ("prompt-mixed-shapes", {"prompt": ["Hello", [1, 2]]}, "prompt", None),
     ("prompt-token-not-int", {"prompt": [[5, "six"]]}, "prompt", "prompt[0][1]"),
-    ("prompt-token-negative", {"prompt": [5, -1]}, "prompt", "-1"),
+    ("prompt-token-negative", {"prompt": [5, -1]}, "prompt", "prompt[1]"),
     ("prompt-token-huge", {"prompt": [5, 10 ** 9]}, "prompt", None),
 ]
 
@@ -162,6 +173,21 @@ CHAT_CASES = [
     ("max_completion_tokens-zero", {"max_completion_tokens": 0}, "max_completion_tokens", None),
     ("temperature-string", {"temperature": "hot"}, "temperature", None),
     ("logit_bias-key", {"logit_bias": {"x": 1}}, "logit_bias", None),
+    ("messages-role-tool", {"messages": [CHAT[0], {"role": "tool", "content": "4", "tool_call_id": "c1"}]},
+     "messages", "tool calling is not supported yet"),
+    ("messages-tool_calls", {"messages": [CHAT[0], {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages",
+     "messages[1].tool_calls"),
+    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools",
+     "not supported yet"),
+    ("tool_choice-auto", {"tool_choice": "auto"}, "tool_choice", "not supported yet"),
+    ("tool_choice-required", {"tool_choice": "required"}, "tool_choice", "not supported yet"),
+    ("tool_choice-named", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice",
+     "not supported yet"),
+    ("functions", {"functions": [{"name": "f"}]}, "functions", "not supported yet"),
+    ("function_call", {"function_call": "auto"}, "function_call", "not supported yet"),
+    ("chat_template_kwargs-renderer-parameter", {"chat_template_kwargs": {"tokenize": True}},
+     "chat_template_kwargs", "tokenize"),
 ]
 
 
@@ -180,6 +206,31 @@ def test_bad_chat_field_is_400_naming_it(limited, fields, param, fragment):
     error = check_error(post(limited.base_url, "/v1/chat/completions", body), 400, param)
     if fragment is not None:
         assert fragment in error["message"]
+
+
+@pytest.mark.parametrize("path,fields", [
+    ("/v1/completions", {"response_format": {"type": "text"}, "suffix": ""}),
+    ("/v1/chat/completions", {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+                              "functions": [], "function_call": "none"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi", "name": "ann"},
+                                           {"role": "assistant", "content": "Hello", "tool_calls": []},
+                                           {"role": "user", "content": "Bye"}]}),
+], ids=["completions", "chat", "chat-history"])
+def test_no_op_values_of_unsupported_fields_are_accepted(limited, path, fields):
+    prompt = {"prompt": "Hello"} if path == "/v1/completions" else {"messages": CHAT}
+    body = {"model": "tiny", "max_tokens": 2, **prompt, **fields}
+    response = post(limited.base_url, path, body)
+    assert response.status_code == 200, response.text
+
+
+def test_unknown_fields_are_ignored_and_logged_once(limited):
+    for _ in range(2):
+        response = post(limited.base_url, "/v1/completions", {"prompt": "Hello", "max_tokens": 1, "frobnicate": 1,
+                                                              "speculative_hint": "x"})
+        assert response.status_code == 200, response.text
+    log = limited.log()
+    for name in ("frobnicate", "speculative_hint"):
+        assert log.count(f"request field '{name}' is not a field llmserve knows") == 1
 
 
 def test_missing_prompt_or_messages_names_it(limited):

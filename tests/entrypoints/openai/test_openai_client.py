@@ -10,8 +10,13 @@ back is what the offline API computes.
   prompts (text or token ids) returns choice ``prompt_i * n + j`` for sample ``j`` of prompt ``i``.
 * ``logprobs=2`` (completions) gives ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``
   of one entry per generated token, the chosen token's logprob being the best of the two offered and equal
-  to the offline logprob; chat's ``logprobs=True, top_logprobs=2`` does the same in chat's shape.
-* ``echo`` puts the prompt in front of the text (streamed: in each choice's first chunk).
+  to the offline logprob; each ``top_logprobs`` entry is a {token: logprob} object holding the chosen token
+  too (so up to logprobs + 1 entries, as OpenAI's); streamed, the chunks' ``text_offset`` continue each other.
+  Chat's ``logprobs=True, top_logprobs=2`` does the same in chat's shape ({token, logprob, bytes} objects).
+* ``echo`` puts the prompt in front of the text (streamed: in each choice's first chunk); a token-id
+  prompt's text follows ``skip_special_tokens``. ``echo`` + ``max_tokens=0`` + ``logprobs`` (the scoring
+  call of evaluation harnesses) returns exactly the prompt with its logprobs (the first ``null``), equal to
+  the offline prompt logprobs, no completion tokens, the same when sent twice (prefix cache) and streamed.
 * ``stream_options={"include_usage": True}``: the last chunk carries ``usage`` and no choices, every other
   chunk has ``usage`` None; without it no chunk carries usage.
 * A stop string cuts the text just before its first occurrence (``finish_reason`` "stop", ``stop_reason``
@@ -344,6 +349,51 @@ def test_echo(client, offline):
     assert len(lp.tokens) == len(lp.token_logprobs) == usage.prompt_tokens + usage.completion_tokens
     assert lp.token_logprobs[0] is None   # the first prompt token has nothing to be predicted from
     assert all(v is not None for v in lp.token_logprobs[1:])
+
+
+def test_echo_of_token_ids_follows_skip_special_tokens(client, offline):
+    ids = offline.get_tokenizer().encode(PROMPTS[0])   # starts with BOS
+    bos = offline.get_tokenizer().decode(ids[:1])
+    plain = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True)
+    assert plain.choices[0].text == offline.get_tokenizer().decode(ids, skip_special_tokens=True)
+    assert not plain.choices[0].text.startswith(bos)
+    raw = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True,
+                                    extra_body={"skip_special_tokens": False})
+    assert raw.choices[0].text.startswith(bos)
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(client, offline):
+    reference = offline.generate(PROMPTS[:1], SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
+    ids = reference.prompt_token_ids
+    expected = [None] + [pos[t].logprob for pos, t in zip(reference.prompt_logprobs[1:], ids[1:])]
+    answers = [client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=1)
+               for _ in range(2)]   # the second finds the prompt's blocks in the prefix cache
+    for out in answers:
+        choice = out.choices[0]
+        assert choice.text == PROMPTS[0] and choice.finish_reason == "length"
+        assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), 0)
+        lp = choice.logprobs
+        assert lp.tokens == expected_token_texts(offline, ids)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-4)
+        for token, logprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+            assert top[token] == pytest.approx(logprob) and 1 <= len(top) <= 2   # the best, and the chosen
+    assert answers[0].choices[0].logprobs.token_logprobs == answers[1].choices[0].logprobs.token_logprobs
+
+    streamed = [c for chunk in client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=0, echo=True,
+                                                         logprobs=1, stream=True) for c in chunk.choices]
+    assert [c.text for c in streamed] == [PROMPTS[0]] and streamed[0].finish_reason == "length"
+    assert streamed[0].logprobs.token_logprobs == pytest.approx(answers[0].choices[0].logprobs.token_logprobs,
+                                                               abs=1e-5)
+
+
+def test_streamed_text_offsets_continue_each_other(client):
+    kwargs = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 0,
+              "echo": True, "extra_body": GREEDY_EXTRA}
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    streamed = [c.logprobs for chunk in client.completions.create(stream=True, **kwargs) for c in chunk.choices]
+    assert [o for lp in streamed for o in lp.text_offset] == whole.text_offset
+    assert [t for lp in streamed for t in lp.tokens] == whole.tokens
 
 
 # ------------------------------------------------------------------ stream_options

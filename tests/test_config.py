@@ -1,0 +1,52 @@
+"""Engine configuration: ``--structured-outputs-config`` as vLLM's flag (JSON), one backend (llguidance).
+
+* JSON text, a dict or nothing give a :class:`StructuredOutputsConfig`; ``backend`` takes ``auto``, ``guidance``
+  (vLLM's name for llguidance) or ``llguidance``; ``disable_any_whitespace`` and ``disable_fallback`` booleans.
+* Another backend (``xgrammar``, ``outlines``) is refused naming the ones supported; so are malformed JSON, a
+  non-object, a vLLM key llmserve does not honour, an unknown key and a non-boolean option.
+* The command line passes the flag through to :class:`EngineConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from llmserve.config import EngineConfig, StructuredOutputsConfig
+from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, StructuredOutputsConfig()),
+    ('{"backend": "guidance"}', StructuredOutputsConfig(backend="guidance")),
+    ({"backend": "llguidance", "disable_any_whitespace": True},
+     StructuredOutputsConfig(backend="llguidance", disable_any_whitespace=True)),
+    ('{"backend": "auto", "disable_fallback": true}', StructuredOutputsConfig(disable_fallback=True)),
+])
+def test_structured_outputs_config_parses(value, expected):
+    assert EngineConfig(structured_outputs_config=value).structured_outputs_config == expected
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ('{"backend": "xgrammar"}', "backend 'xgrammar' is not supported; llmserve enforces structured outputs with "
+                                "llguidance: use one of auto, guidance, llguidance"),
+    ({"backend": "outlines"}, "'outlines' is not supported"),
+    ("{backend: auto}", "must be a JSON object"),
+    ("[1]", "must be a JSON object"),
+    ('{"reasoning_parser": "deepseek_r1"}', "'reasoning_parser' is vLLM's but not supported"),
+    ('{"colour": 1}', "'colour' is not a known key"),
+    ('{"disable_any_whitespace": "yes"}', "disable_any_whitespace must be true or false"),
+])
+def test_bad_structured_outputs_config_is_refused(value, fragment):
+    with pytest.raises(ValueError, match="--structured-outputs-config") as info:
+        EngineConfig(structured_outputs_config=value)
+    assert fragment in str(info.value)
+
+
+def test_the_flag_reaches_the_engine_config():
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--structured-outputs-config", '{"disable_any_whitespace": true}'])
+    assert engine_config_from_args(args).structured_outputs_config == StructuredOutputsConfig(
+        disable_any_whitespace=True)
