@@ -9,7 +9,7 @@ import torch
 
 from llmserve.testing.checkpoints import write_checkpoint
 
-FAMILY_NAMES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"]
+FAMILY_NAMES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "cohere", "cohere2", "phi3"]
 
 # Tiny models: one thread is faster than two fighting over a busy 2-core machine.
 torch.set_num_threads(1)

@@ -67,13 +67,14 @@ class GemmaRMSNorm(RMSNorm):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with a bias (GPT-2), with the same optional fused residual add as :class:`RMSNorm`."""
+    """LayerNorm with a bias (GPT-2) or without (Command-R), with the same optional fused residual add as
+    :class:`RMSNorm`."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Rotary position embedding (neox / rotate-half layout, as HF Llama, Mistral and Qwen use).
+"""Rotary position embedding: neox / rotate-half layout (HF Llama, Mistral, Qwen: dims ``i`` and ``i + D/2``
+rotate together) or the interleaved GPT-J layout (Cohere: dims ``2i`` and ``2i + 1``).
 
 cos/sin are computed once for every position up to ``max_position`` and gathered by position per step.
 On CPU in float32, q and k are rotated in place by one compiled call (``cpu_layer_ops.c``).
@@ -54,9 +55,11 @@ def _scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None) -> None:
+    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None,
+                 interleaved: bool = False) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self.interleaved = interleaved
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         inv_freq = _scaled_inv_freq(inv_freq, scaling or {})
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
@@ -67,17 +70,24 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] by their token positions [T] (in place on CPU)."""
-        kernels = kernels_for(q)
+        kernels = None if self.interleaved else kernels_for(q)   # the compiled kernel is neox-only
         if (kernels is not None and k.dtype == q.dtype and q.stride(2) == 1 and k.stride(2) == 1
                 and q.stride(1) == self.head_dim and k.stride(1) == self.head_dim):
             kernels.rotary_embedding(positions.contiguous(), q, k, self.cos_cache, self.sin_cache)
             return q, k
         cos = self.cos_cache[positions].unsqueeze(1)
         sin = self.sin_cache[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        rotate = _rotate_interleaved if self.interleaved else _rotate
+        return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
+
+
+def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x32 = x.float()
+    x1, x2 = x32[..., ::2], x32[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).to(x.dtype)

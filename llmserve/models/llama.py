@@ -1,13 +1,14 @@
 """Llama decoder blocks, shared by the pre-norm decoder families (``mistral.py``, ``qwen2.py``, ``qwen3.py``,
-``gemma2.py``, ``gemma3.py``, ``gpt2.py``).
+``gemma2.py``, ``gemma3.py``, ``gpt2.py``, ``cohere.py``, ``phi3.py``).
 
 A family differs only in a few block choices, which its file states explicitly as a
 :class:`LlamaBlockSpec` (biases, per-head q/k norm, norm kind, activation, attention scale and soft-cap,
-rotary or learned positions), plus, where the layout itself differs, a subclass of the decoder layer
-(Gemma's four norms) or of the embedding (Gemma's scale, GPT-2's learned positions), and a mapping of
-its checkpoint's names onto these modules (GPT-2). Model code is backend-agnostic (attention metadata
-goes to each :class:`Attention` layer untouched) and parallelism-agnostic: layers shard themselves over
-the TP group, and the model builds only its pipeline stage's layers.
+rotary layout and which layers rotate, or learned positions), plus, where the layout itself differs, a
+subclass of the decoder layer (Gemma's four norms, Cohere's parallel residual) or of the embedding (Gemma's
+scale, GPT-2's learned positions), and a mapping of its checkpoint's names onto these modules (GPT-2).
+Model code is backend-agnostic (attention metadata goes to each :class:`Attention` layer untouched) and
+parallelism-agnostic: layers shard themselves over the TP group, and the model builds only its pipeline
+stage's layers.
 """
 
 from __future__ import annotations
@@ -66,10 +67,13 @@ class LlamaBlockSpec:
     o_bias: bool = False
     qk_norm: bool = False    # per-head norm on queries and keys before rotary (Qwen3, Gemma 3)
     mlp_bias: bool = False
-    norm: str = "rms"        # "rms"; "gemma_rms" (scales by 1 + w, Gemma); "layer" (LayerNorm with bias, GPT-2)
+    norm: str = "rms"        # "rms"; "gemma_rms" (scales by 1 + w, Gemma); "layer" (LayerNorm with bias, GPT-2);
+                             # "layer_no_bias" (Command-R)
     activation: str = "silu"   # the MLP's, by its transformers name
     gated_mlp: bool = True     # act(gate) * up; False: act(up) (GPT-2)
     rotary: bool = True        # False: positions enter as learned embeddings (GPT-2)
+    rotary_interleaved: bool = False   # rotate dims (2i, 2i+1) (GPT-J layout, Command-R), not (i, i + D/2)
+    rotary_on_sliding_layers_only: bool = False   # full-attention layers have no positional encoding (Cohere2)
     attn_scale: float | None = None   # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
     attn_scale_by_inverse_layer: bool = False   # scale / (layer + 1) (GPT-2's scale_attn_by_inverse_layer_idx)
     attn_logit_softcap: float | None = None     # c * tanh(scores / c) before the softmax (Gemma 2)
@@ -82,6 +86,8 @@ def make_norm(spec: LlamaBlockSpec, size: int, eps: float) -> nn.Module:
         return GemmaRMSNorm(size, eps)
     if spec.norm == "layer":
         return LayerNorm(size, eps)
+    if spec.norm == "layer_no_bias":
+        return LayerNorm(size, eps, bias=False)
     raise ValueError(f"unknown norm kind {spec.norm!r}")
 
 
@@ -131,17 +137,18 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, spec.o_bias,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.rotary_emb = None
-        if spec.rotary:
+        window = sliding_window_of(config, layer)
+        if spec.rotary and (window is not None or not spec.rotary_on_sliding_layers_only):
             theta, scaling = rope_parameters(config, layer_type_of(config, layer))
-            self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
+            self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling,
+                                              interleaved=spec.rotary_interleaved)
         eps = norm_eps_of(config)
         self.q_norm = make_norm(spec, self.head_dim, eps) if spec.qk_norm else None
         self.k_norm = make_norm(spec, self.head_dim, eps) if spec.qk_norm else None
         scale = spec.attn_scale if spec.attn_scale is not None else self.head_dim ** -0.5
         if spec.attn_scale_by_inverse_layer:
             scale /= float(layer + 1)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale,
-                              sliding_window=sliding_window_of(config, layer),
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window=window,
                               logits_soft_cap=spec.attn_logit_softcap)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: object) -> torch.Tensor:

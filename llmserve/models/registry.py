@@ -6,11 +6,13 @@ from typing import Any
 
 from torch import nn
 
+from llmserve.models.cohere import Cohere2ForCausalLM, CohereForCausalLM
 from llmserve.models.gemma2 import Gemma2ForCausalLM
 from llmserve.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from llmserve.models.gpt2 import GPT2LMHeadModel
 from llmserve.models.llama import LlamaForCausalLM
 from llmserve.models.mistral import MistralForCausalLM
+from llmserve.models.phi3 import Phi3ForCausalLM
 from llmserve.models.qwen2 import Qwen2ForCausalLM
 from llmserve.models.qwen3 import Qwen3ForCausalLM
 
@@ -23,6 +25,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
     "GPT2LMHeadModel": GPT2LMHeadModel,
+    "CohereForCausalLM": CohereForCausalLM,
+    "Cohere2ForCausalLM": Cohere2ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 
 # Multimodal checkpoints whose language model llmserve serves on its own (text in, text out).
@@ -35,10 +40,7 @@ NOT_YET_SUPPORTED: dict[str, str] = {
     "Gemma3nForCausalLM": "Gemma 3n needs per-layer inputs, KV sharing and AltUp",
     "Gemma3nForConditionalGeneration": "Gemma 3n needs per-layer inputs, KV sharing and AltUp",
     "GemmaForCausalLM": "Gemma (1) is not implemented yet (Gemma 2 and 3 are)",
-    "Phi3ForCausalLM": "Phi-3 needs LongRoPE",
     "FalconForCausalLM": "Falcon needs parallel attention + MLP blocks and ALiBi",
-    "CohereForCausalLM": "Command-R needs parallel residual blocks and logit_scale",
-    "Cohere2ForCausalLM": "Command-R needs parallel residual blocks and logit_scale",
     "BloomForCausalLM": "BLOOM needs ALiBi attention biases",
 }
 

@@ -2,8 +2,10 @@
 differ by layout, for :mod:`llmserve.testing.checkpoints`.
 
 Layouts: ``llama`` (Llama, Mistral, Qwen2, Qwen3), ``gemma`` (Gemma 2 and 3: four norms per layer, norm
-weights centred on 0 since the model scales by ``1 + w``) and ``gpt2`` (``transformer.h.N``, Conv1D weights
-stored ``[in, out]``, fused ``c_attn``, LayerNorm with bias, learned positions).
+weights centred on 0 since the model scales by ``1 + w``), ``cohere`` (Command-R: one norm per layer, q/k
+norms with a weight per head, logits scaled by ``logit_scale``), ``phi3`` (Llama's tensors with q/k/v fused
+in ``qkv_proj`` and gate/up in ``gate_up_proj``) and ``gpt2`` (``transformer.h.N``, Conv1D
+weights stored ``[in, out]``, fused ``c_attn``, LayerNorm with bias, learned positions).
 
 Scales are chosen so that a hidden state gives logits with a standard deviation of about 4 across the
 vocabulary: greedy decoding then has clear winners and rarely hinges on float rounding.
@@ -48,6 +50,15 @@ def normal(std: float, mean: float = 0.0):
     return init
 
 
+def stacked(*parts: tuple[int, Callable[[torch.Generator, tuple[int, ...]], torch.Tensor]]):
+    """Rows drawn part by part (a fused projection whose parts have their own scales), stacked along dim 0."""
+
+    def init(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.cat([part_init(gen, (rows, *shape[1:])) for rows, part_init in parts])
+
+    return init
+
+
 # RMSNorm weights: around 1 (not exactly 1, so that an engine ignoring them is caught).
 NORM_INIT = normal(0.1, mean=1.0)
 # Gemma stores w and scales by 1 + w: around 0.
@@ -64,10 +75,12 @@ def llama_tensors(fam: FamilySpec, sz: SizeSpec, head_dim: int) -> list[TensorSp
     Gemma's tied embedding is multiplied by sqrt(hidden) on the way in, and its branch outputs are normed:
     the post-norms' ``1 + w`` (around ``branch_gain``) sets how much each layer adds to the residual stream.
     """
-    gemma = fam.layout == "gemma"
+    gemma, cohere, phi3 = fam.layout == "gemma", fam.layout == "cohere", fam.layout == "phi3"
     h, inter, v = sz.hidden_size, sz.intermediate_size, sz.vocab_size
     q_out, kv_out = sz.num_attention_heads * head_dim, sz.num_key_value_heads * head_dim
     out_std = LOGIT_STD / math.sqrt(h)  # final hidden has RMS ~1 after the norm
+    if cohere:
+        out_std /= COHERE_LOGIT_SCALE   # the model multiplies its logits by logit_scale
     norm = GEMMA_NORM_INIT if gemma else NORM_INIT
     post_norm = normal(0.1, mean=fam.branch_gain - 1.0)
     branch = 1.0 if gemma else fam.branch_gain
@@ -75,24 +88,34 @@ def llama_tensors(fam: FamilySpec, sz: SizeSpec, head_dim: int) -> list[TensorSp
     specs = [TensorSpec("model.embed_tokens.weight", (v, h), normal(out_std if fam.tie_word_embeddings else 1.0))]
     for i in range(sz.num_hidden_layers):
         p = f"model.layers.{i}."
-        for proj, out_dim, std in (("q", q_out, QK_STD * _inv(h)), ("k", kv_out, QK_STD * _inv(h)),
-                                   ("v", kv_out, _inv(h))):
-            specs.append(TensorSpec(p + f"self_attn.{proj}_proj.weight", (out_dim, h), normal(std)))
-            if fam.qkv_bias:
-                specs.append(TensorSpec(p + f"self_attn.{proj}_proj.bias", (out_dim,), normal(0.5)))
+        qkv = (("q", q_out, QK_STD * _inv(h)), ("k", kv_out, QK_STD * _inv(h)), ("v", kv_out, _inv(h)))
+        if phi3:
+            specs.append(TensorSpec(p + "self_attn.qkv_proj.weight", (q_out + 2 * kv_out, h),
+                                    stacked(*((rows, normal(std)) for _, rows, std in qkv))))
+        else:
+            for proj, out_dim, std in qkv:
+                specs.append(TensorSpec(p + f"self_attn.{proj}_proj.weight", (out_dim, h), normal(std)))
+                if fam.qkv_bias:
+                    specs.append(TensorSpec(p + f"self_attn.{proj}_proj.bias", (out_dim,), normal(0.5)))
         specs.append(TensorSpec(p + "self_attn.o_proj.weight", (h, q_out), normal(branch * _inv(q_out))))
-        if fam.qk_norm:
+        if fam.qk_norm:   # Cohere's: a weight per head and dim
             specs += [
-                TensorSpec(p + "self_attn.q_norm.weight", (head_dim,), norm),
-                TensorSpec(p + "self_attn.k_norm.weight", (head_dim,), norm),
+                TensorSpec(p + "self_attn.q_norm.weight",
+                           (sz.num_attention_heads, head_dim) if cohere else (head_dim,), norm),
+                TensorSpec(p + "self_attn.k_norm.weight",
+                           (sz.num_key_value_heads, head_dim) if cohere else (head_dim,), norm),
             ]
+        if phi3:
+            specs.append(TensorSpec(p + "mlp.gate_up_proj.weight", (2 * inter, h), normal(_inv(h))))
+        else:
+            specs += [TensorSpec(p + "mlp.gate_proj.weight", (inter, h), normal(_inv(h))),
+                      TensorSpec(p + "mlp.up_proj.weight", (inter, h), normal(_inv(h)))]
         specs += [
-            TensorSpec(p + "mlp.gate_proj.weight", (inter, h), normal(_inv(h))),
-            TensorSpec(p + "mlp.up_proj.weight", (inter, h), normal(_inv(h))),
             TensorSpec(p + "mlp.down_proj.weight", (h, inter), normal(branch * _inv(inter))),
             TensorSpec(p + "input_layernorm.weight", (h,), norm),
-            TensorSpec(p + "post_attention_layernorm.weight", (h,), post_norm if gemma else norm),
         ]
+        if not cohere:   # Cohere: attention and MLP share the input norm (parallel residual)
+            specs.append(TensorSpec(p + "post_attention_layernorm.weight", (h,), post_norm if gemma else norm))
         if gemma:
             specs += [
                 TensorSpec(p + "pre_feedforward_layernorm.weight", (h,), norm),
@@ -155,6 +178,23 @@ def gpt2_config(sz: SizeSpec, eos_id: int) -> dict[str, Any]:
         "use_cache": True,
         "vocab_size": sz.vocab_size,
     }
+
+
+# Command-R's logit_scale in the tiny checkpoints (released: 0.0625 and 0.25); the tied embedding is scaled up
+# by its inverse so that the logits keep their LOGIT_STD.
+COHERE_LOGIT_SCALE = 0.25
+
+
+def cohere_config(fam: FamilySpec, sz: SizeSpec) -> dict[str, Any]:
+    """Cohere's keys besides the Llama ones (``layer_norm_eps`` instead of ``rms_norm_eps``, ``logit_scale``,
+    ``use_qk_norm``; Cohere2's interleaved window: 3 sliding layers, then a full one without rope)."""
+    config: dict[str, Any] = {"layer_norm_eps": fam.rms_norm_eps, "logit_scale": COHERE_LOGIT_SCALE}
+    if fam.model_type == "cohere":
+        config["use_qk_norm"] = fam.qk_norm
+    else:
+        config["layer_types"] = ["sliding_attention" if (i + 1) % 4 else "full_attention"
+                                 for i in range(sz.num_hidden_layers)]
+    return config
 
 
 def gemma_config(fam: FamilySpec, sz: SizeSpec, config_style: str) -> dict[str, Any]:

@@ -32,6 +32,14 @@ Families (:data:`FAMILIES`):
              2 KV heads (GQA ratio 3) of head_dim 16. Sentencepiece-style BPE, Gemma turn template.
 ``gemma3``   ``Gemma3ForCausalLM``: as gemma2 with q/k norms and no soft-caps; tiny has 6 layers, 5 local
              (window 10, rope base 10k) and 1 global (rope base 1M, linear scaling x8).
+``cohere``   ``CohereForCausalLM`` (Command-R): bias-free LayerNorm, parallel residual (one norm per layer),
+             interleaved rotary, ``logit_scale`` 0.25, per-head q/k LayerNorm (``use_qk_norm``, as Command R+),
+             tied; tiny: hidden 96, 3 layers, 6 heads / 2 KV heads (GQA ratio 3) of 16. Byte-level BPE, ChatML template.
+``cohere2``  ``Cohere2ForCausalLM`` (Command R7B / A): as cohere without q/k norms; 4 layers, 3 with a 10-token
+             window and rotary, the 4th full attention without positional encoding.
+``phi3``     ``Phi3ForCausalLM``: fused ``qkv_proj`` and ``gate_up_proj`` tensors, plain rope (the 4k checkpoints;
+             LongRoPE is refused), a sliding window on every layer (10 tokens in tiny), untied; tiny: hidden 96,
+             6 heads / 2 KV heads (GQA ratio 3) of 16. Sentencepiece-style BPE, Phi-3 ``<|user|>`` template.
 ``gpt2``     ``GPT2LMHeadModel``: ``transformer.h.N`` Conv1D weights (``[in, out]``), fused ``c_attn``,
              LayerNorm with bias, learned positions, ``gelu_new``, tied; ``n_inner`` 160 (not 4 x hidden).
              Byte-level BPE with ``<|endoftext|>`` as BOS/EOS, ChatML template.
@@ -76,7 +84,7 @@ from safetensors.torch import save_file
 
 from llmserve.config import cache_dir
 
-from .checkpoint_layouts import TensorSpec, gemma_config, gpt2_config, gpt2_tensors, llama_tensors
+from .checkpoint_layouts import TensorSpec, cohere_config, gemma_config, gpt2_config, gpt2_tensors, llama_tensors
 from .tokenizer_files import BYTELEVEL, SENTENCEPIECE, TokenizerInfo, build_tokenizer, write_tokenizer_files
 
 __all__ = [
@@ -139,6 +147,14 @@ MISTRAL_CHAT_TEMPLATE = (
     "{{- message['content'] + eos_token }}"
     "{%- endif %}"
     "{%- endfor %}"
+)
+
+# Phi-3-mini-4k-instruct's template.
+PHI3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- else %}{{- eos_token }}{%- endif %}"
 )
 
 GEMMA_CHAT_TEMPLATE = (
@@ -207,7 +223,7 @@ class FamilySpec:
     # through the tied output matrix, keeps winning and greedy decoding collapses into repeats.
     branch_gain: float = 1.0
     extra_config: Mapping[str, Any] = field(default_factory=dict)
-    # Tensor names and layout: "llama", "gemma" or "gpt2" (see checkpoint_layouts).
+    # Tensor names and layout: "llama", "gemma", "cohere", "phi3" or "gpt2" (see checkpoint_layouts).
     layout: str = "llama"
     # Per size name: SizeSpec fields to replace and other config.json keys to set.
     size_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -343,6 +359,50 @@ FAMILIES: dict[str, FamilySpec] = {
         extra_config={"attention_bias": False, "attn_logit_softcapping": None, "final_logit_softcapping": None},
         size_overrides={"tiny": {"hidden_size": 48, "num_hidden_layers": 6, "num_attention_heads": 6,
                                  "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 10}},
+    ),
+    "cohere": FamilySpec(
+        name="cohere",
+        architecture="CohereForCausalLM",
+        model_type="cohere",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,   # written as layer_norm_eps
+        tie_word_embeddings=True,
+        qk_norm=True,
+        branch_gain=32.0,
+        layout="cohere",
+        extra_config={"attention_bias": False},
+        size_overrides={"tiny": {"hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 6,
+                                 "num_key_value_heads": 2}},
+    ),
+    "cohere2": FamilySpec(
+        name="cohere2",
+        architecture="Cohere2ForCausalLM",
+        model_type="cohere2",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-5,   # written as layer_norm_eps
+        tie_word_embeddings=True,
+        branch_gain=16.0,
+        layout="cohere",
+        extra_config={"attention_bias": False},
+        size_overrides={"tiny": {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 6,
+                                 "num_key_value_heads": 2, "sliding_window": 10}},
+    ),
+    "phi3": FamilySpec(
+        name="phi3",
+        architecture="Phi3ForCausalLM",
+        model_type="phi3",
+        tokenizer_kind=SENTENCEPIECE,
+        chat_template=PHI3_CHAT_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        layout="phi3",
+        extra_config={"resid_pdrop": 0.0, "embd_pdrop": 0.0},
+        size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,
+                                 "sliding_window": 10}},
     ),
     "gpt2": FamilySpec(
         name="gpt2",
@@ -518,6 +578,12 @@ def _model_config(fam: FamilySpec, sz: SizeSpec, tok: TokenizerInfo, dtype: torc
     if fam.layout == "gemma":
         config["hidden_act"] = "gelu_pytorch_tanh"
         config.update(gemma_config(fam, sz, config_style))
+    if fam.layout == "cohere":
+        del config["rms_norm_eps"]
+        config.update(cohere_config(fam, sz))
+    if fam.layout == "phi3":
+        config["original_max_position_embeddings"] = sz.max_position_embeddings
+        config["pad_token_id"] = eos_id   # transformers' default (32000) is outside the tiny vocabulary
     if config_style in ("both", "legacy"):
         config.setdefault("rope_theta", fam.rope_theta)
         config.setdefault("rope_scaling", rope_scaling)

@@ -76,12 +76,12 @@ def llm_block_bytes(path, block_size: int) -> int:
     return 2 * cfg.num_hidden_layers * block_size * kv_heads * head_dim * 4
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gpt2"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gpt2", "cohere", "cohere2", "phi3"])
 def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     """One engine per family under everything that changes how the KV cache fills: 7-token steps split the
     prompts, 24 blocks of 4 tokens force preemption, and a repeated prompt is served from the prefix cache.
-    The tiny Gemmas slide a 10-token window (Gemma 3 on 5 of its 6 layers), shorter than most prompts and
-    than every prompt plus its 24 tokens."""
+    The tiny Gemmas, Cohere2 and Phi-3 slide a 10-token window (Gemma 3 on 5 of its 6 layers, Cohere2 on 3 of 4),
+    shorter than most prompts and than every prompt plus its 24 tokens."""
     path = checkpoint_dir(family)
     llm = LLM(str(path), block_size=4, max_num_batched_tokens=7, kv_cache_memory_bytes=24 * llm_block_bytes(path, 4))
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))

@@ -135,7 +135,7 @@ def test_bidirectional_gemma_is_refused(checkpoint_dir, tmp_path):
         load_tiny(path)
 
 
-@pytest.mark.parametrize("arch,what", [("Gemma4ForCausalLM", "per-layer inputs"), ("Phi3ForCausalLM", "LongRoPE"),
+@pytest.mark.parametrize("arch,what", [("Gemma4ForCausalLM", "per-layer inputs"), ("FalconForCausalLM", "ALiBi"),
                                        ("BloomForCausalLM", "ALiBi")])
 def test_families_not_implemented_yet_are_refused_with_the_reason(arch, what):
     class Config:

@@ -61,14 +61,15 @@ def test_each_stage_builds_and_loads_only_its_part(checkpoint_dir):
     assert "model.layers.0" not in str(info.value) and "embed_tokens" not in str(info.value)
 
 
-# llama3, gemma2, gpt2: tied embeddings; gemma2: a scaled embedding and four norms per layer; gpt2: learned
-# positions on the first stage only
-@pytest.mark.parametrize("family", ["llama", "llama3", "qwen3", "gemma2", "gpt2"])
+# llama3, gemma2, gpt2, cohere2: tied embeddings; gemma2: a scaled embedding and four norms per layer; gpt2: learned
+# positions on the first stage only; cohere2: the parallel residual handed over, logit_scale on the last stage;
+# phi3: fused checkpoint tensors
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen3", "gemma2", "gpt2", "cohere2", "phi3"])
 def test_two_stages_compose_to_the_one_stage_model(checkpoint_dir, family):
     path = checkpoint_dir(family)
     full = load_tiny(path)
     first, last = build_stages(path)
-    if family in ("llama3", "gemma2", "gpt2"):   # the last stage holds its own copy of the tied matrix
+    if full.tie_word_embeddings:   # the last stage holds its own copy of the tied matrix
         assert full.lm_head.tied and not last.lm_head.tied
     hidden_size, vocab = full.config.hidden_size, full.config.vocab_size
     backends = [bind_cache(m) for m in (full, first, last)]

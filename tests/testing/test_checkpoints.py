@@ -237,6 +237,8 @@ def test_chat_template_renders(family, tiny_checkpoints):
         assert text.endswith("<|im_start|>assistant\n") and text.count("<|im_end|>") == 4
     elif FAMILIES[family].layout == "gemma":
         assert text.startswith("<s><start_of_turn>user\nBe brief.") and text.endswith("<start_of_turn>model\n")
+    elif FAMILIES[family].layout == "phi3":
+        assert text.startswith("<|system|>\nBe brief.<|end|>\n") and text.endswith("<|end|>\n<|assistant|>\n")
     else:
         assert text.startswith("<s>[INST]") and text.endswith("[/INST]") and "</s>" in text
     ids = tok(text, add_special_tokens=False)["input_ids"]
