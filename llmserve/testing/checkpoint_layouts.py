@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 if TYPE_CHECKING:
-    from llmserve.testing.checkpoints import FamilySpec, SizeSpec
+    from llmserve.testing.checkpoint_families import FamilySpec, SizeSpec
 
 # Target standard deviation of the logits across the vocabulary.
 LOGIT_STD = 4.0

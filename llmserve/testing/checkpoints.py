@@ -75,7 +75,6 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -84,8 +83,21 @@ from safetensors.torch import save_file
 
 from llmserve.config import cache_dir
 
-from .checkpoint_layouts import TensorSpec, cohere_config, gemma_config, gpt2_config, gpt2_tensors, llama_tensors
-from .tokenizer_files import BYTELEVEL, SENTENCEPIECE, TokenizerInfo, build_tokenizer, write_tokenizer_files
+from .checkpoint_families import FAMILIES, SIZES, FamilySpec, SizeSpec
+from .checkpoint_layouts import (
+    TensorSpec,
+    cohere_config,
+    gemma_config,
+    gpt2_config,
+    gpt2_tensors,
+    llama_tensors,
+)
+from .tokenizer_files import (
+    SENTENCEPIECE,
+    TokenizerInfo,
+    build_tokenizer,
+    write_tokenizer_files,
+)
 
 __all__ = [
     "FAMILIES",
@@ -106,318 +118,6 @@ FORMAT_VERSION = 1
 DEMO_MODEL_NAME = "llmserve-demo-llama-125m"
 _STAMP_FILE = ".llmserve-checkpoint.json"
 
-
-# --------------------------------------------------------------------------------------------------
-# Chat templates
-# --------------------------------------------------------------------------------------------------
-
-LLAMA2_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system_message = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
-    "{%- set loop_messages = messages[1:] %}"
-    "{%- else %}"
-    "{%- set system_message = '' %}"
-    "{%- set loop_messages = messages %}"
-    "{%- endif %}"
-    "{%- for message in loop_messages %}"
-    "{%- if message['role'] == 'user' %}"
-    "{%- if loop.first %}{%- set content = system_message + message['content'] %}"
-    "{%- else %}{%- set content = message['content'] %}{%- endif %}"
-    "{{- bos_token + '[INST] ' + content + ' [/INST]' }}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{{- ' ' + message['content'] + ' ' + eos_token }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-)
-
-MISTRAL_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system_message = messages[0]['content'] + '\\n\\n' %}"
-    "{%- set loop_messages = messages[1:] %}"
-    "{%- else %}"
-    "{%- set system_message = '' %}"
-    "{%- set loop_messages = messages %}"
-    "{%- endif %}"
-    "{%- for message in loop_messages %}"
-    "{%- if message['role'] == 'user' %}"
-    "{%- if loop.first %}{{- '[INST] ' + system_message + message['content'] + ' [/INST]' }}"
-    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{{- message['content'] + eos_token }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-)
-
-# Phi-3-mini-4k-instruct's template.
-PHI3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- else %}{{- eos_token }}{%- endif %}"
-)
-
-GEMMA_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' %}"
-    "{%- set loop_messages = messages[1:] %}"
-    "{%- else %}"
-    "{%- set first_user_prefix = '' %}"
-    "{%- set loop_messages = messages %}"
-    "{%- endif %}"
-    "{%- for message in loop_messages %}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{- '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] }}"
-    "{{- '<end_of_turn>\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
-)
-
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and message['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-
-# --------------------------------------------------------------------------------------------------
-# Families and sizes
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SizeSpec:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    vocab_size: int
-    head_dim: int | None = None   # None: the family's head_dim_factor x hidden / heads
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    name: str
-    architecture: str
-    model_type: str
-    tokenizer_kind: str
-    chat_template: str
-    rope_theta: float
-    rms_norm_eps: float
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    qk_norm: bool = False
-    # head_dim = head_dim_factor * hidden_size // num_attention_heads
-    head_dim_factor: int = 1
-    # Llama-3 rope scaling (original_max_position_embeddings = max_position_embeddings // 8).
-    llama3_rope_scaling: bool = False
-    # Multiplies the init scale of o_proj and down_proj (the residual branches).  Tied families need the
-    # layers to dominate the residual stream: otherwise the current token's own embedding, read back
-    # through the tied output matrix, keeps winning and greedy decoding collapses into repeats.
-    branch_gain: float = 1.0
-    extra_config: Mapping[str, Any] = field(default_factory=dict)
-    # Tensor names and layout: "llama", "gemma", "cohere", "phi3" or "gpt2" (see checkpoint_layouts).
-    layout: str = "llama"
-    # Per size name: SizeSpec fields to replace and other config.json keys to set.
-    size_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-
-SIZES: dict[str, SizeSpec] = {
-    "tiny": SizeSpec(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=2048,
-        vocab_size=2000,
-    ),
-    "bench": SizeSpec(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        intermediate_size=2048,
-        max_position_embeddings=4096,
-        vocab_size=32000,
-    ),
-    # GPU benchmark shapes (bf16: about 2.5 GB and 16 GB of weights). Llama-3.2-1B: 16 layers, hidden 2048,
-    # 32 heads / 8 KV heads of 64, intermediate 8192 (pair it with family llama3: tied embeddings).
-    "1b": SizeSpec(
-        hidden_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=8192,
-        max_position_embeddings=8192,
-        vocab_size=128256,
-    ),
-    # Llama-3-8B: 32 layers, hidden 4096, 32 heads / 8 KV heads of 128, intermediate 14336 (family llama:
-    # untied embeddings).
-    "8b": SizeSpec(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        max_position_embeddings=8192,
-        vocab_size=128256,
-    ),
-}
-
-FAMILIES: dict[str, FamilySpec] = {
-    "llama": FamilySpec(
-        name="llama",
-        architecture="LlamaForCausalLM",
-        model_type="llama",
-        tokenizer_kind=SENTENCEPIECE,
-        chat_template=LLAMA2_CHAT_TEMPLATE,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        extra_config={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
-    ),
-    "llama3": FamilySpec(
-        name="llama3",
-        architecture="LlamaForCausalLM",
-        model_type="llama",
-        tokenizer_kind=SENTENCEPIECE,
-        chat_template=LLAMA2_CHAT_TEMPLATE,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        llama3_rope_scaling=True,
-        branch_gain=4.0,
-        extra_config={"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1},
-    ),
-    "mistral": FamilySpec(
-        name="mistral",
-        architecture="MistralForCausalLM",
-        model_type="mistral",
-        tokenizer_kind=SENTENCEPIECE,
-        chat_template=MISTRAL_CHAT_TEMPLATE,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-5,
-        extra_config={"sliding_window": None},
-    ),
-    "qwen2": FamilySpec(
-        name="qwen2",
-        architecture="Qwen2ForCausalLM",
-        model_type="qwen2",
-        tokenizer_kind=BYTELEVEL,
-        chat_template=CHATML_TEMPLATE,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        qkv_bias=True,
-        extra_config={"use_sliding_window": False, "sliding_window": None},
-    ),
-    "qwen3": FamilySpec(
-        name="qwen3",
-        architecture="Qwen3ForCausalLM",
-        model_type="qwen3",
-        tokenizer_kind=BYTELEVEL,
-        chat_template=CHATML_TEMPLATE,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        qk_norm=True,
-        head_dim_factor=2,
-        extra_config={"attention_bias": False, "use_sliding_window": False, "sliding_window": None},
-    ),
-    "gemma2": FamilySpec(
-        name="gemma2",
-        architecture="Gemma2ForCausalLM",
-        model_type="gemma2",
-        tokenizer_kind=SENTENCEPIECE,
-        chat_template=GEMMA_CHAT_TEMPLATE,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        branch_gain=8.0,
-        layout="gemma",
-        extra_config={"attention_bias": False, "attn_logit_softcapping": 4.0, "final_logit_softcapping": 15.0},
-        size_overrides={"tiny": {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2,
-                                 "head_dim": 16, "sliding_window": 10}},
-    ),
-    "gemma3": FamilySpec(
-        name="gemma3",
-        architecture="Gemma3ForCausalLM",
-        model_type="gemma3_text",
-        tokenizer_kind=SENTENCEPIECE,
-        chat_template=GEMMA_CHAT_TEMPLATE,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        qk_norm=True,
-        branch_gain=8.0,
-        layout="gemma",
-        extra_config={"attention_bias": False, "attn_logit_softcapping": None, "final_logit_softcapping": None},
-        size_overrides={"tiny": {"hidden_size": 48, "num_hidden_layers": 6, "num_attention_heads": 6,
-                                 "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 10}},
-    ),
-    "cohere": FamilySpec(
-        name="cohere",
-        architecture="CohereForCausalLM",
-        model_type="cohere",
-        tokenizer_kind=BYTELEVEL,
-        chat_template=CHATML_TEMPLATE,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,   # written as layer_norm_eps
-        tie_word_embeddings=True,
-        qk_norm=True,
-        branch_gain=32.0,
-        layout="cohere",
-        extra_config={"attention_bias": False},
-        size_overrides={"tiny": {"hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 6,
-                                 "num_key_value_heads": 2}},
-    ),
-    "cohere2": FamilySpec(
-        name="cohere2",
-        architecture="Cohere2ForCausalLM",
-        model_type="cohere2",
-        tokenizer_kind=BYTELEVEL,
-        chat_template=CHATML_TEMPLATE,
-        rope_theta=50000.0,
-        rms_norm_eps=1e-5,   # written as layer_norm_eps
-        tie_word_embeddings=True,
-        branch_gain=16.0,
-        layout="cohere",
-        extra_config={"attention_bias": False},
-        size_overrides={"tiny": {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 6,
-                                 "num_key_value_heads": 2, "sliding_window": 10}},
-    ),
-    "phi3": FamilySpec(
-        name="phi3",
-        architecture="Phi3ForCausalLM",
-        model_type="phi3",
-        tokenizer_kind=SENTENCEPIECE,
-        chat_template=PHI3_CHAT_TEMPLATE,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        layout="phi3",
-        extra_config={"resid_pdrop": 0.0, "embd_pdrop": 0.0},
-        size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,
-                                 "sliding_window": 10}},
-    ),
-    "gpt2": FamilySpec(
-        name="gpt2",
-        architecture="GPT2LMHeadModel",
-        model_type="gpt2",
-        tokenizer_kind=BYTELEVEL,
-        chat_template=CHATML_TEMPLATE,
-        rope_theta=0.0,   # no rotary
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        branch_gain=4.0,
-        layout="gpt2",
-        size_overrides={"tiny": {"intermediate_size": 160}},
-    ),
-}
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
