@@ -13,10 +13,12 @@ from tests.engine.test_hf_equivalence import PROMPTS, assert_matches_hf, llm_blo
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # The Llama-shaped families in every layout; the others (whose blocks shard through the same layers) in one each:
 # Gemma 2 at TP=2 (3 query heads and 1 KV head per rank, a sliding window, soft-caps), GPT-2 at TP=2 x PP=2
-# (fused c_attn and Conv1D weights sharded, learned positions on the first stage only). Gemma 3 composes over
-# simulated TP ranks in tests/models/test_gemma.py.
+# (fused c_attn and Conv1D weights sharded, learned positions on the first stage only), Command-R at TP=2
+# (per-head q/k LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2.
+# Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
 LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
-CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + [("gemma2", 2, 1), ("gpt2", 2, 2)]
+OTHER_FAMILIES = [("gemma2", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2), ("phi3", 2, 2)]
+CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + OTHER_FAMILIES
 
 
 @pytest.mark.parametrize("family,tp,pp", CASES, ids=[f"{f}-tp{t}pp{p}" for f, t, p in CASES])
