@@ -66,6 +66,17 @@ def test_preemption_recomputes_identically(checkpoint_dir, family):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
+def assert_prefix_cache_repeats(llm: LLM, outputs: list) -> None:
+    """A repeated prompt is served from the prefix cache and gives the same greedy tokens as its first run
+    (``outputs``: the greedy outputs of PROMPTS)."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm.generate(PROMPTS[1:2], params)
+    hits = llm.engine.block_manager.prefix_hit_tokens
+    again = llm.generate(PROMPTS[1:2], params)
+    assert llm.engine.block_manager.prefix_hit_tokens > hits
+    assert again[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids[:8]
+
+
 def llm_block_bytes(path, block_size: int) -> int:
     """Bytes of one KV block for the tiny model (2 tensors x layers x block x kv heads x head_dim x 4 bytes)."""
     from transformers import AutoConfig
@@ -87,12 +98,7 @@ def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
     assert llm.engine.scheduler.num_preemptions > 0
     assert_matches_hf(path, outputs, max_tokens=24)
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    llm.generate(PROMPTS[1:2], params)
-    hits = llm.engine.block_manager.prefix_hit_tokens
-    again = llm.generate(PROMPTS[1:2], params)
-    assert llm.engine.block_manager.prefix_hit_tokens > hits
-    assert again[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids[:8]
+    assert_prefix_cache_repeats(llm, outputs)
 
 
 def test_requests_added_mid_run(llama_dir):

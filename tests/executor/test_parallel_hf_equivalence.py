@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 
 from llmserve import LLM, SamplingParams
-from tests.engine.test_hf_equivalence import PROMPTS, assert_matches_hf, llm_block_bytes
+from tests.engine.test_hf_equivalence import (
+    PROMPTS,
+    assert_matches_hf,
+    assert_prefix_cache_repeats,
+    llm_block_bytes,
+)
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # The Llama-shaped families in every layout; the others (whose blocks shard through the same layers) in one each:
@@ -35,13 +40,7 @@ def test_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir,
         assert llm.engine.scheduler.num_preemptions > 0
         assert_matches_hf(path, outputs, max_tokens=24)
         assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
-        # The prefix cache serves a repeated prompt from blocks each rank still holds.
-        params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-        llm.generate(PROMPTS[1:2], params)
-        hits = llm.engine.block_manager.prefix_hit_tokens
-        again = llm.generate(PROMPTS[1:2], params)
-        assert llm.engine.block_manager.prefix_hit_tokens > hits
-        assert again[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids[:8]
+        assert_prefix_cache_repeats(llm, outputs)   # from blocks each rank still holds
     finally:
         llm.shutdown()
 
