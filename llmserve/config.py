@@ -61,8 +61,9 @@ class StructuredOutputsConfig:
     llmserve has one backend, llguidance (vLLM calls it ``guidance``), so ``backend`` only accepts the names
     that mean it; asking for another one is an error rather than a silent substitution.
     ``disable_any_whitespace`` makes every JSON constraint compact (as a request's own
-    ``disable_any_whitespace`` does); ``disable_fallback`` is accepted and changes nothing (there is no
-    other backend to fall back to).
+    ``disable_any_whitespace`` does). ``disable_fallback: true`` asks that a constraint the backend cannot
+    compile is never handed to another backend: with one backend that always holds (such a constraint is
+    a 400), so both values behave as ``true`` does.
     """
 
     backend: str = "auto"

@@ -7,85 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .chat_templates import (CHATML_TEMPLATE, GEMMA_CHAT_TEMPLATE, LLAMA2_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE,
+                             MISTRAL_CHAT_TEMPLATE, PHI3_CHAT_TEMPLATE)
 from .tokenizer_files import BYTELEVEL, SENTENCEPIECE
-
-# --------------------------------------------------------------------------------------------------
-# Chat templates
-# --------------------------------------------------------------------------------------------------
-
-LLAMA2_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system_message = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
-    "{%- set loop_messages = messages[1:] %}"
-    "{%- else %}"
-    "{%- set system_message = '' %}"
-    "{%- set loop_messages = messages %}"
-    "{%- endif %}"
-    "{%- for message in loop_messages %}"
-    "{%- if message['role'] == 'user' %}"
-    "{%- if loop.first %}{%- set content = system_message + message['content'] %}"
-    "{%- else %}{%- set content = message['content'] %}{%- endif %}"
-    "{{- bos_token + '[INST] ' + content + ' [/INST]' }}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{{- ' ' + message['content'] + ' ' + eos_token }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-)
-
-MISTRAL_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system_message = messages[0]['content'] + '\\n\\n' %}"
-    "{%- set loop_messages = messages[1:] %}"
-    "{%- else %}"
-    "{%- set system_message = '' %}"
-    "{%- set loop_messages = messages %}"
-    "{%- endif %}"
-    "{%- for message in loop_messages %}"
-    "{%- if message['role'] == 'user' %}"
-    "{%- if loop.first %}{{- '[INST] ' + system_message + message['content'] + ' [/INST]' }}"
-    "{%- else %}{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{{- message['content'] + eos_token }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-)
-
-# Phi-3-mini-4k-instruct's template.
-PHI3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- else %}{{- eos_token }}{%- endif %}"
-)
-
-GEMMA_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' %}"
-    "{%- set loop_messages = messages[1:] %}"
-    "{%- else %}"
-    "{%- set first_user_prefix = '' %}"
-    "{%- set loop_messages = messages %}"
-    "{%- endif %}"
-    "{%- for message in loop_messages %}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{- '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] }}"
-    "{{- '<end_of_turn>\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
-)
-
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and message['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
 
 # --------------------------------------------------------------------------------------------------
 # Families and sizes
@@ -190,7 +114,7 @@ FAMILIES: dict[str, FamilySpec] = {
         architecture="LlamaForCausalLM",
         model_type="llama",
         tokenizer_kind=SENTENCEPIECE,
-        chat_template=LLAMA2_CHAT_TEMPLATE,
+        chat_template=LLAMA3_CHAT_TEMPLATE,
         rope_theta=500000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,

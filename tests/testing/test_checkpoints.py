@@ -237,6 +237,9 @@ def test_chat_template_renders(family, tiny_checkpoints):
         assert text.endswith("<|im_start|>assistant\n") and text.count("<|im_end|>") == 4
     elif FAMILIES[family].layout == "gemma":
         assert text.startswith("<s><start_of_turn>user\nBe brief.") and text.endswith("<start_of_turn>model\n")
+    elif family == "llama3":
+        assert text.startswith("<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
+        assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     elif FAMILIES[family].layout == "phi3":
         assert text.startswith("<|system|>\nBe brief.<|end|>\n") and text.endswith("<|end|>\n<|assistant|>\n")
     else:

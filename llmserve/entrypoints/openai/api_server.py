@@ -47,6 +47,7 @@ from llmserve.entrypoints.openai.response_models import (ChatCompletionChunk, Ch
 from llmserve.entrypoints.openai.serving_base import ServerLimits
 from llmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from llmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 from llmserve.metrics.prometheus import EngineMetrics
 
 logger = logging.getLogger("llmserve.api")
@@ -69,6 +70,7 @@ class ServerConfig:
     max_n: int = 128
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    tool_call_parser: str | None = None   # set only with --enable-auto-tool-choice
 
 
 class ServerState:
@@ -98,7 +100,9 @@ class ServerState:
             async_engine = AsyncLLMEngine(self.engine_config, on_step=metrics.record_step, on_dead=self._engine_died)
             limits = ServerLimits(self.config.max_num_queued_reqs, self.config.request_timeout, self.config.max_n)
             self.completions = OpenAIServingCompletion(async_engine, names, limits)
-            self.chat = OpenAIServingChat(async_engine, names, limits, _read_chat_template(self.config.chat_template))
+            parser = self.config.tool_call_parser
+            self.chat = OpenAIServingChat(async_engine, names, limits, _read_chat_template(self.config.chat_template),
+                                          TOOL_CALL_PARSERS[parser] if parser else None)
             async_engine.start(loop)
             self.engine = async_engine
             logger.info("ready: serving %s", ", ".join(names))
@@ -250,6 +254,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests get to finish")
     g.add_argument("--max-n", type=int, default=128, help="largest n / best_of accepted")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model decide when to call tools (tool_choice auto); needs --tool-call-parser")
+    g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
+                   help="how the model writes tool calls: hermes (Qwen, Hermes), llama3_json (Llama 3.x), "
+                        "mistral, pythonic (Llama 3.2/4, Gemma 3 with a pythonic template)")
     g.add_argument("--max-request-body-bytes", default=str(DEFAULT_MAX_BODY_BYTES),
                    help="larger request bodies get 413 (bytes or a size such as 32MiB)")
     g.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
@@ -263,12 +272,15 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.request_timeout is not None and args.request_timeout <= 0:
         raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: the parser reads the calls "
+                         "a model makes on its own (tool_choice auto); required and named choices need neither")
     return ServerConfig(host=args.host, port=args.port, served_model_names=args.served_model_name or [],
                         api_key=args.api_key, chat_template=args.chat_template,
                         max_num_queued_reqs=args.max_num_queued_reqs, request_timeout=args.request_timeout,
                         allowed_origins=args.allowed_origins, shutdown_timeout=args.shutdown_timeout,
                         max_n=args.max_n, max_request_body_bytes=parse_size(args.max_request_body_bytes),
-                        max_header_bytes=args.max_header_bytes)
+                        max_header_bytes=args.max_header_bytes, tool_call_parser=args.tool_call_parser)
 
 
 class _H11Protocol(H11Protocol):

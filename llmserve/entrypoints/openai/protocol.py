@@ -3,8 +3,9 @@ every bound the server enforces without knowing the model is declared on the fie
 model (token ids below the vocabulary size, prompt + ``max_tokens`` within the context) or on a server
 flag (``n`` up to ``--max-n``, set in the document at startup) is said in the field's description.
 
-A field that would change what a request means but is not implemented yet (tool calling) is declared with
-only its no-op values allowed, and anything else is refused with a 400 naming it. Unknown fields are
+A field that would change what a request means but is not implemented (``suffix``, OpenAI's deprecated
+``functions``) is declared with only its no-op values allowed, and anything else is refused with a 400
+naming it. Chat messages and tools are in :mod:`chat_protocol`. Unknown fields are
 ignored, as OpenAI's own API does, and logged once per name.
 
 Structured outputs come as OpenAI's ``response_format``, vLLM's ``structured_outputs`` object or vLLM's
@@ -14,39 +15,32 @@ onto one :class:`StructuredOutputSpec` and has the grammar library check it, nam
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from llmserve.entrypoints.openai.chat_protocol import ChatMessage, ToolRequest
+from llmserve.entrypoints.openai.request_base import RequestModel
 from llmserve.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 from llmserve.structured_output import StructuredOutputError, StructuredOutputSpec
-
-logger = logging.getLogger("llmserve.api")
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 1024
 MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_TOP_LOGPROBS = 20
-MAX_LOGGED_UNKNOWN_FIELDS = 256   # distinct unknown names logged; a client cannot grow the set without bound
 
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX, description="below the model's vocabulary size")]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 
-_logged_unknown: set[str] = set()
-
 # field -> (is the value a no-op?, why anything else is refused)
-_TOOLS = "tool calling is not supported yet"
+_DEPRECATED = "OpenAI's deprecated function calling is not supported; use tools and tool_choice"
 NOT_SUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (lambda v: v == [], f"{_TOOLS}; only an empty list is accepted"),
-    "functions": (lambda v: v == [], f"{_TOOLS}; only an empty list is accepted"),
-    "tool_choice": (lambda v: v == "none", f"{_TOOLS}; only \"none\" is accepted"),
-    "function_call": (lambda v: v == "none", f"{_TOOLS}; only \"none\" is accepted"),
-    "tool_calls": (lambda v: v == [], f"{_TOOLS}; only an empty list is accepted"),
+    "functions": (lambda v: v == [], f"{_DEPRECATED}; only an empty list is accepted"),
+    "function_call": (lambda v: v == "none", f"{_DEPRECATED}; only \"none\" is accepted"),
     "suffix": (lambda v: v == "", "suffix (insertion) is not supported"),
     "continuous_usage_stats": (lambda v: v is False, "usage in every chunk is not supported; the last chunk "
                                                      "has it (include_usage)"),
@@ -61,27 +55,7 @@ def _refuse_unless_noop(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_and_unknown_fields(cls, data: Any) -> Any:
-        """OpenAI's optional parameters are "X or null", and clients do send ``"n": null``,
-        ``"stream": null``...: an explicit null means the default, as if the field were absent. Unknown
-        fields are logged (once per name) and ignored."""
-        if not isinstance(data, dict):
-            return data
-        known = {field.alias or name for name, field in cls.model_fields.items()}
-        for name in data.keys() - known - _logged_unknown:
-            if len(_logged_unknown) < MAX_LOGGED_UNKNOWN_FIELDS and isinstance(name, str):
-                _logged_unknown.add(name)
-                logger.warning("request field %r is not a field llmserve knows; it is ignored (logged once)",
-                               name[:100])
-        return {key: value for key, value in data.items() if value is not None}
-
-
-class StreamOptions(_Request):
+class StreamOptions(RequestModel):
     include_usage: bool = False
     continuous_usage_stats: Literal[False] = Field(default=False, description="vLLM's; true is not supported (400)")
 
@@ -91,7 +65,7 @@ class StreamOptions(_Request):
 JsonSchema = Annotated[dict[str, Any] | StrictBool, Field(description="a JSON schema (an object, or true / false)")]
 
 
-class JsonSchemaResponseFormat(_Request):
+class JsonSchemaResponseFormat(RequestModel):
     """OpenAI's ``response_format.json_schema``."""
 
     name: str = Field(description="required, as in OpenAI's API (and vLLM's); not used")
@@ -100,7 +74,7 @@ class JsonSchemaResponseFormat(_Request):
     strict: bool | None = Field(default=None, description="the schema is always enforced exactly, strict or not")
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaResponseFormat | None = Field(default=None, description="required with type json_schema")
 
@@ -116,7 +90,7 @@ class StructuredOutputsParams(BaseModel):
     grammar: str | None = Field(default=None, min_length=1, description="GBNF / EBNF (root ::= ...) or Lark")
     json_object: bool | None = Field(default=None, description="true: any JSON object")
     disable_any_whitespace: bool | None = Field(default=None, description="true: compact JSON")
-    disable_fallback: bool | None = Field(default=None, description="accepted; there is one backend")
+    disable_fallback: bool | None = Field(default=None, description="one backend: never falls back, as true asks")
 
 
 def _field_error(field: str, exc: StructuredOutputError, path: str) -> StructuredOutputError:
@@ -125,7 +99,7 @@ def _field_error(field: str, exc: StructuredOutputError, path: str) -> Structure
     return StructuredOutputError(message if message.startswith(path) else f"{path}: {message}", field)
 
 
-class _SamplingRequest(_Request):
+class _SamplingRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's plus vLLM's extras)."""
 
     model: str | None = None
@@ -216,9 +190,15 @@ class _SamplingRequest(_Request):
                 self.structured_outputs.model_dump(by_alias=True, exclude_none=True))
         return StructuredOutputSpec.from_structured_outputs({field.removeprefix("guided_"): getattr(self, field)})
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
-        """Map the request onto SamplingParams (which validates ranges and names the field)."""
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                        constraint: StructuredOutputSpec | None = None) -> SamplingParams:
+        """Map the request onto SamplingParams (which validates ranges and names the field). ``constraint``
+        is one the endpoint imposes (a forced tool call), which the request's own may not contradict."""
+        spec = self.structured_output_spec()
+        if constraint is not None and spec is not None:
+            raise StructuredOutputError("tool_choice \"required\" or a named function constrains the output "
+                                        "itself; it cannot be combined with response_format, structured_outputs "
+                                        "or guided_*", "tool_choice")
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
@@ -229,7 +209,7 @@ class _SamplingRequest(_Request):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
-            structured_outputs=self.structured_output_spec(),
+            structured_outputs=constraint or spec,
         )
 
     @property
@@ -269,47 +249,7 @@ class CompletionRequest(_SamplingRequest):
         return list(prompt)   # type: ignore[arg-type]
 
 
-class TextContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    """A message of the conversation. ``tool`` messages and assistant ``tool_calls`` wait for tool calling."""
-
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = Field(default=None, max_length=0,
-                                                    description="not supported yet (400) unless empty")
-
-    _refuse_tool_calls = field_validator("tool_calls", mode="before")(_refuse_unless_noop)
-
-    @field_validator("role", mode="before")
-    @classmethod
-    def _no_tool_role(cls, value: Any) -> Any:
-        if value in ("tool", "function"):
-            raise PydanticCustomError("not_supported", f"{_TOOLS}, so there are no {value} messages")
-        return value
-
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-    def for_template(self) -> dict[str, str]:
-        """What the chat template sees (``name`` only when given)."""
-        message = {"role": self.role, "content": self.text()}
-        if self.name is not None:
-            message["name"] = self.name
-        return message
-
-
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(ToolRequest, _SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX, description="wins over max_tokens")
     logprobs: bool = False
@@ -317,19 +257,15 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None, description="extra variables for the chat template (not its own parameters such as tokenize)")
-    tools: list[dict[str, Any]] | None = Field(default=None, max_length=0,
-                                               description="not supported yet (400) unless empty")
-    tool_choice: Literal["none"] | None = Field(default=None, description="not supported yet (400) unless \"none\"")
     functions: list[dict[str, Any]] | None = Field(default=None, max_length=0,
-                                                   description="not supported yet (400) unless empty")
+                                                   description="deprecated by OpenAI (400) unless empty; use tools")
     function_call: Literal["none"] | None = Field(default=None,
-                                                  description="not supported yet (400) unless \"none\"")
+                                                  description="deprecated by OpenAI (400) unless \"none\"")
 
-    _refuse_tools = field_validator("tools", "tool_choice", "functions", "function_call",
-                                    mode="before")(_refuse_unless_noop)
+    _refuse_functions = field_validator("functions", "function_call", mode="before")(_refuse_unless_noop)
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(RequestModel):
     model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
     model: str | None = None
@@ -341,6 +277,6 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = Field(default=True, description="messages only")
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[TokenId]

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]
 
 
 class ErrorInfo(BaseModel):
@@ -81,9 +81,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str | None
+    content: str | None = Field(description="null when the message is only tool calls")
+    tool_calls: list[ToolCall] | None = Field(default=None, description="present when the model called tools")
 
 
 class ChatChoice(BaseModel):
@@ -103,9 +115,23 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(default=None, description="in the call's first delta")
+    arguments: str = Field(description="the next fragment of the arguments' JSON text")
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = Field(default=None, description="in the call's first delta")
+    type: Literal["function"] | None = Field(default=None, description="in the call's first delta")
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, description="in a choice's first chunk only")
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(
+        default=None, description="a call's id, type and name first, then fragments of its arguments")
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: messages through the chat template, streaming or not."""
+"""POST /v1/chat/completions: messages (and tools) through the chat template, streaming or not; the output
+split into content and tool calls by :class:`ToolCalling`."""
 
 from __future__ import annotations
 
@@ -10,22 +11,27 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmserve.engine.async_engine import AsyncLLMEngine
 from llmserve.entrypoints.openai.errors import APIError
-from llmserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
+from llmserve.entrypoints.openai.chat_protocol import ChatMessage
+from llmserve.entrypoints.openai.protocol import ChatCompletionRequest
 from llmserve.entrypoints.openai.serving_base import OpenAIServing, ServerLimits, usage
+from llmserve.entrypoints.openai.tool_calling import ToolCalling
+from llmserve.entrypoints.openai.tool_parsers import ToolCallParser
 from llmserve.outputs import PositionLogprobs, RequestOutput
 
 
 class OpenAIServingChat(OpenAIServing):
     def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], limits: ServerLimits,
-                 chat_template: str | None) -> None:
+                 chat_template: str | None, auto_tool_parser: type[ToolCallParser] | None = None) -> None:
         super().__init__(engine, served_model_names, limits)
         self.chat_template = chat_template
+        self.auto_tool_parser = auto_tool_parser   # set by --enable-auto-tool-choice --tool-call-parser
         # chat_template_kwargs are the template's variables, never the renderer's own parameters
         self.renderer_params = {name for name, p in inspect.signature(self.tokenizer.apply_chat_template).parameters
                                 .items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     def render_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                      template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False) -> list[int]:
+                      template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Messages -> token ids through ``--chat-template`` or the tokenizer's template (which writes BOS
         itself where the model wants one; ``add_special_tokens`` adds the tokenizer's on top)."""
         if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
@@ -36,7 +42,8 @@ class OpenAIServingChat(OpenAIServing):
                            "renderer, not a template variable", "chat_template_kwargs")
         conversation = [m.for_template() for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
+            text = self.tokenizer.apply_chat_template(conversation, tools=tools or None,
+                                                      chat_template=self.chat_template, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt,
                                                       **(template_kwargs or {}))
         except Exception as exc:   # noqa: BLE001 - template errors are the client's messages or the template
@@ -49,33 +56,40 @@ class OpenAIServingChat(OpenAIServing):
         self.check_n(body.n)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
-        prompt_ids = self.render_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+        tools = body.checked_tools()
+        tool_calling = ToolCalling.for_request(body, tools, self.auto_tool_parser)
+        prompt_ids = self.render_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs,
+                                        tools=tools)
         if not prompt_ids:
             raise APIError(400, "the chat template renders these messages as no tokens at all", "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(max_tokens, logprobs)
+        params = body.sampling_params(max_tokens, logprobs, constraint=tool_calling.constraint)
+        if tool_calling.needs_special_tokens:
+            params.skip_special_tokens = False   # the format's markers are special tokens
         submitted = self.submit("chatcmpl", [prompt_ids], params, header_request_id, body.cache_salt)
         if body.stream:
-            return StreamingResponse(self._stream(body, submitted), media_type="text/event-stream")
+            return StreamingResponse(self._stream(body, submitted, tool_calling), media_type="text/event-stream")
         output = (await self.collect(raw, submitted))[0]
         choices = []
         for c in output.outputs:
+            message, finish_reason = tool_calling.message(c.text, c.finish_reason)
             choices.append({
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": {"content": self._logprobs(c.token_ids, c.logprobs or [], logprobs or 0)}
                 if body.logprobs else None,
-                "finish_reason": c.finish_reason,
+                "finish_reason": finish_reason,
                 "stop_reason": c.stop_reason,
             })
         return JSONResponse({"id": submitted.request_id, "object": "chat.completion", "created": submitted.created,
                              "model": self.model_name, "choices": choices, "usage": usage([output])})
 
-    def _stream(self, body: ChatCompletionRequest, submitted):  # noqa: ANN001, ANN202
+    def _stream(self, body: ChatCompletionRequest, submitted, tool_calling: ToolCalling):  # noqa: ANN001, ANN202
         include_usage = body.include_usage_in_stream
         top = (body.top_logprobs or 0) if body.logprobs else 0
         started: set[int] = set()
+        tool_streams: dict[int, Any] = {}   # choice index -> its ToolCallStream (tool calling only)
 
         def chunk(choices: list[dict]) -> dict:
             data = {"id": submitted.request_id, "object": "chat.completion.chunk", "created": submitted.created,
@@ -89,17 +103,26 @@ class OpenAIServingChat(OpenAIServing):
             for c in output.outputs:
                 if c.index not in started:   # OpenAI's first chunk of a choice carries only the role
                     started.add(c.index)
+                    tool_streams[c.index] = tool_calling.stream()
                     chunks.append(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]))
-                if c.text or c.token_ids and body.logprobs:
+                tool_stream = tool_streams[c.index]
+                content, calls = (c.text, []) if tool_stream is None else \
+                    tool_stream.feed(c.text, final=c.finish_reason is not None)
+                if content or calls or c.token_ids and body.logprobs:
+                    delta: dict[str, Any] = {"tool_calls": calls} if calls else {}
+                    if content or not calls:
+                        delta["content"] = content
                     chunks.append(chunk([{
-                        "index": c.index, "delta": {"content": c.text},
+                        "index": c.index, "delta": delta,
                         "logprobs": {"content": self._logprobs(c.token_ids, c.logprobs or [], top)}
                         if body.logprobs else None,
                         "finish_reason": None}]))
                 if c.finish_reason is not None:
+                    called = tool_stream is not None and tool_stream.called
                     chunks.append(chunk([{"index": c.index, "delta": {}, "logprobs": None,
-                                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]))
+                                          "finish_reason": tool_calling.finish_reason(c.finish_reason, called),
+                                          "stop_reason": c.stop_reason}]))
             return chunks
 
         def finish(outputs: list[RequestOutput]) -> list[dict]:

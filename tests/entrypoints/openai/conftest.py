@@ -72,12 +72,14 @@ def launch(model: Path, *args: str, log_dir: Path, wrapper: Path | None = None, 
 
 @pytest.fixture(scope="session")
 def start_server(llama_dir, tmp_path_factory):
-    """``start_server(*flags, wrapper=None, ready=True)`` -> RunningServer; every server is stopped at the end."""
+    """``start_server(*flags, wrapper=None, ready=True, model=None)`` -> RunningServer (the tiny llama unless
+    ``model`` names another checkpoint folder); every server is stopped at the end."""
     started: list[RunningServer] = []
     log_dir = tmp_path_factory.mktemp("server-logs")
 
-    def start(*args: str, wrapper: Path | None = None, ready: bool = True) -> RunningServer:
-        server = launch(llama_dir, *args, log_dir=log_dir, wrapper=wrapper, ready=ready)
+    def start(*args: str, wrapper: Path | None = None, ready: bool = True, model: Path | None = None
+              ) -> RunningServer:
+        server = launch(model or llama_dir, *args, log_dir=log_dir, wrapper=wrapper, ready=ready)
         started.append(server)
         return server
 

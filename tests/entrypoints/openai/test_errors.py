@@ -18,9 +18,14 @@ Checked over raw HTTP (httpx, raw sockets) against a server started with ``--max
   missing or null prompt / messages, a token id outside ``[0, vocab_size)``: 400 with ``param``
   ``prompt`` (``messages``); when one prompt of a batch is bad nothing of the batch runs (the prompt-token
   counter does not move). Integers beyond 64 bits (``seed``, ``top_k``) are 400 too.
-* Not supported yet, so never accepted silently: ``tools`` / ``functions`` other than ``[]``,
-  ``tool_choice`` / ``function_call`` other than ``"none"``, ``tool`` messages and assistant ``tool_calls``,
-  ``suffix``, vLLM's ``stream_options.continuous_usage_stats``: 400 "... not supported (yet)" naming the
+* Tool calling that cannot be honoured: ``tool_choice`` ``auto`` (also the default when ``tools`` are
+  given) on a server without ``--enable-auto-tool-choice``, any ``tool_choice`` but ``none`` without
+  ``tools``, a named function that is not among them, a function defined twice or with a name OpenAI
+  does not allow, ``strict`` with ``auto``, a parameters schema the grammar cannot enforce, a forced call
+  together with ``response_format``: 400 naming ``tool_choice`` or ``tools``. A ``tool`` message without
+  ``tool_call_id``, assistant ``tool_calls`` whose arguments are not JSON: 400 naming ``messages``.
+* Not supported, so never accepted silently: OpenAI's deprecated ``functions`` / ``function_call`` other
+  than their no-op values, ``suffix``, vLLM's ``stream_options.continuous_usage_stats``: 400 naming the
   field; their no-op values are served. So are
   ``chat_template_kwargs`` that would set a parameter of the template renderer (``tokenize``).
   Unknown fields are served, ignored, and logged once per name.
@@ -157,6 +162,7 @@ COMPLETION_CASES = [
     ("prompt-token-huge", {"prompt": [5, 10 ** 9]}, "prompt", None),
 ]
 
+F = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}   # a function tool
 CHAT_CASES = [
     ("messages-not-a-list", {"messages": "hi"}, "messages", None),
     ("messages-empty", {"messages": []}, "messages", None),
@@ -173,19 +179,31 @@ CHAT_CASES = [
     ("max_completion_tokens-zero", {"max_completion_tokens": 0}, "max_completion_tokens", None),
     ("temperature-string", {"temperature": "hot"}, "temperature", None),
     ("logit_bias-key", {"logit_bias": {"x": 1}}, "logit_bias", None),
-    ("messages-role-tool", {"messages": [CHAT[0], {"role": "tool", "content": "4", "tool_call_id": "c1"}]},
-     "messages", "tool calling is not supported yet"),
-    ("messages-tool_calls", {"messages": [CHAT[0], {"role": "assistant", "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages",
-     "messages[1].tool_calls"),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools",
-     "not supported yet"),
-    ("tool_choice-auto", {"tool_choice": "auto"}, "tool_choice", "not supported yet"),
-    ("tool_choice-required", {"tool_choice": "required"}, "tool_choice", "not supported yet"),
-    ("tool_choice-named", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice",
-     "not supported yet"),
-    ("functions", {"functions": [{"name": "f"}]}, "functions", "not supported yet"),
-    ("function_call", {"function_call": "auto"}, "function_call", "not supported yet"),
+    ("messages-tool-without-call-id", {"messages": [CHAT[0], {"role": "tool", "content": "4"}]}, "messages",
+     "tool_call_id"),
+    ("messages-tool_calls-arguments-not-json", {"messages": [CHAT[0], {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]}, "messages",
+     "must be JSON"),
+    ("messages-function-role", {"messages": [CHAT[0], {"role": "function", "name": "f", "content": "4"}]},
+     "messages", "use tool messages"),
+    ("tools-auto-without-server-flags", {"tools": [F]}, "tool_choice", "--enable-auto-tool-choice"),
+    ("tool_choice-auto-without-tools", {"tool_choice": "auto"}, "tool_choice", "needs tools"),
+    ("tool_choice-required-without-tools", {"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ("tool_choice-named-unknown", {"tools": [F], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice", "'g'"),
+    ("tools-name-pattern", {"tools": [{"type": "function", "function": {"name": "get weather"}}],
+                            "tool_choice": "required"}, "tools", None),
+    ("tools-duplicate-name", {"tools": [F, F], "tool_choice": "required"}, "tools", "more than once"),
+    ("tools-strict-with-auto", {"tools": [{"type": "function", "function": {"name": "f", "strict": True}}],
+                                "tool_choice": "auto"}, "tools", "strict"),
+    ("tools-schema-not-enforceable", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "nonsense"}}}}}], "tool_choice": "required"}, "tools",
+     "cannot be enforced"),
+    ("tool_choice-required-with-response_format", {"tools": [F], "tool_choice": "required",
+                                                   "response_format": {"type": "json_object"}}, "tool_choice",
+     "cannot be combined"),
+    ("functions", {"functions": [{"name": "f"}]}, "functions", "deprecated"),
+    ("function_call", {"function_call": "auto"}, "function_call", "deprecated"),
     ("chat_template_kwargs-renderer-parameter", {"chat_template_kwargs": {"tokenize": True}},
      "chat_template_kwargs", "tokenize"),
 ]

@@ -5,7 +5,7 @@
   statuses it answers (400, 404, 500, 503, 504 ...), all with OpenAI's error object as JSON; /health's 200
   is ``text/plain``, /metrics' ``text/plain; version=0.0.4``; 401 and the bearer scheme appear on exactly the
   routes behind ``--api-key``, and only when it is set. The request models carry the bounds the server
-  enforces: ``n`` up to ``--max-n``, non-empty prompts, no ``tool`` role, no tool value but the no-op ones,
+  enforces: ``n`` up to ``--max-n``, non-empty prompts, tools and ``tool_choice`` in OpenAI's shapes, no deprecated ``functions``,
   the shapes of ``response_format`` and vLLM's ``structured_outputs`` (no option it does not know),
   integers within 64 bits (written as integers, not floats).
 * The server sends the content types the document names for /health and /metrics.
@@ -86,14 +86,16 @@ def test_request_bounds_are_in_the_schema():
     assert completion["max_tokens"]["anyOf"][0]["minimum"] == 0 and chat["max_tokens"]["anyOf"][0]["minimum"] == 1
     seed = completion["seed"]["anyOf"][0]
     assert (seed["minimum"], seed["maximum"]) == (-(2**63), 2**63 - 1)
-    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
+    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]
     assert schemas["ResponseFormat"]["properties"]["type"]["enum"] == ["text", "json_object", "json_schema"]
     assert set(schemas["JsonSchemaResponseFormat"]["properties"]) == {"name", "description", "schema", "strict"}
     assert schemas["JsonSchemaResponseFormat"]["required"] == ["name"]
     structured = schemas["StructuredOutputsParams"]
     assert structured["additionalProperties"] is False
     assert {"json", "regex", "choice", "grammar", "json_object"} <= set(structured["properties"])
-    assert chat["tools"]["anyOf"][0]["maxItems"] == 0 and chat["tool_choice"]["anyOf"][0]["const"] == "none"
+    assert chat["tools"]["anyOf"][0]["items"] == {"$ref": "#/components/schemas/ChatTool"}
+    assert schemas["FunctionDefinition"]["properties"]["name"]["pattern"] == "^[A-Za-z0-9_.\\-]{1,64}$"
+    assert chat["functions"]["anyOf"][0]["maxItems"] == 0 and chat["function_call"]["anyOf"][0]["const"] == "none"
     assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas
 
 

@@ -1,0 +1,82 @@
+"""One chat request's tool calling: what ``tool_choice`` makes of the request and of its output.
+
+- ``none``: the tools are still shown to the template (as vLLM does), the output is plain content;
+- ``auto``: the model decides; the server's ``--tool-call-parser`` reads calls out of its text;
+- ``required``: the grammar forces a JSON array of one or more calls, each valid under its tool's schema;
+- a named function: the grammar forces that function's arguments object.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from llmserve.entrypoints.openai.chat_protocol import NamedToolChoice, ToolRequest
+from llmserve.entrypoints.openai.tool_parsers import ToolCallParser
+from llmserve.entrypoints.openai.tool_parsers.forced import (
+    NamedToolParser, RequiredToolParser, named_schema, required_schema)
+from llmserve.entrypoints.openai.tool_parsers.streaming import ToolCallStream, new_tool_call_id, tool_call_json
+from llmserve.errors import InvalidRequestError
+from llmserve.structured_output import StructuredOutputError, StructuredOutputSpec
+
+AUTO_NEEDS_FLAGS = "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set"
+
+
+@dataclass
+class ToolCalling:
+    parser: ToolCallParser | None         # None: the output is plain content
+    constraint: StructuredOutputSpec | None
+    max_calls: int | None                 # 1 with parallel_tool_calls=false
+    finishes_as_tool_calls: bool          # OpenAI's finish_reason for a forced named call stays "stop"
+
+    @classmethod
+    def for_request(cls, request: ToolRequest, tools: list[dict[str, Any]],
+                    auto_parser: type[ToolCallParser] | None) -> ToolCalling:
+        choice = request.effective_tool_choice
+        max_calls = None if request.parallel_tool_calls else 1
+        if choice == "none":
+            return cls(None, None, None, False)
+        if choice == "auto":
+            if auto_parser is None:
+                raise InvalidRequestError(AUTO_NEEDS_FLAGS, "tool_choice")
+            return cls(auto_parser(), None, max_calls, True)
+        if isinstance(choice, NamedToolChoice):
+            tool = next(t for t in tools if t["function"]["name"] == choice.function.name)
+            return cls(NamedToolParser(choice.function.name), _constraint(named_schema(tool)), None, False)
+        return cls(RequiredToolParser(), _constraint(required_schema(tools, request.parallel_tool_calls)),
+                   max_calls, True)
+
+    @property
+    def needs_special_tokens(self) -> bool:
+        return self.parser is not None and self.parser.needs_special_tokens
+
+    def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """A finished choice's ``message`` and ``finish_reason``."""
+        if self.parser is None:
+            return {"role": "assistant", "content": text}, finish_reason
+        parsed = self.parser.parse(text, final=True)
+        calls = parsed.calls[:self.max_calls]
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = [tool_call_json(call, new_tool_call_id()) for call in calls]
+        return message, self.finish_reason(finish_reason, bool(calls))
+
+    def stream(self) -> ToolCallStream | None:
+        return None if self.parser is None else ToolCallStream(self.parser, self.max_calls)
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        return "tool_calls" if called and reason == "stop" and self.finishes_as_tool_calls else reason
+
+
+def _constraint(schema: dict[str, Any]) -> StructuredOutputSpec:
+    """The grammar of a forced call; a tool schema the grammar library cannot compile is the client's 400."""
+    try:
+        spec = StructuredOutputSpec(kind="json", value=json.dumps(schema))
+        spec.validate()
+    except StructuredOutputError as exc:
+        raise InvalidRequestError(f"a tool's parameters schema cannot be enforced: {exc}", "tools") from None
+    except ImportError as exc:   # llguidance is an optional extra
+        raise InvalidRequestError(f"tool_choice \"required\" or a named function needs the grammar library: {exc}",
+                                  "tool_choice") from None
+    return spec

@@ -1,0 +1,89 @@
+"""What every tool-call parser produces, and the rules they share.
+
+A parser reads the text a model has generated so far and splits it into the assistant's ``content`` and
+its tool calls. It is called again on the longer text after every step, so what it returns must only ever
+grow: the content and each call's ``arguments`` are prefixes of what a later call returns (a marker that
+may still be forming at the end of the text is held back, not shown as content). That is what lets one
+parser serve both the final response and OpenAI's streamed deltas.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from llmserve.entrypoints.openai.tool_parsers.json_scan import PartialObject
+
+
+@dataclass
+class ParsedCall:
+    """One tool call: ``name`` once it is complete; ``arguments`` the JSON text seen so far (all of it once
+    ``complete``)."""
+
+    name: str | None
+    arguments: str
+    complete: bool
+
+    def is_valid(self) -> bool:
+        if not self.complete or not isinstance(self.name, str) or not self.name:
+            return False
+        try:
+            json.loads(self.arguments)
+        except ValueError:
+            return False
+        return True
+
+
+@dataclass
+class ParsedOutput:
+    content: str
+    calls: list[ParsedCall] = field(default_factory=list)
+
+
+class ToolCallParser(ABC):
+    """``--tool-call-parser NAME``: the output format of one family of models."""
+
+    # True when the format's markers are special tokens in the models that use it, so that decoding must
+    # keep special tokens for the parser to see them (as vLLM's parsers set skip_special_tokens=False).
+    needs_special_tokens: bool = False
+
+    @abstractmethod
+    def parse(self, text: str, final: bool) -> ParsedOutput:
+        """Split ``text`` into content and calls. With ``final`` the generation has ended: calls are then
+        all valid, or the whole text is content (a model that started a call and botched it still answers
+        with what it wrote)."""
+
+
+def hold_back(text: str, marker: str) -> str:
+    """``text`` without a trailing proper prefix of ``marker`` (it may be the start of the marker)."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return text[:-k]
+    return text
+
+
+def finish(text: str, content: str, calls: list[ParsedCall], started: bool, final: bool) -> ParsedOutput:
+    """The common ending of a parse: at the end of generation, a tool-call section that did not yield only
+    valid calls falls back to plain content (all of ``text``)."""
+    if final and started and (not calls or not all(call.is_valid() for call in calls)):
+        return ParsedOutput(text)
+    return ParsedOutput(content, calls)
+
+
+def call_from_object(text: str, obj: PartialObject, argument_keys: tuple[str, ...]) -> ParsedCall:
+    """A call written as ``{"name": ..., "<arguments key>": {...}}``. Arguments given as a JSON string
+    (some models quote them) are shown once complete, decoded."""
+    name = obj.value(text, "name")
+    key = next((k for k in argument_keys if k in obj.fields), None)
+    complete = obj.end is not None
+    if key is None:
+        return ParsedCall(name if isinstance(name, str) else None, "{}" if complete else "", complete)
+    span = obj.fields[key]
+    raw = span.raw(text)
+    if raw.startswith('"'):
+        decoded = obj.value(text, key)
+        arguments = decoded if isinstance(decoded, str) else ""
+    else:
+        arguments = raw
+    return ParsedCall(name if isinstance(name, str) else None, arguments, complete)

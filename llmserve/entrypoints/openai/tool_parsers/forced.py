@@ -1,0 +1,58 @@
+"""Tool calls the grammar forces: ``tool_choice: "required"`` and a named function.
+
+With ``required`` the output is constrained to a JSON array of ``{"name": ..., "parameters": {...}}``, one
+item per call, each name one of the request's tools and its parameters valid under that tool's schema; with
+a named function the output is that function's arguments object. Property order is the schema's, so a
+call's name arrives before its arguments and streams as OpenAI's do.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from llmserve.entrypoints.openai.tool_parsers.base import (
+    ParsedCall, ParsedOutput, ToolCallParser, call_from_object, finish)
+from llmserve.entrypoints.openai.tool_parsers.json_scan import scan_array_of_objects, skip_whitespace
+
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """The JSON schema of ``tool_choice: "required"`` over OpenAI-shaped ``tools``."""
+    items = [{
+        "type": "object",
+        "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                       "parameters": t["function"].get("parameters") or _ANY_OBJECT},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    } for t in tools]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": items[0] if len(items) == 1 else {"anyOf": items}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def named_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema of ``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+    return tool["function"].get("parameters") or _ANY_OBJECT
+
+
+def schema_text(schema: dict[str, Any]) -> str:
+    return json.dumps(schema)
+
+
+class RequiredToolParser(ToolCallParser):
+    def parse(self, text: str, final: bool) -> ParsedOutput:
+        objects, _ = scan_array_of_objects(text, skip_whitespace(text, 0))
+        calls = [call_from_object(text, obj, ("parameters",)) for obj in objects]
+        return finish(text, "", calls, True, final)
+
+
+class NamedToolParser(ToolCallParser):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def parse(self, text: str, final: bool) -> ParsedOutput:
+        call = ParsedCall(self.name, text.lstrip(), final)
+        return finish(text, "", [call], True, final)

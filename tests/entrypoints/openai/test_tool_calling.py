@@ -1,0 +1,176 @@
+"""Tool calling over HTTP with the official ``openai`` client, streamed and not.
+
+* ``tool_choice: "required"`` (qwen2 checkpoint): the grammar forces calls, so every call names one of the
+  tools and its arguments are valid under that tool's schema; ``finish_reason`` ``"tool_calls"``, content
+  null; ``parallel_tool_calls: false`` gives exactly one call. A named function: one call of that function,
+  arguments valid, ``finish_reason`` ``"stop"`` (as OpenAI's API answers a forced call).
+* Streaming: each call's first delta carries its id, type and name, later deltas fragments of its arguments;
+  reassembled they equal the non-streamed response (greedy), with the same finish reason.
+* ``tool_choice: "auto"`` with each ``--tool-call-parser`` on the family whose format it reads (hermes on
+  ChatML, llama3_json on Llama 3, mistral on Mistral, pythonic on Gemma 3): the model's text is steered by a
+  regex into that format (a random-weight model would not write it unprompted), and the server must find
+  the content and the call in it, streamed or not; text that is not a call stays content.
+* History: assistant ``tool_calls`` and ``tool`` messages are rendered by the chat template with the tools,
+  token for token as transformers renders them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+pytest.importorskip("llguidance")
+jsonschema = pytest.importorskip("jsonschema")
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["CET", "UTC"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+TOOLS = [WEATHER, TIME]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+WHITESPACE = ("--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}')
+
+
+@pytest.fixture(scope="module")
+def qwen2(checkpoint_dir, start_server) -> openai.OpenAI:
+    server = start_server(*WHITESPACE, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                          model=checkpoint_dir("qwen2"))
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+
+
+def _create(client: openai.OpenAI, **kwargs):
+    return client.chat.completions.create(model="tiny", messages=kwargs.pop("messages", MESSAGES), temperature=0,
+                                          max_tokens=kwargs.pop("max_tokens", 80), **kwargs)
+
+
+def _streamed(client: openai.OpenAI, **kwargs) -> tuple[str, list[dict], str]:
+    """(content, calls as {id, name, arguments}, finish_reason) reassembled from the stream's deltas."""
+    content, calls, finish = "", {}, None
+    for chunk in _create(client, stream=True, **kwargs):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                if delta.index not in calls:
+                    assert delta.id and delta.type == "function" and delta.function.name
+                    calls[delta.index] = {"id": delta.id, "name": delta.function.name, "arguments": ""}
+                else:
+                    assert delta.id is None and not delta.function.name
+                calls[delta.index]["arguments"] += delta.function.arguments or ""
+            finish = choice.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+def _check_calls(calls) -> list[tuple[str, dict]]:
+    out = []
+    for call in calls:
+        name = call.function.name if hasattr(call, "function") else call["name"]
+        arguments = json.loads(call.function.arguments if hasattr(call, "function") else call["arguments"])
+        jsonschema.validate(arguments, SCHEMAS[name])
+        out.append((name, arguments))
+    return out
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_required_calls_are_valid_tools_with_valid_arguments(qwen2, parallel):
+    response = _create(qwen2, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel,
+                       max_tokens=200)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content is None
+    calls = _check_calls(choice.message.tool_calls)
+    assert len(calls) >= 1 and (parallel or len(calls) == 1)
+    assert all(call.id.startswith("chatcmpl-tool-") and call.type == "function" for call in choice.message.tool_calls)
+    content, streamed, finish = _streamed(qwen2, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel,
+                                          max_tokens=200)
+    assert (content, finish) == ("", "tool_calls")
+    assert _check_calls(streamed) == calls
+
+
+def test_a_named_function_is_called_with_valid_arguments(qwen2):
+    choice = _create(qwen2, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}}
+                     ).choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    calls = _check_calls(choice.message.tool_calls)
+    assert [name for name, _ in calls] == ["get_time"]
+    content, streamed, finish = _streamed(qwen2, tools=TOOLS,
+                                          tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert (content, finish) == ("", "stop") and _check_calls(streamed) == calls
+
+
+def test_tool_choice_none_answers_with_text(qwen2):
+    choice = _create(qwen2, tools=TOOLS, tool_choice="none", max_tokens=5).choices[0]
+    assert choice.message.tool_calls is None and choice.message.content and choice.finish_reason == "length"
+
+
+# family -> (parser, regex the model's output is steered into, content, calls)
+AUTO_FORMATS = {
+    "qwen2": ("hermes", r'Let me check\.<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "Paris", '
+                        r'"days": 2\}\}\n</tool_call>', "Let me check.", [("get_weather", {"city": "Paris", "days": 2})]),
+    "llama3": ("llama3_json", r'<\|python_tag\|>\{"name": "get_time", "parameters": \{"zone": "UTC"\}\}', None,
+               [("get_time", {"zone": "UTC"})]),
+    "mistral": ("mistral", r'\[TOOL_CALLS\]get_weather\[ARGS\]\{"city": "Rome", "days": 1\}\[TOOL_CALLS\]get_time'
+                           r'\[ARGS\]\{"zone": "CET"\}', None,
+                [("get_weather", {"city": "Rome", "days": 1}), ("get_time", {"zone": "CET"})]),
+    "gemma3": ("pythonic", r'\[get_weather\(city="Paris", days=3\), get_time\(zone="UTC"\)\]', None,
+               [("get_weather", {"city": "Paris", "days": 3}), ("get_time", {"zone": "UTC"})]),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(AUTO_FORMATS))
+def auto(request, checkpoint_dir, start_server):
+    parser = AUTO_FORMATS[request.param][0]
+    if request.param == "qwen2":
+        server_flags = (*WHITESPACE, "--enable-auto-tool-choice", "--tool-call-parser", parser)
+    else:
+        server_flags = ("--enable-auto-tool-choice", "--tool-call-parser", parser)
+    server = start_server(*server_flags, model=checkpoint_dir(request.param))
+    return request.param, openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+
+
+def test_auto_tool_calls_are_parsed_from_the_model_format(auto):
+    family, client = auto
+    _, regex, content, calls = AUTO_FORMATS[family]
+    steer = {"structured_outputs": {"regex": regex}}
+    choice = _create(client, tools=TOOLS, extra_body=steer, max_tokens=120).choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content == content
+    assert _check_calls(choice.message.tool_calls) == calls
+    streamed_content, streamed, finish = _streamed(client, tools=TOOLS, extra_body=steer, max_tokens=120)
+    assert (streamed_content or None, finish) == (content, "tool_calls")
+    assert _check_calls(streamed) == calls
+
+
+def test_auto_text_that_is_no_call_stays_content(auto):
+    _, client = auto
+    steer = {"structured_outputs": {"regex": r"It is (sunny|rainy) today\."}}
+    choice = _create(client, tools=TOOLS, extra_body=steer).choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason == "stop"
+    assert choice.message.content in ("It is sunny today.", "It is rainy today.")
+    content, streamed, finish = _streamed(client, tools=TOOLS, extra_body=steer)
+    assert (content, streamed, finish) == (choice.message.content, [], "stop")
+
+
+def test_history_with_calls_and_results_renders_as_transformers_does(qwen2, checkpoint_dir):
+    from transformers import AutoTokenizer
+
+    history = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call-1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": '{"city": "Paris", "days": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "Sunny, 21 C"},
+    ]
+    response = _create(qwen2, messages=history, tools=TOOLS, tool_choice="none", max_tokens=1)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir("qwen2"))
+    rendered = [dict(m, content=m["content"] or "") for m in history]
+    rendered[1]["tool_calls"] = [dict(rendered[1]["tool_calls"][0], function={
+        "name": "get_weather", "arguments": {"city": "Paris", "days": 1}})]
+    text = tokenizer.apply_chat_template(rendered, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert "<tool_response>\nSunny, 21 C\n</tool_response>" in text and '"arguments": {"city": "Paris"' in text
+    assert response.usage.prompt_tokens == len(tokenizer.encode(text, add_special_tokens=False))

@@ -1,0 +1,61 @@
+"""Streamed tool calls in OpenAI's shape: each call's first delta has ``index``, ``id``, ``type`` and the
+function's ``name`` (arguments ``""`` or their first fragment); later deltas carry only ``index`` and the next
+fragment of ``arguments``. Concatenated per index, they are the final parse; ids differ between calls;
+with one call allowed (``parallel_tool_calls: false``) the second is never announced."""
+
+from __future__ import annotations
+
+import json
+
+from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
+from llmserve.entrypoints.openai.tool_parsers.streaming import ToolCallStream
+
+TEXT = ('Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
+
+
+def _run(stream: ToolCallStream, text: str, step: int) -> tuple[str, list[dict]]:
+    content, deltas = "", []
+    pieces = [text[i:i + step] for i in range(0, len(text), step)]
+    for i, piece in enumerate(pieces):
+        c, d = stream.feed(piece, final=i == len(pieces) - 1)
+        content += c
+        deltas += d
+    return content, deltas
+
+
+def _assemble(deltas: list[dict]) -> dict[int, dict]:
+    calls: dict[int, dict] = {}
+    for delta in deltas:
+        if delta["index"] not in calls:
+            assert set(delta) == {"index", "id", "type", "function"} and delta["type"] == "function"
+            assert delta["function"]["name"]
+            calls[delta["index"]] = {"id": delta["id"], "name": delta["function"]["name"], "arguments": ""}
+        else:
+            assert set(delta) == {"index", "function"} and set(delta["function"]) == {"arguments"}
+        calls[delta["index"]]["arguments"] += delta["function"]["arguments"]
+    return calls
+
+
+def test_deltas_reassemble_into_the_calls():
+    for step in (1, 2, 5, 11, len(TEXT)):
+        content, deltas = _run(ToolCallStream(TOOL_CALL_PARSERS["hermes"]()), TEXT, step)
+        calls = _assemble(deltas)
+        assert content == "Checking."
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+            ("get_weather", {"city": "Paris", "days": 3}), ("get_time", {"zone": "CET"})]
+        assert len({c["id"] for c in calls.values()}) == 2
+        if step == 1:
+            assert len(deltas) > 10   # arguments arrive in fragments, not at the end
+
+
+def test_one_call_allowed():
+    stream = ToolCallStream(TOOL_CALL_PARSERS["hermes"](), max_calls=1)
+    _, deltas = _run(stream, TEXT, 4)
+    assert set(_assemble(deltas)) == {0} and stream.called
+
+
+def test_plain_content_streams_as_content():
+    stream = ToolCallStream(TOOL_CALL_PARSERS["llama3_json"]())
+    content, deltas = _run(stream, "  It is sunny in Paris.", 3)
+    assert content == "  It is sunny in Paris." and deltas == [] and not stream.called
