@@ -156,6 +156,17 @@ def test_chat_renders_the_template_and_generates(llm):
     assert tokens(llm.generate([out[0].prompt_token_ids], GREEDY)) == tokens(out)
 
 
+def test_chat_passes_tools_to_the_template(checkpoint_dir):
+    qwen = LLM(str(checkpoint_dir("qwen2")), kv_cache_memory_bytes="8MiB", max_model_len=512)
+    tok = qwen.get_tokenizer()
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    out = qwen.chat(messages, GREEDY, tools=tools)
+    rendered = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert '"name": "get_weather"' in rendered
+    assert out[0].prompt_token_ids == tok.encode(rendered, add_special_tokens=False)
+
+
 def test_chat_with_several_conversations_and_a_custom_template(llm):
     tok = llm.get_tokenizer()
     template = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}\n{% endfor %}"

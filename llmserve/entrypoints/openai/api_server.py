@@ -37,16 +37,19 @@ from llmserve.engine.async_engine import AsyncLLMEngine, ShutdownError
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
 from llmserve.entrypoints.openai.errors import APIError, error_body, error_response, install_error_handlers
 from llmserve.entrypoints.openai.middleware import RequestId, RequestLimits, RequireApiKey
-from llmserve.entrypoints.openai.openapi import (PrometheusText, install_openapi, json_ok, json_or_events_ok, route,
-                                                 text_ok)
+from llmserve.entrypoints.openai.openapi import (PrometheusText, install_openapi, json_ok, json_or_events_ok,
+                                                 named_events_ok, route, text_ok)
 from llmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                   TokenizeRequest)
 from llmserve.entrypoints.openai.response_models import (ChatCompletionChunk, ChatCompletionResponse, CompletionChunk,
                                                    CompletionResponse, DetokenizeResponse, ModelList,
-                                                   TokenizeResponse, VersionResponse)
+                                                   ResponseObject, ResponseStreamEvent, TokenizeResponse,
+                                                   VersionResponse)
+from llmserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from llmserve.entrypoints.openai.serving_base import ServerLimits
 from llmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from llmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from llmserve.entrypoints.openai.serving_responses import OpenAIServingResponses
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 from llmserve.metrics.prometheus import EngineMetrics
 
@@ -82,6 +85,7 @@ class ServerState:
         self.engine: AsyncLLMEngine | None = None
         self.completions: OpenAIServingCompletion | None = None
         self.chat: OpenAIServingChat | None = None
+        self.responses: OpenAIServingResponses | None = None
         self.metrics: EngineMetrics | None = None
         self.load_error: BaseException | None = None
         self.exit_code = 0
@@ -103,6 +107,7 @@ class ServerState:
             parser = self.config.tool_call_parser
             self.chat = OpenAIServingChat(async_engine, names, limits, _read_chat_template(self.config.chat_template),
                                           TOOL_CALL_PARSERS[parser] if parser else None)
+            self.responses = OpenAIServingResponses(self.chat)
             async_engine.start(loop)
             self.engine = async_engine
             logger.info("ready: serving %s", ", ".join(names))
@@ -207,6 +212,11 @@ def build_app(state: ServerState) -> FastAPI:
               responses=route(json_or_events_ok(ChatCompletionResponse, ChatCompletionChunk), 400, 404, 500, 503, 504))
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await state.chat.create(body, raw, raw.state.request_id)
+
+    @app.post("/v1/responses", dependencies=protected,
+              responses=route(named_events_ok(ResponseObject, ResponseStreamEvent), 400, 404, 500, 503, 504))
+    async def responses(body: ResponsesRequest, raw: Request) -> Response:
+        return await state.responses.create(body, raw, raw.state.request_id)
 
     @app.post("/tokenize", dependencies=protected, response_model=None,
               responses=route(json_ok(TokenizeResponse), 400, 404, 503))

@@ -17,10 +17,13 @@ from pydantic.json_schema import models_json_schema
 from llmserve.entrypoints.openai.middleware import requires_api_key
 from llmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                   TokenizeRequest)
-from llmserve.entrypoints.openai.response_models import ChatCompletionChunk, CompletionChunk, ErrorResponse
+from llmserve.entrypoints.openai.response_models import (ChatCompletionChunk, CompletionChunk, ErrorResponse,
+                                                         ResponseStreamEvent)
+from llmserve.entrypoints.openai.responses_protocol import ResponsesRequest
 
-REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
-DEFINED_HERE = (ErrorResponse, CompletionChunk, ChatCompletionChunk)   # referenced by "$ref" in this module
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, ResponsesRequest, TokenizeRequest, DetokenizeRequest)
+# referenced by "$ref" in this module
+DEFINED_HERE = (ErrorResponse, CompletionChunk, ChatCompletionChunk, ResponseStreamEvent)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"   # the text exposition format generate_latest writes
 DESCRIPTION = ("An OpenAI-compatible LLM inference server. Every error is OpenAI's error object "
@@ -72,6 +75,17 @@ def json_or_events_ok(model: type[BaseModel], chunk: type[BaseModel]) -> dict[st
     return {"model": model, "description": "the completion, or its stream of events",
             "content": {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
                                                          "properties": {"data": data}}}}}
+
+
+def named_events_ok(model: type[BaseModel], event: type[BaseModel]) -> dict[str, Any]:
+    """200 as JSON, or with ``stream: true`` as named server-sent events (``event: TYPE``, ``data: {event}``)
+    and no closing ``[DONE]``, as the Responses API streams."""
+    data = {"type": "string", "contentMediaType": "application/json",
+            "contentSchema": {"$ref": f"#/components/schemas/{event.__name__}"}}
+    return {"model": model, "description": "the response, or its stream of events",
+            "content": {"text/event-stream": {"schema": {"type": "object", "required": ["event", "data"],
+                                                         "properties": {"event": {"type": "string"},
+                                                                        "data": data}}}}}
 
 
 def text_ok(response_class: type[Response], description: str, schema: dict[str, Any]) -> dict[str, Any]:

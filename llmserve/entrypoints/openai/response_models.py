@@ -4,7 +4,7 @@ send conforms to these."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -152,6 +152,78 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+
+
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+class ResponseMessage(BaseModel):
+    type: Literal["message"]
+    id: str
+    status: ItemStatus
+    role: Literal["assistant"]
+    content: list[OutputText]
+
+
+class ResponseFunctionCall(BaseModel):
+    type: Literal["function_call"]
+    id: str
+    call_id: str = Field(description="what a later function_call_output answers")
+    name: str
+    arguments: str = Field(description="JSON text")
+    status: ItemStatus
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    output_tokens_details: dict[str, int]
+
+
+class ResponseObject(BaseModel):
+    """OpenAI's response object; what the request did not set is echoed with its default."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete"]
+    model: str
+    output: list[ResponseMessage | ResponseFunctionCall]
+    usage: ResponseUsage | None = Field(description="null while in progress")
+    error: None
+    incomplete_details: dict[str, str] | None = Field(description="{\"reason\": \"max_output_tokens\"} when cut")
+    instructions: str | None
+    max_output_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    parallel_tool_calls: bool
+    tools: list[dict[str, Any]]
+    tool_choice: str | dict[str, Any]
+    text: dict[str, Any]
+    metadata: dict[str, str]
+    user: str | None
+    store: Literal[False]
+    truncation: Literal["disabled"]
+    previous_response_id: None
+    reasoning: None
+    background: Literal[False]
+
+
+class ResponseStreamEvent(BaseModel):
+    """One streamed event (``event:`` names its type): response.created, response.in_progress,
+    response.output_item.added, response.content_part.added, response.output_text.delta,
+    response.function_call_arguments.delta, their .done events, response.output_item.done, then
+    response.completed or response.incomplete; or an ``error`` event."""
+
+    type: str
+    sequence_number: int
 
 
 class ModelCard(BaseModel):

@@ -46,6 +46,21 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class SSEFraming:
+    """How an endpoint frames its server-sent events. Completions and chat send bare ``data:`` events, an
+    error as OpenAI's error object, and close with ``data: [DONE]``; the Responses API frames differently
+    (:class:`llmserve.entrypoints.openai.serving_responses.ResponsesFraming`)."""
+
+    def event(self, data: dict) -> str:
+        return sse(data)
+
+    def error(self, status: int, message: str, code: str | None) -> str:
+        return sse(error_body(status, message, None, code))
+
+    def closing(self) -> list[str]:
+        return [sse("[DONE]")]
+
+
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], limits: ServerLimits) -> None:
         self.engine = engine
@@ -123,9 +138,11 @@ class OpenAIServing:
 
     async def stream_events(self, submitted: Submitted,
                             render: Callable[[int, RequestOutput], Awaitable[list[dict]] | list[dict]],
-                            finish: Callable[[list[RequestOutput]], list[dict]]) -> AsyncIterator[str]:
-        """SSE body: each engine output rendered to chunks, then ``finish``'s chunks, then ``[DONE]``.
-        An error after the stream started goes out as an error event followed by ``[DONE]``."""
+                            finish: Callable[[list[RequestOutput]], list[dict]],
+                            framing: SSEFraming | None = None) -> AsyncIterator[str]:
+        """SSE body: each engine output rendered to chunks, then ``finish``'s chunks, then the closing event
+        (``[DONE]``). An error after the stream started goes out as an error event, then the closing one."""
+        framing = framing or SSEFraming()
         queue: asyncio.Queue = asyncio.Queue()
         done_marker = object()
 
@@ -141,6 +158,7 @@ class OpenAIServing:
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(submitted.streams)]
         finals: list[list[RequestOutput]] = [[] for _ in tasks]
         remaining = len(tasks)
+        failure: tuple[int, str, str] | None = None   # (status, message, code) of an error mid-stream
         deadline = None if self.limits.request_timeout is None else (
             submitted.states[0].arrival_time + self.limits.request_timeout)
         try:
@@ -151,39 +169,38 @@ class OpenAIServing:
                 except asyncio.TimeoutError:
                     log_failed(submitted.log_id, f"aborted: no result within --request-timeout "
                                                  f"({self.limits.request_timeout} s)")
-                    yield sse(error_body(504, f"the request did not finish within --request-timeout "
-                                         f"({self.limits.request_timeout} s)", None, "timeout"))
-                    yield sse("[DONE]")
-                    return
+                    failure = (504, f"the request did not finish within --request-timeout "
+                                    f"({self.limits.request_timeout} s)", "timeout")
+                    break
                 if item is done_marker:
                     remaining -= 1
                     continue
                 if isinstance(item, BaseException):
                     log_failed(submitted.log_id, f"failed: {item}")
-                    if isinstance(item, (EngineDeadError, ShutdownError)):
-                        yield sse(error_body(503, str(item), None, _unavailable_code(item)))
-                    else:
-                        yield sse(error_body(500, f"internal error ({type(item).__name__})", None, "engine_error"))
-                    yield sse("[DONE]")
-                    return
+                    failure = (503, str(item), _unavailable_code(item)) if isinstance(
+                        item, (EngineDeadError, ShutdownError)) else (
+                        500, f"internal error ({type(item).__name__})", "engine_error")
+                    break
                 if item.error is not None:
                     log_failed(submitted.log_id, f"failed: {item.error}")
-                    yield sse(error_body(500, f"the engine failed on this request: {item.error}", None,
-                                         "engine_error"))
-                    yield sse("[DONE]")
-                    return
+                    failure = (500, f"the engine failed on this request: {item.error}", "engine_error")
+                    break
                 finals[index].append(item)
                 chunks = render(index, item)
                 if asyncio.iscoroutine(chunks):
                     chunks = await chunks
                 for chunk in chunks:
-                    yield sse(chunk)
-            merged = [merge_deltas(outputs) for outputs in finals]
-            for output in merged:
-                log_finished(submitted.log_id, output)
-            for chunk in finish(merged):
-                yield sse(chunk)
-            yield sse("[DONE]")
+                    yield framing.event(chunk)
+            if failure is not None:
+                yield framing.error(*failure)
+            else:
+                merged = [merge_deltas(outputs) for outputs in finals]
+                for output in merged:
+                    log_finished(submitted.log_id, output)
+                for chunk in finish(merged):
+                    yield framing.event(chunk)
+            for closing in framing.closing():
+                yield closing
         except (GeneratorExit, asyncio.CancelledError):   # the response was dropped: the client left
             log_failed(submitted.log_id, "aborted: the client disconnected")
             raise

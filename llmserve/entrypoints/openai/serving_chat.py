@@ -17,6 +17,7 @@ from llmserve.entrypoints.openai.serving_base import OpenAIServing, ServerLimits
 from llmserve.entrypoints.openai.tool_calling import ToolCalling
 from llmserve.entrypoints.openai.tool_parsers import ToolCallParser
 from llmserve.outputs import PositionLogprobs, RequestOutput
+from llmserve.sampling_params import SamplingParams
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -50,23 +51,28 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, f"the chat template could not render these messages: {exc}", "messages") from None
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    async def create(self, body: ChatCompletionRequest, raw: Request, header_request_id: str | None
-                     ) -> JSONResponse | StreamingResponse:
-        self.check_model(body.model)
-        self.check_n(body.n)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    def prepare(self, body: ChatCompletionRequest, max_tokens: int | None, logprobs: int | None
+                ) -> tuple[list[int], SamplingParams, ToolCalling]:
+        """A chat request's prompt, sampling parameters and tool calling (shared with /v1/responses)."""
         tools = body.checked_tools()
         tool_calling = ToolCalling.for_request(body, tools, self.auto_tool_parser)
         prompt_ids = self.render_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs,
                                         tools=tools)
         if not prompt_ids:
             raise APIError(400, "the chat template renders these messages as no tokens at all", "messages")
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = body.sampling_params(max_tokens, logprobs, constraint=tool_calling.constraint)
         if tool_calling.needs_special_tokens:
             params.skip_special_tokens = False   # the format's markers are special tokens
+        return prompt_ids, params, tool_calling
+
+    async def create(self, body: ChatCompletionRequest, raw: Request, header_request_id: str | None
+                     ) -> JSONResponse | StreamingResponse:
+        self.check_model(body.model)
+        self.check_n(body.n)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prompt_ids, params, tool_calling = self.prepare(body, body.max_completion_tokens or body.max_tokens, logprobs)
         submitted = self.submit("chatcmpl", [prompt_ids], params, header_request_id, body.cache_salt)
         if body.stream:
             return StreamingResponse(self._stream(body, submitted, tool_calling), media_type="text/event-stream")

@@ -29,7 +29,7 @@ from llmserve.config import EngineConfig
 from llmserve.entrypoints.openai.api_server import ServerConfig, ServerState, build_app
 
 EXAMPLES_PER_ROUTE = 60
-GUARDED = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}
+GUARDED = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"}
 
 
 def document(**config) -> dict:
@@ -51,6 +51,7 @@ def test_every_route_documents_its_statuses_with_the_error_object():
         "/v1/models": {"413", "431", "503"},
         "/v1/completions": {"400", "404", "413", "431", "500", "503", "504"},
         "/v1/chat/completions": {"400", "404", "413", "431", "500", "503", "504"},
+        "/v1/responses": {"400", "404", "413", "431", "500", "503", "504"},
         "/tokenize": {"400", "404", "413", "431", "503"}, "/detokenize": {"400", "404", "413", "431", "503"},
     }
     assert {path: error_statuses(op) for path, op in ops.items()} == expected
@@ -64,8 +65,10 @@ def test_content_types_of_health_metrics_and_completions():
     ops = operations(document())
     assert list(ops["/health"]["responses"]["200"]["content"]) == ["text/plain"]
     assert list(ops["/metrics"]["responses"]["200"]["content"]) == ["text/plain; version=0.0.4"]
-    for path in ("/v1/completions", "/v1/chat/completions"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
         assert set(ops[path]["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    named_event = ops["/v1/responses"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert named_event["required"] == ["event", "data"]
 
 
 def test_api_key_adds_401_and_the_bearer_scheme_to_the_guarded_routes_only():
