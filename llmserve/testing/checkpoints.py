@@ -43,6 +43,10 @@ Families (:data:`FAMILIES`):
 ``gpt2``     ``GPT2LMHeadModel``: ``transformer.h.N`` Conv1D weights (``[in, out]``), fused ``c_attn``,
              LayerNorm with bias, learned positions, ``gelu_new``, tied; ``n_inner`` 160 (not 4 x hidden).
              Byte-level BPE with ``<|endoftext|>`` as BOS/EOS, ChatML template.
+``bloom``    ``BloomForCausalLM``: ALiBi (6 heads), embedding LayerNorm, per-head fused ``query_key_value``, tied.
+``falcon``   ``FalconForCausalLM``, the new decoder architecture: 6 heads in 2 KV groups, ``ln_attn``/``ln_mlp``, rotary.
+``falcon_mqa`` Falcon multi-query (one KV head), parallel attention + MLP under one norm, rotary, untied.
+``falcon_rw``  Falcon-RW: ALiBi, multi-head, sequential attention then MLP, biases. All four: byte-level BPE, ChatML.
 
 Sizes (:data:`SIZES`): ``tiny`` (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 2000; a family may
 override it, see ``FamilySpec.size_overrides``) for tests and
