@@ -75,8 +75,8 @@ class BloomForCausalLM(LlamaForCausalLM):
     @classmethod
     def block_spec(cls, config: Any) -> LlamaBlockSpec:
         return LlamaBlockSpec(qkv_bias=True, o_bias=True, mlp_bias=True, norm="layer", activation="gelu_pytorch_tanh",
-                              gated_mlp=False, rotary=False, alibi_slopes=tuple(alibi_slopes(config.num_attention_heads)),
-                              mlp_size=4 * config.hidden_size)
+                              gated_mlp=False, rotary=False, mlp_size=4 * config.hidden_size,
+                              alibi_slopes=tuple(alibi_slopes(config.num_attention_heads)))
 
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         renamed, block = _NAMES.rename(name)

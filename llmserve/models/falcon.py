@@ -16,9 +16,9 @@
   ``bfloat16(slope) / sqrt(head_dim)``;
 - tied LM head by default (``tie_word_embeddings``).
 
-Refused, since transformers cannot run them either: the new architecture with ``parallel_attn`` false, two
-parallel norms in the old architecture, and ``num_kv_heads`` other than the head count in the old multi-head
-layout.
+Refused, since transformers cannot run them either: the new architecture with ``parallel_attn`` false or a
+``num_ln_in_parallel_attn`` other than 1 or 2, two parallel norms in the old architecture, and ``num_kv_heads``
+other than the head count in the old multi-head layout.
 """
 
 from __future__ import annotations
@@ -98,10 +98,9 @@ class FalconForCausalLM(LlamaForCausalLM):
     def block_spec(cls, config: Any) -> LlamaBlockSpec:
         bias = bool(getattr(config, "bias", False))
         slopes = None
-        if getattr(config, "alibi", False):
-            scale = head_dim_of(config) ** -0.5
-            slopes = tuple(s * scale for s in torch.tensor(alibi_slopes(config.num_attention_heads),
-                                                           dtype=torch.float32).bfloat16().tolist())
+        if getattr(config, "alibi", False):   # transformers' slopes: float32, then bfloat16, scaled with the scores
+            rounded = torch.tensor(alibi_slopes(config.num_attention_heads), dtype=torch.float32).bfloat16()
+            slopes = tuple(s * head_dim_of(config) ** -0.5 for s in rounded.tolist())
         return LlamaBlockSpec(qkv_bias=bias, o_bias=bias, mlp_bias=bias, norm="layer",
                               activation=getattr(config, "activation", None) or "gelu", gated_mlp=False,
                               rotary=slopes is None, alibi_slopes=slopes, num_kv_heads=falcon_kv_heads(config),
@@ -118,9 +117,13 @@ class FalconForCausalLM(LlamaForCausalLM):
             raise UnsupportedModelConfigError(
                 f"{cls.__name__}: num_ln_in_parallel_attn=2 needs new_decoder_architecture (transformers' older "
                 f"layer has one input norm)")
+        if new and parallel_norms(config) not in (1, 2):
+            raise UnsupportedModelConfigError(
+                f"{cls.__name__}: num_ln_in_parallel_attn={parallel_norms(config)} is not supported: the new decoder "
+                f"architecture has one or two norms per layer")
         kv_heads = getattr(config, "num_kv_heads", None)
-        if not new and not getattr(config, "multi_query", True) and kv_heads not in (None,
-                                                                                      config.num_attention_heads):
+        multi_head = not new and not getattr(config, "multi_query", True)
+        if multi_head and kv_heads not in (None, config.num_attention_heads):
             raise UnsupportedModelConfigError(
                 f"{cls.__name__}: num_kv_heads={kv_heads} with multi_query=false and the old decoder architecture "
                 f"is not supported: that layout has one key and one value head per query head")

@@ -300,10 +300,10 @@ def falcon_config(fam: FamilySpec, sz: SizeSpec, bos_id: int, eos_id: int) -> di
     ``alibi``, ``bias``...) come from the family's ``extra_config``."""
     return {"activation": "gelu", "attention_dropout": 0.0, "bos_token_id": bos_id, "eos_token_id": eos_id,
             "ffn_hidden_size": sz.intermediate_size, "hidden_dropout": 0.0, "hidden_size": sz.hidden_size,
-            "initializer_range": 0.02, "layer_norm_epsilon": 1e-5, "max_position_embeddings": sz.max_position_embeddings,
-            "num_attention_heads": sz.num_attention_heads, "num_hidden_layers": sz.num_hidden_layers,
-            "num_kv_heads": sz.num_key_value_heads, "rope_parameters": {"rope_type": "default", "rope_theta": fam.rope_theta},
-            "rope_theta": fam.rope_theta, "use_cache": True, "vocab_size": sz.vocab_size}
+            "initializer_range": 0.02, "layer_norm_epsilon": 1e-5,
+            "max_position_embeddings": sz.max_position_embeddings, "num_attention_heads": sz.num_attention_heads,
+            "num_hidden_layers": sz.num_hidden_layers, "num_kv_heads": sz.num_key_value_heads,
+            "rope_parameters": {"rope_type": "default", "rope_theta": fam.rope_theta}, "rope_theta": fam.rope_theta, "use_cache": True, "vocab_size": sz.vocab_size}
 
 
 # Layouts with their own tensor names and config keys: layout -> (tensors, config keys).

@@ -44,7 +44,7 @@ Families (:data:`FAMILIES`):
              LayerNorm with bias, learned positions, ``gelu_new``, tied; ``n_inner`` 160 (not 4 x hidden).
              Byte-level BPE with ``<|endoftext|>`` as BOS/EOS, ChatML template.
 ``bloom``    ``BloomForCausalLM``: ALiBi (6 heads), embedding LayerNorm, per-head fused ``query_key_value``, tied.
-``falcon``   ``FalconForCausalLM``, the new decoder architecture: 6 heads in 2 KV groups, ``ln_attn``/``ln_mlp``, rotary.
+``falcon``   ``FalconForCausalLM``, new decoder architecture: 6 heads in 2 KV groups, ``ln_attn``/``ln_mlp``, rotary.
 ``falcon_mqa`` Falcon multi-query (one KV head), parallel attention + MLP under one norm, rotary, untied.
 ``falcon_rw``  Falcon-RW: ALiBi, multi-head, sequential attention then MLP, biases. All four: byte-level BPE, ChatML.
 

@@ -85,6 +85,7 @@ def test_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir, 
 
 @pytest.mark.parametrize("family,changes,message", [
     ("falcon", {"parallel_attn": False}, "new_decoder_architecture with parallel_attn=false"),
+    ("falcon", {"num_ln_in_parallel_attn": 3}, "num_ln_in_parallel_attn=3 is not supported"),
     ("falcon_mqa", {"num_ln_in_parallel_attn": 2}, "num_ln_in_parallel_attn=2 needs new_decoder_architecture"),
     ("falcon_rw", {"num_kv_heads": 2}, "num_kv_heads=2 with multi_query=false"),
     ("falcon_mqa", {"activation": "gelu_10"}, "unsupported activation 'gelu_10'"),

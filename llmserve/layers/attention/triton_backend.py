@@ -10,8 +10,9 @@ graph_decode_metadata`) that :meth:`TritonAttentionBackend.fill_graph_decode_met
 before each replay: a decode batch's kernel grid depends only on its (padded) size and split count.
 
 A layer's sliding window, logit soft-cap and ALiBi slopes (:class:`AttentionSpec`) are kernel arguments, so
-one metadata serves every layer (the slopes tensor is made once per layer, so a CUDA graph keeps reading it). Decode programs split only the window, so a windowed layer may use fewer splits than
-the step's longest context calls for: :meth:`TritonAttentionMetadata.splits_for` picks them once per
+one metadata serves every layer (the slopes tensor is made once per layer, so a CUDA graph keeps reading it).
+Decode programs split only the window, so a windowed layer may use fewer splits than the step's longest
+context calls for: :meth:`TritonAttentionMetadata.splits_for` picks them once per
 window per step (for a CUDA graph, once at capture: they are a function of the captured size and width,
 and the window start is computed inside the kernel from the lengths, so no extra static input is needed).
 """
