@@ -96,8 +96,8 @@ class TorchAttentionMetadata:
 # blocks, whichever is larger (short contexts are cheap to pad; each extra group costs a few kernel calls).
 MAX_PADDING_FRACTION = 0.25
 MIN_PADDING_BLOCKS = 8
-# Explicit (soft-capped, ALiBi) attention materialises float32 scores: at most about this many at a time (query rows are
-# taken in slices to stay under it).
+# Explicit (soft-capped, ALiBi) attention materialises float32 scores: at most about this many at a time (query
+# rows are taken in slices to stay under it).
 MAX_SCORE_ELEMENTS = 1 << 24
 
 
