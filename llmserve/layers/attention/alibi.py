@@ -38,10 +38,10 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 def alibi_slopes_tensor(spec: AttentionSpec, device: torch.device) -> torch.Tensor | None:
     """The layer's ALiBi slopes as a float32 [H] tensor on ``device`` (None without ALiBi), made once per
-    layer and device rather than per step."""
+    set of slopes and device rather than per step, and kept: a captured CUDA graph reads it at every replay."""
     return None if spec.alibi_slopes is None else _slopes_tensor(spec.alibi_slopes, device)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.cache   # a model has one set of slopes per rank (a few at most): nothing to evict
 def _slopes_tensor(slopes: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32, device=device)
