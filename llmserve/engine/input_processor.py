@@ -93,11 +93,14 @@ class ModelInfo:
         return ([] if self.eos_token_id is None else [self.eos_token_id]) + self.extra_eos_token_ids
 
     def _max_model_len(self) -> int:
-        derived = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0) or None
+        # ALiBi models (BLOOM) have no position table: their configs give the trained length as seq_length.
+        derived = int(getattr(self.hf_config, "max_position_embeddings", 0)
+                      or getattr(self.hf_config, "seq_length", 0) or 0) or None
         requested = self.config.max_model_len
         if requested is None:
             if derived is None:
-                raise ValueError("config.json has no max_position_embeddings: pass --max-model-len")
+                raise ValueError("config.json has neither max_position_embeddings nor seq_length: pass "
+                                 "--max-model-len")
             return derived
         if derived is not None and requested > derived:
             raise ValueError(f"--max-model-len {requested} is larger than the model's maximum context "

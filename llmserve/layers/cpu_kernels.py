@@ -120,7 +120,7 @@ class CPUKernels:
         lib.llmserve_linear_blocked.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
         lib.llmserve_linear_blocked.restype = _I
         lib.llmserve_paged_decode_attention.argtypes = [_P, _L, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _L, _F,
-                                                        _P, _L, _I]
+                                                        _P, _P, _L, _I]
         lib.llmserve_paged_decode_attention.restype = _I
         lib.llmserve_rms_norm.argtypes = [_P, _L, _P, _L, _P, _F, _P, _L, _P, _L, _L, _L, _I]
         lib.llmserve_rms_norm.restype = None
@@ -170,13 +170,14 @@ class CPUKernels:
     def paged_decode_attention(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                out: torch.Tensor, *, sliding_window: int | None = None,
-                               soft_cap: float | None = None) -> None:
+                               soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None) -> None:
         """One query token per sequence over its paged context, written into ``out`` [B, H, D].
 
         ``query`` [B, H, D] (head and dim contiguous), caches ``[num_blocks, block_size, KV, D]``
         contiguous, ``block_tables`` int32 [B, max_blocks], ``seq_lens`` int32 [B] (tokens to attend,
         the new one included). ``sliding_window``: attend only each sequence's last ``sliding_window``
-        tokens; ``soft_cap``: scores become ``soft_cap * tanh(scores / soft_cap)`` before the softmax."""
+        tokens; ``soft_cap``: scores become ``soft_cap * tanh(scores / soft_cap)`` before the softmax;
+        ``alibi_slopes``: float32 [H], ``slope * (key_position - query_position)`` added after the cap."""
         b, num_heads, head_dim = query.shape
         if query.stride(2) != 1 or query.stride(1) != head_dim:
             query = query.contiguous()
@@ -189,11 +190,16 @@ class CPUKernels:
         if (sliding_window is not None and sliding_window < 1) or (soft_cap is not None and not soft_cap > 0):
             raise ValueError(f"paged_decode_attention: sliding_window must be >= 1 and soft_cap > 0 (or None), got "
                              f"{sliding_window} and {soft_cap}")
+        if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.shape != (num_heads,)
+                                         or not alibi_slopes.is_contiguous()):
+            raise ValueError(f"paged_decode_attention: alibi_slopes must be a contiguous float32 [{num_heads}] "
+                             f"tensor, got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
         block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
         status = self._lib.llmserve_paged_decode_attention(
             query.data_ptr(), query.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
             block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), b, num_heads, num_kv_heads,
-            head_dim, block_size, scale, sliding_window or 0, soft_cap or 0.0, out.data_ptr(), out.stride(0),
+            head_dim, block_size, scale, sliding_window or 0, soft_cap or 0.0,
+            alibi_slopes.data_ptr() if alibi_slopes is not None else None, out.data_ptr(), out.stride(0),
             torch.get_num_threads())
         if status == -2:
             raise MemoryError("paged_decode_attention: no memory for the attention scores")

@@ -11,33 +11,28 @@
 Checkpoints store every projection as a ``Conv1D``: weight ``[in, out]`` (``y = x W + b``), the transpose of a
 linear layer's, and q/k/v fused in ``c_attn``. :meth:`GPT2LMHeadModel.checkpoint_tensor` renames the tensors
 onto the shared modules and transposes Conv1D weights, then the fused QKV linear splits ``c_attn`` into its
-q/k/v shards and each linear takes this rank's rows or columns (tensor parallelism as for Llama).
+q/k/v shards and each linear takes this rank's rows or columns (tensor parallelism as for Llama). The names
+map through :class:`~llmserve.models.transformer_names.TransformerNames`, as BLOOM's and Falcon's do.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from llmserve.models.llama import (LlamaBlockSpec, LlamaForCausalLM, LlamaModel, UnsupportedModelConfigError)
+from llmserve.models.transformer_names import TransformerNames
 from llmserve.quantization.base import QuantizationConfig
 
-# GPT-2 block names -> the shared decoder layer's; all four projections are Conv1D.
-_BLOCK_NAMES = {
-    "ln_1.": "input_layernorm.",
-    "ln_2.": "post_attention_layernorm.",
-    "attn.c_attn.": "self_attn.qkv_proj.",
-    "attn.c_proj.": "self_attn.o_proj.",
-    "mlp.c_fc.": "mlp.up_proj.",
-    "mlp.c_proj.": "mlp.down_proj.",
-}
+# GPT-2 names -> the shared modules'; all four block projections are Conv1D.
+_NAMES = TransformerNames(
+    top={"transformer.wte.": "model.embed_tokens.", "transformer.wpe.": "model.embed_positions.",
+         "transformer.ln_f.": "model.norm."},
+    block={"ln_1.": "input_layernorm.", "ln_2.": "post_attention_layernorm.", "attn.c_attn.": "self_attn.qkv_proj.",
+           "attn.c_proj.": "self_attn.o_proj.", "mlp.c_fc.": "mlp.up_proj.", "mlp.c_proj.": "mlp.down_proj."})
 _CONV1D = ("attn.c_attn.", "attn.c_proj.", "mlp.c_fc.", "mlp.c_proj.")
-_TOP_NAMES = {"transformer.wte.": "model.embed_tokens.", "transformer.wpe.": "model.embed_positions.",
-              "transformer.ln_f.": "model.norm."}
-_BLOCK = re.compile(r"^transformer\.h\.(\d+)\.(.*)$")
 # The causal-mask buffers older checkpoints saved with the weights.
 _MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
@@ -76,20 +71,9 @@ class GPT2LMHeadModel(LlamaForCausalLM):
                 "supported: llmserve runs decoder-only models")
 
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        if not name.startswith(("transformer.", "lm_head.")):
-            name = "transformer." + name   # checkpoints converted from OpenAI's have no prefix
         if name.endswith(_MASK_BUFFERS):
             return None
-        block = _BLOCK.match(name)
-        if block is None:
-            for old, new in _TOP_NAMES.items():
-                if name.startswith(old):
-                    return new + name[len(old):], tensor
-            return name, tensor
-        index, rest = block.groups()
-        for old, new in _BLOCK_NAMES.items():
-            if rest.startswith(old):
-                if old in _CONV1D and rest.endswith(".weight"):
-                    tensor = tensor.t()
-                return f"model.layers.{index}.{new}{rest[len(old):]}", tensor
-        return f"model.layers.{index}.{rest}", tensor   # not a GPT-2 tensor: reported as unexpected
+        renamed, block = _NAMES.rename(name)   # checkpoints converted from OpenAI's have no transformer. prefix
+        if block in _CONV1D and name.endswith(".weight"):
+            tensor = tensor.t()
+        return renamed, tensor

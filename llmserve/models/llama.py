@@ -1,9 +1,9 @@
 """Llama decoder blocks, shared by the pre-norm decoder families (``mistral.py``, ``qwen2.py``, ``qwen3.py``,
-``gemma2.py``, ``gemma3.py``, ``gpt2.py``, ``cohere.py``, ``phi3.py``).
+``gemma2.py``, ``gemma3.py``, ``gpt2.py``, ``cohere.py``, ``phi3.py``, ``bloom.py``, ``falcon.py``).
 
 A family differs only in a few block choices, which its file states explicitly as a
 :class:`LlamaBlockSpec` (biases, per-head q/k norm, norm kind, activation, attention scale and soft-cap,
-rotary layout and which layers rotate, or learned positions), plus, where the layout itself differs, a
+rotary layout and which layers rotate, learned positions or ALiBi), plus, where the layout itself differs, a
 subclass of the decoder layer (Gemma's four norms, Cohere's parallel residual) or of the embedding (Gemma's
 scale, GPT-2's learned positions), and a mapping of its checkpoint's names onto these modules (GPT-2).
 Model code is backend-agnostic (attention metadata goes to each :class:`Attention` layer untouched) and
@@ -77,6 +77,9 @@ class LlamaBlockSpec:
     attn_scale: float | None = None   # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
     attn_scale_by_inverse_layer: bool = False   # scale / (layer + 1) (GPT-2's scale_attn_by_inverse_layer_idx)
     attn_logit_softcap: float | None = None     # c * tanh(scores / c) before the softmax (Gemma 2)
+    alibi_slopes: tuple[float, ...] | None = None   # ALiBi, one slope per query head of the model (BLOOM, Falcon)
+    num_kv_heads: int | None = None   # None: the config's num_key_value_heads (Falcon's follow its layout flags)
+    mlp_size: int | None = None       # None: the config's intermediate size (BLOOM's is always 4 x hidden)
 
 
 def make_norm(spec: LlamaBlockSpec, size: int, eps: float) -> nn.Module:
@@ -128,7 +131,7 @@ class LlamaAttention(nn.Module):
                  prefix: str = "") -> None:
         super().__init__()
         total_heads = config.num_attention_heads
-        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        total_kv_heads = spec.num_kv_heads or getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = head_dim_of(config)
         layer = layer_index(prefix)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads,
@@ -148,8 +151,12 @@ class LlamaAttention(nn.Module):
         scale = spec.attn_scale if spec.attn_scale is not None else self.head_dim ** -0.5
         if spec.attn_scale_by_inverse_layer:
             scale /= float(layer + 1)
+        slopes = spec.alibi_slopes
+        if slopes is not None:   # this rank's heads
+            first = self.qkv_proj.tp_rank * self.num_heads
+            slopes = slopes[first:first + self.num_heads]
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window=window,
-                              logits_soft_cap=spec.attn_logit_softcap)
+                              logits_soft_cap=spec.attn_logit_softcap, alibi_slopes=slopes)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: object) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(
@@ -171,7 +178,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
                  prefix: str = "") -> None:
         super().__init__()
-        inner = intermediate_size_of(config)
+        inner = spec.mlp_size or intermediate_size_of(config)
         if spec.gated_mlp:
             self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inner] * 2, spec.mlp_bias,
                                                            quant_config, f"{prefix}.gate_up_proj")

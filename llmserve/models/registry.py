@@ -6,7 +6,9 @@ from typing import Any
 
 from torch import nn
 
+from llmserve.models.bloom import BloomForCausalLM
 from llmserve.models.cohere import Cohere2ForCausalLM, CohereForCausalLM
+from llmserve.models.falcon import FalconForCausalLM
 from llmserve.models.gemma2 import Gemma2ForCausalLM
 from llmserve.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from llmserve.models.gpt2 import GPT2LMHeadModel
@@ -28,6 +30,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "CohereForCausalLM": CohereForCausalLM,
     "Cohere2ForCausalLM": Cohere2ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "FalconForCausalLM": FalconForCausalLM,
+    "BloomForCausalLM": BloomForCausalLM,
 }
 
 # Multimodal checkpoints whose language model llmserve serves on its own (text in, text out).
@@ -40,8 +44,6 @@ NOT_YET_SUPPORTED: dict[str, str] = {
     "Gemma3nForCausalLM": "Gemma 3n needs per-layer inputs, KV sharing and AltUp",
     "Gemma3nForConditionalGeneration": "Gemma 3n needs per-layer inputs, KV sharing and AltUp",
     "GemmaForCausalLM": "Gemma (1) is not implemented yet (Gemma 2 and 3 are)",
-    "FalconForCausalLM": "Falcon needs parallel attention + MLP blocks and ALiBi",
-    "BloomForCausalLM": "BLOOM needs ALiBi attention biases",
 }
 
 

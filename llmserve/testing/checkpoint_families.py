@@ -49,7 +49,8 @@ class FamilySpec:
     # through the tied output matrix, keeps winning and greedy decoding collapses into repeats.
     branch_gain: float = 1.0
     extra_config: Mapping[str, Any] = field(default_factory=dict)
-    # Tensor names and layout: "llama", "gemma", "cohere", "phi3" or "gpt2" (see checkpoint_layouts).
+    # Tensor names and layout: "llama", "gemma", "cohere", "phi3", "gpt2", "bloom" or "falcon" (see
+    # checkpoint_layouts).
     layout: str = "llama"
     # Per size name: SizeSpec fields to replace and other config.json keys to set.
     size_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -242,5 +243,69 @@ FAMILIES: dict[str, FamilySpec] = {
         branch_gain=4.0,
         layout="gpt2",
         size_overrides={"tiny": {"intermediate_size": 160}},
+    ),
+    "bloom": FamilySpec(
+        name="bloom",
+        architecture="BloomForCausalLM",
+        model_type="bloom",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=0.0,   # no rotary: ALiBi
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        branch_gain=4.0,
+        layout="bloom",
+        # 6 heads: ALiBi slopes for a head count that is not a power of two; the MLP is always 4 x hidden.
+        size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 6,
+                                 "intermediate_size": 384}},
+    ),
+    # Falcon-40B/180B's layout: new decoder architecture, 6 query heads in 2 KV groups (GQA ratio 3), ln_attn
+    # and ln_mlp, rotary, no biases.
+    "falcon": FamilySpec(
+        name="falcon",
+        architecture="FalconForCausalLM",
+        model_type="falcon",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        branch_gain=4.0,
+        layout="falcon",
+        extra_config={"new_decoder_architecture": True, "parallel_attn": True, "bias": False, "alibi": False},
+        size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,
+                                 "intermediate_size": 160}},
+    ),
+    # Falcon-7B's layout: multi-query (one KV head), parallel attention and MLP under one norm, rotary; untied.
+    "falcon_mqa": FamilySpec(
+        name="falcon_mqa",
+        architecture="FalconForCausalLM",
+        model_type="falcon",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        branch_gain=2.0,
+        layout="falcon",
+        extra_config={"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "bias": False,
+                      "alibi": False},
+        size_overrides={"tiny": {"num_key_value_heads": 1}},
+    ),
+    # Falcon-RW's layout: ALiBi, multi-head, sequential attention then MLP, biases.
+    "falcon_rw": FamilySpec(
+        name="falcon_rw",
+        architecture="FalconForCausalLM",
+        model_type="falcon",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=10000.0,   # unused: ALiBi
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        branch_gain=4.0,
+        layout="falcon",
+        extra_config={"new_decoder_architecture": False, "multi_query": False, "parallel_attn": False, "bias": True,
+                      "alibi": True},
+        size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 6,
+                                 "intermediate_size": 160}},
     ),
 }

@@ -4,8 +4,11 @@ differ by layout, for :mod:`llmserve.testing.checkpoints`.
 Layouts: ``llama`` (Llama, Mistral, Qwen2, Qwen3), ``gemma`` (Gemma 2 and 3: four norms per layer, norm
 weights centred on 0 since the model scales by ``1 + w``), ``cohere`` (Command-R: one norm per layer, q/k
 norms with a weight per head, logits scaled by ``logit_scale``), ``phi3`` (Llama's tensors with q/k/v fused
-in ``qkv_proj`` and gate/up in ``gate_up_proj``) and ``gpt2`` (``transformer.h.N``, Conv1D
-weights stored ``[in, out]``, fused ``c_attn``, LayerNorm with bias, learned positions).
+in ``qkv_proj`` and gate/up in ``gate_up_proj``), ``gpt2`` (``transformer.h.N``, Conv1D
+weights stored ``[in, out]``, fused ``c_attn``, LayerNorm with bias, learned positions), ``bloom``
+(``transformer.h.N``, per-head fused ``query_key_value``, an embedding LayerNorm, ALiBi) and ``falcon``
+(``transformer.h.N``, ``query_key_value`` grouped per KV head, its layer layout from the family's config).
+The last three write their own config keys (:data:`OWN_LAYOUTS`).
 
 Scales are chosen so that a hidden state gives logits with a standard deviation of about 4 across the
 vocabulary: greedy decoding then has clear winners and rarely hinges on float rounding.
@@ -155,12 +158,12 @@ def gpt2_tensors(fam: FamilySpec, sz: SizeSpec) -> list[TensorSpec]:
     return specs
 
 
-def gpt2_config(sz: SizeSpec, eos_id: int) -> dict[str, Any]:
+def gpt2_config(fam: FamilySpec, sz: SizeSpec, bos_id: int, eos_id: int) -> dict[str, Any]:
     """GPT-2's own config keys (``n_embd``, ``n_layer``...; transformers maps the usual names onto them)."""
     return {
         "activation_function": "gelu_new",
         "attn_pdrop": 0.0,
-        "bos_token_id": eos_id,
+        "bos_token_id": bos_id,
         "embd_pdrop": 0.0,
         "eos_token_id": eos_id,
         "initializer_range": 0.02,
@@ -216,3 +219,97 @@ def gemma_config(fam: FamilySpec, sz: SizeSpec, config_style: str) -> dict[str, 
             "full_attention": {**scaling, "rope_theta": fam.rope_theta},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
     return config
+
+
+def _transformer_block(p: str, fam: FamilySpec, sz: SizeSpec, qkv_rows: int, head_dim: int,
+                       norms: list[str]) -> list[TensorSpec]:
+    """A BLOOM/Falcon block's tensors: fused ``query_key_value``, ``dense``, the plain MLP, its LayerNorms;
+    biases where the family has them (``bias`` in its config, always for BLOOM)."""
+    h, inter = sz.hidden_size, sz.intermediate_size
+    bias = fam.layout == "bloom" or bool(fam.extra_config.get("bias", False))
+    q_out = sz.num_attention_heads * head_dim
+    specs = []
+    for name, shape, init in [
+        ("self_attention.query_key_value", (qkv_rows, h), normal(QK_STD * _inv(h))),
+        ("self_attention.dense", (h, q_out), normal(fam.branch_gain * _inv(q_out))),
+        ("mlp.dense_h_to_4h", (inter, h), normal(_inv(h))),
+        ("mlp.dense_4h_to_h", (h, inter), normal(fam.branch_gain * _inv(inter))),
+    ]:
+        specs.append(TensorSpec(f"{p}{name}.weight", shape, init))
+        if bias:
+            specs.append(TensorSpec(f"{p}{name}.bias", shape[:1], normal(0.1)))
+    for norm in norms:
+        specs += [TensorSpec(f"{p}{norm}.weight", (h,), NORM_INIT), TensorSpec(f"{p}{norm}.bias", (h,), normal(0.1))]
+    return specs
+
+
+def _with_embeddings_and_head(fam: FamilySpec, sz: SizeSpec, specs: list[TensorSpec]) -> list[TensorSpec]:
+    """``transformer.word_embeddings``, the blocks, ``transformer.ln_f`` and, untied, ``lm_head``."""
+    h, v = sz.hidden_size, sz.vocab_size
+    out_std = LOGIT_STD / math.sqrt(h)
+    head = [TensorSpec("lm_head.weight", (v, h), normal(out_std))] if not fam.tie_word_embeddings else []
+    return ([TensorSpec("transformer.word_embeddings.weight", (v, h), normal(out_std))] + specs
+            + [TensorSpec("transformer.ln_f.weight", (h,), NORM_INIT),
+               TensorSpec("transformer.ln_f.bias", (h,), normal(0.1))] + head)
+
+
+def bloom_tensors(fam: FamilySpec, sz: SizeSpec) -> list[TensorSpec]:
+    """BLOOM: an embedding LayerNorm, q/k/v fused per head (``[heads, 3, head_dim]``), MLP of 4 x hidden."""
+    h = sz.hidden_size
+    head_dim = h // sz.num_attention_heads
+    specs = [TensorSpec("transformer.word_embeddings_layernorm.weight", (h,), NORM_INIT),
+             TensorSpec("transformer.word_embeddings_layernorm.bias", (h,), normal(0.1))]
+    for i in range(sz.num_hidden_layers):
+        specs += _transformer_block(f"transformer.h.{i}.", fam, sz, 3 * h, head_dim,
+                                    ["input_layernorm", "post_attention_layernorm"])
+    return _with_embeddings_and_head(fam, sz, specs)
+
+
+def bloom_config(fam: FamilySpec, sz: SizeSpec, bos_id: int, eos_id: int) -> dict[str, Any]:
+    """BLOOM's keys (``n_head``, ``n_layer``; no positions, so its context length is ``seq_length``)."""
+    return {"apply_residual_connection_post_layernorm": False, "attention_dropout": 0.0, "bos_token_id": bos_id,
+            "eos_token_id": eos_id, "hidden_dropout": 0.0, "hidden_size": sz.hidden_size, "initializer_range": 0.02,
+            "layer_norm_epsilon": 1e-5, "n_head": sz.num_attention_heads, "n_layer": sz.num_hidden_layers,
+            "pretraining_tp": 1, "seq_length": sz.max_position_embeddings, "slow_but_exact": False,
+            "use_cache": True, "vocab_size": sz.vocab_size}
+
+
+def falcon_tensors(fam: FamilySpec, sz: SizeSpec) -> list[TensorSpec]:
+    """Falcon in the layout its config flags (``fam.extra_config``) pick: the query_key_value rows of the new
+    architecture (grouped per KV head), multi-query (one KV head) or multi-head; two parallel norms, one, or
+    the sequential pair."""
+    flags = fam.extra_config
+    new = flags.get("new_decoder_architecture", False)
+    head_dim = sz.hidden_size // sz.num_attention_heads
+    kv_heads = sz.num_key_value_heads if new else (1 if flags.get("multi_query", True) else sz.num_attention_heads)
+    if not (new or flags.get("parallel_attn", True)):
+        norms = ["input_layernorm", "post_attention_layernorm"]
+    elif new and flags.get("num_ln_in_parallel_attn", 2) == 2:
+        norms = ["ln_attn", "ln_mlp"]
+    else:
+        norms = ["input_layernorm"]
+    specs = []
+    for i in range(sz.num_hidden_layers):
+        specs += _transformer_block(f"transformer.h.{i}.", fam, sz, (sz.num_attention_heads + 2 * kv_heads) * head_dim,
+                                    head_dim, norms)
+    return _with_embeddings_and_head(fam, sz, specs)
+
+
+def falcon_config(fam: FamilySpec, sz: SizeSpec, bos_id: int, eos_id: int) -> dict[str, Any]:
+    """Falcon's keys; the layout flags (``new_decoder_architecture``, ``multi_query``, ``parallel_attn``,
+    ``alibi``, ``bias``...) come from the family's ``extra_config``."""
+    return {"activation": "gelu", "attention_dropout": 0.0, "bos_token_id": bos_id, "eos_token_id": eos_id,
+            "ffn_hidden_size": sz.intermediate_size, "hidden_dropout": 0.0, "hidden_size": sz.hidden_size,
+            "initializer_range": 0.02, "layer_norm_epsilon": 1e-5,
+            "max_position_embeddings": sz.max_position_embeddings, "num_attention_heads": sz.num_attention_heads,
+            "num_hidden_layers": sz.num_hidden_layers, "num_kv_heads": sz.num_key_value_heads,
+            "rope_parameters": {"rope_type": "default", "rope_theta": fam.rope_theta}, "rope_theta": fam.rope_theta, "use_cache": True, "vocab_size": sz.vocab_size}
+
+
+# Layouts with their own tensor names and config keys: layout -> (tensors, config keys).
+OWN_LAYOUTS: dict[str, tuple[Callable[[FamilySpec, SizeSpec], list[TensorSpec]],
+                             Callable[[FamilySpec, SizeSpec, int, int], dict[str, Any]]]] = {
+    "gpt2": (gpt2_tensors, gpt2_config),
+    "bloom": (bloom_tensors, bloom_config),
+    "falcon": (falcon_tensors, falcon_config),
+}

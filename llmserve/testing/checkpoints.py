@@ -43,6 +43,10 @@ Families (:data:`FAMILIES`):
 ``gpt2``     ``GPT2LMHeadModel``: ``transformer.h.N`` Conv1D weights (``[in, out]``), fused ``c_attn``,
              LayerNorm with bias, learned positions, ``gelu_new``, tied; ``n_inner`` 160 (not 4 x hidden).
              Byte-level BPE with ``<|endoftext|>`` as BOS/EOS, ChatML template.
+``bloom``    ``BloomForCausalLM``: ALiBi (6 heads), embedding LayerNorm, per-head fused ``query_key_value``, tied.
+``falcon``   ``FalconForCausalLM``, new decoder architecture: 6 heads in 2 KV groups, ``ln_attn``/``ln_mlp``, rotary.
+``falcon_mqa`` Falcon multi-query (one KV head), parallel attention + MLP under one norm, rotary, untied.
+``falcon_rw``  Falcon-RW: ALiBi, multi-head, sequential attention then MLP, biases. All four: byte-level BPE, ChatML.
 
 Sizes (:data:`SIZES`): ``tiny`` (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 2000; a family may
 override it, see ``FamilySpec.size_overrides``) for tests and
@@ -85,11 +89,10 @@ from llmserve.config import cache_dir
 
 from .checkpoint_families import FAMILIES, SIZES, FamilySpec, SizeSpec
 from .checkpoint_layouts import (
+    OWN_LAYOUTS,
     TensorSpec,
     cohere_config,
     gemma_config,
-    gpt2_config,
-    gpt2_tensors,
     llama_tensors,
 )
 from .tokenizer_files import (
@@ -159,8 +162,8 @@ def tensor_specs(family: str = "llama", size: str = "tiny") -> list[TensorSpec]:
     """The tensors of a checkpoint, in the order transformers' ``state_dict()`` lists them."""
     fam = _get_family(family)
     sz = _get_size(size, fam)
-    if fam.layout == "gpt2":
-        return gpt2_tensors(fam, sz)
+    if fam.layout in OWN_LAYOUTS:
+        return OWN_LAYOUTS[fam.layout][0](fam, sz)
     return llama_tensors(fam, sz, _head_dim(fam, sz))
 
 
@@ -245,8 +248,9 @@ def _model_config(fam: FamilySpec, sz: SizeSpec, tok: TokenizerInfo, dtype: torc
         "dtype": _DTYPE_NAMES[dtype],
         "torch_dtype": _DTYPE_NAMES[dtype],
     }
-    if fam.layout == "gpt2":
-        config = {**common, **gpt2_config(sz, eos_id), **fam.extra_config, **(size_config or {})}
+    if fam.layout in OWN_LAYOUTS:
+        own = OWN_LAYOUTS[fam.layout][1](fam, sz, bos_id, eos_id)
+        config = {**common, **own, **fam.extra_config, **(size_config or {})}
         return dict(sorted(config.items()))
     rope_scaling = None
     if fam.llama3_rope_scaling:

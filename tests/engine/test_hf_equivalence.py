@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from llmserve import LLM, SamplingParams
+from llmserve.models.falcon import falcon_kv_heads
 from tests.conftest import FAMILY_NAMES
 from tests.hf_reference import hf_greedy, hf_prompt_logprobs
 
@@ -83,16 +84,19 @@ def llm_block_bytes(path, block_size: int) -> int:
 
     cfg = AutoConfig.from_pretrained(path)   # maps GPT-2's n_layer / n_head / n_embd onto the usual names
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    kv_heads = (falcon_kv_heads(cfg) if cfg.model_type == "falcon"
+                else getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     return 2 * cfg.num_hidden_layers * block_size * kv_heads * head_dim * 4
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gpt2", "cohere", "cohere2", "phi3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gpt2", "cohere", "cohere2", "phi3", "bloom", "falcon",
+                                    "falcon_mqa", "falcon_rw"])
 def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     """One engine per family under everything that changes how the KV cache fills: 7-token steps split the
     prompts, 24 blocks of 4 tokens force preemption, and a repeated prompt is served from the prefix cache.
     The tiny Gemmas, Cohere2 and Phi-3 slide a 10-token window (Gemma 3 on 5 of its 6 layers, Cohere2 on 3 of 4),
-    shorter than most prompts and than every prompt plus its 24 tokens."""
+    shorter than most prompts and than every prompt plus its 24 tokens; BLOOM and Falcon-RW bias every score by
+    ALiBi, over the cached context of each chunk and decode."""
     path = checkpoint_dir(family)
     llm = LLM(str(path), block_size=4, max_num_batched_tokens=7, kv_cache_memory_bytes=24 * llm_block_bytes(path, 4))
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
@@ -153,7 +157,7 @@ def without_cpu_kernels(monkeypatch):
     cpu_kernels.cache_clear()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])   # gemma2: soft-caps and a window in PyTorch
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "bloom"])   # soft-caps, a window, ALiBi in PyTorch
 def test_pytorch_paths_without_cpu_kernels_match_hf(checkpoint_dir, family, without_cpu_kernels):
     path = checkpoint_dir(family)
     llm = LLM(str(path), max_num_batched_tokens=7, block_size=4, kv_cache_memory_bytes="32MiB")

@@ -1,7 +1,7 @@
 """Tensor and pipeline parallelism change where the model runs, never what it computes: with TP=2, PP=2
 and TP=2 x PP=2 (one worker process per rank, gloo on the CPU), greedy output equals Hugging Face
 transformers token for token and logprobs agree within 1e-3, for every Llama-shaped family in every layout,
-Gemma 2 at TP=2 and GPT-2 at TP=2 x PP=2, with chunked prefill and forced preemption, prefix caching on."""
+and each other family in one, with chunked prefill and forced preemption, prefix caching on."""
 
 from __future__ import annotations
 
@@ -19,10 +19,13 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # The Llama-shaped families in every layout; the others (whose blocks shard through the same layers) in one each:
 # Gemma 2 at TP=2 (3 query heads and 1 KV head per rank, a sliding window, soft-caps), GPT-2 at TP=2 x PP=2
 # (fused c_attn and Conv1D weights sharded, learned positions on the first stage only), Command-R at TP=2
-# (per-head q/k LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2.
+# (per-head q/k LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2,
+# BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi slopes, the embedding LayerNorm on the first stage), Falcon's
+# new architecture at TP=2 (one of the 2 KV groups per rank) and Falcon-RW at TP=2 (ALiBi, sequential blocks).
 # Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
 LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
-OTHER_FAMILIES = [("gemma2", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2), ("phi3", 2, 2)]
+OTHER_FAMILIES = [("gemma2", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2), ("phi3", 2, 2),
+                  ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1)]
 CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + OTHER_FAMILIES
 
 

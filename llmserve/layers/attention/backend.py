@@ -4,7 +4,7 @@ The model runner describes each step's batch once as a :class:`BatchLayout` (whi
 which sequence, where their K/V go, which blocks hold each sequence's context). A backend turns that
 into its own precomputed metadata (masks, index tensors, kernel arguments) once per step, and
 ``forward`` is then called by every attention layer with that metadata and the layer's
-:class:`AttentionSpec` (head geometry, scale, sliding window, logit soft-cap). Layers of one model may
+:class:`AttentionSpec` (head geometry, scale, sliding window, logit soft-cap, ALiBi slopes). Layers of one model may
 differ in their spec (Gemma 2 alternates sliding-window and full layers), so whatever a backend derives
 from a spec per step (a window's masks, say) is built lazily at the first layer that needs it and cached
 on the metadata for the rest of the step.
@@ -12,6 +12,7 @@ on the metadata for the rest of the step.
 
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -89,6 +90,9 @@ class AttentionSpec:
       as transformers' ``sliding_window_overlay`` + ``causal_mask_function`` (Mistral, Qwen2, Gemma 2);
     - ``logits_soft_cap``: None, or ``c`` for Gemma 2's ``c * tanh(scores / c)`` applied to the scaled
       scores before the mask and the softmax;
+    - ``alibi_slopes``: None, or one slope per query head of this layer (this rank's heads under tensor
+      parallelism) for ALiBi: ``slope * (key_position - query_position)`` is added to the (soft-capped)
+      scaled scores before the mask (see :mod:`llmserve.layers.attention.alibi`);
     - ``kv_cache_dtype``: ``"auto"`` (the cache holds the model's dtype), or the model's dtype itself
       (``torch.bfloat16`` or ``"bfloat16"``, stored as its name). Nothing else is implemented yet: any other
       value raises ``NotImplementedError``. The model's dtype is torch's default dtype when the spec is built
@@ -101,6 +105,7 @@ class AttentionSpec:
     scale: float
     sliding_window: int | None = None
     logits_soft_cap: float | None = None
+    alibi_slopes: tuple[float, ...] | None = None
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -116,6 +121,12 @@ class AttentionSpec:
                              f"got {self.sliding_window!r}")
         if self.logits_soft_cap is not None and not self.logits_soft_cap > 0:
             raise ValueError(f"logits_soft_cap must be > 0 (or None for no cap), got {self.logits_soft_cap!r}")
+        if self.alibi_slopes is not None:
+            slopes = tuple(float(s) for s in self.alibi_slopes)
+            if len(slopes) != self.num_heads or not all(math.isfinite(s) for s in slopes):
+                raise ValueError(f"alibi_slopes must be {self.num_heads} finite numbers (one per query head), got "
+                                 f"{self.alibi_slopes!r}")
+            object.__setattr__(self, "alibi_slopes", slopes)
         object.__setattr__(self, "scale", float(self.scale))
         if self.sliding_window is not None:
             object.__setattr__(self, "sliding_window", int(self.sliding_window))
@@ -158,8 +169,9 @@ class AttentionBackend(ABC):
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: object,
                 spec: AttentionSpec) -> torch.Tensor:
         """Store ``key``/``value`` [T, KV, D] in the cache, attend ``query`` [T, H, D] over each
-        sequence's cached context causally (within ``spec.sliding_window`` when set, scores soft-capped by
-        ``spec.logits_soft_cap`` when set, scaled by ``spec.scale``), and return [T, H, D].
+        sequence's cached context causally (within ``spec.sliding_window`` when set, scores scaled by
+        ``spec.scale``, soft-capped by ``spec.logits_soft_cap`` and biased by ``spec.alibi_slopes`` when set),
+        and return [T, H, D].
 
         Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``.
         """

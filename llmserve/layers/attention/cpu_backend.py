@@ -5,8 +5,8 @@ Rows with several query tokens (prompts, prefill chunks, speculative verificatio
 bound by reading each sequence's KV blocks, go through ``llmserve_paged_decode_attention``
 (``layers/csrc/cpu_attention.c``): it reads the blocks in place through the block table, once per KV head
 for the whole query group, with no gathered copy and no padding, so sequences of any mix of lengths share
-one call. The kernel takes the layer's sliding window and soft-cap as arguments, so one decode batch
-serves every layer of the step.
+one call. The kernel takes the layer's sliding window, soft-cap and ALiBi slopes as arguments, so one
+decode batch serves every layer of the step.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from llmserve.layers.attention.alibi import alibi_slopes_tensor
 from llmserve.layers.attention.backend import AttentionSpec, BatchLayout
 from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 from llmserve.layers.cpu_kernels import CPUKernels
@@ -45,5 +46,5 @@ class CPUAttentionBackend(TorchAttentionBackend):
     def _attend_decodes(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         decodes: DecodeBatch, spec: AttentionSpec, window: int | None, out: torch.Tensor) -> None:
         self.kernels.paged_decode_attention(query, key_cache, value_cache, decodes.block_tables, decodes.seq_lens,
-                                            spec.scale, out, sliding_window=window,
-                                            soft_cap=spec.logits_soft_cap)
+                                            spec.scale, out, sliding_window=window, soft_cap=spec.logits_soft_cap,
+                                            alibi_slopes=alibi_slopes_tensor(spec, query.device))

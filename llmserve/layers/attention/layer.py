@@ -11,10 +11,12 @@ from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
                  sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                 alibi_slopes: tuple[float, ...] | None = None,
                  kv_cache_dtype: torch.dtype | str | None = None) -> None:
         super().__init__()
         self.spec = AttentionSpec(num_heads, num_kv_heads, head_dim, scale, sliding_window=sliding_window,
-                                  logits_soft_cap=logits_soft_cap, kv_cache_dtype=kv_cache_dtype)
+                                  logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
+                                  kv_cache_dtype=kv_cache_dtype)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -28,6 +30,8 @@ class Attention(nn.Module):
         spec = self.spec
         extra = "".join(f", {name}={getattr(spec, name)}" for name in ("sliding_window", "logits_soft_cap")
                         if getattr(spec, name) is not None)
+        if spec.alibi_slopes is not None:
+            extra += ", alibi"
         return f"heads={spec.num_heads}, kv_heads={spec.num_kv_heads}, head_dim={spec.head_dim}{extra}"
 
     def bind_cache(self, backend: AttentionBackend, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:

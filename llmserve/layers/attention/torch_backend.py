@@ -11,8 +11,9 @@ Per-layer differences (:class:`AttentionSpec`) are handled at forward time. A sl
 keys a row sees: the metadata builds, the first time a layer with that window runs in the step, the
 window's decode groups (only the blocks inside the window are gathered) and prefill masks, and keeps them
 for the other layers with the same window; a window no shorter than the step's longest sequence is full
-attention and shares its masks. A logit soft-cap (Gemma 2) cannot go through SDPA, so such layers compute
-the scores explicitly (:func:`soft_capped_attention`); layers without one keep the SDPA path.
+attention and shares its masks. A logit soft-cap (Gemma 2) and ALiBi biases (BLOOM, Falcon) cannot go
+through SDPA without materialising a bias per head, so such layers compute the scores explicitly, a slice of
+query rows at a time (:func:`explicit_attention`); other layers keep the SDPA path.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmserve.layers.attention.alibi import alibi_slopes_tensor
 from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout, padded_block_tables
 
 
@@ -46,6 +48,7 @@ class DecodeGroup:
     rows: torch.Tensor | None   # their indices among the step's decodes; None: all decodes, in order
     block_tables: torch.Tensor  # [B, max_blocks]
     bias: torch.Tensor          # [B, 1, 1, max_blocks * block_size]: 0 or -inf (padding, outside the window)
+    query_keys: torch.Tensor    # [B]: where each row's own token lies among its gathered keys (for ALiBi)
 
 
 @dataclass
@@ -93,8 +96,8 @@ class TorchAttentionMetadata:
 # blocks, whichever is larger (short contexts are cheap to pad; each extra group costs a few kernel calls).
 MAX_PADDING_FRACTION = 0.25
 MIN_PADDING_BLOCKS = 8
-# Soft-capped attention materialises float32 scores: at most about this many at a time (query rows are
-# taken in slices to stay under it).
+# Explicit (soft-capped, ALiBi) attention materialises float32 scores: at most about this many at a time (query
+# rows are taken in slices to stay under it).
 MAX_SCORE_ELEMENTS = 1 << 24
 
 
@@ -120,13 +123,16 @@ def window_start(position: int, window: int | None) -> int:
     return 0 if window is None else max(0, position - window + 1)
 
 
-def soft_capped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attn_mask: torch.Tensor | None, is_causal: bool, scale: float,
-                          soft_cap: float) -> torch.Tensor:
-    """``scaled_dot_product_attention`` with Gemma 2's logit soft-cap (``cap * tanh(scores / cap)`` before
-    the mask), in float32: ``query`` [B, H, Q, D], ``key``/``value`` [B, KV, L, D] (GQA when KV < H);
-    ``attn_mask`` a bool keep-mask [Q, L] or an additive [B, 1, 1, L] bias; ``is_causal`` (with no mask)
-    for Q == L. Query rows go in slices so the scores stay under ``MAX_SCORE_ELEMENTS``."""
+def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attn_mask: torch.Tensor | None, is_causal: bool, scale: float, soft_cap: float | None = None,
+                       alibi_slopes: torch.Tensor | None = None,
+                       query_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention with the scores written out, in float32: scaled, then Gemma 2's logit soft-cap
+    (``soft_cap * tanh(scores / soft_cap)``) when given, then ALiBi biases ``slope * (key - query)`` when
+    ``alibi_slopes`` [H] are given, then the mask. ``query`` [B, H, Q, D], ``key``/``value`` [B, KV, L, D]
+    (GQA when KV < H); ``attn_mask`` a bool keep-mask [Q, L] or an additive [B, 1, 1, L] bias; ``is_causal``
+    (with no mask) for Q == L. Query row ``i`` of batch row ``b`` is key ``query_keys[b] + i`` (default: the
+    last Q keys). Query rows go in slices so the scores stay under ``MAX_SCORE_ELEMENTS``."""
     b, h, q_len, d = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     group = h // kv_heads
@@ -134,15 +140,24 @@ def soft_capped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     v = value.float().unsqueeze(2)                   # [B, KV, 1, L, D]
     if attn_mask is not None and attn_mask.dim() == 4:
         attn_mask = attn_mask.unsqueeze(1)           # [B, 1, 1, Q or 1, L] against [B, KV, G, Q, L]
+    keys = torch.arange(k_len, device=query.device)
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.float().view(1, kv_heads, group, 1, 1)
+        if query_keys is None:
+            query_keys = torch.full((b,), k_len - q_len, device=query.device)
+        query_keys = query_keys.view(b, 1, 1, 1, 1)
     out = torch.empty(b, h, q_len, d, dtype=query.dtype, device=query.device)
     step = max(1, MAX_SCORE_ELEMENTS // max(1, b * h * k_len))
     for q0 in range(0, q_len, step):
         q1 = min(q_len, q0 + step)
         q = query[:, :, q0:q1].float().reshape(b, kv_heads, group, q1 - q0, d)
         scores = torch.matmul(q, k).mul_(scale)
-        scores = torch.tanh(scores.div_(soft_cap)).mul_(soft_cap)
+        if soft_cap is not None:
+            scores = torch.tanh(scores.div_(soft_cap)).mul_(soft_cap)
+        if alibi_slopes is not None:   # key - query, per batch row, query row and key: [B, 1, 1, Q, L]
+            distance = keys - (query_keys + torch.arange(q0, q1, device=query.device).view(1, 1, 1, -1, 1))
+            scores.add_(alibi_slopes * distance)
         if is_causal:
-            keys = torch.arange(k_len, device=query.device)
             rows = torch.arange(q0, q1, device=query.device) + (k_len - q_len)
             scores.masked_fill_(keys[None, :] > rows[:, None], float("-inf"))
         elif attn_mask is not None:
@@ -156,10 +171,12 @@ def soft_capped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-               is_causal: bool, spec: AttentionSpec) -> torch.Tensor:
-    """SDPA, or :func:`soft_capped_attention` for a layer with a soft-cap. Shapes as SDPA's."""
-    if spec.logits_soft_cap is not None:
-        return soft_capped_attention(query, key, value, attn_mask, is_causal, spec.scale, spec.logits_soft_cap)
+               is_causal: bool, spec: AttentionSpec, query_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA, or :func:`explicit_attention` for a layer with a soft-cap or ALiBi slopes. Shapes as SDPA's;
+    ``query_keys`` as :func:`explicit_attention` takes it."""
+    if spec.logits_soft_cap is not None or spec.alibi_slopes is not None:
+        return explicit_attention(query, key, value, attn_mask, is_causal, spec.scale, spec.logits_soft_cap,
+                                  alibi_slopes_tensor(spec, query.device), query_keys)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
                                           scale=spec.scale, enable_gqa=query.shape[1] != key.shape[1])
 
@@ -222,13 +239,14 @@ class TorchAttentionBackend(AttentionBackend):
         padded = padded_block_tables(tables)
         max_blocks = padded.shape[1]
         positions = torch.arange(max_blocks * bs, device=device)[None, :]
-        outside = positions >= torch.tensor(hi, device=device)[:, None]
+        ends = torch.tensor(hi, device=device)
+        outside = positions >= ends[:, None]
         if any(lo):
             outside |= positions < torch.tensor(lo, device=device)[:, None]
         bias = torch.zeros(len(rows), 1, 1, max_blocks * bs, dtype=self.dtype, device=device)
         bias.masked_fill_(outside.view(len(rows), 1, 1, -1), float("-inf"))
         return DecodeGroup(None if in_order else torch.tensor(rows, dtype=torch.long, device=device),
-                           torch.from_numpy(padded).to(device=device, dtype=torch.long), bias)
+                           torch.from_numpy(padded).to(device=device, dtype=torch.long), bias, ends - 1)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: TorchAttentionMetadata,
@@ -283,5 +301,5 @@ class TorchAttentionBackend(AttentionBackend):
         flat_tables = group.block_tables.view(-1)
         k = key_cache.index_select(0, flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
         v = value_cache.index_select(0, flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
-        out = _attention(query.unsqueeze(2), k, v, group.bias, False, spec)
+        out = _attention(query.unsqueeze(2), k, v, group.bias, False, spec, group.query_keys)
         return out.view(b, num_heads, head_dim)

@@ -9,9 +9,10 @@ For CUDA graphs the decode metadata can live in static buffers (:meth:`TritonAtt
 graph_decode_metadata`) that :meth:`TritonAttentionBackend.fill_graph_decode_metadata` rewrites in place
 before each replay: a decode batch's kernel grid depends only on its (padded) size and split count.
 
-A layer's sliding window and logit soft-cap (:class:`AttentionSpec`) are kernel arguments, so one metadata
-serves every layer. Decode programs split only the window, so a windowed layer may use fewer splits than
-the step's longest context calls for: :meth:`TritonAttentionMetadata.splits_for` picks them once per
+A layer's sliding window, logit soft-cap and ALiBi slopes (:class:`AttentionSpec`) are kernel arguments, so
+one metadata serves every layer (the slopes tensor is made once per layer, so a CUDA graph keeps reading it).
+Decode programs split only the window, so a windowed layer may use fewer splits than the step's longest
+context calls for: :meth:`TritonAttentionMetadata.splits_for` picks them once per
 window per step (for a CUDA graph, once at capture: they are a function of the captured size and width,
 and the window start is computed inside the kernel from the lengths, so no extra static input is needed).
 """
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from llmserve.layers.attention import triton_kernels as kernels
+from llmserve.layers.attention.alibi import alibi_slopes_tensor
 from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
 
 
@@ -172,13 +174,14 @@ class TritonAttentionBackend(AttentionBackend):
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         nd = metadata.num_decodes
         window, soft_cap = metadata.window(spec.sliding_window), spec.logits_soft_cap
+        slopes = alibi_slopes_tensor(spec, query.device)
         if nd:
             kernels.decode_attention(query[:nd], key_cache, value_cache, out[:nd], metadata.decode_block_tables,
                                      metadata.decode_seq_lens, metadata.splits_for(window), spec.scale,
-                                     window=window, soft_cap=soft_cap)
+                                     window=window, soft_cap=soft_cap, alibi_slopes=slopes)
         if metadata.num_prefills:
             kernels.prefill_attention(query, key_cache, value_cache, out, metadata.prefill_block_tables,
                                       metadata.prefill_query_start, metadata.prefill_query_lens,
                                       metadata.prefill_context_lens, metadata.max_prefill_query_len, spec.scale,
-                                      window=window, soft_cap=soft_cap)
+                                      window=window, soft_cap=soft_cap, alibi_slopes=slopes)
         return out

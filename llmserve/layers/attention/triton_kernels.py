@@ -39,8 +39,10 @@ Per-layer options: a sliding window (``window`` > 0: a query at position ``p`` s
 <= p``, as transformers' ``sliding_window_overlay``) and a logit soft-cap (``soft_cap`` > 0: Gemma 2's
 ``cap * tanh(scores / cap)`` on the scaled scores). The prefill kernel starts each tile's key walk at the
 window of its first query and masks per row; decode splits the window ``[seq_len - window, seq_len)``
-instead of the whole context, so no program reads a key outside it. Both are compile-time switches
-(``USE_WINDOW``, ``SOFT_CAP``): layers without them run the same code as before.
+instead of the whole context, so no program reads a key outside it. ALiBi (``alibi_slopes``, one per query
+head: BLOOM, Falcon) adds ``slope * (key_position - query_position)`` to the (capped) scores of each tile.
+All three are compile-time switches (``USE_WINDOW``, ``SOFT_CAP``, ``USE_ALIBI``): layers without them run
+the same code as before.
 
 float16, bfloat16 and float32 inputs are supported; scores, softmax statistics and accumulators are
 float32 in every case (float32 inputs use exact IEEE dot products, so they can be checked against a
@@ -133,14 +135,16 @@ def _soft_cap(s, CAP: tl.constexpr):
 
 @triton.jit
 def _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, keep, kv_head, offs_d,
-                    d_mask, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
+                    d_mask, scale_log2, slopes, q_pos, stride_c_block, stride_c_slot, stride_c_head,
                     BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    SOFT_CAP: tl.constexpr, MAY_BE_EMPTY: tl.constexpr):
+                    SOFT_CAP: tl.constexpr, USE_ALIBI: tl.constexpr, MAY_BE_EMPTY: tl.constexpr):
     """One KV tile of flash attention, shared by prefill and decode: gather the tile's K/V rows through the
     block table, score the queries against them (``keep`` masks scores out), and fold the tile into the
     running max ``m_i``, sum ``l_i`` and unnormalised output ``acc`` (all float32).
 
-    ``SOFT_CAP`` (log2 units, 0 = none) caps the scores before the mask. ``MAY_BE_EMPTY``: a row may have
+    ``SOFT_CAP`` (log2 units, 0 = none) caps the scores before the mask; with ``USE_ALIBI``, each row adds
+    ``slopes`` (its head's, log2 units) times the distance from its query position ``q_pos`` to each key
+    after the cap. ``MAY_BE_EMPTY``: a row may have
     no key kept in this tile nor before it (a sliding window that starts past the tile); its maximum stays
     -inf and it is left at zero instead of computing ``exp2(-inf - -inf)``."""
     blocks = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -150,6 +154,8 @@ def _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n
     s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
     if SOFT_CAP > 0:
         s = _soft_cap(s, SOFT_CAP)
+    if USE_ALIBI:
+        s = s + slopes[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MAY_BE_EMPTY:
@@ -183,13 +189,13 @@ def _store_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_pt
 @triton.jit
 def _prefill_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-        block_tables_ptr, query_start_ptr, query_lens_ptr, context_lens_ptr,
+        block_tables_ptr, query_start_ptr, query_lens_ptr, context_lens_ptr, alibi_ptr,
         scale_log2, window,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_c_block, stride_c_slot, stride_c_head, stride_bt,
         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr):
+        UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, USE_ALIBI: tl.constexpr):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -215,6 +221,9 @@ def _prefill_attention_kernel(
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     q_pos = context_len + offs_m   # absolute positions of this tile's queries
+    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=row_mask, other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -236,8 +245,9 @@ def _prefill_attention_kernel(
         if USE_WINDOW:
             keep = keep & (offs_n[None, :] > q_pos[:, None] - window)
         m_i, l_i, acc = _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, keep,
-                                        kv_head, offs_d, d_mask, scale_log2, stride_c_block, stride_c_slot,
-                                        stride_c_head, BLOCK_SIZE, PRECISION, UPCAST, SOFT_CAP, USE_WINDOW)
+                                        kv_head, offs_d, d_mask, scale_log2, slopes, q_pos, stride_c_block,
+                                        stride_c_slot, stride_c_head, BLOCK_SIZE, PRECISION, UPCAST, SOFT_CAP,
+                                        USE_ALIBI, USE_WINDOW)
     if USE_WINDOW:
         l_i = tl.where(l_i > 0, l_i, 1.0)   # padding rows may have seen no key
     acc = acc / l_i[:, None]
@@ -247,14 +257,14 @@ def _prefill_attention_kernel(
 
 @triton.jit
 def _decode_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, alibi_ptr,
         part_out_ptr, part_m_ptr, part_l_ptr,
         scale_log2, num_splits, window,
         stride_qt, stride_qh, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        USE_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr):
+        USE_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, USE_ALIBI: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -275,6 +285,10 @@ def _decode_attention_kernel(
     heads = kv_head * GROUP + offs_g
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + (seq_len - 1)   # every row is the sequence's last token
+    slopes = tl.zeros([BLOCK_G], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=g_mask, other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -285,9 +299,9 @@ def _decode_attention_kernel(
         n_mask = offs_n < end
         # start < end: every tile has a valid key, so every row's maximum is finite.
         m_i, l_i, acc = _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask,
-                                        n_mask[None, :], kv_head, offs_d, d_mask, scale_log2, stride_c_block,
-                                        stride_c_slot, stride_c_head, BLOCK_SIZE, PRECISION, UPCAST, SOFT_CAP,
-                                        False)
+                                        n_mask[None, :], kv_head, offs_d, d_mask, scale_log2, slopes, q_pos,
+                                        stride_c_block, stride_c_slot, stride_c_head, BLOCK_SIZE, PRECISION, UPCAST,
+                                        SOFT_CAP, USE_ALIBI, False)
     # Partials are [seq, head, split] (+ [HEAD_DIM] for the output); empty splits write (-inf, 0, 0).
     row = (seq.to(tl.int64) * NUM_HEADS + heads) * num_splits + split
     tl.store(part_m_ptr + row, m_i, mask=g_mask)
@@ -330,13 +344,20 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and INTERPRETED
 
 
-def _layer_options(window: int | None, soft_cap: float | None) -> tuple[int, bool, float]:
-    """``(window argument, USE_WINDOW, SOFT_CAP)`` for a layer: the cap goes in the kernels' log2 units."""
+def _layer_options(window: int | None, soft_cap: float | None, alibi_slopes: torch.Tensor | None,
+                   query: torch.Tensor) -> tuple[int, bool, float, torch.Tensor, bool]:
+    """``(window argument, USE_WINDOW, SOFT_CAP, slopes pointer, USE_ALIBI)`` for a layer: the cap and the
+    slopes go in the kernels' log2 units (without ALiBi the query stands in as the never-read pointer)."""
     if window is not None and window < 1:
         raise ValueError(f"the sliding window must be >= 1 token (or None), got {window}")
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"the logit soft-cap must be > 0 (or None), got {soft_cap}")
-    return (window or 0, window is not None, float(soft_cap) * math.log2(math.e) if soft_cap else 0.0)
+    if alibi_slopes is not None and alibi_slopes.shape != (query.shape[1],):
+        raise ValueError(f"alibi_slopes must have one slope per query head ({query.shape[1]}), got "
+                         f"{tuple(alibi_slopes.shape)}")
+    slopes = query if alibi_slopes is None else (alibi_slopes.float() * math.log2(math.e)).contiguous()
+    return (window or 0, window is not None, float(soft_cap) * math.log2(math.e) if soft_cap else 0.0, slopes,
+            alibi_slopes is not None)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -378,34 +399,37 @@ def _attention_shapes(query: torch.Tensor, key_cache: torch.Tensor
 def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       out: torch.Tensor, block_tables: torch.Tensor, query_start: torch.Tensor,
                       query_lens: torch.Tensor, context_lens: torch.Tensor, max_query_len: int,
-                      scale: float, *, window: int | None = None, soft_cap: float | None = None) -> None:
+                      scale: float, *, window: int | None = None, soft_cap: float | None = None,
+                      alibi_slopes: torch.Tensor | None = None) -> None:
     """Causal attention of prefill chunks over the paged cache (which already holds their own K/V).
 
     ``query``/``out`` are ``[T, H, D]`` for the whole step; sequence ``i`` owns rows
     ``query_start[i] : query_start[i] + query_lens[i]`` at positions ``context_lens[i]`` onwards (any
-    number of rows over any context). ``window``: a sliding window in tokens; ``soft_cap``: a logit cap.
+    number of rows over any context). ``window``: a sliding window in tokens; ``soft_cap``: a logit cap;
+    ``alibi_slopes``: [H] ALiBi slopes.
     """
     num_seqs = query_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0:
         return
-    window_arg, use_window, cap = _layer_options(window, soft_cap)
+    window_arg, use_window, cap, slopes, use_alibi = _layer_options(window, soft_cap, alibi_slopes, query)
     query, (num_heads, head_dim, num_kv_heads, block_size, group) = _attention_shapes(query, key_cache)
     rows, tokens = prefill_tile(group)
     grid = (num_seqs, triton.cdiv(max_query_len, tokens), num_kv_heads)
     _prefill_attention_kernel[grid](
-        query, key_cache, value_cache, out, block_tables, query_start, query_lens, context_lens,
+        query, key_cache, value_cache, out, block_tables, query_start, query_lens, context_lens, slopes,
         scale * math.log2(math.e), window_arg,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_D=_pow2_at_least(head_dim, 16), BLOCK_M=rows, BLOCK_N=PREFILL_BLOCK_N,
         PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype), USE_WINDOW=use_window, SOFT_CAP=cap,
-        num_warps=PREFILL_NUM_WARPS)
+        USE_ALIBI=use_alibi, num_warps=PREFILL_NUM_WARPS)
 
 
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      out: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, num_splits: int,
-                     scale: float, *, window: int | None = None, soft_cap: float | None = None) -> None:
+                     scale: float, *, window: int | None = None, soft_cap: float | None = None,
+                     alibi_slopes: torch.Tensor | None = None) -> None:
     """One query token per sequence (``query``/``out`` ``[B, H, D]``) over ``seq_lens[i]`` cached tokens
     (the last ``window`` of them with a sliding window), split into ``num_splits`` ranges per sequence and
     combined by a reduce kernel. The grid depends only on ``B`` and ``num_splits``, never on the lengths,
@@ -413,20 +437,21 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     batch = query.shape[0]
     if batch == 0:
         return
-    window_arg, use_window, cap = _layer_options(window, soft_cap)
+    window_arg, use_window, cap, slopes, use_alibi = _layer_options(window, soft_cap, alibi_slopes, query)
     query, (num_heads, head_dim, num_kv_heads, block_size, group) = _attention_shapes(query, key_cache)
     part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
     part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
     block_d = _pow2_at_least(head_dim, 16)
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
-        query, key_cache, value_cache, block_tables, seq_lens, part_out, part_m, part_l,
+        query, key_cache, value_cache, block_tables, seq_lens, slopes, part_out, part_m, part_l,
         scale * math.log2(math.e), num_splits, window_arg,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=_pow2_at_least(group, 16),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N,
-        PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype), USE_WINDOW=use_window, SOFT_CAP=cap)
+        PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype), USE_WINDOW=use_window, SOFT_CAP=cap,
+        USE_ALIBI=use_alibi)
     _decode_reduce_kernel[(batch, num_heads)](
         part_out, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=_pow2_at_least(num_splits), BLOCK_D=block_d)

@@ -13,7 +13,9 @@
  * A sliding window (`window` > 0) makes a sequence of length n attend only its last `window` tokens,
  * positions [n - window, n): the walk simply starts there. A logit soft-cap (`soft_cap` > 0, Gemma 2)
  * replaces each scaled score s by soft_cap * tanh(s / soft_cap) in one pass over the scores before the
- * softmax. Neither adds work inside the token loops when unused.
+ * softmax. ALiBi (`alibi_slopes` non-NULL, one slope per query head: BLOOM, Falcon) then adds
+ * slope * (key position - query position) to each score in the same pass. None of them adds work inside
+ * the token loops when unused.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -39,11 +41,24 @@ static void soft_cap_scores(float *scores, long n, float cap) {
     for (; i < n; i++) scores[i] = cap * tanhf(scores[i] * inv);
 }
 
+/* ALiBi over `rows` rows of scores: row r, entry t gets slopes[r] * (first_distance + t), the distance from
+ * the query to key t (first_distance <= 0 for the first key attended). */
+static void alibi_scores(float *scores, long rows, long len, long stride, const float *slopes,
+                         long first_distance) {
+    for (long r = 0; r < rows; r++) {
+        float *s = scores + r * stride;
+        const float slope = slopes[r];
+        for (long t = 0; t < len; t++) s[t] += slope * (float)(first_distance + t);
+    }
+}
+
 /* Softmax over each of the `rows` rows of `scores` (row stride `stride`, `len` valid entries), soft-capped
- * first when `soft_cap` > 0 (here rather than at the callers: a call between their token loops costs the
- * common, uncapped path a few percent at short contexts). */
-static void softmax_rows(float *scores, long rows, long len, long stride, float soft_cap) {
+ * first when `soft_cap` > 0, then ALiBi-biased when `slopes` is set (here rather than at the callers: a call
+ * between their token loops costs the common, plain path a few percent at short contexts). */
+static void softmax_rows(float *scores, long rows, long len, long stride, float soft_cap, const float *slopes,
+                         long first_distance) {
     if (soft_cap > 0.0f) soft_cap_scores(scores, rows * stride, soft_cap);
+    if (slopes != NULL) alibi_scores(scores, rows, len, stride, slopes, first_distance);
     for (long r = 0; r < rows; r++) {
         float *s = scores + r * stride;
         float m = -INFINITY;
@@ -84,11 +99,12 @@ static inline void prefetch_row(const float *cache, const int *table, long t, lo
 
 /* The vector path: head_dim = nv * 16 (`nv` is a constant at the call sites that matter: 4, 8), for the
  * query heads of KV heads [kv_head, kv_head + kv_count): `q` and `out` point at the first of them. Keys
- * [start, seq_len) are attended (start > 0 under a sliding window); `scores` has rows of seq_len - start. */
+ * [start, seq_len) are attended (start > 0 under a sliding window); `scores` has rows of seq_len - start.
+ * `slopes`: the ALiBi slopes of those query heads, or NULL. */
 static inline __attribute__((always_inline)) void
 attend_vec(const float *q, const float *k_cache, const float *v_cache, const int *table, long start, long seq_len,
            long group, long kv_head, long kv_count, long num_kv_heads, long block_size, float scale,
-           float soft_cap, float *scores, float *out, const int nv) {
+           float soft_cap, const float *slopes, float *scores, float *out, const int nv) {
     const long head_dim = nv * LANES;
     const long token_stride = num_kv_heads * head_dim;
     const long first = kv_head * head_dim, count = kv_count * head_dim;
@@ -108,7 +124,7 @@ attend_vec(const float *q, const float *k_cache, const float *v_cache, const int
             }
         }
     }
-    softmax_rows(scores, rows, len, len, soft_cap);
+    softmax_rows(scores, rows, len, len, soft_cap, slopes, start - (seq_len - 1));
     memset(out, 0, sizeof(float) * rows * head_dim);
     for (long t = 0; t < len; t++) {
         prefetch_row(v_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count);
@@ -128,7 +144,8 @@ attend_vec(const float *q, const float *k_cache, const float *v_cache, const int
 /* The scalar path, for head sizes that are not a multiple of 16 (same arguments). */
 static void attend_scalar(const float *q, const float *k_cache, const float *v_cache, const int *table,
                           long start, long seq_len, long group, long kv_head, long kv_count, long num_kv_heads,
-                          long head_dim, long block_size, float scale, float soft_cap, float *scores, float *out) {
+                          long head_dim, long block_size, float scale, float soft_cap, const float *slopes,
+                          float *scores, float *out) {
     const long token_stride = num_kv_heads * head_dim;
     const long rows = kv_count * group;
     const long len = seq_len - start;
@@ -141,7 +158,7 @@ static void attend_scalar(const float *q, const float *k_cache, const float *v_c
             scores[r * len + (t - start)] = s * scale;
         }
     }
-    softmax_rows(scores, rows, len, len, soft_cap);
+    softmax_rows(scores, rows, len, len, soft_cap, slopes, start - (seq_len - 1));
     memset(out, 0, sizeof(float) * rows * head_dim);
     for (long t = start; t < seq_len; t++) {
         const float *v = token_row(v_cache, table, t, block_size, token_stride) + kv_head * head_dim;
@@ -152,19 +169,20 @@ static void attend_scalar(const float *q, const float *k_cache, const float *v_c
 
 static void attend_one(const float *q, const float *k_cache, const float *v_cache, const int *table,
                        long start, long seq_len, long group, long kv_head, long kv_count, long num_kv_heads,
-                       long head_dim, long block_size, float scale, float soft_cap, float *scores, float *out) {
+                       long head_dim, long block_size, float scale, float soft_cap, const float *slopes,
+                       float *scores, float *out) {
     switch (head_dim) {
         case 64: attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads,
-                            block_size, scale, soft_cap, scores, out, 4); return;
+                            block_size, scale, soft_cap, slopes, scores, out, 4); return;
         case 128: attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads,
-                             block_size, scale, soft_cap, scores, out, 8); return;
+                             block_size, scale, soft_cap, slopes, scores, out, 8); return;
     }
     if (head_dim % LANES == 0 && head_dim / LANES <= MAX_VECS)
         attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, block_size,
-                   scale, soft_cap, scores, out, (int)(head_dim / LANES));
+                   scale, soft_cap, slopes, scores, out, (int)(head_dim / LANES));
     else
         attend_scalar(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, head_dim,
-                      block_size, scale, soft_cap, scores, out);
+                      block_size, scale, soft_cap, slopes, scores, out);
 }
 
 /* The first key a sequence of `seq_len` tokens attends: its last `window` tokens (window > 0), else all. */
@@ -174,13 +192,14 @@ static inline long first_key(long seq_len, long window) {
 
 /* q: [num_seqs, num_heads, head_dim] with row stride q_stride; out likewise with out_stride;
  * block_tables: int32 [num_seqs, >= blocks needed] with row stride table_stride; seq_lens: int32.
- * window: the sliding window in tokens (0 = full attention); soft_cap: the logit soft-cap (0 = none).
+ * window: the sliding window in tokens (0 = full attention); soft_cap: the logit soft-cap (0 = none);
+ * alibi_slopes: float32 [num_heads] ALiBi slopes, or NULL for none.
  * Returns 0; -1 when num_heads is not a multiple of num_kv_heads; -2 when scratch memory ran out. */
 int llmserve_paged_decode_attention(const float *q, long q_stride, const float *k_cache, const float *v_cache,
                                     const int *block_tables, long table_stride, const int *seq_lens,
                                     long num_seqs, long num_heads, long num_kv_heads, long head_dim,
-                                    long block_size, float scale, long window, float soft_cap, float *out,
-                                    long out_stride, int num_threads) {
+                                    long block_size, float scale, long window, float soft_cap,
+                                    const float *alibi_slopes, float *out, long out_stride, int num_threads) {
     if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0) return -1;
     const long group = num_heads / num_kv_heads;
     long max_len = 1;
@@ -206,7 +225,8 @@ int llmserve_paged_decode_attention(const float *q, long q_stride, const float *
             if (scores != NULL)
                 attend_one(q + s * q_stride + h * group * head_dim, k_cache, v_cache,
                            block_tables + s * table_stride, first_key(seq_lens[s], window), seq_lens[s], group, h,
-                           kv_per_item, num_kv_heads, head_dim, block_size, scale, soft_cap, scores,
+                           kv_per_item, num_kv_heads, head_dim, block_size, scale, soft_cap,
+                           alibi_slopes != NULL ? alibi_slopes + h * group : NULL, scores,
                            out + s * out_stride + h * group * head_dim);
         }
         free(scores);

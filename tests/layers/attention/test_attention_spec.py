@@ -22,7 +22,7 @@ def test_spec_defaults_are_full_attention_without_cap():
     assert hash(spec) == hash(AttentionSpec(8, 2, 64, 0.125))
     assert dataclasses.asdict(AttentionSpec(8, 2, 64, 0.125, sliding_window=4096, logits_soft_cap=50)) == {
         "num_heads": 8, "num_kv_heads": 2, "head_dim": 64, "scale": 0.125, "sliding_window": 4096,
-        "logits_soft_cap": 50.0, "kv_cache_dtype": "auto"}
+        "logits_soft_cap": 50.0, "alibi_slopes": None, "kv_cache_dtype": "auto"}
 
 
 @pytest.mark.parametrize("kwargs,match", [
