@@ -10,8 +10,12 @@ import torch
 
 @lru_cache(maxsize=8)
 def hf_model(path: str):
+    """A checkpoint folder, or a GGUF file (dequantised by transformers' own GGUF support)."""
     from transformers import AutoModelForCausalLM
 
+    if path.endswith(".gguf"):
+        return AutoModelForCausalLM.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
+                                                    dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
