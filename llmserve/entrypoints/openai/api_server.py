@@ -35,6 +35,7 @@ import llmserve
 from llmserve.config import EngineConfig, parse_size
 from llmserve.engine.async_engine import AsyncLLMEngine, ShutdownError
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
+from llmserve.entrypoints.openai.embedding_protocol import EmbeddingRequest
 from llmserve.entrypoints.openai.errors import APIError, error_body, error_response, install_error_handlers
 from llmserve.entrypoints.openai.middleware import RequestId, RequestLimits, RequireApiKey
 from llmserve.entrypoints.openai.openapi import (PrometheusText, install_openapi, json_ok, json_or_events_ok, route,
@@ -44,9 +45,11 @@ from llmserve.entrypoints.openai.protocol import (ChatCompletionRequest, Complet
 from llmserve.entrypoints.openai.response_models import (ChatCompletionChunk, ChatCompletionResponse, CompletionChunk,
                                                    CompletionResponse, DetokenizeResponse, ModelList,
                                                    TokenizeResponse, VersionResponse)
+from llmserve.entrypoints.openai.response_models import EmbeddingResponse
 from llmserve.entrypoints.openai.serving_base import ServerLimits
 from llmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from llmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from llmserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from llmserve.metrics.prometheus import EngineMetrics
 
 logger = logging.getLogger("llmserve.api")
@@ -80,6 +83,7 @@ class ServerState:
         self.engine: AsyncLLMEngine | None = None
         self.completions: OpenAIServingCompletion | None = None
         self.chat: OpenAIServingChat | None = None
+        self.embeddings: OpenAIServingEmbedding | None = None
         self.metrics: EngineMetrics | None = None
         self.load_error: BaseException | None = None
         self.exit_code = 0
@@ -99,6 +103,7 @@ class ServerState:
             limits = ServerLimits(self.config.max_num_queued_reqs, self.config.request_timeout, self.config.max_n)
             self.completions = OpenAIServingCompletion(async_engine, names, limits)
             self.chat = OpenAIServingChat(async_engine, names, limits, _read_chat_template(self.config.chat_template))
+            self.embeddings = OpenAIServingEmbedding(async_engine, names, limits)
             async_engine.start(loop)
             self.engine = async_engine
             logger.info("ready: serving %s", ", ".join(names))
@@ -203,6 +208,11 @@ def build_app(state: ServerState) -> FastAPI:
               responses=route(json_or_events_ok(ChatCompletionResponse, ChatCompletionChunk), 400, 404, 500, 503, 504))
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
         return await state.chat.create(body, raw, raw.state.request_id)
+
+    @app.post("/v1/embeddings", dependencies=protected, response_model=None,
+              responses=route(json_ok(EmbeddingResponse), 400, 404, 500, 503, 504))
+    async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
+        return await state.embeddings.create(body, raw, raw.state.request_id)
 
     @app.post("/tokenize", dependencies=protected, response_model=None,
               responses=route(json_ok(TokenizeResponse), 400, 404, 503))

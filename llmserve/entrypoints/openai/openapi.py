@@ -14,12 +14,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from llmserve.entrypoints.openai.embedding_protocol import EmbeddingRequest
 from llmserve.entrypoints.openai.middleware import requires_api_key
 from llmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                   TokenizeRequest)
 from llmserve.entrypoints.openai.response_models import ChatCompletionChunk, CompletionChunk, ErrorResponse
 
-REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest)
 DEFINED_HERE = (ErrorResponse, CompletionChunk, ChatCompletionChunk)   # referenced by "$ref" in this module
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4"   # the text exposition format generate_latest writes
