@@ -1,7 +1,8 @@
 """The request body of ``POST /v1/embeddings``: OpenAI's embeddings request (pydantic), whose JSON schema is
 the OpenAPI document's. ``input`` takes the four prompt shapes of completions; ``dimensions`` is refused
 with a 400 naming it, since these models have no Matryoshka representation to shorten a vector by; ``user``
-is accepted and not used (OpenAI's end-user id, for their abuse monitoring)."""
+is accepted and not used (OpenAI's end-user id, for their abuse monitoring). vLLM's ``normalize`` turns the
+L2 normalisation on or off for this request."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class EmbeddingRequest(_Request):
         default="float", description="base64: each vector's float32 little-endian bytes, as OpenAI's client decodes")
     dimensions: None = Field(default=None, description="not supported (400): the model cannot shorten its vectors")
     user: str | None = Field(default=None, description="accepted, not used")
+    normalize: bool | None = Field(default=None, description="vLLM's: L2-normalise the vectors (default: as "
+                                                             "--pooler-config says, true unless set otherwise)")
 
     _not_empty = field_validator("input", mode="before")(refuse_empty_prompts)
 

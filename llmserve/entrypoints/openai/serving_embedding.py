@@ -23,7 +23,8 @@ class OpenAIServingEmbedding(OpenAIServing):
     async def create(self, body: EmbeddingRequest, raw: Request, header_request_id: str | None) -> JSONResponse:
         self.check_model(body.model)
         try:
-            submitted = self.submit("embd", body.prompts(), PoolingParams(), header_request_id)
+            submitted = self.submit("embd", body.prompts(), PoolingParams(normalize=body.normalize),
+                                    header_request_id)
         except InvalidRequestError as exc:   # the engine names the prompt; this API calls it input
             raise APIError(400, str(exc), "input" if exc.param == "prompt" else exc.param) from None
         outputs = await self.collect(raw, submitted)

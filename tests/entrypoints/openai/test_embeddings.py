@@ -5,7 +5,8 @@ against the shared default server (``--pooler-config`` default: last token, L2-n
   one ``data`` entry per input (``object: "embedding"``, ``index`` in input order), each vector the final
   hidden state of the input's last token (after the final norm), L2-normalised, as HF transformers
   computes it on the same checkpoint (within 1e-4); ``usage`` counts the input tokens (``prompt_tokens ==
-  total_tokens``); ``object: "list"``, ``model`` the served name. ``user`` is accepted.
+  total_tokens``); ``object: "list"``, ``model`` the served name. ``user`` is accepted; vLLM's
+  ``normalize: false`` gives the vectors as pooled.
 * ``encoding_format``: ``float`` gives the floats; ``base64`` gives the float32 little-endian bytes in base64
   (the client's default: it asks for base64 and decodes it itself), the same vector.
 * Refused with OpenAI's error object: an empty string, an empty list, an empty string in a list, a token id
@@ -46,11 +47,11 @@ def tokenizer(llama_dir):
     return AutoTokenizer.from_pretrained(str(llama_dir))
 
 
-def assert_hf_vectors(llama_dir, vectors, token_ids) -> None:
+def assert_hf_vectors(llama_dir, vectors, token_ids, normalize: bool = True) -> None:
     assert len(vectors) == len(token_ids)
     for vector, ids in zip(vectors, token_ids):
-        torch.testing.assert_close(torch.tensor(vector, dtype=torch.float32), hf_pooled(llama_dir, ids, "LAST", True),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(vector, dtype=torch.float32),
+                                   hf_pooled(llama_dir, ids, "LAST", normalize), atol=1e-4, rtol=0)
 
 
 def test_every_input_shape_gives_hf_vectors_in_order(client, llama_dir, tokenizer):
@@ -63,6 +64,8 @@ def test_every_input_shape_gives_hf_vectors_in_order(client, llama_dir, tokenize
         assert_hf_vectors(llama_dir, [d.embedding for d in response.data], expected_ids)
         tokens = sum(len(i) for i in expected_ids)
         assert (response.usage.prompt_tokens, response.usage.total_tokens) == (tokens, tokens)
+    raw = client.embeddings.create(model="tiny", input=INPUTS, encoding_format="float", extra_body={"normalize": False})
+    assert_hf_vectors(llama_dir, [d.embedding for d in raw.data], ids, normalize=False)
 
 
 def test_base64_is_the_float32_little_endian_bytes_of_the_same_vector(client):
