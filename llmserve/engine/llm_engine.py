@@ -23,7 +23,6 @@ from llmserve.engine.messages import SchedulerStats
 from llmserve.engine.output_processor import AnyRequestOutput, OutputKind, OutputProcessor, RequestState
 from llmserve.engine.scheduler import Scheduler
 from llmserve.errors import InvalidRequestError
-from llmserve.outputs import RequestOutput
 from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
 from llmserve.worker.model_runner import ModelRunner

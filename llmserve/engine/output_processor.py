@@ -17,8 +17,15 @@ from typing import Any
 from llmserve.engine.detokenizer import IncrementalDetokenizer
 from llmserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, SampleOutput, TokenLogprobs
 from llmserve.layers.pooler import as_floats
-from llmserve.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, PositionLogprobs,
-                              RequestMetrics, RequestOutput)
+from llmserve.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from llmserve.sampling_params import SamplingParams
 
 # What a step reports for a request: a completion's output, or a pooling request's vector.

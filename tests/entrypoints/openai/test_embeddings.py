@@ -14,14 +14,16 @@ against the shared default server (``--pooler-config`` default: last token, L2-n
   ``dimensions`` is 400 naming ``dimensions``; an unknown model is 404. Nothing of a refused batch runs.
 * ``X-Request-Id`` is echoed; the prompt-token counter of /metrics counts the inputs' tokens.
 * With ``--max-num-queued-reqs 1 --max-num-seqs 1`` an embedding request finding the queue full is 503
-  ``overloaded``; one running past ``--request-timeout`` is 504 ``timeout`` and is aborted (the server is
-  idle afterwards, and serves the next request).
+  ``overloaded``; one running past ``--request-timeout`` is 504 ``timeout`` and is aborted, and so is one
+  whose client disconnects (logged under its ``X-Request-Id``); the server is idle afterwards, and serves
+  the next request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import time
 
 import httpx
 import numpy as np
@@ -111,7 +113,7 @@ def test_request_id_is_echoed_and_prompt_tokens_are_counted(server, tokenizer):
     assert scrape(server.base_url)["vllm:prompt_tokens_total"] - before == expected
 
 
-def test_full_queue_is_503_and_a_slow_request_times_out(start_server):
+def test_full_queue_is_503_a_slow_request_times_out_and_a_disconnect_aborts(start_server):
     srv = start_server("--max-num-queued-reqs", "1", "--max-num-seqs", "1", "--max-num-batched-tokens", "8",
                        "--request-timeout", "2", "--step-delay", "0.05", wrapper=SLOW)
     url = srv.base_url
@@ -138,6 +140,14 @@ def test_full_queue_is_503_and_a_slow_request_times_out(start_server):
 
     for response in asyncio.run(run()):
         check_error(response, 504, None, "timeout")
+    with pytest.raises(httpx.ReadTimeout):   # the client gives up and closes the connection
+        httpx.post(f"{url}/v1/embeddings", json=long_input, headers={"X-Request-Id": "gone-1"}, timeout=0.5)
+    for _ in range(100):
+        if "request gone-1 aborted: the client disconnected" in srv.log():
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail("the disconnected request was not aborted")
     ok = httpx.post(f"{url}/v1/embeddings", json={"input": "Hello"}, timeout=30)
     assert ok.status_code == 200 and len(ok.json()["data"]) == 1
     m = scrape(url)
