@@ -104,15 +104,15 @@ class LLMEngine:
         return self.outputs.requests
 
     def add_request(self, request_id: str, prompt: str | list[int],
-                    params: SamplingParams | PoolingParams | None = None, arrival_time: float | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE,
-                    cache_salt: str | None = None) -> None:
+                    params: SamplingParams | PoolingParams | None = None, arrival_time: float | None = None,
+                    output_kind: OutputKind = OutputKind.CUMULATIVE, cache_salt: str | None = None) -> None:
         """Validate and queue a request (with :class:`PoolingParams`: pool its prompt instead of completing it);
         raises :class:`InvalidRequestError` (and queues nothing) if it is bad."""
         self.enqueue(self.prepare_request(request_id, prompt, params, arrival_time, output_kind, cache_salt))
 
     def prepare_request(self, request_id: str, prompt: str | list[int],
-                        params: SamplingParams | PoolingParams | None = None, arrival_time: float | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE,
-                        cache_salt: str | None = None) -> RequestState:
+                        params: SamplingParams | PoolingParams | None = None, arrival_time: float | None = None,
+                        output_kind: OutputKind = OutputKind.CUMULATIVE, cache_salt: str | None = None) -> RequestState:
         """Tokenise and validate without touching the engine's state, so a front end can do it on its own
         thread; raises :class:`InvalidRequestError` naming the field. Requests with a ``cache_salt`` share
         prefix-cache blocks only with requests of the same salt (vLLM's field of that name)."""

@@ -2,10 +2,11 @@
 
 Front end -> core: an :class:`EngineCoreRequest` (tokenised and validated) or an abort; core -> front
 end: :class:`EngineCoreOutputs` (each sample's new tokens, logprobs and finish, each finished pooling
-request's vector, plus the scheduler's stats). Core -> workers: one step's plan, :class:`SchedulerOutput`; each worker patches its own copy of
-the running sequences from it (new sequences in full, the others as deltas) and the driver worker
-answers with a :class:`ModelRunnerOutput`. All are msgspec structs of plain values, so the same objects
-pass in process (no copy) or as msgpack bytes between processes (no pickle of anything a client sent).
+request's vector, plus the scheduler's stats). Core -> workers: one step's plan, :class:`SchedulerOutput`;
+each worker patches its own copy of the running sequences from it (new sequences in full, the others as
+deltas) and the driver worker answers with a :class:`ModelRunnerOutput`. All are msgspec structs of plain
+values, so the same objects pass in process (no copy) or as msgpack bytes between processes (no pickle of
+anything a client sent).
 """
 
 from __future__ import annotations

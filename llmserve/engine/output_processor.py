@@ -108,13 +108,14 @@ class OutputProcessor:
 
     def make_state(self, prompt: str | None, request: EngineCoreRequest, output_kind: OutputKind) -> RequestState:
         params, n = request.params, request.params.n
+        detokenizers = [] if request.pooling is not None else [   # a pooling request has no text
+            IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                   skip_special_tokens=params.skip_special_tokens,
+                                   spaces_between_special_tokens=params.spaces_between_special_tokens,
+                                   stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+            for _ in range(n)]
         return RequestState(
-            request.request_id, prompt, request, output_kind, [SampleState(i) for i in range(n)],
-            [] if request.pooling is not None else [IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
-                                    skip_special_tokens=params.skip_special_tokens,
-                                    spaces_between_special_tokens=params.spaces_between_special_tokens,
-                                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
-             for _ in range(n)],
+            request.request_id, prompt, request, output_kind, [SampleState(i) for i in range(n)], detokenizers,
             logprobs=[[] for _ in range(n)] if params.logprobs is not None else None,
             cumulative_logprobs=[0.0] * n,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,

@@ -23,7 +23,8 @@ NORMALIZE_EPS = 1e-12   # as torch.nn.functional.normalize: a zero vector stays 
 
 @dataclass
 class PoolRow:
-    """A pooling sequence's tokens in one step: flat rows ``[flat, flat + num)`` hold positions ``[start, start + num)``."""
+    """A pooling sequence's tokens in one step: flat rows ``[flat, flat + num)`` hold its positions
+    ``[start, start + num)``."""
 
     seq_id: int
     pooling: PoolerConfig
