@@ -31,7 +31,8 @@ import openai
 import pytest
 import torch
 
-from tests.entrypoints.openai.test_errors import SLOW, check_error, scrape
+from tests.entrypoints.openai.http_checks import check_error, scrape, wait_for_queue
+from tests.entrypoints.openai.test_errors import SLOW
 from tests.hf_reference import hf_pooled
 
 INPUTS = ["Hello world, this is", "The quick brown fox jumps over the lazy dog", "A"]
@@ -121,18 +122,10 @@ def test_full_queue_is_503_a_slow_request_times_out_and_a_disconnect_aborts(star
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            async def until(running: int, waiting: int) -> None:
-                for _ in range(500):
-                    m = scrape(url)
-                    if m["vllm:num_requests_running"] == running and m["vllm:num_requests_waiting"] == waiting:
-                        return
-                    await asyncio.sleep(0.02)
-                pytest.fail(f"never {running} running and {waiting} waiting")
-
             slow = [asyncio.ensure_future(client.post("/v1/embeddings", json=long_input))]
-            await until(1, 0)
+            await wait_for_queue(url, 1, 0)
             slow.append(asyncio.ensure_future(client.post("/v1/embeddings", json=long_input)))
-            await until(1, 1)
+            await wait_for_queue(url, 1, 1)
             refused = await client.post("/v1/embeddings", json={"input": "Hello"})
             check_error(refused, 503, None, "overloaded")
             assert int(refused.headers["retry-after"]) >= 1
