@@ -53,6 +53,7 @@ from llmserve.entrypoints.openai.serving_completion import OpenAIServingCompleti
 from llmserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from llmserve.entrypoints.openai.serving_responses import OpenAIServingResponses
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
+from llmserve.logging_setup import add_logging_args, configure_logging, setup_from_args
 from llmserve.metrics.prometheus import EngineMetrics
 
 logger = logging.getLogger("llmserve.api")
@@ -352,7 +353,9 @@ def run_server(args: argparse.Namespace) -> int:
             config.served_model_names = [DEMO_MODEL_NAME]
     state = ServerState(config, engine_config)
     app = build_app(state)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, http=_H11Protocol, log_level="warning",
+    # log_config=None: uvicorn's loggers go through the root handler (--log-format), at warning level
+    logging.getLogger("uvicorn").setLevel(logging.WARNING)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, http=_H11Protocol, log_config=None,
                                timeout_graceful_shutdown=config.shutdown_timeout,
                                h11_max_incomplete_event_size=config.max_header_bytes)
     server = GracefulServer(uv_config)
@@ -388,9 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description="OpenAI-compatible server")
     add_engine_args(parser, model_positional=False)
     add_server_args(parser)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_logging_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    configure_logging(setup_from_args(args))
     try:
         return run_server(args)
     except ValueError as exc:

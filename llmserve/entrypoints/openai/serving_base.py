@@ -251,11 +251,12 @@ def log_finished(log_id: str, output: AnyRequestOutput) -> None:
     logger.info("request %s finished: prompt_tokens=%d output_tokens=%d ttft=%s total=%.3fs finish=%s",
                 log_id, len(output.prompt_token_ids), sum(len(c.token_ids) for c in completions),
                 f"{ttft:.3f}s" if ttft is not None else "-", total,
-                ",".join(str(c.finish_reason) for c in completions) or output.finish_reason)
+                ",".join(str(c.finish_reason) for c in completions) or output.finish_reason,
+                extra={"request_id": log_id})
 
 
 def log_failed(log_id: str, what: str) -> None:
-    logger.info("request %s %s", log_id, what)
+    logger.info("request %s %s", log_id, what, extra={"request_id": log_id})
 
 
 class TokenTexts:
