@@ -53,6 +53,8 @@ class EngineCore:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in the engine core")
         salt = request.cache_salt.encode() if request.cache_salt else b""
+        if request.kv_variant:   # length-prefixed: no salt can spell another salt with a variant
+            salt = b"%d:%s%s" % (len(salt), salt, request.kv_variant.encode())
         seqs = [Sequence(next(self._seq_ids), request.request_id, index, request.prompt_token_ids, request.params,
                          request.max_tokens, request.eos_token_id, arrival_time=request.arrival_time,
                          extra_hash_keys=salt) for index in range(request.params.n)]

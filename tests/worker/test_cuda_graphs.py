@@ -58,12 +58,12 @@ class EagerReplayGraphs(DecodeGraphs):
     def capture_without_cuda(self, hidden_size: int) -> None:
         for size in reversed(self.sizes):
             metadata = self.backend.graph_decode_metadata(size, self.max_blocks, self.max_seq_len, self.device)
-            ids, pos = self.input_ids[:size], self.positions[:size]
+            ids, pos, lengths = self.input_ids[:size], self.positions[:size], self.rotary_lengths[:size]
             output = torch.empty(size, hidden_size)
 
-            def run(ids=ids, pos=pos, metadata=metadata, output=output):
+            def run(ids=ids, pos=pos, lengths=lengths, metadata=metadata, output=output):
                 with torch.inference_mode():
-                    output.copy_(self.model(ids, pos, metadata))
+                    output.copy_(self.model(ids, pos, metadata, rotary_lengths=lengths))
 
             self.graphs[size] = _Graph(_EagerReplay(run), metadata, output)
 
