@@ -71,7 +71,7 @@ class LongRoPERotaryEmbedding(RotaryEmbedding):
     rotary length (see the module docstring)."""
 
     def __init__(self, config: Any, head_dim: int, rotary_dim: int, base: float, scaling: dict) -> None:
-        super().__init__(head_dim, 1, base, rotary_dim=rotary_dim)
+        super().__init__(head_dim, 1, base, rotary_dim=rotary_dim)   # its one-row plain table is replaced below
         self.switch = longrope_switch(config, scaling)
         self.max_position = int(config.max_position_embeddings)
         scale = longrope_attention_factor(config, scaling)

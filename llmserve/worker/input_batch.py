@@ -5,9 +5,9 @@ append, the tail of its block table, how many tokens are computed. It never sees
 so it can live in another process.
 
 Each sequence owns a row of persistent numpy arrays (token ids, block table, counts), written only where
-a step's message changes them. A step's flat inputs (token ids, positions, cache slots, the block-table
-rows of its sequences) are then gathered from those rows with a few vectorised numpy calls, whatever the
-batch size, instead of being rebuilt from per-sequence Python lists.
+a step's message changes them. A step's flat inputs (token ids, positions, rotary lengths, cache slots,
+the block-table rows of its sequences) are then gathered from those rows with a few vectorised numpy
+calls, whatever the batch size, instead of being rebuilt from per-sequence Python lists.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ def test_factor_lists_must_cover_the_rotary_dims():
 def test_the_switch_and_the_prefix_cache_key():
     phi3 = config(rope_parameters=scaling(rope_theta=BASE))
     assert longrope_switch_of(phi3) == SWITCH
-    per_layer_type = config(rope_parameters={"full_attention": scaling(), "sliding_attention": {"rope_type": "default"}})
+    per_layer_type = config(rope_parameters={"full_attention": scaling(),
+                                             "sliding_attention": {"rope_type": "default"}})
     assert longrope_switch_of(per_layer_type) == SWITCH
     assert longrope_switch_of(config(rope_parameters={"rope_type": "default", "rope_theta": BASE})) is None
     assert longrope_prompt_key(SWITCH, SWITCH) is None
