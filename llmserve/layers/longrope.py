@@ -15,8 +15,9 @@ the switch while generating keeps its earlier keys short. llmserve reproduces ex
 whatever the batch, the prefill chunks or a preemption's recompute: the model runner gives each token its
 *rotary length*, ``max(prompt length, position + 1)`` (the ``max(position_ids) + 1`` of the pass transformers
 computes that token in), and a token uses the long factors when its rotary length is over the switch. The two
-sets are one stacked table (short rows, then long rows), so a token's row is its position, plus
-``max_position`` when it is long: one gather (or one compiled call on CPU) whatever the mix.
+sets are one stacked table, so a token's row is its position, plus ``original_max_position_embeddings`` when it is
+long: one gather (or one compiled call on CPU) whatever the mix. A short token is always before the switch, so
+the short rows stop there: the table is ``switch + max_position_embeddings`` rows, not twice the context.
 """
 
 from __future__ import annotations
@@ -73,16 +74,16 @@ class LongRoPERotaryEmbedding(RotaryEmbedding):
     def __init__(self, config: Any, head_dim: int, rotary_dim: int, base: float, scaling: dict) -> None:
         super().__init__(head_dim, 1, base, rotary_dim=rotary_dim)   # its one-row plain table is replaced below
         self.switch = longrope_switch(config, scaling)
-        self.max_position = int(config.max_position_embeddings)
+        max_position = int(config.max_position_embeddings)
         scale = longrope_attention_factor(config, scaling)
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
         tables = []
-        for name in ("short_factor", "long_factor"):
+        for name, rows in (("short_factor", self.switch), ("long_factor", max_position)):
             factors = torch.tensor([float(f) for f in scaling.get(name) or ()], dtype=torch.float32)
             if factors.numel() != rotary_dim // 2:
                 raise ValueError(f"LongRoPE {name} must have {rotary_dim // 2} values (one per rotating pair of "
                                  f"the {rotary_dim} rotary dims), got {factors.numel()}")
-            tables.append(rotary_tables(1.0 / (factors * base ** exponents), self.max_position, scale))
+            tables.append(rotary_tables(1.0 / (factors * base ** exponents), rows, scale))
         (short_cos, short_sin), (long_cos, long_sin) = tables
         self.set_tables(torch.cat((short_cos, long_cos)), torch.cat((short_sin, long_sin)))
 
@@ -92,5 +93,5 @@ class LongRoPERotaryEmbedding(RotaryEmbedding):
         pass (transformers' ``max(positions) + 1`` for all of them)."""
         if rotary_lengths is None:
             rotary_lengths = positions.max() + 1
-        rows = positions + (rotary_lengths > self.switch).long() * self.max_position
+        rows = positions + (rotary_lengths > self.switch).long() * self.switch
         return self.rotate_rows(rows, q, k)

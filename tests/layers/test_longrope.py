@@ -45,18 +45,19 @@ def test_attention_factor_follows_transformers():
 @pytest.mark.parametrize("path", paths())
 @pytest.mark.parametrize("head_dim,rotary_dim", [(8, 8), (12, 8)], ids=["full", "partial"])
 def test_a_batch_mixing_short_and_long_sequences(monkeypatch, path, head_dim, rotary_dim):
-    """Three sequences in one step: a decode at position 20 (short), a 4-token chunk of a 40-token prompt (long
-    from position 0), and a decode at position 32 of a sequence whose 20-token prompt was short (long from
-    position 32 on: its rotary length is 33)."""
+    """Four sequences in one step: a decode at position 20 (short), a 4-token chunk of a 40-token prompt (long
+    from position 0), a decode at position 32 of a sequence whose 20-token prompt was short (long from
+    position 32 on: its rotary length is 33), and one at the last position. The short rows stop at the switch."""
     if path == "pytorch":
         monkeypatch.setattr(rotary, "kernels_for", lambda x: None)
     rope = LongRoPERotaryEmbedding(config(), head_dim, rotary_dim, BASE, scaling())
-    positions = torch.tensor([20, 0, 1, 2, 3, 32])
-    lengths = torch.tensor([21, 40, 40, 40, 40, 33])
-    q, k = torch.randn(6, 3, head_dim), torch.randn(6, 1, head_dim)
+    assert rope.cos_cache.shape == (SWITCH + MAX_POSITION, rotary_dim // 2)
+    positions = torch.tensor([20, 0, 1, 2, 3, 32, MAX_POSITION - 1])
+    lengths = torch.tensor([21, 40, 40, 40, 40, 33, MAX_POSITION])
+    q, k = torch.randn(7, 3, head_dim), torch.randn(7, 1, head_dim)
     expected_q, expected_k = q.clone(), k.clone()
     scale = longrope_attention_factor(config(), scaling())
-    for t, is_long in enumerate([False, True, True, True, True, True]):
+    for t, is_long in enumerate([False, True, True, True, True, True, True]):
         inv_freq = longrope_inv_freq(LONG if is_long else SHORT, rotary_dim)
         expected_q[t] = reference_rotate(q[t], int(positions[t]), inv_freq, rotary_dim, scale)
         expected_k[t] = reference_rotate(k[t], int(positions[t]), inv_freq, rotary_dim, scale)
