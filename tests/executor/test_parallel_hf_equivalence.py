@@ -1,19 +1,23 @@
 """Tensor and pipeline parallelism change where the model runs, never what it computes: with TP=2, PP=2
 and TP=2 x PP=2 (one worker process per rank, gloo on the CPU), greedy output equals Hugging Face
 transformers token for token and logprobs agree within 1e-3, for every Llama-shaped family in every layout,
-and each other family in one, with chunked prefill and forced preemption, prefix caching on."""
+and each other family in one, with chunked prefill and forced preemption, prefix caching on.
+Embeddings pool on the last stage: at TP=2 x PP=2, mean-pooled vectors computed in 7-token chunks, batched
+with greedy generations, equal HF's pooled hidden states within 1e-4."""
 
 from __future__ import annotations
 
 import pytest
 
 from llmserve import LLM, SamplingParams
+from llmserve.pooling_params import PoolingParams
 from tests.engine.test_hf_equivalence import (
     PROMPTS,
     assert_matches_hf,
     assert_prefix_cache_repeats,
     llm_block_bytes,
 )
+from tests.engine.test_pooling import assert_matches_hf as assert_pooled_like_hf
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # The Llama-shaped families in every layout; the others (whose blocks shard through the same layers) in one each:
@@ -61,5 +65,23 @@ def test_parallel_samples_fork_on_every_stage(llama_dir, tp, pp):
             assert [c.finish_reason for c in out.outputs] == ["length"] * 3
             assert all(c.token_ids == out.outputs[0].token_ids for c in out.outputs)
         assert_matches_hf(llama_dir, outputs, max_tokens=8)
+    finally:
+        llm.shutdown()
+
+
+def test_embeddings_pool_on_the_last_stage_batched_with_generation(llama_dir):
+    llm = LLM(str(llama_dir), tensor_parallel_size=2, pipeline_parallel_size=2, block_size=4, max_num_batched_tokens=7,
+              kv_cache_memory_bytes="16MiB", pooler_config={"pooling_type": "MEAN"})
+    try:
+        engine = llm.engine
+        greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(f"gen-{i}", prompt, greedy)
+            engine.add_request(f"embed-{i}", prompt, PoolingParams())
+        finished = {}
+        while engine.has_unfinished_requests():
+            finished.update((out.request_id, out) for out in engine.step() if out.finished)
+        assert_matches_hf(llama_dir, [finished[f"gen-{i}"] for i in range(len(PROMPTS))], max_tokens=8)
+        assert_pooled_like_hf(llama_dir, [finished[f"embed-{i}"] for i in range(len(PROMPTS))], "MEAN")
     finally:
         llm.shutdown()

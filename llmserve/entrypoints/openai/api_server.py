@@ -35,6 +35,7 @@ import llmserve
 from llmserve.config import EngineConfig, parse_size
 from llmserve.engine.async_engine import AsyncLLMEngine, ShutdownError
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
+from llmserve.entrypoints.openai.embedding_protocol import EmbeddingRequest
 from llmserve.entrypoints.openai.errors import APIError, error_body, error_response, install_error_handlers
 from llmserve.entrypoints.openai.middleware import RequestId, RequestLimits, RequireApiKey
 from llmserve.entrypoints.openai.openapi import (PrometheusText, install_openapi, json_ok, json_or_events_ok,
@@ -43,12 +44,13 @@ from llmserve.entrypoints.openai.protocol import (ChatCompletionRequest, Complet
                                                   TokenizeRequest)
 from llmserve.entrypoints.openai.response_models import (ChatCompletionChunk, ChatCompletionResponse, CompletionChunk,
                                                    CompletionResponse, DetokenizeResponse, ModelList,
-                                                   ResponseObject, ResponseStreamEvent, TokenizeResponse,
-                                                   VersionResponse)
+                                                   EmbeddingResponse, ResponseObject, ResponseStreamEvent,
+                                                   TokenizeResponse, VersionResponse)
 from llmserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from llmserve.entrypoints.openai.serving_base import ServerLimits
 from llmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from llmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from llmserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from llmserve.entrypoints.openai.serving_responses import OpenAIServingResponses
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 from llmserve.metrics.prometheus import EngineMetrics
@@ -86,6 +88,7 @@ class ServerState:
         self.completions: OpenAIServingCompletion | None = None
         self.chat: OpenAIServingChat | None = None
         self.responses: OpenAIServingResponses | None = None
+        self.embeddings: OpenAIServingEmbedding | None = None
         self.metrics: EngineMetrics | None = None
         self.load_error: BaseException | None = None
         self.exit_code = 0
@@ -108,6 +111,7 @@ class ServerState:
             self.chat = OpenAIServingChat(async_engine, names, limits, _read_chat_template(self.config.chat_template),
                                           TOOL_CALL_PARSERS[parser] if parser else None)
             self.responses = OpenAIServingResponses(self.chat)
+            self.embeddings = OpenAIServingEmbedding(async_engine, names, limits)
             async_engine.start(loop)
             self.engine = async_engine
             logger.info("ready: serving %s", ", ".join(names))
@@ -217,6 +221,11 @@ def build_app(state: ServerState) -> FastAPI:
               responses=route(named_events_ok(ResponseObject, ResponseStreamEvent), 400, 404, 500, 503, 504))
     async def responses(body: ResponsesRequest, raw: Request) -> Response:
         return await state.responses.create(body, raw, raw.state.request_id)
+
+    @app.post("/v1/embeddings", dependencies=protected, response_model=None,
+              responses=route(json_ok(EmbeddingResponse), 400, 404, 500, 503, 504))
+    async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
+        return await state.embeddings.create(body, raw, raw.state.request_id)
 
     @app.post("/tokenize", dependencies=protected, response_model=None,
               responses=route(json_ok(TokenizeResponse), 400, 404, 503))
