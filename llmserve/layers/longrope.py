@@ -18,6 +18,9 @@ computes that token in), and a token uses the long factors when its rotary lengt
 sets are one stacked table, so a token's row is its position, plus ``original_max_position_embeddings`` when it is
 long: one gather (or one compiled call on CPU) whatever the mix. A short token is always before the switch, so
 the short rows stop there: the table is ``switch + max_position_embeddings`` rows, not twice the context.
+
+:func:`rotary_embedding` builds a layer's rotary from its config: this one where the rope type is ``longrope``,
+else the plain one.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 import torch
 
-from llmserve.layers.rotary import RotaryEmbedding, rotary_tables
+from llmserve.layers.rotary import RotaryEmbedding, rope_parameters, rotary_tables
 
 
 def longrope_switch(config: Any, scaling: dict) -> int:
@@ -95,3 +98,16 @@ class LongRoPERotaryEmbedding(RotaryEmbedding):
             rotary_lengths = positions.max() + 1
         rows = positions + (rotary_lengths > self.switch).long() * self.switch
         return self.rotate_rows(rows, q, k)
+
+
+def rotary_embedding(config: Any, head_dim: int, rotary_dim: int, layer_type: str | None = None,
+                     interleaved: bool = False) -> RotaryEmbedding:
+    """A layer's rotary from its config: LongRoPE where the layer's rope type is ``longrope`` (Phi-3's config
+    renames ``su`` / ``yarn`` to it), else plain rope with its scaling; over each head's first ``rotary_dim`` dims."""
+    theta, scaling = rope_parameters(config, layer_type)
+    if scaling.get("rope_type", scaling.get("type")) == "longrope":
+        if interleaved:
+            raise ValueError("LongRoPE is implemented for the neox rotary layout only")
+        return LongRoPERotaryEmbedding(config, head_dim, rotary_dim, theta, scaling)
+    return RotaryEmbedding(head_dim, config.max_position_embeddings, theta, scaling, interleaved=interleaved,
+                           rotary_dim=rotary_dim)

@@ -28,8 +28,7 @@ from llmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from llmserve.layers.layernorm import GemmaRMSNorm, LayerNorm, RMSNorm
 from llmserve.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                                     RowParallelLinear, default_weight_loader)
-from llmserve.layers.longrope import LongRoPERotaryEmbedding
-from llmserve.layers.rotary import RotaryEmbedding, rope_parameters
+from llmserve.layers.longrope import rotary_embedding
 from llmserve.models.interface import IntermediateTensors, layer_range
 from llmserve.quantization.base import QuantizationConfig
 
@@ -128,19 +127,6 @@ def sliding_window_of(config: Any, layer: int) -> int | None:
     return int(window)
 
 
-def make_rotary(config: Any, spec: LlamaBlockSpec, head_dim: int, layer_type: str | None) -> RotaryEmbedding:
-    """The layer's rotary: LongRoPE where its rope type says so, else plain rope (with its scaling), over the
-    first ``int(head_dim * spec.rotary_fraction)`` dims of each head, as transformers sizes it."""
-    theta, scaling = rope_parameters(config, layer_type)
-    rotary_dim = int(head_dim * spec.rotary_fraction)
-    if scaling.get("rope_type", scaling.get("type")) == "longrope":   # Phi-3's config renames su / yarn to it
-        if spec.rotary_interleaved:
-            raise UnsupportedModelConfigError("LongRoPE is implemented for the neox rotary layout only")
-        return LongRoPERotaryEmbedding(config, head_dim, rotary_dim, theta, scaling)
-    return RotaryEmbedding(head_dim, config.max_position_embeddings, theta, scaling,
-                           interleaved=spec.rotary_interleaved, rotary_dim=rotary_dim)
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
                  prefix: str = "") -> None:
@@ -157,7 +143,9 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = None
         window = sliding_window_of(config, layer)
         if spec.rotary and (window is not None or not spec.rotary_on_sliding_layers_only):
-            self.rotary_emb = make_rotary(config, spec, self.head_dim, layer_type_of(config, layer))
+            # as transformers sizes it: the first int(head_dim * partial_rotary_factor) dims rotate
+            self.rotary_emb = rotary_embedding(config, self.head_dim, int(self.head_dim * spec.rotary_fraction),
+                                               layer_type_of(config, layer), spec.rotary_interleaved)
         eps = norm_eps_of(config)
         self.q_norm = make_norm(spec, self.head_dim, eps) if spec.qk_norm else None
         self.k_norm = make_norm(spec, self.head_dim, eps) if spec.qk_norm else None

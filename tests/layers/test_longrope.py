@@ -12,7 +12,8 @@ import torch
 
 from llmserve.layers import rotary
 from llmserve.layers.longrope import (LongRoPERotaryEmbedding, longrope_attention_factor, longrope_prompt_key,
-                                      longrope_switch_of)
+                                      longrope_switch_of, rotary_embedding)
+from llmserve.layers.rotary import RotaryEmbedding
 from tests.layers.test_rotary import paths, reference_rotate
 
 SWITCH, MAX_POSITION, BASE = 32, 2048, 10000.0
@@ -81,6 +82,15 @@ def test_without_lengths_the_tokens_are_one_pass(length, factors):
 def test_factor_lists_must_cover_the_rotary_dims():
     with pytest.raises(ValueError, match="short_factor must have 3 values"):
         LongRoPERotaryEmbedding(config(), 8, 6, BASE, scaling())
+
+
+def test_a_layer_gets_longrope_from_its_rope_type():
+    longrope_config = config(rope_parameters=scaling(rope_theta=BASE))
+    assert isinstance(rotary_embedding(longrope_config, 8, 8), LongRoPERotaryEmbedding)
+    plain = rotary_embedding(config(rope_parameters={"rope_type": "default", "rope_theta": BASE}), 8, 6)
+    assert type(plain) is RotaryEmbedding and plain.rotary_dim == 6
+    with pytest.raises(ValueError, match="neox"):
+        rotary_embedding(longrope_config, 8, 8, interleaved=True)
 
 
 def test_the_switch_and_the_prefix_cache_key():
