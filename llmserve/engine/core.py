@@ -55,6 +55,8 @@ class EngineCore:
         if request.pooling is not None and request.params.n != 1:
             raise ValueError(f"pooling request {request.request_id!r} has n={request.params.n}; it pools one vector")
         salt = request.cache_salt.encode() if request.cache_salt else b""
+        if request.kv_variant:   # length-prefixed: no salt can spell another salt with a variant
+            salt = b"%d:%s%s" % (len(salt), salt, request.kv_variant.encode())
         seqs = [Sequence(next(self._seq_ids), request.request_id, index, request.prompt_token_ids, request.params,
                          request.max_tokens, request.eos_token_id, arrival_time=request.arrival_time,
                          extra_hash_keys=salt, pooling=request.pooling) for index in range(request.params.n)]

@@ -19,6 +19,7 @@ import msgspec
 from llmserve.config import EngineConfig, resolve_dtype
 from llmserve.engine.messages import EngineCoreRequest
 from llmserve.errors import InvalidRequestError
+from llmserve.layers.longrope import longrope_prompt_key, longrope_switch_of
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
 from llmserve.models.registry import resolve_model_class
 from llmserve.pooling_params import PoolingParams
@@ -54,6 +55,7 @@ class ModelInfo:
         self.eos_token_id = self._eos_token_id()
         self.extra_eos_token_ids = self._extra_eos_token_ids(path)
         self.max_model_len = self._max_model_len()
+        self.longrope_switch = longrope_switch_of(self.hf_config)
         self.max_num_batched_tokens = config.max_num_batched_tokens or (
             DEFAULT_MAX_NUM_BATCHED_TOKENS if config.enable_chunked_prefill
             else max(DEFAULT_MAX_NUM_BATCHED_TOKENS, self.max_model_len))
@@ -144,7 +146,7 @@ class InputProcessor:
                 f"tokens) but the whole cache holds {self.num_kv_blocks}; lower max_tokens or give the "
                 "cache more memory (--kv-cache-memory-bytes)", "max_tokens")
         return prompt_text, EngineCoreRequest(request_id, prompt_ids, params, max_tokens, self.info.eos_token_id,
-                                              arrival, cache_salt)
+                                              arrival, cache_salt, kv_variant=self._kv_variant(prompt_ids))
 
     def _pooling_request(self, request_id: str, prompt_ids: list[int], params: PoolingParams, arrival: float,
                          cache_salt: str | None) -> EngineCoreRequest:
@@ -161,7 +163,11 @@ class InputProcessor:
                                       f"whole cache holds {self.num_kv_blocks}; give the cache more memory "
                                       "(--kv-cache-memory-bytes)", "prompt")
         return EngineCoreRequest(request_id, prompt_ids, SamplingParams(max_tokens=0), 0, None, arrival, cache_salt,
-                                 params.resolve(self.info.config.pooler_config))
+                                 params.resolve(self.info.config.pooler_config), self._kv_variant(prompt_ids))
+
+    def _kv_variant(self, prompt_ids: list[int]) -> str | None:
+        """What besides its tokens decides the keys a prompt's blocks hold (see ``EngineCoreRequest.kv_variant``)."""
+        return longrope_prompt_key(self.info.longrope_switch, len(prompt_ids))
 
     def _check_structured_outputs(self, params: SamplingParams) -> SamplingParams:
         """Refuse a constraint the grammar library cannot compile (the server has already named its own field;

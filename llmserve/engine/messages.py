@@ -102,6 +102,9 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     arrival_time: float                # time.monotonic() (one clock for every process of the machine)
     cache_salt: str | None = None
     pooling: PoolerConfig | None = None   # a pooling request (params unused, max_tokens 0): pool its prompt
+    # Besides the tokens, what decides the K/V its prompt's blocks hold (mixed into their prefix-cache hashes):
+    # "longrope:long" for a LongRoPE prompt over the switch length (llmserve.layers.longrope).
+    kv_variant: str | None = None
 
 
 class SampleOutput(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -5,9 +5,9 @@ append, the tail of its block table, how many tokens are computed. It never sees
 so it can live in another process.
 
 Each sequence owns a row of persistent numpy arrays (token ids, block table, counts), written only where
-a step's message changes them. A step's flat inputs (token ids, positions, cache slots, the block-table
-rows of its sequences) are then gathered from those rows with a few vectorised numpy calls, whatever the
-batch size, instead of being rebuilt from per-sequence Python lists.
+a step's message changes them. A step's flat inputs (token ids, positions, rotary lengths, cache slots,
+the block-table rows of its sequences) are then gathered from those rows with a few vectorised numpy
+calls, whatever the batch size, instead of being rebuilt from per-sequence Python lists.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class StepInputs:
     seq_ids: list[int]
     input_ids: np.ndarray        # int64 [tokens]
     positions: np.ndarray        # int64 [tokens]
+    rotary_lengths: np.ndarray   # int64 [tokens]: max(its sequence's prompt length, position + 1)
     slot_mapping: np.ndarray     # int64 [tokens]
     query_lens: list[int]
     context_lens: list[int]
@@ -115,6 +116,7 @@ class InputBatch:
         self.token_ids = np.zeros((rows, width), dtype=np.int32)
         self.block_table = np.zeros((rows, -(-width // block_size)), dtype=np.int32)
         self.num_tokens = np.zeros(rows, dtype=np.int64)
+        self.num_prompt = np.zeros(rows, dtype=np.int64)
         self.num_computed = np.zeros(rows, dtype=np.int64)
         self.num_blocks = np.zeros(rows, dtype=np.int64)
         self.pools = np.zeros(rows, dtype=bool)   # rows of pooling sequences
@@ -153,6 +155,7 @@ class InputBatch:
         self.token_ids[row, :n] = self.token_ids[p, :n]
         self.block_table[row, :b] = self.block_table[p, :b]
         self.num_tokens[row], self.num_blocks[row], self.num_computed[row] = n, b, self.num_computed[p]
+        self.num_prompt[row] = self.num_prompt[p]
         child = CachedSequence(seq_id, sample_index, row, parent.prompt_token_ids, list(parent.output_token_ids),
                                parent.params, parent.eos_token_id, self._generator(parent.params))
         self._register(child)
@@ -163,6 +166,7 @@ class InputBatch:
         seq = CachedSequence(new.seq_id, new.sample_index, row, new.prompt_token_ids, list(new.output_token_ids),
                              new.params, new.eos_token_id, self._generator(new.params), new.pooling)
         self.num_tokens[row] = 0
+        self.num_prompt[row] = len(new.prompt_token_ids)
         self._write_tokens(row, 0, new.prompt_token_ids)
         self._write_tokens(row, len(new.prompt_token_ids), new.output_token_ids)
         self._write_blocks(row, 0, new.block_ids)
@@ -202,6 +206,7 @@ class InputBatch:
         self.token_ids = _grown(self.token_ids, rows, tokens)
         self.block_table = _grown(self.block_table, rows, blocks)
         self.num_tokens = _grown(self.num_tokens, rows)
+        self.num_prompt = _grown(self.num_prompt, rows)
         self.num_computed = _grown(self.num_computed, rows)
         self.num_blocks = _grown(self.num_blocks, rows)
         self.pools = _grown(self.pools, rows)
@@ -262,6 +267,7 @@ class InputBatch:
                                              seq.num_prompt_tokens))
         return StepInputs(
             seq_ids=seq_ids, input_ids=self.token_ids[row_of_token, positions].astype(np.int64), positions=positions,
+            rotary_lengths=np.maximum(self.num_prompt[row_of_token], positions + 1),
             slot_mapping=slots, query_lens=q.tolist(), context_lens=ctx.tolist(),
             block_tables=self.block_table[rows, :width], num_decodes=int((q == 1).sum()),
             sample_rows=(ends[sampled] - 1).tolist(), sample_seqs=[self.seqs[seq_ids[i]] for i in sampled],

@@ -175,9 +175,11 @@ class ModelRunner:
                              slot_mapping=torch.from_numpy(np.concatenate(slots)).to(self.device),
                              num_decodes=0, block_size=bs)   # all prefills, even a 1-token tail
         tokens = sum(lengths)
+        lengths_t = torch.tensor(lengths, device=self.device)
         hidden = self.model(torch.zeros(tokens, dtype=torch.long, device=self.device),
                             torch.cat([torch.arange(n, device=self.device) for n in lengths]),
-                            self.backend.build_metadata(layout, self.device))
+                            self.backend.build_metadata(layout, self.device),
+                            rotary_lengths=lengths_t.repeat_interleave(lengths_t))
         rows = min(max_num_seqs, tokens)
         logits = self.model.compute_logits(hidden[tokens - rows:])
         params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, logprobs=5)
@@ -217,16 +219,15 @@ class ModelRunner:
         pp = get_pp_group()
         if (self.graphs is not None and not prompt_rows and not step.pool_rows and pp.world_size == 1
                 and self.graphs.can_run(layout)):
-            hidden = self.graphs.run(layout, step.input_ids, step.positions)
+            hidden = self.graphs.run(layout, step.input_ids, step.positions, step.rotary_lengths)
         else:
             layout.slot_mapping = layout.slot_mapping.to(self.device)
             metadata = self.backend.build_metadata(layout, self.device)
             ids = torch.from_numpy(step.input_ids).to(self.device)
             pos = torch.from_numpy(step.positions).to(self.device)
-            if pp.is_first_rank:
-                hidden = self.model(ids, pos, metadata)
-            else:
-                hidden = self.model(ids, pos, metadata, intermediate_tensors=self._receive(len(step.input_ids)))
+            lengths = torch.from_numpy(step.rotary_lengths).to(self.device)
+            received = None if pp.is_first_rank else self._receive(len(step.input_ids))
+            hidden = self.model(ids, pos, metadata, intermediate_tensors=received, rotary_lengths=lengths)
         # Parallel samples join every rank's batch (the scheduler sends them as deltas from now on).
         for i, seq in enumerate(list(sample_seqs)):
             for fork in sched.forks.get(seq.seq_id, ()):

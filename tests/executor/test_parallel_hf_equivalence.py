@@ -25,11 +25,12 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # (fused c_attn and Conv1D weights sharded, learned positions on the first stage only), Command-R at TP=2
 # (per-head q/k LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2,
 # BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi slopes, the embedding LayerNorm on the first stage), Falcon's
-# new architecture at TP=2 (one of the 2 KV groups per rank) and Falcon-RW at TP=2 (ALiBi, sequential blocks).
+# new architecture at TP=2 (one of the 2 KV groups per rank), Falcon-RW at TP=2 (ALiBi, sequential blocks) and
+# the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per sequence and partial rotary on each rank's heads).
 # Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
 LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 OTHER_FAMILIES = [("gemma2", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2), ("phi3", 2, 2),
-                  ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1)]
+                  ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1), ("phi4_mini", 2, 1)]
 CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + OTHER_FAMILIES
 
 
