@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -60,6 +61,7 @@ logger = logging.getLogger("llmserve.api")
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 DEFAULT_MAX_HEADER_BYTES = 16 * 2**10
+API_KEY_ENV = "LLMSERVE_API_KEY"   # --api-key's default (as vLLM's VLLM_API_KEY): keeps the key off the command line
 
 
 @dataclass
@@ -264,7 +266,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients use (default: the MODEL argument)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on model endpoints")
+    g.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on model endpoints (default: ${API_KEY_ENV} if set)")
     g.add_argument("--chat-template", default=None, help="Jinja chat template, inline or a file path")
     g.add_argument("--max-num-queued-reqs", type=int, default=None,
                    help="answer 503 (Retry-After) when this many requests are already waiting")
@@ -295,8 +298,9 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
         raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: the parser reads the calls "
                          "a model makes on its own (tool_choice auto); required and named choices need neither")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     return ServerConfig(host=args.host, port=args.port, served_model_names=args.served_model_name or [],
-                        api_key=args.api_key, chat_template=args.chat_template,
+                        api_key=api_key, chat_template=args.chat_template,
                         max_num_queued_reqs=args.max_num_queued_reqs, request_timeout=args.request_timeout,
                         allowed_origins=args.allowed_origins, shutdown_timeout=args.shutdown_timeout,
                         max_n=args.max_n, max_request_body_bytes=parse_size(args.max_request_body_bytes),
