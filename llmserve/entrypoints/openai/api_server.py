@@ -390,13 +390,18 @@ def run_server(args: argparse.Namespace) -> int:
     return state.exit_code
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m llmserve.entrypoints.openai.api_server`` (the container images' entrypoint)."""
     parser = argparse.ArgumentParser(prog="python -m llmserve.entrypoints.openai.api_server",
                                      description="OpenAI-compatible server")
     add_engine_args(parser, model_positional=False)
     add_server_args(parser)
     add_logging_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(setup_from_args(args))
     try:
         return run_server(args)

@@ -4,19 +4,13 @@ wins over the variable, and an empty variable means no key."""
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from llmserve.entrypoints.cli_args import add_engine_args
-from llmserve.entrypoints.openai.api_server import API_KEY_ENV, add_server_args, server_config_from_args
+from llmserve.entrypoints.openai.api_server import API_KEY_ENV, build_parser, server_config_from_args
 
 
 def api_key(argv: list[str]) -> str | None:
-    parser = argparse.ArgumentParser()
-    add_engine_args(parser, model_positional=False)
-    add_server_args(parser)
-    return server_config_from_args(parser.parse_args(argv)).api_key
+    return server_config_from_args(build_parser().parse_args(argv)).api_key
 
 
 def test_the_variable_is_the_default(monkeypatch):
