@@ -205,7 +205,9 @@ def test_only_the_gpu_overlay_asks_for_gpus():
     assert one("gpu", "ConfigMap")["data"]["MODEL"] != one("cpu", "ConfigMap")["data"]["MODEL"]
     cpu = container("cpu")["resources"]
     assert "nvidia.com/gpu" not in {**cpu["requests"], **cpu["limits"]}
-    assert cpu["requests"] == cpu["limits"]   # Guaranteed QoS: the cores are the pod's own
+    for c in (*pod_spec("cpu")["initContainers"], *pod_spec("cpu")["containers"]):   # Guaranteed QoS: the cores
+        assert c["resources"]["requests"] == c["resources"]["limits"], c["name"]      # are the pod's own
+        assert set(c["resources"]["limits"]) == {"cpu", "memory"}, c["name"]
     threads = build_parser().parse_args([expand(a, container_env("cpu", container("cpu"))) for a in
                                          container("cpu")["args"]]).num_threads
     assert threads == int(cpu["limits"]["cpu"])
