@@ -211,3 +211,34 @@ def test_only_the_gpu_overlay_asks_for_gpus():
     threads = build_parser().parse_args([expand(a, container_env("cpu", container("cpu"))) for a in
                                          container("cpu")["args"]]).num_threads
     assert threads == int(cpu["limits"]["cpu"])
+
+
+def test_prometheus_pod_discovery_finds_the_pods_and_labels_them_for_the_adapter():
+    scrape = yaml.safe_load((KUBERNETES.parent / "prometheus" / "kubernetes.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
+    template = one("cpu", "Deployment")["spec"]["template"]["metadata"]
+
+    def meta_value(source: str) -> str:
+        for prefix, values in (("__meta_kubernetes_pod_annotation_", template["annotations"]),
+                               ("__meta_kubernetes_pod_label_", template["labels"])):
+            if source.startswith(prefix):
+                (value,) = [v for k, v in values.items() if re.sub(r"[^A-Za-z0-9_]", "_", k) == source[len(prefix):]]
+                return value
+        raise AssertionError(source)
+
+    relabel = job["relabel_configs"]
+    for rule in relabel:
+        if rule.get("action") == "keep":   # the Deployment's pods pass every keep
+            (source,) = rule["source_labels"]
+            assert re.fullmatch(rule["regex"], meta_value(source)), rule
+    path = next(r for r in relabel if r.get("target_label") == "__metrics_path__")
+    assert meta_value(path["source_labels"][0]) == "/metrics"
+    port = next(r for r in relabel if r.get("target_label") == "__address__")
+    address = f"pod-ip:1234;{meta_value(port['source_labels'][1])}"
+    assert re.sub(f"^(?:{port['regex']})$", port["replacement"].replace("$", "\\"), address) == "pod-ip:8000"
+    labels = {r["target_label"]: r["source_labels"] for r in relabel if "target_label" in r}
+    rules = yaml.safe_load((KUBERNETES / "prometheus-adapter" / "values.yaml").read_text())["rules"]["custom"]
+    for resource in rules[0]["resources"]["overrides"]:
+        assert resource in labels   # namespace, pod
+    assert labels["namespace"] == ["__meta_kubernetes_namespace"] and labels["pod"] == ["__meta_kubernetes_pod_name"]
