@@ -83,18 +83,22 @@ def llm_block_bytes(path, block_size: int) -> int:
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(path)   # maps GPT-2's n_layer / n_head / n_embd onto the usual names
+    if cfg.model_type == "gemma4_text":   # per-layer head sizes; layers sharing K/V hold none
+        layers = [cfg.per_layer_config[i] for i in range(cfg.num_hidden_layers - cfg.num_kv_shared_layers)]
+        return 2 * block_size * sum(layer.num_key_value_heads * layer.head_dim for layer in layers) * 4
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = (falcon_kv_heads(cfg) if cfg.model_type == "falcon"
                 else getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     return 2 * cfg.num_hidden_layers * block_size * kv_heads * head_dim * 4
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gpt2", "cohere", "cohere2", "phi3", "bloom", "falcon",
-                                    "falcon_mqa", "falcon_rw"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4", "gpt2", "cohere", "cohere2", "phi3", "bloom",
+                                    "falcon", "falcon_mqa", "falcon_rw"])
 def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     """One engine per family under everything that changes how the KV cache fills: 7-token steps split the
     prompts, 24 blocks of 4 tokens force preemption, and a repeated prompt is served from the prefix cache.
-    The tiny Gemmas, Cohere2 and Phi-3 slide a 10-token window (Gemma 3 on 5 of its 6 layers, Cohere2 on 3 of 4),
+    The tiny Gemmas, Cohere2 and Phi-3 slide a 10-token window (Gemma 3 on 5 of its 6 layers, Gemma 4 on 4 of 6,
+    one of them reading another's K/V, Cohere2 on 3 of 4),
     shorter than most prompts and than every prompt plus its 24 tokens; BLOOM and Falcon-RW bias every score by
     ALiBi, over the cached context of each chunk and decode."""
     path = checkpoint_dir(family)
@@ -157,7 +161,8 @@ def without_cpu_kernels(monkeypatch):
     cpu_kernels.cache_clear()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "bloom"])   # soft-caps, a window, ALiBi in PyTorch
+# Soft-caps, a window, ALiBi and shared K/V in PyTorch.
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma4", "bloom"])
 def test_pytorch_paths_without_cpu_kernels_match_hf(checkpoint_dir, family, without_cpu_kernels):
     path = checkpoint_dir(family)
     llm = LLM(str(path), max_num_batched_tokens=7, block_size=4, kv_cache_memory_bytes="32MiB")
