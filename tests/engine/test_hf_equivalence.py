@@ -78,18 +78,22 @@ def assert_prefix_cache_repeats(llm: LLM, outputs: list) -> None:
     assert again[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids[:8]
 
 
-def llm_block_bytes(path, block_size: int) -> int:
-    """Bytes of one KV block for the tiny model (2 tensors x layers x block x kv heads x head_dim x 4 bytes)."""
+def llm_block_bytes(path, block_size: int, tp: int = 1) -> int:
+    """Bytes of one KV block for the tiny model on one of ``tp`` ranks (2 tensors x layers x block x the rank's KV
+    heads x head_dim x 4 bytes; KV heads fewer than the ranks are replicated, one on each)."""
     from transformers import AutoConfig
+
+    def rank_heads(kv_heads: int) -> int:
+        return kv_heads // tp if kv_heads >= tp else 1
 
     cfg = AutoConfig.from_pretrained(path)   # maps GPT-2's n_layer / n_head / n_embd onto the usual names
     if cfg.model_type == "gemma4_text":   # per-layer head sizes; layers sharing K/V hold none
         layers = [cfg.per_layer_config[i] for i in range(cfg.num_hidden_layers - cfg.num_kv_shared_layers)]
-        return 2 * block_size * sum(layer.num_key_value_heads * layer.head_dim for layer in layers) * 4
+        return 2 * block_size * sum(rank_heads(layer.num_key_value_heads) * layer.head_dim for layer in layers) * 4
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = (falcon_kv_heads(cfg) if cfg.model_type == "falcon"
                 else getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    return 2 * cfg.num_hidden_layers * block_size * kv_heads * head_dim * 4
+    return 2 * cfg.num_hidden_layers * block_size * rank_heads(kv_heads) * head_dim * 4
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4", "gpt2", "cohere", "cohere2", "phi3", "bloom",
