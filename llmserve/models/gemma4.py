@@ -79,8 +79,8 @@ def kv_source_layer(config: Any, layer: int) -> int | None:
     return sources[-1]
 
 
-def make_rotary(config: Any, layer: int, head_dim: int) -> RotaryEmbedding:
-    theta, params = rope_parameters(config, config.layer_types[layer])
+def make_rotary(config: Any, layer_type: str, head_dim: int) -> RotaryEmbedding:
+    theta, params = rope_parameters(config, layer_type)
     if params.get("rope_type") == "proportional":
         return ProportionalRotaryEmbedding(head_dim, config.max_position_embeddings, theta,
                                            float(params.get("partial_rotary_factor", 1.0)),
@@ -91,8 +91,8 @@ def make_rotary(config: Any, layer: int, head_dim: int) -> RotaryEmbedding:
 class Gemma4Attention(nn.Module):
     """Projections, per-head norms and rotary of one layer; a layer sharing K/V projects queries only."""
 
-    def __init__(self, config: Any, source: Attention | None, quant_config: QuantizationConfig | None = None,
-                 prefix: str = "") -> None:
+    def __init__(self, config: Any, rotary_emb: RotaryEmbedding, source: Attention | None,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         layer = layer_index(prefix)
         layer_config = config.per_layer_config[layer]
@@ -112,7 +112,7 @@ class Gemma4Attention(nn.Module):
                                                quant_config=quant_config, prefix=f"{prefix}.q_proj")
         self.o_proj = RowParallelLinear(total_heads * head_dim, config.hidden_size, bias, quant_config=quant_config,
                                         prefix=f"{prefix}.o_proj")
-        self.rotary_emb = make_rotary(config, layer, head_dim)
+        self.rotary_emb = rotary_emb
         window = sliding_window_of(config, layer)
         if source is None:
             self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, 1.0, sliding_window=window)
@@ -143,11 +143,11 @@ class Gemma4Attention(nn.Module):
 
 
 class Gemma4DecoderLayer(nn.Module):
-    def __init__(self, config: Any, spec: LlamaBlockSpec, source: Attention | None,
+    def __init__(self, config: Any, spec: LlamaBlockSpec, rotary_emb: RotaryEmbedding, source: Attention | None,
                  quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = Gemma4Attention(config, source, quant_config, f"{prefix}.self_attn")
+        self.self_attn = Gemma4Attention(config, rotary_emb, source, quant_config, f"{prefix}.self_attn")
         if source is not None and getattr(config, "use_double_wide_mlp", False):
             spec = dataclasses.replace(spec, mlp_size=2 * config.intermediate_size)
         self.mlp = LlamaMLP(config, spec, quant_config, f"{prefix}.mlp")
@@ -179,8 +179,10 @@ class Gemma4DecoderLayer(nn.Module):
 class Gemma4Model(nn.Module):
     """Embeddings (the token's and, with per-layer inputs, its per-layer vectors), the layers, the final norm.
 
-    The layers are built in order, so a layer that shares K/V is given its source layer's attention. One
-    pipeline stage holds them all (:meth:`Gemma4ForCausalLM.check_config` refuses more)."""
+    The layers are built in order, so a layer that shares K/V is given its source layer's attention. Layers of
+    one type and head size share one rotary table (a full-length table per layer would take gigabytes at
+    Gemma 4's context length). One pipeline stage holds them all (:meth:`Gemma4ForCausalLM.check_config`
+    refuses more)."""
 
     def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
                  prefix: str = "model") -> None:
@@ -191,9 +193,14 @@ class Gemma4Model(nn.Module):
         eps = config.rms_norm_eps
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, h, prefix=f"{prefix}.embed_tokens")
         layers: list[Gemma4DecoderLayer] = []
+        rotary: dict[tuple[str, int], RotaryEmbedding] = {}
         for i in range(config.num_hidden_layers):
+            kind = (config.layer_types[i], config.per_layer_config[i].head_dim)
+            if kind not in rotary:
+                rotary[kind] = make_rotary(config, *kind)
             source = kv_source_layer(config, i)
-            layers.append(Gemma4DecoderLayer(config, spec, None if source is None else layers[source].self_attn.attn,
+            layers.append(Gemma4DecoderLayer(config, spec, rotary[kind],
+                                             None if source is None else layers[source].self_attn.attn,
                                              quant_config, f"{prefix}.layers.{i}"))
         self.layers = nn.ModuleList(layers)
         self.layer_types = list(config.layer_types)

@@ -87,7 +87,8 @@ def test_logits_match_hf_and_each_feature_changes_them(checkpoint_dir, tmp_path,
 
 def test_layers_sharing_kv_hold_no_cache_and_read_the_last_layer_of_their_type(checkpoint_dir):
     """6 layers, sliding sliding full sliding | sliding full; the last two share: layer 4 reads layer 3's K/V
-    (not layer 0's or 1's), layer 5 layer 2's. Full layers have head_dim 24 and one KV head, local ones 16 and 2."""
+    (not layer 0's or 1's), layer 5 layer 2's. Full layers have head_dim 24 and one KV head, local ones 16 and 2;
+    layers of a type share their rotary table."""
     model = load_tiny(checkpoint_dir("gemma4"))
     attn = [layer.self_attn.attn for layer in model.model.layers]
     assert model.attention_layers() == attn[:4]
@@ -98,6 +99,8 @@ def test_layers_sharing_kv_hold_no_cache_and_read_the_last_layer_of_their_type(c
     shared = dict(model.model.layers[4].named_parameters())
     assert "self_attn.q_proj.weight" in shared and not any("qkv" in n or "k_norm" in n for n in shared)
     assert model.model.layers[4].mlp.down_proj.input_size == 256   # double-wide
+    rotary = [layer.self_attn.rotary_emb for layer in model.model.layers]   # one table per layer type
+    assert all(r is rotary[0] for r in rotary[:2] + rotary[3:5]) and rotary[5] is rotary[2] is not rotary[0]
 
 
 def test_multimodal_checkpoint_serves_its_language_model(checkpoint_dir, tmp_path):
