@@ -10,12 +10,16 @@ checkpoint, and one that took the wrong layer's K/V or values would not match tr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():   # the Triton kernels under the interpreter (set before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from safetensors.torch import load_file, save_file
 
 from llmserve.layers.attention.shared_kv import SharedKVAttention
@@ -134,6 +138,23 @@ def test_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir):
     expected = prefill_logits(load_tiny(path), LONG_PROMPT)
     for logits in tensor_parallel_logits(path, 2, LONG_PROMPT):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_backend_matches_hf(checkpoint_dir, monkeypatch):
+    """Shared K/V, head sizes 16 and 24 and the window through the Triton kernels (the interpreter without a GPU):
+    chunked prefill over cached context and decodes, against transformers."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from llmserve import LLM, SamplingParams
+    from llmserve.layers.attention.triton_backend import TritonAttentionBackend
+    from tests.engine.test_hf_equivalence import PROMPTS, assert_matches_hf
+
+    monkeypatch.setenv("LLMSERVE_ATTENTION_BACKEND", "triton")
+    path = checkpoint_dir("gemma4")
+    llm = LLM(str(path), device="cuda" if torch.cuda.is_available() else "cpu", dtype="float32", block_size=4,
+              max_num_batched_tokens=7, kv_cache_memory_bytes="4MiB")
+    assert isinstance(llm.engine.runner.backend, TritonAttentionBackend)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+    assert_matches_hf(path, llm.generate(PROMPTS[:3], params), max_tokens=8)
 
 
 @pytest.mark.parametrize("changes,match", [
