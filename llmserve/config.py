@@ -86,21 +86,66 @@ class StructuredOutputsConfig:
         """The flag's JSON text (or a dict, for ``LLM(structured_outputs_config=...)``)."""
         if isinstance(value, cls):
             return value
-        if value is None:
-            return cls()
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                raise ValueError(f"--structured-outputs-config must be a JSON object: {exc}") from None
-        if not isinstance(value, Mapping):
-            raise ValueError("--structured-outputs-config must be a JSON object, e.g. '{\"backend\": \"auto\"}'")
-        known = ("backend", "disable_any_whitespace", "disable_fallback")
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            what = "is vLLM's but not supported" if unknown[0] in cls._VLLM_ONLY else "is not a known key"
-            raise ValueError(f"--structured-outputs-config: {unknown[0]!r} {what}; the keys are {', '.join(known)}")
-        return cls(**value)
+        return cls(**_json_object_flag("--structured-outputs-config", value, '{"backend": "auto"}',
+                                       ("backend", "disable_any_whitespace", "disable_fallback"), cls._VLLM_ONLY))
+
+
+POOLING_TYPES = ("LAST", "MEAN", "CLS")
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """``--pooler-config``, vLLM's flag: how an embedding request pools the final layer's hidden states.
+
+    vLLM's defaults for a decoder model: the last prompt token's hidden state (``LAST``), L2-normalised.
+    ``MEAN`` averages every prompt position, ``CLS`` takes the first one. A request's resolved copy of it
+    travels to the workers with the request, so it is also the per-request pooling spec.
+    """
+
+    pooling_type: str = "LAST"
+    normalize: bool = True
+
+    _VLLM_ONLY = ("dimensions", "enable_chunked_processing", "max_embed_len", "softmax", "activation",
+                  "step_tag_id", "returned_token_ids", "logit_bias")
+
+    def __post_init__(self) -> None:
+        if self.pooling_type not in POOLING_TYPES:
+            raise ValueError(f"--pooler-config: pooling_type {self.pooling_type!r} is not supported; use one of "
+                             f"{', '.join(POOLING_TYPES)}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError("--pooler-config: normalize must be true or false")
+
+    @property
+    def needs_every_position(self) -> bool:
+        """Whether pooling reads positions before the last one (so none may be skipped as a prefix-cache hit)."""
+        return self.pooling_type != "LAST"
+
+    @classmethod
+    def parse(cls, value: PoolerConfig | Mapping[str, Any] | str | None) -> PoolerConfig:
+        """The flag's JSON text (or a dict, for ``LLM(pooler_config=...)``)."""
+        if isinstance(value, cls):
+            return value
+        return cls(**_json_object_flag("--pooler-config", value, '{"pooling_type": "MEAN", "normalize": true}',
+                                       ("pooling_type", "normalize"), cls._VLLM_ONLY))
+
+
+def _json_object_flag(flag: str, value: Mapping[str, Any] | str | None, example: str, known: tuple[str, ...],
+                      vllm_only: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON-object flag's keys and values (JSON text or a dict); an unknown key is an error naming it."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"{flag} must be a JSON object: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{flag} must be a JSON object, e.g. '{example}'")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        what = "is vLLM's but not supported" if unknown[0] in vllm_only else "is not a known key"
+        raise ValueError(f"{flag}: {unknown[0]!r} {what}; the keys are {', '.join(known)}")
+    return dict(value)
 
 
 @dataclass
@@ -136,9 +181,12 @@ class EngineConfig:
     distributed_executor_backend: str | None = None
     # JSON text or a dict, as vLLM's flag; normalised to StructuredOutputsConfig
     structured_outputs_config: StructuredOutputsConfig | Mapping[str, Any] | str | None = None
+    # JSON text or a dict, as vLLM's flag; normalised to PoolerConfig (embedding requests' pooling)
+    pooler_config: PoolerConfig | Mapping[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
         self.structured_outputs_config = StructuredOutputsConfig.parse(self.structured_outputs_config)
+        self.pooler_config = PoolerConfig.parse(self.pooler_config)
         if self.block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

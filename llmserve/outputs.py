@@ -1,4 +1,4 @@
-"""What ``LLM.generate`` and the engine return (shaped like vLLM's outputs)."""
+"""What ``LLM.generate``, ``LLM.embed`` and the engine return (shaped like vLLM's outputs)."""
 
 from __future__ import annotations
 
@@ -61,3 +61,28 @@ class RequestOutput:
     num_preemptions: int = 0
     num_generated_tokens: int = 0     # so far, of the longest sample (streamed outputs hold only what is new)
     error: str | None = None          # why the engine failed this request, if it did
+
+
+@dataclass
+class EmbeddingOutput:
+    """One prompt's pooled vector (vLLM's ``EmbeddingOutput``); empty if the request did not finish."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What a pooling request returns (vLLM's ``EmbeddingRequestOutput``): ``outputs.embedding``."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool
+    finish_reason: str | None = None   # "stop" once pooled; "abort" | "error" otherwise
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    error: str | None = None           # why the engine failed this request, if it did

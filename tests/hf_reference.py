@@ -10,8 +10,12 @@ import torch
 
 @lru_cache(maxsize=8)
 def hf_model(path: str):
+    """A checkpoint folder, or a GGUF file (dequantised by transformers' own GGUF support)."""
     from transformers import AutoModelForCausalLM
 
+    if path.endswith(".gguf"):
+        return AutoModelForCausalLM.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
+                                                    dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
@@ -37,3 +41,13 @@ def hf_prompt_logprobs(path: Path, prompt_ids: list[int]) -> list[float]:
     logits = model(torch.tensor([prompt_ids])).logits[0].float()
     logprobs = torch.log_softmax(logits, -1)
     return [logprobs[i, prompt_ids[i + 1]].item() for i in range(len(prompt_ids) - 1)]
+
+
+@torch.inference_mode()
+def hf_pooled(path: Path, prompt_ids: list[int], pooling_type: str, normalize: bool) -> torch.Tensor:
+    """The final layer's hidden states (after the final norm) pooled as vLLM pools them: the last position,
+    the mean of all, or the first (CLS); L2-normalised if asked."""
+    model = hf_model(str(path))
+    hidden = model(torch.tensor([prompt_ids]), output_hidden_states=True).hidden_states[-1][0].float()
+    vector = {"LAST": hidden[-1], "MEAN": hidden.mean(0), "CLS": hidden[0]}[pooling_type]
+    return torch.nn.functional.normalize(vector, dim=0) if normalize else vector

@@ -1,10 +1,13 @@
-"""Engine configuration: ``--structured-outputs-config`` as vLLM's flag (JSON), one backend (llguidance).
+"""Engine configuration: ``--structured-outputs-config`` and ``--pooler-config`` as vLLM's flags (JSON).
 
 * JSON text, a dict or nothing give a :class:`StructuredOutputsConfig`; ``backend`` takes ``auto``, ``guidance``
   (vLLM's name for llguidance) or ``llguidance``; ``disable_any_whitespace`` and ``disable_fallback`` booleans.
 * Another backend (``xgrammar``, ``outlines``) is refused naming the ones supported; so are malformed JSON, a
   non-object, a vLLM key llmserve does not honour, an unknown key and a non-boolean option.
-* The command line passes the flag through to :class:`EngineConfig`.
+* ``--pooler-config``: ``pooling_type`` LAST (the default), MEAN or CLS, ``normalize`` (default true); another
+  pooling type, a vLLM key llmserve does not honour (``dimensions``), an unknown key or a non-boolean
+  ``normalize`` is refused naming it.
+* The command line passes the flags through to :class:`EngineConfig`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import argparse
 
 import pytest
 
-from llmserve.config import EngineConfig, StructuredOutputsConfig
+from llmserve.config import EngineConfig, PoolerConfig, StructuredOutputsConfig
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
 
 
@@ -50,3 +53,32 @@ def test_the_flag_reaches_the_engine_config():
     args = parser.parse_args(["--structured-outputs-config", '{"disable_any_whitespace": true}'])
     assert engine_config_from_args(args).structured_outputs_config == StructuredOutputsConfig(
         disable_any_whitespace=True)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, PoolerConfig("LAST", True)),
+    ('{"pooling_type": "MEAN"}', PoolerConfig("MEAN", True)),
+    ({"pooling_type": "CLS", "normalize": False}, PoolerConfig("CLS", False)),
+])
+def test_pooler_config_parses(value, expected):
+    assert EngineConfig(pooler_config=value).pooler_config == expected
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ('{"pooling_type": "STEP"}', "pooling_type 'STEP' is not supported; use one of LAST, MEAN, CLS"),
+    ('{"dimensions": 64}', "'dimensions' is vLLM's but not supported"),
+    ('{"pooling": "MEAN"}', "'pooling' is not a known key; the keys are pooling_type, normalize"),
+    ('{"normalize": 1}', "normalize must be true or false"),
+    ("MEAN", "must be a JSON object"),
+])
+def test_bad_pooler_config_is_refused(value, fragment):
+    with pytest.raises(ValueError, match="--pooler-config") as info:
+        EngineConfig(pooler_config=value)
+    assert fragment in str(info.value)
+
+
+def test_the_pooler_flag_reaches_the_engine_config():
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--pooler-config", '{"pooling_type": "MEAN", "normalize": false}'])
+    assert engine_config_from_args(args).pooler_config == PoolerConfig("MEAN", False)

@@ -21,14 +21,14 @@ from llmserve.engine.core_client import EngineCoreClient, EngineCoreDiedError
 from llmserve.engine.input_processor import InputProcessor, ModelInfo
 from llmserve.engine.llm_engine import stats_dict
 from llmserve.engine.messages import SchedulerStats
-from llmserve.engine.output_processor import OutputKind, OutputProcessor, RequestState
+from llmserve.engine.output_processor import AnyRequestOutput, OutputKind, OutputProcessor, RequestState
 from llmserve.errors import InvalidRequestError
-from llmserve.outputs import RequestOutput
+from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-StepCallback = Callable[[dict[str, Any], list[RequestOutput]], None]
+StepCallback = Callable[[dict[str, Any], list[AnyRequestOutput]], None]
 
 
 class EngineDeadError(RuntimeError):
@@ -82,7 +82,7 @@ class AsyncLLMEngine:
         return stats_dict(self._stats, self.outputs)
 
     # ------------------------------------------------------------------ requests (event loop)
-    def prepare(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+    def prepare(self, request_id: str, prompt: str | list[int], params: SamplingParams | PoolingParams,
                 arrival_time: float | None = None, cache_salt: str | None = None) -> RequestState:
         """Tokenise and validate (raises :class:`~llmserve.errors.InvalidRequestError`); queues nothing, so
         a request with several prompts can be checked whole before any of it runs."""
@@ -93,7 +93,7 @@ class AsyncLLMEngine:
         prompt_text, request = self.inputs.process(request_id, prompt, params, arrival_time, cache_salt)
         return self.outputs.make_state(prompt_text, request, OutputKind.DELTA)
 
-    def submit(self, state: RequestState) -> AsyncIterator[RequestOutput]:
+    def submit(self, state: RequestState) -> AsyncIterator[AnyRequestOutput]:
         """Queue a prepared request now; iterate the result for its outputs (each holds only what is new).
 
         Closing the iterator before the request finishes (client gone, timeout) aborts it.
@@ -108,7 +108,7 @@ class AsyncLLMEngine:
         self.client.add_request(state.core_request)
         return self._outputs(state.request_id, stream)
 
-    async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[AnyRequestOutput]:
         finished = False
         try:
             while True:

@@ -72,8 +72,11 @@ class BlockManager:
 
         At least one token is left to compute, since the step that computes it produces the next logits.
         """
-        if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
-            return 0   # prompt logprobs need every prompt position computed (vLLM skips the cache too)
+        if not self.enable_prefix_caching or seq.block_table or seq.needs_every_prompt_position:
+            # Prompt logprobs and mean / first-token pooling read the output at cached positions too, which
+            # the cache does not keep (vLLM skips the cache for prompt logprobs too); their blocks are still
+            # published for the requests after them.
+            return 0
         hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
         hit: list[int] = []
         for h in hashes:

@@ -52,10 +52,14 @@ class EngineCore:
         """Queue a request's first sample; samples 2..n fork from it once its prompt is computed."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in the engine core")
+        if request.pooling is not None and request.params.n != 1:
+            raise ValueError(f"pooling request {request.request_id!r} has n={request.params.n}; it pools one vector")
         salt = request.cache_salt.encode() if request.cache_salt else b""
+        if request.kv_variant:   # length-prefixed: no salt can spell another salt with a variant
+            salt = b"%d:%s%s" % (len(salt), salt, request.kv_variant.encode())
         seqs = [Sequence(next(self._seq_ids), request.request_id, index, request.prompt_token_ids, request.params,
                          request.max_tokens, request.eos_token_id, arrival_time=request.arrival_time,
-                         extra_hash_keys=salt) for index in range(request.params.n)]
+                         extra_hash_keys=salt, pooling=request.pooling) for index in range(request.params.n)]
         seqs[0].pending_forks = seqs[1:]
         self.requests[request.request_id] = seqs
         self.scheduler.add(seqs[0])
@@ -89,6 +93,9 @@ class EngineCore:
             self.abort(request_id)
         for seq, start, entries in step.prompt_logprobs:
             out.prompt_logprobs.append((seq.request_id, start, entries))
+        for seq, vector in step.pooled:
+            out.pooled[seq.request_id] = vector
+            self.requests.pop(seq.request_id, None)
         for seq, token, token_logprobs in step.sampled:
             out.samples.append(SampleOutput(
                 seq.request_id, seq.index, [] if token is None else [token],

@@ -27,6 +27,7 @@ from llmserve.config import EngineConfig
 from llmserve.engine.core import EngineCore
 from llmserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, decode, encode
 from llmserve.executor.parent_watch import exit_with_parent
+from llmserve.logging_setup import LogSetup, configure_logging, current_setup
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class EngineCoreClient:
         self._out, out_send = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=run_engine_core, name="llmserve-engine-core",
                                    args=(in_recv, out_send, config, max_model_len, max_num_batched_tokens,
-                                         _logging_setup()))
+                                         current_setup()))
         self.process.start()
         in_recv.close()
         out_send.close()
@@ -104,19 +105,11 @@ class EngineCoreClient:
             self.process.join(1.0)
 
 
-def _logging_setup() -> tuple[int, str | None]:
-    """This process's log level and format, for the spawned core to log the same way."""
-    root = logging.getLogger()
-    formatter = root.handlers[0].formatter if root.handlers else None
-    return root.getEffectiveLevel(), formatter._fmt if formatter is not None else None
-
-
 def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfig, max_model_len: int,
-                    max_num_batched_tokens: int, log_setup: tuple[int, str | None]) -> None:
+                    max_num_batched_tokens: int, log_setup: LogSetup) -> None:
     """The core process: build the core, then step while there is work, applying requests between steps."""
     exit_with_parent()
-    level, fmt = log_setup
-    logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT)
+    configure_logging(log_setup, "engine-core")
     try:
         core = EngineCore(config, max_model_len, max_num_batched_tokens, report_stats=True)
     except BaseException as exc:   # noqa: BLE001 - reported to the front end, which fails start-up with it

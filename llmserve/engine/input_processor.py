@@ -19,8 +19,10 @@ import msgspec
 from llmserve.config import EngineConfig, resolve_dtype
 from llmserve.engine.messages import EngineCoreRequest
 from llmserve.errors import InvalidRequestError
+from llmserve.layers.longrope import longrope_prompt_key, longrope_switch_of
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
 from llmserve.models.registry import resolve_model_class
+from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
 from llmserve.structured_output import StructuredOutputError
 from llmserve.tokenizer import load_tokenizer
@@ -53,6 +55,7 @@ class ModelInfo:
         self.eos_token_id = self._eos_token_id()
         self.extra_eos_token_ids = self._extra_eos_token_ids(path)
         self.max_model_len = self._max_model_len()
+        self.longrope_switch = longrope_switch_of(self.hf_config)
         self.max_num_batched_tokens = config.max_num_batched_tokens or (
             DEFAULT_MAX_NUM_BATCHED_TOKENS if config.enable_chunked_prefill
             else max(DEFAULT_MAX_NUM_BATCHED_TOKENS, self.max_model_len))
@@ -117,14 +120,17 @@ class InputProcessor:
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
 
-    def process(self, request_id: str, prompt: str | list[int], params: SamplingParams | None,
+    def process(self, request_id: str, prompt: str | list[int], params: SamplingParams | PoolingParams | None,
                 arrival_time: float | None, cache_salt: str | None) -> tuple[str | None, EngineCoreRequest]:
-        """The prompt's text (None for token ids) and the request for the core; raises
-        :class:`InvalidRequestError` naming the field."""
+        """The prompt's text (None for token ids) and the request for the core (a pooling request with
+        :class:`PoolingParams`); raises :class:`InvalidRequestError` naming the field."""
         params = params or SamplingParams()
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InvalidRequestError("cache_salt must be a non-empty string", "cache_salt")
         prompt_text, prompt_ids = self._tokenize(prompt)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        if isinstance(params, PoolingParams):
+            return prompt_text, self._pooling_request(request_id, prompt_ids, params, arrival, cache_salt)
         params.verify(self.info.vocab_size, self.info.config.max_logprobs)
         if params.structured_outputs is not None:
             params = self._check_structured_outputs(params)
@@ -139,9 +145,29 @@ class InputProcessor:
                 f"this request needs {needed} KV-cache blocks ({len(prompt_ids)} prompt + {max_tokens} completion "
                 f"tokens) but the whole cache holds {self.num_kv_blocks}; lower max_tokens or give the "
                 "cache more memory (--kv-cache-memory-bytes)", "max_tokens")
-        arrival = time.monotonic() if arrival_time is None else arrival_time
         return prompt_text, EngineCoreRequest(request_id, prompt_ids, params, max_tokens, self.info.eos_token_id,
-                                              arrival, cache_salt)
+                                              arrival, cache_salt, kv_variant=self._kv_variant(prompt_ids))
+
+    def _pooling_request(self, request_id: str, prompt_ids: list[int], params: PoolingParams, arrival: float,
+                         cache_salt: str | None) -> EngineCoreRequest:
+        """A prompt to pool: it must fit the context and the KV cache, as a prompt to complete must. It
+        samples nothing, so its sampling params are the defaults with ``max_tokens`` 0."""
+        limit = self.info.max_model_len
+        if len(prompt_ids) > limit:
+            raise InvalidRequestError(f"This model's maximum context length is {limit} tokens. However, the input "
+                                      f"has {len(prompt_ids)} tokens. Please reduce the length of the input.",
+                                      "prompt")
+        needed = -(-len(prompt_ids) // self.block_size)
+        if needed > self.num_kv_blocks:
+            raise InvalidRequestError(f"this input needs {needed} KV-cache blocks ({len(prompt_ids)} tokens) but the "
+                                      f"whole cache holds {self.num_kv_blocks}; give the cache more memory "
+                                      "(--kv-cache-memory-bytes)", "prompt")
+        return EngineCoreRequest(request_id, prompt_ids, SamplingParams(max_tokens=0), 0, None, arrival, cache_salt,
+                                 params.resolve(self.info.config.pooler_config), self._kv_variant(prompt_ids))
+
+    def _kv_variant(self, prompt_ids: list[int]) -> str | None:
+        """What besides its tokens decides the keys a prompt's blocks hold (see ``EngineCoreRequest.kv_variant``)."""
+        return longrope_prompt_key(self.info.longrope_switch, len(prompt_ids))
 
     def _check_structured_outputs(self, params: SamplingParams) -> SamplingParams:
         """Refuse a constraint the grammar library cannot compile (the server has already named its own field;
@@ -165,7 +191,10 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt must not be empty", "prompt")
-            return prompt, list(self.tokenizer.encode(prompt))
+            ids = list(self.tokenizer.encode(prompt))
+            if not ids:
+                raise InvalidRequestError("prompt has no tokens once tokenised", "prompt")
+            return prompt, ids
         if not isinstance(prompt, (list, tuple)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise InvalidRequestError("prompt must be a string or a list of token ids (integers)", "prompt")

@@ -20,10 +20,10 @@ from llmserve.engine.block_manager import BlockManager
 from llmserve.engine.core import EngineCore
 from llmserve.engine.input_processor import InputProcessor, ModelInfo
 from llmserve.engine.messages import SchedulerStats
-from llmserve.engine.output_processor import OutputKind, OutputProcessor, RequestState
+from llmserve.engine.output_processor import AnyRequestOutput, OutputKind, OutputProcessor, RequestState
 from llmserve.engine.scheduler import Scheduler
 from llmserve.errors import InvalidRequestError
-from llmserve.outputs import RequestOutput
+from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
 from llmserve.worker.model_runner import ModelRunner
 
@@ -103,15 +103,16 @@ class LLMEngine:
     def requests(self) -> dict[str, RequestState]:
         return self.outputs.requests
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE,
-                    cache_salt: str | None = None) -> None:
-        """Validate and queue a request; raises :class:`InvalidRequestError` (and queues nothing) if it is bad."""
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | PoolingParams | None = None, arrival_time: float | None = None,
+                    output_kind: OutputKind = OutputKind.CUMULATIVE, cache_salt: str | None = None) -> None:
+        """Validate and queue a request (with :class:`PoolingParams`: pool its prompt instead of completing it);
+        raises :class:`InvalidRequestError` (and queues nothing) if it is bad."""
         self.enqueue(self.prepare_request(request_id, prompt, params, arrival_time, output_kind, cache_salt))
 
-    def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                        arrival_time: float | None = None, output_kind: OutputKind = OutputKind.CUMULATIVE,
-                        cache_salt: str | None = None) -> RequestState:
+    def prepare_request(self, request_id: str, prompt: str | list[int],
+                        params: SamplingParams | PoolingParams | None = None, arrival_time: float | None = None,
+                        output_kind: OutputKind = OutputKind.CUMULATIVE, cache_salt: str | None = None) -> RequestState:
         """Tokenise and validate without touching the engine's state, so a front end can do it on its own
         thread; raises :class:`InvalidRequestError` naming the field. Requests with a ``cache_salt`` share
         prefix-cache blocks only with requests of the same salt (vLLM's field of that name)."""
@@ -131,7 +132,7 @@ class LLMEngine:
         """Stop a request now and free its blocks; False if it is unknown or already finished."""
         return self.abort(request_id) is not None
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str) -> AnyRequestOutput | None:
         """Like :meth:`abort_request`, returning the request's final output (finish_reason ``"abort"``, with
         whatever it had not reported yet) so that stats can count it; None if unknown or already finished."""
         output = self.outputs.abort(request_id)
@@ -142,7 +143,7 @@ class LLMEngine:
         return bool(self.requests)
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[AnyRequestOutput]:
         """Run one scheduling step; return outputs for requests that progressed (per their output kind)."""
         core_outputs = self.core.step()
         outputs, stopped = self.outputs.process(core_outputs)

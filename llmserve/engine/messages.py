@@ -1,17 +1,19 @@
 """The only things that cross the engine core's two boundaries.
 
 Front end -> core: an :class:`EngineCoreRequest` (tokenised and validated) or an abort; core -> front
-end: :class:`EngineCoreOutputs` (each sample's new tokens, logprobs and finish, plus the scheduler's
-stats). Core -> workers: one step's plan, :class:`SchedulerOutput`; each worker patches its own copy of
-the running sequences from it (new sequences in full, the others as deltas) and the driver worker
-answers with a :class:`ModelRunnerOutput`. All are msgspec structs of plain values, so the same objects
-pass in process (no copy) or as msgpack bytes between processes (no pickle of anything a client sent).
+end: :class:`EngineCoreOutputs` (each sample's new tokens, logprobs and finish, each finished pooling
+request's vector, plus the scheduler's stats). Core -> workers: one step's plan, :class:`SchedulerOutput`;
+each worker patches its own copy of the running sequences from it (new sequences in full, the others as
+deltas) and the driver worker answers with a :class:`ModelRunnerOutput`. All are msgspec structs of plain
+values, so the same objects pass in process (no copy) or as msgpack bytes between processes (no pickle of
+anything a client sent).
 """
 
 from __future__ import annotations
 
 import msgspec
 
+from llmserve.config import PoolerConfig
 from llmserve.sampling_params import SamplingParams
 
 
@@ -26,6 +28,7 @@ class NewSequenceData(msgspec.Struct, array_like=True, omit_defaults=True):
     eos_token_id: int | None
     block_ids: list[int]
     num_computed_tokens: int
+    pooling: PoolerConfig | None = None   # set for a pooling (embedding) request: its prompt is pooled, not sampled
 
 
 class CachedSequenceData(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -81,6 +84,9 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     logprobs: dict[int, TokenLogprobs] = {}                        # seq_id -> its logprobs
     # seq_id -> (first position p, logprobs of prompt tokens p+1, p+2, ...)
     prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] = {}
+    # seq_id -> this step's share of its pooled vector (float32 little-endian bytes): the sum of the final
+    # hidden states of the positions it pools that this step computed (see llmserve.layers.pooler)
+    pooled: dict[int, bytes] = {}
     # set when the step failed as a whole: nothing of it is committed, every sequence in it is suspect
     error: str | None = None
 
@@ -95,6 +101,10 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     eos_token_id: int | None
     arrival_time: float                # time.monotonic() (one clock for every process of the machine)
     cache_salt: str | None = None
+    pooling: PoolerConfig | None = None   # a pooling request (params unused, max_tokens 0): pool its prompt
+    # Besides the tokens, what decides the K/V its prompt's blocks hold (mixed into their prefix-cache hashes):
+    # "longrope:long" for a LongRoPE prompt over the switch length (llmserve.layers.longrope).
+    kv_variant: str | None = None
 
 
 class SampleOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -133,6 +143,7 @@ class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
     # request id -> (first position p, logprobs of prompt tokens p+1, ...)
     prompt_logprobs: list[tuple[str, int, list[TokenLogprobs]]] = []
     failed: dict[str, str] = {}                 # request id -> why the model failed on it
+    pooled: dict[str, bytes] = {}               # request id -> its pooled vector (float32 little-endian), finished
     stats: SchedulerStats | None = None
     num_scheduled_tokens: int = 0               # prompt and generation tokens the step computed
 

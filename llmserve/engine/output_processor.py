@@ -3,7 +3,8 @@
 Per request it keeps what the client will see: each sample's tokens, logprobs and incremental
 detokeniser, the prompt logprobs, and how much has been reported. Stop strings are found here, in text;
 a sample that hits one is finished at once and reported back so the core can free it (as vLLM V1's
-output processor does).
+output processor does). A pooling request has nothing to detokenise: it is reported once, finished, with
+its vector (:class:`~llmserve.outputs.EmbeddingRequestOutput`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,20 @@ from typing import Any
 
 from llmserve.engine.detokenizer import IncrementalDetokenizer
 from llmserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, SampleOutput, TokenLogprobs
-from llmserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from llmserve.layers.pooler import as_floats
+from llmserve.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from llmserve.sampling_params import SamplingParams
+
+# What a step reports for a request: a completion's output, or a pooling request's vector.
+AnyRequestOutput = RequestOutput | EmbeddingRequestOutput
 
 
 class OutputKind(enum.Enum):
@@ -63,6 +76,7 @@ class RequestState:
     reported: list[int] = field(default_factory=list)   # DELTA: output tokens already reported, per sample
     prompt_logprobs_sent: bool = False
     error: str | None = None   # set when the model failed on this request (finish_reason "error")
+    embedding: bytes = b""     # a pooling request's vector (float32 little-endian), once computed
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -80,6 +94,10 @@ class RequestState:
     def finished(self) -> bool:
         return all(sample.is_finished for sample in self.samples)
 
+    @property
+    def is_pooling(self) -> bool:
+        return self.core_request.pooling is not None
+
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
@@ -90,13 +108,14 @@ class OutputProcessor:
 
     def make_state(self, prompt: str | None, request: EngineCoreRequest, output_kind: OutputKind) -> RequestState:
         params, n = request.params, request.params.n
+        detokenizers = [] if request.pooling is not None else [   # a pooling request has no text
+            IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                   skip_special_tokens=params.skip_special_tokens,
+                                   spaces_between_special_tokens=params.spaces_between_special_tokens,
+                                   stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+            for _ in range(n)]
         return RequestState(
-            request.request_id, prompt, request, output_kind, [SampleState(i) for i in range(n)],
-            [IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
-                                    skip_special_tokens=params.skip_special_tokens,
-                                    spaces_between_special_tokens=params.spaces_between_special_tokens,
-                                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
-             for _ in range(n)],
+            request.request_id, prompt, request, output_kind, [SampleState(i) for i in range(n)], detokenizers,
             logprobs=[[] for _ in range(n)] if params.logprobs is not None else None,
             cumulative_logprobs=[0.0] * n,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
@@ -106,7 +125,7 @@ class OutputProcessor:
         self.requests[state.request_id] = state
         self.num_prompt_tokens_total += len(state.prompt_token_ids)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def abort(self, request_id: str) -> AnyRequestOutput | None:
         """Finish a request with ``"abort"``; its final output (with whatever was not reported yet), or None
         if it is unknown or already finished."""
         state = self.requests.pop(request_id, None)
@@ -118,7 +137,7 @@ class OutputProcessor:
         state.finished_time = time.monotonic()
         return self._make_output(state, finished=True)
 
-    def process(self, core: EngineCoreOutputs) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
+    def process(self, core: EngineCoreOutputs) -> tuple[list[AnyRequestOutput], list[tuple[str, int]]]:
         """This step's outputs (per each request's output kind), and the samples that a stop string
         finished, which the core must stop."""
         now = time.monotonic()
@@ -133,6 +152,12 @@ class OutputProcessor:
                 if not sample.is_finished:
                     sample.finish_reason = "error"
             touched[request_id] = state
+        for request_id, vector in core.pooled.items():
+            state = self.requests.get(request_id)
+            if state is not None:
+                state.embedding = vector
+                state.samples[0].finish_reason = "stop"
+                touched[request_id] = state
         for request_id, start, entries in core.prompt_logprobs:
             state = self.requests.get(request_id)
             if state is not None:
@@ -205,7 +230,12 @@ class OutputProcessor:
             result.setdefault(token, Logprob(lp, rank, decode(token)))
         return result
 
-    def _make_output(self, state: RequestState, finished: bool) -> RequestOutput:
+    def _make_output(self, state: RequestState, finished: bool) -> AnyRequestOutput:
+        if state.is_pooling:
+            return EmbeddingRequestOutput(
+                state.request_id, state.prompt, state.prompt_token_ids, EmbeddingOutput(as_floats(state.embedding)),
+                finished, state.samples[0].finish_reason,
+                RequestMetrics(state.arrival_time, finished_time=state.finished_time), error=state.error)
         delta = state.output_kind is OutputKind.DELTA
         completions = []
         for sample, detok in zip(state.samples, state.detokenizers):

@@ -13,7 +13,9 @@ The step is described to the workers as a :class:`~llmserve.engine.messages.Sche
 advances ``num_computed_tokens``, publishes newly full blocks to the prefix cache, forks parallel
 samples, appends sampled tokens and finishes sequences on EOS, stop token ids and length (a sequence with
 ``max_tokens`` 0 finishes once its prompt is computed, with no token appended). Stop strings
-need text, so the engine's output processing applies them through :meth:`finish`.
+need text, so the engine's output processing applies them through :meth:`finish`. A pooling sequence
+samples nothing: it adds each committed step's share of its pooled vector and finishes with the vector
+once its prompt is computed (:mod:`llmserve.layers.pooler`); preemption starts its sum again from zero.
 
 A step that fails as a whole commits nothing. Its sequences become suspects: while there are any, each
 step runs the sequences of one suspect request alone, through the normal path (so every rank of a
@@ -31,6 +33,7 @@ from llmserve.engine.block_manager import BlockManager
 from llmserve.engine.messages import (CachedSequenceData, ForkData, ModelRunnerOutput, NewSequenceData,
                                       SchedulerOutput, TokenLogprobs)
 from llmserve.engine.sequence import Sequence, SequenceStatus
+from llmserve.layers import pooler
 
 
 @dataclass
@@ -43,6 +46,8 @@ class StepResult:
     # (sequence, first position p, logprobs of prompt tokens p+1, ...)
     prompt_logprobs: list[tuple[Sequence, int, list[TokenLogprobs]]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)   # request id -> why its solo step failed
+    # (pooling sequence, its finished vector as float32 little-endian bytes); the sequence is finished
+    pooled: list[tuple[Sequence, bytes]] = field(default_factory=list)
 
 
 def stops_on_token(seq: Sequence, token: int) -> bool:
@@ -159,6 +164,7 @@ class Scheduler:
         self.block_manager.free(seq)
         self._release_from_workers(seq)
         seq.num_computed_tokens = 0
+        seq.pooled_sum = None
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -182,7 +188,7 @@ class Scheduler:
             if not seq.on_workers:
                 out.new_seqs.append(NewSequenceData(
                     seq.seq_id, seq.index, seq.prompt_token_ids, list(seq.output_token_ids), seq.params,
-                    seq.eos_token_id, list(seq.block_table), seq.num_computed_tokens))
+                    seq.eos_token_id, list(seq.block_table), seq.num_computed_tokens, seq.pooling))
                 seq.on_workers = True
             else:
                 out.cached_seqs.append(CachedSequenceData(
@@ -214,6 +220,9 @@ class Scheduler:
             if seq.seq_id in result.prompt_logprobs:
                 start, entries = result.prompt_logprobs[seq.seq_id]
                 step.prompt_logprobs.append((seq, start, entries))
+            if seq.pooling is not None:
+                self._pool(seq, result, step)
+                continue
             if seq.seq_id not in result.sampled:
                 continue   # a prefill chunk that did not reach the end of the prompt
             children = forks.get(seq.seq_id, [])
@@ -230,6 +239,18 @@ class Scheduler:
             for sampled_seq in (seq, *children):
                 self._append_token(sampled_seq, result, now, step)
         return step
+
+    def _pool(self, seq: Sequence, result: ModelRunnerOutput, step: StepResult) -> None:
+        """Add the step's share of ``seq``'s pooled vector; finish it with the vector once its prompt is computed."""
+        share = result.pooled.get(seq.seq_id)
+        if share is not None:
+            seq.pooled_sum = pooler.add_share(seq.pooled_sum, share)
+        if seq.num_computed_tokens < seq.num_tokens:
+            return
+        assert seq.pooling is not None and seq.pooled_sum is not None, "a finished prompt with nothing pooled"
+        step.pooled.append((seq, pooler.finish(seq.pooled_sum, seq.pooling, seq.num_prompt_tokens)))
+        seq.finish_reason = "stop"
+        self.finish(seq)
 
     def _append_token(self, seq: Sequence, result: ModelRunnerOutput, now: float, step: StepResult) -> None:
         token: int | None = result.sampled[seq.seq_id]

@@ -3,7 +3,8 @@
 vLLM V1's single scheduling rule: a sequence has ``num_tokens`` known tokens (prompt + generated) and
 ``num_computed_tokens`` whose K/V are in the cache. Each step closes part of the gap; when the gap is
 closed, the model's last logits give the next token. Prefill, chunked prefill, decode and recompute
-after preemption are all the same rule.
+after preemption are all the same rule. A pooling (embedding) sequence follows it too, but only for its
+prompt: when the gap closes it finishes with its pooled vector instead of a token.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from llmserve.config import PoolerConfig
 from llmserve.sampling_params import SamplingParams
 
 
@@ -53,6 +57,8 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    pooling: PoolerConfig | None = None          # a pooling request: pool the prompt, sample nothing
+    pooled_sum: np.ndarray | None = None         # the pooled shares of its computed tokens (llmserve.layers.pooler)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -64,6 +70,13 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def needs_every_prompt_position(self) -> bool:
+        """Whether the model's output at every prompt position is used (prompt logprobs, mean or first-token
+        pooling), so no position may be skipped as a prefix-cache hit."""
+        return self.params.prompt_logprobs is not None or (
+            self.pooling is not None and self.pooling.needs_every_position)
 
     @property
     def is_finished(self) -> bool:

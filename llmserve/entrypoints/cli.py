@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from typing import Callable
 
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
+from llmserve.logging_setup import add_logging_args, configure_logging, setup_from_args
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llmserve.testing.checkpoints import FAMILIES, SIZES
 
     parser = argparse.ArgumentParser(prog="llmserve", description=__doc__)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_logging_args(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     from llmserve.entrypoints.openai.api_server import add_server_args
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    configure_logging(setup_from_args(args))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -42,6 +42,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                    help="GPU only: never replay CUDA graphs (every step runs eagerly)")
     g.add_argument("--max-seq-len-to-capture", type=int, default=8192,
                    help="GPU only: decode steps with a longer context than this run eagerly, not in a CUDA graph")
+    g.add_argument("--pooler-config", default=None, metavar="JSON",
+                   help='embeddings (/v1/embeddings, LLM.embed), as vLLM\'s flag: {"pooling_type": "LAST" | "MEAN" | '
+                        '"CLS", "normalize": true} (default: LAST, L2-normalised)')
     g.add_argument("--structured-outputs-config", default=None, metavar="JSON",
                    help='structured outputs, as vLLM\'s flag: {"backend": "auto" | "guidance" | "llguidance", '
                         '"disable_any_whitespace": false} (llguidance is the only backend)')
@@ -65,6 +68,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
         max_logprobs=args.max_logprobs,
+        pooler_config=args.pooler_config,
         num_threads=args.num_threads, enforce_eager=args.enforce_eager,
         max_seq_len_to_capture=args.max_seq_len_to_capture,
         structured_outputs_config=args.structured_outputs_config,

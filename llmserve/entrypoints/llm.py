@@ -1,19 +1,22 @@
-"""The offline Python API: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+"""The offline Python API: ``LLM(model).generate(prompts, SamplingParams(...))`` and ``LLM(model).embed(prompts)``."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as SequenceABC
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from llmserve.config import EngineConfig
 from llmserve.engine.llm_engine import LLMEngine, OutputKind
+from llmserve.engine.output_processor import AnyRequestOutput
 from llmserve.errors import InvalidRequestError
-from llmserve.outputs import RequestOutput
+from llmserve.outputs import EmbeddingRequestOutput, RequestOutput
+from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
 
 # A prompt is text, a list of token ids, or vLLM's dict forms {"prompt": ...} / {"prompt_token_ids": [...]}.
 PromptType = Union[str, list[int], dict[str, Any]]
+Params = TypeVar("Params", SamplingParams, PoolingParams)
 
 
 class LLM:
@@ -21,7 +24,7 @@ class LLM:
 
     ``model`` is a local Hugging Face checkpoint folder or a Hub id; ``None`` uses the built-in demo
     model (random weights). Keyword arguments are :class:`EngineConfig` fields, named as vLLM's
-    (``max_model_len``, ``block_size``, ``kv_cache_memory_bytes``, ``max_num_seqs``, ...).
+    (``max_model_len``, ``block_size``, ``kv_cache_memory_bytes``, ``max_num_seqs``, ``pooler_config``, ...).
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
@@ -41,19 +44,35 @@ class LLM:
 
         If any prompt is refused, none of them runs and the error names the prompt's index.
         """
+        return self._run_all(prompts, sampling_params, SamplingParams)   # type: ignore[return-value]
+
+    def embed(self, prompts: PromptType | SequenceABC[PromptType],
+              pooling_params: PoolingParams | SequenceABC[PoolingParams] | None = None
+              ) -> list[EmbeddingRequestOutput]:
+        """Pool each prompt's final hidden states into one vector (``outputs.embedding``), as ``--pooler-config``
+        says (default: the last token's, L2-normalised); in the order of ``prompts``. Pooling requests are
+        scheduled with any others (prefill only), so a long prompt is computed in chunks.
+
+        If any prompt is refused, none of them runs and the error names the prompt's index.
+        """
+        return self._run_all(prompts, pooling_params, PoolingParams)   # type: ignore[return-value]
+
+    def _run_all(self, prompts: PromptType | SequenceABC[PromptType],
+                 params: Params | SequenceABC[Params] | None, kind: type[Params]) -> list[AnyRequestOutput]:
+        """Queue every prompt with its params (one for all, or one each), then run them all to completion."""
         prompt_list = _as_prompt_list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        if params is None or isinstance(params, kind):
+            params_list = [params or kind()] * len(prompt_list)
         else:
-            params_list = list(sampling_params)
+            params_list = list(params)
             if len(params_list) != len(prompt_list):
-                raise ValueError(f"got {len(prompt_list)} prompts but {len(params_list)} sampling params")
+                raise ValueError(f"got {len(prompt_list)} prompts but {len(params_list)} {kind.__name__} objects")
         request_ids: list[str] = []
         try:
-            for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+            for i, (prompt, one_params) in enumerate(zip(prompt_list, params_list)):
                 request_id = str(next(self._ids))
                 try:
-                    self.engine.add_request(request_id, _prompt_value(prompt), params,
+                    self.engine.add_request(request_id, _prompt_value(prompt), one_params,
                                             output_kind=OutputKind.FINAL_ONLY)
                 except InvalidRequestError as exc:
                     raise InvalidRequestError(f"prompt {i}: {exc}", exc.param) from None
@@ -76,8 +95,8 @@ class LLM:
                    for conv in conversations]
         return self.generate(prompts, sampling_params)
 
-    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
-        finished: dict[str, RequestOutput] = {}
+    def _run(self, request_ids: list[str]) -> list[AnyRequestOutput]:
+        finished: dict[str, AnyRequestOutput] = {}
         wanted = set(request_ids)
         try:
             while len(finished) < len(wanted):

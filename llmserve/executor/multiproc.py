@@ -24,6 +24,7 @@ from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, encode
 from llmserve.executor.abstract import (STARTUP_TIMEOUT_S, MultiRankExecutor, WorkerDiedError,
                                         ready_bodies)
 from llmserve.executor.worker_process import worker_main
+from llmserve.logging_setup import current_setup
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class MultiprocExecutor(MultiRankExecutor):
         for rank in range(self.world_size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=worker_main, name=f"llmserve-worker-{rank}",
-                               args=(child, config, rank, init_method, max_model_len, max_num_batched_tokens),
+                               args=(child, config, rank, init_method, max_model_len, max_num_batched_tokens,
+                                     current_setup()),
                                daemon=True)
             proc.start()
             child.close()

@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection
 from llmserve.config import EngineConfig
 from llmserve.engine.messages import SchedulerOutput, decode, encode
 from llmserve.executor.parent_watch import exit_with_parent
+from llmserve.logging_setup import LogSetup, configure_logging
 from llmserve.worker.worker import Worker, WorkerPlacement
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,9 @@ class WorkerEndpoint:
 
 
 def worker_main(conn: Connection, config: EngineConfig, rank: int, init_method: str, max_model_len: int,
-                max_num_batched_tokens: int) -> None:
+                max_num_batched_tokens: int, log_setup: LogSetup) -> None:
     exit_with_parent()
-    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
+    configure_logging(log_setup, f"rank{rank}")
     endpoint = WorkerEndpoint()
     placement = WorkerPlacement(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method)
     ready = endpoint.start(config, placement, max_model_len, max_num_batched_tokens)

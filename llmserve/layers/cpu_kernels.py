@@ -126,7 +126,7 @@ class CPUKernels:
         lib.llmserve_rms_norm.restype = None
         lib.llmserve_silu_and_mul.argtypes = [_P, _L, _P, _L, _L, _L, _I]
         lib.llmserve_silu_and_mul.restype = None
-        lib.llmserve_rotary_embedding.argtypes = [_P, _L, _L, _P, _L, _L, _L, _P, _P, _P, _L, _L, _I]
+        lib.llmserve_rotary_embedding.argtypes = [_P, _L, _L, _P, _L, _L, _L, _L, _P, _P, _P, _L, _L, _I]
         lib.llmserve_rotary_embedding.restype = _I
         lib.llmserve_logsumexp_rows.argtypes = [_P, _L, _P, _L, _L, _I]
         lib.llmserve_logsumexp_rows.restype = None
@@ -236,15 +236,20 @@ class CPUKernels:
 
     def rotary_embedding(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
                          sin_cache: torch.Tensor) -> None:
-        """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] in place (neox layout) by int64 ``positions`` [T]."""
+        """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] in place (neox layout) by int64 ``positions`` [T]; the
+        tables [rows, R / 2] rotate each head's first R dims (R < D: partial rotary) and leave the rest."""
         rows, num_heads, head_dim = q.shape
         for name, t in (("q", q), ("k", k)):
             if t.stride(2) != 1 or t.stride(1) != head_dim or t.shape[0] != rows or t.shape[2] != head_dim:
                 raise ValueError(f"rotary_embedding: {name} must be [T, heads, {head_dim}] with heads and dims contiguous")
         if positions.dtype != torch.int64 or not positions.is_contiguous() or positions.numel() != rows:
             raise ValueError(f"rotary_embedding: positions must be {rows} contiguous int64")
+        rotary_dim = 2 * cos_cache.shape[1]
+        if rotary_dim > head_dim or sin_cache.shape != cos_cache.shape:
+            raise ValueError(f"rotary_embedding: cos/sin tables must be [rows, <= {head_dim // 2}] alike, got "
+                             f"{tuple(cos_cache.shape)} and {tuple(sin_cache.shape)}")
         status = self._lib.llmserve_rotary_embedding(
-            q.data_ptr(), q.stride(0), num_heads, k.data_ptr(), k.stride(0), k.shape[1], head_dim,
+            q.data_ptr(), q.stride(0), num_heads, k.data_ptr(), k.stride(0), k.shape[1], head_dim, rotary_dim,
             positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(), cos_cache.shape[0], rows,
             torch.get_num_threads())
         if status != 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from llmserve.layers.rotary import RotaryEmbedding
+from llmserve.layers.rotary import RotaryEmbedding, rotary_tables
 
 
 def proportional_inv_freq(head_dim: int, base: float, partial_rotary_factor: float, factor: float = 1.0
@@ -27,7 +27,5 @@ class ProportionalRotaryEmbedding(RotaryEmbedding):
     def __init__(self, head_dim: int, max_position: int, base: float, partial_rotary_factor: float,
                  factor: float = 1.0) -> None:
         super().__init__(head_dim, 1, base)   # a one-position table, replaced by the proportional one below
-        inv_freq = proportional_inv_freq(head_dim, base, partial_rotary_factor, factor)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        self.cos_cache = freqs.cos()
-        self.sin_cache = freqs.sin()
+        self.set_tables(*rotary_tables(proportional_inv_freq(head_dim, base, partial_rotary_factor, factor),
+                                       max_position))

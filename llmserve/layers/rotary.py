@@ -3,6 +3,9 @@ rotate together) or the interleaved GPT-J layout (Cohere: dims ``2i`` and ``2i +
 
 cos/sin are computed once for every position up to ``max_position`` and gathered by position per step.
 On CPU in float32, q and k are rotated in place by one compiled call (``cpu_layer_ops.c``).
+
+Partial rotary (``rotary_dim`` < ``head_dim``, Phi-4-mini): only each head's first ``rotary_dim`` dims rotate,
+in the same layout over those dims; the rest pass through, as transformers' ``apply_rotary_pos_emb`` does.
 """
 
 from __future__ import annotations
@@ -54,31 +57,59 @@ def _scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
+def rotary_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
+    """The unscaled inverse frequencies of ``rotary_dim`` rotating dims (one per pair)."""
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+
+
+def rotary_tables(inv_freq: torch.Tensor, max_position: int,
+                  scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_position, len(inv_freq)] in float32, each times ``scale`` (LongRoPE's attention factor)."""
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+    return freqs.cos() * scale, freqs.sin() * scale
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None,
-                 interleaved: bool = False) -> None:
+                 interleaved: bool = False, rotary_dim: int | None = None) -> None:
+        """``rotary_dim``: the leading dims of each head that rotate (None: all of them)."""
         super().__init__()
         self.head_dim = head_dim
+        self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if not 0 < self.rotary_dim <= head_dim or self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be even and in 1..{head_dim}, got {self.rotary_dim}")
         self.interleaved = interleaved
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        inv_freq = _scaled_inv_freq(inv_freq, scaling or {})
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        # [max_position, head_dim // 2] each; kept in float32 and cast on use.
-        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
-        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        inv_freq = _scaled_inv_freq(rotary_inv_freq(self.rotary_dim, base), scaling or {})
+        self.set_tables(*rotary_tables(inv_freq, max_position))
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] by their token positions [T] (in place on CPU)."""
+    def set_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """The cos/sin rows ``forward`` gathers, [rows, rotary_dim // 2] each; kept in float32, cast on use."""
+        self.register_buffer("cos_cache", cos, persistent=False)
+        self.register_buffer("sin_cache", sin, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                rotary_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] by their token positions [T] (in place on CPU).
+
+        ``rotary_lengths`` (see :class:`~llmserve.layers.longrope.LongRoPERotaryEmbedding`) does not change a
+        rotation whose tables do not depend on the sequence length."""
+        return self.rotate_rows(positions, q, k)
+
+    def rotate_rows(self, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate each token by row ``rows[t]`` of the cos/sin tables."""
         kernels = None if self.interleaved else kernels_for(q)   # the compiled kernel is neox-only
         if (kernels is not None and k.dtype == q.dtype and q.stride(2) == 1 and k.stride(2) == 1
                 and q.stride(1) == self.head_dim and k.stride(1) == self.head_dim):
-            kernels.rotary_embedding(positions.contiguous(), q, k, self.cos_cache, self.sin_cache)
+            kernels.rotary_embedding(rows.contiguous(), q, k, self.cos_cache, self.sin_cache)
             return q, k
-        cos = self.cos_cache[positions].unsqueeze(1)
-        sin = self.sin_cache[positions].unsqueeze(1)
+        cos = self.cos_cache[rows].unsqueeze(1)
+        sin = self.sin_cache[rows].unsqueeze(1)
         rotate = _rotate_interleaved if self.interleaved else _rotate
-        return rotate(q, cos, sin), rotate(k, cos, sin)
+        if self.rotary_dim == self.head_dim:
+            return rotate(q, cos, sin), rotate(k, cos, sin)
+        rd = self.rotary_dim
+        return (torch.cat((rotate(q[..., :rd], cos, sin), q[..., rd:]), dim=-1),
+                torch.cat((rotate(k[..., :rd], cos, sin), k[..., rd:]), dim=-1))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from llmserve.outputs import RequestOutput
+from llmserve.outputs import EmbeddingRequestOutput, RequestOutput
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -71,7 +71,7 @@ class EngineMetrics:
         self._seen_generation_tokens = 0
         self._last_token_time: dict[str, float] = {}
 
-    def record_step(self, stats: dict, outputs: list[RequestOutput]) -> None:
+    def record_step(self, stats: dict, outputs: list[RequestOutput | EmbeddingRequestOutput]) -> None:
         """Called on the event loop after each step with the engine's stats and the step's outputs."""
         if stats["iteration_tokens"]:
             self.iteration_tokens.observe(stats["iteration_tokens"])
@@ -92,6 +92,10 @@ class EngineMetrics:
         self.kv_cache_waste.set(stats["kv_cache_waste"])
         now = time.monotonic()
         for output in outputs:
+            if isinstance(output, EmbeddingRequestOutput):   # no tokens generated: only its end counts
+                if output.finished:
+                    self.record_finished(output)
+                continue
             new_tokens = sum(len(c.token_ids) for c in output.outputs)
             if new_tokens:
                 last = self._last_token_time.get(output.request_id)
@@ -103,10 +107,16 @@ class EngineMetrics:
                 self._last_token_time.pop(output.request_id, None)
                 self.record_finished(output)
 
-    def record_finished(self, output: RequestOutput) -> None:
+    def record_finished(self, output: RequestOutput | EmbeddingRequestOutput) -> None:
         m = output.metrics
-        for completion in output.outputs:
-            self._request_success.labels(self.model_name, completion.finish_reason or "abort").inc()
+        reasons = ([output.finish_reason] if isinstance(output, EmbeddingRequestOutput)
+                   else [completion.finish_reason for completion in output.outputs])
+        for reason in reasons:
+            self._request_success.labels(self.model_name, reason or "abort").inc()
+        if isinstance(output, EmbeddingRequestOutput):
+            if m.finished_time is not None:
+                self.e2e.observe(m.finished_time - m.arrival_time)
+            return
         if m.first_token_time is not None:
             self.ttft.observe(m.first_token_time - m.arrival_time)
         if m.queue_time is not None:

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from llmserve.model_loader.gguf_loader import (download_gguf, hub_gguf_reference, is_gguf, iterate_gguf_weights,
+                                               load_gguf_config)
 from llmserve.models.registry import resolve_model_class, text_model_config
 
 logger = logging.getLogger(__name__)
@@ -29,15 +31,22 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
-    """A local folder as is; anything else is a Hub id, downloaded (or found in the cache) through huggingface_hub.
+    """A local folder or ``.gguf`` file as is; ``org/repo:QUANT`` is that repo's GGUF file of that quantisation;
+    anything else is a Hub id, downloaded (or found in the cache) through huggingface_hub.
 
     ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub: only the local cache is looked at.
     """
     path = Path(model).expanduser()
-    if path.is_dir():
+    if path.is_dir() or is_gguf(path):
         return path
     if path.exists():
-        raise ModelNotFoundError(f"model path {model} is a file; pass the checkpoint folder")
+        raise ModelNotFoundError(f"model path {model} is a file but not a .gguf file; pass the checkpoint folder")
+    gguf_reference = hub_gguf_reference(model)
+    if gguf_reference is not None:
+        try:
+            return download_gguf(*gguf_reference, revision, download_dir)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"could not fetch the GGUF file {model!r}: {exc}") from None
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model:
         raise ModelNotFoundError(f"model folder {model} does not exist")
     from huggingface_hub import snapshot_download
@@ -58,6 +67,8 @@ def resolve_model_path(model: str, revision: str | None = None, download_dir: st
 def load_config(path: Path, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     from transformers import AutoConfig
 
+    if is_gguf(path):
+        return text_model_config(load_gguf_config(path))
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, revision=revision)
@@ -86,8 +97,12 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iterate_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` one at a time from every safetensors shard."""
+def iterate_weights(path: Path, config: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` one at a time from every safetensors shard, or from the GGUF file (whose
+    names are mapped through ``config``'s architecture)."""
+    if is_gguf(path):
+        yield from iterate_gguf_weights(path, config)
+        return
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
@@ -106,7 +121,7 @@ def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device
             model = model_cls(config)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(iterate_weights(path))
+    model.load_weights(iterate_weights(path, config))
     for module in model.modules():
         process = getattr(module, "process_weights_after_loading", None)
         if callable(process):

@@ -46,11 +46,12 @@ class BloomDecoderLayer(LlamaDecoderLayer):
         self.residual_after_norm = bool(getattr(config, "apply_residual_connection_post_layernorm", False))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                attn_metadata: object) -> tuple[torch.Tensor, torch.Tensor]:
+                attn_metadata: object, rotary_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.residual_after_norm:
-            return super().forward(positions, hidden, residual, attn_metadata)
+            return super().forward(positions, hidden, residual, attn_metadata, rotary_lengths)
         normed = self.input_layernorm(hidden if residual is None else hidden + residual)
-        normed = self.post_attention_layernorm(normed + self.self_attn(positions, normed, attn_metadata))
+        attn = self.self_attn(positions, normed, attn_metadata, rotary_lengths)
+        normed = self.post_attention_layernorm(normed + attn)
         return self.mlp(normed), normed
 
 

@@ -77,9 +77,9 @@ class CohereDecoderLayer(nn.Module):
         self.input_layernorm = make_norm(spec, config.hidden_size, norm_eps_of(config))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                attn_metadata: object) -> tuple[torch.Tensor, torch.Tensor]:
+                attn_metadata: object, rotary_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         normed, residual = self.input_norm(hidden, residual)
-        return self.self_attn(positions, normed, attn_metadata) + self.mlp(normed), residual
+        return self.self_attn(positions, normed, attn_metadata, rotary_lengths) + self.mlp(normed), residual
 
 
 class CohereModel(LlamaModel):

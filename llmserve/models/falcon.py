@@ -77,9 +77,9 @@ class FalconDecoderLayer(nn.Module):
         self.post_attention_layernorm = None if parallel else make_norm(spec, config.hidden_size, eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                attn_metadata: object) -> tuple[torch.Tensor, torch.Tensor]:
+                attn_metadata: object, rotary_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         normed, residual = self.input_norm(hidden, residual)
-        attn = self.self_attn(positions, normed, attn_metadata)
+        attn = self.self_attn(positions, normed, attn_metadata, rotary_lengths)
         if self.post_attention_layernorm is not None:   # sequential
             hidden, residual = self.post_attention_layernorm(attn, residual)
             return self.mlp(hidden), residual

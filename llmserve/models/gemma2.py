@@ -34,9 +34,9 @@ class Gemma2DecoderLayer(LlamaDecoderLayer):
         self.post_feedforward_layernorm = make_norm(spec, config.hidden_size, norm_eps_of(config))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                attn_metadata: object) -> tuple[torch.Tensor, torch.Tensor]:
+                attn_metadata: object, rotary_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, residual = self.input_norm(hidden, residual)
-        hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, attn_metadata))
+        hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, attn_metadata, rotary_lengths))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 

@@ -43,6 +43,7 @@ from llmserve.layers.linear import (
     RowParallelLinear,
     qkv_head_partition,
 )
+from llmserve.layers.longrope import rotary_embedding
 from llmserve.layers.proportional_rotary import ProportionalRotaryEmbedding
 from llmserve.layers.rotary import RotaryEmbedding, rope_parameters
 from llmserve.models.gemma2 import Gemma2ForCausalLM
@@ -80,12 +81,13 @@ def kv_source_layer(config: Any, layer: int) -> int | None:
 
 
 def make_rotary(config: Any, layer_type: str, head_dim: int) -> RotaryEmbedding:
+    """Proportional rope where the layer type's ``rope_type`` says so (Gemma 4's full layers), else the usual."""
     theta, params = rope_parameters(config, layer_type)
     if params.get("rope_type") == "proportional":
         return ProportionalRotaryEmbedding(head_dim, config.max_position_embeddings, theta,
                                            float(params.get("partial_rotary_factor", 1.0)),
                                            float(params.get("factor", 1.0)))
-    return RotaryEmbedding(head_dim, config.max_position_embeddings, theta, params)
+    return rotary_embedding(config, head_dim, head_dim, layer_type)
 
 
 class Gemma4Attention(nn.Module):
@@ -124,8 +126,8 @@ class Gemma4Attention(nn.Module):
                     f"window")
             self.attn = SharedKVAttention(source, self.num_heads, 1.0)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: object,
-                shared_kv: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: object, shared_kv: KV | None,
+                rotary_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         """The attention output and the K/V it attended over (its own, or ``shared_kv``)."""
         t = hidden.shape[0]
         if shared_kv is None:
@@ -133,11 +135,11 @@ class Gemma4Attention(nn.Module):
             q, k, v = qkv(hidden).split([qkv.q_size, qkv.kv_size, qkv.kv_size], dim=-1)
             q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
             k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
-            q, k = self.rotary_emb(positions, q, k)
+            q, k = self.rotary_emb(positions, q, k, rotary_lengths)
             kv = (k.reshape(t, -1), self.v_norm(v.reshape(t, self.num_kv_heads, self.head_dim)).reshape(t, -1))
         else:
             q = self.q_norm(self.q_proj(hidden).reshape(t, self.num_heads, self.head_dim))
-            q, _ = self.rotary_emb(positions, q, q[:, :0])   # queries only: the keys are the source layer's
+            q, _ = self.rotary_emb(positions, q, q[:, :0], rotary_lengths)   # queries only: keys are the source's
             kv = shared_kv
         return self.o_proj(self.attn(q.reshape(t, -1), kv[0], kv[1], attn_metadata)), kv
 
@@ -166,8 +168,9 @@ class Gemma4DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = Gemma4RMSNorm(h, eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, per_layer_input: torch.Tensor | None,
-                attn_metadata: object, shared_kv: KV | None) -> tuple[torch.Tensor, KV]:
-        attn, kv = self.self_attn(positions, self.input_layernorm(hidden), attn_metadata, shared_kv)
+                attn_metadata: object, shared_kv: KV | None,
+                rotary_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
+        attn, kv = self.self_attn(positions, self.input_layernorm(hidden), attn_metadata, shared_kv, rotary_lengths)
         hidden = hidden + self.post_attention_layernorm(attn)
         hidden = hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
         if per_layer_input is not None:
@@ -229,7 +232,8 @@ class Gemma4Model(nn.Module):
         return (projected + by_token) * 2.0 ** -0.5
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: object,
-                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor:
+                intermediate_tensors: IntermediateTensors | None = None,
+                rotary_lengths: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids) * self.embed_scale
         per_layer = self.per_layer_inputs(input_ids, hidden) if self.per_layer_size else None
         kv_by_type: dict[str, KV] = {}   # the last K/V computed by a layer of each type
@@ -237,7 +241,7 @@ class Gemma4Model(nn.Module):
             kind = self.layer_types[i]
             shared = kv_by_type[kind] if i >= self.first_shared_layer else None
             hidden, kv = layer(positions, hidden, None if per_layer is None else per_layer[:, i], attn_metadata,
-                               shared)
+                               shared, rotary_lengths)
             kv_by_type[kind] = kv
         return self.norm(hidden)
 

@@ -30,9 +30,14 @@ class CausalLMModel(Protocol):
     """A decoder-only language model, as one pipeline stage and one tensor-parallel rank builds it."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: object,
-                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+                intermediate_tensors: IntermediateTensors | None = None,
+                rotary_lengths: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
         """The first stage reads ``input_ids``, later ones ``intermediate_tensors``; the last stage
-        returns final hidden states [T, hidden], the others :class:`IntermediateTensors`."""
+        returns final hidden states [T, hidden], the others :class:`IntermediateTensors`.
+
+        ``rotary_lengths`` [T]: per token, ``max(its sequence's prompt length, position + 1)``, the length of
+        the pass transformers computes that token in, which decides a length-dependent rotary (LongRoPE's
+        factor set); None: the tokens are one sequence in one pass."""
         ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

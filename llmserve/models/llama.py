@@ -28,7 +28,7 @@ from llmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from llmserve.layers.layernorm import GemmaRMSNorm, LayerNorm, RMSNorm
 from llmserve.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                                     RowParallelLinear, default_weight_loader)
-from llmserve.layers.rotary import RotaryEmbedding, rope_parameters
+from llmserve.layers.longrope import rotary_embedding
 from llmserve.models.interface import IntermediateTensors, layer_range
 from llmserve.quantization.base import QuantizationConfig
 
@@ -74,6 +74,7 @@ class LlamaBlockSpec:
     rotary: bool = True        # False: positions enter as learned embeddings (GPT-2)
     rotary_interleaved: bool = False   # rotate dims (2i, 2i+1) (GPT-J layout, Command-R), not (i, i + D/2)
     rotary_on_sliding_layers_only: bool = False   # full-attention layers have no positional encoding (Cohere2)
+    rotary_fraction: float = 1.0   # the share of each head's dims that rotate (partial rotary: Phi-4-mini's 0.75)
     attn_scale: float | None = None   # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
     attn_scale_by_inverse_layer: bool = False   # scale / (layer + 1) (GPT-2's scale_attn_by_inverse_layer_idx)
     attn_logit_softcap: float | None = None     # c * tanh(scores / c) before the softmax (Gemma 2)
@@ -142,9 +143,9 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = None
         window = sliding_window_of(config, layer)
         if spec.rotary and (window is not None or not spec.rotary_on_sliding_layers_only):
-            theta, scaling = rope_parameters(config, layer_type_of(config, layer))
-            self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling,
-                                              interleaved=spec.rotary_interleaved)
+            # as transformers sizes it: the first int(head_dim * partial_rotary_factor) dims rotate
+            self.rotary_emb = rotary_embedding(config, self.head_dim, int(self.head_dim * spec.rotary_fraction),
+                                               layer_type_of(config, layer), spec.rotary_interleaved)
         eps = norm_eps_of(config)
         self.q_norm = make_norm(spec, self.head_dim, eps) if spec.qk_norm else None
         self.k_norm = make_norm(spec, self.head_dim, eps) if spec.qk_norm else None
@@ -158,7 +159,8 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window=window,
                               logits_soft_cap=spec.attn_logit_softcap, alibi_slopes=slopes)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: object) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: object,
+                rotary_lengths: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(
             [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
         t = hidden.shape[0]
@@ -167,7 +169,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary_emb is not None:
-            q, k = self.rotary_emb(positions, q, k)
+            q, k = self.rotary_emb(positions, q, k, rotary_lengths)
         out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.contiguous(), attn_metadata)
         return self.o_proj(out)
 
@@ -211,9 +213,9 @@ class LlamaDecoderLayer(nn.Module):
         return self.input_layernorm(hidden, residual)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                attn_metadata: object) -> tuple[torch.Tensor, torch.Tensor]:
+                attn_metadata: object, rotary_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, residual = self.input_norm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, attn_metadata)
+        hidden = self.self_attn(positions, hidden, attn_metadata, rotary_lengths)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -254,7 +256,8 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: object,
-                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+                intermediate_tensors: IntermediateTensors | None = None,
+                rotary_lengths: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
         if self.is_first_stage:
             hidden, residual = self.embed(input_ids, positions), None
         else:
@@ -262,7 +265,7 @@ class LlamaModel(nn.Module):
                 raise ValueError("a pipeline stage after the first needs the previous stage's IntermediateTensors")
             hidden, residual = intermediate_tensors.hidden, intermediate_tensors.residual
         for i in range(self.start_layer, self.end_layer):
-            hidden, residual = self.layers[i](positions, hidden, residual, attn_metadata)
+            hidden, residual = self.layers[i](positions, hidden, residual, attn_metadata, rotary_lengths)
         if not self.is_last_stage:
             return IntermediateTensors(hidden, residual)
         hidden, _ = self.norm(hidden, residual)
@@ -311,8 +314,9 @@ class LlamaForCausalLM(nn.Module):
                                           tie_to=tie_to)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: object,
-                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
-        return self.model(input_ids, positions, attn_metadata, intermediate_tensors)
+                intermediate_tensors: IntermediateTensors | None = None,
+                rotary_lengths: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, attn_metadata, intermediate_tensors, rotary_lengths)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.lm_head is not None, "logits are computed on the last pipeline stage"

@@ -44,6 +44,8 @@ class FamilySpec:
     head_dim_factor: int = 1
     # Llama-3 rope scaling (original_max_position_embeddings = max_position_embeddings // 8).
     llama3_rope_scaling: bool = False
+    # Any other rope scaling, written as ``rope_scaling`` and into ``rope_parameters`` (LongRoPE).
+    rope_scaling: Mapping[str, Any] | None = None
     # Multiplies the init scale of o_proj and down_proj (the residual branches).  Tied families need the
     # layers to dominate the residual stream: otherwise the current token's own embedding, read back
     # through the tied output matrix, keeps winning and greedy decoding collapses into repeats.
@@ -98,6 +100,11 @@ SIZES: dict[str, SizeSpec] = {
         vocab_size=128256,
     ),
 }
+
+# LongRoPE factors (one per rotating pair of dims): near 1 for short contexts, growing with the wavelength for
+# long ones, as in Phi-3's checkpoints.
+PHI3_SHORT_FACTOR = (1.0, 1.01, 1.03, 1.06, 1.1, 1.15, 1.25, 1.4)
+PHI3_LONG_FACTOR = (1.0, 1.3, 1.9, 2.8, 4.2, 6.3, 9.5, 14.0)
 
 FAMILIES: dict[str, FamilySpec] = {
     "llama": FamilySpec(
@@ -244,6 +251,41 @@ FAMILIES: dict[str, FamilySpec] = {
         extra_config={"resid_pdrop": 0.0, "embd_pdrop": 0.0},
         size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,
                                  "sliding_window": 10}},
+    ),
+    # Phi-3-mini-128k's LongRoPE, switching at 32 tokens (so that prompts cross it) with an attention factor of
+    # sqrt(1 + ln(2048 / 32) / ln(32)); no window, so that keys rotated before the switch stay in view.
+    "phi3_longrope": FamilySpec(
+        name="phi3_longrope",
+        architecture="Phi3ForCausalLM",
+        model_type="phi3",
+        tokenizer_kind=SENTENCEPIECE,
+        chat_template=PHI3_CHAT_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        layout="phi3",
+        rope_scaling={"rope_type": "longrope", "short_factor": PHI3_SHORT_FACTOR, "long_factor": PHI3_LONG_FACTOR},
+        extra_config={"resid_pdrop": 0.0, "embd_pdrop": 0.0},
+        size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,
+                                 "sliding_window": None, "original_max_position_embeddings": 32}},
+    ),
+    # Phi-4-mini's shape of options: LongRoPE over a partial rotary (0.75 of each 16-dim head: 6 factor pairs),
+    # tied embeddings.
+    "phi4_mini": FamilySpec(
+        name="phi4_mini",
+        architecture="Phi3ForCausalLM",
+        model_type="phi3",
+        tokenizer_kind=SENTENCEPIECE,
+        chat_template=PHI3_CHAT_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        branch_gain=4.0,
+        layout="phi3",
+        rope_scaling={"rope_type": "longrope", "short_factor": PHI3_SHORT_FACTOR[:6],
+                      "long_factor": PHI3_LONG_FACTOR[:6]},
+        extra_config={"resid_pdrop": 0.0, "embd_pdrop": 0.0, "partial_rotary_factor": 0.75},
+        size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,
+                                 "sliding_window": None, "original_max_position_embeddings": 32}},
     ),
     "gpt2": FamilySpec(
         name="gpt2",

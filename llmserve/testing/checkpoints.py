@@ -41,9 +41,12 @@ Families (:data:`FAMILIES`):
              tied; tiny: hidden 96, 3 layers, 6 heads / 2 KV heads (GQA ratio 3) of 16. Byte-level BPE, ChatML template.
 ``cohere2``  ``Cohere2ForCausalLM`` (Command R7B / A): as cohere without q/k norms; 4 layers, 3 with a 10-token
              window and rotary, the 4th full attention without positional encoding.
-``phi3``     ``Phi3ForCausalLM``: fused ``qkv_proj`` and ``gate_up_proj`` tensors, plain rope (the 4k checkpoints;
-             LongRoPE is refused), a sliding window on every layer (10 tokens in tiny), untied; tiny: hidden 96,
+``phi3``     ``Phi3ForCausalLM``: fused ``qkv_proj`` and ``gate_up_proj`` tensors, plain rope (the 4k checkpoints),
+             a sliding window on every layer (10 tokens in tiny), untied; tiny: hidden 96,
              6 heads / 2 KV heads (GQA ratio 3) of 16. Sentencepiece-style BPE, Phi-3 ``<|user|>`` template.
+``phi3_longrope`` as phi3 with LongRoPE (the 128k checkpoints) switching at ``original_max_position_embeddings``
+             32 of 2048, no window.
+``phi4_mini`` as phi3_longrope with Phi-4-mini's partial rotary (``partial_rotary_factor`` 0.75) and tied embeddings.
 ``gpt2``     ``GPT2LMHeadModel``: ``transformer.h.N`` Conv1D weights (``[in, out]``), fused ``c_attn``,
              LayerNorm with bias, learned positions, ``gelu_new``, tied; ``n_inner`` 160 (not 4 x hidden).
              Byte-level BPE with ``<|endoftext|>`` as BOS/EOS, ChatML template.
@@ -269,6 +272,8 @@ def _model_config(fam: FamilySpec, sz: SizeSpec, tok: TokenizerInfo, dtype: torc
             "original_max_position_embeddings": sz.max_position_embeddings // 8,
             "rope_type": "llama3",
         }
+    if fam.rope_scaling is not None:
+        rope_scaling = {k: list(v) if isinstance(v, tuple) else v for k, v in fam.rope_scaling.items()}
     config: dict[str, Any] = {
         **common,
         "attention_dropout": 0.0,

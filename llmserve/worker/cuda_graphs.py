@@ -2,8 +2,8 @@
 
 A decode step launches a few kernels per layer for very little work each, so on a GPU its time is mostly
 launch overhead. :class:`DecodeGraphs` captures, for each size in :func:`capture_batch_sizes`, the forward
-of a decode-only batch reading from static buffers (token ids, positions, and the attention backend's
-static metadata: block tables, lengths, slot mapping). A step of ``n`` decodes is padded to the smallest
+of a decode-only batch reading from static buffers (token ids, positions, rotary lengths, and the attention
+backend's static metadata: block tables, lengths, slot mapping). A step of ``n`` decodes is padded to the smallest
 captured size ``>= n``; the padded rows get slot -1 (their K/V are not stored) and length 0 (their
 attention output is zero), and their hidden states are dropped.
 
@@ -77,6 +77,7 @@ class DecodeGraphs:
         largest = self.sizes[-1]
         self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
         self.positions = torch.zeros(largest, dtype=torch.long, device=device)
+        self.rotary_lengths = torch.ones(largest, dtype=torch.long, device=device)
         self.graphs: dict[int, _Graph] = {}
 
     @torch.inference_mode()
@@ -93,12 +94,13 @@ class DecodeGraphs:
                     len(self.sizes), self.sizes[-1], self.max_seq_len, time.perf_counter() - t0)
 
     def _capture_one(self, size: int, metadata: object, pool: object) -> _Graph:
-        ids, pos = self.input_ids[:size], self.positions[:size]
-        self.model(ids, pos, metadata)   # padding rows only: slot -1 and length 0, nothing is written
+        ids, pos, lengths = self.input_ids[:size], self.positions[:size], self.rotary_lengths[:size]
+        # padding rows only: slot -1 and length 0, nothing is written
+        self.model(ids, pos, metadata, rotary_lengths=lengths)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            output = self.model(ids, pos, metadata)
+            output = self.model(ids, pos, metadata, rotary_lengths=lengths)
         return _Graph(graph, metadata, output)
 
     def can_run(self, layout: BatchLayout) -> bool:
@@ -107,17 +109,21 @@ class DecodeGraphs:
         return (n > 0 and layout.num_decodes == n and n <= self.sizes[-1]
                 and max(layout.context_lens) + 1 <= self.max_seq_len)
 
-    def run(self, layout: BatchLayout, input_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def run(self, layout: BatchLayout, input_ids: np.ndarray, positions: np.ndarray,
+            rotary_lengths: np.ndarray) -> torch.Tensor:
         """Replay the graph for this step (``layout.slot_mapping`` on the CPU); returns hidden [n, hidden]."""
         n = len(input_ids)
         size = padded_batch_size(n, self.sizes)
         entry = self.graphs[size]
         ids = np.zeros(size, dtype=np.int64)
         pos = np.zeros(size, dtype=np.int64)
+        lengths = np.ones(size, dtype=np.int64)
         ids[:n] = input_ids
         pos[:n] = positions
+        lengths[:n] = rotary_lengths
         self.input_ids[:size].copy_(torch.from_numpy(ids), non_blocking=True)
         self.positions[:size].copy_(torch.from_numpy(pos), non_blocking=True)
+        self.rotary_lengths[:size].copy_(torch.from_numpy(lengths), non_blocking=True)
         self.backend.fill_graph_decode_metadata(entry.metadata, layout)
         entry.graph.replay()
         return entry.output[:n]

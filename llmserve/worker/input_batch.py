@@ -5,9 +5,9 @@ append, the tail of its block table, how many tokens are computed. It never sees
 so it can live in another process.
 
 Each sequence owns a row of persistent numpy arrays (token ids, block table, counts), written only where
-a step's message changes them. A step's flat inputs (token ids, positions, cache slots, the block-table
-rows of its sequences) are then gathered from those rows with a few vectorised numpy calls, whatever the
-batch size, instead of being rebuilt from per-sequence Python lists.
+a step's message changes them. A step's flat inputs (token ids, positions, rotary lengths, cache slots,
+the block-table rows of its sequences) are then gathered from those rows with a few vectorised numpy
+calls, whatever the batch size, instead of being rebuilt from per-sequence Python lists.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from llmserve.config import PoolerConfig
 from llmserve.engine.messages import NewSequenceData, SchedulerOutput
+from llmserve.layers.pooler import PoolRow
 from llmserve.layers.sampler import position_seed
 from llmserve.sampling_params import SamplingParams
 
@@ -38,6 +40,7 @@ class CachedSequence:
     params: SamplingParams
     eos_token_id: int | None
     generator: torch.Generator | None
+    pooling: PoolerConfig | None = None   # a pooling sequence: its hidden states are pooled, never sampled
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -60,13 +63,15 @@ class StepInputs:
     """One step's flat batch, decodes (one query token) first.
 
     ``seq_ids[i]`` is row i of the batch; ``sample_rows`` are the flat indices whose logits are sampled,
-    for ``sample_seqs`` (the rows whose step reaches their last token); ``prompt_rows`` lists
-    (sequence, first flat index, first position, tokens) for rows that want prompt logprobs.
+    for ``sample_seqs`` (the rows whose step reaches their last token, pooling sequences excepted);
+    ``prompt_rows`` lists (sequence, first flat index, first position, tokens) for rows that want prompt
+    logprobs, ``pool_rows`` the same for pooling sequences.
     """
 
     seq_ids: list[int]
     input_ids: np.ndarray        # int64 [tokens]
     positions: np.ndarray        # int64 [tokens]
+    rotary_lengths: np.ndarray   # int64 [tokens]: max(its sequence's prompt length, position + 1)
     slot_mapping: np.ndarray     # int64 [tokens]
     query_lens: list[int]
     context_lens: list[int]
@@ -75,6 +80,7 @@ class StepInputs:
     sample_rows: list[int]
     sample_seqs: list[CachedSequence]
     prompt_rows: list[tuple[CachedSequence, int, int, int]]
+    pool_rows: list[PoolRow]
 
 
 def _grown(array: np.ndarray, rows: int = 0, cols: int = 0) -> np.ndarray:
@@ -110,10 +116,13 @@ class InputBatch:
         self.token_ids = np.zeros((rows, width), dtype=np.int32)
         self.block_table = np.zeros((rows, -(-width // block_size)), dtype=np.int32)
         self.num_tokens = np.zeros(rows, dtype=np.int64)
+        self.num_prompt = np.zeros(rows, dtype=np.int64)
         self.num_computed = np.zeros(rows, dtype=np.int64)
         self.num_blocks = np.zeros(rows, dtype=np.int64)
+        self.pools = np.zeros(rows, dtype=bool)   # rows of pooling sequences
         self._free_rows = list(range(rows - 1, -1, -1))
         self._prompt_logprob_seqs: dict[int, CachedSequence] = {}
+        self._pooling_seqs: dict[int, CachedSequence] = {}
 
     def num_computed_tokens(self, seq_id: int) -> int:
         return int(self.num_computed[self.seqs[seq_id].row])
@@ -146,6 +155,7 @@ class InputBatch:
         self.token_ids[row, :n] = self.token_ids[p, :n]
         self.block_table[row, :b] = self.block_table[p, :b]
         self.num_tokens[row], self.num_blocks[row], self.num_computed[row] = n, b, self.num_computed[p]
+        self.num_prompt[row] = self.num_prompt[p]
         child = CachedSequence(seq_id, sample_index, row, parent.prompt_token_ids, list(parent.output_token_ids),
                                parent.params, parent.eos_token_id, self._generator(parent.params))
         self._register(child)
@@ -154,8 +164,9 @@ class InputBatch:
     def _add(self, new: NewSequenceData) -> None:
         row = self._allocate_row()
         seq = CachedSequence(new.seq_id, new.sample_index, row, new.prompt_token_ids, list(new.output_token_ids),
-                             new.params, new.eos_token_id, self._generator(new.params))
+                             new.params, new.eos_token_id, self._generator(new.params), new.pooling)
         self.num_tokens[row] = 0
+        self.num_prompt[row] = len(new.prompt_token_ids)
         self._write_tokens(row, 0, new.prompt_token_ids)
         self._write_tokens(row, len(new.prompt_token_ids), new.output_token_ids)
         self._write_blocks(row, 0, new.block_ids)
@@ -166,6 +177,9 @@ class InputBatch:
         self.seqs[seq.seq_id] = seq
         if seq.params.prompt_logprobs is not None:
             self._prompt_logprob_seqs[seq.seq_id] = seq
+        if seq.pooling is not None:
+            self._pooling_seqs[seq.seq_id] = seq
+        self.pools[seq.row] = seq.pooling is not None
         if self.structured_output is not None and seq.params.structured_outputs is not None:
             self.structured_output.add(seq.seq_id, seq.params.structured_outputs)
 
@@ -174,6 +188,7 @@ class InputBatch:
         if seq is None:
             return
         self._prompt_logprob_seqs.pop(seq_id, None)
+        self._pooling_seqs.pop(seq_id, None)
         if self.structured_output is not None:
             self.structured_output.remove(seq_id)
         self.block_table[seq.row, :self.num_blocks[seq.row]] = 0   # padding reads block 0, never a stale id
@@ -191,8 +206,10 @@ class InputBatch:
         self.token_ids = _grown(self.token_ids, rows, tokens)
         self.block_table = _grown(self.block_table, rows, blocks)
         self.num_tokens = _grown(self.num_tokens, rows)
+        self.num_prompt = _grown(self.num_prompt, rows)
         self.num_computed = _grown(self.num_computed, rows)
         self.num_blocks = _grown(self.num_blocks, rows)
+        self.pools = _grown(self.pools, rows)
 
     def _write_tokens(self, row: int, start: int, token_ids: list[int]) -> None:
         end = start + len(token_ids)
@@ -233,18 +250,25 @@ class InputBatch:
         positions = np.repeat(ctx - starts, q) + np.arange(int(ends[-1]))
         bs = self.block_size
         slots = self.block_table[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        sampled = np.flatnonzero(ctx + q == self.num_tokens[rows])
+        sampled = np.flatnonzero((ctx + q == self.num_tokens[rows]) & ~self.pools[rows])
         width = int(max(1, (-(-(ctx + q) // bs)).max()))
-        prompt_rows = []
-        if self._prompt_logprob_seqs:
+        prompt_rows, pool_rows = [], []
+        if self._prompt_logprob_seqs or self._pooling_seqs:
             index = {seq_id: i for i, seq_id in enumerate(seq_ids)}
             for seq_id, seq in self._prompt_logprob_seqs.items():
                 i = index.get(seq_id)
                 if i is not None and ctx[i] < seq.num_prompt_tokens - 1:
                     prompt_rows.append((seq, int(starts[i]), int(ctx[i]), int(q[i])))
+            for seq_id, seq in self._pooling_seqs.items():
+                i = index.get(seq_id)
+                if i is not None:
+                    assert seq.pooling is not None
+                    pool_rows.append(PoolRow(seq_id, seq.pooling, int(starts[i]), int(ctx[i]), int(q[i]),
+                                             seq.num_prompt_tokens))
         return StepInputs(
             seq_ids=seq_ids, input_ids=self.token_ids[row_of_token, positions].astype(np.int64), positions=positions,
+            rotary_lengths=np.maximum(self.num_prompt[row_of_token], positions + 1),
             slot_mapping=slots, query_lens=q.tolist(), context_lens=ctx.tolist(),
             block_tables=self.block_table[rows, :width], num_decodes=int((q == 1).sum()),
             sample_rows=(ends[sampled] - 1).tolist(), sample_seqs=[self.seqs[seq_ids[i]] for i in sampled],
-            prompt_rows=prompt_rows)
+            prompt_rows=prompt_rows, pool_rows=pool_rows)

@@ -4,7 +4,9 @@ It holds its own copy of the running sequences (:class:`~llmserve.worker.input_b
 patched from each :class:`~llmserve.engine.messages.SchedulerOutput`. Per step it gathers the flat batch
 (decodes first, then prefill chunks), the slot mapping and block tables from that batch's rows, asks the
 attention backend for its metadata once, runs one forward over every token of the step, computes
-logits only where a token is sampled or a prompt logprob is asked for, and samples.
+logits only where a token is sampled or a prompt logprob is asked for, and samples. Pooling (embedding)
+sequences are never sampled: the driver returns their share of the pooled final hidden states
+(:mod:`llmserve.layers.pooler`).
 On the driver, rows with a structured-output constraint are sampled under their grammar's token bitmask
 (:mod:`llmserve.worker.structured_output_manager`), filled while the forward pass runs.
 
@@ -28,6 +30,7 @@ from torch import nn
 from llmserve.distributed.parallel_state import get_pp_group, get_tp_group
 from llmserve.distributed.shm_all_reduce import CollectiveAbortedError
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from llmserve.layers import pooler
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
 from llmserve.layers.sampler import Sampler, SamplingBatch, SamplingRow, compute_logprobs
 from llmserve.sampling_params import SamplingParams
@@ -172,9 +175,11 @@ class ModelRunner:
                              slot_mapping=torch.from_numpy(np.concatenate(slots)).to(self.device),
                              num_decodes=0, block_size=bs)   # all prefills, even a 1-token tail
         tokens = sum(lengths)
+        lengths_t = torch.tensor(lengths, device=self.device)
         hidden = self.model(torch.zeros(tokens, dtype=torch.long, device=self.device),
                             torch.cat([torch.arange(n, device=self.device) for n in lengths]),
-                            self.backend.build_metadata(layout, self.device))
+                            self.backend.build_metadata(layout, self.device),
+                            rotary_lengths=lengths_t.repeat_interleave(lengths_t))
         rows = min(max_num_seqs, tokens)
         logits = self.model.compute_logits(hidden[tokens - rows:])
         params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, logprobs=5)
@@ -212,17 +217,17 @@ class ModelRunner:
                              num_decodes=step.num_decodes, block_size=self.block_size)
         sample_rows, sample_seqs, prompt_rows = step.sample_rows, step.sample_seqs, step.prompt_rows
         pp = get_pp_group()
-        if self.graphs is not None and not prompt_rows and pp.world_size == 1 and self.graphs.can_run(layout):
-            hidden = self.graphs.run(layout, step.input_ids, step.positions)
+        if (self.graphs is not None and not prompt_rows and not step.pool_rows and pp.world_size == 1
+                and self.graphs.can_run(layout)):
+            hidden = self.graphs.run(layout, step.input_ids, step.positions, step.rotary_lengths)
         else:
             layout.slot_mapping = layout.slot_mapping.to(self.device)
             metadata = self.backend.build_metadata(layout, self.device)
             ids = torch.from_numpy(step.input_ids).to(self.device)
             pos = torch.from_numpy(step.positions).to(self.device)
-            if pp.is_first_rank:
-                hidden = self.model(ids, pos, metadata)
-            else:
-                hidden = self.model(ids, pos, metadata, intermediate_tensors=self._receive(len(step.input_ids)))
+            lengths = torch.from_numpy(step.rotary_lengths).to(self.device)
+            received = None if pp.is_first_rank else self._receive(len(step.input_ids))
+            hidden = self.model(ids, pos, metadata, intermediate_tensors=received, rotary_lengths=lengths)
         # Parallel samples join every rank's batch (the scheduler sends them as deltas from now on).
         for i, seq in enumerate(list(sample_seqs)):
             for fork in sched.forks.get(seq.seq_id, ()):
@@ -245,6 +250,8 @@ class ModelRunner:
             entries = self._prompt_logprobs(hidden, seq, flat, start, n, driver)
             if driver:
                 out.prompt_logprobs[seq.seq_id] = (start, entries)
+        if step.pool_rows and driver:
+            out.pooled = pooler.step_shares(hidden, step.pool_rows)
         return out if driver else None
 
     def fail_step(self, sched: SchedulerOutput) -> None:

@@ -96,21 +96,56 @@ def llm_block_bytes(path, block_size: int, tp: int = 1) -> int:
     return 2 * cfg.num_hidden_layers * block_size * rank_heads(kv_heads) * head_dim * 4
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4", "gpt2", "cohere", "cohere2", "phi3", "bloom",
-                                    "falcon", "falcon_mqa", "falcon_rw"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4", "gpt2", "cohere", "cohere2", "phi3", "phi3_longrope",
+                                    "phi4_mini", "bloom", "falcon", "falcon_mqa", "falcon_rw"])
 def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     """One engine per family under everything that changes how the KV cache fills: 7-token steps split the
     prompts, 24 blocks of 4 tokens force preemption, and a repeated prompt is served from the prefix cache.
     The tiny Gemmas, Cohere2 and Phi-3 slide a 10-token window (Gemma 3 on 5 of its 6 layers, Gemma 4 on 4 of 6,
     one of them reading another's K/V, Cohere2 on 3 of 4),
     shorter than most prompts and than every prompt plus its 24 tokens; BLOOM and Falcon-RW bias every score by
-    ALiBi, over the cached context of each chunk and decode."""
+    ALiBi, over the cached context of each chunk and decode. The LongRoPE Phi-3s switch at 32 tokens: of the
+    prompts (2, 11, 30, 39 and 60 tokens) two start past it, one stays short and two cross it while generating,
+    and a preempted sequence recomputes its keys with the factors they were first computed with."""
     path = checkpoint_dir(family)
     llm = LLM(str(path), block_size=4, max_num_batched_tokens=7, kv_cache_memory_bytes=24 * llm_block_bytes(path, 4))
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
     assert llm.engine.scheduler.num_preemptions > 0
     assert_matches_hf(path, outputs, max_tokens=24)
     assert_prefix_cache_repeats(llm, outputs)
+
+
+LONGROPE_SWITCH = 32   # the tiny LongRoPE checkpoints' original_max_position_embeddings
+AROUND_THE_SWITCH = [[(i * 37 + n) % 1990 + 5 for i in range(n)] for n in (5, 25, 32, 33, 45)]
+
+
+@pytest.mark.parametrize("family", ["phi3_longrope", "phi4_mini"])
+def test_longrope_switches_per_sequence_in_one_batch(checkpoint_dir, family):
+    """Prompts of 5, 25, 32, 33 and 45 tokens in one batch, 7-token steps: the 33- and 45-token prompts rotate
+    every key long, the 5-token one stays short, the 25- and 32-token ones cross the switch while generating and
+    keep their earlier keys short, as transformers does for each of them alone."""
+    path = checkpoint_dir(family)
+    llm = LLM(str(path), block_size=4, max_num_batched_tokens=7, kv_cache_memory_bytes="32MiB")
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in AROUND_THE_SWITCH], params)
+    assert_matches_hf(path, outputs, max_tokens=16)
+
+
+def test_longrope_prefix_cache_keeps_the_two_rotations_apart(checkpoint_dir):
+    """A 28-token prompt (short keys) is the prefix of a 40-token one (long keys from the first): the same tokens
+    hold different keys, so neither reuses the other's blocks, while each repeat reuses its own."""
+    path = checkpoint_dir("phi3_longrope")
+    llm = LLM(str(path), block_size=4, kv_cache_memory_bytes="32MiB")
+    manager = llm.engine.block_manager
+    long_prompt = [(i * 37) % 1990 + 5 for i in range(40)]
+    short_prompt = long_prompt[:28]
+    assert len(short_prompt) <= LONGROPE_SWITCH < len(long_prompt)
+    for prompt, hits_expected in ((short_prompt, False), (long_prompt, False), (long_prompt, True),
+                                  (short_prompt, True)):
+        hits = manager.prefix_hit_tokens
+        outputs = llm.generate([{"prompt_token_ids": prompt}], GREEDY)
+        assert (manager.prefix_hit_tokens > hits) == hits_expected
+        assert_matches_hf(path, outputs)
 
 
 def test_requests_added_mid_run(llama_dir):

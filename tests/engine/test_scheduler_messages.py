@@ -6,11 +6,16 @@ finished or aborted sequence is named in ``finished_seq_ids`` on the next step t
 full again if it comes back; copy-on-write moves ``block_table_start`` back to the copied block; the
 messages survive msgpack unchanged. A step that fails commits nothing: its requests run alone until a
 step of their own succeeds, and a request whose solo step fails is failed. Forks of ``n > 1`` samples
-are announced in the step that completes the parent's prompt.
+are announced in the step that completes the parent's prompt. A pooling sequence travels with its pooling
+config, is never answered with a token, adds the share of its vector of each step that commits (not of a
+failed one) and finishes with the vector once its prompt is computed.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from llmserve.config import PoolerConfig
 from llmserve.engine.block_manager import BlockManager
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, decode, encode
 from llmserve.engine.scheduler import Scheduler
@@ -159,3 +164,31 @@ def test_cache_salt_separates_prefix_cache_entries():
     sched.add(plain)
     sched.schedule()
     assert salted.num_cached_tokens == 0 and plain.num_cached_tokens == 8
+
+
+def test_a_pooling_sequence_adds_the_shares_of_committed_steps_and_finishes_with_its_vector():
+    sched = make_scheduler(budget=6)
+    other = make_seq([2, 3], max_tokens=20)
+    pool = make_seq([1] * 10, max_tokens=0)
+    pool.pooling = PoolerConfig("MEAN", normalize=False)
+    sched.add(other)
+    sched.add(pool)
+
+    def run(out: SchedulerOutput, error: str | None = None):
+        """Each step's share of the vector is [1, 1, 1] per token computed, so the mean of the 10 is [1, 1, 1]."""
+        n = out.num_scheduled_tokens.get(pool.seq_id)
+        pooled = {} if n is None else {pool.seq_id: np.full(3, float(n), dtype="<f4").tobytes()}
+        sampled = {other.seq_id: 5} if other.seq_id in out.num_scheduled_tokens else {}
+        return sched.update_from_output(out, ModelRunnerOutput(sampled=sampled, pooled=pooled, error=error))
+
+    first = sched.schedule()                                   # other's prompt, pooling tokens 0-3
+    assert decode(encode(first), SchedulerOutput).new_seqs[1].pooling == PoolerConfig("MEAN", normalize=False)
+    step = run(first)
+    assert step.pooled == [] and [seq for seq, _, _ in step.sampled] == [other]
+    run(sched.schedule(), error="boom")                        # a decode and tokens 4-8: nothing of it commits
+    assert pool.num_computed_tokens == 4 and pool.suspect and pool.pooled_sum.tolist() == [4.0] * 3
+    while not pool.is_finished:                                # each request alone, then both again
+        step = run(sched.schedule())
+    assert [seq for seq, _ in step.pooled] == [pool] and pool.finish_reason == "stop"
+    assert np.frombuffer(step.pooled[0][1], dtype="<f4").tolist() == [1.0] * 3
+    assert other.output_token_ids and not other.is_finished

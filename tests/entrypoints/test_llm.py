@@ -5,7 +5,10 @@ Specified: ``generate`` takes one prompt or many, as text, token ids or vLLM's d
 prompts; if any prompt is refused, none runs, the error names the prompt's index and keeps the
 offending ``param``, and the engine is left idle and usable; an exception while running aborts the
 batch without leaking KV blocks. ``chat`` renders the tokenizer's (or a given) chat template,
-with the generation prompt, and generates from it.
+with the generation prompt, and generates from it. ``embed`` takes the same prompt forms and returns,
+in prompt order, each prompt's token ids and its pooled vector ``outputs.embedding`` (a list of
+``hidden_size`` floats, unit length by default); a prompt may fill the whole context, a longer one is
+refused like a completion's (its values against HF: tests/engine/test_pooling.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import pytest
 
 from llmserve import LLM, RequestOutput, SamplingParams
 from llmserve.errors import InvalidRequestError
+from llmserve.outputs import EmbeddingRequestOutput
+from llmserve.pooling_params import PoolingParams
 
 PROMPTS = ["Hello world, this is", "The quick brown fox", "A"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -177,3 +182,32 @@ def test_chat_with_several_conversations_and_a_custom_template(llm):
         tok.decode(tok.encode("<<user>>one\n", add_special_tokens=False)),
         tok.decode(tok.encode("<<user>>two\n", add_special_tokens=False)),
     ]
+
+
+def test_embed_returns_each_prompts_vector_in_prompt_order(llm):
+    tok = llm.get_tokenizer()
+    outputs = llm.embed(PROMPTS)
+    assert [type(o) for o in outputs] == [EmbeddingRequestOutput] * 3
+    assert [o.prompt for o in outputs] == PROMPTS
+    assert [o.prompt_token_ids for o in outputs] == [tok.encode(p) for p in PROMPTS]
+    hidden_size = llm.engine.hf_config.hidden_size
+    for out in outputs:
+        assert out.finished and out.outputs.hidden_size == hidden_size
+        assert all(isinstance(x, float) for x in out.outputs.embedding)
+        assert sum(x * x for x in out.outputs.embedding) == pytest.approx(1.0, abs=1e-5)
+    assert len({tuple(o.outputs.embedding) for o in outputs}) == 3
+    as_ids = llm.embed([{"prompt_token_ids": tok.encode(PROMPTS[1])}])[0]
+    assert as_ids.prompt is None and as_ids.outputs.embedding == pytest.approx(outputs[1].outputs.embedding, abs=1e-6)
+    raw = llm.embed(PROMPTS[:2], [PoolingParams(normalize=False), PoolingParams()])
+    assert sum(x * x for x in raw[0].outputs.embedding) != pytest.approx(1.0, abs=1e-3)
+    assert raw[1].outputs.embedding == pytest.approx(outputs[1].outputs.embedding, abs=1e-6)
+    with pytest.raises(ValueError, match="3 prompts but 1 PoolingParams"):
+        llm.embed(PROMPTS, [PoolingParams()])
+
+
+def test_embed_takes_a_prompt_that_fills_the_context_and_refuses_a_longer_one(llm):
+    assert llm.embed([[5] * 64])[0].outputs.hidden_size == llm.engine.hf_config.hidden_size
+    with pytest.raises(InvalidRequestError, match=r"^prompt 1: This model's maximum context length is 64 tokens. "
+                                                  r"However, the input has 65 tokens") as info:
+        llm.embed([PROMPTS[0], [5] * 65])
+    assert info.value.param == "prompt"

@@ -1,19 +1,23 @@
 """Tensor and pipeline parallelism change where the model runs, never what it computes: with TP=2, PP=2
 and TP=2 x PP=2 (one worker process per rank, gloo on the CPU), greedy output equals Hugging Face
 transformers token for token and logprobs agree within 1e-3, for every Llama-shaped family in every layout,
-and each other family in one, with chunked prefill and forced preemption, prefix caching on."""
+and each other family in one, with chunked prefill and forced preemption, prefix caching on.
+Embeddings pool on the last stage: at TP=2 x PP=2, mean-pooled vectors computed in 7-token chunks, batched
+with greedy generations, equal HF's pooled hidden states within 1e-4."""
 
 from __future__ import annotations
 
 import pytest
 
 from llmserve import LLM, SamplingParams
+from llmserve.pooling_params import PoolingParams
 from tests.engine.test_hf_equivalence import (
     PROMPTS,
     assert_matches_hf,
     assert_prefix_cache_repeats,
     llm_block_bytes,
 )
+from tests.engine.test_pooling import assert_matches_hf as assert_pooled_like_hf
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # The Llama-shaped families in every layout; the others (whose blocks shard through the same layers) in one each:
@@ -22,11 +26,12 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # (fused c_attn and Conv1D weights sharded, learned positions on the first stage only), Command-R at TP=2
 # (per-head q/k LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2,
 # BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi slopes, the embedding LayerNorm on the first stage), Falcon's
-# new architecture at TP=2 (one of the 2 KV groups per rank) and Falcon-RW at TP=2 (ALiBi, sequential blocks).
+# new architecture at TP=2 (one of the 2 KV groups per rank), Falcon-RW at TP=2 (ALiBi, sequential blocks) and
+# the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per sequence and partial rotary on each rank's heads).
 # Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
 LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 OTHER_FAMILIES = [("gemma2", 2, 1), ("gemma4", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2),
-                  ("phi3", 2, 2), ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1)]
+                  ("phi3", 2, 2), ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1), ("phi4_mini", 2, 1)]
 CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + OTHER_FAMILIES
 
 
@@ -61,5 +66,23 @@ def test_parallel_samples_fork_on_every_stage(llama_dir, tp, pp):
             assert [c.finish_reason for c in out.outputs] == ["length"] * 3
             assert all(c.token_ids == out.outputs[0].token_ids for c in out.outputs)
         assert_matches_hf(llama_dir, outputs, max_tokens=8)
+    finally:
+        llm.shutdown()
+
+
+def test_embeddings_pool_on_the_last_stage_batched_with_generation(llama_dir):
+    llm = LLM(str(llama_dir), tensor_parallel_size=2, pipeline_parallel_size=2, block_size=4, max_num_batched_tokens=7,
+              kv_cache_memory_bytes="16MiB", pooler_config={"pooling_type": "MEAN"})
+    try:
+        engine = llm.engine
+        greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(f"gen-{i}", prompt, greedy)
+            engine.add_request(f"embed-{i}", prompt, PoolingParams())
+        finished = {}
+        while engine.has_unfinished_requests():
+            finished.update((out.request_id, out) for out in engine.step() if out.finished)
+        assert_matches_hf(llama_dir, [finished[f"gen-{i}"] for i in range(len(PROMPTS))], max_tokens=8)
+        assert_pooled_like_hf(llama_dir, [finished[f"embed-{i}"] for i in range(len(PROMPTS))], "MEAN")
     finally:
         llm.shutdown()

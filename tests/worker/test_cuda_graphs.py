@@ -58,12 +58,12 @@ class EagerReplayGraphs(DecodeGraphs):
     def capture_without_cuda(self, hidden_size: int) -> None:
         for size in reversed(self.sizes):
             metadata = self.backend.graph_decode_metadata(size, self.max_blocks, self.max_seq_len, self.device)
-            ids, pos = self.input_ids[:size], self.positions[:size]
+            ids, pos, lengths = self.input_ids[:size], self.positions[:size], self.rotary_lengths[:size]
             output = torch.empty(size, hidden_size)
 
-            def run(ids=ids, pos=pos, metadata=metadata, output=output):
+            def run(ids=ids, pos=pos, lengths=lengths, metadata=metadata, output=output):
                 with torch.inference_mode():
-                    output.copy_(self.model(ids, pos, metadata))
+                    output.copy_(self.model(ids, pos, metadata, rotary_lengths=lengths))
 
             self.graphs[size] = _Graph(_EagerReplay(run), metadata, output)
 
@@ -134,3 +134,27 @@ def test_cuda_graph_capture_and_replay_match_eager(llama_dir):
     with_graphs = _generate(llm, prompts, 12)[0]
     runner.graphs = None
     assert _generate(llm, prompts, 12)[0] == with_graphs
+
+
+def test_graph_replay_switches_longrope_per_sequence(checkpoint_dir, monkeypatch):
+    """Replayed decodes read each row's rotary length from the graphs' persistent buffer: a 28-token prompt
+    crosses LongRoPE's 32-token switch at its 5th new token, inside a replay, while a 40-token prompt in the same
+    graph is long throughout; both equal the eager PyTorch-backend run."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton, or the [test] extra)")
+    from llmserve import LLM
+
+    path = str(checkpoint_dir("phi3_longrope"))
+    prompts = [{"prompt_token_ids": [(i * 37) % 1990 + 5 for i in range(n)]} for n in (28, 40)]
+    monkeypatch.setenv("LLMSERVE_ATTENTION_BACKEND", "torch")
+    expected = _generate(LLM(path, kv_cache_memory_bytes="4MiB", max_model_len=64, device="cpu"), prompts, 10)[0]
+    monkeypatch.setenv("LLMSERVE_ATTENTION_BACKEND", "triton")
+    llm = LLM(path, kv_cache_memory_bytes="4MiB", max_model_len=64, device="cpu", block_size=4)
+    runner = llm.engine.runner
+    graphs = EagerReplayGraphs(runner.model, runner.backend, runner.block_size, max_num_seqs=2,
+                               max_seq_len_to_capture=64, device=runner.device)
+    graphs.capture_without_cuda(llm.engine.hf_config.hidden_size)
+    runner.graphs = graphs
+    assert _generate(llm, prompts, 10)[0] == expected
+    assert graphs.graphs[2].graph.replays == 9   # every decode step of the pair

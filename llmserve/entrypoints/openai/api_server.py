@@ -35,6 +35,7 @@ import llmserve
 from llmserve.config import EngineConfig, parse_size
 from llmserve.engine.async_engine import AsyncLLMEngine, ShutdownError
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
+from llmserve.entrypoints.openai.embedding_protocol import EmbeddingRequest
 from llmserve.entrypoints.openai.errors import APIError, error_body, error_response, install_error_handlers
 from llmserve.entrypoints.openai.middleware import RequestId, RequestLimits, RequireApiKey
 from llmserve.entrypoints.openai.openapi import (PrometheusText, install_openapi, json_ok, json_or_events_ok,
@@ -43,14 +44,16 @@ from llmserve.entrypoints.openai.protocol import (ChatCompletionRequest, Complet
                                                   TokenizeRequest)
 from llmserve.entrypoints.openai.response_models import (ChatCompletionChunk, ChatCompletionResponse, CompletionChunk,
                                                    CompletionResponse, DetokenizeResponse, ModelList,
-                                                   ResponseObject, ResponseStreamEvent, TokenizeResponse,
-                                                   VersionResponse)
+                                                   EmbeddingResponse, ResponseObject, ResponseStreamEvent,
+                                                   TokenizeResponse, VersionResponse)
 from llmserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from llmserve.entrypoints.openai.serving_base import ServerLimits
 from llmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from llmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from llmserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from llmserve.entrypoints.openai.serving_responses import OpenAIServingResponses
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
+from llmserve.logging_setup import add_logging_args, configure_logging, setup_from_args
 from llmserve.metrics.prometheus import EngineMetrics
 
 logger = logging.getLogger("llmserve.api")
@@ -86,6 +89,7 @@ class ServerState:
         self.completions: OpenAIServingCompletion | None = None
         self.chat: OpenAIServingChat | None = None
         self.responses: OpenAIServingResponses | None = None
+        self.embeddings: OpenAIServingEmbedding | None = None
         self.metrics: EngineMetrics | None = None
         self.load_error: BaseException | None = None
         self.exit_code = 0
@@ -108,6 +112,7 @@ class ServerState:
             self.chat = OpenAIServingChat(async_engine, names, limits, _read_chat_template(self.config.chat_template),
                                           TOOL_CALL_PARSERS[parser] if parser else None)
             self.responses = OpenAIServingResponses(self.chat)
+            self.embeddings = OpenAIServingEmbedding(async_engine, names, limits)
             async_engine.start(loop)
             self.engine = async_engine
             logger.info("ready: serving %s", ", ".join(names))
@@ -217,6 +222,11 @@ def build_app(state: ServerState) -> FastAPI:
               responses=route(named_events_ok(ResponseObject, ResponseStreamEvent), 400, 404, 500, 503, 504))
     async def responses(body: ResponsesRequest, raw: Request) -> Response:
         return await state.responses.create(body, raw, raw.state.request_id)
+
+    @app.post("/v1/embeddings", dependencies=protected, response_model=None,
+              responses=route(json_ok(EmbeddingResponse), 400, 404, 500, 503, 504))
+    async def embeddings(body: EmbeddingRequest, raw: Request) -> Response:
+        return await state.embeddings.create(body, raw, raw.state.request_id)
 
     @app.post("/tokenize", dependencies=protected, response_model=None,
               responses=route(json_ok(TokenizeResponse), 400, 404, 503))
@@ -343,7 +353,9 @@ def run_server(args: argparse.Namespace) -> int:
             config.served_model_names = [DEMO_MODEL_NAME]
     state = ServerState(config, engine_config)
     app = build_app(state)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, http=_H11Protocol, log_level="warning",
+    # log_config=None: uvicorn's loggers go through the root handler (--log-format), at warning level
+    logging.getLogger("uvicorn").setLevel(logging.WARNING)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, http=_H11Protocol, log_config=None,
                                timeout_graceful_shutdown=config.shutdown_timeout,
                                h11_max_incomplete_event_size=config.max_header_bytes)
     server = GracefulServer(uv_config)
@@ -379,9 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description="OpenAI-compatible server")
     add_engine_args(parser, model_positional=False)
     add_server_args(parser)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_logging_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    configure_logging(setup_from_args(args))
     try:
         return run_server(args)
     except ValueError as exc:

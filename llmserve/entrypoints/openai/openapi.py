@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from llmserve.entrypoints.openai.embedding_protocol import EmbeddingRequest
 from llmserve.entrypoints.openai.middleware import requires_api_key
 from llmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                   TokenizeRequest)
@@ -21,7 +22,8 @@ from llmserve.entrypoints.openai.response_models import (ChatCompletionChunk, Co
                                                          ResponseStreamEvent)
 from llmserve.entrypoints.openai.responses_protocol import ResponsesRequest
 
-REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, ResponsesRequest, TokenizeRequest, DetokenizeRequest)
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, EmbeddingRequest, ResponsesRequest,
+                   TokenizeRequest, DetokenizeRequest)
 # referenced by "$ref" in this module
 DEFINED_HERE = (ErrorResponse, CompletionChunk, ChatCompletionChunk, ResponseStreamEvent)
 

@@ -217,10 +217,30 @@ class _SamplingRequest(RequestModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+# OpenAI's four prompt shapes (completions' ``prompt``, embeddings' ``input``); none of them empty.
+PromptInput = NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds | Annotated[
+    list[TokenIds], Field(min_length=1)]
+
+
+def refuse_empty_prompts(value: Any) -> Any:
+    """Before validation: one 400 that says a prompt is empty, rather than one error per shape of the union."""
+    if value == "" or value == [] or (isinstance(value, list) and any(p == "" or p == [] for p in value)):
+        raise PydanticCustomError("empty_prompt", "a prompt must not be empty")
+    return value
+
+
+def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """Normalise the four prompt shapes OpenAI accepts to a list of prompts."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]   # type: ignore[arg-type]
+    return list(prompt)   # type: ignore[arg-type]
+
+
 class CompletionRequest(_SamplingRequest):
-    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | TokenIds | Annotated[
-        list[TokenIds], Field(min_length=1)] = Field(description="a string, a list of strings, token ids or a "
-                                                                 "list of token-id lists; none of them empty")
+    prompt: PromptInput = Field(description="a string, a list of strings, token ids or a list of token-id lists; "
+                                            "none of them empty")
     max_tokens: int | None = Field(
         default=None, ge=0, le=INT64_MAX,
         description="default 16; 0 generates nothing (with echo: the prompt and its logprobs, to score it); prompt + "
@@ -231,22 +251,10 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = Field(default=None, max_length=0, description="not supported (400) unless empty")
 
     _refuse_suffix = field_validator("suffix", mode="before")(_refuse_unless_noop)
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _not_empty(cls, value: Any) -> Any:
-        if value == "" or value == [] or (isinstance(value, list) and any(p == "" or p == [] for p in value)):
-            raise PydanticCustomError("empty_prompt", "a prompt must not be empty")
-        return value
+    _not_empty = field_validator("prompt", mode="before")(refuse_empty_prompts)
 
     def prompts(self) -> list[str | list[int]]:
-        """Normalise the four prompt shapes OpenAI accepts to a list of prompts."""
-        prompt = self.prompt
-        if isinstance(prompt, str):
-            return [prompt]
-        if all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]   # type: ignore[arg-type]
-        return list(prompt)   # type: ignore[arg-type]
+        return prompt_list(self.prompt)
 
 
 class ChatCompletionRequest(ToolRequest, _SamplingRequest):

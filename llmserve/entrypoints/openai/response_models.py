@@ -252,3 +252,24 @@ class DetokenizeResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int = Field(description="the input's position in the request")
+    embedding: list[float] | str = Field(description="the vector, or with encoding_format base64 its float32 "
+                                                     "little-endian bytes in base64")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[Embedding]
+    usage: EmbeddingUsage

@@ -1,6 +1,6 @@
-"""What /v1/completions and /v1/chat/completions share: admission (model name, queue limit, validation
-of every prompt before any runs), running the engine streams under a timeout and a disconnect watch,
-SSE framing, logprob rendering and the per-request log line."""
+"""What /v1/completions, /v1/chat/completions and /v1/embeddings share: admission (model name, queue limit,
+validation of every prompt before any runs), running the engine streams under a timeout and a disconnect
+watch, SSE framing, logprob rendering and the per-request log line."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from typing import Any
 from fastapi import Request
 
 from llmserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, ShutdownError
-from llmserve.engine.output_processor import RequestState
+from llmserve.engine.output_processor import AnyRequestOutput, RequestState
 from llmserve.entrypoints.openai.errors import APIError, error_body
-from llmserve.outputs import RequestOutput
+from llmserve.outputs import EmbeddingRequestOutput, RequestOutput
+from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("llmserve.api")
@@ -39,7 +40,7 @@ class Submitted:
     log_id: str            # names it in the log: the X-Request-Id it was sent or given
     created: int
     states: list[RequestState]
-    streams: list[AsyncIterator[RequestOutput]]
+    streams: list[AsyncIterator[AnyRequestOutput]]
 
 
 def sse(data: dict | str) -> str:
@@ -81,7 +82,7 @@ class OpenAIServing:
         if n > self.limits.max_n:
             raise APIError(400, f"n must be at most {self.limits.max_n}, got {n}", "n")
 
-    def submit(self, prefix: str, prompts: list[str | list[int]], params: SamplingParams,
+    def submit(self, prefix: str, prompts: list[str | list[int]], params: SamplingParams | PoolingParams,
                header_request_id: str | None, cache_salt: str | None = None) -> Submitted:
         """Validate every prompt, check the queue, then queue them all (or none)."""
         limit = self.limits.max_num_queued_reqs
@@ -99,11 +100,11 @@ class OpenAIServing:
         streams = [self.engine.submit(state) for state in states]
         return Submitted(request_id, header_request_id or request_id, int(time.time()), states, streams)
 
-    async def collect(self, raw: Request, submitted: Submitted) -> list[RequestOutput]:
+    async def collect(self, raw: Request, submitted: Submitted) -> list[AnyRequestOutput]:
         """Run every stream to completion (non-streaming response); if the client leaves or the request
         times out, every unfinished request is aborted. Returns each prompt's final output."""
 
-        async def run(stream: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
+        async def run(stream: AsyncIterator[AnyRequestOutput]) -> list[AnyRequestOutput]:
             return [output async for output in stream]
 
         tasks = [asyncio.ensure_future(run(s)) for s in submitted.streams]
@@ -218,9 +219,11 @@ async def _wait_disconnect(raw: Request) -> None:
         await asyncio.sleep(0.05)
 
 
-def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
-    """Fold a request's streamed (delta) outputs into one final output."""
+def merge_deltas(outputs: list[AnyRequestOutput]) -> AnyRequestOutput:
+    """Fold a request's streamed (delta) outputs into one final output (a pooling request has only one)."""
     last = outputs[-1]
+    if isinstance(last, EmbeddingRequestOutput):
+        return last
     merged = []
     for i, completion in enumerate(last.outputs):
         parts = [o.outputs[i] for o in outputs]
@@ -240,19 +243,20 @@ def usage(outputs: list[RequestOutput]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def log_finished(log_id: str, output: RequestOutput) -> None:
+def log_finished(log_id: str, output: AnyRequestOutput) -> None:
     m = output.metrics
     ttft = m.time_to_first_token
     total = (m.finished_time or time.monotonic()) - m.arrival_time
+    completions = [] if isinstance(output, EmbeddingRequestOutput) else output.outputs
     logger.info("request %s finished: prompt_tokens=%d output_tokens=%d ttft=%s total=%.3fs finish=%s",
-                log_id, len(output.prompt_token_ids),
-                sum(len(c.token_ids) for c in output.outputs),
+                log_id, len(output.prompt_token_ids), sum(len(c.token_ids) for c in completions),
                 f"{ttft:.3f}s" if ttft is not None else "-", total,
-                ",".join(str(c.finish_reason) for c in output.outputs))
+                ",".join(str(c.finish_reason) for c in completions) or output.finish_reason,
+                extra={"request_id": log_id})
 
 
 def log_failed(log_id: str, what: str) -> None:
-    logger.info("request %s %s", log_id, what)
+    logger.info("request %s %s", log_id, what, extra={"request_id": log_id})
 
 
 class TokenTexts:

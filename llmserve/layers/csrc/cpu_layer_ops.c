@@ -85,13 +85,14 @@ static inline void rotate_head(float *x, const float *cos, const float *sin, lon
 
 /* Rotary embedding in place on q [rows, num_heads, head_dim] and k [rows, num_kv_heads, head_dim] (heads
  * and dims contiguous, rows q_stride / k_stride apart) at positions[r], from cos/sin tables
- * [max_position, head_dim / 2]. Returns 0, or -1 when a position is outside the tables. */
+ * [max_position, rotary_dim / 2]: the first rotary_dim dims of each head rotate, the rest are left as they
+ * are (partial rotary). Returns 0, or -1 when a position is outside the tables. */
 int llmserve_rotary_embedding(float *q, long q_stride, long num_heads, float *k, long k_stride, long num_kv_heads,
-                              long head_dim, const long *positions, const float *cos_cache,
+                              long head_dim, long rotary_dim, const long *positions, const float *cos_cache,
                               const float *sin_cache, long max_position, long rows, int num_threads) {
     for (long r = 0; r < rows; r++)
         if (positions[r] < 0 || positions[r] >= max_position) return -1;
-    const long half = head_dim / 2;
+    const long half = rotary_dim / 2;
     #pragma omp parallel for num_threads(num_threads) if (rows * (num_heads + num_kv_heads) * head_dim >= PARALLEL_MIN_ELEMENTS)
     for (long r = 0; r < rows; r++) {
         const float *cos = cos_cache + positions[r] * half, *sin = sin_cache + positions[r] * half;

@@ -58,9 +58,9 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.entrypoints.openai.conftest import HERE
+from tests.entrypoints.openai.http_checks import check_error, scrape, wait_for_queue
 
 SLOW = HERE / "slow_server.py"
 MAX_MODEL_LEN = 64
@@ -78,35 +78,6 @@ def limited(start_server):
 @pytest.fixture(scope="module")
 def vocab_size(llama_dir) -> int:
     return json.loads((llama_dir / "config.json").read_text())["vocab_size"]
-
-
-def scrape(base_url: str) -> dict[str, float]:
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text):
-        for sample in family.samples:
-            values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return values
-
-
-def check_error(response: httpx.Response, status: int, param: str | None = "<any>", code: str | None = "<any>",
-                secrets: tuple[str, ...] = ()) -> dict:
-    """``response`` is OpenAI's error object with this status; returns its ``error``."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    error = body["error"]
-    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
-    assert isinstance(error["message"], str) and error["message"]
-    if param != "<any>":
-        assert error["param"] == param, error
-    if code != "<any>":
-        assert error["code"] == code, error
-    message = error["message"]
-    assert not re.search(r"0x[0-9a-fA-F]{4,}", message), message
-    for leak in ("/tmp", "/work", "site-packages", "Traceback", 'File "', *secrets):
-        assert leak not in message, message
-    return error
 
 
 def post(base_url: str, path: str, body: dict | bytes, **kwargs) -> httpx.Response:
@@ -447,20 +418,12 @@ def test_full_queue_is_503_with_retry_after_then_recovers(start_server):
                     assert response.status_code == 200
                     return [line async for line in response.aiter_lines() if line]
 
-            async def until(running: int, waiting: int) -> None:
-                for _ in range(500):
-                    m = scrape(url)
-                    if m["vllm:num_requests_running"] == running and m["vllm:num_requests_waiting"] == waiting:
-                        return
-                    await asyncio.sleep(0.02)
-                pytest.fail(f"never {running} running and {waiting} waiting: {m}")
-
             # One at a time: a request not yet scheduled counts as waiting, so two sent together could
             # find the queue full already.
             streams = [asyncio.ensure_future(stream())]
-            await until(1, 0)
+            await wait_for_queue(url, 1, 0)
             streams.append(asyncio.ensure_future(stream()))
-            await until(1, 1)
+            await wait_for_queue(url, 1, 1)
             for path, body in [("/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
                                ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2}),
                                ("/v1/completions", {"prompt": "Hello", "max_tokens": 2, "stream": True})]:

@@ -7,7 +7,9 @@
   routes behind ``--api-key``, and only when it is set. The request models carry the bounds the server
   enforces: ``n`` up to ``--max-n``, non-empty prompts, tools and ``tool_choice`` in OpenAI's shapes, no deprecated ``functions``,
   the shapes of ``response_format`` and vLLM's ``structured_outputs`` (no option it does not know),
-  integers within 64 bits (written as integers, not floats).
+  integers within 64 bits (written as integers, not floats); embeddings' ``input`` takes the prompt shapes
+  of completions, ``encoding_format`` ``float`` or ``base64``, ``dimensions`` only null (refused), and its
+  200 is the list of embeddings (floats or a base64 string).
 * The server sends the content types the document names for /health and /metrics.
 * A schema-driven fuzzer (schemathesis) sends requests valid by the document to every route of a live
   server (``--max-n 4 --max-model-len 64``, so no request runs long): no 5xx, and every answer's status,
@@ -29,7 +31,8 @@ from llmserve.config import EngineConfig
 from llmserve.entrypoints.openai.api_server import ServerConfig, ServerState, build_app
 
 EXAMPLES_PER_ROUTE = 60
-GUARDED = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"}
+GUARDED = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings",
+            "/tokenize", "/detokenize"}
 
 
 def document(**config) -> dict:
@@ -52,6 +55,7 @@ def test_every_route_documents_its_statuses_with_the_error_object():
         "/v1/completions": {"400", "404", "413", "431", "500", "503", "504"},
         "/v1/chat/completions": {"400", "404", "413", "431", "500", "503", "504"},
         "/v1/responses": {"400", "404", "413", "431", "500", "503", "504"},
+        "/v1/embeddings": {"400", "404", "413", "431", "500", "503", "504"},
         "/tokenize": {"400", "404", "413", "431", "503"}, "/detokenize": {"400", "404", "413", "431", "503"},
     }
     assert {path: error_statuses(op) for path, op in ops.items()} == expected
@@ -100,6 +104,20 @@ def test_request_bounds_are_in_the_schema():
     assert schemas["FunctionDefinition"]["properties"]["name"]["pattern"] == "^[A-Za-z0-9_.\\-]{1,64}$"
     assert chat["functions"]["anyOf"][0]["maxItems"] == 0 and chat["function_call"]["anyOf"][0]["const"] == "none"
     assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas
+    embedding = schemas["EmbeddingRequest"]
+    assert embedding["required"] == ["input"]
+    assert embedding["properties"]["input"]["anyOf"] == prompt_shapes
+    assert embedding["properties"]["encoding_format"]["enum"] == ["float", "base64"]
+    assert embedding["properties"]["dimensions"]["type"] == "null"
+
+
+def test_embeddings_answer_is_documented():
+    doc = document()
+    ok = operations(doc)["/v1/embeddings"]["responses"]["200"]["content"]
+    assert ok == {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingResponse"}}}
+    data = doc["components"]["schemas"]["Embedding"]["properties"]
+    assert data["object"]["const"] == "embedding"
+    assert data["embedding"]["anyOf"] == [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from llmserve.layers.attention.alibi import alibi_slopes
 from llmserve.layers.attention.backend import AttentionSpec
 from llmserve.layers.cpu_kernels import cpu_kernels
 from tests.layers.attention.test_window_softcap import (CPU, DEVICE, MIXED, MIXED_DECODES, Batch, assert_close,
+                                                         assert_graph_decode_matches, graph_decode_batch,
                                                          make_backend, reference_mask, run)
 
 
@@ -171,20 +172,6 @@ def test_triton_graph_decode_metadata():
     """A CUDA-graph decode batch (static buffers, padded rows of length 0): the query position comes from the
     lengths inside the kernel, so ALiBi layers replay from the same metadata."""
     pytest.importorskip("triton", reason="triton is not installed")
-    from llmserve.layers.attention.triton_backend import TritonAttentionBackend
-
-    seqs = [(50, 1), (3, 1), (17, 1)]
-    batch = Batch(seqs, 3, 16, 4, 2, 64, seed=5, query_scale=2.0)
-    backend = TritonAttentionBackend(torch.float32, num_kv_heads=2)
-    static = backend.graph_decode_metadata(batch_size=8, max_blocks=6, max_seq_len=96, device=DEVICE)
-    key_cache, value_cache = batch.caches(DEVICE)
-    backend.fill_graph_decode_metadata(static, batch.layout(DEVICE))
-
-    def padded(x):
-        return torch.cat([x, torch.zeros(5, *x.shape[1:], dtype=x.dtype, device=x.device)])
-
-    for spec in (alibi_spec(batch), alibi_spec(batch, 8, 2.0)):
-        out = backend.forward(padded(batch.query), padded(batch.key), padded(batch.value), key_cache, value_cache,
-                              static, spec)
-        assert_close(out[:3], expected(batch, spec))
-        assert not out[3:].any()
+    batch = graph_decode_batch()
+    assert_graph_decode_matches(batch, [alibi_spec(batch), alibi_spec(batch, 8, 2.0)],
+                                lambda spec: expected(batch, spec))

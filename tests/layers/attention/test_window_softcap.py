@@ -260,14 +260,16 @@ def test_triton_decode_splits_only_the_window(num_splits, window):
     assert_close(out, batch.expected(spec))
 
 
-def test_triton_window_splits_and_graph_metadata():
-    """CUDA-graph static metadata serves windowed, soft-capped layers: the window start comes from the
-    lengths inside the kernel, the split count per window is fixed for the metadata's life."""
-    pytest.importorskip("triton", reason="triton is not installed")
+def graph_decode_batch() -> Batch:
+    """Three decodes for a CUDA-graph batch of 8 (5 padded rows of length 0)."""
+    return Batch([(50, 1), (3, 1), (17, 1)], 3, 16, 4, 2, 64, seed=5, query_scale=2.0)
+
+
+def assert_graph_decode_matches(batch: Batch, specs, expected) -> object:
+    """Triton's CUDA-graph decode: static metadata (captured for 8 rows) filled once serves every spec; the
+    real rows equal ``expected(spec)``, the padded rows stay zero. Returns the static metadata."""
     from llmserve.layers.attention.triton_backend import TritonAttentionBackend
 
-    seqs = [(50, 1), (3, 1), (17, 1)]
-    batch = Batch(seqs, 3, 16, 4, 2, 64, seed=5, query_scale=2.0)
     backend = TritonAttentionBackend(torch.float32, num_kv_heads=2)
     static = backend.graph_decode_metadata(batch_size=8, max_blocks=6, max_seq_len=96, device=DEVICE)
     key_cache, value_cache = batch.caches(DEVICE)
@@ -276,11 +278,21 @@ def test_triton_window_splits_and_graph_metadata():
     def padded(x):
         return torch.cat([x, torch.zeros(5, *x.shape[1:], dtype=x.dtype, device=x.device)])
 
-    for spec in (batch.spec(8, 2.0), batch.spec(None, 2.0), batch.spec(8)):
+    for spec in specs:
         out = backend.forward(padded(batch.query), padded(batch.key), padded(batch.value), key_cache, value_cache,
                               static, spec)
-        assert_close(out[:3], batch.expected(spec))
+        assert_close(out[:3], expected(spec))
         assert not out[3:].any()
+    return static
+
+
+def test_triton_window_splits_and_graph_metadata():
+    """CUDA-graph static metadata serves windowed, soft-capped layers: the window start comes from the
+    lengths inside the kernel, the split count per window is fixed for the metadata's life."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    batch = graph_decode_batch()
+    static = assert_graph_decode_matches(batch, [batch.spec(8, 2.0), batch.spec(None, 2.0), batch.spec(8)],
+                                         batch.expected)
     assert static.window(96) is None and static.window(95) == 95   # against the captured width
     assert static.splits_for(8) == static.splits_for(8) <= static.num_splits
     # A window shorter than the longest decode may take fewer splits, never more.

@@ -1,0 +1,106 @@
+"""GGUF checkpoints: llama.cpp's one-file format, as ``./model-Q4_K_M.gguf`` or ``repo-id:Q4_K_M``.
+
+The config, the tokenizer and its chat template come from the file's metadata through transformers' GGUF
+support, which also knows each architecture's tensor names and the reshuffles llama.cpp's converter makes
+(the Q/K row permutation of Llama-style attention, BLOOM's fused QKV...). The weights are dequantised tensor
+by tensor into the model's dtype as they are loaded: peak memory is the model plus one tensor, and every
+quantisation type the model was shipped in runs at full precision.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+# The tensor types llama.cpp's quantize writes for the usual mixes (Q4_K_M, Q5_K_M, Q6_K, Q8_0...).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
+_REPO_AND_QUANT = re.compile(r"^(?P<repo>[\w.\-]+/[\w.\-]+):(?P<quant>[\w.\-]+)$")
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("GGUF checkpoints need the gguf package: pip install 'llmserve[gguf]'") from None
+    return gguf
+
+
+def is_gguf(path: Path) -> bool:
+    return path.suffix == ".gguf" and path.is_file()
+
+
+def hub_gguf_reference(model: str) -> tuple[str, str] | None:
+    """``"org/repo:Q4_K_M"`` -> ``("org/repo", "Q4_K_M")``; None for anything else."""
+    match = _REPO_AND_QUANT.match(model)
+    return (match["repo"], match["quant"]) if match else None
+
+
+def download_gguf(repo: str, quant: str, revision: str | None, download_dir: str | None) -> Path:
+    """The repo's one GGUF file of that quantisation (``*Q4_K_M.gguf``, any case), fetched or from the cache."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    files = [f for f in list_repo_files(repo, revision=revision) if f.lower().endswith(".gguf")]
+    wanted = re.compile(rf"(^|[^a-z0-9]){re.escape(quant.lower())}(\.gguf$|-\d+-of-\d+\.gguf$)")
+    matches = sorted(f for f in files if wanted.search(f.lower()))
+    if not matches:
+        raise FileNotFoundError(f"{repo} has no {quant} GGUF file; it has: {', '.join(files) or 'no GGUF files'}")
+    if len(matches) > 1:
+        raise ValueError(f"{repo} has {len(matches)} {quant} GGUF files ({', '.join(matches)}): a split or "
+                         f"ambiguous GGUF is not supported; pass one file's local path")
+    return Path(hf_hub_download(repo, matches[0], revision=revision, cache_dir=download_dir))
+
+
+def load_gguf_config(path: Path) -> Any:
+    """The config from the file's metadata; GGUF names no class, so the architecture is the causal-LM class
+    transformers maps the model type to (as its own GGUF loading does)."""
+    _import_gguf()
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config
+
+
+def load_gguf_tokenizer(path: Path) -> Any:
+    _import_gguf()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def iterate_gguf_weights(path: Path, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(Hugging Face name, float tensor)`` for every tensor of the file, dequantised one at a time.
+    A tensor type outside :data:`SUPPORTED_TYPES` is an error naming it, before any weight is read."""
+    gguf = _import_gguf()
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
+                                                          read_field)
+
+    reader = gguf.GGUFReader(str(path))
+    unsupported = sorted({t.tensor_type.name for t in reader.tensors} - set(SUPPORTED_TYPES))
+    if unsupported:
+        raise ValueError(f"{path.name} holds tensors of type {', '.join(unsupported)}, which llmserve cannot run; "
+                         f"supported: {', '.join(SUPPORTED_TYPES)}")
+    architecture = read_field(reader, "general.architecture")[0]
+    parsed = {"config": config.to_dict()}
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    with torch.device("meta"):   # only its parameter names are needed
+        names = get_gguf_hf_weights_map(AutoModelForCausalLM.from_config(config), processor)
+    for tensor in reader.tensors:
+        result = processor.process(weights=gguf.dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                   tensor_key_mapping=names, parsed_parameters=parsed)
+        if result.name not in names:
+            logger.info("GGUF tensor %s has no counterpart in the model; skipped", tensor.name)
+            continue
+        yield names[result.name], torch.from_numpy(np.require(result.weights, np.float32, ["C", "W"]))

@@ -1,0 +1,118 @@
+"""GGUF files (written from the generated checkpoints the way llama.cpp lays them out) load and run.
+
+* An F32 GGUF of a checkpoint gives the checkpoint's own output (greedy tokens equal, logprobs within 1e-4
+  of transformers on the safetensors folder): names, the Llama Q/K row permutation and tied embeddings
+  are undone exactly.
+* Quantized files (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16) give what transformers gives on the same file
+  (it dequantises through the same ``gguf`` package): greedy tokens equal, logprobs within 1e-3, through
+  the engine with chunked prefill and prefix caching.
+* The tokenizer and the chat template come from the file's metadata (byte-level BPE): the same token ids
+  as the checkpoint's own tokenizer; ``--tokenizer`` overrides it (the sentencepiece families' files carry
+  none).
+* A file holding a tensor type llmserve does not run is refused before loading, naming the type; a
+  ``.gguf`` path that does not exist is "not found"; ``repo:QUANT`` picks the repo's one file of that
+  quantisation, and an absent or ambiguous one is an error naming what the repo has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmserve.entrypoints.llm import LLM
+from llmserve.model_loader import gguf_loader
+from llmserve.model_loader.loader import ModelNotFoundError, resolve_model_path
+from llmserve.sampling_params import SamplingParams
+from llmserve.testing.gguf_files import write_gguf
+from tests.hf_reference import hf_greedy
+
+pytest.importorskip("gguf")
+pytest.importorskip("accelerate")   # transformers' GGUF loading (the oracle) needs it
+
+PROMPTS = [[5, 17, 99, 300, 42, 7], list(range(40, 90)), [1500, 3, 3, 3, 800, 12, 77, 901, 4]]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gguf")
+
+
+def _gguf(checkpoint_dir, gguf_dir: Path, family: str, file_type: str) -> Path:
+    out = gguf_dir / f"{family}-{file_type}.gguf"
+    return out if out.exists() else write_gguf(checkpoint_dir(family), out, family, file_type)
+
+
+def _generate(path: Path, **engine_args) -> list:
+    llm = LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256, max_num_batched_tokens=32,
+              **engine_args)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=0, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS] * 2, params)   # twice: prefix cache hits
+    return [(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+            for o in outputs]
+
+
+def _assert_matches(results, reference: Path, tolerance: float) -> None:
+    for (tokens, logprobs), prompt in zip(results, PROMPTS * 2):
+        ref_tokens, ref_logprobs = hf_greedy(reference, prompt, MAX_TOKENS)
+        assert tokens == ref_tokens
+        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < tolerance
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_f32_file_runs_as_the_checkpoint_it_came_from(checkpoint_dir, gguf_dir, family):
+    path = _gguf(checkpoint_dir, gguf_dir, family, "F32")
+    tokenizer = {} if family == "qwen2" else {"tokenizer": str(checkpoint_dir(family))}
+    _assert_matches(_generate(path, **tokenizer), checkpoint_dir(family), 1e-4)
+
+
+@pytest.mark.parametrize("family,file_type", [("qwen2", "Q8_0"), ("qwen2", "Q4_0"), ("qwen2", "Q5_1"),
+                                              ("llama", "Q4_1"), ("llama", "Q5_0"), ("qwen2", "F16"),
+                                              ("llama", "BF16")])
+def test_quantized_file_matches_transformers_on_the_same_file(checkpoint_dir, gguf_dir, family, file_type):
+    path = _gguf(checkpoint_dir, gguf_dir, family, file_type)
+    tokenizer = {} if family == "qwen2" else {"tokenizer": str(checkpoint_dir(family))}
+    _assert_matches(_generate(path, **tokenizer), path, 1e-3)
+
+
+def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf_dir):
+    from transformers import AutoTokenizer
+
+    path = _gguf(checkpoint_dir, gguf_dir, "qwen2", "Q8_0")
+    llm = LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256)
+    ours, original = llm.get_tokenizer(), AutoTokenizer.from_pretrained(checkpoint_dir("qwen2"))
+    text = "Où est le café ? 日本 🚀 <|im_start|>user\nHi<|im_end|>"
+    assert ours.encode(text) == original.encode(text)
+    messages = [{"role": "user", "content": "Hi there"}]
+    assert llm.chat(messages, SamplingParams(max_tokens=1))[0].prompt_token_ids == original.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+
+
+def test_a_type_llmserve_does_not_run_is_named(checkpoint_dir, gguf_dir):
+    path = _gguf(checkpoint_dir, gguf_dir, "qwen2", "MXFP4")
+    with pytest.raises(ValueError, match="MXFP4"):
+        LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256)
+
+
+def test_paths_and_hub_references(tmp_path, monkeypatch):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "missing.gguf"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelNotFoundError, match="not a .gguf file"):
+        resolve_model_path(str(tmp_path / "weights.bin"))
+    assert gguf_loader.hub_gguf_reference("org/model-GGUF:Q4_K_M") == ("org/model-GGUF", "Q4_K_M")
+    assert gguf_loader.hub_gguf_reference("org/model") is None
+
+    files = ["model-Q4_K_M.gguf", "model-q8_0.gguf", "model-Q4_K_S.gguf", "README.md", "x-Q6_K-00001-of-00002.gguf",
+             "x-Q6_K-00002-of-00002.gguf"]
+    fetched = []
+    monkeypatch.setattr("huggingface_hub.list_repo_files", lambda repo, revision=None: files)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download",
+                        lambda repo, name, revision=None, cache_dir=None: fetched.append(name) or f"/cache/{name}")
+    assert resolve_model_path("org/model:Q8_0") == Path("/cache/model-q8_0.gguf")
+    assert resolve_model_path("org/model:q4_k_m") == Path("/cache/model-Q4_K_M.gguf")
+    with pytest.raises(ModelNotFoundError, match="no Q3_K_M GGUF file; it has: model-Q4_K_M.gguf"):
+        resolve_model_path("org/model:Q3_K_M")
+    with pytest.raises(ModelNotFoundError, match="split or ambiguous"):
+        resolve_model_path("org/model:Q6_K")
