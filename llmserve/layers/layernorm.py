@@ -83,3 +83,25 @@ class LayerNorm(nn.Module):
             x = x + residual
         out = F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         return out if residual is None else (out, x)
+
+
+class Gemma4RMSNorm(GemmaRMSNorm):
+    """Gemma 4's RMSNorm: scales by ``w`` itself (not ``1 + w``), still multiplied in float32 before the cast,
+    as transformers' ``Gemma4RMSNorm`` does."""
+
+    @staticmethod
+    def _load_offset_weight(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        check_shape(loaded, param.shape, getattr(param, "checkpoint_name", ""))
+        param.data.copy_(loaded.float())
+
+
+class UnscaledRMSNorm(nn.Module):
+    """RMSNorm without a weight (Gemma 4's value norm: ``with_scale=False``)."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)

@@ -32,19 +32,27 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
         return dataclasses.replace(super().block_spec(config), qk_norm=True)
 
 
+# Where multimodal Gemma checkpoints keep their language model, written before transformers 5 and by it.
+LANGUAGE_MODEL_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                           ("language_model.lm_head.", "lm_head."))
+
+
+def language_model_tensor(name: str, tensor: torch.Tensor, skipped_prefixes: tuple[str, ...]
+                          ) -> tuple[str, torch.Tensor] | None:
+    """A multimodal checkpoint's tensor named as the text-only model names it; None for the other towers'."""
+    if name.startswith(skipped_prefixes):
+        return None
+    for old, new in LANGUAGE_MODEL_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):], tensor
+    return name, tensor
+
+
 class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
     """The language model of a multimodal Gemma 3 checkpoint (text in, text out)."""
 
-    # Checkpoints written before transformers 5 / by it.
-    renamed_prefixes = (("language_model.model.", "model."), ("model.language_model.", "model."),
-                        ("language_model.lm_head.", "lm_head."))
     skipped_prefixes = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                         "model.multi_modal_projector.")
 
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        if name.startswith(self.skipped_prefixes):
-            return None
-        for old, new in self.renamed_prefixes:
-            if name.startswith(old):
-                return new + name[len(old):], tensor
-        return name, tensor
+        return language_model_tensor(name, tensor, self.skipped_prefixes)

@@ -11,6 +11,7 @@ from llmserve.models.cohere import Cohere2ForCausalLM, CohereForCausalLM
 from llmserve.models.falcon import FalconForCausalLM
 from llmserve.models.gemma2 import Gemma2ForCausalLM
 from llmserve.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+from llmserve.models.gemma4 import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 from llmserve.models.gpt2 import GPT2LMHeadModel
 from llmserve.models.llama import LlamaForCausalLM
 from llmserve.models.mistral import MistralForCausalLM
@@ -26,6 +27,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
+    "Gemma4ForCausalLM": Gemma4ForCausalLM,
+    "Gemma4ForConditionalGeneration": Gemma4ForConditionalGeneration,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "CohereForCausalLM": CohereForCausalLM,
     "Cohere2ForCausalLM": Cohere2ForCausalLM,
@@ -35,15 +38,13 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 # Multimodal checkpoints whose language model llmserve serves on its own (text in, text out).
-TEXT_ONLY_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
+TEXT_ONLY_ARCHITECTURES = ("Gemma3ForConditionalGeneration", "Gemma4ForConditionalGeneration")
 
 # Known families llmserve does not run yet, and why (a clearer refusal than "unsupported architecture").
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "Gemma4ForCausalLM": "Gemma 4 needs per-layer inputs, KV shared across layers and partial rotary",
-    "Gemma4ForConditionalGeneration": "Gemma 4 needs per-layer inputs, KV shared across layers and partial rotary",
     "Gemma3nForCausalLM": "Gemma 3n needs per-layer inputs, KV sharing and AltUp",
     "Gemma3nForConditionalGeneration": "Gemma 3n needs per-layer inputs, KV sharing and AltUp",
-    "GemmaForCausalLM": "Gemma (1) is not implemented yet (Gemma 2 and 3 are)",
+    "GemmaForCausalLM": "Gemma (1) is not implemented yet (Gemma 2, 3 and 4 are)",
 }
 
 

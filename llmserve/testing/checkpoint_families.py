@@ -52,7 +52,7 @@ class FamilySpec:
     branch_gain: float = 1.0
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     # Tensor names and layout: "llama", "gemma", "cohere", "phi3", "gpt2", "bloom" or "falcon" (see
-    # checkpoint_layouts).
+    # checkpoint_layouts), or "gemma4" (checkpoint_layout_gemma4).
     layout: str = "llama"
     # Per size name: SizeSpec fields to replace and other config.json keys to set.
     size_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -193,6 +193,20 @@ FAMILIES: dict[str, FamilySpec] = {
         extra_config={"attention_bias": False, "attn_logit_softcapping": None, "final_logit_softcapping": None},
         size_overrides={"tiny": {"hidden_size": 48, "num_hidden_layers": 6, "num_attention_heads": 6,
                                  "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 10}},
+    ),
+    "gemma4": FamilySpec(
+        name="gemma4",
+        architecture="Gemma4ForCausalLM",
+        model_type="gemma4_text",
+        tokenizer_kind=SENTENCEPIECE,
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        rope_theta=1000000.0,   # the global layers' (proportional rotary); local layers use 10k
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        branch_gain=8.0,
+        layout="gemma4",
+        size_overrides={"tiny": {"hidden_size": 48, "num_hidden_layers": 6, "num_attention_heads": 6,
+                                 "num_key_value_heads": 2, "head_dim": 16}},
     ),
     "cohere": FamilySpec(
         name="cohere",

@@ -32,6 +32,10 @@ Families (:data:`FAMILIES`):
              2 KV heads (GQA ratio 3) of head_dim 16. Sentencepiece-style BPE, Gemma turn template.
 ``gemma3``   ``Gemma3ForCausalLM``: as gemma2 with q/k norms and no soft-caps; tiny has 6 layers, 5 local
              (window 10, rope base 10k) and 1 global (rope base 1M, linear scaling x8).
+``gemma4``   ``Gemma4ForCausalLM`` (text): per-layer inputs, the last 2 of 6 layers sharing K/V (double-wide
+             MLPs), 4 local layers (window 10, 6 heads / 2 KV heads of 16) and 2 global (head_dim 24, one KV
+             head whose values are its keys, proportional rotary on a quarter of the dims, base 1M), q/k/v
+             norms, ``layer_scalar``, final-logit soft-cap 15, tied (see ``checkpoint_layout_gemma4``).
 ``cohere``   ``CohereForCausalLM`` (Command-R): bias-free LayerNorm, parallel residual (one norm per layer),
              interleaved rotary, ``logit_scale`` 0.25, per-head q/k LayerNorm (``use_qk_norm``, as Command R+),
              tied; tiny: hidden 96, 3 layers, 6 heads / 2 KV heads (GQA ratio 3) of 16. Byte-level BPE, ChatML template.
@@ -91,6 +95,7 @@ from safetensors.torch import save_file
 from llmserve.config import cache_dir
 
 from .checkpoint_families import FAMILIES, SIZES, FamilySpec, SizeSpec
+from .checkpoint_layout_gemma4 import gemma4_config, gemma4_tensors
 from .checkpoint_layouts import (
     OWN_LAYOUTS,
     TensorSpec,
@@ -124,6 +129,9 @@ FORMAT_VERSION = 1
 DEMO_MODEL_NAME = "llmserve-demo-llama-125m"
 _STAMP_FILE = ".llmserve-checkpoint.json"
 
+
+# Layouts with their own tensor names and config keys, Gemma 4's included.
+LAYOUTS = {**OWN_LAYOUTS, "gemma4": (gemma4_tensors, gemma4_config)}
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -165,8 +173,8 @@ def tensor_specs(family: str = "llama", size: str = "tiny") -> list[TensorSpec]:
     """The tensors of a checkpoint, in the order transformers' ``state_dict()`` lists them."""
     fam = _get_family(family)
     sz = _get_size(size, fam)
-    if fam.layout in OWN_LAYOUTS:
-        return OWN_LAYOUTS[fam.layout][0](fam, sz)
+    if fam.layout in LAYOUTS:
+        return LAYOUTS[fam.layout][0](fam, sz)
     return llama_tensors(fam, sz, _head_dim(fam, sz))
 
 
@@ -251,8 +259,8 @@ def _model_config(fam: FamilySpec, sz: SizeSpec, tok: TokenizerInfo, dtype: torc
         "dtype": _DTYPE_NAMES[dtype],
         "torch_dtype": _DTYPE_NAMES[dtype],
     }
-    if fam.layout in OWN_LAYOUTS:
-        own = OWN_LAYOUTS[fam.layout][1](fam, sz, bos_id, eos_id)
+    if fam.layout in LAYOUTS:
+        own = LAYOUTS[fam.layout][1](fam, sz, bos_id, eos_id)
         config = {**common, **own, **fam.extra_config, **(size_config or {})}
         return dict(sorted(config.items()))
     rope_scaling = None

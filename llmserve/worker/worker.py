@@ -18,6 +18,7 @@ from llmserve.config import EngineConfig, resolve_dtype
 from llmserve.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from llmserve.layers.attention.backend import get_attention_backend
+from llmserve.layers.attention.layer import Attention
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
 from llmserve.worker.model_runner import ModelRunner
 
@@ -123,6 +124,12 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         assert self.runner is not None
         self.runner.allocate_kv_cache(num_blocks)
+        if self.placement.rank == 0:
+            model = self.runner.model
+            held = len(model.attention_layers())
+            shared = sum(isinstance(m, Attention) for m in model.modules()) - held
+            logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, held,
+                        f" ({shared} more reuse an earlier layer's K/V and hold none)" if shared else "")
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         assert self.runner is not None

@@ -78,23 +78,31 @@ def assert_prefix_cache_repeats(llm: LLM, outputs: list) -> None:
     assert again[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids[:8]
 
 
-def llm_block_bytes(path, block_size: int) -> int:
-    """Bytes of one KV block for the tiny model (2 tensors x layers x block x kv heads x head_dim x 4 bytes)."""
+def llm_block_bytes(path, block_size: int, tp: int = 1) -> int:
+    """Bytes of one KV block for the tiny model on one of ``tp`` ranks (2 tensors x layers x block x the rank's KV
+    heads x head_dim x 4 bytes; KV heads fewer than the ranks are replicated, one on each)."""
     from transformers import AutoConfig
 
+    def rank_heads(kv_heads: int) -> int:
+        return kv_heads // tp if kv_heads >= tp else 1
+
     cfg = AutoConfig.from_pretrained(path)   # maps GPT-2's n_layer / n_head / n_embd onto the usual names
+    if cfg.model_type == "gemma4_text":   # per-layer head sizes; layers sharing K/V hold none
+        layers = [cfg.per_layer_config[i] for i in range(cfg.num_hidden_layers - cfg.num_kv_shared_layers)]
+        return 2 * block_size * sum(rank_heads(layer.num_key_value_heads) * layer.head_dim for layer in layers) * 4
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = (falcon_kv_heads(cfg) if cfg.model_type == "falcon"
                 else getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    return 2 * cfg.num_hidden_layers * block_size * kv_heads * head_dim * 4
+    return 2 * cfg.num_hidden_layers * block_size * rank_heads(kv_heads) * head_dim * 4
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gpt2", "cohere", "cohere2", "phi3", "phi3_longrope",
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4", "gpt2", "cohere", "cohere2", "phi3", "phi3_longrope",
                                     "phi4_mini", "bloom", "falcon", "falcon_mqa", "falcon_rw"])
 def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     """One engine per family under everything that changes how the KV cache fills: 7-token steps split the
     prompts, 24 blocks of 4 tokens force preemption, and a repeated prompt is served from the prefix cache.
-    The tiny Gemmas, Cohere2 and Phi-3 slide a 10-token window (Gemma 3 on 5 of its 6 layers, Cohere2 on 3 of 4),
+    The tiny Gemmas, Cohere2 and Phi-3 slide a 10-token window (Gemma 3 on 5 of its 6 layers, Gemma 4 on 4 of 6,
+    one of them reading another's K/V, Cohere2 on 3 of 4),
     shorter than most prompts and than every prompt plus its 24 tokens; BLOOM and Falcon-RW bias every score by
     ALiBi, over the cached context of each chunk and decode. The LongRoPE Phi-3s switch at 32 tokens: of the
     prompts (2, 11, 30, 39 and 60 tokens) two start past it, one stays short and two cross it while generating,
@@ -192,7 +200,8 @@ def without_cpu_kernels(monkeypatch):
     cpu_kernels.cache_clear()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "bloom"])   # soft-caps, a window, ALiBi in PyTorch
+# Soft-caps, a window, ALiBi and shared K/V in PyTorch.
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma4", "bloom"])
 def test_pytorch_paths_without_cpu_kernels_match_hf(checkpoint_dir, family, without_cpu_kernels):
     path = checkpoint_dir(family)
     llm = LLM(str(path), max_num_batched_tokens=7, block_size=4, kv_cache_memory_bytes="32MiB")

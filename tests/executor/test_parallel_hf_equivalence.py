@@ -21,7 +21,8 @@ from tests.engine.test_pooling import assert_matches_hf as assert_pooled_like_hf
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # The Llama-shaped families in every layout; the others (whose blocks shard through the same layers) in one each:
-# Gemma 2 at TP=2 (3 query heads and 1 KV head per rank, a sliding window, soft-caps), GPT-2 at TP=2 x PP=2
+# Gemma 2 at TP=2 (3 query heads and 1 KV head per rank, a sliding window, soft-caps), Gemma 4 at TP=2 (its one
+# global KV head on both ranks, layers sharing K/V, per-layer inputs; it refuses PP), GPT-2 at TP=2 x PP=2
 # (fused c_attn and Conv1D weights sharded, learned positions on the first stage only), Command-R at TP=2
 # (per-head q/k LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2,
 # BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi slopes, the embedding LayerNorm on the first stage), Falcon's
@@ -29,8 +30,8 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per sequence and partial rotary on each rank's heads).
 # Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
 LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
-OTHER_FAMILIES = [("gemma2", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2), ("phi3", 2, 2),
-                  ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1), ("phi4_mini", 2, 1)]
+OTHER_FAMILIES = [("gemma2", 2, 1), ("gemma4", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2),
+                  ("phi3", 2, 2), ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1), ("phi4_mini", 2, 1)]
 CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + OTHER_FAMILIES
 
 
@@ -39,7 +40,7 @@ def test_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir,
     """7-token steps split every longer prompt; 24 blocks of 4 tokens cannot hold all five sequences, so
     some are preempted and recomputed; each rank holds its share of every block."""
     path = checkpoint_dir(family)
-    per_rank_block = llm_block_bytes(path, 4) // (tp * pp)
+    per_rank_block = llm_block_bytes(path, 4, tp) // pp
     llm = LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, block_size=4,
               max_num_batched_tokens=7, kv_cache_memory_bytes=24 * per_rank_block)
     try:

@@ -128,6 +128,16 @@ def test_family_loads_in_hf_with_every_weight(family, tiny_checkpoints):
         rope = model.config.rope_parameters
         assert rope["sliding_attention"]["rope_theta"] != rope["full_attention"]["rope_theta"]
         assert rope["full_attention"]["rope_type"] == "linear"
+    if family == "gemma4":   # GQA 3 locally, one KV head of another size globally; the last two layers share K/V
+        assert model.config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"] * 2
+        assert model.config.kv_sharing_modes == [None, None, "store", "store", "reuse", "reuse"]
+        local, global_ = model.config.per_layer_config[0], model.config.per_layer_config[2]
+        assert (local.head_dim, local.num_key_value_heads) == (16, 2)
+        assert (global_.head_dim, global_.num_key_value_heads) == (24, 1)
+        assert local.head_dim != config["hidden_size"] // config["num_attention_heads"]
+        assert model.config.hidden_size_per_layer_input and model.config.attention_k_eq_v
+        assert model.model.layers[2].self_attn.v_proj is None and model.config.sliding_window == 10
+        assert model.config.rope_parameters["full_attention"]["rope_type"] == "proportional"
     if family == "gpt2":   # Conv1D: [in, out]; n_inner is not 4 x hidden
         assert model.transformer.h[0].attn.c_attn.weight.shape == (config["n_embd"], 3 * config["n_embd"])
         assert config["n_inner"] != 4 * config["n_embd"] and config["eos_token_id"] == config["bos_token_id"]
@@ -235,7 +245,7 @@ def test_chat_template_renders(family, tiny_checkpoints):
         assert m["content"] in text
     if FAMILIES[family].tokenizer_kind == BYTELEVEL:
         assert text.endswith("<|im_start|>assistant\n") and text.count("<|im_end|>") == 4
-    elif FAMILIES[family].layout == "gemma":
+    elif FAMILIES[family].layout in ("gemma", "gemma4"):
         assert text.startswith("<s><start_of_turn>user\nBe brief.") and text.endswith("<start_of_turn>model\n")
     elif family == "llama3":
         assert text.startswith("<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
