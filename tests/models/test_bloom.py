@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from llmserve.layers.attention.alibi import alibi_slopes
 from tests.model_helpers import load_tiny, prefill_logits, tensor_parallel_logits
-from tests.models.test_gemma import LONG_PROMPT, hf_logits, with_config
+from tests.models.hf_logits import LONG_PROMPT, assert_matches_hf, with_config
 
 VARIANTS = {
     "as-written": {},   # 6 heads of 16
@@ -27,11 +27,7 @@ VARIANTS = {
 def test_logits_match_hf_and_each_feature_changes_them(checkpoint_dir, tmp_path, name):
     changes = VARIANTS[name]
     base = checkpoint_dir("bloom")
-    path = with_config(tmp_path, base, changes) if changes else base
-    expected = hf_logits(str(path))
-    torch.testing.assert_close(prefill_logits(load_tiny(path), LONG_PROMPT), expected, atol=1e-4, rtol=1e-4)
-    if changes:
-        assert (expected - hf_logits(str(base))).abs().max() > 1e-2, "the feature does not change the output"
+    assert_matches_hf(with_config(tmp_path, base, changes) if changes else base, base if changes else None)
 
 
 def test_every_layer_attends_with_alibi_and_no_positions(checkpoint_dir):

@@ -15,7 +15,7 @@ from llmserve.model_loader.loader import iterate_weights, load_config
 from llmserve.models.falcon import FalconForCausalLM
 from llmserve.models.llama import UnsupportedModelConfigError
 from tests.model_helpers import load_tiny, prefill_logits, tensor_parallel_logits
-from tests.models.test_gemma import LONG_PROMPT, hf_logits, with_config
+from tests.models.hf_logits import LONG_PROMPT, assert_matches_hf, with_config
 
 
 def one_parallel_norm(path: Path) -> None:
@@ -50,10 +50,7 @@ def test_logits_match_hf_and_each_feature_changes_them(checkpoint_dir, tmp_path,
     path = with_config(tmp_path, base, changes) if changes else base
     if one_norm:
         one_parallel_norm(path)
-    expected = hf_logits(str(path))
-    torch.testing.assert_close(prefill_logits(load_tiny(path), LONG_PROMPT), expected, atol=1e-4, rtol=1e-4)
-    if changes:
-        assert (expected - hf_logits(str(base))).abs().max() > 1e-2, "the feature does not change the output"
+    assert_matches_hf(path, base if changes else None)
 
 
 def test_layouts_restack_query_key_value_and_pick_their_norms(checkpoint_dir):

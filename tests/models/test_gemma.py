@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,27 +16,7 @@ from llmserve.models.llama import UnsupportedModelConfigError
 from llmserve.models.registry import UnsupportedArchitectureError, resolve_model_class
 from llmserve.testing.checkpoints import write_checkpoint
 from tests.model_helpers import load_tiny, prefill_logits, tensor_parallel_logits
-
-# 30 tokens: three times the tiny Gemmas' 10-token window.
-LONG_PROMPT = [(i * 37) % 1990 + 5 for i in range(30)]
-
-
-@lru_cache(maxsize=4)
-def hf_logits(path: str) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        return model(torch.tensor([LONG_PROMPT])).logits[0].float()
-
-
-def with_config(tmp_path: Path, base: Path, changes: dict) -> Path:
-    path = shutil.copytree(base, tmp_path / "variant")
-    config = json.loads((path / "config.json").read_text())
-    config.update(changes)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
+from tests.models.hf_logits import LONG_PROMPT, assert_matches_hf, hf_logits, with_config
 
 GEMMA3_LOCAL_ROPE_1M = {
     "rope_local_base_freq": 1e6,
@@ -66,11 +44,10 @@ VARIANTS = {
 def test_logits_match_hf_and_each_feature_changes_them(checkpoint_dir, tmp_path, name):
     family, changes = VARIANTS[name]
     base = checkpoint_dir(family)
-    path = with_config(tmp_path, base, changes) if changes else base
-    expected = hf_logits(str(path))
-    torch.testing.assert_close(prefill_logits(load_tiny(path), LONG_PROMPT), expected, atol=1e-4, rtol=1e-4)
     if changes:
-        assert (expected - hf_logits(str(base))).abs().max() > 1e-2, "the feature does not change the output"
+        assert_matches_hf(with_config(tmp_path, base, changes), base)
+    else:
+        assert_matches_hf(base)
 
 
 @pytest.mark.parametrize("style", ["legacy", "v5"])

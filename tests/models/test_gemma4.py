@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,35 +24,7 @@ from llmserve.layers.attention.shared_kv import SharedKVAttention
 from llmserve.model_loader.loader import load_config
 from llmserve.models.llama import UnsupportedModelConfigError
 from tests.model_helpers import load_tiny, prefill_logits, tensor_parallel_logits
-
-# 30 tokens: three times the tiny Gemma 4's 10-token window.
-LONG_PROMPT = [(i * 37) % 1990 + 5 for i in range(30)]
-
-
-@lru_cache(maxsize=4)
-def hf_logits(path: str) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        return model(torch.tensor([LONG_PROMPT])).logits[0].float()
-
-
-def variant(tmp_path: Path, base: Path, config: dict, tensors: dict | None = None) -> Path:
-    """A copy of ``base`` with config.json keys replaced and tensors scaled (name suffix -> factor)."""
-    path = shutil.copytree(base, tmp_path / "variant")
-    data = json.loads((path / "config.json").read_text())
-    data.update(config)
-    (path / "config.json").write_text(json.dumps(data))
-    if tensors:
-        weights = load_file(str(path / "model.safetensors"))
-        for name in weights:
-            for suffix, factor in tensors.items():
-                if name.endswith(suffix):
-                    weights[name] = torch.ones_like(weights[name]) if factor is None else weights[name] * factor
-        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path
-
+from tests.models.hf_logits import LONG_PROMPT, assert_matches_hf, hf_logits, with_config
 
 ROPE_10K = {"rope_type": "default", "rope_theta": 10000.0}
 VARIANTS = {
@@ -80,13 +50,10 @@ SAME_OUTPUT = {"values-at-another-scale"}
 def test_logits_match_hf_and_each_feature_changes_them(checkpoint_dir, tmp_path, name):
     config, tensors = VARIANTS[name]
     base = checkpoint_dir("gemma4")
-    path = variant(tmp_path, base, config, tensors) if config or tensors else base
-    expected = hf_logits(str(path))
-    torch.testing.assert_close(prefill_logits(load_tiny(path), LONG_PROMPT), expected, atol=1e-4, rtol=1e-4)
-    if name in SAME_OUTPUT:
-        torch.testing.assert_close(expected, hf_logits(str(base)), atol=1e-4, rtol=1e-4)
-    elif config or tensors:
-        assert (expected - hf_logits(str(base))).abs().max() > 1e-2, "the feature does not change the output"
+    if config or tensors:
+        assert_matches_hf(with_config(tmp_path, base, config, tensors), base, changes_output=name not in SAME_OUTPUT)
+    else:
+        assert_matches_hf(base)
 
 
 def test_layers_sharing_kv_hold_no_cache_and_read_the_last_layer_of_their_type(checkpoint_dir):
@@ -164,7 +131,7 @@ def test_triton_backend_matches_hf(checkpoint_dir, monkeypatch):
 ])
 def test_what_llmserve_cannot_run_is_refused(checkpoint_dir, tmp_path, changes, match):
     with pytest.raises(UnsupportedModelConfigError, match=match):
-        load_tiny(variant(tmp_path, checkpoint_dir("gemma4"), changes))
+        load_tiny(with_config(tmp_path, checkpoint_dir("gemma4"), changes))
 
 
 def test_pipeline_parallelism_is_refused(checkpoint_dir):

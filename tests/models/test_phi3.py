@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,10 @@ import torch
 from llmserve.models.llama import UnsupportedModelConfigError
 from llmserve.testing.checkpoint_families import PHI3_LONG_FACTOR, PHI3_SHORT_FACTOR
 from tests.model_helpers import load_tiny, prefill_logits, tensor_parallel_logits
-from tests.models.test_gemma import LONG_PROMPT, hf_logits, with_config
+from tests.models.hf_logits import LONG_PROMPT, assert_matches_hf, hf_logits, with_config
 
 SWITCH = 32   # the tiny LongRoPE checkpoints' original_max_position_embeddings
 BELOW, ABOVE = LONG_PROMPT[:20], LONG_PROMPT + LONG_PROMPT[:10]   # 20 and 40 tokens
-
-
-@lru_cache(maxsize=16)
-def hf_prompt_logits(path: str, ids: tuple[int, ...]) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        return model(torch.tensor([ids])).logits[0].float()
 
 
 def rope_variant(tmp_path: Path, base: Path, name: str, scaling: dict | None, **changes) -> Path:
@@ -50,23 +40,19 @@ def longrope(short=PHI3_SHORT_FACTOR, long=PHI3_LONG_FACTOR, **extra) -> dict:
 @pytest.mark.parametrize("changes", [{}, {"sliding_window": 4096}], ids=["as-written", "window-wider-than-prompt"])
 def test_logits_match_hf_and_the_window_changes_them(checkpoint_dir, tmp_path, changes):
     base = checkpoint_dir("phi3")
-    path = with_config(tmp_path, base, changes) if changes else base
-    expected = hf_logits(str(path))
-    torch.testing.assert_close(prefill_logits(load_tiny(path), LONG_PROMPT), expected, atol=1e-4, rtol=1e-4)
-    if changes:
-        assert (expected - hf_logits(str(base))).abs().max() > 1e-2, "the window does not change the output"
+    assert_matches_hf(with_config(tmp_path, base, changes) if changes else base, base if changes else None)
 
 
 @pytest.mark.parametrize("family", ["phi3_longrope", "phi4_mini"])
 @pytest.mark.parametrize("ids", [BELOW, ABOVE], ids=["below-switch", "above-switch"])
 def test_longrope_logits_match_hf_below_and_above_the_switch(checkpoint_dir, family, ids):
     path = checkpoint_dir(family)
-    expected = hf_prompt_logits(str(path), tuple(ids))
+    expected = hf_logits(str(path), tuple(ids))
     torch.testing.assert_close(prefill_logits(load_tiny(path), ids), expected, atol=1e-4, rtol=1e-4)
 
 
 def differs(a: Path, b: Path, ids: list[int]) -> bool:
-    return bool((hf_prompt_logits(str(a), tuple(ids)) - hf_prompt_logits(str(b), tuple(ids))).abs().max() > 1e-2)
+    return bool((hf_logits(str(a), tuple(ids)) - hf_logits(str(b), tuple(ids))).abs().max() > 1e-2)
 
 
 def test_each_longrope_feature_changes_the_output(checkpoint_dir, tmp_path):
@@ -81,14 +67,14 @@ def test_each_longrope_feature_changes_the_output(checkpoint_dir, tmp_path):
     assert differs(base, unscaled, BELOW) and differs(base, unscaled, ABOVE)
     for variant in (short_only, unscaled):
         torch.testing.assert_close(prefill_logits(load_tiny(variant), ABOVE),
-                                   hf_prompt_logits(str(variant), tuple(ABOVE)), atol=1e-4, rtol=1e-4)
+                                   hf_logits(str(variant), tuple(ABOVE)), atol=1e-4, rtol=1e-4)
 
 
 def test_partial_rotary_changes_the_output(checkpoint_dir, tmp_path):
     base = checkpoint_dir("phi4_mini")
     full = rope_variant(tmp_path, base, "full-rotary", longrope(), partial_rotary_factor=1.0)
     assert differs(base, full, BELOW)
-    torch.testing.assert_close(prefill_logits(load_tiny(full), BELOW), hf_prompt_logits(str(full), tuple(BELOW)),
+    torch.testing.assert_close(prefill_logits(load_tiny(full), BELOW), hf_logits(str(full), tuple(BELOW)),
                                atol=1e-4, rtol=1e-4)
 
 
@@ -97,7 +83,7 @@ def test_older_configs_longrope_name_su_loads_as_longrope(checkpoint_dir, tmp_pa
     su = rope_variant(tmp_path, checkpoint_dir("phi3_longrope"), "su",
                       longrope(rope_type="su", original_max_position_embeddings=SWITCH))
     torch.testing.assert_close(prefill_logits(load_tiny(su), ABOVE),
-                               hf_prompt_logits(str(checkpoint_dir("phi3_longrope")), tuple(ABOVE)),
+                               hf_logits(str(checkpoint_dir("phi3_longrope")), tuple(ABOVE)),
                                atol=1e-4, rtol=1e-4)
 
 
