@@ -11,9 +11,9 @@ import torch
 
 from llmserve.layers.attention.alibi import alibi_slopes
 from llmserve.layers.attention.backend import AttentionSpec
-from llmserve.layers.cpu_kernels import cpu_kernels
 from tests.layers.attention.test_window_softcap import (CPU, DEVICE, MIXED, MIXED_DECODES, Batch, assert_close,
                                                          assert_graph_decode_matches, graph_decode_batch,
+                                                         run_cpu_decode_kernel,
                                                          make_backend, reference_mask, run)
 
 
@@ -120,21 +120,9 @@ def test_torch_backend_slices_alibi_scores(monkeypatch):
 @pytest.mark.parametrize("window", [None, 5])
 def test_cpu_decode_kernel(head_dim, window):
     """The compiled kernel directly: many rows (whole sequences per work item) and one (a KV head per item)."""
-    kernels = cpu_kernels()
-    assert kernels is not None
-    for seqs in ([(c, 1) for c in (0, 3, 4, 5, 63, 64, 200, 31)], [(150, 1)]):
-        batch = Batch(seqs, len(seqs), 4, 6, 2, head_dim, seed=head_dim, query_scale=2.0)
-        key_cache, value_cache = batch.caches(CPU)
-        key_cache.view(-1, 2, head_dim)[batch.slots] = batch.key
-        value_cache.view(-1, 2, head_dim)[batch.slots] = batch.value
-        width = max(map(len, batch.tables))
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.tables], dtype=torch.int32)
-        lens = torch.tensor([c + 1 for c, _ in seqs], dtype=torch.int32)
-        out = torch.empty_like(batch.query)
-        spec = alibi_spec(batch, window)
-        kernels.paged_decode_attention(batch.query, key_cache, value_cache, tables, lens, spec.scale, out,
-                                       sliding_window=window, alibi_slopes=torch.tensor(spec.alibi_slopes))
-        assert_close(out, expected(batch, spec))
+    kernels, batch, key_cache, value_cache, tables, lens, spec, out = run_cpu_decode_kernel(
+        head_dim, lambda batch: alibi_spec(batch, window), expected, sliding_window=window,
+        alibi_slopes=lambda spec: torch.tensor(spec.alibi_slopes))
     with pytest.raises(ValueError, match="alibi_slopes must be a contiguous float32"):
         kernels.paged_decode_attention(batch.query, key_cache, value_cache, tables, lens, spec.scale, out,
                                        alibi_slopes=torch.ones(5))

@@ -222,6 +222,13 @@ def test_speculative_rows_only():
 @pytest.mark.parametrize("window,soft_cap", [(None, None), (1, None), (5, None), (64, 1.5), (None, 4.0)])
 def test_cpu_decode_kernel_window_and_soft_cap(head_dim, window, soft_cap):
     """The compiled kernel directly: many threads' worth of rows, and few rows (one KV head per work item)."""
+    run_cpu_decode_kernel(head_dim, lambda batch: batch.spec(window, soft_cap), Batch.expected,
+                          sliding_window=window, soft_cap=soft_cap)
+
+
+def run_cpu_decode_kernel(head_dim: int, make_spec, expected, **kernel_args) -> tuple:
+    """Call the compiled paged decode kernel on decodes over many contexts (work split by rows) and on one long
+    one (split by KV head), comparing with ``expected(batch, spec)``; returns the last call's arguments."""
     kernels = cpu_kernels()
     assert kernels is not None
     for seqs in ([(c, 1) for c in (0, 3, 4, 5, 63, 64, 200, 31)], [(150, 1)]):
@@ -233,10 +240,11 @@ def test_cpu_decode_kernel_window_and_soft_cap(head_dim, window, soft_cap):
         tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.tables], dtype=torch.int32)
         lens = torch.tensor([c + 1 for c, _ in seqs], dtype=torch.int32)
         out = torch.empty_like(batch.query)
-        spec = batch.spec(window, soft_cap)
+        spec = make_spec(batch)
         kernels.paged_decode_attention(batch.query, key_cache, value_cache, tables, lens, spec.scale, out,
-                                       sliding_window=window, soft_cap=soft_cap)
-        assert_close(out, batch.expected(spec))
+                                       **{k: v(spec) if callable(v) else v for k, v in kernel_args.items()})
+        assert_close(out, expected(batch, spec))
+    return kernels, batch, key_cache, value_cache, tables, lens, spec, out
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
