@@ -13,7 +13,7 @@ from llmserve.layers.attention.alibi import alibi_slopes
 from llmserve.layers.attention.backend import AttentionSpec
 from tests.layers.attention.test_window_softcap import (CPU, DEVICE, MIXED, MIXED_DECODES, Batch, assert_close,
                                                          assert_graph_decode_matches, graph_decode_batch,
-                                                         run_cpu_decode_kernel,
+                                                         run_cpu_decode_kernel, run_triton_split_decode,
                                                          make_backend, reference_mask, run)
 
 
@@ -132,20 +132,8 @@ def test_cpu_decode_kernel(head_dim, window):
 def test_triton_decode_splits(num_splits):
     """Split-K decode: every split biases its own keys by their distance to the sequence's last token."""
     pytest.importorskip("triton", reason="triton is not installed")
-    from llmserve.layers.attention import triton_kernels as kernels
-
-    seqs = [(300, 1), (0, 1), (49, 1), (70, 1)]
-    batch = Batch(seqs, 4, 16, 4, 2, 64, seed=num_splits, query_scale=2.0)
-    key_cache, value_cache = batch.caches(DEVICE)
-    kernels.store_kv(batch.key, batch.value, key_cache, value_cache, batch.slots.to(DEVICE))
-    width = max(map(len, batch.tables))
-    tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.tables], dtype=torch.int32, device=DEVICE)
-    lens = torch.tensor([c + 1 for c, _ in seqs], dtype=torch.int32, device=DEVICE)
-    out = torch.empty_like(batch.query)
-    spec = alibi_spec(batch, 50)
-    kernels.decode_attention(batch.query, key_cache, value_cache, out, tables, lens, num_splits, spec.scale,
-                             window=50, alibi_slopes=torch.tensor(spec.alibi_slopes, device=DEVICE))
-    assert_close(out, expected(batch, spec))
+    run_triton_split_decode(num_splits, lambda batch: alibi_spec(batch, 50), expected, window=50,
+                            alibi_slopes=lambda spec: torch.tensor(spec.alibi_slopes, device=DEVICE))
 
 
 def test_spec_takes_one_finite_slope_per_query_head():

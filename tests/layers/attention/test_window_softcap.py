@@ -252,6 +252,13 @@ def run_cpu_decode_kernel(head_dim: int, make_spec, expected, **kernel_args) -> 
 def test_triton_decode_splits_only_the_window(num_splits, window):
     """Split-K over the window [seq_len - window, seq_len): splits past it are empty and combine to nothing."""
     pytest.importorskip("triton", reason="triton is not installed")
+    run_triton_split_decode(num_splits, lambda batch: batch.spec(window, 3.0), Batch.expected, window=window,
+                            soft_cap=3.0)
+
+
+def run_triton_split_decode(num_splits: int, make_spec, expected, **kernel_args) -> None:
+    """Triton's split-K decode kernel directly, on decodes over contexts of 0 to 300 tokens, against
+    ``expected(batch, spec)``; a callable in ``kernel_args`` is given the spec."""
     from llmserve.layers.attention import triton_kernels as kernels
 
     seqs = [(300, 1), (0, 1), (49, 1), (70, 1)]
@@ -262,10 +269,10 @@ def test_triton_decode_splits_only_the_window(num_splits, window):
     tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.tables], dtype=torch.int32, device=DEVICE)
     lens = torch.tensor([c + 1 for c, _ in seqs], dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(batch.query)
-    spec = batch.spec(window, 3.0)
+    spec = make_spec(batch)
     kernels.decode_attention(batch.query, key_cache, value_cache, out, tables, lens, num_splits, spec.scale,
-                             window=window, soft_cap=3.0)
-    assert_close(out, batch.expected(spec))
+                             **{k: v(spec) if callable(v) else v for k, v in kernel_args.items()})
+    assert_close(out, expected(batch, spec))
 
 
 def graph_decode_batch() -> Batch:
