@@ -161,6 +161,9 @@ class AsyncLLMEngine:
             if output.finished:
                 del self._streams[output.request_id]
             stream.put_nowait(output)
+        # acknowledged after the tasks woken above have run (call_soon keeps order): the core's lead is
+        # measured against what the streams took, not against what sits in their queues
+        self._loop.call_soon(self.client.ack)
 
     def _died(self, exc: BaseException) -> None:
         logger.error("engine core died: %s", exc)

@@ -3,12 +3,16 @@ never takes the GIL or a core from the step loop (vLLM V1's layout).
 
 Two one-way pipes carry msgpack messages: requests and aborts in, :class:`EngineCoreOutputs` out. The
 front end writes from a sender thread and the core reads on a receiver thread, so neither side's loop
-waits on the other to take a large prompt; the core's outputs go out from its step loop, so a front end
-that falls behind slows the steps down (back-pressure) instead of queueing without bound. The core
+waits on the other to take a large prompt. The front end acknowledges each output message once it has
+handed it to the streams, and the core never has more than :data:`MAX_STEPS_AHEAD` unacknowledged: a front
+end that falls behind (detokenising and writing SSE for many streams) slows the steps down instead of
+letting a backlog build in the pipe, where a client's disconnect would wait behind seconds of tokens while
+the core kept computing for it. The core
 process is spawned, never forked: a fork would inherit the server's listening
 socket and its threads' locks. It exits when its parent does.
 
-Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``Q`` (stop); out ``R`` + JSON
+Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``K`` (an output message was
+processed), ``Q`` (stop); out ``R`` + JSON
 (ready: the KV-cache size), ``O`` + outputs, ``F`` + text (the core failed and exited).
 """
 
@@ -32,6 +36,9 @@ from llmserve.logging_setup import LogSetup, configure_logging, current_setup
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 3600.0   # loading a large checkpoint, or downloading it
+# One step's outputs being processed by the front end while the core computes the next: full overlap
+# when the front end keeps up, and a bounded lag when it does not.
+MAX_STEPS_AHEAD = 2
 
 
 class EngineCoreDiedError(RuntimeError):
@@ -66,6 +73,10 @@ class EngineCoreClient:
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         self._sends.put(b"B" + json.dumps([request_id, index]).encode())
+
+    def ack(self) -> None:
+        """The last output message has been processed (lets the core run one more step ahead)."""
+        self._sends.put(b"K")
 
     def _send_loop(self) -> None:
         while (message := self._sends.get()) is not None:
@@ -145,23 +156,33 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
 
 def _core_loop(core: EngineCore, received: queue.SimpleQueue[bytes], outputs: Connection) -> None:
     report_idle = False   # after an abort while idle, send the freed state once (gauges)
+    unacked = 0           # output messages the front end has not processed yet
+
+    def send(message: EngineCoreOutputs) -> None:
+        nonlocal unacked
+        outputs.send_bytes(b"O" + encode(message))
+        unacked += 1
+
     while True:
-        block = not core.has_unfinished_requests()
-        while True:
+        first = True
+        while True:   # apply what came in: wait for something when idle, for an ack when too far ahead
+            busy = core.has_unfinished_requests()
             try:
-                message = received.get(block=block, timeout=None)
+                message = received.get(block=(first and not busy) or (busy and unacked >= MAX_STEPS_AHEAD))
             except queue.Empty:
                 break
-            block = False
+            first = False
             tag, body = message[:1], message[1:]
             if tag == b"Q":
                 return
-            if tag == b"A":
+            if tag == b"K":
+                unacked -= 1
+            elif tag == b"A":
                 request: Any = decode(body, EngineCoreRequest)
                 try:
                     core.add_request(request)
                 except ValueError as exc:
-                    outputs.send_bytes(b"O" + encode(EngineCoreOutputs(failed={request.request_id: str(exc)})))
+                    send(EngineCoreOutputs(failed={request.request_id: str(exc)}))
             elif tag == b"B":
                 request_id, index = json.loads(body)
                 core.abort(request_id, index)
@@ -169,8 +190,8 @@ def _core_loop(core: EngineCore, received: queue.SimpleQueue[bytes], outputs: Co
         if core.has_unfinished_requests():
             step = core.step()
             if step.stats is not None:   # None: nothing was scheduled
-                outputs.send_bytes(b"O" + encode(step))
+                send(step)
                 report_idle = False
         elif report_idle:
-            outputs.send_bytes(b"O" + encode(EngineCoreOutputs(stats=core.stats())))
+            send(EngineCoreOutputs(stats=core.stats()))
             report_idle = False

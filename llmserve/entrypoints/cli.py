@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--n", type=int, default=4, help="parallel samples for the sharing measurement")
     pc.add_argument("--waste-requests", type=int, default=64)
     pc.set_defaults(func=_bench("prefix_cache", "run_prefix_cache_benchmark"))
+    from llmserve.benchmarks.reliability.commands import add_reliability_commands
     from llmserve.benchmarks.serve_args import add_serve_args
 
     srv = bench_sub.add_parser("serve", help="load a running OpenAI-compatible server with streaming requests")
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     roof.add_argument("--gemm-size", type=int, default=2048, help="matrix size of the GEMM peak measurement")
     roof.add_argument("--output-json", default=None, help="write the results as JSON")
     roof.set_defaults(func=_bench("roofline", "run_roofline_benchmark"))
+    add_reliability_commands(bench_sub)
     return parser
 
 

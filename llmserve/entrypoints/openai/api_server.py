@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -20,24 +19,22 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-import h11
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import generate_latest
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import llmserve
 from llmserve.config import EngineConfig, parse_size
 from llmserve.engine.async_engine import AsyncLLMEngine, ShutdownError
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
 from llmserve.entrypoints.openai.embedding_protocol import EmbeddingRequest
-from llmserve.entrypoints.openai.errors import APIError, error_body, error_response, install_error_handlers
+from llmserve.entrypoints.openai.errors import APIError, error_response, install_error_handlers
+from llmserve.entrypoints.openai.http_protocol import http_protocol
 from llmserve.entrypoints.openai.middleware import RequestId, RequestLimits, RequireApiKey
 from llmserve.entrypoints.openai.openapi import (PrometheusText, install_openapi, json_ok, json_or_events_ok,
                                                  named_events_ok, route, text_ok)
@@ -75,6 +72,7 @@ class ServerConfig:
     request_timeout: float | None = None
     allowed_origins: list[str] = field(default_factory=list)
     shutdown_timeout: float = 30.0
+    request_read_timeout: float | None = 60.0
     max_n: int = 128
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
@@ -273,6 +271,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="answer 503 (Retry-After) when this many requests are already waiting")
     g.add_argument("--request-timeout", type=float, default=None,
                    help="seconds a request may run before it is aborted (504, or an SSE error event)")
+    g.add_argument("--request-read-timeout", type=float, default=60.0,
+                   help="seconds a client gets to send a whole request, head and body (408 after)")
     g.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins allowed (default: none)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests get to finish")
@@ -293,8 +293,10 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.request_timeout is not None and args.request_timeout <= 0:
-        raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    for name in ("request_timeout", "request_read_timeout"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
         raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: the parser reads the calls "
                          "a model makes on its own (tool_choice auto); required and named choices need neither")
@@ -302,32 +304,10 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, served_model_names=args.served_model_name or [],
                         api_key=api_key, chat_template=args.chat_template,
                         max_num_queued_reqs=args.max_num_queued_reqs, request_timeout=args.request_timeout,
+                        request_read_timeout=args.request_read_timeout,
                         allowed_origins=args.allowed_origins, shutdown_timeout=args.shutdown_timeout,
                         max_n=args.max_n, max_request_body_bytes=parse_size(args.max_request_body_bytes),
                         max_header_bytes=args.max_header_bytes, tool_call_parser=args.tool_call_parser)
-
-
-class _H11Protocol(H11Protocol):
-    """uvicorn answers a request head h11 cannot parse with a plain-text 400; this answers OpenAI's error
-    object, with 431 when the head is over --max-header-bytes (what reaches h11 in pieces; a head that
-    arrives whole is measured by :class:`RequestLimits`)."""
-
-    def send_400_response(self, msg: str) -> None:
-        pending, _ = self.conn.trailing_data
-        limit = self.config.h11_max_incomplete_event_size
-        status = 431 if limit is not None and len(pending) > limit else 400
-        message = f"request headers larger than {limit} bytes" if status == 431 else "invalid HTTP request"
-        body = json.dumps(error_body(status, message)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
-        head = h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode())
-        try:
-            self.transport.write(self.conn.send(head))
-            self.transport.write(self.conn.send(h11.Data(data=body)))
-            self.transport.write(self.conn.send(h11.EndOfMessage()))
-        except h11.LocalProtocolError:
-            pass
-        self.transport.close()
 
 
 class GracefulServer(uvicorn.Server):
@@ -359,7 +339,7 @@ def run_server(args: argparse.Namespace) -> int:
     app = build_app(state)
     # log_config=None: uvicorn's loggers go through the root handler (--log-format), at warning level
     logging.getLogger("uvicorn").setLevel(logging.WARNING)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, http=_H11Protocol, log_config=None,
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, http=http_protocol(config.request_read_timeout), log_config=None,
                                timeout_graceful_shutdown=config.shutdown_timeout,
                                h11_max_incomplete_event_size=config.max_header_bytes)
     server = GracefulServer(uv_config)

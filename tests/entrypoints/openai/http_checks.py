@@ -7,15 +7,12 @@ import re
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from llmserve.benchmarks.reliability.server_probe import parse_metrics
 
 
 def scrape(base_url: str) -> dict[str, float]:
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text):
-        for sample in family.samples:
-            values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return values
+    return parse_metrics(httpx.get(f"{base_url}/metrics").text)
 
 
 def check_error(response: httpx.Response, status: int, param: str | None = "<any>", code: str | None = "<any>",

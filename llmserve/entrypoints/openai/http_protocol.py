@@ -1,0 +1,92 @@
+"""The server's HTTP/1.1 connection handling: uvicorn's h11 protocol with the answers and the deadline
+an OpenAI-compatible server owes its clients.
+
+* A request head h11 cannot parse gets OpenAI's error object (uvicorn sends plain text), and 431 when
+  the head is over ``--max-header-bytes`` (what reaches h11 in pieces; a head that arrives whole is
+  measured by :class:`~llmserve.entrypoints.openai.middleware.RequestLimits`).
+* ``--request-read-timeout``: a client gets that long to send a whole request, head and body, counted
+  from its first byte (from the connection for the first request). uvicorn has no such bound: a client
+  trickling one byte per second, or connecting and sending nothing, would hold its connection and the
+  route waiting on its body forever. When the time is up the client gets 408 and the connection closes;
+  a route already waiting for the body sees a disconnect, so nothing was submitted to the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from http import HTTPStatus
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from llmserve.entrypoints.openai.errors import error_body
+
+# h11 states of the client's side in which its request is still arriving
+_RECEIVING = (h11.IDLE, h11.SEND_BODY)
+
+
+class LLMServeH11Protocol(H11Protocol):
+    read_timeout: float | None = None     # set by :func:`http_protocol`
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._read_deadline: asyncio.TimerHandle | None = None
+        self._arm_read_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self._read_deadline is None and self.conn.their_state is h11.IDLE:
+            self._arm_read_deadline()      # the first byte of the next request on this connection
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state not in _RECEIVING:
+            self._disarm_read_deadline()   # the request is complete (or the connection is over)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_read_deadline()
+        super().connection_lost(exc)
+
+    def _arm_read_deadline(self) -> None:
+        if self.read_timeout is not None:
+            self._read_deadline = self.loop.call_later(self.read_timeout, self._read_timed_out)
+
+    def _disarm_read_deadline(self) -> None:
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _read_timed_out(self) -> None:
+        self._read_deadline = None
+        if self.transport.is_closing() or self.conn.their_state not in _RECEIVING:
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()
+            return
+        if self.cycle is not None:         # the route is waiting for the rest of the body: it sees a disconnect
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self._send_error(408, f"the request did not arrive within --request-read-timeout ({self.read_timeout:g} s)")
+
+    def send_400_response(self, msg: str) -> None:
+        pending, _ = self.conn.trailing_data
+        limit = self.config.h11_max_incomplete_event_size
+        if limit is not None and len(pending) > limit:
+            self._send_error(431, f"request headers larger than {limit} bytes")
+        else:
+            self._send_error(400, "invalid HTTP request")
+
+    def _send_error(self, status: int, message: str) -> None:
+        """Answer with OpenAI's error object outside any request cycle (h11 may be mid-request or have
+        seen none), then close the connection."""
+        body = json.dumps(error_body(status, message)).encode()
+        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+
+def http_protocol(read_timeout: float | None) -> type[LLMServeH11Protocol]:
+    """The protocol class uvicorn instantiates per connection, bound to this server's read deadline."""
+    return type("LLMServeH11Protocol", (LLMServeH11Protocol,), {"read_timeout": read_timeout})
