@@ -27,11 +27,15 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # (per-head q/k LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2,
 # BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi slopes, the embedding LayerNorm on the first stage), Falcon's
 # new architecture at TP=2 (one of the 2 KV groups per rank), Falcon-RW at TP=2 (ALiBi, sequential blocks) and
-# the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per sequence and partial rotary on each rank's heads).
+# the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per sequence and partial rotary on each rank's heads),
+# and the MoE families (every expert split over the intermediate dimension, one all-reduce): Mixtral and Qwen2-MoE
+# (its shared expert and dense middle layer sharded too) at TP=2, Qwen3-MoE at TP=2 x PP=2 (its dense layer on
+# the first stage, its sparse one on the second).
 # Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
 LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 OTHER_FAMILIES = [("gemma2", 2, 1), ("gemma4", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2),
-                  ("phi3", 2, 2), ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1), ("phi4_mini", 2, 1)]
+                  ("phi3", 2, 2), ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1), ("phi4_mini", 2, 1),
+                  ("mixtral", 2, 1), ("qwen2_moe", 2, 1), ("qwen3_moe", 2, 2)]
 CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + OTHER_FAMILIES
 
 
