@@ -14,7 +14,7 @@ stage's layers.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,9 +202,14 @@ class LlamaDecoderLayer(nn.Module):
                  prefix: str = "") -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, spec, quant_config, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(config, spec, quant_config, f"{prefix}.mlp")
+        self.mlp = self.make_mlp(config, spec, quant_config, f"{prefix}.mlp")
         self.input_layernorm = make_norm(spec, config.hidden_size, norm_eps_of(config))
         self.post_attention_layernorm = make_norm(spec, config.hidden_size, norm_eps_of(config))
+
+    def make_mlp(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None,
+                 prefix: str) -> nn.Module:
+        """The feed-forward block (a mixture-of-experts family builds its sparse block here)."""
+        return LlamaMLP(config, spec, quant_config, prefix)
 
     def input_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_layernorm`` with the previous layer's residual add folded in (none before the first layer)."""
@@ -341,6 +346,15 @@ class LlamaForCausalLM(nn.Module):
         whose checkpoints name or store tensors differently overrides this (GPT-2)."""
         return name, tensor
 
+    def param_target(self, name: str, params: Mapping[str, nn.Parameter]) -> tuple[str, object]:
+        """``(parameter, shard id)`` a checkpoint tensor (as :meth:`checkpoint_tensor` named it) loads into:
+        itself, or a fused parameter of :attr:`stacked_params` (a family with stacked experts adds its own)."""
+        for fused, part, shard_id in self.stacked_params:
+            fused_target = name.replace(f".{part}.", f".{fused}.")
+            if f".{part}." in name and fused_target in params:   # GPT-2's plain MLP keeps its up_proj
+                return fused_target, shard_id
+        return name, None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors into this rank's (fused, sharded) parameters, one tensor at a time;
         tensors of other pipeline stages are skipped.
@@ -349,8 +363,9 @@ class LlamaForCausalLM(nn.Module):
         """
         params = dict(self.named_parameters())
 
-        def shard_ids(param_name: str) -> tuple[object, ...]:
-            return getattr(self.get_submodule(param_name.rsplit(".", 1)[0]), "shard_ids", (None,))
+        def shard_ids(param_name: str) -> tuple[object, ...]:   # the parameter's own, else its layer's
+            own = getattr(params[param_name], "shard_ids", None)
+            return own or getattr(self.get_submodule(param_name.rsplit(".", 1)[0]), "shard_ids", (None,))
 
         expected = {(name, s) for name in params for s in shard_ids(name)}
         loaded: set[tuple[str, object]] = set()
@@ -365,16 +380,12 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.tie_word_embeddings and ckpt_name == "lm_head.weight":
                 continue  # some tied checkpoints store the shared matrix twice
-            target, shard = ckpt_name, None
             if tied_copy and ckpt_name == "model.embed_tokens.weight":
-                target = "lm_head.weight"
+                target, shard = "lm_head.weight", None
             elif self._on_other_stage(ckpt_name):
                 continue
-            for fused, part, shard_id in self.stacked_params:
-                fused_target = target.replace(f".{part}.", f".{fused}.")
-                if f".{part}." in target and fused_target in params:   # GPT-2's plain MLP keeps its up_proj
-                    target, shard = fused_target, shard_id
-                    break
+            else:
+                target, shard = self.param_target(ckpt_name, params)
             param = params.get(target)
             if param is None:
                 unexpected.append(original_name)

@@ -1,7 +1,8 @@
 """Tensor and pipeline parallelism change where the model runs, never what it computes: with TP=2, PP=2
 and TP=2 x PP=2 (one worker process per rank, gloo on the CPU), greedy output equals Hugging Face
 transformers token for token and logprobs agree within 1e-3, for every Llama-shaped family in every layout,
-and each other family in one, with chunked prefill and forced preemption, prefix caching on.
+and each other family in one, with chunked prefill and forced preemption, prefix caching on; so does expert
+parallelism at TP=2 for the MoE families.
 Embeddings pool on the last stage: at TP=2 x PP=2, mean-pooled vectors computed in 7-token chunks, batched
 with greedy generations, equal HF's pooled hidden states within 1e-4."""
 
@@ -27,11 +28,15 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # (per-head q/k LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2,
 # BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi slopes, the embedding LayerNorm on the first stage), Falcon's
 # new architecture at TP=2 (one of the 2 KV groups per rank), Falcon-RW at TP=2 (ALiBi, sequential blocks) and
-# the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per sequence and partial rotary on each rank's heads).
+# the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per sequence and partial rotary on each rank's heads),
+# and the MoE families (every expert split over the intermediate dimension, one all-reduce): Mixtral and Qwen2-MoE
+# (its shared expert and dense middle layer sharded too) at TP=2, Qwen3-MoE at TP=2 x PP=2 (its dense layer on
+# the first stage, its sparse one on the second).
 # Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
 LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 OTHER_FAMILIES = [("gemma2", 2, 1), ("gemma4", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2),
-                  ("phi3", 2, 2), ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1), ("phi4_mini", 2, 1)]
+                  ("phi3", 2, 2), ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1), ("phi4_mini", 2, 1),
+                  ("mixtral", 2, 1), ("qwen2_moe", 2, 1), ("qwen3_moe", 2, 2)]
 CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + OTHER_FAMILIES
 
 
@@ -52,6 +57,27 @@ def test_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir,
         assert_prefix_cache_repeats(llm, outputs)   # from blocks each rank still holds
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_expert_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir, family):
+    """--enable-expert-parallel at TP=2: each rank holds whole experts (Mixtral's 5 as 3 + 2, Qwen2-MoE's 7 as
+    4 + 3, its shared expert and dense layer still split), under 7-token steps and forced preemption."""
+    path = checkpoint_dir(family)
+    llm = LLM(str(path), tensor_parallel_size=2, enable_expert_parallel=True, block_size=4, max_num_batched_tokens=7,
+              kv_cache_memory_bytes=24 * llm_block_bytes(path, 4, 2))
+    try:
+        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert_matches_hf(path, outputs, max_tokens=24)
+        assert_prefix_cache_repeats(llm, outputs)
+    finally:
+        llm.shutdown()
+
+
+def test_expert_parallelism_without_experts_is_refused(llama_dir):
+    with pytest.raises(Exception, match="--enable-expert-parallel: LlamaForCausalLM has no mixture-of-experts"):
+        LLM(str(llama_dir), tensor_parallel_size=2, enable_expert_parallel=True, kv_cache_memory_bytes="8MiB")
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)], ids=["tp1pp2", "tp2pp2"])
