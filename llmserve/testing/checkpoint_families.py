@@ -52,7 +52,7 @@ class FamilySpec:
     branch_gain: float = 1.0
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     # Tensor names and layout: "llama", "gemma", "cohere", "phi3", "gpt2", "bloom" or "falcon" (see
-    # checkpoint_layouts), or "gemma4" (checkpoint_layout_gemma4).
+    # checkpoint_layouts), "gemma4" (checkpoint_layout_gemma4) or "deepseek" (checkpoint_layout_deepseek).
     layout: str = "llama"
     # Per size name: SizeSpec fields to replace and other config.json keys to set.
     size_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -363,5 +363,44 @@ FAMILIES: dict[str, FamilySpec] = {
                       "alibi": True},
         size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 6,
                                  "intermediate_size": 160}},
+    ),
+    # DeepSeek-V2-Lite's attention: multi-head latent attention with queries straight from q_proj (no q_lora_rank).
+    "deepseek_v2_lite": FamilySpec(
+        name="deepseek_v2_lite",
+        architecture="DeepseekV2ForCausalLM",
+        model_type="deepseek_v2",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        layout="deepseek",
+        extra_config={"q_lora_rank": None, "mlp_bias": False},
+    ),
+    # DeepSeek-V2's attention: low-rank queries (q_a_proj -> q_a_layernorm -> q_b_proj).
+    "deepseek_v2": FamilySpec(
+        name="deepseek_v2",
+        architecture="DeepseekV2ForCausalLM",
+        model_type="deepseek_v2",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        layout="deepseek",
+        extra_config={"q_lora_rank": 24, "mlp_bias": False},
+    ),
+    # DeepSeek-V3's attention: low-rank queries, YaRN rope (factor 32 over 64 original positions) whose
+    # mscale_all_dim multiplies the softmax scale.
+    "deepseek_v3": FamilySpec(
+        name="deepseek_v3",
+        architecture="DeepseekV3ForCausalLM",
+        model_type="deepseek_v3",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        layout="deepseek",
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                      "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
+        extra_config={"q_lora_rank": 24, "rope_interleave": True},
     ),
 }
