@@ -1,0 +1,51 @@
+"""The experts' MLPs over routed tokens, grouped by expert (the CPU path, and the reference everywhere).
+
+Each (token, slot) pair is one row; the rows are sorted by expert id, so every expert's rows are one
+contiguous slice and the expert runs one GEMM for its gate/up projection and one for its down projection
+over all of them (the loop is over experts, never over tokens; an expert that received no row costs
+nothing). The outputs, multiplied by their routing weights, are summed back into their tokens with one
+``index_add_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from llmserve.quantization.unquantized import apply_linear
+
+
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, counts)``: the flat (token, slot) rows ``t * top_k + s`` sorted by expert id (stable, so each
+    expert's rows keep token order), and the number of rows per expert [E]."""
+    flat = topk_ids.reshape(-1)
+    return flat.argsort(stable=True), torch.bincount(flat, minlength=num_experts)
+
+
+def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``sum_s weight[t, s] * down_e(act(gate_up_e(x[t])))`` with ``e = topk_ids[t, s]``, for every token t.
+
+    ``x`` [T, H]; ``w13`` [E, 2I, H] (gate rows, then up rows); ``w2`` [E, H, I]; ``topk_weights`` and
+    ``topk_ids`` [T, top_k]; ``activation`` maps [n, 2I] to [n, I] (e.g. SiLU(gate) * up). Ids outside
+    ``[0, E)`` are not allowed.
+    """
+    t, k = topk_ids.shape
+    out = torch.zeros_like(x)
+    if t == 0:
+        return out
+    order, counts = sort_by_expert(topk_ids, w13.shape[0])
+    tokens = order // k
+    rows = x.index_select(0, tokens)
+    expert_out = torch.empty_like(rows)
+    start = 0
+    for expert, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        part = rows[start:start + n]
+        hidden = activation(apply_linear(part, w13[expert], None))
+        expert_out[start:start + n] = apply_linear(hidden, w2[expert], None)
+        start += n
+    expert_out.mul_(topk_weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(x.dtype))
+    return out.index_add_(0, tokens, expert_out)
