@@ -19,6 +19,7 @@ attention and MLP, SwiGLU MLPs, untied LM head) with multi-head latent attention
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from llmserve.distributed.parallel_state import get_tp_group
 from llmserve.layers.attention.mla import LatentUpProjection, MLAAttention
+from llmserve.layers.fused_moe import FusedMoE, MoERouter, RoutingConfig, expert_checkpoint_target
 from llmserve.layers.layernorm import RMSNorm
 from llmserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, divide
 from llmserve.layers.rotary import RotaryEmbedding, rope_parameters
@@ -115,6 +117,44 @@ class DeepseekMLAAttention(nn.Module):
         return self.o_proj(self.kv_b_proj.expand_output(out))
 
 
+def routing_config(config: Any) -> RoutingConfig:
+    """DeepSeek's router: V3 (``noaux_tc``) scores by sigmoid and picks within its best ``topk_group`` of
+    ``n_group`` groups (a group scored by its best two experts after ``e_score_correction_bias``); V2 scores by
+    softmax and groups only with ``topk_method: group_limited_greedy`` (a group scored by its best expert).
+    ``norm_topk_prob`` renormalises the chosen weights (as DeepSeek's code and vLLM do; off in every released V2),
+    and ``routed_scaling_factor`` multiplies them."""
+    method = "noaux_tc" if config.model_type == "deepseek_v3" else (getattr(config, "topk_method", None) or "greedy")
+    if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise UnsupportedModelConfigError(f"DeepSeek: unknown topk_method {method!r}")
+    grouped = method != "greedy"
+    return RoutingConfig(num_experts=config.n_routed_experts, top_k=config.num_experts_per_tok,
+                         scoring="sigmoid" if method == "noaux_tc" else "softmax",
+                         renormalize=bool(getattr(config, "norm_topk_prob", False)),
+                         num_expert_group=config.n_group if grouped else None,
+                         topk_group=config.topk_group if grouped else None,
+                         routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0))
+
+
+class DeepseekMoE(nn.Module):
+    """Routed experts (the shared :class:`~llmserve.layers.fused_moe.FusedMoE`) plus ``n_shared_experts`` shared
+    experts every token goes through (one MLP of ``n_shared_experts * moe_intermediate_size``)."""
+
+    def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
+        super().__init__()
+        routing = routing_config(config)
+        self.gate = MoERouter(config.hidden_size, routing, correction_bias=routing.scoring == "sigmoid")
+        self.experts = FusedMoE(routing.num_experts, config.hidden_size, config.moe_intermediate_size,
+                                spec.activation, quant_config=quant_config, prefix=f"{prefix}.experts")
+        shared = (getattr(config, "n_shared_experts", 0) or 0) * config.moe_intermediate_size
+        self.shared_experts = (LlamaMLP(config, dataclasses.replace(spec, mlp_size=shared), quant_config,
+                                        f"{prefix}.shared_experts") if shared else None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.experts(hidden, *self.gate(hidden))
+        return out if self.shared_experts is None else out + self.shared_experts(hidden)
+
+
 class DeepseekDecoderLayer(LlamaDecoderLayer):
     """Llama's layer with MLA, and a dense MLP or a mixture of experts by :func:`is_moe_layer`."""
 
@@ -125,11 +165,8 @@ class DeepseekDecoderLayer(LlamaDecoderLayer):
         # V2 rotates interleaved pairs always, V3 unless rope_interleave is off.
         interleaved = config.model_type != "deepseek_v3" or bool(getattr(config, "rope_interleave", True))
         self.self_attn = DeepseekMLAAttention(config, interleaved, quant_config, f"{prefix}.self_attn")
-        if is_moe_layer(config, layer):
-            raise UnsupportedModelConfigError(
-                f"{config.architectures[0]}: layer {layer} is a mixture-of-experts layer, not implemented yet "
-                f"(set first_k_dense_replace >= num_hidden_layers for a dense model)")
-        self.mlp = LlamaMLP(config, spec, quant_config, f"{prefix}.mlp")
+        self.mlp = (DeepseekMoE(config, spec, quant_config, f"{prefix}.mlp") if is_moe_layer(config, layer)
+                    else LlamaMLP(config, spec, quant_config, f"{prefix}.mlp"))
         eps = norm_eps_of(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
@@ -152,6 +189,10 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
         if kv_heads not in (None, heads):
             raise UnsupportedModelConfigError(f"{cls.__name__}: multi-head latent attention has no KV-head groups "
                                               f"(num_key_value_heads {kv_heads} != num_attention_heads {heads})")
+
+
+    def fused_target(self, name: str) -> tuple[str, object] | None:
+        return expert_checkpoint_target(name)
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

@@ -341,6 +341,11 @@ class LlamaForCausalLM(nn.Module):
         whose checkpoints name or store tensors differently overrides this (GPT-2)."""
         return name, tensor
 
+    def fused_target(self, name: str) -> tuple[str, object] | None:
+        """``(parameter, shard id)`` for a checkpoint tensor that loads into a shard of a fused parameter other
+        than through :attr:`stacked_params` (an MoE family's per-expert tensors); None for the rest."""
+        return None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors into this rank's (fused, sharded) parameters, one tensor at a time;
         tensors of other pipeline stages are skipped.
@@ -350,7 +355,9 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
 
         def shard_ids(param_name: str) -> tuple[object, ...]:
-            return getattr(self.get_submodule(param_name.rsplit(".", 1)[0]), "shard_ids", (None,))
+            """A parameter's own shard ids (a fused MoE layer's experts), else its module's."""
+            own = getattr(params[param_name], "shard_ids", None)
+            return own or getattr(self.get_submodule(param_name.rsplit(".", 1)[0]), "shard_ids", (None,))
 
         expected = {(name, s) for name in params for s in shard_ids(name)}
         loaded: set[tuple[str, object]] = set()
@@ -370,11 +377,15 @@ class LlamaForCausalLM(nn.Module):
                 target = "lm_head.weight"
             elif self._on_other_stage(ckpt_name):
                 continue
-            for fused, part, shard_id in self.stacked_params:
-                fused_target = target.replace(f".{part}.", f".{fused}.")
-                if f".{part}." in target and fused_target in params:   # GPT-2's plain MLP keeps its up_proj
-                    target, shard = fused_target, shard_id
-                    break
+            other_fused = self.fused_target(target)
+            if other_fused is not None:
+                target, shard = other_fused
+            else:
+                for fused, part, shard_id in self.stacked_params:
+                    fused_target = target.replace(f".{part}.", f".{fused}.")
+                    if f".{part}." in target and fused_target in params:   # GPT-2's plain MLP keeps its up_proj
+                        target, shard = fused_target, shard_id
+                        break
             param = params.get(target)
             if param is None:
                 unexpected.append(original_name)
