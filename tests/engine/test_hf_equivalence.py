@@ -204,8 +204,9 @@ def without_cpu_kernels(monkeypatch):
     cpu_kernels.cache_clear()
 
 
-# Soft-caps, a window, ALiBi and shared K/V in PyTorch.
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma4", "bloom"])
+# Soft-caps, a window, ALiBi, shared K/V and latent attention in PyTorch.
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma4", "bloom", "deepseek_v2_lite", "deepseek_v2",
+                                    "deepseek_v3"])
 def test_pytorch_paths_without_cpu_kernels_match_hf(checkpoint_dir, family, without_cpu_kernels):
     path = checkpoint_dir(family)
     llm = LLM(str(path), max_num_batched_tokens=7, block_size=4, kv_cache_memory_bytes="32MiB")
