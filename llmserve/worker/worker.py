@@ -83,7 +83,8 @@ class Worker:
             logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, dtype, self.device, path,
                         time.perf_counter() - t0)
         layers = model.attention_layers()
-        backend = get_attention_backend(self.device, dtype, num_kv_heads=layers[0].num_kv_heads)
+        backend = get_attention_backend(self.device, dtype, num_kv_heads=layers[0].num_kv_heads,
+                                        latent_attention=any(a.values_in_key_cache for a in layers))
         driver = get_tp_group().is_first_rank and get_pp_group().is_last_rank   # the rank that samples
         self.runner = ModelRunner(model, backend, config.block_size, int(hf_config.vocab_size), self.device, dtype,
                                   max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager,
