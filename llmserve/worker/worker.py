@@ -127,10 +127,14 @@ class Worker:
         self.runner.allocate_kv_cache(num_blocks)
         if self.placement.rank == 0:
             model = self.runner.model
-            held = len(model.attention_layers())
-            shared = sum(isinstance(m, Attention) for m in model.modules()) - held
-            logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, held,
-                        f" ({shared} more reuse an earlier layer's K/V and hold none)" if shared else "")
+            layers = model.attention_layers()
+            shared = sum(isinstance(m, Attention) for m in model.modules()) - len(layers)
+            note = f" ({shared} more reuse an earlier layer's K/V and hold none)" if shared else ""
+            latent = next((a for a in layers if a.values_in_key_cache), None)
+            if latent is not None:
+                note += (f" (latent attention: one {latent.kv_cache_elements_per_token()}-value entry per token and "
+                         f"layer, read as key and value)")
+            logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, len(layers), note)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         assert self.runner is not None
