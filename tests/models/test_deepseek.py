@@ -8,10 +8,12 @@ single-rank model; what llmserve cannot run is refused."""
 from __future__ import annotations
 
 import logging
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from llmserve.models.deepseek_v2 import is_moe_layer
 from llmserve.models.llama import UnsupportedModelConfigError
@@ -97,3 +99,16 @@ def test_kv_cache_holds_one_latent_per_token_and_so_more_tokens(checkpoint_dir, 
 def test_what_llmserve_cannot_run_is_refused(checkpoint_dir, tmp_path, changes, match):
     with pytest.raises(UnsupportedModelConfigError, match=match):
         load_tiny(with_config(tmp_path, checkpoint_dir("deepseek_v2"), changes))
+
+
+def test_v3_multi_token_prediction_layers_are_skipped(checkpoint_dir, tmp_path):
+    """DeepSeek-V3 checkpoints carry the multi-token-prediction module as layer ``num_hidden_layers``; the model
+    does not run it, and loads as if it were not there."""
+    base = checkpoint_dir("deepseek_v3")
+    path = shutil.copytree(base, tmp_path / "with-mtp")
+    weights = load_file(str(path / "model.safetensors"))
+    weights.update({"model.layers.3.eh_proj.weight": torch.ones(64, 128),
+                    "model.layers.3.self_attn.kv_a_layernorm.weight": torch.ones(32)})
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    torch.testing.assert_close(prefill_logits(load_tiny(path), LONG_PROMPT),
+                               prefill_logits(load_tiny(base), LONG_PROMPT))
