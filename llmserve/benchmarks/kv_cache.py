@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         configs = {args.model: load_config(Path(args.model))}
     else:
         configs = {name: shape_config(*shape) for name, shape in SHAPES.items()}
-    print(f"| model | layers | heads | MLA bytes/token | per-head K+V bytes/token | ratio | tokens per GiB "
-          f"(MLA / K+V) |\n|---|---|---|---|---|---|---|")
+    print("| model | layers | heads | MLA bytes/token | per-head K+V bytes/token | ratio | tokens per GiB "
+          "(MLA / K+V) |\n|---|---|---|---|---|---|---|")
     for name, config in configs.items():
         mla, per_head = kv_bytes_per_token(config, DTYPES[args.dtype])
         print(f"| {name} | {config.num_hidden_layers} | {config.num_attention_heads} | {mla:,} | {per_head:,} | "

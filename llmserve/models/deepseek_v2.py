@@ -28,21 +28,25 @@ from torch import nn
 
 from llmserve.distributed.parallel_state import get_tp_group
 from llmserve.layers.attention.mla import LatentUpProjection, MLAAttention
-from llmserve.layers.fused_moe import FusedMoE, MoERouter, RoutingConfig, expert_checkpoint_target
+from llmserve.layers.fused_moe import RoutingConfig
 from llmserve.layers.layernorm import RMSNorm
-from llmserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, divide
+from llmserve.layers.linear import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    divide,
+)
 from llmserve.layers.rotary import RotaryEmbedding, rope_parameters
 from llmserve.models.llama import (
     LlamaBlockSpec,
     LlamaDecoderLayer,
-    LlamaForCausalLM,
     LlamaMLP,
     LlamaModel,
     UnsupportedModelConfigError,
     hidden_act_of,
     layer_index,
-    norm_eps_of,
 )
+from llmserve.models.moe import MoEForCausalLM, SparseMoeBlock
 from llmserve.quantization.base import QuantizationConfig
 
 # transformers' (and DeepSeek's) q_a_layernorm and kv_a_layernorm keep RMSNorm's default epsilon.
@@ -135,48 +139,34 @@ def routing_config(config: Any) -> RoutingConfig:
                          routed_scaling_factor=float(getattr(config, "routed_scaling_factor", 1.0) or 1.0))
 
 
-class DeepseekMoE(nn.Module):
-    """Routed experts (the shared :class:`~llmserve.layers.fused_moe.FusedMoE`) plus ``n_shared_experts`` shared
-    experts every token goes through (one MLP of ``n_shared_experts * moe_intermediate_size``)."""
-
-    def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
-                 prefix: str = "") -> None:
-        super().__init__()
-        routing = routing_config(config)
-        self.gate = MoERouter(config.hidden_size, routing, correction_bias=routing.scoring == "sigmoid")
-        self.experts = FusedMoE(routing.num_experts, config.hidden_size, config.moe_intermediate_size,
-                                spec.activation, quant_config=quant_config, prefix=f"{prefix}.experts")
-        shared = (getattr(config, "n_shared_experts", 0) or 0) * config.moe_intermediate_size
-        self.shared_experts = (LlamaMLP(config, dataclasses.replace(spec, mlp_size=shared), quant_config,
-                                        f"{prefix}.shared_experts") if shared else None)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.experts(hidden, *self.gate(hidden))
-        return out if self.shared_experts is None else out + self.shared_experts(hidden)
-
-
 class DeepseekDecoderLayer(LlamaDecoderLayer):
-    """Llama's layer with MLA, and a dense MLP or a mixture of experts by :func:`is_moe_layer`."""
+    """Llama's layer with latent attention, and a dense MLP or a mixture of experts by :func:`is_moe_layer`: routed
+    experts plus ``n_shared_experts`` shared ones every token goes through (one MLP of ``n_shared_experts *
+    moe_intermediate_size``)."""
 
-    def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
-                 prefix: str = "") -> None:
-        nn.Module.__init__(self)
-        layer = layer_index(prefix)
+    def make_attention(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None,
+                       prefix: str) -> nn.Module:
         # V2 rotates interleaved pairs always, V3 unless rope_interleave is off.
         interleaved = config.model_type != "deepseek_v3" or bool(getattr(config, "rope_interleave", True))
-        self.self_attn = DeepseekMLAAttention(config, interleaved, quant_config, f"{prefix}.self_attn")
-        self.mlp = (DeepseekMoE(config, spec, quant_config, f"{prefix}.mlp") if is_moe_layer(config, layer)
-                    else LlamaMLP(config, spec, quant_config, f"{prefix}.mlp"))
-        eps = norm_eps_of(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        return DeepseekMLAAttention(config, interleaved, quant_config, prefix)
+
+    def make_mlp(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None,
+                 prefix: str) -> nn.Module:
+        if not is_moe_layer(config, layer_index(prefix)):
+            return LlamaMLP(config, spec, quant_config, prefix)
+        routing = routing_config(config)
+        shared_size = (getattr(config, "n_shared_experts", 0) or 0) * config.moe_intermediate_size
+        shared = (LlamaMLP(config, dataclasses.replace(spec, mlp_size=shared_size), quant_config,
+                           f"{prefix}.shared_expert") if shared_size else None)
+        return SparseMoeBlock(config.hidden_size, routing, config.moe_intermediate_size, spec.activation,
+                              quant_config, prefix, shared_expert=shared, correction_bias=routing.scoring == "sigmoid")
 
 
 class DeepseekModel(LlamaModel):
     decoder_layer_cls = DeepseekDecoderLayer
 
 
-class DeepseekV2ForCausalLM(LlamaForCausalLM):
+class DeepseekV2ForCausalLM(MoEForCausalLM):
     model_cls = DeepseekModel
 
     @classmethod
@@ -190,9 +180,9 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
             raise UnsupportedModelConfigError(f"{cls.__name__}: multi-head latent attention has no KV-head groups "
                                               f"(num_key_value_heads {kv_heads} != num_attention_heads {heads})")
 
-
-    def fused_target(self, name: str) -> tuple[str, object] | None:
-        return expert_checkpoint_target(name)
+    def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """DeepSeek's ``mlp.shared_experts`` is the sparse block's ``shared_expert``."""
+        return name.replace(".mlp.shared_experts.", ".mlp.shared_expert."), tensor
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
@@ -202,4 +192,4 @@ class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         if name.startswith("model.layers.") and int(name.split(".")[2]) >= self.config.num_hidden_layers:
             return None
-        return name, tensor
+        return super().checkpoint_tensor(name, tensor)

@@ -14,7 +14,7 @@ stage's layers.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,10 +201,20 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
                  prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, spec, quant_config, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(config, spec, quant_config, f"{prefix}.mlp")
+        self.self_attn = self.make_attention(config, spec, quant_config, f"{prefix}.self_attn")
+        self.mlp = self.make_mlp(config, spec, quant_config, f"{prefix}.mlp")
         self.input_layernorm = make_norm(spec, config.hidden_size, norm_eps_of(config))
         self.post_attention_layernorm = make_norm(spec, config.hidden_size, norm_eps_of(config))
+
+    def make_attention(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None,
+                       prefix: str) -> nn.Module:
+        """The attention block (DeepSeek builds its latent attention here)."""
+        return LlamaAttention(config, spec, quant_config, prefix)
+
+    def make_mlp(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None,
+                 prefix: str) -> nn.Module:
+        """The feed-forward block (a mixture-of-experts family builds its sparse block here)."""
+        return LlamaMLP(config, spec, quant_config, prefix)
 
     def input_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_layernorm`` with the previous layer's residual add folded in (none before the first layer)."""
@@ -341,10 +351,14 @@ class LlamaForCausalLM(nn.Module):
         whose checkpoints name or store tensors differently overrides this (GPT-2)."""
         return name, tensor
 
-    def fused_target(self, name: str) -> tuple[str, object] | None:
-        """``(parameter, shard id)`` for a checkpoint tensor that loads into a shard of a fused parameter other
-        than through :attr:`stacked_params` (an MoE family's per-expert tensors); None for the rest."""
-        return None
+    def param_target(self, name: str, params: Mapping[str, nn.Parameter]) -> tuple[str, object]:
+        """``(parameter, shard id)`` a checkpoint tensor (as :meth:`checkpoint_tensor` named it) loads into:
+        itself, or a fused parameter of :attr:`stacked_params` (a family with stacked experts adds its own)."""
+        for fused, part, shard_id in self.stacked_params:
+            fused_target = name.replace(f".{part}.", f".{fused}.")
+            if f".{part}." in name and fused_target in params:   # GPT-2's plain MLP keeps its up_proj
+                return fused_target, shard_id
+        return name, None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors into this rank's (fused, sharded) parameters, one tensor at a time;
@@ -354,8 +368,7 @@ class LlamaForCausalLM(nn.Module):
         """
         params = dict(self.named_parameters())
 
-        def shard_ids(param_name: str) -> tuple[object, ...]:
-            """A parameter's own shard ids (a fused MoE layer's experts), else its module's."""
+        def shard_ids(param_name: str) -> tuple[object, ...]:   # the parameter's own, else its layer's
             own = getattr(params[param_name], "shard_ids", None)
             return own or getattr(self.get_submodule(param_name.rsplit(".", 1)[0]), "shard_ids", (None,))
 
@@ -372,20 +385,12 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.tie_word_embeddings and ckpt_name == "lm_head.weight":
                 continue  # some tied checkpoints store the shared matrix twice
-            target, shard = ckpt_name, None
             if tied_copy and ckpt_name == "model.embed_tokens.weight":
-                target = "lm_head.weight"
+                target, shard = "lm_head.weight", None
             elif self._on_other_stage(ckpt_name):
                 continue
-            other_fused = self.fused_target(target)
-            if other_fused is not None:
-                target, shard = other_fused
             else:
-                for fused, part, shard_id in self.stacked_params:
-                    fused_target = target.replace(f".{part}.", f".{fused}.")
-                    if f".{part}." in target and fused_target in params:   # GPT-2's plain MLP keeps its up_proj
-                        target, shard = fused_target, shard_id
-                        break
+                target, shard = self.param_target(ckpt_name, params)
             param = params.get(target)
             if param is None:
                 unexpected.append(original_name)

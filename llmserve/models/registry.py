@@ -16,9 +16,12 @@ from llmserve.models.gemma4 import Gemma4ForCausalLM, Gemma4ForConditionalGenera
 from llmserve.models.gpt2 import GPT2LMHeadModel
 from llmserve.models.llama import LlamaForCausalLM
 from llmserve.models.mistral import MistralForCausalLM
+from llmserve.models.mixtral import MixtralForCausalLM
 from llmserve.models.phi3 import Phi3ForCausalLM
 from llmserve.models.qwen2 import Qwen2ForCausalLM
+from llmserve.models.qwen2_moe import Qwen2MoeForCausalLM
 from llmserve.models.qwen3 import Qwen3ForCausalLM
+from llmserve.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -36,6 +39,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "FalconForCausalLM": FalconForCausalLM,
     "BloomForCausalLM": BloomForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }

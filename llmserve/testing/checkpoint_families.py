@@ -52,7 +52,8 @@ class FamilySpec:
     branch_gain: float = 1.0
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     # Tensor names and layout: "llama", "gemma", "cohere", "phi3", "gpt2", "bloom" or "falcon" (see
-    # checkpoint_layouts), "gemma4" (checkpoint_layout_gemma4) or "deepseek" (checkpoint_layout_deepseek).
+    # checkpoint_layouts), "gemma4" (checkpoint_layout_gemma4), "moe" (checkpoint_layout_moe) or "deepseek"
+    # (checkpoint_layout_deepseek).
     layout: str = "llama"
     # Per size name: SizeSpec fields to replace and other config.json keys to set.
     size_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -366,6 +367,56 @@ FAMILIES: dict[str, FamilySpec] = {
                       "alibi": True},
         size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 6,
                                  "intermediate_size": 160}},
+    ),
+    # Mixture of experts (layout "moe": the MLP tensors of the sparse layers replaced by a router and per-expert
+    # tensors, as save_pretrained writes them). Mixtral: 5 experts of intermediate_size, top-2, renormalised.
+    "mixtral": FamilySpec(
+        name="mixtral",
+        architecture="MixtralForCausalLM",
+        model_type="mixtral",
+        tokenizer_kind=SENTENCEPIECE,
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+        layout="moe",
+        extra_config={"sliding_window": None, "num_local_experts": 5, "num_experts_per_tok": 2,
+                      "router_jitter_noise": 0.0, "output_router_logits": False},
+        size_overrides={"tiny": {"intermediate_size": 64}},
+    ),
+    # Qwen2-MoE: q/k/v bias; 7 experts of 32, top-1 without renormalisation, a shared expert of 96 behind a
+    # sigmoid gate; 3 layers, the middle one dense (mlp_only_layers) with an MLP of intermediate_size.
+    "qwen2_moe": FamilySpec(
+        name="qwen2_moe",
+        architecture="Qwen2MoeForCausalLM",
+        model_type="qwen2_moe",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        qkv_bias=True,
+        layout="moe",
+        extra_config={"use_sliding_window": False, "sliding_window": None, "qkv_bias": True, "num_experts": 7,
+                      "num_experts_per_tok": 1, "norm_topk_prob": False, "moe_intermediate_size": 32,
+                      "shared_expert_intermediate_size": 96, "decoder_sparse_step": 1, "mlp_only_layers": [1],
+                      "output_router_logits": False},
+        size_overrides={"tiny": {"num_hidden_layers": 3}},
+    ),
+    # Qwen3-MoE: q/k norms, no shared expert; 9 experts of 32, top-3 renormalised; sparse every second layer
+    # (decoder_sparse_step 2: layer 0 dense, layer 1 sparse).
+    "qwen3_moe": FamilySpec(
+        name="qwen3_moe",
+        architecture="Qwen3MoeForCausalLM",
+        model_type="qwen3_moe",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        qk_norm=True,
+        head_dim_factor=2,
+        layout="moe",
+        extra_config={"attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+                      "num_experts": 9, "num_experts_per_tok": 3, "norm_topk_prob": True, "moe_intermediate_size": 32,
+                      "decoder_sparse_step": 2, "mlp_only_layers": [], "output_router_logits": False},
     ),
     # DeepSeek-V2-Lite's shape of options: multi-head latent attention with queries straight from q_proj (no
     # q_lora_rank); a dense first layer, then 5 routed experts (softmax, greedy top-2) and 2 shared ones.

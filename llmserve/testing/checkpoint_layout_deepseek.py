@@ -12,7 +12,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint_layouts import LOGIT_STD, NORM_INIT, QK_STD, TensorSpec, normal, stacked
+from .checkpoint_layouts import (
+    LOGIT_STD,
+    NORM_INIT,
+    QK_STD,
+    TensorSpec,
+    normal,
+    stacked,
+)
 
 if TYPE_CHECKING:
     from .checkpoint_families import FamilySpec, SizeSpec

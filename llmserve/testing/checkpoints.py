@@ -54,6 +54,12 @@ Families (:data:`FAMILIES`):
 ``falcon``   ``FalconForCausalLM``, new decoder architecture: 6 heads in 2 KV groups, ``ln_attn``/``ln_mlp``, rotary.
 ``falcon_mqa`` Falcon multi-query (one KV head), parallel attention + MLP under one norm, rotary, untied.
 ``falcon_rw``  Falcon-RW: ALiBi, multi-head, sequential attention then MLP, biases. All four: byte-level BPE, ChatML.
+``mixtral``  ``MixtralForCausalLM``: Mistral's blocks with a sparse MoE in every layer, 5 experts (``w1``/``w2``/``w3``
+             per expert under ``block_sparse_moe``) of 64, top-2 renormalised. Mistral's tokenizer and template.
+``qwen2_moe`` ``Qwen2MoeForCausalLM``: q/k/v bias; 3 layers, the middle one dense (``mlp_only_layers``); 7 experts
+             of 32, top-1 not renormalised, a shared expert of 96 behind a sigmoid gate. Byte-level BPE, ChatML.
+``qwen3_moe`` ``Qwen3MoeForCausalLM``: Qwen3's q/k norms; no shared expert; 9 experts of 32, top-3 renormalised,
+             sparse every second layer (``decoder_sparse_step`` 2). Byte-level BPE, ChatML.
 
 Sizes (:data:`SIZES`): ``tiny`` (hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 2000; a family may
 override it, see ``FamilySpec.size_overrides``) for tests and
@@ -97,6 +103,7 @@ from llmserve.config import cache_dir
 from .checkpoint_families import FAMILIES, SIZES, FamilySpec, SizeSpec
 from .checkpoint_layout_deepseek import deepseek_config, deepseek_tensors
 from .checkpoint_layout_gemma4 import gemma4_config, gemma4_tensors
+from .checkpoint_layout_moe import moe_tensors
 from .checkpoint_layouts import (
     OWN_LAYOUTS,
     TensorSpec,
@@ -176,6 +183,8 @@ def tensor_specs(family: str = "llama", size: str = "tiny") -> list[TensorSpec]:
     sz = _get_size(size, fam)
     if fam.layout in LAYOUTS:
         return LAYOUTS[fam.layout][0](fam, sz)
+    if fam.layout == "moe":
+        return moe_tensors(fam, sz, _head_dim(fam, sz))
     return llama_tensors(fam, sz, _head_dim(fam, sz))
 
 
@@ -307,7 +316,7 @@ def _model_config(fam: FamilySpec, sz: SizeSpec, tok: TokenizerInfo, dtype: torc
         config.setdefault("rope_scaling", rope_scaling)
     if config_style in ("both", "v5"):
         config.setdefault("rope_parameters", {**(rope_scaling or {"rope_type": "default"}), "rope_theta": fam.rope_theta})
-    if fam.model_type in ("qwen2", "qwen3"):
+    if fam.model_type in ("qwen2", "qwen3", "qwen2_moe"):
         config["max_window_layers"] = sz.num_hidden_layers
     config.update(fam.extra_config)
     config.update(size_config or {})

@@ -99,18 +99,20 @@ def llm_block_bytes(path, block_size: int, tp: int = 1) -> int:
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4", "gpt2", "cohere", "cohere2", "phi3", "phi3_longrope",
-                                    "phi4_mini", "bloom", "falcon", "falcon_mqa", "falcon_rw", "deepseek_v2_lite",
-                                    "deepseek_v2", "deepseek_v3"])
+                                    "phi4_mini", "bloom", "falcon", "falcon_mqa", "falcon_rw", "mixtral", "qwen2_moe",
+                                    "qwen3_moe", "deepseek_v2_lite", "deepseek_v2", "deepseek_v3"])
 def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     """One engine per family under everything that changes how the KV cache fills: 7-token steps split the
     prompts, 24 blocks of 4 tokens force preemption, and a repeated prompt is served from the prefix cache.
     The tiny Gemmas, Cohere2 and Phi-3 slide a 10-token window (Gemma 3 on 5 of its 6 layers, Gemma 4 on 4 of 6,
     one of them reading another's K/V, Cohere2 on 3 of 4),
     shorter than most prompts and than every prompt plus its 24 tokens; BLOOM and Falcon-RW bias every score by
-    ALiBi, over the cached context of each chunk and decode. The DeepSeeks cache one latent per token and
-    attend over it with absorbed weights, in decodes and in chunks over cached context alike. The LongRoPE Phi-3s
-    switch at 32 tokens: of the prompts (2, 11, 30, 39 and 60 tokens) two start past it, one stays short and two cross it while generating,
-    and a preempted sequence recomputes its keys with the factors they were first computed with."""
+    ALiBi, over the cached context of each chunk and decode. The LongRoPE Phi-3s switch at 32 tokens: of the
+    prompts (2, 11, 30, 39 and 60 tokens) two start past it, one stays short and two cross it while generating,
+    and a preempted sequence recomputes its keys with the factors they were first computed with. The MoE families
+    route each chunk's tokens and each decode batch to their experts (top-1, 2 and 3; experts left without a token
+    in a step run nothing). The DeepSeeks cache one latent per token and attend over it with absorbed weights, in
+    decodes and in chunks over cached context alike."""
     path = checkpoint_dir(family)
     llm = LLM(str(path), block_size=4, max_num_batched_tokens=7, kv_cache_memory_bytes=24 * llm_block_bytes(path, 4))
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))

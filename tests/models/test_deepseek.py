@@ -17,7 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from llmserve.models.deepseek_v2 import is_moe_layer
 from llmserve.models.llama import UnsupportedModelConfigError
-from llmserve.testing.checkpoint_layout_deepseek import KV_LORA_RANK, QK_NOPE_HEAD_DIM, QK_ROPE_HEAD_DIM, V_HEAD_DIM
+from llmserve.testing.checkpoint_layout_deepseek import (
+    KV_LORA_RANK,
+    QK_NOPE_HEAD_DIM,
+    QK_ROPE_HEAD_DIM,
+    V_HEAD_DIM,
+)
 from tests.model_helpers import load_tiny, prefill_logits, tensor_parallel_logits
 from tests.models.hf_logits import LONG_PROMPT, assert_matches_hf, with_config
 
