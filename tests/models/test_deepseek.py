@@ -117,3 +117,19 @@ def test_v3_multi_token_prediction_layers_are_skipped(checkpoint_dir, tmp_path):
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     torch.testing.assert_close(prefill_logits(load_tiny(path), LONG_PROMPT),
                                prefill_logits(load_tiny(base), LONG_PROMPT))
+
+
+def test_parallel_samples_copy_the_latent_cache_on_write(checkpoint_dir):
+    """n = 2 greedy samples share the prompt's blocks and copy its last partial block before writing into it (one
+    cache tensor per layer, keys and values alike): both equal transformers' greedy output."""
+    from llmserve import LLM, SamplingParams
+    from tests.engine.test_hf_equivalence import PROMPTS
+    from tests.engine.test_hf_equivalence import assert_matches_hf as assert_generation_matches_hf
+
+    path = checkpoint_dir("deepseek_v2_lite")
+    llm = LLM(str(path), block_size=4, kv_cache_memory_bytes="4MiB")
+    outputs = llm.generate(PROMPTS[:2], SamplingParams(n=2, temperature=0.0, max_tokens=8, ignore_eos=True,
+                                                       logprobs=0))
+    for out in outputs:
+        assert len(out.outputs) == 2 and out.outputs[0].token_ids == out.outputs[1].token_ids
+    assert_generation_matches_hf(path, outputs, max_tokens=8)
