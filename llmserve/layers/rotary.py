@@ -6,6 +6,9 @@ On CPU in float32, q and k are rotated in place by one compiled call (``cpu_laye
 
 Partial rotary (``rotary_dim`` < ``head_dim``, Phi-4-mini): only each head's first ``rotary_dim`` dims rotate,
 in the same layout over those dims; the rest pass through, as transformers' ``apply_rotary_pos_emb`` does.
+
+Scaling (``rope_type``): ``linear``, ``llama3`` and ``yarn`` (DeepSeek-V2/V3: a ramp between extrapolated and
+interpolated frequencies, and cos/sin times YaRN's attention factor).
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def _scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's ``get_mscale``: ``0.1 * mscale * ln(factor) + 1`` for a factor above 1."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
@@ -73,8 +77,8 @@ def yarn_parameters(rotary_dim: int, base: float, scaling: dict, max_position: i
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
-        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
-                            if mscale and mscale_all_dim else _yarn_mscale(factor))
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else yarn_mscale(factor))
     beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
 
     def correction_dim(rotations: float) -> float:

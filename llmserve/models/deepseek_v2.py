@@ -20,7 +20,6 @@ attention and MLP, SwiGLU MLPs, untied LM head) with multi-head latent attention
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ from llmserve.layers.linear import (
     RowParallelLinear,
     divide,
 )
-from llmserve.layers.rotary import RotaryEmbedding, rope_parameters
+from llmserve.layers.rotary import RotaryEmbedding, rope_parameters, yarn_mscale
 from llmserve.models.llama import (
     LlamaBlockSpec,
     LlamaDecoderLayer,
@@ -51,10 +50,6 @@ from llmserve.quantization.base import QuantizationConfig
 
 # transformers' (and DeepSeek's) q_a_layernorm and kv_a_layernorm keep RMSNorm's default epsilon.
 LATENT_NORM_EPS = 1e-6
-
-
-def yarn_mscale(factor: float, mscale: float) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def mla_softmax_scale(config: Any) -> float:
