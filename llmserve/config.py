@@ -177,6 +177,8 @@ class EngineConfig:
     max_seq_len_to_capture: int = 8192
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # MoE layers distribute their experts over the tensor-parallel ranks instead of splitting every expert
+    enable_expert_parallel: bool = False
     # uni (one rank in process), mp (a process per rank) or ray; None: uni for one rank, else mp
     distributed_executor_backend: str | None = None
     # JSON text or a dict, as vLLM's flag; normalised to StructuredOutputsConfig
@@ -206,6 +208,9 @@ class EngineConfig:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size and --pipeline-parallel-size must be >= 1, got "
                              f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+        if self.enable_expert_parallel and self.tensor_parallel_size == 1:
+            raise ValueError("--enable-expert-parallel distributes experts over the tensor-parallel ranks: it needs "
+                             "--tensor-parallel-size > 1")
         if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):
             raise ValueError(f"--distributed-executor-backend must be uni, mp or ray, got "
                              f"{self.distributed_executor_backend!r}")

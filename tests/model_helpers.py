@@ -47,12 +47,13 @@ def prefill_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     return model.compute_logits(model(tokens, positions, step_metadata(backend, 0, len(ids))))
 
 
-def tensor_parallel_logits(path: Path, tp: int, ids: list[int]) -> list[torch.Tensor]:
-    """Each simulated TP rank's logits for ``ids`` (ranks as threads, real all-reduce/all-gather semantics)."""
+def tensor_parallel_logits(path: Path, tp: int, ids: list[int], expert_parallel: bool = False) -> list[torch.Tensor]:
+    """Each simulated TP rank's logits for ``ids`` (ranks as threads, real all-reduce/all-gather semantics);
+    ``expert_parallel``: MoE layers distribute their experts over the ranks."""
     from tests.parallel_sim import as_rank, run_ranks, simulated_groups
 
     ranks = []
     for group in simulated_groups(tp):
-        with as_rank(tp=group):
+        with as_rank(tp=group, expert_parallel=expert_parallel):
             ranks.append(load_tiny(path))
     return run_ranks([lambda m=m: prefill_logits(m, ids) for m in ranks])

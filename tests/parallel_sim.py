@@ -20,15 +20,18 @@ from llmserve.distributed.parallel_state import GroupCoordinator
 
 
 @contextmanager
-def as_rank(tp: Any = None, pp: Any = None) -> Iterator[None]:
-    """Build under these TP / PP groups (a GroupCoordinator or a stand-in), restoring the old ones after."""
-    old_tp, old_pp = parallel_state._TP, parallel_state._PP
+def as_rank(tp: Any = None, pp: Any = None, expert_parallel: bool = False) -> Iterator[None]:
+    """Build under these TP / PP groups (a GroupCoordinator or a stand-in), restoring the old ones after; with
+    ``expert_parallel`` the TP group is also the expert-parallel group (``--enable-expert-parallel``)."""
+    old_tp, old_pp, old_ep = parallel_state._TP, parallel_state._PP, parallel_state._EP
     parallel_state._TP = tp if tp is not None else old_tp
     parallel_state._PP = pp if pp is not None else old_pp
+    if expert_parallel:
+        parallel_state._EP = parallel_state._TP
     try:
         yield
     finally:
-        parallel_state._TP, parallel_state._PP = old_tp, old_pp
+        parallel_state._TP, parallel_state._PP, parallel_state._EP = old_tp, old_pp, old_ep
 
 
 def shape_only_group(rank: int, world_size: int) -> GroupCoordinator:

@@ -7,6 +7,7 @@
 * ``--pooler-config``: ``pooling_type`` LAST (the default), MEAN or CLS, ``normalize`` (default true); another
   pooling type, a vLLM key llmserve does not honour (``dimensions``), an unknown key or a non-boolean
   ``normalize`` is refused naming it.
+* ``--enable-expert-parallel`` needs more than one tensor-parallel rank (the experts are distributed over them).
 * The command line passes the flags through to :class:`EngineConfig`.
 """
 
@@ -82,3 +83,14 @@ def test_the_pooler_flag_reaches_the_engine_config():
     add_engine_args(parser)
     args = parser.parse_args(["--pooler-config", '{"pooling_type": "MEAN", "normalize": false}'])
     assert engine_config_from_args(args).pooler_config == PoolerConfig("MEAN", False)
+
+
+def test_expert_parallelism_needs_tensor_parallel_ranks():
+    with pytest.raises(ValueError, match="--enable-expert-parallel .* --tensor-parallel-size > 1"):
+        EngineConfig(enable_expert_parallel=True)
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["-tp", "2", "--enable-expert-parallel"])
+    config = engine_config_from_args(args)
+    assert config.enable_expert_parallel and config.tensor_parallel_size == 2
+    assert not engine_config_from_args(parser.parse_args(["-tp", "2"])).enable_expert_parallel

@@ -87,6 +87,7 @@ class GroupCoordinator:
 
 _TP = GroupCoordinator()
 _PP = GroupCoordinator()
+_EP = GroupCoordinator()
 
 
 def get_tp_group() -> GroupCoordinator:
@@ -97,12 +98,20 @@ def get_pp_group() -> GroupCoordinator:
     return _PP
 
 
-def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str, backend: str = "gloo") -> None:
-    """Join the job's default group at ``init_method`` (``tcp://host:port``) and make the TP and PP groups.
+def get_ep_group() -> GroupCoordinator:
+    """The ranks a mixture-of-experts layer distributes its experts over: the TP group with expert parallelism
+    (``--enable-expert-parallel``), else the trivial group (every rank holds every expert)."""
+    return _EP
+
+
+def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str, backend: str = "gloo",
+                     enable_expert_parallel: bool = False) -> None:
+    """Join the job's default group at ``init_method`` (``tcp://host:port``) and make the TP and PP groups
+    (and, with ``enable_expert_parallel``, make the TP group the expert-parallel group too).
 
     Every rank must call this with the same sizes; ``backend`` is ``gloo`` on CPU and ``nccl`` on CUDA.
     """
-    global _TP, _PP
+    global _TP, _PP, _EP
     world_size = tp_size * pp_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size} ranks")
@@ -122,16 +131,18 @@ def init_distributed(rank: int, tp_size: int, pp_size: int, init_method: str, ba
         group = dist.new_group(list(ranks), backend=backend)
         if column == tp_rank:
             _PP = GroupCoordinator(pp_rank, pp_size, ranks, group)
-    logger.debug("rank %d: tp %d/%d, pp %d/%d", rank, tp_rank, tp_size, pp_rank, pp_size)
+    if enable_expert_parallel:
+        _EP = _TP
+    logger.debug("rank %d: tp %d/%d, pp %d/%d, ep %d", rank, tp_rank, tp_size, pp_rank, pp_size, _EP.world_size)
 
 
 def destroy_distributed() -> None:
     """Leave the groups (a worker shutting down); the trivial groups of one rank apply again."""
-    global _TP, _PP
+    global _TP, _PP, _EP
     for coordinator in (_TP, _PP):
         if coordinator.shm is not None:
             coordinator.shm.close()
             coordinator.shm = None
     if dist.is_initialized():
         dist.destroy_process_group()
-    _TP, _PP = GroupCoordinator(), GroupCoordinator()
+    _TP, _PP, _EP = GroupCoordinator(), GroupCoordinator(), GroupCoordinator()

@@ -53,6 +53,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                    help="ranks that split every layer's heads and weights")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="stages that split the layers")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="mixture-of-experts layers distribute their experts over the tensor-parallel ranks "
+                        "(default: every rank holds a slice of every expert)")
     p.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
                    help="how ranks run: uni (in process; one rank), mp (a process per rank on this machine; the "
                         "default for more than one rank) or ray (across a Ray cluster)")
@@ -73,4 +76,4 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_seq_len_to_capture=args.max_seq_len_to_capture,
         structured_outputs_config=args.structured_outputs_config,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-        distributed_executor_backend=args.distributed_executor_backend)
+        enable_expert_parallel=args.enable_expert_parallel, distributed_executor_backend=args.distributed_executor_backend)

@@ -19,6 +19,7 @@ from llmserve.distributed.parallel_state import get_pp_group, get_tp_group, init
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from llmserve.layers.attention.backend import get_attention_backend
 from llmserve.layers.attention.layer import Attention
+from llmserve.layers.fused_moe import FusedMoE
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
 from llmserve.worker.model_runner import ModelRunner
 
@@ -70,7 +71,8 @@ class Worker:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             init_distributed(self.placement.rank, self.placement.tensor_parallel_size,
                              self.placement.pipeline_parallel_size, self.placement.distributed_init_method,
-                             backend="nccl" if self.device.type == "cuda" else "gloo")
+                             backend="nccl" if self.device.type == "cuda" else "gloo",
+                             enable_expert_parallel=self.config.enable_expert_parallel)
 
     def load_model(self) -> None:
         config = self.config
@@ -79,6 +81,9 @@ class Worker:
         dtype = resolve_dtype(config.dtype, checkpoint_dtype(hf_config), self.device)
         t0 = time.perf_counter()
         model = load_model(hf_config, path, dtype, self.device)
+        if config.enable_expert_parallel and not any(isinstance(m, FusedMoE) for m in model.modules()):
+            raise ValueError(f"--enable-expert-parallel: {type(model).__name__} has no mixture-of-experts layers "
+                             f"to distribute")
         if self.placement.rank == 0:
             logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, dtype, self.device, path,
                         time.perf_counter() - t0)

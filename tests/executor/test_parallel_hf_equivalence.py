@@ -1,7 +1,8 @@
 """Tensor and pipeline parallelism change where the model runs, never what it computes: with TP=2, PP=2
 and TP=2 x PP=2 (one worker process per rank, gloo on the CPU), greedy output equals Hugging Face
 transformers token for token and logprobs agree within 1e-3, for every Llama-shaped family in every layout,
-and each other family in one, with chunked prefill and forced preemption, prefix caching on.
+and each other family in one, with chunked prefill and forced preemption, prefix caching on; so does expert
+parallelism at TP=2 for the MoE families.
 Embeddings pool on the last stage: at TP=2 x PP=2, mean-pooled vectors computed in 7-token chunks, batched
 with greedy generations, equal HF's pooled hidden states within 1e-4."""
 
@@ -59,6 +60,27 @@ def test_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir,
         assert_prefix_cache_repeats(llm, outputs)   # from blocks each rank still holds
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_expert_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir, family):
+    """--enable-expert-parallel at TP=2: each rank holds whole experts (Mixtral's 5 as 3 + 2, Qwen2-MoE's 7 as
+    4 + 3, its shared expert and dense layer still split), under 7-token steps and forced preemption."""
+    path = checkpoint_dir(family)
+    llm = LLM(str(path), tensor_parallel_size=2, enable_expert_parallel=True, block_size=4, max_num_batched_tokens=7,
+              kv_cache_memory_bytes=24 * llm_block_bytes(path, 4, 2))
+    try:
+        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert_matches_hf(path, outputs, max_tokens=24)
+        assert_prefix_cache_repeats(llm, outputs)
+    finally:
+        llm.shutdown()
+
+
+def test_expert_parallelism_without_experts_is_refused(llama_dir):
+    with pytest.raises(Exception, match="--enable-expert-parallel: LlamaForCausalLM has no mixture-of-experts"):
+        LLM(str(llama_dir), tensor_parallel_size=2, enable_expert_parallel=True, kv_cache_memory_bytes="8MiB")
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)], ids=["tp1pp2", "tp2pp2"])

@@ -1,7 +1,7 @@
 """Mixtral: logits equal transformers' on the generated checkpoint (5 experts, top-2) and with top-1, top-3 and
 every expert per token (each changes the output, so routing is not a no-op); transformers 5's stacked expert
 tensors load like the per-expert ones; a missing expert is named; simulated tensor-parallel ranks compose to
-the single-rank model."""
+the single-rank model, with each expert split over them or whole experts distributed (expert parallelism)."""
 
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ def test_a_missing_expert_tensor_is_named(checkpoint_dir, tmp_path):
         load_tiny(path)
 
 
-def test_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir):
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["experts-split", "experts-distributed"])
+def test_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir, expert_parallel):
     path = checkpoint_dir("mixtral")
     expected = hf_logits(str(path))
-    for logits in tensor_parallel_logits(path, 2, LONG_PROMPT):
+    for logits in tensor_parallel_logits(path, 2, LONG_PROMPT, expert_parallel):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

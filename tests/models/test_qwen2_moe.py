@@ -1,8 +1,7 @@
 """Qwen2-MoE: logits equal transformers' on the generated checkpoint (7 experts, top-1, a gated shared expert,
 the middle of 3 layers dense) and with renormalised top-2, top-4 and a differently scaled shared-expert gate
-(each changes the output); transformers 5's stacked expert tensors load
-like the per-expert ones; simulated tensor-parallel ranks (experts, shared expert and dense MLP sharded)
-compose to the single-rank model."""
+(each changes the output); transformers 5's stacked expert tensors load like the per-expert ones; simulated tensor-parallel ranks (experts, shared expert and dense MLP sharded, or
+whole experts distributed with expert parallelism) compose to the single-rank model."""
 
 from __future__ import annotations
 
@@ -40,8 +39,9 @@ def test_stacked_expert_tensors_load_like_per_expert_ones(checkpoint_dir, tmp_pa
                                atol=1e-4, rtol=1e-4)
 
 
-def test_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir):
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["experts-split", "experts-distributed"])
+def test_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir, expert_parallel):
     path = checkpoint_dir("qwen2_moe")
     expected = hf_logits(str(path))
-    for logits in tensor_parallel_logits(path, 2, LONG_PROMPT):
+    for logits in tensor_parallel_logits(path, 2, LONG_PROMPT, expert_parallel):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

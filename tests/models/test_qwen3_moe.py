@@ -1,6 +1,7 @@
 """Qwen3-MoE: logits equal transformers' on the generated checkpoint (q/k norms, 9 experts, top-3 renormalised,
 sparse every second layer, no shared expert) and without renormalisation, with top-1 and with every expert per
-token (each changes the output); simulated tensor-parallel ranks compose to the single-rank model."""
+token (each changes the output); simulated tensor-parallel ranks compose to the single-rank model, with each
+expert split over them or whole experts distributed (expert parallelism)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def test_each_variant_matches_hf_and_changes_the_output(checkpoint_dir, tmp_path
     assert_matches_hf(with_config(tmp_path, base, VARIANTS[name]), base)
 
 
-def test_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir):
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["experts-split", "experts-distributed"])
+def test_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir, expert_parallel):
     path = checkpoint_dir("qwen3_moe")
     expected = hf_logits(str(path))
-    for logits in tensor_parallel_logits(path, 2, LONG_PROMPT):
+    for logits in tensor_parallel_logits(path, 2, LONG_PROMPT, expert_parallel):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

@@ -28,19 +28,22 @@ def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     """``sum_s weight[t, s] * down_e(act(gate_up_e(x[t])))`` with ``e = topk_ids[t, s]``, for every token t.
 
     ``x`` [T, H]; ``w13`` [E, 2I, H] (gate rows, then up rows); ``w2`` [E, H, I]; ``topk_weights`` and
-    ``topk_ids`` [T, top_k]; ``activation`` maps [n, 2I] to [n, I] (e.g. SiLU(gate) * up). Ids outside
-    ``[0, E)`` are not allowed.
+    ``topk_ids`` [T, top_k]; ``activation`` maps [n, 2I] to [n, I] (e.g. SiLU(gate) * up). The id ``E`` marks
+    a slot routed to an expert this rank does not hold (expert parallelism): it adds nothing.
     """
     t, k = topk_ids.shape
     out = torch.zeros_like(x)
     if t == 0:
         return out
-    order, counts = sort_by_expert(topk_ids, w13.shape[0])
+    num_experts = w13.shape[0]
+    order, counts = sort_by_expert(topk_ids, num_experts + 1)   # the id E sorts last
+    counts_per_expert = counts.tolist()[:num_experts]
+    order = order[:sum(counts_per_expert)]
     tokens = order // k
     rows = x.index_select(0, tokens)
     expert_out = torch.empty_like(rows)
     start = 0
-    for expert, n in enumerate(counts.tolist()):
+    for expert, n in enumerate(counts_per_expert):
         if n == 0:
             continue
         part = rows[start:start + n]

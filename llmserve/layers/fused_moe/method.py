@@ -36,7 +36,8 @@ class FusedMoEMethodBase(ABC):
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """This rank's partial ``sum_s weight * expert(x)`` [T, hidden] for ids into its local experts."""
+        """This rank's partial ``sum_s weight * expert(x)`` [T, hidden]; ``topk_ids`` index its local experts,
+        and the id ``num_local_experts`` (experts other expert-parallel ranks hold) contributes nothing."""
 
 
 class UnquantizedFusedMoEMethod(FusedMoEMethodBase):

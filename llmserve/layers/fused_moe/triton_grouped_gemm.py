@@ -32,17 +32,18 @@ BLOCK_K = 32
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows [P], tile_experts [P / block_m])``: the flat (token, slot) rows grouped by expert, each expert's
     group padded with ``topk_ids.numel()`` to a multiple of ``block_m``; the expert of each tile (-1 past the
-    last group). ``P`` is the bound ``n + E (block_m - 1)`` rounded up to ``block_m``."""
+    last group, and for the rows of the id ``num_experts``: experts another expert-parallel rank holds). ``P``
+    is the bound ``n + (E + 1) (block_m - 1)`` rounded up to ``block_m``."""
     flat = topk_ids.reshape(-1)
     n = flat.numel()
-    order, counts = sort_by_expert(topk_ids, num_experts)
+    order, counts = sort_by_expert(topk_ids, num_experts + 1)
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
     first = counts.cumsum(0) - counts
     experts = flat.index_select(0, order)
     positions = padded_end.index_select(0, experts) - padded.index_select(0, experts) \
         + torch.arange(n, device=flat.device) - first.index_select(0, experts)
-    capacity = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
+    capacity = -(-(n + (num_experts + 1) * (block_m - 1)) // block_m) * block_m
     rows = torch.full((capacity,), n, dtype=torch.int64, device=flat.device)
     rows.index_copy_(0, positions, order)
     tile_starts = torch.arange(0, capacity, block_m, device=flat.device)
@@ -83,8 +84,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, tile_expe
                  a_row_divisor: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """``out[r] = a[r // a_row_divisor] @ b[e]^T`` (times ``weights[r]`` if given) for the rows ``r < num_rows``
     of expert ``e``'s tiles (:func:`align_by_expert`); ``a`` [M, K] with contiguous rows, ``b`` [E, N, K].
-    Returns ``out`` [num_rows, N] in ``a``'s dtype."""
-    out = torch.empty(num_rows, b.shape[1], dtype=a.dtype, device=a.device)
+    Returns ``out`` [num_rows, N] in ``a``'s dtype, zero in the rows no tile holds."""
+    out = torch.zeros(num_rows, b.shape[1], dtype=a.dtype, device=a.device)
     if num_rows == 0:
         return out
     a = a if a.stride(1) == 1 else a.contiguous()

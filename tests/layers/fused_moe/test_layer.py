@@ -1,7 +1,8 @@
 """The fused MoE layer: its grouped computation equals the per-token reference (top-k 1, 2 and more, experts
 that receive no token, no tokens at all); per-expert checkpoint tensors (hub names and Mixtral's) and
 transformers 5's fused ones load into the same stacked weights; at simulated tensor-parallel ranks the
-shards compose to the unsharded layer; mis-shaped tensors and unusable quantisation methods are refused."""
+shards compose to the unsharded layer, with experts split over the intermediate dimension or, with expert
+parallelism, whole experts per rank (evenly or not); mis-shaped tensors and unusable quantisation methods are refused."""
 
 from __future__ import annotations
 
@@ -108,17 +109,49 @@ def test_tensor_parallel_shards_compose_to_the_unsharded_layer():
     load_per_expert(whole, tensors)
     expected = whole(x, weights, ids)
 
-    def rank_fn(group):
-        def run():
-            with as_rank(tp=group):
-                layer = FusedMoE(E, H, I)
-            assert layer.w13_weight.shape == (E, 2 * I // 2, H) and layer.w2_weight.shape == (E, H, I // 2)
-            load_per_expert(layer, tensors)
-            return layer(x, weights, ids)
-        return run
-
-    for out in run_ranks([rank_fn(g) for g in simulated_groups(2)]):
+    layers = []
+    for group in simulated_groups(2):   # built one after the other: the groups are read at build time
+        with as_rank(tp=group):
+            layers.append(FusedMoE(E, H, I))
+        load_per_expert(layers[-1], tensors)
+        assert layers[-1].w13_weight.shape == (E, 2 * I // 2, H) and layers[-1].w2_weight.shape == (E, H, I // 2)
+    for out in run_ranks([lambda layer=layer: layer(x, weights, ids) for layer in layers]):
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ep", [2, 3])   # 7 experts: 4 + 3, and 3 + 2 + 2
+def test_expert_parallel_ranks_hold_whole_experts_and_compose_to_the_unsharded_layer(ep):
+    tensors = expert_tensors()
+    x = torch.randn(19, H)
+    weights, ids = random_routing(19, E, 3)
+    whole = FusedMoE(E, H, I)
+    load_per_expert(whole, tensors)
+    expected = whole(x, weights, ids)
+
+    layers = []
+    for group in simulated_groups(ep):
+        with as_rank(tp=group, expert_parallel=True):
+            layer = FusedMoE(E, H, I)
+        load_per_expert(layer, tensors)   # every rank is offered every expert and keeps its own
+        start, count = layer.expert_start, layer.num_local_experts
+        assert layer.w13_weight.shape == (count, 2 * I, H) and layer.w2_weight.shape == (count, H, I)
+        assert torch.equal(layer.w2_weight, whole.w2_weight[start:start + count])
+        assert {e for e, _ in layer.w13_weight.shard_ids} == set(range(start, start + count))
+        layers.append(layer)
+    ranges = [(layer.expert_start, layer.num_local_experts) for layer in layers]
+    assert ranges == ([(0, 4), (4, 3)] if ep == 2 else [(0, 3), (3, 2), (5, 2)])
+    for out in run_ranks([lambda layer=layer: layer(x, weights, ids) for layer in layers]):
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_slots_of_experts_held_elsewhere_add_nothing():
+    w13, w2 = stacked(expert_tensors())
+    weights, ids = random_routing(10, E, 2)
+    remote = ids >= 4   # experts 4..6 on another rank: id E here
+    out = grouped_experts(torch.ones(10, H), w13[:4], w2[:4], weights, ids.masked_fill(remote, 4),
+                          FusedMoE(E, H, I).act_fn)
+    expected = per_token_moe(torch.ones(10, H), w13, w2, weights.masked_fill(remote, 0.0), ids)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_moe_block_routes_then_runs_the_experts():
@@ -147,6 +180,9 @@ def test_mis_shaped_tensors_and_unknown_experts_are_refused():
         layer.weight_loader(layer.w13_weight, torch.zeros(I, H), (7, "w1"))
     with pytest.raises(ValueError, match="not divisible"):
         with as_rank(tp=simulated_groups(3)[0]):
+            FusedMoE(E, H, I)
+    with pytest.raises(ValueError, match="cannot distribute 7 experts over 8"):
+        with as_rank(tp=simulated_groups(8)[0], expert_parallel=True):
             FusedMoE(E, H, I)
 
 

@@ -57,3 +57,16 @@ def test_fused_experts_match_the_per_token_reference(tokens, top_k, used, dtype)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     expected = per_token_moe(x.to(dtype), w13.to(dtype), w2.to(dtype), weights, ids)
     torch.testing.assert_close(out.double().cpu(), expected, atol=tol, rtol=tol)
+
+
+def test_slots_of_experts_held_elsewhere_add_nothing():
+    """Expert parallelism: the id E marks experts another rank holds; their tiles are skipped."""
+    gen = torch.Generator().manual_seed(9)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5, torch.randn(E, H, I, generator=gen) / I ** 0.5
+    x = torch.randn(11, H, generator=gen)
+    weights, ids = random_routing(11, E + 2, 2, seed=9)   # 7 experts, 5 of them here
+    remote = ids >= E
+    out = kernels.fused_experts(x.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE), weights.to(DEVICE),
+                                ids.masked_fill(remote, E).to(DEVICE), SiluAndMul())
+    expected = per_token_moe(x, w13, w2, weights.masked_fill(remote, 0.0), ids.masked_fill(remote, 0))
+    torch.testing.assert_close(out.double().cpu(), expected, atol=1e-5, rtol=1e-5)
