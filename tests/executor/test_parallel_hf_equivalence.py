@@ -62,10 +62,11 @@ def test_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir,
         llm.shutdown()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_expert_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir, family):
     """--enable-expert-parallel at TP=2: each rank holds whole experts (Mixtral's 5 as 3 + 2, Qwen2-MoE's 7 as
-    4 + 3, its shared expert and dense layer still split), under 7-token steps and forced preemption."""
+    4 + 3, its shared expert and dense layer still split; DeepSeek-V3's 8 as 4 + 4 under grouped sigmoid routing,
+    its latent attention split by heads), under 7-token steps and forced preemption."""
     path = checkpoint_dir(family)
     llm = LLM(str(path), tensor_parallel_size=2, enable_expert_parallel=True, block_size=4, max_num_batched_tokens=7,
               kv_cache_memory_bytes=24 * llm_block_bytes(path, 4, 2))

@@ -65,12 +65,14 @@ def test_moe_layers_follow_first_k_dense_replace_and_moe_layer_freq():
 
 
 @pytest.mark.parametrize("family", ["deepseek_v2_lite", "deepseek_v3"])
-def test_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir, family):
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["experts-split", "experts-distributed"])
+def test_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir, family, expert_parallel):
     """2 of the 4 heads per rank (q_proj / q_b_proj, kv_b_proj and o_proj sharded by head) over the latent each
-    rank computes whole; the experts' intermediate rows split over the ranks."""
+    rank computes whole; the experts' intermediate rows split over the ranks, or whole experts on each (5 as
+    3 + 2, 8 as 4 + 4)."""
     path = checkpoint_dir(family)
     expected = prefill_logits(load_tiny(path), LONG_PROMPT)
-    for logits in tensor_parallel_logits(path, 2, LONG_PROMPT):
+    for logits in tensor_parallel_logits(path, 2, LONG_PROMPT, expert_parallel):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
