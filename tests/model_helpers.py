@@ -23,8 +23,7 @@ def load_tiny(path: Path) -> torch.nn.Module:
 def bind_cache(model: torch.nn.Module) -> TorchAttentionBackend:
     backend = TorchAttentionBackend(torch.float32)
     for attn in model.attention_layers():
-        shape = (NUM_BLOCKS, BLOCK_SIZE, attn.num_kv_heads, attn.head_dim)
-        attn.bind_cache(backend, torch.zeros(shape), torch.zeros(shape))
+        attn.bind_cache(backend, *attn.new_kv_cache(NUM_BLOCKS, BLOCK_SIZE, torch.float32, CPU))
     return backend
 
 

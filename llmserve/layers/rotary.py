@@ -6,6 +6,9 @@ On CPU in float32, q and k are rotated in place by one compiled call (``cpu_laye
 
 Partial rotary (``rotary_dim`` < ``head_dim``, Phi-4-mini): only each head's first ``rotary_dim`` dims rotate,
 in the same layout over those dims; the rest pass through, as transformers' ``apply_rotary_pos_emb`` does.
+
+Scaling (``rope_type``): ``linear``, ``llama3`` and ``yarn`` (DeepSeek-V2/V3: a ramp between extrapolated and
+interpolated frequencies, and cos/sin times YaRN's attention factor).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import nn
 
 from llmserve.layers.cpu_kernels import kernels_for
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def rope_parameters(config: Any, layer_type: str | None = None) -> tuple[float, dict]:
@@ -57,6 +60,42 @@ def _scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's ``get_mscale``: ``0.1 * mscale * ln(factor) + 1`` for a factor above 1."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_parameters(rotary_dim: int, base: float, scaling: dict, max_position: int) -> tuple[torch.Tensor, float]:
+    """YaRN's inverse frequencies and attention factor (the cos/sin multiplier), as transformers'
+    ``_compute_yarn_parameters``: extrapolated (unscaled) frequencies for the fast dims, interpolated
+    (divided by ``factor``) ones for the slow dims, a linear ramp between ``beta_fast`` and ``beta_slow``
+    rotations over ``original_max_position_embeddings``. DeepSeek sets ``mscale`` = ``mscale_all_dim``, which makes
+    the factor 1 (its softmax scale carries ``mscale_all_dim`` instead)."""
+    original = float(scaling["original_max_position_embeddings"])
+    factor = scaling.get("factor")
+    factor = float(factor) if factor is not None else max_position / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else yarn_mscale(factor))
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = rotary_inv_freq(rotary_dim, base)
+    extrapolate = 1 - ramp
+    return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate, float(attention_factor)
+
+
 def rotary_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
     """The unscaled inverse frequencies of ``rotary_dim`` rotating dims (one per pair)."""
     return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
@@ -79,7 +118,12 @@ class RotaryEmbedding(nn.Module):
         if not 0 < self.rotary_dim <= head_dim or self.rotary_dim % 2:
             raise ValueError(f"rotary_dim must be even and in 1..{head_dim}, got {self.rotary_dim}")
         self.interleaved = interleaved
-        inv_freq = _scaled_inv_freq(rotary_inv_freq(self.rotary_dim, base), scaling or {})
+        scaling = scaling or {}
+        if scaling.get("rope_type", scaling.get("type")) == "yarn":
+            inv_freq, attention_factor = yarn_parameters(self.rotary_dim, base, scaling, max_position)
+            self.set_tables(*rotary_tables(inv_freq, max_position, attention_factor))
+            return
+        inv_freq = _scaled_inv_freq(rotary_inv_freq(self.rotary_dim, base), scaling)
         self.set_tables(*rotary_tables(inv_freq, max_position))
 
     def set_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> None:

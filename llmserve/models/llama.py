@@ -201,10 +201,15 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None = None,
                  prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, spec, quant_config, f"{prefix}.self_attn")
+        self.self_attn = self.make_attention(config, spec, quant_config, f"{prefix}.self_attn")
         self.mlp = self.make_mlp(config, spec, quant_config, f"{prefix}.mlp")
         self.input_layernorm = make_norm(spec, config.hidden_size, norm_eps_of(config))
         self.post_attention_layernorm = make_norm(spec, config.hidden_size, norm_eps_of(config))
+
+    def make_attention(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None,
+                       prefix: str) -> nn.Module:
+        """The attention block (DeepSeek builds its latent attention here)."""
+        return LlamaAttention(config, spec, quant_config, prefix)
 
     def make_mlp(self, config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None,
                  prefix: str) -> nn.Module:

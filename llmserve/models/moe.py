@@ -1,6 +1,6 @@
-"""What the mixture-of-experts families (``mixtral.py``, ``qwen2_moe.py``, ``qwen3_moe.py``) share on top of the
-Llama blocks: the sparse feed-forward block (router, routed experts, an optional shared expert) and the loading
-of per-expert checkpoint tensors into the stacked experts of :class:`~llmserve.layers.fused_moe.FusedMoE`."""
+"""What the mixture-of-experts families (``mixtral.py``, ``qwen2_moe.py``, ``qwen3_moe.py``, ``deepseek_v2.py``)
+share on top of the Llama blocks: the sparse feed-forward block (router, routed experts, an optional shared expert)
+and the loading of per-expert checkpoint tensors into the stacked experts of :class:`~llmserve.layers.fused_moe.FusedMoE`."""
 
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(self, hidden_size: int, routing: RoutingConfig, intermediate_size: int, activation: str,
                  quant_config: QuantizationConfig | None = None, prefix: str = "", *,
-                 shared_expert: nn.Module | None = None, gated_shared_expert: bool = False) -> None:
+                 shared_expert: nn.Module | None = None, gated_shared_expert: bool = False,
+                 correction_bias: bool = False) -> None:
+        """``correction_bias``: the router holds DeepSeek-V3's ``gate.e_score_correction_bias``."""
         super().__init__()
-        self.gate = MoERouter(hidden_size, routing)
+        self.gate = MoERouter(hidden_size, routing, correction_bias=correction_bias)
         self.experts = FusedMoE(routing.num_experts, hidden_size, intermediate_size, activation,
                                 quant_config=quant_config, prefix=f"{prefix}.experts")
         self.shared_expert = shared_expert

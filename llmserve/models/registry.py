@@ -8,6 +8,7 @@ from torch import nn
 
 from llmserve.models.bloom import BloomForCausalLM
 from llmserve.models.cohere import Cohere2ForCausalLM, CohereForCausalLM
+from llmserve.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from llmserve.models.falcon import FalconForCausalLM
 from llmserve.models.gemma2 import Gemma2ForCausalLM
 from llmserve.models.gemma3 import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
@@ -41,6 +42,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 # Multimodal checkpoints whose language model llmserve serves on its own (text in, text out).

@@ -52,7 +52,8 @@ class FamilySpec:
     branch_gain: float = 1.0
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     # Tensor names and layout: "llama", "gemma", "cohere", "phi3", "gpt2", "bloom" or "falcon" (see
-    # checkpoint_layouts), "gemma4" (checkpoint_layout_gemma4) or "moe" (checkpoint_layout_moe).
+    # checkpoint_layouts), "gemma4" (checkpoint_layout_gemma4), "moe" (checkpoint_layout_moe) or "deepseek"
+    # (checkpoint_layout_deepseek).
     layout: str = "llama"
     # Per size name: SizeSpec fields to replace and other config.json keys to set.
     size_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -105,6 +106,9 @@ SIZES: dict[str, SizeSpec] = {
 # long ones, as in Phi-3's checkpoints.
 PHI3_SHORT_FACTOR = (1.0, 1.01, 1.03, 1.06, 1.1, 1.15, 1.25, 1.4)
 PHI3_LONG_FACTOR = (1.0, 1.3, 1.9, 2.8, 4.2, 6.3, 9.5, 14.0)
+
+# The tiny DeepSeeks: 3 layers, the first dense, MoE layers of 32-wide experts after it.
+DEEPSEEK_MOE = {"first_k_dense_replace": 1, "moe_layer_freq": 1, "moe_intermediate_size": 32}
 
 FAMILIES: dict[str, FamilySpec] = {
     "llama": FamilySpec(
@@ -413,5 +417,56 @@ FAMILIES: dict[str, FamilySpec] = {
         extra_config={"attention_bias": False, "use_sliding_window": False, "sliding_window": None,
                       "num_experts": 9, "num_experts_per_tok": 3, "norm_topk_prob": True, "moe_intermediate_size": 32,
                       "decoder_sparse_step": 2, "mlp_only_layers": [], "output_router_logits": False},
+    ),
+    # DeepSeek-V2-Lite's shape of options: multi-head latent attention with queries straight from q_proj (no
+    # q_lora_rank); a dense first layer, then 5 routed experts (softmax, greedy top-2) and 2 shared ones.
+    "deepseek_v2_lite": FamilySpec(
+        name="deepseek_v2_lite",
+        architecture="DeepseekV2ForCausalLM",
+        model_type="deepseek_v2",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        layout="deepseek",
+        size_overrides={"tiny": {"num_hidden_layers": 3}},
+        extra_config={"q_lora_rank": None, "mlp_bias": False, **DEEPSEEK_MOE, "n_routed_experts": 5,
+                      "n_shared_experts": 2, "num_experts_per_tok": 2, "topk_method": "greedy", "n_group": 1,
+                      "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.0},
+    ),
+    # DeepSeek-V2's: low-rank queries (q_a_proj -> q_a_layernorm -> q_b_proj); 8 routed experts in 4 groups, each
+    # token's top 3 within its best 2 groups (group_limited_greedy), scaled by 2, one shared expert.
+    "deepseek_v2": FamilySpec(
+        name="deepseek_v2",
+        architecture="DeepseekV2ForCausalLM",
+        model_type="deepseek_v2",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        layout="deepseek",
+        size_overrides={"tiny": {"num_hidden_layers": 3}},
+        extra_config={"q_lora_rank": 24, "mlp_bias": False, **DEEPSEEK_MOE, "n_routed_experts": 8,
+                      "n_shared_experts": 1, "num_experts_per_tok": 3, "topk_method": "group_limited_greedy",
+                      "n_group": 4, "topk_group": 2, "norm_topk_prob": False, "routed_scaling_factor": 2.0},
+    ),
+    # DeepSeek-V3's: low-rank queries, YaRN rope (factor 32 over 64 original positions) whose mscale_all_dim
+    # multiplies the softmax scale; 8 routed experts by sigmoid with e_score_correction_bias (noaux_tc), top 2
+    # within the best 2 of 4 groups, renormalised and scaled by 2.5, one shared expert.
+    "deepseek_v3": FamilySpec(
+        name="deepseek_v3",
+        architecture="DeepseekV3ForCausalLM",
+        model_type="deepseek_v3",
+        tokenizer_kind=BYTELEVEL,
+        chat_template=CHATML_TEMPLATE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        layout="deepseek",
+        size_overrides={"tiny": {"num_hidden_layers": 3}},
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                      "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
+        extra_config={"q_lora_rank": 24, "rope_interleave": True, **DEEPSEEK_MOE, "n_routed_experts": 8,
+                      "n_shared_experts": 1, "num_experts_per_tok": 2, "topk_method": "noaux_tc", "n_group": 4,
+                      "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5},
     ),
 }

@@ -101,6 +101,7 @@ from safetensors.torch import save_file
 from llmserve.config import cache_dir
 
 from .checkpoint_families import FAMILIES, SIZES, FamilySpec, SizeSpec
+from .checkpoint_layout_deepseek import deepseek_config, deepseek_tensors
 from .checkpoint_layout_gemma4 import gemma4_config, gemma4_tensors
 from .checkpoint_layout_moe import moe_tensors
 from .checkpoint_layouts import (
@@ -137,8 +138,8 @@ DEMO_MODEL_NAME = "llmserve-demo-llama-125m"
 _STAMP_FILE = ".llmserve-checkpoint.json"
 
 
-# Layouts with their own tensor names and config keys, Gemma 4's included.
-LAYOUTS = {**OWN_LAYOUTS, "gemma4": (gemma4_tensors, gemma4_config)}
+# Layouts with their own tensor names and config keys, Gemma 4's and DeepSeek's included.
+LAYOUTS = {**OWN_LAYOUTS, "gemma4": (gemma4_tensors, gemma4_config), "deepseek": (deepseek_tensors, deepseek_config)}
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 

@@ -104,9 +104,8 @@ class ModelRunner:
                 and getattr(self.backend, "supports_cuda_graphs", False))
 
     def kv_cache_bytes_per_block(self) -> int:
-        layers = self.model.attention_layers()
-        per_layer = 2 * self.block_size * sum(a.num_kv_heads * a.head_dim for a in layers)
-        return per_layer * torch.tensor([], dtype=self.dtype).element_size()
+        per_token = sum(a.kv_cache_elements_per_token() for a in self.model.attention_layers())
+        return self.block_size * per_token * torch.tensor([], dtype=self.dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Zeroed so padded (masked) reads of never-written slots stay finite. On CUDA (unless
@@ -121,9 +120,7 @@ class ModelRunner:
     def _bind_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         for attn in self.model.attention_layers():
-            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.bind_cache(self.backend, torch.zeros(shape, dtype=self.dtype, device=self.device),
-                            torch.zeros(shape, dtype=self.dtype, device=self.device))
+            attn.bind_cache(self.backend, *attn.new_kv_cache(num_blocks, self.block_size, self.dtype, self.device))
 
     @torch.inference_mode()
     def profile_kv_cache_budget(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
@@ -188,14 +185,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate shared blocks (every layer's K and V) before a sequence writes into its copy."""
+        """Copy-on-write: duplicate shared blocks (every layer's K and V caches) before a sequence writes into its copy."""
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for attn in self.model.attention_layers():
             attn.key_cache.index_copy_(0, dst, attn.key_cache.index_select(0, src))
-            attn.value_cache.index_copy_(0, dst, attn.value_cache.index_select(0, src))
+            if attn.value_cache is not attn.key_cache:
+                attn.value_cache.index_copy_(0, dst, attn.value_cache.index_select(0, src))
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         """Apply the step's changes to the input batch and run it. The driver (first tensor-parallel rank of

@@ -88,7 +88,8 @@ class Worker:
             logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, dtype, self.device, path,
                         time.perf_counter() - t0)
         layers = model.attention_layers()
-        backend = get_attention_backend(self.device, dtype, num_kv_heads=layers[0].num_kv_heads)
+        backend = get_attention_backend(self.device, dtype, num_kv_heads=layers[0].num_kv_heads,
+                                        latent_attention=any(a.values_in_key_cache for a in layers))
         driver = get_tp_group().is_first_rank and get_pp_group().is_last_rank   # the rank that samples
         self.runner = ModelRunner(model, backend, config.block_size, int(hf_config.vocab_size), self.device, dtype,
                                   max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager,
@@ -131,10 +132,14 @@ class Worker:
         self.runner.allocate_kv_cache(num_blocks)
         if self.placement.rank == 0:
             model = self.runner.model
-            held = len(model.attention_layers())
-            shared = sum(isinstance(m, Attention) for m in model.modules()) - held
-            logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, held,
-                        f" ({shared} more reuse an earlier layer's K/V and hold none)" if shared else "")
+            layers = model.attention_layers()
+            shared = sum(isinstance(m, Attention) for m in model.modules()) - len(layers)
+            note = f" ({shared} more reuse an earlier layer's K/V and hold none)" if shared else ""
+            latent = next((a for a in layers if a.values_in_key_cache), None)
+            if latent is not None:
+                note += (f" (latent attention: one {latent.kv_cache_elements_per_token()}-value entry per token and "
+                         f"layer, read as key and value)")
+            logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, len(layers), note)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         assert self.runner is not None

@@ -87,6 +87,8 @@ def llm_block_bytes(path, block_size: int, tp: int = 1) -> int:
         return kv_heads // tp if kv_heads >= tp else 1
 
     cfg = AutoConfig.from_pretrained(path)   # maps GPT-2's n_layer / n_head / n_embd onto the usual names
+    if getattr(cfg, "kv_lora_rank", None):   # MLA: one tensor of latent + rope key per token, on every rank
+        return cfg.num_hidden_layers * block_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     if cfg.model_type == "gemma4_text":   # per-layer head sizes; layers sharing K/V hold none
         layers = [cfg.per_layer_config[i] for i in range(cfg.num_hidden_layers - cfg.num_kv_shared_layers)]
         return 2 * block_size * sum(rank_heads(layer.num_key_value_heads) * layer.head_dim for layer in layers) * 4
@@ -98,7 +100,7 @@ def llm_block_bytes(path, block_size: int, tp: int = 1) -> int:
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4", "gpt2", "cohere", "cohere2", "phi3", "phi3_longrope",
                                     "phi4_mini", "bloom", "falcon", "falcon_mqa", "falcon_rw", "mixtral", "qwen2_moe",
-                                    "qwen3_moe"])
+                                    "qwen3_moe", "deepseek_v2_lite", "deepseek_v2", "deepseek_v3"])
 def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     """One engine per family under everything that changes how the KV cache fills: 7-token steps split the
     prompts, 24 blocks of 4 tokens force preemption, and a repeated prompt is served from the prefix cache.
@@ -109,7 +111,8 @@ def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     prompts (2, 11, 30, 39 and 60 tokens) two start past it, one stays short and two cross it while generating,
     and a preempted sequence recomputes its keys with the factors they were first computed with. The MoE families
     route each chunk's tokens and each decode batch to their experts (top-1, 2 and 3; experts left without a token
-    in a step run nothing)."""
+    in a step run nothing). The DeepSeeks cache one latent per token and attend over it with absorbed weights, in
+    decodes and in chunks over cached context alike."""
     path = checkpoint_dir(family)
     llm = LLM(str(path), block_size=4, max_num_batched_tokens=7, kv_cache_memory_bytes=24 * llm_block_bytes(path, 4))
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
@@ -203,8 +206,9 @@ def without_cpu_kernels(monkeypatch):
     cpu_kernels.cache_clear()
 
 
-# Soft-caps, a window, ALiBi and shared K/V in PyTorch.
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma4", "bloom"])
+# Soft-caps, a window, ALiBi, shared K/V and latent attention in PyTorch.
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma4", "bloom", "deepseek_v2_lite", "deepseek_v2",
+                                    "deepseek_v3"])
 def test_pytorch_paths_without_cpu_kernels_match_hf(checkpoint_dir, family, without_cpu_kernels):
     path = checkpoint_dir(family)
     llm = LLM(str(path), max_num_batched_tokens=7, block_size=4, kv_cache_memory_bytes="32MiB")

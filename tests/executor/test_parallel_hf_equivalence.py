@@ -29,14 +29,17 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi slopes, the embedding LayerNorm on the first stage), Falcon's
 # new architecture at TP=2 (one of the 2 KV groups per rank), Falcon-RW at TP=2 (ALiBi, sequential blocks) and
 # the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per sequence and partial rotary on each rank's heads),
-# and the MoE families (every expert split over the intermediate dimension, one all-reduce): Mixtral and Qwen2-MoE
+# the MoE families (every expert split over the intermediate dimension, one all-reduce): Mixtral and Qwen2-MoE
 # (its shared expert and dense middle layer sharded too) at TP=2, Qwen3-MoE at TP=2 x PP=2 (its dense layer on
-# the first stage, its sparse one on the second).
+# the first stage, its sparse one on the second), and DeepSeek-V2-Lite and DeepSeek-V3 at TP=2 (2 of the 4 MLA
+# heads per rank over the latent every rank caches whole; each rank its slice of every expert's and the shared
+# experts' intermediate rows).
 # Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
 LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 OTHER_FAMILIES = [("gemma2", 2, 1), ("gemma4", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2),
                   ("phi3", 2, 2), ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1), ("phi4_mini", 2, 1),
-                  ("mixtral", 2, 1), ("qwen2_moe", 2, 1), ("qwen3_moe", 2, 2)]
+                  ("mixtral", 2, 1), ("qwen2_moe", 2, 1), ("qwen3_moe", 2, 2), ("deepseek_v2_lite", 2, 1),
+                  ("deepseek_v3", 2, 1)]
 CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + OTHER_FAMILIES
 
 
@@ -59,10 +62,11 @@ def test_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir,
         llm.shutdown()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_expert_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir, family):
     """--enable-expert-parallel at TP=2: each rank holds whole experts (Mixtral's 5 as 3 + 2, Qwen2-MoE's 7 as
-    4 + 3, its shared expert and dense layer still split), under 7-token steps and forced preemption."""
+    4 + 3, its shared expert and dense layer still split; DeepSeek-V3's 8 as 4 + 4 under grouped sigmoid routing,
+    its latent attention split by heads), under 7-token steps and forced preemption."""
     path = checkpoint_dir(family)
     llm = LLM(str(path), tensor_parallel_size=2, enable_expert_parallel=True, block_size=4, max_num_batched_tokens=7,
               kv_cache_memory_bytes=24 * llm_block_bytes(path, 4, 2))

@@ -57,3 +57,33 @@ def test_rotary_dim_must_be_even_and_within_the_head():
     for rotary_dim in (0, 7, 18):
         with pytest.raises(ValueError, match="rotary_dim must be even"):
             RotaryEmbedding(16, 8, 10000.0, rotary_dim=rotary_dim)
+
+
+@pytest.mark.parametrize("scaling", [
+    # DeepSeek-V3's shape: mscale = mscale_all_dim (attention factor 1), the explicit factor.
+    {"factor": 40.0, "original_max_position_embeddings": 64, "mscale": 1.0, "mscale_all_dim": 1.0,
+     "beta_fast": 32, "beta_slow": 1},
+    # No factor (max_position / original), the paper's attention factor, the correction range not truncated.
+    {"factor": None, "original_max_position_embeddings": 256, "truncate": False},
+    # mscale != mscale_all_dim, an explicit attention factor overriding them.
+    {"factor": 8.0, "original_max_position_embeddings": 128, "mscale": 0.707, "mscale_all_dim": 1.0},
+    {"factor": 8.0, "original_max_position_embeddings": 128, "attention_factor": 0.9},
+], ids=["deepseek-v3", "derived-factor", "mscales", "explicit-attention-factor"])
+def test_yarn_tables_are_transformers(scaling):
+    """YaRN's frequencies and attention factor (the cos/sin multiplier) equal transformers'
+    ``_compute_yarn_parameters``, and the rotation uses both."""
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, **scaling}
+    config = DeepseekV3Config(hidden_size=64, num_attention_heads=4, qk_rope_head_dim=16,
+                              max_position_embeddings=2048, rope_parameters=rope)
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](config)
+    ours, factor = rotary.yarn_parameters(16, 10000.0, rope, 2048)
+    torch.testing.assert_close(ours, inv_freq, rtol=1e-6, atol=0)
+    assert factor == pytest.approx(attention_factor)
+    rope_layer = RotaryEmbedding(16, 2048, 10000.0, rope, interleaved=True)
+    q, k = torch.randn(1, 2, 16), torch.randn(1, 1, 16)
+    q_out, k_out = rope_layer(torch.tensor([300]), q.clone(), k.clone())
+    torch.testing.assert_close(q_out[0], reference_rotate(q[0], 300, inv_freq, 16, attention_factor, True))
+    torch.testing.assert_close(k_out[0], reference_rotate(k[0], 300, inv_freq, 16, attention_factor, True))

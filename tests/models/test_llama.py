@@ -1,5 +1,5 @@
 """The Llama-shaped families: each family file's block choices, checkpoints that ship fused q/k/v and
-gate/up tensors, and the whole model sharded over simulated tensor-parallel ranks."""
+gate/up tensors, the whole model sharded over simulated tensor-parallel ranks, and YaRN rope scaling."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from llmserve.models.llama import CheckpointMismatchError, LlamaBlockSpec
 from tests.model_helpers import PROMPT, bind_cache, load_tiny, step_metadata
+from tests.models.hf_logits import assert_matches_hf, with_config
 from tests.parallel_sim import as_rank, run_ranks, shape_only_group, simulated_groups
 
 
@@ -90,3 +91,11 @@ def test_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir, 
     for logits in run_ranks([lambda m=m: rank_logits(m) for m in ranks]):
         assert logits.shape == expected.shape
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_yarn_rope_scaling_matches_hf(checkpoint_dir, tmp_path):
+    """YaRN (Qwen2.5's long-context configs): the frequencies ramp between extrapolated and interpolated and cos/sin
+    carry the attention factor, as transformers computes them; it changes the output."""
+    base = checkpoint_dir("qwen2")
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 1000000.0}
+    assert_matches_hf(with_config(tmp_path, base, {"rope_parameters": yarn, "rope_scaling": yarn}), base)

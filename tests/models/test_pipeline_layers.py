@@ -63,8 +63,8 @@ def test_each_stage_builds_and_loads_only_its_part(checkpoint_dir):
 
 # llama3, gemma2, gpt2, cohere2: tied embeddings; gemma2: a scaled embedding and four norms per layer; gpt2: learned
 # positions on the first stage only; cohere2: the parallel residual handed over, logit_scale on the last stage;
-# phi3: fused checkpoint tensors
-@pytest.mark.parametrize("family", ["llama", "llama3", "qwen3", "gemma2", "gpt2", "cohere2", "phi3"])
+# phi3: fused checkpoint tensors; deepseek_v3: latent attention, its dense layer and first MoE layer on stage 0
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen3", "gemma2", "gpt2", "cohere2", "phi3", "deepseek_v3"])
 def test_two_stages_compose_to_the_one_stage_model(checkpoint_dir, family):
     path = checkpoint_dir(family)
     full = load_tiny(path)

@@ -1,5 +1,6 @@
 """The worker's KV cache: one cache per layer that holds K/V, none for layers that reuse an earlier layer's
-(Gemma 4), and a startup log line that says how many layers hold K/V."""
+(Gemma 4), one entry per token for latent attention (DeepSeek), and a startup log line that says how many layers
+hold K/V and in what form."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from tests.engine.test_hf_equivalence import llm_block_bytes
 @pytest.mark.parametrize("family,line", [
     ("gemma4", "in each of 4 attention layers (2 more reuse an earlier layer's K/V and hold none)"),
     ("llama", "in each of 2 attention layers\n"),
-], ids=["gemma4", "llama"])
+    ("deepseek_v2", "in each of 3 attention layers (latent attention: one 40-value entry per token and layer, read "
+                    "as key and value)"),
+], ids=["gemma4", "llama", "deepseek_v2"])
 def test_kv_cache_is_allocated_for_the_layers_that_hold_kv_and_logged(checkpoint_dir, caplog, family, line):
     path = checkpoint_dir(family)
     with caplog.at_level(logging.INFO, logger="llmserve.worker.worker"):

@@ -198,14 +198,15 @@ def triton_available() -> bool:
 
 
 def select_attention_backend(device: torch.device, choice: str | None = None,
-                             dtype: torch.dtype = torch.float32) -> str:
+                             dtype: torch.dtype = torch.float32, *, latent_attention: bool = False) -> str:
     """``"torch"``, ``"cpu"`` or ``"triton"`` for ``device`` and the model's ``dtype``.
 
     ``choice`` (default: the ``LLMSERVE_ATTENTION_BACKEND`` environment variable) may be ``auto`` (or
     empty), ``torch``, ``cpu`` or ``triton``. ``auto`` picks Triton on CUDA when it imports; on CPU in
     float32 the compiled decode kernel (``cpu``) when it builds here; else PyTorch. Forcing ``triton`` off
     CUDA is allowed only under the Triton interpreter (``TRITON_INTERPRET=1``), which is how the kernels
-    are tested without a GPU.
+    are tested without a GPU. A model with multi-head latent attention (``latent_attention``: DeepSeek) gets
+    PyTorch on CUDA: the Triton kernels do not implement it, and forcing them is refused.
     """
     choice = (choice if choice is not None else os.environ.get(ATTENTION_BACKEND_ENV, "")).strip().lower() or "auto"
     if choice not in ("auto", "torch", "cpu", "triton"):
@@ -220,6 +221,9 @@ def select_attention_backend(device: torch.device, choice: str | None = None,
                                f"warning above; a C compiler is needed)")
         return "cpu"
     if choice == "triton":
+        if latent_attention:
+            raise RuntimeError(f"{ATTENTION_BACKEND_ENV}=triton but the Triton attention backend does not implement "
+                               f"multi-head latent attention (DeepSeek); use torch")
         if not triton_available():
             raise RuntimeError(f"{ATTENTION_BACKEND_ENV}=triton but triton is not installed (pip install triton)")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -227,18 +231,19 @@ def select_attention_backend(device: torch.device, choice: str | None = None,
                                f"not {device.type}")
         return "triton"
     if device.type == "cuda":
-        return "triton" if triton_available() else "torch"
+        return "triton" if triton_available() and not latent_attention else "torch"
     if device.type == "cpu" and dtype == torch.float32 and cpu_kernels() is not None:
         return "cpu"
     return "torch"
 
 
 def get_attention_backend(device: torch.device, dtype: torch.dtype, choice: str | None = None, *,
-                          num_kv_heads: int = 8) -> AttentionBackend:
+                          num_kv_heads: int = 8, latent_attention: bool = False) -> AttentionBackend:
     """The backend for a device and dtype: Triton kernels on CUDA when triton imports, the compiled decode
-    kernel on CPU in float32, PyTorch otherwise (see :func:`select_attention_backend` for forcing one).
-    ``num_kv_heads`` is the model's (the Triton decode kernel sizes its split-K grid with it)."""
-    selected = select_attention_backend(device, choice, dtype)
+    kernel on CPU in float32, PyTorch otherwise (see :func:`select_attention_backend` for forcing one and for
+    ``latent_attention``). ``num_kv_heads`` is the model's (the Triton decode kernel sizes its split-K grid
+    with it)."""
+    selected = select_attention_backend(device, choice, dtype, latent_attention=latent_attention)
     if selected == "triton":
         from llmserve.layers.attention.triton_backend import TritonAttentionBackend
 

@@ -9,6 +9,10 @@ from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec
 
 
 class Attention(nn.Module):
+    # Whether the layer's values are read from its key cache (multi-head latent attention: the values are the
+    # leading dims of each key), so it holds one cache tensor per token instead of two.
+    values_in_key_cache: bool = False
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
                  sliding_window: int | None = None, logits_soft_cap: float | None = None,
                  alibi_slopes: tuple[float, ...] | None = None,
@@ -33,6 +37,18 @@ class Attention(nn.Module):
         if spec.alibi_slopes is not None:
             extra += ", alibi"
         return f"heads={spec.num_heads}, kv_heads={spec.num_kv_heads}, head_dim={spec.head_dim}{extra}"
+
+    def kv_cache_elements_per_token(self) -> int:
+        """Cache entries one token takes in this layer (what sizes the KV cache and the concurrency it holds)."""
+        return (1 if self.values_in_key_cache else 2) * self.num_kv_heads * self.head_dim
+
+    def new_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed key and value caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` (one tensor twice
+        where :attr:`values_in_key_cache`)."""
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        key_cache = torch.zeros(shape, dtype=dtype, device=device)
+        return key_cache, key_cache if self.values_in_key_cache else torch.zeros(shape, dtype=dtype, device=device)
 
     def bind_cache(self, backend: AttentionBackend, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         if self.spec.kv_cache_dtype != "auto" and key_cache.numel() \

@@ -23,7 +23,7 @@
 
 #include "cpu_vec.h"
 
-#define MAX_VECS 16   /* head_dim up to 256 on the vector path */
+#define MAX_VECS 36   /* head_dim up to 576 on the vector path (MLA: a 512 latent + 64 rope dims) */
 
 /* Gemma 2's logit soft-cap over `n` scores, in place: cap * tanh(s / cap), vectorised as
  * sign(y) (1 - e) / (1 + e) with e = exp(-2 |y|) <= 1 (no overflow; absolute error ~1e-7 * cap). */

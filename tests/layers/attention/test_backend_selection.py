@@ -78,3 +78,13 @@ def test_torch_backend_cannot_be_graphed():
     assert not backend.supports_cuda_graphs
     with pytest.raises(NotImplementedError, match="CUDA graphs"):
         backend.graph_decode_metadata(1, 1, 1, CPU)
+
+
+def test_latent_attention_gets_pytorch_on_cuda_and_refuses_triton(no_override, monkeypatch):
+    """The Triton kernels do not implement multi-head latent attention (DeepSeek): auto falls back to PyTorch,
+    forcing Triton is refused; the CPU backends run it."""
+    monkeypatch.setattr(backend_module, "triton_available", lambda: True)
+    assert select_attention_backend(CUDA, latent_attention=True) == "torch"
+    assert select_attention_backend(CPU, latent_attention=True) == select_attention_backend(CPU)
+    with pytest.raises(RuntimeError, match="does not implement multi-head latent attention"):
+        select_attention_backend(CUDA, "triton", latent_attention=True)

@@ -1,0 +1,18 @@
+"""The KV-cache comparison reports what the engine's attention layers cache: for the tiny DeepSeek-V3 (3 layers,
+4 heads, a 32-dim latent + 8 rope dims; heads of 16 + 8 key dims and 16 value dims), one latent + rope key per
+token and layer against per-head K and V."""
+
+from __future__ import annotations
+
+import torch
+
+from llmserve.benchmarks.kv_cache import kv_bytes_per_token, main
+from llmserve.model_loader.loader import load_config
+
+
+def test_mla_bytes_per_token_against_per_head_k_and_v(checkpoint_dir, capsys):
+    path = checkpoint_dir("deepseek_v3")
+    assert kv_bytes_per_token(load_config(path), torch.float32) == (3 * (32 + 8) * 4, 3 * 4 * (16 + 8 + 16) * 4)
+    assert kv_bytes_per_token(load_config(path), torch.bfloat16) == (3 * (32 + 8) * 2, 3 * 4 * (16 + 8 + 16) * 2)
+    main(["--model", str(path), "--dtype", "float32"])
+    assert f"| {path} | 3 | 4 | 480 | 1,920 | 4.0x |" in capsys.readouterr().out
