@@ -78,7 +78,7 @@ class Worker:
         hf_config = load_config(path, config.trust_remote_code, config.revision)
         dtype = resolve_dtype(config.dtype, checkpoint_dtype(hf_config), self.device)
         t0 = time.perf_counter()
-        model = load_model(hf_config, path, dtype, self.device)
+        model = load_model(hf_config, path, dtype, self.device, config.quantization)
         if self.placement.rank == 0:
             logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, dtype, self.device, path,
                         time.perf_counter() - t0)
