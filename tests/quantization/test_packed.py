@@ -4,6 +4,8 @@ integer dot products of the per-token quantised activations)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,5 +113,5 @@ def test_w8a8_kernel_equals_the_reference(n, k, rows):
 
 
 def test_w8a8_reports_its_dot_product_path():
-    flags = open("/proc/cpuinfo").read()
+    flags = Path("/proc/cpuinfo").read_text()
     assert cpu_kernels().w8a8_uses_vnni == (" avx512_vnni" in flags and " avx512bw" in flags)
