@@ -159,6 +159,8 @@ class EngineConfig:
     download_dir: str | None = None
     trust_remote_code: bool = False
     dtype: str = "auto"
+    # None: the checkpoint's own quantization_config (if any); int8/fp8 quantise a float checkpoint at load
+    quantization: str | None = None
     seed: int = 0
     device: str = "auto"
     max_model_len: int | None = None
@@ -221,6 +223,11 @@ class EngineConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"unsupported dtype {self.dtype!r}; choose one of auto, float32, bfloat16, float16")
+        from llmserve.quantization.registry import QUANTIZATION_METHODS   # (it imports the layers, which import this)
+
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"unknown --quantization {self.quantization!r}; choose one of "
+                             f"{', '.join(QUANTIZATION_METHODS)}")
 
     @property
     def world_size(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llmserve.config import EngineConfig
+from llmserve.quantization.registry import QUANTIZATION_METHODS
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
@@ -20,6 +21,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     g.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations; auto = float32 on CPU, the checkpoint's dtype on GPU")
+    g.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
+                   help="int8 (W8A8) or fp8 (weight-only e4m3): quantise a full-precision checkpoint at load; "
+                        "awq, gptq, compressed-tensors: a checkpoint's own format, which is read without the flag")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--seed", type=int, default=0, help="seed for requests that do not set their own")
     g.add_argument("--max-model-len", type=int, default=None,
@@ -66,7 +70,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=model, tokenizer=args.tokenizer, revision=args.revision, tokenizer_revision=args.tokenizer_revision,
         download_dir=args.download_dir, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
-        device=args.device, seed=args.seed, max_model_len=args.max_model_len, block_size=args.block_size,
+        quantization=args.quantization, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+        block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,

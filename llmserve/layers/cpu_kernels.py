@@ -11,6 +11,8 @@ Places where PyTorch's CPU kernels leave most of the machine idle at decode time
 * paged decode attention done with PyTorch ops gathers every sequence's KV blocks into a padded copy
   and then runs a one-query SDPA over it; the kernel reads each sequence's blocks in place, once per
   KV head for the whole query group (``cpu_attention.c``);
+* linear layers on quantised weights kept packed (4-bit, 8-bit and fp8 codes with per-group scales,
+  dequantised in registers; int8 x int8 with VNNI where the CPU has it) (``cpu_quant_linear.c``);
 * the small per-layer ops (RMSNorm with the residual add, SiLU-and-multiply, rotary embedding) are
   each many tensor ops whose fixed costs dominate at small batch; each is one pass here
   (``cpu_layer_ops.c``);
@@ -45,7 +47,7 @@ from llmserve.config import cache_dir
 logger = logging.getLogger(__name__)
 
 CPU_KERNELS_ENV = "LLMSERVE_CPU_KERNELS"
-SOURCES = ("cpu_linear.c", "cpu_attention.c", "cpu_layer_ops.c", "cpu_sampling.c")
+SOURCES = ("cpu_linear.c", "cpu_quant_linear.c", "cpu_attention.c", "cpu_layer_ops.c", "cpu_sampling.c")
 HEADERS = ("cpu_vec.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _SRC_DIR = Path(__file__).parent / "csrc"
@@ -119,6 +121,11 @@ class CPUKernels:
         lib.llmserve_linear_max_rows.restype = _I
         lib.llmserve_linear_blocked.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
         lib.llmserve_linear_blocked.restype = _I
+        lib.llmserve_linear_weight_only.argtypes = [_P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I, _I]
+        lib.llmserve_linear_weight_only.restype = _I
+        lib.llmserve_linear_w8a8.argtypes = [_P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _I]
+        lib.llmserve_linear_w8a8.restype = _I
+        lib.llmserve_w8a8_uses_vnni.restype = _I
         lib.llmserve_paged_decode_attention.argtypes = [_P, _L, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _L, _F,
                                                         _P, _P, _L, _I]
         lib.llmserve_paged_decode_attention.restype = _I
@@ -134,6 +141,7 @@ class CPUKernels:
         lib.llmserve_argmax_rows.restype = None
         self._lib = lib
         self.max_linear_rows: int = lib.llmserve_linear_max_rows()
+        self.w8a8_uses_vnni: bool = bool(lib.llmserve_w8a8_uses_vnni())
 
     def linear_small_batch(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ weight.T + bias`` for a 2-D ``x`` of at most ``max_linear_rows`` rows (unit stride
@@ -165,6 +173,46 @@ class CPUKernels:
         self._lib.llmserve_linear_blocked(
             x.data_ptr(), x.stride(0), blocked_weight.data_ptr(), bias.data_ptr() if bias is not None else None,
             out.data_ptr(), n, rows, n, k, torch.get_num_threads())
+        return out
+
+    def linear_weight_only(self, x: torch.Tensor, codes: torch.Tensor, code_format: int, scales: torch.Tensor,
+                           zeros: torch.Tensor | None, group: int, in_features: int,
+                           bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + bias`` for ``W[i, j] = scales[i, j // group] * (code(i, j) - zeros[i, j // group])``
+        with the codes as :mod:`llmserve.quantization.packed` lays them out (uint8 rows; ``code_format`` 4, 8
+        or 9 for 4-bit, 8-bit and float8 e4m3 codes); scales and zeros float32 [out, groups]."""
+        rows, k = x.shape
+        _check_rows(x, in_features, "x")
+        n = codes.shape[0]
+        for t in (codes, scales, zeros, bias):
+            if t is not None and not t.is_contiguous():
+                raise ValueError("linear_weight_only: codes, scales, zeros and bias must be contiguous")
+        out = torch.empty(rows, n, dtype=torch.float32)
+        status = self._lib.llmserve_linear_weight_only(
+            x.data_ptr(), x.stride(0), codes.data_ptr(), codes.shape[1], scales.data_ptr(),
+            zeros.data_ptr() if zeros is not None else None, bias.data_ptr() if bias is not None else None,
+            out.data_ptr(), n, rows, n, k, group, code_format, torch.get_num_threads())
+        if status == -2:
+            raise MemoryError("linear_weight_only: no memory for the group sums of x")
+        if status != 0:
+            raise ValueError(f"linear_weight_only: format {code_format} or group {group} (k={k}) is not supported")
+        return out
+
+    def linear_w8a8(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    weight_compensation: torch.Tensor, in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + bias`` with x quantised per row to int8 on the fly; ``weight`` int8 [out, k padded to
+        64], ``weight_scale`` float32 [out], ``weight_compensation`` int32 [out] = 128 * row sums."""
+        rows, k = x.shape
+        _check_rows(x, in_features, "x")
+        n, kp = weight.shape
+        out = torch.empty(rows, n, dtype=torch.float32)
+        status = self._lib.llmserve_linear_w8a8(
+            x.data_ptr(), x.stride(0), weight.data_ptr(), kp, weight_scale.data_ptr(), weight_compensation.data_ptr(),
+            bias.data_ptr() if bias is not None else None, out.data_ptr(), n, rows, n, k, torch.get_num_threads())
+        if status == -2:
+            raise MemoryError("linear_w8a8: no memory for the quantised activations")
+        if status != 0:
+            raise ValueError(f"linear_w8a8: weight rows of {kp} bytes must be a multiple of 64 and >= {k}")
         return out
 
     def paged_decode_attention(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

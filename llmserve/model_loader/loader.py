@@ -20,6 +20,7 @@ from torch import nn
 from llmserve.model_loader.gguf_loader import (download_gguf, hub_gguf_reference, is_gguf, iterate_gguf_weights,
                                                load_gguf_config)
 from llmserve.models.registry import resolve_model_class, text_model_config
+from llmserve.quantization.registry import get_quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +110,19 @@ def iterate_weights(path: Path, config: Any = None) -> Iterator[tuple[str, torch
                 yield name, f.get_tensor(name)
 
 
-def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device,
+               quantization: str | None = None) -> nn.Module:
     """Build this rank's part of the model (the TP and PP ranks come from
     :mod:`~llmserve.distributed.parallel_state`, trivial groups in a single process), load it, then let
-    every layer post-process its loaded weights once (e.g. block them for the CPU kernels)."""
+    every layer post-process its loaded weights once (e.g. block them for the CPU kernels, or repack
+    quantised ones). ``quantization``: ``--quantization`` (the checkpoint's own config applies regardless)."""
     model_cls = resolve_model_class(config)
+    quant_config = get_quantization_config(config, quantization, device)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = model_cls(config)
+            model = model_cls(config, quant_config)
     finally:
         torch.set_default_dtype(previous)
     model.load_weights(iterate_weights(path, config))

@@ -80,7 +80,7 @@ class Worker:
         hf_config = load_config(path, config.trust_remote_code, config.revision)
         dtype = resolve_dtype(config.dtype, checkpoint_dtype(hf_config), self.device)
         t0 = time.perf_counter()
-        model = load_model(hf_config, path, dtype, self.device)
+        model = load_model(hf_config, path, dtype, self.device, config.quantization)
         if config.enable_expert_parallel and not any(isinstance(m, FusedMoE) for m in model.modules()):
             raise ValueError(f"--enable-expert-parallel: {type(model).__name__} has no mixture-of-experts layers "
                              f"to distribute")

@@ -25,13 +25,10 @@ from llmserve.model_loader import gguf_loader
 from llmserve.model_loader.loader import ModelNotFoundError, resolve_model_path
 from llmserve.sampling_params import SamplingParams
 from llmserve.testing.gguf_files import write_gguf
-from tests.hf_reference import hf_greedy
+from tests.engine_greedy import assert_matches_hf, engine_greedy
 
 pytest.importorskip("gguf")
 pytest.importorskip("accelerate")   # transformers' GGUF loading (the oracle) needs it
-
-PROMPTS = [[5, 17, 99, 300, 42, 7], list(range(40, 90)), [1500, 3, 3, 3, 800, 12, 77, 901, 4]]
-MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -44,27 +41,11 @@ def _gguf(checkpoint_dir, gguf_dir: Path, family: str, file_type: str) -> Path:
     return out if out.exists() else write_gguf(checkpoint_dir(family), out, family, file_type)
 
 
-def _generate(path: Path, **engine_args) -> list:
-    llm = LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256, max_num_batched_tokens=32,
-              **engine_args)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=0, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS] * 2, params)   # twice: prefix cache hits
-    return [(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
-            for o in outputs]
-
-
-def _assert_matches(results, reference: Path, tolerance: float) -> None:
-    for (tokens, logprobs), prompt in zip(results, PROMPTS * 2):
-        ref_tokens, ref_logprobs = hf_greedy(reference, prompt, MAX_TOKENS)
-        assert tokens == ref_tokens
-        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < tolerance
-
-
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_f32_file_runs_as_the_checkpoint_it_came_from(checkpoint_dir, gguf_dir, family):
     path = _gguf(checkpoint_dir, gguf_dir, family, "F32")
     tokenizer = {} if family == "qwen2" else {"tokenizer": str(checkpoint_dir(family))}
-    _assert_matches(_generate(path, **tokenizer), checkpoint_dir(family), 1e-4)
+    assert_matches_hf(engine_greedy(path, **tokenizer), checkpoint_dir(family), 1e-4)
 
 
 @pytest.mark.parametrize("family,file_type", [("qwen2", "Q8_0"), ("qwen2", "Q4_0"), ("qwen2", "Q5_1"),
@@ -73,7 +54,7 @@ def test_f32_file_runs_as_the_checkpoint_it_came_from(checkpoint_dir, gguf_dir, 
 def test_quantized_file_matches_transformers_on_the_same_file(checkpoint_dir, gguf_dir, family, file_type):
     path = _gguf(checkpoint_dir, gguf_dir, family, file_type)
     tokenizer = {} if family == "qwen2" else {"tokenizer": str(checkpoint_dir(family))}
-    _assert_matches(_generate(path, **tokenizer), path, 1e-3)
+    assert_matches_hf(engine_greedy(path, **tokenizer), path, 1e-3)
 
 
 def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf_dir):

@@ -1,0 +1,255 @@
+/* Linear layers on quantised weights, kept packed in memory (llmserve/quantization/packed.py lays them out).
+ *
+ * Weight-only (activations stay float32): each weight row is a stream of codes, dequantised in registers
+ * as scale[group] * (code - zero[group]) and multiplied into float accumulators:
+ *   - WQ_U4: 4-bit codes, 32 per 16 bytes (byte i of a chunk holds code i in its low nibble and code i + 16
+ *     in its high one), so one 16-byte load widens to two vectors with a mask and a shift;
+ *   - WQ_U8: 8-bit unsigned codes;
+ *   - WQ_FP8: float8 e4m3 bytes (no zero point): sign, exponent and mantissa shifted into a float32's bit
+ *     positions give the value times 2^-120 (subnormals included), one multiply restores it.
+ * The zero point is folded out of the inner loop: sum_k s (q_k - z) x_k = s (sum_k q_k x_k - z sum_k x_k),
+ * with the per-group sums of x computed once per call.
+ *
+ * W8A8: int8 weights with per-output-channel scales, activations quantised per row (token) on the fly to
+ * int8; the int8 dot products use AVX-512 VNNI (vpdpbusd: u8 x s8, four products summed per int32 lane)
+ * where the compiler targets it (-march=native on a CPU that has it), else widened integer vector code.
+ * vpdpbusd wants one unsigned operand: x + 128 is, and the weights' row sums times 128 (computed at load)
+ * take the offset back out. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_vec.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAVE_VNNI 1
+#endif
+
+#define WQ_U4 4
+#define WQ_U8 8
+#define WQ_FP8 9
+#define WQ_CHUNK 32     /* codes decoded per step: two vectors */
+#define WQ_ROWS 8       /* rows of x per pass over a weight row */
+
+typedef unsigned char u8x16 __attribute__((vector_size(16)));
+typedef signed char s8x16 __attribute__((vector_size(16)));
+
+static inline vec fp8_to_float(ivec v) {
+    const ivec bits = ((v & 0x80) << 24) | ((v & 0x7F) << 20);
+    return (vec)bits * splat(0x1p120f);
+}
+
+static inline float fp8_to_float1(unsigned char b) {
+    unsigned bits = ((unsigned)(b & 0x80) << 24) | ((unsigned)(b & 0x7F) << 20);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f * 0x1p120f;
+}
+
+/* Codes c .. c + 31 (c a multiple of 32) of a row as two float vectors. */
+static inline __attribute__((always_inline)) void decode_chunk(const unsigned char *w, long c, const int format,
+                                                               vec *lo, vec *hi) {
+    u8x16 a, b;
+    if (format == WQ_U4) {
+        memcpy(&a, w + c / 2, 16);
+        const ivec v = __builtin_convertvector(a, ivec);
+        *lo = __builtin_convertvector(v & 15, vec);
+        *hi = __builtin_convertvector(v >> 4, vec);
+        return;
+    }
+    memcpy(&a, w + c, 16);
+    memcpy(&b, w + c + 16, 16);
+    const ivec va = __builtin_convertvector(a, ivec), vb = __builtin_convertvector(b, ivec);
+    if (format == WQ_U8) {
+        *lo = __builtin_convertvector(va, vec);
+        *hi = __builtin_convertvector(vb, vec);
+    } else {
+        *lo = fp8_to_float(va);
+        *hi = fp8_to_float(vb);
+    }
+}
+
+static inline float decode_one(const unsigned char *w, long j, const int format) {
+    if (format == WQ_U4) {
+        const unsigned char byte = w[(j / WQ_CHUNK) * 16 + (j % 16)];
+        return (float)((j % WQ_CHUNK) < 16 ? byte & 15 : byte >> 4);
+    }
+    return format == WQ_U8 ? (float)w[j] : fp8_to_float1(w[j]);
+}
+
+/* out[m] = sum over groups of s[g] * (sum_k code_k x[m, k] - z[g] xsum[m, g]) for `mr` rows of x. */
+static inline __attribute__((always_inline)) void
+wq_row(const float *x, long xs, const unsigned char *w, const float *s, const float *z, const float *xsum,
+       long groups, long k, long group, const int format, float *out, const int mr) {
+    vec total[WQ_ROWS];
+    float tail[WQ_ROWS];
+    for (int m = 0; m < mr; m++) { total[m] = (vec){0}; tail[m] = 0.f; }
+    for (long g = 0; g < groups; g++) {
+        const long c0 = g * group, c1 = c0 + group < k ? c0 + group : k;
+        vec acc[WQ_ROWS][2];
+        for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = (vec){0};
+        long c = c0;
+        for (; c + WQ_CHUNK <= c1; c += WQ_CHUNK) {
+            vec lo, hi;
+            decode_chunk(w, c, format, &lo, &hi);
+            for (int m = 0; m < mr; m++) {
+                acc[m][0] += lo * load(x + m * xs + c);
+                acc[m][1] += hi * load(x + m * xs + c + LANES);
+            }
+        }
+        const vec sg = splat(s[g]);
+        for (int m = 0; m < mr; m++) total[m] += sg * (acc[m][0] + acc[m][1]);
+        for (; c < c1; c++) {
+            const float wv = s[g] * decode_one(w, c, format);
+            for (int m = 0; m < mr; m++) tail[m] += wv * x[m * xs + c];
+        }
+    }
+    for (int m = 0; m < mr; m++) {
+        float r = hsum(total[m]) + tail[m];
+        if (z)
+            for (long g = 0; g < groups; g++) r -= s[g] * z[g] * xsum[m * groups + g];
+        out[m] = r;
+    }
+}
+
+#define WQ_CASE(MR) case MR:                                                                               \
+    wq_row(x + m0 * x_stride, x_stride, row, s, z, xsum + m0 * groups, groups, k, group, format, r, MR); break;
+
+static inline __attribute__((always_inline)) void
+wq_all(const float *x, long x_stride, const unsigned char *w, long w_row_bytes, const float *scales,
+       const float *zeros, const float *xsum, const float *bias, float *y, long y_stride, long M, long n, long k,
+       long group, long groups, const int format, int num_threads) {
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (long i = 0; i < n; i++) {
+        const unsigned char *row = w + i * w_row_bytes;
+        const float *s = scales + i * groups, *z = zeros ? zeros + i * groups : NULL;
+        for (long m0 = 0; m0 < M; m0 += WQ_ROWS) {
+            float r[WQ_ROWS];
+            const int mr = M - m0 < WQ_ROWS ? (int)(M - m0) : WQ_ROWS;
+            switch (mr) { WQ_CASE(1) WQ_CASE(2) WQ_CASE(3) WQ_CASE(4) WQ_CASE(5) WQ_CASE(6) WQ_CASE(7) WQ_CASE(8) }
+            for (int m = 0; m < mr; m++) y[(m0 + m) * y_stride + i] = r[m] + (bias ? bias[i] : 0.f);
+        }
+    }
+}
+
+/* y[M, n] = x[M, k] W^T + bias with W[i, j] = scales[i, j / group] * (code(i, j) - zeros[i, j / group])
+ * (zeros may be NULL: no zero point). Rows of codes are w_row_bytes apart. group must be a multiple of 32
+ * or cover k. Returns 0; -1 for an unknown format or a bad group; -2 without memory. */
+int llmserve_linear_weight_only(const float *x, long x_stride, const unsigned char *w, long w_row_bytes,
+                                const float *scales, const float *zeros, const float *bias, float *y,
+                                long y_stride, long M, long n, long k, long group, int format, int num_threads) {
+    if ((format != WQ_U4 && format != WQ_U8 && format != WQ_FP8) || group < 1 || (group % WQ_CHUNK && group < k))
+        return -1;
+    const long groups = (k + group - 1) / group;
+    float *xsum = NULL;
+    if (zeros) {
+        xsum = malloc(sizeof(float) * M * groups);
+        if (!xsum) return -2;
+        for (long m = 0; m < M; m++)
+            for (long g = 0; g < groups; g++) {
+                const long c1 = (g + 1) * group < k ? (g + 1) * group : k;
+                float t = 0.f;
+                for (long c = g * group; c < c1; c++) t += x[m * x_stride + c];
+                xsum[m * groups + g] = t;
+            }
+    }
+    switch (format) {   /* one specialised copy of the loops per format */
+        case WQ_U4: wq_all(x, x_stride, w, w_row_bytes, scales, zeros, xsum, bias, y, y_stride, M, n, k, group,
+                           groups, WQ_U4, num_threads); break;
+        case WQ_U8: wq_all(x, x_stride, w, w_row_bytes, scales, zeros, xsum, bias, y, y_stride, M, n, k, group,
+                           groups, WQ_U8, num_threads); break;
+        default: wq_all(x, x_stride, w, w_row_bytes, scales, zeros, xsum, bias, y, y_stride, M, n, k, group,
+                        groups, WQ_FP8, num_threads); break;
+    }
+    free(xsum);
+    return 0;
+}
+
+#define W8A8_ROWS 4
+#define W8A8_STEP 64    /* bytes per dot-product step; rows of weights and quantised x are padded to it */
+
+/* Dot products of `mr` quantised rows of x (u8, x + 128) with one int8 weight row of kp bytes. */
+static inline __attribute__((always_inline)) void
+w8a8_dots(const unsigned char *xq, long kp, const signed char *w, int *out, const int mr) {
+#ifdef HAVE_VNNI
+    __m512i acc[W8A8_ROWS];
+    for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_si512();
+    for (long c = 0; c < kp; c += W8A8_STEP) {
+        const __m512i wv = _mm512_loadu_si512((const void *)(w + c));
+        for (int m = 0; m < mr; m++)
+            acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_loadu_si512((const void *)(xq + m * kp + c)), wv);
+    }
+    for (int m = 0; m < mr; m++) out[m] = _mm512_reduce_add_epi32(acc[m]);
+#else
+    ivec acc[W8A8_ROWS];
+    for (int m = 0; m < mr; m++) acc[m] = (ivec){0};
+    for (long c = 0; c < kp; c += 16) {
+        s8x16 wb;
+        memcpy(&wb, w + c, 16);
+        const ivec wv = __builtin_convertvector(wb, ivec);
+        for (int m = 0; m < mr; m++) {
+            u8x16 xb;
+            memcpy(&xb, xq + m * kp + c, 16);
+            acc[m] += __builtin_convertvector(xb, ivec) * wv;
+        }
+    }
+    for (int m = 0; m < mr; m++) {
+        int t = 0;
+        for (int l = 0; l < LANES; l++) t += acc[m][l];
+        out[m] = t;
+    }
+#endif
+}
+
+#define W8A8_CASE(MR) case MR: w8a8_dots(xq + m0 * kp, kp, w + i * kp, d, MR); break;
+
+/* y[M, n] = dequant(quant(x)) W^T + bias for int8 W [n, kp] (k values then zero padding) with per-row
+ * scales w_scale[n] and w_comp[n] = 128 * sum of the row: each row of x is quantised symmetrically to
+ * int8 with its own scale max|x| / 127 (round half to even), then y = sx * sw * (dot(xq + 128, w) - comp).
+ * Returns 0; -1 when kp is not a multiple of 64 or below k; -2 without memory. */
+int llmserve_linear_w8a8(const float *x, long x_stride, const signed char *w, long kp, const float *w_scale,
+                         const int *w_comp, const float *bias, float *y, long y_stride, long M, long n, long k,
+                         int num_threads) {
+    if (kp % W8A8_STEP || kp < k) return -1;
+    unsigned char *xq = malloc((size_t)M * kp);
+    float *sx = malloc(sizeof(float) * M);
+    if (!xq || !sx) { free(xq); free(sx); return -2; }
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (long m = 0; m < M; m++) {
+        const float *xm = x + m * x_stride;
+        float amax = 0.f;
+        for (long c = 0; c < k; c++) amax = fmaxf(amax, fabsf(xm[c]));
+        const float scale = amax > 0.f ? amax / 127.f : 1.f;
+        sx[m] = scale;
+        for (long c = 0; c < k; c++) {
+            float q = nearbyintf(xm[c] / scale);
+            q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
+            xq[m * kp + c] = (unsigned char)((int)q + 128);
+        }
+        memset(xq + m * kp + k, 128, kp - k);
+    }
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (long i = 0; i < n; i++) {
+        for (long m0 = 0; m0 < M; m0 += W8A8_ROWS) {
+            int d[W8A8_ROWS];
+            const int mr = M - m0 < W8A8_ROWS ? (int)(M - m0) : W8A8_ROWS;
+            switch (mr) { W8A8_CASE(1) W8A8_CASE(2) W8A8_CASE(3) W8A8_CASE(4) }
+            for (int m = 0; m < mr; m++)
+                y[(m0 + m) * y_stride + i] = sx[m0 + m] * w_scale[i] * (float)(d[m] - w_comp[i])
+                                             + (bias ? bias[i] : 0.f);
+        }
+    }
+    free(xq);
+    free(sx);
+    return 0;
+}
+
+/* Which int8 dot-product path this build uses (1: AVX-512 VNNI, 0: portable vector code). */
+int llmserve_w8a8_uses_vnni(void) {
+#ifdef HAVE_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
