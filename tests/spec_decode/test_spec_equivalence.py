@@ -6,6 +6,8 @@ own seeded stream); drafts really are accepted (the checks are not vacuous); no 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from llmserve import LLM, SamplingParams
@@ -107,4 +109,19 @@ def test_seeded_sampling_and_parallel_samples_are_unchanged(llama_dir):
     first = completions(on, params)
     assert first == completions(make_llm(llama_dir, spec=False), params)
     assert completions(on, params) == first
+    assert_idle_and_accepting(on)
+
+
+def test_grammar_constrained_requests_decode_alongside_drafted_ones(llama_dir):
+    """A constrained request is not speculated (one token per step, under its grammar's mask) while the
+    unconstrained requests of the same steps are; both get what they get without speculation."""
+    pytest.importorskip("llguidance")
+    constrained = SamplingParams(temperature=0.0, max_tokens=40, structured_outputs={"regex": "[0-9]{3}-[a-z]{2,30}"})
+    prompts = ["Code: ", *PROMPTS]
+    params = [constrained] + [GREEDY] * len(PROMPTS)
+    on = make_llm(llama_dir, spec=True)
+    outputs = on.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outputs] == \
+        [o.outputs[0].token_ids for o in make_llm(llama_dir, spec=False).generate(prompts, params)]
+    assert re.fullmatch("[0-9]{3}-[a-z]{2,30}", outputs[0].outputs[0].text)
     assert_idle_and_accepting(on)
