@@ -8,7 +8,7 @@ pool is whole again when everything finished; the counters add up."""
 from __future__ import annotations
 
 from llmserve.engine.block_manager import BlockManager, chain_hash, chain_root
-from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
+from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs, decode, encode
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import Sequence
 from llmserve.sampling_params import SamplingParams
@@ -63,6 +63,11 @@ def test_drafts_are_scheduled_and_rejected_ones_are_rolled_back():
     nxt = sched.schedule()
     [cached] = nxt.cached_seqs
     assert cached.new_token_ids == [3, 9] and cached.num_computed_tokens == len(PROMPT) + 2
+    # Drafts and their verdicts cross process boundaries as msgpack, unchanged.
+    assert decode(encode(out), SchedulerOutput) == out
+    result = ModelRunnerOutput(sampled={1: 4}, num_accepted_drafts={1: 2},
+                               draft_logprobs={1: [TokenLogprobs(3, -0.5, 1), TokenLogprobs(8, -0.1, 1)]})
+    assert decode(encode(result), ModelRunnerOutput) == result
 
 
 def test_only_blocks_of_accepted_tokens_are_published():
