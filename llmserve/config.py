@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from llmserve.spec_decode.config import SpeculativeConfig
+
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
@@ -187,10 +189,17 @@ class EngineConfig:
     structured_outputs_config: StructuredOutputsConfig | Mapping[str, Any] | str | None = None
     # JSON text or a dict, as vLLM's flag; normalised to PoolerConfig (embedding requests' pooling)
     pooler_config: PoolerConfig | Mapping[str, Any] | str | None = None
+    # JSON text or a dict, as vLLM's flag, or the two older flags; normalised to SpeculativeConfig (None: off)
+    speculative_config: SpeculativeConfig | Mapping[str, Any] | str | None = None
+    speculative_model: str | None = None
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.structured_outputs_config = StructuredOutputsConfig.parse(self.structured_outputs_config)
         self.pooler_config = PoolerConfig.parse(self.pooler_config)
+        self.speculative_config = SpeculativeConfig.resolve(self.speculative_config, self.speculative_model,
+                                                            self.num_speculative_tokens)
+        self.speculative_model = self.num_speculative_tokens = None   # folded into speculative_config
         if self.block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -93,6 +93,9 @@ def run_latency_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.output_len < args.skip_steps + 2:
         raise ValueError(f"--output-len must be at least --skip-steps + 2 ({args.skip_steps + 2})")
     config = engine_config_from_args(args)
+    if config.speculative_config is not None:
+        raise ValueError("bench latency times steps, and with speculation a step emits several tokens: use "
+                         "bench spec-decode for TPOT with --speculative-config")
     if config.max_num_seqs < max(sizes):
         config.max_num_seqs = max(sizes)   # the batch must fit in one step
     llm = LLM(**vars(config))

@@ -19,6 +19,7 @@ from llmserve.engine.messages import (EngineCoreOutputs, EngineCoreRequest, Mode
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import Sequence
 from llmserve.executor.abstract import Executor, executor_class
+from llmserve.spec_decode.ngram_proposer import NgramProposer
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ class EngineCore:
             self.executor.shutdown()
             raise
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        spec = config.speculative_config
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_num_batched_tokens,
-                                   config.enable_chunked_prefill, max_model_len)
+                                   config.enable_chunked_prefill, max_model_len,
+                                   NgramProposer(spec) if spec is not None else None)
         self.requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         tokens = num_blocks * config.block_size
@@ -96,7 +99,14 @@ class EngineCore:
         for seq, vector in step.pooled:
             out.pooled[seq.request_id] = vector
             self.requests.pop(seq.request_id, None)
+        last_seq = None
         for seq, token, token_logprobs in step.sampled:
+            if seq is last_seq:   # accepted drafts: the sequence's tokens of this step go out together
+                out.samples[-1].new_token_ids.append(token)
+                if token_logprobs is not None:
+                    out.samples[-1].logprobs.append(token_logprobs)
+                continue
+            last_seq = seq
             out.samples.append(SampleOutput(
                 seq.request_id, seq.index, [] if token is None else [token],
                 [token_logprobs] if token_logprobs is not None else [],
@@ -114,6 +124,7 @@ class EngineCore:
     def stats(self) -> SchedulerStats:
         running = len({seq.request_id for seq in self.scheduler.running.values()})
         allocated, filled = self.block_manager.waste(list(self.scheduler.running.values()))
+        spec = self.scheduler.spec_stats
         return SchedulerStats(
             num_requests_running=running,
             num_requests_waiting=len(self.requests) - running,
@@ -124,6 +135,10 @@ class EngineCore:
             prefix_cache_queries=self.block_manager.prefix_query_tokens,
             prefix_cache_hits=self.block_manager.prefix_hit_tokens,
             kv_cache_waste=(allocated - filled) / allocated if allocated else 0.0,
+            spec_num_drafts=spec.num_drafts,
+            spec_num_draft_tokens=spec.num_draft_tokens,
+            spec_num_accepted_tokens=spec.num_accepted_tokens,
+            spec_num_accepted_tokens_per_pos=list(spec.num_accepted_tokens_per_pos),
         )
 
     def shutdown(self) -> None:

@@ -181,6 +181,10 @@ def stats_dict(core: SchedulerStats, outputs: OutputProcessor, iteration_tokens:
         "prefix_cache_queries": core.prefix_cache_queries,
         "prefix_cache_hits": core.prefix_cache_hits,
         "kv_cache_waste": core.kv_cache_waste,
+        "spec_num_drafts": core.spec_num_drafts,
+        "spec_num_draft_tokens": core.spec_num_draft_tokens,
+        "spec_num_accepted_tokens": core.spec_num_accepted_tokens,
+        "spec_num_accepted_tokens_per_pos": core.spec_num_accepted_tokens_per_pos,
         "prompt_tokens": outputs.num_prompt_tokens_total,
         "generation_tokens": outputs.num_generation_tokens_total,
     }

@@ -57,6 +57,9 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
     block_copies: list[tuple[int, int]] = []           # (src, dst) copy-on-write before the step
     forks: dict[int, list[ForkData]] = {}              # parent seq_id -> samples forked when its prompt completes
     finished_seq_ids: list[int] = []                   # forget these (finished, aborted, preempted or reset)
+    # seq_id -> draft tokens checked this step (llmserve.spec_decode): they follow its known tokens and are
+    # counted in its num_scheduled_tokens; its logits are sampled at each of them and at its last token
+    scheduled_spec_decode_tokens: dict[int, list[int]] = {}
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -82,6 +85,10 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
 
     sampled: dict[int, int] = {}                                   # seq_id -> new token
     logprobs: dict[int, TokenLogprobs] = {}                        # seq_id -> its logprobs
+    # A sequence with drafts: how many leading drafts were accepted (each emitted before ``sampled``), and
+    # their logprobs where asked
+    num_accepted_drafts: dict[int, int] = {}
+    draft_logprobs: dict[int, list[TokenLogprobs]] = {}
     # seq_id -> (first position p, logprobs of prompt tokens p+1, p+2, ...)
     prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] = {}
     # seq_id -> this step's share of its pooled vector (float32 little-endian bytes): the sum of the final
@@ -134,6 +141,11 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     kv_cache_waste: float = 0.0
+    # speculative decoding, since start: steps with drafts, drafts, accepted drafts, accepted at each position
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = []
 
 
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):

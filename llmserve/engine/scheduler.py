@@ -9,10 +9,16 @@ freed and it goes back to the front of the queue to be recomputed later. A waiti
 the blocks of its longest cached prefix (prefix caching), so only the rest of its prompt is computed.
 The step is described to the workers as a :class:`~llmserve.engine.messages.SchedulerOutput`.
 
+With speculative decoding, a running sequence that is one token behind gets up to k draft tokens from the
+proposer (:mod:`llmserve.spec_decode`) and is scheduled for 1 + k tokens through the same rule and
+allocation; the result says how many drafts were accepted, and the rejected ones are never counted as
+computed (their K/V slots are written again later), so no block holding them is ever published.
+
 ``update_from_output`` applies the workers' :class:`~llmserve.engine.messages.ModelRunnerOutput`: it
 advances ``num_computed_tokens``, publishes newly full blocks to the prefix cache, forks parallel
 samples, appends sampled tokens and finishes sequences on EOS, stop token ids and length (a sequence with
-``max_tokens`` 0 finishes once its prompt is computed, with no token appended). Stop strings
+``max_tokens`` 0 finishes once its prompt is computed, with no token appended). When a step brings several
+tokens (accepted drafts), they are appended in order and the sequence stops at the first stop. Stop strings
 need text, so the engine's output processing applies them through :meth:`finish`. A pooling sequence
 samples nothing: it adds each committed step's share of its pooled vector and finishes with the vector
 once its prompt is computed (:mod:`llmserve.layers.pooler`); preemption starts its sum again from zero.
@@ -34,6 +40,8 @@ from llmserve.engine.messages import (CachedSequenceData, ForkData, ModelRunnerO
                                       SchedulerOutput, TokenLogprobs)
 from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.layers import pooler
+from llmserve.spec_decode.metrics import SpecDecodingStats
+from llmserve.spec_decode.ngram_proposer import NgramProposer
 
 
 @dataclass
@@ -62,7 +70,8 @@ def stops_on_token(seq: Sequence, token: int) -> bool:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True, max_model_len: int | None = None) -> None:
+                 enable_chunked_prefill: bool = True, max_model_len: int | None = None,
+                 proposer: NgramProposer | None = None) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -75,6 +84,10 @@ class Scheduler:
         self._scheduled: list[tuple[Sequence, int]] = []      # the step awaiting its result
         self._forks: dict[int, list[Sequence]] = {}
         self._forget: list[int] = []                          # seq ids the workers must drop
+        self.proposer = proposer
+        self._drafts: dict[int, list[int]] = {}               # seq id -> drafts in the step awaiting its result
+        self.spec_stats = SpecDecodingStats(
+            num_accepted_tokens_per_pos=[0] * (proposer.num_speculative_tokens if proposer else 0))
 
     @property
     def num_unfinished(self) -> int:
@@ -93,6 +106,8 @@ class Scheduler:
                 pass
         self.block_manager.free(seq)
         self._release_from_workers(seq)
+        if self.proposer is not None:
+            self.proposer.remove(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         for child in seq.pending_forks:
             child.status = SequenceStatus.FINISHED
@@ -104,6 +119,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         self.last_preempted = []
+        self._drafts = {}
         suspects = self._next_suspects()
         for seq in list(self.running.values()):
             if budget == 0:
@@ -111,9 +127,12 @@ class Scheduler:
             if seq.seq_id not in self.running or (suspects and seq.seq_id not in suspects):
                 continue   # preempted earlier in this loop, or not this step's suspect
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self._allocate_or_preempt(seq, num_new):
-                scheduled.append((seq, num_new))
-                budget -= num_new
+            drafts = self._propose(seq, budget) if seq.num_tokens - seq.num_computed_tokens == 1 else []
+            if self._allocate_or_preempt(seq, num_new + len(drafts)):
+                scheduled.append((seq, num_new + len(drafts)))
+                budget -= num_new + len(drafts)
+                if drafts:
+                    self._drafts[seq.seq_id] = drafts
         if not self.last_preempted and not suspects:
             self._admit_waiting(scheduled, budget)
         now = time.monotonic()
@@ -122,6 +141,18 @@ class Scheduler:
                 seq.first_scheduled_time = now
         self._scheduled = scheduled
         return self._make_output(scheduled)
+
+    def _propose(self, seq: Sequence, budget: int) -> list[int]:
+        """Drafts for a decoding sequence: none for pooling or grammar-constrained ones (their matcher lives
+        with the sampler and is not rolled back) or before the first output token; never more than the step's
+        budget, ``max_tokens`` or the context length leave room to emit."""
+        if (self.proposer is None or not seq.output_token_ids or seq.pending_forks
+                or seq.params.structured_outputs is not None):
+            return []
+        room = min(budget, seq.max_tokens - len(seq.output_token_ids))
+        if self.max_model_len is not None:
+            room = min(room, self.max_model_len - seq.num_tokens)
+        return self.proposer.propose(seq.seq_id, seq.all_token_ids, room - 1)
 
     def _next_suspects(self) -> set[int]:
         """The running sequences of the first suspect request (empty when there is none)."""
@@ -163,6 +194,7 @@ class Scheduler:
         del self.running[seq.seq_id]
         self.block_manager.free(seq)
         self._release_from_workers(seq)
+        self._drafts.pop(seq.seq_id, None)
         seq.num_computed_tokens = 0
         seq.pooled_sum = None
         seq.num_preemptions += 1
@@ -183,6 +215,7 @@ class Scheduler:
                               finished_seq_ids=self._forget)
         self._forget = []
         self._forks = {}
+        out.scheduled_spec_decode_tokens = self._drafts
         for seq, n in scheduled:
             out.num_scheduled_tokens[seq.seq_id] = n
             if not seq.on_workers:
@@ -206,6 +239,7 @@ class Scheduler:
         """Apply a step's result; every counter the step moved is moved here."""
         scheduled, self._scheduled = self._scheduled, []
         forks, self._forks = self._forks, {}
+        drafts, self._drafts = self._drafts, {}
         step = StepResult()
         if result.error is not None:
             self._fail_step(scheduled, forks, sched_out, result.error, step)
@@ -214,7 +248,8 @@ class Scheduler:
         for seq, num_new in scheduled:
             if seq.status is not SequenceStatus.RUNNING:
                 continue   # finished by an abort between schedule and update
-            seq.num_computed_tokens += num_new
+            seq_drafts = drafts.get(seq.seq_id, ())
+            seq.num_computed_tokens += num_new - len(seq_drafts)   # drafts count once accepted
             seq.suspect = False
             self.block_manager.cache_full_blocks(seq)
             if seq.seq_id in result.prompt_logprobs:
@@ -236,9 +271,32 @@ class Scheduler:
                 self.running[child.seq_id] = child
             if children:
                 seq.pending_forks = []
+            if seq_drafts:
+                self._append_drafts(seq, seq_drafts, result, now, step)
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue   # stopped on an accepted draft
             for sampled_seq in (seq, *children):
                 self._append_token(sampled_seq, result, now, step)
         return step
+
+    def _append_drafts(self, seq: Sequence, seq_drafts: list[int], result: ModelRunnerOutput, now: float,
+                       step: StepResult) -> None:
+        """Append the drafts the target accepted (their K/V is computed), stopping at the first stop."""
+        accepted = result.num_accepted_drafts[seq.seq_id]
+        self.spec_stats.observe(len(seq_drafts), accepted)
+        logprobs = result.draft_logprobs.get(seq.seq_id)
+        for i, token in enumerate(seq_drafts[:accepted]):
+            seq.append_token(token)
+            seq.num_computed_tokens += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.last_token_time = now
+            self._check_stop(seq, token)
+            step.sampled.append((seq, token, logprobs[i] if logprobs is not None else None))
+            if seq.finish_reason is not None:
+                self.finish(seq)
+                return
+        self.block_manager.cache_full_blocks(seq)
 
     def _pool(self, seq: Sequence, result: ModelRunnerOutput, step: StepResult) -> None:
         """Add the step's share of ``seq``'s pooled vector; finish it with the vector once its prompt is computed."""

@@ -52,6 +52,14 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     g.add_argument("--structured-outputs-config", default=None, metavar="JSON",
                    help='structured outputs, as vLLM\'s flag: {"backend": "auto" | "guidance" | "llguidance", '
                         '"disable_any_whitespace": false} (llguidance is the only backend)')
+    s = parser.add_argument_group("speculative decoding")
+    s.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='as vLLM\'s flag: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, '
+                        '"prompt_lookup_max": 5} (n-gram prompt lookup is the method built; default: off)')
+    s.add_argument("--speculative-model", default=None,
+                   help="older form of --speculative-config: [ngram] means n-gram prompt lookup")
+    s.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="older form of --speculative-config's num_speculative_tokens")
     p = parser.add_argument_group("parallelism")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks that split every layer's heads and weights")
@@ -80,5 +88,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.num_threads, enforce_eager=args.enforce_eager,
         max_seq_len_to_capture=args.max_seq_len_to_capture,
         structured_outputs_config=args.structured_outputs_config,
+        speculative_config=args.speculative_config, speculative_model=args.speculative_model,
+        num_speculative_tokens=args.num_speculative_tokens,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel, distributed_executor_backend=args.distributed_executor_backend)

@@ -21,7 +21,9 @@ FINISH_REASONS = ("stop", "length", "abort", "error")   # the engine's finish re
 
 
 class EngineMetrics:
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None,
+                 num_speculative_tokens: int = 0) -> None:
+        """``num_speculative_tokens`` > 0 (speculative decoding on) adds vLLM's ``vllm:spec_decode_*`` counters."""
         self.registry = registry or CollectorRegistry()
         self.model_name = model_name
         labels = ["model_name"]
@@ -64,6 +66,8 @@ class EngineMetrics:
         self.iteration_tokens = histogram("vllm:iteration_tokens_total",
                                           "Prompt and generation tokens computed per engine step.",
                                           _ITERATION_TOKEN_BUCKETS)
+        self.spec_decode: SpecDecodeMetrics | None = (
+            SpecDecodeMetrics(model_name, r, num_speculative_tokens) if num_speculative_tokens > 0 else None)
         self._seen_preemptions = 0
         self._seen_prefix_queries = 0
         self._seen_prefix_hits = 0
@@ -90,6 +94,8 @@ class EngineMetrics:
         self.prefix_cache_hits.inc(stats["prefix_cache_hits"] - self._seen_prefix_hits)
         self._seen_prefix_hits = stats["prefix_cache_hits"]
         self.kv_cache_waste.set(stats["kv_cache_waste"])
+        if self.spec_decode is not None:
+            self.spec_decode.record(stats)
         now = time.monotonic()
         for output in outputs:
             if isinstance(output, EmbeddingRequestOutput):   # no tokens generated: only its end counts
@@ -125,3 +131,32 @@ class EngineMetrics:
             self.e2e.observe(m.finished_time - m.arrival_time)
             if m.first_token_time is not None and output.num_generated_tokens > 1:
                 self.tpot.observe((m.finished_time - m.first_token_time) / (output.num_generated_tokens - 1))
+
+
+class SpecDecodeMetrics:
+    """vLLM's speculative decoding counters, fed from the engine's running totals (see
+    :class:`~llmserve.spec_decode.metrics.SpecDecodingStats`); every draft position is exported from the start."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry, num_speculative_tokens: int) -> None:
+        labels = ["model_name"]
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=registry).labels(model_name)
+
+        self.num_drafts = counter("vllm:spec_decode_num_drafts", "Sequence steps that checked drafts.")
+        self.num_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Draft tokens checked.")
+        self.num_accepted_tokens = counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                          "Draft tokens accepted, by position in the draft.", labels + ["position"], registry=registry)
+        self.per_pos = [per_pos.labels(model_name, str(i)) for i in range(num_speculative_tokens)]
+        self._seen: dict[str, int] = {}
+        self._seen_per_pos = [0] * num_speculative_tokens
+
+    def record(self, stats: dict) -> None:
+        for name, metric in (("spec_num_drafts", self.num_drafts), ("spec_num_draft_tokens", self.num_draft_tokens),
+                             ("spec_num_accepted_tokens", self.num_accepted_tokens)):
+            metric.inc(stats[name] - self._seen.get(name, 0))
+            self._seen[name] = stats[name]
+        for i, count in enumerate(stats["spec_num_accepted_tokens_per_pos"][:len(self.per_pos)]):
+            self.per_pos[i].inc(count - self._seen_per_pos[i])
+            self._seen_per_pos[i] = count

@@ -63,7 +63,8 @@ class StepInputs:
     """One step's flat batch, decodes (one query token) first.
 
     ``seq_ids[i]`` is row i of the batch; ``sample_rows`` are the flat indices whose logits are sampled,
-    for ``sample_seqs`` (the rows whose step reaches their last token, pooling sequences excepted);
+    for ``sample_seqs`` (the rows whose step reaches their last token, or their last draft, pooling
+    sequences excepted);
     ``prompt_rows`` lists (sequence, first flat index, first position, tokens) for rows that want prompt
     logprobs, ``pool_rows`` the same for pooling sequences.
     """
@@ -120,6 +121,8 @@ class InputBatch:
         self.num_computed = np.zeros(rows, dtype=np.int64)
         self.num_blocks = np.zeros(rows, dtype=np.int64)
         self.pools = np.zeros(rows, dtype=bool)   # rows of pooling sequences
+        self.num_drafts = np.zeros(rows, dtype=np.int64)   # this step's draft tokens, after the row's tokens
+        self._draft_rows: list[int] = []
         self._free_rows = list(range(rows - 1, -1, -1))
         self._prompt_logprob_seqs: dict[int, CachedSequence] = {}
         self._pooling_seqs: dict[int, CachedSequence] = {}
@@ -146,6 +149,19 @@ class InputBatch:
                 seq.output_token_ids.extend(cached.new_token_ids)
             self._write_blocks(row, cached.block_table_start, cached.new_block_ids)
             self.num_computed[row] = cached.num_computed_tokens
+        self._set_drafts(sched.scheduled_spec_decode_tokens)
+
+    def _set_drafts(self, drafts: dict[int, list[int]]) -> None:
+        """Place this step's drafts after their rows' tokens (the next step's tokens overwrite them)."""
+        self.num_drafts[self._draft_rows] = 0
+        self._draft_rows = []
+        for seq_id, tokens in drafts.items():
+            row = self.seqs[seq_id].row
+            start = int(self.num_tokens[row])
+            self._write_tokens(row, start, tokens)
+            self.num_tokens[row] = start
+            self.num_drafts[row] = len(tokens)
+            self._draft_rows.append(row)
 
     def fork(self, parent: CachedSequence, seq_id: int, sample_index: int) -> CachedSequence:
         """A parallel sample of ``parent`` that shares its prompt and blocks (copied on write by the scheduler)."""
@@ -210,6 +226,7 @@ class InputBatch:
         self.num_computed = _grown(self.num_computed, rows)
         self.num_blocks = _grown(self.num_blocks, rows)
         self.pools = _grown(self.pools, rows)
+        self.num_drafts = _grown(self.num_drafts, rows)
 
     def _write_tokens(self, row: int, start: int, token_ids: list[int]) -> None:
         end = start + len(token_ids)
@@ -250,7 +267,7 @@ class InputBatch:
         positions = np.repeat(ctx - starts, q) + np.arange(int(ends[-1]))
         bs = self.block_size
         slots = self.block_table[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        sampled = np.flatnonzero((ctx + q == self.num_tokens[rows]) & ~self.pools[rows])
+        sampled = np.flatnonzero((ctx + q == self.num_tokens[rows] + self.num_drafts[rows]) & ~self.pools[rows])
         width = int(max(1, (-(-(ctx + q) // bs)).max()))
         prompt_rows, pool_rows = [], []
         if self._prompt_logprob_seqs or self._pooling_seqs:

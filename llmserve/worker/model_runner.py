@@ -34,6 +34,7 @@ from llmserve.layers import pooler
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
 from llmserve.layers.sampler import Sampler, SamplingBatch, SamplingRow, compute_logprobs
 from llmserve.sampling_params import SamplingParams
+from llmserve.spec_decode import rejection_sampler
 from llmserve.models.interface import IntermediateTensors
 from llmserve.worker.cpu_tuning import keep_large_allocations_in_heap
 from llmserve.worker.cuda_graphs import DecodeGraphs
@@ -241,9 +242,13 @@ class ModelRunner:
             # The grammars' masks are filled on the CPU while a GPU still runs the forward pass.
             bitmask = (None if self.structured_output is None
                        else self.structured_output.fill_bitmask(sample_seqs))
+            drafts = None
+            if sched.scheduled_spec_decode_tokens:   # a row with drafts is sampled at each of them too
+                drafts = [sched.scheduled_spec_decode_tokens.get(s.seq_id, []) for s in sample_seqs]
+                sample_rows = rejection_sampler.logit_rows(sample_rows, drafts)
             logits = self.model.compute_logits(hidden[sample_rows])
             if driver:
-                self._sample(logits, sample_seqs, out, bitmask)
+                self._sample(logits, sample_seqs, out, bitmask, drafts)
         for seq, flat, start, n in prompt_rows:
             entries = self._prompt_logprobs(hidden, seq, flat, start, n, driver)
             if driver:
@@ -298,18 +303,35 @@ class ModelRunner:
         return IntermediateTensors(hidden, residual)
 
     def _sample(self, logits: torch.Tensor, seqs: list[CachedSequence], out: ModelRunnerOutput,
-                bitmask: tuple[torch.Tensor, list[int]] | None) -> None:
+                bitmask: tuple[torch.Tensor, list[int]] | None, drafts: list[list[int]] | None) -> None:
         """Sample a token per row (``bitmask``: the grammar bitmask and the rows it constrains), and advance
-        the constrained rows' matchers by it."""
+        the constrained rows' matchers by it. With ``drafts`` (per row; constrained rows have none), every
+        position of a row is sampled and the rejection sampler keeps the drafts the samples agree with."""
         token_bitmask, bitmask_rows = bitmask if bitmask is not None else (None, [])
-        sampling_batch = SamplingBatch.build(
-            [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.seeded_generator(), s.eos_token_id)
-             for s in seqs], self.vocab_size, self.device, token_bitmask, bitmask_rows)
-        result = self.sampler(logits, sampling_batch)
+        if drafts is None:
+            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.seeded_generator(),
+                                s.eos_token_id) for s in seqs]
+        else:
+            rows = rejection_sampler.sampling_rows(seqs, drafts, self.device)
+            if token_bitmask is not None:   # row i's mask moves to its (only) position
+                last = rejection_sampler.last_positions(drafts)
+                spread = token_bitmask.new_full((len(rows), token_bitmask.shape[1]), -1)
+                spread[last] = token_bitmask[:len(seqs)]
+                token_bitmask, bitmask_rows = spread, [last[i] for i in bitmask_rows]
+        result = self.sampler(logits, SamplingBatch.build(rows, self.vocab_size, self.device, token_bitmask,
+                                                          bitmask_rows))
         tokens = result.sampled_token_ids.tolist()
+        if drafts is None:
+            emitted = [[i] for i in range(len(seqs))]
+        else:
+            accepted = rejection_sampler.num_accepted(result.sampled_token_ids, drafts).tolist()
+            emitted = rejection_sampler.emitted_positions(drafts, accepted)
+            for seq, row_drafts, count in zip(seqs, drafts, accepted):
+                if row_drafts:
+                    out.num_accepted_drafts[seq.seq_id] = count
         if bitmask is not None:
             assert self.structured_output is not None
-            self.structured_output.accept(seqs, tokens)
+            self.structured_output.accept(seqs, [tokens[p[-1]] for p in emitted])
         wants_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if wants_logprobs:
             chosen = result.sampled_token_ids[:, None]
@@ -319,11 +341,13 @@ class ModelRunner:
             top_lp = result.topk_logprobs.tolist() if result.topk_logprobs is not None else None
             for i in wants_logprobs:
                 k = seqs[i].params.logprobs
-                out.logprobs[seqs[i].seq_id] = TokenLogprobs(
-                    tokens[i], sampled_lp[i], ranks[i],
-                    top_ids[i][:k] if k and top_ids else [], top_lp[i][:k] if k and top_lp else [])
-        for seq, token in zip(seqs, tokens):
-            out.sampled[seq.seq_id] = token
+                entries = [TokenLogprobs(tokens[p], sampled_lp[p], ranks[p], top_ids[p][:k] if k and top_ids else [],
+                                         top_lp[p][:k] if k and top_lp else []) for p in emitted[i]]
+                out.logprobs[seqs[i].seq_id] = entries[-1]
+                if len(entries) > 1:
+                    out.draft_logprobs[seqs[i].seq_id] = entries[:-1]
+        for seq, positions in zip(seqs, emitted):
+            out.sampled[seq.seq_id] = tokens[positions[-1]]
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seq: CachedSequence, flat: int, start: int, n: int,
                          driver: bool) -> list[TokenLogprobs]:

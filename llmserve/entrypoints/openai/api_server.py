@@ -103,7 +103,8 @@ class ServerState:
         """Load the model, start the engine-core process and attach to ``loop`` (runs in a background thread)."""
         try:
             names = self.config.served_model_names or [self.engine_config.model or "llmserve-demo"]
-            self.metrics = EngineMetrics(names[0])
+            spec = self.engine_config.speculative_config
+            self.metrics = EngineMetrics(names[0], num_speculative_tokens=spec.num_speculative_tokens if spec else 0)
             metrics = self.metrics
             async_engine = AsyncLLMEngine(self.engine_config, on_step=metrics.record_step, on_dead=self._engine_died)
             limits = ServerLimits(self.config.max_num_queued_reqs, self.config.request_timeout, self.config.max_n)

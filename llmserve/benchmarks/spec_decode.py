@@ -1,0 +1,86 @@
+"""``llmserve bench spec-decode``: batch-1 TPOT with speculative decoding against without, on prompts whose
+continuation repeats them (a passage, then its first part again: the output that copies the rest is what
+code edits, quoting summaries and RAG answers look like to a proposer).
+
+The same prompts run one at a time, greedy, without speculation and then with ``--speculative-config``
+(each in a fresh engine, after a warm-up request). TPOT per request is (last token - first token) / (tokens
+- 1); the mean and median over the requests are reported, with the speed-up, the acceptance rate and the
+mean acceptance length. Greedy outputs must be equal token for token: the run fails if they are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import random
+import statistics
+from typing import Any
+
+from llmserve.benchmarks.datasets import CorpusText, HFTokenizer
+from llmserve.entrypoints.cli_args import engine_config_from_args
+from llmserve.entrypoints.llm import LLM
+from llmserve.sampling_params import SamplingParams
+
+
+def repeat_prompts(corpus: CorpusText, num: int, passage_len: int, repeat_len: int, seed: int = 0) -> list[list[int]]:
+    """``num`` prompts of a corpus passage of ``passage_len`` tokens followed by its first ``repeat_len``."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(num):
+        passage = corpus.units_of_length(passage_len, rng)
+        prompts.append(passage + corpus.tokenizer.encode("\n\n") + passage[:repeat_len])
+    return prompts
+
+
+def _run(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[list[float], list[list[int]]]:
+    llm.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=8))   # warm-up
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    tpots, outputs = [], []
+    for prompt in prompts:
+        out = llm.generate([prompt], params)[0]
+        tokens = out.outputs[0].token_ids
+        tpots.append((out.metrics.last_token_time - out.metrics.first_token_time) / (len(tokens) - 1))
+        outputs.append(list(tokens))
+    return tpots, outputs
+
+
+def run_spec_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    config = engine_config_from_args(args)
+    if config.speculative_config is None:
+        raise ValueError("bench spec-decode compares against --speculative-config (or --speculative-model "
+                         "[ngram] --num-speculative-tokens k): give one")
+    if args.output_len < 2:
+        raise ValueError("--output-len must be at least 2 (TPOT is measured after the first token)")
+    results: dict[str, Any] = {}
+    outputs: dict[str, list[list[int]]] = {}
+    prompts: list[list[int]] = []
+    for name, spec in (("off", None), ("on", config.speculative_config)):
+        llm = LLM(**vars(dataclasses.replace(config, speculative_config=spec)))
+        if not prompts:
+            corpus = CorpusText(HFTokenizer(llm.get_tokenizer()))
+            prompts = repeat_prompts(corpus, args.num_prompts, args.passage_len, args.repeat_len)
+        tpots, outputs[name] = _run(llm, prompts, args.output_len)
+        stats = llm.engine.scheduler.spec_stats
+        results[name] = {"mean_tpot_ms": 1000 * statistics.mean(tpots), "median_tpot_ms": 1000 * statistics.median(tpots),
+                         "acceptance_rate": stats.acceptance_rate, "mean_acceptance_length": stats.mean_acceptance_length,
+                         "num_drafts": stats.num_drafts}
+        llm.shutdown()
+        del llm
+        gc.collect()
+    if outputs["on"] != outputs["off"]:
+        raise RuntimeError("greedy outputs differ with speculation on and off")
+    on, off = results["on"], results["off"]
+    results["speedup_mean_tpot"] = off["mean_tpot_ms"] / on["mean_tpot_ms"]
+    print(f"{args.num_prompts} prompts of {args.passage_len} + {args.repeat_len} tokens, {args.output_len} output "
+          f"tokens, batch 1, {config.speculative_config}")
+    for name in ("off", "on"):
+        r = results[name]
+        print(f"speculation {name:>3}: TPOT mean {r['mean_tpot_ms']:.2f} ms, median {r['median_tpot_ms']:.2f} ms")
+    print(f"speed-up {results['speedup_mean_tpot']:.2f}x; acceptance rate {on['acceptance_rate']:.1%}, mean "
+          f"acceptance length {on['mean_acceptance_length']:.2f} over {on['num_drafts']} drafts")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}, f, indent=2)
+    return results

@@ -1,0 +1,93 @@
+"""``--speculative-config``, vLLM's flag, and the older ``--speculative-model`` / ``--num-speculative-tokens``.
+
+Only proposers that need no second model are built: ``ngram`` (prompt lookup). A method vLLM has but
+llmserve does not (a draft model, EAGLE, MTP, ...) is refused at start-up naming what is supported, never
+run as something else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("ngram",)
+# vLLM's methods that llmserve does not build yet, named in the error rather than called unknown.
+_VLLM_METHODS = ("draft_model", "eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "suffix")
+# vLLM's keys that only matter to methods not built here.
+_VLLM_ONLY = ("draft_tensor_parallel_size", "quantization", "max_model_len", "revision",
+              "code_revision", "disable_by_batch_size", "disable_padded_drafter_batch", "speculative_token_tree",
+              "suffix_decoding_max_tree_depth", "suffix_decoding_max_cached_requests",
+              "suffix_decoding_max_spec_factor", "suffix_decoding_min_token_prob", "prompt_lookup_min_tokens")
+_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model")
+# vLLM's default n-gram size when neither bound is given.
+DEFAULT_PROMPT_LOOKUP = 5
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How many tokens a proposer drafts per step (``num_speculative_tokens``) and, for ``ngram``, the n-gram
+    sizes it looks up (``prompt_lookup_min`` to ``prompt_lookup_max``, longest first)."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP
+    prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            kind = "is vLLM's but not built in llmserve" if self.method in _VLLM_METHODS else "is not known"
+            raise ValueError(f"--speculative-config: method {self.method!r} {kind}; supported: "
+                             f"{', '.join(METHODS)}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--speculative-config: {name} must be an integer >= 1, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"--speculative-config: prompt_lookup_min ({self.prompt_lookup_min}) is above "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+
+    @classmethod
+    def resolve(cls, value: SpeculativeConfig | Mapping[str, Any] | str | None, speculative_model: str | None,
+                num_speculative_tokens: int | None) -> SpeculativeConfig | None:
+        """The JSON flag (or a dict, for ``LLM(speculative_config=...)``) merged with the legacy flags; None
+        when speculation is off. ``speculative_model`` (or the JSON's ``model``) ``[ngram]`` or ``ngram``
+        means the n-gram proposer, as in older vLLM; any other model is refused."""
+        if isinstance(value, cls):
+            if speculative_model is not None or num_speculative_tokens is not None:
+                raise ValueError("give speculation either as --speculative-config or as --speculative-model / "
+                                 "--num-speculative-tokens, not both")
+            return value
+        from llmserve.config import _json_object_flag   # config imports this module
+
+        fields = _json_object_flag("--speculative-config", value,
+                                   '{"method": "ngram", "num_speculative_tokens": 4}', _KEYS, _VLLM_ONLY)
+        model = fields.pop("model", None)
+        if model is not None and speculative_model is not None:
+            raise ValueError("--speculative-model is also given as --speculative-config's model; give it once")
+        speculative_model = speculative_model if model is None else model
+        if speculative_model is not None:
+            if speculative_model not in ("[ngram]", "ngram"):
+                raise ValueError(f"--speculative-model {speculative_model!r}: draft models are not built in "
+                                 f"llmserve; use '[ngram]' (prompt lookup)")
+            if "method" in fields and fields["method"] != "ngram":
+                raise ValueError(f"--speculative-model {speculative_model!r} means n-gram lookup, but the "
+                                 f"method is {fields['method']!r}")
+            fields["method"] = "ngram"
+        if num_speculative_tokens is not None:
+            if "num_speculative_tokens" in fields:
+                raise ValueError("--num-speculative-tokens is also in --speculative-config; give it once")
+            fields["num_speculative_tokens"] = num_speculative_tokens
+        if not fields:
+            return None
+        if "method" not in fields:
+            raise ValueError("--speculative-config needs a method (supported: ngram), or --speculative-model [ngram]")
+        if "num_speculative_tokens" not in fields:
+            raise ValueError("speculative decoding needs num_speculative_tokens (in --speculative-config or as "
+                             "--num-speculative-tokens)")
+        low, high = fields.pop("prompt_lookup_min", None), fields.pop("prompt_lookup_max", None)
+        low = high if low is None else low
+        high = low if high is None else high
+        if low is None:
+            low = high = DEFAULT_PROMPT_LOOKUP
+        return cls(prompt_lookup_min=low, prompt_lookup_max=high, **fields)

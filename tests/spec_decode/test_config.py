@@ -1,0 +1,71 @@
+"""``--speculative-config`` as vLLM takes it, the older ``--speculative-model [ngram]`` /
+``--num-speculative-tokens``, the same through ``LLM(speculative_config=...)``; methods not built are
+refused naming what is."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from llmserve.config import EngineConfig
+from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
+from llmserve.spec_decode.config import SpeculativeConfig
+
+
+def from_cli(*argv: str) -> EngineConfig:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    return engine_config_from_args(parser.parse_args(list(argv)))
+
+
+def test_json_flag_and_dict_give_the_same_config():
+    text = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}'
+    expected = SpeculativeConfig("ngram", 3, prompt_lookup_min=2, prompt_lookup_max=4)
+    assert from_cli("--speculative-config", text).speculative_config == expected
+    assert EngineConfig(speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                            "prompt_lookup_min": 2, "prompt_lookup_max": 4}).speculative_config == expected
+
+
+def test_lookup_bounds_default_as_vllm_does():
+    assert EngineConfig(speculative_config={"method": "ngram", "num_speculative_tokens": 2}).speculative_config == \
+        SpeculativeConfig("ngram", 2, 5, 5)
+    one = EngineConfig(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3})
+    assert (one.speculative_config.prompt_lookup_min, one.speculative_config.prompt_lookup_max) == (3, 3)
+
+
+def test_legacy_flags_mean_ngram():
+    config = from_cli("--speculative-model", "[ngram]", "--num-speculative-tokens", "4").speculative_config
+    assert config == SpeculativeConfig("ngram", 4, 5, 5)
+    assert EngineConfig(speculative_config='{"model": "[ngram]", "num_speculative_tokens": 2}').speculative_config \
+        == SpeculativeConfig("ngram", 2, 5, 5)
+    mixed = from_cli("--speculative-config", '{"method": "ngram", "prompt_lookup_max": 2}',
+                     "--num-speculative-tokens", "3")
+    assert mixed.speculative_config == SpeculativeConfig("ngram", 3, 2, 2)
+
+
+def test_off_by_default():
+    assert from_cli().speculative_config is None
+    assert EngineConfig().speculative_config is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"speculative_config": {"method": "eagle", "num_speculative_tokens": 2}}, "'eagle' is vLLM's but not built"),
+    ({"speculative_config": {"method": "draft_model", "model": "/models/draft", "num_speculative_tokens": 2}},
+     "draft models are not built"),
+    ({"speculative_model": "meta-llama/Llama-3.2-1B", "num_speculative_tokens": 2}, "draft models are not built"),
+    ({"speculative_config": {"method": "ngram"}}, "needs num_speculative_tokens"),
+    ({"num_speculative_tokens": 2}, "needs a method"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 0}}, "num_speculative_tokens must be"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
+                             "prompt_lookup_max": 2}}, "prompt_lookup_min (4) is above"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}},
+     "'draft_tensor_parallel_size' is vLLM's but not supported"),
+    ({"speculative_config": "ngram"}, "must be a JSON object"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}, "num_speculative_tokens": 3},
+     "give it once"),
+])
+def test_refused_with_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match="supported|built|needs|must|above|once") as info:
+        EngineConfig(**kwargs)
+    assert message in str(info.value)
