@@ -39,7 +39,8 @@ class EngineCore:
             raise
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_num_batched_tokens,
-                                   config.enable_chunked_prefill, max_model_len)
+                                   config.enable_chunked_prefill, max_model_len,
+                                   max_loras=config.max_loras if config.enable_lora else None)
         self.requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         tokens = num_blocks * config.block_size
@@ -57,9 +58,12 @@ class EngineCore:
         salt = request.cache_salt.encode() if request.cache_salt else b""
         if request.kv_variant:   # length-prefixed: no salt can spell another salt with a variant
             salt = b"%d:%s%s" % (len(salt), salt, request.kv_variant.encode())
+        if request.lora_request is not None:   # one adapter's K/V is never another's (or the base model's)
+            salt = b"%d:%s%s" % (len(salt), salt, request.lora_request.hash_key())
         seqs = [Sequence(next(self._seq_ids), request.request_id, index, request.prompt_token_ids, request.params,
                          request.max_tokens, request.eos_token_id, arrival_time=request.arrival_time,
-                         extra_hash_keys=salt, pooling=request.pooling) for index in range(request.params.n)]
+                         extra_hash_keys=salt, pooling=request.pooling, lora_request=request.lora_request)
+                for index in range(request.params.n)]
         seqs[0].pending_forks = seqs[1:]
         self.requests[request.request_id] = seqs
         self.scheduler.add(seqs[0])
