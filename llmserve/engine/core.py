@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterable
 
 from llmserve.config import EngineConfig
 from llmserve.engine.block_manager import BlockManager
@@ -128,7 +129,13 @@ class EngineCore:
             prefix_cache_queries=self.block_manager.prefix_query_tokens,
             prefix_cache_hits=self.block_manager.prefix_hit_tokens,
             kv_cache_waste=(allocated - filled) / allocated if allocated else 0.0,
+            running_lora_adapters=_adapter_names(self.scheduler.running.values()),
+            waiting_lora_adapters=_adapter_names(self.scheduler.waiting),
         )
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _adapter_names(seqs: Iterable[Sequence]) -> list[str]:
+    return sorted({seq.lora_request.lora_name for seq in seqs if seq.lora_request is not None})

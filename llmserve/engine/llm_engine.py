@@ -187,6 +187,8 @@ def stats_dict(core: SchedulerStats, outputs: OutputProcessor, iteration_tokens:
         "prefix_cache_queries": core.prefix_cache_queries,
         "prefix_cache_hits": core.prefix_cache_hits,
         "kv_cache_waste": core.kv_cache_waste,
+        "running_lora_adapters": core.running_lora_adapters,
+        "waiting_lora_adapters": core.waiting_lora_adapters,
         "prompt_tokens": outputs.num_prompt_tokens_total,
         "generation_tokens": outputs.num_generation_tokens_total,
     }

@@ -137,6 +137,8 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     kv_cache_waste: float = 0.0
+    running_lora_adapters: list[str] = []       # names of the adapters running requests use (LoRA on)
+    waiting_lora_adapters: list[str] = []       # names of the adapters waiting requests ask for
 
 
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
