@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+FUSED_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")   # checkpoints that fuse them (Phi-3)
 
 
 def _module_shapes(config: dict[str, Any]) -> dict[str, tuple[str, int, int]]:
@@ -29,7 +30,9 @@ def _module_shapes(config: dict[str, Any]) -> dict[str, tuple[str, int, int]]:
     head_dim = config.get("head_dim") or hidden // heads
     return {"q_proj": ("self_attn", hidden, heads * head_dim), "k_proj": ("self_attn", hidden, kv_heads * head_dim),
             "v_proj": ("self_attn", hidden, kv_heads * head_dim), "o_proj": ("self_attn", heads * head_dim, hidden),
-            "gate_proj": ("mlp", hidden, inter), "up_proj": ("mlp", hidden, inter), "down_proj": ("mlp", inter, hidden)}
+            "gate_proj": ("mlp", hidden, inter), "up_proj": ("mlp", hidden, inter), "down_proj": ("mlp", inter, hidden),
+            "qkv_proj": ("self_attn", hidden, (heads + 2 * kv_heads) * head_dim),
+            "gate_up_proj": ("mlp", hidden, 2 * inter)}
 
 
 def _pattern_value(pattern: dict[str, int], module: str, default: int) -> int:

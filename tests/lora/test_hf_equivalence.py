@@ -1,6 +1,7 @@
 """Each adapter's greedy output equals Hugging Face transformers + PEFT on the same base and adapter (tokens
 equal, logprobs within 1e-3, float32), with three adapters and the base model mixed in one batch, under
-chunked prefill, preemption, fewer resident slots than adapters, and on a second family (Qwen2: biased q/k/v)."""
+chunked prefill, preemption, fewer resident slots than adapters, and on the other families built from the same
+blocks (Qwen2: biased q/k/v; Qwen3, Gemma 2/3, Cohere, Mistral, Llama 3)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from llmserve import LLM, SamplingParams
 from llmserve.lora.request import LoRARequest
+from llmserve.testing.lora_adapters import FUSED_MODULES
 from tests.engine.test_hf_equivalence import PROMPTS, llm_block_bytes
 from tests.hf_reference import hf_greedy
 from tests.lora.conftest import ADAPTERS
@@ -77,6 +79,24 @@ def test_second_family(checkpoint_dir, lora_adapter):
     llm = LLM(str(path), enable_lora=True, max_loras=3, max_lora_rank=8, kv_cache_memory_bytes="32MiB")
     prompts, loras = mixed_batch(lora_adapter, "qwen2")
     assert_matches_peft(path, llm.generate(prompts[:8], GREEDY, lora_request=loras[:8]), loras[:8])
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen3", "gemma2", "gemma3", "cohere"])
+def test_other_families(checkpoint_dir, lora_adapter, family):
+    """Families built from the same blocks: q/k/v-norms (Qwen3), sliding windows and soft-caps (Gemma),
+    parallel blocks (Cohere) do not change where the adapters apply."""
+    path = checkpoint_dir(family)
+    llm = LLM(str(path), enable_lora=True, max_loras=2, max_lora_rank=8, kv_cache_memory_bytes="16MiB")
+    loras = lora_requests(lora_adapter, family)[:2] + [None]
+    assert_matches_peft(path, llm.generate(PROMPTS[:3], GREEDY, lora_request=loras), loras)
+
+
+def test_fused_checkpoint_modules(checkpoint_dir, lora_adapter):
+    """Phi-3 ships qkv_proj and gate_up_proj fused, and so do its adapters: one A, B split by projection."""
+    path = checkpoint_dir("phi3")
+    llm = LLM(str(path), enable_lora=True, kv_cache_memory_bytes="16MiB")
+    lora = LoRARequest("fused", 1, str(lora_adapter("fused", "phi3", seed=4, target_modules=FUSED_MODULES)))
+    assert_matches_peft(path, llm.generate(PROMPTS[:2], GREEDY, lora_request=lora), [lora, lora])
 
 
 def test_lora_enabled_leaves_base_requests_alone(llama_dir, lora_adapter):
