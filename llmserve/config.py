@@ -193,6 +193,13 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | Mapping[str, Any] | str | None = None
     speculative_model: str | None = None
     num_speculative_tokens: int | None = None
+    # LoRA adapters (llmserve.lora): requests may name one; at most max_loras distinct ones per step, resident
+    # in the layers' slots; max_cpu_loras (default max_loras) kept on the CPU; lora_dtype auto = the model's
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.structured_outputs_config = StructuredOutputsConfig.parse(self.structured_outputs_config)
@@ -237,6 +244,21 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"unknown --quantization {self.quantization!r}; choose one of "
                              f"{', '.join(QUANTIZATION_METHODS)}")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"--max-loras and --max-lora-rank must be >= 1, got {self.max_loras} and "
+                             f"{self.max_lora_rank}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        elif self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
+        if self.lora_dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"unsupported --lora-dtype {self.lora_dtype!r}; choose one of auto, float32, bfloat16, "
+                             "float16")
+        if self.enable_lora and self.pipeline_parallel_size > 1:
+            raise ValueError("--enable-lora is not supported with --pipeline-parallel-size > 1")
 
     @property
     def world_size(self) -> int:

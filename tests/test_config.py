@@ -94,3 +94,26 @@ def test_expert_parallelism_needs_tensor_parallel_ranks():
     config = engine_config_from_args(args)
     assert config.enable_expert_parallel and config.tensor_parallel_size == 2
     assert not engine_config_from_args(parser.parse_args(["-tp", "2"])).enable_expert_parallel
+
+
+def test_lora_flags_reach_the_engine_config():
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config = engine_config_from_args(parser.parse_args(
+        ["--enable-lora", "--max-loras", "4", "--max-lora-rank", "64", "--max-cpu-loras", "8", "--lora-dtype",
+         "bfloat16"]))
+    assert (config.enable_lora, config.max_loras, config.max_lora_rank, config.max_cpu_loras, config.lora_dtype) == \
+        (True, 4, 64, 8, "bfloat16")
+    assert EngineConfig(max_loras=3).max_cpu_loras == 3   # vLLM's default: --max-loras
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"max_loras": 0}, "--max-loras and --max-lora-rank must be >= 1"),
+    ({"max_loras": 4, "max_cpu_loras": 2}, "--max-cpu-loras (2) must be >= --max-loras (4)"),
+    ({"lora_dtype": "int8"}, "unsupported --lora-dtype 'int8'"),
+    ({"enable_lora": True, "pipeline_parallel_size": 2}, "not supported with --pipeline-parallel-size"),
+])
+def test_bad_lora_config_is_refused(kwargs, fragment):
+    with pytest.raises(ValueError) as info:
+        EngineConfig(**kwargs)
+    assert fragment in str(info.value)

@@ -23,6 +23,7 @@ from llmserve.engine.llm_engine import stats_dict
 from llmserve.engine.messages import SchedulerStats
 from llmserve.engine.output_processor import AnyRequestOutput, OutputKind, OutputProcessor, RequestState
 from llmserve.errors import InvalidRequestError
+from llmserve.lora.request import LoRARequest
 from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
 
@@ -83,14 +84,16 @@ class AsyncLLMEngine:
 
     # ------------------------------------------------------------------ requests (event loop)
     def prepare(self, request_id: str, prompt: str | list[int], params: SamplingParams | PoolingParams,
-                arrival_time: float | None = None, cache_salt: str | None = None) -> RequestState:
+                arrival_time: float | None = None, cache_salt: str | None = None,
+                lora_request: LoRARequest | None = None) -> RequestState:
         """Tokenise and validate (raises :class:`~llmserve.errors.InvalidRequestError`); queues nothing, so
         a request with several prompts can be checked whole before any of it runs."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         if request_id in self.outputs.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        prompt_text, request = self.inputs.process(request_id, prompt, params, arrival_time, cache_salt)
+        prompt_text, request = self.inputs.process(request_id, prompt, params, arrival_time, cache_salt,
+                                                   lora_request)
         return self.outputs.make_state(prompt_text, request, OutputKind.DELTA)
 
     def submit(self, state: RequestState) -> AsyncIterator[AnyRequestOutput]:

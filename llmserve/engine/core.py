@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterable
 
 from llmserve.config import EngineConfig
 from llmserve.engine.block_manager import BlockManager
@@ -42,7 +43,8 @@ class EngineCore:
         spec = config.speculative_config
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_num_batched_tokens,
                                    config.enable_chunked_prefill, max_model_len,
-                                   NgramProposer(spec) if spec is not None else None)
+                                   NgramProposer(spec) if spec is not None else None,
+                                   max_loras=config.max_loras if config.enable_lora else None)
         self.requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         tokens = num_blocks * config.block_size
@@ -60,9 +62,12 @@ class EngineCore:
         salt = request.cache_salt.encode() if request.cache_salt else b""
         if request.kv_variant:   # length-prefixed: no salt can spell another salt with a variant
             salt = b"%d:%s%s" % (len(salt), salt, request.kv_variant.encode())
+        if request.lora_request is not None:   # one adapter's K/V is never another's (or the base model's)
+            salt = b"%d:%s%s" % (len(salt), salt, request.lora_request.hash_key())
         seqs = [Sequence(next(self._seq_ids), request.request_id, index, request.prompt_token_ids, request.params,
                          request.max_tokens, request.eos_token_id, arrival_time=request.arrival_time,
-                         extra_hash_keys=salt, pooling=request.pooling) for index in range(request.params.n)]
+                         extra_hash_keys=salt, pooling=request.pooling, lora_request=request.lora_request)
+                for index in range(request.params.n)]
         seqs[0].pending_forks = seqs[1:]
         self.requests[request.request_id] = seqs
         self.scheduler.add(seqs[0])
@@ -139,7 +144,13 @@ class EngineCore:
             spec_num_draft_tokens=spec.num_draft_tokens,
             spec_num_accepted_tokens=spec.num_accepted_tokens,
             spec_num_accepted_tokens_per_pos=list(spec.num_accepted_tokens_per_pos),
+            running_lora_adapters=_adapter_names(self.scheduler.running.values()),
+            waiting_lora_adapters=_adapter_names(self.scheduler.waiting),
         )
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _adapter_names(seqs: Iterable[Sequence]) -> list[str]:
+    return sorted({seq.lora_request.lora_name for seq in seqs if seq.lora_request is not None})

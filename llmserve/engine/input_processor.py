@@ -20,6 +20,8 @@ from llmserve.config import EngineConfig, resolve_dtype
 from llmserve.engine.messages import EngineCoreRequest
 from llmserve.errors import InvalidRequestError
 from llmserve.layers.longrope import longrope_prompt_key, longrope_switch_of
+from llmserve.lora.peft import LoRAAdapterError, read_adapter_config
+from llmserve.lora.request import LoRARequest
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
 from llmserve.models.registry import resolve_model_class
 from llmserve.pooling_params import PoolingParams
@@ -119,18 +121,24 @@ class InputProcessor:
         self.tokenizer = info.tokenizer
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
+        self._checked_loras: set[LoRARequest] = set()
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams | PoolingParams | None,
-                arrival_time: float | None, cache_salt: str | None) -> tuple[str | None, EngineCoreRequest]:
+                arrival_time: float | None, cache_salt: str | None,
+                lora_request: LoRARequest | None = None) -> tuple[str | None, EngineCoreRequest]:
         """The prompt's text (None for token ids) and the request for the core (a pooling request with
         :class:`PoolingParams`); raises :class:`InvalidRequestError` naming the field."""
         params = params or SamplingParams()
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InvalidRequestError("cache_salt must be a non-empty string", "cache_salt")
+        if lora_request is not None:
+            self._check_lora(lora_request)
         prompt_text, prompt_ids = self._tokenize(prompt)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         if isinstance(params, PoolingParams):
-            return prompt_text, self._pooling_request(request_id, prompt_ids, params, arrival, cache_salt)
+            request = self._pooling_request(request_id, prompt_ids, params, arrival, cache_salt)
+            request.lora_request = lora_request
+            return prompt_text, request
         params.verify(self.info.vocab_size, self.info.config.max_logprobs)
         if params.structured_outputs is not None:
             params = self._check_structured_outputs(params)
@@ -146,7 +154,25 @@ class InputProcessor:
                 f"tokens) but the whole cache holds {self.num_kv_blocks}; lower max_tokens or give the "
                 "cache more memory (--kv-cache-memory-bytes)", "max_tokens")
         return prompt_text, EngineCoreRequest(request_id, prompt_ids, params, max_tokens, self.info.eos_token_id,
-                                              arrival, cache_salt, kv_variant=self._kv_variant(prompt_ids))
+                                              arrival, cache_salt, kv_variant=self._kv_variant(prompt_ids),
+                                              lora_request=lora_request)
+
+    def _check_lora(self, lora_request: LoRARequest) -> None:
+        """LoRA must be on and the adapter's config readable and within --max-lora-rank (checked once per
+        adapter; its tensors are checked against the model where a worker loads them)."""
+        if lora_request in self._checked_loras:
+            return
+        config = self.info.config
+        if not isinstance(lora_request, LoRARequest):
+            raise InvalidRequestError("lora_request must be a llmserve.lora.request.LoRARequest", "lora_request")
+        if not config.enable_lora:
+            raise InvalidRequestError(f"LoRA adapter {lora_request.lora_name!r} requested but LoRA is not enabled: "
+                                      "start the engine with --enable-lora (LLM(enable_lora=True))", "lora_request")
+        try:
+            read_adapter_config(lora_request.lora_path, config.max_lora_rank)
+        except LoRAAdapterError as exc:
+            raise InvalidRequestError(str(exc), "lora_request") from None
+        self._checked_loras.add(lora_request)
 
     def _pooling_request(self, request_id: str, prompt_ids: list[int], params: PoolingParams, arrival: float,
                          cache_salt: str | None) -> EngineCoreRequest:

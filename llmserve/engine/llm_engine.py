@@ -23,6 +23,7 @@ from llmserve.engine.messages import SchedulerStats
 from llmserve.engine.output_processor import AnyRequestOutput, OutputKind, OutputProcessor, RequestState
 from llmserve.engine.scheduler import Scheduler
 from llmserve.errors import InvalidRequestError
+from llmserve.lora.request import LoRARequest
 from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
 from llmserve.worker.model_runner import ModelRunner
@@ -105,20 +106,25 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | PoolingParams | None = None, arrival_time: float | None = None,
-                    output_kind: OutputKind = OutputKind.CUMULATIVE, cache_salt: str | None = None) -> None:
+                    output_kind: OutputKind = OutputKind.CUMULATIVE, cache_salt: str | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
         """Validate and queue a request (with :class:`PoolingParams`: pool its prompt instead of completing it);
         raises :class:`InvalidRequestError` (and queues nothing) if it is bad."""
-        self.enqueue(self.prepare_request(request_id, prompt, params, arrival_time, output_kind, cache_salt))
+        self.enqueue(self.prepare_request(request_id, prompt, params, arrival_time, output_kind, cache_salt,
+                                          lora_request))
 
     def prepare_request(self, request_id: str, prompt: str | list[int],
                         params: SamplingParams | PoolingParams | None = None, arrival_time: float | None = None,
-                        output_kind: OutputKind = OutputKind.CUMULATIVE, cache_salt: str | None = None) -> RequestState:
+                        output_kind: OutputKind = OutputKind.CUMULATIVE, cache_salt: str | None = None,
+                        lora_request: LoRARequest | None = None) -> RequestState:
         """Tokenise and validate without touching the engine's state, so a front end can do it on its own
         thread; raises :class:`InvalidRequestError` naming the field. Requests with a ``cache_salt`` share
-        prefix-cache blocks only with requests of the same salt (vLLM's field of that name)."""
+        prefix-cache blocks only with requests of the same salt (vLLM's field of that name); ``lora_request``
+        runs it with that adapter (``enable_lora``)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        prompt_text, request = self.inputs.process(request_id, prompt, params, arrival_time, cache_salt)
+        prompt_text, request = self.inputs.process(request_id, prompt, params, arrival_time, cache_salt,
+                                                   lora_request)
         return self.outputs.make_state(prompt_text, request, output_kind)
 
     def enqueue(self, state: RequestState) -> None:
@@ -185,6 +191,8 @@ def stats_dict(core: SchedulerStats, outputs: OutputProcessor, iteration_tokens:
         "spec_num_draft_tokens": core.spec_num_draft_tokens,
         "spec_num_accepted_tokens": core.spec_num_accepted_tokens,
         "spec_num_accepted_tokens_per_pos": core.spec_num_accepted_tokens_per_pos,
+        "running_lora_adapters": core.running_lora_adapters,
+        "waiting_lora_adapters": core.waiting_lora_adapters,
         "prompt_tokens": outputs.num_prompt_tokens_total,
         "generation_tokens": outputs.num_generation_tokens_total,
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import msgspec
 
 from llmserve.config import PoolerConfig
+from llmserve.lora.request import LoRARequest
 from llmserve.sampling_params import SamplingParams
 
 
@@ -29,6 +30,7 @@ class NewSequenceData(msgspec.Struct, array_like=True, omit_defaults=True):
     block_ids: list[int]
     num_computed_tokens: int
     pooling: PoolerConfig | None = None   # set for a pooling (embedding) request: its prompt is pooled, not sampled
+    lora_request: LoRARequest | None = None   # the adapter it runs with (None: the base model)
 
 
 class CachedSequenceData(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -112,6 +114,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     # Besides the tokens, what decides the K/V its prompt's blocks hold (mixed into their prefix-cache hashes):
     # "longrope:long" for a LongRoPE prompt over the switch length (llmserve.layers.longrope).
     kv_variant: str | None = None
+    lora_request: LoRARequest | None = None   # the adapter it runs with (also part of its prefix-cache hashes)
 
 
 class SampleOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -146,6 +149,8 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_num_accepted_tokens_per_pos: list[int] = []
+    running_lora_adapters: list[str] = []       # names of the adapters running requests use (LoRA on)
+    waiting_lora_adapters: list[str] = []       # names of the adapters waiting requests ask for
 
 
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):

@@ -7,6 +7,8 @@ prompt takes what is left of the budget and continues next step (chunked prefill
 sequence cannot get a block, the most recently admitted running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed later. A waiting sequence first takes
 the blocks of its longest cached prefix (prefix caching), so only the rest of its prompt is computed.
+With ``max_loras`` set (LoRA on), the running sequences never use more than that many distinct adapters: a
+waiting sequence whose adapter would exceed it is passed over (it keeps its place) until one frees up.
 The step is described to the workers as a :class:`~llmserve.engine.messages.SchedulerOutput`.
 
 With speculative decoding, a running sequence that is one token behind gets up to k draft tokens from the
@@ -71,12 +73,13 @@ def stops_on_token(seq: Sequence, token: int) -> bool:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None,
-                 proposer: NgramProposer | None = None) -> None:
+                 proposer: NgramProposer | None = None, max_loras: int | None = None) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.max_model_len = max_model_len
+        self.max_loras = max_loras
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}   # insertion order = admission order; O(1) removal
         self.num_preemptions = 0
@@ -171,9 +174,26 @@ class Scheduler:
                 return False
         return True
 
+    def running_lora_ids(self) -> set[int]:
+        return {s.lora_request.lora_int_id for s in self.running.values() if s.lora_request is not None}
+
     def _admit_waiting(self, scheduled: list[tuple[Sequence, int]], budget: int) -> None:
+        loras = self.running_lora_ids() if self.max_loras is not None else set()
+        passed_over: list[Sequence] = []
+        try:
+            self._admit_in_order(scheduled, budget, loras, passed_over)
+        finally:
+            self.waiting.extendleft(reversed(passed_over))
+
+    def _admit_in_order(self, scheduled: list[tuple[Sequence, int]], budget: int, loras: set[int],
+                        passed_over: list[Sequence]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            lora_id = seq.lora_request.lora_int_id if seq.lora_request is not None else None
+            if lora_id is not None and self.max_loras is not None and lora_id not in loras \
+                    and len(loras) >= self.max_loras:
+                passed_over.append(self.waiting.popleft())   # its adapter would be one too many this step
+                continue
             num_hit = self.block_manager.match_prefix(seq)   # cached prefix blocks count as computed
             num_new = seq.num_tokens - seq.num_computed_tokens
             if (num_new > budget and not self.enable_chunked_prefill) or not self.block_manager.allocate(
@@ -189,6 +209,8 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             scheduled.append((seq, num_new))
             budget -= num_new
+            if lora_id is not None:
+                loras.add(lora_id)
 
     def _preempt(self, seq: Sequence) -> None:
         del self.running[seq.seq_id]
@@ -221,7 +243,8 @@ class Scheduler:
             if not seq.on_workers:
                 out.new_seqs.append(NewSequenceData(
                     seq.seq_id, seq.index, seq.prompt_token_ids, list(seq.output_token_ids), seq.params,
-                    seq.eos_token_id, list(seq.block_table), seq.num_computed_tokens, seq.pooling))
+                    seq.eos_token_id, list(seq.block_table), seq.num_computed_tokens, seq.pooling,
+                    seq.lora_request))
                 seq.on_workers = True
             else:
                 out.cached_seqs.append(CachedSequenceData(

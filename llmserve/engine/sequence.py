@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmserve.config import PoolerConfig
+from llmserve.lora.request import LoRARequest
 from llmserve.sampling_params import SamplingParams
 
 
@@ -59,6 +60,7 @@ class Sequence:
     last_token_time: float | None = None
     pooling: PoolerConfig | None = None          # a pooling request: pool the prompt, sample nothing
     pooled_sum: np.ndarray | None = None         # the pooled shares of its computed tokens (llmserve.layers.pooler)
+    lora_request: LoRARequest | None = None      # the adapter it runs with (None: the base model)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -60,6 +60,14 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                    help="older form of --speculative-config: [ngram] means n-gram prompt lookup")
     s.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="older form of --speculative-config's num_speculative_tokens")
+    lora = parser.add_argument_group("LoRA adapters")
+    lora.add_argument("--enable-lora", action="store_true", help="serve PEFT LoRA adapters on the base model")
+    lora.add_argument("--max-loras", type=int, default=1, help="most distinct adapters in one step (resident slots)")
+    lora.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted")
+    lora.add_argument("--max-cpu-loras", type=int, default=None,
+                      help="adapters kept in CPU memory, least recently used evicted (default: --max-loras)")
+    lora.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                      help="dtype of the adapters' weights (auto: the model's)")
     p = parser.add_argument_group("parallelism")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="ranks that split every layer's heads and weights")
@@ -91,4 +99,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         speculative_config=args.speculative_config, speculative_model=args.speculative_model,
         num_speculative_tokens=args.num_speculative_tokens,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel, distributed_executor_backend=args.distributed_executor_backend)
+        enable_expert_parallel=args.enable_expert_parallel,
+        distributed_executor_backend=args.distributed_executor_backend,
+        enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras, lora_dtype=args.lora_dtype)

@@ -10,6 +10,7 @@ from llmserve.config import EngineConfig
 from llmserve.engine.llm_engine import LLMEngine, OutputKind
 from llmserve.engine.output_processor import AnyRequestOutput
 from llmserve.errors import InvalidRequestError
+from llmserve.lora.request import LoRARequest
 from llmserve.outputs import EmbeddingRequestOutput, RequestOutput
 from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
@@ -39,15 +40,18 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: PromptType | SequenceABC[PromptType],
-                 sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of ``prompts``.
+                 sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+                 lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of ``prompts``. ``lora_request``
+        (``enable_lora=True``): one adapter for every prompt, or one per prompt (None: the base model).
 
         If any prompt is refused, none of them runs and the error names the prompt's index.
         """
-        return self._run_all(prompts, sampling_params, SamplingParams)   # type: ignore[return-value]
+        return self._run_all(prompts, sampling_params, SamplingParams, lora_request)   # type: ignore[return-value]
 
     def embed(self, prompts: PromptType | SequenceABC[PromptType],
-              pooling_params: PoolingParams | SequenceABC[PoolingParams] | None = None
+              pooling_params: PoolingParams | SequenceABC[PoolingParams] | None = None,
+              lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None
               ) -> list[EmbeddingRequestOutput]:
         """Pool each prompt's final hidden states into one vector (``outputs.embedding``), as ``--pooler-config``
         says (default: the last token's, L2-normalised); in the order of ``prompts``. Pooling requests are
@@ -55,25 +59,24 @@ class LLM:
 
         If any prompt is refused, none of them runs and the error names the prompt's index.
         """
-        return self._run_all(prompts, pooling_params, PoolingParams)   # type: ignore[return-value]
+        return self._run_all(prompts, pooling_params, PoolingParams, lora_request)   # type: ignore[return-value]
 
-    def _run_all(self, prompts: PromptType | SequenceABC[PromptType],
-                 params: Params | SequenceABC[Params] | None, kind: type[Params]) -> list[AnyRequestOutput]:
-        """Queue every prompt with its params (one for all, or one each), then run them all to completion."""
+    def _run_all(self, prompts: PromptType | SequenceABC[PromptType], params: Params | SequenceABC[Params] | None,
+                 kind: type[Params], lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None
+                 ) -> list[AnyRequestOutput]:
+        """Queue every prompt with its params and adapter (one for all, or one each), then run them all to
+        completion."""
         prompt_list = _as_prompt_list(prompts)
-        if params is None or isinstance(params, kind):
-            params_list = [params or kind()] * len(prompt_list)
-        else:
-            params_list = list(params)
-            if len(params_list) != len(prompt_list):
-                raise ValueError(f"got {len(prompt_list)} prompts but {len(params_list)} {kind.__name__} objects")
+        params_list = _one_each(params or kind() if params is None or isinstance(params, kind) else params,
+                                kind, len(prompt_list), kind.__name__)
+        loras = _one_each(lora_request, LoRARequest, len(prompt_list), "LoRARequest")
         request_ids: list[str] = []
         try:
-            for i, (prompt, one_params) in enumerate(zip(prompt_list, params_list)):
+            for i, (prompt, one_params, lora) in enumerate(zip(prompt_list, params_list, loras)):
                 request_id = str(next(self._ids))
                 try:
                     self.engine.add_request(request_id, _prompt_value(prompt), one_params,
-                                            output_kind=OutputKind.FINAL_ONLY)
+                                            output_kind=OutputKind.FINAL_ONLY, lora_request=lora)
                 except InvalidRequestError as exc:
                     raise InvalidRequestError(f"prompt {i}: {exc}", exc.param) from None
                 request_ids.append(request_id)
@@ -119,6 +122,16 @@ def _apply_chat_template(tokenizer: Any, conversation: list[dict[str, Any]], cha
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)
+
+
+def _one_each(value: Any, kind: type, count: int, what: str) -> list[Any]:
+    """``value`` for every prompt (one object or None), or the sequence of one per prompt."""
+    if value is None or isinstance(value, kind):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"got {count} prompts but {len(values)} {what} objects")
+    return values
 
 
 def _as_prompt_list(prompts: Any) -> list[PromptType]:

@@ -22,8 +22,9 @@ FINISH_REASONS = ("stop", "length", "abort", "error")   # the engine's finish re
 
 class EngineMetrics:
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None,
-                 num_speculative_tokens: int = 0) -> None:
-        """``num_speculative_tokens`` > 0 (speculative decoding on) adds vLLM's ``vllm:spec_decode_*`` counters."""
+                 num_speculative_tokens: int = 0, max_loras: int | None = None) -> None:
+        """``num_speculative_tokens`` > 0 (speculative decoding on) adds vLLM's ``vllm:spec_decode_*`` counters;
+        ``max_loras`` (set when LoRA is on) exports ``vllm:lora_requests_info``."""
         self.registry = registry or CollectorRegistry()
         self.model_name = model_name
         labels = ["model_name"]
@@ -74,6 +75,12 @@ class EngineMetrics:
         self._seen_prompt_tokens = 0
         self._seen_generation_tokens = 0
         self._last_token_time: dict[str, float] = {}
+        self.max_loras = max_loras
+        self._lora_labels: tuple[str, str, str] | None = None
+        if max_loras is not None:
+            # vLLM's info gauge: the adapters in use as labels, the time they were last reported as its value
+            self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on LoRA requests.",
+                                   ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
 
     def record_step(self, stats: dict, outputs: list[RequestOutput | EmbeddingRequestOutput]) -> None:
         """Called on the event loop after each step with the engine's stats and the step's outputs."""
@@ -96,6 +103,8 @@ class EngineMetrics:
         self.kv_cache_waste.set(stats["kv_cache_waste"])
         if self.spec_decode is not None:
             self.spec_decode.record(stats)
+        if self.max_loras is not None:
+            self._record_loras(stats["waiting_lora_adapters"], stats["running_lora_adapters"])
         now = time.monotonic()
         for output in outputs:
             if isinstance(output, EmbeddingRequestOutput):   # no tokens generated: only its end counts
@@ -112,6 +121,15 @@ class EngineMetrics:
             if output.finished:
                 self._last_token_time.pop(output.request_id, None)
                 self.record_finished(output)
+
+    def _record_loras(self, waiting: list[str], running: list[str]) -> None:
+        """One series: the previous label set is dropped when the adapters in use change."""
+        labels = (str(self.max_loras), ",".join(waiting), ",".join(running))
+        if labels != self._lora_labels:
+            if self._lora_labels is not None:
+                self.lora_info.remove(*self._lora_labels)
+            self._lora_labels = labels
+        self.lora_info.labels(*labels).set_to_current_time()
 
     def record_finished(self, output: RequestOutput | EmbeddingRequestOutput) -> None:
         m = output.metrics

@@ -22,6 +22,7 @@ from llmserve.config import PoolerConfig
 from llmserve.engine.messages import NewSequenceData, SchedulerOutput
 from llmserve.layers.pooler import PoolRow
 from llmserve.layers.sampler import position_seed
+from llmserve.lora.request import LoRARequest
 from llmserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class CachedSequence:
     eos_token_id: int | None
     generator: torch.Generator | None
     pooling: PoolerConfig | None = None   # a pooling sequence: its hidden states are pooled, never sampled
+    lora_request: LoRARequest | None = None   # the adapter it runs with
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -173,14 +175,16 @@ class InputBatch:
         self.num_tokens[row], self.num_blocks[row], self.num_computed[row] = n, b, self.num_computed[p]
         self.num_prompt[row] = self.num_prompt[p]
         child = CachedSequence(seq_id, sample_index, row, parent.prompt_token_ids, list(parent.output_token_ids),
-                               parent.params, parent.eos_token_id, self._generator(parent.params))
+                               parent.params, parent.eos_token_id, self._generator(parent.params),
+                               lora_request=parent.lora_request)
         self._register(child)
         return child
 
     def _add(self, new: NewSequenceData) -> None:
         row = self._allocate_row()
         seq = CachedSequence(new.seq_id, new.sample_index, row, new.prompt_token_ids, list(new.output_token_ids),
-                             new.params, new.eos_token_id, self._generator(new.params), new.pooling)
+                             new.params, new.eos_token_id, self._generator(new.params), new.pooling,
+                             new.lora_request)
         self.num_tokens[row] = 0
         self.num_prompt[row] = len(new.prompt_token_ids)
         self._write_tokens(row, 0, new.prompt_token_ids)

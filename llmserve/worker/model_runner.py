@@ -33,6 +33,7 @@ from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLo
 from llmserve.layers import pooler
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
 from llmserve.layers.sampler import Sampler, SamplingBatch, SamplingRow, compute_logprobs
+from llmserve.lora.model_manager import LoRAModelManager
 from llmserve.sampling_params import SamplingParams
 from llmserve.spec_decode import rejection_sampler
 from llmserve.models.interface import IntermediateTensors
@@ -77,8 +78,10 @@ class ModelRunner:
                  device: torch.device, dtype: torch.dtype, *, max_num_seqs: int = 256,
                  enforce_eager: bool = False, max_seq_len_to_capture: int = 8192,
                  max_model_len: int | None = None,
-                 load_grammar_compiler: Callable[[], GrammarCompiler] | None = None) -> None:
-        """``load_grammar_compiler`` is given to the driver only (the rank that samples keeps the grammars)."""
+                 load_grammar_compiler: Callable[[], GrammarCompiler] | None = None,
+                 lora_manager: LoRAModelManager | None = None) -> None:
+        """``load_grammar_compiler`` is given to the driver only (the rank that samples keeps the grammars);
+        ``lora_manager`` (LoRA on) has wrapped the model's linear layers and is told each step's adapters."""
         self.model = model
         self.backend = backend
         self.block_size = block_size
@@ -95,6 +98,7 @@ class ModelRunner:
         # No graph needs to be wider than the longest sequence the engine accepts.
         self.max_seq_len_to_capture = min(max_seq_len_to_capture, max_model_len or max_seq_len_to_capture)
         self.graphs: DecodeGraphs | None = None
+        self.lora_manager = lora_manager
         self._received = self._sent = False   # this step's pipeline hand-offs, for fail_step
         if device.type == "cpu":
             keep_large_allocations_in_heap()
@@ -211,6 +215,9 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput()
         step = self.input_batch.prepare(sched.num_scheduled_tokens)
+        if self.lora_manager is not None:
+            self.lora_manager.set_active([self.input_batch.seqs[s].lora_request for s in step.seq_ids],
+                                         step.query_lens)
         layout = BatchLayout(query_lens=step.query_lens, context_lens=step.context_lens,
                              block_tables=step.block_tables, slot_mapping=torch.from_numpy(step.slot_mapping),
                              num_decodes=step.num_decodes, block_size=self.block_size)

@@ -20,6 +20,7 @@ from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from llmserve.layers.attention.backend import get_attention_backend
 from llmserve.layers.attention.layer import Attention
 from llmserve.layers.fused_moe import FusedMoE
+from llmserve.lora.model_manager import LoRAModelManager
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
 from llmserve.worker.model_runner import ModelRunner
 
@@ -91,11 +92,20 @@ class Worker:
         backend = get_attention_backend(self.device, dtype, num_kv_heads=layers[0].num_kv_heads,
                                         latent_attention=any(a.values_in_key_cache for a in layers))
         driver = get_tp_group().is_first_rank and get_pp_group().is_last_rank   # the rank that samples
+        lora = None
+        if config.enable_lora:
+            assert config.max_cpu_loras is not None
+            lora = LoRAModelManager(model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
+                                    dtype if config.lora_dtype == "auto" else resolve_dtype(config.lora_dtype, None, self.device), self.device)
+            if self.device.type == "cuda" and not config.enforce_eager and self.placement.rank == 0:
+                logger.info("LoRA is on: decode steps run eagerly (no CUDA graphs)")
         self.runner = ModelRunner(model, backend, config.block_size, int(hf_config.vocab_size), self.device, dtype,
-                                  max_num_seqs=config.max_num_seqs, enforce_eager=config.enforce_eager,
+                                  max_num_seqs=config.max_num_seqs,
+                                  enforce_eager=config.enforce_eager or config.enable_lora,
                                   max_seq_len_to_capture=config.max_seq_len_to_capture,
                                   max_model_len=self.max_model_len,
-                                  load_grammar_compiler=self._grammar_compiler if driver else None)
+                                  load_grammar_compiler=self._grammar_compiler if driver else None,
+                                  lora_manager=lora)
 
     def _grammar_compiler(self) -> GrammarCompiler:
         """The compiler of structured-output grammars for this model: its vocabulary (the logits' width) and

@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,9 @@ from llmserve.entrypoints.openai.serving_base import ServerLimits
 from llmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from llmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from llmserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
+from llmserve.entrypoints.openai.serving_models import (LoadLoRAAdapterRequest, LoRAModulePath, OpenAIServingModels,
+                                                        UnloadLoRAAdapterRequest, add_lora_server_args,
+                                                        parse_lora_module, runtime_lora_updating_allowed)
 from llmserve.entrypoints.openai.serving_responses import OpenAIServingResponses
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 from llmserve.logging_setup import add_logging_args, configure_logging, setup_from_args
@@ -77,6 +79,8 @@ class ServerConfig:
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     tool_call_parser: str | None = None   # set only with --enable-auto-tool-choice
+    lora_modules: list[LoRAModulePath] = field(default_factory=list)
+    allow_runtime_lora_updating: bool = False
 
 
 class ServerState:
@@ -90,6 +94,7 @@ class ServerState:
         self.chat: OpenAIServingChat | None = None
         self.responses: OpenAIServingResponses | None = None
         self.embeddings: OpenAIServingEmbedding | None = None
+        self.models: OpenAIServingModels | None = None
         self.metrics: EngineMetrics | None = None
         self.load_error: BaseException | None = None
         self.exit_code = 0
@@ -103,20 +108,26 @@ class ServerState:
         """Load the model, start the engine-core process and attach to ``loop`` (runs in a background thread)."""
         try:
             names = self.config.served_model_names or [self.engine_config.model or "llmserve-demo"]
-            spec = self.engine_config.speculative_config
-            self.metrics = EngineMetrics(names[0], num_speculative_tokens=spec.num_speculative_tokens if spec else 0)
+            engine_config = self.engine_config
+            spec = engine_config.speculative_config
+            self.metrics = EngineMetrics(names[0], num_speculative_tokens=spec.num_speculative_tokens if spec else 0,
+                                         max_loras=engine_config.max_loras if engine_config.enable_lora else None)
             metrics = self.metrics
             async_engine = AsyncLLMEngine(self.engine_config, on_step=metrics.record_step, on_dead=self._engine_died)
+            info = async_engine.info
+            models = OpenAIServingModels(names, str(info.model_path), info.max_model_len, engine_config.enable_lora,
+                                         engine_config.max_lora_rank, self.config.lora_modules)
             limits = ServerLimits(self.config.max_num_queued_reqs, self.config.request_timeout, self.config.max_n)
-            self.completions = OpenAIServingCompletion(async_engine, names, limits)
+            self.completions = OpenAIServingCompletion(async_engine, models, limits)
             parser = self.config.tool_call_parser
-            self.chat = OpenAIServingChat(async_engine, names, limits, _read_chat_template(self.config.chat_template),
+            self.chat = OpenAIServingChat(async_engine, models, limits, _read_chat_template(self.config.chat_template),
                                           TOOL_CALL_PARSERS[parser] if parser else None)
             self.responses = OpenAIServingResponses(self.chat)
-            self.embeddings = OpenAIServingEmbedding(async_engine, names, limits)
+            self.embeddings = OpenAIServingEmbedding(async_engine, models, limits)
+            self.models = models
             async_engine.start(loop)
             self.engine = async_engine
-            logger.info("ready: serving %s", ", ".join(names))
+            logger.info("ready: serving %s", ", ".join(names + list(models.lora_requests)))
         except BaseException as exc:   # noqa: BLE001
             logger.exception("failed to load the model")
             self.load_error = exc
@@ -203,11 +214,24 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models", dependencies=protected, response_model=None, responses=route(json_ok(ModelList), 503))
     async def models() -> dict:
-        engine = state.engine.info
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": int(time.time()), "owned_by": "llmserve",
-             "root": str(engine.model_path), "max_model_len": engine.max_model_len}
-            for name in state.completions.served_model_names]}
+        return {"object": "list", "data": state.models.model_cards()}
+
+    if config.allow_runtime_lora_updating:
+        @app.post("/v1/load_lora_adapter", dependencies=protected, response_class=PlainTextResponse,
+                  responses=route(text_ok(PlainTextResponse, "the adapter is loaded", {"type": "string"}), 400, 404,
+                                  503))
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+            await asyncio.to_thread(state.models.load_adapter, body.lora_name, body.lora_path)
+            logger.info("loaded LoRA adapter %s from %s", body.lora_name, body.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter", dependencies=protected, response_class=PlainTextResponse,
+                  responses=route(text_ok(PlainTextResponse, "the adapter is unloaded", {"type": "string"}), 400,
+                                  404, 503))
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+            state.models.unload_adapter(body.lora_name, body.lora_int_id)
+            logger.info("unloaded LoRA adapter %s", body.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/completions", dependencies=protected,
               responses=route(json_or_events_ok(CompletionResponse, CompletionChunk), 400, 404, 500, 503, 504))
@@ -287,6 +311,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="larger request bodies get 413 (bytes or a size such as 32MiB)")
     g.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
                    help="largest request head (request line + headers) accepted")
+    add_lora_server_args(g)
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -308,7 +333,9 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
                         request_read_timeout=args.request_read_timeout,
                         allowed_origins=args.allowed_origins, shutdown_timeout=args.shutdown_timeout,
                         max_n=args.max_n, max_request_body_bytes=parse_size(args.max_request_body_bytes),
-                        max_header_bytes=args.max_header_bytes, tool_call_parser=args.tool_call_parser)
+                        max_header_bytes=args.max_header_bytes, tool_call_parser=args.tool_call_parser,
+                        lora_modules=[parse_lora_module(m) for m in args.lora_modules],
+                        allow_runtime_lora_updating=runtime_lora_updating_allowed(args.allow_runtime_lora_updating))
 
 
 class GracefulServer(uvicorn.Server):
@@ -329,6 +356,8 @@ def run_server(args: argparse.Namespace) -> int:
 
     engine_config = engine_config_from_args(args)
     config = server_config_from_args(args)
+    if (config.lora_modules or config.allow_runtime_lora_updating) and not engine_config.enable_lora:
+        raise ValueError("--lora-modules and runtime LoRA updating need --enable-lora")
     if not config.served_model_names:
         if engine_config.model:
             config.served_model_names = [engine_config.model]

@@ -18,6 +18,8 @@ from fastapi import Request
 from llmserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, ShutdownError
 from llmserve.engine.output_processor import AnyRequestOutput, RequestState
 from llmserve.entrypoints.openai.errors import APIError, error_body
+from llmserve.entrypoints.openai.serving_models import OpenAIServingModels
+from llmserve.lora.request import LoRARequest
 from llmserve.outputs import EmbeddingRequestOutput, RequestOutput
 from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
@@ -41,6 +43,7 @@ class Submitted:
     created: int
     states: list[RequestState]
     streams: list[AsyncIterator[AnyRequestOutput]]
+    model: str             # the name responses echo: the adapter's, or the base model's first served name
 
 
 def sse(data: dict | str) -> str:
@@ -63,28 +66,34 @@ class SSEFraming:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], limits: ServerLimits) -> None:
+    def __init__(self, engine: AsyncLLMEngine, models: OpenAIServingModels, limits: ServerLimits) -> None:
         self.engine = engine
-        self.served_model_names = served_model_names
+        self.models = models
         self.limits = limits
         self.tokenizer = engine.info.tokenizer
         self.token_text = TokenTexts(self.tokenizer)
 
     @property
+    def served_model_names(self) -> list[str]:
+        return self.models.base_model_names
+
+    @property
     def model_name(self) -> str:
         return self.served_model_names[0]
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.served_model_names:
-            raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter ``model`` names (None: the base model); 404 for a name that is neither."""
+        return self.models.resolve(model)
 
     def check_n(self, n: int) -> None:
         if n > self.limits.max_n:
             raise APIError(400, f"n must be at most {self.limits.max_n}, got {n}", "n")
 
     def submit(self, prefix: str, prompts: list[str | list[int]], params: SamplingParams | PoolingParams,
-               header_request_id: str | None, cache_salt: str | None = None) -> Submitted:
-        """Validate every prompt, check the queue, then queue them all (or none)."""
+               header_request_id: str | None, cache_salt: str | None = None,
+               lora_request: LoRARequest | None = None) -> Submitted:
+        """Validate every prompt, check the queue, then queue them all (or none), with ``lora_request``'s
+        adapter if one is named."""
         limit = self.limits.max_num_queued_reqs
         if limit is not None and self.engine.num_waiting >= limit:   # full (a batch of prompts may overfill it)
             raise APIError(503, f"the server is overloaded: {self.engine.num_waiting} requests are waiting "
@@ -93,12 +102,13 @@ class OpenAIServing:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         arrival = time.monotonic()
         try:
-            states = [self.engine.prepare(f"{request_id}-{i}", prompt, params, arrival, cache_salt)
+            states = [self.engine.prepare(f"{request_id}-{i}", prompt, params, arrival, cache_salt, lora_request)
                       for i, prompt in enumerate(prompts)]
         except EngineDeadError as exc:
             raise APIError(503, str(exc), None, "engine_dead") from None
         streams = [self.engine.submit(state) for state in states]
-        return Submitted(request_id, header_request_id or request_id, int(time.time()), states, streams)
+        return Submitted(request_id, header_request_id or request_id, int(time.time()), states, streams,
+                         self.model_name if lora_request is None else lora_request.lora_name)
 
     async def collect(self, raw: Request, submitted: Submitted) -> list[AnyRequestOutput]:
         """Run every stream to completion (non-streaming response); if the client leaves or the request

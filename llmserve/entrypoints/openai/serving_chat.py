@@ -14,6 +14,7 @@ from llmserve.entrypoints.openai.errors import APIError
 from llmserve.entrypoints.openai.chat_protocol import ChatMessage
 from llmserve.entrypoints.openai.protocol import ChatCompletionRequest
 from llmserve.entrypoints.openai.serving_base import OpenAIServing, ServerLimits, usage
+from llmserve.entrypoints.openai.serving_models import OpenAIServingModels
 from llmserve.entrypoints.openai.tool_calling import ToolCalling
 from llmserve.entrypoints.openai.tool_parsers import ToolCallParser
 from llmserve.outputs import PositionLogprobs, RequestOutput
@@ -21,9 +22,9 @@ from llmserve.sampling_params import SamplingParams
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], limits: ServerLimits,
+    def __init__(self, engine: AsyncLLMEngine, models: OpenAIServingModels, limits: ServerLimits,
                  chat_template: str | None, auto_tool_parser: type[ToolCallParser] | None = None) -> None:
-        super().__init__(engine, served_model_names, limits)
+        super().__init__(engine, models, limits)
         self.chat_template = chat_template
         self.auto_tool_parser = auto_tool_parser   # set by --enable-auto-tool-choice --tool-call-parser
         # chat_template_kwargs are the template's variables, never the renderer's own parameters
@@ -67,13 +68,13 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, body: ChatCompletionRequest, raw: Request, header_request_id: str | None
                      ) -> JSONResponse | StreamingResponse:
-        self.check_model(body.model)
+        lora = self.check_model(body.model)
         self.check_n(body.n)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         prompt_ids, params, tool_calling = self.prepare(body, body.max_completion_tokens or body.max_tokens, logprobs)
-        submitted = self.submit("chatcmpl", [prompt_ids], params, header_request_id, body.cache_salt)
+        submitted = self.submit("chatcmpl", [prompt_ids], params, header_request_id, body.cache_salt, lora)
         if body.stream:
             return StreamingResponse(self._stream(body, submitted, tool_calling), media_type="text/event-stream")
         output = (await self.collect(raw, submitted))[0]
@@ -89,7 +90,7 @@ class OpenAIServingChat(OpenAIServing):
                 "stop_reason": c.stop_reason,
             })
         return JSONResponse({"id": submitted.request_id, "object": "chat.completion", "created": submitted.created,
-                             "model": self.model_name, "choices": choices, "usage": usage([output])})
+                             "model": submitted.model, "choices": choices, "usage": usage([output])})
 
     def _stream(self, body: ChatCompletionRequest, submitted, tool_calling: ToolCalling):  # noqa: ANN001, ANN202
         include_usage = body.include_usage_in_stream
@@ -99,7 +100,7 @@ class OpenAIServingChat(OpenAIServing):
 
         def chunk(choices: list[dict]) -> dict:
             data = {"id": submitted.request_id, "object": "chat.completion.chunk", "created": submitted.created,
-                    "model": self.model_name, "choices": choices}
+                    "model": submitted.model, "choices": choices}
             if include_usage:
                 data["usage"] = None
             return data
@@ -135,7 +136,7 @@ class OpenAIServingChat(OpenAIServing):
             if not include_usage:
                 return []
             return [{"id": submitted.request_id, "object": "chat.completion.chunk", "created": submitted.created,
-                     "model": self.model_name, "choices": [], "usage": usage(outputs)}]
+                     "model": submitted.model, "choices": [], "usage": usage(outputs)}]
 
         return self.stream_events(submitted, render, finish)
 

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmserve.entrypoints.openai.errors import APIError
 from llmserve.entrypoints.openai.protocol import CompletionRequest
-from llmserve.entrypoints.openai.serving_base import OpenAIServing, usage
+from llmserve.entrypoints.openai.serving_base import OpenAIServing, Submitted, usage
 from llmserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 DEFAULT_MAX_TOKENS = 16   # OpenAI's default for completions
@@ -24,7 +24,7 @@ DEFAULT_MAX_TOKENS = 16   # OpenAI's default for completions
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, body: CompletionRequest, raw: Request, header_request_id: str | None
                      ) -> JSONResponse | StreamingResponse:
-        self.check_model(body.model)
+        lora = self.check_model(body.model)
         self.check_n(body.n)
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of must equal n (or be omitted): llmserve returns every sample it "
@@ -33,7 +33,7 @@ class OpenAIServingCompletion(OpenAIServing):
         params = body.sampling_params(max_tokens, body.logprobs,
                                       prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None
                                       else None)
-        submitted = self.submit("cmpl", body.prompts(), params, header_request_id, body.cache_salt)
+        submitted = self.submit("cmpl", body.prompts(), params, header_request_id, body.cache_salt, lora)
         n = body.n
         if body.stream:
             offsets: dict[int, int] = {}   # choice -> text_offset after what it has streamed (present once started)
@@ -52,7 +52,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     choices.append(choice)
                 if not choices:
                     return []
-                chunk = self._chunk(submitted.request_id, submitted.created, choices)
+                chunk = self._chunk(submitted, choices)
                 if body.include_usage_in_stream:
                     chunk["usage"] = None   # OpenAI: every chunk but the last has "usage": null
                 return [chunk]
@@ -60,14 +60,14 @@ class OpenAIServingCompletion(OpenAIServing):
             def finish(outputs: list[RequestOutput]) -> list[dict]:
                 if not body.include_usage_in_stream:
                     return []
-                return [dict(self._chunk(submitted.request_id, submitted.created, []), usage=usage(outputs))]
+                return [dict(self._chunk(submitted, []), usage=usage(outputs))]
 
             return StreamingResponse(self.stream_events(submitted, render, finish), media_type="text/event-stream")
         outputs = await self.collect(raw, submitted)
         choices = [self._choice(body, index * n + c.index, output, c, body.echo, 0, output.prompt_logprobs)[0]
                    for index, output in enumerate(outputs) for c in output.outputs]
         return JSONResponse({"id": submitted.request_id, "object": "text_completion", "created": submitted.created,
-                             "model": self.model_name, "choices": choices, "usage": usage(outputs)})
+                             "model": submitted.model, "choices": choices, "usage": usage(outputs)})
 
     def _choice(self, body: CompletionRequest, index: int, output: RequestOutput, c: CompletionOutput, echo: bool,
                 offset: int, prompt_logprobs: list[PositionLogprobs | None] | None) -> tuple[dict, int]:
@@ -87,9 +87,9 @@ class OpenAIServingCompletion(OpenAIServing):
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason}, offset
 
-    def _chunk(self, request_id: str, created: int, choices: list[dict]) -> dict:
-        return {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": choices}
+    def _chunk(self, submitted: Submitted, choices: list[dict]) -> dict:
+        return {"id": submitted.request_id, "object": "text_completion", "created": submitted.created,
+                "model": submitted.model, "choices": choices}
 
     def _logprobs(self, token_ids: list[int], positions: list[PositionLogprobs | None], k: int,
                   offset: int) -> tuple[dict[str, Any], int]:

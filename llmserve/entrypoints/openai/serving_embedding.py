@@ -21,10 +21,10 @@ from llmserve.pooling_params import PoolingParams
 
 class OpenAIServingEmbedding(OpenAIServing):
     async def create(self, body: EmbeddingRequest, raw: Request, header_request_id: str | None) -> JSONResponse:
-        self.check_model(body.model)
+        lora = self.check_model(body.model)
         try:
             submitted = self.submit("embd", body.prompts(), PoolingParams(normalize=body.normalize),
-                                    header_request_id)
+                                    header_request_id, lora_request=lora)
         except InvalidRequestError as exc:   # the engine names the prompt; this API calls it input
             raise APIError(400, str(exc), "input" if exc.param == "prompt" else exc.param) from None
         outputs = await self.collect(raw, submitted)
@@ -32,7 +32,7 @@ class OpenAIServingEmbedding(OpenAIServing):
                 for index, output in enumerate(outputs)]
         prompt_tokens = sum(len(output.prompt_token_ids) for output in outputs)
         return JSONResponse({"id": submitted.request_id, "object": "list", "created": submitted.created,
-                             "model": self.model_name, "data": data,
+                             "model": submitted.model, "data": data,
                              "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
 
 

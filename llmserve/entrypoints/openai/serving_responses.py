@@ -71,11 +71,11 @@ class OpenAIServingResponses:
     async def create(self, body: ResponsesRequest, raw: Request, header_request_id: str | None
                      ) -> JSONResponse | StreamingResponse:
         chat = self.chat
-        chat.check_model(body.model)
+        lora = chat.check_model(body.model)
         with _named_as_responses_fields():
             chat_body = body.as_chat_request()
             prompt_ids, params, tool_calling = chat.prepare(chat_body, body.max_output_tokens, None)
-            submitted = chat.submit("resp", [prompt_ids], params, header_request_id)
+            submitted = chat.submit("resp", [prompt_ids], params, header_request_id, lora_request=lora)
         if body.stream:
             return StreamingResponse(self._stream(body, submitted, tool_calling), media_type="text/event-stream")
         output = (await chat.collect(raw, submitted))[0]
@@ -95,7 +95,7 @@ class OpenAIServingResponses:
                      "output_tokens_details": {"reasoning_tokens": 0}}
         return {
             "id": submitted.request_id, "object": "response", "created_at": submitted.created, "status": status,
-            "model": self.chat.model_name, "output": items, "usage": usage, "error": None,
+            "model": submitted.model, "output": items, "usage": usage, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "temperature": body.temperature, "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls,

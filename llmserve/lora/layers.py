@@ -1,0 +1,126 @@
+"""LoRA on the linear layers, through their quantisation-method seam.
+
+:class:`LoRALinearMethod` wraps a layer's own method: the base matmul runs as before (any format), then the
+step's adapters add their deltas (:func:`~llmserve.lora.punica.add_lora`). Each wrapped layer holds
+preallocated stacked buffers, A ``[max_loras, S*R, in]`` and B ``[max_loras, out, S*R]`` for its S fused
+projections (q/k/v, gate/up) and ``R = --max-lora-rank``: slot s packs each adapted projection's A rows one
+after another, and its B columns block-diagonally, so one shrink and one expand cover the fused layer.
+
+Tensor parallelism follows the base layer's sharding: a column-parallel layer keeps its rows of B (per
+projection, as its weight loader does); a row-parallel layer keeps its columns of A, and because the
+expand is linear, each rank's partial delta is summed by the layer's own all-reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmserve.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    check_shape,
+)
+from llmserve.lora.peft import LoRAModuleWeights
+from llmserve.lora.punica import LoRABatchMapping, add_lora
+from llmserve.quantization.base import QuantizeMethodBase
+
+
+@dataclass
+class ShardGeometry:
+    """Where one fused projection sits: its rows in this rank's output and in the checkpoint tensor."""
+
+    shard_id: object
+    out_offset: int        # first row in this rank's output
+    rows: int              # rows this rank holds
+    checkpoint_start: int  # first checkpoint row this rank holds
+    checkpoint_rows: int   # rows of the whole (unsharded) projection
+
+
+class LoRABatchState:
+    """The step's adapter mapping, shared by every wrapped layer (set by the model runner's LoRA manager)."""
+
+    def __init__(self) -> None:
+        self.mapping = LoRABatchMapping()
+
+
+def shard_geometry(layer: LinearBase) -> list[ShardGeometry]:
+    if isinstance(layer, MergedColumnParallelLinear):
+        offsets = [sum(layer.output_partition_sizes[:i]) for i in range(len(layer.shard_ids))]
+        return [ShardGeometry(sid, offsets[i], layer.output_partition_sizes[i], layer._shard_start(i),
+                              layer.checkpoint_sizes[i]) for i, sid in enumerate(layer.shard_ids)]
+    rows = layer.output_size_per_partition
+    start = layer.tp_rank * rows if isinstance(layer, ColumnParallelLinear) else 0
+    return [ShardGeometry(None, 0, rows, start, layer.output_size)]
+
+
+class LoRALinearMethod(QuantizeMethodBase):
+    """A layer's method plus ``max_loras`` adapter slots."""
+
+    def __init__(self, layer: LinearBase, base: QuantizeMethodBase, state: LoRABatchState, max_loras: int,
+                 max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.base = base
+        self.state = state
+        self.shards = shard_geometry(layer)
+        self.input_size = layer.input_size
+        cols = layer.input_size_per_partition
+        sharded_input = isinstance(layer, RowParallelLinear) and layer.tp_size > 1
+        self.input_start, self.input_cols = (layer.tp_rank * cols if sharded_input else 0), cols
+        width = len(self.shards) * max_rank
+        self.lora_a = torch.zeros(max_loras, width, cols, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(max_loras, layer.output_size_per_partition, width, dtype=dtype, device=device)
+        self.ranks = [0] * max_loras   # columns of slot s in use
+
+    def create_weights(self, layer: nn.Module, *args: Any, **kwargs: Any) -> None:
+        self.base.create_weights(layer, *args, **kwargs)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self.base.process_weights_after_loading(layer)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.base.apply(layer, x, bias)
+        mapping = self.state.mapping
+        if mapping.groups:
+            add_lora(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b, self.ranks,
+                     mapping)
+        return out
+
+    def set_slot(self, slot: int, weights: dict[object, LoRAModuleWeights], name: str) -> None:
+        """Write an adapter's projections of this layer (by shard id; None: the fused tensor) into ``slot``."""
+        self.clear_slot(slot)
+        parts = self._per_shard(weights, name)
+        if not parts:
+            return
+        rank = max(w.rank for w in parts.values())
+        for k, (index, w) in enumerate(sorted(parts.items())):
+            shard = self.shards[index]
+            check_shape(w.lora_a, (w.rank, self.input_size), f"{name}.lora_A")
+            check_shape(w.lora_b, (shard.checkpoint_rows, w.rank), f"{name}.lora_B")
+            cols = slice(k * rank, k * rank + w.rank)
+            self.lora_a[slot, cols] = w.lora_a[:, self.input_start:self.input_start + self.input_cols]
+            self.lora_b[slot, shard.out_offset:shard.out_offset + shard.rows, cols] = \
+                w.lora_b[shard.checkpoint_start:shard.checkpoint_start + shard.rows]
+        self.ranks[slot] = len(parts) * rank
+
+    def clear_slot(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.ranks[slot] = 0
+
+    def _per_shard(self, weights: dict[object, LoRAModuleWeights], name: str) -> dict[int, LoRAModuleWeights]:
+        """The adapter's weights by shard index; a fused checkpoint tensor is split into its projections."""
+        ids = [s.shard_id for s in self.shards]
+        parts: dict[int, LoRAModuleWeights] = {}
+        for shard_id, w in weights.items():
+            if shard_id is None and len(self.shards) > 1:
+                check_shape(w.lora_b, (sum(s.checkpoint_rows for s in self.shards), w.rank), f"{name}.lora_B")
+                for i, b in enumerate(w.lora_b.split([s.checkpoint_rows for s in self.shards])):
+                    parts[i] = LoRAModuleWeights(w.lora_a, b)
+            else:
+                parts[ids.index(shard_id)] = w
+        return parts
