@@ -9,3 +9,7 @@ class InvalidRequestError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The checkpoint named by ``--model`` / ``--tokenizer`` cannot be found or read; the message says why."""

@@ -11,13 +11,16 @@ from llmserve.quantization.registry import QUANTIZATION_METHODS
 def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
     if model_positional:
         parser.add_argument("model_tag", nargs="?", metavar="MODEL",
-                            help="Hugging Face checkpoint folder or Hub id (default: the built-in demo model)")
+                            help="Hugging Face checkpoint folder, Hub id or s3://bucket/prefix (default: the built-in demo "
+                                 "model)")
     parser.add_argument("--model", default=None, help="same as the positional MODEL")
     g = parser.add_argument_group("engine")
-    g.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder, Hub id or s3://bucket/prefix (default: the model's)")
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model")
     g.add_argument("--tokenizer-revision", default=None, help="Hub revision of the tokenizer")
-    g.add_argument("--download-dir", default=None, help="where Hub downloads go (default: the Hugging Face cache)")
+    g.add_argument("--download-dir", default=None, help="where Hub downloads and the small files of s3:// models go (default: the Hugging Face "
+                        "cache; $LLMSERVE_CACHE_DIR/s3 for s3://)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations; auto = float32 on CPU, the checkpoint's dtype on GPU")

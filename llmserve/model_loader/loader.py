@@ -1,4 +1,4 @@
-"""Find a checkpoint (local folder or Hugging Face Hub id), read its config and stream its weights.
+"""Find a checkpoint (local folder, Hugging Face Hub id or ``s3://`` URL), read its config and stream its weights.
 
 Weights are read tensor by tensor from memory-mapped safetensors files straight into the model's
 preallocated parameters, so peak memory is the model plus one tensor, never two copies of the model.
@@ -17,8 +17,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from llmserve.errors import ModelNotFoundError
 from llmserve.model_loader.gguf_loader import (download_gguf, hub_gguf_reference, is_gguf, iterate_gguf_weights,
                                                load_gguf_config)
+from llmserve.model_loader.s3_loader import download_s3_checkpoint, is_s3_mirror, is_s3_url, iterate_s3_weights
 from llmserve.models.registry import resolve_model_class, text_model_config
 from llmserve.quantization.registry import get_quantization_config
 
@@ -27,16 +29,18 @@ logger = logging.getLogger(__name__)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.txt"]
 
 
-class ModelNotFoundError(FileNotFoundError):
-    pass
-
-
 def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
     """A local folder or ``.gguf`` file as is; ``org/repo:QUANT`` is that repo's GGUF file of that quantisation;
-    anything else is a Hub id, downloaded (or found in the cache) through huggingface_hub.
+    ``s3://bucket/prefix`` is a local mirror of its small files (the weights stay remote, see
+    :mod:`~llmserve.model_loader.s3_loader`); anything else is a Hub id, downloaded (or found in the cache)
+    through huggingface_hub.
 
     ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub: only the local cache is looked at.
     """
+    if is_s3_url(model):
+        if revision is not None:
+            raise ModelNotFoundError(f"--revision / --tokenizer-revision name a Hub revision; {model} has none")
+        return download_s3_checkpoint(model, download_dir, [p for p in _HUB_PATTERNS if p != "*.safetensors"])
     path = Path(model).expanduser()
     if path.is_dir() or is_gguf(path):
         return path
@@ -100,9 +104,12 @@ def safetensors_files(path: Path) -> list[Path]:
 
 def iterate_weights(path: Path, config: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` one at a time from every safetensors shard, or from the GGUF file (whose
-    names are mapped through ``config``'s architecture)."""
+    names are mapped through ``config``'s architecture), or streamed from S3 for an ``s3://`` mirror folder."""
     if is_gguf(path):
         yield from iterate_gguf_weights(path, config)
+        return
+    if is_s3_mirror(path):
+        yield from iterate_s3_weights(path)
         return
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
