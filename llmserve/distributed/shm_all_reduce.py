@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import mmap
 import os
@@ -106,6 +107,20 @@ class CollectiveAbortedError(RuntimeError):
 def _header_bytes(world_size: int) -> int:
     """The flag lines of every rank and the abort word's line, padded to a page."""
     return -(-(world_size + 1) * _LINE // _PAGE) * _PAGE
+
+
+def _all_gather_json(value: object, group: object, world_size: int) -> list:
+    """Every rank's ``value`` (JSON-able), as uint8 tensors: torch.distributed's ``all_gather_object``
+    would pickle over the group's sockets, and nothing llmserve reads from a socket is unpickled."""
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
+    dist.all_gather(lengths, torch.tensor([data.numel()]), group=group)
+    longest = int(max(length.item() for length in lengths))
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[:data.numel()] = data
+    gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(world_size)]
+    dist.all_gather(gathered, padded, group=group)
+    return [json.loads(t[:int(n.item())].numpy().tobytes()) for t, n in zip(gathered, lengths)]
 
 
 def _boot_id() -> str:
@@ -166,8 +181,7 @@ class ShmCommunicator:
         if world_size < 2:
             return None
         me = (socket.gethostname(), _boot_id(), _supported_here(), os.getpid())
-        infos: list = [None] * world_size
-        dist.all_gather_object(infos, me, group=group)
+        infos = _all_gather_json(me, group, world_size)
         if not all(info[2] for info in infos) or len({(info[0], info[1]) for info in infos}) != 1:
             return None
         header = _header_bytes(world_size)
@@ -190,8 +204,7 @@ class ShmCommunicator:
             if mm is not None and slot_bytes < max_bytes:
                 logger.info("shared-memory all-reduce: %s is small, tensors up to %d KiB only",
                             SHM_DIR, slot_bytes >> 10)
-        names: list = [None] * world_size
-        dist.all_gather_object(names, (name, slot_bytes), group=group)
+        names = _all_gather_json((name, slot_bytes), group, world_size)
         name, slot_bytes = names[0]
         size = header + 2 * world_size * slot_bytes
         if rank != 0 and name:
@@ -199,9 +212,9 @@ class ShmCommunicator:
                 mm = cls._map(SHM_DIR / name, size, create=False)
             except OSError as exc:
                 error = f"cannot open {name} in {SHM_DIR}: {exc}"
-        errors: list = [None] * world_size
+        errors: list = []
         try:
-            dist.all_gather_object(errors, error, group=group)   # every rank has it open, or has failed
+            errors = _all_gather_json(error, group, world_size)   # every rank has it open, or has failed
         finally:
             if path is not None:
                 path.unlink(missing_ok=True)   # the mappings stay valid; nothing is left behind
