@@ -122,6 +122,8 @@ class ServerState:
             parser = self.config.tool_call_parser
             self.chat = OpenAIServingChat(async_engine, models, limits, _read_chat_template(self.config.chat_template),
                                           TOOL_CALL_PARSERS[parser] if parser else None)
+            if self.chat.chat_template is not None or getattr(self.chat.tokenizer, "chat_template", None):
+                self.chat.renderer.start()
             self.responses = OpenAIServingResponses(self.chat)
             self.embeddings = OpenAIServingEmbedding(async_engine, models, limits)
             self.models = models
@@ -174,6 +176,7 @@ def build_app(state: ServerState) -> FastAPI:
                          daemon=True).start()
         yield
         if state.engine is not None:
+            state.chat.renderer.close()
             state.engine.shutdown()
 
     app = FastAPI(title="llmserve", version=llmserve.__version__, lifespan=lifespan)
@@ -261,8 +264,8 @@ def build_app(state: ServerState) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if body.messages is not None:
-            tokens = state.chat.render_prompt(body.messages, body.add_generation_prompt,
-                                              add_special_tokens=bool(body.add_special_tokens))
+            tokens = await state.chat.render_prompt(body.messages, body.add_generation_prompt,
+                                                    add_special_tokens=bool(body.add_special_tokens))
         else:
             tokens = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}

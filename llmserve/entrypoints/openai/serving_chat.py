@@ -3,6 +3,7 @@ split into content and tool calls by :class:`ToolCalling`."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import Any
 
@@ -10,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmserve.engine.async_engine import AsyncLLMEngine
+from llmserve.entrypoints.chat_template_renderer import ChatTemplateError, ChatTemplateRenderer
 from llmserve.entrypoints.openai.errors import APIError
 from llmserve.entrypoints.openai.chat_protocol import ChatMessage
 from llmserve.entrypoints.openai.protocol import ChatCompletionRequest
@@ -26,14 +28,15 @@ class OpenAIServingChat(OpenAIServing):
                  chat_template: str | None, auto_tool_parser: type[ToolCallParser] | None = None) -> None:
         super().__init__(engine, models, limits)
         self.chat_template = chat_template
+        self.renderer = ChatTemplateRenderer(self.tokenizer)   # the template runs bounded, in its own process
         self.auto_tool_parser = auto_tool_parser   # set by --enable-auto-tool-choice --tool-call-parser
         # chat_template_kwargs are the template's variables, never the renderer's own parameters
         self.renderer_params = {name for name, p in inspect.signature(self.tokenizer.apply_chat_template).parameters
                                 .items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
-    def render_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                      template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False,
-                      tools: list[dict[str, Any]] | None = None) -> list[int]:
+    async def render_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                            template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Messages -> token ids through ``--chat-template`` or the tokenizer's template (which writes BOS
         itself where the model wants one; ``add_special_tokens`` adds the tokenizer's on top)."""
         if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
@@ -44,21 +47,19 @@ class OpenAIServingChat(OpenAIServing):
                            "renderer, not a template variable", "chat_template_kwargs")
         conversation = [m.for_template() for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(conversation, tools=tools or None,
-                                                      chat_template=self.chat_template, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt,
-                                                      **(template_kwargs or {}))
-        except Exception as exc:   # noqa: BLE001 - template errors are the client's messages or the template
+            text = await asyncio.to_thread(self.renderer.render, conversation, tools or None, self.chat_template,
+                                           add_generation_prompt, template_kwargs)
+        except ChatTemplateError as exc:   # the client's messages, or the template itself
             raise APIError(400, f"the chat template could not render these messages: {exc}", "messages") from None
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def prepare(self, body: ChatCompletionRequest, max_tokens: int | None, logprobs: int | None
-                ) -> tuple[list[int], SamplingParams, ToolCalling]:
+    async def prepare(self, body: ChatCompletionRequest, max_tokens: int | None, logprobs: int | None
+                      ) -> tuple[list[int], SamplingParams, ToolCalling]:
         """A chat request's prompt, sampling parameters and tool calling (shared with /v1/responses)."""
         tools = body.checked_tools()
         tool_calling = ToolCalling.for_request(body, tools, self.auto_tool_parser)
-        prompt_ids = self.render_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs,
-                                        tools=tools)
+        prompt_ids = await self.render_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs,
+                                              tools=tools)
         if not prompt_ids:
             raise APIError(400, "the chat template renders these messages as no tokens at all", "messages")
         params = body.sampling_params(max_tokens, logprobs, constraint=tool_calling.constraint)
@@ -73,7 +74,7 @@ class OpenAIServingChat(OpenAIServing):
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        prompt_ids, params, tool_calling = self.prepare(body, body.max_completion_tokens or body.max_tokens, logprobs)
+        prompt_ids, params, tool_calling = await self.prepare(body, body.max_completion_tokens or body.max_tokens, logprobs)
         submitted = self.submit("chatcmpl", [prompt_ids], params, header_request_id, body.cache_salt, lora)
         if body.stream:
             return StreamingResponse(self._stream(body, submitted, tool_calling), media_type="text/event-stream")

@@ -74,7 +74,7 @@ class OpenAIServingResponses:
         lora = chat.check_model(body.model)
         with _named_as_responses_fields():
             chat_body = body.as_chat_request()
-            prompt_ids, params, tool_calling = chat.prepare(chat_body, body.max_output_tokens, None)
+            prompt_ids, params, tool_calling = await chat.prepare(chat_body, body.max_output_tokens, None)
             submitted = chat.submit("resp", [prompt_ids], params, header_request_id, lora_request=lora)
         if body.stream:
             return StreamingResponse(self._stream(body, submitted, tool_calling), media_type="text/event-stream")
