@@ -8,8 +8,9 @@ that falls behind slows the steps down (back-pressure) instead of queueing witho
 process is spawned, never forked: a fork would inherit the server's listening
 socket and its threads' locks. It exits when its parent does.
 
-Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``Q`` (stop); out ``R`` + JSON
-(ready: the KV-cache size), ``O`` + outputs, ``F`` + text (the core failed and exited).
+Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``M`` + JSON ``max_cells`` (a block
+map, answered between two steps), ``Q`` (stop); out ``R`` + JSON (ready: the KV-cache size), ``O`` + outputs,
+``F`` + text (the core failed and exited).
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class EngineCoreClient:
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         self._sends.put(b"B" + json.dumps([request_id, index]).encode())
+
+    def request_block_map(self, max_cells: int) -> None:
+        """Ask for the KV cache's :class:`~llmserve.engine.messages.BlockMap`; it comes back with the outputs."""
+        self._sends.put(b"M" + json.dumps(max_cells).encode())
 
     def _send_loop(self) -> None:
         while (message := self._sends.get()) is not None:
@@ -166,6 +171,9 @@ def _core_loop(core: EngineCore, received: queue.SimpleQueue[bytes], outputs: Co
                 request_id, index = json.loads(body)
                 core.abort(request_id, index)
                 report_idle = True
+            elif tag == b"M":
+                block_map = core.block_manager.block_map(json.loads(body))
+                outputs.send_bytes(b"O" + encode(EngineCoreOutputs(stats=core.stats(), block_map=block_map)))
         if core.has_unfinished_requests():
             step = core.step()
             if step.stats is not None:   # None: nothing was scheduled
