@@ -46,4 +46,15 @@ if ! command -v "${CC:-cc}" >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1;
     echo "setup: no C compiler found: the CPU kernels will be off (install gcc for faster CPU decoding)" >&2
   fi
 fi
+# The dashboard's browser test drives headless Chromium (tests/entrypoints/openai/test_dashboard.py skips without it).
+if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium for the dashboard's browser test"
+    apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null 2>&1; } \
+      || echo "setup: could not install chromium: the dashboard's browser test will be skipped" >&2
+  else
+    echo "setup: no chromium found: the dashboard's browser test will be skipped (install chromium to run it)" >&2
+  fi
+fi
 echo "setup: ready ($VENV/bin/llmserve)"

@@ -20,7 +20,7 @@ from llmserve.config import EngineConfig
 from llmserve.engine.core_client import EngineCoreClient, EngineCoreDiedError
 from llmserve.engine.input_processor import InputProcessor, ModelInfo
 from llmserve.engine.llm_engine import stats_dict
-from llmserve.engine.messages import SchedulerStats
+from llmserve.engine.messages import BlockMap, SchedulerStats
 from llmserve.engine.output_processor import AnyRequestOutput, OutputKind, OutputProcessor, RequestState
 from llmserve.errors import InvalidRequestError
 from llmserve.lora.request import LoRARequest
@@ -54,6 +54,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, asyncio.Queue] = {}
         self._stats = SchedulerStats(num_blocks=self.client.num_kv_blocks, num_free_blocks=self.client.num_kv_blocks)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._block_map_waiters: list[asyncio.Future[BlockMap]] = []
         self.dead_error: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -81,6 +82,22 @@ class AsyncLLMEngine:
 
     def stats(self) -> dict[str, Any]:
         return stats_dict(self._stats, self.outputs)
+
+    async def block_map(self, max_cells: int, timeout: float = 1.0) -> BlockMap | None:
+        """The KV cache's block map, asked of the core, which answers between two steps; None if no answer
+        came within ``timeout`` seconds (a long step) or the engine is not running."""
+        if not self.is_running:
+            return None
+        waiter: asyncio.Future[BlockMap] = asyncio.get_running_loop().create_future()
+        self._block_map_waiters.append(waiter)
+        self.client.request_block_map(max_cells)
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            if waiter in self._block_map_waiters:
+                self._block_map_waiters.remove(waiter)
 
     # ------------------------------------------------------------------ requests (event loop)
     def prepare(self, request_id: str, prompt: str | list[int], params: SamplingParams | PoolingParams,
@@ -150,6 +167,11 @@ class AsyncLLMEngine:
             return
         if core_outputs.stats is not None:
             self._stats = core_outputs.stats
+        if core_outputs.block_map is not None:
+            for waiter in self._block_map_waiters:
+                if not waiter.done():
+                    waiter.set_result(core_outputs.block_map)
+            self._block_map_waiters.clear()
         outputs, stopped = self.outputs.process(core_outputs)
         for request_id, index in stopped:
             self.client.abort(request_id, index)

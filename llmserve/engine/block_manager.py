@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from llmserve.engine.messages import BlockMap
 from llmserve.engine.sequence import Sequence
 
 _ROOT_HASH = b"llmserve-prefix-root"
@@ -62,6 +63,18 @@ class BlockManager:
     def usage(self) -> float:
         """Fraction of blocks in use (vLLM's kv_cache_usage_perc); cached-but-free blocks count as free."""
         return 1.0 - len(self.free_blocks) / self.num_blocks
+
+    def block_map(self, max_cells: int) -> BlockMap:
+        """Each block in use, cached-but-free or free, counted per cell of at most ``max_cells`` cells."""
+        in_use = np.asarray(self.ref_counts) > 0
+        cached = np.fromiter((h is not None for h in self.block_hash), bool, self.num_blocks) & ~in_use
+        per_cell = -(-self.num_blocks // max_cells)
+        cells = -(-self.num_blocks // per_cell)
+
+        def per_cell_counts(mask: np.ndarray) -> list[int]:
+            return np.pad(mask, (0, cells * per_cell - self.num_blocks)).reshape(cells, per_cell).sum(1).tolist()
+
+        return BlockMap(per_cell, per_cell_counts(in_use), per_cell_counts(cached))
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

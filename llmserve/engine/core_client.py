@@ -12,8 +12,8 @@ process is spawned, never forked: a fork would inherit the server's listening
 socket and its threads' locks. It exits when its parent does.
 
 Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``K`` (an output message was
-processed), ``Q`` (stop); out ``R`` + JSON
-(ready: the KV-cache size), ``O`` + outputs, ``F`` + text (the core failed and exited).
+processed), ``M`` + JSON ``max_cells`` (a block map, answered between two steps), ``Q`` (stop); out ``R`` +
+JSON (ready: the KV-cache size), ``O`` + outputs, ``F`` + text (the core failed and exited).
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ class EngineCoreClient:
     def ack(self) -> None:
         """The last output message has been processed (lets the core run one more step ahead)."""
         self._sends.put(b"K")
+
+    def request_block_map(self, max_cells: int) -> None:
+        """Ask for the KV cache's :class:`~llmserve.engine.messages.BlockMap`; it comes back with the outputs."""
+        self._sends.put(b"M" + json.dumps(max_cells).encode())
 
     def _send_loop(self) -> None:
         while (message := self._sends.get()) is not None:
@@ -187,6 +191,9 @@ def _core_loop(core: EngineCore, received: queue.SimpleQueue[bytes], outputs: Co
                 request_id, index = json.loads(body)
                 core.abort(request_id, index)
                 report_idle = True
+            elif tag == b"M":
+                block_map = core.block_manager.block_map(json.loads(body))
+                send(EngineCoreOutputs(stats=core.stats(), block_map=block_map))
         if core.has_unfinished_requests():
             step = core.step()
             if step.stats is not None:   # None: nothing was scheduled

@@ -153,6 +153,16 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     waiting_lora_adapters: list[str] = []       # names of the adapters waiting requests ask for
 
 
+class BlockMap(msgspec.Struct):
+    """Where the KV cache's blocks stand, for the dashboard's grid: consecutive block ids grouped in cells of
+    ``blocks_per_cell``; per cell, the blocks in use and the free blocks that still hold a cached prefix
+    (the rest are free and empty). Cells bound the message whatever the cache's size."""
+
+    blocks_per_cell: int
+    in_use: list[int]
+    cached: list[int]
+
+
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
     """One step's results for the front end."""
 
@@ -163,6 +173,7 @@ class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
     pooled: dict[str, bytes] = {}               # request id -> its pooled vector (float32 little-endian), finished
     stats: SchedulerStats | None = None
     num_scheduled_tokens: int = 0               # prompt and generation tokens the step computed
+    block_map: BlockMap | None = None           # only in the answer to a block-map request
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -44,7 +44,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     prefix = prefix.strip("/")
     if not bucket:
         raise ModelNotFoundError(f"{url} names no bucket: use s3://bucket/prefix")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
         raise ModelNotFoundError(f"{url}: the prefix may not hold empty, '.' or '..' parts")
     return bucket, prefix
 
@@ -56,7 +56,7 @@ def download_s3_checkpoint(url: str, download_dir: str | None, file_patterns: li
     bucket, prefix = parse_s3_url(url)
     client = s3_client(url)
     objects = _list_objects(client, bucket, prefix, url)
-    small = {name: etag for name, (etag, _) in objects.items()
+    small = {name: etag for name, etag in objects.items()
              if not name.endswith(".safetensors") and any(fnmatch.fnmatch(name, p) for p in file_patterns)}
     if "config.json" not in small:
         raise ModelNotFoundError(f"{url} has no config.json: not a Hugging Face checkpoint")
@@ -73,7 +73,7 @@ def download_s3_checkpoint(url: str, download_dir: str | None, file_patterns: li
     shards = _weight_files(folder, objects, url)
     _write_atomically(folder / MANIFEST, json.dumps({
         "url": url, "bucket": bucket, "etags": small,
-        "shards": [{"key": _key(prefix, name), "etag": objects[name][0]} for name in shards]}).encode())
+        "shards": [{"key": _key(prefix, name), "etag": objects[name]} for name in shards]}).encode())
     return folder
 
 
@@ -145,8 +145,8 @@ def _s3_errors(url: str) -> Iterator[None]:
         raise ModelNotFoundError(f"cannot read {url}: {exc}") from None
 
 
-def _list_objects(client: Any, bucket: str, prefix: str, url: str) -> dict[str, tuple[str, int]]:
-    """The objects directly under the prefix: ``{file name: (etag, size)}``."""
+def _list_objects(client: Any, bucket: str, prefix: str, url: str) -> dict[str, str]:
+    """The objects directly under the prefix: ``{file name: ETag}``."""
     objects = {}
     with _s3_errors(url):
         pages = client.get_paginator("list_objects_v2").paginate(
@@ -155,13 +155,13 @@ def _list_objects(client: Any, bucket: str, prefix: str, url: str) -> dict[str, 
             for item in page.get("Contents", []):
                 name = item["Key"].rpartition("/")[2]
                 if name:
-                    objects[name] = (item["ETag"], item["Size"])
+                    objects[name] = item["ETag"]
     if not objects:
         raise ModelNotFoundError(f"no objects under {url}")
     return objects
 
 
-def _weight_files(folder: Path, objects: dict[str, tuple[str, int]], url: str) -> list[str]:
+def _weight_files(folder: Path, objects: dict[str, str], url: str) -> list[str]:
     """The safetensors shards: those the index lists when there is one, else every ``*.safetensors``."""
     if (folder / _INDEX).is_file() and _INDEX in objects:
         files = sorted(set(json.loads((folder / _INDEX).read_text())["weight_map"].values()))

@@ -2,7 +2,8 @@
 
 Specified: a sequence holds exactly ``ceil(tokens / block_size)`` blocks and grows one block per
 ``block_size`` tokens; ``allocate`` is all or nothing (a refused request takes no block); ``free``
-returns every block of a sequence and empties its table; ``usage`` reports the fraction in use; and,
+returns every block of a sequence and empties its table; ``usage`` reports the fraction in use and
+``block_map`` each block's state (in use, cached-but-free, free) per cell; and,
 under any interleaving of allocations and frees, no block is lost, none is in two block tables, and
 no reference count is negative.
 """
@@ -136,6 +137,25 @@ def test_free_pool_is_least_recently_used_first():
     c = make_seq()
     bm.allocate(c, 3)
     assert c.block_table == list(reversed(freed))   # then a's blocks, its tail block first
+
+
+def test_block_map_counts_blocks_in_use_cached_and_free_per_cell():
+    """The dashboard's map: a block is in use while held, cached-but-free once freed with its hash, free
+    otherwise; with more blocks than cells, each cell counts its run of consecutive blocks."""
+    bm = BlockManager(10, 4)
+    a, b = make_seq(8), make_seq()
+    bm.allocate(a, 8)   # blocks 0, 1
+    a.num_computed_tokens = 8
+    bm.cache_full_blocks(a)
+    bm.free(a)          # 0, 1 free but cached
+    bm.allocate(b, 12)  # blocks 2, 3, 4 (never-used blocks first)
+    exact = bm.block_map(max_cells=16)
+    assert exact.blocks_per_cell == 1
+    assert exact.in_use == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert exact.cached == [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    grouped = bm.block_map(max_cells=4)   # 10 blocks in cells of 3: [0-2], [3-5], [6-8], [9]
+    assert grouped.blocks_per_cell == 3
+    assert grouped.in_use == [1, 2, 0, 0] and grouped.cached == [2, 0, 0, 0]
 
 
 # One op: (sequence slot, number of tokens) grows that slot's sequence to that many tokens;

@@ -3,6 +3,8 @@
 * A checkpoint in a bucket gives the same greedy tokens as the same checkpoint on disk, model and tokenizer
   both read from ``s3://``; only the small files are mirrored locally (no ``*.safetensors`` on disk), and the
   server saw every weight byte fetched with a ranged GET.
+* The API server serves ``--model s3://...`` (its engine core and worker in their own process) with the
+  same greedy text.
 * Sharded checkpoints stream every tensor exactly, in several coalesced ranges, none above the bound.
 * The mirror is refreshed when an object changes and keeps no file the bucket no longer has; weights
   replaced after the listing are an error, never a mix of two checkpoints.
@@ -27,6 +29,7 @@ from llmserve.model_loader.loader import ModelNotFoundError, resolve_model_path
 from llmserve.model_loader.s3_loader import MANIFEST, iterate_s3_weights
 from llmserve.sampling_params import SamplingParams
 from llmserve.testing.checkpoints import write_checkpoint
+from tests.entrypoints.openai.conftest import launch
 
 BUCKET = "models"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -102,6 +105,27 @@ def test_same_tokens_as_the_local_folder_weights_streamed_with_ranged_gets(s3, l
     weight_gets = [(path, byte_range) for path, byte_range in _recorded_gets(s3) if path.endswith(".safetensors")]
     assert weight_gets, "the weights were not read from the server"
     assert all(byte_range and byte_range.startswith("bytes=") for _, byte_range in weight_gets), weight_gets
+
+
+def test_server_serves_a_model_from_s3(s3, llama_dir, tmp_path):
+    """``--model s3://...`` through the API server, whose engine core (and its worker) runs in a process of
+    its own: the same greedy text as the local folder, under the URL as the model's name."""
+    import httpx
+
+    expected = LLM(str(llama_dir), kv_cache_memory_bytes="8MiB").generate("Hello there", GREEDY)[0].outputs[0].text
+    server = launch(f"s3://{BUCKET}/llama", "--served-model-name", f"s3://{BUCKET}/llama", "--download-dir",
+                    str(tmp_path / "mirror"), log_dir=tmp_path)
+    try:
+        models = httpx.get(f"{server.base_url}/v1/models").json()["data"]
+        assert [m["id"] for m in models] == [f"s3://{BUCKET}/llama"]
+        response = httpx.post(f"{server.base_url}/v1/completions", timeout=60, json={
+            "model": f"s3://{BUCKET}/llama", "prompt": "Hello there", "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == expected
+    finally:
+        assert server.stop() == 0, server.log()
+    assert not list((tmp_path / "mirror").rglob("*.safetensors"))
 
 
 def test_sharded_checkpoint_streams_exactly_in_bounded_ranges(s3, tmp_path):

@@ -31,6 +31,7 @@ import llmserve
 from llmserve.config import EngineConfig, parse_size
 from llmserve.engine.async_engine import AsyncLLMEngine, ShutdownError
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
+from llmserve.entrypoints.openai.dashboard import dashboard_page, dashboard_stats
 from llmserve.entrypoints.openai.embedding_protocol import EmbeddingRequest
 from llmserve.entrypoints.openai.errors import APIError, error_response, install_error_handlers
 from llmserve.entrypoints.openai.http_protocol import http_protocol
@@ -214,6 +215,15 @@ def build_app(state: ServerState) -> FastAPI:
                                                      "names)", {"type": "string"})))
     async def metrics() -> Response:
         return PrometheusText(generate_latest(state.metrics.registry) if state.metrics is not None else b"")
+
+    # The dashboard is a UI over the figures /metrics exports, not part of the API: not in the OpenAPI document.
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard() -> Response:
+        return dashboard_page()
+
+    @app.get("/dashboard/stats", dependencies=protected, include_in_schema=False)
+    async def dashboard_data() -> dict:
+        return await dashboard_stats(state.engine, state.metrics)
 
     @app.get("/v1/models", dependencies=protected, response_model=None, responses=route(json_ok(ModelList), 503))
     async def models() -> dict:

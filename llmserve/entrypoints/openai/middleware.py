@@ -7,15 +7,19 @@ from __future__ import annotations
 import hmac
 import uuid
 from typing import Any
+from urllib.parse import parse_qs
 
 from starlette.datastructures import Headers, MutableHeaders
 
 from llmserve.entrypoints.openai.errors import error_response
 
+DASHBOARD_PAGE = "/dashboard"
+
 
 def requires_api_key(path: str) -> bool:
-    """The routes that run the model or the tokenizer; the probes (/health, /metrics, /version) stay open."""
-    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+    """The routes that run the model or the tokenizer, and the dashboard (page and data); the probes
+    (/health, /metrics, /version) stay open."""
+    return (path.startswith(("/v1/", f"{DASHBOARD_PAGE}/")) or path in ("/tokenize", "/detokenize", DASHBOARD_PAGE))
 
 
 class RequestLimits:
@@ -101,20 +105,31 @@ class RequestId:
 
 class RequireApiKey:
     """ASGI middleware: the model endpoints want ``Authorization: Bearer <key>``; the probes do not, nor do
-    CORS preflights (browsers send those without credentials)."""
+    CORS preflights (browsers send those without credentials). The dashboard page also takes the key as
+    ``?api_key=KEY``, since a browser opening a URL sends no header; its data wants the header, which the
+    page sends."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
         self.expected = api_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and requires_api_key(scope.get("path", "")):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and requires_api_key(path):
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if path == DASHBOARD_PAGE and not token:
+                scheme, token = "bearer", _query_value(scope, "api_key")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.expected):
-                response = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                          None, "invalid_api_key")
+                how = ("open /dashboard?api_key=<key>" if path == DASHBOARD_PAGE
+                       else "send 'Authorization: Bearer <key>'")
+                response = error_response(401, f"invalid or missing API key ({how})", None, "invalid_api_key")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def _query_value(scope: dict, name: str) -> str:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    return values[0] if values else ""
 
 
 async def _reject(scope: dict, receive: Any, send: Any, status: int, message: str) -> None:

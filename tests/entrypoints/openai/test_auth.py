@@ -1,6 +1,7 @@
 """``--api-key``: every model endpoint wants ``Authorization: Bearer <key>``; the probes do not.
 
-* ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/tokenize`` and ``/detokenize`` answer
+* ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, ``/tokenize``, ``/detokenize`` and the
+  dashboard's data (``/dashboard/stats``; the page itself: tests/entrypoints/openai/test_dashboard.py) answer
   401 with OpenAI's error object ``{"error": {"message", "type", "param", "code"}}`` (type
   ``invalid_request_error``, code ``invalid_api_key``) when the header is missing, holds another key (also
   one differing only in case, a prefix or an extension of the key), uses another scheme (``Basic``,
@@ -29,6 +30,7 @@ ENDPOINTS = [
                                       "max_tokens": 2}),
     ("POST", "/tokenize", {"model": "tiny", "prompt": "Hello"}),
     ("POST", "/detokenize", {"model": "tiny", "tokens": [1, 2, 3]}),
+    ("GET", "/dashboard/stats", None),
 ]
 ENDPOINT_IDS = [path for _, path, _ in ENDPOINTS]
 
