@@ -27,7 +27,8 @@ def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
                     topk_ids: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``sum_s weight[t, s] * down_e(act(gate_up_e(x[t])))`` with ``e = topk_ids[t, s]``, for every token t.
 
-    ``x`` [T, H]; ``w13`` [E, 2I, H] (gate rows, then up rows); ``w2`` [E, H, I]; ``topk_weights`` and
+    ``x`` [T, H]; ``w13`` [E, 2I, H] (gate rows, then up rows); ``w2`` [E, H, I] (or each expert's weight
+    blocked for the CPU kernels, ``[E, out/16, in, 16]``: see :func:`apply_linear`); ``topk_weights`` and
     ``topk_ids`` [T, top_k]; ``activation`` maps [n, 2I] to [n, I] (e.g. SiLU(gate) * up). The id ``E`` marks
     a slot routed to an expert this rank does not hold (expert parallelism): it adds nothing.
     """
