@@ -18,9 +18,11 @@ from llmserve.quantization.unquantized import apply_linear
 
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(order, counts)``: the flat (token, slot) rows ``t * top_k + s`` sorted by expert id (stable, so each
-    expert's rows keep token order), and the number of rows per expert [E]."""
+    expert's rows keep token order), and the number of rows per expert [E]. Counted by a scatter into a tensor
+    of known size (``bincount`` would read the largest id back to the host, which a CUDA graph cannot)."""
     flat = topk_ids.reshape(-1)
-    return flat.argsort(stable=True), torch.bincount(flat, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return flat.argsort(stable=True), counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
