@@ -18,7 +18,8 @@ class SparseMoeBlock(nn.Module):
     """``experts(x, gate(x))``, plus a dense ``shared_expert(x)`` every token goes through, scaled by
     ``sigmoid(shared_expert_gate(x))`` when the family gates it (Qwen2-MoE).
 
-    Checkpoint names: ``gate.weight`` (the router), ``experts.*`` (see
+    Checkpoint names: ``gate.weight`` (the router; with ``correction_bias``, also DeepSeek-V3's
+    ``gate.e_score_correction_bias``), ``experts.*`` (see
     :func:`~llmserve.layers.fused_moe.expert_checkpoint_target`), ``shared_expert.*``, ``shared_expert_gate.weight``.
     """
 
@@ -26,9 +27,8 @@ class SparseMoeBlock(nn.Module):
                  quant_config: QuantizationConfig | None = None, prefix: str = "", *,
                  shared_expert: nn.Module | None = None, gated_shared_expert: bool = False,
                  correction_bias: bool = False) -> None:
-        """``correction_bias``: the router holds DeepSeek-V3's ``gate.e_score_correction_bias``."""
         super().__init__()
-        self.gate = MoERouter(hidden_size, routing, correction_bias=correction_bias)
+        self.gate = MoERouter(hidden_size, routing, correction_bias)
         self.experts = FusedMoE(routing.num_experts, hidden_size, intermediate_size, activation,
                                 quant_config=quant_config, prefix=f"{prefix}.experts")
         self.shared_expert = shared_expert

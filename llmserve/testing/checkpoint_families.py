@@ -370,6 +370,8 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     # Mixture of experts (layout "moe": the MLP tensors of the sparse layers replaced by a router and per-expert
     # tensors, as save_pretrained writes them). Mixtral: 5 experts of intermediate_size, top-2, renormalised.
+    # bench: Mixtral's 8 experts, top-2, each half the bench Llama's MLP, so a token's active parameters are the
+    # dense bench model's (compare with family mistral, size bench).
     "mixtral": FamilySpec(
         name="mixtral",
         architecture="MixtralForCausalLM",
@@ -381,7 +383,8 @@ FAMILIES: dict[str, FamilySpec] = {
         layout="moe",
         extra_config={"sliding_window": None, "num_local_experts": 5, "num_experts_per_tok": 2,
                       "router_jitter_noise": 0.0, "output_router_logits": False},
-        size_overrides={"tiny": {"intermediate_size": 64}},
+        size_overrides={"tiny": {"intermediate_size": 64},
+                        "bench": {"intermediate_size": 1024, "num_local_experts": 8}},
     ),
     # Qwen2-MoE: q/k/v bias; 7 experts of 32, top-1 without renormalisation, a shared expert of 96 behind a
     # sigmoid gate; 3 layers, the middle one dense (mlp_only_layers) with an MLP of intermediate_size.

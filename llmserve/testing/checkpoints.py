@@ -184,7 +184,7 @@ def tensor_specs(family: str = "llama", size: str = "tiny") -> list[TensorSpec]:
     if fam.layout in LAYOUTS:
         return LAYOUTS[fam.layout][0](fam, sz)
     if fam.layout == "moe":
-        return moe_tensors(fam, sz, _head_dim(fam, sz))
+        return moe_tensors(fam, sz, _head_dim(fam, sz), {**fam.extra_config, **_size_config_overrides(fam, size)})
     return llama_tensors(fam, sz, _head_dim(fam, sz))
 
 

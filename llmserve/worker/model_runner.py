@@ -190,7 +190,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate shared blocks (every layer's K and V caches) before a sequence writes into its copy."""
+        """Copy-on-write: duplicate shared blocks (every layer's K and V) before a sequence writes into its copy."""
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)

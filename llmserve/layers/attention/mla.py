@@ -12,9 +12,10 @@ attention (one KV head of ``kv_lora_rank + qk_rope_head_dim`` dims), whose value
 ``kv_lora_rank`` dims of that same key. :class:`MLAAttention` stores ``[c, k_pe]`` once per token
 (:attr:`~llmserve.layers.attention.layer.Attention.values_in_key_cache`: the value cache *is* the key cache)
 and hands it to the ordinary paged backends as key and value; each head's output latent ``sum_j p_hj c_j`` is
-the first ``kv_lora_rank`` dims of the result (the rope dims' share is discarded). Decodes, prefill chunks over
-cached context and fresh prompts all take this path, so every backend feature (chunked prefill, prefix
-caching, preemption, the compiled CPU decode kernel) serves MLA unchanged.
+the first ``kv_lora_rank`` dims of the result (the rope dims' share is discarded; the PyTorch backend stores and
+gathers the shared cache once). Decodes, prefill chunks over cached context and fresh prompts all take this path,
+so every backend feature (chunked prefill, prefix caching, preemption, the compiled CPU decode kernel) serves MLA
+unchanged.
 """
 
 from __future__ import annotations

@@ -252,10 +252,11 @@ class TorchAttentionBackend(AttentionBackend):
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: TorchAttentionMetadata,
                 spec: AttentionSpec) -> torch.Tensor:
         num_kv_heads, head_dim = key.shape[1], key.shape[2]
-        flat_k = key_cache.view(-1, num_kv_heads, head_dim)
-        flat_v = value_cache.view(-1, num_kv_heads, head_dim)
-        flat_k.index_copy_(0, metadata.slot_mapping, key)
-        flat_v.index_copy_(0, metadata.slot_mapping, value)
+        # One cache for both (latent attention): the values are the keys, stored and gathered once.
+        shared = value_cache is key_cache
+        key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, key)
+        if not shared:
+            value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, value)
         out = torch.empty_like(query)
         window = metadata.window(spec.sliding_window)
         nd = metadata.num_decodes
@@ -272,7 +273,8 @@ class TorchAttentionBackend(AttentionBackend):
             else:
                 num_keys = chunk.context_len + chunk.query_len - chunk.key_start
                 k = key_cache.index_select(0, chunk.block_table).view(-1, num_kv_heads, head_dim)[:num_keys]
-                v = value_cache.index_select(0, chunk.block_table).view(-1, num_kv_heads, head_dim)[:num_keys]
+                v = k if shared else value_cache.index_select(0, chunk.block_table).view(-1, num_kv_heads,
+                                                                                          head_dim)[:num_keys]
             o = _attention(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), chunk.mask,
                            chunk.mask is None, spec)
             out[chunk.query_start:end] = o[0].transpose(0, 1)
@@ -300,6 +302,7 @@ class TorchAttentionBackend(AttentionBackend):
         num_kv_heads = key_cache.shape[2]
         flat_tables = group.block_tables.view(-1)
         k = key_cache.index_select(0, flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
-        v = value_cache.index_select(0, flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
+        v = (k if value_cache is key_cache
+             else value_cache.index_select(0, flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2))
         out = _attention(query.unsqueeze(2), k, v, group.bias, False, spec, group.query_keys)
         return out.view(b, num_heads, head_dim)

@@ -18,16 +18,19 @@ from llmserve.quantization.unquantized import apply_linear
 
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(order, counts)``: the flat (token, slot) rows ``t * top_k + s`` sorted by expert id (stable, so each
-    expert's rows keep token order), and the number of rows per expert [E]."""
+    expert's rows keep token order), and the number of rows per expert [E]. Counted by a scatter into a tensor
+    of known size (``bincount`` would read the largest id back to the host, which a CUDA graph cannot)."""
     flat = topk_ids.reshape(-1)
-    return flat.argsort(stable=True), torch.bincount(flat, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    return flat.argsort(stable=True), counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``sum_s weight[t, s] * down_e(act(gate_up_e(x[t])))`` with ``e = topk_ids[t, s]``, for every token t.
 
-    ``x`` [T, H]; ``w13`` [E, 2I, H] (gate rows, then up rows); ``w2`` [E, H, I]; ``topk_weights`` and
+    ``x`` [T, H]; ``w13`` [E, 2I, H] (gate rows, then up rows); ``w2`` [E, H, I] (or each expert's weight
+    blocked for the CPU kernels, ``[E, out/16, in, 16]``: see :func:`apply_linear`); ``topk_weights`` and
     ``topk_ids`` [T, top_k]; ``activation`` maps [n, 2I] to [n, I] (e.g. SiLU(gate) * up). The id ``E`` marks
     a slot routed to an expert this rank does not hold (expert parallelism): it adds nothing.
     """

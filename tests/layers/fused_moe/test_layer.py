@@ -168,6 +168,22 @@ def test_moe_block_routes_then_runs_the_experts():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_experts_blocked_for_the_cpu_kernels_give_the_same_output():
+    from llmserve.layers.cpu_kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("the CPU kernels do not build here")
+    layer = FusedMoE(E, H, I)
+    load_per_expert(layer, expert_tensors())
+    x = torch.randn(21, H)
+    weights, ids = random_routing(21, E, 2, used_experts=5)
+    expected = layer(x, weights, ids)
+    layer.process_weights_after_loading()
+    assert layer.w13_weight.shape == (E, 2 * I // 16, H, 16) and layer.w2_weight.shape == (E, H // 16, I, 16)
+    torch.testing.assert_close(layer(x, weights, ids), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x[:1], weights[:1], ids[:1]), expected[:1], atol=1e-5, rtol=1e-5)
+
+
 def test_mis_shaped_tensors_and_unknown_experts_are_refused():
     layer = FusedMoE(E, H, I)
     with pytest.raises(WeightShapeError):
