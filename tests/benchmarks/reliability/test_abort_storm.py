@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.benchmarks.reliability.checks import run_check
-from tests.entrypoints.openai.conftest import launch
+from tests.benchmarks.reliability.checks import check_server, run_check
 
 
 @pytest.fixture(scope="module")
 def storm_server(llama_dir, tmp_path_factory):
-    server = launch(llama_dir, log_dir=tmp_path_factory.mktemp("abort-storm-logs"))
-    yield server
-    server.stop()
+    with check_server(llama_dir, tmp_path_factory.mktemp("abort-storm-logs")) as server:
+        yield server
 
 
 def test_abort_storm_frees_everything_at_once_and_logs_each_abort(storm_server):

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.benchmarks.reliability.checks import run_check
-from tests.entrypoints.openai.conftest import HERE, launch
+from tests.benchmarks.reliability.checks import check_server, run_check
+from tests.entrypoints.openai.conftest import HERE
 
 
 @pytest.fixture(scope="module")
 def overload_server(llama_dir, tmp_path_factory):
-    server = launch(llama_dir, "--max-num-seqs", "4", "--max-num-queued-reqs", "4", "--step-delay", "0.01",
-                    log_dir=tmp_path_factory.mktemp("overload-logs"), wrapper=HERE / "slow_server.py")
-    yield server
-    server.stop()
+    with check_server(llama_dir, tmp_path_factory.mktemp("overload-logs"), "--max-num-seqs", "4",
+                      "--max-num-queued-reqs", "4", "--step-delay", "0.01", wrapper=HERE / "slow_server.py") as server:
+        yield server
 
 
 def test_overload_refuses_the_excess_and_recovers(overload_server):

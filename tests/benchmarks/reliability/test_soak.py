@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.benchmarks.reliability.checks import run_check
-from tests.entrypoints.openai.conftest import launch
+from tests.benchmarks.reliability.checks import check_server, run_check
 
 
 @pytest.fixture(scope="module")
 def soak_server(llama_dir, tmp_path_factory):
-    server = launch(llama_dir, log_dir=tmp_path_factory.mktemp("soak-logs"))
-    yield server
-    server.stop()
+    with check_server(llama_dir, tmp_path_factory.mktemp("soak-logs")) as server:
+        yield server
 
 
 def test_soak_100_clients_for_60_seconds(soak_server):
