@@ -129,6 +129,15 @@ def test_disabled_or_unbuildable_kernels_fall_back_with_a_log_line(monkeypatch, 
     assert "no C compiler found" in caplog.text
 
 
+def test_a_cache_that_cannot_be_written_falls_back_to_pytorch(tmp_path, monkeypatch, caplog):
+    blocked = tmp_path / "cache"
+    blocked.write_text("")   # nothing can be created under it, as on a full or read-only disk
+    monkeypatch.setenv("LLMSERVE_CACHE_DIR", str(blocked))
+    with caplog.at_level(logging.WARNING, logger=module.__name__):
+        assert cpu_kernels.__wrapped__() is None
+    assert "slower PyTorch paths" in caplog.text and str(blocked) in caplog.text
+
+
 def _pytorch_path(monkeypatch, *modules) -> None:
     for m in modules:
         monkeypatch.setattr(m, "kernels_for", lambda x: None)
