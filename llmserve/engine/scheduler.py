@@ -41,7 +41,7 @@ from llmserve.engine.messages import (CachedSequenceData, ForkData, ModelRunnerO
 from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.layers import pooler
 from llmserve.spec_decode.metrics import SpecDecodingStats
-from llmserve.spec_decode.ngram_proposer import NgramProposer
+from llmserve.spec_decode.proposer import Proposer
 
 
 @dataclass
@@ -71,7 +71,7 @@ def stops_on_token(seq: Sequence, token: int) -> bool:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None,
-                 proposer: NgramProposer | None = None) -> None:
+                 proposer: Proposer | None = None) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -107,7 +107,7 @@ class Scheduler:
         self.block_manager.free(seq)
         self._release_from_workers(seq)
         if self.proposer is not None:
-            self.proposer.remove(seq.seq_id)
+            self.proposer.remove(seq.seq_id, seq.all_token_ids)
         seq.status = SequenceStatus.FINISHED
         for child in seq.pending_forks:
             child.status = SequenceStatus.FINISHED

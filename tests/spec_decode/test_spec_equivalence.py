@@ -1,4 +1,4 @@
-"""The engine against itself: with n-gram speculation on, greedy output is token for token the output
+"""The engine against itself: with n-gram (or suffix) speculation on, greedy output is token for token the output
 with it off (families with plain, sliding-window and soft-capped attention), also under chunked prefill,
 preemption, prefix caching, stop token ids, min_tokens, max_tokens and n > 1; logprobs of emitted tokens
 are those without speculation; seeded sampling gives the same tokens too (each position draws from its
@@ -45,6 +45,18 @@ def test_greedy_output_is_unchanged(checkpoint_dir, family):
     path = checkpoint_dir(family)
     on = make_llm(path, spec=True)
     assert completions(on) == completions(make_llm(path, spec=False))
+    assert_idle_and_accepting(on)
+
+
+def test_greedy_output_is_unchanged_with_suffix_decoding(llama_dir):
+    """Suffix decoding drafts from the request and from the requests before it (the second round of the
+    same prompts finds the first round's outputs in the global tree)."""
+    on = make_llm(llama_dir, spec=False, speculative_config={"method": "suffix", "num_speculative_tokens": 4})
+    off = completions(make_llm(llama_dir, spec=False))
+    assert completions(on) == off
+    first = on.engine.scheduler.spec_stats.num_accepted_tokens
+    assert completions(on) == off
+    assert on.engine.scheduler.spec_stats.num_accepted_tokens - first > first   # it learnt from round one
     assert_idle_and_accepting(on)
 
 
