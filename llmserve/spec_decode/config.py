@@ -1,9 +1,8 @@
 """``--speculative-config``, vLLM's flag, and the older ``--speculative-model`` / ``--num-speculative-tokens``.
 
 Only proposers that need no second model are built: ``ngram`` (prompt lookup) and ``suffix`` (suffix
-decoding over the request and recent requests). A method vLLM has but
-llmserve does not (a draft model, EAGLE, MTP, ...) is refused at start-up naming what is supported, never
-run as something else.
+decoding over the request and recent requests). A method vLLM has but llmserve does not (a draft model,
+EAGLE, MTP, ...) is refused at start-up naming what is supported, never run as something else.
 """
 
 from __future__ import annotations
@@ -109,7 +108,8 @@ class SpeculativeConfig:
         if fields["method"] == "suffix":   # vLLM: the tree depth bounds the drafts unless told otherwise
             if "prompt_lookup_min" in fields or "prompt_lookup_max" in fields:
                 raise ValueError("--speculative-config: prompt_lookup_min / prompt_lookup_max are for method ngram")
-            fields.setdefault("num_speculative_tokens", fields.get("suffix_decoding_max_tree_depth", 24))
+            fields.setdefault("num_speculative_tokens", fields.get("suffix_decoding_max_tree_depth",
+                                                                        cls.suffix_decoding_max_tree_depth))
         if "num_speculative_tokens" not in fields:
             raise ValueError("speculative decoding needs num_speculative_tokens (in --speculative-config or as "
                              "--num-speculative-tokens)")
