@@ -96,6 +96,13 @@ def test_stop_conditions_hold_when_several_tokens_arrive(llama_dir):
                                 min_tokens=20)
         assert completions(on, params, prompts=[PROMPTS[reference.index(outputs)]]) == \
             completions(off_llm, params, prompts=[PROMPTS[reference.index(outputs)]])
+    texts = [o.outputs[0].text for o in off_llm.generate(PROMPTS, GREEDY)]
+    for prompt, text in zip(PROMPTS, texts):              # a stop string found in text, after several tokens at once
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[text[-12:-6]])
+        on_out, off_out = on.generate([prompt], params)[0].outputs[0], off_llm.generate([prompt], params)[0].outputs[0]
+        assert (on_out.text, on_out.token_ids, on_out.finish_reason, on_out.stop_reason) == \
+            (off_out.text, off_out.token_ids, off_out.finish_reason, off_out.stop_reason)
+        assert off_out.finish_reason == "stop"
     short = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
     assert completions(on, short) == [[(o[0][0][:7], "length")] for o in reference]
     assert_idle_and_accepting(on)
