@@ -24,7 +24,7 @@ from llmserve.spec_decode.config import SpeculativeConfig
 
 
 class _Node:
-    __slots__ = ("count", "children")
+    __slots__ = ("children", "count")
 
     def __init__(self) -> None:
         self.count = 0
