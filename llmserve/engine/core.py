@@ -20,7 +20,7 @@ from llmserve.engine.messages import (EngineCoreOutputs, EngineCoreRequest, Mode
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import Sequence
 from llmserve.executor.abstract import Executor, executor_class
-from llmserve.spec_decode.ngram_proposer import NgramProposer
+from llmserve.spec_decode.proposer import make_proposer
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class EngineCore:
         spec = config.speculative_config
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_num_batched_tokens,
                                    config.enable_chunked_prefill, max_model_len,
-                                   NgramProposer(spec) if spec is not None else None,
+                                   make_proposer(spec) if spec is not None else None,
                                    max_loras=config.max_loras if config.enable_lora else None)
         self.requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()

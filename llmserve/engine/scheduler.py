@@ -43,7 +43,7 @@ from llmserve.engine.messages import (CachedSequenceData, ForkData, ModelRunnerO
 from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.layers import pooler
 from llmserve.spec_decode.metrics import SpecDecodingStats
-from llmserve.spec_decode.ngram_proposer import NgramProposer
+from llmserve.spec_decode.proposer import Proposer
 
 
 @dataclass
@@ -73,7 +73,7 @@ def stops_on_token(seq: Sequence, token: int) -> bool:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None,
-                 proposer: NgramProposer | None = None, max_loras: int | None = None) -> None:
+                 proposer: Proposer | None = None, max_loras: int | None = None) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -110,7 +110,7 @@ class Scheduler:
         self.block_manager.free(seq)
         self._release_from_workers(seq)
         if self.proposer is not None:
-            self.proposer.remove(seq.seq_id)
+            self.proposer.remove(seq.seq_id, seq.all_token_ids)
         seq.status = SequenceStatus.FINISHED
         for child in seq.pending_forks:
             child.status = SequenceStatus.FINISHED
@@ -309,16 +309,10 @@ class Scheduler:
         self.spec_stats.observe(len(seq_drafts), accepted)
         logprobs = result.draft_logprobs.get(seq.seq_id)
         for i, token in enumerate(seq_drafts[:accepted]):
-            seq.append_token(token)
-            seq.num_computed_tokens += 1
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.last_token_time = now
-            self._check_stop(seq, token)
-            step.sampled.append((seq, token, logprobs[i] if logprobs is not None else None))
-            if seq.finish_reason is not None:
-                self.finish(seq)
+            self._emit(seq, token, logprobs[i] if logprobs is not None else None, now, step)
+            if seq.is_finished:
                 return
+            seq.num_computed_tokens += 1
         self.block_manager.cache_full_blocks(seq)
 
     def _pool(self, seq: Sequence, result: ModelRunnerOutput, step: StepResult) -> None:
@@ -334,18 +328,22 @@ class Scheduler:
         self.finish(seq)
 
     def _append_token(self, seq: Sequence, result: ModelRunnerOutput, now: float, step: StepResult) -> None:
-        token: int | None = result.sampled[seq.seq_id]
         if seq.max_tokens == 0:
             # Only the prompt was asked for (scoring it): the token its last step sampled is dropped.
             seq.finish_reason = "length"
-            token = None
-        else:
-            seq.append_token(token)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.last_token_time = now
-            self._check_stop(seq, token)
-        step.sampled.append((seq, token, result.logprobs.get(seq.seq_id) if token is not None else None))
+            step.sampled.append((seq, None, None))
+            self.finish(seq)
+            return
+        self._emit(seq, result.sampled[seq.seq_id], result.logprobs.get(seq.seq_id), now, step)
+
+    def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None, now: float, step: StepResult) -> None:
+        """Append one generated token and finish ``seq`` if a token stop condition holds."""
+        seq.append_token(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        self._check_stop(seq, token)
+        step.sampled.append((seq, token, logprobs))
         if seq.finish_reason is not None:
             self.finish(seq)
 

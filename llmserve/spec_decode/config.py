@@ -1,8 +1,8 @@
 """``--speculative-config``, vLLM's flag, and the older ``--speculative-model`` / ``--num-speculative-tokens``.
 
-Only proposers that need no second model are built: ``ngram`` (prompt lookup). A method vLLM has but
-llmserve does not (a draft model, EAGLE, MTP, ...) is refused at start-up naming what is supported, never
-run as something else.
+Only proposers that need no second model are built: ``ngram`` (prompt lookup) and ``suffix`` (suffix
+decoding over the request and recent requests). A method vLLM has but llmserve does not (a draft model,
+EAGLE, MTP, ...) is refused at start-up naming what is supported, never run as something else.
 """
 
 from __future__ import annotations
@@ -11,28 +11,34 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "suffix")
 # vLLM's methods that llmserve does not build yet, named in the error rather than called unknown.
-_VLLM_METHODS = ("draft_model", "eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "suffix")
+_VLLM_METHODS = ("draft_model", "eagle", "eagle3", "medusa", "mlp_speculator", "mtp")
 # vLLM's keys that only matter to methods not built here.
 _VLLM_ONLY = ("draft_tensor_parallel_size", "quantization", "max_model_len", "revision",
-              "code_revision", "disable_by_batch_size", "disable_padded_drafter_batch", "speculative_token_tree",
-              "suffix_decoding_max_tree_depth", "suffix_decoding_max_cached_requests",
-              "suffix_decoding_max_spec_factor", "suffix_decoding_min_token_prob", "prompt_lookup_min_tokens")
-_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model")
+              "code_revision", "disable_by_batch_size", "disable_padded_drafter_batch", "speculative_token_tree")
+_SUFFIX_KEYS = ("suffix_decoding_max_tree_depth", "suffix_decoding_max_cached_requests",
+                "suffix_decoding_max_spec_factor", "suffix_decoding_min_token_prob")
+_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model", *_SUFFIX_KEYS)
 # vLLM's default n-gram size when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """How many tokens a proposer drafts per step (``num_speculative_tokens``) and, for ``ngram``, the n-gram
-    sizes it looks up (``prompt_lookup_min`` to ``prompt_lookup_max``, longest first)."""
+    """How many tokens a proposer drafts per step (``num_speculative_tokens``); for ``ngram``, the n-gram
+    sizes it looks up (``prompt_lookup_min`` to ``prompt_lookup_max``, longest first); for ``suffix``, vLLM's
+    ``suffix_decoding_*`` settings (:mod:`llmserve.spec_decode.suffix_proposer`). vLLM keeps up to 10000
+    requests in the global tree (in C++); this tree is Python objects, so its default keeps 64."""
 
     method: str
     num_speculative_tokens: int
     prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP
     prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_cached_requests: int = 64
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -43,6 +49,19 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--speculative-config: {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.suffix_decoding_max_tree_depth, int) or self.suffix_decoding_max_tree_depth < 2:
+            raise ValueError(f"--speculative-config: suffix_decoding_max_tree_depth must be an integer >= 2, got "
+                             f"{self.suffix_decoding_max_tree_depth!r}")
+        if not isinstance(self.suffix_decoding_max_cached_requests, int) or self.suffix_decoding_max_cached_requests < 0:
+            raise ValueError(f"--speculative-config: suffix_decoding_max_cached_requests must be an integer >= 0, "
+                             f"got {self.suffix_decoding_max_cached_requests!r}")
+        if not isinstance(self.suffix_decoding_max_spec_factor, (int, float)) or self.suffix_decoding_max_spec_factor <= 0:
+            raise ValueError(f"--speculative-config: suffix_decoding_max_spec_factor must be > 0, got "
+                             f"{self.suffix_decoding_max_spec_factor!r}")
+        if not isinstance(self.suffix_decoding_min_token_prob, (int, float)) or not \
+                0 <= self.suffix_decoding_min_token_prob <= 1:
+            raise ValueError(f"--speculative-config: suffix_decoding_min_token_prob must be in [0, 1], got "
+                             f"{self.suffix_decoding_min_token_prob!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"--speculative-config: prompt_lookup_min ({self.prompt_lookup_min}) is above "
                              f"prompt_lookup_max ({self.prompt_lookup_max})")
@@ -81,7 +100,16 @@ class SpeculativeConfig:
         if not fields:
             return None
         if "method" not in fields:
-            raise ValueError("--speculative-config needs a method (supported: ngram), or --speculative-model [ngram]")
+            raise ValueError("--speculative-config needs a method (supported: ngram, suffix), or --speculative-model "
+                             "[ngram]")
+        if fields["method"] != "suffix" and any(key in fields for key in _SUFFIX_KEYS):
+            raise ValueError(f"--speculative-config: the suffix_decoding_* keys are for method suffix, not "
+                             f"{fields['method']!r}")
+        if fields["method"] == "suffix":   # vLLM: the tree depth bounds the drafts unless told otherwise
+            if "prompt_lookup_min" in fields or "prompt_lookup_max" in fields:
+                raise ValueError("--speculative-config: prompt_lookup_min / prompt_lookup_max are for method ngram")
+            fields.setdefault("num_speculative_tokens", fields.get("suffix_decoding_max_tree_depth",
+                                                                        cls.suffix_decoding_max_tree_depth))
         if "num_speculative_tokens" not in fields:
             raise ValueError("speculative decoding needs num_speculative_tokens (in --speculative-config or as "
                              "--num-speculative-tokens)")

@@ -56,8 +56,8 @@ class NgramProposer:
             return []
         return propose_ngram(self._buffer(seq_id, token_ids), self.min_n, self.max_n, k).tolist()
 
-    def remove(self, seq_id: int) -> None:
-        """Forget a finished or preempted sequence's tokens."""
+    def remove(self, seq_id: int, token_ids: list[int]) -> None:
+        """Forget a finished sequence's tokens (lookup reads only the sequence's own)."""
         self._tokens.pop(seq_id, None)
 
     def _buffer(self, seq_id: int, token_ids: list[int]) -> np.ndarray:

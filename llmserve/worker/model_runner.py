@@ -8,7 +8,9 @@ logits only where a token is sampled or a prompt logprob is asked for, and sampl
 sequences are never sampled: the driver returns their share of the pooled final hidden states
 (:mod:`llmserve.layers.pooler`).
 On the driver, rows with a structured-output constraint are sampled under their grammar's token bitmask
-(:mod:`llmserve.worker.structured_output_manager`), filled while the forward pass runs.
+(:mod:`llmserve.worker.structured_output_manager`), filled while the forward pass runs. A row with
+speculative drafts is sampled at its last token and at each draft, and the rejection sampler
+(:mod:`llmserve.spec_decode.rejection_sampler`) keeps the drafts the samples agree with.
 
 On CUDA, decode-only steps replay CUDA graphs (:mod:`llmserve.worker.cuda_graphs`) unless
 ``enforce_eager`` is set or the attention backend cannot be captured, and

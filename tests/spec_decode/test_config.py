@@ -1,6 +1,6 @@
 """``--speculative-config`` as vLLM takes it, the older ``--speculative-model [ngram]`` /
-``--num-speculative-tokens``, the same through ``LLM(speculative_config=...)``; methods not built are
-refused naming what is."""
+``--num-speculative-tokens``, the same through ``LLM(speculative_config=...)``; ``suffix`` with vLLM's
+``suffix_decoding_*`` keys; methods not built are refused naming what is."""
 
 from __future__ import annotations
 
@@ -69,3 +69,18 @@ def test_refused_with_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match="supported|built|needs|must|above|once") as info:
         EngineConfig(**kwargs)
     assert message in str(info.value)
+
+
+def test_suffix_method_takes_vllms_suffix_keys():
+    config = EngineConfig(speculative_config={"method": "suffix", "suffix_decoding_max_tree_depth": 16,
+                                              "suffix_decoding_min_token_prob": 0.2}).speculative_config
+    assert (config.method, config.num_speculative_tokens, config.suffix_decoding_max_tree_depth) == ("suffix", 16, 16)
+    assert config.suffix_decoding_min_token_prob == 0.2 and config.suffix_decoding_max_cached_requests == 64
+    for bad, message in [({"method": "ngram", "num_speculative_tokens": 2, "suffix_decoding_max_tree_depth": 8},
+                          "are for method suffix"),
+                         ({"method": "suffix", "prompt_lookup_max": 3}, "are for method ngram"),
+                         ({"method": "suffix", "suffix_decoding_min_token_prob": 2}, "must be in [0, 1]"),
+                         ({"method": "suffix", "suffix_decoding_max_tree_depth": 1}, "must be an integer >= 2")]:
+        with pytest.raises(ValueError) as info:
+            EngineConfig(speculative_config=bad)
+        assert message in str(info.value)

@@ -49,5 +49,5 @@ def test_proposer_caps_drafts_and_follows_a_growing_sequence():
     assert proposer.propose(0, tokens, max_tokens=0) == []
     tokens += [6, 9, 4, 5, 6]            # the buffer takes the new tokens only
     assert proposer.propose(0, tokens, max_tokens=10) == [9, 4, 5]
-    proposer.remove(0)
+    proposer.remove(0, tokens)
     assert proposer.propose(0, [1, 2, 1, 2], max_tokens=10) == [1, 2]

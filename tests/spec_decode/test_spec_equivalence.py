@@ -1,4 +1,4 @@
-"""The engine against itself: with n-gram speculation on, greedy output is token for token the output
+"""The engine against itself: with n-gram (or suffix) speculation on, greedy output is token for token the output
 with it off (families with plain, sliding-window and soft-capped attention), also under chunked prefill,
 preemption, prefix caching, stop token ids, min_tokens, max_tokens and n > 1; logprobs of emitted tokens
 are those without speculation; seeded sampling gives the same tokens too (each position draws from its
@@ -48,6 +48,18 @@ def test_greedy_output_is_unchanged(checkpoint_dir, family):
     assert_idle_and_accepting(on)
 
 
+def test_greedy_output_is_unchanged_with_suffix_decoding(llama_dir):
+    """Suffix decoding drafts from the request and from the requests before it (the second round of the
+    same prompts finds the first round's outputs in the global tree)."""
+    on = make_llm(llama_dir, spec=False, speculative_config={"method": "suffix", "num_speculative_tokens": 4})
+    off = completions(make_llm(llama_dir, spec=False))
+    assert completions(on) == off
+    first = on.engine.scheduler.spec_stats.num_accepted_tokens
+    assert completions(on) == off
+    assert on.engine.scheduler.spec_stats.num_accepted_tokens - first > first   # it learnt from round one
+    assert_idle_and_accepting(on)
+
+
 @pytest.mark.parametrize("engine_args", [
     {"max_num_batched_tokens": 8},                       # prompts in chunks, drafts cut to the budget
     {"kv_cache_memory_bytes": 40 * 1024},                # few blocks: sequences are preempted and recomputed
@@ -84,6 +96,13 @@ def test_stop_conditions_hold_when_several_tokens_arrive(llama_dir):
                                 min_tokens=20)
         assert completions(on, params, prompts=[PROMPTS[reference.index(outputs)]]) == \
             completions(off_llm, params, prompts=[PROMPTS[reference.index(outputs)]])
+    texts = [o.outputs[0].text for o in off_llm.generate(PROMPTS, GREEDY)]
+    for prompt, text in zip(PROMPTS, texts):              # a stop string found in text, after several tokens at once
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[text[-12:-6]])
+        on_out, off_out = on.generate([prompt], params)[0].outputs[0], off_llm.generate([prompt], params)[0].outputs[0]
+        assert (on_out.text, on_out.token_ids, on_out.finish_reason, on_out.stop_reason) == \
+            (off_out.text, off_out.token_ids, off_out.finish_reason, off_out.stop_reason)
+        assert off_out.finish_reason == "stop"
     short = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
     assert completions(on, short) == [[(o[0][0][:7], "length")] for o in reference]
     assert_idle_and_accepting(on)
