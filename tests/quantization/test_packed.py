@@ -1,6 +1,7 @@
-"""The packed layouts and their compiled kernels: every code format, group size, odd shape and row count
-against the PyTorch reference of the same arithmetic (dequantise, then ``F.linear``; for W8A8 the exact
-integer dot products of the per-token quantised activations)."""
+"""The packed layouts and their compiled kernels: every code format, group size, odd shape and row count (the
+few-row kernels up to 8, the many-row paths above) against the PyTorch reference of the same arithmetic
+(dequantise, then ``F.linear``; for W8A8 the exact integer dot products of the per-token quantised
+activations)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.layers.cpu_kernels import cpu_kernels
+from llmserve.layers.cpu_kernels import block_weight, cpu_kernels
 from llmserve.quantization import packed
 from llmserve.quantization.packed import (FP8, U4, U8, apply_w8a8, apply_weight_only, dequantize_weight_only,
                                           pack_nibbles, quantize_rows_int8, set_w8a8, set_weight_only,
@@ -57,6 +58,13 @@ def test_weight_only_kernel_equals_the_reference(code_format, n, k, group, zero_
     torch.testing.assert_close(apply_weight_only(layer, x, None), expected - bias, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("code_format,k,group", [(U4, 96, 32), (U4, 77, 77), (U8, 45, 45), (FP8, 64, 32)])
+def test_many_rows_go_through_the_dequantised_blocked_weight(code_format, k, group):
+    layer = _weight_only_layer(code_format, 32, k, group, code_format != FP8)
+    weight = cpu_kernels().dequantize_blocked(layer.wq_codes, code_format, layer.wq_scales, layer.wq_zeros, group, k)
+    torch.testing.assert_close(weight, block_weight(dequantize_weight_only(layer)), atol=1e-6, rtol=1e-6)
+
+
 def test_a_column_permutation_reorders_the_input():
     layer = _weight_only_layer(U4, 32, 64, 32, True, perm=True)
     x = torch.randn(2, 5, 64)
@@ -95,7 +103,7 @@ def test_bad_layouts_are_refused():
         apply_weight_only(layer, torch.randn(1, 64), None)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 5, 64])
+@pytest.mark.parametrize("rows", [1, 4, 5, 9, 64])
 @pytest.mark.parametrize("n,k", [(48, 128), (19, 70), (16, 1)])
 def test_w8a8_kernel_equals_the_reference(n, k, rows):
     torch.manual_seed(n + k)

@@ -21,8 +21,10 @@
 
 #include "cpu_vec.h"
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define HAVE_VNNI 1
 #endif
 
@@ -34,6 +36,20 @@
 
 typedef unsigned char u8x16 __attribute__((vector_size(16)));
 typedef signed char s8x16 __attribute__((vector_size(16)));
+
+/* 16 bytes widened to 16 int lanes (one vpmovzxbd with AVX-512; GCC scalarises the generic conversion). */
+static inline ivec widen_u8(const unsigned char *p) {
+#if defined(__AVX512F__)
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    ivec r;
+    memcpy(&r, &v, sizeof r);
+    return r;
+#else
+    u8x16 a;
+    memcpy(&a, p, 16);
+    return __builtin_convertvector(a, ivec);
+#endif
+}
 
 static inline vec fp8_to_float(ivec v) {
     const ivec bits = ((v & 0x80) << 24) | ((v & 0x7F) << 20);
@@ -50,17 +66,13 @@ static inline float fp8_to_float1(unsigned char b) {
 /* Codes c .. c + 31 (c a multiple of 32) of a row as two float vectors. */
 static inline __attribute__((always_inline)) void decode_chunk(const unsigned char *w, long c, const int format,
                                                                vec *lo, vec *hi) {
-    u8x16 a, b;
     if (format == WQ_U4) {
-        memcpy(&a, w + c / 2, 16);
-        const ivec v = __builtin_convertvector(a, ivec);
+        const ivec v = widen_u8(w + c / 2);
         *lo = __builtin_convertvector(v & 15, vec);
         *hi = __builtin_convertvector(v >> 4, vec);
         return;
     }
-    memcpy(&a, w + c, 16);
-    memcpy(&b, w + c + 16, 16);
-    const ivec va = __builtin_convertvector(a, ivec), vb = __builtin_convertvector(b, ivec);
+    const ivec va = widen_u8(w + c), vb = widen_u8(w + c + 16);
     if (format == WQ_U8) {
         *lo = __builtin_convertvector(va, vec);
         *hi = __builtin_convertvector(vb, vec);
@@ -87,9 +99,21 @@ wq_row(const float *x, long xs, const unsigned char *w, const float *s, const fl
     for (int m = 0; m < mr; m++) { total[m] = (vec){0}; tail[m] = 0.f; }
     for (long g = 0; g < groups; g++) {
         const long c0 = g * group, c1 = c0 + group < k ? c0 + group : k;
-        vec acc[WQ_ROWS][2];
-        for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = (vec){0};
+        vec acc[WQ_ROWS][4];   /* two chunks in flight: four FMA chains per row */
+        for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = (vec){0};
         long c = c0;
+        for (; c + 2 * WQ_CHUNK <= c1; c += 2 * WQ_CHUNK) {
+            vec lo, hi, lo2, hi2;
+            decode_chunk(w, c, format, &lo, &hi);
+            decode_chunk(w, c + WQ_CHUNK, format, &lo2, &hi2);
+            for (int m = 0; m < mr; m++) {
+                const float *xm = x + m * xs + c;
+                acc[m][0] += lo * load(xm);
+                acc[m][1] += hi * load(xm + LANES);
+                acc[m][2] += lo2 * load(xm + 2 * LANES);
+                acc[m][3] += hi2 * load(xm + 3 * LANES);
+            }
+        }
         for (; c + WQ_CHUNK <= c1; c += WQ_CHUNK) {
             vec lo, hi;
             decode_chunk(w, c, format, &lo, &hi);
@@ -99,7 +123,7 @@ wq_row(const float *x, long xs, const unsigned char *w, const float *s, const fl
             }
         }
         const vec sg = splat(s[g]);
-        for (int m = 0; m < mr; m++) total[m] += sg * (acc[m][0] + acc[m][1]);
+        for (int m = 0; m < mr; m++) total[m] += sg * ((acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3]));
         for (; c < c1; c++) {
             const float wv = s[g] * decode_one(w, c, format);
             for (int m = 0; m < mr; m++) tail[m] += wv * x[m * xs + c];
@@ -116,22 +140,27 @@ wq_row(const float *x, long xs, const unsigned char *w, const float *s, const fl
 #define WQ_CASE(MR) case MR:                                                                               \
     wq_row(x + m0 * x_stride, x_stride, row, s, z, xsum + m0 * groups, groups, k, group, format, r, MR); break;
 
-static inline __attribute__((always_inline)) void
-wq_all(const float *x, long x_stride, const unsigned char *w, long w_row_bytes, const float *scales,
-       const float *zeros, const float *xsum, const float *bias, float *y, long y_stride, long M, long n, long k,
-       long group, long groups, const int format, int num_threads) {
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (long i = 0; i < n; i++) {
-        const unsigned char *row = w + i * w_row_bytes;
-        const float *s = scales + i * groups, *z = zeros ? zeros + i * groups : NULL;
-        for (long m0 = 0; m0 < M; m0 += WQ_ROWS) {
-            float r[WQ_ROWS];
-            const int mr = M - m0 < WQ_ROWS ? (int)(M - m0) : WQ_ROWS;
-            switch (mr) { WQ_CASE(1) WQ_CASE(2) WQ_CASE(3) WQ_CASE(4) WQ_CASE(5) WQ_CASE(6) WQ_CASE(7) WQ_CASE(8) }
-            for (int m = 0; m < mr; m++) y[(m0 + m) * y_stride + i] = r[m] + (bias ? bias[i] : 0.f);
-        }
-    }
+/* One copy of the loops per format (a macro, so the format is a constant inside each OpenMP region). */
+#define WQ_ALL(NAME, FORMAT)                                                                                    \
+static void NAME(const float *x, long x_stride, const unsigned char *w, long w_row_bytes, const float *scales,  \
+                 const float *zeros, const float *xsum, const float *bias, float *y, long y_stride, long M,     \
+                 long n, long k, long group, long groups, int num_threads) {                                   \
+    const int format = FORMAT;                                                                                  \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                                      \
+    for (long i = 0; i < n; i++) {                                                                             \
+        const unsigned char *row = w + i * w_row_bytes;                                                         \
+        const float *s = scales + i * groups, *z = zeros ? zeros + i * groups : NULL;                           \
+        for (long m0 = 0; m0 < M; m0 += WQ_ROWS) {                                                              \
+            float r[WQ_ROWS] = {0};                                                                             \
+            const int mr = M - m0 < WQ_ROWS ? (int)(M - m0) : WQ_ROWS;                                          \
+            switch (mr) { WQ_CASE(1) WQ_CASE(2) WQ_CASE(3) WQ_CASE(4) WQ_CASE(5) WQ_CASE(6) WQ_CASE(7) WQ_CASE(8) } \
+            for (int m = 0; m < mr; m++) y[(m0 + m) * y_stride + i] = r[m] + (bias ? bias[i] : 0.f);            \
+        }                                                                                                       \
+    }                                                                                                           \
 }
+WQ_ALL(wq_all_u4, WQ_U4)
+WQ_ALL(wq_all_u8, WQ_U8)
+WQ_ALL(wq_all_fp8, WQ_FP8)
 
 /* y[M, n] = x[M, k] W^T + bias with W[i, j] = scales[i, j / group] * (code(i, j) - zeros[i, j / group])
  * (zeros may be NULL: no zero point). Rows of codes are w_row_bytes apart. group must be a multiple of 32
@@ -154,16 +183,95 @@ int llmserve_linear_weight_only(const float *x, long x_stride, const unsigned ch
                 xsum[m * groups + g] = t;
             }
     }
-    switch (format) {   /* one specialised copy of the loops per format */
-        case WQ_U4: wq_all(x, x_stride, w, w_row_bytes, scales, zeros, xsum, bias, y, y_stride, M, n, k, group,
-                           groups, WQ_U4, num_threads); break;
-        case WQ_U8: wq_all(x, x_stride, w, w_row_bytes, scales, zeros, xsum, bias, y, y_stride, M, n, k, group,
-                           groups, WQ_U8, num_threads); break;
-        default: wq_all(x, x_stride, w, w_row_bytes, scales, zeros, xsum, bias, y, y_stride, M, n, k, group,
-                        groups, WQ_FP8, num_threads); break;
-    }
+    void (*run)(const float *, long, const unsigned char *, long, const float *, const float *, const float *,
+                const float *, float *, long, long, long, long, long, long, int) =
+        format == WQ_U4 ? wq_all_u4 : format == WQ_U8 ? wq_all_u8 : wq_all_fp8;
+    run(x, x_stride, w, w_row_bytes, scales, zeros, xsum, bias, y, y_stride, M, n, k, group, groups, num_threads);
     free(xsum);
     return 0;
+}
+
+/* Outputs first .. first + 15 of the weight as float32, blocked ([k][16] at dst: cpu_linear.c's layout).
+ * 32 codes of each of the 16 rows are decoded into a tile whose columns are the layout's vectors. */
+static void dequantize_block(const unsigned char *w, long w_row_bytes, const float *scales, const float *zeros,
+                             long k, long group, long groups, const int format, long first, float *dst) {
+    float tile[LANES][WQ_CHUNK] __attribute__((aligned(64)));
+    long c = 0;
+    for (; c + WQ_CHUNK <= k; c += WQ_CHUNK) {
+        const long g = c / group;
+        for (int r = 0; r < LANES; r++) {
+            const long i = first + r;
+            const float s = scales[i * groups + g], sz = zeros ? s * zeros[i * groups + g] : 0.f;
+            vec lo, hi;
+            decode_chunk(w + i * w_row_bytes, c, format, &lo, &hi);
+            store(tile[r], lo * splat(s) - splat(sz));
+            store(tile[r] + LANES, hi * splat(s) - splat(sz));
+        }
+        for (int j = 0; j < WQ_CHUNK; j++) {
+            vec v;
+            for (int r = 0; r < LANES; r++) v[r] = tile[r][j];
+            store(dst + (c + j) * LANES, v);
+        }
+    }
+    for (; c < k; c++)
+        for (int r = 0; r < LANES; r++) {
+            const long i = first + r, g = c / group;
+            const float s = scales[i * groups + g], sz = zeros ? s * zeros[i * groups + g] : 0.f;
+            dst[c * LANES + r] = s * decode_one(w + i * w_row_bytes, c, format) - sz;
+        }
+}
+
+static int bad_layout(long n, long k, long group, int format) {
+    return (format != WQ_U4 && format != WQ_U8 && format != WQ_FP8) || group < 1 || (group % WQ_CHUNK && group < k)
+           || n % LANES;
+}
+
+/* The whole weight as float32, blocked as [n/16][k][16] (the reference check of dequantize_block). n must be a
+ * multiple of 16. Returns 0, or -1 for a bad format, group or n. */
+int llmserve_dequantize_blocked(const unsigned char *w, long w_row_bytes, const float *scales, const float *zeros,
+                                long n, long k, long group, int format, float *out, int num_threads) {
+    if (bad_layout(n, k, group, format)) return -1;
+    const long groups = (k + group - 1) / group;
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (long b = 0; b < n / LANES; b++)
+        dequantize_block(w, w_row_bytes, scales, zeros, k, group, groups, format, b * LANES, out + b * k * LANES);
+    return 0;
+}
+
+void llmserve_linear_panel(const float *x, long x_stride, const float *w, long k, const float *bias, float *y,
+                           long y_stride, long M, int nb);   /* cpu_linear.c */
+
+#define PANEL_BLOCKS 4   /* blocks of 16 outputs per panel: cpu_linear.c's TILE_VECS */
+
+/* Many rows: y[M, n] = x W^T + bias, each thread dequantising one 64-output panel at a time into its own
+ * buffer (k * 64 floats, cache-resident) and running the float GEMM tiles over every row of x against it, so
+ * the weight is read packed, once, and no float copy of it is ever made. Returns 0; -1 for a bad layout;
+ * -2 without memory. */
+int llmserve_linear_weight_only_gemm(const float *x, long x_stride, const unsigned char *w, long w_row_bytes,
+                                     const float *scales, const float *zeros, const float *bias, float *y,
+                                     long y_stride, long M, long n, long k, long group, int format, int num_threads) {
+    if (bad_layout(n, k, group, format)) return -1;
+    const long groups = (k + group - 1) / group, blocks = n / LANES;
+    const long panels = (blocks + PANEL_BLOCKS - 1) / PANEL_BLOCKS;
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads) reduction(|: failed)
+    {
+        float *panel = aligned_alloc(64, sizeof(float) * PANEL_BLOCKS * LANES * k + 64);
+        if (!panel) failed = 1;
+        #pragma omp for schedule(static)
+        for (long p = 0; p < panels; p++) {
+            if (!panel) continue;
+            const long first = p * PANEL_BLOCKS;
+            const int nb = blocks - first < PANEL_BLOCKS ? (int)(blocks - first) : PANEL_BLOCKS;
+            for (int j = 0; j < nb; j++)
+                dequantize_block(w, w_row_bytes, scales, zeros, k, group, groups, format, (first + j) * LANES,
+                                 panel + j * k * LANES);
+            llmserve_linear_panel(x, x_stride, panel, k, bias ? bias + first * LANES : NULL, y + first * LANES,
+                                  y_stride, M, nb);
+        }
+        free(panel);
+    }
+    return failed ? -2 : 0;
 }
 
 #define W8A8_ROWS 4
