@@ -99,10 +99,12 @@ wq_row(const float *x, long xs, const unsigned char *w, const float *s, const fl
     for (int m = 0; m < mr; m++) { total[m] = (vec){0}; tail[m] = 0.f; }
     for (long g = 0; g < groups; g++) {
         const long c0 = g * group, c1 = c0 + group < k ? c0 + group : k;
-        vec acc[WQ_ROWS][4];   /* two chunks in flight: four FMA chains per row */
+        /* One or two rows: two chunks in flight, four FMA chains per row (two would leave the FMA latency
+         * exposed); more rows are independent chains already, and four per row would spill registers. */
+        vec acc[WQ_ROWS][4];
         for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = (vec){0};
         long c = c0;
-        for (; c + 2 * WQ_CHUNK <= c1; c += 2 * WQ_CHUNK) {
+        for (; mr <= 2 && c + 2 * WQ_CHUNK <= c1; c += 2 * WQ_CHUNK) {
             vec lo, hi, lo2, hi2;
             decode_chunk(w, c, format, &lo, &hi);
             decode_chunk(w, c + WQ_CHUNK, format, &lo2, &hi2);
