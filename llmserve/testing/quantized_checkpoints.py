@@ -16,7 +16,8 @@ own checkpoints. Every projection (``q/k/v/o_proj``, ``gate/up/down_proj``) is q
   with a static ``input_scale``).
 
 Next to each, the same model with every weight replaced by its dequantised value, in float32: the oracle
-transformers runs.
+transformers runs. (transformers with the ``compressed-tensors`` package decompresses the compressed-tensors
+files to these same weights: ``tests/quantization/test_compressed_tensors.py``.)
 """
 
 from __future__ import annotations
