@@ -193,27 +193,64 @@ int llmserve_linear_weight_only(const float *x, long x_stride, const unsigned ch
     return 0;
 }
 
-/* Outputs first .. first + 15 of the weight as float32, blocked ([k][16] at dst: cpu_linear.c's layout).
- * 32 codes of each of the 16 rows are decoded into a tile whose columns are the layout's vectors. */
+#if defined(__AVX512F__)
+/* r[0..15] (16 rows of 16 floats) transposed in registers: r[j] becomes column j. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xDD);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    }
+}
+#endif
+
+/* Outputs first .. first + 15 of the weight as float32, blocked ([k][16] at dst: cpu_linear.c's layout):
+ * 32 codes of each of the 16 rows are decoded, then turned so each column is one of the layout's vectors
+ * (a register transpose with AVX-512, a tile in memory otherwise). */
 static void dequantize_block(const unsigned char *w, long w_row_bytes, const float *scales, const float *zeros,
                              long k, long group, long groups, const int format, long first, float *dst) {
-    float tile[LANES][WQ_CHUNK] __attribute__((aligned(64)));
     long c = 0;
     for (; c + WQ_CHUNK <= k; c += WQ_CHUNK) {
         const long g = c / group;
+        vec lo[LANES], hi[LANES];
         for (int r = 0; r < LANES; r++) {
             const long i = first + r;
             const float s = scales[i * groups + g], sz = zeros ? s * zeros[i * groups + g] : 0.f;
-            vec lo, hi;
-            decode_chunk(w + i * w_row_bytes, c, format, &lo, &hi);
-            store(tile[r], lo * splat(s) - splat(sz));
-            store(tile[r] + LANES, hi * splat(s) - splat(sz));
+            decode_chunk(w + i * w_row_bytes, c, format, &lo[r], &hi[r]);
+            lo[r] = lo[r] * splat(s) - splat(sz);
+            hi[r] = hi[r] * splat(s) - splat(sz);
         }
-        for (int j = 0; j < WQ_CHUNK; j++) {
-            vec v;
-            for (int r = 0; r < LANES; r++) v[r] = tile[r][j];
-            store(dst + (c + j) * LANES, v);
+#if defined(__AVX512F__)
+        __m512 t[LANES];
+        memcpy(t, lo, sizeof t);
+        transpose16(t);
+        for (int j = 0; j < LANES; j++) _mm512_storeu_ps(dst + (c + j) * LANES, t[j]);
+        memcpy(t, hi, sizeof t);
+        transpose16(t);
+        for (int j = 0; j < LANES; j++) _mm512_storeu_ps(dst + (c + LANES + j) * LANES, t[j]);
+#else
+        for (int j = 0; j < LANES; j++) {
+            vec a, b;
+            for (int r = 0; r < LANES; r++) { a[r] = lo[r][j]; b[r] = hi[r][j]; }
+            store(dst + (c + j) * LANES, a);
+            store(dst + (c + LANES + j) * LANES, b);
         }
+#endif
     }
     for (; c < k; c++)
         for (int r = 0; r < LANES; r++) {
