@@ -8,7 +8,8 @@
  *   - WQ_FP8: float8 e4m3 bytes (no zero point): sign, exponent and mantissa shifted into a float32's bit
  *     positions give the value times 2^-120 (subnormals included), one multiply restores it.
  * The zero point is folded out of the inner loop: sum_k s (q_k - z) x_k = s (sum_k q_k x_k - z sum_k x_k),
- * with the per-group sums of x computed once per call.
+ * with the per-group sums of x computed once per call. That is the few-row path; for many rows each thread
+ * dequantises 64 outputs at a time into a cache-resident panel and runs cpu_linear.c's float GEMM tiles.
  *
  * W8A8: int8 weights with per-output-channel scales, activations quantised per row (token) on the fly to
  * int8; the int8 dot products use AVX-512 VNNI (vpdpbusd: u8 x s8, four products summed per int32 lane)
