@@ -12,7 +12,8 @@ Places where PyTorch's CPU kernels leave most of the machine idle at decode time
   and then runs a one-query SDPA over it; the kernel reads each sequence's blocks in place, once per
   KV head for the whole query group (``cpu_attention.c``);
 * linear layers on quantised weights kept packed (4-bit, 8-bit and fp8 codes with per-group scales,
-  dequantised in registers; int8 x int8 with VNNI where the CPU has it) (``cpu_quant_linear.c``);
+  dequantised in registers: ``cpu_quant_linear.c``; int8 x int8 with VNNI where the CPU has it:
+  ``cpu_w8a8_linear.c``);
 * the small per-layer ops (RMSNorm with the residual add, SiLU-and-multiply, rotary embedding) are
   each many tensor ops whose fixed costs dominate at small batch; each is one pass here
   (``cpu_layer_ops.c``);
@@ -47,7 +48,8 @@ from llmserve.config import cache_dir
 logger = logging.getLogger(__name__)
 
 CPU_KERNELS_ENV = "LLMSERVE_CPU_KERNELS"
-SOURCES = ("cpu_linear.c", "cpu_quant_linear.c", "cpu_attention.c", "cpu_layer_ops.c", "cpu_sampling.c")
+SOURCES = ("cpu_linear.c", "cpu_quant_linear.c", "cpu_w8a8_linear.c", "cpu_attention.c", "cpu_layer_ops.c",
+           "cpu_sampling.c")
 HEADERS = ("cpu_vec.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _SRC_DIR = Path(__file__).parent / "csrc"

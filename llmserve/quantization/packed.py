@@ -10,8 +10,8 @@ Every checkpoint format repacks into one of two layouts, so one pair of kernels 
 * **W8A8** (compressed-tensors INT8, ``--quantization int8``): int8 ``[out, in]`` with per-row scales,
   activations quantised per token on the fly (symmetric, ``max|x| / 127``).
 
-On CPU in float32 the compiled kernels run them (``csrc/cpu_quant_linear.c``): up to ``max_linear_rows``
-rows (decode), one pass over the packed weight that dequantises in registers; more rows (prefill, large
+On CPU in float32 the compiled kernels run them (``csrc/cpu_quant_linear.c``, ``cpu_w8a8_linear.c``): up
+to ``max_linear_rows`` rows (decode), one pass over the packed weight that dequantises in registers; more rows (prefill, large
 batches), the weight dequantised panel by panel into cache for the float GEMM tiles (weight-only), or the
 activations quantised and multiplied through ``torch._int_mm`` (W8A8: measured faster there than the VNNI
 kernel, docs/benchmarks.md). Elsewhere the reference (dequantise per call, then ``F.linear``) runs, which

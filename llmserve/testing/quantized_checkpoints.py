@@ -78,7 +78,8 @@ def _gptq(w: torch.Tensor, perm: torch.Tensor | None, bits: int, group: int, sym
         codes[:, cols], scales[g], zeros[g] = c, s, z
         deq[:, cols] = s[:, None] * (c - z[:, None])
     stored_zeros = zeros if v2 else zeros - 1
-    tensors = {"qweight": _pack_int32(codes, bits).T.contiguous(), "qzeros": _pack_int32(stored_zeros, bits), "scales": scales.half(), "g_idx": g_idx}
+    tensors = {"qweight": _pack_int32(codes, bits).T.contiguous(), "qzeros": _pack_int32(stored_zeros, bits),
+               "scales": scales.half(), "g_idx": g_idx}
     return tensors, deq
 
 

@@ -118,5 +118,5 @@ def test_ignored_layers_stay_float(quantized, tmp_path):
 
     def split_qkv(qc):
         qc["ignore"] = ["lm_head", "re:.*q_proj"]
-    with pytest.raises(CheckpointFormatError, match="treats the projections fused in model.layers.0.self_attn.qkv_proj"):
+    with pytest.raises(CheckpointFormatError, match="treats the projections fused in model.layers.0.self_attn.qkv"):
         load_tiny(_with_config(path, tmp_path / "b", split_qkv))
