@@ -12,7 +12,8 @@ Places where PyTorch's CPU kernels leave most of the machine idle at decode time
   and then runs a one-query SDPA over it; the kernel reads each sequence's blocks in place, once per
   KV head for the whole query group (``cpu_attention.c``);
 * linear layers on quantised weights kept packed (4-bit, 8-bit and fp8 codes with per-group scales,
-  dequantised in registers; int8 x int8 with VNNI where the CPU has it) (``cpu_quant_linear.c``);
+  dequantised in registers: ``cpu_quant_linear.c``; int8 x int8 with VNNI where the CPU has it:
+  ``cpu_w8a8_linear.c``);
 * the small per-layer ops (RMSNorm with the residual add, SiLU-and-multiply, rotary embedding) are
   each many tensor ops whose fixed costs dominate at small batch; each is one pass here
   (``cpu_layer_ops.c``);
@@ -47,7 +48,8 @@ from llmserve.config import cache_dir
 logger = logging.getLogger(__name__)
 
 CPU_KERNELS_ENV = "LLMSERVE_CPU_KERNELS"
-SOURCES = ("cpu_linear.c", "cpu_quant_linear.c", "cpu_attention.c", "cpu_layer_ops.c", "cpu_sampling.c")
+SOURCES = ("cpu_linear.c", "cpu_quant_linear.c", "cpu_w8a8_linear.c", "cpu_attention.c", "cpu_layer_ops.c",
+           "cpu_sampling.c")
 HEADERS = ("cpu_vec.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _SRC_DIR = Path(__file__).parent / "csrc"
@@ -126,6 +128,10 @@ class CPUKernels:
         lib.llmserve_linear_w8a8.argtypes = [_P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _I]
         lib.llmserve_linear_w8a8.restype = _I
         lib.llmserve_w8a8_uses_vnni.restype = _I
+        lib.llmserve_dequantize_blocked.argtypes = [_P, _L, _P, _P, _L, _L, _L, _I, _P, _I]
+        lib.llmserve_dequantize_blocked.restype = _I
+        lib.llmserve_linear_weight_only_gemm.argtypes = lib.llmserve_linear_weight_only.argtypes
+        lib.llmserve_linear_weight_only_gemm.restype = _I
         lib.llmserve_paged_decode_attention.argtypes = [_P, _L, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _L, _F,
                                                         _P, _P, _L, _I]
         lib.llmserve_paged_decode_attention.restype = _I
@@ -180,7 +186,9 @@ class CPUKernels:
                            bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W.T + bias`` for ``W[i, j] = scales[i, j // group] * (code(i, j) - zeros[i, j // group])``
         with the codes as :mod:`llmserve.quantization.packed` lays them out (uint8 rows; ``code_format`` 4, 8
-        or 9 for 4-bit, 8-bit and float8 e4m3 codes); scales and zeros float32 [out, groups]."""
+        or 9 for 4-bit, 8-bit and float8 e4m3 codes); scales and zeros float32 [out, groups]. Up to
+        ``max_linear_rows`` rows stream the packed weight, dequantising in registers; more rows (with outputs a
+        multiple of 16) dequantise it panel by panel into cache for the float GEMM tiles."""
         rows, k = x.shape
         _check_rows(x, in_features, "x")
         n = codes.shape[0]
@@ -188,14 +196,29 @@ class CPUKernels:
             if t is not None and not t.is_contiguous():
                 raise ValueError("linear_weight_only: codes, scales, zeros and bias must be contiguous")
         out = torch.empty(rows, n, dtype=torch.float32)
-        status = self._lib.llmserve_linear_weight_only(
+        many = rows > self.max_linear_rows and n % WEIGHT_BLOCK == 0
+        status = (self._lib.llmserve_linear_weight_only_gemm if many else self._lib.llmserve_linear_weight_only)(
             x.data_ptr(), x.stride(0), codes.data_ptr(), codes.shape[1], scales.data_ptr(),
             zeros.data_ptr() if zeros is not None else None, bias.data_ptr() if bias is not None else None,
             out.data_ptr(), n, rows, n, k, group, code_format, torch.get_num_threads())
         if status == -2:
-            raise MemoryError("linear_weight_only: no memory for the group sums of x")
+            raise MemoryError("linear_weight_only: no memory for the group sums of x or the dequantised panel")
         if status != 0:
             raise ValueError(f"linear_weight_only: format {code_format} or group {group} (k={k}) is not supported")
+        return out
+
+    def dequantize_blocked(self, codes: torch.Tensor, code_format: int, scales: torch.Tensor,
+                           zeros: torch.Tensor | None, group: int, in_features: int) -> torch.Tensor:
+        """The float32 weight of :meth:`linear_weight_only`'s operands, blocked as :func:`block_weight` makes it:
+        what its many-row path multiplies, panel by panel (the outputs must be a multiple of 16)."""
+        n = codes.shape[0]
+        out = torch.empty(n // WEIGHT_BLOCK, in_features, WEIGHT_BLOCK, dtype=torch.float32)
+        status = self._lib.llmserve_dequantize_blocked(
+            codes.data_ptr(), codes.shape[1], scales.data_ptr(), zeros.data_ptr() if zeros is not None else None,
+            n, in_features, group, code_format, out.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise ValueError(f"dequantize_blocked: format {code_format}, group {group} or {n} outputs (a multiple "
+                             f"of {WEIGHT_BLOCK}) is not supported")
         return out
 
     def linear_w8a8(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

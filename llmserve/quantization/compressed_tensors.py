@@ -124,7 +124,8 @@ class CTW8A8Method(QuantizeMethodBase):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         scale = layer.weight_scale.data
-        set_w8a8(layer, layer.weight.data, scale.reshape(-1) if self.strategy == "channel" else per_output(layer, scale))
+        per_row = scale.reshape(-1) if self.strategy == "channel" else per_output(layer, scale)
+        set_w8a8(layer, layer.weight.data, per_row)
         drop_params(layer, "weight", "weight_scale")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,8 +10,12 @@ Every checkpoint format repacks into one of two layouts, so one pair of kernels 
 * **W8A8** (compressed-tensors INT8, ``--quantization int8``): int8 ``[out, in]`` with per-row scales,
   activations quantised per token on the fly (symmetric, ``max|x| / 127``).
 
-On CPU in float32 the compiled kernels run them (``csrc/cpu_quant_linear.c``); elsewhere the reference
-(dequantise per call, then ``F.linear``) does, which is also the tests' oracle for the kernels.
+On CPU in float32 the compiled kernels run them (``csrc/cpu_quant_linear.c``, ``cpu_w8a8_linear.c``): up
+to ``max_linear_rows`` rows (decode), one pass over the packed weight that dequantises in registers; more rows (prefill, large
+batches), the weight dequantised panel by panel into cache for the float GEMM tiles (weight-only), or the
+activations quantised and multiplied through ``torch._int_mm`` (W8A8: measured faster there than the VNNI
+kernel, docs/benchmarks.md). Elsewhere the reference (dequantise per call, then ``F.linear``) runs, which
+is also the tests' oracle for the kernels.
 """
 
 from __future__ import annotations
@@ -127,14 +131,24 @@ def w8a8_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return out if bias is None else out + bias
 
 
+def w8a8_int_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`w8a8_reference`'s arithmetic with the integer products from ``torch._int_mm`` (exact int32)."""
+    xq, sx = quantize_rows_int8(x)
+    out = sx * scale.reshape(1, -1) * torch._int_mm(xq, weight.T).float()
+    return out if bias is None else out + bias
+
+
 def apply_w8a8(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x W^T + bias`` for the weight :func:`set_w8a8` stored, activations quantised per token."""
     rows = x.reshape(-1, layer.w8_in)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     kernels = kernels_for(rows)
-    if kernels is not None:
+    if kernels is not None and rows.shape[0] <= kernels.max_linear_rows:
         out = kernels.linear_w8a8(rows, layer.w8_weight, layer.w8_scale, layer.w8_comp, layer.w8_in, bias)
+    elif kernels is not None:   # many rows: oneDNN's int8 GEMM (measured faster there, docs/benchmarks.md)
+        out = w8a8_int_mm(rows, layer.w8_weight[:, :layer.w8_in], layer.w8_scale, bias)
     else:
         out = w8a8_reference(rows, layer.w8_weight[:, :layer.w8_in], layer.w8_scale, bias).to(rows.dtype)
     return out.view(*x.shape[:-1], out.shape[-1])

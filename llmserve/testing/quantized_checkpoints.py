@@ -16,7 +16,8 @@ own checkpoints. Every projection (``q/k/v/o_proj``, ``gate/up/down_proj``) is q
   with a static ``input_scale``).
 
 Next to each, the same model with every weight replaced by its dequantised value, in float32: the oracle
-transformers runs.
+transformers runs. (transformers with the ``compressed-tensors`` package decompresses the compressed-tensors
+files to these same weights: ``tests/quantization/test_compressed_tensors.py``.)
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def _gptq(w: torch.Tensor, perm: torch.Tensor | None, bits: int, group: int, sym
         codes[:, cols], scales[g], zeros[g] = c, s, z
         deq[:, cols] = s[:, None] * (c - z[:, None])
     stored_zeros = zeros if v2 else zeros - 1
-    tensors = {"qweight": _pack_int32(codes, bits).T.contiguous(), "qzeros": _pack_int32(stored_zeros, bits), "scales": scales.half(), "g_idx": g_idx}
+    tensors = {"qweight": _pack_int32(codes, bits).T.contiguous(), "qzeros": _pack_int32(stored_zeros, bits),
+               "scales": scales.half(), "g_idx": g_idx}
     return tensors, deq
 
 

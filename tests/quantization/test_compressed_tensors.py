@@ -1,7 +1,8 @@
 """compressed-tensors checkpoints, written as llm-compressor lays them out.
 
 * W4A16 ``pack-quantized`` is weight-only: greedy tokens equal to transformers on the dequantised float
-  checkpoint, logprobs within 1e-3; its packing equals the ``compressed-tensors`` package's own.
+  checkpoint, logprobs within 1e-3; its packing equals the ``compressed-tensors`` package's own, and
+  transformers with that package decompresses every generated file (all four schemes) to the twin's weights.
 * W8A8 int8 and FP8 quantise activations too, which the dequantised float model does not: the oracle is the
   PyTorch reference of the same arithmetic (:mod:`llmserve.quantization.packed` with the kernels off),
   logprobs within 1e-3. Against transformers on the dequantised weights (float activations), every logit
@@ -46,6 +47,23 @@ def test_w4a16_packing_is_the_compressed_tensors_packages(quantized):
     assert torch.equal(helpers.pack_to_int32(codes, 4), tensors[f"{name}.weight_packed"])
     unpacked = helpers.unpack_from_int32(tensors[f"{name}.weight_packed"], 4, tensors[f"{name}.weight_shape"])
     assert torch.equal(unpacked, codes)
+
+
+@pytest.mark.parametrize("fmt", ["ct-w4a16", "ct-w8a8", "ct-fp8-dynamic", "ct-fp8-static"])
+def test_transformers_with_compressed_tensors_decompresses_the_files_to_the_twin(quantized, fmt):
+    """The real library reads what the packer wrote: its dequantised weights are the twin's, up to its
+    half-precision arithmetic (a relative 2^-10)."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    path, reference = quantized(fmt)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    state, twin = model.state_dict(), load_file(reference / "model.safetensors")
+    projections = [name for name in twin if name.endswith("_proj.weight")]
+    assert len(projections) == 14
+    for name in projections:
+        torch.testing.assert_close(state[name].float(), twin[name], rtol=2e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt,method,tolerance", [("ct-w8a8", CTW8A8Method, 0.5), ("ct-fp8-dynamic", CTFP8Method, 1.5),
@@ -100,5 +118,5 @@ def test_ignored_layers_stay_float(quantized, tmp_path):
 
     def split_qkv(qc):
         qc["ignore"] = ["lm_head", "re:.*q_proj"]
-    with pytest.raises(CheckpointFormatError, match="treats the projections fused in model.layers.0.self_attn.qkv_proj"):
+    with pytest.raises(CheckpointFormatError, match="treats the projections fused in model.layers.0.self_attn.qkv"):
         load_tiny(_with_config(path, tmp_path / "b", split_qkv))

@@ -85,3 +85,17 @@ def test_the_choice_is_logged_and_contradictions_are_refused(llama_dir, quantize
     with pytest.raises(ValueError, match="unknown --quantization 'int4'"):
         EngineConfig(quantization="int4")
     assert get_quantization_config(load_config(llama_dir), None, CPU) is None
+
+
+def test_the_flag_reaches_the_engine_config():
+    import argparse
+
+    from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_config_from_args(parser.parse_args(["-q", "int8"])).quantization == "int8"
+    assert engine_config_from_args(parser.parse_args(["--quantization", "awq"])).quantization == "awq"
+    assert engine_config_from_args(parser.parse_args([])).quantization is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantization", "bitsandbytes"])

@@ -1,9 +1,12 @@
-"""The packed layouts and their compiled kernels: every code format, group size, odd shape and row count
-against the PyTorch reference of the same arithmetic (dequantise, then ``F.linear``; for W8A8 the exact
-integer dot products of the per-token quantised activations)."""
+"""The packed layouts and their compiled kernels: every code format, group size, odd shape and row count (the
+few-row kernels up to 8, the many-row paths above) against the PyTorch reference of the same arithmetic
+(dequantise, then ``F.linear``; for W8A8 the exact integer dot products of the per-token quantised
+activations)."""
 
 from __future__ import annotations
 
+import platform
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.layers.cpu_kernels import cpu_kernels
+from llmserve.layers import cpu_kernels as cpu_kernels_module
+from llmserve.layers.cpu_kernels import CPUKernels, block_weight, cpu_kernels
 from llmserve.quantization import packed
 from llmserve.quantization.packed import (FP8, U4, U8, apply_w8a8, apply_weight_only, dequantize_weight_only,
                                           pack_nibbles, quantize_rows_int8, set_w8a8, set_weight_only,
@@ -57,6 +61,13 @@ def test_weight_only_kernel_equals_the_reference(code_format, n, k, group, zero_
     torch.testing.assert_close(apply_weight_only(layer, x, None), expected - bias, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("code_format,k,group", [(U4, 96, 32), (U4, 77, 77), (U8, 45, 45), (FP8, 64, 32)])
+def test_many_rows_go_through_the_dequantised_blocked_weight(code_format, k, group):
+    layer = _weight_only_layer(code_format, 32, k, group, code_format != FP8)
+    weight = cpu_kernels().dequantize_blocked(layer.wq_codes, code_format, layer.wq_scales, layer.wq_zeros, group, k)
+    torch.testing.assert_close(weight, block_weight(dequantize_weight_only(layer)), atol=1e-6, rtol=1e-6)
+
+
 def test_a_column_permutation_reorders_the_input():
     layer = _weight_only_layer(U4, 32, 64, 32, True, perm=True)
     x = torch.randn(2, 5, 64)
@@ -95,7 +106,7 @@ def test_bad_layouts_are_refused():
         apply_weight_only(layer, torch.randn(1, 64), None)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 5, 64])
+@pytest.mark.parametrize("rows", [1, 4, 5, 9, 64])
 @pytest.mark.parametrize("n,k", [(48, 128), (19, 70), (16, 1)])
 def test_w8a8_kernel_equals_the_reference(n, k, rows):
     torch.manual_seed(n + k)
@@ -115,3 +126,28 @@ def test_w8a8_kernel_equals_the_reference(n, k, rows):
 def test_w8a8_reports_its_dot_product_path():
     flags = Path("/proc/cpuinfo").read_text()
     assert cpu_kernels().w8a8_uses_vnni == (" avx512_vnni" in flags and " avx512bw" in flags)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the kernels for a plain AVX2 x86-64 CPU")
+def test_the_portable_paths_built_without_avx512_give_the_same_results(tmp_path, monkeypatch):
+    """The kernels pick their path from the CPU they are built for: built for AVX2 (no AVX-512, no VNNI),
+    the generic vector code runs, and equals the reference too."""
+    flags = [f if f != "-march=native" else "-march=x86-64-v3" for f in cpu_kernels_module.CFLAGS]
+    library = tmp_path / "libportable.so"
+    sources = [str(cpu_kernels_module._SRC_DIR / name) for name in cpu_kernels_module.SOURCES]
+    subprocess.run([cpu_kernels_module._compiler(), *flags, *sources, "-o", str(library), "-lm"], check=True,
+                   capture_output=True)
+    portable = CPUKernels(library)
+    assert not portable.w8a8_uses_vnni
+    monkeypatch.setattr(packed, "kernels_for", lambda t: portable)
+    for rows in (1, 9):
+        layer = _weight_only_layer(U4, 48, 77, 77, True)
+        x = torch.randn(rows, 77)
+        torch.testing.assert_close(apply_weight_only(layer, x, None), F.linear(x, dequantize_weight_only(layer)),
+                                   atol=2e-4, rtol=1e-4)
+        weight, scale = quantize_rows_int8(torch.randn(19, 70))
+        layer = nn.Module()
+        set_w8a8(layer, weight, scale)
+        x = torch.randn(rows, 70)
+        torch.testing.assert_close(apply_w8a8(layer, x, None), w8a8_reference(x, weight, scale, None),
+                                   atol=1e-5, rtol=1e-5)

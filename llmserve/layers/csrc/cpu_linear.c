@@ -174,6 +174,16 @@ TILES_OF_WIDTH(1) TILES_OF_WIDTH(2) TILES_OF_WIDTH(3) TILES_OF_WIDTH(4)
 typedef void (*tile_fn)(const float *, long, const float *, long, const float *, float *, long, int);
 static const tile_fn TILES[TILE_VECS + 1] = {NULL, tile_nb1, tile_nb2, tile_nb3, tile_nb4};
 
+/* One column panel of `nb` (1..4) blocks of 16 outputs (blocked weight at w) for all M rows: the many-row
+ * GEMM's unit of work, also run by cpu_quant_linear.c on panels it has just dequantised. */
+void llmserve_linear_panel(const float *x, long x_stride, const float *w, long k, const float *bias, float *y,
+                           long y_stride, long M, int nb) {
+    for (long m0 = 0; m0 < M; m0 += TILE_ROWS) {
+        const int mr = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
+        TILES[nb](x + m0 * x_stride, x_stride, w, k, bias, y + m0 * y_stride, y_stride, mr);
+    }
+}
+
 /* y[M, n] (row stride y_stride) = x[M, k] (row stride x_stride) W^T + bias, with W blocked as
  * [n/16][k][16]. Threads take whole column panels (64 outputs) and run every row tile through them, so
  * a panel's weights come from memory once and then from cache. Returns 0, or -1 when n is not a
@@ -194,11 +204,8 @@ int llmserve_linear_blocked(const float *x, long x_stride, const float *w, const
     for (long p = 0; p < panels; p++) {
         const long first = p * TILE_VECS;
         const int nb = blocks - first < TILE_VECS ? (int)(blocks - first) : TILE_VECS;
-        for (long m0 = 0; m0 < M; m0 += TILE_ROWS) {
-            const int mr = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
-            TILES[nb](x + m0 * x_stride, x_stride, w + first * k * LANES, k, bias ? bias + first * LANES : NULL,
-                      y + m0 * y_stride + first * LANES, y_stride, mr);
-        }
+        llmserve_linear_panel(x, x_stride, w + first * k * LANES, k, bias ? bias + first * LANES : NULL,
+                              y + first * LANES, y_stride, M, nb);
     }
     return 0;
 }

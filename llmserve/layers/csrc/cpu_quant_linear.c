@@ -1,4 +1,5 @@
-/* Linear layers on quantised weights, kept packed in memory (llmserve/quantization/packed.py lays them out).
+/* Linear layers on weight-only quantised weights, kept packed in memory (llmserve/quantization/packed.py lays
+ * them out).
  *
  * Weight-only (activations stay float32): each weight row is a stream of codes, dequantised in registers
  * as scale[group] * (code - zero[group]) and multiplied into float accumulators:
@@ -8,22 +9,17 @@
  *   - WQ_FP8: float8 e4m3 bytes (no zero point): sign, exponent and mantissa shifted into a float32's bit
  *     positions give the value times 2^-120 (subnormals included), one multiply restores it.
  * The zero point is folded out of the inner loop: sum_k s (q_k - z) x_k = s (sum_k q_k x_k - z sum_k x_k),
- * with the per-group sums of x computed once per call.
- *
- * W8A8: int8 weights with per-output-channel scales, activations quantised per row (token) on the fly to
- * int8; the int8 dot products use AVX-512 VNNI (vpdpbusd: u8 x s8, four products summed per int32 lane)
- * where the compiler targets it (-march=native on a CPU that has it), else widened integer vector code.
- * vpdpbusd wants one unsigned operand: x + 128 is, and the weights' row sums times 128 (computed at load)
- * take the offset back out. */
+ * with the per-group sums of x computed once per call. That is the few-row path; for many rows each thread
+ * dequantises 64 outputs at a time into a cache-resident panel and runs cpu_linear.c's float GEMM tiles.
+ * (W8A8, int8 activations too: cpu_w8a8_linear.c.) */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cpu_vec.h"
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
-#define HAVE_VNNI 1
 #endif
 
 #define WQ_U4 4
@@ -33,7 +29,20 @@
 #define WQ_ROWS 8       /* rows of x per pass over a weight row */
 
 typedef unsigned char u8x16 __attribute__((vector_size(16)));
-typedef signed char s8x16 __attribute__((vector_size(16)));
+
+/* 16 bytes widened to 16 int lanes (one vpmovzxbd with AVX-512; GCC scalarises the generic conversion). */
+static inline ivec widen_u8(const unsigned char *p) {
+#if defined(__AVX512F__)
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    ivec r;
+    memcpy(&r, &v, sizeof r);
+    return r;
+#else
+    u8x16 a;
+    memcpy(&a, p, 16);
+    return __builtin_convertvector(a, ivec);
+#endif
+}
 
 static inline vec fp8_to_float(ivec v) {
     const ivec bits = ((v & 0x80) << 24) | ((v & 0x7F) << 20);
@@ -50,17 +59,13 @@ static inline float fp8_to_float1(unsigned char b) {
 /* Codes c .. c + 31 (c a multiple of 32) of a row as two float vectors. */
 static inline __attribute__((always_inline)) void decode_chunk(const unsigned char *w, long c, const int format,
                                                                vec *lo, vec *hi) {
-    u8x16 a, b;
     if (format == WQ_U4) {
-        memcpy(&a, w + c / 2, 16);
-        const ivec v = __builtin_convertvector(a, ivec);
+        const ivec v = widen_u8(w + c / 2);
         *lo = __builtin_convertvector(v & 15, vec);
         *hi = __builtin_convertvector(v >> 4, vec);
         return;
     }
-    memcpy(&a, w + c, 16);
-    memcpy(&b, w + c + 16, 16);
-    const ivec va = __builtin_convertvector(a, ivec), vb = __builtin_convertvector(b, ivec);
+    const ivec va = widen_u8(w + c), vb = widen_u8(w + c + 16);
     if (format == WQ_U8) {
         *lo = __builtin_convertvector(va, vec);
         *hi = __builtin_convertvector(vb, vec);
@@ -87,9 +92,23 @@ wq_row(const float *x, long xs, const unsigned char *w, const float *s, const fl
     for (int m = 0; m < mr; m++) { total[m] = (vec){0}; tail[m] = 0.f; }
     for (long g = 0; g < groups; g++) {
         const long c0 = g * group, c1 = c0 + group < k ? c0 + group : k;
-        vec acc[WQ_ROWS][2];
-        for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = (vec){0};
+        /* One or two rows: two chunks in flight, four FMA chains per row (two would leave the FMA latency
+         * exposed); more rows are independent chains already, and four per row would spill registers. */
+        vec acc[WQ_ROWS][4];
+        for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = (vec){0};
         long c = c0;
+        for (; mr <= 2 && c + 2 * WQ_CHUNK <= c1; c += 2 * WQ_CHUNK) {
+            vec lo, hi, lo2, hi2;
+            decode_chunk(w, c, format, &lo, &hi);
+            decode_chunk(w, c + WQ_CHUNK, format, &lo2, &hi2);
+            for (int m = 0; m < mr; m++) {
+                const float *xm = x + m * xs + c;
+                acc[m][0] += lo * load(xm);
+                acc[m][1] += hi * load(xm + LANES);
+                acc[m][2] += lo2 * load(xm + 2 * LANES);
+                acc[m][3] += hi2 * load(xm + 3 * LANES);
+            }
+        }
         for (; c + WQ_CHUNK <= c1; c += WQ_CHUNK) {
             vec lo, hi;
             decode_chunk(w, c, format, &lo, &hi);
@@ -99,7 +118,7 @@ wq_row(const float *x, long xs, const unsigned char *w, const float *s, const fl
             }
         }
         const vec sg = splat(s[g]);
-        for (int m = 0; m < mr; m++) total[m] += sg * (acc[m][0] + acc[m][1]);
+        for (int m = 0; m < mr; m++) total[m] += sg * ((acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3]));
         for (; c < c1; c++) {
             const float wv = s[g] * decode_one(w, c, format);
             for (int m = 0; m < mr; m++) tail[m] += wv * x[m * xs + c];
@@ -116,22 +135,27 @@ wq_row(const float *x, long xs, const unsigned char *w, const float *s, const fl
 #define WQ_CASE(MR) case MR:                                                                               \
     wq_row(x + m0 * x_stride, x_stride, row, s, z, xsum + m0 * groups, groups, k, group, format, r, MR); break;
 
-static inline __attribute__((always_inline)) void
-wq_all(const float *x, long x_stride, const unsigned char *w, long w_row_bytes, const float *scales,
-       const float *zeros, const float *xsum, const float *bias, float *y, long y_stride, long M, long n, long k,
-       long group, long groups, const int format, int num_threads) {
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (long i = 0; i < n; i++) {
-        const unsigned char *row = w + i * w_row_bytes;
-        const float *s = scales + i * groups, *z = zeros ? zeros + i * groups : NULL;
-        for (long m0 = 0; m0 < M; m0 += WQ_ROWS) {
-            float r[WQ_ROWS];
-            const int mr = M - m0 < WQ_ROWS ? (int)(M - m0) : WQ_ROWS;
-            switch (mr) { WQ_CASE(1) WQ_CASE(2) WQ_CASE(3) WQ_CASE(4) WQ_CASE(5) WQ_CASE(6) WQ_CASE(7) WQ_CASE(8) }
-            for (int m = 0; m < mr; m++) y[(m0 + m) * y_stride + i] = r[m] + (bias ? bias[i] : 0.f);
-        }
-    }
+/* One copy of the loops per format (a macro, so the format is a constant inside each OpenMP region). */
+#define WQ_ALL(NAME, FORMAT)                                                                                    \
+static void NAME(const float *x, long x_stride, const unsigned char *w, long w_row_bytes, const float *scales,  \
+                 const float *zeros, const float *xsum, const float *bias, float *y, long y_stride, long M,     \
+                 long n, long k, long group, long groups, int num_threads) {                                   \
+    const int format = FORMAT;                                                                                  \
+    _Pragma("omp parallel for schedule(static) num_threads(num_threads)")                                      \
+    for (long i = 0; i < n; i++) {                                                                             \
+        const unsigned char *row = w + i * w_row_bytes;                                                         \
+        const float *s = scales + i * groups, *z = zeros ? zeros + i * groups : NULL;                           \
+        for (long m0 = 0; m0 < M; m0 += WQ_ROWS) {                                                              \
+            float r[WQ_ROWS] = {0};                                                                             \
+            const int mr = M - m0 < WQ_ROWS ? (int)(M - m0) : WQ_ROWS;                                          \
+            switch (mr) { WQ_CASE(1) WQ_CASE(2) WQ_CASE(3) WQ_CASE(4) WQ_CASE(5) WQ_CASE(6) WQ_CASE(7) WQ_CASE(8) } \
+            for (int m = 0; m < mr; m++) y[(m0 + m) * y_stride + i] = r[m] + (bias ? bias[i] : 0.f);            \
+        }                                                                                                       \
+    }                                                                                                           \
 }
+WQ_ALL(wq_all_u4, WQ_U4)
+WQ_ALL(wq_all_u8, WQ_U8)
+WQ_ALL(wq_all_fp8, WQ_FP8)
 
 /* y[M, n] = x[M, k] W^T + bias with W[i, j] = scales[i, j / group] * (code(i, j) - zeros[i, j / group])
  * (zeros may be NULL: no zero point). Rows of codes are w_row_bytes apart. group must be a multiple of 32
@@ -154,102 +178,130 @@ int llmserve_linear_weight_only(const float *x, long x_stride, const unsigned ch
                 xsum[m * groups + g] = t;
             }
     }
-    switch (format) {   /* one specialised copy of the loops per format */
-        case WQ_U4: wq_all(x, x_stride, w, w_row_bytes, scales, zeros, xsum, bias, y, y_stride, M, n, k, group,
-                           groups, WQ_U4, num_threads); break;
-        case WQ_U8: wq_all(x, x_stride, w, w_row_bytes, scales, zeros, xsum, bias, y, y_stride, M, n, k, group,
-                           groups, WQ_U8, num_threads); break;
-        default: wq_all(x, x_stride, w, w_row_bytes, scales, zeros, xsum, bias, y, y_stride, M, n, k, group,
-                        groups, WQ_FP8, num_threads); break;
-    }
+    void (*run)(const float *, long, const unsigned char *, long, const float *, const float *, const float *,
+                const float *, float *, long, long, long, long, long, long, int) =
+        format == WQ_U4 ? wq_all_u4 : format == WQ_U8 ? wq_all_u8 : wq_all_fp8;
+    run(x, x_stride, w, w_row_bytes, scales, zeros, xsum, bias, y, y_stride, M, n, k, group, groups, num_threads);
     free(xsum);
     return 0;
 }
 
-#define W8A8_ROWS 4
-#define W8A8_STEP 64    /* bytes per dot-product step; rows of weights and quantised x are padded to it */
-
-/* Dot products of `mr` quantised rows of x (u8, x + 128) with one int8 weight row of kp bytes. */
-static inline __attribute__((always_inline)) void
-w8a8_dots(const unsigned char *xq, long kp, const signed char *w, int *out, const int mr) {
-#ifdef HAVE_VNNI
-    __m512i acc[W8A8_ROWS];
-    for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_si512();
-    for (long c = 0; c < kp; c += W8A8_STEP) {
-        const __m512i wv = _mm512_loadu_si512((const void *)(w + c));
-        for (int m = 0; m < mr; m++)
-            acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_loadu_si512((const void *)(xq + m * kp + c)), wv);
+#if defined(__AVX512F__)
+/* r[0..15] (16 rows of 16 floats) transposed in registers: r[j] becomes column j. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
     }
-    for (int m = 0; m < mr; m++) out[m] = _mm512_reduce_add_epi32(acc[m]);
-#else
-    ivec acc[W8A8_ROWS];
-    for (int m = 0; m < mr; m++) acc[m] = (ivec){0};
-    for (long c = 0; c < kp; c += 16) {
-        s8x16 wb;
-        memcpy(&wb, w + c, 16);
-        const ivec wv = __builtin_convertvector(wb, ivec);
-        for (int m = 0; m < mr; m++) {
-            u8x16 xb;
-            memcpy(&xb, xq + m * kp + c, 16);
-            acc[m] += __builtin_convertvector(xb, ivec) * wv;
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xDD);
         }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
     }
-    for (int m = 0; m < mr; m++) {
-        int t = 0;
-        for (int l = 0; l < LANES; l++) t += acc[m][l];
-        out[m] = t;
-    }
+}
 #endif
+
+/* Outputs first .. first + 15 of the weight as float32, blocked ([k][16] at dst: cpu_linear.c's layout):
+ * 32 codes of each of the 16 rows are decoded, then turned so each column is one of the layout's vectors
+ * (a register transpose with AVX-512, a tile in memory otherwise). */
+static void dequantize_block(const unsigned char *w, long w_row_bytes, const float *scales, const float *zeros,
+                             long k, long group, long groups, const int format, long first, float *dst) {
+    long c = 0;
+    for (; c + WQ_CHUNK <= k; c += WQ_CHUNK) {
+        const long g = c / group;
+        vec lo[LANES], hi[LANES];
+        for (int r = 0; r < LANES; r++) {
+            const long i = first + r;
+            const float s = scales[i * groups + g], sz = zeros ? s * zeros[i * groups + g] : 0.f;
+            decode_chunk(w + i * w_row_bytes, c, format, &lo[r], &hi[r]);
+            lo[r] = lo[r] * splat(s) - splat(sz);
+            hi[r] = hi[r] * splat(s) - splat(sz);
+        }
+#if defined(__AVX512F__)
+        __m512 t[LANES];
+        memcpy(t, lo, sizeof t);
+        transpose16(t);
+        for (int j = 0; j < LANES; j++) _mm512_storeu_ps(dst + (c + j) * LANES, t[j]);
+        memcpy(t, hi, sizeof t);
+        transpose16(t);
+        for (int j = 0; j < LANES; j++) _mm512_storeu_ps(dst + (c + LANES + j) * LANES, t[j]);
+#else
+        for (int j = 0; j < LANES; j++) {
+            vec a, b;
+            for (int r = 0; r < LANES; r++) { a[r] = lo[r][j]; b[r] = hi[r][j]; }
+            store(dst + (c + j) * LANES, a);
+            store(dst + (c + LANES + j) * LANES, b);
+        }
+#endif
+    }
+    for (; c < k; c++)
+        for (int r = 0; r < LANES; r++) {
+            const long i = first + r, g = c / group;
+            const float s = scales[i * groups + g], sz = zeros ? s * zeros[i * groups + g] : 0.f;
+            dst[c * LANES + r] = s * decode_one(w + i * w_row_bytes, c, format) - sz;
+        }
 }
 
-#define W8A8_CASE(MR) case MR: w8a8_dots(xq + m0 * kp, kp, w + i * kp, d, MR); break;
+static int bad_layout(long n, long k, long group, int format) {
+    return (format != WQ_U4 && format != WQ_U8 && format != WQ_FP8) || group < 1 || (group % WQ_CHUNK && group < k)
+           || n % LANES;
+}
 
-/* y[M, n] = dequant(quant(x)) W^T + bias for int8 W [n, kp] (k values then zero padding) with per-row
- * scales w_scale[n] and w_comp[n] = 128 * sum of the row: each row of x is quantised symmetrically to
- * int8 with its own scale max|x| / 127 (round half to even), then y = sx * sw * (dot(xq + 128, w) - comp).
- * Returns 0; -1 when kp is not a multiple of 64 or below k; -2 without memory. */
-int llmserve_linear_w8a8(const float *x, long x_stride, const signed char *w, long kp, const float *w_scale,
-                         const int *w_comp, const float *bias, float *y, long y_stride, long M, long n, long k,
-                         int num_threads) {
-    if (kp % W8A8_STEP || kp < k) return -1;
-    unsigned char *xq = malloc((size_t)M * kp);
-    float *sx = malloc(sizeof(float) * M);
-    if (!xq || !sx) { free(xq); free(sx); return -2; }
+/* The whole weight as float32, blocked as [n/16][k][16] (the reference check of dequantize_block). n must be a
+ * multiple of 16. Returns 0, or -1 for a bad format, group or n. */
+int llmserve_dequantize_blocked(const unsigned char *w, long w_row_bytes, const float *scales, const float *zeros,
+                                long n, long k, long group, int format, float *out, int num_threads) {
+    if (bad_layout(n, k, group, format)) return -1;
+    const long groups = (k + group - 1) / group;
     #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (long m = 0; m < M; m++) {
-        const float *xm = x + m * x_stride;
-        float amax = 0.f;
-        for (long c = 0; c < k; c++) amax = fmaxf(amax, fabsf(xm[c]));
-        const float scale = amax > 0.f ? amax / 127.f : 1.f;
-        sx[m] = scale;
-        for (long c = 0; c < k; c++) {
-            float q = nearbyintf(xm[c] / scale);
-            q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
-            xq[m * kp + c] = (unsigned char)((int)q + 128);
-        }
-        memset(xq + m * kp + k, 128, kp - k);
-    }
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (long i = 0; i < n; i++) {
-        for (long m0 = 0; m0 < M; m0 += W8A8_ROWS) {
-            int d[W8A8_ROWS];
-            const int mr = M - m0 < W8A8_ROWS ? (int)(M - m0) : W8A8_ROWS;
-            switch (mr) { W8A8_CASE(1) W8A8_CASE(2) W8A8_CASE(3) W8A8_CASE(4) }
-            for (int m = 0; m < mr; m++)
-                y[(m0 + m) * y_stride + i] = sx[m0 + m] * w_scale[i] * (float)(d[m] - w_comp[i])
-                                             + (bias ? bias[i] : 0.f);
-        }
-    }
-    free(xq);
-    free(sx);
+    for (long b = 0; b < n / LANES; b++)
+        dequantize_block(w, w_row_bytes, scales, zeros, k, group, groups, format, b * LANES, out + b * k * LANES);
     return 0;
 }
 
-/* Which int8 dot-product path this build uses (1: AVX-512 VNNI, 0: portable vector code). */
-int llmserve_w8a8_uses_vnni(void) {
-#ifdef HAVE_VNNI
-    return 1;
-#else
-    return 0;
-#endif
+void llmserve_linear_panel(const float *x, long x_stride, const float *w, long k, const float *bias, float *y,
+                           long y_stride, long M, int nb);   /* cpu_linear.c */
+
+#define PANEL_BLOCKS 4   /* blocks of 16 outputs per panel: cpu_linear.c's TILE_VECS */
+
+/* Many rows: y[M, n] = x W^T + bias, each thread dequantising one 64-output panel at a time into its own
+ * buffer (k * 64 floats, cache-resident) and running the float GEMM tiles over every row of x against it, so
+ * the weight is read packed, once, and no float copy of it is ever made. Returns 0; -1 for a bad layout;
+ * -2 without memory. */
+int llmserve_linear_weight_only_gemm(const float *x, long x_stride, const unsigned char *w, long w_row_bytes,
+                                     const float *scales, const float *zeros, const float *bias, float *y,
+                                     long y_stride, long M, long n, long k, long group, int format, int num_threads) {
+    if (bad_layout(n, k, group, format)) return -1;
+    const long groups = (k + group - 1) / group, blocks = n / LANES;
+    const long panels = (blocks + PANEL_BLOCKS - 1) / PANEL_BLOCKS;
+    int failed = 0;
+    #pragma omp parallel num_threads(num_threads) reduction(|: failed)
+    {
+        float *panel = aligned_alloc(64, sizeof(float) * PANEL_BLOCKS * LANES * k + 64);
+        if (!panel) failed = 1;
+        #pragma omp for schedule(static)
+        for (long p = 0; p < panels; p++) {
+            if (!panel) continue;
+            const long first = p * PANEL_BLOCKS;
+            const int nb = blocks - first < PANEL_BLOCKS ? (int)(blocks - first) : PANEL_BLOCKS;
+            for (int j = 0; j < nb; j++)
+                dequantize_block(w, w_row_bytes, scales, zeros, k, group, groups, format, (first + j) * LANES,
+                                 panel + j * k * LANES);
+            llmserve_linear_panel(x, x_stride, panel, k, bias ? bias + first * LANES : NULL, y + first * LANES,
+                                  y_stride, M, nb);
+        }
+        free(panel);
+    }
+    return failed ? -2 : 0;
 }
