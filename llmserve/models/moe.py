@@ -5,6 +5,7 @@ of per-expert checkpoint tensors into the stacked experts of :class:`~llmserve.l
 from __future__ import annotations
 
 from collections.abc import Mapping
+
 import torch
 from torch import nn
 
