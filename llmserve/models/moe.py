@@ -5,6 +5,7 @@ and the loading of per-expert checkpoint tensors into the stacked experts of :cl
 from __future__ import annotations
 
 from collections.abc import Mapping
+
 import torch
 from torch import nn
 

@@ -13,8 +13,7 @@ from typing import Any
 from torch import nn
 
 from llmserve.layers.fused_moe import RoutingConfig
-from llmserve.models.llama import (LlamaBlockSpec, LlamaDecoderLayer, LlamaMLP, LlamaModel, hidden_act_of,
-                                   layer_index)
+from llmserve.models.llama import LlamaBlockSpec, LlamaDecoderLayer, LlamaMLP, LlamaModel, hidden_act_of, layer_index
 from llmserve.models.moe import MoEForCausalLM, SparseMoeBlock
 from llmserve.quantization.base import QuantizationConfig
 

@@ -11,8 +11,8 @@ experts, and a token's top-k rarely hinges on float rounding.
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from llmserve.models.qwen2_moe import is_sparse_layer

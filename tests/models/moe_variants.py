@@ -32,10 +32,9 @@ def with_fused_experts(tmp_path: Path, base: Path, gate: str, up: str, down: str
         else:
             out[name.replace(".block_sparse_moe.", ".mlp.")] = tensor
     for layer, projs in experts.items():
-        def stack(proj: str) -> torch.Tensor:
-            return torch.stack([projs[proj][e] for e in sorted(projs[proj])])
-        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.cat([stack(gate), stack(up)], dim=1)
-        out[f"{layer}.mlp.experts.down_proj"] = stack(down)
+        gate_w, up_w, down_w = (torch.stack([projs[p][e] for e in sorted(projs[p])]) for p in (gate, up, down))
+        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.cat([gate_w, up_w], dim=1)
+        out[f"{layer}.mlp.experts.down_proj"] = down_w
     (path / "model.safetensors").unlink()
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path

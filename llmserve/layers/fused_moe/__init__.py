@@ -7,5 +7,5 @@ from llmserve.layers.fused_moe.layer import MIXTRAL_EXPERT_NAMES, ExpertNames, F
 from llmserve.layers.fused_moe.method import FusedMoEMethodBase, UnquantizedFusedMoEMethod
 from llmserve.layers.fused_moe.router import MoERouter, RoutingConfig, select_experts
 
-__all__ = ["ExpertNames", "FusedMoE", "FusedMoEMethodBase", "MIXTRAL_EXPERT_NAMES", "MoERouter", "RoutingConfig",
+__all__ = ["MIXTRAL_EXPERT_NAMES", "ExpertNames", "FusedMoE", "FusedMoEMethodBase", "MoERouter", "RoutingConfig",
            "UnquantizedFusedMoEMethod", "expert_checkpoint_target", "select_experts"]

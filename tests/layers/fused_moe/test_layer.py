@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmserve.layers.fused_moe import (MIXTRAL_EXPERT_NAMES, FusedMoE, MoERouter, RoutingConfig,
-                                       expert_checkpoint_target)
+from llmserve.layers.fused_moe import MIXTRAL_EXPERT_NAMES, FusedMoE, MoERouter, RoutingConfig, expert_checkpoint_target
 from llmserve.layers.fused_moe.grouped_experts import grouped_experts
 from llmserve.layers.linear import WeightShapeError
 from llmserve.quantization.base import QuantizationConfig
@@ -194,12 +193,11 @@ def test_mis_shaped_tensors_and_unknown_experts_are_refused():
         layer.weight_loader(layer.w13_weight, torch.zeros(E + 1, 2 * I, H), None)
     with pytest.raises(ValueError, match="expert 7"):
         layer.weight_loader(layer.w13_weight, torch.zeros(I, H), (7, "w1"))
-    with pytest.raises(ValueError, match="not divisible"):
-        with as_rank(tp=simulated_groups(3)[0]):
-            FusedMoE(E, H, I)
-    with pytest.raises(ValueError, match="cannot distribute 7 experts over 8"):
-        with as_rank(tp=simulated_groups(8)[0], expert_parallel=True):
-            FusedMoE(E, H, I)
+    with pytest.raises(ValueError, match="not divisible"), as_rank(tp=simulated_groups(3)[0]):
+        FusedMoE(E, H, I)
+    with pytest.raises(ValueError, match="cannot distribute 7 experts over 8"), \
+            as_rank(tp=simulated_groups(8)[0], expert_parallel=True):
+        FusedMoE(E, H, I)
 
 
 class LinearOnlyConfig(QuantizationConfig):
