@@ -118,6 +118,7 @@ class EngineCore:
     # ------------------------------------------------------------------ stats
     def stats(self) -> SchedulerStats:
         running = len({seq.request_id for seq in self.scheduler.running.values()})
+        lora = self.scheduler.max_loras is not None
         allocated, filled = self.block_manager.waste(list(self.scheduler.running.values()))
         return SchedulerStats(
             num_requests_running=running,
@@ -129,8 +130,8 @@ class EngineCore:
             prefix_cache_queries=self.block_manager.prefix_query_tokens,
             prefix_cache_hits=self.block_manager.prefix_hit_tokens,
             kv_cache_waste=(allocated - filled) / allocated if allocated else 0.0,
-            running_lora_adapters=_adapter_names(self.scheduler.running.values()),
-            waiting_lora_adapters=_adapter_names(self.scheduler.waiting),
+            running_lora_adapters=_adapter_names(self.scheduler.running.values()) if lora else [],
+            waiting_lora_adapters=_adapter_names(self.scheduler.waiting) if lora else [],
         )
 
     def shutdown(self) -> None:

@@ -5,12 +5,14 @@ the token rows by adapter slot once per step (every layer reuses it); :func:`add
 adapter present, ``x[rows] A^T`` (shrink to the rank) and ``(.) B^T`` (expand to the output) as two
 matmuls over all of that adapter's rows, and adds the result into the base output. The loop is over
 adapters, never over rows; base-model rows are in no group and cost nothing, and a step without adapter
-rows has no groups at all.
+rows has no groups at all. On a GPU with Triton the same groups run as one segmented kernel launch per op
+(:mod:`llmserve.lora.triton_ops`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +23,16 @@ class LoRABatchMapping:
     """The step's token rows by adapter slot: ``(slot, rows)``, ``rows`` None when every token uses it."""
 
     groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    num_tokens: int = 0
+    _segments: Any = None
+
+    def segments(self, device: torch.device) -> Any:
+        """The groups as :class:`~llmserve.lora.triton_ops.Segments` (built on first use, then shared)."""
+        if self._segments is None:
+            from llmserve.lora.triton_ops import Segments
+
+            self._segments = Segments(self.groups, self.num_tokens, device)
+        return self._segments
 
     @classmethod
     def build(cls, slot_per_seq: np.ndarray, query_lens: np.ndarray, device: torch.device) -> LoRABatchMapping:
@@ -28,11 +40,12 @@ class LoRABatchMapping:
         active = np.unique(slot_per_seq[slot_per_seq >= 0])
         if len(active) == 0:
             return cls()
+        num_tokens = int(query_lens.sum())
         if len(active) == 1 and (slot_per_seq >= 0).all():
-            return cls([(int(active[0]), None)])
+            return cls([(int(active[0]), None)], num_tokens)
         token_slots = np.repeat(slot_per_seq, query_lens)
         return cls([(int(slot), torch.from_numpy(np.flatnonzero(token_slots == slot)).to(device))
-                    for slot in active])
+                    for slot in active], num_tokens)
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list[int],
