@@ -93,13 +93,13 @@ class LoRALinearMethod(QuantizeMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = self.base.apply(layer, x, bias)
         mapping = self.state.mapping
-        if mapping.groups:
+        if mapping.segments:
             out_rows, x_rows = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
             if self.use_triton:
                 from llmserve.lora.triton_ops import add_lora_segments
 
                 add_lora_segments(out_rows, x_rows.contiguous(), self.lora_a, self.lora_b, self.rank_tensor,
-                                  mapping.segments(x.device))
+                                  mapping.device_segments(x.device))
             else:
                 add_lora(out_rows, x_rows, self.lora_a, self.lora_b, self.ranks, mapping)
         return out

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmserve.lora.punica import LoRABatchMapping
+
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32
 
 
@@ -76,17 +78,17 @@ def _expand_kernel(buf_ptr, b_ptr, out_ptr, rows_ptr, seg_start_ptr, seg_len_ptr
 
 
 class Segments:
-    """A step's adapter rows as segments, on the device (built once per step, shared by every layer)."""
+    """A step's :class:`~llmserve.lora.punica.LoRABatchMapping` as device tensors (built once per step,
+    shared by every layer)."""
 
-    def __init__(self, groups: list[tuple[int, torch.Tensor | None]], num_tokens: int, device: torch.device) -> None:
-        parts = [torch.arange(num_tokens, device=device) if rows is None else rows.to(device) for _, rows in groups]
-        lengths = [len(p) for p in parts]
-        starts = [sum(lengths[:i]) for i in range(len(parts))]
-        self.rows = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=device)
-        self.starts = torch.tensor(starts, dtype=torch.long, device=device)
-        self.lengths = torch.tensor(lengths, dtype=torch.long, device=device)
-        self.slots = torch.tensor([slot for slot, _ in groups], dtype=torch.long, device=device)
-        self.max_length = max(lengths, default=0)
+    def __init__(self, mapping: LoRABatchMapping, device: torch.device) -> None:
+        rows = mapping.rows
+        self.rows = torch.arange(mapping.num_tokens, device=device) if rows is None else rows.to(device)
+        segments = mapping.segments
+        self.starts = torch.tensor([start for _, start, _ in segments], dtype=torch.long, device=device)
+        self.lengths = torch.tensor([end - start for _, start, end in segments], dtype=torch.long, device=device)
+        self.slots = torch.tensor([slot for slot, _, _ in segments], dtype=torch.long, device=device)
+        self.max_length = max((end - start for _, start, end in segments), default=0)
 
 
 def add_lora_segments(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

@@ -20,7 +20,7 @@ def test_grouped_ops_match_a_per_row_reference():
     base = torch.randn(x.shape[0], d_out, generator=gen)
     out = base.clone()
     mapping = LoRABatchMapping.build(slot_per_seq, query_lens, torch.device("cpu"))
-    assert [slot for slot, _ in mapping.groups] == [0, 1, 2]
+    assert mapping.segments == [(0, 0, 1), (1, 1, 3), (2, 3, 10)]   # the adapter rows sorted by slot
     add_lora(out, x, lora_a, lora_b, ranks, mapping)
     expected = base.clone()
     for row, slot in enumerate(np.repeat(slot_per_seq, query_lens)):
@@ -31,7 +31,8 @@ def test_grouped_ops_match_a_per_row_reference():
 
 
 def test_mappings_without_gathers():
-    """No adapter rows: no groups (no work); one adapter for every row: no gather either."""
+    """No adapter rows: no segments (no work); one adapter for every row: no gather either."""
     cpu = torch.device("cpu")
-    assert LoRABatchMapping.build(np.array([-1, -1]), np.array([2, 1]), cpu).groups == []
-    assert LoRABatchMapping.build(np.array([4, 4]), np.array([2, 1]), cpu).groups == [(4, None)]
+    assert LoRABatchMapping.build(np.array([-1, -1]), np.array([2, 1]), cpu).segments == []
+    one = LoRABatchMapping.build(np.array([4, 4]), np.array([2, 1]), cpu)
+    assert one.segments == [(4, 0, 3)] and one.rows is None

@@ -35,7 +35,7 @@ def test_segments_match_grouped_ops(slot_per_seq, query_lens):
             r = ranks[slot]
             reference[row] += lora_b[slot, :, :r].double() @ (lora_a[slot, :r].double() @ x[row].double())
     out = base.to(DEVICE)
-    segments = triton_ops.Segments(mapping.groups, x.shape[0], DEVICE)
+    segments = triton_ops.Segments(mapping, DEVICE)
     triton_ops.add_lora_segments(out, x.to(DEVICE), lora_a.to(DEVICE), lora_b.to(DEVICE),
                                  torch.tensor(ranks, device=DEVICE), segments)
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-4)
