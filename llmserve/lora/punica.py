@@ -5,8 +5,12 @@ the adapter rows by slot once per step (every layer reuses it): ``rows`` lists t
 slot, and each segment ``(slot, start, end)`` is one adapter's run of them. :func:`add_lora` then gathers
 the adapter rows once, runs per segment ``x A^T`` (shrink to the rank) and ``(.) B^T`` (expand to the
 output) as two matmuls over the contiguous slice, and scatter-adds every delta into the base output at
-once. The loop is over adapters, never over rows; base-model rows are in no segment and cost nothing, a
-step without adapter rows has no segments at all, and one adapter for every row gathers nothing. On a GPU
+once. When the segments are of similar lengths (a decode batch: padding them to the longest at most
+doubles the work), the adapters run together instead: the rows gathered into ``[adapters, longest, in]``,
+two batched matmuls against the slots' A and B (a view of the stacked buffers when the slots are
+consecutive) and one scatter-add, a fixed handful of ops per layer however many adapters there are.
+Never a loop over rows; base-model rows are in no segment and cost nothing, a step without adapter rows
+has no segments at all, and one adapter for every row gathers nothing. On a GPU
 with Triton the same segments run as one kernel launch per op (:mod:`llmserve.lora.triton_ops`).
 """
 
@@ -27,6 +31,13 @@ class LoRABatchMapping:
     segments: list[tuple[int, int, int]] = field(default_factory=list)
     rows: torch.Tensor | None = None
     num_tokens: int = 0
+    # The segments padded to the longest (set when that at most doubles the rows): token index of each of
+    # the [adapters x longest] positions (padding: 0), which positions are padding, and the slots: a
+    # (first, end) range when consecutive, else their indices.
+    padded_rows: torch.Tensor | None = None
+    padding: torch.Tensor | None = None
+    slot_range: tuple[int, int] | None = None
+    slot_index: torch.Tensor | None = None
     _device_segments: Any = None
 
     @classmethod
@@ -45,7 +56,28 @@ class LoRABatchMapping:
         starts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_slots)) + 1])
         ends = np.concatenate([starts[1:], [len(order)]])
         segments = [(int(sorted_slots[s]), int(s), int(e)) for s, e in zip(starts, ends)]
-        return cls(segments, torch.from_numpy(order).to(device), num_tokens)
+        mapping = cls(segments, torch.from_numpy(order).to(device), num_tokens)
+        lengths = ends - starts
+        longest = int(lengths.max())
+        if len(segments) > 1 and len(segments) * longest <= 2 * len(order):
+            mapping._pad(order, starts, lengths, longest, [slot for slot, _, _ in segments], device)
+        return mapping
+
+    def _pad(self, order: np.ndarray, starts: np.ndarray, lengths: np.ndarray, longest: int, slots: list[int],
+             device: torch.device) -> None:
+        count = len(slots)
+        padded = np.zeros((count, longest), dtype=np.int64)
+        padding = np.ones((count, longest), dtype=bool)
+        group = np.repeat(np.arange(count), lengths)
+        position = np.arange(len(order)) - np.repeat(starts, lengths)
+        padded[group, position] = order
+        padding[group, position] = False
+        self.padded_rows = torch.from_numpy(padded.reshape(-1)).to(device)
+        self.padding = torch.from_numpy(padding.reshape(-1, 1)).to(device)
+        if slots[-1] - slots[0] == count - 1:
+            self.slot_range = (slots[0], slots[-1] + 1)
+        else:
+            self.slot_index = torch.tensor(slots, dtype=torch.long, device=device)
 
     def device_segments(self, device: torch.device) -> Any:
         """The segments as :class:`~llmserve.lora.triton_ops.Segments` (built on first use, then shared)."""
@@ -63,8 +95,11 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     ``x`` [tokens, in], ``out`` [tokens, out]; ``lora_a`` [slots, R, in] and ``lora_b`` [slots, out, R] are
     the stacked buffers, of which slot s uses the first ``ranks[s]`` columns (0: nothing to add).
     """
-    if not any(ranks[slot] for slot, _, _ in mapping.segments):
+    rank = max(ranks[slot] for slot, _, _ in mapping.segments)
+    if rank == 0:
         return   # no adapter of the step touches this layer
+    if mapping.padded_rows is not None:
+        return _add_lora_padded(out, x, lora_a, lora_b, rank, mapping)
     xs = x if mapping.rows is None else x.index_select(0, mapping.rows)
     if xs.dtype != lora_a.dtype:
         xs = xs.to(lora_a.dtype)
@@ -81,3 +116,25 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
         out.add_(delta)
     else:
         out.index_add_(0, mapping.rows, delta)
+
+
+def _add_lora_padded(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int,
+                     mapping: LoRABatchMapping) -> None:
+    """Every adapter at once over the padded segments: padding rows are zeroed, so their (zero) deltas
+    can be added to row 0. Slots of a lower rank have zeros past it in the buffers."""
+    assert mapping.padded_rows is not None and mapping.padding is not None
+    count = len(mapping.segments)
+    xs = x.index_select(0, mapping.padded_rows).masked_fill_(mapping.padding, 0.0)
+    if xs.dtype != lora_a.dtype:
+        xs = xs.to(lora_a.dtype)
+    if mapping.slot_range is not None:
+        first, end = mapping.slot_range
+        a, b = lora_a[first:end, :rank], lora_b[first:end, :, :rank]
+    else:
+        a = lora_a.index_select(0, mapping.slot_index)[:, :rank]
+        b = lora_b.index_select(0, mapping.slot_index)[..., :rank]
+    shrunk = torch.bmm(xs.view(count, -1, xs.shape[1]), a.transpose(1, 2))
+    delta = torch.bmm(shrunk, b.transpose(1, 2)).view(-1, lora_b.shape[1])
+    if delta.dtype != out.dtype:
+        delta = delta.to(out.dtype)
+    out.index_add_(0, mapping.padded_rows, delta)
