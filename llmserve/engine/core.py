@@ -128,6 +128,7 @@ class EngineCore:
     # ------------------------------------------------------------------ stats
     def stats(self) -> SchedulerStats:
         running = len({seq.request_id for seq in self.scheduler.running.values()})
+        lora = self.scheduler.max_loras is not None
         allocated, filled = self.block_manager.waste(list(self.scheduler.running.values()))
         spec = self.scheduler.spec_stats
         return SchedulerStats(
@@ -144,8 +145,8 @@ class EngineCore:
             spec_num_draft_tokens=spec.num_draft_tokens,
             spec_num_accepted_tokens=spec.num_accepted_tokens,
             spec_num_accepted_tokens_per_pos=list(spec.num_accepted_tokens_per_pos),
-            running_lora_adapters=_adapter_names(self.scheduler.running.values()),
-            waiting_lora_adapters=_adapter_names(self.scheduler.waiting),
+            running_lora_adapters=_adapter_names(self.scheduler.running.values()) if lora else [],
+            waiting_lora_adapters=_adapter_names(self.scheduler.waiting) if lora else [],
         )
 
     def shutdown(self) -> None:

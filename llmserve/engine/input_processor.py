@@ -160,11 +160,11 @@ class InputProcessor:
     def _check_lora(self, lora_request: LoRARequest) -> None:
         """LoRA must be on and the adapter's config readable and within --max-lora-rank (checked once per
         adapter; its tensors are checked against the model where a worker loads them)."""
+        if not isinstance(lora_request, LoRARequest):
+            raise InvalidRequestError("lora_request must be a llmserve.lora.request.LoRARequest", "lora_request")
         if lora_request in self._checked_loras:
             return
         config = self.info.config
-        if not isinstance(lora_request, LoRARequest):
-            raise InvalidRequestError("lora_request must be a llmserve.lora.request.LoRARequest", "lora_request")
         if not config.enable_lora:
             raise InvalidRequestError(f"LoRA adapter {lora_request.lora_name!r} requested but LoRA is not enabled: "
                                       "start the engine with --enable-lora (LLM(enable_lora=True))", "lora_request")

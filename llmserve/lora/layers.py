@@ -8,11 +8,13 @@ after another, and its B columns block-diagonally, so one shrink and one expand 
 
 Tensor parallelism follows the base layer's sharding: a column-parallel layer keeps its rows of B (per
 projection, as its weight loader does); a row-parallel layer keeps its columns of A, and because the
-expand is linear, each rank's partial delta is summed by the layer's own all-reduce.
+expand is linear, each rank's partial delta is summed by the layer's own all-reduce. On a GPU with Triton
+the ops are :mod:`llmserve.lora.triton_ops`' segmented kernels.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,10 @@ class ShardGeometry:
     rows: int              # rows this rank holds
     checkpoint_start: int  # first checkpoint row this rank holds
     checkpoint_rows: int   # rows of the whole (unsharded) projection
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 class LoRABatchState:
@@ -75,6 +81,8 @@ class LoRALinearMethod(QuantizeMethodBase):
         self.lora_a = torch.zeros(max_loras, width, cols, dtype=dtype, device=device)
         self.lora_b = torch.zeros(max_loras, layer.output_size_per_partition, width, dtype=dtype, device=device)
         self.ranks = [0] * max_loras   # columns of slot s in use
+        self.rank_tensor = torch.zeros(max_loras, dtype=torch.long, device=device)   # the same, for the kernels
+        self.use_triton = device.type == "cuda" and triton_available()
 
     def create_weights(self, layer: nn.Module, *args: Any, **kwargs: Any) -> None:
         self.base.create_weights(layer, *args, **kwargs)
@@ -85,9 +93,15 @@ class LoRALinearMethod(QuantizeMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = self.base.apply(layer, x, bias)
         mapping = self.state.mapping
-        if mapping.groups:
-            add_lora(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b, self.ranks,
-                     mapping)
+        if mapping.segments:
+            out_rows, x_rows = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
+            if self.use_triton:
+                from llmserve.lora.triton_ops import add_lora_segments
+
+                add_lora_segments(out_rows, x_rows.contiguous(), self.lora_a, self.lora_b, self.rank_tensor,
+                                  mapping.device_segments(x.device))
+            else:
+                add_lora(out_rows, x_rows, self.lora_a, self.lora_b, self.ranks, mapping)
         return out
 
     def set_slot(self, slot: int, weights: dict[object, LoRAModuleWeights], name: str) -> None:
@@ -106,11 +120,13 @@ class LoRALinearMethod(QuantizeMethodBase):
             self.lora_b[slot, shard.out_offset:shard.out_offset + shard.rows, cols] = \
                 w.lora_b[shard.checkpoint_start:shard.checkpoint_start + shard.rows]
         self.ranks[slot] = len(parts) * rank
+        self.rank_tensor[slot] = self.ranks[slot]
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.ranks[slot] = 0
+        self.rank_tensor[slot] = 0
 
     def _per_shard(self, weights: dict[object, LoRAModuleWeights], name: str) -> dict[int, LoRAModuleWeights]:
         """The adapter's weights by shard index; a fused checkpoint tensor is split into its projections."""

@@ -9,6 +9,7 @@ the least recently used slot no row of the step needs, and the rows are grouped 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -55,14 +56,15 @@ class LoRAModelManager:
         if not any(requests):
             self.state.mapping = LoRABatchMapping()
             return
-        wanted = {r.lora_int_id for r in requests if r is not None}
+        wanted = {r.lora_int_id: r for r in requests if r is not None}
         if len(wanted) > self.max_loras:
             raise RuntimeError(f"a step uses {len(wanted)} adapters, more than --max-loras {self.max_loras}")
-        slots = np.fromiter((-1 if r is None else self._slot(r, wanted) for r in requests), dtype=np.int64,
+        slot_of = {lora_id: self._slot(r, wanted.keys()) for lora_id, r in wanted.items()}
+        slots = np.fromiter((-1 if r is None else slot_of[r.lora_int_id] for r in requests), dtype=np.int64,
                             count=len(requests))
         self.state.mapping = LoRABatchMapping.build(slots, np.asarray(query_lens, dtype=np.int64), self.device)
 
-    def _slot(self, request: LoRARequest, wanted: set[int]) -> int:
+    def _slot(self, request: LoRARequest, wanted: Collection[int]) -> int:
         slot = self._resident.get(request.lora_int_id)
         if slot is not None:
             self._resident.move_to_end(request.lora_int_id)

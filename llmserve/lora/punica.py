@@ -1,16 +1,23 @@
 """The batched LoRA ops (named after Punica's): one shrink and one expand per adapter in the batch.
 
-A step's flat batch mixes tokens of many adapters and of the base model. :class:`LoRABatchMapping` groups
-the token rows by adapter slot once per step (every layer reuses it); :func:`add_lora` then runs, per
-adapter present, ``x[rows] A^T`` (shrink to the rank) and ``(.) B^T`` (expand to the output) as two
-matmuls over all of that adapter's rows, and adds the result into the base output. The loop is over
-adapters, never over rows; base-model rows are in no group and cost nothing, and a step without adapter
-rows has no groups at all.
+A step's flat batch mixes tokens of many adapters and of the base model. :class:`LoRABatchMapping` sorts
+the adapter rows by slot once per step (every layer reuses it): ``rows`` lists their token indices slot by
+slot, and each segment ``(slot, start, end)`` is one adapter's run of them. :func:`add_lora` then gathers
+the adapter rows once, runs per segment ``x A^T`` (shrink to the rank) and ``(.) B^T`` (expand to the
+output) as two matmuls over the contiguous slice, and scatter-adds every delta into the base output at
+once. When the segments are of similar lengths (a decode batch: padding them to the longest at most
+doubles the work), the adapters run together instead: the rows gathered into ``[adapters, longest, in]``,
+two batched matmuls against the slots' A and B (a view of the stacked buffers when the slots are
+consecutive) and one scatter-add, a fixed handful of ops per layer however many adapters there are.
+Never a loop over rows; base-model rows are in no segment and cost nothing, a step without adapter rows
+has no segments at all, and one adapter for every row gathers nothing. On a GPU
+with Triton the same segments run as one kernel launch per op (:mod:`llmserve.lora.triton_ops`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,41 +25,116 @@ import torch
 
 @dataclass
 class LoRABatchMapping:
-    """The step's token rows by adapter slot: ``(slot, rows)``, ``rows`` None when every token uses it."""
+    """The step's adapter rows: ``rows`` (token indices grouped by slot; None: every token, one adapter) and
+    the ``(slot, start, end)`` segment of each adapter in them."""
 
-    groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    rows: torch.Tensor | None = None
+    num_tokens: int = 0
+    # The segments padded to the longest (set when that at most doubles the rows): token index of each of
+    # the [adapters x longest] positions (padding: 0), which positions are padding, and the slots: a
+    # (first, end) range when consecutive, else their indices.
+    padded_rows: torch.Tensor | None = None
+    padding: torch.Tensor | None = None
+    slot_range: tuple[int, int] | None = None
+    slot_index: torch.Tensor | None = None
+    _device_segments: Any = None
 
     @classmethod
     def build(cls, slot_per_seq: np.ndarray, query_lens: np.ndarray, device: torch.device) -> LoRABatchMapping:
         """``slot_per_seq``: each batch row's adapter slot (-1: the base model); ``query_lens``: its tokens."""
-        active = np.unique(slot_per_seq[slot_per_seq >= 0])
-        if len(active) == 0:
+        if not (slot_per_seq >= 0).any():
             return cls()
-        if len(active) == 1 and (slot_per_seq >= 0).all():
-            return cls([(int(active[0]), None)])
+        num_tokens = int(query_lens.sum())
+        first = int(slot_per_seq[0])
+        if (slot_per_seq == first).all():
+            return cls([(first, 0, num_tokens)], None, num_tokens)
         token_slots = np.repeat(slot_per_seq, query_lens)
-        return cls([(int(slot), torch.from_numpy(np.flatnonzero(token_slots == slot)).to(device))
-                    for slot in active])
+        adapter_rows = np.flatnonzero(token_slots >= 0)
+        order = adapter_rows[np.argsort(token_slots[adapter_rows], kind="stable")]
+        sorted_slots = token_slots[order]
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_slots)) + 1])
+        ends = np.concatenate([starts[1:], [len(order)]])
+        segments = [(int(sorted_slots[s]), int(s), int(e)) for s, e in zip(starts, ends)]
+        mapping = cls(segments, torch.from_numpy(order).to(device), num_tokens)
+        lengths = ends - starts
+        longest = int(lengths.max())
+        if len(segments) > 1 and len(segments) * longest <= 2 * len(order):
+            mapping._pad(order, starts, lengths, longest, [slot for slot, _, _ in segments], device)
+        return mapping
+
+    def _pad(self, order: np.ndarray, starts: np.ndarray, lengths: np.ndarray, longest: int, slots: list[int],
+             device: torch.device) -> None:
+        count = len(slots)
+        padded = np.zeros((count, longest), dtype=np.int64)
+        padding = np.ones((count, longest), dtype=bool)
+        group = np.repeat(np.arange(count), lengths)
+        position = np.arange(len(order)) - np.repeat(starts, lengths)
+        padded[group, position] = order
+        padding[group, position] = False
+        self.padded_rows = torch.from_numpy(padded.reshape(-1)).to(device)
+        self.padding = torch.from_numpy(padding.reshape(-1, 1)).to(device)
+        if slots[-1] - slots[0] == count - 1:
+            self.slot_range = (slots[0], slots[-1] + 1)
+        else:
+            self.slot_index = torch.tensor(slots, dtype=torch.long, device=device)
+
+    def device_segments(self, device: torch.device) -> Any:
+        """The segments as :class:`~llmserve.lora.triton_ops.Segments` (built on first use, then shared)."""
+        if self._device_segments is None:
+            from llmserve.lora.triton_ops import Segments
+
+            self._device_segments = Segments(self, device)
+        return self._device_segments
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list[int],
              mapping: LoRABatchMapping) -> None:
-    """``out[rows] += x[rows] A[slot]^T B[slot]^T`` for each group of ``mapping``, in place.
+    """``out[rows] += x[rows] A[slot]^T B[slot]^T`` for each segment of ``mapping``, in place.
 
     ``x`` [tokens, in], ``out`` [tokens, out]; ``lora_a`` [slots, R, in] and ``lora_b`` [slots, out, R] are
     the stacked buffers, of which slot s uses the first ``ranks[s]`` columns (0: nothing to add).
     """
-    for slot, rows in mapping.groups:
+    rank = max(ranks[slot] for slot, _, _ in mapping.segments)
+    if rank == 0:
+        return   # no adapter of the step touches this layer
+    if mapping.padded_rows is not None:
+        return _add_lora_padded(out, x, lora_a, lora_b, rank, mapping)
+    xs = x if mapping.rows is None else x.index_select(0, mapping.rows)
+    if xs.dtype != lora_a.dtype:
+        xs = xs.to(lora_a.dtype)
+    delta = torch.empty(xs.shape[0], lora_b.shape[1], dtype=lora_a.dtype, device=x.device)
+    for slot, start, end in mapping.segments:
         rank = ranks[slot]
         if rank == 0:
+            delta[start:end].zero_()
             continue
-        xs = x if rows is None else x.index_select(0, rows)
-        if xs.dtype != lora_a.dtype:
-            xs = xs.to(lora_a.dtype)
-        delta = torch.mm(torch.mm(xs, lora_a[slot, :rank].t()), lora_b[slot, :, :rank].t())
-        if delta.dtype != out.dtype:
-            delta = delta.to(out.dtype)
-        if rows is None:
-            out.add_(delta)
-        else:
-            out.index_add_(0, rows, delta)
+        torch.mm(torch.mm(xs[start:end], lora_a[slot, :rank].t()), lora_b[slot, :, :rank].t(), out=delta[start:end])
+    if delta.dtype != out.dtype:
+        delta = delta.to(out.dtype)
+    if mapping.rows is None:
+        out.add_(delta)
+    else:
+        out.index_add_(0, mapping.rows, delta)
+
+
+def _add_lora_padded(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int,
+                     mapping: LoRABatchMapping) -> None:
+    """Every adapter at once over the padded segments: padding rows are zeroed, so their (zero) deltas
+    can be added to row 0. Slots of a lower rank have zeros past it in the buffers."""
+    assert mapping.padded_rows is not None and mapping.padding is not None
+    count = len(mapping.segments)
+    xs = x.index_select(0, mapping.padded_rows).masked_fill_(mapping.padding, 0.0)
+    if xs.dtype != lora_a.dtype:
+        xs = xs.to(lora_a.dtype)
+    if mapping.slot_range is not None:
+        first, end = mapping.slot_range
+        a, b = lora_a[first:end, :rank], lora_b[first:end, :, :rank]
+    else:
+        a = lora_a.index_select(0, mapping.slot_index)[:, :rank]
+        b = lora_b.index_select(0, mapping.slot_index)[..., :rank]
+    shrunk = torch.bmm(xs.view(count, -1, xs.shape[1]), a.transpose(1, 2))
+    delta = torch.bmm(shrunk, b.transpose(1, 2)).view(-1, lora_b.shape[1])
+    if delta.dtype != out.dtype:
+        delta = delta.to(out.dtype)
+    out.index_add_(0, mapping.padded_rows, delta)

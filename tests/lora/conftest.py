@@ -1,12 +1,18 @@
-"""Generated PEFT adapters for the tiny checkpoints (written once per session)."""
+"""Generated PEFT adapters for the tiny checkpoints (written once per session); the Triton interpreter."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmserve.testing.lora_adapters import write_lora_adapter
+
+# The Triton kernels run under the interpreter without a GPU; it must be on before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Three adapters that differ in every way the format allows: all projections at rank 8; q/v only with
 # rsLoRA at rank 4; every projection with rank_pattern/alpha_pattern giving the MLP its own rank and alpha.
