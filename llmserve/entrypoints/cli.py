@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_logging_args(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from llmserve.entrypoints.openai.api_server import add_server_args
+    from llmserve.entrypoints.openai.server_args import add_server_args
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     add_engine_args(serve)

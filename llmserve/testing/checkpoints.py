@@ -100,7 +100,8 @@ from safetensors.torch import save_file
 
 from llmserve.config import cache_dir
 
-from .checkpoint_families import FAMILIES, SIZES, FamilySpec, SizeSpec
+from .checkpoint_families import DENSE_FAMILIES, SIZES, FamilySpec, SizeSpec
+from .checkpoint_families_moe import MOE_FAMILIES
 from .checkpoint_layout_deepseek import deepseek_config, deepseek_tensors
 from .checkpoint_layout_gemma4 import gemma4_config, gemma4_tensors
 from .checkpoint_layout_moe import moe_tensors
@@ -131,6 +132,7 @@ __all__ = [
     "DEMO_MODEL_NAME",
 ]
 
+FAMILIES = {**DENSE_FAMILIES, **MOE_FAMILIES}
 # Bump when the bytes written for given arguments change, so cached demo models get rebuilt.
 FORMAT_VERSION = 1
 

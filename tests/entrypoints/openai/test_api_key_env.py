@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmserve.entrypoints.openai.api_server import API_KEY_ENV, build_parser, server_config_from_args
+from llmserve.entrypoints.openai.api_server import build_parser
+from llmserve.entrypoints.openai.server_args import API_KEY_ENV, server_config_from_args
 
 
 def api_key(argv: list[str]) -> str | None:

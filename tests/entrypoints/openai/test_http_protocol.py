@@ -77,7 +77,8 @@ def test_requests_that_arrive_in_time_are_served(srv):
 
 
 def test_the_timeout_must_be_positive():
-    from llmserve.entrypoints.openai.api_server import build_parser, server_config_from_args
+    from llmserve.entrypoints.openai.api_server import build_parser
+    from llmserve.entrypoints.openai.server_args import server_config_from_args
 
     with pytest.raises(ValueError, match="--request-read-timeout must be > 0"):
         server_config_from_args(build_parser().parse_args(["--request-read-timeout", "0"]))
