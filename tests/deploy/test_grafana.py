@@ -2,7 +2,8 @@
 
 Every panel query is valid PromQL once Grafana's variables are filled in, and every metric it names is one
 llmserve's /metrics exposes (counters with their ``_total``, histograms with their ``_bucket``), so renaming
-a metric without updating the dashboard fails here. Panels have unique ids, sit on the grid without
+a metric without updating the dashboard fails here (the speculative-decoding panels read the counters the
+server exports when speculation is on). Panels have unique ids, sit on the grid without
 overlapping, and take the data source and the model from the dashboard's variables. The Prometheus scrape
 example points at /metrics.
 """
@@ -26,7 +27,7 @@ EXPRESSIONS = [target["expr"] for panel in PANELS for target in panel["targets"]
 
 
 def exported_names() -> set[str]:
-    text = generate_latest(EngineMetrics("tiny").registry).decode()
+    text = generate_latest(EngineMetrics("tiny", num_speculative_tokens=4).registry).decode()   # + spec decoding
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
@@ -58,7 +59,8 @@ def test_the_dashboard_covers_what_operators_watch():
     for metric in ("vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_bucket",
                    "vllm:time_per_output_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
                    "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:prefix_cache_hits_total",
-                   "vllm:num_preemptions_total"):
+                   "vllm:num_preemptions_total", "vllm:spec_decode_num_accepted_tokens_total",
+                   "vllm:spec_decode_num_accepted_tokens_per_pos_total"):
         assert metric in covered
 
 
