@@ -35,6 +35,9 @@ def _runner(module: str, function: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         import asyncio
         import importlib
+        import logging
+
+        logging.getLogger("httpx").setLevel(logging.WARNING)   # no log line per request
 
         from llmserve.benchmarks.reliability.check_run import finish, resolve_check_target
 
