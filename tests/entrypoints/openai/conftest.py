@@ -70,10 +70,12 @@ def launch(model: Path, *args: str, log_dir: Path, wrapper: Path | None = None, 
     raise RuntimeError(f"server not ready after {timeout} s:\n{server.log()}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_server(llama_dir, tmp_path_factory):
     """``start_server(*flags, wrapper=None, ready=True, model=None)`` -> RunningServer (the tiny llama unless
-    ``model`` names another checkpoint folder); every server is stopped at the end."""
+    ``model`` names another checkpoint folder); every server is stopped at the end of its test module, so
+the servers of one module at most are alive at a time (each is three processes: server, engine core,
+chat-template renderer)."""
     started: list[RunningServer] = []
     log_dir = tmp_path_factory.mktemp("server-logs")
 
@@ -90,7 +92,7 @@ def start_server(llama_dir, tmp_path_factory):
             server.process.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(start_server) -> RunningServer:
-    """One shared default server (no API key, no limits)."""
+    """One default server per test module (no API key, no limits)."""
     return start_server()
