@@ -10,11 +10,12 @@ def load_tokenizer(path: str | Path, revision: str | None = None, trust_remote_c
     """The tokenizer of a checkpoint folder, Hub id or GGUF file (built from the file's metadata)."""
     from transformers import AutoTokenizer
 
-    from llmserve.model_loader.gguf_loader import is_gguf, load_gguf_tokenizer
-
     try:
-        if is_gguf(Path(path)):
-            return load_gguf_tokenizer(Path(path))
+        if Path(path).suffix == ".gguf":   # the GGUF reader needs torch: imported for GGUF files only
+            from llmserve.model_loader.gguf_loader import is_gguf, load_gguf_tokenizer
+
+            if is_gguf(Path(path)):
+                return load_gguf_tokenizer(Path(path))
         return AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ValueError(f"could not load a tokenizer from {path}: {exc}") from None

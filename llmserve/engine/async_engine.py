@@ -43,23 +43,27 @@ class ShutdownError(RuntimeError):
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, on_step: StepCallback | None = None,
                  on_dead: Callable[[BaseException], None] | None = None) -> None:
-        """Load the model's config and tokenizer here and start the engine-core process (blocking: call it
-        off the event loop); ``start`` then attaches to the loop."""
+        """Load the model's config and tokenizer and start the engine-core process, which loads the model
+        while this process goes on with its own start-up (blocking: call it off the event loop); ``start``
+        waits for the core and attaches to the loop."""
         self.info = ModelInfo(config)
         self.client = EngineCoreClient(config, self.info.max_model_len, self.info.max_num_batched_tokens)
-        self.inputs = InputProcessor(self.info, self.client.num_kv_blocks, config.block_size)
         self.outputs = OutputProcessor(self.info.load_tokenizer())
         self.on_step = on_step
         self.on_dead = on_dead
         self._streams: dict[str, asyncio.Queue] = {}
-        self._stats = SchedulerStats(num_blocks=self.client.num_kv_blocks, num_free_blocks=self.client.num_kv_blocks)
+        self._stats = SchedulerStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._block_map_waiters: list[asyncio.Future[BlockMap]] = []
         self.dead_error: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Read the core's outputs on ``loop`` (may be called from another thread)."""
+        """Wait until the core is ready (blocking: call it off the event loop), then read its outputs on
+        ``loop``; requests are taken from then on."""
+        num_blocks = self.client.wait_until_ready()
+        self.inputs = InputProcessor(self.info, num_blocks, self.info.config.block_size)
+        self._stats = SchedulerStats(num_blocks=num_blocks, num_free_blocks=num_blocks)
         self._loop = loop
         loop.call_soon_threadsafe(loop.add_reader, self.client.fileno(), self._on_core_output)
 

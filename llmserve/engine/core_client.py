@@ -59,13 +59,21 @@ class EngineCoreClient:
         in_recv.close()
         out_send.close()
         self._sends: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        ready = self._receive(STARTUP_TIMEOUT_S)
-        if ready[:1] != b"R":
-            self.process.join(5.0)
-            raise EngineCoreDiedError(ready[1:].decode() if ready[:1] == b"F" else "the engine core did not start")
-        self.num_kv_blocks = int(json.loads(ready[1:])["num_kv_blocks"])
         self._sender = threading.Thread(target=self._send_loop, name="llmserve-core-send", daemon=True)
         self._sender.start()
+        self.num_kv_blocks: int | None = None
+
+    def wait_until_ready(self) -> int:
+        """Block until the core has loaded the model and sized its KV cache; its number of blocks. Starting
+        the process and waiting for it are apart so the front end's own start-up overlaps the core's."""
+        if self.num_kv_blocks is None:
+            ready = self._receive(STARTUP_TIMEOUT_S)
+            if ready[:1] != b"R":
+                self.process.join(5.0)
+                raise EngineCoreDiedError(ready[1:].decode() if ready[:1] == b"F"
+                                          else "the engine core did not start")
+            self.num_kv_blocks = int(json.loads(ready[1:])["num_kv_blocks"])
+        return self.num_kv_blocks
 
     # ------------------------------------------------------------------ to the core
     def add_request(self, request: EngineCoreRequest) -> None:

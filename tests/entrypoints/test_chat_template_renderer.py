@@ -6,6 +6,7 @@
   :class:`ChatTemplateError` with its message.
 * A template that loops for hours is stopped at the deadline, one that allocates 10 GB at its memory
   limit: both are :class:`ChatTemplateLimitError`, the child is replaced, and the next render works.
+* The child is a fresh interpreter without torch; a tokenizer that cannot load fails start-up.
 * Over HTTP: tests/entrypoints/openai/test_chat_template_limits.py.
 """
 
@@ -34,8 +35,8 @@ def tokenizer(llama_dir):
 
 
 @pytest.fixture(scope="module")
-def renderer(tokenizer):
-    renderer = ChatTemplateRenderer(tokenizer, timeout=2.0)
+def renderer(llama_dir, tokenizer):
+    renderer = ChatTemplateRenderer(llama_dir, tokenizer_class=type(tokenizer), timeout=2.0)
     yield renderer
     renderer.close()
 
@@ -66,3 +67,25 @@ def test_a_template_past_its_limits_is_stopped_and_replaced(renderer, template, 
         renderer.render(CONVERSATION, None, template, True, None)
     assert time.monotonic() - start < 10
     assert renderer.render(CONVERSATION, None, TEMPLATE, True, None).endswith("<assistant>")
+
+
+def test_the_child_is_light_it_loads_no_torch(renderer):
+    renderer.wait_started()
+    maps = open(f"/proc/{renderer._process.pid}/maps").read()
+    assert "libtorch" not in maps
+
+
+def test_without_the_class_it_loads_the_tokenizer_as_the_server_does(llama_dir, tokenizer):
+    renderer = ChatTemplateRenderer(llama_dir, timeout=2.0)
+    try:
+        expected = tokenizer.apply_chat_template(CONVERSATION, chat_template=TEMPLATE, tokenize=False,
+                                                 add_generation_prompt=True)
+        assert renderer.render(CONVERSATION, None, TEMPLATE, True, None) == expected
+    finally:
+        renderer.close()
+
+
+def test_a_tokenizer_that_cannot_load_fails_start_up_with_the_reason(tmp_path):
+    renderer = ChatTemplateRenderer(tmp_path / "missing")
+    with pytest.raises(RuntimeError, match="did not start: ValueError: could not load a tokenizer"):
+        renderer.wait_started()

@@ -96,12 +96,15 @@ class ServerState:
             parser = self.config.tool_call_parser
             self.chat = OpenAIServingChat(async_engine, models, limits, _read_chat_template(self.config.chat_template),
                                           TOOL_CALL_PARSERS[parser] if parser else None)
-            if self.chat.chat_template is not None or getattr(self.chat.tokenizer, "chat_template", None):
-                self.chat.renderer.start()
+            renders = self.chat.chat_template is not None or getattr(self.chat.tokenizer, "chat_template", None)
+            if renders:
+                self.chat.renderer.start()   # starts beside the engine core, which is loading the model
             self.responses = OpenAIServingResponses(self.chat)
             self.embeddings = OpenAIServingEmbedding(async_engine, models, limits)
             self.models = models
             async_engine.start(loop)
+            if renders:
+                self.chat.renderer.wait_started()
             self.engine = async_engine
             logger.info("ready: serving %s", ", ".join(names + list(models.lora_requests)))
         except BaseException as exc:   # noqa: BLE001

@@ -28,7 +28,9 @@ class OpenAIServingChat(OpenAIServing):
                  chat_template: str | None, auto_tool_parser: type[ToolCallParser] | None = None) -> None:
         super().__init__(engine, models, limits)
         self.chat_template = chat_template
-        self.renderer = ChatTemplateRenderer(self.tokenizer)   # the template runs bounded, in its own process
+        info = engine.info   # the template runs bounded, in a process of its own that loads the same tokenizer
+        self.renderer = ChatTemplateRenderer(info.tokenizer_path, info.config.tokenizer_revision,
+                                             info.config.trust_remote_code, type(self.tokenizer))
         self.auto_tool_parser = auto_tool_parser   # set by --enable-auto-tool-choice --tool-call-parser
         # chat_template_kwargs are the template's variables, never the renderer's own parameters
         self.renderer_params = {name for name, p in inspect.signature(self.tokenizer.apply_chat_template).parameters
