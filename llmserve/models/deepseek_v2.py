@@ -19,7 +19,6 @@ attention and MLP, SwiGLU MLPs, untied LM head) with multi-head latent attention
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -45,7 +44,7 @@ from llmserve.models.llama import (
     hidden_act_of,
     layer_index,
 )
-from llmserve.models.moe import MoEForCausalLM, SparseMoeBlock
+from llmserve.models.moe import MoEForCausalLM, SparseMoeBlock, shared_expert_mlp
 from llmserve.quantization.base import QuantizationConfig
 
 # transformers' (and DeepSeek's) q_a_layernorm and kv_a_layernorm keep RMSNorm's default epsilon.
@@ -151,8 +150,7 @@ class DeepseekDecoderLayer(LlamaDecoderLayer):
             return LlamaMLP(config, spec, quant_config, prefix)
         routing = routing_config(config)
         shared_size = (getattr(config, "n_shared_experts", 0) or 0) * config.moe_intermediate_size
-        shared = (LlamaMLP(config, dataclasses.replace(spec, mlp_size=shared_size), quant_config,
-                           f"{prefix}.shared_expert") if shared_size else None)
+        shared = shared_expert_mlp(config, spec, quant_config, prefix, shared_size)
         return SparseMoeBlock(config.hidden_size, routing, config.moe_intermediate_size, spec.activation,
                               quant_config, prefix, shared_expert=shared, correction_bias=routing.scoring == "sigmoid")
 

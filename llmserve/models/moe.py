@@ -4,14 +4,16 @@ and the loading of per-expert checkpoint tensors into the stacked experts of :cl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from llmserve.layers.fused_moe import ExpertNames, FusedMoE, MoERouter, RoutingConfig, expert_checkpoint_target
 from llmserve.layers.linear import ReplicatedLinear
-from llmserve.models.llama import LlamaForCausalLM
+from llmserve.models.llama import LlamaBlockSpec, LlamaForCausalLM, LlamaMLP
 from llmserve.quantization.base import QuantizationConfig
 
 
@@ -44,6 +46,15 @@ class SparseMoeBlock(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(hidden)) * shared
             out = out + shared
         return out
+
+
+def shared_expert_mlp(config: Any, spec: LlamaBlockSpec, quant_config: QuantizationConfig | None, prefix: str,
+                      size: int) -> LlamaMLP | None:
+    """The sparse block's dense ``shared_expert`` of intermediate size ``size``; None for a family without one
+    (``size`` 0)."""
+    if not size:
+        return None
+    return LlamaMLP(config, dataclasses.replace(spec, mlp_size=size), quant_config, f"{prefix}.shared_expert")
 
 
 class MoEForCausalLM(LlamaForCausalLM):

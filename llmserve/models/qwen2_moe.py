@@ -7,14 +7,13 @@ expert of ``shared_expert_intermediate_size`` that every token goes through, sca
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from torch import nn
 
 from llmserve.layers.fused_moe import RoutingConfig
 from llmserve.models.llama import LlamaBlockSpec, LlamaDecoderLayer, LlamaMLP, LlamaModel, hidden_act_of, layer_index
-from llmserve.models.moe import MoEForCausalLM, SparseMoeBlock
+from llmserve.models.moe import MoEForCausalLM, SparseMoeBlock, shared_expert_mlp
 from llmserve.quantization.base import QuantizationConfig
 
 
@@ -32,8 +31,7 @@ class Qwen2MoeDecoderLayer(LlamaDecoderLayer):
         routing = RoutingConfig(config.num_experts, config.num_experts_per_tok,
                                 renormalize=bool(getattr(config, "norm_topk_prob", False)))
         shared_size = getattr(config, "shared_expert_intermediate_size", 0) or 0
-        shared = (LlamaMLP(config, dataclasses.replace(spec, mlp_size=shared_size), quant_config,
-                           f"{prefix}.shared_expert") if shared_size else None)
+        shared = shared_expert_mlp(config, spec, quant_config, prefix, shared_size)
         return SparseMoeBlock(config.hidden_size, routing, config.moe_intermediate_size, spec.activation,
                               quant_config, prefix, shared_expert=shared, gated_shared_expert=True)
 
