@@ -11,15 +11,37 @@ Q5_1, BF16) plus F16 / F32.
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from llmserve.model_loader.loader import iterate_weights
 
-# our family -> llama.cpp architecture name
-GGUF_ARCHITECTURES = {"llama": "llama", "llama3": "llama", "mistral": "llama", "qwen2": "qwen2"}
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """How llama.cpp's converter writes one of our families."""
+
+    name: str                  # llama.cpp's architecture
+    layer_norm: bool = False   # LayerNorm epsilon (else RMSNorm's)
+    rotary: bool = True
+
+
+GGUF_ARCHITECTURES = {
+    "llama": GGUFArchitecture("llama"), "llama3": GGUFArchitecture("llama"), "mistral": GGUFArchitecture("llama"),
+    "qwen2": GGUFArchitecture("qwen2"), "qwen3": GGUFArchitecture("qwen3"), "phi3": GGUFArchitecture("phi3"),
+    "phi4_mini": GGUFArchitecture("phi3"), "gpt2": GGUFArchitecture("gpt2", layer_norm=True, rotary=False),
+    "bloom": GGUFArchitecture("bloom", layer_norm=True, rotary=False),
+}
+_GPT2_CONV1D = (".attn.c_attn", ".attn.c_proj", ".mlp.c_fc", ".mlp.c_proj")   # stored [in, out] by transformers
+
+
+def _find(config: dict, *names: str) -> Any:
+    """The first of ``names`` the config has (families name the same hyperparameter differently)."""
+    return next((config[name] for name in names if config.get(name) is not None), None)
 
 
 def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -28,39 +50,86 @@ def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
+def _converted(arch: str, stem: str, data: np.ndarray, config: dict) -> np.ndarray:
+    """A tensor as the converter writes it: Llama's Q/K rows interleaved, GPT-2's Conv1D weights transposed,
+    BLOOM's per-head [q k v] rows regrouped as all q, all k, all v."""
+    if arch == "llama" and stem.endswith(("q_proj", "k_proj")):
+        heads = config["num_attention_heads"] if stem.endswith("q_proj") else config["num_key_value_heads"]
+        return _permute(data, heads)
+    if arch == "gpt2" and stem.endswith(_GPT2_CONV1D) and data.ndim == 2:
+        return np.ascontiguousarray(data.T)
+    if arch == "bloom" and stem.endswith("query_key_value"):
+        heads = config["n_head"]
+        return np.ascontiguousarray(data.reshape(heads, 3, -1, *data.shape[1:]).swapaxes(0, 1).reshape(data.shape))
+    return data
+
+
+def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
+    hidden = _find(config, "hidden_size", "n_embd")
+    heads = _find(config, "num_attention_heads", "n_head")
+    context = _find(config, "max_position_embeddings", "n_positions")
+    if context is not None:
+        writer.add_context_length(context)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(_find(config, "num_hidden_layers", "n_layer"))
+    writer.add_feed_forward_length(_find(config, "intermediate_size", "n_inner") or 4 * hidden)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(_find(config, "num_key_value_heads") or heads)
+    if arch.layer_norm:
+        writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+    else:
+        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if arch.rotary:
+        writer.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
+    head_dim = config.get("head_dim") or hidden // heads
+    if config.get("head_dim") and arch.name != "phi3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch.name == "phi3":   # as the converter: the rotated dimensions, and 0 for "no sliding window"
+        writer.add_rope_dimension_count(int(config.get("partial_rotary_factor", 1.0) * hidden) // heads)
+        writer.add_sliding_window(config.get("sliding_window") or 0)
+        writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
+
+
+def _add_longrope_factors(writer: Any, config: dict) -> None:
+    """LongRoPE (Phi-3 128k, Phi-4-mini) as the converter writes it: its factors as two F32 tensors and the
+    attention factor it implies."""
+    scaling = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if scaling.get("rope_type") != "longrope":
+        return
+    scale = config["max_position_embeddings"] / config["original_max_position_embeddings"]
+    original = config["original_max_position_embeddings"]
+    writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+    for kind in ("long", "short"):
+        writer.add_tensor(f"rope_factors_{kind}.weight", np.asarray(scaling[f"{kind}_factor"], dtype=np.float32))
+
+
 def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32") -> Path:
     """``checkpoint`` (a generated checkpoint folder of ``family``) as one GGUF file at ``out``, its 2-D
     weights in ``file_type``."""
     import gguf
 
-    arch_name = GGUF_ARCHITECTURES[family]
-    arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch_name)
+    arch = GGUF_ARCHITECTURES[family]
+    arch_id = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch.name)
     config = json.loads((checkpoint / "config.json").read_text())
     qtype = gguf.GGMLQuantizationType[file_type]
-    writer = gguf.GGUFWriter(str(out), arch_name)
+    writer = gguf.GGUFWriter(str(out), arch.name)
     writer.add_name(checkpoint.name)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    _add_hyperparameters(writer, arch, config)
     writer.add_file_type(qtype.value if file_type not in ("F32", "F16") else {"F32": 0, "F16": 1}[file_type])
     tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
     if tokenizer["model"]["type"] == "BPE" and tokenizer["pre_tokenizer"] is not None:
         _add_tokenizer(writer, tokenizer, config, checkpoint)
     else:   # sentencepiece-style: no tokenizer in the file (serve it with --tokenizer <checkpoint folder>)
         writer.add_vocab_size(config["vocab_size"])
-    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+        if config.get("pad_token_id") is not None:
+            writer.add_pad_token_id(config["pad_token_id"])
+    _add_longrope_factors(writer, config)
+    names = gguf.get_tensor_name_map(arch_id, _find(config, "num_hidden_layers", "n_layer"))
     for name, tensor in iterate_weights(checkpoint):
         stem, suffix = name.rsplit(".", 1)
-        data = tensor.to(torch.float32).numpy()
-        if arch_name == "llama" and stem.endswith(("q_proj", "k_proj")):
-            data = _permute(data, heads if stem.endswith("q_proj") else kv_heads)
-        gguf_name = f"{names.get_name(stem)}.{suffix}"
+        data = _converted(arch.name, stem, tensor.to(torch.float32).numpy(), config)
+        gguf_name = f"{names.get_name(stem) or names.get_name(stem.removeprefix('transformer.'))}.{suffix}"
         if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, data)
         elif qtype == gguf.GGMLQuantizationType.F16:

@@ -1,8 +1,11 @@
 """GGUF files (written from the generated checkpoints the way llama.cpp lays them out) load and run.
 
 * An F32 GGUF of a checkpoint gives the checkpoint's own output (greedy tokens equal, logprobs within 1e-4
-  of transformers on the safetensors folder): names, the Llama Q/K row permutation and tied embeddings
-  are undone exactly.
+  of transformers on the safetensors folder), for Llama, Qwen2, Qwen3, GPT-2, BLOOM, Phi-3 and Phi-4-mini:
+  names, the Llama Q/K row permutation, GPT-2's transposed Conv1D weights, BLOOM's regrouped QKV rows and
+  tied embeddings are undone exactly, and what transformers' GGUF config mapping drops (Qwen3's head
+  size, GPT-2's context and MLP width, Phi-3's sliding window, partial rotary and LongRoPE factors) is
+  read from the file's metadata.
 * Quantized files (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16) give what transformers gives on the same file
   (it dequantises through the same ``gguf`` package): greedy tokens equal, logprobs within 1e-3, through
   the engine with chunked prefill and prefix caching.
@@ -24,6 +27,8 @@ from llmserve.entrypoints.llm import LLM
 from llmserve.model_loader import gguf_loader
 from llmserve.model_loader.loader import ModelNotFoundError, resolve_model_path
 from llmserve.sampling_params import SamplingParams
+from llmserve.testing.checkpoints import FAMILIES
+from llmserve.testing.tokenizer_files import BYTELEVEL
 from llmserve.testing.gguf_files import write_gguf
 from tests.engine_greedy import assert_matches_hf, engine_greedy
 
@@ -41,20 +46,23 @@ def _gguf(checkpoint_dir, gguf_dir: Path, family: str, file_type: str) -> Path:
     return out if out.exists() else write_gguf(checkpoint_dir(family), out, family, file_type)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def _tokenizer(checkpoint_dir, family: str) -> dict[str, str]:
+    """The sentencepiece families' files carry no tokenizer: theirs comes from the checkpoint folder."""
+    return {} if FAMILIES[family].tokenizer_kind == BYTELEVEL else {"tokenizer": str(checkpoint_dir(family))}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "gpt2", "bloom", "phi3", "phi4_mini"])
 def test_f32_file_runs_as_the_checkpoint_it_came_from(checkpoint_dir, gguf_dir, family):
     path = _gguf(checkpoint_dir, gguf_dir, family, "F32")
-    tokenizer = {} if family == "qwen2" else {"tokenizer": str(checkpoint_dir(family))}
-    assert_matches_hf(engine_greedy(path, **tokenizer), checkpoint_dir(family), 1e-4)
+    assert_matches_hf(engine_greedy(path, **_tokenizer(checkpoint_dir, family)), checkpoint_dir(family), 1e-4)
 
 
 @pytest.mark.parametrize("family,file_type", [("qwen2", "Q8_0"), ("qwen2", "Q4_0"), ("qwen2", "Q5_1"),
                                               ("llama", "Q4_1"), ("llama", "Q5_0"), ("qwen2", "F16"),
-                                              ("llama", "BF16")])
+                                              ("llama", "BF16"), ("bloom", "Q8_0")])
 def test_quantized_file_matches_transformers_on_the_same_file(checkpoint_dir, gguf_dir, family, file_type):
     path = _gguf(checkpoint_dir, gguf_dir, family, file_type)
-    tokenizer = {} if family == "qwen2" else {"tokenizer": str(checkpoint_dir(family))}
-    assert_matches_hf(engine_greedy(path, **tokenizer), path, 1e-3)
+    assert_matches_hf(engine_greedy(path, **_tokenizer(checkpoint_dir, family)), path, 1e-3)
 
 
 def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf_dir):
