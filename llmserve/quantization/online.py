@@ -7,14 +7,21 @@ The float weight loads as usual (sharded by the layer, so tensor parallelism wor
 * ``fp8``: per-output-channel float8 e4m3 (``max|w| / 448``) with float activations (weight-only FP8:
   the CPU has no float8 arithmetic, the kernel widens the bytes in registers).
 
-The LM head and embeddings stay in float, as in vLLM.
+The LM head and embeddings stay in float, as in vLLM. A mixture-of-experts layer's experts are quantised the
+same way, each expert's gate/up and down projections on their own (:class:`OnlineFusedMoEMethod`); the router
+stays in float.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from llmserve.layers.fused_moe.grouped_experts import grouped_expert_rows
+from llmserve.layers.fused_moe.layer import FusedMoE
+from llmserve.layers.fused_moe.method import UnquantizedFusedMoEMethod
 from llmserve.layers.linear import LinearBase
 from llmserve.quantization.base import QuantizationConfig, QuantizeMethodBase
 from llmserve.quantization.compressed_tensors import FP8_MAX
@@ -45,7 +52,9 @@ class OnlineQuantConfig(QuantizationConfig):
         return ("int8 (W8A8: per-channel weights, dynamic per-token activations)" if self.scheme == "int8"
                 else "fp8 (e4m3 per-channel weights, float activations)")
 
-    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | UnquantizedFusedMoEMethod | None:
+        if isinstance(layer, FusedMoE):
+            return OnlineFusedMoEMethod(self.scheme)
         return OnlineQuantMethod(self.scheme) if isinstance(layer, LinearBase) else None
 
 
@@ -58,12 +67,43 @@ class OnlineQuantMethod(UnquantizedLinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight.data.float()
         del layer._parameters["weight"]
-        if self.scheme == "int8":
-            codes, scale = quantize_rows_int8(weight)
-            set_w8a8(layer, codes, scale)
-        else:
-            codes, scale = quantize_fp8_per_channel(weight)
-            set_weight_only(layer, codes, FP8, scale, None, weight.shape[1])
+        quantize_into(layer, weight, self.scheme)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return apply_w8a8(layer, x, bias) if self.scheme == "int8" else apply_weight_only(layer, x, bias)
+        return apply_quantized(layer, x, bias, self.scheme)
+
+
+def quantize_into(holder: nn.Module, weight: torch.Tensor, scheme: str) -> None:
+    """Store float ``weight`` [out, in] on ``holder`` as ``scheme`` codes and per-channel scales."""
+    if scheme == "int8":
+        codes, scale = quantize_rows_int8(weight)
+        set_w8a8(holder, codes, scale)
+    else:
+        codes, scale = quantize_fp8_per_channel(weight)
+        set_weight_only(holder, codes, FP8, scale, None, weight.shape[1])
+
+
+def apply_quantized(holder: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, scheme: str) -> torch.Tensor:
+    return apply_w8a8(holder, x, bias) if scheme == "int8" else apply_weight_only(holder, x, bias)
+
+
+class OnlineFusedMoEMethod(UnquantizedFusedMoEMethod):
+    """Loads the stacked float experts like the unquantised method, then quantises each expert's ``w13`` and
+    ``w2`` on its own (per-channel scales of that expert) and runs them grouped by expert."""
+
+    def __init__(self, scheme: str) -> None:
+        self.scheme = scheme
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        for name in ("w13", "w2"):
+            stacked = layer._parameters.pop(f"{name}_weight").data.float()
+            experts = nn.ModuleList(nn.Module() for _ in range(stacked.shape[0]))
+            for holder, weight in zip(experts, stacked):
+                quantize_into(holder, weight, self.scheme)
+            layer.add_module(f"{name}_experts", experts)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        w13, w2, scheme = layer.w13_experts, layer.w2_experts, self.scheme
+        return grouped_expert_rows(x, topk_weights, topk_ids, len(w13), lambda e, rows: apply_quantized(
+            w2[e], activation(apply_quantized(w13[e], rows, None, scheme)), None, scheme))

@@ -34,11 +34,18 @@ def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     ``topk_ids`` [T, top_k]; ``activation`` maps [n, 2I] to [n, I] (e.g. SiLU(gate) * up). The id ``E`` marks
     a slot routed to an expert this rank does not hold (expert parallelism): it adds nothing.
     """
+    return grouped_expert_rows(x, topk_weights, topk_ids, w13.shape[0], lambda e, rows: apply_linear(
+        activation(apply_linear(rows, w13[e], None)), w2[e], None))
+
+
+def grouped_expert_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                        expert_mlp: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """:func:`grouped_experts` for experts stored any way: ``expert_mlp(e, rows)`` is expert ``e``'s MLP over
+    its rows [n, H] (one call per expert that received rows)."""
     t, k = topk_ids.shape
     out = torch.zeros_like(x)
     if t == 0:
         return out
-    num_experts = w13.shape[0]
     order, counts = sort_by_expert(topk_ids, num_experts + 1)   # the id E sorts last
     counts_per_expert = counts.tolist()[:num_experts]
     order = order[:sum(counts_per_expert)]
@@ -49,9 +56,7 @@ def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     for expert, n in enumerate(counts_per_expert):
         if n == 0:
             continue
-        part = rows[start:start + n]
-        hidden = activation(apply_linear(part, w13[expert], None))
-        expert_out[start:start + n] = apply_linear(hidden, w2[expert], None)
+        expert_out[start:start + n] = expert_mlp(expert, rows[start:start + n])
         start += n
     expert_out.mul_(topk_weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(x.dtype))
     return out.index_add_(0, tokens, expert_out)
