@@ -9,6 +9,7 @@ with greedy generations, equal HF's pooled hidden states within 1e-4."""
 from __future__ import annotations
 
 import pytest
+from transformers import AutoConfig
 
 from llmserve import LLM, SamplingParams
 from llmserve.pooling_params import PoolingParams
@@ -31,7 +32,8 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per sequence and partial rotary on each rank's heads),
 # the MoE families (every expert split over the intermediate dimension, one all-reduce): Mixtral and Qwen2-MoE
 # (its shared expert and dense middle layer sharded too) at TP=2, Qwen3-MoE at TP=2 x PP=2 (its dense layer on
-# the first stage, its sparse one on the second), and DeepSeek-V2-Lite and DeepSeek-V3 at TP=2 (2 of the 4 MLA
+# the first stage, its sparse one on the second), DeepSeek-V3 at PP=2 (three layers: the dense one and a sparse one
+# on the first stage, a sparse one on the second), and DeepSeek-V2-Lite at TP=2 (2 of the 4 MLA
 # heads per rank over the latent every rank caches whole; each rank its slice of every expert's and the shared
 # experts' intermediate rows).
 # Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
@@ -39,7 +41,7 @@ LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 OTHER_FAMILIES = [("gemma2", 2, 1), ("gemma4", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2),
                   ("phi3", 2, 2), ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1), ("phi4_mini", 2, 1),
                   ("mixtral", 2, 1), ("qwen2_moe", 2, 1), ("qwen3_moe", 2, 2), ("deepseek_v2_lite", 2, 1),
-                  ("deepseek_v3", 2, 1)]
+                  ("deepseek_v3", 1, 2)]
 CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + OTHER_FAMILIES
 
 
@@ -48,7 +50,8 @@ def test_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir,
     """7-token steps split every longer prompt; 24 blocks of 4 tokens cannot hold all five sequences, so
     some are preempted and recomputed; each rank holds its share of every block."""
     path = checkpoint_dir(family)
-    per_rank_block = llm_block_bytes(path, 4, tp) // pp
+    layers = AutoConfig.from_pretrained(path).num_hidden_layers   # the largest stage holds ceil(layers / pp)
+    per_rank_block = llm_block_bytes(path, 4, tp) // layers * -(-layers // pp)
     llm = LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, block_size=4,
               max_num_batched_tokens=7, kv_cache_memory_bytes=24 * per_rank_block)
     try:
