@@ -47,7 +47,8 @@ class AsyncLLMEngine:
         off the event loop); ``start`` then attaches to the loop."""
         self.info = ModelInfo(config)
         self.client = EngineCoreClient(config, self.info.max_model_len, self.info.max_num_batched_tokens)
-        self.inputs = InputProcessor(self.info, self.client.num_kv_blocks, config.block_size)
+        self.inputs = InputProcessor(self.info, self.client.num_kv_blocks, config.block_size,
+                                     self.client.sliding_window)
         self.outputs = OutputProcessor(self.info.load_tokenizer())
         self.on_step = on_step
         self.on_dead = on_dead

@@ -63,7 +63,9 @@ class EngineCoreClient:
         if ready[:1] != b"R":
             self.process.join(5.0)
             raise EngineCoreDiedError(ready[1:].decode() if ready[:1] == b"F" else "the engine core did not start")
-        self.num_kv_blocks = int(json.loads(ready[1:])["num_kv_blocks"])
+        ready_info = json.loads(ready[1:])
+        self.num_kv_blocks = int(ready_info["num_kv_blocks"])
+        self.sliding_window: int | None = ready_info["sliding_window"]   # the block manager's
         self._sender = threading.Thread(target=self._send_loop, name="llmserve-core-send", daemon=True)
         self._sender.start()
 
@@ -131,7 +133,8 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
         logger.exception("the engine core failed to start")
         outputs.send_bytes(b"F" + f"{type(exc).__name__}: {exc}".encode())
         return
-    outputs.send_bytes(b"R" + json.dumps({"num_kv_blocks": core.block_manager.num_blocks}).encode())
+    outputs.send_bytes(b"R" + json.dumps({"num_kv_blocks": core.block_manager.num_blocks,
+                                          "sliding_window": core.block_manager.sliding_window}).encode())
     received: queue.SimpleQueue[bytes] = queue.SimpleQueue()
 
     def receive_loop() -> None:

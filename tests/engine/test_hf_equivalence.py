@@ -112,9 +112,12 @@ def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     and a preempted sequence recomputes its keys with the factors they were first computed with. The MoE families
     route each chunk's tokens and each decode batch to their experts (top-1, 2 and 3; experts left without a token
     in a step run nothing). The DeepSeeks cache one latent per token and attend over it with absorbed weights, in
-    decodes and in chunks over cached context alike."""
+    decodes and in chunks over cached context alike. Phi-3 slides on every layer, so its sequences hold only
+    their window's blocks (the others are freed): 14 blocks force its preemptions."""
     path = checkpoint_dir(family)
-    llm = LLM(str(path), block_size=4, max_num_batched_tokens=7, kv_cache_memory_bytes=24 * llm_block_bytes(path, 4))
+    num_blocks = 14 if family == "phi3" else 24
+    llm = LLM(str(path), block_size=4, max_num_batched_tokens=7,
+              kv_cache_memory_bytes=num_blocks * llm_block_bytes(path, 4))
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
     assert llm.engine.scheduler.num_preemptions > 0
     assert_matches_hf(path, outputs, max_tokens=24)
@@ -226,7 +229,8 @@ SLIDING = {
 def test_sliding_window_matches_hf(checkpoint_dir, tmp_path, family):
     """A 6-token window, much shorter than the prompts and outputs: the context is not capped at the
     window; each windowed layer attends to its last 6 positions, as HF does, through chunked prefill
-    (7-token steps), decodes and preemption (24 blocks of 4 tokens)."""
+    (7-token steps), decodes and preemption (24 blocks of 4 tokens; 10 for Mistral, which slides on every layer
+    and so holds only its window's blocks)."""
     import json
     import shutil
 
@@ -235,7 +239,9 @@ def test_sliding_window_matches_hf(checkpoint_dir, tmp_path, family):
     config = json.loads((path / "config.json").read_text())
     config.update(SLIDING[family])
     (path / "config.json").write_text(json.dumps(config))
-    llm = LLM(str(path), block_size=4, max_num_batched_tokens=7, kv_cache_memory_bytes=24 * llm_block_bytes(path, 4))
+    num_blocks = 10 if family == "mistral" else 24
+    llm = LLM(str(path), block_size=4, max_num_batched_tokens=7,
+              kv_cache_memory_bytes=num_blocks * llm_block_bytes(path, 4))
     assert llm.engine.max_model_len == config["max_position_embeddings"]
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
     assert llm.engine.scheduler.num_preemptions > 0
