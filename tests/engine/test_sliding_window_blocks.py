@@ -222,7 +222,7 @@ def test_freed_blocks_let_more_sequences_run_and_preemption_recomputes_identical
 def test_a_model_with_full_attention_layers_keeps_every_block(checkpoint_dir):
     llm = LLM(str(checkpoint_dir("gemma2")), block_size=BS, kv_cache_memory_bytes="4MiB")
     assert llm.engine.block_manager.sliding_window is None
-    outputs, most_blocks, _ = generate_tracking_blocks(llm, [LONG_PROMPT], SamplingParams(max_tokens=10, ignore_eos=True))
+    _, most_blocks, _ = generate_tracking_blocks(llm, [LONG_PROMPT], SamplingParams(max_tokens=10, ignore_eos=True))
     assert most_blocks == -(-(len(LONG_PROMPT) + 9) // BS)
 
 
@@ -232,7 +232,8 @@ def test_a_request_longer_than_the_cache_is_accepted_when_every_layer_slides(che
     params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)   # 130 tokens = 33 blocks
     for family in ("phi3", "gemma2"):
         path = checkpoint_dir(family)
-        llm = LLM(str(path), block_size=BS, max_num_batched_tokens=8, kv_cache_memory_bytes=8 * llm_block_bytes(path, BS))
+        llm = LLM(str(path), block_size=BS, max_num_batched_tokens=8,
+                  kv_cache_memory_bytes=8 * llm_block_bytes(path, BS))
         if family == "phi3":
             assert len(llm.generate([{"prompt_token_ids": LONG_PROMPT}], params)[0].outputs[0].token_ids) == 100
         else:
