@@ -3,10 +3,10 @@
 ``python -m llmserve.benchmarks.sliding_window --model DIR`` sends ``--num-requests`` requests of
 ``--prompt-len`` random tokens generating ``--output-len`` tokens each (greedy, EOS ignored) into a cache of
 ``--kv-cache-memory-bytes``, steps the engine to the end and reports, as one JSON line: the most sequences
-that ran in one step, the most KV blocks in use after a step, the mean over steps, preemptions, and generated
-tokens per second. Where every layer of the model slides, the blocks out of the window are freed
-(:mod:`llmserve.engine.block_manager`), so the same cache runs more sequences at once; the report names the
-window the engine found (None: the model keeps every block). ``--window N`` first rewrites the checkpoint's
+that ran in one step and their mean over steps, the most KV blocks in use after a step and their mean,
+preemptions, and generated tokens per second. Where every layer of the model slides, the blocks out of the
+window are freed (:mod:`llmserve.engine.block_manager`), so the same cache runs more sequences at once; the
+report names the window the engine found (None: the model keeps every block). ``--window N`` first rewrites the checkpoint's
 ``sliding_window`` into a copy (for a generated checkpoint that has none).
 """
 
@@ -47,18 +47,20 @@ def run(model: str, num_requests: int, prompt_len: int, output_len: int, block_s
     for i in range(num_requests):
         engine.add_request(str(i), [rng.randrange(3, vocab) for _ in range(prompt_len)], params)
     blocks = engine.block_manager
-    most_running = most_blocks = steps = block_steps = 0
+    most_running = most_blocks = steps = block_steps = running_steps = 0
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         engine.step()
         in_use = blocks.num_blocks - blocks.num_free_blocks
         most_running = max(most_running, len(engine.scheduler.running))
+        running_steps += len(engine.scheduler.running)
         most_blocks = max(most_blocks, in_use)
         steps += 1
         block_steps += in_use
     elapsed = time.perf_counter() - start
     result = {"sliding_window": blocks.sliding_window, "num_blocks": blocks.num_blocks,
-              "block_size": block_size, "max_running": most_running, "max_blocks_in_use": most_blocks,
+              "block_size": block_size, "max_running": most_running,
+              "mean_running": round(running_steps / max(1, steps), 2), "max_blocks_in_use": most_blocks,
               "mean_blocks_in_use": round(block_steps / max(1, steps), 1), "steps": steps,
               "preemptions": engine.scheduler.num_preemptions,
               "output_tokens_per_s": round(num_requests * output_len / elapsed, 1)}

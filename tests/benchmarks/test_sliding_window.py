@@ -20,4 +20,5 @@ def test_reports_blocks_in_use_and_concurrency(checkpoint_dir, capsys):
     assert report["max_running"] == 4 and report["preemptions"] == 0
     assert report["max_blocks_in_use"] <= 4 * (-(-(12 - 1 + 8) // 4) + 1)
     assert 0 < report["mean_blocks_in_use"] <= report["max_blocks_in_use"]
+    assert 0 < report["mean_running"] <= report["max_running"]
     assert report["output_tokens_per_s"] > 0
