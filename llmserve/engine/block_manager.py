@@ -16,6 +16,17 @@ Sharing, by reference count:
 - **Parallel samples.** ``fork`` gives a child the parent's blocks; the first write into a shared,
   partly filled block copies it first (copy-on-write). The copy is recorded in ``pending_copies`` and
   done by the model runner before the next forward.
+
+Sliding windows (``sliding_window``: the widest window, when every attention layer of the model has one;
+vLLM's ``SlidingWindowManager``). A query at position ``p`` sees keys ``p - window < j <= p``, so once a
+sequence's next token to compute is at ``c``, every block ending before ``c - window + 1`` is dead for every
+future query of it (K/V are never recomputed in place: preemption drops the whole table). ``allocate``
+hands those blocks back before growing the table; their entries become :data:`NULL_BLOCK` placeholders
+(``Sequence.num_released_blocks`` of them, always a prefix), which no backend reads since each starts its
+keys at the window. A sequence thus holds at most ``ceil((window - 1) / block_size) + 1`` blocks while it
+decodes (plus those of the tokens scheduled with it: a prefill chunk, drafts). Released blocks keep their
+prefix-cache hash, and a prefix hit needs only the blocks inside the window of its first uncomputed token
+(:meth:`BlockManager.match_prefix`).
 """
 
 from __future__ import annotations
@@ -29,6 +40,9 @@ from llmserve.engine.messages import BlockMap
 from llmserve.engine.sequence import Sequence
 
 _ROOT_HASH = b"llmserve-prefix-root"
+# What a block-table entry handed back out of the window holds: any valid id (the workers may read it and
+# mask it out, never use it).
+NULL_BLOCK = 0
 
 
 def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
@@ -40,10 +54,28 @@ def chain_root(extra_keys: bytes) -> bytes:
     return hashlib.sha256(_ROOT_HASH + extra_keys).digest() if extra_keys else _ROOT_HASH
 
 
+def most_blocks_held(block_size: int, sliding_window: int | None, num_prompt_tokens: int, num_tokens: int,
+                     max_step_tokens: int, chunked_prefill: bool) -> int:
+    """The most blocks a sequence of ``num_tokens`` tokens holds at once: all of them, or under a sliding
+    window, those of the window of a step's first token and of the step (at most ``max_step_tokens``; the
+    whole prompt in its first step without chunked prefill)."""
+    blocks = -(-num_tokens // block_size)
+    if sliding_window is None:
+        return blocks
+    held = -(-(sliding_window - 1 + max_step_tokens) // block_size) + 1
+    if not chunked_prefill:
+        held = max(held, -(-num_prompt_tokens // block_size))
+    return min(blocks, held)
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache must hold at least one block, got {num_blocks}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive number of tokens (or None), got {sliding_window}")
+        self.sliding_window = sliding_window
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -79,6 +111,13 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def num_dead_blocks(self, num_computed_tokens: int) -> int:
+        """Leading blocks no query from ``num_computed_tokens`` on can see (0 without a sliding window): those
+        whose last position is before the window of the query at ``num_computed_tokens``."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, num_computed_tokens - self.sliding_window + 1) // self.block_size
+
     # ------------------------------------------------------------------ prefix caching
     def match_prefix(self, seq: Sequence) -> int:
         """Give a block-less sequence the cached blocks of its longest cached prefix; returns the tokens hit.
@@ -91,17 +130,33 @@ class BlockManager:
             # published for the requests after them.
             return 0
         hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
-        hit: list[int] = []
-        for h in hashes:
-            block = self.cached.get(h)
-            if block is None:
-                break
-            hit.append(block)
+        blocks = [self.cached.get(h) for h in hashes]
+        num_hit, dead = self._longest_hit(blocks)
+        hit = blocks[dead:num_hit]
         for block in hit:
             self._take(block)
-        seq.block_table = hit
-        seq.num_computed_tokens = len(hit) * self.block_size
+        seq.block_table = [NULL_BLOCK] * dead + hit
+        seq.num_released_blocks = dead
+        seq.num_computed_tokens = num_hit * self.block_size
         return seq.num_computed_tokens
+
+    def _longest_hit(self, blocks: list[int | None]) -> tuple[int, int]:
+        """(k, d): the longest prefix of k blocks that can be served from ``blocks`` (each full block's cached
+        copy, or None), and the d leading blocks of it that are not needed. Without a sliding window, the
+        cached blocks from the start (d = 0); with one, the longest prefix whose blocks from the window of
+        its first uncomputed token on are all cached (vLLM's sliding-window hit: earlier ones may be evicted)."""
+        if self.sliding_window is None:
+            k = next((i for i, block in enumerate(blocks) if block is None), len(blocks))
+            return k, 0
+        best, run_start = (0, 0), 0
+        for i, block in enumerate(blocks):
+            if block is None:
+                run_start = i + 1
+                continue
+            dead = self.num_dead_blocks((i + 1) * self.block_size)
+            if run_start <= dead:
+                best = (i + 1, dead)
+        return best
 
     def record_prefix_query(self, num_tokens: int, num_hit: int) -> None:
         """Count one admitted sequence's prompt lookup (vLLM counts tokens)."""
@@ -116,7 +171,7 @@ class BlockManager:
         if num_full <= seq.num_published_blocks:
             return
         hashes = self._block_hashes(seq, num_full)
-        for i in range(seq.num_published_blocks, num_full):
+        for i in range(max(seq.num_published_blocks, seq.num_released_blocks), num_full):
             block, h = seq.block_table[i], hashes[i]
             if self.block_hash[block] is None and h not in self.cached:
                 self.cached[h] = block
@@ -137,7 +192,9 @@ class BlockManager:
     # ------------------------------------------------------------------ allocation
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow ``seq``'s block table to hold ``num_tokens`` tokens, copying a shared partly filled block
-        before it is written. All or nothing: False (and no change) if too few blocks are free."""
+        before it is written. First hands back the blocks that left the sliding window (always safe). All or
+        nothing otherwise: False (and no other change) if too few blocks are free."""
+        self.release_out_of_window(seq)
         table = seq.block_table
         first_write = seq.num_computed_tokens // self.block_size
         copy_on_write = first_write < len(table) and self.ref_counts[table[first_write]] > 1
@@ -155,10 +212,20 @@ class BlockManager:
             table.append(self._pop_free())
         return True
 
+    def release_out_of_window(self, seq: Sequence) -> None:
+        """Hand back ``seq``'s blocks that no query of it can see any more; they stay in the prefix cache."""
+        table = seq.block_table
+        dead = min(self.num_dead_blocks(seq.num_computed_tokens), len(table))
+        for i in range(seq.num_released_blocks, dead):
+            self._release(table[i])
+            table[i] = NULL_BLOCK
+        seq.num_released_blocks = max(seq.num_released_blocks, dead)
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """``child`` shares every block of ``parent`` (whose K/V it has) until it writes its own."""
         child.block_table = list(parent.block_table)
-        for block in child.block_table:
+        child.num_released_blocks = parent.num_released_blocks
+        for block in child.block_table[child.num_released_blocks:]:
             self.ref_counts[block] += 1
         child.num_computed_tokens = parent.num_computed_tokens
         child.block_hashes = list(parent.block_hashes)
@@ -166,17 +233,21 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Return every block of ``seq``; blocks nobody else holds go to the free pool, tail blocks first."""
-        for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            assert self.ref_counts[block] >= 0, f"block {block} freed twice"
-            if self.ref_counts[block] == 0:
-                self.free_blocks[block] = None
+        for block in reversed(seq.block_table[seq.num_released_blocks:]):
+            self._release(block)
         seq.block_table = []
+        seq.num_released_blocks = 0
         seq.num_published_blocks = 0
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies
+
+    def _release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0, f"block {block} freed twice"
+        if self.ref_counts[block] == 0:
+            self.free_blocks[block] = None
 
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:
@@ -200,7 +271,7 @@ class BlockManager:
         filled: dict[int, int] = {}
         bs = self.block_size
         for seq in seqs:
-            for i, block in enumerate(seq.block_table):
+            for i, block in enumerate(seq.block_table[seq.num_released_blocks:], seq.num_released_blocks):
                 fill = min(bs, max(0, seq.num_computed_tokens - i * bs))
                 if fill > filled.get(block, -1):
                     filled[block] = fill

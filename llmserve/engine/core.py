@@ -39,7 +39,8 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()
             raise
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        window = self.executor.kv_cache_sliding_window()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, window)
         spec = config.speculative_config
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_num_batched_tokens,
                                    config.enable_chunked_prefill, max_model_len,
@@ -51,6 +52,9 @@ class EngineCore:
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per rank)", num_blocks,
                     config.block_size, tokens, num_blocks * self.executor.kv_cache_bytes_per_block() / 2**30)
         logger.info("Maximum concurrency for %d tokens per request: %.2fx", max_model_len, tokens / max_model_len)
+        if window is not None:
+            logger.info("Every attention layer slides (window %d tokens): a sequence holds at most %d blocks while "
+                        "it decodes; older ones are freed", window, -(-(window - 1) // config.block_size) + 1)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: EngineCoreRequest) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from llmserve.config import EngineConfig, resolve_dtype
+from llmserve.engine.block_manager import most_blocks_held
 from llmserve.engine.messages import EngineCoreRequest
 from llmserve.errors import InvalidRequestError
 from llmserve.layers.longrope import longrope_prompt_key, longrope_switch_of
@@ -116,11 +117,15 @@ class ModelInfo:
 class InputProcessor:
     """Tokenises and validates requests against the model and the engine core's KV-cache size."""
 
-    def __init__(self, info: ModelInfo, num_kv_blocks: int, block_size: int) -> None:
+    def __init__(self, info: ModelInfo, num_kv_blocks: int, block_size: int,
+                 sliding_window: int | None = None) -> None:
+        """``sliding_window``: the block manager's (set when every layer slides: a request then holds only
+        its window's blocks, however long it gets)."""
         self.info = info
         self.tokenizer = info.tokenizer
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self._checked_loras: set[LoRARequest] = set()
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams | PoolingParams | None,
@@ -147,7 +152,7 @@ class InputProcessor:
             params = params.clone()   # the caller's object is not changed
             params.stop_token_ids = params.stop_token_ids + extra_eos
         max_tokens = self._resolve_max_tokens(len(prompt_ids), params.max_tokens)
-        needed = -(-(len(prompt_ids) + max_tokens) // self.block_size)
+        needed = self._blocks_held(len(prompt_ids), len(prompt_ids) + max_tokens)
         if needed > self.num_kv_blocks:
             raise InvalidRequestError(
                 f"this request needs {needed} KV-cache blocks ({len(prompt_ids)} prompt + {max_tokens} completion "
@@ -183,13 +188,17 @@ class InputProcessor:
             raise InvalidRequestError(f"This model's maximum context length is {limit} tokens. However, the input "
                                       f"has {len(prompt_ids)} tokens. Please reduce the length of the input.",
                                       "prompt")
-        needed = -(-len(prompt_ids) // self.block_size)
+        needed = self._blocks_held(len(prompt_ids), len(prompt_ids))
         if needed > self.num_kv_blocks:
             raise InvalidRequestError(f"this input needs {needed} KV-cache blocks ({len(prompt_ids)} tokens) but the "
                                       f"whole cache holds {self.num_kv_blocks}; give the cache more memory "
                                       "(--kv-cache-memory-bytes)", "prompt")
         return EngineCoreRequest(request_id, prompt_ids, SamplingParams(max_tokens=0), 0, None, arrival, cache_salt,
                                  params.resolve(self.info.config.pooler_config), self._kv_variant(prompt_ids))
+
+    def _blocks_held(self, num_prompt_tokens: int, num_tokens: int) -> int:
+        return most_blocks_held(self.block_size, self.sliding_window, num_prompt_tokens, num_tokens,
+                                self.info.max_num_batched_tokens, self.info.config.enable_chunked_prefill)
 
     def _kv_variant(self, prompt_ids: list[int]) -> str | None:
         """What besides its tokens decides the keys a prompt's blocks hold (see ``EngineCoreRequest.kv_variant``)."""

@@ -40,6 +40,9 @@ class Sequence:
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Leading block-table entries handed back because no future query of the sequence can see them (sliding
+    # window): placeholders, kept so that entry i still holds positions i * block_size onwards
+    num_released_blocks: int = 0
     block_hashes: list[bytes] = field(default_factory=list)   # chained hashes of full blocks (prefix cache)
     num_published_blocks: int = 0                              # full blocks already offered to the cache
     num_cached_tokens: int = 0                                 # prompt tokens served by the prefix cache

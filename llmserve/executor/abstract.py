@@ -14,6 +14,7 @@ from typing import Any
 from llmserve.config import EngineConfig
 from llmserve.distributed.shm_all_reduce import CollectiveAbortedError
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, decode
+from llmserve.layers.attention.backend import widest_window
 
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 EXECUTE_TIMEOUT_ENV = "LLMSERVE_EXECUTE_MODEL_TIMEOUT_SECONDS"
@@ -37,6 +38,11 @@ class Executor(ABC):
     @abstractmethod
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes one block takes on one rank (its share of the layers and heads)."""
+
+    @abstractmethod
+    def kv_cache_sliding_window(self) -> int | None:
+        """The window every attention layer of every rank attends within (the widest), or None if any layer
+        attends the whole context: the block manager frees the blocks that left it."""
 
     @abstractmethod
     def initialize_cache(self, num_blocks: int) -> None:
@@ -78,6 +84,9 @@ class MultiRankExecutor(Executor):
 
     def kv_cache_bytes_per_block(self) -> int:
         return max(self._control("kv_cache_bytes_per_block"))
+
+    def kv_cache_sliding_window(self) -> int | None:
+        return widest_window(self._control("kv_cache_sliding_window"))
 
     def initialize_cache(self, num_blocks: int) -> None:
         self._control("initialize_cache", num_blocks)

@@ -17,7 +17,7 @@ import torch
 from llmserve.config import EngineConfig, resolve_dtype
 from llmserve.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
-from llmserve.layers.attention.backend import get_attention_backend
+from llmserve.layers.attention.backend import get_attention_backend, widest_window
 from llmserve.layers.attention.layer import Attention
 from llmserve.layers.fused_moe import FusedMoE
 from llmserve.lora.model_manager import LoRAModelManager
@@ -119,6 +119,12 @@ class Worker:
     def kv_cache_bytes_per_block(self) -> int:
         assert self.runner is not None
         return self.runner.kv_cache_bytes_per_block()
+
+    def kv_cache_sliding_window(self) -> int | None:
+        """The window every attention layer of this rank attends within (the widest), or None if any attends
+        the whole context (layers reading another layer's K/V included: they read its blocks)."""
+        assert self.runner is not None
+        return widest_window([m.spec.sliding_window for m in self.runner.model.modules() if isinstance(m, Attention)])
 
     def available_kv_blocks(self) -> int:
         """How many blocks this rank's KV-cache budget holds (``--kv-cache-memory-bytes`` per rank, or

@@ -18,6 +18,7 @@ from tests.engine.test_hf_equivalence import (
     assert_matches_hf,
     assert_prefix_cache_repeats,
     llm_block_bytes,
+    preempting_blocks,
 )
 from tests.engine.test_pooling import assert_matches_hf as assert_pooled_like_hf
 
@@ -47,15 +48,16 @@ CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + OTHER_FAMILI
 
 @pytest.mark.parametrize("family,tp,pp", CASES, ids=[f"{f}-tp{t}pp{p}" for f, t, p in CASES])
 def test_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir, family, tp, pp):
-    """7-token steps split every longer prompt; 24 blocks of 4 tokens cannot hold all five sequences, so
-    some are preempted and recomputed; each rank holds its share of every block."""
+    """7-token steps split every longer prompt; 24 blocks of 4 tokens (14 for Phi-3, see ``preempting_blocks``)
+    cannot hold all five sequences, so some are preempted and recomputed; each rank holds its share of every
+    block."""
     path = checkpoint_dir(family)
     layers = AutoConfig.from_pretrained(path).num_hidden_layers   # the largest stage holds ceil(layers / pp)
     per_rank_block = llm_block_bytes(path, 4, tp) // layers * -(-layers // pp)
     llm = LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, block_size=4,
-              max_num_batched_tokens=7, kv_cache_memory_bytes=24 * per_rank_block)
+              max_num_batched_tokens=7, kv_cache_memory_bytes=preempting_blocks(family) * per_rank_block)
     try:
-        assert llm.engine.block_manager.num_blocks == 24
+        assert llm.engine.block_manager.num_blocks == preempting_blocks(family)
         outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
         assert llm.engine.scheduler.num_preemptions > 0
         assert_matches_hf(path, outputs, max_tokens=24)

@@ -255,3 +255,9 @@ def get_attention_backend(device: torch.device, dtype: torch.dtype, choice: str 
     from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend(dtype)
+
+
+def widest_window(windows: list[int | None]) -> int | None:
+    """The sliding window that covers every one of ``windows`` (None, full attention, if any is None): no
+    layer reads a key older than it, so the KV blocks before it can be freed."""
+    return None if not windows or None in windows else max(windows)
