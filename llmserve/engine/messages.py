@@ -91,6 +91,8 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     # their logprobs where asked
     num_accepted_drafts: dict[int, int] = {}
     draft_logprobs: dict[int, list[TokenLogprobs]] = {}
+    # seq_id -> tokens a draft model proposes to follow the sequence's tokens after this step (checked next step)
+    draft_token_ids: dict[int, list[int]] = {}
     # seq_id -> (first position p, logprobs of prompt tokens p+1, p+2, ...)
     prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] = {}
     # seq_id -> this step's share of its pooled vector (float32 little-endian bytes): the sum of the final

@@ -14,7 +14,9 @@ The step is described to the workers as a :class:`~llmserve.engine.messages.Sche
 With speculative decoding, a running sequence that is one token behind gets up to k draft tokens from the
 proposer (:mod:`llmserve.spec_decode`) and is scheduled for 1 + k tokens through the same rule and
 allocation; the result says how many drafts were accepted, and the rejected ones are never counted as
-computed (their K/V slots are written again later), so no block holding them is ever published.
+computed (their K/V slots are written again later), so no block holding them is ever published. A draft
+model's drafts are made in the worker after a step and come back with its result; a sequence whose step
+samples then also gets blocks for the slots the draft model writes after it (the proposer's lookahead).
 
 ``update_from_output`` applies the workers' :class:`~llmserve.engine.messages.ModelRunnerOutput`: it
 advances ``num_computed_tokens``, publishes newly full blocks to the prefix cache, forks parallel
@@ -42,6 +44,7 @@ from llmserve.engine.messages import (CachedSequenceData, ForkData, ModelRunnerO
                                       SchedulerOutput, TokenLogprobs)
 from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.layers import pooler
+from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.spec_decode.metrics import SpecDecodingStats
 from llmserve.spec_decode.proposer import Proposer
 
@@ -88,6 +91,7 @@ class Scheduler:
         self._forks: dict[int, list[Sequence]] = {}
         self._forget: list[int] = []                          # seq ids the workers must drop
         self.proposer = proposer
+        self.num_lookahead_slots = proposer.num_lookahead_slots if proposer else 0
         self._drafts: dict[int, list[int]] = {}               # seq id -> drafts in the step awaiting its result
         self.spec_stats = SpecDecodingStats(
             num_accepted_tokens_per_pos=[0] * (proposer.num_speculative_tokens if proposer else 0))
@@ -129,9 +133,11 @@ class Scheduler:
                 break
             if seq.seq_id not in self.running or (suspects and seq.seq_id not in suspects):
                 continue   # preempted earlier in this loop, or not this step's suspect
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            drafts = self._propose(seq, budget) if seq.num_tokens - seq.num_computed_tokens == 1 else []
-            if self._allocate_or_preempt(seq, num_new + len(drafts)):
+            gap = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(gap, budget)
+            drafts = self._propose(seq, budget) if gap == 1 else []
+            lookahead = self.num_lookahead_slots if num_new == gap else 0
+            if self._allocate_or_preempt(seq, num_new + len(drafts), lookahead):
                 scheduled.append((seq, num_new + len(drafts)))
                 budget -= num_new + len(drafts)
                 if drafts:
@@ -164,9 +170,10 @@ class Scheduler:
                 return {s.seq_id for s in self.running.values() if s.request_id == seq.request_id}
         return set()
 
-    def _allocate_or_preempt(self, seq: Sequence, num_new: int) -> bool:
-        """Find blocks for ``seq`` by preempting from the tail of the running set; False if ``seq`` itself went."""
-        while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, lookahead: int = 0) -> bool:
+        """Find blocks for ``seq`` (its ``num_new`` tokens and ``lookahead`` slots after them) by preempting from
+        the tail of the running set; False if ``seq`` itself went."""
+        while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new + lookahead):
             victim = self.running[next(reversed(self.running))]
             self._preempt(victim)
             self.last_preempted.append(victim)
@@ -300,7 +307,17 @@ class Scheduler:
                     continue   # stopped on an accepted draft
             for sampled_seq in (seq, *children):
                 self._append_token(sampled_seq, result, now, step)
+        if result.draft_token_ids:
+            self._keep_drafts(result.draft_token_ids)
         return step
+
+    def _keep_drafts(self, drafts: dict[int, list[int]]) -> None:
+        """Drafts the worker's draft model made after this step, for the next step of each still-running sequence."""
+        assert isinstance(self.proposer, DraftsFromWorker)
+        for seq_id, tokens in drafts.items():
+            seq = self.running.get(seq_id)
+            if seq is not None and tokens:
+                self.proposer.add(seq_id, seq.num_tokens, tokens)
 
     def _append_drafts(self, seq: Sequence, seq_drafts: list[int], result: ModelRunnerOutput, now: float,
                        step: StepResult) -> None:
