@@ -62,6 +62,8 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
     # seq_id -> draft tokens checked this step (llmserve.spec_decode): they follow its known tokens and are
     # counted in its num_scheduled_tokens; its logits are sampled at each of them and at its last token
     scheduled_spec_decode_tokens: dict[int, list[int]] = {}
+    # a draft model under adaptive speculation: seq_id -> how many drafts to make after this step (absent: k)
+    num_drafts_after_step: dict[int, int] = {}
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -17,6 +17,8 @@ allocation; the result says how many drafts were accepted, and the rejected ones
 computed (their K/V slots are written again later), so no block holding them is ever published. A draft
 model's drafts are made in the worker after a step and come back with its result; a sequence whose step
 samples then also gets blocks for the slots the draft model writes after it (the proposer's lookahead).
+With adaptive speculation (:mod:`llmserve.spec_decode.adaptive`), each step caps every decoding sequence's
+drafts (down to none) from its measured acceptance and the batch's size; a draft model is told the caps too.
 
 ``update_from_output`` applies the workers' :class:`~llmserve.engine.messages.ModelRunnerOutput`: it
 advances ``num_computed_tokens``, publishes newly full blocks to the prefix cache, forks parallel
@@ -44,6 +46,7 @@ from llmserve.engine.messages import (CachedSequenceData, ForkData, ModelRunnerO
                                       SchedulerOutput, TokenLogprobs)
 from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.layers import pooler
+from llmserve.spec_decode.adaptive import AdaptiveSpeculation
 from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.spec_decode.metrics import SpecDecodingStats
 from llmserve.spec_decode.proposer import Proposer
@@ -76,7 +79,8 @@ def stops_on_token(seq: Sequence, token: int) -> bool:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None,
-                 proposer: Proposer | None = None, max_loras: int | None = None) -> None:
+                 proposer: Proposer | None = None, max_loras: int | None = None,
+                 adaptive: AdaptiveSpeculation | None = None) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -92,6 +96,8 @@ class Scheduler:
         self._forget: list[int] = []                          # seq ids the workers must drop
         self.proposer = proposer
         self.num_lookahead_slots = proposer.num_lookahead_slots if proposer else 0
+        self.adaptive = adaptive
+        self._draft_caps: dict[int, int] | None = None    # this step's adaptive caps (None: k for all)
         self._drafts: dict[int, list[int]] = {}               # seq id -> drafts in the step awaiting its result
         self.spec_stats = SpecDecodingStats(
             num_accepted_tokens_per_pos=[0] * (proposer.num_speculative_tokens if proposer else 0))
@@ -115,6 +121,8 @@ class Scheduler:
         self._release_from_workers(seq)
         if self.proposer is not None:
             self.proposer.remove(seq.seq_id, seq.all_token_ids)
+        if self.adaptive is not None:
+            self.adaptive.tracker.remove(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         for child in seq.pending_forks:
             child.status = SequenceStatus.FINISHED
@@ -128,6 +136,9 @@ class Scheduler:
         self.last_preempted = []
         self._drafts = {}
         suspects = self._next_suspects()
+        if self.adaptive is not None:
+            self._draft_caps = self.adaptive.num_drafts([s.seq_id for s in self.running.values()
+                                                         if s.num_tokens - s.num_computed_tokens == 1])
         for seq in list(self.running.values()):
             if budget == 0:
                 break
@@ -161,6 +172,8 @@ class Scheduler:
         room = min(budget, seq.max_tokens - len(seq.output_token_ids))
         if self.max_model_len is not None:
             room = min(room, self.max_model_len - seq.num_tokens)
+        if self._draft_caps is not None:
+            room = min(room, self._draft_caps.get(seq.seq_id, 0) + 1)
         return self.proposer.propose(seq.seq_id, seq.all_token_ids, room - 1)
 
     def _next_suspects(self) -> set[int]:
@@ -245,6 +258,9 @@ class Scheduler:
         self._forget = []
         self._forks = {}
         out.scheduled_spec_decode_tokens = self._drafts
+        if self._draft_caps is not None and self.num_lookahead_slots:   # what the draft model drafts after the step
+            new = max(self._draft_caps.values(), default=0)   # a sequence not decoding yet: the step's boldest cap
+            out.num_drafts_after_step = {seq.seq_id: self._draft_caps.get(seq.seq_id, new) for seq, _ in scheduled}
         for seq, n in scheduled:
             out.num_scheduled_tokens[seq.seq_id] = n
             if not seq.on_workers:
@@ -324,6 +340,8 @@ class Scheduler:
         """Append the drafts the target accepted (their K/V is computed), stopping at the first stop."""
         accepted = result.num_accepted_drafts[seq.seq_id]
         self.spec_stats.observe(len(seq_drafts), accepted)
+        if self.adaptive is not None:
+            self.adaptive.tracker.observe(seq.seq_id, len(seq_drafts), accepted)
         logprobs = result.draft_logprobs.get(seq.seq_id)
         for i, token in enumerate(seq_drafts[:accepted]):
             self._emit(seq, token, logprobs[i] if logprobs is not None else None, now, step)

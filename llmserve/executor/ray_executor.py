@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 RAY_MISSING = "the ray executor needs Ray: pip install 'llmserve[ray]'"
 PLACEMENT_TIMEOUT_S = 300.0   # a cluster that lacks the resources never places the group
 
-_CONTROL_CALLS = ("available_kv_blocks", "kv_cache_bytes_per_block", "initialize_cache")
+_CONTROL_CALLS = ("available_kv_blocks", "kv_cache_bytes_per_block", "initialize_cache", "measure_step_times")
 
 
 class RayNotInstalledError(ImportError, ValueError):

@@ -22,7 +22,7 @@ _VLLM_ONLY = ("quantization", "max_model_len", "revision",
 _SUFFIX_KEYS = ("suffix_decoding_max_tree_depth", "suffix_decoding_max_cached_requests",
                 "suffix_decoding_max_spec_factor", "suffix_decoding_min_token_prob")
 _KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
-         "draft_tensor_parallel_size", *_SUFFIX_KEYS)
+         "draft_tensor_parallel_size", "adaptive", *_SUFFIX_KEYS)
 _NGRAM_MODEL_NAMES = ("[ngram]", "ngram")
 # vLLM's default n-gram size when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
@@ -35,7 +35,9 @@ class SpeculativeConfig:
     ``suffix_decoding_*`` settings (:mod:`llmserve.spec_decode.suffix_proposer`). vLLM keeps up to 10000
     requests in the global tree (in C++); this tree is Python objects, so its default keeps 64. For
     ``draft_model``, the draft checkpoint (``model``) and its tensor-parallel size (only 1: the draft is small,
-    and runs whole beside the target)."""
+    and runs whole beside the target). ``adaptive`` (llmserve's, off by default): the drafts each sequence checks
+    per step are chosen from its measured acceptance and a step-cost model measured at start-up, down to none
+    (:mod:`llmserve.spec_decode.adaptive`)."""
 
     method: str
     num_speculative_tokens: int
@@ -47,6 +49,7 @@ class SpeculativeConfig:
     suffix_decoding_min_token_prob: float = 0.1
     model: str | None = None
     draft_tensor_parallel_size: int = 1
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -58,6 +61,8 @@ class SpeculativeConfig:
                              if self.model is None else
                              f"--speculative-config: model {self.model!r} is for method draft_model, not "
                              f"{self.method!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"--speculative-config: adaptive must be true or false, got {self.adaptive!r}")
         if self.draft_tensor_parallel_size != 1:
             raise ValueError(f"--speculative-config: draft_tensor_parallel_size must be 1 (the draft runs whole on "
                              f"each rank), got {self.draft_tensor_parallel_size!r}")

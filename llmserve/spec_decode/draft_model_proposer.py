@@ -99,12 +99,13 @@ class DraftModelProposer:
                    rotary_lengths=rotary_lengths)
 
     def propose(self, last_tokens: list[int], positions: np.ndarray, capacities: np.ndarray,
-                block_tables: np.ndarray, num_prompt: np.ndarray) -> list[list[int]]:
+                block_tables: np.ndarray, num_prompt: np.ndarray, limits: np.ndarray | None = None) -> list[list[int]]:
         """Greedy drafts for each row: ``last_tokens[i]`` (at ``positions[i]``) is fed first, then each draft;
-        a row gets at most ``k`` drafts and writes no slot at or past ``capacities[i]`` (its blocks' end) or
-        the context length. ``block_tables``: the rows' block ids, ``num_prompt``: their prompt lengths
-        (rotary scaling)."""
-        counts = np.clip(np.minimum(capacities, self.max_model_len) - positions, 0, self.num_speculative_tokens)
+        a row gets at most ``k`` drafts (and ``limits[i]``: adaptive speculation's choice) and writes no slot at
+        or past ``capacities[i]`` (its blocks' end) or the context length. ``block_tables``: the rows' block
+        ids, ``num_prompt``: their prompt lengths (rotary scaling)."""
+        room = np.minimum(capacities, self.max_model_len) - positions
+        counts = np.clip(room if limits is None else np.minimum(room, limits), 0, self.num_speculative_tokens)
         drafts = np.zeros((len(positions), self.num_speculative_tokens), dtype=np.int64)
         tokens = np.asarray(last_tokens, dtype=np.int64)
         bs = self.block_size

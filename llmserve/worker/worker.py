@@ -160,6 +160,10 @@ class Worker:
                          f"layer, read as key and value)")
             logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, len(layers), note)
 
+    def measure_step_times(self, token_counts: list[int]) -> dict[str, list[float] | None]:
+        assert self.runner is not None
+        return self.runner.measure_step_times(token_counts)
+
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         assert self.runner is not None
         try:

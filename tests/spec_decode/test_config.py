@@ -53,6 +53,9 @@ def test_draft_model_in_every_spelling():
         .speculative_config == expected   # vLLM: a model without a method is a draft model
     assert from_cli("--speculative-model", "/models/draft", "--num-speculative-tokens", "3").speculative_config \
         == expected
+    adaptive = from_cli("--speculative-config", '{"model": "/models/draft", "num_speculative_tokens": 3, '
+                        '"adaptive": true}').speculative_config
+    assert adaptive.adaptive and not expected.adaptive   # off unless asked for
 
 
 def test_off_by_default():
@@ -78,6 +81,8 @@ def test_off_by_default():
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "quantization": "fp8"}},
      "'quantization' is vLLM's but not supported"),
     ({"speculative_config": "ngram"}, "must be a JSON object"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "adaptive": "yes"}},
+     "adaptive must be true or false"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}, "num_speculative_tokens": 3},
      "give it once"),
 ])
