@@ -38,6 +38,8 @@ from llmserve.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     from llmserve.config import EngineConfig
+    from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
+    from llmserve.worker.input_batch import CachedSequence, InputBatch
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,28 @@ class DraftModelProposer:
         """Run the draft over the target's step (same tokens, same slots): its K/V follows the target's."""
         self.model(input_ids, positions, self.backend.build_metadata(layout, self.device),
                    rotary_lengths=rotary_lengths)
+
+    def draft_after_step(self, batch: InputBatch, seqs: list[CachedSequence], sched: SchedulerOutput,
+                         out: ModelRunnerOutput) -> dict[int, list[int]]:
+        """Drafts to follow the step's tokens (``out``: what it sampled and accepted) for the sampled ``seqs`` the
+        scheduler would check them for (not grammar-constrained ones, nor a request's samples in the step they
+        fork: they still share their prompt's last block), as many as it asks (adaptive speculation)."""
+        forked = {f.seq_id for forks in sched.forks.values() for f in forks} | set(sched.forks)
+        wanted = sched.num_drafts_after_step
+        seqs = [s for s in seqs if s.params.structured_outputs is None and s.seq_id not in forked
+                and wanted.get(s.seq_id, 1) > 0]
+        if not seqs:
+            return {}
+        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+        accepted = np.fromiter((out.num_accepted_drafts.get(s.seq_id, 0) for s in seqs), dtype=np.int64,
+                               count=len(seqs))
+        limits = np.fromiter((wanted.get(s.seq_id, self.num_speculative_tokens) for s in seqs), dtype=np.int64,
+                             count=len(seqs))
+        # the new last token sits after the row's tokens and its accepted drafts
+        drafts = self.propose([out.sampled[s.seq_id] for s in seqs], batch.num_tokens[rows] + accepted,
+                              batch.num_blocks[rows] * self.block_size, batch.block_table[rows],
+                              batch.num_prompt[rows], limits)
+        return {s.seq_id: d for s, d in zip(seqs, drafts) if d}
 
     def propose(self, last_tokens: list[int], positions: np.ndarray, capacities: np.ndarray,
                 block_tables: np.ndarray, num_prompt: np.ndarray, limits: np.ndarray | None = None) -> list[list[int]]:

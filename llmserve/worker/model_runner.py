@@ -25,7 +25,6 @@ request asked for).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -207,39 +206,6 @@ class ModelRunner:
         return self.sampler(logits, batch).sampled_token_ids
 
     @torch.inference_mode()
-    def measure_step_times(self, token_counts: list[int], repeats: int = 5) -> dict[str, list[float] | None]:
-        """Least seconds (of ``repeats``: the others were slowed by whatever else ran) of a step of ``n`` one-token rows (forward, logits, sampling) for each ``n``, and of the
-        draft model's forward over them: adaptive speculation's cost model. Called at start-up, before any
-        request holds a block: it writes K/V into the pool's first ``n`` blocks, which hold nothing yet."""
-        if max(token_counts) > self.num_blocks:
-            raise ValueError(f"measuring a {max(token_counts)}-row step needs as many KV blocks, {self.num_blocks} "
-                             f"are bound")
-
-        def least_seconds(run: Callable[[], object]) -> float:
-            run()   # warm-up
-            times = []
-            for _ in range(repeats):
-                self._synchronize()
-                start = time.perf_counter()
-                run()
-                self._synchronize()
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        target = [least_seconds(lambda n=n: self.run_worst_case_step([1] * n, n)) for n in token_counts]
-        if self.drafter is None:
-            return {"target": target, "draft": None}
-        drafter = self.drafter
-        draft = [least_seconds(lambda n=n: drafter.propose(
-            [0] * n, np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64),
-            np.arange(n, dtype=np.int32)[:, None], np.zeros(n, dtype=np.int64))) for n in token_counts]
-        return {"target": target, "draft": draft}
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate shared blocks (every layer's K and V) before a sequence writes into its copy."""
         if not copies:
@@ -310,7 +276,7 @@ class ModelRunner:
             if driver:
                 self._sample(logits, sample_seqs, out, bitmask, drafts)
                 if self.drafter is not None:
-                    out.draft_token_ids = self._draft(sample_seqs, sched, out)
+                    out.draft_token_ids = self.drafter.draft_after_step(self.input_batch, sample_seqs, sched, out)
         for seq, flat, start, n in prompt_rows:
             entries = self._prompt_logprobs(hidden, seq, flat, start, n, driver)
             if driver:
@@ -410,27 +376,6 @@ class ModelRunner:
                     out.draft_logprobs[seqs[i].seq_id] = entries[:-1]
         for seq, positions in zip(seqs, emitted):
             out.sampled[seq.seq_id] = tokens[positions[-1]]
-
-    def _draft(self, seqs: list[CachedSequence], sched: SchedulerOutput, out: ModelRunnerOutput) -> dict[int, list[int]]:
-        """The draft model's proposals to follow this step's tokens, for the sampled sequences the scheduler
-        would check them for (not grammar-constrained ones, nor a request's samples in the step they fork:
-        they still share their prompt's last block), as many as the scheduler asks (adaptive speculation)."""
-        assert self.drafter is not None
-        forked = {f.seq_id for forks in sched.forks.values() for f in forks} | set(sched.forks)
-        wanted = sched.num_drafts_after_step
-        seqs = [s for s in seqs if s.params.structured_outputs is None and s.seq_id not in forked
-                and wanted.get(s.seq_id, 1) > 0]
-        if not seqs:
-            return {}
-        batch = self.input_batch
-        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-        accepted = np.fromiter((out.num_accepted_drafts.get(s.seq_id, 0) for s in seqs), dtype=np.int64,
-                               count=len(seqs))
-        drafts = self.drafter.propose([out.sampled[s.seq_id] for s in seqs], batch.num_tokens[rows] + accepted,
-                                      batch.num_blocks[rows] * self.block_size, batch.block_table[rows],
-                                      batch.num_prompt[rows],
-                                      np.array([wanted.get(s.seq_id, self.drafter.num_speculative_tokens) for s in seqs]))
-        return {s.seq_id: d for s, d in zip(seqs, drafts) if d}
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seq: CachedSequence, flat: int, start: int, n: int,
                          driver: bool) -> list[TokenLogprobs]:

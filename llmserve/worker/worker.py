@@ -24,6 +24,7 @@ from llmserve.lora.model_manager import LoRAModelManager
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
 from llmserve.spec_decode.draft_model_proposer import DraftModelProposer
 from llmserve.worker.model_runner import ModelRunner
+from llmserve.worker.step_timing import measure_step_times
 
 if TYPE_CHECKING:
     from llmserve.structured_output import GrammarCompiler
@@ -162,7 +163,7 @@ class Worker:
 
     def measure_step_times(self, token_counts: list[int]) -> dict[str, list[float] | None]:
         assert self.runner is not None
-        return self.runner.measure_step_times(token_counts)
+        return measure_step_times(self.runner, token_counts)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         assert self.runner is not None

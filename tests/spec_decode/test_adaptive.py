@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmserve.spec_decode.adaptive import (AcceptanceTracker, StepCostModel, choose_num_drafts, expected_tokens)
-from tests.spec_decode.test_draft_model import draft_llm, small_draft_dir  # noqa: F401 - a fixture
+from llmserve.spec_decode.adaptive import AcceptanceTracker, StepCostModel, choose_num_drafts, expected_tokens
+from tests.spec_decode.test_draft_model import draft_llm
 from tests.spec_decode.test_spec_equivalence import PROMPTS, completions, make_llm
 
 COUNTS = [1, 2, 4, 8, 16, 32, 64]
@@ -62,14 +62,14 @@ def test_acceptance_estimates_follow_each_sequence_and_the_engine():
         tracker.observe(1, 4, 4)                          # all accepted: 4 successes
         tracker.observe(2, 4, 0)                          # first rejected: 1 failure
         tracker.decay()
-    assert tracker.rate(1) > 0.9 > 0.2 > tracker.rate(2)
+    assert tracker.rate(1) > 0.9 and tracker.rate(2) < 0.2
     assert 0.5 < tracker.engine_rate < 1.0
     assert tracker.rate(3) == pytest.approx(tracker.engine_rate)   # a new sequence starts at the engine's rate
     tracker.remove(1)
     assert tracker.rate(1) == pytest.approx(tracker.engine_rate)
 
 
-def test_a_draft_that_is_almost_never_accepted_is_turned_off(llama_dir, small_draft_dir):  # noqa: F811
+def test_a_draft_that_is_almost_never_accepted_is_turned_off(llama_dir, small_draft_dir):
     """The 1-layer draft (other random weights) is (nearly) never right: adaptive speculation soon stops drafting, while
     greedy output stays the output without speculation."""
     off = completions(make_llm(llama_dir, spec=False), prompts=PROMPTS)

@@ -20,12 +20,6 @@ from tests.spec_decode.test_spec_equivalence import GREEDY, PROMPTS, assert_idle
 K = 3
 
 
-@pytest.fixture(scope="module")
-def small_draft_dir(tmp_path_factory):
-    """A 1-layer, narrower Llama with the tiny Llama's tokenizer."""
-    return write_checkpoint(tmp_path_factory.mktemp("draft") / "m", family="llama", size="tiny-draft", seed=1)
-
-
 def draft_llm(target, draft, **kwargs) -> LLM:
     return make_llm(target, spec=False, speculative_config={"method": "draft_model", "model": str(draft),
                                                             "num_speculative_tokens": K}, **kwargs)
