@@ -159,6 +159,8 @@ class Worker:
             if latent is not None:
                 note += (f" (latent attention: one {latent.kv_cache_elements_per_token()}-value entry per token and "
                          f"layer, read as key and value)")
+            if self.runner.drafter is not None:
+                note += f" and of the draft model's {len(self.runner.drafter.attention_layers())}"
             logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, len(layers), note)
 
     def measure_step_times(self, token_counts: list[int]) -> dict[str, list[float] | None]:
