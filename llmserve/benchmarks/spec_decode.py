@@ -50,7 +50,7 @@ def run_spec_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     config = engine_config_from_args(args)
     if config.speculative_config is None:
         raise ValueError("bench spec-decode compares against --speculative-config (or --speculative-model "
-                         "[ngram] --num-speculative-tokens k): give one")
+                         "DRAFT or [ngram], with --num-speculative-tokens k): give one")
     if args.output_len < 2:
         raise ValueError("--output-len must be at least 2 (TPOT is measured after the first token)")
     results: dict[str, Any] = {}

@@ -20,6 +20,7 @@ from llmserve.engine.messages import (EngineCoreOutputs, EngineCoreRequest, Mode
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import Sequence
 from llmserve.executor.abstract import Executor, executor_class
+from llmserve.spec_decode.adaptive import AdaptiveSpeculation, StepCostModel
 from llmserve.spec_decode.proposer import make_proposer
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_num_batched_tokens,
                                    config.enable_chunked_prefill, max_model_len,
                                    make_proposer(spec) if spec is not None else None,
-                                   max_loras=config.max_loras if config.enable_lora else None)
+                                   max_loras=config.max_loras if config.enable_lora else None,
+                                   adaptive=self._adaptive_speculation(config, num_blocks, max_num_batched_tokens))
         self.requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         tokens = num_blocks * config.block_size
@@ -55,6 +57,21 @@ class EngineCore:
         if window is not None:
             logger.info("Every attention layer slides (window %d tokens): a sequence holds at most %d blocks while "
                         "it decodes; older ones are freed", window, -(-(window - 1) // config.block_size) + 1)
+
+    def _adaptive_speculation(self, config: EngineConfig, num_blocks: int,
+                              max_num_batched_tokens: int) -> AdaptiveSpeculation | None:
+        """With ``adaptive`` speculation, its step-cost model: steps of 1, 2, 4, ... one-token rows timed on
+        the workers, up to the most tokens a step of ``max_num_seqs`` sequences with ``k`` drafts each takes."""
+        spec = config.speculative_config
+        if spec is None or not spec.adaptive:
+            return None
+        largest = min(config.max_num_seqs * (1 + spec.num_speculative_tokens), max_num_batched_tokens, num_blocks)
+        counts = sorted({min(2 ** i, largest) for i in range(largest.bit_length() + 1)})
+        times = self.executor.measure_step_times(counts)
+        logger.info("Adaptive speculation: step times of %s tokens: %s ms", counts,
+                    ", ".join(f"{1000 * t:.2f}" for t in times["target"]))
+        cost = StepCostModel(counts, times["target"], times["draft"])
+        return AdaptiveSpeculation(cost, spec.num_speculative_tokens)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: EngineCoreRequest) -> None:

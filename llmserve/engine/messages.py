@@ -62,6 +62,8 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
     # seq_id -> draft tokens checked this step (llmserve.spec_decode): they follow its known tokens and are
     # counted in its num_scheduled_tokens; its logits are sampled at each of them and at its last token
     scheduled_spec_decode_tokens: dict[int, list[int]] = {}
+    # a draft model under adaptive speculation: seq_id -> how many drafts to make after this step (absent: k)
+    num_drafts_after_step: dict[int, int] = {}
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -91,6 +93,8 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     # their logprobs where asked
     num_accepted_drafts: dict[int, int] = {}
     draft_logprobs: dict[int, list[TokenLogprobs]] = {}
+    # seq_id -> tokens a draft model proposes to follow the sequence's tokens after this step (checked next step)
+    draft_token_ids: dict[int, list[int]] = {}
     # seq_id -> (first position p, logprobs of prompt tokens p+1, p+2, ...)
     prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] = {}
     # seq_id -> this step's share of its pooled vector (float32 little-endian bytes): the sum of the final

@@ -14,7 +14,11 @@ The step is described to the workers as a :class:`~llmserve.engine.messages.Sche
 With speculative decoding, a running sequence that is one token behind gets up to k draft tokens from the
 proposer (:mod:`llmserve.spec_decode`) and is scheduled for 1 + k tokens through the same rule and
 allocation; the result says how many drafts were accepted, and the rejected ones are never counted as
-computed (their K/V slots are written again later), so no block holding them is ever published.
+computed (their K/V slots are written again later), so no block holding them is ever published. A draft
+model's drafts are made in the worker after a step and come back with its result; a sequence whose step
+samples then also gets blocks for the slots the draft model writes after it (the proposer's lookahead).
+With adaptive speculation (:mod:`llmserve.spec_decode.adaptive`), each step caps every decoding sequence's
+drafts (down to none) from its measured acceptance and the batch's size; a draft model is told the caps too.
 
 ``update_from_output`` applies the workers' :class:`~llmserve.engine.messages.ModelRunnerOutput`: it
 advances ``num_computed_tokens``, publishes newly full blocks to the prefix cache, forks parallel
@@ -42,6 +46,8 @@ from llmserve.engine.messages import (CachedSequenceData, ForkData, ModelRunnerO
                                       SchedulerOutput, TokenLogprobs)
 from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.layers import pooler
+from llmserve.spec_decode.adaptive import AdaptiveSpeculation
+from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.spec_decode.metrics import SpecDecodingStats
 from llmserve.spec_decode.proposer import Proposer
 
@@ -73,7 +79,8 @@ def stops_on_token(seq: Sequence, token: int) -> bool:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None,
-                 proposer: Proposer | None = None, max_loras: int | None = None) -> None:
+                 proposer: Proposer | None = None, max_loras: int | None = None,
+                 adaptive: AdaptiveSpeculation | None = None) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -88,6 +95,9 @@ class Scheduler:
         self._forks: dict[int, list[Sequence]] = {}
         self._forget: list[int] = []                          # seq ids the workers must drop
         self.proposer = proposer
+        self.num_lookahead_slots = proposer.num_lookahead_slots if proposer else 0
+        self.adaptive = adaptive
+        self._draft_caps: dict[int, int] | None = None    # this step's adaptive caps (None: k for all)
         self._drafts: dict[int, list[int]] = {}               # seq id -> drafts in the step awaiting its result
         self.spec_stats = SpecDecodingStats(
             num_accepted_tokens_per_pos=[0] * (proposer.num_speculative_tokens if proposer else 0))
@@ -111,6 +121,8 @@ class Scheduler:
         self._release_from_workers(seq)
         if self.proposer is not None:
             self.proposer.remove(seq.seq_id, seq.all_token_ids)
+        if self.adaptive is not None:
+            self.adaptive.tracker.remove(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         for child in seq.pending_forks:
             child.status = SequenceStatus.FINISHED
@@ -124,14 +136,19 @@ class Scheduler:
         self.last_preempted = []
         self._drafts = {}
         suspects = self._next_suspects()
+        if self.adaptive is not None:
+            self._draft_caps = self.adaptive.num_drafts([s.seq_id for s in self.running.values()
+                                                         if s.num_tokens - s.num_computed_tokens == 1])
         for seq in list(self.running.values()):
             if budget == 0:
                 break
             if seq.seq_id not in self.running or (suspects and seq.seq_id not in suspects):
                 continue   # preempted earlier in this loop, or not this step's suspect
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            drafts = self._propose(seq, budget) if seq.num_tokens - seq.num_computed_tokens == 1 else []
-            if self._allocate_or_preempt(seq, num_new + len(drafts)):
+            gap = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(gap, budget)
+            drafts = self._propose(seq, budget) if gap == 1 else []
+            lookahead = self.num_lookahead_slots if num_new == gap else 0
+            if self._allocate_or_preempt(seq, num_new + len(drafts), lookahead):
                 scheduled.append((seq, num_new + len(drafts)))
                 budget -= num_new + len(drafts)
                 if drafts:
@@ -155,6 +172,8 @@ class Scheduler:
         room = min(budget, seq.max_tokens - len(seq.output_token_ids))
         if self.max_model_len is not None:
             room = min(room, self.max_model_len - seq.num_tokens)
+        if self._draft_caps is not None:
+            room = min(room, self._draft_caps.get(seq.seq_id, 0) + 1)
         return self.proposer.propose(seq.seq_id, seq.all_token_ids, room - 1)
 
     def _next_suspects(self) -> set[int]:
@@ -164,9 +183,10 @@ class Scheduler:
                 return {s.seq_id for s in self.running.values() if s.request_id == seq.request_id}
         return set()
 
-    def _allocate_or_preempt(self, seq: Sequence, num_new: int) -> bool:
-        """Find blocks for ``seq`` by preempting from the tail of the running set; False if ``seq`` itself went."""
-        while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new):
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, lookahead: int = 0) -> bool:
+        """Find blocks for ``seq`` (its ``num_new`` tokens and ``lookahead`` slots after them) by preempting from
+        the tail of the running set; False if ``seq`` itself went."""
+        while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_new + lookahead):
             victim = self.running[next(reversed(self.running))]
             self._preempt(victim)
             self.last_preempted.append(victim)
@@ -238,6 +258,9 @@ class Scheduler:
         self._forget = []
         self._forks = {}
         out.scheduled_spec_decode_tokens = self._drafts
+        if self._draft_caps is not None and self.num_lookahead_slots:   # what the draft model drafts after the step
+            new = max(self._draft_caps.values(), default=0)   # a sequence not decoding yet: the step's boldest cap
+            out.num_drafts_after_step = {seq.seq_id: self._draft_caps.get(seq.seq_id, new) for seq, _ in scheduled}
         for seq, n in scheduled:
             out.num_scheduled_tokens[seq.seq_id] = n
             if not seq.on_workers:
@@ -300,13 +323,25 @@ class Scheduler:
                     continue   # stopped on an accepted draft
             for sampled_seq in (seq, *children):
                 self._append_token(sampled_seq, result, now, step)
+        if result.draft_token_ids:
+            self._keep_drafts(result.draft_token_ids)
         return step
+
+    def _keep_drafts(self, drafts: dict[int, list[int]]) -> None:
+        """Drafts the worker's draft model made after this step, for the next step of each still-running sequence."""
+        assert isinstance(self.proposer, DraftsFromWorker)
+        for seq_id, tokens in drafts.items():
+            seq = self.running.get(seq_id)
+            if seq is not None and tokens:
+                self.proposer.add(seq_id, seq.num_tokens, tokens)
 
     def _append_drafts(self, seq: Sequence, seq_drafts: list[int], result: ModelRunnerOutput, now: float,
                        step: StepResult) -> None:
         """Append the drafts the target accepted (their K/V is computed), stopping at the first stop."""
         accepted = result.num_accepted_drafts[seq.seq_id]
         self.spec_stats.observe(len(seq_drafts), accepted)
+        if self.adaptive is not None:
+            self.adaptive.tracker.observe(seq.seq_id, len(seq_drafts), accepted)
         logprobs = result.draft_logprobs.get(seq.seq_id)
         for i, token in enumerate(seq_drafts[:accepted]):
             self._emit(seq, token, logprobs[i] if logprobs is not None else None, now, step)

@@ -58,9 +58,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     s = parser.add_argument_group("speculative decoding")
     s.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='as vLLM\'s flag: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, '
-                        '"prompt_lookup_max": 5} (n-gram prompt lookup is the method built; default: off)')
+                        '"prompt_lookup_max": 5}; methods ngram, suffix and draft_model (with "model": PATH); '
+                        'default: off')
     s.add_argument("--speculative-model", default=None,
-                   help="older form of --speculative-config: [ngram] means n-gram prompt lookup")
+                   help="older form of --speculative-config: a draft model's path, or [ngram] (n-gram prompt lookup)")
     s.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="older form of --speculative-config's num_speculative_tokens")
     lora = parser.add_argument_group("LoRA adapters")

@@ -53,6 +53,11 @@ class Executor(ABC):
         """Run one step on every rank; the driver's output. A step that failed comes back with ``error`` set;
         a worker that died or hung raises :class:`WorkerDiedError`."""
 
+    @abstractmethod
+    def measure_step_times(self, token_counts: list[int]) -> dict[str, list[float] | None]:
+        """The driver's seconds per decode-like step of each of ``token_counts`` one-token rows (``"target"``),
+        and of the draft model's forward over them (``"draft"``, None without one); every rank runs them."""
+
     def shutdown(self) -> None:
         """Stop the workers (a no-op in process)."""
 
@@ -90,6 +95,9 @@ class MultiRankExecutor(Executor):
 
     def initialize_cache(self, num_blocks: int) -> None:
         self._control("initialize_cache", num_blocks)
+
+    def measure_step_times(self, token_counts: list[int]) -> dict[str, list[float] | None]:
+        return self._control("measure_step_times", token_counts)[self.driver_rank]
 
     def step_output(self, replies: list[bytes]) -> ModelRunnerOutput:
         """Every rank's reply to a step -> the driver's output, or the failure. A step that failed on any rank

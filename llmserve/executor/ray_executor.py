@@ -41,9 +41,6 @@ logger = logging.getLogger(__name__)
 RAY_MISSING = "the ray executor needs Ray: pip install 'llmserve[ray]'"
 PLACEMENT_TIMEOUT_S = 300.0   # a cluster that lacks the resources never places the group
 
-_CONTROL_CALLS = ("available_kv_blocks", "kv_cache_bytes_per_block", "kv_cache_sliding_window", "initialize_cache")
-
-
 class RayNotInstalledError(ImportError, ValueError):
     """``--distributed-executor-backend ray`` without Ray installed. Also a ValueError, so the CLI reports it as
     a configuration error (one line, exit status 2) rather than a traceback."""

@@ -34,6 +34,9 @@ class UniProcExecutor(Executor):
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
 
+    def measure_step_times(self, token_counts: list[int]) -> dict[str, list[float] | None]:
+        return self.worker.measure_step_times(token_counts)
+
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         try:
             output = self.worker.execute_model(sched)

@@ -21,7 +21,7 @@ from llmserve.worker.worker import Worker, WorkerPlacement
 logger = logging.getLogger(__name__)
 
 _CONTROL_CALLS = ("available_kv_blocks", "kv_cache_bytes_per_block", "kv_cache_sliding_window", "initialize_cache",
-                  "recover_after_failed_step")
+                  "recover_after_failed_step", "measure_step_times")
 
 
 class WorkerEndpoint:

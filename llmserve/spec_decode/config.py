@@ -1,8 +1,10 @@
 """``--speculative-config``, vLLM's flag, and the older ``--speculative-model`` / ``--num-speculative-tokens``.
 
-Only proposers that need no second model are built: ``ngram`` (prompt lookup) and ``suffix`` (suffix
-decoding over the request and recent requests). A method vLLM has but llmserve does not (a draft model,
-EAGLE, MTP, ...) is refused at start-up naming what is supported, never run as something else.
+Three proposers are built: ``ngram`` (prompt lookup) and ``suffix`` (suffix decoding over the request and
+recent requests), which run in the engine core, and ``draft_model`` (a smaller model sharing the target's
+tokenizer), which runs in the worker beside the target. As in vLLM, a ``model`` given without a method means a
+draft model (``[ngram]`` excepted, the older spelling of prompt lookup). A method vLLM has but llmserve does
+not (EAGLE, MTP, ...) is refused at start-up naming what is supported, never run as something else.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram", "suffix")
+METHODS = ("ngram", "suffix", "draft_model")
 # vLLM's methods that llmserve does not build yet, named in the error rather than called unknown.
-_VLLM_METHODS = ("draft_model", "eagle", "eagle3", "medusa", "mlp_speculator", "mtp")
+_VLLM_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "mtp")
 # vLLM's keys that only matter to methods not built here.
-_VLLM_ONLY = ("draft_tensor_parallel_size", "quantization", "max_model_len", "revision",
+_VLLM_ONLY = ("quantization", "max_model_len", "revision",
               "code_revision", "disable_by_batch_size", "disable_padded_drafter_batch", "speculative_token_tree")
 _SUFFIX_KEYS = ("suffix_decoding_max_tree_depth", "suffix_decoding_max_cached_requests",
                 "suffix_decoding_max_spec_factor", "suffix_decoding_min_token_prob")
-_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model", *_SUFFIX_KEYS)
+_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
+         "draft_tensor_parallel_size", "adaptive", *_SUFFIX_KEYS)
+_NGRAM_MODEL_NAMES = ("[ngram]", "ngram")
 # vLLM's default n-gram size when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
 
@@ -29,7 +33,11 @@ class SpeculativeConfig:
     """How many tokens a proposer drafts per step (``num_speculative_tokens``); for ``ngram``, the n-gram
     sizes it looks up (``prompt_lookup_min`` to ``prompt_lookup_max``, longest first); for ``suffix``, vLLM's
     ``suffix_decoding_*`` settings (:mod:`llmserve.spec_decode.suffix_proposer`). vLLM keeps up to 10000
-    requests in the global tree (in C++); this tree is Python objects, so its default keeps 64."""
+    requests in the global tree (in C++); this tree is Python objects, so its default keeps 64. For
+    ``draft_model``, the draft checkpoint (``model``) and its tensor-parallel size (only 1: the draft is small,
+    and runs whole beside the target). ``adaptive`` (llmserve's, off by default): the drafts each sequence checks
+    per step are chosen from its measured acceptance and a step-cost model measured at start-up, down to none
+    (:mod:`llmserve.spec_decode.adaptive`)."""
 
     method: str
     num_speculative_tokens: int
@@ -39,12 +47,25 @@ class SpeculativeConfig:
     suffix_decoding_max_cached_requests: int = 64
     suffix_decoding_max_spec_factor: float = 1.0
     suffix_decoding_min_token_prob: float = 0.1
+    model: str | None = None
+    draft_tensor_parallel_size: int = 1
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             kind = "is vLLM's but not built in llmserve" if self.method in _VLLM_METHODS else "is not known"
             raise ValueError(f"--speculative-config: method {self.method!r} {kind}; supported: "
                              f"{', '.join(METHODS)}")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError("--speculative-config: method draft_model needs a model (the draft checkpoint)"
+                             if self.model is None else
+                             f"--speculative-config: model {self.model!r} is for method draft_model, not "
+                             f"{self.method!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"--speculative-config: adaptive must be true or false, got {self.adaptive!r}")
+        if self.draft_tensor_parallel_size != 1:
+            raise ValueError(f"--speculative-config: draft_tensor_parallel_size must be 1 (the draft runs whole on "
+                             f"each rank), got {self.draft_tensor_parallel_size!r}")
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -71,7 +92,7 @@ class SpeculativeConfig:
                 num_speculative_tokens: int | None) -> SpeculativeConfig | None:
         """The JSON flag (or a dict, for ``LLM(speculative_config=...)``) merged with the legacy flags; None
         when speculation is off. ``speculative_model`` (or the JSON's ``model``) ``[ngram]`` or ``ngram``
-        means the n-gram proposer, as in older vLLM; any other model is refused."""
+        means the n-gram proposer, as in older vLLM; any other model is a draft model."""
         if isinstance(value, cls):
             if speculative_model is not None or num_speculative_tokens is not None:
                 raise ValueError("give speculation either as --speculative-config or as --speculative-model / "
@@ -85,14 +106,16 @@ class SpeculativeConfig:
         if model is not None and speculative_model is not None:
             raise ValueError("--speculative-model is also given as --speculative-config's model; give it once")
         speculative_model = speculative_model if model is None else model
-        if speculative_model is not None:
-            if speculative_model not in ("[ngram]", "ngram"):
-                raise ValueError(f"--speculative-model {speculative_model!r}: draft models are not built in "
-                                 f"llmserve; use '[ngram]' (prompt lookup)")
-            if "method" in fields and fields["method"] != "ngram":
+        if speculative_model in _NGRAM_MODEL_NAMES:
+            if fields.get("method", "ngram") != "ngram":
                 raise ValueError(f"--speculative-model {speculative_model!r} means n-gram lookup, but the "
                                  f"method is {fields['method']!r}")
             fields["method"] = "ngram"
+        elif speculative_model is not None:
+            if fields.get("method", "draft_model") != "draft_model":
+                raise ValueError(f"speculative model {speculative_model!r} is a draft model: the method must be "
+                                 f"draft_model, got {fields['method']!r}")
+            fields["method"], fields["model"] = "draft_model", speculative_model
         if num_speculative_tokens is not None:
             if "num_speculative_tokens" in fields:
                 raise ValueError("--num-speculative-tokens is also in --speculative-config; give it once")
@@ -100,8 +123,8 @@ class SpeculativeConfig:
         if not fields:
             return None
         if "method" not in fields:
-            raise ValueError("--speculative-config needs a method (supported: ngram, suffix), or --speculative-model "
-                             "[ngram]")
+            raise ValueError("--speculative-config needs a method (supported: ngram, suffix, draft_model), or "
+                             "--speculative-model (a draft model, or [ngram])")
         if fields["method"] != "suffix" and any(key in fields for key in _SUFFIX_KEYS):
             raise ValueError(f"--speculative-config: the suffix_decoding_* keys are for method suffix, not "
                              f"{fields['method']!r}")

@@ -45,6 +45,7 @@ class NgramProposer:
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.num_speculative_tokens = config.num_speculative_tokens
+        self.num_lookahead_slots = 0   # drafts come from the tokens; nothing is written ahead
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
         self._tokens: dict[int, tuple[np.ndarray, int]] = {}   # seq id -> (buffer, tokens in it)

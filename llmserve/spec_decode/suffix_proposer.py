@@ -92,6 +92,7 @@ class SuffixProposer:
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.num_speculative_tokens = config.num_speculative_tokens
+        self.num_lookahead_slots = 0   # drafts come from the trees; nothing is written ahead
         self.max_depth = config.suffix_decoding_max_tree_depth
         self.max_spec_factor = config.suffix_decoding_max_spec_factor
         self.min_token_prob = config.suffix_decoding_min_token_prob

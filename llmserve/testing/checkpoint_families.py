@@ -79,6 +79,26 @@ SIZES: dict[str, SizeSpec] = {
         max_position_embeddings=4096,
         vocab_size=32000,
     ),
+    # Draft models for speculative decoding: the tokenizer (and vocabulary) of the size they draft for, a
+    # fraction of its layers and width.
+    "tiny-draft": SizeSpec(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=2048,
+        vocab_size=2000,
+    ),
+    "bench-draft": SizeSpec(
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        max_position_embeddings=4096,
+        vocab_size=32000,
+    ),
     # GPU benchmark shapes (bf16: about 2.5 GB and 16 GB of weights). Llama-3.2-1B: 16 layers, hidden 2048,
     # 32 heads / 8 KV heads of 64, intermediate 8192 (pair it with family llama3: tied embeddings).
     "1b": SizeSpec(

@@ -65,7 +65,8 @@ Sizes (:data:`SIZES`): ``tiny`` (hidden 64, 2 layers, 4 heads / 2 KV heads, voca
 override it, see ``FamilySpec.size_overrides``) for tests and
 ``bench``, the ~125M-parameter Llama-shaped benchmark and demo model (hidden 768, 12 layers, 12 heads /
 4 KV heads, intermediate 2048, vocab 32000); ``1b`` (Llama-3.2-1B's shape) and ``8b`` (Llama-3-8B's
-shape, vocab 128256) for GPU benchmarks (``scripts/gpu_suite.sh``).
+shape, vocab 128256) for GPU benchmarks (``scripts/gpu_suite.sh``); ``tiny-draft`` and ``bench-draft``, draft
+models for speculative decoding with the tokenizer of ``tiny`` and ``bench`` (1 layer of 32; 2 layers of 256).
 
 Weights are drawn from a ``torch.Generator`` seeded from ``(seed, tensor name)``, so the same arguments
 always produce byte-identical files, and a given tensor does not depend on sharding.  Tensor names, shapes

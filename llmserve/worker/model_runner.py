@@ -10,7 +10,10 @@ sequences are never sampled: the driver returns their share of the pooled final 
 On the driver, rows with a structured-output constraint are sampled under their grammar's token bitmask
 (:mod:`llmserve.worker.structured_output_manager`), filled while the forward pass runs. A row with
 speculative drafts is sampled at its last token and at each draft, and the rejection sampler
-(:mod:`llmserve.spec_decode.rejection_sampler`) keeps the drafts the samples agree with.
+(:mod:`llmserve.spec_decode.rejection_sampler`) keeps the drafts the samples agree with. With a draft model
+(:mod:`llmserve.spec_decode.draft_model_proposer`), the draft runs over each step's batch after the target
+and, once the target has sampled, drafts the next step's tokens; its KV layers are bound with the target's
+(same blocks), so every KV-cache operation here covers both.
 
 On CUDA, decode-only steps replay CUDA graphs (:mod:`llmserve.worker.cuda_graphs`) unless
 ``enforce_eager`` is set or the attention backend cannot be captured, and
@@ -34,10 +37,12 @@ from llmserve.distributed.shm_all_reduce import CollectiveAbortedError
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from llmserve.layers import pooler
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
+from llmserve.layers.attention.layer import Attention
 from llmserve.layers.sampler import Sampler, SamplingBatch, SamplingRow, compute_logprobs
 from llmserve.lora.model_manager import LoRAModelManager
 from llmserve.sampling_params import SamplingParams
 from llmserve.spec_decode import rejection_sampler
+from llmserve.spec_decode.draft_model_proposer import DraftModelProposer
 from llmserve.models.interface import IntermediateTensors
 from llmserve.worker.cpu_tuning import keep_large_allocations_in_heap
 from llmserve.worker.cuda_graphs import DecodeGraphs
@@ -81,9 +86,10 @@ class ModelRunner:
                  enforce_eager: bool = False, max_seq_len_to_capture: int = 8192,
                  max_model_len: int | None = None,
                  load_grammar_compiler: Callable[[], GrammarCompiler] | None = None,
-                 lora_manager: LoRAModelManager | None = None) -> None:
+                 lora_manager: LoRAModelManager | None = None, drafter: DraftModelProposer | None = None) -> None:
         """``load_grammar_compiler`` is given to the driver only (the rank that samples keeps the grammars);
-        ``lora_manager`` (LoRA on) has wrapped the model's linear layers and is told each step's adapters."""
+        ``lora_manager`` (LoRA on) has wrapped the model's linear layers and is told each step's adapters;
+        ``drafter`` (a draft model's speculative decoding) runs eagerly after the target each step."""
         self.model = model
         self.backend = backend
         self.block_size = block_size
@@ -101,17 +107,24 @@ class ModelRunner:
         self.max_seq_len_to_capture = min(max_seq_len_to_capture, max_model_len or max_seq_len_to_capture)
         self.graphs: DecodeGraphs | None = None
         self.lora_manager = lora_manager
+        self.drafter = drafter
         self._received = self._sent = False   # this step's pipeline hand-offs, for fail_step
         if device.type == "cpu":
             keep_large_allocations_in_heap()
 
     @property
     def use_cuda_graphs(self) -> bool:
-        return (self.device.type == "cuda" and not self.enforce_eager
+        return (self.device.type == "cuda" and not self.enforce_eager and self.drafter is None
                 and getattr(self.backend, "supports_cuda_graphs", False))
 
-    def kv_cache_bytes_per_block(self) -> int:
-        per_token = sum(a.kv_cache_elements_per_token() for a in self.model.attention_layers())
+    def kv_layers(self) -> list[Attention]:
+        """Every attention layer holding K/V in the pool: the model's, then the draft model's."""
+        layers = self.model.attention_layers()
+        return layers if self.drafter is None else [*layers, *self.drafter.attention_layers()]
+
+    def kv_cache_bytes_per_block(self, layers: list[Attention] | None = None) -> int:
+        """Bytes a block takes in ``layers`` (default: every layer of the pool)."""
+        per_token = sum(a.kv_cache_elements_per_token() for a in (self.kv_layers() if layers is None else layers))
         return self.block_size * per_token * torch.tensor([], dtype=self.dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -128,6 +141,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         for attn in self.model.attention_layers():
             attn.bind_cache(self.backend, *attn.new_kv_cache(num_blocks, self.block_size, self.dtype, self.device))
+        if self.drafter is not None:
+            self.drafter.bind_cache(num_blocks)
 
     @torch.inference_mode()
     def profile_kv_cache_budget(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
@@ -151,8 +166,8 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
         finally:
-            for attn in self.model.attention_layers():
-                attn.bind_cache(self.backend, torch.empty(0), torch.empty(0))
+            for attn in self.kv_layers():
+                attn.bind_cache(attn.backend, torch.empty(0), torch.empty(0))
             self.num_blocks = 0
             torch.cuda.empty_cache()
         budget = kv_cache_budget(total, gpu_memory_utilization, peak, non_torch)
@@ -197,7 +212,7 @@ class ModelRunner:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for attn in self.model.attention_layers():
+        for attn in self.kv_layers():
             attn.key_cache.index_copy_(0, dst, attn.key_cache.index_select(0, src))
             if attn.value_cache is not attn.key_cache:
                 attn.value_cache.index_copy_(0, dst, attn.value_cache.index_select(0, src))
@@ -236,6 +251,8 @@ class ModelRunner:
             lengths = torch.from_numpy(step.rotary_lengths).to(self.device)
             received = None if pp.is_first_rank else self._receive(len(step.input_ids))
             hidden = self.model(ids, pos, metadata, intermediate_tensors=received, rotary_lengths=lengths)
+            if self.drafter is not None:
+                self.drafter.catch_up(layout, ids, pos, lengths)
         # Parallel samples join every rank's batch (the scheduler sends them as deltas from now on).
         for i, seq in enumerate(list(sample_seqs)):
             for fork in sched.forks.get(seq.seq_id, ()):
@@ -258,6 +275,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[sample_rows])
             if driver:
                 self._sample(logits, sample_seqs, out, bitmask, drafts)
+                if self.drafter is not None:
+                    out.draft_token_ids = self.drafter.draft_after_step(self.input_batch, sample_seqs, sched, out)
         for seq, flat, start, n in prompt_rows:
             entries = self._prompt_logprobs(hidden, seq, flat, start, n, driver)
             if driver:

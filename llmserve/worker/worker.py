@@ -22,7 +22,9 @@ from llmserve.layers.attention.layer import Attention
 from llmserve.layers.fused_moe import FusedMoE
 from llmserve.lora.model_manager import LoRAModelManager
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
+from llmserve.spec_decode.draft_model_proposer import DraftModelProposer
 from llmserve.worker.model_runner import ModelRunner
+from llmserve.worker.step_timing import measure_step_times
 
 if TYPE_CHECKING:
     from llmserve.structured_output import GrammarCompiler
@@ -99,13 +101,17 @@ class Worker:
                                     dtype if config.lora_dtype == "auto" else resolve_dtype(config.lora_dtype, None, self.device), self.device)
             if self.device.type == "cuda" and not config.enforce_eager and self.placement.rank == 0:
                 logger.info("LoRA is on: decode steps run eagerly (no CUDA graphs)")
+        spec = config.speculative_config
+        drafter = None
+        if spec is not None and spec.method == "draft_model":
+            drafter = DraftModelProposer.load(spec, config, hf_config, dtype, self.device, self.max_model_len)
         self.runner = ModelRunner(model, backend, config.block_size, int(hf_config.vocab_size), self.device, dtype,
                                   max_num_seqs=config.max_num_seqs,
-                                  enforce_eager=config.enforce_eager or config.enable_lora,
+                                  enforce_eager=config.enforce_eager or config.enable_lora or drafter is not None,
                                   max_seq_len_to_capture=config.max_seq_len_to_capture,
                                   max_model_len=self.max_model_len,
                                   load_grammar_compiler=self._grammar_compiler if driver else None,
-                                  lora_manager=lora)
+                                  lora_manager=lora, drafter=drafter)
 
     def _grammar_compiler(self) -> GrammarCompiler:
         """The compiler of structured-output grammars for this model: its vocabulary (the logits' width) and
@@ -122,9 +128,11 @@ class Worker:
 
     def kv_cache_sliding_window(self) -> int | None:
         """The window every attention layer of this rank attends within (the widest), or None if any attends
-        the whole context (layers reading another layer's K/V included: they read its blocks)."""
+        the whole context (layers reading another layer's K/V included: they read its blocks; and a draft
+        model's layers: they read the same block tables)."""
         assert self.runner is not None
-        return widest_window([m.spec.sliding_window for m in self.runner.model.modules() if isinstance(m, Attention)])
+        layers = [m for m in self.runner.model.modules() if isinstance(m, Attention)] + self.runner.kv_layers()
+        return widest_window([layer.spec.sliding_window for layer in layers])
 
     def available_kv_blocks(self) -> int:
         """How many blocks this rank's KV-cache budget holds (``--kv-cache-memory-bytes`` per rank, or
@@ -141,6 +149,10 @@ class Worker:
         if num_blocks < 1:
             raise ValueError(f"the KV-cache budget ({budget} bytes) is smaller than one block ({per_block} bytes); "
                              "raise --kv-cache-memory-bytes or --gpu-memory-utilization")
+        if self.runner.drafter is not None and self.placement.rank == 0:
+            target_per_block = self.runner.kv_cache_bytes_per_block(self.runner.model.attention_layers())
+            logger.info("The draft model's KV layers take %.0f%% of each block: %d KV blocks instead of %d",
+                        100 * (1 - target_per_block / per_block), num_blocks, int(budget // target_per_block))
         return num_blocks
 
     def initialize_cache(self, num_blocks: int) -> None:
@@ -155,7 +167,13 @@ class Worker:
             if latent is not None:
                 note += (f" (latent attention: one {latent.kv_cache_elements_per_token()}-value entry per token and "
                          f"layer, read as key and value)")
+            if self.runner.drafter is not None:
+                note += f" and of the draft model's {len(self.runner.drafter.attention_layers())}"
             logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, len(layers), note)
+
+    def measure_step_times(self, token_counts: list[int]) -> dict[str, list[float] | None]:
+        assert self.runner is not None
+        return measure_step_times(self.runner, token_counts)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         assert self.runner is not None

@@ -1,6 +1,7 @@
 """``--speculative-config`` as vLLM takes it, the older ``--speculative-model [ngram]`` /
 ``--num-speculative-tokens``, the same through ``LLM(speculative_config=...)``; ``suffix`` with vLLM's
-``suffix_decoding_*`` keys; methods not built are refused naming what is."""
+``suffix_decoding_*`` keys; ``draft_model`` with its ``model`` (also vLLM's shorthand: a model without a
+method, and ``--speculative-model PATH``); methods not built are refused naming what is."""
 
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ def test_legacy_flags_mean_ngram():
     assert mixed.speculative_config == SpeculativeConfig("ngram", 3, 2, 2)
 
 
+def test_draft_model_in_every_spelling():
+    expected = SpeculativeConfig("draft_model", 3, model="/models/draft")
+    assert from_cli("--speculative-config", '{"method": "draft_model", "model": "/models/draft", '
+                    '"num_speculative_tokens": 3, "draft_tensor_parallel_size": 1}').speculative_config == expected
+    assert EngineConfig(speculative_config={"model": "/models/draft", "num_speculative_tokens": 3}) \
+        .speculative_config == expected   # vLLM: a model without a method is a draft model
+    assert from_cli("--speculative-model", "/models/draft", "--num-speculative-tokens", "3").speculative_config \
+        == expected
+    adaptive = from_cli("--speculative-config", '{"model": "/models/draft", "num_speculative_tokens": 3, '
+                        '"adaptive": true}').speculative_config
+    assert adaptive.adaptive and not expected.adaptive   # off unless asked for
+
+
 def test_off_by_default():
     assert from_cli().speculative_config is None
     assert EngineConfig().speculative_config is None
@@ -51,17 +65,24 @@ def test_off_by_default():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"speculative_config": {"method": "eagle", "num_speculative_tokens": 2}}, "'eagle' is vLLM's but not built"),
-    ({"speculative_config": {"method": "draft_model", "model": "/models/draft", "num_speculative_tokens": 2}},
-     "draft models are not built"),
-    ({"speculative_model": "meta-llama/Llama-3.2-1B", "num_speculative_tokens": 2}, "draft models are not built"),
+    ({"speculative_config": {"method": "draft_model", "num_speculative_tokens": 2}}, "draft_model needs a model"),
+    ({"speculative_config": {"method": "suffix", "model": "/models/draft"}}, "is a draft model: the method must be draft_model"),
+    ({"speculative_config": {"model": "/models/draft", "num_speculative_tokens": 2,
+                             "draft_tensor_parallel_size": 2}}, "draft_tensor_parallel_size must be 1"),
+    ({"speculative_model": "/models/draft", "num_speculative_tokens": 2, "tensor_parallel_size": 2,
+      "distributed_executor_backend": "mp"}, "a draft model must run with one rank"),
+    ({"speculative_model": "/models/draft", "num_speculative_tokens": 2, "pipeline_parallel_size": 2,
+      "distributed_executor_backend": "mp"}, "a draft model must run with one rank"),
     ({"speculative_config": {"method": "ngram"}}, "needs num_speculative_tokens"),
     ({"num_speculative_tokens": 2}, "needs a method"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 0}}, "num_speculative_tokens must be"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
                              "prompt_lookup_max": 2}}, "prompt_lookup_min (4) is above"),
-    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}},
-     "'draft_tensor_parallel_size' is vLLM's but not supported"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "quantization": "fp8"}},
+     "'quantization' is vLLM's but not supported"),
     ({"speculative_config": "ngram"}, "must be a JSON object"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "adaptive": "yes"}},
+     "adaptive must be true or false"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}, "num_speculative_tokens": 3},
      "give it once"),
 ])

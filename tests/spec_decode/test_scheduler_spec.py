@@ -12,7 +12,9 @@ from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLo
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import Sequence
 from llmserve.sampling_params import SamplingParams
+from llmserve.spec_decode.adaptive import AcceptanceTracker
 from llmserve.spec_decode.config import SpeculativeConfig
+from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.spec_decode.ngram_proposer import NgramProposer
 
 BLOCK = 4
@@ -157,3 +159,39 @@ def test_every_block_is_free_after_preemption_and_finish():
     stats = sched.spec_stats
     assert stats.num_accepted_tokens <= stats.num_draft_tokens
     assert stats.num_accepted_tokens == sum(stats.num_accepted_tokens_per_pos)
+
+
+def test_a_draft_models_drafts_come_back_with_the_result_and_get_lookahead_slots():
+    """A draft model drafts in the worker after a step: the drafts come back in the result, are checked in the
+    sequence's next step, and every step that samples reserves k more slots for the K/V drafting writes."""
+    k = 3
+    sched = Scheduler(BlockManager(32, BLOCK, True), 8, 64,
+                      proposer=DraftsFromWorker(SpeculativeConfig("draft_model", k, model="d")))
+    seq = add(sched)
+    out = sched.schedule()
+    assert len(seq.block_table) == -(-len(PROMPT) // BLOCK)          # a new prompt: no lookahead yet
+    sched.update_from_output(out, ModelRunnerOutput(sampled={seq.seq_id: 2}, draft_token_ids={seq.seq_id: [3, 4]}))
+    out = sched.schedule()
+    assert out.scheduled_spec_decode_tokens == {seq.seq_id: [3, 4]}
+    assert len(seq.block_table) == -(-(len(PROMPT) + 1 + 2 + k) // BLOCK)   # 1 + 2 tokens, then k drafted
+    sched.update_from_output(out, ModelRunnerOutput(sampled={seq.seq_id: 7}, num_accepted_drafts={seq.seq_id: 2},
+                                                    draft_token_ids={seq.seq_id: [8]}))
+    assert seq.output_token_ids == [2, 3, 4, 7]
+    assert sched.schedule().scheduled_spec_decode_tokens == {seq.seq_id: [8]}
+
+
+def test_adaptive_caps_limit_the_drafts_and_are_sent_to_a_draft_model():
+    class NoDrafts:   # the policy's view with every sequence capped at 0
+        tracker = AcceptanceTracker()
+
+        def num_drafts(self, seq_ids):
+            return dict.fromkeys(seq_ids, 0)
+
+    sched = Scheduler(BlockManager(32, BLOCK, True), 8, 64,
+                      proposer=DraftsFromWorker(SpeculativeConfig("draft_model", 3, model="d")), adaptive=NoDrafts())
+    seq = add(sched)
+    out = sched.schedule()
+    assert out.num_drafts_after_step == {seq.seq_id: 0}
+    sched.update_from_output(out, ModelRunnerOutput(sampled={seq.seq_id: 2}, draft_token_ids={seq.seq_id: [3, 4]}))
+    out = sched.schedule()
+    assert out.scheduled_spec_decode_tokens == {} and out.num_scheduled_tokens == {seq.seq_id: 1}

@@ -1,0 +1,156 @@
+"""Adaptive speculation: how many drafts each running sequence checks in a step, chosen so that the step's
+expected tokens per second beat those of the same step without speculation, down to none.
+
+Two measurements decide it:
+
+- **The step's cost**, measured at start-up (:meth:`StepCostModel`): seconds of a decode-like step as a
+  function of the tokens it computes (and, with a draft model, of the draft's forwards), interpolated between
+  measured points. On a GPU the curve is flat until the tensor cores fill, so drafts are nearly free at low
+  load and costly at high load; on a CPU it rises early.
+- **Each sequence's acceptance** (:class:`AcceptanceTracker`): the probability that a draft is accepted
+  given the ones before it were, estimated from the sequence's recent steps (older ones decay) and, while it
+  has few, from the engine's recent rate.
+
+With acceptance ``a``, ``c`` drafts yield ``1 + a + ... + a^c`` tokens in expectation. The policy
+(:func:`choose_num_drafts`) tries every cap ``c`` and every number of the most promising sequences that draft
+``c`` tokens, and keeps the choice of most expected tokens per second, if it beats the step without drafts by
+``min_speedup``; otherwise nobody drafts. Expected tokens per second of the batch is its throughput, and
+per sequence the inverse of its mean TPOT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# A choice must beat no speculation by this factor: the cost model is measured on a machine that may be noisy.
+MIN_SPEEDUP = 1.05
+# Per step, older observations of a sequence (and of the engine) count this much less.
+SEQ_DECAY, ENGINE_DECAY = 0.95, 0.99
+# How many observations the engine's rate is worth in a sequence's estimate.
+PRIOR_WEIGHT = 2.0
+# The engine's rate starts as one observation of this rate, which never decays: when nobody drafts for a while
+# the engine's estimate drifts back to it, and drafting is tried again.
+INITIAL_RATE = 0.5
+
+
+class StepCostModel:
+    """Seconds of a step computing ``n`` tokens (one per row), at the measured ``token_counts``; with a draft
+    model, ``draft_seconds`` are its forward's over ``n`` one-token rows (its catch-up runs over the step's
+    tokens, then one forward per draft over the drafting rows)."""
+
+    def __init__(self, token_counts: Sequence[int], target_seconds: Sequence[float],
+                 draft_seconds: Sequence[float] | None = None) -> None:
+        if len(token_counts) < 1 or len(token_counts) != len(target_seconds) or \
+                (draft_seconds is not None and len(draft_seconds) != len(token_counts)):
+            raise ValueError("a step cost model needs one time per measured token count")
+        self.token_counts = np.asarray(token_counts, dtype=np.float64)
+        # A step of more tokens never costs less: a measurement below an earlier one was noise.
+        self.target = np.maximum.accumulate(np.asarray(target_seconds, dtype=np.float64))
+        self.draft = None if draft_seconds is None else np.maximum.accumulate(np.asarray(draft_seconds, dtype=np.float64))
+
+    def _interp(self, seconds: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """Linear between measured points; beyond the last, proportional to the tokens (weights are read once,
+        the rest grows with the tokens)."""
+        last_n, last_t = self.token_counts[-1], seconds[-1]
+        inside = np.interp(n, self.token_counts, seconds)
+        return np.where(n > last_n, last_t * n / last_n, inside)
+
+    def step_time(self, num_tokens: np.ndarray | int, drafting_rows: np.ndarray | int = 0,
+                  draft_passes: int = 0) -> np.ndarray:
+        n = np.asarray(num_tokens, dtype=np.float64)
+        time = self._interp(self.target, n)
+        if self.draft is not None:
+            time = time + self._interp(self.draft, n)
+            if draft_passes:
+                time = time + draft_passes * self._interp(self.draft, np.maximum(np.asarray(drafting_rows, float), 1))
+        return time
+
+    def baseline_time(self, num_rows: int) -> float:
+        """A step of ``num_rows`` decodes without speculation (and without a draft model)."""
+        return float(self._interp(self.target, np.asarray(float(num_rows))))
+
+
+def expected_tokens(acceptance: np.ndarray, num_drafts: int) -> np.ndarray:
+    """``1 + a + a^2 + ... + a^c``: tokens a step emits in expectation with ``c`` drafts accepted each with
+    probability ``a`` given the earlier ones were."""
+    powers = acceptance[:, None] ** np.arange(num_drafts + 1)[None, :]
+    return powers.sum(axis=1)
+
+
+def choose_num_drafts(acceptance: Sequence[float], max_drafts: int, cost: StepCostModel,
+                      min_speedup: float = MIN_SPEEDUP) -> list[int]:
+    """Drafts per sequence (in the order of ``acceptance``) for the step of most expected tokens per second:
+    a cap ``c`` <= ``max_drafts`` for the ``j`` sequences of highest acceptance, the others none; all zero
+    unless it beats the step without speculation by ``min_speedup``."""
+    a = np.clip(np.asarray(acceptance, dtype=np.float64), 0.0, 1.0)
+    rows = len(a)
+    choice = [0] * rows
+    if rows == 0 or max_drafts < 1:
+        return choice
+    order = np.argsort(-a, kind="stable")
+    best_rate, best = min_speedup * rows / cost.baseline_time(rows), (0, 0)
+    drafters = np.arange(1, rows + 1)
+    for c in range(1, max_drafts + 1):
+        gains = np.cumsum(expected_tokens(a[order], c) - 1.0)   # extra tokens of the j most promising
+        rates = (rows + gains) / cost.step_time(rows + c * drafters, drafters, c)
+        j = int(np.argmax(rates))
+        if rates[j] > best_rate:
+            best_rate, best = float(rates[j]), (c, j + 1)
+    c, j = best
+    for i in order[:j]:
+        choice[int(i)] = c
+    return choice
+
+
+class AcceptanceTracker:
+    """Each sequence's draft acceptance, from its recent steps, leaning on the engine's recent rate while it has
+    few. A step with ``k`` drafts of which ``m`` were accepted is ``m`` successes and, if ``m < k``, one failure
+    (the drafts after the first rejection were never tried)."""
+
+    def __init__(self) -> None:
+        self._accepted: dict[int, float] = {}
+        self._tried: dict[int, float] = {}
+        self._engine = [0.0, 0.0]   # the engine's decayed accepted and tried drafts
+
+    @property
+    def engine_rate(self) -> float:
+        return (self._engine[0] + INITIAL_RATE) / (self._engine[1] + 1.0)
+
+    def rate(self, seq_id: int) -> float:
+        prior = PRIOR_WEIGHT * self.engine_rate
+        return (self._accepted.get(seq_id, 0.0) + prior) / (self._tried.get(seq_id, 0.0) + PRIOR_WEIGHT)
+
+    def observe(self, seq_id: int, num_drafts: int, num_accepted: int) -> None:
+        tried = num_accepted + (num_accepted < num_drafts)
+        self._accepted[seq_id] = self._accepted.get(seq_id, 0.0) + num_accepted
+        self._tried[seq_id] = self._tried.get(seq_id, 0.0) + tried
+        self._engine[0] += num_accepted
+        self._engine[1] += tried
+
+    def decay(self) -> None:
+        """One step passed: every observation counts a little less (a sequence that stopped drafting drifts
+        back toward the engine's rate, so it is tried again if the engine's drafts are accepted)."""
+        for counts in (self._accepted, self._tried):
+            for seq_id in counts:
+                counts[seq_id] *= SEQ_DECAY
+        self._engine = [self._engine[0] * ENGINE_DECAY, self._engine[1] * ENGINE_DECAY]
+
+    def remove(self, seq_id: int) -> None:
+        self._accepted.pop(seq_id, None)
+        self._tried.pop(seq_id, None)
+
+
+class AdaptiveSpeculation:
+    """The scheduler's view: per step, each running sequence's draft cap; per result, what was accepted."""
+
+    def __init__(self, cost: StepCostModel, max_drafts: int) -> None:
+        self.cost = cost
+        self.max_drafts = max_drafts
+        self.tracker = AcceptanceTracker()
+
+    def num_drafts(self, seq_ids: Sequence[int]) -> dict[int, int]:
+        self.tracker.decay()
+        caps = choose_num_drafts([self.tracker.rate(s) for s in seq_ids], self.max_drafts, self.cost)
+        return dict(zip(seq_ids, caps))

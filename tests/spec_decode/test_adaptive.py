@@ -1,0 +1,85 @@
+"""Adaptive speculation: drafts are checked only where they pay for their cost in expected tokens per second,
+by the step-cost model and each sequence's measured acceptance; with acceptance 0 the engine stops drafting
+(and greedy output is unchanged)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmserve.spec_decode.adaptive import AcceptanceTracker, StepCostModel, choose_num_drafts, expected_tokens
+from tests.spec_decode.test_draft_model import draft_llm
+from tests.spec_decode.test_spec_equivalence import PROMPTS, completions, make_llm
+
+COUNTS = [1, 2, 4, 8, 16, 32, 64]
+FLAT_THEN_LINEAR = [10.0, 10.0, 10.0, 10.0, 10.0, 20.0, 40.0]   # a GPU: free until the cores fill
+LINEAR = [float(n) for n in COUNTS]                           # every token costs the same
+
+
+def test_expected_tokens_is_the_geometric_sum():
+    assert expected_tokens(np.array([0.0, 0.5, 1.0]), 3).tolist() == [1.0, 1.875, 4.0]
+
+
+def test_cost_model_interpolates_and_never_falls():
+    cost = StepCostModel(COUNTS, [1.0, 3.0, 2.0, 4.0, 8.0, 16.0, 32.0])   # 2.0 at 4 tokens is noise
+    assert cost.step_time(3).item() == 3.0 and cost.step_time(6).item() == 3.5
+    assert cost.step_time(128).item() == 64.0                               # beyond: proportional to the tokens
+    with_draft = StepCostModel(COUNTS, LINEAR, [0.5 * n for n in COUNTS])
+    assert with_draft.step_time(8, drafting_rows=2, draft_passes=3).item() == 8 + 4 + 3 * 1.0
+    assert with_draft.baseline_time(8) == 8.0   # no draft model at all
+
+
+def test_drafts_when_tokens_are_free_and_acceptance_high():
+    cost = StepCostModel(COUNTS, FLAT_THEN_LINEAR)
+    assert choose_num_drafts([0.8] * 4, 4, cost) == [3, 3, 3, 3]             # 16 tokens: the most still free
+    assert choose_num_drafts([0.8] * 4, 2, cost) == [2, 2, 2, 2]
+
+
+def test_no_drafts_when_they_cannot_pay():
+    assert choose_num_drafts([0.0, 0.0, 0.0], 4, StepCostModel(COUNTS, FLAT_THEN_LINEAR)) == [0, 0, 0]
+    assert choose_num_drafts([0.9] * 3, 4, StepCostModel(COUNTS, LINEAR)) == [0, 0, 0]   # never cheaper per token
+    big_batch = StepCostModel(COUNTS, FLAT_THEN_LINEAR)   # 64 decodes fill the step: a draft doubles its cost
+    assert choose_num_drafts([0.6] * 64, 4, big_batch) == [0] * 64
+
+
+def test_only_the_sequences_whose_drafts_pay_draft():
+    cost = StepCostModel(COUNTS, [10.0, 10.0, 10.0, 10.0, 20.0, 40.0, 80.0])
+    choice = choose_num_drafts([0.05, 0.9, 0.0, 0.85], 3, cost)
+    assert choice[1] > 0 and choice[3] > 0 and choice[0] == choice[2] == 0
+
+
+def test_a_draft_models_forwards_count():
+    free_target = StepCostModel(COUNTS, FLAT_THEN_LINEAR)
+    assert choose_num_drafts([0.5], 3, free_target) != [0]
+    costly_draft = StepCostModel(COUNTS, FLAT_THEN_LINEAR, [6.0] * len(COUNTS))   # each draft forward: 0.6 step
+    assert choose_num_drafts([0.5], 3, costly_draft) == [0]
+
+
+def test_acceptance_estimates_follow_each_sequence_and_the_engine():
+    tracker = AcceptanceTracker()
+    assert tracker.rate(1) == pytest.approx(0.5)         # nothing seen: the initial guess
+    for _ in range(10):
+        tracker.observe(1, 4, 4)                          # all accepted: 4 successes
+        tracker.observe(2, 4, 0)                          # first rejected: 1 failure
+        tracker.decay()
+    assert tracker.rate(1) > 0.9 and tracker.rate(2) < 0.2
+    assert 0.5 < tracker.engine_rate < 1.0
+    assert tracker.rate(3) == pytest.approx(tracker.engine_rate)   # a new sequence starts at the engine's rate
+    tracker.remove(1)
+    assert tracker.rate(1) == pytest.approx(tracker.engine_rate)
+
+
+def test_a_draft_that_is_almost_never_accepted_is_turned_off(llama_dir, small_draft_dir):
+    """The 1-layer draft (other random weights) is (nearly) never right: adaptive speculation soon stops drafting, while
+    greedy output stays the output without speculation."""
+    off = completions(make_llm(llama_dir, spec=False), prompts=PROMPTS)
+    fixed = draft_llm(llama_dir, small_draft_dir)
+    assert completions(fixed, prompts=PROMPTS) == off
+    adaptive = make_llm(llama_dir, spec=False, speculative_config={
+        "model": str(small_draft_dir), "num_speculative_tokens": 3, "adaptive": True})
+    assert completions(adaptive, prompts=PROMPTS) == off
+    fixed_drafts = fixed.engine.scheduler.spec_stats.num_draft_tokens
+    assert fixed_drafts > 100 and fixed.engine.scheduler.spec_stats.num_accepted_tokens <= fixed_drafts // 100
+    assert adaptive.engine.scheduler.spec_stats.num_draft_tokens <= fixed_drafts // 5
+    bm = adaptive.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks

@@ -1,0 +1,122 @@
+"""The draft-model proposer through the whole engine: greedy output is token for token the output without
+speculation, with a smaller draft sharing the tokenizer and with the target as its own draft; the latter
+accepts (nearly) every draft, which holds only if the draft's K/V in the shared paged pool is right: after
+rollbacks, chunked prefill, preemption and recompute, prefix-cache hits and forks. Stop conditions, n > 1,
+seeded sampling and logprobs are as without speculation; no block leaks; drafts not made for a sequence's
+current tokens are never checked; a draft with another vocabulary is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmserve import LLM, SamplingParams
+from llmserve.spec_decode.config import SpeculativeConfig
+from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
+from llmserve.testing.checkpoints import write_checkpoint
+from tests.spec_decode.test_spec_equivalence import GREEDY, PROMPTS, assert_idle_and_accepting, completions, make_llm
+
+K = 3
+
+
+def draft_llm(target, draft, **kwargs) -> LLM:
+    return make_llm(target, spec=False, speculative_config={"method": "draft_model", "model": str(draft),
+                                                            "num_speculative_tokens": K}, **kwargs)
+
+
+def assert_accepts_nearly_all(llm: LLM) -> None:
+    """The target drafting for itself: a rejection means the draft's K/V (or its inputs) differ from the
+    target's (a float32 near-tie between a decode and a verification pass is the only excuse)."""
+    stats = llm.engine.scheduler.spec_stats
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens
+    assert_idle_and_accepting(llm)
+
+
+@pytest.fixture(scope="module")
+def greedy_off(llama_dir):
+    return completions(make_llm(llama_dir, spec=False), prompts=PROMPTS * 2)
+
+
+def test_greedy_output_is_unchanged_with_a_smaller_draft(llama_dir, small_draft_dir, greedy_off):
+    on = draft_llm(llama_dir, small_draft_dir)
+    assert completions(on, prompts=PROMPTS * 2) == greedy_off
+    stats = on.engine.scheduler.spec_stats
+    assert stats.num_drafts > 0 and stats.num_draft_tokens <= K * stats.num_drafts
+    assert stats.num_accepted_tokens <= stats.num_draft_tokens
+    per_pos = stats.num_accepted_tokens_per_pos
+    assert sum(per_pos) == stats.num_accepted_tokens and per_pos == sorted(per_pos, reverse=True)
+    bm = on.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and all(rc == 0 for rc in bm.ref_counts)
+
+
+@pytest.mark.parametrize("engine_args", [
+    {},
+    {"max_num_batched_tokens": 8},                       # prompts in chunks, drafts cut to the budget
+    {"kv_cache_memory_bytes": 80 * 1024},                # few blocks (half of each is the draft's): preemptions
+], ids=["plain", "chunked_prefill", "preemption"])
+def test_target_as_its_own_draft_accepts_everything(llama_dir, greedy_off, engine_args):
+    on = draft_llm(llama_dir, llama_dir, **engine_args)
+    assert completions(on, prompts=PROMPTS * 2) == greedy_off
+    assert_accepts_nearly_all(on)
+    if "kv_cache_memory_bytes" in engine_args:
+        assert on.engine.scheduler.num_preemptions > 0
+
+
+def test_prefix_cache_hits_serve_the_drafts_kv_too(llama_dir):
+    """Prompts that reuse earlier prompts' blocks (their outputs appended) skip those tokens in both models:
+    the draft still accepts everything, so the cached blocks held its K/V too."""
+    on = draft_llm(llama_dir, llama_dir)
+    first = completions(on)
+    tokenizer = on.get_tokenizer()
+    extended = [tokenizer.encode(p) + out[0][0] for p, out in zip(PROMPTS, first)]
+    hits = on.engine.block_manager.prefix_hit_tokens
+    again = completions(on, prompts=extended)
+    assert on.engine.block_manager.prefix_hit_tokens - hits >= sum(len(ids) for ids in extended) // 2
+    assert again == completions(make_llm(llama_dir, spec=False, enable_prefix_caching=False), prompts=extended)
+    assert_accepts_nearly_all(on)
+
+
+def test_stop_conditions_and_logprobs_hold_when_several_tokens_arrive(llama_dir, small_draft_dir):
+    off, on = make_llm(llama_dir, spec=False), draft_llm(llama_dir, llama_dir)
+    texts = [o.outputs[0].text for o in off.generate(PROMPTS, GREEDY)]
+    for prompt, text in zip(PROMPTS, texts):
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[text[-12:-6]], logprobs=2)
+        on_out, off_out = on.generate([prompt], params)[0].outputs[0], off.generate([prompt], params)[0].outputs[0]
+        assert (on_out.text, on_out.token_ids, on_out.finish_reason) == (off_out.text, off_out.token_ids, "stop")
+        for a, b in zip(on_out.logprobs, off_out.logprobs):
+            assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+    short = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+    assert completions(on, short) == [[(o[0][0][:7], "length")] for o in completions(off)]
+    assert_accepts_nearly_all(on)
+
+
+def test_seeded_parallel_samples_are_reproducible_and_unchanged(llama_dir, small_draft_dir):
+    params = SamplingParams(temperature=0.7, top_k=20, max_tokens=40, ignore_eos=True, seed=11, n=2)
+    on = draft_llm(llama_dir, llama_dir)
+    first = completions(on, params)
+    assert first == completions(make_llm(llama_dir, spec=False), params)
+    assert completions(on, params) == first
+    assert completions(draft_llm(llama_dir, small_draft_dir), params) == first
+    assert_idle_and_accepting(on)
+
+
+def test_a_draft_with_another_vocabulary_is_refused(llama_dir, tmp_path):
+    draft = write_checkpoint(tmp_path / "other", family="llama", size="tiny-draft")
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "vocab_size": 1999}))
+    with pytest.raises(ValueError, match="vocabulary of 1999 tokens, the target 2000; a draft must share"):
+        draft_llm(llama_dir, draft)
+
+
+def test_drafts_are_checked_only_for_the_tokens_they_follow():
+    drafts = DraftsFromWorker(SpeculativeConfig("draft_model", K, model="d"))
+    assert drafts.num_lookahead_slots == K
+    drafts.add(7, 5, [1, 2, 3])
+    assert drafts.propose(7, [0] * 6, K) == []            # the sequence moved on (e.g. preempted and recomputed)
+    drafts.add(7, 5, [1, 2, 3])
+    assert drafts.propose(7, [0] * 5, 2) == [1, 2]        # cut to what the step has room for
+    assert drafts.propose(7, [0] * 5, K) == []            # each set of drafts is checked once
+    drafts.add(8, 5, [4])
+    drafts.remove(8, [0] * 5)
+    assert drafts.propose(8, [0] * 5, K) == []
