@@ -120,3 +120,16 @@ def test_drafts_are_checked_only_for_the_tokens_they_follow():
     drafts.add(8, 5, [4])
     drafts.remove(8, [0] * 5)
     assert drafts.propose(8, [0] * 5, K) == []
+
+
+def test_a_full_attention_draft_keeps_the_blocks_a_sliding_window_target_would_free(checkpoint_dir, small_draft_dir):
+    """Phi-3 slides every layer, so its out-of-window blocks are normally handed back; a draft model that
+    attends the whole context reads the same block tables, so with one nothing is freed (the draft's
+    drafts would be read from reused blocks otherwise), and the output is unchanged."""
+    target = checkpoint_dir("phi3")
+    off = completions(make_llm(target, spec=False), prompts=PROMPTS)
+    assert make_llm(target, spec=False).engine.block_manager.sliding_window is not None
+    on = draft_llm(target, small_draft_dir)
+    assert on.engine.block_manager.sliding_window is None
+    assert completions(on, prompts=PROMPTS) == off
+    assert on.engine.block_manager.num_free_blocks == on.engine.block_manager.num_blocks
