@@ -45,6 +45,7 @@ from llmserve.worker.input_batch import CachedSequence, InputBatch
 from llmserve.worker.structured_output_manager import StructuredOutputManager
 
 if TYPE_CHECKING:
+    from llmserve.layers.attention.layer import Attention
     from llmserve.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class ModelRunner:
         self.max_seq_len_to_capture = min(max_seq_len_to_capture, max_model_len or max_seq_len_to_capture)
         self.graphs: DecodeGraphs | None = None
         self.lora_manager = lora_manager
+        self._calibrate_kv: list[Attention] = []   # attention layers whose KV-cache scales the next eager step fits
         self._received = self._sent = False   # this step's pipeline hand-offs, for fail_step
         if device.type == "cpu":
             keep_large_allocations_in_heap()
@@ -110,15 +112,23 @@ class ModelRunner:
         return (self.device.type == "cuda" and not self.enforce_eager
                 and getattr(self.backend, "supports_cuda_graphs", False))
 
-    def kv_cache_bytes_per_block(self) -> int:
-        per_token = sum(a.kv_cache_elements_per_token() for a in self.model.attention_layers())
-        return self.block_size * per_token * torch.tensor([], dtype=self.dtype).element_size()
+    def kv_cache_bytes_per_block(self, model_dtype: bool = False) -> int:
+        """Bytes one block takes in every layer together (``model_dtype``: were every cache in the model's dtype,
+        the baseline a quantised cache's capacity gain is measured against)."""
+        layers = self.model.attention_layers()
+        if model_dtype:
+            per_token = sum(a.kv_cache_elements_per_token() for a in layers) * self.dtype.itemsize
+        else:
+            per_token = sum(a.kv_cache_bytes_per_token(self.dtype) for a in layers)
+        return self.block_size * per_token
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Zeroed so padded (masked) reads of never-written slots stay finite. On CUDA (unless
         ``enforce_eager``) the decode graphs are captured here, since they read these caches."""
         self.graphs = None   # graphs captured against an older cache must never replay
         self._bind_cache(num_blocks)
+        # int8 caches without checkpoint scales fit them to the first real batch (not to a capture's dummy one).
+        self._calibrate_kv = [a for a in self.model.attention_layers() if a.needs_kv_calibration()]
         if self.use_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.backend, self.block_size, self.max_num_seqs,
                                        self.max_seq_len_to_capture, self.device)
@@ -235,6 +245,9 @@ class ModelRunner:
             pos = torch.from_numpy(step.positions).to(self.device)
             lengths = torch.from_numpy(step.rotary_lengths).to(self.device)
             received = None if pp.is_first_rank else self._receive(len(step.input_ids))
+            for attn in self._calibrate_kv:
+                attn.calibrate_kv_scales = True
+            self._calibrate_kv = []
             hidden = self.model(ids, pos, metadata, intermediate_tensors=received, rotary_lengths=lengths)
         # Parallel samples join every rank's batch (the scheduler sends them as deltas from now on).
         for i, seq in enumerate(list(sample_seqs)):

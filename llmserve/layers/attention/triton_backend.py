@@ -169,7 +169,7 @@ class TritonAttentionBackend(AttentionBackend):
     # --------------------------------------------------------------------------- forward
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: TritonAttentionMetadata,
-                spec: AttentionSpec) -> torch.Tensor:
+                spec: AttentionSpec, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         kernels.store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         nd = metadata.num_decodes
