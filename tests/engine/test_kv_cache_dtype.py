@@ -1,0 +1,85 @@
+"""``--kv-cache-dtype``: a quantised KV cache through the whole engine (chunked prefill, prefix-cache hits) keeps
+the greedy output of the model-dtype cache, holds more blocks in the same memory, and bad values are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmserve.config import EngineConfig
+from llmserve.entrypoints.cli import build_parser
+from llmserve.entrypoints.cli_args import engine_config_from_args
+from llmserve.entrypoints.llm import LLM
+from llmserve.sampling_params import SamplingParams
+
+# Prompts of several chunks (max_num_batched_tokens=16) and a shared prefix, each sent twice: the second time
+# from the prefix cache.
+PROMPTS = [list(range(40, 90)), [5, 17, 99, 300, 42, 7], list(range(40, 70)) + [1500, 3, 3, 800, 12],
+           [1500, 3, 3, 3, 800, 12, 77, 901, 4, 66, 1999, 31]]
+MAX_TOKENS = 16
+# Logprobs of the tokens both caches agree on stay within LOGPROB_TOLERANCE of the model-dtype cache's: the
+# float32 logits move by the attention outputs' rounding (tests/layers/attention/test_quantized_kv_cache.py:
+# int8's steps are finer than e4m3's relative 2^-4, itself finer than e5m2's 2^-3) carried through the layers.
+# A greedy token can then change only where the reference's top two logprobs lie within twice that: every
+# difference must come at such a near-tie (the random-weight model has many, so a sequence may differ early:
+# MIN_AGREEMENT, the share of tokens up to each sequence's first difference, is the measured rate less a margin).
+LOGPROB_TOLERANCE = {"int8": 0.08, "fp8": 0.2, "fp8_e5m2": 0.4}
+MIN_AGREEMENT = {"int8": 0.5, "fp8": 0.5, "fp8_e5m2": 0.5}
+
+
+def greedy(path, **engine_args) -> tuple[list, int]:
+    """Each prompt's completion (twice: the second from the prefix cache) and the cache's block count."""
+    llm = LLM(str(path), kv_cache_memory_bytes="4MiB", max_model_len=128, max_num_batched_tokens=16,
+              **engine_args)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=2, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS] * 2, params)
+    return [o.outputs[0] for o in outputs], llm.engine.core.block_manager.num_blocks
+
+
+@pytest.fixture(scope="module")
+def auto(llama_dir):
+    return greedy(llama_dir)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8", "fp8_e5m2"])
+def test_quantised_cache_keeps_greedy_output_and_holds_4x_the_blocks_of_float32(llama_dir, auto, kv_cache_dtype):
+    (reference, auto_blocks), (results, blocks) = auto, greedy(llama_dir, kv_cache_dtype=kv_cache_dtype)
+    tolerance = LOGPROB_TOLERANCE[kv_cache_dtype]
+    agreeing = 0
+    for ref, out in zip(reference, results):
+        same = next((i for i, (a, b) in enumerate(zip(ref.token_ids, out.token_ids)) if a != b), MAX_TOKENS)
+        agreeing += same
+        for t, ref_lp, lp in zip(ref.token_ids[:same], ref.logprobs[:same], out.logprobs[:same]):
+            assert abs(ref_lp[t].logprob - lp[t].logprob) < tolerance
+        if same < MAX_TOKENS:
+            top = sorted((p.logprob for p in ref.logprobs[same].values()), reverse=True)
+            assert top[0] - top[1] < 2 * tolerance, f"token {same} changed where the reference led by {top[0] - top[1]}"
+    rate = agreeing / (MAX_TOKENS * len(reference))
+    assert rate >= MIN_AGREEMENT[kv_cache_dtype], rate
+    # A prefix-cache hit reads the same quantised blocks: each prompt's two runs agree exactly.
+    assert [o.token_ids for o in results[:len(PROMPTS)]] == [o.token_ids for o in results[len(PROMPTS):]]
+    assert blocks == 4 * auto_blocks   # 1 byte per entry against float32's 4 (4MiB divides evenly)
+
+
+def test_bfloat16_model_holds_twice_the_blocks(llama_dir):
+    def blocks(**args) -> int:
+        return LLM(str(llama_dir), dtype="bfloat16", kv_cache_memory_bytes="1MiB", max_model_len=64,
+                   **args).engine.core.block_manager.num_blocks
+
+    assert blocks(kv_cache_dtype="fp8") == 2 * blocks()
+
+
+@pytest.mark.parametrize("value", ["fp16", "float8", "int4", "FP9"])
+def test_bad_values_are_refused(llama_dir, value, capsys):
+    with pytest.raises(ValueError, match=f"unsupported --kv-cache-dtype '{value}'; choose one of auto, fp8, "
+                                         f"fp8_e4m3, fp8_e5m2, int8"):
+        LLM(str(llama_dir), kv_cache_dtype=value)
+    with pytest.raises(SystemExit):   # the server (and every command) refuses it before starting
+        build_parser().parse_args(["serve", str(llama_dir), "--kv-cache-dtype", value])
+    assert "--kv-cache-dtype: invalid choice" in capsys.readouterr().err
+
+
+def test_cli_flag_reaches_the_engine_config(llama_dir):
+    args = build_parser().parse_args(["serve", str(llama_dir), "--kv-cache-dtype", "fp8"])
+    assert engine_config_from_args(args).kv_cache_dtype == "fp8_e4m3"
+    assert EngineConfig(kv_cache_dtype="int8").kv_cache_dtype == "int8"
+    assert EngineConfig().kv_cache_dtype == "auto"
