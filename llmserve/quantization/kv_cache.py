@@ -17,6 +17,7 @@ reads dequantise what the kernel gathers (the whole cache is never converted).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,17 @@ def scale_for(x: torch.Tensor, fmt: KVCacheFormat) -> torch.Tensor:
     """The per-tensor scale that maps ``max |x|`` to the format's largest value (1.0 for an all-zero ``x``)."""
     amax = x.detach().abs().amax().float()
     return torch.where(amax > 0, amax / fmt.max_value, torch.ones_like(amax))
+
+
+# A checkpoint's KV-cache scales: compressed-tensors / llm-compressor's ``self_attn.k_scale`` and ``v_scale``,
+# ModelOpt's ``self_attn.k_proj.k_scale`` and ``v_proj.v_scale``, and older FP8 checkpoints' one ``kv_scale``.
+_KV_SCALE_NAME = re.compile(r"^(.+\.self_attn)\.(?:k_proj\.(?=k_)|v_proj\.(?=v_)|k_proj\.(?=kv_))?(k_scale|v_scale|kv_scale)$")
+
+
+def kv_scale_name(name: str) -> tuple[str, str] | None:
+    """``(attention block, "k_scale" | "v_scale" | "kv_scale")`` for a checkpoint tensor that is a KV-cache scale."""
+    match = _KV_SCALE_NAME.match(name)
+    return None if match is None else (match.group(1), match.group(2))
 
 
 def kv_cache_capacity_gain(kv_cache_dtype: str, num_blocks: int, block_size: int, max_model_len: int,

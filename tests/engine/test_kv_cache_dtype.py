@@ -3,12 +3,18 @@ the greedy output of the model-dtype cache, holds more blocks in the same memory
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from llmserve.config import EngineConfig
 from llmserve.entrypoints.cli import build_parser
 from llmserve.entrypoints.cli_args import engine_config_from_args
 from llmserve.entrypoints.llm import LLM
+from llmserve.models.llama import CheckpointMismatchError
+from llmserve.model_loader.loader import load_config, load_model
 from llmserve.sampling_params import SamplingParams
 
 # Prompts of several chunks (max_num_batched_tokens=16) and a shared prefix, each sent twice: the second time
@@ -83,3 +89,22 @@ def test_cli_flag_reaches_the_engine_config(llama_dir):
     assert engine_config_from_args(args).kv_cache_dtype == "fp8_e4m3"
     assert EngineConfig(kv_cache_dtype="int8").kv_cache_dtype == "int8"
     assert EngineConfig().kv_cache_dtype == "auto"
+
+
+def test_checkpoint_scales_are_used_and_int8_is_not_recalibrated(llama_dir, tmp_path):
+    """An FP8 checkpoint's per-layer ``k_scale``/``v_scale`` (compressed-tensors naming) and an older one's
+    ``kv_scale`` replace the defaults (and an int8 cache then needs no calibration); a bad one is refused."""
+    shutil.copytree(llama_dir, tmp_path / "model")
+    scales = {"model.layers.0.self_attn.k_scale": torch.tensor(0.04), "model.layers.0.self_attn.v_scale":
+              torch.tensor(0.03), "model.layers.1.self_attn.kv_scale": torch.tensor([0.05])}
+    save_file(scales, str(tmp_path / "model" / "kv_scales.safetensors"))
+    model = load_model(load_config(tmp_path / "model"), tmp_path / "model", torch.float32, torch.device("cpu"))
+    first, second = model.attention_layers()
+    assert first.kv_scales.tolist() == pytest.approx([0.04, 0.03]) and second.kv_scales.tolist() == pytest.approx(
+        [0.05, 0.05])
+    first.set_kv_cache_dtype("int8")
+    assert not first.needs_kv_calibration()
+    save_file({"model.layers.0.self_attn.k_scale": torch.tensor(-1.0)}, str(tmp_path / "model" /
+                                                                            "kv_scales.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match="k_scale: k_scale must be one positive number"):
+        load_model(load_config(tmp_path / "model"), tmp_path / "model", torch.float32, torch.device("cpu"))
