@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmserve.layers.attention.backend import AttentionSpec
+from llmserve.layers.attention.backend import AttentionSpec, triton_available
 from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
 from llmserve.layers.attention.layer import Attention
 from llmserve.layers.attention.torch_backend import TorchAttentionBackend
@@ -42,10 +42,16 @@ def run(backend, batch: PagedBatch, spec: AttentionSpec, key_cache, value_cache,
     return backend.forward(batch.query, key, value, key_cache, value_cache, metadata, spec, kv_scales)
 
 
-def backends():
+def backends(latent: bool = False):
+    """Every backend that runs here: PyTorch, the compiled CPU decode kernel, and the Triton kernels (under the
+    interpreter without a GPU; they do not implement latent attention)."""
     yield TorchAttentionBackend(torch.float32)
     if cpu_kernels() is not None:
         yield CPUAttentionBackend(cpu_kernels())
+    if triton_available() and not latent:
+        from llmserve.layers.attention.triton_backend import TritonAttentionBackend
+
+        yield TritonAttentionBackend(torch.float32, num_kv_heads=2)
 
 
 @pytest.mark.parametrize("name", ["int8", "fp8_e4m3", "fp8_e5m2"])
@@ -87,7 +93,7 @@ def test_one_cache_for_keys_and_values_reads_both_with_the_key_scale():
     metadata = TorchAttentionBackend(torch.float32).build_metadata(batch.batch_layout(1), torch.device("cpu"))
     ref = TorchAttentionBackend(torch.float32).forward(batch.query, ref_key, ref_key, ref_cache, ref_cache, metadata,
                                                        spec)
-    for backend in backends():
+    for backend in backends(latent=True):
         shared = cache.clone()
         metadata = backend.build_metadata(batch.batch_layout(1), torch.device("cpu"))
         out = backend.forward(batch.query, batch.key, batch.key, shared, shared, metadata, spec, scales)
