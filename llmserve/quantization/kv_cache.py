@@ -8,8 +8,11 @@ FP8 checkpoint's single ``kv_scale``), else:
 - **fp8** (e4m3, and e5m2): 1.0, vLLM's default. float8 keeps ~2 significant decimal digits over a wide
   range (e4m3 up to 448, e5m2 up to 57344), so unscaled activations survive without calibration;
 - **int8**: 256 evenly spaced levels need a scale fitted to the data. The layer measures ``max |K|`` and
-  ``max |V|`` over the first batch it runs (as vLLM's ``--calculate-kv-scales``) and keeps ``amax / 127``; a
-  later value beyond that range saturates at +-127 steps.
+  ``max |V|`` over the first batch it runs (as vLLM's ``--calculate-kv-scales``) and maps
+  :data:`CALIBRATION_HEADROOM` times that to 127: the first batch (often one short prompt) does not see the
+  largest values later tokens bring, and a value past the range saturates. vLLM leaves the same kind of room
+  (its calculated float8 scales map ``amax`` to 200 for K and 100 for V, of e4m3's 448); on the test models a
+  scale fitted exactly to the first batch saturated Gemma's later values (logprob errors twice as large).
 
 The functions here are the reference every backend matches: writes quantise only the step's new tokens, and
 reads dequantise what the kernel gathers (the whole cache is never converted).
@@ -23,6 +26,9 @@ from dataclasses import dataclass
 import torch
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")
+# Calibrated int8 scales cover this many times the first batch's largest magnitude (one bit of the 8 spent on
+# range the first batch has not shown).
+CALIBRATION_HEADROOM = 2.0
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,10 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> t
 
 
 def scale_for(x: torch.Tensor, fmt: KVCacheFormat) -> torch.Tensor:
-    """The per-tensor scale that maps ``max |x|`` to the format's largest value (1.0 for an all-zero ``x``)."""
+    """The per-tensor scale that maps :data:`CALIBRATION_HEADROOM` times ``max |x|`` to the format's largest value
+    (1.0 for an all-zero ``x``)."""
     amax = x.detach().abs().amax().float()
-    return torch.where(amax > 0, amax / fmt.max_value, torch.ones_like(amax))
+    return torch.where(amax > 0, amax * CALIBRATION_HEADROOM / fmt.max_value, torch.ones_like(amax))
 
 
 # A checkpoint's KV-cache scales: compressed-tensors / llm-compressor's ``self_attn.k_scale`` and ``v_scale``,

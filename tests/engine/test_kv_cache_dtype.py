@@ -22,14 +22,18 @@ from llmserve.sampling_params import SamplingParams
 PROMPTS = [list(range(40, 90)), [5, 17, 99, 300, 42, 7], list(range(40, 70)) + [1500, 3, 3, 800, 12],
            [1500, 3, 3, 3, 800, 12, 77, 901, 4, 66, 1999, 31]]
 MAX_TOKENS = 16
-# Logprobs of the tokens both caches agree on stay within LOGPROB_TOLERANCE of the model-dtype cache's: the
-# float32 logits move by the attention outputs' rounding (tests/layers/attention/test_quantized_kv_cache.py:
-# int8's steps are finer than e4m3's relative 2^-4, itself finer than e5m2's 2^-3) carried through the layers.
-# A greedy token can then change only where the reference's top two logprobs lie within twice that: every
-# difference must come at such a near-tie (the random-weight model has many, so a sequence may differ early:
-# MIN_AGREEMENT, the share of tokens up to each sequence's first difference, is the measured rate less a margin).
-LOGPROB_TOLERANCE = {"int8": 0.08, "fp8": 0.2, "fp8_e5m2": 0.4}
-MIN_AGREEMENT = {"int8": 0.5, "fp8": 0.5, "fp8_e5m2": 0.5}
+# Per (family, format): the largest |logprob difference| from the model-dtype cache on the tokens both agree on,
+# and the least share of tokens that agree (counted up to each sequence's first difference, after which the
+# contexts differ). The float32 logits move by the attention outputs' rounding
+# (tests/layers/attention/test_quantized_kv_cache.py: int8's steps are finer than e4m3's relative 2^-4, itself
+# finer than e5m2's 2^-3) carried through the layers, so a greedy token can change only where the reference's top
+# two logprobs lie within twice the tolerance: every difference must come at such a near-tie. The random-weight
+# models have many near-ties, so agreement can end early. Bounds are the measured values (docs/quantization.md)
+# with a margin. DeepSeek's are loose: absorbed MLA queries are large (W_UK^T q), so the latent's rounding moves
+# its scores several times more than a per-head key's; Gemma 4's later layers read an earlier layer's cache.
+BOUNDS = {("llama", "int8"): (0.2, 0.9), ("llama", "fp8"): (0.25, 0.5), ("llama", "fp8_e5m2"): (0.4, 0.5),
+          ("gemma4", "int8"): (0.2, 0.4), ("gemma4", "fp8"): (0.4, 0.1),
+          ("deepseek_v3", "int8"): (1.6, 0.5), ("deepseek_v3", "fp8"): (1.6, 0.3)}
 
 
 def greedy(path, **engine_args) -> tuple[list, int]:
@@ -42,14 +46,28 @@ def greedy(path, **engine_args) -> tuple[list, int]:
 
 
 @pytest.fixture(scope="module")
-def auto(llama_dir):
-    return greedy(llama_dir)
+def auto(checkpoint_dir):
+    references = {}
+
+    def get(family: str):
+        if family not in references:
+            references[family] = greedy(checkpoint_dir(family))
+        return references[family]
+
+    return get
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8", "fp8_e5m2"])
-def test_quantised_cache_keeps_greedy_output_and_holds_4x_the_blocks_of_float32(llama_dir, auto, kv_cache_dtype):
-    (reference, auto_blocks), (results, blocks) = auto, greedy(llama_dir, kv_cache_dtype=kv_cache_dtype)
-    tolerance = LOGPROB_TOLERANCE[kv_cache_dtype]
+# Llama in every format; multi-head latent attention (DeepSeek: one latent cache, read with the key's scale) and
+# Gemma 4's KV sharing (later layers read an earlier layer's quantised cache with its scales) in int8 and fp8.
+CASES = list(BOUNDS)
+
+
+@pytest.mark.parametrize("family,kv_cache_dtype", CASES)
+def test_quantised_cache_keeps_greedy_output_and_holds_4x_the_blocks_of_float32(checkpoint_dir, auto, family,
+                                                                                 kv_cache_dtype):
+    (reference, auto_blocks) = auto(family)
+    results, blocks = greedy(checkpoint_dir(family), kv_cache_dtype=kv_cache_dtype)
+    tolerance, min_agreement = BOUNDS[family, kv_cache_dtype]
     agreeing = 0
     for ref, out in zip(reference, results):
         same = next((i for i, (a, b) in enumerate(zip(ref.token_ids, out.token_ids)) if a != b), MAX_TOKENS)
@@ -60,7 +78,7 @@ def test_quantised_cache_keeps_greedy_output_and_holds_4x_the_blocks_of_float32(
             top = sorted((p.logprob for p in ref.logprobs[same].values()), reverse=True)
             assert top[0] - top[1] < 2 * tolerance, f"token {same} changed where the reference led by {top[0] - top[1]}"
     rate = agreeing / (MAX_TOKENS * len(reference))
-    assert rate >= MIN_AGREEMENT[kv_cache_dtype], rate
+    assert rate >= min_agreement, rate
     # A prefix-cache hit reads the same quantised blocks: each prompt's two runs agree exactly.
     assert [o.token_ids for o in results[:len(PROMPTS)]] == [o.token_ids for o in results[len(PROMPTS):]]
     assert blocks == 4 * auto_blocks   # 1 byte per entry against float32's 4 (4MiB divides evenly)

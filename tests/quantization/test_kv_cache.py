@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmserve.layers.cpu_kernels import cpu_kernels
-from llmserve.quantization.kv_cache import (FORMATS, check_kv_cache_dtype, dequantize_kv, format_of, kv_cache_format,
+from llmserve.quantization.kv_cache import (CALIBRATION_HEADROOM, FORMATS, check_kv_cache_dtype, dequantize_kv, format_of, kv_cache_format,
                                             quantize_kv, scale_for)
 
 FORMAT_NAMES = ["fp8_e4m3", "fp8_e5m2", "int8"]
@@ -47,11 +47,13 @@ def test_quantize_rounds_like_torchs_cast_and_saturates(name):
     assert torch.equal(dequantize_kv(q, scale, torch.float32), q.float() * 0.5)
 
 
-def test_scale_maps_the_largest_magnitude_to_the_formats_largest_value():
+def test_calibrated_scale_leaves_headroom_over_the_largest_magnitude():
     fmt = kv_cache_format("int8")
     x = torch.tensor([0.5, -2.54, 1.0])
-    assert scale_for(x, fmt).item() == pytest.approx(2.54 / 127)
-    assert quantize_kv(x, scale_for(x, fmt), fmt).tolist() == [25, -127, 50]
+    assert CALIBRATION_HEADROOM == 2.0
+    assert scale_for(x, fmt).item() == pytest.approx(2 * 2.54 / 127)
+    assert quantize_kv(x, scale_for(x, fmt), fmt).tolist() == [12, -64, 25]   # 12.5 rounds to even
+    assert quantize_kv(x * 2, scale_for(x, fmt), fmt).tolist() == [25, -127, 50]   # twice as large: still in range
     assert scale_for(torch.zeros(3), fmt).item() == 1.0
 
 

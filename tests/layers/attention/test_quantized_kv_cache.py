@@ -113,7 +113,7 @@ def test_layer_allocates_one_byte_entries_and_fits_int8_scales_to_its_first_batc
     k, v = torch.randn(5, 32), torch.randn(5, 32) * 3
     metadata = layer.backend.build_metadata(PagedBatch([(0, 5)], 4, 4, 2, 16).batch_layout(0), torch.device("cpu"))
     layer(torch.randn(5, 64), k, v, metadata)
-    assert layer.kv_scales.tolist() == pytest.approx([k.abs().max().item() / 127, v.abs().max().item() / 127])
+    assert layer.kv_scales.tolist() == pytest.approx([2 * k.abs().max().item() / 127, 2 * v.abs().max().item() / 127])
     assert not layer.calibrate_kv_scales   # once
     layer.load_kv_scale("kv_scale", torch.tensor([0.5]))
     assert layer.kv_scales.tolist() == [0.5, 0.5] and not layer.needs_kv_calibration()
