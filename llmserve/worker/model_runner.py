@@ -208,9 +208,9 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for attn in self.model.attention_layers():
-            attn.key_cache.index_copy_(0, dst, attn.key_cache.index_select(0, src))
-            if attn.value_cache is not attn.key_cache:
-                attn.value_cache.index_copy_(0, dst, attn.value_cache.index_select(0, src))
+            for cache in (attn.key_cache,) if attn.value_cache is attn.key_cache else (attn.key_cache,
+                                                                                        attn.value_cache):
+                cache[dst] = cache[src]   # (index_copy_ has no float8 kernel on CPU)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         """Apply the step's changes to the input batch and run it. The driver (first tensor-parallel rank of

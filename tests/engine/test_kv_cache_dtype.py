@@ -84,6 +84,16 @@ def test_quantised_cache_keeps_greedy_output_and_holds_4x_the_blocks_of_float32(
     assert blocks == 4 * auto_blocks   # 1 byte per entry against float32's 4 (4MiB divides evenly)
 
 
+def test_parallel_samples_copy_quantised_blocks_on_write(llama_dir):
+    """n > 1 shares the prompt's last partial block, copied when a sample first writes to it (copy-on-write
+    through the quantised cache): greedy samples stay identical."""
+    llm = LLM(str(llama_dir), kv_cache_memory_bytes="1MiB", max_model_len=64, kv_cache_dtype="fp8")
+    out = llm.generate([{"prompt_token_ids": PROMPTS[1]}], SamplingParams(n=2, max_tokens=8, temperature=0,
+                                                                         ignore_eos=True))[0]
+    assert [len(o.token_ids) for o in out.outputs] == [8, 8]   # (a failed copy ends both after one token)
+    assert out.outputs[0].token_ids == out.outputs[1].token_ids
+
+
 def test_bfloat16_model_holds_twice_the_blocks(llama_dir):
     def blocks(**args) -> int:
         return LLM(str(llama_dir), dtype="bfloat16", kv_cache_memory_bytes="1MiB", max_model_len=64,
