@@ -34,9 +34,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                    help="context length (prompt + output); default: the model's")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
-                   help="KV-cache entries: auto = the model's dtype; fp8 (= fp8_e4m3), fp8_e5m2 or int8 store one byte "
-                        "each with per-layer K and V scales (the checkpoint's, else 1.0 for fp8 and fitted to the first "
-                        "batch for int8): more blocks for the same memory")
+                   help="KV-cache entries: auto = the model's dtype; fp8 (= fp8_e4m3), fp8_e5m2 or int8 store one "
+                        "byte each with per-layer K and V scales (the checkpoint's, else 1.0 for fp8 and fitted to "
+                        "the first batch for int8): more blocks for the same memory")
     g.add_argument("--kv-cache-memory-bytes", default=None,
                    help="KV-cache size as bytes or with a unit (4GiB, 512MB); default 4GiB on CPU")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,

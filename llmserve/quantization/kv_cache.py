@@ -97,7 +97,8 @@ def scale_for(x: torch.Tensor, fmt: KVCacheFormat) -> torch.Tensor:
 
 # A checkpoint's KV-cache scales: compressed-tensors / llm-compressor's ``self_attn.k_scale`` and ``v_scale``,
 # ModelOpt's ``self_attn.k_proj.k_scale`` and ``v_proj.v_scale``, and older FP8 checkpoints' one ``kv_scale``.
-_KV_SCALE_NAME = re.compile(r"^(.+\.self_attn)\.(?:k_proj\.(?=k_)|v_proj\.(?=v_)|k_proj\.(?=kv_))?(k_scale|v_scale|kv_scale)$")
+_KV_SCALE_NAME = re.compile(
+    r"^(.+\.self_attn)\.(?:k_proj\.(?=k_)|v_proj\.(?=v_)|k_proj\.(?=kv_))?(k_scale|v_scale|kv_scale)$")
 
 
 def kv_scale_name(name: str) -> tuple[str, str] | None:

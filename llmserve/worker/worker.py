@@ -21,8 +21,8 @@ from llmserve.layers.attention.backend import get_attention_backend
 from llmserve.layers.attention.layer import Attention
 from llmserve.layers.fused_moe import FusedMoE
 from llmserve.lora.model_manager import LoRAModelManager
-from llmserve.quantization.kv_cache import kv_cache_capacity_gain
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
+from llmserve.quantization.kv_cache import kv_cache_capacity_gain
 from llmserve.worker.model_runner import ModelRunner
 
 if TYPE_CHECKING:

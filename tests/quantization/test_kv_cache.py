@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llmserve.layers.cpu_kernels import cpu_kernels
-from llmserve.quantization.kv_cache import (CALIBRATION_HEADROOM, FORMATS, check_kv_cache_dtype, dequantize_kv, format_of, kv_cache_format,
-                                            quantize_kv, scale_for)
+from llmserve.quantization.kv_cache import (CALIBRATION_HEADROOM, FORMATS, check_kv_cache_dtype, dequantize_kv,
+                                            format_of, kv_cache_format, quantize_kv, scale_for)
 
 FORMAT_NAMES = ["fp8_e4m3", "fp8_e5m2", "int8"]
 

@@ -181,7 +181,8 @@ def _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n
     running max ``m_i``, sum ``l_i`` and unnormalised output ``acc`` (all float32).
 
     ``scale_log2`` includes a quantised cache's K scale; ``KV_FORMAT``: the caches' entries (see
-    :func:`_dequantize`). ``SOFT_CAP`` (log2 units, 0 = none) caps the scores before the mask; with ``USE_ALIBI``, each row adds
+    :func:`_dequantize`). ``SOFT_CAP`` (log2 units, 0 = none) caps the scores before the mask; with
+    ``USE_ALIBI``, each row adds
     ``slopes`` (its head's, log2 units) times the distance from its query position ``q_pos`` to each key
     after the cap. ``MAY_BE_EMPTY``: a row may have
     no key kept in this tile nor before it (a sliding window that starts past the tile); its maximum stays

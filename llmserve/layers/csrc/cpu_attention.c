@@ -106,7 +106,8 @@ static inline __attribute__((always_inline)) vec fp8_to_float(ivec x, const int 
 
 static inline float fp8_to_float_scalar(unsigned char x, const int m_bits, const int bias) {
     const int e = (x & 0x7f) >> m_bits, m = x & ((1 << m_bits) - 1);
-    const float mag = e == 0 ? ldexpf((float)m, 1 - bias - m_bits) : ldexpf((float)(m + (1 << m_bits)), e - bias - m_bits);
+    const float mag = e == 0 ? ldexpf((float)m, 1 - bias - m_bits)
+                             : ldexpf((float)(m + (1 << m_bits)), e - bias - m_bits);
     return x & 0x80 ? -mag : mag;
 }
 
@@ -219,7 +220,8 @@ static void attend_scalar(const float *q, const void *k_cache, const void *v_cac
         const long v = token_row(table, t, block_size, token_stride) + kv_head * head_dim;
         for (long r = 0; r < rows; r++)
             for (long d = 0; d < head_dim; d++)
-                out[r * head_dim + d] += scores[r * len + (t - start)] * load_entry(v_cache, v + (r / group) * head_dim + d, fmt);
+                out[r * head_dim + d] += scores[r * len + (t - start)]
+                                         * load_entry(v_cache, v + (r / group) * head_dim + d, fmt);
     }
 }
 

@@ -71,7 +71,7 @@ def test_backends_match_the_reference_on_the_same_quantised_cache(name, layer):
     for backend in backends():
         k, v = k_cache.clone(), v_cache.clone()
         out = run(backend, batch, spec, k, v, batch.key, batch.value, scales)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{backend.name}: {m}")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m, name=backend.name: f"{name}: {m}")
         assert (out - plain).abs().max() < TOLERANCE[name], backend.name
         # The step's new tokens were written quantised into their slots.
         slots = batch.slots
