@@ -7,7 +7,8 @@ what the engine sizes its cache with). The comparison is the same heads caching 
 qk_rope_head_dim``) and V (``v_head_dim``) per head, as an engine without MLA (or transformers' expanded
 attention) would. ``--model DIR`` reports a checkpoint's config instead; ``--dtype`` sets the cache's element size.
 ``--kv-cache-dtype fp8|fp8_e5m2|int8`` adds the tokens per GiB of the quantised cache (one byte per entry) and
-its capacity gain over ``--dtype``, as the engine logs it at start-up.
+its capacity gain over ``--dtype``, as the engine logs it at start-up; with ``--model``, any family (one without
+MLA reports its own per-head cache in both columns).
 """
 
 from __future__ import annotations
@@ -47,13 +48,16 @@ def shape_config(model_type: str, overrides: dict[str, Any]) -> Any:
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> tuple[int, int]:
-    """``(MLA, per-head K and V)`` bytes one token takes in the KV cache of every layer together."""
+    """``(as built, per-head K and V)`` bytes one token takes in the KV cache of every layer together; a model
+    without MLA caches per-head K and V already (both the same)."""
     with torch.device("meta"):
         model = resolve_model_class(config)(config)
     size = torch.tensor([], dtype=dtype).element_size()
-    mla = sum(a.kv_cache_elements_per_token() for a in model.attention_layers()) * size
+    built = sum(a.kv_cache_elements_per_token() for a in model.attention_layers()) * size
+    if getattr(config, "kv_lora_rank", None) is None:
+        return built, built
     per_head = (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * config.num_attention_heads
-    return mla, config.num_hidden_layers * per_head * size
+    return built, config.num_hidden_layers * per_head * size
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         configs = {args.model: load_config(Path(args.model))}
     else:
         configs = {name: shape_config(*shape) for name, shape in SHAPES.items()}
-    extra = "" if quantised is None else f" {quantised.name} MLA tokens per GiB | gain |"
-    print("| model | layers | heads | MLA bytes/token | per-head K+V bytes/token | ratio | tokens per GiB "
-          f"(MLA / K+V) |{extra}\n|---|---|---|---|---|---|---|{'' if quantised is None else '---|---|'}")
+    extra = "" if quantised is None else f" {quantised.name} tokens per GiB (as built) | gain |"
+    print("| model | layers | heads | bytes/token as built (MLA where it has it) | per-head K+V bytes/token | ratio | "
+          f"tokens per GiB (as built / K+V) |{extra}\n|---|---|---|---|---|---|---|{'' if quantised is None else '---|---|'}")
     for name, config in configs.items():
         mla, per_head = kv_bytes_per_token(config, DTYPES[args.dtype])
         row = (f"| {name} | {config.num_hidden_layers} | {config.num_attention_heads} | {mla:,} | {per_head:,} | "
