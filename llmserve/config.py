@@ -167,6 +167,8 @@ class EngineConfig:
     device: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
+    # auto (the model's dtype), or a quantised cache of one byte per entry: fp8 (= fp8_e4m3), fp8_e5m2, int8
+    kv_cache_dtype: str = "auto"
     kv_cache_memory_bytes: int | str | None = None
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256
@@ -221,6 +223,9 @@ class EngineConfig:
             raise ValueError(f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        from llmserve.quantization.kv_cache import check_kv_cache_dtype
+
+        self.kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype)
         if self.kv_cache_memory_bytes is not None:
             self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory_bytes)
         if self.max_seq_len_to_capture < 1:

@@ -6,6 +6,9 @@ layer declares it caches per token (:meth:`~llmserve.layers.attention.layer.Atte
 what the engine sizes its cache with). The comparison is the same heads caching K (``qk_nope_head_dim +
 qk_rope_head_dim``) and V (``v_head_dim``) per head, as an engine without MLA (or transformers' expanded
 attention) would. ``--model DIR`` reports a checkpoint's config instead; ``--dtype`` sets the cache's element size.
+``--kv-cache-dtype fp8|fp8_e5m2|int8`` adds the tokens per GiB of the quantised cache (one byte per entry) and
+its capacity gain over ``--dtype``, as the engine logs it at start-up; with ``--model``, any family (one without
+MLA reports its own per-head cache in both columns).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 
 from llmserve.models.registry import resolve_model_class
+from llmserve.quantization.kv_cache import KV_CACHE_DTYPES, check_kv_cache_dtype, kv_cache_format
 
 # The released checkpoints' attention shapes (their config.json values); everything else is transformers'
 # default for the model type (the MoE sizes do not change the cache).
@@ -44,32 +48,43 @@ def shape_config(model_type: str, overrides: dict[str, Any]) -> Any:
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> tuple[int, int]:
-    """``(MLA, per-head K and V)`` bytes one token takes in the KV cache of every layer together."""
+    """``(as built, per-head K and V)`` bytes one token takes in the KV cache of every layer together; a model
+    without MLA caches per-head K and V already (both the same)."""
     with torch.device("meta"):
         model = resolve_model_class(config)(config)
     size = torch.tensor([], dtype=dtype).element_size()
-    mla = sum(a.kv_cache_elements_per_token() for a in model.attention_layers()) * size
+    built = sum(a.kv_cache_elements_per_token() for a in model.attention_layers()) * size
+    if getattr(config, "kv_lora_rank", None) is None:
+        return built, built
     per_head = (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * config.num_attention_heads
-    return mla, config.num_hidden_layers * per_head * size
+    return built, config.num_hidden_layers * per_head * size
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a checkpoint directory (default: the released DeepSeek shapes)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="also report a quantised cache's capacity against --dtype's")
     args = parser.parse_args(argv)
+    quantised = kv_cache_format(check_kv_cache_dtype(args.kv_cache_dtype))
     if args.model:
         from llmserve.model_loader.loader import load_config
 
         configs = {args.model: load_config(Path(args.model))}
     else:
         configs = {name: shape_config(*shape) for name, shape in SHAPES.items()}
-    print("| model | layers | heads | MLA bytes/token | per-head K+V bytes/token | ratio | tokens per GiB "
-          "(MLA / K+V) |\n|---|---|---|---|---|---|---|")
+    extra = "" if quantised is None else f" {quantised.name} tokens per GiB (as built) | gain |"
+    print("| model | layers | heads | bytes/token as built (MLA where it has it) | per-head K+V bytes/token | ratio | "
+          f"tokens per GiB (as built / K+V) |{extra}\n|---|---|---|---|---|---|---|{'' if quantised is None else '---|---|'}")
     for name, config in configs.items():
         mla, per_head = kv_bytes_per_token(config, DTYPES[args.dtype])
-        print(f"| {name} | {config.num_hidden_layers} | {config.num_attention_heads} | {mla:,} | {per_head:,} | "
-              f"{per_head / mla:.1f}x | {2**30 // mla:,} / {2**30 // per_head:,} |")
+        row = (f"| {name} | {config.num_hidden_layers} | {config.num_attention_heads} | {mla:,} | {per_head:,} | "
+               f"{per_head / mla:.1f}x | {2**30 // mla:,} / {2**30 // per_head:,} |")
+        if quantised is not None:
+            small, _ = kv_bytes_per_token(config, quantised.dtype)
+            row += f" {2**30 // small:,} | {mla / small:.1f}x |"
+        print(row)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llmserve.config import EngineConfig
+from llmserve.quantization.kv_cache import KV_CACHE_DTYPES
 from llmserve.quantization.registry import QUANTIZATION_METHODS
 
 
@@ -32,6 +33,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length (prompt + output); default: the model's")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="KV-cache entries: auto = the model's dtype; fp8 (= fp8_e4m3), fp8_e5m2 or int8 store one "
+                        "byte each with per-layer K and V scales (the checkpoint's, else 1.0 for fp8 and fitted to "
+                        "the first batch for int8): more blocks for the same memory")
     g.add_argument("--kv-cache-memory-bytes", default=None,
                    help="KV-cache size as bytes or with a unit (4GiB, 512MB); default 4GiB on CPU")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -91,7 +96,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=model, tokenizer=args.tokenizer, revision=args.revision, tokenizer_revision=args.tokenizer_revision,
         download_dir=args.download_dir, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
         quantization=args.quantization, device=args.device, seed=args.seed, max_model_len=args.max_model_len,
-        block_size=args.block_size,
+        block_size=args.block_size, kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,

@@ -58,6 +58,9 @@ _P = ctypes.c_void_p
 _L = ctypes.c_long
 _I = ctypes.c_int
 _F = ctypes.c_float
+# The KV-cache entry formats of llmserve_paged_decode_attention (its kv_format codes).
+_KV_FORMATS = {torch.float32: 0, torch.int8: 3, **({torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
+                                                   if hasattr(torch, "float8_e5m2") else {})}
 
 
 class CPUKernelsUnavailable(RuntimeError):
@@ -114,7 +117,8 @@ def build_library() -> Path:
 
 
 class CPUKernels:
-    """Typed entry points of the compiled library. Every function takes float32 CPU tensors."""
+    """Typed entry points of the compiled library. Every function takes float32 CPU tensors (the attention
+    caches may also be quantised)."""
 
     def __init__(self, library: Path) -> None:
         lib = ctypes.CDLL(str(library))
@@ -133,7 +137,7 @@ class CPUKernels:
         lib.llmserve_linear_weight_only_gemm.argtypes = lib.llmserve_linear_weight_only.argtypes
         lib.llmserve_linear_weight_only_gemm.restype = _I
         lib.llmserve_paged_decode_attention.argtypes = [_P, _L, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _L, _F,
-                                                        _P, _P, _L, _I]
+                                                        _P, _P, _L, _I, _I, _F, _F]
         lib.llmserve_paged_decode_attention.restype = _I
         lib.llmserve_rms_norm.argtypes = [_P, _L, _P, _L, _P, _F, _P, _L, _P, _L, _L, _L, _I]
         lib.llmserve_rms_norm.restype = None
@@ -241,15 +245,22 @@ class CPUKernels:
     def paged_decode_attention(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                out: torch.Tensor, *, sliding_window: int | None = None,
-                               soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None) -> None:
+                               soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                               kv_scales: tuple[float, float] = (1.0, 1.0)) -> None:
         """One query token per sequence over its paged context, written into ``out`` [B, H, D].
 
         ``query`` [B, H, D] (head and dim contiguous), caches ``[num_blocks, block_size, KV, D]``
         contiguous, ``block_tables`` int32 [B, max_blocks], ``seq_lens`` int32 [B] (tokens to attend,
         the new one included). ``sliding_window``: attend only each sequence's last ``sliding_window``
         tokens; ``soft_cap``: scores become ``soft_cap * tanh(scores / soft_cap)`` before the softmax;
-        ``alibi_slopes``: float32 [H], ``slope * (key_position - query_position)`` added after the cap."""
+        ``alibi_slopes``: float32 [H], ``slope * (key_position - query_position)`` added after the cap.
+        The caches are float32, or a quantised cache (int8, float8 e4m3 / e5m2) whose entries read as
+        ``entry * kv_scales[0]`` (keys) and ``entry * kv_scales[1]`` (values)."""
         b, num_heads, head_dim = query.shape
+        kv_format = _KV_FORMATS.get(key_cache.dtype)
+        if kv_format is None or value_cache.dtype != key_cache.dtype:
+            raise TypeError(f"paged_decode_attention: caches must be one of {', '.join(map(str, _KV_FORMATS))}, got "
+                            f"{key_cache.dtype} and {value_cache.dtype}")
         if query.stride(2) != 1 or query.stride(1) != head_dim:
             query = query.contiguous()
         if out.stride(2) != 1 or out.stride(1) != head_dim or not key_cache.is_contiguous() \
@@ -271,7 +282,7 @@ class CPUKernels:
             block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), b, num_heads, num_kv_heads,
             head_dim, block_size, scale, sliding_window or 0, soft_cap or 0.0,
             alibi_slopes.data_ptr() if alibi_slopes is not None else None, out.data_ptr(), out.stride(0),
-            torch.get_num_threads())
+            torch.get_num_threads(), kv_format, kv_scales[0], kv_scales[1])
         if status == -2:
             raise MemoryError("paged_decode_attention: no memory for the attention scores")
         if status != 0:

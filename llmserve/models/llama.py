@@ -31,6 +31,7 @@ from llmserve.layers.linear import (ColumnParallelLinear, MergedColumnParallelLi
 from llmserve.layers.longrope import rotary_embedding
 from llmserve.models.interface import IntermediateTensors, layer_range
 from llmserve.quantization.base import QuantizationConfig
+from llmserve.quantization.kv_cache import kv_scale_name
 
 
 class CheckpointMismatchError(ValueError):
@@ -388,6 +389,16 @@ class LlamaForCausalLM(nn.Module):
             if tied_copy and ckpt_name == "model.embed_tokens.weight":
                 target, shard = "lm_head.weight", None
             elif self._on_other_stage(ckpt_name):
+                continue
+            elif (kv_scale := kv_scale_name(ckpt_name)) is not None:
+                attn = getattr(self.get_submodule(kv_scale[0]), "attn", None)
+                if not isinstance(attn, Attention):
+                    unexpected.append(original_name)
+                    continue
+                try:
+                    attn.load_kv_scale(kv_scale[1], tensor)
+                except ValueError as exc:
+                    raise CheckpointMismatchError(f"{original_name}: {exc}") from None
                 continue
             else:
                 target, shard = self.param_target(ckpt_name, params)

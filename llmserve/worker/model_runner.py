@@ -50,6 +50,7 @@ from llmserve.worker.input_batch import CachedSequence, InputBatch
 from llmserve.worker.structured_output_manager import StructuredOutputManager
 
 if TYPE_CHECKING:
+    from llmserve.layers.attention.layer import Attention
     from llmserve.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.lora_manager = lora_manager
         self.drafter = drafter
+        self._calibrate_kv: list[Attention] = []   # attention layers whose KV-cache scales the next eager step fits
         self._received = self._sent = False   # this step's pipeline hand-offs, for fail_step
         if device.type == "cpu":
             keep_large_allocations_in_heap()
@@ -122,16 +124,23 @@ class ModelRunner:
         layers = self.model.attention_layers()
         return layers if self.drafter is None else [*layers, *self.drafter.attention_layers()]
 
-    def kv_cache_bytes_per_block(self, layers: list[Attention] | None = None) -> int:
-        """Bytes a block takes in ``layers`` (default: every layer of the pool)."""
-        per_token = sum(a.kv_cache_elements_per_token() for a in (self.kv_layers() if layers is None else layers))
-        return self.block_size * per_token * torch.tensor([], dtype=self.dtype).element_size()
+    def kv_cache_bytes_per_block(self, layers: list[Attention] | None = None, model_dtype: bool = False) -> int:
+        """Bytes a block takes in ``layers`` (default: every layer of the pool); ``model_dtype``: were every
+        cache in the model's dtype, the baseline a quantised cache's capacity gain is measured against."""
+        layers = self.kv_layers() if layers is None else layers
+        if model_dtype:
+            per_token = sum(a.kv_cache_elements_per_token() for a in layers) * self.dtype.itemsize
+        else:
+            per_token = sum(a.kv_cache_bytes_per_token(self.dtype) for a in layers)
+        return self.block_size * per_token
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Zeroed so padded (masked) reads of never-written slots stay finite. On CUDA (unless
         ``enforce_eager``) the decode graphs are captured here, since they read these caches."""
         self.graphs = None   # graphs captured against an older cache must never replay
         self._bind_cache(num_blocks)
+        # int8 caches without checkpoint scales fit them to the first real batch (not to a capture's dummy one).
+        self._calibrate_kv = [a for a in self.model.attention_layers() if a.needs_kv_calibration()]
         if self.use_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.backend, self.block_size, self.max_num_seqs,
                                        self.max_seq_len_to_capture, self.device)
@@ -213,9 +222,9 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for attn in self.kv_layers():
-            attn.key_cache.index_copy_(0, dst, attn.key_cache.index_select(0, src))
-            if attn.value_cache is not attn.key_cache:
-                attn.value_cache.index_copy_(0, dst, attn.value_cache.index_select(0, src))
+            for cache in (attn.key_cache,) if attn.value_cache is attn.key_cache else (attn.key_cache,
+                                                                                        attn.value_cache):
+                cache[dst] = cache[src]   # (index_copy_ has no float8 kernel on CPU)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         """Apply the step's changes to the input batch and run it. The driver (first tensor-parallel rank of
@@ -250,6 +259,9 @@ class ModelRunner:
             pos = torch.from_numpy(step.positions).to(self.device)
             lengths = torch.from_numpy(step.rotary_lengths).to(self.device)
             received = None if pp.is_first_rank else self._receive(len(step.input_ids))
+            for attn in self._calibrate_kv:
+                attn.calibrate_kv_scales = True
+            self._calibrate_kv = []
             hidden = self.model(ids, pos, metadata, intermediate_tensors=received, rotary_lengths=lengths)
             if self.drafter is not None:
                 self.drafter.catch_up(layout, ids, pos, lengths)

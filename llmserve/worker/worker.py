@@ -22,6 +22,7 @@ from llmserve.layers.attention.layer import Attention
 from llmserve.layers.fused_moe import FusedMoE
 from llmserve.lora.model_manager import LoRAModelManager
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
+from llmserve.quantization.kv_cache import kv_cache_capacity_gain
 from llmserve.spec_decode.draft_model_proposer import DraftModelProposer
 from llmserve.worker.model_runner import ModelRunner
 from llmserve.worker.step_timing import measure_step_times
@@ -90,6 +91,9 @@ class Worker:
         if self.placement.rank == 0:
             logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, dtype, self.device, path,
                         time.perf_counter() - t0)
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.set_kv_cache_dtype(config.kv_cache_dtype)
         layers = model.attention_layers()
         backend = get_attention_backend(self.device, dtype, num_kv_heads=layers[0].num_kv_heads,
                                         latent_attention=any(a.values_in_key_cache for a in layers))
@@ -170,6 +174,11 @@ class Worker:
             if self.runner.drafter is not None:
                 note += f" and of the draft model's {len(self.runner.drafter.attention_layers())}"
             logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, len(layers), note)
+            if self.config.kv_cache_dtype != "auto":
+                logger.info(kv_cache_capacity_gain(self.config.kv_cache_dtype, num_blocks, self.config.block_size,
+                                                   self.max_model_len, self.runner.kv_cache_bytes_per_block(),
+                                                   self.runner.kv_cache_bytes_per_block(model_dtype=True),
+                                                   self.runner.dtype))
 
     def measure_step_times(self, token_counts: list[int]) -> dict[str, list[float] | None]:
         assert self.runner is not None

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from llmserve.layers.cpu_kernels import cpu_kernels
+from llmserve.quantization.kv_cache import KV_CACHE_DTYPES, KVCacheFormat, check_kv_cache_dtype, kv_cache_format
 
 
 @dataclass
@@ -93,10 +94,11 @@ class AttentionSpec:
     - ``alibi_slopes``: None, or one slope per query head of this layer (this rank's heads under tensor
       parallelism) for ALiBi: ``slope * (key_position - query_position)`` is added to the (soft-capped)
       scaled scores before the mask (see :mod:`llmserve.layers.attention.alibi`);
-    - ``kv_cache_dtype``: ``"auto"`` (the cache holds the model's dtype), or the model's dtype itself
-      (``torch.bfloat16`` or ``"bfloat16"``, stored as its name). Nothing else is implemented yet: any other
-      value raises ``NotImplementedError``. The model's dtype is torch's default dtype when the spec is built
-      (the loader sets it while it constructs the model).
+    - ``kv_cache_dtype``: ``"auto"`` (the cache holds the model's dtype), the model's dtype itself
+      (``torch.bfloat16`` or ``"bfloat16"``, stored as its name), or a quantised cache of one byte per element:
+      ``"fp8"`` (= ``"fp8_e4m3"``), ``"fp8_e5m2"`` or ``"int8"`` with per-tensor K and V scales
+      (:mod:`llmserve.quantization.kv_cache`). Another float dtype raises ``NotImplementedError``. The model's
+      dtype is torch's default dtype when the spec is built (the loader sets it while it constructs the model).
     """
 
     num_heads: int
@@ -138,6 +140,8 @@ class AttentionSpec:
     def _check_kv_cache_dtype(value: Any) -> str:
         if value is None or (isinstance(value, str) and value.strip().lower() in _MODEL_DTYPE_NAMES):
             return "auto"
+        if isinstance(value, str) and value.strip().lower() in KV_CACHE_DTYPES:
+            return check_kv_cache_dtype(value)
         model = torch.get_default_dtype()
         name = _dtype_name(value)
         if name is None or getattr(torch, name) != model:
@@ -150,6 +154,11 @@ class AttentionSpec:
     def group(self) -> int:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def kv_format(self) -> KVCacheFormat | None:
+        """The quantised format of this layer's KV cache; None when it holds the model's dtype."""
+        return kv_cache_format(self.kv_cache_dtype)
 
 
 class AttentionBackend(ABC):
@@ -164,16 +173,21 @@ class AttentionBackend(ABC):
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> object:
         """Precompute per-step tensors shared by all layers."""
 
+    # Whether it reads and writes quantised (int8 / float8) caches.
+    supports_quantized_kv_cache: bool = False
+
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: object,
-                spec: AttentionSpec) -> torch.Tensor:
+                spec: AttentionSpec, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         """Store ``key``/``value`` [T, KV, D] in the cache, attend ``query`` [T, H, D] over each
         sequence's cached context causally (within ``spec.sliding_window`` when set, scores scaled by
         ``spec.scale``, soft-capped by ``spec.logits_soft_cap`` and biased by ``spec.alibi_slopes`` when set),
         and return [T, H, D].
 
-        Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+        Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``. A quantised cache (int8 / float8,
+        told by its dtype) stores ``key / kv_scales[0]`` and ``value / kv_scales[1]`` (float32 [2] on the
+        cache's device; with one cache for both, the values use the key's scale).
         """
 
     def graph_decode_metadata(self, batch_size: int, max_blocks: int, max_seq_len: int,

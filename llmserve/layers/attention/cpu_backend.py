@@ -6,7 +6,8 @@ bound by reading each sequence's KV blocks, go through ``llmserve_paged_decode_a
 (``layers/csrc/cpu_attention.c``): it reads the blocks in place through the block table, once per KV head
 for the whole query group, with no gathered copy and no padding, so sequences of any mix of lengths share
 one call. The kernel takes the layer's sliding window, soft-cap and ALiBi slopes as arguments, so one
-decode batch serves every layer of the step.
+decode batch serves every layer of the step. It reads int8 and float8 caches too, converting each row in
+registers as it reads it, with the layer's K and V scales folded into the scores and the output.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from llmserve.layers.attention.alibi import alibi_slopes_tensor
 from llmserve.layers.attention.backend import AttentionSpec, BatchLayout
-from llmserve.layers.attention.torch_backend import TorchAttentionBackend
+from llmserve.layers.attention.torch_backend import KVCacheView, TorchAttentionBackend
 from llmserve.layers.cpu_kernels import CPUKernels
 
 
@@ -43,8 +44,10 @@ class CPUAttentionBackend(TorchAttentionBackend):
         tables = np.ascontiguousarray(layout.block_tables[:nd, :width])   # rows past a sequence's blocks are 0
         return DecodeBatch(torch.from_numpy(tables), torch.from_numpy(seq_lens))
 
-    def _attend_decodes(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        decodes: DecodeBatch, spec: AttentionSpec, window: int | None, out: torch.Tensor) -> None:
-        self.kernels.paged_decode_attention(query, key_cache, value_cache, decodes.block_tables, decodes.seq_lens,
-                                            spec.scale, out, sliding_window=window, soft_cap=spec.logits_soft_cap,
-                                            alibi_slopes=alibi_slopes_tensor(spec, query.device))
+    def _attend_decodes(self, query: torch.Tensor, cache: KVCacheView, decodes: DecodeBatch, spec: AttentionSpec,
+                        window: int | None, out: torch.Tensor) -> None:
+        scales = (1.0, 1.0) if cache.format is None else (float(cache.k_scale), float(cache.v_scale))
+        self.kernels.paged_decode_attention(query, cache.key_cache, cache.value_cache, decodes.block_tables,
+                                            decodes.seq_lens, spec.scale, out, sliding_window=window,
+                                            soft_cap=spec.logits_soft_cap,
+                                            alibi_slopes=alibi_slopes_tensor(spec, query.device), kv_scales=scales)

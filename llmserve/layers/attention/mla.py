@@ -14,8 +14,8 @@ attention (one KV head of ``kv_lora_rank + qk_rope_head_dim`` dims), whose value
 and hands it to the ordinary paged backends as key and value; each head's output latent ``sum_j p_hj c_j`` is
 the first ``kv_lora_rank`` dims of the result (the rope dims' share is discarded; the PyTorch backend stores and
 gathers the shared cache once). Decodes, prefill chunks over cached context and fresh prompts all take this path,
-so every backend feature (chunked prefill, prefix caching, preemption, the compiled CPU decode kernel) serves MLA
-unchanged.
+so every backend feature (chunked prefill, prefix caching, preemption, the compiled CPU decode kernel, a quantised
+cache: one scale, the key's, for the latent) serves MLA unchanged.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ class MLAAttention(Attention):
         latent and rotated ``k_pe``) -> each head's output latent [T, H, kv_lora_rank]."""
         assert self.backend is not None, "KV cache not allocated: call ModelRunner.allocate_kv_cache first"
         kv = kv.view(kv.shape[0], 1, self.head_dim)
-        out = self.backend.forward(q, kv, kv, self.key_cache, self.value_cache, metadata, self.spec)
+        if self.calibrate_kv_scales:
+            self.calibrate(kv, kv)
+        out = self.backend.forward(q, kv, kv, self.key_cache, self.value_cache, metadata, self.spec, self.kv_scales)
         return out[..., :self.kv_lora_rank]
 
 

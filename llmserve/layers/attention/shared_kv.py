@@ -5,7 +5,8 @@ The model runner binds caches only to the layers a model lists in ``attention_la
 runs, so it is correct whenever the source's cache is (rebinding included). It is given the source layer's
 K/V of this step, which the backend stores into the source's slots again: the same values into the same
 slots, so every backend serves it through its ordinary path (prefill chunks that read this step's K/V
-directly included) at the cost of one extra store.
+directly included) at the cost of one extra store. A quantised source cache is read with the source's scales
+(the same values quantise to the same entries).
 """
 
 from __future__ import annotations
@@ -37,5 +38,5 @@ class SharedKVAttention(Attention):
         out = source.backend.forward(q.view(t, self.num_heads, self.head_dim),
                                      k.view(t, self.num_kv_heads, self.head_dim),
                                      v.view(t, self.num_kv_heads, self.head_dim),
-                                     source.key_cache, source.value_cache, metadata, self.spec)
+                                     source.key_cache, source.value_cache, metadata, self.spec, source.kv_scales)
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from llmserve.layers.attention.alibi import alibi_slopes_tensor
 from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout, padded_block_tables
+from llmserve.quantization.kv_cache import dequantize_kv, format_of, quantize_kv
 
 
 @dataclass
@@ -181,8 +182,62 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn
                                           scale=spec.scale, enable_gqa=query.shape[1] != key.shape[1])
 
 
+class KVCacheView:
+    """One layer's key and value caches as the PyTorch paths read and write them: a quantised cache (int8 /
+    float8, told by its dtype) is written as ``x / scale`` and read back as ``entry * scale`` in the queries'
+    dtype, only for the blocks gathered."""
+
+    def __init__(self, key_cache: torch.Tensor, value_cache: torch.Tensor, kv_scales: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        self.key_cache, self.value_cache, self.dtype = key_cache, value_cache, dtype
+        self.shared = value_cache is key_cache
+        self.format = format_of(key_cache)
+        if self.format is not None:
+            if kv_scales is None:
+                raise ValueError(f"a {self.format.name} KV cache needs the layer's kv_scales")
+            self.k_scale = kv_scales[0]
+            self.v_scale = kv_scales[0] if self.shared else kv_scales[1]
+
+    def store(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``key``/``value`` [T, KV, D] into their slots; return them as the cache will give them back
+        (a fresh prompt then attends what its later decodes will read)."""
+        if self.format is None:
+            self._copy(self.key_cache, key, slot_mapping)
+            if not self.shared:
+                self._copy(self.value_cache, value, slot_mapping)
+            return key, value
+        qk = quantize_kv(key, self.k_scale, self.format)
+        self._copy(self.key_cache, qk, slot_mapping)
+        key = dequantize_kv(qk, self.k_scale, self.dtype)
+        if self.shared:
+            return key, key
+        qv = quantize_kv(value, self.v_scale, self.format)
+        self._copy(self.value_cache, qv, slot_mapping)
+        return key, dequantize_kv(qv, self.v_scale, self.dtype)
+
+    @staticmethod
+    def _copy(cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        # index_copy_ has no float8 kernel: float8 entries are copied as their bytes.
+        as_bytes = cache.element_size() == 1 and cache.is_floating_point()
+        flat = cache.view(-1, *x.shape[1:])
+        if as_bytes:
+            flat, x = flat.view(torch.uint8), x.view(torch.uint8)
+        flat.index_copy_(0, slot_mapping, x)
+
+    def gather_keys(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The key blocks ``blocks`` [N] as [N, block_size, KV, D] in the queries' dtype."""
+        k = self.key_cache.index_select(0, blocks)
+        return k if self.format is None else dequantize_kv(k, self.k_scale, self.dtype)
+
+    def gather_values(self, blocks: torch.Tensor) -> torch.Tensor:
+        v = self.value_cache.index_select(0, blocks)
+        return v if self.format is None else dequantize_kv(v, self.v_scale, self.dtype)
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    supports_quantized_kv_cache = True
     # Whether the decode metadata differs per sliding window (here: the groups gather only the window's
     # blocks); a backend whose decode kernel takes the window as an argument shares one.
     decodes_depend_on_window = True
@@ -250,19 +305,17 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: TorchAttentionMetadata,
-                spec: AttentionSpec) -> torch.Tensor:
+                spec: AttentionSpec, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         num_kv_heads, head_dim = key.shape[1], key.shape[2]
         # One cache for both (latent attention): the values are the keys, stored and gathered once.
         shared = value_cache is key_cache
-        key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, key)
-        if not shared:
-            value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, value)
+        cache = KVCacheView(key_cache, value_cache, kv_scales, query.dtype)
+        key, value = cache.store(key, value, metadata.slot_mapping)
         out = torch.empty_like(query)
         window = metadata.window(spec.sliding_window)
         nd = metadata.num_decodes
         if nd:
-            self._attend_decodes(query[:nd], key_cache, value_cache, metadata.decodes_for(window), spec, window,
-                                 out[:nd])
+            self._attend_decodes(query[:nd], cache, metadata.decodes_for(window), spec, window, out[:nd])
         if len(metadata.layout.query_lens) == nd:
             return out
         for chunk in metadata.prefills_for(window):
@@ -272,37 +325,35 @@ class TorchAttentionBackend(AttentionBackend):
                 k, v = key[chunk.query_start:end], value[chunk.query_start:end]
             else:
                 num_keys = chunk.context_len + chunk.query_len - chunk.key_start
-                k = key_cache.index_select(0, chunk.block_table).view(-1, num_kv_heads, head_dim)[:num_keys]
-                v = k if shared else value_cache.index_select(0, chunk.block_table).view(-1, num_kv_heads,
-                                                                                          head_dim)[:num_keys]
+                k = cache.gather_keys(chunk.block_table).view(-1, num_kv_heads, head_dim)[:num_keys]
+                v = k if shared else cache.gather_values(chunk.block_table).view(-1, num_kv_heads,
+                                                                                 head_dim)[:num_keys]
             o = _attention(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), chunk.mask,
                            chunk.mask is None, spec)
             out[chunk.query_start:end] = o[0].transpose(0, 1)
         return out
 
-    def _attend_decodes(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        groups: list[DecodeGroup], spec: AttentionSpec, window: int | None,
-                        out: torch.Tensor) -> None:
+    def _attend_decodes(self, query: torch.Tensor, cache: KVCacheView, groups: list[DecodeGroup],
+                        spec: AttentionSpec, window: int | None, out: torch.Tensor) -> None:
         """Attend the decode rows (one query token each) and write them into ``out``. ``groups`` were
         built for ``window`` (the spec's, or None where it covers the whole step)."""
         for group in groups:
             if group.rows is None:
-                out.copy_(self._decode(query, key_cache, value_cache, group, spec))
+                out.copy_(self._decode(query, cache, group, spec))
             else:
                 q = query.index_select(0, group.rows)
-                out.index_copy_(0, group.rows, self._decode(q, key_cache, value_cache, group, spec))
+                out.index_copy_(0, group.rows, self._decode(q, cache, group, spec))
 
     @staticmethod
-    def _decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, group: DecodeGroup,
-                spec: AttentionSpec) -> torch.Tensor:
+    def _decode(query: torch.Tensor, cache: KVCacheView, group: DecodeGroup, spec: AttentionSpec) -> torch.Tensor:
         """One query token per sequence: gather each sequence's blocks (padded to the group's longest) with
         one ``index_select`` and attend in one SDPA call; the [B, L, KV, D] -> [B, KV, L, D] transpose stays a
         view (SDPA's CPU kernel reads strided K/V), so the gather is the only copy of the context."""
         b, num_heads, head_dim = query.shape
-        num_kv_heads = key_cache.shape[2]
+        num_kv_heads = cache.key_cache.shape[2]
         flat_tables = group.block_tables.view(-1)
-        k = key_cache.index_select(0, flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
-        v = (k if value_cache is key_cache
-             else value_cache.index_select(0, flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2))
+        k = cache.gather_keys(flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
+        v = (k if cache.shared
+             else cache.gather_values(flat_tables).view(b, -1, num_kv_heads, head_dim).transpose(1, 2))
         out = _attention(query.unsqueeze(2), k, v, group.bias, False, spec, group.query_keys)
         return out.view(b, num_heads, head_dim)

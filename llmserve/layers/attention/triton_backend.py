@@ -9,6 +9,8 @@ For CUDA graphs the decode metadata can live in static buffers (:meth:`TritonAtt
 graph_decode_metadata`) that :meth:`TritonAttentionBackend.fill_graph_decode_metadata` rewrites in place
 before each replay: a decode batch's kernel grid depends only on its (padded) size and split count.
 
+A quantised cache (int8, float8) is read by the same kernels, converted as each tile is loaded.
+
 A layer's sliding window, logit soft-cap and ALiBi slopes (:class:`AttentionSpec`) are kernel arguments, so
 one metadata serves every layer (the slopes tensor is made once per layer, so a CUDA graph keeps reading it).
 Decode programs split only the window, so a windowed layer may use fewer splits than the step's longest
@@ -79,6 +81,7 @@ def _num_sms(device: torch.device) -> int:
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
+    supports_quantized_kv_cache = True
 
     def __init__(self, dtype: torch.dtype, num_kv_heads: int = 8) -> None:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -169,8 +172,8 @@ class TritonAttentionBackend(AttentionBackend):
     # --------------------------------------------------------------------------- forward
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: TritonAttentionMetadata,
-                spec: AttentionSpec) -> torch.Tensor:
-        kernels.store_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
+                spec: AttentionSpec, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        kernels.store_kv(key, value, key_cache, value_cache, metadata.slot_mapping, kv_scales)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         nd = metadata.num_decodes
         window, soft_cap = metadata.window(spec.sliding_window), spec.logits_soft_cap
@@ -178,10 +181,10 @@ class TritonAttentionBackend(AttentionBackend):
         if nd:
             kernels.decode_attention(query[:nd], key_cache, value_cache, out[:nd], metadata.decode_block_tables,
                                      metadata.decode_seq_lens, metadata.splits_for(window), spec.scale,
-                                     window=window, soft_cap=soft_cap, alibi_slopes=slopes)
+                                     window=window, soft_cap=soft_cap, alibi_slopes=slopes, kv_scales=kv_scales)
         if metadata.num_prefills:
             kernels.prefill_attention(query, key_cache, value_cache, out, metadata.prefill_block_tables,
                                       metadata.prefill_query_start, metadata.prefill_query_lens,
                                       metadata.prefill_context_lens, metadata.max_prefill_query_len, spec.scale,
-                                      window=window, soft_cap=soft_cap, alibi_slopes=slopes)
+                                      window=window, soft_cap=soft_cap, alibi_slopes=slopes, kv_scales=kv_scales)
         return out

@@ -47,6 +47,12 @@ the same code as before.
 float16, bfloat16 and float32 inputs are supported; scores, softmax statistics and accumulators are
 float32 in every case (float32 inputs use exact IEEE dot products, so they can be checked against a
 float64 reference).
+
+Quantised caches (``KV_FORMAT``, a compile-time switch: int8, or float8 e4m3 / e5m2 passed as their bytes) are
+converted in registers as each K/V tile is loaded (:func:`_dequantize`: exact in the queries' dtype), and the
+per-tensor scales (``kv_scales``, a float32 [2] device tensor read inside the kernels, so a CUDA graph sees
+its current values) multiply the scores (K) and the output (V). The step's new K/V are quantised by
+:func:`llmserve.quantization.kv_cache.quantize_kv` before :func:`store_kv` copies them.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from llmserve.quantization.kv_cache import format_of, quantize_kv
 
 # Whether the kernels below are defined for the Triton interpreter (``@triton.jit`` decides when it runs).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -110,7 +118,36 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return 1 if splits <= 1 else min(triton.next_power_of_2(splits), max_splits)
 
 
+# KV_FORMAT codes: a cache of the model's dtype, int8, float8 e4m3 (bytes), float8 e5m2 (bytes).
+KV_PLAIN, KV_INT8, KV_FP8_E4M3, KV_FP8_E5M2 = 0, 1, 2, 3
+
+
 # ---------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _fp8_to_float(x, M_BITS: tl.constexpr, BIAS: tl.constexpr):
+    """float8 bytes (sign, exponent, ``M_BITS`` mantissa bits, exponent bias ``BIAS``) as float32: the fields
+    move into float32's with the bias changed (exact for normal numbers); a subnormal (exponent field 0) then
+    reads as 2^-BIAS (1 + m 2^-M_BITS) where it means 2 (that - 2^-BIAS). NaN / infinity codes are never written."""
+    x = x.to(tl.int32)
+    mag = x & 0x7F
+    v = ((mag << (23 - M_BITS)) + ((127 - BIAS) << 23)).to(tl.float32, bitcast=True)
+    v = tl.where((mag >> M_BITS) == 0, (v - tl.exp2(-BIAS * 1.0)) * 2.0, v)
+    return tl.where((x & 0x80) != 0, -v, v)
+
+
+@triton.jit
+def _dequantize(x, dtype, KV_FORMAT: tl.constexpr):
+    """A loaded K/V tile as ``dtype`` (the queries'), unscaled: exact, since int8 and float8 values are
+    representable in float16, bfloat16 and float32."""
+    if KV_FORMAT == 1:
+        x = x.to(tl.float32)
+    elif KV_FORMAT == 2:
+        x = _fp8_to_float(x, 3, 7)
+    elif KV_FORMAT == 3:
+        x = _fp8_to_float(x, 2, 15)
+    return x.to(dtype)
+
+
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``tl.dot`` with a float32 accumulator. ``UPCAST`` (set only under the Triton interpreter for
@@ -137,12 +174,15 @@ def _soft_cap(s, CAP: tl.constexpr):
 def _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, keep, kv_head, offs_d,
                     d_mask, scale_log2, slopes, q_pos, stride_c_block, stride_c_slot, stride_c_head,
                     BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    SOFT_CAP: tl.constexpr, USE_ALIBI: tl.constexpr, MAY_BE_EMPTY: tl.constexpr):
+                    SOFT_CAP: tl.constexpr, USE_ALIBI: tl.constexpr, MAY_BE_EMPTY: tl.constexpr,
+                    KV_FORMAT: tl.constexpr):
     """One KV tile of flash attention, shared by prefill and decode: gather the tile's K/V rows through the
     block table, score the queries against them (``keep`` masks scores out), and fold the tile into the
     running max ``m_i``, sum ``l_i`` and unnormalised output ``acc`` (all float32).
 
-    ``SOFT_CAP`` (log2 units, 0 = none) caps the scores before the mask; with ``USE_ALIBI``, each row adds
+    ``scale_log2`` includes a quantised cache's K scale; ``KV_FORMAT``: the caches' entries (see
+    :func:`_dequantize`). ``SOFT_CAP`` (log2 units, 0 = none) caps the scores before the mask; with
+    ``USE_ALIBI``, each row adds
     ``slopes`` (its head's, log2 units) times the distance from its query position ``q_pos`` to each key
     after the cap. ``MAY_BE_EMPTY``: a row may have
     no key kept in this tile nor before it (a sliding window that starts past the tile); its maximum stays
@@ -150,7 +190,9 @@ def _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n
     blocks = tl.load(table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     kv_off = blocks * stride_c_block + (offs_n % BLOCK_SIZE) * stride_c_slot + kv_head * stride_c_head
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0)
+    if KV_FORMAT != 0:
+        k = _dequantize(k, q.dtype, KV_FORMAT)
     s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
     if SOFT_CAP > 0:
         s = _soft_cap(s, SOFT_CAP)
@@ -163,7 +205,9 @@ def _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0)
+    if KV_FORMAT != 0:
+        v = _dequantize(v, q.dtype, KV_FORMAT)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
     return m_new, l_i, acc
 
@@ -189,13 +233,14 @@ def _store_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_pt
 @triton.jit
 def _prefill_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-        block_tables_ptr, query_start_ptr, query_lens_ptr, context_lens_ptr, alibi_ptr,
+        block_tables_ptr, query_start_ptr, query_lens_ptr, context_lens_ptr, alibi_ptr, kv_scales_ptr,
         scale_log2, window,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_c_block, stride_c_slot, stride_c_head, stride_bt,
         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, USE_ALIBI: tl.constexpr):
+        UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, USE_ALIBI: tl.constexpr,
+        KV_FORMAT: tl.constexpr):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -225,6 +270,10 @@ def _prefill_attention_kernel(
     if USE_ALIBI:
         slopes = tl.load(alibi_ptr + heads, mask=row_mask, other=0.0).to(tl.float32)
 
+    v_scale = 1.0
+    if KV_FORMAT != 0:
+        scale_log2 = scale_log2 * tl.load(kv_scales_ptr)
+        v_scale = tl.load(kv_scales_ptr + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -247,24 +296,24 @@ def _prefill_attention_kernel(
         m_i, l_i, acc = _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask, keep,
                                         kv_head, offs_d, d_mask, scale_log2, slopes, q_pos, stride_c_block,
                                         stride_c_slot, stride_c_head, BLOCK_SIZE, PRECISION, UPCAST, SOFT_CAP,
-                                        USE_ALIBI, USE_WINDOW)
+                                        USE_ALIBI, USE_WINDOW, KV_FORMAT)
     if USE_WINDOW:
         l_i = tl.where(l_i > 0, l_i, 1.0)   # padding rows may have seen no key
-    acc = acc / l_i[:, None]
+    acc = acc * (v_scale / l_i[:, None])
     tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
 def _decode_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, alibi_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, alibi_ptr, kv_scales_ptr,
         part_out_ptr, part_m_ptr, part_l_ptr,
         scale_log2, num_splits, window,
         stride_qt, stride_qh, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        USE_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, USE_ALIBI: tl.constexpr):
+        USE_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, USE_ALIBI: tl.constexpr, KV_FORMAT: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -290,6 +339,10 @@ def _decode_attention_kernel(
     if USE_ALIBI:
         slopes = tl.load(alibi_ptr + heads, mask=g_mask, other=0.0).to(tl.float32)
 
+    v_scale = 1.0
+    if KV_FORMAT != 0:
+        scale_log2 = scale_log2 * tl.load(kv_scales_ptr)
+        v_scale = tl.load(kv_scales_ptr + 1)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -301,7 +354,8 @@ def _decode_attention_kernel(
         m_i, l_i, acc = _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n_mask,
                                         n_mask[None, :], kv_head, offs_d, d_mask, scale_log2, slopes, q_pos,
                                         stride_c_block, stride_c_slot, stride_c_head, BLOCK_SIZE, PRECISION, UPCAST,
-                                        SOFT_CAP, USE_ALIBI, False)
+                                        SOFT_CAP, USE_ALIBI, False, KV_FORMAT)
+    acc = acc * v_scale   # the split's sum of p * entry, in value units (the reduce only reweights splits)
     # Partials are [seq, head, split] (+ [HEAD_DIM] for the output); empty splits write (-inf, 0, 0).
     row = (seq.to(tl.int64) * NUM_HEADS + heads) * num_splits + split
     tl.store(part_m_ptr + row, m_i, mask=g_mask)
@@ -369,14 +423,40 @@ def _check_cache(cache: torch.Tensor) -> None:
         raise ValueError("KV caches must be contiguous [num_blocks, block_size, num_kv_heads, head_dim] tensors")
 
 
+def _kv_format(cache: torch.Tensor) -> int:
+    """The ``KV_FORMAT`` code of a cache tensor."""
+    fmt = format_of(cache)
+    return KV_PLAIN if fmt is None else {"int8": KV_INT8, "fp8_e4m3": KV_FP8_E4M3, "fp8_e5m2": KV_FP8_E5M2}[fmt.name]
+
+
+def _entries(cache: torch.Tensor) -> torch.Tensor:
+    """A cache as the kernels address it: float8 entries as their bytes (decoded in :func:`_dequantize`)."""
+    return cache.view(torch.uint8) if cache.dtype.is_floating_point and cache.element_size() == 1 else cache
+
+
+def _scales_arg(key_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' ``kv_scales`` pointer: required for a quantised cache, never read otherwise."""
+    if _kv_format(key_cache) == KV_PLAIN:
+        return key_cache
+    if kv_scales is None or kv_scales.shape != (2,) or kv_scales.dtype != torch.float32:
+        raise ValueError("a quantised KV cache needs kv_scales: a float32 [2] tensor (K, V)")
+    return kv_scales
+
+
 def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write ``key``/``value`` ``[T, KV, D]`` into their cache slots; slots < 0 are skipped."""
+             slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    """Write ``key``/``value`` ``[T, KV, D]`` into their cache slots; slots < 0 are skipped. A quantised cache
+    stores ``key / kv_scales[0]`` and ``value / kv_scales[1]`` in its format."""
     _check_cache(key_cache)
     _check_cache(value_cache)
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
+    fmt = format_of(key_cache)
+    if fmt is not None:
+        scales = _scales_arg(key_cache, kv_scales)
+        key, value = quantize_kv(key, scales[0], fmt), quantize_kv(value, scales[1], fmt)
+        key, value, key_cache, value_cache = _entries(key), _entries(value), _entries(key_cache), _entries(value_cache)
     key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
     _store_kv_kernel[(num_tokens,)](
         key, value, key_cache, value_cache, slot_mapping,
@@ -400,13 +480,13 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       out: torch.Tensor, block_tables: torch.Tensor, query_start: torch.Tensor,
                       query_lens: torch.Tensor, context_lens: torch.Tensor, max_query_len: int,
                       scale: float, *, window: int | None = None, soft_cap: float | None = None,
-                      alibi_slopes: torch.Tensor | None = None) -> None:
+                      alibi_slopes: torch.Tensor | None = None, kv_scales: torch.Tensor | None = None) -> None:
     """Causal attention of prefill chunks over the paged cache (which already holds their own K/V).
 
     ``query``/``out`` are ``[T, H, D]`` for the whole step; sequence ``i`` owns rows
     ``query_start[i] : query_start[i] + query_lens[i]`` at positions ``context_lens[i]`` onwards (any
     number of rows over any context). ``window``: a sliding window in tokens; ``soft_cap``: a logit cap;
-    ``alibi_slopes``: [H] ALiBi slopes.
+    ``alibi_slopes``: [H] ALiBi slopes; ``kv_scales``: a quantised cache's K and V scales.
     """
     num_seqs = query_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0:
@@ -416,20 +496,20 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     rows, tokens = prefill_tile(group)
     grid = (num_seqs, triton.cdiv(max_query_len, tokens), num_kv_heads)
     _prefill_attention_kernel[grid](
-        query, key_cache, value_cache, out, block_tables, query_start, query_lens, context_lens, slopes,
-        scale * math.log2(math.e), window_arg,
+        query, _entries(key_cache), _entries(value_cache), out, block_tables, query_start, query_lens, context_lens,
+        slopes, _scales_arg(key_cache, kv_scales), scale * math.log2(math.e), window_arg,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_D=_pow2_at_least(head_dim, 16), BLOCK_M=rows, BLOCK_N=PREFILL_BLOCK_N,
         PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype), USE_WINDOW=use_window, SOFT_CAP=cap,
-        USE_ALIBI=use_alibi, num_warps=PREFILL_NUM_WARPS)
+        USE_ALIBI=use_alibi, KV_FORMAT=_kv_format(key_cache), num_warps=PREFILL_NUM_WARPS)
 
 
 def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                      out: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, num_splits: int,
                      scale: float, *, window: int | None = None, soft_cap: float | None = None,
-                     alibi_slopes: torch.Tensor | None = None) -> None:
+                     alibi_slopes: torch.Tensor | None = None, kv_scales: torch.Tensor | None = None) -> None:
     """One query token per sequence (``query``/``out`` ``[B, H, D]``) over ``seq_lens[i]`` cached tokens
     (the last ``window`` of them with a sliding window), split into ``num_splits`` ranges per sequence and
     combined by a reduce kernel. The grid depends only on ``B`` and ``num_splits``, never on the lengths,
@@ -444,14 +524,15 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     part_l = torch.empty_like(part_m)
     block_d = _pow2_at_least(head_dim, 16)
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
-        query, key_cache, value_cache, block_tables, seq_lens, slopes, part_out, part_m, part_l,
+        query, _entries(key_cache), _entries(value_cache), block_tables, seq_lens, slopes,
+        _scales_arg(key_cache, kv_scales), part_out, part_m, part_l,
         scale * math.log2(math.e), num_splits, window_arg,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=_pow2_at_least(group, 16),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N,
         PRECISION=_precision(query.dtype), UPCAST=_upcast(query.dtype), USE_WINDOW=use_window, SOFT_CAP=cap,
-        USE_ALIBI=use_alibi)
+        USE_ALIBI=use_alibi, KV_FORMAT=_kv_format(key_cache))
     _decode_reduce_kernel[(batch, num_heads)](
         part_out, part_m, part_l, out, num_splits, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=_pow2_at_least(num_splits), BLOCK_D=block_d)

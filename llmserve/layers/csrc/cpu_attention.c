@@ -16,6 +16,11 @@
  * softmax. ALiBi (`alibi_slopes` non-NULL, one slope per query head: BLOOM, Falcon) then adds
  * slope * (key position - query position) to each score in the same pass. None of them adds work inside
  * the token loops when unused.
+ *
+ * A quantised cache (`kv_format` > 0: float8 e4m3 or e5m2, or int8; one byte per entry) is converted to
+ * float32 in registers as each row is read (see load_entries), never copied; its per-tensor scales are folded
+ * into the softmax scale (keys) and into the output (values). The format is a compile-time constant of each
+ * specialised path, as the head size is, so the float32 cache runs the same code as before.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -80,19 +85,68 @@ static void softmax_rows(float *scores, long rows, long len, long stride, float 
     }
 }
 
-/* Where token t of a sequence lies in a cache, for KV head 0. */
-static inline const float *token_row(const float *cache, const int *table, long t, long block_size,
-                                     long token_stride) {
-    return cache + (table[t / block_size] * block_size + t % block_size) * token_stride;
+/* Cache entry formats (kv_format). */
+enum { KV_F32 = 0, KV_FP8_E4M3 = 1, KV_FP8_E5M2 = 2, KV_INT8 = 3 };
+
+typedef unsigned char u8vec __attribute__((vector_size(LANES)));
+typedef signed char i8vec __attribute__((vector_size(LANES)));
+
+/* float8 bytes (widened to int lanes) as floats, for a format with `m_bits` mantissa bits and exponent bias
+ * `bias`: the exponent and mantissa move into float32's fields with the bias changed, which is exact for
+ * normal numbers. A subnormal (exponent field 0) then reads as 2^-bias (1 + m 2^-m_bits) where it means
+ * 2^(1-bias) m 2^-m_bits = 2 (that - 2^-bias). The NaN and infinity codes are never written (writes
+ * saturate at the largest finite value). */
+static inline __attribute__((always_inline)) vec fp8_to_float(ivec x, const int m_bits, const int bias) {
+    const ivec mag = x & 0x7f;
+    const vec v = (vec)((mag << (23 - m_bits)) + ((127 - bias) << 23));
+    const float low = 1.0f / (float)(1u << bias);   /* 2^-bias */
+    const vec r = vselect((mag >> m_bits) == 0, (v - splat(low)) * 2.0f, v);
+    return (vec)((ivec)r | ((x & 0x80) << 24));
 }
 
-/* Prefetch the slice [first, first + count) floats of token t's row, if t is in the sequence: rows of
- * consecutive tokens lie apart (one per slot, blocks scattered), so the hardware prefetchers miss them. */
-static inline void prefetch_row(const float *cache, const int *table, long t, long seq_len, long block_size,
-                                long token_stride, long first, long count) {
+static inline float fp8_to_float_scalar(unsigned char x, const int m_bits, const int bias) {
+    const int e = (x & 0x7f) >> m_bits, m = x & ((1 << m_bits) - 1);
+    const float mag = e == 0 ? ldexpf((float)m, 1 - bias - m_bits)
+                             : ldexpf((float)(m + (1 << m_bits)), e - bias - m_bits);
+    return x & 0x80 ? -mag : mag;
+}
+
+/* LANES cache entries from entry index i of a cache of format `fmt`, as (unscaled) floats. */
+static inline __attribute__((always_inline)) vec load_entries(const void *cache, long i, const int fmt) {
+    if (fmt == KV_F32) return load((const float *)cache + i);
+    if (fmt == KV_INT8) {
+        i8vec b;
+        memcpy(&b, (const signed char *)cache + i, sizeof b);
+        return __builtin_convertvector(b, vec);
+    }
+    u8vec b;
+    memcpy(&b, (const unsigned char *)cache + i, sizeof b);
+    const ivec x = __builtin_convertvector(b, ivec);
+    return fmt == KV_FP8_E4M3 ? fp8_to_float(x, 3, 7) : fp8_to_float(x, 2, 15);
+}
+
+static inline float load_entry(const void *cache, long i, const int fmt) {
+    switch (fmt) {
+        case KV_FP8_E4M3: return fp8_to_float_scalar(((const unsigned char *)cache)[i], 3, 7);
+        case KV_FP8_E5M2: return fp8_to_float_scalar(((const unsigned char *)cache)[i], 2, 15);
+        case KV_INT8: return (float)((const signed char *)cache)[i];
+        default: return ((const float *)cache)[i];
+    }
+}
+
+/* The entry index where token t of a sequence starts in a cache, for KV head 0. */
+static inline long token_row(const int *table, long t, long block_size, long token_stride) {
+    return (table[t / block_size] * block_size + t % block_size) * token_stride;
+}
+
+/* Prefetch the entries [first, first + count) of token t's row, if t is in the sequence: rows of consecutive
+ * tokens lie apart (one per slot, blocks scattered), so the hardware prefetchers miss them. */
+static inline void prefetch_row(const void *cache, const int *table, long t, long seq_len, long block_size,
+                                long token_stride, long first, long count, const int fmt) {
     if (t >= seq_len) return;
-    const float *row = token_row(cache, table, t, block_size, token_stride) + first;
-    for (long i = 0; i < count; i += 64 / (long)sizeof(float)) __builtin_prefetch(row + i, 0, 3);
+    const long entry_size = fmt == KV_F32 ? (long)sizeof(float) : 1;
+    const char *row = (const char *)cache + (token_row(table, t, block_size, token_stride) + first) * entry_size;
+    for (long i = 0; i < count * entry_size; i += 64) __builtin_prefetch(row + i, 0, 3);
 }
 
 #define PREFETCH_TOKENS 4   /* how far ahead rows are prefetched */
@@ -100,22 +154,23 @@ static inline void prefetch_row(const float *cache, const int *table, long t, lo
 /* The vector path: head_dim = nv * 16 (`nv` is a constant at the call sites that matter: 4, 8), for the
  * query heads of KV heads [kv_head, kv_head + kv_count): `q` and `out` point at the first of them. Keys
  * [start, seq_len) are attended (start > 0 under a sliding window); `scores` has rows of seq_len - start.
- * `slopes`: the ALiBi slopes of those query heads, or NULL. */
+ * `slopes`: the ALiBi slopes of those query heads, or NULL. `fmt`: the caches' entry format (a constant). */
 static inline __attribute__((always_inline)) void
-attend_vec(const float *q, const float *k_cache, const float *v_cache, const int *table, long start, long seq_len,
+attend_vec(const float *q, const void *k_cache, const void *v_cache, const int *table, long start, long seq_len,
            long group, long kv_head, long kv_count, long num_kv_heads, long block_size, float scale,
-           float soft_cap, const float *slopes, float *scores, float *out, const int nv) {
+           float soft_cap, const float *slopes, float *scores, float *out, const int nv, const int fmt) {
     const long head_dim = nv * LANES;
     const long token_stride = num_kv_heads * head_dim;
     const long first = kv_head * head_dim, count = kv_count * head_dim;
     const long rows = kv_count * group;   /* query heads attended: score rows */
     const long len = seq_len - start;   /* t below counts from the window's start */
     for (long t = 0; t < len; t++) {
-        prefetch_row(k_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count);
-        const float *k = token_row(k_cache, table, start + t, block_size, token_stride) + first;
+        prefetch_row(k_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count,
+                     fmt);
+        long k = token_row(table, start + t, block_size, token_stride) + first;
         for (long h = 0; h < kv_count; h++, k += head_dim) {
             vec kv[MAX_VECS];
-            for (int c = 0; c < nv; c++) kv[c] = load(k + c * LANES);
+            for (int c = 0; c < nv; c++) kv[c] = load_entries(k_cache, k + c * LANES, fmt);
             for (long g = 0; g < group; g++) {
                 const float *qh = q + (h * group + g) * head_dim;
                 vec acc = kv[0] * load(qh);
@@ -127,11 +182,12 @@ attend_vec(const float *q, const float *k_cache, const float *v_cache, const int
     softmax_rows(scores, rows, len, len, soft_cap, slopes, start - (seq_len - 1));
     memset(out, 0, sizeof(float) * rows * head_dim);
     for (long t = 0; t < len; t++) {
-        prefetch_row(v_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count);
-        const float *v = token_row(v_cache, table, start + t, block_size, token_stride) + first;
+        prefetch_row(v_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count,
+                     fmt);
+        long v = token_row(table, start + t, block_size, token_stride) + first;
         for (long h = 0; h < kv_count; h++, v += head_dim) {
             vec vv[MAX_VECS];
-            for (int c = 0; c < nv; c++) vv[c] = load(v + c * LANES);
+            for (int c = 0; c < nv; c++) vv[c] = load_entries(v_cache, v + c * LANES, fmt);
             for (long g = 0; g < group; g++) {
                 const vec p = splat(scores[(h * group + g) * len + t]);
                 float *oh = out + (h * group + g) * head_dim;
@@ -142,47 +198,65 @@ attend_vec(const float *q, const float *k_cache, const float *v_cache, const int
 }
 
 /* The scalar path, for head sizes that are not a multiple of 16 (same arguments). */
-static void attend_scalar(const float *q, const float *k_cache, const float *v_cache, const int *table,
+static void attend_scalar(const float *q, const void *k_cache, const void *v_cache, const int *table,
                           long start, long seq_len, long group, long kv_head, long kv_count, long num_kv_heads,
                           long head_dim, long block_size, float scale, float soft_cap, const float *slopes,
-                          float *scores, float *out) {
+                          float *scores, float *out, int fmt) {
     const long token_stride = num_kv_heads * head_dim;
     const long rows = kv_count * group;
     const long len = seq_len - start;
     for (long t = start; t < seq_len; t++) {
-        const float *k = token_row(k_cache, table, t, block_size, token_stride) + kv_head * head_dim;
+        const long k = token_row(table, t, block_size, token_stride) + kv_head * head_dim;
         for (long r = 0; r < rows; r++) {
-            const float *kh = k + (r / group) * head_dim;
+            const long kh = k + (r / group) * head_dim;
             float s = 0.f;
-            for (long d = 0; d < head_dim; d++) s += q[r * head_dim + d] * kh[d];
+            for (long d = 0; d < head_dim; d++) s += q[r * head_dim + d] * load_entry(k_cache, kh + d, fmt);
             scores[r * len + (t - start)] = s * scale;
         }
     }
     softmax_rows(scores, rows, len, len, soft_cap, slopes, start - (seq_len - 1));
     memset(out, 0, sizeof(float) * rows * head_dim);
     for (long t = start; t < seq_len; t++) {
-        const float *v = token_row(v_cache, table, t, block_size, token_stride) + kv_head * head_dim;
+        const long v = token_row(table, t, block_size, token_stride) + kv_head * head_dim;
         for (long r = 0; r < rows; r++)
-            for (long d = 0; d < head_dim; d++) out[r * head_dim + d] += scores[r * len + (t - start)] * v[(r / group) * head_dim + d];
+            for (long d = 0; d < head_dim; d++)
+                out[r * head_dim + d] += scores[r * len + (t - start)]
+                                         * load_entry(v_cache, v + (r / group) * head_dim + d, fmt);
     }
 }
 
-static void attend_one(const float *q, const float *k_cache, const float *v_cache, const int *table,
-                       long start, long seq_len, long group, long kv_head, long kv_count, long num_kv_heads,
-                       long head_dim, long block_size, float scale, float soft_cap, const float *slopes,
-                       float *scores, float *out) {
+/* One work item with the caches' format `fmt` a constant (each format gets its own specialised loops). */
+static inline __attribute__((always_inline)) void
+attend_format(const float *q, const void *k_cache, const void *v_cache, const int *table, long start, long seq_len,
+              long group, long kv_head, long kv_count, long num_kv_heads, long head_dim, long block_size, float scale,
+              float soft_cap, const float *slopes, float *scores, float *out, const int fmt) {
     switch (head_dim) {
         case 64: attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads,
-                            block_size, scale, soft_cap, slopes, scores, out, 4); return;
+                            block_size, scale, soft_cap, slopes, scores, out, 4, fmt); return;
         case 128: attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads,
-                             block_size, scale, soft_cap, slopes, scores, out, 8); return;
+                             block_size, scale, soft_cap, slopes, scores, out, 8, fmt); return;
     }
     if (head_dim % LANES == 0 && head_dim / LANES <= MAX_VECS)
         attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, block_size,
-                   scale, soft_cap, slopes, scores, out, (int)(head_dim / LANES));
+                   scale, soft_cap, slopes, scores, out, (int)(head_dim / LANES), fmt);
     else
         attend_scalar(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, head_dim,
-                      block_size, scale, soft_cap, slopes, scores, out);
+                      block_size, scale, soft_cap, slopes, scores, out, fmt);
+}
+
+static void attend_one(const float *q, const void *k_cache, const void *v_cache, const int *table,
+                       long start, long seq_len, long group, long kv_head, long kv_count, long num_kv_heads,
+                       long head_dim, long block_size, float scale, float soft_cap, const float *slopes,
+                       float *scores, float *out, int fmt) {
+#define ATTEND(F) attend_format(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, \
+                                head_dim, block_size, scale, soft_cap, slopes, scores, out, F)
+    switch (fmt) {
+        case KV_FP8_E4M3: ATTEND(KV_FP8_E4M3); return;
+        case KV_FP8_E5M2: ATTEND(KV_FP8_E5M2); return;
+        case KV_INT8: ATTEND(KV_INT8); return;
+        default: ATTEND(KV_F32); return;
+    }
+#undef ATTEND
 }
 
 /* The first key a sequence of `seq_len` tokens attends: its last `window` tokens (window > 0), else all. */
@@ -194,13 +268,19 @@ static inline long first_key(long seq_len, long window) {
  * block_tables: int32 [num_seqs, >= blocks needed] with row stride table_stride; seq_lens: int32.
  * window: the sliding window in tokens (0 = full attention); soft_cap: the logit soft-cap (0 = none);
  * alibi_slopes: float32 [num_heads] ALiBi slopes, or NULL for none.
- * Returns 0; -1 when num_heads is not a multiple of num_kv_heads; -2 when scratch memory ran out. */
-int llmserve_paged_decode_attention(const float *q, long q_stride, const float *k_cache, const float *v_cache,
+ * kv_format: the caches' entries (KV_F32, or one byte each: KV_FP8_E4M3, KV_FP8_E5M2, KV_INT8), which read as
+ * entry * k_scale (keys) and entry * v_scale (values).
+ * Returns 0; -1 when num_heads is not a multiple of num_kv_heads; -2 when scratch memory ran out; -3 for an
+ * unknown kv_format. */
+int llmserve_paged_decode_attention(const float *q, long q_stride, const void *k_cache, const void *v_cache,
                                     const int *block_tables, long table_stride, const int *seq_lens,
                                     long num_seqs, long num_heads, long num_kv_heads, long head_dim,
                                     long block_size, float scale, long window, float soft_cap,
-                                    const float *alibi_slopes, float *out, long out_stride, int num_threads) {
+                                    const float *alibi_slopes, float *out, long out_stride, int num_threads,
+                                    int kv_format, float k_scale, float v_scale) {
     if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0) return -1;
+    if (kv_format < KV_F32 || kv_format > KV_INT8) return -3;
+    scale *= k_scale;   /* q . (entry * k_scale) * scale */
     const long group = num_heads / num_kv_heads;
     long max_len = 1;
     for (long s = 0; s < num_seqs; s++) {
@@ -222,12 +302,15 @@ int llmserve_paged_decode_attention(const float *q, long q_stride, const float *
         #pragma omp for schedule(dynamic, 1)
         for (long item = 0; item < num_seqs * items_per_seq; item++) {
             const long s = item / items_per_seq, h = (item % items_per_seq) * kv_per_item;
-            if (scores != NULL)
+            if (scores != NULL) {
+                float *o = out + s * out_stride + h * group * head_dim;
                 attend_one(q + s * q_stride + h * group * head_dim, k_cache, v_cache,
                            block_tables + s * table_stride, first_key(seq_lens[s], window), seq_lens[s], group, h,
                            kv_per_item, num_kv_heads, head_dim, block_size, scale, soft_cap,
-                           alibi_slopes != NULL ? alibi_slopes + h * group : NULL, scores,
-                           out + s * out_stride + h * group * head_dim);
+                           alibi_slopes != NULL ? alibi_slopes + h * group : NULL, scores, o, kv_format);
+                if (v_scale != 1.0f)   /* sum_t p_t (entry_t * v_scale) */
+                    for (long i = 0; i < kv_per_item * group * head_dim; i++) o[i] *= v_scale;
+            }
         }
         free(scores);
     }

@@ -39,14 +39,19 @@ def test_spec_refuses_bad_values(kwargs, match):
         AttentionSpec(**args)
 
 
-def test_kv_cache_dtype_other_than_the_model_dtype_is_not_implemented():
+def test_kv_cache_dtype_is_the_model_dtype_or_a_quantised_format():
     # The model dtype is torch's default dtype while the model is built (the loader sets it).
     assert AttentionSpec(4, 2, 16, 0.25, kv_cache_dtype=None).kv_cache_dtype == "auto"
     assert AttentionSpec(4, 2, 16, 0.25, kv_cache_dtype="auto").kv_cache_dtype == "auto"
     assert AttentionSpec(4, 2, 16, 0.25, kv_cache_dtype=torch.float32).kv_cache_dtype == "float32"
     assert AttentionSpec(4, 2, 16, 0.25, kv_cache_dtype="float32").kv_cache_dtype == "float32"
-    for value, name in [("fp8", "'fp8'"), ("fp8_e4m3", "'fp8_e4m3'"), (torch.bfloat16, "torch.bfloat16"),
-                        ("float16", "'float16'"), ("int8", "'int8'"), (torch.float8_e4m3fn, "torch.float8_e4m3fn")]:
+    # The quantised formats of --kv-cache-dtype ("fp8" is e4m3, as in vLLM).
+    for value, name in [("fp8", "fp8_e4m3"), ("FP8_E4M3", "fp8_e4m3"), ("fp8_e5m2", "fp8_e5m2"), ("int8", "int8")]:
+        spec = AttentionSpec(4, 2, 16, 0.25, kv_cache_dtype=value)
+        assert spec.kv_cache_dtype == name and spec.kv_format.name == name
+    assert AttentionSpec(4, 2, 16, 0.25).kv_format is None
+    for value, name in [(torch.bfloat16, "torch.bfloat16"), ("float16", "'float16'"),
+                        (torch.float8_e4m3fn, "torch.float8_e4m3fn")]:
         with pytest.raises(NotImplementedError, match=f"kv_cache_dtype={name}"):
             AttentionSpec(4, 2, 16, 0.25, kv_cache_dtype=value)
     previous = torch.get_default_dtype()
@@ -69,7 +74,7 @@ class RecordingBackend(AttentionBackend):
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> object:
         return None
 
-    def forward(self, query, key, value, key_cache, value_cache, metadata, spec):
+    def forward(self, query, key, value, key_cache, value_cache, metadata, spec, kv_scales=None):
         self.specs.append(spec)
         return torch.zeros_like(query)
 
