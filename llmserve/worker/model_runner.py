@@ -50,7 +50,6 @@ from llmserve.worker.input_batch import CachedSequence, InputBatch
 from llmserve.worker.structured_output_manager import StructuredOutputManager
 
 if TYPE_CHECKING:
-    from llmserve.layers.attention.layer import Attention
     from llmserve.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)

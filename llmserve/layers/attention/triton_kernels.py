@@ -272,8 +272,8 @@ def _prefill_attention_kernel(
 
     v_scale = 1.0
     if KV_FORMAT != 0:
-        scale_log2 = scale_log2 * tl.load(kv_scales_ptr)
-        v_scale = tl.load(kv_scales_ptr + 1)
+        scale_log2 = scale_log2 * tl.load(kv_scales_ptr).to(tl.float32)
+        v_scale = tl.load(kv_scales_ptr + 1).to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -341,8 +341,8 @@ def _decode_attention_kernel(
 
     v_scale = 1.0
     if KV_FORMAT != 0:
-        scale_log2 = scale_log2 * tl.load(kv_scales_ptr)
-        v_scale = tl.load(kv_scales_ptr + 1)
+        scale_log2 = scale_log2 * tl.load(kv_scales_ptr).to(tl.float32)
+        v_scale = tl.load(kv_scales_ptr + 1).to(tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
