@@ -71,7 +71,7 @@ def run_perplexity_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     llm = LLM(**vars(config))
     try:
         tokenizer = llm.get_tokenizer()
-        tokens = tokenizer.encode(text, add_special_tokens=False)
+        tokens = tokenizer.encode(text, add_special_tokens=False, verbose=False)   # longer than a window: no warning
         if args.max_tokens is not None:
             tokens = tokens[:args.max_tokens]
         if len(tokens) < 2:
