@@ -4,7 +4,8 @@ The text (default: the held-out end of the bundled corpus that ``llmserve make-t
 on) is tokenized once, without special tokens, and cut into windows as Hugging Face's perplexity recipe
 does: each window holds up to ``max_model_len`` tokens, BOS first when the tokenizer has one (as in training
 and in prompts), and starts ``--stride`` tokens after the previous one; it scores only the tokens the
-previous windows did not, with the rest as context. All windows go to the engine in one batch with
+previous windows did not, with the rest as context (without BOS, the text's first token has no context
+and is not scored). All windows go to the engine in one batch with
 ``prompt_logprobs=0`` and ``max_tokens=0``: the engine scores the prompt and samples nothing. The prompt
 logprobs are log-softmaxes in float32 of the model's logits, whatever ``--dtype`` computes them.
 
@@ -46,6 +47,9 @@ def score(llm: LLM, tokens: list[int], bos: int | None, max_model_len: int, stri
     """``(total NLL, scored tokens)`` of ``tokens`` through ``llm``, in windows of ``max_model_len`` (BOS
     included)."""
     prefix = [] if bos is None else [bos]
+    if bos is None and stride >= max_model_len:
+        raise ValueError(f"without a BOS token a window's first token is context only: the stride ({stride}) must be "
+                         f"below the window ({max_model_len}) for every token after the first to be scored")
     spans = windows(len(tokens), max_model_len - len(prefix), stride)
     prompts = [{"prompt_token_ids": prefix + tokens[begin:end]} for begin, end, _ in spans]
     outputs = llm.generate(prompts, SamplingParams(max_tokens=0, prompt_logprobs=0))

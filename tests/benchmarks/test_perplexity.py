@@ -72,3 +72,13 @@ def test_text_file_and_refusals(tmp_path, llama_dir):
     assert bench("perplexity", str(llama_dir), *ENGINE, "--max-model-len", "32", "--stride", "40") == 2
     text.write_text("")
     assert bench("perplexity", str(llama_dir), *ENGINE, "--text-file", str(text)) == 2
+
+
+def test_without_bos_every_token_but_the_first_is_scored(tmp_path, checkpoint_dir):
+    qwen2 = checkpoint_dir("qwen2")   # byte-level tokenizer: no BOS
+    out = tmp_path / "ppl.json"
+    assert bench("perplexity", str(qwen2), *ENGINE, "--dtype", "float32", "--max-model-len", "32", "--stride", "31",
+                 "--max-tokens", "100", "--output-json", str(out)) == 0
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 100 and result["scored_tokens"] == 99
+    assert bench("perplexity", str(qwen2), *ENGINE, "--max-model-len", "32", "--stride", "32") == 2
