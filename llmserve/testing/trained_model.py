@@ -12,7 +12,7 @@ measures on it. The checkpoint is a complete Hugging Face folder of the ``llama`
 sentencepiece-style tokenizer and chat template as the generated checkpoints, built for the preset's
 vocabulary) plus ``training.json``: the loss log, the held-out loss, the unigram baseline and the time.
 
-Presets (:data:`PRESETS`): ``target`` (~5M parameters, a few minutes on two idle cores), ``draft`` (~1.5M, the
+Presets (:data:`PRESETS`): ``target`` (~5M parameters; training times in docs/benchmarks.md), ``draft`` (~1.5M, the
 same tokenizer, for speculative decoding against ``target``) and ``tiny`` (seconds; tests).
 Without ``--output`` the model is cached in ``cache_dir()/models/llmserve-trained-<preset>[-s<seed>][-<steps>steps]``
 and reused while its stamp (written last) matches.
@@ -36,7 +36,7 @@ from llmserve.config import cache_dir
 
 from .checkpoint_families import SizeSpec
 from .checkpoints import FAMILIES, FORMAT_VERSION, build_once, write_model_files
-from .tokenizer_files import SENTENCEPIECE, corpus_text
+from .tokenizer_files import corpus_text
 
 logger = logging.getLogger(__name__)
 
