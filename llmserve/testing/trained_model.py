@@ -187,6 +187,8 @@ def trained_model_path(preset: str = "target", *, steps: int | None = None, seed
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         spec = dataclasses.replace(spec, steps=steps)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     if output is None:
         name = f"llmserve-trained-{preset}" + (f"-s{seed}" if seed else "") + (
             f"-{spec.steps}steps" if spec.steps != PRESETS[preset].steps else "")

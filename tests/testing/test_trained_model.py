@@ -98,3 +98,5 @@ def test_refusals(tmp_path):
         trained_model_path("huge", output=tmp_path)
     with pytest.raises(ValueError, match="steps must be at least 1"):
         trained_model_path("tiny", steps=0, output=tmp_path)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        trained_model_path("tiny", threads=0, output=tmp_path)
