@@ -1,4 +1,4 @@
-"""The ``llmserve`` command: serve, generate, bench, make-checkpoint."""
+"""The ``llmserve`` command: serve, generate, bench, make-checkpoint, make-trained-model."""
 
 from __future__ import annotations
 
@@ -40,6 +40,18 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
     path = write_checkpoint(args.output, family=args.family, size=args.size, seed=args.seed)
     print(f"wrote a {args.size} {args.family} checkpoint with random weights to {path}")
+    return 0
+
+
+def _make_trained_model(args: argparse.Namespace) -> int:
+    import json
+
+    from llmserve.testing.trained_model import REPORT_FILE, trained_model_path
+
+    path = trained_model_path(args.preset, steps=args.steps, seed=args.seed, output=args.output, threads=args.threads)
+    report = json.loads((path / REPORT_FILE).read_text())
+    print(f"{path}: {args.preset} model, {report['parameters']:,} parameters, held-out loss "
+          f"{report['held_out_loss']} (unigram {report['unigram_held_out_loss']}), trained in {report['train_time_s']} s")
     return 0
 
 
@@ -94,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--seed", type=int, default=0)
     ckpt.add_argument("--output", required=True, help="folder to write")
     ckpt.set_defaults(func=_make_checkpoint)
+
+    trained = sub.add_parser("make-trained-model",
+                             help="train a small Llama-shaped model on the bundled corpus (cached like the demo model)")
+    trained.add_argument("--preset", default="target", choices=["target", "draft", "tiny"],
+                         help="target: ~5M parameters; draft: ~1.5M, same tokenizer; tiny: seconds, for tests")
+    trained.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    trained.add_argument("--seed", type=int, default=0)
+    trained.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    trained.add_argument("--output", default=None,
+                         help="folder to write (default: ~/.cache/llmserve/models/llmserve-trained-<preset>...)")
+    trained.set_defaults(func=_make_trained_model)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -168,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--output-len", type=int, default=128)
     spec.add_argument("--output-json", default=None, help="write the results as JSON")
     spec.set_defaults(func=_bench("spec_decode", "run_spec_decode_benchmark"))
+    ppl = bench_sub.add_parser("perplexity", help="perplexity of a text (default: the held-out corpus) through the engine")
+    add_engine_args(ppl)
+    ppl.add_argument("--text-file", default=None, help="UTF-8 text to score (default: the held-out end of the corpus)")
+    ppl.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: half the window)")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the text's first N tokens")
+    ppl.add_argument("--output-json", default=None, help="write the results as JSON")
+    ppl.set_defaults(func=_bench("perplexity", "run_perplexity_benchmark"))
     roof = bench_sub.add_parser("roofline", help="memory bandwidth and GEMM peak against the engine's steps")
     add_engine_args(roof)
     roof.add_argument("--input-len", type=int, default=128)

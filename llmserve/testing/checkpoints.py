@@ -94,7 +94,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -127,6 +127,8 @@ __all__ = [
     "SizeSpec",
     "write_checkpoint",
     "demo_model_path",
+    "build_once",
+    "write_model_files",
     "cache_dir",
     "tensor_specs",
     "TensorSpec",
@@ -376,6 +378,15 @@ def write_checkpoint(
     for stale in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         stale.unlink()
 
+    write_model_files(path, fam, sz, dtype, config_style, _size_config_overrides(fam, size))
+    _write_weights(path, tensor_specs(family, size), seed, dtype, max_shard_bytes)
+    return path
+
+
+def write_model_files(path: Path, fam: FamilySpec, sz: SizeSpec, dtype: torch.dtype = torch.float32,
+                      config_style: str = "both", size_config: Mapping[str, Any] | None = None) -> None:
+    """Everything of a checkpoint of ``fam`` shaped ``sz`` but its weights: the tokenizer files, config.json and
+    generation_config.json (the trained models reuse it with weights of their own)."""
     _, tok = build_tokenizer(fam.tokenizer_kind, sz.vocab_size)
     write_tokenizer_files(
         path,
@@ -385,11 +396,8 @@ def write_checkpoint(
         model_max_length=sz.max_position_embeddings,
         eos_token="<|endoftext|>" if fam.layout == "gpt2" else None,
     )
-    config = _model_config(fam, sz, tok, dtype, config_style, _size_config_overrides(fam, size))
-    _write_json(path / "config.json", config)
+    _write_json(path / "config.json", _model_config(fam, sz, tok, dtype, config_style, size_config))
     _write_json(path / "generation_config.json", _generation_config(fam, tok))
-    _write_weights(path, tensor_specs(family, size), seed, dtype, max_shard_bytes)
-    return path
 
 
 def _demo_stamp() -> dict:
@@ -406,26 +414,32 @@ def _read_stamp(path: Path) -> dict | None:
 def demo_model_path() -> Path:
     """The demo model (family llama, size bench, seed 0, float32; ~125M random parameters).
 
-    Lives in ``cache_dir()/models/llmserve-demo-llama-125m`` and is written on first use (a few
-    seconds).  It is built in a temporary folder next to it and renamed into place, so an interrupted
-    build never leaves a half-written checkpoint behind.
+    Lives in ``cache_dir()/models/llmserve-demo-llama-125m`` and is written on first use (a few seconds).
     """
-    models_dir = cache_dir() / "models"
-    final = models_dir / DEMO_MODEL_NAME
     stamp = _demo_stamp()
+    return build_once(cache_dir() / "models" / DEMO_MODEL_NAME, stamp, lambda tmp: write_checkpoint(
+        tmp, family=stamp["family"], size=stamp["size"], seed=stamp["seed"], dtype=torch.float32))
+
+
+def build_once(final: Path, stamp: dict, build: Callable[[Path], object]) -> Path:
+    """``final``, built by ``build(folder)`` unless it already holds a checkpoint stamped ``stamp``.
+
+    The checkpoint is built in a temporary folder next to ``final``, stamped last and renamed into place, so
+    an interrupted build never leaves a half-written checkpoint that looks finished. A folder with another
+    stamp (an older format version, other arguments) is replaced.
+    """
     if _read_stamp(final) == stamp:
         return final
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = models_dir / f".tmp-{DEMO_MODEL_NAME}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        write_checkpoint(tmp, family=stamp["family"], size=stamp["size"], seed=stamp["seed"], dtype=torch.float32)
+        build(tmp)
         _write_json(tmp / _STAMP_FILE, stamp)
         if final.exists():
             if _read_stamp(final) == stamp:  # another process won the race
                 shutil.rmtree(tmp)
                 return final
-            # Outdated (older format version): move it aside, then replace it.
-            old = models_dir / f".old-{DEMO_MODEL_NAME}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            old = final.parent / f".old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
             shutil.rmtree(old, ignore_errors=True)
         try:
