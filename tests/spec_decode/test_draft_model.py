@@ -15,7 +15,8 @@ from llmserve import LLM, SamplingParams
 from llmserve.spec_decode.config import SpeculativeConfig
 from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.testing.checkpoints import write_checkpoint
-from tests.spec_decode.test_spec_equivalence import GREEDY, PROMPTS, assert_idle_and_accepting, completions, make_llm
+from tests.spec_decode.test_spec_equivalence import (GREEDY, PROMPTS, assert_cached_continuations_are_exact,
+                                                     assert_idle_and_accepting, completions, make_llm)
 
 K = 3
 
@@ -67,13 +68,7 @@ def test_prefix_cache_hits_serve_the_drafts_kv_too(llama_dir):
     """Prompts that reuse earlier prompts' blocks (their outputs appended) skip those tokens in both models:
     the draft still accepts everything, so the cached blocks held its K/V too."""
     on = draft_llm(llama_dir, llama_dir)
-    first = completions(on)
-    tokenizer = on.get_tokenizer()
-    extended = [tokenizer.encode(p) + out[0][0] for p, out in zip(PROMPTS, first)]
-    hits = on.engine.block_manager.prefix_hit_tokens
-    again = completions(on, prompts=extended)
-    assert on.engine.block_manager.prefix_hit_tokens - hits >= sum(len(ids) for ids in extended) // 2
-    assert again == completions(make_llm(llama_dir, spec=False, enable_prefix_caching=False), prompts=extended)
+    assert_cached_continuations_are_exact(on, llama_dir)
     assert_accepts_nearly_all(on)
 
 

@@ -77,14 +77,20 @@ def test_prefix_cache_serves_the_right_blocks_after_rollbacks(llama_dir):
     """Blocks published while drafts were rolled back hold exactly their tokens' K/V: prompts that reuse
     them (the earlier prompts followed by their own outputs) continue exactly as without the cache."""
     on = make_llm(llama_dir, spec=True)
+    assert_cached_continuations_are_exact(on, llama_dir)
+    assert_idle_and_accepting(on)
+
+
+def assert_cached_continuations_are_exact(on: LLM, target) -> None:
+    """Prompts that are the earlier prompts followed by their own outputs hit the cache for at least half
+    their tokens and continue exactly as ``target`` does without speculation or a cache."""
     first = completions(on)
     tokenizer = on.get_tokenizer()
     extended = [tokenizer.encode(p) + out[0][0] for p, out in zip(PROMPTS, first)]
     hits = on.engine.block_manager.prefix_hit_tokens
     again = completions(on, prompts=extended)
     assert on.engine.block_manager.prefix_hit_tokens - hits >= sum(len(ids) for ids in extended) // 2
-    assert again == completions(make_llm(llama_dir, spec=False, enable_prefix_caching=False), prompts=extended)
-    assert_idle_and_accepting(on)
+    assert again == completions(make_llm(target, spec=False, enable_prefix_caching=False), prompts=extended)
 
 
 def test_stop_conditions_hold_when_several_tokens_arrive(llama_dir):
