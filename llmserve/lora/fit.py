@@ -3,7 +3,8 @@
 
 The base model's modules and weight shapes come from its checkpoint's safetensors headers (no tensor is
 read). Every module an adapter targets must be one of them, and its ``lora_A`` ``[r, in]`` and ``lora_B``
-``[out, r]`` must match the module's weight ``[out, in]``. Quantised checkpoints store packed tensors
+``[out, r]`` must match the module's weight ``[out, in]`` (``[in, out]`` for a ``fan_in_fan_out`` adapter:
+GPT-2's Conv1D). Quantised checkpoints store packed tensors
 (``qweight``): their modules are checked for presence only. A GGUF file or an S3 mirror has no such headers
 here; adapters for them are checked where a worker loads them (the request then fails on its own).
 """
@@ -53,7 +54,7 @@ def check_adapter_fits(adapter: PEFTAdapter, shapes: ModuleShapes, name: str) ->
         shape = found[module][1]
         if shape is None:
             continue
-        out_features, in_features = shape
+        out_features, in_features = shape[::-1] if adapter.fan_in_fan_out else shape
         if weights.lora_a.shape[1] != in_features or weights.lora_b.shape[0] != out_features:
             raise LoRAAdapterError(
                 f"LoRA adapter {name!r} does not fit the base model: {module} has lora_A "
