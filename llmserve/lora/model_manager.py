@@ -47,6 +47,11 @@ class LoRAModelManager:
         self._free_slots = list(range(max_loras - 1, -1, -1))
 
     @property
+    def active(self) -> bool:
+        """Whether this step has adapter rows (else the model runs as without LoRA: CUDA graphs may replay)."""
+        return bool(self.state.mapping.segments)
+
+    @property
     def resident_ids(self) -> list[int]:
         return list(self._resident)
 
