@@ -176,9 +176,11 @@ def _add_lora_padded(out: torch.Tensor, x: torch.Tensor, stack: LoRAStack, rank:
         b = stack.b.index_select(0, mapping.slot_index)[..., :rank]
     shrunk = torch.bmm(xs.view(count, -1, xs.shape[1]), a.transpose(1, 2))
     bounds = stack.bounds
+    delta = torch.empty(count, shrunk.shape[1], bounds[-1], dtype=shrunk.dtype, device=x.device)
     for i in range(stack.num_projections):
-        delta = torch.bmm(shrunk[..., i * rank:(i + 1) * rank], b[:, bounds[i]:bounds[i + 1]].transpose(1, 2))
-        delta = delta.view(-1, bounds[i + 1] - bounds[i])
-        if delta.dtype != out.dtype:
-            delta = delta.to(out.dtype)
-        out[:, bounds[i]:bounds[i + 1]].index_add_(0, mapping.padded_rows, delta)
+        torch.bmm(shrunk[..., i * rank:(i + 1) * rank], b[:, bounds[i]:bounds[i + 1]].transpose(1, 2),
+                  out=delta[..., bounds[i]:bounds[i + 1]])
+    delta = delta.view(-1, bounds[-1])
+    if delta.dtype != out.dtype:
+        delta = delta.to(out.dtype)
+    out.index_add_(0, mapping.padded_rows, delta)
