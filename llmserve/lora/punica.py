@@ -12,7 +12,7 @@ at once; one adapter for every row gathers nothing and adds straight into the ou
 are of similar lengths (a decode batch: padding them to the longest at most doubles the work) and their
 adapters share this layer's rank, the adapters run together instead: the rows gathered into
 ``[adapters, longest, in]``, batched matmuls against the slots' A and B (a view of the stacked buffers when
-the slots are consecutive) and a scatter-add per projection, a fixed handful of ops per layer however many
+the slots are consecutive) and one scatter-add, a fixed handful of ops per layer however many
 adapters there are. Never a loop over rows; base-model rows are in no segment and cost nothing, and a step
 without adapter rows has no segments at all. On a GPU with Triton the same segments run as one kernel
 launch per op (:mod:`llmserve.lora.triton_ops`).
