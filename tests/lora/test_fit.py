@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from llmserve.entrypoints.openai.errors import APIError
+from llmserve.entrypoints.openai.serving_models import OpenAIServingModels
 from llmserve.lora.fit import base_module_shapes, check_adapter_fits
 from llmserve.lora.peft import LoRAAdapterError, load_peft_adapter
 from llmserve.testing.lora_adapters import FUSED_MODULES
@@ -32,3 +34,15 @@ def test_another_models_adapter_is_refused(checkpoint_dir, lora_adapter, adapter
 
 def test_checkpoints_without_safetensors_are_not_checked_here(tmp_path):
     assert base_module_shapes(tmp_path) is None
+
+
+def test_the_server_refuses_an_adapter_that_does_not_fit(checkpoint_dir, lora_adapter, llama_dir):
+    """Where the server registers adapters (--lora-modules, POST /v1/load_lora_adapter): a 400 naming the module,
+    and the adapter is not registered."""
+    models = OpenAIServingModels(["base"], str(llama_dir), 128, enable_lora=True, max_lora_rank=8)
+    with pytest.raises(APIError) as refused:
+        models.load_adapter("other", str(lora_adapter("one", "gemma2", target_modules=["q_proj"])))
+    assert refused.value.status == 400 and "model.layers.0.self_attn.q_proj has lora_A" in refused.value.message
+    assert "other" not in models.lora_requests
+    models.load_adapter("own", str(lora_adapter("all-r8")))
+    assert "own" in models.lora_requests
