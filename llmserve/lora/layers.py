@@ -2,9 +2,10 @@
 
 :class:`LoRALinearMethod` wraps a layer's own method: the base matmul runs as before (any format), then the
 step's adapters add their deltas (:func:`~llmserve.lora.punica.add_lora`). Each wrapped layer holds
-preallocated stacked buffers, A ``[max_loras, S*R, in]`` and B ``[max_loras, out, S*R]`` for its S fused
-projections (q/k/v, gate/up) and ``R = --max-lora-rank``: slot s packs each adapted projection's A rows one
-after another, and its B columns block-diagonally, so one shrink and one expand cover the fused layer.
+preallocated stacked buffers (a :class:`~llmserve.lora.punica.LoRAStack`) for its S fused projections
+(q/k/v, gate/up) and ``R = --max-lora-rank``: A ``[max_loras, S*R, in]``, each projection's rows one after
+another, so one shrink covers the fused layer; B ``[max_loras, out, R]``, each projection's B on its own
+output rows, so each projection's expand does only its own work.
 
 Tensor parallelism follows the base layer's sharding: a column-parallel layer keeps its rows of B (per
 projection, as its weight loader does); a row-parallel layer keeps its columns of A, and because the
@@ -29,7 +30,7 @@ from llmserve.layers.linear import (
     check_shape,
 )
 from llmserve.lora.peft import LoRAModuleWeights
-from llmserve.lora.punica import LoRABatchMapping, add_lora
+from llmserve.lora.punica import LoRABatchMapping, LoRAStack, add_lora
 from llmserve.quantization.base import QuantizeMethodBase
 
 
@@ -77,11 +78,12 @@ class LoRALinearMethod(QuantizeMethodBase):
         cols = layer.input_size_per_partition
         sharded_input = isinstance(layer, RowParallelLinear) and layer.tp_size > 1
         self.input_start, self.input_cols = (layer.tp_rank * cols if sharded_input else 0), cols
-        width = len(self.shards) * max_rank
-        self.lora_a = torch.zeros(max_loras, width, cols, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(max_loras, layer.output_size_per_partition, width, dtype=dtype, device=device)
-        self.ranks = [0] * max_loras   # columns of slot s in use
-        self.rank_tensor = torch.zeros(max_loras, dtype=torch.long, device=device)   # the same, for the kernels
+        bounds = [s.out_offset for s in self.shards] + [layer.output_size_per_partition]
+        self.stack = LoRAStack(torch.zeros(max_loras, len(self.shards) * max_rank, cols, dtype=dtype, device=device),
+                               torch.zeros(max_loras, layer.output_size_per_partition, max_rank, dtype=dtype,
+                                           device=device), bounds, [0] * max_loras)
+        self.rank_tensor = torch.zeros(max_loras, dtype=torch.long, device=device)   # stack.ranks, for the kernels
+        self.bounds_tensor = torch.tensor(bounds, dtype=torch.long, device=device)
         self.use_triton = device.type == "cuda" and triton_available()
 
     def create_weights(self, layer: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -98,10 +100,10 @@ class LoRALinearMethod(QuantizeMethodBase):
             if self.use_triton:
                 from llmserve.lora.triton_ops import add_lora_segments
 
-                add_lora_segments(out_rows, x_rows.contiguous(), self.lora_a, self.lora_b, self.rank_tensor,
+                add_lora_segments(out_rows, x_rows.contiguous(), self.stack, self.rank_tensor, self.bounds_tensor,
                                   mapping.device_segments(x.device))
             else:
-                add_lora(out_rows, x_rows, self.lora_a, self.lora_b, self.ranks, mapping)
+                add_lora(out_rows, x_rows, self.stack, mapping)
         return out
 
     def set_slot(self, slot: int, weights: dict[object, LoRAModuleWeights], name: str) -> None:
@@ -111,21 +113,21 @@ class LoRALinearMethod(QuantizeMethodBase):
         if not parts:
             return
         rank = max(w.rank for w in parts.values())
-        for k, (index, w) in enumerate(sorted(parts.items())):
+        for index, w in parts.items():
             shard = self.shards[index]
             check_shape(w.lora_a, (w.rank, self.input_size), f"{name}.lora_A")
             check_shape(w.lora_b, (shard.checkpoint_rows, w.rank), f"{name}.lora_B")
-            cols = slice(k * rank, k * rank + w.rank)
-            self.lora_a[slot, cols] = w.lora_a[:, self.input_start:self.input_start + self.input_cols]
-            self.lora_b[slot, shard.out_offset:shard.out_offset + shard.rows, cols] = \
+            self.stack.a[slot, index * rank:index * rank + w.rank] = \
+                w.lora_a[:, self.input_start:self.input_start + self.input_cols]
+            self.stack.b[slot, shard.out_offset:shard.out_offset + shard.rows, :w.rank] = \
                 w.lora_b[shard.checkpoint_start:shard.checkpoint_start + shard.rows]
-        self.ranks[slot] = len(parts) * rank
-        self.rank_tensor[slot] = self.ranks[slot]
+        self.stack.ranks[slot] = rank
+        self.rank_tensor[slot] = rank
 
     def clear_slot(self, slot: int) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.ranks[slot] = 0
+        self.stack.a[slot].zero_()
+        self.stack.b[slot].zero_()
+        self.stack.ranks[slot] = 0
         self.rank_tensor[slot] = 0
 
     def _per_shard(self, weights: dict[object, LoRAModuleWeights], name: str) -> dict[int, LoRAModuleWeights]:

@@ -39,9 +39,17 @@ class LoRAModelManager:
                 self.layers[name] = module.quant_method
         # (fused layer, checkpoint module, shard id), as the model loads its base weights
         self.stacked: tuple[tuple[str, str, object], ...] = getattr(model, "stacked_params", ())
+        # how the family names and lays out checkpoint tensors (GPT-2, BLOOM, Falcon rename; BLOOM, Falcon
+        # restack the rows of their fused query_key_value)
+        self.checkpoint_tensor = getattr(model, "checkpoint_tensor", None)
         self._cpu: OrderedDict[int, LayerWeights] = OrderedDict()
         self._resident: OrderedDict[int, int] = OrderedDict()   # adapter id -> slot, least recently used first
         self._free_slots = list(range(max_loras - 1, -1, -1))
+
+    @property
+    def active(self) -> bool:
+        """Whether this step has adapter rows (else the model runs as without LoRA: CUDA graphs may replay)."""
+        return bool(self.state.mapping.segments)
 
     @property
     def resident_ids(self) -> list[int]:
@@ -98,16 +106,25 @@ class LoRAModelManager:
         return weights
 
     def map_modules(self, modules: dict[str, LoRAModuleWeights], request: LoRARequest) -> LayerWeights:
-        """Checkpoint module names onto the wrapped (fused) layers: q/k/v -> qkv_proj, gate/up -> gate_up_proj."""
+        """Checkpoint module names onto the wrapped (fused) layers: q/k/v -> qkv_proj, gate/up -> gate_up_proj.
+        Each module's B goes through the family's checkpoint mapping as the module's weight does (B's rows are
+        the weight's output rows), so renamed modules and restacked fused projections land where their base
+        weights did."""
         mapped: LayerWeights = {}
-        for module, weights in modules.items():
+        for original, weights in modules.items():
+            module = original
+            if self.checkpoint_tensor is not None:
+                renamed = self.checkpoint_tensor(f"{original}.lora_B", weights.lora_b)
+                if renamed is not None and renamed[0].endswith(".lora_B"):
+                    module = renamed[0].removesuffix(".lora_B")
+                    weights = LoRAModuleWeights(weights.lora_a, renamed[1])
             target, shard = module, None
             for fused, part, shard_id in self.stacked:
                 if module.endswith(f".{part}") and f"{module[:-len(part)]}{fused}" in self.layers:
                     target, shard = f"{module[:-len(part)]}{fused}", shard_id
                     break
             if target not in self.layers:
-                raise LoRAAdapterError(f"LoRA adapter {request.lora_name!r} targets {module}, which is not a linear "
+                raise LoRAAdapterError(f"LoRA adapter {request.lora_name!r} targets {original}, which is not a linear "
                                        "layer of this model that LoRA can adapt")
             mapped.setdefault(target, {})[shard] = weights
         return mapped

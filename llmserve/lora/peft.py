@@ -7,8 +7,9 @@ PEFT stores, per adapted module, ``base_model.model.<module>.lora_A.weight`` ``[
 matched as PEFT matches it (:func:`module_alpha`). The scale is folded into B here, once.
 
 Options that change the computation beyond ``B A x`` are refused with the option's name (DoRA,
-``modules_to_save``, trained biases, ``fan_in_fan_out``, embedding adapters), as is a rank above
-``--max-lora-rank``. Pickled ``adapter_model.bin`` files are refused: unpickling runs code.
+``modules_to_save``, trained biases, embedding adapters), as is a rank above ``--max-lora-rank``.
+``fan_in_fan_out`` (adapters of GPT-2's ``Conv1D`` projections) only says that the base weight is stored
+``[in, out]``: PEFT's A and B are ``[r, in]`` and ``[out, r]`` either way, and so is the delta. Pickled ``adapter_model.bin`` files are refused: unpickling runs code.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class PEFTAdapter:
     path: str
     rank: int                                   # the largest rank of any module
     modules: dict[str, LoRAModuleWeights]       # by checkpoint module name, e.g. model.layers.0.self_attn.q_proj
+    fan_in_fan_out: bool = False                # the base weights are stored [in, out] (Conv1D)
 
 
 def module_alpha(config: dict[str, Any], module: str) -> float:
@@ -89,8 +91,6 @@ def read_adapter_config(path: str | Path, max_rank: int) -> dict[str, Any]:
                                "adapter replaces whole modules (e.g. a resized vocabulary), not only low-rank deltas")
     if config.get("bias", "none") != "none":
         raise LoRAAdapterError(f"{path}: bias={config['bias']!r} is not supported (trained biases); use bias='none'")
-    if config.get("fan_in_fan_out"):
-        raise LoRAAdapterError(f"{path}: fan_in_fan_out adapters (Conv1D bases) are not supported")
     ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
     if not all(isinstance(r, int) and r >= 1 for r in ranks):
         raise LoRAAdapterError(f"{path}: r and rank_pattern must be integers >= 1, got {ranks}")
@@ -137,4 +137,4 @@ def load_peft_adapter(path: str | Path, max_rank: int) -> PEFTAdapter:
         alpha = module_alpha(config, module)
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         modules[module] = LoRAModuleWeights(a.contiguous(), (b * scale).contiguous())
-    return PEFTAdapter(str(path), max(m.rank for m in modules.values()), modules)
+    return PEFTAdapter(str(path), max(m.rank for m in modules.values()), modules, bool(config.get("fan_in_fan_out")))

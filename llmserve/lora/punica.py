@@ -2,16 +2,20 @@
 
 A step's flat batch mixes tokens of many adapters and of the base model. :class:`LoRABatchMapping` sorts
 the adapter rows by slot once per step (every layer reuses it): ``rows`` lists their token indices slot by
-slot, and each segment ``(slot, start, end)`` is one adapter's run of them. :func:`add_lora` then gathers
-the adapter rows once, runs per segment ``x A^T`` (shrink to the rank) and ``(.) B^T`` (expand to the
-output) as two matmuls over the contiguous slice, and scatter-adds every delta into the base output at
-once. When the segments are of similar lengths (a decode batch: padding them to the longest at most
-doubles the work), the adapters run together instead: the rows gathered into ``[adapters, longest, in]``,
-two batched matmuls against the slots' A and B (a view of the stacked buffers when the slots are
-consecutive) and one scatter-add, a fixed handful of ops per layer however many adapters there are.
-Never a loop over rows; base-model rows are in no segment and cost nothing, a step without adapter rows
-has no segments at all, and one adapter for every row gathers nothing. On a GPU
-with Triton the same segments run as one kernel launch per op (:mod:`llmserve.lora.triton_ops`).
+slot, and each segment ``(slot, start, end)`` is one adapter's run of them. A layer's adapters live in a
+:class:`LoRAStack`: the A of its fused projections (q/k/v, gate/up) stacked, so the shrink is one matmul
+to ``S x rank`` columns, and each projection's B on that projection's own output rows, so the expand of
+projection i multiplies only its ``rank`` columns of the shrunk rows into its slice of the output (no
+block-diagonal zeros). :func:`add_lora` gathers the adapter rows once, runs per segment the shrink and
+the per-projection expands over the contiguous slice, and scatter-adds every delta into the base output
+at once; one adapter for every row gathers nothing and adds straight into the output. When the segments
+are of similar lengths (a decode batch: padding them to the longest at most doubles the work) and their
+adapters share this layer's rank, the adapters run together instead: the rows gathered into
+``[adapters, longest, in]``, batched matmuls against the slots' A and B (a view of the stacked buffers when
+the slots are consecutive) and one scatter-add, a fixed handful of ops per layer however many
+adapters there are. Never a loop over rows; base-model rows are in no segment and cost nothing, and a step
+without adapter rows has no segments at all. On a GPU with Triton the same segments run as one kernel
+launch per op (:mod:`llmserve.lora.triton_ops`).
 """
 
 from __future__ import annotations
@@ -88,28 +92,46 @@ class LoRABatchMapping:
         return self._device_segments
 
 
-def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list[int],
-             mapping: LoRABatchMapping) -> None:
-    """``out[rows] += x[rows] A[slot]^T B[slot]^T`` for each segment of ``mapping``, in place.
+@dataclass
+class LoRAStack:
+    """A layer's adapter slots. ``a`` [slots, S*R, in]: slot s holds projection i's A on rows
+    ``[i * ranks[s], i * ranks[s] + rank_i)``; ``b`` [slots, out, R]: projection i's B on its output rows
+    ``bounds[i]:bounds[i + 1]``, columns ``[0, rank_i)``. ``ranks[s]``: the largest rank of slot s's
+    projections in this layer (0: the adapter leaves the layer alone). Past an adapter's ranks the
+    buffers hold zeros, so a slot can be read at a larger rank."""
 
-    ``x`` [tokens, in], ``out`` [tokens, out]; ``lora_a`` [slots, R, in] and ``lora_b`` [slots, out, R] are
-    the stacked buffers, of which slot s uses the first ``ranks[s]`` columns (0: nothing to add).
-    """
-    rank = max(ranks[slot] for slot, _, _ in mapping.segments)
+    a: torch.Tensor
+    b: torch.Tensor
+    bounds: list[int]
+    ranks: list[int]
+
+    @property
+    def num_projections(self) -> int:
+        return len(self.bounds) - 1
+
+
+def add_lora(out: torch.Tensor, x: torch.Tensor, stack: LoRAStack, mapping: LoRABatchMapping) -> None:
+    """``out[rows] += x[rows] A[slot]^T B[slot]^T`` (per projection) for each segment of ``mapping``, in
+    place; ``x`` [tokens, in], ``out`` [tokens, out]."""
+    ranks = [stack.ranks[slot] for slot, _, _ in mapping.segments]
+    rank = max(ranks)
     if rank == 0:
         return   # no adapter of the step touches this layer
-    if mapping.padded_rows is not None:
-        return _add_lora_padded(out, x, lora_a, lora_b, rank, mapping)
+    if mapping.padded_rows is not None and all(r in (0, rank) for r in ranks):
+        return _add_lora_padded(out, x, stack, rank, mapping)
     xs = x if mapping.rows is None else x.index_select(0, mapping.rows)
-    if xs.dtype != lora_a.dtype:
-        xs = xs.to(lora_a.dtype)
-    delta = torch.empty(xs.shape[0], lora_b.shape[1], dtype=lora_a.dtype, device=x.device)
-    for slot, start, end in mapping.segments:
-        rank = ranks[slot]
-        if rank == 0:
+    if xs.dtype != stack.a.dtype:
+        xs = xs.to(stack.a.dtype)
+    if mapping.rows is None and out.dtype == stack.a.dtype:   # one adapter for every row: into out itself
+        slot = mapping.segments[0][0]
+        _expand(out, _shrink(xs, stack, slot, rank), stack, slot, rank, accumulate=True)
+        return
+    delta = torch.empty(xs.shape[0], out.shape[1], dtype=stack.a.dtype, device=x.device)
+    for (slot, start, end), r in zip(mapping.segments, ranks):
+        if r == 0:
             delta[start:end].zero_()
-            continue
-        torch.mm(torch.mm(xs[start:end], lora_a[slot, :rank].t()), lora_b[slot, :, :rank].t(), out=delta[start:end])
+        else:
+            _expand(delta[start:end], _shrink(xs[start:end], stack, slot, r), stack, slot, r, accumulate=False)
     if delta.dtype != out.dtype:
         delta = delta.to(out.dtype)
     if mapping.rows is None:
@@ -118,23 +140,47 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
         out.index_add_(0, mapping.rows, delta)
 
 
-def _add_lora_padded(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int,
+def _shrink(xs: torch.Tensor, stack: LoRAStack, slot: int, rank: int) -> torch.Tensor:
+    """``[rows, S*rank]``: every projection's shrink in one matmul."""
+    return torch.mm(xs, stack.a[slot, :stack.num_projections * rank].t())
+
+
+def _expand(dest: torch.Tensor, shrunk: torch.Tensor, stack: LoRAStack, slot: int, rank: int,
+            accumulate: bool) -> None:
+    """Each projection's ``rank`` columns of ``shrunk`` times its B, into its columns of ``dest`` (added to
+    them with ``accumulate``, else written)."""
+    bounds = stack.bounds
+    for i in range(stack.num_projections):
+        part, b = shrunk[:, i * rank:(i + 1) * rank], stack.b[slot, bounds[i]:bounds[i + 1], :rank].t()
+        if accumulate:
+            dest[:, bounds[i]:bounds[i + 1]].addmm_(part, b)
+        else:
+            torch.mm(part, b, out=dest[:, bounds[i]:bounds[i + 1]])
+
+
+def _add_lora_padded(out: torch.Tensor, x: torch.Tensor, stack: LoRAStack, rank: int,
                      mapping: LoRABatchMapping) -> None:
     """Every adapter at once over the padded segments: padding rows are zeroed, so their (zero) deltas
-    can be added to row 0. Slots of a lower rank have zeros past it in the buffers."""
+    can be added to row 0. Slots without this layer (rank 0) hold zeros."""
     assert mapping.padded_rows is not None and mapping.padding is not None
     count = len(mapping.segments)
     xs = x.index_select(0, mapping.padded_rows).masked_fill_(mapping.padding, 0.0)
-    if xs.dtype != lora_a.dtype:
-        xs = xs.to(lora_a.dtype)
+    if xs.dtype != stack.a.dtype:
+        xs = xs.to(stack.a.dtype)
+    width = stack.num_projections * rank
     if mapping.slot_range is not None:
         first, end = mapping.slot_range
-        a, b = lora_a[first:end, :rank], lora_b[first:end, :, :rank]
+        a, b = stack.a[first:end, :width], stack.b[first:end, :, :rank]
     else:
-        a = lora_a.index_select(0, mapping.slot_index)[:, :rank]
-        b = lora_b.index_select(0, mapping.slot_index)[..., :rank]
+        a = stack.a.index_select(0, mapping.slot_index)[:, :width]
+        b = stack.b.index_select(0, mapping.slot_index)[..., :rank]
     shrunk = torch.bmm(xs.view(count, -1, xs.shape[1]), a.transpose(1, 2))
-    delta = torch.bmm(shrunk, b.transpose(1, 2)).view(-1, lora_b.shape[1])
+    bounds = stack.bounds
+    delta = torch.empty(count, shrunk.shape[1], bounds[-1], dtype=shrunk.dtype, device=x.device)
+    for i in range(stack.num_projections):
+        torch.bmm(shrunk[..., i * rank:(i + 1) * rank], b[:, bounds[i]:bounds[i + 1]].transpose(1, 2),
+                  out=delta[..., bounds[i]:bounds[i + 1]])
+    delta = delta.view(-1, bounds[-1])
     if delta.dtype != out.dtype:
         delta = delta.to(out.dtype)
     out.index_add_(0, mapping.padded_rows, delta)

@@ -16,7 +16,8 @@ and, once the target has sampled, drafts the next step's tokens; its KV layers a
 (same blocks), so every KV-cache operation here covers both.
 
 On CUDA, decode-only steps replay CUDA graphs (:mod:`llmserve.worker.cuda_graphs`) unless
-``enforce_eager`` is set or the attention backend cannot be captured, and
+``enforce_eager`` is set, the attention backend cannot be captured or the step has LoRA adapter rows (the
+graphs hold the base model only: captured with no adapter active), and
 :meth:`ModelRunner.profile_kv_cache_budget` sizes the KV cache from a profiled forward pass. On CPU none
 of this runs. The only host sync of a step is reading the sampled token ids back (plus the logprobs a
 request asked for).
@@ -249,7 +250,7 @@ class ModelRunner:
         sample_rows, sample_seqs, prompt_rows = step.sample_rows, step.sample_seqs, step.prompt_rows
         pp = get_pp_group()
         if (self.graphs is not None and not prompt_rows and not step.pool_rows and pp.world_size == 1
-                and self.graphs.can_run(layout)):
+                and (self.lora_manager is None or not self.lora_manager.active) and self.graphs.can_run(layout)):
             hidden = self.graphs.run(layout, step.input_ids, step.positions, step.rotary_lengths)
         else:
             layout.slot_mapping = layout.slot_mapping.to(self.device)

@@ -104,14 +104,14 @@ class Worker:
             lora = LoRAModelManager(model, config.max_loras, config.max_lora_rank, config.max_cpu_loras,
                                     dtype if config.lora_dtype == "auto" else resolve_dtype(config.lora_dtype, None, self.device), self.device)
             if self.device.type == "cuda" and not config.enforce_eager and self.placement.rank == 0:
-                logger.info("LoRA is on: decode steps run eagerly (no CUDA graphs)")
+                logger.info("LoRA is on: decode steps with adapter rows run eagerly (CUDA graphs for the others)")
         spec = config.speculative_config
         drafter = None
         if spec is not None and spec.method == "draft_model":
             drafter = DraftModelProposer.load(spec, config, hf_config, dtype, self.device, self.max_model_len)
         self.runner = ModelRunner(model, backend, config.block_size, int(hf_config.vocab_size), self.device, dtype,
                                   max_num_seqs=config.max_num_seqs,
-                                  enforce_eager=config.enforce_eager or config.enable_lora or drafter is not None,
+                                  enforce_eager=config.enforce_eager or drafter is not None,
                                   max_seq_len_to_capture=config.max_seq_len_to_capture,
                                   max_model_len=self.max_model_len,
                                   load_grammar_compiler=self._grammar_compiler if driver else None,

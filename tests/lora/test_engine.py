@@ -57,3 +57,24 @@ def test_lora_request_fields():
         LoRARequest("name", 0, "/adapters/name")
     with pytest.raises(ValueError, match="has no lora_path"):
         LoRARequest("name", 1, "")
+
+
+def test_decode_graphs_are_offered_only_steps_without_adapter_rows(llama_dir, lora_adapter):
+    """With LoRA on, the CUDA graphs (captured with no adapter active) may replay a decode step that has no adapter
+    rows, never one that has. A stand-in for the graphs records which steps it was asked to run (and declines)."""
+    llm = LLM(str(llama_dir), enable_lora=True, kv_cache_memory_bytes="16MiB")
+    runner = llm.engine.runner
+    asked: list[bool] = []
+
+    class Graphs:
+        def can_run(self, layout):
+            asked.append(runner.lora_manager.active)
+            return False
+
+    runner.graphs = Graphs()
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm.generate(["Hello world"], params)
+    assert asked and not any(asked)   # the decode steps of a base request
+    asked.clear()
+    llm.generate(["Hello world"], params, lora_request=LoRARequest("a", 1, str(lora_adapter("all-r8"))))
+    assert asked == []

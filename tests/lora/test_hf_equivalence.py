@@ -107,3 +107,18 @@ def test_lora_enabled_leaves_base_requests_alone(llama_dir, lora_adapter):
     assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off]
     assert [[p[t].logprob for p, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in on] == \
         [[p[t].logprob for p, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in off]
+
+
+@pytest.mark.parametrize("family,subset", [
+    ("gpt2", {"target_modules": ["c_attn", "c_fc"], "rank_pattern": {"c_fc": 4}}),   # Conv1D: fan_in_fan_out
+    ("bloom", {"target_modules": ["query_key_value", "dense_4h_to_h"], "rank_pattern": {"dense_4h_to_h": 4}}),
+    ("falcon", {"target_modules": ["query_key_value", "dense"], "use_rslora": True}),
+])
+def test_gpt_era_families(checkpoint_dir, lora_adapter, family, subset):
+    """GPT-2, BLOOM and Falcon name their projections their own way (c_attn, query_key_value, dense...); BLOOM's
+    and Falcon's fused query_key_value interleaves heads, and an adapter's B rows follow it."""
+    path = checkpoint_dir(family)
+    llm = LLM(str(path), enable_lora=True, max_loras=2, max_lora_rank=8, kv_cache_memory_bytes="16MiB")
+    loras = [LoRARequest("all", 1, str(lora_adapter("all", family, seed=5))),
+             LoRARequest("subset", 2, str(lora_adapter("subset", family, seed=6, **subset))), None]
+    assert_matches_peft(path, llm.generate(PROMPTS[:3], GREEDY, lora_request=loras), loras)

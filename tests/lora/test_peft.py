@@ -33,7 +33,6 @@ def test_scales_are_folded_into_b(llama_dir, tmp_path):
     ({"use_dora": True}, "DoRA"),
     ({"modules_to_save": ["lm_head", "embed_tokens"]}, "modules_to_save"),
     ({"bias": "lora_only"}, "bias='lora_only'"),
-    ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     ({"peft_type": "IA3"}, "peft_type 'IA3'"),
     ({"r": 32}, "rank 32 is greater than --max-lora-rank 16"),
     ({"rank_pattern": {"q_proj": 64}}, "rank 64 is greater than --max-lora-rank 16"),

@@ -14,7 +14,7 @@ import pytest
 from llmserve import LLM, SamplingParams
 from llmserve.entrypoints.openai import api_server
 from llmserve.lora.request import LoRARequest
-from llmserve.testing.lora_adapters import write_lora_adapter
+from llmserve.testing.lora_adapters import FUSED_MODULES, write_lora_adapter
 from tests.entrypoints.openai.conftest import launch
 from tests.entrypoints.openai.test_metrics import scrape, wait_for
 from tests.entrypoints.openai.test_openapi import document, error_statuses, operations
@@ -114,16 +114,21 @@ def test_runtime_load_and_unload_while_requests_run(server, adapters, offline):
     assert complete(server, "c").json()["choices"][0]["text"] == used.json()["choices"][0]["text"]
 
 
-def test_bad_adapters_are_refused_and_the_server_goes_on(server, adapters, llama_dir, tmp_path):
+def test_bad_adapters_are_refused_and_the_server_goes_on(server, adapters, llama_dir, checkpoint_dir, lora_adapter,
+                                                         tmp_path):
     def load(name, path, **extra):
         return httpx.post(f"{server.base_url}/v1/load_lora_adapter", headers=AUTH,
                           json={"lora_name": name, "lora_path": str(path), **extra})
 
     dora = write_lora_adapter(tmp_path / "dora", llama_dir, extra_config={"use_dora": True})
     big = write_lora_adapter(tmp_path / "big", llama_dir, r=16)
+    other_shapes = write_lora_adapter(tmp_path / "gemma2", checkpoint_dir("gemma2"), target_modules=["q_proj"])
+    fused = lora_adapter("fused", "phi3", target_modules=FUSED_MODULES)   # qkv_proj: not a module of Llama's
     cases = [(load("x", tmp_path / "missing"), 404, "No adapter found"),
              (load("x", dora), 400, "DoRA"),
              (load("x", big), 400, "greater than --max-lora-rank 8"),
+             (load("x", other_shapes), 400, "does not fit the base model: model.layers.0.self_attn.q_proj has lora_A"),
+             (load("x", fused), 400, "gate_up_proj, which is not a module of the base model (nor are 3 more"),
              (load("a", adapters["c"]), 400, "has already been loaded"),
              (httpx.post(f"{server.base_url}/v1/load_lora_adapter", headers=AUTH, json={"lora_name": "x"}), 400,
               "Both 'lora_name' and 'lora_path' must be provided"),

@@ -7,38 +7,33 @@ import numpy as np
 import pytest
 import torch
 
-from llmserve.lora.punica import LoRABatchMapping, add_lora
+from llmserve.lora.punica import LoRABatchMapping, LoRAStack, add_lora
+from tests.lora.conftest import per_row_reference, random_stack
 
 triton_ops = pytest.importorskip("llmserve.lora.triton_ops")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.mark.parametrize("slot_per_seq,query_lens", [
-    ([2, -1, 0, 2, 1, -1], [3, 1, 1, 20, 2, 5]),   # mixed, one segment longer than a row tile
-    ([1, 1], [17, 2]),                             # one adapter for every row (no gather)
+@pytest.mark.parametrize("slot_per_seq,query_lens,bounds", [
+    ([2, -1, 0, 2, 1, -1], [3, 1, 1, 20, 2, 5], [0, 40, 56, 72]),   # mixed, one segment longer than a row tile;
+                                                                   # projections straddle column tiles
+    ([1, 1], [17, 2], [0, 72]),                                     # one adapter for every row (no gather)
 ])
-def test_segments_match_grouped_ops(slot_per_seq, query_lens):
+def test_segments_match_grouped_ops(slot_per_seq, query_lens, bounds):
     gen = torch.Generator().manual_seed(0)
-    slots, width, d_in, d_out = 3, 40, 48, 72          # width and sizes not multiples of the tiles
-    lora_a = torch.randn(slots, width, d_in, generator=gen)
-    lora_b = torch.randn(slots, d_out, width, generator=gen)
-    ranks = [40, 0, 12]
+    stack = random_stack([13, 0, 4], bounds, d_in=48, max_rank=13)   # sizes not multiples of the tiles
     lens = np.array(query_lens)
-    x = torch.randn(int(lens.sum()), d_in, generator=gen)
-    base = torch.randn(x.shape[0], d_out, generator=gen)
+    x = torch.randn(int(lens.sum()), 48, generator=gen)
+    base = torch.randn(x.shape[0], bounds[-1], generator=gen)
     mapping = LoRABatchMapping.build(np.array(slot_per_seq), lens, torch.device("cpu"))
     expected = base.clone()
-    add_lora(expected, x, lora_a, lora_b, ranks, mapping)
-    reference = base.double().clone()
-    for row, slot in enumerate(np.repeat(slot_per_seq, lens)):
-        if slot >= 0 and ranks[slot]:
-            r = ranks[slot]
-            reference[row] += lora_b[slot, :, :r].double() @ (lora_a[slot, :r].double() @ x[row].double())
-    out = base.to(DEVICE)
-    segments = triton_ops.Segments(mapping, DEVICE)
-    triton_ops.add_lora_segments(out, x.to(DEVICE), lora_a.to(DEVICE), lora_b.to(DEVICE),
-                                 torch.tensor(ranks, device=DEVICE), segments)
+    add_lora(expected, x, stack, mapping)
+    out = base.clone().to(DEVICE)
+    device_stack = LoRAStack(stack.a.to(DEVICE), stack.b.to(DEVICE), stack.bounds, stack.ranks)
+    triton_ops.add_lora_segments(out, x.to(DEVICE), device_stack, torch.tensor(stack.ranks, device=DEVICE),
+                                 torch.tensor(bounds, device=DEVICE), triton_ops.Segments(mapping, DEVICE))
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-4)
+    reference = per_row_reference(base, x, stack, np.repeat(slot_per_seq, lens))
     torch.testing.assert_close(out.cpu().double(), reference, rtol=1e-5, atol=1e-4)
 
 

@@ -3,10 +3,11 @@
 Adapters come from ``--lora-modules`` (``name=path`` or vLLM's JSON form ``{"name": .., "path": ..,
 "base_model_name": ..}``) and, when runtime updating is allowed (``--allow-runtime-lora-updating`` or vLLM's
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), from ``POST /v1/load_lora_adapter``; ``/v1/unload_lora_adapter``
-forgets one. An adapter is read and checked when it is registered, so a bad one is refused then (400, or 404
-when there is nothing at its path) and never reaches a request. Each registration gets a new adapter id:
-requests already running keep the weights they started with, and a name loaded again with other weights
-never shares their prefix cache or worker slots.
+forgets one. An adapter is read and checked when it is registered (its options, its rank against
+``--max-lora-rank``, its modules and shapes against the base checkpoint: :mod:`llmserve.lora.fit`), so a bad
+one is refused then (400, or 404 when there is nothing at its path) and never reaches a request. Each
+registration gets a new adapter id: requests already running keep the weights they started with, and a name
+loaded again with other weights never shares their prefix cache or worker slots.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from llmserve.entrypoints.openai.errors import APIError
 from llmserve.entrypoints.openai.request_base import RequestModel
+from llmserve.lora.fit import base_module_shapes, check_adapter_fits
 from llmserve.lora.peft import LoRAAdapterError, LoRAAdapterNotFoundError, load_peft_adapter
 from llmserve.lora.request import LoRARequest
 
@@ -78,6 +80,7 @@ class OpenAIServingModels:
         self.enable_lora = enable_lora
         self.max_lora_rank = max_lora_rank
         self.lora_requests: dict[str, LoRARequest] = {}
+        self.base_shapes = base_module_shapes(model_path) if enable_lora else None
         self._ids = itertools.count(1)
         self._lock = threading.Lock()   # loads read files off the event loop
         for module in lora_modules:
@@ -114,7 +117,9 @@ class OpenAIServingModels:
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name",
                            "lora_already_loaded")
         try:
-            load_peft_adapter(path, self.max_lora_rank)
+            adapter = load_peft_adapter(path, self.max_lora_rank)
+            if self.base_shapes is not None:
+                check_adapter_fits(adapter, self.base_shapes, name)
         except LoRAAdapterNotFoundError as exc:
             raise APIError(404, str(exc), "lora_path", "lora_not_found") from None
         except LoRAAdapterError as exc:

@@ -1,0 +1,71 @@
+"""Whether an adapter fits the base model, checked where an adapter is registered (``--lora-modules``,
+``POST /v1/load_lora_adapter``) so that a mismatch is refused there, never in a running batch.
+
+The base model's modules and weight shapes come from its checkpoint's safetensors headers (no tensor is
+read). Every module an adapter targets must be one of them, and its ``lora_A`` ``[r, in]`` and ``lora_B``
+``[out, r]`` must match the module's weight ``[out, in]`` (``[in, out]`` for a ``fan_in_fan_out`` adapter:
+GPT-2's Conv1D). Quantised checkpoints store packed tensors
+(``qweight``): their modules are checked for presence only. A GGUF file or an S3 mirror has no such headers
+here; adapters for them are checked where a worker loads them (the request then fails on its own).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+
+from llmserve.lora.peft import LoRAAdapterError, PEFTAdapter
+from llmserve.model_loader.loader import safetensors_files
+
+# A module's weight shape [out, in], or None where the checkpoint stores it packed (quantised).
+ModuleShapes = dict[str, tuple[int, int] | None]
+
+
+def base_module_shapes(model_path: str | Path) -> ModuleShapes | None:
+    """Each checkpoint module that has a weight, by name (``model.layers.0.self_attn.q_proj``); None when the
+    checkpoint is not a folder of safetensors files."""
+    try:
+        files = safetensors_files(Path(model_path))
+    except OSError:   # no safetensors here (ModelNotFoundError)
+        return None
+    shapes: ModuleShapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                module, _, leaf = key.rpartition(".")
+                if leaf == "weight":
+                    shape = tuple(f.get_slice(key).get_shape())
+                    shapes[module] = (shape[0], shape[1]) if len(shape) == 2 else None
+                elif leaf in ("qweight", "weight_packed"):
+                    shapes.setdefault(module, None)
+    return shapes
+
+
+def check_adapter_fits(adapter: PEFTAdapter, shapes: ModuleShapes, name: str) -> None:
+    """Raise :class:`LoRAAdapterError` naming a module of adapter ``name`` that the base model lacks (checked
+    first: an adapter for another family) or whose LoRA shapes do not match its weight."""
+    found = {module: _lookup(shapes, module) for module in adapter.modules}
+    missing = [module for module, entry in found.items() if entry is None]
+    if missing:
+        raise LoRAAdapterError(f"LoRA adapter {name!r} targets {missing[0]}, which is not a module of the base model"
+                               + (f" (nor are {len(missing) - 1} more of its modules)" if len(missing) > 1 else ""))
+    for module, weights in adapter.modules.items():
+        shape = found[module][1]
+        if shape is None:
+            continue
+        out_features, in_features = shape[::-1] if adapter.fan_in_fan_out else shape
+        if weights.lora_a.shape[1] != in_features or weights.lora_b.shape[0] != out_features:
+            raise LoRAAdapterError(
+                f"LoRA adapter {name!r} does not fit the base model: {module} has lora_A "
+                f"{list(weights.lora_a.shape)} and lora_B {list(weights.lora_b.shape)}, but the base weight is "
+                f"[{out_features}, {in_features}] (expected lora_A [r, {in_features}], lora_B [{out_features}, r])")
+
+
+def _lookup(shapes: ModuleShapes, module: str) -> tuple[str, tuple[int, int] | None] | None:
+    """The module's entry; checkpoints saved without the model's top-level prefix (``h.0.attn`` for
+    ``transformer.h.0.attn``) match without it."""
+    for candidate in (module, module.partition(".")[2]):
+        if candidate in shapes:
+            return candidate, shapes[candidate]
+    return None
