@@ -9,7 +9,7 @@ the least recently used slot no row of the step needs, and the rows are grouped 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import torch
@@ -59,18 +59,24 @@ class LoRAModelManager:
     def cpu_ids(self) -> list[int]:
         return list(self._cpu)
 
-    def set_active(self, requests: list[LoRARequest | None], query_lens: list[int]) -> None:
-        """Make the step's adapters resident and group its rows (``requests[i]``: batch row i's adapter)."""
-        if not any(requests):
+    def set_active(self, lora_ids: np.ndarray | None, query_lens: list[int],
+                   requests: Mapping[int, LoRARequest]) -> None:
+        """Make the step's adapters resident and group its rows. ``lora_ids[i]`` is batch row i's adapter id
+        (0: the base model; None: no row runs with an adapter), ``requests`` the adapters by id. The work is
+        per distinct adapter, never per row."""
+        ids, row_index = (np.unique(lora_ids, return_inverse=True) if lora_ids is not None
+                          else (np.zeros(1, dtype=np.int64), None))
+        wanted = [int(i) for i in ids if i]
+        if not wanted:
             self.state.mapping = LoRABatchMapping()
             return
-        wanted = {r.lora_int_id: r for r in requests if r is not None}
         if len(wanted) > self.max_loras:
             raise RuntimeError(f"a step uses {len(wanted)} adapters, more than --max-loras {self.max_loras}")
-        slot_of = {lora_id: self._slot(r, wanted.keys()) for lora_id, r in wanted.items()}
-        slots = np.fromiter((-1 if r is None else slot_of[r.lora_int_id] for r in requests), dtype=np.int64,
-                            count=len(requests))
-        self.state.mapping = LoRABatchMapping.build(slots, np.asarray(query_lens, dtype=np.int64), self.device)
+        wanted_set = set(wanted)
+        slot_of_id = np.array([-1 if not i else self._slot(requests[int(i)], wanted_set) for i in ids],
+                              dtype=np.int64)
+        self.state.mapping = LoRABatchMapping.build(slot_of_id[row_index], np.asarray(query_lens, dtype=np.int64),
+                                                    self.device)
 
     def _slot(self, request: LoRARequest, wanted: Collection[int]) -> int:
         slot = self._resident.get(request.lora_int_id)

@@ -4,8 +4,8 @@ A worker is told a sequence in full once (``new_seqs``) and afterwards only what
 append, the tail of its block table, how many tokens are computed. It never sees the engine's objects,
 so it can live in another process.
 
-Each sequence owns a row of persistent numpy arrays (token ids, block table, counts), written only where
-a step's message changes them. A step's flat inputs (token ids, positions, rotary lengths, cache slots,
+Each sequence owns a row of persistent numpy arrays (token ids, block table, counts, adapter id), written
+only where a step's message changes them. A step's flat inputs (token ids, positions, rotary lengths, cache slots,
 the block-table rows of its sequences) are then gathered from those rows with a few vectorised numpy
 calls, whatever the batch size, instead of being rebuilt from per-sequence Python lists.
 """
@@ -84,6 +84,7 @@ class StepInputs:
     sample_seqs: list[CachedSequence]
     prompt_rows: list[tuple[CachedSequence, int, int, int]]
     pool_rows: list[PoolRow]
+    lora_ids: np.ndarray | None = None   # int64 [rows]: each row's adapter id (0: base); None: no adapter held
 
 
 def _grown(array: np.ndarray, rows: int = 0, cols: int = 0) -> np.ndarray:
@@ -124,6 +125,11 @@ class InputBatch:
         self.num_blocks = np.zeros(rows, dtype=np.int64)
         self.pools = np.zeros(rows, dtype=bool)   # rows of pooling sequences
         self.num_drafts = np.zeros(rows, dtype=np.int64)   # this step's draft tokens, after the row's tokens
+        # Each row's adapter id (0: the base model) and the adapters rows hold, with how many rows hold each:
+        # a step finds out without a look at its rows whether any runs with an adapter.
+        self.lora_ids = np.zeros(rows, dtype=np.int64)
+        self.lora_requests: dict[int, LoRARequest] = {}
+        self._lora_rows: dict[int, int] = {}
         self._draft_rows: list[int] = []
         self._free_rows = list(range(rows - 1, -1, -1))
         self._prompt_logprob_seqs: dict[int, CachedSequence] = {}
@@ -200,6 +206,11 @@ class InputBatch:
         if seq.pooling is not None:
             self._pooling_seqs[seq.seq_id] = seq
         self.pools[seq.row] = seq.pooling is not None
+        if seq.lora_request is not None:
+            lora_id = seq.lora_request.lora_int_id
+            self.lora_ids[seq.row] = lora_id
+            self.lora_requests[lora_id] = seq.lora_request
+            self._lora_rows[lora_id] = self._lora_rows.get(lora_id, 0) + 1
         if self.structured_output is not None and seq.params.structured_outputs is not None:
             self.structured_output.add(seq.seq_id, seq.params.structured_outputs)
 
@@ -211,9 +222,19 @@ class InputBatch:
         self._pooling_seqs.pop(seq_id, None)
         if self.structured_output is not None:
             self.structured_output.remove(seq_id)
+        if seq.lora_request is not None:
+            self._release_lora(seq.lora_request.lora_int_id)
+            self.lora_ids[seq.row] = 0
         self.block_table[seq.row, :self.num_blocks[seq.row]] = 0   # padding reads block 0, never a stale id
         self.num_blocks[seq.row] = self.num_tokens[seq.row] = self.num_computed[seq.row] = 0
         self._free_rows.append(seq.row)
+
+    def _release_lora(self, lora_id: int) -> None:
+        left = self._lora_rows.pop(lora_id) - 1
+        if left:
+            self._lora_rows[lora_id] = left
+        else:
+            del self.lora_requests[lora_id]
 
     def _allocate_row(self) -> int:
         if not self._free_rows:
@@ -231,6 +252,7 @@ class InputBatch:
         self.num_blocks = _grown(self.num_blocks, rows)
         self.pools = _grown(self.pools, rows)
         self.num_drafts = _grown(self.num_drafts, rows)
+        self.lora_ids = _grown(self.lora_ids, rows)
 
     def _write_tokens(self, row: int, start: int, token_ids: list[int]) -> None:
         end = start + len(token_ids)
@@ -292,4 +314,4 @@ class InputBatch:
             slot_mapping=slots, query_lens=q.tolist(), context_lens=ctx.tolist(),
             block_tables=self.block_table[rows, :width], num_decodes=int((q == 1).sum()),
             sample_rows=(ends[sampled] - 1).tolist(), sample_seqs=[self.seqs[seq_ids[i]] for i in sampled],
-            prompt_rows=prompt_rows, pool_rows=pool_rows)
+            prompt_rows=prompt_rows, pool_rows=pool_rows, lora_ids=self.lora_ids[rows] if self._lora_rows else None)

@@ -242,8 +242,7 @@ class ModelRunner:
             return ModelRunnerOutput()
         step = self.input_batch.prepare(sched.num_scheduled_tokens)
         if self.lora_manager is not None:
-            self.lora_manager.set_active([self.input_batch.seqs[s].lora_request for s in step.seq_ids],
-                                         step.query_lens)
+            self.lora_manager.set_active(step.lora_ids, step.query_lens, self.input_batch.lora_requests)
         layout = BatchLayout(query_lens=step.query_lens, context_lens=step.context_lens,
                              block_tables=step.block_tables, slot_mapping=torch.from_numpy(step.slot_mapping),
                              num_decodes=step.num_decodes, block_size=self.block_size)

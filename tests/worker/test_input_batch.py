@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from llmserve.engine.messages import CachedSequenceData, NewSequenceData, SchedulerOutput
+from llmserve.lora.request import LoRARequest
 from llmserve.sampling_params import SamplingParams
 from llmserve.worker.input_batch import InputBatch
 
@@ -11,9 +12,9 @@ BS = 4
 
 
 def new(seq_id: int, prompt: list[int], blocks: list[int], computed: int = 0, outputs: list[int] | None = None,
-        **params) -> NewSequenceData:
+        lora: LoRARequest | None = None, **params) -> NewSequenceData:
     return NewSequenceData(seq_id, 0, prompt, outputs or [], SamplingParams(max_tokens=8, **params), None, blocks,
-                           computed)
+                           computed, lora_request=lora)
 
 
 def batch(**kwargs) -> InputBatch:
@@ -88,3 +89,22 @@ def test_prompt_logprob_rows_are_listed_until_the_prompt_is_computed():
     b.update(SchedulerOutput(cached_seqs=[CachedSequenceData(1, [9], 2, [], 8)]))
     assert b.prepare({1: 1}).prompt_rows == []
     assert np.array_equal(b.prepare({1: 1}).input_ids, [9])
+
+
+def test_rows_carry_their_adapter_id_and_a_batch_without_adapters_has_none():
+    b = batch()
+    b.update(SchedulerOutput(new_seqs=[new(1, [1, 2], [0]), new(2, [3, 4], [1])]))
+    assert b.prepare({1: 2, 2: 2}).lora_ids is None
+
+    first, second = LoRARequest("first", 3, "/adapters/first"), LoRARequest("second", 5, "/adapters/second")
+    b.update(SchedulerOutput(new_seqs=[new(3, [5, 6], [2], lora=first), new(4, [7], [3], lora=second)]))
+    b.fork(b.seqs[3], 5, 1)
+    step = b.prepare({4: 1, 1: 2, 3: 2, 5: 2, 2: 2})
+    assert step.seq_ids == [4, 1, 3, 5, 2] and step.lora_ids.tolist() == [5, 0, 3, 3, 0]
+    assert b.lora_requests == {3: first, 5: second}
+
+    b.update(SchedulerOutput(finished_seq_ids=[3, 4]))
+    assert b.lora_requests == {3: first}   # the fork still runs with it
+    assert b.prepare({5: 2, 1: 2}).lora_ids.tolist() == [3, 0]
+    b.update(SchedulerOutput(finished_seq_ids=[5], new_seqs=[new(6, [8], [4])]))
+    assert b.lora_requests == {} and b.prepare({6: 1, 1: 2, 2: 2}).lora_ids is None
