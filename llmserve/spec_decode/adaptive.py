@@ -107,39 +107,47 @@ def choose_num_drafts(acceptance: Sequence[float], max_drafts: int, cost: StepCo
 class AcceptanceTracker:
     """Each sequence's draft acceptance, from its recent steps, leaning on the engine's recent rate while it has
     few. A step with ``k`` drafts of which ``m`` were accepted is ``m`` successes and, if ``m < k``, one failure
-    (the drafts after the first rejection were never tried)."""
+    (the drafts after the first rejection were never tried).
+
+    A sequence's counts decay lazily: they are kept as of the step of its last observation and scaled by
+    ``SEQ_DECAY ** steps since`` when read or updated, so a step costs the rows that drafted, not every
+    sequence tracked."""
 
     def __init__(self) -> None:
-        self._accepted: dict[int, float] = {}
-        self._tried: dict[int, float] = {}
+        self._counts: dict[int, tuple[float, float, int]] = {}   # seq id -> accepted, tried, as of this step
+        self._step = 0
         self._engine = [0.0, 0.0]   # the engine's decayed accepted and tried drafts
 
     @property
     def engine_rate(self) -> float:
         return (self._engine[0] + INITIAL_RATE) / (self._engine[1] + 1.0)
 
+    def _decayed(self, seq_id: int) -> tuple[float, float]:
+        """The sequence's accepted and tried drafts, decayed to this step."""
+        accepted, tried, step = self._counts.get(seq_id, (0.0, 0.0, self._step))
+        factor = SEQ_DECAY ** (self._step - step)
+        return accepted * factor, tried * factor
+
     def rate(self, seq_id: int) -> float:
         prior = PRIOR_WEIGHT * self.engine_rate
-        return (self._accepted.get(seq_id, 0.0) + prior) / (self._tried.get(seq_id, 0.0) + PRIOR_WEIGHT)
+        accepted, tried = self._decayed(seq_id)
+        return (accepted + prior) / (tried + PRIOR_WEIGHT)
 
     def observe(self, seq_id: int, num_drafts: int, num_accepted: int) -> None:
         tried = num_accepted + (num_accepted < num_drafts)
-        self._accepted[seq_id] = self._accepted.get(seq_id, 0.0) + num_accepted
-        self._tried[seq_id] = self._tried.get(seq_id, 0.0) + tried
+        seq_accepted, seq_tried = self._decayed(seq_id)
+        self._counts[seq_id] = (seq_accepted + num_accepted, seq_tried + tried, self._step)
         self._engine[0] += num_accepted
         self._engine[1] += tried
 
     def decay(self) -> None:
         """One step passed: every observation counts a little less (a sequence that stopped drafting drifts
         back toward the engine's rate, so it is tried again if the engine's drafts are accepted)."""
-        for counts in (self._accepted, self._tried):
-            for seq_id in counts:
-                counts[seq_id] *= SEQ_DECAY
+        self._step += 1
         self._engine = [self._engine[0] * ENGINE_DECAY, self._engine[1] * ENGINE_DECAY]
 
     def remove(self, seq_id: int) -> None:
-        self._accepted.pop(seq_id, None)
-        self._tried.pop(seq_id, None)
+        self._counts.pop(seq_id, None)
 
 
 class AdaptiveSpeculation:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmserve.spec_decode.adaptive import AcceptanceTracker, StepCostModel, choose_num_drafts, expected_tokens
+from llmserve.spec_decode.adaptive import (ENGINE_DECAY, INITIAL_RATE, PRIOR_WEIGHT, SEQ_DECAY, AcceptanceTracker,
+                                           StepCostModel, choose_num_drafts, expected_tokens)
 from tests.spec_decode.test_draft_model import draft_llm
 from tests.spec_decode.test_spec_equivalence import PROMPTS, completions, make_llm
 
@@ -67,6 +68,39 @@ def test_acceptance_estimates_follow_each_sequence_and_the_engine():
     assert tracker.rate(3) == pytest.approx(tracker.engine_rate)   # a new sequence starts at the engine's rate
     tracker.remove(1)
     assert tracker.rate(1) == pytest.approx(tracker.engine_rate)
+
+
+def test_lazy_decay_equals_decaying_every_sequence_every_step():
+    """The tracker scales a sequence's counts only when it reads or updates them; the estimates are those of
+    multiplying every tracked sequence's counts by the decay at every step."""
+    rng = np.random.default_rng(0)
+    tracker = AcceptanceTracker()
+    accepted: dict[int, float] = {}
+    tried: dict[int, float] = {}
+    engine = [0.0, 0.0]
+    for _ in range(2000):
+        seq_id, op = int(rng.integers(8)), rng.random()
+        if op < 0.4:
+            drafts = int(rng.integers(1, 5))
+            ok = int(rng.integers(drafts + 1))
+            tracker.observe(seq_id, drafts, ok)
+            accepted[seq_id] = accepted.get(seq_id, 0.0) + ok
+            tried[seq_id] = tried.get(seq_id, 0.0) + ok + (ok < drafts)
+            engine = [engine[0] + ok, engine[1] + ok + (ok < drafts)]
+        elif op < 0.9:
+            tracker.decay()
+            accepted = {s: v * SEQ_DECAY for s, v in accepted.items()}
+            tried = {s: v * SEQ_DECAY for s, v in tried.items()}
+            engine = [engine[0] * ENGINE_DECAY, engine[1] * ENGINE_DECAY]
+        else:
+            tracker.remove(seq_id)
+            accepted.pop(seq_id, None)
+            tried.pop(seq_id, None)
+        engine_rate = (engine[0] + INITIAL_RATE) / (engine[1] + 1.0)
+        assert tracker.engine_rate == pytest.approx(engine_rate, rel=1e-12)
+        for s in range(8):
+            eager = (accepted.get(s, 0.0) + PRIOR_WEIGHT * engine_rate) / (tried.get(s, 0.0) + PRIOR_WEIGHT)
+            assert tracker.rate(s) == pytest.approx(eager, rel=1e-12)
 
 
 def test_a_draft_that_is_almost_never_accepted_is_turned_off(llama_dir, small_draft_dir):
