@@ -1,12 +1,15 @@
-"""``llmserve bench lora``: what LoRA costs, as ratios measured in one process.
+"""``llmserve bench lora``: what LoRA costs, as throughput ratios of four configurations.
 
-Two engines on the same model, LoRA off and on (``--max-loras`` slots, ``--max-lora-rank``), run the
-same random requests in four ways: base requests with LoRA off (the reference), base requests with
-LoRA on, every request with one adapter, and the requests spread round-robin over ``--max-loras``
-adapters. The adapters are ``--lora-path`` folders (cycled when fewer than ``--max-loras``, each under its
-own id, as vLLM's benchmark reuses one path) or, without it, random adapters of rank ``--lora-rank`` over
-every attention and MLP projection, generated for the model. The four runs repeat ``--rounds`` times,
-interleaved, so a machine whose speed drifts slows each of them alike; the best round of each counts.
+The same random requests run in four ways: base requests with LoRA off (the reference), base requests with
+LoRA on (``--max-loras`` slots, ``--max-lora-rank``), every request with one adapter, and the requests
+spread round-robin over ``--max-loras`` adapters. The adapters are ``--lora-path`` folders (cycled when
+fewer than ``--max-loras``, each under its own id, as vLLM's benchmark reuses one path) or, without it,
+random adapters of rank ``--lora-rank`` over every attention and MLP projection, generated for the model.
+
+Each configuration runs in a process of its own (engine built, warmed up, timed, process gone), so no
+configuration shares threads, caches or an allocator with another; two engines in one process slowed
+each other unevenly. The four run back to back and the round repeats ``--rounds`` times, so a machine
+whose speed drifts slows each of them alike; the ratios are of the mean throughput over the rounds.
 """
 
 from __future__ import annotations
@@ -14,21 +17,46 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
+import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from llmserve.benchmarks.datasets import HFTokenizer, allowed_token_ids, sample_random
 from llmserve.benchmarks.profiling import greedy
-from llmserve.benchmarks.throughput import HEADER, ThroughputResult, load_average
+from llmserve.benchmarks.throughput import HEADER, ThroughputResult, with_load
 from llmserve.entrypoints.cli_args import engine_config_from_args
 from llmserve.entrypoints.llm import LLM
+from llmserve.logging_setup import LogSetup, configure_logging, current_setup
 from llmserve.lora.request import LoRARequest
+from llmserve.model_loader.loader import resolve_model_path
 from llmserve.testing.lora_adapters import write_lora_adapter
 
-SCENARIOS = ("LoRA off, base requests", "LoRA on, base requests", "LoRA on, one adapter for all",
-             "LoRA on, adapters mixed")
+REFERENCE, LORA_ON_BASE, ONE_ADAPTER, MIXED = ("LoRA off, base requests", "LoRA on, base requests",
+                                               "LoRA on, one adapter for all", "LoRA on, adapters mixed")
+SCENARIOS = (REFERENCE, LORA_ON_BASE, ONE_ADAPTER, MIXED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What every configuration runs: the random requests (drawn alike in each process from the seed)."""
+
+    num_prompts: int
+    input_len: int
+    output_len: int
+    seed: int
+
+
+@dataclasses.dataclass
+class ConfigurationRun:
+    """One timed run of a configuration, and the process and model that ran it."""
+
+    result: ThroughputResult
+    pid: int
+    model: str
 
 
 def adapter_requests(args: argparse.Namespace, model_path: Path, workdir: Path) -> list[LoRARequest]:
@@ -40,54 +68,83 @@ def adapter_requests(args: argparse.Namespace, model_path: Path, workdir: Path) 
     return [LoRARequest(f"lora-{i + 1}", i + 1, str(paths[i % len(paths)])) for i in range(count)]
 
 
-def run_once(llm: LLM, prompts: list[list[int]], output_len: int, loras: list[LoRARequest | None],
+def adapter_plans(adapters: list[LoRARequest], n: int) -> dict[str, list[LoRARequest | None]]:
+    """Each configuration's adapter per request."""
+    return {REFERENCE: [None] * n, LORA_ON_BASE: [None] * n, ONE_ADAPTER: [adapters[0]] * n,
+            MIXED: [adapters[i % len(adapters)] for i in range(n)]}
+
+
+def generate(llm: LLM, prompts: list[list[int]], output_len: int, loras: list[LoRARequest | None],
              name: str) -> ThroughputResult:
-    before = load_average()
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(output_len), lora_request=loras)
     elapsed = time.perf_counter() - start
-    result = ThroughputResult(name, len(prompts), elapsed, sum(map(len, prompts)),
-                              sum(len(c.token_ids) for o in outputs for c in o.outputs))
-    result.load_before, result.load_after = before, load_average()
-    return result
+    return ThroughputResult(name, len(prompts), elapsed, sum(map(len, prompts)),
+                            sum(len(c.token_ids) for o in outputs for c in o.outputs))
+
+
+def run_configuration(engine_kwargs: dict[str, Any], name: str, workload: Workload,
+                      loras: list[LoRARequest | None], num_warmup: int, log: LogSetup) -> ConfigurationRun:
+    """One configuration, in the process that runs it: the engine, a short warm-up (kernels, allocator,
+    adapters read and resident), the timed run."""
+    configure_logging(log, "bench")
+    llm = LLM(**{**engine_kwargs, "enable_lora": name != REFERENCE})
+    try:
+        engine = llm.engine
+        tokenizer = HFTokenizer(llm.get_tokenizer())
+        requests = sample_random(workload.num_prompts, workload.input_len, workload.output_len, 0.0, workload.seed,
+                                 token_ids=allowed_token_ids(engine.vocab_size, tokenizer.special_ids))
+        prompts = [list(r.prompt) for r in requests]
+        generate(llm, prompts[:num_warmup], 2, loras[:num_warmup], "warm-up")
+        result = with_load(generate, llm, prompts, workload.output_len, loras, name)
+        return ConfigurationRun(result, os.getpid(), f"{engine.model_path} ({engine.dtype}, {engine.device})")
+    finally:
+        llm.shutdown()
+
+
+def in_own_process(*args: Any) -> ConfigurationRun:
+    """:func:`run_configuration` in a fresh (spawned) process."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_configuration, *args).result()
+
+
+def mean_tokens_per_s(runs: list[ConfigurationRun]) -> float:
+    return sum(r.result.output_tokens_per_s for r in runs) / len(runs)
 
 
 def run_lora_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     config = engine_config_from_args(args)
-    off = LLM(**{**vars(config), "enable_lora": False})
-    on = LLM(**{**vars(config), "enable_lora": True})
-    engine = off.engine
-    tokenizer = HFTokenizer(off.get_tokenizer())
-    requests = sample_random(args.num_prompts, args.input_len, args.output_len, 0.0, config.seed,
-                             token_ids=allowed_token_ids(engine.vocab_size, tokenizer.special_ids))
-    prompts = [list(r.prompt) for r in requests]
+    engine_kwargs = vars(config)
+    workload = Workload(args.num_prompts, args.input_len, args.output_len, config.seed)
+    rounds: dict[str, list[ConfigurationRun]] = {name: [] for name in SCENARIOS}
     with tempfile.TemporaryDirectory() as workdir:
-        adapters = adapter_requests(args, Path(engine.model_path), Path(workdir))
-        n = len(prompts)
-        plans = [(off, [None] * n), (on, [None] * n), (on, [adapters[0]] * n),
-                 (on, [adapters[i % len(adapters)] for i in range(n)])]
-        for llm, loras in plans:   # warm-up: kernels, allocator, adapters read and resident
-            run_once(llm, prompts[:len(adapters)], 2, loras[:len(adapters)], "warm-up")
-        rounds: list[list[ThroughputResult]] = [[] for _ in SCENARIOS]
+        adapters = adapter_requests(args, resolve_model_path(config.model, config.revision, config.download_dir),
+                                    Path(workdir))
+        plans = adapter_plans(adapters, args.num_prompts)
         for _ in range(args.rounds):
-            for runs, name, (llm, loras) in zip(rounds, SCENARIOS, plans):
-                runs.append(run_once(llm, prompts, args.output_len, loras, name))
-    best = [max(runs, key=lambda r: r.output_tokens_per_s) for runs in rounds]
-    print(f"model {engine.model_path} ({engine.dtype}, {engine.device}); {n} requests x {args.input_len} in / "
-          f"{args.output_len} out; {len(adapters)} adapters, rank {args.lora_rank if not args.lora_path else 'given'}"
-          f"; best of {args.rounds} interleaved rounds")
+            for name in SCENARIOS:
+                rounds[name].append(in_own_process(engine_kwargs, name, workload, plans[name], len(adapters),
+                                                   current_setup()))
+    print(f"model {rounds[REFERENCE][0].model}; {args.num_prompts} requests x {args.input_len} in / {args.output_len} out; "
+          f"{len(adapters)} adapters, rank {args.lora_rank if not args.lora_path else 'given'}; "
+          f"{args.rounds} rounds of the four configurations, each in its own process")
     print(HEADER)
-    for r in best:
-        print(r.row())
-    reference = best[0].output_tokens_per_s
-    ratios = {r.name: r.output_tokens_per_s / reference for r in best}
+    for runs in zip(*rounds.values()):
+        for run in runs:
+            print(run.result.row())
+    means = {name: mean_tokens_per_s(runs) for name, runs in rounds.items()}
+    ratios = {name: tokens / means[REFERENCE] for name, tokens in means.items()}
+    of_base = {name: means[name] / means[LORA_ON_BASE] for name in (ONE_ADAPTER, MIXED)}
     for name, ratio in ratios.items():
-        print(f"{name}: {ratio:.3f}x of LoRA off")
+        print(f"{name}: {means[name]:.1f} output tok/s (mean), {ratio:.3f}x of LoRA off" + (f", {of_base[name]:.3f}x of LoRA-on base requests"
+                                                     if name in of_base else ""))
     report = {"config": {k: v for k, v in vars(args).items() if k != "func"},
-              "rounds": [[dataclasses.asdict(r) for r in runs] for runs in rounds],
-              "ratios_output_tokens_per_s": ratios}
+              "rounds": [[{**dataclasses.asdict(run.result), "pid": run.pid} for run in runs]
+                         for runs in rounds.values()],
+              "mean_output_tokens_per_s": means, "ratios_output_tokens_per_s": ratios,
+              "ratios_of_lora_on_base": of_base}
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))
-    off.shutdown()
-    on.shutdown()
     return report
