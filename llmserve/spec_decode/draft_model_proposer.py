@@ -2,8 +2,9 @@
 in the worker, beside the target (same device, same dtype), batched like it.
 
 Its KV cache lives in the same paged pool: every draft attention layer gets a cache of the pool's number of
-blocks, so a sequence's block table and slot mapping address the draft's K/V exactly as they address the
-target's, and a block costs the sum of both models' bytes. Two passes keep the draft's K/V right:
+blocks, in the target's KV format (``--kv-cache-dtype``; an int8 cache fits its scales to the same first
+batch as the target's), so a sequence's block table and slot mapping address the draft's K/V exactly as they
+address the target's, and a block costs the sum of both models' bytes. Two passes keep the draft's K/V right:
 
 - **Catch-up.** Every step, after the target's forward, the draft runs over the very same flat batch (the
   step's tokens, positions, slots): prompts, prefill chunks, the last token and the drafts being verified.
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout, get_attention_backend
-from llmserve.layers.attention.layer import Attention
+from llmserve.layers.attention.layer import Attention, set_kv_cache_dtype
 from llmserve.model_loader.loader import load_config, load_model, resolve_model_path
 from llmserve.spec_decode.config import SpeculativeConfig
 
@@ -59,9 +60,9 @@ class DraftModelProposer:
     @classmethod
     def load(cls, spec: SpeculativeConfig, config: EngineConfig, target_hf_config: Any, dtype: torch.dtype,
              device: torch.device, max_model_len: int) -> DraftModelProposer:
-        """Load ``spec.model`` in the target's dtype on its device; refuse a draft whose vocabulary differs
-        from the target's (its token ids would mean other tokens) or whose context is shorter than
-        ``max_model_len``."""
+        """Load ``spec.model`` in the target's dtype on its device, its KV cache in ``--kv-cache-dtype``; refuse a
+        draft whose vocabulary differs from the target's (its token ids would mean other tokens) or whose
+        context is shorter than ``max_model_len``."""
         assert spec.model is not None
         path = resolve_model_path(spec.model, None, config.download_dir)
         hf_config = load_config(path, config.trust_remote_code)
@@ -74,6 +75,7 @@ class DraftModelProposer:
             raise ValueError(f"--speculative-config: the draft model {spec.model} holds {draft_len} positions, "
                              f"fewer than the target's context ({max_model_len}); lower --max-model-len")
         model = load_model(hf_config, path, dtype, device)
+        set_kv_cache_dtype(model, config.kv_cache_dtype)
         layers = model.attention_layers()
         backend = get_attention_backend(device, dtype, num_kv_heads=layers[0].num_kv_heads,
                                         latent_attention=any(a.values_in_key_cache for a in layers))

@@ -140,7 +140,7 @@ class ModelRunner:
         self.graphs = None   # graphs captured against an older cache must never replay
         self._bind_cache(num_blocks)
         # int8 caches without checkpoint scales fit them to the first real batch (not to a capture's dummy one).
-        self._calibrate_kv = [a for a in self.model.attention_layers() if a.needs_kv_calibration()]
+        self._calibrate_kv = [a for a in self.kv_layers() if a.needs_kv_calibration()]
         if self.use_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.backend, self.block_size, self.max_num_seqs,
                                        self.max_seq_len_to_capture, self.device)

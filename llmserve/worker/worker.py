@@ -18,7 +18,7 @@ from llmserve.config import EngineConfig, resolve_dtype
 from llmserve.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
 from llmserve.layers.attention.backend import get_attention_backend, widest_window
-from llmserve.layers.attention.layer import Attention
+from llmserve.layers.attention.layer import Attention, set_kv_cache_dtype
 from llmserve.layers.fused_moe import FusedMoE
 from llmserve.lora.model_manager import LoRAModelManager
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
@@ -91,9 +91,7 @@ class Worker:
         if self.placement.rank == 0:
             logger.info("Loaded %s (%s, %s) from %s in %.1f s", type(model).__name__, dtype, self.device, path,
                         time.perf_counter() - t0)
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.set_kv_cache_dtype(config.kv_cache_dtype)
+        set_kv_cache_dtype(model, config.kv_cache_dtype)
         layers = model.attention_layers()
         backend = get_attention_backend(self.device, dtype, num_kv_heads=layers[0].num_kv_heads,
                                         latent_attention=any(a.values_in_key_cache for a in layers))

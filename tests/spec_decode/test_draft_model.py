@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from llmserve import LLM, SamplingParams
 from llmserve.spec_decode.config import SpeculativeConfig
 from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.testing.checkpoints import write_checkpoint
-from tests.spec_decode.test_spec_equivalence import (GREEDY, PROMPTS, assert_cached_continuations_are_exact,
+from tests.spec_decode.test_spec_equivalence import (BLOCK, GREEDY, PROMPTS, assert_cached_continuations_are_exact,
                                                      assert_idle_and_accepting, completions, make_llm)
 
 K = 3
@@ -62,6 +63,24 @@ def test_target_as_its_own_draft_accepts_everything(llama_dir, greedy_off, engin
     assert_accepts_nearly_all(on)
     if "kv_cache_memory_bytes" in engine_args:
         assert on.engine.scheduler.num_preemptions > 0
+
+
+def test_the_drafts_kv_cache_takes_the_targets_kv_cache_dtype(llama_dir, small_draft_dir):
+    """Under --kv-cache-dtype int8 the draft's K/V is int8 too, and a block is sized for both models' layers
+    at one byte a value. Greedy output with speculation is the output without it under the same cache format;
+    the target drafting for itself (its int8 scales fitted to the same first batch) accepts nearly every draft."""
+    off = completions(make_llm(llama_dir, spec=False, kv_cache_dtype="int8"), prompts=PROMPTS * 2)
+    on = draft_llm(llama_dir, small_draft_dir, kv_cache_dtype="int8")
+    runner = on.engine.runner
+    draft_layers = runner.drafter.attention_layers()
+    assert all(a.key_cache.dtype == a.value_cache.dtype == torch.int8 for a in runner.kv_layers())
+    values_per_token = sum(a.kv_cache_elements_per_token() for a in runner.kv_layers())
+    assert runner.kv_cache_bytes_per_block() == BLOCK * values_per_token
+    assert completions(on, prompts=PROMPTS * 2) == off
+    assert all(a.kv_scales.tolist() != [1.0, 1.0] for a in draft_layers)   # fitted to the first batch
+    itself = draft_llm(llama_dir, llama_dir, kv_cache_dtype="int8")
+    assert completions(itself, prompts=PROMPTS * 2) == off
+    assert_accepts_nearly_all(itself)
 
 
 def test_prefix_cache_hits_serve_the_drafts_kv_too(llama_dir):

@@ -123,3 +123,11 @@ class Attention(nn.Module):
         """An int8 cache whose scales the checkpoint did not give (float8's default of 1.0 needs none)."""
         fmt = self.spec.kv_format
         return fmt is not None and fmt.name == "int8" and not self.kv_scales_loaded
+
+
+def set_kv_cache_dtype(model: nn.Module, kv_cache_dtype: str) -> None:
+    """Apply the engine's ``--kv-cache-dtype`` to every attention layer of ``model`` (a target or its draft:
+    both keep K/V in the same pool, so both in the same format)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.set_kv_cache_dtype(kv_cache_dtype)
