@@ -127,19 +127,22 @@ def run_lora_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             for name in SCENARIOS:
                 rounds[name].append(in_own_process(engine_kwargs, name, workload, plans[name], len(adapters),
                                                    current_setup()))
-    print(f"model {rounds[REFERENCE][0].model}; {args.num_prompts} requests x {args.input_len} in / {args.output_len} out; "
+    print(f"model {rounds[REFERENCE][0].model}; {args.num_prompts} requests x {args.input_len} in / "
+          f"{args.output_len} out; "
           f"{len(adapters)} adapters, rank {args.lora_rank if not args.lora_path else 'given'}; "
           f"{args.rounds} rounds of the four configurations, each in its own process")
     print(HEADER)
     for runs in zip(*rounds.values()):
         for run in runs:
-            print(run.result.row())
+            r = run.result
+            load = "" if r.load_before is None else f"  load {r.load_before:.2f} / {r.load_after:.2f}"
+            print(r.row() + load)
     means = {name: mean_tokens_per_s(runs) for name, runs in rounds.items()}
     ratios = {name: tokens / means[REFERENCE] for name, tokens in means.items()}
     of_base = {name: means[name] / means[LORA_ON_BASE] for name in (ONE_ADAPTER, MIXED)}
     for name, ratio in ratios.items():
-        print(f"{name}: {means[name]:.1f} output tok/s (mean), {ratio:.3f}x of LoRA off" + (f", {of_base[name]:.3f}x of LoRA-on base requests"
-                                                     if name in of_base else ""))
+        versus_base = f", {of_base[name]:.3f}x of LoRA-on base requests" if name in of_base else ""
+        print(f"{name}: {means[name]:.1f} output tok/s (mean), {ratio:.3f}x of LoRA off{versus_base}")
     report = {"config": {k: v for k, v in vars(args).items() if k != "func"},
               "rounds": [[{**dataclasses.asdict(run.result), "pid": run.pid} for run in runs]
                          for runs in rounds.values()],

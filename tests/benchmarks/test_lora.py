@@ -27,6 +27,7 @@ def test_bench_lora(tmp_path, llama_dir, capsys):
     means, ratios = report["mean_output_tokens_per_s"], report["ratios_output_tokens_per_s"]
     assert ratios["LoRA off, base requests"] == 1.0 and len(ratios) == 4
     one_adapter = report["rounds"][2][0]
-    assert means["LoRA on, one adapter for all"] == pytest.approx(one_adapter["output_tokens"] / one_adapter["elapsed_s"])
+    assert means["LoRA on, one adapter for all"] == pytest.approx(
+        one_adapter["output_tokens"] / one_adapter["elapsed_s"])
     assert report["ratios_of_lora_on_base"]["LoRA on, adapters mixed"] == pytest.approx(
         means["LoRA on, adapters mixed"] / means["LoRA on, base requests"])
