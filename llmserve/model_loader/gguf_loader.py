@@ -26,7 +26,7 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 _REPO_AND_QUANT = re.compile(r"^(?P<repo>[\w.\-]+/[\w.\-]+):(?P<quant>[\w.\-]+)$")
 
 
-def _import_gguf() -> Any:
+def import_gguf() -> Any:
     try:
         import gguf
     except ImportError:
@@ -59,64 +59,8 @@ def download_gguf(repo: str, quant: str, revision: str | None, download_dir: str
     return Path(hf_hub_download(repo, matches[0], revision=revision, cache_dir=download_dir))
 
 
-def load_gguf_config(path: Path) -> Any:
-    """The config from the file's metadata; GGUF names no class, so the architecture is the causal-LM class
-    transformers maps the model type to (as its own GGUF loading does)."""
-    _import_gguf()
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-    _restore_dropped_hyperparameters(config, path)
-    return config
-
-
-def _restore_dropped_hyperparameters(config: Any, path: Path) -> None:
-    """What llama.cpp's converter writes and transformers' GGUF config mapping drops, put back: without it a
-    Qwen3 (head size 128, not hidden / heads), a GPT-2 with its own context or MLP width, or a Phi-3 with a
-    sliding window or partial rotary would load with the wrong shapes or attend wrongly (and a config class's
-    default padding id can lie outside the file's vocabulary)."""
-    gguf = _import_gguf()
-    from transformers.modeling_gguf_pytorch_utils import read_field
-
-    reader = gguf.GGUFReader(str(path))
-
-    def field(key: str) -> Any:
-        values = read_field(reader, key)
-        return values[0] if values else None
-
-    arch = field("general.architecture")
-    key_length = field(f"{arch}.attention.key_length")
-    if key_length and hasattr(config, "head_dim"):
-        config.head_dim = int(key_length)
-    config.pad_token_id = field("tokenizer.ggml.padding_token_id")   # not the config class's default
-    if arch == "gpt2":
-        config.n_positions = int(field("gpt2.context_length") or config.n_positions)
-        config.n_inner = int(field("gpt2.feed_forward_length") or 4 * config.n_embd)
-    if arch == "phi3":
-        config.sliding_window = int(field("phi3.attention.sliding_window") or 0) or None   # 0: none (Phi-4)
-        head_dim = config.hidden_size // config.num_attention_heads
-        rotated = field("phi3.rope.dimension_count")
-        if rotated and rotated != head_dim:
-            config.partial_rotary_factor = rotated / head_dim
-        factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors_")}
-        if factors:   # LongRoPE: the converter stores its factors as tensors
-            config.original_max_position_embeddings = int(field("phi3.rope.scaling.original_context_length"))
-            config.rope_parameters = {"rope_type": "longrope", "rope_theta": _rope_theta(config),
-                                      **{f"{kind}_factor": [float(x) for x in factors[f"rope_factors_{kind}.weight"].data]
-                                         for kind in ("short", "long")}}
-
-
-def _rope_theta(config: Any) -> float:
-    from llmserve.layers.rotary import rope_parameters
-
-    return rope_parameters(config)[0]
-
-
 def load_gguf_tokenizer(path: Path) -> Any:
-    _import_gguf()
+    import_gguf()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -125,7 +69,7 @@ def load_gguf_tokenizer(path: Path) -> Any:
 def iterate_gguf_weights(path: Path, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(Hugging Face name, float tensor)`` for every tensor of the file, dequantised one at a time.
     A tensor type outside :data:`SUPPORTED_TYPES` is an error naming it, before any weight is read."""
-    gguf = _import_gguf()
+    gguf = import_gguf()
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
                                                           read_field)

@@ -2,10 +2,12 @@
 
 No GGUF file can be downloaded here, so the GGUF loader is tested on files made from the project's own
 checkpoints: llama.cpp's tensor names (through the ``gguf`` package's name map), its Q/K row permutation
-for the ``llama`` architecture, its metadata keys for the config and the tokenizer (``gpt2`` byte-level
-BPE with merges, as for Qwen2; the sentencepiece-style families' files carry no tokenizer), and its rule that 1-D tensors (norms, biases) stay F32 while 2-D weights
-take the file's type. Quantized types are those the ``gguf`` package can write (Q8_0, Q4_0, Q4_1, Q5_0,
-Q5_1, BF16) plus F16 / F32.
+for the ``llama`` architecture, Gemma's norms stored as their scale ``1 + w``, its metadata keys for the
+config and the tokenizer (``gpt2`` byte-level BPE with merges, as for Qwen2; the sentencepiece-style
+families' files carry no tokenizer), and its rule that 1-D tensors (norms, biases) stay F32 while 2-D
+weights take the file's type. Quantized types are those the ``gguf`` package can write (Q8_0, Q4_0, Q4_1,
+Q5_0, Q5_1, BF16) plus F16 / F32. A checkpoint the file cannot describe (a setting llama.cpp infers
+rather than writes, and would infer differently) is refused rather than written wrong.
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ class GGUFArchitecture:
 
     name: str                  # llama.cpp's architecture
     layer_norm: bool = False   # LayerNorm epsilon (else RMSNorm's)
-    rotary: bool = True
+    rope_base: bool = True     # writes rope.freq_base
+    norm_shift: float = 0.0    # added to norm weights (Gemma's ``1 + w`` RMSNorm stored as its scale)
 
 
 GGUF_ARCHITECTURES = {
     "llama": GGUFArchitecture("llama"), "llama3": GGUFArchitecture("llama"), "mistral": GGUFArchitecture("llama"),
     "qwen2": GGUFArchitecture("qwen2"), "qwen3": GGUFArchitecture("qwen3"), "phi3": GGUFArchitecture("phi3"),
-    "phi4_mini": GGUFArchitecture("phi3"), "gpt2": GGUFArchitecture("gpt2", layer_norm=True, rotary=False),
-    "bloom": GGUFArchitecture("bloom", layer_norm=True, rotary=False),
+    "phi4_mini": GGUFArchitecture("phi3"), "gpt2": GGUFArchitecture("gpt2", layer_norm=True, rope_base=False),
+    "bloom": GGUFArchitecture("bloom", layer_norm=True, rope_base=False),
+    "gemma2": GGUFArchitecture("gemma2", rope_base=False, norm_shift=1.0),
 }
 _GPT2_CONV1D = (".attn.c_attn", ".attn.c_proj", ".mlp.c_fc", ".mlp.c_proj")   # stored [in, out] by transformers
 
@@ -50,15 +54,18 @@ def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _converted(arch: str, stem: str, data: np.ndarray, config: dict) -> np.ndarray:
-    """A tensor as the converter writes it: Llama's Q/K rows interleaved, GPT-2's Conv1D weights transposed,
-    BLOOM's per-head [q k v] rows regrouped as all q, all k, all v."""
-    if arch == "llama" and stem.endswith(("q_proj", "k_proj")):
+def _converted(arch: GGUFArchitecture, stem: str, data: np.ndarray, config: dict) -> np.ndarray:
+    """A tensor as the converter writes it: Gemma's norms as their scale ``1 + w``, Llama's Q/K rows
+    interleaved, GPT-2's Conv1D weights transposed, BLOOM's per-head [q k v] rows regrouped as all q, all k,
+    all v."""
+    if stem.endswith("norm") and arch.norm_shift:
+        return data + np.float32(arch.norm_shift)
+    if arch.name == "llama" and stem.endswith(("q_proj", "k_proj")):
         heads = config["num_attention_heads"] if stem.endswith("q_proj") else config["num_key_value_heads"]
         return _permute(data, heads)
-    if arch == "gpt2" and stem.endswith(_GPT2_CONV1D) and data.ndim == 2:
+    if arch.name == "gpt2" and stem.endswith(_GPT2_CONV1D) and data.ndim == 2:
         return np.ascontiguousarray(data.T)
-    if arch == "bloom" and stem.endswith("query_key_value"):
+    if arch.name == "bloom" and stem.endswith("query_key_value"):
         heads = config["n_head"]
         return np.ascontiguousarray(data.reshape(heads, 3, -1, *data.shape[1:]).swapaxes(0, 1).reshape(data.shape))
     return data
@@ -79,7 +86,7 @@ def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> N
         writer.add_layer_norm_eps(config["layer_norm_epsilon"])
     else:
         writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    if arch.rotary:
+    if arch.rope_base:
         writer.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
     head_dim = config.get("head_dim") or hidden // heads
     if config.get("head_dim") and arch.name != "phi3":
@@ -89,6 +96,25 @@ def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> N
         writer.add_rope_dimension_count(int(config.get("partial_rotary_factor", 1.0) * hidden) // heads)
         writer.add_sliding_window(config.get("sliding_window") or 0)
         writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
+    if arch.name == "gemma2":
+        _add_gemma_keys(writer, arch, config)
+
+
+def _add_gemma_keys(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
+    """Gemma's soft-caps and window. The file has no key for the attention scale: llama.cpp infers it from
+    the model's size, so a checkpoint whose ``query_pre_attn_scalar`` differs from that cannot be written."""
+    from llmserve.model_loader.gguf_config import gemma_query_pre_attn_scalar
+
+    inferred = gemma_query_pre_attn_scalar(arch.name, config["num_hidden_layers"], config["hidden_size"],
+                                           config["num_attention_heads"], config["head_dim"])
+    if config["query_pre_attn_scalar"] != inferred:
+        raise ValueError(f"query_pre_attn_scalar {config['query_pre_attn_scalar']} is not the {inferred} llama.cpp "
+                         f"infers for this {arch.name} model: a GGUF file cannot describe it")
+    if config.get("attn_logit_softcapping") is not None:
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    if config.get("final_logit_softcapping") is not None:
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    writer.add_sliding_window(config["sliding_window"])
 
 
 def _add_longrope_factors(writer: Any, config: dict) -> None:
@@ -128,7 +154,7 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32")
     names = gguf.get_tensor_name_map(arch_id, _find(config, "num_hidden_layers", "n_layer"))
     for name, tensor in iterate_weights(checkpoint):
         stem, suffix = name.rsplit(".", 1)
-        data = _converted(arch.name, stem, tensor.to(torch.float32).numpy(), config)
+        data = _converted(arch, stem, tensor.to(torch.float32).numpy(), config)
         gguf_name = f"{names.get_name(stem) or names.get_name(stem.removeprefix('transformer.'))}.{suffix}"
         if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, data)

@@ -1,11 +1,13 @@
 """GGUF files (written from the generated checkpoints the way llama.cpp lays them out) load and run.
 
 * An F32 GGUF of a checkpoint gives the checkpoint's own output (greedy tokens equal, logprobs within 1e-4
-  of transformers on the safetensors folder), for Llama, Qwen2, Qwen3, GPT-2, BLOOM, Phi-3 and Phi-4-mini:
-  names, the Llama Q/K row permutation, GPT-2's transposed Conv1D weights, BLOOM's regrouped QKV rows and
-  tied embeddings are undone exactly, and what transformers' GGUF config mapping drops (Qwen3's head
-  size, GPT-2's context and MLP width, Phi-3's sliding window, partial rotary and LongRoPE factors) is
-  read from the file's metadata.
+  of transformers on the safetensors folder), for Llama, Qwen2, Qwen3, GPT-2, BLOOM, Phi-3, Phi-4-mini and
+  Gemma 2: names, the Llama Q/K row permutation, GPT-2's transposed Conv1D weights, BLOOM's regrouped QKV
+  rows, Gemma's norms stored as ``1 + w`` and tied embeddings are undone exactly, and what transformers'
+  GGUF config mapping drops (Qwen3's head size, GPT-2's context and MLP width, Phi-3's sliding window,
+  partial rotary and LongRoPE factors, Gemma 2's soft-caps) is read from the file's metadata.
+* What llama.cpp infers instead of writing is inferred by its rules: Gemma's attention scale from the model's
+  size; a checkpoint the rule does not describe cannot be written.
 * Quantized files (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16) give what transformers gives on the same file
   (it dequantises through the same ``gguf`` package): greedy tokens equal, logprobs within 1e-3, through
   the engine with chunked prefill and prefix caching.
@@ -19,12 +21,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from llmserve.entrypoints.llm import LLM
 from llmserve.model_loader import gguf_loader
+from llmserve.model_loader.gguf_config import gemma_query_pre_attn_scalar
 from llmserve.model_loader.loader import ModelNotFoundError, resolve_model_path
 from llmserve.sampling_params import SamplingParams
 from llmserve.testing.checkpoints import FAMILIES
@@ -41,9 +46,26 @@ def gguf_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gguf")
 
 
+# What llama.cpp infers rather than writes, set in a copy of the checkpoint so that a file can describe it:
+# below 27B, Gemma's attention scale is its head size (the tiny checkpoints use hidden / heads, as the 27B).
+DESCRIBABLE = {"gemma2": {"query_pre_attn_scalar": 16}}
+
+
+def _source(checkpoint_dir, gguf_dir: Path, family: str) -> Path:
+    """The checkpoint a GGUF file of ``family`` is written from (and compared with)."""
+    if family not in DESCRIBABLE:
+        return checkpoint_dir(family)
+    copy = gguf_dir / f"{family}-checkpoint"
+    if not copy.exists():
+        shutil.copytree(checkpoint_dir(family), copy)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, **DESCRIBABLE[family]}))
+    return copy
+
+
 def _gguf(checkpoint_dir, gguf_dir: Path, family: str, file_type: str) -> Path:
     out = gguf_dir / f"{family}-{file_type}.gguf"
-    return out if out.exists() else write_gguf(checkpoint_dir(family), out, family, file_type)
+    return out if out.exists() else write_gguf(_source(checkpoint_dir, gguf_dir, family), out, family, file_type)
 
 
 def _tokenizer(checkpoint_dir, family: str) -> dict[str, str]:
@@ -51,10 +73,22 @@ def _tokenizer(checkpoint_dir, family: str) -> dict[str, str]:
     return {} if FAMILIES[family].tokenizer_kind == BYTELEVEL else {"tokenizer": str(checkpoint_dir(family))}
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "gpt2", "bloom", "phi3", "phi4_mini"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "gpt2", "bloom", "phi3", "phi4_mini", "gemma2"])
 def test_f32_file_runs_as_the_checkpoint_it_came_from(checkpoint_dir, gguf_dir, family):
     path = _gguf(checkpoint_dir, gguf_dir, family, "F32")
-    assert_matches_hf(engine_greedy(path, **_tokenizer(checkpoint_dir, family)), checkpoint_dir(family), 1e-4)
+    assert_matches_hf(engine_greedy(path, **_tokenizer(checkpoint_dir, family)),
+                      _source(checkpoint_dir, gguf_dir, family), 1e-4)
+
+
+def test_gemma_attention_scale_is_inferred_as_llama_cpp_does(checkpoint_dir, gguf_dir):
+    """GGUF has no key for ``query_pre_attn_scalar``: llama.cpp uses hidden / heads for the 27B models (known
+    by their layer count) and the head size otherwise, so a checkpoint that differs cannot be written."""
+    released = {("gemma2", 26, 2304, 8, 256): 256, ("gemma2", 42, 3584, 16, 256): 256,
+                ("gemma2", 46, 4608, 32, 128): 144, ("gemma3", 34, 2560, 8, 256): 256,
+                ("gemma3", 62, 5376, 32, 128): 168}
+    assert {shape: gemma_query_pre_attn_scalar(*shape) for shape in released} == released
+    with pytest.raises(ValueError, match="query_pre_attn_scalar 8 is not the 16 llama.cpp infers"):
+        write_gguf(checkpoint_dir("gemma2"), gguf_dir / "undescribable.gguf", "gemma2")
 
 
 @pytest.mark.parametrize("family,file_type", [("qwen2", "Q8_0"), ("qwen2", "Q4_0"), ("qwen2", "Q5_1"),

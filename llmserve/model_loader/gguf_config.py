@@ -1,0 +1,115 @@
+"""A GGUF file's model config: transformers' GGUF config mapping, plus what it drops and llama.cpp's
+converter does write, plus what llama.cpp infers rather than writes (inferred here by llama.cpp's own rules).
+
+Without these a Qwen3 (head size 128, not hidden / heads), a GPT-2 with its own context or MLP width, a Phi-3
+with a sliding window or partial rotary, or a Gemma with its soft-caps and attention scale would load with
+the wrong shapes or attend wrongly; a config class's default padding id can also lie outside the file's
+vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# llama.cpp's layer counts of the Gemma sizes whose attention scale is hidden / heads rather than the head
+# size (Gemma 2 27B: 46 layers, Gemma 3 27B: 62 layers); llama-model.cpp infers the scale from the size.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def gemma_query_pre_attn_scalar(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> int:
+    """Gemma's ``query_pre_attn_scalar`` as llama.cpp infers it (GGUF has no key for it): hidden / heads
+    for the 27B models, recognised by their layer count, and the head size for every other size."""
+    return hidden // heads if _GEMMA_27B_LAYERS.get(arch) == layers else head_dim
+
+
+def load_gguf_config(path: Path) -> Any:
+    """The config from the file's metadata; GGUF names no class, so the architecture is the causal-LM class
+    transformers maps the model type to (as its own GGUF loading does)."""
+    from llmserve.model_loader.gguf_loader import import_gguf
+
+    import_gguf()
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    _restore_dropped_hyperparameters(config, path)
+    return config
+
+
+class _Metadata:
+    """The file's metadata keys and tensor names, read once."""
+
+    def __init__(self, path: Path) -> None:
+        from transformers.modeling_gguf_pytorch_utils import read_field
+
+        from llmserve.model_loader.gguf_loader import import_gguf
+
+        self.reader = import_gguf().GGUFReader(str(path))
+        self._read = read_field
+        self.arch = self.field("general.architecture")
+
+    def field(self, key: str) -> Any:
+        """The key's value; None when the file lacks it."""
+        values = self._read(self.reader, key)
+        return values[0] if values else None
+
+    def arch_field(self, key: str) -> Any:
+        """An architecture's own key: ``attention.key_length`` is ``{arch}.attention.key_length``."""
+        return self.field(f"{self.arch}.{key}")
+
+    def tensors(self, prefix: str) -> list[Any]:
+        return [t for t in self.reader.tensors if t.name.startswith(prefix)]
+
+
+def _restore_dropped_hyperparameters(config: Any, path: Path) -> None:
+    meta = _Metadata(path)
+    key_length = meta.arch_field("attention.key_length")
+    if key_length and hasattr(config, "head_dim"):
+        config.head_dim = int(key_length)
+    config.pad_token_id = meta.field("tokenizer.ggml.padding_token_id")   # not the config class's default
+    restore = _RESTORERS.get(meta.arch)
+    if restore is not None:
+        restore(config, meta)
+
+
+def _gpt2(config: Any, meta: _Metadata) -> None:
+    config.n_positions = int(meta.field("gpt2.context_length") or config.n_positions)
+    config.n_inner = int(meta.field("gpt2.feed_forward_length") or 4 * config.n_embd)
+
+
+def _phi3(config: Any, meta: _Metadata) -> None:
+    config.sliding_window = int(meta.field("phi3.attention.sliding_window") or 0) or None   # 0: none (Phi-4)
+    head_dim = config.hidden_size // config.num_attention_heads
+    rotated = meta.field("phi3.rope.dimension_count")
+    if rotated and rotated != head_dim:
+        config.partial_rotary_factor = rotated / head_dim
+    factors = {t.name: t for t in meta.tensors("rope_factors_")}
+    if factors:   # LongRoPE: the converter stores its factors as tensors
+        config.original_max_position_embeddings = int(meta.field("phi3.rope.scaling.original_context_length"))
+        config.rope_parameters = {"rope_type": "longrope", "rope_theta": _rope_theta(config),
+                                  **{f"{kind}_factor": [float(x) for x in factors[f"rope_factors_{kind}.weight"].data]
+                                     for kind in ("short", "long")}}
+
+
+def _gemma2(config: Any, meta: _Metadata) -> None:
+    """The soft-caps (absent keys: llama.cpp's defaults, which are also the config class's) and the attention
+    scale llama.cpp infers."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        value = meta.arch_field(key)
+        if value is not None:
+            setattr(config, key, float(value))
+    config.query_pre_attn_scalar = gemma_query_pre_attn_scalar(
+        meta.arch, config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.head_dim)
+
+
+def _rope_theta(config: Any) -> float:
+    from llmserve.layers.rotary import rope_parameters
+
+    return rope_parameters(config)[0]
+
+
+_RESTORERS: dict[str, Callable[[Any, _Metadata], None]] = {"gpt2": _gpt2, "phi3": _phi3, "gemma2": _gemma2}
