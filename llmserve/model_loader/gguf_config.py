@@ -106,10 +106,34 @@ def _gemma2(config: Any, meta: _Metadata) -> None:
         meta.arch, config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.head_dim)
 
 
+# llama.cpp's Gemma 3: with a window, 5 local layers then 1 global; local layers rotate with base 10k,
+# unscaled (llama-model.cpp hard-codes both; the file holds the global layers' base and scaling only).
+_GEMMA3_PATTERN = 6
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
+
+
+def _gemma3(config: Any, meta: _Metadata) -> None:
+    """Gemma 2's settings plus the local/global layer pattern and each kind's rope."""
+    _gemma2(config, meta)
+    window = int(meta.arch_field("attention.sliding_window") or 0)
+    config.sliding_window = window or None
+    config.layer_types = ["sliding_attention" if window and (i + 1) % _GEMMA3_PATTERN else "full_attention"
+                          for i in range(config.num_hidden_layers)]
+    scaling_type = meta.arch_field("rope.scaling.type") or "none"
+    if scaling_type not in ("none", "linear"):
+        raise ValueError(f"gemma3 GGUF with rope scaling {scaling_type!r}: llama.cpp's converter writes only linear")
+    full = {"rope_type": "default", "rope_theta": float(meta.arch_field("rope.freq_base") or 1_000_000.0)}
+    if scaling_type == "linear":
+        full.update(rope_type="linear", factor=float(meta.arch_field("rope.scaling.factor")))
+    config.rope_parameters = {"full_attention": full,
+                              "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_ROPE_BASE}}
+
+
 def _rope_theta(config: Any) -> float:
     from llmserve.layers.rotary import rope_parameters
 
     return rope_parameters(config)[0]
 
 
-_RESTORERS: dict[str, Callable[[Any, _Metadata], None]] = {"gpt2": _gpt2, "phi3": _phi3, "gemma2": _gemma2}
+_RESTORERS: dict[str, Callable[[Any, _Metadata], None]] = {"gpt2": _gpt2, "phi3": _phi3, "gemma2": _gemma2,
+                                                           "gemma3": _gemma3}

@@ -39,6 +39,7 @@ GGUF_ARCHITECTURES = {
     "phi4_mini": GGUFArchitecture("phi3"), "gpt2": GGUFArchitecture("gpt2", layer_norm=True, rope_base=False),
     "bloom": GGUFArchitecture("bloom", layer_norm=True, rope_base=False),
     "gemma2": GGUFArchitecture("gemma2", rope_base=False, norm_shift=1.0),
+    "gemma3": GGUFArchitecture("gemma3", norm_shift=1.0),
 }
 _GPT2_CONV1D = (".attn.c_attn", ".attn.c_proj", ".mlp.c_fc", ".mlp.c_proj")   # stored [in, out] by transformers
 
@@ -96,13 +97,17 @@ def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> N
         writer.add_rope_dimension_count(int(config.get("partial_rotary_factor", 1.0) * hidden) // heads)
         writer.add_sliding_window(config.get("sliding_window") or 0)
         writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
-    if arch.name == "gemma2":
+    if arch.name in ("gemma2", "gemma3"):
         _add_gemma_keys(writer, arch, config)
 
 
 def _add_gemma_keys(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
-    """Gemma's soft-caps and window. The file has no key for the attention scale: llama.cpp infers it from
-    the model's size, so a checkpoint whose ``query_pre_attn_scalar`` differs from that cannot be written."""
+    """Gemma's window, Gemma 2's soft-caps (Gemma 3's converter writes none) and Gemma 3's linear rope
+    scaling (its global layers'; the local layers' base is fixed at 10k in llama.cpp). The file has no key
+    for the attention scale: llama.cpp infers it from the model's size, so a checkpoint whose
+    ``query_pre_attn_scalar`` differs from that cannot be written."""
+    import gguf
+
     from llmserve.model_loader.gguf_config import gemma_query_pre_attn_scalar
 
     inferred = gemma_query_pre_attn_scalar(arch.name, config["num_hidden_layers"], config["hidden_size"],
@@ -110,11 +115,21 @@ def _add_gemma_keys(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
     if config["query_pre_attn_scalar"] != inferred:
         raise ValueError(f"query_pre_attn_scalar {config['query_pre_attn_scalar']} is not the {inferred} llama.cpp "
                          f"infers for this {arch.name} model: a GGUF file cannot describe it")
-    if config.get("attn_logit_softcapping") is not None:
-        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
-    if config.get("final_logit_softcapping") is not None:
-        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
     writer.add_sliding_window(config["sliding_window"])
+    if arch.name == "gemma2":
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+        return
+    if config.get("attn_logit_softcapping") is not None or config.get("final_logit_softcapping") is not None:
+        raise ValueError("llama.cpp's converter writes no soft-cap for gemma3: a GGUF file cannot describe them")
+    local_base = config.get("rope_local_base_freq") or config["rope_parameters"]["sliding_attention"]["rope_theta"]
+    if local_base != 10000.0:
+        raise ValueError(f"local rope base {local_base} is not the 10000 llama.cpp uses for gemma3: a GGUF file "
+                         f"cannot describe it")
+    scaling = config.get("rope_scaling") or config["rope_parameters"]["full_attention"]
+    if scaling.get("rope_type", "default") != "default":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
 
 
 def _add_longrope_factors(writer: Any, config: dict) -> None:

@@ -2,12 +2,14 @@
 
 * An F32 GGUF of a checkpoint gives the checkpoint's own output (greedy tokens equal, logprobs within 1e-4
   of transformers on the safetensors folder), for Llama, Qwen2, Qwen3, GPT-2, BLOOM, Phi-3, Phi-4-mini and
-  Gemma 2: names, the Llama Q/K row permutation, GPT-2's transposed Conv1D weights, BLOOM's regrouped QKV
+  Gemma 2 and 3: names, the Llama Q/K row permutation, GPT-2's transposed Conv1D weights, BLOOM's regrouped QKV
   rows, Gemma's norms stored as ``1 + w`` and tied embeddings are undone exactly, and what transformers'
   GGUF config mapping drops (Qwen3's head size, GPT-2's context and MLP width, Phi-3's sliding window,
-  partial rotary and LongRoPE factors, Gemma 2's soft-caps) is read from the file's metadata.
-* What llama.cpp infers instead of writing is inferred by its rules: Gemma's attention scale from the model's
-  size; a checkpoint the rule does not describe cannot be written.
+  partial rotary and LongRoPE factors, Gemma 2's soft-caps, Gemma 3's linear rope scaling of its global
+  layers) is read from the file's metadata.
+* What llama.cpp hard-codes or infers instead of writing is restored by its rules: Gemma's attention scale
+  from the model's size, Gemma 3's 5 local : 1 global layers and its local layers' rope base (10k); a
+  checkpoint these rules do not describe cannot be written.
 * Quantized files (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16) give what transformers gives on the same file
   (it dequantises through the same ``gguf`` package): greedy tokens equal, logprobs within 1e-3, through
   the engine with chunked prefill and prefix caching.
@@ -48,7 +50,7 @@ def gguf_dir(tmp_path_factory) -> Path:
 
 # What llama.cpp infers rather than writes, set in a copy of the checkpoint so that a file can describe it:
 # below 27B, Gemma's attention scale is its head size (the tiny checkpoints use hidden / heads, as the 27B).
-DESCRIBABLE = {"gemma2": {"query_pre_attn_scalar": 16}}
+DESCRIBABLE = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3": {"query_pre_attn_scalar": 16}}
 
 
 def _source(checkpoint_dir, gguf_dir: Path, family: str) -> Path:
@@ -73,7 +75,8 @@ def _tokenizer(checkpoint_dir, family: str) -> dict[str, str]:
     return {} if FAMILIES[family].tokenizer_kind == BYTELEVEL else {"tokenizer": str(checkpoint_dir(family))}
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "gpt2", "bloom", "phi3", "phi4_mini", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "gpt2", "bloom", "phi3", "phi4_mini", "gemma2",
+                                    "gemma3"])
 def test_f32_file_runs_as_the_checkpoint_it_came_from(checkpoint_dir, gguf_dir, family):
     path = _gguf(checkpoint_dir, gguf_dir, family, "F32")
     assert_matches_hf(engine_greedy(path, **_tokenizer(checkpoint_dir, family)),
@@ -89,6 +92,16 @@ def test_gemma_attention_scale_is_inferred_as_llama_cpp_does(checkpoint_dir, ggu
     assert {shape: gemma_query_pre_attn_scalar(*shape) for shape in released} == released
     with pytest.raises(ValueError, match="query_pre_attn_scalar 8 is not the 16 llama.cpp infers"):
         write_gguf(checkpoint_dir("gemma2"), gguf_dir / "undescribable.gguf", "gemma2")
+
+
+def test_gemma3_local_rope_base_is_llama_cpps(checkpoint_dir, gguf_dir, tmp_path):
+    """llama.cpp rotates Gemma 3's local layers with base 10k whatever the checkpoint says."""
+    copy = shutil.copytree(_source(checkpoint_dir, gguf_dir, "gemma3"), tmp_path / "gemma3")
+    config = json.loads((copy / "config.json").read_text())
+    config["rope_local_base_freq"] = 20000.0
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="local rope base 20000.0 is not the 10000"):
+        write_gguf(copy, tmp_path / "undescribable.gguf", "gemma3")
 
 
 @pytest.mark.parametrize("family,file_type", [("qwen2", "Q8_0"), ("qwen2", "Q4_0"), ("qwen2", "Q5_1"),
