@@ -33,11 +33,20 @@ def load_gguf_config(path: Path) -> Any:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    meta = _Metadata(path)
+    if meta.arch in _OWN_CONFIGS:
+        config = AutoConfig.for_model(**_OWN_CONFIGS[meta.arch](meta))
+    else:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-    _restore_dropped_hyperparameters(config, path)
+    _restore_dropped_hyperparameters(config, meta)
     return config
+
+
+def transformers_reads_config(path: Path) -> bool:
+    """Whether transformers' GGUF support builds this file's config (its ``AutoTokenizer`` needs it)."""
+    return _Metadata(path).arch not in _OWN_CONFIGS
 
 
 class _Metadata:
@@ -65,8 +74,7 @@ class _Metadata:
         return [t for t in self.reader.tensors if t.name.startswith(prefix)]
 
 
-def _restore_dropped_hyperparameters(config: Any, path: Path) -> None:
-    meta = _Metadata(path)
+def _restore_dropped_hyperparameters(config: Any, meta: _Metadata) -> None:
     key_length = meta.arch_field("attention.key_length")
     if key_length and hasattr(config, "head_dim"):
         config.head_dim = int(key_length)
@@ -109,6 +117,7 @@ def _gemma2(config: Any, meta: _Metadata) -> None:
 # llama.cpp's Gemma 3: with a window, 5 local layers then 1 global; local layers rotate with base 10k,
 # unscaled (llama-model.cpp hard-codes both; the file holds the global layers' base and scaling only).
 _GEMMA3_PATTERN = 6
+_COHERE2_PATTERN = 4   # llama.cpp's cohere2: 3 sliding layers, then a full one
 _GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 
@@ -129,11 +138,45 @@ def _gemma3(config: Any, meta: _Metadata) -> None:
                               "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_ROPE_BASE}}
 
 
+def _cohere(meta: _Metadata) -> dict[str, Any]:
+    """Command-R and Cohere2, which transformers' GGUF support does not read: every setting from the
+    metadata, and what llama.cpp decides without a key as it does (tied embeddings, since its command-r and
+    cohere2 have no output tensor; q/k norms where the file holds them; Cohere2's 3 sliding layers of 4)."""
+    layers = int(meta.arch_field("block_count"))
+    hidden, heads = int(meta.arch_field("embedding_length")), int(meta.arch_field("attention.head_count"))
+    config = {"model_type": "cohere" if meta.arch == "command-r" else "cohere2",
+              "vocab_size": int(meta.tensors("token_embd.")[0].shape[1]), "hidden_size": hidden,
+              "intermediate_size": int(meta.arch_field("feed_forward_length")), "num_hidden_layers": layers,
+              "num_attention_heads": heads,
+              "num_key_value_heads": int(meta.arch_field("attention.head_count_kv") or heads),
+              "max_position_embeddings": int(meta.arch_field("context_length")),
+              "layer_norm_eps": float(meta.arch_field("attention.layer_norm_epsilon")),
+              "logit_scale": float(meta.arch_field("logit_scale")), "tie_word_embeddings": True,
+              "rope_parameters": {"rope_type": "default", "rope_theta": float(meta.arch_field("rope.freq_base"))},
+              **_special_ids(meta)}
+    if meta.arch == "command-r":
+        return {**config, "use_qk_norm": bool(meta.tensors("blk.0.attn_q_norm."))}
+    rotated = meta.arch_field("rope.dimension_count")
+    if rotated is not None and rotated != hidden // heads:
+        raise ValueError(f"cohere2 GGUF rotating {rotated} of {hidden // heads} dimensions: llmserve's Cohere2 "
+                         f"rotates whole heads")
+    return {**config, "sliding_window": int(meta.arch_field("attention.sliding_window")),
+            "layer_types": ["sliding_attention" if (i + 1) % _COHERE2_PATTERN else "full_attention"
+                            for i in range(layers)]}
+
+
+def _special_ids(meta: _Metadata) -> dict[str, Any]:
+    return {f"{kind}_token_id": meta.field(f"tokenizer.ggml.{key}_token_id")
+            for kind, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+
+
 def _rope_theta(config: Any) -> float:
     from llmserve.layers.rotary import rope_parameters
 
     return rope_parameters(config)[0]
 
 
+# Architectures whose config transformers' GGUF support does not build: their own config dict.
+_OWN_CONFIGS: dict[str, Callable[[_Metadata], dict[str, Any]]] = {"command-r": _cohere, "cohere2": _cohere}
 _RESTORERS: dict[str, Callable[[Any, _Metadata], None]] = {"gpt2": _gpt2, "phi3": _phi3, "gemma2": _gemma2,
                                                            "gemma3": _gemma3}

@@ -60,10 +60,15 @@ def download_gguf(repo: str, quant: str, revision: str | None, download_dir: str
 
 
 def load_gguf_tokenizer(path: Path) -> Any:
+    """The file's tokenizer; through the generic fast tokenizer where transformers cannot build the config
+    its ``AutoTokenizer`` would read first (Command-R, Cohere2)."""
     import_gguf()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    from llmserve.model_loader.gguf_config import transformers_reads_config
+
+    tokenizer_class = AutoTokenizer if transformers_reads_config(path) else PreTrainedTokenizerFast
+    return tokenizer_class.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def iterate_gguf_weights(path: Path, config: Any) -> Iterator[tuple[str, torch.Tensor]]:

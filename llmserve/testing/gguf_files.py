@@ -4,10 +4,11 @@ No GGUF file can be downloaded here, so the GGUF loader is tested on files made 
 checkpoints: llama.cpp's tensor names (through the ``gguf`` package's name map), its Q/K row permutation
 for the ``llama`` architecture, Gemma's norms stored as their scale ``1 + w``, its metadata keys for the
 config and the tokenizer (``gpt2`` byte-level BPE with merges, as for Qwen2; the sentencepiece-style
-families' files carry no tokenizer), and its rule that 1-D tensors (norms, biases) stay F32 while 2-D
-weights take the file's type. Quantized types are those the ``gguf`` package can write (Q8_0, Q4_0, Q4_1,
-Q5_0, Q5_1, BF16) plus F16 / F32. A checkpoint the file cannot describe (a setting llama.cpp infers
-rather than writes, and would infer differently) is refused rather than written wrong.
+families' files carry no tokenizer), and its rule that 1-D tensors and norms (biases, Cohere's 2-D q/k
+norms) stay F32 while the other weights take the file's type. Quantized types are those the ``gguf``
+package can write (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16) plus F16 / F32. A checkpoint the file cannot
+describe (a setting llama.cpp hard-codes or infers rather than writes, and would infer differently) is
+refused rather than written wrong.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ GGUF_ARCHITECTURES = {
     "bloom": GGUFArchitecture("bloom", layer_norm=True, rope_base=False),
     "gemma2": GGUFArchitecture("gemma2", rope_base=False, norm_shift=1.0),
     "gemma3": GGUFArchitecture("gemma3", norm_shift=1.0),
+    "cohere": GGUFArchitecture("command-r", layer_norm=True), "cohere2": GGUFArchitecture("cohere2", layer_norm=True),
 }
 _GPT2_CONV1D = (".attn.c_attn", ".attn.c_proj", ".mlp.c_fc", ".mlp.c_proj")   # stored [in, out] by transformers
 
@@ -84,7 +86,7 @@ def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> N
     writer.add_head_count(heads)
     writer.add_head_count_kv(_find(config, "num_key_value_heads") or heads)
     if arch.layer_norm:
-        writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+        writer.add_layer_norm_eps(_find(config, "layer_norm_epsilon", "layer_norm_eps"))
     else:
         writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     if arch.rope_base:
@@ -99,6 +101,26 @@ def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> N
         writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
     if arch.name in ("gemma2", "gemma3"):
         _add_gemma_keys(writer, arch, config)
+    if arch.name in ("command-r", "cohere2"):
+        _add_cohere_keys(writer, arch, config)
+
+
+def _add_cohere_keys(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
+    """Command-R's logit scale (no rope scaling); Cohere2's window (llama.cpp hard-codes 3 sliding layers
+    then a full one), vocabulary size and rotated dimensions."""
+    import gguf
+
+    writer.add_logit_scale(config["logit_scale"])
+    writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    if arch.name == "cohere2":
+        pattern = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(config["num_hidden_layers"])]
+        if config.get("layer_types", pattern) != pattern:
+            raise ValueError("llama.cpp's cohere2 slides 3 layers of every 4: a GGUF file cannot describe "
+                             f"layer_types {config['layer_types']}")
+        writer.add_sliding_window(config["sliding_window"])
+        writer.add_vocab_size(config["vocab_size"])
+        head_dim = config["hidden_size"] // config["num_attention_heads"]
+        writer.add_rope_dimension_count(int(config.get("rotary_pct", 1.0) * head_dim))
 
 
 def _add_gemma_keys(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
@@ -170,8 +192,11 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32")
     for name, tensor in iterate_weights(checkpoint):
         stem, suffix = name.rsplit(".", 1)
         data = _converted(arch, stem, tensor.to(torch.float32).numpy(), config)
-        gguf_name = f"{names.get_name(stem) or names.get_name(stem.removeprefix('transformer.'))}.{suffix}"
-        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        mapped = names.get_name(stem) or names.get_name(stem.removeprefix("transformer."))
+        if mapped is None:   # as the converter's "Can not map tensor"
+            raise ValueError(f"llama.cpp's {arch.name} has no tensor for {name}")
+        gguf_name = f"{mapped}.{suffix}"
+        if data.ndim == 1 or mapped.endswith("_norm") or qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, data)
         elif qtype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(gguf_name, data.astype(np.float16))

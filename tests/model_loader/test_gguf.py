@@ -1,14 +1,17 @@
 """GGUF files (written from the generated checkpoints the way llama.cpp lays them out) load and run.
 
 * An F32 GGUF of a checkpoint gives the checkpoint's own output (greedy tokens equal, logprobs within 1e-4
-  of transformers on the safetensors folder), for Llama, Qwen2, Qwen3, GPT-2, BLOOM, Phi-3, Phi-4-mini and
-  Gemma 2 and 3: names, the Llama Q/K row permutation, GPT-2's transposed Conv1D weights, BLOOM's regrouped QKV
-  rows, Gemma's norms stored as ``1 + w`` and tied embeddings are undone exactly, and what transformers'
-  GGUF config mapping drops (Qwen3's head size, GPT-2's context and MLP width, Phi-3's sliding window,
-  partial rotary and LongRoPE factors, Gemma 2's soft-caps, Gemma 3's linear rope scaling of its global
-  layers) is read from the file's metadata.
+  of transformers on the safetensors folder), for Llama, Qwen2, Qwen3, GPT-2, BLOOM, Phi-3, Phi-4-mini,
+  Gemma 2 and 3, Command-R and Cohere2: names, the Llama Q/K row permutation, GPT-2's transposed Conv1D
+  weights, BLOOM's regrouped QKV rows, Gemma's norms stored as ``1 + w`` and tied embeddings are undone
+  exactly, and what transformers' GGUF config mapping drops (Qwen3's head size, GPT-2's context and MLP
+  width, Phi-3's sliding window, partial rotary and LongRoPE factors, Gemma 2's soft-caps, Gemma 3's
+  linear rope scaling of its global layers) is read from the file's metadata. Command-R's and Cohere2's
+  configs, which transformers' GGUF support does not read at all, are built from it (logit scale,
+  LayerNorm epsilon, q/k norms where the file holds them).
 * What llama.cpp hard-codes or infers instead of writing is restored by its rules: Gemma's attention scale
-  from the model's size, Gemma 3's 5 local : 1 global layers and its local layers' rope base (10k); a
+  from the model's size, Gemma 3's 5 local : 1 global layers and its local layers' rope base (10k),
+  Cohere2's 3 sliding : 1 full layers (rope on the sliding ones only), tied Cohere embeddings; a
   checkpoint these rules do not describe cannot be written.
 * Quantized files (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16) give what transformers gives on the same file
   (it dequantises through the same ``gguf`` package): greedy tokens equal, logprobs within 1e-3, through
@@ -76,7 +79,7 @@ def _tokenizer(checkpoint_dir, family: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "gpt2", "bloom", "phi3", "phi4_mini", "gemma2",
-                                    "gemma3"])
+                                    "gemma3", "cohere", "cohere2"])
 def test_f32_file_runs_as_the_checkpoint_it_came_from(checkpoint_dir, gguf_dir, family):
     path = _gguf(checkpoint_dir, gguf_dir, family, "F32")
     assert_matches_hf(engine_greedy(path, **_tokenizer(checkpoint_dir, family)),
@@ -112,12 +115,13 @@ def test_quantized_file_matches_transformers_on_the_same_file(checkpoint_dir, gg
     assert_matches_hf(engine_greedy(path, **_tokenizer(checkpoint_dir, family)), path, 1e-3)
 
 
-def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf_dir):
+@pytest.mark.parametrize("family", ["qwen2", "cohere"])   # Command-R: a config transformers cannot read
+def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf_dir, family):
     from transformers import AutoTokenizer
 
-    path = _gguf(checkpoint_dir, gguf_dir, "qwen2", "Q8_0")
+    path = _gguf(checkpoint_dir, gguf_dir, family, "Q8_0")
     llm = LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256)
-    ours, original = llm.get_tokenizer(), AutoTokenizer.from_pretrained(checkpoint_dir("qwen2"))
+    ours, original = llm.get_tokenizer(), AutoTokenizer.from_pretrained(checkpoint_dir(family))
     text = "Où est le café ? 日本 🚀 <|im_start|>user\nHi<|im_end|>"
     assert ours.encode(text) == original.encode(text)
     messages = [{"role": "user", "content": "Hi there"}]
