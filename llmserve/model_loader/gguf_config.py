@@ -138,6 +138,25 @@ def _gemma3(config: Any, meta: _Metadata) -> None:
                               "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_ROPE_BASE}}
 
 
+def _falcon(config: Any, meta: _Metadata) -> None:
+    """Falcon's layout, which the metadata does not name, from the tensors present as llama.cpp reads it:
+    ``attn_norm_2`` (the attention's own norm) or several KV heads mean the new decoder architecture; the
+    attention and MLP are always parallel, with rotary positions (llama.cpp's falcon has no ALiBi); biases
+    where the file holds them. Also what the config mapping misreads: the KV heads, MLP width, epsilon and
+    whether the output head is the embedding."""
+    kv_heads = int(meta.arch_field("attention.head_count_kv") or 1)
+    two_norms = bool(meta.tensors("blk.0.attn_norm_2."))
+    config.new_decoder_architecture = two_norms or kv_heads > 1
+    config.num_ln_in_parallel_attn = 2 if two_norms else 1
+    config.multi_query, config.num_kv_heads = kv_heads == 1, kv_heads
+    config.parallel_attn, config.alibi = True, False
+    config.bias = bool(meta.tensors("blk.0.attn_qkv.bias"))
+    config.ffn_hidden_size = int(meta.arch_field("feed_forward_length"))
+    config.layer_norm_epsilon = float(meta.arch_field("attention.layer_norm_epsilon"))
+    config.tie_word_embeddings = not meta.tensors("output.weight")
+    config.rope_parameters = {"rope_type": "default", "rope_theta": float(meta.arch_field("rope.freq_base") or 10000.0)}
+
+
 def _cohere(meta: _Metadata) -> dict[str, Any]:
     """Command-R and Cohere2, which transformers' GGUF support does not read: every setting from the
     metadata, and what llama.cpp decides without a key as it does (tied embeddings, since its command-r and
@@ -179,4 +198,4 @@ def _rope_theta(config: Any) -> float:
 # Architectures whose config transformers' GGUF support does not build: their own config dict.
 _OWN_CONFIGS: dict[str, Callable[[_Metadata], dict[str, Any]]] = {"command-r": _cohere, "cohere2": _cohere}
 _RESTORERS: dict[str, Callable[[Any, _Metadata], None]] = {"gpt2": _gpt2, "phi3": _phi3, "gemma2": _gemma2,
-                                                           "gemma3": _gemma3}
+                                                           "gemma3": _gemma3, "falcon": _falcon}

@@ -86,7 +86,8 @@ def iterate_gguf_weights(path: Path, config: Any) -> Iterator[tuple[str, torch.T
                          f"supported: {', '.join(SUPPORTED_TYPES)}")
     architecture = read_field(reader, "general.architecture")[0]
     parsed = {"config": config.to_dict()}
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    processors = {**TENSOR_PROCESSORS, "falcon": _falcon_tensor_processor()}
+    processor = processors.get(architecture, TensorProcessor)(config=parsed["config"])
     with torch.device("meta"):   # only its parameter names are needed
         names = get_gguf_hf_weights_map(AutoModelForCausalLM.from_config(config), processor)
     for tensor in reader.tensors:
@@ -96,3 +97,25 @@ def iterate_gguf_weights(path: Path, config: Any) -> Iterator[tuple[str, torch.T
             logger.info("GGUF tensor %s has no counterpart in the model; skipped", tensor.name)
             continue
         yield names[result.name], torch.from_numpy(np.require(result.weights, np.float32, ["C", "W"]))
+
+
+def _falcon_tensor_processor() -> type:
+    """Undoes llama.cpp's Falcon QKV layout (``jploski``: all q rows, then all k, then all v) into
+    transformers' (per KV group: its query heads, then its key and value head), which transformers' own GGUF
+    loading leaves as it is. With one KV head (Falcon-7B) the two are the same."""
+    from transformers.modeling_gguf_pytorch_utils import GGUFTensor, TensorProcessor
+
+    class FalconTensorProcessor(TensorProcessor):
+        def process(self, weights: np.ndarray, name: str, **kwargs: Any) -> GGUFTensor:
+            if ".attn_qkv." not in name:
+                return GGUFTensor(weights, name, {})
+            groups, heads = self.config["num_kv_heads"], self.config["num_attention_heads"]
+            head_dim = self.config["hidden_size"] // heads
+            rest = weights.shape[1:]
+            q, k, v = np.split(weights, [heads * head_dim, (heads + groups) * head_dim])
+            grouped = np.concatenate([q.reshape(groups, heads // groups, head_dim, *rest),
+                                      k.reshape(groups, 1, head_dim, *rest), v.reshape(groups, 1, head_dim, *rest)],
+                                     axis=1)
+            return GGUFTensor(grouped.reshape(weights.shape), name, {})
+
+    return FalconTensorProcessor

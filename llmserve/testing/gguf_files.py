@@ -42,6 +42,8 @@ GGUF_ARCHITECTURES = {
     "gemma2": GGUFArchitecture("gemma2", rope_base=False, norm_shift=1.0),
     "gemma3": GGUFArchitecture("gemma3", norm_shift=1.0),
     "cohere": GGUFArchitecture("command-r", layer_norm=True), "cohere2": GGUFArchitecture("cohere2", layer_norm=True),
+    "falcon": GGUFArchitecture("falcon", layer_norm=True, rope_base=False),
+    "falcon_mqa": GGUFArchitecture("falcon", layer_norm=True, rope_base=False),
 }
 _GPT2_CONV1D = (".attn.c_attn", ".attn.c_proj", ".mlp.c_fc", ".mlp.c_proj")   # stored [in, out] by transformers
 
@@ -59,8 +61,8 @@ def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 def _converted(arch: GGUFArchitecture, stem: str, data: np.ndarray, config: dict) -> np.ndarray:
     """A tensor as the converter writes it: Gemma's norms as their scale ``1 + w``, Llama's Q/K rows
-    interleaved, GPT-2's Conv1D weights transposed, BLOOM's per-head [q k v] rows regrouped as all q, all k,
-    all v."""
+    interleaved, GPT-2's Conv1D weights transposed, BLOOM's per-head and Falcon's per-KV-group [q k v] rows
+    regrouped as all q, all k, all v."""
     if stem.endswith("norm") and arch.norm_shift:
         return data + np.float32(arch.norm_shift)
     if arch.name == "llama" and stem.endswith(("q_proj", "k_proj")):
@@ -68,6 +70,12 @@ def _converted(arch: GGUFArchitecture, stem: str, data: np.ndarray, config: dict
         return _permute(data, heads)
     if arch.name == "gpt2" and stem.endswith(_GPT2_CONV1D) and data.ndim == 2:
         return np.ascontiguousarray(data.T)
+    if arch.name == "falcon" and stem.endswith("query_key_value"):   # per KV group [q.. k v] -> all q, all k, all v
+        rest = data.shape[1:]
+        grouped = data.reshape(_falcon_kv_heads(config), -1, config["hidden_size"] // config["num_attention_heads"],
+                               *rest)
+        return np.concatenate([grouped[:, :-2].reshape(-1, *rest), grouped[:, -2].reshape(-1, *rest),
+                               grouped[:, -1].reshape(-1, *rest)])
     if arch.name == "bloom" and stem.endswith("query_key_value"):
         heads = config["n_head"]
         return np.ascontiguousarray(data.reshape(heads, 3, -1, *data.shape[1:]).swapaxes(0, 1).reshape(data.shape))
@@ -75,6 +83,9 @@ def _converted(arch: GGUFArchitecture, stem: str, data: np.ndarray, config: dict
 
 
 def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
+    if arch.name == "falcon":
+        _add_falcon_keys(writer, config)
+        return
     hidden = _find(config, "hidden_size", "n_embd")
     heads = _find(config, "num_attention_heads", "n_head")
     context = _find(config, "max_position_embeddings", "n_positions")
@@ -103,6 +114,30 @@ def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> N
         _add_gemma_keys(writer, arch, config)
     if arch.name in ("command-r", "cohere2"):
         _add_cohere_keys(writer, arch, config)
+
+
+def _falcon_kv_heads(config: dict) -> int:
+    """The converter's KV head count: ``num_kv_heads`` (the new architecture), else one (multi-query)."""
+    return config["num_kv_heads"] if config.get("new_decoder_architecture") else 1
+
+
+def _add_falcon_keys(writer: Any, config: dict) -> None:
+    """Falcon's keys as the converter writes them: a context of 2048 (not in config.json), no rope base (10k
+    in llama.cpp), ``jploski``'s QKV layout. It writes 4 x hidden as the MLP width, every released Falcon's;
+    the tiny checkpoints' narrower MLP is written as it is, so that the file stays one llama.cpp loads. No key
+    says ALiBi or a sequential block, and the converter's QKV split assumes one KV head outside the new
+    architecture: Falcon-RW's layout (ALiBi, multi-head, sequential) cannot be written."""
+    if config.get("alibi") or not (config.get("new_decoder_architecture") or config.get("multi_query", True)):
+        raise ValueError("llama.cpp's falcon has no ALiBi and, outside the new decoder architecture, one KV head: "
+                         "a GGUF file cannot describe this Falcon")
+    writer.add_context_length(2048)
+    writer.add_tensor_data_layout("jploski")
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["ffn_hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(_falcon_kv_heads(config))
+    writer.add_layer_norm_eps(config["layer_norm_epsilon"])
 
 
 def _add_cohere_keys(writer: Any, arch: GGUFArchitecture, config: dict) -> None:

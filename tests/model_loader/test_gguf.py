@@ -2,17 +2,19 @@
 
 * An F32 GGUF of a checkpoint gives the checkpoint's own output (greedy tokens equal, logprobs within 1e-4
   of transformers on the safetensors folder), for Llama, Qwen2, Qwen3, GPT-2, BLOOM, Phi-3, Phi-4-mini,
-  Gemma 2 and 3, Command-R and Cohere2: names, the Llama Q/K row permutation, GPT-2's transposed Conv1D
-  weights, BLOOM's regrouped QKV rows, Gemma's norms stored as ``1 + w`` and tied embeddings are undone
-  exactly, and what transformers' GGUF config mapping drops (Qwen3's head size, GPT-2's context and MLP
-  width, Phi-3's sliding window, partial rotary and LongRoPE factors, Gemma 2's soft-caps, Gemma 3's
-  linear rope scaling of its global layers) is read from the file's metadata. Command-R's and Cohere2's
-  configs, which transformers' GGUF support does not read at all, are built from it (logit scale,
-  LayerNorm epsilon, q/k norms where the file holds them).
+  Gemma 2 and 3, Command-R, Cohere2, Falcon (new decoder architecture: grouped KV heads, two norms) and
+  Falcon-7B's layout (multi-query, one norm, untied): names, the Llama Q/K row permutation, GPT-2's
+  transposed Conv1D weights, BLOOM's and Falcon's regrouped QKV rows, Gemma's norms stored as ``1 + w``
+  and tied embeddings are undone exactly, and what transformers' GGUF config mapping drops (Qwen3's head
+  size, GPT-2's context and MLP width, Phi-3's sliding window, partial rotary and LongRoPE factors, Gemma
+  2's soft-caps, Gemma 3's linear rope scaling of its global layers) is read from the file's metadata.
+  Command-R's and Cohere2's configs, which transformers' GGUF support does not read at all, are built
+  from it (logit scale, LayerNorm epsilon, q/k norms where the file holds them).
 * What llama.cpp hard-codes or infers instead of writing is restored by its rules: Gemma's attention scale
   from the model's size, Gemma 3's 5 local : 1 global layers and its local layers' rope base (10k),
-  Cohere2's 3 sliding : 1 full layers (rope on the sliding ones only), tied Cohere embeddings; a
-  checkpoint these rules do not describe cannot be written.
+  Cohere2's 3 sliding : 1 full layers (rope on the sliding ones only), tied Cohere embeddings, Falcon's
+  layout from the tensors the file holds (``attn_norm_2``, biases, ``output``); a checkpoint these rules
+  do not describe (Falcon-RW: ALiBi, sequential) cannot be written.
 * Quantized files (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16) give what transformers gives on the same file
   (it dequantises through the same ``gguf`` package): greedy tokens equal, logprobs within 1e-3, through
   the engine with chunked prefill and prefix caching.
@@ -79,7 +81,7 @@ def _tokenizer(checkpoint_dir, family: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "gpt2", "bloom", "phi3", "phi4_mini", "gemma2",
-                                    "gemma3", "cohere", "cohere2"])
+                                    "gemma3", "cohere", "cohere2", "falcon", "falcon_mqa"])
 def test_f32_file_runs_as_the_checkpoint_it_came_from(checkpoint_dir, gguf_dir, family):
     path = _gguf(checkpoint_dir, gguf_dir, family, "F32")
     assert_matches_hf(engine_greedy(path, **_tokenizer(checkpoint_dir, family)),
@@ -95,6 +97,13 @@ def test_gemma_attention_scale_is_inferred_as_llama_cpp_does(checkpoint_dir, ggu
     assert {shape: gemma_query_pre_attn_scalar(*shape) for shape in released} == released
     with pytest.raises(ValueError, match="query_pre_attn_scalar 8 is not the 16 llama.cpp infers"):
         write_gguf(checkpoint_dir("gemma2"), gguf_dir / "undescribable.gguf", "gemma2")
+
+
+def test_falcon_rw_layout_cannot_be_written(checkpoint_dir, gguf_dir):
+    """llama.cpp's falcon has no key for ALiBi or a sequential block, and its converter splits QKV as one KV
+    head outside the new decoder architecture: Falcon-RW cannot be described."""
+    with pytest.raises(ValueError, match="a GGUF file cannot describe this Falcon"):
+        write_gguf(checkpoint_dir("falcon_rw"), gguf_dir / "undescribable.gguf", "falcon")
 
 
 def test_gemma3_local_rope_base_is_llama_cpps(checkpoint_dir, gguf_dir, tmp_path):
