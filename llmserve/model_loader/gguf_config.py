@@ -1,10 +1,13 @@
-"""A GGUF file's model config: transformers' GGUF config mapping, plus what it drops and llama.cpp's
-converter does write, plus what llama.cpp infers rather than writes (inferred here by llama.cpp's own rules).
+"""A GGUF file's model config: transformers' GGUF config mapping (or, for the architectures it does not
+read, Command-R and Cohere2, a config built here from the metadata), plus what the mapping drops and
+llama.cpp's converter does write, plus what llama.cpp decides without a key: by its own hard-coded rules
+(Gemma's attention scale, the local/global layer patterns) or from the tensors the file holds (Falcon's
+layout, q/k norms, a separate output head).
 
 Without these a Qwen3 (head size 128, not hidden / heads), a GPT-2 with its own context or MLP width, a Phi-3
-with a sliding window or partial rotary, or a Gemma with its soft-caps and attention scale would load with
-the wrong shapes or attend wrongly; a config class's default padding id can also lie outside the file's
-vocabulary.
+with a sliding window or partial rotary, a Gemma with its soft-caps and attention scale, or a Falcon-40B
+would load with the wrong shapes or attend wrongly; a config class's default padding id can also lie
+outside the file's vocabulary.
 """
 
 from __future__ import annotations
@@ -117,8 +120,9 @@ def _gemma2(config: Any, meta: _Metadata) -> None:
 # llama.cpp's Gemma 3: with a window, 5 local layers then 1 global; local layers rotate with base 10k,
 # unscaled (llama-model.cpp hard-codes both; the file holds the global layers' base and scaling only).
 _GEMMA3_PATTERN = 6
-_COHERE2_PATTERN = 4   # llama.cpp's cohere2: 3 sliding layers, then a full one
 _GEMMA3_LOCAL_ROPE_BASE = 10000.0
+_COHERE2_PATTERN = 4   # llama.cpp's cohere2: 3 sliding layers, then a full one
+_LLAMA_CPP_ROPE_BASE = 10000.0   # llama.cpp's base where the file has no rope.freq_base
 
 
 def _gemma3(config: Any, meta: _Metadata) -> None:
@@ -131,7 +135,7 @@ def _gemma3(config: Any, meta: _Metadata) -> None:
     scaling_type = meta.arch_field("rope.scaling.type") or "none"
     if scaling_type not in ("none", "linear"):
         raise ValueError(f"gemma3 GGUF with rope scaling {scaling_type!r}: llama.cpp's converter writes only linear")
-    full = {"rope_type": "default", "rope_theta": float(meta.arch_field("rope.freq_base") or 1_000_000.0)}
+    full = {"rope_type": "default", "rope_theta": _rope_base(meta)}
     if scaling_type == "linear":
         full.update(rope_type="linear", factor=float(meta.arch_field("rope.scaling.factor")))
     config.rope_parameters = {"full_attention": full,
@@ -154,7 +158,7 @@ def _falcon(config: Any, meta: _Metadata) -> None:
     config.ffn_hidden_size = int(meta.arch_field("feed_forward_length"))
     config.layer_norm_epsilon = float(meta.arch_field("attention.layer_norm_epsilon"))
     config.tie_word_embeddings = not meta.tensors("output.weight")
-    config.rope_parameters = {"rope_type": "default", "rope_theta": float(meta.arch_field("rope.freq_base") or 10000.0)}
+    config.rope_parameters = {"rope_type": "default", "rope_theta": _rope_base(meta)}
 
 
 def _cohere(meta: _Metadata) -> dict[str, Any]:
@@ -171,8 +175,9 @@ def _cohere(meta: _Metadata) -> dict[str, Any]:
               "max_position_embeddings": int(meta.arch_field("context_length")),
               "layer_norm_eps": float(meta.arch_field("attention.layer_norm_epsilon")),
               "logit_scale": float(meta.arch_field("logit_scale")), "tie_word_embeddings": True,
-              "rope_parameters": {"rope_type": "default", "rope_theta": float(meta.arch_field("rope.freq_base"))},
-              **_special_ids(meta)}
+              "rope_parameters": {"rope_type": "default", "rope_theta": _rope_base(meta)},
+              "bos_token_id": meta.field("tokenizer.ggml.bos_token_id"),
+              "eos_token_id": meta.field("tokenizer.ggml.eos_token_id")}
     if meta.arch == "command-r":
         return {**config, "use_qk_norm": bool(meta.tensors("blk.0.attn_q_norm."))}
     rotated = meta.arch_field("rope.dimension_count")
@@ -184,9 +189,8 @@ def _cohere(meta: _Metadata) -> dict[str, Any]:
                             for i in range(layers)]}
 
 
-def _special_ids(meta: _Metadata) -> dict[str, Any]:
-    return {f"{kind}_token_id": meta.field(f"tokenizer.ggml.{key}_token_id")
-            for kind, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+def _rope_base(meta: _Metadata) -> float:
+    return float(meta.arch_field("rope.freq_base") or _LLAMA_CPP_ROPE_BASE)
 
 
 def _rope_theta(config: Any) -> float:

@@ -1,8 +1,9 @@
 """GGUF checkpoints: llama.cpp's one-file format, as ``./model-Q4_K_M.gguf`` or ``repo-id:Q4_K_M``.
 
-The config, the tokenizer and its chat template come from the file's metadata through transformers' GGUF
-support, which also knows each architecture's tensor names and the reshuffles llama.cpp's converter makes
-(the Q/K row permutation of Llama-style attention, BLOOM's fused QKV...). The weights are dequantised tensor
+The config (:mod:`~llmserve.model_loader.gguf_config`), the tokenizer and its chat template come from the
+file's metadata through transformers' GGUF support, which also knows each architecture's tensor names and
+the reshuffles llama.cpp's converter makes (the Q/K row permutation of Llama-style attention, BLOOM's fused
+QKV...; Falcon's grouped QKV, which it leaves as it is, is undone here). The weights are dequantised tensor
 by tensor into the model's dtype as they are loaded: peak memory is the model plus one tensor, and every
 quantisation type the model was shipped in runs at full precision.
 """
