@@ -24,6 +24,7 @@ import torch
 
 from llmserve.model_loader.loader import iterate_weights
 
+
 @dataclass(frozen=True)
 class GGUFArchitecture:
     """How llama.cpp's converter writes one of our families."""
