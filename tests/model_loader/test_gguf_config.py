@@ -15,6 +15,15 @@ out; ``llmserve.testing.gguf_files``).
   norms, as Falcon-40B; one KV head and one norm, untied: Falcon-7B).
 * A checkpoint these rules do not describe cannot be written: a Gemma whose attention scale is not the one
   llama.cpp infers, a Gemma 3 with another local rope base, Falcon-RW (ALiBi, sequential, multi-head).
+
+The writer follows llama.cpp's converter (``convert_hf_to_gguf.py``) and loader (``llama-model.cpp``) as
+known without their source at hand; details not confirmed against that source: that the Gemma 3 converter
+writes no ``final_logit_softcapping`` (llmserve reads the key when present, as llama.cpp does), that the
+Gemma 2 converter writes no ``rope.freq_base`` (both sides default to 10000), and where Cohere2's
+``rope.dimension_count`` comes from (``rotary_pct``, 1.0 when absent; llmserve refuses anything but whole
+heads). One deliberate difference: the Falcon converter writes 4 x hidden as the MLP width (every released
+Falcon's), the writer the checkpoint's own (the tiny Falcons' MLP is narrower), so that the file is one
+llama.cpp would load.
 """
 
 from __future__ import annotations
