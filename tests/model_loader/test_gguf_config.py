@@ -12,7 +12,8 @@ out; ``llmserve.testing.gguf_files``).
   from the model's size, Gemma 3's 5 local : 1 global layers and its local layers' rope base (10k),
   Cohere2's 3 sliding : 1 full layers (rope on the sliding ones only), Cohere's tied embeddings, and
   Falcon's layout from the tensors the file holds (``attn_norm_2``: the new decoder architecture with two
-  norms, as Falcon-40B; one KV head and one norm, untied: Falcon-7B).
+  norms, as Falcon-40B; several KV heads and one norm: Falcon-11B; one KV head and one norm, untied:
+  Falcon-7B).
 * A checkpoint these rules do not describe cannot be written: a Gemma whose attention scale is not the one
   llama.cpp infers, a Gemma 3 with another local rope base, Falcon-RW (ALiBi, sequential, multi-head).
 
@@ -72,3 +73,21 @@ def test_falcon_rw_layout_cannot_be_written(checkpoint_dir, tmp_path):
     head outside the new decoder architecture: Falcon-RW cannot be described."""
     with pytest.raises(ValueError, match="a GGUF file cannot describe this Falcon"):
         write_gguf(checkpoint_dir("falcon_rw"), tmp_path / "undescribable.gguf", "falcon")
+
+
+def test_falcon_with_kv_groups_and_one_norm(checkpoint_dir, tmp_path):
+    """Falcon-11B's layout (the new decoder architecture with one norm, ``num_ln_in_parallel_attn`` 1): no
+    ``attn_norm_2`` in the file, but several KV heads, so the QKV rows are still grouped per KV head."""
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(checkpoint_dir("falcon"), tmp_path / "falcon_one_norm")
+    tensors = load_file(copy / "model.safetensors")
+    for name in [n for n in tensors if ".ln_attn." in n or ".ln_mlp." in n]:
+        tensor = tensors.pop(name)
+        if ".ln_mlp." in name:
+            tensors[name.replace(".ln_mlp.", ".input_layernorm.")] = tensor
+    save_file(tensors, copy / "model.safetensors")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "num_ln_in_parallel_attn": 1}))
+    path = write_gguf(copy, tmp_path / "falcon_one_norm.gguf", "falcon")
+    assert_matches_hf(engine_greedy(path), copy, 1e-4)
