@@ -1,8 +1,9 @@
 """GGUF checkpoints: llama.cpp's one-file format, as ``./model-Q4_K_M.gguf`` or ``repo-id:Q4_K_M``.
 
-The config, the tokenizer and its chat template come from the file's metadata through transformers' GGUF
-support, which also knows each architecture's tensor names and the reshuffles llama.cpp's converter makes
-(the Q/K row permutation of Llama-style attention, BLOOM's fused QKV...). The weights are dequantised tensor
+The config (:mod:`~llmserve.model_loader.gguf_config`), the tokenizer and its chat template come from the
+file's metadata through transformers' GGUF support, which also knows each architecture's tensor names and
+the reshuffles llama.cpp's converter makes (the Q/K row permutation of Llama-style attention, BLOOM's fused
+QKV...; Falcon's grouped QKV, which it leaves as it is, is undone here). The weights are dequantised tensor
 by tensor into the model's dtype as they are loaded: peak memory is the model plus one tensor, and every
 quantisation type the model was shipped in runs at full precision.
 """
@@ -26,7 +27,7 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 _REPO_AND_QUANT = re.compile(r"^(?P<repo>[\w.\-]+/[\w.\-]+):(?P<quant>[\w.\-]+)$")
 
 
-def _import_gguf() -> Any:
+def import_gguf() -> Any:
     try:
         import gguf
     except ImportError:
@@ -59,73 +60,22 @@ def download_gguf(repo: str, quant: str, revision: str | None, download_dir: str
     return Path(hf_hub_download(repo, matches[0], revision=revision, cache_dir=download_dir))
 
 
-def load_gguf_config(path: Path) -> Any:
-    """The config from the file's metadata; GGUF names no class, so the architecture is the causal-LM class
-    transformers maps the model type to (as its own GGUF loading does)."""
-    _import_gguf()
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-    _restore_dropped_hyperparameters(config, path)
-    return config
-
-
-def _restore_dropped_hyperparameters(config: Any, path: Path) -> None:
-    """What llama.cpp's converter writes and transformers' GGUF config mapping drops, put back: without it a
-    Qwen3 (head size 128, not hidden / heads), a GPT-2 with its own context or MLP width, or a Phi-3 with a
-    sliding window or partial rotary would load with the wrong shapes or attend wrongly (and a config class's
-    default padding id can lie outside the file's vocabulary)."""
-    gguf = _import_gguf()
-    from transformers.modeling_gguf_pytorch_utils import read_field
-
-    reader = gguf.GGUFReader(str(path))
-
-    def field(key: str) -> Any:
-        values = read_field(reader, key)
-        return values[0] if values else None
-
-    arch = field("general.architecture")
-    key_length = field(f"{arch}.attention.key_length")
-    if key_length and hasattr(config, "head_dim"):
-        config.head_dim = int(key_length)
-    config.pad_token_id = field("tokenizer.ggml.padding_token_id")   # not the config class's default
-    if arch == "gpt2":
-        config.n_positions = int(field("gpt2.context_length") or config.n_positions)
-        config.n_inner = int(field("gpt2.feed_forward_length") or 4 * config.n_embd)
-    if arch == "phi3":
-        config.sliding_window = int(field("phi3.attention.sliding_window") or 0) or None   # 0: none (Phi-4)
-        head_dim = config.hidden_size // config.num_attention_heads
-        rotated = field("phi3.rope.dimension_count")
-        if rotated and rotated != head_dim:
-            config.partial_rotary_factor = rotated / head_dim
-        factors = {t.name: t for t in reader.tensors if t.name.startswith("rope_factors_")}
-        if factors:   # LongRoPE: the converter stores its factors as tensors
-            config.original_max_position_embeddings = int(field("phi3.rope.scaling.original_context_length"))
-            config.rope_parameters = {"rope_type": "longrope", "rope_theta": _rope_theta(config),
-                                      **{f"{kind}_factor": [float(x) for x in factors[f"rope_factors_{kind}.weight"].data]
-                                         for kind in ("short", "long")}}
-
-
-def _rope_theta(config: Any) -> float:
-    from llmserve.layers.rotary import rope_parameters
-
-    return rope_parameters(config)[0]
-
-
 def load_gguf_tokenizer(path: Path) -> Any:
-    _import_gguf()
-    from transformers import AutoTokenizer
+    """The file's tokenizer; through the generic fast tokenizer where transformers cannot build the config
+    its ``AutoTokenizer`` would read first (Command-R, Cohere2)."""
+    import_gguf()
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    from llmserve.model_loader.gguf_config import transformers_reads_config
+
+    tokenizer_class = AutoTokenizer if transformers_reads_config(path) else PreTrainedTokenizerFast
+    return tokenizer_class.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def iterate_gguf_weights(path: Path, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(Hugging Face name, float tensor)`` for every tensor of the file, dequantised one at a time.
     A tensor type outside :data:`SUPPORTED_TYPES` is an error naming it, before any weight is read."""
-    gguf = _import_gguf()
+    gguf = import_gguf()
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
                                                           read_field)
@@ -137,7 +87,8 @@ def iterate_gguf_weights(path: Path, config: Any) -> Iterator[tuple[str, torch.T
                          f"supported: {', '.join(SUPPORTED_TYPES)}")
     architecture = read_field(reader, "general.architecture")[0]
     parsed = {"config": config.to_dict()}
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    processors = {**TENSOR_PROCESSORS, "falcon": _falcon_tensor_processor()}
+    processor = processors.get(architecture, TensorProcessor)(config=parsed["config"])
     with torch.device("meta"):   # only its parameter names are needed
         names = get_gguf_hf_weights_map(AutoModelForCausalLM.from_config(config), processor)
     for tensor in reader.tensors:
@@ -147,3 +98,25 @@ def iterate_gguf_weights(path: Path, config: Any) -> Iterator[tuple[str, torch.T
             logger.info("GGUF tensor %s has no counterpart in the model; skipped", tensor.name)
             continue
         yield names[result.name], torch.from_numpy(np.require(result.weights, np.float32, ["C", "W"]))
+
+
+def _falcon_tensor_processor() -> type:
+    """Undoes llama.cpp's Falcon QKV layout (``jploski``: all q rows, then all k, then all v) into
+    transformers' (per KV group: its query heads, then its key and value head), which transformers' own GGUF
+    loading leaves as it is. With one KV head (Falcon-7B) the two are the same."""
+    from transformers.modeling_gguf_pytorch_utils import GGUFTensor, TensorProcessor
+
+    class FalconTensorProcessor(TensorProcessor):
+        def process(self, weights: np.ndarray, name: str, **kwargs: Any) -> GGUFTensor:
+            if ".attn_qkv." not in name:
+                return GGUFTensor(weights, name, {})
+            groups, heads = self.config["num_kv_heads"], self.config["num_attention_heads"]
+            head_dim = self.config["hidden_size"] // heads
+            rest = weights.shape[1:]
+            q, k, v = np.split(weights, [heads * head_dim, (heads + groups) * head_dim])
+            grouped = np.concatenate([q.reshape(groups, heads // groups, head_dim, *rest),
+                                      k.reshape(groups, 1, head_dim, *rest), v.reshape(groups, 1, head_dim, *rest)],
+                                     axis=1)
+            return GGUFTensor(grouped.reshape(weights.shape), name, {})
+
+    return FalconTensorProcessor

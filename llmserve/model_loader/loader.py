@@ -18,8 +18,8 @@ from safetensors import safe_open
 from torch import nn
 
 from llmserve.errors import ModelNotFoundError
-from llmserve.model_loader.gguf_loader import (download_gguf, hub_gguf_reference, is_gguf, iterate_gguf_weights,
-                                               load_gguf_config)
+from llmserve.model_loader.gguf_config import load_gguf_config
+from llmserve.model_loader.gguf_loader import download_gguf, hub_gguf_reference, is_gguf, iterate_gguf_weights
 from llmserve.model_loader.s3_loader import download_s3_checkpoint, is_s3_mirror, is_s3_url, iterate_s3_weights
 from llmserve.models.registry import resolve_model_class, text_model_config
 from llmserve.quantization.registry import get_quantization_config

@@ -2,10 +2,13 @@
 
 No GGUF file can be downloaded here, so the GGUF loader is tested on files made from the project's own
 checkpoints: llama.cpp's tensor names (through the ``gguf`` package's name map), its Q/K row permutation
-for the ``llama`` architecture, its metadata keys for the config and the tokenizer (``gpt2`` byte-level
-BPE with merges, as for Qwen2; the sentencepiece-style families' files carry no tokenizer), and its rule that 1-D tensors (norms, biases) stay F32 while 2-D weights
-take the file's type. Quantized types are those the ``gguf`` package can write (Q8_0, Q4_0, Q4_1, Q5_0,
-Q5_1, BF16) plus F16 / F32.
+for the ``llama`` architecture, Gemma's norms stored as their scale ``1 + w``, its metadata keys for the
+config and the tokenizer (``gpt2`` byte-level BPE with merges, as for Qwen2; the sentencepiece-style
+families' files carry no tokenizer), and its rule that 1-D tensors and norms (biases, Cohere's 2-D q/k
+norms) stay F32 while the other weights take the file's type. Quantized types are those the ``gguf``
+package can write (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16) plus F16 / F32. A checkpoint the file cannot
+describe (a setting llama.cpp hard-codes or infers rather than writes, and would infer differently) is
+refused rather than written wrong.
 """
 
 from __future__ import annotations
@@ -21,20 +24,27 @@ import torch
 
 from llmserve.model_loader.loader import iterate_weights
 
+
 @dataclass(frozen=True)
 class GGUFArchitecture:
     """How llama.cpp's converter writes one of our families."""
 
     name: str                  # llama.cpp's architecture
     layer_norm: bool = False   # LayerNorm epsilon (else RMSNorm's)
-    rotary: bool = True
+    rope_base: bool = True     # writes rope.freq_base
+    norm_shift: float = 0.0    # added to norm weights (Gemma's ``1 + w`` RMSNorm stored as its scale)
 
 
 GGUF_ARCHITECTURES = {
     "llama": GGUFArchitecture("llama"), "llama3": GGUFArchitecture("llama"), "mistral": GGUFArchitecture("llama"),
     "qwen2": GGUFArchitecture("qwen2"), "qwen3": GGUFArchitecture("qwen3"), "phi3": GGUFArchitecture("phi3"),
-    "phi4_mini": GGUFArchitecture("phi3"), "gpt2": GGUFArchitecture("gpt2", layer_norm=True, rotary=False),
-    "bloom": GGUFArchitecture("bloom", layer_norm=True, rotary=False),
+    "phi4_mini": GGUFArchitecture("phi3"), "gpt2": GGUFArchitecture("gpt2", layer_norm=True, rope_base=False),
+    "bloom": GGUFArchitecture("bloom", layer_norm=True, rope_base=False),
+    "gemma2": GGUFArchitecture("gemma2", rope_base=False, norm_shift=1.0),
+    "gemma3": GGUFArchitecture("gemma3", norm_shift=1.0),
+    "cohere": GGUFArchitecture("command-r", layer_norm=True), "cohere2": GGUFArchitecture("cohere2", layer_norm=True),
+    "falcon": GGUFArchitecture("falcon", layer_norm=True, rope_base=False),
+    "falcon_mqa": GGUFArchitecture("falcon", layer_norm=True, rope_base=False),
 }
 _GPT2_CONV1D = (".attn.c_attn", ".attn.c_proj", ".mlp.c_fc", ".mlp.c_proj")   # stored [in, out] by transformers
 
@@ -50,21 +60,33 @@ def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _converted(arch: str, stem: str, data: np.ndarray, config: dict) -> np.ndarray:
-    """A tensor as the converter writes it: Llama's Q/K rows interleaved, GPT-2's Conv1D weights transposed,
-    BLOOM's per-head [q k v] rows regrouped as all q, all k, all v."""
-    if arch == "llama" and stem.endswith(("q_proj", "k_proj")):
+def _converted(arch: GGUFArchitecture, stem: str, data: np.ndarray, config: dict) -> np.ndarray:
+    """A tensor as the converter writes it: Gemma's norms as their scale ``1 + w``, Llama's Q/K rows
+    interleaved, GPT-2's Conv1D weights transposed, BLOOM's per-head and Falcon's per-KV-group [q k v] rows
+    regrouped as all q, all k, all v."""
+    if stem.endswith("norm") and arch.norm_shift:
+        return data + np.float32(arch.norm_shift)
+    if arch.name == "llama" and stem.endswith(("q_proj", "k_proj")):
         heads = config["num_attention_heads"] if stem.endswith("q_proj") else config["num_key_value_heads"]
         return _permute(data, heads)
-    if arch == "gpt2" and stem.endswith(_GPT2_CONV1D) and data.ndim == 2:
+    if arch.name == "gpt2" and stem.endswith(_GPT2_CONV1D) and data.ndim == 2:
         return np.ascontiguousarray(data.T)
-    if arch == "bloom" and stem.endswith("query_key_value"):
+    if arch.name == "falcon" and stem.endswith("query_key_value"):   # per KV group [q.. k v] -> all q, all k, all v
+        rest = data.shape[1:]
+        grouped = data.reshape(_falcon_kv_heads(config), -1, config["hidden_size"] // config["num_attention_heads"],
+                               *rest)
+        return np.concatenate([grouped[:, :-2].reshape(-1, *rest), grouped[:, -2].reshape(-1, *rest),
+                               grouped[:, -1].reshape(-1, *rest)])
+    if arch.name == "bloom" and stem.endswith("query_key_value"):
         heads = config["n_head"]
         return np.ascontiguousarray(data.reshape(heads, 3, -1, *data.shape[1:]).swapaxes(0, 1).reshape(data.shape))
     return data
 
 
 def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
+    if arch.name == "falcon":
+        _add_falcon_keys(writer, config)
+        return
     hidden = _find(config, "hidden_size", "n_embd")
     heads = _find(config, "num_attention_heads", "n_head")
     context = _find(config, "max_position_embeddings", "n_positions")
@@ -76,10 +98,10 @@ def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> N
     writer.add_head_count(heads)
     writer.add_head_count_kv(_find(config, "num_key_value_heads") or heads)
     if arch.layer_norm:
-        writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+        writer.add_layer_norm_eps(_find(config, "layer_norm_epsilon", "layer_norm_eps"))
     else:
         writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    if arch.rotary:
+    if arch.rope_base:
         writer.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
     head_dim = config.get("head_dim") or hidden // heads
     if config.get("head_dim") and arch.name != "phi3":
@@ -89,6 +111,83 @@ def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> N
         writer.add_rope_dimension_count(int(config.get("partial_rotary_factor", 1.0) * hidden) // heads)
         writer.add_sliding_window(config.get("sliding_window") or 0)
         writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
+    if arch.name in ("gemma2", "gemma3"):
+        _add_gemma_keys(writer, arch, config)
+    if arch.name in ("command-r", "cohere2"):
+        _add_cohere_keys(writer, arch, config)
+
+
+def _falcon_kv_heads(config: dict) -> int:
+    """The converter's KV head count: ``num_kv_heads`` (the new architecture), else one (multi-query)."""
+    return config["num_kv_heads"] if config.get("new_decoder_architecture") else 1
+
+
+def _add_falcon_keys(writer: Any, config: dict) -> None:
+    """Falcon's keys as the converter writes them: a context of 2048 (not in config.json), no rope base (10k
+    in llama.cpp), ``jploski``'s QKV layout. It writes 4 x hidden as the MLP width, every released Falcon's;
+    the tiny checkpoints' narrower MLP is written as it is, so that the file stays one llama.cpp loads. No key
+    says ALiBi or a sequential block, and the converter's QKV split assumes one KV head outside the new
+    architecture: Falcon-RW's layout (ALiBi, multi-head, sequential) cannot be written."""
+    if config.get("alibi") or not (config.get("new_decoder_architecture") or config.get("multi_query", True)):
+        raise ValueError("llama.cpp's falcon has no ALiBi and, outside the new decoder architecture, one KV head: "
+                         "a GGUF file cannot describe this Falcon")
+    writer.add_context_length(2048)
+    writer.add_tensor_data_layout("jploski")
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["ffn_hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(_falcon_kv_heads(config))
+    writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+
+
+def _add_cohere_keys(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
+    """Command-R's logit scale (no rope scaling); Cohere2's window (llama.cpp hard-codes 3 sliding layers
+    then a full one), vocabulary size and rotated dimensions."""
+    import gguf
+
+    writer.add_logit_scale(config["logit_scale"])
+    writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    if arch.name == "cohere2":
+        pattern = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(config["num_hidden_layers"])]
+        if config.get("layer_types", pattern) != pattern:
+            raise ValueError("llama.cpp's cohere2 slides 3 layers of every 4: a GGUF file cannot describe "
+                             f"layer_types {config['layer_types']}")
+        writer.add_sliding_window(config["sliding_window"])
+        writer.add_vocab_size(config["vocab_size"])
+        head_dim = config["hidden_size"] // config["num_attention_heads"]
+        writer.add_rope_dimension_count(int(config.get("rotary_pct", 1.0) * head_dim))
+
+
+def _add_gemma_keys(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
+    """Gemma's window, Gemma 2's soft-caps (Gemma 3's converter writes none) and Gemma 3's linear rope
+    scaling (its global layers'; the local layers' base is fixed at 10k in llama.cpp). The file has no key
+    for the attention scale: llama.cpp infers it from the model's size, so a checkpoint whose
+    ``query_pre_attn_scalar`` differs from that cannot be written."""
+    import gguf
+
+    from llmserve.model_loader.gguf_config import gemma_query_pre_attn_scalar
+
+    inferred = gemma_query_pre_attn_scalar(arch.name, config["num_hidden_layers"], config["hidden_size"],
+                                           config["num_attention_heads"], config["head_dim"])
+    if config["query_pre_attn_scalar"] != inferred:
+        raise ValueError(f"query_pre_attn_scalar {config['query_pre_attn_scalar']} is not the {inferred} llama.cpp "
+                         f"infers for this {arch.name} model: a GGUF file cannot describe it")
+    writer.add_sliding_window(config["sliding_window"])
+    if arch.name == "gemma2":
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+        return
+    if config.get("attn_logit_softcapping") is not None or config.get("final_logit_softcapping") is not None:
+        raise ValueError("llama.cpp's converter writes no soft-cap for gemma3: a GGUF file cannot describe them")
+    local_base = config.get("rope_local_base_freq") or config["rope_parameters"]["sliding_attention"]["rope_theta"]
+    if local_base != 10000.0:
+        raise ValueError(f"local rope base {local_base} is not the 10000 llama.cpp uses for gemma3: a GGUF file "
+                         f"cannot describe it")
+    scaling = config.get("rope_scaling") or config["rope_parameters"]["full_attention"]
+    if scaling.get("rope_type", "default") != "default":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
 
 
 def _add_longrope_factors(writer: Any, config: dict) -> None:
@@ -128,9 +227,12 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32")
     names = gguf.get_tensor_name_map(arch_id, _find(config, "num_hidden_layers", "n_layer"))
     for name, tensor in iterate_weights(checkpoint):
         stem, suffix = name.rsplit(".", 1)
-        data = _converted(arch.name, stem, tensor.to(torch.float32).numpy(), config)
-        gguf_name = f"{names.get_name(stem) or names.get_name(stem.removeprefix('transformer.'))}.{suffix}"
-        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        data = _converted(arch, stem, tensor.to(torch.float32).numpy(), config)
+        mapped = names.get_name(stem) or names.get_name(stem.removeprefix("transformer."))
+        if mapped is None:   # as the converter's "Can not map tensor"
+            raise ValueError(f"llama.cpp's {arch.name} has no tensor for {name}")
+        gguf_name = f"{mapped}.{suffix}"
+        if data.ndim == 1 or mapped.endswith("_norm") or qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, data)
         elif qtype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(gguf_name, data.astype(np.float16))

@@ -5,13 +5,13 @@
   names, the Llama Q/K row permutation, GPT-2's transposed Conv1D weights, BLOOM's regrouped QKV rows and
   tied embeddings are undone exactly, and what transformers' GGUF config mapping drops (Qwen3's head
   size, GPT-2's context and MLP width, Phi-3's sliding window, partial rotary and LongRoPE factors) is
-  read from the file's metadata.
+  read from the file's metadata (Gemma, Command-R and Falcon: ``test_gguf_config.py``).
 * Quantized files (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16) give what transformers gives on the same file
   (it dequantises through the same ``gguf`` package): greedy tokens equal, logprobs within 1e-3, through
   the engine with chunked prefill and prefix caching.
-* The tokenizer and the chat template come from the file's metadata (byte-level BPE): the same token ids
-  as the checkpoint's own tokenizer; ``--tokenizer`` overrides it (the sentencepiece families' files carry
-  none).
+* The tokenizer and the chat template come from the file's metadata (byte-level BPE), also where
+  transformers cannot read the file's config (Command-R): the same token ids as the checkpoint's own
+  tokenizer; ``--tokenizer`` overrides it (the sentencepiece families' files carry none).
 * A file holding a tensor type llmserve does not run is refused before loading, naming the type; a
   ``.gguf`` path that does not exist is "not found"; ``repo:QUANT`` picks the repo's one file of that
   quantisation, and an absent or ambiguous one is an error naming what the repo has.
@@ -27,50 +27,33 @@ from llmserve.entrypoints.llm import LLM
 from llmserve.model_loader import gguf_loader
 from llmserve.model_loader.loader import ModelNotFoundError, resolve_model_path
 from llmserve.sampling_params import SamplingParams
-from llmserve.testing.checkpoints import FAMILIES
-from llmserve.testing.tokenizer_files import BYTELEVEL
-from llmserve.testing.gguf_files import write_gguf
 from tests.engine_greedy import assert_matches_hf, engine_greedy
 
 pytest.importorskip("gguf")
 pytest.importorskip("accelerate")   # transformers' GGUF loading (the oracle) needs it
 
 
-@pytest.fixture(scope="module")
-def gguf_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("gguf")
-
-
-def _gguf(checkpoint_dir, gguf_dir: Path, family: str, file_type: str) -> Path:
-    out = gguf_dir / f"{family}-{file_type}.gguf"
-    return out if out.exists() else write_gguf(checkpoint_dir(family), out, family, file_type)
-
-
-def _tokenizer(checkpoint_dir, family: str) -> dict[str, str]:
-    """The sentencepiece families' files carry no tokenizer: theirs comes from the checkpoint folder."""
-    return {} if FAMILIES[family].tokenizer_kind == BYTELEVEL else {"tokenizer": str(checkpoint_dir(family))}
-
-
 @pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "gpt2", "bloom", "phi3", "phi4_mini"])
-def test_f32_file_runs_as_the_checkpoint_it_came_from(checkpoint_dir, gguf_dir, family):
-    path = _gguf(checkpoint_dir, gguf_dir, family, "F32")
-    assert_matches_hf(engine_greedy(path, **_tokenizer(checkpoint_dir, family)), checkpoint_dir(family), 1e-4)
+def test_f32_file_runs_as_the_checkpoint_it_came_from(checkpoint_dir, gguf_file, gguf_tokenizer, family):
+    path = gguf_file(family, "F32")
+    assert_matches_hf(engine_greedy(path, **gguf_tokenizer(family)), checkpoint_dir(family), 1e-4)
 
 
 @pytest.mark.parametrize("family,file_type", [("qwen2", "Q8_0"), ("qwen2", "Q4_0"), ("qwen2", "Q5_1"),
                                               ("llama", "Q4_1"), ("llama", "Q5_0"), ("qwen2", "F16"),
                                               ("llama", "BF16"), ("bloom", "Q8_0")])
-def test_quantized_file_matches_transformers_on_the_same_file(checkpoint_dir, gguf_dir, family, file_type):
-    path = _gguf(checkpoint_dir, gguf_dir, family, file_type)
-    assert_matches_hf(engine_greedy(path, **_tokenizer(checkpoint_dir, family)), path, 1e-3)
+def test_quantized_file_matches_transformers_on_the_same_file(gguf_file, gguf_tokenizer, family, file_type):
+    path = gguf_file(family, file_type)
+    assert_matches_hf(engine_greedy(path, **gguf_tokenizer(family)), path, 1e-3)
 
 
-def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf_dir):
+@pytest.mark.parametrize("family", ["qwen2", "cohere"])   # Command-R: a config transformers cannot read
+def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf_file, family):
     from transformers import AutoTokenizer
 
-    path = _gguf(checkpoint_dir, gguf_dir, "qwen2", "Q8_0")
+    path = gguf_file(family, "Q8_0")
     llm = LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256)
-    ours, original = llm.get_tokenizer(), AutoTokenizer.from_pretrained(checkpoint_dir("qwen2"))
+    ours, original = llm.get_tokenizer(), AutoTokenizer.from_pretrained(checkpoint_dir(family))
     text = "Où est le café ? 日本 🚀 <|im_start|>user\nHi<|im_end|>"
     assert ours.encode(text) == original.encode(text)
     messages = [{"role": "user", "content": "Hi there"}]
@@ -78,8 +61,8 @@ def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf
         messages, tokenize=True, add_generation_prompt=True)["input_ids"]
 
 
-def test_a_type_llmserve_does_not_run_is_named(checkpoint_dir, gguf_dir):
-    path = _gguf(checkpoint_dir, gguf_dir, "qwen2", "MXFP4")
+def test_a_type_llmserve_does_not_run_is_named(gguf_file):
+    path = gguf_file("qwen2", "MXFP4")
     with pytest.raises(ValueError, match="MXFP4"):
         LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256)
 
