@@ -17,14 +17,14 @@ out; ``llmserve.testing.gguf_files``).
 * A checkpoint these rules do not describe cannot be written: a Gemma whose attention scale is not the one
   llama.cpp infers, a Gemma 3 with another local rope base, Falcon-RW (ALiBi, sequential, multi-head).
 
-The writer follows llama.cpp's converter (``convert_hf_to_gguf.py``) and loader (``llama-model.cpp``) as
-known without their source at hand; details not confirmed against that source: that the Gemma 3 converter
-writes no ``final_logit_softcapping`` (llmserve reads the key when present, as llama.cpp does), that the
-Gemma 2 converter writes no ``rope.freq_base`` (both sides default to 10000), and where Cohere2's
-``rope.dimension_count`` comes from (``rotary_pct``, 1.0 when absent; llmserve refuses anything but whole
-heads). One deliberate difference: the Falcon converter writes 4 x hidden as the MLP width (every released
-Falcon's), the writer the checkpoint's own (the tiny Falcons' MLP is narrower), so that the file is one
-llama.cpp would load.
+The writer follows llama.cpp's converter (``convert_hf_to_gguf.py``) and loader (``llama-model.cpp``),
+checked against the converter's source for the keys each family writes: Gemma 2 writes both soft-caps and
+the window but no ``rope.freq_base`` (both sides default to 10000); Gemma 3 writes
+``final_logit_softcapping`` only when the checkpoint has one (llmserve reads the key when present) and the
+global layers' rope base; Cohere2 writes ``rope.dimension_count`` as ``rotary_pct`` x head size (llmserve
+refuses anything but whole heads). One deliberate difference: the Falcon converter writes 4 x hidden as the
+MLP width (every released Falcon's), the writer the checkpoint's own (the tiny Falcons' MLP is narrower), so
+that the file is one llama.cpp would load.
 """
 
 from __future__ import annotations
