@@ -149,7 +149,7 @@ class EngineCore:
     # ------------------------------------------------------------------ stats
     def stats(self) -> SchedulerStats:
         running = len({seq.request_id for seq in self.scheduler.running.values()})
-        lora = self.scheduler.max_loras is not None
+        lora = self.scheduler.adapters.max_loras is not None
         allocated, filled = self.block_manager.waste(list(self.scheduler.running.values()))
         spec = self.scheduler.spec_stats
         return SchedulerStats(
