@@ -254,13 +254,13 @@ class Scheduler:
             if not seq.on_workers:
                 out.new_seqs.append(NewSequenceData(
                     seq.seq_id, seq.index, seq.prompt_token_ids, list(seq.output_token_ids), seq.params,
-                    seq.eos_token_id, list(seq.block_table), seq.num_computed_tokens, seq.pooling,
+                    seq.eos_token_id, [list(t) for t in seq.block_tables], seq.num_computed_tokens, seq.pooling,
                     seq.lora_request))
                 seq.on_workers = True
             else:
                 out.cached_seqs.append(CachedSequenceData(
                     seq.seq_id, seq.all_token_ids[seq.num_sent_tokens:], seq.num_sent_blocks,
-                    seq.block_table[seq.num_sent_blocks:], seq.num_computed_tokens))
+                    [t[seq.num_sent_blocks:] for t in seq.block_tables], seq.num_computed_tokens))
             seq.num_sent_tokens = seq.num_tokens
             seq.num_sent_blocks = len(seq.block_table)
             if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens and not seq.output_token_ids:
