@@ -273,7 +273,9 @@ class InputBatch:
         row_of_token = np.repeat(rows, q)
         positions = np.repeat(ctx - starts, q) + np.arange(int(ends[-1]))
         bs = self.block_size
-        slots = self.block_tables[:, row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        # (C order: numpy lays out advanced-index results token-major, and each group's row must be contiguous
+        # for the kernels)
+        slots = self.block_tables[:, row_of_token, positions // bs].astype(np.int64, order="C") * bs + positions % bs
         sampled = np.flatnonzero((ctx + q == self.num_tokens[rows] + self.num_drafts[rows]) & ~self.pools[rows])
         width = int(max(1, (-(-(ctx + q) // bs)).max()))
         prompt_rows, pool_rows = [], []
@@ -293,6 +295,6 @@ class InputBatch:
             seq_ids=seq_ids, input_ids=self.token_ids[row_of_token, positions].astype(np.int64), positions=positions,
             rotary_lengths=np.maximum(self.num_prompt[row_of_token], positions + 1),
             slot_mapping=slots, query_lens=q.tolist(), context_lens=ctx.tolist(),
-            block_tables=self.block_tables[:, rows, :width], num_decodes=int((q == 1).sum()),
+            block_tables=np.ascontiguousarray(self.block_tables[:, rows, :width]), num_decodes=int((q == 1).sum()),
             sample_rows=(ends[sampled] - 1).tolist(), sample_seqs=[self.seqs[seq_ids[i]] for i in sampled],
             prompt_rows=prompt_rows, pool_rows=pool_rows)

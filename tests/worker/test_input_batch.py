@@ -99,6 +99,7 @@ def test_each_kv_cache_group_has_its_own_table_and_slots():
     step = b.prepare({1: 2})
     assert step.slot_mapping.tolist() == [[24, 25], [36, 37]]
     assert step.block_tables.tolist() == [[[5, 6]], [[0, 9]]]
+    assert step.slot_mapping.flags.c_contiguous and step.block_tables.flags.c_contiguous   # rows read as flat arrays
     b.update(SchedulerOutput(cached_seqs=[CachedSequenceData(1, [7], 2, [[2], [3]], 6)]))
     assert b.block_ids(1) == [[5, 6, 2], [0, 9, 3]]
     child = b.fork(b.seqs[1], 2, 1)
