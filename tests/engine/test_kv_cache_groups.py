@@ -4,7 +4,7 @@ Specified: a sequence has a table per group, all of one length, drawn from one p
 or nothing); a sliding group hands back the blocks that left its window while a full group keeps every block;
 a prefix hit is the longest prefix every group can serve (a full group: its cached blocks from the start; a
 sliding group: those from the window of the first uncomputed token on). Gemma 2 (alternating), Gemma 3
-(5 local : 1 global) and Cohere2 (3 : 1) then run with their sliding layers' blocks freed, and their greedy
+(5 local : 1 global), Cohere2 (3 : 1) and Qwen2 with ``max_window_layers`` then run with their sliding layers' blocks freed, and their greedy
 output equals transformers' under chunked prefill, preemption and prefix-cache hits.
 """
 
@@ -21,7 +21,7 @@ from llmserve.sampling_params import SamplingParams as Params
 from tests.engine.test_block_manager import assert_invariants, make_seq
 from tests.engine.test_hf_equivalence import assert_matches_hf, llm_block_bytes
 from tests.engine.test_sliding_window_blocks import decode_bound, run
-from tests.models.hf_logits import LONG_PROMPT
+from tests.models.hf_logits import LONG_PROMPT, with_config
 
 BS = 4
 
@@ -173,3 +173,16 @@ def test_mixed_models_match_hf_with_their_sliding_blocks_freed(checkpoint_dir, f
     assert engine.scheduler.num_preemptions > 0 and engine.block_manager.prefix_hit_tokens > 0
     assert_matches_hf(path, [done[str(i)] for i in range(len(prompts))], max_tokens=40)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_qwen2_slides_from_max_window_layers_on(checkpoint_dir, tmp_path):
+    """Qwen2's first ``max_window_layers`` layers attend fully, the rest within the window: a full and a
+    sliding group, and transformers' output under preemption."""
+    path = with_config(tmp_path, checkpoint_dir("qwen2"),
+                       {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1})
+    llm = LLM(str(path), block_size=BS, max_num_batched_tokens=8, kv_cache_memory_bytes=10 * llm_block_bytes(path, BS))
+    assert llm.engine.block_manager.group_windows == [None, 8]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in (LONG_PROMPT, LONG_PROMPT[:13], LONG_PROMPT[5:])],
+                           SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_matches_hf(path, outputs, max_tokens=24)
