@@ -101,11 +101,6 @@ class BlockManager:
         self.prefix_hit_tokens = 0
 
     @property
-    def sliding_window(self) -> int | None:
-        """The window of a one-group model whose every layer slides (None otherwise)."""
-        return self.group_windows[0] if len(self.group_windows) == 1 else None
-
-    @property
     def num_free_blocks(self) -> int:
         return len(self.free_blocks)
 

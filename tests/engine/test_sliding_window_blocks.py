@@ -190,7 +190,7 @@ def test_long_generation_matches_hf_in_a_window_of_blocks(checkpoint_dir, slidin
     (every prompt twice): each sequence holds at most the window's blocks plus its chunk's."""
     path = sliding_mistral if family.startswith("mistral") else checkpoint_dir(family)
     llm = LLM(str(path), block_size=BS, max_num_batched_tokens=8, kv_cache_memory_bytes=64 * llm_block_bytes(path, BS))
-    window = llm.engine.block_manager.sliding_window
+    [window] = llm.engine.block_manager.group_windows
     assert window == (12 if family.startswith("mistral") else 10)
     prompts = [LONG_PROMPT, LONG_PROMPT[:13], LONG_PROMPT, LONG_PROMPT[:13]]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=0)
