@@ -1,8 +1,8 @@
 """Hands out fixed-size KV-cache blocks to sequences on demand (PagedAttention), and shares them.
 
 A sequence holds ``ceil(num_tokens / block_size)`` blocks in each KV-cache group, listed in order in that
-group's block table; it grows one block at a time and returns every block the moment it finishes, is preempted or is aborted, so at
-most one partly filled block per sequence is wasted.
+group's block table; it grows one block at a time and returns every block the moment it finishes, is
+preempted or is aborted, so at most one partly filled block per sequence and group is wasted.
 
 Sharing, by reference count:
 

@@ -4,8 +4,9 @@ Specified: a sequence has a table per group, all of one length, drawn from one p
 or nothing); a sliding group hands back the blocks that left its window while a full group keeps every block;
 a prefix hit is the longest prefix every group can serve (a full group: its cached blocks from the start; a
 sliding group: those from the window of the first uncomputed token on). Gemma 2 (alternating), Gemma 3
-(5 local : 1 global), Cohere2 (3 : 1) and Qwen2 with ``max_window_layers`` then run with their sliding layers' blocks freed, and their greedy
-output equals transformers' under chunked prefill, preemption and prefix-cache hits.
+(5 local : 1 global), Cohere2 (3 : 1) and Qwen2 with ``max_window_layers`` then run with their sliding
+layers' blocks freed, and their greedy output equals transformers' under chunked prefill, preemption and
+prefix-cache hits.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from hypothesis import strategies as st
 from llmserve import LLM, SamplingParams
 from llmserve.engine.block_manager import NULL_BLOCK, BlockManager, most_blocks_held
 from llmserve.engine.sequence import Sequence
-from llmserve.sampling_params import SamplingParams as Params
 from tests.engine.test_block_manager import assert_invariants, make_seq
 from tests.engine.test_hf_equivalence import assert_matches_hf, llm_block_bytes
 from tests.engine.test_sliding_window_blocks import decode_bound, run
@@ -71,7 +71,7 @@ def test_a_fork_shares_every_groups_live_blocks():
 
 def cached_prompt(bm: BlockManager, tokens: int) -> Sequence:
     """A finished sequence of ``tokens`` tokens whose blocks stay cached (free) in every group."""
-    first = Sequence(0, "r0", 0, list(range(tokens)), Params(), 16, None)
+    first = Sequence(0, "r0", 0, list(range(tokens)), SamplingParams(), 16, None)
     run(bm, first, tokens)
     bm.free(first)
     return first
@@ -84,7 +84,7 @@ def test_a_prefix_hit_is_the_longest_prefix_every_group_serves():
         first = cached_prompt(bm, 25)
         for group, index in evicted:   # as the LRU eviction of that group's cached copy would
             del bm.cached[group, first.block_hashes[index]]
-        seq = Sequence(1, "r1", 0, list(range(25)), Params(), 16, None)
+        seq = Sequence(1, "r1", 0, list(range(25)), SamplingParams(), 16, None)
         bm.match_prefix(seq)
         return seq
 
@@ -119,7 +119,7 @@ def test_random_steps_keep_every_groups_invariants(num_blocks, windows, ops):
     """(slot, n > 0) computes n more tokens, (slot, 0) looks a block-less slot up in the prefix cache, (slot,
     None) frees it; each slot's own 60-token prompt."""
     bm = BlockManager(num_blocks, BS, enable_prefix_caching=True, group_windows=windows)
-    seqs = [Sequence(slot, f"r{slot}", 0, [slot * 100 + t for t in range(60)], Params(), 16, None)
+    seqs = [Sequence(slot, f"r{slot}", 0, [slot * 100 + t for t in range(60)], SamplingParams(), 16, None)
             for slot in range(4)]
     for slot, n in ops:
         seq = seqs[slot]
