@@ -1,13 +1,14 @@
-"""KV blocks in use and sequences running at once for long generations on a sliding-window model.
+"""KV blocks in use and sequences running at once for long generations on a model with sliding-window layers.
 
 ``python -m llmserve.benchmarks.sliding_window --model DIR`` sends ``--num-requests`` requests of
 ``--prompt-len`` random tokens generating ``--output-len`` tokens each (greedy, EOS ignored) into a cache of
 ``--kv-cache-memory-bytes``, steps the engine to the end and reports, as one JSON line: the most sequences
 that ran in one step and their mean over steps, the most KV blocks in use after a step and their mean,
-preemptions, and generated tokens per second. Where every layer of the model slides, the blocks out of the
-window are freed (:mod:`llmserve.engine.block_manager`), so the same cache runs more sequences at once; the
-report names the window the engine found (None: the model keeps every block). ``--window N`` first rewrites the checkpoint's
-``sliding_window`` into a copy (for a generated checkpoint that has none).
+preemptions, steps, and generated tokens per second. The blocks out of a sliding layer's window are freed
+(:mod:`llmserve.engine.block_manager`; a model that mixes full and sliding layers frees its sliding groups'),
+so the same cache runs more sequences at once; the report names the KV-cache groups' windows the engine
+found (``[null]``: one group that keeps every block). ``--window N`` first rewrites the checkpoint's
+``sliding_window`` on every layer into a copy (for a generated checkpoint that has none).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def run(model: str, num_requests: int, prompt_len: int, output_len: int, block_s
         steps += 1
         block_steps += in_use
     elapsed = time.perf_counter() - start
-    result = {"sliding_window": blocks.sliding_window, "num_blocks": blocks.num_blocks,
+    result = {"group_windows": blocks.group_windows, "num_blocks": blocks.num_blocks,
               "block_size": block_size, "max_running": most_running,
               "mean_running": round(running_steps / max(1, steps), 2), "max_blocks_in_use": most_blocks,
               "mean_blocks_in_use": round(block_steps / max(1, steps), 1), "steps": steps,

@@ -63,7 +63,7 @@ class AsyncLLMEngine:
         ``loop``; requests are taken from then on."""
         num_blocks = self.client.wait_until_ready()
         self.inputs = InputProcessor(self.info, num_blocks, self.info.config.block_size,
-                                     self.client.sliding_window)
+                                     self.client.group_windows)
         self._stats = SchedulerStats(num_blocks=num_blocks, num_free_blocks=num_blocks)
         self._loop = loop
         loop.call_soon_threadsafe(loop.add_reader, self.client.fileno(), self._on_core_output)

@@ -1,8 +1,8 @@
 """Hands out fixed-size KV-cache blocks to sequences on demand (PagedAttention), and shares them.
 
-A sequence holds ``ceil(num_tokens / block_size)`` blocks, listed in order in its block table; it grows
-one block at a time and returns every block the moment it finishes, is preempted or is aborted, so at
-most one partly filled block per sequence is wasted.
+A sequence holds ``ceil(num_tokens / block_size)`` blocks in each KV-cache group, listed in order in that
+group's block table; it grows one block at a time and returns every block the moment it finishes, is
+preempted or is aborted, so at most one partly filled block per sequence and group is wasted.
 
 Sharing, by reference count:
 
@@ -17,22 +17,27 @@ Sharing, by reference count:
   partly filled block copies it first (copy-on-write). The copy is recorded in ``pending_copies`` and
   done by the model runner before the next forward.
 
-Sliding windows (``sliding_window``: the widest window, when every attention layer of the model has one;
-vLLM's ``SlidingWindowManager``). A query at position ``p`` sees keys ``p - window < j <= p``, so once a
-sequence's next token to compute is at ``c``, every block ending before ``c - window + 1`` is dead for every
-future query of it (K/V are never recomputed in place: preemption drops the whole table). ``allocate``
-hands those blocks back before growing the table; their entries become :data:`NULL_BLOCK` placeholders
-(``Sequence.num_released_blocks`` of them, always a prefix), which no backend reads since each starts its
-keys at the window. A sequence thus holds at most ``ceil((window - 1) / block_size) + 1`` blocks while it
-decodes (plus those of the tokens scheduled with it: a prefill chunk, drafts). Released blocks keep their
-prefix-cache hash, and a prefix hit needs only the blocks inside the window of its first uncomputed token
-(:meth:`BlockManager.match_prefix`).
+KV-cache groups (vLLM's ``KVCacheGroupSpec``): ``group_windows`` gives each group's window (None: full
+attention). A block id holds the K/V of one group's layers only, so a sequence has one block table per group
+(``Sequence.block_tables``), all of one length and all drawn from the one pool; ``allocate`` counts them
+together. A model whose attention layers all see alike has one group.
+
+Sliding windows (vLLM's ``SlidingWindowManager``). A query at position ``p`` sees keys
+``p - window < j <= p``, so once a sequence's next token to compute is at ``c``, every block of a sliding
+group ending before ``c - window + 1`` is dead for every future query of it (K/V are never recomputed in
+place: preemption drops the whole table). ``allocate`` hands those blocks back before growing the tables;
+their entries become :data:`NULL_BLOCK` placeholders (``Sequence.num_released[g]`` of them, always a
+prefix), which no backend reads since each starts its keys at the window. A sliding group's table thus holds
+at most ``ceil((window - 1) / block_size) + 1`` blocks while the sequence decodes (plus those of the tokens
+scheduled with it: a prefill chunk, drafts). Released blocks keep their prefix-cache hash; a prefix hit is
+the longest prefix every group can serve (:meth:`BlockManager.match_prefix`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -54,35 +59,43 @@ def chain_root(extra_keys: bytes) -> bytes:
     return hashlib.sha256(_ROOT_HASH + extra_keys).digest() if extra_keys else _ROOT_HASH
 
 
-def most_blocks_held(block_size: int, sliding_window: int | None, num_prompt_tokens: int, num_tokens: int,
-                     max_step_tokens: int, chunked_prefill: bool) -> int:
-    """The most blocks a sequence of ``num_tokens`` tokens holds at once: all of them, or under a sliding
-    window, those of the window of a step's first token and of the step (at most ``max_step_tokens``; the
-    whole prompt in its first step without chunked prefill)."""
+def most_blocks_held(block_size: int, group_windows: Iterable[int | None], num_prompt_tokens: int,
+                     num_tokens: int, max_step_tokens: int, chunked_prefill: bool) -> int:
+    """The most blocks a sequence of ``num_tokens`` tokens holds at once, over every KV-cache group: all of
+    them in a full group; in a sliding group, those of the window of a step's first token and of the step
+    (at most ``max_step_tokens``; the whole prompt in its first step without chunked prefill)."""
     blocks = -(-num_tokens // block_size)
-    if sliding_window is None:
-        return blocks
-    held = -(-(sliding_window - 1 + max_step_tokens) // block_size) + 1
-    if not chunked_prefill:
-        held = max(held, -(-num_prompt_tokens // block_size))
-    return min(blocks, held)
+    total = 0
+    for window in group_windows:
+        if window is None:
+            total += blocks
+            continue
+        held = -(-(window - 1 + max_step_tokens) // block_size) + 1
+        if not chunked_prefill:
+            held = max(held, -(-num_prompt_tokens // block_size))
+        total += min(blocks, held)
+    return total
 
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None) -> None:
+                 group_windows: Iterable[int | None] = (None,)) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache must hold at least one block, got {num_blocks}")
-        if sliding_window is not None and sliding_window < 1:
-            raise ValueError(f"sliding_window must be a positive number of tokens (or None), got {sliding_window}")
-        self.sliding_window = sliding_window
+        if not group_windows:
+            raise ValueError("the KV cache needs at least one group")
+        for window in group_windows:
+            if window is not None and window < 1:
+                raise ValueError(f"a group's window must be a positive number of tokens (or None), got {window}")
+        self.group_windows = list(group_windows)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))   # LRU first
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[bytes | None] = [None] * num_blocks
-        self.cached: dict[bytes, int] = {}
+        # A cached block is named by (its group, its chained hash): a block id holds one group's K/V only.
+        self.block_hash: list[tuple[int, bytes] | None] = [None] * num_blocks
+        self.cached: dict[tuple[int, bytes], int] = {}
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -111,12 +124,13 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def num_dead_blocks(self, num_computed_tokens: int) -> int:
-        """Leading blocks no query from ``num_computed_tokens`` on can see (0 without a sliding window): those
-        whose last position is before the window of the query at ``num_computed_tokens``."""
-        if self.sliding_window is None:
+    def num_dead_blocks(self, num_computed_tokens: int, group: int = 0) -> int:
+        """Leading blocks of ``group`` no query from ``num_computed_tokens`` on can see (0 in a full group):
+        those whose last position is before the window of the query at ``num_computed_tokens``."""
+        window = self.group_windows[group]
+        if window is None:
             return 0
-        return max(0, num_computed_tokens - self.sliding_window + 1) // self.block_size
+        return max(0, num_computed_tokens - window + 1) // self.block_size
 
     # ------------------------------------------------------------------ prefix caching
     def match_prefix(self, seq: Sequence) -> int:
@@ -124,39 +138,45 @@ class BlockManager:
 
         At least one token is left to compute, since the step that computes it produces the next logits.
         """
-        if not self.enable_prefix_caching or seq.block_table or seq.needs_every_prompt_position:
+        if not self.enable_prefix_caching or seq.block_tables or seq.needs_every_prompt_position:
             # Prompt logprobs and mean / first-token pooling read the output at cached positions too, which
             # the cache does not keep (vLLM skips the cache for prompt logprobs too); their blocks are still
             # published for the requests after them.
             return 0
         hashes = self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size)
-        blocks = [self.cached.get(h) for h in hashes]
-        num_hit, dead = self._longest_hit(blocks)
-        hit = blocks[dead:num_hit]
-        for block in hit:
-            self._take(block)
-        seq.block_table = [NULL_BLOCK] * dead + hit
-        seq.num_released_blocks = dead
+        blocks = [[self.cached.get((g, h)) for h in hashes] for g in range(len(self.group_windows))]
+        num_hit = self._longest_hit(blocks)
+        seq.block_tables, seq.num_released = [], []
+        for g, group_blocks in enumerate(blocks):
+            dead = self.num_dead_blocks(num_hit * self.block_size, g)
+            hit = group_blocks[dead:num_hit]
+            for block in hit:
+                self._take(block)
+            seq.block_tables.append([NULL_BLOCK] * dead + hit)
+            seq.num_released.append(dead)
         seq.num_computed_tokens = num_hit * self.block_size
         return seq.num_computed_tokens
 
-    def _longest_hit(self, blocks: list[int | None]) -> tuple[int, int]:
-        """(k, d): the longest prefix of k blocks that can be served from ``blocks`` (each full block's cached
-        copy, or None), and the d leading blocks of it that are not needed. Without a sliding window, the
-        cached blocks from the start (d = 0); with one, the longest prefix whose blocks from the window of
-        its first uncomputed token on are all cached (vLLM's sliding-window hit: earlier ones may be evicted)."""
-        if self.sliding_window is None:
-            k = next((i for i, block in enumerate(blocks) if block is None), len(blocks))
-            return k, 0
-        best, run_start = (0, 0), 0
-        for i, block in enumerate(blocks):
-            if block is None:
-                run_start = i + 1
+    def _longest_hit(self, blocks: list[list[int | None]]) -> int:
+        """The longest prefix, in blocks, that every group can serve from ``blocks`` (per group, each full
+        block's cached copy, or None), as vLLM's ``HybridKVCacheCoordinator`` intersects them: a full group
+        needs its cached blocks from the start; a sliding group only those from the window of the prefix's
+        first uncomputed token on (vLLM's sliding-window hit: earlier ones may have been evicted)."""
+        limit = len(blocks[0])
+        sliding: list[tuple[int, list[int]]] = []   # (group, where the run of cached blocks through i starts)
+        for g, group_blocks in enumerate(blocks):
+            if self.group_windows[g] is None:
+                limit = min(limit, next((i for i, b in enumerate(group_blocks) if b is None), limit))
                 continue
-            dead = self.num_dead_blocks((i + 1) * self.block_size)
-            if run_start <= dead:
-                best = (i + 1, dead)
-        return best
+            run_starts, start = [], 0
+            for i, block in enumerate(group_blocks):
+                start = i + 1 if block is None else start
+                run_starts.append(start)
+            sliding.append((g, run_starts))
+        for k in range(limit, 0, -1):
+            if all(run_starts[k - 1] <= self.num_dead_blocks(k * self.block_size, g) for g, run_starts in sliding):
+                return k
+        return 0
 
     def record_prefix_query(self, num_tokens: int, num_hit: int) -> None:
         """Count one admitted sequence's prompt lookup (vLLM counts tokens)."""
@@ -171,11 +191,12 @@ class BlockManager:
         if num_full <= seq.num_published_blocks:
             return
         hashes = self._block_hashes(seq, num_full)
-        for i in range(max(seq.num_published_blocks, seq.num_released_blocks), num_full):
-            block, h = seq.block_table[i], hashes[i]
-            if self.block_hash[block] is None and h not in self.cached:
-                self.cached[h] = block
-                self.block_hash[block] = h
+        for g, table in enumerate(seq.block_tables):
+            for i in range(max(seq.num_published_blocks, seq.num_released[g]), num_full):
+                block, key = table[i], (g, hashes[i])
+                if self.block_hash[block] is None and key not in self.cached:
+                    self.cached[key] = block
+                    self.block_hash[block] = key
         seq.num_published_blocks = num_full
 
     def _block_hashes(self, seq: Sequence, count: int) -> list[bytes]:
@@ -191,52 +212,57 @@ class BlockManager:
 
     # ------------------------------------------------------------------ allocation
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow ``seq``'s block table to hold ``num_tokens`` tokens, copying a shared partly filled block
-        before it is written. First hands back the blocks that left the sliding window (always safe). All or
-        nothing otherwise: False (and no other change) if too few blocks are free."""
+        """Grow ``seq``'s block tables to hold ``num_tokens`` tokens, copying a shared partly filled block
+        before it is written. First hands back the blocks that left a sliding group's window (always safe).
+        All or nothing otherwise: False (and no other change) if too few blocks are free for every group."""
+        if not seq.block_tables:
+            seq.block_tables = [[] for _ in self.group_windows]
+            seq.num_released = [0] * len(self.group_windows)
         self.release_out_of_window(seq)
-        table = seq.block_table
         first_write = seq.num_computed_tokens // self.block_size
-        copy_on_write = first_write < len(table) and self.ref_counts[table[first_write]] > 1
-        needed = max(0, self.blocks_for(num_tokens) - len(table)) + copy_on_write
+        wanted = self.blocks_for(num_tokens)
+        copies = [first_write < len(table) and self.ref_counts[table[first_write]] > 1 for table in seq.block_tables]
+        needed = sum(max(0, wanted - len(table)) + copy for table, copy in zip(seq.block_tables, copies))
         if needed > len(self.free_blocks):
             return False
-        if copy_on_write:
-            shared = table[first_write]
-            table[first_write] = self._pop_free()
-            self.ref_counts[shared] -= 1
-            self.pending_copies.append((shared, table[first_write]))
-            seq.num_sent_blocks = min(seq.num_sent_blocks, first_write)   # the workers' table changes there
-            needed -= 1
-        for _ in range(needed):
-            table.append(self._pop_free())
+        for table, copy_on_write in zip(seq.block_tables, copies):
+            if copy_on_write:
+                shared = table[first_write]
+                table[first_write] = self._pop_free()
+                self.ref_counts[shared] -= 1
+                self.pending_copies.append((shared, table[first_write]))
+                seq.num_sent_blocks = min(seq.num_sent_blocks, first_write)   # the workers' tables change there
+            table.extend(self._pop_free() for _ in range(wanted - len(table)))
         return True
 
     def release_out_of_window(self, seq: Sequence) -> None:
-        """Hand back ``seq``'s blocks that no query of it can see any more; they stay in the prefix cache."""
-        table = seq.block_table
-        dead = min(self.num_dead_blocks(seq.num_computed_tokens), len(table))
-        for i in range(seq.num_released_blocks, dead):
-            self._release(table[i])
-            table[i] = NULL_BLOCK
-        seq.num_released_blocks = max(seq.num_released_blocks, dead)
+        """Hand back ``seq``'s blocks that no query of their group can see any more; they stay in the prefix
+        cache."""
+        for g, table in enumerate(seq.block_tables):
+            dead = min(self.num_dead_blocks(seq.num_computed_tokens, g), len(table))
+            for i in range(seq.num_released[g], dead):
+                self._release(table[i])
+                table[i] = NULL_BLOCK
+            seq.num_released[g] = max(seq.num_released[g], dead)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """``child`` shares every block of ``parent`` (whose K/V it has) until it writes its own."""
-        child.block_table = list(parent.block_table)
-        child.num_released_blocks = parent.num_released_blocks
-        for block in child.block_table[child.num_released_blocks:]:
-            self.ref_counts[block] += 1
+        child.block_tables = [list(table) for table in parent.block_tables]
+        child.num_released = list(parent.num_released)
+        for table, released in zip(child.block_tables, child.num_released):
+            for block in table[released:]:
+                self.ref_counts[block] += 1
         child.num_computed_tokens = parent.num_computed_tokens
         child.block_hashes = list(parent.block_hashes)
         child.num_published_blocks = parent.num_published_blocks
 
     def free(self, seq: Sequence) -> None:
         """Return every block of ``seq``; blocks nobody else holds go to the free pool, tail blocks first."""
-        for block in reversed(seq.block_table[seq.num_released_blocks:]):
-            self._release(block)
-        seq.block_table = []
-        seq.num_released_blocks = 0
+        for table, released in zip(seq.block_tables, seq.num_released):
+            for block in reversed(table[released:]):
+                self._release(block)
+        seq.block_tables = []
+        seq.num_released = []
         seq.num_published_blocks = 0
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
@@ -271,8 +297,9 @@ class BlockManager:
         filled: dict[int, int] = {}
         bs = self.block_size
         for seq in seqs:
-            for i, block in enumerate(seq.block_table[seq.num_released_blocks:], seq.num_released_blocks):
-                fill = min(bs, max(0, seq.num_computed_tokens - i * bs))
-                if fill > filled.get(block, -1):
-                    filled[block] = fill
+            for table, released in zip(seq.block_tables, seq.num_released):
+                for i, block in enumerate(table[released:], released):
+                    fill = min(bs, max(0, seq.num_computed_tokens - i * bs))
+                    if fill > filled.get(block, -1):
+                        filled[block] = fill
         return len(filled) * bs, sum(filled.values())

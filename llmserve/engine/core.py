@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable
 
 from llmserve.config import EngineConfig
-from llmserve.engine.block_manager import BlockManager
+from llmserve.engine.block_manager import BlockManager, most_blocks_held
 from llmserve.engine.messages import (EngineCoreOutputs, EngineCoreRequest, ModelRunnerOutput, SampleOutput,
                                       SchedulerStats)
 from llmserve.engine.scheduler import Scheduler
@@ -40,8 +40,8 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()
             raise
-        window = self.executor.kv_cache_sliding_window()
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, window)
+        windows = self.executor.kv_cache_group_windows()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, windows)
         spec = config.speculative_config
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max_num_batched_tokens,
                                    config.enable_chunked_prefill, max_model_len,
@@ -53,10 +53,17 @@ class EngineCore:
         tokens = num_blocks * config.block_size
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per rank)", num_blocks,
                     config.block_size, tokens, num_blocks * self.executor.kv_cache_bytes_per_block() / 2**30)
-        logger.info("Maximum concurrency for %d tokens per request: %.2fx", max_model_len, tokens / max_model_len)
-        if window is not None:
+        held = most_blocks_held(config.block_size, windows, max_model_len, max_model_len, max_num_batched_tokens,
+                                config.enable_chunked_prefill)
+        logger.info("Maximum concurrency for %d tokens per request: %.2fx", max_model_len, num_blocks / held)
+        if len(windows) > 1:
+            kinds = {w: windows.count(w) for w in windows}
+            logger.info("KV-cache groups (one block table each, one pool): %s; a sliding group frees the blocks "
+                        "that left its window", ", ".join(f"{n} {'full' if w is None else f'with window {w}'}"
+                                                          for w, n in kinds.items()))
+        elif windows[0] is not None:
             logger.info("Every attention layer slides (window %d tokens): a sequence holds at most %d blocks while "
-                        "it decodes; older ones are freed", window, -(-(window - 1) // config.block_size) + 1)
+                        "it decodes; older ones are freed", windows[0], -(-(windows[0] - 1) // config.block_size) + 1)
 
     def _adaptive_speculation(self, config: EngineConfig, num_blocks: int,
                               max_num_batched_tokens: int) -> AdaptiveSpeculation | None:
@@ -149,7 +156,7 @@ class EngineCore:
     # ------------------------------------------------------------------ stats
     def stats(self) -> SchedulerStats:
         running = len({seq.request_id for seq in self.scheduler.running.values()})
-        lora = self.scheduler.max_loras is not None
+        lora = self.scheduler.adapters.max_loras is not None
         allocated, filled = self.block_manager.waste(list(self.scheduler.running.values()))
         spec = self.scheduler.spec_stats
         return SchedulerStats(

@@ -62,7 +62,7 @@ class EngineCoreClient:
         self._sender = threading.Thread(target=self._send_loop, name="llmserve-core-send", daemon=True)
         self._sender.start()
         self.num_kv_blocks: int | None = None
-        self.sliding_window: int | None = None   # the block manager's
+        self.group_windows: list[int | None] = [None]   # the block manager's
 
     def wait_until_ready(self) -> int:
         """Block until the core has loaded the model and sized its KV cache; its number of blocks. Starting
@@ -74,7 +74,7 @@ class EngineCoreClient:
                 raise EngineCoreDiedError(ready[1:].decode() if ready[:1] == b"F"
                                           else "the engine core did not start")
             ready_info = json.loads(ready[1:])
-            self.sliding_window = ready_info["sliding_window"]
+            self.group_windows = ready_info["group_windows"]
             self.num_kv_blocks = int(ready_info["num_kv_blocks"])
         return self.num_kv_blocks
 
@@ -143,7 +143,7 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
         outputs.send_bytes(b"F" + f"{type(exc).__name__}: {exc}".encode())
         return
     outputs.send_bytes(b"R" + json.dumps({"num_kv_blocks": core.block_manager.num_blocks,
-                                          "sliding_window": core.block_manager.sliding_window}).encode())
+                                          "group_windows": core.block_manager.group_windows}).encode())
     received: queue.SimpleQueue[bytes] = queue.SimpleQueue()
 
     def receive_loop() -> None:

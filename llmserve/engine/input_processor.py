@@ -118,14 +118,14 @@ class InputProcessor:
     """Tokenises and validates requests against the model and the engine core's KV-cache size."""
 
     def __init__(self, info: ModelInfo, num_kv_blocks: int, block_size: int,
-                 sliding_window: int | None = None) -> None:
-        """``sliding_window``: the block manager's (set when every layer slides: a request then holds only
-        its window's blocks, however long it gets)."""
+                 group_windows: list[int | None] | None = None) -> None:
+        """``group_windows``: the block manager's, each KV-cache group's window (None: full attention; a
+        sliding group holds only its window's blocks of a request, however long it gets)."""
         self.info = info
         self.tokenizer = info.tokenizer
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
-        self.sliding_window = sliding_window
+        self.group_windows = group_windows or [None]
         self._checked_loras: set[LoRARequest] = set()
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams | PoolingParams | None,
@@ -197,7 +197,7 @@ class InputProcessor:
                                  params.resolve(self.info.config.pooler_config), self._kv_variant(prompt_ids))
 
     def _blocks_held(self, num_prompt_tokens: int, num_tokens: int) -> int:
-        return most_blocks_held(self.block_size, self.sliding_window, num_prompt_tokens, num_tokens,
+        return most_blocks_held(self.block_size, self.group_windows, num_prompt_tokens, num_tokens,
                                 self.info.max_num_batched_tokens, self.info.config.enable_chunked_prefill)
 
     def _kv_variant(self, prompt_ids: list[int]) -> str | None:

@@ -39,7 +39,7 @@ class LLMEngine:
         self.info = ModelInfo(config)
         self.core = EngineCore(config, self.info.max_model_len, self.info.max_num_batched_tokens)
         self.inputs = InputProcessor(self.info, self.core.block_manager.num_blocks, config.block_size,
-                                     self.core.block_manager.sliding_window)
+                                     self.core.block_manager.group_windows)
         self.outputs = OutputProcessor(self.info.load_tokenizer())   # the stepping thread's own instance
 
     # ------------------------------------------------------------------ what the model is

@@ -27,7 +27,7 @@ class NewSequenceData(msgspec.Struct, array_like=True, omit_defaults=True):
     output_token_ids: list[int]       # generated so far (non-empty when resumed after a preemption)
     params: SamplingParams
     eos_token_id: int | None
-    block_ids: list[int]
+    block_ids: list[list[int]]        # its block table in each KV-cache group
     num_computed_tokens: int
     pooling: PoolerConfig | None = None   # set for a pooling (embedding) request: its prompt is pooled, not sampled
     lora_request: LoRARequest | None = None   # the adapter it runs with (None: the base model)
@@ -38,8 +38,8 @@ class CachedSequenceData(msgspec.Struct, array_like=True, omit_defaults=True):
 
     seq_id: int
     new_token_ids: list[int]          # appended to its tokens (usually the one sampled last step)
-    block_table_start: int            # its block table from this index on is replaced by new_block_ids
-    new_block_ids: list[int]
+    block_table_start: int            # its block tables from this index on are replaced by new_block_ids
+    new_block_ids: list[list[int]]    # per KV-cache group
     num_computed_tokens: int
 
 

@@ -44,7 +44,9 @@ from dataclasses import dataclass, field
 from llmserve.engine.block_manager import BlockManager
 from llmserve.engine.messages import (CachedSequenceData, ForkData, ModelRunnerOutput, NewSequenceData,
                                       SchedulerOutput, TokenLogprobs)
+from llmserve.engine.running_adapters import RunningAdapters
 from llmserve.engine.sequence import Sequence, SequenceStatus
+from llmserve.engine.stop_conditions import check_token_stop
 from llmserve.layers import pooler
 from llmserve.spec_decode.adaptive import AdaptiveSpeculation
 from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
@@ -66,16 +68,6 @@ class StepResult:
     pooled: list[tuple[Sequence, bytes]] = field(default_factory=list)
 
 
-def stops_on_token(seq: Sequence, token: int) -> bool:
-    """Whether ``token``, just appended, is an EOS or stop token that ends ``seq`` (never before min_tokens,
-    unless a grammar ends there: the sampler lets a constrained sequence take a stop token under min_tokens
-    only where its grammar allows nothing else)."""
-    params = seq.params
-    if len(seq.output_token_ids) < params.min_tokens and params.structured_outputs is None:
-        return False
-    return (token == seq.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids
-
-
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None,
@@ -86,7 +78,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.max_model_len = max_model_len
-        self.max_loras = max_loras
+        self.adapters = RunningAdapters(max_loras)   # adapter id -> running sequences using it
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}   # insertion order = admission order; O(1) removal
         self.num_preemptions = 0
@@ -112,7 +104,9 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence (and samples still waiting to fork from it); free its blocks."""
-        if self.running.pop(seq.seq_id, None) is None:
+        if self.running.pop(seq.seq_id, None) is not None:
+            self.adapters.remove(seq)
+        else:
             try:
                 self.waiting.remove(seq)   # aborts of queued requests only; rare
             except ValueError:
@@ -194,24 +188,18 @@ class Scheduler:
                 return False
         return True
 
-    def running_lora_ids(self) -> set[int]:
-        return {s.lora_request.lora_int_id for s in self.running.values() if s.lora_request is not None}
-
     def _admit_waiting(self, scheduled: list[tuple[Sequence, int]], budget: int) -> None:
-        loras = self.running_lora_ids() if self.max_loras is not None else set()
         passed_over: list[Sequence] = []
         try:
-            self._admit_in_order(scheduled, budget, loras, passed_over)
+            self._admit_in_order(scheduled, budget, passed_over)
         finally:
             self.waiting.extendleft(reversed(passed_over))
 
-    def _admit_in_order(self, scheduled: list[tuple[Sequence, int]], budget: int, loras: set[int],
+    def _admit_in_order(self, scheduled: list[tuple[Sequence, int]], budget: int,
                         passed_over: list[Sequence]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            lora_id = seq.lora_request.lora_int_id if seq.lora_request is not None else None
-            if lora_id is not None and self.max_loras is not None and lora_id not in loras \
-                    and len(loras) >= self.max_loras:
+            if not self.adapters.admits(seq):
                 passed_over.append(self.waiting.popleft())   # its adapter would be one too many this step
                 continue
             num_hit = self.block_manager.match_prefix(seq)   # cached prefix blocks count as computed
@@ -226,14 +214,14 @@ class Scheduler:
             seq.num_cached_tokens = max(seq.num_cached_tokens, num_hit)
             self.waiting.popleft()
             self.running[seq.seq_id] = seq
+            self.adapters.add(seq)
             seq.status = SequenceStatus.RUNNING
             scheduled.append((seq, num_new))
             budget -= num_new
-            if lora_id is not None:
-                loras.add(lora_id)
 
     def _preempt(self, seq: Sequence) -> None:
         del self.running[seq.seq_id]
+        self.adapters.remove(seq)
         self.block_manager.free(seq)
         self._release_from_workers(seq)
         self._drafts.pop(seq.seq_id, None)
@@ -266,13 +254,13 @@ class Scheduler:
             if not seq.on_workers:
                 out.new_seqs.append(NewSequenceData(
                     seq.seq_id, seq.index, seq.prompt_token_ids, list(seq.output_token_ids), seq.params,
-                    seq.eos_token_id, list(seq.block_table), seq.num_computed_tokens, seq.pooling,
+                    seq.eos_token_id, [list(t) for t in seq.block_tables], seq.num_computed_tokens, seq.pooling,
                     seq.lora_request))
                 seq.on_workers = True
             else:
                 out.cached_seqs.append(CachedSequenceData(
                     seq.seq_id, seq.all_token_ids[seq.num_sent_tokens:], seq.num_sent_blocks,
-                    seq.block_table[seq.num_sent_blocks:], seq.num_computed_tokens))
+                    [t[seq.num_sent_blocks:] for t in seq.block_tables], seq.num_computed_tokens))
             seq.num_sent_tokens = seq.num_tokens
             seq.num_sent_blocks = len(seq.block_table)
             if seq.pending_forks and seq.num_computed_tokens + n == seq.num_tokens and not seq.output_token_ids:
@@ -315,6 +303,7 @@ class Scheduler:
                 child.num_sent_tokens = seq.num_sent_tokens
                 child.num_sent_blocks = len(child.block_table)
                 self.running[child.seq_id] = child
+                self.adapters.add(child)
             if children:
                 seq.pending_forks = []
             if seq_drafts:
@@ -377,20 +366,10 @@ class Scheduler:
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.last_token_time = now
-        self._check_stop(seq, token)
+        check_token_stop(seq, token, self.max_model_len)
         step.sampled.append((seq, token, logprobs))
         if seq.finish_reason is not None:
             self.finish(seq)
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        """Set ``seq.finish_reason`` when a token stop condition holds (vLLM's order: EOS, stop ids, length)."""
-        if stops_on_token(seq, token):
-            seq.finish_reason = "stop"
-            if token != seq.eos_token_id or seq.params.ignore_eos:
-                seq.stop_reason = token   # a stop token id; EOS has no stop_reason
-        elif len(seq.output_token_ids) >= seq.max_tokens or (
-                self.max_model_len is not None and seq.num_tokens >= self.max_model_len):
-            seq.finish_reason = "length"
 
     def _fail_step(self, scheduled: list[tuple[Sequence, int]], forks: dict[int, list[Sequence]],
                    sched_out: SchedulerOutput, error: str, step: StepResult) -> None:

@@ -39,10 +39,12 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
-    # Leading block-table entries handed back because no future query of the sequence can see them (sliding
-    # window): placeholders, kept so that entry i still holds positions i * block_size onwards
-    num_released_blocks: int = 0
+    # One block table per KV-cache group (llmserve.engine.block_manager), all of one length: entry i holds
+    # positions i * block_size onwards in that group's layers. Empty while the sequence holds no blocks.
+    block_tables: list[list[int]] = field(default_factory=list)
+    # Per group, the leading entries handed back because no future query of the group's layers can see them
+    # (sliding window): placeholders, kept so that entry i still holds positions i * block_size onwards
+    num_released: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)   # chained hashes of full blocks (prefix cache)
     num_published_blocks: int = 0                              # full blocks already offered to the cache
     num_cached_tokens: int = 0                                 # prompt tokens served by the prefix cache
@@ -82,6 +84,16 @@ class Sequence:
         pooling), so no position may be skipped as a prefix-cache hit."""
         return self.params.prompt_logprobs is not None or (
             self.pooling is not None and self.pooling.needs_every_position)
+
+    @property
+    def block_table(self) -> list[int]:
+        """The first group's block table (the only one of a model whose attention layers all see alike)."""
+        return self.block_tables[0] if self.block_tables else []
+
+    @property
+    def num_released_blocks(self) -> int:
+        """The first group's released entries."""
+        return self.num_released[0] if self.num_released else 0
 
     @property
     def is_finished(self) -> bool:

@@ -40,9 +40,9 @@ class Executor(ABC):
         """Bytes one block takes on one rank (its share of the layers and heads)."""
 
     @abstractmethod
-    def kv_cache_sliding_window(self) -> int | None:
-        """The window every attention layer of every rank attends within (the widest), or None if any layer
-        attends the whole context: the block manager frees the blocks that left it."""
+    def kv_cache_group_windows(self) -> list[int | None]:
+        """Each KV-cache group's window (None: full attention), the same on every rank: the block manager keeps
+        a block table per group and frees the blocks that left a sliding group's window."""
 
     @abstractmethod
     def initialize_cache(self, num_blocks: int) -> None:
@@ -90,8 +90,13 @@ class MultiRankExecutor(Executor):
     def kv_cache_bytes_per_block(self) -> int:
         return max(self._control("kv_cache_bytes_per_block"))
 
-    def kv_cache_sliding_window(self) -> int | None:
-        return widest_window(self._control("kv_cache_sliding_window"))
+    def kv_cache_group_windows(self) -> list[int | None]:
+        reported = self._control("kv_cache_group_windows")
+        if all(windows == reported[0] for windows in reported):
+            return reported[0]
+        # Pipeline stages form one group each (their layers differ): the window that covers every stage's.
+        assert all(len(windows) == 1 for windows in reported), f"ranks disagree on KV-cache groups: {reported}"
+        return [widest_window([windows[0] for windows in reported])]
 
     def initialize_cache(self, num_blocks: int) -> None:
         self._control("initialize_cache", num_blocks)

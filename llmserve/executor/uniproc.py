@@ -28,8 +28,8 @@ class UniProcExecutor(Executor):
     def kv_cache_bytes_per_block(self) -> int:
         return self.worker.kv_cache_bytes_per_block()
 
-    def kv_cache_sliding_window(self) -> int | None:
-        return self.worker.kv_cache_sliding_window()
+    def kv_cache_group_windows(self) -> list[int | None]:
+        return self.worker.kv_cache_group_windows()
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)

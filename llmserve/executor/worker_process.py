@@ -20,7 +20,7 @@ from llmserve.worker.worker import Worker, WorkerPlacement
 
 logger = logging.getLogger(__name__)
 
-_CONTROL_CALLS = ("available_kv_blocks", "kv_cache_bytes_per_block", "kv_cache_sliding_window", "initialize_cache",
+_CONTROL_CALLS = ("available_kv_blocks", "kv_cache_bytes_per_block", "kv_cache_group_windows", "initialize_cache",
                   "recover_after_failed_step", "measure_step_times")
 
 

@@ -120,7 +120,7 @@ class DraftModelProposer:
                              count=len(seqs))
         # the new last token sits after the row's tokens and its accepted drafts
         drafts = self.propose([out.sampled[s.seq_id] for s in seqs], batch.num_tokens[rows] + accepted,
-                              batch.num_blocks[rows] * self.block_size, batch.block_table[rows],
+                              batch.num_blocks[rows] * self.block_size, batch.block_tables[0, rows],
                               batch.num_prompt[rows], limits)
         return {s.seq_id: d for s, d in zip(seqs, drafts) if d}
 

@@ -75,10 +75,10 @@ class StepInputs:
     input_ids: np.ndarray        # int64 [tokens]
     positions: np.ndarray        # int64 [tokens]
     rotary_lengths: np.ndarray   # int64 [tokens]: max(its sequence's prompt length, position + 1)
-    slot_mapping: np.ndarray     # int64 [tokens]
+    slot_mapping: np.ndarray     # int64 [KV-cache groups, tokens]
     query_lens: list[int]
     context_lens: list[int]
-    block_tables: np.ndarray     # int32 [rows, blocks of the longest row], padded with 0
+    block_tables: np.ndarray     # int32 [KV-cache groups, rows, blocks of the longest row], padded with 0
     num_decodes: int
     sample_rows: list[int]
     sample_seqs: list[CachedSequence]
@@ -106,11 +106,13 @@ class InputBatch:
     """Every sequence this worker holds, by seq id, over rows of persistent arrays that grow on demand.
 
     ``structured_output`` (the driver's only) is told of each constrained sequence added, forked or removed,
-    so its grammar matchers follow exactly the sequences held here.
+    so its grammar matchers follow exactly the sequences held here. A sequence has one block table per
+    KV-cache group (``num_kv_cache_groups``; :mod:`llmserve.worker.kv_cache_groups`), all of one length.
     """
 
     def __init__(self, device: torch.device, block_size: int, max_num_seqs: int = 256,
-                 max_model_len: int = 2048, structured_output: StructuredOutputManager | None = None) -> None:
+                 max_model_len: int = 2048, structured_output: StructuredOutputManager | None = None,
+                 num_kv_cache_groups: int = 1) -> None:
         self.device = device
         self.block_size = block_size
         self.structured_output = structured_output
@@ -118,7 +120,7 @@ class InputBatch:
         rows = max(1, max_num_seqs)
         width = max(1, min(max_model_len, INITIAL_TOKEN_COLUMNS))   # rows widen when a sequence outgrows them
         self.token_ids = np.zeros((rows, width), dtype=np.int32)
-        self.block_table = np.zeros((rows, -(-width // block_size)), dtype=np.int32)
+        self.block_tables = np.zeros((num_kv_cache_groups, rows, -(-width // block_size)), dtype=np.int32)
         self.num_tokens = np.zeros(rows, dtype=np.int64)
         self.num_prompt = np.zeros(rows, dtype=np.int64)
         self.num_computed = np.zeros(rows, dtype=np.int64)
@@ -138,9 +140,10 @@ class InputBatch:
     def num_computed_tokens(self, seq_id: int) -> int:
         return int(self.num_computed[self.seqs[seq_id].row])
 
-    def block_ids(self, seq_id: int) -> list[int]:
+    def block_ids(self, seq_id: int) -> list[list[int]]:
+        """The sequence's block table in each KV-cache group."""
         row = self.seqs[seq_id].row
-        return self.block_table[row, :self.num_blocks[row]].tolist()
+        return self.block_tables[:, row, :self.num_blocks[row]].tolist()
 
     # ------------------------------------------------------------------ changes from the scheduler
     def update(self, sched: SchedulerOutput) -> None:
@@ -177,7 +180,7 @@ class InputBatch:
         p = parent.row
         n, b = int(self.num_tokens[p]), int(self.num_blocks[p])
         self.token_ids[row, :n] = self.token_ids[p, :n]
-        self.block_table[row, :b] = self.block_table[p, :b]
+        self.block_tables[:, row, :b] = self.block_tables[:, p, :b]
         self.num_tokens[row], self.num_blocks[row], self.num_computed[row] = n, b, self.num_computed[p]
         self.num_prompt[row] = self.num_prompt[p]
         child = CachedSequence(seq_id, sample_index, row, parent.prompt_token_ids, list(parent.output_token_ids),
@@ -225,7 +228,7 @@ class InputBatch:
         if seq.lora_request is not None:
             self._release_lora(seq.lora_request.lora_int_id)
             self.lora_ids[seq.row] = 0
-        self.block_table[seq.row, :self.num_blocks[seq.row]] = 0   # padding reads block 0, never a stale id
+        self.block_tables[:, seq.row, :self.num_blocks[seq.row]] = 0   # padding reads block 0, never a stale id
         self.num_blocks[seq.row] = self.num_tokens[seq.row] = self.num_computed[seq.row] = 0
         self._free_rows.append(seq.row)
 
@@ -245,7 +248,7 @@ class InputBatch:
 
     def _grow(self, rows: int = 0, tokens: int = 0, blocks: int = 0) -> None:
         self.token_ids = _grown(self.token_ids, rows, tokens)
-        self.block_table = _grown(self.block_table, rows, blocks)
+        self.block_tables = np.stack([_grown(table, rows, blocks) for table in self.block_tables])
         self.num_tokens = _grown(self.num_tokens, rows)
         self.num_prompt = _grown(self.num_prompt, rows)
         self.num_computed = _grown(self.num_computed, rows)
@@ -261,15 +264,15 @@ class InputBatch:
         self.token_ids[row, start:end] = token_ids
         self.num_tokens[row] = end
 
-    def _write_blocks(self, row: int, start: int, block_ids: list[int]) -> None:
-        """Replace the row's block table from ``start`` on (a copy-on-write swaps a tail block)."""
-        end = start + len(block_ids)
-        if end > self.block_table.shape[1]:
+    def _write_blocks(self, row: int, start: int, block_ids: list[list[int]]) -> None:
+        """Replace the row's block table in each group from ``start`` on (a copy-on-write swaps a tail block)."""
+        end = start + len(block_ids[0])
+        if end > self.block_tables.shape[2]:
             self._grow(blocks=end)
         old_end = int(self.num_blocks[row])
-        self.block_table[row, start:end] = block_ids
+        self.block_tables[:, row, start:end] = block_ids
         if old_end > end:
-            self.block_table[row, end:old_end] = 0
+            self.block_tables[:, row, end:old_end] = 0
         self.num_blocks[row] = end
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
@@ -292,7 +295,9 @@ class InputBatch:
         row_of_token = np.repeat(rows, q)
         positions = np.repeat(ctx - starts, q) + np.arange(int(ends[-1]))
         bs = self.block_size
-        slots = self.block_table[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        # (C order: numpy lays out advanced-index results token-major, and each group's row must be contiguous
+        # for the kernels)
+        slots = self.block_tables[:, row_of_token, positions // bs].astype(np.int64, order="C") * bs + positions % bs
         sampled = np.flatnonzero((ctx + q == self.num_tokens[rows] + self.num_drafts[rows]) & ~self.pools[rows])
         width = int(max(1, (-(-(ctx + q) // bs)).max()))
         prompt_rows, pool_rows = [], []
@@ -312,6 +317,6 @@ class InputBatch:
             seq_ids=seq_ids, input_ids=self.token_ids[row_of_token, positions].astype(np.int64), positions=positions,
             rotary_lengths=np.maximum(self.num_prompt[row_of_token], positions + 1),
             slot_mapping=slots, query_lens=q.tolist(), context_lens=ctx.tolist(),
-            block_tables=self.block_table[rows, :width], num_decodes=int((q == 1).sum()),
+            block_tables=np.ascontiguousarray(self.block_tables[:, rows, :width]), num_decodes=int((q == 1).sum()),
             sample_rows=(ends[sampled] - 1).tolist(), sample_seqs=[self.seqs[seq_ids[i]] for i in sampled],
             prompt_rows=prompt_rows, pool_rows=pool_rows, lora_ids=self.lora_ids[rows] if self._lora_rows else None)

@@ -37,7 +37,7 @@ from llmserve.distributed.parallel_state import get_pp_group, get_tp_group
 from llmserve.distributed.shm_all_reduce import CollectiveAbortedError
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from llmserve.layers import pooler
-from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
+from llmserve.layers.attention.backend import AttentionBackend, BatchLayout, KVCacheGroupMetadata
 from llmserve.layers.attention.layer import Attention
 from llmserve.layers.sampler import Sampler, SamplingBatch, SamplingRow, compute_logprobs
 from llmserve.lora.model_manager import LoRAModelManager
@@ -48,6 +48,8 @@ from llmserve.models.interface import IntermediateTensors
 from llmserve.worker.cpu_tuning import keep_large_allocations_in_heap
 from llmserve.worker.cuda_graphs import DecodeGraphs
 from llmserve.worker.input_batch import CachedSequence, InputBatch
+from llmserve.worker.kv_cache_budget import kv_cache_budget, profile_batch
+from llmserve.worker.kv_cache_groups import bind_kv_caches, group_metadata, kv_cache_groups_for
 from llmserve.worker.structured_output_manager import StructuredOutputManager
 
 if TYPE_CHECKING:
@@ -57,28 +59,6 @@ logger = logging.getLogger(__name__)
 
 # The status word a pipeline stage sends ahead of its hidden states (see ModelRunner.fail_step).
 _STAGE_OK, _STAGE_FAILED = 1, 0
-
-
-def kv_cache_budget(total_bytes: int, gpu_memory_utilization: float, peak_bytes: int, non_torch_bytes: int) -> int:
-    """Bytes left for the KV cache (as vLLM sizes it): the utilisation share of the GPU, less the peak
-    PyTorch memory of a profiled worst-case step (weights + activations + logits + sampler) and the
-    memory used outside PyTorch's allocator (CUDA context, cuBLAS workspaces, other processes)."""
-    if not 0.0 < gpu_memory_utilization <= 1.0:
-        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-    return int(total_bytes * gpu_memory_utilization) - peak_bytes - non_torch_bytes
-
-
-def profile_batch(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> list[int]:
-    """Prompt lengths of the worst-case step the KV cache must leave room for: ``max_num_batched_tokens``
-    tokens in as few sequences as ``max_model_len`` allows, at most ``max_num_seqs`` of them."""
-    if min(max_num_batched_tokens, max_num_seqs, max_model_len) < 1:
-        raise ValueError("max_num_batched_tokens, max_num_seqs and max_model_len must be >= 1")
-    lengths: list[int] = []
-    left = max_num_batched_tokens
-    while left > 0 and len(lengths) < max_num_seqs:
-        lengths.append(min(left, max_model_len))
-        left -= lengths[-1]
-    return lengths
 
 
 class ModelRunner:
@@ -100,7 +80,12 @@ class ModelRunner:
         self.sampler = Sampler()
         self.structured_output = (None if load_grammar_compiler is None
                                   else StructuredOutputManager(load_grammar_compiler, max_num_seqs))
-        self.input_batch = InputBatch(device, block_size, max_num_seqs, max_model_len or 2048, self.structured_output)
+        self.drafter = drafter
+        every_layer = [m for m in model.modules() if isinstance(m, Attention)]   # KV-sharing layers too
+        self.kv_cache_groups = kv_cache_groups_for(model.attention_layers(), every_layer + (
+            drafter.attention_layers() if drafter is not None else []), dtype, get_pp_group().world_size)
+        self.input_batch = InputBatch(device, block_size, max_num_seqs, max_model_len or 2048, self.structured_output,
+                                      self.kv_cache_groups.num_groups)
         self.num_blocks = 0
         self.max_num_seqs = max_num_seqs
         self.enforce_eager = enforce_eager
@@ -108,7 +93,6 @@ class ModelRunner:
         self.max_seq_len_to_capture = min(max_seq_len_to_capture, max_model_len or max_seq_len_to_capture)
         self.graphs: DecodeGraphs | None = None
         self.lora_manager = lora_manager
-        self.drafter = drafter
         self._calibrate_kv: list[Attention] = []   # attention layers whose KV-cache scales the next eager step fits
         self._received = self._sent = False   # this step's pipeline hand-offs, for fail_step
         if device.type == "cpu":
@@ -117,7 +101,7 @@ class ModelRunner:
     @property
     def use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.enforce_eager and self.drafter is None
-                and getattr(self.backend, "supports_cuda_graphs", False))
+                and self.kv_cache_groups.num_groups == 1 and getattr(self.backend, "supports_cuda_graphs", False))
 
     def kv_layers(self) -> list[Attention]:
         """Every attention layer holding K/V in the pool: the model's, then the draft model's."""
@@ -125,9 +109,14 @@ class ModelRunner:
         return layers if self.drafter is None else [*layers, *self.drafter.attention_layers()]
 
     def kv_cache_bytes_per_block(self, layers: list[Attention] | None = None, model_dtype: bool = False) -> int:
-        """Bytes a block takes in ``layers`` (default: every layer of the pool); ``model_dtype``: were every
-        cache in the model's dtype, the baseline a quantised cache's capacity gain is measured against."""
-        layers = self.kv_layers() if layers is None else layers
+        """Bytes a block takes in ``layers`` (default: every cache tensor of the pool: one layer per tensor
+        the KV-cache groups share, and the draft model's); ``model_dtype``: were every cache in the model's
+        dtype, the baseline a quantised cache's capacity gain is measured against."""
+        if layers is None:
+            model_layers = self.model.attention_layers()
+            layers = [model_layers[i] for i in self.kv_cache_groups.layers[0]]
+            if self.drafter is not None:
+                layers += self.drafter.attention_layers()
         if model_dtype:
             per_token = sum(a.kv_cache_elements_per_token() for a in layers) * self.dtype.itemsize
         else:
@@ -148,8 +137,8 @@ class ModelRunner:
 
     def _bind_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        for attn in self.model.attention_layers():
-            attn.bind_cache(self.backend, *attn.new_kv_cache(num_blocks, self.block_size, self.dtype, self.device))
+        bind_kv_caches(self.model.attention_layers(), self.kv_cache_groups, self.backend, num_blocks,
+                       self.block_size, self.dtype, self.device)
         if self.drafter is not None:
             self.drafter.bind_cache(num_blocks)
 
@@ -204,9 +193,11 @@ class ModelRunner:
                              num_decodes=0, block_size=bs)   # all prefills, even a 1-token tail
         tokens = sum(lengths)
         lengths_t = torch.tensor(lengths, device=self.device)
+        metadata = self.backend.build_metadata(layout, self.device)
+        if self.kv_cache_groups.num_groups > 1:   # a throwaway cache: every group may use the same blocks
+            metadata = KVCacheGroupMetadata([metadata] * self.kv_cache_groups.num_groups)
         hidden = self.model(torch.zeros(tokens, dtype=torch.long, device=self.device),
-                            torch.cat([torch.arange(n, device=self.device) for n in lengths]),
-                            self.backend.build_metadata(layout, self.device),
+                            torch.cat([torch.arange(n, device=self.device) for n in lengths]), metadata,
                             rotary_lengths=lengths_t.repeat_interleave(lengths_t))
         rows = min(max_num_seqs, tokens)
         logits = self.model.compute_logits(hidden[tokens - rows:])
@@ -221,10 +212,10 @@ class ModelRunner:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for attn in self.kv_layers():
-            for cache in (attn.key_cache,) if attn.value_cache is attn.key_cache else (attn.key_cache,
-                                                                                        attn.value_cache):
-                cache[dst] = cache[src]   # (index_copy_ has no float8 kernel on CPU)
+        # each tensor once (a latent cache is key and value; KV-cache groups share tensors)
+        caches = {id(c): c for attn in self.kv_layers() for c in (attn.key_cache, attn.value_cache)}
+        for cache in caches.values():
+            cache[dst] = cache[src]   # (index_copy_ has no float8 kernel on CPU)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         """Apply the step's changes to the input batch and run it. The driver (first tensor-parallel rank of
@@ -244,7 +235,7 @@ class ModelRunner:
         if self.lora_manager is not None:
             self.lora_manager.set_active(step.lora_ids, step.query_lens, self.input_batch.lora_requests)
         layout = BatchLayout(query_lens=step.query_lens, context_lens=step.context_lens,
-                             block_tables=step.block_tables, slot_mapping=torch.from_numpy(step.slot_mapping),
+                             block_tables=step.block_tables[0], slot_mapping=torch.from_numpy(step.slot_mapping[0]),
                              num_decodes=step.num_decodes, block_size=self.block_size)
         sample_rows, sample_seqs, prompt_rows = step.sample_rows, step.sample_seqs, step.prompt_rows
         pp = get_pp_group()
@@ -253,7 +244,7 @@ class ModelRunner:
             hidden = self.graphs.run(layout, step.input_ids, step.positions, step.rotary_lengths)
         else:
             layout.slot_mapping = layout.slot_mapping.to(self.device)
-            metadata = self.backend.build_metadata(layout, self.device)
+            metadata = group_metadata(self.backend, layout, step.block_tables, step.slot_mapping, self.device)
             ids = torch.from_numpy(step.input_ids).to(self.device)
             pos = torch.from_numpy(step.positions).to(self.device)
             lengths = torch.from_numpy(step.rotary_lengths).to(self.device)

@@ -17,7 +17,7 @@ import torch
 from llmserve.config import EngineConfig, resolve_dtype
 from llmserve.distributed.parallel_state import get_pp_group, get_tp_group, init_distributed
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
-from llmserve.layers.attention.backend import get_attention_backend, widest_window
+from llmserve.layers.attention.backend import get_attention_backend
 from llmserve.layers.attention.layer import Attention, set_kv_cache_dtype
 from llmserve.layers.fused_moe import FusedMoE
 from llmserve.lora.model_manager import LoRAModelManager
@@ -128,13 +128,11 @@ class Worker:
         assert self.runner is not None
         return self.runner.kv_cache_bytes_per_block()
 
-    def kv_cache_sliding_window(self) -> int | None:
-        """The window every attention layer of this rank attends within (the widest), or None if any attends
-        the whole context (layers reading another layer's K/V included: they read its blocks; and a draft
-        model's layers: they read the same block tables)."""
+    def kv_cache_group_windows(self) -> list[int | None]:
+        """Each KV-cache group's window on this rank (None: full attention; see
+        :mod:`llmserve.worker.kv_cache_groups`): the block manager keeps a block table per group."""
         assert self.runner is not None
-        layers = [m for m in self.runner.model.modules() if isinstance(m, Attention)] + self.runner.kv_layers()
-        return widest_window([layer.spec.sliding_window for layer in layers])
+        return self.runner.kv_cache_groups.windows
 
     def available_kv_blocks(self) -> int:
         """How many blocks this rank's KV-cache budget holds (``--kv-cache-memory-bytes`` per rank, or
@@ -171,7 +169,13 @@ class Worker:
                          f"layer, read as key and value)")
             if self.runner.drafter is not None:
                 note += f" and of the draft model's {len(self.runner.drafter.attention_layers())}"
-            logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, len(layers), note)
+            groups = self.runner.kv_cache_groups
+            if groups.num_groups > 1:
+                logger.info("KV cache: %d blocks in each of %d cache tensors, shared by %d KV-cache groups of the %d "
+                            "attention layers (a block holds one group's K/V)", num_blocks, groups.group_size,
+                            groups.num_groups, len(layers))
+            else:
+                logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, len(layers), note)
             if self.config.kv_cache_dtype != "auto":
                 logger.info(kv_cache_capacity_gain(self.config.kv_cache_dtype, num_blocks, self.config.block_size,
                                                    self.max_model_len, self.runner.kv_cache_bytes_per_block(),

@@ -16,9 +16,22 @@ def test_reports_blocks_in_use_and_concurrency(checkpoint_dir, capsys):
           "--block-size", "4", "--kv-cache-memory-bytes", str(16 * llm_block_bytes(path, 4)),
           "--max-num-batched-tokens", "32"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["sliding_window"] == 12 and report["num_blocks"] == 16
+    assert report["group_windows"] == [12] and report["num_blocks"] == 16
     assert report["max_running"] == 4 and report["preemptions"] == 0
     assert report["max_blocks_in_use"] <= 4 * (-(-(12 - 1 + 8) // 4) + 1)
     assert 0 < report["mean_blocks_in_use"] <= report["max_blocks_in_use"]
     assert 0 < report["mean_running"] <= report["max_running"]
     assert report["output_tokens_per_s"] > 0
+
+
+def test_reports_the_groups_of_a_mixed_model(checkpoint_dir, capsys):
+    """Gemma 2 (alternate sliding and full layers): a sliding and a full group, each block one layer's, so the
+    same bytes hold twice the blocks of one that spans both layers."""
+    path = checkpoint_dir("gemma2")
+    main(["--model", str(path), "--num-requests", "2", "--prompt-len", "8", "--output-len", "24",
+          "--block-size", "4", "--kv-cache-memory-bytes", str(16 * llm_block_bytes(path, 4)),
+          "--max-num-batched-tokens", "32"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["group_windows"] == [10, None] and report["num_blocks"] == 32
+    # each request: 8 full-group blocks and at most ceil((10 - 1 + 8) / 4) + 1 = 6 sliding-group ones
+    assert report["max_running"] == 2 and report["max_blocks_in_use"] <= 2 * (8 + 6)

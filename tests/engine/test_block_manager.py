@@ -27,8 +27,9 @@ def make_seq(num_prompt_tokens: int = 1) -> Sequence:
 
 
 def assert_invariants(bm: BlockManager, seqs: list[Sequence]) -> None:
-    """Over the blocks the sequences hold (their tables less the entries released out of a sliding window)."""
-    tables = [b for s in seqs for b in s.block_table[s.num_released_blocks:]]
+    """Over the blocks the sequences hold (every group's table less the entries released out of a sliding
+    window)."""
+    tables = [b for s in seqs for table, released in zip(s.block_tables, s.num_released) for b in table[released:]]
     assert len(tables) == len(set(tables)), "a block is in two block tables (or twice in one)"
     assert not set(tables) & set(bm.free_blocks), "a block is both free and in a table"
     assert len(set(bm.free_blocks)) == bm.num_free_blocks, "a block is on the free list twice"
@@ -115,7 +116,7 @@ def test_shared_block_is_freed_by_its_last_holder():
     a, b = make_seq(), make_seq()
     bm.allocate(a, 8)
     shared = a.block_table[0]
-    b.block_table.append(shared)
+    b.block_tables, b.num_released = [[shared]], [0]
     bm.ref_counts[shared] += 1
     bm.free(a)
     assert shared not in bm.free_blocks and bm.ref_counts[shared] == 1

@@ -78,11 +78,29 @@ def assert_prefix_cache_repeats(llm: LLM, outputs: list) -> None:
     assert again[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids[:8]
 
 
-def preempting_blocks(family: str) -> int:
-    """Blocks of 4 tokens too few for the five :data:`PROMPTS` generating 24 tokens each in 7-token steps, so
-    that some are preempted. Phi-3 slides a 10-token window on every layer: its sequences hold only the
-    window's blocks (the older ones are freed), so it needs a smaller cache than the others."""
-    return 14 if family == "phi3" else 24
+def preempting_blocks(family: str, kv_cache_groups: bool = True) -> int:
+    """Blocks of 4 tokens (in every layer) too few for the five :data:`PROMPTS` generating 24 tokens each in
+    7-token steps, so that some are preempted. Phi-3 slides a 10-token window on every layer: its sequences hold
+    only the window's blocks (the older ones are freed), so it needs a smaller cache than the others. Gemma 3
+    and Cohere2 form KV-cache groups of one layer (the same bytes hold 6x and 4x the blocks) whose sliding
+    groups free theirs: smaller caches too, unless the engine forms one group (``kv_cache_groups`` False:
+    pipeline stages)."""
+    if family == "phi3":
+        return 14
+    return {"gemma3": 8, "cohere2": 10}.get(family, 24) if kv_cache_groups else 24
+
+
+def kv_cache_group_size(path) -> int | None:
+    """Layers one KV block spans in a tiny model that mixes full and sliding layers of one cache shape (its
+    KV-cache groups hold as many layers as its rarer kind: llmserve.worker.kv_cache_groups); None where the
+    model forms one group (every layer alike, or Gemma 4's layers of two shapes)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    kinds = getattr(cfg, "layer_types", None) or []
+    if cfg.model_type == "gemma4_text" or len(set(kinds)) < 2:
+        return None
+    return min(kinds.count(kind) for kind in set(kinds))
 
 
 def llm_block_bytes(path, block_size: int, tp: int = 1) -> int:

@@ -58,7 +58,7 @@ def test_new_then_cached_deltas_and_msgpack_round_trip():
     assert decode(encode(first), SchedulerOutput) == first
     [new] = first.new_seqs
     assert (new.seq_id, new.prompt_token_ids, new.output_token_ids) == (seq.seq_id, [1, 2, 3, 4, 5, 6], [])
-    assert new.block_ids == seq.block_table and len(new.block_ids) == 2 and new.num_computed_tokens == 0
+    assert new.block_ids == [seq.block_table] and len(new.block_ids[0]) == 2 and new.num_computed_tokens == 0
     assert first.num_scheduled_tokens == {seq.seq_id: 6} and first.cached_seqs == []
     answer(sched, first)
     second = sched.schedule()
@@ -66,12 +66,12 @@ def test_new_then_cached_deltas_and_msgpack_round_trip():
     [cached] = second.cached_seqs
     # The token sampled last step, no block change (7 tokens fit in 2 blocks), 6 computed.
     assert (cached.new_token_ids, cached.block_table_start, cached.new_block_ids, cached.num_computed_tokens) == (
-        [5], 2, [], 6)
+        [5], 2, [[]], 6)
     answer(sched, second)
     answer(sched, sched.schedule())          # 8 tokens: still 2 blocks
     fourth = sched.schedule()                # the 9th token needs a third block
     [cached] = fourth.cached_seqs
-    assert cached.block_table_start == 2 and cached.new_block_ids == seq.block_table[2:] and len(seq.block_table) == 3
+    assert cached.block_table_start == 2 and cached.new_block_ids == [seq.block_table[2:]] and len(seq.block_table) == 3
 
 
 def test_preempted_sequence_is_forgotten_then_sent_in_full():

@@ -5,7 +5,7 @@ holds no block that ends before ``c - w + 1``: its table keeps a placeholder the
 holds at most ``ceil((w - 1) / block_size) + 1`` blocks however long it gets. The freed blocks serve other
 sequences (more run at once in a small cache), nothing leaks, and greedy output still equals transformers'
 with chunked prefill, preemption and prefix-cache hits. A prefix hit needs only the blocks inside the window
-of its first uncomputed token. A model with any full-attention layer keeps every block.
+of its first uncomputed token. (Models that mix full and sliding layers: test_kv_cache_groups.py.)
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def run(bm: BlockManager, seq: Sequence, upto: int, step: int = 1) -> None:
 # ---------------------------------------------------------------------------------------------- block manager
 @pytest.mark.parametrize("window", [1, 4, 5, 10, 16])
 def test_decoding_holds_at_most_the_window_and_frees_everything(window):
-    bm = BlockManager(64, BS, enable_prefix_caching=False, sliding_window=window)
+    bm = BlockManager(64, BS, enable_prefix_caching=False, group_windows=[window])
     seq = make_seq(3)
     most = 0
     for c in range(1, 120):   # computing token c - 1, one at a time
@@ -71,7 +71,7 @@ def test_full_attention_keeps_every_block():
 
 
 def test_a_fork_shares_only_the_live_blocks():
-    bm = BlockManager(32, BS, enable_prefix_caching=False, sliding_window=6)
+    bm = BlockManager(32, BS, enable_prefix_caching=False, group_windows=[6])
     parent, child = make_seq(40), make_seq(40)
     run(bm, parent, 40, step=8)
     bm.fork(parent, child)
@@ -87,12 +87,12 @@ def test_a_prefix_hit_needs_only_the_blocks_inside_the_window():
     """Window 6, 4-token blocks: a 25-token prompt can take 24 tokens from the cache, for which only its
     blocks 4 and 5 (tokens 16..23, the window of token 24 being 19..24) must be cached; when block 4 is
     gone too, the longest servable prefix is 16 tokens (blocks 2 and 3)."""
-    bm = BlockManager(8, BS, enable_prefix_caching=True, sliding_window=6)
+    bm = BlockManager(8, BS, enable_prefix_caching=True, group_windows=[6])
     first = make_seq(25)
     run(bm, first, 24, step=8)
     assert first.num_released_blocks == 2   # blocks 0 and 1 handed back (still cached) for the last chunk
     bm.free(first)
-    ids = {i: bm.cached[h] for i, h in enumerate(first.block_hashes)}
+    ids = {i: bm.cached[0, h] for i, h in enumerate(first.block_hashes)}
 
     def evict(*indexes: int) -> None:
         for i in indexes:   # move the block to the front of the LRU list, then take it
@@ -120,7 +120,7 @@ def test_without_a_window_a_hole_at_the_start_is_a_miss():
     first = make_seq(25)
     run(bm, first, 24, step=8)
     bm.free(first)
-    oldest = bm.cached[first.block_hashes[0]]
+    oldest = bm.cached[0, first.block_hashes[0]]
     bm.free_blocks.move_to_end(oldest, last=False)
     filler = make_seq(1)
     assert bm.allocate(filler, 1)
@@ -136,7 +136,7 @@ _ops = st.lists(st.tuples(st.integers(0, 3), st.one_of(st.none(), st.integers(0,
 @given(num_blocks=st.integers(1, 16), block_size=st.sampled_from([1, 2, 4]), window=st.integers(1, 12), ops=_ops)
 def test_random_steps_keep_invariants_and_the_window(num_blocks, block_size, window, ops):
     """Each slot has its own 60-token prompt (so blocks are shared only through its own earlier runs' cache)."""
-    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=True, sliding_window=window)
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=True, group_windows=[window])
     seqs = [Sequence(slot, f"r{slot}", 0, [slot * 100 + t for t in range(60)], SamplingParams(), 16, None)
             for slot in range(4)]
     for slot, n in ops:
@@ -190,7 +190,7 @@ def test_long_generation_matches_hf_in_a_window_of_blocks(checkpoint_dir, slidin
     (every prompt twice): each sequence holds at most the window's blocks plus its chunk's."""
     path = sliding_mistral if family.startswith("mistral") else checkpoint_dir(family)
     llm = LLM(str(path), block_size=BS, max_num_batched_tokens=8, kv_cache_memory_bytes=64 * llm_block_bytes(path, BS))
-    window = llm.engine.block_manager.sliding_window
+    [window] = llm.engine.block_manager.group_windows
     assert window == (12 if family.startswith("mistral") else 10)
     prompts = [LONG_PROMPT, LONG_PROMPT[:13], LONG_PROMPT, LONG_PROMPT[:13]]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=0)
@@ -219,16 +219,10 @@ def test_freed_blocks_let_more_sequences_run_and_preemption_recomputes_identical
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
-def test_a_model_with_full_attention_layers_keeps_every_block(checkpoint_dir):
-    llm = LLM(str(checkpoint_dir("gemma2")), block_size=BS, kv_cache_memory_bytes="4MiB")
-    assert llm.engine.block_manager.sliding_window is None
-    _, most_blocks, _ = generate_tracking_blocks(llm, [LONG_PROMPT], SamplingParams(max_tokens=10, ignore_eos=True))
-    assert most_blocks == -(-(len(LONG_PROMPT) + 9) // BS)
-
-
 def test_a_request_longer_than_the_cache_is_accepted_when_every_layer_slides(checkpoint_dir):
     """It never holds more than its window's and a step's blocks, so only those must fit; a model with a
-    full-attention layer still needs them all."""
+    full-attention layer still needs them all in its full group (33), plus its sliding group's window and
+    step (6)."""
     params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)   # 130 tokens = 33 blocks
     for family in ("phi3", "gemma2"):
         path = checkpoint_dir(family)
@@ -237,5 +231,5 @@ def test_a_request_longer_than_the_cache_is_accepted_when_every_layer_slides(che
         if family == "phi3":
             assert len(llm.generate([{"prompt_token_ids": LONG_PROMPT}], params)[0].outputs[0].token_ids) == 100
         else:
-            with pytest.raises(InvalidRequestError, match="needs 33 KV-cache blocks"):
+            with pytest.raises(InvalidRequestError, match="needs 39 KV-cache blocks"):
                 llm.generate([{"prompt_token_ids": LONG_PROMPT}], params)

@@ -63,3 +63,23 @@ def test_random_workloads_never_exceed_max_loras():
         if not pending and not sched.num_unfinished:
             break
     assert finished == 40
+
+
+def test_adapter_counts_follow_admission_preemption_and_finish():
+    """The per-adapter running counts equal a recount of the running set after every step, preemptions
+    included (a pool too small for every sequence at once)."""
+    rng = random.Random(1)
+    sched = lora_scheduler(3, num_blocks=10, max_num_seqs=6, max_num_batched_tokens=16)
+    for _ in range(30):
+        sched.add(with_adapter(rng.randint(1, 12), rng.choice([None, *ADAPTERS]), rng.randint(1, 8)))
+    for _ in range(2000):
+        step = schedule(sched)
+        complete_step(sched, step)
+        recount: dict[int, int] = {}
+        for seq in sched.running.values():
+            if seq.lora_request is not None:
+                recount[seq.lora_request.lora_int_id] = recount.get(seq.lora_request.lora_int_id, 0) + 1
+        assert sched.adapters.counts == recount
+        if not sched.num_unfinished:
+            break
+    assert not sched.num_unfinished and sched.num_preemptions > 0

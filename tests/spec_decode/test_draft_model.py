@@ -142,8 +142,8 @@ def test_a_full_attention_draft_keeps_the_blocks_a_sliding_window_target_would_f
     drafts would be read from reused blocks otherwise), and the output is unchanged."""
     target = checkpoint_dir("phi3")
     off = completions(make_llm(target, spec=False), prompts=PROMPTS)
-    assert make_llm(target, spec=False).engine.block_manager.sliding_window is not None
+    assert make_llm(target, spec=False).engine.block_manager.group_windows == [10]
     on = draft_llm(target, small_draft_dir)
-    assert on.engine.block_manager.sliding_window is None
+    assert on.engine.block_manager.group_windows == [None]
     assert completions(on, prompts=PROMPTS) == off
     assert on.engine.block_manager.num_free_blocks == on.engine.block_manager.num_blocks

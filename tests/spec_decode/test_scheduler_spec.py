@@ -86,7 +86,7 @@ def test_only_blocks_of_accepted_tokens_are_published():
     parent = chain_root(b"")
     for i in range(full):   # every published hash is of the tokens the sequence really has
         parent = chain_hash(parent, seq.all_token_ids[i * BLOCK:(i + 1) * BLOCK])
-        assert bm.cached[parent] == seq.block_table[i]
+        assert bm.cached[0, parent] == seq.block_table[i]
 
 
 def test_several_tokens_stop_at_the_first_stop():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmserve.config import EngineConfig
-from llmserve.worker.model_runner import kv_cache_budget, profile_batch
+from llmserve.worker.kv_cache_budget import kv_cache_budget, profile_batch
 
 GiB = 2**30
 

@@ -49,7 +49,7 @@ def setup(tokenizer):
 
 def new(seq_id: int, spec: StructuredOutputSpec | None, outputs: list[int] = ()) -> NewSequenceData:
     return NewSequenceData(seq_id, 0, [1, 5, 6], list(outputs), SamplingParams(structured_outputs=spec), 2,
-                           [0, 1], 3)
+                           [[0, 1]], 3)
 
 
 def test_matchers_follow_the_sequences(setup, tokenizer):

@@ -56,6 +56,11 @@ class BatchLayout:
         return [c + q for c, q in zip(self.context_lens, self.query_lens)]
 
 
+class KVCacheGroupMetadata(tuple):
+    """A step's attention metadata per KV-cache group (:mod:`llmserve.worker.kv_cache_groups`), for a model
+    whose groups have block tables of their own: each layer reads its group's."""
+
+
 def padded_block_tables(tables: Sequence[Sequence[int]]) -> np.ndarray:
     """Block-id lists as one int32 array [rows, longest], shorter rows padded with block 0."""
     out = np.zeros((len(tables), max((len(t) for t in tables), default=0)), dtype=np.int32)

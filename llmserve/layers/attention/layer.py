@@ -8,7 +8,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec
+from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, KVCacheGroupMetadata
 from llmserve.quantization.kv_cache import scale_for
 
 
@@ -29,8 +29,10 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = self.spec.scale
-        # Bound by the model runner once the cache is allocated.
+        # Bound by the model runner once the cache is allocated, with the KV-cache group whose block tables
+        # the layer reads (llmserve.worker.kv_cache_groups).
         self.backend: AttentionBackend | None = None
+        self.kv_cache_group = 0
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
         # A quantised cache's scales (K, V): a buffer, so a CUDA graph reads their current values. Checkpoint
@@ -105,6 +107,8 @@ class Attention(nn.Module):
         t = q.shape[0]
         if self.calibrate_kv_scales:
             self.calibrate(k, v)
+        if isinstance(metadata, KVCacheGroupMetadata):
+            metadata = metadata[self.kv_cache_group]
         out = self.backend.forward(q.view(t, self.num_heads, self.head_dim),
                                    k.view(t, self.num_kv_heads, self.head_dim),
                                    v.view(t, self.num_kv_heads, self.head_dim),
