@@ -207,17 +207,16 @@ def test_disconnects_abort_and_free_blocks(server):
     assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
 
 
-def test_metrics_move_and_return_to_idle(start_server):
-    srv = start_server()
-    before = metrics(srv.base_url)
+def test_metrics_move_and_return_to_idle(server):
+    before = wait_idle(server.base_url)   # the server is shared: counters are compared with their values now
 
     async def run() -> dict[str, float]:
         async with httpx.AsyncClient(timeout=60) as client:
             body = {"model": "tiny", "prompt": "go", "max_tokens": 300, "ignore_eos": True}
-            tasks = [asyncio.ensure_future(client.post(f"{srv.base_url}/v1/completions", json=body))
+            tasks = [asyncio.ensure_future(client.post(f"{server.base_url}/v1/completions", json=body))
                      for _ in range(3)]
             for _ in range(100):
-                during = parse_metrics((await client.get(f"{srv.base_url}/metrics")).text)
+                during = parse_metrics((await client.get(f"{server.base_url}/metrics")).text)
                 if during["vllm:num_requests_running"] > 0:
                     break
                 await asyncio.sleep(0.02)
@@ -227,10 +226,10 @@ def test_metrics_move_and_return_to_idle(start_server):
 
     during = asyncio.run(run())
     assert during["vllm:num_requests_running"] > 0 and during["vllm:kv_cache_usage_perc"] > 0
-    after = wait_idle(srv.base_url)
-    assert after["vllm:generation_tokens_total"] - before.get("vllm:generation_tokens_total", 0) == 900
-    assert after["vllm:request_success_total"] - before.get("vllm:request_success_total", 0) == 3
-    assert after["vllm:e2e_request_latency_seconds_count"] == 3
+    after = wait_idle(server.base_url)
+    for name, count in (("vllm:generation_tokens_total", 900), ("vllm:request_success_total", 3),
+                        ("vllm:e2e_request_latency_seconds_count", 3)):
+        assert after[name] - before.get(name, 0) == count, name
     for name in ("vllm:time_to_first_token_seconds_count", "vllm:time_per_output_token_seconds_count",
                  "vllm:inter_token_latency_seconds_count", "vllm:request_queue_time_seconds_count",
                  "vllm:gpu_cache_usage_perc", "vllm:num_requests_waiting", "vllm:num_preemptions_total",
