@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmserve import LLM, SamplingParams
+from tests.entrypoints.openai.test_auth import GUARDED_FLAGS
 
 PROMPTS = ["Hello world, this is", "The quick brown fox", "def add(a, b):", "Une phrase en français"]
 
@@ -175,8 +176,8 @@ def test_malformed_json_unknown_model_and_route(server):
     assert_openai_error(httpx.get(f"{server.base_url}/v1/nothing"), 404)
 
 
-def test_auth_and_body_limit(start_server):   # the full queue (503) is in test_errors.py
-    guarded = start_server("--api-key", "sekret", "--max-request-body-bytes", "2000")
+def test_auth_and_body_limit(shared_server):   # the full queue (503) is in test_errors.py
+    guarded = shared_server(*GUARDED_FLAGS)   # --api-key sekret --max-request-body-bytes 2000
     url = guarded.base_url
     for path, body in [("/v1/completions", {"prompt": "x"}), ("/tokenize", {"prompt": "x"})]:
         assert_openai_error(httpx.post(url + path, json=body), 401)
