@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from llmserve.testing.checkpoints import write_checkpoint
+from tests.entrypoints.openai.conftest import RunningServer
+from tests.server_registry import Key, ServerRegistry
 
 FAMILY_NAMES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma4", "gpt2", "cohere", "cohere2",
                 "phi3", "phi3_longrope", "phi4_mini", "bloom", "falcon", "falcon_mqa", "falcon_rw", "mixtral", "qwen2_moe",
@@ -34,3 +36,29 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def llama_dir(checkpoint_dir) -> Path:
     return checkpoint_dir("llama")
+
+
+@pytest.fixture(scope="session")
+def server_registry(llama_dir, tmp_path_factory) -> ServerRegistry:
+    """The servers test modules share, for the whole session."""
+    registry = ServerRegistry(llama_dir, tmp_path_factory.mktemp("shared-server-logs"))
+    yield registry
+    registry.stop_all()
+
+
+@pytest.fixture(scope="module")
+def shared_server(server_registry):
+    """``shared_server(*flags, model=None)`` -> a server of the tiny llama (or ``model``) with those flags,
+    started once and reused by every module asking for the same ones (held until this module ends): for
+    tests that only send requests and read their own answers (see tests/server_registry.py)."""
+    held: list[Key] = []
+
+    def get(*flags: str, model: Path | None = None) -> RunningServer:
+        key = server_registry.key(*flags, model=model)
+        server = server_registry.acquire(key)
+        held.append(key)
+        return server
+
+    yield get
+    for key in held:
+        server_registry.release(key)

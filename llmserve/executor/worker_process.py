@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import traceback
 from multiprocessing.connection import Connection
 
@@ -70,8 +71,17 @@ def worker_main(conn: Connection, config: EngineConfig, rank: int, init_method: 
     placement = WorkerPlacement(rank, config.tensor_parallel_size, config.pipeline_parallel_size, init_method)
     ready = endpoint.start(config, placement, max_model_len, max_num_batched_tokens)
     conn.send_bytes(ready)
-    if ready[:1] != b"R":
-        return
+    if ready[:1] == b"R":
+        _serve(conn, endpoint)
+    logging.shutdown()
+    # Nothing is left to clean up (the shared-memory segments were unlinked once mapped), and the interpreter's
+    # own teardown after importing torch takes seconds: the executor's shutdown would wait for it, as the
+    # engine core's exit would (which ends the same way).
+    os._exit(0)
+
+
+def _serve(conn: Connection, endpoint: WorkerEndpoint) -> None:
+    """Answer the executor until it says stop, goes away, or this rank cannot go on."""
     while True:
         try:
             message = conn.recv_bytes()

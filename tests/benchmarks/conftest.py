@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.entrypoints.openai.conftest import RunningServer, launch
+from tests.entrypoints.openai.conftest import RunningServer
 
 
 @pytest.fixture(scope="module")
-def bench_server(llama_dir, tmp_path_factory) -> RunningServer:
-    server = launch(llama_dir, log_dir=tmp_path_factory.mktemp("bench-server-logs"))
-    yield server
-    server.stop()
+def bench_server(shared_server) -> RunningServer:
+    """The default server the OpenAI-server tests share: a benchmark only reads its own requests' results."""
+    return shared_server()

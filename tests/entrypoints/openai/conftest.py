@@ -93,6 +93,7 @@ chat-template renderer)."""
 
 
 @pytest.fixture(scope="module")
-def server(start_server) -> RunningServer:
-    """One default server per test module (no API key, no limits)."""
-    return start_server()
+def server(shared_server) -> RunningServer:
+    """The default server (no API key, no limits), shared by every module that uses it: tests on it measure
+    counters as differences and leave it idle."""
+    return shared_server()

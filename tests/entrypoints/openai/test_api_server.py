@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmserve import LLM, SamplingParams
+from tests.entrypoints.openai.test_auth import GUARDED_FLAGS
 
 PROMPTS = ["Hello world, this is", "The quick brown fox", "def add(a, b):", "Une phrase en français"]
 
@@ -175,8 +176,8 @@ def test_malformed_json_unknown_model_and_route(server):
     assert_openai_error(httpx.get(f"{server.base_url}/v1/nothing"), 404)
 
 
-def test_auth_and_body_limit(start_server):   # the full queue (503) is in test_errors.py
-    guarded = start_server("--api-key", "sekret", "--max-request-body-bytes", "2000")
+def test_auth_and_body_limit(shared_server):   # the full queue (503) is in test_errors.py
+    guarded = shared_server(*GUARDED_FLAGS)   # --api-key sekret --max-request-body-bytes 2000
     url = guarded.base_url
     for path, body in [("/v1/completions", {"prompt": "x"}), ("/tokenize", {"prompt": "x"})]:
         assert_openai_error(httpx.post(url + path, json=body), 401)
@@ -207,17 +208,16 @@ def test_disconnects_abort_and_free_blocks(server):
     assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
 
 
-def test_metrics_move_and_return_to_idle(start_server):
-    srv = start_server()
-    before = metrics(srv.base_url)
+def test_metrics_move_and_return_to_idle(server):
+    before = wait_idle(server.base_url)   # the server is shared: counters are compared with their values now
 
     async def run() -> dict[str, float]:
         async with httpx.AsyncClient(timeout=60) as client:
             body = {"model": "tiny", "prompt": "go", "max_tokens": 300, "ignore_eos": True}
-            tasks = [asyncio.ensure_future(client.post(f"{srv.base_url}/v1/completions", json=body))
+            tasks = [asyncio.ensure_future(client.post(f"{server.base_url}/v1/completions", json=body))
                      for _ in range(3)]
             for _ in range(100):
-                during = parse_metrics((await client.get(f"{srv.base_url}/metrics")).text)
+                during = parse_metrics((await client.get(f"{server.base_url}/metrics")).text)
                 if during["vllm:num_requests_running"] > 0:
                     break
                 await asyncio.sleep(0.02)
@@ -227,10 +227,10 @@ def test_metrics_move_and_return_to_idle(start_server):
 
     during = asyncio.run(run())
     assert during["vllm:num_requests_running"] > 0 and during["vllm:kv_cache_usage_perc"] > 0
-    after = wait_idle(srv.base_url)
-    assert after["vllm:generation_tokens_total"] - before.get("vllm:generation_tokens_total", 0) == 900
-    assert after["vllm:request_success_total"] - before.get("vllm:request_success_total", 0) == 3
-    assert after["vllm:e2e_request_latency_seconds_count"] == 3
+    after = wait_idle(server.base_url)
+    for name, count in (("vllm:generation_tokens_total", 900), ("vllm:request_success_total", 3),
+                        ("vllm:e2e_request_latency_seconds_count", 3)):
+        assert after[name] - before.get(name, 0) == count, name
     for name in ("vllm:time_to_first_token_seconds_count", "vllm:time_per_output_token_seconds_count",
                  "vllm:inter_token_latency_seconds_count", "vllm:request_queue_time_seconds_count",
                  "vllm:gpu_cache_usage_perc", "vllm:num_requests_waiting", "vllm:num_preemptions_total",

@@ -49,9 +49,13 @@ BAD_HEADERS = {
 }
 
 
+# The body limit is for test_api_server.py's test of it (every body here is far smaller): one shared server.
+GUARDED_FLAGS = ("--api-key", KEY, "--max-request-body-bytes", "2000")
+
+
 @pytest.fixture(scope="module")
-def guarded(start_server):
-    return start_server("--api-key", KEY)
+def guarded(shared_server):
+    return shared_server(*GUARDED_FLAGS)
 
 
 def call(base_url: str, method: str, path: str, body: dict | None, headers: dict) -> httpx.Response:

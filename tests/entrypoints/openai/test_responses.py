@@ -26,7 +26,7 @@ import httpx
 import openai
 import pytest
 
-WHITESPACE = ("--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}')
+from tests.entrypoints.openai.test_tool_calling import WHITESPACE   # the same flags: the same shared server
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -42,9 +42,9 @@ TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item
 
 
 @pytest.fixture(scope="module")
-def qwen2_server(checkpoint_dir, start_server):
-    return start_server(*WHITESPACE, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                        model=checkpoint_dir("qwen2"))
+def qwen2_server(checkpoint_dir, shared_server):
+    return shared_server(*WHITESPACE, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                         model=checkpoint_dir("qwen2"))
 
 
 @pytest.fixture(scope="module")

@@ -39,9 +39,9 @@ WHITESPACE = ("--structured-outputs-config", '{"backend": "guidance", "disable_a
 
 
 @pytest.fixture(scope="module")
-def qwen2(checkpoint_dir, start_server) -> openai.OpenAI:
-    server = start_server(*WHITESPACE, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                          model=checkpoint_dir("qwen2"))
+def qwen2(checkpoint_dir, shared_server) -> openai.OpenAI:
+    server = shared_server(*WHITESPACE, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                           model=checkpoint_dir("qwen2"))
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
 
 
@@ -124,13 +124,13 @@ AUTO_FORMATS = {
 
 
 @pytest.fixture(scope="module", params=sorted(AUTO_FORMATS))
-def auto(request, checkpoint_dir, start_server):
+def auto(request, checkpoint_dir, shared_server):
     parser = AUTO_FORMATS[request.param][0]
     if request.param == "qwen2":
         server_flags = (*WHITESPACE, "--enable-auto-tool-choice", "--tool-call-parser", parser)
     else:
         server_flags = ("--enable-auto-tool-choice", "--tool-call-parser", parser)
-    server = start_server(*server_flags, model=checkpoint_dir(request.param))
+    server = shared_server(*server_flags, model=checkpoint_dir(request.param))
     return request.param, openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
 
 
