@@ -26,6 +26,7 @@ from llmserve.lora.request import LoRARequest
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
 from llmserve.models.registry import resolve_model_class
 from llmserve.pooling_params import PoolingParams
+from llmserve.quantization.registry import checkpoint_quantization
 from llmserve.sampling_params import SamplingParams
 from llmserve.structured_output import StructuredOutputError
 from llmserve.tokenizer import load_tokenizer
@@ -49,7 +50,11 @@ class ModelInfo:
         self.model_path = path
         self.hf_config = load_config(path, config.trust_remote_code, config.revision)
         resolve_model_class(self.hf_config)   # fail on an unsupported architecture before anything heavy
-        self.dtype = resolve_dtype(config.dtype, checkpoint_dtype(self.hf_config), self.device)
+        self.dtype = resolve_dtype(config.dtype, checkpoint_dtype(self.hf_config), self.device,
+                                   quantized=config.quantization is not None
+                                   or checkpoint_quantization(self.hf_config) is not None)
+        # Resolved once, here: every worker (in this process or another) then loads the same dtype.
+        config.dtype = str(self.dtype).removeprefix("torch.")
         self.tokenizer_path: Path | str = path
         if config.tokenizer:
             self.tokenizer_path = resolve_model_path(config.tokenizer, config.tokenizer_revision, config.download_dir)
