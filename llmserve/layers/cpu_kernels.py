@@ -13,8 +13,8 @@ Places where PyTorch's CPU kernels leave most of the machine idle at decode time
   KV head for the whole query group (``cpu_attention.c``);
 * bfloat16 linear layers: oneDNN's bf16 GEMV is no faster than its float32 one although it reads half the
   bytes; ``cpu_bf16_linear.c`` keeps the weight blocked in pairs (:func:`block_weight`) for AVX512-BF16's
-  dot-product instruction (float32 FMAs on widened weights on CPUs without it) and streams or tiles it
-  as the float32 kernel does;
+  dot-product instruction (float32 FMAs on widened weights on CPUs without it) and runs register tiles
+  over it for any number of rows;
 * linear layers on quantised weights kept packed (4-bit, 8-bit and fp8 codes with per-group scales,
   dequantised in registers: ``cpu_quant_linear.c``; int8 x int8 with VNNI where the CPU has it:
   ``cpu_w8a8_linear.c``);
@@ -52,8 +52,8 @@ from llmserve.config import cache_dir
 logger = logging.getLogger(__name__)
 
 CPU_KERNELS_ENV = "LLMSERVE_CPU_KERNELS"
-SOURCES = ("cpu_linear.c", "cpu_bf16_linear.c", "cpu_quant_linear.c", "cpu_w8a8_linear.c", "cpu_attention.c", "cpu_layer_ops.c",
-           "cpu_sampling.c")
+SOURCES = ("cpu_linear.c", "cpu_bf16_linear.c", "cpu_quant_linear.c", "cpu_w8a8_linear.c", "cpu_attention.c",
+           "cpu_layer_ops.c", "cpu_sampling.c")
 HEADERS = ("cpu_vec.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _SRC_DIR = Path(__file__).parent / "csrc"
@@ -63,8 +63,8 @@ _L = ctypes.c_long
 _I = ctypes.c_int
 _F = ctypes.c_float
 # The KV-cache entry formats of llmserve_paged_decode_attention (its kv_format codes).
-_KV_FORMATS = {torch.float32: 0, torch.int8: 3, torch.bfloat16: 4, **({torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
-                                                   if hasattr(torch, "float8_e5m2") else {})}
+_KV_FORMATS = {torch.float32: 0, torch.int8: 3, torch.bfloat16: 4,
+               **({torch.float8_e4m3fn: 1, torch.float8_e5m2: 2} if hasattr(torch, "float8_e5m2") else {})}
 
 
 class CPUKernelsUnavailable(RuntimeError):

@@ -23,8 +23,9 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """``x W^T + b``, by the fastest path for the shape and the weight's layout.
 
     A ``weight`` of more than 2 dims is blocked for the CPU kernels
-    (:meth:`UnquantizedLinearMethod.process_weights_after_loading`): they run any number of rows. A plain weight on CPU in float32: the compiled GEMV for a few rows,
-    else oneDNN; elsewhere (CUDA, other dtypes, no kernels) ``F.linear``.
+    (:meth:`UnquantizedLinearMethod.process_weights_after_loading`): they run any number of rows. A plain
+    weight on CPU in float32: the compiled GEMV for a few rows, else oneDNN; elsewhere (CUDA, other dtypes, no
+    kernels) ``F.linear``.
     """
     if weight.dim() > 2:
         kernels = cpu_kernels()

@@ -83,8 +83,8 @@ class Worker:
         config = self.config
         path = resolve_model_path(config.model, config.revision, config.download_dir)
         hf_config = load_config(path, config.trust_remote_code, config.revision)
-        dtype = resolve_dtype(config.dtype, checkpoint_dtype(hf_config), self.device,
-                              quantized=config.quantization is not None or checkpoint_quantization(hf_config) is not None)
+        quantized = config.quantization is not None or checkpoint_quantization(hf_config) is not None
+        dtype = resolve_dtype(config.dtype, checkpoint_dtype(hf_config), self.device, quantized=quantized)
         t0 = time.perf_counter()
         model = load_model(hf_config, path, dtype, self.device, config.quantization)
         if config.enable_expert_parallel and not any(isinstance(m, FusedMoE) for m in model.modules()):

@@ -217,10 +217,10 @@ def select_attention_backend(device: torch.device, choice: str | None = None,
 
     ``choice`` (default: the ``LLMSERVE_ATTENTION_BACKEND`` environment variable) may be ``auto`` (or
     empty), ``torch``, ``cpu`` or ``triton``. ``auto`` picks Triton on CUDA when it imports; on CPU in
-    float32 or bfloat16 the compiled decode kernel (``cpu``) when it builds here; else PyTorch. Forcing ``triton`` off
-    CUDA is allowed only under the Triton interpreter (``TRITON_INTERPRET=1``), which is how the kernels
-    are tested without a GPU. A model with multi-head latent attention (``latent_attention``: DeepSeek) gets
-    PyTorch on CUDA: the Triton kernels do not implement it, and forcing them is refused.
+    float32 or bfloat16 the compiled decode kernel (``cpu``) when it builds here; else PyTorch. Forcing
+    ``triton`` off CUDA is allowed only under the Triton interpreter (``TRITON_INTERPRET=1``), which is how the
+    kernels are tested without a GPU. A model with multi-head latent attention (``latent_attention``: DeepSeek)
+    gets PyTorch on CUDA: the Triton kernels do not implement it, and forcing them is refused.
     """
     choice = (choice if choice is not None else os.environ.get(ATTENTION_BACKEND_ENV, "")).strip().lower() or "auto"
     if choice not in ("auto", "torch", "cpu", "triton"):
@@ -255,9 +255,9 @@ def select_attention_backend(device: torch.device, choice: str | None = None,
 def get_attention_backend(device: torch.device, dtype: torch.dtype, choice: str | None = None, *,
                           num_kv_heads: int = 8, latent_attention: bool = False) -> AttentionBackend:
     """The backend for a device and dtype: Triton kernels on CUDA when triton imports, the compiled decode
-    kernel on CPU in float32 or bfloat16, PyTorch otherwise (see :func:`select_attention_backend` for forcing one and for
-    ``latent_attention``). ``num_kv_heads`` is the model's (the Triton decode kernel sizes its split-K grid
-    with it)."""
+    kernel on CPU in float32 or bfloat16, PyTorch otherwise (see :func:`select_attention_backend` for forcing
+    one and for ``latent_attention``). ``num_kv_heads`` is the model's (the Triton decode kernel sizes its
+    split-K grid with it)."""
     selected = select_attention_backend(device, choice, dtype, latent_attention=latent_attention)
     if selected == "triton":
         from llmserve.layers.attention.triton_backend import TritonAttentionBackend

@@ -19,8 +19,9 @@
  *
  * A quantised cache (float8 e4m3 or e5m2, or int8; one byte per entry) or a bfloat16 one (a bfloat16 model's
  * cache) is converted to float32 in registers as each row is read (see load_entries), never copied; a
- * quantised cache's per-tensor scales are folded into the softmax scale (keys) and into the output (values). The format is a compile-time constant of each
- * specialised path, as the head size is, so the float32 cache runs the same code as before.
+ * quantised cache's per-tensor scales are folded into the softmax scale (keys) and into the output (values).
+ * The format is a compile-time constant of each specialised path, as the head size is, so the float32 cache
+ * runs the same code as before.
  */
 #include <math.h>
 #include <stdlib.h>
