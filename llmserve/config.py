@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections.abc import Mapping
@@ -14,8 +13,6 @@ from typing import Any
 import torch
 
 from llmserve.spec_decode.config import SpeculativeConfig
-
-logger = logging.getLogger(__name__)
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -82,20 +79,24 @@ def auto_cpu_dtype(flags: frozenset[str], kernels_available: bool, quantized: bo
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device, *,
                   quantized: bool = False) -> torch.dtype:
-    """``auto`` means :func:`auto_cpu_dtype` on CPU (logged) and the checkpoint's dtype on GPU."""
+    """``auto`` means :func:`auto_cpu_dtype` on CPU and the checkpoint's dtype on GPU."""
+    return resolve_dtype_and_reason(dtype, checkpoint_dtype, device, quantized=quantized)[0]
+
+
+def resolve_dtype_and_reason(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device, *,
+                             quantized: bool = False) -> tuple[torch.dtype, str | None]:
+    """:func:`resolve_dtype`, with the reason for ``auto``'s choice on CPU (None otherwise), for the start-up log."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dtype, None
     if dtype == "auto":
         if device.type == "cpu":
             from llmserve.layers.cpu_kernels import cpu_kernels
 
-            chosen, reason = auto_cpu_dtype(cpu_flags(), cpu_kernels() is not None, quantized)
-            logger.info("--dtype auto: %s on this CPU: %s", str(chosen).removeprefix("torch."), reason)
-            return chosen
-        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+            return auto_cpu_dtype(cpu_flags(), cpu_kernels() is not None, quantized)
+        return (checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16), None
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
-    return _DTYPES[dtype]
+    return _DTYPES[dtype], None
 
 
 @dataclass(frozen=True)

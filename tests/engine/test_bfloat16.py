@@ -30,7 +30,7 @@ BF16_LOGPROB_TOLERANCE = 0.15
 
 def test_auto_dtype_runs_bf16_on_a_cpu_with_native_bf16_and_matches_hf_bf16(llama_dir, monkeypatch, caplog):
     monkeypatch.setattr(config_module, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-    with caplog.at_level(logging.INFO, logger="llmserve.config"):
+    with caplog.at_level(logging.INFO, logger="llmserve.engine.input_processor"):
         llm = LLM(str(llama_dir), kv_cache_memory_bytes="32MiB")
     assert llm.engine.dtype == torch.bfloat16 and llm.engine.config.dtype == "bfloat16"
     assert "--dtype auto: bfloat16 on this CPU: the CPU has native bfloat16 (avx512_bf16)" in caplog.text
@@ -53,7 +53,7 @@ def test_auto_dtype_runs_bf16_on_a_cpu_with_native_bf16_and_matches_hf_bf16(llam
 
 def test_auto_dtype_stays_float32_without_native_bf16(llama_dir, monkeypatch, caplog):
     monkeypatch.setattr(config_module, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
-    with caplog.at_level(logging.INFO, logger="llmserve.config"):
+    with caplog.at_level(logging.INFO, logger="llmserve.engine.input_processor"):
         llm = LLM(str(llama_dir), kv_cache_memory_bytes="8MiB")
     assert llm.engine.dtype == torch.float32 and llm.engine.config.dtype == "float32"
     assert "--dtype auto: float32 on this CPU: the CPU has no native bfloat16" in caplog.text
