@@ -43,17 +43,60 @@ def parse_size(value: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
-def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto`` means float32 on CPU (fast and exact there) and the checkpoint's dtype on GPU."""
+# CPU feature flags (as Linux lists them) that mean bfloat16 arithmetic in hardware: AMX tiles or AVX-512 dot products.
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in info.splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def auto_cpu_dtype(flags: frozenset[str], kernels_available: bool, quantized: bool) -> tuple[torch.dtype, str]:
+    """What ``--dtype auto`` runs on a CPU with these feature ``flags``, and why.
+
+    bfloat16 where the CPU multiplies it natively and the compiled kernels run: their bfloat16 paths read half
+    the bytes and use the bf16 dot products, measured faster than float32 there (docs/benchmarks.md). float32
+    elsewhere: without the instructions bfloat16 is widened to float32 anyway; without the kernels PyTorch's
+    bfloat16 path is slower than its float32 one; and the quantised kernels take float32 activations.
+    """
+    native = sorted(set(NATIVE_BF16_CPU_FLAGS) & flags)
+    if not native:
+        return torch.float32, f"the CPU has no native bfloat16 ({' or '.join(NATIVE_BF16_CPU_FLAGS)})"
+    if quantized:
+        return torch.float32, "the model is quantised (its kernels take float32 activations)"
+    if not kernels_available:
+        return torch.float32, "the CPU kernels are not available (PyTorch's bfloat16 path is slower than float32)"
+    return torch.bfloat16, f"the CPU has native bfloat16 ({', '.join(native)})"
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device, *,
+                  quantized: bool = False) -> torch.dtype:
+    """``auto`` means :func:`auto_cpu_dtype` on CPU and the checkpoint's dtype on GPU."""
+    return resolve_dtype_and_reason(dtype, checkpoint_dtype, device, quantized=quantized)[0]
+
+
+def resolve_dtype_and_reason(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device, *,
+                             quantized: bool = False) -> tuple[torch.dtype, str | None]:
+    """:func:`resolve_dtype`, with the reason for ``auto``'s choice on CPU (None otherwise), for the start-up log."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dtype, None
     if dtype == "auto":
         if device.type == "cpu":
-            return torch.float32
-        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+            from llmserve.layers.cpu_kernels import cpu_kernels
+
+            return auto_cpu_dtype(cpu_flags(), cpu_kernels() is not None, quantized)
+        return (checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16), None
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
-    return _DTYPES[dtype]
+    return _DTYPES[dtype], None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmserve import config as config_module
 from llmserve.testing.checkpoints import write_checkpoint
 from tests.entrypoints.openai.conftest import RunningServer
 from tests.server_registry import Key, ServerRegistry
@@ -17,6 +18,16 @@ FAMILY_NAMES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma
 
 # Tiny models: one thread is faster than two fighting over a busy 2-core machine.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def auto_dtype_is_float32():
+    """The suite compares with transformers in float32: ``--dtype auto`` resolves as on a CPU without native
+    bfloat16, whatever this machine has (servers in subprocesses get ``--dtype float32``; the bfloat16 paths
+    are tested with an explicit dtype)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config_module, "cpu_flags", lambda: frozenset())
+        yield
 
 
 @pytest.fixture(scope="session")

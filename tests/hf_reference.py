@@ -9,15 +9,15 @@ import torch
 
 
 @lru_cache(maxsize=8)
-def hf_model(path: str, adapter: str | None = None):
+def hf_model(path: str, adapter: str | None = None, dtype: torch.dtype = torch.float32):
     """A checkpoint folder, or a GGUF file (dequantised by transformers' own GGUF support); with ``adapter``,
-    a PEFT LoRA adapter folder applied by PEFT on a fresh copy of the checkpoint."""
+    a PEFT LoRA adapter folder applied by PEFT on a fresh copy of the checkpoint; in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
     if path.endswith(".gguf"):
         return AutoModelForCausalLM.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
-                                                    dtype=torch.float32).eval()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+                                                    dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     if adapter is None:
         return model
     from peft import PeftModel
@@ -26,11 +26,11 @@ def hf_model(path: str, adapter: str | None = None):
 
 
 @torch.inference_mode()
-def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int,
-              adapter: Path | str | None = None) -> tuple[list[int], list[float]]:
+def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int, adapter: Path | str | None = None,
+              dtype: torch.dtype = torch.float32) -> tuple[list[int], list[float]]:
     """Greedy tokens (EOS not special: never stops early) and their logprobs, with HF's own KV cache
-    (``adapter``: with that PEFT adapter)."""
-    model = hf_model(str(path), None if adapter is None else str(adapter))
+    (``adapter``: with that PEFT adapter), the model in ``dtype`` (logprobs in float32)."""
+    model = hf_model(str(path), None if adapter is None else str(adapter), dtype)
     out = model(torch.tensor([prompt_ids]), use_cache=True)
     tokens, logprobs = [], []
     for _ in range(max_new_tokens):

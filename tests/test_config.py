@@ -9,6 +9,8 @@
   ``normalize`` is refused naming it.
 * ``--enable-expert-parallel`` needs more than one tensor-parallel rank (the experts are distributed over them).
 * The command line passes the flags through to :class:`EngineConfig`.
+* ``--dtype auto`` on CPU: bfloat16 where the CPU flags say native bfloat16 (``avx512_bf16``, ``amx_bf16``), the
+  compiled kernels load and the model is not quantised; float32 otherwise (the flags are injected here).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
-from llmserve.config import EngineConfig, PoolerConfig, StructuredOutputsConfig
+from llmserve.config import EngineConfig, PoolerConfig, StructuredOutputsConfig, auto_cpu_dtype, resolve_dtype
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
 
 
@@ -117,3 +120,29 @@ def test_bad_lora_config_is_refused(kwargs, fragment):
     with pytest.raises(ValueError) as info:
         EngineConfig(**kwargs)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("flags,quantized,kernels,expected,reason", [
+    ({"avx512f", "avx512_bf16"}, False, True, torch.bfloat16, "native bfloat16 (avx512_bf16)"),
+    ({"amx_bf16", "amx_tile", "avx512_bf16"}, False, True, torch.bfloat16, "native bfloat16 (amx_bf16, avx512_bf16)"),
+    ({"avx512f", "avx2", "fma"}, False, True, torch.float32, "no native bfloat16"),
+    (set(), False, True, torch.float32, "no native bfloat16"),
+    ({"avx512_bf16"}, True, True, torch.float32, "quantised"),
+    ({"avx512_bf16"}, False, False, torch.float32, "CPU kernels are not available"),
+])
+def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_has_native_bf16(flags, quantized, kernels, expected, reason):
+    dtype, why = auto_cpu_dtype(frozenset(flags), kernels, quantized)
+    assert dtype == expected and reason in why
+
+
+def test_resolve_dtype_reads_the_cpu_flags_only_for_auto_on_cpu(monkeypatch):
+    from llmserve import config
+
+    monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", None, cpu) == torch.bfloat16
+    assert resolve_dtype("auto", None, cpu, quantized=True) == torch.float32
+    assert resolve_dtype("float32", None, cpu) == torch.float32
+    assert resolve_dtype("auto", torch.float16, torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert resolve_dtype("auto", torch.bfloat16, cpu) == torch.float32

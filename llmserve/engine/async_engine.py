@@ -48,6 +48,7 @@ class AsyncLLMEngine:
         waits for the core and attaches to the loop."""
         self.info = ModelInfo(config)
         self.client = EngineCoreClient(config, self.info.max_model_len, self.info.max_num_batched_tokens)
+        self.info.log_dtype_choice()
         self.outputs = OutputProcessor(self.info.load_tokenizer())
         self.on_step = on_step
         self.on_dead = on_dead

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from llmserve.config import EngineConfig, resolve_dtype
+from llmserve.config import EngineConfig, resolve_dtype_and_reason
 from llmserve.engine.block_manager import most_blocks_held
 from llmserve.engine.messages import EngineCoreRequest
 from llmserve.errors import InvalidRequestError
@@ -26,6 +26,7 @@ from llmserve.lora.request import LoRARequest
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
 from llmserve.models.registry import resolve_model_class
 from llmserve.pooling_params import PoolingParams
+from llmserve.quantization.registry import checkpoint_quantization
 from llmserve.sampling_params import SamplingParams
 from llmserve.structured_output import StructuredOutputError
 from llmserve.tokenizer import load_tokenizer
@@ -49,7 +50,11 @@ class ModelInfo:
         self.model_path = path
         self.hf_config = load_config(path, config.trust_remote_code, config.revision)
         resolve_model_class(self.hf_config)   # fail on an unsupported architecture before anything heavy
-        self.dtype = resolve_dtype(config.dtype, checkpoint_dtype(self.hf_config), self.device)
+        self.dtype, self.dtype_reason = resolve_dtype_and_reason(
+            config.dtype, checkpoint_dtype(self.hf_config), self.device,
+            quantized=config.quantization is not None or checkpoint_quantization(self.hf_config) is not None)
+        # Resolved once, here: every worker (in this process or another) then loads the same dtype.
+        config.dtype = str(self.dtype).removeprefix("torch.")
         self.tokenizer_path: Path | str = path
         if config.tokenizer:
             self.tokenizer_path = resolve_model_path(config.tokenizer, config.tokenizer_revision, config.download_dir)
@@ -66,6 +71,12 @@ class ModelInfo:
             raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) is smaller than "
                              f"--max-model-len ({self.max_model_len}) with chunked prefill disabled: "
                              "long prompts could never be scheduled")
+
+    def log_dtype_choice(self) -> None:
+        """Log what ``--dtype auto`` chose on CPU and why; called once the engine core has started, so that a
+        configuration error is the only line a failed start prints."""
+        if self.dtype_reason is not None:
+            logger.info("--dtype auto: %s on this CPU: %s", self.config.dtype, self.dtype_reason)
 
     def load_tokenizer(self) -> Any:
         """A new tokenizer instance (one per thread that uses it: fast tokenizers are not thread-safe)."""

@@ -38,6 +38,7 @@ class LLMEngine:
         self.config = config
         self.info = ModelInfo(config)
         self.core = EngineCore(config, self.info.max_model_len, self.info.max_num_batched_tokens)
+        self.info.log_dtype_choice()
         self.inputs = InputProcessor(self.info, self.core.block_manager.num_blocks, config.block_size,
                                      self.core.block_manager.group_windows)
         self.outputs = OutputProcessor(self.info.load_tokenizer())   # the stepping thread's own instance

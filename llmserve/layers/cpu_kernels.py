@@ -11,6 +11,10 @@ Places where PyTorch's CPU kernels leave most of the machine idle at decode time
 * paged decode attention done with PyTorch ops gathers every sequence's KV blocks into a padded copy
   and then runs a one-query SDPA over it; the kernel reads each sequence's blocks in place, once per
   KV head for the whole query group (``cpu_attention.c``);
+* bfloat16 linear layers: oneDNN's bf16 GEMV is no faster than its float32 one although it reads half the
+  bytes; ``cpu_bf16_linear.c`` keeps the weight blocked in pairs (:func:`block_weight`) for AVX512-BF16's
+  dot-product instruction (float32 FMAs on widened weights on CPUs without it) and runs register tiles
+  over it for any number of rows;
 * linear layers on quantised weights kept packed (4-bit, 8-bit and fp8 codes with per-group scales,
   dequantised in registers: ``cpu_quant_linear.c``; int8 x int8 with VNNI where the CPU has it:
   ``cpu_w8a8_linear.c``);
@@ -48,8 +52,8 @@ from llmserve.config import cache_dir
 logger = logging.getLogger(__name__)
 
 CPU_KERNELS_ENV = "LLMSERVE_CPU_KERNELS"
-SOURCES = ("cpu_linear.c", "cpu_quant_linear.c", "cpu_w8a8_linear.c", "cpu_attention.c", "cpu_layer_ops.c",
-           "cpu_sampling.c")
+SOURCES = ("cpu_linear.c", "cpu_bf16_linear.c", "cpu_quant_linear.c", "cpu_w8a8_linear.c", "cpu_attention.c",
+           "cpu_layer_ops.c", "cpu_sampling.c")
 HEADERS = ("cpu_vec.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _SRC_DIR = Path(__file__).parent / "csrc"
@@ -59,8 +63,8 @@ _L = ctypes.c_long
 _I = ctypes.c_int
 _F = ctypes.c_float
 # The KV-cache entry formats of llmserve_paged_decode_attention (its kv_format codes).
-_KV_FORMATS = {torch.float32: 0, torch.int8: 3, **({torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
-                                                   if hasattr(torch, "float8_e5m2") else {})}
+_KV_FORMATS = {torch.float32: 0, torch.int8: 3, torch.bfloat16: 4,
+               **({torch.float8_e4m3fn: 1, torch.float8_e5m2: 2} if hasattr(torch, "float8_e5m2") else {})}
 
 
 class CPUKernelsUnavailable(RuntimeError):
@@ -84,15 +88,16 @@ def _cpu_signature() -> str:
     return "\n".join(sorted({line.strip() for line in info.splitlines() if line.split(":")[0].strip() in keys}))
 
 
-def build_library() -> Path:
-    """Compile the sources (unless a build for this exact input is cached) and return the library."""
+def build_library(extra_cflags: tuple[str, ...] = ()) -> Path:
+    """Compile the sources (unless a build for this exact input is cached) and return the library.
+    ``extra_cflags`` follow ``-march=native`` (``-mno-avx512bf16`` builds the paths of CPUs without it)."""
     cc = _compiler()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise CPUKernelsUnavailable(f"cannot run the C compiler {cc!r}: {exc}") from exc
     digest = hashlib.sha256()
-    for part in (version, " ".join(CFLAGS), platform.machine(), _cpu_signature(),
+    for part in (version, " ".join(CFLAGS + extra_cflags), platform.machine(), _cpu_signature(),
                  *((_SRC_DIR / name).read_text() for name in SOURCES + HEADERS)):
         digest.update(part.encode())
         digest.update(b"\0")
@@ -103,7 +108,7 @@ def build_library() -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
     os.close(fd)
-    command = [cc, *CFLAGS, *(str(_SRC_DIR / name) for name in SOURCES), "-o", tmp, "-lm"]
+    command = [cc, *CFLAGS, *extra_cflags, *(str(_SRC_DIR / name) for name in SOURCES), "-o", tmp, "-lm"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -117,8 +122,8 @@ def build_library() -> Path:
 
 
 class CPUKernels:
-    """Typed entry points of the compiled library. Every function takes float32 CPU tensors (the attention
-    caches may also be quantised)."""
+    """Typed entry points of the compiled library. Every function takes float32 CPU tensors unless it says
+    otherwise (the attention caches may also be quantised or bfloat16)."""
 
     def __init__(self, library: Path) -> None:
         lib = ctypes.CDLL(str(library))
@@ -127,6 +132,9 @@ class CPUKernels:
         lib.llmserve_linear_max_rows.restype = _I
         lib.llmserve_linear_blocked.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
         lib.llmserve_linear_blocked.restype = _I
+        lib.llmserve_bf16_linear_blocked.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
+        lib.llmserve_bf16_linear_blocked.restype = _I
+        lib.llmserve_bf16_uses_dpbf16.restype = _I
         lib.llmserve_linear_weight_only.argtypes = [_P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I, _I]
         lib.llmserve_linear_weight_only.restype = _I
         lib.llmserve_linear_w8a8.argtypes = [_P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _I]
@@ -139,11 +147,11 @@ class CPUKernels:
         lib.llmserve_paged_decode_attention.argtypes = [_P, _L, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _L, _F,
                                                         _P, _P, _L, _I, _I, _F, _F]
         lib.llmserve_paged_decode_attention.restype = _I
-        lib.llmserve_rms_norm.argtypes = [_P, _L, _P, _L, _P, _F, _P, _L, _P, _L, _L, _L, _I]
+        lib.llmserve_rms_norm.argtypes = [_P, _L, _P, _L, _P, _F, _P, _L, _P, _L, _L, _L, _I, _I, _I]
         lib.llmserve_rms_norm.restype = None
-        lib.llmserve_silu_and_mul.argtypes = [_P, _L, _P, _L, _L, _L, _I]
+        lib.llmserve_silu_and_mul.argtypes = [_P, _L, _P, _L, _L, _L, _I, _I]
         lib.llmserve_silu_and_mul.restype = None
-        lib.llmserve_rotary_embedding.argtypes = [_P, _L, _L, _P, _L, _L, _L, _L, _P, _P, _P, _L, _L, _I]
+        lib.llmserve_rotary_embedding.argtypes = [_P, _L, _L, _P, _L, _L, _L, _L, _P, _P, _P, _L, _L, _I, _I]
         lib.llmserve_rotary_embedding.restype = _I
         lib.llmserve_logsumexp_rows.argtypes = [_P, _L, _P, _L, _L, _I]
         lib.llmserve_logsumexp_rows.restype = None
@@ -152,6 +160,7 @@ class CPUKernels:
         self._lib = lib
         self.max_linear_rows: int = lib.llmserve_linear_max_rows()
         self.w8a8_uses_vnni: bool = bool(lib.llmserve_w8a8_uses_vnni())
+        self.bf16_uses_dpbf16: bool = bool(lib.llmserve_bf16_uses_dpbf16())
 
     def linear_small_batch(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ weight.T + bias`` for a 2-D ``x`` of at most ``max_linear_rows`` rows (unit stride
@@ -181,6 +190,25 @@ class CPUKernels:
         n = blocks * WEIGHT_BLOCK
         out = torch.empty(rows, n, dtype=torch.float32)
         self._lib.llmserve_linear_blocked(
+            x.data_ptr(), x.stride(0), blocked_weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+            out.data_ptr(), n, rows, n, k, torch.get_num_threads())
+        return out
+
+    def linear_bf16_blocked(self, x: torch.Tensor, blocked_weight: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + bias`` in bfloat16 (float32 sums) for a 2-D bfloat16 ``x`` (unit stride along the last
+        dim), any number of rows, with ``W`` blocked in pairs as :func:`block_weight` makes it from bfloat16."""
+        rows, k = x.shape
+        _check_rows(x, k, "x", torch.bfloat16)
+        blocks, pairs, lanes, two = blocked_weight.shape
+        if (lanes, two) != (WEIGHT_BLOCK, 2) or pairs != (k + 1) // 2 or blocked_weight.dtype != torch.bfloat16 \
+                or not blocked_weight.is_contiguous() \
+                or (bias is not None and (not bias.is_contiguous() or bias.dtype != torch.bfloat16)):
+            raise ValueError(f"linear_bf16_blocked: weight {tuple(blocked_weight.shape)} {blocked_weight.dtype} is not "
+                             f"a contiguous bfloat16 [out/{WEIGHT_BLOCK}, {(k + 1) // 2}, {WEIGHT_BLOCK}, 2] weight")
+        n = blocks * WEIGHT_BLOCK
+        out = torch.empty(rows, n, dtype=torch.bfloat16)
+        self._lib.llmserve_bf16_linear_blocked(
             x.data_ptr(), x.stride(0), blocked_weight.data_ptr(), bias.data_ptr() if bias is not None else None,
             out.data_ptr(), n, rows, n, k, torch.get_num_threads())
         return out
@@ -254,8 +282,20 @@ class CPUKernels:
         the new one included). ``sliding_window``: attend only each sequence's last ``sliding_window``
         tokens; ``soft_cap``: scores become ``soft_cap * tanh(scores / soft_cap)`` before the softmax;
         ``alibi_slopes``: float32 [H], ``slope * (key_position - query_position)`` added after the cap.
-        The caches are float32, or a quantised cache (int8, float8 e4m3 / e5m2) whose entries read as
-        ``entry * kv_scales[0]`` (keys) and ``entry * kv_scales[1]`` (values)."""
+        The caches are float32 or bfloat16, or a quantised cache (int8, float8 e4m3 / e5m2) whose entries read
+        as ``entry * kv_scales[0]`` (keys) and ``entry * kv_scales[1]`` (values). ``query`` and ``out`` are float32,
+        or both bfloat16 (a bfloat16 model's: converted to and from float32 here, which is small next to the
+        cache reads)."""
+        if query.dtype == torch.bfloat16 and out.dtype == torch.bfloat16:
+            out32 = torch.empty(out.shape, dtype=torch.float32)
+            self.paged_decode_attention(query.float(), key_cache, value_cache, block_tables, seq_lens, scale, out32,
+                                        sliding_window=sliding_window, soft_cap=soft_cap, alibi_slopes=alibi_slopes,
+                                        kv_scales=kv_scales)
+            out.copy_(out32)
+            return
+        if query.dtype != torch.float32 or out.dtype != torch.float32:
+            raise TypeError(f"paged_decode_attention: query and out must be both float32 or both bfloat16, got "
+                            f"{query.dtype} and {out.dtype}")
         b, num_heads, head_dim = query.shape
         kv_format = _KV_FORMATS.get(key_cache.dtype)
         if kv_format is None or value_cache.dtype != key_cache.dtype:
@@ -289,51 +329,64 @@ class CPUKernels:
             raise ValueError(f"paged_decode_attention: {num_heads} query heads is not a multiple of "
                              f"{num_kv_heads} KV heads")
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """RMSNorm over the last dim of a 2-D ``x``; with ``residual``, ``(norm(x + residual), x + residual)``."""
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
+                 weight_first: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm over the last dim of a 2-D ``x``; with ``residual``, ``(norm(x + residual), x + residual)``.
+
+        ``x`` and ``residual`` are float32 or bfloat16 (the outputs too), ``weight`` any float dtype. In bfloat16
+        the normalised value is rounded before the weight multiplies it (Llama), or after with ``weight_first``
+        (Gemma), as transformers rounds."""
         rows, n = x.shape
-        _check_rows(x, n, "x")
+        dtype = _activation_dtype(x)
+        _check_rows(x, n, "x", dtype)
         if residual is not None:
-            _check_rows(residual, n, "residual")
+            _check_rows(residual, n, "residual", dtype)
         if not weight.is_contiguous() or weight.numel() != n:
             raise ValueError(f"rms_norm: weight must be {n} contiguous floats")
-        out = torch.empty(rows, n, dtype=torch.float32)
-        residual_out = torch.empty(rows, n, dtype=torch.float32) if residual is not None else None
+        weight = weight.float()
+        out = torch.empty(rows, n, dtype=dtype)
+        residual_out = torch.empty(rows, n, dtype=dtype) if residual is not None else None
         self._lib.llmserve_rms_norm(
             x.data_ptr(), x.stride(0), residual.data_ptr() if residual is not None else None,
             residual.stride(0) if residual is not None else 0, weight.data_ptr(), eps, out.data_ptr(), n,
-            residual_out.data_ptr() if residual_out is not None else None, n, rows, n, torch.get_num_threads())
+            residual_out.data_ptr() if residual_out is not None else None, n, rows, n, torch.get_num_threads(),
+            int(weight_first), int(dtype == torch.bfloat16))
         return out if residual_out is None else (out, residual_out)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate) * up`` for a 2-D ``x`` = ``[gate | up]``."""
+        """``silu(gate) * up`` for a 2-D float32 or bfloat16 ``x`` = ``[gate | up]``."""
         rows, width = x.shape
-        _check_rows(x, width, "x")
+        dtype = _activation_dtype(x)
+        _check_rows(x, width, "x", dtype)
         n = width // 2
-        out = torch.empty(rows, n, dtype=torch.float32)
+        out = torch.empty(rows, n, dtype=dtype)
         self._lib.llmserve_silu_and_mul(x.data_ptr(), x.stride(0), out.data_ptr(), n, rows, n,
-                                        torch.get_num_threads())
+                                        torch.get_num_threads(), int(dtype == torch.bfloat16))
         return out
 
     def rotary_embedding(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
                          sin_cache: torch.Tensor) -> None:
-        """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] in place (neox layout) by int64 ``positions`` [T]; the
-        tables [rows, R / 2] rotate each head's first R dims (R < D: partial rotary) and leave the rest."""
+        """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] (both float32 or both bfloat16) in place (neox layout) by
+        int64 ``positions`` [T]; the float32 tables [rows, R / 2] rotate each head's first R dims (R < D: partial
+        rotary) and leave the rest."""
         rows, num_heads, head_dim = q.shape
+        dtype = _activation_dtype(q)
         for name, t in (("q", q), ("k", k)):
-            if t.stride(2) != 1 or t.stride(1) != head_dim or t.shape[0] != rows or t.shape[2] != head_dim:
-                raise ValueError(f"rotary_embedding: {name} must be [T, heads, {head_dim}] with heads and dims contiguous")
+            if t.stride(2) != 1 or t.stride(1) != head_dim or t.shape[0] != rows or t.shape[2] != head_dim \
+                    or t.dtype != dtype:
+                raise ValueError(f"rotary_embedding: {name} must be {dtype} [T, heads, {head_dim}] with heads and dims "
+                                 f"contiguous")
         if positions.dtype != torch.int64 or not positions.is_contiguous() or positions.numel() != rows:
             raise ValueError(f"rotary_embedding: positions must be {rows} contiguous int64")
         rotary_dim = 2 * cos_cache.shape[1]
-        if rotary_dim > head_dim or sin_cache.shape != cos_cache.shape:
-            raise ValueError(f"rotary_embedding: cos/sin tables must be [rows, <= {head_dim // 2}] alike, got "
+        if rotary_dim > head_dim or sin_cache.shape != cos_cache.shape or cos_cache.dtype != torch.float32 \
+                or sin_cache.dtype != torch.float32:
+            raise ValueError(f"rotary_embedding: cos/sin tables must be float32 [rows, <= {head_dim // 2}] alike, got "
                              f"{tuple(cos_cache.shape)} and {tuple(sin_cache.shape)}")
         status = self._lib.llmserve_rotary_embedding(
             q.data_ptr(), q.stride(0), num_heads, k.data_ptr(), k.stride(0), k.shape[1], head_dim, rotary_dim,
             positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(), cos_cache.shape[0], rows,
-            torch.get_num_threads())
+            torch.get_num_threads(), int(dtype == torch.bfloat16))
         if status != 0:
             raise IndexError(f"rotary_embedding: a position is outside 0..{cos_cache.shape[0] - 1}")
 
@@ -364,22 +417,39 @@ WEIGHT_BLOCK = 16   # output rows interleaved in a blocked weight (one 16-float 
 
 def block_weight(weight: torch.Tensor) -> torch.Tensor:
     """``[out, in]`` -> ``[out/16, in, 16]``: element ``[b, c, i]`` is ``weight[16 b + i, c]``, so the
-    kernels load one input column of 16 outputs as one vector. ``out`` must be a multiple of 16."""
+    kernels load one input column of 16 outputs as one vector. ``out`` must be a multiple of 16.
+
+    A bfloat16 weight is blocked in pairs of input columns, ``[out/16, ceil(in/2), 16, 2]`` (element
+    ``[b, c, i, p]`` is ``weight[16 b + i, 2 c + p]``, zero past ``in``): one vector is the operand of one
+    AVX512-BF16 dot-product step."""
     n, k = weight.shape
     if n % WEIGHT_BLOCK:
         raise ValueError(f"block_weight: {n} output rows is not a multiple of {WEIGHT_BLOCK}")
+    if weight.dtype == torch.bfloat16:
+        padded = torch.nn.functional.pad(weight, (0, k % 2))
+        return padded.view(n // WEIGHT_BLOCK, WEIGHT_BLOCK, (k + 1) // 2, 2).transpose(1, 2).contiguous()
     return weight.view(n // WEIGHT_BLOCK, WEIGHT_BLOCK, k).transpose(1, 2).contiguous()
 
 
-def _check_rows(t: torch.Tensor, width: int, name: str) -> None:
-    if t.dim() != 2 or t.shape[1] != width or t.stride(1) != 1 or t.dtype != torch.float32:
-        raise ValueError(f"{name} must be 2-D float32 with {width} contiguous values per row, got "
+def _check_rows(t: torch.Tensor, width: int, name: str, dtype: torch.dtype = torch.float32) -> None:
+    if t.dim() != 2 or t.shape[1] != width or t.stride(1) != 1 or t.dtype != dtype:
+        raise ValueError(f"{name} must be 2-D {dtype} with {width} contiguous values per row, got "
                          f"{tuple(t.shape)} {t.dtype} strides {t.stride()}")
 
 
-def kernels_for(x: torch.Tensor) -> CPUKernels | None:
-    """The kernels when ``x`` is a float32 CPU tensor and they are available, else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+# The activation dtypes of the layer ops (norms, SiLU-and-multiply, rotary) and the bfloat16 linear layers.
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _activation_dtype(x: torch.Tensor) -> torch.dtype:
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"the layer kernels take float32 or bfloat16 activations, got {x.dtype}")
+    return x.dtype
+
+
+def kernels_for(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> CPUKernels | None:
+    """The kernels when ``x`` is a CPU tensor of one of ``dtypes`` and they are available, else None."""
+    if x.device.type != "cpu" or x.dtype not in dtypes:
         return None
     return cpu_kernels()
 

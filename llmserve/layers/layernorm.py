@@ -1,7 +1,7 @@
 """RMSNorm (Llama's, Gemma's ``1 + w``) and LayerNorm, each with an optional fused residual add (saves one
 pass over the hidden states per layer).
 
-On CPU in float32 both forms of RMSNorm run as one compiled pass per row (``cpu_layer_ops.c``)."""
+On CPU in float32 and bfloat16 both forms of RMSNorm run as one compiled pass per row (``cpu_layer_ops.c``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.layers.cpu_kernels import kernels_for
+from llmserve.layers.cpu_kernels import ACTIVATION_DTYPES, kernels_for
 from llmserve.layers.linear import check_shape
 
 
 class RMSNorm(nn.Module):
+    # In bfloat16: Llama rounds the normalised value before the weight multiplies it; Gemma after.
+    weight_first = False
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
@@ -28,13 +31,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: ``norm(x)``. With it: ``(norm(x + residual), x + residual)``."""
-        kernels = kernels_for(x)
-        if kernels is not None:
+        kernels = kernels_for(x, ACTIVATION_DTYPES)
+        if kernels is not None and (residual is None or residual.dtype == x.dtype):
             shape = x.shape
             rows = x.reshape(-1, shape[-1])
             if residual is None:
-                return kernels.rms_norm(rows, self.weight, self.eps).view(shape)
-            out, total = kernels.rms_norm(rows, self.weight, self.eps, residual.reshape(-1, shape[-1]))
+                return kernels.rms_norm(rows, self.weight, self.eps, weight_first=self.weight_first).view(shape)
+            out, total = kernels.rms_norm(rows, self.weight, self.eps, residual.reshape(-1, shape[-1]),
+                                          weight_first=self.weight_first)
             return out.view(shape), total.view(shape)
         if residual is None:
             return self._norm(x)
@@ -49,6 +53,8 @@ class GemmaRMSNorm(RMSNorm):
     RMSNorm kernel; other dtypes multiply before the cast as transformers does (``(x * (1 + w)).to(dtype)``,
     where Llama casts first).
     """
+
+    weight_first = True
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__(hidden_size, eps)

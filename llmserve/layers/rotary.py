@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmserve.layers.cpu_kernels import kernels_for
+from llmserve.layers.cpu_kernels import ACTIVATION_DTYPES, kernels_for
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -141,8 +141,9 @@ class RotaryEmbedding(nn.Module):
 
     def rotate_rows(self, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate each token by row ``rows[t]`` of the cos/sin tables."""
-        kernels = None if self.interleaved else kernels_for(q)   # the compiled kernel is neox-only
-        if (kernels is not None and k.dtype == q.dtype and q.stride(2) == 1 and k.stride(2) == 1
+        kernels = None if self.interleaved else kernels_for(q, ACTIVATION_DTYPES)   # the kernel is neox-only
+        if (kernels is not None and k.dtype == q.dtype and self.cos_cache.dtype == torch.float32
+                and q.stride(2) == 1 and k.stride(2) == 1
                 and q.stride(1) == self.head_dim and k.stride(1) == self.head_dim):
             kernels.rotary_embedding(rows.contiguous(), q, k, self.cos_cache, self.sin_cache)
             return q, k

@@ -1,9 +1,10 @@
 """Plain float weights: ``[out, in]`` as checkpoints ship them, multiplied by the fastest path.
 
-On CPU in float32 with the compiled kernels, the weight is re-stored after loading as
-``[out/16, in, 16]`` (:func:`~llmserve.layers.cpu_kernels.block_weight`): one copy, which the blocked
-kernel multiplies for any number of rows at oneDNN's prepacked speed and streams at plain-read speed
-for a few rows. Elsewhere the weight stays plain and ``F.linear`` (or oneDNN on CPU) runs it.
+On CPU in float32 or bfloat16 with the compiled kernels, the weight is re-stored after loading as
+``[out/16, in, 16]`` (bfloat16: ``[out/16, in/2, 16, 2]``, see
+:func:`~llmserve.layers.cpu_kernels.block_weight`): one copy, which the blocked kernel multiplies for
+any number of rows and streams at plain-read speed for a few rows. Elsewhere the weight stays plain and
+``F.linear`` (or oneDNN on CPU) runs it.
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ from llmserve.quantization.base import QuantizeMethodBase, set_weight_attrs
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x W^T + b``, by the fastest path for the shape and the weight's layout.
 
-    A 3-D ``weight`` is blocked for the CPU kernels (:meth:`UnquantizedLinearMethod.process_weights_after_loading`):
-    they run any number of rows. A plain weight on CPU in float32: the compiled GEMV for a few rows,
-    else oneDNN; elsewhere (CUDA, other dtypes, no kernels) ``F.linear``.
+    A ``weight`` of more than 2 dims is blocked for the CPU kernels
+    (:meth:`UnquantizedLinearMethod.process_weights_after_loading`): they run any number of rows. A plain
+    weight on CPU in float32: the compiled GEMV for a few rows, else oneDNN; elsewhere (CUDA, other dtypes, no
+    kernels) ``F.linear``.
     """
-    if weight.dim() == 3:
+    if weight.dim() > 2:
         kernels = cpu_kernels()
         assert kernels is not None, "a blocked weight is only made where the CPU kernels load"
         rows = x.reshape(-1, x.shape[-1])
         if rows.stride(1) != 1:
             rows = rows.contiguous()
-        out = kernels.linear_blocked(rows, weight, bias)
+        blocked_linear = kernels.linear_bf16_blocked if weight.dtype == torch.bfloat16 else kernels.linear_blocked
+        out = blocked_linear(rows, weight, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
         kernels = cpu_kernels()
@@ -44,7 +47,7 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def blocked_layout_available(weight: torch.Tensor) -> bool:
     """Whether ``weight`` [out, in] can be stored blocked for the CPU kernels."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2
             and weight.shape[0] % WEIGHT_BLOCK == 0 and cpu_kernels() is not None)
 
 

@@ -23,6 +23,7 @@ from llmserve.layers.fused_moe import FusedMoE
 from llmserve.lora.model_manager import LoRAModelManager
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, load_model, resolve_model_path
 from llmserve.quantization.kv_cache import kv_cache_capacity_gain
+from llmserve.quantization.registry import checkpoint_quantization
 from llmserve.spec_decode.draft_model_proposer import DraftModelProposer
 from llmserve.worker.model_runner import ModelRunner
 from llmserve.worker.step_timing import measure_step_times
@@ -82,7 +83,8 @@ class Worker:
         config = self.config
         path = resolve_model_path(config.model, config.revision, config.download_dir)
         hf_config = load_config(path, config.trust_remote_code, config.revision)
-        dtype = resolve_dtype(config.dtype, checkpoint_dtype(hf_config), self.device)
+        quantized = config.quantization is not None or checkpoint_quantization(hf_config) is not None
+        dtype = resolve_dtype(config.dtype, checkpoint_dtype(hf_config), self.device, quantized=quantized)
         t0 = time.perf_counter()
         model = load_model(hf_config, path, dtype, self.device, config.quantization)
         if config.enable_expert_parallel and not any(isinstance(m, FusedMoE) for m in model.modules()):

@@ -140,7 +140,7 @@ def test_a_cache_that_cannot_be_written_falls_back_to_pytorch(tmp_path, monkeypa
 
 def _pytorch_path(monkeypatch, *modules) -> None:
     for m in modules:
-        monkeypatch.setattr(m, "kernels_for", lambda x: None)
+        monkeypatch.setattr(m, "kernels_for", lambda x, *dtypes: None)
 
 
 @pytest.mark.parametrize("shape", [(1, 768), (33, 100), (3, 4, 64)])   # 3-D: per-head q/k norm (Qwen3)
@@ -190,11 +190,11 @@ def test_rotary_embedding_rotates_strided_q_and_k_in_place(kernels, monkeypatch)
 
 
 def test_layer_ops_refuse_bad_shapes(kernels):
-    with pytest.raises(ValueError, match="2-D float32"):
+    with pytest.raises(ValueError, match="2-D torch.float32"):
         kernels.rms_norm(torch.randn(3, 8).t(), torch.ones(3), 1e-5)
     with pytest.raises(ValueError, match="weight must be 8"):
         kernels.rms_norm(torch.randn(3, 8), torch.ones(4), 1e-5)
-    with pytest.raises(ValueError, match="2-D float32"):
+    with pytest.raises(ValueError, match="float32 or bfloat16 activations"):
         kernels.silu_and_mul(torch.randn(2, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="positions"):
         kernels.rotary_embedding(torch.zeros(2, dtype=torch.int32), torch.randn(2, 1, 4), torch.randn(2, 1, 4),

@@ -34,7 +34,7 @@ def test_sharded_checkpoint_gives_same_output_as_single_file(tmp_path, llama_dir
 
 
 @pytest.mark.parametrize("dtype,expected", [("auto", torch.float32), ("float32", torch.float32),
-                                            ("bfloat16", torch.bfloat16)])
+                                            ("bfloat16", torch.bfloat16), ("float16", torch.float16)])
 def test_dtype(llama_dir, dtype, expected):
     llm = LLM(str(llama_dir), dtype=dtype, kv_cache_memory_bytes="8MiB")
     assert llm.engine.dtype == expected

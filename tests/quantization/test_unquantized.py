@@ -38,12 +38,25 @@ def test_blocked_path_equals_f_linear(rows):
     torch.testing.assert_close(method.apply(layer, x), F.linear(x, plain), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 9])
+def test_bf16_weights_are_blocked_in_pairs_and_equal_f_linear(rows):
+    layer, method = make_layer([16, 32], in_size=41)
+    layer.weight.data = layer.weight.data.bfloat16()
+    plain = layer.weight.detach().clone()
+    x, bias = torch.randn(rows, 41).bfloat16(), torch.randn(48).bfloat16()
+    method.process_weights_after_loading(layer)
+    assert layer.weight.shape == (3, 21, 16, 2)   # [out/16, ceil(in/2), 16, 2]
+    out = method.apply(layer, x, bias)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.linear(x.float(), plain.float(), bias.float()), atol=0.05, rtol=2 ** -7)
+
+
 def test_weights_it_cannot_block_stay_plain(monkeypatch):
     odd, method = make_layer([20])                    # not a multiple of 16
     method.process_weights_after_loading(odd)
     assert odd.weight.dim() == 2
     half, method = make_layer([32])
-    half.weight.data = half.weight.data.bfloat16()    # the kernels are float32 only
+    half.weight.data = half.weight.data.half()        # the kernels are float32 and bfloat16 only
     method.process_weights_after_loading(half)
     assert half.weight.dim() == 2
     monkeypatch.setattr(unquantized, "cpu_kernels", lambda: None)

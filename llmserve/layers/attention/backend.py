@@ -222,10 +222,10 @@ def select_attention_backend(device: torch.device, choice: str | None = None,
 
     ``choice`` (default: the ``LLMSERVE_ATTENTION_BACKEND`` environment variable) may be ``auto`` (or
     empty), ``torch``, ``cpu`` or ``triton``. ``auto`` picks Triton on CUDA when it imports; on CPU in
-    float32 the compiled decode kernel (``cpu``) when it builds here; else PyTorch. Forcing ``triton`` off
-    CUDA is allowed only under the Triton interpreter (``TRITON_INTERPRET=1``), which is how the kernels
-    are tested without a GPU. A model with multi-head latent attention (``latent_attention``: DeepSeek) gets
-    PyTorch on CUDA: the Triton kernels do not implement it, and forcing them is refused.
+    float32 or bfloat16 the compiled decode kernel (``cpu``) when it builds here; else PyTorch. Forcing
+    ``triton`` off CUDA is allowed only under the Triton interpreter (``TRITON_INTERPRET=1``), which is how the
+    kernels are tested without a GPU. A model with multi-head latent attention (``latent_attention``: DeepSeek)
+    gets PyTorch on CUDA: the Triton kernels do not implement it, and forcing them is refused.
     """
     choice = (choice if choice is not None else os.environ.get(ATTENTION_BACKEND_ENV, "")).strip().lower() or "auto"
     if choice not in ("auto", "torch", "cpu", "triton"):
@@ -233,8 +233,9 @@ def select_attention_backend(device: torch.device, choice: str | None = None,
     if choice == "torch":
         return "torch"
     if choice == "cpu":
-        if device.type != "cpu" or dtype != torch.float32:
-            raise RuntimeError(f"the cpu attention backend runs float32 on the CPU, not {dtype} on {device.type}")
+        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+            raise RuntimeError(f"the cpu attention backend runs float32 or bfloat16 on the CPU, not {dtype} on "
+                               f"{device.type}")
         if cpu_kernels() is None:
             raise RuntimeError(f"{ATTENTION_BACKEND_ENV}=cpu but the CPU kernels could not be built (see the "
                                f"warning above; a C compiler is needed)")
@@ -251,7 +252,7 @@ def select_attention_backend(device: torch.device, choice: str | None = None,
         return "triton"
     if device.type == "cuda":
         return "triton" if triton_available() and not latent_attention else "torch"
-    if device.type == "cpu" and dtype == torch.float32 and cpu_kernels() is not None:
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels() is not None:
         return "cpu"
     return "torch"
 
@@ -259,9 +260,9 @@ def select_attention_backend(device: torch.device, choice: str | None = None,
 def get_attention_backend(device: torch.device, dtype: torch.dtype, choice: str | None = None, *,
                           num_kv_heads: int = 8, latent_attention: bool = False) -> AttentionBackend:
     """The backend for a device and dtype: Triton kernels on CUDA when triton imports, the compiled decode
-    kernel on CPU in float32, PyTorch otherwise (see :func:`select_attention_backend` for forcing one and for
-    ``latent_attention``). ``num_kv_heads`` is the model's (the Triton decode kernel sizes its split-K grid
-    with it)."""
+    kernel on CPU in float32 or bfloat16, PyTorch otherwise (see :func:`select_attention_backend` for forcing
+    one and for ``latent_attention``). ``num_kv_heads`` is the model's (the Triton decode kernel sizes its
+    split-K grid with it)."""
     selected = select_attention_backend(device, choice, dtype, latent_attention=latent_attention)
     if selected == "triton":
         from llmserve.layers.attention.triton_backend import TritonAttentionBackend
@@ -270,7 +271,7 @@ def get_attention_backend(device: torch.device, dtype: torch.dtype, choice: str 
     if selected == "cpu":
         from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
 
-        return CPUAttentionBackend(cpu_kernels())
+        return CPUAttentionBackend(cpu_kernels(), dtype)
     from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend(dtype)

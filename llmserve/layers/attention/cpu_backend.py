@@ -7,7 +7,8 @@ bound by reading each sequence's KV blocks, go through ``llmserve_paged_decode_a
 for the whole query group, with no gathered copy and no padding, so sequences of any mix of lengths share
 one call. The kernel takes the layer's sliding window, soft-cap and ALiBi slopes as arguments, so one
 decode batch serves every layer of the step. It reads int8 and float8 caches too, converting each row in
-registers as it reads it, with the layer's K and V scales folded into the scores and the output.
+registers as it reads it, with the layer's K and V scales folded into the scores and the output, and a
+bfloat16 model's bfloat16 cache the same way.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class CPUAttentionBackend(TorchAttentionBackend):
     name = "cpu"
     decodes_depend_on_window = False   # the kernel skips the keys before each row's window itself
 
-    def __init__(self, kernels: CPUKernels) -> None:
-        super().__init__(torch.float32)
+    def __init__(self, kernels: CPUKernels, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(dtype)
         self.kernels = kernels
 
     def _decode_metadata(self, layout: BatchLayout, device: torch.device, window: int | None) -> DecodeBatch:

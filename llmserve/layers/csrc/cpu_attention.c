@@ -17,10 +17,11 @@
  * slope * (key position - query position) to each score in the same pass. None of them adds work inside
  * the token loops when unused.
  *
- * A quantised cache (`kv_format` > 0: float8 e4m3 or e5m2, or int8; one byte per entry) is converted to
- * float32 in registers as each row is read (see load_entries), never copied; its per-tensor scales are folded
- * into the softmax scale (keys) and into the output (values). The format is a compile-time constant of each
- * specialised path, as the head size is, so the float32 cache runs the same code as before.
+ * A quantised cache (float8 e4m3 or e5m2, or int8; one byte per entry) or a bfloat16 one (a bfloat16 model's
+ * cache) is converted to float32 in registers as each row is read (see load_entries), never copied; a
+ * quantised cache's per-tensor scales are folded into the softmax scale (keys) and into the output (values).
+ * The format is a compile-time constant of each specialised path, as the head size is, so the float32 cache
+ * runs the same code as before.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -86,7 +87,7 @@ static void softmax_rows(float *scores, long rows, long len, long stride, float 
 }
 
 /* Cache entry formats (kv_format). */
-enum { KV_F32 = 0, KV_FP8_E4M3 = 1, KV_FP8_E5M2 = 2, KV_INT8 = 3 };
+enum { KV_F32 = 0, KV_FP8_E4M3 = 1, KV_FP8_E5M2 = 2, KV_INT8 = 3, KV_BF16 = 4 };
 
 typedef unsigned char u8vec __attribute__((vector_size(LANES)));
 typedef signed char i8vec __attribute__((vector_size(LANES)));
@@ -114,6 +115,7 @@ static inline float fp8_to_float_scalar(unsigned char x, const int m_bits, const
 /* LANES cache entries from entry index i of a cache of format `fmt`, as (unscaled) floats. */
 static inline __attribute__((always_inline)) vec load_entries(const void *cache, long i, const int fmt) {
     if (fmt == KV_F32) return load((const float *)cache + i);
+    if (fmt == KV_BF16) return load_bf16((const uint16_t *)cache + i);
     if (fmt == KV_INT8) {
         i8vec b;
         memcpy(&b, (const signed char *)cache + i, sizeof b);
@@ -130,6 +132,7 @@ static inline float load_entry(const void *cache, long i, const int fmt) {
         case KV_FP8_E4M3: return fp8_to_float_scalar(((const unsigned char *)cache)[i], 3, 7);
         case KV_FP8_E5M2: return fp8_to_float_scalar(((const unsigned char *)cache)[i], 2, 15);
         case KV_INT8: return (float)((const signed char *)cache)[i];
+        case KV_BF16: return bf16_to_float(((const uint16_t *)cache)[i]);
         default: return ((const float *)cache)[i];
     }
 }
@@ -144,7 +147,7 @@ static inline long token_row(const int *table, long t, long block_size, long tok
 static inline void prefetch_row(const void *cache, const int *table, long t, long seq_len, long block_size,
                                 long token_stride, long first, long count, const int fmt) {
     if (t >= seq_len) return;
-    const long entry_size = fmt == KV_F32 ? (long)sizeof(float) : 1;
+    const long entry_size = fmt == KV_F32 ? (long)sizeof(float) : fmt == KV_BF16 ? 2 : 1;
     const char *row = (const char *)cache + (token_row(table, t, block_size, token_stride) + first) * entry_size;
     for (long i = 0; i < count * entry_size; i += 64) __builtin_prefetch(row + i, 0, 3);
 }
@@ -254,6 +257,7 @@ static void attend_one(const float *q, const void *k_cache, const void *v_cache,
         case KV_FP8_E4M3: ATTEND(KV_FP8_E4M3); return;
         case KV_FP8_E5M2: ATTEND(KV_FP8_E5M2); return;
         case KV_INT8: ATTEND(KV_INT8); return;
+        case KV_BF16: ATTEND(KV_BF16); return;
         default: ATTEND(KV_F32); return;
     }
 #undef ATTEND
@@ -268,7 +272,7 @@ static inline long first_key(long seq_len, long window) {
  * block_tables: int32 [num_seqs, >= blocks needed] with row stride table_stride; seq_lens: int32.
  * window: the sliding window in tokens (0 = full attention); soft_cap: the logit soft-cap (0 = none);
  * alibi_slopes: float32 [num_heads] ALiBi slopes, or NULL for none.
- * kv_format: the caches' entries (KV_F32, or one byte each: KV_FP8_E4M3, KV_FP8_E5M2, KV_INT8), which read as
+ * kv_format: the caches' entries (KV_F32, KV_BF16, or one byte each: KV_FP8_E4M3, KV_FP8_E5M2, KV_INT8), which read as
  * entry * k_scale (keys) and entry * v_scale (values).
  * Returns 0; -1 when num_heads is not a multiple of num_kv_heads; -2 when scratch memory ran out; -3 for an
  * unknown kv_format. */
@@ -279,7 +283,7 @@ int llmserve_paged_decode_attention(const float *q, long q_stride, const void *k
                                     const float *alibi_slopes, float *out, long out_stride, int num_threads,
                                     int kv_format, float k_scale, float v_scale) {
     if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0) return -1;
-    if (kv_format < KV_F32 || kv_format > KV_INT8) return -3;
+    if (kv_format < KV_F32 || kv_format > KV_BF16) return -3;
     scale *= k_scale;   /* q . (entry * k_scale) * scale */
     const long group = num_heads / num_kv_heads;
     long max_len = 1;

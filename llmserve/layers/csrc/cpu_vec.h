@@ -3,7 +3,12 @@
 #ifndef LLMSERVE_CPU_VEC_H
 #define LLMSERVE_CPU_VEC_H
 
+#include <stdint.h>
 #include <string.h>
+
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
 
 #define LANES 16
 
@@ -76,6 +81,46 @@ static inline vec vexp_nonpositive(vec x) {
     p = p * r + splat(1.0f);
     ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
     return p * (vec)bits;
+}
+
+/* bfloat16 (the high half of a float32): widened in registers, rounded back on store. */
+typedef uint16_t u16vec __attribute__((vector_size(LANES * sizeof(uint16_t))));
+
+/* 16 bfloat16 values as floats. */
+static inline vec load_bf16(const uint16_t *p) {
+    u16vec h;
+    memcpy(&h, p, sizeof h);
+    return (vec)(__builtin_convertvector(h, ivec) << 16);
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Round 16 floats to bfloat16 (nearest, ties to even; NaN stays NaN) and store them. */
+static inline void store_bf16(uint16_t *p, vec v) {
+#ifdef __AVX512BF16__
+    const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+    memcpy(p, &h, sizeof h);
+#else
+    typedef uint32_t uvec __attribute__((vector_size(LANES * sizeof(uint32_t))));
+    const uvec bits = (uvec)v;
+    const uvec rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    const uvec nan = (uvec)(v != v);
+    const uvec h32 = (nan & ((bits >> 16) | 0x40)) | (~nan & rounded);   /* a NaN stays a (quiet) NaN */
+    const u16vec h = __builtin_convertvector(h32, u16vec);
+    memcpy(p, &h, sizeof h);
+#endif
+}
+
+/* Floats rounded to the nearest bfloat16 value, kept as floats: where a bfloat16 model rounds a result. */
+static inline vec round_bf16(vec v) {
+    uint16_t h[LANES];
+    store_bf16(h, v);
+    return load_bf16(h);
 }
 
 #endif

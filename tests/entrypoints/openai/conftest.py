@@ -50,7 +50,7 @@ def launch(model: Path, *args: str, log_dir: Path, wrapper: Path | None = None, 
     log_path = log_dir / f"server-{port}.log"
     entry = [str(wrapper)] if wrapper else ["-m", "llmserve.entrypoints.openai.api_server"]
     cmd = [sys.executable, *entry, "--model", str(model), "--port", str(port), "--served-model-name", "tiny",
-           "--kv-cache-memory-bytes", "16MiB", "--num-threads", "1", *args]
+           "--kv-cache-memory-bytes", "16MiB", "--num-threads", "1", "--dtype", "float32", *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
     server = RunningServer(process, port, log_path)

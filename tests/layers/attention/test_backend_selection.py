@@ -27,10 +27,12 @@ def test_auto_picks_triton_on_cuda_only(no_override, monkeypatch):
     assert select_attention_backend(CUDA) == "torch"
 
 
-def test_auto_picks_the_compiled_kernel_on_cpu_in_float32_when_it_builds(no_override, monkeypatch):
+def test_auto_picks_the_compiled_kernel_on_cpu_in_float32_and_bfloat16_when_it_builds(no_override, monkeypatch):
     assert cpu_kernels() is not None, "the test machine has a C compiler"
     assert isinstance(get_attention_backend(CPU, torch.float32), CPUAttentionBackend)
-    assert type(get_attention_backend(CPU, torch.bfloat16)) is TorchAttentionBackend
+    bf16 = get_attention_backend(CPU, torch.bfloat16)
+    assert isinstance(bf16, CPUAttentionBackend) and bf16.dtype == torch.bfloat16
+    assert type(get_attention_backend(CPU, torch.float16)) is TorchAttentionBackend
     monkeypatch.setattr(backend_module, "cpu_kernels", lambda: None)
     assert type(get_attention_backend(CPU, torch.float32)) is TorchAttentionBackend
 
@@ -38,9 +40,10 @@ def test_auto_picks_the_compiled_kernel_on_cpu_in_float32_when_it_builds(no_over
 def test_forcing_the_cpu_backend_where_it_cannot_run_is_refused(monkeypatch):
     monkeypatch.setenv(ATTENTION_BACKEND_ENV, "cpu")
     assert select_attention_backend(CPU) == "cpu"
-    with pytest.raises(RuntimeError, match="float32 on the CPU"):
-        select_attention_backend(CPU, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="float32 on the CPU"):
+    assert select_attention_backend(CPU, dtype=torch.bfloat16) == "cpu"
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 on the CPU"):
+        select_attention_backend(CPU, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 on the CPU"):
         select_attention_backend(CUDA)
     monkeypatch.setattr(backend_module, "cpu_kernels", lambda: None)
     with pytest.raises(RuntimeError, match="could not be built"):

@@ -1,0 +1,59 @@
+"""bfloat16 on CPU end to end: ``--dtype auto`` picks it where the CPU multiplies bfloat16 natively, and the
+engine's bfloat16 run (compiled kernels: pair-blocked linear, norms, rotary, decode attention on a bfloat16
+KV cache) gives transformers' bfloat16 greedy tokens.
+
+Tolerance: both sides round every layer's outputs to bfloat16 (8 significant bits), but sum in different
+orders (float32 tiles here, oneDNN there), so their roundings differ by one bfloat16 step now and then and the
+differences travel through the layers. A logprob is a logit minus the log-sum-exp of the logits, both of
+magnitude ~10 on the tiny model, where one bfloat16 step (2^-8 relative) is ~0.04; on these prompts the two
+differ by up to ~0.07, so 0.15 allows a few such steps. For the same reason two candidates whose logprobs
+are within that tolerance are a tie in bfloat16 that either side may break its own way (transformers in
+float32 leaves the bfloat16 tokens after a few steps on every prompt here): greedy tokens must be equal up to
+such a tie, where HF's token must be our runner-up within the tolerance, and the comparison of that prompt
+stops (its continuations differ). The same run in float32 agrees to 1e-3 (tests/engine/test_hf_equivalence.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from llmserve import LLM, SamplingParams
+from llmserve import config as config_module
+from tests.engine.test_hf_equivalence import PROMPTS
+from tests.hf_reference import hf_greedy
+
+MAX_TOKENS = 12
+BF16_LOGPROB_TOLERANCE = 0.15
+
+
+def test_auto_dtype_runs_bf16_on_a_cpu_with_native_bf16_and_matches_hf_bf16(llama_dir, monkeypatch, caplog):
+    monkeypatch.setattr(config_module, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    with caplog.at_level(logging.INFO, logger="llmserve.engine.input_processor"):
+        llm = LLM(str(llama_dir), kv_cache_memory_bytes="32MiB")
+    assert llm.engine.dtype == torch.bfloat16 and llm.engine.config.dtype == "bfloat16"
+    assert "--dtype auto: bfloat16 on this CPU: the CPU has native bfloat16 (avx512_bf16)" in caplog.text
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                                   logprobs=2))
+    compared = 0
+    for out in outputs:
+        ref_tokens, ref_logprobs = hf_greedy(llama_dir, out.prompt_token_ids, MAX_TOKENS, dtype=torch.bfloat16)
+        completion = out.outputs[0]
+        for token, top, ref_token, ref_logprob in zip(completion.token_ids, completion.logprobs, ref_tokens,
+                                                      ref_logprobs):
+            assert top[token].logprob == pytest.approx(ref_logprob, abs=BF16_LOGPROB_TOLERANCE)
+            if token != ref_token:   # a bfloat16 tie, broken the other way
+                assert ref_token in top, f"prompt {out.prompt!r}: HF's {ref_token} is not our runner-up"
+                assert top[ref_token].logprob == pytest.approx(top[token].logprob, abs=BF16_LOGPROB_TOLERANCE)
+                break
+            compared += 1
+    assert compared >= len(PROMPTS) * MAX_TOKENS * 3 // 4   # ties are rare: most tokens are compared
+
+
+def test_auto_dtype_stays_float32_without_native_bf16(llama_dir, monkeypatch, caplog):
+    monkeypatch.setattr(config_module, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
+    with caplog.at_level(logging.INFO, logger="llmserve.engine.input_processor"):
+        llm = LLM(str(llama_dir), kv_cache_memory_bytes="8MiB")
+    assert llm.engine.dtype == torch.float32 and llm.engine.config.dtype == "float32"
+    assert "--dtype auto: float32 on this CPU: the CPU has no native bfloat16" in caplog.text
