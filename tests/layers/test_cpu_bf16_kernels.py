@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmserve.layers.cpu_kernels import CPUKernels, block_weight, build_library, cpu_kernels
+from llmserve.layers.cpu_kernel_build import build_library
+from llmserve.layers.cpu_kernels import CPUKernels, block_weight, cpu_kernels
 
 BF16_ROUNDING = 2.0 ** -8   # a bfloat16 keeps 8 significant bits
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmserve.layers import cpu_kernel_build as build
 from llmserve.layers import cpu_kernels as module
-from llmserve.layers.cpu_kernels import CPU_KERNELS_ENV, CPUKernelsUnavailable, build_library, cpu_kernels
+from llmserve.layers.cpu_kernel_build import CPUKernelsUnavailable, build_library
+from llmserve.layers.cpu_kernels import CPU_KERNELS_ENV, cpu_kernels
 
 
 @pytest.fixture
@@ -95,7 +97,7 @@ def test_library_is_built_once_per_input_and_reused(tmp_path, monkeypatch):
 
 def test_missing_compiler_is_reported(monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler")
-    monkeypatch.setattr(module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
     with pytest.raises(CPUKernelsUnavailable, match="no C compiler"):
         build_library()
 
@@ -104,9 +106,9 @@ def test_compile_errors_are_reported_with_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMSERVE_CACHE_DIR", str(tmp_path))
     broken = tmp_path / "csrc"
     broken.mkdir()
-    for name in module.SOURCES + module.HEADERS:
+    for name in build.SOURCES + build.HEADERS:
         (broken / name).write_text("this is not C;\n")
-    monkeypatch.setattr(module, "_SRC_DIR", broken)
+    monkeypatch.setattr(build, "_SRC_DIR", broken)
     with pytest.raises(CPUKernelsUnavailable, match="compiling the CPU kernels failed"):
         build_library()
     assert not any(p.suffix == ".so" for p in (tmp_path / "kernels").rglob("*"))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.layers import cpu_kernels as cpu_kernels_module
+from llmserve.layers import cpu_kernel_build
 from llmserve.layers.cpu_kernels import CPUKernels, block_weight, cpu_kernels
 from llmserve.quantization import packed
 from llmserve.quantization.packed import (FP8, U4, U8, apply_w8a8, apply_weight_only, dequantize_weight_only,
@@ -132,10 +132,10 @@ def test_w8a8_reports_its_dot_product_path():
 def test_the_portable_paths_built_without_avx512_give_the_same_results(tmp_path, monkeypatch):
     """The kernels pick their path from the CPU they are built for: built for AVX2 (no AVX-512, no VNNI),
     the generic vector code runs, and equals the reference too."""
-    flags = [f if f != "-march=native" else "-march=x86-64-v3" for f in cpu_kernels_module.CFLAGS]
+    flags = [f if f != "-march=native" else "-march=x86-64-v3" for f in cpu_kernel_build.CFLAGS]
     library = tmp_path / "libportable.so"
-    sources = [str(cpu_kernels_module._SRC_DIR / name) for name in cpu_kernels_module.SOURCES]
-    subprocess.run([cpu_kernels_module._compiler(), *flags, *sources, "-o", str(library), "-lm"], check=True,
+    sources = [str(cpu_kernel_build._SRC_DIR / name) for name in cpu_kernel_build.SOURCES]
+    subprocess.run([cpu_kernel_build._compiler(), *flags, *sources, "-o", str(library), "-lm"], check=True,
                    capture_output=True)
     portable = CPUKernels(library)
     assert not portable.w8a8_uses_vnni

@@ -1,0 +1,83 @@
+"""Builds the hand-written CPU kernels (``layers/csrc/*.c``) for this machine.
+
+The C sources are compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) as
+``-O3 -march=native -fopenmp`` into ``cache_dir()/kernels/<hash>/`` (the hash covers the sources,
+the flags, the compiler and the CPU), once per machine; later processes load the cached library. The
+OpenMP runtime is the one PyTorch already loaded (same ``libgomp.so.1``), so the kernels share its
+threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from llmserve.config import cache_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("cpu_linear.c", "cpu_bf16_linear.c", "cpu_quant_linear.c", "cpu_w8a8_linear.c", "cpu_attention.c",
+           "cpu_layer_ops.c", "cpu_sampling.c")
+HEADERS = ("cpu_vec.h",)
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+_SRC_DIR = Path(__file__).parent / "csrc"
+
+
+class CPUKernelsUnavailable(RuntimeError):
+    """The kernels could not be built or loaded here (the message says why)."""
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise CPUKernelsUnavailable("no C compiler found (set CC, or install gcc)")
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keys = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line.strip() for line in info.splitlines() if line.split(":")[0].strip() in keys}))
+
+
+def build_library(extra_cflags: tuple[str, ...] = ()) -> Path:
+    """Compile the sources (unless a build for this exact input is cached) and return the library.
+    ``extra_cflags`` follow ``-march=native`` (``-mno-avx512bf16`` builds the paths of CPUs without it)."""
+    cc = _compiler()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise CPUKernelsUnavailable(f"cannot run the C compiler {cc!r}: {exc}") from exc
+    digest = hashlib.sha256()
+    for part in (version, " ".join(CFLAGS + extra_cflags), platform.machine(), _cpu_signature(),
+                 *((_SRC_DIR / name).read_text() for name in SOURCES + HEADERS)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    out_dir = cache_dir() / "kernels" / digest.hexdigest()[:16]
+    library = out_dir / "libllmserve_cpu.so"
+    if library.exists():
+        return library
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    command = [cc, *CFLAGS, *extra_cflags, *(str(_SRC_DIR / name) for name in SOURCES), "-o", tmp, "-lm"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise CPUKernelsUnavailable(f"compiling the CPU kernels failed ({' '.join(command)}):\n{done.stderr}")
+        os.replace(tmp, library)   # atomic: concurrent builders each publish a complete file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("Compiled the CPU kernels into %s", library)
+    return library
