@@ -109,16 +109,19 @@ def test_most_blocks_held_counts_every_group():
     assert most_blocks_held(BS, [10, 10, 10, None], 30, 130, 8, True) == 3 * 6 + 33
 
 
+# One op: (sequence slot, tokens) computes that many more of the slot's tokens (0: first looks its prompt up in
+# the prefix cache, if it holds no block); (slot, None) frees it.
 _ops = st.lists(st.tuples(st.integers(0, 3), st.one_of(st.none(), st.integers(0, 12))), max_size=60)
 
 
-@settings(max_examples=150, deadline=None)
-@given(num_blocks=st.integers(1, 24), windows=st.lists(st.one_of(st.none(), st.integers(1, 12)), min_size=2,
-                                                      max_size=3), ops=_ops)
-def test_random_steps_keep_every_groups_invariants(num_blocks, windows, ops):
-    """(slot, n > 0) computes n more tokens, (slot, 0) looks a block-less slot up in the prefix cache, (slot,
-    None) frees it; each slot's own 60-token prompt."""
-    bm = BlockManager(num_blocks, BS, enable_prefix_caching=True, group_windows=windows)
+@settings(max_examples=200, deadline=None)
+@given(num_blocks=st.integers(1, 24), block_size=st.sampled_from([1, 2, 4]),
+       windows=st.lists(st.one_of(st.none(), st.integers(1, 12)), min_size=1, max_size=3), ops=_ops)
+def test_random_steps_keep_every_groups_invariants(num_blocks, block_size, windows, ops):
+    """One to three groups, full or sliding. Each slot has its own 60-token prompt (so blocks are shared only
+    through its own earlier runs' cache); every group's table covers the computed tokens and its released prefix
+    is exactly the blocks out of its window."""
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=True, group_windows=windows)
     seqs = [Sequence(slot, f"r{slot}", 0, [slot * 100 + t for t in range(60)], SamplingParams(), 16, None)
             for slot in range(4)]
     for slot, n in ops:
@@ -131,10 +134,10 @@ def test_random_steps_keep_every_groups_invariants(num_blocks, windows, ops):
                 hit = bm.match_prefix(seq)
                 assert seq.num_released == [bm.num_dead_blocks(hit, g) for g in range(len(windows))]
         elif seq.num_computed_tokens + n <= 60 and bm.allocate(seq, seq.num_computed_tokens + n):
-            wanted = -(-(seq.num_computed_tokens + n) // BS)
+            wanted = -(-(seq.num_computed_tokens + n) // block_size)
             for g in range(len(windows)):
-                assert len(seq.block_tables[g]) == wanted
-                assert seq.num_released[g] == bm.num_dead_blocks(seq.num_computed_tokens, g)
+                dead = bm.num_dead_blocks(seq.num_computed_tokens, g)
+                assert len(seq.block_tables[g]) == wanted and seq.num_released[g] == dead
             seq.num_computed_tokens += n
             bm.cache_full_blocks(seq)
         assert_invariants(bm, seqs)

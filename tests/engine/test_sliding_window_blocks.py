@@ -11,14 +11,12 @@ of its first uncomputed token. (Models that mix full and sliding layers: test_kv
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from llmserve import LLM, SamplingParams
 from llmserve.engine.block_manager import NULL_BLOCK, BlockManager
 from llmserve.engine.sequence import Sequence
 from llmserve.errors import InvalidRequestError
-from tests.engine.test_block_manager import assert_invariants, make_seq
+from tests.engine.test_block_manager import make_seq
 from tests.engine.test_hf_equivalence import assert_matches_hf, llm_block_bytes
 from tests.models.hf_logits import LONG_PROMPT, with_config
 
@@ -125,39 +123,6 @@ def test_without_a_window_a_hole_at_the_start_is_a_miss():
     filler = make_seq(1)
     assert bm.allocate(filler, 1)
     assert bm.match_prefix(make_seq(25)) == 0
-
-
-# One op: (sequence slot, tokens) computes that many more of the slot's tokens (0: first looks its prompt up in
-# the prefix cache, if it holds no block); (slot, None) frees it.
-_ops = st.lists(st.tuples(st.integers(0, 3), st.one_of(st.none(), st.integers(0, 12))), max_size=60)
-
-
-@settings(max_examples=200, deadline=None)
-@given(num_blocks=st.integers(1, 16), block_size=st.sampled_from([1, 2, 4]), window=st.integers(1, 12), ops=_ops)
-def test_random_steps_keep_invariants_and_the_window(num_blocks, block_size, window, ops):
-    """Each slot has its own 60-token prompt (so blocks are shared only through its own earlier runs' cache)."""
-    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=True, group_windows=[window])
-    seqs = [Sequence(slot, f"r{slot}", 0, [slot * 100 + t for t in range(60)], SamplingParams(), 16, None)
-            for slot in range(4)]
-    for slot, n in ops:
-        seq = seqs[slot]
-        if n is None:
-            bm.free(seq)
-            seq.num_computed_tokens = 0
-        elif n == 0:
-            if not seq.block_table:
-                hit = bm.match_prefix(seq)
-                assert seq.num_released_blocks == bm.num_dead_blocks(hit)
-        elif seq.num_computed_tokens + n <= 60 and bm.allocate(seq, seq.num_computed_tokens + n):
-            dead = bm.num_dead_blocks(seq.num_computed_tokens)
-            assert seq.num_released_blocks == dead
-            assert len(live_blocks(seq)) == -(-(seq.num_computed_tokens + n) // block_size) - dead
-            seq.num_computed_tokens += n
-            bm.cache_full_blocks(seq)
-        assert_invariants(bm, seqs)
-    for seq in seqs:
-        bm.free(seq)
-    assert bm.num_free_blocks == num_blocks
 
 
 # ---------------------------------------------------------------------------------------------- the engine
