@@ -65,6 +65,8 @@ class CPUKernels:
         lib.llmserve_linear_blocked.restype = _I
         lib.llmserve_bf16_linear_blocked.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
         lib.llmserve_bf16_linear_blocked.restype = _I
+        lib.llmserve_bf16_linear_rowmajor.argtypes = lib.llmserve_bf16_linear_blocked.argtypes
+        lib.llmserve_bf16_linear_rowmajor.restype = None
         lib.llmserve_bf16_uses_dpbf16.restype = _I
         lib.llmserve_linear_weight_only.argtypes = [_P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I, _I]
         lib.llmserve_linear_weight_only.restype = _I
@@ -125,22 +127,23 @@ class CPUKernels:
             out.data_ptr(), n, rows, n, k, torch.get_num_threads())
         return out
 
-    def linear_bf16_blocked(self, x: torch.Tensor, blocked_weight: torch.Tensor,
-                            bias: torch.Tensor | None) -> torch.Tensor:
-        """``x @ W.T + bias`` in bfloat16 (float32 sums) for a 2-D bfloat16 ``x`` (unit stride along the last
-        dim), any number of rows, with ``W`` blocked in pairs as :func:`block_weight` makes it from bfloat16."""
+    def linear_bf16(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + bias`` in bfloat16 (float32 sums) for a 2-D bfloat16 ``x`` (unit stride along the last dim),
+        any number of rows, with ``W`` blocked in pairs as :func:`block_weight` makes it from bfloat16, or plain
+        row-major ``[out, in]`` (a weight that must keep its layout: a tied LM head, any ``out``)."""
         rows, k = x.shape
         _check_rows(x, k, "x", torch.bfloat16)
-        blocks, pairs, lanes, two = blocked_weight.shape
-        if (lanes, two) != (WEIGHT_BLOCK, 2) or pairs != (k + 1) // 2 or blocked_weight.dtype != torch.bfloat16 \
-                or not blocked_weight.is_contiguous() \
-                or (bias is not None and (not bias.is_contiguous() or bias.dtype != torch.bfloat16)):
-            raise ValueError(f"linear_bf16_blocked: weight {tuple(blocked_weight.shape)} {blocked_weight.dtype} is not "
-                             f"a contiguous bfloat16 [out/{WEIGHT_BLOCK}, {(k + 1) // 2}, {WEIGHT_BLOCK}, 2] weight")
-        n = blocks * WEIGHT_BLOCK
+        blocked = weight.dim() == 4
+        n = weight.shape[0] * WEIGHT_BLOCK if blocked else weight.shape[0]
+        layout = (n // WEIGHT_BLOCK, (k + 1) // 2, WEIGHT_BLOCK, 2) if blocked else (n, k)
+        bias_ok = bias is None or (bias.shape == (n,) and bias.is_contiguous() and bias.dtype == torch.bfloat16)
+        if tuple(weight.shape) != layout or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or not bias_ok:
+            raise ValueError(f"linear_bf16: weight {tuple(weight.shape)} {weight.dtype} is not a contiguous bfloat16 "
+                             f"[out/{WEIGHT_BLOCK}, {(k + 1) // 2}, {WEIGHT_BLOCK}, 2] or [out, {k}] weight, or the "
+                             f"bias is not bfloat16 [out]")
         out = torch.empty(rows, n, dtype=torch.bfloat16)
-        self._lib.llmserve_bf16_linear_blocked(
-            x.data_ptr(), x.stride(0), blocked_weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+        run = self._lib.llmserve_bf16_linear_blocked if blocked else self._lib.llmserve_bf16_linear_rowmajor
+        run(x.data_ptr(), x.stride(0), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
             out.data_ptr(), n, rows, n, k, torch.get_num_threads())
         return out
 

@@ -24,20 +24,21 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     A ``weight`` of more than 2 dims is blocked for the CPU kernels
     (:meth:`UnquantizedLinearMethod.process_weights_after_loading`): they run any number of rows. A plain
+    bfloat16 weight on CPU (one that keeps its layout: a tied LM head) goes to the row-major bfloat16 kernel,
+    which reads it at half the bytes of float32 where oneDNN's bfloat16 GEMV is no faster than float32. A plain
     weight on CPU in float32: the compiled GEMV for a few rows, else oneDNN; elsewhere (CUDA, other dtypes, no
     kernels) ``F.linear``.
     """
-    if weight.dim() > 2:
-        kernels = cpu_kernels()
+    kernels = cpu_kernels() if x.device.type == "cpu" else None
+    if weight.dim() > 2 or (kernels is not None and x.dtype == weight.dtype == torch.bfloat16):
         assert kernels is not None, "a blocked weight is only made where the CPU kernels load"
         rows = x.reshape(-1, x.shape[-1])
         if rows.stride(1) != 1:
             rows = rows.contiguous()
-        blocked_linear = kernels.linear_bf16_blocked if weight.dtype == torch.bfloat16 else kernels.linear_blocked
-        out = blocked_linear(rows, weight, bias)
+        linear = kernels.linear_bf16 if weight.dtype == torch.bfloat16 else kernels.linear_blocked
+        out = linear(rows, weight, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
-        kernels = cpu_kernels()
         if kernels is not None and x.shape[0] <= kernels.max_linear_rows and x.stride(1) == 1:
             return kernels.linear_small_batch(x, weight, bias)
         if torch.backends.mkldnn.is_available():

@@ -2,8 +2,8 @@
 
 Every kernel sums in float32 and rounds its outputs to bfloat16 once (the layer ops where transformers
 rounds), so each output is within one bfloat16 rounding (relative 2^-8) of the float32 result of the same
-inputs, plus float32 summation-order noise. The linear kernel runs on AVX512-BF16 where the CPU has it and
-on float32 FMAs over widened weights elsewhere: both builds are tested here (the second with
+inputs, plus float32 summation-order noise. The linear kernels (pair-blocked and row-major weights) run on
+AVX512-BF16 where the CPU has it and on float32 FMAs over widened weights elsewhere: both builds are tested here (the second with
 ``-mno-avx512bf16``, which any x86 compiler accepts)."""
 
 from __future__ import annotations
@@ -51,11 +51,27 @@ def test_bf16_linear_matches_float32_torch(kernels, rows, out_features, in_featu
     blocked = block_weight(weight)
     assert blocked.shape == (out_features // 16, (in_features + 1) // 2, 16, 2)
     scale = x.float().abs() @ weight.float().abs().T + bias.float().abs()
-    _assert_within_bf16(kernels.linear_bf16_blocked(x, blocked, bias), F.linear(x.float(), weight.float(),
+    _assert_within_bf16(kernels.linear_bf16(x, blocked, bias), F.linear(x.float(), weight.float(),
                                                                                 bias.float()), scale)
     strided = torch.randn(rows, in_features + 3).bfloat16()[:, 1:1 + in_features]
-    _assert_within_bf16(kernels.linear_bf16_blocked(strided, blocked, None),
+    _assert_within_bf16(kernels.linear_bf16(strided, blocked, None),
                         strided.float() @ weight.float().T, strided.float().abs() @ weight.float().abs().T)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])   # one tile, a tile and a tail, several tiles
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (7, 31), (50, 33), (83, 770), (16, 64)])
+def test_bf16_linear_on_a_row_major_weight_matches_float32_torch(kernels, rows, out_features, in_features):
+    """A weight that keeps its [out, in] layout (a tied LM head): any out, in not a multiple of the 32 values
+    one step reads."""
+    torch.manual_seed(rows * out_features + in_features)
+    x = torch.randn(rows, in_features).bfloat16()
+    weight, bias = torch.randn(out_features, in_features).bfloat16(), torch.randn(out_features).bfloat16()
+    scale = x.float().abs() @ weight.float().abs().T + bias.float().abs()
+    _assert_within_bf16(kernels.linear_bf16(x, weight, bias), F.linear(x.float(), weight.float(), bias.float()),
+                        scale)
+    strided = torch.randn(rows, in_features + 3).bfloat16()[:, 1:1 + in_features]
+    _assert_within_bf16(kernels.linear_bf16(strided, weight, None), strided.float() @ weight.float().T,
+                        strided.float().abs() @ weight.float().abs().T)
 
 
 def test_bf16_blocked_layout_pairs_input_columns():
@@ -69,11 +85,18 @@ def test_bf16_blocked_layout_pairs_input_columns():
 def test_bf16_linear_refuses_mismatched_operands(kernels):
     weight = block_weight(torch.randn(32, 8).bfloat16())
     with pytest.raises(ValueError, match="bfloat16"):
-        kernels.linear_bf16_blocked(torch.randn(2, 8), weight, None)
+        kernels.linear_bf16(torch.randn(2, 8), weight, None)
     with pytest.raises(ValueError, match="not a contiguous bfloat16"):
-        kernels.linear_bf16_blocked(torch.randn(2, 10).bfloat16(), weight, None)
+        kernels.linear_bf16(torch.randn(2, 10).bfloat16(), weight, None)
     with pytest.raises(ValueError, match="not a contiguous bfloat16"):
-        kernels.linear_bf16_blocked(torch.randn(2, 8).bfloat16(), weight, torch.randn(32))
+        kernels.linear_bf16(torch.randn(2, 8).bfloat16(), weight, torch.randn(32))
+    row_major = torch.randn(30, 8).bfloat16()
+    with pytest.raises(ValueError, match="not a contiguous bfloat16"):
+        kernels.linear_bf16(torch.randn(2, 10).bfloat16(), row_major, None)
+    with pytest.raises(ValueError, match="not a contiguous bfloat16"):
+        kernels.linear_bf16(torch.randn(2, 8).bfloat16(), row_major.T.contiguous().T, None)
+    with pytest.raises(ValueError, match="bias is not bfloat16"):
+        kernels.linear_bf16(torch.randn(2, 8).bfloat16(), row_major, torch.randn(31).bfloat16())
 
 
 def _pytorch_path(monkeypatch, *modules) -> None:

@@ -101,6 +101,94 @@ int llmserve_bf16_linear_blocked(const uint16_t *x, long x_stride, const uint16_
     return 0;
 }
 
+/* Row-major weights [n][k], for a bfloat16 weight that must keep its layout (a tied LM head: the embedding
+ * looks up its rows). `vdpbf16ps` multiplies adjacent pairs, and in a row-major weight the adjacent values of a
+ * row are input columns 2c and 2c+1: 32 values of a weight row against the same 32 of an input row leave 16
+ * partial sums of that one output, added across the lanes at the end. Tiles of up to 4 rows x 4 outputs:
+ * four independent chains per row, and each weight vector serves every row of the tile. */
+#define RM_ROWS 4
+#define RM_OUTS 4
+#define RM_STEP (2 * LANES)
+
+/* `count` (<= 32) bfloat16 values from p, zeros after. */
+static inline __attribute__((always_inline)) ivec load_pairs(const uint16_t *p, long count) {
+    ivec v = (ivec){0};
+    memcpy(&v, p, count * sizeof *p);
+    return v;
+}
+
+/* acc += the pairwise products of 16 weight pairs and 16 input pairs. */
+static inline __attribute__((always_inline)) vec dot_pairs(vec acc, ivec w, ivec x) {
+#ifdef __AVX512BF16__
+    return (vec)_mm512_dpbf16_ps((__m512)acc, (__m512bh)w, (__m512bh)x);
+#else
+    const int high = (int)0xffff0000u;
+    return acc + (vec)(w << 16) * (vec)(x << 16) + (vec)(w & high) * (vec)(x & high);
+#endif
+}
+
+/* One float rounded to bfloat16 as store_bf16 rounds. */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if (f != f) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+static inline __attribute__((always_inline)) void
+rowmajor_step(vec acc[RM_ROWS][RM_OUTS], const uint16_t *x, long xs, const uint16_t *w, long k, long c, long count,
+              const int mr, const int nr) {
+    ivec wv[RM_OUTS];
+    for (int j = 0; j < nr; j++) wv[j] = load_pairs(w + j * k + c, count);
+    for (int m = 0; m < mr; m++) {
+        const ivec xv = load_pairs(x + m * xs + c, count);
+        for (int j = 0; j < nr; j++) acc[m][j] = dot_pairs(acc[m][j], wv[j], xv);
+    }
+}
+
+/* `mr` rows against `nr` consecutive weight rows; constants at the call sites. */
+static inline __attribute__((always_inline)) void
+rowmajor_tile(const uint16_t *x, long xs, const uint16_t *w, long k, const uint16_t *bias, uint16_t *y, long ys,
+              const int mr, const int nr) {
+    vec acc[RM_ROWS][RM_OUTS];
+    for (int m = 0; m < mr; m++)
+        for (int j = 0; j < nr; j++) acc[m][j] = (vec){0};
+    long c = 0;
+    for (; c + RM_STEP <= k; c += RM_STEP) rowmajor_step(acc, x, xs, w, k, c, RM_STEP, mr, nr);
+    if (c < k) rowmajor_step(acc, x, xs, w, k, c, k - c, mr, nr);
+    for (int m = 0; m < mr; m++)
+        for (int j = 0; j < nr; j++)
+            y[m * ys + j] = float_to_bf16(hsum(acc[m][j]) + (bias ? bf16_to_float(bias[j]) : 0.0f));
+}
+
+#define RM_CASE(MR, NR) case MR: rowmajor_tile(x, xs, w, k, bias, y, ys, MR, NR); return;
+#define RM_TILES_OF_WIDTH(NR)                                                                             \
+    static void rowmajor_nr##NR(const uint16_t *x, long xs, const uint16_t *w, long k, const uint16_t *bias, \
+                                uint16_t *y, long ys, int mr) {                                           \
+        switch (mr) { RM_CASE(1, NR) RM_CASE(2, NR) RM_CASE(3, NR) RM_CASE(4, NR) }                       \
+    }
+RM_TILES_OF_WIDTH(1) RM_TILES_OF_WIDTH(2) RM_TILES_OF_WIDTH(3) RM_TILES_OF_WIDTH(4)
+
+typedef void (*rowmajor_fn)(const uint16_t *, long, const uint16_t *, long, const uint16_t *, uint16_t *, long, int);
+static const rowmajor_fn ROWMAJOR_TILES[RM_OUTS + 1] = {NULL, rowmajor_nr1, rowmajor_nr2, rowmajor_nr3, rowmajor_nr4};
+
+/* y[M, n] (row stride y_stride) = x[M, k] (row stride x_stride) W^T + bias, all bfloat16, with W row-major
+ * [n][k]. Any n and k. */
+void llmserve_bf16_linear_rowmajor(const uint16_t *x, long x_stride, const uint16_t *w, const uint16_t *bias,
+                                   uint16_t *y, long y_stride, long M, long n, long k, int num_threads) {
+    const long groups = (n + RM_OUTS - 1) / RM_OUTS;
+    #pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (long g = 0; g < groups; g++) {
+        const long first = g * RM_OUTS;
+        const int nr = n - first < RM_OUTS ? (int)(n - first) : RM_OUTS;
+        for (long m0 = 0; m0 < M; m0 += RM_ROWS) {
+            const int mr = M - m0 < RM_ROWS ? (int)(M - m0) : RM_ROWS;
+            ROWMAJOR_TILES[nr](x + m0 * x_stride, x_stride, w + first * k, k, bias ? bias + first : NULL,
+                               y + m0 * y_stride + first, y_stride, mr);
+        }
+    }
+}
+
 /* Whether the multiply-adds run on AVX512-BF16 (else float32 FMAs on widened weights). */
 int llmserve_bf16_uses_dpbf16(void) {
 #ifdef __AVX512BF16__
