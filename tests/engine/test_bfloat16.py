@@ -15,12 +15,14 @@ stops (its continuations differ). The same run in float32 agrees to 1e-3 (tests/
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 from llmserve import LLM, SamplingParams
 from llmserve import config as config_module
+from llmserve.layers.cpu_kernels import CPUKernels
 from tests.engine.test_hf_equivalence import PROMPTS
 from tests.hf_reference import hf_greedy
 
@@ -34,11 +36,35 @@ def test_auto_dtype_runs_bf16_on_a_cpu_with_native_bf16_and_matches_hf_bf16(llam
         llm = LLM(str(llama_dir), kv_cache_memory_bytes="32MiB")
     assert llm.engine.dtype == torch.bfloat16 and llm.engine.config.dtype == "bfloat16"
     assert "--dtype auto: bfloat16 on this CPU: the CPU has native bfloat16 (avx512_bf16)" in caplog.text
+    _assert_greedy_matches_hf_bf16(llm, llama_dir)
+
+
+def test_a_tied_lm_head_in_bf16_runs_the_row_major_kernel_and_matches_hf_bf16(checkpoint_dir, monkeypatch):
+    """A tied head shares the embedding's row-major weight (llama3 family: ``tie_word_embeddings``), which the
+    bfloat16 row-major kernel multiplies in place, not oneDNN."""
+    model_dir = checkpoint_dir("llama3")
+    llm = LLM(str(model_dir), dtype="bfloat16", kv_cache_memory_bytes="32MiB")
+    model = llm.engine.runner.model
+    head_weight = model.lm_head.weight
+    assert head_weight is model.model.embed_tokens.weight and head_weight.dim() == 2
+    weights_run = []
+    row_major_linear = CPUKernels.linear_bf16
+
+    def recording(self, x, weight, bias):
+        weights_run.append(weight.data_ptr())
+        return row_major_linear(self, x, weight, bias)
+
+    monkeypatch.setattr(CPUKernels, "linear_bf16", recording)
+    _assert_greedy_matches_hf_bf16(llm, model_dir)
+    assert head_weight.data_ptr() in weights_run
+
+
+def _assert_greedy_matches_hf_bf16(llm: LLM, model_dir: Path) -> None:
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
                                                    logprobs=2))
     compared = 0
     for out in outputs:
-        ref_tokens, ref_logprobs = hf_greedy(llama_dir, out.prompt_token_ids, MAX_TOKENS, dtype=torch.bfloat16)
+        ref_tokens, ref_logprobs = hf_greedy(model_dir, out.prompt_token_ids, MAX_TOKENS, dtype=torch.bfloat16)
         completion = out.outputs[0]
         for token, top, ref_token, ref_logprob in zip(completion.token_ids, completion.logprobs, ref_tokens,
                                                       ref_logprobs):

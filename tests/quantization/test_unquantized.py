@@ -51,6 +51,28 @@ def test_bf16_weights_are_blocked_in_pairs_and_equal_f_linear(rows):
     torch.testing.assert_close(out.float(), F.linear(x.float(), plain.float(), bias.float()), atol=0.05, rtol=2 ** -7)
 
 
+@pytest.mark.parametrize("rows", [1, 17])
+def test_a_plain_bf16_weight_runs_the_row_major_kernel(monkeypatch, rows):
+    """A bfloat16 weight that stays [out, in] (20 rows: not blockable; a tied LM head) still gets the kernel."""
+    layer, method = make_layer([20], in_size=41)
+    layer.weight.data = layer.weight.data.bfloat16()
+    method.process_weights_after_loading(layer)
+    assert layer.weight.shape == (20, 41)
+    kernels, calls = cpu_kernels(), []
+    bf16_linear = kernels.linear_bf16
+
+    def recording(*args):
+        calls.append(args)
+        return bf16_linear(*args)
+
+    monkeypatch.setattr(kernels, "linear_bf16", recording)
+    x, bias = torch.randn(rows, 41).bfloat16(), torch.randn(20).bfloat16()
+    out = method.apply(layer, x, bias)
+    assert out.dtype == torch.bfloat16 and len(calls) == 1
+    torch.testing.assert_close(out.float(), F.linear(x.float(), layer.weight.float(), bias.float()), atol=0.05,
+                               rtol=2 ** -7)
+
+
 def test_weights_it_cannot_block_stay_plain(monkeypatch):
     odd, method = make_layer([20])                    # not a multiple of 16
     method.process_weights_after_loading(odd)
