@@ -97,13 +97,14 @@ def test_other_head_sizes(backend_name, head_dim):
         assert_close(run(backend_name, batch, spec)[0], expected(batch, spec))
 
 
-@pytest.mark.parametrize("backend_name,dtype", [("torch", torch.bfloat16), ("triton", torch.bfloat16)])
+@pytest.mark.parametrize("backend_name,dtype", [("torch", torch.bfloat16), ("cpu", torch.bfloat16),
+                                                ("triton", torch.bfloat16)])
 def test_half_precision(backend_name, dtype):
     batch = Batch(MIXED, MIXED_DECODES, 16, 4, 2, 64, dtype=dtype, seed=3, query_scale=2.0)
-    spec = alibi_spec(batch)
-    out, _ = run(backend_name, batch, spec, dtype)
-    assert out.dtype == dtype
-    assert_close(out, expected(batch, spec), dtype)
+    for spec in (alibi_spec(batch), alibi_spec(batch, 11, 2.0)):
+        out, _ = run(backend_name, batch, spec, dtype)
+        assert out.dtype == dtype
+        assert_close(out, expected(batch, spec), dtype)
 
 
 def test_torch_backend_slices_alibi_scores(monkeypatch):
@@ -116,12 +117,13 @@ def test_torch_backend_slices_alibi_scores(monkeypatch):
         assert_close(run("torch", batch, spec)[0], expected(batch, spec))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [20, 64])
 @pytest.mark.parametrize("window", [None, 5])
-def test_cpu_decode_kernel(head_dim, window):
+def test_cpu_decode_kernel(head_dim, window, dtype):
     """The compiled kernel directly: many rows (whole sequences per work item) and one (a KV head per item)."""
     kernels, batch, key_cache, value_cache, tables, lens, spec, out = run_cpu_decode_kernel(
-        head_dim, lambda batch: alibi_spec(batch, window), expected, sliding_window=window,
+        head_dim, lambda batch: alibi_spec(batch, window), expected, dtype, sliding_window=window,
         alibi_slopes=lambda spec: torch.tensor(spec.alibi_slopes))
     with pytest.raises(ValueError, match="alibi_slopes must be a contiguous float32"):
         kernels.paged_decode_attention(batch.query, key_cache, value_cache, tables, lens, spec.scale, out,

@@ -108,7 +108,7 @@ def make_backend(name: str, dtype: torch.dtype = torch.float32) -> AttentionBack
     if name == "cpu":
         kernels = cpu_kernels()
         assert kernels is not None, "the test machine has a C compiler"
-        return CPUAttentionBackend(kernels)
+        return CPUAttentionBackend(kernels, dtype)
     pytest.importorskip("triton", reason="triton is not installed")
     from llmserve.layers.attention.triton_backend import TritonAttentionBackend
 
@@ -198,8 +198,8 @@ def test_other_head_sizes(backend_name, head_dim):
         assert_close(run(backend_name, batch, spec)[0], batch.expected(spec))
 
 
-@pytest.mark.parametrize("backend_name,dtype", [("torch", torch.bfloat16), ("triton", torch.bfloat16),
-                                                ("triton", torch.float16)])
+@pytest.mark.parametrize("backend_name,dtype", [("torch", torch.bfloat16), ("cpu", torch.bfloat16),
+                                                ("triton", torch.bfloat16), ("triton", torch.float16)])
 def test_half_precision_with_window_and_cap(backend_name, dtype):
     batch = Batch(MIXED, MIXED_DECODES, 16, 4, 2, 64, dtype=dtype, seed=3, query_scale=2.0)
     spec = batch.spec(11, 2.0)
@@ -218,21 +218,24 @@ def test_speculative_rows_only():
 
 
 # ---------------------------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # bfloat16: query, output and KV cache
 @pytest.mark.parametrize("head_dim", [20, 64])
 @pytest.mark.parametrize("window,soft_cap", [(None, None), (1, None), (5, None), (64, 1.5), (None, 4.0)])
-def test_cpu_decode_kernel_window_and_soft_cap(head_dim, window, soft_cap):
+def test_cpu_decode_kernel_window_and_soft_cap(head_dim, window, soft_cap, dtype):
     """The compiled kernel directly: many threads' worth of rows, and few rows (one KV head per work item)."""
-    run_cpu_decode_kernel(head_dim, lambda batch: batch.spec(window, soft_cap), Batch.expected,
+    run_cpu_decode_kernel(head_dim, lambda batch: batch.spec(window, soft_cap), Batch.expected, dtype,
                           sliding_window=window, soft_cap=soft_cap)
 
 
-def run_cpu_decode_kernel(head_dim: int, make_spec, expected, **kernel_args) -> tuple:
+def run_cpu_decode_kernel(head_dim: int, make_spec, expected, dtype: torch.dtype = torch.float32,
+                          **kernel_args) -> tuple:
     """Call the compiled paged decode kernel on decodes over many contexts (work split by rows) and on one long
-    one (split by KV head), comparing with ``expected(batch, spec)``; returns the last call's arguments."""
+    one (split by KV head), with query, output and caches in ``dtype``, comparing with ``expected(batch,
+    spec)``; returns the last call's arguments."""
     kernels = cpu_kernels()
     assert kernels is not None
     for seqs in ([(c, 1) for c in (0, 3, 4, 5, 63, 64, 200, 31)], [(150, 1)]):
-        batch = Batch(seqs, len(seqs), 4, 6, 2, head_dim, seed=head_dim, query_scale=2.0)
+        batch = Batch(seqs, len(seqs), 4, 6, 2, head_dim, dtype, seed=head_dim, query_scale=2.0)
         key_cache, value_cache = batch.caches(CPU)
         key_cache.view(-1, 2, head_dim)[batch.slots] = batch.key
         value_cache.view(-1, 2, head_dim)[batch.slots] = batch.value
@@ -243,7 +246,8 @@ def run_cpu_decode_kernel(head_dim: int, make_spec, expected, **kernel_args) -> 
         spec = make_spec(batch)
         kernels.paged_decode_attention(batch.query, key_cache, value_cache, tables, lens, spec.scale, out,
                                        **{k: v(spec) if callable(v) else v for k, v in kernel_args.items()})
-        assert_close(out, expected(batch, spec))
+        assert out.dtype == dtype
+        assert_close(out, expected(batch, spec), dtype)
     return kernels, batch, key_cache, value_cache, tables, lens, spec, out
 
 
