@@ -14,7 +14,7 @@ Places where PyTorch's CPU kernels leave most of the machine idle at decode time
 * bfloat16 linear layers: oneDNN's bf16 GEMV is no faster than its float32 one although it reads half the
   bytes; ``cpu_bf16_linear.c`` keeps the weight blocked in pairs (:func:`block_weight`) for AVX512-BF16's
   dot-product instruction (float32 FMAs on widened weights on CPUs without it) and runs register tiles
-  over it for any number of rows;
+  over it for any number of rows; a weight that stays row-major (a tied LM head) feeds the same instruction;
 * linear layers on quantised weights kept packed (4-bit, 8-bit and fp8 codes with per-group scales,
   dequantised in registers: ``cpu_quant_linear.c``; int8 x int8 with VNNI where the CPU has it:
   ``cpu_w8a8_linear.c``);

@@ -78,8 +78,9 @@ class ParallelLMHead(_VocabSharded):
     padding trimmed).
 
     ``tie_to``: reuse the embedding's weight (and shard); it stays row-major because the embedding
-    reads rows of it. An untied head gets its weight from the quantisation method, whose post-load
-    step may store it blocked for the CPU kernels.
+    reads rows of it (in bfloat16 on CPU the row-major kernel multiplies it: see
+    :func:`~llmserve.quantization.unquantized.apply_linear`). An untied head gets its weight from the
+    quantisation method, whose post-load step may store it blocked for the CPU kernels.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, quant_config: QuantizationConfig | None = None,

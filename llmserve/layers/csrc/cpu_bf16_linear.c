@@ -12,6 +12,8 @@
  * half the bytes of float32, with four independent dot-product chains per row hiding the instruction's
  * latency (measured faster than streaming one block at a time for every row count). Outputs are rounded to bfloat16
  * (to nearest even) after the bias is added in float32.
+ *
+ * A weight that must stay row-major (a tied LM head, which the embedding also reads) has its own kernel below.
  */
 #include <stdint.h>
 #include <string.h>
