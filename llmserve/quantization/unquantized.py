@@ -31,7 +31,8 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     kernels) ``F.linear``.
     """
     kernels = cpu_kernels() if x.device.type == "cpu" else None
-    if weight.dim() > 2 or (kernels is not None and x.dtype == weight.dtype == torch.bfloat16):
+    if weight.dim() > 2 or (kernels is not None and x.dtype == weight.dtype == torch.bfloat16
+                            and weight.is_contiguous()):
         assert kernels is not None, "a blocked weight is only made where the CPU kernels load"
         rows = x.reshape(-1, x.shape[-1])
         if rows.stride(1) != 1:
