@@ -4,7 +4,7 @@ On CPU in float32 or bfloat16 with the compiled kernels, the weight is re-stored
 ``[out/16, in, 16]`` (bfloat16: ``[out/16, in/2, 16, 2]``, see
 :func:`~llmserve.layers.cpu_kernels.block_weight`): one copy, which the blocked kernel multiplies for
 any number of rows and streams at plain-read speed for a few rows. A bfloat16 weight that stays plain on CPU
-(a tied LM head, or one whose rows are not a multiple of 16) goes to the row-major bfloat16 kernel; elsewhere
+(a tied LM head, or one whose rows are not a multiple of 16) goes to the row-major bfloat16 kernel on a few rows;
 the weight stays plain and ``F.linear`` (or oneDNN on CPU) runs it.
 """
 
@@ -20,19 +20,26 @@ from llmserve.layers.cpu_kernels import WEIGHT_BLOCK, block_weight, cpu_kernels
 from llmserve.quantization.base import QuantizeMethodBase, set_weight_attrs
 
 
+# Rows up to which the row-major bfloat16 kernel beats oneDNN on a plain bfloat16 weight: measured on the 32000 x
+# 768 and 128256 x 2048 heads (docs/benchmarks.md), faster at 1 and 4 rows on one and two threads, slower at
+# 64 (and at 16 on two threads), where oneDNN's bfloat16 GEMM blocks the weight itself. The kernel reads the
+# weight as it is; a second, blocked copy would be faster still but costs vocab x hidden x 2 bytes.
+ROW_MAJOR_BF16_MAX_ROWS = 4
+
+
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x W^T + b``, by the fastest path for the shape and the weight's layout.
 
     A ``weight`` of more than 2 dims is blocked for the CPU kernels
     (:meth:`UnquantizedLinearMethod.process_weights_after_loading`): they run any number of rows. A plain
-    bfloat16 weight on CPU (one that keeps its layout: a tied LM head) goes to the row-major bfloat16 kernel,
-    which reads it at half the bytes of float32 where oneDNN's bfloat16 GEMV is no faster than float32. A plain
+    bfloat16 weight on CPU (one that keeps its layout: a tied LM head) goes to the row-major bfloat16 kernel
+    for at most :data:`ROW_MAJOR_BF16_MAX_ROWS` rows, oneDNN above. A plain
     weight on CPU in float32: the compiled GEMV for a few rows, else oneDNN; elsewhere (CUDA, other dtypes, no
     kernels) ``F.linear``.
     """
     kernels = cpu_kernels() if x.device.type == "cpu" else None
     if weight.dim() > 2 or (kernels is not None and x.dtype == weight.dtype == torch.bfloat16
-                            and weight.is_contiguous()):
+                            and weight.is_contiguous() and x.numel() <= ROW_MAJOR_BF16_MAX_ROWS * x.shape[-1]):
         assert kernels is not None, "a blocked weight is only made where the CPU kernels load"
         rows = x.reshape(-1, x.shape[-1])
         if rows.stride(1) != 1:

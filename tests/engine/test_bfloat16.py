@@ -23,6 +23,7 @@ import torch
 from llmserve import LLM, SamplingParams
 from llmserve import config as config_module
 from llmserve.layers.cpu_kernels import CPUKernels
+from llmserve.quantization.unquantized import ROW_MAJOR_BF16_MAX_ROWS
 from tests.engine.test_hf_equivalence import PROMPTS
 from tests.hf_reference import hf_greedy
 
@@ -41,9 +42,10 @@ def test_auto_dtype_runs_bf16_on_a_cpu_with_native_bf16_and_matches_hf_bf16(llam
 
 def test_a_tied_lm_head_in_bf16_runs_the_row_major_kernel_and_matches_hf_bf16(checkpoint_dir, monkeypatch):
     """A tied head shares the embedding's row-major weight (llama3 family: ``tie_word_embeddings``), which the
-    bfloat16 row-major kernel multiplies in place, not oneDNN."""
+    bfloat16 row-major kernel multiplies in place, not oneDNN, on steps of up to ROW_MAJOR_BF16_MAX_ROWS
+    sequences."""
     model_dir = checkpoint_dir("llama3")
-    llm = LLM(str(model_dir), dtype="bfloat16", kv_cache_memory_bytes="32MiB")
+    llm = LLM(str(model_dir), dtype="bfloat16", kv_cache_memory_bytes="32MiB", max_num_seqs=ROW_MAJOR_BF16_MAX_ROWS)
     model = llm.engine.runner.model
     head_weight = model.lm_head.weight
     assert head_weight is model.model.embed_tokens.weight and head_weight.dim() == 2
