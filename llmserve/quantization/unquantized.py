@@ -4,8 +4,8 @@ On CPU in float32 or bfloat16 with the compiled kernels, the weight is re-stored
 ``[out/16, in, 16]`` (bfloat16: ``[out/16, in/2, 16, 2]``, see
 :func:`~llmserve.layers.cpu_kernels.block_weight`): one copy, which the blocked kernel multiplies for
 any number of rows and streams at plain-read speed for a few rows. A bfloat16 weight that stays plain on CPU
-(a tied LM head, or one whose rows are not a multiple of 16) goes to the row-major bfloat16 kernel on a few rows;
-the weight stays plain and ``F.linear`` (or oneDNN on CPU) runs it.
+(a tied LM head, or one whose rows are not a multiple of 16) goes to the row-major bfloat16 kernel for a few
+rows; elsewhere the weight stays plain and ``F.linear`` (or oneDNN on CPU) runs it.
 """
 
 from __future__ import annotations
