@@ -20,11 +20,12 @@ from llmserve.layers.cpu_kernels import WEIGHT_BLOCK, block_weight, cpu_kernels
 from llmserve.quantization.base import QuantizeMethodBase, set_weight_attrs
 
 
-# Rows up to which the row-major bfloat16 kernel beats oneDNN on a plain bfloat16 weight: measured on the 32000 x
-# 768 and 128256 x 2048 heads (docs/benchmarks.md), faster at 1 and 4 rows on one and two threads, slower at
-# 64 (and at 16 on two threads), where oneDNN's bfloat16 GEMM blocks the weight itself. The kernel reads the
-# weight as it is; a second, blocked copy would be faster still but costs vocab x hidden x 2 bytes.
-ROW_MAJOR_BF16_MAX_ROWS = 4
+# Rows up to which the row-major bfloat16 kernel runs a plain bfloat16 weight: measured on the 32000 x 768 and
+# 128256 x 2048 heads (docs/benchmarks.md) it beats oneDNN at one row on one and two threads, is level or behind
+# from four rows (within the noise at four, behind at 16 on two threads and at 64), where oneDNN's GEMM blocks the
+# weight itself. It streams a row-major weight at about half the rate the pair-blocked kernel streams its layout;
+# a second, blocked copy of a tied head would be faster still but costs vocab x hidden x 2 bytes.
+ROW_MAJOR_BF16_MAX_ROWS = 1
 
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
