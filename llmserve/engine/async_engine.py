@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from llmserve.config import EngineConfig
-from llmserve.engine.core_client import EngineCoreClient, EngineCoreDiedError
+from llmserve.engine.core_client import EngineCoreClient, EngineCoreDiedError, start_engine_core
 from llmserve.engine.input_processor import InputProcessor, ModelInfo
 from llmserve.engine.llm_engine import stats_dict
 from llmserve.engine.messages import BlockMap, SchedulerStats
@@ -42,13 +42,17 @@ class ShutdownError(RuntimeError):
 
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, on_step: StepCallback | None = None,
-                 on_dead: Callable[[BaseException], None] | None = None) -> None:
-        """Load the model's config and tokenizer and start the engine-core process, which loads the model
-        while this process goes on with its own start-up (blocking: call it off the event loop); ``start``
-        waits for the core and attaches to the loop."""
-        self.info = ModelInfo(config)
-        self.client = EngineCoreClient(config, self.info.max_model_len, self.info.max_num_batched_tokens)
-        self.info.log_dtype_choice()
+                 on_dead: Callable[[BaseException], None] | None = None,
+                 client: EngineCoreClient | None = None) -> None:
+        """Start the engine-core process (unless ``client`` is one already started on ``config``), which loads
+        the model while this process loads the model's config and tokenizer (blocking: call it off the event
+        loop); ``start`` waits for the core and attaches to the loop."""
+        self.client = client or start_engine_core(config)
+        try:
+            self.info = ModelInfo(config, self.client.model_path)   # while the core process starts
+        except BaseException:
+            self.client.shutdown(timeout=0.0)
+            raise
         self.outputs = OutputProcessor(self.info.load_tokenizer())
         self.on_step = on_step
         self.on_dead = on_dead

@@ -25,13 +25,16 @@ import os
 import queue
 import threading
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from llmserve.config import EngineConfig
 from llmserve.engine.core import EngineCore
+from llmserve.engine.input_processor import ModelInfo
 from llmserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, decode, encode
 from llmserve.executor.parent_watch import exit_with_parent
 from llmserve.logging_setup import LogSetup, configure_logging, current_setup
+from llmserve.model_loader.loader import fill_in_default_model, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +48,26 @@ class EngineCoreDiedError(RuntimeError):
     """The engine-core process failed or exited."""
 
 
+def start_engine_core(config: EngineConfig) -> EngineCoreClient:
+    """Fetch the model once (no ``--model``: the demo checkpoint, generated on first use; a Hub id or an S3
+    prefix: downloaded here, so the core finds it cached), then start the core process on it."""
+    fill_in_default_model(config)
+    return EngineCoreClient(config, resolve_model_path(config.model, config.revision, config.download_dir))
+
+
 class EngineCoreClient:
     """The front end's handle on the core process."""
 
-    def __init__(self, config: EngineConfig, max_model_len: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, config: EngineConfig, model_path: Path) -> None:
+        """Start the core process on ``config`` (whose model is at ``model_path``, already fetched). The core
+        reads the checkpoint's config itself, so the front end can read it at the same time (each takes
+        seconds of imports) instead of before."""
+        self.model_path = model_path
         ctx = multiprocessing.get_context("spawn")
         in_recv, self._in = ctx.Pipe(duplex=False)
         self._out, out_send = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=run_engine_core, name="llmserve-engine-core",
-                                   args=(in_recv, out_send, config, max_model_len, max_num_batched_tokens,
-                                         current_setup()))
+                                   args=(in_recv, out_send, config, current_setup()))
         self.process.start()
         in_recv.close()
         out_send.close()
@@ -131,13 +144,14 @@ class EngineCoreClient:
             self.process.join(1.0)
 
 
-def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfig, max_model_len: int,
-                    max_num_batched_tokens: int, log_setup: LogSetup) -> None:
+def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfig, log_setup: LogSetup) -> None:
     """The core process: build the core, then step while there is work, applying requests between steps."""
     exit_with_parent()
     configure_logging(log_setup, "engine-core")
     try:
-        core = EngineCore(config, max_model_len, max_num_batched_tokens, report_stats=True)
+        info = ModelInfo(config)
+        core = EngineCore(config, info.max_model_len, info.max_num_batched_tokens, report_stats=True)
+        info.log_dtype_choice()
     except BaseException as exc:   # noqa: BLE001 - reported to the front end, which fails start-up with it
         logger.exception("the engine core failed to start")
         outputs.send_bytes(b"F" + f"{type(exc).__name__}: {exc}".encode())

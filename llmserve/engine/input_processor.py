@@ -23,7 +23,7 @@ from llmserve.errors import InvalidRequestError
 from llmserve.layers.longrope import longrope_prompt_key, longrope_switch_of
 from llmserve.lora.peft import LoRAAdapterError, read_adapter_config
 from llmserve.lora.request import LoRARequest
-from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
+from llmserve.model_loader.loader import checkpoint_dtype, fill_in_default_model, load_config, resolve_model_path
 from llmserve.models.registry import resolve_model_class
 from llmserve.pooling_params import PoolingParams
 from llmserve.quantization.registry import checkpoint_quantization
@@ -39,14 +39,12 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 class ModelInfo:
     """The checkpoint's config, tokenizer and derived limits (``config.model`` is resolved in place)."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        if config.model is None:
-            from llmserve.testing.checkpoints import demo_model_path
-
-            config.model = str(demo_model_path())
+    def __init__(self, config: EngineConfig, model_path: Path | None = None) -> None:
+        """``model_path``: ``config.model`` already resolved (fetched) by the caller."""
+        fill_in_default_model(config)
         self.config = config
         self.device = config.torch_device
-        path = resolve_model_path(config.model, config.revision, config.download_dir)
+        path = model_path or resolve_model_path(config.model, config.revision, config.download_dir)
         self.model_path = path
         self.hf_config = load_config(path, config.trust_remote_code, config.revision)
         resolve_model_class(self.hf_config)   # fail on an unsupported architecture before anything heavy

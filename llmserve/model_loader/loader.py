@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from llmserve.config import EngineConfig
 from llmserve.errors import ModelNotFoundError
 from llmserve.model_loader.gguf_config import load_gguf_config
 from llmserve.model_loader.gguf_loader import download_gguf, hub_gguf_reference, is_gguf, iterate_gguf_weights
@@ -27,6 +28,14 @@ from llmserve.quantization.registry import get_quantization_config
 logger = logging.getLogger(__name__)
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.txt"]
+
+
+def fill_in_default_model(config: EngineConfig) -> None:
+    """No ``--model``: the demo checkpoint, generated on first use."""
+    if config.model is None:
+        from llmserve.testing.checkpoints import demo_model_path
+
+        config.model = str(demo_model_path())
 
 
 def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:

@@ -1,20 +1,60 @@
 """The API server's own flags (the engine's are in :mod:`llmserve.entrypoints.cli_args`) and the
-:class:`ServerConfig` they make."""
+:class:`ServerConfig` they make. Light to import (no HTTP stack): the server's entry point parses them
+before it starts the engine core."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass, field
 
 from llmserve.config import parse_size
-from llmserve.entrypoints.openai.serving_models import (LoRAModulePath, add_lora_server_args, parse_lora_module,
-                                                        runtime_lora_updating_allowed)
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 DEFAULT_MAX_HEADER_BYTES = 16 * 2**10
 API_KEY_ENV = "LLMSERVE_API_KEY"   # --api-key's default (as vLLM's VLLM_API_KEY): keeps the key off the command line
+RUNTIME_LORA_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+@dataclass(frozen=True)
+class LoRAModulePath:
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+def parse_lora_module(value: str) -> LoRAModulePath:
+    """One ``--lora-modules`` item: ``name=path`` or ``{"name": .., "path": .., "base_model_name": ..}``."""
+    if value.lstrip().startswith("{"):
+        try:
+            item = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"--lora-modules: {value!r} is not valid JSON: {exc}") from None
+        unknown = sorted(set(item) - {"name", "path", "base_model_name"})
+        if unknown or not isinstance(item.get("name"), str) or not isinstance(item.get("path"), str):
+            raise ValueError(f"--lora-modules: {value!r} must be a JSON object with string 'name' and 'path' (and "
+                             "optionally 'base_model_name')" + (f"; unknown keys: {', '.join(unknown)}" if unknown
+                                                                 else ""))
+        return LoRAModulePath(item["name"], item["path"], item.get("base_model_name"))
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--lora-modules: {value!r} must be name=path or a JSON object")
+    return LoRAModulePath(name, path)
+
+
+def runtime_lora_updating_allowed(flag: bool) -> bool:
+    return flag or os.environ.get(RUNTIME_LORA_UPDATING_ENV, "").strip().lower() in ("1", "true")
+
+
+def add_lora_server_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH|JSON",
+                       help='LoRA adapters served by name (needs --enable-lora): name=path or '
+                            '\'{"name": "sql", "path": "/adapters/sql", "base_model_name": "base"}\'')
+    group.add_argument("--allow-runtime-lora-updating", action="store_true",
+                       help=f"enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also "
+                            f"{RUNTIME_LORA_UPDATING_ENV}=True)")
 
 
 @dataclass

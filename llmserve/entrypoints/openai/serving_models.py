@@ -12,63 +12,18 @@ loaded again with other weights never shares their prefix cache or worker slots.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmserve.entrypoints.openai.errors import APIError
 from llmserve.entrypoints.openai.request_base import RequestModel
+from llmserve.entrypoints.openai.server_args import LoRAModulePath
 from llmserve.lora.fit import base_module_shapes, check_adapter_fits
 from llmserve.lora.peft import LoRAAdapterError, LoRAAdapterNotFoundError, load_peft_adapter
 from llmserve.lora.request import LoRARequest
-
-RUNTIME_LORA_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
-
-
-@dataclass(frozen=True)
-class LoRAModulePath:
-    name: str
-    path: str
-    base_model_name: str | None = None
-
-
-def parse_lora_module(value: str) -> LoRAModulePath:
-    """One ``--lora-modules`` item: ``name=path`` or ``{"name": .., "path": .., "base_model_name": ..}``."""
-    if value.lstrip().startswith("{"):
-        try:
-            item = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"--lora-modules: {value!r} is not valid JSON: {exc}") from None
-        unknown = sorted(set(item) - {"name", "path", "base_model_name"})
-        if unknown or not isinstance(item.get("name"), str) or not isinstance(item.get("path"), str):
-            raise ValueError(f"--lora-modules: {value!r} must be a JSON object with string 'name' and 'path' (and "
-                             "optionally 'base_model_name')" + (f"; unknown keys: {', '.join(unknown)}" if unknown
-                                                                 else ""))
-        return LoRAModulePath(item["name"], item["path"], item.get("base_model_name"))
-    name, sep, path = value.partition("=")
-    if not sep or not name or not path:
-        raise ValueError(f"--lora-modules: {value!r} must be name=path or a JSON object")
-    return LoRAModulePath(name, path)
-
-
-def runtime_lora_updating_allowed(flag: bool) -> bool:
-    return flag or os.environ.get(RUNTIME_LORA_UPDATING_ENV, "").strip().lower() in ("1", "true")
-
-
-def add_lora_server_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH|JSON",
-                       help='LoRA adapters served by name (needs --enable-lora): name=path or '
-                            '\'{"name": "sql", "path": "/adapters/sql", "base_model_name": "base"}\'')
-    group.add_argument("--allow-runtime-lora-updating", action="store_true",
-                       help=f"enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also "
-                            f"{RUNTIME_LORA_UPDATING_ENV}=True)")
-
 
 class OpenAIServingModels:
     def __init__(self, base_model_names: list[str], model_path: str, max_model_len: int, enable_lora: bool,

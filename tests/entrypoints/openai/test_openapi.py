@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import FailureGroup
 
 from llmserve.config import EngineConfig
-from llmserve.entrypoints.openai.api_server import ServerState, build_app
+from llmserve.entrypoints.openai.app import ServerState, build_app
 from llmserve.entrypoints.openai.server_args import ServerConfig
 
 EXAMPLES_PER_ROUTE = 60
