@@ -8,6 +8,7 @@ the dense layers' quantised kernels; the router and Qwen2-MoE's shared-expert ga
   (``w1/w3/w2``, top-2), Qwen2-MoE (top-1, a quantised shared expert), Qwen3-MoE (top-3) and DeepSeek.
 * One layer on chosen routing (top-k 3, experts with no token, slots of experts another rank holds): the
   per-token float64 loop over the twin's weights.
+* transformers with the ``compressed-tensors`` package decompresses the compressed-tensors experts to the twin's.
 * Activation-quantised schemes (W8A8 int8, FP8 dynamic and static): the PyTorch reference of their arithmetic
   (kernels off), logprobs within 1e-3; their experts within the activation rounding of the float experts.
 * Expert parallelism: each rank keeps its whole experts and the ranks sum to the whole layer; tensor
@@ -20,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmserve.layers.fused_moe import FusedMoE, expert_checkpoint_target
+from llmserve.layers.fused_moe import MIXTRAL_EXPERT_NAMES, ExpertNames, FusedMoE, expert_checkpoint_target
 from llmserve.model_loader.loader import load_config
 from llmserve.models.llama import CheckpointMismatchError
 from llmserve.quantization import QuantizationConfig, packed
@@ -37,6 +38,7 @@ from tests.parallel_sim import as_rank, run_ranks, simulated_groups
 
 LONG_PROMPT = PROMPT + list(range(100, 140))
 QWEN3_MOE_LAYER = "model.layers.1.mlp"   # qwen3_moe: 9 experts of 32, top-3, hidden 64
+HUB_EXPERT_NAMES = ExpertNames()        # gate_proj, up_proj, down_proj
 
 
 @pytest.mark.parametrize("fmt,family,options", [
@@ -71,13 +73,14 @@ def test_experts_are_packed_per_expert_and_routers_stay_float(quantized):
     assert block.gate.weight.dtype == torch.float32
 
 
-def _twin_experts(reference, layer: str, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _twin_experts(reference, layer: str, num_experts: int,
+                  names: ExpertNames = HUB_EXPERT_NAMES) -> tuple[torch.Tensor, torch.Tensor]:
     """The dequantised twin's experts of ``layer``, stacked as ``w13`` [E, 2I, H] and ``w2`` [E, H, I]."""
     tensors = load_file(reference / "model.safetensors")
     w = {(e, p): tensors[f"{layer}.experts.{e}.{p}.weight"] for e in range(num_experts)
-         for p in ("gate_proj", "up_proj", "down_proj")}
-    return (torch.stack([torch.cat([w[e, "gate_proj"], w[e, "up_proj"]]) for e in range(num_experts)]),
-            torch.stack([w[e, "down_proj"] for e in range(num_experts)]))
+         for p in (names.gate, names.up, names.down)}
+    return (torch.stack([torch.cat([w[e, names.gate], w[e, names.up]]) for e in range(num_experts)]),
+            torch.stack([w[e, names.down] for e in range(num_experts)]))
 
 
 def _config(path) -> QuantizationConfig:
@@ -128,6 +131,29 @@ def test_tensor_parallel_is_refused(quantized):
     with pytest.raises(CheckpointFormatError, match="--tensor-parallel-size 1"), \
             as_rank(tp=simulated_groups(2)[0]):
         FusedMoE(9, 64, 32, quant_config=_config(path), prefix=f"{QWEN3_MOE_LAYER}.experts")
+
+
+@pytest.mark.parametrize("fmt,family,layer,experts", [
+    ("ct-w4a16", "mixtral", "model.layers.0.block_sparse_moe", 5),
+    ("ct-fp8-static", "mixtral", "model.layers.1.block_sparse_moe", 5),
+    ("ct-fp8-dynamic", "qwen2_moe", "model.layers.2.mlp", 7)])
+def test_transformers_with_compressed_tensors_decompresses_the_experts_to_the_twin(quantized, fmt, family, layer,
+                                                                                   experts):
+    """The real library reads the experts the packer wrote (transformers 5 fuses them into ``gate_up_proj`` and
+    ``down_proj``): their dequantised values are the twin's, up to its half-precision arithmetic. (Not W8A8: the
+    int8 experts' decompressed tensors do not reach transformers' expert fusion, which fails to load them.)"""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    path, reference = quantized(fmt, family)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    state = model.state_dict()
+    names = MIXTRAL_EXPERT_NAMES if family == "mixtral" else HUB_EXPERT_NAMES
+    w13, w2 = _twin_experts(reference, layer, experts, names)
+    hf_layer = layer.replace(".block_sparse_moe", ".mlp")
+    torch.testing.assert_close(state[f"{hf_layer}.experts.gate_up_proj"].float(), w13, rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(state[f"{hf_layer}.experts.down_proj"].float(), w2, rtol=2e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt,family,method", [("ct-w8a8", "qwen2_moe", CTW8A8Method),
