@@ -6,8 +6,8 @@ the dense layers' quantised kernels; the router and Qwen2-MoE's shared-expert ga
   AWQ gemm; compressed-tensors W4A16): transformers on the dequantised float twin is the oracle, greedy tokens
   equal and logprobs within 1e-3 through the engine (chunked prefill, prefix-cache hits), on Mixtral
   (``w1/w3/w2``, top-2), Qwen2-MoE (top-1, a quantised shared expert), Qwen3-MoE (top-3) and DeepSeek.
-* One layer on chosen routing (top-k 3, experts with no token, slots of experts another rank holds): the
-  per-token float64 loop over the twin's weights.
+* One layer on chosen routing (top-1 to top-3, experts with no token, no tokens): the per-token float64 loop
+  over the twin's weights.
 * transformers with the ``compressed-tensors`` package decompresses the compressed-tensors experts to the twin's.
 * Activation-quantised schemes (W8A8 int8, FP8 dynamic and static): the PyTorch reference of their arithmetic
   (kernels off), logprobs within 1e-3; their experts within the activation rounding of the float experts.
@@ -48,6 +48,7 @@ HUB_EXPERT_NAMES = ExpertNames()        # gate_proj, up_proj, down_proj
     ("awq", "qwen3_moe", {}),
     ("ct-w4a16", "mixtral", {}),
     ("gptq", "deepseek_v2_lite", {"desc_act": True}),
+    ("ct-w4a16", "deepseek_v3", {}),
 ])
 def test_weight_only_experts_match_transformers_on_the_dequantised_checkpoint(quantized, fmt, family, options):
     path, reference = quantized(fmt, family, **options)
@@ -101,7 +102,7 @@ def _experts_layer(path, quant_config) -> FusedMoE:
 
 
 @pytest.mark.parametrize("fmt,options", [("gptq", {"desc_act": True}), ("awq", {}), ("ct-w4a16", {})])
-@pytest.mark.parametrize("tokens,top_k,used", [(13, 3, 4), (29, 2, None), (1, 3, None), (0, 3, None)])
+@pytest.mark.parametrize("tokens,top_k,used", [(13, 3, 4), (29, 2, None), (11, 1, 3), (1, 3, None), (0, 3, None)])
 def test_one_layer_matches_the_per_token_loop_over_the_twin(quantized, fmt, options, tokens, top_k, used):
     path, reference = quantized(fmt, "qwen3_moe", **options)
     layer = _experts_layer(path, _config(path))
