@@ -56,7 +56,7 @@ def _layouts(k: int, n: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]
             "fp8 per-channel weight-only": lambda x: apply_weight_only(fp8, x, None)}
 
 
-def _time(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> float:
+def time_per_call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> float:
     for _ in range(3):
         fn(x)
     calls = max(1, int(0.05 / max(1e-6, _once(fn, x))))
@@ -89,12 +89,18 @@ def main(argv: list[str] | None = None) -> None:
         for name, fn in _layouts(k, n).items():
             for rows in args.rows:
                 results.setdefault(name, {}).setdefault(rows, 0.0)
-                results[name][rows] += _time(fn, torch.randn(rows, k), args.repeats)
-    print("| layout | " + " | ".join(f"{r} rows: us (x float32)" for r in args.rows) + " |")
-    print("|---|" + "---|" * len(args.rows))
-    base = results["float32 (blocked kernel)"]
-    for name, by_rows in results.items():
-        cells = [f"{by_rows[r]:.0f} ({base[r] / by_rows[r]:.2f}x)" for r in args.rows]
+                results[name][rows] += time_per_call(fn, torch.randn(rows, k), args.repeats)
+    print_speedups(results, "layout", "rows", args.rows)
+
+
+def print_speedups(results: dict[str, dict[int, float]], what: str, unit: str, sizes: list[int]) -> None:
+    """A markdown table: microseconds per call of each entry at each size, and the speed-up over the first entry
+    (float32)."""
+    print(f"| {what} | " + " | ".join(f"{size} {unit}: us (x float32)" for size in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    base = next(iter(results.values()))
+    for name, by_size in results.items():
+        cells = [f"{by_size[size]:.0f} ({base[size] / by_size[size]:.2f}x)" for size in sizes]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmserve.layers.linear import LinearBase
+from llmserve.layers.fused_moe.method import FusedMoEMethodBase
 from llmserve.quantization.base import QuantizationConfig, QuantizeMethodBase
+from llmserve.quantization.checkpoint_moe import QUANTISABLE_LAYERS, method_for_layer
 from llmserve.quantization.checkpoint_params import (CheckpointFormatError, add_checkpoint_param, drop_params,
                                                      require_single_rank, unpack_int32)
 from llmserve.quantization.gptq import check_group_size
@@ -54,10 +55,11 @@ class AWQConfig(QuantizationConfig):
     def __repr__(self) -> str:
         return f"awq(4-bit gemm, group {self.group_size})"
 
-    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        if not isinstance(layer, LinearBase) or covers_all(prefix, contains_any(self.modules_to_not_convert)):
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | FusedMoEMethodBase | None:
+        unconverted = contains_any(self.modules_to_not_convert)
+        if not isinstance(layer, QUANTISABLE_LAYERS) or covers_all(prefix, unconverted):
             return None
-        return AWQLinearMethod(self)
+        return method_for_layer(layer, AWQLinearMethod(self))
 
 
 class AWQLinearMethod(QuantizeMethodBase):

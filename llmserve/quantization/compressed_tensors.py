@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmserve.layers.linear import LinearBase
+from llmserve.layers.fused_moe.method import FusedMoEMethodBase
 from llmserve.quantization.base import QuantizationConfig, QuantizeMethodBase
+from llmserve.quantization.checkpoint_moe import QUANTISABLE_LAYERS, method_for_layer
 from llmserve.quantization.checkpoint_params import (CheckpointFormatError, add_checkpoint_param, add_shape_param,
                                                      add_shard_scalar_param, drop_params, per_output,
                                                      require_single_rank, unpack_int32)
 from llmserve.quantization.layer_selection import covers_all, matches_any
-from llmserve.quantization.packed import (CHUNK, FP8, U4, U8, apply_w8a8, apply_weight_only, set_w8a8,
-                                          set_weight_only)
+from llmserve.quantization.packed import CHUNK, FP8, U4, U8, apply_w8a8, apply_weight_only, set_w8a8, set_weight_only
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 
@@ -97,12 +97,12 @@ class CompressedTensorsConfig(QuantizationConfig):
     def __repr__(self) -> str:
         return "compressed-tensors(" + "; ".join(describe(s, f) for _, s, f in self.groups) + ")"
 
-    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        if not isinstance(layer, LinearBase) or covers_all(prefix, matches_any(self.ignore)):
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | FusedMoEMethodBase | None:
+        if not isinstance(layer, QUANTISABLE_LAYERS) or covers_all(prefix, matches_any(self.ignore)):
             return None
-        for targets, scheme, fmt in self.groups:
+        for targets, scheme, fmt in self.groups:   # experts are Linear modules in the checkpoint's model
             if "Linear" in targets or covers_all(prefix, matches_any(targets)):
-                return method_for(scheme, fmt)
+                return method_for_layer(layer, method_for(scheme, fmt))
         return None
 
 

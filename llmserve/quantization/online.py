@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from llmserve.layers.fused_moe.grouped_experts import grouped_expert_rows
+from llmserve.layers.fused_moe.grouped_experts import grouped_expert_modules
 from llmserve.layers.fused_moe.layer import FusedMoE
 from llmserve.layers.fused_moe.method import UnquantizedFusedMoEMethod
 from llmserve.layers.linear import LinearBase
@@ -104,6 +104,5 @@ class OnlineFusedMoEMethod(UnquantizedFusedMoEMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        w13, w2, scheme = layer.w13_experts, layer.w2_experts, self.scheme
-        return grouped_expert_rows(x, topk_weights, topk_ids, len(w13), lambda e, rows: apply_quantized(
-            w2[e], activation(apply_quantized(w13[e], rows, None, scheme)), None, scheme))
+        return grouped_expert_modules(x, layer.w13_experts, layer.w2_experts, topk_weights, topk_ids, activation,
+                                      lambda holder, rows: apply_quantized(holder, rows, None, self.scheme))

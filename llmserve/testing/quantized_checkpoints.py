@@ -1,8 +1,9 @@
 """Write the generated float checkpoints in the quantised formats, laid out as the real tools write them.
 
 No quantised checkpoint can be downloaded here, so the loaders are tested on files made from the project's
-own checkpoints. Every projection (``q/k/v/o_proj``, ``gate/up/down_proj``) is quantised round-to-nearest
-(the layout, not the calibration, is what a loader reads) and written:
+own checkpoints. Every projection (``q/k/v/o_proj``, ``gate/up/down_proj``; a mixture of experts' shared
+expert and each of its experts, Mixtral's ``w1/w3/w2`` too) is quantised round-to-nearest (the layout, not the
+calibration, is what a loader reads) and written:
 
 * ``gptq``: AutoGPTQ / GPTQModel's ``qweight``/``qzeros``/``scales``/``g_idx`` (codes packed along the
   input dim, zero points along the output dim, lowest bits first; v1 stores ``zero - 1``, ``gptq_v2`` the
@@ -15,6 +16,10 @@ own checkpoints. Every projection (``q/k/v/o_proj``, ``gate/up/down_proj``) is q
   int8 per channel; ``float-quantized`` e4m3 per channel with dynamic per-token activations, or per tensor
   with a static ``input_scale``).
 
+Every other matrix of a decoder layer stays in float, as the tools leave it, and the config says so (GPTQ's and
+AWQ's ``modules_to_not_convert``, compressed-tensors' ``ignore``): a router (``mlp.gate``), Qwen2-MoE's
+``shared_expert_gate``, DeepSeek's latent-attention projections.
+
 Next to each, the same model with every weight replaced by its dequantised value, in float32: the oracle
 transformers runs. (transformers with the ``compressed-tensors`` package decompresses the compressed-tensors
 files to these same weights: ``tests/quantization/test_compressed_tensors.py``.)
@@ -23,6 +28,7 @@ files to these same weights: ``tests/quantization/test_compressed_tensors.py``.)
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,9 +38,10 @@ from safetensors.torch import save_file
 
 from llmserve.model_loader.loader import iterate_weights
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o", "gate_proj": "mlp",
-            "up_proj": "mlp", "down_proj": "down"}
+            "up_proj": "mlp", "down_proj": "down", "w1": "mlp", "w3": "mlp", "w2": "down"}
+PROJECTIONS = tuple(INPUT_OF)      # Mixtral's experts: w1 (gate), w3 (up), w2 (down)
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 FORMATS = ("gptq", "awq", "ct-w4a16", "ct-w8a8", "ct-fp8-dynamic", "ct-fp8-static")
 FP8_MAX = 448.0
@@ -124,7 +131,7 @@ def _ct_fp8(w: torch.Tensor, per_tensor: bool):
     return tensors, q.float() * scale
 
 
-def _ct_config(fmt: str, group: int) -> dict[str, Any]:
+def _ct_config(fmt: str, group: int, float_modules: list[str]) -> dict[str, Any]:
     weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False,
                "group_size": None, "actorder": None, "observer": "minmax"}
     acts = None
@@ -141,13 +148,17 @@ def _ct_config(fmt: str, group: int) -> dict[str, Any]:
     return {"quant_method": "compressed-tensors", "format": storage, "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
                                           "output_activations": None, "format": storage}},
-            "ignore": ["lm_head"], "kv_cache_scheme": None, "version": "0.20.0"}
+            "ignore": ["lm_head", *float_modules], "kv_cache_scheme": None, "version": "0.20.0"}
 
 
 def _input_perm(layer_name: str, projection: str, k: int, seed: int) -> torch.Tensor:
-    """act-order's column order, the same for the projections that read the same input."""
+    """act-order's column order, the same for the projections that read the same input (an expert's gate and
+    up), different for each expert."""
     layer = int(layer_name.split(".layers.")[1].split(".")[0])
-    key = (seed * 1000 + layer * 10 + list(INPUT_OF.values()).index(INPUT_OF[projection])) % (2 ** 31)
+    expert = _EXPERT.search(layer_name)
+    source = (0 if expert is None else 1 + int(expert.group(1))) * 10 + list(INPUT_OF.values()).index(
+        INPUT_OF[projection])
+    key = (seed * 100000 + layer * 1000 + source) % (2 ** 31)
     return torch.randperm(k, generator=torch.Generator().manual_seed(key))
 
 
@@ -163,12 +174,14 @@ def write_quantized_checkpoint(checkpoint: Path, out: Path, fmt: str, *, bits: i
     for folder in (out, reference):
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(checkpoint, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    quantized, dequantized = {}, {}
+    quantized, dequantized, float_modules = {}, {}, []
     for name, tensor in iterate_weights(checkpoint):
         stem, _, leaf = name.rpartition(".")
         projection = stem.rpartition(".")[2]
         if projection not in PROJECTIONS or leaf != "weight":
             quantized[name] = dequantized[name] = tensor.float().contiguous()
+            if leaf == "weight" and tensor.dim() == 2 and ".layers." in stem:
+                float_modules.append(stem)
             continue
         w = tensor.float()
         k = w.shape[1]
@@ -195,11 +208,11 @@ def write_quantized_checkpoint(checkpoint: Path, out: Path, fmt: str, *, bits: i
     if fmt == "gptq":
         qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
               "checkpoint_format": "gptq_v2" if v2 else "gptq", "static_groups": False, "true_sequential": True,
-              "damp_percent": 0.01}
+              "damp_percent": 0.01, **({"modules_to_not_convert": float_modules} if float_modules else {})}
     elif fmt == "awq":
         qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
-              "modules_to_not_convert": None}
+              "modules_to_not_convert": float_modules or None}
     else:
-        qc = _ct_config(fmt, group_size)
+        qc = _ct_config(fmt, group_size, float_modules)
     (out / "config.json").write_text(json.dumps({**config, "quantization_config": qc}, indent=2))
     return out, reference

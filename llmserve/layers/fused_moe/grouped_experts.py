@@ -9,9 +9,10 @@ nothing). The outputs, multiplied by their routing weights, are summed back into
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from llmserve.quantization.unquantized import apply_linear
 
@@ -36,6 +37,16 @@ def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     """
     return grouped_expert_rows(x, topk_weights, topk_ids, w13.shape[0], lambda e, rows: apply_linear(
         activation(apply_linear(rows, w13[e], None)), w2[e], None))
+
+
+def grouped_expert_modules(x: torch.Tensor, w13: Sequence[nn.Module], w2: Sequence[nn.Module],
+                           topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                           activation: Callable[[torch.Tensor], torch.Tensor],
+                           linear: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """:func:`grouped_experts` for experts stored one module per expert and projection (quantised experts, each
+    holding its own packed codes and scales): ``linear(module, rows)`` multiplies rows by that module's weight."""
+    return grouped_expert_rows(x, topk_weights, topk_ids, len(w13), lambda e, rows: linear(
+        w2[e], activation(linear(w13[e], rows))))
 
 
 def grouped_expert_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
