@@ -70,14 +70,46 @@ def build_library(extra_cflags: tuple[str, ...] = ()) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
     os.close(fd)
-    command = [cc, *CFLAGS, *extra_cflags, *(str(_SRC_DIR / name) for name in SOURCES), "-o", tmp, "-lm"]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise CPUKernelsUnavailable(f"compiling the CPU kernels failed ({' '.join(command)}):\n{done.stderr}")
+        compile_library(cc, CFLAGS + extra_cflags, Path(tmp))
         os.replace(tmp, library)   # atomic: concurrent builders each publish a complete file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     logger.info("Compiled the CPU kernels into %s", library)
     return library
+
+
+def compile_library(cc: str, cflags: tuple[str, ...], output: Path) -> None:
+    """Compile every source to an object file, all at once (one compiler per core: a first start on a
+    machine waits for the slowest file, not the sum), then link them into ``output``."""
+    compile_flags = tuple(f for f in cflags if f != "-shared")
+    with tempfile.TemporaryDirectory(prefix="llmserve-kernels-") as objects:
+        commands = [[cc, *compile_flags, "-c", str(_SRC_DIR / name), "-o", str(Path(objects) / f"{name}.o")]
+                    for name in SOURCES]
+        running: list[tuple[list[str], subprocess.Popen]] = []
+        failures: list[str] = []
+        for command in commands:
+            while len(running) >= (os.cpu_count() or 1):
+                failures += _finish(*running.pop(0))
+            running.append((command, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                      text=True)))
+        for command, process in running:
+            failures += _finish(command, process)
+        if failures:
+            raise CPUKernelsUnavailable("compiling the CPU kernels failed:\n" + "\n".join(failures))
+        link = [cc, *cflags, *(command[-1] for command in commands), "-o", str(output), "-lm"]
+        done = subprocess.run(link, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise CPUKernelsUnavailable(f"linking the CPU kernels failed ({' '.join(link)}):\n{done.stderr}")
+
+
+def _finish(command: list[str], process: subprocess.Popen) -> list[str]:
+    """Wait for one compiler; its failure as text (none: an empty list)."""
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return [f"{' '.join(command)}: timed out"]
+    return [f"{' '.join(command)}:\n{stderr}"] if process.returncode != 0 else []

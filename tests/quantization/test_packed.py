@@ -6,7 +6,6 @@ activations)."""
 from __future__ import annotations
 
 import platform
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -132,11 +131,9 @@ def test_w8a8_reports_its_dot_product_path():
 def test_the_portable_paths_built_without_avx512_give_the_same_results(tmp_path, monkeypatch):
     """The kernels pick their path from the CPU they are built for: built for AVX2 (no AVX-512, no VNNI),
     the generic vector code runs, and equals the reference too."""
-    flags = [f if f != "-march=native" else "-march=x86-64-v3" for f in cpu_kernel_build.CFLAGS]
+    flags = tuple(f if f != "-march=native" else "-march=x86-64-v3" for f in cpu_kernel_build.CFLAGS)
     library = tmp_path / "libportable.so"
-    sources = [str(cpu_kernel_build._SRC_DIR / name) for name in cpu_kernel_build.SOURCES]
-    subprocess.run([cpu_kernel_build._compiler(), *flags, *sources, "-o", str(library), "-lm"], check=True,
-                   capture_output=True)
+    cpu_kernel_build.compile_library(cpu_kernel_build._compiler(), flags, library)
     portable = CPUKernels(library)
     assert not portable.w8a8_uses_vnni
     monkeypatch.setattr(packed, "kernels_for", lambda t: portable)
