@@ -38,6 +38,11 @@ def fill_in_default_model(config: EngineConfig) -> None:
         config.model = str(demo_model_path())
 
 
+def is_local_model(model: str | None) -> bool:
+    """A checkpoint folder or ``.gguf`` file on this machine (nothing to fetch or generate first)."""
+    return model is not None and (Path(model).expanduser().is_dir() or is_gguf(Path(model).expanduser()))
+
+
 def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:
     """A local folder or ``.gguf`` file as is; ``org/repo:QUANT`` is that repo's GGUF file of that quantisation;
     ``s3://bucket/prefix`` is a local mirror of its small files (the weights stay remote, see

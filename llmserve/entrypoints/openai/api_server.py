@@ -1,9 +1,9 @@
 """The OpenAI-compatible server's entry point: ``llmserve serve [MODEL] ...`` or
 ``python -m llmserve.entrypoints.openai.api_server --model MODEL ...`` (the container images' entrypoint).
 
-It parses the flags, fetches the model and starts the engine-core process before it imports the HTTP
-application (:mod:`llmserve.entrypoints.openai.app`), so the core's start-up (imports, the model) runs
-beside the front end's instead of after it. The module stays light for a second reason: a spawned process
+It parses the flags and, for a checkpoint on this machine, starts the engine-core process before it imports
+the HTTP application (:mod:`llmserve.entrypoints.openai.app`), so the core's start-up (imports, the model)
+runs beside the front end's instead of after it. The module stays light for a second reason: a spawned process
 imports the main module again.
 """
 
@@ -16,6 +16,7 @@ from llmserve.engine.core_client import start_engine_core
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
 from llmserve.entrypoints.openai.server_args import add_server_args, server_config_from_args
 from llmserve.logging_setup import add_logging_args, configure_logging, setup_from_args
+from llmserve.model_loader.loader import is_local_model
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -31,7 +32,9 @@ def run_server(args: argparse.Namespace) -> int:
             from llmserve.testing.checkpoints import DEMO_MODEL_NAME
 
             config.served_model_names = [DEMO_MODEL_NAME]
-    core = start_engine_core(engine_config)
+    # A local checkpoint: start the core now. One to download (or the demo model to generate) is fetched
+    # after the port has opened, so /health answers 503 meanwhile instead of refusing connections.
+    core = start_engine_core(engine_config) if is_local_model(engine_config.model) else None
     from llmserve.entrypoints.openai.app import serve
 
     return serve(config, engine_config, core)

@@ -286,8 +286,9 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(config: ServerConfig, engine_config: EngineConfig, core: EngineCoreClient) -> int:
-    """Serve until SIGTERM/SIGINT or a fatal engine error; the process's exit status."""
+def serve(config: ServerConfig, engine_config: EngineConfig, core: EngineCoreClient | None) -> int:
+    """Serve until SIGTERM/SIGINT or a fatal engine error; the process's exit status. ``core``: the engine
+    core already started on ``engine_config`` (None: it starts once the port is open)."""
     state = ServerState(config, engine_config, core)
     app = build_app(state)
     # log_config=None: uvicorn's loggers go through the root handler (--log-format), at warning level
