@@ -148,11 +148,13 @@ def test_random_steps_keep_every_groups_invariants(num_blocks, block_size, windo
 
 # ---------------------------------------------------------------------------------------------- the engine
 @pytest.mark.parametrize("family,groups,pool", [("gemma2", [10, None], 12), ("gemma3", [10] * 5 + [None], 8),
-                                                ("cohere2", [10, 10, 10, None], 10)])
+                                                ("cohere2", [10, 10, 10, None], 10), ("gemma4", [10, 10, 10, None], 10)])
 def test_mixed_models_match_hf_with_their_sliding_blocks_freed(checkpoint_dir, family, groups, pool):
     """Prompts past the window, generating 4x past it, 8-token chunks, every prompt twice (prefix hits), in a
     pool of ``pool`` blocks' worth of every layer: small enough that sequences are preempted. Each sliding
-    group holds at most the window of a chunk's first token and the chunk; the full group every block."""
+    group holds at most the window of a chunk's first token and the chunk; the full group every block. Gemma 4's
+    four cache-holding layers (three sliding with 2 KV heads of 16, one full with 1 of 24) form groups of one
+    layer over one padded tensor, and its two layers sharing K/V read their sources' groups."""
     path = checkpoint_dir(family)
     llm = LLM(str(path), block_size=BS, max_num_batched_tokens=8,
               kv_cache_memory_bytes=pool * llm_block_bytes(path, BS))
