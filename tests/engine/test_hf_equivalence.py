@@ -87,7 +87,7 @@ def preempting_blocks(family: str, kv_cache_groups: bool = True) -> int:
     the engine forms one group (``kv_cache_groups`` False: pipeline stages)."""
     if family == "phi3":
         return 14
-    return {"gemma3": 8, "cohere2": 10, "gemma4": 10}.get(family, 24) if kv_cache_groups else 24
+    return {"gemma3": 8, "cohere2": 10, "gemma4": 12}.get(family, 24) if kv_cache_groups else 24
 
 
 def kv_cache_layer_types(cfg) -> list[str]:
