@@ -107,6 +107,9 @@ def test_most_blocks_held_counts_every_group():
     # 130 tokens, 8-token steps, window 10: 33 blocks in the full group, 6 in the sliding one.
     assert most_blocks_held(BS, [None, 10], 30, 130, 8, True) == 39
     assert most_blocks_held(BS, [10, 10, 10, None], 30, 130, 8, True) == 3 * 6 + 33
+    # A draft model's 4 lookahead slots after each step, reserved in every group: 34 blocks in the full group, 7 in
+    # the sliding one (the window, the step and the slots: 10 - 1 + 8 + 4 tokens, from anywhere in a block).
+    assert most_blocks_held(BS, [None, 10], 30, 130, 8, True, lookahead=4) == 34 + 7
 
 
 # One op: (sequence slot, tokens) computes that many more of the slot's tokens (0: first looks its prompt up in
