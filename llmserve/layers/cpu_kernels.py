@@ -213,9 +213,9 @@ class CPUKernels:
 
         ``query`` [B, H, D] (head and dim contiguous), caches ``[num_blocks, block_size, KV, D]``
         contiguous within each block (blocks may lie further apart: a padded page,
-        :mod:`llmserve.worker.kv_cache_pages`; keys' and values' alike), ``block_tables`` int32 [B, max_blocks], ``seq_lens`` int32 [B] (tokens to attend,
-        the new one included). ``sliding_window``: attend only each sequence's last ``sliding_window``
-        tokens; ``soft_cap``: scores become ``soft_cap * tanh(scores / soft_cap)`` before the softmax;
+        :mod:`llmserve.worker.kv_cache_pages`; keys' and values' alike), ``block_tables`` int32 [B, max_blocks],
+        ``seq_lens`` int32 [B] (tokens to attend, the new one included). ``sliding_window``: attend only each
+        sequence's last ``sliding_window`` tokens; ``soft_cap``: scores become ``soft_cap * tanh(scores / soft_cap)`` before the softmax;
         ``alibi_slopes``: float32 [H], ``slope * (key_position - query_position)`` added after the cap.
         The caches are float32 or bfloat16, or a quantised cache (int8, float8 e4m3 / e5m2) whose entries read
         as ``entry * kv_scales[0]`` (keys) and ``entry * kv_scales[1]`` (values). ``query`` and ``out`` are float32,

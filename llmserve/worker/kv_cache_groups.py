@@ -84,18 +84,17 @@ def bind_kv_caches(layers: list[Attention], groups: KVCacheGroups, backends: lis
     """Allocate the pool's cache tensors and bind each layer (with its backend: ``backends[i]`` for
     ``layers[i]``) to its view of its tensor, telling it its group. Returns the byte buffers, each once (what a
     block copy copies)."""
-    group_of = {layer: g for g, group in enumerate(groups.layers) for layer in group}
     buffers: list[torch.Tensor] = []
     for i, page in enumerate(shared_pages(layers, groups, block_size, dtype)):
         tensors = page.allocate(num_blocks, device)
         buffers += tensors
-        for group in groups.layers:
+        for g, group in enumerate(groups.layers):
             if i >= len(group):
                 continue
             attn = layers[group[i]]
             key_cache = layer_view(tensors[0], attn, block_size, dtype)
             value_cache = key_cache if attn.values_in_key_cache else layer_view(tensors[1], attn, block_size, dtype)
-            attn.kv_cache_group = group_of[group[i]]
+            attn.kv_cache_group = g
             attn.bind_cache(backends[group[i]], key_cache, value_cache)
     return buffers
 

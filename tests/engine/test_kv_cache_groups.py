@@ -151,7 +151,8 @@ def test_random_steps_keep_every_groups_invariants(num_blocks, block_size, windo
 
 # ---------------------------------------------------------------------------------------------- the engine
 @pytest.mark.parametrize("family,groups,pool", [("gemma2", [10, None], 12), ("gemma3", [10] * 5 + [None], 8),
-                                                ("cohere2", [10, 10, 10, None], 10), ("gemma4", [10, 10, 10, None], 10)])
+                                                ("cohere2", [10, 10, 10, None], 10),
+                                                ("gemma4", [10, 10, 10, None], 10)])
 def test_mixed_models_match_hf_with_their_sliding_blocks_freed(checkpoint_dir, family, groups, pool):
     """Prompts past the window, generating 4x past it, 8-token chunks, every prompt twice (prefix hits), in a
     pool of ``pool`` blocks' worth of every layer: small enough that sequences are preempted. Each sliding

@@ -191,9 +191,10 @@ class AttentionBackend(ABC):
         and return [T, H, D].
 
         Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``, contiguous within each block; blocks may
-        lie further apart (a padded page: :mod:`llmserve.worker.kv_cache_pages`), keys' and values' alike. A quantised cache (int8 / float8,
-        told by its dtype) stores ``key / kv_scales[0]`` and ``value / kv_scales[1]`` (float32 [2] on the
-        cache's device; with one cache for both, the values use the key's scale).
+        lie further apart (a padded page: :mod:`llmserve.worker.kv_cache_pages`), keys' and values' alike. A
+        quantised cache (int8 / float8, told by its dtype) stores ``key / kv_scales[0]`` and ``value /
+        kv_scales[1]`` (float32 [2] on the cache's device; with one cache for both, the values use the key's
+        scale).
         """
 
     def graph_decode_metadata(self, batch_size: int, max_blocks: int, max_seq_len: int,
