@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 class DraftModelProposer:
     def __init__(self, model: nn.Module, backend: AttentionBackend, num_speculative_tokens: int, block_size: int,
-                 vocab_size: int, max_model_len: int, device: torch.device, dtype: torch.dtype) -> None:
+                 vocab_size: int, max_model_len: int, device: torch.device) -> None:
         self.model = model
         self.backend = backend
         self.num_speculative_tokens = num_speculative_tokens
@@ -58,7 +58,6 @@ class DraftModelProposer:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.device = device
-        self.dtype = dtype
 
     @classmethod
     def load(cls, spec: SpeculativeConfig, config: EngineConfig, target_hf_config: Any, dtype: torch.dtype,
@@ -85,7 +84,7 @@ class DraftModelProposer:
         logger.info("Draft model %s (%s, %d attention layers) proposes %d tokens per step", path,
                     type(model).__name__, len(layers), spec.num_speculative_tokens)
         return cls(model, backend, spec.num_speculative_tokens, config.block_size, target_vocab, max_model_len,
-                   device, dtype)
+                   device)
 
     @property
     def num_lookahead_slots(self) -> int:
