@@ -60,17 +60,18 @@ def chain_root(extra_keys: bytes) -> bytes:
 
 
 def most_blocks_held(block_size: int, group_windows: Iterable[int | None], num_prompt_tokens: int,
-                     num_tokens: int, max_step_tokens: int, chunked_prefill: bool) -> int:
+                     num_tokens: int, max_step_tokens: int, chunked_prefill: bool, lookahead: int = 0) -> int:
     """The most blocks a sequence of ``num_tokens`` tokens holds at once, over every KV-cache group: all of
     them in a full group; in a sliding group, those of the window of a step's first token and of the step
-    (at most ``max_step_tokens``; the whole prompt in its first step without chunked prefill)."""
-    blocks = -(-num_tokens // block_size)
+    (at most ``max_step_tokens``; the whole prompt in its first step without chunked prefill). ``lookahead``:
+    the slots a draft model writes after a step's tokens, reserved with them in every group."""
+    blocks = -(-(num_tokens + lookahead) // block_size)
     total = 0
     for window in group_windows:
         if window is None:
             total += blocks
             continue
-        held = -(-(window - 1 + max_step_tokens) // block_size) + 1
+        held = -(-(window - 1 + max_step_tokens + lookahead) // block_size) + 1
         if not chunked_prefill:
             held = max(held, -(-num_prompt_tokens // block_size))
         total += min(blocks, held)

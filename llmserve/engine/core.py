@@ -54,7 +54,7 @@ class EngineCore:
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per rank)", num_blocks,
                     config.block_size, tokens, num_blocks * self.executor.kv_cache_bytes_per_block() / 2**30)
         held = most_blocks_held(config.block_size, windows, max_model_len, max_model_len, max_num_batched_tokens,
-                                config.enable_chunked_prefill)
+                                config.enable_chunked_prefill, self.scheduler.num_lookahead_slots)
         logger.info("Maximum concurrency for %d tokens per request: %.2fx", max_model_len, num_blocks / held)
         if len(windows) > 1:
             kinds = {w: windows.count(w) for w in windows}

@@ -206,8 +206,10 @@ class InputProcessor:
                                  params.resolve(self.info.config.pooler_config), self._kv_variant(prompt_ids))
 
     def _blocks_held(self, num_prompt_tokens: int, num_tokens: int) -> int:
+        spec = self.info.config.speculative_config
         return most_blocks_held(self.block_size, self.group_windows, num_prompt_tokens, num_tokens,
-                                self.info.max_num_batched_tokens, self.info.config.enable_chunked_prefill)
+                                self.info.max_num_batched_tokens, self.info.config.enable_chunked_prefill,
+                                spec.num_lookahead_slots if spec is not None else 0)
 
     def _kv_variant(self, prompt_ids: list[int]) -> str | None:
         """What besides its tokens decides the keys a prompt's blocks hold (see ``EngineCoreRequest.kv_variant``)."""

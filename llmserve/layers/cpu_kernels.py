@@ -77,8 +77,8 @@ class CPUKernels:
         lib.llmserve_dequantize_blocked.restype = _I
         lib.llmserve_linear_weight_only_gemm.argtypes = lib.llmserve_linear_weight_only.argtypes
         lib.llmserve_linear_weight_only_gemm.restype = _I
-        lib.llmserve_paged_decode_attention.argtypes = [_P, _L, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _L, _F,
-                                                        _P, _P, _L, _I, _I, _F, _F]
+        lib.llmserve_paged_decode_attention.argtypes = [_P, _L, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _L, _F, _L,
+                                                        _F, _P, _P, _L, _I, _I, _F, _F]
         lib.llmserve_paged_decode_attention.restype = _I
         lib.llmserve_rms_norm.argtypes = [_P, _L, _P, _L, _P, _F, _P, _L, _P, _L, _L, _L, _I, _I, _I]
         lib.llmserve_rms_norm.restype = None
@@ -212,9 +212,10 @@ class CPUKernels:
         """One query token per sequence over its paged context, written into ``out`` [B, H, D].
 
         ``query`` [B, H, D] (head and dim contiguous), caches ``[num_blocks, block_size, KV, D]``
-        contiguous, ``block_tables`` int32 [B, max_blocks], ``seq_lens`` int32 [B] (tokens to attend,
-        the new one included). ``sliding_window``: attend only each sequence's last ``sliding_window``
-        tokens; ``soft_cap``: scores become ``soft_cap * tanh(scores / soft_cap)`` before the softmax;
+        contiguous within each block (blocks may lie further apart: a padded page,
+        :mod:`llmserve.worker.kv_cache_pages`; keys' and values' alike), ``block_tables`` int32 [B, max_blocks],
+        ``seq_lens`` int32 [B] (tokens to attend, the new one included). ``sliding_window``: attend only each
+        sequence's last ``sliding_window`` tokens; ``soft_cap``: scores become ``soft_cap * tanh(scores / soft_cap)`` before the softmax;
         ``alibi_slopes``: float32 [H], ``slope * (key_position - query_position)`` added after the cap.
         The caches are float32 or bfloat16, or a quantised cache (int8, float8 e4m3 / e5m2) whose entries read
         as ``entry * kv_scales[0]`` (keys) and ``entry * kv_scales[1]`` (values). ``query`` and ``out`` are float32,
@@ -237,10 +238,13 @@ class CPUKernels:
                             f"{key_cache.dtype} and {value_cache.dtype}")
         if query.stride(2) != 1 or query.stride(1) != head_dim:
             query = query.contiguous()
-        if out.stride(2) != 1 or out.stride(1) != head_dim or not key_cache.is_contiguous() \
-                or not value_cache.is_contiguous() or block_tables.stride(1) != 1 or not seq_lens.is_contiguous():
-            raise ValueError("paged_decode_attention: out [B, H, D] needs contiguous heads and dims; caches, "
-                             "block tables and lengths must be contiguous")
+        block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+        if out.stride(2) != 1 or out.stride(1) != head_dim \
+                or key_cache.stride()[1:] != (num_kv_heads * head_dim, head_dim, 1) \
+                or value_cache.stride() != key_cache.stride() or block_tables.stride(1) != 1 \
+                or not seq_lens.is_contiguous():
+            raise ValueError("paged_decode_attention: out [B, H, D] needs contiguous heads and dims; caches must be "
+                             "contiguous within each block (both strided alike), block tables and lengths contiguous")
         if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
             raise TypeError("paged_decode_attention: block tables and lengths must be int32")
         if (sliding_window is not None and sliding_window < 1) or (soft_cap is not None and not soft_cap > 0):
@@ -250,11 +254,10 @@ class CPUKernels:
                                          or not alibi_slopes.is_contiguous()):
             raise ValueError(f"paged_decode_attention: alibi_slopes must be a contiguous float32 [{num_heads}] "
                              f"tensor, got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
-        block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
         status = self._lib.llmserve_paged_decode_attention(
             query.data_ptr(), query.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
             block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), b, num_heads, num_kv_heads,
-            head_dim, block_size, scale, sliding_window or 0, soft_cap or 0.0,
+            head_dim, block_size, key_cache.stride(0), scale, sliding_window or 0, soft_cap or 0.0,
             alibi_slopes.data_ptr() if alibi_slopes is not None else None, out.data_ptr(), out.stride(0),
             torch.get_num_threads(), kv_format, kv_scales[0], kv_scales[1])
         if status == -2:

@@ -51,6 +51,12 @@ class SpeculativeConfig:
     draft_tensor_parallel_size: int = 1
     adaptive: bool = False
 
+    @property
+    def num_lookahead_slots(self) -> int:
+        """Slots after a step's tokens whose K/V the proposer writes, reserved with the step: a draft model's ``k``
+        drafting forwards (the new token and ``k - 1`` drafts); the other methods write nothing ahead."""
+        return self.num_speculative_tokens if self.method == "draft_model" else 0
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             kind = "is vLLM's but not built in llmserve" if self.method in _VLLM_METHODS else "is not known"

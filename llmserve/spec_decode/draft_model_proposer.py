@@ -1,10 +1,12 @@
 """The draft-model proposer: a smaller model sharing the target's tokenizer drafts each sequence's next tokens
 in the worker, beside the target (same device, same dtype), batched like it.
 
-Its KV cache lives in the same paged pool: every draft attention layer gets a cache of the pool's number of
-blocks, in the target's KV format (``--kv-cache-dtype``; an int8 cache fits its scales to the same first
-batch as the target's), so a sequence's block table and slot mapping address the draft's K/V exactly as they
-address the target's, and a block costs the sum of both models' bytes. Two passes keep the draft's K/V right:
+Its KV cache lives in the same paged pool, in the target's KV format (``--kv-cache-dtype``; an int8 cache fits
+its scales to the same first batch as the target's): the model runner groups the draft's attention layers with
+the target's by their window (:mod:`llmserve.worker.kv_cache_groups`), so each draft layer reads and writes
+through its KV-cache group's block tables and slots, which address its K/V exactly as they address the target
+layers' of that group, and a sliding draft layer's group frees the blocks that left its window. Two passes keep
+the draft's K/V right:
 
 - **Catch-up.** Every step, after the target's forward, the draft runs over the very same flat batch (the
   step's tokens, positions, slots): prompts, prefill chunks, the last token and the drafts being verified.
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout, get_attention_backend
+from llmserve.worker.kv_cache_groups import group_metadata
 from llmserve.layers.attention.layer import Attention, set_kv_cache_dtype
 from llmserve.model_loader.loader import load_config, load_model, resolve_model_path
 from llmserve.spec_decode.config import SpeculativeConfig
@@ -47,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 class DraftModelProposer:
     def __init__(self, model: nn.Module, backend: AttentionBackend, num_speculative_tokens: int, block_size: int,
-                 vocab_size: int, max_model_len: int, device: torch.device, dtype: torch.dtype) -> None:
+                 vocab_size: int, max_model_len: int, device: torch.device) -> None:
         self.model = model
         self.backend = backend
         self.num_speculative_tokens = num_speculative_tokens
@@ -55,7 +58,6 @@ class DraftModelProposer:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.device = device
-        self.dtype = dtype
 
     @classmethod
     def load(cls, spec: SpeculativeConfig, config: EngineConfig, target_hf_config: Any, dtype: torch.dtype,
@@ -82,7 +84,7 @@ class DraftModelProposer:
         logger.info("Draft model %s (%s, %d attention layers) proposes %d tokens per step", path,
                     type(model).__name__, len(layers), spec.num_speculative_tokens)
         return cls(model, backend, spec.num_speculative_tokens, config.block_size, target_vocab, max_model_len,
-                   device, dtype)
+                   device)
 
     @property
     def num_lookahead_slots(self) -> int:
@@ -92,15 +94,11 @@ class DraftModelProposer:
     def attention_layers(self) -> list[Attention]:
         return self.model.attention_layers()
 
-    def bind_cache(self, num_blocks: int) -> None:
-        for attn in self.attention_layers():
-            attn.bind_cache(self.backend, *attn.new_kv_cache(num_blocks, self.block_size, self.dtype, self.device))
-
-    def catch_up(self, layout: BatchLayout, input_ids: torch.Tensor, positions: torch.Tensor,
+    def catch_up(self, metadata: object, input_ids: torch.Tensor, positions: torch.Tensor,
                  rotary_lengths: torch.Tensor) -> None:
-        """Run the draft over the target's step (same tokens, same slots): its K/V follows the target's."""
-        self.model(input_ids, positions, self.backend.build_metadata(layout, self.device),
-                   rotary_lengths=rotary_lengths)
+        """Run the draft over the target's step (same tokens, same slots; ``metadata``: this proposer's backend's,
+        per KV-cache group): its K/V follows the target's."""
+        self.model(input_ids, positions, metadata, rotary_lengths=rotary_lengths)
 
     def draft_after_step(self, batch: InputBatch, seqs: list[CachedSequence], sched: SchedulerOutput,
                          out: ModelRunnerOutput) -> dict[int, list[int]]:
@@ -120,7 +118,7 @@ class DraftModelProposer:
                              count=len(seqs))
         # the new last token sits after the row's tokens and its accepted drafts
         drafts = self.propose([out.sampled[s.seq_id] for s in seqs], batch.num_tokens[rows] + accepted,
-                              batch.num_blocks[rows] * self.block_size, batch.block_tables[0, rows],
+                              batch.num_blocks[rows] * self.block_size, batch.block_tables[:, rows],
                               batch.num_prompt[rows], limits)
         return {s.seq_id: d for s, d in zip(seqs, drafts) if d}
 
@@ -129,7 +127,7 @@ class DraftModelProposer:
         """Greedy drafts for each row: ``last_tokens[i]`` (at ``positions[i]``) is fed first, then each draft;
         a row gets at most ``k`` drafts (and ``limits[i]``: adaptive speculation's choice) and writes no slot at
         or past ``capacities[i]`` (its blocks' end) or the context length. ``block_tables``: the rows' block
-        ids, ``num_prompt``: their prompt lengths (rotary scaling)."""
+        ids per KV-cache group ``[groups, rows, blocks]``, ``num_prompt``: their prompt lengths (rotary scaling)."""
         room = np.minimum(capacities, self.max_model_len) - positions
         counts = np.clip(room if limits is None else np.minimum(room, limits), 0, self.num_speculative_tokens)
         drafts = np.zeros((len(positions), self.num_speculative_tokens), dtype=np.int64)
@@ -139,14 +137,14 @@ class DraftModelProposer:
             active = np.flatnonzero(counts > j)
             pos = positions[active] + j
             width = int((pos // bs).max()) + 1
-            tables = block_tables[active, :width]
-            slots = tables[np.arange(len(active)), pos // bs].astype(np.int64) * bs + pos % bs
-            layout = BatchLayout(query_lens=[1] * len(active), context_lens=pos.tolist(), block_tables=tables,
-                                 slot_mapping=torch.from_numpy(slots).to(self.device), num_decodes=len(active),
+            tables = block_tables[:, active, :width]
+            slots = tables[:, np.arange(len(active)), pos // bs].astype(np.int64) * bs + pos % bs
+            layout = BatchLayout(query_lens=[1] * len(active), context_lens=pos.tolist(), block_tables=tables[0],
+                                 slot_mapping=torch.from_numpy(slots[0]).to(self.device), num_decodes=len(active),
                                  block_size=bs)
             pos_t = torch.from_numpy(pos).to(self.device)
             hidden = self.model(torch.from_numpy(tokens[active]).to(self.device), pos_t,
-                                self.backend.build_metadata(layout, self.device),
+                                group_metadata(self.backend, layout, tables, slots, self.device),
                                 rotary_lengths=torch.maximum(torch.from_numpy(num_prompt[active]).to(self.device),
                                                              pos_t + 1))
             logits = self.model.compute_logits(hidden)[:, :self.vocab_size]

@@ -15,8 +15,7 @@ from llmserve.spec_decode.config import SpeculativeConfig
 class DraftsFromWorker:
     def __init__(self, config: SpeculativeConfig) -> None:
         self.num_speculative_tokens = config.num_speculative_tokens
-        # the draft model writes K/V for the new token and k - 1 drafts after each step (see its module)
-        self.num_lookahead_slots = config.num_speculative_tokens
+        self.num_lookahead_slots = config.num_lookahead_slots
         self._drafts: dict[int, tuple[int, list[int]]] = {}   # seq id -> (its token count, drafts after them)
 
     def add(self, seq_id: int, num_tokens: int, drafts: list[int]) -> None:

@@ -1,17 +1,19 @@
 """Which attention layers share a block table: KV-cache groups (vLLM's hybrid KV-cache layout).
 
 A model that mixes full and sliding-window layers (Gemma 2 alternates them, Gemma 3 has 5 local : 1 global,
-Cohere2 3 : 1) cannot free anything through one shared block table: its full layers read every block. So
-each kind of layer gets groups of its own, and each group has its own block table per sequence, from one
-pool. For a block id handed to one group to cost memory in that group only, the groups are equally large
+Cohere2 3 : 1, Gemma 4 4 : 1) cannot free anything through one shared block table: its full layers read every
+block. So each kind of layer gets groups of its own, and each group has its own block table per sequence, from
+one pool. For a block id handed to one group to cost memory in that group only, the groups are equally large
 (the fewest layers of any kind; a kind's last group may be short) and the i-th layer of every group uses the
 same cache tensor: a block id then holds the K/V of exactly one group, and a block costs ``group size``
 layers' worth of memory instead of every layer's.
 
-Groups need layers whose caches are interchangeable (the same heads, head size and cache dtype), each holding
-its own K/V, and every layer of the model on this rank; otherwise (KV shared between layers, a draft model,
-pipeline stages, caches of different shapes) there is one group, which slides only if every layer does
-(the widest window).
+The layers of a tensor need not have the same cache shape (Gemma 4's full layers have their own head size and
+KV heads): the tensor is a byte buffer with one page per block as large as its largest member's, which each
+member views with its own shape (:mod:`llmserve.worker.kv_cache_pages`). A layer that reads another layer's K/V
+(Gemma 4's ``num_kv_shared_layers``) holds no cache and reads its source's group. A draft model's layers
+(speculative decoding) are grouped with the target's, by their window, in the same pool. Only a model split into
+pipeline stages keeps one group, which slides only if every layer does (the widest window).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout, KVCacheGroupMetadata, widest_window
 from llmserve.layers.attention.layer import Attention
+from llmserve.worker.kv_cache_pages import SharedPage, layer_view
 
 
 @dataclass(frozen=True)
@@ -59,27 +62,41 @@ def form_kv_cache_groups(windows: list[int | None]) -> KVCacheGroups:
     return KVCacheGroups([window for window, _ in groups], [layers for _, layers in groups])
 
 
-def kv_cache_groups_for(layers: list[Attention], every_layer: list[Attention], dtype: torch.dtype,
-                        pipeline_stages: int) -> KVCacheGroups:
-    """The groups of ``layers`` (those holding a cache, in order): one per kind when their caches are
-    interchangeable, they are ``every_layer`` that reads the pool (no layer reads another's K/V, no draft
-    model) and the model is not split into pipeline stages; else one, sliding only if every layer does."""
-    shapes = {(a.num_kv_heads, a.head_dim, a.values_in_key_cache, a.kv_cache_dtype(dtype)) for a in layers}
-    if len(every_layer) == len(layers) and len(shapes) == 1 and pipeline_stages == 1:
+def kv_cache_groups_for(layers: list[Attention], every_layer: list[Attention], pipeline_stages: int) -> KVCacheGroups:
+    """The groups of ``layers`` (those holding a cache in the pool, in order: the model's, then a draft model's):
+    one per kind, unless the model is split into pipeline stages; then one, sliding only if ``every_layer``
+    (those reading the pool, layers sharing another's K/V included) does."""
+    if pipeline_stages == 1:
         return form_kv_cache_groups([a.spec.sliding_window for a in layers])
     return one_group(len(layers), [a.spec.sliding_window for a in every_layer])
 
 
-def bind_kv_caches(layers: list[Attention], groups: KVCacheGroups, backend: AttentionBackend, num_blocks: int,
-                   block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Allocate the pool's cache tensors and bind them: the i-th layer of every group shares tensor i (with
-    one group, each layer has its own), and each layer is told its group."""
-    for i in range(groups.group_size):
-        members = [(g, layers[group[i]]) for g, group in enumerate(groups.layers) if i < len(group)]
-        caches = members[0][1].new_kv_cache(num_blocks, block_size, dtype, device)
-        for g, attn in members:
+def shared_pages(layers: list[Attention], groups: KVCacheGroups, block_size: int, dtype: torch.dtype,
+                 in_model_dtype: bool = False) -> list[SharedPage]:
+    """The page of each cache tensor the groups share (tensor i: the i-th layer of every group); with one group,
+    each layer has its own. ``in_model_dtype``: sized as if every cache held the model's dtype."""
+    return [SharedPage.of([layers[group[i]] for group in groups.layers if i < len(group)], block_size, dtype,
+                          in_model_dtype) for i in range(groups.group_size)]
+
+
+def bind_kv_caches(layers: list[Attention], groups: KVCacheGroups, backends: list[AttentionBackend],
+                   num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Allocate the pool's cache tensors and bind each layer (with its backend: ``backends[i]`` for
+    ``layers[i]``) to its view of its tensor, telling it its group. Returns the byte buffers, each once (what a
+    block copy copies)."""
+    buffers: list[torch.Tensor] = []
+    for i, page in enumerate(shared_pages(layers, groups, block_size, dtype)):
+        tensors = page.allocate(num_blocks, device)
+        buffers += tensors
+        for g, group in enumerate(groups.layers):
+            if i >= len(group):
+                continue
+            attn = layers[group[i]]
+            key_cache = layer_view(tensors[0], attn, block_size, dtype)
+            value_cache = key_cache if attn.values_in_key_cache else layer_view(tensors[1], attn, block_size, dtype)
             attn.kv_cache_group = g
-            attn.bind_cache(backend, *caches)
+            attn.bind_cache(backends[group[i]], key_cache, value_cache)
+    return buffers
 
 
 def group_metadata(backend: AttentionBackend, layout: BatchLayout, block_tables: np.ndarray,

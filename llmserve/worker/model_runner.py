@@ -12,8 +12,8 @@ On the driver, rows with a structured-output constraint are sampled under their 
 speculative drafts is sampled at its last token and at each draft, and the rejection sampler
 (:mod:`llmserve.spec_decode.rejection_sampler`) keeps the drafts the samples agree with. With a draft model
 (:mod:`llmserve.spec_decode.draft_model_proposer`), the draft runs over each step's batch after the target
-and, once the target has sampled, drafts the next step's tokens; its KV layers are bound with the target's
-(same blocks), so every KV-cache operation here covers both.
+and, once the target has sampled, drafts the next step's tokens; its KV layers are grouped and bound with the
+target's in the one pool (:mod:`llmserve.worker.kv_cache_groups`), so every KV-cache operation here covers both.
 
 On CUDA, decode-only steps replay CUDA graphs (:mod:`llmserve.worker.cuda_graphs`) unless
 ``enforce_eager`` is set, the attention backend cannot be captured or the step has LoRA adapter rows (the
@@ -49,7 +49,7 @@ from llmserve.worker.cpu_tuning import keep_large_allocations_in_heap
 from llmserve.worker.cuda_graphs import DecodeGraphs
 from llmserve.worker.input_batch import CachedSequence, InputBatch
 from llmserve.worker.kv_cache_budget import kv_cache_budget, profile_batch
-from llmserve.worker.kv_cache_groups import bind_kv_caches, group_metadata, kv_cache_groups_for
+from llmserve.worker.kv_cache_groups import bind_kv_caches, group_metadata, kv_cache_groups_for, shared_pages
 from llmserve.worker.structured_output_manager import StructuredOutputManager
 
 if TYPE_CHECKING:
@@ -81,9 +81,9 @@ class ModelRunner:
         self.structured_output = (None if load_grammar_compiler is None
                                   else StructuredOutputManager(load_grammar_compiler, max_num_seqs))
         self.drafter = drafter
-        every_layer = [m for m in model.modules() if isinstance(m, Attention)]   # KV-sharing layers too
-        self.kv_cache_groups = kv_cache_groups_for(model.attention_layers(), every_layer + (
-            drafter.attention_layers() if drafter is not None else []), dtype, get_pp_group().world_size)
+        self.kv_cache_groups = kv_cache_groups_for(self.kv_layers(), self._every_layer(with_draft=True),
+                                                   get_pp_group().world_size)
+        self.kv_buffers: list[torch.Tensor] = []   # the pool's byte buffers, each once (bind_kv_caches)
         self.input_batch = InputBatch(device, block_size, max_num_seqs, max_model_len or 2048, self.structured_output,
                                       self.kv_cache_groups.num_groups)
         self.num_blocks = 0
@@ -108,20 +108,21 @@ class ModelRunner:
         layers = self.model.attention_layers()
         return layers if self.drafter is None else [*layers, *self.drafter.attention_layers()]
 
-    def kv_cache_bytes_per_block(self, layers: list[Attention] | None = None, model_dtype: bool = False) -> int:
-        """Bytes a block takes in ``layers`` (default: every cache tensor of the pool: one layer per tensor
-        the KV-cache groups share, and the draft model's); ``model_dtype``: were every cache in the model's
-        dtype, the baseline a quantised cache's capacity gain is measured against."""
-        if layers is None:
-            model_layers = self.model.attention_layers()
-            layers = [model_layers[i] for i in self.kv_cache_groups.layers[0]]
-            if self.drafter is not None:
-                layers += self.drafter.attention_layers()
-        if model_dtype:
-            per_token = sum(a.kv_cache_elements_per_token() for a in layers) * self.dtype.itemsize
-        else:
-            per_token = sum(a.kv_cache_bytes_per_token(self.dtype) for a in layers)
-        return self.block_size * per_token
+    def _every_layer(self, with_draft: bool) -> list[Attention]:
+        """Every attention layer reading the pool, layers sharing another's K/V included."""
+        models = [self.model] + ([self.drafter.model] if with_draft and self.drafter is not None else [])
+        return [m for model in models for m in model.modules() if isinstance(m, Attention)]
+
+    def kv_cache_bytes_per_block(self, model_dtype: bool = False, with_draft: bool = True) -> int:
+        """Bytes a block takes in the pool: the padded page of every cache tensor the KV-cache groups share
+        (:mod:`llmserve.worker.kv_cache_pages`). ``model_dtype``: were every cache in the model's dtype, the
+        baseline a quantised cache's capacity gain is measured against; ``with_draft`` False: were there no
+        draft model (its layers out of the groups)."""
+        layers, groups = self.kv_layers(), self.kv_cache_groups
+        if not with_draft and self.drafter is not None:
+            layers = self.model.attention_layers()
+            groups = kv_cache_groups_for(layers, self._every_layer(with_draft=False), get_pp_group().world_size)
+        return sum(p.block_bytes for p in shared_pages(layers, groups, self.block_size, self.dtype, model_dtype))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Zeroed so padded (masked) reads of never-written slots stay finite. On CUDA (unless
@@ -137,10 +138,11 @@ class ModelRunner:
 
     def _bind_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        bind_kv_caches(self.model.attention_layers(), self.kv_cache_groups, self.backend, num_blocks,
-                       self.block_size, self.dtype, self.device)
+        backends = [self.backend] * len(self.model.attention_layers())
         if self.drafter is not None:
-            self.drafter.bind_cache(num_blocks)
+            backends += [self.drafter.backend] * len(self.drafter.attention_layers())
+        self.kv_buffers = bind_kv_caches(self.kv_layers(), self.kv_cache_groups, backends, num_blocks,
+                                         self.block_size, self.dtype, self.device)
 
     @torch.inference_mode()
     def profile_kv_cache_budget(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
@@ -166,6 +168,7 @@ class ModelRunner:
         finally:
             for attn in self.kv_layers():
                 attn.bind_cache(attn.backend, torch.empty(0), torch.empty(0))
+            self.kv_buffers = []
             self.num_blocks = 0
             torch.cuda.empty_cache()
         budget = kv_cache_budget(total, gpu_memory_utilization, peak, non_torch)
@@ -212,10 +215,8 @@ class ModelRunner:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        # each tensor once (a latent cache is key and value; KV-cache groups share tensors)
-        caches = {id(c): c for attn in self.kv_layers() for c in (attn.key_cache, attn.value_cache)}
-        for cache in caches.values():
-            cache[dst] = cache[src]   # (index_copy_ has no float8 kernel on CPU)
+        for buffer in self.kv_buffers:   # whole pages, as bytes: every layer's view of the block at once
+            buffer[dst] = buffer[src]
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         """Apply the step's changes to the input batch and run it. The driver (first tensor-parallel rank of
@@ -254,7 +255,8 @@ class ModelRunner:
             self._calibrate_kv = []
             hidden = self.model(ids, pos, metadata, intermediate_tensors=received, rotary_lengths=lengths)
             if self.drafter is not None:
-                self.drafter.catch_up(layout, ids, pos, lengths)
+                self.drafter.catch_up(group_metadata(self.drafter.backend, layout, step.block_tables,
+                                                     step.slot_mapping, self.device), ids, pos, lengths)
         # Parallel samples join every rank's batch (the scheduler sends them as deltas from now on).
         for i, seq in enumerate(list(sample_seqs)):
             for fork in sched.forks.get(seq.seq_id, ()):

@@ -37,7 +37,8 @@ def measure_step_times(runner: ModelRunner, token_counts: list[int], repeats: in
     if drafter is None:
         return {"target": target, "draft": None}
     draft = [least_seconds(lambda n=n: drafter.propose(   # one forward: each row has room for one draft
-        [0] * n, np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64), np.arange(n, dtype=np.int32)[:, None],
+        [0] * n, np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64),
+        np.broadcast_to(np.arange(n, dtype=np.int32)[:, None], (runner.kv_cache_groups.num_groups, n, 1)),
         np.zeros(n, dtype=np.int64))) for n in token_counts]
     return {"target": target, "draft": draft}
 

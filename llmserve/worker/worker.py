@@ -152,9 +152,9 @@ class Worker:
             raise ValueError(f"the KV-cache budget ({budget} bytes) is smaller than one block ({per_block} bytes); "
                              "raise --kv-cache-memory-bytes or --gpu-memory-utilization")
         if self.runner.drafter is not None and self.placement.rank == 0:
-            target_per_block = self.runner.kv_cache_bytes_per_block(self.runner.model.attention_layers())
-            logger.info("The draft model's KV layers take %.0f%% of each block: %d KV blocks instead of %d",
-                        100 * (1 - target_per_block / per_block), num_blocks, int(budget // target_per_block))
+            target_per_block = self.runner.kv_cache_bytes_per_block(with_draft=False)
+            logger.info("The draft model's KV layers take their share of the pool: %d KV blocks instead of %d",
+                        num_blocks, int(budget // target_per_block))
         return num_blocks
 
     def initialize_cache(self, num_blocks: int) -> None:
@@ -174,8 +174,9 @@ class Worker:
             groups = self.runner.kv_cache_groups
             if groups.num_groups > 1:
                 logger.info("KV cache: %d blocks in each of %d cache tensors, shared by %d KV-cache groups of the %d "
-                            "attention layers (a block holds one group's K/V)", num_blocks, groups.group_size,
-                            groups.num_groups, len(layers))
+                            "attention layers%s (a block holds one group's K/V, in a page as large as the largest "
+                            "layer's of its tensor)", num_blocks, groups.group_size, groups.num_groups, len(layers),
+                            note)
             else:
                 logger.info("KV cache: %d blocks in each of %d attention layers%s", num_blocks, len(layers), note)
             if self.config.kv_cache_dtype != "auto":

@@ -81,46 +81,72 @@ def assert_prefix_cache_repeats(llm: LLM, outputs: list) -> None:
 def preempting_blocks(family: str, kv_cache_groups: bool = True) -> int:
     """Blocks of 4 tokens (in every layer) too few for the five :data:`PROMPTS` generating 24 tokens each in
     7-token steps, so that some are preempted. Phi-3 slides a 10-token window on every layer: its sequences hold
-    only the window's blocks (the older ones are freed), so it needs a smaller cache than the others. Gemma 3
-    and Cohere2 form KV-cache groups of one layer (the same bytes hold 6x and 4x the blocks) whose sliding
-    groups free theirs: smaller caches too, unless the engine forms one group (``kv_cache_groups`` False:
-    pipeline stages)."""
+    only the window's blocks (the older ones are freed), so it needs a smaller cache than the others. Gemma 3,
+    Cohere2 and Gemma 4 form KV-cache groups of one layer (the same bytes hold 6x, 4x and 3.75x the blocks: Gemma
+    4's pages are its sliding layers', the largest) whose sliding groups free theirs: smaller caches too, unless
+    the engine forms one group (``kv_cache_groups`` False: pipeline stages)."""
     if family == "phi3":
         return 14
-    return {"gemma3": 8, "cohere2": 10}.get(family, 24) if kv_cache_groups else 24
+    return {"gemma3": 8, "cohere2": 10, "gemma4": 12}.get(family, 24) if kv_cache_groups else 24
+
+
+def kv_cache_layer_types(cfg) -> list[str]:
+    """The layer types of a tiny model's layers that hold a KV cache (Gemma 4's layers sharing K/V hold none)."""
+    kinds = list(getattr(cfg, "layer_types", None) or [])
+    return kinds[:cfg.num_hidden_layers - (getattr(cfg, "num_kv_shared_layers", 0) or 0)]
 
 
 def kv_cache_group_size(path) -> int | None:
-    """Layers one KV block spans in a tiny model that mixes full and sliding layers of one cache shape (its
-    KV-cache groups hold as many layers as its rarer kind: llmserve.worker.kv_cache_groups); None where the
-    model forms one group (every layer alike, or Gemma 4's layers of two shapes)."""
+    """Layers one KV block spans in a tiny model that mixes full and sliding layers (its KV-cache groups hold as
+    many layers as its rarer kind: llmserve.worker.kv_cache_groups); None where the model forms one group (every
+    layer alike)."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(path)
-    kinds = getattr(cfg, "layer_types", None) or []
-    if cfg.model_type == "gemma4_text" or len(set(kinds)) < 2:
+    kinds = kv_cache_layer_types(AutoConfig.from_pretrained(path))
+    if len(set(kinds)) < 2:
         return None
     return min(kinds.count(kind) for kind in set(kinds))
 
 
-def llm_block_bytes(path, block_size: int, tp: int = 1) -> int:
-    """Bytes of one KV block for the tiny model on one of ``tp`` ranks (2 tensors x layers x block x the rank's KV
-    heads x head_dim x 4 bytes; KV heads fewer than the ranks are replicated, one on each)."""
-    from transformers import AutoConfig
+def _rank_heads(kv_heads: int, tp: int) -> int:
+    """KV heads on one of ``tp`` ranks (fewer than the ranks are replicated, one on each)."""
+    return kv_heads // tp if kv_heads >= tp else 1
 
-    def rank_heads(kv_heads: int) -> int:
-        return kv_heads // tp if kv_heads >= tp else 1
+
+def llm_block_bytes(path, block_size: int, tp: int = 1) -> int:
+    """Bytes of one KV block in every layer of the tiny model on one of ``tp`` ranks (2 tensors x layers x block x
+    the rank's KV heads x head_dim x 4 bytes)."""
+    from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(path)   # maps GPT-2's n_layer / n_head / n_embd onto the usual names
     if getattr(cfg, "kv_lora_rank", None):   # MLA: one tensor of latent + rope key per token, on every rank
         return cfg.num_hidden_layers * block_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     if cfg.model_type == "gemma4_text":   # per-layer head sizes; layers sharing K/V hold none
-        layers = [cfg.per_layer_config[i] for i in range(cfg.num_hidden_layers - cfg.num_kv_shared_layers)]
-        return 2 * block_size * sum(rank_heads(layer.num_key_value_heads) * layer.head_dim for layer in layers) * 4
+        return sum(gemma4_page_bytes(cfg, i, block_size, tp) for i in range(len(kv_cache_layer_types(cfg))))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = (falcon_kv_heads(cfg) if cfg.model_type == "falcon"
                 else getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    return 2 * cfg.num_hidden_layers * block_size * rank_heads(kv_heads) * head_dim * 4
+    return 2 * cfg.num_hidden_layers * block_size * _rank_heads(kv_heads, tp) * head_dim * 4
+
+
+def gemma4_page_bytes(cfg, layer: int, block_size: int, tp: int) -> int:
+    """Bytes of one block of a Gemma 4 layer's keys and values on one of ``tp`` ranks (head sizes per layer)."""
+    layer_config = cfg.per_layer_config[layer]
+    return 2 * block_size * _rank_heads(layer_config.num_key_value_heads, tp) * layer_config.head_dim * 4
+
+
+def pool_block_bytes(path, block_size: int, tp: int = 1) -> int:
+    """Bytes one block of the KV-cache pool takes on one of ``tp`` ranks: one cache tensor per layer of a KV-cache
+    group (each kind of layer has one in every tensor), each a page as large as its largest layer's."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    size = kv_cache_group_size(path)
+    if size is None:
+        return llm_block_bytes(path, block_size, tp)
+    if cfg.model_type == "gemma4_text":
+        return size * max(gemma4_page_bytes(cfg, i, block_size, tp) for i in range(len(kv_cache_layer_types(cfg))))
+    return llm_block_bytes(path, block_size, tp) // cfg.num_hidden_layers * size
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4", "gpt2", "cohere", "cohere2", "phi3", "phi3_longrope",

@@ -107,6 +107,9 @@ def test_most_blocks_held_counts_every_group():
     # 130 tokens, 8-token steps, window 10: 33 blocks in the full group, 6 in the sliding one.
     assert most_blocks_held(BS, [None, 10], 30, 130, 8, True) == 39
     assert most_blocks_held(BS, [10, 10, 10, None], 30, 130, 8, True) == 3 * 6 + 33
+    # A draft model's 4 lookahead slots after each step, reserved in every group: 34 blocks in the full group, 7 in
+    # the sliding one (the window, the step and the slots: 10 - 1 + 8 + 4 tokens, from anywhere in a block).
+    assert most_blocks_held(BS, [None, 10], 30, 130, 8, True, lookahead=4) == 34 + 7
 
 
 # One op: (sequence slot, tokens) computes that many more of the slot's tokens (0: first looks its prompt up in
@@ -148,11 +151,14 @@ def test_random_steps_keep_every_groups_invariants(num_blocks, block_size, windo
 
 # ---------------------------------------------------------------------------------------------- the engine
 @pytest.mark.parametrize("family,groups,pool", [("gemma2", [10, None], 12), ("gemma3", [10] * 5 + [None], 8),
-                                                ("cohere2", [10, 10, 10, None], 10)])
+                                                ("cohere2", [10, 10, 10, None], 10),
+                                                ("gemma4", [10, 10, 10, None], 10)])
 def test_mixed_models_match_hf_with_their_sliding_blocks_freed(checkpoint_dir, family, groups, pool):
     """Prompts past the window, generating 4x past it, 8-token chunks, every prompt twice (prefix hits), in a
     pool of ``pool`` blocks' worth of every layer: small enough that sequences are preempted. Each sliding
-    group holds at most the window of a chunk's first token and the chunk; the full group every block."""
+    group holds at most the window of a chunk's first token and the chunk; the full group every block. Gemma 4's
+    four cache-holding layers (three sliding with 2 KV heads of 16, one full with 1 of 24) form groups of one
+    layer over one padded tensor, and its two layers sharing K/V read their sources' groups."""
     path = checkpoint_dir(family)
     llm = LLM(str(path), block_size=BS, max_num_batched_tokens=8,
               kv_cache_memory_bytes=pool * llm_block_bytes(path, BS))

@@ -17,8 +17,8 @@ from tests.engine.test_hf_equivalence import (
     PROMPTS,
     assert_matches_hf,
     assert_prefix_cache_repeats,
-    kv_cache_group_size,
     llm_block_bytes,
+    pool_block_bytes,
     preempting_blocks,
 )
 from tests.engine.test_pooling import assert_matches_hf as assert_pooled_like_hf
@@ -51,16 +51,17 @@ CASES = [(f, tp, pp) for f in LLAMA_SHAPED for tp, pp in LAYOUTS] + OTHER_FAMILI
 def test_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir, family, tp, pp):
     """7-token steps split every longer prompt; 24 blocks of 4 tokens in every layer (14 for Phi-3, see
     ``preempting_blocks``) cannot hold all five sequences, so some are preempted and recomputed; each rank holds
-    its share of every block (Gemma 2 at TP=2: its two KV-cache groups of one layer make them 48 blocks)."""
+    its share of every block (Gemma 2 at TP=2: its two KV-cache groups of one layer make them 48 blocks; Gemma 4's
+    groups of one layer share a page as large as its full layer's, whose one KV head every rank holds)."""
     path = checkpoint_dir(family)
     layers = AutoConfig.from_pretrained(path).num_hidden_layers   # the largest stage holds ceil(layers / pp)
     per_rank_block = llm_block_bytes(path, 4, tp) // layers * -(-layers // pp)
-    group_size = kv_cache_group_size(path) if pp == 1 else None   # pipeline stages form one group each
     blocks = preempting_blocks(family, kv_cache_groups=pp == 1)
+    budget = blocks * per_rank_block
     llm = LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, block_size=4,
-              max_num_batched_tokens=7, kv_cache_memory_bytes=blocks * per_rank_block)
-    try:
-        assert llm.engine.block_manager.num_blocks == blocks * layers // (group_size or layers)
+              max_num_batched_tokens=7, kv_cache_memory_bytes=budget)
+    try:   # pipeline stages form one group each
+        assert llm.engine.block_manager.num_blocks == (blocks if pp > 1 else budget // pool_block_bytes(path, 4, tp))
         outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
         assert llm.engine.scheduler.num_preemptions > 0
         assert_matches_hf(path, outputs, max_tokens=24)

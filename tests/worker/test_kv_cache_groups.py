@@ -41,10 +41,15 @@ def test_one_group_slides_only_if_every_layer_does():
     assert one_group(3, [4, None, 8]).windows == [None]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_each_layer_reads_its_groups_blocks_in_every_backend(checkpoint_dir, monkeypatch, backend):
+@pytest.mark.parametrize("backend,family,layer_groups", [("torch", "gemma2", [0, 1]), ("triton", "gemma2", [0, 1]),
+                                                         ("torch", "gemma4", [0, 1, 3, 2])])
+def test_each_layer_reads_its_groups_blocks_in_every_backend(checkpoint_dir, monkeypatch, backend, family,
+                                                             layer_groups):
     """Gemma 2's sliding and full layers share one cache tensor, each writing and reading its own group's
-    blocks: greedy output equals transformers' over prefill chunks, decodes and a preemption."""
+    blocks; so do Gemma 4's three sliding layers (2 KV heads of 16) and its full one (1 of 24, a padded view),
+    whose two KV-sharing layers read their sources' groups: greedy output equals transformers' over prefill
+    chunks, decodes and a preemption. (The compiled CPU backend: tests/engine/test_kv_cache_groups.py; Gemma 4
+    through the Triton kernels: tests/models/test_gemma4.py.)"""
     if backend == "triton":
         pytest.importorskip("triton", reason="triton is not installed (pip install triton, or the [test] extra)")
         if not torch.cuda.is_available():
@@ -52,12 +57,13 @@ def test_each_layer_reads_its_groups_blocks_in_every_backend(checkpoint_dir, mon
     monkeypatch.setenv("LLMSERVE_ATTENTION_BACKEND", backend)
     from llmserve import LLM, SamplingParams
 
-    path = checkpoint_dir("gemma2")
+    path = checkpoint_dir(family)
     llm = LLM(str(path), block_size=4, max_num_batched_tokens=8, kv_cache_memory_bytes=12 * llm_block_bytes(path, 4))
     runner = llm.engine.core.executor.worker.runner
-    assert runner.backend.name == backend and runner.kv_cache_groups.num_groups == 2
+    assert runner.backend.name == backend and runner.kv_cache_groups.num_groups == len(layer_groups)
     layers = runner.model.attention_layers()
-    assert layers[0].key_cache is layers[1].key_cache and [a.kv_cache_group for a in layers] == [0, 1]
+    assert len({a.key_cache.data_ptr() for a in layers}) == 1   # one tensor, viewed by every group's layer
+    assert [a.kv_cache_group for a in layers] == layer_groups
     prompts = [LONG_PROMPT[:20], LONG_PROMPT[:13], LONG_PROMPT[:20]]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0))

@@ -190,9 +190,11 @@ class AttentionBackend(ABC):
         ``spec.scale``, soft-capped by ``spec.logits_soft_cap`` and biased by ``spec.alibi_slopes`` when set),
         and return [T, H, D].
 
-        Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``. A quantised cache (int8 / float8,
-        told by its dtype) stores ``key / kv_scales[0]`` and ``value / kv_scales[1]`` (float32 [2] on the
-        cache's device; with one cache for both, the values use the key's scale).
+        Caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``, contiguous within each block; blocks may
+        lie further apart (a padded page: :mod:`llmserve.worker.kv_cache_pages`), keys' and values' alike. A
+        quantised cache (int8 / float8, told by its dtype) stores ``key / kv_scales[0]`` and ``value /
+        kv_scales[1]`` (float32 [2] on the cache's device; with one cache for both, the values use the key's
+        scale).
         """
 
     def graph_decode_metadata(self, batch_size: int, max_blocks: int, max_seq_len: int,

@@ -2,7 +2,8 @@
 
 The model runner binds caches only to the layers a model lists in ``attention_layers()``; a
 :class:`SharedKVAttention` is left out of that list and reads its source layer's cache and backend when it
-runs, so it is correct whenever the source's cache is (rebinding included). It is given the source layer's
+runs, through its source's KV-cache group (:mod:`llmserve.worker.kv_cache_groups`), so it is correct whenever
+the source's cache is (rebinding included). It is given the source layer's
 K/V of this step, which the backend stores into the source's slots again: the same values into the same
 slots, so every backend serves it through its ordinary path (prefill chunks that read this step's K/V
 directly included) at the cost of one extra store. A quantised source cache is read with the source's scales
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from llmserve.layers.attention.backend import KVCacheGroupMetadata
 from llmserve.layers.attention.layer import Attention
 
 
@@ -35,6 +37,8 @@ class SharedKVAttention(Attention):
         source = self.source
         assert source.backend is not None, "KV cache not allocated: call ModelRunner.allocate_kv_cache first"
         t = q.shape[0]
+        if isinstance(metadata, KVCacheGroupMetadata):   # the source's KV-cache group: its tables hold the K/V
+            metadata = metadata[source.kv_cache_group]
         out = source.backend.forward(q.view(t, self.num_heads, self.head_dim),
                                      k.view(t, self.num_kv_heads, self.head_dim),
                                      v.view(t, self.num_kv_heads, self.head_dim),

@@ -219,11 +219,13 @@ class KVCacheView:
     @staticmethod
     def _copy(cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         # index_copy_ has no float8 kernel: float8 entries are copied as their bytes.
-        as_bytes = cache.element_size() == 1 and cache.is_floating_point()
-        flat = cache.view(-1, *x.shape[1:])
-        if as_bytes:
-            flat, x = flat.view(torch.uint8), x.view(torch.uint8)
-        flat.index_copy_(0, slot_mapping, x)
+        if cache.element_size() == 1 and cache.is_floating_point():
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        if cache.is_contiguous():
+            cache.view(-1, *x.shape[1:]).index_copy_(0, slot_mapping, x)
+        else:   # blocks a padded page apart (llmserve.worker.kv_cache_pages): address slots by block and offset
+            block_size = cache.shape[1]
+            cache.index_put_((slot_mapping // block_size, slot_mapping % block_size), x)
 
     def gather_keys(self, blocks: torch.Tensor) -> torch.Tensor:
         """The key blocks ``blocks`` [N] as [N, block_size, KV, D] in the queries' dtype."""

@@ -4,7 +4,8 @@ Layouts (all row-major):
 
 - ``query`` ``[T, H, D]`` and ``key``/``value`` ``[T, KV, D]``; the last dimension must be contiguous, the
   others may be strided (views of a fused QKV projection are fine);
-- caches ``[num_blocks, block_size, KV, D]``, contiguous;
+- caches ``[num_blocks, block_size, KV, D]``, contiguous within each block; blocks may lie further apart (a
+  cache tensor shared by layers of different shapes pads each block's page: :mod:`llmserve.worker.kv_cache_pages`);
 - ``slot_mapping`` ``[T]`` int64: flat slot ``block * block_size + offset`` of each token's K/V. A
   **negative slot means "padding": that token's K/V are not stored** (CUDA-graph replays pad a decode
   batch up to a captured size and give the padded rows slot -1);
@@ -214,8 +215,8 @@ def _attend_kv_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, offs_n, n
 
 @triton.jit
 def _store_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_ptr,
-                     stride_kt, stride_kh, stride_vt, stride_vh, stride_c_slot, stride_c_head,
-                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     stride_kt, stride_kh, stride_vt, stride_vh, stride_c_block, stride_c_slot, stride_c_head,
+                     BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -223,7 +224,8 @@ def _store_kv_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_pt
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     slots = tl.zeros([BLOCK_H, 1], dtype=tl.int64) + slot   # broadcast: the mask must be a tensor
     mask = (offs_h < NUM_KV_HEADS) & (offs_d < HEAD_DIM) & (slots >= 0)
-    dst = slot * stride_c_slot + offs_h * stride_c_head + offs_d
+    dst = ((slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_slot + offs_h * stride_c_head
+           + offs_d)
     k = tl.load(key_ptr + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
     tl.store(key_cache_ptr + dst, k, mask=mask)
     v = tl.load(value_ptr + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
@@ -418,9 +420,13 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check_cache(cache: torch.Tensor) -> None:
-    if cache.dim() != 4 or not cache.is_contiguous():
-        raise ValueError("KV caches must be contiguous [num_blocks, block_size, num_kv_heads, head_dim] tensors")
+def _check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    """The kernels address both caches with the key cache's strides."""
+    shape = key_cache.shape
+    if key_cache.dim() != 4 or key_cache.stride()[1:] != (shape[2] * shape[3], shape[3], 1) \
+            or value_cache.shape != shape or value_cache.stride() != key_cache.stride():
+        raise ValueError("KV caches must be [num_blocks, block_size, num_kv_heads, head_dim] tensors contiguous within "
+                         "each block, keys and values strided alike")
 
 
 def _kv_format(cache: torch.Tensor) -> int:
@@ -447,8 +453,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
              slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
     """Write ``key``/``value`` ``[T, KV, D]`` into their cache slots; slots < 0 are skipped. A quantised cache
     stores ``key / kv_scales[0]`` and ``value / kv_scales[1]`` in its format."""
-    _check_cache(key_cache)
-    _check_cache(value_cache)
+    _check_caches(key_cache, value_cache)
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
@@ -461,15 +466,15 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, va
     _store_kv_kernel[(num_tokens,)](
         key, value, key_cache, value_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        key_cache.stride(1), key_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        BLOCK_SIZE=key_cache.shape[1], NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=_pow2_at_least(num_kv_heads), BLOCK_D=_pow2_at_least(head_dim))
 
 
-def _attention_shapes(query: torch.Tensor, key_cache: torch.Tensor
+def _attention_shapes(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor
                       ) -> tuple[torch.Tensor, tuple[int, int, int, int, int]]:
     """``query`` with a unit-stride last dim, and ``(heads, head_dim, kv_heads, block_size, group)``."""
-    _check_cache(key_cache)
+    _check_caches(key_cache, value_cache)
     query = _last_dim_contiguous(query)
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
@@ -492,7 +497,7 @@ def prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     if num_seqs == 0 or max_query_len == 0:
         return
     window_arg, use_window, cap, slopes, use_alibi = _layer_options(window, soft_cap, alibi_slopes, query)
-    query, (num_heads, head_dim, num_kv_heads, block_size, group) = _attention_shapes(query, key_cache)
+    query, (num_heads, head_dim, num_kv_heads, block_size, group) = _attention_shapes(query, key_cache, value_cache)
     rows, tokens = prefill_tile(group)
     grid = (num_seqs, triton.cdiv(max_query_len, tokens), num_kv_heads)
     _prefill_attention_kernel[grid](
@@ -518,7 +523,7 @@ def decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     if batch == 0:
         return
     window_arg, use_window, cap, slopes, use_alibi = _layer_options(window, soft_cap, alibi_slopes, query)
-    query, (num_heads, head_dim, num_kv_heads, block_size, group) = _attention_shapes(query, key_cache)
+    query, (num_heads, head_dim, num_kv_heads, block_size, group) = _attention_shapes(query, key_cache, value_cache)
     part_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
     part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)

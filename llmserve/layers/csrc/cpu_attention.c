@@ -8,7 +8,8 @@
  * head against each key as it is read (grouped-query attention reads K/V once per group, not once per
  * query head), takes an exact softmax over the scores with a vectorised exp, then accumulates the
  * values. Items are spread over the OpenMP threads dynamically, since context lengths differ. float32; caches are [num_blocks, block_size, num_kv_heads, head_dim],
- * contiguous. Head sizes that are a multiple of 16 take the vector path, others a scalar one.
+ * contiguous within a block (blocks may lie a padded page apart: a cache tensor shared by layers of different
+ * shapes). Head sizes that are a multiple of 16 take the vector path, others a scalar one.
  *
  * A sliding window (`window` > 0) makes a sequence of length n attend only its last `window` tokens,
  * positions [n - window, n): the walk simply starts there. A logit soft-cap (`soft_cap` > 0, Gemma 2)
@@ -137,18 +138,20 @@ static inline float load_entry(const void *cache, long i, const int fmt) {
     }
 }
 
-/* The entry index where token t of a sequence starts in a cache, for KV head 0. */
-static inline long token_row(const int *table, long t, long block_size, long token_stride) {
-    return (table[t / block_size] * block_size + t % block_size) * token_stride;
+/* The entry index where token t of a sequence starts in a cache, for KV head 0: blocks lie `block_stride`
+ * entries apart (block_size * token_stride, or more where a shared cache pads each block's page). */
+static inline long token_row(const int *table, long t, long block_size, long block_stride, long token_stride) {
+    return table[t / block_size] * block_stride + t % block_size * token_stride;
 }
 
 /* Prefetch the entries [first, first + count) of token t's row, if t is in the sequence: rows of consecutive
  * tokens lie apart (one per slot, blocks scattered), so the hardware prefetchers miss them. */
 static inline void prefetch_row(const void *cache, const int *table, long t, long seq_len, long block_size,
-                                long token_stride, long first, long count, const int fmt) {
+                                long block_stride, long token_stride, long first, long count, const int fmt) {
     if (t >= seq_len) return;
     const long entry_size = fmt == KV_F32 ? (long)sizeof(float) : fmt == KV_BF16 ? 2 : 1;
-    const char *row = (const char *)cache + (token_row(table, t, block_size, token_stride) + first) * entry_size;
+    const char *row = (const char *)cache
+                      + (token_row(table, t, block_size, block_stride, token_stride) + first) * entry_size;
     for (long i = 0; i < count * entry_size; i += 64) __builtin_prefetch(row + i, 0, 3);
 }
 
@@ -160,17 +163,17 @@ static inline void prefetch_row(const void *cache, const int *table, long t, lon
  * `slopes`: the ALiBi slopes of those query heads, or NULL. `fmt`: the caches' entry format (a constant). */
 static inline __attribute__((always_inline)) void
 attend_vec(const float *q, const void *k_cache, const void *v_cache, const int *table, long start, long seq_len,
-           long group, long kv_head, long kv_count, long num_kv_heads, long block_size, float scale,
-           float soft_cap, const float *slopes, float *scores, float *out, const int nv, const int fmt) {
+           long group, long kv_head, long kv_count, long num_kv_heads, long block_size, long block_stride,
+           float scale, float soft_cap, const float *slopes, float *scores, float *out, const int nv, const int fmt) {
     const long head_dim = nv * LANES;
     const long token_stride = num_kv_heads * head_dim;
     const long first = kv_head * head_dim, count = kv_count * head_dim;
     const long rows = kv_count * group;   /* query heads attended: score rows */
     const long len = seq_len - start;   /* t below counts from the window's start */
     for (long t = 0; t < len; t++) {
-        prefetch_row(k_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count,
-                     fmt);
-        long k = token_row(table, start + t, block_size, token_stride) + first;
+        prefetch_row(k_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, block_stride, token_stride,
+                     first, count, fmt);
+        long k = token_row(table, start + t, block_size, block_stride, token_stride) + first;
         for (long h = 0; h < kv_count; h++, k += head_dim) {
             vec kv[MAX_VECS];
             for (int c = 0; c < nv; c++) kv[c] = load_entries(k_cache, k + c * LANES, fmt);
@@ -185,9 +188,9 @@ attend_vec(const float *q, const void *k_cache, const void *v_cache, const int *
     softmax_rows(scores, rows, len, len, soft_cap, slopes, start - (seq_len - 1));
     memset(out, 0, sizeof(float) * rows * head_dim);
     for (long t = 0; t < len; t++) {
-        prefetch_row(v_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, token_stride, first, count,
-                     fmt);
-        long v = token_row(table, start + t, block_size, token_stride) + first;
+        prefetch_row(v_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, block_stride, token_stride,
+                     first, count, fmt);
+        long v = token_row(table, start + t, block_size, block_stride, token_stride) + first;
         for (long h = 0; h < kv_count; h++, v += head_dim) {
             vec vv[MAX_VECS];
             for (int c = 0; c < nv; c++) vv[c] = load_entries(v_cache, v + c * LANES, fmt);
@@ -203,13 +206,13 @@ attend_vec(const float *q, const void *k_cache, const void *v_cache, const int *
 /* The scalar path, for head sizes that are not a multiple of 16 (same arguments). */
 static void attend_scalar(const float *q, const void *k_cache, const void *v_cache, const int *table,
                           long start, long seq_len, long group, long kv_head, long kv_count, long num_kv_heads,
-                          long head_dim, long block_size, float scale, float soft_cap, const float *slopes,
-                          float *scores, float *out, int fmt) {
+                          long head_dim, long block_size, long block_stride, float scale, float soft_cap,
+                          const float *slopes, float *scores, float *out, int fmt) {
     const long token_stride = num_kv_heads * head_dim;
     const long rows = kv_count * group;
     const long len = seq_len - start;
     for (long t = start; t < seq_len; t++) {
-        const long k = token_row(table, t, block_size, token_stride) + kv_head * head_dim;
+        const long k = token_row(table, t, block_size, block_stride, token_stride) + kv_head * head_dim;
         for (long r = 0; r < rows; r++) {
             const long kh = k + (r / group) * head_dim;
             float s = 0.f;
@@ -220,7 +223,7 @@ static void attend_scalar(const float *q, const void *k_cache, const void *v_cac
     softmax_rows(scores, rows, len, len, soft_cap, slopes, start - (seq_len - 1));
     memset(out, 0, sizeof(float) * rows * head_dim);
     for (long t = start; t < seq_len; t++) {
-        const long v = token_row(table, t, block_size, token_stride) + kv_head * head_dim;
+        const long v = token_row(table, t, block_size, block_stride, token_stride) + kv_head * head_dim;
         for (long r = 0; r < rows; r++)
             for (long d = 0; d < head_dim; d++)
                 out[r * head_dim + d] += scores[r * len + (t - start)]
@@ -231,28 +234,29 @@ static void attend_scalar(const float *q, const void *k_cache, const void *v_cac
 /* One work item with the caches' format `fmt` a constant (each format gets its own specialised loops). */
 static inline __attribute__((always_inline)) void
 attend_format(const float *q, const void *k_cache, const void *v_cache, const int *table, long start, long seq_len,
-              long group, long kv_head, long kv_count, long num_kv_heads, long head_dim, long block_size, float scale,
-              float soft_cap, const float *slopes, float *scores, float *out, const int fmt) {
+              long group, long kv_head, long kv_count, long num_kv_heads, long head_dim, long block_size,
+              long block_stride, float scale, float soft_cap, const float *slopes, float *scores, float *out,
+              const int fmt) {
     switch (head_dim) {
         case 64: attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads,
-                            block_size, scale, soft_cap, slopes, scores, out, 4, fmt); return;
+                            block_size, block_stride, scale, soft_cap, slopes, scores, out, 4, fmt); return;
         case 128: attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads,
-                             block_size, scale, soft_cap, slopes, scores, out, 8, fmt); return;
+                             block_size, block_stride, scale, soft_cap, slopes, scores, out, 8, fmt); return;
     }
     if (head_dim % LANES == 0 && head_dim / LANES <= MAX_VECS)
         attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, block_size,
-                   scale, soft_cap, slopes, scores, out, (int)(head_dim / LANES), fmt);
+                   block_stride, scale, soft_cap, slopes, scores, out, (int)(head_dim / LANES), fmt);
     else
         attend_scalar(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, head_dim,
-                      block_size, scale, soft_cap, slopes, scores, out, fmt);
+                      block_size, block_stride, scale, soft_cap, slopes, scores, out, fmt);
 }
 
 static void attend_one(const float *q, const void *k_cache, const void *v_cache, const int *table,
                        long start, long seq_len, long group, long kv_head, long kv_count, long num_kv_heads,
-                       long head_dim, long block_size, float scale, float soft_cap, const float *slopes,
-                       float *scores, float *out, int fmt) {
+                       long head_dim, long block_size, long block_stride, float scale, float soft_cap,
+                       const float *slopes, float *scores, float *out, int fmt) {
 #define ATTEND(F) attend_format(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, \
-                                head_dim, block_size, scale, soft_cap, slopes, scores, out, F)
+                                head_dim, block_size, block_stride, scale, soft_cap, slopes, scores, out, F)
     switch (fmt) {
         case KV_FP8_E4M3: ATTEND(KV_FP8_E4M3); return;
         case KV_FP8_E5M2: ATTEND(KV_FP8_E5M2); return;
@@ -269,6 +273,8 @@ static inline long first_key(long seq_len, long window) {
 }
 
 /* q: [num_seqs, num_heads, head_dim] with row stride q_stride; out likewise with out_stride;
+ * caches: [num_blocks, block_size, num_kv_heads, head_dim], contiguous within a block, blocks block_stride
+ * entries apart;
  * block_tables: int32 [num_seqs, >= blocks needed] with row stride table_stride; seq_lens: int32.
  * window: the sliding window in tokens (0 = full attention); soft_cap: the logit soft-cap (0 = none);
  * alibi_slopes: float32 [num_heads] ALiBi slopes, or NULL for none.
@@ -279,7 +285,7 @@ static inline long first_key(long seq_len, long window) {
 int llmserve_paged_decode_attention(const float *q, long q_stride, const void *k_cache, const void *v_cache,
                                     const int *block_tables, long table_stride, const int *seq_lens,
                                     long num_seqs, long num_heads, long num_kv_heads, long head_dim,
-                                    long block_size, float scale, long window, float soft_cap,
+                                    long block_size, long block_stride, float scale, long window, float soft_cap,
                                     const float *alibi_slopes, float *out, long out_stride, int num_threads,
                                     int kv_format, float k_scale, float v_scale) {
     if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0) return -1;
@@ -310,7 +316,7 @@ int llmserve_paged_decode_attention(const float *q, long q_stride, const void *k
                 float *o = out + s * out_stride + h * group * head_dim;
                 attend_one(q + s * q_stride + h * group * head_dim, k_cache, v_cache,
                            block_tables + s * table_stride, first_key(seq_lens[s], window), seq_lens[s], group, h,
-                           kv_per_item, num_kv_heads, head_dim, block_size, scale, soft_cap,
+                           kv_per_item, num_kv_heads, head_dim, block_size, block_stride, scale, soft_cap,
                            alibi_slopes != NULL ? alibi_slopes + h * group : NULL, scores, o, kv_format);
                 if (v_scale != 1.0f)   /* sum_t p_t (entry_t * v_scale) */
                     for (long i = 0; i < kv_per_item * group * head_dim; i++) o[i] *= v_scale;

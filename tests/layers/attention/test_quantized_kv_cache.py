@@ -42,16 +42,16 @@ def run(backend, batch: PagedBatch, spec: AttentionSpec, key_cache, value_cache,
     return backend.forward(batch.query, key, value, key_cache, value_cache, metadata, spec, kv_scales)
 
 
-def backends(latent: bool = False):
-    """Every backend that runs here: PyTorch, the compiled CPU decode kernel, and the Triton kernels (under the
-    interpreter without a GPU; they do not implement latent attention)."""
-    yield TorchAttentionBackend(torch.float32)
+def backends(latent: bool = False, dtype: torch.dtype = torch.float32):
+    """Every backend that runs here, for a model in ``dtype``: PyTorch, the compiled CPU decode kernel, and the
+    Triton kernels (under the interpreter without a GPU; they do not implement latent attention)."""
+    yield TorchAttentionBackend(dtype)
     if cpu_kernels() is not None:
-        yield CPUAttentionBackend(cpu_kernels())
+        yield CPUAttentionBackend(cpu_kernels(), dtype)
     if triton_available() and not latent:
         from llmserve.layers.attention.triton_backend import TritonAttentionBackend
 
-        yield TritonAttentionBackend(torch.float32, num_kv_heads=2)
+        yield TritonAttentionBackend(dtype, num_kv_heads=2)
 
 
 @pytest.mark.parametrize("name", ["int8", "fp8_e4m3", "fp8_e5m2"])
