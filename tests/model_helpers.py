@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from llmserve.layers.attention.backend import BatchLayout
+from llmserve.layers.attention.layer import Attention
 from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 from llmserve.model_loader.loader import load_config, load_model
 
@@ -20,10 +21,19 @@ def load_tiny(path: Path) -> torch.nn.Module:
     return load_model(load_config(path), path, torch.float32, CPU)
 
 
+def new_kv_cache(attn: Attention, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed key and value caches of ``attn``'s own (unshared) layout and cache dtype for a model in ``dtype``
+    (one tensor twice where its values live in the key cache)."""
+    shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+    key_cache = torch.zeros(shape, dtype=attn.kv_cache_dtype(dtype))
+    return key_cache, key_cache if attn.values_in_key_cache else torch.zeros_like(key_cache)
+
+
 def bind_cache(model: torch.nn.Module) -> TorchAttentionBackend:
     backend = TorchAttentionBackend(torch.float32)
     for attn in model.attention_layers():
-        attn.bind_cache(backend, *attn.new_kv_cache(NUM_BLOCKS, BLOCK_SIZE, torch.float32, CPU))
+        attn.bind_cache(backend, *new_kv_cache(attn, NUM_BLOCKS, BLOCK_SIZE))
     return backend
 
 

@@ -59,10 +59,6 @@ class Attention(nn.Module):
         fmt = self.spec.kv_format
         return model_dtype if fmt is None else fmt.dtype
 
-    def kv_cache_bytes_per_token(self, model_dtype: torch.dtype) -> int:
-        size = torch.tensor([], dtype=self.kv_cache_dtype(model_dtype)).element_size()
-        return self.kv_cache_elements_per_token() * size
-
     def set_kv_cache_dtype(self, kv_cache_dtype: str) -> None:
         """Apply the engine's ``--kv-cache-dtype`` (before the cache is allocated); ``auto`` keeps the layer's own."""
         if kv_cache_dtype != "auto":
@@ -75,15 +71,6 @@ class Attention(nn.Module):
         rows = {"k_scale": [0], "v_scale": [1], "kv_scale": [0, 1]}[which]
         self.kv_scales[rows] = scale.float().reshape(())
         self.kv_scales_loaded = True
-
-    def new_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeroed key and value caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` of the layer's cache
-        dtype for a model in ``dtype`` (one tensor twice where :attr:`values_in_key_cache`)."""
-        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        dtype = self.kv_cache_dtype(dtype)
-        key_cache = torch.zeros(shape, dtype=dtype, device=device)
-        return key_cache, key_cache if self.values_in_key_cache else torch.zeros(shape, dtype=dtype, device=device)
 
     def bind_cache(self, backend: AttentionBackend, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         fmt = self.spec.kv_format

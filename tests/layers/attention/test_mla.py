@@ -18,6 +18,7 @@ from tests.layers.attention.test_window_softcap import (
     make_backend,
     reference_attention,
 )
+from tests.model_helpers import new_kv_cache
 
 HEADS, LATENT, ROPE, NOPE, V = 4, 32, 8, 16, 24
 SCALE = (NOPE + ROPE) ** -0.5
@@ -72,7 +73,7 @@ def test_the_cache_holds_one_latent_and_rope_key_per_token():
     layer = MLAAttention(HEADS, LATENT, ROPE, SCALE)
     assert layer.values_in_key_cache and layer.num_kv_heads == 1 and layer.head_dim == LATENT + ROPE
     assert layer.kv_cache_elements_per_token() == LATENT + ROPE
-    key_cache, value_cache = layer.new_kv_cache(3, 16, torch.float32, CPU)
+    key_cache, value_cache = new_kv_cache(layer, 3, 16)
     assert value_cache is key_cache and key_cache.shape == (3, 16, 1, LATENT + ROPE)
 
 
@@ -80,4 +81,4 @@ def test_triton_backend_refuses_mla():
     backend = make_backend("triton")
     layer = MLAAttention(HEADS, LATENT, ROPE, SCALE)
     with pytest.raises(NotImplementedError, match="LLMSERVE_ATTENTION_BACKEND=torch"):
-        layer.bind_cache(backend, *layer.new_kv_cache(2, 16, torch.float32, CPU))
+        layer.bind_cache(backend, *new_kv_cache(layer, 2, 16))

@@ -15,7 +15,9 @@ from llmserve.layers.attention.layer import Attention
 from llmserve.layers.attention.torch_backend import TorchAttentionBackend
 from llmserve.layers.cpu_kernels import cpu_kernels
 from llmserve.quantization.kv_cache import dequantize_kv, kv_cache_format, quantize_kv
+from llmserve.worker.kv_cache_pages import page_bytes
 from tests.layers.attention.paged_batch import PagedBatch
+from tests.model_helpers import new_kv_cache
 
 # Decodes (short and long contexts), a prefill chunk over cached context and a fresh prompt.
 SEQS = [(37, 1), (5, 1), (130, 1), (20, 9), (0, 13)]
@@ -102,10 +104,10 @@ def test_one_cache_for_keys_and_values_reads_both_with_the_key_scale():
 
 def test_layer_allocates_one_byte_entries_and_fits_int8_scales_to_its_first_batch():
     layer = Attention(4, 2, 16, 0.25)
-    assert layer.kv_cache_bytes_per_token(torch.float32) == 2 * 2 * 16 * 4
+    assert page_bytes(layer, 1, torch.float32) == 2 * 16 * 4   # per token, keys (as many for values)
     layer.set_kv_cache_dtype("int8")
-    assert layer.kv_cache_bytes_per_token(torch.float32) == 2 * 2 * 16
-    k_cache, v_cache = layer.new_kv_cache(9, 4, torch.bfloat16, torch.device("cpu"))
+    assert page_bytes(layer, 1, torch.float32) == 2 * 16
+    k_cache, v_cache = new_kv_cache(layer, 9, 4, torch.bfloat16)
     assert k_cache.dtype == v_cache.dtype == torch.int8 and k_cache.shape == (9, 4, 2, 16)
     layer.bind_cache(TorchAttentionBackend(torch.float32), k_cache, v_cache)
     assert layer.needs_kv_calibration()
@@ -128,4 +130,4 @@ def test_a_backend_that_cannot_read_the_format_is_refused():
 
     layer = Attention(4, 2, 16, 0.25, kv_cache_dtype="fp8")
     with pytest.raises(NotImplementedError, match="float-only attention backend cannot read a fp8_e4m3 KV cache"):
-        layer.bind_cache(FloatOnly(torch.float32), *layer.new_kv_cache(2, 4, torch.float32, torch.device("cpu")))
+        layer.bind_cache(FloatOnly(torch.float32), *new_kv_cache(layer, 2, 4))
