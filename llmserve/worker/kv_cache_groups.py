@@ -16,7 +16,6 @@ pipeline stages, caches of different shapes) there is one group, which slides on
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,11 +84,11 @@ def bind_kv_caches(layers: list[Attention], groups: KVCacheGroups, backend: Atte
 def group_metadata(backend: AttentionBackend, layout: BatchLayout, block_tables: np.ndarray,
                    slot_mapping: np.ndarray, device: torch.device) -> object:
     """The backend's metadata for a step (``layout``: the first group's, its slots on ``device``); with several
-    groups, one per group, each with its own block tables and slots (``[groups, ...]`` arrays)."""
+    groups, one per group (``[groups, ...]`` arrays): built once, then each other group's only swaps in its block
+    tables and slots (:meth:`~llmserve.layers.attention.backend.AttentionBackend.metadata_for_group`)."""
     metadata = backend.build_metadata(layout, device)
     if len(block_tables) == 1:
         return metadata
     return KVCacheGroupMetadata([metadata, *(
-        backend.build_metadata(dataclasses.replace(layout, block_tables=tables,
-                                                   slot_mapping=torch.from_numpy(slots).to(device)), device)
+        backend.metadata_for_group(metadata, tables, torch.from_numpy(slots).to(device))
         for tables, slots in zip(block_tables[1:], slot_mapping[1:]))])

@@ -178,6 +178,13 @@ class AttentionBackend(ABC):
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> object:
         """Precompute per-step tensors shared by all layers."""
 
+    def metadata_for_group(self, metadata: object, block_tables: np.ndarray, slot_mapping: torch.Tensor) -> object:
+        """The step of ``metadata`` (from :meth:`build_metadata`) for another KV-cache group
+        (:mod:`llmserve.worker.kv_cache_groups`): the same rows with this group's ``block_tables`` and
+        ``slot_mapping`` (on the device). Only these differ between groups, so what the rows' lengths decide is
+        shared with ``metadata``, not built again."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support several KV-cache groups")
+
     # Whether it reads and writes quantised (int8 / float8) caches.
     supports_quantized_kv_cache: bool = False
 

@@ -21,6 +21,7 @@ and the window start is computed inside the kernel from the lengths, so no extra
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -127,6 +128,21 @@ class TritonAttentionBackend(AttentionBackend):
         return TritonAttentionMetadata(slot_mapping, nd, decode_tables, decode_lens, num_splits, np_,
                                        prefill_tables, query_start, query_lens, context_lens, max_q, max_decode,
                                        max(seq_lens, default=0), self._split_chooser(device, nd) if nd else None)
+
+    def metadata_for_group(self, metadata: TritonAttentionMetadata, block_tables: np.ndarray,
+                           slot_mapping: torch.Tensor) -> TritonAttentionMetadata:
+        """Lengths, query offsets and split choices (``_window_splits`` too: the same dict) are shared."""
+        nd = metadata.num_decodes
+
+        def rows(tables: torch.Tensor | None, part: np.ndarray) -> torch.Tensor | None:
+            if tables is None:
+                return None
+            return torch.from_numpy(np.ascontiguousarray(part[:, :tables.shape[1]])).to(tables.device,
+                                                                                        non_blocking=True)
+
+        return dataclasses.replace(metadata, slot_mapping=slot_mapping.to(dtype=torch.int64),
+                                   decode_block_tables=rows(metadata.decode_block_tables, block_tables[:nd]),
+                                   prefill_block_tables=rows(metadata.prefill_block_tables, block_tables[nd:]))
 
     def _split_chooser(self, device: torch.device, num_seqs: int) -> Callable[[int], int]:
         return lambda length: self._splits(device, num_seqs, length)
