@@ -62,6 +62,14 @@ class GroupCoordinator:
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Every rank's picklable ``obj`` (rank order): for start-up agreements, not for a step's tensors."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[object] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.group)
+        return gathered
+
     def abort_step(self) -> None:
         """This rank failed the step: make the group's pending and next collectives raise
         :class:`~llmserve.distributed.shm_all_reduce.CollectiveAbortedError` on the other ranks. Only a

@@ -83,7 +83,7 @@ class ModelRunner:
         self.drafter = drafter
         every_layer = [m for m in model.modules() if isinstance(m, Attention)]   # KV-sharing layers too
         self.kv_cache_groups = kv_cache_groups_for(model.attention_layers(), every_layer + (
-            drafter.attention_layers() if drafter is not None else []), dtype, get_pp_group().world_size)
+            drafter.attention_layers() if drafter is not None else []), dtype, get_pp_group())
         self.input_batch = InputBatch(device, block_size, max_num_seqs, max_model_len or 2048, self.structured_output,
                                       self.kv_cache_groups.num_groups)
         self.num_blocks = 0
@@ -114,7 +114,7 @@ class ModelRunner:
         dtype, the baseline a quantised cache's capacity gain is measured against."""
         if layers is None:
             model_layers = self.model.attention_layers()
-            layers = [model_layers[i] for i in self.kv_cache_groups.layers[0]]
+            layers = [model_layers[i] for i in self.kv_cache_groups.tensor_layers()]
             if self.drafter is not None:
                 layers += self.drafter.attention_layers()
         if model_dtype:

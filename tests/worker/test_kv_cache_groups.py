@@ -44,6 +44,18 @@ def test_a_kinds_last_group_may_be_short():
     assert groups.windows == [4, 4, None] and groups.layers == [[0, 1], [2], [3, 4]] and groups.group_size == 2
 
 
+def test_a_pipeline_stage_binds_its_layers_of_the_whole_models_groups():
+    """Gemma 3's 12 layers over two stages of 6: the groups are the whole model's; each stage's layers of a group
+    share its tensors from 0 on, and a group may have no layer on a stage."""
+    groups = form_kv_cache_groups(([16] * 5 + [None]) * 2)
+    first, second = (dataclasses.replace(groups, stage=range(start, start + 6)) for start in (0, 6))
+    assert first.stage_groups() == [[0, 1], [2, 3], [4], [], [], [5]]
+    assert (first.group_size, first.tensor_layers()) == (2, [0, 1])
+    assert second.stage_groups() == [[], [], [0], [1, 2], [3, 4], [5]]
+    assert (second.group_size, second.tensor_layers()) == (2, [0, 2])
+    assert groups.stage_groups() == groups.layers
+
+
 def test_one_group_slides_only_if_every_layer_does():
     assert one_group(3, [4, 8, 8]).windows == [8]
     assert one_group(3, [4, None, 8]).windows == [None]
@@ -75,6 +87,9 @@ def three_groups_step() -> tuple[BatchLayout, np.ndarray, np.ndarray]:
     return layout, tables, slots
 
 
+UNCOMPARED = ("backend", "layout", "shapes", "_decodes", "_prefills", "choose_splits", "_window_splits")
+
+
 def assert_same_values(actual, expected, path="metadata"):
     """Every field of two metadata (dataclasses, lists, tensors, arrays) equal, skipping the caches and the backend."""
     if isinstance(expected, torch.Tensor):
@@ -83,7 +98,7 @@ def assert_same_values(actual, expected, path="metadata"):
         assert np.array_equal(actual, expected), path
     elif dataclasses.is_dataclass(expected):
         for f in dataclasses.fields(expected):
-            if f.name not in ("backend", "layout", "shapes", "_decodes", "_prefills", "choose_splits", "_window_splits"):
+            if f.name not in UNCOMPARED:
                 assert_same_values(getattr(actual, f.name), getattr(expected, f.name), f"{path}.{f.name}")
     elif isinstance(expected, list):
         assert len(actual) == len(expected), path
