@@ -26,18 +26,18 @@ from tests.engine.test_pooling import assert_matches_hf as assert_pooled_like_hf
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # The Llama-shaped families in every layout; the others (whose blocks shard through the same layers) in one each:
 # Gemma 2 at TP=2 (3 query heads and 1 KV head per rank, a sliding window, soft-caps), Gemma 4 at TP=2 (its one
-# global KV head on both ranks, layers sharing K/V, per-layer inputs; it refuses PP), GPT-2 at TP=2 x PP=2
-# (fused c_attn and Conv1D weights sharded, learned positions on the first stage only), Command-R at TP=2
-# (per-head q/k LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2
-# (Cohere2's four KV-cache groups formed across the stages), BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi
-# slopes, the embedding LayerNorm on the first stage), Falcon's new architecture at TP=2 (one of the 2 KV groups
-# per rank), Falcon-RW at TP=2 (ALiBi, sequential blocks) and the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per sequence and partial rotary on each rank's heads),
-# the MoE families (every expert split over the intermediate dimension, one all-reduce): Mixtral and Qwen2-MoE
-# (its shared expert and dense middle layer sharded too) at TP=2, Qwen3-MoE at TP=2 x PP=2 (its dense layer on
-# the first stage, its sparse one on the second), DeepSeek-V3 at PP=2 (three layers: the dense one and a sparse one
-# on the first stage, a sparse one on the second), and DeepSeek-V2-Lite at TP=2 (2 of the 4 MLA
-# heads per rank over the latent every rank caches whole; each rank its slice of every expert's and the shared
-# experts' intermediate rows).
+# global KV head on both ranks, layers sharing K/V, per-layer inputs; it refuses PP), GPT-2 at TP=2 x PP=2 (fused
+# c_attn and Conv1D weights sharded, learned positions on the first stage only), Command-R at TP=2 (per-head q/k
+# LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2 (Cohere2's four
+# KV-cache groups formed across the stages), BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi slopes, the
+# embedding LayerNorm on the first stage), Falcon's new architecture at TP=2 (one of the 2 KV groups per rank),
+# Falcon-RW at TP=2 (ALiBi, sequential blocks) and the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per
+# sequence and partial rotary on each rank's heads), the MoE families (every expert split over the intermediate
+# dimension, one all-reduce): Mixtral and Qwen2-MoE (its shared expert and dense middle layer sharded too) at
+# TP=2, Qwen3-MoE at TP=2 x PP=2 (its dense layer on the first stage, its sparse one on the second), DeepSeek-V3
+# at PP=2 (three layers: the dense one and a sparse one on the first stage, a sparse one on the second), and
+# DeepSeek-V2-Lite at TP=2 (2 of the 4 MLA heads per rank over the latent every rank caches whole; each rank its
+# slice of every expert's and the shared experts' intermediate rows).
 # Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
 LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 OTHER_FAMILIES = [("gemma2", 2, 1), ("gemma4", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2),
