@@ -25,6 +25,7 @@ request asked for).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -101,7 +102,7 @@ class ModelRunner:
     @property
     def use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.enforce_eager and self.drafter is None
-                and self.kv_cache_groups.num_groups == 1 and getattr(self.backend, "supports_cuda_graphs", False))
+                and getattr(self.backend, "supports_cuda_graphs", False))
 
     def kv_layers(self) -> list[Attention]:
         """Every attention layer holding K/V in the pool: the model's, then the draft model's."""
@@ -132,7 +133,7 @@ class ModelRunner:
         self._calibrate_kv = [a for a in self.kv_layers() if a.needs_kv_calibration()]
         if self.use_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.backend, self.block_size, self.max_num_seqs,
-                                       self.max_seq_len_to_capture, self.device)
+                                       self.max_seq_len_to_capture, self.device, self.kv_cache_groups.num_groups)
             self.graphs.capture()
 
     def _bind_cache(self, num_blocks: int) -> None:
@@ -241,7 +242,9 @@ class ModelRunner:
         pp = get_pp_group()
         if (self.graphs is not None and not prompt_rows and not step.pool_rows and pp.world_size == 1
                 and (self.lora_manager is None or not self.lora_manager.active) and self.graphs.can_run(layout)):
-            hidden = self.graphs.run(layout, step.input_ids, step.positions, step.rotary_lengths)
+            layouts = [layout, *(dataclasses.replace(layout, block_tables=tables, slot_mapping=torch.from_numpy(slots))
+                                 for tables, slots in zip(step.block_tables[1:], step.slot_mapping[1:]))]
+            hidden = self.graphs.run(layouts, step.input_ids, step.positions, step.rotary_lengths)
         else:
             layout.slot_mapping = layout.slot_mapping.to(self.device)
             metadata = group_metadata(self.backend, layout, step.block_tables, step.slot_mapping, self.device)

@@ -211,6 +211,17 @@ class AttentionBackend(ABC):
         """Write a decode-only step into buffers from :meth:`graph_decode_metadata`, in place."""
         raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
 
+    def graph_metadata_for_group(self, static: object) -> object:
+        """Static buffers of another KV-cache group for the graph that reads ``static`` (from
+        :meth:`graph_decode_metadata`): block tables and slots of its own, the lengths shared."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
+
+    def fill_graph_group_metadata(self, static: object, layout: BatchLayout) -> None:
+        """Write another group's block tables and slots (``layout``: the step with that group's) into buffers
+        from :meth:`graph_metadata_for_group`, in place; the shared lengths are written by
+        :meth:`fill_graph_decode_metadata`."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
+
 
 ATTENTION_BACKEND_ENV = "LLMSERVE_ATTENTION_BACKEND"
 
