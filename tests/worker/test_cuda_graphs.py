@@ -159,7 +159,8 @@ def test_cuda_graph_capture_and_replay_match_eager(checkpoint_dir, family):
     from llmserve import LLM
 
     prompts = ["Hello world, this is", "The quick brown fox jumps", "A"]
-    llm = LLM(str(checkpoint_dir(family)), kv_cache_memory_bytes="64MiB", max_model_len=64, device="cuda", dtype="float32")
+    llm = LLM(str(checkpoint_dir(family)), kv_cache_memory_bytes="64MiB", max_model_len=64, device="cuda",
+              dtype="float32")
     runner = llm.engine.runner
     assert runner.graphs is not None and runner.graphs.sizes[0] == 1
     with_graphs = _generate(llm, prompts, 12)[0]
