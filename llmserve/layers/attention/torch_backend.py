@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from llmserve.layers.attention.alibi import alibi_slopes_tensor
-from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
+from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout, padded_block_tables
 from llmserve.quantization.kv_cache import dequantize_kv, format_of, quantize_kv
 
 
@@ -67,10 +67,8 @@ class DecodeGroup:
 
     def with_tables(self, tables: np.ndarray, device: torch.device) -> DecodeGroup:
         """These rows gathering from ``tables`` (a group's block tables of the step's decodes), padded with 0."""
-        width = int(self.num_blocks.max())
-        columns = self.first_block[:, None] + np.arange(width)
-        rows = tables[self.row_ids[:, None], np.minimum(columns, tables.shape[1] - 1)]
-        padded = np.where(np.arange(width) < self.num_blocks[:, None], rows, 0)
+        padded = padded_block_tables([tables[row, first:first + count] for row, first, count
+                                      in zip(self.row_ids, self.first_block, self.num_blocks)])
         return dataclasses.replace(self, block_tables=torch.from_numpy(padded).to(device=device, dtype=torch.long))
 
 
