@@ -59,9 +59,9 @@ class DecodeGroup:
     rows: torch.Tensor | None   # their indices among the step's decodes; None: all decodes, in order
     bias: torch.Tensor          # [B, 1, 1, max_blocks * block_size]: 0 or -inf (padding, outside the window)
     query_keys: torch.Tensor    # [B]: where each row's own token lies among its gathered keys (for ALiBi)
-    row_ids: np.ndarray         # [B]: ``rows`` on the host
-    first_block: np.ndarray     # [B]: each row's first block gathered (its window's)
-    num_blocks: np.ndarray      # [B]: blocks each row gathers from there
+    row_ids: list[int]          # ``rows`` on the host
+    first_block: list[int]      # each row's first block gathered (its window's)
+    num_blocks: list[int]       # blocks each row gathers from there
     # [B, max_blocks]: None in the length-derived piece every KV-cache group shares, set in each group's.
     block_tables: torch.Tensor | None = None
 
@@ -342,7 +342,7 @@ class TorchAttentionBackend(AttentionBackend):
         bias = torch.zeros(len(rows), 1, 1, max_blocks * bs, dtype=self.dtype, device=device)
         bias.masked_fill_(outside.view(len(rows), 1, 1, -1), float("-inf"))
         return DecodeGroup(None if in_order else torch.tensor(rows, dtype=torch.long, device=device), bias, ends - 1,
-                           np.asarray(rows), np.asarray(first), np.asarray(blocks))
+                           rows, first, blocks)
 
     def _decode_tables(self, shape: list[DecodeGroup], layout: BatchLayout, device: torch.device) -> list[DecodeGroup]:
         """The decode groups of ``shape`` reading ``layout``'s block tables."""
