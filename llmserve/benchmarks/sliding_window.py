@@ -37,10 +37,11 @@ def with_window(model: str, window: int, into: Path) -> str:
 
 
 def run(model: str, num_requests: int, prompt_len: int, output_len: int, block_size: int,
-        kv_cache_memory_bytes: str, max_num_batched_tokens: int, seed: int = 0) -> dict[str, Any]:
+        kv_cache_memory_bytes: str, max_num_batched_tokens: int, seed: int = 0,
+        pipeline_parallel_size: int = 1) -> dict[str, Any]:
     llm = LLM(model, block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
               max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=False,
-              max_model_len=prompt_len + output_len)
+              max_model_len=prompt_len + output_len, pipeline_parallel_size=pipeline_parallel_size)
     engine = llm.engine
     vocab = engine.vocab_size
     rng = random.Random(seed)
@@ -79,11 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory-bytes", default="1MiB")
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1,
+                        help="pipeline stages (one worker process each; the cache bytes are per rank)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = with_window(args.model, args.window, Path(tmp)) if args.window else args.model
         print(json.dumps(run(model, args.num_requests, args.prompt_len, args.output_len, args.block_size,
-                             args.kv_cache_memory_bytes, args.max_num_batched_tokens)))
+                             args.kv_cache_memory_bytes, args.max_num_batched_tokens,
+                             pipeline_parallel_size=args.pipeline_parallel_size)))
 
 
 if __name__ == "__main__":

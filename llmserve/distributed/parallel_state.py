@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from llmserve.distributed.shm_all_reduce import ShmCommunicator
+from llmserve.distributed.shm_all_reduce import ShmCommunicator, all_gather_json
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,12 @@ class GroupCoordinator:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
+
+    def all_gather_json(self, value: object) -> list:
+        """Every rank's JSON-able ``value`` (rank order): for start-up agreements (nothing is pickled)."""
+        if self.world_size == 1:
+            return [value]
+        return all_gather_json(value, self.group, self.world_size)
 
     def abort_step(self) -> None:
         """This rank failed the step: make the group's pending and next collectives raise

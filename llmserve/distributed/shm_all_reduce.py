@@ -109,7 +109,7 @@ def _header_bytes(world_size: int) -> int:
     return -(-(world_size + 1) * _LINE // _PAGE) * _PAGE
 
 
-def _all_gather_json(value: object, group: object, world_size: int) -> list:
+def all_gather_json(value: object, group: object, world_size: int) -> list:
     """Every rank's ``value`` (JSON-able), as uint8 tensors: torch.distributed's ``all_gather_object``
     would pickle over the group's sockets, and nothing llmserve reads from a socket is unpickled."""
     data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
@@ -181,7 +181,7 @@ class ShmCommunicator:
         if world_size < 2:
             return None
         me = (socket.gethostname(), _boot_id(), _supported_here(), os.getpid())
-        infos = _all_gather_json(me, group, world_size)
+        infos = all_gather_json(me, group, world_size)
         if not all(info[2] for info in infos) or len({(info[0], info[1]) for info in infos}) != 1:
             return None
         header = _header_bytes(world_size)
@@ -204,7 +204,7 @@ class ShmCommunicator:
             if mm is not None and slot_bytes < max_bytes:
                 logger.info("shared-memory all-reduce: %s is small, tensors up to %d KiB only",
                             SHM_DIR, slot_bytes >> 10)
-        names = _all_gather_json((name, slot_bytes), group, world_size)
+        names = all_gather_json((name, slot_bytes), group, world_size)
         name, slot_bytes = names[0]
         size = header + 2 * world_size * slot_bytes
         if rank != 0 and name:
@@ -214,7 +214,7 @@ class ShmCommunicator:
                 error = f"cannot open {name} in {SHM_DIR}: {exc}"
         errors: list = []
         try:
-            errors = _all_gather_json(error, group, world_size)   # every rank has it open, or has failed
+            errors = all_gather_json(error, group, world_size)   # every rank has it open, or has failed
         finally:
             if path is not None:
                 path.unlink(missing_ok=True)   # the mappings stay valid; nothing is left behind

@@ -14,7 +14,6 @@ from typing import Any
 from llmserve.config import EngineConfig
 from llmserve.distributed.shm_all_reduce import CollectiveAbortedError
 from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, decode
-from llmserve.layers.attention.backend import widest_window
 
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 EXECUTE_TIMEOUT_ENV = "LLMSERVE_EXECUTE_MODEL_TIMEOUT_SECONDS"
@@ -92,11 +91,10 @@ class MultiRankExecutor(Executor):
 
     def kv_cache_group_windows(self) -> list[int | None]:
         reported = self._control("kv_cache_group_windows")
-        if all(windows == reported[0] for windows in reported):
-            return reported[0]
-        # Pipeline stages form one group each (their layers differ): the window that covers every stage's.
-        assert all(len(windows) == 1 for windows in reported), f"ranks disagree on KV-cache groups: {reported}"
-        return [widest_window([windows[0] for windows in reported])]
+        # Pipeline stages form their groups from every stage's layers: all ranks agree.
+        if any(windows != reported[0] for windows in reported):
+            raise RuntimeError(f"the ranks disagree on the KV-cache groups' windows: {reported}")
+        return reported[0]
 
     def initialize_cache(self, num_blocks: int) -> None:
         self._control("initialize_cache", num_blocks)

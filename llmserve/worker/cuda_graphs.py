@@ -7,6 +7,9 @@ backend's static metadata: block tables, lengths, slot mapping). A step of ``n``
 captured size ``>= n``; the padded rows get slot -1 (their K/V are not stored) and length 0 (their
 attention output is zero), and their hidden states are dropped.
 
+A model with several KV-cache groups (:mod:`llmserve.worker.kv_cache_groups`) captures one set of static
+block tables and slots per group (the lengths are shared); each replay writes every group's.
+
 Captured graphs read block tables up to ``max_seq_len_to_capture`` tokens wide; steps with a longer
 context, larger batches, prefill chunks, or ``enforce_eager`` run eagerly. Logits and sampling run
 outside the graph (their shapes and work depend on the requests' sampling parameters).
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llmserve.layers.attention.backend import AttentionBackend, BatchLayout
+from llmserve.layers.attention.backend import AttentionBackend, BatchLayout, KVCacheGroupMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +67,14 @@ class _Graph:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, backend: AttentionBackend, block_size: int, max_num_seqs: int,
-                 max_seq_len_to_capture: int, device: torch.device) -> None:
+                 max_seq_len_to_capture: int, device: torch.device, num_kv_cache_groups: int = 1) -> None:
         if not getattr(backend, "supports_cuda_graphs", False):
             raise ValueError(f"the {backend.name} attention backend cannot be captured in a CUDA graph")
         self.model = model
         self.backend = backend
         self.block_size = block_size
         self.device = device
+        self.num_kv_cache_groups = num_kv_cache_groups
         self.sizes = capture_batch_sizes(max_num_seqs)
         self.max_seq_len = max_seq_len_to_capture
         self.max_blocks = -(-max_seq_len_to_capture // block_size)
@@ -87,11 +91,18 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
-            metadata = self.backend.graph_decode_metadata(size, self.max_blocks, self.max_seq_len, self.device)
-            self.graphs[size] = self._capture_one(size, metadata, pool)
+            self.graphs[size] = self._capture_one(size, self.static_metadata(size), pool)
         torch.cuda.synchronize(self.device)
         logger.info("Captured CUDA graphs for %d decode batch sizes (1..%d, contexts up to %d tokens) in %.1f s",
                     len(self.sizes), self.sizes[-1], self.max_seq_len, time.perf_counter() - t0)
+
+    def static_metadata(self, size: int) -> object:
+        """The static metadata buffers the graph of ``size`` rows reads: one per KV-cache group, when several."""
+        metadata = self.backend.graph_decode_metadata(size, self.max_blocks, self.max_seq_len, self.device)
+        if self.num_kv_cache_groups == 1:
+            return metadata
+        return KVCacheGroupMetadata([metadata, *(self.backend.graph_metadata_for_group(metadata)
+                                                 for _ in range(self.num_kv_cache_groups - 1))])
 
     def _capture_one(self, size: int, metadata: object, pool: object) -> _Graph:
         ids, pos, lengths = self.input_ids[:size], self.positions[:size], self.rotary_lengths[:size]
@@ -109,9 +120,10 @@ class DecodeGraphs:
         return (n > 0 and layout.num_decodes == n and n <= self.sizes[-1]
                 and max(layout.context_lens) + 1 <= self.max_seq_len)
 
-    def run(self, layout: BatchLayout, input_ids: np.ndarray, positions: np.ndarray,
+    def run(self, layouts: list[BatchLayout], input_ids: np.ndarray, positions: np.ndarray,
             rotary_lengths: np.ndarray) -> torch.Tensor:
-        """Replay the graph for this step (``layout.slot_mapping`` on the CPU); returns hidden [n, hidden]."""
+        """Replay the graph for this step (``layouts``: one per KV-cache group, the same rows with the group's block
+        tables and slots, the slots on the CPU); returns hidden [n, hidden]."""
         n = len(input_ids)
         size = padded_batch_size(n, self.sizes)
         entry = self.graphs[size]
@@ -124,6 +136,11 @@ class DecodeGraphs:
         self.input_ids[:size].copy_(torch.from_numpy(ids), non_blocking=True)
         self.positions[:size].copy_(torch.from_numpy(pos), non_blocking=True)
         self.rotary_lengths[:size].copy_(torch.from_numpy(lengths), non_blocking=True)
-        self.backend.fill_graph_decode_metadata(entry.metadata, layout)
+        if self.num_kv_cache_groups == 1:
+            self.backend.fill_graph_decode_metadata(entry.metadata, layouts[0])
+        else:
+            self.backend.fill_graph_decode_metadata(entry.metadata[0], layouts[0])
+            for static, layout in zip(entry.metadata[1:], layouts[1:]):
+                self.backend.fill_graph_group_metadata(static, layout)
         entry.graph.replay()
         return entry.output[:n]

@@ -25,6 +25,7 @@ request asked for).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -81,8 +82,7 @@ class ModelRunner:
         self.structured_output = (None if load_grammar_compiler is None
                                   else StructuredOutputManager(load_grammar_compiler, max_num_seqs))
         self.drafter = drafter
-        self.kv_cache_groups = kv_cache_groups_for(self.kv_layers(), self._every_layer(with_draft=True),
-                                                   get_pp_group().world_size)
+        self.kv_cache_groups = kv_cache_groups_for(self.kv_layers(), get_pp_group())
         self.kv_buffers: list[torch.Tensor] = []   # the pool's byte buffers, each once (bind_kv_caches)
         self.input_batch = InputBatch(device, block_size, max_num_seqs, max_model_len or 2048, self.structured_output,
                                       self.kv_cache_groups.num_groups)
@@ -101,17 +101,12 @@ class ModelRunner:
     @property
     def use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.enforce_eager and self.drafter is None
-                and self.kv_cache_groups.num_groups == 1 and getattr(self.backend, "supports_cuda_graphs", False))
+                and getattr(self.backend, "supports_cuda_graphs", False))
 
     def kv_layers(self) -> list[Attention]:
         """Every attention layer holding K/V in the pool: the model's, then the draft model's."""
         layers = self.model.attention_layers()
         return layers if self.drafter is None else [*layers, *self.drafter.attention_layers()]
-
-    def _every_layer(self, with_draft: bool) -> list[Attention]:
-        """Every attention layer reading the pool, layers sharing another's K/V included."""
-        models = [self.model] + ([self.drafter.model] if with_draft and self.drafter is not None else [])
-        return [m for model in models for m in model.modules() if isinstance(m, Attention)]
 
     def kv_cache_bytes_per_block(self, model_dtype: bool = False, with_draft: bool = True) -> int:
         """Bytes a block takes in the pool: the padded page of every cache tensor the KV-cache groups share
@@ -121,7 +116,7 @@ class ModelRunner:
         layers, groups = self.kv_layers(), self.kv_cache_groups
         if not with_draft and self.drafter is not None:
             layers = self.model.attention_layers()
-            groups = kv_cache_groups_for(layers, self._every_layer(with_draft=False), get_pp_group().world_size)
+            groups = kv_cache_groups_for(layers, get_pp_group())
         return sum(p.block_bytes for p in shared_pages(layers, groups, self.block_size, self.dtype, model_dtype))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -133,7 +128,7 @@ class ModelRunner:
         self._calibrate_kv = [a for a in self.kv_layers() if a.needs_kv_calibration()]
         if self.use_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.backend, self.block_size, self.max_num_seqs,
-                                       self.max_seq_len_to_capture, self.device)
+                                       self.max_seq_len_to_capture, self.device, self.kv_cache_groups.num_groups)
             self.graphs.capture()
 
     def _bind_cache(self, num_blocks: int) -> None:
@@ -242,7 +237,9 @@ class ModelRunner:
         pp = get_pp_group()
         if (self.graphs is not None and not prompt_rows and not step.pool_rows and pp.world_size == 1
                 and (self.lora_manager is None or not self.lora_manager.active) and self.graphs.can_run(layout)):
-            hidden = self.graphs.run(layout, step.input_ids, step.positions, step.rotary_lengths)
+            layouts = [layout, *(dataclasses.replace(layout, block_tables=tables, slot_mapping=torch.from_numpy(slots))
+                                 for tables, slots in zip(step.block_tables[1:], step.slot_mapping[1:]))]
+            hidden = self.graphs.run(layouts, step.input_ids, step.positions, step.rotary_lengths)
         else:
             layout.slot_mapping = layout.slot_mapping.to(self.device)
             metadata = group_metadata(self.backend, layout, step.block_tables, step.slot_mapping, self.device)

@@ -131,8 +131,8 @@ class Worker:
         return self.runner.kv_cache_bytes_per_block()
 
     def kv_cache_group_windows(self) -> list[int | None]:
-        """Each KV-cache group's window on this rank (None: full attention; see
-        :mod:`llmserve.worker.kv_cache_groups`): the block manager keeps a block table per group."""
+        """Each KV-cache group's window (None: full attention; see :mod:`llmserve.worker.kv_cache_groups`), the same
+        on every rank (pipeline stages form the whole model's groups): the block manager keeps a table per group."""
         assert self.runner is not None
         return self.runner.kv_cache_groups.windows
 

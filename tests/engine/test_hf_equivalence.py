@@ -78,16 +78,15 @@ def assert_prefix_cache_repeats(llm: LLM, outputs: list) -> None:
     assert again[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids[:8]
 
 
-def preempting_blocks(family: str, kv_cache_groups: bool = True) -> int:
+def preempting_blocks(family: str) -> int:
     """Blocks of 4 tokens (in every layer) too few for the five :data:`PROMPTS` generating 24 tokens each in
     7-token steps, so that some are preempted. Phi-3 slides a 10-token window on every layer: its sequences hold
     only the window's blocks (the older ones are freed), so it needs a smaller cache than the others. Gemma 3,
     Cohere2 and Gemma 4 form KV-cache groups of one layer (the same bytes hold 6x, 4x and 3.75x the blocks: Gemma
-    4's pages are its sliding layers', the largest) whose sliding groups free theirs: smaller caches too, unless
-    the engine forms one group (``kv_cache_groups`` False: pipeline stages)."""
+    4's pages are its sliding layers', the largest) whose sliding groups free theirs: smaller caches too."""
     if family == "phi3":
         return 14
-    return {"gemma3": 8, "cohere2": 10, "gemma4": 12}.get(family, 24) if kv_cache_groups else 24
+    return {"gemma3": 8, "cohere2": 10, "gemma4": 12}.get(family, 24)
 
 
 def kv_cache_layer_types(cfg) -> list[str]:

@@ -6,7 +6,7 @@ a prefix hit is the longest prefix every group can serve (a full group: its cach
 sliding group: those from the window of the first uncomputed token on). Gemma 2 (alternating), Gemma 3
 (5 local : 1 global), Cohere2 (3 : 1) and Qwen2 with ``max_window_layers`` then run with their sliding
 layers' blocks freed, and their greedy output equals transformers' under chunked prefill, preemption and
-prefix-cache hits.
+prefix-cache hits, also split into pipeline stages (which form the groups of the whole model).
 """
 
 from __future__ import annotations
@@ -150,38 +150,46 @@ def test_random_steps_keep_every_groups_invariants(num_blocks, block_size, windo
 
 
 # ---------------------------------------------------------------------------------------------- the engine
-@pytest.mark.parametrize("family,groups,pool", [("gemma2", [10, None], 12), ("gemma3", [10] * 5 + [None], 8),
-                                                ("cohere2", [10, 10, 10, None], 10),
-                                                ("gemma4", [10, 10, 10, None], 10)])
-def test_mixed_models_match_hf_with_their_sliding_blocks_freed(checkpoint_dir, family, groups, pool):
+@pytest.mark.parametrize("family,groups,pool,pp", [
+    ("gemma2", [10, None], 12, 1), ("gemma3", [10] * 5 + [None], 8, 1), ("cohere2", [10, 10, 10, None], 10, 1),
+    ("gemma4", [10, 10, 10, None], 10, 1), ("gemma2", [10, None], 12, 2)],
+    ids=["gemma2", "gemma3", "cohere2", "gemma4", "gemma2-pp2"])
+def test_mixed_models_match_hf_with_their_sliding_blocks_freed(checkpoint_dir, family, groups, pool, pp):
     """Prompts past the window, generating 4x past it, 8-token chunks, every prompt twice (prefix hits), in a
     pool of ``pool`` blocks' worth of every layer: small enough that sequences are preempted. Each sliding
     group holds at most the window of a chunk's first token and the chunk; the full group every block. Gemma 4's
     four cache-holding layers (three sliding with 2 KV heads of 16, one full with 1 of 24) form groups of one
-    layer over one padded tensor, and its two layers sharing K/V read their sources' groups."""
+    layer over one padded tensor, and its two layers sharing K/V read their sources' groups. Split into ``pp``
+    pipeline stages (Gemma 2's sliding layer on one, its full layer on the other), the stages form the same
+    groups as the whole model and each holds its layers' share of every block."""
     path = checkpoint_dir(family)
-    llm = LLM(str(path), block_size=BS, max_num_batched_tokens=8,
+    llm = LLM(str(path), block_size=BS, max_num_batched_tokens=8, pipeline_parallel_size=pp,
               kv_cache_memory_bytes=pool * llm_block_bytes(path, BS))
-    engine = llm.engine
-    assert engine.block_manager.group_windows == groups
-    prompts = [LONG_PROMPT, LONG_PROMPT[:13], LONG_PROMPT, LONG_PROMPT[:13]]
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=0)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        for seq in engine.scheduler.running.values():
-            for g, window in enumerate(groups):
-                if window is None:
-                    assert len(live(seq, g)) == len(seq.block_tables[g])
-                else:
-                    assert len(live(seq, g)) <= -(-(window - 1 + 8) // BS) + 1
-    assert engine.scheduler.num_preemptions > 0 and engine.block_manager.prefix_hit_tokens > 0
-    assert_matches_hf(path, [done[str(i)] for i in range(len(prompts))], max_tokens=40)
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    try:
+        engine = llm.engine
+        assert engine.block_manager.group_windows == groups
+        prompts = [LONG_PROMPT, LONG_PROMPT[:13], LONG_PROMPT, LONG_PROMPT[:13]]
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=0)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+        done = {}
+        released = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+            for seq in engine.scheduler.running.values():
+                for g, window in enumerate(groups):
+                    if window is None:
+                        assert len(live(seq, g)) == len(seq.block_tables[g])
+                    else:
+                        assert len(live(seq, g)) <= -(-(window - 1 + 8) // BS) + 1
+                released = max(released, *seq.num_released)
+        assert released > 0 and engine.scheduler.num_preemptions > 0 and engine.block_manager.prefix_hit_tokens > 0
+        assert_matches_hf(path, [done[str(i)] for i in range(len(prompts))], max_tokens=40)
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    finally:
+        llm.shutdown()
 
 
 def test_qwen2_slides_from_max_window_layers_on(checkpoint_dir, tmp_path):

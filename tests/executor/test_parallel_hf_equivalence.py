@@ -17,6 +17,7 @@ from tests.engine.test_hf_equivalence import (
     PROMPTS,
     assert_matches_hf,
     assert_prefix_cache_repeats,
+    kv_cache_group_size,
     llm_block_bytes,
     pool_block_bytes,
     preempting_blocks,
@@ -26,18 +27,18 @@ from tests.engine.test_pooling import assert_matches_hf as assert_pooled_like_hf
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # The Llama-shaped families in every layout; the others (whose blocks shard through the same layers) in one each:
 # Gemma 2 at TP=2 (3 query heads and 1 KV head per rank, a sliding window, soft-caps), Gemma 4 at TP=2 (its one
-# global KV head on both ranks, layers sharing K/V, per-layer inputs; it refuses PP), GPT-2 at TP=2 x PP=2
-# (fused c_attn and Conv1D weights sharded, learned positions on the first stage only), Command-R at TP=2
-# (per-head q/k LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2,
-# BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi slopes, the embedding LayerNorm on the first stage), Falcon's
-# new architecture at TP=2 (one of the 2 KV groups per rank), Falcon-RW at TP=2 (ALiBi, sequential blocks) and
-# the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per sequence and partial rotary on each rank's heads),
-# the MoE families (every expert split over the intermediate dimension, one all-reduce): Mixtral and Qwen2-MoE
-# (its shared expert and dense middle layer sharded too) at TP=2, Qwen3-MoE at TP=2 x PP=2 (its dense layer on
-# the first stage, its sparse one on the second), DeepSeek-V3 at PP=2 (three layers: the dense one and a sparse one
-# on the first stage, a sparse one on the second), and DeepSeek-V2-Lite at TP=2 (2 of the 4 MLA
-# heads per rank over the latent every rank caches whole; each rank its slice of every expert's and the shared
-# experts' intermediate rows).
+# global KV head on both ranks, layers sharing K/V, per-layer inputs; it refuses PP), GPT-2 at TP=2 x PP=2 (fused
+# c_attn and Conv1D weights sharded, learned positions on the first stage only), Command-R at TP=2 (per-head q/k
+# LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2 (Cohere2's four
+# KV-cache groups formed across the stages), BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi slopes, the
+# embedding LayerNorm on the first stage), Falcon's new architecture at TP=2 (one of the 2 KV groups per rank),
+# Falcon-RW at TP=2 (ALiBi, sequential blocks) and the Phi-4-mini-like checkpoint at TP=2 (LongRoPE switched per
+# sequence and partial rotary on each rank's heads), the MoE families (every expert split over the intermediate
+# dimension, one all-reduce): Mixtral and Qwen2-MoE (its shared expert and dense middle layer sharded too) at
+# TP=2, Qwen3-MoE at TP=2 x PP=2 (its dense layer on the first stage, its sparse one on the second), DeepSeek-V3
+# at PP=2 (three layers: the dense one and a sparse one on the first stage, a sparse one on the second), and
+# DeepSeek-V2-Lite at TP=2 (2 of the 4 MLA heads per rank over the latent every rank caches whole; each rank its
+# slice of every expert's and the shared experts' intermediate rows).
 # Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
 LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 OTHER_FAMILIES = [("gemma2", 2, 1), ("gemma4", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2),
@@ -52,16 +53,24 @@ def test_parallel_matches_hf_with_chunked_prefill_and_preemption(checkpoint_dir,
     """7-token steps split every longer prompt; 24 blocks of 4 tokens in every layer (14 for Phi-3, see
     ``preempting_blocks``) cannot hold all five sequences, so some are preempted and recomputed; each rank holds
     its share of every block (Gemma 2 at TP=2: its two KV-cache groups of one layer make them 48 blocks; Gemma 4's
-    groups of one layer share a page as large as its full layer's, whose one KV head every rank holds)."""
+    groups of one layer share a page as large as its full layer's, whose one KV head every rank holds). Pipeline
+    stages form the whole model's KV-cache groups (Cohere2 at PP=2: four groups of one layer, two on each stage), so
+    a block spans a group's layers on a stage: given the bytes for that, every layout has as many blocks."""
     path = checkpoint_dir(family)
-    layers = AutoConfig.from_pretrained(path).num_hidden_layers   # the largest stage holds ceil(layers / pp)
-    per_rank_block = llm_block_bytes(path, 4, tp) // layers * -(-layers // pp)
-    blocks = preempting_blocks(family, kv_cache_groups=pp == 1)
-    budget = blocks * per_rank_block
-    llm = LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, block_size=4,
-              max_num_batched_tokens=7, kv_cache_memory_bytes=budget)
-    try:   # pipeline stages form one group each
-        assert llm.engine.block_manager.num_blocks == (blocks if pp > 1 else budget // pool_block_bytes(path, 4, tp))
+    if pp == 1:
+        budget = preempting_blocks(family) * llm_block_bytes(path, 4, tp)
+        num_blocks = budget // pool_block_bytes(path, 4, tp)
+    else:
+        layers = AutoConfig.from_pretrained(path).num_hidden_layers
+        stage_layers = -(-layers // pp)   # on the largest stage
+        group_size = kv_cache_group_size(path)
+        num_blocks = preempting_blocks(family) * layers // (group_size or layers)
+        spanned = min(group_size or stage_layers, stage_layers)   # layers of one block on the largest stage
+        budget = num_blocks * spanned * (llm_block_bytes(path, 4, tp) // layers)
+    llm = LLM(str(path), tensor_parallel_size=tp, pipeline_parallel_size=pp, block_size=4, max_num_batched_tokens=7,
+              kv_cache_memory_bytes=budget)
+    try:
+        assert llm.engine.block_manager.num_blocks == num_blocks
         outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0))
         assert llm.engine.scheduler.num_preemptions > 0
         assert_matches_hf(path, outputs, max_tokens=24)

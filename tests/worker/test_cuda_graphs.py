@@ -57,7 +57,7 @@ class _EagerReplay:
 class EagerReplayGraphs(DecodeGraphs):
     def capture_without_cuda(self, hidden_size: int) -> None:
         for size in reversed(self.sizes):
-            metadata = self.backend.graph_decode_metadata(size, self.max_blocks, self.max_seq_len, self.device)
+            metadata = self.static_metadata(size)
             ids, pos, lengths = self.input_ids[:size], self.positions[:size], self.rotary_lengths[:size]
             output = torch.empty(size, hidden_size)
 
@@ -122,13 +122,45 @@ def test_graph_replay_path_matches_eager_and_torch_backend(llama_dir, monkeypatc
     assert graphs.graphs[1].graph.replays == _replays_expected(prompt_lens[2:3], max_tokens, max_seq_len)
 
 
+def test_graph_replay_writes_every_kv_cache_groups_blocks(checkpoint_dir, monkeypatch):
+    """Gemma 2's sliding and full layers read their own groups' block tables and slots from the graphs' static
+    buffers (the lengths shared): replayed decodes, two sequences past the 10-token window, equal the eager
+    PyTorch-backend run."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton, or the [test] extra)")
+    from llmserve import LLM
+    from llmserve.layers.attention.backend import KVCacheGroupMetadata
+
+    path = str(checkpoint_dir("gemma2"))
+    prompts = [{"prompt_token_ids": [(i * 37) % 200 + 5 for i in range(n)]} for n in (9, 14, 3)]
+    monkeypatch.setenv("LLMSERVE_ATTENTION_BACKEND", "torch")
+    expected = _generate(LLM(path, kv_cache_memory_bytes="4MiB", max_model_len=64, device="cpu"), prompts, 12)[0]
+    monkeypatch.setenv("LLMSERVE_ATTENTION_BACKEND", "triton")
+    llm = LLM(path, kv_cache_memory_bytes="4MiB", max_model_len=64, device="cpu", block_size=4)
+    runner = llm.engine.runner
+    assert runner.kv_cache_groups.num_groups == 2
+    graphs = EagerReplayGraphs(runner.model, runner.backend, runner.block_size, max_num_seqs=4,
+                               max_seq_len_to_capture=64, device=runner.device, num_kv_cache_groups=2)
+    graphs.capture_without_cuda(llm.engine.hf_config.hidden_size)
+    static = graphs.graphs[4].metadata
+    assert isinstance(static, KVCacheGroupMetadata) and static[1].decode_seq_lens is static[0].decode_seq_lens
+    assert static[1].decode_block_tables is not static[0].decode_block_tables
+    runner.graphs = graphs
+    assert _generate(llm, prompts, 12)[0] == expected
+    assert graphs.graphs[4].graph.replays == 11   # every decode step of the three (padded to 4)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
 @needs_cuda
-def test_cuda_graph_capture_and_replay_match_eager(llama_dir):
+@pytest.mark.parametrize("family", ["llama", "gemma2"])   # Gemma 2: a sliding and a full KV-cache group
+def test_cuda_graph_capture_and_replay_match_eager(checkpoint_dir, family):
     pytest.importorskip("triton")
     from llmserve import LLM
 
     prompts = ["Hello world, this is", "The quick brown fox jumps", "A"]
-    llm = LLM(str(llama_dir), kv_cache_memory_bytes="64MiB", max_model_len=64, device="cuda", dtype="float32")
+    llm = LLM(str(checkpoint_dir(family)), kv_cache_memory_bytes="64MiB", max_model_len=64, device="cuda",
+              dtype="float32")
     runner = llm.engine.runner
     assert runner.graphs is not None and runner.graphs.sizes[0] == 1
     with_graphs = _generate(llm, prompts, 12)[0]

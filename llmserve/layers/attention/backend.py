@@ -178,6 +178,13 @@ class AttentionBackend(ABC):
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> object:
         """Precompute per-step tensors shared by all layers."""
 
+    def metadata_for_group(self, metadata: object, block_tables: np.ndarray, slot_mapping: torch.Tensor) -> object:
+        """The step of ``metadata`` (from :meth:`build_metadata`) for another KV-cache group
+        (:mod:`llmserve.worker.kv_cache_groups`): the same rows with this group's ``block_tables`` and
+        ``slot_mapping`` (on the device). Only these differ between groups, so what the rows' lengths decide is
+        shared with ``metadata``, not built again."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support several KV-cache groups")
+
     # Whether it reads and writes quantised (int8 / float8) caches.
     supports_quantized_kv_cache: bool = False
 
@@ -204,6 +211,17 @@ class AttentionBackend(ABC):
 
     def fill_graph_decode_metadata(self, static: object, layout: BatchLayout) -> None:
         """Write a decode-only step into buffers from :meth:`graph_decode_metadata`, in place."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
+
+    def graph_metadata_for_group(self, static: object) -> object:
+        """Static buffers of another KV-cache group for the graph that reads ``static`` (from
+        :meth:`graph_decode_metadata`): block tables and slots of its own, the lengths shared."""
+        raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
+
+    def fill_graph_group_metadata(self, static: object, layout: BatchLayout) -> None:
+        """Write another group's block tables and slots (``layout``: the step with that group's) into buffers
+        from :meth:`graph_metadata_for_group`, in place; the shared lengths are written by
+        :meth:`fill_graph_decode_metadata`."""
         raise NotImplementedError(f"the {self.name} attention backend does not support CUDA graphs")
 
 

@@ -13,6 +13,7 @@ bfloat16 model's bfloat16 cache the same way.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +27,11 @@ from llmserve.layers.cpu_kernels import CPUKernels
 
 @dataclass
 class DecodeBatch:
-    block_tables: torch.Tensor   # int32 [num_decodes, max_blocks], rows padded with 0
     seq_lens: torch.Tensor       # int32 [num_decodes]: context + the new token
+    width: int                   # blocks of the longest decode
+    # int32 [num_decodes, width], rows padded with 0: None in the length-derived piece every KV-cache group
+    # shares, set in each group's.
+    block_tables: torch.Tensor | None = None
 
 
 class CPUAttentionBackend(TorchAttentionBackend):
@@ -38,12 +42,14 @@ class CPUAttentionBackend(TorchAttentionBackend):
         super().__init__(dtype)
         self.kernels = kernels
 
-    def _decode_metadata(self, layout: BatchLayout, device: torch.device, window: int | None) -> DecodeBatch:
-        nd = layout.num_decodes
-        seq_lens = np.asarray(layout.context_lens[:nd], dtype=np.int32) + 1
-        width = int(-(-seq_lens.max() // layout.block_size))
-        tables = np.ascontiguousarray(layout.block_tables[:nd, :width])   # rows past a sequence's blocks are 0
-        return DecodeBatch(torch.from_numpy(tables), torch.from_numpy(seq_lens))
+    def _decode_shape(self, layout: BatchLayout, device: torch.device, window: int | None) -> DecodeBatch:
+        seq_lens = np.asarray(layout.context_lens[:layout.num_decodes], dtype=np.int32) + 1
+        return DecodeBatch(torch.from_numpy(seq_lens), int(-(-seq_lens.max() // layout.block_size)))
+
+    def _decode_tables(self, shape: DecodeBatch, layout: BatchLayout, device: torch.device) -> DecodeBatch:
+        # columns past a sequence's blocks are 0
+        tables = np.ascontiguousarray(layout.block_tables[:layout.num_decodes, :shape.width])
+        return dataclasses.replace(shape, block_tables=torch.from_numpy(tables))
 
     def _attend_decodes(self, query: torch.Tensor, cache: KVCacheView, decodes: DecodeBatch, spec: AttentionSpec,
                         window: int | None, out: torch.Tensor) -> None:

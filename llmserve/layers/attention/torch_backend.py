@@ -18,6 +18,8 @@ query rows at a time (:func:`explicit_attention`); other layers keep the SDPA pa
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +39,17 @@ class PrefillChunk:
     query_start: int
     query_len: int
     context_len: int
-    block_table: torch.Tensor   # the blocks holding keys key_start .. context_len + query_len - 1
     mask: torch.Tensor | None   # [query_len, seq_len - key_start] bool (True = attend); None: plain causal
     key_start: int = 0          # position of the first key gathered (a block boundary; > 0 only with a window)
+    # The blocks holding keys key_start .. context_len + query_len - 1: None in the length-derived piece every
+    # KV-cache group shares, set in each group's (:meth:`with_table`).
+    block_table: torch.Tensor | None = None
+
+    def with_table(self, table: np.ndarray, block_size: int, device: torch.device) -> PrefillChunk:
+        """This chunk reading its keys from ``table`` (its row of a group's block tables)."""
+        end = -(-(self.context_len + self.query_len) // block_size)
+        blocks = torch.from_numpy(table[self.key_start // block_size:end]).to(device=device, dtype=torch.long)
+        return dataclasses.replace(self, block_table=blocks)
 
 
 @dataclass
@@ -47,15 +57,29 @@ class DecodeGroup:
     """Decodes of similar length attended in one padded call."""
 
     rows: torch.Tensor | None   # their indices among the step's decodes; None: all decodes, in order
-    block_tables: torch.Tensor  # [B, max_blocks]
     bias: torch.Tensor          # [B, 1, 1, max_blocks * block_size]: 0 or -inf (padding, outside the window)
     query_keys: torch.Tensor    # [B]: where each row's own token lies among its gathered keys (for ALiBi)
+    row_ids: list[int]          # ``rows`` on the host
+    first_block: list[int]      # each row's first block gathered (its window's)
+    num_blocks: list[int]       # blocks each row gathers from there
+    # [B, max_blocks]: None in the length-derived piece every KV-cache group shares, set in each group's.
+    block_tables: torch.Tensor | None = None
+
+    def with_tables(self, tables: np.ndarray, device: torch.device) -> DecodeGroup:
+        """These rows gathering from ``tables`` (a group's block tables of the step's decodes), padded with 0."""
+        padded = padded_block_tables([tables[row, first:first + count] for row, first, count
+                                      in zip(self.row_ids, self.first_block, self.num_blocks)])
+        return dataclasses.replace(self, block_tables=torch.from_numpy(padded).to(device=device, dtype=torch.long))
 
 
 @dataclass
 class TorchAttentionMetadata:
     """The step's batch; the decode groups and prefill chunks of each sliding window (None: full
-    attention) are built on first use by :meth:`decodes_for` / :meth:`prefills_for` and cached."""
+    attention) are built on first use by :meth:`decodes_for` / :meth:`prefills_for` and cached.
+
+    With several KV-cache groups each group has one (:meth:`for_group`): they share what the rows' lengths
+    decide (masks, which blocks each row reads, its padding), built once per step for a window in ``shapes``,
+    and each takes its own blocks from its block tables."""
 
     slot_mapping: torch.Tensor
     num_decodes: int
@@ -63,6 +87,7 @@ class TorchAttentionMetadata:
     device: torch.device
     backend: TorchAttentionBackend
     max_seq_len: int
+    shapes: dict[tuple[str, int | None], Any] = field(default_factory=dict)
     _decodes: dict[int | None, Any] = field(default_factory=dict)
     _prefills: dict[int | None, list[PrefillChunk]] = field(default_factory=dict)
 
@@ -70,16 +95,31 @@ class TorchAttentionMetadata:
         """``sliding_window``, or None where it covers every sequence of the step (full attention)."""
         return sliding_window if sliding_window is not None and sliding_window < self.max_seq_len else None
 
+    def for_group(self, block_tables: np.ndarray, slot_mapping: torch.Tensor) -> TorchAttentionMetadata:
+        """The same step for a KV-cache group with these block tables and slots (on the device)."""
+        layout = dataclasses.replace(self.layout, block_tables=block_tables, slot_mapping=slot_mapping)
+        return TorchAttentionMetadata(slot_mapping, self.num_decodes, layout, self.device, self.backend,
+                                      self.max_seq_len, self.shapes)
+
+    def _shape(self, kind: str, window: int | None, build: Callable[[], Any]) -> Any:
+        if (kind, window) not in self.shapes:
+            self.shapes[kind, window] = build()
+        return self.shapes[kind, window]
+
     def decodes_for(self, window: int | None) -> Any:
         """What ``_attend_decodes`` needs for this (normalised) window."""
         key = window if self.backend.decodes_depend_on_window else None
         if key not in self._decodes:
-            self._decodes[key] = self.backend._decode_metadata(self.layout, self.device, key)
+            shape = self._shape("decode", key, lambda: self.backend._decode_shape(self.layout, self.device, key))
+            self._decodes[key] = self.backend._decode_tables(shape, self.layout, self.device)
         return self._decodes[key]
 
     def prefills_for(self, window: int | None) -> list[PrefillChunk]:
         if window not in self._prefills:
-            self._prefills[window] = self.backend._prefill_metadata(self.layout, self.device, window)
+            layout, nd = self.layout, self.num_decodes
+            shape = self._shape("prefill", window, lambda: self.backend._prefill_shape(layout, self.device, window))
+            self._prefills[window] = [chunk.with_table(table, layout.block_size, self.device)
+                                      for chunk, table in zip(shape, layout.block_tables[nd:])]
         return self._prefills[window]
 
     @property
@@ -251,18 +291,20 @@ class TorchAttentionBackend(AttentionBackend):
         return TorchAttentionMetadata(layout.slot_mapping, layout.num_decodes, layout, device, self,
                                       max(layout.seq_lens, default=0))
 
-    def _prefill_metadata(self, layout: BatchLayout, device: torch.device,
-                          window: int | None) -> list[PrefillChunk]:
+    def metadata_for_group(self, metadata: TorchAttentionMetadata, block_tables: np.ndarray,
+                           slot_mapping: torch.Tensor) -> TorchAttentionMetadata:
+        return metadata.for_group(block_tables, slot_mapping)
+
+    def _prefill_shape(self, layout: BatchLayout, device: torch.device, window: int | None) -> list[PrefillChunk]:
+        """The prefill chunks as their lengths decide them (no block table yet)."""
         bs = layout.block_size
         nd = layout.num_decodes
         chunks = []
         start = nd
-        for q_len, ctx, table in zip(layout.query_lens[nd:], layout.context_lens[nd:], layout.block_tables[nd:]):
+        for q_len, ctx in zip(layout.query_lens[nd:], layout.context_lens[nd:]):
             seq_len = ctx + q_len
-            num_blocks = (seq_len + bs - 1) // bs
             # Keys before the first query's window are never seen: gather from that block on.
-            first_block = 0 if ctx == 0 else window_start(ctx, window) // bs
-            key_start = first_block * bs
+            key_start = 0 if ctx == 0 else window_start(ctx, window) // bs * bs
             mask = None
             if ctx or (window is not None and window < q_len):
                 q_pos = torch.arange(ctx, seq_len, device=device)[:, None]
@@ -270,12 +312,12 @@ class TorchAttentionBackend(AttentionBackend):
                 mask = k_pos <= q_pos
                 if window is not None:
                     mask &= k_pos > q_pos - window
-            blocks = torch.from_numpy(table[first_block:num_blocks]).to(device=device, dtype=torch.long)
-            chunks.append(PrefillChunk(start, q_len, ctx, blocks, mask, key_start))
+            chunks.append(PrefillChunk(start, q_len, ctx, mask, key_start))
             start += q_len
         return chunks
 
-    def _decode_metadata(self, layout: BatchLayout, device: torch.device, window: int | None) -> list[DecodeGroup]:
+    def _decode_shape(self, layout: BatchLayout, device: torch.device, window: int | None) -> list[DecodeGroup]:
+        """The decode groups as the rows' lengths decide them (no block tables yet)."""
         bs = layout.block_size
         nd = layout.num_decodes
         seq_lens = [c + 1 for c in layout.context_lens[:nd]]
@@ -285,16 +327,15 @@ class TorchAttentionBackend(AttentionBackend):
         blocks = [(n + bs - 1) // bs - f for n, f in zip(seq_lens, first)]
         lo = [window_start(n - 1, window) - f * bs for n, f in zip(seq_lens, first)]
         hi = [n - f * bs for n, f in zip(seq_lens, first)]
-        tables = [t[f:f + b] for t, f, b in zip(layout.block_tables[:nd], first, blocks)]
         partition = group_decodes_by_length(blocks)
-        return [self._decode_group(rows, [lo[i] for i in rows], [hi[i] for i in rows], [tables[i] for i in rows],
-                                   bs, device, in_order=len(partition) == 1 and rows == sorted(rows))
+        return [self._decode_group(rows, [lo[i] for i in rows], [hi[i] for i in rows], [first[i] for i in rows],
+                                   [blocks[i] for i in rows], bs, device,
+                                   in_order=len(partition) == 1 and rows == sorted(rows))
                 for rows in partition]
 
-    def _decode_group(self, rows: list[int], lo: list[int], hi: list[int], tables: list[np.ndarray], bs: int,
-                      device: torch.device, in_order: bool) -> DecodeGroup:
-        padded = padded_block_tables(tables)
-        max_blocks = padded.shape[1]
+    def _decode_group(self, rows: list[int], lo: list[int], hi: list[int], first: list[int], blocks: list[int],
+                      bs: int, device: torch.device, in_order: bool) -> DecodeGroup:
+        max_blocks = max(blocks)
         positions = torch.arange(max_blocks * bs, device=device)[None, :]
         ends = torch.tensor(hi, device=device)
         outside = positions >= ends[:, None]
@@ -302,8 +343,13 @@ class TorchAttentionBackend(AttentionBackend):
             outside |= positions < torch.tensor(lo, device=device)[:, None]
         bias = torch.zeros(len(rows), 1, 1, max_blocks * bs, dtype=self.dtype, device=device)
         bias.masked_fill_(outside.view(len(rows), 1, 1, -1), float("-inf"))
-        return DecodeGroup(None if in_order else torch.tensor(rows, dtype=torch.long, device=device),
-                           torch.from_numpy(padded).to(device=device, dtype=torch.long), bias, ends - 1)
+        return DecodeGroup(None if in_order else torch.tensor(rows, dtype=torch.long, device=device), bias, ends - 1,
+                           rows, first, blocks)
+
+    def _decode_tables(self, shape: list[DecodeGroup], layout: BatchLayout, device: torch.device) -> list[DecodeGroup]:
+        """The decode groups of ``shape`` reading ``layout``'s block tables."""
+        tables = layout.block_tables[:layout.num_decodes]
+        return [group.with_tables(tables, device) for group in shape]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_cache: torch.Tensor, value_cache: torch.Tensor, metadata: TorchAttentionMetadata,

@@ -21,6 +21,7 @@ and the window start is computed inside the kernel from the lengths, so no extra
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -128,6 +129,21 @@ class TritonAttentionBackend(AttentionBackend):
                                        prefill_tables, query_start, query_lens, context_lens, max_q, max_decode,
                                        max(seq_lens, default=0), self._split_chooser(device, nd) if nd else None)
 
+    def metadata_for_group(self, metadata: TritonAttentionMetadata, block_tables: np.ndarray,
+                           slot_mapping: torch.Tensor) -> TritonAttentionMetadata:
+        """Lengths, query offsets and split choices (``_window_splits`` too: the same dict) are shared."""
+        nd = metadata.num_decodes
+
+        def rows(tables: torch.Tensor | None, part: np.ndarray) -> torch.Tensor | None:
+            if tables is None:
+                return None
+            return torch.from_numpy(np.ascontiguousarray(part[:, :tables.shape[1]])).to(tables.device,
+                                                                                        non_blocking=True)
+
+        return dataclasses.replace(metadata, slot_mapping=slot_mapping.to(dtype=torch.int64),
+                                   decode_block_tables=rows(metadata.decode_block_tables, block_tables[:nd]),
+                                   prefill_block_tables=rows(metadata.prefill_block_tables, block_tables[nd:]))
+
     def _split_chooser(self, device: torch.device, num_seqs: int) -> Callable[[int], int]:
         return lambda length: self._splits(device, num_seqs, length)
 
@@ -151,22 +167,40 @@ class TritonAttentionBackend(AttentionBackend):
 
         Rows past the step's batch are padding: slot -1 (nothing stored) and length 0 (zero output).
         """
+        lens = self._graph_seq_lens(static, layout)
+        static.decode_seq_lens.copy_(torch.from_numpy(lens), non_blocking=True)
+        self._fill_graph_blocks(static, layout, lens)
+
+    def graph_metadata_for_group(self, static: TritonAttentionMetadata) -> TritonAttentionMetadata:
+        return dataclasses.replace(static, slot_mapping=torch.full_like(static.slot_mapping, -1),
+                                   decode_block_tables=torch.zeros_like(static.decode_block_tables))
+
+    def fill_graph_group_metadata(self, static: TritonAttentionMetadata, layout: BatchLayout) -> None:
+        self._fill_graph_blocks(static, layout, self._graph_seq_lens(static, layout))
+
+    @staticmethod
+    def _graph_seq_lens(static: TritonAttentionMetadata, layout: BatchLayout) -> np.ndarray:
+        """The step's lengths padded to the graph's rows (0 past the batch), once checked to fit the graph."""
         n = layout.num_decodes
         capacity, max_blocks = static.decode_block_tables.shape
         if n != len(layout.query_lens) or n > capacity:
             raise ValueError(f"a graph replay takes up to {capacity} decodes and nothing else")
-        bs = layout.block_size
         lens = np.zeros(capacity, dtype=np.int32)
         lens[:n] = np.asarray(layout.context_lens, dtype=np.int32) + 1
-        used = -(-int(lens.max(initial=0)) // bs)
-        if used > max_blocks:
+        if -(-int(lens.max(initial=0)) // layout.block_size) > max_blocks:
             raise ValueError(f"context of {int(lens.max())} tokens exceeds the captured {max_blocks} blocks")
+        return lens
+
+    @staticmethod
+    def _fill_graph_blocks(static: TritonAttentionMetadata, layout: BatchLayout, lens: np.ndarray) -> None:
+        n = layout.num_decodes
+        capacity, max_blocks = static.decode_block_tables.shape
+        used = -(-int(lens.max(initial=0)) // layout.block_size)
         tables = np.zeros((capacity, max_blocks), dtype=np.int32)
         tables[:n, :used] = layout.block_tables[:n, :used]
         slots = np.full(capacity, -1, dtype=np.int64)
         slots[:n] = layout.slot_mapping.cpu().numpy()
         static.decode_block_tables.copy_(torch.from_numpy(tables), non_blocking=True)
-        static.decode_seq_lens.copy_(torch.from_numpy(lens), non_blocking=True)
         static.slot_mapping.copy_(torch.from_numpy(slots), non_blocking=True)
 
     # --------------------------------------------------------------------------- forward
