@@ -50,9 +50,9 @@ def test_a_pipeline_stage_binds_its_layers_of_the_whole_models_groups():
     groups = form_kv_cache_groups(([16] * 5 + [None]) * 2)
     first, second = (dataclasses.replace(groups, stage=range(start, start + 6)) for start in (0, 6))
     assert first.stage_groups() == [[0, 1], [2, 3], [4], [], [], [5]]
-    assert (first.group_size, first.tensor_layers()) == (2, [0, 1])
+    assert first.group_size == 2
     assert second.stage_groups() == [[], [], [0], [1, 2], [3, 4], [5]]
-    assert (second.group_size, second.tensor_layers()) == (2, [0, 2])
+    assert second.group_size == 2
     assert groups.stage_groups() == groups.layers
 
 
