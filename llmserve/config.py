@@ -1,4 +1,7 @@
-"""Engine configuration: the knobs a user sets (vLLM's names) and the values derived from the checkpoint."""
+"""Engine configuration: the knobs a user sets (vLLM's names) and the values derived from the checkpoint.
+
+Importable without torch (it is imported where a dtype is resolved): the server's entry point parses the
+flags and starts the engine core before torch loads."""
 
 from __future__ import annotations
 
@@ -8,11 +11,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llmserve.spec_decode.config import SpeculativeConfig
+
+if TYPE_CHECKING:
+    import torch
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -20,8 +24,13 @@ _SIZE_UNITS = {
     "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
 }
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16}
+_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
+# What --quantization accepts: formats read from a checkpoint's quantization_config (the registry maps each to
+# its config class), then schemes applied to a full-precision checkpoint at load.
+CHECKPOINT_QUANTIZATION_FORMATS = ("gptq", "awq", "compressed-tensors")
+LOAD_TIME_QUANTIZATION_SCHEMES = ("int8", "fp8")
+QUANTIZATION_METHODS = (*CHECKPOINT_QUANTIZATION_FORMATS, *LOAD_TIME_QUANTIZATION_SCHEMES)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")   # what --kv-cache-dtype accepts
 
 
 def cache_dir() -> Path:
@@ -67,6 +76,8 @@ def auto_cpu_dtype(flags: frozenset[str], kernels_available: bool, quantized: bo
     elsewhere: without the instructions bfloat16 is widened to float32 anyway; without the kernels PyTorch's
     bfloat16 path is slower than its float32 one; and the quantised kernels take float32 activations.
     """
+    import torch
+
     native = sorted(set(NATIVE_BF16_CPU_FLAGS) & flags)
     if not native:
         return torch.float32, f"the CPU has no native bfloat16 ({' or '.join(NATIVE_BF16_CPU_FLAGS)})"
@@ -86,6 +97,8 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None
 def resolve_dtype_and_reason(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device, *,
                              quantized: bool = False) -> tuple[torch.dtype, str | None]:
     """:func:`resolve_dtype`, with the reason for ``auto``'s choice on CPU (None otherwise), for the start-up log."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype, None
     if dtype == "auto":
@@ -96,7 +109,7 @@ def resolve_dtype_and_reason(dtype: str | torch.dtype, checkpoint_dtype: torch.d
         return (checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16), None
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of auto, float32, bfloat16, float16")
-    return _DTYPES[dtype], None
+    return getattr(torch, _DTYPES[dtype]), None
 
 
 @dataclass(frozen=True)
@@ -291,8 +304,6 @@ class EngineConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"unsupported dtype {self.dtype!r}; choose one of auto, float32, bfloat16, float16")
-        from llmserve.quantization.registry import QUANTIZATION_METHODS   # (it imports the layers, which import this)
-
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"unknown --quantization {self.quantization!r}; choose one of "
                              f"{', '.join(QUANTIZATION_METHODS)}")
@@ -324,6 +335,8 @@ class EngineConfig:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)

@@ -12,7 +12,8 @@ def load_tokenizer(path: str | Path, revision: str | None = None, trust_remote_c
 
     try:
         if Path(path).suffix == ".gguf":   # the GGUF reader needs torch: imported for GGUF files only
-            from llmserve.model_loader.gguf_loader import is_gguf, load_gguf_tokenizer
+            from llmserve.model_loader.gguf_loader import load_gguf_tokenizer
+            from llmserve.model_loader.model_source import is_gguf
 
             if is_gguf(Path(path)):
                 return load_gguf_tokenizer(Path(path))

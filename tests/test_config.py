@@ -20,7 +20,8 @@ import argparse
 import pytest
 import torch
 
-from llmserve.config import EngineConfig, PoolerConfig, StructuredOutputsConfig, auto_cpu_dtype, resolve_dtype
+from llmserve.config import (CHECKPOINT_QUANTIZATION_FORMATS, EngineConfig, PoolerConfig, StructuredOutputsConfig,
+                             auto_cpu_dtype, resolve_dtype)
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
 
 
@@ -146,3 +147,9 @@ def test_resolve_dtype_reads_the_cpu_flags_only_for_auto_on_cpu(monkeypatch):
     assert resolve_dtype("auto", torch.float16, torch.device("cuda")) == torch.float16
     monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2"}))
     assert resolve_dtype("auto", torch.bfloat16, cpu) == torch.float32
+
+
+def test_quantization_flag_names_are_the_formats_the_registry_reads():
+    from llmserve.quantization.registry import CHECKPOINT_FORMATS
+
+    assert tuple(CHECKPOINT_FORMATS) == CHECKPOINT_QUANTIZATION_FORMATS

@@ -17,12 +17,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from llmserve.config import EngineConfig
-from llmserve.engine.core_client import EngineCoreClient, EngineCoreDiedError, start_engine_core
+from llmserve.engine.core_client import EngineCoreClient, EngineCoreDiedError
 from llmserve.engine.input_processor import InputProcessor, ModelInfo
 from llmserve.engine.llm_engine import stats_dict
 from llmserve.engine.messages import BlockMap, SchedulerStats
 from llmserve.engine.output_processor import AnyRequestOutput, OutputKind, OutputProcessor, RequestState
 from llmserve.errors import InvalidRequestError
+from llmserve.model_loader.loader import resolve_model_path
+from llmserve.model_loader.model_source import fill_in_default_model
 from llmserve.lora.request import LoRARequest
 from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
@@ -38,6 +40,13 @@ class EngineDeadError(RuntimeError):
 
 class ShutdownError(RuntimeError):
     """The server is shutting down and the request ran out of the time it was given to finish."""
+
+
+def start_engine_core(config: EngineConfig) -> EngineCoreClient:
+    """Fetch the model once (no ``--model``: the demo checkpoint, generated on first use; a Hub id or an S3
+    prefix: downloaded here, so the core finds it cached), then start the core process on it."""
+    fill_in_default_model(config)
+    return EngineCoreClient(config, resolve_model_path(config.model, config.revision, config.download_dir))
 
 
 class AsyncLLMEngine:

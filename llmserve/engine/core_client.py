@@ -26,15 +26,15 @@ import queue
 import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmserve.config import EngineConfig
-from llmserve.engine.core import EngineCore
-from llmserve.engine.input_processor import ModelInfo
 from llmserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, decode, encode
 from llmserve.executor.parent_watch import exit_with_parent
 from llmserve.logging_setup import LogSetup, configure_logging, current_setup
-from llmserve.model_loader.loader import fill_in_default_model, resolve_model_path
+
+if TYPE_CHECKING:
+    from llmserve.engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,6 @@ MAX_STEPS_AHEAD = 2
 
 class EngineCoreDiedError(RuntimeError):
     """The engine-core process failed or exited."""
-
-
-def start_engine_core(config: EngineConfig) -> EngineCoreClient:
-    """Fetch the model once (no ``--model``: the demo checkpoint, generated on first use; a Hub id or an S3
-    prefix: downloaded here, so the core finds it cached), then start the core process on it."""
-    fill_in_default_model(config)
-    return EngineCoreClient(config, resolve_model_path(config.model, config.revision, config.download_dir))
 
 
 class EngineCoreClient:
@@ -148,6 +141,9 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
     """The core process: build the core, then step while there is work, applying requests between steps."""
     exit_with_parent()
     configure_logging(log_setup, "engine-core")
+    from llmserve.engine.core import EngineCore   # here, in the core process: the front end's entry point
+    from llmserve.engine.input_processor import ModelInfo   # imports this module before torch loads
+
     try:
         info = ModelInfo(config)
         core = EngineCore(config, info.max_model_len, info.max_num_batched_tokens, report_stats=True)

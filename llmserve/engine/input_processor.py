@@ -23,7 +23,8 @@ from llmserve.errors import InvalidRequestError
 from llmserve.layers.longrope import longrope_prompt_key, longrope_switch_of
 from llmserve.lora.peft import LoRAAdapterError, read_adapter_config
 from llmserve.lora.request import LoRARequest
-from llmserve.model_loader.loader import checkpoint_dtype, fill_in_default_model, load_config, resolve_model_path
+from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
+from llmserve.model_loader.model_source import fill_in_default_model
 from llmserve.models.registry import resolve_model_class
 from llmserve.pooling_params import PoolingParams
 from llmserve.quantization.registry import checkpoint_quantization

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmserve.config import EngineConfig
-from llmserve.quantization.kv_cache import KV_CACHE_DTYPES
-from llmserve.quantization.registry import QUANTIZATION_METHODS
+from llmserve.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS, EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:

@@ -35,10 +35,6 @@ def import_gguf() -> Any:
     return gguf
 
 
-def is_gguf(path: Path) -> bool:
-    return path.suffix == ".gguf" and path.is_file()
-
-
 def hub_gguf_reference(model: str) -> tuple[str, str] | None:
     """``"org/repo:Q4_K_M"`` -> ``("org/repo", "Q4_K_M")``; None for anything else."""
     match = _REPO_AND_QUANT.match(model)

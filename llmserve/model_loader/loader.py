@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from llmserve.config import EngineConfig
 from llmserve.errors import ModelNotFoundError
 from llmserve.model_loader.gguf_config import load_gguf_config
-from llmserve.model_loader.gguf_loader import download_gguf, hub_gguf_reference, is_gguf, iterate_gguf_weights
+from llmserve.model_loader.gguf_loader import download_gguf, hub_gguf_reference, iterate_gguf_weights
+from llmserve.model_loader.model_source import is_gguf
 from llmserve.model_loader.s3_loader import download_s3_checkpoint, is_s3_mirror, is_s3_url, iterate_s3_weights
 from llmserve.models.registry import resolve_model_class, text_model_config
 from llmserve.quantization.registry import get_quantization_config
@@ -28,19 +28,6 @@ from llmserve.quantization.registry import get_quantization_config
 logger = logging.getLogger(__name__)
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.txt"]
-
-
-def fill_in_default_model(config: EngineConfig) -> None:
-    """No ``--model``: the demo checkpoint, generated on first use."""
-    if config.model is None:
-        from llmserve.testing.checkpoints import demo_model_path
-
-        config.model = str(demo_model_path())
-
-
-def is_local_model(model: str | None) -> bool:
-    """A checkpoint folder or ``.gguf`` file on this machine (nothing to fetch or generate first)."""
-    return model is not None and (Path(model).expanduser().is_dir() or is_gguf(Path(model).expanduser()))
 
 
 def resolve_model_path(model: str, revision: str | None = None, download_dir: str | None = None) -> Path:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")
+from llmserve.config import KV_CACHE_DTYPES
+
 # Calibrated int8 scales cover this many times the first batch's largest magnitude (one bit of the 8 spent on
 # range the first batch has not shown).
 CALIBRATION_HEADROOM = 2.0

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from llmserve.config import LOAD_TIME_QUANTIZATION_SCHEMES, QUANTIZATION_METHODS
 from llmserve.quantization.awq import AWQConfig
 from llmserve.quantization.base import QuantizationConfig
 from llmserve.quantization.checkpoint_params import CheckpointFormatError
@@ -21,11 +22,10 @@ from llmserve.quantization.online import OnlineQuantConfig
 
 logger = logging.getLogger(__name__)
 
+# One reader per name of config.CHECKPOINT_QUANTIZATION_FORMATS (the flag's names live with the flags).
 CHECKPOINT_FORMATS: dict[str, Callable[[dict[str, Any]], QuantizationConfig]] = {
     "gptq": GPTQConfig.from_config, "awq": AWQConfig.from_config,
     "compressed-tensors": CompressedTensorsConfig.from_config}
-LOAD_TIME_SCHEMES = ("int8", "fp8")
-QUANTIZATION_METHODS = (*CHECKPOINT_FORMATS, *LOAD_TIME_SCHEMES)   # what --quantization accepts
 
 
 def checkpoint_quantization(hf_config: Any) -> dict[str, Any] | None:
@@ -51,11 +51,12 @@ def get_quantization_config(hf_config: Any, quantization: str | None,
             raise ValueError(f"--quantization {quantization} contradicts the checkpoint, which is {method}-quantised "
                              f"(quantization_config in its config.json); drop the flag or pass {method}")
         config = CHECKPOINT_FORMATS[method](raw)
-    elif quantization in LOAD_TIME_SCHEMES:
+    elif quantization in LOAD_TIME_QUANTIZATION_SCHEMES:
         config = OnlineQuantConfig(quantization)
     elif quantization is not None:
         raise ValueError(f"--quantization {quantization} names a checkpoint format, but this checkpoint has no "
-                         f"quantization_config; load-time quantisation is {' or '.join(LOAD_TIME_SCHEMES)}")
+                         "quantization_config; load-time quantisation is "
+                         f"{' or '.join(LOAD_TIME_QUANTIZATION_SCHEMES)}")
     else:
         return None
     if device.type != "cpu":

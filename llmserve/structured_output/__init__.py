@@ -8,9 +8,10 @@
   :class:`GrammarBitmask` (one step's batch bitmask, filled in parallel).
 - :mod:`.bitmask`: :func:`apply_token_bitmask`, the sampler's vectorised masking (pure torch).
 
-The spec and the bitmask helpers need only torch and msgspec; the rest needs llguidance
-(``pip install 'llmserve[structured]'``) and is imported on first use, so that code which only
-carries specs, or only applies bitmasks, does not depend on it.
+The spec needs only msgspec (requests carry it, and the server's entry point imports it before torch
+loads); the bitmask helpers need torch; the rest needs llguidance (``pip install 'llmserve[structured]'``).
+Those are imported on first use, so that code which only carries specs, or only applies bitmasks, does
+not depend on more.
 """
 
 from __future__ import annotations
@@ -19,13 +20,9 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from llmserve.structured_output.bitmask import (
-    allocate_token_bitmask,
-    apply_token_bitmask,
-    bitmask_width,
-)
 from llmserve.structured_output.spec import StructuredOutputError, StructuredOutputSpec
 
+_NEEDS_TORCH = {name: "bitmask" for name in ("allocate_token_bitmask", "apply_token_bitmask", "bitmask_width")}
 _NEEDS_LLGUIDANCE = {
     "GrammarCompiler": "compiler",
     "CompiledGrammar": "matcher",
@@ -47,6 +44,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in _NEEDS_TORCH:
+        return getattr(importlib.import_module(f"{__name__}.{_NEEDS_TORCH[name]}"), name)
     if name not in _NEEDS_LLGUIDANCE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(import_backend(_NEEDS_LLGUIDANCE[name]), name)

@@ -2,9 +2,9 @@
 ``python -m llmserve.entrypoints.openai.api_server --model MODEL ...`` (the container images' entrypoint).
 
 It parses the flags and, for a checkpoint on this machine, starts the engine-core process before it imports
-the HTTP application (:mod:`llmserve.entrypoints.openai.app`), so the core's start-up (imports, the model)
-runs beside the front end's instead of after it. The module stays light for a second reason: a spawned process
-imports the main module again.
+torch or the HTTP application (:mod:`llmserve.entrypoints.openai.app`), so the core's start-up (imports, the
+model) runs beside the front end's instead of after it. The module stays light for a second reason: a
+spawned process imports the main module again.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmserve.engine.core_client import start_engine_core
+from llmserve.engine.core_client import EngineCoreClient
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
 from llmserve.entrypoints.openai.server_args import add_server_args, server_config_from_args
 from llmserve.logging_setup import add_logging_args, configure_logging, setup_from_args
-from llmserve.model_loader.loader import is_local_model
+from llmserve.model_loader.model_source import local_model_path
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -34,7 +34,8 @@ def run_server(args: argparse.Namespace) -> int:
             config.served_model_names = [DEMO_MODEL_NAME]
     # A local checkpoint: start the core now. One to download (or the demo model to generate) is fetched
     # after the port has opened, so /health answers 503 meanwhile instead of refusing connections.
-    core = start_engine_core(engine_config) if is_local_model(engine_config.model) else None
+    local = local_model_path(engine_config.model)
+    core = EngineCoreClient(engine_config, local) if local is not None else None
     from llmserve.entrypoints.openai.app import serve
 
     return serve(config, engine_config, core)

@@ -1,5 +1,5 @@
-"""The server's entry point starts the engine core first, and stays light because spawned processes import it
-again."""
+"""The server's entry point starts the engine core on a local checkpoint before it loads torch or the HTTP
+application, and stays light because spawned processes import it again."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from llmserve.entrypoints.openai import api_server, app
 
 def _record_start_up(monkeypatch) -> list:
     calls: list = []
-    monkeypatch.setattr(api_server, "start_engine_core", lambda config: calls.append(("core", config.model)) or "core")
+    monkeypatch.setattr(api_server, "EngineCoreClient",
+                        lambda config, path: calls.append(("core", config.model, path)) or "core")
     monkeypatch.setattr(app, "serve", lambda config, engine_config, core: calls.append(("serve", core)) or 0)
     return calls
 
@@ -19,7 +20,7 @@ def _record_start_up(monkeypatch) -> list:
 def test_a_local_checkpoint_starts_the_engine_core_before_the_http_application(monkeypatch, llama_dir):
     calls = _record_start_up(monkeypatch)
     assert api_server.main(["--model", str(llama_dir)]) == 0
-    assert calls == [("core", str(llama_dir)), ("serve", "core")]
+    assert calls == [("core", str(llama_dir), llama_dir), ("serve", "core")]
 
 
 def test_a_checkpoint_to_download_is_fetched_after_the_port_opens(monkeypatch):
@@ -28,8 +29,8 @@ def test_a_checkpoint_to_download_is_fetched_after_the_port_opens(monkeypatch):
     assert calls == [("serve", None)]   # the load thread fetches it, then starts the core
 
 
-def test_the_entry_point_imports_no_http_stack():
-    code = ("import sys, llmserve.entrypoints.openai.api_server as m; "
-            "print(sorted(n for n in ('fastapi', 'uvicorn', 'starlette', 'transformers') if n in sys.modules))")
+def test_the_entry_point_imports_neither_torch_nor_the_http_stack():
+    code = ("import sys, llmserve.entrypoints.openai.api_server as m; print(sorted(n for n in "
+            "('torch', 'numpy', 'transformers', 'fastapi', 'uvicorn', 'starlette') if n in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
