@@ -50,6 +50,7 @@ class EngineCore:
                                    adaptive=self._adaptive_speculation(config, num_blocks, max_num_batched_tokens))
         self.requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
+        self.num_steps = 0   # steps that ran a batch (how many steps an abort waited is counted against it)
         tokens = num_blocks * config.block_size
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per rank)", num_blocks,
                     config.block_size, tokens, num_blocks * self.executor.kv_cache_bytes_per_block() / 2**30)
@@ -100,18 +101,21 @@ class EngineCore:
         self.requests[request.request_id] = seqs
         self.scheduler.add(seqs[0])
 
-    def abort(self, request_id: str, index: int | None = None) -> None:
-        """Stop a request (or one of its samples, e.g. on a stop string) and free its blocks; unknown ids are
-        ignored (it may have finished in the step that crossed the abort)."""
+    def abort(self, request_id: str, index: int | None = None) -> bool:
+        """Stop a request (or one of its samples, e.g. on a stop string) and free its blocks; whether it
+        stopped anything (unknown ids are ignored: it may have finished in the step that crossed the abort)."""
         seqs = self.requests.get(request_id)
         if seqs is None:
-            return
+            return False
+        stopped = False
         for seq in seqs:
             if (index is None or seq.index == index) and not seq.is_finished:
                 seq.finish_reason = seq.finish_reason or "abort"
                 self.scheduler.finish(seq)
+                stopped = True
         if all(seq.is_finished for seq in seqs):
             del self.requests[request_id]
+        return stopped
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -124,6 +128,7 @@ class EngineCore:
             self.scheduler.update_from_output(sched, ModelRunnerOutput())
             return EngineCoreOutputs()   # nothing ran
         step = self.scheduler.update_from_output(sched, self.executor.execute_model(sched))
+        self.num_steps += 1
         out = EngineCoreOutputs(failed=step.failed, num_scheduled_tokens=sched.total_num_scheduled_tokens)
         for request_id in step.failed:
             self.abort(request_id)

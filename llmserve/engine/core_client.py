@@ -24,12 +24,13 @@ import multiprocessing
 import os
 import queue
 import threading
+import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmserve.config import EngineConfig
 from llmserve.engine.core import EngineCore
-from llmserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, decode, encode
+from llmserve.engine.messages import AbortDelay, EngineCoreOutputs, EngineCoreRequest, decode, encode
 from llmserve.executor.parent_watch import exit_with_parent
 from llmserve.logging_setup import LogSetup, configure_logging, current_setup
 
@@ -39,6 +40,14 @@ STARTUP_TIMEOUT_S = 3600.0   # loading a large checkpoint, or downloading it
 # One step's outputs being processed by the front end while the core computes the next: full overlap
 # when the front end keeps up, and a bounded lag when it does not.
 MAX_STEPS_AHEAD = 2
+
+
+class Received(NamedTuple):
+    """A message from the front end, stamped when the core's receiver thread took it off the pipe."""
+
+    message: bytes
+    num_steps: int   # the core's steps finished by then
+    time: float      # time.monotonic()
 
 
 class EngineCoreDiedError(RuntimeError):
@@ -144,14 +153,16 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
         return
     outputs.send_bytes(b"R" + json.dumps({"num_kv_blocks": core.block_manager.num_blocks,
                                           "group_windows": core.block_manager.group_windows}).encode())
-    received: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    received: queue.SimpleQueue[Received] = queue.SimpleQueue()
 
     def receive_loop() -> None:
         while True:
             try:
-                received.put(inputs.recv_bytes())
+                message = inputs.recv_bytes()
             except (EOFError, OSError):
-                received.put(b"Q")
+                message = b"Q"
+            received.put(Received(message, core.num_steps, time.monotonic()))
+            if message == b"Q":
                 return
 
     threading.Thread(target=receive_loop, name="llmserve-core-receive", daemon=True).start()
@@ -170,12 +181,15 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
     os._exit(0)   # nothing left to clean up; the interpreter's own teardown would only delay the server's exit
 
 
-def _core_loop(core: EngineCore, received: queue.SimpleQueue[bytes], outputs: Connection) -> None:
+def _core_loop(core: EngineCore, received: queue.SimpleQueue[Received], outputs: Connection) -> None:
     report_idle = False   # after an abort while idle, send the freed state once (gauges)
     unacked = 0           # output messages the front end has not processed yet
+    aborts: list[AbortDelay] = []   # applied since the last message out, which carries them
 
     def send(message: EngineCoreOutputs) -> None:
         nonlocal unacked
+        message.aborts = aborts[:]
+        aborts.clear()
         outputs.send_bytes(b"O" + encode(message))
         unacked += 1
 
@@ -184,11 +198,11 @@ def _core_loop(core: EngineCore, received: queue.SimpleQueue[bytes], outputs: Co
         while True:   # apply what came in: wait for something when idle, for an ack when too far ahead
             busy = core.has_unfinished_requests()
             try:
-                message = received.get(block=(first and not busy) or (busy and unacked >= MAX_STEPS_AHEAD))
+                item = received.get(block=(first and not busy) or (busy and unacked >= MAX_STEPS_AHEAD))
             except queue.Empty:
                 break
             first = False
-            tag, body = message[:1], message[1:]
+            tag, body = item.message[:1], item.message[1:]
             if tag == b"Q":
                 return
             if tag == b"K":
@@ -201,7 +215,8 @@ def _core_loop(core: EngineCore, received: queue.SimpleQueue[bytes], outputs: Co
                     send(EngineCoreOutputs(failed={request.request_id: str(exc)}))
             elif tag == b"B":
                 request_id, index = json.loads(body)
-                core.abort(request_id, index)
+                if core.abort(request_id, index):
+                    aborts.append(AbortDelay(core.num_steps - item.num_steps, time.monotonic() - item.time))
                 report_idle = True
             elif tag == b"M":
                 block_map = core.block_manager.block_map(json.loads(body))

@@ -41,6 +41,18 @@ def parse_metrics(text: str) -> dict[str, float]:
     return values
 
 
+def histogram_buckets(text: str, name: str) -> dict[float, float]:
+    """A histogram's cumulative bucket counts by upper bound (``inf`` included), label sets other than ``le``
+    summed; empty when the server does not export it."""
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket":
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
+
+
 def process_tree_rss(pid: int) -> int:
     """Resident bytes of ``pid`` and every process descended from it (0 for processes already gone)."""
     children: dict[int, list[int]] = {}
@@ -71,10 +83,16 @@ class ServerProbe:
         self.base_url = base_url.rstrip("/")
         self.pid = pid
 
-    async def metrics(self, client: httpx.AsyncClient) -> dict[str, float]:
+    async def metrics_text(self, client: httpx.AsyncClient) -> str:
         response = await client.get(f"{self.base_url}/metrics", timeout=10)
         response.raise_for_status()
-        return parse_metrics(response.text)
+        return response.text
+
+    async def metrics(self, client: httpx.AsyncClient) -> dict[str, float]:
+        return parse_metrics(await self.metrics_text(client))
+
+    async def histogram(self, client: httpx.AsyncClient, name: str) -> dict[float, float]:
+        return histogram_buckets(await self.metrics_text(client), name)
 
     def rss_bytes(self) -> int | None:
         return process_tree_rss(self.pid) if self.pid is not None else None
