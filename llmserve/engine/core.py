@@ -101,21 +101,23 @@ class EngineCore:
         self.requests[request.request_id] = seqs
         self.scheduler.add(seqs[0])
 
-    def abort(self, request_id: str, index: int | None = None) -> bool:
-        """Stop a request (or one of its samples, e.g. on a stop string) and free its blocks; whether it
-        stopped anything (unknown ids are ignored: it may have finished in the step that crossed the abort)."""
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request (or one of its samples, e.g. on a stop string) and free its blocks; unknown ids are
+        ignored (it may have finished in the step that crossed the abort)."""
         seqs = self.requests.get(request_id)
         if seqs is None:
-            return False
-        stopped = False
+            return
         for seq in seqs:
             if (index is None or seq.index == index) and not seq.is_finished:
                 seq.finish_reason = seq.finish_reason or "abort"
                 self.scheduler.finish(seq)
-                stopped = True
         if all(seq.is_finished for seq in seqs):
             del self.requests[request_id]
-        return stopped
+
+    def is_unfinished(self, request_id: str, index: int | None = None) -> bool:
+        """Whether the request (or its sample ``index``) still has a sequence that may hold KV blocks."""
+        return any(not seq.is_finished and (index is None or seq.index == index)
+                   for seq in self.requests.get(request_id, ()))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -7,9 +7,14 @@ waits on the other to take a large prompt. The front end acknowledges each outpu
 handed it to the streams, and the core never has more than :data:`MAX_STEPS_AHEAD` unacknowledged: a front
 end that falls behind (detokenising and writing SSE for many streams) slows the steps down instead of
 letting a backlog build in the pipe, where a client's disconnect would wait behind seconds of tokens while
-the core kept computing for it. The core
-process is spawned, never forked: a fork would inherit the server's listening
-socket and its threads' locks. It exits when its parent does.
+the core kept computing for it.
+
+The core applies what came in between two steps, and at once while it waits for an acknowledgement, so
+an aborted request's blocks are free at the end of the step in flight when its abort came, at the latest.
+Each abort's wait, in steps and seconds from the receiver thread taking it off the pipe to the request
+stopping, goes out with the next message (:class:`~llmserve.engine.messages.AbortDelay`; the
+``llmserve:abort_latency_*`` metrics). The core process is spawned, never forked: a fork would inherit the
+server's listening socket and its threads' locks. It exits when its parent does.
 
 Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``K`` (an output message was
 processed), ``M`` + JSON ``max_cells`` (a block map, answered between two steps), ``Q`` (stop); out ``R`` +
@@ -184,7 +189,8 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
 def _core_loop(core: EngineCore, received: queue.SimpleQueue[Received], outputs: Connection) -> None:
     report_idle = False   # after an abort while idle, send the freed state once (gauges)
     unacked = 0           # output messages the front end has not processed yet
-    aborts: list[AbortDelay] = []   # applied since the last message out, which carries them
+    aborting: dict[tuple[str, int | None], Received] = {}   # aborts whose request has not stopped yet
+    aborts: list[AbortDelay] = []   # aborts whose request stopped since the last message out, which carries them
 
     def send(message: EngineCoreOutputs) -> None:
         nonlocal unacked
@@ -192,6 +198,13 @@ def _core_loop(core: EngineCore, received: queue.SimpleQueue[Received], outputs:
         aborts.clear()
         outputs.send_bytes(b"O" + encode(message))
         unacked += 1
+
+    def note_stopped() -> None:
+        """Time the aborts whose request no longer runs: its blocks are free."""
+        for key, item in list(aborting.items()):
+            if not core.is_unfinished(*key):
+                del aborting[key]
+                aborts.append(AbortDelay(core.num_steps - item.num_steps, time.monotonic() - item.time))
 
     while True:
         first = True
@@ -215,14 +228,18 @@ def _core_loop(core: EngineCore, received: queue.SimpleQueue[Received], outputs:
                     send(EngineCoreOutputs(failed={request.request_id: str(exc)}))
             elif tag == b"B":
                 request_id, index = json.loads(body)
-                if core.abort(request_id, index):
-                    aborts.append(AbortDelay(core.num_steps - item.num_steps, time.monotonic() - item.time))
+                if core.is_unfinished(request_id, index):
+                    aborting[(request_id, index)] = item
+                core.abort(request_id, index)
+                note_stopped()
                 report_idle = True
             elif tag == b"M":
                 block_map = core.block_manager.block_map(json.loads(body))
                 send(EngineCoreOutputs(stats=core.stats(), block_map=block_map))
         if core.has_unfinished_requests():
             step = core.step()
+            if aborting:
+                note_stopped()
             if step.stats is not None:   # None: nothing was scheduled
                 send(step)
                 report_idle = False

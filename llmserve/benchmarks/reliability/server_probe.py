@@ -28,7 +28,6 @@ class IdleState:
     running: float
     waiting: float
     kv_cache_usage: float
-    steps: float                 # engine steps the server completed meanwhile
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -91,18 +90,13 @@ class ServerProbe:
     async def metrics(self, client: httpx.AsyncClient) -> dict[str, float]:
         return parse_metrics(await self.metrics_text(client))
 
-    async def histogram(self, client: httpx.AsyncClient, name: str) -> dict[float, float]:
-        return histogram_buckets(await self.metrics_text(client), name)
-
     def rss_bytes(self) -> int | None:
         return process_tree_rss(self.pid) if self.pid is not None else None
 
     async def wait_idle(self, client: httpx.AsyncClient, timeout: float, interval: float = 0.01) -> IdleState:
         """Poll until nothing runs, waits or holds a KV block."""
         start = time.monotonic()
-        first = await self.metrics(client)
-        steps0 = first.get("vllm:iteration_tokens_total_count", 0.0)
-        current = first
+        current = await self.metrics(client)
         while True:
             running = current.get("vllm:num_requests_running", 0.0)
             waiting = current.get("vllm:num_requests_waiting", 0.0)
@@ -110,7 +104,6 @@ class ServerProbe:
             idle = running == 0 and waiting == 0 and usage == 0
             elapsed = time.monotonic() - start
             if idle or elapsed > timeout:
-                steps = current.get("vllm:iteration_tokens_total_count", 0.0) - steps0
-                return IdleState(idle, elapsed, running, waiting, usage, steps)
+                return IdleState(idle, elapsed, running, waiting, usage)
             await asyncio.sleep(interval)
             current = await self.metrics(client)
