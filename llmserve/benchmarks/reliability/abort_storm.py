@@ -54,8 +54,8 @@ def abort_wait_check(before: str, after: str, requests: int, max_steps: int) -> 
         return None
     buckets_before = histogram_buckets(before, ABORT_STEPS)
     aborts = int(buckets_after[float("inf")] - buckets_before.get(float("inf"), 0.0))
-    largest = min((bound for bound, n in buckets_after.items() if n - buckets_before.get(bound, 0.0) == aborts),
-                  default=None) if aborts else None
+    largest = min(bound for bound, n in buckets_after.items()
+                  if n - buckets_before.get(bound, 0.0) == aborts) if aborts else None
     seconds = parse_metrics(after).get(ABORT_SECONDS, 0.0) - parse_metrics(before).get(ABORT_SECONDS, 0.0)
     report = {"aborts_in_engine_core": aborts, "most_steps_from_abort_to_free": largest,
               "mean_seconds_from_abort_to_free": round(seconds / aborts, 4) if aborts else None}
