@@ -197,7 +197,8 @@ class AsyncLLMEngine:
         for request_id, message in core_outputs.failed.items():
             logger.error("model failed on request %s: %s", request_id, message)
         if self.on_step is not None:   # metrics first, so they include what clients receive next
-            self.on_step(stats_dict(self._stats, self.outputs, core_outputs.num_scheduled_tokens), outputs)
+            stats = stats_dict(self._stats, self.outputs, core_outputs.num_scheduled_tokens, core_outputs.aborts)
+            self.on_step(stats, outputs)
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:

@@ -50,6 +50,7 @@ class EngineCore:
                                    adaptive=self._adaptive_speculation(config, num_blocks, max_num_batched_tokens))
         self.requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
+        self.num_steps = 0   # steps that ran a batch (how many steps an abort waited is counted against it)
         tokens = num_blocks * config.block_size
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per rank)", num_blocks,
                     config.block_size, tokens, num_blocks * self.executor.kv_cache_bytes_per_block() / 2**30)
@@ -113,6 +114,11 @@ class EngineCore:
         if all(seq.is_finished for seq in seqs):
             del self.requests[request_id]
 
+    def is_unfinished(self, request_id: str, index: int | None = None) -> bool:
+        """Whether the request (or its sample ``index``) still has a sequence that may hold KV blocks."""
+        return any(not seq.is_finished and (index is None or seq.index == index)
+                   for seq in self.requests.get(request_id, ()))
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -124,6 +130,7 @@ class EngineCore:
             self.scheduler.update_from_output(sched, ModelRunnerOutput())
             return EngineCoreOutputs()   # nothing ran
         step = self.scheduler.update_from_output(sched, self.executor.execute_model(sched))
+        self.num_steps += 1
         out = EngineCoreOutputs(failed=step.failed, num_scheduled_tokens=sched.total_num_scheduled_tokens)
         for request_id in step.failed:
             self.abort(request_id)

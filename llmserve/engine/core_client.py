@@ -7,9 +7,14 @@ waits on the other to take a large prompt. The front end acknowledges each outpu
 handed it to the streams, and the core never has more than :data:`MAX_STEPS_AHEAD` unacknowledged: a front
 end that falls behind (detokenising and writing SSE for many streams) slows the steps down instead of
 letting a backlog build in the pipe, where a client's disconnect would wait behind seconds of tokens while
-the core kept computing for it. The core
-process is spawned, never forked: a fork would inherit the server's listening
-socket and its threads' locks. It exits when its parent does.
+the core kept computing for it.
+
+The core applies what came in between two steps, and at once while it waits for an acknowledgement, so
+an aborted request's blocks are free at the end of the step in flight when its abort came, at the latest.
+Each abort's wait, in steps and seconds from the receiver thread taking it off the pipe to the request
+stopping, goes out with the next message (:class:`~llmserve.engine.messages.AbortDelay`; the
+``llmserve:abort_latency_*`` metrics). The core process is spawned, never forked: a fork would inherit the
+server's listening socket and its threads' locks. It exits when its parent does.
 
 Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``K`` (an output message was
 processed), ``M`` + JSON ``max_cells`` (a block map, answered between two steps), ``Q`` (stop); out ``R`` +
@@ -24,12 +29,13 @@ import multiprocessing
 import os
 import queue
 import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from llmserve.config import EngineConfig
-from llmserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, decode, encode
+from llmserve.engine.messages import AbortDelay, EngineCoreOutputs, EngineCoreRequest, decode, encode
 from llmserve.executor.parent_watch import exit_with_parent
 from llmserve.logging_setup import LogSetup, configure_logging, current_setup
 
@@ -42,6 +48,14 @@ STARTUP_TIMEOUT_S = 3600.0   # loading a large checkpoint, or downloading it
 # One step's outputs being processed by the front end while the core computes the next: full overlap
 # when the front end keeps up, and a bounded lag when it does not.
 MAX_STEPS_AHEAD = 2
+
+
+class Received(NamedTuple):
+    """A message from the front end, stamped when the core's receiver thread took it off the pipe."""
+
+    message: bytes
+    num_steps: int   # the core's steps finished by then
+    time: float      # time.monotonic()
 
 
 class EngineCoreDiedError(RuntimeError):
@@ -154,14 +168,16 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
         return
     outputs.send_bytes(b"R" + json.dumps({"num_kv_blocks": core.block_manager.num_blocks,
                                           "group_windows": core.block_manager.group_windows}).encode())
-    received: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    received: queue.SimpleQueue[Received] = queue.SimpleQueue()
 
     def receive_loop() -> None:
         while True:
             try:
-                received.put(inputs.recv_bytes())
+                message = inputs.recv_bytes()
             except (EOFError, OSError):
-                received.put(b"Q")
+                message = b"Q"
+            received.put(Received(message, core.num_steps, time.monotonic()))
+            if message == b"Q":
                 return
 
     threading.Thread(target=receive_loop, name="llmserve-core-receive", daemon=True).start()
@@ -180,25 +196,36 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
     os._exit(0)   # nothing left to clean up; the interpreter's own teardown would only delay the server's exit
 
 
-def _core_loop(core: EngineCore, received: queue.SimpleQueue[bytes], outputs: Connection) -> None:
+def _core_loop(core: EngineCore, received: queue.SimpleQueue[Received], outputs: Connection) -> None:
     report_idle = False   # after an abort while idle, send the freed state once (gauges)
     unacked = 0           # output messages the front end has not processed yet
+    aborting: dict[tuple[str, int | None], Received] = {}   # aborts whose request has not stopped yet
+    aborts: list[AbortDelay] = []   # aborts whose request stopped since the last message out, which carries them
 
     def send(message: EngineCoreOutputs) -> None:
         nonlocal unacked
+        message.aborts = aborts[:]
+        aborts.clear()
         outputs.send_bytes(b"O" + encode(message))
         unacked += 1
+
+    def note_stopped() -> None:
+        """Time the aborts whose request no longer runs: its blocks are free."""
+        for key, item in list(aborting.items()):
+            if not core.is_unfinished(*key):
+                del aborting[key]
+                aborts.append(AbortDelay(core.num_steps - item.num_steps, time.monotonic() - item.time))
 
     while True:
         first = True
         while True:   # apply what came in: wait for something when idle, for an ack when too far ahead
             busy = core.has_unfinished_requests()
             try:
-                message = received.get(block=(first and not busy) or (busy and unacked >= MAX_STEPS_AHEAD))
+                item = received.get(block=(first and not busy) or (busy and unacked >= MAX_STEPS_AHEAD))
             except queue.Empty:
                 break
             first = False
-            tag, body = message[:1], message[1:]
+            tag, body = item.message[:1], item.message[1:]
             if tag == b"Q":
                 return
             if tag == b"K":
@@ -211,13 +238,18 @@ def _core_loop(core: EngineCore, received: queue.SimpleQueue[bytes], outputs: Co
                     send(EngineCoreOutputs(failed={request.request_id: str(exc)}))
             elif tag == b"B":
                 request_id, index = json.loads(body)
+                if core.is_unfinished(request_id, index):
+                    aborting[(request_id, index)] = item
                 core.abort(request_id, index)
+                note_stopped()
                 report_idle = True
             elif tag == b"M":
                 block_map = core.block_manager.block_map(json.loads(body))
                 send(EngineCoreOutputs(stats=core.stats(), block_map=block_map))
         if core.has_unfinished_requests():
             step = core.step()
+            if aborting:
+                note_stopped()
             if step.stats is not None:   # None: nothing was scheduled
                 send(step)
                 report_idle = False

@@ -19,7 +19,7 @@ from llmserve.config import EngineConfig
 from llmserve.engine.block_manager import BlockManager
 from llmserve.engine.core import EngineCore
 from llmserve.engine.input_processor import InputProcessor, ModelInfo
-from llmserve.engine.messages import SchedulerStats
+from llmserve.engine.messages import AbortDelay, SchedulerStats
 from llmserve.engine.output_processor import AnyRequestOutput, OutputKind, OutputProcessor, RequestState
 from llmserve.engine.scheduler import Scheduler
 from llmserve.errors import InvalidRequestError
@@ -174,11 +174,14 @@ class LLMEngine:
         return stats_dict(self.core.stats(), self.outputs)
 
 
-def stats_dict(core: SchedulerStats, outputs: OutputProcessor, iteration_tokens: int = 0) -> dict[str, Any]:
+def stats_dict(core: SchedulerStats, outputs: OutputProcessor, iteration_tokens: int = 0,
+               aborts: list[AbortDelay] | None = None) -> dict[str, Any]:
     """The engine's stats as /metrics reads them: the core's gauges, the front end's token counters and,
-    when they come with a step's outputs, the tokens that step computed (0 otherwise)."""
+    when they come with a core's message, the tokens that step computed (0 otherwise) and the aborts the
+    core applied since its previous message."""
     return {
         "iteration_tokens": iteration_tokens,
+        "aborts": aborts or [],
         "num_requests_running": core.num_requests_running,
         # the core's figures may be a step older than the front end's (an abort, a stop string)
         "num_requests_waiting": max(0, len(outputs.requests) - core.num_requests_running),

@@ -167,6 +167,14 @@ class BlockMap(msgspec.Struct):
     cached: list[int]
 
 
+class AbortDelay(msgspec.Struct, array_like=True):
+    """How long an abort that stopped a request waited in the engine core before its KV blocks were freed:
+    the steps the core finished meanwhile (at most the one in flight when it came) and the seconds."""
+
+    steps: int
+    seconds: float
+
+
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
     """One step's results for the front end."""
 
@@ -178,6 +186,7 @@ class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
     stats: SchedulerStats | None = None
     num_scheduled_tokens: int = 0               # prompt and generation tokens the step computed
     block_map: BlockMap | None = None           # only in the answer to a block-map request
+    aborts: list[AbortDelay] = []               # the aborts applied since the previous message
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -17,6 +17,7 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                           2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)   # vLLM's
+_ABORT_STEP_BUCKETS = (0, 1, 2, 4, 8, 16, 64)
 FINISH_REASONS = ("stop", "length", "abort", "error")   # the engine's finish reasons
 
 
@@ -67,6 +68,13 @@ class EngineMetrics:
         self.iteration_tokens = histogram("vllm:iteration_tokens_total",
                                           "Prompt and generation tokens computed per engine step.",
                                           _ITERATION_TOKEN_BUCKETS)
+        self.abort_steps = histogram("llmserve:abort_latency_steps",
+                                     "Engine steps finished between the engine core receiving an abort and "
+                                     "freeing the request's KV blocks (at most 1: the step in flight).",
+                                     _ABORT_STEP_BUCKETS)
+        self.abort_seconds = histogram("llmserve:abort_latency_seconds",
+                                       "Seconds between the engine core receiving an abort and freeing the "
+                                       "request's KV blocks.", _TOKEN_LATENCY_BUCKETS)
         self.spec_decode: SpecDecodeMetrics | None = (
             SpecDecodeMetrics(model_name, r, num_speculative_tokens) if num_speculative_tokens > 0 else None)
         self._seen_preemptions = 0
@@ -86,6 +94,9 @@ class EngineMetrics:
         """Called on the event loop after each step with the engine's stats and the step's outputs."""
         if stats["iteration_tokens"]:
             self.iteration_tokens.observe(stats["iteration_tokens"])
+        for abort in stats["aborts"]:
+            self.abort_steps.observe(abort.steps)
+            self.abort_seconds.observe(abort.seconds)
         self.num_requests_running.set(stats["num_requests_running"])
         self.num_requests_waiting.set(stats["num_requests_waiting"])
         self.kv_cache_usage.set(stats["kv_cache_usage"])

@@ -68,8 +68,9 @@ def add_reliability_commands(bench_sub: Any) -> None:
     add_target_args(storm)
     storm.add_argument("--requests", type=int, default=100)
     storm.add_argument("--max-cancel-chunks", type=int, default=32, help="a client hangs up after 0..N chunks")
-    storm.add_argument("--max-steps-after-cancel", type=int, default=2,
-                       help="engine steps allowed between the last cancel and every block being free")
+    storm.add_argument("--max-abort-steps", type=int, default=1,
+                       help="engine steps an abort may wait in the engine core before its blocks are free "
+                            "(1: the step in flight when it came)")
     storm.add_argument("--server-log", default=None, help="the server's log file, to check its abort lines")
     storm.add_argument("--log-settle", type=float, default=1.0, help="seconds to wait before reading the log")
     storm.add_argument("--drain-timeout", type=float, default=30)

@@ -28,7 +28,6 @@ class IdleState:
     running: float
     waiting: float
     kv_cache_usage: float
-    steps: float                 # engine steps the server completed meanwhile
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -39,6 +38,18 @@ def parse_metrics(text: str) -> dict[str, float]:
         for sample in family.samples:
             values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
+
+
+def histogram_buckets(text: str, name: str) -> dict[float, float]:
+    """A histogram's cumulative bucket counts by upper bound (``inf`` included), label sets other than ``le``
+    summed; empty when the server does not export it."""
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket":
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
 
 
 def process_tree_rss(pid: int) -> int:
@@ -71,10 +82,13 @@ class ServerProbe:
         self.base_url = base_url.rstrip("/")
         self.pid = pid
 
-    async def metrics(self, client: httpx.AsyncClient) -> dict[str, float]:
+    async def metrics_text(self, client: httpx.AsyncClient) -> str:
         response = await client.get(f"{self.base_url}/metrics", timeout=10)
         response.raise_for_status()
-        return parse_metrics(response.text)
+        return response.text
+
+    async def metrics(self, client: httpx.AsyncClient) -> dict[str, float]:
+        return parse_metrics(await self.metrics_text(client))
 
     def rss_bytes(self) -> int | None:
         return process_tree_rss(self.pid) if self.pid is not None else None
@@ -82,9 +96,7 @@ class ServerProbe:
     async def wait_idle(self, client: httpx.AsyncClient, timeout: float, interval: float = 0.01) -> IdleState:
         """Poll until nothing runs, waits or holds a KV block."""
         start = time.monotonic()
-        first = await self.metrics(client)
-        steps0 = first.get("vllm:iteration_tokens_total_count", 0.0)
-        current = first
+        current = await self.metrics(client)
         while True:
             running = current.get("vllm:num_requests_running", 0.0)
             waiting = current.get("vllm:num_requests_waiting", 0.0)
@@ -92,7 +104,6 @@ class ServerProbe:
             idle = running == 0 and waiting == 0 and usage == 0
             elapsed = time.monotonic() - start
             if idle or elapsed > timeout:
-                steps = current.get("vllm:iteration_tokens_total_count", 0.0) - steps0
-                return IdleState(idle, elapsed, running, waiting, usage, steps)
+                return IdleState(idle, elapsed, running, waiting, usage)
             await asyncio.sleep(interval)
             current = await self.metrics(client)

@@ -137,7 +137,8 @@ class OpenAIServing:
             raise APIError(503, str(exc), None, _unavailable_code(exc), headers={"Retry-After": "5"}) from None
         finally:
             watcher.cancel()
-            everything.cancel()   # cancelling an unfinished stream aborts its request
+            self.abort_unfinished(submitted)
+            everything.cancel()
         merged = [merge_deltas(outputs) for outputs in results]
         for output in merged:
             if output.error is not None:
@@ -216,8 +217,15 @@ class OpenAIServing:
             log_failed(submitted.log_id, "aborted: the client disconnected")
             raise
         finally:
+            self.abort_unfinished(submitted)   # client gone or error
             for task in tasks:
-                task.cancel()   # client gone or error: unfinished requests are aborted
+                task.cancel()
+
+    def abort_unfinished(self, submitted: Submitted) -> None:
+        """Abort every request of ``submitted`` that has not finished, now: cancelling the tasks that read their
+        streams would also abort them, but only once the event loop has run each of them again."""
+        for state in submitted.states:
+            self.engine.abort(state.request_id)
 
 
 def _unavailable_code(exc: BaseException) -> str:
