@@ -279,9 +279,12 @@ class EngineConfig:
             raise ValueError(f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        from llmserve.quantization.kv_cache import check_kv_cache_dtype
+        if isinstance(self.kv_cache_dtype, str) and self.kv_cache_dtype.strip().lower() == "auto":
+            self.kv_cache_dtype = "auto"
+        else:   # a quantised cache's dtype needs torch to check (float8 support)
+            from llmserve.quantization.kv_cache import check_kv_cache_dtype
 
-        self.kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype)
+            self.kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype)
         if self.kv_cache_memory_bytes is not None:
             self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory_bytes)
         if self.max_seq_len_to_capture < 1:

@@ -29,8 +29,12 @@ def test_a_checkpoint_to_download_is_fetched_after_the_port_opens(monkeypatch):
     assert calls == [("serve", None)]   # the load thread fetches it, then starts the core
 
 
-def test_the_entry_point_imports_neither_torch_nor_the_http_stack():
-    code = ("import sys, llmserve.entrypoints.openai.api_server as m; print(sorted(n for n in "
-            "('torch', 'numpy', 'transformers', 'fastapi', 'uvicorn', 'starlette') if n in sys.modules))")
+def test_the_engine_core_starts_before_torch_or_the_http_stack_loads(llama_dir):
+    """What the front end has imported when it spawns the core: nothing heavy (the core imports it itself)."""
+    code = ("import sys; from llmserve.entrypoints.openai import api_server as m\n"
+            "def spawned(config, path):\n"
+            "    print(sorted(n for n in ('torch', 'numpy', 'transformers', 'fastapi', 'uvicorn', 'starlette')"
+            " if n in sys.modules)); raise SystemExit(0)\n"
+            f"m.EngineCoreClient = spawned; m.main(['--model', {str(llama_dir)!r}])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
