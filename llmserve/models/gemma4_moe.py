@@ -29,10 +29,14 @@ MOE_CONFIG_KEYS = ("num_experts", "top_k_experts", "moe_intermediate_size")
 
 
 def check_moe_config(config: Any, name: str) -> None:
-    """Refuse an ``enable_moe_block`` config without the expert count, top-k or expert width."""
+    """Refuse an ``enable_moe_block`` config without the expert count, top-k or expert width, or with a top-k
+    outside ``1..num_experts``."""
     missing = [key for key in MOE_CONFIG_KEYS if not getattr(config, key, None)]
     if missing:
         raise UnsupportedModelConfigError(f"{name}: enable_moe_block=true needs {', '.join(missing)} in the config")
+    if not 1 <= config.top_k_experts <= config.num_experts:
+        raise UnsupportedModelConfigError(f"{name}: top_k_experts ({config.top_k_experts}) must be between 1 and "
+                                          f"num_experts ({config.num_experts})")
 
 
 def moe_routing(config: Any) -> RoutingConfig:
