@@ -19,7 +19,8 @@ transformers' ``modeling_gemma4`` computes them.
 - The MoE block (``enable_moe_block``): routed experts beside each layer's dense MLP
   (:mod:`~llmserve.models.gemma4_moe`), the two outputs normed apart and summed.
 
-Refused at load: bidirectional attention over all tokens, and pipeline parallelism (a later stage would need the per-layer inputs and the shared K/V of earlier stages).
+Refused at load: bidirectional attention over all tokens, and pipeline parallelism (a later stage would need the
+per-layer inputs and the shared K/V of earlier stages).
 """
 
 from __future__ import annotations
