@@ -14,7 +14,7 @@ from tests.server_registry import Key, ServerRegistry
 
 FAMILY_NAMES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma4", "gpt2", "cohere", "cohere2",
                 "phi3", "phi3_longrope", "phi4_mini", "bloom", "falcon", "falcon_mqa", "falcon_rw", "mixtral", "qwen2_moe",
-                "qwen3_moe", "deepseek_v2_lite", "deepseek_v2", "deepseek_v3"]
+                "qwen3_moe", "deepseek_v2_lite", "deepseek_v2", "deepseek_v3", "gemma4_moe"]
 
 # Tiny models: one thread is faster than two fighting over a busy 2-core machine.
 torch.set_num_threads(1)

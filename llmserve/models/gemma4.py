@@ -16,15 +16,17 @@ transformers' ``modeling_gemma4`` computes them.
 - KV sharing: the last ``num_kv_shared_layers`` layers compute no K/V; each attends over the K/V of the last
   earlier layer of its type (:class:`~llmserve.layers.attention.shared_kv.SharedKVAttention`), and holds
   no KV cache. With ``use_double_wide_mlp`` their MLPs are twice as wide.
+- The MoE block (``enable_moe_block``): routed experts beside each layer's dense MLP
+  (:mod:`~llmserve.models.gemma4_moe`), the two outputs normed apart and summed.
 
-Refused at load: the MoE block (``enable_moe_block``), bidirectional attention over all tokens, and
-pipeline parallelism (a later stage would need the per-layer inputs and the shared K/V of earlier stages).
+Refused at load: bidirectional attention over all tokens, and pipeline parallelism (a later stage would need the
+per-layer inputs and the shared K/V of earlier stages).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ from llmserve.layers.activation import Activation
 from llmserve.layers.attention.layer import Attention
 from llmserve.layers.attention.shared_kv import SharedKVAttention
 from llmserve.layers.embedding import VocabParallelEmbedding
+from llmserve.layers.fused_moe import expert_checkpoint_target
 from llmserve.layers.layernorm import Gemma4RMSNorm, UnscaledRMSNorm
 from llmserve.layers.linear import (
     ColumnParallelLinear,
@@ -48,6 +51,7 @@ from llmserve.layers.proportional_rotary import ProportionalRotaryEmbedding
 from llmserve.layers.rotary import RotaryEmbedding, rope_parameters
 from llmserve.models.gemma2 import Gemma2ForCausalLM
 from llmserve.models.gemma3 import language_model_tensor
+from llmserve.models.gemma4_moe import Gemma4Router, check_moe_config, gemma4_experts, moe_routing
 from llmserve.models.interface import IntermediateTensors
 from llmserve.models.llama import (
     LlamaBlockSpec,
@@ -158,6 +162,13 @@ class Gemma4DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = Gemma4RMSNorm(h, eps)
         self.post_feedforward_layernorm = Gemma4RMSNorm(h, eps)
         self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
+        self.experts = None
+        if getattr(config, "enable_moe_block", False):
+            self.router = Gemma4Router(h, moe_routing(config), eps)
+            self.experts = gemma4_experts(config, spec.activation, quant_config, prefix)
+            self.pre_feedforward_layernorm_2 = Gemma4RMSNorm(h, eps)
+            self.post_feedforward_layernorm_1 = Gemma4RMSNorm(h, eps)
+            self.post_feedforward_layernorm_2 = Gemma4RMSNorm(h, eps)
         self.per_layer_size = getattr(config, "hidden_size_per_layer_input", 0) or 0
         if self.per_layer_size:
             self.act_fn = Activation(spec.activation)
@@ -172,11 +183,20 @@ class Gemma4DecoderLayer(nn.Module):
                 rotary_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         attn, kv = self.self_attn(positions, self.input_layernorm(hidden), attn_metadata, shared_kv, rotary_lengths)
         hidden = hidden + self.post_attention_layernorm(attn)
-        hidden = hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
+        hidden = hidden + self.post_feedforward_layernorm(self.feed_forward(hidden))
         if per_layer_input is not None:
             gated = self.act_fn(self.per_layer_input_gate(hidden)) * per_layer_input
             hidden = hidden + self.post_per_layer_input_norm(self.per_layer_projection(gated))
         return hidden * self.layer_scalar, kv
+
+    def feed_forward(self, residual: torch.Tensor) -> torch.Tensor:
+        """The MLP's output; with the MoE block, plus the experts', each through its own post-norm (the router
+        and the experts read the residual, not the MLP's input)."""
+        out = self.mlp(self.pre_feedforward_layernorm(residual))
+        if self.experts is None:
+            return out
+        experts = self.experts(self.pre_feedforward_layernorm_2(residual), *self.router(residual))
+        return self.post_feedforward_layernorm_1(out) + self.post_feedforward_layernorm_2(experts)
 
 
 class Gemma4Model(nn.Module):
@@ -259,9 +279,7 @@ class Gemma4ForCausalLM(Gemma2ForCausalLM):
     @classmethod
     def check_config(cls, config: Any) -> None:
         if getattr(config, "enable_moe_block", False):
-            raise UnsupportedModelConfigError(
-                f"{cls.__name__}: enable_moe_block=true (the Gemma 4 mixture-of-experts block) is not supported yet; "
-                f"llmserve runs the dense Gemma 4 models")
+            check_moe_config(config, cls.__name__)
         if getattr(config, "use_bidirectional_attention", None) == "all":
             raise UnsupportedModelConfigError(
                 f"{cls.__name__}: use_bidirectional_attention='all' (an encoder-style Gemma) is not supported; "
@@ -275,6 +293,13 @@ class Gemma4ForCausalLM(Gemma2ForCausalLM):
         """The layers that hold a KV cache (not those that share another layer's)."""
         return [layer.self_attn.attn for layer in self.model.layers
                 if not isinstance(layer.self_attn.attn, SharedKVAttention)]
+
+    def param_target(self, name: str, params: Mapping[str, nn.Parameter]) -> tuple[str, object]:
+        """The MoE block's stacked ``experts.gate_up_proj`` / ``experts.down_proj`` load into the fused experts."""
+        expert = expert_checkpoint_target(name)
+        if expert is not None and expert[0] in params:
+            return expert
+        return super().param_target(name, params)
 
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         parts = name.split(".")

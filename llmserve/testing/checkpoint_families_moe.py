@@ -1,10 +1,12 @@
-"""The generated mixture-of-experts checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3): families
-declared as :mod:`.checkpoint_families` declares the dense ones."""
+"""The generated mixture-of-experts checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, Gemma 4's MoE
+block): families declared as :mod:`.checkpoint_families` declares the dense ones."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from .chat_templates import CHATML_TEMPLATE, MISTRAL_CHAT_TEMPLATE
-from .checkpoint_families import FamilySpec
+from .checkpoint_families import DENSE_FAMILIES, FamilySpec
 from .tokenizer_files import BYTELEVEL, SENTENCEPIECE
 
 # The tiny DeepSeeks: 3 layers, the first dense, MoE layers of 32-wide experts after it.
@@ -115,5 +117,12 @@ MOE_FAMILIES: dict[str, FamilySpec] = {
         extra_config={"q_lora_rank": 24, "rope_interleave": True, **DEEPSEEK_MOE, "n_routed_experts": 8,
                       "n_shared_experts": 1, "num_experts_per_tok": 2, "topk_method": "noaux_tc", "n_group": 4,
                       "topk_group": 2, "norm_topk_prob": True, "routed_scaling_factor": 2.5},
+    ),
+    # Gemma 4 with its MoE block (enable_moe_block): the gemma4 checkpoint plus, in every layer, 5 routed experts of
+    # 32 beside the dense MLP, top-2 renormalised and scaled per expert (layout gemma4).
+    "gemma4_moe": dataclasses.replace(
+        DENSE_FAMILIES["gemma4"],
+        name="gemma4_moe",
+        extra_config={"enable_moe_block": True, "num_experts": 5, "top_k_experts": 2, "moe_intermediate_size": 32},
     ),
 }

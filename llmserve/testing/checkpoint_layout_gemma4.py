@@ -6,6 +6,10 @@ Every size gets both layer types (every third layer full), the last third of the
 own head size (1.5 x head_dim), one KV head whose values are its keys (``attention_k_eq_v``) and
 proportional rotary on a quarter of their dims, a 10-token window and a final-logit soft-cap of 15.
 Norms scale by ``w`` (centred on 1); the post-norms set each branch's weight in the residual stream.
+
+With ``enable_moe_block`` in the family's config (``gemma4_moe``), every layer also has the router and the
+stacked experts (``num_experts`` of ``moe_intermediate_size``) and the block's three norms; the router's
+scales are spread around 1, so that each of them changes which experts win and with what weight.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint_layout_moe import ROUTER_LOGIT_STD
 from .checkpoint_layouts import LOGIT_STD, NORM_INIT, QK_STD, TensorSpec, normal
 
 if TYPE_CHECKING:
@@ -40,6 +45,20 @@ def num_kv_shared_layers(num_layers: int) -> int:
 
 def global_head_dim(sz: SizeSpec) -> int:
     return 3 * (sz.head_dim or sz.hidden_size // sz.num_attention_heads) // 2
+
+
+def moe_block_tensors(fam: FamilySpec, sz: SizeSpec, prefix: str) -> list[TensorSpec]:
+    """One layer's router, stacked experts and the block's norms, as ``Gemma4TextDecoderLayer`` holds them. The
+    router's input has an RMS of ``hidden_size ** -0.5``, so ``ROUTER_LOGIT_STD`` is its weights' own spread."""
+    h, e, inter = sz.hidden_size, fam.extra_config["num_experts"], fam.extra_config["moe_intermediate_size"]
+    return [TensorSpec(prefix + "router.proj.weight", (e, h), normal(ROUTER_LOGIT_STD)),
+            TensorSpec(prefix + "router.scale", (h,), normal(0.2, mean=1.0)),
+            TensorSpec(prefix + "router.per_expert_scale", (e,), normal(0.2, mean=1.0)),
+            TensorSpec(prefix + "experts.gate_up_proj", (e, 2 * inter, h), normal(_inv(h))),
+            TensorSpec(prefix + "experts.down_proj", (e, h, inter), normal(_inv(inter))),
+            TensorSpec(prefix + "post_feedforward_layernorm_1.weight", (h,), NORM_INIT),
+            TensorSpec(prefix + "post_feedforward_layernorm_2.weight", (h,), NORM_INIT),
+            TensorSpec(prefix + "pre_feedforward_layernorm_2.weight", (h,), NORM_INIT)]
 
 
 def gemma4_tensors(fam: FamilySpec, sz: SizeSpec) -> list[TensorSpec]:
@@ -78,6 +97,8 @@ def gemma4_tensors(fam: FamilySpec, sz: SizeSpec) -> list[TensorSpec]:
             TensorSpec(pre + "per_layer_projection.weight", (h, p), normal(_inv(p))),
             TensorSpec(pre + "post_per_layer_input_norm.weight", (h,), normal(0.1, mean=fam.branch_gain / 2)),
         ]
+        if fam.extra_config.get("enable_moe_block"):
+            specs += moe_block_tensors(fam, sz, pre)
     specs += [TensorSpec("model.norm.weight", (h,), NORM_INIT),
               TensorSpec("model.embed_tokens_per_layer.weight", (v, n * p), normal(_inv(p))),
               TensorSpec("model.per_layer_model_projection.weight", (n * p, h), normal(_inv(h))),

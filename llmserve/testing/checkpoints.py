@@ -36,6 +36,8 @@ Families (:data:`FAMILIES`):
              MLPs), 4 local layers (window 10, 6 heads / 2 KV heads of 16) and 2 global (head_dim 24, one KV
              head whose values are its keys, proportional rotary on a quarter of the dims, base 1M), q/k/v
              norms, ``layer_scalar``, final-logit soft-cap 15, tied (see ``checkpoint_layout_gemma4``).
+``gemma4_moe`` as gemma4 with the MoE block (``enable_moe_block``): 5 experts of 32 beside every layer's dense MLP,
+             top-2 renormalised and scaled per expert, stacked ``experts.gate_up_proj``/``down_proj`` tensors.
 ``cohere``   ``CohereForCausalLM`` (Command-R): bias-free LayerNorm, parallel residual (one norm per layer),
              interleaved rotary, ``logit_scale`` 0.25, per-head q/k LayerNorm (``use_qk_norm``, as Command R+),
              tied; tiny: hidden 96, 3 layers, 6 heads / 2 KV heads (GQA ratio 3) of 16. Byte-level BPE, ChatML template.

@@ -86,7 +86,7 @@ def preempting_blocks(family: str) -> int:
     4's pages are its sliding layers', the largest) whose sliding groups free theirs: smaller caches too."""
     if family == "phi3":
         return 14
-    return {"gemma3": 8, "cohere2": 10, "gemma4": 12}.get(family, 24)
+    return {"gemma3": 8, "cohere2": 10, "gemma4": 12, "gemma4_moe": 12}.get(family, 24)
 
 
 def kv_cache_layer_types(cfg) -> list[str]:
@@ -150,7 +150,7 @@ def pool_block_bytes(path, block_size: int, tp: int = 1) -> int:
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma4", "gpt2", "cohere", "cohere2", "phi3", "phi3_longrope",
                                     "phi4_mini", "bloom", "falcon", "falcon_mqa", "falcon_rw", "mixtral", "qwen2_moe",
-                                    "qwen3_moe", "deepseek_v2_lite", "deepseek_v2", "deepseek_v3"])
+                                    "qwen3_moe", "deepseek_v2_lite", "deepseek_v2", "deepseek_v3", "gemma4_moe"])
 def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     """One engine per family under everything that changes how the KV cache fills: 7-token steps split the
     prompts, 24 blocks of 4 tokens force preemption, and a repeated prompt is served from the prefix cache.
@@ -161,7 +161,7 @@ def test_chunked_prefill_preemption_and_prefix_caching(checkpoint_dir, family):
     prompts (2, 11, 30, 39 and 60 tokens) two start past it, one stays short and two cross it while generating,
     and a preempted sequence recomputes its keys with the factors they were first computed with. The MoE families
     route each chunk's tokens and each decode batch to their experts (top-1, 2 and 3; experts left without a token
-    in a step run nothing). The DeepSeeks cache one latent per token and attend over it with absorbed weights, in
+    in a step run nothing; Gemma 4's beside its dense MLPs). The DeepSeeks cache one latent per token and attend over it with absorbed weights, in
     decodes and in chunks over cached context alike."""
     path = checkpoint_dir(family)
     llm = LLM(str(path), block_size=4, max_num_batched_tokens=7,

@@ -26,8 +26,9 @@ from tests.engine.test_pooling import assert_matches_hf as assert_pooled_like_hf
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # The Llama-shaped families in every layout; the others (whose blocks shard through the same layers) in one each:
-# Gemma 2 at TP=2 (3 query heads and 1 KV head per rank, a sliding window, soft-caps), Gemma 4 at TP=2 (its one
-# global KV head on both ranks, layers sharing K/V, per-layer inputs; it refuses PP), GPT-2 at TP=2 x PP=2 (fused
+# Gemma 2 at TP=2 (3 query heads and 1 KV head per rank, a sliding window, soft-caps), Gemma 4 with its MoE block at
+# TP=2 (its one global KV head on both ranks, layers sharing K/V, per-layer inputs, each rank half of every expert
+# beside its half of the dense MLP; it refuses PP), GPT-2 at TP=2 x PP=2 (fused
 # c_attn and Conv1D weights sharded, learned positions on the first stage only), Command-R at TP=2 (per-head q/k
 # LayerNorms sharded with their heads), Cohere2 and Phi-3 (fused qkv / gate_up) at TP=2 x PP=2 (Cohere2's four
 # KV-cache groups formed across the stages), BLOOM at TP=2 x PP=2 (each rank its heads' ALiBi slopes, the
@@ -41,7 +42,7 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2)]   # (tensor parallel, pipeline parallel)
 # slice of every expert's and the shared experts' intermediate rows).
 # Gemma 3 composes over simulated TP ranks in tests/models/test_gemma.py.
 LLAMA_SHAPED = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
-OTHER_FAMILIES = [("gemma2", 2, 1), ("gemma4", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2),
+OTHER_FAMILIES = [("gemma2", 2, 1), ("gemma4_moe", 2, 1), ("gpt2", 2, 2), ("cohere", 2, 1), ("cohere2", 2, 2),
                   ("phi3", 2, 2), ("bloom", 2, 2), ("falcon", 2, 1), ("falcon_rw", 2, 1), ("phi4_mini", 2, 1),
                   ("mixtral", 2, 1), ("qwen2_moe", 2, 1), ("qwen3_moe", 2, 2), ("deepseek_v2_lite", 2, 1),
                   ("deepseek_v3", 1, 2)]

@@ -5,7 +5,11 @@ message that says what.
 
 KV sharing, ``attention_k_eq_v`` and the double-wide MLPs are in the tensors themselves (shared layers have no
 K/V weights, full layers no ``v_proj``, shared layers' MLPs twice as wide): a model without them cannot load the
-checkpoint, and one that took the wrong layer's K/V or values would not match transformers."""
+checkpoint, and one that took the wrong layer's K/V or values would not match transformers.
+
+The MoE block (``gemma4_moe``: 5 experts of 32 beside every dense MLP, top-2) matches transformers as written, with
+its per-expert and router scales at one and with top-1 (each changes the output), and over 2 tensor-parallel ranks
+with each expert split or whole experts distributed."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ if not torch.cuda.is_available():   # the Triton kernels under the interpreter (
 from safetensors.torch import load_file, save_file
 
 from llmserve.layers.attention.shared_kv import SharedKVAttention
+from llmserve.layers.fused_moe import FusedMoE
 from llmserve.model_loader.loader import load_config
 from llmserve.models.llama import UnsupportedModelConfigError
 from tests.model_helpers import load_tiny, prefill_logits, tensor_parallel_logits
@@ -44,6 +49,11 @@ VARIANTS = {
     "values-at-another-scale": ({}, {"v_proj.weight": 5.0}),   # same output: the value norm takes the scale out
 }
 SAME_OUTPUT = {"values-at-another-scale"}
+MOE_VARIANTS = {
+    "unit-per-expert-scales": ({}, {"router.per_expert_scale": None}),
+    "unit-router-scale": ({}, {"router.scale": None}),
+    "top-1": ({"top_k_experts": 1}, None),
+}
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -124,9 +134,36 @@ def test_triton_backend_matches_hf(checkpoint_dir, monkeypatch):
     assert_matches_hf(path, llm.generate(PROMPTS[:3], params), max_tokens=8)
 
 
+def test_moe_block_matches_hf_beside_every_dense_mlp(checkpoint_dir):
+    path = checkpoint_dir("gemma4_moe")
+    assert_matches_hf(path, checkpoint_dir("gemma4"))   # the experts' branch changes the output
+    layers = load_tiny(path).model.layers
+    assert all(isinstance(layer.experts, FusedMoE) and layer.experts.num_experts == 5 for layer in layers)
+    assert layers[0].mlp.down_proj.input_size == 128 and layers[4].mlp.down_proj.input_size == 256
+
+
+@pytest.mark.parametrize("name", list(MOE_VARIANTS))
+def test_moe_block_variants_match_hf_and_change_the_output(checkpoint_dir, tmp_path, name):
+    config, tensors = MOE_VARIANTS[name]
+    base = checkpoint_dir("gemma4_moe")
+    assert_matches_hf(with_config(tmp_path, base, config, tensors), base)
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["experts-split", "experts-distributed"])
+def test_moe_block_tensor_parallel_ranks_compose_to_the_single_rank_model(checkpoint_dir, expert_parallel):
+    """Each rank its half of every expert's 32 intermediate rows, or experts 0-2 and 3-4 whole; the router and
+    the block's norms on every rank."""
+    path = checkpoint_dir("gemma4_moe")
+    for logits in tensor_parallel_logits(path, 2, LONG_PROMPT, expert_parallel):
+        torch.testing.assert_close(logits, hf_logits(str(path)), atol=1e-4, rtol=1e-4)
+
+
+MOE = {"enable_moe_block": True, "num_experts": 5, "top_k_experts": 2, "moe_intermediate_size": 32}
+
+
 @pytest.mark.parametrize("changes,match", [
-    ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32},
-     "enable_moe_block=true .* not supported yet"),
+    ({**MOE, "moe_intermediate_size": None}, "enable_moe_block=true needs moe_intermediate_size"),
+    ({**MOE, "top_k_experts": 6}, r"top_k_experts \(6\) must be between 1 and num_experts \(5\)"),
     ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention='all'"),
 ])
 def test_what_llmserve_cannot_run_is_refused(checkpoint_dir, tmp_path, changes, match):

@@ -141,6 +141,10 @@ def test_family_loads_in_hf_with_every_weight(family, tiny_checkpoints, tmp_path
         assert model.config.hidden_size_per_layer_input and model.config.attention_k_eq_v
         assert model.model.layers[2].self_attn.v_proj is None and model.config.sliding_window == 10
         assert model.config.rope_parameters["full_attention"]["rope_type"] == "proportional"
+    if family == "gemma4_moe":   # an odd expert count, top-2, beside every layer's dense MLP
+        assert model.config.enable_moe_block and config["num_experts"] == 5 and config["top_k_experts"] == 2
+        assert all(layer.experts.gate_up_proj.shape == (5, 64, 48) for layer in model.model.layers)
+        assert all(hasattr(layer.mlp, "down_proj") for layer in model.model.layers)
     if fam.layout == "moe":   # odd expert counts; dense and sparse layers where the config says
         experts = config.get("num_local_experts") or config["num_experts"]
         assert experts % 2 == 1 and 1 <= config["num_experts_per_tok"] < experts
