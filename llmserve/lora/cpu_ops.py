@@ -3,8 +3,9 @@ step in one call, one parallel region, adding into the base output in place.
 
 It runs float32 or bfloat16 activations and slots (summing in float32, rounding each output once) whose B is
 stored rank-major (:func:`~llmserve.lora.punica.new_stack` lays a CPU stack out so); float16 and a library that
-cannot be built fall back to :func:`~llmserve.lora.punica.add_lora` (PyTorch ops). It lives in the library the other CPU kernels are
-built into and is bound here, with LoRA.
+cannot be built fall back to :func:`~llmserve.lora.punica.add_lora` (PyTorch ops), and so does a step with one
+adapter for every row (the layer decides: there its few large GEMMs beat the kernel). It lives in the library the
+other CPU kernels are built into and is bound here, with LoRA.
 """
 
 from __future__ import annotations
