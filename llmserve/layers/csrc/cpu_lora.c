@@ -24,6 +24,10 @@
 #define COL_VECS 4     /* output vectors per expand tile */
 #define COL_TILE (COL_VECS * LANES)
 #define MAX_SEGMENTS 256
+/* Multiply-adds below which one thread runs the call: a parallel region ends in a barrier, and on a machine
+ * whose cores are shared that barrier waits for a descheduled thread far longer than this much work takes
+ * (a rank-8 decode step with 64 rows is about 7M per layer). */
+#define PARALLEL_MIN_MACS (1L << 23)
 
 /* shrunk[t][j] = x[t] . a[j] for up to ROW_TILE rows and A_TILE A rows, over k values. */
 static inline __attribute__((always_inline)) void
@@ -109,15 +113,17 @@ lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a
     long col_tiles = 0;
     for (int i = 0; i < projections; i++) col_tiles += (bounds[i + 1] - bounds[i] + COL_TILE - 1) / COL_TILE;
     shrink_first[0] = expand_first[0] = 0;
+    long macs = 0;
     for (int s = 0; s < num_segments; s++) {
         const long rank = slot_ranks[segments[3 * s]];
+        macs += (segments[3 * s + 2] - segments[3 * s + 1]) * rank * (projections * in_features + bounds[projections]);
         const long row_tiles = rank ? (segments[3 * s + 2] - segments[3 * s + 1] + ROW_TILE - 1) / ROW_TILE : 0;
         shrink_first[s + 1] = shrink_first[s] + row_tiles * ((projections * rank + A_TILE - 1) / A_TILE);
         expand_first[s + 1] = expand_first[s] + row_tiles * col_tiles;
     }
     const long shrink_items = shrink_first[num_segments], expand_items = expand_first[num_segments];
     if (shrink_items == 0) return;
-    #pragma omp parallel num_threads(num_threads)
+    #pragma omp parallel num_threads(num_threads) if (macs >= PARALLEL_MIN_MACS)
     {
         #pragma omp for schedule(static)
         for (long item = 0; item < shrink_items; item++) {
