@@ -29,7 +29,8 @@ def _library() -> ctypes.CDLL | None:
     if cpu_kernels() is None:   # disabled or not buildable: logged there
         return None
     lib = ctypes.CDLL(str(build_library()))   # the library cpu_kernels() loaded (cached build)
-    lib.llmserve_lora_add.argtypes = [_P, _L, _P, _L, _P, _L, _P, _L, _L, _P, _P, _I, _P, _P, _I, _L, _P, _L, _I, _I, _I]
+    lib.llmserve_lora_add.argtypes = [_P, _L, _P, _L, _P, _L, _P, _L, _L, _P, _P, _I, _P, _P, _I, _L, _P, _L, _I,
+                                      _I, _I]
     lib.llmserve_lora_add.restype = _I
     return lib
 

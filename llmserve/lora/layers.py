@@ -29,9 +29,9 @@ from llmserve.layers.linear import (
     RowParallelLinear,
     check_shape,
 )
-from llmserve.lora.peft import LoRAModuleWeights
 from llmserve.lora.cpu_ops import DTYPES as CPU_KERNEL_DTYPES
 from llmserve.lora.cpu_ops import add_lora_cpu, cpu_kernel_runs
+from llmserve.lora.peft import LoRAModuleWeights
 from llmserve.lora.punica import LoRABatchMapping, add_lora, new_stack
 from llmserve.quantization.base import QuantizeMethodBase
 

@@ -54,7 +54,8 @@ shrink_tile(const void *const *x, int nrows, const void *a, long a_stride, int n
     for (int t = 0; t < nrows; t++)
         for (int g = 0; g < na; g++) {
             float sum = hsum(acc[t][g]);
-            for (long cc = c; cc < k; cc++) sum += load_act1(x[t], cc, act_bf16) * load_act1(a, g * a_stride + cc, w_bf16);
+            for (long cc = c; cc < k; cc++)
+                sum += load_act1(x[t], cc, act_bf16) * load_act1(a, g * a_stride + cc, w_bf16);
             shrunk[t * shrunk_stride + g] = sum;
         }
 }
