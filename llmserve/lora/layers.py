@@ -29,8 +29,10 @@ from llmserve.layers.linear import (
     RowParallelLinear,
     check_shape,
 )
+from llmserve.lora.cpu_ops import DTYPES as CPU_KERNEL_DTYPES
+from llmserve.lora.cpu_ops import add_lora_cpu, cpu_kernel_runs
 from llmserve.lora.peft import LoRAModuleWeights
-from llmserve.lora.punica import LoRABatchMapping, LoRAStack, add_lora
+from llmserve.lora.punica import LoRABatchMapping, add_lora, new_stack
 from llmserve.quantization.base import QuantizeMethodBase
 
 
@@ -79,12 +81,11 @@ class LoRALinearMethod(QuantizeMethodBase):
         sharded_input = isinstance(layer, RowParallelLinear) and layer.tp_size > 1
         self.input_start, self.input_cols = (layer.tp_rank * cols if sharded_input else 0), cols
         bounds = [s.out_offset for s in self.shards] + [layer.output_size_per_partition]
-        self.stack = LoRAStack(torch.zeros(max_loras, len(self.shards) * max_rank, cols, dtype=dtype, device=device),
-                               torch.zeros(max_loras, layer.output_size_per_partition, max_rank, dtype=dtype,
-                                           device=device), bounds, [0] * max_loras)
+        self.stack = new_stack(max_loras, max_rank, cols, bounds, dtype, device)
         self.rank_tensor = torch.zeros(max_loras, dtype=torch.long, device=device)   # stack.ranks, for the kernels
         self.bounds_tensor = torch.tensor(bounds, dtype=torch.long, device=device)
         self.use_triton = device.type == "cuda" and triton_available()
+        self.use_cpu_kernel = cpu_kernel_runs(self.stack)
 
     def create_weights(self, layer: nn.Module, *args: Any, **kwargs: Any) -> None:
         self.base.create_weights(layer, *args, **kwargs)
@@ -102,6 +103,13 @@ class LoRALinearMethod(QuantizeMethodBase):
 
                 add_lora_segments(out_rows, x_rows.contiguous(), self.stack, self.rank_tensor, self.bounds_tensor,
                                   mapping.device_segments(x.device))
+            elif (self.use_cpu_kernel and mapping.rows is not None and x.dtype == out.dtype
+                  and x.dtype in CPU_KERNEL_DTYPES):
+                # Rows to gather and scatter (adapters mixed, or with base rows): the kernel. One adapter for
+                # every row stays on add_lora: a GEMM per op straight into the output, which oneDNN runs faster
+                # than the kernel's float32 FMAs on many rows (docs/benchmarks.md).
+                add_lora_cpu(out_rows, x_rows if x_rows.stride(1) == 1 else x_rows.contiguous(), self.stack,
+                             self.rank_tensor, self.bounds_tensor, mapping)
             else:
                 add_lora(out_rows, x_rows, self.stack, mapping)
         return out

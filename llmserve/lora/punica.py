@@ -43,6 +43,7 @@ class LoRABatchMapping:
     slot_range: tuple[int, int] | None = None
     slot_index: torch.Tensor | None = None
     _device_segments: Any = None
+    _segment_table: np.ndarray | None = None
 
     @classmethod
     def build(cls, slot_per_seq: np.ndarray, query_lens: np.ndarray, device: torch.device) -> LoRABatchMapping:
@@ -83,6 +84,12 @@ class LoRABatchMapping:
         else:
             self.slot_index = torch.tensor(slots, dtype=torch.long, device=device)
 
+    def segment_table(self) -> np.ndarray:
+        """The segments as int64 ``[segments, 3]`` rows of (slot, start, end) (built on first use, then shared)."""
+        if self._segment_table is None:
+            self._segment_table = np.asarray(self.segments, dtype=np.int64).reshape(-1, 3)
+        return self._segment_table
+
     def device_segments(self, device: torch.device) -> Any:
         """The segments as :class:`~llmserve.lora.triton_ops.Segments` (built on first use, then shared)."""
         if self._device_segments is None:
@@ -108,6 +115,20 @@ class LoRAStack:
     @property
     def num_projections(self) -> int:
         return len(self.bounds) - 1
+
+
+def new_stack(max_loras: int, max_rank: int, in_features: int, bounds: list[int], dtype: torch.dtype,
+              device: torch.device) -> LoRAStack:
+    """Empty (zero) slots for the projections ``bounds`` delimits. On the CPU, B is stored rank-major
+    (``[slots, R, out]``, seen through a transposed view as ``[slots, out, R]``): the CPU kernel's expand adds
+    each rank's row along contiguous output columns. Elsewhere it is contiguous, as the Triton kernels read it."""
+    projections, out_features = len(bounds) - 1, bounds[-1]
+    a = torch.zeros(max_loras, projections * max_rank, in_features, dtype=dtype, device=device)
+    if device.type == "cpu":
+        b = torch.zeros(max_loras, max_rank, out_features, dtype=dtype, device=device).transpose(1, 2)
+    else:
+        b = torch.zeros(max_loras, out_features, max_rank, dtype=dtype, device=device)
+    return LoRAStack(a, b, bounds, [0] * max_loras)
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, stack: LoRAStack, mapping: LoRABatchMapping) -> None:

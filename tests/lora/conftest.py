@@ -43,13 +43,16 @@ def lora_adapter(checkpoint_dir, tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-def random_stack(ranks: list[int], bounds: list[int], d_in: int, max_rank: int, seed: int = 0) -> LoRAStack:
+def random_stack(ranks: list[int], bounds: list[int], d_in: int, max_rank: int, seed: int = 0,
+                 rank_major_b: bool = False) -> LoRAStack:
     """A layer's slots holding random adapters of ``ranks`` (one per slot; 0: none) over the projections whose
-    output rows ``bounds`` delimits, zeros past each rank as the slots hold them."""
+    output rows ``bounds`` delimits, zeros past each rank as the slots hold them. B is contiguous, or stored
+    rank-major (``rank_major_b``) as a CPU layer stores it."""
     gen = torch.Generator().manual_seed(seed)
     projections = len(bounds) - 1
     a = torch.zeros(len(ranks), projections * max_rank, d_in)
-    b = torch.zeros(len(ranks), bounds[-1], max_rank)
+    b = (torch.zeros(len(ranks), max_rank, bounds[-1]).transpose(1, 2) if rank_major_b
+         else torch.zeros(len(ranks), bounds[-1], max_rank))
     for slot, r in enumerate(ranks):
         a[slot, :projections * r] = torch.randn(projections * r, d_in, generator=gen)
         b[slot, :, :r] = torch.randn(bounds[-1], r, generator=gen)

@@ -3,6 +3,8 @@ and a float64 per-row reference, base rows untouched."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -51,7 +53,8 @@ def test_layers_run_the_kernels_in_the_engine(llama_dir, lora_adapter):
     prompts = ["Hello world, this is", "The quick brown fox", "A"]
     expected = llm.generate(prompts, params, lora_request=loras)
     for method in llm.engine.runner.lora_manager.layers.values():
-        method.use_triton = True
+        method.use_triton = True   # with B contiguous, as a GPU layer stores it (a CPU one stores it rank-major)
+        method.stack = dataclasses.replace(method.stack, b=method.stack.b.contiguous())
     got = llm.generate(prompts, params, lora_request=loras)
     for e, g in zip(expected, got):
         assert g.outputs[0].token_ids == e.outputs[0].token_ids

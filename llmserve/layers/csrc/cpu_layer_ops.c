@@ -17,29 +17,6 @@
 
 #define PARALLEL_MIN_ELEMENTS (1L << 15)
 
-static inline __attribute__((always_inline)) vec load_act(const void *p, long i, const int bf16) {
-    return bf16 ? load_bf16((const uint16_t *)p + i) : load((const float *)p + i);
-}
-
-static inline __attribute__((always_inline)) float load_act1(const void *p, long i, const int bf16) {
-    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline __attribute__((always_inline)) void store_act(void *p, long i, vec v, const int bf16) {
-    if (bf16) store_bf16((uint16_t *)p + i, v);
-    else store((float *)p + i, v);
-}
-
-static inline __attribute__((always_inline)) void store_act1(void *p, long i, float v, const int bf16) {
-    if (bf16) {
-        uint16_t h[LANES];
-        store_bf16(h, splat(v));
-        ((uint16_t *)p)[i] = h[0];
-    } else {
-        ((float *)p)[i] = v;
-    }
-}
-
 /* The bfloat16 rounding of a model in bfloat16 (nothing in float32). */
 static inline __attribute__((always_inline)) vec model_round(vec v, const int bf16) { return bf16 ? round_bf16(v) : v; }
 

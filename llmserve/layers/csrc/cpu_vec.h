@@ -123,4 +123,29 @@ static inline vec round_bf16(vec v) {
     return load_bf16(h);
 }
 
+/* Activations that are float32 or bfloat16 (`bf16`, a constant in each specialised caller): loaded as floats,
+ * stored rounded to the activation's type. */
+static inline __attribute__((always_inline)) vec load_act(const void *p, long i, const int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i) : load((const float *)p + i);
+}
+
+static inline __attribute__((always_inline)) float load_act1(const void *p, long i, const int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline __attribute__((always_inline)) void store_act(void *p, long i, vec v, const int bf16) {
+    if (bf16) store_bf16((uint16_t *)p + i, v);
+    else store((float *)p + i, v);
+}
+
+static inline __attribute__((always_inline)) void store_act1(void *p, long i, float v, const int bf16) {
+    if (bf16) {
+        uint16_t h[LANES];
+        store_bf16(h, splat(v));
+        ((uint16_t *)p)[i] = h[0];
+    } else {
+        ((float *)p)[i] = v;
+    }
+}
+
 #endif

@@ -1,0 +1,66 @@
+"""The CPU LoRA kernel (``layers/csrc/cpu_lora.c``): a layer's shrinks and expands for every adapter of the
+step in one call, one parallel region, adding into the base output in place.
+
+It runs float32 or bfloat16 activations and slots (summing in float32, rounding each output once) whose B is
+stored rank-major (:func:`~llmserve.lora.punica.new_stack` lays a CPU stack out so); float16 and a library that
+cannot be built fall back to :func:`~llmserve.lora.punica.add_lora` (PyTorch ops), and so does a step with one
+adapter for every row (the layer decides: there its few large GEMMs beat the kernel). It lives in the library the
+other CPU kernels are built into and is bound here, with LoRA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import torch
+
+from llmserve.layers.cpu_kernel_build import build_library
+from llmserve.layers.cpu_kernels import cpu_kernels
+from llmserve.lora.punica import LoRABatchMapping, LoRAStack
+
+_P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+DTYPES = (torch.float32, torch.bfloat16)   # of the activations and of the slots, each either
+MAX_SEGMENTS = 256   # the kernel's limit on a step's adapters (its MAX_SEGMENTS); --max-loras is far below it
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if cpu_kernels() is None:   # disabled or not buildable: logged there
+        return None
+    lib = ctypes.CDLL(str(build_library()))   # the library cpu_kernels() loaded (cached build)
+    lib.llmserve_lora_add.argtypes = [_P, _L, _P, _L, _P, _L, _P, _L, _L, _P, _P, _I, _P, _P, _I, _L, _P, _L, _I,
+                                      _I, _I]
+    lib.llmserve_lora_add.restype = _I
+    return lib
+
+
+def cpu_kernel_runs(stack: LoRAStack) -> bool:
+    """Whether :func:`add_lora_cpu` runs this stack (on the CPU in one of :data:`DTYPES`, B rank-major, the
+    library built)."""
+    return (stack.a.device.type == "cpu" and stack.a.dtype == stack.b.dtype and stack.a.dtype in DTYPES
+            and stack.a.is_contiguous() and stack.b.stride(1) == 1 and stack.b.transpose(1, 2).is_contiguous()
+            and _library() is not None)
+
+
+def add_lora_cpu(out: torch.Tensor, x: torch.Tensor, stack: LoRAStack, slot_ranks: torch.Tensor,
+                 bounds: torch.Tensor, mapping: LoRABatchMapping) -> None:
+    """``out[rows] += x[rows] A[slot]^T B[slot]^T`` (per projection) for each segment of ``mapping``, in place;
+    ``x`` [tokens, in] and ``out`` [tokens, out] of one dtype of :data:`DTYPES`, unit stride along rows;
+    ``slot_ranks`` and ``bounds`` int64 (``stack.ranks``, ``stack.bounds``). The stack must pass
+    :func:`cpu_kernel_runs`."""
+    lib = _library()
+    assert lib is not None and x.dtype == out.dtype and x.dtype in DTYPES and x.stride(1) == 1 and out.stride(1) == 1
+    table = mapping.segment_table()
+    if len(table) > MAX_SEGMENTS:
+        raise ValueError(f"the CPU LoRA kernel takes at most {MAX_SEGMENTS} adapters in a step, got {len(table)}")
+    positions = mapping.num_tokens if mapping.rows is None else len(mapping.rows)
+    width = stack.a.shape[1]
+    shrunk = torch.empty(positions, width, dtype=torch.float32)
+    a, b = stack.a, stack.b
+    lib.llmserve_lora_add(
+        x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), a.data_ptr(), a.stride(0), b.data_ptr(),
+        b.stride(0), b.stride(2), slot_ranks.data_ptr(), bounds.data_ptr(), stack.num_projections,
+        None if mapping.rows is None else mapping.rows.data_ptr(), table.ctypes.data, len(table), x.shape[1],
+        shrunk.data_ptr(), width, torch.get_num_threads(), int(x.dtype == torch.bfloat16),
+        int(a.dtype == torch.bfloat16))
