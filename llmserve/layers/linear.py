@@ -77,6 +77,7 @@ class LinearBase(nn.Module):
         self.tp_group = get_tp_group()
         self.tp_rank = self.tp_group.rank
         self.tp_size = self.tp_group.world_size
+        self.checkpoint_sizes = [output_size]   # rows of each projection in the checkpoint (unsharded)
         method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
         self.quant_method = method or UnquantizedLinearMethod()
 
@@ -97,6 +98,20 @@ class LinearBase(nn.Module):
             set_weight_attrs(self.bias, attrs)
         else:
             self.register_parameter("bias", None)
+
+    def _shard_index(self, shard_id: object) -> int:
+        if shard_id not in self.shard_ids:
+            raise ValueError(f"unknown shard {shard_id!r}; this layer takes {list(self.shard_ids)}")
+        return self.shard_ids.index(shard_id)
+
+    def _shard_start(self, index: int) -> int:
+        """First checkpoint row of projection ``index`` that this rank holds (0: the outputs are not split)."""
+        return 0
+
+    @property
+    def input_shard_start(self) -> int:
+        """First checkpoint input column this rank holds (0: the inputs are not split)."""
+        return 0
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         raise NotImplementedError
@@ -140,8 +155,12 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(input_size, output_size, bias, quant_config, prefix, params_dtype=params_dtype)
         self.gather_output = gather_output
         sizes = list(output_sizes) if output_sizes is not None else [output_size]
+        self.checkpoint_sizes = sizes
         self._create_parameters(input_size, [divide(s, self.tp_size, "output size") for s in sizes], bias,
                                 bias_sharded=True)
+
+    def _shard_start(self, index: int) -> int:
+        return self.tp_rank * self.output_partition_sizes[index]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         rows = param.shape[0]
@@ -169,17 +188,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias, False, quant_config, prefix,
                          params_dtype=params_dtype, output_sizes=output_sizes)
         self.output_sizes = list(output_sizes)
-        self.checkpoint_sizes = list(output_sizes)   # rows of each projection in the checkpoint
         self.shard_ids = tuple(range(len(output_sizes)))
-
-    def _shard_index(self, shard_id: object) -> int:
-        if shard_id not in self.shard_ids:
-            raise ValueError(f"unknown shard {shard_id!r}; this layer takes {list(self.shard_ids)}")
-        return self.shard_ids.index(shard_id)
-
-    def _shard_start(self, index: int) -> int:
-        """First checkpoint row of projection ``index`` that this rank holds."""
-        return self.tp_rank * self.output_partition_sizes[index]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         name = _name(param)
@@ -263,6 +272,10 @@ class RowParallelLinear(LinearBase):
         self.reduce_results = reduce_results
         self._create_parameters(divide(input_size, self.tp_size, "input size"), [output_size], bias,
                                 bias_sharded=False)
+
+    @property
+    def input_shard_start(self) -> int:
+        return self.tp_rank * self.input_size_per_partition
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         dim = getattr(param, "input_dim", None)

@@ -19,8 +19,8 @@ from torch import nn
 from llmserve.layers.fused_moe.method import FusedMoEMethodBase
 from llmserve.quantization.base import QuantizationConfig, QuantizeMethodBase
 from llmserve.quantization.checkpoint_moe import QUANTISABLE_LAYERS, method_for_layer
-from llmserve.quantization.checkpoint_params import (CheckpointFormatError, add_checkpoint_param, drop_params,
-                                                     require_single_rank, unpack_int32)
+from llmserve.quantization.checkpoint_params import (CheckpointFormatError, add_checkpoint_param, check_input_split,
+                                                     drop_params, unpack_int32)
 from llmserve.quantization.gptq import check_group_size
 from llmserve.quantization.layer_selection import contains_any, covers_all
 from llmserve.quantization.packed import U4, apply_weight_only, set_weight_only
@@ -70,15 +70,17 @@ class AWQLinearMethod(QuantizeMethodBase):
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:
-        require_single_rank(layer, "AWQ")
-        k, n = input_size_per_partition, sum(output_partition_sizes)
+        k, n, group = input_size_per_partition, sum(output_partition_sizes), self.config.group_size
         if any(rows % 8 for rows in output_partition_sizes):
-            raise CheckpointFormatError(f"{layer.prefix}: outputs {output_partition_sizes} must be multiples of 8 "
-                                        f"for AWQ packing")
-        groups = 1 if self.config.group_size == -1 else -(-k // self.config.group_size)
-        add_checkpoint_param(layer, "qweight", (k, n // 8), torch.int32, output_dim=1, pack_factor=8)
-        add_checkpoint_param(layer, "qzeros", (groups, n // 8), torch.int32, output_dim=1, pack_factor=8)
-        add_checkpoint_param(layer, "scales", (groups, n), torch.float32, output_dim=1)
+            raise CheckpointFormatError(f"{layer.prefix}: outputs {output_partition_sizes} (per rank) must be "
+                                        f"multiples of 8 for AWQ packing")
+        check_input_split(layer, "AWQ", group)
+        groups, group_dim = (1, None) if group == -1 else (-(-k // group), 0)
+        add_checkpoint_param(layer, "qweight", (k, n // 8), torch.int32, output_dim=1, pack_factor=8, input_dim=0)
+        add_checkpoint_param(layer, "qzeros", (groups, n // 8), torch.int32, output_dim=1, pack_factor=8,
+                             input_dim=group_dim, input_pack=group)
+        add_checkpoint_param(layer, "scales", (groups, n), torch.float32, output_dim=1, input_dim=group_dim,
+                             input_pack=group)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         k = layer.qweight.shape[0]

@@ -14,8 +14,10 @@ order per expert: :mod:`llmserve.quantization.packed`), the stacked checkpoint t
 experts run grouped by expert (:func:`~llmserve.layers.fused_moe.grouped_experts.grouped_expert_modules`) through
 the linear method's ``apply``: the kernels the dense layers use, one call per expert that received tokens.
 
-Sharding: an expert is held whole by one rank, so expert parallelism needs nothing more; tensor parallelism over
-an expert's intermediate dimension is refused as the formats' linear methods refuse it.
+Sharding: with expert parallelism an expert is held whole by one rank, so nothing is split. With tensor
+parallelism every rank holds every expert split over its intermediate dimension, as the float experts are: an
+expert's gate and up projections are column-parallel (this rank's rows of each) and its down projection
+row-parallel (this rank's columns), so the linear method's loaders narrow them as they narrow a dense layer's.
 """
 
 from __future__ import annotations
@@ -37,20 +39,33 @@ QUANTISABLE_LAYERS = (LinearBase, FusedMoE)   # what a checkpoint format's confi
 
 class ExpertProjection(nn.Module):
     """One expert's gate and up projections (``shard_ids`` ``("w1", "w3")``) or its down projection (``("w2",)``),
-    with the sizes and shard lookup a linear method reads of the layer it serves."""
+    with the sizes, shard lookup and tensor-parallel placement a linear method reads of the layer it serves.
 
-    def __init__(self, prefix: str, input_size: int, output_sizes: list[int], shard_ids: tuple[str, ...],
-                 tp_size: int) -> None:
+    ``input_size``/``output_sizes``: the unsharded sizes (the checkpoint's); the ``*_per_partition`` ones: this
+    rank's (smaller along the intermediate dimension under tensor parallelism).
+    """
+
+    def __init__(self, prefix: str, input_size: int, input_size_per_partition: int, output_sizes: list[int],
+                 output_partition_sizes: list[int], shard_ids: tuple[str, ...], tp_rank: int, tp_size: int) -> None:
         super().__init__()
-        self.prefix, self.shard_ids, self.tp_size = prefix, shard_ids, tp_size
-        self.input_size_per_partition = input_size
-        self.output_partition_sizes = list(output_sizes)
-        self.output_size_per_partition = sum(output_sizes)
+        self.prefix, self.shard_ids, self.tp_rank, self.tp_size = prefix, shard_ids, tp_rank, tp_size
+        self.input_size, self.input_size_per_partition = input_size, input_size_per_partition
+        self.checkpoint_sizes = list(output_sizes)
+        self.output_partition_sizes = list(output_partition_sizes)
+        self.output_size_per_partition = sum(output_partition_sizes)
 
     def _shard_index(self, shard_id: object) -> int:
         if shard_id not in self.shard_ids:
             raise ValueError(f"{self.prefix}: unknown projection {shard_id!r}; this one takes {list(self.shard_ids)}")
         return self.shard_ids.index(shard_id)
+
+    def _shard_start(self, index: int) -> int:
+        rows = self.output_partition_sizes[index]
+        return 0 if rows == self.checkpoint_sizes[index] else self.tp_rank * rows
+
+    @property
+    def input_shard_start(self) -> int:
+        return self.tp_rank * self.input_size_per_partition
 
 
 def method_for_layer(layer: nn.Module, linear_method: QuantizeMethodBase) -> QuantizeMethodBase | FusedMoEMethodBase:
@@ -70,16 +85,18 @@ class CheckpointFusedMoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype,
                        **extra_weight_attrs: Any) -> None:
-        inter = intermediate_size_per_partition
-        shapes = {"w13": (hidden_size, [inter, inter], ("w1", "w3"), "gate_up_proj"),
-                  "w2": (inter, [hidden_size], ("w2",), "down_proj")}
+        inter, full = intermediate_size_per_partition, layer.intermediate_size
+        shapes = {"w13": ((hidden_size, hidden_size), ([full, full], [inter, inter]), ("w1", "w3"), "gate_up_proj"),
+                  "w2": ((full, inter), ([hidden_size], [hidden_size]), ("w2",), "down_proj")}
         # A plain dict, not submodules: until they are repacked, the experts' parameters are the stacked ones.
         layer.loading_experts = {}
-        for name, (inputs, outputs, shard_ids, label) in shapes.items():
-            experts = [ExpertProjection(f"{layer.prefix}.{layer.expert_start + e}.{label}", inputs, outputs,
-                                        shard_ids, layer.tp_size) for e in range(num_experts)]
+        for name, ((inputs, rank_inputs), (outputs, rank_outputs), shard_ids, label) in shapes.items():
+            experts = [ExpertProjection(f"{layer.prefix}.{layer.expert_start + e}.{label}", inputs, rank_inputs,
+                                        outputs, rank_outputs, shard_ids, layer.tp_rank, layer.tp_size)
+                       for e in range(num_experts)]
             for expert in experts:
-                self.linear_method.create_weights(expert, inputs, outputs, inputs, sum(outputs), params_dtype)
+                self.linear_method.create_weights(expert, rank_inputs, rank_outputs, inputs, sum(outputs),
+                                                  params_dtype)
             for param_name in list(experts[0]._parameters):
                 stacked = nn.Parameter(torch.stack([e._parameters[param_name].data for e in experts]),
                                        requires_grad=False)

@@ -6,6 +6,12 @@ loaders do not fit them. Each such parameter declares which dim holds the output
 one element packs; its loader copies a fused layer's shard (``q``/``k``/``v``, gate/up) into its slice
 along that dim. A parameter without an output dim (``g_idx``) must be the same for every shard.
 The method turns them into the packed kernel layout after loading (:mod:`llmserve.quantization.packed`).
+
+Tensor parallelism (vLLM's placement): the loaders take the unsharded checkpoint tensor and keep this rank's
+part, asking the layer where it starts: a column-parallel layer's rows of each projection (``_shard_start``,
+with QKV's per-rank head counts and replicated KV heads) along the output dim, in packed units; a
+row-parallel layer's columns (``input_shard_start``) along the input dim, in units of codes per int32 or of
+groups. :func:`check_input_split` refuses, at start-up, a split that would cut a group or a packed word.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmserve.layers.linear import WeightShapeError, copy_checked
+from llmserve.layers.linear import WeightShapeError, check_shape, copy_checked
 from llmserve.quantization.base import set_weight_attrs
 
 
@@ -21,35 +27,75 @@ class CheckpointFormatError(ValueError):
     """A quantised checkpoint's config or tensors do not describe a layout llmserve can run."""
 
 
-def require_single_rank(layer: nn.Module, format_name: str) -> None:
-    """Checkpoint-quantised layers load whole: refuse tensor parallelism clearly rather than mis-shard."""
-    if getattr(layer, "tp_size", 1) > 1:
-        raise CheckpointFormatError(f"{format_name} checkpoints run with --tensor-parallel-size 1 for now "
-                                    f"(their packed tensors are not sharded yet)")
+def check_input_split(layer: nn.Module, format_name: str, group_size: int, pack: int = 1) -> None:
+    """On a layer whose inputs are split over tensor-parallel ranks (row-parallel, an expert's down projection),
+    refuse at start-up unless each rank's columns hold whole groups and whole packed words: a group split
+    between ranks would need its scale on both, a word split between them would need unpacking before sharding."""
+    k, total = layer.input_size_per_partition, layer.input_size
+    if k == total:
+        return
+    for what, size in (("group size", group_size), ("codes per int32", pack)):
+        if size > 1 and k % size:
+            raise CheckpointFormatError(
+                f"{layer.prefix}: its {total} inputs split over {total // k} tensor-parallel ranks leave {k} per "
+                f"rank, not a multiple of the {format_name} {what} ({size}); use a smaller --tensor-parallel-size")
 
 
 def add_checkpoint_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-                         output_dim: int | None, pack_factor: int = 1) -> nn.Parameter:
-    """Register ``layer.<name>`` (``shape``, with the outputs along ``output_dim``, ``pack_factor`` of them
-    per element) with a loader that places each fused shard along that dim."""
+                         output_dim: int | None, pack_factor: int = 1, input_dim: int | None = None,
+                         input_pack: int = 1) -> nn.Parameter:
+    """Register ``layer.<name>`` (this rank's ``shape``) with a loader that takes the checkpoint's unsharded
+    tensor and keeps this rank's part of it.
+
+    ``output_dim``: the dim holding the outputs, ``pack_factor`` of them per element; each fused shard's rows
+    this rank holds are placed along it (None: a tensor every shard brings the same, e.g. ``g_idx``).
+    ``input_dim``: the dim holding the inputs, ``input_pack`` of them per element (codes per int32, or the group
+    size for per-group scales), narrowed to this rank's columns on a layer whose inputs are split (None: every
+    rank keeps it whole, e.g. the scales of one group, or those GPTQ's ``g_idx`` indexes).
+    """
     param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+    def checkpoint_shape(rows: int | None) -> list[int]:
+        full = list(shape)
+        if input_dim is not None:
+            full[input_dim] = -(-layer.input_size // input_pack)
+        if rows is not None:
+            full[output_dim] = rows // pack_factor
+        return full
+
+    def own_columns(loaded: torch.Tensor) -> torch.Tensor:
+        if input_dim is None or layer.input_size_per_partition == layer.input_size:
+            return loaded
+        return loaded.narrow(input_dim, layer.input_shard_start // input_pack, shape[input_dim])
+
+    def place(target: nn.Parameter, loaded: torch.Tensor, shard_id: object, label: str) -> None:
+        index = layer._shard_index(shard_id)
+        start, rows = sum(layer.output_partition_sizes[:index]), layer.output_partition_sizes[index]
+        first = layer._shard_start(index)
+        if start % pack_factor or rows % pack_factor or first % pack_factor:
+            raise WeightShapeError(f"{label}: projection of {rows} outputs does not split into packs of {pack_factor}")
+        check_shape(loaded, checkpoint_shape(layer.checkpoint_sizes[index]), label)
+        copy_checked(target.data.narrow(output_dim, start // pack_factor, rows // pack_factor),
+                     own_columns(loaded).narrow(output_dim, first // pack_factor, rows // pack_factor), label)
 
     def load(target: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         label = getattr(target, "checkpoint_name", "") or f"{layer.prefix}.{name}"
-        if shard_id is None:
-            copy_checked(target, loaded, label)
-            return
         if output_dim is None:
-            if getattr(target, "loaded_once", False) and not torch.equal(target.data, loaded.to(target.dtype)):
+            check_shape(loaded, checkpoint_shape(None), label)
+            loaded = own_columns(loaded)
+            if shard_id is not None and getattr(target, "loaded_once", False) and not torch.equal(
+                    target.data, loaded.to(target.dtype)):
                 raise WeightShapeError(f"{label} differs between the fused projections of {layer.prefix}")
             copy_checked(target, loaded, label)
-            target.loaded_once = True
+            target.loaded_once = shard_id is not None
             return
-        index = layer._shard_index(shard_id)
-        start, rows = sum(layer.output_partition_sizes[:index]), layer.output_partition_sizes[index]
-        if start % pack_factor or rows % pack_factor:
-            raise WeightShapeError(f"{label}: projection of {rows} outputs does not split into packs of {pack_factor}")
-        copy_checked(target.data.narrow(output_dim, start // pack_factor, rows // pack_factor), loaded, label)
+        if shard_id is None and len(layer.shard_ids) > 1:   # a fused checkpoint tensor: each projection in turn
+            check_shape(loaded, checkpoint_shape(sum(layer.checkpoint_sizes)), label)
+            parts = loaded.split([rows // pack_factor for rows in layer.checkpoint_sizes], dim=output_dim)
+            for sid, part in zip(layer.shard_ids, parts):
+                place(target, part, sid, label)
+            return
+        place(target, loaded, shard_id, label)
 
     set_weight_attrs(param, {"weight_loader": load})
     layer.register_parameter(name, param)
@@ -87,17 +133,17 @@ def per_output(layer: nn.Module, shard_scalars: torch.Tensor) -> torch.Tensor:
 
 
 def add_shape_param(layer: nn.Module, name: str) -> nn.Parameter:
-    """Register ``layer.<name>``, a checkpoint's record of a weight's ``[out, in]`` shape, checked against each
-    projection as it loads (nothing to keep: the layer knows its shapes)."""
+    """Register ``layer.<name>``, a checkpoint's record of a weight's unsharded ``[out, in]`` shape, checked against
+    each projection as it loads (nothing to keep: the layer knows its shapes)."""
     param = nn.Parameter(torch.zeros(len(layer.output_partition_sizes), 2, dtype=torch.int64), requires_grad=False)
 
     def load(target: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        index = None if shard_id is None else layer._shard_index(shard_id)
-        rows = layer.output_size_per_partition if index is None else layer.output_partition_sizes[index]
-        if loaded.tolist() != [rows, layer.input_size_per_partition]:
+        fused = shard_id is None and len(layer.shard_ids) > 1
+        rows = sum(layer.checkpoint_sizes) if fused else layer.checkpoint_sizes[layer._shard_index(shard_id)]
+        if loaded.tolist() != [rows, layer.input_size]:
             label = getattr(target, "checkpoint_name", "") or f"{layer.prefix}.{name}"
             raise WeightShapeError(f"{label} records shape {loaded.tolist()} but the model expects "
-                                   f"{[rows, layer.input_size_per_partition]}")
+                                   f"{[rows, layer.input_size]} (unsharded)")
 
     set_weight_attrs(param, {"weight_loader": load})
     layer.register_parameter(name, param)

@@ -26,8 +26,8 @@ from llmserve.layers.fused_moe.method import FusedMoEMethodBase
 from llmserve.quantization.base import QuantizationConfig, QuantizeMethodBase
 from llmserve.quantization.checkpoint_moe import QUANTISABLE_LAYERS, method_for_layer
 from llmserve.quantization.checkpoint_params import (CheckpointFormatError, add_checkpoint_param, add_shape_param,
-                                                     add_shard_scalar_param, drop_params, per_output,
-                                                     require_single_rank, unpack_int32)
+                                                     add_shard_scalar_param, check_input_split, drop_params,
+                                                     per_output, unpack_int32)
 from llmserve.quantization.layer_selection import covers_all, matches_any
 from llmserve.quantization.packed import CHUNK, FP8, U4, U8, apply_w8a8, apply_weight_only, set_w8a8, set_weight_only
 
@@ -114,9 +114,8 @@ class CTW8A8Method(QuantizeMethodBase):
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:
-        require_single_rank(layer, "compressed-tensors")
         n = sum(output_partition_sizes)
-        add_checkpoint_param(layer, "weight", (n, input_size_per_partition), torch.int8, output_dim=0)
+        add_checkpoint_param(layer, "weight", (n, input_size_per_partition), torch.int8, output_dim=0, input_dim=1)
         if self.strategy == "channel":
             add_checkpoint_param(layer, "weight_scale", (n, 1), torch.float32, output_dim=0)
         else:
@@ -140,11 +139,13 @@ class CTPackedMethod(QuantizeMethodBase):
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:
-        require_single_rank(layer, "compressed-tensors")
-        k, n = input_size_per_partition, sum(output_partition_sizes)
-        groups = 1 if self.group_size == -1 else -(-k // self.group_size)
-        add_checkpoint_param(layer, "weight_packed", (n, -(-k * self.bits // 32)), torch.int32, output_dim=0)
-        add_checkpoint_param(layer, "weight_scale", (n, groups), torch.float32, output_dim=0)
+        k, n, pack = input_size_per_partition, sum(output_partition_sizes), 32 // self.bits
+        check_input_split(layer, "compressed-tensors", self.group_size, pack)
+        groups, group_dim = (1, None) if self.group_size == -1 else (-(-k // self.group_size), 1)
+        add_checkpoint_param(layer, "weight_packed", (n, -(-k // pack)), torch.int32, output_dim=0, input_dim=1,
+                             input_pack=pack)
+        add_checkpoint_param(layer, "weight_scale", (n, groups), torch.float32, output_dim=0, input_dim=group_dim,
+                             input_pack=self.group_size)
         add_shape_param(layer, "weight_shape")
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -179,9 +180,9 @@ class CTFP8Method(QuantizeMethodBase):
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:
-        require_single_rank(layer, "compressed-tensors")
         n = sum(output_partition_sizes)
-        add_checkpoint_param(layer, "weight", (n, input_size_per_partition), torch.float8_e4m3fn, output_dim=0)
+        add_checkpoint_param(layer, "weight", (n, input_size_per_partition), torch.float8_e4m3fn, output_dim=0,
+                             input_dim=1)
         if self.strategy == "channel":
             add_checkpoint_param(layer, "weight_scale", (n, 1), torch.float32, output_dim=0)
         else:

@@ -23,8 +23,8 @@ from torch import nn
 from llmserve.layers.fused_moe.method import FusedMoEMethodBase
 from llmserve.quantization.base import QuantizationConfig, QuantizeMethodBase
 from llmserve.quantization.checkpoint_moe import QUANTISABLE_LAYERS, method_for_layer
-from llmserve.quantization.checkpoint_params import (CheckpointFormatError, add_checkpoint_param, drop_params,
-                                                     require_single_rank, unpack_int32)
+from llmserve.quantization.checkpoint_params import (CheckpointFormatError, add_checkpoint_param, check_input_split,
+                                                     drop_params, unpack_int32)
 from llmserve.quantization.layer_selection import contains_any, covers_all
 from llmserve.quantization.packed import CHUNK, U4, U8, apply_weight_only, set_weight_only
 
@@ -72,6 +72,27 @@ class GPTQConfig(QuantizationConfig):
         return method_for_layer(layer, GPTQLinearMethod(self))
 
 
+def group_columns(g_idx: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The column order that makes ``g_idx``'s groups contiguous runs of equal width: ``(order, group of each
+    run, run width)``; ``order[i]`` is the input stored column ``i`` multiplies, ``len(g_idx)`` for padding.
+
+    A whole checkpoint's ``g_idx`` (act-order or not) gives ``group`` columns to every group but the last, so
+    the runs are the groups. A row-parallel rank's slice of an act-order ``g_idx`` gives each group only the
+    columns this rank holds, any number of them: each group is then padded to whole chunks of ``CHUNK`` columns
+    that multiply a zero input, and the runs are those chunks.
+    """
+    k = g_idx.numel()
+    perm = torch.argsort(g_idx, stable=True)
+    used, counts = torch.unique_consecutive(g_idx[perm], return_counts=True)
+    if bool((counts[:-1] == group).all()) and int(counts[-1]) <= group:
+        return perm, used, group
+    runs = -(-counts // CHUNK)
+    pieces = []
+    for columns, pad in zip(perm.split(counts.tolist()), (runs * CHUNK - counts).tolist()):
+        pieces += [columns, torch.full((pad,), k, dtype=columns.dtype)]
+    return torch.cat(pieces), used.repeat_interleave(runs), CHUNK
+
+
 class GPTQLinearMethod(QuantizeMethodBase):
     """Loads the four GPTQ tensors, repacks them as weight-only codes (:mod:`llmserve.quantization.packed`)."""
 
@@ -80,31 +101,31 @@ class GPTQLinearMethod(QuantizeMethodBase):
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:
-        require_single_rank(layer, "GPTQ")
         k, n, pack = input_size_per_partition, sum(output_partition_sizes), 32 // self.config.bits
+        check_input_split(layer, "GPTQ", self.config.group_size, pack)
         if k % pack or any(rows % pack for rows in output_partition_sizes):
-            raise CheckpointFormatError(f"{layer.prefix}: {k} inputs and outputs {output_partition_sizes} must be "
-                                        f"multiples of {pack} for {self.config.bits}-bit GPTQ packing")
-        groups = 1 if self.config.group_size == -1 else -(-k // self.config.group_size)
-        add_checkpoint_param(layer, "qweight", (k // pack, n), torch.int32, output_dim=1)
+            raise CheckpointFormatError(f"{layer.prefix}: {k} inputs and outputs {output_partition_sizes} (per rank) "
+                                        f"must be multiples of {pack} for {self.config.bits}-bit GPTQ packing")
+        # Every group's scales and zeros on every rank: this rank's g_idx slice picks the ones it uses (vLLM's
+        # placement for act-order, where a rank's columns belong to any group).
+        groups = 1 if self.config.group_size == -1 else -(-layer.input_size // self.config.group_size)
+        add_checkpoint_param(layer, "qweight", (k // pack, n), torch.int32, output_dim=1, input_dim=0, input_pack=pack)
         add_checkpoint_param(layer, "qzeros", (groups, n // pack), torch.int32, output_dim=1, pack_factor=pack)
         add_checkpoint_param(layer, "scales", (groups, n), torch.float32, output_dim=1)
-        add_checkpoint_param(layer, "g_idx", (k,), torch.int32, output_dim=None)
+        add_checkpoint_param(layer, "g_idx", (k,), torch.int32, output_dim=None, input_dim=0)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        bits, k = self.config.bits, layer.qweight.shape[0] * 32 // self.config.bits
+        bits, k = self.config.bits, layer.input_size_per_partition
         group = k if self.config.group_size == -1 else self.config.group_size
         codes = unpack_int32(layer.qweight.data, bits, dim=0).T
         zeros = unpack_int32(layer.qzeros.data, bits, dim=1).T + (0 if self.config.v2_zeros else 1)
-        g_idx = layer.g_idx.data.long()
-        contiguous = torch.arange(k) // group
-        perm = None
-        if not torch.equal(g_idx, contiguous):
-            perm = torch.argsort(g_idx, stable=True)
-            if not torch.equal(g_idx[perm], contiguous):
-                raise CheckpointFormatError(f"{layer.prefix}.g_idx does not put {group} columns in each group")
-            codes = codes[:, perm]
-        set_weight_only(layer, codes, U4 if bits == 4 else U8, layer.scales.data.T, zeros, group, perm)
+        if int(layer.g_idx.data.min()) < 0 or int(layer.g_idx.data.max()) >= zeros.shape[1]:
+            raise CheckpointFormatError(f"{layer.prefix}.g_idx names groups outside 0..{zeros.shape[1] - 1}")
+        order, group_of, width = group_columns(layer.g_idx.data.long(), group)
+        identity = width == group and torch.equal(order, torch.arange(k))
+        set_weight_only(layer, codes[:, order.clamp(max=k - 1)], U4 if bits == 4 else U8,
+                        layer.scales.data.T[:, group_of], zeros[:, group_of], width, None if identity else order,
+                        inputs=k)
         drop_params(layer, "qweight", "qzeros", "scales", "g_idx")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

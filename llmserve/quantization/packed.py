@@ -46,9 +46,12 @@ def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def set_weight_only(layer: nn.Module, codes: torch.Tensor, code_format: int, scales: torch.Tensor,
-                    zeros: torch.Tensor | None, group: int, perm: torch.Tensor | None = None) -> None:
+                    zeros: torch.Tensor | None, group: int, perm: torch.Tensor | None = None,
+                    inputs: int | None = None) -> None:
     """Store ``W = scales * (codes - zeros)`` (codes ``[out, in]`` as integers, or float8 e4m3 for ``FP8``)
-    packed on ``layer`` for :func:`apply_weight_only`; ``perm``: the input order the columns are in."""
+    packed on ``layer`` for :func:`apply_weight_only`; ``perm``: the input each column multiplies. ``inputs``:
+    the width of ``x`` when it differs from the columns' (padding columns, whose ``perm`` entry is ``inputs``,
+    multiply a zero, so a group can be padded to whole chunks whatever its codes)."""
     n, k = codes.shape
     if code_format == U4:
         if int(codes.min()) < 0 or int(codes.max()) > 15:
@@ -69,6 +72,7 @@ def set_weight_only(layer: nn.Module, codes: torch.Tensor, code_format: int, sca
     layer.register_buffer("wq_zeros", None if zeros is None else zeros.float().contiguous(), persistent=False)
     layer.register_buffer("wq_perm", perm, persistent=False)
     layer.wq_format, layer.wq_group, layer.wq_in = code_format, group, k
+    layer.wq_x_in = k if inputs is None else inputs
 
 
 def dequantize_weight_only(layer: nn.Module) -> torch.Tensor:
@@ -87,8 +91,10 @@ def dequantize_weight_only(layer: nn.Module) -> torch.Tensor:
 
 def apply_weight_only(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x W^T + bias`` for the weight :func:`set_weight_only` stored."""
-    rows = x.reshape(-1, layer.wq_in)
+    rows = x.reshape(-1, layer.wq_x_in)
     if layer.wq_perm is not None:
+        if layer.wq_x_in != layer.wq_in:   # padding columns read the zero appended here
+            rows = F.pad(rows, (0, 1))
         rows = rows.index_select(1, layer.wq_perm)
     elif rows.stride(1) != 1:
         rows = rows.contiguous()
