@@ -18,7 +18,10 @@ def engine_greedy(path: Path, **engine_args) -> list[tuple[list[int], list[float
     llm = LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256, max_num_batched_tokens=32,
               **engine_args)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=0, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS] * 2, params)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS] * 2, params)
+    finally:
+        llm.shutdown()   # the worker processes of a tensor / pipeline parallel run
     return [(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
             for o in outputs]
 

@@ -11,8 +11,8 @@ the dense layers' quantised kernels; the router and Qwen2-MoE's shared-expert ga
 * transformers with the ``compressed-tensors`` package decompresses the compressed-tensors experts to the twin's.
 * Activation-quantised schemes (W8A8 int8, FP8 dynamic and static): the PyTorch reference of their arithmetic
   (kernels off), logprobs within 1e-3; their experts within the activation rounding of the float experts.
-* Expert parallelism: each rank keeps its whole experts and the ranks sum to the whole layer; tensor
-  parallelism is refused, as for the dense quantised layers.
+* Expert parallelism (each rank keeps its whole experts) and tensor parallelism (each rank a slice of every
+  expert's intermediate dimension): the ranks sum to the whole layer.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from llmserve.model_loader.loader import load_config
 from llmserve.models.llama import CheckpointMismatchError
 from llmserve.quantization import QuantizationConfig, packed
 from llmserve.quantization.checkpoint_moe import CheckpointFusedMoEMethod
-from llmserve.quantization.checkpoint_params import CheckpointFormatError
 from llmserve.quantization.compressed_tensors import CTFP8Method, CTPackedMethod, CTW8A8Method
 from llmserve.quantization.gptq import GPTQConfig, GPTQLinearMethod
 from llmserve.quantization.registry import get_quantization_config
@@ -112,26 +111,26 @@ def test_one_layer_matches_the_per_token_loop_over_the_twin(quantized, fmt, opti
     torch.testing.assert_close(layer(x, weights, ids).double(), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("ep", [2, 3])   # 9 experts: 5 + 4, and 3 + 3 + 3
-def test_expert_parallel_ranks_hold_whole_quantised_experts(quantized, ep):
-    path, reference = quantized("gptq", "qwen3_moe", desc_act=True)
+@pytest.mark.parametrize("ranks,expert_parallel,options", [
+    (2, True, {"desc_act": True}),                 # 9 experts: 5 + 4
+    (3, True, {"desc_act": True}),                 # 3 + 3 + 3
+    (2, False, {"bits": 8, "group_size": -1}),     # every expert's 32 intermediate rows as 16 + 16
+])
+def test_ranks_sum_to_the_whole_quantised_layer(quantized, ranks, expert_parallel, options):
+    """Expert parallelism: each rank holds whole experts; tensor parallelism: each rank a slice of every expert
+    (gate/up rows, down columns: one group, as groups of 32 cannot split 32 columns over two ranks)."""
+    path, reference = quantized("gptq", "qwen3_moe", **options)
     x = torch.randn(17, 64, generator=torch.Generator().manual_seed(0))
     weights, ids = random_routing(17, 9, 3, seed=1)
     layers = []
-    for group in simulated_groups(ep):
-        with as_rank(tp=group, expert_parallel=True):
+    for group in simulated_groups(ranks):
+        with as_rank(tp=group, expert_parallel=expert_parallel):
             layers.append(_experts_layer(path, _config(path)))
         assert len(layers[-1].w13_experts) == layers[-1].num_local_experts
+        assert layers[-1].w2_experts[0].wq_in == (32 if expert_parallel else 32 // ranks)
     expected = per_token_moe(x, *_twin_experts(reference, QWEN3_MOE_LAYER, 9), weights, ids)
     for out in run_ranks([lambda layer=layer: layer(x, weights, ids) for layer in layers]):
         torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
-
-
-def test_tensor_parallel_is_refused(quantized):
-    path, _ = quantized("gptq", "qwen3_moe", desc_act=True)
-    with pytest.raises(CheckpointFormatError, match="--tensor-parallel-size 1"), \
-            as_rank(tp=simulated_groups(2)[0]):
-        FusedMoE(9, 64, 32, quant_config=_config(path), prefix=f"{QWEN3_MOE_LAYER}.experts")
 
 
 @pytest.mark.parametrize("fmt,family,layer,experts", [
