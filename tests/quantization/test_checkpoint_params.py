@@ -5,9 +5,9 @@ group's scales and zeros and each rank its slice of ``g_idx``; an expert is spli
 dimension (tensor parallelism) or held whole (expert parallelism).
 
 * Simulated ranks (threads): weight-only formats (and FP8 with a static input scale) compute the same weights at
-  two ranks as at one, only the partial sums' order differs: log-probabilities within 1e-4. W8A8 and dynamic FP8
-  quantise each rank's slice of a row-parallel input per token (as vLLM does), so at two ranks they are held to
-  their PyTorch reference arithmetic (kernels off) within 1e-3, as their one-rank tests are.
+  two or four ranks as at one, only the partial sums' order differs: log-probabilities within 1e-4. W8A8 and
+  dynamic FP8 quantise each rank's slice of a row-parallel input per token (as vLLM does), so at two ranks they
+  are held to their PyTorch reference arithmetic (kernels off) within 1e-3, as their one-rank tests are.
 * Worker processes: at TP=2, expert parallelism and TP=2 x PP=2 the engine's greedy tokens equal transformers'
   on the dequantised twin, logprobs within 1e-3.
 * A split that cuts a group is refused at start-up with the numbers.
@@ -27,21 +27,22 @@ from tests.parallel_sim import as_rank, shape_only_group
 LONG_PROMPT = PROMPT + list(range(100, 140))
 
 
-@pytest.mark.parametrize("fmt,family,options,expert_parallel", [
-    ("gptq", "llama", {}, False),                                   # groups of 32: o_proj's 32 columns per rank
-    ("gptq", "qwen2", {"desc_act": True, "sym": False}, False),     # act-order g_idx sliced; q/k/v biases
-    ("gptq", "llama", {"bits": 8, "group_size": -1, "v2": True}, False),
-    ("awq", "llama", {}, False),
-    ("ct-w4a16", "llama", {}, False),
-    ("ct-fp8-static", "llama", {}, False),                          # per-tensor scales kept whole
-    ("gptq", "mixtral", {"desc_act": True}, False),                 # every expert split over its intermediate
-    ("ct-w4a16", "mixtral", {}, False),
-    ("awq", "mixtral", {}, True),                                   # whole experts per rank
+@pytest.mark.parametrize("fmt,family,options,ranks,expert_parallel", [
+    ("gptq", "llama", {}, 2, False),                                # groups of 32: o_proj's 32 columns per rank
+    ("gptq", "qwen2", {"desc_act": True, "sym": False}, 2, False),  # act-order g_idx sliced; q/k/v biases
+    ("gptq", "llama", {"bits": 8, "group_size": -1, "v2": True}, 2, False),
+    ("gptq", "llama", {"group_size": -1}, 4, False),                # 2 KV heads on 4 ranks: each on two
+    ("awq", "llama", {}, 2, False),
+    ("ct-w4a16", "llama", {}, 2, False),
+    ("ct-fp8-static", "llama", {}, 2, False),                       # per-tensor scales kept whole
+    ("gptq", "mixtral", {"desc_act": True}, 2, False),              # every expert split over its intermediate
+    ("ct-w4a16", "mixtral", {}, 2, False),
+    ("awq", "mixtral", {}, 2, True),                                # whole experts per rank
 ])
-def test_weight_only_formats_compute_the_same_at_two_ranks(quantized, fmt, family, options, expert_parallel):
+def test_weight_only_formats_compute_the_same_across_ranks(quantized, fmt, family, options, ranks, expert_parallel):
     path, _ = quantized(fmt, family, **options)
     one_rank = prefill_logits(load_tiny(path), LONG_PROMPT).log_softmax(-1)
-    for logits in tensor_parallel_logits(path, 2, LONG_PROMPT, expert_parallel=expert_parallel):
+    for logits in tensor_parallel_logits(path, ranks, LONG_PROMPT, expert_parallel=expert_parallel):
         torch.testing.assert_close(logits.log_softmax(-1), one_rank, atol=1e-4, rtol=0)
 
 
