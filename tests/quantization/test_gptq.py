@@ -81,3 +81,8 @@ def test_missing_and_misshapen_tensors_are_named(quantized, tmp_path):
     save_file(tensors, copy / "model.safetensors")
     with pytest.raises(CheckpointMismatchError, match=r"down_proj.qzeros: .*shape \(4, 4\) but the model expects"):
         load_tiny(copy)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.g_idx"][5] = 2     # 64 inputs in groups of 32: groups 0 and 1
+    save_file(tensors, copy / "model.safetensors")
+    with pytest.raises(CheckpointFormatError, match=r"o_proj.g_idx names groups outside 0..1"):
+        load_tiny(copy)
