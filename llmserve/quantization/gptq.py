@@ -11,6 +11,10 @@ Per linear layer, with ``pack = 32 // bits`` codes to an int32, lowest bits firs
 not contiguous (columns were quantised in order of activation size): the columns are reordered once so
 they are, and each call reorders ``x`` the same way. 4- and 8-bit codes, any ``group_size`` that is -1
 or a multiple of 32, symmetric or not.
+
+Under tensor parallelism every rank keeps every group's ``scales``/``qzeros`` and its own slice of ``g_idx``
+(vLLM's placement): on a row-parallel layer with ``desc_act`` a rank's columns belong to any group, and
+:func:`group_columns` pads the part of each group it holds to whole chunks.
 """
 
 from __future__ import annotations
