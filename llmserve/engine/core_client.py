@@ -155,13 +155,8 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
     """The core process: build the core, then step while there is work, applying requests between steps."""
     exit_with_parent()
     configure_logging(log_setup, "engine-core")
-    from llmserve.engine.core import EngineCore   # here, in the core process: the front end's entry point
-    from llmserve.engine.input_processor import ModelInfo   # imports this module before torch loads
-
     try:
-        info = ModelInfo(config)
-        core = EngineCore(config, info.max_model_len, info.max_num_batched_tokens, report_stats=True)
-        info.log_dtype_choice()
+        core = build_engine_core(config)
     except BaseException as exc:   # noqa: BLE001 - reported to the front end, which fails start-up with it
         logger.exception("the engine core failed to start")
         outputs.send_bytes(b"F" + f"{type(exc).__name__}: {exc}".encode())
@@ -194,6 +189,18 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
     core.shutdown()
     logging.shutdown()
     os._exit(0)   # nothing left to clean up; the interpreter's own teardown would only delay the server's exit
+
+
+def build_engine_core(config: EngineConfig) -> EngineCore:
+    """The core process's engine core: it reads the checkpoint's config for its limits, never the tokenizer
+    (the front end tokenises and detokenises)."""
+    from llmserve.engine.core import EngineCore   # here, in the core process: the front end's entry point
+    from llmserve.engine.input_processor import ModelConfigInfo   # imports this module before torch loads
+
+    info = ModelConfigInfo(config)
+    core = EngineCore(config, info.max_model_len, info.max_num_batched_tokens, report_stats=True)
+    info.log_dtype_choice()
+    return core
 
 
 def _core_loop(core: EngineCore, received: queue.SimpleQueue[Received], outputs: Connection) -> None:

@@ -1,7 +1,9 @@
 """The front end's half of admission: what it knows of the model, and turning a prompt into a core request.
 
 :class:`ModelInfo` reads the checkpoint's config and tokenizer (no weights), so a front end in its own
-process knows the vocabulary, the context length and the EOS ids without loading the model.
+process knows the vocabulary, the context length and the EOS ids without loading the model. The engine core
+needs only the config's half (:class:`ModelConfigInfo`: dtype, context length, batch budget), so it never
+loads (or fetches) a tokenizer.
 :class:`InputProcessor` tokenises and validates a request and names the field of anything wrong with it
 (:class:`~llmserve.errors.InvalidRequestError`), before anything is queued.
 """
@@ -37,8 +39,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
-class ModelInfo:
-    """The checkpoint's config, tokenizer and derived limits (``config.model`` is resolved in place)."""
+class ModelConfigInfo:
+    """The checkpoint's config and the limits derived from it (``config.model`` is resolved in place)."""
 
     def __init__(self, config: EngineConfig, model_path: Path | None = None) -> None:
         """``model_path``: ``config.model`` already resolved (fetched) by the caller."""
@@ -54,13 +56,7 @@ class ModelInfo:
             quantized=config.quantization is not None or checkpoint_quantization(self.hf_config) is not None)
         # Resolved once, here: every worker (in this process or another) then loads the same dtype.
         config.dtype = str(self.dtype).removeprefix("torch.")
-        self.tokenizer_path: Path | str = path
-        if config.tokenizer:
-            self.tokenizer_path = resolve_model_path(config.tokenizer, config.tokenizer_revision, config.download_dir)
         self.vocab_size = int(self.hf_config.vocab_size)
-        self.tokenizer = self.load_tokenizer()
-        self.eos_token_id = self._eos_token_id()
-        self.extra_eos_token_ids = self._extra_eos_token_ids(path)
         self.max_model_len = self._max_model_len()
         self.longrope_switch = longrope_switch_of(self.hf_config)
         self.max_num_batched_tokens = config.max_num_batched_tokens or (
@@ -76,6 +72,34 @@ class ModelInfo:
         configuration error is the only line a failed start prints."""
         if self.dtype_reason is not None:
             logger.info("--dtype auto: %s on this CPU: %s", self.config.dtype, self.dtype_reason)
+
+    def _max_model_len(self) -> int:
+        # ALiBi models (BLOOM) have no position table: their configs give the trained length as seq_length.
+        derived = int(getattr(self.hf_config, "max_position_embeddings", 0)
+                      or getattr(self.hf_config, "seq_length", 0) or 0) or None
+        requested = self.config.max_model_len
+        if requested is None:
+            if derived is None:
+                raise ValueError("config.json has neither max_position_embeddings nor seq_length: pass "
+                                 "--max-model-len")
+            return derived
+        if derived is not None and requested > derived:
+            raise ValueError(f"--max-model-len {requested} is larger than the model's maximum context "
+                             f"length ({derived} tokens)")
+        return requested
+
+
+class ModelInfo(ModelConfigInfo):
+    """:class:`ModelConfigInfo` and the tokenizer with the EOS ids: what a front end needs to admit requests."""
+
+    def __init__(self, config: EngineConfig, model_path: Path | None = None) -> None:
+        super().__init__(config, model_path)
+        self.tokenizer_path: Path | str = self.model_path
+        if config.tokenizer:
+            self.tokenizer_path = resolve_model_path(config.tokenizer, config.tokenizer_revision, config.download_dir)
+        self.tokenizer = self.load_tokenizer()
+        self.eos_token_id = self._eos_token_id()
+        self.extra_eos_token_ids = self._extra_eos_token_ids(self.model_path)
 
     def load_tokenizer(self) -> Any:
         """A new tokenizer instance (one per thread that uses it: fast tokenizers are not thread-safe)."""
@@ -107,21 +131,6 @@ class ModelInfo:
     def eos_token_ids(self) -> list[int]:
         """Every id that ends a request unless ``ignore_eos``: where a grammar may end, it allows exactly these."""
         return ([] if self.eos_token_id is None else [self.eos_token_id]) + self.extra_eos_token_ids
-
-    def _max_model_len(self) -> int:
-        # ALiBi models (BLOOM) have no position table: their configs give the trained length as seq_length.
-        derived = int(getattr(self.hf_config, "max_position_embeddings", 0)
-                      or getattr(self.hf_config, "seq_length", 0) or 0) or None
-        requested = self.config.max_model_len
-        if requested is None:
-            if derived is None:
-                raise ValueError("config.json has neither max_position_embeddings nor seq_length: pass "
-                                 "--max-model-len")
-            return derived
-        if derived is not None and requested > derived:
-            raise ValueError(f"--max-model-len {requested} is larger than the model's maximum context "
-                             f"length ({derived} tokens)")
-        return requested
 
 
 class InputProcessor:

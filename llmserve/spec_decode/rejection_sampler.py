@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmserve.layers.sampler import SamplingRow, position_seed
+from llmserve.layers.sampler import position_seed
+from llmserve.layers.sampling_batch import SamplingRow
 
 if TYPE_CHECKING:
     from llmserve.worker.input_batch import CachedSequence

@@ -40,7 +40,8 @@ from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, TokenLo
 from llmserve.layers import pooler
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout, KVCacheGroupMetadata
 from llmserve.layers.attention.layer import Attention
-from llmserve.layers.sampler import Sampler, SamplingBatch, SamplingRow, compute_logprobs
+from llmserve.layers.sampler import Sampler, compute_logprobs
+from llmserve.layers.sampling_batch import SamplingBatch, SamplingRow
 from llmserve.lora.model_manager import LoRAModelManager
 from llmserve.sampling_params import SamplingParams
 from llmserve.spec_decode import rejection_sampler

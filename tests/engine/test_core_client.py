@@ -10,10 +10,13 @@ Specified:
 * The count is taken where the request stops, not where the abort is handed to the core: a core that
   stops aborted requests one step late (computing once more for a client that left) reports two steps,
   which fails the abort storm's check.
+* The core process builds its core from the checkpoint's config alone (``build_engine_core``): it never
+  loads a tokenizer (only the front end tokenises), and its limits are the ones the front end computes.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing
 import queue
@@ -27,7 +30,9 @@ import pytest
 
 from llmserve import LLM, SamplingParams
 from llmserve.engine.core import EngineCore
-from llmserve.engine.core_client import MAX_STEPS_AHEAD, Received, _core_loop
+from llmserve.config import EngineConfig
+from llmserve.engine import input_processor
+from llmserve.engine.core_client import MAX_STEPS_AHEAD, Received, _core_loop, build_engine_core
 from llmserve.engine.messages import EngineCoreOutputs, decode, encode
 
 LONG = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
@@ -148,3 +153,23 @@ def test_a_core_that_stops_aborted_requests_a_step_late_reports_two_steps(llm, l
     outputs = [loop.next_output() for _ in range(2)]
     assert [a.steps for out in outputs for a in out.aborts] == [2]
     assert core.num_steps == steps + 2          # the request ran in the step after the one in flight
+
+
+def test_the_core_process_builds_its_core_without_a_tokenizer(llama_dir, monkeypatch):
+    import transformers
+
+    config = EngineConfig(model=str(llama_dir), kv_cache_memory_bytes="32MiB")
+    front_end = input_processor.ModelInfo(copy.deepcopy(config))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the engine core loaded a tokenizer")
+
+    monkeypatch.setattr(input_processor, "load_tokenizer", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    core = build_engine_core(config)
+    try:
+        assert core.scheduler.max_model_len == front_end.max_model_len
+        assert core.scheduler.max_num_batched_tokens == front_end.max_num_batched_tokens
+        assert config.dtype == front_end.config.dtype
+    finally:
+        core.shutdown()

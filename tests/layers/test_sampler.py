@@ -5,14 +5,13 @@ import torch
 
 from llmserve.layers.sampler import (
     Sampler,
-    SamplingBatch,
-    SamplingRow,
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
     compute_logprobs,
     position_seed,
 )
+from llmserve.layers.sampling_batch import SamplingBatch, SamplingRow
 from llmserve.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")

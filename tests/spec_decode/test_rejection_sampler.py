@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from llmserve.layers.sampler import Sampler, SamplingBatch
+from llmserve.layers.sampler import Sampler
+from llmserve.layers.sampling_batch import SamplingBatch
 from llmserve.sampling_params import SamplingParams
 from llmserve.spec_decode import rejection_sampler
 from llmserve.worker.input_batch import CachedSequence

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 if TYPE_CHECKING:   # llguidance is imported by the tests that need it (the spec's do not)
-    from llmserve.structured_output import CompiledGrammar, GrammarCompiler
+    from llmserve.structured_output import CompiledGrammar
 
 # Both tokenizer kinds the project generates: sentencepiece-style BPE with byte fallback, and byte-level BPE.
 FAMILIES = ["llama", "qwen2"]

@@ -21,7 +21,8 @@ import torch
 
 from llmserve.layers.attention.alibi import alibi_slopes_tensor
 from llmserve.layers.attention.backend import AttentionSpec, BatchLayout
-from llmserve.layers.attention.torch_backend import KVCacheView, TorchAttentionBackend
+from llmserve.layers.attention.torch_backend import TorchAttentionBackend
+from llmserve.layers.attention.torch_kv_cache import KVCacheView
 from llmserve.layers.cpu_kernels import CPUKernels
 
 

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmserve.layers.attention.triton_kernels import _dot, _precision, _upcast
+from llmserve.layers.attention.triton_kernels.attend_tile import dot
+from llmserve.layers.attention.triton_kernels.launch import dot_precision, needs_upcast
 from llmserve.layers.fused_moe.grouped_experts import sort_by_expert
 
 BLOCK_M = 16
@@ -73,7 +74,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, rows_ptr, tile_experts_ptr, weight
                         mask=valid[:, None] & (kk[None, :] < K), other=0.0)
             b = tl.load(b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk,
                         mask=(offs_n[None, :] < N) & (kk[:, None] < K), other=0.0)
-            acc += _dot(a, b, PRECISION, UPCAST)
+            acc += dot(a, b, PRECISION, UPCAST)
         if MUL_WEIGHTS:
             acc *= tl.load(weights_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
         tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
@@ -93,8 +94,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, tile_expe
     _grouped_gemm_kernel[grid](
         a, b, out, rows, tile_experts, weights if weights is not None else out, num_rows, b.shape[1], b.shape[2],
         a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
-        A_ROW_DIVISOR=a_row_divisor, MUL_WEIGHTS=weights is not None, PRECISION=_precision(a.dtype),
-        UPCAST=_upcast(a.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        A_ROW_DIVISOR=a_row_divisor, MUL_WEIGHTS=weights is not None, PRECISION=dot_precision(a.dtype),
+        UPCAST=needs_upcast(a.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return out
 
 

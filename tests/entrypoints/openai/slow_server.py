@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from llmserve.engine.input_processor import ModelInfo
+from llmserve.engine.input_processor import ModelConfigInfo
 from llmserve.entrypoints.openai import api_server
 from llmserve.worker.model_runner import ModelRunner
 
@@ -22,7 +22,7 @@ DELAY_ENV = "LLMSERVE_TEST_DELAYS"
 
 def patch(load_delay: float, step_delay: float) -> None:
     os.environ[DELAY_ENV] = f"{load_delay},{step_delay}"
-    init, execute = ModelInfo.__init__, ModelRunner.execute_model
+    init, execute = ModelConfigInfo.__init__, ModelRunner.execute_model
 
     def slow_init(self, *args, **kwargs):
         time.sleep(load_delay)
@@ -32,7 +32,7 @@ def patch(load_delay: float, step_delay: float) -> None:
         time.sleep(step_delay)
         return execute(self, *args, **kwargs)
 
-    ModelInfo.__init__ = slow_init
+    ModelConfigInfo.__init__ = slow_init   # the core's, and the front end's ModelInfo through it
     ModelRunner.execute_model = slow_execute
 
 

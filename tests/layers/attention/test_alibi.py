@@ -109,9 +109,9 @@ def test_half_precision(backend_name, dtype):
 
 def test_torch_backend_slices_alibi_scores(monkeypatch):
     """ALiBi scores are materialised a slice of query rows at a time, each slice with its own distances."""
-    from llmserve.layers.attention import torch_backend
+    from llmserve.layers.attention import explicit_attention
 
-    monkeypatch.setattr(torch_backend, "MAX_SCORE_ELEMENTS", 2000)
+    monkeypatch.setattr(explicit_attention, "MAX_SCORE_ELEMENTS", 2000)
     batch = Batch(MIXED, MIXED_DECODES, 4, 6, 2, 64, seed=2, query_scale=2.0)
     for spec in (alibi_spec(batch), alibi_spec(batch, 7)):
         assert_close(run("torch", batch, spec)[0], expected(batch, spec))

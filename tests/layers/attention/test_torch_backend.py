@@ -12,7 +12,8 @@ import torch
 
 from llmserve.layers.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
 from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
-from llmserve.layers.attention.torch_backend import TorchAttentionBackend, group_decodes_by_length
+from llmserve.layers.attention.torch_backend import TorchAttentionBackend
+from llmserve.layers.attention.torch_metadata import group_decodes_by_length
 from llmserve.layers.cpu_kernels import cpu_kernels
 
 

@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from llmserve.layers.attention import triton_kernels as K
+    from llmserve.layers.attention.triton_kernels import cache_write, decode, prefill
 
     arch, dtype, head_dim, group = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     # A layer with a sliding window and a logit soft-cap (Gemma 2), with ALiBi (BLOOM, Falcon), or a plain one.
@@ -54,18 +55,18 @@ SCRIPT = textwrap.dedent('''
     rows, _ = K.prefill_tile(group)
     # (kernel, constexprs, num_warps as launched)
     kernels = [
-        (K._store_kv_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=head_dim, BLOCK_H=8, BLOCK_D=block_d), 4),
-        (K._prefill_attention_kernel, dict(GROUP=group, BLOCK_SIZE=16, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        (cache_write._store_kv_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=head_dim, BLOCK_H=8, BLOCK_D=block_d), 4),
+        (prefill._prefill_attention_kernel, dict(GROUP=group, BLOCK_SIZE=16, HEAD_DIM=head_dim, BLOCK_D=block_d,
                                            BLOCK_M=rows, BLOCK_N=K.PREFILL_BLOCK_N,
                                            PRECISION=precision, UPCAST=False, USE_WINDOW=use_window,
                                            SOFT_CAP=soft_cap, USE_ALIBI=use_alibi, KV_FORMAT=kv_format),
          K.PREFILL_NUM_WARPS),
-        (K._decode_attention_kernel, dict(NUM_HEADS=8 * group, GROUP=group, BLOCK_G=max(16, group),
+        (decode._decode_attention_kernel, dict(NUM_HEADS=8 * group, GROUP=group, BLOCK_G=max(16, group),
                                           BLOCK_SIZE=16, HEAD_DIM=head_dim, BLOCK_D=block_d,
                                           BLOCK_N=K.DECODE_BLOCK_N, PRECISION=precision, UPCAST=False,
                                           USE_WINDOW=use_window, SOFT_CAP=soft_cap, USE_ALIBI=use_alibi,
                                           KV_FORMAT=kv_format), 4),
-        (K._decode_reduce_kernel, dict(NUM_HEADS=8 * group, HEAD_DIM=head_dim, BLOCK_S=16, BLOCK_D=block_d), 4),
+        (decode._decode_reduce_kernel, dict(NUM_HEADS=8 * group, HEAD_DIM=head_dim, BLOCK_S=16, BLOCK_D=block_d), 4),
     ]
     for fn, constexprs, num_warps in kernels:
         compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs),

@@ -171,7 +171,7 @@ def test_layers_with_different_specs_share_one_step_metadata(backend_name):
 
 
 def test_torch_backend_gathers_only_the_window_and_slices_capped_scores(monkeypatch):
-    from llmserve.layers.attention import torch_backend
+    from llmserve.layers.attention import explicit_attention
 
     batch = Batch(MIXED, MIXED_DECODES, 4, 6, 2, 64, seed=2, query_scale=3.0)
     backend = TorchAttentionBackend(torch.float32)
@@ -183,7 +183,7 @@ def test_torch_backend_gathers_only_the_window_and_slices_capped_scores(monkeypa
     chunk = metadata.prefills_for(7)[-1]
     assert (chunk.context_len, chunk.key_start) == (70, 64) and chunk.mask.shape == (45, 51)
     # Soft-capped scores are materialised a slice of query rows at a time.
-    monkeypatch.setattr(torch_backend, "MAX_SCORE_ELEMENTS", 2000)
+    monkeypatch.setattr(explicit_attention, "MAX_SCORE_ELEMENTS", 2000)
     key_cache, value_cache = batch.caches(CPU)
     for spec in (batch.spec(7, 2.5), batch.spec(None, 2.5)):
         out = backend.forward(batch.query, batch.key, batch.value, key_cache, value_cache, metadata, spec)
