@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -28,7 +29,12 @@ MAX_SEGMENTS = 256   # the kernel's limit on a step's adapters (its MAX_SEGMENTS
 def _library() -> ctypes.CDLL | None:
     if cpu_kernels() is None:   # disabled or not buildable: logged there
         return None
-    lib = ctypes.CDLL(str(build_library()))   # the library cpu_kernels() loaded (cached build)
+    return bind_library(build_library())   # the library cpu_kernels() loaded (cached build)
+
+
+def bind_library(path: Path) -> ctypes.CDLL:
+    """The kernel library at ``path`` with the LoRA entry point's signature declared."""
+    lib = ctypes.CDLL(str(path))
     lib.llmserve_lora_add.argtypes = [_P, _L, _P, _L, _P, _L, _P, _L, _L, _P, _P, _I, _P, _P, _I, _L, _P, _L, _I,
                                       _I, _I]
     lib.llmserve_lora_add.restype = _I
