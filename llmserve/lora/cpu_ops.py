@@ -1,11 +1,11 @@
 """The CPU LoRA kernel (``layers/csrc/cpu_lora.c``): a layer's shrinks and expands for every adapter of the
 step in one call, one parallel region, adding into the base output in place.
 
-It runs float32 or bfloat16 activations and slots (summing in float32, rounding each output once) whose B is
-stored rank-major (:func:`~llmserve.lora.punica.new_stack` lays a CPU stack out so); float16 and a library that
-cannot be built fall back to :func:`~llmserve.lora.punica.add_lora` (PyTorch ops), and so does a step with one
-adapter for every row (the layer decides: there its few large GEMMs beat the kernel). It lives in the library the
-other CPU kernels are built into and is bound here, with LoRA.
+It runs float32 or bfloat16 activations and slots (summing in float32, rounding each output once; bfloat16 both on
+``vdpbf16ps`` where the CPU has AVX512-BF16) whose B is stored rank-major (:func:`~llmserve.lora.punica.new_stack`
+lays a CPU stack out so); float16 and a library that cannot be built fall back to
+:func:`~llmserve.lora.punica.add_lora` (PyTorch ops). It lives in the library the other CPU kernels are built into
+and is bound here, with LoRA.
 """
 
 from __future__ import annotations
