@@ -137,11 +137,17 @@ def new_stack(max_loras: int, max_rank: int, in_features: int, bounds: list[int]
               device: torch.device) -> LoRAStack:
     """Empty (zero) slots for the projections ``bounds`` delimits. On the CPU, B is stored rank-major
     (``[slots, R, out]``, seen through a transposed view as ``[slots, out, R]``): the CPU kernel's expand adds
-    each rank's row along contiguous output columns. Elsewhere it is contiguous, as the Triton kernels read it."""
+    each rank's row along contiguous output columns. Each rank's row is padded to an odd number of 64-byte
+    cache lines, so the R rows a column tile of the expand reads fall in different cache sets (at a power of
+    two, such as 4096 bfloat16 columns, they would all share one and evict each other). Elsewhere B is
+    contiguous, as the Triton kernels read it."""
     projections, out_features = len(bounds) - 1, bounds[-1]
     a = torch.zeros(max_loras, projections * max_rank, in_features, dtype=dtype, device=device)
     if device.type == "cpu":
-        b = torch.zeros(max_loras, max_rank, out_features, dtype=dtype, device=device).transpose(1, 2)
+        per_line = 64 // torch.empty(0, dtype=dtype).element_size()
+        lines = -(-out_features // per_line) | 1
+        b = torch.zeros(max_loras, max_rank, lines * per_line, dtype=dtype, device=device)[..., :out_features]
+        b = b.transpose(1, 2)
     else:
         b = torch.zeros(max_loras, out_features, max_rank, dtype=dtype, device=device)
     return LoRAStack(a, b, bounds, [0] * max_loras)

@@ -12,7 +12,7 @@ import torch
 from llmserve.layers.cpu_kernel_build import build_library
 from llmserve.lora import cpu_ops
 from llmserve.lora.cpu_ops import add_lora_cpu, bind_library, cpu_kernel_runs
-from llmserve.lora.punica import LoRABatchMapping, LoRAStack, add_lora
+from llmserve.lora.punica import LoRABatchMapping, LoRAStack, add_lora, new_stack
 from tests.lora.conftest import per_row_reference, random_stack
 
 QKV = [0, 16, 20, 24]   # three projections of 16, 4 and 4 output rows (q/k/v of a grouped-query layer)
@@ -103,8 +103,8 @@ def test_cpu_kernel_matches_a_per_row_reference(lora_kernel, slot_per_seq, query
     assert_kernel_close(out, x, stack, per_row_reference(base, x, stack, token_slots), token_slots)
 
 
-# Layer-sized steps: a q/k/v layer of full column tiles (k/v of 64 and 32 + 16 columns), rank 64 and 8 adapters.
-LAYER_BOUNDS = [0, 256, 320, 368]
+# Layer-sized steps: a q/k/v layer (q of full column tiles, k of one and a part, v a part), rank 64 and 8 adapters.
+LAYER_BOUNDS = [0, 256, 336, 384]
 LAYER_STEPS = [
     ([0, 1, -1, 2, 0, 3, -1, 1], [1] * 8, [64, 8, 64, 0]),           # decode: segments of 1 and 2 rows, base rows
     ([1, -1, 0, 2], [37, 5, 1, 64], [8, 64, 64, 0]),                  # prefill: segments of 1 and of many rows
@@ -117,10 +117,15 @@ LAYER_STEPS = [
 @pytest.mark.parametrize("slot_per_seq,query_lens,ranks", LAYER_STEPS)
 def test_cpu_kernel_on_layer_sized_steps(lora_kernel, slot_per_seq, query_lens, ranks, act_dtype):
     """Rank 8 and 64 adapters mixed with base rows, segments of one row and of many, over a layer's width
-    (full register tiles in both phases, an input width that is not a multiple of 32)."""
+    (full register tiles in both phases, an input width that is not a multiple of 32), in the slots a CPU
+    layer allocates (B's rows padded past the output width)."""
     gen = torch.Generator().manual_seed(2)
-    stack = random_stack(ranks, LAYER_BOUNDS, d_in=200, max_rank=64, rank_major_b=True)
-    stack = bf16_stack(LoRAStack(stack.a * 0.1, stack.b, stack.bounds, stack.ranks), act_dtype)
+    values = random_stack(ranks, LAYER_BOUNDS, d_in=200, max_rank=64)
+    stack = new_stack(len(ranks), 64, 200, LAYER_BOUNDS, act_dtype, torch.device("cpu"))
+    assert stack.b.stride(2) > LAYER_BOUNDS[-1]
+    stack.a.copy_(values.a * 0.1)
+    stack.b.copy_(values.b)
+    stack.ranks[:] = ranks
     slot_per_seq, query_lens = np.array(slot_per_seq), np.array(query_lens)
     x = torch.randn(int(query_lens.sum()), 200, generator=gen).to(act_dtype)
     base = torch.randn(x.shape[0], LAYER_BOUNDS[-1], generator=gen).to(act_dtype)

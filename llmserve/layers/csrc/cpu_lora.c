@@ -9,8 +9,8 @@
  * element and nothing is scattered).
  *
  * Layout: A [slots, S*R, in] (slot s holds projection i's A at rows i*rank_s .. i*rank_s + rank_s);
- * B stored rank-major, [slots, R, out] (B^T of each slot: row j is column j of every projection's B), so the
- * expand adds rank-1 updates along contiguous output columns. The adapter rows are sorted by slot into
+ * B stored rank-major, [slots, R, out] (B^T of each slot: row j is column j of every projection's B; rows
+ * `bt_stride` apart, which may exceed out), so the expand adds rank-1 updates along contiguous output columns. The adapter rows are sorted by slot into
  * segments; `rows` maps a segment position to its token row (NULL: position = row).
  *
  * Activations (x, out) and slots (A, B) are each float32 or bfloat16 (`act_bf16`, `w_bf16`: constants in each
@@ -34,6 +34,7 @@
 
 #define ROW_TILE 4     /* rows per register tile, both phases */
 #define A_TILE 4       /* A rows per shrink tile: 16 dot products in flight */
+#define ROW_BLOCK 16   /* row tiles a phase runs past each tile of A or B^T before the next rows: 64 rows */
 #define COL_VECS 4     /* output vectors per expand tile */
 #define COL_TILE (COL_VECS * LANES)
 #define MAX_SEGMENTS 256
@@ -139,8 +140,17 @@ shrink_tile_dp(const uint16_t *const *x, const int nrows, const uint16_t *a, lon
     long c = 0;
     for (; c + 2 * LANES <= k; c += 2 * LANES) shrink_step_dp(acc, x, nrows, a, a_stride, na, c, 2 * LANES);
     if (c < k) shrink_step_dp(acc, x, nrows, a, a_stride, na, c, k - c);
-    for (int t = 0; t < nrows; t++)
-        for (int g = 0; g < na; g++) store_act1(shrunk, t * shrunk_stride + g, hsum((vec)acc[t][g]), 1);
+    for (int t = 0; t < nrows; t++) {
+        float sums[A_TILE];
+#ifdef HAVE_SHUFFLEVECTOR
+        if (na == A_TILE) {
+            const vec4 s = hsum4((vec)acc[t][0], (vec)acc[t][1], (vec)acc[t][2], (vec)acc[t][3]);
+            memcpy(sums, &s, sizeof sums);
+        } else
+#endif
+            for (int g = 0; g < na; g++) sums[g] = hsum((vec)acc[t][g]);
+        for (int g = 0; g < na; g++) store_act1(shrunk, t * shrunk_stride + g, sums[g], 1);
+    }
 }
 
 /* expand_tile on vdpbf16ps for a full column tile (COL_TILE columns from lo), bfloat16 shrunk rows, B^T and out.
@@ -184,6 +194,15 @@ expand_tile_dp(void *const *out, const int nrows, const uint16_t *const *shrunk,
 }
 #endif
 
+/* Of a segment's `row_tiles` x `inner` work items, taken in blocks of ROW_BLOCK row tiles: item `local`'s inner
+ * index (returned) and row tile. */
+static inline long blocked_item(long local, long row_tiles, long inner, long *row_tile) {
+    const long first = local / (ROW_BLOCK * inner) * ROW_BLOCK, within = local - first * inner;
+    const long tiles = row_tiles - first < ROW_BLOCK ? row_tiles - first : ROW_BLOCK;
+    *row_tile = first + within % tiles;
+    return within / tiles;
+}
+
 /* The segment holding work item `item` of a phase whose segment s owns items [first[s], first[s + 1]). */
 static int segment_of(const long *first, int num_segments, long item) {
     int s = 0;
@@ -198,8 +217,10 @@ lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a
          long shrunk_stride, int num_threads, const int act_bf16, const int w_bf16) {
     const int dp = DPBF16 && act_bf16 && w_bf16;   /* both phases on vdpbf16ps, shrunk rows in bfloat16 */
     const long act_size = act_bf16 ? 2 : 4, w_size = w_bf16 ? 2 : 4, s_size = dp ? 2 : 4;
-    /* Work items: shrink (segment, A tile, row tile), row tiles innermost so a thread keeps its A tile in L1
-     * while the segment's rows stream from L2; expand (segment, column tile, row tile), likewise for B^T. */
+    /* Work items: shrink (segment, block of ROW_BLOCK row tiles, A tile, row tile), so a thread keeps its A
+     * tile in L1 while a block's rows come from L2 (a long segment's rows, streamed whole past every A tile,
+     * would come from memory); expand (segment, block, column tile, row tile), a column tile of B^T in L1 and
+     * the block's output rows walked along their columns. */
     long shrink_first[MAX_SEGMENTS + 1], expand_first[MAX_SEGMENTS + 1];
     long col_tiles = 0;
     for (int i = 0; i < projections; i++) col_tiles += (bounds[i + 1] - bounds[i] + COL_TILE - 1) / COL_TILE;
@@ -222,7 +243,9 @@ lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a
             const long slot = segments[3 * s], start = segments[3 * s + 1], end = segments[3 * s + 2];
             const long rank = slot_ranks[slot], width = projections * rank;
             const long row_tiles = (end - start + ROW_TILE - 1) / ROW_TILE, local = item - shrink_first[s];
-            const long a_row = (local / row_tiles) * A_TILE, pos = start + (local % row_tiles) * ROW_TILE;
+            long row_tile;
+            const long a_row = blocked_item(local, row_tiles, (width + A_TILE - 1) / A_TILE, &row_tile) * A_TILE;
+            const long pos = start + row_tile * ROW_TILE;
             const int nrows = (int)(end - pos < ROW_TILE ? end - pos : ROW_TILE);
             const int na = (int)(width - a_row < A_TILE ? width - a_row : A_TILE);
             const void *xr[ROW_TILE];
@@ -248,7 +271,7 @@ lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a
             const long slot = segments[3 * s], start = segments[3 * s + 1], end = segments[3 * s + 2];
             const long rank = slot_ranks[slot];
             const long row_tiles = (end - start + ROW_TILE - 1) / ROW_TILE, local = item - expand_first[s];
-            long tile = local / row_tiles, lo = 0, hi = 0;
+            long row_tile, tile = blocked_item(local, row_tiles, col_tiles, &row_tile), lo = 0, hi = 0;
             int proj = 0;
             for (; proj < projections; proj++) {   /* the column tile's projection and columns */
                 const long tiles = (bounds[proj + 1] - bounds[proj] + COL_TILE - 1) / COL_TILE;
@@ -259,7 +282,7 @@ lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a
                 }
                 tile -= tiles;
             }
-            const long pos = start + (local % row_tiles) * ROW_TILE;
+            const long pos = start + row_tile * ROW_TILE;
             const int nrows = (int)(end - pos < ROW_TILE ? end - pos : ROW_TILE);
             void *outr[ROW_TILE];
             const void *sr[ROW_TILE];
