@@ -10,8 +10,9 @@
  *
  * Layout: A [slots, S*R, in] (slot s holds projection i's A at rows i*rank_s .. i*rank_s + rank_s);
  * B stored rank-major, [slots, R, out] (B^T of each slot: row j is column j of every projection's B; rows
- * `bt_stride` apart, which may exceed out), so the expand adds rank-1 updates along contiguous output columns. The adapter rows are sorted by slot into
- * segments; `rows` maps a segment position to its token row (NULL: position = row).
+ * `bt_stride` apart, which may exceed out), so the expand adds rank-1 updates along contiguous output columns.
+ * The adapter rows are sorted by slot into segments; `rows` maps a segment position to its token row (NULL:
+ * position = row).
  *
  * Activations (x, out) and slots (A, B) are each float32 or bfloat16 (`act_bf16`, `w_bf16`: constants in each
  * specialised body). Products are summed in float32; each output element is rounded once, when the sum is
