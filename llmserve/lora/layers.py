@@ -103,11 +103,10 @@ class LoRALinearMethod(QuantizeMethodBase):
 
                 add_lora_segments(out_rows, x_rows.contiguous(), self.stack, self.rank_tensor, self.bounds_tensor,
                                   mapping.device_segments(x.device))
-            elif (self.use_cpu_kernel and mapping.rows is not None and x.dtype == out.dtype
-                  and x.dtype in CPU_KERNEL_DTYPES):
-                # Rows to gather and scatter (adapters mixed, or with base rows): the kernel. One adapter for
-                # every row stays on add_lora: a GEMM per op straight into the output, which oneDNN runs faster
-                # than the kernel's float32 FMAs on many rows (docs/benchmarks.md).
+            elif self.use_cpu_kernel and x.dtype == out.dtype and x.dtype in CPU_KERNEL_DTYPES:
+                # Every step with adapter rows, one adapter for all of them too: one parallel region per layer
+                # against add_lora's one per GEMM, measured faster on two threads at every row count
+                # (docs/benchmarks.md).
                 add_lora_cpu(out_rows, x_rows if x_rows.stride(1) == 1 else x_rows.contiguous(), self.stack,
                              self.rank_tensor, self.bounds_tensor, mapping)
             else:

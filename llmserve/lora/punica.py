@@ -35,13 +35,9 @@ class LoRABatchMapping:
     segments: list[tuple[int, int, int]] = field(default_factory=list)
     rows: torch.Tensor | None = None
     num_tokens: int = 0
-    # The segments padded to the longest (set when that at most doubles the rows): token index of each of
-    # the [adapters x longest] positions (padding: 0), which positions are padding, and the slots: a
-    # (first, end) range when consecutive, else their indices.
-    padded_rows: torch.Tensor | None = None
-    padding: torch.Tensor | None = None
-    slot_range: tuple[int, int] | None = None
-    slot_index: torch.Tensor | None = None
+    _order: np.ndarray | None = None   # ``rows`` on the host, for padded_segments()
+    _padded: PaddedSegments | None = None
+    _padded_built: bool = False
     _device_segments: Any = None
     _segment_table: np.ndarray | None = None
 
@@ -61,28 +57,16 @@ class LoRABatchMapping:
         starts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_slots)) + 1])
         ends = np.concatenate([starts[1:], [len(order)]])
         segments = [(int(sorted_slots[s]), int(s), int(e)) for s, e in zip(starts, ends)]
-        mapping = cls(segments, torch.from_numpy(order).to(device), num_tokens)
-        lengths = ends - starts
-        longest = int(lengths.max())
-        if len(segments) > 1 and len(segments) * longest <= 2 * len(order):
-            mapping._pad(order, starts, lengths, longest, [slot for slot, _, _ in segments], device)
-        return mapping
+        return cls(segments, torch.from_numpy(order).to(device), num_tokens, order)
 
-    def _pad(self, order: np.ndarray, starts: np.ndarray, lengths: np.ndarray, longest: int, slots: list[int],
-             device: torch.device) -> None:
-        count = len(slots)
-        padded = np.zeros((count, longest), dtype=np.int64)
-        padding = np.ones((count, longest), dtype=bool)
-        group = np.repeat(np.arange(count), lengths)
-        position = np.arange(len(order)) - np.repeat(starts, lengths)
-        padded[group, position] = order
-        padding[group, position] = False
-        self.padded_rows = torch.from_numpy(padded.reshape(-1)).to(device)
-        self.padding = torch.from_numpy(padding.reshape(-1, 1)).to(device)
-        if slots[-1] - slots[0] == count - 1:
-            self.slot_range = (slots[0], slots[-1] + 1)
-        else:
-            self.slot_index = torch.tensor(slots, dtype=torch.long, device=device)
+    def padded_segments(self) -> PaddedSegments | None:
+        """The segments padded to the longest, when there are several and that at most doubles the rows
+        (built on first use, then shared: only the PyTorch path reads them)."""
+        if not self._padded_built:
+            self._padded_built = True
+            if self._order is not None and len(self.segments) > 1:
+                self._padded = PaddedSegments.build(self._order, self.segment_table(), self.rows.device)
+        return self._padded
 
     def segment_table(self) -> np.ndarray:
         """The segments as int64 ``[segments, 3]`` rows of (slot, start, end) (built on first use, then shared)."""
@@ -97,6 +81,38 @@ class LoRABatchMapping:
 
             self._device_segments = Segments(self, device)
         return self._device_segments
+
+
+@dataclass
+class PaddedSegments:
+    """A step's segments padded to the longest: the token index of each of the ``[adapters x longest]``
+    positions (padding: 0), which positions are padding, and the slots: a ``(first, end)`` range when
+    consecutive, else their indices."""
+
+    rows: torch.Tensor
+    padding: torch.Tensor
+    slot_range: tuple[int, int] | None
+    slot_index: torch.Tensor | None
+
+    @classmethod
+    def build(cls, order: np.ndarray, table: np.ndarray, device: torch.device) -> PaddedSegments | None:
+        """From the sorted adapter rows and the segment table; None when padding would more than double the
+        rows."""
+        slots, starts, ends = table[:, 0], table[:, 1], table[:, 2]
+        lengths = ends - starts
+        count, longest = len(table), int(lengths.max())
+        if count * longest > 2 * len(order):
+            return None
+        padded = np.zeros((count, longest), dtype=np.int64)
+        padding = np.ones((count, longest), dtype=bool)
+        group = np.repeat(np.arange(count), lengths)
+        position = np.arange(len(order)) - np.repeat(starts, lengths)
+        padded[group, position] = order
+        padding[group, position] = False
+        consecutive = int(slots[-1] - slots[0]) == count - 1
+        return cls(torch.from_numpy(padded.reshape(-1)).to(device), torch.from_numpy(padding.reshape(-1, 1)).to(device),
+                   (int(slots[0]), int(slots[-1]) + 1) if consecutive else None,
+                   None if consecutive else torch.from_numpy(slots.copy()).to(device))
 
 
 @dataclass
@@ -121,11 +137,17 @@ def new_stack(max_loras: int, max_rank: int, in_features: int, bounds: list[int]
               device: torch.device) -> LoRAStack:
     """Empty (zero) slots for the projections ``bounds`` delimits. On the CPU, B is stored rank-major
     (``[slots, R, out]``, seen through a transposed view as ``[slots, out, R]``): the CPU kernel's expand adds
-    each rank's row along contiguous output columns. Elsewhere it is contiguous, as the Triton kernels read it."""
+    each rank's row along contiguous output columns. Each rank's row is padded to an odd number of 64-byte
+    cache lines, so the R rows a column tile of the expand reads fall in different cache sets (at a power of
+    two, such as 4096 bfloat16 columns, they would all share one and evict each other). Elsewhere B is
+    contiguous, as the Triton kernels read it."""
     projections, out_features = len(bounds) - 1, bounds[-1]
     a = torch.zeros(max_loras, projections * max_rank, in_features, dtype=dtype, device=device)
     if device.type == "cpu":
-        b = torch.zeros(max_loras, max_rank, out_features, dtype=dtype, device=device).transpose(1, 2)
+        per_line = 64 // torch.empty(0, dtype=dtype).element_size()
+        lines = -(-out_features // per_line) | 1
+        b = torch.zeros(max_loras, max_rank, lines * per_line, dtype=dtype, device=device)[..., :out_features]
+        b = b.transpose(1, 2)
     else:
         b = torch.zeros(max_loras, out_features, max_rank, dtype=dtype, device=device)
     return LoRAStack(a, b, bounds, [0] * max_loras)
@@ -138,8 +160,8 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, stack: LoRAStack, mapping: LoRA
     rank = max(ranks)
     if rank == 0:
         return   # no adapter of the step touches this layer
-    if mapping.padded_rows is not None and all(r in (0, rank) for r in ranks):
-        return _add_lora_padded(out, x, stack, rank, mapping)
+    if all(r in (0, rank) for r in ranks) and (padded := mapping.padded_segments()) is not None:
+        return _add_lora_padded(out, x, stack, rank, padded)
     xs = x if mapping.rows is None else x.index_select(0, mapping.rows)
     if xs.dtype != stack.a.dtype:
         xs = xs.to(stack.a.dtype)
@@ -180,21 +202,20 @@ def _expand(dest: torch.Tensor, shrunk: torch.Tensor, stack: LoRAStack, slot: in
 
 
 def _add_lora_padded(out: torch.Tensor, x: torch.Tensor, stack: LoRAStack, rank: int,
-                     mapping: LoRABatchMapping) -> None:
+                     padded: PaddedSegments) -> None:
     """Every adapter at once over the padded segments: padding rows are zeroed, so their (zero) deltas
     can be added to row 0. Slots without this layer (rank 0) hold zeros."""
-    assert mapping.padded_rows is not None and mapping.padding is not None
-    count = len(mapping.segments)
-    xs = x.index_select(0, mapping.padded_rows).masked_fill_(mapping.padding, 0.0)
+    count = len(padded.slot_index) if padded.slot_range is None else padded.slot_range[1] - padded.slot_range[0]
+    xs = x.index_select(0, padded.rows).masked_fill_(padded.padding, 0.0)
     if xs.dtype != stack.a.dtype:
         xs = xs.to(stack.a.dtype)
     width = stack.num_projections * rank
-    if mapping.slot_range is not None:
-        first, end = mapping.slot_range
+    if padded.slot_range is not None:
+        first, end = padded.slot_range
         a, b = stack.a[first:end, :width], stack.b[first:end, :, :rank]
     else:
-        a = stack.a.index_select(0, mapping.slot_index)[:, :width]
-        b = stack.b.index_select(0, mapping.slot_index)[..., :rank]
+        a = stack.a.index_select(0, padded.slot_index)[:, :width]
+        b = stack.b.index_select(0, padded.slot_index)[..., :rank]
     shrunk = torch.bmm(xs.view(count, -1, xs.shape[1]), a.transpose(1, 2))
     bounds = stack.bounds
     delta = torch.empty(count, shrunk.shape[1], bounds[-1], dtype=shrunk.dtype, device=x.device)
@@ -204,4 +225,4 @@ def _add_lora_padded(out: torch.Tensor, x: torch.Tensor, stack: LoRAStack, rank:
     delta = delta.view(-1, bounds[-1])
     if delta.dtype != out.dtype:
         delta = delta.to(out.dtype)
-    out.index_add_(0, mapping.padded_rows, delta)
+    out.index_add_(0, padded.rows, delta)

@@ -9,18 +9,33 @@
  * element and nothing is scattered).
  *
  * Layout: A [slots, S*R, in] (slot s holds projection i's A at rows i*rank_s .. i*rank_s + rank_s);
- * B stored rank-major, [slots, R, out] (B^T of each slot: row j is column j of every projection's B), so the
- * expand adds rank-1 updates along contiguous output columns. The adapter rows are sorted by slot into
- * segments; `rows` maps a segment position to its token row (NULL: position = row).
+ * B stored rank-major, [slots, R, out] (B^T of each slot: row j is column j of every projection's B; rows
+ * `bt_stride` apart, which may exceed out), so the expand adds rank-1 updates along contiguous output columns.
+ * The adapter rows are sorted by slot into segments; `rows` maps a segment position to its token row (NULL:
+ * position = row).
  *
  * Activations (x, out) and slots (A, B) are each float32 or bfloat16 (`act_bf16`, `w_bf16`: constants in each
- * specialised body). Products are summed in float32 and the shrunk rows kept in float32; each output element is
- * rounded once, when the sum is stored.
+ * specialised body). Products are summed in float32; each output element is rounded once, when the sum is
+ * stored. The shrunk rows are kept in float32, except where both are bfloat16 and the CPU has AVX512-BF16: there
+ * both phases run on `vdpbf16ps` (32 bfloat16 products into 16 float32 sums per instruction, as the base
+ * layers' kernels do, instead of widening every operand to float32 for FMAs), and the shrunk rows are rounded
+ * to bfloat16, the expand's operand (as a bfloat16 matmul rounds them). The shrink needs no other layout: an
+ * x row and an A row are both contiguous along k, so 32 of each make 16 partial sums of one dot product. The
+ * expand's pairs run along the rank, while B^T's rows run along the output: two rows of B^T are interleaved in
+ * registers (which leaves the columns permuted within each 128-bit lane) and the sums put back in column order
+ * once per tile, so the slots keep the one layout every path reads.
  */
 #include "cpu_vec.h"
 
+#ifdef __AVX512BF16__
+#define DPBF16 1
+#else
+#define DPBF16 0
+#endif
+
 #define ROW_TILE 4     /* rows per register tile, both phases */
 #define A_TILE 4       /* A rows per shrink tile: 16 dot products in flight */
+#define ROW_BLOCK 16   /* row tiles a phase runs past each tile of A or B^T before the next rows: 64 rows */
 #define COL_VECS 4     /* output vectors per expand tile */
 #define COL_TILE (COL_VECS * LANES)
 #define MAX_SEGMENTS 256
@@ -60,10 +75,11 @@ shrink_tile(const void *const *x, int nrows, const void *a, long a_stride, int n
         }
 }
 
-/* out[t][lo:hi] += sum_j shrunk[t][j] * bt[j][lo:hi] for up to ROW_TILE rows, j < rank, hi - lo <= COL_TILE. */
+/* out[t][lo:hi] += sum_j shrunk[t][j] * bt[j][lo:hi] for up to ROW_TILE rows, j < rank, hi - lo <= COL_TILE;
+ * the shrunk rows float32, or bfloat16 (`s_bf16`). */
 static inline __attribute__((always_inline)) void
-expand_tile(void *const *out, int nrows, const float *const *shrunk, const void *bt, long bt_stride, int rank,
-            long lo, long hi, const int act_bf16, const int w_bf16) {
+expand_tile(void *const *out, int nrows, const void *const *shrunk, const void *bt, long bt_stride, int rank,
+            long lo, long hi, const int act_bf16, const int w_bf16, const int s_bf16) {
     if (hi - lo == COL_TILE) {
         vec acc[ROW_TILE][COL_VECS];
         for (int t = 0; t < nrows; t++)
@@ -72,7 +88,7 @@ expand_tile(void *const *out, int nrows, const float *const *shrunk, const void 
             vec bv[COL_VECS];
             for (int u = 0; u < COL_VECS; u++) bv[u] = load_act(bt, j * bt_stride + lo + u * LANES, w_bf16);
             for (int t = 0; t < nrows; t++) {
-                const vec s = splat(shrunk[t][j]);
+                const vec s = splat(load_act1(shrunk[t], j, s_bf16));
                 for (int u = 0; u < COL_VECS; u++) acc[t][u] += s * bv[u];
             }
         }
@@ -84,15 +100,108 @@ expand_tile(void *const *out, int nrows, const float *const *shrunk, const void 
         long col = lo;
         for (; col + LANES <= hi; col += LANES) {
             vec acc = load_act(out[t], col, act_bf16);
-            for (int j = 0; j < rank; j++) acc += splat(shrunk[t][j]) * load_act(bt, j * bt_stride + col, w_bf16);
+            for (int j = 0; j < rank; j++)
+                acc += splat(load_act1(shrunk[t], j, s_bf16)) * load_act(bt, j * bt_stride + col, w_bf16);
             store_act(out[t], col, acc, act_bf16);
         }
         for (; col < hi; col++) {
             float acc = load_act1(out[t], col, act_bf16);
-            for (int j = 0; j < rank; j++) acc += shrunk[t][j] * load_act1(bt, j * bt_stride + col, w_bf16);
+            for (int j = 0; j < rank; j++)
+                acc += load_act1(shrunk[t], j, s_bf16) * load_act1(bt, j * bt_stride + col, w_bf16);
             store_act1(out[t], col, acc, act_bf16);
         }
     }
+}
+
+#if DPBF16
+/* `count` (<= 32) bfloat16 values from p, zeros after: 16 pairs for vdpbf16ps. */
+static inline __attribute__((always_inline)) __m512i load_pairs(const uint16_t *p, long count) {
+    return count == 2 * LANES ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16((__mmask32)((1u << count) - 1), p);
+}
+
+/* 32 (or `count`) values of k: each x row's pairs against each A row's. */
+static inline __attribute__((always_inline)) void
+shrink_step_dp(__m512 acc[ROW_TILE][A_TILE], const uint16_t *const *x, const int nrows, const uint16_t *a,
+               long a_stride, const int na, long c, long count) {
+    __m512i av[A_TILE];
+    for (int g = 0; g < na; g++) av[g] = load_pairs(a + g * a_stride + c, count);
+    for (int t = 0; t < nrows; t++) {
+        const __m512bh xv = (__m512bh)load_pairs(x[t] + c, count);
+        for (int g = 0; g < na; g++) acc[t][g] = _mm512_dpbf16_ps(acc[t][g], xv, (__m512bh)av[g]);
+    }
+}
+
+/* shrink_tile on vdpbf16ps, bfloat16 x and A: the sums rounded to bfloat16 into `shrunk`. */
+static inline __attribute__((always_inline)) void
+shrink_tile_dp(const uint16_t *const *x, const int nrows, const uint16_t *a, long a_stride, const int na, long k,
+               uint16_t *shrunk, long shrunk_stride) {
+    __m512 acc[ROW_TILE][A_TILE];
+    for (int t = 0; t < nrows; t++)
+        for (int g = 0; g < na; g++) acc[t][g] = _mm512_setzero_ps();
+    long c = 0;
+    for (; c + 2 * LANES <= k; c += 2 * LANES) shrink_step_dp(acc, x, nrows, a, a_stride, na, c, 2 * LANES);
+    if (c < k) shrink_step_dp(acc, x, nrows, a, a_stride, na, c, k - c);
+    for (int t = 0; t < nrows; t++) {
+        float sums[A_TILE];
+#ifdef HAVE_SHUFFLEVECTOR
+        if (na == A_TILE) {
+            const vec4 s = hsum4((vec)acc[t][0], (vec)acc[t][1], (vec)acc[t][2], (vec)acc[t][3]);
+            memcpy(sums, &s, sizeof sums);
+        } else
+#endif
+            for (int g = 0; g < na; g++) sums[g] = hsum((vec)acc[t][g]);
+        for (int g = 0; g < na; g++) store_act1(shrunk, t * shrunk_stride + g, sums[g], 1);
+    }
+}
+
+/* expand_tile on vdpbf16ps for a full column tile (COL_TILE columns from lo), bfloat16 shrunk rows, B^T and out.
+ * Rows j and j+1 of B^T interleaved by 16-bit unpacks pair each column's two values, for the columns
+ * {8L + i} (low unpack) and {8L + 4 + i} (high unpack), L the 128-bit lane and i < 4, of each 32 columns; the
+ * shrunk pair (s[j], s[j+1]) is broadcast to every lane. An odd rank's last j is paired with zeros. */
+static inline __attribute__((always_inline)) void
+expand_tile_dp(void *const *out, const int nrows, const uint16_t *const *shrunk, const uint16_t *bt, long bt_stride,
+               int rank, long lo) {
+    __m512 acc[ROW_TILE][COL_VECS];
+    for (int t = 0; t < nrows; t++)
+        for (int u = 0; u < COL_VECS; u++) acc[t][u] = _mm512_setzero_ps();
+    for (int j = 0; j < rank; j += 2) {
+        const int pair = j + 1 < rank;
+        __m512i bv[COL_VECS];
+        for (int h = 0; h < COL_VECS / 2; h++) {
+            const uint16_t *row = bt + j * bt_stride + lo + h * 2 * LANES;
+            const __m512i first = _mm512_loadu_si512(row);
+            const __m512i second = pair ? _mm512_loadu_si512(row + bt_stride) : _mm512_setzero_si512();
+            bv[2 * h] = _mm512_unpacklo_epi16(first, second);
+            bv[2 * h + 1] = _mm512_unpackhi_epi16(first, second);
+        }
+        for (int t = 0; t < nrows; t++) {
+            uint32_t s = shrunk[t][j];
+            if (pair) memcpy(&s, shrunk[t] + j, sizeof s);
+            const __m512bh sv = (__m512bh)_mm512_set1_epi32((int)s);
+            for (int u = 0; u < COL_VECS; u++) acc[t][u] = _mm512_dpbf16_ps(acc[t][u], (__m512bh)bv[u], sv);
+        }
+    }
+    /* Column order back: of each 32 columns' two sums (low, high unpack), lanes 0-15 and 16-31. */
+    const __m512i first_half = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second_half = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int t = 0; t < nrows; t++)
+        for (int h = 0; h < COL_VECS / 2; h++) {
+            const long col = lo + h * 2 * LANES;
+            const vec d0 = (vec)_mm512_permutex2var_ps(acc[t][2 * h], first_half, acc[t][2 * h + 1]);
+            const vec d1 = (vec)_mm512_permutex2var_ps(acc[t][2 * h], second_half, acc[t][2 * h + 1]);
+            store_act(out[t], col, load_act(out[t], col, 1) + d0, 1);
+            store_act(out[t], col + LANES, load_act(out[t], col + LANES, 1) + d1, 1);
+        }
+}
+#endif
+
+/* Of a segment's `row_tiles` x `inner` work items, taken in blocks of ROW_BLOCK row tiles: item `local`'s inner
+ * index (returned) and row tile. */
+static inline long blocked_item(long local, long row_tiles, long inner, long *row_tile) {
+    const long first = local / (ROW_BLOCK * inner) * ROW_BLOCK, within = local - first * inner;
+    const long tiles = row_tiles - first < ROW_BLOCK ? row_tiles - first : ROW_BLOCK;
+    *row_tile = first + within % tiles;
+    return within / tiles;
 }
 
 /* The segment holding work item `item` of a phase whose segment s owns items [first[s], first[s + 1]). */
@@ -105,11 +214,14 @@ static int segment_of(const long *first, int num_segments, long item) {
 static inline __attribute__((always_inline)) void
 lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a, long a_slot_stride, const void *bt,
          long bt_slot_stride, long bt_stride, const long *slot_ranks, const long *bounds, int projections,
-         const long *rows, const long *segments, int num_segments, long in_features, float *shrunk,
+         const long *rows, const long *segments, int num_segments, long in_features, void *shrunk,
          long shrunk_stride, int num_threads, const int act_bf16, const int w_bf16) {
-    const long act_size = act_bf16 ? 2 : 4, w_size = w_bf16 ? 2 : 4;
-    /* Work items: shrink (segment, A tile, row tile), row tiles innermost so a thread keeps its A tile in L1
-     * while the segment's rows stream from L2; expand (segment, column tile, row tile), likewise for B^T. */
+    const int dp = DPBF16 && act_bf16 && w_bf16;   /* both phases on vdpbf16ps, shrunk rows in bfloat16 */
+    const long act_size = act_bf16 ? 2 : 4, w_size = w_bf16 ? 2 : 4, s_size = dp ? 2 : 4;
+    /* Work items: shrink (segment, block of ROW_BLOCK row tiles, A tile, row tile), so a thread keeps its A
+     * tile in L1 while a block's rows come from L2 (a long segment's rows, streamed whole past every A tile,
+     * would come from memory); expand (segment, block, column tile, row tile), a column tile of B^T in L1 and
+     * the block's output rows walked along their columns. */
     long shrink_first[MAX_SEGMENTS + 1], expand_first[MAX_SEGMENTS + 1];
     long col_tiles = 0;
     for (int i = 0; i < projections; i++) col_tiles += (bounds[i + 1] - bounds[i] + COL_TILE - 1) / COL_TILE;
@@ -132,15 +244,27 @@ lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a
             const long slot = segments[3 * s], start = segments[3 * s + 1], end = segments[3 * s + 2];
             const long rank = slot_ranks[slot], width = projections * rank;
             const long row_tiles = (end - start + ROW_TILE - 1) / ROW_TILE, local = item - shrink_first[s];
-            const long a_row = (local / row_tiles) * A_TILE, pos = start + (local % row_tiles) * ROW_TILE;
+            long row_tile;
+            const long a_row = blocked_item(local, row_tiles, (width + A_TILE - 1) / A_TILE, &row_tile) * A_TILE;
+            const long pos = start + row_tile * ROW_TILE;
             const int nrows = (int)(end - pos < ROW_TILE ? end - pos : ROW_TILE);
             const int na = (int)(width - a_row < A_TILE ? width - a_row : A_TILE);
             const void *xr[ROW_TILE];
             for (int t = 0; t < nrows; t++)
                 xr[t] = (const char *)x + (rows ? rows[pos + t] : pos + t) * x_stride * act_size;
-            shrink_tile(xr, nrows, (const char *)a + (slot * a_slot_stride + a_row * in_features) * w_size,
-                        in_features, na, in_features, shrunk + pos * shrunk_stride + a_row, shrunk_stride,
-                        act_bf16, w_bf16);
+            const void *ar = (const char *)a + (slot * a_slot_stride + a_row * in_features) * w_size;
+            void *sr = (char *)shrunk + (pos * shrunk_stride + a_row) * s_size;
+#if DPBF16
+            if (dp) {
+                const uint16_t *const *xh = (const uint16_t *const *)xr;
+                if (nrows == ROW_TILE && na == A_TILE)
+                    shrink_tile_dp(xh, ROW_TILE, ar, in_features, A_TILE, in_features, sr, shrunk_stride);
+                else
+                    shrink_tile_dp(xh, nrows, ar, in_features, na, in_features, sr, shrunk_stride);
+                continue;
+            }
+#endif
+            shrink_tile(xr, nrows, ar, in_features, na, in_features, sr, shrunk_stride, act_bf16, w_bf16);
         }
         #pragma omp for schedule(static)
         for (long item = 0; item < expand_items; item++) {
@@ -148,7 +272,7 @@ lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a
             const long slot = segments[3 * s], start = segments[3 * s + 1], end = segments[3 * s + 2];
             const long rank = slot_ranks[slot];
             const long row_tiles = (end - start + ROW_TILE - 1) / ROW_TILE, local = item - expand_first[s];
-            long tile = local / row_tiles, lo = 0, hi = 0;
+            long row_tile, tile = blocked_item(local, row_tiles, col_tiles, &row_tile), lo = 0, hi = 0;
             int proj = 0;
             for (; proj < projections; proj++) {   /* the column tile's projection and columns */
                 const long tiles = (bounds[proj + 1] - bounds[proj] + COL_TILE - 1) / COL_TILE;
@@ -159,16 +283,24 @@ lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a
                 }
                 tile -= tiles;
             }
-            const long pos = start + (local % row_tiles) * ROW_TILE;
+            const long pos = start + row_tile * ROW_TILE;
             const int nrows = (int)(end - pos < ROW_TILE ? end - pos : ROW_TILE);
             void *outr[ROW_TILE];
-            const float *sr[ROW_TILE];
+            const void *sr[ROW_TILE];
             for (int t = 0; t < nrows; t++) {
                 outr[t] = (char *)out + (rows ? rows[pos + t] : pos + t) * out_stride * act_size;
-                sr[t] = shrunk + (pos + t) * shrunk_stride + proj * rank;
+                sr[t] = (const char *)shrunk + ((pos + t) * shrunk_stride + proj * rank) * s_size;
             }
-            expand_tile(outr, nrows, sr, (const char *)bt + slot * bt_slot_stride * w_size, bt_stride, (int)rank, lo,
-                        hi, act_bf16, w_bf16);
+            const void *bts = (const char *)bt + slot * bt_slot_stride * w_size;
+#if DPBF16
+            if (dp && hi - lo == COL_TILE) {
+                const uint16_t *const *sh = (const uint16_t *const *)sr;
+                if (nrows == ROW_TILE) expand_tile_dp(outr, ROW_TILE, sh, bts, bt_stride, (int)rank, lo);
+                else expand_tile_dp(outr, nrows, sh, bts, bt_stride, (int)rank, lo);
+                continue;
+            }
+#endif
+            expand_tile(outr, nrows, sr, bts, bt_stride, (int)rank, lo, hi, act_bf16, w_bf16, dp);
         }
     }
 }
@@ -176,11 +308,12 @@ lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a
 /* Returns 0, or -1 when there are more than MAX_SEGMENTS segments. Strides are in elements. `segments` is
  * [num_segments, 3] (slot, start, end) in positions of `rows`; `slot_ranks[slot]`: the slot's rank in this
  * layer (0: skipped); `bounds` [projections + 1]: each projection's output columns; `shrunk` [positions, S*R]
- * float32 scratch. `act_bf16`, `w_bf16`: bfloat16 activations, slots (else float32). */
+ * float32 scratch (used as bfloat16 with the same row stride on the vdpbf16ps path). `act_bf16`, `w_bf16`: bfloat16
+ * activations, slots (else float32). */
 int llmserve_lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a, long a_slot_stride,
                       const void *bt, long bt_slot_stride, long bt_stride, const long *slot_ranks,
                       const long *bounds, int projections, const long *rows, const long *segments,
-                      int num_segments, long in_features, float *shrunk, long shrunk_stride, int num_threads,
+                      int num_segments, long in_features, void *shrunk, long shrunk_stride, int num_threads,
                       int act_bf16, int w_bf16) {
     if (num_segments > MAX_SEGMENTS) return -1;
 #define LORA_ADD(ACT, W) lora_add(x, x_stride, out, out_stride, a, a_slot_stride, bt, bt_slot_stride, bt_stride,  \
