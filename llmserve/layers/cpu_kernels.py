@@ -57,6 +57,7 @@ class CPUKernels:
     otherwise (the attention caches may also be quantised or bfloat16)."""
 
     def __init__(self, library: Path) -> None:
+        self.library = library   # other bindings of the same library load it from here
         lib = ctypes.CDLL(str(library))
         lib.llmserve_linear_small_batch.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
         lib.llmserve_linear_small_batch.restype = _I
