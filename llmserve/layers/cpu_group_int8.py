@@ -17,14 +17,14 @@ from llmserve.layers.cpu_kernels import CPUKernels
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 ACTIVATION_BLOCK = 32   # columns per activation scale (llama.cpp's Q8_0 block)
-ACTIVATION_SUM = 16     # columns per exact float sum of x (the smallest weight group)
+ACTIVATION_SUM = 16     # columns per activation sum (the smallest weight group)
 TILE = 16               # output rows per code tile
 
 
 @dataclass(frozen=True)
 class QuantizedActivations:
-    """Rows of x as the kernel multiplies them: int8 ``q`` [M, k], ``scale`` [M, k / 32] and the float sums
-    ``sums`` [M, k / 16] of x itself (for the weights' offsets)."""
+    """Rows of x as the kernel multiplies them: int8 ``q`` [M, k], ``scale`` [M, k / 32] and ``sums``
+    [M, k / 16], the dequantised values' sums per 16 columns (for the weights' offsets)."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -46,7 +46,7 @@ class GroupInt8Kernels:
 
     def quantize(self, x: torch.Tensor) -> QuantizedActivations:
         """Each row of float32 ``x`` [M, k] (unit stride along k, k a multiple of 32) quantised per block of 32
-        columns to int8 (``max|x| / 127``, round half to even), with the float sums of every 16 columns."""
+        columns to int8 (``max|x| / 127``, round half to even), with the sums of every 16 (dequantised)."""
         rows, k = x.shape
         if x.dtype != torch.float32 or x.stride(1) != 1 or k % ACTIVATION_BLOCK:
             raise ValueError(f"group_int8 quantize: x must be float32 [M, k] with unit stride and k a multiple of "

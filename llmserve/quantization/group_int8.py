@@ -5,8 +5,9 @@ Q4_K_M file stores some ``v_proj`` as Q6_K beside a Q4_K ``q_proj``), each ``W =
 or 32 columns with 4- or 8-bit unsigned codes (:class:`~llmserve.quantization.gguf_blocks.GroupCodes`).
 Each call quantises the activations once, per row and block of 32 columns to int8 (as llama.cpp's Q8_0),
 and every segment multiplies them into its columns of the output
-(``csrc/cpu_group_int8_linear.c``: ``sum_g s * xscale * dot(q, xq) + m * sum(x)``). Without the compiled
-kernels :func:`group_int8_reference` runs the same arithmetic in PyTorch.
+(``csrc/cpu_group_int8_linear.c``: ``sum_g s * xscale * dot(q, xq) + m * xscale * sum(xq)``, which is the
+quantised activations times ``W``). Without the compiled kernels :func:`group_int8_reference` computes the same
+in PyTorch.
 """
 
 from __future__ import annotations
@@ -81,16 +82,11 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def group_int8_reference(x: torch.Tensor, segment: GroupInt8Segment, dtype: torch.dtype = torch.float64,
                          ) -> torch.Tensor:
-    """The kernel's arithmetic in PyTorch: the dequantised activations times ``s * q``, plus each group's
-    offset times the float sum of x over the group; in ``dtype`` (float64: the tests' oracle)."""
+    """The kernel's result computed in PyTorch: the activations quantised as the kernel quantises them, times
+    the dequantised weight, in ``dtype`` (float64: the tests' oracle, exact but for the final rounding)."""
     q, scale = quantize_activations(x.float())
     x_deq = (q.to(dtype).view(x.shape[0], -1, ACTIVATION_BLOCK) * scale.to(dtype).unsqueeze(-1)).view(x.shape)
-    weight = segment.dequantize().to(dtype)
-    tiles = segment.codes.shape[0]
-    offsets = segment.offsets.transpose(1, 2).reshape(tiles * TILE, -1)[:segment.rows].to(dtype)
-    scaled = weight - offsets.repeat_interleave(segment.group, dim=1)         # s * q
-    sums = x.to(dtype).view(x.shape[0], -1, segment.group).sum(dim=-1)
-    return x_deq @ scaled.T + sums @ offsets.T
+    return x_deq @ segment.dequantize().to(dtype).T
 
 
 def apply_group_int8(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -91,3 +91,41 @@ def quantize_q6_k(weights: np.ndarray) -> np.ndarray:
 
 
 K_QUANTIZERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
+
+
+# llama.cpp's types for a tensor whose rows do not split into 256-column super-blocks.
+_FALLBACKS = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# The mixes llama.cpp's quantize names after their main type: file type -> (main type, llama_ftype value).
+MIXES = {"Q4_K_M": ("Q4_K", 15), "Q5_K_M": ("Q5_K", 17)}
+
+
+def _more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers and every third in between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def mix_tensor_type(file_type: str, gguf_name: str, layers: int, k: int) -> str:
+    """The type llama.cpp's quantize gives tensor ``gguf_name`` (``blk.3.attn_v.weight``) of a ``file_type``
+    (``Q4_K_M``: Q6_K for the output head and for ``attn_v``/``ffn_down`` in the layers that get more bits, Q5_K
+    for a fused ``attn_qkv``, the main type elsewhere; a plain type: that type), falling back as llama.cpp does
+    where ``k`` columns do not split into super-blocks."""
+    chosen = file_type
+    if file_type in MIXES:
+        chosen = MIXES[file_type][0]
+        layer = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else -1
+        if gguf_name == "output.weight":
+            chosen = "Q6_K"
+        elif ".attn_qkv." in gguf_name:
+            chosen = "Q5_K"
+        elif (".attn_v." in gguf_name or ".ffn_down." in gguf_name) and _more_bits(layer, layers):
+            chosen = "Q6_K"
+    return _FALLBACKS[chosen] if chosen in _FALLBACKS and k % QK_K else chosen
+
+
+def quantize_tensor(weights: np.ndarray, type_name: str) -> np.ndarray:
+    """float [rows, k] -> blocks of ``type_name``: the k-quants here, the rest through the ``gguf`` package."""
+    if type_name in K_QUANTIZERS:
+        return K_QUANTIZERS[type_name](weights)
+    import gguf
+
+    return gguf.quants.quantize(weights, gguf.GGMLQuantizationType[type_name])

@@ -3,9 +3,13 @@
  * Weights: unsigned codes q (4-bit or 8-bit) with a float32 scale s and offset m per output row and group of
  * 16 or 32 input columns, W[o, c] = s[o, g] * q[o, c] + m[o, g] (llmserve/quantization/group_int8.py repacks
  * them). Activations: each row quantised on the fly to int8 per block of 32 columns (scale max|x| / 127, as
- * llama.cpp's Q8_0), with the exact float sum of x over every 16 columns for the offset term:
+ * llama.cpp's Q8_0), with the sum of the quantised x over every 16 columns for the offset term:
  *
- *   y[o] = sum_g s[o, g] * xscale[block(g)] * dot(q[o, g], xq[g]) + m[o, g] * sum(x[g])
+ *   y[o] = sum_g s[o, g] * xscale[block(g)] * dot(q[o, g], xq[g]) + m[o, g] * xscale[block(g)] * sum(xq[g])
+ *
+ * which is exactly the quantised x times W: the rounding error of x meets the weights' values, not their
+ * codes (with the float sum of x instead, the error would meet s * q, which for a zero-point format such as
+ * Q8_0, q + 128, is about 128 times larger than the weight).
  *
  * Codes are stored per tile of 16 output rows so that one 64-byte load feeds 16 rows x 4 columns of
  * vpdpbusd (u8 codes x s8 activations, four products summed per int32 lane): byte 4 r + j of step c is
@@ -29,7 +33,8 @@
 #define GI8_XBLOCK 32    /* columns per activation scale */
 #define GI8_XSUM 16      /* columns per activation sum */
 
-/* Quantises M rows of x [M, k] (k a multiple of 32): xq [M, k] int8, xscale [M, k / 32], xsum [M, k / 16].
+/* Quantises M rows of x [M, k] (k a multiple of 32): xq [M, k] int8, xscale [M, k / 32], and xsum [M, k / 16]
+ * the dequantised sums (xscale times the sum of 16 codes).
  * Returns 0, or -1 when k is not a multiple of 32. */
 int llmserve_group_int8_quantize(const float *x, long x_stride, long M, long k, signed char *xq, float *xscale,
                                  float *xsum, int num_threads) {
@@ -43,16 +48,15 @@ int llmserve_group_int8_quantize(const float *x, long x_stride, long M, long k, 
             for (int c = 0; c < GI8_XBLOCK; c++) amax = fmaxf(amax, fabsf(xb[c]));
             const float scale = amax > 0.f ? amax / 127.f : 1.f;
             xscale[m * (k / GI8_XBLOCK) + b] = scale;
+            int sums[GI8_XBLOCK / GI8_XSUM] = {0};
             for (int c = 0; c < GI8_XBLOCK; c++) {
                 float q = nearbyintf(xb[c] / scale);
                 q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
                 xq[m * k + b * GI8_XBLOCK + c] = (signed char)(int)q;
+                sums[c / GI8_XSUM] += (int)q;
             }
-            for (int h = 0; h < GI8_XBLOCK / GI8_XSUM; h++) {
-                float s = 0.f;
-                for (int c = 0; c < GI8_XSUM; c++) s += xb[h * GI8_XSUM + c];
-                xsum[m * (k / GI8_XSUM) + b * (GI8_XBLOCK / GI8_XSUM) + h] = s;
-            }
+            for (int h = 0; h < GI8_XBLOCK / GI8_XSUM; h++)
+                xsum[m * (k / GI8_XSUM) + b * (GI8_XBLOCK / GI8_XSUM) + h] = scale * (float)sums[h];
         }
     }
     return 0;
