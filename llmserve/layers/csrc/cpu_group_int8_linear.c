@@ -79,13 +79,19 @@ tile_dots(const unsigned char *codes, const float *scales, const float *offsets,
     const __m512i low = _mm512_set1_epi8(0x0f);
     const long groups = k / group;
     for (long g = 0; g < groups; g++) {
-        __m512i dot[GI8_ROWS];
-        for (int m = 0; m < mr; m++) dot[m] = _mm512_setzero_si512();
+        /* two independent sums per row (even and odd steps, or low and high nibbles): vpdpbusd's latency
+         * would otherwise bound a single row's chain */
+        __m512i dot[GI8_ROWS], dot2[GI8_ROWS];
+        for (int m = 0; m < mr; m++) dot[m] = dot2[m] = _mm512_setzero_si512();
         const long c0 = g * group;
         if (bits == 8) {
-            for (long c = c0; c < c0 + group; c += 4) {
+            for (long c = c0; c < c0 + group; c += 8) {
                 const __m512i w = _mm512_loadu_si512((const void *)(codes + c * GI8_TILE));
-                for (int m = 0; m < mr; m++) dot[m] = _mm512_dpbusd_epi32(dot[m], w, bcast4(xq + m * k + c));
+                const __m512i w2 = _mm512_loadu_si512((const void *)(codes + (c + 4) * GI8_TILE));
+                for (int m = 0; m < mr; m++) {
+                    dot[m] = _mm512_dpbusd_epi32(dot[m], w, bcast4(xq + m * k + c));
+                    dot2[m] = _mm512_dpbusd_epi32(dot2[m], w2, bcast4(xq + m * k + c + 4));
+                }
             }
         } else {
             for (long c = c0; c < c0 + group; c += 8) {
@@ -93,10 +99,11 @@ tile_dots(const unsigned char *codes, const float *scales, const float *offsets,
                 const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
                 for (int m = 0; m < mr; m++) {
                     dot[m] = _mm512_dpbusd_epi32(dot[m], lo, bcast4(xq + m * k + c));
-                    dot[m] = _mm512_dpbusd_epi32(dot[m], hi, bcast4(xq + m * k + c + 4));
+                    dot2[m] = _mm512_dpbusd_epi32(dot2[m], hi, bcast4(xq + m * k + c + 4));
                 }
             }
         }
+        for (int m = 0; m < mr; m++) dot[m] = _mm512_add_epi32(dot[m], dot2[m]);
         const __m512 s = _mm512_loadu_ps(scales + g * GI8_TILE), o = _mm512_loadu_ps(offsets + g * GI8_TILE);
         for (int m = 0; m < mr; m++) {
             const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK]));
