@@ -1,8 +1,9 @@
 """Typed entry points of the group-quantised int8 dot-product kernel (``csrc/cpu_group_int8_linear.c``).
 
 The kernel lives in the same per-machine library as :mod:`llmserve.layers.cpu_kernels` (built once by
-:mod:`llmserve.layers.cpu_kernel_build`); this module binds its three functions, so that a caller quantises
-a batch of activations once and multiplies them by every weight segment of a fused layer.
+:mod:`llmserve.layers.cpu_kernel_build`). A layer runs in one call that quantises the activations once and
+multiplies them by every weight segment of a fused layer; the segments' addresses are gathered once into a
+:class:`LayerPlan`, since the per-call Python work is what a small layer's decode step would otherwise wait on.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class GroupInt8Kernels:
         lib = ctypes.CDLL(str(kernels.library))
         lib.llmserve_group_int8_quantize.argtypes = [_P, _L, _L, _L, _P, _P, _P, _I]
         lib.llmserve_group_int8_quantize.restype = _I
-        lib.llmserve_group_int8_linear.argtypes = [_P, _P, _P, _L, _L, _P, _P, _P, _L, _I, _I, _P, _P, _L, _I]
-        lib.llmserve_group_int8_linear.restype = _I
+        lib.llmserve_group_int8_layer.argtypes = [_P, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _P, _L, _I]
+        lib.llmserve_group_int8_layer.restype = _I
         lib.llmserve_group_int8_uses_vnni.restype = _I
         self._lib = lib
         self.uses_vnni: bool = bool(lib.llmserve_group_int8_uses_vnni())
@@ -58,28 +59,55 @@ class GroupInt8Kernels:
                                                sums.data_ptr(), torch.get_num_threads())
         return QuantizedActivations(q, scale, sums)
 
-    def linear(self, x: QuantizedActivations, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-               n: int, bits: int, group: int, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-        """Write ``x W^T (+ bias)`` for the ``n`` rows of one repacked weight into ``out`` [M, n] (a column
-        slice of a wider output may be passed: unit stride along n). ``codes`` uint8 [ceil(n / 16), 16 * k * bits / 8],
-        ``scales``/``offsets`` float32 [ceil(n / 16), k / group, 16], as
-        :mod:`llmserve.quantization.group_int8` lays them out."""
-        rows, k = x.q.shape
-        tiles = -(-n // TILE)
-        if (codes.shape != (tiles, TILE * k * bits // 8) or scales.shape != (tiles, k // group, TILE)
-                or offsets.shape != scales.shape or out.shape != (rows, n) or out.stride(1) != 1
-                or out.dtype != torch.float32
-                or not all(t.is_contiguous() for t in (codes, scales, offsets) + ((bias,) if bias is not None else ()))
-                or (bias is not None and bias.shape != (n,))):
-            raise ValueError(f"group_int8 linear: operands do not describe {n} rows of {k} inputs in {bits}-bit codes "
-                             f"and groups of {group}")
-        status = self._lib.llmserve_group_int8_linear(
-            x.q.data_ptr(), x.scale.data_ptr(), x.sums.data_ptr(), rows, k, codes.data_ptr(), scales.data_ptr(),
-            offsets.data_ptr(), n, bits, group, bias.data_ptr() if bias is not None else None, out.data_ptr(),
-            out.stride(0), torch.get_num_threads())
+    def layer(self, x: torch.Tensor, plan: LayerPlan, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T (+ bias)`` for float32 ``x`` [M, k] (unit stride along k) and the weight segments of
+        ``plan``, in one call: ``x`` quantised once, each segment writing its columns."""
+        rows, k = x.shape
+        if x.dtype != torch.float32 or x.stride(1) != 1 or k != plan.k or (
+                bias is not None and (bias.dtype != torch.float32 or bias.shape != (plan.n,)
+                                      or not bias.is_contiguous())):
+            raise ValueError(f"group_int8 layer: x must be float32 [M, {plan.k}] with unit stride and the bias float32 "
+                             f"[{plan.n}], got {x.dtype} {tuple(x.shape)}")
+        out = torch.empty(rows, plan.n, dtype=torch.float32)
+        status = self._lib.llmserve_group_int8_layer(
+            x.data_ptr(), x.stride(0), rows, k, plan.count, plan.codes, plan.scales, plan.offsets, plan.rows,
+            plan.bits, plan.groups, bias.data_ptr() if bias is not None else None, out.data_ptr(), plan.n,
+            torch.get_num_threads())
+        if status == -2:
+            raise MemoryError("group_int8 layer: no memory for the quantised activations")
         if status != 0:
-            raise ValueError(f"group_int8 linear: {bits}-bit codes in groups of {group} over {k} inputs are not "
-                             f"supported (4 or 8 bits, groups of 16 or 32, k a multiple of 32)")
+            raise ValueError(f"group_int8 layer: a segment's format is not supported (k={k})")
+        return out
+
+
+class LayerPlan:
+    """A layer's weight segments as the kernel takes them, built once: ``(codes, scales, offsets, rows, bits,
+    group)`` per segment, codes uint8 [ceil(rows / 16), 16 * k * bits / 8], scales and offsets float32
+    [ceil(rows / 16), k / group, 16] (:mod:`llmserve.quantization.group_int8` lays them out). The plan holds
+    the tensors' addresses: they must not be replaced or moved while it is used."""
+
+    def __init__(self, k: int, segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]]) -> None:
+        for codes, scales, offsets, rows, bits, group in segments:
+            tiles = -(-rows // TILE)
+            if (bits not in (4, 8) or group not in (16, 32) or k % ACTIVATION_BLOCK
+                    or codes.shape != (tiles, TILE * k * bits // 8) or codes.dtype != torch.uint8
+                    or scales.shape != (tiles, k // group, TILE) or offsets.shape != scales.shape
+                    or scales.dtype != torch.float32 or offsets.dtype != torch.float32
+                    or not all(t.is_contiguous() for t in (codes, scales, offsets))):
+                raise ValueError(f"group_int8: operands do not describe {rows} rows of {k} inputs in {bits}-bit codes "
+                                 f"and groups of {group} (4 or 8 bits, groups of 16 or 32, k a multiple of 32)")
+        self.k, self.count, self.n = k, len(segments), sum(s[3] for s in segments)
+        self._tensors = segments   # kept alive with the plan
+
+        def array(kind: type, values: list) -> ctypes.Array:
+            return (kind * len(values))(*values)
+
+        self.codes = array(_P, [s[0].data_ptr() for s in segments])
+        self.scales = array(_P, [s[1].data_ptr() for s in segments])
+        self.offsets = array(_P, [s[2].data_ptr() for s in segments])
+        self.rows = array(_L, [s[3] for s in segments])
+        self.bits = array(_I, [s[4] for s in segments])
+        self.groups = array(_I, [s[5] for s in segments])
 
 
 @lru_cache(maxsize=4)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.layers.cpu_group_int8 import ACTIVATION_BLOCK, TILE, group_int8_kernels
+from llmserve.layers.cpu_group_int8 import ACTIVATION_BLOCK, TILE, LayerPlan, group_int8_kernels
 from llmserve.layers.cpu_kernels import kernels_for
 from llmserve.quantization.gguf_blocks import GroupCodes
 
@@ -63,11 +63,13 @@ class GroupInt8Segment(nn.Module):
 
 def set_group_int8(layer: nn.Module, segments: list[GroupCodes]) -> None:
     """Store the row segments (in output order) on ``layer`` for :func:`apply_group_int8`."""
-    layer.group_int8_segments = nn.ModuleList(GroupInt8Segment(s) for s in segments)
     widths = {s.codes.shape[1] for s in segments}
     if len(widths) != 1:
         raise ValueError(f"group_int8: the segments of one layer must share their inputs, got {sorted(widths)}")
+    layer.group_int8_segments = nn.ModuleList(GroupInt8Segment(s) for s in segments)
     layer.group_int8_in = widths.pop()
+    layer.group_int8_plan = LayerPlan(layer.group_int8_in, [(s.codes, s.scales, s.offsets, s.rows, s.bits, s.group)
+                                                            for s in layer.group_int8_segments])
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,23 +94,15 @@ def group_int8_reference(x: torch.Tensor, segment: GroupInt8Segment, dtype: torc
 def apply_group_int8(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x W^T + bias`` for the segments :func:`set_group_int8` stored (float32 arithmetic; the result in
     ``x``'s dtype)."""
-    rows = x.reshape(-1, layer.group_int8_in).float()
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
+    rows = x.reshape(-1, layer.group_int8_in)
+    if rows.dtype != torch.float32 or rows.stride(1) != 1:
+        rows = rows.float().contiguous()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
     kernels = kernels_for(rows)
     if kernels is None:
         out = torch.cat([group_int8_reference(rows, s, torch.float32) for s in layer.group_int8_segments], dim=1)
-        if bias is not None:
-            out = out + bias.float()
+        out = out if bias is None else out + bias
     else:
-        binding = group_int8_kernels(kernels)
-        activations = binding.quantize(rows)
-        out = torch.empty(rows.shape[0], sum(s.rows for s in layer.group_int8_segments), dtype=torch.float32)
-        start = 0
-        bias32 = bias.float().contiguous() if bias is not None else None
-        for s in layer.group_int8_segments:
-            binding.linear(activations, s.codes, s.scales, s.offsets, s.rows, s.bits, s.group,
-                           bias32[start:start + s.rows] if bias32 is not None else None,
-                           out[:, start:start + s.rows])
-            start += s.rows
+        out = group_int8_kernels(kernels).layer(rows, layer.group_int8_plan, bias)
     return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])

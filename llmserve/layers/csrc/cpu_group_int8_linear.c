@@ -21,6 +21,7 @@
  * Without AVX-512 VNNI the same arithmetic runs as portable integer code. */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
@@ -179,6 +180,28 @@ int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const
         }
     }
     return 0;
+}
+
+/* A whole layer in one call: x [M, k] quantised once, then each of `segments` weights (rows[s] output rows
+ * in bits[s]-bit codes, groups of groups[s]) written into its columns of y, in order; bias: all the columns'
+ * (or NULL). Returns 0, -1 as llmserve_group_int8_linear, or -2 without memory. */
+int llmserve_group_int8_layer(const float *x, long x_stride, long M, long k, int segments,
+                              const unsigned char *const *codes, const float *const *scales,
+                              const float *const *offsets, const long *rows, const int *bits, const int *groups,
+                              const float *bias, float *y, long y_stride, int num_threads) {
+    if (k % GI8_XBLOCK) return -1;
+    signed char *xq = malloc((size_t)(M * k));
+    float *xscale = malloc(sizeof(float) * (size_t)(M * (k / GI8_XBLOCK)));
+    float *xsum = malloc(sizeof(float) * (size_t)(M * (k / GI8_XSUM)));
+    int status = xq && xscale && xsum ? 0 : -2;
+    if (status == 0) llmserve_group_int8_quantize(x, x_stride, M, k, xq, xscale, xsum, num_threads);
+    for (long s = 0, start = 0; s < segments && status == 0; start += rows[s], s++)
+        status = llmserve_group_int8_linear(xq, xscale, xsum, M, k, codes[s], scales[s], offsets[s], rows[s], bits[s],
+                                            groups[s], bias ? bias + start : NULL, y + start, y_stride, num_threads);
+    free(xq);
+    free(xscale);
+    free(xsum);
+    return status;
 }
 
 /* Which dot-product path this build uses (1: AVX-512 VNNI, 0: portable integer code). */
