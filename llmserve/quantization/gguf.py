@@ -37,12 +37,6 @@ PACKED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _WIDEST_BLOCK = 34
 
 
-def _type_id(type_name: str) -> int:
-    from llmserve.model_loader.gguf_loader import import_gguf
-
-    return int(import_gguf().GGMLQuantizationType[type_name])
-
-
 def _type_name(type_id: int) -> str:
     from llmserve.model_loader.gguf_loader import import_gguf
 
