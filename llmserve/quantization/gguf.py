@@ -4,8 +4,8 @@ A layer whose every projection the file stores in one of :data:`~llmserve.quanti
 gets :class:`GGUFLinearMethod`: the loader hands it each projection's rows of GGUF blocks as they are in the
 file (``<name>.qweight``, uint8 ``[rows, row bytes]``, rows already in transformers' order) and their type
 (``<name>.qweight_type``, one byte per row); after loading they are decoded and repacked
-(:mod:`llmserve.quantization.group_int8`), so a Q4_K_M file runs from about 5 bits per weight instead of a
-float copy. Layers the file holds in float (F32/F16/BF16, or a fused layer with a float projection), the
+(:mod:`llmserve.quantization.group_int8`), so a Q4_K weight runs from 6 bits (a Q6_K one from 12) instead of
+a float copy. Layers the file holds in float (F32/F16/BF16, or a fused layer with a float projection), the
 embedding (a lookup) and every architecture outside :data:`PACKED_ARCHITECTURES` load dequantised as before.
 """
 
