@@ -30,7 +30,7 @@
 #endif
 
 #define GI8_TILE 16      /* output rows per tile */
-#define GI8_ROWS 4       /* activation rows per register tile */
+#define GI8_ROWS 8       /* activation rows per register tile */
 #define GI8_XBLOCK 32    /* columns per activation scale */
 #define GI8_XSUM 16      /* columns per activation sum */
 
@@ -172,7 +172,7 @@ int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const
         for (long m0 = 0; m0 < M; m0 += GI8_ROWS) {
             const int mr = M - m0 < GI8_ROWS ? (int)(M - m0) : GI8_ROWS;
             float out[GI8_ROWS * GI8_TILE];
-            GI8_CASES(1) GI8_CASES(2) GI8_CASES(3) GI8_CASES(4) {}
+            GI8_CASES(1) GI8_CASES(2) GI8_CASES(3) GI8_CASES(4) GI8_CASES(5) GI8_CASES(6) GI8_CASES(7) GI8_CASES(8) {}
             for (int m = 0; m < mr; m++)
                 for (int r = 0; r < rows; r++)
                     y[(m0 + m) * y_stride + t * GI8_TILE + r] = out[m * GI8_TILE + r]
