@@ -3,9 +3,10 @@
 The config (:mod:`~llmserve.model_loader.gguf_config`), the tokenizer and its chat template come from the
 file's metadata through transformers' GGUF support, which also knows each architecture's tensor names and
 the reshuffles llama.cpp's converter makes (the Q/K row permutation of Llama-style attention, BLOOM's fused
-QKV...; Falcon's grouped QKV, which it leaves as it is, is undone here). The weights are dequantised tensor
-by tensor into the model's dtype as they are loaded: peak memory is the model plus one tensor, and every
-quantisation type the model was shipped in runs at full precision.
+QKV...; Falcon's grouped QKV, which it leaves as it is, is undone here). The linear weights a
+:class:`~llmserve.quantization.gguf.GGUFConfig` packs are handed over as their rows of blocks; every other
+tensor is dequantised tensor by tensor into the model's dtype as it is loaded (peak memory: the model plus one
+tensor) and runs at full precision.
 """
 
 from __future__ import annotations
