@@ -17,7 +17,9 @@ Places where PyTorch's CPU kernels leave most of the machine idle at decode time
   over it for any number of rows; a weight that stays row-major (a tied LM head) feeds the same instruction;
 * linear layers on quantised weights kept packed (4-bit, 8-bit and fp8 codes with per-group scales,
   dequantised in registers: ``cpu_quant_linear.c``; int8 x int8 with VNNI where the CPU has it:
-  ``cpu_w8a8_linear.c``);
+  ``cpu_w8a8_linear.c``; GGUF's block formats as 4-/8-bit codes with a scale and an offset per group, times
+  activations quantised per 32 columns, through int8 dot products: ``cpu_group_int8_linear.c``, bound in
+  :mod:`llmserve.layers.cpu_group_int8`);
 * the small per-layer ops (RMSNorm with the residual add, SiLU-and-multiply, rotary embedding) are
   each many tensor ops whose fixed costs dominate at small batch; each is one pass here
   (``cpu_layer_ops.c``);
@@ -57,6 +59,7 @@ class CPUKernels:
     otherwise (the attention caches may also be quantised or bfloat16)."""
 
     def __init__(self, library: Path) -> None:
+        self.library = library   # other bindings of the same library load it from here
         lib = ctypes.CDLL(str(library))
         lib.llmserve_linear_small_batch.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
         lib.llmserve_linear_small_batch.restype = _I

@@ -3,21 +3,24 @@
 The config (:mod:`~llmserve.model_loader.gguf_config`), the tokenizer and its chat template come from the
 file's metadata through transformers' GGUF support, which also knows each architecture's tensor names and
 the reshuffles llama.cpp's converter makes (the Q/K row permutation of Llama-style attention, BLOOM's fused
-QKV...; Falcon's grouped QKV, which it leaves as it is, is undone here). The weights are dequantised tensor
-by tensor into the model's dtype as they are loaded: peak memory is the model plus one tensor, and every
-quantisation type the model was shipped in runs at full precision.
+QKV...; Falcon's grouped QKV, which it leaves as it is, is undone here). The linear weights a
+:class:`~llmserve.quantization.gguf.GGUFConfig` packs are handed over as their rows of blocks; every other
+tensor is dequantised tensor by tensor into the model's dtype as it is loaded (peak memory: the model plus one
+tensor) and runs at full precision.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from llmserve.quantization.gguf import GGUFConfig, gguf_quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -68,32 +71,68 @@ def load_gguf_tokenizer(path: Path) -> Any:
     return tokenizer_class.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def iterate_gguf_weights(path: Path, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(Hugging Face name, float tensor)`` for every tensor of the file, dequantised one at a time.
-    A tensor type outside :data:`SUPPORTED_TYPES` is an error naming it, before any weight is read."""
-    gguf = import_gguf()
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
-                                                          read_field)
+class _GGUFTensors:
+    """A file's tensors with transformers' name map and tensor processor for its architecture. A tensor type
+    outside :data:`SUPPORTED_TYPES` is an error naming it, before any weight is read."""
 
-    reader = gguf.GGUFReader(str(path))
-    unsupported = sorted({t.tensor_type.name for t in reader.tensors} - set(SUPPORTED_TYPES))
-    if unsupported:
-        raise ValueError(f"{path.name} holds tensors of type {', '.join(unsupported)}, which llmserve cannot run; "
-                         f"supported: {', '.join(SUPPORTED_TYPES)}")
-    architecture = read_field(reader, "general.architecture")[0]
-    parsed = {"config": config.to_dict()}
-    processors = {**TENSOR_PROCESSORS, "falcon": _falcon_tensor_processor()}
-    processor = processors.get(architecture, TensorProcessor)(config=parsed["config"])
-    with torch.device("meta"):   # only its parameter names are needed
-        names = get_gguf_hf_weights_map(AutoModelForCausalLM.from_config(config), processor)
-    for tensor in reader.tensors:
-        result = processor.process(weights=gguf.dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
-                                   tensor_key_mapping=names, parsed_parameters=parsed)
-        if result.name not in names:
+    def __init__(self, path: Path, config: Any) -> None:
+        gguf = import_gguf()
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                              get_gguf_hf_weights_map, read_field)
+
+        self.reader = gguf.GGUFReader(str(path))
+        unsupported = sorted({t.tensor_type.name for t in self.reader.tensors} - set(SUPPORTED_TYPES))
+        if unsupported:
+            raise ValueError(f"{path.name} holds tensors of type {', '.join(unsupported)}, which llmserve cannot "
+                             f"run; supported: {', '.join(SUPPORTED_TYPES)}")
+        self.architecture = read_field(self.reader, "general.architecture")[0]
+        self.parsed = {"config": config.to_dict()}
+        processors = {**TENSOR_PROCESSORS, "falcon": _falcon_tensor_processor()}
+        self.processor = processors.get(self.architecture, TensorProcessor)(config=self.parsed["config"])
+        with torch.device("meta"):   # only its parameter names are needed
+            self.names = get_gguf_hf_weights_map(AutoModelForCausalLM.from_config(config), self.processor)
+
+    def process(self, weights: np.ndarray, name: str) -> tuple[str | None, np.ndarray]:
+        """``(Hugging Face name or None, weights)`` as transformers' processor reorders the file's tensor."""
+        result = self.processor.process(weights=weights, name=name, tensor_key_mapping=self.names,
+                                        parsed_parameters=self.parsed)
+        return self.names.get(result.name), result.weights
+
+
+def gguf_packing(path: Path, config: Any) -> GGUFConfig | None:
+    """Which of the file's linear weights run packed (:mod:`llmserve.quantization.gguf`); None: none of them."""
+    tensors = _GGUFTensors(path, config)
+    return gguf_quantization_config({tensors.names[t.name]: t.tensor_type.name for t in tensors.reader.tensors
+                                     if t.name in tensors.names and len(t.shape) == 2}, tensors.architecture)
+
+
+def iterate_gguf_weights(path: Path, config: Any,
+                         packs: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(Hugging Face name, float tensor)`` for every tensor of the file, dequantised one at a time; a
+    weight ``packs`` names is yielded as its rows of GGUF blocks instead (``<layer>.qweight_type``, one type
+    id per row, then ``<layer>.qweight``, uint8 [rows, row bytes]), its rows in the order transformers'
+    processor puts them (found by passing the row indices through it)."""
+    gguf = import_gguf()
+    tensors = _GGUFTensors(path, config)
+    for tensor in tensors.reader.tensors:
+        name = tensors.names.get(tensor.name)
+        if name is not None and packs is not None and packs(name):
+            rows = tensor.data.shape[0]
+            _, order = tensors.process(np.arange(rows, dtype=np.float64).reshape(rows, 1), tensor.name)
+            order = order.reshape(-1).astype(np.int64)
+            if order.shape != (rows,) or not np.array_equal(np.sort(order), np.arange(rows)):
+                raise ValueError(f"GGUF tensor {tensor.name}: transformers' processor does more than reorder its "
+                                 f"rows, so it cannot load packed")
+            layer = name.removesuffix(".weight")
+            yield f"{layer}.qweight_type", torch.full((rows,), int(tensor.tensor_type), dtype=torch.uint8)
+            yield f"{layer}.qweight", torch.from_numpy(np.ascontiguousarray(tensor.data[order]))
+            continue
+        name, weights = tensors.process(gguf.dequantize(tensor.data, tensor.tensor_type), tensor.name)
+        if name is None:
             logger.info("GGUF tensor %s has no counterpart in the model; skipped", tensor.name)
             continue
-        yield names[result.name], torch.from_numpy(np.require(result.weights, np.float32, ["C", "W"]))
+        yield name, torch.from_numpy(np.require(weights, np.float32, ["C", "W"]))
 
 
 def _falcon_tensor_processor() -> type:

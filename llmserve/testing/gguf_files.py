@@ -6,9 +6,10 @@ for the ``llama`` architecture, Gemma's norms stored as their scale ``1 + w``, i
 config and the tokenizer (``gpt2`` byte-level BPE with merges, as for Qwen2; the sentencepiece-style
 families' files carry no tokenizer), and its rule that 1-D tensors and norms (biases, Cohere's 2-D q/k
 norms) stay F32 while the other weights take the file's type. Quantized types are those the ``gguf``
-package can write (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16) plus F16 / F32. A checkpoint the file cannot
-describe (a setting llama.cpp hard-codes or infers rather than writes, and would infer differently) is
-refused rather than written wrong.
+package can write (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16), F16 / F32, and the k-quants Q4_K, Q5_K and Q6_K
+(:mod:`~llmserve.testing.gguf_kquants`), alone or as llama.cpp's ``Q4_K_M`` / ``Q5_K_M`` mixes. A checkpoint
+the file cannot describe (a setting llama.cpp hard-codes or infers rather than writes, and would infer
+differently) is refused rather than written wrong.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from llmserve.model_loader.loader import iterate_weights
+from llmserve.testing.gguf_kquants import MIXES, mix_tensor_type, quantize_tensor
 
 
 @dataclass(frozen=True)
@@ -211,11 +213,13 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32")
     arch = GGUF_ARCHITECTURES[family]
     arch_id = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch.name)
     config = json.loads((checkpoint / "config.json").read_text())
-    qtype = gguf.GGMLQuantizationType[file_type]
+    mix = MIXES.get(file_type)
+    qtype = gguf.GGMLQuantizationType[mix[0] if mix else file_type]
     writer = gguf.GGUFWriter(str(out), arch.name)
     writer.add_name(checkpoint.name)
     _add_hyperparameters(writer, arch, config)
-    writer.add_file_type(qtype.value if file_type not in ("F32", "F16") else {"F32": 0, "F16": 1}[file_type])
+    writer.add_file_type(mix[1] if mix else qtype.value if file_type not in ("F32", "F16")
+                         else {"F32": 0, "F16": 1}[file_type])
     tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
     if tokenizer["model"]["type"] == "BPE" and tokenizer["pre_tokenizer"] is not None:
         _add_tokenizer(writer, tokenizer, config, checkpoint)
@@ -224,7 +228,8 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32")
         if config.get("pad_token_id") is not None:
             writer.add_pad_token_id(config["pad_token_id"])
     _add_longrope_factors(writer, config)
-    names = gguf.get_tensor_name_map(arch_id, _find(config, "num_hidden_layers", "n_layer"))
+    layers = _find(config, "num_hidden_layers", "n_layer")
+    names = gguf.get_tensor_name_map(arch_id, layers)
     for name, tensor in iterate_weights(checkpoint):
         stem, suffix = name.rsplit(".", 1)
         data = _converted(arch, stem, tensor.to(torch.float32).numpy(), config)
@@ -237,7 +242,9 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32")
         elif qtype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(gguf_name, data.astype(np.float16))
         else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            tensor_type = mix_tensor_type(file_type, gguf_name, layers, data.shape[1])
+            writer.add_tensor(gguf_name, quantize_tensor(data, tensor_type),
+                              raw_dtype=gguf.GGMLQuantizationType[tensor_type])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

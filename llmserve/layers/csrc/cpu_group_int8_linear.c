@@ -1,0 +1,214 @@
+/* Group-quantised linear layers through int8 dot products (the GGUF block formats, kept packed).
+ *
+ * Weights: unsigned codes q (4-bit or 8-bit) with a float32 scale s and offset m per output row and group of
+ * 16 or 32 input columns, W[o, c] = s[o, g] * q[o, c] + m[o, g] (llmserve/quantization/group_int8.py repacks
+ * them). Activations: each row quantised on the fly to int8 per block of 32 columns (scale max|x| / 127, as
+ * llama.cpp's Q8_0), with the sum of the quantised x over every 16 columns for the offset term:
+ *
+ *   y[o] = sum_g s[o, g] * xscale[block(g)] * dot(q[o, g], xq[g]) + m[o, g] * xscale[block(g)] * sum(xq[g])
+ *
+ * which is exactly the quantised x times W: the rounding error of x meets the weights' values, not their
+ * codes (with the float sum of x instead, the error would meet s * q, which for a zero-point format such as
+ * Q8_0, q + 128, is about 128 times larger than the weight).
+ *
+ * Codes are stored per tile of 16 output rows so that one 64-byte load feeds 16 rows x 4 columns of
+ * vpdpbusd (u8 codes x s8 activations, four products summed per int32 lane): byte 4 r + j of step c is
+ * code[r, 4 c + j] (8-bit), or code[r, 8 c + j] in the low nibble and code[r, 8 c + 4 + j] in the high one
+ * (4-bit, unpacked in registers with a mask and a shift). Scales and offsets are [tile][group][16] floats.
+ * Each thread takes whole tiles; a tile is multiplied by up to GI8_ROWS activation rows at once (a register
+ * tile: each loaded weight vector serves every row), then by the next rows while it is still in cache, so
+ * one row (decode) streams the weight once and many rows (prefill) reuse it from cache.
+ * Without AVX-512 VNNI the same arithmetic runs as portable integer code. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define GI8_VNNI 1
+#endif
+
+#define GI8_TILE 16      /* output rows per tile */
+#define GI8_ROWS 8       /* activation rows per register tile */
+#define GI8_XBLOCK 32    /* columns per activation scale */
+#define GI8_XSUM 16      /* columns per activation sum */
+
+/* Quantises M rows of x [M, k] (k a multiple of 32): xq [M, k] int8, xscale [M, k / 32], and xsum [M, k / 16]
+ * the dequantised sums (xscale times the sum of 16 codes).
+ * Returns 0, or -1 when k is not a multiple of 32. */
+int llmserve_group_int8_quantize(const float *x, long x_stride, long M, long k, signed char *xq, float *xscale,
+                                 float *xsum, int num_threads) {
+    if (k % GI8_XBLOCK) return -1;
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (long m = 0; m < M; m++) {
+        const float *xm = x + m * x_stride;
+        for (long b = 0; b < k / GI8_XBLOCK; b++) {
+            const float *xb = xm + b * GI8_XBLOCK;
+            float amax = 0.f;
+            for (int c = 0; c < GI8_XBLOCK; c++) amax = fmaxf(amax, fabsf(xb[c]));
+            const float scale = amax > 0.f ? amax / 127.f : 1.f;
+            xscale[m * (k / GI8_XBLOCK) + b] = scale;
+            int sums[GI8_XBLOCK / GI8_XSUM] = {0};
+            for (int c = 0; c < GI8_XBLOCK; c++) {
+                float q = nearbyintf(xb[c] / scale);
+                q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
+                xq[m * k + b * GI8_XBLOCK + c] = (signed char)(int)q;
+                sums[c / GI8_XSUM] += (int)q;
+            }
+            for (int h = 0; h < GI8_XBLOCK / GI8_XSUM; h++)
+                xsum[m * (k / GI8_XSUM) + b * (GI8_XBLOCK / GI8_XSUM) + h] = scale * (float)sums[h];
+        }
+    }
+    return 0;
+}
+
+/* The offset term's sum of x over group g (16 or 32 columns) of a row's 16-column sums. */
+static inline float group_xsum(const float *xsum_m, long g, const int group) {
+    return group == 16 ? xsum_m[g] : xsum_m[2 * g] + xsum_m[2 * g + 1];
+}
+
+#ifdef GI8_VNNI
+static inline __m512i bcast4(const signed char *p) { int v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+
+/* One tile of 16 output rows times mr activation rows; out[m * 16 + r]. */
+static inline __attribute__((always_inline)) void
+tile_dots(const unsigned char *codes, const float *scales, const float *offsets, const signed char *xq,
+          const float *xscale, const float *xsum, long k, float *out, const int mr, const int bits, const int group) {
+    __m512 acc[GI8_ROWS];
+    for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const long groups = k / group;
+    for (long g = 0; g < groups; g++) {
+        /* two independent sums per row (even and odd steps, or low and high nibbles): vpdpbusd's latency
+         * would otherwise bound a single row's chain */
+        __m512i dot[GI8_ROWS], dot2[GI8_ROWS];
+        for (int m = 0; m < mr; m++) dot[m] = dot2[m] = _mm512_setzero_si512();
+        const long c0 = g * group;
+        if (bits == 8) {
+            for (long c = c0; c < c0 + group; c += 8) {
+                const __m512i w = _mm512_loadu_si512((const void *)(codes + c * GI8_TILE));
+                const __m512i w2 = _mm512_loadu_si512((const void *)(codes + (c + 4) * GI8_TILE));
+                for (int m = 0; m < mr; m++) {
+                    dot[m] = _mm512_dpbusd_epi32(dot[m], w, bcast4(xq + m * k + c));
+                    dot2[m] = _mm512_dpbusd_epi32(dot2[m], w2, bcast4(xq + m * k + c + 4));
+                }
+            }
+        } else {
+            for (long c = c0; c < c0 + group; c += 8) {
+                const __m512i w = _mm512_loadu_si512((const void *)(codes + c * GI8_TILE / 2));
+                const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+                for (int m = 0; m < mr; m++) {
+                    dot[m] = _mm512_dpbusd_epi32(dot[m], lo, bcast4(xq + m * k + c));
+                    dot2[m] = _mm512_dpbusd_epi32(dot2[m], hi, bcast4(xq + m * k + c + 4));
+                }
+            }
+        }
+        for (int m = 0; m < mr; m++) dot[m] = _mm512_add_epi32(dot[m], dot2[m]);
+        const __m512 s = _mm512_loadu_ps(scales + g * GI8_TILE), o = _mm512_loadu_ps(offsets + g * GI8_TILE);
+        for (int m = 0; m < mr; m++) {
+            const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK]));
+            acc[m] = _mm512_fmadd_ps(sx, _mm512_cvtepi32_ps(dot[m]), acc[m]);
+            acc[m] = _mm512_fmadd_ps(o, _mm512_set1_ps(group_xsum(xsum + m * (k / GI8_XSUM), g, group)), acc[m]);
+        }
+    }
+    for (int m = 0; m < mr; m++) _mm512_storeu_ps(out + m * GI8_TILE, acc[m]);
+}
+#else
+static inline __attribute__((always_inline)) void
+tile_dots(const unsigned char *codes, const float *scales, const float *offsets, const signed char *xq,
+          const float *xscale, const float *xsum, long k, float *out, const int mr, const int bits, const int group) {
+    float acc[GI8_ROWS][GI8_TILE] = {{0}};
+    const long groups = k / group;
+    for (long g = 0; g < groups; g++) {
+        int dot[GI8_ROWS][GI8_TILE] = {{0}};
+        const long c0 = g * group;
+        for (long c = c0; c < c0 + group; c += 4) {
+            unsigned char w[GI8_TILE * 4];
+            if (bits == 8) {
+                memcpy(w, codes + c * GI8_TILE, sizeof w);
+            } else {   /* columns c..c+3 are the low nibbles of their 8-column step, c+4..c+7 the high ones */
+                const unsigned char *p = codes + (c / 8) * 8 * GI8_TILE / 2;
+                const int shift = (c % 8) ? 4 : 0;
+                for (int i = 0; i < GI8_TILE * 4; i++) w[i] = (p[i] >> shift) & 15;
+            }
+            for (int m = 0; m < mr; m++)
+                for (int r = 0; r < GI8_TILE; r++)
+                    for (int j = 0; j < 4; j++) dot[m][r] += (int)w[r * 4 + j] * (int)xq[m * k + c + j];
+        }
+        for (int m = 0; m < mr; m++) {
+            const float sx = xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK];
+            const float xs = group_xsum(xsum + m * (k / GI8_XSUM), g, group);
+            for (int r = 0; r < GI8_TILE; r++)
+                acc[m][r] += scales[g * GI8_TILE + r] * sx * (float)dot[m][r] + offsets[g * GI8_TILE + r] * xs;
+        }
+    }
+    for (int m = 0; m < mr; m++) memcpy(out + m * GI8_TILE, acc[m], sizeof acc[m]);
+}
+#endif
+
+#define GI8_CASE(MR, BITS, GROUP)                                                                            \
+    if (mr == MR && bits == BITS && group == GROUP) {                                                        \
+        tile_dots(tc, ts, to, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK), xsum + m0 * (k / GI8_XSUM), k,   \
+                  out, MR, BITS, GROUP);                                                                     \
+    } else
+#define GI8_CASES(MR) GI8_CASE(MR, 8, 16) GI8_CASE(MR, 8, 32) GI8_CASE(MR, 4, 16) GI8_CASE(MR, 4, 32)
+
+/* y[m, o] (+ bias[o]) for the n output rows of one weight, from activations quantised by
+ * llmserve_group_int8_quantize. codes: ceil(n / 16) tiles of k * bits / 8 bytes; scales, offsets:
+ * ceil(n / 16) x (k / group) x 16 floats (rows past n: anything finite, never stored).
+ * Returns 0, or -1 for a format other than 4/8 bits, a group other than 16/32, or k not a multiple of 32. */
+int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const float *xsum, long M, long k,
+                               const unsigned char *codes, const float *scales, const float *offsets, long n,
+                               int bits, int group, const float *bias, float *y, long y_stride, int num_threads) {
+    if ((bits != 4 && bits != 8) || (group != 16 && group != 32) || k % GI8_XBLOCK) return -1;
+    const long tiles = (n + GI8_TILE - 1) / GI8_TILE;
+    const long tile_bytes = k * GI8_TILE * bits / 8, tile_floats = (k / group) * GI8_TILE;
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (long t = 0; t < tiles; t++) {
+        const unsigned char *tc = codes + t * tile_bytes;
+        const float *ts = scales + t * tile_floats, *to = offsets + t * tile_floats;
+        const int rows = n - t * GI8_TILE < GI8_TILE ? (int)(n - t * GI8_TILE) : GI8_TILE;
+        for (long m0 = 0; m0 < M; m0 += GI8_ROWS) {
+            const int mr = M - m0 < GI8_ROWS ? (int)(M - m0) : GI8_ROWS;
+            float out[GI8_ROWS * GI8_TILE];
+            GI8_CASES(1) GI8_CASES(2) GI8_CASES(3) GI8_CASES(4) GI8_CASES(5) GI8_CASES(6) GI8_CASES(7) GI8_CASES(8) {}
+            for (int m = 0; m < mr; m++)
+                for (int r = 0; r < rows; r++)
+                    y[(m0 + m) * y_stride + t * GI8_TILE + r] = out[m * GI8_TILE + r]
+                                                                 + (bias ? bias[t * GI8_TILE + r] : 0.f);
+        }
+    }
+    return 0;
+}
+
+/* A whole layer in one call: x [M, k] quantised once, then each of `segments` weights (rows[s] output rows
+ * in bits[s]-bit codes, groups of groups[s]) written into its columns of y, in order; bias: all the columns'
+ * (or NULL). Returns 0, -1 as llmserve_group_int8_linear, or -2 without memory. */
+int llmserve_group_int8_layer(const float *x, long x_stride, long M, long k, int segments,
+                              const unsigned char *const *codes, const float *const *scales,
+                              const float *const *offsets, const long *rows, const int *bits, const int *groups,
+                              const float *bias, float *y, long y_stride, int num_threads) {
+    if (k % GI8_XBLOCK) return -1;
+    signed char *xq = malloc((size_t)(M * k));
+    float *xscale = malloc(sizeof(float) * (size_t)(M * (k / GI8_XBLOCK)));
+    float *xsum = malloc(sizeof(float) * (size_t)(M * (k / GI8_XSUM)));
+    int status = xq && xscale && xsum ? 0 : -2;
+    if (status == 0) llmserve_group_int8_quantize(x, x_stride, M, k, xq, xscale, xsum, num_threads);
+    for (long s = 0, start = 0; s < segments && status == 0; start += rows[s], s++)
+        status = llmserve_group_int8_linear(xq, xscale, xsum, M, k, codes[s], scales[s], offsets[s], rows[s], bits[s],
+                                            groups[s], bias ? bias + start : NULL, y + start, y_stride, num_threads);
+    free(xq);
+    free(xscale);
+    free(xsum);
+    return status;
+}
+
+/* Which dot-product path this build uses (1: AVX-512 VNNI, 0: portable integer code). */
+int llmserve_group_int8_uses_vnni(void) {
+#ifdef GI8_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}

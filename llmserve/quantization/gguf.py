@@ -1,0 +1,147 @@
+"""GGUF files' quantised linear weights kept packed and run through the group-int8 kernel.
+
+A layer whose every projection the file stores in one of :data:`~llmserve.quantization.gguf_blocks.PACKED_TYPES`
+gets :class:`GGUFLinearMethod`: the loader hands it each projection's rows of GGUF blocks as they are in the
+file (``<name>.qweight``, uint8 ``[rows, row bytes]``, rows already in transformers' order) and their type
+(``<name>.qweight_type``, one byte per row); after loading they are decoded and repacked
+(:mod:`llmserve.quantization.group_int8`), so a Q4_K weight runs from 6 bits (a Q6_K one from 12) instead of
+a float copy. Layers the file holds in float (F32/F16/BF16, or a fused layer with a float projection), the
+embedding (a lookup) and every architecture outside :data:`PACKED_ARCHITECTURES` load dequantised as before.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmserve.layers.embedding import ParallelLMHead
+from llmserve.layers.linear import LinearBase, WeightShapeError
+from llmserve.quantization.base import QuantizationConfig, QuantizeMethodBase, set_weight_attrs
+from llmserve.quantization.checkpoint_params import drop_params
+from llmserve.quantization.gguf_blocks import PACKED_TYPES, GroupCodes, decode_rows, row_bytes
+from llmserve.quantization.group_int8 import apply_group_int8, set_group_int8
+from llmserve.quantization.layer_selection import checkpoint_names
+
+logger = logging.getLogger(__name__)
+
+# llama.cpp architectures whose llmserve layers are named as transformers names the tensors and whose
+# tensors transformers' GGUF processor only reorders by row (the Q/K permutation), so packed rows load as they are.
+PACKED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# Bytes per 32 columns of the widest packed type (Q8_0): the width of a layer's loading buffer.
+_WIDEST_BLOCK = 34
+
+
+def _type_name(type_id: int) -> str:
+    from llmserve.model_loader.gguf_loader import import_gguf
+
+    return import_gguf().GGMLQuantizationType(type_id).name
+
+
+class GGUFConfig(QuantizationConfig):
+    """``packed_weights``: the file's tensors (by Hugging Face name, ``...q_proj.weight``) in a packed type,
+    with that type. A layer runs packed when all its projections are; :meth:`packs` then tells the loader
+    which tensors to hand over as blocks."""
+
+    def __init__(self, packed_weights: dict[str, str]) -> None:
+        self.packed_weights = dict(packed_weights)
+        self._packed_modules: set[str] = set()
+
+    def get_name(self) -> str:
+        return "gguf"
+
+    def __repr__(self) -> str:
+        counts = Counter(self.packed_weights.values())
+        return (f"gguf (weights kept packed: {', '.join(f'{n} x {t}' for t, n in sorted(counts.items()))}; int8 "
+                f"activations per 32 columns)")
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if not isinstance(layer, (LinearBase, ParallelLMHead)):
+            return None
+        modules = [prefix] if f"{prefix}.weight" in self.packed_weights else checkpoint_names(prefix)
+        if not all(f"{m}.weight" in self.packed_weights for m in modules):
+            return None
+        self._packed_modules.update(modules)
+        return GGUFLinearMethod()
+
+    def packs(self, weight_name: str) -> bool:
+        """Whether the tensor ``weight_name`` (Hugging Face name) loads as packed blocks into its layer."""
+        module, _, leaf = weight_name.rpartition(".")
+        return leaf == "weight" and module in self._packed_modules
+
+
+def gguf_quantization_config(weight_types: dict[str, str], architecture: str) -> GGUFConfig | None:
+    """The packing of a GGUF file of ``architecture`` whose 2-D tensors have ``weight_types`` (Hugging Face
+    name -> GGUF type name); None (logged) when nothing in it runs packed."""
+    packed = {name: t for name, t in weight_types.items() if t in PACKED_TYPES}
+    if architecture not in PACKED_ARCHITECTURES or not packed:
+        logger.info("GGUF %s file: weights dequantised at load (packed types run for the %s architectures)",
+                    architecture, ", ".join(PACKED_ARCHITECTURES))
+        return None
+    return GGUFConfig(packed)
+
+
+class GGUFLinearMethod(QuantizeMethodBase):
+    """Loads rows of GGUF blocks per projection, then keeps them as group-int8 segments."""
+
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:
+        k, n = input_size_per_partition, sum(output_partition_sizes)
+        if k % 32:
+            raise WeightShapeError(f"{layer.prefix}: GGUF blocks span 32 columns; {k} inputs do not split into them")
+        qweight = nn.Parameter(torch.zeros(n, k // 32 * _WIDEST_BLOCK, dtype=torch.uint8), requires_grad=False)
+        qtype = nn.Parameter(torch.zeros(n, dtype=torch.uint8), requires_grad=False)
+
+        def rows_of(shard_id: object) -> tuple[int, int]:
+            if shard_id is None:
+                return 0, n
+            index = layer._shard_index(shard_id)
+            return sum(output_partition_sizes[:index]), output_partition_sizes[index]
+
+        def load_type(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+            start, rows = rows_of(shard_id)
+            if loaded.shape != (rows,):
+                raise WeightShapeError(f"{layer.prefix}.qweight_type: {tuple(loaded.shape)} for {rows} rows")
+            param.data[start:start + rows] = loaded
+
+        def load_blocks(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+            start, rows = rows_of(shard_id)
+            types = {_type_name(int(t)) for t in qtype.data[start:start + rows].unique()}
+            if len(types) != 1 or types & {"F32"} or loaded.shape != (rows, row_bytes(types.pop(), k)):
+                raise WeightShapeError(f"{layer.prefix}.qweight: {tuple(loaded.shape)} is not {rows} rows of {k} "
+                                       f"columns in the type loaded for them")
+            param.data[start:start + rows, :loaded.shape[1]] = loaded
+
+        set_weight_attrs(qweight, {"weight_loader": load_blocks})
+        set_weight_attrs(qtype, {"weight_loader": load_type})
+        layer.register_parameter("qweight", qweight)
+        layer.register_parameter("qweight_type", qtype)
+        layer.gguf_in = k
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        raw, types, k = layer.qweight.data.numpy(), layer.qweight_type.data.numpy(), layer.gguf_in
+        runs, start = [], 0
+        for type_id, rows in ((t, len(list(g))) for t, g in itertools.groupby(types.tolist())):
+            name = _type_name(type_id)
+            runs.append(decode_rows(raw[start:start + rows, :row_bytes(name, k)], name, k))
+            start += rows
+        set_group_int8(layer, [_concatenated(list(g)) for _, g in
+                               itertools.groupby(runs, key=lambda r: (r.bits, r.group))])
+        drop_params(layer, "qweight", "qweight_type")
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return apply_group_int8(layer, x, bias)
+
+
+def _concatenated(runs: list[GroupCodes]) -> GroupCodes:
+    """Row runs of one code width and group (e.g. Q4_0 and Q4_K rows) as one segment."""
+    if len(runs) == 1:
+        return runs[0]
+    return GroupCodes(*(np.concatenate([getattr(r, f) for r in runs]) for f in ("codes", "scales", "offsets")),
+                      runs[0].bits, runs[0].group)
+

@@ -1,0 +1,143 @@
+"""GGUF's block formats decoded into unsigned codes with a scale and an offset per group of columns.
+
+Every type packed here reads as ``W[o, c] = s[o, g] * q[o, c] + m[o, g]`` with unsigned integer codes ``q``
+(4 bits for Q4_0, Q4_1 and Q4_K; up to 8 for the rest, stored as bytes) and groups of 32 columns (16 for
+Q6_K, whose sub-blocks are 16 wide). Signed formats take their zero point into the offset (Q8_0: ``q + 128``
+with ``m = -128 d``). ``s`` and ``m`` stay float32: a k-quant's effective scale ``d * sc`` (fp16 times a
+6- or 8-bit integer) needs up to 19 significant bits, which fp16 does not hold, and with float32 ``s * q + m``
+reproduces ``gguf.dequantize`` bit for bit (the products are exact; the one rounding is the same add).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+QK_K = 256   # columns per k-quant super-block
+
+# type name -> (bytes per block, columns per block, code bits, group)
+BLOCK_LAYOUTS: dict[str, tuple[int, int, int, int]] = {
+    "Q8_0": (34, 32, 8, 32), "Q4_0": (18, 32, 4, 32), "Q4_1": (20, 32, 4, 32), "Q5_0": (22, 32, 8, 32),
+    "Q5_1": (24, 32, 8, 32), "Q4_K": (144, QK_K, 4, 32), "Q5_K": (176, QK_K, 8, 32), "Q6_K": (210, QK_K, 8, 16)}
+PACKED_TYPES = tuple(BLOCK_LAYOUTS)
+
+
+@dataclass(frozen=True)
+class GroupCodes:
+    """``W = scales * codes + offsets`` per group: codes uint8 [rows, k], scales and offsets float32
+    [rows, k / group]; ``bits``: how many bits the codes need (4 or 8)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray
+    bits: int
+    group: int
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weight the codes stand for (``gguf.dequantize``'s values exactly)."""
+        scales = np.repeat(self.scales, self.group, axis=1)
+        offsets = np.repeat(self.offsets, self.group, axis=1)
+        return scales * self.codes.astype(np.float32) + offsets
+
+
+def row_bytes(type_name: str, k: int) -> int:
+    """Bytes of one row of ``k`` columns in ``type_name``."""
+    size, cols, _, _ = BLOCK_LAYOUTS[type_name]
+    if k % cols:
+        raise ValueError(f"{type_name} rows hold a multiple of {cols} columns, not {k}")
+    return k // cols * size
+
+
+def decode_rows(raw: np.ndarray, type_name: str, k: int) -> GroupCodes:
+    """Rows of GGUF blocks (uint8 [rows, row_bytes]) of ``type_name`` -> their codes, scales and offsets."""
+    size, cols, bits, group = BLOCK_LAYOUTS[type_name]
+    rows = raw.shape[0]
+    if raw.dtype != np.uint8 or raw.shape[1] != row_bytes(type_name, k):
+        raise ValueError(f"{type_name}: {rows} rows of {k} columns take {row_bytes(type_name, k)} bytes each, got "
+                         f"{raw.dtype} {raw.shape}")
+    blocks = np.ascontiguousarray(raw).reshape(-1, size)
+    codes, scales, offsets = _DECODERS[type_name](blocks)
+    return GroupCodes(codes.astype(np.uint8).reshape(rows, k), scales.astype(np.float32).reshape(rows, -1),
+                      offsets.astype(np.float32).reshape(rows, -1), bits, group)
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The fp16 at byte ``start`` of every block, as float32 [blocks, 1]."""
+    return np.ascontiguousarray(blocks[:, start:start + 2]).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Bytes [..., 16 w] -> codes [..., 32 w]: low nibbles first, then high ones, per run of bytes."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def _high_bits(qh: np.ndarray, count: int) -> np.ndarray:
+    """Little-endian bit i of the uint32 ``qh`` [blocks, 1], for i < count: [blocks, count] of 0/1."""
+    return ((qh >> np.arange(count, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def _q8_0(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    d = _f16(b, 0)
+    return b[:, 2:].view(np.int8).astype(np.int16) + 128, d, d * np.float32(-128)
+
+
+def _q4_0(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    d = _f16(b, 0)
+    return _nibbles(b[:, 2:]), d, d * np.float32(-8)
+
+
+def _q4_1(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    return _nibbles(b[:, 4:]), _f16(b, 0), _f16(b, 2)
+
+
+def _q5_0(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    d = _f16(b, 0)
+    qh = np.ascontiguousarray(b[:, 2:6]).view(np.uint32)
+    return _nibbles(b[:, 6:]) | (_high_bits(qh, 32) << 4), d, d * np.float32(-16)
+
+
+def _q5_1(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    qh = np.ascontiguousarray(b[:, 4:8]).view(np.uint32)
+    return _nibbles(b[:, 8:]) | (_high_bits(qh, 32) << 4), _f16(b, 0), _f16(b, 2)
+
+
+def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 bytes -> the 8 sub-blocks' 6-bit scales and mins: bytes 0-3 hold scales 0-3 (low 6 bits)
+    and the top 2 bits of scales 4-7, bytes 4-7 the same for the mins, bytes 8-11 the low 4 bits of
+    scales 4-7 (low nibble) and mins 4-7 (high nibble)."""
+    lo, mid, hi = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=1)
+    mins = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 128 bytes: 4 runs of 32, each the low nibbles of one sub-block then the high of the next."""
+    return _nibbles(qs.reshape(-1, 4, 32)).reshape(-1, QK_K)
+
+
+def _q4_k(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    scales, mins = _k_scales_mins(b[:, 4:16])
+    return _k_low_nibbles(b[:, 16:]), _f16(b, 0) * scales, -(_f16(b, 2) * mins)
+
+
+def _q5_k(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    scales, mins = _k_scales_mins(b[:, 4:16])
+    qh = b[:, 16:48]                                     # bit i of byte j: code j of sub-block i
+    high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    return _k_low_nibbles(b[:, 48:]) | (high.reshape(-1, QK_K) << 4), _f16(b, 0) * scales, -(_f16(b, 2) * mins)
+
+
+def _q6_k(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Two halves of 128 codes: low 4 bits from 64 bytes of ``ql`` (low nibbles: codes 0-63, high: 64-127),
+    top 2 bits from 32 bytes of ``qh`` (bits 2t..2t+1: codes 32t..32t+31); 16 int8 scales; then ``d``."""
+    ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 1, 32)
+    low = np.concatenate([ql & 15, ql >> 4], axis=-1)                               # [blocks, 2, 128]
+    high = ((qh >> np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]) & 3).reshape(-1, 2, 128)
+    scales = _f16(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32)
+    return (low | (high << 4)).reshape(-1, QK_K), scales, scales * np.float32(-32)
+
+
+_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k,
+             "Q5_K": _q5_k, "Q6_K": _q6_k}

@@ -1,0 +1,108 @@
+"""Group-quantised weights run through int8 dot products, their layout, reference and matmul.
+
+A weight is one or more row segments (a fused layer's projections may come in different formats: a GGUF
+Q4_K_M file stores some ``v_proj`` as Q6_K beside a Q4_K ``q_proj``), each ``W = s * q + m`` per group of 16
+or 32 columns with 4- or 8-bit unsigned codes (:class:`~llmserve.quantization.gguf_blocks.GroupCodes`).
+Each call quantises the activations once, per row and block of 32 columns to int8 (as llama.cpp's Q8_0),
+and every segment multiplies them into its columns of the output
+(``csrc/cpu_group_int8_linear.c``: ``sum_g s * xscale * dot(q, xq) + m * xscale * sum(xq)``, which is the
+quantised activations times ``W``). Without the compiled kernels :func:`group_int8_reference` computes the same
+in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmserve.layers.cpu_group_int8 import ACTIVATION_BLOCK, TILE, LayerPlan, group_int8_kernels
+from llmserve.layers.cpu_kernels import kernels_for
+from llmserve.quantization.gguf_blocks import GroupCodes
+
+
+class GroupInt8Segment(nn.Module):
+    """``rows`` output rows in the kernel's layout: codes [tiles, 16 * k * bits / 8] (per tile of 16 rows, 64 bytes
+    per step of 4 columns for 8-bit codes, of 8 columns for 4-bit ones, low nibbles the first 4), scales and
+    offsets [tiles, k / group, 16] (rows past ``rows``: zero)."""
+
+    def __init__(self, weight: GroupCodes) -> None:
+        super().__init__()
+        rows, k = weight.codes.shape
+        if weight.bits not in (4, 8) or weight.group not in (16, 32) or k % ACTIVATION_BLOCK:
+            raise ValueError(f"group_int8: {weight.bits}-bit codes in groups of {weight.group} over {k} columns "
+                             f"(4 or 8 bits, groups of 16 or 32, a multiple of {ACTIVATION_BLOCK} columns)")
+        self.rows, self.k, self.bits, self.group = rows, k, weight.bits, weight.group
+        pad = -rows % TILE
+        codes = F.pad(torch.from_numpy(weight.codes), (0, 0, 0, pad))
+        tiles = codes.shape[0] // TILE
+        if weight.bits == 8:
+            tiled = codes.view(tiles, TILE, k // 4, 4).transpose(1, 2)
+        else:
+            pairs = codes.view(tiles, TILE, k // 8, 2, 4)
+            tiled = (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).transpose(1, 2)
+        self.register_buffer("codes", tiled.reshape(tiles, -1).contiguous(), persistent=False)
+        for name, values in (("scales", weight.scales), ("offsets", weight.offsets)):
+            padded = F.pad(torch.from_numpy(values), (0, 0, 0, pad))
+            self.register_buffer(name, padded.view(tiles, TILE, -1).transpose(1, 2).contiguous(), persistent=False)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [rows, k] the stored codes stand for (``s * q + m``)."""
+        tiles = self.codes.shape[0]
+        if self.bits == 8:
+            codes = self.codes.view(tiles, self.k // 4, TILE, 4).transpose(1, 2).reshape(tiles * TILE, self.k)
+        else:
+            packed = self.codes.view(tiles, self.k // 8, TILE, 4).transpose(1, 2)
+            codes = torch.stack([packed & 15, packed >> 4], dim=3).reshape(tiles * TILE, self.k)
+
+        def per_column(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(1, 2).reshape(tiles * TILE, -1).repeat_interleave(self.group, dim=1)
+
+        return (per_column(self.scales) * codes.float() + per_column(self.offsets))[:self.rows]
+
+
+def set_group_int8(layer: nn.Module, segments: list[GroupCodes]) -> None:
+    """Store the row segments (in output order) on ``layer`` for :func:`apply_group_int8`."""
+    widths = {s.codes.shape[1] for s in segments}
+    if len(widths) != 1:
+        raise ValueError(f"group_int8: the segments of one layer must share their inputs, got {sorted(widths)}")
+    layer.group_int8_segments = nn.ModuleList(GroupInt8Segment(s) for s in segments)
+    layer.group_int8_in = widths.pop()
+    layer.group_int8_plan = LayerPlan(layer.group_int8_in, [(s.codes, s.scales, s.offsets, s.rows, s.bits, s.group)
+                                                            for s in layer.group_int8_segments])
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of float32 ``x`` [M, k] as the kernel quantises them: int8 codes [M, k] and scales [M, k / 32]
+    (``max|x| / 127`` per block, 1 for an all-zero block; round half to even)."""
+    blocks = x.reshape(x.shape[0], -1, ACTIVATION_BLOCK)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(blocks / scale).clamp_(-127, 127)
+    return q.reshape(x.shape).to(torch.int8), scale.squeeze(-1)
+
+
+def group_int8_reference(x: torch.Tensor, segment: GroupInt8Segment, dtype: torch.dtype = torch.float64,
+                         ) -> torch.Tensor:
+    """The kernel's result computed in PyTorch: the activations quantised as the kernel quantises them, times
+    the dequantised weight, in ``dtype`` (float64: the tests' oracle, exact but for the final rounding)."""
+    q, scale = quantize_activations(x.float())
+    x_deq = (q.to(dtype).view(x.shape[0], -1, ACTIVATION_BLOCK) * scale.to(dtype).unsqueeze(-1)).view(x.shape)
+    return x_deq @ segment.dequantize().to(dtype).T
+
+
+def apply_group_int8(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T + bias`` for the segments :func:`set_group_int8` stored (float32 arithmetic; the result in
+    ``x``'s dtype)."""
+    rows = x.reshape(-1, layer.group_int8_in)
+    if rows.dtype != torch.float32 or rows.stride(1) != 1:
+        rows = rows.float().contiguous()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    kernels = kernels_for(rows)
+    if kernels is None:
+        out = torch.cat([group_int8_reference(rows, s, torch.float32) for s in layer.group_int8_segments], dim=1)
+        out = out if bias is None else out + bias
+    else:
+        out = group_int8_kernels(kernels).layer(rows, layer.group_int8_plan, bias)
+    return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])

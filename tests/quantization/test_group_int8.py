@@ -1,0 +1,134 @@
+"""The group-int8 kernel: activations quantised per 32 columns to int8, multiplied by 4-/8-bit codes.
+
+* Its activation quantisation is the PyTorch one (:func:`quantize_activations`), code for code.
+* Its output equals ``x_q8 @ dequant(W)^T`` computed in float64 from the same quantised activations, to
+  float32 rounding (relative 1e-5 of the output's size), for 4- and 8-bit codes in groups of 16 and 32, on 1,
+  3, 16 and 64 rows (the few-row and the register-tiled paths), odd output sizes and a bias.
+* Against the float product ``x @ W^T`` the only difference is the activations' rounding, which bounds it:
+  ``|y - x W^T| <= |x - x_q8| @ |W|^T`` elementwise (``|x - x_q8| <= scale / 2`` per column).
+* A fused layer of segments in different formats writes each segment's columns.
+* The VNNI build and a portable build (compiled for plain AVX2) give the same results.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from llmserve.layers import cpu_kernel_build
+from llmserve.layers.cpu_group_int8 import GroupInt8Kernels, group_int8_kernels
+from llmserve.layers.cpu_kernels import CPUKernels, cpu_kernels
+from llmserve.quantization import group_int8
+from llmserve.quantization.gguf_blocks import GroupCodes
+from llmserve.quantization.group_int8 import (GroupInt8Segment, apply_group_int8, group_int8_reference,
+                                              quantize_activations, set_group_int8)
+
+FORMATS = [(4, 32), (4, 16), (8, 32), (8, 16)]
+
+
+def _codes(rows: int, k: int, bits: int, group: int, seed: int) -> GroupCodes:
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 1 << (bits if bits == 4 else 6), (rows, k)).astype(np.uint8)
+    scales = rng.uniform(0.001, 0.05, (rows, k // group)).astype(np.float32)
+    offsets = (-scales * rng.uniform(0, 40, scales.shape)).astype(np.float32)
+    return GroupCodes(codes, scales, offsets, bits, group)
+
+
+def _kernels() -> GroupInt8Kernels:
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("the CPU kernels are not available here")
+    return group_int8_kernels(kernels)
+
+
+def test_activations_are_quantised_as_the_reference_quantises_them():
+    x = torch.randn(5, 96) * torch.tensor([0.01, 1.0, 30.0]).repeat_interleave(32)
+    x[1, 32:64] = 0.0
+    ours = _kernels().quantize(x)
+    q, scale = quantize_activations(x)
+    assert torch.equal(ours.q, q) and torch.equal(ours.scale, scale)
+    expected_sums = (q.float().view(5, -1, 16).sum(-1) * scale.repeat_interleave(2, dim=1))
+    torch.testing.assert_close(ours.sums, expected_sums, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 64])
+@pytest.mark.parametrize("bits,group", FORMATS)
+def test_kernel_equals_the_float64_product_of_the_quantised_activations(bits, group, rows):
+    n, k = 37, 256
+    layer = nn.Module()
+    set_group_int8(layer, [_codes(n, k, bits, group, seed=bits + group)])
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    out = apply_group_int8(layer, x, bias)
+    expected = group_int8_reference(x, layer.group_int8_segments[0]) + bias.double()
+    assert out.shape == (rows, n)
+    assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("bits,group", FORMATS)
+def test_kernel_differs_from_the_float_product_only_by_the_activation_rounding(bits, group):
+    layer = nn.Module()
+    set_group_int8(layer, [_codes(40, 128, bits, group, seed=3)])
+    weight = layer.group_int8_segments[0].dequantize().double()
+    x = torch.randn(9, 128) * 4
+    q, scale = quantize_activations(x)
+    rounding = (x.double() - (q.double().view(9, -1, 32) * scale.double().unsqueeze(-1)).view(9, 128)).abs()
+    assert rounding.max() <= scale.max() / 2 + 1e-6
+    bound = rounding @ weight.abs().T
+    error = (apply_group_int8(layer, x, None).double() - x.double() @ weight.T).abs()
+    assert (error <= bound * (1 + 1e-4) + 1e-5).all()
+    assert error.max() > 0   # the activations really are rounded
+
+
+def test_segments_in_different_formats_write_their_own_columns():
+    k = 64
+    parts = [_codes(20, k, 4, 32, seed=1), _codes(7, k, 8, 16, seed=2), _codes(16, k, 4, 16, seed=3)]
+    layer = nn.Module()
+    set_group_int8(layer, parts)
+    x, bias = torch.randn(6, k), torch.randn(43)
+    expected = torch.cat([group_int8_reference(x, s) for s in layer.group_int8_segments], dim=1) + bias.double()
+    out = apply_group_int8(layer, x, bias)
+    assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_bfloat16_activations_come_back_in_bfloat16():
+    layer = nn.Module()
+    set_group_int8(layer, [_codes(16, 64, 8, 32, seed=0)])
+    x = torch.randn(2, 3, 64).bfloat16()
+    out = apply_group_int8(layer, x, None)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 16)
+    torch.testing.assert_close(out.float(), group_int8_reference(x.reshape(6, 64).float(), layer.group_int8_segments[0])
+                               .float().view(2, 3, 16), rtol=1e-2, atol=1e-2)
+
+
+def test_unsupported_layouts_are_refused():
+    with pytest.raises(ValueError, match="groups of 16 or 32"):
+        GroupInt8Segment(GroupCodes(np.zeros((2, 64), np.uint8), np.ones((2, 1), np.float32),
+                                    np.zeros((2, 1), np.float32), 8, 64))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _kernels().quantize(torch.randn(1, 48))
+
+
+def test_reports_its_dot_product_path():
+    flags = open("/proc/cpuinfo").read()
+    assert _kernels().uses_vnni == (" avx512_vnni" in flags and " avx512bw" in flags)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the kernels for a plain AVX2 x86-64 CPU")
+def test_the_portable_build_gives_the_same_results(tmp_path, monkeypatch):
+    flags = tuple(f if f != "-march=native" else "-march=x86-64-v3" for f in cpu_kernel_build.CFLAGS)
+    library = tmp_path / "libportable.so"
+    cpu_kernel_build.compile_library(cpu_kernel_build._compiler(), flags, library)
+    portable = CPUKernels(library)
+    assert not group_int8_kernels(portable).uses_vnni
+    monkeypatch.setattr(group_int8, "kernels_for", lambda t: portable)
+    for bits, group in FORMATS:
+        layer = nn.Module()
+        set_group_int8(layer, [_codes(21, 128, bits, group, seed=bits * group)])
+        for rows in (1, 6):
+            x = torch.randn(rows, 128)
+            expected = group_int8_reference(x, layer.group_int8_segments[0])
+            assert (apply_group_int8(layer, x, None).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
