@@ -188,6 +188,18 @@ void llmserve_linear_panel(const float *x, long x_stride, const float *w, long k
  * [n/16][k][16]. Threads take whole column panels (64 outputs) and run every row tile through them, so
  * a panel's weights come from memory once and then from cache. Returns 0, or -1 when n is not a
  * multiple of 16. */
+/* One column panel of `nb` (1..4) 16-output blocks for M rows, by the path llmserve_linear_blocked takes for M:
+ * streamed block by block for up to MAX_ROWS rows, else the GEMM tiles (cpu_grouped_linear.c runs one per
+ * (expert, panel) pair). */
+void llmserve_linear_blocked_panel(const float *x, long x_stride, const float *w, long k, float *y, long y_stride,
+                                   long M, int nb) {
+    if (M > MAX_ROWS) {
+        llmserve_linear_panel(x, x_stride, w, k, NULL, y, y_stride, M, nb);
+        return;
+    }
+    for (int j = 0; j < nb; j++) stream_rows(x, x_stride, w + j * k * LANES, k, NULL, y + j * LANES, y_stride, (int)M);
+}
+
 int llmserve_linear_blocked(const float *x, long x_stride, const float *w, const float *bias, float *y,
                             long y_stride, long M, long n, long k, int num_threads) {
     if (n % LANES != 0) return -1;
