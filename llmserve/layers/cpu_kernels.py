@@ -68,8 +68,6 @@ class CPUKernels:
         lib.llmserve_bf16_linear_rowmajor.argtypes = lib.llmserve_bf16_linear_blocked.argtypes
         lib.llmserve_bf16_linear_rowmajor.restype = None
         lib.llmserve_bf16_uses_dpbf16.restype = _I
-        lib.llmserve_grouped_linear.argtypes = [_P, _L, _P, _P, _L, _P, _L, _L, _L, _I, _I]
-        lib.llmserve_grouped_linear.restype = _I
         lib.llmserve_linear_weight_only.argtypes = [_P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _L, _I, _I]
         lib.llmserve_linear_weight_only.restype = _I
         lib.llmserve_linear_w8a8.argtypes = [_P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _I]
@@ -93,6 +91,7 @@ class CPUKernels:
         lib.llmserve_argmax_rows.argtypes = [_P, _L, _P, _L, _L, _I]
         lib.llmserve_argmax_rows.restype = None
         self._lib = lib
+        self.library = lib   # the loaded library, for the entry points bound elsewhere (cpu_moe_kernels.py)
         self.max_linear_rows: int = lib.llmserve_linear_max_rows()
         self.w8a8_uses_vnni: bool = bool(lib.llmserve_w8a8_uses_vnni())
         self.bf16_uses_dpbf16: bool = bool(lib.llmserve_bf16_uses_dpbf16())
@@ -147,31 +146,6 @@ class CPUKernels:
         run = self._lib.llmserve_bf16_linear_blocked if blocked else self._lib.llmserve_bf16_linear_rowmajor
         run(x.data_ptr(), x.stride(0), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
             out.data_ptr(), n, rows, n, k, torch.get_num_threads())
-        return out
-
-    def grouped_linear(self, x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """``x[o[e]:o[e+1]] @ W_e.T`` for every expert ``e`` in one call: the rows of the 2-D ``x`` sorted by expert
-        (``offsets`` int64 [E+1], from 0 to ``len(x)``), ``weights`` [E, ...] each expert's weight as
-        :func:`block_weight` makes it, float32 or bfloat16 like ``x``."""
-        rows, k = x.shape
-        _check_rows(x, k, "x", weights.dtype)
-        experts = weights.shape[0]
-        bf16 = weights.dtype == torch.bfloat16
-        n = weights.shape[1] * WEIGHT_BLOCK
-        layout = (experts, n // WEIGHT_BLOCK, (k + 1) // 2, WEIGHT_BLOCK, 2) if bf16 else \
-            (experts, n // WEIGHT_BLOCK, k, WEIGHT_BLOCK)
-        if tuple(weights.shape) != layout or not weights.is_contiguous():
-            raise ValueError(f"grouped_linear: weights {tuple(weights.shape)} are not contiguous blocked expert "
-                             f"weights {layout} for {k} inputs")
-        if offsets.dtype != torch.int64 or offsets.shape != (experts + 1,) or not offsets.is_contiguous() \
-                or int(offsets[0]) != 0 or int(offsets[-1]) != rows:
-            raise ValueError(f"grouped_linear: offsets must be int64 [{experts + 1}] from 0 to the {rows} rows")
-        out = torch.empty(rows, n, dtype=weights.dtype)
-        status = self._lib.llmserve_grouped_linear(x.data_ptr(), x.stride(0), weights.data_ptr(), offsets.data_ptr(),
-                                                   experts, out.data_ptr(), n, n, k, int(bf16),
-                                                   torch.get_num_threads())
-        if status != 0:
-            raise ValueError("grouped_linear: the offsets decrease")
         return out
 
     def linear_weight_only(self, x: torch.Tensor, codes: torch.Tensor, code_format: int, scales: torch.Tensor,
