@@ -21,6 +21,9 @@ Places where PyTorch's CPU kernels leave most of the machine idle at decode time
 * the small per-layer ops (RMSNorm with the residual add, SiLU-and-multiply, rotary embedding) are
   each many tensor ops whose fixed costs dominate at small batch; each is one pass here
   (``cpu_layer_ops.c``);
+* mixture-of-experts layers: every expert's GEMM in one call per projection, and the sorting of rows by expert
+  and the weighted sum back into tokens one call each (``cpu_grouped_linear.c``, ``cpu_moe_rows.c``, bound in
+  :mod:`llmserve.layers.cpu_moe_kernels`);
 * the sampler's row reductions over [rows, vocab] logits (log-sum-exp, argmax) take several passes and a
   full-size temporary in PyTorch; one pass per row here (``cpu_sampling.c``).
 
