@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from llmserve.layers.cpu_kernels import ACTIVATION_DTYPES, WEIGHT_BLOCK, _check_rows, cpu_kernels
+from llmserve.layers.cpu_kernels import WEIGHT_BLOCK, _activation_dtype, _check_rows, cpu_kernels
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 
@@ -43,7 +43,7 @@ class CPUMoEKernels:
         one: expert ``e``'s rows are ``rows[offsets[e]:offsets[e + 1]]``, int64 offsets [E + 1]);
         ``slot_rows`` int64 [T, K] is each slot's row, -1 for the id ``num_experts`` (another rank's expert)."""
         t, h = x.shape
-        _check_rows(x, h, "x", x.dtype if x.dtype in ACTIVATION_DTYPES else torch.float32)
+        _check_rows(x, h, "x", _activation_dtype(x))
         ids = topk_ids.to(torch.int64).contiguous()
         rows = torch.empty(ids.numel(), h, dtype=x.dtype)
         offsets = torch.empty(num_experts + 1, dtype=torch.int64)
@@ -85,8 +85,7 @@ class CPUMoEKernels:
         summed in float32; ``expert_out`` [n, H] as :meth:`sort_rows` ordered the rows."""
         t, k = slot_rows.shape
         h = expert_out.shape[1]
-        _check_rows(expert_out, h, "expert_out", expert_out.dtype if expert_out.dtype in ACTIVATION_DTYPES
-                    else torch.float32)
+        _check_rows(expert_out, h, "expert_out", _activation_dtype(expert_out))
         weights = topk_weights.to(torch.float32).contiguous()
         if weights.shape != (t, k):
             raise ValueError(f"combine: topk_weights {tuple(topk_weights.shape)} must match the slots ({t}, {k})")

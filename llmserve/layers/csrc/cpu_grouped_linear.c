@@ -4,7 +4,8 @@
  * One call per projection for all experts, one parallel region: the work is split over (expert, column panel)
  * pairs, so both threads share every expert's GEMM instead of the experts being run one after another with a
  * parallel region (and a Python call) each. At a decode step of 64 sequences an expert of a top-2-of-8 model
- * gets about 16 rows, too few to split over rows; its 64-output panels (a few hundred per expert) are plenty.
+ * gets about 16 rows, too few to split over rows; its 64-output panels (32 per expert in the bench Mixtral's
+ * gate/up) are plenty.
  * A panel is the same unit the dense blocked kernels run (cpu_linear.c, cpu_bf16_linear.c), so an expert's
  * rows see exactly the arithmetic a dense layer's would.
  */

@@ -184,10 +184,6 @@ void llmserve_linear_panel(const float *x, long x_stride, const float *w, long k
     }
 }
 
-/* y[M, n] (row stride y_stride) = x[M, k] (row stride x_stride) W^T + bias, with W blocked as
- * [n/16][k][16]. Threads take whole column panels (64 outputs) and run every row tile through them, so
- * a panel's weights come from memory once and then from cache. Returns 0, or -1 when n is not a
- * multiple of 16. */
 /* One column panel of `nb` (1..4) 16-output blocks for M rows, by the path llmserve_linear_blocked takes for M:
  * streamed block by block for up to MAX_ROWS rows, else the GEMM tiles (cpu_grouped_linear.c runs one per
  * (expert, panel) pair). */
@@ -200,6 +196,10 @@ void llmserve_linear_blocked_panel(const float *x, long x_stride, const float *w
     for (int j = 0; j < nb; j++) stream_rows(x, x_stride, w + j * k * LANES, k, NULL, y + j * LANES, y_stride, (int)M);
 }
 
+/* y[M, n] (row stride y_stride) = x[M, k] (row stride x_stride) W^T + bias, with W blocked as
+ * [n/16][k][16]. Threads take whole column panels (64 outputs) and run every row tile through them, so
+ * a panel's weights come from memory once and then from cache. Returns 0, or -1 when n is not a
+ * multiple of 16. */
 int llmserve_linear_blocked(const float *x, long x_stride, const float *w, const float *bias, float *y,
                             long y_stride, long M, long n, long k, int num_threads) {
     if (n % LANES != 0) return -1;
