@@ -23,6 +23,9 @@ Places where PyTorch's CPU kernels leave most of the machine idle at decode time
 * the small per-layer ops (RMSNorm with the residual add, SiLU-and-multiply, rotary embedding) are
   each many tensor ops whose fixed costs dominate at small batch; each is one pass here
   (``cpu_layer_ops.c``);
+* mixture-of-experts layers: every expert's GEMM in one call per projection, and the sorting of rows by expert
+  and the weighted sum back into tokens one call each (``cpu_grouped_linear.c``, ``cpu_moe_rows.c``, bound in
+  :mod:`llmserve.layers.cpu_moe_kernels`);
 * the sampler's row reductions over [rows, vocab] logits (log-sum-exp, argmax) take several passes and a
   full-size temporary in PyTorch; one pass per row here (``cpu_sampling.c``).
 
@@ -94,6 +97,7 @@ class CPUKernels:
         lib.llmserve_argmax_rows.argtypes = [_P, _L, _P, _L, _L, _I]
         lib.llmserve_argmax_rows.restype = None
         self._lib = lib
+        self.library = lib   # the loaded library, for the entry points bound elsewhere (cpu_moe_kernels.py)
         self.max_linear_rows: int = lib.llmserve_linear_max_rows()
         self.w8a8_uses_vnni: bool = bool(lib.llmserve_w8a8_uses_vnni())
         self.bf16_uses_dpbf16: bool = bool(lib.llmserve_bf16_uses_dpbf16())

@@ -83,6 +83,17 @@ typedef void (*tile_fn)(const uint16_t *, long, const uint16_t *, long, long, co
                         int);
 static const tile_fn TILES[TILE_VECS + 1] = {NULL, tile_nb1, tile_nb2, tile_nb3, tile_nb4};
 
+/* One column panel of `nb` (1..4) 16-output blocks (pair-blocked weight at w) for all M rows: a thread's unit of
+ * work here and in cpu_grouped_linear.c (one per (expert, panel) pair). */
+void llmserve_bf16_linear_panel(const uint16_t *x, long x_stride, const uint16_t *w, long k, const uint16_t *bias,
+                                uint16_t *y, long y_stride, long M, int nb) {
+    const long k2 = (k + 1) / 2;
+    for (long m0 = 0; m0 < M; m0 += TILE_ROWS) {
+        const int mr = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
+        TILES[nb](x + m0 * x_stride, x_stride, w, k, k2, bias, y + m0 * y_stride, y_stride, mr);
+    }
+}
+
 /* y[M, n] (row stride y_stride) = x[M, k] (row stride x_stride) W^T + bias, all bfloat16, with W blocked in
  * pairs as [n/16][ceil(k/2)][16][2]. Returns 0, or -1 when n is not a multiple of 16. */
 int llmserve_bf16_linear_blocked(const uint16_t *x, long x_stride, const uint16_t *w, const uint16_t *bias,
@@ -94,11 +105,8 @@ int llmserve_bf16_linear_blocked(const uint16_t *x, long x_stride, const uint16_
     for (long p = 0; p < panels; p++) {
         const long first = p * TILE_VECS;
         const int nb = blocks - first < TILE_VECS ? (int)(blocks - first) : TILE_VECS;
-        for (long m0 = 0; m0 < M; m0 += TILE_ROWS) {
-            const int mr = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
-            TILES[nb](x + m0 * x_stride, x_stride, w + first * k2 * 2 * LANES, k, k2,
-                      bias ? bias + first * LANES : NULL, y + m0 * y_stride + first * LANES, y_stride, mr);
-        }
+        llmserve_bf16_linear_panel(x, x_stride, w + first * k2 * 2 * LANES, k, bias ? bias + first * LANES : NULL,
+                                   y + first * LANES, y_stride, M, nb);
     }
     return 0;
 }

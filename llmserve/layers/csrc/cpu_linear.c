@@ -184,6 +184,18 @@ void llmserve_linear_panel(const float *x, long x_stride, const float *w, long k
     }
 }
 
+/* One column panel of `nb` (1..4) 16-output blocks for M rows, by the path llmserve_linear_blocked takes for M:
+ * streamed block by block for up to MAX_ROWS rows, else the GEMM tiles (cpu_grouped_linear.c runs one per
+ * (expert, panel) pair). */
+void llmserve_linear_blocked_panel(const float *x, long x_stride, const float *w, long k, float *y, long y_stride,
+                                   long M, int nb) {
+    if (M > MAX_ROWS) {
+        llmserve_linear_panel(x, x_stride, w, k, NULL, y, y_stride, M, nb);
+        return;
+    }
+    for (int j = 0; j < nb; j++) stream_rows(x, x_stride, w + j * k * LANES, k, NULL, y + j * LANES, y_stride, (int)M);
+}
+
 /* y[M, n] (row stride y_stride) = x[M, k] (row stride x_stride) W^T + bias, with W blocked as
  * [n/16][k][16]. Threads take whole column panels (64 outputs) and run every row tile through them, so
  * a panel's weights come from memory once and then from cache. Returns 0, or -1 when n is not a

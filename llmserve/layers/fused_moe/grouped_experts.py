@@ -2,9 +2,13 @@
 
 Each (token, slot) pair is one row; the rows are sorted by expert id, so every expert's rows are one
 contiguous slice and the expert runs one GEMM for its gate/up projection and one for its down projection
-over all of them (the loop is over experts, never over tokens; an expert that received no row costs
-nothing). The outputs, multiplied by their routing weights, are summed back into their tokens with one
-``index_add_``.
+over all of them (never a loop over tokens; an expert that received no row costs nothing). The outputs,
+multiplied by their routing weights, are summed back into their tokens.
+
+On CPU (float32 or bfloat16, with the compiled kernels) the sorting and gathering and the weighted sum are one
+call each (:mod:`llmserve.layers.cpu_moe_kernels`), and experts blocked for the kernels run every expert's slice
+in one call per projection with the activation once over all rows; experts stored any other way (quantised
+ones) run one call per expert and projection. Elsewhere PyTorch ops sort, gather and ``index_add_``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from llmserve.layers.cpu_kernels import ACTIVATION_DTYPES
+from llmserve.layers.cpu_moe_kernels import cpu_moe_kernels
 from llmserve.quantization.unquantized import apply_linear
 
 
@@ -35,6 +41,12 @@ def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     ``topk_ids`` [T, top_k]; ``activation`` maps [n, 2I] to [n, I] (e.g. SiLU(gate) * up). The id ``E`` marks
     a slot routed to an expert this rank does not hold (expert parallelism): it adds nothing.
     """
+    if w13.dim() > 3:   # blocked, which only happens where the CPU kernels load
+        kernels = cpu_moe_kernels()
+        assert kernels is not None, "blocked experts are only made where the CPU kernels load"
+        return _combine_sorted_rows(x, topk_weights, topk_ids, w13.shape[0], lambda rows, offsets:
+                                    kernels.grouped_linear(activation(kernels.grouped_linear(rows, w13, offsets)),
+                                                           w2, offsets))
     return grouped_expert_rows(x, topk_weights, topk_ids, w13.shape[0], lambda e, rows: apply_linear(
         activation(apply_linear(rows, w13[e], None)), w2[e], None))
 
@@ -53,21 +65,36 @@ def grouped_expert_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: t
                         expert_mlp: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """:func:`grouped_experts` for experts stored any way: ``expert_mlp(e, rows)`` is expert ``e``'s MLP over
     its rows [n, H] (one call per expert that received rows)."""
+    def each_expert(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        expert_out = torch.empty_like(rows)
+        bounds = offsets.tolist()
+        for expert in range(num_experts):
+            start, end = bounds[expert], bounds[expert + 1]
+            if end > start:
+                expert_out[start:end] = expert_mlp(expert, rows[start:end])
+        return expert_out
+
+    return _combine_sorted_rows(x, topk_weights, topk_ids, num_experts, each_expert)
+
+
+def _combine_sorted_rows(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                         experts_mlp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sort the (token, slot) rows by expert, run ``experts_mlp(rows, offsets)`` on them (expert ``e``'s rows are
+    ``rows[offsets[e]:offsets[e + 1]]``, int64 offsets [E + 1]) and sum its outputs back into their tokens with
+    the routing weights; slots with the id ``num_experts`` are left out. On CPU the sorting and the weighted sum
+    are one compiled call each."""
     t, k = topk_ids.shape
-    out = torch.zeros_like(x)
     if t == 0:
-        return out
+        return torch.zeros_like(x)
+    kernels = cpu_moe_kernels() if x.device.type == "cpu" and x.dtype in ACTIVATION_DTYPES else None
+    if kernels is not None:
+        rows, offsets, slot_rows = kernels.sort_rows(x.contiguous(), topk_ids, num_experts)
+        return kernels.combine(experts_mlp(rows, offsets), slot_rows, topk_weights)
     order, counts = sort_by_expert(topk_ids, num_experts + 1)   # the id E sorts last
-    counts_per_expert = counts.tolist()[:num_experts]
-    order = order[:sum(counts_per_expert)]
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts[:num_experts], 0, out=offsets[1:])
+    order = order[:int(offsets[-1])]
     tokens = order // k
-    rows = x.index_select(0, tokens)
-    expert_out = torch.empty_like(rows)
-    start = 0
-    for expert, n in enumerate(counts_per_expert):
-        if n == 0:
-            continue
-        expert_out[start:start + n] = expert_mlp(expert, rows[start:start + n])
-        start += n
+    expert_out = experts_mlp(x.index_select(0, tokens), offsets)
     expert_out.mul_(topk_weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(x.dtype))
-    return out.index_add_(0, tokens, expert_out)
+    return torch.zeros_like(x).index_add_(0, tokens, expert_out)

@@ -46,9 +46,10 @@ class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
     """``w13_weight`` [E, 2I, H] and ``w2_weight`` [E, H, I] in the model dtype; the Triton grouped GEMM on
     CUDA when Triton is installed, else one GEMM per expert over its rows (:func:`grouped_experts`).
 
-    On CPU in float32 with the compiled kernels, each expert's weight is re-stored blocked after loading (as
-    :class:`~llmserve.quantization.unquantized.UnquantizedLinearMethod` does for a linear layer): ``[E, out/16,
-    in, 16]``, which the blocked kernel multiplies at oneDNN's prepacked speed for the few rows an expert gets.
+    On CPU in float32 or bfloat16 with the compiled kernels, each expert's weight is re-stored blocked after
+    loading (as :class:`~llmserve.quantization.unquantized.UnquantizedLinearMethod` does for a linear layer):
+    ``[E, out/16, in, 16]`` (bfloat16: ``[E, out/16, in/2, 16, 2]``), which the grouped kernel multiplies for
+    every expert's rows in one call per projection.
     """
 
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,

@@ -40,9 +40,14 @@ def stacked(tensors: dict[int, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, 
     return w13, torch.stack([t["down"] for t in tensors.values()])
 
 
+@pytest.mark.parametrize("compiled_rows", [True, False])   # sorting and combining in C, or with PyTorch ops
 @pytest.mark.parametrize("tokens, top_k, used", [
     (1, 1, None), (13, 1, 3), (13, 2, None), (29, 2, 4), (17, 3, None), (9, 7, None), (0, 2, None)])
-def test_grouped_experts_match_the_per_token_reference(tokens, top_k, used):
+def test_grouped_experts_match_the_per_token_reference(monkeypatch, tokens, top_k, used, compiled_rows):
+    from llmserve.layers.fused_moe import grouped_experts as module
+
+    if not compiled_rows:
+        monkeypatch.setattr(module, "cpu_moe_kernels", lambda: None)
     w13, w2 = stacked(expert_tensors())
     x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens))
     weights, ids = random_routing(tokens, E, top_k, used, seed=top_k)
@@ -181,6 +186,42 @@ def test_experts_blocked_for_the_cpu_kernels_give_the_same_output():
     assert layer.w13_weight.shape == (E, 2 * I // 16, H, 16) and layer.w2_weight.shape == (E, H // 16, I, 16)
     torch.testing.assert_close(layer(x, weights, ids), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer(x[:1], weights[:1], ids[:1]), expected[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_experts_blocked_for_the_cpu_kernels_match_the_reference():
+    from llmserve.layers.cpu_kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("the CPU kernels do not build here")
+    tensors = {e: {name: t.bfloat16() for name, t in ts.items()} for e, ts in expert_tensors().items()}
+    layer = FusedMoE(E, H, I, params_dtype=torch.bfloat16)
+    load_per_expert(layer, tensors)
+    layer.process_weights_after_loading()
+    assert layer.w13_weight.shape == (E, 2 * I // 16, H // 2, 16, 2)
+    x = torch.randn(37, H).bfloat16()
+    weights, ids = random_routing(37, E, 2, used_experts=6)
+    out = layer(x, weights, ids)
+    w13, w2 = stacked(tensors)
+    assert out.dtype == torch.bfloat16
+    # Each of gate/up, the activation, down and the combine rounds to bfloat16 once.
+    torch.testing.assert_close(out.double(), per_token_moe(x, w13, w2, weights, ids), atol=2e-2, rtol=2e-2)
+
+
+def test_blocked_experts_run_one_grouped_gemm_per_projection(monkeypatch):
+    from llmserve.layers.cpu_moe_kernels import CPUMoEKernels, cpu_moe_kernels
+
+    if cpu_moe_kernels() is None:
+        pytest.skip("the CPU kernels do not build here")
+    layer = FusedMoE(E, H, I)
+    load_per_expert(layer, expert_tensors())
+    layer.process_weights_after_loading()
+    calls = []
+    original = CPUMoEKernels.grouped_linear
+    monkeypatch.setattr(CPUMoEKernels, "grouped_linear",
+                        lambda self, x, w, offsets: calls.append(x.shape[0]) or original(self, x, w, offsets))
+    weights, ids = random_routing(11, E, 2)
+    layer(torch.randn(11, H), weights, ids)
+    assert calls == [22, 22]   # gate/up, then down, each over every expert's rows at once
 
 
 def test_mis_shaped_tensors_and_unknown_experts_are_refused():
