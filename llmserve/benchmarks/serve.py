@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from llmserve.benchmarks.datasets import (SHAREGPT_MAX_TOTAL_LEN, ApproxTokenizer, CorpusText,
@@ -160,13 +160,52 @@ def request_body(target: Target, request: SampleRequest, ignore_eos: bool,
     return body
 
 
-def _chunk_text(chunk: dict[str, Any], chat: bool) -> str:
-    choices = chunk.get("choices") or []
-    if not choices:
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    text: str | None = None      # completions
+    delta: _Delta | None = None  # chat
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Chunk(msgspec.Struct):
+    """The fields of a streamed chunk the metrics need; the decoder skips every other one unparsed."""
+
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+    error: Any = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+
+
+def _chunk_text(chunk: _Chunk, chat: bool) -> str:
+    if not chunk.choices:
         return ""
+    choice = chunk.choices[0]
     if chat:
-        return (choices[0].get("delta") or {}).get("content") or ""
-    return choices[0].get("text") or ""
+        return (choice.delta.content if choice.delta is not None else None) or ""
+    return choice.text or ""
+
+
+async def _sse_data(response: Any) -> AsyncIterator[bytes]:
+    """The ``data:`` payloads of a server-sent event stream, up to ``[DONE]``."""
+    pending = b""
+    async for piece in response.aiter_bytes():
+        lines = (pending + piece).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            if line.startswith(b"data:"):
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                yield data
 
 
 async def send_request(client: Any, target: Target, request: SampleRequest, ignore_eos: bool,
@@ -184,22 +223,17 @@ async def send_request(client: Any, target: Target, request: SampleRequest, igno
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: " + (await response.aread()).decode(errors="replace")[:500]
                 return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    error = chunk["error"]
+            async for data in _sse_data(response):
+                chunk = _decode_chunk(data)
+                if chunk.error is not None:
+                    error = chunk.error
                     result.error = error.get("message", str(error)) if isinstance(error, dict) else str(error)
                     return result
-                usage = chunk.get("usage")
+                usage = chunk.usage
                 if usage:
-                    result.output_tokens = int(usage.get("completion_tokens") or 0)
-                    if usage.get("prompt_tokens"):
-                        result.prompt_len = int(usage["prompt_tokens"])
+                    result.output_tokens = int(usage.completion_tokens or 0)
+                    if usage.prompt_tokens:
+                        result.prompt_len = int(usage.prompt_tokens)
                 text = _chunk_text(chunk, target.chat)
                 if text:
                     now = time.perf_counter()

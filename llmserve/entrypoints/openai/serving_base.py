@@ -46,8 +46,12 @@ class Submitted:
     model: str             # the name responses echo: the adapter's, or the base model's first served name
 
 
+# json.dumps(data, ensure_ascii=False) without building an encoder per call (same output)
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {data if isinstance(data, str) else _to_json(data)}\n\n"
 
 
 class SSEFraming:
@@ -155,38 +159,19 @@ class OpenAIServing:
         """SSE body: each engine output rendered to chunks, then ``finish``'s chunks, then the closing event
         (``[DONE]``). An error after the stream started goes out as an error event, then the closing one."""
         framing = framing or SSEFraming()
-        queue: asyncio.Queue = asyncio.Queue()
-        done_marker = object()
-
-        async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
-            try:
-                async for output in stream:
-                    await queue.put((index, output))
-            except BaseException as exc:   # noqa: BLE001 - forwarded to the response
-                await queue.put((index, exc))
-                return
-            await queue.put((index, done_marker))
-
-        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(submitted.streams)]
-        finals: list[list[RequestOutput]] = [[] for _ in tasks]
-        remaining = len(tasks)
-        failure: tuple[int, str, str] | None = None   # (status, message, code) of an error mid-stream
         deadline = None if self.limits.request_timeout is None else (
             submitted.states[0].arrival_time + self.limits.request_timeout)
+        reader = StreamReader(submitted.streams, deadline)
+        finals: list[list[RequestOutput]] = [[] for _ in submitted.streams]
+        failure: tuple[int, str, str] | None = None   # (status, message, code) of an error mid-stream
         try:
-            while remaining:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    index, item = await asyncio.wait_for(queue.get(), timeout)
-                except asyncio.TimeoutError:
+            async for index, item in reader:
+                if item is TIMED_OUT:
                     log_failed(submitted.log_id, f"aborted: no result within --request-timeout "
                                                  f"({self.limits.request_timeout} s)")
                     failure = (504, f"the request did not finish within --request-timeout "
                                     f"({self.limits.request_timeout} s)", "timeout")
                     break
-                if item is done_marker:
-                    remaining -= 1
-                    continue
                 if isinstance(item, BaseException):
                     log_failed(submitted.log_id, f"failed: {item}")
                     failure = (503, str(item), _unavailable_code(item)) if isinstance(
@@ -218,14 +203,73 @@ class OpenAIServing:
             raise
         finally:
             self.abort_unfinished(submitted)   # client gone or error
-            for task in tasks:
-                task.cancel()
+            reader.cancel()
 
     def abort_unfinished(self, submitted: Submitted) -> None:
         """Abort every request of ``submitted`` that has not finished, now: cancelling the tasks that read their
         streams would also abort them, but only once the event loop has run each of them again."""
         for state in submitted.states:
             self.engine.abort(state.request_id)
+
+
+TIMED_OUT = TimeoutError("--request-timeout")   # what :class:`StreamReader` yields when the deadline passed
+
+
+class StreamReader:
+    """A request's engine streams read as one: ``(prompt index, output)`` in the order outputs arrive, an
+    exception a stream raised as its item, and :data:`TIMED_OUT` once ``deadline`` (``time.monotonic()``)
+    has passed. The usual request (one prompt, no deadline) is read straight from its stream; only
+    several prompts or a deadline take a reader task per stream and a queue, which would otherwise cost
+    each streamed token two more task wake-ups."""
+
+    def __init__(self, streams: list[AsyncIterator[AnyRequestOutput]], deadline: float | None) -> None:
+        self.streams = streams
+        self.deadline = deadline
+        self.tasks: list[asyncio.Task] = []
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, Any]]:
+        if len(self.streams) == 1 and self.deadline is None:
+            return self._direct(self.streams[0])
+        return self._fan_in()
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+    @staticmethod
+    async def _direct(stream: AsyncIterator[AnyRequestOutput]) -> AsyncIterator[tuple[int, Any]]:
+        try:
+            async for output in stream:
+                yield 0, output
+        except Exception as exc:   # noqa: BLE001 - forwarded to the response
+            yield 0, exc
+
+    async def _fan_in(self) -> AsyncIterator[tuple[int, Any]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        done_marker = object()
+
+        async def pump(index: int, stream: AsyncIterator[AnyRequestOutput]) -> None:
+            try:
+                async for output in stream:
+                    await queue.put((index, output))
+            except BaseException as exc:   # noqa: BLE001 - forwarded to the response
+                await queue.put((index, exc))
+                return
+            await queue.put((index, done_marker))
+
+        self.tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
+        remaining = len(self.tasks)
+        while remaining:
+            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            try:
+                index, item = await asyncio.wait_for(queue.get(), timeout)
+            except asyncio.TimeoutError:
+                yield 0, TIMED_OUT
+                return
+            if item is done_marker:
+                remaining -= 1
+            else:
+                yield index, item
 
 
 def _unavailable_code(exc: BaseException) -> str:
