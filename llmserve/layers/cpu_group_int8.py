@@ -36,7 +36,7 @@ class GroupInt8Kernels:
     """The kernel's functions, bound from the library ``kernels`` loaded."""
 
     def __init__(self, kernels: CPUKernels) -> None:
-        lib = ctypes.CDLL(str(kernels.library))
+        lib = kernels.library
         lib.llmserve_group_int8_quantize.argtypes = [_P, _L, _L, _L, _P, _P, _P, _I]
         lib.llmserve_group_int8_quantize.restype = _I
         lib.llmserve_group_int8_layer.argtypes = [_P, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _P, _L, _I]

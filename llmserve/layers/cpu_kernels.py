@@ -62,7 +62,6 @@ class CPUKernels:
     otherwise (the attention caches may also be quantised or bfloat16)."""
 
     def __init__(self, library: Path) -> None:
-        self.library = library   # other bindings of the same library load it from here
         lib = ctypes.CDLL(str(library))
         lib.llmserve_linear_small_batch.argtypes = [_P, _L, _P, _P, _P, _L, _L, _L, _L, _I]
         lib.llmserve_linear_small_batch.restype = _I
@@ -97,7 +96,7 @@ class CPUKernels:
         lib.llmserve_argmax_rows.argtypes = [_P, _L, _P, _L, _L, _I]
         lib.llmserve_argmax_rows.restype = None
         self._lib = lib
-        self.library = lib   # the loaded library, for the entry points bound elsewhere (cpu_moe_kernels.py)
+        self.library = lib   # the loaded library, for the entry points bound elsewhere (cpu_moe_kernels.py, cpu_group_int8.py)
         self.max_linear_rows: int = lib.llmserve_linear_max_rows()
         self.w8a8_uses_vnni: bool = bool(lib.llmserve_w8a8_uses_vnni())
         self.bf16_uses_dpbf16: bool = bool(lib.llmserve_bf16_uses_dpbf16())
