@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llmserve.benchmarks.quantized_linear import DEMO_SHAPES, print_speedups, time_per_call
+from llmserve.benchmarks.quantized_linear import time_layouts_over_demo_shapes
 from llmserve.layers.cpu_group_int8 import group_int8_kernels
 from llmserve.layers.cpu_kernels import cpu_kernels
 from llmserve.quantization.gguf_blocks import decode_rows
@@ -57,13 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the CPU kernels are not available here: nothing to measure")
     print(f"threads {torch.get_num_threads()}, int8 dot products: "
           f"{'AVX-512 VNNI' if group_int8_kernels(kernels).uses_vnni else 'portable'}\n")
-    results: dict[str, dict[int, float]] = {}
-    for k, n in DEMO_SHAPES.values():
-        for name, fn in _layouts(k, n).items():
-            for rows in args.rows:
-                results.setdefault(name, {}).setdefault(rows, 0.0)
-                results[name][rows] += time_per_call(fn, torch.randn(rows, k), args.repeats)
-    print_speedups(results, "layout", "rows", args.rows)
+    time_layouts_over_demo_shapes(_layouts, args.rows, args.repeats)
 
 
 if __name__ == "__main__":

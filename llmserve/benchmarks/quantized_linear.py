@@ -84,13 +84,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"threads {torch.get_num_threads()}, int8 dot products: "
           f"{'AVX-512 VNNI' if kernels and kernels.w8a8_uses_vnni else 'portable'}\n")
     torch.manual_seed(0)
+    time_layouts_over_demo_shapes(_layouts, args.rows, args.repeats)
+
+
+def time_layouts_over_demo_shapes(layouts: Callable[[int, int], dict[str, Callable[[torch.Tensor], torch.Tensor]]],
+                                  rows_list: list[int], repeats: int) -> None:
+    """Time every layout ``layouts(k, n)`` builds on the demo model's four projection shapes, summed per row
+    count, and print them against the first layout."""
     results: dict[str, dict[int, float]] = {}
     for k, n in DEMO_SHAPES.values():
-        for name, fn in _layouts(k, n).items():
-            for rows in args.rows:
+        for name, fn in layouts(k, n).items():
+            for rows in rows_list:
                 results.setdefault(name, {}).setdefault(rows, 0.0)
-                results[name][rows] += time_per_call(fn, torch.randn(rows, k), args.repeats)
-    print_speedups(results, "layout", "rows", args.rows)
+                results[name][rows] += time_per_call(fn, torch.randn(rows, k), repeats)
+    print_speedups(results, "layout", "rows", rows_list)
 
 
 def print_speedups(results: dict[str, dict[int, float]], what: str, unit: str, sizes: list[int]) -> None:
