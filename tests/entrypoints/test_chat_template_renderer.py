@@ -23,7 +23,8 @@ from llmserve.entrypoints.chat_template_renderer import (ChatTemplateError, Chat
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
             "{% if tools %}[{{ tools | length }} tools]{% endif %}{{ extra | default('') }}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
-HOURS_OF_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i + j }}{% endfor %}{% endfor %}"
+# Renders nothing, so only time grows (a loop that printed would reach the memory limit first on a fast machine).
+HOURS_OF_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% set k = i + j %}{% endfor %}{% endfor %}"
 TEN_GIGABYTES = "{{ 'x' * 10000000000 }}"
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
