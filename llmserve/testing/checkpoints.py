@@ -90,19 +90,15 @@ or from a shell: ``python -m llmserve.testing.checkpoints OUT_DIR --family llama
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
-from safetensors.torch import save_file
 
 from llmserve.config import cache_dir
 
+from .build_cache import build_once, write_json
 from .checkpoint_families import DENSE_FAMILIES, SIZES, FamilySpec, SizeSpec
 from .checkpoint_families_moe import MOE_FAMILIES
 from .checkpoint_layout_deepseek import deepseek_config, deepseek_tensors
@@ -115,6 +111,7 @@ from .checkpoint_layouts import (
     gemma_config,
     llama_tensors,
 )
+from .checkpoint_weights import write_weights
 from .tokenizer_files import (
     SENTENCEPIECE,
     TokenizerInfo,
@@ -142,7 +139,6 @@ FAMILIES = {**DENSE_FAMILIES, **MOE_FAMILIES}
 FORMAT_VERSION = 1
 
 DEMO_MODEL_NAME = "llmserve-demo-llama-125m"
-_STAMP_FILE = ".llmserve-checkpoint.json"
 
 
 # Layouts with their own tensor names and config keys, Gemma 4's and DeepSeek's included.
@@ -193,64 +189,6 @@ def tensor_specs(family: str = "llama", size: str = "tiny") -> list[TensorSpec]:
     if fam.layout == "moe":
         return moe_tensors(fam, sz, _head_dim(fam, sz), {**fam.extra_config, **_size_config_overrides(fam, size)})
     return llama_tensors(fam, sz, _head_dim(fam, sz))
-
-
-def _tensor_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"llmserve-testing/{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _make_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(_tensor_seed(seed, spec.name))
-    t = spec.init(gen, spec.shape)
-    return t if dtype == torch.float32 else t.to(dtype)
-
-
-def _plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
-    """Same greedy split as ``huggingface_hub.split_torch_state_dict_into_shards`` (a tensor larger than
-    the limit gets a shard of its own, placed before the shard being filled)."""
-    shards: list[list[str]] = []
-    current: list[str] = []
-    current_size = 0
-    for name, nbytes in sizes:
-        if nbytes > max_shard_bytes:
-            shards.append([name])
-            continue
-        if current_size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, current_size = [], 0
-        current.append(name)
-        current_size += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def _write_weights(path: Path, specs: list[TensorSpec], seed: int, dtype: torch.dtype, max_shard_bytes: int | None):
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = [(s.name, s.numel * itemsize) for s in specs]
-    by_name = {s.name: s for s in specs}
-    # transformers 5's save_pretrained shards the state dict in sorted-name order.
-    sizes.sort()
-    shards = [[n for n, _ in sizes]] if max_shard_bytes is None else _plan_shards(sizes, int(max_shard_bytes))
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file({n: _make_tensor(by_name[n], seed, dtype) for n in shards[0]}, path / "model.safetensors", metadata)
-        return
-    weight_map = {}
-    for k, names in enumerate(shards):
-        filename = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: _make_tensor(by_name[n], seed, dtype) for n in names}
-        save_file(tensors, path / filename, metadata)
-        del tensors
-        weight_map.update({n: filename for n in names})
-    index = {
-        "metadata": {"total_parameters": sum(s.numel for s in specs), "total_size": sum(b for _, b in sizes)},
-        "weight_map": weight_map,
-    }
-    # Formatted exactly like transformers' save_pretrained.
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,10 +277,6 @@ def _generation_config(fam: FamilySpec, tok: TokenizerInfo) -> dict:
     return {"bos_token_id": eot, "eos_token_id": [im_end, eot], "pad_token_id": eot}
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
@@ -381,7 +315,7 @@ def write_checkpoint(
         stale.unlink()
 
     write_model_files(path, fam, sz, dtype, config_style, _size_config_overrides(fam, size))
-    _write_weights(path, tensor_specs(family, size), seed, dtype, max_shard_bytes)
+    write_weights(path, tensor_specs(family, size), seed, dtype, max_shard_bytes)
     return path
 
 
@@ -398,19 +332,12 @@ def write_model_files(path: Path, fam: FamilySpec, sz: SizeSpec, dtype: torch.dt
         model_max_length=sz.max_position_embeddings,
         eos_token="<|endoftext|>" if fam.layout == "gpt2" else None,
     )
-    _write_json(path / "config.json", _model_config(fam, sz, tok, dtype, config_style, size_config))
-    _write_json(path / "generation_config.json", _generation_config(fam, tok))
+    write_json(path / "config.json", _model_config(fam, sz, tok, dtype, config_style, size_config))
+    write_json(path / "generation_config.json", _generation_config(fam, tok))
 
 
 def _demo_stamp() -> dict:
     return {"family": "llama", "size": "bench", "seed": 0, "dtype": "float32", "format_version": FORMAT_VERSION}
-
-
-def _read_stamp(path: Path) -> dict | None:
-    try:
-        return json.loads((path / _STAMP_FILE).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def demo_model_path() -> Path:
@@ -421,39 +348,6 @@ def demo_model_path() -> Path:
     stamp = _demo_stamp()
     return build_once(cache_dir() / "models" / DEMO_MODEL_NAME, stamp, lambda tmp: write_checkpoint(
         tmp, family=stamp["family"], size=stamp["size"], seed=stamp["seed"], dtype=torch.float32))
-
-
-def build_once(final: Path, stamp: dict, build: Callable[[Path], object]) -> Path:
-    """``final``, built by ``build(folder)`` unless it already holds a checkpoint stamped ``stamp``.
-
-    The checkpoint is built in a temporary folder next to ``final``, stamped last and renamed into place, so
-    an interrupted build never leaves a half-written checkpoint that looks finished. A folder with another
-    stamp (an older format version, other arguments) is replaced.
-    """
-    if _read_stamp(final) == stamp:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        build(tmp)
-        _write_json(tmp / _STAMP_FILE, stamp)
-        if final.exists():
-            if _read_stamp(final) == stamp:  # another process won the race
-                shutil.rmtree(tmp)
-                return final
-            old = final.parent / f".old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if _read_stamp(final) != stamp:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def _main(argv: list[str] | None = None) -> None:

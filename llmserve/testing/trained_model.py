@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 from llmserve.config import cache_dir
 
 from .checkpoint_families import SizeSpec
-from .checkpoints import FAMILIES, FORMAT_VERSION, build_once, write_model_files
+from .build_cache import build_once
+from .checkpoints import FAMILIES, FORMAT_VERSION, write_model_files
 from .tokenizer_files import corpus_text
 
 logger = logging.getLogger(__name__)
