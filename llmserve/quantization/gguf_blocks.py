@@ -1,9 +1,9 @@
 """GGUF's block formats decoded into unsigned codes with a scale and an offset per group of columns.
 
 Every type packed here reads as ``W[o, c] = s[o, g] * q[o, c] + m[o, g]`` with unsigned integer codes ``q``
-(4 bits for Q4_0, Q4_1 and Q4_K; up to 8 for the rest, stored as bytes) and groups of 32 columns (16 for
-Q6_K, whose sub-blocks are 16 wide). Signed formats take their zero point into the offset (Q8_0: ``q + 128``
-with ``m = -128 d``). ``s`` and ``m`` stay float32: a k-quant's effective scale ``d * sc`` (fp16 times a
+(4 bits for Q4_0, Q4_1 and Q2_K to Q4_K; up to 8 for the rest, stored as bytes) and groups of 32 columns (16
+for Q2_K, Q3_K and Q6_K, whose sub-blocks are 16 wide). Signed formats take their zero point into the offset
+(Q8_0: ``q + 128`` with ``m = -128 d``; Q3_K: ``q + 4``). ``s`` and ``m`` stay float32: a k-quant's effective scale ``d * sc`` (fp16 times a
 6- or 8-bit integer) needs up to 19 significant bits, which fp16 does not hold, and with float32 ``s * q + m``
 reproduces ``gguf.dequantize`` bit for bit (the products are exact; the one rounding is the same add).
 """
@@ -19,7 +19,7 @@ QK_K = 256   # columns per k-quant super-block
 # type name -> (bytes per block, columns per block, code bits, group)
 BLOCK_LAYOUTS: dict[str, tuple[int, int, int, int]] = {
     "Q8_0": (34, 32, 8, 32), "Q4_0": (18, 32, 4, 32), "Q4_1": (20, 32, 4, 32), "Q5_0": (22, 32, 8, 32),
-    "Q5_1": (24, 32, 8, 32), "Q4_K": (144, QK_K, 4, 32), "Q5_K": (176, QK_K, 8, 32), "Q6_K": (210, QK_K, 8, 16)}
+    "Q5_1": (24, 32, 8, 32), "Q2_K": (84, QK_K, 4, 16), "Q3_K": (110, QK_K, 4, 16), "Q4_K": (144, QK_K, 4, 32), "Q5_K": (176, QK_K, 8, 32), "Q6_K": (210, QK_K, 8, 16)}
 PACKED_TYPES = tuple(BLOCK_LAYOUTS)
 
 
@@ -102,6 +102,35 @@ def _q5_1(b: np.ndarray) -> tuple[np.ndarray, ...]:
     return _nibbles(b[:, 8:]) | (_high_bits(qh, 32) << 4), _f16(b, 0), _f16(b, 2)
 
 
+def _two_bit_codes(qs: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K's 64 bytes of ``qs`` -> 256 two-bit codes: code ``128 h + 32 j + b`` is bits ``2j..2j+1`` of byte
+    ``32 h + b``."""
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]
+    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, QK_K)
+
+
+def _q2_k(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    """16 sub-blocks of 16: byte ``i`` of the first 16 holds scale ``i`` (low nibble) and min ``i`` (high);
+    64 bytes of 2-bit codes; then ``d`` and ``dmin``: ``d * sc * q - dmin * m``."""
+    sc = b[:, :16]
+    return (_two_bit_codes(b[:, 16:80]), _f16(b, 80) * (sc & 15).astype(np.float32),
+            -(_f16(b, 82) * (sc >> 4).astype(np.float32)))
+
+
+def _q3_k(b: np.ndarray) -> tuple[np.ndarray, ...]:
+    """32 bytes ``hmask`` (bit ``i`` of byte ``j``: code ``32 i + j``; set means the code is its low 2 bits, clear
+    means those minus 4), 64 bytes of low 2 bits, 12 bytes of 6-bit scales (stored ``+ 32``; low nibbles of
+    scales 0-7 and 8-15 in bytes 0-7, their top 2 bits in bytes 8-11), then ``d``: ``d * (sc - 32) * q`` with
+    ``q`` in -4..3, here the code ``q + 4`` and the offset ``-4 d (sc - 32)``."""
+    hbit = (b[:, :32][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    codes = _two_bit_codes(b[:, 32:96]) | (hbit.reshape(-1, QK_K) << 2)
+    packed = b[:, 96:108]
+    low = np.concatenate([packed[:, :8] & 15, packed[:, :8] >> 4], axis=1)
+    high = (packed[:, None, 8:12] >> np.array([0, 2, 4, 6], dtype=np.uint8)[None, :, None]) & 3
+    scales = _f16(b, 108) * ((low | (high.reshape(-1, 16) << 4)).astype(np.float32) - 32)
+    return codes, scales, scales * np.float32(-4)
+
+
 def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K/Q5_K's 12 bytes -> the 8 sub-blocks' 6-bit scales and mins: bytes 0-3 hold scales 0-3 (low 6 bits)
     and the top 2 bits of scales 4-7, bytes 4-7 the same for the mins, bytes 8-11 the low 4 bits of
@@ -139,5 +168,6 @@ def _q6_k(b: np.ndarray) -> tuple[np.ndarray, ...]:
     return (low | (high << 4)).reshape(-1, QK_K), scales, scales * np.float32(-32)
 
 
-_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k,
+_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q2_K": _q2_k,
+             "Q3_K": _q3_k, "Q4_K": _q4_k,
              "Q5_K": _q5_k, "Q6_K": _q6_k}

@@ -6,7 +6,7 @@ for the ``llama`` architecture, Gemma's norms stored as their scale ``1 + w``, i
 config and the tokenizer (``gpt2`` byte-level BPE with merges, as for Qwen2; the sentencepiece-style
 families' files carry no tokenizer), and its rule that 1-D tensors and norms (biases, Cohere's 2-D q/k
 norms) stay F32 while the other weights take the file's type. Quantized types are those the ``gguf``
-package can write (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16), F16 / F32, and the k-quants Q4_K, Q5_K and Q6_K
+package can write (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16), F16 / F32, and the k-quants Q2_K to Q6_K
 (:mod:`~llmserve.testing.gguf_kquants`), alone or as llama.cpp's ``Q4_K_M`` / ``Q5_K_M`` mixes. A checkpoint
 the file cannot describe (a setting llama.cpp hard-codes or infers rather than writes, and would infer
 differently) is refused rather than written wrong.

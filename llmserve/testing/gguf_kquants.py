@@ -1,7 +1,7 @@
-"""A small quantiser for GGUF's k-quant block formats (Q4_K, Q5_K, Q6_K), which the ``gguf`` package reads
-but cannot write, so that test files can hold the Q4_K_M mix llama.cpp's quantize makes.
+"""A small quantiser for GGUF's k-quant block formats (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), which the ``gguf``
+package reads but cannot write, so that test files can hold them and the Q4_K_M mix llama.cpp's quantize makes.
 
-Each follows the block layout of ggml's ``block_q4_K``/``block_q5_K``/``block_q6_K`` with a plain min/max
+Each follows the block layout of ggml's ``block_q2_K`` ... ``block_q6_K`` with a plain min/max
 search per sub-block (llama.cpp refines its scales with an error search; for tests any valid block will do,
 and ``gguf.dequantize`` reads them back). Rows of ``k`` columns, ``k`` a multiple of 256.
 """
@@ -90,7 +90,55 @@ def quantize_q6_k(weights: np.ndarray) -> np.ndarray:
     return out.reshape(weights.shape[0], -1)
 
 
-K_QUANTIZERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
+def _two_bit_planes(q: np.ndarray) -> np.ndarray:
+    """Codes [blocks, 256] (their low 2 bits) -> 64 bytes: code ``128 h + 32 j + b`` in bits ``2j..2j+1`` of
+    byte ``32 h + b``, as Q2_K's and Q3_K's ``qs``."""
+    planes = (q & 3).reshape(-1, 2, 4, 32) << np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]
+    return planes.sum(axis=2, dtype=np.uint8).reshape(-1, 64)
+
+
+def quantize_q2_k(weights: np.ndarray) -> np.ndarray:
+    """float [rows, k] -> Q2_K blocks, uint8 [rows, k / 256 * 84]: 16 asymmetric sub-blocks of 16,
+    ``x ~ d * sc * q - dmin * m`` with 4-bit ``sc`` and ``m`` (byte ``sc | m << 4``) and codes 0..3."""
+    blocks = _super_blocks(weights)
+    sub = blocks.reshape(-1, 16, 16)
+    low = np.minimum(sub.min(axis=-1), 0.0)
+    span = (sub.max(axis=-1) - low) / 3
+    d = (span.max(axis=-1) / 15).astype(np.float16).astype(np.float32)
+    dmin = (-low.min(axis=-1) / 15).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d[:, None] > 0, np.rint(span / d[:, None]), 0).clip(0, 15).astype(np.uint8)
+        m = np.where(dmin[:, None] > 0, np.rint(-low / dmin[:, None]), 0).clip(0, 15).astype(np.uint8)
+        step = (d[:, None] * sc)[..., None]
+        q = np.where(step > 0, np.rint((sub + (dmin[:, None] * m)[..., None]) / step), 0).clip(0, 3)
+    out = np.concatenate([sc | (m << 4), _two_bit_planes(q.astype(np.uint8).reshape(-1, QK_K)), _fp16_bytes(d),
+                          _fp16_bytes(dmin)], axis=1)
+    return out.reshape(weights.shape[0], -1)
+
+
+def quantize_q3_k(weights: np.ndarray) -> np.ndarray:
+    """float [rows, k] -> Q3_K blocks, uint8 [rows, k / 256 * 110]: 16 symmetric sub-blocks of 16 with 6-bit
+    scales ``sc - 32`` of one fp16 ``d`` and codes ``q`` in -4..3, stored as ``q + 4``: the low 2 bits in ``qs``
+    and the third in ``hmask`` (bit ``i`` of byte ``b``: code ``32 i + b``); the scales' low nibbles in bytes
+    0-7 (scale ``i`` low nibble of byte ``i``, ``8 + i`` the high one), their top 2 bits in bytes 8-11."""
+    blocks = _super_blocks(weights)
+    sub = blocks.reshape(-1, 16, 16)
+    span = np.abs(sub).max(axis=-1) / 4
+    d = (span.max(axis=-1) / 31).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d[:, None] > 0, np.rint(span / d[:, None]), 0).clip(0, 31)
+        step = (d[:, None] * sc)[..., None]
+        q = (np.where(step > 0, np.rint(sub / step), 0).clip(-4, 3) + 4).astype(np.uint8).reshape(-1, QK_K)
+    stored = (sc + 32).astype(np.uint8)
+    hmask = ((q >> 2).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1, dtype=np.uint8)
+    low = (stored[:, :8] & 15) | ((stored[:, 8:] & 15) << 4)
+    high = ((stored >> 4).reshape(-1, 4, 4) << np.array([0, 2, 4, 6], dtype=np.uint8)[None, :, None]).sum(
+        axis=1, dtype=np.uint8)
+    out = np.concatenate([hmask, _two_bit_planes(q), low, high, _fp16_bytes(d)], axis=1)
+    return out.reshape(weights.shape[0], -1)
+
+
+K_QUANTIZERS = {"Q2_K": quantize_q2_k, "Q3_K": quantize_q3_k, "Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
 
 
 # llama.cpp's types for a tensor whose rows do not split into 256-column super-blocks.

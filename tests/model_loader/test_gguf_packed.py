@@ -1,4 +1,4 @@
-"""GGUF files whose linear weights run packed (llama, qwen2, qwen3 files in Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K,
+"""GGUF files whose linear weights run packed (llama, qwen2, qwen3 files in Q8_0, Q4_0/1, Q5_0/1, Q2_K to
 Q6_K) give what transformers gives on the same file, up to the activations' rounding.
 
 The packed path quantises every linear layer's input per row and block of 32 columns to int8 (as llama.cpp
@@ -56,10 +56,15 @@ def rounded_activations(path: Path) -> Iterator[None]:
             hook.remove()
 
 
-def _check_against_transformers(path: Path, caplog: pytest.LogCaptureFixture, **engine_args: str) -> None:
+def _engine_results(path: Path, caplog: pytest.LogCaptureFixture, **engine_args: str) -> list:
     with caplog.at_level(logging.INFO, logger="llmserve.model_loader.loader"):
         results = engine_greedy(path, **engine_args)
     assert any("Quantisation: gguf" in r.getMessage() for r in caplog.records), "the file did not run packed"
+    return results
+
+
+def _check_against_transformers(path: Path, caplog: pytest.LogCaptureFixture, **engine_args: str) -> None:
+    results = _engine_results(path, caplog, **engine_args)
     plain = [hf_greedy(path, p, MAX_TOKENS) for p in PROMPTS]
     with rounded_activations(path):
         rounded = [hf_greedy(path, p, MAX_TOKENS) for p in PROMPTS]
@@ -81,6 +86,19 @@ def test_packed_file_matches_transformers_up_to_activation_rounding(gguf_file, g
     _check_against_transformers(gguf_file(family, file_type), caplog, **gguf_tokenizer(family))
 
 
-@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q8_0"])
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q8_0", "Q3_K"])
 def test_k_quant_file_matches_transformers_up_to_activation_rounding(wide_gguf_file, caplog, file_type):
     _check_against_transformers(wide_gguf_file(file_type), caplog)
+
+
+def test_q2_k_file_gives_transformers_greedy_tokens(wide_gguf_file, caplog):
+    """Q2_K is compared with plain transformers only: on this random-weight model with 2-bit weights one prompt
+    is so near a tie under the activations' rounding that transformers' own rounded run changes its greedy
+    tokens between float32 and float64 (logprobs by 0.19), so the rounded reference is not a stable oracle
+    there; the blocks' decoding and the kernel's 4-bit / 16-column groups are tested exactly elsewhere."""
+    path = wide_gguf_file("Q2_K")
+    results = _engine_results(path, caplog)
+    for (tokens, logprobs), prompt in zip(results, PROMPTS * 2):
+        plain_tokens, plain_logprobs = hf_greedy(path, prompt, MAX_TOKENS)
+        assert tokens == plain_tokens
+        assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs)) < 0.15

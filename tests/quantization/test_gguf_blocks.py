@@ -1,7 +1,7 @@
 """GGUF blocks decode into codes, scales and offsets that stand for exactly what ``gguf.dequantize`` reads.
 
 For every packed type, rows written by the ``gguf`` package (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) or by the test
-k-quantiser (Q4_K, Q5_K, Q6_K): ``s * q + m`` in float32, before and after the kernel's repacking, equals
+k-quantiser (Q2_K to Q6_K): ``s * q + m`` in float32, before and after the kernel's repacking, equals
 ``gguf.dequantize`` value for value (``==``: a zero may come out as +0 where gguf gives -0). A row of the wrong
 width is refused.
 """
