@@ -76,11 +76,13 @@ class CPULoRAStep:
 
 
 class CPULoRALayer:
-    """A layer's slots bound to the kernel. ``slot_ranks`` and ``bounds`` are int64 (``stack.ranks``,
-    ``stack.bounds``) and must outlive it; the stack must pass :func:`cpu_kernel_runs`."""
+    """A layer's slots bound to the kernel (of ``library``, a :func:`bind_library`; default: the engine's).
+    ``slot_ranks`` and ``bounds`` are int64 (``stack.ranks``, ``stack.bounds``) and must outlive it; the stack must
+    pass :func:`cpu_kernel_runs`."""
 
-    def __init__(self, stack: LoRAStack, slot_ranks: torch.Tensor, bounds: torch.Tensor) -> None:
-        lib = _library()
+    def __init__(self, stack: LoRAStack, slot_ranks: torch.Tensor, bounds: torch.Tensor,
+                 library: ctypes.CDLL | None = None) -> None:
+        lib = library or _library()
         assert lib is not None and slot_ranks.dtype == bounds.dtype == torch.int64
         self._call = lib.llmserve_lora_add
         self._stack, self._slot_ranks, self._bounds = stack, slot_ranks, bounds   # kept: read through addresses
