@@ -6,6 +6,11 @@ It runs float32 or bfloat16 activations and slots (summing in float32, rounding 
 lays a CPU stack out so); float16 and a library that cannot be built fall back to
 :func:`~llmserve.lora.punica.add_lora` (PyTorch ops). It lives in the library the other CPU kernels are built into
 and is bound here, with LoRA.
+
+A step calls the kernel once per linear layer (48 times on a 12-layer model), so the arguments are prepared where
+they stop changing: a layer's slots (addresses, strides, ranks, bounds) once per layer (:class:`CPULoRALayer`), the
+step's segments and the float32 scratch of the shrunk rows once per step (:class:`CPULoRAStep`, shared by every
+layer); a call converts only the activations' addresses.
 """
 
 from __future__ import annotations
@@ -49,24 +54,56 @@ def cpu_kernel_runs(stack: LoRAStack) -> bool:
             and _library() is not None)
 
 
+class CPULoRAStep:
+    """A step's arguments to the kernel: the segment table and rows (their addresses) and a float32 scratch for
+    the shrunk rows, grown to the widest layer (its row stride is its width)."""
+
+    def __init__(self, mapping: LoRABatchMapping) -> None:
+        self.table = mapping.segment_table()   # kept: the kernel reads it through its address
+        if len(self.table) > MAX_SEGMENTS:
+            raise ValueError(f"the CPU LoRA kernel takes at most {MAX_SEGMENTS} adapters in a step, "
+                             f"got {len(self.table)}")
+        self.positions = mapping.num_tokens if mapping.rows is None else len(mapping.rows)
+        self.segment_args = (None if mapping.rows is None else mapping.rows.data_ptr(), self.table.ctypes.data,
+                             len(self.table))
+        self.scratch = torch.empty(self.positions, 0, dtype=torch.float32)
+
+    def shrunk(self, width: int) -> torch.Tensor:
+        """The scratch, at least ``width`` columns wide."""
+        if self.scratch.shape[1] < width:
+            self.scratch = torch.empty(self.positions, width, dtype=torch.float32)
+        return self.scratch
+
+
+class CPULoRALayer:
+    """A layer's slots bound to the kernel (of ``library``, a :func:`bind_library`; default: the engine's).
+    ``slot_ranks`` and ``bounds`` are int64 (``stack.ranks``, ``stack.bounds``) and must outlive it; the stack must
+    pass :func:`cpu_kernel_runs`."""
+
+    def __init__(self, stack: LoRAStack, slot_ranks: torch.Tensor, bounds: torch.Tensor,
+                 library: ctypes.CDLL | None = None) -> None:
+        lib = library or _library()
+        assert lib is not None and slot_ranks.dtype == bounds.dtype == torch.int64
+        self._call = lib.llmserve_lora_add
+        self._stack, self._slot_ranks, self._bounds = stack, slot_ranks, bounds   # kept: read through addresses
+        a, b = stack.a, stack.b
+        self._slot_args = (a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), b.stride(2), slot_ranks.data_ptr(),
+                           bounds.data_ptr(), stack.num_projections)
+        self.in_features, self.width = a.shape[2], a.shape[1]
+        self._w_bf16 = int(a.dtype == torch.bfloat16)
+
+    def add(self, out: torch.Tensor, x: torch.Tensor, mapping: LoRABatchMapping) -> None:
+        """``out[rows] += x[rows] A[slot]^T B[slot]^T`` (per projection) for each segment of ``mapping``, in place;
+        ``x`` [tokens, in] and ``out`` [tokens, out] of one dtype of :data:`DTYPES`, unit stride along rows."""
+        assert x.dtype == out.dtype and x.dtype in DTYPES and x.stride(1) == 1 and out.stride(1) == 1
+        step = mapping.cpu_step()
+        shrunk = step.shrunk(self.width)
+        self._call(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), *self._slot_args, *step.segment_args,
+                   self.in_features, shrunk.data_ptr(), shrunk.shape[1], torch.get_num_threads(),
+                   int(x.dtype == torch.bfloat16), self._w_bf16)
+
+
 def add_lora_cpu(out: torch.Tensor, x: torch.Tensor, stack: LoRAStack, slot_ranks: torch.Tensor,
                  bounds: torch.Tensor, mapping: LoRABatchMapping) -> None:
-    """``out[rows] += x[rows] A[slot]^T B[slot]^T`` (per projection) for each segment of ``mapping``, in place;
-    ``x`` [tokens, in] and ``out`` [tokens, out] of one dtype of :data:`DTYPES`, unit stride along rows;
-    ``slot_ranks`` and ``bounds`` int64 (``stack.ranks``, ``stack.bounds``). The stack must pass
-    :func:`cpu_kernel_runs`."""
-    lib = _library()
-    assert lib is not None and x.dtype == out.dtype and x.dtype in DTYPES and x.stride(1) == 1 and out.stride(1) == 1
-    table = mapping.segment_table()
-    if len(table) > MAX_SEGMENTS:
-        raise ValueError(f"the CPU LoRA kernel takes at most {MAX_SEGMENTS} adapters in a step, got {len(table)}")
-    positions = mapping.num_tokens if mapping.rows is None else len(mapping.rows)
-    width = stack.a.shape[1]
-    shrunk = torch.empty(positions, width, dtype=torch.float32)
-    a, b = stack.a, stack.b
-    lib.llmserve_lora_add(
-        x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), a.data_ptr(), a.stride(0), b.data_ptr(),
-        b.stride(0), b.stride(2), slot_ranks.data_ptr(), bounds.data_ptr(), stack.num_projections,
-        None if mapping.rows is None else mapping.rows.data_ptr(), table.ctypes.data, len(table), x.shape[1],
-        shrunk.data_ptr(), width, torch.get_num_threads(), int(x.dtype == torch.bfloat16),
-        int(a.dtype == torch.bfloat16))
+    """:meth:`CPULoRALayer.add` of a layer bound for this call only."""
+    CPULoRALayer(stack, slot_ranks, bounds).add(out, x, mapping)

@@ -30,7 +30,7 @@ from llmserve.layers.linear import (
     check_shape,
 )
 from llmserve.lora.cpu_ops import DTYPES as CPU_KERNEL_DTYPES
-from llmserve.lora.cpu_ops import add_lora_cpu, cpu_kernel_runs
+from llmserve.lora.cpu_ops import CPULoRALayer, cpu_kernel_runs
 from llmserve.lora.peft import LoRAModuleWeights
 from llmserve.lora.punica import LoRABatchMapping, add_lora, new_stack
 from llmserve.quantization.base import QuantizeMethodBase
@@ -85,7 +85,8 @@ class LoRALinearMethod(QuantizeMethodBase):
         self.rank_tensor = torch.zeros(max_loras, dtype=torch.long, device=device)   # stack.ranks, for the kernels
         self.bounds_tensor = torch.tensor(bounds, dtype=torch.long, device=device)
         self.use_triton = device.type == "cuda" and triton_available()
-        self.use_cpu_kernel = cpu_kernel_runs(self.stack)
+        self.cpu_kernel = CPULoRALayer(self.stack, self.rank_tensor, self.bounds_tensor) \
+            if cpu_kernel_runs(self.stack) else None
 
     def create_weights(self, layer: nn.Module, *args: Any, **kwargs: Any) -> None:
         self.base.create_weights(layer, *args, **kwargs)
@@ -103,12 +104,11 @@ class LoRALinearMethod(QuantizeMethodBase):
 
                 add_lora_segments(out_rows, x_rows.contiguous(), self.stack, self.rank_tensor, self.bounds_tensor,
                                   mapping.device_segments(x.device))
-            elif self.use_cpu_kernel and x.dtype == out.dtype and x.dtype in CPU_KERNEL_DTYPES:
+            elif self.cpu_kernel is not None and x.dtype == out.dtype and x.dtype in CPU_KERNEL_DTYPES:
                 # Every step with adapter rows, one adapter for all of them too: one parallel region per layer
                 # against add_lora's one per GEMM, measured faster on two threads at every row count
                 # (docs/benchmarks.md).
-                add_lora_cpu(out_rows, x_rows if x_rows.stride(1) == 1 else x_rows.contiguous(), self.stack,
-                             self.rank_tensor, self.bounds_tensor, mapping)
+                self.cpu_kernel.add(out_rows, x_rows if x_rows.stride(1) == 1 else x_rows.contiguous(), mapping)
             else:
                 add_lora(out_rows, x_rows, self.stack, mapping)
         return out

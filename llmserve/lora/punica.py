@@ -39,6 +39,7 @@ class LoRABatchMapping:
     _padded: PaddedSegments | None = None
     _padded_built: bool = False
     _device_segments: Any = None
+    _cpu_step: Any = None
     _segment_table: np.ndarray | None = None
 
     @classmethod
@@ -73,6 +74,14 @@ class LoRABatchMapping:
         if self._segment_table is None:
             self._segment_table = np.asarray(self.segments, dtype=np.int64).reshape(-1, 3)
         return self._segment_table
+
+    def cpu_step(self) -> Any:
+        """The segments as :class:`~llmserve.lora.cpu_ops.CPULoRAStep` (built on first use, then shared)."""
+        if self._cpu_step is None:
+            from llmserve.lora.cpu_ops import CPULoRAStep
+
+            self._cpu_step = CPULoRAStep(self)
+        return self._cpu_step
 
     def device_segments(self, device: torch.device) -> Any:
         """The segments as :class:`~llmserve.lora.triton_ops.Segments` (built on first use, then shared)."""

@@ -24,6 +24,13 @@
  * expand's pairs run along the rank, while B^T's rows run along the output: two rows of B^T are interleaved in
  * registers (which leaves the columns permuted within each 128-bit lane) and the sums put back in column order
  * once per tile, so the slots keep the one layout every path reads.
+ *
+ * With several adapters in a decode step each adapter's slots serve a few rows, so the kernel streams A and B from
+ * memory (8 adapters of rank 64 on the demo model: 167 MB a step) and does little work per byte. The hardware
+ * prefetchers follow A (an A tile's rows are contiguous and the next tile follows them) only as far as a page, and
+ * not B^T at all: a column tile reads 128 bytes of each of `rank` rows a page or more apart. So both phases
+ * prefetch the next tile's lines while they compute on this one: the shrink the next A tile's rows at the same k,
+ * the expand each B^T row PREFETCH_COLS columns ahead.
  */
 #include "cpu_vec.h"
 
@@ -39,10 +46,17 @@
 #define COL_VECS 4     /* output vectors per expand tile */
 #define COL_TILE (COL_VECS * LANES)
 #define MAX_SEGMENTS 256
+#define PREFETCH_COLS (2 * COL_TILE)   /* how far ahead of its column tile the expand prefetches B^T's rows */
 /* Multiply-adds below which one thread runs the call: a parallel region ends in a barrier, and on a machine
  * whose cores are shared that barrier waits for a descheduled thread far longer than this much work takes
  * (a rank-8 decode step with 64 rows is about 7M per layer). */
 #define PARALLEL_MIN_MACS (1L << 23)
+
+/* Prefetches element `i` of a float32 or bfloat16 (`bf16`) array: a line the next tile reads (prefetches never
+ * fault, so one past the slots' end is harmless). */
+static inline __attribute__((always_inline)) void prefetch_element(const void *p, long i, const int bf16) {
+    __builtin_prefetch((const char *)p + i * (bf16 ? 2 : 4), 0, 3);
+}
 
 /* shrunk[t][j] = x[t] . a[j] for up to ROW_TILE rows and A_TILE A rows, over k values. */
 static inline __attribute__((always_inline)) void
@@ -54,6 +68,7 @@ shrink_tile(const void *const *x, int nrows, const void *a, long a_stride, int n
         for (; c + LANES <= k; c += LANES) {
             vec av[A_TILE];
             for (int g = 0; g < A_TILE; g++) av[g] = load_act(a, g * a_stride + c, w_bf16);
+            for (int g = 0; g < A_TILE; g++) prefetch_element(a, (A_TILE + g) * a_stride + c, w_bf16);
             for (int t = 0; t < ROW_TILE; t++) {
                 const vec xv = load_act(x[t], c, act_bf16);
                 for (int g = 0; g < A_TILE; g++) acc[t][g] += xv * av[g];
@@ -87,6 +102,8 @@ expand_tile(void *const *out, int nrows, const void *const *shrunk, const void *
         for (int j = 0; j < rank; j++) {
             vec bv[COL_VECS];
             for (int u = 0; u < COL_VECS; u++) bv[u] = load_act(bt, j * bt_stride + lo + u * LANES, w_bf16);
+            for (int u = 0; u < COL_VECS; u++)
+                prefetch_element(bt, j * bt_stride + lo + PREFETCH_COLS + u * LANES, w_bf16);
             for (int t = 0; t < nrows; t++) {
                 const vec s = splat(load_act1(shrunk[t], j, s_bf16));
                 for (int u = 0; u < COL_VECS; u++) acc[t][u] += s * bv[u];
@@ -125,6 +142,7 @@ shrink_step_dp(__m512 acc[ROW_TILE][A_TILE], const uint16_t *const *x, const int
                long a_stride, const int na, long c, long count) {
     __m512i av[A_TILE];
     for (int g = 0; g < na; g++) av[g] = load_pairs(a + g * a_stride + c, count);
+    for (int g = 0; g < na; g++) __builtin_prefetch(a + (A_TILE + g) * a_stride + c, 0, 3);
     for (int t = 0; t < nrows; t++) {
         const __m512bh xv = (__m512bh)load_pairs(x[t] + c, count);
         for (int g = 0; g < na; g++) acc[t][g] = _mm512_dpbf16_ps(acc[t][g], xv, (__m512bh)av[g]);
@@ -169,6 +187,8 @@ expand_tile_dp(void *const *out, const int nrows, const uint16_t *const *shrunk,
         __m512i bv[COL_VECS];
         for (int h = 0; h < COL_VECS / 2; h++) {
             const uint16_t *row = bt + j * bt_stride + lo + h * 2 * LANES;
+            __builtin_prefetch(row + PREFETCH_COLS, 0, 3);
+            if (pair) __builtin_prefetch(row + bt_stride + PREFETCH_COLS, 0, 3);
             const __m512i first = _mm512_loadu_si512(row);
             const __m512i second = pair ? _mm512_loadu_si512(row + bt_stride) : _mm512_setzero_si512();
             bv[2 * h] = _mm512_unpacklo_epi16(first, second);
