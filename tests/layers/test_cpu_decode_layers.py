@@ -3,8 +3,8 @@
 Each case prefills a few sequences through the module path (contexts spanning several KV blocks), snapshots the
 caches, runs one all-decode step through the modules, restores the caches and runs the same step through the C
 step. Every operation runs the same kernel on the same operands in the same order, so the comparison is exact
-(``torch.equal``), for float32, bfloat16 and GGUF group-int8 weights, Llama, Qwen2 (q/k/v bias) and Qwen3
-(per-head q/k norms), one row and several rows of different lengths.
+(``torch.equal``), for float32, bfloat16 and GGUF group-int8 weights (under float32 or bfloat16 activations),
+Llama, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k norms), one row and several rows of different lengths.
 """
 
 from __future__ import annotations
@@ -114,11 +114,14 @@ def gguf_path(checkpoint_dir, tmp_path_factory) -> callable:
 
 
 @pytest.mark.parametrize("contexts", CONTEXTS, ids=["one-row", "four-rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("family,file_type", [("llama", "Q8_0"), ("qwen2", "Q4_K_M"), ("qwen3", "Q4_0")])
-def test_fused_step_equals_module_path_on_packed_gguf_weights(gguf_path, family, file_type, contexts):
-    model = _load(gguf_path(family, file_type), torch.float32)
+def test_fused_step_equals_module_path_on_packed_gguf_weights(gguf_path, family, file_type, dtype, contexts):
+    """In bfloat16 (what ``--dtype auto`` picks for a GGUF file on a CPU with AVX512-BF16) the packed projections
+    take float32 activations, widened from bfloat16, and round their outputs back, as the module path does."""
+    model = _load(gguf_path(family, file_type), dtype)
     assert hasattr(model.model.layers[0].self_attn.qkv_proj, "group_int8_plan"), "the file did not load packed"
-    _compare(model, torch.float32, contexts)
+    _compare(model, dtype, contexts)
 
 
 def test_a_sliding_window_layer_is_refused(checkpoint_dir):
