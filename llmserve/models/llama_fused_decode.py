@@ -28,7 +28,7 @@ from llmserve.layers.cpu_kernels import cpu_kernels
 from llmserve.layers.layernorm import RMSNorm
 from llmserve.layers.rotary import RotaryEmbedding
 from llmserve.lora.layers import LoRALinearMethod
-from llmserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel
+from llmserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,9 @@ def fused_decode_for(model: nn.Module, backend: object, dtype: torch.dtype, devi
             raise FusedDecodeUnsupported("tensor or pipeline parallelism")
         if not isinstance(backend, CPUAttentionBackend):
             raise FusedDecodeUnsupported(f"the {getattr(backend, 'name', type(backend).__name__)} attention backend")
-        fused = FusedDecode(getattr(model, "model", None), dtype)
+        if not isinstance(model, LlamaForCausalLM) or type(model).forward is not LlamaForCausalLM.forward:
+            raise FusedDecodeUnsupported(f"{type(model).__name__} is not a Llama-shaped causal LM")
+        fused = FusedDecode(model.model, dtype)
     except FusedDecodeUnsupported as exc:
         logger.info("Fused CPU decode step: off (%s)", exc)
         return None
