@@ -1,7 +1,8 @@
 """Per-step timing of the offline engine: wall time of ``engine.step()`` split into the model forward
 (+ LM head), the sampler and everything else (scheduling, input building, detokenising: engine overhead).
 
-The profiler wraps the runner's ``execute``, the model's ``forward`` and ``compute_logits`` and the
+The profiler wraps the runner's ``execute``, the model's ``forward`` (and the fused CPU decode step's, which
+runs an all-decode step's layers in its place) and ``compute_logits`` and the
 sampler's ``forward`` with timers for as long as it is active, and records what each step ran.
 """
 
@@ -112,6 +113,8 @@ class StepProfiler:
     def __enter__(self) -> StepProfiler:
         runner = self.engine.runner
         self._forward = _Timer(runner.model.forward)
+        # the fused CPU decode step runs a step's decoder layers in place of the model's forward
+        self._fused = _Timer(runner.fused_decode.forward) if runner.fused_decode is not None else None
         self._logits = _Timer(runner.model.compute_logits)
         self._sampler = _Timer(runner.sampler.forward)
         execute = runner.execute_model
@@ -124,15 +127,23 @@ class StepProfiler:
             return output
 
         runner.model.forward, runner.model.compute_logits = self._forward, self._logits
+        if self._fused is not None:
+            runner.fused_decode.forward = self._fused
         runner.sampler.forward, runner.execute_model = self._sampler, traced_execute
         return self
 
     def __exit__(self, *exc: Any) -> None:
         runner = self.engine.runner
         del runner.model.forward, runner.model.compute_logits, runner.sampler.forward, runner.execute_model
+        if self._fused is not None:
+            del runner.fused_decode.forward
+
+    def _forward_seconds(self) -> float:
+        fused = self._fused.seconds if self._fused is not None else 0.0
+        return self._forward.seconds + fused + self._logits.seconds
 
     def step(self) -> tuple[StepRecord, list[Any]]:
-        before = (self._forward.seconds + self._logits.seconds, self._sampler.seconds)
+        before = (self._forward_seconds(), self._sampler.seconds)
         self._scheduled = []
         start = time.perf_counter()
         outputs = self.engine.step()
@@ -144,7 +155,7 @@ class StepProfiler:
             num_logits=sum(1 for n, done, total in items if done + n == total),
             kv_tokens_read=sum(done + n for n, done, _ in items),
             attended=sum(n * done + n * (n + 1) // 2 for n, done, _ in items), wall_s=wall,
-            forward_s=self._forward.seconds + self._logits.seconds - before[0],
+            forward_s=self._forward_seconds() - before[0],
             sampler_s=self._sampler.seconds - before[1])
         self.records.append(record)
         return record, outputs

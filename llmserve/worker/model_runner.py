@@ -43,6 +43,7 @@ from llmserve.layers.attention.layer import Attention
 from llmserve.layers.sampler import Sampler, compute_logprobs
 from llmserve.layers.sampling_batch import SamplingBatch, SamplingRow
 from llmserve.lora.model_manager import LoRAModelManager
+from llmserve.models.llama_fused_decode import fused_decode_for
 from llmserve.sampling_params import SamplingParams
 from llmserve.spec_decode import rejection_sampler
 from llmserve.spec_decode.draft_model_proposer import DraftModelProposer
@@ -94,6 +95,7 @@ class ModelRunner:
         self.max_seq_len_to_capture = min(max_seq_len_to_capture, max_model_len or max_seq_len_to_capture)
         self.graphs: DecodeGraphs | None = None
         self.lora_manager = lora_manager
+        self.fused_decode = fused_decode_for(model, backend, dtype, device)
         self._calibrate_kv: list[Attention] = []   # attention layers whose KV-cache scales the next eager step fits
         self._received = self._sent = False   # this step's pipeline hand-offs, for fail_step
         if device.type == "cpu":
@@ -251,7 +253,10 @@ class ModelRunner:
             for attn in self._calibrate_kv:
                 attn.calibrate_kv_scales = True
             self._calibrate_kv = []
-            hidden = self.model(ids, pos, metadata, intermediate_tensors=received, rotary_lengths=lengths)
+            if self.fused_decode is not None and self.fused_decode.accepts(layout, metadata):
+                hidden = self.fused_decode.forward(ids, pos, metadata)
+            else:
+                hidden = self.model(ids, pos, metadata, intermediate_tensors=received, rotary_lengths=lengths)
             if self.drafter is not None:
                 self.drafter.catch_up(group_metadata(self.drafter.backend, layout, step.block_tables,
                                                      step.slot_mapping, self.device), ids, pos, lengths)

@@ -1,0 +1,171 @@
+"""Typed entry point of the one-call decode step (``csrc/cpu_decode_layers.c``): every decoder layer of a
+Llama-shaped model, for rows that each decode one token, in a single call into C.
+
+The descriptors (each layer's norm weights, projections and attention scale) are built once from the loaded
+modules; each step passes only its rows' positions, K/V slots, block tables and lengths. The descriptors hold
+the weights' addresses, so the tensors they were built from are kept alive here and must not be replaced while
+the plan is used. What may run this way, and the per-step choice, are decided in
+:mod:`llmserve.models.llama_fused_decode`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmserve.layers.cpu_kernels import CPUKernels
+
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+MAX_SEGMENTS = 4   # group-int8 row segments per projection (DL_MAX_SEGMENTS)
+F32_BLOCKED, BF16_BLOCKED, GROUP_INT8 = 0, 1, 2
+
+
+class FusedDecodeUnsupported(ValueError):
+    """The model (or one of its layers) is not one the fused decode step runs; the message says why."""
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", _I), ("segments", _I), ("n", _L), ("k", _L), ("weight", _P), ("bias", _P),
+                ("codes", _P * MAX_SEGMENTS), ("scales", _P * MAX_SEGMENTS), ("offsets", _P * MAX_SEGMENTS),
+                ("rows", _L * MAX_SEGMENTS), ("bits", _I * MAX_SEGMENTS), ("groups", _I * MAX_SEGMENTS)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P), ("qkv", _Linear),
+                ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("key_cache", _P), ("value_cache", _P),
+                ("block_stride", _L), ("scale", _F)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("num_layers", _L), ("hidden", _L), ("num_heads", _L), ("num_kv_heads", _L), ("head_dim", _L),
+                ("intermediate", _L), ("block_size", _L), ("max_position", _L), ("eps", _F), ("bf16", _I),
+                ("cos", _P), ("sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer))]
+
+
+def linear_descriptor(layer: nn.Module, dtype: torch.dtype, keep: list[torch.Tensor]) -> _Linear:
+    """The projection ``layer`` (a linear layer after ``process_weights_after_loading``) as the C step runs it:
+    a blocked float32 or bfloat16 weight, or group-int8 segments (GGUF). Tensors made here are appended to
+    ``keep``. Raises :class:`FusedDecodeUnsupported` for any other layout."""
+    desc = _Linear()
+    bias = getattr(layer, "bias", None)
+    plan = getattr(layer, "group_int8_plan", None)
+    weight = getattr(layer, "weight", None)
+    if plan is not None:
+        if plan.count > MAX_SEGMENTS:
+            raise FusedDecodeUnsupported(f"{plan.count} group-int8 segments in one projection (at most "
+                                         f"{MAX_SEGMENTS})")
+        desc.kind, desc.segments, desc.n, desc.k = GROUP_INT8, plan.count, plan.n, plan.k
+        for i in range(plan.count):
+            desc.codes[i], desc.scales[i], desc.offsets[i] = plan.codes[i], plan.scales[i], plan.offsets[i]
+            desc.rows[i], desc.bits[i], desc.groups[i] = plan.rows[i], plan.bits[i], plan.groups[i]
+        bias_dtype = torch.float32
+    elif weight is not None and weight.dtype == dtype == torch.float32 and weight.dim() == 3:
+        desc.kind, desc.n, desc.k, desc.weight = F32_BLOCKED, weight.shape[0] * weight.shape[2], weight.shape[1], \
+            weight.data_ptr()
+        bias_dtype = torch.float32
+    elif weight is not None and weight.dtype == dtype == torch.bfloat16 and weight.dim() == 4:
+        desc.kind, desc.n, desc.k, desc.weight = BF16_BLOCKED, weight.shape[0] * weight.shape[2], \
+            layer.input_size_per_partition, weight.data_ptr()
+        bias_dtype = torch.bfloat16
+    else:
+        shape = None if weight is None else (tuple(weight.shape), weight.dtype)
+        raise FusedDecodeUnsupported(f"{type(layer.quant_method).__name__} weight {shape} in a {dtype} model "
+                                     f"(blocked float32 / bfloat16 or GGUF group-int8 only)")
+    if weight is not None and plan is None and not weight.is_contiguous():
+        raise FusedDecodeUnsupported("a blocked weight that is not contiguous")
+    if bias is not None:
+        bias = bias.detach().to(bias_dtype).contiguous()
+        keep.append(bias)
+        desc.bias = bias.data_ptr()
+    return desc
+
+
+@dataclass
+class DecoderLayerWeights:
+    """One decoder layer as the step runs it: float32 norm weights (``q_norm`` / ``k_norm`` None without
+    per-head norms), its four projections and its attention scale."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    qkv: _Linear
+    o: _Linear
+    gate_up: _Linear
+    down: _Linear
+    scale: float
+
+
+class DecodeLayersKernel:
+    """The C step over a model's layers; :meth:`bind_caches` before the first :meth:`forward`."""
+
+    def __init__(self, kernels: CPUKernels, layers: list[DecoderLayerWeights], final_norm: torch.Tensor, *,
+                 hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int, eps: float,
+                 dtype: torch.dtype, cos: torch.Tensor, sin: torch.Tensor, keep: list[torch.Tensor]) -> None:
+        lib = kernels.library
+        lib.llmserve_decode_layers_workspace.argtypes = [ctypes.POINTER(_Model), _L]
+        lib.llmserve_decode_layers_workspace.restype = _L
+        lib.llmserve_decode_layers.argtypes = [ctypes.POINTER(_Model), _P, _P, _L, _P, _P, _P, _L, _P, _P, _I]
+        lib.llmserve_decode_layers.restype = _I
+        self._lib = lib
+        self.dtype, self.hidden = dtype, hidden
+        self._norms = [t for w in layers for t in (w.input_norm, w.post_norm, w.q_norm, w.k_norm) if t is not None]
+        self._keep = [*keep, final_norm, cos, sin, *self._norms]
+        self._layers = (_Layer * len(layers))()
+        for desc, w in zip(self._layers, layers):
+            desc.input_norm, desc.post_norm = w.input_norm.data_ptr(), w.post_norm.data_ptr()
+            desc.q_norm = w.q_norm.data_ptr() if w.q_norm is not None else None
+            desc.k_norm = w.k_norm.data_ptr() if w.k_norm is not None else None
+            desc.qkv, desc.o, desc.gate_up, desc.down, desc.scale = w.qkv, w.o, w.gate_up, w.down, w.scale
+        self._model = _Model(len(layers), hidden, num_heads, num_kv_heads, head_dim, intermediate, 0, cos.shape[0],
+                             eps, int(dtype == torch.bfloat16), cos.data_ptr(), sin.data_ptr(), final_norm.data_ptr(),
+                             self._layers)
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._workspace = torch.empty(0, dtype=torch.uint8)
+
+    def bind_caches(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Each layer's (key, value) cache ``[blocks, block_size, kv_heads, head_dim]`` in the activations' dtype,
+        contiguous within a block and both strided alike."""
+        for desc, (key, value) in zip(self._layers, caches):
+            if key.dtype != self.dtype or value.dtype != self.dtype or key.stride() != value.stride() \
+                    or key.stride()[1:] != (key.shape[2] * key.shape[3], key.shape[3], 1):
+                raise FusedDecodeUnsupported(f"a {key.dtype} KV cache strided {key.stride()} for {self.dtype} "
+                                             f"activations")
+            desc.key_cache, desc.value_cache, desc.block_stride = key.data_ptr(), value.data_ptr(), key.stride(0)
+            self._model.block_size = key.shape[1]
+        self._caches = caches
+
+    def forward(self, embeddings: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """The final norm's output [rows, hidden] for ``embeddings`` [rows, hidden] (one token per row): int64
+        ``positions`` and ``slots`` [rows], int32 ``block_tables`` [rows, width] and ``seq_lens`` [rows]."""
+        rows = embeddings.shape[0]
+        if not self._caches:
+            raise RuntimeError("decode layers: no KV caches bound")
+        if embeddings.dtype != self.dtype or embeddings.shape != (rows, self.hidden) \
+                or not embeddings.is_contiguous():
+            raise ValueError(f"decode layers: embeddings must be contiguous {self.dtype} [rows, {self.hidden}]")
+        for name, t, dtype in (("positions", positions, torch.int64), ("slots", slots, torch.int64),
+                               ("seq_lens", seq_lens, torch.int32)):
+            if t.dtype != dtype or t.shape != (rows,) or not t.is_contiguous():
+                raise ValueError(f"decode layers: {name} must be {rows} contiguous {dtype}")
+        if block_tables.dtype != torch.int32 or block_tables.shape[0] != rows or block_tables.stride(1) != 1:
+            raise ValueError(f"decode layers: block_tables must be int32 [{rows}, width] with unit column stride")
+        need = self._lib.llmserve_decode_layers_workspace(self._model, rows)
+        if self._workspace.numel() < need:
+            self._workspace = torch.empty(need, dtype=torch.uint8)
+        out = torch.empty(rows, self.hidden, dtype=self.dtype)
+        status = self._lib.llmserve_decode_layers(
+            self._model, embeddings.data_ptr(), out.data_ptr(), rows, positions.data_ptr(), slots.data_ptr(),
+            block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), self._workspace.data_ptr(),
+            torch.get_num_threads())
+        if status == -1:
+            raise IndexError(f"decode layers: a position is outside 0..{self._model.max_position - 1}")
+        if status == -2:
+            raise MemoryError("decode layers: no memory for the attention scores")
+        if status != 0:
+            raise ValueError("decode layers: a kernel refused a layer's operands")
+        return out

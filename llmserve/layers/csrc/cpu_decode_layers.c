@@ -1,0 +1,248 @@
+/* Every decoder layer of a Llama-shaped model for one decode step (one query token per row), in one call.
+ *
+ * At batch 1 a decode step of a small model is a few hundred short kernel calls, and between them Python: the
+ * module calls, ctypes marshalling, tensor allocation and views, the KV write as an index_copy_. That fixed cost
+ * is as large as the weight streaming itself. Here the same kernels run back to back from C over buffers laid out
+ * once (the caller's workspace), so the step costs what its kernels cost.
+ *
+ * The layer is the module path's, step for step and kernel for kernel, so results are bit-identical to it:
+ * residual add + RMSNorm -> qkv -> (per-head q/k RMSNorm) -> neox rotary -> K/V written at the rows' slots ->
+ * paged decode attention -> o_proj -> residual add + RMSNorm -> gate_up -> SiLU * up -> down; then the final
+ * RMSNorm. Activations are float32 or bfloat16 (rounded where the module path rounds); each projection is a
+ * blocked float32 weight, a pair-blocked bfloat16 one, or group-quantised int8 segments (GGUF), through the
+ * kernels of cpu_linear.c, cpu_bf16_linear.c and cpu_group_int8_linear.c.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "cpu_vec.h"
+
+/* Entry points of the other kernel files of this library. */
+int llmserve_linear_blocked(const float *x, long x_stride, const float *w, const float *bias, float *y,
+                            long y_stride, long M, long n, long k, int num_threads);
+int llmserve_bf16_linear_blocked(const uint16_t *x, long x_stride, const uint16_t *w, const uint16_t *bias,
+                                 uint16_t *y, long y_stride, long M, long n, long k, int num_threads);
+int llmserve_group_int8_quantize(const float *x, long x_stride, long M, long k, signed char *xq, float *xscale,
+                                 float *xsum, int num_threads);
+int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const float *xsum, long M, long k,
+                               const unsigned char *codes, const float *scales, const float *offsets, long n,
+                               int bits, int group, const float *bias, float *y, long y_stride, int num_threads);
+void llmserve_rms_norm(const void *x, long x_stride, const void *residual, long residual_stride,
+                       const float *weight, float eps, void *out, long out_stride, void *residual_out,
+                       long residual_out_stride, long rows, long n, int num_threads, int weight_first, int bf16);
+void llmserve_silu_and_mul(const void *x, long x_stride, void *out, long out_stride, long rows, long n,
+                           int num_threads, int bf16);
+int llmserve_rotary_embedding(void *q, long q_stride, long num_heads, void *k, long k_stride, long num_kv_heads,
+                              long head_dim, long rotary_dim, const long *positions, const float *cos_cache,
+                              const float *sin_cache, long max_position, long rows, int num_threads, int bf16);
+int llmserve_paged_decode_attention(const float *q, long q_stride, const void *k_cache, const void *v_cache,
+                                    const int *block_tables, long table_stride, const int *seq_lens,
+                                    long num_seqs, long num_heads, long num_kv_heads, long head_dim,
+                                    long block_size, long block_stride, float scale, long window, float soft_cap,
+                                    const float *alibi_slopes, float *out, long out_stride, int num_threads,
+                                    int kv_format, float k_scale, float v_scale);
+
+#define DL_MAX_SEGMENTS 4
+enum { DL_F32_BLOCKED = 0, DL_BF16_BLOCKED = 1, DL_GROUP_INT8 = 2 };
+enum { DL_KV_F32 = 0, DL_KV_BF16 = 4 };   /* llmserve_paged_decode_attention's kv_format codes */
+
+/* One projection: y [M, n] = x [M, k] W^T + bias. `weight`: blocked float32 [n/16][k][16] or bfloat16
+ * [n/16][k/2][16][2]; group-int8: `segments` row segments as cpu_group_int8_linear.c takes them. `bias`: float32,
+ * or bfloat16 for a bfloat16 weight; NULL for none. */
+typedef struct {
+    int kind;
+    int segments;
+    long n, k;
+    const void *weight;
+    const void *bias;
+    const unsigned char *codes[DL_MAX_SEGMENTS];
+    const float *scales[DL_MAX_SEGMENTS];
+    const float *offsets[DL_MAX_SEGMENTS];
+    long rows[DL_MAX_SEGMENTS];
+    int bits[DL_MAX_SEGMENTS];
+    int groups[DL_MAX_SEGMENTS];
+} dl_linear;
+
+/* One decoder layer: float32 norm weights (q_norm / k_norm NULL without per-head norms), its projections, its
+ * K/V caches [blocks, block_size, kv_heads, head_dim] in the activations' dtype (blocks block_stride entries apart)
+ * and its attention scale. */
+typedef struct {
+    const float *input_norm, *post_norm, *q_norm, *k_norm;
+    dl_linear qkv, o, gate_up, down;
+    void *key_cache, *value_cache;
+    long block_stride;
+    float scale;
+} dl_layer;
+
+typedef struct {
+    long num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate;
+    long block_size, max_position;   /* tokens per KV block; rows of the cos/sin tables */
+    float eps;
+    int bf16;                        /* activations and caches in bfloat16 (else float32) */
+    const float *cos, *sin;          /* [max_position, head_dim / 2] */
+    const float *final_norm;
+    const dl_layer *layers;
+} dl_model;
+
+/* The workspace's buffers for `rows` rows, each 64-byte aligned. */
+typedef struct {
+    void *res, *h, *normed, *qkv, *attn, *gate_up, *act;
+    float *q32, *attn32, *x32, *y32;
+    signed char *xq;
+    float *xscale, *xsum;
+    long bytes;
+} dl_buffers;
+
+static long max3(long a, long b, long c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+static dl_buffers carve(const dl_model *m, long rows, char *base) {
+    const long s = m->bf16 ? 2 : 4;
+    const long q_size = m->num_heads * m->head_dim, qkv_n = q_size + 2 * m->num_kv_heads * m->head_dim;
+    const long max_k = max3(m->hidden, q_size, m->intermediate);
+    const long max_n = max3(qkv_n, m->hidden, 2 * m->intermediate);
+    dl_buffers b;
+    long at = 0;
+#define TAKE(field, type, size) do { b.field = (type)(base ? base + at : NULL); at += ((size) + 63) / 64 * 64; } while (0)
+    TAKE(res, void *, rows * m->hidden * s);
+    TAKE(h, void *, rows * m->hidden * s);
+    TAKE(normed, void *, rows * m->hidden * s);
+    TAKE(qkv, void *, rows * qkv_n * s);
+    TAKE(attn, void *, rows * q_size * s);
+    TAKE(gate_up, void *, rows * 2 * m->intermediate * s);
+    TAKE(act, void *, rows * m->intermediate * s);
+    TAKE(q32, float *, rows * q_size * 4);
+    TAKE(attn32, float *, rows * q_size * 4);
+    TAKE(x32, float *, rows * max_k * 4);
+    TAKE(y32, float *, rows * max_n * 4);
+    TAKE(xq, signed char *, rows * max_k);
+    TAKE(xscale, float *, rows * (max_k / 32 + 1) * 4);
+    TAKE(xsum, float *, rows * (max_k / 16 + 1) * 4);
+#undef TAKE
+    b.bytes = at;
+    return b;
+}
+
+/* Bytes of workspace llmserve_decode_layers needs for `rows` rows. */
+long llmserve_decode_layers_workspace(const dl_model *m, long rows) { return carve(m, rows, NULL).bytes; }
+
+/* `count` rows of `n` values from a row stride of `x_stride`: bfloat16 widened to float32 (exact). */
+static void widen_rows(const uint16_t *x, long x_stride, float *out, long count, long n) {
+    for (long r = 0; r < count; r++)
+        for (long i = 0; i < n; i++) out[r * n + i] = bf16_to_float(x[r * x_stride + i]);
+}
+
+/* float32 rounded to bfloat16 (nearest even), as torch's .to(bfloat16) rounds. */
+static void round_rows(const float *x, uint16_t *out, long count) {
+    long i = 0;
+    for (; i + LANES <= count; i += LANES) store_bf16(out + i, load(x + i));
+    for (; i < count; i++) store_act1(out, i, x[i], 1);
+}
+
+/* y = x W^T + bias for M contiguous rows; returns 0, or -3 when a kernel refuses its operands. A group-int8
+ * weight multiplies float32 activations (a bfloat16 row is widened first and the result rounded back, as the
+ * module path does). */
+static int linear(const dl_linear *L, const void *x, void *y, long M, int bf16, const dl_buffers *b,
+                  int num_threads) {
+    if (L->kind == DL_F32_BLOCKED)
+        return llmserve_linear_blocked(x, L->k, L->weight, L->bias, y, L->n, M, L->n, L->k, num_threads) ? -3 : 0;
+    if (L->kind == DL_BF16_BLOCKED)
+        return llmserve_bf16_linear_blocked(x, L->k, L->weight, L->bias, y, L->n, M, L->n, L->k, num_threads)
+               ? -3 : 0;
+    const float *xf = x;
+    float *yf = bf16 ? b->y32 : y;
+    if (bf16) {
+        widen_rows(x, L->k, b->x32, M, L->k);
+        xf = b->x32;
+    }
+    if (llmserve_group_int8_quantize(xf, L->k, M, L->k, b->xq, b->xscale, b->xsum, num_threads)) return -3;
+    const float *bias = L->bias;
+    for (long s = 0, start = 0; s < L->segments; start += L->rows[s], s++)
+        if (llmserve_group_int8_linear(b->xq, b->xscale, b->xsum, M, L->k, L->codes[s], L->scales[s], L->offsets[s],
+                                       L->rows[s], L->bits[s], L->groups[s], bias ? bias + start : NULL, yf + start,
+                                       L->n, num_threads))
+            return -3;
+    if (bf16) round_rows(yf, y, M * L->n);
+    return 0;
+}
+
+/* Attention of one layer for the step's rows: q/k norms, rotary, the K/V write, paged decode attention into
+ * b->attn. */
+static int attend(const dl_model *m, const dl_layer *L, long rows, const long *positions, const long *slots,
+                  const int *block_tables, long table_stride, const int *seq_lens, const dl_buffers *b,
+                  int num_threads) {
+    const int bf16 = m->bf16;
+    const long s = bf16 ? 2 : 4, d = m->head_dim, heads = m->num_heads, kv_heads = m->num_kv_heads;
+    const long q_size = heads * d, kv_size = kv_heads * d, qkv_n = q_size + 2 * kv_size;
+    char *qkv = b->qkv;
+    if (L->q_norm != NULL)
+        for (long r = 0; r < rows; r++) {
+            char *q = qkv + r * qkv_n * s, *k = q + q_size * s;
+            llmserve_rms_norm(q, d, NULL, 0, L->q_norm, m->eps, q, d, NULL, 0, heads, d, num_threads, 0, bf16);
+            llmserve_rms_norm(k, d, NULL, 0, L->k_norm, m->eps, k, d, NULL, 0, kv_heads, d, num_threads, 0, bf16);
+        }
+    if (llmserve_rotary_embedding(qkv, qkv_n, heads, qkv + q_size * s, qkv_n, kv_heads, d, d, positions, m->cos,
+                                  m->sin, m->max_position, rows, num_threads, bf16))
+        return -1;
+    const long token_stride = kv_size * s;
+    for (long r = 0; r < rows; r++) {
+        const long at = ((slots[r] / m->block_size) * L->block_stride + (slots[r] % m->block_size) * kv_size) * s;
+        const char *k = qkv + (r * qkv_n + q_size) * s;
+        memcpy((char *)L->key_cache + at, k, token_stride);
+        memcpy((char *)L->value_cache + at, k + token_stride, token_stride);
+    }
+    const float *q = (const float *)qkv;
+    long q_stride = qkv_n;
+    float *out = bf16 ? b->attn32 : (float *)b->attn;
+    if (bf16) {
+        widen_rows((const uint16_t *)qkv, qkv_n, b->q32, rows, q_size);
+        q = b->q32;
+        q_stride = q_size;
+    }
+    const int status = llmserve_paged_decode_attention(
+        q, q_stride, L->key_cache, L->value_cache, block_tables, table_stride, seq_lens, rows, heads, kv_heads, d,
+        m->block_size, L->block_stride, L->scale, 0, 0.0f, NULL, out, q_size, num_threads,
+        bf16 ? DL_KV_BF16 : DL_KV_F32, 1.0f, 1.0f);
+    if (status) return status == -2 ? -2 : -3;
+    if (bf16) round_rows(out, b->attn, rows * q_size);
+    return 0;
+}
+
+/* Every layer of `m` and the final norm for `rows` decode rows: `embeddings` [rows, hidden] in, the final norm's
+ * output [rows, hidden] in `out`. Per row: its position, its K/V slot (block * block_size + offset), its block
+ * table (int32, `table_stride` apart) and its length with the new token. `workspace`: at least
+ * llmserve_decode_layers_workspace(m, rows) bytes, 64-byte aligned.
+ * Returns 0; -1 when a position is outside the rotary tables; -2 without memory for the attention scores; -3 when
+ * a kernel refuses a layer's operands. */
+int llmserve_decode_layers(const dl_model *m, const void *embeddings, void *out, long rows, const long *positions,
+                           const long *slots, const int *block_tables, long table_stride, const int *seq_lens,
+                           void *workspace, int num_threads) {
+    const int bf16 = m->bf16;
+    const long s = bf16 ? 2 : 4, hidden = m->hidden, inter = m->intermediate;
+    const dl_buffers b = carve(m, rows, workspace);
+    for (long i = 0; i < m->num_layers; i++) {
+        const dl_layer *L = &m->layers[i];
+        if (i == 0) {
+            memcpy(b.res, embeddings, rows * hidden * s);
+            llmserve_rms_norm(b.res, hidden, NULL, 0, L->input_norm, m->eps, b.normed, hidden, NULL, 0, rows, hidden,
+                              num_threads, 0, bf16);
+        } else {
+            llmserve_rms_norm(b.h, hidden, b.res, hidden, L->input_norm, m->eps, b.normed, hidden, b.res, hidden,
+                              rows, hidden, num_threads, 0, bf16);
+        }
+        int status = linear(&L->qkv, b.normed, b.qkv, rows, bf16, &b, num_threads);
+        if (!status)
+            status = attend(m, L, rows, positions, slots, block_tables, table_stride, seq_lens, &b, num_threads);
+        if (!status) status = linear(&L->o, b.attn, b.h, rows, bf16, &b, num_threads);
+        if (status) return status;
+        llmserve_rms_norm(b.h, hidden, b.res, hidden, L->post_norm, m->eps, b.normed, hidden, b.res, hidden, rows,
+                          hidden, num_threads, 0, bf16);
+        status = linear(&L->gate_up, b.normed, b.gate_up, rows, bf16, &b, num_threads);
+        if (status) return status;
+        llmserve_silu_and_mul(b.gate_up, 2 * inter, b.act, inter, rows, inter, num_threads, bf16);
+        status = linear(&L->down, b.act, b.h, rows, bf16, &b, num_threads);
+        if (status) return status;
+    }
+    llmserve_rms_norm(b.h, hidden, b.res, hidden, m->final_norm, m->eps, out, hidden, b.res, hidden, rows, hidden,
+                      num_threads, 0, bf16);
+    return 0;
+}

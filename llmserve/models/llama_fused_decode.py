@@ -1,0 +1,155 @@
+"""The CPU decode step of a Llama-shaped model in one call into C (:mod:`llmserve.layers.cpu_decode_layers`).
+
+A batch-1 decode step of a small model on CPU is bound by the fixed cost of a few hundred operator calls from
+Python, not by the weights it streams. Where the model is one the C step reproduces exactly (Llama, Mistral,
+Qwen2 with its q/k/v bias, Qwen3 with its per-head q/k norms: RMSNorm, gated SiLU MLP, neox rotary over the whole
+head, full attention at the default KV-cache dtype, float32 / bfloat16 / GGUF group-int8 weights, one rank) and a
+step is all decode rows with no LoRA adapter, the model runner runs the step's decoder layers here; anything else
+takes the module path, which gives the same hidden states. :func:`fused_decode_for` decides once per model and
+says why not; :meth:`FusedDecode.forward` decides per step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from llmserve.distributed.parallel_state import get_pp_group, get_tp_group
+from llmserve.layers.activation import SiluAndMul
+from llmserve.layers.attention.backend import BatchLayout
+from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
+from llmserve.layers.attention.layer import Attention
+from llmserve.layers.attention.torch_metadata import TorchAttentionMetadata
+from llmserve.layers.cpu_decode_layers import (DecodeLayersKernel, DecoderLayerWeights, FusedDecodeUnsupported,
+                                               linear_descriptor)
+from llmserve.layers.cpu_kernels import cpu_kernels
+from llmserve.layers.layernorm import RMSNorm
+from llmserve.layers.rotary import RotaryEmbedding
+from llmserve.lora.layers import LoRALinearMethod
+from llmserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
+
+logger = logging.getLogger(__name__)
+
+
+def _norm_weight(norm: nn.Module | None, eps: float, what: str) -> torch.Tensor:
+    """A plain RMSNorm's weight in float32 (what the kernel multiplies by, as :class:`RMSNorm` passes it)."""
+    if type(norm) is not RMSNorm:
+        raise FusedDecodeUnsupported(f"{what} is {type(norm).__name__}, not RMSNorm")
+    if norm.eps != eps:
+        raise FusedDecodeUnsupported(f"{what} has eps {norm.eps}, the first norm {eps}")
+    return norm.weight.detach().float().contiguous()
+
+
+def _check_attention(attn: nn.Module, i: int) -> None:
+    if type(attn) is not LlamaAttention:
+        raise FusedDecodeUnsupported(f"layer {i}'s attention is {type(attn).__name__}")
+    rotary = attn.rotary_emb
+    if type(rotary) is not RotaryEmbedding or rotary.interleaved or rotary.rotary_dim != attn.head_dim \
+            or rotary.cos_cache.dtype != torch.float32:
+        raise FusedDecodeUnsupported(f"layer {i}'s rotary embedding is not neox-style over the whole head "
+                                     f"({type(rotary).__name__})")
+    layer = attn.attn
+    spec = layer.spec
+    if type(layer) is not Attention or spec.sliding_window is not None or spec.logits_soft_cap is not None \
+            or spec.alibi_slopes is not None or spec.kv_format is not None:
+        raise FusedDecodeUnsupported(f"layer {i}'s attention has a sliding window, soft-cap, ALiBi or a quantised "
+                                     f"KV cache")
+
+
+def _layer_weights(layer: nn.Module, i: int, dtype: torch.dtype, eps: float,
+                   keep: list[torch.Tensor]) -> DecoderLayerWeights:
+    if type(layer) is not LlamaDecoderLayer:
+        raise FusedDecodeUnsupported(f"layer {i} is {type(layer).__name__}")
+    attn, mlp = layer.self_attn, layer.mlp
+    _check_attention(attn, i)
+    if type(mlp) is not LlamaMLP or not mlp.gated or type(mlp.act_fn) is not SiluAndMul:
+        raise FusedDecodeUnsupported(f"layer {i}'s MLP is not a gated SiLU MLP")
+    q_norm = k_norm = None
+    if attn.q_norm is not None:
+        q_norm, k_norm = _norm_weight(attn.q_norm, eps, "q_norm"), _norm_weight(attn.k_norm, eps, "k_norm")
+    return DecoderLayerWeights(
+        _norm_weight(layer.input_layernorm, eps, "input_layernorm"),
+        _norm_weight(layer.post_attention_layernorm, eps, "post_attention_layernorm"), q_norm, k_norm,
+        *(linear_descriptor(p, dtype, keep) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)),
+        attn.attn.scale)
+
+
+class FusedDecode:
+    """A model's decoder layers as one C call per all-decode step (built by :func:`fused_decode_for`)."""
+
+    def __init__(self, model: LlamaModel, dtype: torch.dtype) -> None:
+        kernels = cpu_kernels()
+        if kernels is None:
+            raise FusedDecodeUnsupported("the CPU kernels are not available")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise FusedDecodeUnsupported(f"activations in {dtype} (float32 or bfloat16 only)")
+        if not isinstance(model, LlamaModel) or type(model).forward is not LlamaModel.forward:
+            raise FusedDecodeUnsupported(f"{type(model).__name__} is not a Llama-shaped decoder")
+        if model.norm is None or model.embed_tokens is None:
+            raise FusedDecodeUnsupported("the model is split over pipeline stages")
+        layers = model.stage_layers()
+        eps = model.norm.eps
+        keep: list[torch.Tensor] = []
+        weights = [_layer_weights(layer, i, dtype, eps, keep) for i, layer in enumerate(layers)]
+        first = layers[0].self_attn
+        if any(layer.self_attn.rotary_emb.cos_cache is not first.rotary_emb.cos_cache
+               and not torch.equal(layer.self_attn.rotary_emb.cos_cache, first.rotary_emb.cos_cache)
+               for layer in layers):
+            raise FusedDecodeUnsupported("the layers rotate by different tables")
+        linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                    layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        # LoRA wraps the linear layers' methods: a step with adapter rows takes the module path.
+        self._lora_states = {id(m.quant_method.state): m.quant_method.state for m in linears
+                             if isinstance(m.quant_method, LoRALinearMethod)}
+        self.model = model
+        self.attention = [layer.self_attn.attn for layer in layers]
+        rotary = first.rotary_emb
+        self.kernel = DecodeLayersKernel(
+            kernels, weights, _norm_weight(model.norm, eps, "the final norm"), hidden=model.norm.weight.numel(),
+            num_heads=first.num_heads, num_kv_heads=first.num_kv_heads, head_dim=first.head_dim,
+            intermediate=layers[0].mlp.down_proj.input_size_per_partition, eps=eps, dtype=dtype,
+            cos=rotary.cos_cache.contiguous(), sin=rotary.sin_cache.contiguous(), keep=keep)
+        self._bound: list[torch.Tensor] = []
+        self.calls = 0   # steps run here (the tests count them)
+
+    def accepts(self, layout: BatchLayout, metadata: object) -> bool:
+        """Whether this step runs here: every row decodes one token, no LoRA adapter row, one KV-cache group read
+        by the compiled decode attention."""
+        return (layout.num_decodes == len(layout.query_lens) > 0 and isinstance(metadata, TorchAttentionMetadata)
+                and isinstance(metadata.backend, CPUAttentionBackend)
+                and not any(state.mapping.segments for state in self._lora_states.values()))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                metadata: TorchAttentionMetadata) -> torch.Tensor:
+        """The final norm's output for an all-decode step (:meth:`accepts`), as the module path computes it."""
+        caches = [a.key_cache for a in self.attention]
+        if len(self._bound) != len(caches) or any(c is not b for c, b in zip(caches, self._bound)):
+            self.kernel.bind_caches([(a.key_cache, a.value_cache) for a in self.attention])
+            self._bound = caches
+        decodes = metadata.decodes_for(None)
+        hidden = self.model.embed(input_ids, positions).contiguous()
+        self.calls += 1
+        return self.kernel.forward(hidden, positions.contiguous(), metadata.slot_mapping.to(torch.int64),
+                                   decodes.block_tables, decodes.seq_lens)
+
+
+def fused_decode_for(model: nn.Module, backend: object, dtype: torch.dtype, device: torch.device) -> FusedDecode | None:
+    """The fused decode step for ``model`` (a causal LM whose decoder is ``model.model``), or None; logs which,
+    and why not, once."""
+    try:
+        if device.type != "cpu":
+            raise FusedDecodeUnsupported(f"the model runs on {device.type}")
+        if get_tp_group().world_size > 1 or get_pp_group().world_size > 1:
+            raise FusedDecodeUnsupported("tensor or pipeline parallelism")
+        if not isinstance(backend, CPUAttentionBackend):
+            raise FusedDecodeUnsupported(f"the {getattr(backend, 'name', type(backend).__name__)} attention backend")
+        if not isinstance(model, LlamaForCausalLM) or type(model).forward is not LlamaForCausalLM.forward:
+            raise FusedDecodeUnsupported(f"{type(model).__name__} is not a Llama-shaped causal LM")
+        fused = FusedDecode(model.model, dtype)
+    except FusedDecodeUnsupported as exc:
+        logger.info("Fused CPU decode step: off (%s)", exc)
+        return None
+    logger.info("Fused CPU decode step: on (%d layers, one C call per all-decode step)", len(fused.attention))
+    return fused

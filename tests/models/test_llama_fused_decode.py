@@ -1,0 +1,111 @@
+"""Through the engine, the fused CPU decode step runs every all-decode step of a Llama-shaped model, gives
+transformers' greedy output, and leaves to the module path the steps it does not cover: a prefill row beside
+decodes, LoRA adapter rows, and models with a sliding window."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from llmserve import LLM, SamplingParams
+from llmserve.layers.cpu_kernels import cpu_kernels
+from llmserve.lora.request import LoRARequest
+from llmserve.testing.lora_adapters import write_lora_adapter
+from tests.hf_reference import hf_greedy
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU kernels are not available")
+
+MAX_TOKENS = 10
+PROMPTS = ["Hello world, this is", "The quick brown fox jumps over the lazy dog and then keeps running far away",
+           "A"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
+
+
+class StepLog:
+    """Which steps took the fused path and which the modules (each step's rows: (decodes, rows))."""
+
+    def __init__(self, llm: LLM) -> None:
+        runner = llm.engine.runner
+        self.fused: list[tuple[int, int]] = []
+        self.modules: list[tuple[int, int]] = []
+        fused_forward = runner.fused_decode.forward
+
+        def forward(ids, positions, metadata):
+            self.fused.append((metadata.layout.num_decodes, len(metadata.layout.query_lens)))
+            return fused_forward(ids, positions, metadata)
+
+        runner.fused_decode.forward = forward
+        runner.model.register_forward_pre_hook(
+            lambda module, args: self.modules.append((args[2].layout.num_decodes, len(args[2].layout.query_lens))))
+
+
+def _greedy(llm: LLM) -> list[tuple[list[int], list[float]]]:
+    return [(o.outputs[0].token_ids, [p[t].logprob for p, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+            for o in llm.generate(PROMPTS, GREEDY)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_greedy_output_matches_transformers_with_the_fused_step(checkpoint_dir, family):
+    path = checkpoint_dir(family)
+    llm = LLM(str(path), kv_cache_memory_bytes="32MiB", block_size=4)
+    log = StepLog(llm)
+    for out in llm.generate(PROMPTS, GREEDY):
+        ref_tokens, ref_logprobs = hf_greedy(path, out.prompt_token_ids, MAX_TOKENS)
+        completion = out.outputs[0]
+        assert completion.token_ids == ref_tokens
+        got = [p[t].logprob for p, t in zip(completion.logprobs, completion.token_ids)]
+        assert got == pytest.approx(ref_logprobs, abs=1e-3)
+    # every step after the prompts' is all decodes, and each ran fused
+    assert len(log.fused) == MAX_TOKENS - 1 and all(d == r == len(PROMPTS) for d, r in log.fused)
+    assert all(d < r for d, r in log.modules)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_bfloat16_output_is_the_module_paths_exactly(checkpoint_dir, family):
+    """bfloat16 against transformers is compared up to ties (tests/engine/test_bfloat16.py); against the module
+    path the fused step is exact: the same tokens and logprobs."""
+    path = checkpoint_dir(family)
+    fused = LLM(str(path), dtype="bfloat16", kv_cache_memory_bytes="32MiB", block_size=4)
+    log = StepLog(fused)
+    modules = LLM(str(path), dtype="bfloat16", kv_cache_memory_bytes="32MiB", block_size=4)
+    modules.engine.runner.fused_decode = None
+    assert _greedy(fused) == _greedy(modules)
+    assert len(log.fused) == MAX_TOKENS - 1
+
+
+def test_a_step_with_a_prefill_row_takes_the_module_path(checkpoint_dir):
+    """A 7-token budget prefills the long prompt in chunks beside the others' decodes."""
+    path = checkpoint_dir("llama")
+    llm = LLM(str(path), max_num_batched_tokens=7, block_size=4, kv_cache_memory_bytes="32MiB")
+    log = StepLog(llm)
+    outputs = llm.generate(PROMPTS, GREEDY)
+    assert any(0 < d < r for d, r in log.modules), "no step mixed decodes with a prefill chunk"
+    assert log.fused and all(d == r for d, r in log.fused)
+    assert all(d < r for d, r in log.modules)
+    for out in outputs:
+        assert out.outputs[0].token_ids == hf_greedy(path, out.prompt_token_ids, MAX_TOKENS)[0]
+
+
+def test_a_sliding_window_model_keeps_the_module_path(checkpoint_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="llmserve.models.llama_fused_decode"):
+        llm = LLM(str(checkpoint_dir("phi3")), kv_cache_memory_bytes="16MiB")
+    assert llm.engine.runner.fused_decode is None
+    assert any("Fused CPU decode step: off" in r.getMessage() and "sliding window" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_steps_with_lora_adapter_rows_take_the_module_path(checkpoint_dir, tmp_path, caplog):
+    path = checkpoint_dir("llama")
+    adapter = write_lora_adapter(tmp_path / "adapter", path, r=8, lora_alpha=16, seed=1)
+    with caplog.at_level(logging.INFO, logger="llmserve.models.llama_fused_decode"):
+        llm = LLM(str(path), enable_lora=True, max_lora_rank=8, kv_cache_memory_bytes="16MiB")
+    assert any("Fused CPU decode step: on" in r.getMessage() for r in caplog.records)
+    log = StepLog(llm)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    with_adapter = llm.generate(["Hello world"], params, lora_request=LoRARequest("a", 1, str(adapter)))
+    assert log.fused == [] and len(log.modules) == 4
+    base = llm.generate(["Hello world"], params)
+    assert len(log.fused) == 3
+    assert with_adapter[0].outputs[0].token_ids != base[0].outputs[0].token_ids
+    assert base[0].outputs[0].token_ids == hf_greedy(path, base[0].prompt_token_ids, 4)[0]
