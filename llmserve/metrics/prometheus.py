@@ -92,8 +92,9 @@ class EngineMetrics:
 
     def record_step(self, stats: dict, outputs: list[RequestOutput | EmbeddingRequestOutput]) -> None:
         """Called on the event loop after each step with the engine's stats and the step's outputs."""
-        if stats["iteration_tokens"]:
-            self.iteration_tokens.observe(stats["iteration_tokens"])
+        for tokens in stats["iteration_tokens"]:   # one entry per step of the core's messages
+            if tokens:
+                self.iteration_tokens.observe(tokens)
         for abort in stats["aborts"]:
             self.abort_steps.observe(abort.steps)
             self.abort_seconds.observe(abort.seconds)
