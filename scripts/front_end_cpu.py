@@ -4,8 +4,10 @@ Starts ``llmserve serve`` once per ``--source`` (a checkout whose ``llmserve`` t
 versions can be compared in one session; its engine core is a child process, not counted), then runs
 ``llmserve bench serve``'s load loop (the ``--source``'s own) in a fresh process per run, alternating
 between the servers, once per ``--concurrency``, ``--runs`` times. Each run prints the server process's
-CPU seconds (all its threads, not its children) and the load generator's, per 1,000 completion tokens,
-and their context switches (voluntary + involuntary, all threads) per 1,000 tokens.
+CPU seconds (all its threads, not its children), the engine-core process's and the load generator's, per
+1,000 completion tokens, and their context switches (voluntary + involuntary, all threads) per 1,000
+tokens. On a machine whose cores the step loop's threads fill, the server's and the load generator's CPU
+is taken from the steps: it is the part of the HTTP-vs-offline gap that this script measures.
 
     python scripts/front_end_cpu.py --model ~/.cache/llmserve/models/llmserve-demo-llama-125m \
         --source /path/to/before /path/to/after --runs 3
@@ -46,6 +48,14 @@ def switches(pid: int) -> int:
 def cpu(pid: int) -> float:
     t = psutil.Process(pid).cpu_times()
     return t.user + t.system
+
+
+def engine_core_pid(server_pid: int) -> int:
+    """The server's engine-core process: its spawned child (not multiprocessing's resource tracker)."""
+    for child in psutil.Process(server_pid).children():
+        if "spawn_main" in " ".join(child.cmdline()):
+            return child.pid
+    raise SystemExit(f"no engine-core process under the server (pid {server_pid})")
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600.0) -> None:
@@ -106,10 +116,12 @@ def main() -> None:
             servers.append((source, f"http://127.0.0.1:{args.port + i}", proc, env))
         for _, url, proc, _ in servers:
             wait_ready(url, proc)
+        cores = {proc.pid: engine_core_pid(proc.pid) for _, _, proc, _ in servers}
         for run in range(args.runs):
             for concurrency, num in zip(args.concurrency, args.num_prompts):
                 for source, url, proc, env in servers:
                     s_cpu, s_sw = cpu(proc.pid), switches(proc.pid)
+                    c_cpu, c_sw = cpu(cores[proc.pid]), switches(cores[proc.pid])
                     out = subprocess.run([sys.executable, __file__, "--model", args.model, "--input-len",
                                           str(args.input_len), "--output-len", str(args.output_len),
                                           "--client", url, str(concurrency), str(num)], cwd=source, env=env,
@@ -119,7 +131,9 @@ def main() -> None:
                     print(f"run {run} {source}: concurrency {concurrency:2d}: {r['tokens']} tokens in "
                           f"{r['duration']:.1f} s ({r['tokens'] / r['duration']:.0f} tok/s, {r['failed']} failed); "
                           f"per 1,000 tokens: server {(cpu(proc.pid) - s_cpu) * k:.3f} CPU s, "
-                          f"{(switches(proc.pid) - s_sw) * k:.0f} switches; client {r['cpu'] * k:.3f} CPU s, "
+                          f"{(switches(proc.pid) - s_sw) * k:.0f} switches; engine core "
+                          f"{(cpu(cores[proc.pid]) - c_cpu) * k:.3f} CPU s, "
+                          f"{(switches(cores[proc.pid]) - c_sw) * k:.0f} switches; client {r['cpu'] * k:.3f} CPU s, "
                           f"{r['switches'] * k:.0f} switches; load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         for _, _, proc, _ in servers:

@@ -179,25 +179,29 @@ class AsyncLLMEngine:
 
     # ------------------------------------------------------------------ outputs (event loop)
     def _on_core_output(self) -> None:
+        """Hand the core's new messages to the streams: one output per stream, however many steps were waiting
+        (a front end that fell behind catches up with one wake-up and one SSE event per stream)."""
         try:
-            core_outputs = self.client.receive()
+            messages = self.client.receive_all()
         except EngineCoreDiedError as exc:
             self._died(exc)
             return
-        if core_outputs.stats is not None:
-            self._stats = core_outputs.stats
-        if core_outputs.block_map is not None:
-            for waiter in self._block_map_waiters:
-                if not waiter.done():
-                    waiter.set_result(core_outputs.block_map)
-            self._block_map_waiters.clear()
-        outputs, stopped = self.outputs.process(core_outputs)
+        for core_outputs in messages:
+            if core_outputs.stats is not None:
+                self._stats = core_outputs.stats
+            if core_outputs.block_map is not None:
+                for waiter in self._block_map_waiters:
+                    if not waiter.done():
+                        waiter.set_result(core_outputs.block_map)
+                self._block_map_waiters.clear()
+            for request_id, message in core_outputs.failed.items():
+                logger.error("model failed on request %s: %s", request_id, message)
+        outputs, stopped = self.outputs.process(*messages)
         for request_id, index in stopped:
             self.client.abort(request_id, index)
-        for request_id, message in core_outputs.failed.items():
-            logger.error("model failed on request %s: %s", request_id, message)
         if self.on_step is not None:   # metrics first, so they include what clients receive next
-            stats = stats_dict(self._stats, self.outputs, core_outputs.num_scheduled_tokens, core_outputs.aborts)
+            stats = stats_dict(self._stats, self.outputs, [m.num_scheduled_tokens for m in messages],
+                               [abort for m in messages for abort in m.aborts])
             self.on_step(stats, outputs)
         for output in outputs:
             stream = self._streams.get(output.request_id)
@@ -208,7 +212,7 @@ class AsyncLLMEngine:
             stream.put_nowait(output)
         # acknowledged after the tasks woken above have run (call_soon keeps order): the core's lead is
         # measured against what the streams took, not against what sits in their queues
-        self._loop.call_soon(self.client.ack)
+        self._loop.call_soon(self.client.ack, len(messages))
 
     def _died(self, exc: BaseException) -> None:
         logger.error("engine core died: %s", exc)

@@ -294,13 +294,23 @@ class BlockManager:
 
     # ------------------------------------------------------------------ accounting
     def waste(self, seqs: list[Sequence]) -> tuple[int, int]:
-        """(slots allocated, slots holding computed tokens) over the distinct blocks of ``seqs``."""
-        filled: dict[int, int] = {}
+        """(slots allocated, slots holding computed tokens) over the distinct blocks of ``seqs``.
+
+        The served engine reports it after every step, so it costs a set union per sequence plus its last
+        few blocks, not a Python iteration per block: a block before ``num_computed_tokens // block_size``
+        is full in its sequence, and a block shared by several sequences counts once, as full as its
+        fullest holder has it."""
         bs = self.block_size
+        full: set[int] = set()
+        partial: dict[int, int] = {}   # block -> computed slots, where no holder seen so far has it full
         for seq in seqs:
+            computed = seq.num_computed_tokens
+            whole = computed // bs
             for table, released in zip(seq.block_tables, seq.num_released):
-                for i, block in enumerate(table[released:], released):
-                    fill = min(bs, max(0, seq.num_computed_tokens - i * bs))
-                    if fill > filled.get(block, -1):
-                        filled[block] = fill
-        return len(filled) * bs, sum(filled.values())
+                full.update(table[released:whole])
+                for i in range(max(released, whole), len(table)):
+                    fill = max(0, computed - i * bs)
+                    if fill > partial.get(table[i], -1):
+                        partial[table[i]] = fill
+        partial_only = [fill for block, fill in partial.items() if block not in full]
+        return (len(full) + len(partial_only)) * bs, len(full) * bs + sum(partial_only)

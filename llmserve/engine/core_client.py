@@ -2,12 +2,14 @@
 never takes the GIL or a core from the step loop (vLLM V1's layout).
 
 Two one-way pipes carry msgpack messages: requests and aborts in, :class:`EngineCoreOutputs` out. The
-front end writes from a sender thread and the core reads on a receiver thread, so neither side's loop
-waits on the other to take a large prompt. The front end acknowledges each output message once it has
-handed it to the streams, and the core never has more than :data:`MAX_STEPS_AHEAD` unacknowledged: a front
-end that falls behind (detokenising and writing SSE for many streams) slows the steps down instead of
+front end writes requests from a sender thread and the core reads on a receiver thread, so neither side's
+loop waits on the other to take a large prompt. The front end acknowledges the output messages once it has
+handed them to the streams, and the core never has more than :data:`MAX_STEPS_AHEAD` unacknowledged: a
+front end that falls behind (detokenising and writing SSE for many streams) slows the steps down instead of
 letting a backlog build in the pipe, where a client's disconnect would wait behind seconds of tokens while
-the core kept computing for it.
+the core kept computing for it. An acknowledgement (a few bytes, once per step) is written by the event
+loop itself whenever the sender thread is not writing, so it costs one write and no thread wake-up; a
+front end that fell a step behind reads both messages and acknowledges them together.
 
 The core applies what came in between two steps, and at once while it waits for an acknowledgement, so
 an aborted request's blocks are free at the end of the step in flight when its abort came, at the latest.
@@ -16,8 +18,8 @@ stopping, goes out with the next message (:class:`~llmserve.engine.messages.Abor
 ``llmserve:abort_latency_*`` metrics). The core process is spawned, never forked: a fork would inherit the
 server's listening socket and its threads' locks. It exits when its parent does.
 
-Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``K`` (an output message was
-processed), ``M`` + JSON ``max_cells`` (a block map, answered between two steps), ``Q`` (stop); out ``R`` +
+Tags: in ``A`` + request, ``B`` + JSON ``[request_id, index]`` (abort), ``K`` + count (that many output
+messages were processed), ``M`` + JSON ``max_cells`` (a block map, answered between two steps), ``Q`` (stop); out ``R`` +
 JSON (ready: the KV-cache size), ``O`` + outputs, ``F`` + text (the core failed and exited).
 """
 
@@ -79,6 +81,7 @@ class EngineCoreClient:
         in_recv.close()
         out_send.close()
         self._sends: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writing = threading.Lock()   # one message at a time on the pipe (the sender's, or an ack)
         self._sender = threading.Thread(target=self._send_loop, name="llmserve-core-send", daemon=True)
         self._sender.start()
         self.num_kv_blocks: int | None = None
@@ -105,9 +108,21 @@ class EngineCoreClient:
     def abort(self, request_id: str, index: int | None = None) -> None:
         self._sends.put(b"B" + json.dumps([request_id, index]).encode())
 
-    def ack(self) -> None:
-        """The last output message has been processed (lets the core run one more step ahead)."""
-        self._sends.put(b"K")
+    def ack(self, count: int = 1) -> None:
+        """``count`` more output messages have been processed (lets the core run as many steps further).
+
+        Written here when the sender thread is not writing (it holds the pipe only while it writes a
+        request, abort or block-map query), else queued behind what it is writing."""
+        message = b"K%d" % count
+        if not self._writing.acquire(blocking=False):
+            self._sends.put(message)
+            return
+        try:
+            self._in.send_bytes(message)
+        except (OSError, ValueError):
+            pass   # the core is gone; the output side reports it
+        finally:
+            self._writing.release()
 
     def request_block_map(self, max_cells: int) -> None:
         """Ask for the KV cache's :class:`~llmserve.engine.messages.BlockMap`; it comes back with the outputs."""
@@ -116,7 +131,8 @@ class EngineCoreClient:
     def _send_loop(self) -> None:
         while (message := self._sends.get()) is not None:
             try:
-                self._in.send_bytes(message)
+                with self._writing:
+                    self._in.send_bytes(message)
             except (OSError, ValueError):
                 return   # the core is gone; the output side reports it
 
@@ -131,6 +147,14 @@ class EngineCoreClient:
         if message[:1] != b"O":
             raise EngineCoreDiedError(message[1:].decode() if message[:1] == b"F" else "unexpected message")
         return decode(message[1:], EngineCoreOutputs)
+
+    def receive_all(self) -> list[EngineCoreOutputs]:
+        """The next message and those already behind it in the pipe, up to :data:`MAX_STEPS_AHEAD` in all (as
+        many as a busy core sends before it waits for an acknowledgement); raises :class:`EngineCoreDiedError`."""
+        messages = [self.receive()]
+        while len(messages) < MAX_STEPS_AHEAD and self._out.poll(0):
+            messages.append(self.receive())
+        return messages
 
     def _receive(self, timeout: float | None) -> bytes:
         if timeout is not None and not self._out.poll(timeout):
@@ -236,7 +260,7 @@ def _core_loop(core: EngineCore, received: queue.SimpleQueue[Received], outputs:
             if tag == b"Q":
                 return
             if tag == b"K":
-                unacked -= 1
+                unacked -= int(body)
             elif tag == b"A":
                 request: Any = decode(body, EngineCoreRequest)
                 try:

@@ -174,13 +174,13 @@ class LLMEngine:
         return stats_dict(self.core.stats(), self.outputs)
 
 
-def stats_dict(core: SchedulerStats, outputs: OutputProcessor, iteration_tokens: int = 0,
+def stats_dict(core: SchedulerStats, outputs: OutputProcessor, iteration_tokens: list[int] | None = None,
                aborts: list[AbortDelay] | None = None) -> dict[str, Any]:
     """The engine's stats as /metrics reads them: the core's gauges, the front end's token counters and,
-    when they come with a core's message, the tokens that step computed (0 otherwise) and the aborts the
-    core applied since its previous message."""
+    when they come with the core's messages, the tokens each of their steps computed (0: nothing ran) and
+    the aborts the core applied since its previous message."""
     return {
-        "iteration_tokens": iteration_tokens,
+        "iteration_tokens": iteration_tokens or [],
         "aborts": aborts or [],
         "num_requests_running": core.num_requests_running,
         # the core's figures may be a step older than the front end's (an abort, a stop string)

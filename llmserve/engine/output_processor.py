@@ -137,12 +137,29 @@ class OutputProcessor:
         state.finished_time = time.monotonic()
         return self._make_output(state, finished=True)
 
-    def process(self, core: EngineCoreOutputs) -> tuple[list[AnyRequestOutput], list[tuple[str, int]]]:
-        """This step's outputs (per each request's output kind), and the samples that a stop string
-        finished, which the core must stop."""
-        now = time.monotonic()
+    def process(self, *messages: EngineCoreOutputs) -> tuple[list[AnyRequestOutput], list[tuple[str, int]]]:
+        """The outputs of one or more of the core's messages, in order (per each request's output kind): one
+        output per request that progressed, however many of the messages touched it, so a front end that
+        fell behind by a step hands each stream both steps' tokens at once. Also the samples that a stop
+        string finished, which the core must stop."""
         touched: dict[str, RequestState] = {}
         stopped: list[tuple[str, int]] = []
+        for core in messages:
+            self._apply(core, touched, stopped)
+        now = time.monotonic()
+        outputs = []
+        for state in touched.values():
+            finished = state.finished
+            if finished:
+                state.finished_time = now
+                del self.requests[state.request_id]
+            if finished or state.output_kind is not OutputKind.FINAL_ONLY:
+                outputs.append(self._make_output(state, finished))
+        return outputs, stopped
+
+    def _apply(self, core: EngineCoreOutputs, touched: dict[str, RequestState], stopped: list[tuple[str, int]]
+               ) -> None:
+        """Record one message's failures, vectors, prompt logprobs and tokens; note the requests it touched."""
         for request_id, message in core.failed.items():
             state = self.requests.get(request_id)
             if state is None:
@@ -169,15 +186,6 @@ class OutputProcessor:
             if self._process_sample(state, out):
                 stopped.append((out.request_id, out.index))
             touched[out.request_id] = state
-        outputs = []
-        for state in touched.values():
-            finished = state.finished
-            if finished:
-                state.finished_time = now
-                del self.requests[state.request_id]
-            if finished or state.output_kind is not OutputKind.FINAL_ONLY:
-                outputs.append(self._make_output(state, finished))
-        return outputs, stopped
 
     def _process_sample(self, state: RequestState, out: SampleOutput) -> bool:
         """Apply new tokens; True if a stop string finished a sample the core has not finished."""

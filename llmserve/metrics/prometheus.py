@@ -92,8 +92,9 @@ class EngineMetrics:
 
     def record_step(self, stats: dict, outputs: list[RequestOutput | EmbeddingRequestOutput]) -> None:
         """Called on the event loop after each step with the engine's stats and the step's outputs."""
-        if stats["iteration_tokens"]:
-            self.iteration_tokens.observe(stats["iteration_tokens"])
+        for tokens in stats["iteration_tokens"]:   # one entry per step of the core's messages
+            if tokens:
+                self.iteration_tokens.observe(tokens)
         for abort in stats["aborts"]:
             self.abort_steps.observe(abort.steps)
             self.abort_seconds.observe(abort.seconds)
@@ -125,9 +126,14 @@ class EngineMetrics:
             new_tokens = sum(len(c.token_ids) for c in output.outputs)
             if new_tokens:
                 last = self._last_token_time.get(output.request_id)
-                if last is not None:
-                    for _ in range(new_tokens):
-                        self.itl.observe(now - last)
+                gaps = new_tokens
+                if last is None:
+                    # A sample's first token follows no other; tokens that came with it (a front end that
+                    # caught up on two steps at once) follow it by the time since the core sampled it.
+                    gaps -= sum(1 for c in output.outputs if c.token_ids)
+                    last = output.metrics.first_token_time or now
+                for _ in range(gaps):
+                    self.itl.observe(now - last)
                 self._last_token_time[output.request_id] = now
             if output.finished:
                 self._last_token_time.pop(output.request_id, None)

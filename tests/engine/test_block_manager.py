@@ -191,3 +191,25 @@ def test_random_allocate_free_keeps_invariants(num_blocks, block_size, ops):
         bm.free(seq)
     assert bm.num_free_blocks == num_blocks
     assert_invariants(bm, seqs)
+
+
+def test_waste_counts_each_shared_block_once_as_full_as_its_fullest_holder():
+    """Slots allocated and slots holding computed tokens, as counted slot by slot: a block shared by two
+    sequences (a cached prefix, a fork's prompt) counts once, a block past a sequence's computed tokens
+    (allocated ahead) counts as empty, and blocks released out of a sliding window do not count."""
+    bm = BlockManager(64, 4)
+    a, b, c = make_seq(), make_seq(), make_seq()
+    a.block_tables, a.num_released, a.num_computed_tokens = [[0, 1, 2, 3]], [0], 10    # 2 full, 2 of 4, 0 of 4
+    b.block_tables, b.num_released, b.num_computed_tokens = [[0, 1, 2, 9]], [0], 12    # shares 0, 1 and 2 (full here)
+    c.block_tables, c.num_released, c.num_computed_tokens = [[5, 6, 7, 8]], [2], 13    # 5, 6 released; 7 full, 8: 1
+    per_block: dict[int, int] = {}
+    for seq in (a, b, c):
+        table, released = seq.block_tables[0], seq.num_released[0]
+        for i, block in enumerate(table):
+            if i >= released:
+                slots = sum(i * 4 + j < seq.num_computed_tokens for j in range(4))
+                per_block[block] = max(per_block.get(block, 0), slots)
+    assert per_block == {0: 4, 1: 4, 2: 4, 3: 0, 9: 0, 7: 4, 8: 1}
+    assert bm.waste([a, b, c]) == (len(per_block) * 4, sum(per_block.values()))
+    assert bm.waste([a]) == (16, 10)
+    assert bm.waste([]) == (0, 0)

@@ -2,7 +2,11 @@
 
 Specified:
 
-* The core runs at most ``MAX_STEPS_AHEAD`` steps ahead of the front end's acknowledgements, then waits.
+* The core runs at most ``MAX_STEPS_AHEAD`` steps ahead of the front end's acknowledgements, then waits;
+  one acknowledgement may count several messages (``K`` + count), and lets the core run as many steps on.
+* The front end writes an acknowledgement on the pipe itself when the sender thread is not writing (no
+  thread wake-up per step), and queues it behind a message the sender is writing (never interleaved);
+  it reads every message already waiting in one go (``receive_all``).
 * An abort that comes while the core waits for an acknowledgement is applied at once: the request's
   blocks are free before any further step, and its message reports ``AbortDelay(steps=0)``.
 * An abort that comes during a step is applied right after that step (the one in flight):
@@ -32,7 +36,7 @@ from llmserve import LLM, SamplingParams
 from llmserve.engine.core import EngineCore
 from llmserve.config import EngineConfig
 from llmserve.engine import input_processor
-from llmserve.engine.core_client import MAX_STEPS_AHEAD, Received, _core_loop, build_engine_core
+from llmserve.engine.core_client import MAX_STEPS_AHEAD, EngineCoreClient, Received, _core_loop, build_engine_core
 from llmserve.engine.messages import EngineCoreOutputs, decode, encode
 
 LONG = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
@@ -97,6 +101,59 @@ def test_an_abort_while_waiting_for_acknowledgements_frees_the_blocks_before_any
     assert [a.steps for a in idle.aborts] == [0] and idle.aborts[0].seconds < 1.0
     assert idle.stats.num_free_blocks == idle.stats.num_blocks and idle.stats.num_requests_running == 0
     assert loop.core.num_steps == steps
+
+
+def test_one_acknowledgement_of_several_messages_lets_the_core_run_as_many_steps_on(llm, loop):
+    loop.add(llm, "r")
+    for _ in range(MAX_STEPS_AHEAD):
+        loop.next_output()
+    assert not loop.outputs.poll(0.3)
+    loop.send(b"K%d" % MAX_STEPS_AHEAD)
+    for _ in range(MAX_STEPS_AHEAD):
+        assert loop.next_output().samples
+    assert not loop.outputs.poll(0.3)          # and no further
+    loop.abort("r")
+    loop.next_output()
+
+
+def client_on_pipes() -> tuple[EngineCoreClient, Any, Any]:
+    """An :class:`EngineCoreClient`'s pipe ends and sender thread without a core process: the client, the
+    core's reading end of its input pipe and the core's writing end of its output pipe."""
+    client = EngineCoreClient.__new__(EngineCoreClient)
+    core_in, client._in = multiprocessing.Pipe(duplex=False)
+    client._out, core_out = multiprocessing.Pipe(duplex=False)
+    client._sends = queue.SimpleQueue()
+    client._writing = threading.Lock()
+    client._sender = threading.Thread(target=client._send_loop, daemon=True)
+    client._sender.start()
+    return client, core_in, core_out
+
+
+def test_an_acknowledgement_is_written_at_once_unless_the_sender_is_writing():
+    client, core_in, _ = client_on_pipes()
+    try:
+        client._sends.put(None)                # the sender thread is gone: only a direct write can arrive
+        client._sender.join(5)
+        client.ack(2)
+        assert core_in.poll(5) and core_in.recv_bytes() == b"K2"
+        with client._writing:                  # as while the sender writes a large request
+            client.ack()
+        assert not core_in.poll(0.2)           # queued behind it, not interleaved with it
+        assert client._sends.get_nowait() == b"K1"
+    finally:
+        client._in.close()
+
+
+def test_receive_all_reads_every_message_already_waiting_up_to_the_core_s_lead():
+    client, _, core_out = client_on_pipes()
+    try:
+        for step in range(MAX_STEPS_AHEAD + 1):
+            core_out.send_bytes(b"O" + encode(EngineCoreOutputs(num_scheduled_tokens=step + 1)))
+        assert [m.num_scheduled_tokens for m in client.receive_all()] == list(range(1, MAX_STEPS_AHEAD + 1))
+        assert [m.num_scheduled_tokens for m in client.receive_all()] == [MAX_STEPS_AHEAD + 1]
+    finally:
+        client._sends.put(None)
+        client._in.close()
 
 
 def hold_first_step(core: EngineCore, monkeypatch) -> tuple[threading.Event, threading.Event]:

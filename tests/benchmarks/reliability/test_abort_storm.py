@@ -38,7 +38,7 @@ def test_abort_storm_frees_everything_at_once_and_logs_each_abort(storm_server):
 
 def metrics_text(metrics: EngineMetrics, *aborts: AbortDelay) -> str:
     """The server's /metrics after a message of the engine core that carried ``aborts``."""
-    stats = {"iteration_tokens": 0, "aborts": list(aborts), "num_requests_running": 0, "num_requests_waiting": 0,
+    stats = {"iteration_tokens": [], "aborts": list(aborts), "num_requests_running": 0, "num_requests_waiting": 0,
              "kv_cache_usage": 0.0, "num_preemptions": 0, "prompt_tokens": 0, "generation_tokens": 0,
              "prefix_cache_queries": 0, "prefix_cache_hits": 0, "kv_cache_waste": 0.0}
     metrics.record_step(stats, [])
