@@ -4,6 +4,8 @@
 * Its output equals ``x_q8 @ dequant(W)^T`` computed in float64 from the same quantised activations, to
   float32 rounding (relative 1e-5 of the output's size), for 4- and 8-bit codes in groups of 16 and 32, on 1,
   3, 16 and 64 rows (the few-row and the register-tiled paths), odd output sizes and a bias.
+* A row's output is the same, bit for bit, whether it is multiplied alone (the few-row path) or among many
+  (the many-row path, whose register tiles take several rows and pairs of output tiles).
 * Against the float product ``x @ W^T`` the only difference is the activations' rounding, which bounds it:
   ``|y - x W^T| <= |x - x_q8| @ |W|^T`` elementwise (``|x - x_q8| <= scale / 2`` per column).
 * A fused layer of segments in different formats writes each segment's columns.
@@ -66,6 +68,18 @@ def test_kernel_equals_the_float64_product_of_the_quantised_activations(bits, gr
     expected = group_int8_reference(x, layer.group_int8_segments[0]) + bias.double()
     assert out.shape == (rows, n)
     assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("rows", [9, 13, 64])
+@pytest.mark.parametrize("bits,group", FORMATS)
+def test_many_rows_give_each_row_what_it_gets_alone(bits, group, rows):
+    n, k = 37, 192   # three output tiles, the last partial: a pair and one alone; and a remainder of rows
+    layer = nn.Module()
+    set_group_int8(layer, [_codes(n, k, bits, group, seed=rows + bits)])
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    together = apply_group_int8(layer, x, bias)
+    alone = torch.cat([apply_group_int8(layer, x[m:m + 1], bias) for m in range(rows)])
+    assert torch.equal(together, alone)
 
 
 @pytest.mark.parametrize("bits,group", FORMATS)

@@ -15,9 +15,13 @@
  * vpdpbusd (u8 codes x s8 activations, four products summed per int32 lane): byte 4 r + j of step c is
  * code[r, 4 c + j] (8-bit), or code[r, 8 c + j] in the low nibble and code[r, 8 c + 4 + j] in the high one
  * (4-bit, unpacked in registers with a mask and a shift). Scales and offsets are [tile][group][16] floats.
- * Each thread takes whole tiles; a tile is multiplied by up to GI8_ROWS activation rows at once (a register
- * tile: each loaded weight vector serves every row), then by the next rows while it is still in cache, so
- * one row (decode) streams the weight once and many rows (prefill) reuse it from cache.
+ * Up to GI8_ROWS activation rows (decode), each thread takes whole tiles and multiplies a tile by every row at
+ * once (a register tile: each loaded weight vector serves every row), so the weight is streamed once. With
+ * more rows (prefill, or decode at many concurrent sequences) threads take pairs of tiles and multiply them by
+ * GI8_GEMM_ROWS rows at a time: each activation broadcast serves both tiles, each unpacked weight vector every
+ * row, and each row's scale and sum are loaded once per group for both tiles, so fewer instructions surround
+ * each vpdpbusd. Both paths add the same terms in the same order: a row's output does not depend on how many
+ * rows share the call.
  * Without AVX-512 VNNI the same arithmetic runs as portable integer code. */
 #include <math.h>
 #include <stdint.h>
@@ -33,6 +37,8 @@
 #define GI8_ROWS 8       /* activation rows per register tile */
 #define GI8_XBLOCK 32    /* columns per activation scale */
 #define GI8_XSUM 16      /* columns per activation sum */
+#define GI8_GEMM_ROWS 6  /* activation rows per register tile of the many-row path */
+#define GI8_GEMM_TILES 2 /* weight tiles per register tile of the many-row path */
 
 /* Quantises M rows of x [M, k] (k a multiple of 32): xq [M, k] int8, xscale [M, k / 32], and xsum [M, k / 16]
  * the dequantised sums (xscale times the sum of 16 codes).
@@ -114,6 +120,96 @@ tile_dots(const unsigned char *codes, const float *scales, const float *offsets,
     }
     for (int m = 0; m < mr; m++) _mm512_storeu_ps(out + m * GI8_TILE, acc[m]);
 }
+
+/* nt (1 or 2) tiles, tile_bytes / tile_floats apart, times mr (up to GI8_GEMM_ROWS) activation rows; one
+ * dot-product chain per (row, tile), which with several rows and tiles is enough independent chains.
+ * out[m * 16 * nt + t * 16 + r]. The float terms are tile_dots' in the same order. */
+static inline __attribute__((always_inline)) void
+panel_dots(const unsigned char *codes, long tile_bytes, const float *scales, const float *offsets, long tile_floats,
+           const signed char *xq, const float *xscale, const float *xsum, long k, float *out, const int mr,
+           const int nt, const int bits, const int group) {
+    __m512 acc[GI8_GEMM_ROWS][GI8_GEMM_TILES];
+    for (int m = 0; m < mr; m++)
+        for (int t = 0; t < nt; t++) acc[m][t] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const long groups = k / group;
+    for (long g = 0; g < groups; g++) {
+        __m512i dot[GI8_GEMM_ROWS][GI8_GEMM_TILES];
+        for (int m = 0; m < mr; m++)
+            for (int t = 0; t < nt; t++) dot[m][t] = _mm512_setzero_si512();
+        const long c0 = g * group;
+        for (long c = c0; c < c0 + group; c += 8) {
+            __m512i w[GI8_GEMM_TILES], w2[GI8_GEMM_TILES];
+            for (int t = 0; t < nt; t++) {
+                if (bits == 8) {
+                    w[t] = _mm512_loadu_si512((const void *)(codes + t * tile_bytes + c * GI8_TILE));
+                    w2[t] = _mm512_loadu_si512((const void *)(codes + t * tile_bytes + (c + 4) * GI8_TILE));
+                } else {
+                    const __m512i packed = _mm512_loadu_si512((const void *)(codes + t * tile_bytes + c * GI8_TILE / 2));
+                    w[t] = _mm512_and_si512(packed, low);
+                    w2[t] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+                }
+            }
+            for (int m = 0; m < mr; m++) {
+                const __m512i a = bcast4(xq + m * k + c), a2 = bcast4(xq + m * k + c + 4);
+                for (int t = 0; t < nt; t++)
+                    dot[m][t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[m][t], w[t], a), w2[t], a2);
+            }
+        }
+        __m512 s[GI8_GEMM_TILES], o[GI8_GEMM_TILES];
+        for (int t = 0; t < nt; t++) {
+            s[t] = _mm512_loadu_ps(scales + t * tile_floats + g * GI8_TILE);
+            o[t] = _mm512_loadu_ps(offsets + t * tile_floats + g * GI8_TILE);
+        }
+        for (int m = 0; m < mr; m++) {
+            const __m512 xs = _mm512_set1_ps(xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK]);
+            const __m512 sum = _mm512_set1_ps(group_xsum(xsum + m * (k / GI8_XSUM), g, group));
+            for (int t = 0; t < nt; t++) {
+                acc[m][t] = _mm512_fmadd_ps(_mm512_mul_ps(s[t], xs), _mm512_cvtepi32_ps(dot[m][t]), acc[m][t]);
+                acc[m][t] = _mm512_fmadd_ps(o[t], sum, acc[m][t]);
+            }
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int t = 0; t < nt; t++) _mm512_storeu_ps(out + (m * nt + t) * GI8_TILE, acc[m][t]);
+}
+
+#define GI8_PANEL_CASE(MR, NT, BITS, GROUP)                                                                  \
+    if (mr == MR && nt == NT && bits == BITS && group == GROUP) {                                             \
+        panel_dots(tc, tile_bytes, ts, to, tile_floats, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK),          \
+                   xsum + m0 * (k / GI8_XSUM), k, out, MR, NT, BITS, GROUP);                                  \
+    } else
+#define GI8_PANEL_FORMATS(MR, NT) GI8_PANEL_CASE(MR, NT, 8, 16) GI8_PANEL_CASE(MR, NT, 8, 32)              \
+    GI8_PANEL_CASE(MR, NT, 4, 16) GI8_PANEL_CASE(MR, NT, 4, 32)
+#define GI8_PANEL_CASES(MR) GI8_PANEL_FORMATS(MR, 1) GI8_PANEL_FORMATS(MR, 2)
+
+/* The many-row path of llmserve_group_int8_linear: each thread takes pairs of tiles (the last one maybe
+ * alone) and runs them over all M rows, GI8_GEMM_ROWS at a time. */
+static void gemm_tiles(const signed char *xq, const float *xscale, const float *xsum, long M, long k,
+                       const unsigned char *codes, const float *scales, const float *offsets, long n, int bits,
+                       int group, const float *bias, float *y, long y_stride, int num_threads) {
+    const long tiles = (n + GI8_TILE - 1) / GI8_TILE;
+    const long pairs = (tiles + GI8_GEMM_TILES - 1) / GI8_GEMM_TILES;
+    const long tile_bytes = k * GI8_TILE * bits / 8, tile_floats = (k / group) * GI8_TILE;
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (long p = 0; p < pairs; p++) {
+        const long t0 = p * GI8_GEMM_TILES;
+        const int nt = tiles - t0 < GI8_GEMM_TILES ? (int)(tiles - t0) : GI8_GEMM_TILES;
+        const unsigned char *tc = codes + t0 * tile_bytes;
+        const float *ts = scales + t0 * tile_floats, *to = offsets + t0 * tile_floats;
+        const long cols = n - t0 * GI8_TILE < nt * GI8_TILE ? n - t0 * GI8_TILE : nt * GI8_TILE;
+        for (long m0 = 0; m0 < M; m0 += GI8_GEMM_ROWS) {
+            const int mr = M - m0 < GI8_GEMM_ROWS ? (int)(M - m0) : GI8_GEMM_ROWS;
+            float out[GI8_GEMM_ROWS * GI8_GEMM_TILES * GI8_TILE];
+            GI8_PANEL_CASES(1) GI8_PANEL_CASES(2) GI8_PANEL_CASES(3) GI8_PANEL_CASES(4) GI8_PANEL_CASES(5)
+            GI8_PANEL_CASES(6) {}
+            for (int m = 0; m < mr; m++)
+                for (long r = 0; r < cols; r++)
+                    y[(m0 + m) * y_stride + t0 * GI8_TILE + r] = out[m * nt * GI8_TILE + r]
+                                                                  + (bias ? bias[t0 * GI8_TILE + r] : 0.f);
+        }
+    }
+}
 #else
 static inline __attribute__((always_inline)) void
 tile_dots(const unsigned char *codes, const float *scales, const float *offsets, const signed char *xq,
@@ -162,6 +258,12 @@ int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const
                                const unsigned char *codes, const float *scales, const float *offsets, long n,
                                int bits, int group, const float *bias, float *y, long y_stride, int num_threads) {
     if ((bits != 4 && bits != 8) || (group != 16 && group != 32) || k % GI8_XBLOCK) return -1;
+#ifdef GI8_VNNI
+    if (M > GI8_ROWS) {
+        gemm_tiles(xq, xscale, xsum, M, k, codes, scales, offsets, n, bits, group, bias, y, y_stride, num_threads);
+        return 0;
+    }
+#endif
     const long tiles = (n + GI8_TILE - 1) / GI8_TILE;
     const long tile_bytes = k * GI8_TILE * bits / 8, tile_floats = (k / group) * GI8_TILE;
     #pragma omp parallel for schedule(static) num_threads(num_threads)
