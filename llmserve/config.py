@@ -265,10 +265,9 @@ class EngineConfig:
         self.speculative_config = SpeculativeConfig.resolve(self.speculative_config, self.speculative_model,
                                                             self.num_speculative_tokens)
         self.speculative_model = self.num_speculative_tokens = None   # folded into speculative_config
-        if self.speculative_config is not None and self.speculative_config.method == "draft_model" \
-                and self.world_size > 1:
-            raise ValueError("--speculative-config: a draft model must run with one rank (tensor and pipeline "
-                             f"parallel size 1), got {self.tensor_parallel_size} x {self.pipeline_parallel_size}")
+        if self.speculative_config is not None:
+            self.speculative_config = self.speculative_config.for_target(self.tensor_parallel_size,
+                                                                         self.pipeline_parallel_size)
         if self.block_size < 1:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

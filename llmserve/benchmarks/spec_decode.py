@@ -3,7 +3,8 @@ continuation repeats them (a passage, then its first part again: the output that
 code edits, quoting summaries and RAG answers look like to a proposer).
 
 The same prompts run one at a time, greedy, without speculation and then with ``--speculative-config``
-(each in a fresh engine, after a warm-up request). TPOT per request is (last token - first token) / (tokens
+(each in a fresh engine, after a warm-up request); ``--concurrency`` runs the sweep of
+:mod:`llmserve.benchmarks.spec_decode_sweep` instead. TPOT per request is (last token - first token) / (tokens
 - 1); the mean and median over the requests are reported, with the speed-up, the acceptance rate and the
 mean acceptance length. Greedy outputs must be equal token for token: the run fails if they are not.
 """
@@ -53,6 +54,12 @@ def run_spec_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                          "DRAFT or [ngram], with --num-speculative-tokens k): give one")
     if args.output_len < 2:
         raise ValueError("--output-len must be at least 2 (TPOT is measured after the first token)")
+    if args.concurrency is not None:
+        from llmserve.benchmarks.spec_decode_sweep import run_spec_decode_sweep
+
+        return run_spec_decode_sweep(args, config)
+    if args.workload != "repeat":
+        raise ValueError("--workload is for the concurrency sweep: give --concurrency too")
     results: dict[str, Any] = {}
     outputs: dict[str, list[list[int]]] = {}
     prompts: list[list[int]] = []

@@ -62,6 +62,17 @@ class GroupCoordinator:
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """The group member ``src``'s ``tensor`` on every rank, in place; returns it. Through the shared-memory
+        segment where it can gather (so a peer that fails the step can abort the wait), else gloo / NCCL."""
+        if self.world_size > 1:
+            shm = self.shm
+            if shm is not None and shm.can_gather(tensor):
+                tensor.copy_(shm.all_gather(tensor.unsqueeze(0), dim=0)[src])
+            else:
+                dist.broadcast(tensor, self.ranks[src], group=self.group)
+        return tensor
+
     def all_gather_json(self, value: object) -> list:
         """Every rank's JSON-able ``value`` (rank order): for start-up agreements (nothing is pickled)."""
         if self.world_size == 1:

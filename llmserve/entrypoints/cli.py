@@ -184,13 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--output-json", default=None, help="write the results as JSON")
     lat.add_argument("--plot", default=None, help="draw TPOT and tokens/s against the batch size into this PNG")
     lat.set_defaults(func=_bench("latency", "run_latency_benchmark"))
-    spec = bench_sub.add_parser("spec-decode", help="batch-1 TPOT with --speculative-config against without")
+    spec = bench_sub.add_parser("spec-decode", help="TPOT with --speculative-config against without, at batch 1 or a concurrency sweep")
     add_engine_args(spec)
     spec.add_argument("--num-prompts", type=int, default=8)
     spec.add_argument("--passage-len", type=int, default=256, help="tokens of the corpus passage in each prompt")
     spec.add_argument("--repeat-len", type=int, default=32, help="tokens of the passage repeated after it")
     spec.add_argument("--output-len", type=int, default=128)
     spec.add_argument("--output-json", default=None, help="write the results as JSON")
+    spec.add_argument("--concurrency", default=None,
+                      help="comma-separated numbers of concurrent requests, e.g. 1,8,32,64: speculation on against "
+                           "off at each, alternating (instead of the batch-1 comparison)")
+    spec.add_argument("--workload", default="repeat", choices=("repeat", "random"),
+                      help="with --concurrency: repeating prompts, or random token ids (nothing to look up)")
+    spec.add_argument("--rounds", type=int, default=2, help="with --concurrency: rounds of off and on per concurrency")
     spec.set_defaults(func=_bench("spec_decode", "run_spec_decode_benchmark"))
     ppl = bench_sub.add_parser("perplexity", help="perplexity of a text (default: the held-out corpus) through the engine")
     add_engine_args(ppl)

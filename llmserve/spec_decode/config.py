@@ -10,7 +10,7 @@ not (EAGLE, MTP, ...) is refused at start-up naming what is supported, never run
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 METHODS = ("ngram", "suffix", "draft_model")
@@ -34,8 +34,9 @@ class SpeculativeConfig:
     sizes it looks up (``prompt_lookup_min`` to ``prompt_lookup_max``, longest first); for ``suffix``, vLLM's
     ``suffix_decoding_*`` settings (:mod:`llmserve.spec_decode.suffix_proposer`). vLLM keeps up to 10000
     requests in the global tree (in C++); this tree is Python objects, so its default keeps 64. For
-    ``draft_model``, the draft checkpoint (``model``) and its tensor-parallel size (only 1: the draft is small,
-    and runs whole beside the target). ``adaptive`` (llmserve's, off by default): the drafts each sequence checks
+    ``draft_model``, the draft checkpoint (``model``) and its tensor-parallel size: the target's (the default, as
+    vLLM's), so each rank holds its share of the draft's heads and weights beside its share of the target's,
+    and the draft's K/V heads split over the ranks as the target's do, in the same pool. ``adaptive`` (llmserve's, off by default): the drafts each sequence checks
     per step are chosen from its measured acceptance and a step-cost model measured at start-up, down to none
     (:mod:`llmserve.spec_decode.adaptive`)."""
 
@@ -48,7 +49,7 @@ class SpeculativeConfig:
     suffix_decoding_max_spec_factor: float = 1.0
     suffix_decoding_min_token_prob: float = 0.1
     model: str | None = None
-    draft_tensor_parallel_size: int = 1
+    draft_tensor_parallel_size: int | None = None   # None: the target's (see for_target)
     adaptive: bool = False
 
     @property
@@ -69,9 +70,14 @@ class SpeculativeConfig:
                              f"{self.method!r}")
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"--speculative-config: adaptive must be true or false, got {self.adaptive!r}")
-        if self.draft_tensor_parallel_size != 1:
-            raise ValueError(f"--speculative-config: draft_tensor_parallel_size must be 1 (the draft runs whole on "
-                             f"each rank), got {self.draft_tensor_parallel_size!r}")
+        if self.draft_tensor_parallel_size is not None:
+            if self.method != "draft_model":
+                raise ValueError(f"--speculative-config: draft_tensor_parallel_size is for method draft_model, not "
+                                 f"supported with {self.method!r}")
+            value = self.draft_tensor_parallel_size
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--speculative-config: draft_tensor_parallel_size must be an integer >= 1, got "
+                                 f"{value!r}")
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -92,6 +98,23 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"--speculative-config: prompt_lookup_min ({self.prompt_lookup_min}) is above "
                              f"prompt_lookup_max ({self.prompt_lookup_max})")
+
+    def for_target(self, tensor_parallel_size: int, pipeline_parallel_size: int) -> SpeculativeConfig:
+        """This config for a target on ``tensor_parallel_size x pipeline_parallel_size`` ranks: a draft model is
+        sharded like the target (``draft_tensor_parallel_size`` left out means the target's size). vLLM also runs
+        a draft whole on one rank (size 1 under a larger target) and llmserve does not, so that is refused, as is
+        a draft under pipeline parallelism (its layers would have to be split into the target's stages)."""
+        if self.method != "draft_model":
+            return self
+        if pipeline_parallel_size > 1:
+            raise ValueError(f"--speculative-config: a draft model runs with pipeline parallel size 1, got "
+                             f"{pipeline_parallel_size} (tensor parallelism is supported)")
+        size = self.draft_tensor_parallel_size
+        if size is not None and size != tensor_parallel_size:
+            raise ValueError(f"--speculative-config: draft_tensor_parallel_size {size} with the target on "
+                             f"{tensor_parallel_size} tensor-parallel rank(s): the draft is sharded like the target, "
+                             f"so it must be {tensor_parallel_size} (or left out)")
+        return replace(self, draft_tensor_parallel_size=tensor_parallel_size)
 
     @classmethod
     def resolve(cls, value: SpeculativeConfig | Mapping[str, Any] | str | None, speculative_model: str | None,

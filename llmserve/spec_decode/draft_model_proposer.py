@@ -42,7 +42,7 @@ from llmserve.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     from llmserve.config import EngineConfig
-    from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
+    from llmserve.engine.messages import SchedulerOutput
     from llmserve.worker.input_batch import CachedSequence, InputBatch
 
 logger = logging.getLogger(__name__)
@@ -101,23 +101,24 @@ class DraftModelProposer:
         self.model(input_ids, positions, metadata, rotary_lengths=rotary_lengths)
 
     def draft_after_step(self, batch: InputBatch, seqs: list[CachedSequence], sched: SchedulerOutput,
-                         out: ModelRunnerOutput) -> dict[int, list[int]]:
-        """Drafts to follow the step's tokens (``out``: what it sampled and accepted) for the sampled ``seqs`` the
-        scheduler would check them for (not grammar-constrained ones, nor a request's samples in the step they
-        fork: they still share their prompt's last block), as many as it asks (adaptive speculation)."""
+                         sampled: np.ndarray, accepted: np.ndarray) -> dict[int, list[int]]:
+        """Drafts to follow the step's tokens (``sampled[i]``: the token ``seqs[i]`` ends the step with, after its
+        ``accepted[i]`` accepted drafts) for the sampled ``seqs`` the scheduler would check them for (not
+        grammar-constrained ones, nor a request's samples in the step they fork: they still share their prompt's
+        last block), as many as it asks (adaptive speculation). Under tensor parallelism every rank calls this
+        with the same arguments (the draft's forwards are collective)."""
         forked = {f.seq_id for forks in sched.forks.values() for f in forks} | set(sched.forks)
         wanted = sched.num_drafts_after_step
-        seqs = [s for s in seqs if s.params.structured_outputs is None and s.seq_id not in forked
+        keep = [i for i, s in enumerate(seqs) if s.params.structured_outputs is None and s.seq_id not in forked
                 and wanted.get(s.seq_id, 1) > 0]
-        if not seqs:
+        if not keep:
             return {}
+        seqs = [seqs[i] for i in keep]
         rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-        accepted = np.fromiter((out.num_accepted_drafts.get(s.seq_id, 0) for s in seqs), dtype=np.int64,
-                               count=len(seqs))
         limits = np.fromiter((wanted.get(s.seq_id, self.num_speculative_tokens) for s in seqs), dtype=np.int64,
                              count=len(seqs))
         # the new last token sits after the row's tokens and its accepted drafts
-        drafts = self.propose([out.sampled[s.seq_id] for s in seqs], batch.num_tokens[rows] + accepted,
+        drafts = self.propose(sampled[keep].tolist(), batch.num_tokens[rows] + accepted[keep],
                               batch.num_blocks[rows] * self.block_size, batch.block_tables[:, rows],
                               batch.num_prompt[rows], limits)
         return {s.seq_id: d for s, d in zip(seqs, drafts) if d}

@@ -120,6 +120,12 @@ def _rank_main(rank: int, world: int, ports: list[int], out_dir: str) -> None:
             assert torch.equal(got, want)
             assert got.data_ptr() != x.data_ptr()
 
+        # Broadcast: the member src's tensor on every rank, in place, through the segment.
+        for src in range(world):
+            x = torch.full((3, 4), rank * 10 + 1, dtype=torch.int64)
+            assert expect_shm(lambda: tp.broadcast(x, src)) is x
+            assert x.tolist() == [[src * 10 + 1] * 4] * 3
+
         # Gloo: a non-contiguous tensor, an integer tensor.
         call += 1
         base = rank_input(rank, torch.float32, 8 * 16, call).view(8, 16)
@@ -181,6 +187,8 @@ def _rank_main(rank: int, world: int, ports: list[int], out_dir: str) -> None:
             assert parallel_state.get_tp_group().shm is None
             x = torch.full((4,), float(rank + 1))
             assert parallel_state.get_tp_group().all_reduce(x).tolist() == [3.0] * 4
+            x = torch.full((4,), rank + 1)
+            assert parallel_state.get_tp_group().broadcast(x, 1).tolist() == [2] * 4
         finally:
             parallel_state.destroy_distributed()
     Path(out_dir, f"rank{rank}.done").write_text(name)

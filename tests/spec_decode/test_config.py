@@ -46,7 +46,7 @@ def test_legacy_flags_mean_ngram():
 
 
 def test_draft_model_in_every_spelling():
-    expected = SpeculativeConfig("draft_model", 3, model="/models/draft")
+    expected = SpeculativeConfig("draft_model", 3, model="/models/draft", draft_tensor_parallel_size=1)   # the target's
     assert from_cli("--speculative-config", '{"method": "draft_model", "model": "/models/draft", '
                     '"num_speculative_tokens": 3, "draft_tensor_parallel_size": 1}').speculative_config == expected
     assert EngineConfig(speculative_config={"model": "/models/draft", "num_speculative_tokens": 3}) \
@@ -68,11 +68,13 @@ def test_off_by_default():
     ({"speculative_config": {"method": "draft_model", "num_speculative_tokens": 2}}, "draft_model needs a model"),
     ({"speculative_config": {"method": "suffix", "model": "/models/draft"}}, "is a draft model: the method must be draft_model"),
     ({"speculative_config": {"model": "/models/draft", "num_speculative_tokens": 2,
-                             "draft_tensor_parallel_size": 2}}, "draft_tensor_parallel_size must be 1"),
-    ({"speculative_model": "/models/draft", "num_speculative_tokens": 2, "tensor_parallel_size": 2,
-      "distributed_executor_backend": "mp"}, "a draft model must run with one rank"),
+                             "draft_tensor_parallel_size": 2}}, "draft_tensor_parallel_size 2 with the target on 1"),
+    ({"speculative_config": {"model": "/models/draft", "num_speculative_tokens": 2,
+                             "draft_tensor_parallel_size": 0}}, "draft_tensor_parallel_size must be an integer >= 1"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}},
+     "draft_tensor_parallel_size is for method draft_model"),
     ({"speculative_model": "/models/draft", "num_speculative_tokens": 2, "pipeline_parallel_size": 2,
-      "distributed_executor_backend": "mp"}, "a draft model must run with one rank"),
+      "distributed_executor_backend": "mp"}, "a draft model runs with pipeline parallel size 1"),
     ({"speculative_config": {"method": "ngram"}}, "needs num_speculative_tokens"),
     ({"num_speculative_tokens": 2}, "needs a method"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 0}}, "num_speculative_tokens must be"),

@@ -1,0 +1,145 @@
+"""``llmserve bench spec-decode --concurrency 1,8,32,64``: speculation on against off at several numbers of
+concurrent requests, the check behind the rule "with speculation configured, throughput and TPOT are never
+worse than with it off".
+
+Two engines live side by side in this process, one without speculation and one with ``--speculative-config``,
+so the two arms alternate within each round (off first in odd rounds, on first in even ones) and a change of
+the machine's load falls on both. At concurrency ``c`` an arm generates ``c`` prompts at once (greedy,
+``--output-len`` tokens each, EOS ignored), the same prompts for both arms. Per concurrency the report gives,
+summed over the rounds, each arm's output throughput (output tokens / wall time) and mean TPOT, and the on/off
+ratios as speeds: throughput on / off and TPOT off / on, so that a ratio below 1 means speculation cost time;
+the ratios of each round are given too, their spread being the noise of the machine.
+
+``--workload repeat`` is the batch-1 benchmark's (a corpus passage, then its beginning again: prompt lookup
+finds matches); ``--workload random`` draws random token ids of the same length (nothing to look up, so
+drafts are rarely proposed and rarely accepted: what speculation costs where it cannot help). Greedy
+outputs are compared and the number that differ is reported, not treated as a failure: in bfloat16, a step
+verifying drafts computes a row's logits in another batch shape than a plain decode step, so a near tie can
+round the other way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+from llmserve.benchmarks.datasets import CorpusText, HFTokenizer, allowed_token_ids, random_token_ids
+from llmserve.benchmarks.spec_decode import repeat_prompts
+from llmserve.config import EngineConfig
+from llmserve.entrypoints.llm import LLM
+from llmserve.sampling_params import SamplingParams
+
+WORKLOADS = ("repeat", "random")
+
+
+def parse_concurrency(value: str) -> list[int]:
+    """``1,8,32,64`` -> [1, 8, 32, 64]; every entry an integer >= 1."""
+    try:
+        levels = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--concurrency must be comma-separated integers, got {value!r}") from None
+    if not levels or min(levels) < 1:
+        raise ValueError(f"--concurrency must be integers >= 1, got {value!r}")
+    return levels
+
+
+def sweep_prompts(llm: LLM, workload: str, num: int, passage_len: int, repeat_len: int) -> list[list[int]]:
+    """``num`` prompts of ``passage_len + repeat_len`` tokens (plus the separator for ``repeat``)."""
+    tokenizer = HFTokenizer(llm.get_tokenizer())
+    if workload == "repeat":
+        return repeat_prompts(CorpusText(tokenizer), num, passage_len, repeat_len)
+    allowed = allowed_token_ids(tokenizer.vocab_size, tokenizer.special_ids)
+    rng = random.Random(0)
+    return [random_token_ids(rng, passage_len + repeat_len, allowed) for _ in range(num)]
+
+
+@dataclasses.dataclass
+class ArmTotals:
+    """One arm at one concurrency, summed over the rounds."""
+
+    output_tokens: int = 0
+    seconds: float = 0.0
+    tpots: list[float] = dataclasses.field(default_factory=list)
+    outputs: list[list[int]] = dataclasses.field(default_factory=list)   # the last round's
+    per_round: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+    def add(self, llm: LLM, prompts: list[list[int]], output_len: int) -> None:
+        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        start = time.perf_counter()
+        results = llm.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        tokens = [len(r.outputs[0].token_ids) for r in results]
+        tpots = [(r.metrics.last_token_time - r.metrics.first_token_time) / (n - 1) for r, n in zip(results, tokens)]
+        self.output_tokens += sum(tokens)
+        self.seconds += seconds
+        self.tpots += tpots
+        self.outputs = [list(r.outputs[0].token_ids) for r in results]
+        self.per_round.append({"output_throughput": sum(tokens) / seconds, "mean_tpot_ms": 1000 * statistics.mean(tpots)})
+
+    def summary(self) -> dict[str, float]:
+        return {"output_throughput": self.output_tokens / self.seconds,
+                "mean_tpot_ms": 1000 * statistics.mean(self.tpots)}
+
+
+def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
+    levels = parse_concurrency(args.concurrency)
+    if args.workload not in WORKLOADS:
+        raise ValueError(f"--workload must be one of {', '.join(WORKLOADS)}, got {args.workload!r}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if max(levels) > config.max_num_seqs:
+        raise ValueError(f"--concurrency {max(levels)} is above --max-num-seqs {config.max_num_seqs}: the engine "
+                         f"would queue requests instead of running them at once")
+    engines = {"off": LLM(**vars(dataclasses.replace(config, speculative_config=None))),
+               "on": LLM(**vars(config))}
+    prompts = sweep_prompts(engines["off"], args.workload, max(levels), args.passage_len, args.repeat_len)
+    for llm in engines.values():   # warm-up: the first steps of an engine pay one-off costs
+        llm.generate(prompts[:max(levels)], SamplingParams(temperature=0.0, max_tokens=4))
+    totals = {(c, arm): ArmTotals() for c in levels for arm in engines}
+    differing = dict.fromkeys(levels, 0)
+    for round_index in range(args.rounds):
+        order = ("off", "on") if round_index % 2 == 0 else ("on", "off")
+        for c in levels:
+            for arm in order:
+                totals[c, arm].add(engines[arm], prompts[:c], args.output_len)
+            differing[c] += sum(a != b for a, b in zip(totals[c, "off"].outputs, totals[c, "on"].outputs))
+    stats = engines["on"].engine.scheduler.spec_stats
+    for llm in engines.values():
+        llm.shutdown()
+    points = []
+    for c in levels:
+        off, on = totals[c, "off"].summary(), totals[c, "on"].summary()
+        points.append({"concurrency": c, "off": off, "on": on,
+                       "throughput_ratio": on["output_throughput"] / off["output_throughput"],
+                       "tpot_ratio": off["mean_tpot_ms"] / on["mean_tpot_ms"],
+                       "differing_outputs": differing[c],
+                       # the spread of these is the noise the summed ratios carry
+                       "throughput_ratio_per_round": [b["output_throughput"] / a["output_throughput"] for a, b in
+                                                      zip(totals[c, "off"].per_round, totals[c, "on"].per_round)],
+                       "tpot_ratio_per_round": [a["mean_tpot_ms"] / b["mean_tpot_ms"] for a, b in
+                                                zip(totals[c, "off"].per_round, totals[c, "on"].per_round)]})
+    results = {"workload": args.workload, "rounds": args.rounds, "points": points,
+               "acceptance_rate": stats.acceptance_rate, "mean_acceptance_length": stats.mean_acceptance_length,
+               "num_drafts": stats.num_drafts}
+    print(f"{args.workload} prompts of {args.passage_len} + {args.repeat_len} tokens, {args.output_len} output tokens, "
+          f"{args.rounds} rounds, {config.speculative_config}")
+    print("concurrency | tok/s off | tok/s on | throughput on/off | TPOT off ms | TPOT on ms | TPOT off/on | "
+          "outputs differing")
+    for p in points:
+        print(f"{p['concurrency']:>11} | {p['off']['output_throughput']:9.1f} | {p['on']['output_throughput']:8.1f} | "
+              f"{p['throughput_ratio']:17.3f} | {p['off']['mean_tpot_ms']:11.2f} | {p['on']['mean_tpot_ms']:10.2f} | "
+              f"{p['tpot_ratio']:11.3f} | {p['differing_outputs']}")
+        print(f"{'':>11}   per round: throughput on/off "
+              f"{', '.join(f'{r:.3f}' for r in p['throughput_ratio_per_round'])}; TPOT off/on "
+              f"{', '.join(f'{r:.3f}' for r in p['tpot_ratio_per_round'])}")
+    print(f"acceptance rate {stats.acceptance_rate:.1%}, mean acceptance length {stats.mean_acceptance_length:.2f} "
+          f"over {stats.num_drafts} drafts")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}, f, indent=2)
+    return results

@@ -1,0 +1,45 @@
+"""``bench spec-decode --concurrency``: speculation on against off at each concurrency, alternating, with the
+on/off ratios as speeds (throughput on / off, TPOT off / on) and the acceptance of the speculative engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmserve.benchmarks.spec_decode_sweep import parse_concurrency
+from tests.benchmarks.test_offline import ENGINE, bench
+from tests.benchmarks.test_spec_decode import NGRAM
+
+
+@pytest.mark.parametrize("workload", ["repeat", "random"])
+def test_sweep_reports_each_concurrency_with_ratios(tmp_path, llama_dir, capsys, workload):
+    out = tmp_path / "sweep.json"
+    assert bench("spec-decode", str(llama_dir), *ENGINE, "--speculative-config", NGRAM, "--concurrency", "1,3",
+                 "--workload", workload, "--rounds", "2", "--passage-len", "16", "--repeat-len", "4",
+                 "--output-len", "8", "--output-json", str(out)) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["workload"] == workload and results["rounds"] == 2
+    assert [p["concurrency"] for p in results["points"]] == [1, 3]
+    for point in results["points"]:
+        off, on = point["off"], point["on"]
+        assert point["throughput_ratio"] == pytest.approx(on["output_throughput"] / off["output_throughput"])
+        assert point["tpot_ratio"] == pytest.approx(off["mean_tpot_ms"] / on["mean_tpot_ms"])
+        assert 0 <= point["differing_outputs"] <= 2 * point["concurrency"]
+        assert len(point["throughput_ratio_per_round"]) == len(point["tpot_ratio_per_round"]) == 2
+        assert min(point["tpot_ratio_per_round"]) - 1e-9 <= point["tpot_ratio"] <= max(point["tpot_ratio_per_round"]) + 1e-9
+    assert "throughput on/off" in capsys.readouterr().out
+
+
+def test_parse_concurrency():
+    assert parse_concurrency("1, 8,32,64") == [1, 8, 32, 64]
+    for bad in ("", "0,8", "a"):
+        with pytest.raises(ValueError, match="--concurrency"):
+            parse_concurrency(bad)
+
+
+def test_sweep_refusals(llama_dir):
+    common = [str(llama_dir), *ENGINE, "--speculative-config", NGRAM]
+    assert bench("spec-decode", *common, "--concurrency", "4", "--max-num-seqs", "2") == 2    # would queue
+    assert bench("spec-decode", *common, "--concurrency", "1", "--rounds", "0") == 2
+    assert bench("spec-decode", *common, "--workload", "random") == 2                         # sweep only
