@@ -87,7 +87,12 @@ def run_spec_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         print(f"speculation {name:>3}: TPOT mean {r['mean_tpot_ms']:.2f} ms, median {r['median_tpot_ms']:.2f} ms")
     print(f"speed-up {results['speedup_mean_tpot']:.2f}x; acceptance rate {on['acceptance_rate']:.1%}, mean "
           f"acceptance length {on['mean_acceptance_length']:.2f} over {on['num_drafts']} drafts")
+    save_output_json(args, results)
+    return results
+
+
+def save_output_json(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """``--output-json``: the flags and the results, for both the batch-1 comparison and the sweep."""
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}, f, indent=2)
-    return results

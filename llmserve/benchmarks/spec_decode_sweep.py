@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import random
 import statistics
 import time
 from typing import Any
 
 from llmserve.benchmarks.datasets import CorpusText, HFTokenizer, allowed_token_ids, random_token_ids
-from llmserve.benchmarks.spec_decode import repeat_prompts
+from llmserve.benchmarks.spec_decode import repeat_prompts, save_output_json
 from llmserve.config import EngineConfig
 from llmserve.entrypoints.llm import LLM
 from llmserve.sampling_params import SamplingParams
@@ -139,7 +138,5 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
               f"{', '.join(f'{r:.3f}' for r in p['tpot_ratio_per_round'])}")
     print(f"acceptance rate {stats.acceptance_rate:.1%}, mean acceptance length {stats.mean_acceptance_length:.2f} "
           f"over {stats.num_drafts} drafts")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump({"config": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}, f, indent=2)
+    save_output_json(args, results)
     return results

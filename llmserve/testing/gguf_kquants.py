@@ -70,17 +70,24 @@ def quantize_q5_k(weights: np.ndarray) -> np.ndarray:
     return out.reshape(weights.shape[0], -1)
 
 
+def _symmetric_sub_blocks(weights: np.ndarray, half: int, max_scale: int) -> tuple[np.ndarray, ...]:
+    """Q3_K/Q6_K's 16 symmetric sub-blocks of 16: ``x ~ d * sc * q`` with ``sc`` in 0..max_scale of one fp16 ``d``
+    per super-block and codes ``q`` in -half..half - 1 (the largest magnitude at ``half - 1``). Returns ``d``
+    (float32 [blocks]), ``sc`` [blocks, 16] and the codes stored as ``q + half`` (uint8 [blocks, 16, 16])."""
+    sub = _super_blocks(weights).reshape(-1, 16, 16)
+    span = np.abs(sub).max(axis=-1) / (half - 1)
+    d = (span.max(axis=-1) / max_scale).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d[:, None] > 0, np.rint(span / d[:, None]), 0).clip(0, max_scale)
+        step = (d[:, None] * sc)[..., None]
+        q = (np.where(step > 0, np.rint(sub / step), 0).clip(-half, half - 1) + half).astype(np.uint8)
+    return d, sc, q
+
+
 def quantize_q6_k(weights: np.ndarray) -> np.ndarray:
     """float [rows, k] -> Q6_K blocks, uint8 [rows, k / 256 * 210]: 16 symmetric sub-blocks of 16 with int8
     scales of one fp16 ``d``, codes ``q + 32`` (q in -32..31) split into ``ql`` (low 4 bits) and ``qh``."""
-    blocks = _super_blocks(weights)
-    sub = blocks.reshape(-1, 16, 16)
-    span = np.abs(sub).max(axis=-1) / 31
-    d = (span.max(axis=-1) / 127).astype(np.float16).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d[:, None] > 0, np.rint(span / d[:, None]), 0).clip(0, 127)
-        step = (d[:, None] * sc)[..., None]
-        q = (np.where(step > 0, np.rint(sub / step), 0).clip(-32, 31) + 32).astype(np.uint8)
+    d, sc, q = _symmetric_sub_blocks(weights, 32, 127)
     halves = q.reshape(-1, 2, 128)                               # per half: codes 0-63 low, 64-127 high nibbles
     ql = (halves[:, :, :64] & 15) | ((halves[:, :, 64:] & 15) << 4)
     top = (halves >> 4).reshape(-1, 2, 4, 32)                    # bits 2t..2t+1 of qh: codes 32t..32t+31
@@ -121,14 +128,8 @@ def quantize_q3_k(weights: np.ndarray) -> np.ndarray:
     scales ``sc - 32`` of one fp16 ``d`` and codes ``q`` in -4..3, stored as ``q + 4``: the low 2 bits in ``qs``
     and the third in ``hmask`` (bit ``i`` of byte ``b``: code ``32 i + b``); the scales' low nibbles in bytes
     0-7 (scale ``i`` low nibble of byte ``i``, ``8 + i`` the high one), their top 2 bits in bytes 8-11."""
-    blocks = _super_blocks(weights)
-    sub = blocks.reshape(-1, 16, 16)
-    span = np.abs(sub).max(axis=-1) / 4
-    d = (span.max(axis=-1) / 31).astype(np.float16).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(d[:, None] > 0, np.rint(span / d[:, None]), 0).clip(0, 31)
-        step = (d[:, None] * sc)[..., None]
-        q = (np.where(step > 0, np.rint(sub / step), 0).clip(-4, 3) + 4).astype(np.uint8).reshape(-1, QK_K)
+    d, sc, q = _symmetric_sub_blocks(weights, 4, 31)
+    q = q.reshape(-1, QK_K)
     stored = (sc + 32).astype(np.uint8)
     hmask = ((q >> 2).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1, dtype=np.uint8)
     low = (stored[:, :8] & 15) | ((stored[:, 8:] & 15) << 4)
@@ -138,7 +139,8 @@ def quantize_q3_k(weights: np.ndarray) -> np.ndarray:
     return out.reshape(weights.shape[0], -1)
 
 
-K_QUANTIZERS = {"Q2_K": quantize_q2_k, "Q3_K": quantize_q3_k, "Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
+K_QUANTIZERS = {"Q2_K": quantize_q2_k, "Q3_K": quantize_q3_k, "Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k,
+                "Q6_K": quantize_q6_k}
 
 
 # llama.cpp's types for a tensor whose rows do not split into 256-column super-blocks.

@@ -1,5 +1,5 @@
 """The test k-quantiser writes blocks ``gguf.dequantize`` reads back close to the weights (each format within
-its resolution: 4-bit codes per sub-block of 32, 5-bit, 6-bit per 16), and picks the types of llama.cpp's
+its resolution: 2- and 3-bit codes per sub-block of 16, 4-bit per 32, 5-bit, 6-bit per 16), and picks the types of llama.cpp's
 Q4_K_M mix (Q6_K for the output head and for attn_v / ffn_down in the first and last eighth of the layers and
 every third in between; the fallbacks where rows do not split into 256-column super-blocks)."""
 
@@ -13,8 +13,9 @@ from llmserve.testing.gguf_kquants import K_QUANTIZERS, mix_tensor_type
 gguf = pytest.importorskip("gguf")
 
 # RMS error relative to the weights' RMS for Gaussian weights: about a step / sqrt(12), a step being a sub-block's
-# range (about 5 sigma over 32 values) over 15, 31 or 63 levels (Q6_K: 16 values, symmetric).
-RELATIVE_RMS = {"Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03}
+# range (about 5 sigma over 32 values) over 15, 31 or 63 levels (Q6_K: 16 values, symmetric; Q2_K: 16 values
+# over 3 levels; Q3_K: 16 values, symmetric, over 6).
+RELATIVE_RMS = {"Q2_K": 0.40, "Q3_K": 0.25, "Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03}
 
 
 @pytest.mark.parametrize("type_name", sorted(K_QUANTIZERS))
