@@ -1,7 +1,7 @@
 """The test k-quantiser writes blocks ``gguf.dequantize`` reads back close to the weights (each format within
-its resolution: 2- and 3-bit codes per sub-block of 16, 4-bit per 32, 5-bit, 6-bit per 16), and picks the types of llama.cpp's
-Q4_K_M mix (Q6_K for the output head and for attn_v / ffn_down in the first and last eighth of the layers and
-every third in between; the fallbacks where rows do not split into 256-column super-blocks)."""
+its resolution: 2- and 3-bit codes per sub-block of 16, 4-bit per 32, 5-bit, 6-bit per 16), and picks the
+types of llama.cpp's Q4_K_M mix (Q6_K for the output head and for attn_v / ffn_down in the first and last eighth
+of the layers and every third in between; the fallbacks where rows do not split into 256-column super-blocks)."""
 
 from __future__ import annotations
 
