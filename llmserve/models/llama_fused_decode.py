@@ -117,11 +117,10 @@ class FusedDecode:
     def _attach_lora(self, layers: list[nn.Module], weights: list[DecoderLayerWeights]) -> bool:
         """Attaches each LoRA-wrapped projection's slots to its descriptor; whether steps with adapter rows run
         here (False, logged once, when an adapted projection does not run the compiled CPU LoRA kernel)."""
-        methods = [(desc, layer.quant_method) for layer_modules, w in zip(layers, weights)
-                   for layer, desc in zip((layer_modules.self_attn.qkv_proj, layer_modules.self_attn.o_proj,
-                                           layer_modules.mlp.gate_up_proj, layer_modules.mlp.down_proj),
-                                          (w.qkv, w.o, w.gate_up, w.down))
-                   if isinstance(layer.quant_method, LoRALinearMethod)]
+        methods = [(desc, linear.quant_method) for layer, w in zip(layers, weights)
+                   for linear, desc in zip((layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                            layer.mlp.down_proj), (w.qkv, w.o, w.gate_up, w.down))
+                   if isinstance(linear.quant_method, LoRALinearMethod)]
         if not methods:
             return True
         states = {id(m.state): m.state for _, m in methods}
@@ -155,7 +154,7 @@ class FusedDecode:
         attention, and no LoRA adapter row unless the adapters run here (:meth:`_attach_lora`)."""
         return (layout.num_decodes == len(layout.query_lens) > 0 and isinstance(metadata, TorchAttentionMetadata)
                 and isinstance(metadata.backend, CPUAttentionBackend)
-                and (self._lora_here or self._lora is None or not self._lora.mapping.segments))
+                and (self._lora_here or not self._lora.mapping.segments))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 metadata: TorchAttentionMetadata) -> torch.Tensor:
