@@ -27,10 +27,23 @@ class FusedDecodeUnsupported(ValueError):
     """The model (or one of its layers) is not one the fused decode step runs; the message says why."""
 
 
+class _LoRA(ctypes.Structure):
+    """A projection's LoRA slots as ``llmserve_lora_add`` takes them (``a`` None: none)."""
+    _fields_ = [("a", _P), ("bt", _P), ("a_slot_stride", _L), ("bt_slot_stride", _L), ("bt_stride", _L),
+                ("slot_ranks", _P), ("bounds", _P), ("in_features", _L), ("projections", _I), ("w_bf16", _I)]
+
+
+class LoRAStepArgs(ctypes.Structure):
+    """A step's adapter rows as ``llmserve_lora_add`` takes them: the rows (None: every row, one adapter), the
+    segment table and its length, the float32 scratch for the shrunk rows and its row stride."""
+    _fields_ = [("rows", _P), ("segments", _P), ("num_segments", _L), ("shrunk", _P), ("shrunk_stride", _L)]
+
+
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", _I), ("segments", _I), ("n", _L), ("k", _L), ("weight", _P), ("bias", _P),
                 ("codes", _P * MAX_SEGMENTS), ("scales", _P * MAX_SEGMENTS), ("offsets", _P * MAX_SEGMENTS),
-                ("rows", _L * MAX_SEGMENTS), ("bits", _I * MAX_SEGMENTS), ("groups", _I * MAX_SEGMENTS)]
+                ("rows", _L * MAX_SEGMENTS), ("bits", _I * MAX_SEGMENTS), ("groups", _I * MAX_SEGMENTS),
+                ("lora", _LoRA)]
 
 
 class _Layer(ctypes.Structure):
@@ -83,6 +96,15 @@ def linear_descriptor(layer: nn.Module, dtype: torch.dtype, keep: list[torch.Ten
     return desc
 
 
+def attach_lora(desc: _Linear, slot_args: tuple, in_features: int, w_bf16: int) -> None:
+    """Adds a projection's LoRA slots (:attr:`~llmserve.lora.cpu_ops.CPULoRALayer.slot_args` and the rest) to its
+    descriptor: a step given adapter rows adds their deltas right after the projection. The slot tensors must
+    outlive the descriptor."""
+    a, a_slot_stride, bt, bt_slot_stride, bt_stride, ranks, bounds, projections = slot_args
+    desc.lora = _LoRA(a, bt, a_slot_stride, bt_slot_stride, bt_stride, ranks, bounds, in_features, projections,
+                      w_bf16)
+
+
 @dataclass
 class DecoderLayerWeights:
     """One decoder layer as the step runs it: float32 norm weights (``q_norm`` / ``k_norm`` None without
@@ -108,7 +130,8 @@ class DecodeLayersKernel:
         lib = kernels.library
         lib.llmserve_decode_layers_workspace.argtypes = [ctypes.POINTER(_Model), _L]
         lib.llmserve_decode_layers_workspace.restype = _L
-        lib.llmserve_decode_layers.argtypes = [ctypes.POINTER(_Model), _P, _P, _L, _P, _P, _P, _L, _P, _P, _I]
+        lib.llmserve_decode_layers.argtypes = [ctypes.POINTER(_Model), _P, _P, _L, _P, _P, _P, _L, _P,
+                                                ctypes.POINTER(LoRAStepArgs), _P, _I]
         lib.llmserve_decode_layers.restype = _I
         self._lib = lib
         self.dtype, self.hidden = dtype, hidden
@@ -139,9 +162,10 @@ class DecodeLayersKernel:
         self._caches = caches
 
     def forward(self, embeddings: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+                block_tables: torch.Tensor, seq_lens: torch.Tensor, lora: LoRAStepArgs | None = None) -> torch.Tensor:
         """The final norm's output [rows, hidden] for ``embeddings`` [rows, hidden] (one token per row): int64
-        ``positions`` and ``slots`` [rows], int32 ``block_tables`` [rows, width] and ``seq_lens`` [rows]."""
+        ``positions`` and ``slots`` [rows], int32 ``block_tables`` [rows, width] and ``seq_lens`` [rows]; ``lora``
+        the step's adapter rows for the projections with slots attached (:func:`attach_lora`), None for none."""
         rows = embeddings.shape[0]
         if not self._caches:
             raise RuntimeError("decode layers: no KV caches bound")
@@ -160,7 +184,7 @@ class DecodeLayersKernel:
         out = torch.empty(rows, self.hidden, dtype=self.dtype)
         status = self._lib.llmserve_decode_layers(
             self._model, embeddings.data_ptr(), out.data_ptr(), rows, positions.data_ptr(), slots.data_ptr(),
-            block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), self._workspace.data_ptr(),
+            block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), lora, self._workspace.data_ptr(),
             torch.get_num_threads())
         if status == -1:
             raise IndexError(f"decode layers: a position is outside 0..{self._model.max_position - 1}")

@@ -78,7 +78,9 @@ class CPULoRAStep:
 class CPULoRALayer:
     """A layer's slots bound to the kernel (of ``library``, a :func:`bind_library`; default: the engine's).
     ``slot_ranks`` and ``bounds`` are int64 (``stack.ranks``, ``stack.bounds``) and must outlive it; the stack must
-    pass :func:`cpu_kernel_runs`."""
+    pass :func:`cpu_kernel_runs`. ``slot_args`` (A, its slot stride, B, its slot and rank strides, the ranks, the
+    bounds, the projections), ``in_features``, ``width`` and ``w_bf16`` are the kernel's slot arguments, which the
+    fused decode step (:mod:`llmserve.layers.cpu_decode_layers`) passes from C."""
 
     def __init__(self, stack: LoRAStack, slot_ranks: torch.Tensor, bounds: torch.Tensor,
                  library: ctypes.CDLL | None = None) -> None:
@@ -87,10 +89,10 @@ class CPULoRALayer:
         self._call = lib.llmserve_lora_add
         self._stack, self._slot_ranks, self._bounds = stack, slot_ranks, bounds   # kept: read through addresses
         a, b = stack.a, stack.b
-        self._slot_args = (a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), b.stride(2), slot_ranks.data_ptr(),
+        self.slot_args = (a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), b.stride(2), slot_ranks.data_ptr(),
                            bounds.data_ptr(), stack.num_projections)
         self.in_features, self.width = a.shape[2], a.shape[1]
-        self._w_bf16 = int(a.dtype == torch.bfloat16)
+        self.w_bf16 = int(a.dtype == torch.bfloat16)
 
     def add(self, out: torch.Tensor, x: torch.Tensor, mapping: LoRABatchMapping) -> None:
         """``out[rows] += x[rows] A[slot]^T B[slot]^T`` (per projection) for each segment of ``mapping``, in place;
@@ -98,9 +100,9 @@ class CPULoRALayer:
         assert x.dtype == out.dtype and x.dtype in DTYPES and x.stride(1) == 1 and out.stride(1) == 1
         step = mapping.cpu_step()
         shrunk = step.shrunk(self.width)
-        self._call(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), *self._slot_args, *step.segment_args,
+        self._call(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), *self.slot_args, *step.segment_args,
                    self.in_features, shrunk.data_ptr(), shrunk.shape[1], torch.get_num_threads(),
-                   int(x.dtype == torch.bfloat16), self._w_bf16)
+                   int(x.dtype == torch.bfloat16), self.w_bf16)
 
 
 def add_lora_cpu(out: torch.Tensor, x: torch.Tensor, stack: LoRAStack, slot_ranks: torch.Tensor,

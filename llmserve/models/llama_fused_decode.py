@@ -4,8 +4,10 @@ A batch-1 decode step of a small model on CPU is bound by the fixed cost of a fe
 Python, not by the weights it streams. Where the model is one the C step reproduces exactly (Llama, Mistral,
 Qwen2 with its q/k/v bias, Qwen3 with its per-head q/k norms: RMSNorm, gated SiLU MLP, neox rotary over the whole
 head, full attention at the default KV-cache dtype, float32 / bfloat16 / GGUF group-int8 weights, one rank) and a
-step is all decode rows with no LoRA adapter, the model runner runs the step's decoder layers here; anything else
-takes the module path, which gives the same hidden states. :func:`fused_decode_for` decides once per model and
+step is all decode rows, the model runner runs the step's decoder layers here; anything else takes the module path,
+which gives the same hidden states. Steps with LoRA adapter rows run here too where every adapted projection runs
+the compiled CPU LoRA kernel (:mod:`llmserve.lora.cpu_ops`): the C step calls it after each projection with the
+module path's operands. :func:`fused_decode_for` decides once per model and
 says why not; :meth:`FusedDecode.forward` decides per step.
 """
 
@@ -23,11 +25,11 @@ from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
 from llmserve.layers.attention.layer import Attention
 from llmserve.layers.attention.torch_metadata import TorchAttentionMetadata
 from llmserve.layers.cpu_decode_layers import (DecodeLayersKernel, DecoderLayerWeights, FusedDecodeUnsupported,
-                                               linear_descriptor)
+                                               LoRAStepArgs, attach_lora, linear_descriptor)
 from llmserve.layers.cpu_kernels import cpu_kernels
 from llmserve.layers.layernorm import RMSNorm
 from llmserve.layers.rotary import RotaryEmbedding
-from llmserve.lora.layers import LoRALinearMethod
+from llmserve.lora.layers import LoRABatchState, LoRALinearMethod
 from llmserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
 
 logger = logging.getLogger(__name__)
@@ -98,11 +100,9 @@ class FusedDecode:
                and not torch.equal(layer.self_attn.rotary_emb.cos_cache, first.rotary_emb.cos_cache)
                for layer in layers):
             raise FusedDecodeUnsupported("the layers rotate by different tables")
-        linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                    layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        # LoRA wraps the linear layers' methods: a step with adapter rows takes the module path.
-        self._lora_states = {id(m.quant_method.state): m.quant_method.state for m in linears
-                             if isinstance(m.quant_method, LoRALinearMethod)}
+        self._lora: LoRABatchState | None = None
+        self._lora_width = 0
+        self._lora_here = self._attach_lora(layers, weights)
         self.model = model
         self.attention = [layer.self_attn.attn for layer in layers]
         rotary = first.rotary_emb
@@ -114,12 +114,47 @@ class FusedDecode:
         self._bound: list[torch.Tensor] = []
         self.calls = 0   # steps run here (the tests count them)
 
+    def _attach_lora(self, layers: list[nn.Module], weights: list[DecoderLayerWeights]) -> bool:
+        """Attaches each LoRA-wrapped projection's slots to its descriptor; whether steps with adapter rows run
+        here (False, logged once, when an adapted projection does not run the compiled CPU LoRA kernel)."""
+        methods = [(desc, linear.quant_method) for layer, w in zip(layers, weights)
+                   for linear, desc in zip((layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                            layer.mlp.down_proj), (w.qkv, w.o, w.gate_up, w.down))
+                   if isinstance(linear.quant_method, LoRALinearMethod)]
+        if not methods:
+            return True
+        states = {id(m.state): m.state for _, m in methods}
+        self._lora = next(iter(states.values()))
+        why = None
+        if len(states) > 1:
+            why = "the layers keep separate adapter states"
+        elif any(m.cpu_kernel is None or m.use_triton for _, m in methods):
+            why = "an adapter stack the compiled CPU LoRA kernel does not take (float16, or no kernel library)"
+        if why is not None:
+            logger.info("Fused CPU decode step: steps with LoRA adapter rows take the module path (%s)", why)
+            return False
+        for desc, method in methods:
+            kernel = method.cpu_kernel
+            attach_lora(desc, kernel.slot_args, kernel.in_features, kernel.w_bf16)
+            self._lora_width = max(self._lora_width, kernel.width)
+        return True
+
+    def _lora_step(self) -> LoRAStepArgs | None:
+        """This step's adapter rows for the C step (the segment table and scratch the module path's LoRA method
+        would use), None without any."""
+        if self._lora is None or not self._lora.mapping.segments:
+            return None
+        step = self._lora.mapping.cpu_step()
+        shrunk = step.shrunk(self._lora_width)   # kept by the step for the call
+        rows, table, count = step.segment_args
+        return LoRAStepArgs(rows, table, count, shrunk.data_ptr(), shrunk.shape[1])
+
     def accepts(self, layout: BatchLayout, metadata: object) -> bool:
-        """Whether this step runs here: every row decodes one token, no LoRA adapter row, one KV-cache group read
-        by the compiled decode attention."""
+        """Whether this step runs here: every row decodes one token, one KV-cache group read by the compiled decode
+        attention, and no LoRA adapter row unless the adapters run here (:meth:`_attach_lora`)."""
         return (layout.num_decodes == len(layout.query_lens) > 0 and isinstance(metadata, TorchAttentionMetadata)
                 and isinstance(metadata.backend, CPUAttentionBackend)
-                and not any(state.mapping.segments for state in self._lora_states.values()))
+                and (self._lora_here or not self._lora.mapping.segments))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 metadata: TorchAttentionMetadata) -> torch.Tensor:
@@ -132,7 +167,7 @@ class FusedDecode:
         hidden = self.model.embed(input_ids, positions).contiguous()
         self.calls += 1
         return self.kernel.forward(hidden, positions.contiguous(), metadata.slot_mapping.to(torch.int64),
-                                   decodes.block_tables, decodes.seq_lens)
+                                   decodes.block_tables, decodes.seq_lens, self._lora_step())
 
 
 def fused_decode_for(model: nn.Module, backend: object, dtype: torch.dtype, device: torch.device) -> FusedDecode | None:

@@ -4,14 +4,17 @@ Each case prefills a few sequences through the module path (contexts spanning se
 caches, runs one all-decode step through the modules, restores the caches and runs the same step through the C
 step. Every operation runs the same kernel on the same operands in the same order, so the comparison is exact
 (``torch.equal``), for float32, bfloat16 and GGUF group-int8 weights (under float32 or bfloat16 activations),
-Llama, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k norms), one row and several rows of different lengths.
+Llama, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k norms), one row and several rows of different lengths, and
+with LoRA adapters on some rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,8 +22,11 @@ from llmserve.layers.attention.backend import BatchLayout
 from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
 from llmserve.layers.cpu_decode_layers import FusedDecodeUnsupported
 from llmserve.layers.cpu_kernels import cpu_kernels
+from llmserve.lora.model_manager import LoRAModelManager
+from llmserve.lora.request import LoRARequest
 from llmserve.model_loader.loader import load_config, load_model
 from llmserve.models.llama_fused_decode import FusedDecode
+from llmserve.testing.lora_adapters import write_lora_adapter
 from tests.model_helpers import new_kv_cache
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU kernels are not available")
@@ -64,7 +70,8 @@ def _step(backend: CPUAttentionBackend, contexts: list[int], queries: list[int],
 
 
 @torch.inference_mode()
-def _compare(model: torch.nn.Module, dtype: torch.dtype, contexts: list[int]) -> None:
+def _compare(model: torch.nn.Module, dtype: torch.dtype, contexts: list[int],
+             before_decode: Callable[[], None] | None = None) -> None:
     backend = _bind(model, dtype)
     tables = _tables(contexts)
     generator = torch.Generator().manual_seed(0)
@@ -76,6 +83,8 @@ def _compare(model: torch.nn.Module, dtype: torch.dtype, contexts: list[int]) ->
     saved = [(k.clone(), v.clone()) for k, v in caches]
     ids = torch.randint(0, vocab, (len(contexts),), generator=generator)
     decode_positions = torch.tensor(contexts)
+    if before_decode is not None:
+        before_decode()
     expected = model(ids, decode_positions, _step(backend, contexts, [1] * len(contexts), tables))
     expected_caches = [(k.clone(), v.clone()) for k, v in caches]
     for (k, v), (k0, v0) in zip(caches, saved):
@@ -98,6 +107,25 @@ CONTEXTS = [[9], [13, 2, 7, 21]]   # one row; rows of different lengths over 1 t
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_fused_step_equals_module_path(checkpoint_dir, family, dtype, contexts):
     _compare(_load(checkpoint_dir(family), dtype), dtype, contexts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_step_equals_module_path_with_lora_adapters(checkpoint_dir, tmp_path, dtype):
+    """Two adapters of different ranks (the second on q, v and down only) and base rows mixed in one step."""
+    path = checkpoint_dir("llama")
+    model = _load(path, dtype)
+    manager = LoRAModelManager(model, 2, 8, 2, dtype, CPU)
+    full = write_lora_adapter(tmp_path / "full", path, r=8, lora_alpha=16, seed=1)
+    partial = write_lora_adapter(tmp_path / "partial", path, r=4, lora_alpha=8, seed=2,
+                                 target_modules=["q_proj", "v_proj", "down_proj"])
+    requests = {1: LoRARequest("full", 1, str(full)), 2: LoRARequest("partial", 2, str(partial))}
+    lora_ids = np.array([1, 0, 2, 1, 2])
+
+    def activate() -> None:
+        manager.set_active(lora_ids, [1] * len(lora_ids), requests)
+        assert len(manager.state.mapping.segments) == 2
+
+    _compare(model, dtype, [13, 2, 7, 21, 5], activate)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Through the engine, the fused CPU decode step runs every all-decode step of a Llama-shaped model, gives
-transformers' greedy output, and leaves to the module path the steps it does not cover: a prefill row beside
-decodes, LoRA adapter rows, and models with a sliding window."""
+transformers' greedy output, runs steps with LoRA adapter rows exactly as the module path does, and leaves to the
+module path the steps it does not cover: a prefill row beside decodes, adapter rows of a stack the compiled LoRA
+kernel does not take, and models with a sliding window."""
 
 from __future__ import annotations
 
@@ -95,12 +96,52 @@ def test_a_sliding_window_model_keeps_the_module_path(checkpoint_dir, caplog):
                for r in caplog.records)
 
 
-def test_steps_with_lora_adapter_rows_take_the_module_path(checkpoint_dir, tmp_path, caplog):
+def _adapters(path, tmp_path) -> list[LoRARequest | None]:
+    """Two adapters of different ranks (the second on some projections only: q and v of the fused qkv, and down)
+    and a base row, mixed across the prompts."""
+    full = write_lora_adapter(tmp_path / "full", path, r=8, lora_alpha=16, seed=1)
+    partial = write_lora_adapter(tmp_path / "partial", path, r=4, lora_alpha=8, seed=2,
+                                 target_modules=["q_proj", "v_proj", "down_proj"])
+    first, second = LoRARequest("full", 1, str(full)), LoRARequest("partial", 2, str(partial))
+    return [first, second, None, first]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_steps_with_lora_adapter_rows_run_fused_and_equal_the_module_path(checkpoint_dir, tmp_path, caplog, dtype):
+    path = checkpoint_dir("llama")
+    prompts = [*PROMPTS, "Once upon a time"]
+    loras = _adapters(path, tmp_path)
+    kwargs = dict(dtype=dtype, enable_lora=True, max_loras=2, max_lora_rank=8, kv_cache_memory_bytes="16MiB",
+                  block_size=4)
+    with caplog.at_level(logging.INFO, logger="llmserve.models.llama_fused_decode"):
+        fused = LLM(str(path), **kwargs)
+    assert any("Fused CPU decode step: on" in r.getMessage() for r in caplog.records)
+    assert not any("module path" in r.getMessage() for r in caplog.records)
+    log = StepLog(fused)
+    modules = LLM(str(path), **kwargs)
+    modules.engine.runner.fused_decode = None
+
+    def run(llm: LLM, requests: list[LoRARequest | None]) -> list[tuple[list[int], list[float]]]:
+        return [(o.outputs[0].token_ids, [p[t].logprob for p, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+                for o in llm.generate(prompts, GREEDY, lora_request=requests)]
+
+    got = run(fused, loras)
+    assert got == run(modules, loras)   # exact: the same hidden states, so the same logits
+    assert len(log.fused) == MAX_TOKENS - 1 and all(d == r == len(prompts) for d, r in log.fused)
+    base = run(modules, [None] * len(prompts))
+    assert got[0] != base[0] and got[1] != base[1] and got[2] == base[2]   # the adapters change their rows only
+
+
+def test_a_float16_adapter_stack_keeps_lora_steps_on_the_module_path(checkpoint_dir, tmp_path, caplog):
+    """The compiled LoRA kernel takes float32 and bfloat16 slots: float16 ones keep adapter steps on the module
+    path, base steps stay fused."""
     path = checkpoint_dir("llama")
     adapter = write_lora_adapter(tmp_path / "adapter", path, r=8, lora_alpha=16, seed=1)
     with caplog.at_level(logging.INFO, logger="llmserve.models.llama_fused_decode"):
-        llm = LLM(str(path), enable_lora=True, max_lora_rank=8, kv_cache_memory_bytes="16MiB")
+        llm = LLM(str(path), enable_lora=True, max_lora_rank=8, lora_dtype="float16", kv_cache_memory_bytes="16MiB")
     assert any("Fused CPU decode step: on" in r.getMessage() for r in caplog.records)
+    assert any("LoRA adapter rows take the module path" in r.getMessage() and "float16" in r.getMessage()
+               for r in caplog.records)
     log = StepLog(llm)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     with_adapter = llm.generate(["Hello world"], params, lora_request=LoRARequest("a", 1, str(adapter)))

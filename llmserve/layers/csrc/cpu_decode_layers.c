@@ -10,7 +10,9 @@
  * paged decode attention -> o_proj -> residual add + RMSNorm -> gate_up -> SiLU * up -> down; then the final
  * RMSNorm. Activations are float32 or bfloat16 (rounded where the module path rounds); each projection is a
  * blocked float32 weight, a pair-blocked bfloat16 one, or group-quantised int8 segments (GGUF), through the
- * kernels of cpu_linear.c, cpu_bf16_linear.c and cpu_group_int8_linear.c.
+ * kernels of cpu_linear.c, cpu_bf16_linear.c and cpu_group_int8_linear.c. A step with LoRA adapter rows adds each
+ * projection's adapter deltas right after it, with cpu_lora.c's kernel on the module path's operands (the step's
+ * segment table and scratch, the projection's slots), so those steps are bit-identical to the module path too.
  */
 #include <stdint.h>
 #include <string.h>
@@ -42,9 +44,33 @@ int llmserve_paged_decode_attention(const float *q, long q_stride, const void *k
                                     const float *alibi_slopes, float *out, long out_stride, int num_threads,
                                     int kv_format, float k_scale, float v_scale);
 
+int llmserve_lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a, long a_slot_stride,
+                      const void *bt, long bt_slot_stride, long bt_stride, const long *slot_ranks,
+                      const long *bounds, int projections, const long *rows, const long *segments,
+                      int num_segments, long in_features, void *shrunk, long shrunk_stride, int num_threads,
+                      int act_bf16, int w_bf16);
+
 #define DL_MAX_SEGMENTS 4
 enum { DL_F32_BLOCKED = 0, DL_BF16_BLOCKED = 1, DL_GROUP_INT8 = 2 };
 enum { DL_KV_F32 = 0, DL_KV_BF16 = 4 };   /* llmserve_paged_decode_attention's kv_format codes */
+
+/* A projection's LoRA slots as llmserve_lora_add takes them (`a` NULL: no adapter slots on it). */
+typedef struct {
+    const void *a, *bt;
+    long a_slot_stride, bt_slot_stride, bt_stride;
+    const long *slot_ranks, *bounds;
+    long in_features;
+    int projections, w_bf16;
+} dl_lora;
+
+/* A step's adapter rows as llmserve_lora_add takes them, shared by every projection: `rows` (NULL: every row,
+ * one adapter), the (slot, start, end) segments and a float32 scratch for the shrunk rows. */
+typedef struct {
+    const long *rows, *segments;
+    long num_segments;
+    void *shrunk;
+    long shrunk_stride;
+} dl_lora_step;
 
 /* One projection: y [M, n] = x [M, k] W^T + bias. `weight`: blocked float32 [n/16][k][16] or bfloat16
  * [n/16][k/2][16][2]; group-int8: `segments` row segments as cpu_group_int8_linear.c takes them. `bias`: float32,
@@ -61,6 +87,7 @@ typedef struct {
     long rows[DL_MAX_SEGMENTS];
     int bits[DL_MAX_SEGMENTS];
     int groups[DL_MAX_SEGMENTS];
+    dl_lora lora;
 } dl_linear;
 
 /* One decoder layer: float32 norm weights (q_norm / k_norm NULL without per-head norms), its projections, its
@@ -141,8 +168,8 @@ static void round_rows(const float *x, uint16_t *out, long count) {
 /* y = x W^T + bias for M contiguous rows; returns 0, or -3 when a kernel refuses its operands. A group-int8
  * weight multiplies float32 activations (a bfloat16 row is widened first and the result rounded back, as the
  * module path does). */
-static int linear(const dl_linear *L, const void *x, void *y, long M, int bf16, const dl_buffers *b,
-                  int num_threads) {
+static int base_linear(const dl_linear *L, const void *x, void *y, long M, int bf16, const dl_buffers *b,
+                       int num_threads) {
     if (L->kind == DL_F32_BLOCKED)
         return llmserve_linear_blocked(x, L->k, L->weight, L->bias, y, L->n, M, L->n, L->k, num_threads) ? -3 : 0;
     if (L->kind == DL_BF16_BLOCKED)
@@ -163,6 +190,19 @@ static int linear(const dl_linear *L, const void *x, void *y, long M, int bf16, 
             return -3;
     if (bf16) round_rows(yf, y, M * L->n);
     return 0;
+}
+
+/* y = x W^T + bias for M contiguous rows, plus the adapter rows' LoRA deltas when `lora` is not NULL (as the module
+ * path's LoRA method adds them to the base output); returns 0, or -3 when a kernel refuses its operands. */
+static int linear(const dl_linear *L, const void *x, void *y, long M, int bf16, const dl_buffers *b,
+                  const dl_lora_step *lora, int num_threads) {
+    if (base_linear(L, x, y, M, bf16, b, num_threads)) return -3;
+    if (lora == NULL || L->lora.a == NULL) return 0;
+    const dl_lora *A = &L->lora;
+    return llmserve_lora_add(x, L->k, y, L->n, A->a, A->a_slot_stride, A->bt, A->bt_slot_stride, A->bt_stride,
+                             A->slot_ranks, A->bounds, A->projections, lora->rows, lora->segments,
+                             (int)lora->num_segments, A->in_features, lora->shrunk, lora->shrunk_stride, num_threads,
+                             bf16, A->w_bf16) ? -3 : 0;
 }
 
 /* Attention of one layer for the step's rows: q/k norms, rotary, the K/V write, paged decode attention into
@@ -209,13 +249,14 @@ static int attend(const dl_model *m, const dl_layer *L, long rows, const long *p
 
 /* Every layer of `m` and the final norm for `rows` decode rows: `embeddings` [rows, hidden] in, the final norm's
  * output [rows, hidden] in `out`. Per row: its position, its K/V slot (block * block_size + offset), its block
- * table (int32, `table_stride` apart) and its length with the new token. `workspace`: at least
+ * table (int32, `table_stride` apart) and its length with the new token. `lora`: the step's adapter rows, NULL
+ * for none. `workspace`: at least
  * llmserve_decode_layers_workspace(m, rows) bytes, 64-byte aligned.
  * Returns 0; -1 when a position is outside the rotary tables; -2 without memory for the attention scores; -3 when
  * a kernel refuses a layer's operands. */
 int llmserve_decode_layers(const dl_model *m, const void *embeddings, void *out, long rows, const long *positions,
                            const long *slots, const int *block_tables, long table_stride, const int *seq_lens,
-                           void *workspace, int num_threads) {
+                           const dl_lora_step *lora, void *workspace, int num_threads) {
     const int bf16 = m->bf16;
     const long s = bf16 ? 2 : 4, hidden = m->hidden, inter = m->intermediate;
     const dl_buffers b = carve(m, rows, workspace);
@@ -229,17 +270,17 @@ int llmserve_decode_layers(const dl_model *m, const void *embeddings, void *out,
             llmserve_rms_norm(b.h, hidden, b.res, hidden, L->input_norm, m->eps, b.normed, hidden, b.res, hidden,
                               rows, hidden, num_threads, 0, bf16);
         }
-        int status = linear(&L->qkv, b.normed, b.qkv, rows, bf16, &b, num_threads);
+        int status = linear(&L->qkv, b.normed, b.qkv, rows, bf16, &b, lora, num_threads);
         if (!status)
             status = attend(m, L, rows, positions, slots, block_tables, table_stride, seq_lens, &b, num_threads);
-        if (!status) status = linear(&L->o, b.attn, b.h, rows, bf16, &b, num_threads);
+        if (!status) status = linear(&L->o, b.attn, b.h, rows, bf16, &b, lora, num_threads);
         if (status) return status;
         llmserve_rms_norm(b.h, hidden, b.res, hidden, L->post_norm, m->eps, b.normed, hidden, b.res, hidden, rows,
                           hidden, num_threads, 0, bf16);
-        status = linear(&L->gate_up, b.normed, b.gate_up, rows, bf16, &b, num_threads);
+        status = linear(&L->gate_up, b.normed, b.gate_up, rows, bf16, &b, lora, num_threads);
         if (status) return status;
         llmserve_silu_and_mul(b.gate_up, 2 * inter, b.act, inter, rows, inter, num_threads, bf16);
-        status = linear(&L->down, b.act, b.h, rows, bf16, &b, num_threads);
+        status = linear(&L->down, b.act, b.h, rows, bf16, &b, lora, num_threads);
         if (status) return status;
     }
     llmserve_rms_norm(b.h, hidden, b.res, hidden, m->final_norm, m->eps, out, hidden, b.res, hidden, rows, hidden,
