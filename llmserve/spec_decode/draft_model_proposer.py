@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmserve.distributed.parallel_state import get_tp_group
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout, get_attention_backend
 from llmserve.worker.kv_cache_groups import group_metadata
 from llmserve.layers.attention.layer import Attention, set_kv_cache_dtype
@@ -42,7 +43,7 @@ from llmserve.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     from llmserve.config import EngineConfig
-    from llmserve.engine.messages import SchedulerOutput
+    from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput
     from llmserve.worker.input_batch import CachedSequence, InputBatch
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,20 @@ class DraftModelProposer:
         """Run the draft over the target's step (same tokens, same slots; ``metadata``: this proposer's backend's,
         per KV-cache group): its K/V follows the target's."""
         self.model(input_ids, positions, metadata, rotary_lengths=rotary_lengths)
+
+    def decisions_on_every_rank(self, seqs: list[CachedSequence],
+                                out: ModelRunnerOutput | None) -> tuple[np.ndarray, np.ndarray]:
+        """Each of ``seqs``' last token after this step and its number of accepted drafts, as the driver sampled
+        them (only the driver's ``out`` holds them), on every tensor-parallel rank. The draft model's forwards
+        are collective over the ranks (it is sharded like the target), so each rank must feed it the same tokens
+        at the same positions: the driver decides acceptance once, the others receive its decision."""
+        tp = get_tp_group()
+        result = torch.zeros((2, len(seqs)), dtype=torch.int64, device=self.device)
+        if tp.is_first_rank:
+            result[0] = torch.tensor([out.sampled[s.seq_id] for s in seqs], dtype=torch.int64)
+            result[1] = torch.tensor([out.num_accepted_drafts.get(s.seq_id, 0) for s in seqs], dtype=torch.int64)
+        result = tp.broadcast(result).cpu().numpy()
+        return result[0], result[1]
 
     def draft_after_step(self, batch: InputBatch, seqs: list[CachedSequence], sched: SchedulerOutput,
                          sampled: np.ndarray, accepted: np.ndarray) -> dict[int, list[int]]:

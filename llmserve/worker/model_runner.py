@@ -283,7 +283,7 @@ class ModelRunner:
             if driver:
                 self._sample(logits, sample_seqs, out, bitmask, drafts)
             if self.drafter is not None:
-                sampled, accepted = self._sampled_on_every_rank(sample_seqs, out)
+                sampled, accepted = self.drafter.decisions_on_every_rank(sample_seqs, out)
                 out.draft_token_ids = self.drafter.draft_after_step(self.input_batch, sample_seqs, sched, sampled,
                                                                     accepted)
         for seq, flat, start, n in prompt_rows:
@@ -293,19 +293,6 @@ class ModelRunner:
         if step.pool_rows and driver:
             out.pooled = pooler.step_shares(hidden, step.pool_rows)
         return out if driver else None
-
-    def _sampled_on_every_rank(self, seqs: list[CachedSequence], out: ModelRunnerOutput) -> tuple[np.ndarray, np.ndarray]:
-        """Each of ``seqs``' last token after this step and its number of accepted drafts, as the driver sampled
-        them (only the driver's ``out`` holds them), on every tensor-parallel rank. The draft model's forwards
-        are collective over the ranks (it is sharded like the target), so each rank must feed it the same tokens
-        at the same positions: the driver decides acceptance once, the others receive its decision."""
-        tp = get_tp_group()
-        result = torch.zeros((2, len(seqs)), dtype=torch.int64, device=self.device)
-        if tp.is_first_rank:
-            result[0] = torch.tensor([out.sampled[s.seq_id] for s in seqs], dtype=torch.int64)
-            result[1] = torch.tensor([out.num_accepted_drafts.get(s.seq_id, 0) for s in seqs], dtype=torch.int64)
-        result = tp.broadcast(result).cpu().numpy()
-        return result[0], result[1]
 
     def fail_step(self, sched: SchedulerOutput) -> None:
         """This rank's step raised: make every other rank drop the step too rather than wait for this one.
