@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -15,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmserve import LLM, SamplingParams
 from tests.entrypoints.openai.test_auth import GUARDED_FLAGS
+
+SLOW = Path(__file__).parent / "slow_server.py"
 
 PROMPTS = ["Hello world, this is", "The quick brown fox", "def add(a, b):", "Une phrase en français"]
 
@@ -203,7 +206,7 @@ def test_disconnects_abort_and_free_blocks(server):
     m = wait_idle(server.base_url)
     assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=0.5)
+        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=0.2)
     m = wait_idle(server.base_url)
     assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
 
@@ -240,7 +243,8 @@ def test_metrics_move_and_return_to_idle(server):
 
 
 def test_request_timeout_sigterm_and_request_id(start_server):
-    srv = start_server("--request-timeout", "1", "--shutdown-timeout", "20")
+    # A 2 ms sleep per step: 1900 tokens take >= 3.8 s however fast the machine decodes the tiny model.
+    srv = start_server("--request-timeout", "1", "--shutdown-timeout", "20", "--step-delay", "0.002", wrapper=SLOW)
     body = {"model": "tiny", "prompt": "go", "max_tokens": 1900, "ignore_eos": True}
     assert_openai_error(httpx.post(f"{srv.base_url}/v1/completions", json=body, timeout=30), 504)
     with httpx.stream("POST", f"{srv.base_url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
