@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     kernels = cpu_kernels()
     print(f"threads {torch.get_num_threads()}, int8 dot products: "
-          f"{'AVX-512 VNNI' if kernels and kernels.w8a8_uses_vnni else 'portable'}\n")
+          f"{kernels.w8a8_dot_path if kernels else 'none (PyTorch)'}\n")
     torch.manual_seed(0)
     time_layouts_over_demo_shapes(_layouts, args.rows, args.repeats)
 
