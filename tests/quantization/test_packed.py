@@ -143,7 +143,7 @@ def test_other_builds_give_the_same_results(tmp_path, monkeypatch, march, path):
     weight[0], weight[1, ::2] = -128, 127     # the ends of int8, against activations at theirs
     w8a8_layer = nn.Module()
     set_w8a8(w8a8_layer, weight, scale)
-    w8a8_x = torch.randn(9, 70) * 3
+    w8a8_x = torch.randn(5, 70) * 3   # the kernel takes up to 8 rows
     w8a8_x[1] = torch.tensor([5.0, -5.0]).repeat(35)
     native = apply_w8a8(w8a8_layer, w8a8_x, None)
     monkeypatch.setattr(packed, "kernels_for", lambda t: other)

@@ -21,7 +21,7 @@
 #include "cpu_vec.h"
 
 #define TILE_ROWS 6
-#define TILE_VECS 4
+#define TILE_VECS 4     /* blocks per panel, in register tiles of up to that */
 
 /* The input pair (x[2c], x[2c+1]) as one 32-bit word; the pair past an odd k is (x[k-1], 0). */
 static inline uint32_t x_pair(const uint16_t *x, long c, long k) {
@@ -90,7 +90,11 @@ void llmserve_bf16_linear_panel(const uint16_t *x, long x_stride, const uint16_t
     const long k2 = (k + 1) / 2;
     for (long m0 = 0; m0 < M; m0 += TILE_ROWS) {
         const int mr = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
-        TILES[nb](x + m0 * x_stride, x_stride, w, k, k2, bias, y + m0 * y_stride, y_stride, mr);
+        const int width = REG_ACCS_PER_ROW(mr, TILE_VECS);   /* blocks per register tile */
+        for (int j = 0; j < nb; j += width)
+            TILES[nb - j < width ? nb - j : width](x + m0 * x_stride, x_stride, w + j * k2 * 2 * LANES,
+                                                                   k, k2, bias ? bias + j * LANES : NULL,
+                                                                   y + m0 * y_stride + j * LANES, y_stride, mr);
     }
 }
 
