@@ -2,7 +2,8 @@
  *
  * `llmserve_linear_blocked` reads a weight stored blocked as [N/16][K][16] (16 output rows interleaved:
  * one vector load is one input column of 16 outputs), made once at load time. For many rows it is a
- * register-tiled GEMM (6 rows x 64 outputs per tile, broadcast inputs, no horizontal sums) that runs at
+ * register-tiled GEMM (6 rows x 64 outputs per tile with AVX-512's 32 registers, 6 x 16 with AVX2's 16:
+ * REG_ACCS in cpu_vec.h; broadcast inputs, no horizontal sums) that runs at
  * the speed of oneDNN on a prepacked weight, where oneDNN on a plain weight reorders it on every call;
  * for up to 8 rows it streams each 16-output block once, as a GEMV. `llmserve_linear_small_batch` is
  * the row-major GEMV for weights kept plain (a tied LM head, which the embedding also reads, or an
