@@ -7,9 +7,9 @@
  * AVX512-BF16 the same layout is widened in registers (a bfloat16 is the high half of a float32: a shift or
  * a mask) and multiplied with float32 FMAs, so one weight copy serves both.
  *
- * Threads take column panels of 64 outputs and run register tiles of up to 6 rows x 64 outputs (fewer outputs where the vector registers hold fewer
- * accumulators: REG_ACCS) through them,
- * so a panel comes from memory once and then from cache. With one row (decode) this streams the weight at
+ * Threads take column panels of 64 outputs and run register tiles of up to 6 rows x 64 outputs through them
+ * (fewer outputs where the vector registers hold fewer accumulators: REG_ACCS in cpu_vec.h), so a panel comes
+ * from memory once and then from cache. With one row (decode) this streams the weight at
  * half the bytes of float32, with four independent dot-product chains per row hiding the instruction's
  * latency (measured faster than streaming one block at a time for every row count). Outputs are rounded to bfloat16
  * (to nearest even) after the bias is added in float32.
