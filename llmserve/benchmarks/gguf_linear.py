@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     if kernels is None:
         raise SystemExit("the CPU kernels are not available here: nothing to measure")
     print(f"threads {torch.get_num_threads()}, int8 dot products: "
-          f"{'AVX-512 VNNI' if group_int8_kernels(kernels).uses_vnni else 'portable'}\n")
+          f"{group_int8_kernels(kernels).dot_path}\n")
     time_layouts_over_demo_shapes(_layouts, args.rows, args.repeats)
 
 

@@ -2,8 +2,8 @@
 way, against the float32 path, at 1 row (a decode step) and 64 rows (a batch).
 
 Every layout is made the way loading makes it (random weights: speed does not depend on the values) and called
-through its method's ``apply``; W8A8 is also timed through ``torch._int_mm`` (activations quantised the same
-way, int32 products scaled back), the alternative to the VNNI kernel. Prints one markdown table of
+through its method's ``apply``; float32 is also timed through PyTorch's ``F.linear``, W8A8 through ``torch._int_mm`` (activations quantised the same
+way, int32 products scaled back), the alternative to the int8 kernel. Prints one markdown table of
 microseconds per call (median of ``--repeats`` timed batches of calls) and the speed-up over float32.
 """
 
@@ -49,7 +49,8 @@ def _layouts(k: int, n: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]
         return (torch._int_mm(xq, int_codes_t)[:x.shape[0]].float() * sx) * scale.reshape(1, -1)
 
     return {"float32 (blocked kernel)": lambda x: method.apply(plain, x),
-            "int8 W8A8 (VNNI kernel; _int_mm above 8 rows)": lambda x: apply_w8a8(w8a8, x, None),
+            "float32 (torch F.linear)": lambda x: torch.nn.functional.linear(x, weight),
+            "int8 W8A8 (int8 kernel; _int_mm above 8 rows)": lambda x: apply_w8a8(w8a8, x, None),
             "int8 W8A8 (torch._int_mm)": int_mm,
             "int4 g128 weight-only": lambda x: apply_weight_only(int4, x, None),
             "int8 g128 weight-only": lambda x: apply_weight_only(int8, x, None),
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     kernels = cpu_kernels()
     print(f"threads {torch.get_num_threads()}, int8 dot products: "
-          f"{'AVX-512 VNNI' if kernels and kernels.w8a8_uses_vnni else 'portable'}\n")
+          f"{kernels.w8a8_dot_path if kernels else 'none (PyTorch)'}\n")
     torch.manual_seed(0)
     time_layouts_over_demo_shapes(_layouts, args.rows, args.repeats)
 

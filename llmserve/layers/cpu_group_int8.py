@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from llmserve.layers.cpu_kernels import CPUKernels
+from llmserve.layers.cpu_kernels import INT8_DOT_PATHS, CPUKernels
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 ACTIVATION_BLOCK = 32   # columns per activation scale (llama.cpp's Q8_0 block)
@@ -41,9 +41,9 @@ class GroupInt8Kernels:
         lib.llmserve_group_int8_quantize.restype = _I
         lib.llmserve_group_int8_layer.argtypes = [_P, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _P, _L, _I]
         lib.llmserve_group_int8_layer.restype = _I
-        lib.llmserve_group_int8_uses_vnni.restype = _I
+        lib.llmserve_group_int8_dot_path.restype = _I
         self._lib = lib
-        self.uses_vnni: bool = bool(lib.llmserve_group_int8_uses_vnni())
+        self.dot_path: str = INT8_DOT_PATHS[lib.llmserve_group_int8_dot_path()]
 
     def quantize(self, x: torch.Tensor) -> QuantizedActivations:
         """Each row of float32 ``x`` [M, k] (unit stride along k, k a multiple of 32) quantised per block of 32

@@ -48,6 +48,7 @@ from llmserve.layers.cpu_kernel_build import CPUKernelsUnavailable, build_librar
 logger = logging.getLogger(__name__)
 
 CPU_KERNELS_ENV = "LLMSERVE_CPU_KERNELS"
+INT8_DOT_PATHS = ("portable", "AVX2", "AVX-512 VNNI")   # by the int8 kernels' *_dot_path() numbers
 _P = ctypes.c_void_p
 _L = ctypes.c_long
 _I = ctypes.c_int
@@ -77,7 +78,7 @@ class CPUKernels:
         lib.llmserve_linear_weight_only.restype = _I
         lib.llmserve_linear_w8a8.argtypes = [_P, _L, _P, _L, _P, _P, _P, _P, _L, _L, _L, _L, _I]
         lib.llmserve_linear_w8a8.restype = _I
-        lib.llmserve_w8a8_uses_vnni.restype = _I
+        lib.llmserve_w8a8_dot_path.restype = _I
         lib.llmserve_dequantize_blocked.argtypes = [_P, _L, _P, _P, _L, _L, _L, _I, _P, _I]
         lib.llmserve_dequantize_blocked.restype = _I
         lib.llmserve_linear_weight_only_gemm.argtypes = lib.llmserve_linear_weight_only.argtypes
@@ -98,7 +99,7 @@ class CPUKernels:
         self._lib = lib
         self.library = lib   # the loaded library, for the entry points bound elsewhere (cpu_moe_kernels.py, cpu_group_int8.py)
         self.max_linear_rows: int = lib.llmserve_linear_max_rows()
-        self.w8a8_uses_vnni: bool = bool(lib.llmserve_w8a8_uses_vnni())
+        self.w8a8_dot_path: str = INT8_DOT_PATHS[lib.llmserve_w8a8_dot_path()]
         self.bf16_uses_dpbf16: bool = bool(lib.llmserve_bf16_uses_dpbf16())
 
     def linear_small_batch(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -9,7 +9,9 @@
 * Against the float product ``x @ W^T`` the only difference is the activations' rounding, which bounds it:
   ``|y - x W^T| <= |x - x_q8| @ |W|^T`` elementwise (``|x - x_q8| <= scale / 2`` per column).
 * A fused layer of segments in different formats writes each segment's columns.
-* The VNNI build and a portable build (compiled for plain AVX2) give the same results.
+* Every dot-product path (AVX-512 VNNI, AVX2, portable) gives the same output bit for bit: a build for plain
+  AVX2 and one for baseline x86-64 equal this machine's; 8-bit codes at the ends of their range times
+  activations at theirs, where two products overflow an int16 pair sum, come out right.
 """
 
 from __future__ import annotations
@@ -127,22 +129,40 @@ def test_unsupported_layouts_are_refused():
 
 
 def test_reports_its_dot_product_path():
-    flags = open("/proc/cpuinfo").read()
-    assert _kernels().uses_vnni == (" avx512_vnni" in flags and " avx512bw" in flags)
+    flags = set(open("/proc/cpuinfo").read().split())
+    expected = ("AVX-512 VNNI" if {"avx512_vnni", "avx512bw"} <= flags
+                else "AVX2" if {"avx2", "fma"} <= flags else "portable")
+    assert _kernels().dot_path == expected
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the kernels for a plain AVX2 x86-64 CPU")
-def test_the_portable_build_gives_the_same_results(tmp_path, monkeypatch):
-    flags = tuple(f if f != "-march=native" else "-march=x86-64-v3" for f in cpu_kernel_build.CFLAGS)
-    library = tmp_path / "libportable.so"
+def test_extreme_8bit_codes_times_extreme_activations_are_exact():
+    """Codes 255 and 0 against activations at +-127: a naive u8 x s8 pair sum (2 x 255 x 127) overflows int16."""
+    rows, k = 16, 64
+    codes = np.where(np.arange(rows * k).reshape(rows, k) % 3 == 0, 0, 255).astype(np.uint8)
+    codes[rows // 2:] = 255
+    layer = nn.Module()
+    set_group_int8(layer, [GroupCodes(codes, np.ones((rows, k // 32), np.float32),
+                                      np.zeros((rows, k // 32), np.float32), 8, 32)])
+    x = torch.full((2, k), 1.0)
+    x[1, ::2] = -1.0
+    expected = x.double() @ torch.from_numpy(codes.astype(np.float64)).T   # +-1 quantise to 127 x (1 / 127)
+    assert (apply_group_int8(layer, x, None).double() - expected).abs().max() < 1e-3
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the kernels for other x86-64 CPUs")
+@pytest.mark.parametrize("march, path", [("x86-64-v3", "AVX2"), ("x86-64", "portable")])
+def test_other_builds_give_the_same_results(tmp_path, monkeypatch, march, path):
+    flags = tuple(f if f != "-march=native" else f"-march={march}" for f in cpu_kernel_build.CFLAGS)
+    library = tmp_path / "libother.so"
     cpu_kernel_build.compile_library(cpu_kernel_build._compiler(), flags, library)
-    portable = CPUKernels(library)
-    assert not group_int8_kernels(portable).uses_vnni
-    monkeypatch.setattr(group_int8, "kernels_for", lambda t: portable)
+    other = CPUKernels(library)
+    assert group_int8_kernels(other).dot_path == path
     for bits, group in FORMATS:
         layer = nn.Module()
         set_group_int8(layer, [_codes(21, 128, bits, group, seed=bits * group)])
-        for rows in (1, 6):
+        for rows in (1, 6, 13):
             x = torch.randn(rows, 128)
-            expected = group_int8_reference(x, layer.group_int8_segments[0])
-            assert (apply_group_int8(layer, x, None).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+            native = apply_group_int8(layer, x, None)
+            with monkeypatch.context() as patch:
+                patch.setattr(group_int8, "kernels_for", lambda t: other)
+                assert torch.equal(apply_group_int8(layer, x, None), native)

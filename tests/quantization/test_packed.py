@@ -123,28 +123,34 @@ def test_w8a8_kernel_equals_the_reference(n, k, rows):
 
 
 def test_w8a8_reports_its_dot_product_path():
-    flags = Path("/proc/cpuinfo").read_text()
-    assert cpu_kernels().w8a8_uses_vnni == (" avx512_vnni" in flags and " avx512bw" in flags)
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    expected = "AVX-512 VNNI" if {"avx512_vnni", "avx512bw"} <= flags else "AVX2" if "avx2" in flags else "portable"
+    assert cpu_kernels().w8a8_dot_path == expected
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the kernels for a plain AVX2 x86-64 CPU")
-def test_the_portable_paths_built_without_avx512_give_the_same_results(tmp_path, monkeypatch):
-    """The kernels pick their path from the CPU they are built for: built for AVX2 (no AVX-512, no VNNI),
-    the generic vector code runs, and equals the reference too."""
-    flags = tuple(f if f != "-march=native" else "-march=x86-64-v3" for f in cpu_kernel_build.CFLAGS)
-    library = tmp_path / "libportable.so"
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the kernels for other x86-64 CPUs")
+@pytest.mark.parametrize("march, path", [("x86-64-v3", "AVX2"), ("x86-64", "portable")])
+def test_other_builds_give_the_same_results(tmp_path, monkeypatch, march, path):
+    """The kernels pick their path from the CPU they are built for: built for plain AVX2 (no AVX-512) or
+    baseline x86-64, the W8A8 layer gives this machine's output bit for bit and the weight-only one the
+    reference's."""
+    flags = tuple(f if f != "-march=native" else f"-march={march}" for f in cpu_kernel_build.CFLAGS)
+    library = tmp_path / "libother.so"
     cpu_kernel_build.compile_library(cpu_kernel_build._compiler(), flags, library)
-    portable = CPUKernels(library)
-    assert not portable.w8a8_uses_vnni
-    monkeypatch.setattr(packed, "kernels_for", lambda t: portable)
+    other = CPUKernels(library)
+    assert other.w8a8_dot_path == path
+    weight, scale = quantize_rows_int8(torch.randn(19, 70))
+    weight[0], weight[1, ::2] = -128, 127     # the ends of int8, against activations at theirs
+    w8a8_layer = nn.Module()
+    set_w8a8(w8a8_layer, weight, scale)
+    w8a8_x = torch.randn(5, 70) * 3   # the kernel takes up to 8 rows
+    w8a8_x[1] = torch.tensor([5.0, -5.0]).repeat(35)
+    native = apply_w8a8(w8a8_layer, w8a8_x, None)
+    monkeypatch.setattr(packed, "kernels_for", lambda t: other)
     for rows in (1, 9):
         layer = _weight_only_layer(U4, 48, 77, 77, True)
         x = torch.randn(rows, 77)
         torch.testing.assert_close(apply_weight_only(layer, x, None), F.linear(x, dequantize_weight_only(layer)),
                                    atol=2e-4, rtol=1e-4)
-        weight, scale = quantize_rows_int8(torch.randn(19, 70))
-        layer = nn.Module()
-        set_w8a8(layer, weight, scale)
-        x = torch.randn(rows, 70)
-        torch.testing.assert_close(apply_w8a8(layer, x, None), w8a8_reference(x, weight, scale, None),
-                                   atol=1e-5, rtol=1e-5)
+    assert torch.equal(apply_w8a8(w8a8_layer, w8a8_x, None), native)
+    torch.testing.assert_close(native, w8a8_reference(w8a8_x, weight, scale, None), atol=1e-5, rtol=1e-5)

@@ -7,8 +7,9 @@
  * AVX512-BF16 the same layout is widened in registers (a bfloat16 is the high half of a float32: a shift or
  * a mask) and multiplied with float32 FMAs, so one weight copy serves both.
  *
- * Threads take column panels of 64 outputs and run register tiles of up to 6 rows x 64 outputs through them,
- * so a panel comes from memory once and then from cache. With one row (decode) this streams the weight at
+ * Threads take column panels of 64 outputs and run register tiles of up to 6 rows x 64 outputs through them
+ * (fewer outputs where the vector registers hold fewer accumulators: REG_ACCS in cpu_vec.h), so a panel comes
+ * from memory once and then from cache. With one row (decode) this streams the weight at
  * half the bytes of float32, with four independent dot-product chains per row hiding the instruction's
  * latency (measured faster than streaming one block at a time for every row count). Outputs are rounded to bfloat16
  * (to nearest even) after the bias is added in float32.
@@ -21,7 +22,7 @@
 #include "cpu_vec.h"
 
 #define TILE_ROWS 6
-#define TILE_VECS 4
+#define TILE_VECS 4     /* blocks per panel, in register tiles of up to that */
 
 /* The input pair (x[2c], x[2c+1]) as one 32-bit word; the pair past an odd k is (x[k-1], 0). */
 static inline uint32_t x_pair(const uint16_t *x, long c, long k) {
@@ -90,7 +91,11 @@ void llmserve_bf16_linear_panel(const uint16_t *x, long x_stride, const uint16_t
     const long k2 = (k + 1) / 2;
     for (long m0 = 0; m0 < M; m0 += TILE_ROWS) {
         const int mr = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
-        TILES[nb](x + m0 * x_stride, x_stride, w, k, k2, bias, y + m0 * y_stride, y_stride, mr);
+        const int width = REG_ACCS_PER_ROW(mr, TILE_VECS);   /* blocks per register tile */
+        for (int j = 0; j < nb; j += width)
+            TILES[nb - j < width ? nb - j : width](x + m0 * x_stride, x_stride, w + j * k2 * 2 * LANES,
+                                                                   k, k2, bias ? bias + j * LANES : NULL,
+                                                                   y + m0 * y_stride + j * LANES, y_stride, mr);
     }
 }
 

@@ -22,7 +22,11 @@
  * row, and each row's scale and sum are loaded once per group for both tiles, so fewer instructions surround
  * each vpdpbusd. Both paths add the same terms in the same order: a row's output does not depend on how many
  * rows share the call.
- * Without AVX-512 VNNI the same arithmetic runs as portable integer code. */
+ * With AVX2 but not AVX-512 VNNI, vpmaddubsw (u8 x s8, pairs summed to int16) takes 4-bit codes directly; an
+ * 8-bit code enters as its two nibbles (code = 16 hi + lo), since two full 8-bit products can overflow the
+ * int16 pair sum. Nibble products sum to at most 2 x 15 x 127 per lane and step, so a group of up to 32 columns
+ * is summed in int16 and widened once (vpmaddwd) at its end. Every path computes the same exact integer dot
+ * products and adds the same float terms in the same order; without AVX2 the arithmetic is portable code. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -31,6 +35,10 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define GI8_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GI8_AVX2 1
+#define GI8_AVX2_ROWS 4  /* activation rows per register tile of a half-tile (16 ymm registers) */
 #endif
 
 #define GI8_TILE 16      /* output rows per tile */
@@ -210,6 +218,67 @@ static void gemm_tiles(const signed char *xq, const float *xscale, const float *
         }
     }
 }
+#elif defined(GI8_AVX2)
+static inline __m256i bcast4_256(const signed char *p) { int v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+
+/* Rows 8 h .. 8 h + 7 of a tile (h = half) times mr (up to GI8_AVX2_ROWS) activation rows; out[m * 16 + r]. */
+static inline __attribute__((always_inline)) void
+half_tile_dots(const unsigned char *codes, const float *scales, const float *offsets, const signed char *xq,
+               const float *xscale, const float *xsum, long k, float *out, const int h, const int mr, const int bits,
+               const int group) {
+    __m256 acc[GI8_AVX2_ROWS];
+    for (int m = 0; m < mr; m++) acc[m] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+    const long groups = k / group;
+    for (long g = 0; g < groups; g++) {
+        /* int16 sums of nibble products: lo and hi nibbles (8-bit), or columns c..c+3 and c+4..c+7 (4-bit) */
+        __m256i dlo[GI8_AVX2_ROWS], dhi[GI8_AVX2_ROWS];
+        for (int m = 0; m < mr; m++) dlo[m] = dhi[m] = _mm256_setzero_si256();
+        const long c0 = g * group;
+        if (bits == 8) {
+            for (long c = c0; c < c0 + group; c += 4) {
+                const __m256i w = _mm256_loadu_si256((const void *)(codes + c * GI8_TILE + h * 32));
+                const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+                for (int m = 0; m < mr; m++) {
+                    const __m256i a = bcast4_256(xq + m * k + c);
+                    dlo[m] = _mm256_add_epi16(dlo[m], _mm256_maddubs_epi16(lo, a));
+                    dhi[m] = _mm256_add_epi16(dhi[m], _mm256_maddubs_epi16(hi, a));
+                }
+            }
+        } else {
+            for (long c = c0; c < c0 + group; c += 8) {
+                const __m256i w = _mm256_loadu_si256((const void *)(codes + c * GI8_TILE / 2 + h * 32));
+                const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+                for (int m = 0; m < mr; m++) {
+                    dlo[m] = _mm256_add_epi16(dlo[m], _mm256_maddubs_epi16(lo, bcast4_256(xq + m * k + c)));
+                    dhi[m] = _mm256_add_epi16(dhi[m], _mm256_maddubs_epi16(hi, bcast4_256(xq + m * k + c + 4)));
+                }
+            }
+        }
+        const __m256 s = _mm256_loadu_ps(scales + g * GI8_TILE + h * 8), o = _mm256_loadu_ps(offsets + g * GI8_TILE + h * 8);
+        for (int m = 0; m < mr; m++) {
+            const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(dlo[m], ones),
+                                                 _mm256_madd_epi16(dhi[m], bits == 8 ? sixteen : ones));
+            const __m256 sx = _mm256_mul_ps(s, _mm256_set1_ps(xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK]));
+            acc[m] = _mm256_fmadd_ps(sx, _mm256_cvtepi32_ps(dot), acc[m]);
+            acc[m] = _mm256_fmadd_ps(o, _mm256_set1_ps(group_xsum(xsum + m * (k / GI8_XSUM), g, group)), acc[m]);
+        }
+    }
+    for (int m = 0; m < mr; m++) _mm256_storeu_ps(out + m * GI8_TILE + h * 8, acc[m]);
+}
+
+/* One tile of 16 output rows times mr activation rows, as half-tiles of GI8_AVX2_ROWS rows at a time (the
+ * tile's codes stay in L1 between them); out[m * 16 + r]. */
+static inline __attribute__((always_inline)) void
+tile_dots(const unsigned char *codes, const float *scales, const float *offsets, const signed char *xq,
+          const float *xscale, const float *xsum, long k, float *out, const int mr, const int bits, const int group) {
+    for (int m0 = 0; m0 < mr; m0 += GI8_AVX2_ROWS) {
+        const int n = mr - m0 < GI8_AVX2_ROWS ? mr - m0 : GI8_AVX2_ROWS;
+        for (int h = 0; h < 2; h++)
+            half_tile_dots(codes, scales, offsets, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK),
+                           xsum + m0 * (k / GI8_XSUM), k, out + m0 * GI8_TILE, h, n, bits, group);
+    }
+}
 #else
 static inline __attribute__((always_inline)) void
 tile_dots(const unsigned char *codes, const float *scales, const float *offsets, const signed char *xq,
@@ -235,8 +304,10 @@ tile_dots(const unsigned char *codes, const float *scales, const float *offsets,
         for (int m = 0; m < mr; m++) {
             const float sx = xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK];
             const float xs = group_xsum(xsum + m * (k / GI8_XSUM), g, group);
-            for (int r = 0; r < GI8_TILE; r++)
-                acc[m][r] += scales[g * GI8_TILE + r] * sx * (float)dot[m][r] + offsets[g * GI8_TILE + r] * xs;
+            for (int r = 0; r < GI8_TILE; r++) {   /* the vector paths' fused multiply-adds, in their order */
+                const float a = fmaf(scales[g * GI8_TILE + r] * sx, (float)dot[m][r], acc[m][r]);
+                acc[m][r] = fmaf(offsets[g * GI8_TILE + r], xs, a);
+            }
         }
     }
     for (int m = 0; m < mr; m++) memcpy(out + m * GI8_TILE, acc[m], sizeof acc[m]);
@@ -306,9 +377,11 @@ int llmserve_group_int8_layer(const float *x, long x_stride, long M, long k, int
     return status;
 }
 
-/* Which dot-product path this build uses (1: AVX-512 VNNI, 0: portable integer code). */
-int llmserve_group_int8_uses_vnni(void) {
-#ifdef GI8_VNNI
+/* Which dot-product path this build uses (2: AVX-512 VNNI, 1: AVX2, 0: portable integer code). */
+int llmserve_group_int8_dot_path(void) {
+#if defined(GI8_VNNI)
+    return 2;
+#elif defined(GI8_AVX2)
     return 1;
 #else
     return 0;

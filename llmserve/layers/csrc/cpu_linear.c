@@ -2,7 +2,8 @@
  *
  * `llmserve_linear_blocked` reads a weight stored blocked as [N/16][K][16] (16 output rows interleaved:
  * one vector load is one input column of 16 outputs), made once at load time. For many rows it is a
- * register-tiled GEMM (6 rows x 64 outputs per tile, broadcast inputs, no horizontal sums) that runs at
+ * register-tiled GEMM (6 rows x 64 outputs per tile with AVX-512's 32 registers, 6 x 16 with AVX2's 16:
+ * REG_ACCS in cpu_vec.h; broadcast inputs, no horizontal sums) that runs at
  * the speed of oneDNN on a prepacked weight, where oneDNN on a plain weight reorders it on every call;
  * for up to 8 rows it streams each 16-output block once, as a GEMV. `llmserve_linear_small_batch` is
  * the row-major GEMV for weights kept plain (a tied LM head, which the embedding also reads, or an
@@ -98,8 +99,8 @@ int llmserve_linear_small_batch(const float *x, long x_stride, const float *w, c
 int llmserve_linear_max_rows(void) { return MAX_ROWS; }
 
 /* Few rows against one 16-output block of the blocked weight (a contiguous stream of k * 16 floats):
- * the k loop is split over `na` accumulators per row so the FMA latency does not bound the stream
- * (4 for up to 4 rows; 2 above, to stay within the vector registers). */
+ * the k loop is split over `na` accumulators per row so the FMA latency does not bound the stream, as many
+ * as the vector registers hold (STREAM_ACCS). */
 static inline __attribute__((always_inline)) void
 stream_block(const float *x, long xs, const float *w, long k, const float *bias, float *y, long ys,
              const int mr, const int na) {
@@ -127,16 +128,23 @@ stream_block(const float *x, long xs, const float *w, long k, const float *bias,
 }
 
 #define STREAM_CASE(MR, NA) case MR: stream_block(x, xs, w, k, bias, y, ys, MR, NA); return;
+/* 4 accumulators per row up to 4 rows and 2 above with AVX-512; within REG_ACCS otherwise */
+#ifdef __AVX512F__
+#define STREAM_ACCS(MR) ((MR) <= 4 ? 4 : 2)
+#else
+#define STREAM_ACCS(MR) REG_ACCS_PER_ROW(MR, 4)
+#endif
 static void stream_rows(const float *x, long xs, const float *w, long k, const float *bias, float *y, long ys,
                         int mr) {
     switch (mr) {
-        STREAM_CASE(1, 4) STREAM_CASE(2, 4) STREAM_CASE(3, 4) STREAM_CASE(4, 4)
-        STREAM_CASE(5, 2) STREAM_CASE(6, 2) STREAM_CASE(7, 2) STREAM_CASE(8, 2)
+        STREAM_CASE(1, STREAM_ACCS(1)) STREAM_CASE(2, STREAM_ACCS(2)) STREAM_CASE(3, STREAM_ACCS(3))
+        STREAM_CASE(4, STREAM_ACCS(4)) STREAM_CASE(5, STREAM_ACCS(5)) STREAM_CASE(6, STREAM_ACCS(6))
+        STREAM_CASE(7, STREAM_ACCS(7)) STREAM_CASE(8, STREAM_ACCS(8))
     }
 }
 
 #define TILE_ROWS 6
-#define TILE_VECS 4                /* outputs per tile: TILE_VECS * 16 */
+#define TILE_VECS 4                /* outputs per panel: TILE_VECS * 16, in register tiles of up to that */
 
 /* One GEMM tile: `mr` rows of x (stride xs) against `nb` 16-output blocks of the blocked weight from `w`
  * (block stride k * 16 floats), into y (stride ys); mr and nb are constants at every call site. */
@@ -180,7 +188,11 @@ void llmserve_linear_panel(const float *x, long x_stride, const float *w, long k
                            long y_stride, long M, int nb) {
     for (long m0 = 0; m0 < M; m0 += TILE_ROWS) {
         const int mr = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
-        TILES[nb](x + m0 * x_stride, x_stride, w, k, bias, y + m0 * y_stride, y_stride, mr);
+        const int width = REG_ACCS_PER_ROW(mr, TILE_VECS);   /* blocks per register tile */
+        for (int j = 0; j < nb; j += width)
+            TILES[nb - j < width ? nb - j : width](x + m0 * x_stride, x_stride, w + j * k * LANES, k,
+                                                                   bias ? bias + j * LANES : NULL,
+                                                                   y + m0 * y_stride + j * LANES, y_stride, mr);
     }
 }
 

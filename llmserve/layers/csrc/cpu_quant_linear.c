@@ -18,7 +18,7 @@
 
 #include "cpu_vec.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -30,12 +30,20 @@
 
 typedef unsigned char u8x16 __attribute__((vector_size(16)));
 
-/* 16 bytes widened to 16 int lanes (one vpmovzxbd with AVX-512; GCC scalarises the generic conversion). */
+/* 16 bytes widened to 16 int lanes (one vpmovzxbd with AVX-512, two with AVX2; GCC scalarises the generic
+ * conversion). */
 static inline ivec widen_u8(const unsigned char *p) {
 #if defined(__AVX512F__)
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     ivec r;
     memcpy(&r, &v, sizeof r);
+    return r;
+#elif defined(__AVX2__)
+    const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    ivec r;
+    memcpy(&r, &lo, sizeof lo);
+    memcpy((char *)&r + sizeof lo, &hi, sizeof hi);
     return r;
 #else
     u8x16 a;

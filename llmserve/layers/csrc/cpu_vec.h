@@ -12,6 +12,17 @@
 
 #define LANES 16
 
+/* How many 16-float accumulators a register tile may keep: 24 of AVX-512's 32 registers; where a vector takes
+ * two registers (AVX2's 16) or four (NEON's 32), 6. */
+#ifdef __AVX512F__
+#define REG_ACCS 24
+#else
+#define REG_ACCS 6
+#endif
+/* Accumulators per row for `rows` rows in a register tile: between 1 and `most`. */
+#define REG_ACCS_PER_ROW(rows, most) ((REG_ACCS / (rows)) < 1 ? 1 : (REG_ACCS / (rows)) > (most) ? (most) \
+                                      : (REG_ACCS / (rows)))
+
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 typedef int ivec __attribute__((vector_size(LANES * sizeof(int))));
 typedef float vec8 __attribute__((vector_size(8 * sizeof(float))));

@@ -1,8 +1,10 @@
 /* W8A8 linear layers: int8 weights with per-output-channel scales (llmserve/quantization/packed.py lays them
  * out), activations quantised per row (token) on the fly to int8. The int8 dot products use AVX-512 VNNI
  * (vpdpbusd: u8 x s8, four products summed per int32 lane) where the compiler targets it (-march=native on a
- * CPU that has it), else widened integer vector code. vpdpbusd wants one unsigned operand: x + 128 is, and the
- * weights' row sums times 128 (computed at load) take the offset back out. */
+ * CPU that has it), else AVX2's vpmaddubsw where present, else widened integer vector code. vpdpbusd wants one
+ * unsigned operand: x + 128 is, and the weights' row sums times 128 (computed at load) take the offset back
+ * out. vpmaddubsw sums pairs of products in int16, where (x + 128) x w can overflow: it multiplies |w| by the
+ * signed x carrying w's sign (each pair at most 2 x 128 x 127) and adds the row sum back. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +14,9 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define HAVE_VNNI 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define HAVE_AVX2_INT8 1
 #endif
 
 typedef unsigned char u8x16 __attribute__((vector_size(16)));
@@ -32,6 +37,29 @@ w8a8_dots(const unsigned char *xq, long kp, const signed char *w, int *out, cons
             acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_loadu_si512((const void *)(xq + m * kp + c)), wv);
     }
     for (int m = 0; m < mr; m++) out[m] = _mm512_reduce_add_epi32(acc[m]);
+#elif defined(HAVE_AVX2_INT8)
+    __m256i acc[W8A8_ROWS], wsum = _mm256_setzero_si256();
+    for (int m = 0; m < mr; m++) acc[m] = _mm256_setzero_si256();
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1), ones8 = _mm256_set1_epi8(1);
+    for (long c = 0; c < kp; c += 32) {
+        const __m256i wv = _mm256_loadu_si256((const void *)(w + c)), wabs = _mm256_abs_epi8(wv);
+        wsum = _mm256_add_epi32(wsum, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, wv), ones));
+        for (int m = 0; m < mr; m++) {
+            const __m256i xs = _mm256_xor_si256(_mm256_loadu_si256((const void *)(xq + m * kp + c)), flip);
+            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xs, wv)),
+                                                                ones));
+        }
+    }
+    int lanes[8];
+    _mm256_storeu_si256((void *)lanes, wsum);
+    int w_times_128 = 0;   /* dot(x + 128, w) = dot(x, w) + 128 sum(w) */
+    for (int l = 0; l < 8; l++) w_times_128 += 128 * lanes[l];
+    for (int m = 0; m < mr; m++) {
+        _mm256_storeu_si256((void *)lanes, acc[m]);
+        int t = w_times_128;
+        for (int l = 0; l < 8; l++) t += lanes[l];
+        out[m] = t;
+    }
 #else
     ivec acc[W8A8_ROWS];
     for (int m = 0; m < mr; m++) acc[m] = (ivec){0};
@@ -96,9 +124,11 @@ int llmserve_linear_w8a8(const float *x, long x_stride, const signed char *w, lo
     return 0;
 }
 
-/* Which int8 dot-product path this build uses (1: AVX-512 VNNI, 0: portable vector code). */
-int llmserve_w8a8_uses_vnni(void) {
-#ifdef HAVE_VNNI
+/* Which int8 dot-product path this build uses (2: AVX-512 VNNI, 1: AVX2, 0: portable vector code). */
+int llmserve_w8a8_dot_path(void) {
+#if defined(HAVE_VNNI)
+    return 2;
+#elif defined(HAVE_AVX2_INT8)
     return 1;
 #else
     return 0;
