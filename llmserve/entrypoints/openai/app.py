@@ -118,8 +118,8 @@ class ServerState:
     def begin_shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
         """SIGTERM: running requests may go on until shortly before --shutdown-timeout; then whatever is
         left is aborted, so each client gets a 503 (or an SSE error event and ``[DONE]``) instead of a
-        cut connection, and the process can exit in time (the interpreter itself takes about a second to
-        exit, hence the margin)."""
+        cut connection, and the process can exit in time (the aborted streams' last events, the engine core's
+        exit and the logs' flush need a moment, hence the margin)."""
         timeout = self.config.shutdown_timeout
         logger.info("shutting down: running requests get %.1f s to finish", timeout)
         if self.engine is not None:
