@@ -151,9 +151,10 @@ def apply_w8a8(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> 
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     kernels = kernels_for(rows)
-    if kernels is not None and rows.shape[0] <= kernels.max_linear_rows:
+    if kernels is not None and (rows.shape[0] <= kernels.max_linear_rows or kernels.w8a8_dot_path != "AVX-512 VNNI"):
         out = kernels.linear_w8a8(rows, layer.w8_weight, layer.w8_scale, layer.w8_comp, layer.w8_in, bias)
-    elif kernels is not None:   # many rows: oneDNN's int8 GEMM (measured faster there, docs/benchmarks.md)
+    elif kernels is not None:   # many rows with VNNI: oneDNN's int8 GEMM (measured faster there, docs/benchmarks.md;
+        # without VNNI it ran hundreds of times slower than the kernel)
         out = w8a8_int_mm(rows, layer.w8_weight[:, :layer.w8_in], layer.w8_scale, bias)
     else:
         out = w8a8_reference(rows, layer.w8_weight[:, :layer.w8_in], layer.w8_scale, bias).to(rows.dtype)

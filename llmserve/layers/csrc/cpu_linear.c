@@ -104,26 +104,33 @@ int llmserve_linear_max_rows(void) { return MAX_ROWS; }
 static inline __attribute__((always_inline)) void
 stream_block(const float *x, long xs, const float *w, long k, const float *bias, float *y, long ys,
              const int mr, const int na) {
-    vec acc[MAX_ROWS][4];
+    rvec acc[MAX_ROWS][4 * RPARTS];
     for (int m = 0; m < mr; m++)
-        for (int a = 0; a < na; a++) acc[m][a] = (vec){0};
+        for (int a = 0; a < na * RPARTS; a++) acc[m][a] = (rvec){0};
     long c = 0;
     for (; c + 4 <= k; c += 4) {
         for (int l = 0; l < 4; l++) __builtin_prefetch(w + (c + l) * LANES + PREFETCH_AHEAD, 0, 3);
-        const vec b[4] = {load(w + c * LANES), load(w + (c + 1) * LANES), load(w + (c + 2) * LANES),
-                          load(w + (c + 3) * LANES)};
+        rvec b[4][RPARTS];
+        for (int l = 0; l < 4; l++)
+            for (int p = 0; p < RPARTS; p++) b[l][p] = rload(w + (c + l) * LANES + p * RLANES);
         for (int m = 0; m < mr; m++) {
             const float *xm = x + m * xs + c;
-            for (int l = 0; l < 4; l++) acc[m][l % na] += splat(xm[l]) * b[l];
+            for (int l = 0; l < 4; l++) {
+                const rvec xl = rsplat(xm[l]);
+                for (int p = 0; p < RPARTS; p++) acc[m][(l % na) * RPARTS + p] += xl * b[l][p];
+            }
         }
     }
     for (; c < k; c++)
-        for (int m = 0; m < mr; m++) acc[m][0] += splat(x[m * xs + c]) * load(w + c * LANES);
-    const vec b = bias ? load(bias) : (vec){0};
-    for (int m = 0; m < mr; m++) {
-        vec sum = acc[m][0];
-        for (int a = 1; a < na; a++) sum += acc[m][a];
-        store(y + m * ys, sum + b);
+        for (int m = 0; m < mr; m++)
+            for (int p = 0; p < RPARTS; p++) acc[m][p] += rsplat(x[m * xs + c]) * rload(w + c * LANES + p * RLANES);
+    for (int p = 0; p < RPARTS; p++) {
+        const rvec b = bias ? rload(bias + p * RLANES) : (rvec){0};
+        for (int m = 0; m < mr; m++) {
+            rvec sum = acc[m][p];
+            for (int a = 1; a < na; a++) sum += acc[m][a * RPARTS + p];
+            rstore(y + m * ys + p * RLANES, sum + b);
+        }
     }
 }
 
@@ -151,21 +158,23 @@ static void stream_rows(const float *x, long xs, const float *w, long k, const f
 static inline __attribute__((always_inline)) void
 gemm_tile(const float *x, long xs, const float *w, long k, const float *bias, float *y, long ys, const int mr,
           const int nb) {
-    vec acc[TILE_ROWS][TILE_VECS];
+    rvec acc[TILE_ROWS][TILE_VECS * RPARTS];
     for (int m = 0; m < mr; m++)
-        for (int j = 0; j < nb; j++) acc[m][j] = (vec){0};
+        for (int j = 0; j < nb * RPARTS; j++) acc[m][j] = (rvec){0};
     for (long c = 0; c < k; c++) {
-        vec b[TILE_VECS];
-        for (int j = 0; j < nb; j++) b[j] = load(w + (j * k + c) * LANES);
+        rvec b[TILE_VECS * RPARTS];
+        for (int j = 0; j < nb; j++)
+            for (int p = 0; p < RPARTS; p++) b[j * RPARTS + p] = rload(w + (j * k + c) * LANES + p * RLANES);
         for (int m = 0; m < mr; m++) {
-            const vec xm = splat(x[m * xs + c]);
-            for (int j = 0; j < nb; j++) acc[m][j] += xm * b[j];
+            const rvec xm = rsplat(x[m * xs + c]);
+            for (int j = 0; j < nb * RPARTS; j++) acc[m][j] += xm * b[j];
         }
     }
-    for (int j = 0; j < nb; j++) {
-        const vec bj = bias ? load(bias + j * LANES) : (vec){0};
-        for (int m = 0; m < mr; m++) store(y + m * ys + j * LANES, acc[m][j] + bj);
-    }
+    for (int j = 0; j < nb; j++)
+        for (int p = 0; p < RPARTS; p++) {
+            const rvec bj = bias ? rload(bias + j * LANES + p * RLANES) : (rvec){0};
+            for (int m = 0; m < mr; m++) rstore(y + m * ys + j * LANES + p * RLANES, acc[m][j * RPARTS + p] + bj);
+        }
 }
 
 #define TILE_CASE(MR, NB) case MR: gemm_tile(x, xs, w, k, bias, y, ys, MR, NB); return;

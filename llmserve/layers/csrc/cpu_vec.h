@@ -12,16 +12,34 @@
 
 #define LANES 16
 
-/* How many 16-float accumulators a register tile may keep: 24 of AVX-512's 32 registers; where a vector takes
- * two registers (AVX2's 16) or four (NEON's 32), 6. */
-#ifdef __AVX512F__
+/* The widest vector the target has registers for. A 16-float `vec` is one AVX-512 register; without AVX-512
+ * GCC keeps such a vector in memory and runs each operation on it through loads and stores (it has no machine
+ * mode for it), which is harmless where memory bandwidth bounds a loop but ruinous in a GEMM's register tile:
+ * compute-bound code works on `rvec`, RPARTS of which make one `vec`. */
+#if defined(__AVX512F__)
+#define RLANES 16
+#elif defined(__AVX__)
+#define RLANES 8
+#else
+#define RLANES 4
+#endif
+#define RPARTS (LANES / RLANES)
+typedef float rvec __attribute__((vector_size(RLANES * sizeof(float))));
+static inline rvec rload(const float *p) { rvec v; memcpy(&v, p, sizeof v); return v; }
+static inline void rstore(float *p, rvec v) { memcpy(p, &v, sizeof v); }
+static inline rvec rsplat(float x) { return (rvec){0} + x; }
+
+/* How many `rvec` accumulators a register tile may keep: three quarters of the registers (AVX-512 and NEON have
+ * 32, AVX2 16), the rest holding the weights and the broadcast input. */
+#if defined(__AVX512F__) || !defined(__AVX__)
 #define REG_ACCS 24
 #else
-#define REG_ACCS 6
+#define REG_ACCS 12
 #endif
-/* Accumulators per row for `rows` rows in a register tile: between 1 and `most`. */
-#define REG_ACCS_PER_ROW(rows, most) ((REG_ACCS / (rows)) < 1 ? 1 : (REG_ACCS / (rows)) > (most) ? (most) \
-                                      : (REG_ACCS / (rows)))
+/* 16-float accumulators per row for `rows` rows in a register tile: between 1 and `most`. */
+#define REG_ACCS_PER_ROW(rows, most) ((REG_ACCS / (RPARTS * (rows))) < 1 ? 1                          \
+                                      : (REG_ACCS / (RPARTS * (rows))) > (most) ? (most)              \
+                                      : (REG_ACCS / (RPARTS * (rows))))
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 typedef int ivec __attribute__((vector_size(LANES * sizeof(int))));
