@@ -2,9 +2,10 @@
 way, against the float32 path, at 1 row (a decode step) and 64 rows (a batch).
 
 Every layout is made the way loading makes it (random weights: speed does not depend on the values) and called
-through its method's ``apply``; float32 is also timed through PyTorch's ``F.linear``, W8A8 through ``torch._int_mm`` (activations quantised the same
-way, int32 products scaled back), the alternative to the int8 kernel. Prints one markdown table of
-microseconds per call (median of ``--repeats`` timed batches of calls) and the speed-up over float32.
+through its method's ``apply``; float32 is also timed through PyTorch's ``F.linear``, W8A8 through
+``torch._int_mm`` (activations quantised the same way, int32 products scaled back), the alternative to the int8
+kernel. Prints one markdown table of microseconds per call (median of ``--repeats`` timed batches of calls) and
+the speed-up over float32.
 """
 
 from __future__ import annotations

@@ -255,7 +255,8 @@ half_tile_dots(const unsigned char *codes, const float *scales, const float *off
                 }
             }
         }
-        const __m256 s = _mm256_loadu_ps(scales + g * GI8_TILE + h * 8), o = _mm256_loadu_ps(offsets + g * GI8_TILE + h * 8);
+        const __m256 s = _mm256_loadu_ps(scales + g * GI8_TILE + h * 8);
+        const __m256 o = _mm256_loadu_ps(offsets + g * GI8_TILE + h * 8);
         for (int m = 0; m < mr; m++) {
             const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(dlo[m], ones),
                                                  _mm256_madd_epi16(dhi[m], bits == 8 ? sixteen : ones));
