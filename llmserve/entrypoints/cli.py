@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, NoReturn
+from typing import Callable
 
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
 from llmserve.logging_setup import add_logging_args, configure_logging, setup_from_args
@@ -29,10 +29,10 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> NoReturn:
+def _serve(args: argparse.Namespace) -> int:
     from llmserve.entrypoints.openai.api_server import run_server
 
-    run_server(args)
+    return run_server(args)
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:

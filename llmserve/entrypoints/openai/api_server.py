@@ -10,10 +10,7 @@ spawned process imports the main module again.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-from typing import NoReturn
 
 from llmserve.engine.core_client import EngineCoreClient
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
@@ -22,9 +19,9 @@ from llmserve.logging_setup import add_logging_args, configure_logging, setup_fr
 from llmserve.model_loader.model_source import local_model_path
 
 
-def run_server(args: argparse.Namespace) -> NoReturn:
-    """Check the flags, start the engine core, serve, then end the process with the server's exit status
-    (raises ValueError for bad flags before anything starts)."""
+def run_server(args: argparse.Namespace) -> int:
+    """Check the flags, start the engine core, then serve until shutdown (``serve`` ends the process with the
+    server's exit status)."""
     engine_config = engine_config_from_args(args)
     config = server_config_from_args(args)
     if (config.lora_modules or config.allow_runtime_lora_updating) and not engine_config.enable_lora:
@@ -42,17 +39,7 @@ def run_server(args: argparse.Namespace) -> NoReturn:
     core = EngineCoreClient(engine_config, local) if local is not None else None
     from llmserve.entrypoints.openai.app import serve
 
-    exit_now(serve(config, engine_config, core))
-
-
-def exit_now(code: int) -> NoReturn:
-    """End the process once the server has shut down (requests answered, the engine core joined): flush the
-    logs and leave without the interpreter's teardown, which frees the front end's modules and objects for a
-    second or two, time that --shutdown-timeout promises to nobody."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return serve(config, engine_config, core)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(setup_from_args(args))
     try:
-        run_server(args)
+        return run_server(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -286,9 +288,9 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(config: ServerConfig, engine_config: EngineConfig, core: EngineCoreClient | None) -> int:
-    """Serve until SIGTERM/SIGINT or a fatal engine error; the process's exit status. ``core``: the engine
-    core already started on ``engine_config`` (None: it starts once the port is open)."""
+def serve(config: ServerConfig, engine_config: EngineConfig, core: EngineCoreClient | None) -> NoReturn:
+    """Serve until SIGTERM/SIGINT or a fatal engine error, then end the process with its exit status.
+    ``core``: the engine core already started on ``engine_config`` (None: it starts once the port is open)."""
     state = ServerState(config, engine_config, core)
     app = build_app(state)
     # log_config=None: uvicorn's loggers go through the root handler (--log-format), at warning level
@@ -321,4 +323,14 @@ def serve(config: ServerConfig, engine_config: EngineConfig, core: EngineCoreCli
         await server.serve()
 
     asyncio.run(serve())
-    return state.exit_code
+    exit_now(state.exit_code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process once the server has shut down (requests answered, the engine core joined): flush the
+    logs and leave without the interpreter's teardown, which frees the front end's modules and objects for a
+    second or two, time that --shutdown-timeout promises to nobody."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
