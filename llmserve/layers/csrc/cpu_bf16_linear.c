@@ -54,6 +54,7 @@ static inline vec load_bias(const uint16_t *bias) { return bias ? load_bf16(bias
 static inline __attribute__((always_inline)) void
 gemm_tile(const uint16_t *x, long xs, const uint16_t *w, long k, long k2, const uint16_t *bias, uint16_t *y,
           long ys, const int mr, const int nb) {
+#ifdef __AVX512BF16__
     vec acc[TILE_ROWS][TILE_VECS];
     for (int m = 0; m < mr; m++)
         for (int j = 0; j < nb; j++) acc[m][j] = (vec){0};
@@ -67,6 +68,37 @@ gemm_tile(const uint16_t *x, long xs, const uint16_t *w, long k, long k2, const 
         const vec bj = load_bias(bias ? bias + j * LANES : NULL);
         for (int m = 0; m < mr; m++) store_bf16(y + m * ys + j * LANES, acc[m][j] + bj);
     }
+#else
+    /* widened weights and float32 FMAs on native-width vectors (a 16-float vec would live in memory without
+     * AVX-512: see rvec in cpu_vec.h); the same sums as dot_pair's */
+    typedef int rivec __attribute__((vector_size(RLANES * sizeof(int))));
+    rvec acc[TILE_ROWS][TILE_VECS * RPARTS];
+    for (int m = 0; m < mr; m++)
+        for (int j = 0; j < nb * RPARTS; j++) acc[m][j] = (rvec){0};
+    for (long c = 0; c < k2; c++) {
+        rvec even[TILE_VECS * RPARTS], odd[TILE_VECS * RPARTS];
+        for (int j = 0; j < nb; j++)
+            for (int q = 0; q < RPARTS; q++) {
+                rivec lanes;
+                memcpy(&lanes, w + (j * k2 + c) * 2 * LANES + q * 2 * RLANES, sizeof lanes);
+                even[j * RPARTS + q] = (rvec)(lanes << 16);
+                odd[j * RPARTS + q] = (rvec)(lanes & (int)0xffff0000u);
+            }
+        for (int m = 0; m < mr; m++) {
+            const uint32_t p = x_pair(x + m * xs, c, k);
+            const rvec x0 = rsplat(bf16_to_float((uint16_t)p)), x1 = rsplat(bf16_to_float((uint16_t)(p >> 16)));
+            for (int j = 0; j < nb * RPARTS; j++) acc[m][j] = acc[m][j] + even[j] * x0 + odd[j] * x1;
+        }
+    }
+    for (int j = 0; j < nb; j++) {
+        const vec bj = load_bias(bias ? bias + j * LANES : NULL);
+        for (int m = 0; m < mr; m++) {
+            vec sum;
+            memcpy(&sum, &acc[m][j * RPARTS], sizeof sum);
+            store_bf16(y + m * ys + j * LANES, sum + bj);
+        }
+    }
+#endif
 }
 
 #define TILE_CASE(MR, NB) case MR: gemm_tile(x, xs, w, k, k2, bias, y, ys, MR, NB); return;
