@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmserve.layers.cpu_group_int8 import WeightSegment
 from llmserve.layers.cpu_kernels import CPUKernels
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
@@ -41,9 +42,7 @@ class LoRAStepArgs(ctypes.Structure):
 
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", _I), ("segments", _I), ("n", _L), ("k", _L), ("weight", _P), ("bias", _P),
-                ("codes", _P * MAX_SEGMENTS), ("scales", _P * MAX_SEGMENTS), ("offsets", _P * MAX_SEGMENTS),
-                ("rows", _L * MAX_SEGMENTS), ("bits", _I * MAX_SEGMENTS), ("groups", _I * MAX_SEGMENTS),
-                ("lora", _LoRA)]
+                ("weights", WeightSegment * MAX_SEGMENTS), ("lora", _LoRA)]
 
 
 class _Layer(ctypes.Structure):
@@ -72,8 +71,7 @@ def linear_descriptor(layer: nn.Module, dtype: torch.dtype, keep: list[torch.Ten
                                          f"{MAX_SEGMENTS})")
         desc.kind, desc.segments, desc.n, desc.k = GROUP_INT8, plan.count, plan.n, plan.k
         for i in range(plan.count):
-            desc.codes[i], desc.scales[i], desc.offsets[i] = plan.codes[i], plan.scales[i], plan.offsets[i]
-            desc.rows[i], desc.bits[i], desc.groups[i] = plan.rows[i], plan.bits[i], plan.groups[i]
+            desc.weights[i] = plan.weights[i]
         bias_dtype = torch.float32
     elif weight is not None and weight.dtype == dtype == torch.float32 and weight.dim() == 3:
         desc.kind, desc.n, desc.k, desc.weight = F32_BLOCKED, weight.shape[0] * weight.shape[2], weight.shape[1], \

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 import torch
 
@@ -20,6 +21,28 @@ _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 ACTIVATION_BLOCK = 32   # columns per activation scale (llama.cpp's Q8_0 block)
 ACTIVATION_SUM = 16     # columns per activation sum (the smallest weight group)
 TILE = 16               # output rows per code tile
+
+
+class PackedSegment(Protocol):
+    """A weight segment in the kernel's layout (:class:`llmserve.quantization.group_int8.GroupInt8Segment`)."""
+
+    codes: torch.Tensor
+    d: torch.Tensor
+    sc: torch.Tensor | None
+    m: torch.Tensor | None
+    mins: torch.Tensor | None
+    rows: int
+    bits: int
+    group: int
+    per_block: int
+    zero: int
+
+
+class WeightSegment(ctypes.Structure):
+    """One segment as the kernel takes it (``gi8_weight`` in ``csrc/cpu_group_int8.h``)."""
+
+    _fields_ = [("codes", _P), ("d", _P), ("sc", _P), ("m", _P), ("mins", _P), ("rows", _L), ("bits", _I),
+                ("group", _I), ("per_block", _I), ("zero", _I)]
 
 
 @dataclass(frozen=True)
@@ -39,7 +62,7 @@ class GroupInt8Kernels:
         lib = kernels.library
         lib.llmserve_group_int8_quantize.argtypes = [_P, _L, _L, _L, _P, _P, _P, _I]
         lib.llmserve_group_int8_quantize.restype = _I
-        lib.llmserve_group_int8_layer.argtypes = [_P, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _P, _L, _I]
+        lib.llmserve_group_int8_layer.argtypes = [_P, _L, _L, _L, _I, _P, _P, _P, _L, _I]
         lib.llmserve_group_int8_layer.restype = _I
         lib.llmserve_group_int8_dot_path.restype = _I
         self._lib = lib
@@ -70,9 +93,8 @@ class GroupInt8Kernels:
                              f"[{plan.n}], got {x.dtype} {tuple(x.shape)}")
         out = torch.empty(rows, plan.n, dtype=torch.float32)
         status = self._lib.llmserve_group_int8_layer(
-            x.data_ptr(), x.stride(0), rows, k, plan.count, plan.codes, plan.scales, plan.offsets, plan.rows,
-            plan.bits, plan.groups, bias.data_ptr() if bias is not None else None, out.data_ptr(), plan.n,
-            torch.get_num_threads())
+            x.data_ptr(), x.stride(0), rows, k, plan.count, plan.weights, bias.data_ptr() if bias is not None else None,
+            out.data_ptr(), plan.n, torch.get_num_threads())
         if status == -2:
             raise MemoryError("group_int8 layer: no memory for the quantised activations")
         if status != 0:
@@ -81,33 +103,41 @@ class GroupInt8Kernels:
 
 
 class LayerPlan:
-    """A layer's weight segments as the kernel takes them, built once: ``(codes, scales, offsets, rows, bits,
-    group)`` per segment, codes uint8 [ceil(rows / 16), 16 * k * bits / 8], scales and offsets float32
-    [ceil(rows / 16), k / group, 16] (:mod:`llmserve.quantization.group_int8` lays them out). The plan holds
-    the tensors' addresses: they must not be replaced or moved while it is used."""
+    """A layer's weight segments as the kernel takes them, built once: per segment codes uint8
+    [ceil(rows / 16), 16 * k * bits / 8], ``d`` (and ``m``) float16 [ceil(rows / 16), blocks, 16], ``sc`` int8
+    and ``mins`` uint8 [ceil(rows / 16), k / group, 16] or None (:mod:`llmserve.quantization.group_int8` lays
+    them out). The plan holds the tensors' addresses: they must not be replaced or moved while it is used."""
 
-    def __init__(self, k: int, segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]]) -> None:
-        for codes, scales, offsets, rows, bits, group in segments:
-            tiles = -(-rows // TILE)
-            if (bits not in (4, 8) or group not in (16, 32) or k % ACTIVATION_BLOCK
-                    or codes.shape != (tiles, TILE * k * bits // 8) or codes.dtype != torch.uint8
-                    or scales.shape != (tiles, k // group, TILE) or offsets.shape != scales.shape
-                    or scales.dtype != torch.float32 or offsets.dtype != torch.float32
-                    or not all(t.is_contiguous() for t in (codes, scales, offsets))):
-                raise ValueError(f"group_int8: operands do not describe {rows} rows of {k} inputs in {bits}-bit codes "
-                                 f"and groups of {group} (4 or 8 bits, groups of 16 or 32, k a multiple of 32)")
-        self.k, self.count, self.n = k, len(segments), sum(s[3] for s in segments)
-        self._tensors = segments   # kept alive with the plan
+    def __init__(self, k: int, segments: list[PackedSegment]) -> None:
+        for s in segments:
+            if not _describes(s, k):
+                raise ValueError(f"group_int8: operands do not describe {s.rows} rows of {k} inputs in {s.bits}-bit "
+                                 f"codes, groups of {s.group} and blocks of {s.per_block} groups (4 or 8 bits, "
+                                 f"groups of 16 or 32, k a multiple of 32 and of the blocks)")
+        self.k, self.count, self.n = k, len(segments), sum(s.rows for s in segments)
+        self._segments = segments   # kept alive with the plan
 
-        def array(kind: type, values: list) -> ctypes.Array:
-            return (kind * len(values))(*values)
+        def address(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
 
-        self.codes = array(_P, [s[0].data_ptr() for s in segments])
-        self.scales = array(_P, [s[1].data_ptr() for s in segments])
-        self.offsets = array(_P, [s[2].data_ptr() for s in segments])
-        self.rows = array(_L, [s[3] for s in segments])
-        self.bits = array(_I, [s[4] for s in segments])
-        self.groups = array(_I, [s[5] for s in segments])
+        self.weights = (WeightSegment * len(segments))(*(
+            WeightSegment(s.codes.data_ptr(), s.d.data_ptr(), address(s.sc), address(s.m), address(s.mins), s.rows,
+                          s.bits, s.group, s.per_block, s.zero) for s in segments))
+
+
+def _describes(s: PackedSegment, k: int) -> bool:
+    """Whether ``s``'s tensors have the shapes, dtypes and layout of ``s.rows`` rows of ``k`` inputs."""
+    tiles = -(-s.rows // TILE)
+    if s.bits not in (4, 8) or s.group not in (16, 32) or k % ACTIVATION_BLOCK or k % (s.group * s.per_block):
+        return False
+    groups = k // s.group
+    expected = [(s.codes, (tiles, TILE * k * s.bits // 8), torch.uint8, False),
+                (s.d, (tiles, groups // s.per_block, TILE), torch.float16, False),
+                (s.m, (tiles, groups // s.per_block, TILE), torch.float16, True),
+                (s.sc, (tiles, groups, TILE), torch.int8, True), (s.mins, (tiles, groups, TILE), torch.uint8, True)]
+    return all((t is None and optional) or (t is not None and t.shape == shape and t.dtype == dtype
+                                             and t.is_contiguous())
+               for t, shape, dtype, optional in expected)
 
 
 @lru_cache(maxsize=4)

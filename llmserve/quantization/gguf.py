@@ -130,18 +130,29 @@ class GGUFLinearMethod(QuantizeMethodBase):
             name = _type_name(type_id)
             runs.append(decode_rows(raw[start:start + rows, :row_bytes(name, k)], name, k))
             start += rows
-        set_group_int8(layer, [_concatenated(list(g)) for _, g in
-                               itertools.groupby(runs, key=lambda r: (r.bits, r.group))])
+        set_group_int8(layer, [_concatenated(list(g)) for _, g in itertools.groupby(runs, key=_layout)])
         drop_params(layer, "qweight", "qweight_type")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_group_int8(layer, x, bias)
 
 
+def _layout(codes: GroupCodes) -> tuple:
+    """What row runs must share to be one segment (Q5_0 and Q8_0 rows do; Q4_0 and Q4_K rows do not)."""
+    return (codes.bits, codes.group, codes.per_block, codes.sc is None, codes.mins is None,
+            None if codes.m is not None else codes.zero)
+
+
 def _concatenated(runs: list[GroupCodes]) -> GroupCodes:
-    """Row runs of one code width and group (e.g. Q4_0 and Q4_K rows) as one segment."""
+    """Row runs of one layout as one segment (a signed format's zero point: the first run's; equal by layout)."""
     if len(runs) == 1:
         return runs[0]
-    return GroupCodes(*(np.concatenate([getattr(r, f) for r in runs]) for f in ("codes", "scales", "offsets")),
-                      runs[0].bits, runs[0].group)
+
+    def joined(field: str) -> np.ndarray | None:
+        parts = [getattr(r, field) for r in runs]
+        return None if parts[0] is None else np.concatenate(parts)
+
+    first = runs[0]
+    return GroupCodes(joined("codes"), joined("d"), joined("sc"), joined("m"), joined("mins"), first.zero, first.bits,
+                      first.group, first.per_block)
 

@@ -2,7 +2,9 @@
 
 A weight is one or more row segments (a fused layer's projections may come in different formats: a GGUF
 Q4_K_M file stores some ``v_proj`` as Q6_K beside a Q4_K ``q_proj``), each ``W = s * q + m`` per group of 16
-or 32 columns with 4- or 8-bit unsigned codes (:class:`~llmserve.quantization.gguf_blocks.GroupCodes`).
+or 32 columns with 4- or 8-bit unsigned codes, ``s`` and ``m`` kept in the file's own compact form (fp16 per
+block, integer factors per group: :class:`~llmserve.quantization.gguf_blocks.GroupCodes`), so a decode step
+streams about the file's bytes.
 Each call quantises the activations once, per row and block of 32 columns to int8 (as llama.cpp's Q8_0),
 and every segment multiplies them into its columns of the output
 (``csrc/cpu_group_int8_linear.c``: ``sum_g s * xscale * dot(q, xq) + m * xscale * sum(xq)``, which is the
@@ -23,16 +25,20 @@ from llmserve.quantization.gguf_blocks import GroupCodes
 
 class GroupInt8Segment(nn.Module):
     """``rows`` output rows in the kernel's layout: codes [tiles, 16 * k * bits / 8] (per tile of 16 rows, 64 bytes
-    per step of 4 columns for 8-bit codes, of 8 columns for 4-bit ones, low nibbles the first 4), scales and
-    offsets [tiles, k / group, 16] (rows past ``rows``: zero)."""
+    per step of 4 columns for 8-bit codes, of 8 columns for 4-bit ones, low nibbles the first 4); the scale
+    factors per tile too: ``d`` and ``m`` [tiles, blocks, 16] fp16, ``sc`` and ``mins`` [tiles, k / group, 16]
+    (rows past ``rows``: zero)."""
 
     def __init__(self, weight: GroupCodes) -> None:
         super().__init__()
         rows, k = weight.codes.shape
-        if weight.bits not in (4, 8) or weight.group not in (16, 32) or k % ACTIVATION_BLOCK:
+        if (weight.bits not in (4, 8) or weight.group not in (16, 32) or k % ACTIVATION_BLOCK
+                or k % (weight.group * weight.per_block)):
             raise ValueError(f"group_int8: {weight.bits}-bit codes in groups of {weight.group} over {k} columns "
-                             f"(4 or 8 bits, groups of 16 or 32, a multiple of {ACTIVATION_BLOCK} columns)")
+                             f"(4 or 8 bits, groups of 16 or 32, a multiple of {ACTIVATION_BLOCK} columns and of "
+                             f"the blocks' {weight.group * weight.per_block})")
         self.rows, self.k, self.bits, self.group = rows, k, weight.bits, weight.group
+        self.per_block, self.zero = weight.per_block, weight.zero
         pad = -rows % TILE
         codes = F.pad(torch.from_numpy(weight.codes), (0, 0, 0, pad))
         tiles = codes.shape[0] // TILE
@@ -42,9 +48,17 @@ class GroupInt8Segment(nn.Module):
             pairs = codes.view(tiles, TILE, k // 8, 2, 4)
             tiled = (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).transpose(1, 2)
         self.register_buffer("codes", tiled.reshape(tiles, -1).contiguous(), persistent=False)
-        for name, values in (("scales", weight.scales), ("offsets", weight.offsets)):
-            padded = F.pad(torch.from_numpy(values), (0, 0, 0, pad))
-            self.register_buffer(name, padded.view(tiles, TILE, -1).transpose(1, 2).contiguous(), persistent=False)
+        for name in ("d", "sc", "m", "mins"):
+            values = getattr(weight, name)
+            tiled = None if values is None else (F.pad(torch.from_numpy(values), (0, 0, 0, pad))
+                                                 .view(tiles, TILE, -1).transpose(1, 2).contiguous())
+            self.register_buffer(name, tiled, persistent=False)
+
+    def _per_group(self, per_block: torch.Tensor, factors: torch.Tensor | None) -> torch.Tensor:
+        """[tiles, blocks, 16] fp16 times [tiles, groups, 16] integers -> float32 [tiles * 16, groups] (exact)."""
+        values = per_block.float().transpose(1, 2).reshape(-1, per_block.shape[1])
+        values = values.repeat_interleave(self.per_block, dim=1)
+        return values if factors is None else values * factors.transpose(1, 2).reshape(values.shape).float()
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [rows, k] the stored codes stand for (``s * q + m``)."""
@@ -55,10 +69,10 @@ class GroupInt8Segment(nn.Module):
             packed = self.codes.view(tiles, self.k // 8, TILE, 4).transpose(1, 2)
             codes = torch.stack([packed & 15, packed >> 4], dim=3).reshape(tiles * TILE, self.k)
 
-        def per_column(t: torch.Tensor) -> torch.Tensor:
-            return t.transpose(1, 2).reshape(tiles * TILE, -1).repeat_interleave(self.group, dim=1)
-
-        return (per_column(self.scales) * codes.float() + per_column(self.offsets))[:self.rows]
+        scales = self._per_group(self.d, self.sc)
+        offsets = scales * -float(self.zero) if self.m is None else self._per_group(self.m, self.mins)
+        return (scales.repeat_interleave(self.group, dim=1) * codes.float()
+                + offsets.repeat_interleave(self.group, dim=1))[:self.rows]
 
 
 def set_group_int8(layer: nn.Module, segments: list[GroupCodes]) -> None:
@@ -68,8 +82,7 @@ def set_group_int8(layer: nn.Module, segments: list[GroupCodes]) -> None:
         raise ValueError(f"group_int8: the segments of one layer must share their inputs, got {sorted(widths)}")
     layer.group_int8_segments = nn.ModuleList(GroupInt8Segment(s) for s in segments)
     layer.group_int8_in = widths.pop()
-    layer.group_int8_plan = LayerPlan(layer.group_int8_in, [(s.codes, s.scales, s.offsets, s.rows, s.bits, s.group)
-                                                            for s in layer.group_int8_segments])
+    layer.group_int8_plan = LayerPlan(layer.group_int8_in, list(layer.group_int8_segments))
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,3 +45,20 @@ def test_rows_of_the_wrong_width_are_refused():
         decode_rows(raw, "Q4_K", 512)
     with pytest.raises(ValueError, match="multiple of 256"):
         row_bytes("Q6_K", 96)
+
+
+# bytes a packed row of 256 columns holds (codes, fp16 scales per block, integer factors per group), beside the
+# file's: the 32-column formats in 4 bits or 8 take exactly the file's bytes, the k-quants at most 1.6x (their
+# 2-, 3-, 5- and 6-bit codes widened to 4 or 8 bits)
+PACKED_BYTES = {"Q8_0": (272, 272), "Q4_0": (144, 144), "Q4_1": (160, 160), "Q5_0": (272, 176), "Q5_1": (288, 192),
+                "Q2_K": (164, 84), "Q3_K": (146, 110), "Q4_K": (148, 144), "Q5_K": (276, 176), "Q6_K": (274, 210)}
+
+
+@pytest.mark.parametrize("type_name", PACKED_TYPES)
+def test_a_packed_weight_holds_about_the_files_bytes(type_name):
+    rows, k = 32, 512
+    segment = GroupInt8Segment(decode_rows(quantize_tensor(_weights(rows, k, 1), type_name), type_name, k))
+    held = sum(t.numel() * t.element_size() for t in segment.buffers())
+    packed, in_file = PACKED_BYTES[type_name]
+    assert held == rows * k // 256 * packed
+    assert row_bytes(type_name, 256) == in_file

@@ -31,15 +31,26 @@ from llmserve.quantization.gguf_blocks import GroupCodes
 from llmserve.quantization.group_int8 import (GroupInt8Segment, apply_group_int8, group_int8_reference,
                                               quantize_activations, set_group_int8)
 
-FORMATS = [(4, 32), (4, 16), (8, 32), (8, 16)]
+# (bits, group, groups per block, offset): the layouts of the GGUF types, named by one of each
+FORMATS = [pytest.param(4, 32, 1, "m", id="Q4_1"), pytest.param(4, 32, 1, "zero", id="Q4_0"),
+           pytest.param(4, 32, 8, "mins", id="Q4_K"), pytest.param(4, 16, 16, "mins", id="Q2_K"),
+           pytest.param(4, 16, 16, "zero", id="Q3_K"), pytest.param(8, 32, 1, "zero", id="Q8_0"),
+           pytest.param(8, 32, 8, "mins", id="Q5_K"), pytest.param(8, 16, 16, "zero", id="Q6_K")]
 
 
-def _codes(rows: int, k: int, bits: int, group: int, seed: int) -> GroupCodes:
+def _codes(rows: int, k: int, bits: int, group: int, seed: int, per_block: int = 1, offset: str = "m") -> GroupCodes:
+    """Random codes and scale factors of one layout, fp16 ``d`` of both signs with a subnormal and a zero."""
     rng = np.random.default_rng(seed)
+    groups = k // group
     codes = rng.integers(0, 1 << (bits if bits == 4 else 6), (rows, k)).astype(np.uint8)
-    scales = rng.uniform(0.001, 0.05, (rows, k // group)).astype(np.float32)
-    offsets = (-scales * rng.uniform(0, 40, scales.shape)).astype(np.float32)
-    return GroupCodes(codes, scales, offsets, bits, group)
+    d = (rng.uniform(0.001, 0.05, (rows, groups // per_block)) * rng.choice([-1, 1], (rows, 1))).astype(np.float16)
+    d.flat[0], d.flat[-1] = np.float16(3e-7), np.float16(0)
+    sc = rng.integers(-32, 32, (rows, groups)).astype(np.int8) if per_block > 1 else None
+    m = mins = None
+    if offset != "zero":
+        m = (-rng.uniform(0.001, 0.5, d.shape)).astype(np.float16)
+        mins = rng.integers(0, 64, (rows, groups)).astype(np.uint8) if offset == "mins" else None
+    return GroupCodes(codes, d, sc, m, mins, 1 << (bits - 1) if offset == "zero" else 0, bits, group, per_block)
 
 
 def _kernels() -> GroupInt8Kernels:
@@ -60,11 +71,11 @@ def test_activations_are_quantised_as_the_reference_quantises_them():
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 64])
-@pytest.mark.parametrize("bits,group", FORMATS)
-def test_kernel_equals_the_float64_product_of_the_quantised_activations(bits, group, rows):
+@pytest.mark.parametrize("bits,group,per_block,offset", FORMATS)
+def test_kernel_equals_the_float64_product_of_the_quantised_activations(bits, group, per_block, offset, rows):
     n, k = 37, 256
     layer = nn.Module()
-    set_group_int8(layer, [_codes(n, k, bits, group, seed=bits + group)])
+    set_group_int8(layer, [_codes(n, k, bits, group, bits + group, per_block, offset)])
     x, bias = torch.randn(rows, k), torch.randn(n)
     out = apply_group_int8(layer, x, bias)
     expected = group_int8_reference(x, layer.group_int8_segments[0]) + bias.double()
@@ -73,25 +84,25 @@ def test_kernel_equals_the_float64_product_of_the_quantised_activations(bits, gr
 
 
 @pytest.mark.parametrize("rows", [9, 13, 64])
-@pytest.mark.parametrize("bits,group", FORMATS)
-def test_many_rows_give_each_row_what_it_gets_alone(bits, group, rows):
-    n, k = 37, 192   # three output tiles, the last partial: a pair and one alone; and a remainder of rows
+@pytest.mark.parametrize("bits,group,per_block,offset", FORMATS)
+def test_many_rows_give_each_row_what_it_gets_alone(bits, group, per_block, offset, rows):
+    n, k = 37, 256   # three output tiles, the last partial: a pair and one alone; and a remainder of rows
     layer = nn.Module()
-    set_group_int8(layer, [_codes(n, k, bits, group, seed=rows + bits)])
+    set_group_int8(layer, [_codes(n, k, bits, group, rows + bits, per_block, offset)])
     x, bias = torch.randn(rows, k), torch.randn(n)
     together = apply_group_int8(layer, x, bias)
     alone = torch.cat([apply_group_int8(layer, x[m:m + 1], bias) for m in range(rows)])
     assert torch.equal(together, alone)
 
 
-@pytest.mark.parametrize("bits,group", FORMATS)
-def test_kernel_differs_from_the_float_product_only_by_the_activation_rounding(bits, group):
+@pytest.mark.parametrize("bits,group,per_block,offset", FORMATS)
+def test_kernel_differs_from_the_float_product_only_by_the_activation_rounding(bits, group, per_block, offset):
     layer = nn.Module()
-    set_group_int8(layer, [_codes(40, 128, bits, group, seed=3)])
+    set_group_int8(layer, [_codes(40, 256, bits, group, 3, per_block, offset)])
     weight = layer.group_int8_segments[0].dequantize().double()
-    x = torch.randn(9, 128) * 4
+    x = torch.randn(9, 256) * 4
     q, scale = quantize_activations(x)
-    rounding = (x.double() - (q.double().view(9, -1, 32) * scale.double().unsqueeze(-1)).view(9, 128)).abs()
+    rounding = (x.double() - (q.double().view(9, -1, 32) * scale.double().unsqueeze(-1)).view(9, 256)).abs()
     assert rounding.max() <= scale.max() / 2 + 1e-6
     bound = rounding @ weight.abs().T
     error = (apply_group_int8(layer, x, None).double() - x.double() @ weight.T).abs()
@@ -101,7 +112,7 @@ def test_kernel_differs_from_the_float_product_only_by_the_activation_rounding(b
 
 def test_segments_in_different_formats_write_their_own_columns():
     k = 64
-    parts = [_codes(20, k, 4, 32, seed=1), _codes(7, k, 8, 16, seed=2), _codes(16, k, 4, 16, seed=3)]
+    parts = [_codes(20, k, 4, 32, 1), _codes(7, k, 8, 16, 2, 4, "zero"), _codes(16, k, 4, 16, 3, 2, "mins")]
     layer = nn.Module()
     set_group_int8(layer, parts)
     x, bias = torch.randn(6, k), torch.randn(43)
@@ -112,7 +123,7 @@ def test_segments_in_different_formats_write_their_own_columns():
 
 def test_bfloat16_activations_come_back_in_bfloat16():
     layer = nn.Module()
-    set_group_int8(layer, [_codes(16, 64, 8, 32, seed=0)])
+    set_group_int8(layer, [_codes(16, 64, 8, 32, 0)])
     x = torch.randn(2, 3, 64).bfloat16()
     out = apply_group_int8(layer, x, None)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 16)
@@ -122,8 +133,8 @@ def test_bfloat16_activations_come_back_in_bfloat16():
 
 def test_unsupported_layouts_are_refused():
     with pytest.raises(ValueError, match="groups of 16 or 32"):
-        GroupInt8Segment(GroupCodes(np.zeros((2, 64), np.uint8), np.ones((2, 1), np.float32),
-                                    np.zeros((2, 1), np.float32), 8, 64))
+        GroupInt8Segment(GroupCodes(np.zeros((2, 64), np.uint8), np.ones((2, 1), np.float16), None, None, None, 0,
+                                    8, 64))
     with pytest.raises(ValueError, match="multiple of 32"):
         _kernels().quantize(torch.randn(1, 48))
 
@@ -141,8 +152,7 @@ def test_extreme_8bit_codes_times_extreme_activations_are_exact():
     codes = np.where(np.arange(rows * k).reshape(rows, k) % 3 == 0, 0, 255).astype(np.uint8)
     codes[rows // 2:] = 255
     layer = nn.Module()
-    set_group_int8(layer, [GroupCodes(codes, np.ones((rows, k // 32), np.float32),
-                                      np.zeros((rows, k // 32), np.float32), 8, 32)])
+    set_group_int8(layer, [GroupCodes(codes, np.ones((rows, k // 32), np.float16), None, None, None, 0, 8, 32)])
     x = torch.full((2, k), 1.0)
     x[1, ::2] = -1.0
     expected = x.double() @ torch.from_numpy(codes.astype(np.float64)).T   # +-1 quantise to 127 x (1 / 127)
@@ -157,11 +167,11 @@ def test_other_builds_give_the_same_results(tmp_path, monkeypatch, march, path):
     cpu_kernel_build.compile_library(cpu_kernel_build._compiler(), flags, library)
     other = CPUKernels(library)
     assert group_int8_kernels(other).dot_path == path
-    for bits, group in FORMATS:
+    for bits, group, per_block, offset in (f.values for f in FORMATS):
         layer = nn.Module()
-        set_group_int8(layer, [_codes(21, 128, bits, group, seed=bits * group)])
+        set_group_int8(layer, [_codes(21, 256, bits, group, bits * group, per_block, offset)])
         for rows in (1, 6, 13):
-            x = torch.randn(rows, 128)
+            x = torch.randn(rows, 256)
             native = apply_group_int8(layer, x, None)
             with monkeypatch.context() as patch:
                 patch.setattr(group_int8, "kernels_for", lambda t: other)

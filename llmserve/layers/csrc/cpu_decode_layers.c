@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_group_int8.h"
 #include "cpu_vec.h"
 
 /* Entry points of the other kernel files of this library. */
@@ -24,11 +25,6 @@ int llmserve_linear_blocked(const float *x, long x_stride, const float *w, const
                             long y_stride, long M, long n, long k, int num_threads);
 int llmserve_bf16_linear_blocked(const uint16_t *x, long x_stride, const uint16_t *w, const uint16_t *bias,
                                  uint16_t *y, long y_stride, long M, long n, long k, int num_threads);
-int llmserve_group_int8_quantize(const float *x, long x_stride, long M, long k, signed char *xq, float *xscale,
-                                 float *xsum, int num_threads);
-int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const float *xsum, long M, long k,
-                               const unsigned char *codes, const float *scales, const float *offsets, long n,
-                               int bits, int group, const float *bias, float *y, long y_stride, int num_threads);
 void llmserve_rms_norm(const void *x, long x_stride, const void *residual, long residual_stride,
                        const float *weight, float eps, void *out, long out_stride, void *residual_out,
                        long residual_out_stride, long rows, long n, int num_threads, int weight_first, int bf16);
@@ -81,12 +77,7 @@ typedef struct {
     long n, k;
     const void *weight;
     const void *bias;
-    const unsigned char *codes[DL_MAX_SEGMENTS];
-    const float *scales[DL_MAX_SEGMENTS];
-    const float *offsets[DL_MAX_SEGMENTS];
-    long rows[DL_MAX_SEGMENTS];
-    int bits[DL_MAX_SEGMENTS];
-    int groups[DL_MAX_SEGMENTS];
+    gi8_weight weights[DL_MAX_SEGMENTS];
     dl_lora lora;
 } dl_linear;
 
@@ -183,10 +174,9 @@ static int base_linear(const dl_linear *L, const void *x, void *y, long M, int b
     }
     if (llmserve_group_int8_quantize(xf, L->k, M, L->k, b->xq, b->xscale, b->xsum, num_threads)) return -3;
     const float *bias = L->bias;
-    for (long s = 0, start = 0; s < L->segments; start += L->rows[s], s++)
-        if (llmserve_group_int8_linear(b->xq, b->xscale, b->xsum, M, L->k, L->codes[s], L->scales[s], L->offsets[s],
-                                       L->rows[s], L->bits[s], L->groups[s], bias ? bias + start : NULL, yf + start,
-                                       L->n, num_threads))
+    for (long s = 0, start = 0; s < L->segments; start += L->weights[s].rows, s++)
+        if (llmserve_group_int8_linear(b->xq, b->xscale, b->xsum, M, L->k, &L->weights[s], bias ? bias + start : NULL,
+                                       yf + start, L->n, num_threads))
             return -3;
     if (bf16) round_rows(yf, y, M * L->n);
     return 0;

@@ -1,7 +1,9 @@
 /* Group-quantised linear layers through int8 dot products (the GGUF block formats, kept packed).
  *
- * Weights: unsigned codes q (4-bit or 8-bit) with a float32 scale s and offset m per output row and group of
- * 16 or 32 input columns, W[o, c] = s[o, g] * q[o, c] + m[o, g] (llmserve/quantization/group_int8.py repacks
+ * Weights: unsigned codes q (4-bit or 8-bit) with a scale s and offset m per output row and group of 16 or 32
+ * input columns, W[o, c] = s[o, g] * q[o, c] + m[o, g], both kept as the file stores them (gi8_weight in
+ * cpu_group_int8.h: fp16 per block, times an integer per group for k-quants; the offset a zero point times s for
+ * signed formats) and expanded to float32 per group in registers (llmserve/quantization/group_int8.py repacks
  * them). Activations: each row quantised on the fly to int8 per block of 32 columns (scale max|x| / 127, as
  * llama.cpp's Q8_0), with the sum of the quantised x over every 16 columns for the offset term:
  *
@@ -14,7 +16,8 @@
  * Codes are stored per tile of 16 output rows so that one 64-byte load feeds 16 rows x 4 columns of
  * vpdpbusd (u8 codes x s8 activations, four products summed per int32 lane): byte 4 r + j of step c is
  * code[r, 4 c + j] (8-bit), or code[r, 8 c + j] in the low nibble and code[r, 8 c + 4 + j] in the high one
- * (4-bit, unpacked in registers with a mask and a shift). Scales and offsets are [tile][group][16] floats.
+ * (4-bit, unpacked in registers with a mask and a shift). Scale factors are per tile too ([block][16] fp16,
+ * [group][16] integers), so a tile's 16 rows expand one vector of them.
  * Up to GI8_ROWS activation rows (decode), each thread takes whole tiles and multiplies a tile by every row at
  * once (a register tile: each loaded weight vector serves every row), so the weight is streamed once. With
  * more rows (prefill, or decode at many concurrent sequences) threads take pairs of tiles and multiply them by
@@ -32,10 +35,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_group_int8.h"
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define GI8_VNNI 1
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define GI8_AVX2 1
 #define GI8_AVX2_ROWS 4  /* activation rows per register tile of a half-tile (16 ymm registers) */
@@ -43,52 +48,71 @@
 
 #define GI8_TILE 16      /* output rows per tile */
 #define GI8_ROWS 8       /* activation rows per register tile */
-#define GI8_XBLOCK 32    /* columns per activation scale */
-#define GI8_XSUM 16      /* columns per activation sum */
 #define GI8_GEMM_ROWS 6  /* activation rows per register tile of the many-row path */
 #define GI8_GEMM_TILES 2 /* weight tiles per register tile of the many-row path */
-
-/* Quantises M rows of x [M, k] (k a multiple of 32): xq [M, k] int8, xscale [M, k / 32], and xsum [M, k / 16]
- * the dequantised sums (xscale times the sum of 16 codes).
- * Returns 0, or -1 when k is not a multiple of 32. */
-int llmserve_group_int8_quantize(const float *x, long x_stride, long M, long k, signed char *xq, float *xscale,
-                                 float *xsum, int num_threads) {
-    if (k % GI8_XBLOCK) return -1;
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (long m = 0; m < M; m++) {
-        const float *xm = x + m * x_stride;
-        for (long b = 0; b < k / GI8_XBLOCK; b++) {
-            const float *xb = xm + b * GI8_XBLOCK;
-            float amax = 0.f;
-            for (int c = 0; c < GI8_XBLOCK; c++) amax = fmaxf(amax, fabsf(xb[c]));
-            const float scale = amax > 0.f ? amax / 127.f : 1.f;
-            xscale[m * (k / GI8_XBLOCK) + b] = scale;
-            int sums[GI8_XBLOCK / GI8_XSUM] = {0};
-            for (int c = 0; c < GI8_XBLOCK; c++) {
-                float q = nearbyintf(xb[c] / scale);
-                q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);
-                xq[m * k + b * GI8_XBLOCK + c] = (signed char)(int)q;
-                sums[c / GI8_XSUM] += (int)q;
-            }
-            for (int h = 0; h < GI8_XBLOCK / GI8_XSUM; h++)
-                xsum[m * (k / GI8_XSUM) + b * (GI8_XBLOCK / GI8_XSUM) + h] = scale * (float)sums[h];
-        }
-    }
-    return 0;
-}
 
 /* The offset term's sum of x over group g (16 or 32 columns) of a row's 16-column sums. */
 static inline float group_xsum(const float *xsum_m, long g, const int group) {
     return group == 16 ? xsum_m[g] : xsum_m[2 * g] + xsum_m[2 * g + 1];
 }
 
+/* One tile of 16 output rows of a gi8_weight: its codes and scale factors, and the zero point as -zero. */
+typedef struct {
+    const unsigned char *codes;
+    const uint16_t *d, *m;
+    const signed char *sc;
+    const unsigned char *mins;
+    int per_block;
+    float neg_zero;
+} gi8_tile;
+
+static inline gi8_tile tile_at(const gi8_weight *w, long k, long t) {
+    const long groups = k / w->group, blocks = groups / w->per_block;
+    gi8_tile v = {w->codes + t * (k * GI8_TILE * w->bits / 8), w->d + t * blocks * GI8_TILE,
+                  w->m ? w->m + t * blocks * GI8_TILE : NULL, w->sc ? w->sc + t * groups * GI8_TILE : NULL,
+                  w->mins ? w->mins + t * groups * GI8_TILE : NULL, w->per_block, -(float)w->zero};
+    return v;
+}
+
+/* An fp16 value as float32 (exact), for the portable path. */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 31, mantissa = h & 1023;
+    if (exponent == 0) {   /* zero or subnormal: mantissa x 2^-24 */
+        const float f = (float)mantissa * 0x1p-24f;
+        return sign ? -f : f;
+    }
+    const uint32_t bits = sign | (exponent == 31 ? 0x7f800000u | (mantissa << 13)
+                                                 : ((exponent + 112) << 23) | (mantissa << 13));
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
 #ifdef GI8_VNNI
 static inline __m512i bcast4(const signed char *p) { int v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 
+/* Group g's scales and offsets of a tile's 16 rows, expanded to float32. */
+static inline void group_scales(const gi8_tile *t, long g, __m512 *s, __m512 *o) {
+    const long b = t->per_block == 1 ? g : g / t->per_block;
+    *s = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(t->d + b * GI8_TILE)));
+    if (t->sc)
+        *s = _mm512_mul_ps(*s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                   _mm_loadu_si128((const void *)(t->sc + g * GI8_TILE)))));
+    if (t->m == NULL) {
+        *o = _mm512_mul_ps(*s, _mm512_set1_ps(t->neg_zero));
+        return;
+    }
+    *o = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(t->m + b * GI8_TILE)));
+    if (t->mins)
+        *o = _mm512_mul_ps(*o, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                   _mm_loadu_si128((const void *)(t->mins + g * GI8_TILE)))));
+}
+
 /* One tile of 16 output rows times mr activation rows; out[m * 16 + r]. */
 static inline __attribute__((always_inline)) void
-tile_dots(const unsigned char *codes, const float *scales, const float *offsets, const signed char *xq,
-          const float *xscale, const float *xsum, long k, float *out, const int mr, const int bits, const int group) {
+tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const float *xsum, long k, float *out,
+          const int mr, const int bits, const int group) {
+    const unsigned char *codes = t->codes;
     __m512 acc[GI8_ROWS];
     for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0f);
@@ -119,7 +143,8 @@ tile_dots(const unsigned char *codes, const float *scales, const float *offsets,
             }
         }
         for (int m = 0; m < mr; m++) dot[m] = _mm512_add_epi32(dot[m], dot2[m]);
-        const __m512 s = _mm512_loadu_ps(scales + g * GI8_TILE), o = _mm512_loadu_ps(offsets + g * GI8_TILE);
+        __m512 s, o;
+        group_scales(t, g, &s, &o);
         for (int m = 0; m < mr; m++) {
             const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK]));
             acc[m] = _mm512_fmadd_ps(sx, _mm512_cvtepi32_ps(dot[m]), acc[m]);
@@ -129,12 +154,11 @@ tile_dots(const unsigned char *codes, const float *scales, const float *offsets,
     for (int m = 0; m < mr; m++) _mm512_storeu_ps(out + m * GI8_TILE, acc[m]);
 }
 
-/* nt (1 or 2) tiles, tile_bytes / tile_floats apart, times mr (up to GI8_GEMM_ROWS) activation rows; one
+/* nt (1 or 2) tiles times mr (up to GI8_GEMM_ROWS) activation rows; one
  * dot-product chain per (row, tile), which with several rows and tiles is enough independent chains.
  * out[m * 16 * nt + t * 16 + r]. The float terms are tile_dots' in the same order. */
 static inline __attribute__((always_inline)) void
-panel_dots(const unsigned char *codes, long tile_bytes, const float *scales, const float *offsets, long tile_floats,
-           const signed char *xq, const float *xscale, const float *xsum, long k, float *out, const int mr,
+panel_dots(const gi8_tile *tiles, const signed char *xq, const float *xscale, const float *xsum, long k, float *out, const int mr,
            const int nt, const int bits, const int group) {
     __m512 acc[GI8_GEMM_ROWS][GI8_GEMM_TILES];
     for (int m = 0; m < mr; m++)
@@ -150,10 +174,10 @@ panel_dots(const unsigned char *codes, long tile_bytes, const float *scales, con
             __m512i w[GI8_GEMM_TILES], w2[GI8_GEMM_TILES];
             for (int t = 0; t < nt; t++) {
                 if (bits == 8) {
-                    w[t] = _mm512_loadu_si512((const void *)(codes + t * tile_bytes + c * GI8_TILE));
-                    w2[t] = _mm512_loadu_si512((const void *)(codes + t * tile_bytes + (c + 4) * GI8_TILE));
+                    w[t] = _mm512_loadu_si512((const void *)(tiles[t].codes + c * GI8_TILE));
+                    w2[t] = _mm512_loadu_si512((const void *)(tiles[t].codes + (c + 4) * GI8_TILE));
                 } else {
-                    const __m512i packed = _mm512_loadu_si512((const void *)(codes + t * tile_bytes + c * GI8_TILE / 2));
+                    const __m512i packed = _mm512_loadu_si512((const void *)(tiles[t].codes + c * GI8_TILE / 2));
                     w[t] = _mm512_and_si512(packed, low);
                     w2[t] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
                 }
@@ -165,10 +189,7 @@ panel_dots(const unsigned char *codes, long tile_bytes, const float *scales, con
             }
         }
         __m512 s[GI8_GEMM_TILES], o[GI8_GEMM_TILES];
-        for (int t = 0; t < nt; t++) {
-            s[t] = _mm512_loadu_ps(scales + t * tile_floats + g * GI8_TILE);
-            o[t] = _mm512_loadu_ps(offsets + t * tile_floats + g * GI8_TILE);
-        }
+        for (int t = 0; t < nt; t++) group_scales(&tiles[t], g, &s[t], &o[t]);
         for (int m = 0; m < mr; m++) {
             const __m512 xs = _mm512_set1_ps(xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK]);
             const __m512 sum = _mm512_set1_ps(group_xsum(xsum + m * (k / GI8_XSUM), g, group));
@@ -184,7 +205,7 @@ panel_dots(const unsigned char *codes, long tile_bytes, const float *scales, con
 
 #define GI8_PANEL_CASE(MR, NT, BITS, GROUP)                                                                  \
     if (mr == MR && nt == NT && bits == BITS && group == GROUP) {                                             \
-        panel_dots(tc, tile_bytes, ts, to, tile_floats, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK),          \
+        panel_dots(pair, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK),          \
                    xsum + m0 * (k / GI8_XSUM), k, out, MR, NT, BITS, GROUP);                                  \
     } else
 #define GI8_PANEL_FORMATS(MR, NT) GI8_PANEL_CASE(MR, NT, 8, 16) GI8_PANEL_CASE(MR, NT, 8, 32)              \
@@ -194,17 +215,16 @@ panel_dots(const unsigned char *codes, long tile_bytes, const float *scales, con
 /* The many-row path of llmserve_group_int8_linear: each thread takes pairs of tiles (the last one maybe
  * alone) and runs them over all M rows, GI8_GEMM_ROWS at a time. */
 static void gemm_tiles(const signed char *xq, const float *xscale, const float *xsum, long M, long k,
-                       const unsigned char *codes, const float *scales, const float *offsets, long n, int bits,
-                       int group, const float *bias, float *y, long y_stride, int num_threads) {
-    const long tiles = (n + GI8_TILE - 1) / GI8_TILE;
+                       const gi8_weight *wt, const float *bias, float *y, long y_stride, int num_threads) {
+    const long n = wt->rows, tiles = (n + GI8_TILE - 1) / GI8_TILE;
     const long pairs = (tiles + GI8_GEMM_TILES - 1) / GI8_GEMM_TILES;
-    const long tile_bytes = k * GI8_TILE * bits / 8, tile_floats = (k / group) * GI8_TILE;
+    const int bits = wt->bits, group = wt->group;
     #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (long p = 0; p < pairs; p++) {
         const long t0 = p * GI8_GEMM_TILES;
         const int nt = tiles - t0 < GI8_GEMM_TILES ? (int)(tiles - t0) : GI8_GEMM_TILES;
-        const unsigned char *tc = codes + t0 * tile_bytes;
-        const float *ts = scales + t0 * tile_floats, *to = offsets + t0 * tile_floats;
+        gi8_tile pair[GI8_GEMM_TILES];
+        for (int t = 0; t < nt; t++) pair[t] = tile_at(wt, k, t0 + t);
         const long cols = n - t0 * GI8_TILE < nt * GI8_TILE ? n - t0 * GI8_TILE : nt * GI8_TILE;
         for (long m0 = 0; m0 < M; m0 += GI8_GEMM_ROWS) {
             const int mr = M - m0 < GI8_GEMM_ROWS ? (int)(M - m0) : GI8_GEMM_ROWS;
@@ -220,12 +240,29 @@ static void gemm_tiles(const signed char *xq, const float *xscale, const float *
 }
 #elif defined(GI8_AVX2)
 static inline __m256i bcast4_256(const signed char *p) { int v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+static inline __m256 halves8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const void *)p)); }
+static inline __m128i bytes8(const void *p) { return _mm_loadl_epi64((const void *)p); }
+
+/* Group g's scales and offsets of rows 8 h .. 8 h + 7 of a tile, expanded to float32. */
+static inline void group_scales(const gi8_tile *t, long g, int h, __m256 *s, __m256 *o) {
+    const long b = t->per_block == 1 ? g : g / t->per_block;
+    *s = halves8(t->d + b * GI8_TILE + h * 8);
+    if (t->sc)
+        *s = _mm256_mul_ps(*s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes8(t->sc + g * GI8_TILE + h * 8))));
+    if (t->m == NULL) {
+        *o = _mm256_mul_ps(*s, _mm256_set1_ps(t->neg_zero));
+        return;
+    }
+    *o = halves8(t->m + b * GI8_TILE + h * 8);
+    if (t->mins)
+        *o = _mm256_mul_ps(*o, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8(t->mins + g * GI8_TILE + h * 8))));
+}
 
 /* Rows 8 h .. 8 h + 7 of a tile (h = half) times mr (up to GI8_AVX2_ROWS) activation rows; out[m * 16 + r]. */
 static inline __attribute__((always_inline)) void
-half_tile_dots(const unsigned char *codes, const float *scales, const float *offsets, const signed char *xq,
-               const float *xscale, const float *xsum, long k, float *out, const int h, const int mr, const int bits,
-               const int group) {
+half_tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const float *xsum, long k, float *out,
+               const int h, const int mr, const int bits, const int group) {
+    const unsigned char *codes = t->codes;
     __m256 acc[GI8_AVX2_ROWS];
     for (int m = 0; m < mr; m++) acc[m] = _mm256_setzero_ps();
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
@@ -255,8 +292,8 @@ half_tile_dots(const unsigned char *codes, const float *scales, const float *off
                 }
             }
         }
-        const __m256 s = _mm256_loadu_ps(scales + g * GI8_TILE + h * 8);
-        const __m256 o = _mm256_loadu_ps(offsets + g * GI8_TILE + h * 8);
+        __m256 s, o;
+        group_scales(t, g, h, &s, &o);
         for (int m = 0; m < mr; m++) {
             const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(dlo[m], ones),
                                                  _mm256_madd_epi16(dhi[m], bits == 8 ? sixteen : ones));
@@ -271,19 +308,20 @@ half_tile_dots(const unsigned char *codes, const float *scales, const float *off
 /* One tile of 16 output rows times mr activation rows, as half-tiles of GI8_AVX2_ROWS rows at a time (the
  * tile's codes stay in L1 between them); out[m * 16 + r]. */
 static inline __attribute__((always_inline)) void
-tile_dots(const unsigned char *codes, const float *scales, const float *offsets, const signed char *xq,
-          const float *xscale, const float *xsum, long k, float *out, const int mr, const int bits, const int group) {
+tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const float *xsum, long k, float *out,
+          const int mr, const int bits, const int group) {
     for (int m0 = 0; m0 < mr; m0 += GI8_AVX2_ROWS) {
         const int n = mr - m0 < GI8_AVX2_ROWS ? mr - m0 : GI8_AVX2_ROWS;
         for (int h = 0; h < 2; h++)
-            half_tile_dots(codes, scales, offsets, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK),
+            half_tile_dots(t, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK),
                            xsum + m0 * (k / GI8_XSUM), k, out + m0 * GI8_TILE, h, n, bits, group);
     }
 }
 #else
 static inline __attribute__((always_inline)) void
-tile_dots(const unsigned char *codes, const float *scales, const float *offsets, const signed char *xq,
-          const float *xscale, const float *xsum, long k, float *out, const int mr, const int bits, const int group) {
+tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const float *xsum, long k, float *out,
+          const int mr, const int bits, const int group) {
+    const unsigned char *codes = t->codes;
     float acc[GI8_ROWS][GI8_TILE] = {{0}};
     const long groups = k / group;
     for (long g = 0; g < groups; g++) {
@@ -302,12 +340,19 @@ tile_dots(const unsigned char *codes, const float *scales, const float *offsets,
                 for (int r = 0; r < GI8_TILE; r++)
                     for (int j = 0; j < 4; j++) dot[m][r] += (int)w[r * 4 + j] * (int)xq[m * k + c + j];
         }
+        const long b = g / t->per_block;
+        float s[GI8_TILE], o[GI8_TILE];
+        for (int r = 0; r < GI8_TILE; r++) {
+            s[r] = half_to_float(t->d[b * GI8_TILE + r]) * (t->sc ? (float)t->sc[g * GI8_TILE + r] : 1.f);
+            o[r] = t->m == NULL ? s[r] * t->neg_zero
+                                : half_to_float(t->m[b * GI8_TILE + r]) * (t->mins ? (float)t->mins[g * GI8_TILE + r] : 1.f);
+        }
         for (int m = 0; m < mr; m++) {
             const float sx = xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK];
             const float xs = group_xsum(xsum + m * (k / GI8_XSUM), g, group);
             for (int r = 0; r < GI8_TILE; r++) {   /* the vector paths' fused multiply-adds, in their order */
-                const float a = fmaf(scales[g * GI8_TILE + r] * sx, (float)dot[m][r], acc[m][r]);
-                acc[m][r] = fmaf(offsets[g * GI8_TILE + r], xs, a);
+                const float a = fmaf(s[r] * sx, (float)dot[m][r], acc[m][r]);
+                acc[m][r] = fmaf(o[r], xs, a);
             }
         }
     }
@@ -317,31 +362,31 @@ tile_dots(const unsigned char *codes, const float *scales, const float *offsets,
 
 #define GI8_CASE(MR, BITS, GROUP)                                                                            \
     if (mr == MR && bits == BITS && group == GROUP) {                                                        \
-        tile_dots(tc, ts, to, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK), xsum + m0 * (k / GI8_XSUM), k,   \
-                  out, MR, BITS, GROUP);                                                                     \
+        tile_dots(&tile, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK), xsum + m0 * (k / GI8_XSUM), k, out,   \
+                  MR, BITS, GROUP);                                                                          \
     } else
 #define GI8_CASES(MR) GI8_CASE(MR, 8, 16) GI8_CASE(MR, 8, 32) GI8_CASE(MR, 4, 16) GI8_CASE(MR, 4, 32)
 
-/* y[m, o] (+ bias[o]) for the n output rows of one weight, from activations quantised by
- * llmserve_group_int8_quantize. codes: ceil(n / 16) tiles of k * bits / 8 bytes; scales, offsets:
- * ceil(n / 16) x (k / group) x 16 floats (rows past n: anything finite, never stored).
- * Returns 0, or -1 for a format other than 4/8 bits, a group other than 16/32, or k not a multiple of 32. */
+/* y[m, o] (+ bias[o]) for the w->rows output rows of one weight, from activations quantised by
+ * llmserve_group_int8_quantize (rows of the last tile past w->rows: any finite factors, never stored).
+ * Returns 0, or -1 for a format other than 4/8 bits, a group other than 16/32, blocks that do not split k,
+ * or k not a multiple of 32. */
 int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const float *xsum, long M, long k,
-                               const unsigned char *codes, const float *scales, const float *offsets, long n,
-                               int bits, int group, const float *bias, float *y, long y_stride, int num_threads) {
-    if ((bits != 4 && bits != 8) || (group != 16 && group != 32) || k % GI8_XBLOCK) return -1;
+                               const gi8_weight *w, const float *bias, float *y, long y_stride, int num_threads) {
+    const int bits = w->bits, group = w->group;
+    if ((bits != 4 && bits != 8) || (group != 16 && group != 32) || k % GI8_XBLOCK || w->per_block < 1
+        || (k / group) % w->per_block)
+        return -1;
 #ifdef GI8_VNNI
     if (M > GI8_ROWS) {
-        gemm_tiles(xq, xscale, xsum, M, k, codes, scales, offsets, n, bits, group, bias, y, y_stride, num_threads);
+        gemm_tiles(xq, xscale, xsum, M, k, w, bias, y, y_stride, num_threads);
         return 0;
     }
 #endif
-    const long tiles = (n + GI8_TILE - 1) / GI8_TILE;
-    const long tile_bytes = k * GI8_TILE * bits / 8, tile_floats = (k / group) * GI8_TILE;
+    const long n = w->rows, tiles = (n + GI8_TILE - 1) / GI8_TILE;
     #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (long t = 0; t < tiles; t++) {
-        const unsigned char *tc = codes + t * tile_bytes;
-        const float *ts = scales + t * tile_floats, *to = offsets + t * tile_floats;
+        const gi8_tile tile = tile_at(w, k, t);
         const int rows = n - t * GI8_TILE < GI8_TILE ? (int)(n - t * GI8_TILE) : GI8_TILE;
         for (long m0 = 0; m0 < M; m0 += GI8_ROWS) {
             const int mr = M - m0 < GI8_ROWS ? (int)(M - m0) : GI8_ROWS;
@@ -356,12 +401,10 @@ int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const
     return 0;
 }
 
-/* A whole layer in one call: x [M, k] quantised once, then each of `segments` weights (rows[s] output rows
- * in bits[s]-bit codes, groups of groups[s]) written into its columns of y, in order; bias: all the columns'
- * (or NULL). Returns 0, -1 as llmserve_group_int8_linear, or -2 without memory. */
-int llmserve_group_int8_layer(const float *x, long x_stride, long M, long k, int segments,
-                              const unsigned char *const *codes, const float *const *scales,
-                              const float *const *offsets, const long *rows, const int *bits, const int *groups,
+/* A whole layer in one call: x [M, k] quantised once, then each of `segments` weights w[s] written into its
+ * columns of y, in order; bias: all the columns' (or NULL). Returns 0, -1 as llmserve_group_int8_linear, or -2
+ * without memory. */
+int llmserve_group_int8_layer(const float *x, long x_stride, long M, long k, int segments, const gi8_weight *w,
                               const float *bias, float *y, long y_stride, int num_threads) {
     if (k % GI8_XBLOCK) return -1;
     signed char *xq = malloc((size_t)(M * k));
@@ -369,9 +412,9 @@ int llmserve_group_int8_layer(const float *x, long x_stride, long M, long k, int
     float *xsum = malloc(sizeof(float) * (size_t)(M * (k / GI8_XSUM)));
     int status = xq && xscale && xsum ? 0 : -2;
     if (status == 0) llmserve_group_int8_quantize(x, x_stride, M, k, xq, xscale, xsum, num_threads);
-    for (long s = 0, start = 0; s < segments && status == 0; start += rows[s], s++)
-        status = llmserve_group_int8_linear(xq, xscale, xsum, M, k, codes[s], scales[s], offsets[s], rows[s], bits[s],
-                                            groups[s], bias ? bias + start : NULL, y + start, y_stride, num_threads);
+    for (long s = 0, start = 0; s < segments && status == 0; start += w[s].rows, s++)
+        status = llmserve_group_int8_linear(xq, xscale, xsum, M, k, &w[s], bias ? bias + start : NULL, y + start,
+                                            y_stride, num_threads);
     free(xq);
     free(xscale);
     free(xsum);
