@@ -104,7 +104,7 @@ class GroupInt8Kernels:
 
 class LayerPlan:
     """A layer's weight segments as the kernel takes them, built once: per segment codes uint8
-    [ceil(rows / 16), 16 * k * bits / 8], ``d`` (and ``m``) float16 [ceil(rows / 16), blocks, 16], ``sc`` int8
+    [ceil(rows / 16), 8 * k] (4-bit codes) or [ceil(rows / 16), 16 * k] (6- and 8-bit), ``d`` (and ``m``) float16 [ceil(rows / 16), blocks, 16], ``sc`` int8
     and ``mins`` uint8 [ceil(rows / 16), k / group, 16] or None (:mod:`llmserve.quantization.group_int8` lays
     them out). The plan holds the tensors' addresses: they must not be replaced or moved while it is used."""
 
@@ -112,8 +112,9 @@ class LayerPlan:
         for s in segments:
             if not _describes(s, k):
                 raise ValueError(f"group_int8: operands do not describe {s.rows} rows of {k} inputs in {s.bits}-bit "
-                                 f"codes, groups of {s.group} and blocks of {s.per_block} groups (4 or 8 bits, "
-                                 f"groups of 16 or 32, k a multiple of 32 and of the blocks)")
+                                 f"codes, groups of {s.group} and blocks of {s.per_block} groups (4, 6 or 8 "
+                                 f"bits, groups of 16 or 32, blocks of a power of 2 groups, k a multiple of 32 and "
+                                 f"of the blocks)")
         self.k, self.count, self.n = k, len(segments), sum(s.rows for s in segments)
         self._segments = segments   # kept alive with the plan
 
@@ -128,10 +129,11 @@ class LayerPlan:
 def _describes(s: PackedSegment, k: int) -> bool:
     """Whether ``s``'s tensors have the shapes, dtypes and layout of ``s.rows`` rows of ``k`` inputs."""
     tiles = -(-s.rows // TILE)
-    if s.bits not in (4, 8) or s.group not in (16, 32) or k % ACTIVATION_BLOCK or k % (s.group * s.per_block):
+    if (s.bits not in (4, 6, 8) or s.group not in (16, 32) or k % ACTIVATION_BLOCK or s.per_block < 1
+            or s.per_block & (s.per_block - 1) or k % (s.group * s.per_block)):
         return False
     groups = k // s.group
-    expected = [(s.codes, (tiles, TILE * k * s.bits // 8), torch.uint8, False),
+    expected = [(s.codes, (tiles, TILE * k // (2 if s.bits == 4 else 1)), torch.uint8, False),
                 (s.d, (tiles, groups // s.per_block, TILE), torch.float16, False),
                 (s.m, (tiles, groups // s.per_block, TILE), torch.float16, True),
                 (s.sc, (tiles, groups, TILE), torch.int8, True), (s.mins, (tiles, groups, TILE), torch.uint8, True)]

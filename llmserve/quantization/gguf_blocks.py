@@ -1,7 +1,7 @@
 """GGUF's block formats decoded into unsigned codes with the file's own scales, per group of columns.
 
 Every type packed here reads as ``W[o, c] = s[o, g] * q[o, c] + m[o, g]`` with unsigned integer codes ``q``
-(4 bits for Q4_0, Q4_1 and Q2_K to Q4_K; up to 8 for the rest, stored as bytes) and groups of 32 columns (16
+(4 bits for Q4_0, Q4_1 and Q2_K to Q4_K; 6 for Q5_0, Q5_1, Q5_K and Q6_K and 8 for Q8_0, stored as bytes) and groups of 32 columns (16
 for Q2_K, Q3_K and Q6_K, whose sub-blocks are 16 wide). ``s`` and ``m`` are kept as the file holds them, so a
 packed weight takes about the file's bytes: an fp16 ``d`` per block (Q8_0 to Q5_1), or per super-block of 256
 columns times an integer sub-block scale (k-quants); the offset is either the zero point of a signed format
@@ -21,9 +21,9 @@ QK_K = 256   # columns per k-quant super-block
 
 # type name -> (bytes per block, columns per block, code bits, group)
 BLOCK_LAYOUTS: dict[str, tuple[int, int, int, int]] = {
-    "Q8_0": (34, 32, 8, 32), "Q4_0": (18, 32, 4, 32), "Q4_1": (20, 32, 4, 32), "Q5_0": (22, 32, 8, 32),
-    "Q5_1": (24, 32, 8, 32), "Q2_K": (84, QK_K, 4, 16), "Q3_K": (110, QK_K, 4, 16), "Q4_K": (144, QK_K, 4, 32),
-    "Q5_K": (176, QK_K, 8, 32), "Q6_K": (210, QK_K, 8, 16)}
+    "Q8_0": (34, 32, 8, 32), "Q4_0": (18, 32, 4, 32), "Q4_1": (20, 32, 4, 32), "Q5_0": (22, 32, 6, 32),
+    "Q5_1": (24, 32, 6, 32), "Q2_K": (84, QK_K, 4, 16), "Q3_K": (110, QK_K, 4, 16), "Q4_K": (144, QK_K, 4, 32),
+    "Q5_K": (176, QK_K, 6, 32), "Q6_K": (210, QK_K, 6, 16)}
 PACKED_TYPES = tuple(BLOCK_LAYOUTS)
 
 
@@ -34,7 +34,7 @@ class GroupCodes:
     ``o = -zero * s`` for a signed format (``m`` None).
 
     codes: uint8 [rows, k]; d and m: float16 [rows, blocks]; sc: int8 and mins: uint8 [rows, k / group];
-    ``bits``: how many bits the codes need (4 or 8)."""
+    ``bits``: how many bits the codes need (4; 6 or 8, kept a byte each)."""
 
     codes: np.ndarray
     d: np.ndarray

@@ -24,25 +24,28 @@ from llmserve.quantization.gguf_blocks import GroupCodes
 
 
 class GroupInt8Segment(nn.Module):
-    """``rows`` output rows in the kernel's layout: codes [tiles, 16 * k * bits / 8] (per tile of 16 rows, 64 bytes
-    per step of 4 columns for 8-bit codes, of 8 columns for 4-bit ones, low nibbles the first 4); the scale
+    """``rows`` output rows in the kernel's layout: codes [tiles, 16 * k] bytes, or [tiles, 8 * k] for 4-bit codes
+    (per tile of 16 rows, 64 bytes per step of 4 columns for 6- and 8-bit codes, of 8 columns for 4-bit ones, low
+    nibbles the first 4; 6-bit codes: bytes below 64, which the AVX2 path multiplies whole); the scale
     factors per tile too: ``d`` and ``m`` [tiles, blocks, 16] fp16, ``sc`` and ``mins`` [tiles, k / group, 16]
     (rows past ``rows``: zero)."""
 
     def __init__(self, weight: GroupCodes) -> None:
         super().__init__()
         rows, k = weight.codes.shape
-        if (weight.bits not in (4, 8) or weight.group not in (16, 32) or k % ACTIVATION_BLOCK
-                or k % (weight.group * weight.per_block)):
+        if (weight.bits not in (4, 6, 8) or weight.group not in (16, 32) or k % ACTIVATION_BLOCK
+                or weight.per_block & (weight.per_block - 1) or k % (weight.group * weight.per_block)
+                or (weight.codes.size and int(weight.codes.max()) >> weight.bits)):
             raise ValueError(f"group_int8: {weight.bits}-bit codes in groups of {weight.group} over {k} columns "
-                             f"(4 or 8 bits, groups of 16 or 32, a multiple of {ACTIVATION_BLOCK} columns and of "
+                             f"in blocks of {weight.per_block} (codes below 2^bits for 4, 6 or 8 bits, groups of 16 "
+                             f"or 32, blocks of a power of 2 groups, a multiple of {ACTIVATION_BLOCK} columns and of "
                              f"the blocks' {weight.group * weight.per_block})")
         self.rows, self.k, self.bits, self.group = rows, k, weight.bits, weight.group
         self.per_block, self.zero = weight.per_block, weight.zero
         pad = -rows % TILE
         codes = F.pad(torch.from_numpy(weight.codes), (0, 0, 0, pad))
         tiles = codes.shape[0] // TILE
-        if weight.bits == 8:
+        if weight.bits != 4:
             tiled = codes.view(tiles, TILE, k // 4, 4).transpose(1, 2)
         else:
             pairs = codes.view(tiles, TILE, k // 8, 2, 4)
@@ -63,7 +66,7 @@ class GroupInt8Segment(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [rows, k] the stored codes stand for (``s * q + m``)."""
         tiles = self.codes.shape[0]
-        if self.bits == 8:
+        if self.bits != 4:
             codes = self.codes.view(tiles, self.k // 4, TILE, 4).transpose(1, 2).reshape(tiles * TILE, self.k)
         else:
             packed = self.codes.view(tiles, self.k // 8, TILE, 4).transpose(1, 2)

@@ -60,7 +60,7 @@ def test_a_fused_layer_loads_each_projection_in_its_own_type():
         blocks.append(raw)
     layer.bias.data.copy_(torch.randn(256))
     layer.process_weights_after_loading()
-    assert [s.bits for s in layer.group_int8_segments] == [4, 8]   # Q4_K rows, then the Q6_K rows
+    assert [s.bits for s in layer.group_int8_segments] == [4, 6]   # Q4_K rows, then the Q6_K rows
     x = torch.randn(3, 256)
     q, scale = quantize_activations(x)
     rounded = (q.double().view(3, -1, 32) * scale.double().unsqueeze(-1)).view(3, 256)

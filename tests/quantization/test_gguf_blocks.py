@@ -34,7 +34,7 @@ def test_decoded_blocks_equal_gguf_dequantize(type_name):
     assert raw.shape == (rows, row_bytes(type_name, k))
     expected = gguf.dequantize(raw, gguf.GGMLQuantizationType[type_name])
     decoded = decode_rows(raw, type_name, k)
-    assert decoded.codes.max() < (16 if decoded.bits == 4 else 256)
+    assert decoded.codes.max() < 1 << decoded.bits
     np.testing.assert_array_equal(decoded.dequantize(), expected)
     assert torch.equal(GroupInt8Segment(decoded).dequantize(), torch.from_numpy(expected))
 
@@ -48,8 +48,8 @@ def test_rows_of_the_wrong_width_are_refused():
 
 
 # bytes a packed row of 256 columns holds (codes, fp16 scales per block, integer factors per group), beside the
-# file's: the 32-column formats in 4 bits or 8 take exactly the file's bytes, the k-quants at most 1.6x (their
-# 2-, 3-, 5- and 6-bit codes widened to 4 or 8 bits)
+# file's: the 32-column formats in 4 bits or 8 take exactly the file's bytes, the others at most 2x (their
+# 2-, 3-, 5- and 6-bit codes stored in 4 bits or a byte)
 PACKED_BYTES = {"Q8_0": (272, 272), "Q4_0": (144, 144), "Q4_1": (160, 160), "Q5_0": (272, 176), "Q5_1": (288, 192),
                 "Q2_K": (164, 84), "Q3_K": (146, 110), "Q4_K": (148, 144), "Q5_K": (276, 176), "Q6_K": (274, 210)}
 

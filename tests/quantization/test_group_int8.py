@@ -35,14 +35,15 @@ from llmserve.quantization.group_int8 import (GroupInt8Segment, apply_group_int8
 FORMATS = [pytest.param(4, 32, 1, "m", id="Q4_1"), pytest.param(4, 32, 1, "zero", id="Q4_0"),
            pytest.param(4, 32, 8, "mins", id="Q4_K"), pytest.param(4, 16, 16, "mins", id="Q2_K"),
            pytest.param(4, 16, 16, "zero", id="Q3_K"), pytest.param(8, 32, 1, "zero", id="Q8_0"),
-           pytest.param(8, 32, 8, "mins", id="Q5_K"), pytest.param(8, 16, 16, "zero", id="Q6_K")]
+           pytest.param(6, 32, 8, "mins", id="Q5_K"), pytest.param(6, 16, 16, "zero", id="Q6_K"),
+           pytest.param(8, 16, 4, "mins", id="8-bit-16")]
 
 
 def _codes(rows: int, k: int, bits: int, group: int, seed: int, per_block: int = 1, offset: str = "m") -> GroupCodes:
     """Random codes and scale factors of one layout, fp16 ``d`` of both signs with a subnormal and a zero."""
     rng = np.random.default_rng(seed)
     groups = k // group
-    codes = rng.integers(0, 1 << (bits if bits == 4 else 6), (rows, k)).astype(np.uint8)
+    codes = rng.integers(0, 1 << bits, (rows, k)).astype(np.uint8)
     d = (rng.uniform(0.001, 0.05, (rows, groups // per_block)) * rng.choice([-1, 1], (rows, 1))).astype(np.float16)
     d.flat[0], d.flat[-1] = np.float16(3e-7), np.float16(0)
     sc = rng.integers(-32, 32, (rows, groups)).astype(np.int8) if per_block > 1 else None
@@ -135,6 +136,12 @@ def test_unsupported_layouts_are_refused():
     with pytest.raises(ValueError, match="groups of 16 or 32"):
         GroupInt8Segment(GroupCodes(np.zeros((2, 64), np.uint8), np.ones((2, 1), np.float16), None, None, None, 0,
                                     8, 64))
+    with pytest.raises(ValueError, match="codes below 2\\^bits"):   # a 6-bit segment holding a code of 64
+        GroupInt8Segment(GroupCodes(np.full((2, 64), 64, np.uint8), np.ones((2, 2), np.float16), None, None, None,
+                                    0, 6, 32))
+    with pytest.raises(ValueError, match="power of 2"):
+        GroupInt8Segment(GroupCodes(np.zeros((2, 96), np.uint8), np.ones((2, 1), np.float16), np.ones((2, 3), np.int8),
+                                    None, None, 0, 8, 32, 3))
     with pytest.raises(ValueError, match="multiple of 32"):
         _kernels().quantize(torch.randn(1, 48))
 
@@ -146,13 +153,15 @@ def test_reports_its_dot_product_path():
     assert _kernels().dot_path == expected
 
 
-def test_extreme_8bit_codes_times_extreme_activations_are_exact():
-    """Codes 255 and 0 against activations at +-127: a naive u8 x s8 pair sum (2 x 255 x 127) overflows int16."""
-    rows, k = 16, 64
-    codes = np.where(np.arange(rows * k).reshape(rows, k) % 3 == 0, 0, 255).astype(np.uint8)
-    codes[rows // 2:] = 255
+@pytest.mark.parametrize("bits", [8, 6])
+def test_extreme_codes_times_extreme_activations_are_exact(bits):
+    """Codes 255 (or 63) and 0 against activations at +-127: a naive u8 x s8 pair sum of 8-bit codes
+    (2 x 255 x 127) overflows int16, two 6-bit pair sums (4 x 63 x 127) just fit."""
+    rows, k, top = 16, 64, (1 << bits) - 1
+    codes = np.where(np.arange(rows * k).reshape(rows, k) % 3 == 0, 0, top).astype(np.uint8)
+    codes[rows // 2:] = top
     layer = nn.Module()
-    set_group_int8(layer, [GroupCodes(codes, np.ones((rows, k // 32), np.float16), None, None, None, 0, 8, 32)])
+    set_group_int8(layer, [GroupCodes(codes, np.ones((rows, k // 32), np.float16), None, None, None, 0, bits, 32)])
     x = torch.full((2, k), 1.0)
     x[1, ::2] = -1.0
     expected = x.double() @ torch.from_numpy(codes.astype(np.float64)).T   # +-1 quantise to 127 x (1 / 127)

@@ -25,10 +25,11 @@
  * row, and each row's scale and sum are loaded once per group for both tiles, so fewer instructions surround
  * each vpdpbusd. Both paths add the same terms in the same order: a row's output does not depend on how many
  * rows share the call.
- * With AVX2 but not AVX-512 VNNI, vpmaddubsw (u8 x s8, pairs summed to int16) takes 4-bit codes directly; an
+ With AVX2 but not AVX-512 VNNI, vpmaddubsw (u8 x s8, pairs summed to int16) takes 4-bit codes directly; an
  * 8-bit code enters as its two nibbles (code = 16 hi + lo), since two full 8-bit products can overflow the
  * int16 pair sum. Nibble products sum to at most 2 x 15 x 127 per lane and step, so a group of up to 32 columns
- * is summed in int16 and widened once (vpmaddwd) at its end. Every path computes the same exact integer dot
+ * is summed in int16 and widened once (vpmaddwd) at its end. "6-bit" codes (a byte each, below 64: Q5_x, Q6_K)
+ * go in whole: a pair sum is at most 2 x 63 x 127, so two steps add in int16 before one vpmaddwd widens them. Every path computes the same exact integer dot
  * products and adds the same float terms in the same order; without AVX2 the arithmetic is portable code. */
 #include <math.h>
 #include <stdint.h>
@@ -56,21 +57,25 @@ static inline float group_xsum(const float *xsum_m, long g, const int group) {
     return group == 16 ? xsum_m[g] : xsum_m[2 * g] + xsum_m[2 * g + 1];
 }
 
+/* Bits a code takes in memory: 4-bit codes two to a byte, 6- and 8-bit ones a byte each. */
+static inline int code_bits(int bits) { return bits == 4 ? 4 : 8; }
+
 /* One tile of 16 output rows of a gi8_weight: its codes and scale factors, and the zero point as -zero. */
 typedef struct {
     const unsigned char *codes;
     const uint16_t *d, *m;
     const signed char *sc;
     const unsigned char *mins;
-    int per_block;
+    int block_shift;   /* log2 of the groups per block */
     float neg_zero;
 } gi8_tile;
 
 static inline gi8_tile tile_at(const gi8_weight *w, long k, long t) {
     const long groups = k / w->group, blocks = groups / w->per_block;
-    gi8_tile v = {w->codes + t * (k * GI8_TILE * w->bits / 8), w->d + t * blocks * GI8_TILE,
+    gi8_tile v = {w->codes + t * (k * GI8_TILE * code_bits(w->bits) / 8), w->d + t * blocks * GI8_TILE,
                   w->m ? w->m + t * blocks * GI8_TILE : NULL, w->sc ? w->sc + t * groups * GI8_TILE : NULL,
-                  w->mins ? w->mins + t * groups * GI8_TILE : NULL, w->per_block, -(float)w->zero};
+                  w->mins ? w->mins + t * groups * GI8_TILE : NULL, __builtin_ctz((unsigned)w->per_block),
+                  -(float)w->zero};
     return v;
 }
 
@@ -93,7 +98,7 @@ static inline __m512i bcast4(const signed char *p) { int v; memcpy(&v, p, 4); re
 
 /* Group g's scales and offsets of a tile's 16 rows, expanded to float32. */
 static inline void group_scales(const gi8_tile *t, long g, __m512 *s, __m512 *o) {
-    const long b = t->per_block == 1 ? g : g / t->per_block;
+    const long b = g >> t->block_shift;
     *s = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(t->d + b * GI8_TILE)));
     if (t->sc)
         *s = _mm512_mul_ps(*s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
@@ -123,7 +128,7 @@ tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const f
         __m512i dot[GI8_ROWS], dot2[GI8_ROWS];
         for (int m = 0; m < mr; m++) dot[m] = dot2[m] = _mm512_setzero_si512();
         const long c0 = g * group;
-        if (bits == 8) {
+        if (bits != 4) {
             for (long c = c0; c < c0 + group; c += 8) {
                 const __m512i w = _mm512_loadu_si512((const void *)(codes + c * GI8_TILE));
                 const __m512i w2 = _mm512_loadu_si512((const void *)(codes + (c + 4) * GI8_TILE));
@@ -173,7 +178,7 @@ panel_dots(const gi8_tile *tiles, const signed char *xq, const float *xscale, co
         for (long c = c0; c < c0 + group; c += 8) {
             __m512i w[GI8_GEMM_TILES], w2[GI8_GEMM_TILES];
             for (int t = 0; t < nt; t++) {
-                if (bits == 8) {
+                if (bits != 4) {
                     w[t] = _mm512_loadu_si512((const void *)(tiles[t].codes + c * GI8_TILE));
                     w2[t] = _mm512_loadu_si512((const void *)(tiles[t].codes + (c + 4) * GI8_TILE));
                 } else {
@@ -209,7 +214,8 @@ panel_dots(const gi8_tile *tiles, const signed char *xq, const float *xscale, co
                    xsum + m0 * (k / GI8_XSUM), k, out, MR, NT, BITS, GROUP);                                  \
     } else
 #define GI8_PANEL_FORMATS(MR, NT) GI8_PANEL_CASE(MR, NT, 8, 16) GI8_PANEL_CASE(MR, NT, 8, 32)              \
-    GI8_PANEL_CASE(MR, NT, 4, 16) GI8_PANEL_CASE(MR, NT, 4, 32)
+    GI8_PANEL_CASE(MR, NT, 6, 16) GI8_PANEL_CASE(MR, NT, 6, 32) GI8_PANEL_CASE(MR, NT, 4, 16)                \
+    GI8_PANEL_CASE(MR, NT, 4, 32)
 #define GI8_PANEL_CASES(MR) GI8_PANEL_FORMATS(MR, 1) GI8_PANEL_FORMATS(MR, 2)
 
 /* The many-row path of llmserve_group_int8_linear: each thread takes pairs of tiles (the last one maybe
@@ -245,7 +251,7 @@ static inline __m128i bytes8(const void *p) { return _mm_loadl_epi64((const void
 
 /* Group g's scales and offsets of rows 8 h .. 8 h + 7 of a tile, expanded to float32. */
 static inline void group_scales(const gi8_tile *t, long g, int h, __m256 *s, __m256 *o) {
-    const long b = t->per_block == 1 ? g : g / t->per_block;
+    const long b = g >> t->block_shift;
     *s = halves8(t->d + b * GI8_TILE + h * 8);
     if (t->sc)
         *s = _mm256_mul_ps(*s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes8(t->sc + g * GI8_TILE + h * 8))));
@@ -268,11 +274,22 @@ half_tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, co
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
     const long groups = k / group;
     for (long g = 0; g < groups; g++) {
-        /* int16 sums of nibble products: lo and hi nibbles (8-bit), or columns c..c+3 and c+4..c+7 (4-bit) */
+        /* int16 sums of nibble products: lo and hi nibbles (8-bit), or columns c..c+3 and c+4..c+7 (4-bit);
+         * 6-bit: int32 sums in dlo */
         __m256i dlo[GI8_AVX2_ROWS], dhi[GI8_AVX2_ROWS];
         for (int m = 0; m < mr; m++) dlo[m] = dhi[m] = _mm256_setzero_si256();
         const long c0 = g * group;
-        if (bits == 8) {
+        if (bits == 6) {   /* codes below 64: a pair sum is at most 2 x 63 x 127, two of them fit an int16 */
+            for (long c = c0; c < c0 + group; c += 8) {
+                const __m256i w = _mm256_loadu_si256((const void *)(codes + c * GI8_TILE + h * 32));
+                const __m256i w2 = _mm256_loadu_si256((const void *)(codes + (c + 4) * GI8_TILE + h * 32));
+                for (int m = 0; m < mr; m++) {
+                    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w, bcast4_256(xq + m * k + c)),
+                                                           _mm256_maddubs_epi16(w2, bcast4_256(xq + m * k + c + 4)));
+                    dlo[m] = _mm256_add_epi32(dlo[m], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        } else if (bits == 8) {
             for (long c = c0; c < c0 + group; c += 4) {
                 const __m256i w = _mm256_loadu_si256((const void *)(codes + c * GI8_TILE + h * 32));
                 const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
@@ -295,8 +312,9 @@ half_tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, co
         __m256 s, o;
         group_scales(t, g, h, &s, &o);
         for (int m = 0; m < mr; m++) {
-            const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(dlo[m], ones),
-                                                 _mm256_madd_epi16(dhi[m], bits == 8 ? sixteen : ones));
+            const __m256i dot = bits == 6 ? dlo[m]
+                                          : _mm256_add_epi32(_mm256_madd_epi16(dlo[m], ones),
+                                                             _mm256_madd_epi16(dhi[m], bits == 8 ? sixteen : ones));
             const __m256 sx = _mm256_mul_ps(s, _mm256_set1_ps(xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK]));
             acc[m] = _mm256_fmadd_ps(sx, _mm256_cvtepi32_ps(dot), acc[m]);
             acc[m] = _mm256_fmadd_ps(o, _mm256_set1_ps(group_xsum(xsum + m * (k / GI8_XSUM), g, group)), acc[m]);
@@ -329,7 +347,7 @@ tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const f
         const long c0 = g * group;
         for (long c = c0; c < c0 + group; c += 4) {
             unsigned char w[GI8_TILE * 4];
-            if (bits == 8) {
+            if (bits != 4) {
                 memcpy(w, codes + c * GI8_TILE, sizeof w);
             } else {   /* columns c..c+3 are the low nibbles of their 8-column step, c+4..c+7 the high ones */
                 const unsigned char *p = codes + (c / 8) * 8 * GI8_TILE / 2;
@@ -340,7 +358,7 @@ tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const f
                 for (int r = 0; r < GI8_TILE; r++)
                     for (int j = 0; j < 4; j++) dot[m][r] += (int)w[r * 4 + j] * (int)xq[m * k + c + j];
         }
-        const long b = g / t->per_block;
+        const long b = g >> t->block_shift;
         float s[GI8_TILE], o[GI8_TILE];
         for (int r = 0; r < GI8_TILE; r++) {
             s[r] = half_to_float(t->d[b * GI8_TILE + r]) * (t->sc ? (float)t->sc[g * GI8_TILE + r] : 1.f);
@@ -365,17 +383,18 @@ tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const f
         tile_dots(&tile, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK), xsum + m0 * (k / GI8_XSUM), k, out,   \
                   MR, BITS, GROUP);                                                                          \
     } else
-#define GI8_CASES(MR) GI8_CASE(MR, 8, 16) GI8_CASE(MR, 8, 32) GI8_CASE(MR, 4, 16) GI8_CASE(MR, 4, 32)
+#define GI8_CASES(MR) GI8_CASE(MR, 8, 16) GI8_CASE(MR, 8, 32) GI8_CASE(MR, 6, 16) GI8_CASE(MR, 6, 32)            \
+    GI8_CASE(MR, 4, 16) GI8_CASE(MR, 4, 32)
 
 /* y[m, o] (+ bias[o]) for the w->rows output rows of one weight, from activations quantised by
  * llmserve_group_int8_quantize (rows of the last tile past w->rows: any finite factors, never stored).
- * Returns 0, or -1 for a format other than 4/8 bits, a group other than 16/32, blocks that do not split k,
- * or k not a multiple of 32. */
+ * Returns 0, or -1 for codes other than 4, 6 or 8 bits, a group other than 16/32, blocks (a power of 2 groups)
+ * that do not split k, or k not a multiple of 32. */
 int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const float *xsum, long M, long k,
                                const gi8_weight *w, const float *bias, float *y, long y_stride, int num_threads) {
     const int bits = w->bits, group = w->group;
-    if ((bits != 4 && bits != 8) || (group != 16 && group != 32) || k % GI8_XBLOCK || w->per_block < 1
-        || (k / group) % w->per_block)
+    if ((bits != 4 && bits != 6 && bits != 8) || (group != 16 && group != 32) || k % GI8_XBLOCK
+        || w->per_block < 1 || (w->per_block & (w->per_block - 1)) || (k / group) % w->per_block)
         return -1;
 #ifdef GI8_VNNI
     if (M > GI8_ROWS) {
