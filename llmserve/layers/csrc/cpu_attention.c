@@ -128,6 +128,33 @@ static inline __attribute__((always_inline)) vec load_entries(const void *cache,
     return fmt == KV_FP8_E4M3 ? fp8_to_float(x, 3, 7) : fp8_to_float(x, 2, 15);
 }
 
+/* The same LANES entries as RPARTS register vectors: float32 entries load straight into registers (a 16-float
+ * `vec` has no register without AVX-512, so on AVX2 it would go through the stack). */
+static inline __attribute__((always_inline)) void load_entry_parts(const void *cache, long i, const int fmt,
+                                                                    rvec *parts) {
+    if (fmt == KV_F32) {
+        for (int p = 0; p < RPARTS; p++) parts[p] = rload((const float *)cache + i + p * RLANES);
+        return;
+    }
+    const vec v = load_entries(cache, i, fmt);
+    memcpy(parts, &v, sizeof v);
+}
+
+/* Sum of an rvec's lanes (hsum's tree where rvec is a whole vec). */
+static inline float rhsum(rvec v) {
+#if RLANES == LANES
+    vec w;
+    memcpy(&w, &v, sizeof w);
+    return hsum(w);
+#else
+    float s[RLANES];
+    memcpy(s, &v, sizeof s);
+    for (int width = RLANES / 2; width > 0; width /= 2)
+        for (int i = 0; i < width; i++) s[i] += s[i + width];
+    return s[0];
+#endif
+}
+
 static inline float load_entry(const void *cache, long i, const int fmt) {
     switch (fmt) {
         case KV_FP8_E4M3: return fp8_to_float_scalar(((const unsigned char *)cache)[i], 3, 7);
@@ -160,7 +187,8 @@ static inline void prefetch_row(const void *cache, const int *table, long t, lon
 /* The vector path: head_dim = nv * 16 (`nv` is a constant at the call sites that matter: 4, 8), for the
  * query heads of KV heads [kv_head, kv_head + kv_count): `q` and `out` point at the first of them. Keys
  * [start, seq_len) are attended (start > 0 under a sliding window); `scores` has rows of seq_len - start.
- * `slopes`: the ALiBi slopes of those query heads, or NULL. `fmt`: the caches' entry format (a constant). */
+ * `slopes`: the ALiBi slopes of those query heads, or NULL. `fmt`: the caches' entry format (a constant).
+ * The loops work on `rvec` (the widest vector with registers: 8 floats on AVX2), nv * RPARTS of them a head. */
 static inline __attribute__((always_inline)) void
 attend_vec(const float *q, const void *k_cache, const void *v_cache, const int *table, long start, long seq_len,
            long group, long kv_head, long kv_count, long num_kv_heads, long block_size, long block_stride,
@@ -170,18 +198,19 @@ attend_vec(const float *q, const void *k_cache, const void *v_cache, const int *
     const long first = kv_head * head_dim, count = kv_count * head_dim;
     const long rows = kv_count * group;   /* query heads attended: score rows */
     const long len = seq_len - start;   /* t below counts from the window's start */
+    const int nr = nv * RPARTS;
     for (long t = 0; t < len; t++) {
         prefetch_row(k_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, block_stride, token_stride,
                      first, count, fmt);
         long k = token_row(table, start + t, block_size, block_stride, token_stride) + first;
         for (long h = 0; h < kv_count; h++, k += head_dim) {
-            vec kv[MAX_VECS];
-            for (int c = 0; c < nv; c++) kv[c] = load_entries(k_cache, k + c * LANES, fmt);
+            rvec kv[MAX_VECS * RPARTS];
+            for (int c = 0; c < nv; c++) load_entry_parts(k_cache, k + c * LANES, fmt, kv + c * RPARTS);
             for (long g = 0; g < group; g++) {
                 const float *qh = q + (h * group + g) * head_dim;
-                vec acc = kv[0] * load(qh);
-                for (int c = 1; c < nv; c++) acc += kv[c] * load(qh + c * LANES);
-                scores[(h * group + g) * len + t] = hsum(acc) * scale;
+                rvec acc = kv[0] * rload(qh);
+                for (int c = 1; c < nr; c++) acc += kv[c] * rload(qh + c * RLANES);
+                scores[(h * group + g) * len + t] = rhsum(acc) * scale;
             }
         }
     }
@@ -192,12 +221,12 @@ attend_vec(const float *q, const void *k_cache, const void *v_cache, const int *
                      first, count, fmt);
         long v = token_row(table, start + t, block_size, block_stride, token_stride) + first;
         for (long h = 0; h < kv_count; h++, v += head_dim) {
-            vec vv[MAX_VECS];
-            for (int c = 0; c < nv; c++) vv[c] = load_entries(v_cache, v + c * LANES, fmt);
+            rvec vv[MAX_VECS * RPARTS];
+            for (int c = 0; c < nv; c++) load_entry_parts(v_cache, v + c * LANES, fmt, vv + c * RPARTS);
             for (long g = 0; g < group; g++) {
-                const vec p = splat(scores[(h * group + g) * len + t]);
+                const rvec p = rsplat(scores[(h * group + g) * len + t]);
                 float *oh = out + (h * group + g) * head_dim;
-                for (int c = 0; c < nv; c++) store(oh + c * LANES, load(oh + c * LANES) + p * vv[c]);
+                for (int c = 0; c < nr; c++) rstore(oh + c * RLANES, rload(oh + c * RLANES) + p * vv[c]);
             }
         }
     }
