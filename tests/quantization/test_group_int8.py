@@ -64,9 +64,12 @@ def _kernels() -> GroupInt8Kernels:
 def test_activations_are_quantised_as_the_reference_quantises_them():
     x = torch.randn(5, 96) * torch.tensor([0.01, 1.0, 30.0]).repeat_interleave(32)
     x[1, 32:64] = 0.0
+    x[2, 64:96] = torch.arange(32) - 15.5      # scale 127 / 127 = 1 after the 127 below: every code a tie
+    x[2, 95] = 127.0
     ours = _kernels().quantize(x)
     q, scale = quantize_activations(x)
     assert torch.equal(ours.q, q) and torch.equal(ours.scale, scale)
+    assert q[2, 64:68].tolist() == [-16, -14, -14, -12]   # halves round to even
     expected_sums = (q.float().view(5, -1, 16).sum(-1) * scale.repeat_interleave(2, dim=1))
     torch.testing.assert_close(ours.sums, expected_sums, rtol=1e-6, atol=0)
 
