@@ -140,21 +140,6 @@ static inline __attribute__((always_inline)) void load_entry_parts(const void *c
     memcpy(parts, &v, sizeof v);
 }
 
-/* Sum of an rvec's lanes (hsum's tree where rvec is a whole vec). */
-static inline float rhsum(rvec v) {
-#if RLANES == LANES
-    vec w;
-    memcpy(&w, &v, sizeof w);
-    return hsum(w);
-#else
-    float s[RLANES];
-    memcpy(s, &v, sizeof s);
-    for (int width = RLANES / 2; width > 0; width /= 2)
-        for (int i = 0; i < width; i++) s[i] += s[i + width];
-    return s[0];
-#endif
-}
-
 static inline float load_entry(const void *cache, long i, const int fmt) {
     switch (fmt) {
         case KV_FP8_E4M3: return fp8_to_float_scalar(((const unsigned char *)cache)[i], 3, 7);

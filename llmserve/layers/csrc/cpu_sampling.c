@@ -8,25 +8,24 @@
 
 #include "cpu_vec.h"
 
-/* The maximum of row[0..n), or NaN if the row holds one. */
+/* The maximum of row[0..n), or NaN if the row holds one. The loops work on `rvec` (register width: 8 floats
+ * on AVX2, where a 16-float vector would live on the stack). */
 static float row_max(const float *row, long n) {
-    vec vm = splat(-INFINITY);
-    ivec nan_seen = {0};
+    rvec vm = rsplat(-INFINITY);
+    rivec nan_seen = {0};
     long i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        vec v = load(row + i);
-        vm = vmax(vm, v);
+    for (; i + RLANES <= n; i += RLANES) {
+        rvec v = rload(row + i);
+        vm = rmax(vm, v);
         nan_seen |= v != v;
     }
     float m = -INFINITY;
-    for (long l = 0; l < LANES; l++) m = vm[l] > m ? vm[l] : m;
+    for (long l = 0; l < RLANES; l++) m = vm[l] > m ? vm[l] : m;
     for (; i < n; i++) {
         m = row[i] > m ? row[i] : m;
         if (isnan(row[i])) nan_seen[0] = -1;
     }
-    for (long l = 0; l < LANES; l++)
-        if (nan_seen[l]) return NAN;
-    return m;
+    return rany_lane(nan_seen) ? NAN : m;
 }
 
 /* out[r] = log(sum(exp(x[r, :]))) over n floats per row (row stride x_stride). A row whose maximum
@@ -40,10 +39,10 @@ void llmserve_logsumexp_rows(const float *x, long x_stride, float *out, long row
             out[r] = m;
             continue;
         }
-        vec vs = {0};
+        rvec vs = {0};
         long i = 0;
-        for (; i + LANES <= n; i += LANES) vs += vexp_nonpositive(load(row + i) - m);
-        float s = hsum(vs);
+        for (; i + RLANES <= n; i += RLANES) vs += rexp_nonpositive(rload(row + i) - m);
+        float s = rhsum(vs);
         for (; i < n; i++) s += expf(row[i] - m);
         out[r] = m + logf(s);
     }
@@ -56,8 +55,8 @@ static long first_index_of(const float *row, long n, float value) {
         while (!isnan(row[i])) i++;
         return i;
     }
-    for (; i + LANES <= n; i += LANES)
-        if (any_lane(load(row + i) == value)) break;
+    for (; i + RLANES <= n; i += RLANES)
+        if (rany_lane(rload(row + i) == value)) break;
     while (row[i] != value) i++;
     return i;
 }

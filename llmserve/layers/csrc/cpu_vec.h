@@ -25,6 +25,7 @@
 #endif
 #define RPARTS (LANES / RLANES)
 typedef float rvec __attribute__((vector_size(RLANES * sizeof(float))));
+typedef int rivec __attribute__((vector_size(RLANES * sizeof(int))));
 static inline rvec rload(const float *p) { rvec v; memcpy(&v, p, sizeof v); return v; }
 static inline void rstore(float *p, rvec v) { memcpy(p, &v, sizeof v); }
 static inline rvec rsplat(float x) { return (rvec){0} + x; }
@@ -108,24 +109,54 @@ static inline int any_lane(ivec m) {
 static inline vec vselect(ivec mask, vec a, vec b) { return (vec)(((ivec)a & mask) | ((ivec)b & ~mask)); }
 
 static inline vec vmax(vec a, vec b) { return vselect(a > b, a, b); }
+static inline rvec rselect(rivec mask, rvec a, rvec b) { return (rvec)(((rivec)a & mask) | ((rivec)b & ~mask)); }
+static inline rvec rmax(rvec a, rvec b) { return rselect(a > b, a, b); }
 
 /* exp(x) for x <= 0, relative error ~2e-7: x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for
  * exp(r), and 2^n put into the exponent bits. Below -87 the result is flushed towards 0 (exp(-87) ~
- * 1.6e-38: nothing next to the other terms it is added to). */
-static inline vec vexp_nonpositive(vec x) {
-    x = vmax(x, splat(-87.0f));
-    const vec shifter = splat(12582912.0f);   /* 1.5 * 2^23: adding it rounds to an integer */
-    vec n = (x * splat(1.44269504f) + shifter) - shifter;
-    vec r = x - n * splat(0.693145752f) - n * splat(1.42860677e-06f);
-    vec p = splat(1.0f / 720);
-    p = p * r + splat(1.0f / 120);
-    p = p * r + splat(1.0f / 24);
-    p = p * r + splat(1.0f / 6);
-    p = p * r + splat(0.5f);
-    p = p * r + splat(1.0f);
-    p = p * r + splat(1.0f);
-    ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-    return p * (vec)bits;
+ * 1.6e-38: nothing next to the other terms it is added to). Defined for `vec` (vexp_nonpositive) and for
+ * the register-width `rvec` (rexp_nonpositive), lane for lane the same values. */
+#define DEFINE_EXP_NONPOSITIVE(NAME, V, IV, MAX, SPLAT)                                                       \
+    static inline V NAME(V x) {                                                                              \
+        x = MAX(x, SPLAT(-87.0f));                                                                           \
+        const V shifter = SPLAT(12582912.0f);   /* 1.5 * 2^23: adding it rounds to an integer */             \
+        V n = (x * SPLAT(1.44269504f) + shifter) - shifter;                                                  \
+        V r = x - n * SPLAT(0.693145752f) - n * SPLAT(1.42860677e-06f);                                      \
+        V p = SPLAT(1.0f / 720);                                                                             \
+        p = p * r + SPLAT(1.0f / 120);                                                                       \
+        p = p * r + SPLAT(1.0f / 24);                                                                        \
+        p = p * r + SPLAT(1.0f / 6);                                                                         \
+        p = p * r + SPLAT(0.5f);                                                                             \
+        p = p * r + SPLAT(1.0f);                                                                             \
+        p = p * r + SPLAT(1.0f);                                                                             \
+        IV bits = (__builtin_convertvector(n, IV) + 127) << 23;                                              \
+        return p * (V)bits;                                                                                  \
+    }
+DEFINE_EXP_NONPOSITIVE(vexp_nonpositive, vec, ivec, vmax, splat)
+DEFINE_EXP_NONPOSITIVE(rexp_nonpositive, rvec, rivec, rmax, rsplat)
+#undef DEFINE_EXP_NONPOSITIVE
+
+/* Sum of an rvec's lanes (hsum's tree where rvec is a whole vec). */
+static inline float rhsum(rvec v) {
+#if RLANES == LANES
+    vec w;
+    memcpy(&w, &v, sizeof w);
+    return hsum(w);
+#else
+    float s[RLANES];
+    memcpy(s, &v, sizeof s);
+    for (int width = RLANES / 2; width > 0; width /= 2)
+        for (int i = 0; i < width; i++) s[i] += s[i + width];
+    return s[0];
+#endif
+}
+
+/* Whether any lane of an rvec comparison mask is set. */
+static inline int rany_lane(rivec m) {
+    int s[RLANES], any = 0;
+    memcpy(s, &m, sizeof s);
+    for (int i = 0; i < RLANES; i++) any |= s[i];
+    return any != 0;
 }
 
 /* bfloat16 (the high half of a float32): widened in registers, rounded back on store. */
