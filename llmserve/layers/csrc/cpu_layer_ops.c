@@ -9,7 +9,7 @@
  * Activations are float32 or bfloat16 (`bf16`, a constant in each specialised loop). bfloat16 values are
  * widened in registers, computed in float32, and rounded back where a bfloat16 model rounds (as
  * transformers does): after the residual add, the normalisation and the weight; after SiLU and the product;
- * once after a rotation.
+ * once after a rotation. The loops work on `rvec`, the widest vector with registers (8 floats on AVX2).
  */
 #include <math.h>
 
@@ -18,7 +18,9 @@
 #define PARALLEL_MIN_ELEMENTS (1L << 15)
 
 /* The bfloat16 rounding of a model in bfloat16 (nothing in float32). */
-static inline __attribute__((always_inline)) vec model_round(vec v, const int bf16) { return bf16 ? round_bf16(v) : v; }
+static inline __attribute__((always_inline)) rvec model_round(rvec v, const int bf16) {
+    return bf16 ? rround_bf16(v) : v;
+}
 
 static inline __attribute__((always_inline)) float model_round1(float v, const int bf16) {
     return bf16 ? round_bf16(splat(v))[0] : v;
@@ -28,16 +30,16 @@ static inline __attribute__((always_inline)) float model_round1(float v, const i
  * rounded before the weight multiplies it (Llama), or after (`weight_first`: Gemma). */
 static inline __attribute__((always_inline)) void
 rms_norm_row(const void *x, const float *weight, float eps, void *out, long n, int weight_first, const int bf16) {
-    vec acc = {0};
+    rvec acc = {0};
     long i = 0;
-    for (; i + LANES <= n; i += LANES) { vec v = load_act(x, i, bf16); acc += v * v; }
-    float sum = hsum(acc);
+    for (; i + RLANES <= n; i += RLANES) { rvec v = rload_act(x, i, bf16); acc += v * v; }
+    float sum = rhsum(acc);
     for (; i < n; i++) { const float v = load_act1(x, i, bf16); sum += v * v; }
     const float inv = 1.0f / sqrtf(sum / (float)n + eps);
     i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        const vec normed = load_act(x, i, bf16) * inv;
-        store_act(out, i, (weight_first ? normed : model_round(normed, bf16)) * load(weight + i), bf16);
+    for (; i + RLANES <= n; i += RLANES) {
+        const rvec normed = rload_act(x, i, bf16) * inv;
+        rstore_act(out, i, (weight_first ? normed : model_round(normed, bf16)) * rload(weight + i), bf16);
     }
     for (; i < n; i++) {
         const float normed = load_act1(x, i, bf16) * inv;
@@ -57,7 +59,8 @@ rms_norm_rows(const void *x, long x_stride, const void *residual, long residual_
             const char *res = (const char *)residual + r * residual_stride * size;
             char *sum = (char *)residual_out + r * residual_out_stride * size;
             long i = 0;
-            for (; i + LANES <= n; i += LANES) store_act(sum, i, load_act(xr, i, bf16) + load_act(res, i, bf16), bf16);
+            for (; i + RLANES <= n; i += RLANES)
+                rstore_act(sum, i, rload_act(xr, i, bf16) + rload_act(res, i, bf16), bf16);
             for (; i < n; i++) store_act1(sum, i, load_act1(xr, i, bf16) + load_act1(res, i, bf16), bf16);
             xr = sum;
         }
@@ -90,12 +93,12 @@ silu_and_mul_rows(const void *x, long x_stride, void *out, long out_stride, long
         const char *gate = (const char *)x + r * x_stride * size, *up = gate + n * size;
         char *o = (char *)out + r * out_stride * size;
         long i = 0;
-        for (; i + LANES <= n; i += LANES) {
-            vec g = load_act(gate, i, bf16);
-            ivec negative = g < 0;
-            vec e = vexp_nonpositive(vselect(negative, g, -g));
-            vec s = vselect(negative, g * e, g) / (splat(1.0f) + e);
-            store_act(o, i, model_round(s, bf16) * load_act(up, i, bf16), bf16);
+        for (; i + RLANES <= n; i += RLANES) {
+            rvec g = rload_act(gate, i, bf16);
+            rivec negative = g < 0;
+            rvec e = rexp_nonpositive(rselect(negative, g, -g));
+            rvec s = rselect(negative, g * e, g) / (rsplat(1.0f) + e);
+            rstore_act(o, i, model_round(s, bf16) * rload_act(up, i, bf16), bf16);
         }
         for (; i < n; i++)
             store_act1(o, i, model_round1(silu(load_act1(gate, i, bf16)), bf16) * load_act1(up, i, bf16), bf16);
@@ -115,10 +118,10 @@ void llmserve_silu_and_mul(const void *x, long x_stride, void *out, long out_str
 static inline __attribute__((always_inline)) void
 rotate_head(void *x, const float *cos, const float *sin, long half, const int bf16) {
     long i = 0;
-    for (; i + LANES <= half; i += LANES) {
-        vec a = load_act(x, i, bf16), b = load_act(x, half + i, bf16), c = load(cos + i), s = load(sin + i);
-        store_act(x, i, a * c - b * s, bf16);
-        store_act(x, half + i, b * c + a * s, bf16);
+    for (; i + RLANES <= half; i += RLANES) {
+        rvec a = rload_act(x, i, bf16), b = rload_act(x, half + i, bf16), c = rload(cos + i), s = rload(sin + i);
+        rstore_act(x, i, a * c - b * s, bf16);
+        rstore_act(x, half + i, b * c + a * s, bf16);
     }
     for (; i < half; i++) {
         const float a = load_act1(x, i, bf16), b = load_act1(x, half + i, bf16);

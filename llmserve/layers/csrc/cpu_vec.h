@@ -176,18 +176,28 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
+/* The bfloat16 bits (low half of each lane) of float lanes: nearest, ties to even; a NaN stays a (quiet) NaN.
+ * Defined for `vec` (bf16_bits) and `rvec` (rbf16_bits). */
+typedef uint32_t uvec __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint32_t ruvec __attribute__((vector_size(RLANES * sizeof(uint32_t))));
+#define DEFINE_BF16_BITS(NAME, V, UV)                                                                        \
+    static inline UV NAME(V v) {                                                                             \
+        const UV bits = (UV)v;                                                                               \
+        const UV rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;                                       \
+        const UV nan = (UV)(v != v);                                                                         \
+        return (nan & ((bits >> 16) | 0x40)) | (~nan & rounded);                                             \
+    }
+DEFINE_BF16_BITS(bf16_bits, vec, uvec)
+DEFINE_BF16_BITS(rbf16_bits, rvec, ruvec)
+#undef DEFINE_BF16_BITS
+
 /* Round 16 floats to bfloat16 (nearest, ties to even; NaN stays NaN) and store them. */
 static inline void store_bf16(uint16_t *p, vec v) {
 #ifdef __AVX512BF16__
     const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
     memcpy(p, &h, sizeof h);
 #else
-    typedef uint32_t uvec __attribute__((vector_size(LANES * sizeof(uint32_t))));
-    const uvec bits = (uvec)v;
-    const uvec rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
-    const uvec nan = (uvec)(v != v);
-    const uvec h32 = (nan & ((bits >> 16) | 0x40)) | (~nan & rounded);   /* a NaN stays a (quiet) NaN */
-    const u16vec h = __builtin_convertvector(h32, u16vec);
+    const u16vec h = __builtin_convertvector(bf16_bits(v), u16vec);
     memcpy(p, &h, sizeof h);
 #endif
 }
@@ -222,6 +232,48 @@ static inline __attribute__((always_inline)) void store_act1(void *p, long i, fl
     } else {
         ((float *)p)[i] = v;
     }
+}
+
+/* load_act / store_act at register width (RLANES values): loops on them keep their vectors in registers on
+ * targets without AVX-512, where a 16-float vec lives on the stack. Where rvec is vec they are the same. */
+#if RLANES == LANES
+static inline __attribute__((always_inline)) rvec rload_act(const void *p, long i, const int bf16) {
+    const vec v = load_act(p, i, bf16);
+    rvec r;
+    memcpy(&r, &v, sizeof r);
+    return r;
+}
+
+static inline __attribute__((always_inline)) void rstore_act(void *p, long i, rvec v, const int bf16) {
+    vec w;
+    memcpy(&w, &v, sizeof w);
+    store_act(p, i, w, bf16);
+}
+#else
+typedef uint16_t ru16vec __attribute__((vector_size(RLANES * sizeof(uint16_t))));
+
+static inline __attribute__((always_inline)) rvec rload_act(const void *p, long i, const int bf16) {
+    if (!bf16) return rload((const float *)p + i);
+    ru16vec h;
+    memcpy(&h, (const uint16_t *)p + i, sizeof h);
+    return (rvec)(__builtin_convertvector(h, rivec) << 16);
+}
+
+static inline __attribute__((always_inline)) void rstore_act(void *p, long i, rvec v, const int bf16) {
+    if (!bf16) {
+        rstore((float *)p + i, v);
+        return;
+    }
+    const ru16vec h = __builtin_convertvector(rbf16_bits(v), ru16vec);
+    memcpy((uint16_t *)p + i, &h, sizeof h);
+}
+#endif
+
+/* Register-width floats rounded to the nearest bfloat16 value, kept as floats. */
+static inline __attribute__((always_inline)) rvec rround_bf16(rvec v) {
+    uint16_t h[RLANES];
+    rstore_act(h, 0, v, 1);
+    return rload_act(h, 0, 1);
 }
 
 #endif
