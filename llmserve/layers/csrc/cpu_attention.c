@@ -61,7 +61,8 @@ static void alibi_scores(float *scores, long rows, long len, long stride, const 
 
 /* Softmax over each of the `rows` rows of `scores` (row stride `stride`, `len` valid entries), soft-capped
  * first when `soft_cap` > 0, then ALiBi-biased when `slopes` is set (here rather than at the callers: a call
- * between their token loops costs the common, plain path a few percent at short contexts). */
+ * between their token loops costs the common, plain path a few percent at short contexts). Register-width
+ * vectors (rvec), as in the token loops. */
 static void softmax_rows(float *scores, long rows, long len, long stride, float soft_cap, const float *slopes,
                          long first_distance) {
     if (soft_cap > 0.0f) soft_cap_scores(scores, rows * stride, soft_cap);
@@ -70,17 +71,17 @@ static void softmax_rows(float *scores, long rows, long len, long stride, float 
         float *s = scores + r * stride;
         float m = -INFINITY;
         long t = 0;
-        vec vm = splat(-INFINITY);
-        for (; t + LANES <= len; t += LANES) vm = vmax(vm, load(s + t));
-        for (long i = 0; i < LANES; i++) m = vm[i] > m ? vm[i] : m;
+        rvec vm = rsplat(-INFINITY);
+        for (; t + RLANES <= len; t += RLANES) vm = rmax(vm, rload(s + t));
+        for (long i = 0; i < RLANES; i++) m = vm[i] > m ? vm[i] : m;
         for (; t < len; t++) m = s[t] > m ? s[t] : m;
-        vec vs = {0};
-        for (t = 0; t + LANES <= len; t += LANES) {
-            vec e = vexp_nonpositive(load(s + t) - m);
-            store(s + t, e);
+        rvec vs = {0};
+        for (t = 0; t + RLANES <= len; t += RLANES) {
+            rvec e = rexp_nonpositive(rload(s + t) - m);
+            rstore(s + t, e);
             vs += e;
         }
-        float sum = hsum(vs);
+        float sum = rhsum(vs);
         for (; t < len; t++) { s[t] = expf(s[t] - m); sum += s[t]; }
         const float inv = 1.0f / sum;
         for (t = 0; t < len; t++) s[t] *= inv;
