@@ -104,8 +104,8 @@ class GroupInt8Kernels:
 
 class LayerPlan:
     """A layer's weight segments as the kernel takes them, built once: per segment codes uint8
-    [ceil(rows / 16), 8 * k] (4-bit codes) or [ceil(rows / 16), 16 * k] (6- and 8-bit), ``d`` (and ``m``) float16 [ceil(rows / 16), blocks, 16], ``sc`` int8
-    and ``mins`` uint8 [ceil(rows / 16), k / group, 16] or None (:mod:`llmserve.quantization.group_int8` lays
+    [ceil(rows / 16), 8 * k] (4-bit codes) or [ceil(rows / 16), 16 * k] (6- and 8-bit), ``d`` (and ``m``)
+    float16 [ceil(rows / 16), blocks, 16], ``sc`` int8 and ``mins`` uint8 [ceil(rows / 16), k / group, 16] or None (:mod:`llmserve.quantization.group_int8` lays
     them out). The plan holds the tensors' addresses: they must not be replaced or moved while it is used."""
 
     def __init__(self, k: int, segments: list[PackedSegment]) -> None:

@@ -1,6 +1,6 @@
 /* Group-quantised linear layers through int8 dot products (the GGUF block formats, kept packed).
  *
- * Weights: unsigned codes q (4-bit or 8-bit) with a scale s and offset m per output row and group of 16 or 32
+ * Weights: unsigned codes q (4, 6 or 8 bits) with a scale s and offset m per output row and group of 16 or 32
  * input columns, W[o, c] = s[o, g] * q[o, c] + m[o, g], both kept as the file stores them (gi8_weight in
  * cpu_group_int8.h: fp16 per block, times an integer per group for k-quants; the offset a zero point times s for
  * signed formats) and expanded to float32 per group in registers (llmserve/quantization/group_int8.py repacks
@@ -25,12 +25,12 @@
  * row, and each row's scale and sum are loaded once per group for both tiles, so fewer instructions surround
  * each vpdpbusd. Both paths add the same terms in the same order: a row's output does not depend on how many
  * rows share the call.
- With AVX2 but not AVX-512 VNNI, vpmaddubsw (u8 x s8, pairs summed to int16) takes 4-bit codes directly; an
+ * With AVX2 but not AVX-512 VNNI, vpmaddubsw (u8 x s8, pairs summed to int16) takes 4-bit codes directly; an
  * 8-bit code enters as its two nibbles (code = 16 hi + lo), since two full 8-bit products can overflow the
  * int16 pair sum. Nibble products sum to at most 2 x 15 x 127 per lane and step, so a group of up to 32 columns
  * is summed in int16 and widened once (vpmaddwd) at its end. "6-bit" codes (a byte each, below 64: Q5_x, Q6_K)
- * go in whole: a pair sum is at most 2 x 63 x 127, so two steps add in int16 before one vpmaddwd widens them. Every path computes the same exact integer dot
- * products and adds the same float terms in the same order; without AVX2 the arithmetic is portable code. */
+ * go in whole: a pair sum is at most 2 x 63 x 127, so two steps add in int16 before one vpmaddwd widens them.
+ * Every path computes the same exact integer dot products and adds the same float terms in the same order; without AVX2 the arithmetic is portable code. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -163,8 +163,8 @@ tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const f
  * dot-product chain per (row, tile), which with several rows and tiles is enough independent chains.
  * out[m * 16 * nt + t * 16 + r]. The float terms are tile_dots' in the same order. */
 static inline __attribute__((always_inline)) void
-panel_dots(const gi8_tile *tiles, const signed char *xq, const float *xscale, const float *xsum, long k, float *out, const int mr,
-           const int nt, const int bits, const int group) {
+panel_dots(const gi8_tile *tiles, const signed char *xq, const float *xscale, const float *xsum, long k, float *out,
+           const int mr, const int nt, const int bits, const int group) {
     __m512 acc[GI8_GEMM_ROWS][GI8_GEMM_TILES];
     for (int m = 0; m < mr; m++)
         for (int t = 0; t < nt; t++) acc[m][t] = _mm512_setzero_ps();
@@ -363,7 +363,8 @@ tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const f
         for (int r = 0; r < GI8_TILE; r++) {
             s[r] = half_to_float(t->d[b * GI8_TILE + r]) * (t->sc ? (float)t->sc[g * GI8_TILE + r] : 1.f);
             o[r] = t->m == NULL ? s[r] * t->neg_zero
-                                : half_to_float(t->m[b * GI8_TILE + r]) * (t->mins ? (float)t->mins[g * GI8_TILE + r] : 1.f);
+                                : half_to_float(t->m[b * GI8_TILE + r])
+                                      * (t->mins ? (float)t->mins[g * GI8_TILE + r] : 1.f);
         }
         for (int m = 0; m < mr; m++) {
             const float sx = xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK];
