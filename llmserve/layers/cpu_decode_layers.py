@@ -187,7 +187,7 @@ class DecodeLayersKernel:
         if status == -1:
             raise IndexError(f"decode layers: a position is outside 0..{self._model.max_position - 1}")
         if status == -2:
-            raise MemoryError("decode layers: no memory for the attention scores")
+            raise MemoryError("decode layers: no memory for the attention scores or a layer's activations")
         if status != 0:
             raise ValueError("decode layers: a kernel refused a layer's operands")
         return out

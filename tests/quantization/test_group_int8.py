@@ -1,17 +1,18 @@
-"""The group-int8 kernel: activations quantised per 32 columns to int8, multiplied by 4-/8-bit codes.
+"""The group-int8 kernel: activations quantised per 32 columns to int8, multiplied by 4-, 6- or 8-bit codes.
 
 * Its activation quantisation is the PyTorch one (:func:`quantize_activations`), code for code.
 * Its output equals ``x_q8 @ dequant(W)^T`` computed in float64 from the same quantised activations, to
   float32 rounding (relative 1e-5 of the output's size), for 4- and 8-bit codes in groups of 16 and 32, on 1,
   3, 16 and 64 rows (the few-row and the register-tiled paths), odd output sizes and a bias.
 * A row's output is the same, bit for bit, whether it is multiplied alone (the few-row path) or among many
-  (the many-row path, whose register tiles take several rows and pairs of output tiles).
+  (the many-row paths, which take rows in register tiles or stream them past codes held in registers, in
+  passes of 64 rows).
 * Against the float product ``x @ W^T`` the only difference is the activations' rounding, which bounds it:
   ``|y - x W^T| <= |x - x_q8| @ |W|^T`` elementwise (``|x - x_q8| <= scale / 2`` per column).
 * A fused layer of segments in different formats writes each segment's columns.
 * Every dot-product path (AVX-512 VNNI, AVX2, portable) gives the same output bit for bit: a build for plain
-  AVX2 and one for baseline x86-64 equal this machine's; 8-bit codes at the ends of their range times
-  activations at theirs, where two products overflow an int16 pair sum, come out right.
+  AVX2 and one for baseline x86-64 equal this machine's; codes at the ends of their range times activations
+  at theirs, where int16 sums are at or past their limits, come out right on few rows and on many.
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ def test_kernel_equals_the_float64_product_of_the_quantised_activations(bits, gr
     assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-@pytest.mark.parametrize("rows", [9, 13, 64])
+@pytest.mark.parametrize("rows", [4, 9, 13, 64, 70])
 @pytest.mark.parametrize("bits,group,per_block,offset", FORMATS)
 def test_many_rows_give_each_row_what_it_gets_alone(bits, group, per_block, offset, rows):
-    n, k = 37, 256   # three output tiles, the last partial: a pair and one alone; and a remainder of rows
+    """Rows in register tiles with a remainder, in passes of 64 rows with a partial last one (70)."""
+    n, k = 37, 256   # three output tiles, the last partial: a pair and one alone
     layer = nn.Module()
     set_group_int8(layer, [_codes(n, k, bits, group, rows + bits, per_block, offset)])
     x, bias = torch.randn(rows, k), torch.randn(n)
@@ -156,17 +158,19 @@ def test_reports_its_dot_product_path():
     assert _kernels().dot_path == expected
 
 
-@pytest.mark.parametrize("bits", [8, 6])
-def test_extreme_codes_times_extreme_activations_are_exact(bits):
-    """Codes 255 (or 63) and 0 against activations at +-127: a naive u8 x s8 pair sum of 8-bit codes
-    (2 x 255 x 127) overflows int16, two 6-bit pair sums (4 x 63 x 127) just fit."""
+@pytest.mark.parametrize("bits", [8, 6, 4])
+@pytest.mark.parametrize("x_rows", [2, 12])
+def test_extreme_codes_times_extreme_activations_are_exact(bits, x_rows):
+    """Codes 255 (or 63, or 15) and 0 against activations at +-127, on few and many rows: a naive u8 x s8 pair
+    sum of 8-bit codes (2 x 255 x 127) overflows int16, two 6-bit pair sums (4 x 63 x 127) just fit, and so do
+    the 16 products of 4-bit codes a group of 32 columns sums in one int16 lane (16 x 15 x 127)."""
     rows, k, top = 16, 64, (1 << bits) - 1
     codes = np.where(np.arange(rows * k).reshape(rows, k) % 3 == 0, 0, top).astype(np.uint8)
     codes[rows // 2:] = top
     layer = nn.Module()
     set_group_int8(layer, [GroupCodes(codes, np.ones((rows, k // 32), np.float16), None, None, None, 0, bits, 32)])
-    x = torch.full((2, k), 1.0)
-    x[1, ::2] = -1.0
+    x = torch.full((x_rows, k), 1.0)
+    x[1::2, ::2] = -1.0
     expected = x.double() @ torch.from_numpy(codes.astype(np.float64)).T   # +-1 quantise to 127 x (1 / 127)
     assert (apply_group_int8(layer, x, None).double() - expected).abs().max() < 1e-3
 
@@ -182,7 +186,7 @@ def test_other_builds_give_the_same_results(tmp_path, monkeypatch, march, path):
     for bits, group, per_block, offset in (f.values for f in FORMATS):
         layer = nn.Module()
         set_group_int8(layer, [_codes(21, 256, bits, group, bits * group, per_block, offset)])
-        for rows in (1, 6, 13):
+        for rows in (1, 6, 13, 70):
             x = torch.randn(rows, 256)
             native = apply_group_int8(layer, x, None)
             with monkeypatch.context() as patch:

@@ -156,9 +156,9 @@ static void round_rows(const float *x, uint16_t *out, long count) {
     for (; i < count; i++) store_act1(out, i, x[i], 1);
 }
 
-/* y = x W^T + bias for M contiguous rows; returns 0, or -3 when a kernel refuses its operands. A group-int8
- * weight multiplies float32 activations (a bfloat16 row is widened first and the result rounded back, as the
- * module path does). */
+/* y = x W^T + bias for M contiguous rows; returns 0, -2 without memory, or -3 when a kernel refuses its operands.
+ * A group-int8 weight multiplies float32 activations (a bfloat16 row is widened first and the result rounded
+ * back, as the module path does). */
 static int base_linear(const dl_linear *L, const void *x, void *y, long M, int bf16, const dl_buffers *b,
                        int num_threads) {
     if (L->kind == DL_F32_BLOCKED)
@@ -174,19 +174,21 @@ static int base_linear(const dl_linear *L, const void *x, void *y, long M, int b
     }
     if (llmserve_group_int8_quantize(xf, L->k, M, L->k, b->xq, b->xscale, b->xsum, num_threads)) return -3;
     const float *bias = L->bias;
-    for (long s = 0, start = 0; s < L->segments; start += L->weights[s].rows, s++)
-        if (llmserve_group_int8_linear(b->xq, b->xscale, b->xsum, M, L->k, &L->weights[s], bias ? bias + start : NULL,
-                                       yf + start, L->n, num_threads))
-            return -3;
+    for (long s = 0, start = 0; s < L->segments; start += L->weights[s].rows, s++) {
+        const int status = llmserve_group_int8_linear(b->xq, b->xscale, b->xsum, M, L->k, &L->weights[s],
+                                                      bias ? bias + start : NULL, yf + start, L->n, num_threads);
+        if (status) return status == -2 ? -2 : -3;
+    }
     if (bf16) round_rows(yf, y, M * L->n);
     return 0;
 }
 
 /* y = x W^T + bias for M contiguous rows, plus the adapter rows' LoRA deltas when `lora` is not NULL (as the module
- * path's LoRA method adds them to the base output); returns 0, or -3 when a kernel refuses its operands. */
+ * path's LoRA method adds them to the base output); returns 0, or base_linear's or the LoRA kernel's error. */
 static int linear(const dl_linear *L, const void *x, void *y, long M, int bf16, const dl_buffers *b,
                   const dl_lora_step *lora, int num_threads) {
-    if (base_linear(L, x, y, M, bf16, b, num_threads)) return -3;
+    const int status = base_linear(L, x, y, M, bf16, b, num_threads);
+    if (status) return status;
     if (lora == NULL || L->lora.a == NULL) return 0;
     const dl_lora *A = &L->lora;
     return llmserve_lora_add(x, L->k, y, L->n, A->a, A->a_slot_stride, A->bt, A->bt_slot_stride, A->bt_stride,
@@ -242,8 +244,8 @@ static int attend(const dl_model *m, const dl_layer *L, long rows, const long *p
  * table (int32, `table_stride` apart) and its length with the new token. `lora`: the step's adapter rows, NULL
  * for none. `workspace`: at least
  * llmserve_decode_layers_workspace(m, rows) bytes, 64-byte aligned.
- * Returns 0; -1 when a position is outside the rotary tables; -2 without memory for the attention scores; -3 when
- * a kernel refuses a layer's operands. */
+ * Returns 0; -1 when a position is outside the rotary tables; -2 without memory (for the attention scores or a
+ * linear layer's copy of its activations); -3 when a kernel refuses a layer's operands. */
 int llmserve_decode_layers(const dl_model *m, const void *embeddings, void *out, long rows, const long *positions,
                            const long *slots, const int *block_tables, long table_stride, const int *seq_lens,
                            const dl_lora_step *lora, void *workspace, int num_threads) {

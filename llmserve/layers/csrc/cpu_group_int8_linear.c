@@ -13,24 +13,15 @@
  * codes (with the float sum of x instead, the error would meet s * q, which for a zero-point format such as
  * Q8_0, q + 128, is about 128 times larger than the weight).
  *
- * Codes are stored per tile of 16 output rows so that one 64-byte load feeds 16 rows x 4 columns of
- * vpdpbusd (u8 codes x s8 activations, four products summed per int32 lane): byte 4 r + j of step c is
- * code[r, 4 c + j] (8-bit), or code[r, 8 c + j] in the low nibble and code[r, 8 c + 4 + j] in the high one
- * (4-bit, unpacked in registers with a mask and a shift). Scale factors are per tile too ([block][16] fp16,
- * [group][16] integers), so a tile's 16 rows expand one vector of them.
- * Up to GI8_ROWS activation rows (decode), each thread takes whole tiles and multiplies a tile by every row at
- * once (a register tile: each loaded weight vector serves every row), so the weight is streamed once. With
- * more rows (prefill, or decode at many concurrent sequences) threads take pairs of tiles and multiply them by
- * GI8_GEMM_ROWS rows at a time: each activation broadcast serves both tiles, each unpacked weight vector every
- * row, and each row's scale and sum are loaded once per group for both tiles, so fewer instructions surround
- * each vpdpbusd. Both paths add the same terms in the same order: a row's output does not depend on how many
- * rows share the call.
- * With AVX2 but not AVX-512 VNNI, vpmaddubsw (u8 x s8, pairs summed to int16) takes 4-bit codes directly; an
- * 8-bit code enters as its two nibbles (code = 16 hi + lo), since two full 8-bit products can overflow the
- * int16 pair sum. Nibble products sum to at most 2 x 15 x 127 per lane and step, so a group of up to 32 columns
- * is summed in int16 and widened once (vpmaddwd) at its end. "6-bit" codes (a byte each, below 64: Q5_x, Q6_K)
- * go in whole: a pair sum is at most 2 x 63 x 127, so two steps add in int16 before one vpmaddwd widens them.
- * Every path computes the same exact integer dot products and adds the same float terms in the same order; without AVX2 the arithmetic is portable code. */
+ * Codes are stored per tile of 16 output rows, 4 columns a step: byte 4 r + j of step c is code[r, 4 c + j]
+ * (8-bit), or code[r, 8 c + j] in the low nibble and code[r, 8 c + 4 + j] in the high one (4-bit, unpacked in
+ * registers with a mask and a shift), so that one load feeds 16 (AVX-512) or 8 (AVX2) rows x 4 columns of u8 x s8
+ * dot products. Scale factors are per tile too ([block][16] fp16, [group][16] integers), so a tile's rows expand
+ * one vector of them. Each instruction set has a few-row path (decode: a register tile of every row times a
+ * tile) and a many-row path (prefill, or decode at many concurrent sequences) in its own file:
+ * cpu_group_int8_vnni.h and cpu_group_int8_avx2.h. All of them add the same terms in the same order, so a row's
+ * output depends neither on the path nor on how many rows share the call. Without AVX2 the arithmetic is
+ * portable code (tile_dots below), in the same order. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,13 +35,10 @@
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define GI8_AVX2 1
-#define GI8_AVX2_ROWS 4  /* activation rows per register tile of a half-tile (16 ymm registers) */
 #endif
 
 #define GI8_TILE 16      /* output rows per tile */
 #define GI8_ROWS 8       /* activation rows per register tile */
-#define GI8_GEMM_ROWS 6  /* activation rows per register tile of the many-row path */
-#define GI8_GEMM_TILES 2 /* weight tiles per register tile of the many-row path */
 
 /* The offset term's sum of x over group g (16 or 32 columns) of a row's 16-column sums. */
 static inline float group_xsum(const float *xsum_m, long g, const int group) {
@@ -94,247 +82,9 @@ static inline float half_to_float(uint16_t h) {
 }
 
 #ifdef GI8_VNNI
-static inline __m512i bcast4(const signed char *p) { int v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
-
-/* Group g's scales and offsets of a tile's 16 rows, expanded to float32. */
-static inline void group_scales(const gi8_tile *t, long g, __m512 *s, __m512 *o) {
-    const long b = g >> t->block_shift;
-    *s = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(t->d + b * GI8_TILE)));
-    if (t->sc)
-        *s = _mm512_mul_ps(*s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                   _mm_loadu_si128((const void *)(t->sc + g * GI8_TILE)))));
-    if (t->m == NULL) {
-        *o = _mm512_mul_ps(*s, _mm512_set1_ps(t->neg_zero));
-        return;
-    }
-    *o = _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(t->m + b * GI8_TILE)));
-    if (t->mins)
-        *o = _mm512_mul_ps(*o, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                   _mm_loadu_si128((const void *)(t->mins + g * GI8_TILE)))));
-}
-
-/* One tile of 16 output rows times mr activation rows; out[m * 16 + r]. */
-static inline __attribute__((always_inline)) void
-tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const float *xsum, long k, float *out,
-          const int mr, const int bits, const int group) {
-    const unsigned char *codes = t->codes;
-    __m512 acc[GI8_ROWS];
-    for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
-    const __m512i low = _mm512_set1_epi8(0x0f);
-    const long groups = k / group;
-    for (long g = 0; g < groups; g++) {
-        /* two independent sums per row (even and odd steps, or low and high nibbles): vpdpbusd's latency
-         * would otherwise bound a single row's chain */
-        __m512i dot[GI8_ROWS], dot2[GI8_ROWS];
-        for (int m = 0; m < mr; m++) dot[m] = dot2[m] = _mm512_setzero_si512();
-        const long c0 = g * group;
-        if (bits != 4) {
-            for (long c = c0; c < c0 + group; c += 8) {
-                const __m512i w = _mm512_loadu_si512((const void *)(codes + c * GI8_TILE));
-                const __m512i w2 = _mm512_loadu_si512((const void *)(codes + (c + 4) * GI8_TILE));
-                for (int m = 0; m < mr; m++) {
-                    dot[m] = _mm512_dpbusd_epi32(dot[m], w, bcast4(xq + m * k + c));
-                    dot2[m] = _mm512_dpbusd_epi32(dot2[m], w2, bcast4(xq + m * k + c + 4));
-                }
-            }
-        } else {
-            for (long c = c0; c < c0 + group; c += 8) {
-                const __m512i w = _mm512_loadu_si512((const void *)(codes + c * GI8_TILE / 2));
-                const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-                for (int m = 0; m < mr; m++) {
-                    dot[m] = _mm512_dpbusd_epi32(dot[m], lo, bcast4(xq + m * k + c));
-                    dot2[m] = _mm512_dpbusd_epi32(dot2[m], hi, bcast4(xq + m * k + c + 4));
-                }
-            }
-        }
-        for (int m = 0; m < mr; m++) dot[m] = _mm512_add_epi32(dot[m], dot2[m]);
-        __m512 s, o;
-        group_scales(t, g, &s, &o);
-        for (int m = 0; m < mr; m++) {
-            const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK]));
-            acc[m] = _mm512_fmadd_ps(sx, _mm512_cvtepi32_ps(dot[m]), acc[m]);
-            acc[m] = _mm512_fmadd_ps(o, _mm512_set1_ps(group_xsum(xsum + m * (k / GI8_XSUM), g, group)), acc[m]);
-        }
-    }
-    for (int m = 0; m < mr; m++) _mm512_storeu_ps(out + m * GI8_TILE, acc[m]);
-}
-
-/* nt (1 or 2) tiles times mr (up to GI8_GEMM_ROWS) activation rows; one
- * dot-product chain per (row, tile), which with several rows and tiles is enough independent chains.
- * out[m * 16 * nt + t * 16 + r]. The float terms are tile_dots' in the same order. */
-static inline __attribute__((always_inline)) void
-panel_dots(const gi8_tile *tiles, const signed char *xq, const float *xscale, const float *xsum, long k, float *out,
-           const int mr, const int nt, const int bits, const int group) {
-    __m512 acc[GI8_GEMM_ROWS][GI8_GEMM_TILES];
-    for (int m = 0; m < mr; m++)
-        for (int t = 0; t < nt; t++) acc[m][t] = _mm512_setzero_ps();
-    const __m512i low = _mm512_set1_epi8(0x0f);
-    const long groups = k / group;
-    for (long g = 0; g < groups; g++) {
-        __m512i dot[GI8_GEMM_ROWS][GI8_GEMM_TILES];
-        for (int m = 0; m < mr; m++)
-            for (int t = 0; t < nt; t++) dot[m][t] = _mm512_setzero_si512();
-        const long c0 = g * group;
-        for (long c = c0; c < c0 + group; c += 8) {
-            __m512i w[GI8_GEMM_TILES], w2[GI8_GEMM_TILES];
-            for (int t = 0; t < nt; t++) {
-                if (bits != 4) {
-                    w[t] = _mm512_loadu_si512((const void *)(tiles[t].codes + c * GI8_TILE));
-                    w2[t] = _mm512_loadu_si512((const void *)(tiles[t].codes + (c + 4) * GI8_TILE));
-                } else {
-                    const __m512i packed = _mm512_loadu_si512((const void *)(tiles[t].codes + c * GI8_TILE / 2));
-                    w[t] = _mm512_and_si512(packed, low);
-                    w2[t] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-                }
-            }
-            for (int m = 0; m < mr; m++) {
-                const __m512i a = bcast4(xq + m * k + c), a2 = bcast4(xq + m * k + c + 4);
-                for (int t = 0; t < nt; t++)
-                    dot[m][t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[m][t], w[t], a), w2[t], a2);
-            }
-        }
-        __m512 s[GI8_GEMM_TILES], o[GI8_GEMM_TILES];
-        for (int t = 0; t < nt; t++) group_scales(&tiles[t], g, &s[t], &o[t]);
-        for (int m = 0; m < mr; m++) {
-            const __m512 xs = _mm512_set1_ps(xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK]);
-            const __m512 sum = _mm512_set1_ps(group_xsum(xsum + m * (k / GI8_XSUM), g, group));
-            for (int t = 0; t < nt; t++) {
-                acc[m][t] = _mm512_fmadd_ps(_mm512_mul_ps(s[t], xs), _mm512_cvtepi32_ps(dot[m][t]), acc[m][t]);
-                acc[m][t] = _mm512_fmadd_ps(o[t], sum, acc[m][t]);
-            }
-        }
-    }
-    for (int m = 0; m < mr; m++)
-        for (int t = 0; t < nt; t++) _mm512_storeu_ps(out + (m * nt + t) * GI8_TILE, acc[m][t]);
-}
-
-#define GI8_PANEL_CASE(MR, NT, BITS, GROUP)                                                                  \
-    if (mr == MR && nt == NT && bits == BITS && group == GROUP) {                                             \
-        panel_dots(pair, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK),          \
-                   xsum + m0 * (k / GI8_XSUM), k, out, MR, NT, BITS, GROUP);                                  \
-    } else
-#define GI8_PANEL_FORMATS(MR, NT) GI8_PANEL_CASE(MR, NT, 8, 16) GI8_PANEL_CASE(MR, NT, 8, 32)              \
-    GI8_PANEL_CASE(MR, NT, 6, 16) GI8_PANEL_CASE(MR, NT, 6, 32) GI8_PANEL_CASE(MR, NT, 4, 16)                \
-    GI8_PANEL_CASE(MR, NT, 4, 32)
-#define GI8_PANEL_CASES(MR) GI8_PANEL_FORMATS(MR, 1) GI8_PANEL_FORMATS(MR, 2)
-
-/* The many-row path of llmserve_group_int8_linear: each thread takes pairs of tiles (the last one maybe
- * alone) and runs them over all M rows, GI8_GEMM_ROWS at a time. */
-static void gemm_tiles(const signed char *xq, const float *xscale, const float *xsum, long M, long k,
-                       const gi8_weight *wt, const float *bias, float *y, long y_stride, int num_threads) {
-    const long n = wt->rows, tiles = (n + GI8_TILE - 1) / GI8_TILE;
-    const long pairs = (tiles + GI8_GEMM_TILES - 1) / GI8_GEMM_TILES;
-    const int bits = wt->bits, group = wt->group;
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (long p = 0; p < pairs; p++) {
-        const long t0 = p * GI8_GEMM_TILES;
-        const int nt = tiles - t0 < GI8_GEMM_TILES ? (int)(tiles - t0) : GI8_GEMM_TILES;
-        gi8_tile pair[GI8_GEMM_TILES];
-        for (int t = 0; t < nt; t++) pair[t] = tile_at(wt, k, t0 + t);
-        const long cols = n - t0 * GI8_TILE < nt * GI8_TILE ? n - t0 * GI8_TILE : nt * GI8_TILE;
-        for (long m0 = 0; m0 < M; m0 += GI8_GEMM_ROWS) {
-            const int mr = M - m0 < GI8_GEMM_ROWS ? (int)(M - m0) : GI8_GEMM_ROWS;
-            float out[GI8_GEMM_ROWS * GI8_GEMM_TILES * GI8_TILE];
-            GI8_PANEL_CASES(1) GI8_PANEL_CASES(2) GI8_PANEL_CASES(3) GI8_PANEL_CASES(4) GI8_PANEL_CASES(5)
-            GI8_PANEL_CASES(6) {}
-            for (int m = 0; m < mr; m++)
-                for (long r = 0; r < cols; r++)
-                    y[(m0 + m) * y_stride + t0 * GI8_TILE + r] = out[m * nt * GI8_TILE + r]
-                                                                  + (bias ? bias[t0 * GI8_TILE + r] : 0.f);
-        }
-    }
-}
+#include "cpu_group_int8_vnni.h"
 #elif defined(GI8_AVX2)
-static inline __m256i bcast4_256(const signed char *p) { int v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
-static inline __m256 halves8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const void *)p)); }
-static inline __m128i bytes8(const void *p) { return _mm_loadl_epi64((const void *)p); }
-
-/* Group g's scales and offsets of rows 8 h .. 8 h + 7 of a tile, expanded to float32. */
-static inline void group_scales(const gi8_tile *t, long g, int h, __m256 *s, __m256 *o) {
-    const long b = g >> t->block_shift;
-    *s = halves8(t->d + b * GI8_TILE + h * 8);
-    if (t->sc)
-        *s = _mm256_mul_ps(*s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes8(t->sc + g * GI8_TILE + h * 8))));
-    if (t->m == NULL) {
-        *o = _mm256_mul_ps(*s, _mm256_set1_ps(t->neg_zero));
-        return;
-    }
-    *o = halves8(t->m + b * GI8_TILE + h * 8);
-    if (t->mins)
-        *o = _mm256_mul_ps(*o, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8(t->mins + g * GI8_TILE + h * 8))));
-}
-
-/* Rows 8 h .. 8 h + 7 of a tile (h = half) times mr (up to GI8_AVX2_ROWS) activation rows; out[m * 16 + r]. */
-static inline __attribute__((always_inline)) void
-half_tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const float *xsum, long k, float *out,
-               const int h, const int mr, const int bits, const int group) {
-    const unsigned char *codes = t->codes;
-    __m256 acc[GI8_AVX2_ROWS];
-    for (int m = 0; m < mr; m++) acc[m] = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
-    const long groups = k / group;
-    for (long g = 0; g < groups; g++) {
-        /* int16 sums of nibble products: lo and hi nibbles (8-bit), or columns c..c+3 and c+4..c+7 (4-bit);
-         * 6-bit: int32 sums in dlo */
-        __m256i dlo[GI8_AVX2_ROWS], dhi[GI8_AVX2_ROWS];
-        for (int m = 0; m < mr; m++) dlo[m] = dhi[m] = _mm256_setzero_si256();
-        const long c0 = g * group;
-        if (bits == 6) {   /* codes below 64: a pair sum is at most 2 x 63 x 127, two of them fit an int16 */
-            for (long c = c0; c < c0 + group; c += 8) {
-                const __m256i w = _mm256_loadu_si256((const void *)(codes + c * GI8_TILE + h * 32));
-                const __m256i w2 = _mm256_loadu_si256((const void *)(codes + (c + 4) * GI8_TILE + h * 32));
-                for (int m = 0; m < mr; m++) {
-                    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w, bcast4_256(xq + m * k + c)),
-                                                           _mm256_maddubs_epi16(w2, bcast4_256(xq + m * k + c + 4)));
-                    dlo[m] = _mm256_add_epi32(dlo[m], _mm256_madd_epi16(pairs, ones));
-                }
-            }
-        } else if (bits == 8) {
-            for (long c = c0; c < c0 + group; c += 4) {
-                const __m256i w = _mm256_loadu_si256((const void *)(codes + c * GI8_TILE + h * 32));
-                const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-                for (int m = 0; m < mr; m++) {
-                    const __m256i a = bcast4_256(xq + m * k + c);
-                    dlo[m] = _mm256_add_epi16(dlo[m], _mm256_maddubs_epi16(lo, a));
-                    dhi[m] = _mm256_add_epi16(dhi[m], _mm256_maddubs_epi16(hi, a));
-                }
-            }
-        } else {
-            for (long c = c0; c < c0 + group; c += 8) {
-                const __m256i w = _mm256_loadu_si256((const void *)(codes + c * GI8_TILE / 2 + h * 32));
-                const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-                for (int m = 0; m < mr; m++) {
-                    dlo[m] = _mm256_add_epi16(dlo[m], _mm256_maddubs_epi16(lo, bcast4_256(xq + m * k + c)));
-                    dhi[m] = _mm256_add_epi16(dhi[m], _mm256_maddubs_epi16(hi, bcast4_256(xq + m * k + c + 4)));
-                }
-            }
-        }
-        __m256 s, o;
-        group_scales(t, g, h, &s, &o);
-        for (int m = 0; m < mr; m++) {
-            const __m256i dot = bits == 6 ? dlo[m]
-                                          : _mm256_add_epi32(_mm256_madd_epi16(dlo[m], ones),
-                                                             _mm256_madd_epi16(dhi[m], bits == 8 ? sixteen : ones));
-            const __m256 sx = _mm256_mul_ps(s, _mm256_set1_ps(xscale[m * (k / GI8_XBLOCK) + c0 / GI8_XBLOCK]));
-            acc[m] = _mm256_fmadd_ps(sx, _mm256_cvtepi32_ps(dot), acc[m]);
-            acc[m] = _mm256_fmadd_ps(o, _mm256_set1_ps(group_xsum(xsum + m * (k / GI8_XSUM), g, group)), acc[m]);
-        }
-    }
-    for (int m = 0; m < mr; m++) _mm256_storeu_ps(out + m * GI8_TILE + h * 8, acc[m]);
-}
-
-/* One tile of 16 output rows times mr activation rows, as half-tiles of GI8_AVX2_ROWS rows at a time (the
- * tile's codes stay in L1 between them); out[m * 16 + r]. */
-static inline __attribute__((always_inline)) void
-tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const float *xsum, long k, float *out,
-          const int mr, const int bits, const int group) {
-    for (int m0 = 0; m0 < mr; m0 += GI8_AVX2_ROWS) {
-        const int n = mr - m0 < GI8_AVX2_ROWS ? mr - m0 : GI8_AVX2_ROWS;
-        for (int h = 0; h < 2; h++)
-            half_tile_dots(t, xq + m0 * k, xscale + m0 * (k / GI8_XBLOCK),
-                           xsum + m0 * (k / GI8_XSUM), k, out + m0 * GI8_TILE, h, n, bits, group);
-    }
-}
+#include "cpu_group_int8_avx2.h"
 #else
 static inline __attribute__((always_inline)) void
 tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const float *xsum, long k, float *out,
@@ -389,8 +139,8 @@ tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const f
 
 /* y[m, o] (+ bias[o]) for the w->rows output rows of one weight, from activations quantised by
  * llmserve_group_int8_quantize (rows of the last tile past w->rows: any finite factors, never stored).
- * Returns 0, or -1 for codes other than 4, 6 or 8 bits, a group other than 16/32, blocks (a power of 2 groups)
- * that do not split k, or k not a multiple of 32. */
+ * Returns 0, -1 for codes other than 4, 6 or 8 bits, a group other than 16/32, blocks (a power of 2 groups)
+ * that do not split k, or k not a multiple of 32, or -2 without memory. */
 int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const float *xsum, long M, long k,
                                const gi8_weight *w, const float *bias, float *y, long y_stride, int num_threads) {
     const int bits = w->bits, group = w->group;
@@ -402,6 +152,9 @@ int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const
         gemm_tiles(xq, xscale, xsum, M, k, w, bias, y, y_stride, num_threads);
         return 0;
     }
+#elif defined(GI8_AVX2)
+    if (bits == 4 ? M >= GI8_AVX2_GEMM_ROWS4 : bits == 6 && M > GI8_ROWS)   /* where it measured faster */
+        return gemm_tiles(xq, xscale, xsum, M, k, w, bias, y, y_stride, num_threads);
 #endif
     const long n = w->rows, tiles = (n + GI8_TILE - 1) / GI8_TILE;
     #pragma omp parallel for schedule(static) num_threads(num_threads)
