@@ -23,7 +23,7 @@ static inline __m256 halves8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loa
 static inline __m128i bytes8(const void *p) { return _mm_loadl_epi64((const void *)p); }
 
 /* A chunk of quantised activation rows, span-major: span s (32 columns) of row m at q[(s * rows + m) * 32],
- * its scale at scale[s * rows + m], its two 16-column sums at sums[(s * rows + m) * 2]. */
+ * its scale at scale[s * rows + m], the sums of its weight groups (one or two) at sums[(s * rows + m) * groups]. */
 typedef struct {
     const signed char *q;
     const float *scale, *sums;
@@ -144,32 +144,36 @@ half_tile_rows(const gi8_tile *t, const gi8_spans *x, long rows, long k, float *
         for (int q = 0; q < groups; q++) group_scales(t, c0 / group + q, h, &s[q], &o[q]);
         const long span = c0 / GI8_XBLOCK;
         const signed char *xq = x->q + span * rows * GI8_XBLOCK;
-        const float *xscale = x->scale + span * rows, *xsum = x->sums + span * rows * 2;
+        const float *xscale = x->scale + span * rows, *xsum = x->sums + span * rows * groups;
+        #pragma GCC unroll 2
         for (long m = 0; m < rows; m++) {
             const signed char *xm = xq + m * GI8_XBLOCK;
             const __m256 xs = _mm256_set1_ps(xscale[m]);
             float *acc = out + m * GI8_TILE + h * 8;
             __m256 a = _mm256_loadu_ps(acc);
             for (int q = 0; q < groups; q++) {
-                /* two chains of sums, kept apart (the compiler would otherwise fold them into one long chain) */
-                __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
-                for (int j = q * per_group; j < (q + 1) * per_group; j += 2) {
-                    if (bits == 4) {   /* int16 sums: a lane adds at most 16 products of 15 x 127 */
+                const int j0 = q * per_group;
+                __m256i dot;
+                if (bits == 4) {   /* int16 sums: a lane adds at most 16 products of 15 x 127 */
+                    /* two chains, kept apart (the compiler would otherwise fold them into one long chain) */
+                    __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+                    for (int j = j0; j < j0 + per_group; j += 2) {
                         even = _mm256_add_epi16(even, _mm256_maddubs_epi16(w[j], bcast4_256(xm + 4 * j)));
                         odd = _mm256_add_epi16(odd, _mm256_maddubs_epi16(w[j + 1], bcast4_256(xm + 4 * j + 4)));
-                    } else {   /* codes below 64: two pair sums fit an int16, widened to int32 sums */
-                        const __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(w[j], bcast4_256(xm + 4 * j)),
-                                                              _mm256_maddubs_epi16(w[j + 1], bcast4_256(xm + 4 * j + 4)));
-                        if (j & 2) odd = _mm256_add_epi32(odd, _mm256_madd_epi16(pair, ones));
-                        else even = _mm256_add_epi32(even, _mm256_madd_epi16(pair, ones));
+                        __asm__("" : "+x"(even), "+x"(odd));
                     }
-                    __asm__("" : "+x"(even), "+x"(odd));
+                    dot = _mm256_madd_epi16(_mm256_add_epi16(even, odd), ones);
+                } else {   /* codes below 64: two pair sums fit an int16, widened to int32 and added as a tree */
+                    __m256i pairs[4];
+                    for (int j = j0; j < j0 + per_group; j += 2)
+                        pairs[(j - j0) / 2] = _mm256_madd_epi16(
+                            _mm256_add_epi16(_mm256_maddubs_epi16(w[j], bcast4_256(xm + 4 * j)),
+                                             _mm256_maddubs_epi16(w[j + 1], bcast4_256(xm + 4 * j + 4))), ones);
+                    dot = _mm256_add_epi32(pairs[0], pairs[1]);
+                    if (per_group == 8) dot = _mm256_add_epi32(dot, _mm256_add_epi32(pairs[2], pairs[3]));
                 }
-                const __m256i dot = bits == 4 ? _mm256_madd_epi16(_mm256_add_epi16(even, odd), ones)
-                                              : _mm256_add_epi32(even, odd);
-                const float sum = group == 16 ? xsum[2 * m + q] : xsum[2 * m] + xsum[2 * m + 1];
                 a = _mm256_fmadd_ps(_mm256_mul_ps(s[q], xs), _mm256_cvtepi32_ps(dot), a);
-                a = _mm256_fmadd_ps(o[q], _mm256_set1_ps(sum), a);
+                a = _mm256_fmadd_ps(o[q], _mm256_set1_ps(xsum[m * groups + q]), a);
             }
             _mm256_storeu_ps(acc, a);
         }
@@ -182,10 +186,10 @@ half_tile_rows(const gi8_tile *t, const gi8_spans *x, long rows, long k, float *
 static int gemm_tiles(const signed char *xq, const float *xscale, const float *xsum, long M, long k,
                       const gi8_weight *wt, const float *bias, float *y, long y_stride, int num_threads) {
     const long n = wt->rows, tiles = (n + GI8_TILE - 1) / GI8_TILE, spans = k / GI8_XBLOCK;
-    const int bits = wt->bits, group = wt->group;
+    const int bits = wt->bits, group = wt->group, groups = GI8_XBLOCK / group;
     signed char *q = malloc((size_t)(GI8_AVX2_CHUNK * k));
     float *scale = malloc(sizeof(float) * (size_t)(GI8_AVX2_CHUNK * spans));
-    float *sums = malloc(sizeof(float) * (size_t)(GI8_AVX2_CHUNK * spans * 2));
+    float *sums = malloc(sizeof(float) * (size_t)(GI8_AVX2_CHUNK * spans * groups));
     if (!q || !scale || !sums) {
         free(q);
         free(scale);
@@ -200,7 +204,9 @@ static int gemm_tiles(const signed char *xq, const float *xscale, const float *x
             for (long m = 0; m < rows; m++) {
                 memcpy(q + (sp * rows + m) * GI8_XBLOCK, xq + (m0 + m) * k + sp * GI8_XBLOCK, GI8_XBLOCK);
                 scale[sp * rows + m] = xscale[(m0 + m) * spans + sp];
-                memcpy(sums + (sp * rows + m) * 2, xsum + (m0 + m) * (k / GI8_XSUM) + 2 * sp, 2 * sizeof(float));
+                for (int g = 0; g < groups; g++)
+                    sums[(sp * rows + m) * groups + g] = group_xsum(xsum + (m0 + m) * (k / GI8_XSUM),
+                                                                    sp * groups + g, group);
             }
         const gi8_spans x = {q, scale, sums};
         #pragma omp for schedule(static)
