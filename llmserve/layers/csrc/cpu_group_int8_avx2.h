@@ -8,9 +8,10 @@
  * most 2 x 63 x 127, so two steps add in int16 before one vpmaddwd widens them. A ymm register holds half a
  * tile (8 output rows x 4 columns), so both paths work on half-tiles.
  * Few rows (decode): a register tile of a half-tile times up to GI8_AVX2_ROWS rows. Many rows (4-bit codes
- * from GI8_AVX2_GEMM_ROWS4 rows, 6-bit ones above GI8_ROWS): the codes of 32 columns of a half-tile stay in
- * registers while the rows stream past (half_tile_rows), which shares their unpacking with every row; 8-bit
- * codes keep the few-row path, whose two sums a row leave no registers for that. */
+ * from GI8_AVX2_GEMM_ROWS4 rows, the others above GI8_ROWS): the codes of 32 columns of a half-tile stay in
+ * registers while the rows stream past (half_tile_rows), which shares their unpacking with every row. There an
+ * 8-bit code goes in whole as |code - 128| with the sign of code - 128 moved onto the activation (vpsignb; a pair
+ * sum is then at most 2 x 128 x 127), and 128 times the activations' sum added back as an integer. */
 #ifndef LLMSERVE_CPU_GROUP_INT8_AVX2_H
 #define LLMSERVE_CPU_GROUP_INT8_AVX2_H
 
@@ -27,6 +28,7 @@ static inline __m128i bytes8(const void *p) { return _mm_loadl_epi64((const void
 typedef struct {
     const signed char *q;
     const float *scale, *sums;
+    const int *sums128;   /* 128 times each group's integer sum of q (8-bit codes only; NULL otherwise) */
 } gi8_spans;
 
 /* Group g's scales and offsets of rows 8 h .. 8 h + 7 of a tile, expanded to float32. */
@@ -140,11 +142,18 @@ half_tile_rows(const gi8_tile *t, const gi8_spans *x, long rows, long k, float *
                 w[j + 1] = _mm256_loadu_si256((const void *)(t->codes + (c0 + 4 * j + 4) * GI8_TILE + h * 32));
             }
         }
+        __m256i signs[8];   /* 8-bit codes: code - 128, whose sign goes onto the activations */
+        if (bits == 8)
+            for (int j = 0; j < 8; j++) {
+                signs[j] = _mm256_xor_si256(w[j], _mm256_set1_epi8((char)0x80));
+                w[j] = _mm256_abs_epi8(signs[j]);   /* |code - 128| <= 128, as u8 */
+            }
         __m256 s[2], o[2];
         for (int q = 0; q < groups; q++) group_scales(t, c0 / group + q, h, &s[q], &o[q]);
         const long span = c0 / GI8_XBLOCK;
         const signed char *xq = x->q + span * rows * GI8_XBLOCK;
         const float *xscale = x->scale + span * rows, *xsum = x->sums + span * rows * groups;
+        const int *x128 = x->sums128 + span * rows * groups;
         #pragma GCC unroll 2
         for (long m = 0; m < rows; m++) {
             const signed char *xm = xq + m * GI8_XBLOCK;
@@ -163,6 +172,15 @@ half_tile_rows(const gi8_tile *t, const gi8_spans *x, long rows, long k, float *
                         __asm__("" : "+x"(even), "+x"(odd));
                     }
                     dot = _mm256_madd_epi16(_mm256_add_epi16(even, odd), ones);
+                } else if (bits == 8) {   /* (code - 128) x as |code - 128| x sign: a pair sum <= 2 x 128 x 127 */
+                    __m256i pairs[8];
+                    for (int j = j0; j < j0 + per_group; j++)
+                        pairs[j - j0] = _mm256_madd_epi16(_mm256_maddubs_epi16(
+                            w[j], _mm256_sign_epi8(bcast4_256(xm + 4 * j), signs[j])), ones);
+                    for (int n = per_group; n > 1; n /= 2)
+                        for (int i = 0; i < n / 2; i++) pairs[i] = _mm256_add_epi32(pairs[2 * i], pairs[2 * i + 1]);
+                    /* + 128 sum(x): the codes' own dot product */
+                    dot = _mm256_add_epi32(pairs[0], _mm256_set1_epi32(x128[m * groups + q]));
                 } else {   /* codes below 64: two pair sums fit an int16, widened to int32 and added as a tree */
                     __m256i pairs[4];
                     for (int j = j0; j < j0 + per_group; j += 2)
@@ -190,10 +208,12 @@ static int gemm_tiles(const signed char *xq, const float *xscale, const float *x
     signed char *q = malloc((size_t)(GI8_AVX2_CHUNK * k));
     float *scale = malloc(sizeof(float) * (size_t)(GI8_AVX2_CHUNK * spans));
     float *sums = malloc(sizeof(float) * (size_t)(GI8_AVX2_CHUNK * spans * groups));
-    if (!q || !scale || !sums) {
+    int *sums128 = bits == 8 ? malloc(sizeof(int) * (size_t)(GI8_AVX2_CHUNK * spans * groups)) : NULL;
+    if (!q || !scale || !sums || (bits == 8 && !sums128)) {
         free(q);
         free(scale);
         free(sums);
+        free(sums128);
         return -2;
     }
     #pragma omp parallel num_threads(num_threads)
@@ -204,11 +224,17 @@ static int gemm_tiles(const signed char *xq, const float *xscale, const float *x
             for (long m = 0; m < rows; m++) {
                 memcpy(q + (sp * rows + m) * GI8_XBLOCK, xq + (m0 + m) * k + sp * GI8_XBLOCK, GI8_XBLOCK);
                 scale[sp * rows + m] = xscale[(m0 + m) * spans + sp];
-                for (int g = 0; g < groups; g++)
+                for (int g = 0; g < groups; g++) {
                     sums[(sp * rows + m) * groups + g] = group_xsum(xsum + (m0 + m) * (k / GI8_XSUM),
                                                                     sp * groups + g, group);
+                    if (bits == 8) {
+                        int total = 0;
+                        for (int c = 0; c < group; c++) total += xq[(m0 + m) * k + sp * GI8_XBLOCK + g * group + c];
+                        sums128[(sp * rows + m) * groups + g] = 128 * total;
+                    }
+                }
             }
-        const gi8_spans x = {q, scale, sums};
+        const gi8_spans x = {q, scale, sums, sums128};
         #pragma omp for schedule(static)
         for (long ti = 0; ti < tiles; ti++) {
             const gi8_tile tile = tile_at(wt, k, ti);
@@ -218,8 +244,10 @@ static int gemm_tiles(const signed char *xq, const float *xscale, const float *x
             for (int h = 0; h < 2; h++) {
                 if (bits == 4 && group == 32) half_tile_rows(&tile, &x, rows, k, out, h, 4, 32);
                 else if (bits == 4) half_tile_rows(&tile, &x, rows, k, out, h, 4, 16);
-                else if (group == 32) half_tile_rows(&tile, &x, rows, k, out, h, 6, 32);
-                else half_tile_rows(&tile, &x, rows, k, out, h, 6, 16);
+                else if (bits == 6 && group == 32) half_tile_rows(&tile, &x, rows, k, out, h, 6, 32);
+                else if (bits == 6) half_tile_rows(&tile, &x, rows, k, out, h, 6, 16);
+                else if (group == 32) half_tile_rows(&tile, &x, rows, k, out, h, 8, 32);
+                else half_tile_rows(&tile, &x, rows, k, out, h, 8, 16);
             }
             for (long m = 0; m < rows; m++)
                 for (long r = 0; r < cols; r++)
@@ -230,6 +258,7 @@ static int gemm_tiles(const signed char *xq, const float *xscale, const float *x
     free(q);
     free(scale);
     free(sums);
+    free(sums128);
     return 0;
 }
 

@@ -153,7 +153,7 @@ int llmserve_group_int8_linear(const signed char *xq, const float *xscale, const
         return 0;
     }
 #elif defined(GI8_AVX2)
-    if (bits == 4 ? M >= GI8_AVX2_GEMM_ROWS4 : bits == 6 && M > GI8_ROWS)   /* where it measured faster */
+    if (bits == 4 ? M >= GI8_AVX2_GEMM_ROWS4 : M > GI8_ROWS)   /* where it measured faster */
         return gemm_tiles(xq, xscale, xsum, M, k, w, bias, y, y_stride, num_threads);
 #endif
     const long n = w->rows, tiles = (n + GI8_TILE - 1) / GI8_TILE;
