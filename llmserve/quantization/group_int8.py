@@ -2,7 +2,7 @@
 
 A weight is one or more row segments (a fused layer's projections may come in different formats: a GGUF
 Q4_K_M file stores some ``v_proj`` as Q6_K beside a Q4_K ``q_proj``), each ``W = s * q + m`` per group of 16
-or 32 columns with 4- or 8-bit unsigned codes, ``s`` and ``m`` kept in the file's own compact form (fp16 per
+or 32 columns with 4-, 6- or 8-bit unsigned codes, ``s`` and ``m`` kept in the file's own compact form (fp16 per
 block, integer factors per group: :class:`~llmserve.quantization.gguf_blocks.GroupCodes`), so a decode step
 streams about the file's bytes.
 Each call quantises the activations once, per row and block of 32 columns to int8 (as llama.cpp's Q8_0),
@@ -34,7 +34,8 @@ class GroupInt8Segment(nn.Module):
         super().__init__()
         rows, k = weight.codes.shape
         if (weight.bits not in (4, 6, 8) or weight.group not in (16, 32) or k % ACTIVATION_BLOCK
-                or weight.per_block & (weight.per_block - 1) or k % (weight.group * weight.per_block)
+                or weight.per_block < 1 or weight.per_block & (weight.per_block - 1)
+                or k % (weight.group * weight.per_block)
                 or (weight.codes.size and int(weight.codes.max()) >> weight.bits)):
             raise ValueError(f"group_int8: {weight.bits}-bit codes in groups of {weight.group} over {k} columns "
                              f"in blocks of {weight.per_block} (codes below 2^bits for 4, 6 or 8 bits, groups of 16 "

@@ -144,9 +144,10 @@ def test_unsupported_layouts_are_refused():
     with pytest.raises(ValueError, match="codes below 2\\^bits"):   # a 6-bit segment holding a code of 64
         GroupInt8Segment(GroupCodes(np.full((2, 64), 64, np.uint8), np.ones((2, 2), np.float16), None, None, None,
                                     0, 6, 32))
-    with pytest.raises(ValueError, match="power of 2"):
-        GroupInt8Segment(GroupCodes(np.zeros((2, 96), np.uint8), np.ones((2, 1), np.float16), np.ones((2, 3), np.int8),
-                                    None, None, 0, 8, 32, 3))
+    for per_block in (3, 0):   # blocks of 3 groups, or of none
+        with pytest.raises(ValueError, match="power of 2"):
+            GroupInt8Segment(GroupCodes(np.zeros((2, 96), np.uint8), np.ones((2, 1), np.float16),
+                                        np.ones((2, 3), np.int8), None, None, 0, 8, 32, per_block))
     with pytest.raises(ValueError, match="multiple of 32"):
         _kernels().quantize(torch.randn(1, 48))
 
