@@ -118,13 +118,12 @@ tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const f
     }
 }
 
-/* The many-row path for 4- and 6-bit codes: rows 8 h .. 8 h + 7 of a tile times `rows` activation rows, one
- * span of 32 columns (an activation block) at a time. The span's codes, unpacked, stay in eight registers
- * (vector j: columns 4 j .. 4 j + 3) while every row streams past them, so the unpacking is shared by all the
- * rows and no row needs registers of its own beyond its running sums (the few-row path's register tile runs out
- * of registers at 8 rows). The activations come span-major (gemm_tiles' copy: span s's rows are contiguous,
- * where rows k bytes apart would fall into a few L1 sets). out[m * 16 + 8 h + r] += the span's terms, in
- * tile_dots' order. */
+/* The many-row path: rows 8 h .. 8 h + 7 of a tile times `rows` activation rows, one span of 32 columns (an
+ * activation block) at a time. The span's codes, unpacked, stay in eight registers (vector j: columns 4 j ..
+ * 4 j + 3) while every row streams past them, so the unpacking is shared by all the rows and no row needs
+ * registers of its own beyond its running sums (the few-row path's register tile runs out of registers at 8
+ * rows). The activations come span-major (gemm_tiles' copy: span s's rows are contiguous, where rows k bytes
+ * apart would fall into a few L1 sets). out[m * 16 + 8 h + r] += the span's terms, in tile_dots' order. */
 static inline __attribute__((always_inline)) void
 half_tile_rows(const gi8_tile *t, const gi8_spans *x, long rows, long k, float *out, const int h, const int bits,
                const int group) {
@@ -153,7 +152,7 @@ half_tile_rows(const gi8_tile *t, const gi8_spans *x, long rows, long k, float *
         const long span = c0 / GI8_XBLOCK;
         const signed char *xq = x->q + span * rows * GI8_XBLOCK;
         const float *xscale = x->scale + span * rows, *xsum = x->sums + span * rows * groups;
-        const int *x128 = x->sums128 + span * rows * groups;
+        const int *x128 = bits == 8 ? x->sums128 + span * rows * groups : NULL;
         #pragma GCC unroll 2
         for (long m = 0; m < rows; m++) {
             const signed char *xm = xq + m * GI8_XBLOCK;
@@ -198,7 +197,7 @@ half_tile_rows(const gi8_tile *t, const gi8_spans *x, long rows, long k, float *
     }
 }
 
-/* The many-row path of llmserve_group_int8_linear (4- and 6-bit codes): GI8_AVX2_CHUNK rows at a time, copied
+/* The many-row path of llmserve_group_int8_linear: GI8_AVX2_CHUNK rows at a time, copied
  * span-major (they stay in L2 while every tile passes), the threads sharing the copy and then the tiles.
  * Returns 0, or -2 without memory for the copy. */
 static int gemm_tiles(const signed char *xq, const float *xscale, const float *xsum, long M, long k,
