@@ -26,11 +26,16 @@
  * once per tile, so the slots keep the one layout every path reads.
  *
  * With several adapters in a decode step each adapter's slots serve a few rows, so the kernel streams A and B from
- * memory (8 adapters of rank 64 on the demo model: 167 MB a step) and does little work per byte. The hardware
- * prefetchers follow A (an A tile's rows are contiguous and the next tile follows them) only as far as a page, and
- * not B^T at all: a column tile reads 128 bytes of each of `rank` rows a page or more apart. So both phases
- * prefetch the next tile's lines while they compute on this one: the shrink the next A tile's rows at the same k,
- * the expand each B^T row PREFETCH_COLS columns ahead.
+ * memory (8 adapters of rank 64 on the demo model: 167 MB a step in bfloat16) and does little work per byte. The
+ * hardware prefetchers follow A (an A tile's rows are contiguous and the next tile follows them) only as far as a
+ * page, and not B^T at all: a column tile reads 128 bytes of each of `rank` rows a page or more apart. So both
+ * phases prefetch the next tile's lines while they compute on this one: the shrink the next A tile's rows at the
+ * same k, the expand each B^T row PREFETCH_COLS columns ahead, from the first row tile of a block only (the block's
+ * later row tiles reuse this column tile from L1, and the lines prefetched again by each of them evicted it).
+ *
+ * The float32-FMA phases use register-width vectors (`rvec`), never a 16-float `vec` in a register tile: without
+ * AVX-512 the compiler keeps a `vec` on the stack. The dtypes are picked inside the parallel region (an OpenMP
+ * region is outlined before anything is inlined into it, so a dtype tested outside it stays a variable inside).
  */
 #include "cpu_vec.h"
 
@@ -47,6 +52,16 @@
 #define COL_TILE (COL_VECS * LANES)
 #define MAX_SEGMENTS 256
 #define PREFETCH_COLS (2 * COL_TILE)   /* how far ahead of its column tile the expand prefetches B^T's rows */
+/* The float32-FMA phases work on register-width vectors (`rvec`: 8 floats on AVX2, where a 16-float `vec` would
+ * live on the stack) in passes whose accumulators fit the registers: with 32 registers (AVX-512, NEON) 4 rows x
+ * 4 A rows, 4 rows x 4 vectors of columns (AVX-512: the whole tile); with AVX2's 16, 4 x 2 and 4 x 2. */
+#if REG_ACCS >= 16
+#define SHRINK_PASS A_TILE
+#define EXPAND_PASS 4
+#else
+#define SHRINK_PASS 2
+#define EXPAND_PASS 2
+#endif
 /* Multiply-adds below which one thread runs the call: a parallel region ends in a barrier, and on a machine
  * whose cores are shared that barrier waits for a descheduled thread far longer than this much work takes
  * (a rank-8 decode step with 64 rows is about 7M per layer). */
@@ -58,68 +73,93 @@ static inline __attribute__((always_inline)) void prefetch_element(const void *p
     __builtin_prefetch((const char *)p + i * (bf16 ? 2 : 4), 0, 3);
 }
 
-/* shrunk[t][j] = x[t] . a[j] for up to ROW_TILE rows and A_TILE A rows, over k values. */
+/* shrunk[t][j] = x[t] . a[j] for up to ROW_TILE rows and A_TILE A rows, over k values: SHRINK_PASS A rows at a
+ * time, so that the pass's accumulators stay in registers (the x rows are read again from L1 per pass). */
 static inline __attribute__((always_inline)) void
 shrink_tile(const void *const *x, int nrows, const void *a, long a_stride, int na, long k, float *shrunk,
             long shrunk_stride, const int act_bf16, const int w_bf16) {
-    vec acc[ROW_TILE][A_TILE] = {{{0}}};
-    long c = 0;
-    if (nrows == ROW_TILE && na == A_TILE) {
-        for (; c + LANES <= k; c += LANES) {
-            vec av[A_TILE];
-            for (int g = 0; g < A_TILE; g++) av[g] = load_act(a, g * a_stride + c, w_bf16);
-            for (int g = 0; g < A_TILE; g++) prefetch_element(a, (A_TILE + g) * a_stride + c, w_bf16);
-            for (int t = 0; t < ROW_TILE; t++) {
-                const vec xv = load_act(x[t], c, act_bf16);
-                for (int g = 0; g < A_TILE; g++) acc[t][g] += xv * av[g];
+    const long vk = k / RLANES * RLANES;
+    for (int g0 = 0; g0 < na; g0 += SHRINK_PASS) {
+        const int ng = na - g0 < SHRINK_PASS ? na - g0 : SHRINK_PASS;
+        const void *ag = (const char *)a + g0 * a_stride * (w_bf16 ? 2 : 4);
+        rvec acc[ROW_TILE][SHRINK_PASS] = {{{0}}};
+        if (nrows == ROW_TILE && ng == SHRINK_PASS) {
+            for (long c = 0; c < vk; c += RLANES) {
+                rvec av[SHRINK_PASS];
+                for (int g = 0; g < SHRINK_PASS; g++) av[g] = rload_act(ag, g * a_stride + c, w_bf16);
+                if (c % LANES == 0)   /* a line per row every LANES values */
+                    for (int g = 0; g < SHRINK_PASS; g++) prefetch_element(ag, (A_TILE + g) * a_stride + c, w_bf16);
+                for (int t = 0; t < ROW_TILE; t++) {
+                    const rvec xv = rload_act(x[t], c, act_bf16);
+                    for (int g = 0; g < SHRINK_PASS; g++) acc[t][g] += xv * av[g];
+                }
             }
+        } else {
+            for (long c = 0; c < vk; c += RLANES)
+                for (int t = 0; t < nrows; t++) {
+                    const rvec xv = rload_act(x[t], c, act_bf16);
+                    for (int g = 0; g < ng; g++) acc[t][g] += xv * rload_act(ag, g * a_stride + c, w_bf16);
+                }
         }
-    } else {
-        for (; c + LANES <= k; c += LANES)
-            for (int t = 0; t < nrows; t++) {
-                const vec xv = load_act(x[t], c, act_bf16);
-                for (int g = 0; g < na; g++) acc[t][g] += xv * load_act(a, g * a_stride + c, w_bf16);
+        for (int t = 0; t < nrows; t++)
+            for (int g = 0; g < ng; g++) {
+                float sum = rhsum(acc[t][g]);
+                for (long cc = vk; cc < k; cc++)
+                    sum += load_act1(x[t], cc, act_bf16) * load_act1(ag, g * a_stride + cc, w_bf16);
+                shrunk[t * shrunk_stride + g0 + g] = sum;
             }
     }
-    for (int t = 0; t < nrows; t++)
-        for (int g = 0; g < na; g++) {
-            float sum = hsum(acc[t][g]);
-            for (long cc = c; cc < k; cc++)
-                sum += load_act1(x[t], cc, act_bf16) * load_act1(a, g * a_stride + cc, w_bf16);
-            shrunk[t * shrunk_stride + g] = sum;
-        }
+}
+
+/* x in every lane (rsplat adds x to a zero vector, an addition the compiler must keep: -0 + 0 is +0). */
+static inline __attribute__((always_inline)) rvec broadcast(float x) {
+#if RLANES == 16
+    return (rvec){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#elif RLANES == 8
+    return (rvec){x, x, x, x, x, x, x, x};
+#else
+    return (rvec){x, x, x, x};
+#endif
 }
 
 /* out[t][lo:hi] += sum_j shrunk[t][j] * bt[j][lo:hi] for up to ROW_TILE rows, j < rank, hi - lo <= COL_TILE;
- * the shrunk rows float32, or bfloat16 (`s_bf16`). */
+ * the shrunk rows float32, or bfloat16 (`s_bf16`). A full tile goes EXPAND_PASS register vectors of columns
+ * at a time (its accumulators in registers), the rows' shrunk values first gathered rank-major into one array
+ * (one pointer in the loop instead of one per row), the rest one vector (then one column) per row. */
 static inline __attribute__((always_inline)) void
 expand_tile(void *const *out, int nrows, const void *const *shrunk, const void *bt, long bt_stride, int rank,
-            long lo, long hi, const int act_bf16, const int w_bf16, const int s_bf16) {
+            long lo, long hi, int prefetch, const int act_bf16, const int w_bf16, const int s_bf16) {
     if (hi - lo == COL_TILE) {
-        vec acc[ROW_TILE][COL_VECS];
-        for (int t = 0; t < nrows; t++)
-            for (int u = 0; u < COL_VECS; u++) acc[t][u] = load_act(out[t], lo + u * LANES, act_bf16);
-        for (int j = 0; j < rank; j++) {
-            vec bv[COL_VECS];
-            for (int u = 0; u < COL_VECS; u++) bv[u] = load_act(bt, j * bt_stride + lo + u * LANES, w_bf16);
-            for (int u = 0; u < COL_VECS; u++)
-                prefetch_element(bt, j * bt_stride + lo + PREFETCH_COLS + u * LANES, w_bf16);
-            for (int t = 0; t < nrows; t++) {
-                const vec s = splat(load_act1(shrunk[t], j, s_bf16));
-                for (int u = 0; u < COL_VECS; u++) acc[t][u] += s * bv[u];
+        float sv[rank * ROW_TILE];
+        for (int j = 0; j < rank; j++)
+            for (int t = 0; t < nrows; t++) sv[j * ROW_TILE + t] = load_act1(shrunk[t], j, s_bf16);
+        for (long p = lo; p < hi; p += EXPAND_PASS * RLANES) {
+            rvec acc[ROW_TILE][EXPAND_PASS];
+            for (int t = 0; t < nrows; t++)
+                for (int u = 0; u < EXPAND_PASS; u++) acc[t][u] = rload_act(out[t], p + u * RLANES, act_bf16);
+            for (int j = 0; j < rank; j++) {
+                rvec bv[EXPAND_PASS];
+                for (int u = 0; u < EXPAND_PASS; u++) bv[u] = rload_act(bt, j * bt_stride + p + u * RLANES, w_bf16);
+                if (prefetch && (p - lo) % LANES == 0)   /* a line per row every LANES columns */
+                    for (int u = 0; u < EXPAND_PASS * RLANES / LANES; u++)
+                        prefetch_element(bt, j * bt_stride + p + PREFETCH_COLS + u * LANES, w_bf16);
+                for (int t = 0; t < nrows; t++) {
+                    const rvec s = broadcast(sv[j * ROW_TILE + t]);
+                    for (int u = 0; u < EXPAND_PASS; u++) acc[t][u] += s * bv[u];
+                }
             }
+            for (int t = 0; t < nrows; t++)
+                for (int u = 0; u < EXPAND_PASS; u++) rstore_act(out[t], p + u * RLANES, acc[t][u], act_bf16);
         }
-        for (int t = 0; t < nrows; t++)
-            for (int u = 0; u < COL_VECS; u++) store_act(out[t], lo + u * LANES, acc[t][u], act_bf16);
         return;
     }
     for (int t = 0; t < nrows; t++) {
         long col = lo;
-        for (; col + LANES <= hi; col += LANES) {
-            vec acc = load_act(out[t], col, act_bf16);
+        for (; col + RLANES <= hi; col += RLANES) {
+            rvec acc = rload_act(out[t], col, act_bf16);
             for (int j = 0; j < rank; j++)
-                acc += splat(load_act1(shrunk[t], j, s_bf16)) * load_act(bt, j * bt_stride + col, w_bf16);
-            store_act(out[t], col, acc, act_bf16);
+                acc += rsplat(load_act1(shrunk[t], j, s_bf16)) * rload_act(bt, j * bt_stride + col, w_bf16);
+            rstore_act(out[t], col, acc, act_bf16);
         }
         for (; col < hi; col++) {
             float acc = load_act1(out[t], col, act_bf16);
@@ -178,7 +218,7 @@ shrink_tile_dp(const uint16_t *const *x, const int nrows, const uint16_t *a, lon
  * shrunk pair (s[j], s[j+1]) is broadcast to every lane. An odd rank's last j is paired with zeros. */
 static inline __attribute__((always_inline)) void
 expand_tile_dp(void *const *out, const int nrows, const uint16_t *const *shrunk, const uint16_t *bt, long bt_stride,
-               int rank, long lo) {
+               int rank, long lo, int prefetch) {
     __m512 acc[ROW_TILE][COL_VECS];
     for (int t = 0; t < nrows; t++)
         for (int u = 0; u < COL_VECS; u++) acc[t][u] = _mm512_setzero_ps();
@@ -187,8 +227,10 @@ expand_tile_dp(void *const *out, const int nrows, const uint16_t *const *shrunk,
         __m512i bv[COL_VECS];
         for (int h = 0; h < COL_VECS / 2; h++) {
             const uint16_t *row = bt + j * bt_stride + lo + h * 2 * LANES;
-            __builtin_prefetch(row + PREFETCH_COLS, 0, 3);
-            if (pair) __builtin_prefetch(row + bt_stride + PREFETCH_COLS, 0, 3);
+            if (prefetch) {
+                __builtin_prefetch(row + PREFETCH_COLS, 0, 3);
+                if (pair) __builtin_prefetch(row + bt_stride + PREFETCH_COLS, 0, 3);
+            }
             const __m512i first = _mm512_loadu_si512(row);
             const __m512i second = pair ? _mm512_loadu_si512(row + bt_stride) : _mm512_setzero_si512();
             bv[2 * h] = _mm512_unpacklo_epi16(first, second);
@@ -231,119 +273,134 @@ static int segment_of(const long *first, int num_segments, long item) {
     return s;
 }
 
-static inline __attribute__((always_inline)) void
-lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a, long a_slot_stride, const void *bt,
-         long bt_slot_stride, long bt_stride, const long *slot_ranks, const long *bounds, int projections,
-         const long *rows, const long *segments, int num_segments, long in_features, void *shrunk,
-         long shrunk_stride, int num_threads, const int act_bf16, const int w_bf16) {
-    const int dp = DPBF16 && act_bf16 && w_bf16;   /* both phases on vdpbf16ps, shrunk rows in bfloat16 */
-    const long act_size = act_bf16 ? 2 : 4, w_size = w_bf16 ? 2 : 4, s_size = dp ? 2 : 4;
-    /* Work items: shrink (segment, block of ROW_BLOCK row tiles, A tile, row tile), so a thread keeps its A
-     * tile in L1 while a block's rows come from L2 (a long segment's rows, streamed whole past every A tile,
-     * would come from memory); expand (segment, block, column tile, row tile), a column tile of B^T in L1 and
-     * the block's output rows walked along their columns. */
+/* One call's arguments and its work-item tables (see llmserve_lora_add). */
+typedef struct {
+    const void *x, *a, *bt;
+    void *out, *shrunk;
+    long x_stride, out_stride, a_slot_stride, bt_slot_stride, bt_stride, in_features, shrunk_stride, col_tiles;
+    const long *slot_ranks, *bounds, *rows, *segments;
+    int projections, num_segments;
     long shrink_first[MAX_SEGMENTS + 1], expand_first[MAX_SEGMENTS + 1];
-    long col_tiles = 0;
-    for (int i = 0; i < projections; i++) col_tiles += (bounds[i + 1] - bounds[i] + COL_TILE - 1) / COL_TILE;
-    shrink_first[0] = expand_first[0] = 0;
-    long macs = 0;
-    for (int s = 0; s < num_segments; s++) {
-        const long rank = slot_ranks[segments[3 * s]];
-        macs += (segments[3 * s + 2] - segments[3 * s + 1]) * rank * (projections * in_features + bounds[projections]);
-        const long row_tiles = rank ? (segments[3 * s + 2] - segments[3 * s + 1] + ROW_TILE - 1) / ROW_TILE : 0;
-        shrink_first[s + 1] = shrink_first[s] + row_tiles * ((projections * rank + A_TILE - 1) / A_TILE);
-        expand_first[s + 1] = expand_first[s] + row_tiles * col_tiles;
-    }
-    const long shrink_items = shrink_first[num_segments], expand_items = expand_first[num_segments];
-    if (shrink_items == 0) return;
-    #pragma omp parallel num_threads(num_threads) if (macs >= PARALLEL_MIN_MACS)
-    {
-        #pragma omp for schedule(static)
-        for (long item = 0; item < shrink_items; item++) {
-            const int s = segment_of(shrink_first, num_segments, item);
-            const long slot = segments[3 * s], start = segments[3 * s + 1], end = segments[3 * s + 2];
-            const long rank = slot_ranks[slot], width = projections * rank;
-            const long row_tiles = (end - start + ROW_TILE - 1) / ROW_TILE, local = item - shrink_first[s];
-            long row_tile;
-            const long a_row = blocked_item(local, row_tiles, (width + A_TILE - 1) / A_TILE, &row_tile) * A_TILE;
-            const long pos = start + row_tile * ROW_TILE;
-            const int nrows = (int)(end - pos < ROW_TILE ? end - pos : ROW_TILE);
-            const int na = (int)(width - a_row < A_TILE ? width - a_row : A_TILE);
-            const void *xr[ROW_TILE];
-            for (int t = 0; t < nrows; t++)
-                xr[t] = (const char *)x + (rows ? rows[pos + t] : pos + t) * x_stride * act_size;
-            const void *ar = (const char *)a + (slot * a_slot_stride + a_row * in_features) * w_size;
-            void *sr = (char *)shrunk + (pos * shrunk_stride + a_row) * s_size;
+} lora_job;
+
+/* Shrink work item `item`: rows of a segment against a tile of its A, into `shrunk`. */
+static inline __attribute__((always_inline)) void
+shrink_item(const lora_job *j, long item, const int act_bf16, const int w_bf16) {
+    const int dp = DPBF16 && act_bf16 && w_bf16;
+    const long act_size = act_bf16 ? 2 : 4, w_size = w_bf16 ? 2 : 4, s_size = dp ? 2 : 4;
+    const int s = segment_of(j->shrink_first, j->num_segments, item);
+    const long slot = j->segments[3 * s], start = j->segments[3 * s + 1], end = j->segments[3 * s + 2];
+    const long rank = j->slot_ranks[slot], width = j->projections * rank, k = j->in_features;
+    const long row_tiles = (end - start + ROW_TILE - 1) / ROW_TILE, local = item - j->shrink_first[s];
+    long row_tile;
+    const long a_row = blocked_item(local, row_tiles, (width + A_TILE - 1) / A_TILE, &row_tile) * A_TILE;
+    const long pos = start + row_tile * ROW_TILE;
+    const int nrows = (int)(end - pos < ROW_TILE ? end - pos : ROW_TILE);
+    const int na = (int)(width - a_row < A_TILE ? width - a_row : A_TILE);
+    const void *xr[ROW_TILE];
+    for (int t = 0; t < nrows; t++)
+        xr[t] = (const char *)j->x + (j->rows ? j->rows[pos + t] : pos + t) * j->x_stride * act_size;
+    const void *ar = (const char *)j->a + (slot * j->a_slot_stride + a_row * k) * w_size;
+    void *sr = (char *)j->shrunk + (pos * j->shrunk_stride + a_row) * s_size;
 #if DPBF16
-            if (dp) {
-                const uint16_t *const *xh = (const uint16_t *const *)xr;
-                if (nrows == ROW_TILE && na == A_TILE)
-                    shrink_tile_dp(xh, ROW_TILE, ar, in_features, A_TILE, in_features, sr, shrunk_stride);
-                else
-                    shrink_tile_dp(xh, nrows, ar, in_features, na, in_features, sr, shrunk_stride);
-                continue;
-            }
-#endif
-            shrink_tile(xr, nrows, ar, in_features, na, in_features, sr, shrunk_stride, act_bf16, w_bf16);
-        }
-        #pragma omp for schedule(static)
-        for (long item = 0; item < expand_items; item++) {
-            const int s = segment_of(expand_first, num_segments, item);
-            const long slot = segments[3 * s], start = segments[3 * s + 1], end = segments[3 * s + 2];
-            const long rank = slot_ranks[slot];
-            const long row_tiles = (end - start + ROW_TILE - 1) / ROW_TILE, local = item - expand_first[s];
-            long row_tile, tile = blocked_item(local, row_tiles, col_tiles, &row_tile), lo = 0, hi = 0;
-            int proj = 0;
-            for (; proj < projections; proj++) {   /* the column tile's projection and columns */
-                const long tiles = (bounds[proj + 1] - bounds[proj] + COL_TILE - 1) / COL_TILE;
-                if (tile < tiles) {
-                    lo = bounds[proj] + tile * COL_TILE;
-                    hi = lo + COL_TILE < bounds[proj + 1] ? lo + COL_TILE : bounds[proj + 1];
-                    break;
-                }
-                tile -= tiles;
-            }
-            const long pos = start + row_tile * ROW_TILE;
-            const int nrows = (int)(end - pos < ROW_TILE ? end - pos : ROW_TILE);
-            void *outr[ROW_TILE];
-            const void *sr[ROW_TILE];
-            for (int t = 0; t < nrows; t++) {
-                outr[t] = (char *)out + (rows ? rows[pos + t] : pos + t) * out_stride * act_size;
-                sr[t] = (const char *)shrunk + ((pos + t) * shrunk_stride + proj * rank) * s_size;
-            }
-            const void *bts = (const char *)bt + slot * bt_slot_stride * w_size;
-#if DPBF16
-            if (dp && hi - lo == COL_TILE) {
-                const uint16_t *const *sh = (const uint16_t *const *)sr;
-                if (nrows == ROW_TILE) expand_tile_dp(outr, ROW_TILE, sh, bts, bt_stride, (int)rank, lo);
-                else expand_tile_dp(outr, nrows, sh, bts, bt_stride, (int)rank, lo);
-                continue;
-            }
-#endif
-            expand_tile(outr, nrows, sr, bts, bt_stride, (int)rank, lo, hi, act_bf16, w_bf16, dp);
-        }
+    if (dp) {
+        const uint16_t *const *xh = (const uint16_t *const *)xr;
+        if (nrows == ROW_TILE && na == A_TILE) shrink_tile_dp(xh, ROW_TILE, ar, k, A_TILE, k, sr, j->shrunk_stride);
+        else shrink_tile_dp(xh, nrows, ar, k, na, k, sr, j->shrunk_stride);
+        return;
     }
+#endif
+    shrink_tile(xr, nrows, ar, k, na, k, sr, j->shrunk_stride, act_bf16, w_bf16);
+}
+
+/* Expand work item `item`: a column tile of a segment's B^T into its rows' outputs. */
+static inline __attribute__((always_inline)) void
+expand_item(const lora_job *j, long item, const int act_bf16, const int w_bf16) {
+    const int dp = DPBF16 && act_bf16 && w_bf16;
+    const long act_size = act_bf16 ? 2 : 4, w_size = w_bf16 ? 2 : 4, s_size = dp ? 2 : 4;
+    const int s = segment_of(j->expand_first, j->num_segments, item);
+    const long slot = j->segments[3 * s], start = j->segments[3 * s + 1], end = j->segments[3 * s + 2];
+    const long rank = j->slot_ranks[slot];
+    const long row_tiles = (end - start + ROW_TILE - 1) / ROW_TILE, local = item - j->expand_first[s];
+    long row_tile, tile = blocked_item(local, row_tiles, j->col_tiles, &row_tile), lo = 0, hi = 0;
+    int proj = 0;
+    for (; proj < j->projections; proj++) {   /* the column tile's projection and columns */
+        const long tiles = (j->bounds[proj + 1] - j->bounds[proj] + COL_TILE - 1) / COL_TILE;
+        if (tile < tiles) {
+            lo = j->bounds[proj] + tile * COL_TILE;
+            hi = lo + COL_TILE < j->bounds[proj + 1] ? lo + COL_TILE : j->bounds[proj + 1];
+            break;
+        }
+        tile -= tiles;
+    }
+    const long pos = start + row_tile * ROW_TILE;
+    const int nrows = (int)(end - pos < ROW_TILE ? end - pos : ROW_TILE);
+    void *outr[ROW_TILE];
+    const void *sr[ROW_TILE];
+    for (int t = 0; t < nrows; t++) {
+        outr[t] = (char *)j->out + (j->rows ? j->rows[pos + t] : pos + t) * j->out_stride * act_size;
+        sr[t] = (const char *)j->shrunk + ((pos + t) * j->shrunk_stride + proj * rank) * s_size;
+    }
+    const void *bts = (const char *)j->bt + slot * j->bt_slot_stride * w_size;
+    const int prefetch = row_tile % ROW_BLOCK == 0;   /* the block's later row tiles find this tile's B^T in L1 */
+#if DPBF16
+    if (dp && hi - lo == COL_TILE) {
+        const uint16_t *const *sh = (const uint16_t *const *)sr;
+        if (nrows == ROW_TILE) expand_tile_dp(outr, ROW_TILE, sh, bts, j->bt_stride, (int)rank, lo, prefetch);
+        else expand_tile_dp(outr, nrows, sh, bts, j->bt_stride, (int)rank, lo, prefetch);
+        return;
+    }
+#endif
+    const long bs = j->bt_stride;
+    if (nrows == ROW_TILE) expand_tile(outr, ROW_TILE, sr, bts, bs, (int)rank, lo, hi, prefetch, act_bf16, w_bf16, dp);
+    else expand_tile(outr, nrows, sr, bts, bs, (int)rank, lo, hi, prefetch, act_bf16, w_bf16, dp);
+}
+
+/* Both phases' work items, shared among the threads of the enclosing parallel region (the shrink's barrier
+ * before the expand reads its sums). */
+static inline __attribute__((always_inline)) void lora_items(const lora_job *j, const int act_bf16, const int w_bf16) {
+    const long shrink_items = j->shrink_first[j->num_segments], expand_items = j->expand_first[j->num_segments];
+    #pragma omp for schedule(static)
+    for (long item = 0; item < shrink_items; item++) shrink_item(j, item, act_bf16, w_bf16);
+    #pragma omp for schedule(static)
+    for (long item = 0; item < expand_items; item++) expand_item(j, item, act_bf16, w_bf16);
 }
 
 /* Returns 0, or -1 when there are more than MAX_SEGMENTS segments. Strides are in elements. `segments` is
  * [num_segments, 3] (slot, start, end) in positions of `rows`; `slot_ranks[slot]`: the slot's rank in this
  * layer (0: skipped); `bounds` [projections + 1]: each projection's output columns; `shrunk` [positions, S*R]
  * float32 scratch (used as bfloat16 with the same row stride on the vdpbf16ps path). `act_bf16`, `w_bf16`: bfloat16
- * activations, slots (else float32). */
+ * activations, slots (else float32).
+ *
+ * Work items: shrink (segment, block of ROW_BLOCK row tiles, A tile, row tile), so a thread keeps its A tile in
+ * L1 while a block's rows come from L2 (a long segment's rows, streamed whole past every A tile, would come from
+ * memory); expand (segment, block, column tile, row tile), a column tile of B^T in L1 and the block's output rows
+ * walked along their columns. */
 int llmserve_lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a, long a_slot_stride,
                       const void *bt, long bt_slot_stride, long bt_stride, const long *slot_ranks,
                       const long *bounds, int projections, const long *rows, const long *segments,
                       int num_segments, long in_features, void *shrunk, long shrunk_stride, int num_threads,
                       int act_bf16, int w_bf16) {
     if (num_segments > MAX_SEGMENTS) return -1;
-#define LORA_ADD(ACT, W) lora_add(x, x_stride, out, out_stride, a, a_slot_stride, bt, bt_slot_stride, bt_stride,  \
-                                  slot_ranks, bounds, projections, rows, segments, num_segments, in_features,    \
-                                  shrunk, shrunk_stride, num_threads, ACT, W)
-    if (act_bf16) {
-        if (w_bf16) LORA_ADD(1, 1); else LORA_ADD(1, 0);
-    } else {
-        if (w_bf16) LORA_ADD(0, 1); else LORA_ADD(0, 0);
+    lora_job j = {x, a, bt, out, shrunk, x_stride, out_stride, a_slot_stride, bt_slot_stride, bt_stride,
+                  in_features, shrunk_stride, 0, slot_ranks, bounds, rows, segments, projections, num_segments,
+                  {0}, {0}};
+    for (int i = 0; i < projections; i++) j.col_tiles += (bounds[i + 1] - bounds[i] + COL_TILE - 1) / COL_TILE;
+    long macs = 0;
+    for (int s = 0; s < num_segments; s++) {
+        const long rank = slot_ranks[segments[3 * s]];
+        macs += (segments[3 * s + 2] - segments[3 * s + 1]) * rank * (projections * in_features + bounds[projections]);
+        const long row_tiles = rank ? (segments[3 * s + 2] - segments[3 * s + 1] + ROW_TILE - 1) / ROW_TILE : 0;
+        j.shrink_first[s + 1] = j.shrink_first[s] + row_tiles * ((projections * rank + A_TILE - 1) / A_TILE);
+        j.expand_first[s + 1] = j.expand_first[s] + row_tiles * j.col_tiles;
     }
-#undef LORA_ADD
+    if (j.shrink_first[num_segments] == 0) return 0;
+    #pragma omp parallel num_threads(num_threads) if (macs >= PARALLEL_MIN_MACS)
+    {
+        if (act_bf16 && w_bf16) lora_items(&j, 1, 1);
+        else if (act_bf16) lora_items(&j, 1, 0);
+        else if (w_bf16) lora_items(&j, 0, 1);
+        else lora_items(&j, 0, 0);
+    }
     return 0;
 }
