@@ -232,6 +232,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     max_logprobs: int = 20
+    # streamed requests get an output every this many tokens (and their first and last at once), as vLLM's flag
+    stream_interval: int = 1
     num_threads: int | None = None
     # GPU only: run every step eagerly instead of replaying CUDA graphs for decode steps.
     enforce_eager: bool = False
@@ -288,6 +290,8 @@ class EngineConfig:
             self.kv_cache_memory_bytes = parse_size(self.kv_cache_memory_bytes)
         if self.max_seq_len_to_capture < 1:
             raise ValueError(f"--max-seq-len-to-capture must be >= 1, got {self.max_seq_len_to_capture}")
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
         if self.max_logprobs < 0:
             raise ValueError(f"--max-logprobs must be >= 0, got {self.max_logprobs}")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:

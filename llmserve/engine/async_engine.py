@@ -62,7 +62,7 @@ class AsyncLLMEngine:
         except BaseException:
             self.client.shutdown(timeout=0.0)
             raise
-        self.outputs = OutputProcessor(self.info.load_tokenizer())
+        self.outputs = OutputProcessor(self.info.load_tokenizer(), config.stream_interval)
         self.on_step = on_step
         self.on_dead = on_dead
         self._streams: dict[str, asyncio.Queue] = {}

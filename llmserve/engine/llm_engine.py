@@ -41,7 +41,8 @@ class LLMEngine:
         self.info.log_dtype_choice()
         self.inputs = InputProcessor(self.info, self.core.block_manager.num_blocks, config.block_size,
                                      self.core.block_manager.group_windows)
-        self.outputs = OutputProcessor(self.info.load_tokenizer())   # the stepping thread's own instance
+        # the stepping thread's own instance
+        self.outputs = OutputProcessor(self.info.load_tokenizer(), config.stream_interval)
 
     # ------------------------------------------------------------------ what the model is
     @property

@@ -73,7 +73,7 @@ class RequestState:
     cumulative_logprobs: list[float] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     finished_time: float | None = None
-    reported: list[int] = field(default_factory=list)   # DELTA: output tokens already reported, per sample
+    reported: list[int] = field(default_factory=list)   # output tokens already reported, per sample
     prompt_logprobs_sent: bool = False
     error: str | None = None   # set when the model failed on this request (finish_reason "error")
     embedding: bytes = b""     # a pooling request's vector (float32 little-endian), once computed
@@ -100,8 +100,11 @@ class RequestState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, stream_interval: int = 1) -> None:
         self.tokenizer = tokenizer   # this thread's own instance
+        # A request that is not FINAL_ONLY is reported once it has this many new tokens (or its first, or when
+        # it finishes), as vLLM's --stream-interval: fewer outputs, so less per-token work for a server.
+        self.stream_interval = stream_interval
         self.requests: dict[str, RequestState] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -153,9 +156,17 @@ class OutputProcessor:
             if finished:
                 state.finished_time = now
                 del self.requests[state.request_id]
-            if finished or state.output_kind is not OutputKind.FINAL_ONLY:
+            if finished or (state.output_kind is not OutputKind.FINAL_ONLY and self._due(state)):
                 outputs.append(self._make_output(state, finished))
         return outputs, stopped
+
+    def _due(self, state: RequestState) -> bool:
+        """Whether an unfinished request is reported now: nothing reported yet (its first token goes out at
+        once), or a sample with ``stream_interval`` tokens not yet reported."""
+        interval = self.stream_interval
+        return interval == 1 or any(
+            reported == 0 or len(sample.output_token_ids) - reported >= interval
+            for sample, reported in zip(state.samples, state.reported))
 
     def _apply(self, core: EngineCoreOutputs, touched: dict[str, RequestState], stopped: list[tuple[str, int]]
                ) -> None:
@@ -251,9 +262,9 @@ class OutputProcessor:
             logprobs = state.logprobs[sample.index][start:] if state.logprobs is not None else None
             if delta:
                 text = detok.get_next_output_text(finished=sample.is_finished, delta=True)
-                state.reported[sample.index] = len(sample.output_token_ids)
             else:
                 text = detok.output_text
+            state.reported[sample.index] = len(sample.output_token_ids)
             completions.append(CompletionOutput(
                 index=sample.index,
                 text=text,

@@ -47,6 +47,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of cached prompt prefixes (default on)")
     g.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / prompt_logprobs accepted")
+    g.add_argument("--stream-interval", type=int, default=1,
+                   help="a streamed request gets an output (an SSE event) every this many tokens, its first and "
+                        "last at once: less front-end work per token at high concurrency, coarser streaming")
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="GPU only: never replay CUDA graphs (every step runs eagerly)")
@@ -98,7 +101,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
-        max_logprobs=args.max_logprobs,
+        max_logprobs=args.max_logprobs, stream_interval=args.stream_interval,
         pooler_config=args.pooler_config,
         num_threads=args.num_threads, enforce_eager=args.enforce_eager,
         max_seq_len_to_capture=args.max_seq_len_to_capture,

@@ -126,14 +126,17 @@ class EngineMetrics:
             new_tokens = sum(len(c.token_ids) for c in output.outputs)
             if new_tokens:
                 last = self._last_token_time.get(output.request_id)
-                gaps = new_tokens
-                if last is None:
+                first = last is None
+                if first:
                     # A sample's first token follows no other; tokens that came with it (a front end that
                     # caught up on two steps at once) follow it by the time since the core sampled it.
-                    gaps -= sum(1 for c in output.outputs if c.token_ids)
                     last = output.metrics.first_token_time or now
-                for _ in range(gaps):
-                    self.itl.observe(now - last)
+                for completion in output.outputs:
+                    # A sample's tokens reported together (--stream-interval, or a front end that caught up)
+                    # were generated one after another since its last report: each gap is a share of that.
+                    gaps = len(completion.token_ids) - (1 if first and completion.token_ids else 0)
+                    for _ in range(gaps):
+                        self.itl.observe((now - last) / gaps)
                 self._last_token_time[output.request_id] = now
             if output.finished:
                 self._last_token_time.pop(output.request_id, None)

@@ -4,7 +4,9 @@ Specified: ``process`` takes one message or several (a front end that fell behin
 waiting and hands them over at once). Several messages make one output per request that progressed,
 holding all of their tokens and text, exactly what processing them one by one would have streamed in
 total; a request that one message finishes gets nothing from the later ones, and the samples that a
-stop string finished are reported once.
+stop string finished are reported once. With a stream interval of N, an unfinished request is reported when
+its first token arrives and then whenever N tokens have not been reported, its outputs together holding
+every token and all the text; a stop string still ends it on the token that completes it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ def tokenizer(llama_dir):
     return AutoTokenizer.from_pretrained(llama_dir)
 
 
-def processor_with(tokenizer, *params: SamplingParams) -> OutputProcessor:
-    processor = OutputProcessor(tokenizer)
+def processor_with(tokenizer, *params: SamplingParams, stream_interval: int = 1) -> OutputProcessor:
+    processor = OutputProcessor(tokenizer, stream_interval)
     prompt = tokenizer.encode("Once upon a time", add_special_tokens=False)
     for i, p in enumerate(params):
         request = EngineCoreRequest(f"r{i}", prompt, p, p.max_tokens, None, 0.0)
@@ -86,3 +88,48 @@ def test_a_request_finished_by_one_message_takes_nothing_from_the_next(tokenizer
     assert "fox" not in output.outputs[0].text and "jumps" not in output.outputs[0].text
     assert output.outputs[0].token_ids == ids[:len(output.outputs[0].token_ids)]
     assert len(output.outputs[0].token_ids) < len(ids)
+
+
+def reports(tokenizer, ids: list[int], kind: OutputKind, stream_interval: int, stop: list[str] | None = None
+            ) -> tuple[list[int], list[int], str]:
+    """Feeds ``ids`` one step each (the last finishing on length) to one request; the 1-based tokens after which
+    it was reported, and the tokens and text its outputs held."""
+    processor = OutputProcessor(tokenizer, stream_interval)
+    params = SamplingParams(max_tokens=len(ids), ignore_eos=True, stop=stop)
+    request = EngineCoreRequest("r0", token_ids(tokenizer, "Once upon a time"), params, len(ids), None, 0.0)
+    processor.add(processor.make_state(None, request, kind))
+    reported, tokens, text = [], [], ""
+    for i, token in enumerate(ids):
+        outputs, _ = processor.process(step(("r0", token, "length" if i == len(ids) - 1 else None)))
+        if outputs:
+            reported.append(i + 1)
+            c = outputs[0].outputs[0]
+            tokens, text = (tokens + c.token_ids, text + c.text) if kind is OutputKind.DELTA else (c.token_ids, c.text)
+            if outputs[0].finished:
+                break
+    return reported, tokens, text
+
+
+@pytest.mark.parametrize("kind", [OutputKind.DELTA, OutputKind.CUMULATIVE])
+def test_a_stream_interval_reports_the_first_token_then_every_n_tokens_and_the_last(tokenizer, kind):
+    ids = token_ids(tokenizer, " the quick brown fox jumps over the lazy dog and runs")[:8]
+    every = reports(tokenizer, ids, kind, 1)
+    assert every[0] == list(range(1, 9))
+    reported, tokens, text = reports(tokenizer, ids, kind, 3)
+    assert reported == [1, 4, 7, 8]
+    assert (tokens, text) == (ids, every[2])
+
+
+def test_a_stream_interval_still_stops_on_the_token_that_completes_a_stop_string(tokenizer):
+    ids = token_ids(tokenizer, " the quick brown fox jumps over")
+    every = reports(tokenizer, ids, OutputKind.DELTA, 1, stop=["fox"])
+    reported, tokens, text = reports(tokenizer, ids, OutputKind.DELTA, 8, stop=["fox"])
+    assert reported == [1, every[0][-1]] and every[0][-1] < len(ids)
+    assert (tokens, text) == (every[1], every[2]) and text.endswith("brown ")
+
+
+def test_a_stream_interval_below_one_is_refused():
+    from llmserve.config import EngineConfig
+
+    with pytest.raises(ValueError, match="--stream-interval must be >= 1, got 0"):
+        EngineConfig(model="m", stream_interval=0)

@@ -1,11 +1,12 @@
 """``EngineMetrics.record_step``: the inter-token-latency histogram counts every generated token but each
 sample's first, however the front end groups tokens into outputs (one per step, or two steps' at once
-when it catches up)."""
+when it catches up); tokens reported together share the time since the sample's previous report evenly."""
 
 from __future__ import annotations
 
 from prometheus_client import generate_latest
 
+from llmserve.metrics import prometheus
 from llmserve.metrics.prometheus import EngineMetrics
 from llmserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
@@ -21,11 +22,15 @@ def output(request_id: str, *tokens_per_sample: list[int]) -> RequestOutput:
                          RequestMetrics(arrival_time=0.0, first_token_time=1.0), 0)
 
 
-def itl_count(metrics: EngineMetrics) -> float:
+def itl_value(metrics: EngineMetrics, suffix: str) -> float:
     for line in generate_latest(metrics.registry).decode().splitlines():
-        if line.startswith("vllm:inter_token_latency_seconds_count"):
+        if line.startswith(f"vllm:inter_token_latency_seconds_{suffix}"):
             return float(line.split()[-1])
     raise AssertionError("no inter-token-latency histogram")
+
+
+def itl_count(metrics: EngineMetrics) -> float:
+    return itl_value(metrics, "count")
 
 
 def test_every_token_but_each_sample_s_first_is_one_inter_token_latency():
@@ -34,3 +39,12 @@ def test_every_token_but_each_sample_s_first_is_one_inter_token_latency():
     assert itl_count(metrics) == 1          # the merged request's second token
     metrics.record_step(STATS, [output("merged", [8]), output("single", [6, 7]), output("n2", [6], [8])])
     assert itl_count(metrics) == 1 + 1 + 2 + 2
+
+
+def test_tokens_reported_together_share_the_time_since_the_previous_report(monkeypatch):
+    metrics = EngineMetrics("m")
+    clock = iter([1.0, 5.0])
+    monkeypatch.setattr(prometheus.time, "monotonic", lambda: next(clock))
+    metrics.record_step(STATS, [output("r", [5])])           # the first token, sampled at 1.0
+    metrics.record_step(STATS, [output("r", [6, 7, 8, 9])])  # four more, reported together 4 s later
+    assert itl_count(metrics) == 4 and itl_value(metrics, "sum") == 4.0

@@ -10,6 +10,7 @@
 * With ``stream_options.include_usage`` every chunk but the last has ``"usage": null`` and the last chunk
   (just before ``[DONE]``) has the usage and an empty ``choices`` list (OpenAI's documented behaviour).
 * Tokens are streamed as they are generated: a 16-token greedy completion arrives in more than one chunk.
+  With ``--stream-interval 4`` it arrives in five (tokens 1, 2-5, 6-9, 10-13, 14-16), with the same text.
 * 64 streaming clients at once (asyncio + ``AsyncOpenAI``, half completions, half chat, each with its own
   prompt, plus raw ``httpx`` streams checked for framing) each receive exactly the offline API's greedy
   text for their prompt, in a well-formed stream, and the server returns to idle afterwards.
@@ -171,6 +172,21 @@ def test_tokens_arrive_incrementally(server):
                 arrivals.append(time.monotonic() - start)
     assert len(arrivals) > 20
     assert arrivals[0] < arrivals[-1] / 2
+
+
+def test_a_stream_interval_groups_tokens_into_fewer_chunks_with_the_same_text(start_server, offline):
+    expected = offline.generate(PROMPTS[:1], greedy())[0].outputs[0].text
+    coarse = start_server("--stream-interval", "4")
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    *chunks, usage = raw_stream(coarse.base_url, "/v1/completions", body)
+    assert len(chunks) == 5 and usage["usage"]["completion_tokens"] == MAX_TOKENS
+    assert check_completion_choices(chunks) == ({0: expected}, {0: "length"})
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": MAX_TOKENS,
+            "temperature": 0, "ignore_eos": True}
+    chunks = raw_stream(coarse.base_url, "/v1/chat/completions", chat)
+    assert len(chunks) == 1 + 5 + 1   # the role, the tokens, the finish reason
+    check_chat_choices(chunks)
 
 
 def test_streamed_equals_non_streamed(server):
