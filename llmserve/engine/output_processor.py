@@ -162,10 +162,12 @@ class OutputProcessor:
 
     def _due(self, state: RequestState) -> bool:
         """Whether an unfinished request is reported now: nothing reported yet (its first token goes out at
-        once), or a sample with ``stream_interval`` tokens not yet reported."""
+        once), a sample with ``stream_interval`` tokens not yet reported, or a sample that just finished (with
+        ``n`` > 1 the others may go on)."""
         interval = self.stream_interval
         return interval == 1 or any(
             reported == 0 or len(sample.output_token_ids) - reported >= interval
+            or (sample.is_finished and len(sample.output_token_ids) > reported)
             for sample, reported in zip(state.samples, state.reported))
 
     def _apply(self, core: EngineCoreOutputs, touched: dict[str, RequestState], stopped: list[tuple[str, int]]

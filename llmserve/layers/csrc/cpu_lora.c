@@ -283,19 +283,30 @@ typedef struct {
     long shrink_first[MAX_SEGMENTS + 1], expand_first[MAX_SEGMENTS + 1];
 } lora_job;
 
+/* Where a phase's work item lies: its segment's slot, rows [start, end) and rank, the segment's row tiles, and
+ * the item's index within the segment. */
+typedef struct {
+    long slot, start, end, rank, row_tiles, local;
+} item_place;
+
+static inline item_place place_of(const lora_job *j, const long *first, long item) {
+    const int s = segment_of(first, j->num_segments, item);
+    const long slot = j->segments[3 * s], start = j->segments[3 * s + 1], end = j->segments[3 * s + 2];
+    return (item_place){slot, start, end, j->slot_ranks[slot], (end - start + ROW_TILE - 1) / ROW_TILE,
+                        item - first[s]};
+}
+
 /* Shrink work item `item`: rows of a segment against a tile of its A, into `shrunk`. */
 static inline __attribute__((always_inline)) void
 shrink_item(const lora_job *j, long item, const int act_bf16, const int w_bf16) {
     const int dp = DPBF16 && act_bf16 && w_bf16;
     const long act_size = act_bf16 ? 2 : 4, w_size = w_bf16 ? 2 : 4, s_size = dp ? 2 : 4;
-    const int s = segment_of(j->shrink_first, j->num_segments, item);
-    const long slot = j->segments[3 * s], start = j->segments[3 * s + 1], end = j->segments[3 * s + 2];
-    const long rank = j->slot_ranks[slot], width = j->projections * rank, k = j->in_features;
-    const long row_tiles = (end - start + ROW_TILE - 1) / ROW_TILE, local = item - j->shrink_first[s];
+    const item_place at = place_of(j, j->shrink_first, item);
+    const long slot = at.slot, width = j->projections * at.rank, k = j->in_features;
     long row_tile;
-    const long a_row = blocked_item(local, row_tiles, (width + A_TILE - 1) / A_TILE, &row_tile) * A_TILE;
-    const long pos = start + row_tile * ROW_TILE;
-    const int nrows = (int)(end - pos < ROW_TILE ? end - pos : ROW_TILE);
+    const long a_row = blocked_item(at.local, at.row_tiles, (width + A_TILE - 1) / A_TILE, &row_tile) * A_TILE;
+    const long pos = at.start + row_tile * ROW_TILE;
+    const int nrows = (int)(at.end - pos < ROW_TILE ? at.end - pos : ROW_TILE);
     const int na = (int)(width - a_row < A_TILE ? width - a_row : A_TILE);
     const void *xr[ROW_TILE];
     for (int t = 0; t < nrows; t++)
@@ -318,11 +329,9 @@ static inline __attribute__((always_inline)) void
 expand_item(const lora_job *j, long item, const int act_bf16, const int w_bf16) {
     const int dp = DPBF16 && act_bf16 && w_bf16;
     const long act_size = act_bf16 ? 2 : 4, w_size = w_bf16 ? 2 : 4, s_size = dp ? 2 : 4;
-    const int s = segment_of(j->expand_first, j->num_segments, item);
-    const long slot = j->segments[3 * s], start = j->segments[3 * s + 1], end = j->segments[3 * s + 2];
-    const long rank = j->slot_ranks[slot];
-    const long row_tiles = (end - start + ROW_TILE - 1) / ROW_TILE, local = item - j->expand_first[s];
-    long row_tile, tile = blocked_item(local, row_tiles, j->col_tiles, &row_tile), lo = 0, hi = 0;
+    const item_place at = place_of(j, j->expand_first, item);
+    const long slot = at.slot, rank = at.rank;
+    long row_tile, tile = blocked_item(at.local, at.row_tiles, j->col_tiles, &row_tile), lo = 0, hi = 0;
     int proj = 0;
     for (; proj < j->projections; proj++) {   /* the column tile's projection and columns */
         const long tiles = (j->bounds[proj + 1] - j->bounds[proj] + COL_TILE - 1) / COL_TILE;
@@ -333,8 +342,8 @@ expand_item(const lora_job *j, long item, const int act_bf16, const int w_bf16) 
         }
         tile -= tiles;
     }
-    const long pos = start + row_tile * ROW_TILE;
-    const int nrows = (int)(end - pos < ROW_TILE ? end - pos : ROW_TILE);
+    const long pos = at.start + row_tile * ROW_TILE;
+    const int nrows = (int)(at.end - pos < ROW_TILE ? at.end - pos : ROW_TILE);
     void *outr[ROW_TILE];
     const void *sr[ROW_TILE];
     for (int t = 0; t < nrows; t++) {
