@@ -128,6 +128,22 @@ def test_a_stream_interval_still_stops_on_the_token_that_completes_a_stop_string
     assert (tokens, text) == (every[1], every[2]) and text.endswith("brown ")
 
 
+def test_a_stream_interval_reports_a_sample_that_finished_while_the_others_go_on(tokenizer):
+    ids = token_ids(tokenizer, " the quick brown fox jumps over")[:4]
+    processor = processor_with(tokenizer, SamplingParams(n=2, max_tokens=4, ignore_eos=True), stream_interval=8)
+
+    def both(i: int, first_finish: str | None) -> EngineCoreOutputs:
+        return EngineCoreOutputs(samples=[SampleOutput("r0", 0, [ids[i]], finish_reason=first_finish),
+                                          SampleOutput("r0", 1, [ids[i]])], num_scheduled_tokens=2)
+
+    first, _ = processor.process(both(0, None))
+    middle, _ = processor.process(both(1, None))
+    finished, _ = processor.process(both(2, "stop"))
+    assert len(first) == 1 and not middle   # the first tokens at once, then nothing due
+    assert [c.finish_reason for c in finished[0].outputs] == ["stop", None] and not finished[0].finished
+    assert [c.token_ids for c in finished[0].outputs] == [ids[1:3], ids[1:3]]
+
+
 def test_a_stream_interval_below_one_is_refused():
     from llmserve.config import EngineConfig
 
