@@ -12,6 +12,8 @@ outside the file's vocabulary.
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,27 +31,39 @@ def gemma_query_pre_attn_scalar(arch: str, layers: int, hidden: int, heads: int,
 
 def load_gguf_config(path: Path) -> Any:
     """The config from the file's metadata; GGUF names no class, so the architecture is the causal-LM class
-    transformers maps the model type to (as its own GGUF loading does)."""
+    transformers maps the model type to (as its own GGUF loading does). Each caller gets its own copy of the
+    config read once per file (the engine and the worker both ask for it; every read of a GGUF's metadata
+    parses its whole vocabulary)."""
+    from llmserve.model_loader.gguf_loader import file_identity
+
+    return copy.deepcopy(_read_config(*file_identity(path))[0])
+
+
+def transformers_reads_config(path: Path) -> bool:
+    """Whether transformers' GGUF support builds this file's config (its ``AutoTokenizer`` needs it)."""
+    from llmserve.model_loader.gguf_loader import file_identity
+
+    return _read_config(*file_identity(path))[1] not in _OWN_CONFIGS
+
+
+@functools.lru_cache(maxsize=4)
+def _read_config(path: str, mtime_ns: int, size: int) -> tuple[Any, str]:
+    """``(config, architecture)`` of the file as it is now (the key's modification time and size)."""
     from llmserve.model_loader.gguf_loader import import_gguf
 
     import_gguf()
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    meta = _Metadata(path)
+    meta = _Metadata(Path(path))
     if meta.arch in _OWN_CONFIGS:
         config = AutoConfig.for_model(**_OWN_CONFIGS[meta.arch](meta))
     else:
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        config = AutoConfig.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
     if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     _restore_dropped_hyperparameters(config, meta)
-    return config
-
-
-def transformers_reads_config(path: Path) -> bool:
-    """Whether transformers' GGUF support builds this file's config (its ``AutoTokenizer`` needs it)."""
-    return _Metadata(path).arch not in _OWN_CONFIGS
+    return config, meta.arch
 
 
 class _Metadata:

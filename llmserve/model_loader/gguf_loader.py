@@ -11,7 +11,10 @@ tensor) and runs at full precision.
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,21 +62,36 @@ def download_gguf(repo: str, quant: str, revision: str | None, download_dir: str
     return Path(hf_hub_download(repo, matches[0], revision=revision, cache_dir=download_dir))
 
 
+def file_identity(path: Path) -> tuple[str, int, int]:
+    """``(resolved path, modification time, size)``: a cache key that a rewritten file does not match."""
+    stat = os.stat(path)
+    return str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size
+
+
 def load_gguf_tokenizer(path: Path) -> Any:
-    """The file's tokenizer; through the generic fast tokenizer where transformers cannot build the config
-    its ``AutoTokenizer`` would read first (Command-R, Cohere2)."""
+    """The file's tokenizer, a new instance per call (one per thread that uses it) copied from the one built
+    once per file: building it parses the whole vocabulary from the metadata."""
+    return copy.deepcopy(_build_tokenizer(*file_identity(path)))
+
+
+@functools.lru_cache(maxsize=1)
+def _build_tokenizer(path: str, mtime_ns: int, size: int) -> Any:
+    """Through the generic fast tokenizer where transformers cannot build the config its ``AutoTokenizer``
+    would read first (Command-R, Cohere2)."""
     import_gguf()
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from llmserve.model_loader.gguf_config import transformers_reads_config
 
-    tokenizer_class = AutoTokenizer if transformers_reads_config(path) else PreTrainedTokenizerFast
-    return tokenizer_class.from_pretrained(str(path.parent), gguf_file=path.name)
+    file = Path(path)
+    tokenizer_class = AutoTokenizer if transformers_reads_config(file) else PreTrainedTokenizerFast
+    return tokenizer_class.from_pretrained(str(file.parent), gguf_file=file.name)
 
 
-class _GGUFTensors:
-    """A file's tensors with transformers' name map and tensor processor for its architecture. A tensor type
-    outside :data:`SUPPORTED_TYPES` is an error naming it, before any weight is read."""
+class GGUFTensors:
+    """A file's tensors with transformers' name map and tensor processor for its architecture, opened once per
+    model load (the packing decision and the weights share it). A tensor type outside :data:`SUPPORTED_TYPES`
+    is an error naming it, before any weight is read."""
 
     def __init__(self, path: Path, config: Any) -> None:
         gguf = import_gguf()
@@ -100,21 +118,19 @@ class _GGUFTensors:
         return self.names.get(result.name), result.weights
 
 
-def gguf_packing(path: Path, config: Any) -> GGUFConfig | None:
+def gguf_packing(tensors: GGUFTensors) -> GGUFConfig | None:
     """Which of the file's linear weights run packed (:mod:`llmserve.quantization.gguf`); None: none of them."""
-    tensors = _GGUFTensors(path, config)
     return gguf_quantization_config({tensors.names[t.name]: t.tensor_type.name for t in tensors.reader.tensors
                                      if t.name in tensors.names and len(t.shape) == 2}, tensors.architecture)
 
 
-def iterate_gguf_weights(path: Path, config: Any,
+def iterate_gguf_weights(tensors: GGUFTensors,
                          packs: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(Hugging Face name, float tensor)`` for every tensor of the file, dequantised one at a time; a
     weight ``packs`` names is yielded as its rows of GGUF blocks instead (``<layer>.qweight_type``, one type
     id per row, then ``<layer>.qweight``, uint8 [rows, row bytes]), its rows in the order transformers'
     processor puts them (found by passing the row indices through it)."""
     gguf = import_gguf()
-    tensors = _GGUFTensors(path, config)
     for tensor in tensors.reader.tensors:
         name = tensors.names.get(tensor.name)
         if name is not None and packs is not None and packs(name):

@@ -20,7 +20,8 @@ from torch import nn
 from llmserve.distributed.parallel_state import get_tp_group
 from llmserve.errors import ModelNotFoundError
 from llmserve.model_loader.gguf_config import load_gguf_config
-from llmserve.model_loader.gguf_loader import download_gguf, gguf_packing, hub_gguf_reference, iterate_gguf_weights
+from llmserve.model_loader.gguf_loader import (GGUFTensors, download_gguf, gguf_packing, hub_gguf_reference,
+                                               iterate_gguf_weights)
 from llmserve.model_loader.model_source import is_gguf
 from llmserve.model_loader.s3_loader import download_s3_checkpoint, is_s3_mirror, is_s3_url, iterate_s3_weights
 from llmserve.models.registry import resolve_model_class, text_model_config
@@ -106,13 +107,13 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iterate_weights(path: Path, config: Any = None,
-                    quant_config: QuantizationConfig | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(path: Path, config: Any = None, quant_config: QuantizationConfig | None = None,
+                    gguf_tensors: GGUFTensors | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` one at a time from every safetensors shard, or from the GGUF file (whose
     names are mapped through ``config``'s architecture; the weights a :class:`GGUFConfig` packs as their
-    blocks), or streamed from S3 for an ``s3://`` mirror folder."""
+    blocks; ``gguf_tensors``: the file already open), or streamed from S3 for an ``s3://`` mirror folder."""
     if is_gguf(path):
-        yield from iterate_gguf_weights(path, config,
+        yield from iterate_gguf_weights(gguf_tensors or GGUFTensors(path, config),
                                         quant_config.packs if isinstance(quant_config, GGUFConfig) else None)
         return
     if is_s3_mirror(path):
@@ -133,8 +134,9 @@ def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device
     A GGUF file on CPU without ``--quantization`` keeps its quantised linear weights packed (one rank)."""
     model_cls = resolve_model_class(config)
     quant_config = None
-    if is_gguf(path) and quantization is None and device.type == "cpu" and get_tp_group().world_size == 1:
-        quant_config = gguf_packing(path, config)
+    gguf_tensors = GGUFTensors(path, config) if is_gguf(path) else None
+    if gguf_tensors is not None and quantization is None and device.type == "cpu" and get_tp_group().world_size == 1:
+        quant_config = gguf_packing(gguf_tensors)
         if quant_config is not None:
             logger.info("Quantisation: %r", quant_config)
     if quant_config is None:
@@ -146,7 +148,8 @@ def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device
             model = model_cls(config, quant_config)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(iterate_weights(path, config, quant_config))
+    model.load_weights(iterate_weights(path, config, quant_config, gguf_tensors))
+    del gguf_tensors   # its metadata (the whole vocabulary) is not needed once the weights are in
     for module in model.modules():
         process = getattr(module, "process_weights_after_loading", None)
         if callable(process):

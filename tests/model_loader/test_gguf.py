@@ -13,6 +13,9 @@
 * The tokenizer and the chat template come from the file's metadata (byte-level BPE), also where
   transformers cannot read the file's config (Command-R): the same token ids as the checkpoint's own
   tokenizer; ``--tokenizer`` overrides it (the sentencepiece families' files carry none).
+* The metadata (the whole vocabulary: seconds to parse on a real model) is read once per file for the
+  config and once for the tokenizer, however many parts of the engine ask; each gets its own copy, and a
+  rewritten file is read again.
 * A file holding a tensor type llmserve does not run is refused before loading, naming the type; a
   ``.gguf`` path that does not exist is "not found"; ``repo:QUANT`` picks the repo's one file of that
   quantisation, and an absent or ambiguous one is an error naming what the repo has.
@@ -22,10 +25,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+import shutil
+
 import pytest
 
 from llmserve.entrypoints.llm import LLM
 from llmserve.model_loader import gguf_loader
+from llmserve.model_loader.gguf_config import load_gguf_config
 from llmserve.model_loader.loader import ModelNotFoundError, resolve_model_path
 from llmserve.sampling_params import SamplingParams
 from tests.engine_greedy import assert_matches_hf, engine_greedy
@@ -59,6 +66,31 @@ def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf
     messages = [{"role": "user", "content": "Hi there"}]
     assert llm.chat(messages, SamplingParams(max_tokens=1))[0].prompt_token_ids == original.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+
+
+def test_config_and_tokenizer_are_read_once_per_file_and_copied_to_each_caller(gguf_file, tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "model.gguf"
+    shutil.copy(gguf_file("qwen2", "Q8_0"), path)
+    parses = []
+    parse = gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, *a, **k: parses.append(a) or parse(self, *a, **k))
+
+    first = load_gguf_config(path)
+    tokenizer = gguf_loader.load_gguf_tokenizer(path)
+    read = len(parses)
+    assert read > 0
+    second, other = load_gguf_config(path), gguf_loader.load_gguf_tokenizer(path)
+    assert len(parses) == read   # from the copies kept
+    assert second is not first and second.to_dict() == first.to_dict()
+    first.num_hidden_layers += 1
+    assert load_gguf_config(path).num_hidden_layers == second.num_hidden_layers
+    assert other is not tokenizer and other.backend_tokenizer is not tokenizer.backend_tokenizer   # one per thread
+    assert other.encode("Où est le café ? 🚀") == tokenizer.encode("Où est le café ? 🚀")
+
+    os.utime(path, ns=(1, 1))   # the file rewritten: read again
+    load_gguf_config(path)
+    assert len(parses) > read
 
 
 def test_a_type_llmserve_does_not_run_is_named(gguf_file):

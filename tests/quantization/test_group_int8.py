@@ -24,9 +24,8 @@ import pytest
 import torch
 from torch import nn
 
-from llmserve.layers import cpu_kernel_build
 from llmserve.layers.cpu_group_int8 import GroupInt8Kernels, group_int8_kernels
-from llmserve.layers.cpu_kernels import CPUKernels, cpu_kernels
+from llmserve.layers.cpu_kernels import cpu_kernels
 from llmserve.quantization import group_int8
 from llmserve.quantization.gguf_blocks import GroupCodes
 from llmserve.quantization.group_int8 import (GroupInt8Segment, apply_group_int8, group_int8_reference,
@@ -178,11 +177,8 @@ def test_extreme_codes_times_extreme_activations_are_exact(bits, x_rows):
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the kernels for other x86-64 CPUs")
 @pytest.mark.parametrize("march, path", [("x86-64-v3", "AVX2"), ("x86-64", "portable")])
-def test_other_builds_give_the_same_results(tmp_path, monkeypatch, march, path):
-    flags = tuple(f if f != "-march=native" else f"-march={march}" for f in cpu_kernel_build.CFLAGS)
-    library = tmp_path / "libother.so"
-    cpu_kernel_build.compile_library(cpu_kernel_build._compiler(), flags, library)
-    other = CPUKernels(library)
+def test_other_builds_give_the_same_results(kernels_built_for, monkeypatch, march, path):
+    other = kernels_built_for(march)
     assert group_int8_kernels(other).dot_path == path
     for bits, group, per_block, offset in (f.values for f in FORMATS):
         layer = nn.Module()

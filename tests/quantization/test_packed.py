@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.layers import cpu_kernel_build
-from llmserve.layers.cpu_kernels import CPUKernels, block_weight, cpu_kernels
+from llmserve.layers.cpu_kernels import block_weight, cpu_kernels
 from llmserve.quantization import packed
 from llmserve.quantization.packed import (FP8, U4, U8, apply_w8a8, apply_weight_only, dequantize_weight_only,
                                           pack_nibbles, quantize_rows_int8, set_w8a8, set_weight_only,
@@ -130,14 +129,11 @@ def test_w8a8_reports_its_dot_product_path():
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds the kernels for other x86-64 CPUs")
 @pytest.mark.parametrize("march, path", [("x86-64-v3", "AVX2"), ("x86-64", "portable")])
-def test_other_builds_give_the_same_results(tmp_path, monkeypatch, march, path):
+def test_other_builds_give_the_same_results(kernels_built_for, monkeypatch, march, path):
     """The kernels pick their path from the CPU they are built for: built for plain AVX2 (no AVX-512) or
     baseline x86-64, the W8A8 layer gives this machine's output bit for bit and the weight-only one the
     reference's."""
-    flags = tuple(f if f != "-march=native" else f"-march={march}" for f in cpu_kernel_build.CFLAGS)
-    library = tmp_path / "libother.so"
-    cpu_kernel_build.compile_library(cpu_kernel_build._compiler(), flags, library)
-    other = CPUKernels(library)
+    other = kernels_built_for(march)
     assert other.w8a8_dot_path == path
     weight, scale = quantize_rows_int8(torch.randn(19, 70))
     weight[0], weight[1, ::2] = -128, 127     # the ends of int8, against activations at theirs
