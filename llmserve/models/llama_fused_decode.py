@@ -4,7 +4,8 @@ A batch-1 decode step of a small model on CPU is bound by the fixed cost of a fe
 Python, not by the weights it streams. Where the model is one the C step reproduces exactly (Llama, Mistral,
 Qwen2 with its q/k/v bias, Qwen3 with its per-head q/k norms: RMSNorm, gated SiLU MLP, neox rotary over the whole
 head, full attention at the default KV-cache dtype, float32 / bfloat16 / GGUF group-int8 weights, one rank) and a
-step is all decode rows, the model runner runs the step's decoder layers here; anything else takes the module path,
+step is all decode rows (or rows that verify a few speculated tokens: each token a decode row of its own), the
+model runner runs the step's decoder layers here; anything else takes the module path,
 which gives the same hidden states. Steps with LoRA adapter rows run here too where every adapted projection runs
 the compiled CPU LoRA kernel (:mod:`llmserve.lora.cpu_ops`): the C step calls it after each projection with the
 module path's operands. :func:`fused_decode_for` decides once per model and
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +35,10 @@ from llmserve.lora.layers import LoRABatchState, LoRALinearMethod
 from llmserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
 
 logger = logging.getLogger(__name__)
+
+# Tokens a row that is not a decode may bring to a step run here (each token costs a decode row that reads the
+# row's whole context again; a speculating sequence brings 1 + k): longer chunks take the module path.
+MAX_ROW_TOKENS = 16
 
 
 def _norm_weight(norm: nn.Module | None, eps: float, what: str) -> torch.Tensor:
@@ -150,10 +156,15 @@ class FusedDecode:
         return LoRAStepArgs(rows, table, count, shrunk.data_ptr(), shrunk.shape[1])
 
     def accepts(self, layout: BatchLayout, metadata: object) -> bool:
-        """Whether this step runs here: every row decodes one token, one KV-cache group read by the compiled decode
-        attention, and no LoRA adapter row unless the adapters run here (:meth:`_attach_lora`)."""
-        return (layout.num_decodes == len(layout.query_lens) > 0 and isinstance(metadata, TorchAttentionMetadata)
+        """Whether this step runs here: every row decodes one token or continues its cached context by at most
+        :data:`MAX_ROW_TOKENS` (a running sequence verifying its speculated tokens), one KV-cache group read by
+        the compiled decode attention, and no LoRA adapter row unless the adapters run here
+        (:meth:`_attach_lora`)."""
+        return (len(layout.query_lens) > 0 and isinstance(metadata, TorchAttentionMetadata)
                 and isinstance(metadata.backend, CPUAttentionBackend)
+                and (layout.num_decodes == len(layout.query_lens)
+                     or all(q == 1 or 0 < c and q <= MAX_ROW_TOKENS
+                            for q, c in zip(layout.query_lens, layout.context_lens)))
                 and (self._lora_here or not self._lora.mapping.segments))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -163,11 +174,27 @@ class FusedDecode:
         if len(self._bound) != len(caches) or any(c is not b for c, b in zip(caches, self._bound)):
             self.kernel.bind_caches([(a.key_cache, a.value_cache) for a in self.attention])
             self._bound = caches
-        decodes = metadata.decodes_for(None)
+        if metadata.num_decodes == len(metadata.layout.query_lens):
+            decodes = metadata.decodes_for(None)
+            block_tables, seq_lens = decodes.block_tables, decodes.seq_lens
+        else:
+            block_tables, seq_lens = token_rows(metadata.layout)
         hidden = self.model.embed(input_ids, positions).contiguous()
         self.calls += 1
         return self.kernel.forward(hidden, positions.contiguous(), metadata.slot_mapping.to(torch.int64),
-                                   decodes.block_tables, decodes.seq_lens, self._lora_step())
+                                   block_tables, seq_lens, self._lora_step())
+
+
+def token_rows(layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block tables, sequence lengths)`` with one decode row per token of the step: token j of a row with
+    context c attends to the first c + j + 1 positions of its sequence. The C step writes every token's K/V
+    before any row attends, so these rows give each token exactly its causal attention."""
+    query = np.asarray(layout.query_lens)
+    starts = np.repeat(np.cumsum(query) - query, query)
+    seq_lens = (np.repeat(np.asarray(layout.context_lens), query) + np.arange(int(query.sum())) - starts + 1)
+    width = int(-(-seq_lens.max() // layout.block_size))
+    tables = np.ascontiguousarray(np.repeat(layout.block_tables[:, :width], query, axis=0))
+    return torch.from_numpy(tables), torch.from_numpy(seq_lens.astype(np.int32))
 
 
 def fused_decode_for(model: nn.Module, backend: object, dtype: torch.dtype, device: torch.device) -> FusedDecode | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from llmserve.layers.sampler import position_seed
@@ -58,21 +59,24 @@ def sampling_rows(seqs: Sequence[CachedSequence], drafts: Sequence[Sequence[int]
     return rows
 
 
-def num_accepted(sampled: torch.Tensor, drafts: Sequence[Sequence[int]]) -> torch.Tensor:
+def num_accepted(sampled: Sequence[int] | np.ndarray, drafts: Sequence[Sequence[int]]) -> np.ndarray:
     """Per row, how many leading drafts the target's samples agree with (``sampled``: one token per position,
-    rows laid out as :func:`logit_rows` lays them out). Vectorised over the batch: no loop over positions."""
-    counts = torch.tensor([len(d) for d in drafts], dtype=torch.int64)
+    on the host, rows laid out as :func:`logit_rows` lays them out). Vectorised over the batch: no loop over
+    positions, and on numpy arrays, as the tokens are on the host already (a handful of torch calls cost more
+    than a batch-1 step's sampling)."""
+    counts = np.fromiter((len(d) for d in drafts), dtype=np.int64, count=len(drafts))
     width = int(counts.max()) if len(drafts) else 0
     if width == 0:
-        return torch.zeros(len(drafts), dtype=torch.int64, device=sampled.device)
-    starts = torch.cumsum(counts + 1, 0) - (counts + 1)
-    column = torch.arange(width)
+        return np.zeros(len(drafts), dtype=np.int64)
+    sampled = np.asarray(sampled, dtype=np.int64)
+    starts = np.cumsum(counts + 1) - (counts + 1)
+    column = np.arange(width)
     valid = column[None, :] < counts[:, None]
-    padded = torch.full((len(drafts), width), -1, dtype=torch.int64)
-    padded[valid] = torch.tensor([t for d in drafts for t in d], dtype=torch.int64)
-    index = (starts[:, None] + column[None, :]).clamp(max=len(sampled) - 1).to(sampled.device)
-    agree = (sampled[index] == padded.to(sampled.device)) & valid.to(sampled.device)
-    return agree.to(torch.int64).cumprod(dim=1).sum(dim=1)
+    padded = np.full((len(drafts), width), -1, dtype=np.int64)
+    padded[valid] = [t for d in drafts for t in d]
+    index = np.minimum(starts[:, None] + column[None, :], len(sampled) - 1)
+    agree = (sampled[index] == padded) & valid
+    return np.cumprod(agree, axis=1).sum(axis=1)
 
 
 def last_positions(drafts: Sequence[Sequence[int]]) -> list[int]:

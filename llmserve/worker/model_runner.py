@@ -361,7 +361,7 @@ class ModelRunner:
         if drafts is None:
             emitted = [[i] for i in range(len(seqs))]
         else:
-            accepted = rejection_sampler.num_accepted(result.sampled_token_ids, drafts).tolist()
+            accepted = rejection_sampler.num_accepted(tokens, drafts).tolist()
             emitted = rejection_sampler.emitted_positions(drafts, accepted)
             for seq, row_drafts, count in zip(seqs, drafts, accepted):
                 if row_drafts:

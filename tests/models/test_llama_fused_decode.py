@@ -1,7 +1,8 @@
 """Through the engine, the fused CPU decode step runs every all-decode step of a Llama-shaped model, gives
-transformers' greedy output, runs steps with LoRA adapter rows exactly as the module path does, and leaves to the
-module path the steps it does not cover: a prefill row beside decodes, adapter rows of a stack the compiled LoRA
-kernel does not take, and models with a sliding window."""
+transformers' greedy output, runs steps with LoRA adapter rows exactly as the module path does, runs the steps
+where a sequence verifies speculated tokens or continues a prompt by a short chunk (each token a decode row), and
+leaves to the module path the steps it does not cover: a fresh prompt's prefill, adapter rows of a stack the
+compiled LoRA kernel does not take, and models with a sliding window."""
 
 from __future__ import annotations
 
@@ -37,8 +38,13 @@ class StepLog:
             return fused_forward(ids, positions, metadata)
 
         runner.fused_decode.forward = forward
-        runner.model.register_forward_pre_hook(
-            lambda module, args: self.modules.append((args[2].layout.num_decodes, len(args[2].layout.query_lens))))
+        runner.model.register_forward_pre_hook(lambda module, args: self._module_step(args[2].layout))
+        self.module_rows: list[tuple[int, int, bool]] = []   # and whether a row prefilled a fresh prompt
+
+    def _module_step(self, layout) -> None:
+        self.modules.append((layout.num_decodes, len(layout.query_lens)))
+        fresh = any(q > 1 and c == 0 for q, c in zip(layout.query_lens, layout.context_lens))
+        self.module_rows.append((*self.modules[-1], fresh))
 
 
 def _greedy(llm: LLM) -> list[tuple[list[int], list[float]]]:
@@ -75,17 +81,39 @@ def test_bfloat16_output_is_the_module_paths_exactly(checkpoint_dir, family):
     assert len(log.fused) == MAX_TOKENS - 1
 
 
-def test_a_step_with_a_prefill_row_takes_the_module_path(checkpoint_dir):
-    """A 7-token budget prefills the long prompt in chunks beside the others' decodes."""
+def test_a_fresh_prompt_takes_the_module_path_and_short_continuations_run_fused(checkpoint_dir):
+    """A 7-token budget prefills the long prompt in chunks beside the others' decodes: its first chunk (no cached
+    context) takes the module path; its later chunks continue a cached context by at most 16 tokens, so their
+    steps run fused, each token a decode row of its own over the context before it."""
     path = checkpoint_dir("llama")
     llm = LLM(str(path), max_num_batched_tokens=7, block_size=4, kv_cache_memory_bytes="32MiB")
     log = StepLog(llm)
     outputs = llm.generate(PROMPTS, GREEDY)
-    assert any(0 < d < r for d, r in log.modules), "no step mixed decodes with a prefill chunk"
-    assert log.fused and all(d == r for d, r in log.fused)
-    assert all(d < r for d, r in log.modules)
+    assert log.modules and all(fresh for _, _, fresh in log.module_rows), "a module step without a fresh prompt"
+    assert any(0 < d < r for d, r in log.fused), "no fused step mixed decodes with a continued prefill chunk"
     for out in outputs:
         assert out.outputs[0].token_ids == hf_greedy(path, out.prompt_token_ids, MAX_TOKENS)[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_speculated_tokens_are_verified_fused_with_the_output_unchanged(checkpoint_dir, family):
+    """A speculating sequence brings 1 + k tokens to a step: the step runs fused, and greedy output and logprobs
+    are those without speculation (whose decodes run fused one token at a time)."""
+    path = checkpoint_dir(family)
+    prompts = ["one two three four one two three four one two", "a b c a b c a b c a b"]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    on = LLM(str(path), kv_cache_memory_bytes="32MiB", block_size=4, speculative_config=ngram)
+    log = StepLog(on)
+    off = LLM(str(path), kv_cache_memory_bytes="32MiB", block_size=4)
+    got, want = on.generate(prompts, params), off.generate(prompts, params)
+    for a, b in zip(got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [p[t].logprob for p, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)] == pytest.approx(
+            [p[t].logprob for p, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)], abs=1e-4)
+    assert any(d < r for d, r in log.fused), "no step verified drafts"
+    assert on.engine.scheduler.spec_stats.num_accepted_tokens > 0
+    assert all(fresh for _, _, fresh in log.module_rows)
 
 
 def test_a_sliding_window_model_keeps_the_module_path(checkpoint_dir, caplog):
