@@ -168,7 +168,7 @@ class Scheduler:
             room = min(room, self.max_model_len - seq.num_tokens)
         if self._draft_caps is not None:
             room = min(room, self._draft_caps.get(seq.seq_id, 0) + 1)
-        return self.proposer.propose(seq.seq_id, seq.all_token_ids, room - 1)
+        return self.proposer.propose(seq.seq_id, seq.all_token_ids, room - 1) if room > 1 else []
 
     def _next_suspects(self) -> set[int]:
         """The running sequences of the first suspect request (empty when there is none)."""

@@ -49,6 +49,7 @@ class StepCostModel:
         # A step of more tokens never costs less: a measurement below an earlier one was noise.
         self.target = np.maximum.accumulate(np.asarray(target_seconds, dtype=np.float64))
         self.draft = None if draft_seconds is None else np.maximum.accumulate(np.asarray(draft_seconds, dtype=np.float64))
+        self._drafting: dict[tuple[int, int], np.ndarray] = {}
 
     def _interp(self, seconds: np.ndarray, n: np.ndarray) -> np.ndarray:
         """Linear between measured points; beyond the last, proportional to the tokens (weights are read once,
@@ -62,21 +63,23 @@ class StepCostModel:
         n = np.asarray(num_tokens, dtype=np.float64)
         time = self._interp(self.target, n)
         if self.draft is not None:
-            time = time + self._interp(self.draft, n)
-            if draft_passes:
-                time = time + draft_passes * self._interp(self.draft, np.maximum(np.asarray(drafting_rows, float), 1))
+            drafting = np.maximum(np.asarray(drafting_rows, dtype=np.float64), 1)
+            time = time + self._interp(self.draft, n) + np.asarray(draft_passes) * self._interp(self.draft, drafting)
         return time
+
+    def drafting_step_times(self, rows: int, max_drafts: int) -> np.ndarray:
+        """``[c - 1, j - 1]``: seconds of a step of ``rows`` decodes where ``j`` of them check ``c`` drafts each,
+        for every ``c <= max_drafts`` and ``j <= rows`` (kept per batch size: the policy asks every step)."""
+        key = (rows, max_drafts)
+        if key not in self._drafting:
+            c = np.arange(1, max_drafts + 1)[:, None]
+            j = np.arange(1, rows + 1)[None, :]
+            self._drafting[key] = self.step_time(rows + c * j, np.broadcast_to(j, (max_drafts, rows)), c)
+        return self._drafting[key]
 
     def baseline_time(self, num_rows: int) -> float:
         """A step of ``num_rows`` decodes without speculation (and without a draft model)."""
         return float(self._interp(self.target, np.asarray(float(num_rows))))
-
-
-def expected_tokens(acceptance: np.ndarray, num_drafts: int) -> np.ndarray:
-    """``1 + a + a^2 + ... + a^c``: tokens a step emits in expectation with ``c`` drafts accepted each with
-    probability ``a`` given the earlier ones were."""
-    powers = acceptance[:, None] ** np.arange(num_drafts + 1)[None, :]
-    return powers.sum(axis=1)
 
 
 def choose_num_drafts(acceptance: Sequence[float], max_drafts: int, cost: StepCostModel,
@@ -90,17 +93,16 @@ def choose_num_drafts(acceptance: Sequence[float], max_drafts: int, cost: StepCo
     if rows == 0 or max_drafts < 1:
         return choice
     order = np.argsort(-a, kind="stable")
-    best_rate, best = min_speedup * rows / cost.baseline_time(rows), (0, 0)
-    drafters = np.arange(1, rows + 1)
-    for c in range(1, max_drafts + 1):
-        gains = np.cumsum(expected_tokens(a[order], c) - 1.0)   # extra tokens of the j most promising
-        rates = (rows + gains) / cost.step_time(rows + c * drafters, drafters, c)
-        j = int(np.argmax(rates))
-        if rates[j] > best_rate:
-            best_rate, best = float(rates[j]), (c, j + 1)
-    c, j = best
-    for i in order[:j]:
-        choice[int(i)] = c
+    # extra tokens of the j most promising rows drafting c each: sum over them of a + a^2 + ... + a^c
+    powers = a[order][None, :] ** np.arange(1, max_drafts + 1)[:, None]
+    extra = np.cumsum(np.cumsum(powers, axis=0), axis=1)
+    rates = (rows + extra) / cost.drafting_step_times(rows, max_drafts)
+    best = int(np.argmax(rates))   # the first best: fewest drafts, then fewest drafting rows
+    c, j = divmod(best, rows)
+    if rates.flat[best] <= min_speedup * rows / cost.baseline_time(rows):
+        return choice
+    for i in order[:j + 1]:
+        choice[int(i)] = c + 1
     return choice
 
 

@@ -253,10 +253,7 @@ class ModelRunner:
             for attn in self._calibrate_kv:
                 attn.calibrate_kv_scales = True
             self._calibrate_kv = []
-            if self.fused_decode is not None and self.fused_decode.accepts(layout, metadata):
-                hidden = self.fused_decode.forward(ids, pos, metadata)
-            else:
-                hidden = self.model(ids, pos, metadata, intermediate_tensors=received, rotary_lengths=lengths)
+            hidden = self.forward(layout, metadata, ids, pos, lengths, received)
             if self.drafter is not None:
                 self.drafter.catch_up(group_metadata(self.drafter.backend, layout, step.block_tables,
                                                      step.slot_mapping, self.device), ids, pos, lengths)
@@ -293,6 +290,13 @@ class ModelRunner:
         if step.pool_rows and driver:
             out.pooled = pooler.step_shares(hidden, step.pool_rows)
         return out if driver else None
+
+    def forward(self, layout: BatchLayout, metadata: object, ids: torch.Tensor, pos: torch.Tensor,
+                lengths: torch.Tensor, received: IntermediateTensors | None = None) -> torch.Tensor:
+        """A step's hidden states: through the fused decode step where it takes the step, else the model's modules."""
+        if self.fused_decode is not None and self.fused_decode.accepts(layout, metadata):
+            return self.fused_decode.forward(ids, pos, metadata)
+        return self.model(ids, pos, metadata, intermediate_tensors=received, rotary_lengths=lengths)
 
     def fail_step(self, sched: SchedulerOutput) -> None:
         """This rank's step raised: make every other rank drop the step too rather than wait for this one.

@@ -8,13 +8,17 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from llmserve.layers.attention.backend import BatchLayout
+from llmserve.layers.sampling_batch import SamplingBatch, SamplingRow
+from llmserve.sampling_params import SamplingParams
+from llmserve.worker.kv_cache_groups import group_metadata
 from llmserve.worker.model_runner import ModelRunner
 
 
 @torch.inference_mode()
 def measure_step_times(runner: ModelRunner, token_counts: list[int], repeats: int = 5) -> dict[str, list[float] | None]:
     """Least seconds (of ``repeats``: the others were slowed by whatever else ran) of a step of ``n`` one-token
-    rows (forward, logits, sampling) for each ``n``, and of the draft model's forward over them. Called at
+    rows (:func:`decode_step`) for each ``n``, and of the draft model's forward over them. Called at
     start-up, before any request holds a block: it writes K/V into the pool's first ``n`` blocks, which hold
     nothing yet."""
     if max(token_counts) > runner.num_blocks:
@@ -32,7 +36,7 @@ def measure_step_times(runner: ModelRunner, token_counts: list[int], repeats: in
             times.append(time.perf_counter() - start)
         return min(times)
 
-    target = [least_seconds(lambda n=n: runner.run_worst_case_step([1] * n, n)) for n in token_counts]
+    target = [least_seconds(lambda n=n: decode_step(runner, n)) for n in token_counts]
     drafter = runner.drafter
     if drafter is None:
         return {"target": target, "draft": None}
@@ -41,6 +45,25 @@ def measure_step_times(runner: ModelRunner, token_counts: list[int], repeats: in
         np.broadcast_to(np.arange(n, dtype=np.int32)[:, None], (runner.kv_cache_groups.num_groups, n, 1)),
         np.zeros(n, dtype=np.int64))) for n in token_counts]
     return {"target": target, "draft": draft}
+
+
+def decode_step(runner: ModelRunner, n: int) -> torch.Tensor:
+    """A step of ``n`` one-token decode rows (row ``i`` in block ``i``) run as the runner runs a real one: through
+    the fused decode step where it takes the step (a step verifying drafts runs there too, each token as a row),
+    greedy sampling. Returns the sampled ids."""
+    block_size, groups = runner.block_size, runner.kv_cache_groups.num_groups
+    rows = np.arange(n)
+    tables = np.stack([rows.astype(np.int32).reshape(n, 1)] * groups)
+    slots = np.stack([rows * block_size] * groups)
+    layout = BatchLayout(query_lens=[1] * n, context_lens=[0] * n, block_tables=tables[0],
+                         slot_mapping=torch.from_numpy(slots[0]).to(runner.device), num_decodes=n,
+                         block_size=block_size)
+    metadata = group_metadata(runner.backend, layout, tables, slots, runner.device)
+    ids = torch.zeros(n, dtype=torch.long, device=runner.device)
+    hidden = runner.forward(layout, metadata, ids, ids, torch.ones(n, dtype=torch.long, device=runner.device))
+    logits = runner.model.compute_logits(hidden)
+    greedy = SamplingRow(SamplingParams(temperature=0.0), [], [], None, None)
+    return runner.sampler(logits, SamplingBatch.build([greedy] * n, runner.vocab_size, runner.device)).sampled_token_ids
 
 
 def _synchronize(device: torch.device) -> None:

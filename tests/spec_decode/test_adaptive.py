@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llmserve.spec_decode.adaptive import (ENGINE_DECAY, INITIAL_RATE, PRIOR_WEIGHT, SEQ_DECAY, AcceptanceTracker,
-                                           StepCostModel, choose_num_drafts, expected_tokens)
+                                           StepCostModel, choose_num_drafts)
 from tests.spec_decode.test_draft_model import draft_llm
 from tests.spec_decode.test_spec_equivalence import PROMPTS, completions, make_llm
 
@@ -17,8 +17,29 @@ FLAT_THEN_LINEAR = [10.0, 10.0, 10.0, 10.0, 10.0, 20.0, 40.0]   # a GPU: free un
 LINEAR = [float(n) for n in COUNTS]                           # every token costs the same
 
 
-def test_expected_tokens_is_the_geometric_sum():
-    assert expected_tokens(np.array([0.0, 0.5, 1.0]), 3).tolist() == [1.0, 1.875, 4.0]
+def test_the_choice_is_the_best_of_every_cap_and_number_of_drafting_sequences():
+    """Against a search written out: ``c`` drafts accepted with probability ``a`` each (given the earlier ones)
+    yield 1 + a + ... + a^c tokens; the ``j`` most promising sequences draft ``c``; the first best choice (fewest
+    drafts, then fewest sequences) is taken if it beats no drafts by the margin."""
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        rows, max_drafts = int(rng.integers(1, 12)), int(rng.integers(1, 6))
+        acceptance = rng.random(rows).round(2).tolist()
+        times = np.maximum.accumulate(rng.random(len(COUNTS)) * 10 + 1).tolist()
+        draft = None if rng.random() < 0.5 else (rng.random(len(COUNTS)) * 2).tolist()
+        cost = StepCostModel(COUNTS, times, draft)
+        order = sorted(range(rows), key=lambda i: -acceptance[i])
+        best_rate, best = 1.05 * rows / cost.baseline_time(rows), (0, 0)
+        for c in range(1, max_drafts + 1):
+            for j in range(1, rows + 1):
+                tokens = rows + sum(sum(acceptance[i] ** p for p in range(1, c + 1)) for i in order[:j])
+                rate = tokens / cost.step_time(rows + c * j, j, c).item()
+                if rate > best_rate * (1 + 1e-12):
+                    best_rate, best = rate, (c, j)
+        expected = [0] * rows
+        for i in order[:best[1]]:
+            expected[i] = best[0]
+        assert choose_num_drafts(acceptance, max_drafts, cost) == expected
 
 
 def test_cost_model_interpolates_and_never_falls():
