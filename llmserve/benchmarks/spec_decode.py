@@ -58,8 +58,8 @@ def run_spec_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         from llmserve.benchmarks.spec_decode_sweep import run_spec_decode_sweep
 
         return run_spec_decode_sweep(args, config)
-    if args.workload != "repeat":
-        raise ValueError("--workload is for the concurrency sweep: give --concurrency too")
+    if args.workload != "repeat" or args.rounds is not None:
+        raise ValueError("--workload and --rounds are for the concurrency sweep: give --concurrency too")
     results: dict[str, Any] = {}
     outputs: dict[str, list[list[int]]] = {}
     prompts: list[list[int]] = []

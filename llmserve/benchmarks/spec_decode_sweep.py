@@ -34,6 +34,7 @@ from llmserve.entrypoints.llm import LLM
 from llmserve.sampling_params import SamplingParams
 
 WORKLOADS = ("repeat", "random")
+DEFAULT_ROUNDS = 2
 
 
 def parse_concurrency(value: str) -> list[int]:
@@ -89,8 +90,9 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
     levels = parse_concurrency(args.concurrency)
     if args.workload not in WORKLOADS:
         raise ValueError(f"--workload must be one of {', '.join(WORKLOADS)}, got {args.workload!r}")
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    rounds = DEFAULT_ROUNDS if args.rounds is None else args.rounds
+    if rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {rounds}")
     if max(levels) > config.max_num_seqs:
         raise ValueError(f"--concurrency {max(levels)} is above --max-num-seqs {config.max_num_seqs}: the engine "
                          f"would queue requests instead of running them at once")
@@ -101,7 +103,7 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
         llm.generate(prompts[:max(levels)], SamplingParams(temperature=0.0, max_tokens=4))
     totals = {(c, arm): ArmTotals() for c in levels for arm in engines}
     differing = dict.fromkeys(levels, 0)
-    for round_index in range(args.rounds):
+    for round_index in range(rounds):
         order = ("off", "on") if round_index % 2 == 0 else ("on", "off")
         for c in levels:
             for arm in order:
@@ -122,11 +124,11 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
                                                       zip(totals[c, "off"].per_round, totals[c, "on"].per_round)],
                        "tpot_ratio_per_round": [a["mean_tpot_ms"] / b["mean_tpot_ms"] for a, b in
                                                 zip(totals[c, "off"].per_round, totals[c, "on"].per_round)]})
-    results = {"workload": args.workload, "rounds": args.rounds, "points": points,
+    results = {"workload": args.workload, "rounds": rounds, "points": points,
                "acceptance_rate": stats.acceptance_rate, "mean_acceptance_length": stats.mean_acceptance_length,
                "num_drafts": stats.num_drafts}
     print(f"{args.workload} prompts of {args.passage_len} + {args.repeat_len} tokens, {args.output_len} output tokens, "
-          f"{args.rounds} rounds, {config.speculative_config}")
+          f"{rounds} rounds, {config.speculative_config}")
     print("concurrency | tok/s off | tok/s on | throughput on/off | TPOT off ms | TPOT on ms | TPOT off/on | "
           "outputs differing")
     for p in points:

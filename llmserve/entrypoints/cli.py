@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "off at each, alternating (instead of the batch-1 comparison)")
     spec.add_argument("--workload", default="repeat", choices=("repeat", "random"),
                       help="with --concurrency: repeating prompts, or random token ids (nothing to look up)")
-    spec.add_argument("--rounds", type=int, default=2, help="with --concurrency: rounds of off and on per concurrency")
+    spec.add_argument("--rounds", type=int, default=None,
+                      help="with --concurrency: rounds of off and on per concurrency (default 2)")
     spec.set_defaults(func=_bench("spec_decode", "run_spec_decode_benchmark"))
     ppl = bench_sub.add_parser("perplexity", help="perplexity of a text (default: the held-out corpus) through the engine")
     add_engine_args(ppl)

@@ -26,4 +26,5 @@ def test_spec_decode_smoke(tmp_path, llama_dir, capsys):
 
 def test_refusals():
     assert bench("spec-decode", "--num-prompts", "1") == 2                              # nothing to compare
+    assert bench("spec-decode", "--speculative-config", NGRAM, "--rounds", "3") == 2    # a sweep's flag alone
     assert bench("latency", "--speculative-model", "[ngram]", "--num-speculative-tokens", "2") == 2
