@@ -5,8 +5,7 @@ Two measurements decide it:
 
 - **The step's cost**, measured at start-up (:meth:`StepCostModel`): seconds of a decode-like step as a
   function of the tokens it computes (and, with a draft model, of the draft's forwards), interpolated between
-  measured points, plus attention's cost per token of context (every verified draft reads its sequence's
-  whole context). On a GPU the curve is flat until the tensor cores fill, so drafts are nearly free at low
+  measured points. On a GPU the curve is flat until the tensor cores fill, so drafts are nearly free at low
   load and costly at high load; on a CPU it rises early.
 - **Each sequence's acceptance** (:class:`AcceptanceTracker`): the probability that a draft is accepted
   given the ones before it were, estimated from the sequence's recent steps (older ones decay) and, while it
