@@ -76,10 +76,9 @@ class EngineCore:
         largest = min(config.max_num_seqs * (1 + spec.num_speculative_tokens), max_num_batched_tokens, num_blocks)
         counts = sorted({min(2 ** i, largest) for i in range(largest.bit_length() + 1)})
         times = self.executor.measure_step_times(counts)
-        slope = times["context_slope"][0]
-        logger.info("Adaptive speculation: step times of %s tokens: %s ms; each token of context adds %.3f us per "
-                    "token of a step", counts, ", ".join(f"{1000 * t:.2f}" for t in times["target"]), 1e6 * slope)
-        cost = StepCostModel(counts, times["target"], times["draft"], slope)
+        logger.info("Adaptive speculation: step times of %s tokens: %s ms", counts,
+                    ", ".join(f"{1000 * t:.2f}" for t in times["target"]))
+        cost = StepCostModel(counts, times["target"], times["draft"])
         return AdaptiveSpeculation(cost, spec.num_speculative_tokens)
 
     # ------------------------------------------------------------------ requests

@@ -131,9 +131,8 @@ class Scheduler:
         self._drafts = {}
         suspects = self._next_suspects()
         if self.adaptive is not None:
-            decoding = [s for s in self.running.values() if s.num_tokens - s.num_computed_tokens == 1]
-            self._draft_caps = self.adaptive.num_drafts(
-                [s.seq_id for s in decoding], sum(s.num_tokens for s in decoding) / max(len(decoding), 1))
+            self._draft_caps = self.adaptive.num_drafts([s.seq_id for s in self.running.values()
+                                                         if s.num_tokens - s.num_computed_tokens == 1])
         for seq in list(self.running.values()):
             if budget == 0:
                 break

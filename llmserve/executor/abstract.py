@@ -55,8 +55,7 @@ class Executor(ABC):
     @abstractmethod
     def measure_step_times(self, token_counts: list[int]) -> dict[str, list[float] | None]:
         """The driver's seconds per decode-like step of each of ``token_counts`` one-token rows (``"target"``),
-        of the draft model's forward over them (``"draft"``, None without one), and what a token of context adds
-        (``"context_slope"``: one value); every rank runs them."""
+        and of the draft model's forward over them (``"draft"``, None without one); every rank runs them."""
 
     def shutdown(self) -> None:
         """Stop the workers (a no-op in process)."""

@@ -41,7 +41,7 @@ class StepCostModel:
     tokens, then one forward per draft over the drafting rows)."""
 
     def __init__(self, token_counts: Sequence[int], target_seconds: Sequence[float],
-                 draft_seconds: Sequence[float] | None = None, context_slope: float = 0.0) -> None:
+                 draft_seconds: Sequence[float] | None = None) -> None:
         if len(token_counts) < 1 or len(token_counts) != len(target_seconds) or \
                 (draft_seconds is not None and len(draft_seconds) != len(token_counts)):
             raise ValueError("a step cost model needs one time per measured token count")
@@ -49,8 +49,7 @@ class StepCostModel:
         # A step of more tokens never costs less: a measurement below an earlier one was noise.
         self.target = np.maximum.accumulate(np.asarray(target_seconds, dtype=np.float64))
         self.draft = None if draft_seconds is None else np.maximum.accumulate(np.asarray(draft_seconds, dtype=np.float64))
-        self.context_slope = context_slope   # seconds per token of a step per token of context it attends over
-        self._drafting: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._drafting: dict[tuple[int, int], np.ndarray] = {}
 
     def _interp(self, seconds: np.ndarray, n: np.ndarray) -> np.ndarray:
         """Linear between measured points; beyond the last, proportional to the tokens (weights are read once,
@@ -60,38 +59,34 @@ class StepCostModel:
         return np.where(n > last_n, last_t * n / last_n, inside)
 
     def step_time(self, num_tokens: np.ndarray | int, drafting_rows: np.ndarray | int = 0,
-                  draft_passes: np.ndarray | int = 0, context: float = 0.0) -> np.ndarray:
-        """``context``: the mean context the step's tokens attend over (each verified token reads its sequence's)."""
+                  draft_passes: int = 0) -> np.ndarray:
         n = np.asarray(num_tokens, dtype=np.float64)
-        time = self._interp(self.target, n) + self.context_slope * context * n
+        time = self._interp(self.target, n)
         if self.draft is not None:
             drafting = np.maximum(np.asarray(drafting_rows, dtype=np.float64), 1)
             time = time + self._interp(self.draft, n) + np.asarray(draft_passes) * self._interp(self.draft, drafting)
         return time
 
-    def drafting_step_times(self, rows: int, max_drafts: int, context: float = 0.0) -> np.ndarray:
+    def drafting_step_times(self, rows: int, max_drafts: int) -> np.ndarray:
         """``[c - 1, j - 1]``: seconds of a step of ``rows`` decodes where ``j`` of them check ``c`` drafts each,
-        for every ``c <= max_drafts`` and ``j <= rows`` (the part without context kept per batch size: the policy
-        asks every step)."""
+        for every ``c <= max_drafts`` and ``j <= rows`` (kept per batch size: the policy asks every step)."""
         key = (rows, max_drafts)
         if key not in self._drafting:
             c = np.arange(1, max_drafts + 1)[:, None]
             j = np.arange(1, rows + 1)[None, :]
-            tokens = (rows + c * j).astype(np.float64)
-            self._drafting[key] = (self.step_time(tokens, np.broadcast_to(j, tokens.shape), c), tokens)
-        times, tokens = self._drafting[key]
-        return times + self.context_slope * context * tokens
+            self._drafting[key] = self.step_time(rows + c * j, np.broadcast_to(j, (max_drafts, rows)), c)
+        return self._drafting[key]
 
-    def baseline_time(self, num_rows: int, context: float = 0.0) -> float:
+    def baseline_time(self, num_rows: int) -> float:
         """A step of ``num_rows`` decodes without speculation (and without a draft model)."""
-        return float(self._interp(self.target, np.asarray(float(num_rows)))) + self.context_slope * context * num_rows
+        return float(self._interp(self.target, np.asarray(float(num_rows))))
 
 
-def choose_num_drafts(acceptance: Sequence[float], max_drafts: int, cost: StepCostModel, context: float = 0.0,
+def choose_num_drafts(acceptance: Sequence[float], max_drafts: int, cost: StepCostModel,
                       min_speedup: float = MIN_SPEEDUP) -> list[int]:
     """Drafts per sequence (in the order of ``acceptance``) for the step of most expected tokens per second:
     a cap ``c`` <= ``max_drafts`` for the ``j`` sequences of highest acceptance, the others none; all zero
-    unless it beats the step without speculation by ``min_speedup``. ``context``: the sequences' mean length."""
+    unless it beats the step without speculation by ``min_speedup``."""
     a = np.clip(np.asarray(acceptance, dtype=np.float64), 0.0, 1.0)
     rows = len(a)
     choice = [0] * rows
@@ -101,10 +96,10 @@ def choose_num_drafts(acceptance: Sequence[float], max_drafts: int, cost: StepCo
     # extra tokens of the j most promising rows drafting c each: sum over them of a + a^2 + ... + a^c
     powers = a[order][None, :] ** np.arange(1, max_drafts + 1)[:, None]
     extra = np.cumsum(np.cumsum(powers, axis=0), axis=1)
-    rates = (rows + extra) / cost.drafting_step_times(rows, max_drafts, context)
+    rates = (rows + extra) / cost.drafting_step_times(rows, max_drafts)
     best = int(np.argmax(rates))   # the first best: fewest drafts, then fewest drafting rows
     c, j = divmod(best, rows)
-    if rates.flat[best] <= min_speedup * rows / cost.baseline_time(rows, context):
+    if rates.flat[best] <= min_speedup * rows / cost.baseline_time(rows):
         return choice
     for i in order[:j + 1]:
         choice[int(i)] = c + 1
@@ -165,8 +160,7 @@ class AdaptiveSpeculation:
         self.max_drafts = max_drafts
         self.tracker = AcceptanceTracker()
 
-    def num_drafts(self, seq_ids: Sequence[int], context: float = 0.0) -> dict[int, int]:
-        """Each sequence's cap this step; ``context``: their mean length (the tokens a verified draft attends over)."""
+    def num_drafts(self, seq_ids: Sequence[int]) -> dict[int, int]:
         self.tracker.decay()
-        caps = choose_num_drafts([self.tracker.rate(s) for s in seq_ids], self.max_drafts, self.cost, context)
+        caps = choose_num_drafts([self.tracker.rate(s) for s in seq_ids], self.max_drafts, self.cost)
         return dict(zip(seq_ids, caps))

@@ -27,20 +27,19 @@ def test_the_choice_is_the_best_of_every_cap_and_number_of_drafting_sequences():
         acceptance = rng.random(rows).round(2).tolist()
         times = np.maximum.accumulate(rng.random(len(COUNTS)) * 10 + 1).tolist()
         draft = None if rng.random() < 0.5 else (rng.random(len(COUNTS)) * 2).tolist()
-        cost = StepCostModel(COUNTS, times, draft, context_slope=float(rng.random()) * 1e-3)
-        context = float(rng.integers(0, 2000))
+        cost = StepCostModel(COUNTS, times, draft)
         order = sorted(range(rows), key=lambda i: -acceptance[i])
-        best_rate, best = 1.05 * rows / cost.baseline_time(rows, context), (0, 0)
+        best_rate, best = 1.05 * rows / cost.baseline_time(rows), (0, 0)
         for c in range(1, max_drafts + 1):
             for j in range(1, rows + 1):
                 tokens = rows + sum(sum(acceptance[i] ** p for p in range(1, c + 1)) for i in order[:j])
-                rate = tokens / cost.step_time(rows + c * j, j, c, context).item()
+                rate = tokens / cost.step_time(rows + c * j, j, c).item()
                 if rate > best_rate * (1 + 1e-12):
                     best_rate, best = rate, (c, j)
         expected = [0] * rows
         for i in order[:best[1]]:
             expected[i] = best[0]
-        assert choose_num_drafts(acceptance, max_drafts, cost, context) == expected
+        assert choose_num_drafts(acceptance, max_drafts, cost) == expected
 
 
 def test_cost_model_interpolates_and_never_falls():
@@ -50,17 +49,6 @@ def test_cost_model_interpolates_and_never_falls():
     with_draft = StepCostModel(COUNTS, LINEAR, [0.5 * n for n in COUNTS])
     assert with_draft.step_time(8, drafting_rows=2, draft_passes=3).item() == 8 + 4 + 3 * 1.0
     assert with_draft.baseline_time(8) == 8.0   # no draft model at all
-    attending = StepCostModel(COUNTS, LINEAR, context_slope=0.01)   # each token reads its context
-    assert attending.step_time(4, context=100).item() == pytest.approx(4 + 0.01 * 100 * 4)
-    assert attending.baseline_time(4, context=100) == pytest.approx(8.0)
-
-
-def test_long_contexts_make_drafts_dearer():
-    """Every verified draft attends over its sequence's context: what pays over a short context may not over a
-    long one."""
-    cost = StepCostModel(COUNTS, FLAT_THEN_LINEAR, context_slope=0.01)
-    assert choose_num_drafts([0.8] * 4, 4, cost, context=0) == [3, 3, 3, 3]
-    assert choose_num_drafts([0.8] * 4, 4, cost, context=1000) == [0, 0, 0, 0]
 
 
 def test_drafts_when_tokens_are_free_and_acceptance_high():
