@@ -197,6 +197,17 @@ def token_rows(layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(tables), torch.from_numpy(seq_lens.astype(np.int32))
 
 
+def run_step(model: nn.Module, fused: FusedDecode | None, layout: BatchLayout, metadata: object,
+             input_ids: torch.Tensor, positions: torch.Tensor, rotary_lengths: torch.Tensor,
+             intermediate_tensors: object = None) -> torch.Tensor:
+    """A step's hidden states: through ``fused`` (the model's fused decode step, or None) where it takes the step,
+    else through the model's modules."""
+    if fused is not None and fused.accepts(layout, metadata):
+        return fused.forward(input_ids, positions, metadata)
+    return model(input_ids, positions, metadata, intermediate_tensors=intermediate_tensors,
+                 rotary_lengths=rotary_lengths)
+
+
 def fused_decode_for(model: nn.Module, backend: object, dtype: torch.dtype, device: torch.device) -> FusedDecode | None:
     """The fused decode step for ``model`` (a causal LM whose decoder is ``model.model``), or None; logs which,
     and why not, once."""

@@ -39,6 +39,7 @@ from llmserve.layers.attention.backend import AttentionBackend, BatchLayout, get
 from llmserve.worker.kv_cache_groups import group_metadata
 from llmserve.layers.attention.layer import Attention, set_kv_cache_dtype
 from llmserve.model_loader.loader import load_config, load_model, resolve_model_path
+from llmserve.models.llama_fused_decode import fused_decode_for, run_step
 from llmserve.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
@@ -51,9 +52,10 @@ logger = logging.getLogger(__name__)
 
 class DraftModelProposer:
     def __init__(self, model: nn.Module, backend: AttentionBackend, num_speculative_tokens: int, block_size: int,
-                 vocab_size: int, max_model_len: int, device: torch.device) -> None:
+                 vocab_size: int, max_model_len: int, device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
         self.backend = backend
+        self.fused = fused_decode_for(model, backend, dtype, device)   # the draft's one-token forwards, on a CPU
         self.num_speculative_tokens = num_speculative_tokens
         self.block_size = block_size
         self.vocab_size = vocab_size
@@ -85,7 +87,7 @@ class DraftModelProposer:
         logger.info("Draft model %s (%s, %d attention layers) proposes %d tokens per step", path,
                     type(model).__name__, len(layers), spec.num_speculative_tokens)
         return cls(model, backend, spec.num_speculative_tokens, config.block_size, target_vocab, max_model_len,
-                   device)
+                   device, dtype)
 
     @property
     def num_lookahead_slots(self) -> int:
@@ -95,11 +97,11 @@ class DraftModelProposer:
     def attention_layers(self) -> list[Attention]:
         return self.model.attention_layers()
 
-    def catch_up(self, metadata: object, input_ids: torch.Tensor, positions: torch.Tensor,
+    def catch_up(self, layout: BatchLayout, metadata: object, input_ids: torch.Tensor, positions: torch.Tensor,
                  rotary_lengths: torch.Tensor) -> None:
         """Run the draft over the target's step (same tokens, same slots; ``metadata``: this proposer's backend's,
         per KV-cache group): its K/V follows the target's."""
-        self.model(input_ids, positions, metadata, rotary_lengths=rotary_lengths)
+        run_step(self.model, self.fused, layout, metadata, input_ids, positions, rotary_lengths)
 
     def decisions_on_every_rank(self, seqs: list[CachedSequence],
                                 out: ModelRunnerOutput | None) -> tuple[np.ndarray, np.ndarray]:
@@ -159,10 +161,10 @@ class DraftModelProposer:
                                  slot_mapping=torch.from_numpy(slots[0]).to(self.device), num_decodes=len(active),
                                  block_size=bs)
             pos_t = torch.from_numpy(pos).to(self.device)
-            hidden = self.model(torch.from_numpy(tokens[active]).to(self.device), pos_t,
-                                group_metadata(self.backend, layout, tables, slots, self.device),
-                                rotary_lengths=torch.maximum(torch.from_numpy(num_prompt[active]).to(self.device),
-                                                             pos_t + 1))
+            hidden = run_step(self.model, self.fused, layout,
+                              group_metadata(self.backend, layout, tables, slots, self.device),
+                              torch.from_numpy(tokens[active]).to(self.device), pos_t,
+                              torch.maximum(torch.from_numpy(num_prompt[active]).to(self.device), pos_t + 1))
             logits = self.model.compute_logits(hidden)[:, :self.vocab_size]
             tokens[active] = drafts[active, j] = logits.argmax(dim=-1).cpu().numpy()
         return [drafts[i, :counts[i]].tolist() for i in range(len(positions))]

@@ -43,7 +43,7 @@ from llmserve.layers.attention.layer import Attention
 from llmserve.layers.sampler import Sampler, compute_logprobs
 from llmserve.layers.sampling_batch import SamplingBatch, SamplingRow
 from llmserve.lora.model_manager import LoRAModelManager
-from llmserve.models.llama_fused_decode import fused_decode_for
+from llmserve.models.llama_fused_decode import fused_decode_for, run_step
 from llmserve.sampling_params import SamplingParams
 from llmserve.spec_decode import rejection_sampler
 from llmserve.spec_decode.draft_model_proposer import DraftModelProposer
@@ -255,8 +255,8 @@ class ModelRunner:
             self._calibrate_kv = []
             hidden = self.forward(layout, metadata, ids, pos, lengths, received)
             if self.drafter is not None:
-                self.drafter.catch_up(group_metadata(self.drafter.backend, layout, step.block_tables,
-                                                     step.slot_mapping, self.device), ids, pos, lengths)
+                self.drafter.catch_up(layout, group_metadata(self.drafter.backend, layout, step.block_tables,
+                                                             step.slot_mapping, self.device), ids, pos, lengths)
         # Parallel samples join every rank's batch (the scheduler sends them as deltas from now on).
         for i, seq in enumerate(list(sample_seqs)):
             for fork in sched.forks.get(seq.seq_id, ()):
@@ -294,9 +294,7 @@ class ModelRunner:
     def forward(self, layout: BatchLayout, metadata: object, ids: torch.Tensor, pos: torch.Tensor,
                 lengths: torch.Tensor, received: IntermediateTensors | None = None) -> torch.Tensor:
         """A step's hidden states: through the fused decode step where it takes the step, else the model's modules."""
-        if self.fused_decode is not None and self.fused_decode.accepts(layout, metadata):
-            return self.fused_decode.forward(ids, pos, metadata)
-        return self.model(ids, pos, metadata, intermediate_tensors=received, rotary_lengths=lengths)
+        return run_step(self.model, self.fused_decode, layout, metadata, ids, pos, lengths, received)
 
     def fail_step(self, sched: SchedulerOutput) -> None:
         """This rank's step raised: make every other rank drop the step too rather than wait for this one.

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llmserve import LLM, SamplingParams
+from llmserve.layers.cpu_kernels import cpu_kernels
 from llmserve.spec_decode.config import SpeculativeConfig
 from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.testing.checkpoints import write_checkpoint
@@ -43,6 +44,8 @@ def greedy_off(llama_dir):
 def test_greedy_output_is_unchanged_with_a_smaller_draft(llama_dir, small_draft_dir, greedy_off):
     on = draft_llm(llama_dir, small_draft_dir)
     assert completions(on, prompts=PROMPTS * 2) == greedy_off
+    fused = on.engine.runner.drafter.fused   # on a CPU the draft's catch-up and drafting run the fused step
+    assert fused is None if cpu_kernels() is None else fused.calls > 0
     stats = on.engine.scheduler.spec_stats
     assert stats.num_drafts > 0 and stats.num_draft_tokens <= K * stats.num_drafts
     assert stats.num_accepted_tokens <= stats.num_draft_tokens
