@@ -59,8 +59,9 @@ def decode_step(runner: ModelRunner, n: int) -> torch.Tensor:
                          slot_mapping=torch.from_numpy(slots[0]).to(runner.device), num_decodes=n,
                          block_size=block_size)
     metadata = group_metadata(runner.backend, layout, tables, slots, runner.device)
-    ids = torch.zeros(n, dtype=torch.long, device=runner.device)
-    hidden = runner.forward(layout, metadata, ids, ids, torch.ones(n, dtype=torch.long, device=runner.device))
+    ids = torch.zeros(n, dtype=torch.long, device=runner.device)   # token 0 at position 0 in every row
+    positions = torch.zeros_like(ids)
+    hidden = runner.forward(layout, metadata, ids, positions, torch.ones_like(ids))
     logits = runner.model.compute_logits(hidden)
     greedy = SamplingRow(SamplingParams(temperature=0.0), [], [], None, None)
     return runner.sampler(logits, SamplingBatch.build([greedy] * n, runner.vocab_size, runner.device)).sampled_token_ids

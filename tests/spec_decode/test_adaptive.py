@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmserve.spec_decode.adaptive import (ENGINE_DECAY, INITIAL_RATE, PRIOR_WEIGHT, SEQ_DECAY, AcceptanceTracker,
-                                           StepCostModel, choose_num_drafts)
+from llmserve.spec_decode.adaptive import (ENGINE_DECAY, INITIAL_RATE, MIN_SPEEDUP, PRIOR_WEIGHT, SEQ_DECAY,
+                                           AcceptanceTracker, StepCostModel, choose_num_drafts)
 from tests.spec_decode.test_draft_model import draft_llm
 from tests.spec_decode.test_spec_equivalence import PROMPTS, completions, make_llm
 
@@ -29,7 +29,7 @@ def test_the_choice_is_the_best_of_every_cap_and_number_of_drafting_sequences():
         draft = None if rng.random() < 0.5 else (rng.random(len(COUNTS)) * 2).tolist()
         cost = StepCostModel(COUNTS, times, draft)
         order = sorted(range(rows), key=lambda i: -acceptance[i])
-        best_rate, best = 1.05 * rows / cost.baseline_time(rows), (0, 0)
+        best_rate, best = MIN_SPEEDUP * rows / cost.baseline_time(rows), (0, 0)
         for c in range(1, max_drafts + 1):
             for j in range(1, rows + 1):
                 tokens = rows + sum(sum(acceptance[i] ** p for p in range(1, c + 1)) for i in order[:j])
