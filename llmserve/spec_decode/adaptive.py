@@ -50,6 +50,7 @@ class StepCostModel:
         self.target = np.maximum.accumulate(np.asarray(target_seconds, dtype=np.float64))
         self.draft = None if draft_seconds is None else np.maximum.accumulate(np.asarray(draft_seconds, dtype=np.float64))
         self._drafting: dict[tuple[int, int], np.ndarray] = {}
+        self._never_pays: dict[tuple[int, int, float], float] = {}
 
     def _interp(self, seconds: np.ndarray, n: np.ndarray) -> np.ndarray:
         """Linear between measured points; beyond the last, proportional to the tokens (weights are read once,
@@ -77,6 +78,32 @@ class StepCostModel:
             self._drafting[key] = self.step_time(rows + c * j, np.broadcast_to(j, (max_drafts, rows)), c)
         return self._drafting[key]
 
+    def never_pays_up_to(self, rows: int, max_drafts: int, min_speedup: float) -> float:
+        """An acceptance at or below which no drafts pay in a step of ``rows`` decodes (kept per batch size): if
+        every sequence's is, the policy's search would find nothing, so it is skipped. Found by bisection, as
+        drafts' expected tokens only grow with acceptance; the bound returned is one that was checked."""
+        key = (rows, max_drafts, min_speedup)
+        if key not in self._never_pays:
+            times = self.drafting_step_times(rows, max_drafts)
+            floor = min_speedup * rows / self.baseline_time(rows)
+            j = np.arange(1, rows + 1)[None, :]
+
+            def pays(a: float) -> bool:
+                extra = j * np.cumsum(a ** np.arange(1, max_drafts + 1))[:, None]
+                return bool(((rows + extra) / times).max() > floor)
+
+            low, high = 0.0, 1.0
+            if pays(low):
+                low = -1.0   # drafts pay even when never accepted: the search always runs
+            elif not pays(high):
+                low = high
+            else:
+                while high - low > 1e-4:
+                    middle = (low + high) / 2
+                    low, high = (low, middle) if pays(middle) else (middle, high)
+            self._never_pays[key] = low
+        return self._never_pays[key]
+
     def baseline_time(self, num_rows: int) -> float:
         """A step of ``num_rows`` decodes without speculation (and without a draft model)."""
         return float(self._interp(self.target, np.asarray(float(num_rows))))
@@ -87,11 +114,11 @@ def choose_num_drafts(acceptance: Sequence[float], max_drafts: int, cost: StepCo
     """Drafts per sequence (in the order of ``acceptance``) for the step of most expected tokens per second:
     a cap ``c`` <= ``max_drafts`` for the ``j`` sequences of highest acceptance, the others none; all zero
     unless it beats the step without speculation by ``min_speedup``."""
-    a = np.clip(np.asarray(acceptance, dtype=np.float64), 0.0, 1.0)
-    rows = len(a)
+    rows = len(acceptance)
     choice = [0] * rows
-    if rows == 0 or max_drafts < 1:
-        return choice
+    if rows == 0 or max_drafts < 1 or max(acceptance) <= cost.never_pays_up_to(rows, max_drafts, min_speedup):
+        return choice   # the common case under load, decided without the search
+    a = np.clip(np.asarray(acceptance, dtype=np.float64), 0.0, 1.0)
     order = np.argsort(-a, kind="stable")
     # extra tokens of the j most promising rows drafting c each: sum over them of a + a^2 + ... + a^c
     powers = a[order][None, :] ** np.arange(1, max_drafts + 1)[:, None]

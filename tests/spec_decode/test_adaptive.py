@@ -64,6 +64,16 @@ def test_no_drafts_when_they_cannot_pay():
     assert choose_num_drafts([0.6] * 64, 4, big_batch) == [0] * 64
 
 
+def test_below_the_break_even_acceptance_nobody_drafts_and_just_above_it_the_search_drafts():
+    """The bound that lets a step skip the search is the acceptance at which drafts start to pay (to 1e-4)."""
+    cost = StepCostModel(COUNTS, [10.0, 10.0, 10.0, 12.0, 20.0, 40.0, 80.0])
+    bound = cost.never_pays_up_to(8, 4, MIN_SPEEDUP)
+    assert 0.0 < bound < 1.0
+    assert choose_num_drafts([bound] * 8, 4, cost) == [0] * 8
+    assert choose_num_drafts([bound + 1e-3] * 8, 4, cost) != [0] * 8
+    assert StepCostModel(COUNTS, LINEAR).never_pays_up_to(3, 4, MIN_SPEEDUP) == 1.0   # drafts never pay
+
+
 def test_only_the_sequences_whose_drafts_pay_draft():
     cost = StepCostModel(COUNTS, [10.0, 10.0, 10.0, 10.0, 20.0, 40.0, 80.0])
     choice = choose_num_drafts([0.05, 0.9, 0.0, 0.85], 3, cost)
