@@ -3,41 +3,49 @@
 
 The longest n in ``[prompt_lookup_min, prompt_lookup_max]`` whose n-gram ending at the last token also
 occurs earlier, with at least one token after it, wins; among occurrences of that length the last one
-(the most recent context) is taken. The search is a few vectorised numpy passes: the candidates are the
-earlier positions holding the last token, and each further pass keeps those whose previous token matches
-too, so a step costs O(sequence length) in numpy, not O(length x n) in Python.
+(the most recent context) is taken.
 
-Tokens are kept per sequence in a growing numpy buffer (a sequence's tokens only ever grow), so a step
-converts only the tokens appended since the last one.
+Each sequence keeps an index of its n-grams, one dictionary per n from each n-gram to the position where it
+most recently ended. A sequence's tokens only ever grow (rejected drafts never join them), so a step indexes
+the few tokens appended since the last one and a lookup is one dictionary probe per n: the step's cost does
+not grow with the sequence's length, where a search over its tokens would (the scheduler asks every decoding
+sequence every step). The index costs a few dictionary entries per token of the sequence.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from llmserve.spec_decode.config import SpeculativeConfig
 
 
-def propose_ngram(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray:
-    """Up to ``k`` tokens that followed the most recent earlier occurrence of the longest n-gram (``min_n``
-    <= n <= ``max_n``) ending ``tokens``; empty when there is none."""
-    length = len(tokens)
-    if length < min_n + 1 or k < 1:
-        return tokens[:0]
-    # Candidate ends e (< last position) of an earlier occurrence; a match of length n needs e >= n - 1.
-    ends = np.flatnonzero(tokens[:length - 1] == tokens[length - 1])
-    matched = 1
-    best = ends if min_n <= 1 else ends[:0]
-    while ends.size and matched < max_n:
-        ends = ends[ends >= matched]
-        ends = ends[tokens[ends - matched] == tokens[length - 1 - matched]]
-        matched += 1
-        if ends.size and matched >= min_n:
-            best = ends
-    if not best.size:
-        return tokens[:0]
-    start = int(best[-1]) + 1
-    return tokens[start:start + k]
+class NgramIndex:
+    """One sequence's tokens and, for each n in ``[min_n, max_n]``, its n-grams by their most recent end among
+    the positions that have a token after them."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
+        self._ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(min_n, max_n + 1)}
+
+    def extend(self, token_ids: list[int]) -> None:
+        """Take the tokens of ``token_ids`` beyond those already held (it starts with them)."""
+        tokens = self.tokens
+        first = len(tokens)
+        tokens.extend(token_ids[first:])
+        for end in range(max(first - 1, 0), len(tokens) - 1):   # ends that now have a token after them
+            for n, ends in self._ends.items():
+                if n <= end + 1:
+                    ends[tuple(tokens[end + 1 - n:end + 1])] = end
+
+    def propose(self, k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the most recent earlier occurrence of the longest indexed n-gram
+        ending the tokens; empty when there is none."""
+        tokens = self.tokens
+        length = len(tokens)
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            end = self._ends[n].get(tuple(tokens[length - n:]))
+            if end is not None:
+                return tokens[end + 1:end + 1 + k]
+        return []
 
 
 class NgramProposer:
@@ -48,27 +56,19 @@ class NgramProposer:
         self.num_lookahead_slots = 0   # drafts come from the tokens; nothing is written ahead
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
-        self._tokens: dict[int, tuple[np.ndarray, int]] = {}   # seq id -> (buffer, tokens in it)
+        self._indexes: dict[int, NgramIndex] = {}
 
     def propose(self, seq_id: int, token_ids: list[int], max_tokens: int) -> list[int]:
         """At most ``max_tokens`` (and ``num_speculative_tokens``) drafts to follow ``token_ids``."""
         k = min(max_tokens, self.num_speculative_tokens)
         if k < 1:
             return []
-        return propose_ngram(self._buffer(seq_id, token_ids), self.min_n, self.max_n, k).tolist()
+        index = self._indexes.get(seq_id)
+        if index is None:
+            index = self._indexes[seq_id] = NgramIndex(self.min_n, self.max_n)
+        index.extend(token_ids)
+        return index.propose(k)
 
     def remove(self, seq_id: int, token_ids: list[int]) -> None:
-        """Forget a finished sequence's tokens (lookup reads only the sequence's own)."""
-        self._tokens.pop(seq_id, None)
-
-    def _buffer(self, seq_id: int, token_ids: list[int]) -> np.ndarray:
-        buffer, filled = self._tokens.get(seq_id, (np.empty(0, dtype=np.int64), 0))
-        length = len(token_ids)
-        if length > buffer.size:
-            grown = np.empty(max(length, 2 * buffer.size), dtype=np.int64)
-            grown[:filled] = buffer[:filled]
-            buffer = grown
-        if length > filled:
-            buffer[filled:length] = token_ids[filled:length]
-        self._tokens[seq_id] = (buffer, length)
-        return buffer[:length]
+        """Forget a finished sequence's index (lookup reads only the sequence's own tokens)."""
+        self._indexes.pop(seq_id, None)
