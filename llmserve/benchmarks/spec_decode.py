@@ -24,6 +24,8 @@ from llmserve.entrypoints.cli_args import engine_config_from_args
 from llmserve.entrypoints.llm import LLM
 from llmserve.sampling_params import SamplingParams
 
+DEFAULT_NUM_PROMPTS = 8
+
 
 def repeat_prompts(corpus: CorpusText, num: int, passage_len: int, repeat_len: int, seed: int = 0) -> list[list[int]]:
     """``num`` prompts of a corpus passage of ``passage_len`` tokens followed by its first ``repeat_len``."""
@@ -60,6 +62,9 @@ def run_spec_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         return run_spec_decode_sweep(args, config)
     if args.workload != "repeat" or args.rounds is not None:
         raise ValueError("--workload and --rounds are for the concurrency sweep: give --concurrency too")
+    num_prompts = DEFAULT_NUM_PROMPTS if args.num_prompts is None else args.num_prompts
+    if num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
     results: dict[str, Any] = {}
     outputs: dict[str, list[list[int]]] = {}
     prompts: list[list[int]] = []
@@ -67,7 +72,7 @@ def run_spec_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         llm = LLM(**vars(dataclasses.replace(config, speculative_config=spec)))
         if not prompts:
             corpus = CorpusText(HFTokenizer(llm.get_tokenizer()))
-            prompts = repeat_prompts(corpus, args.num_prompts, args.passage_len, args.repeat_len)
+            prompts = repeat_prompts(corpus, num_prompts, args.passage_len, args.repeat_len)
         tpots, outputs[name] = _run(llm, prompts, args.output_len)
         stats = llm.engine.scheduler.spec_stats
         results[name] = {"mean_tpot_ms": 1000 * statistics.mean(tpots), "median_tpot_ms": 1000 * statistics.median(tpots),
@@ -80,7 +85,7 @@ def run_spec_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError("greedy outputs differ with speculation on and off")
     on, off = results["on"], results["off"]
     results["speedup_mean_tpot"] = off["mean_tpot_ms"] / on["mean_tpot_ms"]
-    print(f"{args.num_prompts} prompts of {args.passage_len} + {args.repeat_len} tokens, {args.output_len} output "
+    print(f"{num_prompts} prompts of {args.passage_len} + {args.repeat_len} tokens, {args.output_len} output "
           f"tokens, batch 1, {config.speculative_config}")
     for name in ("off", "on"):
         r = results[name]

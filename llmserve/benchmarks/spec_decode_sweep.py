@@ -4,8 +4,12 @@ worse than with it off".
 
 Two engines live side by side in this process, one without speculation and one with ``--speculative-config``,
 so the two arms alternate within each round (off first in odd rounds, on first in even ones) and a change of
-the machine's load falls on both. At concurrency ``c`` an arm generates ``c`` prompts at once (greedy,
-``--output-len`` tokens each, EOS ignored), the same prompts for both arms. Per concurrency the report gives,
+the machine's load falls on both. At concurrency ``c`` an arm generates ``--num-prompts`` prompts (default
+``4 c``; greedy, ``--output-len`` tokens each, EOS ignored), the same prompts for both arms, at most ``c`` at a
+time: a finished request is replaced by the next at once, as a serving benchmark's ``--max-concurrency`` keeps
+them. (``c`` prompts run as one closed batch would time its slowest request: under adaptive speculation the
+sequences whose drafts are accepted finish early while the others pay for longer steps, so the batch's wall
+time can grow while every step yields more tokens.) Per concurrency the report gives,
 summed over the rounds, each arm's output throughput (output tokens / wall time) and mean TPOT, and the on/off
 ratios as speeds: throughput on / off and TPOT off / on, so that a ratio below 1 means speculation cost time;
 the ratios of each round are given too, their spread being the noise of the machine.
@@ -25,16 +29,20 @@ import dataclasses
 import random
 import statistics
 import time
+from collections import deque
 from typing import Any
 
 from llmserve.benchmarks.datasets import CorpusText, HFTokenizer, allowed_token_ids, random_token_ids
 from llmserve.benchmarks.spec_decode import repeat_prompts, save_output_json
 from llmserve.config import EngineConfig
+from llmserve.engine.output_processor import OutputKind
 from llmserve.entrypoints.llm import LLM
+from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
 
 WORKLOADS = ("repeat", "random")
 DEFAULT_ROUNDS = 2
+DEFAULT_REQUESTS_PER_SLOT = 4   # requests per unit of concurrency when --num-prompts is not given
 
 
 def parse_concurrency(value: str) -> list[int]:
@@ -58,6 +66,26 @@ def sweep_prompts(llm: LLM, workload: str, num: int, passage_len: int, repeat_le
     return [random_token_ids(rng, passage_len + repeat_len, allowed) for _ in range(num)]
 
 
+def generate_at_concurrency(llm: LLM, prompts: list[list[int]], params: SamplingParams,
+                            concurrency: int) -> list[RequestOutput]:
+    """Every prompt's finished output (in order), with at most ``concurrency`` requests in the engine: whenever
+    one finishes, the next is added before the following step."""
+    engine = llm.engine
+    pending = deque(enumerate(prompts))
+    in_flight: dict[str, int] = {}
+    results: list[RequestOutput | None] = [None] * len(prompts)
+    while pending or in_flight:
+        while pending and len(in_flight) < concurrency:
+            index, prompt = pending.popleft()
+            request_id = f"sweep-{id(results)}-{index}"
+            engine.add_request(request_id, prompt, params, output_kind=OutputKind.FINAL_ONLY)
+            in_flight[request_id] = index
+        for output in engine.step():
+            if output.finished and output.request_id in in_flight:
+                results[in_flight.pop(output.request_id)] = output
+    return results   # type: ignore[return-value]
+
+
 @dataclasses.dataclass
 class ArmTotals:
     """One arm at one concurrency, summed over the rounds."""
@@ -68,10 +96,10 @@ class ArmTotals:
     outputs: list[list[int]] = dataclasses.field(default_factory=list)   # the last round's
     per_round: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
-    def add(self, llm: LLM, prompts: list[list[int]], output_len: int) -> None:
+    def add(self, llm: LLM, prompts: list[list[int]], output_len: int, concurrency: int) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         start = time.perf_counter()
-        results = llm.generate(prompts, params)
+        results = generate_at_concurrency(llm, prompts, params, concurrency)
         seconds = time.perf_counter() - start
         tokens = [len(r.outputs[0].token_ids) for r in results]
         tpots = [(r.metrics.last_token_time - r.metrics.first_token_time) / (n - 1) for r, n in zip(results, tokens)]
@@ -96,9 +124,13 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
     if max(levels) > config.max_num_seqs:
         raise ValueError(f"--concurrency {max(levels)} is above --max-num-seqs {config.max_num_seqs}: the engine "
                          f"would queue requests instead of running them at once")
+    requests = {c: DEFAULT_REQUESTS_PER_SLOT * c if args.num_prompts is None else args.num_prompts for c in levels}
+    if any(n < c for c, n in requests.items()):
+        raise ValueError(f"--num-prompts {args.num_prompts} is below --concurrency {max(levels)}: that level would "
+                         f"never have as many requests at once")
     engines = {"off": LLM(**vars(dataclasses.replace(config, speculative_config=None))),
                "on": LLM(**vars(config))}
-    prompts = sweep_prompts(engines["off"], args.workload, max(levels), args.passage_len, args.repeat_len)
+    prompts = sweep_prompts(engines["off"], args.workload, max(requests.values()), args.passage_len, args.repeat_len)
     for llm in engines.values():   # warm-up: the first steps of an engine pay one-off costs
         llm.generate(prompts[:max(levels)], SamplingParams(temperature=0.0, max_tokens=4))
     totals = {(c, arm): ArmTotals() for c in levels for arm in engines}
@@ -107,7 +139,7 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
         order = ("off", "on") if round_index % 2 == 0 else ("on", "off")
         for c in levels:
             for arm in order:
-                totals[c, arm].add(engines[arm], prompts[:c], args.output_len)
+                totals[c, arm].add(engines[arm], prompts[:requests[c]], args.output_len, c)
             differing[c] += sum(a != b for a, b in zip(totals[c, "off"].outputs, totals[c, "on"].outputs))
     stats = engines["on"].engine.scheduler.spec_stats
     for llm in engines.values():
@@ -115,7 +147,7 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
     points = []
     for c in levels:
         off, on = totals[c, "off"].summary(), totals[c, "on"].summary()
-        points.append({"concurrency": c, "off": off, "on": on,
+        points.append({"concurrency": c, "num_requests": requests[c], "off": off, "on": on,
                        "throughput_ratio": on["output_throughput"] / off["output_throughput"],
                        "tpot_ratio": off["mean_tpot_ms"] / on["mean_tpot_ms"],
                        "differing_outputs": differing[c],
@@ -128,7 +160,8 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
                "acceptance_rate": stats.acceptance_rate, "mean_acceptance_length": stats.mean_acceptance_length,
                "num_drafts": stats.num_drafts}
     print(f"{args.workload} prompts of {args.passage_len} + {args.repeat_len} tokens, {args.output_len} output tokens, "
-          f"{rounds} rounds, {config.speculative_config}")
+          f"{', '.join(f'{n} requests at concurrency {c}' for c, n in requests.items())}, {rounds} rounds, "
+          f"{config.speculative_config}")
     print("concurrency | tok/s off | tok/s on | throughput on/off | TPOT off ms | TPOT on ms | TPOT off/on | "
           "outputs differing")
     for p in points:

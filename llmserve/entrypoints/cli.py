@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.set_defaults(func=_bench("latency", "run_latency_benchmark"))
     spec = bench_sub.add_parser("spec-decode", help="TPOT with --speculative-config against without, at batch 1 or a concurrency sweep")
     add_engine_args(spec)
-    spec.add_argument("--num-prompts", type=int, default=8)
+    spec.add_argument("--num-prompts", type=int, default=None,
+                      help="prompts (default 8, one at a time); with --concurrency, requests at each concurrency, at "
+                           "most that many at once (default 4 x the concurrency)")
     spec.add_argument("--passage-len", type=int, default=256, help="tokens of the corpus passage in each prompt")
     spec.add_argument("--repeat-len", type=int, default=32, help="tokens of the passage repeated after it")
     spec.add_argument("--output-len", type=int, default=128)

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from llmserve.benchmarks.spec_decode_sweep import parse_concurrency
+from llmserve.benchmarks.spec_decode_sweep import generate_at_concurrency, parse_concurrency
+from llmserve.entrypoints.llm import LLM
+from llmserve.sampling_params import SamplingParams
 from tests.benchmarks.test_offline import ENGINE, bench
 from tests.benchmarks.test_spec_decode import NGRAM
 
@@ -21,6 +23,7 @@ def test_sweep_reports_each_concurrency_with_ratios(tmp_path, llama_dir, capsys,
     results = json.loads(out.read_text())["results"]
     assert results["workload"] == workload and results["rounds"] == 2
     assert [p["concurrency"] for p in results["points"]] == [1, 3]
+    assert [p["num_requests"] for p in results["points"]] == [4, 12]   # 4 per unit of concurrency by default
     for point in results["points"]:
         off, on = point["off"], point["on"]
         assert point["throughput_ratio"] == pytest.approx(on["output_throughput"] / off["output_throughput"])
@@ -29,6 +32,27 @@ def test_sweep_reports_each_concurrency_with_ratios(tmp_path, llama_dir, capsys,
         assert len(point["throughput_ratio_per_round"]) == len(point["tpot_ratio_per_round"]) == 2
         assert min(point["tpot_ratio_per_round"]) - 1e-9 <= point["tpot_ratio"] <= max(point["tpot_ratio_per_round"]) + 1e-9
     assert "throughput on/off" in capsys.readouterr().out
+
+
+def test_requests_run_at_most_the_concurrency_at_once_each_replaced_when_it_finishes(llama_dir):
+    llm = LLM(str(llama_dir), max_model_len=128, num_threads=1)
+    try:
+        prompts = [[5 + i, 6, 7, 8 + i] for i in range(7)]
+        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+        in_engine: list[int] = []
+        step = llm.engine.step
+
+        def counting_step():
+            in_engine.append(len(llm.engine.core.requests))
+            return step()
+
+        llm.engine.step = counting_step
+        outputs = generate_at_concurrency(llm, prompts, params, 3)
+        assert max(in_engine) == 3 and in_engine[0] == 3 and in_engine[-1] < 3   # a tail once the queue is empty
+        expected = llm.generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    finally:
+        llm.shutdown()
 
 
 def test_parse_concurrency():
@@ -42,4 +66,6 @@ def test_sweep_refusals(llama_dir):
     common = [str(llama_dir), *ENGINE, "--speculative-config", NGRAM]
     assert bench("spec-decode", *common, "--concurrency", "4", "--max-num-seqs", "2") == 2    # would queue
     assert bench("spec-decode", *common, "--concurrency", "1", "--rounds", "0") == 2
+    assert bench("spec-decode", *common, "--concurrency", "1,4", "--num-prompts", "3") == 2   # 4 never at once
+    assert bench("spec-decode", *common, "--num-prompts", "0") == 2
     assert bench("spec-decode", *common, "--workload", "random") == 2                         # sweep only
