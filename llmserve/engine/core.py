@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterable
 
 from llmserve.config import EngineConfig
@@ -78,7 +79,9 @@ class EngineCore:
         times = self.executor.measure_step_times(counts)
         logger.info("Adaptive speculation: step times of %s tokens: %s ms", counts,
                     ", ".join(f"{1000 * t:.2f}" for t in times["target"]))
-        cost = StepCostModel(counts, times["target"], times["draft"])
+        logger.info("Adaptive speculation: a token attends over its context at %.3f us per 1,000 tokens",
+                    1e9 * times["context"][0])
+        cost = StepCostModel(counts, times["target"], times["draft"], times["context"][0])
         return AdaptiveSpeculation(cost, spec.num_speculative_tokens)
 
     # ------------------------------------------------------------------ requests
@@ -125,11 +128,13 @@ class EngineCore:
     # ------------------------------------------------------------------ the step
     def step(self) -> EngineCoreOutputs:
         """Schedule, run and apply one step (nothing runs when there is nothing to compute)."""
+        start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self.scheduler.update_from_output(sched, ModelRunnerOutput())
             return EngineCoreOutputs()   # nothing ran
         step = self.scheduler.update_from_output(sched, self.executor.execute_model(sched))
+        self.scheduler.observe_step_time(time.perf_counter() - start)
         self.num_steps += 1
         out = EngineCoreOutputs(failed=step.failed, num_scheduled_tokens=sched.total_num_scheduled_tokens)
         for request_id in step.failed:

@@ -49,6 +49,7 @@ from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.engine.stop_conditions import check_token_stop
 from llmserve.layers import pooler
 from llmserve.spec_decode.adaptive import AdaptiveSpeculation
+from llmserve.spec_decode.step_cost_fit import DecodingStepShape
 from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.spec_decode.metrics import SpecDecodingStats
 from llmserve.spec_decode.proposer import Proposer
@@ -90,6 +91,7 @@ class Scheduler:
         self.num_lookahead_slots = proposer.num_lookahead_slots if proposer else 0
         self.adaptive = adaptive
         self._draft_caps: dict[int, int] | None = None    # this step's adaptive caps (None: k for all)
+        self._step_shape: DecodingStepShape | None = None   # the step awaiting its result, as priced
         self._drafts: dict[int, list[int]] = {}               # seq id -> drafts in the step awaiting its result
         self.spec_stats = SpecDecodingStats(
             num_accepted_tokens_per_pos=[0] * (proposer.num_speculative_tokens if proposer else 0))
@@ -131,8 +133,9 @@ class Scheduler:
         self._drafts = {}
         suspects = self._next_suspects()
         if self.adaptive is not None:
-            self._draft_caps = self.adaptive.num_drafts([s.seq_id for s in self.running.values()
-                                                         if s.num_tokens - s.num_computed_tokens == 1])
+            decoding = [s for s in self.running.values() if s.num_tokens - s.num_computed_tokens == 1]
+            self._draft_caps = self.adaptive.num_drafts([s.seq_id for s in decoding],
+                                                        [s.num_computed_tokens for s in decoding])
         for seq in list(self.running.values()):
             if budget == 0:
                 break
@@ -140,7 +143,7 @@ class Scheduler:
                 continue   # preempted earlier in this loop, or not this step's suspect
             gap = seq.num_tokens - seq.num_computed_tokens
             num_new = min(gap, budget)
-            drafts = self._propose(seq, budget) if gap == 1 else []
+            drafts = self._propose(seq, budget) if gap == 1 and self._may_draft(seq) else []
             lookahead = self.num_lookahead_slots if num_new == gap else 0
             if self._allocate_or_preempt(seq, num_new + len(drafts), lookahead):
                 scheduled.append((seq, num_new + len(drafts)))
@@ -154,20 +157,44 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         self._scheduled = scheduled
+        self._step_shape = self._decoding_shape(scheduled) if self.adaptive is not None else None
         return self._make_output(scheduled)
+
+    def _decoding_shape(self, scheduled: list[tuple[Sequence, int]]) -> DecodingStepShape | None:
+        """A step of decoding sequences only (the steps adaptive speculation's cost model prices), as priced; None
+        for any other step."""
+        tokens = row_context = token_context = 0
+        for seq, n in scheduled:
+            if seq.num_tokens - seq.num_computed_tokens != 1 or not seq.output_token_ids:
+                return None
+            tokens += n
+            row_context += seq.num_computed_tokens
+            token_context += n * seq.num_computed_tokens
+        caps = [c for c in (self._draft_caps or {}).values() if c > 0] if self.num_lookahead_slots else []
+        return DecodingStepShape(len(scheduled), tokens, row_context, token_context, len(caps), max(caps, default=0))
+
+    def observe_step_time(self, seconds: float) -> None:
+        """The step just applied took ``seconds`` from scheduling to its result's bookkeeping: adaptive
+        speculation's measure of what a step costs beyond its cost model."""
+        if self._step_shape is not None:
+            self.adaptive.observe_step(seconds, self._step_shape)
+    def _may_draft(self, seq: Sequence) -> bool:
+        """Whether a decoding sequence is asked for drafts this step: always with a proposer, unless adaptive
+        speculation capped it at none."""
+        return self.proposer is not None and (self._draft_caps is None or self._draft_caps.get(seq.seq_id, 0) > 0)
 
     def _propose(self, seq: Sequence, budget: int) -> list[int]:
         """Drafts for a decoding sequence: none for pooling or grammar-constrained ones (their matcher lives
         with the sampler and is not rolled back) or before the first output token; never more than the step's
         budget, ``max_tokens`` or the context length leave room to emit."""
-        if (self.proposer is None or not seq.output_token_ids or seq.pending_forks
-                or seq.params.structured_outputs is not None):
+        assert self.proposer is not None   # asked only with one (_may_draft)
+        if not seq.output_token_ids or seq.pending_forks or seq.params.structured_outputs is not None:
             return []
         room = min(budget, seq.max_tokens - len(seq.output_token_ids))
         if self.max_model_len is not None:
             room = min(room, self.max_model_len - seq.num_tokens)
         if self._draft_caps is not None:
-            room = min(room, self._draft_caps.get(seq.seq_id, 0) + 1)
+            room = min(room, self._draft_caps[seq.seq_id] + 1)
         return self.proposer.propose(seq.seq_id, seq.all_token_ids, room - 1) if room > 1 else []
 
     def _next_suspects(self) -> set[int]:

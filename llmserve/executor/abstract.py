@@ -55,7 +55,8 @@ class Executor(ABC):
     @abstractmethod
     def measure_step_times(self, token_counts: list[int]) -> dict[str, list[float] | None]:
         """The driver's seconds per decode-like step of each of ``token_counts`` one-token rows (``"target"``),
-        and of the draft model's forward over them (``"draft"``, None without one); every rank runs them."""
+        of the draft model's forward over them (``"draft"``, None without one) and, as one value, per token and
+        token of context it attends over (``"context"``); every rank runs them."""
 
     def shutdown(self) -> None:
         """Stop the workers (a no-op in process)."""

@@ -187,7 +187,7 @@ class Worker:
 
     def measure_step_times(self, token_counts: list[int]) -> dict[str, list[float] | None]:
         assert self.runner is not None
-        return measure_step_times(self.runner, token_counts)
+        return measure_step_times(self.runner, token_counts, self.max_model_len)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         assert self.runner is not None

@@ -7,8 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmserve.spec_decode.adaptive import (ENGINE_DECAY, INITIAL_RATE, MIN_SPEEDUP, PRIOR_WEIGHT, SEQ_DECAY,
-                                           AcceptanceTracker, StepCostModel, choose_num_drafts)
+from llmserve.spec_decode.adaptive import (ENGINE_DECAY, GRID_PER_DOUBLING, INITIAL_RATE, MIN_SPEEDUP,
+                                           PRIOR_WEIGHT, SEQ_DECAY, AcceptanceTracker, AdaptiveSpeculation,
+                                           StepCostModel, StepPricing, choose_num_drafts)
+from llmserve.spec_decode.step_cost_fit import DecodingStepShape
 from tests.spec_decode.test_draft_model import draft_llm
 from tests.spec_decode.test_spec_equivalence import PROMPTS, completions, make_llm
 
@@ -19,27 +21,45 @@ LINEAR = [float(n) for n in COUNTS]                           # every token cost
 
 def test_the_choice_is_the_best_of_every_cap_and_number_of_drafting_sequences():
     """Against a search written out: ``c`` drafts accepted with probability ``a`` each (given the earlier ones)
-    yield 1 + a + ... + a^c tokens; the ``j`` most promising sequences draft ``c``; the first best choice (fewest
-    drafts, then fewest sequences) is taken if it beats no drafts by the margin."""
+    yield 1 + a + ... + a^c tokens; the ``j`` most promising sequences draft ``c``; a step costs its overhead, the
+    model's time for its rows and their context, and the drafts' part (the model's time for the extra tokens,
+    their context, a draft model's forwards) times the scale; the first best choice (fewest drafts, then fewest
+    sequences) is taken if it beats no drafts by the margin."""
     rng = np.random.default_rng(1)
-    for _ in range(200):
+
+    def grid(value: float, rounding) -> float:   # GRID_PER_DOUBLING values per doubling
+        return 0.0 if value <= 0 else 2 ** (rounding(GRID_PER_DOUBLING * np.log2(value)) / GRID_PER_DOUBLING)
+
+    for _ in range(300):
         rows, max_drafts = int(rng.integers(1, 12)), int(rng.integers(1, 6))
         acceptance = rng.random(rows).round(2).tolist()
         times = np.maximum.accumulate(rng.random(len(COUNTS)) * 10 + 1).tolist()
         draft = None if rng.random() < 0.5 else (rng.random(len(COUNTS)) * 2).tolist()
-        cost = StepCostModel(COUNTS, times, draft)
+        per_context = 0.0 if rng.random() < 0.3 else float(rng.random() * 0.01)
+        cost = StepCostModel(COUNTS, times, draft, per_context)
+        pricing = StepPricing(float(rng.integers(0, 500)), float(rng.random() * 10 * (rng.random() < 0.7)),
+                              float(0.5 + 2 * rng.random()) if rng.random() < 0.7 else 1.0)
+        context = grid(pricing.context, np.ceil)      # priced on the side of fewer drafts
+        overhead = grid(pricing.overhead, np.floor)
+        scale = grid(pricing.draft_scale, np.ceil)
+        plain = cost.baseline_time(rows) + per_context * context * rows
+
+        def seconds(c: int, j: int) -> float:
+            drafts = cost.step_time(rows + c * j, j, c).item() - cost.baseline_time(rows) + per_context * context * c * j
+            return overhead + plain + scale * drafts
+
         order = sorted(range(rows), key=lambda i: -acceptance[i])
-        best_rate, best = MIN_SPEEDUP * rows / cost.baseline_time(rows), (0, 0)
+        best_rate, best = MIN_SPEEDUP * rows / (overhead + plain), (0, 0)
         for c in range(1, max_drafts + 1):
             for j in range(1, rows + 1):
                 tokens = rows + sum(sum(acceptance[i] ** p for p in range(1, c + 1)) for i in order[:j])
-                rate = tokens / cost.step_time(rows + c * j, j, c).item()
+                rate = tokens / seconds(c, j)
                 if rate > best_rate * (1 + 1e-12):
                     best_rate, best = rate, (c, j)
         expected = [0] * rows
         for i in order[:best[1]]:
             expected[i] = best[0]
-        assert choose_num_drafts(acceptance, max_drafts, cost) == expected
+        assert choose_num_drafts(acceptance, max_drafts, cost, pricing=pricing) == expected
 
 
 def test_cost_model_interpolates_and_never_falls():
@@ -72,6 +92,36 @@ def test_below_the_break_even_acceptance_nobody_drafts_and_just_above_it_the_sea
     assert choose_num_drafts([bound] * 8, 4, cost) == [0] * 8
     assert choose_num_drafts([bound + 1e-3] * 8, 4, cost) != [0] * 8
     assert StepCostModel(COUNTS, LINEAR).never_pays_up_to(3, 4, MIN_SPEEDUP) == 1.0   # drafts never pay
+
+
+def test_a_steps_overhead_makes_drafts_pay_their_scale_and_context_make_them_cost():
+    """Seconds a step pays once whatever its tokens (scheduling, bookkeeping) are shared by more tokens when they
+    are drafted; every verified token attends over its sequence's context; drafted tokens that cost more than
+    the model says (the scale) pay less."""
+    linear = StepCostModel(COUNTS, LINEAR)
+    assert choose_num_drafts([0.9] * 3, 4, linear) == [0, 0, 0]
+    assert choose_num_drafts([0.9] * 3, 4, linear, pricing=StepPricing(overhead=100.0)) != [0, 0, 0]
+    free = StepCostModel(COUNTS, FLAT_THEN_LINEAR, context_seconds=0.05)
+    assert choose_num_drafts([0.8] * 4, 4, free) == [3, 3, 3, 3]
+    assert choose_num_drafts([0.8] * 4, 4, free, pricing=StepPricing(context=512)) == [0, 0, 0, 0]
+    flat = StepCostModel(COUNTS, [10.0, 10.0, 10.0, 12.0, 20.0, 40.0, 80.0])
+    assert choose_num_drafts([0.6] * 4, 3, flat) != [0] * 4
+    assert choose_num_drafts([0.6] * 4, 3, flat, pricing=StepPricing(draft_scale=8.0)) == [0] * 4
+
+
+def test_the_policy_prices_steps_by_the_fit_of_real_ones():
+    """Steps that take 3 seconds more than the model, whose drafts cost twice what it says, move the policy's
+    pricing there (within the pull of the scale's prior toward 1)."""
+    policy = AdaptiveSpeculation(StepCostModel(COUNTS, LINEAR, context_seconds=0.01), 4)
+    for i in range(600):   # 8 rows over 100 tokens of context each, drafting 0-7 tokens
+        drafts = i % 8
+        shape = DecodingStepShape(8, 8 + drafts, 800, 100 * (8 + drafts))
+        policy.observe_step(3.0 + (8 + 8) + 2 * (drafts + drafts), shape)   # rows and context, drafts doubled
+    overhead, scale = policy.fit(8).overhead_and_scale()
+    assert overhead == pytest.approx(3.0, rel=0.05) and scale == pytest.approx(2.0, rel=0.05)
+    assert policy.fit(9).overhead_and_scale() == (overhead, scale)   # one fit for 8-15 rows,
+    assert policy.fit(2).overhead_and_scale() == (0.0, 1.0)          # another for 2-3, with no steps yet
+    assert policy.num_drafts([1, 2], [100, 300]) == {1: 0, 2: 0}   # the engine's prior rate: no drafts pay
 
 
 def test_only_the_sequences_whose_drafts_pay_draft():

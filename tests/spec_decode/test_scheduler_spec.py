@@ -16,6 +16,7 @@ from llmserve.spec_decode.adaptive import AcceptanceTracker
 from llmserve.spec_decode.config import SpeculativeConfig
 from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.spec_decode.ngram_proposer import NgramProposer
+from llmserve.spec_decode.step_cost_fit import DecodingStepShape
 
 BLOCK = 4
 # A prompt whose n-gram lookup predicts 1 2 3 4 ... again.
@@ -184,7 +185,7 @@ def test_adaptive_caps_limit_the_drafts_and_are_sent_to_a_draft_model():
     class NoDrafts:   # the policy's view with every sequence capped at 0
         tracker = AcceptanceTracker()
 
-        def num_drafts(self, seq_ids):
+        def num_drafts(self, seq_ids, context_lens):
             return dict.fromkeys(seq_ids, 0)
 
     sched = Scheduler(BlockManager(32, BLOCK, True), 8, 64,
@@ -195,3 +196,34 @@ def test_adaptive_caps_limit_the_drafts_and_are_sent_to_a_draft_model():
     sched.update_from_output(out, ModelRunnerOutput(sampled={seq.seq_id: 2}, draft_token_ids={seq.seq_id: [3, 4]}))
     out = sched.schedule()
     assert out.scheduled_spec_decode_tokens == {} and out.num_scheduled_tokens == {seq.seq_id: 1}
+
+
+def test_a_decoding_steps_shape_and_time_reach_the_adaptive_policy():
+    """The policy sees each decoding sequence's context; a step of decoding sequences only is reported with its
+    rows and tokens, the sums of their contexts and the draft model's drafting rows and passes after it, any
+    other step (here the prompt's) not at all."""
+    class Recording:
+        tracker = AcceptanceTracker()
+        contexts: list[list[int]] = []
+        observed: list[tuple] = []
+
+        def num_drafts(self, seq_ids, context_lens):
+            self.contexts.append(list(context_lens))
+            return dict.fromkeys(seq_ids, 2)
+
+        def observe_step(self, seconds, shape):
+            self.observed.append((seconds, shape))
+
+    policy = Recording()
+    sched = Scheduler(BlockManager(32, BLOCK, True), 8, 64,
+                      proposer=DraftsFromWorker(SpeculativeConfig("draft_model", 3, model="d")), adaptive=policy)
+    seq = add(sched)
+    out = sched.schedule()
+    sched.update_from_output(out, ModelRunnerOutput(sampled={seq.seq_id: 2}, draft_token_ids={seq.seq_id: [3, 4]}))
+    sched.observe_step_time(0.5)
+    assert policy.observed == [] and policy.contexts == [[]]
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {seq.seq_id: 3} and policy.contexts[-1] == [len(PROMPT)]
+    sched.update_from_output(out, ModelRunnerOutput(sampled={seq.seq_id: 7}, num_accepted_drafts={seq.seq_id: 2}))
+    sched.observe_step_time(0.25)
+    assert policy.observed == [(0.25, DecodingStepShape(1, 3, len(PROMPT), 3 * len(PROMPT), 1, 2))]
