@@ -7,10 +7,11 @@ Two measurements decide it:
   function of the tokens it computes (and, with a draft model, of the draft's forwards), interpolated between
   measured points, plus what each token adds per token of context it attends over (a verified draft attends
   over its sequence's whole context). On a GPU the curve is flat until the tensor cores fill, so drafts are
-  nearly free at low load and costly at high load; on a CPU it rises early. What a real step costs beyond the
-  model's forward (scheduling, the inputs' preparation, the outputs' bookkeeping) is paid once per step,
-  whatever its drafts, and makes them cheaper in proportion; it is measured on the running engine's steps
-  (:meth:`AdaptiveSpeculation.observe_step`), the mean amount by which they exceed the model.
+  nearly free at low load and costly at high load; on a CPU it rises early. The running engine's steps are
+  fitted against it (:mod:`llmserve.spec_decode.step_cost_fit`, per batch-size class): what a real step costs
+  beyond the model's forward (scheduling, the inputs' preparation, the outputs' bookkeeping) is paid once per
+  step, whatever its drafts, and makes them cheaper in proportion; drafted tokens may cost more or less than
+  the model says.
 - **Each sequence's acceptance** (:class:`AcceptanceTracker`): the probability that a draft is accepted
   given the ones before it were, estimated from the sequence's recent steps (older ones decay) and, while it
   has few, from the engine's recent rate.
