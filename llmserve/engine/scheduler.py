@@ -49,10 +49,10 @@ from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.engine.stop_conditions import check_token_stop
 from llmserve.layers import pooler
 from llmserve.spec_decode.adaptive import AdaptiveSpeculation
-from llmserve.spec_decode.step_cost_fit import DecodingStepShape
 from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.spec_decode.metrics import SpecDecodingStats
 from llmserve.spec_decode.proposer import Proposer
+from llmserve.spec_decode.step_cost_fit import DecodingStepShape
 
 
 @dataclass
@@ -178,6 +178,7 @@ class Scheduler:
         speculation's measure of what a step costs beyond its cost model."""
         if self._step_shape is not None:
             self.adaptive.observe_step(seconds, self._step_shape)
+
     def _may_draft(self, seq: Sequence) -> bool:
         """Whether a decoding sequence is asked for drafts this step: always with a proposer, unless adaptive
         speculation capped it at none."""
