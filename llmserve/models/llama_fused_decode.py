@@ -170,19 +170,26 @@ class FusedDecode:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 metadata: TorchAttentionMetadata) -> torch.Tensor:
         """The final norm's output for an all-decode step (:meth:`accepts`), as the module path computes it."""
-        caches = [a.key_cache for a in self.attention]
-        if len(self._bound) != len(caches) or any(c is not b for c, b in zip(caches, self._bound)):
-            self.kernel.bind_caches([(a.key_cache, a.value_cache) for a in self.attention])
-            self._bound = caches
         if metadata.num_decodes == len(metadata.layout.query_lens):
             decodes = metadata.decodes_for(None)
             block_tables, seq_lens = decodes.block_tables, decodes.seq_lens
         else:
             block_tables, seq_lens = token_rows(metadata.layout)
+        return self.decode_tokens(input_ids, positions, metadata.slot_mapping.to(torch.int64), block_tables, seq_lens)
+
+    def decode_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """The final norm's output for tokens given as decode rows of one KV-cache group (int64 ``slots``, int32
+        ``block_tables`` [tokens, width] and ``seq_lens``: token i attends to its sequence's first
+        ``seq_lens[i]`` positions), with no attention metadata to build: every token's K/V is written before
+        any attends, so several tokens of one sequence each get exactly their causal attention."""
+        caches = [a.key_cache for a in self.attention]
+        if len(self._bound) != len(caches) or any(c is not b for c, b in zip(caches, self._bound)):
+            self.kernel.bind_caches([(a.key_cache, a.value_cache) for a in self.attention])
+            self._bound = caches
         hidden = self.model.embed(input_ids, positions).contiguous()
         self.calls += 1
-        return self.kernel.forward(hidden, positions.contiguous(), metadata.slot_mapping.to(torch.int64),
-                                   block_tables, seq_lens, self._lora_step())
+        return self.kernel.forward(hidden, positions.contiguous(), slots, block_tables, seq_lens, self._lora_step())
 
 
 def token_rows(layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,8 +65,8 @@ class StepPricing:
 
 class StepCostModel:
     """Seconds of a step computing ``n`` tokens (one per row), at the measured ``token_counts``; with a draft
-    model, ``draft_seconds`` are its forward's over ``n`` one-token rows (its catch-up runs over the step's
-    tokens, then one forward per draft over the drafting rows). ``context_seconds``: what a token adds per
+    model, ``draft_seconds`` are its forward's over ``n`` one-token rows (one forward per draft over the drafting
+    rows: a sequence that does not draft is not fed to the draft). ``context_seconds``: what a token adds per
     token of context it attends over."""
 
     def __init__(self, token_counts: Sequence[int], target_seconds: Sequence[float],
@@ -97,7 +97,7 @@ class StepCostModel:
         time = self._interp(self.target, n)
         if self.draft is not None:
             drafting = np.maximum(np.asarray(drafting_rows, dtype=np.float64), 1)
-            time = time + self._interp(self.draft, n) + np.asarray(draft_passes) * self._interp(self.draft, drafting)
+            time = time + np.asarray(draft_passes) * self._interp(self.draft, drafting)
         return time
 
     def step_seconds(self, num_tokens: int, drafting_rows: int = 0, draft_passes: int = 0) -> float:

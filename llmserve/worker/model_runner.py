@@ -11,8 +11,8 @@ On the driver, rows with a structured-output constraint are sampled under their 
 (:mod:`llmserve.worker.structured_output_manager`), filled while the forward pass runs. A row with
 speculative drafts is sampled at its last token and at each draft, and the rejection sampler
 (:mod:`llmserve.spec_decode.rejection_sampler`) keeps the drafts the samples agree with. With a draft model
-(:mod:`llmserve.spec_decode.draft_model_proposer`), the draft runs over each step's batch after the target
-and, once the target has sampled, drafts the next step's tokens; its KV layers are grouped and bound with the
+(:mod:`llmserve.spec_decode.draft_model_proposer`), once the target has sampled, the draft is fed what it
+has not seen of the step and drafts the next step's tokens; its KV layers are grouped and bound with the
 target's in the one pool (:mod:`llmserve.worker.kv_cache_groups`), so every KV-cache operation here covers both.
 
 On CUDA, decode-only steps replay CUDA graphs (:mod:`llmserve.worker.cuda_graphs`) unless
@@ -254,9 +254,6 @@ class ModelRunner:
                 attn.calibrate_kv_scales = True
             self._calibrate_kv = []
             hidden = self.forward(layout, metadata, ids, pos, lengths, received)
-            if self.drafter is not None:
-                self.drafter.catch_up(layout, group_metadata(self.drafter.backend, layout, step.block_tables,
-                                                             step.slot_mapping, self.device), ids, pos, lengths)
         # Parallel samples join every rank's batch (the scheduler sends them as deltas from now on).
         for i, seq in enumerate(list(sample_seqs)):
             for fork in sched.forks.get(seq.seq_id, ()):
@@ -279,10 +276,10 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[sample_rows])
             if driver:
                 self._sample(logits, sample_seqs, out, bitmask, drafts)
-            if self.drafter is not None:
-                sampled, accepted = self.drafter.decisions_on_every_rank(sample_seqs, out)
-                out.draft_token_ids = self.drafter.draft_after_step(self.input_batch, sample_seqs, sched, sampled,
-                                                                    accepted)
+        if self.drafter is not None:
+            sampled, accepted = self.drafter.decisions_on_every_rank(sample_seqs, out)
+            out.draft_token_ids = self.drafter.draft_after_step(self.input_batch, step, sample_seqs, sched, sampled,
+                                                                accepted)
         for seq, flat, start, n in prompt_rows:
             entries = self._prompt_logprobs(hidden, seq, flat, start, n, driver)
             if driver:

@@ -67,7 +67,7 @@ def test_cost_model_interpolates_and_never_falls():
     assert cost.step_time(3).item() == 3.0 and cost.step_time(6).item() == 3.5
     assert cost.step_time(128).item() == 64.0                               # beyond: proportional to the tokens
     with_draft = StepCostModel(COUNTS, LINEAR, [0.5 * n for n in COUNTS])
-    assert with_draft.step_time(8, drafting_rows=2, draft_passes=3).item() == 8 + 4 + 3 * 1.0
+    assert with_draft.step_time(8, drafting_rows=2, draft_passes=3).item() == 8 + 3 * 1.0
     assert with_draft.baseline_time(8) == 8.0   # no draft model at all
 
 

@@ -14,6 +14,7 @@ import torch
 
 from llmserve import LLM, SamplingParams
 from llmserve.layers.cpu_kernels import cpu_kernels
+from llmserve.spec_decode.adaptive import AcceptanceTracker
 from llmserve.spec_decode.config import SpeculativeConfig
 from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.testing.checkpoints import write_checkpoint
@@ -66,6 +67,45 @@ def test_target_as_its_own_draft_accepts_everything(llama_dir, greedy_off, engin
     assert_accepts_nearly_all(on)
     if "kv_cache_memory_bytes" in engine_args:
         assert on.engine.scheduler.num_preemptions > 0
+
+
+class DraftingPhases:
+    """An adaptive policy that lets every sequence draft ``K`` in odd phases of ``length`` steps, none in even ones."""
+
+    def __init__(self, length: int = 5) -> None:
+        self.length, self.steps = length, 0
+        self.tracker = AcceptanceTracker()
+
+    def drafting(self) -> bool:
+        return (self.steps // self.length) % 2 == 1
+
+    def num_drafts(self, seq_ids, context_lens):
+        self.steps += 1
+        return dict.fromkeys(seq_ids, K if self.drafting() else 0)
+
+    def observe_step(self, seconds, shape):
+        pass
+
+
+def test_a_sequence_that_drafts_nothing_costs_the_draft_nothing_and_catches_up(llama_dir, greedy_off):
+    """Capped at no drafts, a decoding sequence is not fed to the draft (no draft forward at all once the prompts
+    are in); when it drafts again, its first row feeds every token it missed: the target as its own draft accepts
+    nearly everything."""
+    on = draft_llm(llama_dir, llama_dir)
+    policy = on.engine.scheduler.adaptive = DraftingPhases()
+    drafter = on.engine.runner.drafter
+    forward, phases = drafter._forward, []
+
+    def watched(*args):
+        phases.append((policy.steps, policy.drafting()))
+        return forward(*args)
+
+    drafter._forward = watched
+    assert completions(on, prompts=PROMPTS * 2) == greedy_off
+    assert_accepts_nearly_all(on)
+    assert any(drafting for _, drafting in phases)
+    assert not [step for step, drafting in phases if step > policy.length and not drafting]
+    assert on.engine.scheduler.spec_stats.num_drafts > 0
 
 
 def test_the_drafts_kv_cache_takes_the_targets_kv_cache_dtype(llama_dir, small_draft_dir):
