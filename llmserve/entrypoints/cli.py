@@ -48,7 +48,8 @@ def _make_trained_model(args: argparse.Namespace) -> int:
 
     from llmserve.testing.trained_model import REPORT_FILE, trained_model_path
 
-    path = trained_model_path(args.preset, steps=args.steps, seed=args.seed, output=args.output, threads=args.threads)
+    path = trained_model_path(args.preset, steps=args.steps, seed=args.seed, output=args.output, threads=args.threads,
+                              distill_from=args.distill_from)
     report = json.loads((path / REPORT_FILE).read_text())
     print(f"{path}: {args.preset} model, {report['parameters']:,} parameters, held-out loss "
           f"{report['held_out_loss']} (unigram {report['unigram_held_out_loss']}), trained in {report['train_time_s']} s")
@@ -109,8 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     trained = sub.add_parser("make-trained-model",
                              help="train a small Llama-shaped model on the bundled corpus (cached like the demo model)")
-    trained.add_argument("--preset", default="target", choices=["target", "draft", "tiny"],
-                         help="target: ~5M parameters; draft: ~1.5M, same tokenizer; tiny: seconds, for tests")
+    presets = ["target", "target-large", "draft", "tiny"]
+    trained.add_argument("--preset", default="target", choices=presets,
+                         help="target: ~5M parameters; target-large: ~29M, a forward that dominates a CPU step; "
+                              "draft: ~1.5M, same tokenizer; tiny: seconds, for tests")
+    trained.add_argument("--distill-from", default=None, choices=presets, metavar="PRESET",
+                         help="learn this preset's model's next-token distributions (trained first if need be) "
+                              "instead of the text's tokens: a draft model for that target")
     trained.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
     trained.add_argument("--seed", type=int, default=0)
     trained.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")

@@ -12,10 +12,13 @@ measures on it. The checkpoint is a complete Hugging Face folder of the ``llama`
 sentencepiece-style tokenizer and chat template as the generated checkpoints, built for the preset's
 vocabulary) plus ``training.json``: the loss log, the held-out loss, the unigram baseline and the time.
 
-Presets (:data:`PRESETS`): ``target`` (~5M parameters; training times in docs/benchmarks.md), ``draft`` (~1.5M, the
-same tokenizer, for speculative decoding against ``target``) and ``tiny`` (seconds; tests).
-Without ``--output`` the model is cached in ``cache_dir()/models/llmserve-trained-<preset>[-s<seed>][-<steps>steps]``
-and reused while its stamp (written last) matches.
+Presets (:data:`PRESETS`): ``target`` (~5M parameters; training times in docs/benchmarks.md), ``target-large``
+(~29M: a target whose forward dominates a CPU decode step, as a real model's does, for draft-model speculative
+decoding), ``draft`` (~1.5M, the same tokenizer) and ``tiny`` (seconds; tests). A model may be distilled from
+another preset's (``distill_from``: soft labels, as drafts are fitted to their targets).
+Without ``--output`` the model is cached in
+``cache_dir()/models/llmserve-trained-<preset>[-from-<teacher>][-s<seed>][-<steps>steps]`` and reused while its
+stamp (written last) matches.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ PRESETS: dict[str, TrainingPreset] = {
                       log_every=20),
     "draft": _preset(128, 2, 2, 1, 384, steps=300, batch_size=4, seq_len=512, lr=3e-3, warmup_steps=20,
                      log_every=20),
+    "target-large": _preset(512, 8, 8, 4, 1536, steps=300, batch_size=4, seq_len=512, lr=1.5e-3, warmup_steps=30,
+                            log_every=20),
     "tiny": _preset(64, 2, 2, 1, 128, steps=30, batch_size=2, seq_len=256, lr=3e-3, warmup_steps=3, log_every=10),
 }
 
@@ -122,10 +127,19 @@ def _lr_factor(step: int, warmup: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def train(folder: Path, preset: TrainingPreset, seed: int = 0, threads: int | None = None) -> dict:
+def _distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student's next-token distribution against the teacher's (soft labels), per token:
+    the forward KL up to the teacher's entropy."""
+    return -(teacher_logits.float().softmax(-1) * logits.float().log_softmax(-1)).sum(-1).mean()
+
+
+def train(folder: Path, preset: TrainingPreset, seed: int = 0, threads: int | None = None,
+          teacher: Path | None = None) -> dict:
     """Train ``preset`` into ``folder`` (tokenizer, config, ``model.safetensors``, ``training.json``); returns the
     report that ``training.json`` holds. ``threads`` defaults to every core (one is faster on a machine that
-    others keep busy: spinning threads then wait for each other)."""
+    others keep busy: spinning threads then wait for each other). With ``teacher`` (a trained model's folder of
+    the same vocabulary) the model learns the teacher's next-token distributions on the same batches instead
+    of the text's tokens: a draft model distilled from its target agrees with it more often."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -136,6 +150,12 @@ def train(folder: Path, preset: TrainingPreset, seed: int = 0, threads: int | No
     train_ids, held_out_ids = _encode(folder, train_text), _encode(folder, held_out_text)
     bos = config["bos_token_id"]
 
+    teacher_model = None
+    if teacher is not None:
+        teacher_model = LlamaForCausalLM.from_pretrained(str(teacher), torch_dtype=torch.float32).eval()
+        if teacher_model.config.vocab_size != config["vocab_size"]:
+            raise ValueError(f"the teacher {teacher} has a vocabulary of {teacher_model.config.vocab_size} tokens, "
+                             f"this preset {config['vocab_size']}")
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig.from_dict(config)).float()
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -149,7 +169,12 @@ def train(folder: Path, preset: TrainingPreset, seed: int = 0, threads: int | No
         offsets = torch.randint(0, len(data) - body, (preset.batch_size,), generator=gen)
         batch = torch.stack([data[o:o + body] for o in offsets.tolist()])
         ids = torch.cat([torch.full((preset.batch_size, 1), bos), batch], dim=1)
-        loss = model(input_ids=ids, labels=ids).loss
+        if teacher_model is None:
+            loss = model(input_ids=ids, labels=ids).loss
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher_model(input_ids=ids).logits
+            loss = _distillation_loss(model(input_ids=ids).logits, teacher_logits)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -163,7 +188,7 @@ def train(folder: Path, preset: TrainingPreset, seed: int = 0, threads: int | No
     save_file({name: t.detach().contiguous() for name, t in model.state_dict().items()},
               str(folder / "model.safetensors"), metadata={"format": "pt"})
     report = {
-        "preset": dataclasses.asdict(preset), "seed": seed,
+        "preset": dataclasses.asdict(preset), "seed": seed, "teacher": None if teacher is None else str(teacher),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_tokens": len(train_ids), "held_out_tokens": len(held_out_ids),
         "train_time_s": round(train_time, 1), "threads": torch.get_num_threads(),
@@ -177,9 +202,11 @@ def train(folder: Path, preset: TrainingPreset, seed: int = 0, threads: int | No
 
 
 def trained_model_path(preset: str = "target", *, steps: int | None = None, seed: int = 0,
-                       output: str | os.PathLike | None = None, threads: int | None = None) -> Path:
+                       output: str | os.PathLike | None = None, threads: int | None = None,
+                       distill_from: str | None = None) -> Path:
     """The model of ``preset`` (``steps`` overriding its step count), trained on first use into ``output`` or
-    the cache, and reused from there while its stamp matches."""
+    the cache, and reused from there while its stamp matches. ``distill_from``: a preset whose model (at its
+    default steps and ``seed``, trained first if need be) teaches this one."""
     try:
         spec = PRESETS[preset]
     except KeyError:
@@ -190,9 +217,12 @@ def trained_model_path(preset: str = "target", *, steps: int | None = None, seed
         spec = dataclasses.replace(spec, steps=steps)
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    teacher = None if distill_from is None else trained_model_path(distill_from, seed=seed, threads=threads)
     if output is None:
-        name = f"llmserve-trained-{preset}" + (f"-s{seed}" if seed else "") + (
-            f"-{spec.steps}steps" if spec.steps != PRESETS[preset].steps else "")
+        name = f"llmserve-trained-{preset}" + (f"-from-{distill_from}" if distill_from else "") + (
+            f"-s{seed}" if seed else "") + (f"-{spec.steps}steps" if spec.steps != PRESETS[preset].steps else "")
         output = cache_dir() / "models" / name
     stamp = {"trained": preset, **dataclasses.asdict(spec), "seed": seed, "format_version": FORMAT_VERSION}
-    return build_once(Path(output), stamp, lambda folder: train(folder, spec, seed, threads))
+    if distill_from is not None:
+        stamp["distilled_from"] = distill_from
+    return build_once(Path(output), stamp, lambda folder: train(folder, spec, seed, threads, teacher))

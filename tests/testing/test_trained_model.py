@@ -30,8 +30,9 @@ def test_held_out_text_is_the_corpus_end_from_a_paragraph():
 
 
 def test_presets_share_the_tokenizer_and_fit_group_size_128():
-    assert PRESETS["draft"].size.vocab_size == PRESETS["target"].size.vocab_size
-    for name in ("target", "draft"):
+    assert PRESETS["draft"].size.vocab_size == PRESETS["target"].size.vocab_size == \
+        PRESETS["target-large"].size.vocab_size
+    for name in ("target", "target-large", "draft"):
         size = PRESETS[name].size
         assert size.hidden_size % 128 == 0 and size.intermediate_size % 128 == 0
         assert size.max_position_embeddings == PRESETS[name].seq_len
@@ -69,7 +70,7 @@ def test_cached_run_is_reused_and_an_unfinished_one_is_not(tmp_path, monkeypatch
     runs = []
     real_train = trained_model.train
 
-    def counting_train(folder, preset, seed=0, threads=None):
+    def counting_train(folder, preset, seed=0, threads=None, teacher=None):
         runs.append((preset.steps, seed))
         return real_train(folder, preset, seed, threads=1)
 
@@ -83,7 +84,7 @@ def test_cached_run_is_reused_and_an_unfinished_one_is_not(tmp_path, monkeypatch
     (path / ".llmserve-checkpoint.json").unlink()
     assert trained_model_path("tiny", steps=2) == path and runs == [(2, 0), (2, 0)]
 
-    def interrupted(folder, preset, seed=0, threads=None):
+    def interrupted(folder, preset, seed=0, threads=None, teacher=None):
         real_train(folder, preset, seed, threads=1)
         raise KeyboardInterrupt
 
@@ -91,6 +92,41 @@ def test_cached_run_is_reused_and_an_unfinished_one_is_not(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         trained_model_path("tiny", steps=3)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def _held_out_kl(teacher, student) -> float:
+    """Mean KL(teacher || student) per token over the held-out text's first 255 tokens."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    models = [LlamaForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval() for path in (teacher, student)]
+    ids = torch.tensor([[1] + trained_model._encode(teacher, corpus_split()[1])[:255]])
+    with torch.no_grad():
+        t, s = (m(input_ids=ids).logits.log_softmax(-1) for m in models)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_a_distilled_model_learns_its_teachers_distributions(tmp_path, monkeypatch):
+    """``--distill-from``: the teacher is trained first (cached), the student learns its next-token distributions
+    and ends closer to them than the same preset trained on the text's tokens."""
+    monkeypatch.setenv("LLMSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    student = trained_model_path("tiny", steps=20, seed=1, threads=1, distill_from="tiny")
+    models = tmp_path / "cache" / "models"
+    assert student == models / "llmserve-trained-tiny-from-tiny-s1-20steps"
+    teacher = models / "llmserve-trained-tiny-s1"   # the preset's default steps
+    report = json.loads((student / "training.json").read_text())
+    assert report["teacher"] == str(teacher) and json.loads((teacher / "training.json").read_text())["teacher"] is None
+    assert json.loads((student / ".llmserve-checkpoint.json").read_text())["distilled_from"] == "tiny"
+    plain = trained_model_path("tiny", steps=20, seed=1, threads=1)   # the same start and batches, on the tokens
+    assert _held_out_kl(teacher, student) < 0.8 * _held_out_kl(teacher, plain)
+
+
+def test_a_teacher_of_another_vocabulary_is_refused(tmp_path):
+    from llmserve.testing.checkpoints import write_checkpoint
+
+    other = write_checkpoint(tmp_path / "other", family="llama", size="tiny")
+    with pytest.raises(ValueError, match="vocabulary of 2000 tokens, this preset 4096"):
+        trained_model.train(tmp_path / "student", PRESETS["tiny"], threads=1, teacher=other)
 
 
 def test_refusals(tmp_path):
