@@ -17,12 +17,15 @@ are then already in the draft's cache, and a rejected draft's slot is written ag
 really has. What the draft holds per sequence is tracked (:class:`DraftedKV`) and checked against the tokens the
 target accepted, so each token is fed once.
 
-So the draft's K/V holds every prompt position, and every position of a sequence while it drafts: a
-prefix-cache hit on a prompt serves both models, preemption recomputes both, copy-on-write copies both (the
-runner copies every KV layer it binds). A sequence adaptive speculation caps at none costs the draft nothing
-(unless a draft layer has a sliding window); when it drafts again, its first row feeds every token it missed.
-(A block of such a sequence's output cached meanwhile holds no draft K/V: a later hit on it drafts from a
-partial context, with lower acceptance and the same output.)
+A sequence asked for no drafts after the step (grammar-constrained, or capped at none by adaptive speculation)
+is not fed at all, prompt included, so a step in which nobody drafts costs the draft nothing; when it drafts
+again, its row feeds every token it missed. With a fixed ``k`` every sequence is fed every step, so the draft's
+K/V holds every position the target has computed: a prefix-cache hit serves both models (a new sequence takes
+what its hit brought as the draft's too), preemption recomputes both, copy-on-write copies both (the runner
+copies every KV layer it binds). (Under adaptive speculation a block cached while its sequence was not fed holds
+no draft K/V: a later hit on it drafts from a partial context, with lower acceptance and the same output.) A
+draft with a sliding-window layer is fed every sequence every step: its group hands back the blocks that leave
+the window, so the positions a paused sequence missed may no longer have a slot.
 
 Drafts are the draft's argmax (greedy): the proposal ``q`` is one-hot, which the rejection sampler treats
 exactly (:mod:`llmserve.spec_decode.rejection_sampler`), so sampled output keeps the target's distribution.
@@ -83,8 +86,7 @@ class DraftModelProposer:
         self.max_model_len = max_model_len
         self.device = device
         self._held: dict[int, DraftedKV] = {}   # by seq id: what the draft's cache holds of each sequence
-        # A sequence that drafts nothing is not fed, unless a draft layer slides: its group hands back the blocks
-        # that leave the window, so the positions a paused sequence missed may no longer have a slot.
+        # A sequence asked for no drafts is not fed, unless a draft layer slides (module docstring).
         self._pauses = not any(a.spec.sliding_window is not None for a in model.attention_layers())
 
     @classmethod
@@ -140,60 +142,54 @@ class DraftModelProposer:
 
     def draft_after_step(self, batch: InputBatch, step: StepInputs, seqs: list[CachedSequence],
                          sched: SchedulerOutput, sampled: np.ndarray, accepted: np.ndarray) -> dict[int, list[int]]:
-        """Feed the draft what it has not seen of this step's rows and return drafts to follow the sampled
+        """Feed the draft what it has not seen of this step's sequences and return drafts to follow the sampled
         ``seqs`` (``sampled[i]``: the token ``seqs[i]`` ends the step with, after its ``accepted[i]`` accepted
-        drafts) that the scheduler would check them for (not grammar-constrained ones), as many as it asks
-        (adaptive speculation). Prompt and prefill chunks are always fed (a prefix-cache hit then serves the
-        draft too); a decoding sequence only while it drafts (one capped at none is not fed, and catches up when
-        it drafts again). A request's samples in the step they fork are fed their first tokens next step: they
-        still share their prompt's last block. Under tensor parallelism every rank calls this with the same
-        arguments (the draft's forwards are collective)."""
+        drafts), as many as the scheduler asks (adaptive speculation). A sequence asked for none (a
+        grammar-constrained one, or one adaptive speculation caps at none) is not fed, unless a draft layer
+        slides; when it drafts again its row feeds every token it missed. A request's samples in the step they
+        fork are fed their first tokens next step: they still share their prompt's last block. Under tensor
+        parallelism every rank calls this with the same arguments (the draft's forwards are collective)."""
         held = self._held
         for seq_id in sched.finished_seq_ids:
             held.pop(seq_id, None)
         outcome = {s.seq_id: (int(sampled[i]), int(accepted[i])) for i, s in enumerate(seqs)}
-        forked = {f.seq_id for forks in sched.forks.values() for f in forks}
-        for seq_id in forked:
-            held[seq_id] = DraftedKV(int(batch.num_tokens[batch.seqs[seq_id].row]))
-        forked |= set(sched.forks)
         spec, wanted = sched.scheduled_spec_decode_tokens, sched.num_drafts_after_step
         fed, starts, fed_ids, limits = [], [], [], []
         for seq_id, q, c in zip(step.seq_ids, step.query_lens, step.context_lens):
             seq = batch.seqs[seq_id]
-            tokens = batch.token_ids[seq.row]
             h = held.get(seq_id)
-            result = outcome.get(seq_id)
-            limit = 0 if result is None or seq_id in forked or seq.params.structured_outputs is not None \
-                else wanted.get(seq_id, self.num_speculative_tokens)
-            if h is None or result is None or c < batch.num_prompt[seq.row] or q != 1 + len(spec.get(seq_id, ())):
-                # a prompt or prefill chunk (of a new, recomputed or forked sequence too)
-                valid, end = c, c + q
-                row = tokens[c:end].tolist()
-            elif limit == 0 and self._pauses:
+            if h is None:   # first seen: what a prefix-cache hit brought is taken as the draft's too
+                h = held[seq_id] = DraftedKV(c)
+            want = 0 if seq.params.structured_outputs is not None else wanted.get(seq_id, self.num_speculative_tokens)
+            if want == 0 and self._pauses:
                 continue
-            else:
-                end = c + 1 + result[1]
-                valid = min(h.valid + h.accepted(tokens, end), end)
-                row = tokens[valid:end].tolist()
-            if result is not None and seq_id not in forked:
+            result = outcome.get(seq_id)
+            end = c + q - len(spec.get(seq_id, ())) + (result[1] if result is not None else 0)   # tokens it has
+            valid = min(h.valid + h.accepted(batch.token_ids[seq.row], end), end)
+            row = batch.token_ids[seq.row, valid:end].tolist()
+            last = result is not None and seq_id not in sched.forks
+            if last:
                 row.append(result[0])
-            fed.append(row)
-            starts.append(valid)
-            fed_ids.append(seq_id)
-            limits.append(limit)
-        if not fed:
-            return {}
-        rows = np.fromiter((batch.seqs[i].row for i in fed_ids), dtype=np.int64, count=len(fed_ids))
-        starts_a = np.asarray(starts, dtype=np.int64)
-        drafts, written = self.propose(fed, starts_a, batch.num_blocks[rows] * self.block_size,
-                                       batch.block_tables[:, rows], batch.num_prompt[rows],
-                                       np.asarray(limits, dtype=np.int64))
+            if row:
+                fed.append(row)
+                starts.append(valid)
+                fed_ids.append(seq_id)
+                limits.append(want if last else 0)
         proposals = {}
-        for i, seq_id in enumerate(fed_ids):
-            d = drafts[i]
-            held[seq_id] = DraftedKV(starts[i] + len(fed[i]), tuple(d[:-1])) if written[i] else DraftedKV(starts[i])
-            if d:
-                proposals[seq_id] = d
+        if fed:
+            rows = np.fromiter((batch.seqs[i].row for i in fed_ids), dtype=np.int64, count=len(fed_ids))
+            drafts, written = self.propose(fed, np.asarray(starts, dtype=np.int64),
+                                           batch.num_blocks[rows] * self.block_size, batch.block_tables[:, rows],
+                                           batch.num_prompt[rows], np.asarray(limits, dtype=np.int64))
+            for i, seq_id in enumerate(fed_ids):
+                d = drafts[i]
+                held[seq_id] = DraftedKV(starts[i] + len(fed[i]), tuple(d[:-1])) if written[i] \
+                    else DraftedKV(starts[i])
+                if d:
+                    proposals[seq_id] = d
+        for parent, forks in sched.forks.items():   # a fork holds what its parent held of their shared prompt
+            for fork in forks:
+                held[fork.seq_id] = DraftedKV(held[parent].valid)
         return proposals
 
     def propose(self, fed: list[list[int]], starts: np.ndarray, capacities: np.ndarray, block_tables: np.ndarray,
@@ -261,13 +257,15 @@ class DraftModelProposer:
     def _fused_forward(self, tokens: np.ndarray, query_lens: np.ndarray, starts: np.ndarray,
                        block_tables: np.ndarray) -> torch.Tensor:
         bs = self.block_size
-        row_of, pos, ends = self._token_positions(query_lens, starts)
+        single = len(tokens) == len(query_lens)   # a drafting pass: each row's one token is its decode row
+        row_of, pos, ends = (None, starts, None) if single else self._token_positions(query_lens, starts)
         tables = block_tables[0, :, :int(pos.max()) // bs + 1]
-        slots = tables[row_of, pos // bs].astype(np.int64) * bs + pos % bs
+        if not single:
+            tables = tables[row_of]
+        slots = tables[np.arange(len(pos)), pos // bs].astype(np.int64) * bs + pos % bs
         hidden = self.fused.decode_tokens(torch.from_numpy(tokens), torch.from_numpy(pos), torch.from_numpy(slots),
-                                          torch.from_numpy(np.ascontiguousarray(tables[row_of])),
-                                          torch.from_numpy((pos + 1).astype(np.int32)))
-        return hidden[torch.from_numpy(ends - 1)]
+                                          torch.from_numpy(tables), torch.from_numpy((pos + 1).astype(np.int32)))
+        return hidden if single else hidden[torch.from_numpy(ends - 1)]
 
     def _module_forward(self, tokens: np.ndarray, query_lens: np.ndarray, starts: np.ndarray,
                         block_tables: np.ndarray, num_prompt: np.ndarray) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,10 +88,10 @@ class DraftingPhases:
         pass
 
 
-def test_a_sequence_that_drafts_nothing_costs_the_draft_nothing_and_catches_up(llama_dir, greedy_off):
-    """Capped at no drafts, a decoding sequence is not fed to the draft (no draft forward at all once the prompts
-    are in); when it drafts again, its first row feeds every token it missed: the target as its own draft accepts
-    nearly everything."""
+def test_a_sequence_that_drafts_nothing_costs_the_draft_nothing_and_catches_up_later(llama_dir, greedy_off):
+    """Capped at no drafts, a sequence is not fed to the draft, prompt included (no draft forward at all while
+    nobody drafts); when it drafts again, its first row feeds every token it missed (the prompt through the
+    draft's module path): the target as its own draft accepts nearly everything."""
     on = draft_llm(llama_dir, llama_dir)
     policy = on.engine.scheduler.adaptive = DraftingPhases()
     drafter = on.engine.runner.drafter
@@ -104,8 +105,26 @@ def test_a_sequence_that_drafts_nothing_costs_the_draft_nothing_and_catches_up(l
     assert completions(on, prompts=PROMPTS * 2) == greedy_off
     assert_accepts_nearly_all(on)
     assert any(drafting for _, drafting in phases)
-    assert not [step for step, drafting in phases if step > policy.length and not drafting]
+    assert not [step for step, drafting in phases if not drafting]
     assert on.engine.scheduler.spec_stats.num_drafts > 0
+
+
+def test_a_feeding_forward_gives_each_row_its_last_tokens_hidden_state_whatever_its_path(llama_dir, small_draft_dir):
+    """One feeding forward mixes a long row (a prompt: the draft's module path) with short ones (drafted tokens:
+    its fused step, on a CPU): each row's hidden state is the one it gets alone through the module path."""
+    drafter = draft_llm(llama_dir, small_draft_dir).engine.runner.drafter
+    lens = np.array([1, 20, 2, 1])
+    starts = np.array([0, 0, 0, 0])
+    tables = np.arange(4 * 8, dtype=np.int32).reshape(1, 4, 8)   # 8 blocks of 4 slots per row, all free
+    tokens = np.arange(1, int(lens.sum()) + 1, dtype=np.int64) * 7
+    calls = drafter.fused.calls if drafter.fused is not None else 0
+    mixed = drafter._forward(tokens, lens, starts, tables, np.zeros(4, dtype=np.int64))
+    assert drafter.fused is None or drafter.fused.calls == calls + 1   # the short rows, in one fused call
+    ends = np.cumsum(lens)
+    for i in range(4):
+        alone = drafter._module_forward(tokens[ends[i] - lens[i]:ends[i]], lens[i:i + 1], starts[i:i + 1],
+                                        tables[:, i:i + 1], np.zeros(1, dtype=np.int64))
+        torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_the_drafts_kv_cache_takes_the_targets_kv_cache_dtype(llama_dir, small_draft_dir):
