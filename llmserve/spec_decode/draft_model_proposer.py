@@ -19,13 +19,13 @@ target accepted, so each token is fed once.
 
 A sequence asked for no drafts after the step (grammar-constrained, or capped at none by adaptive speculation)
 is not fed at all, prompt included, so a step in which nobody drafts costs the draft nothing; when it drafts
-again, its row feeds every token it missed. With a fixed ``k`` every sequence is fed every step, so the draft's
-K/V holds every position the target has computed: a prefix-cache hit serves both models (a new sequence takes
-what its hit brought as the draft's too), preemption recomputes both, copy-on-write copies both (the runner
-copies every KV layer it binds). (Under adaptive speculation a block cached while its sequence was not fed holds
-no draft K/V: a later hit on it drafts from a partial context, with lower acceptance and the same output.) A
-draft with a sliding-window layer is fed every sequence every step: its group hands back the blocks that leave
-the window, so the positions a paused sequence missed may no longer have a slot.
+again, its row feeds every token it missed. With a fixed ``k`` every other sequence is fed every step, so the
+draft's K/V holds every position the target has computed for it: a prefix-cache hit serves both models (a new
+sequence takes what its hit brought as the draft's too), preemption recomputes both, copy-on-write copies both
+(the runner copies every KV layer it binds). A block cached while its sequence was not fed holds no draft K/V: a
+later hit on it drafts from a partial context, with lower acceptance and the same output. A draft with a
+sliding-window layer is fed every sequence every step: its group hands back the blocks that leave the window,
+so the positions a paused sequence missed may no longer have a slot.
 
 Drafts are the draft's argmax (greedy): the proposal ``q`` is one-hot, which the rejection sampler treats
 exactly (:mod:`llmserve.spec_decode.rejection_sampler`), so sampled output keeps the target's distribution.
