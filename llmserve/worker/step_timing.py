@@ -55,7 +55,7 @@ def measure_step_times(runner: ModelRunner, token_counts: list[int], max_model_l
         return {"target": target, "draft": None, "context": [context]}
     draft = [least_seconds(lambda n=n: drafter.propose(   # one forward: each row has room for one draft
         [[0]] * n, np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64),
-        np.broadcast_to(np.arange(n, dtype=np.int32)[:, None], (runner.kv_cache_groups.num_groups, n, 1)),
+        np.tile(np.arange(n, dtype=np.int32)[None, :, None], (runner.kv_cache_groups.num_groups, 1, 1)),
         np.zeros(n, dtype=np.int64))) for n in token_counts]
     return {"target": target, "draft": draft, "context": [context]}
 
