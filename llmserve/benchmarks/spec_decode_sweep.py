@@ -3,11 +3,12 @@ concurrent requests, the check behind the rule "with speculation configured, thr
 worse than with it off".
 
 Two engines live side by side in this process, one without speculation and one with ``--speculative-config``,
-so the two arms alternate within each round (off first in odd rounds, on first in even ones) and a change of
-the machine's load falls on both. At concurrency ``c`` an arm generates ``--num-prompts`` prompts (default
-``4 c``; greedy, ``--output-len`` tokens each, EOS ignored), the same prompts for both arms, at most ``c`` at a
-time: a finished request is replaced by the next at once, as a serving benchmark's ``--max-concurrency`` keeps
-them. (``c`` prompts run as one closed batch would time its slowest request: under adaptive speculation the
+and run in turn, one engine step each (which goes first alternating every step): each arm's time is the sum of
+its own steps (its throughput's and its TPOTs' clock), and a change of the machine's load falls on both arms
+alike instead of on whichever ran at that moment (an earlier version ran each arm's whole level in turn, and
+its rounds moved by 10-15%). At concurrency ``c`` an arm generates ``--num-prompts`` prompts (default ``4 c``;
+greedy, ``--output-len`` tokens each, EOS ignored), the same prompts for both arms, at most ``c`` at a time: a
+finished request is replaced by the next at once, as a serving benchmark's ``--max-concurrency`` keeps them. (``c`` prompts run as one closed batch would time its slowest request: under adaptive speculation the
 sequences whose drafts are accepted finish early while the others pay for longer steps, so the batch's wall
 time can grow while every step yields more tokens.) Per concurrency the report gives,
 summed over the rounds, each arm's output throughput (output tokens / wall time) and mean TPOT, and the on/off
@@ -25,6 +26,7 @@ round the other way.
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import random
 import statistics
@@ -66,24 +68,67 @@ def sweep_prompts(llm: LLM, workload: str, num: int, passage_len: int, repeat_le
     return [random_token_ids(rng, passage_len + repeat_len, allowed) for _ in range(num)]
 
 
+class SteadyConcurrency:
+    """One engine generating ``prompts`` with at most ``concurrency`` requests in it: whenever one finishes, the
+    next is added before the following step. :meth:`step` runs one engine step; the run's own clock
+    (``seconds``) counts only the time spent in its steps, so that two runs stepped in turn (:func:`run_in_turn`)
+    each time themselves alone while any change of the machine's load falls on both."""
+
+    def __init__(self, llm: LLM, prompts: list[list[int]], params: SamplingParams, concurrency: int) -> None:
+        self.engine = llm.engine
+        self.params, self.concurrency = params, concurrency
+        self.pending = deque(enumerate(prompts))
+        self.in_flight: dict[str, int] = {}
+        self.results: list[RequestOutput | None] = [None] * len(prompts)
+        self.seconds = 0.0
+        self._starts: list[float] = []   # each step's start (time.monotonic, the clock of token times)
+        self._clock: list[float] = []    # ``seconds`` at that start
+
+    @property
+    def done(self) -> bool:
+        return not self.pending and not self.in_flight
+
+    def step(self) -> None:
+        start = time.monotonic()
+        self._starts.append(start)
+        self._clock.append(self.seconds)
+        while self.pending and len(self.in_flight) < self.concurrency:
+            index, prompt = self.pending.popleft()
+            request_id = f"sweep-{id(self)}-{index}"
+            self.engine.add_request(request_id, prompt, self.params, output_kind=OutputKind.FINAL_ONLY)
+            self.in_flight[request_id] = index
+        for output in self.engine.step():
+            if output.finished and output.request_id in self.in_flight:
+                self.results[self.in_flight.pop(output.request_id)] = output
+        self.seconds += time.monotonic() - start
+
+    def own_time(self, t: float) -> float:
+        """``t``, a ``time.monotonic()`` taken during one of this run's steps (a token's time), on its own clock."""
+        i = bisect.bisect_right(self._starts, t) - 1
+        return self._clock[i] + (t - self._starts[i])
+
+    def tpots(self) -> list[float]:
+        """Each request's time per output token after the first, on the run's own clock."""
+        return [(self.own_time(r.metrics.last_token_time) - self.own_time(r.metrics.first_token_time))
+                / (len(r.outputs[0].token_ids) - 1) for r in self.results]
+
+
+def run_in_turn(runs: list[SteadyConcurrency]) -> None:
+    """Step ``runs`` in turn until all are done, which goes first alternating every step."""
+    turn = 0
+    while not all(run.done for run in runs):
+        for run in runs if turn % 2 == 0 else runs[::-1]:
+            if not run.done:
+                run.step()
+        turn += 1
+
+
 def generate_at_concurrency(llm: LLM, prompts: list[list[int]], params: SamplingParams,
                             concurrency: int) -> list[RequestOutput]:
-    """Every prompt's finished output (in order), with at most ``concurrency`` requests in the engine: whenever
-    one finishes, the next is added before the following step."""
-    engine = llm.engine
-    pending = deque(enumerate(prompts))
-    in_flight: dict[str, int] = {}
-    results: list[RequestOutput | None] = [None] * len(prompts)
-    while pending or in_flight:
-        while pending and len(in_flight) < concurrency:
-            index, prompt = pending.popleft()
-            request_id = f"sweep-{id(results)}-{index}"
-            engine.add_request(request_id, prompt, params, output_kind=OutputKind.FINAL_ONLY)
-            in_flight[request_id] = index
-        for output in engine.step():
-            if output.finished and output.request_id in in_flight:
-                results[in_flight.pop(output.request_id)] = output
-    return results   # type: ignore[return-value]
+    """Every prompt's finished output (in order), with at most ``concurrency`` requests in the engine."""
+    run = SteadyConcurrency(llm, prompts, params, concurrency)
+    run_in_turn([run])
+    return run.results   # type: ignore[return-value]
 
 
 @dataclasses.dataclass
@@ -96,18 +141,16 @@ class ArmTotals:
     outputs: list[list[int]] = dataclasses.field(default_factory=list)   # the last round's
     per_round: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
-    def add(self, llm: LLM, prompts: list[list[int]], output_len: int, concurrency: int) -> None:
-        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-        start = time.perf_counter()
-        results = generate_at_concurrency(llm, prompts, params, concurrency)
-        seconds = time.perf_counter() - start
-        tokens = [len(r.outputs[0].token_ids) for r in results]
-        tpots = [(r.metrics.last_token_time - r.metrics.first_token_time) / (n - 1) for r, n in zip(results, tokens)]
+    def add(self, run: SteadyConcurrency) -> None:
+        """A finished run (one round)."""
+        tokens = [len(r.outputs[0].token_ids) for r in run.results]
+        tpots = run.tpots()
         self.output_tokens += sum(tokens)
-        self.seconds += seconds
+        self.seconds += run.seconds
         self.tpots += tpots
-        self.outputs = [list(r.outputs[0].token_ids) for r in results]
-        self.per_round.append({"output_throughput": sum(tokens) / seconds, "mean_tpot_ms": 1000 * statistics.mean(tpots)})
+        self.outputs = [list(r.outputs[0].token_ids) for r in run.results]
+        self.per_round.append({"output_throughput": sum(tokens) / run.seconds,
+                               "mean_tpot_ms": 1000 * statistics.mean(tpots)})
 
     def summary(self) -> dict[str, float]:
         return {"output_throughput": self.output_tokens / self.seconds,
@@ -135,11 +178,13 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
         llm.generate(prompts[:max(levels)], SamplingParams(temperature=0.0, max_tokens=4))
     totals = {(c, arm): ArmTotals() for c in levels for arm in engines}
     differing = dict.fromkeys(levels, 0)
-    for round_index in range(rounds):
-        order = ("off", "on") if round_index % 2 == 0 else ("on", "off")
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    for _ in range(rounds):
         for c in levels:
-            for arm in order:
-                totals[c, arm].add(engines[arm], prompts[:requests[c]], args.output_len, c)
+            runs = {arm: SteadyConcurrency(llm, prompts[:requests[c]], params, c) for arm, llm in engines.items()}
+            run_in_turn(list(runs.values()))
+            for arm, run in runs.items():
+                totals[c, arm].add(run)
             differing[c] += sum(a != b for a, b in zip(totals[c, "off"].outputs, totals[c, "on"].outputs))
     stats = engines["on"].engine.scheduler.spec_stats
     for llm in engines.values():
