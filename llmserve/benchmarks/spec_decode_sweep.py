@@ -8,7 +8,8 @@ its own steps (its throughput's and its TPOTs' clock), and a change of the machi
 alike instead of on whichever ran at that moment (an earlier version ran each arm's whole level in turn, and
 its rounds moved by 10-15%). At concurrency ``c`` an arm generates ``--num-prompts`` prompts (default ``4 c``;
 greedy, ``--output-len`` tokens each, EOS ignored), the same prompts for both arms, at most ``c`` at a time: a
-finished request is replaced by the next at once, as a serving benchmark's ``--max-concurrency`` keeps them. (``c`` prompts run as one closed batch would time its slowest request: under adaptive speculation the
+finished request is replaced by the next at once, as a serving benchmark's ``--max-concurrency`` keeps them.
+(``c`` prompts run as one closed batch would time its slowest request: under adaptive speculation the
 sequences whose drafts are accepted finish early while the others pay for longer steps, so the batch's wall
 time can grow while every step yields more tokens.) Per concurrency the report gives,
 summed over the rounds, each arm's output throughput (output tokens / wall time) and mean TPOT, and the on/off

@@ -217,7 +217,6 @@ def trained_model_path(preset: str = "target", *, steps: int | None = None, seed
         spec = dataclasses.replace(spec, steps=steps)
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    teacher = None if distill_from is None else trained_model_path(distill_from, seed=seed, threads=threads)
     if output is None:
         name = f"llmserve-trained-{preset}" + (f"-from-{distill_from}" if distill_from else "") + (
             f"-s{seed}" if seed else "") + (f"-{spec.steps}steps" if spec.steps != PRESETS[preset].steps else "")
@@ -225,4 +224,9 @@ def trained_model_path(preset: str = "target", *, steps: int | None = None, seed
     stamp = {"trained": preset, **dataclasses.asdict(spec), "seed": seed, "format_version": FORMAT_VERSION}
     if distill_from is not None:
         stamp["distilled_from"] = distill_from
-    return build_once(Path(output), stamp, lambda folder: train(folder, spec, seed, threads, teacher))
+
+    def build(folder: Path) -> dict:   # the teacher is looked up (or trained) only when this model is built
+        teacher = None if distill_from is None else trained_model_path(distill_from, seed=seed, threads=threads)
+        return train(folder, spec, seed, threads, teacher)
+
+    return build_once(Path(output), stamp, build)
