@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from llmserve.benchmarks.plotting import pyplot, require_matplotlib
 from llmserve.benchmarks.profiling import ModelCosts, decode_steps, summarize
 from llmserve.benchmarks.roofline import measure_matmul, random_prompts
 from llmserve.entrypoints.cli_args import engine_config_from_args
@@ -42,12 +43,8 @@ def parse_batch_sizes(value: str) -> list[int]:
 
 def plot_latency(rows: list[dict[str, Any]], peak: dict[str, Any] | None, path: str, title: str) -> None:
     """TPOT (split into forward / sampler / overhead) and decode tokens/s against the batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
-
     sizes = [r["batch_size"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     ax1.plot(sizes, [r["median_tpot_ms"] for r in rows], "o-", label="TPOT (median step)")
@@ -86,10 +83,7 @@ def plot_latency(rows: list[dict[str, Any]], peak: dict[str, Any] | None, path: 
 def run_latency_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     sizes = parse_batch_sizes(args.batch_sizes)
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401 - fail before measuring, not after
-        except ImportError:
-            raise ValueError("--plot needs matplotlib: pip install matplotlib (or pip install 'llmserve[bench]')") from None
+        require_matplotlib("bench latency --plot")
     if args.output_len < args.skip_steps + 2:
         raise ValueError(f"--output-len must be at least --skip-steps + 2 ({args.skip_steps + 2})")
     config = engine_config_from_args(args)

@@ -2,24 +2,27 @@
 continuation repeats them (a passage, then its first part again: the output that copies the rest is what
 code edits, quoting summaries and RAG answers look like to a proposer).
 
-The same prompts run one at a time, greedy, without speculation and then with ``--speculative-config``
-(each in a fresh engine, after a warm-up request); ``--concurrency`` runs the sweep of
-:mod:`llmserve.benchmarks.spec_decode_sweep` instead. TPOT per request is (last token - first token) / (tokens
-- 1); the mean and median over the requests are reported, with the speed-up, the acceptance rate and the
-mean acceptance length. Greedy outputs must be equal token for token: the run fails if they are not.
+The same prompts run one at a time, greedy, in two engines side by side, one without speculation and one with
+``--speculative-config``, stepped in turn (:mod:`llmserve.benchmarks.stepped_in_turn`: each arm's clock holds
+only its own steps, and a change of the machine's load falls on both), after a warm-up request each;
+``--concurrency`` runs the sweep of :mod:`llmserve.benchmarks.spec_decode_sweep` instead. TPOT per request is
+(last token - first token) / (tokens - 1) on the arm's own clock; the mean and median over the requests are
+reported, with the speed-up, the acceptance rate and the mean acceptance length. Greedy outputs must be equal
+token for token: the run fails if they are not.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import random
 import statistics
 from typing import Any
 
 from llmserve.benchmarks.datasets import CorpusText, HFTokenizer
+from llmserve.benchmarks.stepped_in_turn import SteadyConcurrency, run_in_turn
+from llmserve.config import EngineConfig
 from llmserve.entrypoints.cli_args import engine_config_from_args
 from llmserve.entrypoints.llm import LLM
 from llmserve.sampling_params import SamplingParams
@@ -37,16 +40,9 @@ def repeat_prompts(corpus: CorpusText, num: int, passage_len: int, repeat_len: i
     return prompts
 
 
-def _run(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[list[float], list[list[int]]]:
-    llm.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=8))   # warm-up
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    tpots, outputs = [], []
-    for prompt in prompts:
-        out = llm.generate([prompt], params)[0]
-        tokens = out.outputs[0].token_ids
-        tpots.append((out.metrics.last_token_time - out.metrics.first_token_time) / (len(tokens) - 1))
-        outputs.append(list(tokens))
-    return tpots, outputs
+def speculation_arms(config: EngineConfig) -> dict[str, LLM]:
+    """The two engines compared: ``off`` without speculation, ``on`` with ``config``'s."""
+    return {"off": LLM(**vars(dataclasses.replace(config, speculative_config=None))), "on": LLM(**vars(config))}
 
 
 def run_spec_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,27 +56,31 @@ def run_spec_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         from llmserve.benchmarks.spec_decode_sweep import run_spec_decode_sweep
 
         return run_spec_decode_sweep(args, config)
-    if args.workload != "repeat" or args.rounds is not None:
-        raise ValueError("--workload and --rounds are for the concurrency sweep: give --concurrency too")
+    if args.workload != "repeat" or args.rounds is not None or args.plot or args.plot_runs:
+        raise ValueError("--workload, --rounds, --plot and --plot-runs are for the concurrency sweep: give "
+                         "--concurrency too")
     num_prompts = DEFAULT_NUM_PROMPTS if args.num_prompts is None else args.num_prompts
     if num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
+    engines = speculation_arms(config)
+    try:
+        prompts = repeat_prompts(CorpusText(HFTokenizer(engines["off"].get_tokenizer())), num_prompts,
+                                 args.passage_len, args.repeat_len)
+        for llm in engines.values():   # warm-up: the first steps of an engine pay one-off costs
+            llm.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=8))
+        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        runs = {arm: SteadyConcurrency(llm, prompts, params, 1) for arm, llm in engines.items()}
+        run_in_turn(list(runs.values()))
+    finally:
+        for llm in engines.values():
+            llm.shutdown()
     results: dict[str, Any] = {}
-    outputs: dict[str, list[list[int]]] = {}
-    prompts: list[list[int]] = []
-    for name, spec in (("off", None), ("on", config.speculative_config)):
-        llm = LLM(**vars(dataclasses.replace(config, speculative_config=spec)))
-        if not prompts:
-            corpus = CorpusText(HFTokenizer(llm.get_tokenizer()))
-            prompts = repeat_prompts(corpus, num_prompts, args.passage_len, args.repeat_len)
-        tpots, outputs[name] = _run(llm, prompts, args.output_len)
-        stats = llm.engine.scheduler.spec_stats
-        results[name] = {"mean_tpot_ms": 1000 * statistics.mean(tpots), "median_tpot_ms": 1000 * statistics.median(tpots),
-                         "acceptance_rate": stats.acceptance_rate, "mean_acceptance_length": stats.mean_acceptance_length,
-                         "num_drafts": stats.num_drafts}
-        llm.shutdown()
-        del llm
-        gc.collect()
+    outputs = {arm: run.token_ids() for arm, run in runs.items()}
+    for arm, run in runs.items():
+        tpots, stats = run.tpots(), engines[arm].engine.scheduler.spec_stats
+        results[arm] = {"mean_tpot_ms": 1000 * statistics.mean(tpots), "median_tpot_ms": 1000 * statistics.median(tpots),
+                        "acceptance_rate": stats.acceptance_rate, "mean_acceptance_length": stats.mean_acceptance_length,
+                        "num_drafts": stats.num_drafts}
     if outputs["on"] != outputs["off"]:
         raise RuntimeError("greedy outputs differ with speculation on and off")
     on, off = results["on"], results["off"]

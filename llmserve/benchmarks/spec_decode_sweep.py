@@ -3,10 +3,8 @@ concurrent requests, the check behind the rule "with speculation configured, thr
 worse than with it off".
 
 Two engines live side by side in this process, one without speculation and one with ``--speculative-config``,
-and run in turn, one engine step each (which goes first alternating every step): each arm's time is the sum of
-its own steps (its throughput's and its TPOTs' clock), and a change of the machine's load falls on both arms
-alike instead of on whichever ran at that moment (an earlier version ran each arm's whole level in turn, and
-its rounds moved by 10-15%). At concurrency ``c`` an arm generates ``--num-prompts`` prompts (default ``4 c``;
+and run in turn, one engine step each (:mod:`llmserve.benchmarks.stepped_in_turn`): each arm's time is the sum
+of its own steps (its throughput's and its TPOTs' clock). At concurrency ``c`` an arm generates ``--num-prompts`` prompts (default ``4 c``;
 greedy, ``--output-len`` tokens each, EOS ignored), the same prompts for both arms, at most ``c`` at a time: a
 finished request is replaced by the next at once, as a serving benchmark's ``--max-concurrency`` keeps them.
 (``c`` prompts run as one closed batch would time its slowest request: under adaptive speculation the
@@ -27,20 +25,19 @@ round the other way.
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
 import random
 import statistics
-import time
-from collections import deque
+from pathlib import Path
 from typing import Any
 
 from llmserve.benchmarks.datasets import CorpusText, HFTokenizer, allowed_token_ids, random_token_ids
-from llmserve.benchmarks.spec_decode import repeat_prompts, save_output_json
+from llmserve.benchmarks.plotting import require_matplotlib
+from llmserve.benchmarks.spec_decode import repeat_prompts, save_output_json, speculation_arms
+from llmserve.benchmarks.spec_decode_plot import load_sweep, plot_speedups, sweep_label
+from llmserve.benchmarks.stepped_in_turn import SteadyConcurrency, run_in_turn
 from llmserve.config import EngineConfig
-from llmserve.engine.output_processor import OutputKind
 from llmserve.entrypoints.llm import LLM
-from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
 
 WORKLOADS = ("repeat", "random")
@@ -69,69 +66,6 @@ def sweep_prompts(llm: LLM, workload: str, num: int, passage_len: int, repeat_le
     return [random_token_ids(rng, passage_len + repeat_len, allowed) for _ in range(num)]
 
 
-class SteadyConcurrency:
-    """One engine generating ``prompts`` with at most ``concurrency`` requests in it: whenever one finishes, the
-    next is added before the following step. :meth:`step` runs one engine step; the run's own clock
-    (``seconds``) counts only the time spent in its steps, so that two runs stepped in turn (:func:`run_in_turn`)
-    each time themselves alone while any change of the machine's load falls on both."""
-
-    def __init__(self, llm: LLM, prompts: list[list[int]], params: SamplingParams, concurrency: int) -> None:
-        self.engine = llm.engine
-        self.params, self.concurrency = params, concurrency
-        self.pending = deque(enumerate(prompts))
-        self.in_flight: dict[str, int] = {}
-        self.results: list[RequestOutput | None] = [None] * len(prompts)
-        self.seconds = 0.0
-        self._starts: list[float] = []   # each step's start (time.monotonic, the clock of token times)
-        self._clock: list[float] = []    # ``seconds`` at that start
-
-    @property
-    def done(self) -> bool:
-        return not self.pending and not self.in_flight
-
-    def step(self) -> None:
-        start = time.monotonic()
-        self._starts.append(start)
-        self._clock.append(self.seconds)
-        while self.pending and len(self.in_flight) < self.concurrency:
-            index, prompt = self.pending.popleft()
-            request_id = f"sweep-{id(self)}-{index}"
-            self.engine.add_request(request_id, prompt, self.params, output_kind=OutputKind.FINAL_ONLY)
-            self.in_flight[request_id] = index
-        for output in self.engine.step():
-            if output.finished and output.request_id in self.in_flight:
-                self.results[self.in_flight.pop(output.request_id)] = output
-        self.seconds += time.monotonic() - start
-
-    def own_time(self, t: float) -> float:
-        """``t``, a ``time.monotonic()`` taken during one of this run's steps (a token's time), on its own clock."""
-        i = bisect.bisect_right(self._starts, t) - 1
-        return self._clock[i] + (t - self._starts[i])
-
-    def tpots(self) -> list[float]:
-        """Each request's time per output token after the first, on the run's own clock."""
-        return [(self.own_time(r.metrics.last_token_time) - self.own_time(r.metrics.first_token_time))
-                / (len(r.outputs[0].token_ids) - 1) for r in self.results]
-
-
-def run_in_turn(runs: list[SteadyConcurrency]) -> None:
-    """Step ``runs`` in turn until all are done, which goes first alternating every step."""
-    turn = 0
-    while not all(run.done for run in runs):
-        for run in runs if turn % 2 == 0 else runs[::-1]:
-            if not run.done:
-                run.step()
-        turn += 1
-
-
-def generate_at_concurrency(llm: LLM, prompts: list[list[int]], params: SamplingParams,
-                            concurrency: int) -> list[RequestOutput]:
-    """Every prompt's finished output (in order), with at most ``concurrency`` requests in the engine."""
-    run = SteadyConcurrency(llm, prompts, params, concurrency)
-    run_in_turn([run])
-    return run.results   # type: ignore[return-value]
-
-
 @dataclasses.dataclass
 class ArmTotals:
     """One arm at one concurrency, summed over the rounds."""
@@ -149,7 +83,7 @@ class ArmTotals:
         self.output_tokens += sum(tokens)
         self.seconds += run.seconds
         self.tpots += tpots
-        self.outputs = [list(r.outputs[0].token_ids) for r in run.results]
+        self.outputs = run.token_ids()
         self.per_round.append({"output_throughput": sum(tokens) / run.seconds,
                                "mean_tpot_ms": 1000 * statistics.mean(tpots)})
 
@@ -172,8 +106,12 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
     if any(n < c for c, n in requests.items()):
         raise ValueError(f"--num-prompts {args.num_prompts} is below --concurrency {max(levels)}: that level would "
                          f"never have as many requests at once")
-    engines = {"off": LLM(**vars(dataclasses.replace(config, speculative_config=None))),
-               "on": LLM(**vars(config))}
+    if args.plot_runs and not args.plot:
+        raise ValueError("--plot-runs adds earlier sweeps to the figure of --plot: give --plot PNG too")
+    earlier = [load_sweep(path) for path in args.plot_runs or []]
+    if args.plot:
+        require_matplotlib("bench spec-decode --plot")
+    engines = speculation_arms(config)
     prompts = sweep_prompts(engines["off"], args.workload, max(requests.values()), args.passage_len, args.repeat_len)
     for llm in engines.values():   # warm-up: the first steps of an engine pay one-off costs
         llm.generate(prompts[:max(levels)], SamplingParams(temperature=0.0, max_tokens=4))
@@ -202,7 +140,8 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
                                                       zip(totals[c, "off"].per_round, totals[c, "on"].per_round)],
                        "tpot_ratio_per_round": [a["mean_tpot_ms"] / b["mean_tpot_ms"] for a, b in
                                                 zip(totals[c, "off"].per_round, totals[c, "on"].per_round)]})
-    results = {"workload": args.workload, "rounds": rounds, "points": points,
+    results = {"label": sweep_label(config.speculative_config, args.workload), "workload": args.workload,
+               "rounds": rounds, "points": points,
                "acceptance_rate": stats.acceptance_rate, "mean_acceptance_length": stats.mean_acceptance_length,
                "num_drafts": stats.num_drafts}
     print(f"{args.workload} prompts of {args.passage_len} + {args.repeat_len} tokens, {args.output_len} output tokens, "
@@ -220,4 +159,7 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
     print(f"acceptance rate {stats.acceptance_rate:.1%}, mean acceptance length {stats.mean_acceptance_length:.2f} "
           f"over {stats.num_drafts} drafts")
     save_output_json(args, results)
+    if args.plot:
+        plot_speedups(earlier + [results], args.plot, f"speculation on against off, {Path(config.model).name}, "
+                      f"{args.output_len} output tokens, {rounds} rounds per level")
     return results

@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 from llmserve.benchmarks.metrics import DETAIL_FIELDS, METRIC_NAMES, parse_metric_list, parse_percentiles
+from llmserve.benchmarks.plotting import pyplot, require_matplotlib
 from llmserve.benchmarks.results import default_filename, save_result, saving
 from llmserve.benchmarks.serve import benchmark_at_rate, build_requests, prepare, result_header
 
@@ -86,13 +87,7 @@ def capacity(points: list[dict[str, Any]]) -> float | None:
 
 def plot_sweep(points: list[dict[str, Any]], slos: dict[str, float], path: str, title: str,
                capacity_rate: float | None) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError("bench sweep draws its plot with matplotlib: pip install matplotlib "
-                         "(or pip install 'llmserve[bench]')") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     rates = [p["request_rate"] for p in points]
@@ -147,11 +142,7 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     args.metric_percentiles = ",".join(f"{p:g}" for p in sorted(set(needed_percentiles)
                                                                   | set(parse_percentiles(args.metric_percentiles))))
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401 - fail before the sweep, not after it
-        except ImportError:
-            raise ValueError("bench sweep draws its plot with matplotlib: pip install matplotlib "
-                             "(or pip install 'llmserve[bench]'), or pass --plot ''") from None
+        require_matplotlib("bench sweep (--plot '' for no plot)")
     target, tokenizer, requests = prepare(args, SWEEP_FIELDS)
     points = []
     print(f"{'rate':>7} {'done req/s':>10} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} "

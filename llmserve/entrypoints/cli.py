@@ -201,11 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--output-json", default=None, help="write the results as JSON")
     spec.add_argument("--concurrency", default=None,
                       help="comma-separated numbers of concurrent requests, e.g. 1,8,32,64: speculation on against "
-                           "off at each, alternating (instead of the batch-1 comparison)")
+                           "off at each, the two engines stepped in turn (instead of the batch-1 comparison)")
     spec.add_argument("--workload", default="repeat", choices=("repeat", "random"),
                       help="with --concurrency: repeating prompts, or random token ids (nothing to look up)")
     spec.add_argument("--rounds", type=int, default=None,
                       help="with --concurrency: rounds of off and on per concurrency (default 2)")
+    spec.add_argument("--plot", default=None,
+                      help="with --concurrency: draw the speed-ups against the concurrency into this PNG")
+    spec.add_argument("--plot-runs", nargs="+", default=None, metavar="JSON",
+                      help="with --plot: earlier sweeps' --output-json files, drawn in the same figure")
     spec.set_defaults(func=_bench("spec_decode", "run_spec_decode_benchmark"))
     ppl = bench_sub.add_parser("perplexity", help="perplexity of a text (default: the held-out corpus) through the engine")
     add_engine_args(ppl)

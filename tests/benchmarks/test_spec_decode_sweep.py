@@ -4,14 +4,11 @@ on/off ratios as speeds (throughput on / off, TPOT off / on) and the acceptance 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from llmserve.benchmarks.spec_decode_sweep import (SteadyConcurrency, generate_at_concurrency, parse_concurrency,
-                                                    run_in_turn)
-from llmserve.entrypoints.llm import LLM
-from llmserve.sampling_params import SamplingParams
+from llmserve.benchmarks.spec_decode_plot import load_sweep, plot_speedups
+from llmserve.benchmarks.spec_decode_sweep import parse_concurrency
 from tests.benchmarks.test_offline import ENGINE, bench
 from tests.benchmarks.test_spec_decode import NGRAM
 
@@ -21,9 +18,11 @@ def test_sweep_reports_each_concurrency_with_ratios(tmp_path, llama_dir, capsys,
     out = tmp_path / "sweep.json"
     assert bench("spec-decode", str(llama_dir), *ENGINE, "--speculative-config", NGRAM, "--concurrency", "1,3",
                  "--workload", workload, "--rounds", "2", "--passage-len", "16", "--repeat-len", "4",
-                 "--output-len", "8", "--output-json", str(out)) == 0
+                 "--output-len", "8", "--output-json", str(out), "--plot", str(tmp_path / "sweep.png")) == 0
     results = json.loads(out.read_text())["results"]
     assert results["workload"] == workload and results["rounds"] == 2
+    assert results["label"] == f"ngram, k=3: {workload} prompts"
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p["concurrency"] for p in results["points"]] == [1, 3]
     assert [p["num_requests"] for p in results["points"]] == [4, 12]   # 4 per unit of concurrency by default
     for point in results["points"]:
@@ -36,50 +35,25 @@ def test_sweep_reports_each_concurrency_with_ratios(tmp_path, llama_dir, capsys,
     assert "throughput on/off" in capsys.readouterr().out
 
 
-def test_requests_run_at_most_the_concurrency_at_once_each_replaced_when_it_finishes(llama_dir):
-    llm = LLM(str(llama_dir), max_model_len=128, num_threads=1)
-    try:
-        prompts = [[5 + i, 6, 7, 8 + i] for i in range(7)]
-        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-        in_engine: list[int] = []
-        step = llm.engine.step
-
-        def counting_step():
-            in_engine.append(len(llm.engine.core.requests))
-            return step()
-
-        llm.engine.step = counting_step
-        outputs = generate_at_concurrency(llm, prompts, params, 3)
-        assert max(in_engine) == 3 and in_engine[0] == 3 and in_engine[-1] < 3   # a tail once the queue is empty
-        expected = llm.generate(prompts, params)
-        assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
-    finally:
-        llm.shutdown()
+def _sweep(label: str, ratios: list[float]) -> dict:
+    return {"label": label, "points": [{"concurrency": c, "throughput_ratio": r, "tpot_ratio": r,
+                                        "throughput_ratio_per_round": [r - 0.02, r + 0.02],
+                                        "tpot_ratio_per_round": [r - 0.01, r + 0.01]}
+                                       for c, r in zip((1, 8, 32), ratios)]}
 
 
-def test_runs_stepped_in_turn_each_time_only_their_own_steps(llama_dir):
-    """Two engines stepped in turn: each run's clock holds its own steps only (together about the wall time, each
-    well under it), token times map into it, and the outputs are what each engine generates alone."""
-    engines = [LLM(str(llama_dir), max_model_len=128, num_threads=1) for _ in range(2)]
-    try:
-        prompts = [[5 + i, 6, 7, 8 + i] for i in range(6)]
-        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-        runs = [SteadyConcurrency(llm, prompts, params, 3) for llm in engines]
-        start = time.monotonic()
-        run_in_turn(runs)
-        wall = time.monotonic() - start
-        assert all(run.done for run in runs)
-        assert sum(run.seconds for run in runs) <= wall and all(run.seconds < 0.8 * wall for run in runs)
-        expected = [o.outputs[0].token_ids for o in engines[0].generate(prompts, params)]
-        for run in runs:
-            assert [r.outputs[0].token_ids for r in run.results] == expected
-            times = [run.own_time(t) for r in run.results
-                     for t in (r.metrics.first_token_time, r.metrics.last_token_time)]
-            assert 0 <= min(times) and max(times) <= run.seconds
-            assert all(0 < tpot < run.seconds for tpot in run.tpots())
-    finally:
-        for llm in engines:
-            llm.shutdown()
+def test_earlier_sweeps_share_the_figure(tmp_path):
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"config": {}, "results": _sweep("ngram, k=6: random prompts", [1.1, 0.98, 1.0])}))
+    sweeps = [load_sweep(str(earlier)), _sweep("draft, k=5: repeat prompts", [2.0, 1.0, 0.99])]
+    png = tmp_path / "both.png"
+    plot_speedups(sweeps, str(png), "two sweeps")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    latency_json = tmp_path / "latency.json"
+    latency_json.write_text(json.dumps({"results": [{"batch_size": 1}]}))
+    for bad in (latency_json, tmp_path / "missing.json"):
+        with pytest.raises(ValueError, match="not the --output-json of a bench spec-decode --concurrency run"):
+            load_sweep(str(bad))
 
 
 def test_parse_concurrency():
@@ -96,3 +70,7 @@ def test_sweep_refusals(llama_dir):
     assert bench("spec-decode", *common, "--concurrency", "1,4", "--num-prompts", "3") == 2   # 4 never at once
     assert bench("spec-decode", *common, "--num-prompts", "0") == 2
     assert bench("spec-decode", *common, "--workload", "random") == 2                         # sweep only
+    assert bench("spec-decode", *common, "--plot", "x.png") == 2                               # sweep only
+    assert bench("spec-decode", *common, "--concurrency", "1", "--plot-runs", "a.json") == 2   # no --plot
+    assert bench("spec-decode", *common, "--concurrency", "1", "--plot", "x.png",
+                 "--plot-runs", "missing.json") == 2
