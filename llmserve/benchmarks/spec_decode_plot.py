@@ -1,8 +1,9 @@
 """``bench spec-decode --concurrency ... --plot PNG``: the speed-up of speculation against concurrency.
 
 Two panels, throughput on/off and TPOT off/on, each sweep a line through its ratios summed over the rounds with
-each round's ratio as a faint mark beside it (their spread is the harness' noise), and the lines at 1 and at 0.97
-(the rule: speculation configured is never below 0.97x of off). ``--plot-runs`` adds earlier sweeps' ``--output-json``
+each round's ratio as a faint dash beside it (their spread is the harness' noise), and the lines at 1 and at 0.97
+(the rule: speculation configured is never below 0.97x of off); below them the same between 0.9 and 1.1, where a
+batch-1 speed-up of 2x would otherwise flatten the rest onto one line. ``--plot-runs`` adds earlier sweeps' ``--output-json``
 files, so that proposers and workloads measured in separate runs share one figure.
 """
 
@@ -16,6 +17,7 @@ from llmserve.benchmarks.plotting import pyplot
 from llmserve.spec_decode.config import SpeculativeConfig
 
 RULE = 0.97
+ZOOM = (0.9, 1.1)   # the lower panels' range
 
 
 def sweep_label(spec: SpeculativeConfig, workload: str) -> str:
@@ -41,28 +43,29 @@ def plot_speedups(sweeps: list[dict[str, Any]], path: str, title: str) -> None:
     plt = pyplot()
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
-    panels = ((axes[0], "throughput_ratio", "output throughput, on / off"), (axes[1], "tpot_ratio", "TPOT, off / on"))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.6), sharex=True)
+    keys = (("throughput_ratio", "output throughput, on / off"), ("tpot_ratio", "TPOT, off / on"))
     levels = sorted({p["concurrency"] for sweep in sweeps for p in sweep["points"]})
-    for i, sweep in enumerate(sweeps):
-        color = f"C{i}"
-        for ax, key, _ in panels:
-            xs = [p["concurrency"] for p in sweep["points"]]
-            ax.plot(xs, [p[key] for p in sweep["points"]], "o-", color=color, label=sweep["label"])
-            for p in sweep["points"]:
-                rounds = p[f"{key}_per_round"]
-                ax.plot([p["concurrency"]] * len(rounds), rounds, "_", color=color, alpha=0.5, markersize=9)
-    for ax, _, ylabel in panels:
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.axhline(RULE, color="red", linestyle="--", linewidth=0.8, label=f"{RULE} (the rule)" if ax is axes[0] else None)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(levels, [str(c) for c in levels])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("concurrent requests")
-        ax.set_title(ylabel, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("speed-up (each round's as a dash)")
-    axes[0].legend(fontsize=8)
+    for row in range(2):   # the whole range, then near 1, where the rule is read
+        for (key, name), ax in zip(keys, axes[row]):
+            for i, sweep in enumerate(sweeps):
+                xs = [p["concurrency"] for p in sweep["points"]]
+                ax.plot(xs, [p[key] for p in sweep["points"]], "o-", color=f"C{i}", label=sweep["label"])
+                for p in sweep["points"]:
+                    rounds = p[f"{key}_per_round"]
+                    ax.plot([p["concurrency"]] * len(rounds), rounds, "_", color=f"C{i}", alpha=0.6, markersize=10)
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+            ax.axhline(RULE, color="red", linestyle="--", linewidth=0.8, label=f"{RULE} (the rule)")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(levels, [str(c) for c in levels])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_title(name if row == 0 else f"{name}, between {ZOOM[0]} and {ZOOM[1]}", fontsize=10)
+            if row == 1:
+                ax.set_ylim(*ZOOM)
+                ax.set_xlabel("concurrent requests")
+        axes[row][0].set_ylabel("speed-up (each round's as a dash)")
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
