@@ -31,7 +31,9 @@ def load_sweep(path: str) -> dict[str, Any]:
     try:
         with open(path) as f:
             results = json.load(f)["results"]
-        results["points"], results["label"]
+        missing = [key for key in ("points", "label") if key not in results]
+        if missing:
+            raise KeyError(", ".join(missing))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--plot-runs {path}: not the --output-json of a bench spec-decode --concurrency run "
                          f"({type(e).__name__}: {e})") from None

@@ -112,22 +112,25 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
     if args.plot:
         require_matplotlib("bench spec-decode --plot")
     engines = speculation_arms(config)
-    prompts = sweep_prompts(engines["off"], args.workload, max(requests.values()), args.passage_len, args.repeat_len)
-    for llm in engines.values():   # warm-up: the first steps of an engine pay one-off costs
-        llm.generate(prompts[:max(levels)], SamplingParams(temperature=0.0, max_tokens=4))
-    totals = {(c, arm): ArmTotals() for c in levels for arm in engines}
-    differing = dict.fromkeys(levels, 0)
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    for _ in range(rounds):
-        for c in levels:
-            runs = {arm: SteadyConcurrency(llm, prompts[:requests[c]], params, c) for arm, llm in engines.items()}
-            run_in_turn(list(runs.values()))
-            for arm, run in runs.items():
-                totals[c, arm].add(run)
-            differing[c] += sum(a != b for a, b in zip(totals[c, "off"].outputs, totals[c, "on"].outputs))
-    stats = engines["on"].engine.scheduler.spec_stats
-    for llm in engines.values():
-        llm.shutdown()
+    try:
+        prompts = sweep_prompts(engines["off"], args.workload, max(requests.values()), args.passage_len,
+                                args.repeat_len)
+        for llm in engines.values():   # warm-up: the first steps of an engine pay one-off costs
+            llm.generate(prompts[:max(levels)], SamplingParams(temperature=0.0, max_tokens=4))
+        totals = {(c, arm): ArmTotals() for c in levels for arm in engines}
+        differing = dict.fromkeys(levels, 0)
+        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        for _ in range(rounds):
+            for c in levels:
+                runs = {arm: SteadyConcurrency(llm, prompts[:requests[c]], params, c) for arm, llm in engines.items()}
+                run_in_turn(list(runs.values()))
+                for arm, run in runs.items():
+                    totals[c, arm].add(run)
+                differing[c] += sum(a != b for a, b in zip(totals[c, "off"].outputs, totals[c, "on"].outputs))
+        stats = engines["on"].engine.scheduler.spec_stats
+    finally:
+        for llm in engines.values():
+            llm.shutdown()
     points = []
     for c in levels:
         off, on = totals[c, "off"].summary(), totals[c, "on"].summary()

@@ -51,7 +51,9 @@ def test_earlier_sweeps_share_the_figure(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     latency_json = tmp_path / "latency.json"
     latency_json.write_text(json.dumps({"results": [{"batch_size": 1}]}))
-    for bad in (latency_json, tmp_path / "missing.json"):
+    unlabelled = tmp_path / "unlabelled.json"
+    unlabelled.write_text(json.dumps({"results": {"points": []}}))
+    for bad in (latency_json, unlabelled, tmp_path / "missing.json"):
         with pytest.raises(ValueError, match="not the --output-json of a bench spec-decode --concurrency run"):
             load_sweep(str(bad))
 
