@@ -63,9 +63,11 @@
 #define EXPAND_PASS 2
 #endif
 /* Multiply-adds below which one thread runs the call: a parallel region ends in a barrier, and on a machine
- * whose cores are shared that barrier waits for a descheduled thread far longer than this much work takes
- * (a rank-8 decode step with 64 rows is about 7M per layer). */
-#define PARALLEL_MIN_MACS (1L << 23)
+ * whose cores are shared that barrier waits for a descheduled thread far longer than this much work takes (a
+ * rank-8 call at 64 decode rows is 1-3M). Above it one thread would take a few hundred microseconds, which a
+ * second thread halves: a rank-64 o_proj at 64 rows (4.2M on a hidden size of 512, 6.3M on 768) run on one
+ * thread took a fifth of the step's LoRA time. */
+#define PARALLEL_MIN_MACS (1L << 22)
 
 /* Prefetches element `i` of a float32 or bfloat16 (`bf16`) array: a line the next tile reads (prefetches never
  * fault, so one past the slots' end is harmless). */
