@@ -6,10 +6,14 @@ spread round-robin over ``--max-loras`` adapters. The adapters are ``--lora-path
 fewer than ``--max-loras``, each under its own id, as vLLM's benchmark reuses one path) or, without it,
 random adapters of rank ``--lora-rank`` over every attention and MLP projection, generated for the model.
 
-Each configuration runs in a process of its own (engine built, warmed up, timed, process gone), so no
-configuration shares threads, caches or an allocator with another; two engines in one process slowed
-each other unevenly. The four run back to back and the round repeats ``--rounds`` times, so a machine
-whose speed drifts slows each of them alike; the ratios are of the mean throughput over the rounds.
+The four configurations are four engines in one process, stepped in turn (one engine step each, which goes
+first alternating: :mod:`llmserve.benchmarks.stepped_in_turn`), each timed by its own steps and keeping at most
+``--max-num-seqs`` requests in flight, as ``generate`` does. A change of the machine's speed falls on all four
+alike; run one after another, each in a process of its own, the same configurations moved by about 10% from
+round to round, more than the 2% the base-request target allows. ``--rounds`` repeats the run; the ratios are
+of the throughput summed over the rounds, and each round's ratios are printed beside them (their spread is the
+noise left). Each engine takes its own ``--kv-cache-memory-bytes``. Greedy outputs of base requests are
+compared between LoRA off and on: they must not differ.
 """
 
 from __future__ import annotations
@@ -17,20 +21,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing
-import os
 import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from llmserve.benchmarks.datasets import HFTokenizer, allowed_token_ids, sample_random
 from llmserve.benchmarks.profiling import greedy
-from llmserve.benchmarks.throughput import HEADER, ThroughputResult, with_load
+from llmserve.benchmarks.stepped_in_turn import SteadyConcurrency, run_in_turn
+from llmserve.benchmarks.throughput import HEADER, ThroughputResult, load_average
+from llmserve.config import EngineConfig
 from llmserve.entrypoints.cli_args import engine_config_from_args
 from llmserve.entrypoints.llm import LLM
-from llmserve.logging_setup import LogSetup, configure_logging, current_setup
 from llmserve.lora.request import LoRARequest
 from llmserve.model_loader.loader import resolve_model_path
 from llmserve.testing.lora_adapters import write_lora_adapter
@@ -38,25 +39,6 @@ from llmserve.testing.lora_adapters import write_lora_adapter
 REFERENCE, LORA_ON_BASE, ONE_ADAPTER, MIXED = ("LoRA off, base requests", "LoRA on, base requests",
                                                "LoRA on, one adapter for all", "LoRA on, adapters mixed")
 SCENARIOS = (REFERENCE, LORA_ON_BASE, ONE_ADAPTER, MIXED)
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """What every configuration runs: the random requests (drawn alike in each process from the seed)."""
-
-    num_prompts: int
-    input_len: int
-    output_len: int
-    seed: int
-
-
-@dataclasses.dataclass
-class ConfigurationRun:
-    """One timed run of a configuration, and the process and model that ran it."""
-
-    result: ThroughputResult
-    pid: int
-    model: str
 
 
 def adapter_requests(args: argparse.Namespace, model_path: Path, workdir: Path) -> list[LoRARequest]:
@@ -74,80 +56,91 @@ def adapter_plans(adapters: list[LoRARequest], n: int) -> dict[str, list[LoRAReq
             MIXED: [adapters[i % len(adapters)] for i in range(n)]}
 
 
-def generate(llm: LLM, prompts: list[list[int]], output_len: int, loras: list[LoRARequest | None],
-             name: str) -> ThroughputResult:
-    start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(output_len), lora_request=loras)
-    elapsed = time.perf_counter() - start
-    return ThroughputResult(name, len(prompts), elapsed, sum(map(len, prompts)),
-                            sum(len(c.token_ids) for o in outputs for c in o.outputs))
-
-
-def run_configuration(engine_kwargs: dict[str, Any], name: str, workload: Workload,
-                      loras: list[LoRARequest | None], num_warmup: int, log: LogSetup) -> ConfigurationRun:
-    """One configuration, in the process that runs it: the engine, a short warm-up (kernels, allocator,
-    adapters read and resident), the timed run."""
-    configure_logging(log, "bench")
-    llm = LLM(**{**engine_kwargs, "enable_lora": name != REFERENCE})
+def configuration_engines(config: EngineConfig) -> dict[str, LLM]:
+    """One engine per configuration: LoRA off for the reference, on for the others (all shut down if one fails)."""
+    engines: dict[str, LLM] = {}
     try:
-        engine = llm.engine
-        tokenizer = HFTokenizer(llm.get_tokenizer())
-        requests = sample_random(workload.num_prompts, workload.input_len, workload.output_len, 0.0, workload.seed,
-                                 token_ids=allowed_token_ids(engine.vocab_size, tokenizer.special_ids))
-        prompts = [list(r.prompt) for r in requests]
-        generate(llm, prompts[:num_warmup], 2, loras[:num_warmup], "warm-up")
-        result = with_load(generate, llm, prompts, workload.output_len, loras, name)
-        return ConfigurationRun(result, os.getpid(), f"{engine.model_path} ({engine.dtype}, {engine.device})")
-    finally:
-        llm.shutdown()
+        for name in SCENARIOS:
+            engines[name] = LLM(**{**vars(config), "enable_lora": name != REFERENCE})
+    except BaseException:
+        for llm in engines.values():
+            llm.shutdown()
+        raise
+    return engines
 
 
-def in_own_process(*args: Any) -> ConfigurationRun:
-    """:func:`run_configuration` in a fresh (spawned) process."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_configuration, *args).result()
+def timed_round(engines: dict[str, LLM], prompts: list[list[int]], output_len: int,
+                plans: dict[str, list[LoRARequest | None]], concurrency: int) -> dict[str, SteadyConcurrency]:
+    """Every configuration's run of the requests, stepped in turn."""
+    runs = {name: SteadyConcurrency(llm, prompts, greedy(output_len), concurrency, plans[name])
+            for name, llm in engines.items()}
+    run_in_turn(list(runs.values()))
+    return runs
 
 
-def mean_tokens_per_s(runs: list[ConfigurationRun]) -> float:
-    return sum(r.result.output_tokens_per_s for r in runs) / len(runs)
+def round_result(name: str, run: SteadyConcurrency, prompts: list[list[int]], load: tuple[float | None, ...]
+                 ) -> ThroughputResult:
+    return ThroughputResult(name, len(prompts), run.seconds, sum(map(len, prompts)),
+                            sum(map(len, run.token_ids())), *load)
 
 
 def run_lora_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     config = engine_config_from_args(args)
-    engine_kwargs = vars(config)
-    workload = Workload(args.num_prompts, args.input_len, args.output_len, config.seed)
-    rounds: dict[str, list[ConfigurationRun]] = {name: [] for name in SCENARIOS}
+    rounds: dict[str, list[ThroughputResult]] = {name: [] for name in SCENARIOS}
+    differing = 0
     with tempfile.TemporaryDirectory() as workdir:
         adapters = adapter_requests(args, resolve_model_path(config.model, config.revision, config.download_dir),
                                     Path(workdir))
         plans = adapter_plans(adapters, args.num_prompts)
-        for _ in range(args.rounds):
-            for name in SCENARIOS:
-                rounds[name].append(in_own_process(engine_kwargs, name, workload, plans[name], len(adapters),
-                                                   current_setup()))
-    print(f"model {rounds[REFERENCE][0].model}; {args.num_prompts} requests x {args.input_len} in / "
-          f"{args.output_len} out; "
+        engines = configuration_engines(config)
+        try:
+            engine = engines[REFERENCE].engine
+            model = f"{engine.model_path} ({engine.dtype}, {engine.device})"
+            tokenizer = HFTokenizer(engines[REFERENCE].get_tokenizer())
+            requests = sample_random(args.num_prompts, args.input_len, args.output_len, 0.0, config.seed,
+                                     token_ids=allowed_token_ids(engine.vocab_size, tokenizer.special_ids))
+            prompts = [list(r.prompt) for r in requests]
+            for name, llm in engines.items():   # warm-up: kernels, allocator, adapters read and resident
+                warm = len(adapters)
+                llm.generate([{"prompt_token_ids": p} for p in prompts[:warm]], greedy(2),
+                             lora_request=plans[name][:warm])
+            for _ in range(args.rounds):
+                before = load_average()
+                runs = timed_round(engines, prompts, args.output_len, plans, config.max_num_seqs)
+                load = (before, load_average())
+                for name, run in runs.items():
+                    rounds[name].append(round_result(name, run, prompts, load))
+                differing += sum(a != b for a, b in zip(runs[REFERENCE].token_ids(), runs[LORA_ON_BASE].token_ids()))
+        finally:
+            for llm in engines.values():
+                llm.shutdown()
+    print(f"model {model}; {args.num_prompts} requests x {args.input_len} in / {args.output_len} out; "
           f"{len(adapters)} adapters, rank {args.lora_rank if not args.lora_path else 'given'}; "
-          f"{args.rounds} rounds of the four configurations, each in its own process")
+          f"{args.rounds} rounds of the four configurations, stepped in turn")
     print(HEADER)
-    for runs in zip(*rounds.values()):
-        for run in runs:
-            r = run.result
-            load = "" if r.load_before is None else f"  load {r.load_before:.2f} / {r.load_after:.2f}"
-            print(r.row() + load)
-    means = {name: mean_tokens_per_s(runs) for name, runs in rounds.items()}
-    ratios = {name: tokens / means[REFERENCE] for name, tokens in means.items()}
-    of_base = {name: means[name] / means[LORA_ON_BASE] for name in (ONE_ADAPTER, MIXED)}
+    for results in zip(*rounds.values()):
+        for r in results:
+            print(r.row() + ("" if r.load_before is None else f"  load {r.load_before:.2f} / {r.load_after:.2f}"))
+    throughput = {name: sum(r.output_tokens for r in results) / sum(r.elapsed_s for r in results)
+                  for name, results in rounds.items()}
+    ratios = {name: tokens / throughput[REFERENCE] for name, tokens in throughput.items()}
+    of_base = {name: throughput[name] / throughput[LORA_ON_BASE] for name in (ONE_ADAPTER, MIXED)}
+    per_round = {name: [r.output_tokens_per_s / ref.output_tokens_per_s
+                        for r, ref in zip(rounds[name], rounds[LORA_ON_BASE if name in of_base else REFERENCE])]
+                 for name in SCENARIOS[1:]}
     for name, ratio in ratios.items():
         versus_base = f", {of_base[name]:.3f}x of LoRA-on base requests" if name in of_base else ""
-        print(f"{name}: {means[name]:.1f} output tok/s (mean), {ratio:.3f}x of LoRA off{versus_base}")
-    report = {"config": {k: v for k, v in vars(args).items() if k != "func"},
-              "rounds": [[{**dataclasses.asdict(run.result), "pid": run.pid} for run in runs]
-                         for runs in rounds.values()],
-              "mean_output_tokens_per_s": means, "ratios_output_tokens_per_s": ratios,
-              "ratios_of_lora_on_base": of_base}
+        rounds_note = (f" (rounds: {', '.join(f'{x:.3f}x' for x in per_round[name])})" if name in per_round else "")
+        print(f"{name}: {throughput[name]:.1f} output tok/s, {ratio:.3f}x of LoRA off{versus_base}{rounds_note}")
+    print(f"base requests' greedy outputs differing between LoRA off and on: {differing} of "
+          f"{args.rounds * args.num_prompts}")
+    report = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "model": model,
+              "rounds": [[dataclasses.asdict(r) for r in results] for results in rounds.values()],
+              "output_tokens_per_s": throughput, "ratios_output_tokens_per_s": ratios,
+              "ratios_of_lora_on_base": of_base, "ratios_per_round": per_round,
+              "base_outputs_differing": differing}
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))
     return report

@@ -13,6 +13,7 @@ from collections import deque
 
 from llmserve.engine.output_processor import OutputKind
 from llmserve.entrypoints.llm import LLM
+from llmserve.lora.request import LoRARequest
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
 
@@ -21,11 +22,14 @@ class SteadyConcurrency:
     """One engine generating ``prompts`` with at most ``concurrency`` requests in it: whenever one finishes, the
     next is added before the following step. :meth:`step` runs one engine step; the run's own clock
     (``seconds``) counts only the time spent in its steps, so that two runs stepped in turn (:func:`run_in_turn`)
-    each time themselves alone while any change of the machine's load falls on both."""
+    each time themselves alone while any change of the machine's load falls on both. ``loras``: each prompt's
+    adapter (None: the base model), when the engine serves LoRA."""
 
-    def __init__(self, llm: LLM, prompts: list[list[int]], params: SamplingParams, concurrency: int) -> None:
+    def __init__(self, llm: LLM, prompts: list[list[int]], params: SamplingParams, concurrency: int,
+                 loras: list[LoRARequest | None] | None = None) -> None:
         self.engine = llm.engine
         self.params, self.concurrency = params, concurrency
+        self.loras = loras or [None] * len(prompts)
         self.pending = deque(enumerate(prompts))
         self.in_flight: dict[str, int] = {}
         self.results: list[RequestOutput | None] = [None] * len(prompts)
@@ -44,7 +48,8 @@ class SteadyConcurrency:
         while self.pending and len(self.in_flight) < self.concurrency:
             index, prompt = self.pending.popleft()
             request_id = f"in-turn-{id(self)}-{index}"
-            self.engine.add_request(request_id, prompt, self.params, output_kind=OutputKind.FINAL_ONLY)
+            self.engine.add_request(request_id, prompt, self.params, output_kind=OutputKind.FINAL_ONLY,
+                                    lora_request=self.loras[index])
             self.in_flight[request_id] = index
         for output in self.engine.step():
             if output.finished and output.request_id in self.in_flight:

@@ -1,14 +1,15 @@
-"""``llmserve bench lora`` runs end to end (tiny model): each configuration in a process of its own, every
-request's tokens counted, ratios of the mean throughput against LoRA off (and against LoRA-on base requests
-for the adapter runs)."""
+"""``llmserve bench lora`` runs end to end (tiny model): the four configurations as engines of one process stepped
+in turn, every request's tokens counted, ratios of the throughput summed over the rounds against LoRA off (and
+against LoRA-on base requests for the adapter runs), each round's ratios beside them, and base requests' greedy
+outputs the same with LoRA off and on."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
+from llmserve.benchmarks.lora import LORA_ON_BASE, MIXED, ONE_ADAPTER, REFERENCE
 from llmserve.entrypoints.cli import main
 
 
@@ -16,18 +17,24 @@ def test_bench_lora(tmp_path, llama_dir, capsys):
     result_file = tmp_path / "result.json"
     code = main(["--log-level", "warning", "bench", "lora", str(llama_dir), "--num-prompts", "6", "--input-len", "8",
                  "--output-len", "4", "--kv-cache-memory-bytes", "8MiB", "--max-loras", "3", "--max-lora-rank", "8",
-                 "--lora-rank", "8", "--rounds", "1", "--output-json", str(result_file)])
+                 "--lora-rank", "8", "--max-num-seqs", "4", "--rounds", "2", "--output-json", str(result_file)])
     assert code == 0
-    assert "LoRA on, adapters mixed:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "LoRA on, adapters mixed:" in out and "stepped in turn" in out
     report = json.loads(result_file.read_text())
     runs = [run for runs in report["rounds"] for run in runs]
-    assert [r["output_tokens"] for r in runs] == [6 * 4] * 4
-    pids = {r["pid"] for r in runs}
-    assert len(pids) == 4 and os.getpid() not in pids   # one process per configuration
-    means, ratios = report["mean_output_tokens_per_s"], report["ratios_output_tokens_per_s"]
-    assert ratios["LoRA off, base requests"] == 1.0 and len(ratios) == 4
-    one_adapter = report["rounds"][2][0]
-    assert means["LoRA on, one adapter for all"] == pytest.approx(
-        one_adapter["output_tokens"] / one_adapter["elapsed_s"])
-    assert report["ratios_of_lora_on_base"]["LoRA on, adapters mixed"] == pytest.approx(
-        means["LoRA on, adapters mixed"] / means["LoRA on, base requests"])
+    assert len(runs) == 4 * 2 and [r["output_tokens"] for r in runs] == [6 * 4] * 8
+    throughput, ratios = report["output_tokens_per_s"], report["ratios_output_tokens_per_s"]
+    assert ratios[REFERENCE] == 1.0 and len(ratios) == 4
+    one_adapter = report["rounds"][2]
+    assert throughput[ONE_ADAPTER] == pytest.approx(
+        sum(r["output_tokens"] for r in one_adapter) / sum(r["elapsed_s"] for r in one_adapter))
+    assert report["ratios_of_lora_on_base"][MIXED] == pytest.approx(throughput[MIXED] / throughput[LORA_ON_BASE])
+    mixed, base = report["rounds"][3], report["rounds"][1]
+    assert report["ratios_per_round"][MIXED] == pytest.approx(
+        [(m["output_tokens"] / m["elapsed_s"]) / (b["output_tokens"] / b["elapsed_s"]) for m, b in zip(mixed, base)])
+    assert report["base_outputs_differing"] == 0
+
+
+def test_bench_lora_refuses_no_rounds(llama_dir):
+    assert main(["--log-level", "warning", "bench", "lora", str(llama_dir), "--rounds", "0"]) == 2
