@@ -12,7 +12,8 @@ first alternating: :mod:`llmserve.benchmarks.stepped_in_turn`), each timed by it
 alike; run one after another, each in a process of its own, the same configurations moved by about 10% from
 round to round, more than the 2% the base-request target allows. ``--rounds`` repeats the run; the ratios are
 of the throughput summed over the rounds, and each round's ratios are printed beside them (their spread is the
-noise left). Each engine takes its own ``--kv-cache-memory-bytes``. Greedy outputs of base requests are
+noise left); each round draws its own requests, so that none finds its prompts in the prefix cache. Each engine
+takes its own ``--kv-cache-memory-bytes``. Greedy outputs of base requests are
 compared between LoRA off and on: they must not differ.
 """
 
@@ -69,6 +70,12 @@ def configuration_engines(config: EngineConfig) -> dict[str, LLM]:
     return engines
 
 
+def draw_prompts(args: argparse.Namespace, seed: int, allowed: list[int]) -> list[list[int]]:
+    """A draw of the random requests' prompts: each round its own, so that no round finds them in the prefix cache."""
+    return [list(r.prompt) for r in sample_random(args.num_prompts, args.input_len, args.output_len, 0.0, seed,
+                                                  token_ids=allowed)]
+
+
 def timed_round(engines: dict[str, LLM], prompts: list[list[int]], output_len: int,
                 plans: dict[str, list[LoRARequest | None]], concurrency: int) -> dict[str, SteadyConcurrency]:
     """Every configuration's run of the requests, stepped in turn."""
@@ -99,14 +106,13 @@ def run_lora_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             engine = engines[REFERENCE].engine
             model = f"{engine.model_path} ({engine.dtype}, {engine.device})"
             tokenizer = HFTokenizer(engines[REFERENCE].get_tokenizer())
-            requests = sample_random(args.num_prompts, args.input_len, args.output_len, 0.0, config.seed,
-                                     token_ids=allowed_token_ids(engine.vocab_size, tokenizer.special_ids))
-            prompts = [list(r.prompt) for r in requests]
-            for name, llm in engines.items():   # warm-up: kernels, allocator, adapters read and resident
-                warm = len(adapters)
-                llm.generate([{"prompt_token_ids": p} for p in prompts[:warm]], greedy(2),
-                             lora_request=plans[name][:warm])
-            for _ in range(args.rounds):
+            allowed = allowed_token_ids(engine.vocab_size, tokenizer.special_ids)
+            warm_up = draw_prompts(args, config.seed + args.rounds, allowed)[:len(adapters)]
+            for name, llm in engines.items():   # kernels, allocator, adapters read and resident
+                llm.generate([{"prompt_token_ids": p} for p in warm_up], greedy(2),
+                             lora_request=plans[name][:len(warm_up)])
+            for index in range(args.rounds):
+                prompts = draw_prompts(args, config.seed + index, allowed)
                 before = load_average()
                 runs = timed_round(engines, prompts, args.output_len, plans, config.max_num_seqs)
                 load = (before, load_average())
