@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora-path", nargs="+", default=None, help="PEFT adapter folders (default: random ones)")
     lora.add_argument("--lora-rank", type=int, default=8, help="rank of the random adapters")
     lora.add_argument("--rounds", type=int, default=2,
-                      help="rounds of the four configurations (each run in its own process); ratios of the means")
+                      help="rounds of the four configurations (engines of one process, stepped in turn); "
+                           "ratios of the throughput summed over the rounds")
     lora.add_argument("--output-json", default=None, help="write the results as JSON")
     lora.set_defaults(func=_bench("lora", "run_lora_benchmark"))
     pc = bench_sub.add_parser("prefix-cache", help="TTFT with/without prefix caching, n-sample sharing, KV waste")
