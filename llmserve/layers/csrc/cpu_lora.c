@@ -69,6 +69,18 @@
  * thread took a fifth of the step's LoRA time. */
 #define PARALLEL_MIN_MACS (1L << 22)
 
+/* Pins a loaded vector in a register. Without it GCC folds the load into each FMA that uses the value, as a memory
+ * operand: the shrink then read each x vector once per A row of its pass and the expand each B^T vector once per
+ * row, twice the loads the FMAs need, and on AVX2 (two 256-bit loads a cycle) the loads, not the FMAs, set the
+ * pace. An empty asm that "changes" the register leaves the compiler nothing to reload from. */
+#if defined(__x86_64__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#elif defined(__aarch64__)
+#define IN_REGISTER(v) __asm__("" : "+w"(v))
+#else
+#define IN_REGISTER(v) ((void)0)
+#endif
+
 /* Prefetches element `i` of a float32 or bfloat16 (`bf16`) array: a line the next tile reads (prefetches never
  * fault, so one past the slots' end is harmless). */
 static inline __attribute__((always_inline)) void prefetch_element(const void *p, long i, const int bf16) {
@@ -92,7 +104,8 @@ shrink_tile(const void *const *x, int nrows, const void *a, long a_stride, int n
                 if (c % LANES == 0)   /* a line per row every LANES values */
                     for (int g = 0; g < SHRINK_PASS; g++) prefetch_element(ag, (A_TILE + g) * a_stride + c, w_bf16);
                 for (int t = 0; t < ROW_TILE; t++) {
-                    const rvec xv = rload_act(x[t], c, act_bf16);
+                    rvec xv = rload_act(x[t], c, act_bf16);
+                    IN_REGISTER(xv);
                     for (int g = 0; g < SHRINK_PASS; g++) acc[t][g] += xv * av[g];
                 }
             }
@@ -141,7 +154,10 @@ expand_tile(void *const *out, int nrows, const void *const *shrunk, const void *
                 for (int u = 0; u < EXPAND_PASS; u++) acc[t][u] = rload_act(out[t], p + u * RLANES, act_bf16);
             for (int j = 0; j < rank; j++) {
                 rvec bv[EXPAND_PASS];
-                for (int u = 0; u < EXPAND_PASS; u++) bv[u] = rload_act(bt, j * bt_stride + p + u * RLANES, w_bf16);
+                for (int u = 0; u < EXPAND_PASS; u++) {
+                    bv[u] = rload_act(bt, j * bt_stride + p + u * RLANES, w_bf16);
+                    IN_REGISTER(bv[u]);
+                }
                 if (prefetch && (p - lo) % LANES == 0)   /* a line per row every LANES columns */
                     for (int u = 0; u < EXPAND_PASS * RLANES / LANES; u++)
                         prefetch_element(bt, j * bt_stride + p + PREFETCH_COLS + u * LANES, w_bf16);
