@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: on a machine with a CUDA GPU, writes random-weight bf16 checkpoints shaped like
 # Llama-3-8B and Llama-3.2-1B, runs the test suite on CUDA, then the benchmarks:
-#   1. pytest (kernels, runner, models, engine) on the GPU;
+#   1. pytest on the GPU: the tests that run CUDA (Triton attention, MoE and LoRA kernels, CUDA graphs, the
+#      sampler, the runner's memory) rather than the whole CPU suite;
 #   2. llmserve bench throughput --compare-hf (llmserve against Hugging Face generate), 1B and 8B;
 #   3. batch-1 TPOT against the HBM floor (bench latency + bench roofline; bench throughput with one
 #      prompt if those commands are missing), eager and with CUDA graphs;
@@ -16,6 +17,10 @@
 #   SIZES             which checkpoints to benchmark (default: "1b 8b")
 #   RATES             bench serve request rates (default: "1 4 16 inf")
 #   NUM_PROMPTS       prompts per throughput / serve run (default: 200)
+#   HF_PROMPTS        prompts Hugging Face generates one at a time for --compare-hf (default: 16)
+#   TESTS             the pytest paths (default: the tests that touch CUDA, listed below)
+#   PYTEST_ARGS       extra pytest arguments (default: "-n 8" when pytest-xdist is importable)
+#   STEP_TIMEOUT      seconds after which one step is stopped and counted as failed (default: 1800)
 #   SKIP_TESTS=1      skip the pytest step
 #   PORT              port of the server under test (default: 8765)
 #
@@ -52,15 +57,23 @@ MODELS=${LLMSERVE_MODELS:-$HOME/.cache/llmserve/gpu-models}
 SIZES=${SIZES:-"1b 8b"}
 RATES=${RATES:-"1 4 16 inf"}
 NUM_PROMPTS=${NUM_PROMPTS:-200}
+HF_PROMPTS=${HF_PROMPTS:-16}
+TESTS=${TESTS:-"tests/layers/attention tests/layers/fused_moe tests/layers/test_sampler.py tests/worker/test_cuda_graphs.py
+  tests/worker/test_kv_cache_groups.py tests/worker/test_model_runner_memory.py tests/lora/test_triton_ops.py
+  tests/models/test_gemma4.py"}
+if [ -z "${PYTEST_ARGS+set}" ]; then
+  PYTEST_ARGS=""; "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST_ARGS="-n 8"
+fi
+STEP_TIMEOUT=${STEP_TIMEOUT:-1800}
 PORT=${PORT:-8765}
 mkdir -p "$RESULTS" "$MODELS"
 RESULTS=$(cd "$RESULTS" && pwd)
 exec > >(tee -a "$RESULTS/suite.log") 2>&1
 failures=()
 step() { echo; echo "=== $(date +%H:%M:%S) $*"; }
-run() {   # run a command, log it, remember a failure and go on
+run() {   # run a command (at most STEP_TIMEOUT seconds), log it, remember a failure and go on
   echo "+ $*"
-  "$@" || { echo "!!! failed ($?): $*"; failures+=("$*"); }
+  timeout --kill-after 10 "$STEP_TIMEOUT" "$@" || { echo "!!! failed ($?): $*"; failures+=("$*"); }
 }
 
 step "environment"
@@ -95,8 +108,8 @@ done
 # ---------------------------------------------------------------------------------------------- tests
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step "tests on CUDA"
-  run "$PYTHON" -m pytest -q -p no:cacheprovider tests/layers tests/worker tests/models tests/engine \
-    --junitxml "$RESULTS/pytest.xml"
+  # shellcheck disable=SC2086  # TESTS and PYTEST_ARGS are word lists
+  run "$PYTHON" -m pytest -q -p no:cacheprovider $PYTEST_ARGS $TESTS --junitxml "$RESULTS/pytest.xml"
 fi
 
 # ---------------------------------------------------------------------------------------------- benchmarks
@@ -109,7 +122,7 @@ for size in $SIZES; do
 
   step "[$size] offline throughput against Hugging Face"
   run "${LLMSERVE[@]}" bench throughput "$model" "${common[@]}" --dataset-name sharegpt \
-    --num-prompts "$NUM_PROMPTS" --compare-hf --hf-sequential-prompts 16 --output-json "$RESULTS/throughput-$size.json"
+    --num-prompts "$NUM_PROMPTS" --compare-hf --hf-sequential-prompts "$HF_PROMPTS" --output-json "$RESULTS/throughput-$size.json"
 
   step "[$size] batch-1 TPOT against the HBM floor"
   if has_command roofline; then

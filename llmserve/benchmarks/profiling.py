@@ -1,15 +1,18 @@
 """Per-step timing of the offline engine: wall time of ``engine.step()`` split into the model forward
 (+ LM head), the sampler and everything else (scheduling, input building, detokenising: engine overhead).
 
-The profiler wraps the runner's ``execute``, the model's ``forward`` (and the fused CPU decode step's, which
-runs an all-decode step's layers in its place) and ``compute_logits`` and the
-sampler's ``forward`` with timers for as long as it is active, and records what each step ran.
+The profiler wraps the runner's ``execute``, the model's ``forward`` (and what runs a step's layers in its place:
+the fused CPU decode step, the CUDA graphs' replay) and ``compute_logits`` and the sampler's ``forward`` with
+timers for as long as it is active, and records what each step ran. On CUDA each timed call starts and ends with
+a synchronize: kernels launch asynchronously, and without it their time would land wherever the host next waits
+(the sampled tokens' copy back), counted as engine overhead.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,15 +93,20 @@ class StepRecord:
 
 
 class _Timer:
-    def __init__(self, fn: Any) -> None:
+    def __init__(self, fn: Any, synchronize: Callable[[], None] | None = None) -> None:
         self.fn = fn
+        self.synchronize = synchronize
         self.seconds = 0.0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.synchronize is not None:
+            self.synchronize()   # work launched before the call is not its own
         start = time.perf_counter()
         try:
             return self.fn(*args, **kwargs)
         finally:
+            if self.synchronize is not None:
+                self.synchronize()
             self.seconds += time.perf_counter() - start
 
 
@@ -112,11 +120,14 @@ class StepProfiler:
 
     def __enter__(self) -> StepProfiler:
         runner = self.engine.runner
-        self._forward = _Timer(runner.model.forward)
-        # the fused CPU decode step runs a step's decoder layers in place of the model's forward
-        self._fused = _Timer(runner.fused_decode.forward) if runner.fused_decode is not None else None
-        self._logits = _Timer(runner.model.compute_logits)
-        self._sampler = _Timer(runner.sampler.forward)
+        sync = torch.cuda.synchronize if runner.device.type == "cuda" else None
+        self._forward = _Timer(runner.model.forward, sync)
+        # the fused CPU decode step and the CUDA graphs' replay run a step's decoder layers in place of the forward
+        self._fused = _Timer(runner.fused_decode.forward, sync) if runner.fused_decode is not None else None
+        self._graphs = runner.graphs
+        self._replay = _Timer(self._graphs.run, sync) if self._graphs is not None else None
+        self._logits = _Timer(runner.model.compute_logits, sync)
+        self._sampler = _Timer(runner.sampler.forward, sync)
         execute = runner.execute_model
 
         def traced_execute(sched: Any) -> Any:
@@ -129,6 +140,8 @@ class StepProfiler:
         runner.model.forward, runner.model.compute_logits = self._forward, self._logits
         if self._fused is not None:
             runner.fused_decode.forward = self._fused
+        if self._replay is not None:
+            self._graphs.run = self._replay
         runner.sampler.forward, runner.execute_model = self._sampler, traced_execute
         return self
 
@@ -137,10 +150,12 @@ class StepProfiler:
         del runner.model.forward, runner.model.compute_logits, runner.sampler.forward, runner.execute_model
         if self._fused is not None:
             del runner.fused_decode.forward
+        if self._replay is not None:
+            del self._graphs.run
 
     def _forward_seconds(self) -> float:
-        fused = self._fused.seconds if self._fused is not None else 0.0
-        return self._forward.seconds + fused + self._logits.seconds
+        in_place = sum(t.seconds for t in (self._fused, self._replay) if t is not None)
+        return self._forward.seconds + in_place + self._logits.seconds
 
     def step(self) -> tuple[StepRecord, list[Any]]:
         before = (self._forward_seconds(), self._sampler.seconds)

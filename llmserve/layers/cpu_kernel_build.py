@@ -9,6 +9,7 @@ threads.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -69,14 +70,20 @@ def build_library(extra_cflags: tuple[str, ...] = ()) -> Path:
     if library.exists():
         return library
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        compile_library(cc, CFLAGS + extra_cflags, Path(tmp))
-        os.replace(tmp, library)   # atomic: concurrent builders each publish a complete file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # One builder at a time (ranks of one server, test workers): the others wait and load its library rather than
+    # each running a compiler per source on the same cores.
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if library.exists():
+            return library
+        fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            compile_library(cc, CFLAGS + extra_cflags, Path(tmp))
+            os.replace(tmp, library)   # atomic: a reader never sees a partial file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     logger.info("Compiled the CPU kernels into %s", library)
     return library
 

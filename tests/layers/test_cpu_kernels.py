@@ -4,6 +4,8 @@ built (the engine then uses the PyTorch paths), and equal to PyTorch's results."
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -98,7 +100,23 @@ def test_library_is_built_once_per_input_and_reused(tmp_path, monkeypatch):
     assert first.is_relative_to(tmp_path / "kernels") and first.exists()
     mtime = first.stat().st_mtime_ns
     assert build_library() == first and first.stat().st_mtime_ns == mtime   # cached, not rebuilt
-    assert [p.name for p in first.parent.iterdir()] == [first.name]        # no temporary files left
+    assert {p.name for p in first.parent.iterdir()} == {first.name, ".lock"}   # no temporary files left
+
+
+def test_concurrent_builders_compile_once_and_share_the_library(tmp_path, monkeypatch):
+    """Ranks or test workers starting together on a new machine: one compiles, the others wait and load it."""
+    monkeypatch.setenv("LLMSERVE_CACHE_DIR", str(tmp_path))
+    compiles = []
+
+    def slow_compile(cc, cflags, output):
+        compiles.append(output)
+        time.sleep(0.3)   # long enough for every other builder to arrive while it runs
+        output.write_bytes(b"library")
+
+    monkeypatch.setattr(build, "compile_library", slow_compile)
+    with ThreadPoolExecutor(4) as pool:
+        libraries = list(pool.map(lambda _: build_library(), range(4)))
+    assert len(compiles) == 1 and len(set(libraries)) == 1 and libraries[0].read_bytes() == b"library"
 
 
 def test_missing_compiler_is_reported(monkeypatch):

@@ -1,8 +1,8 @@
 """KV-cache groups as vLLM forms them: one group when every layer sees alike; else each kind of layer cut
 into groups as large as the rarest kind, so that the i-th layer of every group can share one cache tensor. Each
 layer reads its group's block tables and slots in every attention backend (the Triton kernels under the
-interpreter here, without a GPU). A step's metadata is built once: the other groups share everything the rows'
-lengths decide and hold only their own block tables and slots."""
+interpreter without a GPU, on it with one). A step's metadata is built once: the other groups share everything
+the rows' lengths decide and hold only their own block tables and slots."""
 
 import dataclasses
 
@@ -61,7 +61,9 @@ def test_one_group_slides_only_if_every_layer_does():
     assert one_group(3, [4, None, 8]).windows == [None]
 
 
-def use_backend(monkeypatch, backend: str) -> None:
+def use_backend(monkeypatch, backend: str) -> torch.device:
+    """Select ``backend`` for engines built in the test; returns the device it runs on (Triton: the GPU where there
+    is one, else the CPU under the interpreter)."""
     if backend == "triton":
         pytest.importorskip("triton", reason="triton is not installed (pip install triton, or the [test] extra)")
         if not torch.cuda.is_available():
@@ -69,6 +71,7 @@ def use_backend(monkeypatch, backend: str) -> None:
     if backend == "cpu" and cpu_kernels() is None:
         pytest.skip("the CPU kernels could not be built here")
     monkeypatch.setenv("LLMSERVE_ATTENTION_BACKEND", backend)
+    return torch.device("cuda") if backend == "triton" and torch.cuda.is_available() else CPU
 
 
 # Decodes over short and long contexts (one past the window's blocks), then prefill chunks: a fresh prompt, one
@@ -76,14 +79,15 @@ def use_backend(monkeypatch, backend: str) -> None:
 CONTEXTS, QUERIES, NUM_DECODES, WINDOW, BS = [3, 17, 40, 9, 0, 6, 30], [1, 1, 1, 1, 7, 3, 5], 4, 10, 4
 
 
-def three_groups_step() -> tuple[BatchLayout, np.ndarray, np.ndarray]:
-    """A step's layout and its ``[3, ...]`` block tables and slots: each group's blocks are distinct ids."""
+def three_groups_step(device: torch.device = CPU) -> tuple[BatchLayout, np.ndarray, np.ndarray]:
+    """A step's layout (its slots on ``device``) and its ``[3, ...]`` block tables and slots: each group's blocks
+    are distinct ids."""
     width = max(-(-(c + q) // BS) for c, q in zip(CONTEXTS, QUERIES))
     tables = np.arange(3 * len(CONTEXTS) * width, dtype=np.int32).reshape(3, len(CONTEXTS), width)
     slots = np.array([[tables[g, i, p // BS] * BS + p % BS for i, (c, q) in enumerate(zip(CONTEXTS, QUERIES))
                        for p in range(c, c + q)] for g in range(3)], dtype=np.int64)
     layout = BatchLayout(query_lens=QUERIES, context_lens=CONTEXTS, block_tables=tables[0],
-                         slot_mapping=torch.from_numpy(slots[0]), num_decodes=NUM_DECODES, block_size=BS)
+                         slot_mapping=torch.from_numpy(slots[0]).to(device), num_decodes=NUM_DECODES, block_size=BS)
     return layout, tables, slots
 
 
@@ -120,16 +124,16 @@ def step_pieces(metadata) -> list:
 def test_group_metadata_is_built_once_and_each_group_reads_its_own_blocks(monkeypatch, backend):
     """Each group's metadata equals one built from scratch for its block tables and slots, and holds the first
     group's tensors for everything the lengths decide (lengths, offsets, masks, padding)."""
-    use_backend(monkeypatch, backend)
-    attention = get_attention_backend(CPU, torch.float32)
-    layout, tables, slots = three_groups_step()
-    metadata = group_metadata(attention, layout, tables, slots, CPU)
+    device = use_backend(monkeypatch, backend)
+    attention = get_attention_backend(device, torch.float32)
+    layout, tables, slots = three_groups_step(device)
+    metadata = group_metadata(attention, layout, tables, slots, device)
     assert isinstance(metadata, KVCacheGroupMetadata) and len(metadata) == 3
     first = step_pieces(metadata[0])
     for g in range(3):
-        fresh = attention.build_metadata(dataclasses.replace(layout, block_tables=tables[g],
-                                                             slot_mapping=torch.from_numpy(slots[g])), CPU)
-        assert torch.equal(metadata[g].slot_mapping, torch.from_numpy(slots[g]))
+        own = dataclasses.replace(layout, block_tables=tables[g], slot_mapping=torch.from_numpy(slots[g]).to(device))
+        fresh = attention.build_metadata(own, device)
+        assert torch.equal(metadata[g].slot_mapping.cpu(), torch.from_numpy(slots[g]))
         pieces = step_pieces(metadata[g])
         assert_same_values(pieces, step_pieces(fresh))
         if backend == "triton":
@@ -165,11 +169,12 @@ def test_each_layer_reads_its_groups_blocks_in_every_backend(checkpoint_dir, mon
     of 16) and its full one (1 of 24, a padded view), whose two KV-sharing layers read their sources' groups:
     greedy output equals transformers' over prefill chunks, decodes and a preemption. (Gemma 4 through the Triton
     kernels: tests/models/test_gemma4.py.)"""
-    use_backend(monkeypatch, backend)
+    device = use_backend(monkeypatch, backend)
     from llmserve import LLM, SamplingParams
 
     path = checkpoint_dir(family)
-    llm = LLM(str(path), block_size=4, max_num_batched_tokens=8, kv_cache_memory_bytes=pool * llm_block_bytes(path, 4))
+    llm = LLM(str(path), block_size=4, max_num_batched_tokens=8, kv_cache_memory_bytes=pool * llm_block_bytes(path, 4),
+              device=str(device), dtype="float32")
     runner = llm.engine.core.executor.worker.runner
     assert runner.backend.name == backend and runner.kv_cache_groups.num_groups == len(layer_groups)
     layers = runner.model.attention_layers()

@@ -39,9 +39,18 @@ def quantised(batch: PagedBatch, name: str) -> tuple[torch.Tensor, torch.Tensor,
     return quantize_kv(batch.key_cache, scales[0], fmt), quantize_kv(batch.value_cache, scales[1], fmt), scales
 
 
+def device_of(backend) -> torch.device:
+    """Where a backend runs: Triton on the GPU where there is one (else under the interpreter), the others here."""
+    return torch.device("cuda" if backend.name == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def run(backend, batch: PagedBatch, spec: AttentionSpec, key_cache, value_cache, key, value, kv_scales=None):
-    metadata = backend.build_metadata(batch.batch_layout(NUM_DECODES), torch.device("cpu"))
-    return backend.forward(batch.query, key, value, key_cache, value_cache, metadata, spec, kv_scales)
+    """The backend's output (on the CPU) for the batch's queries over caches already on its device."""
+    device = device_of(backend)
+    metadata = backend.build_metadata(batch.batch_layout(NUM_DECODES, device), device)
+    scales = kv_scales.to(device) if kv_scales is not None else None
+    return backend.forward(batch.query.to(device), key.to(device), value.to(device), key_cache, value_cache, metadata,
+                           spec, scales).cpu()
 
 
 def backends(latent: bool = False, dtype: torch.dtype = torch.float32):
@@ -71,12 +80,12 @@ def test_backends_match_the_reference_on_the_same_quantised_cache(name, layer):
               dequantize_kv(quantize_kv(batch.key, scales[0], fmt), scales[0], torch.float32),
               dequantize_kv(quantize_kv(batch.value, scales[1], fmt), scales[1], torch.float32))
     for backend in backends():
-        k, v = k_cache.clone(), v_cache.clone()
+        k, v = k_cache.clone().to(device_of(backend)), v_cache.clone().to(device_of(backend))
         out = run(backend, batch, spec, k, v, batch.key, batch.value, scales)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m, name=backend.name: f"{name}: {m}")
         assert (out - plain).abs().max() < TOLERANCE[name], backend.name
         # The step's new tokens were written quantised into their slots.
-        slots = batch.slots
+        slots, k, v = batch.slots, k.cpu(), v.cpu()
         assert torch.equal(k.view(-1, 2, 64)[slots].view(torch.uint8),
                            quantize_kv(batch.key, scales[0], fmt).view(torch.uint8))
         assert torch.equal(v.view(-1, 2, 64)[slots].view(torch.uint8),

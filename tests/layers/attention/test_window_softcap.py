@@ -69,15 +69,14 @@ def test_reference_window_is_transformers_sliding_window_causal_mask():
 
 
 class Batch(PagedBatch):
-    """A :class:`PagedBatch` whose ``num_decodes`` leading rows have one query token, with its queries and new
-    K/V on the test device."""
+    """A :class:`PagedBatch` whose ``num_decodes`` leading rows have one query token. Its tensors stay on the CPU
+    (the reference's and the CPU backends' device); a Triton run moves them to :data:`DEVICE`."""
 
     def __init__(self, seqs, num_decodes, block_size, num_heads, num_kv_heads, head_dim, dtype=torch.float32,
                  seed=0, query_scale=1.0):
         super().__init__(seqs, block_size, num_heads, num_kv_heads, head_dim, dtype, seed, query_scale=query_scale)
         self.num_decodes = num_decodes
         self.shape = (num_heads, num_kv_heads, head_dim)
-        self.query, self.key, self.value = self.query.to(DEVICE), self.key.to(DEVICE), self.value.to(DEVICE)
 
     def caches(self, device):
         return self.key_cache.clone().to(device), self.value_cache.clone().to(device)
@@ -143,7 +142,7 @@ def test_mixed_rows_match_dense_reference(backend_name, block_size, num_heads, w
     out, key_cache = run(backend_name, batch, spec)
     assert_close(out, batch.expected(spec))
     flat_k = key_cache.view(-1, 2, 64).cpu()
-    assert torch.equal(flat_k[batch.slots], batch.key.cpu())   # the new tokens' K/V were stored
+    assert torch.equal(flat_k[batch.slots], batch.key)   # the new tokens' K/V were stored
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "cpu", "triton"])
@@ -268,13 +267,14 @@ def run_triton_split_decode(num_splits: int, make_spec, expected, **kernel_args)
     seqs = [(300, 1), (0, 1), (49, 1), (70, 1)]
     batch = Batch(seqs, 4, 16, 4, 2, 64, seed=num_splits, query_scale=2.0)
     key_cache, value_cache = batch.caches(DEVICE)
-    kernels.store_kv(batch.key, batch.value, key_cache, value_cache, batch.slots.to(DEVICE))
+    query, key, value = batch.query.to(DEVICE), batch.key.to(DEVICE), batch.value.to(DEVICE)
+    kernels.store_kv(key, value, key_cache, value_cache, batch.slots.to(DEVICE))
     width = max(map(len, batch.tables))
     tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.tables], dtype=torch.int32, device=DEVICE)
     lens = torch.tensor([c + 1 for c, _ in seqs], dtype=torch.int32, device=DEVICE)
-    out = torch.empty_like(batch.query)
+    out = torch.empty_like(query)
     spec = make_spec(batch)
-    kernels.decode_attention(batch.query, key_cache, value_cache, out, tables, lens, num_splits, spec.scale,
+    kernels.decode_attention(query, key_cache, value_cache, out, tables, lens, num_splits, spec.scale,
                              **{k: v(spec) if callable(v) else v for k, v in kernel_args.items()})
     assert_close(out, expected(batch, spec))
 
@@ -295,7 +295,7 @@ def assert_graph_decode_matches(batch: Batch, specs, expected) -> object:
     backend.fill_graph_decode_metadata(static, batch.layout(DEVICE))
 
     def padded(x):
-        return torch.cat([x, torch.zeros(5, *x.shape[1:], dtype=x.dtype, device=x.device)])
+        return torch.cat([x, torch.zeros(5, *x.shape[1:], dtype=x.dtype)]).to(DEVICE)
 
     for spec in specs:
         out = backend.forward(padded(batch.query), padded(batch.key), padded(batch.value), key_cache, value_cache,
