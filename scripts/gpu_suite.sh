@@ -5,7 +5,8 @@
 #      sampler, the runner's memory) rather than the whole CPU suite;
 #   2. llmserve bench throughput --compare-hf (llmserve against Hugging Face generate), 1B and 8B;
 #   3. batch-1 TPOT against the HBM floor (bench latency + bench roofline; bench throughput with one
-#      prompt if those commands are missing), eager and with CUDA graphs;
+#      prompt if those commands are missing), eager and with CUDA graphs, each batch size's decode steps
+#      also under torch.profiler (kernels by GPU time in torch-profile-<size>-<mode>/batch-B.txt);
 #   4. llmserve bench serve against `llmserve serve` at several request rates (8B).
 # Everything (logs, JSON results, plots) goes into one results folder.
 #
@@ -133,7 +134,7 @@ for size in $SIZES; do
     if has_command latency; then
       run "${LLMSERVE[@]}" bench latency "$model" "${common[@]}" "${extra[@]}" --input-len 128 --output-len 128 \
         --batch-sizes 1,8,32,128 --output-json "$RESULTS/latency-$size-$mode.json" \
-        --plot "$RESULTS/latency-$size-$mode.png"
+        --plot "$RESULTS/latency-$size-$mode.png" --torch-profile "$RESULTS/torch-profile-$size-$mode"
     else
       run "${LLMSERVE[@]}" bench throughput "$model" "${common[@]}" "${extra[@]}" --input-len 128 \
         --output-len 256 --num-prompts 1 --output-json "$RESULTS/latency-$size-$mode.json"

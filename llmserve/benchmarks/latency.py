@@ -14,21 +14,27 @@ cache never hits) are added at once and run for ``--output-len`` greedy tokens.
   neighbour's burst of CPU use on a shared machine moves far less than the mean. The GFLOP/s is
   compared with this machine's float32 GEMM peak (see :mod:`llmserve.benchmarks.roofline`), measured
   in the same run before and after (the better counts) unless ``--no-peak``.
+* ``--torch-profile DIR``: after each batch size's timed run, the same batch size runs again with five decode
+  steps under ``torch.profiler``: ``DIR/batch-B.txt`` lists operators (and on CUDA the kernels) by their own
+  time, ``DIR/batch-B.json`` is the trace.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmserve.benchmarks.plotting import pyplot, require_matplotlib
-from llmserve.benchmarks.profiling import ModelCosts, decode_steps, summarize
+from llmserve.benchmarks.profiling import ModelCosts, decode_steps, profile_decode_steps, summarize
 from llmserve.benchmarks.roofline import measure_matmul, random_prompts
 from llmserve.entrypoints.cli_args import engine_config_from_args
 from llmserve.entrypoints.llm import LLM
+
+PROFILED_STEPS = 5   # decode steps per batch size under --torch-profile
 
 
 def parse_batch_sizes(value: str) -> list[int]:
@@ -135,6 +141,12 @@ def run_latency_benchmark(args: argparse.Namespace) -> dict[str, Any]:
               f"{row['median_tpot_ms']:.2f}) = forward {row['model_forward_ms']:.2f} + sampler {row['sampler_ms']:.2f}"
               f" + overhead {row['engine_overhead_ms']:.2f} | {row['decode_tokens_per_s']:8.1f} tok/s | "
               f"{gflops:6.1f} GFLOP/s")
+        if args.torch_profile:   # a run of its own: the profiler's cost stays out of the timed steps
+            files = profile_decode_steps(engine, random_prompts(b, args.input_len, engine.vocab_size, seed=20_000 + b),
+                                         PROFILED_STEPS, Path(args.torch_profile) / f"batch-{b}",
+                                         request_prefix=f"lat-profile-{b}")
+            row["torch_profile"] = [str(f) for f in files]
+            print(f"batch {b:>4}: torch.profiler of {PROFILED_STEPS} decode steps: {files[0]}")
     if peak:
         after = measure_matmul(args.gemm_size, 3, engine.dtype, engine.device)   # the machine may be busier now or then: keep the best
         if after["peak_gflop_s"] > peak["peak_gflop_s"]:

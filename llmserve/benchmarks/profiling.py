@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,8 +94,12 @@ class StepRecord:
 
 
 class _Timer:
-    def __init__(self, fn: Any, synchronize: Callable[[], None] | None = None) -> None:
+    """Times ``fn``; its calls are also a named range for ``torch.profiler`` (a compiled kernel called through
+    ctypes, such as the fused CPU decode step, shows up in a profile only so)."""
+
+    def __init__(self, fn: Any, name: str, synchronize: Callable[[], None] | None = None) -> None:
         self.fn = fn
+        self.name = f"llmserve: {name}"
         self.synchronize = synchronize
         self.seconds = 0.0
 
@@ -103,7 +108,8 @@ class _Timer:
             self.synchronize()   # work launched before the call is not its own
         start = time.perf_counter()
         try:
-            return self.fn(*args, **kwargs)
+            with torch.profiler.record_function(self.name):
+                return self.fn(*args, **kwargs)
         finally:
             if self.synchronize is not None:
                 self.synchronize()
@@ -121,13 +127,14 @@ class StepProfiler:
     def __enter__(self) -> StepProfiler:
         runner = self.engine.runner
         sync = torch.cuda.synchronize if runner.device.type == "cuda" else None
-        self._forward = _Timer(runner.model.forward, sync)
+        self._forward = _Timer(runner.model.forward, "model forward", sync)
         # the fused CPU decode step and the CUDA graphs' replay run a step's decoder layers in place of the forward
-        self._fused = _Timer(runner.fused_decode.forward, sync) if runner.fused_decode is not None else None
+        self._fused = (_Timer(runner.fused_decode.forward, "fused CPU decode step", sync)
+                       if runner.fused_decode is not None else None)
         self._graphs = runner.graphs
-        self._replay = _Timer(self._graphs.run, sync) if self._graphs is not None else None
-        self._logits = _Timer(runner.model.compute_logits, sync)
-        self._sampler = _Timer(runner.sampler.forward, sync)
+        self._replay = _Timer(self._graphs.run, "CUDA graph replay", sync) if self._graphs is not None else None
+        self._logits = _Timer(runner.model.compute_logits, "logits", sync)
+        self._sampler = _Timer(runner.sampler.forward, "sampler", sync)
         execute = runner.execute_model
 
         def traced_execute(sched: Any) -> Any:
@@ -161,7 +168,8 @@ class StepProfiler:
         before = (self._forward_seconds(), self._sampler.seconds)
         self._scheduled = []
         start = time.perf_counter()
-        outputs = self.engine.step()
+        with torch.profiler.record_function("llmserve: engine step"):
+            outputs = self.engine.step()
         wall = time.perf_counter() - start
         items = self._scheduled
         record = StepRecord(
@@ -212,3 +220,35 @@ def decode_steps(engine: LLMEngine, prompts: list[list[int]], output_len: int, s
     prefill = [r for r in records if not r.pure_decode]
     full = [r for r in records if r.pure_decode and r.num_seqs == len(prompts)]
     return prefill, full[skip:] if len(full) > skip else full
+
+
+def profile_decode_steps(engine: LLMEngine, prompts: list[list[int]], steps: int, prefix: Path,
+                         request_prefix: str = "torch-profile") -> list[Path]:
+    """Run ``prompts`` until every one decodes, then ``steps`` decode steps of the whole batch under
+    ``torch.profiler`` (host, and the GPU's kernels on CUDA), then the rest. Writes ``<prefix>.txt`` (operators and
+    kernels by their own time) and ``<prefix>.json`` (a trace for Perfetto or chrome://tracing); returns both paths.
+    Only this process is seen: profile an engine whose model runs here (one rank, the default executor)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = engine.device.type == "cuda"
+    prefill_steps = -(-sum(map(len, prompts)) // engine.max_num_batched_tokens)
+    for i, prompt in enumerate(prompts):   # room for every prompt's prefill, a step to settle and the profiled steps
+        engine.add_request(f"{request_prefix}-{i}", prompt, greedy(prefill_steps + steps + 2))
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
+    with StepProfiler(engine) as timer:
+        while engine.has_unfinished_requests():
+            record, _ = timer.step()
+            if record.pure_decode and record.num_seqs == len(prompts):
+                break
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                timer.step()
+        run_to_completion(engine, timer)
+    table, trace = prefix.with_suffix(".txt"), prefix.with_suffix(".json")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    averages = prof.key_averages()
+    sections = [("host time", "self_cpu_time_total"), *([("GPU time", "self_device_time_total")] if on_cuda else [])]
+    table.write_text("".join(f"{steps} decode steps of {len(prompts)} sequences, by their own {what}:\n"
+                             f"{averages.table(sort_by=key, row_limit=40)}\n" for what, key in sections))
+    prof.export_chrome_trace(str(trace))
+    return [table, trace]

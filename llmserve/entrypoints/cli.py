@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--no-peak", action="store_true", help="do not measure the GEMM peak")
     lat.add_argument("--output-json", default=None, help="write the results as JSON")
     lat.add_argument("--plot", default=None, help="draw TPOT and tokens/s against the batch size into this PNG")
+    lat.add_argument("--torch-profile", default=None, metavar="DIR",
+                     help="also run each batch size's decode steps under torch.profiler (a run of its own, untimed): "
+                          "operators and GPU kernels by their own time in DIR/batch-B.txt, the trace in DIR/batch-B.json")
     lat.set_defaults(func=_bench("latency", "run_latency_benchmark"))
     spec = bench_sub.add_parser("spec-decode", help="TPOT with --speculative-config against without, at batch 1 or a concurrency sweep")
     add_engine_args(spec)

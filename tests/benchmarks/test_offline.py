@@ -65,6 +65,22 @@ def test_latency_smoke(tmp_path, llama_dir):
     assert bench("latency", str(llama_dir), "--batch-sizes", "1,x") == 2
 
 
+def test_latency_torch_profile_writes_each_batch_sizes_operators_and_trace(tmp_path, llama_dir):
+    out, profiles = tmp_path / "lat.json", tmp_path / "profiles"
+    assert bench("latency", str(llama_dir), *ENGINE, "--input-len", "16", "--output-len", "8", "--batch-sizes", "1,4",
+                 "--no-peak", "--max-num-batched-tokens", "32", "--torch-profile", str(profiles),
+                 "--output-json", str(out)) == 0
+    for row in json.loads(out.read_text())["results"]:
+        table, trace = (profiles / f"batch-{row['batch_size']}").with_suffix(".txt"), \
+            (profiles / f"batch-{row['batch_size']}").with_suffix(".json")
+        assert row["torch_profile"] == [str(table), str(trace)]
+        text = table.read_text()
+        assert text.startswith(f"5 decode steps of {row['batch_size']} sequences, by their own host time")
+        assert "Self CPU" in text and "aten::" in text   # the operators the steps ran
+        assert "llmserve: engine step" in text and "llmserve: sampler" in text   # and the step's parts, named
+        assert json.loads(trace.read_text())["traceEvents"]
+
+
 def test_roofline_smoke(tmp_path, llama_dir, capsys):
     out = tmp_path / "roof.json"
     assert bench("roofline", str(llama_dir), *ENGINE, "--input-len", "16", "--output-len", "6", "--decode-batch",

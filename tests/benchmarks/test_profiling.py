@@ -50,6 +50,6 @@ def test_graph_replays_count_as_forward_time(llama_dir):
 def test_a_timed_call_waits_for_the_work_before_it_and_for_its_own():
     """On CUDA, kernels launched earlier finish before the clock starts and the call's own before it stops."""
     events = []
-    timer = _Timer(lambda: events.append("call"), synchronize=lambda: events.append("synchronize"))
+    timer = _Timer(lambda: events.append("call"), "call", synchronize=lambda: events.append("synchronize"))
     timer()
     assert events == ["synchronize", "call", "synchronize"]
