@@ -232,8 +232,10 @@ def profile_decode_steps(engine: LLMEngine, prompts: list[list[int]], steps: int
 
     on_cuda = engine.device.type == "cuda"
     prefill_steps = -(-sum(map(len, prompts)) // engine.max_num_batched_tokens)
-    for i, prompt in enumerate(prompts):   # room for every prompt's prefill, a step to settle and the profiled steps
-        engine.add_request(f"{request_prefix}-{i}", prompt, greedy(prefill_steps + steps + 2))
+    # Room for the steps until the last prompt is prefilled (the first ones decode meanwhile, taking some of each
+    # step's tokens: at most twice the prefill's steps) and for the profiled steps, with every sequence still there.
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{request_prefix}-{i}", prompt, greedy(2 * prefill_steps + steps + 2))
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
     with StepProfiler(engine) as timer:
         while engine.has_unfinished_requests():
