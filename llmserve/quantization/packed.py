@@ -10,6 +10,7 @@ Every checkpoint format repacks into one of two layouts, so one pair of kernels 
 * **W8A8** (compressed-tensors INT8, ``--quantization int8``): int8 ``[out, in]`` with per-row scales,
   activations quantised per token on the fly (symmetric, ``max|x| / 127``).
 
+On CUDA the weight-only layout runs through a Triton kernel (:mod:`~llmserve.quantization.triton_weight_only`).
 On CPU in float32 the compiled kernels run them (``csrc/cpu_quant_linear.c``, ``cpu_w8a8_linear.c``): up
 to ``max_linear_rows`` rows (decode), one pass over the packed weight that dequantises in registers; more rows (prefill, large
 batches), the weight dequantised panel by panel into cache for the float GEMM tiles (weight-only), or the
@@ -99,7 +100,12 @@ def apply_weight_only(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | No
     elif rows.stride(1) != 1:
         rows = rows.contiguous()
     kernels = kernels_for(rows)
-    if kernels is not None:
+    if rows.is_cuda:
+        from llmserve.quantization.triton_weight_only import weight_only_linear
+
+        out = weight_only_linear(rows, layer.wq_codes, layer.wq_format, layer.wq_scales, layer.wq_zeros,
+                                 layer.wq_group, layer.wq_in, bias)
+    elif kernels is not None:
         out = kernels.linear_weight_only(rows, layer.wq_codes, layer.wq_format, layer.wq_scales, layer.wq_zeros,
                                          layer.wq_group, layer.wq_in, bias)
     else:

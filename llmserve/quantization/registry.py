@@ -59,8 +59,9 @@ def get_quantization_config(hf_config: Any, quantization: str | None,
                          f"{' or '.join(LOAD_TIME_QUANTIZATION_SCHEMES)}")
     else:
         return None
-    if device.type != "cpu":
+    if not config.runs_on(device):
         raise ValueError(f"{config.get_name()} quantisation runs on CPU only for now: llmserve has no {device.type} "
-                         f"kernels for it")
+                         f"kernels for it (on CUDA: GPTQ, AWQ, compressed-tensors W4A16 / W8A16 / FP8 and "
+                         f"--quantization fp8)")
     logger.info("Quantisation: %r", config)
     return config

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmserve.layers import cpu_kernel_build
 from llmserve.layers.cpu_kernels import CPUKernels
 from llmserve.testing.quantized_checkpoints import write_quantized_checkpoint
+
+# The weight-only Triton kernel runs under the interpreter without a GPU; it must be on before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

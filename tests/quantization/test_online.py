@@ -100,8 +100,9 @@ def test_the_choice_is_logged_and_contradictions_are_refused(llama_dir, quantize
         _load(gptq, "int8")
     with pytest.raises(ValueError, match="--quantization awq names a checkpoint format, but this checkpoint has no"):
         _load(llama_dir, "awq")
-    with pytest.raises(ValueError, match="runs on CPU only for now"):
-        get_quantization_config(load_config(llama_dir), "fp8", torch.device("cuda"))
+    with pytest.raises(ValueError, match="int8 quantisation runs on CPU only for now"):
+        get_quantization_config(load_config(llama_dir), "int8", torch.device("cuda"))
+    assert get_quantization_config(load_config(llama_dir), "fp8", torch.device("cuda")).get_name() == "fp8"
     config = load_config(gptq)
     config.quantization_config = {"quant_method": "bitsandbytes"}
     with pytest.raises(CheckpointFormatError, match="quantised with 'bitsandbytes', which llmserve does not read"):

@@ -1,0 +1,81 @@
+"""The weight-only layout's Triton kernel (under the Triton interpreter without a GPU) against the PyTorch
+reference, and which formats may therefore run on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmserve.quantization.awq import AWQConfig
+from llmserve.quantization.compressed_tensors import CompressedTensorsConfig
+from llmserve.quantization.gguf import GGUFConfig
+from llmserve.quantization.gptq import GPTQConfig
+from llmserve.quantization.online import OnlineQuantConfig
+from llmserve.quantization.packed import FP8, U4, U8, apply_weight_only, dequantize_weight_only
+from tests.quantization.test_packed import _weight_only_layer
+
+triton = pytest.importorskip("triton", reason="triton is not installed (the [test] extra)")
+from llmserve.quantization.triton_weight_only import weight_only_linear  # noqa: E402 - needs triton
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+DEVICE = CUDA if torch.cuda.is_available() else CPU
+FORMATS = [(U4, 48, 128, 32, True), (U4, 20, 200, 64, True), (U4, 17, 77, 77, False), (U4, 70, 96, 128, True),
+           (U8, 33, 160, 32, True), (U8, 16, 45, 45, False), (FP8, 40, 100, 100, False), (FP8, 16, 64, 32, False)]
+
+
+def run_kernel(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    on = [None if t is None else t.to(DEVICE) for t in (layer.wq_codes, layer.wq_scales, layer.wq_zeros, bias)]
+    codes, scales, zeros, bias = on
+    return weight_only_linear(x.to(DEVICE), codes, layer.wq_format, scales, zeros, layer.wq_group, layer.wq_in,
+                              bias).cpu()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("code_format,n,k,group,zero_point", FORMATS)
+def test_kernel_equals_the_reference(code_format, n, k, group, zero_point, rows):
+    """4-bit chunks padded past the inputs, partial last groups, a group that is the whole row (any width), zero
+    points or none, row counts below and above one row tile, outputs past one column tile."""
+    layer = _weight_only_layer(code_format, n, k, group, zero_point)
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    expected = F.linear(x, dequantize_weight_only(layer), bias)
+    torch.testing.assert_close(run_kernel(layer, x, bias), expected, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(run_kernel(layer, x, None), expected - bias, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rows_give_their_dtype(dtype):
+    """The dequantised weight tile takes the rows' dtype for the dot; products accumulate in float32."""
+    layer = _weight_only_layer(U4, 48, 128, 32, True)
+    x = torch.randn(7, 128).to(dtype)
+    out = run_kernel(layer, x, None)
+    expected = F.linear(x.float(), dequantize_weight_only(layer).to(dtype).float())
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_no_rows_give_an_empty_output():
+    layer = _weight_only_layer(U8, 16, 45, 45, False)
+    assert run_kernel(layer, torch.zeros(0, 45), None).shape == (0, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_layer_on_cuda_applies_the_kernel():
+    layer = _weight_only_layer(U4, 32, 64, 32, True, perm=True).to(CUDA)
+    x = torch.randn(2, 5, 64)
+    expected = F.linear(x[..., layer.wq_perm.cpu()], dequantize_weight_only(layer).cpu())
+    torch.testing.assert_close(apply_weight_only(layer, x.to(CUDA), None).cpu(), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_formats_kept_in_the_weight_only_layout_run_on_cuda():
+    packed = {"format": "pack-quantized", "weights": {"num_bits": 4, "type": "int", "strategy": "group",
+                                                      "group_size": 128, "symmetric": True}}
+    w8a8 = {"format": "int-quantized", "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+            "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}}
+    on_cuda = [GPTQConfig(4, 128, False, True, False), AWQConfig(128), OnlineQuantConfig("fp8"),
+               CompressedTensorsConfig([(["Linear"], packed, "pack-quantized")], [])]
+    mixed = [(["Linear"], packed, "pack-quantized"), (["re:.*mlp.*"], w8a8, "int-quantized")]
+    cpu_only = [OnlineQuantConfig("int8"), GGUFConfig({}), CompressedTensorsConfig(mixed, [])]
+    assert all(config.runs_on(CPU) for config in on_cuda + cpu_only)
+    assert all(config.runs_on(CUDA) for config in on_cuda)
+    assert not any(config.runs_on(CUDA) for config in cpu_only)
