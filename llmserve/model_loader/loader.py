@@ -140,7 +140,7 @@ def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device
         if quant_config is not None:
             logger.info("Quantisation: %r", quant_config)
     if quant_config is None:
-        quant_config = get_quantization_config(config, quantization, device)
+        quant_config = get_quantization_config(config, quantization)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

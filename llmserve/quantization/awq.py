@@ -52,9 +52,6 @@ class AWQConfig(QuantizationConfig):
     def get_name(self) -> str:
         return "awq"
 
-    def runs_on(self, device: torch.device) -> bool:
-        return device.type in ("cpu", "cuda")   # the weight-only layout
-
     def __repr__(self) -> str:
         return f"awq(4-bit gemm, group {self.group_size})"
 

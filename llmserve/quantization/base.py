@@ -48,11 +48,6 @@ class QuantizationConfig(ABC):
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
         """The method for ``layer`` (dotted name ``prefix``), or None to leave it unquantised."""
 
-    def runs_on(self, device: torch.device) -> bool:
-        """Whether every layer's method has kernels on ``device``: the CPU's compiled kernels everywhere; on CUDA,
-        only formats kept in the weight-only layout (its Triton kernel) say so."""
-        return device.type == "cpu"
-
 
 def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
     """Attach loading metadata (``weight_loader``, ``output_dim``...) to a parameter."""

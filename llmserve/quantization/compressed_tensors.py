@@ -94,11 +94,6 @@ class CompressedTensorsConfig(QuantizationConfig):
     def get_name(self) -> str:
         return "compressed-tensors"
 
-    def runs_on(self, device: torch.device) -> bool:
-        """W4A16 / W8A16 and FP8 are the weight-only layout, which has a CUDA kernel; int8 W8A8 runs on CPU only."""
-        return device.type == "cpu" or (device.type == "cuda" and not any(
-            isinstance(method_for(scheme, fmt), CTW8A8Method) for _, scheme, fmt in self.groups))
-
     def __repr__(self) -> str:
         return "compressed-tensors(" + "; ".join(describe(s, f) for _, s, f in self.groups) + ")"
 

@@ -65,9 +65,6 @@ class GPTQConfig(QuantizationConfig):
     def get_name(self) -> str:
         return "gptq"
 
-    def runs_on(self, device: torch.device) -> bool:
-        return device.type in ("cpu", "cuda")   # the weight-only layout
-
     def __repr__(self) -> str:
         return (f"gptq({self.bits}-bit, group {self.group_size}, desc_act={self.desc_act}, sym={self.sym}, "
                 f"{'v2' if self.v2_zeros else 'v1'} zeros)")

@@ -48,9 +48,6 @@ class OnlineQuantConfig(QuantizationConfig):
     def get_name(self) -> str:
         return self.scheme
 
-    def runs_on(self, device: torch.device) -> bool:
-        return device.type == "cpu" or (device.type == "cuda" and self.scheme == "fp8")   # fp8: the weight-only layout
-
     def __repr__(self) -> str:
         return ("int8 (W8A8: per-channel weights, dynamic per-token activations)" if self.scheme == "int8"
                 else "fp8 (e4m3 per-channel weights, float activations)")

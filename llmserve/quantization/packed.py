@@ -10,7 +10,8 @@ Every checkpoint format repacks into one of two layouts, so one pair of kernels 
 * **W8A8** (compressed-tensors INT8, ``--quantization int8``): int8 ``[out, in]`` with per-row scales,
   activations quantised per token on the fly (symmetric, ``max|x| / 127``).
 
-On CUDA the weight-only layout runs through a Triton kernel (:mod:`~llmserve.quantization.triton_weight_only`).
+On CUDA each layout runs through a Triton kernel (:mod:`~llmserve.quantization.triton_weight_only`,
+:mod:`~llmserve.quantization.triton_w8a8`).
 On CPU in float32 the compiled kernels run them (``csrc/cpu_quant_linear.c``, ``cpu_w8a8_linear.c``): up
 to ``max_linear_rows`` rows (decode), one pass over the packed weight that dequantises in registers; more rows (prefill, large
 batches), the weight dequantised panel by panel into cache for the float GEMM tiles (weight-only), or the
@@ -157,7 +158,11 @@ def apply_w8a8(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> 
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     kernels = kernels_for(rows)
-    if kernels is not None and (rows.shape[0] <= kernels.max_linear_rows or kernels.w8a8_dot_path != "AVX-512 VNNI"):
+    if rows.is_cuda:
+        from llmserve.quantization.triton_w8a8 import w8a8_linear
+
+        out = w8a8_linear(rows, layer.w8_weight, layer.w8_scale, layer.w8_in, bias)
+    elif kernels is not None and (rows.shape[0] <= kernels.max_linear_rows or kernels.w8a8_dot_path != "AVX-512 VNNI"):
         out = kernels.linear_w8a8(rows, layer.w8_weight, layer.w8_scale, layer.w8_comp, layer.w8_in, bias)
     elif kernels is not None:   # many rows with VNNI: oneDNN's int8 GEMM (measured faster there, docs/benchmarks.md;
         # without VNNI it ran hundreds of times slower than the kernel)

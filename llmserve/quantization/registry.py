@@ -10,7 +10,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import torch
 
 from llmserve.config import LOAD_TIME_QUANTIZATION_SCHEMES, QUANTIZATION_METHODS
 from llmserve.quantization.awq import AWQConfig
@@ -36,8 +35,7 @@ def checkpoint_quantization(hf_config: Any) -> dict[str, Any] | None:
     return raw or None
 
 
-def get_quantization_config(hf_config: Any, quantization: str | None,
-                            device: torch.device) -> QuantizationConfig | None:
+def get_quantization_config(hf_config: Any, quantization: str | None) -> QuantizationConfig | None:
     """The config every layer asks for its method, or None to run in full precision; logged when chosen."""
     if quantization is not None and quantization not in QUANTIZATION_METHODS:
         raise ValueError(f"unknown --quantization {quantization!r}; choose one of {', '.join(QUANTIZATION_METHODS)}")
@@ -59,9 +57,5 @@ def get_quantization_config(hf_config: Any, quantization: str | None,
                          f"{' or '.join(LOAD_TIME_QUANTIZATION_SCHEMES)}")
     else:
         return None
-    if not config.runs_on(device):
-        raise ValueError(f"{config.get_name()} quantisation runs on CPU only for now: llmserve has no {device.type} "
-                         f"kernels for it (on CUDA: GPTQ, AWQ, compressed-tensors W4A16 / W8A16 / FP8 and "
-                         f"--quantization fp8)")
     logger.info("Quantisation: %r", config)
     return config

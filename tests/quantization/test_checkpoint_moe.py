@@ -32,7 +32,7 @@ from llmserve.quantization.registry import get_quantization_config
 from llmserve.quantization.unquantized import UnquantizedLinearMethod
 from tests.engine_greedy import assert_matches_hf, engine_greedy
 from tests.layers.fused_moe.reference import per_token_moe, random_routing
-from tests.model_helpers import CPU, PROMPT, load_tiny, prefill_logits
+from tests.model_helpers import PROMPT, load_tiny, prefill_logits
 from tests.parallel_sim import as_rank, run_ranks, simulated_groups
 
 LONG_PROMPT = PROMPT + list(range(100, 140))
@@ -84,7 +84,7 @@ def _twin_experts(reference, layer: str, num_experts: int,
 
 
 def _config(path) -> QuantizationConfig:
-    return get_quantization_config(load_config(path), None, CPU)
+    return get_quantization_config(load_config(path), None)
 
 
 def _experts_layer(path, quant_config) -> FusedMoE:

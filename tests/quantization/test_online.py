@@ -93,23 +93,20 @@ def test_tensor_parallel_ranks_quantise_their_own_shards(llama_dir):
 def test_the_choice_is_logged_and_contradictions_are_refused(llama_dir, quantized, caplog):
     gptq, _ = quantized("gptq")
     with caplog.at_level(logging.INFO, logger="llmserve.quantization.registry"):
-        assert get_quantization_config(load_config(gptq), None, CPU).get_name() == "gptq"
-        assert get_quantization_config(load_config(gptq), "gptq", CPU).get_name() == "gptq"
+        assert get_quantization_config(load_config(gptq), None).get_name() == "gptq"
+        assert get_quantization_config(load_config(gptq), "gptq").get_name() == "gptq"
     assert "Quantisation: gptq(4-bit, group 32" in caplog.text
     with pytest.raises(ValueError, match="--quantization int8 contradicts the checkpoint, which is gptq-quantised"):
         _load(gptq, "int8")
     with pytest.raises(ValueError, match="--quantization awq names a checkpoint format, but this checkpoint has no"):
         _load(llama_dir, "awq")
-    with pytest.raises(ValueError, match="int8 quantisation runs on CPU only for now"):
-        get_quantization_config(load_config(llama_dir), "int8", torch.device("cuda"))
-    assert get_quantization_config(load_config(llama_dir), "fp8", torch.device("cuda")).get_name() == "fp8"
     config = load_config(gptq)
     config.quantization_config = {"quant_method": "bitsandbytes"}
     with pytest.raises(CheckpointFormatError, match="quantised with 'bitsandbytes', which llmserve does not read"):
-        get_quantization_config(config, None, CPU)
+        get_quantization_config(config, None)
     with pytest.raises(ValueError, match="unknown --quantization 'int4'"):
         EngineConfig(quantization="int4")
-    assert get_quantization_config(load_config(llama_dir), None, CPU) is None
+    assert get_quantization_config(load_config(llama_dir), None) is None
 
 
 def test_the_flag_reaches_the_engine_config():

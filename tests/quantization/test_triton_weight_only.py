@@ -1,5 +1,5 @@
 """The weight-only layout's Triton kernel (under the Triton interpreter without a GPU) against the PyTorch
-reference, and which formats may therefore run on CUDA."""
+reference."""
 
 from __future__ import annotations
 
@@ -7,11 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmserve.quantization.awq import AWQConfig
-from llmserve.quantization.compressed_tensors import CompressedTensorsConfig
-from llmserve.quantization.gguf import GGUFConfig
-from llmserve.quantization.gptq import GPTQConfig
-from llmserve.quantization.online import OnlineQuantConfig
 from llmserve.quantization.packed import FP8, U4, U8, apply_weight_only, dequantize_weight_only
 from tests.quantization.test_packed import _weight_only_layer
 
@@ -65,17 +60,3 @@ def test_a_layer_on_cuda_applies_the_kernel():
     x = torch.randn(2, 5, 64)
     expected = F.linear(x[..., layer.wq_perm.cpu()], dequantize_weight_only(layer).cpu())
     torch.testing.assert_close(apply_weight_only(layer, x.to(CUDA), None).cpu(), expected, atol=2e-4, rtol=1e-4)
-
-
-def test_formats_kept_in_the_weight_only_layout_run_on_cuda():
-    packed = {"format": "pack-quantized", "weights": {"num_bits": 4, "type": "int", "strategy": "group",
-                                                      "group_size": 128, "symmetric": True}}
-    w8a8 = {"format": "int-quantized", "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
-            "input_activations": {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}}
-    on_cuda = [GPTQConfig(4, 128, False, True, False), AWQConfig(128), OnlineQuantConfig("fp8"),
-               CompressedTensorsConfig([(["Linear"], packed, "pack-quantized")], [])]
-    mixed = [(["Linear"], packed, "pack-quantized"), (["re:.*mlp.*"], w8a8, "int-quantized")]
-    cpu_only = [OnlineQuantConfig("int8"), GGUFConfig({}), CompressedTensorsConfig(mixed, [])]
-    assert all(config.runs_on(CPU) for config in on_cuda + cpu_only)
-    assert all(config.runs_on(CUDA) for config in on_cuda)
-    assert not any(config.runs_on(CUDA) for config in cpu_only)
