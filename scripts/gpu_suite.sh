@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU suite: on a machine with a CUDA GPU, writes random-weight bf16 checkpoints shaped like
 # Llama-3-8B and Llama-3.2-1B, runs the test suite on CUDA, then the benchmarks:
-#   1. pytest on the GPU: the tests that run CUDA (Triton attention, MoE and LoRA kernels, CUDA graphs, the
-#      sampler, the runner's memory) rather than the whole CPU suite;
+#   1. pytest on the GPU: the tests that run CUDA (Triton attention, MoE, LoRA and quantised-weight kernels,
+#      CUDA graphs, the sampler, the runner's memory) rather than the whole CPU suite;
 #   2. llmserve bench throughput --compare-hf (llmserve against Hugging Face generate), 1B and 8B;
 #   3. batch-1 TPOT against the HBM floor (bench latency + bench roofline; bench throughput with one
 #      prompt if those commands are missing), eager and with CUDA graphs, each batch size's decode steps
 #      also under torch.profiler (kernels by GPU time in torch-profile-<size>-<mode>/batch-B.txt);
-#   4. llmserve bench serve against `llmserve serve` at several request rates (8B).
+#   4. the same TPOT with --quantization fp8 and int8 (the quantised layouts' Triton kernels);
+#   5. llmserve bench serve against `llmserve serve` at several request rates (8B).
 # Everything (logs, JSON results, plots) goes into one results folder.
 #
 # Usage: scripts/gpu_suite.sh [RESULTS_DIR]       (default: results/gpu-<date>)
@@ -22,6 +23,7 @@
 #   TESTS             the pytest paths (default: the tests that touch CUDA, listed below)
 #   PYTEST_ARGS       extra pytest arguments (default: "-n 8" when pytest-xdist is importable)
 #   STEP_TIMEOUT      seconds after which one step is stopped and counted as failed (default: 1800)
+#   QUANTIZATIONS     load-time quantisations to time with bench latency (default: "fp8 int8"; "" for none)
 #   SKIP_TESTS=1      skip the pytest step
 #   PORT              port of the server under test (default: 8765)
 #
@@ -67,6 +69,7 @@ if [ -z "${PYTEST_ARGS+set}" ]; then
   PYTEST_ARGS=""; "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST_ARGS="-n 8"
 fi
 STEP_TIMEOUT=${STEP_TIMEOUT:-1800}
+QUANTIZATIONS=${QUANTIZATIONS-"fp8 int8"}
 PORT=${PORT:-8765}
 mkdir -p "$RESULTS" "$MODELS"
 RESULTS=$(cd "$RESULTS" && pwd)
@@ -140,6 +143,13 @@ for size in $SIZES; do
       run "${LLMSERVE[@]}" bench throughput "$model" "${common[@]}" "${extra[@]}" --input-len 128 \
         --output-len 256 --num-prompts 1 --output-json "$RESULTS/latency-$size-$mode.json"
     fi
+  done
+
+  for scheme in $QUANTIZATIONS; do   # the Triton kernels of the quantised layouts, against the bf16 rows above
+    step "[$size] --quantization $scheme: TPOT per batch size"
+    run "${LLMSERVE[@]}" bench latency "$model" "${common[@]}" --quantization "$scheme" --input-len 128 \
+      --output-len 128 --batch-sizes 1,32 --output-json "$RESULTS/latency-$size-$scheme.json" \
+      --torch-profile "$RESULTS/torch-profile-$size-$scheme"
   done
 done
 
