@@ -10,7 +10,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-
 from llmserve.config import LOAD_TIME_QUANTIZATION_SCHEMES, QUANTIZATION_METHODS
 from llmserve.quantization.awq import AWQConfig
 from llmserve.quantization.base import QuantizationConfig
