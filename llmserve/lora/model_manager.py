@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from llmserve.lora.layers import LoRABatchState, LoRALinearMethod
 from llmserve.lora.peft import LoRAAdapterError, LoRAModuleWeights, load_peft_adapter
 from llmserve.lora.punica import LoRABatchMapping
 from llmserve.lora.request import LoRARequest
+
+if TYPE_CHECKING:
+    from llmserve.lora.graph_inputs import LoRAGraphInputs
 
 # An adapter's weights by wrapped layer name, then by shard id (None: the layer's whole output).
 LayerWeights = dict[str, dict[object, LoRAModuleWeights]]
@@ -48,8 +52,21 @@ class LoRAModelManager:
 
     @property
     def active(self) -> bool:
-        """Whether this step has adapter rows (else the model runs as without LoRA: CUDA graphs may replay)."""
+        """Whether this step has adapter rows (else the model runs as without LoRA, and replays the graphs
+        captured without adapters)."""
         return bool(self.state.mapping.segments)
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Whether adapter steps can be captured: every layer runs the Triton kernels, whose launch grid depends
+        only on the batch size (the PyTorch ops' shapes follow the step's segments)."""
+        return bool(self.layers) and all(method.use_triton for method in self.layers.values())
+
+    def graph_inputs(self, max_rows: int) -> LoRAGraphInputs:
+        """Static segment buffers for decode graphs of up to ``max_rows`` rows."""
+        from llmserve.lora.graph_inputs import LoRAGraphInputs
+
+        return LoRAGraphInputs(self.state, self.max_loras, max_rows, self.device)
 
     @property
     def resident_ids(self) -> list[int]:

@@ -60,6 +60,19 @@ class LoRABatchMapping:
         segments = [(int(sorted_slots[s]), int(s), int(e)) for s, e in zip(starts, ends)]
         return cls(segments, torch.from_numpy(order).to(device), num_tokens, order)
 
+    @classmethod
+    def over_device_segments(cls, segments: Any, num_slots: int, num_tokens: int) -> LoRABatchMapping:
+        """A mapping whose rows and segments live in device buffers only (a CUDA graph's static
+        :class:`~llmserve.lora.triton_ops.Segments`): it stands for a segment per slot, of lengths the buffers
+        hold, so only the Triton kernels can run it."""
+        mapping = cls([(slot, 0, 0) for slot in range(num_slots)], None, num_tokens)
+        mapping._device_segments = segments
+        return mapping
+
+    def host_rows(self) -> np.ndarray:
+        """The adapter rows' token indices, grouped by slot, on the host."""
+        return np.arange(self.num_tokens, dtype=np.int64) if self._order is None else self._order
+
     def padded_segments(self) -> PaddedSegments | None:
         """The segments padded to the longest, when there are several and that at most doubles the rows
         (built on first use, then shared: only the PyTorch path reads them)."""
@@ -88,7 +101,7 @@ class LoRABatchMapping:
         if self._device_segments is None:
             from llmserve.lora.triton_ops import Segments
 
-            self._device_segments = Segments(self, device)
+            self._device_segments = Segments.from_mapping(self, device)
         return self._device_segments
 
 

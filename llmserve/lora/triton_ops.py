@@ -12,9 +12,16 @@ zeros; a column tile that straddles two projections multiplies once per projecti
 are disjoint, so each output element has one writer. A slot of rank 0 does nothing. Tiles are multiplied
 in float32 with IEEE products, whatever the model dtype: the deltas are small next to the base matmul,
 and exact float32 lets the tests compare against a float64 reference.
+
+The grid depends only on the number of segments and the longest one, and a program past its segment's end
+(or on a slot of rank 0) does nothing, so a CUDA graph can capture the kernels over static buffers with room
+for every slot and the captured batch size (:mod:`llmserve.lora.graph_inputs`), each replay writing its
+step's segments into them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -43,63 +50,78 @@ def _rows_times_weight(x_ptr, stride_xm, rows, mask_m, w_ptr, stride_wn, offs_n,
 
 @triton.jit
 def _segment_rows(rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, ranks_ptr, BLOCK_M: tl.constexpr):
-    """This program's segment: its slot, the slot's rank, and the program's row tile (indices, mask)."""
+    """This program's segment: its slot, the slot's rank, the program's row tile (indices, mask), and whether
+    the tile has work (rows of the segment, a slot of non-zero rank)."""
     seg = tl.program_id(0)
     start = tl.load(seg_start_ptr + seg)
+    length = tl.load(seg_len_ptr + seg)
     slot = tl.load(seg_slot_ptr + seg)
+    rank = tl.load(ranks_ptr + slot)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < tl.load(seg_len_ptr + seg)
+    mask_m = offs_m < length
     rows = tl.load(rows_ptr + start + offs_m, mask=mask_m, other=0)
-    return slot, tl.load(ranks_ptr + slot), rows, mask_m
+    return slot, rank, rows, mask_m, (tl.program_id(1) * BLOCK_M < length) & (rank > 0)
 
 
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, buf_ptr, rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, ranks_ptr, K,
                    stride_xm, stride_as, stride_ar, stride_bm, NUM_PROJECTIONS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    slot, rank, rows, mask_m = _segment_rows(rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, ranks_ptr,
-                                             BLOCK_M)
+    slot, rank, rows, mask_m, busy = _segment_rows(rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, ranks_ptr,
+                                                   BLOCK_M)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NUM_PROJECTIONS * rank
-    acc = _rows_times_weight(x_ptr, stride_xm, rows, mask_m, a_ptr + slot * stride_as, stride_ar, offs_n, mask_n,
-                             K, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.store(buf_ptr + rows[:, None] * stride_bm + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    if busy & (tl.program_id(2) * BLOCK_N < NUM_PROJECTIONS * rank):
+        acc = _rows_times_weight(x_ptr, stride_xm, rows, mask_m, a_ptr + slot * stride_as, stride_ar, offs_n,
+                                 mask_n, K, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.store(buf_ptr + rows[:, None] * stride_bm + offs_n[None, :], acc,
+                 mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _expand_kernel(buf_ptr, b_ptr, out_ptr, rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, ranks_ptr,
                    bounds_ptr, stride_bm, stride_bs, stride_bn, stride_om, NUM_PROJECTIONS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    slot, rank, rows, mask_m = _segment_rows(rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, ranks_ptr,
-                                             BLOCK_M)
-    first_n = tl.program_id(2) * BLOCK_N
-    offs_n = first_n + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in tl.static_range(NUM_PROJECTIONS):
-        lo = tl.load(bounds_ptr + i)
-        hi = tl.load(bounds_ptr + i + 1)
-        if (first_n < hi) & (first_n + BLOCK_N > lo):   # the tile covers some of projection i's columns
-            acc += _rows_times_weight(buf_ptr + i * rank, stride_bm, rows, mask_m, b_ptr + slot * stride_bs,
-                                      stride_bn, offs_n, (offs_n >= lo) & (offs_n < hi), rank,
-                                      BLOCK_M, BLOCK_N, BLOCK_K)
-    mask = mask_m[:, None] & (offs_n < tl.load(bounds_ptr + NUM_PROJECTIONS))[None, :]
-    out = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
-    base = tl.load(out, mask=mask, other=0.0)
-    tl.store(out, (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    slot, rank, rows, mask_m, busy = _segment_rows(rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, ranks_ptr,
+                                                   BLOCK_M)
+    if busy:
+        first_n = tl.program_id(2) * BLOCK_N
+        offs_n = first_n + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in tl.static_range(NUM_PROJECTIONS):
+            lo = tl.load(bounds_ptr + i)
+            hi = tl.load(bounds_ptr + i + 1)
+            if (first_n < hi) & (first_n + BLOCK_N > lo):   # the tile covers some of projection i's columns
+                acc += _rows_times_weight(buf_ptr + i * rank, stride_bm, rows, mask_m, b_ptr + slot * stride_bs,
+                                          stride_bn, offs_n, (offs_n >= lo) & (offs_n < hi), rank,
+                                          BLOCK_M, BLOCK_N, BLOCK_K)
+        mask = mask_m[:, None] & (offs_n < tl.load(bounds_ptr + NUM_PROJECTIONS))[None, :]
+        out = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+        base = tl.load(out, mask=mask, other=0.0)
+        tl.store(out, (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@dataclass
 class Segments:
-    """A step's :class:`~llmserve.lora.punica.LoRABatchMapping` as device tensors (built once per step,
-    shared by every layer)."""
+    """A step's segments as device tensors: the adapter rows' token indices, and per segment its start in
+    them, length and slot; ``max_length`` bounds every length (it sizes the grid)."""
 
-    def __init__(self, mapping: LoRABatchMapping, device: torch.device) -> None:
+    rows: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    slots: torch.Tensor
+    max_length: int
+
+    @classmethod
+    def from_mapping(cls, mapping: LoRABatchMapping, device: torch.device) -> Segments:
+        """A step's :class:`~llmserve.lora.punica.LoRABatchMapping` (built once per step, shared by every layer)."""
         rows = mapping.rows
-        self.rows = torch.arange(mapping.num_tokens, device=device) if rows is None else rows.to(device)
         segments = mapping.segments
-        self.starts = torch.tensor([start for _, start, _ in segments], dtype=torch.long, device=device)
-        self.lengths = torch.tensor([end - start for _, start, end in segments], dtype=torch.long, device=device)
-        self.slots = torch.tensor([slot for slot, _, _ in segments], dtype=torch.long, device=device)
-        self.max_length = max((end - start for _, start, end in segments), default=0)
+        return cls(torch.arange(mapping.num_tokens, device=device) if rows is None else rows.to(device),
+                   torch.tensor([start for _, start, _ in segments], dtype=torch.long, device=device),
+                   torch.tensor([end - start for _, start, end in segments], dtype=torch.long, device=device),
+                   torch.tensor([slot for slot, _, _ in segments], dtype=torch.long, device=device),
+                   max((end - start for _, start, end in segments), default=0))
 
 
 def add_lora_segments(out: torch.Tensor, x: torch.Tensor, stack: LoRAStack, ranks: torch.Tensor,

@@ -10,6 +10,10 @@ attention output is zero), and their hidden states are dropped.
 A model with several KV-cache groups (:mod:`llmserve.worker.kv_cache_groups`) captures one set of static
 block tables and slots per group (the lengths are shared); each replay writes every group's.
 
+With LoRA on (and its Triton kernels), each size is captured twice: without adapters, so that steps with no
+adapter rows replay exactly what they would with LoRA off, and with the adapter kernels reading static segment
+buffers (:mod:`llmserve.lora.graph_inputs`) that each replay of an adapter step refills.
+
 Captured graphs read block tables up to ``max_seq_len_to_capture`` tokens wide; steps with a longer
 context, larger batches, prefill chunks, or ``enforce_eager`` run eagerly. Logits and sampling run
 outside the graph (their shapes and work depend on the requests' sampling parameters).
@@ -23,13 +27,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from llmserve.layers.attention.backend import AttentionBackend, BatchLayout, KVCacheGroupMetadata
+
+if TYPE_CHECKING:
+    from llmserve.lora.graph_inputs import LoRAGraphInputs
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +76,9 @@ class _Graph:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, backend: AttentionBackend, block_size: int, max_num_seqs: int,
-                 max_seq_len_to_capture: int, device: torch.device, num_kv_cache_groups: int = 1) -> None:
+                 max_seq_len_to_capture: int, device: torch.device, num_kv_cache_groups: int = 1,
+                 lora_graph_inputs: Callable[[int], LoRAGraphInputs] | None = None) -> None:
+        """``lora_graph_inputs(largest size)``: the LoRA manager's static segments, to capture adapter steps too."""
         if not getattr(backend, "supports_cuda_graphs", False):
             raise ValueError(f"the {backend.name} attention backend cannot be captured in a CUDA graph")
         self.model = model
@@ -83,6 +94,8 @@ class DecodeGraphs:
         self.positions = torch.zeros(largest, dtype=torch.long, device=device)
         self.rotary_lengths = torch.ones(largest, dtype=torch.long, device=device)
         self.graphs: dict[int, _Graph] = {}
+        self.lora = None if lora_graph_inputs is None else lora_graph_inputs(largest)
+        self.lora_graphs: dict[int, _Graph] = {}   # with the adapter kernels
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -90,11 +103,22 @@ class DecodeGraphs:
         and cuBLAS picks its algorithms outside the capture)."""
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):
-            self.graphs[size] = self._capture_one(size, self.static_metadata(size), pool)
+        self.record_all(lambda size, metadata: self._capture_one(size, metadata, pool))
         torch.cuda.synchronize(self.device)
-        logger.info("Captured CUDA graphs for %d decode batch sizes (1..%d, contexts up to %d tokens) in %.1f s",
-                    len(self.sizes), self.sizes[-1], self.max_seq_len, time.perf_counter() - t0)
+        logger.info("Captured CUDA graphs for %d decode batch sizes (1..%d, contexts up to %d tokens%s) in %.1f s",
+                    len(self.sizes), self.sizes[-1], self.max_seq_len,
+                    "; each also with LoRA adapters" if self.lora is not None else "", time.perf_counter() - t0)
+
+    def record_all(self, record: Callable[[int, object], _Graph]) -> None:
+        """``record(size, static metadata)`` for every size, largest first; with LoRA once more per size, the
+        layers reading the static segments. Both graphs of a size share its metadata buffers (one replays at a
+        time, each after its refill)."""
+        for size in reversed(self.sizes):
+            metadata = self.static_metadata(size)
+            self.graphs[size] = record(size, metadata)
+            if self.lora is not None:
+                with self.lora.capturing(size):
+                    self.lora_graphs[size] = record(size, metadata)
 
     def static_metadata(self, size: int) -> object:
         """The static metadata buffers the graph of ``size`` rows reads: one per KV-cache group, when several."""
@@ -121,12 +145,17 @@ class DecodeGraphs:
                 and max(layout.context_lens) + 1 <= self.max_seq_len)
 
     def run(self, layouts: list[BatchLayout], input_ids: np.ndarray, positions: np.ndarray,
-            rotary_lengths: np.ndarray) -> torch.Tensor:
+            rotary_lengths: np.ndarray, with_lora: bool = False) -> torch.Tensor:
         """Replay the graph for this step (``layouts``: one per KV-cache group, the same rows with the group's block
-        tables and slots, the slots on the CPU); returns hidden [n, hidden]."""
+        tables and slots, the slots on the CPU; ``with_lora``: the step has adapter rows, and graphs were captured
+        with LoRA); returns hidden [n, hidden]."""
         n = len(input_ids)
         size = padded_batch_size(n, self.sizes)
-        entry = self.graphs[size]
+        if with_lora:
+            entry = self.lora_graphs[size]
+            self.lora.fill()
+        else:
+            entry = self.graphs[size]
         ids = np.zeros(size, dtype=np.int64)
         pos = np.zeros(size, dtype=np.int64)
         lengths = np.ones(size, dtype=np.int64)

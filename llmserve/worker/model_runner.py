@@ -16,8 +16,8 @@ has not seen of the step and drafts the next step's tokens; its KV layers are gr
 target's in the one pool (:mod:`llmserve.worker.kv_cache_groups`), so every KV-cache operation here covers both.
 
 On CUDA, decode-only steps replay CUDA graphs (:mod:`llmserve.worker.cuda_graphs`) unless
-``enforce_eager`` is set, the attention backend cannot be captured or the step has LoRA adapter rows (the
-graphs hold the base model only: captured with no adapter active), and
+``enforce_eager`` is set or the attention backend cannot be captured (steps with LoRA adapter rows replay
+graphs captured with the adapter kernels, when the layers run them in Triton), and
 :meth:`ModelRunner.profile_kv_cache_budget` sizes the KV cache from a profiled forward pass. On CPU none
 of this runs. The only host sync of a step is reading the sampled token ids back (plus the logprobs a
 request asked for).
@@ -130,8 +130,10 @@ class ModelRunner:
         # int8 caches without checkpoint scales fit them to the first real batch (not to a capture's dummy one).
         self._calibrate_kv = [a for a in self.kv_layers() if a.needs_kv_calibration()]
         if self.use_cuda_graphs:
+            lora = self.lora_manager
             self.graphs = DecodeGraphs(self.model, self.backend, self.block_size, self.max_num_seqs,
-                                       self.max_seq_len_to_capture, self.device, self.kv_cache_groups.num_groups)
+                                       self.max_seq_len_to_capture, self.device, self.kv_cache_groups.num_groups,
+                                       lora.graph_inputs if lora is not None and lora.supports_cuda_graphs else None)
             self.graphs.capture()
 
     def _bind_cache(self, num_blocks: int) -> None:
@@ -238,11 +240,12 @@ class ModelRunner:
                              num_decodes=step.num_decodes, block_size=self.block_size)
         sample_rows, sample_seqs, prompt_rows = step.sample_rows, step.sample_seqs, step.prompt_rows
         pp = get_pp_group()
+        with_lora = self.lora_manager is not None and self.lora_manager.active
         if (self.graphs is not None and not prompt_rows and not step.pool_rows and pp.world_size == 1
-                and (self.lora_manager is None or not self.lora_manager.active) and self.graphs.can_run(layout)):
+                and (not with_lora or self.graphs.lora is not None) and self.graphs.can_run(layout)):
             layouts = [layout, *(dataclasses.replace(layout, block_tables=tables, slot_mapping=torch.from_numpy(slots))
                                  for tables, slots in zip(step.block_tables[1:], step.slot_mapping[1:]))]
-            hidden = self.graphs.run(layouts, step.input_ids, step.positions, step.rotary_lengths)
+            hidden = self.graphs.run(layouts, step.input_ids, step.positions, step.rotary_lengths, with_lora)
         else:
             layout.slot_mapping = layout.slot_mapping.to(self.device)
             metadata = group_metadata(self.backend, layout, step.block_tables, step.slot_mapping, self.device)

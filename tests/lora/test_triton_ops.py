@@ -33,7 +33,7 @@ def test_segments_match_grouped_ops(slot_per_seq, query_lens, bounds):
     out = base.clone().to(DEVICE)
     device_stack = LoRAStack(stack.a.to(DEVICE), stack.b.to(DEVICE), stack.bounds, stack.ranks)
     triton_ops.add_lora_segments(out, x.to(DEVICE), device_stack, torch.tensor(stack.ranks, device=DEVICE),
-                                 torch.tensor(bounds, device=DEVICE), triton_ops.Segments(mapping, DEVICE))
+                                 torch.tensor(bounds, device=DEVICE), triton_ops.Segments.from_mapping(mapping, DEVICE))
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-4)
     reference = per_row_reference(base, x, stack, np.repeat(slot_per_seq, lens))
     torch.testing.assert_close(out.cpu().double(), reference, rtol=1e-5, atol=1e-4)

@@ -59,20 +59,34 @@ class _EagerReplay:
 
 class EagerReplayGraphs(DecodeGraphs):
     def capture_without_cuda(self, hidden_size: int) -> None:
-        for size in reversed(self.sizes):
-            metadata = self.static_metadata(size)
+        """Record every graph as a replay of the forward over the static buffers; a LoRA graph's replay reads the
+        static segment buffers, as the captured kernels would, not the step's own mapping."""
+        def record(size, metadata):
             ids, pos, lengths = self.input_ids[:size], self.positions[:size], self.rotary_lengths[:size]
             output = torch.empty(size, hidden_size)
+            captured_mapping = None if self.lora is None else self.lora.state.mapping
 
-            def run(ids=ids, pos=pos, lengths=lengths, metadata=metadata, output=output):
-                with torch.inference_mode():
-                    output.copy_(self.model(ids, pos, metadata, rotary_lengths=lengths))
+            def run():
+                if captured_mapping is not None:
+                    step_mapping, self.lora.state.mapping = self.lora.state.mapping, captured_mapping
+                try:
+                    with torch.inference_mode():
+                        output.copy_(self.model(ids, pos, metadata, rotary_lengths=lengths))
+                finally:
+                    if captured_mapping is not None:
+                        self.lora.state.mapping = step_mapping
 
-            self.graphs[size] = _Graph(_EagerReplay(run), metadata, output)
+            return _Graph(_EagerReplay(run), metadata, output)
+
+        self.record_all(record)
 
     @property
     def replays(self) -> int:
         return sum(g.graph.replays for g in self.graphs.values())
+
+    @property
+    def lora_replays(self) -> int:
+        return sum(g.graph.replays for g in self.lora_graphs.values())
 
 
 def _generate(llm, prompts, max_tokens):
