@@ -65,7 +65,7 @@ TESTS=${TESTS:-"tests/layers/attention tests/layers/fused_moe tests/layers/test_
   tests/worker/test_kv_cache_groups.py tests/worker/test_model_runner_memory.py tests/lora/test_triton_ops.py
   tests/lora/test_graph_inputs.py
   tests/models/test_gemma4.py tests/quantization/test_triton_weight_only.py
-  tests/quantization/test_triton_w8a8.py"}
+  tests/quantization/test_triton_w8a8.py tests/model_loader/test_gguf_packed.py::test_on_cuda_packed_files_match_plain_transformers"}
 if [ -z "${PYTEST_ARGS+set}" ]; then
   PYTEST_ARGS=""; "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST_ARGS="-n 8"
 fi

@@ -131,11 +131,11 @@ def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device
     :mod:`~llmserve.distributed.parallel_state`, trivial groups in a single process), load it, then let
     every layer post-process its loaded weights once (e.g. block them for the CPU kernels, or repack
     quantised ones). ``quantization``: ``--quantization`` (the checkpoint's own config applies regardless).
-    A GGUF file on CPU without ``--quantization`` keeps its quantised linear weights packed (one rank)."""
+    A GGUF file without ``--quantization`` keeps its quantised linear weights packed (one rank)."""
     model_cls = resolve_model_class(config)
     quant_config = None
     gguf_tensors = GGUFTensors(path, config) if is_gguf(path) else None
-    if gguf_tensors is not None and quantization is None and device.type == "cpu" and get_tp_group().world_size == 1:
+    if gguf_tensors is not None and quantization is None and get_tp_group().world_size == 1:
         quant_config = gguf_packing(gguf_tensors)
         if quant_config is not None:
             logger.info("Quantisation: %r", quant_config)

@@ -1,11 +1,14 @@
-"""GGUF files' quantised linear weights kept packed and run through the group-int8 kernel.
+"""GGUF files' quantised linear weights kept packed: the group-int8 kernel on CPU, the weight-only one on CUDA.
 
 A layer whose every projection the file stores in one of :data:`~llmserve.quantization.gguf_blocks.PACKED_TYPES`
 gets :class:`GGUFLinearMethod`: the loader hands it each projection's rows of GGUF blocks as they are in the
 file (``<name>.qweight``, uint8 ``[rows, row bytes]``, rows already in transformers' order) and their type
-(``<name>.qweight_type``, one byte per row); after loading they are decoded and repacked
-(:mod:`llmserve.quantization.group_int8`), so a Q4_K weight runs from 6 bits (a Q6_K one from 12) instead of
-a float copy. Layers the file holds in float (F32/F16/BF16, or a fused layer with a float projection), the
+(``<name>.qweight_type``, one byte per row); after loading they are decoded into codes with the file's scales
+(:mod:`llmserve.quantization.gguf_blocks`) and repacked instead of kept as a float copy. On CPU they become
+group-int8 segments (:mod:`llmserve.quantization.group_int8`; a Q4_K weight runs from 4.6 bits), on CUDA the
+weight-only layout with offsets (:func:`~llmserve.quantization.packed.set_weight_only`, a Triton kernel): 4-bit
+codes when every row's are (6 bits a weight with the float32 scale and offset per 32 columns), else a byte per
+code, in groups of the narrowest group any row has (a Q4_K_M file's fused qkv with Q6_K rows: 16 columns). Layers the file holds in float (F32/F16/BF16, or a fused layer with a float projection), the
 embedding (a lookup) and every architecture outside :data:`PACKED_ARCHITECTURES` load dequantised as before.
 """
 
@@ -26,6 +29,7 @@ from llmserve.quantization.base import QuantizationConfig, QuantizeMethodBase, s
 from llmserve.quantization.checkpoint_params import drop_params
 from llmserve.quantization.gguf_blocks import PACKED_TYPES, GroupCodes, decode_rows, row_bytes
 from llmserve.quantization.group_int8 import apply_group_int8, set_group_int8
+from llmserve.quantization.packed import U4, U8, apply_weight_only, set_weight_only
 from llmserve.quantization.layer_selection import checkpoint_names
 
 logger = logging.getLogger(__name__)
@@ -57,8 +61,8 @@ class GGUFConfig(QuantizationConfig):
 
     def __repr__(self) -> str:
         counts = Counter(self.packed_weights.values())
-        return (f"gguf (weights kept packed: {', '.join(f'{n} x {t}' for t, n in sorted(counts.items()))}; int8 "
-                f"activations per 32 columns)")
+        return (f"gguf (weights kept packed: {', '.join(f'{n} x {t}' for t, n in sorted(counts.items()))}; on CPU "
+                f"int8 activations per 32 columns)")
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if not isinstance(layer, (LinearBase, ParallelLMHead)):
@@ -124,17 +128,41 @@ class GGUFLinearMethod(QuantizeMethodBase):
         layer.gguf_in = k
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        raw, types, k = layer.qweight.data.numpy(), layer.qweight_type.data.numpy(), layer.gguf_in
+        device = layer.qweight.device
+        raw, types, k = layer.qweight.data.cpu().numpy(), layer.qweight_type.data.cpu().numpy(), layer.gguf_in
         runs, start = [], 0
         for type_id, rows in ((t, len(list(g))) for t, g in itertools.groupby(types.tolist())):
             name = _type_name(type_id)
             runs.append(decode_rows(raw[start:start + rows, :row_bytes(name, k)], name, k))
             start += rows
-        set_group_int8(layer, [_concatenated(list(g)) for _, g in itertools.groupby(runs, key=_layout)])
         drop_params(layer, "qweight", "qweight_type")
+        layer.gguf_weight_only = device.type != "cpu"
+        if layer.gguf_weight_only:
+            set_gguf_weight_only(layer, runs, device)
+        else:
+            set_group_int8(layer, [_concatenated(list(g)) for _, g in itertools.groupby(runs, key=_layout)])
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.gguf_weight_only:
+            return apply_weight_only(layer, x, bias)
         return apply_group_int8(layer, x, bias)
+
+
+def set_gguf_weight_only(layer: nn.Module, runs: list[GroupCodes], device: torch.device) -> None:
+    """The layer's row runs (in output order) as one weight-only layout, ``W = s * code + o``: 4-bit codes when
+    every run's fit, else a byte each; groups of the narrowest run's width, a wider run's scale and offset
+    repeated (16 divides 32). Every value is the one the file's blocks dequantise to."""
+    group = min(r.group for r in runs)
+    code_format = U4 if all(r.bits == 4 for r in runs) else U8
+
+    def per_group(values: np.ndarray, run: GroupCodes) -> np.ndarray:
+        return np.repeat(values, run.group // group, axis=1)
+
+    codes = torch.from_numpy(np.concatenate([r.codes for r in runs]))
+    scales = torch.from_numpy(np.concatenate([per_group(r.scales, r) for r in runs]))
+    offsets = torch.from_numpy(np.concatenate([per_group(r.offsets, r) for r in runs]))
+    set_weight_only(layer, codes.to(device), code_format, scales.to(device), None, group,
+                    offsets=offsets.to(device))
 
 
 def _layout(codes: GroupCodes) -> tuple:

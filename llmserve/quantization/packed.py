@@ -2,8 +2,10 @@
 
 Every checkpoint format repacks into one of two layouts, so one pair of kernels serves them all:
 
-* **weight-only** (GPTQ, AWQ, compressed-tensors W4A16, FP8): per output row, codes (4-bit, 8-bit or
-  float8 e4m3) with ``scales``/``zeros`` per group of ``group`` input columns, ``W = s * (code - z)``.
+* **weight-only** (GPTQ, AWQ, compressed-tensors W4A16, FP8; GGUF files on CUDA): per output row, codes
+  (4-bit, 8-bit or float8 e4m3) with ``scales``/``zeros`` per group of ``group`` input columns,
+  ``W = s * (code - z)``, or ``scales``/``offsets``, ``W = s * code + o`` (GGUF's asymmetric formats, whose
+  offsets are no integer multiple of the scale).
   4-bit codes are two per byte, 32 to a 16-byte chunk (byte ``i`` holds code ``i`` in its low nibble and
   code ``i + 16`` in its high one) so the kernel widens a chunk with one mask and one shift. A GPTQ
   ``desc_act`` checkpoint's columns are reordered so groups are contiguous; ``perm`` then reorders ``x``.
@@ -49,11 +51,12 @@ def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 def set_weight_only(layer: nn.Module, codes: torch.Tensor, code_format: int, scales: torch.Tensor,
                     zeros: torch.Tensor | None, group: int, perm: torch.Tensor | None = None,
-                    inputs: int | None = None) -> None:
-    """Store ``W = scales * (codes - zeros)`` (codes ``[out, in]`` as integers, or float8 e4m3 for ``FP8``)
-    packed on ``layer`` for :func:`apply_weight_only`; ``perm``: the input each column multiplies. ``inputs``:
-    the width of ``x`` when it differs from the columns' (padding columns, whose ``perm`` entry is ``inputs``,
-    multiply a zero, so a group can be padded to whole chunks whatever its codes)."""
+                    inputs: int | None = None, offsets: torch.Tensor | None = None) -> None:
+    """Store ``W = scales * (codes - zeros)`` (codes ``[out, in]`` as integers, or float8 e4m3 for ``FP8``), or
+    ``W = scales * codes + offsets`` when ``offsets`` are given (no zeros then), packed on ``layer`` for
+    :func:`apply_weight_only`; ``perm``: the input each column multiplies. ``inputs``: the width of ``x`` when
+    it differs from the columns' (padding columns, whose ``perm`` entry is ``inputs``, multiply a zero, so a
+    group can be padded to whole chunks whatever its codes)."""
     n, k = codes.shape
     if code_format == U4:
         if int(codes.min()) < 0 or int(codes.max()) > 15:
@@ -66,12 +69,16 @@ def set_weight_only(layer: nn.Module, codes: torch.Tensor, code_format: int, sca
     else:
         raise ValueError(f"unknown code format {code_format}")
     groups = -(-k // group)
-    if scales.shape != (n, groups) or (zeros is not None and zeros.shape != (n, groups)):
+    if zeros is not None and offsets is not None:
+        raise ValueError("a weight-only layer takes zero points or offsets, not both")
+    shift = zeros if offsets is None else offsets
+    if scales.shape != (n, groups) or (shift is not None and shift.shape != (n, groups)):
         raise ValueError(f"scales/zeros must be [{n}, {groups}] for {k} inputs in groups of {group}, got "
-                         f"{tuple(scales.shape)}" + (f" and {tuple(zeros.shape)}" if zeros is not None else ""))
+                         f"{tuple(scales.shape)}" + (f" and {tuple(shift.shape)}" if shift is not None else ""))
     layer.register_buffer("wq_codes", packed, persistent=False)
     layer.register_buffer("wq_scales", scales.float().contiguous(), persistent=False)
     layer.register_buffer("wq_zeros", None if zeros is None else zeros.float().contiguous(), persistent=False)
+    layer.register_buffer("wq_offsets", None if offsets is None else offsets.float().contiguous(), persistent=False)
     layer.register_buffer("wq_perm", perm, persistent=False)
     layer.wq_format, layer.wq_group, layer.wq_in = code_format, group, k
     layer.wq_x_in = k if inputs is None else inputs
@@ -88,7 +95,10 @@ def dequantize_weight_only(layer: nn.Module) -> torch.Tensor:
         codes = layer.wq_codes.view(torch.float8_e4m3fn).float()
     if layer.wq_zeros is not None:
         codes = codes - layer.wq_zeros.repeat_interleave(group, dim=1)[:, :k]
-    return codes * layer.wq_scales.repeat_interleave(group, dim=1)[:, :k]
+    weight = codes * layer.wq_scales.repeat_interleave(group, dim=1)[:, :k]
+    if layer.wq_offsets is not None:
+        weight += layer.wq_offsets.repeat_interleave(group, dim=1)[:, :k]
+    return weight
 
 
 def apply_weight_only(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -105,8 +115,8 @@ def apply_weight_only(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | No
         from llmserve.quantization.triton_weight_only import weight_only_linear
 
         out = weight_only_linear(rows, layer.wq_codes, layer.wq_format, layer.wq_scales, layer.wq_zeros,
-                                 layer.wq_group, layer.wq_in, bias)
-    elif kernels is not None:
+                                 layer.wq_group, layer.wq_in, bias, layer.wq_offsets)
+    elif kernels is not None and layer.wq_offsets is None:   # (offsets: GGUF on CUDA; on CPU it runs group-int8)
         out = kernels.linear_weight_only(rows, layer.wq_codes, layer.wq_format, layer.wq_scales, layer.wq_zeros,
                                          layer.wq_group, layer.wq_in, bias)
     else:

@@ -1,10 +1,11 @@
 """The weight-only layout's matmul on GPU: one Triton kernel for 4-bit, 8-bit and float8 e4m3 codes.
 
-``x W^T`` with ``W = scales * (codes - zeros)`` as :func:`~llmserve.quantization.packed.set_weight_only` stores it
-(GPTQ, AWQ, compressed-tensors W4A16 and FP8, ``--quantization fp8``). A program computes a ``[BLOCK_M, BLOCK_N]``
+``x W^T`` with ``W = scales * (codes - zeros)`` or ``W = scales * codes + offsets`` as
+:func:`~llmserve.quantization.packed.set_weight_only` stores it (GPTQ, AWQ, compressed-tensors W4A16 and FP8,
+``--quantization fp8``; GGUF files, with offsets). A program computes a ``[BLOCK_M, BLOCK_N]``
 tile of the output, walking the inputs a 32-column chunk at a time: a 4-bit chunk is 16 bytes per output row, its
 low nibbles columns 0-15 and its high nibbles 16-31, so each half is unpacked with one shift and mask, scaled by
-its columns' groups (a group is a multiple of 32 columns, or the whole row) and multiplied into a float32
+its columns' groups (any width: each column finds its group) and multiplied into a float32
 accumulator. The weight is read packed, once per row tile; no dequantised copy is kept. Columns past the
 layer's inputs (a 4-bit row is padded to whole chunks) multiply zeros.
 """
@@ -23,8 +24,8 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _weight_only_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, groups, group, stride_xm,
-                        stride_codes, stride_om, FORMAT: tl.constexpr, HAS_ZEROS: tl.constexpr,
+def _weight_only_kernel(x_ptr, codes_ptr, scales_ptr, shift_ptr, out_ptr, M, N, K, groups, group, stride_xm,
+                        stride_codes, stride_om, FORMAT: tl.constexpr, SHIFT: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -50,19 +51,21 @@ def _weight_only_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, 
                     w = _fp8_to_float(byte, 3, 7)
             g = tl.minimum(cols // group, groups - 1)   # past the inputs: the last group (their x is zero)
             at = offs_n[:, None] * groups + g[None, :]
-            if HAS_ZEROS:
-                w = w - tl.load(zeros_ptr + at, mask=mask_n[:, None], other=0.0)
+            if SHIFT == 1:   # zero points
+                w = w - tl.load(shift_ptr + at, mask=mask_n[:, None], other=0.0)
             w = w * tl.load(scales_ptr + at, mask=mask_n[:, None], other=0.0)
+            if SHIFT == 2:   # offsets (GGUF's codes times a scale are exact, so this is its one rounding)
+                w = w + tl.load(shift_ptr + at, mask=mask_n[:, None], other=0.0)
             acc += dot(x, tl.trans(w.to(x.dtype)), PRECISION, UPCAST)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
 
 def weight_only_linear(rows: torch.Tensor, codes: torch.Tensor, code_format: int, scales: torch.Tensor,
-                       zeros: torch.Tensor | None, group: int, inputs: int,
-                       bias: torch.Tensor | None) -> torch.Tensor:
-    """``rows [M, inputs] @ W^T (+ bias)`` for the packed weight (``codes``, ``scales`` / ``zeros`` ``[N, groups]``
-    float32), in ``rows``' dtype with float32 accumulation."""
+                       zeros: torch.Tensor | None, group: int, inputs: int, bias: torch.Tensor | None,
+                       offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """``rows [M, inputs] @ W^T (+ bias)`` for the packed weight (``codes``, ``scales`` / ``zeros`` or ``offsets``
+    ``[N, groups]`` float32), in ``rows``' dtype with float32 accumulation."""
     if code_format not in (U4, U8, FP8):
         raise ValueError(f"unknown code format {code_format}")
     if rows.stride(1) != 1:
@@ -73,8 +76,9 @@ def weight_only_linear(rows: torch.Tensor, codes: torch.Tensor, code_format: int
         return out if bias is None else out + bias
     block_m = 16 if m <= 16 else 64
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N))
-    _weight_only_kernel[grid](rows, codes, scales, scales if zeros is None else zeros, out, m, n, inputs,
-                              scales.shape[1], group, rows.stride(0), codes.stride(0), out.stride(0),
-                              FORMAT=code_format, HAS_ZEROS=zeros is not None, PRECISION=dot_precision(rows.dtype),
+    shift = 1 if zeros is not None else 2 if offsets is not None else 0
+    _weight_only_kernel[grid](rows, codes, scales, zeros if shift == 1 else offsets if shift else scales, out, m, n,
+                              inputs, scales.shape[1], group, rows.stride(0), codes.stride(0), out.stride(0),
+                              FORMAT=code_format, SHIFT=shift, PRECISION=dot_precision(rows.dtype),
                               UPCAST=needs_upcast(rows.dtype), BLOCK_M=block_m, BLOCK_N=BLOCK_N)
     return out if bias is None else out + bias

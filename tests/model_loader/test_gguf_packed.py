@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from llmserve.quantization.group_int8 import quantize_activations
-from tests.engine_greedy import MAX_TOKENS, PROMPTS, engine_greedy
+from tests.engine_greedy import MAX_TOKENS, PROMPTS, assert_matches_hf, engine_greedy
 from tests.hf_reference import hf_greedy, hf_model
 
 pytest.importorskip("gguf")
@@ -102,3 +102,13 @@ def test_q2_k_file_gives_transformers_greedy_tokens(wide_gguf_file, caplog):
         plain_tokens, plain_logprobs = hf_greedy(path, prompt, MAX_TOKENS)
         assert tokens == plain_tokens
         assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs)) < 0.15
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q8_0", "Q3_K"])
+def test_on_cuda_packed_files_match_plain_transformers(wide_gguf_file, caplog, file_type):
+    """On CUDA the packed weights run through the weight-only Triton kernel with float activations (no int8
+    rounding), so in float32 they give plain transformers' greedy tokens and logprobs within 1e-3."""
+    path = wide_gguf_file(file_type)
+    results = _engine_results(path, caplog, device="cuda", dtype="float32")
+    assert_matches_hf(results, path, 1e-3)

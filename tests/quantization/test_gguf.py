@@ -6,6 +6,7 @@
 * A fused layer loads each projection's rows in its own type (Q4_K beside Q6_K, as a Q4_K_M file has them) and
   multiplies as the float64 product of the rounded activations and ``gguf.dequantize`` of the blocks.
 * Rows of the wrong width for their type, or never given a type, are refused.
+* On CUDA the layer keeps the weight-only layout with offsets instead, holding exactly the file's weights.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import pytest
 import torch
 
 from llmserve.layers.linear import QKVParallelLinear, RowParallelLinear, WeightShapeError
-from llmserve.quantization.gguf import GGUFConfig, GGUFLinearMethod, gguf_quantization_config
+from llmserve.quantization.gguf import GGUFConfig, GGUFLinearMethod, gguf_quantization_config, set_gguf_weight_only
+from llmserve.quantization.gguf_blocks import decode_rows
 from llmserve.quantization.group_int8 import quantize_activations
+from llmserve.quantization.packed import U4, U8, dequantize_weight_only
 from llmserve.testing.gguf_kquants import quantize_tensor
 
 gguf = pytest.importorskip("gguf")
@@ -78,3 +81,29 @@ def test_rows_never_given_a_type_are_refused():
     raw = quantize_tensor(np.ones((16, 256), np.float32), "Q8_0")
     with pytest.raises(WeightShapeError, match="o_proj.qweight"):
         layer.qweight.weight_loader(layer.qweight, torch.from_numpy(raw))
+
+
+def _runs(*types: tuple[int, str], k: int = 512, seed: int = 0):
+    """Row runs of random weights in each ``(rows, type)``, decoded, with ``gguf.dequantize``'s values for them."""
+    rng = np.random.default_rng(seed)
+    runs, expected = [], []
+    for rows, type_name in types:
+        raw = quantize_tensor(rng.standard_normal((rows, k)).astype(np.float32), type_name)
+        runs.append(decode_rows(raw, type_name, k))
+        expected.append(gguf.dequantize(raw, gguf.GGMLQuantizationType[type_name]))
+    return runs, np.concatenate(expected)
+
+
+@pytest.mark.parametrize("types,code_format,group", [
+    (((24, "Q4_K"),), U4, 32), (((8, "Q2_K"), (8, "Q3_K")), U4, 16), (((16, "Q4_0"), (8, "Q4_1")), U4, 32),
+    (((24, "Q8_0"),), U8, 32), (((8, "Q5_1"), (8, "Q5_0"), (8, "Q5_K")), U8, 32),
+    (((16, "Q4_K"), (8, "Q6_K")), U8, 16),   # a Q4_K_M qkv layer: byte codes, Q6_K's 16-column groups
+])
+def test_the_cuda_layout_holds_exactly_the_files_weights(types, code_format, group):
+    """On CUDA a packed layer keeps the weight-only layout with offsets: 4-bit codes when every row's fit,
+    groups of the narrowest run's width; its weight is ``gguf.dequantize``'s bit for bit."""
+    runs, expected = _runs(*types)
+    layer = torch.nn.Module()
+    set_gguf_weight_only(layer, runs, torch.device("cpu"))
+    assert (layer.wq_format, layer.wq_group, layer.wq_zeros) == (code_format, group, None)
+    np.testing.assert_array_equal(dequantize_weight_only(layer).numpy(), expected)

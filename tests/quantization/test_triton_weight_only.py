@@ -3,6 +3,7 @@ reference."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,11 @@ FORMATS = [(U4, 48, 128, 32, True), (U4, 20, 200, 64, True), (U4, 17, 77, 77, Fa
 
 
 def run_kernel(layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    on = [None if t is None else t.to(DEVICE) for t in (layer.wq_codes, layer.wq_scales, layer.wq_zeros, bias)]
-    codes, scales, zeros, bias = on
+    offsets = getattr(layer, "wq_offsets", None)
+    on = [None if t is None else t.to(DEVICE) for t in (layer.wq_codes, layer.wq_scales, layer.wq_zeros, bias, offsets)]
+    codes, scales, zeros, bias, offsets = on
     return weight_only_linear(x.to(DEVICE), codes, layer.wq_format, scales, zeros, layer.wq_group, layer.wq_in,
-                              bias).cpu()
+                              bias, offsets).cpu()
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
@@ -36,6 +38,25 @@ def test_kernel_equals_the_reference(code_format, n, k, group, zero_point, rows)
     expected = F.linear(x, dequantize_weight_only(layer), bias)
     torch.testing.assert_close(run_kernel(layer, x, bias), expected, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(run_kernel(layer, x, None), expected - bias, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("types", [("Q4_K", "Q4_K"), ("Q4_K", "Q6_K"), ("Q8_0", "Q5_1")])
+def test_gguf_rows_with_offsets(types):
+    """A GGUF layer as CUDA keeps it (``W = s * code + o``: 4-bit codes in 32-column groups, or byte codes in a
+    Q4_K_M qkv layer's 16-column groups): the kernel adds each group's offset after its scale."""
+    gguf = pytest.importorskip("gguf")
+    from llmserve.quantization.gguf import set_gguf_weight_only
+    from llmserve.quantization.gguf_blocks import decode_rows
+    from llmserve.testing.gguf_kquants import quantize_tensor
+
+    rng = np.random.default_rng(1)
+    runs = [decode_rows(quantize_tensor(rng.standard_normal((40, 256)).astype(np.float32), t), t, 256) for t in types]
+    layer = torch.nn.Module()
+    set_gguf_weight_only(layer, runs, CPU)
+    assert layer.wq_offsets is not None and gguf is not None
+    x, bias = torch.randn(5, 256), torch.randn(80)
+    expected = F.linear(x, dequantize_weight_only(layer), bias)
+    torch.testing.assert_close(run_kernel(layer, x, bias), expected, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
