@@ -8,8 +8,9 @@ file (``<name>.qweight``, uint8 ``[rows, row bytes]``, rows already in transform
 group-int8 segments (:mod:`llmserve.quantization.group_int8`; a Q4_K weight runs from 4.6 bits), on CUDA the
 weight-only layout with offsets (:func:`~llmserve.quantization.packed.set_weight_only`, a Triton kernel): 4-bit
 codes when every row's are (6 bits a weight with the float32 scale and offset per 32 columns), else a byte per
-code, in groups of the narrowest group any row has (a Q4_K_M file's fused qkv with Q6_K rows: 16 columns). Layers the file holds in float (F32/F16/BF16, or a fused layer with a float projection), the
-embedding (a lookup) and every architecture outside :data:`PACKED_ARCHITECTURES` load dequantised as before.
+code, in groups of the narrowest group any row has (a Q4_K_M file's fused qkv with Q6_K rows: 16 columns).
+Layers the file holds in float (F32/F16/BF16, or a fused layer with a float projection), the embedding (a
+lookup) and every architecture outside :data:`PACKED_ARCHITECTURES` load dequantised as before.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from llmserve.quantization.base import QuantizationConfig, QuantizeMethodBase, s
 from llmserve.quantization.checkpoint_params import drop_params
 from llmserve.quantization.gguf_blocks import PACKED_TYPES, GroupCodes, decode_rows, row_bytes
 from llmserve.quantization.group_int8 import apply_group_int8, set_group_int8
-from llmserve.quantization.packed import U4, U8, apply_weight_only, set_weight_only
 from llmserve.quantization.layer_selection import checkpoint_names
+from llmserve.quantization.packed import U4, U8, apply_weight_only, set_weight_only
 
 logger = logging.getLogger(__name__)
 
