@@ -85,7 +85,13 @@ def _build_tokenizer(path: str, mtime_ns: int, size: int) -> Any:
 
     file = Path(path)
     tokenizer_class = AutoTokenizer if transformers_reads_config(file) else PreTrainedTokenizerFast
-    return tokenizer_class.from_pretrained(str(file.parent), gguf_file=file.name)
+    try:
+        return tokenizer_class.from_pretrained(str(file.parent), gguf_file=file.name)
+    except Exception:
+        if "tokenizer.ggml.model" not in import_gguf().GGUFReader(str(file)).fields:   # read only on failure
+            raise ValueError("the file carries no tokenizer (tokenizer.ggml.model); pass --tokenizer with the "
+                             "model's folder or Hugging Face id") from None
+        raise
 
 
 class GGUFTensors:

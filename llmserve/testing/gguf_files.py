@@ -221,7 +221,7 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32")
     writer.add_file_type(mix[1] if mix else qtype.value if file_type not in ("F32", "F16")
                          else {"F32": 0, "F16": 1}[file_type])
     tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
-    if tokenizer["model"]["type"] == "BPE" and tokenizer["pre_tokenizer"] is not None:
+    if _is_byte_level_bpe(tokenizer):
         _add_tokenizer(writer, tokenizer, config, checkpoint)
     else:   # sentencepiece-style: no tokenizer in the file (serve it with --tokenizer <checkpoint folder>)
         writer.add_vocab_size(config["vocab_size"])
@@ -250,6 +250,15 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32")
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def _is_byte_level_bpe(tokenizer: dict) -> bool:
+    """Whether ``tokenizer.json`` is a byte-level BPE (llama.cpp's ``gpt2`` model): a ByteLevel pre-tokenizer, alone
+    or in a sequence. A BPE over Metaspace's ``"▁"`` words is sentencepiece-style, which this writer does not
+    describe."""
+    pre = tokenizer.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    return tokenizer["model"]["type"] == "BPE" and any(p.get("type") == "ByteLevel" for p in parts)
 
 
 def _add_tokenizer(writer, tokenizer: dict, config: dict, checkpoint: Path) -> None:  # noqa: ANN001 - GGUFWriter

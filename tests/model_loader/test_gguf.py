@@ -12,7 +12,8 @@
   Qwen files run packed: ``test_gguf_packed.py``.
 * The tokenizer and the chat template come from the file's metadata (byte-level BPE), also where
   transformers cannot read the file's config (Command-R): the same token ids as the checkpoint's own
-  tokenizer; ``--tokenizer`` overrides it (the sentencepiece families' files carry none).
+  tokenizer; ``--tokenizer`` overrides it (the sentencepiece families' files carry none, and loading one without
+  ``--tokenizer`` says to pass it).
 * The metadata (the whole vocabulary: seconds to parse on a real model) is read once per file for the
   config and once for the tokenizer, however many parts of the engine ask; each gets its own copy, and a
   rewritten file is read again.
@@ -66,6 +67,18 @@ def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf
     messages = [{"role": "user", "content": "Hi there"}]
     assert llm.chat(messages, SamplingParams(max_tokens=1))[0].prompt_token_ids == original.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+
+
+def test_a_file_without_a_tokenizer_asks_for_one(checkpoint_dir, gguf_file):
+    """A sentencepiece-style checkpoint (BPE over Metaspace's "▁" words) is written with no tokenizer, as llama.cpp
+    would need its tokenizer.model for it: without --tokenizer the engine says so; with it the file runs."""
+    gguf = pytest.importorskip("gguf")
+    path = gguf_file("llama", "Q8_0")
+    assert "tokenizer.ggml.model" not in gguf.GGUFReader(str(path)).fields
+    with pytest.raises(ValueError, match="carries no tokenizer .* pass --tokenizer"):
+        LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256)
+    llm = LLM(str(path), tokenizer=str(checkpoint_dir("llama")), kv_cache_memory_bytes="8MiB", max_model_len=256)
+    assert llm.generate("Hello", SamplingParams(max_tokens=2, ignore_eos=True))[0].outputs[0].token_ids
 
 
 def test_config_and_tokenizer_are_read_once_per_file_and_copied_to_each_caller(gguf_file, tmp_path, monkeypatch):
