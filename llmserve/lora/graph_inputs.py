@@ -15,7 +15,7 @@ with no adapter (steps without adapter rows replay exactly the LoRA-off graph) a
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import numpy as np
 import torch
@@ -40,12 +40,19 @@ class LoRAGraphInputs:
         starts, lengths, slots = self._fields
         return Segments(self._device[:self.max_rows], starts, lengths, slots, size)
 
-    @contextmanager
-    def capturing(self, size: int) -> Iterator[None]:
+    def capturing(self, size: int) -> AbstractContextManager[None]:
         """The layers read the static segments (as LoRA rows of every slot) while the graph of ``size`` rows is
         recorded."""
+        return self._mapping(LoRABatchMapping.over_device_segments(self.segments(size), self.max_loras, size))
+
+    def without_adapters(self) -> AbstractContextManager[None]:
+        """No adapter rows while a graph without LoRA is recorded (whatever step ran before)."""
+        return self._mapping(LoRABatchMapping())
+
+    @contextmanager
+    def _mapping(self, mapping: LoRABatchMapping) -> Iterator[None]:
         previous = self.state.mapping
-        self.state.mapping = LoRABatchMapping.over_device_segments(self.segments(size), self.max_loras, size)
+        self.state.mapping = mapping
         try:
             yield
         finally:

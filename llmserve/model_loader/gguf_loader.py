@@ -87,8 +87,12 @@ def _build_tokenizer(path: str, mtime_ns: int, size: int) -> Any:
     tokenizer_class = AutoTokenizer if transformers_reads_config(file) else PreTrainedTokenizerFast
     try:
         return tokenizer_class.from_pretrained(str(file.parent), gguf_file=file.name)
-    except Exception:
-        if "tokenizer.ggml.model" not in import_gguf().GGUFReader(str(file)).fields:   # read only on failure
+    except Exception as exc:
+        try:
+            missing = "tokenizer.ggml.model" not in import_gguf().GGUFReader(str(file)).fields   # only on failure
+        except Exception:
+            raise exc from None
+        if missing:
             raise ValueError("the file carries no tokenizer (tokenizer.ggml.model); pass --tokenizer with the "
                              "model's folder or Hugging Face id") from None
         raise

@@ -92,7 +92,8 @@ def gguf_quantization_config(weight_types: dict[str, str], architecture: str) ->
 
 
 class GGUFLinearMethod(QuantizeMethodBase):
-    """Loads rows of GGUF blocks per projection, then keeps them as group-int8 segments."""
+    """Loads rows of GGUF blocks per projection, then keeps them as group-int8 segments (CPU) or in the weight-only
+    layout with offsets (CUDA)."""
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:

@@ -68,6 +68,8 @@ def weight_only_linear(rows: torch.Tensor, codes: torch.Tensor, code_format: int
     ``[N, groups]`` float32), in ``rows``' dtype with float32 accumulation."""
     if code_format not in (U4, U8, FP8):
         raise ValueError(f"unknown code format {code_format}")
+    if zeros is not None and offsets is not None:
+        raise ValueError("a weight-only layer takes zero points or offsets, not both")
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     m, n = rows.shape[0], codes.shape[0]

@@ -3,8 +3,9 @@
 No GGUF file can be downloaded here, so the GGUF loader is tested on files made from the project's own
 checkpoints: llama.cpp's tensor names (through the ``gguf`` package's name map), its Q/K row permutation
 for the ``llama`` architecture, Gemma's norms stored as their scale ``1 + w``, its metadata keys for the
-config and the tokenizer (``gpt2`` byte-level BPE with merges, as for Qwen2; the sentencepiece-style
-families' files carry no tokenizer), and its rule that 1-D tensors and norms (biases, Cohere's 2-D q/k
+config and the tokenizer (``gpt2`` byte-level BPE with merges, as for Qwen2; ``llama`` for the
+sentencepiece-style BPE over ``"▁"`` words, with scores and merges, as its converter writes a Hugging Face
+Llama tokenizer), and its rule that 1-D tensors and norms (biases, Cohere's 2-D q/k
 norms) stay F32 while the other weights take the file's type. Quantized types are those the ``gguf``
 package can write (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16), F16 / F32, and the k-quants Q2_K to Q6_K
 (:mod:`~llmserve.testing.gguf_kquants`), alone or as llama.cpp's ``Q4_K_M`` / ``Q5_K_M`` mixes. A checkpoint
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,9 +207,10 @@ def _add_longrope_factors(writer: Any, config: dict) -> None:
         writer.add_tensor(f"rope_factors_{kind}.weight", np.asarray(scaling[f"{kind}_factor"], dtype=np.float32))
 
 
-def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32") -> Path:
+def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32", with_tokenizer: bool = True) -> Path:
     """``checkpoint`` (a generated checkpoint folder of ``family``) as one GGUF file at ``out``, its 2-D
-    weights in ``file_type``."""
+    weights in ``file_type``; ``with_tokenizer`` False leaves the tokenizer out (a file such as some tools write,
+    served with ``--tokenizer``)."""
     import gguf
 
     arch = GGUF_ARCHITECTURES[family]
@@ -221,9 +224,10 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32")
     writer.add_file_type(mix[1] if mix else qtype.value if file_type not in ("F32", "F16")
                          else {"F32": 0, "F16": 1}[file_type])
     tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
-    if _is_byte_level_bpe(tokenizer):
-        _add_tokenizer(writer, tokenizer, config, checkpoint)
-    else:   # sentencepiece-style: no tokenizer in the file (serve it with --tokenizer <checkpoint folder>)
+    model = _tokenizer_model(tokenizer) if with_tokenizer else None
+    if model is not None:
+        _add_tokenizer(writer, model, tokenizer, config, checkpoint)
+    else:   # no tokenizer in the file (serve it with --tokenizer <checkpoint folder>)
         writer.add_vocab_size(config["vocab_size"])
         if config.get("pad_token_id") is not None:
             writer.add_pad_token_id(config["pad_token_id"])
@@ -252,18 +256,32 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32")
     return out
 
 
-def _is_byte_level_bpe(tokenizer: dict) -> bool:
-    """Whether ``tokenizer.json`` is a byte-level BPE (llama.cpp's ``gpt2`` model): a ByteLevel pre-tokenizer, alone
-    or in a sequence. A BPE over Metaspace's ``"▁"`` words is sentencepiece-style, which this writer does not
-    describe."""
+def _tokenizer_model(tokenizer: dict) -> str | None:
+    """llama.cpp's tokenizer model for ``tokenizer.json``: ``gpt2`` for a byte-level BPE (a ByteLevel
+    pre-tokenizer, alone or in a sequence), ``llama`` for a sentencepiece-style BPE over Metaspace's ``"▁"``
+    words; None for anything else (the file then carries no tokenizer)."""
+    if tokenizer["model"]["type"] != "BPE":
+        return None
     pre = tokenizer.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    return tokenizer["model"]["type"] == "BPE" and any(p.get("type") == "ByteLevel" for p in parts)
+    kinds = {p.get("type") for p in (pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre])}
+    return "gpt2" if "ByteLevel" in kinds else "llama" if "Metaspace" in kinds else None
 
 
-def _add_tokenizer(writer, tokenizer: dict, config: dict, checkpoint: Path) -> None:  # noqa: ANN001 - GGUFWriter
-    """A byte-level BPE tokenizer as llama.cpp's ``gpt2`` tokenizer model: tokens in id order, their types
-    (control for added special tokens), the merges, the special ids and the chat template."""
+def _token_type(token: str, special: dict[str, int], unk: str | None) -> int:
+    """llama.cpp's token types: 2 unknown, 3 control (added special tokens), 6 a byte-fallback byte, 1 normal."""
+    if token == unk:
+        return 2
+    if token in special:
+        return 3
+    return 6 if re.fullmatch(r"<0x[0-9A-F]{2}>", token) else 1
+
+
+def _add_tokenizer(writer, model: str, tokenizer: dict, config: dict,  # noqa: ANN001 - GGUFWriter
+                   checkpoint: Path) -> None:
+    """The tokenizer as llama.cpp's converter writes one from ``tokenizer.json``: tokens in id order, their types,
+    the merges, the special ids and the chat template; for the ``llama`` model (a sentencepiece-style BPE, as
+    its Hugging Face vocabulary path writes it) also scores falling with the id, and whether BOS is added (the
+    post-processor's template starts with it)."""
     vocab = dict(tokenizer["model"]["vocab"])
     special = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
     vocab.update(special)
@@ -271,16 +289,24 @@ def _add_tokenizer(writer, tokenizer: dict, config: dict, checkpoint: Path) -> N
     for token, index in vocab.items():
         tokens[index] = token
     merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre("qwen2" if model == "gpt2" else "default")
     writer.add_token_list(tokens)
-    writer.add_token_types([3 if token in special else 1 for token in tokens])
+    if model == "llama":
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+        unk = tokenizer["model"].get("unk_token")
+        writer.add_token_types([_token_type(token, special, unk) for token in tokens])
+        if unk is not None:
+            writer.add_unk_token_id(vocab[unk])
+    else:
+        writer.add_token_types([3 if token in special else 1 for token in tokens])
     writer.add_token_merges(merges)
     eos = config["eos_token_id"]
     writer.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
     if config.get("bos_token_id") is not None:
         writer.add_bos_token_id(config["bos_token_id"])
-    writer.add_add_bos_token(False)
+    template = (tokenizer.get("post_processor") or {}).get("single") or [{}]
+    writer.add_add_bos_token(model == "llama" and "SpecialToken" in template[0])
     tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
     if tokenizer_config.get("chat_template"):
         writer.add_chat_template(tokenizer_config["chat_template"])

@@ -115,8 +115,11 @@ class DecodeGraphs:
         time, each after its refill)."""
         for size in reversed(self.sizes):
             metadata = self.static_metadata(size)
-            self.graphs[size] = record(size, metadata)
-            if self.lora is not None:
+            if self.lora is None:
+                self.graphs[size] = record(size, metadata)
+            else:
+                with self.lora.without_adapters():   # whatever step ran before the capture
+                    self.graphs[size] = record(size, metadata)
                 with self.lora.capturing(size):
                     self.lora_graphs[size] = record(size, metadata)
 
@@ -152,6 +155,8 @@ class DecodeGraphs:
         n = len(input_ids)
         size = padded_batch_size(n, self.sizes)
         if with_lora:
+            if self.lora is None:
+                raise RuntimeError("a step with LoRA adapter rows, but the decode graphs were captured without LoRA")
             entry = self.lora_graphs[size]
             self.lora.fill()
         else:

@@ -138,9 +138,14 @@ def test_cuda_graphs_with_lora_match_eager(llama_dir, lora_adapter):
     llm = LLM(str(llama_dir), enable_lora=True, max_loras=2, max_lora_rank=8, kv_cache_memory_bytes="64MiB",
               max_model_len=64, device="cuda", dtype="float32", enable_prefix_caching=False)
     runner = llm.engine.runner
-    assert runner.graphs is not None and runner.graphs.lora_graphs
+    graphs = runner.graphs
+    assert graphs is not None and graphs.lora_graphs
+    replays = []
+    run = graphs.run
+    graphs.run = lambda *args: replays.append(args[-1]) or run(*args)
     a, b = LoRARequest("a", 1, str(lora_adapter("all-r8"))), LoRARequest("b", 2, str(lora_adapter("patterns")))
     prompts, loras = ["Hello world, this is", "The quick brown fox", "A", "import os"], [a, b, None, a]
     with_graphs = _generate(llm, prompts, loras)
+    assert replays.count(True) == 7   # every decode step of the four, through the graphs captured with LoRA
     runner.graphs = None
     _assert_same(_generate(llm, prompts, loras), with_graphs)

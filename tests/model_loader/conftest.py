@@ -54,8 +54,9 @@ def gguf_file(gguf_source, gguf_dir) -> Callable[[str, str], Path]:
 @pytest.fixture(scope="session")
 def gguf_tokenizer(checkpoint_dir) -> Callable[[str], dict[str, str]]:
     """``gguf_tokenizer(family)`` -> the engine's tokenizer argument for a GGUF file of ``family``: none for
-    byte-level BPE (the file carries it); the sentencepiece families' files carry none, theirs comes from
-    the checkpoint folder."""
+    byte-level BPE (the file's own); the checkpoint folder's for the sentencepiece families, whose files carry
+    llama.cpp's ``llama`` tokenizer, which transformers builds as the real model's (Phi-3's adds its prefix space
+    in a normalizer, unlike the generated checkpoint's Metaspace), so the checkpoint's own stays the oracle."""
     return lambda family: ({} if FAMILIES[family].tokenizer_kind == BYTELEVEL
                            else {"tokenizer": str(checkpoint_dir(family))})
 

@@ -10,10 +10,10 @@
   what transformers gives on the same file (it dequantises through the same ``gguf`` package): greedy tokens
   equal, logprobs within 1e-3, through the engine with chunked prefill and prefix caching. Quantized Llama /
   Qwen files run packed: ``test_gguf_packed.py``.
-* The tokenizer and the chat template come from the file's metadata (byte-level BPE), also where
-  transformers cannot read the file's config (Command-R): the same token ids as the checkpoint's own
-  tokenizer; ``--tokenizer`` overrides it (the sentencepiece families' files carry none, and loading one without
-  ``--tokenizer`` says to pass it).
+* The tokenizer and the chat template come from the file's metadata (byte-level BPE as llama.cpp's ``gpt2``
+  model; sentencepiece-style BPE as its ``llama`` model, with scores and merges), also where transformers cannot
+  read the file's config (Command-R): the same token ids as the checkpoint's own tokenizer; ``--tokenizer``
+  overrides it, and a file that carries none, loaded without ``--tokenizer``, says to pass it.
 * The metadata (the whole vocabulary: seconds to parse on a real model) is read once per file for the
   config and once for the tokenizer, however many parts of the engine ask; each gets its own copy, and a
   rewritten file is read again.
@@ -55,7 +55,8 @@ def test_quantized_file_matches_transformers_on_the_same_file(gguf_file, gguf_to
     assert_matches_hf(engine_greedy(path, **gguf_tokenizer(family)), path, 1e-3)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "cohere"])   # Command-R: a config transformers cannot read
+# Command-R: a config transformers cannot read; Llama, Llama 3: sentencepiece-style, llama.cpp's "llama" tokenizer
+@pytest.mark.parametrize("family", ["qwen2", "cohere", "llama", "llama3"])
 def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf_file, family):
     from transformers import AutoTokenizer
 
@@ -69,11 +70,12 @@ def test_tokenizer_and_chat_template_come_from_the_metadata(checkpoint_dir, gguf
         messages, tokenize=True, add_generation_prompt=True)["input_ids"]
 
 
-def test_a_file_without_a_tokenizer_asks_for_one(checkpoint_dir, gguf_file):
-    """A sentencepiece-style checkpoint (BPE over Metaspace's "▁" words) is written with no tokenizer, as llama.cpp
-    would need its tokenizer.model for it: without --tokenizer the engine says so; with it the file runs."""
+def test_a_file_without_a_tokenizer_asks_for_one(checkpoint_dir, tmp_path):
+    """A file that carries no tokenizer: without --tokenizer the engine says to pass one; with it the file runs."""
     gguf = pytest.importorskip("gguf")
-    path = gguf_file("llama", "Q8_0")
+    from llmserve.testing.gguf_files import write_gguf
+
+    path = write_gguf(checkpoint_dir("llama"), tmp_path / "no-tokenizer.gguf", "llama", "Q8_0", with_tokenizer=False)
     assert "tokenizer.ggml.model" not in gguf.GGUFReader(str(path)).fields
     with pytest.raises(ValueError, match="carries no tokenizer .* pass --tokenizer"):
         LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256)

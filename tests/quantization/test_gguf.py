@@ -96,6 +96,7 @@ def _runs(*types: tuple[int, str], k: int = 512, seed: int = 0):
 
 @pytest.mark.parametrize("types,code_format,group", [
     (((24, "Q4_K"),), U4, 32), (((8, "Q2_K"), (8, "Q3_K")), U4, 16), (((16, "Q4_0"), (8, "Q4_1")), U4, 32),
+    (((8, "Q3_K"), (16, "Q4_K")), U4, 16),   # 4-bit codes of two group widths: Q4_K's scales repeated
     (((24, "Q8_0"),), U8, 32), (((8, "Q5_1"), (8, "Q5_0"), (8, "Q5_K")), U8, 32),
     (((16, "Q4_K"), (8, "Q6_K")), U8, 16),   # a Q4_K_M qkv layer: byte codes, Q6_K's 16-column groups
 ])

@@ -40,10 +40,12 @@ def test_kernel_equals_the_reference(code_format, n, k, group, zero_point, rows)
     torch.testing.assert_close(run_kernel(layer, x, None), expected - bias, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("types", [("Q4_K", "Q4_K"), ("Q4_K", "Q6_K"), ("Q8_0", "Q5_1")])
+@pytest.mark.parametrize("types", [("Q4_K", "Q4_K"), ("Q4_K", "Q6_K"), ("Q8_0", "Q5_1"), ("Q2_K", "Q2_K"),
+                                   ("Q3_K", "Q4_K")])
 def test_gguf_rows_with_offsets(types):
-    """A GGUF layer as CUDA keeps it (``W = s * code + o``: 4-bit codes in 32-column groups, or byte codes in a
-    Q4_K_M qkv layer's 16-column groups): the kernel adds each group's offset after its scale."""
+    """A GGUF layer as CUDA keeps it (``W = s * code + o``: 4-bit codes in 32- or 16-column groups, the latter also
+    for Q4_K rows beside Q3_K ones, or byte codes in a Q4_K_M qkv layer's 16-column groups): the kernel adds each
+    group's offset after its scale."""
     gguf = pytest.importorskip("gguf")
     from llmserve.quantization.gguf import set_gguf_weight_only
     from llmserve.quantization.gguf_blocks import decode_rows
