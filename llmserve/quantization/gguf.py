@@ -100,8 +100,12 @@ class GGUFLinearMethod(QuantizeMethodBase):
         k, n = input_size_per_partition, sum(output_partition_sizes)
         if k % 32:
             raise WeightShapeError(f"{layer.prefix}: GGUF blocks span 32 columns; {k} inputs do not split into them")
-        qweight = nn.Parameter(torch.zeros(n, k // 32 * _WIDEST_BLOCK, dtype=torch.uint8), requires_grad=False)
-        qtype = nn.Parameter(torch.zeros(n, dtype=torch.uint8), requires_grad=False)
+        # The blocks are decoded on the host after loading, so they are loaded there whatever the model's device
+        # (on a GPU they would take about a byte a weight of its memory until then, then be copied back).
+        layer.gguf_device = torch.empty(0).device   # the device the model is being built on
+        qweight = nn.Parameter(torch.zeros(n, k // 32 * _WIDEST_BLOCK, dtype=torch.uint8, device="cpu"),
+                               requires_grad=False)
+        qtype = nn.Parameter(torch.zeros(n, dtype=torch.uint8, device="cpu"), requires_grad=False)
 
         def rows_of(shard_id: object) -> tuple[int, int]:
             if shard_id is None:
@@ -130,8 +134,8 @@ class GGUFLinearMethod(QuantizeMethodBase):
         layer.gguf_in = k
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        device = layer.qweight.device
-        raw, types, k = layer.qweight.data.cpu().numpy(), layer.qweight_type.data.cpu().numpy(), layer.gguf_in
+        device = layer.gguf_device
+        raw, types, k = layer.qweight.data.numpy(), layer.qweight_type.data.numpy(), layer.gguf_in
         runs, start = [], 0
         for type_id, rows in ((t, len(list(g))) for t, g in itertools.groupby(types.tolist())):
             name = _type_name(type_id)
