@@ -63,6 +63,11 @@ class SamplerOutput:
     topk_logprobs: torch.Tensor | None
 
 
+# The largest magnitude a penalised logit takes: float32 goes to 3.4e38, and a random row's logits are divided by
+# its temperature (at least 1e-5 when not greedy) before the softmax.
+PENALISED_LIMIT = 1e30
+
+
 def apply_penalties(
     logits: torch.Tensor,
     prompt_index: torch.Tensor | None,
@@ -79,6 +84,12 @@ def apply_penalties(
     are gathered, updated and written back instead of running several dense
     ``[N, V]`` passes. A position listed twice gets the same new value both
     times, so the write-back is deterministic. Penalties are ``[N]`` per row.
+
+    A penalised finite logit stays finite, within ``PENALISED_LIMIT``: a
+    repetition penalty beyond float32 (any positive value is accepted, as in
+    vLLM) would otherwise turn a zero logit into NaN (``0 * inf``) and the rest
+    into infinities, and a row whose grammar allows only such tokens would have
+    nothing to sample. The limit leaves room for the temperature's division.
     """
     flat = logits.view(-1)
     counts = torch.zeros_like(flat)
@@ -91,6 +102,7 @@ def apply_penalties(
     new = torch.where(old > 0, old / repetition, old * repetition)
     new -= frequency_penalty[row] * count
     new -= presence_penalty[row] * (count > 0).to(new.dtype)
+    new = torch.where(old.isfinite(), new.nan_to_num(nan=0.0).clamp(-PENALISED_LIMIT, PENALISED_LIMIT), new)
     flat[index] = new
 
 

@@ -15,6 +15,8 @@ import torch
 
 from llmserve.sampling_params import SamplingParams
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 
 @dataclass
 class SamplingRow:
@@ -148,7 +150,8 @@ class SamplingBatch:
         max_top_k = vocab_size
         generators: dict[int, torch.Generator] = {}
         if not all_greedy:
-            temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy)])
+            # beyond float32 a temperature would be inf, and a masked (-inf) logit over it NaN
+            temperature = floats([1.0 if g else min(p.temperature, FLOAT32_MAX) for p, g in zip(params, greedy)])
             ks = [
                 vocab_size if g or p.top_k == 0 else min(p.top_k, vocab_size)
                 for p, g in zip(params, greedy)

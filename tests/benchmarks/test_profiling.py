@@ -35,7 +35,7 @@ class _SlowGraphs:
     def can_run(self, layout) -> bool:
         return layout.num_decodes == len(layout.query_lens)
 
-    def run(self, layouts, input_ids, positions, rotary_lengths) -> torch.Tensor:
+    def run(self, layouts, input_ids, positions, rotary_lengths, with_lora=False) -> torch.Tensor:
         time.sleep(0.05)
         return torch.zeros(len(input_ids), self.hidden_size)
 

@@ -410,3 +410,20 @@ def test_min_tokens_yields_only_where_the_grammar_may_only_end():
     assert not torch.isneginf(processed).all(dim=1).any()
     assert processed[1, eos] == 5.0 and torch.isneginf(processed[2, eos])
     assert sampler(logits, batch).sampled_token_ids.tolist()[:2] == [4, eos]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1e300])
+@pytest.mark.parametrize("repetition_penalty", [1e300, 1e-300])
+def test_penalties_and_temperatures_beyond_float32_keep_a_grammar_row_sampleable(repetition_penalty, temperature):
+    """Any positive repetition penalty and temperature are accepted (as in vLLM), some beyond float32. A penalised
+    logit stays finite (a zero one is not 0 x inf = NaN, a negative one not -inf), and a masked -inf over an infinite
+    temperature is no NaN, so a row whose grammar allows only tokens it has seen still samples one of them."""
+    vocab = 40
+    logits = torch.zeros(2, vocab)
+    logits[:, 3], logits[:, 5], logits[:, 9] = -2.0, 0.0, 4.0
+    rows = [row(temperature=temperature, repetition_penalty=repetition_penalty, prompt=[3, 5, 9]) for _ in range(2)]
+    batch = SamplingBatch.build(rows, vocab, CPU, allowing(vocab, {0: [3, 5]}, 2), [0])
+    processed = Sampler.apply_logits_processors(logits, batch)
+    assert not processed.isnan().any() and processed[0, [3, 5]].isfinite().all() and processed[1, [3, 5, 9]].isfinite().all()
+    out = sampler(logits, batch).sampled_token_ids.tolist()
+    assert out[0] in (3, 5) and 0 <= out[1] < vocab
