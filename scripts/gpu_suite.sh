@@ -3,11 +3,11 @@
 # Llama-3-8B and Llama-3.2-1B, runs the test suite on CUDA, then the benchmarks:
 #   1. pytest on the GPU: the tests that run CUDA (Triton attention, MoE, LoRA and quantised-weight kernels,
 #      CUDA graphs, the sampler, the runner's memory) rather than the whole CPU suite;
-#   2. llmserve bench throughput --compare-hf (llmserve against Hugging Face generate), 1B and 8B;
-#   3. batch-1 TPOT against the HBM floor (bench latency + bench roofline; bench throughput with one
+#   2. batch-1 TPOT against the HBM floor (bench latency + bench roofline; bench throughput with one
 #      prompt if those commands are missing), eager and with CUDA graphs, each batch size's decode steps
 #      also under torch.profiler (kernels by GPU time in torch-profile-<size>-<mode>/batch-B.txt);
-#   4. the same TPOT with --quantization fp8 and int8 (the quantised layouts' Triton kernels);
+#   3. the same TPOT with --quantization fp8 and int8 (the quantised layouts' Triton kernels, up to 128 rows);
+#   4. llmserve bench throughput --compare-hf (llmserve against Hugging Face generate), 1B and 8B;
 #   5. llmserve bench serve against `llmserve serve` at several request rates (8B).
 # Everything (logs, JSON results, plots) goes into one results folder.
 #
@@ -126,10 +126,6 @@ for size in $SIZES; do
   [ -f "$model/config.json" ] || continue
   common=(--device cuda --dtype bfloat16 --max-model-len 4096)
 
-  step "[$size] offline throughput against Hugging Face"
-  run "${LLMSERVE[@]}" bench throughput "$model" "${common[@]}" --dataset-name sharegpt \
-    --num-prompts "$NUM_PROMPTS" --compare-hf --hf-sequential-prompts "$HF_PROMPTS" --output-json "$RESULTS/throughput-$size.json"
-
   step "[$size] batch-1 TPOT against the HBM floor"
   if has_command roofline; then
     run "${LLMSERVE[@]}" bench roofline "$model" "${common[@]}" --output-json "$RESULTS/roofline-$size.json"
@@ -149,9 +145,13 @@ for size in $SIZES; do
   for scheme in $QUANTIZATIONS; do   # the Triton kernels of the quantised layouts, against the bf16 rows above
     step "[$size] --quantization $scheme: TPOT per batch size"
     run "${LLMSERVE[@]}" bench latency "$model" "${common[@]}" --quantization "$scheme" --input-len 128 \
-      --output-len 128 --batch-sizes 1,32 --output-json "$RESULTS/latency-$size-$scheme.json" \
+      --output-len 128 --batch-sizes 1,32,128 --output-json "$RESULTS/latency-$size-$scheme.json" \
       --torch-profile "$RESULTS/torch-profile-$size-$scheme"
   done
+
+  step "[$size] offline throughput against Hugging Face"
+  run "${LLMSERVE[@]}" bench throughput "$model" "${common[@]}" --dataset-name sharegpt \
+    --num-prompts "$NUM_PROMPTS" --compare-hf --hf-sequential-prompts "$HF_PROMPTS" --output-json "$RESULTS/throughput-$size.json"
 done
 
 # ---------------------------------------------------------------------------------------------- serving
