@@ -1,6 +1,7 @@
 """MLP activations, plain and gated (``act(gate) * up`` over one fused ``[gate | up]`` matmul output).
 
-SiLU-gating runs as one compiled pass on CPU in float32 and bfloat16 (``cpu_layer_ops.c``); the GELU variants
+SiLU-gating runs as one compiled pass on CPU in float32 and bfloat16 (``cpu_layer_ops.c``) and as one Triton kernel
+on a GPU (:mod:`~llmserve.layers.triton_layer_ops`); the GELU variants
 are the exact formulas transformers uses under each ``hidden_act`` name, so logits match it to rounding.
 """
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.layers.cpu_kernels import ACTIVATION_DTYPES, kernels_for
+from llmserve.layers.layer_ops import layer_ops_for
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ class SiluAndMul(nn.Module):
     """``silu(gate) * up`` where the input is ``[gate | up]`` from one fused matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = kernels_for(x, ACTIVATION_DTYPES)
+        kernels = layer_ops_for(x)
         if kernels is not None and x.dim() == 2 and x.stride(1) == 1:
             return kernels.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)

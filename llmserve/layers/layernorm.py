@@ -1,7 +1,8 @@
 """RMSNorm (Llama's, Gemma's ``1 + w``) and LayerNorm, each with an optional fused residual add (saves one
 pass over the hidden states per layer).
 
-On CPU in float32 and bfloat16 both forms of RMSNorm run as one compiled pass per row (``cpu_layer_ops.c``)."""
+On CPU in float32 and bfloat16 both forms of RMSNorm run as one compiled pass per row (``cpu_layer_ops.c``), on a
+GPU as one Triton kernel (:mod:`~llmserve.layers.triton_layer_ops`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.layers.cpu_kernels import ACTIVATION_DTYPES, kernels_for
+from llmserve.layers.layer_ops import layer_ops_for
 from llmserve.layers.linear import check_shape
 
 
@@ -31,7 +32,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: ``norm(x)``. With it: ``(norm(x + residual), x + residual)``."""
-        kernels = kernels_for(x, ACTIVATION_DTYPES)
+        kernels = layer_ops_for(x)
         if kernels is not None and (residual is None or residual.dtype == x.dtype):
             shape = x.shape
             rows = x.reshape(-1, shape[-1])

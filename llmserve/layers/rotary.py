@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmserve.layers.cpu_kernels import ACTIVATION_DTYPES, kernels_for
+from llmserve.layers.layer_ops import layer_ops_for
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -133,7 +133,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 rotary_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] by their token positions [T] (in place on CPU).
+        """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] by their token positions [T] (in place where a compiled
+        kernel runs: CPU, GPU).
 
         ``rotary_lengths`` (see :class:`~llmserve.layers.longrope.LongRoPERotaryEmbedding`) does not change a
         rotation whose tables do not depend on the sequence length."""
@@ -141,7 +142,7 @@ class RotaryEmbedding(nn.Module):
 
     def rotate_rows(self, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate each token by row ``rows[t]`` of the cos/sin tables."""
-        kernels = None if self.interleaved else kernels_for(q, ACTIVATION_DTYPES)   # the kernel is neox-only
+        kernels = None if self.interleaved else layer_ops_for(q)   # the kernels are neox-only
         if (kernels is not None and k.dtype == q.dtype and self.cos_cache.dtype == torch.float32
                 and q.stride(2) == 1 and k.stride(2) == 1
                 and q.stride(1) == self.head_dim and k.stride(1) == self.head_dim):

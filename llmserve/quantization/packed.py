@@ -141,7 +141,8 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8 quantisation (``scale = max|x| / 127``, 1 for an all-zero row; round half to
     even): the activations' arithmetic in :func:`apply_w8a8`, and the weights' for ``--quantization int8``."""
     amax = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    # a tensor divisor: CUDA divides by a Python number as a product with its reciprocal, a bit off at times
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, 127.0), torch.ones_like(amax))
     return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
 
 

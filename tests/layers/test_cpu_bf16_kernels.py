@@ -101,7 +101,9 @@ def test_bf16_linear_refuses_mismatched_operands(kernels):
 
 def _pytorch_path(monkeypatch, *modules) -> None:
     for m in modules:
-        monkeypatch.setattr(m, "kernels_for", lambda x, *dtypes: None)
+        for name in ("kernels_for", "layer_ops_for"):   # linear layers' kernels, the layer ops'
+            if hasattr(m, name):
+                monkeypatch.setattr(m, name, lambda x, *dtypes: None)
 
 
 @pytest.mark.parametrize("norm_class", ["RMSNorm", "GemmaRMSNorm"])

@@ -166,7 +166,9 @@ def test_a_cache_that_cannot_be_written_falls_back_to_pytorch(tmp_path, monkeypa
 
 def _pytorch_path(monkeypatch, *modules) -> None:
     for m in modules:
-        monkeypatch.setattr(m, "kernels_for", lambda x, *dtypes: None)
+        for name in ("kernels_for", "layer_ops_for"):   # linear layers' kernels, the layer ops'
+            if hasattr(m, name):
+                monkeypatch.setattr(m, name, lambda x, *dtypes: None)
 
 
 @pytest.mark.parametrize("shape", [(1, 768), (33, 100), (3, 4, 64)])   # 3-D: per-head q/k norm (Qwen3)

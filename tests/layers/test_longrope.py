@@ -50,7 +50,7 @@ def test_a_batch_mixing_short_and_long_sequences(monkeypatch, path, head_dim, ro
     from position 0), a decode at position 32 of a sequence whose 20-token prompt was short (long from
     position 32 on: its rotary length is 33), and one at the last position. The short rows stop at the switch."""
     if path == "pytorch":
-        monkeypatch.setattr(rotary, "kernels_for", lambda x, *dtypes: None)
+        monkeypatch.setattr(rotary, "layer_ops_for", lambda x: None)
     rope = LongRoPERotaryEmbedding(config(), head_dim, rotary_dim, BASE, scaling())
     assert rope.cos_cache.shape == (SWITCH + MAX_POSITION, rotary_dim // 2)
     positions = torch.tensor([20, 0, 1, 2, 3, 32, MAX_POSITION - 1])

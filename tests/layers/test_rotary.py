@@ -37,7 +37,7 @@ def reference_rotate(x: torch.Tensor, position: int, inv_freq: torch.Tensor, rot
 @pytest.mark.parametrize("head_dim,rotary_dim", [(16, 16), (16, 12), (128, 96)])
 def test_partial_rotary_matches_the_reference(monkeypatch, path, interleaved, head_dim, rotary_dim):
     if path == "pytorch":
-        monkeypatch.setattr(rotary, "kernels_for", lambda x, *dtypes: None)
+        monkeypatch.setattr(rotary, "layer_ops_for", lambda x: None)
     rope = RotaryEmbedding(head_dim, 64, 10000.0, interleaved=interleaved, rotary_dim=rotary_dim)
     positions = torch.tensor([0, 5, 63, 17])
     qkv = torch.randn(4, (3 + 1 + 1) * head_dim)   # q and k as views into one fused projection's output

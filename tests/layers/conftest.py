@@ -1,4 +1,4 @@
-"""Without a CUDA device the Triton kernels run under the Triton interpreter, which must be switched on
+"""Without a CUDA device the Triton kernels (attention, MoE, the layer ops) run under the Triton interpreter, which must be switched on
 before triton is first imported: ``@triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, and
 triton.language decorates its own helpers on import."""
 
