@@ -14,9 +14,9 @@ Two ways to use the tiles, by the number of rows:
   reading the packed weight once per row tile; when the output tiles alone would leave most of the GPU's
   multiprocessors idle (one row, a narrow layer), the inputs are split among several programs (split-K) whose
   float32 partial sums are added after;
-- above it (prefill), the weight is decoded once into the rows' dtype and multiplied by the float GEMM, which
-  is what vLLM does for GGUF's large batches: the decode is one pass over the weight, the GEMM runs at the
-  library's speed.
+- above it (prefill, larger decode batches), the weight is decoded once into the rows' dtype and multiplied by
+  the float GEMM, which is what vLLM does for GGUF's large batches: the decode is one pass over the weight, the
+  GEMM runs at the library's speed (where the two cross was measured on an H200: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ from llmserve.quantization.packed import FP8, U4, U8
 BLOCK_N = 64
 HALF_K = 64               # a tile is 2 * HALF_K = 128 input columns (four 32-column chunks)
 TILE_K = 2 * HALF_K
-MAX_KERNEL_ROWS = 64      # more rows than this: decode the weight once and use the float GEMM
+MAX_KERNEL_ROWS = 16      # more rows than this: decode the weight once and use the float GEMM
+BLOCK_M = 16              # the kernel's rows: one row tile covers every step it takes
 MIN_TILES_PER_SPLIT = 4   # a split-K program walks at least this many tiles
+# Software-pipelining depth for float32 rows (a correctness path, not a fast one): three stages of float32 tiles
+# 64 rows high needed more shared memory than an H200 has; two keep a margin whatever the row tile.
+FLOAT32_STAGES = 2
 
 
 @triton.jit
@@ -188,8 +192,7 @@ def weight_only_linear(rows: torch.Tensor, codes: torch.Tensor, code_format: int
     if m == 0:
         out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
         return out if bias is None else out + bias
-    block_m = 16 if m <= 16 else 64
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, BLOCK_N)
+    tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
     if splits is None:
         splits = choose_splits(tiles, inputs, _multiprocessors(rows.device))
     k_per_split = triton.cdiv(triton.cdiv(inputs, splits), TILE_K) * TILE_K
@@ -198,11 +201,11 @@ def weight_only_linear(rows: torch.Tensor, codes: torch.Tensor, code_format: int
         out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     else:
         out = torch.empty(splits, m, n, dtype=torch.float32, device=rows.device)
-    _weight_only_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N), splits)](
+    _weight_only_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N), splits)](
         rows, codes, scales, shift, out, m, n, inputs, codes.shape[1], scales.shape[1], group, k_per_split,
         rows.stride(0), codes.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
-        PRECISION=dot_precision(rows.dtype), UPCAST=needs_upcast(rows.dtype), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        **layout)
+        PRECISION=dot_precision(rows.dtype), UPCAST=needs_upcast(rows.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        num_stages=FLOAT32_STAGES if rows.element_size() == 4 else 3, **layout)
     if splits > 1:
         out = out.sum(0).to(rows.dtype)
     return out if bias is None else out + bias

@@ -21,9 +21,9 @@ LONG_PROMPT = [(i * 37) % 1990 + 5 for i in range(30)]
 
 @lru_cache(maxsize=16)
 def hf_logits(path: str, ids: tuple[int, ...] = tuple(LONG_PROMPT)) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+    from tests.hf_reference import hf_model
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = hf_model(str(path))
     with torch.inference_mode():
         return model(torch.tensor([ids])).logits[0].float()
 
