@@ -7,6 +7,7 @@
 #      prompt if those commands are missing), eager and with CUDA graphs, each batch size's decode steps
 #      also under torch.profiler (kernels by GPU time in torch-profile-<size>-<mode>/batch-B.txt);
 #   3. the same TPOT with --quantization fp8 and int8 (the quantised layouts' Triton kernels, up to 128 rows);
+#      and scripts/bench_weight_only_kernel.py (the weight-only paths per layer shape; weight-only-kernel.txt);
 #   4. llmserve bench throughput --compare-hf (llmserve against Hugging Face generate), 1B and 8B;
 #   5. llmserve bench serve against `llmserve serve` at several request rates (8B).
 # Everything (logs, JSON results, plots) goes into one results folder.
@@ -148,6 +149,11 @@ for size in $SIZES; do
       --output-len 128 --batch-sizes 1,32,128 --output-json "$RESULTS/latency-$size-$scheme.json" \
       --torch-profile "$RESULTS/torch-profile-$size-$scheme"
   done
+
+  if [ -n "$QUANTIZATIONS" ] && [ "$size" = "$(echo "$SIZES" | awk '{print $1}')" ]; then
+    step "weight-only kernel against the decoded weight + GEMM, per layer shape and row count"
+    run "$PYTHON" scripts/bench_weight_only_kernel.py > "$RESULTS/weight-only-kernel.txt"
+  fi
 
   step "[$size] offline throughput against Hugging Face"
   run "${LLMSERVE[@]}" bench throughput "$model" "${common[@]}" --dataset-name sharegpt \

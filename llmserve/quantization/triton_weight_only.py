@@ -5,9 +5,11 @@
 ``--quantization fp8``; GGUF files, with offsets). Weights are decoded a ``[BLOCK_N, TILE_K]`` tile at a time in
 the packing's column order: a 4-bit 32-column chunk is 16 bytes per output row, its low nibbles columns 0-15 and
 its high nibbles 16-31, so a tile is read as two halves ("low" and "high" columns, one shift and mask apart), and
-byte codes are read in the same column order so that one decoder serves every format. Each column finds its
-group's scale (a constexpr fast path loads one scale per row when a tile lies in one group). Columns past the
-layer's inputs (a 4-bit row is padded to whole chunks) multiply zeros.
+byte codes are read in the same column order so that one decoder serves every format. Scales (and zero points or
+offsets) are loaded once per row when a tile lies in one group, once per row and 16-column segment when groups
+are whole segments (GGUF's 16- and 32-column groups, GPTQ's 32 or 64), else per column: a gather per weight
+was the GGUF layout's bottleneck. Columns past the layer's inputs (a 4-bit row is padded to whole chunks)
+multiply zeros.
 
 Two ways to use the tiles, by the number of rows:
 - up to :data:`MAX_KERNEL_ROWS` rows (decode), one kernel multiplies the tiles into a float32 accumulator,
@@ -43,9 +45,26 @@ FLOAT32_STAGES = 2
 
 
 @triton.jit
+def _group_values(ptr, offs_n, mask_n, cols, k0, first, groups, group, SCALES: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HALF: tl.constexpr):
+    """The per-group values (``[N, groups]`` at ``ptr``) of the tile half whose columns are ``cols``
+    (``k0 + 32 c + first + i``); columns past the inputs take the last group (their x is zero)."""
+    if SCALES == 1:     # the tile lies in one group: a value per output row
+        g = tl.minimum(k0 // group, groups - 1)
+        return tl.load(ptr + offs_n * groups + g, mask=mask_n, other=0.0)[:, None]
+    elif SCALES == 2:   # groups of whole 16-column segments: a value per row and segment, spread over its columns
+        g = tl.minimum((k0 + 32 * tl.arange(0, HALF // 16) + first) // group, groups - 1)
+        v = tl.load(ptr + offs_n[:, None] * groups + g[None, :], mask=mask_n[:, None], other=0.0)
+        return tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_N, HALF // 16, 16)), (BLOCK_N, HALF))
+    else:               # any width: each column finds its group
+        g = tl.minimum(cols // group, groups - 1)
+        return tl.load(ptr + offs_n[:, None] * groups + g[None, :], mask=mask_n[:, None], other=0.0)
+
+
+@triton.jit
 def _weight_tile(codes_ptr, scales_ptr, shift_ptr, offs_n, mask_n, k0, K, row_bytes, groups, group,
-                 stride_codes, FORMAT: tl.constexpr, SHIFT: tl.constexpr, UNIFORM: tl.constexpr,
-                 HALF: tl.constexpr):
+                 stride_codes, FORMAT: tl.constexpr, SHIFT: tl.constexpr, SCALES: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HALF: tl.constexpr):
     """The float32 weight of the tile's columns ``cols_lo`` and ``cols_hi`` (``[BLOCK_N, HALF]`` each, the
     columns ``k0 + 32 c + i`` and ``k0 + 32 c + 16 + i`` for chunk ``c``, ``i < 16``)."""
     b = tl.arange(0, HALF)
@@ -64,21 +83,11 @@ def _weight_tile(codes_ptr, scales_ptr, shift_ptr, offs_n, mask_n, k0, K, row_by
             w_lo, w_hi = lo.to(tl.float32), hi.to(tl.float32)
         else:
             w_lo, w_hi = _fp8_to_float(lo, 3, 7), _fp8_to_float(hi, 3, 7)
-    if UNIFORM:   # the tile lies in one group: a scale (and shift) per output row
-        at = offs_n * groups + tl.minimum(k0 // group, groups - 1)
-        s = tl.load(scales_ptr + at, mask=mask_n, other=0.0)[:, None]
-        s_lo, s_hi = s, s
-        if SHIFT != 0:
-            z = tl.load(shift_ptr + at, mask=mask_n, other=0.0)[:, None]
-            z_lo, z_hi = z, z
-    else:         # past the inputs: the last group (their x is zero)
-        at_lo = offs_n[:, None] * groups + tl.minimum(cols_lo // group, groups - 1)[None, :]
-        at_hi = offs_n[:, None] * groups + tl.minimum(cols_hi // group, groups - 1)[None, :]
-        s_lo = tl.load(scales_ptr + at_lo, mask=mask_n[:, None], other=0.0)
-        s_hi = tl.load(scales_ptr + at_hi, mask=mask_n[:, None], other=0.0)
-        if SHIFT != 0:
-            z_lo = tl.load(shift_ptr + at_lo, mask=mask_n[:, None], other=0.0)
-            z_hi = tl.load(shift_ptr + at_hi, mask=mask_n[:, None], other=0.0)
+    s_lo = _group_values(scales_ptr, offs_n, mask_n, cols_lo, k0, 0, groups, group, SCALES, BLOCK_N, HALF)
+    s_hi = _group_values(scales_ptr, offs_n, mask_n, cols_hi, k0, 16, groups, group, SCALES, BLOCK_N, HALF)
+    if SHIFT != 0:
+        z_lo = _group_values(shift_ptr, offs_n, mask_n, cols_lo, k0, 0, groups, group, SCALES, BLOCK_N, HALF)
+        z_hi = _group_values(shift_ptr, offs_n, mask_n, cols_hi, k0, 16, groups, group, SCALES, BLOCK_N, HALF)
     if SHIFT == 1:   # zero points
         w_lo, w_hi = w_lo - z_lo, w_hi - z_hi
     w_lo, w_hi = w_lo * s_lo, w_hi * s_hi
@@ -90,7 +99,7 @@ def _weight_tile(codes_ptr, scales_ptr, shift_ptr, offs_n, mask_n, k0, K, row_by
 @triton.jit
 def _weight_only_kernel(x_ptr, codes_ptr, scales_ptr, shift_ptr, out_ptr, M, N, K, row_bytes, groups, group,
                         k_per_split, stride_xm, stride_codes, stride_os, stride_om, FORMAT: tl.constexpr,
-                        SHIFT: tl.constexpr, UNIFORM: tl.constexpr, PRECISION: tl.constexpr,
+                        SHIFT: tl.constexpr, SCALES: tl.constexpr, PRECISION: tl.constexpr,
                         UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr):
     """One ``[BLOCK_M, BLOCK_N]`` output tile over the inputs ``[split * k_per_split, + k_per_split)``; with
     several splits ``out`` is the float32 partial sums ``[splits, M, N]``."""
@@ -104,7 +113,7 @@ def _weight_only_kernel(x_ptr, codes_ptr, scales_ptr, shift_ptr, out_ptr, M, N, 
     for k0 in range(start, end, 2 * HALF):
         w_lo, cols_lo, w_hi, cols_hi = _weight_tile(codes_ptr, scales_ptr, shift_ptr, offs_n, mask_n, k0, K,
                                                     row_bytes, groups, group, stride_codes, FORMAT, SHIFT,
-                                                    UNIFORM, HALF)
+                                                    SCALES, BLOCK_N, HALF)
         x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols_lo[None, :],
                        mask=mask_m[:, None] & (cols_lo[None, :] < K), other=0.0)
         x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols_hi[None, :],
@@ -117,14 +126,14 @@ def _weight_only_kernel(x_ptr, codes_ptr, scales_ptr, shift_ptr, out_ptr, M, N, 
 
 @triton.jit
 def _dequantize_kernel(codes_ptr, scales_ptr, shift_ptr, out_ptr, N, K, row_bytes, groups, group, stride_codes,
-                       stride_on, FORMAT: tl.constexpr, SHIFT: tl.constexpr, UNIFORM: tl.constexpr,
+                       stride_on, FORMAT: tl.constexpr, SHIFT: tl.constexpr, SCALES: tl.constexpr,
                        BLOCK_N: tl.constexpr, HALF: tl.constexpr):
     """One ``[BLOCK_N, 2 HALF]`` tile of the weight, written in ``out``'s dtype."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * 2 * HALF
     mask_n = offs_n < N
     w_lo, cols_lo, w_hi, cols_hi = _weight_tile(codes_ptr, scales_ptr, shift_ptr, offs_n, mask_n, k0, K, row_bytes,
-                                                groups, group, stride_codes, FORMAT, SHIFT, UNIFORM, HALF)
+                                                groups, group, stride_codes, FORMAT, SHIFT, SCALES, BLOCK_N, HALF)
     row = offs_n[:, None] * stride_on
     tl.store(out_ptr + row + cols_lo[None, :], w_lo.to(out_ptr.dtype.element_ty),
              mask=mask_n[:, None] & (cols_lo[None, :] < K))
@@ -141,9 +150,10 @@ def _layout_args(codes: torch.Tensor, code_format: int, scales: torch.Tensor, ze
         raise ValueError("a weight-only layer takes zero points or offsets, not both")
     shift = 1 if zeros is not None else 2 if offsets is not None else 0
     groups = scales.shape[1]
-    uniform = groups == 1 or group % TILE_K == 0
+    # a value per row and tile, per row and 16-column segment, or per column (see _group_values)
+    per = 1 if groups == 1 or group % TILE_K == 0 else 2 if group % 16 == 0 else 0
     tensor = zeros if shift == 1 else offsets if shift else scales
-    return tensor, dict(FORMAT=code_format, SHIFT=shift, UNIFORM=uniform, HALF=HALF_K)
+    return tensor, dict(FORMAT=code_format, SHIFT=shift, SCALES=per, HALF=HALF_K)
 
 
 def dequantize_weight(codes: torch.Tensor, code_format: int, scales: torch.Tensor, zeros: torch.Tensor | None,

@@ -19,6 +19,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 DEVICE = CUDA if torch.cuda.is_available() else CPU
 FORMATS = [(U4, 48, 128, 32, True), (U4, 20, 200, 64, True), (U4, 17, 77, 77, False), (U4, 70, 96, 128, True),
            (U4, 24, 384, 128, True), (U8, 33, 160, 32, True), (U8, 16, 45, 45, False), (U8, 20, 300, 128, False),
+           (U8, 24, 100, 40, True),
            (FP8, 40, 100, 100, False), (FP8, 16, 64, 32, False)]
 
 
@@ -37,8 +38,8 @@ def run_kernel(layer, x: torch.Tensor, bias: torch.Tensor | None, splits: int | 
 @pytest.mark.parametrize("rows", [1, 5, MAX_KERNEL_ROWS, MAX_KERNEL_ROWS + 24])
 @pytest.mark.parametrize("code_format,n,k,group,zero_point", FORMATS)
 def test_kernel_equals_the_reference(code_format, n, k, group, zero_point, rows):
-    """4-bit chunks padded past the inputs, partial last groups, a group that is the whole row (any width) or
-    spans whole tiles, zero points or none, row counts up to a full row tile, outputs past one column tile;
+    """4-bit chunks padded past the inputs, partial last groups, a group that is the whole row (any width), spans
+    whole tiles, whole 16-column segments or neither (40 columns), zero points or none, row counts up to a full row tile, outputs past one column tile;
     more rows than the kernel takes go through the decoded weight and the float GEMM."""
     layer = _weight_only_layer(code_format, n, k, group, zero_point)
     x, bias = torch.randn(rows, k), torch.randn(n)
