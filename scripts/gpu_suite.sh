@@ -65,6 +65,7 @@ HF_PROMPTS=${HF_PROMPTS:-16}
 TESTS=${TESTS:-"tests/layers/attention tests/layers/fused_moe tests/layers/test_sampler.py tests/worker/test_cuda_graphs.py
   tests/worker/test_kv_cache_groups.py tests/worker/test_model_runner_memory.py tests/lora/test_triton_ops.py
   tests/lora/test_graph_inputs.py tests/layers/test_triton_layer_ops.py tests/layers/test_layer_ops.py
+  tests/layers/test_triton_row_reductions.py
   tests/models/test_gemma4.py tests/quantization/test_triton_weight_only.py
   tests/quantization/test_triton_w8a8.py tests/model_loader/test_gguf_packed.py::test_on_cuda_packed_files_match_plain_transformers"}
 if [ -z "${PYTEST_ARGS+set}" ]; then

@@ -1,9 +1,11 @@
-"""Which compiled implementation runs the per-token layer ops (RMSNorm, SiLU-gating, the rotary embedding) for a
-tensor: the CPU kernels (``cpu_layer_ops.c``), the Triton kernels on a GPU, or None, meaning the PyTorch ops.
-Both expose ``rms_norm``, ``silu_and_mul`` and ``rotary_embedding`` with the same arguments and results."""
+"""Which compiled implementation runs the per-row ops for a tensor: the CPU kernels (``cpu_layer_ops.c``,
+``cpu_sampling.c``), the Triton kernels on a GPU, or None, meaning the PyTorch ops. Each pair exposes the same
+functions with the same arguments and results: the layer ops ``rms_norm``, ``silu_and_mul`` and
+``rotary_embedding``; the sampler's reductions ``argmax_rows`` and ``logsumexp_rows`` (float32 only)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from functools import lru_cache
 from types import ModuleType
@@ -18,17 +20,26 @@ GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def layer_ops_for(x: torch.Tensor) -> CPUKernels | ModuleType | None:
-    """The ops for ``x``'s device and dtype, or None where neither kind applies (or could be loaded)."""
+    """RMSNorm, SiLU-gating and RoPE for ``x``'s device and dtype, or None where neither kind applies."""
     if x.device.type == "cuda":
-        return triton_layer_ops() if x.dtype in GPU_DTYPES else None
+        return triton_module("triton_layer_ops") if x.dtype in GPU_DTYPES else None
     return kernels_for(x, ACTIVATION_DTYPES)
 
 
-@lru_cache(maxsize=1)
-def triton_layer_ops() -> ModuleType | None:
-    try:
-        from llmserve.layers import triton_layer_ops as ops
-    except ImportError as exc:   # a CUDA build of torch without triton
-        logger.info("Triton layer ops unavailable (%s): RMSNorm, SiLU and RoPE run as PyTorch ops", exc)
+def row_reductions_for(x: torch.Tensor) -> CPUKernels | ModuleType | None:
+    """Row-wise argmax and logsumexp for a float32 ``x``, or None (other dtypes, or nothing compiled)."""
+    if x.dtype != torch.float32:
         return None
-    return ops
+    if x.device.type == "cuda":
+        return triton_module("triton_row_reductions")
+    return kernels_for(x)
+
+
+@lru_cache(maxsize=None)
+def triton_module(name: str) -> ModuleType | None:
+    """``llmserve.layers.<name>``, or None where triton does not import (a CUDA build of torch without it)."""
+    try:
+        return importlib.import_module(f"llmserve.layers.{name}")
+    except ImportError as exc:
+        logger.info("Triton kernels unavailable (%s): %s falls back to PyTorch ops", exc, name)
+        return None
