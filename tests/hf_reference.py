@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 
-@lru_cache(maxsize=8)
-def _attention_kwargs(path: str) -> dict:
+def reference_attention(path: str) -> dict:
     """Eager attention where the model caps its attention logits (Gemma 2): transformers 5.17 picks SDPA for it
     by default, which drops the cap (later versions pick eager)."""
     from transformers import AutoConfig
@@ -18,6 +17,7 @@ def _attention_kwargs(path: str) -> dict:
                                                        None) else {}
 
 
+@lru_cache(maxsize=8)
 def hf_model(path: str, adapter: str | None = None, dtype: torch.dtype = torch.float32):
     """A checkpoint folder, or a GGUF file (dequantised by transformers' own GGUF support); with ``adapter``,
     a PEFT LoRA adapter folder applied by PEFT on a fresh copy of the checkpoint; in ``dtype``."""
@@ -26,7 +26,7 @@ def hf_model(path: str, adapter: str | None = None, dtype: torch.dtype = torch.f
     if path.endswith(".gguf"):
         return AutoModelForCausalLM.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
                                                     dtype=dtype).eval()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_attention_kwargs(path)).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **reference_attention(path)).eval()
     if adapter is None:
         return model
     from peft import PeftModel

@@ -21,9 +21,11 @@ LONG_PROMPT = [(i * 37) % 1990 + 5 for i in range(30)]
 
 @lru_cache(maxsize=16)
 def hf_logits(path: str, ids: tuple[int, ...] = tuple(LONG_PROMPT)) -> torch.Tensor:
-    from tests.hf_reference import hf_model
+    from transformers import AutoModelForCausalLM
 
-    model = hf_model(str(path))
+    from tests.hf_reference import reference_attention
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **reference_attention(str(path))).eval()
     with torch.inference_mode():
         return model(torch.tensor([ids])).logits[0].float()
 
