@@ -174,7 +174,7 @@ def dequantize_weight(codes: torch.Tensor, code_format: int, scales: torch.Tenso
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     if INTERPRETED or device.type != "cuda":
-        return 8   # the interpreter: a small GPU's worth, so that tests reach the split-K path
+        return 8   # the interpreter has no device to ask: a small GPU's worth
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
