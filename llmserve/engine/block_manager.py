@@ -89,6 +89,7 @@ class BlockManager:
             if window is not None and window < 1:
                 raise ValueError(f"a group's window must be a positive number of tokens (or None), got {window}")
         self.group_windows = list(group_windows)
+        self._single_full_group = self.group_windows == [None]
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -219,9 +220,13 @@ class BlockManager:
         if not seq.block_tables:
             seq.block_tables = [[] for _ in self.group_windows]
             seq.num_released = [0] * len(self.group_windows)
-        self.release_out_of_window(seq)
         first_write = seq.num_computed_tokens // self.block_size
         wanted = self.blocks_for(num_tokens)
+        if self._single_full_group:   # most decode steps: the blocks are held and the one written is its own
+            table = seq.block_tables[0]
+            if wanted <= len(table) and (first_write >= len(table) or self.ref_counts[table[first_write]] <= 1):
+                return True
+        self.release_out_of_window(seq)
         copies = [first_write < len(table) and self.ref_counts[table[first_write]] > 1 for table in seq.block_tables]
         needed = sum(max(0, wanted - len(table)) + copy for table, copy in zip(seq.block_tables, copies))
         if needed > len(self.free_blocks):
