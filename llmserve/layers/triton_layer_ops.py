@@ -87,13 +87,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, positions_ptr, cos_ptr, sin_ptr, heads, stride_t, stride_h, half, stride_table,
-                   BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
+def _rotate_heads(x_ptr, token, pos, cos_ptr, sin_ptr, heads, stride_t, stride_h, half, stride_table,
+                  BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
     h = tl.arange(0, BLOCK_H)
     r = tl.arange(0, BLOCK_R)
     mask = (h[:, None] < heads) & (r[None, :] < half)
-    pos = tl.load(positions_ptr + token)
     cos = tl.load(cos_ptr + pos * stride_table + r, mask=r < half, other=0.0)[None, :]
     sin = tl.load(sin_ptr + pos * stride_table + r, mask=r < half, other=0.0)[None, :]
     at = x_ptr + token * stride_t + h[:, None] * stride_h + r[None, :]
@@ -104,25 +102,37 @@ def _rotary_kernel(x_ptr, positions_ptr, cos_ptr, sin_ptr, heads, stride_t, stri
     tl.store(at + half, (b * cos + a * sin).to(x1.dtype), mask=mask)
 
 
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, positions_ptr, cos_ptr, sin_ptr, q_heads, k_heads, stride_qt, stride_qh, stride_kt,
+                   stride_kh, half, stride_table, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Program (token, 0) rotates the token's query heads, (token, 1) its key heads."""
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token)
+    if tl.program_id(1) == 0:
+        _rotate_heads(q_ptr, token, pos, cos_ptr, sin_ptr, q_heads, stride_qt, stride_qh, half, stride_table,
+                      BLOCK_H, BLOCK_R)
+    else:
+        _rotate_heads(k_ptr, token, pos, cos_ptr, sin_ptr, k_heads, stride_kt, stride_kh, half, stride_table,
+                      BLOCK_H, BLOCK_R)
+
+
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
                      sin_cache: torch.Tensor) -> None:
-    """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] in place (neox layout: each head's first R dims as two
-    halves) by the rows ``positions`` [T] of the float32 tables [rows, R / 2]; dims past R stay."""
+    """Rotate ``q`` [T, H, D] and ``k`` [T, KV, D] in place, in one launch (neox layout: each head's first R
+    dims as two halves) by the rows ``positions`` [T] of the float32 tables [rows, R / 2]; dims past R stay."""
     half = cos_cache.shape[1]
     if (sin_cache.shape != cos_cache.shape or sin_cache.stride() != cos_cache.stride() or cos_cache.stride(1) != 1
             or 2 * half > q.shape[2] or q.shape[2] != k.shape[2]):
         raise ValueError(f"rotary_embedding: tables {tuple(cos_cache.shape)} and {tuple(sin_cache.shape)} do not "
                          f"fit heads of {q.shape[2]} dims")
     tokens = q.shape[0]
+    if q.stride(2) != 1 or k.stride(2) != 1 or k.shape[0] != tokens or q.dtype != k.dtype:
+        raise ValueError("rotary_embedding: q and k must be [T, heads, dims] of one dtype with contiguous dims")
     if not tokens:
         return
-    positions = positions.contiguous()
-    for x in (q, k):
-        if x.stride(2) != 1 or x.shape[0] != tokens:
-            raise ValueError("rotary_embedding: q and k must be [T, heads, dims] with contiguous dims")
-        _rotary_kernel[(tokens,)](x, positions, cos_cache, sin_cache, x.shape[1], x.stride(0), x.stride(1), half,
-                                  cos_cache.stride(0), BLOCK_H=pow2_at_least(x.shape[1]),
-                                  BLOCK_R=pow2_at_least(half))
+    _rotary_kernel[(tokens, 2)](q, k, positions.contiguous(), cos_cache, sin_cache, q.shape[1], k.shape[1],
+                                q.stride(0), q.stride(1), k.stride(0), k.stride(1), half, cos_cache.stride(0),
+                                BLOCK_H=pow2_at_least(max(q.shape[1], k.shape[1])), BLOCK_R=pow2_at_least(half))
 
 
 def _warps(n: int) -> int:
