@@ -375,6 +375,7 @@ class ModelRunner:
         if wants_logprobs:
             chosen = result.sampled_token_ids[:, None]
             ranks = ((logits > logits.gather(1, chosen)).sum(1) + 1).tolist()
+            assert result.sampled_logprobs is not None   # computed whenever a row asks
             sampled_lp = result.sampled_logprobs.tolist()
             top_ids = result.topk_token_ids.tolist() if result.topk_token_ids is not None else None
             top_lp = result.topk_logprobs.tolist() if result.topk_logprobs is not None else None

@@ -242,6 +242,20 @@ def test_apply_penalties_helper():
     assert torch.equal(logits, expected)
 
 
+
+def test_logprobs_are_computed_only_when_a_row_asks():
+    """With no row asking, the sampler skips the normaliser's pass over the logits: no logprobs at all. One row
+    asking for logprobs=0 gets the sampled token's logprob of every row and no top-k columns."""
+    torch.manual_seed(5)
+    logits = torch.randn(3, 50)
+    out = run(logits, [row(), row(temperature=0.0), row()])
+    assert out.sampled_logprobs is None and out.topk_token_ids is None and out.topk_logprobs is None
+    out = run(logits, [row(temperature=0.0), row(logprobs=0, temperature=0.0), row(temperature=0.0)])
+    assert torch.equal(out.sampled_token_ids, logits.argmax(-1))
+    expected = torch.log_softmax(logits, dim=-1).gather(1, out.sampled_token_ids[:, None]).squeeze(1)
+    assert torch.allclose(out.sampled_logprobs, expected, atol=1e-5)
+    assert out.topk_token_ids.shape == (3, 0) and out.topk_logprobs.shape == (3, 0)
+
 def test_no_processing_is_free():
     batch = SamplingBatch.build([row(), row(temperature=0.0)], 10, CPU)
     assert not (batch.any_penalties or batch.any_top_k or batch.any_top_p or batch.any_min_p)
