@@ -277,8 +277,11 @@ def _unavailable_code(exc: BaseException) -> str:
 
 
 async def _wait_disconnect(raw: Request) -> None:
-    while not await raw.is_disconnected():
-        await asyncio.sleep(0.05)
+    """Return when the client hangs up. The body has been read, so the server's next ASGI message is the
+    disconnect (as for Starlette's streaming responses); polling ``Request.is_disconnected`` instead costs a
+    cancelled receive every few tens of milliseconds for every request in flight."""
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
 
 
 def merge_deltas(outputs: list[AnyRequestOutput]) -> AnyRequestOutput:
