@@ -242,7 +242,6 @@ def test_apply_penalties_helper():
     assert torch.equal(logits, expected)
 
 
-
 def test_logprobs_are_computed_only_when_a_row_asks():
     """With no row asking, the sampler skips the normaliser's pass over the logits: no logprobs at all. One row
     asking for logprobs=0 gets the sampled token's logprob of every row and no top-k columns."""
@@ -255,6 +254,7 @@ def test_logprobs_are_computed_only_when_a_row_asks():
     expected = torch.log_softmax(logits, dim=-1).gather(1, out.sampled_token_ids[:, None]).squeeze(1)
     assert torch.allclose(out.sampled_logprobs, expected, atol=1e-5)
     assert out.topk_token_ids.shape == (3, 0) and out.topk_logprobs.shape == (3, 0)
+
 
 def test_no_processing_is_free():
     batch = SamplingBatch.build([row(), row(temperature=0.0)], 10, CPU)
