@@ -56,8 +56,8 @@ class SamplerOutput:
     """Tokens chosen this step and the raw-logit logprobs the rows asked for."""
 
     sampled_token_ids: torch.Tensor  # [N] int64
-    # [N] float32, logprob of the sampled token; None when no row asked for logprobs (the
-    # normaliser is a pass over every logit: at 64 rows about half the sampler's time)
+    # [N] float32, logprob of the sampled token; None when no row asked for logprobs (its
+    # normaliser is a pass over every logit, as long as the greedy argmax itself)
     sampled_logprobs: torch.Tensor | None
     # [N, K] with K = batch.max_num_logprobs, sorted descending; None when no
     # row asked. Rows that asked for fewer than K slice their prefix.
