@@ -104,9 +104,9 @@ class GroupInt8Kernels:
 
 class LayerPlan:
     """A layer's weight segments as the kernel takes them, built once: per segment codes uint8
-    [ceil(rows / 16), 8 * k] (4-bit codes) or [ceil(rows / 16), 16 * k] (6- and 8-bit), ``d`` (and ``m``)
-    float16 [ceil(rows / 16), blocks, 16], ``sc`` int8 and ``mins`` uint8 [ceil(rows / 16), k / group, 16] or None (:mod:`llmserve.quantization.group_int8` lays
-    them out). The plan holds the tensors' addresses: they must not be replaced or moved while it is used."""
+    [ceil(rows / 16), 2 * bits * k], ``d`` (and ``m``) float16 [ceil(rows / 16), blocks, 16], ``sc`` int8 and
+    ``mins`` uint8 [ceil(rows / 16), k / group, 16] or None (:mod:`llmserve.quantization.group_int8` lays them
+    out). The plan holds the tensors' addresses: they must not be replaced or moved while it is used."""
 
     def __init__(self, k: int, segments: list[PackedSegment]) -> None:
         for s in segments:
@@ -133,7 +133,7 @@ def _describes(s: PackedSegment, k: int) -> bool:
             or s.per_block & (s.per_block - 1) or k % (s.group * s.per_block)):
         return False
     groups = k // s.group
-    expected = [(s.codes, (tiles, TILE * k // (2 if s.bits == 4 else 1)), torch.uint8, False),
+    expected = [(s.codes, (tiles, TILE * k * s.bits // 8), torch.uint8, False),
                 (s.d, (tiles, groups // s.per_block, TILE), torch.float16, False),
                 (s.m, (tiles, groups // s.per_block, TILE), torch.float16, True),
                 (s.sc, (tiles, groups, TILE), torch.int8, True), (s.mins, (tiles, groups, TILE), torch.uint8, True)]

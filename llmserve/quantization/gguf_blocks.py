@@ -1,7 +1,8 @@
 """GGUF's block formats decoded into unsigned codes with the file's own scales, per group of columns.
 
 Every type packed here reads as ``W[o, c] = s[o, g] * q[o, c] + m[o, g]`` with unsigned integer codes ``q``
-(4 bits for Q4_0, Q4_1 and Q2_K to Q4_K; 6 for Q5_0, Q5_1, Q5_K and Q6_K and 8 for Q8_0, stored as bytes) and
+(4 bits for Q4_0, Q4_1 and Q2_K to Q4_K; 6 for Q5_0, Q5_1, Q5_K and Q6_K and 8 for Q8_0, one a byte here; the
+kernel's layout packs them below a byte) and
 groups of 32 columns (16 for Q2_K, Q3_K and Q6_K, whose sub-blocks are 16 wide). ``s`` and ``m`` are kept as the
 file holds them, so a packed weight takes about the file's bytes: an fp16 ``d`` per block (Q8_0 to Q5_1), or per super-block of 256
 columns times an integer sub-block scale (k-quants); the offset is either the zero point of a signed format
@@ -34,7 +35,7 @@ class GroupCodes:
     ``o = -zero * s`` for a signed format (``m`` None).
 
     codes: uint8 [rows, k]; d and m: float16 [rows, blocks]; sc: int8 and mins: uint8 [rows, k / group];
-    ``bits``: how many bits the codes need (4; 6 or 8, kept a byte each)."""
+    ``bits``: how many bits the codes need (4, 6 or 8)."""
 
     codes: np.ndarray
     d: np.ndarray

@@ -24,11 +24,12 @@ from llmserve.quantization.gguf_blocks import GroupCodes
 
 
 class GroupInt8Segment(nn.Module):
-    """``rows`` output rows in the kernel's layout: codes [tiles, 16 * k] bytes, or [tiles, 8 * k] for 4-bit codes
-    (per tile of 16 rows, 64 bytes per step of 4 columns for 6- and 8-bit codes, of 8 columns for 4-bit ones, low
-    nibbles the first 4; 6-bit codes: bytes below 64, which the AVX2 path multiplies whole); the scale
-    factors per tile too: ``d`` and ``m`` [tiles, blocks, 16] fp16, ``sc`` and ``mins`` [tiles, k / group, 16]
-    (rows past ``rows``: zero)."""
+    """``rows`` output rows in the kernel's layout: codes [tiles, 2 * bits * k] bytes, per tile of 16 rows (rows
+    past ``rows``: zero). 8-bit codes: 64 bytes per step of 4 columns (byte ``4 r + j``: row r, column j). 4-bit
+    codes: 64 bytes per 8 columns, the first 4 in the low nibbles. 6-bit codes take 6 bits, not a byte (Q6_K is
+    the LM head of a Q4_K_M file): 192 bytes per 16 columns, their low 4 bits as two 4-bit steps, then a 2-bit
+    plane whose bits ``2 s, 2 s + 1`` are the top bits of step s's codes. The scale factors per tile too: ``d``
+    and ``m`` [tiles, blocks, 16] fp16, ``sc`` and ``mins`` [tiles, k / group, 16]."""
 
     def __init__(self, weight: GroupCodes) -> None:
         super().__init__()
@@ -46,12 +47,17 @@ class GroupInt8Segment(nn.Module):
         pad = -rows % TILE
         codes = F.pad(torch.from_numpy(weight.codes), (0, 0, 0, pad))
         tiles = codes.shape[0] // TILE
-        if weight.bits != 4:
-            tiled = codes.view(tiles, TILE, k // 4, 4).transpose(1, 2)
+        if weight.bits == 8:
+            tiled = codes.view(tiles, TILE, k // 4, 4).transpose(1, 2).reshape(tiles, -1)
+        elif weight.bits == 4:
+            tiled = _nibble_steps(codes)
         else:
-            pairs = codes.view(tiles, TILE, k // 8, 2, 4)
-            tiled = (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).transpose(1, 2)
-        self.register_buffer("codes", tiled.reshape(tiles, -1).contiguous(), persistent=False)
+            tops = (codes >> 4).view(tiles, TILE, k // 16, 4, 4) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8
+                                                                                   ).view(4, 1)
+            plane = (tops[:, :, :, 0] | tops[:, :, :, 1] | tops[:, :, :, 2] | tops[:, :, :, 3]).transpose(1, 2)
+            tiled = torch.cat([_nibble_steps(codes & 15).view(tiles, k // 16, 2 * 4 * TILE),
+                               plane.reshape(tiles, k // 16, 4 * TILE)], dim=2).reshape(tiles, -1)
+        self.register_buffer("codes", tiled.contiguous(), persistent=False)
         for name in ("d", "sc", "m", "mins"):
             values = getattr(weight, name)
             tiled = None if values is None else (F.pad(torch.from_numpy(values), (0, 0, 0, pad))
@@ -66,17 +72,37 @@ class GroupInt8Segment(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [rows, k] the stored codes stand for (``s * q + m``)."""
-        tiles = self.codes.shape[0]
-        if self.bits != 4:
-            codes = self.codes.view(tiles, self.k // 4, TILE, 4).transpose(1, 2).reshape(tiles * TILE, self.k)
+        tiles, k = self.codes.shape[0], self.k
+        if self.bits == 8:
+            codes = self.codes.view(tiles, k // 4, TILE, 4).transpose(1, 2).reshape(tiles * TILE, k)
+        elif self.bits == 4:
+            codes = _nibble_codes(self.codes, k)
         else:
-            packed = self.codes.view(tiles, self.k // 8, TILE, 4).transpose(1, 2)
-            codes = torch.stack([packed & 15, packed >> 4], dim=3).reshape(tiles * TILE, self.k)
+            chunks = self.codes.view(tiles, k // 16, 3 * 4 * TILE)
+            plane = chunks[:, :, 2 * 4 * TILE:].reshape(tiles, k // 16, TILE, 1, 4)
+            tops = (plane >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)) & 3   # [.., 16, step, 4]
+            codes = (_nibble_codes(chunks[:, :, :2 * 4 * TILE].reshape(tiles, -1), k)
+                     | (tops.transpose(1, 2).reshape(tiles * TILE, k) << 4))
 
         scales = self._per_group(self.d, self.sc)
         offsets = scales * -float(self.zero) if self.m is None else self._per_group(self.m, self.mins)
         return (scales.repeat_interleave(self.group, dim=1) * codes.float()
                 + offsets.repeat_interleave(self.group, dim=1))[:self.rows]
+
+
+def _nibble_steps(codes: torch.Tensor) -> torch.Tensor:
+    """Codes below 16, [tiles * 16, k] -> [tiles, 8 * k]: per 8 columns, byte ``4 r + j`` holds row r's columns
+    j (low nibble) and 4 + j (high nibble)."""
+    rows, k = codes.shape
+    pairs = codes.view(rows // TILE, TILE, k // 8, 2, 4)
+    return (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).transpose(1, 2).reshape(rows // TILE, -1)
+
+
+def _nibble_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of :func:`_nibble_steps`: [tiles, 8 * k] -> [tiles * 16, k]."""
+    tiles = packed.shape[0]
+    steps = packed.view(tiles, k // 8, TILE, 4).transpose(1, 2)
+    return torch.stack([steps & 15, steps >> 4], dim=3).reshape(tiles * TILE, k)
 
 
 def set_group_int8(layer: nn.Module, segments: list[GroupCodes]) -> None:

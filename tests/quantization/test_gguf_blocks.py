@@ -48,10 +48,10 @@ def test_rows_of_the_wrong_width_are_refused():
 
 
 # bytes a packed row of 256 columns holds (codes, fp16 scales per block, integer factors per group), beside the
-# file's: the 32-column formats in 4 bits or 8 take exactly the file's bytes, the others at most 2x (their
-# 2-, 3-, 5- and 6-bit codes stored in 4 bits or a byte)
-PACKED_BYTES = {"Q8_0": (272, 272), "Q4_0": (144, 144), "Q4_1": (160, 160), "Q5_0": (272, 176), "Q5_1": (288, 192),
-                "Q2_K": (164, 84), "Q3_K": (146, 110), "Q4_K": (148, 144), "Q5_K": (276, 176), "Q6_K": (274, 210)}
+# file's: the 32-column formats in 4 bits or 8 and Q6_K take exactly the file's bytes, the others at most 2x
+# (their 2-, 3- and 5-bit codes stored in 4 bits or 6)
+PACKED_BYTES = {"Q8_0": (272, 272), "Q4_0": (144, 144), "Q4_1": (160, 160), "Q5_0": (208, 176), "Q5_1": (224, 192),
+                "Q2_K": (164, 84), "Q3_K": (146, 110), "Q4_K": (148, 144), "Q5_K": (212, 176), "Q6_K": (210, 210)}
 
 
 @pytest.mark.parametrize("type_name", PACKED_TYPES)

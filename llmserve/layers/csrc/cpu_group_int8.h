@@ -8,8 +8,8 @@
 #define GI8_XSUM 16      /* activation columns per sum (the smallest weight group) */
 
 /* `rows` output rows of a weight of k inputs, as llmserve/quantization/group_int8.py lays them out. `bits`: 4
- * (two codes a byte), 6 (a byte each, every code below 64) or 8. Per tile of 16 output rows: `codes`, k * 8
- * bytes (k * 16 for 6- and 8-bit codes); `d` (and `m`), fp16 [k / (group * per_block)][16], one per
+ * (two codes a byte), 6 (the low 4 bits as 4-bit codes, the top 2 in a plane: 6 bits a code) or 8. Per tile of
+ * 16 output rows: `codes`, k * 2 * bits bytes; `d` (and `m`), fp16 [k / (group * per_block)][16], one per
  * row and block of `per_block` groups; `sc` (int8) and `mins` (uint8), [k / group][16], one per row and group
  * (NULL: 1). A group's scale is s = d * sc, its offset m * mins, or -zero * s when `m` is NULL (a signed
  * format's zero point): W[o, c] = s * code + offset, all products exact in float32. */

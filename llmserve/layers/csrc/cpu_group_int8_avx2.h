@@ -4,8 +4,8 @@
  * vpmaddubsw (u8 x s8, pairs summed to int16) takes 4-bit codes directly; an 8-bit code enters as its two
  * nibbles (code = 16 hi + lo), since two full 8-bit products can overflow the int16 pair sum. Nibble products
  * sum to at most 2 x 15 x 127 per lane and step, so a group of up to 32 columns is summed in int16 and widened
- * once (vpmaddwd) at its end. "6-bit" codes (a byte each, below 64: Q5_x, Q6_K) go in whole: a pair sum is at
- * most 2 x 63 x 127, so two steps add in int16 before one vpmaddwd widens them. A ymm register holds half a
+ * once (vpmaddwd) at its end. 6-bit codes (Q5_x, Q6_K), unpacked to bytes below 64, go in whole: a pair sum is
+ * at most 2 x 63 x 127, so two steps add in int16 before one vpmaddwd widens them. A ymm register holds half a
  * tile (8 output rows x 4 columns), so both paths work on half-tiles.
  * Few rows (decode): a register tile of a half-tile times up to GI8_AVX2_ROWS rows. Many rows (4-bit codes
  * from GI8_AVX2_GEMM_ROWS4 rows, the others above GI8_ROWS): the codes of 32 columns of a half-tile stay in
@@ -22,6 +22,24 @@
 static inline __m256i bcast4_256(const signed char *p) { int v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 static inline __m256 halves8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const void *)p)); }
 static inline __m128i bytes8(const void *p) { return _mm_loadl_epi64((const void *)p); }
+
+/* Step s (0-3) of a chunk of 6-bit codes, one half-tile: the low (s even) or high nibbles of `nibbles` ORed with
+ * bits 2 s, 2 s + 1 of each `plane` byte moved to bits 4-5 (16-bit shifts: what crosses a byte is masked off). */
+static inline __m256i six_bit_step(__m256i nibbles, __m256i plane, const int s) {
+    const __m256i low = _mm256_and_si256(s & 1 ? _mm256_srli_epi16(nibbles, 4) : nibbles, _mm256_set1_epi8(0x0f));
+    const __m256i top = s == 0 ? _mm256_slli_epi16(plane, 4) : s == 1 ? _mm256_slli_epi16(plane, 2)
+                                                             : s == 2 ? plane : _mm256_srli_epi16(plane, 2);
+    return _mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi8(0x30)));
+}
+
+/* The 6-bit codes of columns c..c+3 (*w) and c+4..c+7 (*w2) of rows 8 h .. 8 h + 7, c a multiple of 8, as bytes. */
+static inline void six_bit_pair(const unsigned char *codes, long c, int h, __m256i *w, __m256i *w2) {
+    const __m256i nibbles = _mm256_loadu_si256((const void *)(codes + six_bit_nibbles(c) + h * 32));
+    const __m256i plane = _mm256_loadu_si256((const void *)(codes + six_bit_plane(c) + h * 32));
+    const int s = (c & 8) ? 2 : 0;
+    *w = six_bit_step(nibbles, plane, s);
+    *w2 = six_bit_step(nibbles, plane, s + 1);
+}
 
 /* A chunk of quantised activation rows, span-major: span s (32 columns) of row m at q[(s * rows + m) * 32],
  * its scale at scale[s * rows + m], the sums of its weight groups (one or two) at sums[(s * rows + m) * groups]. */
@@ -63,8 +81,8 @@ half_tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, co
         const long c0 = g * group;
         if (bits == 6) {   /* codes below 64: a pair sum is at most 2 x 63 x 127, two of them fit an int16 */
             for (long c = c0; c < c0 + group; c += 8) {
-                const __m256i w = _mm256_loadu_si256((const void *)(codes + c * GI8_TILE + h * 32));
-                const __m256i w2 = _mm256_loadu_si256((const void *)(codes + (c + 4) * GI8_TILE + h * 32));
+                __m256i w, w2;
+                six_bit_pair(codes, c, h, &w, &w2);
                 for (int m = 0; m < mr; m++) {
                     const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w, bcast4_256(xq + m * k + c)),
                                                            _mm256_maddubs_epi16(w2, bcast4_256(xq + m * k + c + 4)));
@@ -136,6 +154,8 @@ half_tile_rows(const gi8_tile *t, const gi8_spans *x, long rows, long k, float *
                 const __m256i p = _mm256_loadu_si256((const void *)(t->codes + (c0 + 4 * j) * GI8_TILE / 2 + h * 32));
                 w[j] = _mm256_and_si256(p, low);
                 w[j + 1] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+            } else if (bits == 6) {
+                six_bit_pair(t->codes, c0 + 4 * j, h, &w[j], &w[j + 1]);
             } else {
                 w[j] = _mm256_loadu_si256((const void *)(t->codes + (c0 + 4 * j) * GI8_TILE + h * 32));
                 w[j + 1] = _mm256_loadu_si256((const void *)(t->codes + (c0 + 4 * j + 4) * GI8_TILE + h * 32));

@@ -16,7 +16,10 @@
  * Codes are stored per tile of 16 output rows, 4 columns a step: byte 4 r + j of step c is code[r, 4 c + j]
  * (8-bit), or code[r, 8 c + j] in the low nibble and code[r, 8 c + 4 + j] in the high one (4-bit, unpacked in
  * registers with a mask and a shift), so that one load feeds 16 (AVX-512) or 8 (AVX2) rows x 4 columns of u8 x s8
- * dot products. Scale factors are per tile too ([block][16] fp16, [group][16] integers), so a tile's rows expand
+ * dot products. 6-bit codes (Q5_x, Q6_K) come in chunks of 16 columns, 192 bytes: their low 4 bits as two 4-bit
+ * steps, then a 2-bit plane, bits 2 s and 2 s + 1 of byte 4 r + j the top bits of code[r, 16 c + 4 s + j]; a
+ * step's codes are its nibbles ORed with its plane bits moved to bits 4-5 (six_bit_step), so a decode step
+ * streams 6 bits a code, not 8. Scale factors are per tile too ([block][16] fp16, [group][16] integers), so a tile's rows expand
  * one vector of them. Each instruction set has a few-row path (decode: a register tile of every row times a
  * tile) and a many-row path (prefill, or decode at many concurrent sequences) in its own file:
  * cpu_group_int8_vnni.h and cpu_group_int8_avx2.h. All of them add the same terms in the same order, so a row's
@@ -45,8 +48,10 @@ static inline float group_xsum(const float *xsum_m, long g, const int group) {
     return group == 16 ? xsum_m[g] : xsum_m[2 * g] + xsum_m[2 * g + 1];
 }
 
-/* Bits a code takes in memory: 4-bit codes two to a byte, 6- and 8-bit ones a byte each. */
-static inline int code_bits(int bits) { return bits == 4 ? 4 : 8; }
+/* Bytes from the start of a tile's codes to the 4-bit step holding column c (a multiple of 8) of 6-bit codes,
+ * and to the 2-bit plane of column c's chunk of 16. */
+static inline long six_bit_nibbles(long c) { return (c / 16) * 3 * 4 * GI8_TILE + (c % 16) / 8 * 4 * GI8_TILE; }
+static inline long six_bit_plane(long c) { return (c / 16) * 3 * 4 * GI8_TILE + 2 * 4 * GI8_TILE; }
 
 /* One tile of 16 output rows of a gi8_weight: its codes and scale factors, and the zero point as -zero. */
 typedef struct {
@@ -60,7 +65,7 @@ typedef struct {
 
 static inline gi8_tile tile_at(const gi8_weight *w, long k, long t) {
     const long groups = k / w->group, blocks = groups / w->per_block;
-    gi8_tile v = {w->codes + t * (k * GI8_TILE * code_bits(w->bits) / 8), w->d + t * blocks * GI8_TILE,
+    gi8_tile v = {w->codes + t * (k * GI8_TILE * w->bits / 8), w->d + t * blocks * GI8_TILE,
                   w->m ? w->m + t * blocks * GI8_TILE : NULL, w->sc ? w->sc + t * groups * GI8_TILE : NULL,
                   w->mins ? w->mins + t * groups * GI8_TILE : NULL, __builtin_ctz((unsigned)w->per_block),
                   -(float)w->zero};
@@ -97,12 +102,15 @@ tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const f
         const long c0 = g * group;
         for (long c = c0; c < c0 + group; c += 4) {
             unsigned char w[GI8_TILE * 4];
-            if (bits != 4) {
+            if (bits == 8) {
                 memcpy(w, codes + c * GI8_TILE, sizeof w);
             } else {   /* columns c..c+3 are the low nibbles of their 8-column step, c+4..c+7 the high ones */
-                const unsigned char *p = codes + (c / 8) * 8 * GI8_TILE / 2;
+                const unsigned char *p = codes + (bits == 4 ? (c / 8) * 8 * GI8_TILE / 2 : six_bit_nibbles(c / 8 * 8));
                 const int shift = (c % 8) ? 4 : 0;
                 for (int i = 0; i < GI8_TILE * 4; i++) w[i] = (p[i] >> shift) & 15;
+                if (bits == 6)   /* the top 2 bits: bits 2 s, 2 s + 1 of the chunk's plane, s = step in the chunk */
+                    for (int i = 0; i < GI8_TILE * 4; i++)
+                        w[i] |= ((codes[six_bit_plane(c) + i] >> (2 * ((c % 16) / 4))) & 3) << 4;
             }
             for (int m = 0; m < mr; m++)
                 for (int r = 0; r < GI8_TILE; r++)

@@ -15,6 +15,34 @@
 #define GI8_GEMM_TILES 2 /* weight tiles per register tile of the many-row path */
 static inline __m512i bcast4(const signed char *p) { int v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 
+/* Step s (0-3) of a chunk of 6-bit codes: the low (s even) or high nibbles of `nibbles` ORed with bits 2 s,
+ * 2 s + 1 of each `plane` byte moved to bits 4-5 (16-bit shifts: what crosses a byte is masked off). */
+static inline __m512i six_bit_step(__m512i nibbles, __m512i plane, const int s) {
+    const __m512i low = _mm512_and_si512(s & 1 ? _mm512_srli_epi16(nibbles, 4) : nibbles, _mm512_set1_epi8(0x0f));
+    const __m512i top = s == 0 ? _mm512_slli_epi16(plane, 4) : s == 1 ? _mm512_slli_epi16(plane, 2)
+                                                             : s == 2 ? plane : _mm512_srli_epi16(plane, 2);
+    return _mm512_ternarylogic_epi32(low, top, _mm512_set1_epi8(0x30), 0xf8);   /* low | (top & 0x30) */
+}
+
+/* The codes of columns c..c+3 (*w) and c+4..c+7 (*w2) of a tile, c a multiple of 8, as bytes. */
+static inline __attribute__((always_inline)) void
+step_pair(const unsigned char *codes, long c, const int bits, __m512i *w, __m512i *w2) {
+    if (bits == 8) {
+        *w = _mm512_loadu_si512((const void *)(codes + c * GI8_TILE));
+        *w2 = _mm512_loadu_si512((const void *)(codes + (c + 4) * GI8_TILE));
+    } else if (bits == 4) {
+        const __m512i packed = _mm512_loadu_si512((const void *)(codes + c * GI8_TILE / 2));
+        *w = _mm512_and_si512(packed, _mm512_set1_epi8(0x0f));
+        *w2 = _mm512_and_si512(_mm512_srli_epi16(packed, 4), _mm512_set1_epi8(0x0f));
+    } else {
+        const __m512i nibbles = _mm512_loadu_si512((const void *)(codes + six_bit_nibbles(c)));
+        const __m512i plane = _mm512_loadu_si512((const void *)(codes + six_bit_plane(c)));
+        const int s = (c & 8) ? 2 : 0;
+        *w = six_bit_step(nibbles, plane, s);
+        *w2 = six_bit_step(nibbles, plane, s + 1);
+    }
+}
+
 /* Group g's scales and offsets of a tile's 16 rows, expanded to float32. */
 static inline void group_scales(const gi8_tile *t, long g, __m512 *s, __m512 *o) {
     const long b = g >> t->block_shift;
@@ -36,34 +64,21 @@ static inline void group_scales(const gi8_tile *t, long g, __m512 *s, __m512 *o)
 static inline __attribute__((always_inline)) void
 tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const float *xsum, long k, float *out,
           const int mr, const int bits, const int group) {
-    const unsigned char *codes = t->codes;
     __m512 acc[GI8_ROWS];
     for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
-    const __m512i low = _mm512_set1_epi8(0x0f);
     const long groups = k / group;
     for (long g = 0; g < groups; g++) {
-        /* two independent sums per row (even and odd steps, or low and high nibbles): vpdpbusd's latency
+        /* two independent sums per row (columns c..c+3 and c+4..c+7 of each step pair): vpdpbusd's latency
          * would otherwise bound a single row's chain */
         __m512i dot[GI8_ROWS], dot2[GI8_ROWS];
         for (int m = 0; m < mr; m++) dot[m] = dot2[m] = _mm512_setzero_si512();
         const long c0 = g * group;
-        if (bits != 4) {
-            for (long c = c0; c < c0 + group; c += 8) {
-                const __m512i w = _mm512_loadu_si512((const void *)(codes + c * GI8_TILE));
-                const __m512i w2 = _mm512_loadu_si512((const void *)(codes + (c + 4) * GI8_TILE));
-                for (int m = 0; m < mr; m++) {
-                    dot[m] = _mm512_dpbusd_epi32(dot[m], w, bcast4(xq + m * k + c));
-                    dot2[m] = _mm512_dpbusd_epi32(dot2[m], w2, bcast4(xq + m * k + c + 4));
-                }
-            }
-        } else {
-            for (long c = c0; c < c0 + group; c += 8) {
-                const __m512i w = _mm512_loadu_si512((const void *)(codes + c * GI8_TILE / 2));
-                const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-                for (int m = 0; m < mr; m++) {
-                    dot[m] = _mm512_dpbusd_epi32(dot[m], lo, bcast4(xq + m * k + c));
-                    dot2[m] = _mm512_dpbusd_epi32(dot2[m], hi, bcast4(xq + m * k + c + 4));
-                }
+        for (long c = c0; c < c0 + group; c += 8) {
+            __m512i w, w2;
+            step_pair(t->codes, c, bits, &w, &w2);
+            for (int m = 0; m < mr; m++) {
+                dot[m] = _mm512_dpbusd_epi32(dot[m], w, bcast4(xq + m * k + c));
+                dot2[m] = _mm512_dpbusd_epi32(dot2[m], w2, bcast4(xq + m * k + c + 4));
             }
         }
         for (int m = 0; m < mr; m++) dot[m] = _mm512_add_epi32(dot[m], dot2[m]);
@@ -87,7 +102,6 @@ panel_dots(const gi8_tile *tiles, const signed char *xq, const float *xscale, co
     __m512 acc[GI8_GEMM_ROWS][GI8_GEMM_TILES];
     for (int m = 0; m < mr; m++)
         for (int t = 0; t < nt; t++) acc[m][t] = _mm512_setzero_ps();
-    const __m512i low = _mm512_set1_epi8(0x0f);
     const long groups = k / group;
     for (long g = 0; g < groups; g++) {
         __m512i dot[GI8_GEMM_ROWS][GI8_GEMM_TILES];
@@ -96,16 +110,7 @@ panel_dots(const gi8_tile *tiles, const signed char *xq, const float *xscale, co
         const long c0 = g * group;
         for (long c = c0; c < c0 + group; c += 8) {
             __m512i w[GI8_GEMM_TILES], w2[GI8_GEMM_TILES];
-            for (int t = 0; t < nt; t++) {
-                if (bits != 4) {
-                    w[t] = _mm512_loadu_si512((const void *)(tiles[t].codes + c * GI8_TILE));
-                    w2[t] = _mm512_loadu_si512((const void *)(tiles[t].codes + (c + 4) * GI8_TILE));
-                } else {
-                    const __m512i packed = _mm512_loadu_si512((const void *)(tiles[t].codes + c * GI8_TILE / 2));
-                    w[t] = _mm512_and_si512(packed, low);
-                    w2[t] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-                }
-            }
+            for (int t = 0; t < nt; t++) step_pair(tiles[t].codes, c, bits, &w[t], &w2[t]);
             for (int m = 0; m < mr; m++) {
                 const __m512i a = bcast4(xq + m * k + c), a2 = bcast4(xq + m * k + c + 4);
                 for (int t = 0; t < nt; t++)
