@@ -79,6 +79,7 @@ half_tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, co
         __m256i dlo[GI8_AVX2_ROWS], dhi[GI8_AVX2_ROWS];
         for (int m = 0; m < mr; m++) dlo[m] = dhi[m] = _mm256_setzero_si256();
         const long c0 = g * group;
+        if (h == 0) prefetch_codes(codes, c0, group, bits);   /* the second half reads the lines the first did */
         if (bits == 6) {   /* codes below 64: a pair sum is at most 2 x 63 x 127, two of them fit an int16 */
             for (long c = c0; c < c0 + group; c += 8) {
                 __m256i w, w2;

@@ -42,10 +42,18 @@
 
 #define GI8_TILE 16      /* output rows per tile */
 #define GI8_ROWS 8       /* activation rows per register tile */
+#define GI8_PREFETCH 4096 /* bytes ahead of the codes being read that the few-row paths prefetch */
 
 /* The offset term's sum of x over group g (16 or 32 columns) of a row's 16-column sums. */
 static inline float group_xsum(const float *xsum_m, long g, const int group) {
     return group == 16 ? xsum_m[g] : xsum_m[2 * g] + xsum_m[2 * g + 1];
+}
+
+/* Prefetch a tile's codes of columns [c0, c0 + columns), GI8_PREFETCH bytes ahead. At a few rows each weight is
+ * read once, at the memory's speed, and the hardware prefetchers do not run far enough ahead of such a stream;
+ * tiles lie back to back, so near a tile's end this fetches the next one's start. */
+static inline void prefetch_codes(const unsigned char *codes, long c0, long columns, const int bits) {
+    for (long i = 0; i < columns * 2 * bits; i += 64) __builtin_prefetch(codes + c0 * 2 * bits + GI8_PREFETCH + i, 0, 3);
 }
 
 /* Bytes from the start of a tile's codes to the 4-bit step holding column c (a multiple of 8) of 6-bit codes,

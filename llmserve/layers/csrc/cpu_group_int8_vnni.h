@@ -73,6 +73,7 @@ tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const f
         __m512i dot[GI8_ROWS], dot2[GI8_ROWS];
         for (int m = 0; m < mr; m++) dot[m] = dot2[m] = _mm512_setzero_si512();
         const long c0 = g * group;
+        prefetch_codes(t->codes, c0, group, bits);
         for (long c = c0; c < c0 + group; c += 8) {
             __m512i w, w2;
             step_pair(t->codes, c, bits, &w, &w2);
