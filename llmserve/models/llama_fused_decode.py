@@ -170,11 +170,7 @@ class FusedDecode:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 metadata: TorchAttentionMetadata) -> torch.Tensor:
         """The final norm's output for an all-decode step (:meth:`accepts`), as the module path computes it."""
-        if metadata.num_decodes == len(metadata.layout.query_lens):
-            decodes = metadata.decodes_for(None)
-            block_tables, seq_lens = decodes.block_tables, decodes.seq_lens
-        else:
-            block_tables, seq_lens = token_rows(metadata.layout)
+        block_tables, seq_lens = token_rows(metadata.layout)
         return self.decode_tokens(input_ids, positions, metadata.slot_mapping.to(torch.int64), block_tables, seq_lens)
 
     def decode_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -196,6 +192,9 @@ def token_rows(layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """``(block tables, sequence lengths)`` with one decode row per token of the step: token j of a row with
     context c attends to the first c + j + 1 positions of its sequence. The C step writes every token's K/V
     before any row attends, so these rows give each token exactly its causal attention."""
+    if layout.num_decodes == len(layout.query_lens):   # a row a token already
+        tables = np.ascontiguousarray(layout.block_tables)
+        return torch.from_numpy(tables), torch.from_numpy(np.asarray(layout.context_lens, dtype=np.int32) + 1)
     query = np.asarray(layout.query_lens)
     starts = np.repeat(np.cumsum(query) - query, query)
     seq_lens = (np.repeat(np.asarray(layout.context_lens), query) + np.arange(int(query.sum())) - starts + 1)

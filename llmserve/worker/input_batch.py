@@ -283,40 +283,47 @@ class InputBatch:
     # ------------------------------------------------------------------ one step's inputs
     def prepare(self, num_scheduled_tokens: dict[int, int]) -> StepInputs:
         """Gather the step's flat inputs from the rows of its sequences (decodes first, in a stable order)."""
+        # (a decode step's batch is small and this runs every step: each NumPy call here costs about what its
+        # arithmetic does, so an all-decode step skips the reordering and the per-token expansion)
         seq_ids = list(num_scheduled_tokens)
-        counts = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=len(seq_ids))
-        order = np.argsort(counts != 1, kind="stable")
-        seq_ids = [seq_ids[i] for i in order]
-        q = counts[order]
+        q = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=len(seq_ids))
+        num_decodes = int((q == 1).sum())
+        if num_decodes < len(seq_ids):   # decodes first, in a stable order
+            order = np.argsort(q != 1, kind="stable")
+            seq_ids = [seq_ids[i] for i in order]
+            q = q[order]
         rows = np.fromiter((self.seqs[i].row for i in seq_ids), dtype=np.int64, count=len(seq_ids))
         ctx = self.num_computed[rows]
-        ends = np.cumsum(q)
-        starts = ends - q
-        row_of_token = np.repeat(rows, q)
-        positions = np.repeat(ctx - starts, q) + np.arange(int(ends[-1]))
+        ends = q.cumsum()
+        if num_decodes == len(seq_ids):
+            row_of_token, positions = rows, ctx
+        else:
+            row_of_token = np.repeat(rows, q)
+            positions = np.repeat(ctx - (ends - q), q) + np.arange(int(ends[-1]))
         bs = self.block_size
         # (C order: numpy lays out advanced-index results token-major, and each group's row must be contiguous
         # for the kernels)
         slots = self.block_tables[:, row_of_token, positions // bs].astype(np.int64, order="C") * bs + positions % bs
-        sampled = np.flatnonzero((ctx + q == self.num_tokens[rows] + self.num_drafts[rows]) & ~self.pools[rows])
-        width = int(max(1, (-(-(ctx + q) // bs)).max()))
+        reach = ctx + q
+        sampled = np.flatnonzero((reach == self.num_tokens[rows] + self.num_drafts[rows]) & ~self.pools[rows])
+        width = max(1, -(-int(reach.max()) // bs))
         prompt_rows, pool_rows = [], []
         if self._prompt_logprob_seqs or self._pooling_seqs:
             index = {seq_id: i for i, seq_id in enumerate(seq_ids)}
             for seq_id, seq in self._prompt_logprob_seqs.items():
                 i = index.get(seq_id)
                 if i is not None and ctx[i] < seq.num_prompt_tokens - 1:
-                    prompt_rows.append((seq, int(starts[i]), int(ctx[i]), int(q[i])))
+                    prompt_rows.append((seq, int(ends[i] - q[i]), int(ctx[i]), int(q[i])))
             for seq_id, seq in self._pooling_seqs.items():
                 i = index.get(seq_id)
                 if i is not None:
                     assert seq.pooling is not None
-                    pool_rows.append(PoolRow(seq_id, seq.pooling, int(starts[i]), int(ctx[i]), int(q[i]),
+                    pool_rows.append(PoolRow(seq_id, seq.pooling, int(ends[i] - q[i]), int(ctx[i]), int(q[i]),
                                              seq.num_prompt_tokens))
         return StepInputs(
             seq_ids=seq_ids, input_ids=self.token_ids[row_of_token, positions].astype(np.int64), positions=positions,
             rotary_lengths=np.maximum(self.num_prompt[row_of_token], positions + 1),
             slot_mapping=slots, query_lens=q.tolist(), context_lens=ctx.tolist(),
-            block_tables=np.ascontiguousarray(self.block_tables[:, rows, :width]), num_decodes=int((q == 1).sum()),
+            block_tables=np.ascontiguousarray(self.block_tables[:, rows, :width]), num_decodes=num_decodes,
             sample_rows=(ends[sampled] - 1).tolist(), sample_seqs=[self.seqs[seq_ids[i]] for i in sampled],
             prompt_rows=prompt_rows, pool_rows=pool_rows, lora_ids=self.lora_ids[rows] if self._lora_rows else None)
