@@ -54,13 +54,17 @@ static inline float quantize_block(const float *xb, signed char *q, int *sums) {
 }
 #endif
 
+#define GI8_QUANTIZE_PARALLEL_MIN (1L << 14)   /* values from which the rows are shared among the threads */
+
 /* Quantises M rows of x [M, k] (k a multiple of 32): xq [M, k] int8, xscale [M, k / 32], and xsum [M, k / 16]
- * the dequantised sums (xscale times the sum of 16 codes).
+ * the dequantised sums (xscale times the sum of 16 codes). A decode step's few rows are quantised by the calling
+ * thread alone: a parallel region's start and end would cost more than the work, and with one row the other
+ * threads would only wait.
  * Returns 0, or -1 when k is not a multiple of 32. */
 int llmserve_group_int8_quantize(const float *x, long x_stride, long M, long k, signed char *xq, float *xscale,
                                  float *xsum, int num_threads) {
     if (k % GI8_XBLOCK) return -1;
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    #pragma omp parallel for schedule(static) num_threads(num_threads) if (M * k >= GI8_QUANTIZE_PARALLEL_MIN)
     for (long m = 0; m < M; m++) {
         for (long b = 0; b < k / GI8_XBLOCK; b++) {
             int sums[GI8_XBLOCK / GI8_XSUM];
