@@ -7,7 +7,8 @@
  * walks the block table, prefetching the rows a few tokens ahead, scores every query head sharing a KV
  * head against each key as it is read (grouped-query attention reads K/V once per group, not once per
  * query head), takes an exact softmax over the scores with a vectorised exp, then accumulates the
- * values. Items are spread over the OpenMP threads dynamically, since context lengths differ. float32; caches are [num_blocks, block_size, num_kv_heads, head_dim],
+ * values with the output sums of a few query heads held in registers over every token (summing into the output
+ * in memory token by token made each step a load and a store per vector). Items are spread over the OpenMP threads dynamically, since context lengths differ. float32; caches are [num_blocks, block_size, num_kv_heads, head_dim],
  * contiguous within a block (blocks may lie a padded page apart: a cache tensor shared by layers of different
  * shapes). Head sizes that are a multiple of 16 take the vector path, others a scalar one.
  *
@@ -151,24 +152,40 @@ static inline float load_entry(const void *cache, long i, const int fmt) {
     }
 }
 
-/* The entry index where token t of a sequence starts in a cache, for KV head 0: blocks lie `block_stride`
- * entries apart (block_size * token_stride, or more where a shared cache pads each block's page). */
-static inline long token_row(const int *table, long t, long block_size, long block_stride, long token_stride) {
-    return table[t / block_size] * block_stride + t % block_size * token_stride;
+/* A walk over a sequence's tokens in order, giving the cache entry where each one's row starts for KV head 0:
+ * blocks lie `block_stride` entries apart (block_size * token_stride, or more where a shared cache pads each
+ * block's page). It steps through the block table rather than dividing each token's index by the block size. */
+typedef struct {
+    const int *table;
+    long block, offset, block_size, block_stride, token_stride;
+} token_walk;
+
+static inline token_walk walk_from(const int *table, long t, long block_size, long block_stride, long token_stride) {
+    const token_walk w = {table, t / block_size, t % block_size, block_size, block_stride, token_stride};
+    return w;
 }
 
-/* Prefetch the entries [first, first + count) of token t's row, if t is in the sequence: rows of consecutive
- * tokens lie apart (one per slot, blocks scattered), so the hardware prefetchers miss them. */
-static inline void prefetch_row(const void *cache, const int *table, long t, long seq_len, long block_size,
-                                long block_stride, long token_stride, long first, long count, const int fmt) {
-    if (t >= seq_len) return;
+static inline long walk_row(const token_walk *w) {
+    return w->table[w->block] * w->block_stride + w->offset * w->token_stride;
+}
+
+static inline void walk_next(token_walk *w) {
+    if (++w->offset == w->block_size) {
+        w->offset = 0;
+        w->block++;
+    }
+}
+
+/* Prefetch the entries [first, first + count) of the row `w` is at: rows of consecutive tokens lie apart (one
+ * per slot, blocks scattered), so the hardware prefetchers miss them. */
+static inline void prefetch_row(const void *cache, const token_walk *w, long first, long count, const int fmt) {
     const long entry_size = fmt == KV_F32 ? (long)sizeof(float) : fmt == KV_BF16 ? 2 : 1;
-    const char *row = (const char *)cache
-                      + (token_row(table, t, block_size, block_stride, token_stride) + first) * entry_size;
+    const char *row = (const char *)cache + (walk_row(w) + first) * entry_size;
     for (long i = 0; i < count * entry_size; i += 64) __builtin_prefetch(row + i, 0, 3);
 }
 
 #define PREFETCH_TOKENS 4   /* how far ahead rows are prefetched */
+#define V_SUMS (REG_ACCS * 2 / 3)   /* register vectors of output sums the value pass keeps */
 
 /* The vector path: head_dim = nv * 16 (`nv` is a constant at the call sites that matter: 4, 8), for the
  * query heads of KV heads [kv_head, kv_head + kv_count): `q` and `out` point at the first of them. Keys
@@ -185,10 +202,11 @@ attend_vec(const float *q, const void *k_cache, const void *v_cache, const int *
     const long rows = kv_count * group;   /* query heads attended: score rows */
     const long len = seq_len - start;   /* t below counts from the window's start */
     const int nr = nv * RPARTS;
-    for (long t = 0; t < len; t++) {
-        prefetch_row(k_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, block_stride, token_stride,
-                     first, count, fmt);
-        long k = token_row(table, start + t, block_size, block_stride, token_stride) + first;
+    token_walk at = walk_from(table, start, block_size, block_stride, token_stride);
+    token_walk ahead = walk_from(table, start + PREFETCH_TOKENS, block_size, block_stride, token_stride);
+    for (long t = 0; t < len; t++, walk_next(&at), walk_next(&ahead)) {
+        if (t + PREFETCH_TOKENS < len) prefetch_row(k_cache, &ahead, first, count, fmt);
+        long k = walk_row(&at) + first;
         for (long h = 0; h < kv_count; h++, k += head_dim) {
             rvec kv[MAX_VECS * RPARTS];
             for (int c = 0; c < nv; c++) load_entry_parts(k_cache, k + c * LANES, fmt, kv + c * RPARTS);
@@ -201,21 +219,37 @@ attend_vec(const float *q, const void *k_cache, const void *v_cache, const int *
         }
     }
     softmax_rows(scores, rows, len, len, soft_cap, slopes, start - (seq_len - 1));
-    memset(out, 0, sizeof(float) * rows * head_dim);
-    for (long t = 0; t < len; t++) {
-        prefetch_row(v_cache, table, start + t + PREFETCH_TOKENS, seq_len, block_size, block_stride, token_stride,
-                     first, count, fmt);
-        long v = token_row(table, start + t, block_size, block_stride, token_stride) + first;
-        for (long h = 0; h < kv_count; h++, v += head_dim) {
-            rvec vv[MAX_VECS * RPARTS];
-            for (int c = 0; c < nv; c++) load_entry_parts(v_cache, v + c * LANES, fmt, vv + c * RPARTS);
-            for (long g = 0; g < group; g++) {
-                const rvec p = rsplat(scores[(h * group + g) * len + t]);
-                float *oh = out + (h * group + g) * head_dim;
-                for (int c = 0; c < nr; c++) rstore(oh + c * RLANES, rload(oh + c * RLANES) + p * vv[c]);
+    /* Values: up to V_SUMS register vectors of output sums at a time (a few query heads of one KV head, which
+     * with a small head is the whole group), each summed over every token in order; wider heads or groups
+     * go a head or a part of one at a time, re-reading their V rows from the cache. */
+    const int per_pass = nr <= V_SUMS ? V_SUMS / nr : 1, width = nr <= V_SUMS ? nr : V_SUMS;
+    for (long h = 0; h < kv_count; h++)
+        for (long g0 = 0; g0 < group; g0 += per_pass)
+            for (int c0 = 0; c0 < nr; c0 += width) {
+                const int heads = group - g0 < per_pass ? (int)(group - g0) : per_pass;
+                const int parts = nr - c0 < width ? nr - c0 : width;   /* width, but for a wide head's last part */
+                rvec acc[V_SUMS];
+                for (int i = 0; i < V_SUMS; i++) acc[i] = rsplat(0.0f);
+                const float *p = scores + (h * group + g0) * len;
+                const int fetch = g0 == 0 && c0 == 0;   /* later passes over the head find its rows cached */
+                token_walk at = walk_from(table, start, block_size, block_stride, token_stride);
+                token_walk ahead = walk_from(table, start + PREFETCH_TOKENS, block_size, block_stride, token_stride);
+                for (long t = 0; t < len; t++, walk_next(&at), walk_next(&ahead)) {
+                    if (fetch && t + PREFETCH_TOKENS < len)
+                        prefetch_row(v_cache, &ahead, first + h * head_dim, head_dim, fmt);
+                    const long v = walk_row(&at) + first + h * head_dim + c0 * RLANES;
+                    rvec vv[V_SUMS];
+                    for (int c = 0; c < parts; c += RPARTS) load_entry_parts(v_cache, v + c * RLANES, fmt, vv + c);
+                    for (int g = 0; g < V_SUMS / width; g++)
+                        if (g < heads) {
+                            const rvec pg = rsplat(p[g * len + t]);
+                            for (int c = 0; c < parts; c++) acc[g * width + c] += pg * vv[c];
+                        }
+                }
+                for (int g = 0; g < heads; g++)
+                    for (int c = 0; c < parts; c++)
+                        rstore(out + (h * group + g0 + g) * head_dim + (c0 + c) * RLANES, acc[g * width + c]);
             }
-        }
-    }
 }
 
 /* The scalar path, for head sizes that are not a multiple of 16 (same arguments). */
@@ -226,8 +260,9 @@ static void attend_scalar(const float *q, const void *k_cache, const void *v_cac
     const long token_stride = num_kv_heads * head_dim;
     const long rows = kv_count * group;
     const long len = seq_len - start;
-    for (long t = start; t < seq_len; t++) {
-        const long k = token_row(table, t, block_size, block_stride, token_stride) + kv_head * head_dim;
+    token_walk at = walk_from(table, start, block_size, block_stride, token_stride);
+    for (long t = start; t < seq_len; t++, walk_next(&at)) {
+        const long k = walk_row(&at) + kv_head * head_dim;
         for (long r = 0; r < rows; r++) {
             const long kh = k + (r / group) * head_dim;
             float s = 0.f;
@@ -237,8 +272,9 @@ static void attend_scalar(const float *q, const void *k_cache, const void *v_cac
     }
     softmax_rows(scores, rows, len, len, soft_cap, slopes, start - (seq_len - 1));
     memset(out, 0, sizeof(float) * rows * head_dim);
-    for (long t = start; t < seq_len; t++) {
-        const long v = token_row(table, t, block_size, block_stride, token_stride) + kv_head * head_dim;
+    at = walk_from(table, start, block_size, block_stride, token_stride);
+    for (long t = start; t < seq_len; t++, walk_next(&at)) {
+        const long v = walk_row(&at) + kv_head * head_dim;
         for (long r = 0; r < rows; r++)
             for (long d = 0; d < head_dim; d++)
                 out[r * head_dim + d] += scores[r * len + (t - start)]
