@@ -8,8 +8,9 @@
  * head against each key as it is read (grouped-query attention reads K/V once per group, not once per
  * query head), takes an exact softmax over the scores with a vectorised exp, then accumulates the
  * values with the output sums of a few query heads held in registers over every token (summing into the output
- * in memory token by token made each step a load and a store per vector). Items are spread over the OpenMP threads dynamically, since context lengths differ. float32; caches are [num_blocks, block_size, num_kv_heads, head_dim],
- * contiguous within a block (blocks may lie a padded page apart: a cache tensor shared by layers of different
+ * in memory token by token made each step a load and a store per vector). Items are spread over the OpenMP
+ * threads dynamically, since context lengths differ. float32; caches are [num_blocks, block_size, num_kv_heads,
+ * head_dim], contiguous within a block (blocks may lie a padded page apart: a cache tensor shared by layers of different
  * shapes). Head sizes that are a multiple of 16 take the vector path, others a scalar one.
  *
  * A sliding window (`window` > 0) makes a sequence of length n attend only its last `window` tokens,
