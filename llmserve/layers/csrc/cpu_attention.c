@@ -10,8 +10,8 @@
  * values with the output sums of a few query heads held in registers over every token (summing into the output
  * in memory token by token made each step a load and a store per vector). Items are spread over the OpenMP
  * threads dynamically, since context lengths differ. float32; caches are [num_blocks, block_size, num_kv_heads,
- * head_dim], contiguous within a block (blocks may lie a padded page apart: a cache tensor shared by layers of different
- * shapes). Head sizes that are a multiple of 16 take the vector path, others a scalar one.
+ * head_dim], contiguous within a block (blocks may lie a padded page apart: a cache tensor shared by layers of
+ * different shapes). Head sizes that are a multiple of 16 take the vector path, others a scalar one.
  *
  * A sliding window (`window` > 0) makes a sequence of length n attend only its last `window` tokens,
  * positions [n - window, n): the walk simply starts there. A logit soft-cap (`soft_cap` > 0, Gemma 2)

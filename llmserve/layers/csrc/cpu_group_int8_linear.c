@@ -19,9 +19,9 @@
  * dot products. 6-bit codes (Q5_x, Q6_K) come in chunks of 16 columns, 192 bytes: their low 4 bits as two 4-bit
  * steps, then a 2-bit plane, bits 2 s and 2 s + 1 of byte 4 r + j the top bits of code[r, 16 c + 4 s + j]; a
  * step's codes are its nibbles ORed with its plane bits moved to bits 4-5 (six_bit_step), so a decode step
- * streams 6 bits a code, not 8. Scale factors are per tile too ([block][16] fp16, [group][16] integers), so a tile's rows expand
- * one vector of them. Each instruction set has a few-row path (decode: a register tile of every row times a
- * tile) and a many-row path (prefill, or decode at many concurrent sequences) in its own file:
+ * streams 6 bits a code, not 8. Scale factors are per tile too ([block][16] fp16, [group][16] integers), so a
+ * tile's rows expand one vector of them. Each instruction set has a few-row path (decode: a register tile of
+ * every row times a tile) and a many-row path (prefill, or decode at many concurrent sequences) in its own file:
  * cpu_group_int8_vnni.h and cpu_group_int8_avx2.h. All of them add the same terms in the same order, so a row's
  * output depends neither on the path nor on how many rows share the call. Without AVX2 the arithmetic is
  * portable code (tile_dots below), in the same order. */
@@ -53,7 +53,8 @@ static inline float group_xsum(const float *xsum_m, long g, const int group) {
  * read once, at the memory's speed, and the hardware prefetchers do not run far enough ahead of such a stream;
  * tiles lie back to back, so near a tile's end this fetches the next one's start. */
 static inline void prefetch_codes(const unsigned char *codes, long c0, long columns, const int bits) {
-    for (long i = 0; i < columns * 2 * bits; i += 64) __builtin_prefetch(codes + c0 * 2 * bits + GI8_PREFETCH + i, 0, 3);
+    for (long i = 0; i < columns * 2 * bits; i += 64)
+        __builtin_prefetch(codes + c0 * 2 * bits + GI8_PREFETCH + i, 0, 3);
 }
 
 /* Bytes from the start of a tile's codes to the 4-bit step holding column c (a multiple of 8) of 6-bit codes,
@@ -113,7 +114,8 @@ tile_dots(const gi8_tile *t, const signed char *xq, const float *xscale, const f
             if (bits == 8) {
                 memcpy(w, codes + c * GI8_TILE, sizeof w);
             } else {   /* columns c..c+3 are the low nibbles of their 8-column step, c+4..c+7 the high ones */
-                const unsigned char *p = codes + (bits == 4 ? (c / 8) * 8 * GI8_TILE / 2 : six_bit_nibbles(c / 8 * 8));
+                const unsigned char *p = codes + (bits == 4 ? (c / 8) * 8 * GI8_TILE / 2
+                                                            : six_bit_nibbles(c / 8 * 8));
                 const int shift = (c % 8) ? 4 : 0;
                 for (int i = 0; i < GI8_TILE * 4; i++) w[i] = (p[i] >> shift) & 15;
                 if (bits == 6)   /* the top 2 bits: bits 2 s, 2 s + 1 of the chunk's plane, s = step in the chunk */
