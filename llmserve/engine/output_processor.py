@@ -92,7 +92,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(sample.is_finished for sample in self.samples)
+        for sample in self.samples:   # a loop, not all(genexpr): it runs for every request on every step
+            if sample.finish_reason is None:
+                return False
+        return True
 
     @property
     def is_pooling(self) -> bool:
@@ -283,15 +286,23 @@ class OutputProcessor:
             state.prompt_logprobs_sent |= complete
             prompt_logprobs = prompt_logprobs if complete else None
         samples = state.samples
-        metrics = RequestMetrics(
-            arrival_time=state.arrival_time,
-            first_scheduled_time=min((s.first_scheduled_time for s in samples if s.first_scheduled_time),
-                                     default=None),
-            first_token_time=min((s.first_token_time for s in samples if s.first_token_time), default=None),
-            last_token_time=max((s.last_token_time for s in samples if s.last_token_time), default=None),
-            finished_time=state.finished_time,
-        )
+        if len(samples) == 1:   # the usual request, on every streamed token: no generator expressions
+            sample = samples[0]
+            metrics = RequestMetrics(state.arrival_time, sample.first_scheduled_time or None,
+                                     sample.first_token_time or None, sample.last_token_time or None,
+                                     state.finished_time)
+            num_preemptions, num_generated = sample.num_preemptions, len(sample.output_token_ids)
+        else:
+            metrics = RequestMetrics(
+                arrival_time=state.arrival_time,
+                first_scheduled_time=min((s.first_scheduled_time for s in samples if s.first_scheduled_time),
+                                         default=None),
+                first_token_time=min((s.first_token_time for s in samples if s.first_token_time), default=None),
+                last_token_time=max((s.last_token_time for s in samples if s.last_token_time), default=None),
+                finished_time=state.finished_time,
+            )
+            num_preemptions = sum(s.num_preemptions for s in samples)
+            num_generated = max(len(s.output_token_ids) for s in samples)
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, prompt_logprobs,
-                             completions, finished, metrics, sum(s.num_preemptions for s in samples),
-                             num_generated_tokens=max(len(s.output_token_ids) for s in samples),
+                             completions, finished, metrics, num_preemptions, num_generated_tokens=num_generated,
                              error=state.error)

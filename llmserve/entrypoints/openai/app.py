@@ -34,6 +34,7 @@ from llmserve.entrypoints.openai.dashboard import dashboard_page, dashboard_stat
 from llmserve.entrypoints.openai.embedding_protocol import EmbeddingRequest
 from llmserve.entrypoints.openai.errors import APIError, error_response, install_error_handlers
 from llmserve.entrypoints.openai.http_protocol import http_protocol
+from llmserve.gc_heap import freeze_startup_heap
 from llmserve.entrypoints.openai.middleware import RequestId, RequestLimits, RequireApiKey
 from llmserve.entrypoints.openai.openapi import (PrometheusText, install_openapi, json_ok, json_or_events_ok,
                                                  named_events_ok, route, text_ok)
@@ -110,6 +111,7 @@ class ServerState:
             async_engine.start(loop)
             if renders:
                 self.chat.renderer.wait_started()
+            freeze_startup_heap()   # before the first request: no collection walks the startup heap again
             self.engine = async_engine
             logger.info("ready: serving %s", ", ".join(names + list(models.lora_requests)))
         except BaseException as exc:   # noqa: BLE001

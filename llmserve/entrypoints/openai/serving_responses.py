@@ -8,7 +8,6 @@ numbered (``sequence_number``), and the stream ends with ``response.completed`` 
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +19,7 @@ from pydantic import ValidationError
 from llmserve.entrypoints.openai.errors import APIError
 from llmserve.entrypoints.openai.responses_output import OutputEvents, output_items
 from llmserve.entrypoints.openai.responses_protocol import ResponsesRequest
-from llmserve.entrypoints.openai.serving_base import SSEFraming, Submitted
+from llmserve.entrypoints.openai.serving_base import SSEFraming, Submitted, encode_json
 from llmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from llmserve.entrypoints.openai.tool_calling import ToolCalling
 from llmserve.errors import InvalidRequestError
@@ -37,15 +36,15 @@ class ResponsesFraming(SSEFraming):
     def __init__(self) -> None:
         self.sequence_number = 0
 
-    def event(self, data: dict) -> str:
+    def event(self, data: dict) -> bytes:
         data = {**data, "sequence_number": self.sequence_number}
         self.sequence_number += 1
-        return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+        return b"event: " + data["type"].encode() + b"\ndata: " + encode_json(data) + b"\n\n"
 
-    def error(self, status: int, message: str, code: str | None) -> str:
+    def error(self, status: int, message: str, code: str | None) -> bytes:
         return self.event({"type": "error", "code": code, "message": message, "param": None})
 
-    def closing(self) -> list[str]:
+    def closing(self) -> list[bytes]:
         return []
 
 
@@ -108,7 +107,7 @@ class OpenAIServingResponses:
         }
 
     def _stream(self, body: ResponsesRequest, submitted: Submitted, tool_calling: ToolCalling
-                ) -> AsyncIterator[str]:
+                ) -> AsyncIterator[bytes]:
         framing = ResponsesFraming()
         events = OutputEvents(tool_calling)
         started = self._response(body, submitted, [], None, False)
@@ -123,7 +122,7 @@ class OpenAIServingResponses:
             response = self._response(body, submitted, events.items, outputs[0], incomplete)
             return [{"type": "response.incomplete" if incomplete else "response.completed", "response": response}]
 
-        async def stream() -> AsyncIterator[str]:
+        async def stream() -> AsyncIterator[bytes]:
             yield framing.event({"type": "response.created", "response": started})
             yield framing.event({"type": "response.in_progress", "response": started})
             async for event in self.chat.stream_events(submitted, render, finish, framing):

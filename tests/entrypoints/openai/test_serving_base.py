@@ -27,10 +27,15 @@ from llmserve.entrypoints.openai.serving_base import TIMED_OUT, StreamReader, ss
 
 def test_event_bytes():
     chunk = {"id": "cmpl-1", "choices": [{"index": 0, "text": "Grüße ✓", "logprobs": None}], "usage": None}
-    assert sse(chunk) == ('data: {"id": "cmpl-1", "choices": [{"index": 0, "text": "Grüße ✓", "logprobs": null}], '
-                          '"usage": null}\n\n')
-    assert sse(chunk) == f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-    assert sse("[DONE]") == "data: [DONE]\n\n"
+    assert sse(chunk) == ('data: {"id":"cmpl-1","choices":[{"index":0,"text":"Grüße ✓","logprobs":null}],'
+                          '"usage":null}\n\n').encode()   # UTF-8, not \\u escapes
+    assert json.loads(sse(chunk)[len(b"data: "):]) == chunk
+    assert sse("[DONE]") == b"data: [DONE]\n\n"
+
+
+def test_a_non_finite_float_is_written_as_null():
+    """json.dumps would write -Infinity, which is not JSON: strict clients could not parse the event."""
+    assert json.loads(sse({"logprob": float("-inf"), "x": float("nan")})[len(b"data: "):]) == {"logprob": None, "x": None}
 
 
 async def _stream(items: list, delay: float = 0.0, fail: BaseException | None = None) -> AsyncIterator:
