@@ -34,7 +34,6 @@ from llmserve.entrypoints.openai.dashboard import dashboard_page, dashboard_stat
 from llmserve.entrypoints.openai.embedding_protocol import EmbeddingRequest
 from llmserve.entrypoints.openai.errors import APIError, error_response, install_error_handlers
 from llmserve.entrypoints.openai.http_protocol import http_protocol
-from llmserve.gc_heap import freeze_startup_heap
 from llmserve.entrypoints.openai.middleware import RequestId, RequestLimits, RequireApiKey
 from llmserve.entrypoints.openai.openapi import (PrometheusText, install_openapi, json_ok, json_or_events_ok,
                                                  named_events_ok, route, text_ok)
@@ -54,6 +53,7 @@ from llmserve.entrypoints.openai.serving_models import (LoadLoRAAdapterRequest, 
                                                         UnloadLoRAAdapterRequest)
 from llmserve.entrypoints.openai.serving_responses import OpenAIServingResponses
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
+from llmserve.gc_heap import freeze_startup_heap
 from llmserve.metrics.prometheus import EngineMetrics
 
 logger = logging.getLogger("llmserve.api")
