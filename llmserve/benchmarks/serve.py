@@ -44,7 +44,6 @@ from llmserve.benchmarks.metrics import (DETAIL_FIELDS, RequestResult, compute_m
                                          parse_goodput, parse_metric_list, parse_percentiles)
 from llmserve.benchmarks.results import check_result_args, default_filename, save_result, saving
 from llmserve.benchmarks.serve_args import CHAT_ENDPOINT, resolve_url, sampling_fields
-from llmserve.gc_heap import freeze_startup_heap
 
 CHAT_TEMPLATE_MARGIN = 64   # tokens a chat template may add around the prompt
 
@@ -280,7 +279,6 @@ async def run_benchmark(target: Target, requests: list[SampleRequest], request_r
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     bar = tqdm(total=len(requests), disable=disable_tqdm, desc=description or None, unit="req", file=sys.stderr)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=60), limits=limits) as client:
-        freeze_startup_heap()   # the load generator shares the server's cores: keep its per-token CPU low
         start = time.perf_counter()
 
         async def one(request: SampleRequest) -> RequestResult:

@@ -108,10 +108,10 @@ class IncrementalDetokenizer:
         """
         if self._finished or self._stop_str is not None:
             raise RuntimeError("update() called after the request finished")
-        if len(new_token_ids) == 1:   # a decode step's one token (the common call), without a generator
-            new_text = self._step(new_token_ids[0]) if self._has_text(new_token_ids[0]) else ""
-        else:
-            new_text = "".join(self._step(i) for i in new_token_ids if self._has_text(i))
+        new_text = ""
+        for token_id in new_token_ids:   # usually one: a loop, not a generator joined
+            if self._has_text(token_id):
+                new_text += self._step(token_id)
         if not new_text:
             return None
         lookback = self._last_chars(self._lookback)

@@ -285,24 +285,18 @@ class OutputProcessor:
             complete = len(prompt_logprobs) == len(state.prompt_token_ids) and not state.prompt_logprobs_sent
             state.prompt_logprobs_sent |= complete
             prompt_logprobs = prompt_logprobs if complete else None
-        samples = state.samples
-        if len(samples) == 1:   # the usual request, on every streamed token: no generator expressions
-            sample = samples[0]
-            metrics = RequestMetrics(state.arrival_time, sample.first_scheduled_time or None,
-                                     sample.first_token_time or None, sample.last_token_time or None,
-                                     state.finished_time)
-            num_preemptions, num_generated = sample.num_preemptions, len(sample.output_token_ids)
-        else:
-            metrics = RequestMetrics(
-                arrival_time=state.arrival_time,
-                first_scheduled_time=min((s.first_scheduled_time for s in samples if s.first_scheduled_time),
-                                         default=None),
-                first_token_time=min((s.first_token_time for s in samples if s.first_token_time), default=None),
-                last_token_time=max((s.last_token_time for s in samples if s.last_token_time), default=None),
-                finished_time=state.finished_time,
-            )
-            num_preemptions = sum(s.num_preemptions for s in samples)
-            num_generated = max(len(s.output_token_ids) for s in samples)
+        first_scheduled = first_token = last_token = None
+        num_preemptions = num_generated = 0
+        for s in state.samples:   # one pass, no generator expressions: this runs for every streamed token
+            if s.first_scheduled_time and (first_scheduled is None or s.first_scheduled_time < first_scheduled):
+                first_scheduled = s.first_scheduled_time
+            if s.first_token_time and (first_token is None or s.first_token_time < first_token):
+                first_token = s.first_token_time
+            if s.last_token_time and (last_token is None or s.last_token_time > last_token):
+                last_token = s.last_token_time
+            num_preemptions += s.num_preemptions
+            num_generated = max(num_generated, len(s.output_token_ids))
+        metrics = RequestMetrics(state.arrival_time, first_scheduled, first_token, last_token, state.finished_time)
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, prompt_logprobs,
                              completions, finished, metrics, num_preemptions, num_generated_tokens=num_generated,
                              error=state.error)
