@@ -20,7 +20,7 @@ from llmserve.engine.output_processor import AnyRequestOutput, RequestState
 from llmserve.entrypoints.openai.errors import APIError, error_body
 from llmserve.entrypoints.openai.serving_models import OpenAIServingModels
 from llmserve.lora.request import LoRARequest
-from llmserve.outputs import EmbeddingRequestOutput, RequestOutput
+from llmserve.outputs import EmbeddingRequestOutput, PositionLogprobs, RequestOutput
 from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
 
@@ -119,8 +119,11 @@ class OpenAIServing:
         """Run every stream to completion (non-streaming response); if the client leaves or the request
         times out, every unfinished request is aborted. Returns each prompt's final output."""
 
-        async def run(stream: AsyncIterator[AnyRequestOutput]) -> list[AnyRequestOutput]:
-            return [output async for output in stream]
+        async def run(stream: AsyncIterator[AnyRequestOutput]) -> AnyRequestOutput:
+            merger = DeltaMerger()
+            async for output in stream:
+                merger.add(output)
+            return merger.merged()
 
         tasks = [asyncio.ensure_future(run(s)) for s in submitted.streams]
         everything = asyncio.gather(*tasks)
@@ -136,7 +139,7 @@ class OpenAIServing:
                                              f"({self.limits.request_timeout} s)")
                 raise APIError(504, f"the request did not finish within --request-timeout "
                                f"({self.limits.request_timeout} s)", None, "timeout")
-            results = everything.result()
+            merged = everything.result()
         except (EngineDeadError, ShutdownError) as exc:
             log_failed(submitted.log_id, f"failed: {exc}")
             raise APIError(503, str(exc), None, _unavailable_code(exc), headers={"Retry-After": "5"}) from None
@@ -144,7 +147,6 @@ class OpenAIServing:
             watcher.cancel()
             self.abort_unfinished(submitted)
             everything.cancel()
-        merged = [merge_deltas(outputs) for outputs in results]
         for output in merged:
             if output.error is not None:
                 log_failed(submitted.log_id, f"failed: {output.error}")
@@ -163,7 +165,7 @@ class OpenAIServing:
         deadline = None if self.limits.request_timeout is None else (
             submitted.states[0].arrival_time + self.limits.request_timeout)
         reader = StreamReader(submitted.streams, deadline)
-        finals: list[list[RequestOutput]] = [[] for _ in submitted.streams]
+        finals = [DeltaMerger() for _ in submitted.streams]
         failure: tuple[int, str, str] | None = None   # (status, message, code) of an error mid-stream
         try:
             async for index, item in reader:
@@ -183,7 +185,7 @@ class OpenAIServing:
                     log_failed(submitted.log_id, f"failed: {item.error}")
                     failure = (500, f"the engine failed on this request: {item.error}", "engine_error")
                     break
-                finals[index].append(item)
+                finals[index].add(item)
                 chunks = render(index, item)
                 if asyncio.iscoroutine(chunks):
                     chunks = await chunks
@@ -192,7 +194,7 @@ class OpenAIServing:
             if failure is not None:
                 yield framing.error(*failure)
             else:
-                merged = [merge_deltas(outputs) for outputs in finals]
+                merged = [merger.merged() for merger in finals]
                 for output in merged:
                     log_finished(submitted.log_id, output)
                 for chunk in finish(merged):
@@ -285,22 +287,48 @@ async def _wait_disconnect(raw: Request) -> None:
         pass
 
 
-def merge_deltas(outputs: list[AnyRequestOutput]) -> AnyRequestOutput:
-    """Fold a request's streamed (delta) outputs into one final output (a pooling request has only one)."""
-    last = outputs[-1]
-    if isinstance(last, EmbeddingRequestOutput):
-        return last
-    merged = []
-    for i, completion in enumerate(last.outputs):
-        parts = [o.outputs[i] for o in outputs]
-        logprobs = None if completion.logprobs is None else [lp for p in parts for lp in (p.logprobs or [])]
-        merged.append(type(completion)(
-            index=completion.index, text="".join(p.text for p in parts),
-            token_ids=[t for p in parts for t in p.token_ids], cumulative_logprob=completion.cumulative_logprob,
-            logprobs=logprobs, finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
-    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
-    return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, prompt_logprobs, merged,
-                         last.finished, last.metrics, last.num_preemptions, last.num_generated_tokens, last.error)
+class DeltaMerger:
+    """A request's streamed (delta) outputs folded, as they arrive, into one final output (a pooling request
+    has only one). What is kept is each sample's texts, token ids and logprobs and the latest output, not
+    every output: a stream that kept them all alive until it ended would leave several objects per token
+    for each of the garbage collector's passes to walk again."""
+
+    def __init__(self) -> None:
+        self.last: AnyRequestOutput | None = None
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = None
+        self.texts: list[list[str]] = []
+        self.token_ids: list[list[int]] = []
+        self.logprobs: list[list[PositionLogprobs]] = []
+
+    def add(self, output: AnyRequestOutput) -> None:
+        self.last = output
+        if isinstance(output, EmbeddingRequestOutput):
+            return
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = output.prompt_logprobs
+        for i, completion in enumerate(output.outputs):
+            if i == len(self.texts):
+                self.texts.append([])
+                self.token_ids.append([])
+                self.logprobs.append([])
+            self.texts[i].append(completion.text)
+            self.token_ids[i].extend(completion.token_ids)
+            if completion.logprobs:
+                self.logprobs[i].extend(completion.logprobs)
+
+    def merged(self) -> AnyRequestOutput:
+        last = self.last
+        assert last is not None, "no output to merge"
+        if isinstance(last, EmbeddingRequestOutput):
+            return last
+        merged = [type(completion)(
+            index=completion.index, text="".join(self.texts[i]), token_ids=self.token_ids[i],
+            cumulative_logprob=completion.cumulative_logprob,
+            logprobs=None if completion.logprobs is None else self.logprobs[i],
+            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+            for i, completion in enumerate(last.outputs)]
+        return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, self.prompt_logprobs, merged,
+                             last.finished, last.metrics, last.num_preemptions, last.num_generated_tokens, last.error)
 
 
 def usage(outputs: list[RequestOutput]) -> dict[str, int]:
