@@ -3,7 +3,7 @@
 A request is tokenised and validated in the event loop (:class:`InputProcessor`), sent to the engine-core
 process (:class:`EngineCoreClient`), and every step's token ids come back as one message that the event
 loop turns into per-request deltas (:class:`OutputProcessor`: detokenising, stop strings) and hands to the
-requests' streams. The model never runs in this process, so a slow client or a burst of SSE work never
+requests' streams (:class:`OutputStream`). The model never runs in this process, so a slow client or a burst of SSE work never
 stalls a step, and the step loop never waits for this process's GIL. A disconnect becomes an abort that
 the core applies before its next step. If the core process dies, every stream gets
 :class:`EngineDeadError` and ``on_dead`` is called (the server turns /health to 503 and exits non-zero).
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from llmserve.config import EngineConfig
@@ -22,6 +22,7 @@ from llmserve.engine.input_processor import InputProcessor, ModelInfo
 from llmserve.engine.llm_engine import stats_dict
 from llmserve.engine.messages import BlockMap, SchedulerStats
 from llmserve.engine.output_processor import AnyRequestOutput, OutputKind, OutputProcessor, RequestState
+from llmserve.engine.output_stream import OutputStream
 from llmserve.errors import InvalidRequestError
 from llmserve.model_loader.loader import resolve_model_path
 from llmserve.model_loader.model_source import fill_in_default_model
@@ -65,7 +66,7 @@ class AsyncLLMEngine:
         self.outputs = OutputProcessor(self.info.load_tokenizer(), config.stream_interval)
         self.on_step = on_step
         self.on_dead = on_dead
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._stats = SchedulerStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._block_map_waiters: list[asyncio.Future[BlockMap]] = []
@@ -132,36 +133,20 @@ class AsyncLLMEngine:
                                                    lora_request)
         return self.outputs.make_state(prompt_text, request, OutputKind.DELTA)
 
-    def submit(self, state: RequestState) -> AsyncIterator[AnyRequestOutput]:
-        """Queue a prepared request now; iterate the result for its outputs (each holds only what is new).
+    def submit(self, state: RequestState) -> OutputStream:
+        """Queue a prepared request now; its outputs (each holds only what is new) come on the stream returned.
 
-        Closing the iterator before the request finishes (client gone, timeout) aborts it.
+        A reader that stops before the request finishes (client gone, timeout) calls :meth:`abort`.
         """
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         if state.request_id in self.outputs.requests:
             raise InvalidRequestError(f"request id {state.request_id!r} is already in use", "request_id")
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = OutputStream()
         self.outputs.add(state)
         self._streams[state.request_id] = stream
         self.client.add_request(state.core_request)
-        return self._outputs(state.request_id, stream)
-
-    async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[AnyRequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return stream
 
     def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -174,7 +159,7 @@ class AsyncLLMEngine:
     def abort_all(self, error: BaseException) -> None:
         """Abort every request queued or running (server shutdown); their streams raise ``error``."""
         for request_id, stream in list(self._streams.items()):
-            stream.put_nowait(error)
+            stream.put(error)
             self.abort(request_id)
 
     # ------------------------------------------------------------------ outputs (event loop)
@@ -209,7 +194,11 @@ class AsyncLLMEngine:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            stream.put_nowait(output)
+            try:
+                stream.put(output)
+            except Exception:   # a reader's callback failed: its request ends, the others go on
+                logger.exception("delivering an output of request %s failed", output.request_id)
+                self.abort(output.request_id)
         # acknowledged after the tasks woken above have run (call_soon keeps order): the core's lead is
         # measured against what the streams took, not against what sits in their queues
         self._loop.call_soon(self.client.ack, len(messages))
@@ -221,7 +210,7 @@ class AsyncLLMEngine:
             self._loop.remove_reader(self.client.fileno())
         dead = EngineDeadError(f"the engine loop died: {exc}")
         for stream in self._streams.values():
-            stream.put_nowait(dead)
+            stream.put(dead)
         self._streams.clear()
         self.client.shutdown(timeout=1.0)
         if self.on_dead is not None:

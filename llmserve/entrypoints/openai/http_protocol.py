@@ -9,6 +9,10 @@ an OpenAI-compatible server owes its clients.
   trickling one byte per second, or connecting and sending nothing, would hold its connection and the
   route waiting on its body forever. When the time is up the client gets 408 and the connection closes;
   a route already waiting for the body sees a disconnect, so nothing was submitted to the engine.
+* Each request's scope carries a :class:`BodyWriter` under ``scope["extensions"][BODY_WRITER]``: a
+  streaming response writes its events with it from the engine's output handler, synchronously, instead of
+  waking a task per event to pass it down the middlewares' ``send`` chain (the response's start and end
+  still go through that chain).
 """
 
 from __future__ import annotations
@@ -18,12 +22,31 @@ import json
 from http import HTTPStatus
 
 import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from llmserve.entrypoints.openai.errors import error_body
 
 # h11 states of the client's side in which its request is still arriving
 _RECEIVING = (h11.IDLE, h11.SEND_BODY)
+BODY_WRITER = "llmserve.http.response.body_writer"
+
+
+class BodyWriter:
+    """Writes body chunks of a response that has started and not ended straight to its connection, framed
+    by h11 (chunked for HTTP/1.1). Nothing is written once the client has gone or the response has ended.
+    There is no waiting for a slow reader: what it has not read yet stays in the transport's buffer (a
+    stream's events, at most its tokens' worth)."""
+
+    __slots__ = ("cycle",)
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self.cycle = cycle
+
+    def write(self, data: bytes) -> None:
+        cycle = self.cycle
+        if (data and cycle.response_started and not cycle.response_complete and not cycle.disconnected
+                and not cycle.transport.is_closing()):
+            cycle.transport.write(cycle.conn.send(h11.Data(data=data)))
 
 
 class LLMServeH11Protocol(H11Protocol):
@@ -41,6 +64,11 @@ class LLMServeH11Protocol(H11Protocol):
 
     def handle_events(self) -> None:
         super().handle_events()
+        cycle = self.cycle
+        if cycle is not None:   # the request's task has been created, not yet run
+            extensions = cycle.scope.setdefault("extensions", {})
+            if BODY_WRITER not in extensions:
+                extensions[BODY_WRITER] = BodyWriter(cycle)
         if self.conn.their_state not in _RECEIVING:
             self._disarm_read_deadline()   # the request is complete (or the connection is over)
 

@@ -8,15 +8,16 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from fastapi import Request
+from starlette.types import Receive
 
 from llmserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, ShutdownError
 from llmserve.engine.output_processor import AnyRequestOutput, RequestState
+from llmserve.engine.output_stream import OutputStream
 from llmserve.entrypoints.openai.errors import APIError, error_body
 from llmserve.entrypoints.openai.serving_models import OpenAIServingModels
 from llmserve.lora.request import LoRARequest
@@ -42,7 +43,7 @@ class Submitted:
     log_id: str            # names it in the log: the X-Request-Id it was sent or given
     created: int
     states: list[RequestState]
-    streams: list[AsyncIterator[AnyRequestOutput]]
+    streams: list[OutputStream]
     model: str             # the name responses echo: the adapter's, or the base model's first served name
 
 
@@ -119,7 +120,7 @@ class OpenAIServing:
         """Run every stream to completion (non-streaming response); if the client leaves or the request
         times out, every unfinished request is aborted. Returns each prompt's final output."""
 
-        async def run(stream: AsyncIterator[AnyRequestOutput]) -> AnyRequestOutput:
+        async def run(stream: OutputStream) -> AnyRequestOutput:
             merger = DeltaMerger()
             async for output in stream:
                 merger.add(output)
@@ -127,7 +128,7 @@ class OpenAIServing:
 
         tasks = [asyncio.ensure_future(run(s)) for s in submitted.streams]
         everything = asyncio.gather(*tasks)
-        watcher = asyncio.ensure_future(_wait_disconnect(raw))
+        watcher = asyncio.ensure_future(wait_disconnect(raw.receive))
         try:
             done, _ = await asyncio.wait([everything, watcher], timeout=self.limits.request_timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -142,7 +143,7 @@ class OpenAIServing:
             merged = everything.result()
         except (EngineDeadError, ShutdownError) as exc:
             log_failed(submitted.log_id, f"failed: {exc}")
-            raise APIError(503, str(exc), None, _unavailable_code(exc), headers={"Retry-After": "5"}) from None
+            raise APIError(503, str(exc), None, unavailable_code(exc), headers={"Retry-After": "5"}) from None
         finally:
             watcher.cancel()
             self.abort_unfinished(submitted)
@@ -155,59 +156,6 @@ class OpenAIServing:
             log_finished(submitted.log_id, output)
         return merged
 
-    async def stream_events(self, submitted: Submitted,
-                            render: Callable[[int, RequestOutput], Awaitable[list[dict]] | list[dict]],
-                            finish: Callable[[list[RequestOutput]], list[dict]],
-                            framing: SSEFraming | None = None) -> AsyncIterator[bytes]:
-        """SSE body: each engine output rendered to chunks, then ``finish``'s chunks, then the closing event
-        (``[DONE]``). An error after the stream started goes out as an error event, then the closing one."""
-        framing = framing or SSEFraming()
-        deadline = None if self.limits.request_timeout is None else (
-            submitted.states[0].arrival_time + self.limits.request_timeout)
-        reader = StreamReader(submitted.streams, deadline)
-        finals = [DeltaMerger() for _ in submitted.streams]
-        failure: tuple[int, str, str] | None = None   # (status, message, code) of an error mid-stream
-        try:
-            async for index, item in reader:
-                if item is TIMED_OUT:
-                    log_failed(submitted.log_id, f"aborted: no result within --request-timeout "
-                                                 f"({self.limits.request_timeout} s)")
-                    failure = (504, f"the request did not finish within --request-timeout "
-                                    f"({self.limits.request_timeout} s)", "timeout")
-                    break
-                if isinstance(item, BaseException):
-                    log_failed(submitted.log_id, f"failed: {item}")
-                    failure = (503, str(item), _unavailable_code(item)) if isinstance(
-                        item, (EngineDeadError, ShutdownError)) else (
-                        500, f"internal error ({type(item).__name__})", "engine_error")
-                    break
-                if item.error is not None:
-                    log_failed(submitted.log_id, f"failed: {item.error}")
-                    failure = (500, f"the engine failed on this request: {item.error}", "engine_error")
-                    break
-                finals[index].add(item)
-                chunks = render(index, item)
-                if asyncio.iscoroutine(chunks):
-                    chunks = await chunks
-                for chunk in chunks:
-                    yield framing.event(chunk)
-            if failure is not None:
-                yield framing.error(*failure)
-            else:
-                merged = [merger.merged() for merger in finals]
-                for output in merged:
-                    log_finished(submitted.log_id, output)
-                for chunk in finish(merged):
-                    yield framing.event(chunk)
-            for closing in framing.closing():
-                yield closing
-        except (GeneratorExit, asyncio.CancelledError):   # the response was dropped: the client left
-            log_failed(submitted.log_id, "aborted: the client disconnected")
-            raise
-        finally:
-            self.abort_unfinished(submitted)   # client gone or error
-            reader.cancel()
-
     def abort_unfinished(self, submitted: Submitted) -> None:
         """Abort every request of ``submitted`` that has not finished, now: cancelling the tasks that read their
         streams would also abort them, but only once the event loop has run each of them again."""
@@ -215,75 +163,15 @@ class OpenAIServing:
             self.engine.abort(state.request_id)
 
 
-TIMED_OUT = TimeoutError("--request-timeout")   # what :class:`StreamReader` yields when the deadline passed
-
-
-class StreamReader:
-    """A request's engine streams read as one: ``(prompt index, output)`` in the order outputs arrive, an
-    exception a stream raised as its item, and :data:`TIMED_OUT` once ``deadline`` (``time.monotonic()``)
-    has passed. The usual request (one prompt, no deadline) is read straight from its stream; only
-    several prompts or a deadline take a reader task per stream and a queue, which would otherwise cost
-    each streamed token two more task wake-ups."""
-
-    def __init__(self, streams: list[AsyncIterator[AnyRequestOutput]], deadline: float | None) -> None:
-        self.streams = streams
-        self.deadline = deadline
-        self.tasks: list[asyncio.Task] = []
-
-    def __aiter__(self) -> AsyncIterator[tuple[int, Any]]:
-        if len(self.streams) == 1 and self.deadline is None:
-            return self._direct(self.streams[0])
-        return self._fan_in()
-
-    def cancel(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-
-    @staticmethod
-    async def _direct(stream: AsyncIterator[AnyRequestOutput]) -> AsyncIterator[tuple[int, Any]]:
-        try:
-            async for output in stream:
-                yield 0, output
-        except Exception as exc:   # noqa: BLE001 - forwarded to the response
-            yield 0, exc
-
-    async def _fan_in(self) -> AsyncIterator[tuple[int, Any]]:
-        queue: asyncio.Queue = asyncio.Queue()
-        done_marker = object()
-
-        async def pump(index: int, stream: AsyncIterator[AnyRequestOutput]) -> None:
-            try:
-                async for output in stream:
-                    await queue.put((index, output))
-            except BaseException as exc:   # noqa: BLE001 - forwarded to the response
-                await queue.put((index, exc))
-                return
-            await queue.put((index, done_marker))
-
-        self.tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
-        remaining = len(self.tasks)
-        while remaining:
-            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-            try:
-                index, item = await asyncio.wait_for(queue.get(), timeout)
-            except asyncio.TimeoutError:
-                yield 0, TIMED_OUT
-                return
-            if item is done_marker:
-                remaining -= 1
-            else:
-                yield index, item
-
-
-def _unavailable_code(exc: BaseException) -> str:
+def unavailable_code(exc: BaseException) -> str:
     return "shutting_down" if isinstance(exc, ShutdownError) else "engine_dead"
 
 
-async def _wait_disconnect(raw: Request) -> None:
+async def wait_disconnect(receive: Receive) -> None:
     """Return when the client hangs up. The body has been read, so the server's next ASGI message is the
     disconnect (as for Starlette's streaming responses); polling ``Request.is_disconnected`` instead costs a
     cancelled receive every few tens of milliseconds for every request in flight."""
-    while (await raw.receive())["type"] != "http.disconnect":
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 

@@ -8,14 +8,15 @@ import inspect
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from llmserve.engine.async_engine import AsyncLLMEngine
 from llmserve.entrypoints.chat_template_renderer import ChatTemplateError, ChatTemplateRenderer
 from llmserve.entrypoints.openai.errors import APIError
+from llmserve.entrypoints.openai.event_stream import EventStream, SSEResponse
 from llmserve.entrypoints.openai.chat_protocol import ChatMessage
 from llmserve.entrypoints.openai.protocol import ChatCompletionRequest
-from llmserve.entrypoints.openai.serving_base import OpenAIServing, ServerLimits, usage
+from llmserve.entrypoints.openai.serving_base import OpenAIServing, ServerLimits, Submitted, usage
 from llmserve.entrypoints.openai.serving_models import OpenAIServingModels
 from llmserve.entrypoints.openai.tool_calling import ToolCalling
 from llmserve.entrypoints.openai.tool_parsers import ToolCallParser
@@ -70,7 +71,7 @@ class OpenAIServingChat(OpenAIServing):
         return prompt_ids, params, tool_calling
 
     async def create(self, body: ChatCompletionRequest, raw: Request, header_request_id: str | None
-                     ) -> JSONResponse | StreamingResponse:
+                     ) -> JSONResponse | SSEResponse:
         lora = self.check_model(body.model)
         self.check_n(body.n)
         if body.top_logprobs is not None and not body.logprobs:
@@ -79,7 +80,7 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids, params, tool_calling = await self.prepare(body, body.max_completion_tokens or body.max_tokens, logprobs)
         submitted = self.submit("chatcmpl", [prompt_ids], params, header_request_id, body.cache_salt, lora)
         if body.stream:
-            return StreamingResponse(self._stream(body, submitted, tool_calling), media_type="text/event-stream")
+            return SSEResponse(self, self.event_stream(body, submitted, tool_calling))
         output = (await self.collect(raw, submitted))[0]
         choices = []
         for c in output.outputs:
@@ -95,7 +96,9 @@ class OpenAIServingChat(OpenAIServing):
         return JSONResponse({"id": submitted.request_id, "object": "chat.completion", "created": submitted.created,
                              "model": submitted.model, "choices": choices, "usage": usage([output])})
 
-    def _stream(self, body: ChatCompletionRequest, submitted, tool_calling: ToolCalling):  # noqa: ANN001, ANN202
+    def event_stream(self, body: ChatCompletionRequest, submitted: Submitted, tool_calling: ToolCalling
+                     ) -> EventStream:
+        """OpenAI's chat chunks: a role chunk first for each choice, then its content and tool-call deltas."""
         include_usage = body.include_usage_in_stream
         top = (body.top_logprobs or 0) if body.logprobs else 0
         started: set[int] = set()
@@ -141,7 +144,7 @@ class OpenAIServingChat(OpenAIServing):
             return [{"id": submitted.request_id, "object": "chat.completion.chunk", "created": submitted.created,
                      "model": submitted.model, "choices": [], "usage": usage(outputs)}]
 
-        return self.stream_events(submitted, render, finish)
+        return EventStream(submitted, render, finish)
 
     def _logprobs(self, token_ids: list[int], positions: list[PositionLogprobs], k: int) -> list[dict]:
         """OpenAI's chat logprobs: one entry per token with its top-k alternatives."""

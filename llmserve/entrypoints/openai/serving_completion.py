@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from llmserve.entrypoints.openai.errors import APIError
+from llmserve.entrypoints.openai.event_stream import EventStream, SSEResponse
 from llmserve.entrypoints.openai.protocol import CompletionRequest
 from llmserve.entrypoints.openai.serving_base import OpenAIServing, Submitted, usage
 from llmserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
@@ -23,7 +24,7 @@ DEFAULT_MAX_TOKENS = 16   # OpenAI's default for completions
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, body: CompletionRequest, raw: Request, header_request_id: str | None
-                     ) -> JSONResponse | StreamingResponse:
+                     ) -> JSONResponse | SSEResponse:
         lora = self.check_model(body.model)
         self.check_n(body.n)
         if body.best_of is not None and body.best_of != body.n:
@@ -62,7 +63,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     return []
                 return [dict(self._chunk(submitted, []), usage=usage(outputs))]
 
-            return StreamingResponse(self.stream_events(submitted, render, finish), media_type="text/event-stream")
+            return SSEResponse(self, EventStream(submitted, render, finish))
         outputs = await self.collect(raw, submitted)
         choices = [self._choice(body, index * n + c.index, output, c, body.echo, 0, output.prompt_logprobs)[0]
                    for index, output in enumerate(outputs) for c in output.outputs]

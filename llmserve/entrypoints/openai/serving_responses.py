@@ -8,15 +8,16 @@ numbered (``sequence_number``), and the stream ends with ``response.completed`` 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from llmserve.entrypoints.openai.errors import APIError
+from llmserve.entrypoints.openai.event_stream import EventStream, SSEResponse
 from llmserve.entrypoints.openai.responses_output import OutputEvents, output_items
 from llmserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from llmserve.entrypoints.openai.serving_base import SSEFraming, Submitted, encode_json
@@ -68,7 +69,7 @@ class OpenAIServingResponses:
         self.chat = chat
 
     async def create(self, body: ResponsesRequest, raw: Request, header_request_id: str | None
-                     ) -> JSONResponse | StreamingResponse:
+                     ) -> JSONResponse | SSEResponse:
         chat = self.chat
         lora = chat.check_model(body.model)
         with _named_as_responses_fields():
@@ -76,7 +77,7 @@ class OpenAIServingResponses:
             prompt_ids, params, tool_calling = await chat.prepare(chat_body, body.max_output_tokens, None)
             submitted = chat.submit("resp", [prompt_ids], params, header_request_id, lora_request=lora)
         if body.stream:
-            return StreamingResponse(self._stream(body, submitted, tool_calling), media_type="text/event-stream")
+            return SSEResponse(chat, self._stream(body, submitted, tool_calling))
         output = (await chat.collect(raw, submitted))[0]
         completion = output.outputs[0]
         incomplete = completion.finish_reason == "length"
@@ -106,9 +107,7 @@ class OpenAIServingResponses:
             "previous_response_id": None, "reasoning": None, "background": False,
         }
 
-    def _stream(self, body: ResponsesRequest, submitted: Submitted, tool_calling: ToolCalling
-                ) -> AsyncIterator[bytes]:
-        framing = ResponsesFraming()
+    def _stream(self, body: ResponsesRequest, submitted: Submitted, tool_calling: ToolCalling) -> EventStream:
         events = OutputEvents(tool_calling)
         started = self._response(body, submitted, [], None, False)
 
@@ -122,13 +121,9 @@ class OpenAIServingResponses:
             response = self._response(body, submitted, events.items, outputs[0], incomplete)
             return [{"type": "response.incomplete" if incomplete else "response.completed", "response": response}]
 
-        async def stream() -> AsyncIterator[bytes]:
-            yield framing.event({"type": "response.created", "response": started})
-            yield framing.event({"type": "response.in_progress", "response": started})
-            async for event in self.chat.stream_events(submitted, render, finish, framing):
-                yield event
-
-        return stream()
+        return EventStream(submitted, render, finish, ResponsesFraming(),
+                           prefix=[{"type": "response.created", "response": started},
+                                   {"type": "response.in_progress", "response": started}])
 
 
 def _tool_choice(body: ResponsesRequest) -> Any:

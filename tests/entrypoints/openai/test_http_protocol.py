@@ -9,6 +9,13 @@ Against a server started with ``--request-read-timeout 1``:
 * a client that sends its request in pieces but within the time is served, and so is a keep-alive
   connection that idles longer than the timeout between two requests (the deadline starts with a
   request's first byte, not with the connection).
+
+The body writer a streaming response writes its events with (:class:`BodyWriter`):
+
+* it frames what it writes as h11 would: chunked for an HTTP/1.1 client, as it is for HTTP/1.0 (whose
+  response ends when the connection closes), and a real HTTP/1.0 client reads a whole stream that way;
+* it writes nothing before the response has started, after it has ended, once the client has gone or
+  while the connection is closing.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ import select
 import socket
 import time
 
+import h11
 import httpx
 import pytest
 
+from llmserve.entrypoints.openai.http_protocol import BodyWriter
 from tests.entrypoints.openai.http_checks import scrape
 
 BODY = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 2}).encode()
@@ -82,3 +91,73 @@ def test_the_timeout_must_be_positive():
 
     with pytest.raises(ValueError, match="--request-read-timeout must be > 0"):
         server_config_from_args(build_parser().parse_args(["--request-read-timeout", "0"]))
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+class _Cycle:
+    """What a BodyWriter reads of uvicorn's request-response cycle, around a real h11 connection that has
+    received a request of ``http_version`` and sent a streaming response's head."""
+
+    def __init__(self, http_version: bytes) -> None:
+        self.conn = h11.Connection(h11.SERVER)
+        self.conn.receive_data(b"POST /v1/completions HTTP/" + http_version + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert isinstance(self.conn.next_event(), h11.Request) and isinstance(self.conn.next_event(), h11.EndOfMessage)
+        self.transport = _Transport()
+        self.response_started = self.response_complete = self.disconnected = False
+
+    def start(self) -> None:
+        self.conn.send(h11.Response(status_code=200, headers=[("content-type", "text/event-stream")]))
+        self.response_started = True
+
+
+@pytest.mark.parametrize("http_version, framed", [(b"1.1", b"6\r\ndata: \r\n"), (b"1.0", b"data: ")])
+def test_the_body_writer_frames_chunks_as_h11_does(http_version, framed):
+    cycle = _Cycle(http_version)
+    writer = BodyWriter(cycle)
+    writer.write(b"early ")
+    assert cycle.transport.written == b""   # the response has not started
+    cycle.start()
+    writer.write(b"data: ")
+    writer.write(b"")
+    assert cycle.transport.written == framed
+
+
+@pytest.mark.parametrize("state", ["response_complete", "disconnected", "closing"])
+def test_the_body_writer_writes_nothing_once_the_response_is_over(state):
+    cycle = _Cycle(b"1.1")
+    cycle.start()
+    if state == "closing":
+        cycle.transport.closing = True
+    else:
+        setattr(cycle, state, True)
+    BodyWriter(cycle).write(b"late")
+    assert cycle.transport.written == b""
+
+
+def test_an_http_1_0_client_reads_a_whole_stream(srv):
+    body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 5, "stream": True,
+                       "ignore_eos": True}).encode()
+    head = (b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head_out, _, events = answer.partition(b"\r\n\r\n")
+    assert head_out.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head_out.lower()
+    data = [e[len(b"data: "):] for e in events.split(b"\n\n") if e]
+    assert data[-1] == b"[DONE]" and len(data) >= 2   # a step's tokens may share an event
+    choices = [json.loads(d)["choices"][0] for d in data[:-1]]
+    assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]

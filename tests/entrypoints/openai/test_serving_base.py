@@ -9,28 +9,14 @@ How a request's streamed outputs become its final one (:class:`DeltaMerger`):
   cumulative logprob are the last output's; prompt logprobs are the first ones sent.
 * A pooling request's one output is its final output.
 * The merger keeps only the latest output alive, not every one it was given.
-
-How a streaming response reads its request's engine streams (:class:`StreamReader`):
-
-* One prompt and no deadline: the stream's outputs as ``(0, output)`` in order; an exception the stream
-  raises comes as the last item (the response turns it into an error event).
-* Several prompts: each output tagged with its prompt's index, in the order they arrive.
-* A deadline that passes before the streams end: :data:`TIMED_OUT` is the last item, for one prompt as
-  for several.
-* ``cancel`` stops the reader tasks of several prompts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import weakref
-from collections.abc import AsyncIterator
 
-import pytest
-
-from llmserve.entrypoints.openai.serving_base import TIMED_OUT, DeltaMerger, StreamReader, sse
+from llmserve.entrypoints.openai.serving_base import DeltaMerger, sse
 from llmserve.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestMetrics,
                               RequestOutput)
 
@@ -97,64 +83,3 @@ def test_the_merger_keeps_only_the_latest_output_alive():
     merger.add(_delta(["y"], [[2]], logprobs=True))
     assert ref() is None
     assert merger.merged().outputs[0].text == "xy"
-
-
-async def _stream(items: list, delay: float = 0.0, fail: BaseException | None = None) -> AsyncIterator:
-    for item in items:
-        await asyncio.sleep(delay)
-        yield item
-    if fail is not None:
-        raise fail
-
-
-async def _read(reader: StreamReader) -> list[tuple[int, object]]:
-    return [pair async for pair in reader]
-
-
-def test_one_stream_is_read_in_order_and_its_error_is_the_last_item():
-    error = RuntimeError("engine died")
-    got = asyncio.run(_read(StreamReader([_stream(["a", "b"], fail=error)], None)))
-    assert got == [(0, "a"), (0, "b"), (0, error)]
-
-
-def test_one_stream_without_a_deadline_starts_no_task():
-    async def run() -> tuple[list, int]:
-        before = len(asyncio.all_tasks())
-        reader = StreamReader([_stream(["a"])], None)
-        seen = []
-        async for pair in reader:
-            seen.append((pair, len(asyncio.all_tasks()) - before))
-        return seen, len(reader.tasks)
-
-    seen, num_tasks = asyncio.run(run())
-    assert seen == [((0, "a"), 0)] and num_tasks == 0
-
-
-def test_several_streams_are_tagged_by_prompt_in_arrival_order():
-    async def run() -> list:
-        return await _read(StreamReader([_stream(["slow"], delay=0.05), _stream(["fast"])], None))
-
-    assert asyncio.run(run()) == [(1, "fast"), (0, "slow")]
-
-
-@pytest.mark.parametrize("num_streams", [1, 2])
-def test_a_passed_deadline_ends_the_read_with_timed_out(num_streams):
-    async def run() -> list:
-        streams = [_stream(["x", "y"], delay=0.2) for _ in range(num_streams)]
-        return await _read(StreamReader(streams, time.monotonic() + 0.05))
-
-    assert asyncio.run(run()) == [(0, TIMED_OUT)]
-
-
-def test_cancel_stops_the_reader_tasks():
-    async def run() -> bool:
-        reader = StreamReader([_stream(["x"], delay=10.0), _stream(["y"], delay=10.0)], None)
-        iterator = reader.__aiter__()
-        pending = asyncio.ensure_future(iterator.__anext__())
-        await asyncio.sleep(0.01)
-        reader.cancel()
-        await asyncio.sleep(0.01)
-        pending.cancel()
-        return len(reader.tasks) == 2 and all(task.done() for task in reader.tasks)
-
-    assert asyncio.run(run())
