@@ -14,15 +14,22 @@ from llmserve.benchmarks.datasets import SampleRequest
 from llmserve.benchmarks.serve import Target, send_request
 
 
-class _Response:
-    def __init__(self, body: bytes, piece: int) -> None:
-        self.status_code = 200
-        self.pieces = [body[i:i + piece] for i in range(0, len(body), piece)]
+class _Content:
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
 
-    async def aiter_bytes(self):
+    async def iter_any(self):
         for piece in self.pieces:
             await asyncio.sleep(0)
             yield piece
+
+
+class _Response:
+    """What ``send_request`` reads of an aiohttp response."""
+
+    def __init__(self, body: bytes, piece: int) -> None:
+        self.status = 200
+        self.content = _Content([body[i:i + piece] for i in range(0, len(body), piece)])
 
     async def __aenter__(self) -> "_Response":
         return self
@@ -35,7 +42,7 @@ class _Client:
     def __init__(self, body: bytes, piece: int) -> None:
         self.body, self.piece = body, piece
 
-    def stream(self, *args: Any, **kwargs: Any) -> _Response:
+    def post(self, *args: Any, **kwargs: Any) -> _Response:
         return _Response(self.body, self.piece)
 
 
