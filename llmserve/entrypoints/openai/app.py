@@ -175,7 +175,7 @@ def build_app(state: ServerState) -> FastAPI:
     if config.api_key is not None:
         app.add_middleware(RequireApiKey, api_key=config.api_key)   # outermost: 401 before the body is read
 
-    def require_ready() -> None:
+    async def require_ready() -> None:   # async: a plain def would run in a worker thread per request
         if not state.ready:
             raise APIError(503, "the model is not ready" if state.engine is None else "the engine is not running",
                            None, "not_ready", headers={"Retry-After": "5"})

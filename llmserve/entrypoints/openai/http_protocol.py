@@ -33,20 +33,31 @@ BODY_WRITER = "llmserve.http.response.body_writer"
 
 class BodyWriter:
     """Writes body chunks of a response that has started and not ended straight to its connection, framed
-    by h11 (chunked for HTTP/1.1). Nothing is written once the client has gone or the response has ended.
-    There is no waiting for a slow reader: what it has not read yet stays in the transport's buffer (a
-    stream's events, at most its tokens' worth)."""
+    as h11 frames them: h11 frames the first chunk, which shows whether the connection is chunked (HTTP/1.1)
+    or not (HTTP/1.0, where the body ends with the connection); later chunks are framed here, saving h11's
+    per-event state checks. For responses without a Content-Length (a stream). Nothing is written once the
+    client has gone or the response has ended. There is no waiting for a slow reader: what it has not read
+    yet stays in the transport's buffer (a stream's events, at most its tokens' worth)."""
 
-    __slots__ = ("cycle",)
+    __slots__ = ("cycle", "chunked")
 
     def __init__(self, cycle: RequestResponseCycle) -> None:
         self.cycle = cycle
+        self.chunked: bool | None = None   # known after the first chunk
 
     def write(self, data: bytes) -> None:
         cycle = self.cycle
-        if (data and cycle.response_started and not cycle.response_complete and not cycle.disconnected
-                and not cycle.transport.is_closing()):
-            cycle.transport.write(cycle.conn.send(h11.Data(data=data)))
+        if (not data or not cycle.response_started or cycle.response_complete or cycle.disconnected
+                or cycle.transport.is_closing()):
+            return
+        if self.chunked is None:
+            framed = cycle.conn.send(h11.Data(data=data))
+            self.chunked = framed != data
+        elif self.chunked:
+            framed = b"%x\r\n%b\r\n" % (len(data), data)
+        else:
+            framed = data
+        cycle.transport.write(framed)
 
 
 class LLMServeH11Protocol(H11Protocol):

@@ -37,6 +37,7 @@ class OpenAIServingCompletion(OpenAIServing):
         submitted = self.submit("cmpl", body.prompts(), params, header_request_id, body.cache_salt, lora)
         n = body.n
         if body.stream:
+            include_usage = body.include_usage_in_stream
             offsets: dict[int, int] = {}   # choice -> text_offset after what it has streamed (present once started)
             prompt_logprobs: dict[int, list[PositionLogprobs | None]] = {}   # streamed once per prompt
 
@@ -54,12 +55,12 @@ class OpenAIServingCompletion(OpenAIServing):
                 if not choices:
                     return []
                 chunk = self._chunk(submitted, choices)
-                if body.include_usage_in_stream:
+                if include_usage:
                     chunk["usage"] = None   # OpenAI: every chunk but the last has "usage": null
                 return [chunk]
 
             def finish(outputs: list[RequestOutput]) -> list[dict]:
-                if not body.include_usage_in_stream:
+                if not include_usage:
                     return []
                 return [dict(self._chunk(submitted, []), usage=usage(outputs))]
 
