@@ -13,6 +13,7 @@ stops being a prefix of its extension) and lets its window grow without bound on
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,6 +28,12 @@ _MAX_CONTINUATION_TOKENS = 3
 # Tokens held back waiting for the rest of a character before they are emitted anyway (as U+FFFD).
 # Only invalid byte sequences wait this long; the bound keeps the window, and so each step, small.
 _MAX_PENDING_TOKENS = 16
+
+# Per tokenizer and skip_special_tokens: the length of each token's text decoded alone, which is the
+# context a step usually leaves for the next one (a window of its one new token). Asked for every generated
+# token, answered once per token id (at most the vocabulary's size of small ints).
+_LENGTHS_ALONE: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, dict[bool, dict[int, int]]] = (
+    weakref.WeakKeyDictionary())
 
 
 class IncrementalDetokenizer:
@@ -62,6 +69,7 @@ class IncrementalDetokenizer:
             raise ValueError("stop strings must be non-empty")
         self._backend = backend
         self._skip_special_tokens = skip_special_tokens
+        self._lengths_alone = _LENGTHS_ALONE.setdefault(tokenizer, {}).setdefault(skip_special_tokens, {})
         self._skipped_ids = (
             frozenset(i for i, token in backend.get_added_tokens_decoder().items() if token.special)
             if skip_special_tokens
@@ -199,7 +207,14 @@ class IncrementalDetokenizer:
         new_text = text[self._done :]
         self._window = self._window[self._read :]
         self._read = len(self._window)
-        self._done = len(self._decode(self._window))
+        if self._read == 1:
+            token = self._window[0]
+            done = self._lengths_alone.get(token)
+            if done is None:
+                done = self._lengths_alone[token] = len(self._decode(self._window))
+            self._done = done
+        else:
+            self._done = len(self._decode(self._window))
         return new_text
 
     def _flush(self) -> str:

@@ -75,7 +75,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 offset: int, prompt_logprobs: list[PositionLogprobs | None] | None) -> tuple[dict, int]:
         """A choice, or a streamed piece of one, whose text starts at ``offset`` of the choice's whole text;
         with ``echo`` the prompt (and its logprobs) come first. Returns it and the offset after it."""
-        text, token_ids, positions = c.text, list(c.token_ids), list(c.logprobs or [])
+        text, token_ids, positions = c.text, c.token_ids, c.logprobs or []
         if echo:
             prompt_ids = output.prompt_token_ids
             # A token-id prompt's text follows skip_special_tokens, as generated text does.
