@@ -77,11 +77,19 @@ class EngineMetrics:
                                        "request's KV blocks.", _TOKEN_LATENCY_BUCKETS)
         self.spec_decode: SpecDecodeMetrics | None = (
             SpecDecodeMetrics(model_name, r, num_speculative_tokens) if num_speculative_tokens > 0 else None)
-        self._seen_preemptions = 0
-        self._seen_prefix_queries = 0
-        self._seen_prefix_hits = 0
-        self._seen_prompt_tokens = 0
-        self._seen_generation_tokens = 0
+        # Refreshed from the engine's stats after each step, and only where a value moved: each update takes
+        # prometheus_client's lock, and at batch 1 there is a step for every streamed token.
+        self._step_gauges = ((self.num_requests_running, "num_requests_running"),
+                             (self.num_requests_waiting, "num_requests_waiting"),
+                             (self.kv_cache_usage, "kv_cache_usage"), (self.gpu_cache_usage, "kv_cache_usage"),
+                             (self.kv_cache_waste, "kv_cache_waste"))
+        self._gauge_values: list[float | None] = [None] * len(self._step_gauges)
+        # vLLM's counters, advanced by what the engine's running totals grew by
+        self._step_counters = ((self.num_preemptions, "num_preemptions"), (self.prompt_tokens, "prompt_tokens"),
+                               (self.generation_tokens, "generation_tokens"),
+                               (self.prefix_cache_queries, "prefix_cache_queries"),
+                               (self.prefix_cache_hits, "prefix_cache_hits"))
+        self._seen_totals = [0] * len(self._step_counters)
         self._last_token_time: dict[str, float] = {}
         self.max_loras = max_loras
         self._lora_labels: tuple[str, str, str] | None = None
@@ -98,21 +106,16 @@ class EngineMetrics:
         for abort in stats["aborts"]:
             self.abort_steps.observe(abort.steps)
             self.abort_seconds.observe(abort.seconds)
-        self.num_requests_running.set(stats["num_requests_running"])
-        self.num_requests_waiting.set(stats["num_requests_waiting"])
-        self.kv_cache_usage.set(stats["kv_cache_usage"])
-        self.gpu_cache_usage.set(stats["kv_cache_usage"])
-        self.num_preemptions.inc(stats["num_preemptions"] - self._seen_preemptions)
-        self._seen_preemptions = stats["num_preemptions"]
-        self.prompt_tokens.inc(stats["prompt_tokens"] - self._seen_prompt_tokens)
-        self._seen_prompt_tokens = stats["prompt_tokens"]
-        self.generation_tokens.inc(stats["generation_tokens"] - self._seen_generation_tokens)
-        self._seen_generation_tokens = stats["generation_tokens"]
-        self.prefix_cache_queries.inc(stats["prefix_cache_queries"] - self._seen_prefix_queries)
-        self._seen_prefix_queries = stats["prefix_cache_queries"]
-        self.prefix_cache_hits.inc(stats["prefix_cache_hits"] - self._seen_prefix_hits)
-        self._seen_prefix_hits = stats["prefix_cache_hits"]
-        self.kv_cache_waste.set(stats["kv_cache_waste"])
+        for i, (gauge, key) in enumerate(self._step_gauges):
+            value = stats[key]
+            if value != self._gauge_values[i]:
+                gauge.set(value)
+                self._gauge_values[i] = value
+        for i, (counter, key) in enumerate(self._step_counters):
+            total = stats[key]
+            if total != self._seen_totals[i]:
+                counter.inc(total - self._seen_totals[i])
+                self._seen_totals[i] = total
         if self.spec_decode is not None:
             self.spec_decode.record(stats)
         if self.max_loras is not None:
