@@ -124,8 +124,12 @@ class SSEResponse(Response):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def deliver(index: int, item: StreamItem) -> None:
-            data = self.events.feed(index, item)
-            writer.write(data)
+            try:
+                writer.write(self.events.feed(index, item))
+            except Exception as exc:   # the response ends with it (the output handler aborts the request)
+                if not done.done():
+                    done.set_exception(exc)
+                raise
             if self.events.done and not done.done():
                 done.set_result(None)
 
@@ -144,6 +148,8 @@ class SSEResponse(Response):
                 elif not done.done():
                     self.events.disconnected()
                     return
+                elif done.exception() is not None:
+                    raise done.exception()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()
@@ -154,7 +160,8 @@ class SSEResponse(Response):
         submitted = self.events.submitted
         reader = StreamReader(submitted.streams, self.deadline)
         try:
-            yield self.events.start()
+            if self.events.prefix:
+                yield self.events.start()
             async for index, item in reader:
                 data = self.events.timed_out(self.timeout) if item is TIMED_OUT else self.events.feed(index, item)
                 if data:

@@ -16,6 +16,8 @@
   and end go through ``send``, and the requests are aborted if unfinished when it ends.
 * A client that leaves: nothing more is written or sent, the requests are aborted.
 * ``--request-timeout``: the timeout event ends the stream.
+* A write that fails raises from ``put`` (the output handler aborts that request) and ends the response with
+  the error.
 
 Without a body writer (another ASGI server) the same bytes go through ``send`` as body messages.
 
@@ -198,6 +200,26 @@ def test_the_request_timeout_ends_the_stream_with_a_timeout_event():
     sent, data = asyncio.run(run())
     got = _events(data)
     assert got[0]["error"]["code"] == "timeout" and got[1] == "[DONE]" and sent[-1]["more_body"] is False
+
+
+def test_a_write_that_fails_fails_the_put_and_ends_the_response_with_it():
+    class BrokenWriter(_Writer):
+        def write(self, data: bytes) -> None:
+            if data:
+                raise OSError("broken pipe")
+
+    async def run() -> tuple[bool, list[str]]:
+        submitted, client, serving = _submitted(), _Client(), _serving()
+        response = SSEResponse(serving, EventStream(submitted, _render, _finish))
+        task = asyncio.ensure_future(response(_scope(BrokenWriter()), client.receive, client.send))
+        await asyncio.sleep(0.01)
+        with pytest.raises(OSError):
+            submitted.streams[0].put(_output("a"))
+        with pytest.raises(OSError, match="broken pipe"):
+            await asyncio.wait_for(task, 1.0)
+        return len(client.sent) == 1, serving.aborted
+
+    assert asyncio.run(run()) == (True, ["r-0"])
 
 
 def test_without_a_body_writer_the_same_events_go_through_send():
