@@ -3,8 +3,8 @@
 A request is tokenised and validated in the event loop (:class:`InputProcessor`), sent to the engine-core
 process (:class:`EngineCoreClient`), and every step's token ids come back as one message that the event
 loop turns into per-request deltas (:class:`OutputProcessor`: detokenising, stop strings) and hands to the
-requests' streams (:class:`OutputStream`). The model never runs in this process, so a slow client or a burst of SSE work never
-stalls a step, and the step loop never waits for this process's GIL. A disconnect becomes an abort that
+requests' streams (:class:`OutputStream`). The model never runs in this process, so a slow client or a burst
+of SSE work never stalls a step, and the step loop never waits for this process's GIL. A disconnect becomes an abort that
 the core applies before its next step. If the core process dies, every stream gets
 :class:`EngineDeadError` and ``on_dead`` is called (the server turns /health to 503 and exits non-zero).
 """

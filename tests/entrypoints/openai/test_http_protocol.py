@@ -111,8 +111,10 @@ class _Cycle:
 
     def __init__(self, http_version: bytes) -> None:
         self.conn = h11.Connection(h11.SERVER)
-        self.conn.receive_data(b"POST /v1/completions HTTP/" + http_version + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-        assert isinstance(self.conn.next_event(), h11.Request) and isinstance(self.conn.next_event(), h11.EndOfMessage)
+        self.conn.receive_data(b"POST /v1/completions HTTP/" + http_version
+                               + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert isinstance(self.conn.next_event(), h11.Request)
+        assert isinstance(self.conn.next_event(), h11.EndOfMessage)
         self.transport = _Transport()
         self.response_started = self.response_complete = self.disconnected = False
 
