@@ -51,7 +51,7 @@ class BodyWriter:
                 or cycle.transport.is_closing()):
             return
         if self.chunked is None:
-            framed = cycle.conn.send(h11.Data(data=data))
+            framed = cycle.conn.send(event=h11.Data(data=data))   # h11 (a keyword: not a pipe's send(obj))
             self.chunked = framed != data
         elif self.chunked:
             framed = b"%x\r\n%b\r\n" % (len(data), data)
