@@ -154,12 +154,20 @@ def _scope(writer: _Writer | None) -> dict:
     return {"type": "http", "extensions": {BODY_WRITER: writer} if writer else {}}
 
 
+async def _started(writer: _Writer, timeout: float | None = None
+                   ) -> tuple[Submitted, _Client, SimpleNamespace, asyncio.Future]:
+    """A response to one fresh stream, started (its task running) and waiting for outputs."""
+    submitted, client, serving = _submitted(), _Client(), _serving(timeout)
+    response = SSEResponse(serving, EventStream(submitted, _render, _finish))
+    task = asyncio.ensure_future(response(_scope(writer), client.receive, client.send))
+    await asyncio.sleep(0.01)
+    return submitted, client, serving, task
+
+
 def test_with_a_body_writer_events_are_written_as_outputs_are_put():
     async def run() -> tuple[list[dict], bytes, list[str]]:
-        submitted, writer, client, serving = _submitted(), _Writer(), _Client(), _serving()
-        response = SSEResponse(serving, EventStream(submitted, _render, _finish))
-        task = asyncio.ensure_future(response(_scope(writer), client.receive, client.send))
-        await asyncio.sleep(0.01)
+        writer = _Writer()
+        submitted, client, serving, task = await _started(writer)
         assert client.sent[0]["type"] == "http.response.start" and client.sent[0]["status"] == 200
         submitted.streams[0].put(_output("a"))
         assert _events(writer.data) == [{"p": 0, "text": "a"}]   # written in place, no task has run
@@ -176,10 +184,8 @@ def test_with_a_body_writer_events_are_written_as_outputs_are_put():
 
 def test_a_client_that_leaves_gets_nothing_more_and_its_requests_are_aborted():
     async def run() -> tuple[list[dict], bytes, list[str]]:
-        submitted, writer, client, serving = _submitted(), _Writer(), _Client(), _serving()
-        response = SSEResponse(serving, EventStream(submitted, _render, _finish))
-        task = asyncio.ensure_future(response(_scope(writer), client.receive, client.send))
-        await asyncio.sleep(0.01)
+        writer = _Writer()
+        submitted, client, serving, task = await _started(writer)
         submitted.streams[0].put(_output("a"))
         client.gone.set()
         await asyncio.wait_for(task, 1.0)
@@ -192,9 +198,9 @@ def test_a_client_that_leaves_gets_nothing_more_and_its_requests_are_aborted():
 
 def test_the_request_timeout_ends_the_stream_with_a_timeout_event():
     async def run() -> tuple[list[dict], bytes]:
-        submitted, writer, client = _submitted(), _Writer(), _Client()
-        response = SSEResponse(_serving(timeout=0.05), EventStream(submitted, _render, _finish))
-        await asyncio.wait_for(response(_scope(writer), client.receive, client.send), 2.0)
+        writer = _Writer()
+        _, client, _, task = await _started(writer, timeout=0.05)
+        await asyncio.wait_for(task, 2.0)
         return client.sent, writer.data
 
     sent, data = asyncio.run(run())
@@ -209,10 +215,7 @@ def test_a_write_that_fails_fails_the_put_and_ends_the_response_with_it():
                 raise OSError("broken pipe")
 
     async def run() -> tuple[bool, list[str]]:
-        submitted, client, serving = _submitted(), _Client(), _serving()
-        response = SSEResponse(serving, EventStream(submitted, _render, _finish))
-        task = asyncio.ensure_future(response(_scope(BrokenWriter()), client.receive, client.send))
-        await asyncio.sleep(0.01)
+        submitted, client, serving, task = await _started(BrokenWriter())
         with pytest.raises(OSError):
             submitted.streams[0].put(_output("a"))
         with pytest.raises(OSError, match="broken pipe"):
