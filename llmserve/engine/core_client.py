@@ -1,15 +1,16 @@
 """The engine core in a process of its own, so the front end's per-token work (HTTP, SSE, detokenising)
 never takes the GIL or a core from the step loop (vLLM V1's layout).
 
-Two one-way pipes carry msgpack messages: requests and aborts in, :class:`EngineCoreOutputs` out. The
-front end writes requests from a sender thread and the core reads on a receiver thread, so neither side's
-loop waits on the other to take a large prompt. The front end acknowledges the output messages once it has
-handed them to the streams, and the core never has more than :data:`MAX_STEPS_AHEAD` unacknowledged: a
-front end that falls behind (detokenising and writing SSE for many streams) slows the steps down instead of
-letting a backlog build in the pipe, where a client's disconnect would wait behind seconds of tokens while
-the core kept computing for it. An acknowledgement (a few bytes, once per step) is written by the event
-loop itself whenever the sender thread is not writing, so it costs one write and no thread wake-up; a
-front end that fell a step behind reads both messages and acknowledges them together.
+Two one-way pipes carry msgpack messages: requests and aborts in, :class:`EngineCoreOutputs` out. The core
+reads on a receiver thread. The front end's event loop writes a message itself when that cannot block and
+keeps the order (it fits one atomic pipe write, the pipe has room for it, nothing queued is still unwritten);
+anything else (a long prompt) goes through a sender thread, so the loop never waits on the core to take it.
+A message written in place costs one write: no thread wake-up, no hand-over of the GIL. The front end
+acknowledges the output messages once it has handed them to the streams, and the core never has more than
+:data:`MAX_STEPS_AHEAD` unacknowledged: a front end that falls behind (detokenising and writing SSE for many
+streams) slows the steps down instead of letting a backlog build in the pipe, where a client's disconnect
+would wait behind seconds of tokens while the core kept computing for it. A front end that fell a step
+behind reads both messages and acknowledges them together.
 
 The core applies what came in between two steps, and at once while it waits for an acknowledgement, so
 an aborted request's blocks are free at the end of the step in flight when its abort came, at the latest.
@@ -30,6 +31,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import select
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -80,12 +82,23 @@ class EngineCoreClient:
         self.process.start()
         in_recv.close()
         out_send.close()
-        self._sends: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._writing = threading.Lock()   # one message at a time on the pipe (the sender's, or an ack)
-        self._sender = threading.Thread(target=self._send_loop, name="llmserve-core-send", daemon=True)
-        self._sender.start()
+        self._start_pipes()
         self.num_kv_blocks: int | None = None
         self.group_windows: list[int | None] = [None]   # the block manager's
+
+    def _start_pipes(self) -> None:
+        """The writing side's state and sender thread, and the pollers, once ``_in`` and ``_out`` are open."""
+        self._sends: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writing = threading.Lock()   # one message at a time on the pipe (the sender's, or the loop's)
+        self._queued = 0                   # messages handed to the sender thread (under _queuing) ...
+        self._written = 0                  # ... and those it wrote (under _writing)
+        self._queuing = threading.Lock()
+        self._writable = select.poll()     # POLLOUT: room for one atomic write (PIPE_BUF bytes)
+        self._writable.register(self._in.fileno(), select.POLLOUT)
+        self._readable = select.poll()
+        self._readable.register(self._out.fileno(), select.POLLIN)
+        self._sender = threading.Thread(target=self._send_loop, name="llmserve-core-send", daemon=True)
+        self._sender.start()
 
     def wait_until_ready(self) -> int:
         """Block until the core has loaded the model and sized its KV cache; its number of blocks. Starting
@@ -103,36 +116,47 @@ class EngineCoreClient:
 
     # ------------------------------------------------------------------ to the core
     def add_request(self, request: EngineCoreRequest) -> None:
-        self._sends.put(b"A" + encode(request))
+        self._send(b"A" + encode(request))
 
     def abort(self, request_id: str, index: int | None = None) -> None:
-        self._sends.put(b"B" + json.dumps([request_id, index]).encode())
+        self._send(b"B" + json.dumps([request_id, index]).encode())
 
     def ack(self, count: int = 1) -> None:
-        """``count`` more output messages have been processed (lets the core run as many steps further).
-
-        Written here when the sender thread is not writing (it holds the pipe only while it writes a
-        request, abort or block-map query), else queued behind what it is writing."""
-        message = b"K%d" % count
-        if not self._writing.acquire(blocking=False):
-            self._sends.put(message)
-            return
-        try:
-            self._in.send_bytes(message)
-        except (OSError, ValueError):
-            pass   # the core is gone; the output side reports it
-        finally:
-            self._writing.release()
+        """``count`` more output messages have been processed (lets the core run as many steps further)."""
+        self._send(b"K%d" % count)
 
     def request_block_map(self, max_cells: int) -> None:
         """Ask for the KV cache's :class:`~llmserve.engine.messages.BlockMap`; it comes back with the outputs."""
-        self._sends.put(b"M" + json.dumps(max_cells).encode())
+        self._send(b"M" + json.dumps(max_cells).encode())
+
+    def _send(self, message: bytes) -> None:
+        """Write ``message`` now if that cannot block and keeps the order, else queue it for the sender thread.
+
+        A write of at most ``PIPE_BUF`` bytes (with its 4-byte length) into a pipe that polls writable is
+        atomic and does not block; the count of queued against written messages says nothing is ahead of it."""
+        if len(message) + 4 <= select.PIPE_BUF and self._writing.acquire(blocking=False):
+            try:
+                if self._queued == self._written and self._writable.poll(0):
+                    try:
+                        self._in.send_bytes(message)
+                    except (OSError, ValueError):
+                        pass   # the core is gone; the output side reports it
+                    return
+            finally:
+                self._writing.release()
+        self._enqueue(message)
+
+    def _enqueue(self, message: bytes) -> None:
+        with self._queuing:
+            self._queued += 1
+        self._sends.put(message)
 
     def _send_loop(self) -> None:
         while (message := self._sends.get()) is not None:
             try:
                 with self._writing:
                     self._in.send_bytes(message)
+                    self._written += 1
             except (OSError, ValueError):
                 return   # the core is gone; the output side reports it
 
@@ -152,7 +176,7 @@ class EngineCoreClient:
         """The next message and those already behind it in the pipe, up to :data:`MAX_STEPS_AHEAD` in all (as
         many as a busy core sends before it waits for an acknowledgement); raises :class:`EngineCoreDiedError`."""
         messages = [self.receive()]
-        while len(messages) < MAX_STEPS_AHEAD and self._out.poll(0):
+        while len(messages) < MAX_STEPS_AHEAD and self._readable.poll(0):   # (Connection.poll builds a selector)
             messages.append(self.receive())
         return messages
 
@@ -167,7 +191,7 @@ class EngineCoreClient:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self.process.is_alive():
-            self._sends.put(b"Q")
+            self._enqueue(b"Q")
         self._sends.put(None)
         self.process.join(timeout)
         if self.process.is_alive():

@@ -24,6 +24,7 @@ import copy
 import json
 import multiprocessing
 import queue
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ from llmserve.engine.core import EngineCore
 from llmserve.config import EngineConfig
 from llmserve.engine import input_processor
 from llmserve.engine.core_client import MAX_STEPS_AHEAD, EngineCoreClient, Received, _core_loop, build_engine_core
-from llmserve.engine.messages import EngineCoreOutputs, decode, encode
+from llmserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, decode, encode
 
 LONG = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
 
@@ -122,24 +123,63 @@ def client_on_pipes() -> tuple[EngineCoreClient, Any, Any]:
     client = EngineCoreClient.__new__(EngineCoreClient)
     core_in, client._in = multiprocessing.Pipe(duplex=False)
     client._out, core_out = multiprocessing.Pipe(duplex=False)
-    client._sends = queue.SimpleQueue()
-    client._writing = threading.Lock()
-    client._sender = threading.Thread(target=client._send_loop, daemon=True)
-    client._sender.start()
+    client._start_pipes()
     return client, core_in, core_out
 
 
-def test_an_acknowledgement_is_written_at_once_unless_the_sender_is_writing():
+def stop_sender(client: EngineCoreClient) -> None:
+    """End the sender thread: from then on only a message written in place reaches the pipe."""
+    client._sends.put(None)
+    client._sender.join(5)
+
+
+def test_a_small_message_is_written_at_once_unless_the_sender_is_writing():
     client, core_in, _ = client_on_pipes()
     try:
-        client._sends.put(None)                # the sender thread is gone: only a direct write can arrive
-        client._sender.join(5)
+        stop_sender(client)
         client.ack(2)
+        client.abort("r", 0)
         assert core_in.poll(5) and core_in.recv_bytes() == b"K2"
+        assert core_in.recv_bytes() == b'B["r", 0]'
         with client._writing:                  # as while the sender writes a large request
             client.ack()
         assert not core_in.poll(0.2)           # queued behind it, not interleaved with it
         assert client._sends.get_nowait() == b"K1"
+    finally:
+        client._in.close()
+
+
+def test_a_message_over_one_atomic_pipe_write_goes_through_the_sender_and_keeps_its_place():
+    client, core_in, _ = client_on_pipes()
+    try:
+        long_prompt = EngineCoreRequest("r", [30000 + i for i in range(select.PIPE_BUF)], SamplingParams(), 16,
+                                        None, time.monotonic())
+        with client._writing:                  # the sender holds the long request until released
+            client.add_request(long_prompt)
+            client.abort("r")                  # small, but behind the queued one: queued as well
+        assert core_in.poll(5) and decode(core_in.recv_bytes()[1:], EngineCoreRequest) == long_prompt
+        assert core_in.recv_bytes() == b'B["r", null]'
+        deadline = time.monotonic() + 5
+        while client._written < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        client.ack()                           # nothing queued any more: in place again
+        assert core_in.recv_bytes() == b"K1"
+        assert client._queued == client._written == 2
+    finally:
+        stop_sender(client)
+        client._in.close()
+
+
+def test_a_full_pipe_queues_a_small_message_instead_of_blocking_the_caller():
+    client, core_in, _ = client_on_pipes()
+    try:
+        stop_sender(client)
+        filler = b"A" + b"x" * 1000
+        while client._writable.poll(0):        # the core does not read: fill the pipe by direct writes
+            client._send(filler)
+        client.ack()                           # returns: queued, not written
+        assert client._sends.get_nowait() == b"K1"
+        assert client._queued == 1 and client._written == 0
     finally:
         client._in.close()
 
@@ -152,7 +192,7 @@ def test_receive_all_reads_every_message_already_waiting_up_to_the_core_s_lead()
         assert [m.num_scheduled_tokens for m in client.receive_all()] == list(range(1, MAX_STEPS_AHEAD + 1))
         assert [m.num_scheduled_tokens for m in client.receive_all()] == [MAX_STEPS_AHEAD + 1]
     finally:
-        client._sends.put(None)
+        stop_sender(client)
         client._in.close()
 
 
