@@ -4,9 +4,10 @@
  * Doing this with tensor ops means gathering every sequence's blocks into a padded contiguous copy and
  * then running a one-query SDPA over it: the context is read twice and written once, and the padding
  * is computed too. Here each work item (a sequence, or one KV head of it when there are few sequences)
- * walks the block table, prefetching the rows a few tokens ahead, scores every query head sharing a KV
- * head against each key as it is read (grouped-query attention reads K/V once per group, not once per
- * query head), takes an exact softmax over the scores with a vectorised exp, then accumulates the
+ * walks the block table once into the rows of its tokens, prefetching both caches' rows a block ahead while
+ * it scores every query head sharing a KV head against each key (grouped-query attention reads K/V once per
+ * group, not once per query head; a run of keys' products is reduced to scores in one shuffle tree), takes an
+ * exact softmax over the scores with a vectorised exp, then accumulates the
  * values with the output sums of a few query heads held in registers over every token (summing into the output
  * in memory token by token made each step a load and a store per vector). Items are spread over the OpenMP
  * threads dynamically, since context lengths differ. float32; caches are [num_blocks, block_size, num_kv_heads,
@@ -177,49 +178,84 @@ static inline void walk_next(token_walk *w) {
     }
 }
 
-/* Prefetch the entries [first, first + count) of the row `w` is at: rows of consecutive tokens lie apart (one
- * per slot, blocks scattered), so the hardware prefetchers miss them. */
-static inline void prefetch_row(const void *cache, const token_walk *w, long first, long count, const int fmt) {
-    const long entry_size = fmt == KV_F32 ? (long)sizeof(float) : fmt == KV_BF16 ? 2 : 1;
-    const char *row = (const char *)cache + (walk_row(w) + first) * entry_size;
-    for (long i = 0; i < count * entry_size; i += 64) __builtin_prefetch(row + i, 0, 3);
+/* Where each of a sequence's tokens [start, start + len) has its row (the entry of KV head 0), into rows[]. */
+static void token_rows(const int *table, long start, long len, long block_size, long block_stride,
+                       long token_stride, long *rows) {
+    token_walk w = walk_from(table, start, block_size, block_stride, token_stride);
+    for (long t = 0; t < len; t++, walk_next(&w)) rows[t] = walk_row(&w);
 }
 
-#define PREFETCH_TOKENS 4   /* how far ahead rows are prefetched */
+/* Prefetch `count` entries from entry `at`: rows of consecutive tokens lie apart (one per slot, blocks
+ * scattered), so the hardware prefetchers miss them. */
+static inline __attribute__((always_inline)) void prefetch_entries(const void *cache, long at, long count,
+                                                                   const int fmt) {
+    const long size = fmt == KV_F32 ? (long)sizeof(float) : fmt == KV_BF16 ? 2 : 1;
+    const char *p = (const char *)cache + at * size;
+    for (long i = 0; i < count * size; i += 64) __builtin_prefetch(p + i, 0, 3);
+}
+
+#define PREFETCH_TOKENS 16   /* how far ahead rows are prefetched */
 #define V_SUMS (REG_ACCS * 2 / 3)   /* register vectors of output sums the value pass keeps */
+#define SCORE_HEADS 8   /* query heads scored in one pass over a run of keys */
 
 /* The vector path: head_dim = nv * 16 (`nv` is a constant at the call sites that matter: 4, 8), for the
  * query heads of KV heads [kv_head, kv_head + kv_count): `q` and `out` point at the first of them. Keys
- * [start, seq_len) are attended (start > 0 under a sliding window); `scores` has rows of seq_len - start.
- * `slopes`: the ALiBi slopes of those query heads, or NULL. `fmt`: the caches' entry format (a constant).
- * The loops work on `rvec` (the widest vector with registers: 8 floats on AVX2), nv * RPARTS of them a head. */
+ * [start, seq_len) are attended (start > 0 under a sliding window); `scores` has rows of seq_len - start, `rows`
+ * room for seq_len - start entries. `slopes`: the ALiBi slopes of those query heads, or NULL. `fmt`: the caches'
+ * entry format (a constant). The loops work on `rvec` (the widest vector with registers: 8 floats on AVX2),
+ * nv * RPARTS of them a head.
+ * Keys are scored RLANES tokens at a time: each (token, query head) product stays a vector until the run's lane
+ * sums are taken together (rhsum_each), one shuffle tree for RLANES scores. Both caches' rows are prefetched
+ * while the keys are scored, so the value pass finds them cached. */
 static inline __attribute__((always_inline)) void
 attend_vec(const float *q, const void *k_cache, const void *v_cache, const int *table, long start, long seq_len,
            long group, long kv_head, long kv_count, long num_kv_heads, long block_size, long block_stride,
-           float scale, float soft_cap, const float *slopes, float *scores, float *out, const int nv, const int fmt) {
+           float scale, float soft_cap, const float *slopes, float *scores, long *rows, float *out, const int nv,
+           const int fmt) {
     const long head_dim = nv * LANES;
     const long token_stride = num_kv_heads * head_dim;
     const long first = kv_head * head_dim, count = kv_count * head_dim;
-    const long rows = kv_count * group;   /* query heads attended: score rows */
     const long len = seq_len - start;   /* t below counts from the window's start */
     const int nr = nv * RPARTS;
-    token_walk at = walk_from(table, start, block_size, block_stride, token_stride);
-    token_walk ahead = walk_from(table, start + PREFETCH_TOKENS, block_size, block_stride, token_stride);
-    for (long t = 0; t < len; t++, walk_next(&at), walk_next(&ahead)) {
-        if (t + PREFETCH_TOKENS < len) prefetch_row(k_cache, &ahead, first, count, fmt);
-        long k = walk_row(&at) + first;
-        for (long h = 0; h < kv_count; h++, k += head_dim) {
-            rvec kv[MAX_VECS * RPARTS];
-            for (int c = 0; c < nv; c++) load_entry_parts(k_cache, k + c * LANES, fmt, kv + c * RPARTS);
-            for (long g = 0; g < group; g++) {
-                const float *qh = q + (h * group + g) * head_dim;
-                rvec acc = kv[0] * rload(qh);
-                for (int c = 1; c < nr; c++) acc += kv[c] * rload(qh + c * RLANES);
-                scores[(h * group + g) * len + t] = rhsum(acc) * scale;
-            }
-        }
+    token_rows(table, start, len, block_size, block_stride, token_stride, rows);
+    for (long t = 0; t < PREFETCH_TOKENS && t < len; t++) {
+        prefetch_entries(k_cache, rows[t] + first, count, fmt);
+        prefetch_entries(v_cache, rows[t] + first, count, fmt);
     }
-    softmax_rows(scores, rows, len, len, soft_cap, slopes, start - (seq_len - 1));
+    for (long t0 = 0; t0 < len; t0 += RLANES) {
+        const int run = len - t0 < RLANES ? (int)(len - t0) : RLANES;
+        for (long t = t0 + PREFETCH_TOKENS; t < t0 + PREFETCH_TOKENS + run && t < len; t++) {
+            prefetch_entries(k_cache, rows[t] + first, count, fmt);
+            prefetch_entries(v_cache, rows[t] + first, count, fmt);
+        }
+        for (long h = 0; h < kv_count; h++)
+            for (long g0 = 0; g0 < group; g0 += SCORE_HEADS) {
+                const int heads = group - g0 < SCORE_HEADS ? (int)(group - g0) : SCORE_HEADS;
+                const float *qh = q + (h * group + g0) * head_dim;
+                rvec dots[SCORE_HEADS][RLANES];
+                for (int i = 0; i < RLANES; i++) {
+                    if (i >= run) {
+                        for (int g = 0; g < heads; g++) dots[g][i] = rsplat(0.0f);
+                        continue;
+                    }
+                    const long k = rows[t0 + i] + first + h * head_dim;
+                    rvec kv[MAX_VECS * RPARTS];
+                    for (int c = 0; c < nv; c++) load_entry_parts(k_cache, k + c * LANES, fmt, kv + c * RPARTS);
+                    for (int g = 0; g < heads; g++) {
+                        rvec acc = kv[0] * rload(qh + g * head_dim);
+                        for (int c = 1; c < nr; c++) acc += kv[c] * rload(qh + g * head_dim + c * RLANES);
+                        dots[g][i] = acc;
+                    }
+                }
+                for (int g = 0; g < heads; g++) {
+                    const rvec s = rhsum_each(dots[g]) * scale;
+                    float *dst = scores + (h * group + g0 + g) * len + t0;
+                    if (run == RLANES) rstore(dst, s);
+                    else memcpy(dst, &s, sizeof(float) * run);
+                }
+            }
+    }
+    softmax_rows(scores, kv_count * group, len, len, soft_cap, slopes, start - (seq_len - 1));
     /* Values: up to V_SUMS register vectors of output sums at a time (a few query heads of one KV head, which
      * with a small head is the whole group), each summed over every token in order; wider heads or groups
      * go a head or a part of one at a time, re-reading their V rows from the cache. */
@@ -232,13 +268,13 @@ attend_vec(const float *q, const void *k_cache, const void *v_cache, const int *
                 rvec acc[V_SUMS];
                 for (int i = 0; i < V_SUMS; i++) acc[i] = rsplat(0.0f);
                 const float *p = scores + (h * group + g0) * len;
+                /* (a long context's rows fetched in the key pass may have left the cache since) */
                 const int fetch = g0 == 0 && c0 == 0;   /* later passes over the head find its rows cached */
-                token_walk at = walk_from(table, start, block_size, block_stride, token_stride);
-                token_walk ahead = walk_from(table, start + PREFETCH_TOKENS, block_size, block_stride, token_stride);
-                for (long t = 0; t < len; t++, walk_next(&at), walk_next(&ahead)) {
+                const long at = first + h * head_dim + c0 * RLANES;
+                for (long t = 0; t < len; t++) {
                     if (fetch && t + PREFETCH_TOKENS < len)
-                        prefetch_row(v_cache, &ahead, first + h * head_dim, head_dim, fmt);
-                    const long v = walk_row(&at) + first + h * head_dim + c0 * RLANES;
+                        prefetch_entries(v_cache, rows[t + PREFETCH_TOKENS] + first + h * head_dim, head_dim, fmt);
+                    const long v = rows[t] + at;
                     rvec vv[V_SUMS];
                     for (int c = 0; c < parts; c += RPARTS) load_entry_parts(v_cache, v + c * RLANES, fmt, vv + c);
                     for (int g = 0; g < V_SUMS / width; g++)
@@ -287,17 +323,17 @@ static void attend_scalar(const float *q, const void *k_cache, const void *v_cac
 static inline __attribute__((always_inline)) void
 attend_format(const float *q, const void *k_cache, const void *v_cache, const int *table, long start, long seq_len,
               long group, long kv_head, long kv_count, long num_kv_heads, long head_dim, long block_size,
-              long block_stride, float scale, float soft_cap, const float *slopes, float *scores, float *out,
-              const int fmt) {
+              long block_stride, float scale, float soft_cap, const float *slopes, float *scores, long *rows,
+              float *out, const int fmt) {
     switch (head_dim) {
         case 64: attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads,
-                            block_size, block_stride, scale, soft_cap, slopes, scores, out, 4, fmt); return;
+                            block_size, block_stride, scale, soft_cap, slopes, scores, rows, out, 4, fmt); return;
         case 128: attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads,
-                             block_size, block_stride, scale, soft_cap, slopes, scores, out, 8, fmt); return;
+                             block_size, block_stride, scale, soft_cap, slopes, scores, rows, out, 8, fmt); return;
     }
     if (head_dim % LANES == 0 && head_dim / LANES <= MAX_VECS)
         attend_vec(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, block_size,
-                   block_stride, scale, soft_cap, slopes, scores, out, (int)(head_dim / LANES), fmt);
+                   block_stride, scale, soft_cap, slopes, scores, rows, out, (int)(head_dim / LANES), fmt);
     else
         attend_scalar(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, head_dim,
                       block_size, block_stride, scale, soft_cap, slopes, scores, out, fmt);
@@ -306,9 +342,9 @@ attend_format(const float *q, const void *k_cache, const void *v_cache, const in
 static void attend_one(const float *q, const void *k_cache, const void *v_cache, const int *table,
                        long start, long seq_len, long group, long kv_head, long kv_count, long num_kv_heads,
                        long head_dim, long block_size, long block_stride, float scale, float soft_cap,
-                       const float *slopes, float *scores, float *out, int fmt) {
+                       const float *slopes, float *scores, long *rows, float *out, int fmt) {
 #define ATTEND(F) attend_format(q, k_cache, v_cache, table, start, seq_len, group, kv_head, kv_count, num_kv_heads, \
-                                head_dim, block_size, block_stride, scale, soft_cap, slopes, scores, out, F)
+                                head_dim, block_size, block_stride, scale, soft_cap, slopes, scores, rows, out, F)
     switch (fmt) {
         case KV_FP8_E4M3: ATTEND(KV_FP8_E4M3); return;
         case KV_FP8_E5M2: ATTEND(KV_FP8_E5M2); return;
@@ -356,7 +392,9 @@ int llmserve_paged_decode_attention(const float *q, long q_stride, const void *k
     int out_of_memory = 0;
     #pragma omp parallel num_threads(num_threads)
     {
-        float *scores = malloc(sizeof(float) * kv_per_item * group * max_len);
+        /* per thread: the scores of an item, then its tokens' row entries */
+        const long score_floats = (kv_per_item * group * max_len + 15) / 16 * 16;
+        float *scores = malloc(sizeof(float) * score_floats + sizeof(long) * max_len);
         if (scores == NULL) {
             #pragma omp atomic write
             out_of_memory = 1;
@@ -369,7 +407,8 @@ int llmserve_paged_decode_attention(const float *q, long q_stride, const void *k
                 attend_one(q + s * q_stride + h * group * head_dim, k_cache, v_cache,
                            block_tables + s * table_stride, first_key(seq_lens[s], window), seq_lens[s], group, h,
                            kv_per_item, num_kv_heads, head_dim, block_size, block_stride, scale, soft_cap,
-                           alibi_slopes != NULL ? alibi_slopes + h * group : NULL, scores, o, kv_format);
+                           alibi_slopes != NULL ? alibi_slopes + h * group : NULL, scores,
+                           (long *)(scores + score_floats), o, kv_format);
                 if (v_scale != 1.0f)   /* sum_t p_t (entry_t * v_scale) */
                     for (long i = 0; i < kv_per_item * group * head_dim; i++) o[i] *= v_scale;
             }

@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#ifdef __AVX512BF16__
+#if defined(__AVX512F__) || defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
@@ -151,6 +151,35 @@ static inline float rhsum(rvec v) {
 #endif
 }
 
+/* The lane sums of RLANES vectors at once: lane i of the result is the sum of v[i]'s lanes. Pairs are summed
+ * even lane with odd lane into one vector holding both halves, level by level (RLANES - 1 pairs of two-source
+ * shuffles in all), instead of a separate reduction tree ending in scalar adds per vector. Overwrites v. */
+static inline rvec rhsum_each(rvec *v) {
+#ifdef HAVE_SHUFFLEVECTOR
+#if RLANES == 16
+#define EVENS(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+#define ODDS(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
+#elif RLANES == 8
+#define EVENS(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14)
+#define ODDS(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15)
+#else
+#define EVENS(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6)
+#define ODDS(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7)
+#endif
+#pragma GCC unroll 8
+    for (int n = RLANES; n > 1; n /= 2)
+#pragma GCC unroll 8
+        for (int i = 0; i < n / 2; i++) v[i] = EVENS(v[2 * i], v[2 * i + 1]) + ODDS(v[2 * i], v[2 * i + 1]);
+#undef EVENS
+#undef ODDS
+    return v[0];
+#else
+    rvec r;
+    for (int i = 0; i < RLANES; i++) r[i] = rhsum(v[i]);
+    return r;
+#endif
+}
+
 /* Whether any lane of an rvec comparison mask is set. */
 static inline int rany_lane(rivec m) {
     int s[RLANES], any = 0;
@@ -164,9 +193,14 @@ typedef uint16_t u16vec __attribute__((vector_size(LANES * sizeof(uint16_t))));
 
 /* 16 bfloat16 values as floats. */
 static inline vec load_bf16(const uint16_t *p) {
+#ifdef __AVX512F__
+    /* one widening load: GCC splits the generic conversion below into two 256-bit halves and an insert */
+    return (vec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#else
     u16vec h;
     memcpy(&h, p, sizeof h);
     return (vec)(__builtin_convertvector(h, ivec) << 16);
+#endif
 }
 
 static inline float bf16_to_float(uint16_t h) {
