@@ -286,16 +286,18 @@ class InputBatch:
         # (a decode step's batch is small and this runs every step: each NumPy call here costs about what its
         # arithmetic does, so an all-decode step skips the reordering and the per-token expansion)
         seq_ids = list(num_scheduled_tokens)
-        q = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=len(seq_ids))
-        num_decodes = int((q == 1).sum())
-        if num_decodes < len(seq_ids):   # decodes first, in a stable order
+        num_seqs = len(seq_ids)
+        all_decodes = sum(num_scheduled_tokens.values()) == num_seqs   # every row schedules at least one token
+        q = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=num_seqs)
+        num_decodes = num_seqs if all_decodes else int((q == 1).sum())
+        if not all_decodes:   # decodes first, in a stable order
             order = np.argsort(q != 1, kind="stable")
             seq_ids = [seq_ids[i] for i in order]
             q = q[order]
-        rows = np.fromiter((self.seqs[i].row for i in seq_ids), dtype=np.int64, count=len(seq_ids))
+        rows = np.fromiter((self.seqs[i].row for i in seq_ids), dtype=np.int64, count=num_seqs)
         ctx = self.num_computed[rows]
         ends = q.cumsum()
-        if num_decodes == len(seq_ids):
+        if all_decodes:
             row_of_token, positions = rows, ctx
         else:
             row_of_token = np.repeat(rows, q)
@@ -305,7 +307,9 @@ class InputBatch:
         # for the kernels)
         slots = self.block_tables[:, row_of_token, positions // bs].astype(np.int64, order="C") * bs + positions % bs
         reach = ctx + q
-        sampled = np.flatnonzero((reach == self.num_tokens[rows] + self.num_drafts[rows]) & ~self.pools[rows])
+        # A row is sampled when its step reaches its last token (or last draft); pooling rows never are.
+        last = self.num_tokens[rows] + self.num_drafts[rows] if self._draft_rows else self.num_tokens[rows]
+        sampled = np.flatnonzero(reach == last if not self._pooling_seqs else (reach == last) & ~self.pools[rows])
         width = max(1, -(-int(reach.max()) // bs))
         prompt_rows, pool_rows = [], []
         if self._prompt_logprob_seqs or self._pooling_seqs:
