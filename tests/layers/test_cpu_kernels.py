@@ -103,7 +103,7 @@ def _dense_attention(q, cache_k, cache_v, tables, lens, scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(12, 4, 64), (24, 2, 128), (20, 1, 64), (6, 6, 80)])
-@pytest.mark.parametrize("num_seqs", [1, 9])   # one KV head per work item; whole sequences per item
+@pytest.mark.parametrize("num_seqs", [1, 9])   # one KV head per work item; whole sequences per item (2 threads)
 def test_paged_decode_attention_matches_dense_reference(kernels, dtype, num_heads, num_kv_heads, head_dim, num_seqs):
     """Any query-head group (past the 8 scored in one pass over the keys), contexts that end inside a run of
     keys or a block, and either split of the work equal the dense softmax."""
@@ -113,7 +113,7 @@ def test_paged_decode_attention_matches_dense_reference(kernels, dtype, num_head
     cache_v = torch.randn(num_seqs * max_blocks + 1, block_size, num_kv_heads, head_dim).to(dtype)
     tables = torch.randperm(num_seqs * max_blocks + 1)[:num_seqs * max_blocks].reshape(num_seqs, max_blocks)
     tables = tables.to(torch.int32).contiguous()
-    lens = torch.tensor([1, 16, 17, 33, 64, 5, 48, 31, 2][:num_seqs], dtype=torch.int32)
+    lens = torch.tensor([33, 16, 17, 1, 64, 5, 48, 31, 2][:num_seqs], dtype=torch.int32)   # 33: a run and a bit
     q = torch.randn(num_seqs, num_heads, head_dim)
     out = torch.empty(num_seqs, num_heads, head_dim)
     kernels.paged_decode_attention(q, cache_k, cache_v, tables, lens, head_dim ** -0.5, out)
