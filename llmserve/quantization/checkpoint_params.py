@@ -27,6 +27,23 @@ class CheckpointFormatError(ValueError):
     """A quantised checkpoint's config or tensors do not describe a layout llmserve can run."""
 
 
+def check_dtype(loaded: torch.Tensor, dtype: torch.dtype, label: str, index: bool = False) -> None:
+    """Refuse a checkpoint tensor not stored in its format's dtype: codes and int8 / float8 weights in exactly
+    theirs (an ``index`` such as ``g_idx``: any integer type), scales in any float type. A cast would turn a
+    dequantised float tensor into codes, or scale float8 values twice, without a word."""
+    if dtype.is_floating_point and dtype.itemsize > 1:
+        stored = loaded.dtype.is_floating_point
+    elif index:
+        stored = not (loaded.dtype.is_floating_point or loaded.dtype.is_complex or loaded.dtype == torch.bool)
+    else:
+        stored = loaded.dtype == dtype
+    if not stored:
+        expected = ("a float type" if dtype.is_floating_point and dtype.itemsize > 1
+                    else "an integer type" if index else str(dtype))
+        raise CheckpointFormatError(f"{label} is stored as {loaded.dtype}; the checkpoint's format stores it as "
+                                    f"{expected}")
+
+
 def check_input_split(layer: nn.Module, format_name: str, group_size: int, pack: int = 1) -> None:
     """On a layer whose inputs are split over tensor-parallel ranks (row-parallel, an expert's down projection),
     refuse at start-up unless each rank's columns hold whole groups and whole packed words: a group split
@@ -80,6 +97,7 @@ def add_checkpoint_param(layer: nn.Module, name: str, shape: tuple[int, ...], dt
 
     def load(target: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         label = getattr(target, "checkpoint_name", "") or f"{layer.prefix}.{name}"
+        check_dtype(loaded, dtype, label, index=output_dim is None)
         if output_dim is None:
             check_shape(loaded, checkpoint_shape(None), label)
             loaded = own_columns(loaded)
@@ -117,6 +135,7 @@ def add_shard_scalar_param(layer: nn.Module, name: str) -> nn.Parameter:
         label = getattr(target, "checkpoint_name", "") or f"{layer.prefix}.{name}"
         if loaded.numel() != 1:
             raise WeightShapeError(f"{label} must be one per-tensor value, got shape {tuple(loaded.shape)}")
+        check_dtype(loaded, torch.float32, label)
         if shard_id is None:
             target.data.fill_(float(loaded.reshape(())))
         else:

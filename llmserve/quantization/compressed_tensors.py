@@ -34,15 +34,20 @@ from llmserve.quantization.packed import CHUNK, FP8, U4, U8, apply_w8a8, apply_w
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 
 
+def describe_args(args: dict[str, Any] | None) -> str:
+    """One side of a scheme (weights, activations, the KV cache) as a few words, for errors and logs."""
+    if not args:
+        return "none"
+    return (f"{args.get('type', 'int')}{args.get('num_bits')} {args.get('strategy')}"
+            f"{' dynamic' if args.get('dynamic') else ''}{'' if args.get('symmetric', True) else ' asymmetric'}"
+            f"{' group ' + str(args.get('group_size')) if args.get('strategy') == 'group' else ''}"
+            f"{' actorder ' + str(args.get('actorder')) if args.get('actorder') else ''}")
+
+
 def describe(scheme: dict[str, Any], fmt: str | None) -> str:
     """A scheme as one line, for errors and logs."""
-    def side(args: dict[str, Any] | None) -> str:
-        if not args:
-            return "none"
-        return (f"{args.get('type', 'int')}{args.get('num_bits')} {args.get('strategy')}"
-                f"{' dynamic' if args.get('dynamic') else ''}{'' if args.get('symmetric', True) else ' asymmetric'}"
-                f"{' group ' + str(args.get('group_size')) if args.get('strategy') == 'group' else ''}")
-    return f"weights {side(scheme.get('weights'))}, activations {side(scheme.get('input_activations'))}, format {fmt}"
+    return (f"weights {describe_args(scheme.get('weights'))}, activations "
+            f"{describe_args(scheme.get('input_activations'))}, format {fmt}")
 
 
 def method_for(scheme: dict[str, Any], fmt: str | None) -> QuantizeMethodBase:
@@ -50,15 +55,17 @@ def method_for(scheme: dict[str, Any], fmt: str | None) -> QuantizeMethodBase:
     weights, acts = scheme.get("weights") or {}, scheme.get("input_activations")
     w_type, bits, strategy = weights.get("type", "int"), weights.get("num_bits"), weights.get("strategy")
     symmetric = weights.get("symmetric", True) and (acts is None or acts.get("symmetric", True))
-    if symmetric and not weights.get("dynamic") and not scheme.get("output_activations"):
+    group_size = weights.get("group_size") or 0
+    # group act-order ("group", or "dynamic" as older versions call it) stores a weight_g_idx llmserve does not read
+    in_order = weights.get("actorder") in (None, False, "weight", "static")
+    if symmetric and in_order and not weights.get("dynamic") and not scheme.get("output_activations"):
         if (fmt == "int-quantized" and w_type == "int" and bits == 8 and strategy in ("channel", "tensor")
                 and acts and acts.get("type", "int") == "int" and acts.get("num_bits") == 8
                 and acts.get("dynamic") and acts.get("strategy") == "token"):
             return CTW8A8Method(strategy)
         if (fmt == "pack-quantized" and w_type == "int" and bits in (4, 8) and acts is None
-                and (strategy == "channel" or (strategy == "group" and weights.get("group_size", 0) % CHUNK == 0
-                                               and weights.get("group_size", 0) > 0))):
-            return CTPackedMethod(bits, weights.get("group_size") if strategy == "group" else -1)
+                and (strategy == "channel" or (strategy == "group" and group_size % CHUNK == 0 and group_size > 0))):
+            return CTPackedMethod(bits, group_size if strategy == "group" else -1)
         if (fmt == "float-quantized" and w_type == "float" and bits == 8 and strategy in ("channel", "tensor")
                 and (acts is None or (acts.get("type") == "float" and acts.get("num_bits") == 8 and (
                     (acts.get("dynamic") and acts.get("strategy") == "token")
@@ -66,8 +73,22 @@ def method_for(scheme: dict[str, Any], fmt: str | None) -> QuantizeMethodBase:
             return CTFP8Method(strategy, None if acts is None else ("dynamic" if acts.get("dynamic") else "static"))
     raise CheckpointFormatError(f"compressed-tensors scheme ({describe(scheme, fmt)}) is not supported; llmserve "
                                 f"runs int8 W8A8 (channel/tensor weights, dynamic per-token activations), "
-                                f"W4A16/W8A16 pack-quantized (symmetric, channel or groups of a multiple of {CHUNK}) "
+                                f"W4A16/W8A16 pack-quantized (symmetric, channel or groups of a multiple of {CHUNK}, "
+                                f"no group act-order) "
                                 f"and FP8 (channel/tensor weights; dynamic per-token, static or no activation quant)")
+
+
+def check_kv_cache_scheme(scheme: dict[str, Any] | None) -> None:
+    """Accept the KV-cache scheme llm-compressor writes with calibrated ``self_attn.k_scale`` / ``v_scale`` (8-bit
+    float, one static scale per tensor): the scales are read and used with ``--kv-cache-dtype fp8`` (see
+    :mod:`llmserve.quantization.kv_cache`); refuse any other, naming it."""
+    if not scheme:
+        return
+    if (scheme.get("type") == "float" and scheme.get("num_bits") == 8 and scheme.get("strategy") == "tensor"
+            and not scheme.get("dynamic") and scheme.get("symmetric", True)):
+        return
+    raise CheckpointFormatError(f"compressed-tensors kv_cache_scheme ({describe_args(scheme)}) is not "
+                                f"supported; llmserve reads 8-bit float per-tensor static k/v scales")
 
 
 class CompressedTensorsConfig(QuantizationConfig):
@@ -83,8 +104,7 @@ class CompressedTensorsConfig(QuantizationConfig):
         status = config.get("quantization_status", "compressed")
         if status not in ("compressed", "frozen"):
             raise CheckpointFormatError(f"compressed-tensors checkpoint in status {status!r} is not supported")
-        if config.get("kv_cache_scheme"):
-            raise CheckpointFormatError("compressed-tensors kv_cache_scheme (a quantised KV cache) is not supported")
+        check_kv_cache_scheme(config.get("kv_cache_scheme"))
         groups = [(list(g.get("targets") or []), g, g.get("format") or config.get("format"))
                   for g in (config.get("config_groups") or {}).values()]
         if not groups:
@@ -100,8 +120,14 @@ class CompressedTensorsConfig(QuantizationConfig):
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | FusedMoEMethodBase | None:
         if not isinstance(layer, QUANTISABLE_LAYERS) or covers_all(prefix, matches_any(self.ignore)):
             return None
-        for targets, scheme, fmt in self.groups:   # experts are Linear modules in the checkpoint's model
-            if "Linear" in targets or covers_all(prefix, matches_any(targets)):
+        # A group that names the layer (its name or a re: pattern) wins over one that targets every Linear, as
+        # in compressed-tensors itself, whatever the groups' order; experts are Linear modules in the checkpoint.
+        for targets, scheme, fmt in self.groups:
+            names = [t for t in targets if t != "Linear"]
+            if names and covers_all(prefix, matches_any(names)):
+                return method_for_layer(layer, method_for(scheme, fmt))
+        for targets, scheme, fmt in self.groups:
+            if "Linear" in targets:
                 return method_for_layer(layer, method_for(scheme, fmt))
         return None
 

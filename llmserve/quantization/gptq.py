@@ -58,6 +58,10 @@ class GPTQConfig(QuantizationConfig):
                                         f"not supported (gptq or gptq_v2)")
         if "bits" not in config:
             raise CheckpointFormatError("GPTQ quantization_config has no 'bits'")
+        if config.get("dynamic"):
+            raise CheckpointFormatError(f"GPTQ per-module overrides (quantization_config.dynamic: "
+                                        f"{sorted(config['dynamic'])}) are not supported: every quantised module "
+                                        f"must use the config's bits and group size")
         return cls(int(config["bits"]), int(config.get("group_size", -1)), bool(config.get("desc_act", False)),
                    bool(config.get("sym", True)), config.get("checkpoint_format") == "gptq_v2",
                    config.get("modules_to_not_convert"))

@@ -25,16 +25,17 @@ def checkpoint_names(prefix: str) -> list[str]:
 
 
 def covers_all(prefix: str, predicate: Callable[[str], bool]) -> bool:
-    """Whether ``predicate`` holds for every checkpoint module of the layer (or the fused name itself);
-    raises :class:`CheckpointFormatError` when it holds for only some of them."""
-    if predicate(prefix):
-        return True
-    hits = [predicate(name) for name in checkpoint_names(prefix)]
+    """Whether ``predicate`` holds for every checkpoint module of the layer; raises :class:`CheckpointFormatError`
+    when it holds for only some of them. A fused layer is judged by its projections' names first (``v_proj`` is
+    not a listing of ``qkv_proj`` because it occurs in the name); the fused name itself counts only when none of
+    them is listed, for a family whose checkpoint stores the fused module (Phi-3's ``qkv_proj``)."""
+    names = checkpoint_names(prefix)
+    hits = [predicate(name) for name in names]
     if any(hits) and not all(hits):
         raise CheckpointFormatError(f"the quantisation config treats the projections fused in {prefix} "
-                                    f"({', '.join(checkpoint_names(prefix))}) differently; llmserve runs them "
-                                    f"as one layer in one format")
-    return all(hits)
+                                    f"({', '.join(names)}) differently; llmserve runs them as one layer in one "
+                                    f"format")
+    return all(hits) or (names != [prefix] and predicate(prefix))
 
 
 def contains_any(patterns: list[str] | None) -> Callable[[str], bool]:

@@ -15,8 +15,11 @@ dimension (tensor parallelism) or held whole (expert parallelism).
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from llmserve.quantization import packed
 from llmserve.quantization.checkpoint_params import CheckpointFormatError
@@ -94,3 +97,37 @@ def test_engine_across_ranks_matches_transformers_on_the_dequantised_checkpoint(
                                                                                 engine_args):
     path, reference = quantized(fmt, family, **options)
     assert_matches_hf(engine_greedy(path, **engine_args), reference, 1e-3)
+
+
+@pytest.mark.parametrize("fmt,tensor,stored_as,message", [
+    ("gptq", "model.layers.0.self_attn.q_proj.qweight", torch.float32, "stored as torch.float32; .* as torch.int32"),
+    ("ct-w8a8", "model.layers.0.self_attn.q_proj.weight", torch.float32, "stored as torch.float32; .* as torch.int8"),
+    ("ct-fp8-dynamic", "model.layers.0.mlp.down_proj.weight", torch.bfloat16,
+     "stored as torch.bfloat16; .* as torch.float8_e4m3fn"),
+    ("gptq", "model.layers.0.self_attn.o_proj.scales", torch.int32, "stored as torch.int32; .* as a float type"),
+    ("ct-fp8-static", "model.layers.0.self_attn.o_proj.input_scale", torch.int64,
+     "stored as torch.int64; .* as a float type"),
+])
+def test_a_tensor_in_another_dtype_than_its_formats_is_refused_not_cast(quantized, tmp_path, fmt, tensor, stored_as,
+                                                                        message):
+    """A dequantised float tensor where codes belong would otherwise be cast into (meaningless) codes."""
+    path, _ = quantized(fmt)
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    tensors = load_file(copy / "model.safetensors")
+    tensors[tensor] = tensors[tensor].to(stored_as)
+    save_file(tensors, copy / "model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        load_tiny(copy)
+
+
+def test_g_idx_may_come_in_any_integer_type(quantized, tmp_path):
+    path, _ = quantized("gptq", desc_act=True)
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    tensors = load_file(copy / "model.safetensors")
+    for name in [k for k in tensors if k.endswith(".g_idx")]:
+        tensors[name] = tensors[name].to(torch.int64)
+    save_file(tensors, copy / "model.safetensors")
+    ours, theirs = load_tiny(copy), load_tiny(path)
+    torch.testing.assert_close(prefill_logits(ours, PROMPT), prefill_logits(theirs, PROMPT), rtol=0, atol=0)

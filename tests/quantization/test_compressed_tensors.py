@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from llmserve.quantization import packed
 from llmserve.quantization.checkpoint_params import CheckpointFormatError
@@ -106,6 +106,62 @@ def test_unsupported_schemes_are_refused_naming_them(quantized, tmp_path):
                                                        "group_size": 16})
     with pytest.raises(CheckpointFormatError, match=r"weights float4 tensor_group.*format nvfp4-pack-quantized"):
         load_tiny(_with_config(path, tmp_path / "b", nvfp4))
+
+    w4a16, _ = quantized("ct-w4a16")
+
+    def group_act_order(qc):   # llm-compressor then stores a weight_g_idx per layer
+        qc["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    with pytest.raises(CheckpointFormatError, match=r"weights int4 group group 32 actorder group"):
+        load_tiny(_with_config(w4a16, tmp_path / "c", group_act_order))
+
+    def no_group_size(qc):
+        qc["config_groups"]["group_0"]["weights"]["group_size"] = None
+    with pytest.raises(CheckpointFormatError, match=r"weights int4 group group None"):
+        load_tiny(_with_config(w4a16, tmp_path / "d", no_group_size))
+
+    def int8_kv_cache(qc):
+        qc["kv_cache_scheme"] = {"num_bits": 8, "type": "int", "strategy": "tensor", "dynamic": False,
+                                 "symmetric": True}
+    with pytest.raises(CheckpointFormatError, match=r"kv_cache_scheme \(int8 tensor\) is not supported"):
+        load_tiny(_with_config(path, tmp_path / "e", int8_kv_cache))
+
+
+def test_a_group_that_names_a_layer_wins_over_one_that_targets_every_linear(quantized, tmp_path):
+    """Whatever the order of config_groups (vLLM and compressed-tensors match names before the class)."""
+    w8a8, _ = quantized("ct-w8a8")
+    w4a16, _ = quantized("ct-w4a16")
+    tensors = {k: v for k, v in load_file(w8a8 / "model.safetensors").items() if ".down_proj." not in k}
+    tensors.update({k: v for k, v in load_file(w4a16 / "model.safetensors").items() if ".down_proj." in k})
+    every_linear = {**json.loads((w8a8 / "config.json").read_text())["quantization_config"]["config_groups"]
+                    ["group_0"], "targets": ["Linear"]}
+    down = {**json.loads((w4a16 / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"],
+            "targets": ["re:.*down_proj$"]}
+    for i, groups in enumerate(({"group_0": every_linear, "group_1": down},
+                                {"group_0": down, "group_1": every_linear})):
+        def mixed(qc, groups=groups):
+            qc.update(config_groups=groups, format="mixed-precision")
+        path = _with_config(w8a8, tmp_path / str(i), mixed)
+        save_file(tensors, path / "model.safetensors")
+        layer = load_tiny(path).model.layers[0]
+        assert isinstance(layer.mlp.down_proj.quant_method, CTPackedMethod)
+        assert isinstance(layer.mlp.gate_up_proj.quant_method, CTW8A8Method)
+
+
+def test_an_fp8_kv_cache_scheme_is_accepted_with_its_scales(quantized, tmp_path):
+    """llm-compressor writes calibrated k/v scales together with kv_cache_scheme; they are read for an fp8 cache."""
+    path, _ = quantized("ct-fp8-dynamic")
+
+    def fp8_kv_cache(qc):
+        qc["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                                 "symmetric": True}
+    copy = _with_config(path, tmp_path, fp8_kv_cache)
+    tensors = load_file(copy / "model.safetensors")
+    for name in [k for k in tensors if k.endswith("self_attn.q_proj.weight")]:
+        tensors[name.replace("q_proj.weight", "k_scale")] = torch.tensor([0.25])
+        tensors[name.replace("q_proj.weight", "v_scale")] = torch.tensor([0.5])
+    save_file(tensors, copy / "model.safetensors")
+    attn = load_tiny(copy).model.layers[0].self_attn.attn
+    assert attn.kv_scales.tolist() == [0.25, 0.5]
 
 
 def test_ignored_layers_stay_float(quantized, tmp_path):

@@ -59,6 +59,7 @@ def _edit_config(path, tmp_path, **changes):
     ({"group_size": 48}, "group_size 48 is not supported"),
     ({"checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
     ({"lm_head": True}, "quantised lm_head"),
+    ({"dynamic": {"+:.*down_proj": {"bits": 8}}}, r"per-module overrides \(quantization_config.dynamic"),
 ])
 def test_configs_it_cannot_run_are_refused(quantized, tmp_path, changes, message):
     path, _ = quantized("gptq")
