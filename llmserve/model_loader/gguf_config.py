@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmserve.model_loader.gguf_experts import moe_config
+
 # llama.cpp's layer counts of the Gemma sizes whose attention scale is hidden / heads rather than the head
 # size (Gemma 2 27B: 46 layers, Gemma 3 27B: 62 layers); llama-model.cpp infers the scale from the size.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -63,7 +65,7 @@ def _read_config(path: str, mtime_ns: int, size: int) -> tuple[Any, str]:
     if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     _restore_dropped_hyperparameters(config, meta)
-    return config, meta.arch
+    return moe_config(config, meta), meta.arch
 
 
 class _Metadata:
@@ -72,9 +74,9 @@ class _Metadata:
     def __init__(self, path: Path) -> None:
         from transformers.modeling_gguf_pytorch_utils import read_field
 
-        from llmserve.model_loader.gguf_loader import import_gguf
+        from llmserve.model_loader.gguf_loader import open_gguf
 
-        self.reader = import_gguf().GGUFReader(str(path))
+        self.reader = open_gguf(path)
         self._read = read_field
         self.arch = self.field("general.architecture")
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmserve.model_loader.gguf_experts import check_experts, is_moe_tensor, moe_tensors
 from llmserve.quantization.gguf import GGUFConfig, gguf_quantization_config
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,9 @@ def hub_gguf_reference(model: str) -> tuple[str, str] | None:
 
 def download_gguf(repo: str, quant: str, revision: str | None, download_dir: str | None) -> Path:
     """The repo's one GGUF file of that quantisation (``*Q4_K_M.gguf``, any case), fetched or from the cache."""
-    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub import hf_hub_download
 
-    files = [f for f in list_repo_files(repo, revision=revision) if f.lower().endswith(".gguf")]
+    files = _repo_gguf_files(repo, revision, download_dir)
     wanted = re.compile(rf"(^|[^a-z0-9]){re.escape(quant.lower())}(\.gguf$|-\d+-of-\d+\.gguf$)")
     matches = sorted(f for f in files if wanted.search(f.lower()))
     if not matches:
@@ -60,6 +61,50 @@ def download_gguf(repo: str, quant: str, revision: str | None, download_dir: str
         raise ValueError(f"{repo} has {len(matches)} {quant} GGUF files ({', '.join(matches)}): a split or "
                          f"ambiguous GGUF is not supported; pass one file's local path")
     return Path(hf_hub_download(repo, matches[0], revision=revision, cache_dir=download_dir))
+
+
+def _repo_gguf_files(repo: str, revision: str | None, download_dir: str | None) -> list[str]:
+    """The repo's GGUF files: as the Hub lists them, or, offline (``HF_HUB_OFFLINE``) or with the Hub out of
+    reach, as the revision's snapshot in the cache holds them (a server started from a cache an init container
+    filled)."""
+    from huggingface_hub import constants, list_repo_files, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        if not constants.HF_HUB_OFFLINE:
+            return [f for f in list_repo_files(repo, revision=revision) if f.lower().endswith(".gguf")]
+        unreachable: Exception = LocalEntryNotFoundError("HF_HUB_OFFLINE is set")
+    except HfHubHTTPError:
+        raise   # the Hub answered: no such repo or revision, or no access
+    except Exception as exc:   # noqa: BLE001 - any failure to reach the Hub: look in the cache
+        unreachable = exc
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, cache_dir=download_dir, local_files_only=True,
+                                        allow_patterns=["*.gguf"]))
+    except LocalEntryNotFoundError:
+        raise OSError(f"{repo} is not in the Hugging Face cache and the Hub cannot be reached ({unreachable})") \
+            from None
+    return sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.name.lower().endswith(".gguf"))
+
+
+def open_gguf(path: Path) -> Any:
+    """The file's ``GGUFReader``. A file that cannot be read (not GGUF, truncated, corrupt), one part of a file
+    split by llama.cpp's ``llama-gguf-split``, or a mixture-of-experts file of an architecture whose experts are
+    not mapped (:func:`~llmserve.model_loader.gguf_experts.check_experts`) is a ValueError naming it."""
+    gguf = import_gguf()
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:   # noqa: BLE001 - whatever the reader trips on, the file is unreadable
+        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt?): {type(exc).__name__}: {exc}") \
+            from None
+    from transformers.modeling_gguf_pytorch_utils import read_field
+
+    parts = int((read_field(reader, "split.count") or [1])[0])
+    if parts > 1:
+        raise ValueError(f"{path.name} is one part of a GGUF file split into {parts}; merge the parts first "
+                         f"(llama.cpp: llama-gguf-split --merge FIRST-PART OUT.gguf)")
+    check_experts((read_field(reader, "general.architecture") or [""])[0], path.name, [t.name for t in reader.tensors])
+    return reader
 
 
 def file_identity(path: Path) -> tuple[str, int, int]:
@@ -89,7 +134,7 @@ def _build_tokenizer(path: str, mtime_ns: int, size: int) -> Any:
         return tokenizer_class.from_pretrained(str(file.parent), gguf_file=file.name)
     except Exception as exc:
         try:
-            missing = "tokenizer.ggml.model" not in import_gguf().GGUFReader(str(file)).fields   # only on failure
+            missing = "tokenizer.ggml.model" not in open_gguf(file).fields   # only on failure
         except Exception:
             raise exc from None
         if missing:
@@ -104,12 +149,11 @@ class GGUFTensors:
     is an error naming it, before any weight is read."""
 
     def __init__(self, path: Path, config: Any) -> None:
-        gguf = import_gguf()
         from transformers import AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                               get_gguf_hf_weights_map, read_field)
 
-        self.reader = gguf.GGUFReader(str(path))
+        self.reader = open_gguf(path)
         unsupported = sorted({t.tensor_type.name for t in self.reader.tensors} - set(SUPPORTED_TYPES))
         if unsupported:
             raise ValueError(f"{path.name} holds tensors of type {', '.join(unsupported)}, which llmserve cannot "
@@ -118,8 +162,9 @@ class GGUFTensors:
         self.parsed = {"config": config.to_dict()}
         processors = {**TENSOR_PROCESSORS, "falcon": _falcon_tensor_processor()}
         self.processor = processors.get(self.architecture, TensorProcessor)(config=self.parsed["config"])
-        with torch.device("meta"):   # only its parameter names are needed
-            self.names = get_gguf_hf_weights_map(AutoModelForCausalLM.from_config(config), self.processor)
+        with torch.device("meta"):   # only its parameter names are needed (llama.cpp's Mixtral is a llama)
+            self.names = get_gguf_hf_weights_map(AutoModelForCausalLM.from_config(config), self.processor,
+                                                 model_type="llama" if config.model_type == "mixtral" else None)
 
     def process(self, weights: np.ndarray, name: str) -> tuple[str | None, np.ndarray]:
         """``(Hugging Face name or None, weights)`` as transformers' processor reorders the file's tensor."""
@@ -131,17 +176,24 @@ class GGUFTensors:
 def gguf_packing(tensors: GGUFTensors) -> GGUFConfig | None:
     """Which of the file's linear weights run packed (:mod:`llmserve.quantization.gguf`); None: none of them."""
     return gguf_quantization_config({tensors.names[t.name]: t.tensor_type.name for t in tensors.reader.tensors
-                                     if t.name in tensors.names and len(t.shape) == 2}, tensors.architecture)
+                                     if t.name in tensors.names and len(t.shape) == 2 and not is_moe_tensor(t.name)},
+                                    tensors.architecture)
 
 
 def iterate_gguf_weights(tensors: GGUFTensors,
                          packs: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(Hugging Face name, float tensor)`` for every tensor of the file, dequantised one at a time; a
-    weight ``packs`` names is yielded as its rows of GGUF blocks instead (``<layer>.qweight_type``, one type
-    id per row, then ``<layer>.qweight``, uint8 [rows, row bytes]), its rows in the order transformers'
-    processor puts them (found by passing the row indices through it)."""
+    """Yield ``(Hugging Face name, float tensor)`` for every tensor of the file, dequantised one at a time (a
+    layer's stacked experts one expert at a time: :mod:`~llmserve.model_loader.gguf_experts`); a weight
+    ``packs`` names is yielded as its rows of GGUF blocks instead (``<layer>.qweight_type``, one type id per row,
+    then ``<layer>.qweight``, uint8 [rows, row bytes]), its rows in the order transformers' processor puts them
+    (found by passing the row indices through it)."""
     gguf = import_gguf()
     for tensor in tensors.reader.tensors:
+        if is_moe_tensor(tensor.name):   # a layer's stacked experts, or its router
+            for name, weights in moe_tensors(tensors.architecture, tensor.name,
+                                             gguf.dequantize(tensor.data, tensor.tensor_type)):
+                yield name, torch.from_numpy(np.require(weights, np.float32, ["C", "W"]))
+            continue
         name = tensors.names.get(tensor.name)
         if name is not None and packs is not None and packs(name):
             rows = tensor.data.shape[0]

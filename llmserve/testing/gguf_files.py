@@ -49,7 +49,14 @@ GGUF_ARCHITECTURES = {
     "cohere": GGUFArchitecture("command-r", layer_norm=True), "cohere2": GGUFArchitecture("cohere2", layer_norm=True),
     "falcon": GGUFArchitecture("falcon", layer_norm=True, rope_base=False),
     "falcon_mqa": GGUFArchitecture("falcon", layer_norm=True, rope_base=False),
+    "mixtral": GGUFArchitecture("llama"), "qwen2_moe": GGUFArchitecture("qwen2moe"),
+    "qwen3_moe": GGUFArchitecture("qwen3moe"),
 }
+# llama.cpp's Mixtral (a llama with experts) and Qwen3-MoE renormalise the top-k routing weights, Qwen2-MoE does not
+_RENORMALISES = {"llama": True, "qwen2moe": False, "qwen3moe": True}
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                     r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_KIND = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 _GPT2_CONV1D = (".attn.c_attn", ".attn.c_proj", ".mlp.c_fc", ".mlp.c_proj")   # stored [in, out] by transformers
 
 
@@ -119,6 +126,25 @@ def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> N
         _add_gemma_keys(writer, arch, config)
     if arch.name in ("command-r", "cohere2"):
         _add_cohere_keys(writer, arch, config)
+    if _find(config, "num_local_experts", "num_experts"):
+        _add_expert_keys(writer, arch, config)
+
+
+def _add_expert_keys(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
+    """A mixture of experts as the converter writes it; refused where llama.cpp would run it differently: a
+    dense layer among the sparse ones (its MoE architectures have experts in every layer), or routing weights
+    renormalised where llama.cpp does not (or the other way round)."""
+    if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(f"llama.cpp's {arch.name} has experts in every layer; this checkpoint has dense layers")
+    if config.get("norm_topk_prob", True) != _RENORMALISES[arch.name]:
+        raise ValueError(f"llama.cpp's {arch.name} {'always' if _RENORMALISES[arch.name] else 'never'} renormalises "
+                         f"the routing weights; this checkpoint's norm_topk_prob is {config.get('norm_topk_prob')}")
+    writer.add_expert_count(_find(config, "num_local_experts", "num_experts"))
+    writer.add_expert_used_count(config["num_experts_per_tok"])
+    if config.get("moe_intermediate_size"):
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if config.get("shared_expert_intermediate_size"):
+        writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
 
 
 def _falcon_kv_heads(config: dict) -> int:
@@ -234,26 +260,45 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32",
     _add_longrope_factors(writer, config)
     layers = _find(config, "num_hidden_layers", "n_layer")
     names = gguf.get_tensor_name_map(arch_id, layers)
+    experts: dict[tuple[int, str], dict[int, np.ndarray]] = {}
     for name, tensor in iterate_weights(checkpoint):
+        expert = _EXPERT.match(name)
+        if expert:   # stacked per layer and projection below, as the converter does
+            experts.setdefault((int(expert[1]), _EXPERT_KIND[expert[3]]), {})[int(expert[2])] = tensor.float().numpy()
+            continue
         stem, suffix = name.rsplit(".", 1)
         data = _converted(arch, stem, tensor.to(torch.float32).numpy(), config)
         mapped = names.get_name(stem) or names.get_name(stem.removeprefix("transformer."))
         if mapped is None:   # as the converter's "Can not map tensor"
             raise ValueError(f"llama.cpp's {arch.name} has no tensor for {name}")
-        gguf_name = f"{mapped}.{suffix}"
-        if data.ndim == 1 or mapped.endswith("_norm") or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, data)
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_name, data.astype(np.float16))
-        else:
-            tensor_type = mix_tensor_type(file_type, gguf_name, layers, data.shape[1])
-            writer.add_tensor(gguf_name, quantize_tensor(data, tensor_type),
-                              raw_dtype=gguf.GGMLQuantizationType[tensor_type])
+        if mapped.endswith("ffn_gate_inp_shexp"):   # llama.cpp's shared-expert gate is a vector
+            data = data.reshape(-1)
+        _add_weight(writer, f"{mapped}.{suffix}", data, file_type, qtype, layers)
+    for (layer, kind), stack in sorted(experts.items()):
+        _add_weight(writer, f"blk.{layer}.ffn_{kind}_exps.weight", np.stack([stack[e] for e in sorted(stack)]),
+                    file_type, qtype, layers)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def _add_weight(writer: Any, gguf_name: str, data: np.ndarray, file_type: str, qtype: Any, layers: int) -> None:
+    """One tensor in the file's type: vectors, norms and routers (which llama.cpp's quantize leaves alone) in
+    F32; a stack of experts quantised row by row as a 2-D weight is."""
+    import gguf
+
+    if (data.ndim == 1 or gguf_name.split(".")[-2].endswith(("_norm", "ffn_gate_inp"))
+            or qtype == gguf.GGMLQuantizationType.F32):
+        writer.add_tensor(gguf_name, data)
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(gguf_name, data.astype(np.float16))
+    else:
+        tensor_type = mix_tensor_type(file_type, gguf_name, layers, data.shape[-1])
+        blocks = quantize_tensor(data.reshape(-1, data.shape[-1]), tensor_type)
+        writer.add_tensor(gguf_name, blocks.reshape(*data.shape[:-1], blocks.shape[-1]),
+                          raw_dtype=gguf.GGMLQuantizationType[tensor_type])
 
 
 def _tokenizer_model(tokenizer: dict) -> str | None:

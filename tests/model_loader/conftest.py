@@ -14,8 +14,48 @@ from llmserve.testing.gguf_files import write_gguf
 from llmserve.testing.tokenizer_files import BYTELEVEL
 
 # What llama.cpp infers rather than writes, set in a copy of the checkpoint so that a file can describe it:
-# below 27B, Gemma's attention scale is its head size (the tiny checkpoints use hidden / heads, as the 27B).
-DESCRIBABLE = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3": {"query_pre_attn_scalar": 16}}
+# below 27B, Gemma's attention scale is its head size (the tiny checkpoints use hidden / heads, as the 27B);
+# llama.cpp's Qwen MoE architectures have experts in every layer (the tiny checkpoints have a dense one).
+DESCRIBABLE = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3": {"query_pre_attn_scalar": 16},
+               "qwen2_moe": {"mlp_only_layers": [], "decoder_sparse_step": 1},
+               "qwen3_moe": {"mlp_only_layers": [], "decoder_sparse_step": 1}}
+
+
+def _sparse_everywhere(folder: Path, config: dict) -> None:
+    """Give each dense layer of a Qwen MoE checkpoint copy a router and experts (and a gated shared expert
+    where the family has one), random and seeded, as its sparse layers have."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    tensors = {name: t for f in files for name, t in load_file(f).items()}
+    for f in files:
+        f.unlink()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    hidden, width, shared = config["hidden_size"], config["moe_intermediate_size"], \
+        config.get("shared_expert_intermediate_size") or 0
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) / shape[-1] ** 0.5
+
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.mlp."
+        if f"{prefix}gate_proj.weight" not in tensors:
+            continue
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            del tensors[f"{prefix}{projection}.weight"]
+        tensors[f"{prefix}gate.weight"] = normal(config["num_experts"], hidden) * 1.5
+        for expert in range(config["num_experts"]):
+            tensors[f"{prefix}experts.{expert}.gate_proj.weight"] = normal(width, hidden)
+            tensors[f"{prefix}experts.{expert}.up_proj.weight"] = normal(width, hidden)
+            tensors[f"{prefix}experts.{expert}.down_proj.weight"] = normal(hidden, width)
+        if shared:
+            tensors[f"{prefix}shared_expert.gate_proj.weight"] = normal(shared, hidden)
+            tensors[f"{prefix}shared_expert.up_proj.weight"] = normal(shared, hidden)
+            tensors[f"{prefix}shared_expert.down_proj.weight"] = normal(hidden, shared)
+            tensors[f"{prefix}shared_expert_gate.weight"] = normal(1, hidden)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +73,10 @@ def gguf_source(checkpoint_dir, gguf_dir) -> Callable[[str], Path]:
         copy = gguf_dir / f"{family}-checkpoint"
         if not copy.exists():
             shutil.copytree(checkpoint_dir(family), copy)
-            config = json.loads((copy / "config.json").read_text())
-            (copy / "config.json").write_text(json.dumps({**config, **DESCRIBABLE[family]}))
+            config = {**json.loads((copy / "config.json").read_text()), **DESCRIBABLE[family]}
+            (copy / "config.json").write_text(json.dumps(config))
+            if family.endswith("_moe"):
+                _sparse_everywhere(copy, config)
         return copy
 
     return get

@@ -19,7 +19,13 @@
   rewritten file is read again.
 * A file holding a tensor type llmserve does not run is refused before loading, naming the type; a
   ``.gguf`` path that does not exist is "not found"; ``repo:QUANT`` picks the repo's one file of that
-  quantisation, and an absent or ambiguous one is an error naming what the repo has.
+  quantisation (from the cache when offline or when the Hub cannot be reached), and an absent or ambiguous
+  one is an error naming what the repo has; a truncated file, one part of a split file and a
+  mixture-of-experts file of an architecture whose experts are not mapped (DeepSeek) are refused naming the file
+  and the reason.
+* Mixture-of-experts files (Mixtral, which llama.cpp writes as a ``llama`` with experts; Qwen2-MoE; Qwen3-MoE):
+  the experts stacked per layer and projection load as the checkpoint's experts, and an F32 file runs as the
+  checkpoint it came from.
 """
 
 from __future__ import annotations
@@ -46,6 +52,14 @@ pytest.importorskip("accelerate")   # transformers' GGUF loading (the oracle) ne
 def test_f32_file_runs_as_the_checkpoint_it_came_from(checkpoint_dir, gguf_file, gguf_tokenizer, family):
     path = gguf_file(family, "F32")
     assert_matches_hf(engine_greedy(path, **gguf_tokenizer(family)), checkpoint_dir(family), 1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_mixture_of_experts_file_runs_as_the_checkpoint_it_came_from(gguf_file, gguf_source, gguf_tokenizer, family):
+    """Experts stacked per layer and projection (Mixtral written as a llama with experts): unstacked into the
+    checkpoint's experts, with the config's experts, their width, the shared expert and the renormalisation."""
+    path = gguf_file(family, "F32")
+    assert_matches_hf(engine_greedy(path, **gguf_tokenizer(family)), gguf_source(family), 1e-4)
 
 
 @pytest.mark.parametrize("family,file_type", [("qwen2", "F16"), ("llama", "BF16"), ("bloom", "Q8_0"),
@@ -135,3 +149,96 @@ def test_paths_and_hub_references(tmp_path, monkeypatch):
         resolve_model_path("org/model:Q3_K_M")
     with pytest.raises(ModelNotFoundError, match="split or ambiguous"):
         resolve_model_path("org/model:Q6_K")
+
+
+def _tiny_gguf(path: Path, tensors: dict[str, object], arch: str = "llama", **keys: int) -> Path:
+    """A GGUF file of ``arch`` holding just ``tensors`` (name -> float32 array) and integer metadata ``keys``."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in keys.items():
+        writer.add_uint32(key.replace("__", "."), value)
+    for name, data in tensors.items():
+        writer.add_tensor(name, np.asarray(data, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_files_it_cannot_load_are_refused_naming_them(gguf_file, tmp_path):
+    """A truncated file, one part of a split file and a mixture-of-experts file whose experts llmserve does not map
+    (DeepSeek's): an error that says which and why, before any weight is read (not a NumPy error from inside the
+    reader, or a list of missing tensors)."""
+    whole = gguf_file("qwen2", "F32").read_bytes()
+    for name, size in (("tensors-cut.gguf", len(whole) // 2), ("metadata-cut.gguf", 2000)):
+        (tmp_path / name).write_bytes(whole[:size])
+        with pytest.raises(ValueError, match=rf"{name}: not a readable GGUF file \(truncated or corrupt"):
+            load_gguf_config(tmp_path / name)
+    split = _tiny_gguf(tmp_path / "model-00001-of-00002.gguf", {"token_embd.weight": [[0.0] * 4] * 8},
+                       split__count=2, split__no=0)
+    with pytest.raises(ValueError, match="model-00001-of-00002.gguf is one part of a GGUF file split into 2"):
+        LLM(str(split), kv_cache_memory_bytes="8MiB", max_model_len=256)
+    moe = _tiny_gguf(tmp_path / "moe.gguf", {"blk.1.ffn_gate_exps.weight": [[[0.0] * 4] * 4] * 2}, "deepseek2")
+    with pytest.raises(ValueError, match=r"moe.gguf is a mixture-of-experts deepseek2 model \(.*blk.1.ffn_gate_exps"):
+        LLM(str(moe), kv_cache_memory_bytes="8MiB", max_model_len=256)
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_a_hub_reference_resolves_from_the_cache_without_the_hub(gguf_file, tmp_path, monkeypatch, hub):
+    """``org/repo:QUANT`` with ``HF_HUB_OFFLINE=1`` (a server started from a cache an init container filled), or
+    with the Hub out of reach: the file of that quantisation in the cached snapshot."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--tiny-GGUF"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    shutil.copy(gguf_file("qwen2", "Q8_0"), snapshot / "tiny-Q8_0.gguf")
+    shutil.copy(gguf_file("qwen2", "F32"), snapshot / "tiny-F32.gguf")
+    if hub == "offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:
+        def unreachable(repo: str, revision: str | None = None) -> list[str]:
+            raise ConnectionError("the Hub cannot be reached")
+        download = huggingface_hub.hf_hub_download
+        monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download",   # as it falls back to the cache
+                            lambda *args, **kwargs: download(*args, **kwargs, local_files_only=True))
+    assert resolve_model_path("org/tiny-GGUF:Q8_0", None, str(tmp_path)) == snapshot / "tiny-Q8_0.gguf"
+    with pytest.raises(ModelNotFoundError, match="no Q4_K_M GGUF file; it has: tiny-F32.gguf, tiny-Q8_0.gguf"):
+        resolve_model_path("org/tiny-GGUF:Q4_K_M", None, str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="org/other-GGUF is not in the Hugging Face cache"):
+        resolve_model_path("org/other-GGUF:Q8_0", None, str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_quantized_experts_load_as_their_blocks_dequantise(gguf_file, gguf_source, family):
+    """Each expert of a quantised stack is its own rows of blocks, dequantised (as the file's type gives them);
+    the router stays F32 as llama.cpp's quantize leaves it. (transformers cannot load these files: its GGUF
+    mapping drops Mixtral's experts and the Qwen experts' width.)"""
+    import gguf
+    import torch
+
+    from llmserve.model_loader.loader import iterate_weights
+    from llmserve.testing.gguf_kquants import quantize_tensor
+
+    path = gguf_file(family, "Q8_0")
+    loaded = dict(gguf_loader.iterate_gguf_weights(gguf_loader.GGUFTensors(path, load_gguf_config(path))))
+    source = dict(iterate_weights(gguf_source(family)))
+    experts = [name for name in source if ".experts." in name]
+    assert experts and all(name in loaded for name in experts)
+    for name in experts:
+        blocks = quantize_tensor(source[name].float().numpy(), "Q8_0")
+        expected = torch.from_numpy(gguf.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0))
+        assert torch.equal(loaded[name], expected), name
+    for name in [n for n in source if n.endswith(".gate.weight")]:
+        assert torch.equal(loaded[name], source[name].float()), name
+    llm = LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256, tokenizer=str(gguf_source(family)))
+    output = llm.generate([{"prompt_token_ids": [1, 5, 9, 20]}], SamplingParams(max_tokens=4, temperature=0))
+    assert len(output[0].outputs[0].token_ids) == 4

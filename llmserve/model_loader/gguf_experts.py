@@ -1,0 +1,86 @@
+"""Mixture-of-experts GGUF files: Mixtral (which llama.cpp writes as a ``llama`` with ``expert_count``),
+Qwen2-MoE (``qwen2moe``) and Qwen3-MoE (``qwen3moe``).
+
+llama.cpp stacks a layer's experts into one tensor per projection (``blk.N.ffn_gate_exps.weight``,
+``[experts, rows, columns]``); they are handed to the model one expert at a time under a Hugging Face
+checkpoint's names (``block_sparse_moe.experts.E.w1`` for Mixtral, ``mlp.experts.E.gate_proj`` for Qwen), and
+the router (``ffn_gate_inp``) under its own. The experts load dequantised into the model's dtype (the packed
+path runs dense linear layers). The config gets what transformers' GGUF mapping drops and llama.cpp reads or
+hard-codes: Mixtral's experts, the Qwen experts' width and shared expert, and whether the routing weights are
+renormalised (llama.cpp: yes for Mixtral and Qwen3-MoE, no for Qwen2-MoE). Other architectures with stacked
+experts (DeepSeek, GPT-OSS...) are refused, naming the architecture.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+# llama.cpp architecture -> (the sparse block's name in the checkpoint, an expert's gate / up / down names,
+# whether llama.cpp renormalises the top-k routing weights)
+MOE_ARCHITECTURES = {"llama": ("block_sparse_moe", ("w1", "w3", "w2"), True),
+                     "qwen2moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), False),
+                     "qwen3moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), True)}
+_EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+_ROUTER = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
+
+
+def check_experts(architecture: str, file_name: str, tensor_names: list[str]) -> None:
+    """Refuse a file with stacked experts of an architecture this module does not map."""
+    stacked = next((name for name in tensor_names if "_exps." in name), None)
+    if stacked is not None and architecture not in MOE_ARCHITECTURES:
+        raise ValueError(f"{file_name} is a mixture-of-experts {architecture} model (its experts are stacked "
+                         f"tensors such as {stacked}); llmserve loads the experts of GGUF files of "
+                         f"{', '.join(sorted(MOE_ARCHITECTURES))} (Mixtral as llama) only: serve its Hugging Face "
+                         f"checkpoint instead")
+
+
+def is_moe_tensor(name: str) -> bool:
+    """A layer's stacked experts or its router (loaded by :func:`moe_tensors`, never packed)."""
+    return bool(_EXPERTS.match(name) or _ROUTER.match(name))
+
+
+def moe_tensors(architecture: str, name: str, weights: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """``(Hugging Face name, weights)`` for a stacked-experts tensor (one per expert) or a router."""
+    block, (gate, up, down), _ = MOE_ARCHITECTURES[architecture]
+    router = _ROUTER.match(name)
+    if router:
+        yield f"model.layers.{router[1]}.{block}.gate.weight", weights
+        return
+    layer, kind = _EXPERTS.match(name).groups()
+    projection = {"gate": gate, "up": up, "down": down}[kind]
+    for expert, rows in enumerate(weights):
+        yield f"model.layers.{layer}.{block}.experts.{expert}.{projection}.weight", rows
+
+
+def moe_config(config: Any, meta: Any) -> Any:
+    """The config with what the file says of its experts (``meta``: the file's metadata); a ``llama`` with
+    experts becomes a Mixtral config. Any other config is returned as it is."""
+    experts = meta.arch_field("expert_count")
+    if meta.arch not in MOE_ARCHITECTURES or not experts:
+        return config
+    renormalise = MOE_ARCHITECTURES[meta.arch][2]
+    if meta.arch == "llama":
+        from transformers import MixtralConfig
+
+        accepted = inspect.signature(MixtralConfig.__init__).parameters
+        fields = {k: v for k, v in config.to_dict().items() if k in accepted}
+        config = MixtralConfig(**{**fields, "sliding_window": None, "num_local_experts": int(experts),
+                                  "num_experts_per_tok": int(meta.arch_field("expert_used_count"))})
+        config.architectures = ["MixtralForCausalLM"]
+        return config
+    config.norm_topk_prob = renormalise
+    width = meta.arch_field("expert_feed_forward_length")
+    if width:
+        config.moe_intermediate_size = int(width)
+    if meta.arch == "qwen2moe":
+        shared = meta.arch_field("expert_shared_feed_forward_length")
+        if not shared:   # older converters: the shared expert's width from its tensor
+            tensor = next(iter(meta.tensors("blk.0.ffn_up_shexp.")), None)
+            shared = int(tensor.shape[-1]) if tensor is not None else 0
+        config.shared_expert_intermediate_size = int(shared)
+    return config
