@@ -4,8 +4,9 @@ Qwen2-MoE (``qwen2moe``) and Qwen3-MoE (``qwen3moe``).
 llama.cpp stacks a layer's experts into one tensor per projection (``blk.N.ffn_gate_exps.weight``,
 ``[experts, rows, columns]``); they are handed to the model one expert at a time under a Hugging Face
 checkpoint's names (``block_sparse_moe.experts.E.w1`` for Mixtral, ``mlp.experts.E.gate_proj`` for Qwen), and
-the router (``ffn_gate_inp``) under its own. The experts load dequantised into the model's dtype (the packed
-path runs dense linear layers). The config gets what transformers' GGUF mapping drops and llama.cpp reads or
+the router (``ffn_gate_inp``) under its own. On CPU the experts of a layer whose stacks are all in packed types
+stay packed as the dense layers do (:mod:`llmserve.quantization.gguf`), each expert its own rows of blocks;
+otherwise they load dequantised into the model's dtype. The config gets what transformers' GGUF mapping drops and llama.cpp reads or
 hard-codes: Mixtral's experts, the Qwen experts' width and shared expert, and whether the routing weights are
 renormalised (llama.cpp: yes for Mixtral and Qwen3-MoE, no for Qwen2-MoE). Other architectures with stacked
 experts (DeepSeek, GPT-OSS...) are refused, naming the architecture.
@@ -15,10 +16,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 
 # llama.cpp architecture -> (the sparse block's name in the checkpoint, an expert's gate / up / down names,
 # whether llama.cpp renormalises the top-k routing weights)
@@ -27,6 +26,7 @@ MOE_ARCHITECTURES = {"llama": ("block_sparse_moe", ("w1", "w3", "w2"), True),
                      "qwen3moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), True)}
 _EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _ROUTER = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
+_EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.\d+\.\w+\.weight$")
 
 
 def check_experts(architecture: str, file_name: str, tensor_names: list[str]) -> None:
@@ -40,21 +40,31 @@ def check_experts(architecture: str, file_name: str, tensor_names: list[str]) ->
 
 
 def is_moe_tensor(name: str) -> bool:
-    """A layer's stacked experts or its router (loaded by :func:`moe_tensors`, never packed)."""
+    """A layer's stacked experts or its router (named by :func:`moe_names`; the router is never packed)."""
     return bool(_EXPERTS.match(name) or _ROUTER.match(name))
 
 
-def moe_tensors(architecture: str, name: str, weights: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
-    """``(Hugging Face name, weights)`` for a stacked-experts tensor (one per expert) or a router."""
+def moe_names(architecture: str, name: str, count: int) -> list[str]:
+    """The Hugging Face names of a stacked-experts tensor's ``count`` experts (in order), or of a router."""
     block, (gate, up, down), _ = MOE_ARCHITECTURES[architecture]
     router = _ROUTER.match(name)
     if router:
-        yield f"model.layers.{router[1]}.{block}.gate.weight", weights
-        return
+        return [f"model.layers.{router[1]}.{block}.gate.weight"]
     layer, kind = _EXPERTS.match(name).groups()
     projection = {"gate": gate, "up": up, "down": down}[kind]
-    for expert, rows in enumerate(weights):
-        yield f"model.layers.{layer}.{block}.experts.{expert}.{projection}.weight", rows
+    return [f"model.layers.{layer}.{block}.experts.{expert}.{projection}.weight" for expert in range(count)]
+
+
+def stacked_experts_layer(name: str) -> int | None:
+    """The layer of a stacked-experts tensor (``blk.3.ffn_up_exps.weight``: 3); None for any other tensor."""
+    match = _EXPERTS.match(name)
+    return int(match[1]) if match else None
+
+
+def expert_layer(name: str) -> int | None:
+    """The layer of an expert's tensor as :func:`moe_names` names it; None for any other name."""
+    match = _EXPERT_NAME.match(name)
+    return int(match[1]) if match else None
 
 
 def moe_config(config: Any, meta: Any) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmserve.model_loader.gguf_experts import check_experts, is_moe_tensor, moe_tensors
+from llmserve.model_loader.gguf_experts import check_experts, is_moe_tensor, moe_names, stacked_experts_layer
 from llmserve.quantization.gguf import GGUFConfig, gguf_quantization_config
 
 logger = logging.getLogger(__name__)
@@ -174,10 +174,16 @@ class GGUFTensors:
 
 
 def gguf_packing(tensors: GGUFTensors) -> GGUFConfig | None:
-    """Which of the file's linear weights run packed (:mod:`llmserve.quantization.gguf`); None: none of them."""
+    """Which of the file's linear weights (and stacked experts) run packed (:mod:`llmserve.quantization.gguf`);
+    None: none of them."""
+    expert_types: dict[int, set[str]] = {}
+    for t in tensors.reader.tensors:
+        layer = stacked_experts_layer(t.name)
+        if layer is not None:
+            expert_types.setdefault(layer, set()).add(t.tensor_type.name)
     return gguf_quantization_config({tensors.names[t.name]: t.tensor_type.name for t in tensors.reader.tensors
                                      if t.name in tensors.names and len(t.shape) == 2 and not is_moe_tensor(t.name)},
-                                    tensors.architecture)
+                                    tensors.architecture, expert_types)
 
 
 def iterate_gguf_weights(tensors: GGUFTensors,
@@ -190,9 +196,17 @@ def iterate_gguf_weights(tensors: GGUFTensors,
     gguf = import_gguf()
     for tensor in tensors.reader.tensors:
         if is_moe_tensor(tensor.name):   # a layer's stacked experts, or its router
-            for name, weights in moe_tensors(tensors.architecture, tensor.name,
-                                             gguf.dequantize(tensor.data, tensor.tensor_type)):
-                yield name, torch.from_numpy(np.require(weights, np.float32, ["C", "W"]))
+            names = moe_names(tensors.architecture, tensor.name, tensor.data.shape[0])
+            if packs is not None and tensor.data.ndim == 3 and packs(names[0]):   # each expert its rows of blocks
+                for name, rows in zip(names, tensor.data):
+                    layer = name.removesuffix(".weight")
+                    yield f"{layer}.qweight_type", torch.full((rows.shape[0],), int(tensor.tensor_type),
+                                                              dtype=torch.uint8)
+                    yield f"{layer}.qweight", torch.from_numpy(np.ascontiguousarray(rows))
+                continue
+            weights = gguf.dequantize(tensor.data, tensor.tensor_type)
+            for name, part in zip(names, weights if weights.ndim == 3 else [weights]):
+                yield name, torch.from_numpy(np.require(part, np.float32, ["C", "W"]))
             continue
         name = tensors.names.get(tensor.name)
         if name is not None and packs is not None and packs(name):

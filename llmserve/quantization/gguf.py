@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections import Counter
 from typing import Any
 
@@ -25,8 +26,11 @@ import torch
 from torch import nn
 
 from llmserve.layers.embedding import ParallelLMHead
+from llmserve.layers.fused_moe.layer import FusedMoE
+from llmserve.layers.fused_moe.method import FusedMoEMethodBase
 from llmserve.layers.linear import LinearBase, WeightShapeError
 from llmserve.quantization.base import QuantizationConfig, QuantizeMethodBase, set_weight_attrs
+from llmserve.quantization.checkpoint_moe import method_for_layer
 from llmserve.quantization.checkpoint_params import drop_params
 from llmserve.quantization.gguf_blocks import PACKED_TYPES, GroupCodes, decode_rows, row_bytes
 from llmserve.quantization.group_int8 import apply_group_int8, set_group_int8
@@ -37,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 # llama.cpp architectures whose llmserve layers are named as transformers names the tensors and whose
 # tensors transformers' GGUF processor only reorders by row (the Q/K permutation), so packed rows load as they are.
-PACKED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+PACKED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # Bytes per 32 columns of the widest packed type (Q8_0): the width of a layer's loading buffer.
 _WIDEST_BLOCK = 34
 
@@ -53,19 +58,29 @@ class GGUFConfig(QuantizationConfig):
     with that type. A layer runs packed when all its projections are; :meth:`packs` then tells the loader
     which tensors to hand over as blocks."""
 
-    def __init__(self, packed_weights: dict[str, str]) -> None:
+    def __init__(self, packed_weights: dict[str, str], packed_experts: dict[int, set[str]] | None = None) -> None:
         self.packed_weights = dict(packed_weights)
+        self.packed_experts = dict(packed_experts or {})   # layer -> its stacked experts' types, all packed
         self._packed_modules: set[str] = set()
+        self._packed_expert_layers: set[int] = set()
 
     def get_name(self) -> str:
         return "gguf"
 
     def __repr__(self) -> str:
         counts = Counter(self.packed_weights.values())
-        return (f"gguf (weights kept packed: {', '.join(f'{n} x {t}' for t, n in sorted(counts.items()))}; on CPU "
-                f"int8 activations per 32 columns)")
+        experts = (f"; the experts of {len(self.packed_experts)} layers "
+                   f"({', '.join(sorted(set().union(*self.packed_experts.values())))})" if self.packed_experts else "")
+        return (f"gguf (weights kept packed: {', '.join(f'{n} x {t}' for t, n in sorted(counts.items()))}{experts}; "
+                f"on CPU int8 activations per 32 columns)")
 
-    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | None:
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantizeMethodBase | FusedMoEMethodBase | None:
+        if isinstance(layer, FusedMoE):   # each expert's projections as a dense layer's, from its own rows
+            index = _LAYER.match(prefix)
+            if index is None or int(index[1]) not in self.packed_experts:
+                return None
+            self._packed_expert_layers.add(int(index[1]))
+            return method_for_layer(layer, GGUFLinearMethod())
         if not isinstance(layer, (LinearBase, ParallelLMHead)):
             return None
         modules = [prefix] if f"{prefix}.weight" in self.packed_weights else checkpoint_names(prefix)
@@ -76,19 +91,25 @@ class GGUFConfig(QuantizationConfig):
 
     def packs(self, weight_name: str) -> bool:
         """Whether the tensor ``weight_name`` (Hugging Face name) loads as packed blocks into its layer."""
+        from llmserve.model_loader.gguf_experts import expert_layer
+
         module, _, leaf = weight_name.rpartition(".")
-        return leaf == "weight" and module in self._packed_modules
+        return leaf == "weight" and (module in self._packed_modules
+                                     or expert_layer(weight_name) in self._packed_expert_layers)
 
 
-def gguf_quantization_config(weight_types: dict[str, str], architecture: str) -> GGUFConfig | None:
+def gguf_quantization_config(weight_types: dict[str, str], architecture: str,
+                             expert_types: dict[int, set[str]] | None = None) -> GGUFConfig | None:
     """The packing of a GGUF file of ``architecture`` whose 2-D tensors have ``weight_types`` (Hugging Face
-    name -> GGUF type name); None (logged) when nothing in it runs packed."""
+    name -> GGUF type name) and whose layers' stacked experts have ``expert_types`` (layer -> the types of its
+    three stacks: packed when all are); None (logged) when nothing in it runs packed."""
     packed = {name: t for name, t in weight_types.items() if t in PACKED_TYPES}
-    if architecture not in PACKED_ARCHITECTURES or not packed:
+    experts = {layer: types for layer, types in (expert_types or {}).items() if types <= set(PACKED_TYPES)}
+    if architecture not in PACKED_ARCHITECTURES or not (packed or experts):
         logger.info("GGUF %s file: weights dequantised at load (packed types run for the %s architectures)",
                     architecture, ", ".join(PACKED_ARCHITECTURES))
         return None
-    return GGUFConfig(packed)
+    return GGUFConfig(packed, experts)
 
 
 class GGUFLinearMethod(QuantizeMethodBase):

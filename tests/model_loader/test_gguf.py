@@ -219,9 +219,10 @@ def test_a_hub_reference_resolves_from_the_cache_without_the_hub(gguf_file, tmp_
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_quantized_experts_load_as_their_blocks_dequantise(gguf_file, gguf_source, family):
-    """Each expert of a quantised stack is its own rows of blocks, dequantised (as the file's type gives them);
-    the router stays F32 as llama.cpp's quantize leaves it. (transformers cannot load these files: its GGUF
-    mapping drops Mixtral's experts and the Qwen experts' width.)"""
+    """Each expert of a quantised stack is its own rows of blocks, dequantised (as the file's type gives them)
+    where it does not run packed; the router stays F32 as llama.cpp's quantize leaves it; the file runs (packed:
+    ``test_gguf_packed.py``). (transformers cannot load these files: its GGUF mapping drops Mixtral's experts and
+    the Qwen experts' width.)"""
     import gguf
     import torch
 

@@ -1,5 +1,6 @@
 """GGUF files whose linear weights run packed (llama, qwen2, qwen3 files in Q8_0, Q4_0/1, Q5_0/1, Q2_K to
-Q6_K) give what transformers gives on the same file, up to the activations' rounding.
+Q6_K) give what transformers gives on the same file, up to the activations' rounding; a mixture-of-experts
+file's packed experts multiply as their blocks dequantised (transformers cannot read those files).
 
 The packed path quantises every linear layer's input per row and block of 32 columns to int8 (as llama.cpp
 does), so it is compared twice, through the engine (chunked prefill, prefix-cache hits):
@@ -112,3 +113,29 @@ def test_on_cuda_packed_files_match_plain_transformers(wide_gguf_file, caplog, f
     path = wide_gguf_file(file_type)
     results = _engine_results(path, caplog, device="cuda", dtype="float32")
     assert_matches_hf(results, path, 1e-3)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_packed_experts_multiply_as_their_blocks_dequantised(gguf_file, family):
+    """A mixture-of-experts file's stacked experts stay packed, each expert its own rows of blocks: an expert's
+    gate/up and down projections give the activations (rounded as the kernel rounds them) times the file's
+    blocks dequantised by the ``gguf`` package."""
+    import gguf
+    import numpy as np
+
+    from llmserve.quantization.gguf import GGUFLinearMethod
+    from tests.model_helpers import load_tiny
+
+    path = gguf_file(family, "Q8_0")
+    experts = load_tiny(path).model.layers[0].mlp.experts
+    method = experts.quant_method.linear_method
+    assert isinstance(method, GGUFLinearMethod)
+    stacks = {t.name.split(".")[2]: gguf.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(str(path)).tensors
+              if t.name.startswith("blk.0.") and "_exps." in t.name}
+    generator = torch.Generator().manual_seed(0)
+    for e, (w13, w2) in enumerate(zip(experts.w13_experts, experts.w2_experts)):
+        for module, weight in ((w13, np.concatenate([stacks["ffn_gate_exps"][e], stacks["ffn_up_exps"][e]])),
+                               (w2, stacks["ffn_down_exps"][e])):
+            x = torch.randn(3, weight.shape[1], generator=generator)
+            expected = _round_like_the_kernel(None, (x,))[0] @ torch.from_numpy(weight).T
+            torch.testing.assert_close(method.apply(module, x), expected, rtol=1e-5, atol=1e-5)
