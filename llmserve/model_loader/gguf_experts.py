@@ -6,10 +6,10 @@ llama.cpp stacks a layer's experts into one tensor per projection (``blk.N.ffn_g
 checkpoint's names (``block_sparse_moe.experts.E.w1`` for Mixtral, ``mlp.experts.E.gate_proj`` for Qwen), and
 the router (``ffn_gate_inp``) under its own. On CPU the experts of a layer whose stacks are all in packed types
 stay packed as the dense layers do (:mod:`llmserve.quantization.gguf`), each expert its own rows of blocks;
-otherwise they load dequantised into the model's dtype. The config gets what transformers' GGUF mapping drops and llama.cpp reads or
-hard-codes: Mixtral's experts, the Qwen experts' width and shared expert, and whether the routing weights are
-renormalised (llama.cpp: yes for Mixtral and Qwen3-MoE, no for Qwen2-MoE). Other architectures with stacked
-experts (DeepSeek, GPT-OSS...) are refused, naming the architecture.
+otherwise they load dequantised into the model's dtype. The config gets what transformers' GGUF mapping drops
+and llama.cpp reads or hard-codes: Mixtral's experts, the Qwen experts' width and shared expert, and whether the
+routing weights are renormalised (llama.cpp: yes for Mixtral and Qwen3-MoE, no for Qwen2-MoE). Other
+architectures with stacked experts (DeepSeek, GPT-OSS...) are refused, naming the architecture.
 """
 
 from __future__ import annotations
