@@ -5,6 +5,8 @@ flags and starts the engine core before torch loads."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -274,6 +276,8 @@ class EngineConfig:
             raise ValueError(f"--block-size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"--num-threads must be >= 1 (leave it out for all cores), got {self.num_threads}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"--max-model-len must be >= 1, got {self.max_model_len}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
@@ -346,3 +350,11 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def cuda_only_flags_set(self) -> list[str]:
+        """The CUDA-only flags given values other than their defaults (they do nothing on a CPU engine, which
+        logs them rather than refusing a configuration written for either device)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [f"--{name.replace('_', '-')}" for name in ("gpu_memory_utilization", "enforce_eager",
+                                                          "max_seq_len_to_capture")
+                if getattr(self, name) != defaults[name]]

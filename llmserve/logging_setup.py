@@ -37,9 +37,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def add_logging_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
-    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+def add_logging_args(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """``--log-level`` and ``--log-format``; ``defaults=False`` on a subcommand, so that a value given after it
+    overrides the one before it (or the top-level default) and none leaves that one in place."""
+    unset = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument("--log-level", choices=LOG_LEVELS, **({"default": "info"} | unset))
+    parser.add_argument("--log-format", choices=["text", "json"], **({"default": "text"} | unset),
                         help="json: one JSON object per line, with the request id of per-request lines")
 
 

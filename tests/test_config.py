@@ -153,3 +153,24 @@ def test_quantization_flag_names_are_the_formats_the_registry_reads():
     from llmserve.quantization.registry import CHECKPOINT_FORMATS
 
     assert tuple(CHECKPOINT_FORMATS) == CHECKPOINT_QUANTIZATION_FORMATS
+
+
+@pytest.mark.parametrize("threads", [0, -2])
+def test_num_threads_must_be_positive(threads):
+    """0 is not "all cores" (leaving the flag out is): a typo is refused, not silently widened."""
+    with pytest.raises(ValueError, match=f"--num-threads must be >= 1 .*got {threads}"):
+        EngineConfig(num_threads=threads)
+
+
+def test_cuda_only_flags_given_are_named():
+    assert EngineConfig().cuda_only_flags_set() == []
+    config = EngineConfig(enforce_eager=True, gpu_memory_utilization=0.5, max_seq_len_to_capture=16)
+    assert config.cuda_only_flags_set() == ["--gpu-memory-utilization", "--enforce-eager", "--max-seq-len-to-capture"]
+
+
+def test_a_cpu_engine_logs_the_cuda_only_flags_it_ignores(llama_dir, caplog):
+    from llmserve.entrypoints.llm import LLM
+
+    with caplog.at_level("WARNING", logger="llmserve.engine.core"):
+        LLM(str(llama_dir), device="cpu", enforce_eager=True, kv_cache_memory_bytes="8MiB", max_model_len=64)
+    assert any("--enforce-eager: CUDA only, no effect on this cpu engine" in r.getMessage() for r in caplog.records)

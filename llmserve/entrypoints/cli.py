@@ -233,7 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     roof.add_argument("--output-json", default=None, help="write the results as JSON")
     roof.set_defaults(func=_bench("roofline", "run_roofline_benchmark"))
     add_reliability_commands(bench_sub)
+    _add_logging_to_commands(sub)
     return parser
+
+
+def _add_logging_to_commands(subcommands: argparse._SubParsersAction) -> None:
+    """The logging flags on every command too (``llmserve serve MODEL --log-level debug``), not only before it."""
+    for command in subcommands.choices.values():
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _add_logging_to_commands(nested[0])
+        else:
+            add_logging_args(command, defaults=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,7 +66,7 @@ class Worker:
         threads = self.config.num_threads
         if world > 1:
             threads = max(1, (threads or os.cpu_count() or 1) // world)
-        if threads:
+        if threads is not None:
             torch.set_num_threads(threads)
         torch.manual_seed(self.config.seed)
         if world > 1:

@@ -26,3 +26,18 @@ def test_generate_on_a_missing_model_exits_2_with_a_message(tmp_path, capsys):
 def test_bad_engine_flag_value_exits_2(tmp_path, capsys, llama_dir):
     assert main(["generate", str(llama_dir), "--block-size", "0", "--prompt", "x"]) == 2
     assert "--block-size" in capsys.readouterr().err
+
+
+def test_logging_flags_work_before_and_after_the_command():
+    """``llmserve serve MODEL --log-level debug`` as README lists them among the command's flags; a value after
+    the command wins, and none leaves the one before it (or the default)."""
+    from llmserve.entrypoints.cli import build_parser
+
+    parser = build_parser()
+    for argv, expected in ((["serve", "m", "--log-level", "debug", "--log-format", "json"], ("debug", "json")),
+                           (["--log-level", "warning", "serve", "m"], ("warning", "text")),
+                           (["--log-level", "warning", "bench", "latency", "m", "--log-level", "error"],
+                            ("error", "text")),
+                           (["generate", "m"], ("info", "text"))):
+        args = parser.parse_args(argv)
+        assert (args.log_level, args.log_format) == expected, argv

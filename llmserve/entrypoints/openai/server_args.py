@@ -110,10 +110,17 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
-    for name in ("max_num_queued_reqs", "max_n"):
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    for name in ("max_num_queued_reqs", "max_n", "max_header_bytes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    body = parse_size(args.max_request_body_bytes)
+    if body < 1:
+        raise ValueError(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
     for name in ("request_timeout", "request_read_timeout"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -127,7 +134,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_num_queued_reqs=args.max_num_queued_reqs, request_timeout=args.request_timeout,
                         request_read_timeout=args.request_read_timeout,
                         allowed_origins=args.allowed_origins, shutdown_timeout=args.shutdown_timeout,
-                        max_n=args.max_n, max_request_body_bytes=parse_size(args.max_request_body_bytes),
+                        max_n=args.max_n, max_request_body_bytes=body,
                         max_header_bytes=args.max_header_bytes, tool_call_parser=args.tool_call_parser,
                         lora_modules=[parse_lora_module(m) for m in args.lora_modules],
                         allow_runtime_lora_updating=runtime_lora_updating_allowed(args.allow_runtime_lora_updating))
