@@ -229,7 +229,7 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
     except BaseException as exc:   # noqa: BLE001 - whatever kills the loop kills the engine
         logger.exception("the engine-core loop died")
         try:
-            outputs.send_bytes(b"F" + f"the engine loop died: {type(exc).__name__}: {exc}".encode())
+            outputs.send_bytes(b"F" + f"{type(exc).__name__}: {exc}".encode())
         except OSError:
             pass
         core.shutdown()

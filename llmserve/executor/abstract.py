@@ -7,9 +7,11 @@ machine, ``ray`` places them across a Ray cluster.
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 from llmserve.config import EngineConfig
 from llmserve.distributed.shm_all_reduce import CollectiveAbortedError
@@ -18,6 +20,7 @@ from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, decode
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 EXECUTE_TIMEOUT_ENV = "LLMSERVE_EXECUTE_MODEL_TIMEOUT_SECONDS"
 STARTUP_TIMEOUT_S = 1800.0   # loading a large checkpoint from a slow disk
+T = TypeVar("T")
 
 
 class WorkerDiedError(RuntimeError):
@@ -71,18 +74,45 @@ def ready_bodies(replies: list[bytes]) -> list[bytes]:
 
 
 class MultiRankExecutor(Executor):
-    """What the executors of several ranks share: control calls answered by every rank, and the driver's
-    step output. Subclasses carry the bytes (``_control`` and ``execute_model``)."""
+    """What the executors of several ranks share: control calls answered by every rank, the driver's step
+    output, and a dead engine staying dead. Subclasses carry the bytes (``_control_replies``, ``_step_replies``)."""
 
     def __init__(self, config: EngineConfig, max_model_len: int, max_num_batched_tokens: int) -> None:
         super().__init__(config, max_model_len, max_num_batched_tokens)
         self.world_size = config.world_size
         self.driver_rank = (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
         self.execute_timeout = float(os.environ.get(EXECUTE_TIMEOUT_ENV, "300"))
+        self.dead: str | None = None   # why the engine is dead, once a worker died, hung or failed for good
 
     @abstractmethod
+    def _control_replies(self, method: str, args: list[Any]) -> list[bytes]:
+        """Call ``method`` on every rank's worker; the replies in rank order."""
+
+    @abstractmethod
+    def _step_replies(self, sched: SchedulerOutput) -> list[bytes]:
+        """Run one step on every rank; the replies in rank order."""
+
+    def _guarded(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)``, the workers' calls of every entry point. The first :class:`WorkerDiedError` kills
+        every worker left (one may hang in a collective on its dead peer) and leaves the engine dead: each
+        later call raises at once with that cause, instead of writing to closed pipes or reading replies that
+        belong to an earlier call."""
+        if self.dead is not None:
+            raise WorkerDiedError(f"the engine is dead: {self.dead}")
+        try:
+            return call(*args)
+        except WorkerDiedError as exc:
+            self.dead = str(exc)
+            self.shutdown()
+            raise
+
     def _control(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every rank's worker; the JSON results in rank order."""
+        return [json.loads(body) for body in self._guarded(lambda: ready_bodies(self._control_replies(method,
+                                                                                                       list(args))))]
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.step_output(self._guarded(self._step_replies, sched))
 
     def determine_num_kv_blocks(self) -> int:
         return min(self._control("available_kv_blocks"))
@@ -115,8 +145,13 @@ class MultiRankExecutor(Executor):
             return ModelRunnerOutput(error=(causes or errors)[0])
         reply = replies[self.driver_rank]
         if reply[:1] != b"O":
-            raise WorkerDiedError(f"driver rank {self.driver_rank} answered {reply[:1]!r} to a step")
+            return self._guarded(_raise, WorkerDiedError(f"driver rank {self.driver_rank} answered {reply[:1]!r} "
+                                                         f"to a step"))
         return decode(reply[1:], ModelRunnerOutput)
+
+
+def _raise(exc: Exception) -> NoReturn:
+    raise exc
 
 
 def executor_class(backend: str) -> type[Executor]:

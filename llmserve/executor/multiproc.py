@@ -5,8 +5,10 @@ rank (no pickle of anything a client sent); the driver rank answers with the enc
 with an acknowledgement. Control calls (KV-cache sizing, allocation) are JSON. The parent waits on the
 pipes and on the processes' sentinels at once, so a worker that dies is noticed at once and one that
 hangs within ``LLMSERVE_EXECUTE_MODEL_TIMEOUT_SECONDS``; either way the engine is dead
-(:class:`~llmserve.executor.abstract.WorkerDiedError`). Workers die with their parent (``PR_SET_PDEATHSIG``
-and a closed pipe), so none is orphaned.
+(:class:`~llmserve.executor.abstract.WorkerDiedError`) and every worker left is killed. Workers die with their
+parent: the kernel kills them when the engine's process exits (``PR_SET_PDEATHSIG``, which also ends a stopped or
+hung worker; set where the executor is built on the main thread, as in the engine-core process), a watcher thread
+when the parent pid changes, and a closed pipe ends the loop; so none is orphaned.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import json
 import logging
 import multiprocessing
 import socket
+import threading
 import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from llmserve.config import EngineConfig
-from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, encode
-from llmserve.executor.abstract import (STARTUP_TIMEOUT_S, MultiRankExecutor, WorkerDiedError,
-                                        ready_bodies)
+from llmserve.engine.messages import SchedulerOutput, encode
+from llmserve.executor.abstract import STARTUP_TIMEOUT_S, MultiRankExecutor, WorkerDiedError, ready_bodies
 from llmserve.executor.worker_process import worker_main
 from llmserve.logging_setup import current_setup
 
@@ -39,13 +41,15 @@ class MultiprocExecutor(MultiRankExecutor):
         super().__init__(config, max_model_len, max_num_batched_tokens)
         init_method = f"tcp://127.0.0.1:{free_port()}"
         ctx = multiprocessing.get_context("spawn")
+        # The kernel kills a worker with the thread that started it: only the main thread's exit is the process's.
+        kill_with_parent = threading.current_thread() is threading.main_thread()
         self.processes: list[Any] = []
         self.pipes: list[Connection] = []
         for rank in range(self.world_size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=worker_main, name=f"llmserve-worker-{rank}",
                                args=(child, config, rank, init_method, max_model_len, max_num_batched_tokens,
-                                     current_setup()),
+                                     current_setup(), kill_with_parent),
                                daemon=True)
             proc.start()
             child.close()
@@ -58,17 +62,20 @@ class MultiprocExecutor(MultiRankExecutor):
             raise
 
     # ------------------------------------------------------------------ calls
-    def _control(self, method: str, *args: Any) -> list[Any]:
-        payload = b"C" + json.dumps([method, list(args)]).encode()
-        for pipe in self.pipes:
-            pipe.send_bytes(payload)
-        return [json.loads(body) for body in ready_bodies(self._collect(STARTUP_TIMEOUT_S))]
+    def _control_replies(self, method: str, args: list[Any]) -> list[bytes]:
+        self._send(b"C" + json.dumps([method, args]).encode())
+        return self._collect(STARTUP_TIMEOUT_S)
 
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        payload = b"E" + encode(sched)
-        for pipe in self.pipes:
-            pipe.send_bytes(payload)
-        return self.step_output(self._collect(self.execute_timeout))
+    def _step_replies(self, sched: SchedulerOutput) -> list[bytes]:
+        self._send(b"E" + encode(sched))
+        return self._collect(self.execute_timeout)
+
+    def _send(self, payload: bytes) -> None:
+        for rank, pipe in enumerate(self.pipes):
+            try:
+                pipe.send_bytes(payload)
+            except (OSError, ValueError):
+                raise WorkerDiedError(f"worker rank {rank} closed its pipe") from None
 
     def _collect(self, timeout: float) -> list[bytes]:
         """One reply from every rank, in rank order; raises WorkerDiedError if a rank dies or is silent."""
@@ -94,17 +101,20 @@ class MultiprocExecutor(MultiRankExecutor):
                 else:
                     rank = sentinels[obj]
                     if rank not in replies and not self.pipes[rank].poll():
+                        self.processes[rank].join(1.0)   # its sentinel can close just before its exit status is there
                         code = self.processes[rank].exitcode
                         raise WorkerDiedError(f"worker rank {rank} exited (exit code {code})")
         return [replies[r] for r in range(self.world_size)]
 
     def shutdown(self) -> None:
+        """Ask every worker to stop and give them a few seconds; a dead engine's are killed at once (one may
+        hang in a collective on its dead peer, or be stopped)."""
         for pipe in self.pipes:
             try:
                 pipe.send_bytes(b"Q")
             except (OSError, ValueError):
                 pass
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + (0.0 if self.dead else 5.0)
         for proc in self.processes:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():

@@ -20,7 +20,6 @@ Ray is optional (``pip install 'llmserve[ray]'``) and imported only when this ex
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from llmserve.config import EngineConfig
-from llmserve.engine.messages import ModelRunnerOutput, SchedulerOutput, encode
+from llmserve.engine.messages import SchedulerOutput, encode
 from llmserve.executor.abstract import (STARTUP_TIMEOUT_S, MultiRankExecutor, WorkerDiedError,
                                         ready_bodies)
 from llmserve.executor.worker_process import WorkerEndpoint
@@ -197,14 +196,12 @@ class RayExecutor(MultiRankExecutor):
                     raise WorkerDiedError(f"worker rank {rank} failed ({what}): {exc}") from None
         return [values[i] for i in range(len(refs))]
 
-    def _control(self, method: str, *args: Any) -> list[Any]:
-        replies = self._call([w.control.remote(method, *args) for w in self.workers], STARTUP_TIMEOUT_S, method)
-        return [json.loads(body) for body in ready_bodies(replies)]
+    def _control_replies(self, method: str, args: list[Any]) -> list[bytes]:
+        return self._call([w.control.remote(method, *args) for w in self.workers], STARTUP_TIMEOUT_S, method)
 
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def _step_replies(self, sched: SchedulerOutput) -> list[bytes]:
         payload = encode(sched)
-        return self.step_output(self._call([w.execute.remote(payload) for w in self.workers], self.execute_timeout,
-                                           "step"))
+        return self._call([w.execute.remote(payload) for w in self.workers], self.execute_timeout, "step")
 
     def shutdown(self) -> None:
         ray = getattr(self, "_ray", None)

@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 
 from llmserve.config import EngineConfig
 from llmserve.engine.messages import SchedulerOutput, decode, encode
-from llmserve.executor.parent_watch import exit_with_parent
+from llmserve.executor.parent_watch import die_with_parent, exit_with_parent
 from llmserve.logging_setup import LogSetup, configure_logging
 from llmserve.worker.worker import Worker, WorkerPlacement
 
@@ -64,7 +64,11 @@ class WorkerEndpoint:
 
 
 def worker_main(conn: Connection, config: EngineConfig, rank: int, init_method: str, max_model_len: int,
-                max_num_batched_tokens: int, log_setup: LogSetup) -> None:
+                max_num_batched_tokens: int, log_setup: LogSetup, kill_with_parent: bool = False) -> None:
+    """``kill_with_parent``: have the kernel kill this process when its parent exits (see
+    :func:`~llmserve.executor.parent_watch.die_with_parent`)."""
+    if kill_with_parent:
+        die_with_parent()
     exit_with_parent()
     configure_logging(log_setup, f"rank{rank}")
     endpoint = WorkerEndpoint()
