@@ -6,6 +6,7 @@ flags and starts the engine core before torch loads."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import json
 import os
@@ -56,6 +57,16 @@ def parse_size(value: str | int) -> int:
 
 # CPU feature flags (as Linux lists them) that mean bfloat16 arithmetic in hardware: AMX tiles or AVX-512 dot products.
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+RAY_MISSING = "the ray executor needs Ray: pip install 'llmserve[ray]'"
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):   # a module set to None in sys.modules, or one without a spec
+        return False
 
 
 def cpu_flags() -> frozenset[str]:
@@ -307,6 +318,8 @@ class EngineConfig:
         if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):
             raise ValueError(f"--distributed-executor-backend must be uni, mp or ray, got "
                              f"{self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend == "ray" and not _importable("ray"):
+            raise ValueError(RAY_MISSING)   # at once, not from the engine process once the server is up
         if self.distributed_executor_backend == "uni" and self.world_size > 1:
             raise ValueError(f"--distributed-executor-backend uni runs one rank, but tensor x pipeline parallel "
                              f"size is {self.world_size}; use mp or ray")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from llmserve.config import EngineConfig
+from llmserve.config import RAY_MISSING, EngineConfig
 from llmserve.engine.messages import SchedulerOutput, encode
 from llmserve.executor.abstract import (STARTUP_TIMEOUT_S, MultiRankExecutor, WorkerDiedError,
                                         ready_bodies)
@@ -37,7 +37,6 @@ from llmserve.worker.worker import WorkerPlacement
 
 logger = logging.getLogger(__name__)
 
-RAY_MISSING = "the ray executor needs Ray: pip install 'llmserve[ray]'"
 PLACEMENT_TIMEOUT_S = 300.0   # a cluster that lacks the resources never places the group
 
 class RayNotInstalledError(ImportError, ValueError):

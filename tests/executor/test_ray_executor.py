@@ -78,9 +78,10 @@ def test_missing_ray_is_a_one_line_error(llama_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)   # import ray -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'llmserve\[ray\]'"):
         import_ray()
-    code = main(["generate", str(llama_dir), "-tp", "2", "--distributed-executor-backend", "ray", "--max-tokens", "1"])
-    assert code == 2
-    assert capsys.readouterr().err.strip() == f"error: {RAY_MISSING}"
+    for command in (["generate", str(llama_dir), "--max-tokens", "1"], ["serve", str(llama_dir), "--port", "0"]):
+        # serve too: at once, before the server starts its engine (not a traceback from the engine process)
+        assert main([*command, "-tp", "2", "--distributed-executor-backend", "ray"]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {RAY_MISSING}"
 
 
 class FakeRay:
