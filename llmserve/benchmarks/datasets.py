@@ -42,6 +42,7 @@ for ``bench serve`` a local ``--tokenizer``, else the server's ``/tokenize`` + `
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -153,6 +154,12 @@ class ServerTokenizer:
         response.raise_for_status()
         return response.json()["prompt"]
 
+    @functools.cached_property
+    def corpus_token_ids(self) -> list[int]:
+        """The distinct ids ``/tokenize`` gives the bundled corpus: ids the model has, none special. Neither
+        llmserve's nor vLLM's server tells its vocabulary's size, and an id past it fails the request."""
+        return sorted(set(CorpusText(self).units))
+
     @classmethod
     def probe(cls, base_url: str, model: str, headers: dict[str, str] | None = None) -> ServerTokenizer | None:
         """The server's tokenizer if both endpoints answer, else ``None``."""
@@ -237,6 +244,8 @@ def uniform_lengths(rng: np.random.Generator, mean: int, range_ratio: float, siz
     """vLLM's random-dataset lengths: uniform integers in [mean * (1 - r), mean * (1 + r)], at least 1."""
     if not 0.0 <= range_ratio < 1.0:
         raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
+    if mean < 1:
+        raise ValueError(f"a random length must be at least 1 token, got {mean}")
     low = max(1, int(mean * (1 - range_ratio)))
     high = max(low, int(mean * (1 + range_ratio)))
     return rng.integers(low, high + 1, size=size)

@@ -5,7 +5,8 @@ Requests (see :mod:`.datasets`):
 
 * ``--dataset-name random``: ``--random-input-len`` / ``--random-output-len`` tokens, spread by
   ``--random-range-ratio``, after a shared ``--random-prefix-len`` prefix; token-id prompts on
-  ``/v1/completions``, corpus text on ``/v1/chat/completions``;
+  ``/v1/completions`` (ids below ``--vocab-size``, else of the ``--tokenizer``'s vocabulary, else those the
+  server's ``/tokenize`` gives the bundled corpus), corpus text on ``/v1/chat/completions``;
 * ``--dataset-name sharegpt``: ShareGPT-shaped lengths (synthetic, no download) or a ShareGPT JSON file
   given with ``--dataset-path``; prompts are text;
 * ``--dataset-name prefix_repetition`` (or ``prefix-repetition``): a few long shared prefixes with random
@@ -44,7 +45,8 @@ from llmserve.benchmarks.datasets import (SHAREGPT_MAX_TOTAL_LEN, ApproxTokenize
 from llmserve.benchmarks.metrics import (DETAIL_FIELDS, RequestResult, compute_metrics, format_report,
                                          parse_goodput, parse_metric_list, parse_percentiles)
 from llmserve.benchmarks.results import check_result_args, default_filename, save_result, saving
-from llmserve.benchmarks.serve_args import CHAT_ENDPOINT, resolve_url, sampling_fields
+from llmserve.benchmarks.serve_args import (CHAT_ENDPOINT, MIN_TOKEN_ID, TOKEN_ID_DATASETS, check_serve_args,
+                                            resolve_url, sampling_fields)
 
 CHAT_TEMPLATE_MARGIN = 64   # tokens a chat template may add around the prompt
 
@@ -109,19 +111,22 @@ def resolve_tokenizer(args: argparse.Namespace, target: Target) -> TextTokenizer
 
 
 def token_id_pool(args: argparse.Namespace, tokenizer: TextTokenizer) -> list[int]:
+    """The ids random token-id prompts draw from: ids of the served model's vocabulary, no special ones (a
+    server refuses a prompt with an id past its vocabulary)."""
     if args.vocab_size is not None:
-        return allowed_token_ids(args.vocab_size, low=100)
+        return allowed_token_ids(args.vocab_size, low=MIN_TOKEN_ID)
     if isinstance(tokenizer, HFTokenizer):
         return allowed_token_ids(tokenizer.vocab_size, tokenizer.special_ids)
-    return allowed_token_ids(32000, low=100)
+    if isinstance(tokenizer, ServerTokenizer):
+        return tokenizer.corpus_token_ids
+    raise ValueError("token-id prompts need the model's vocabulary, and the server has no /tokenize to learn it "
+                     "from: pass --vocab-size (or --tokenizer)")
 
 
 def build_requests(args: argparse.Namespace, target: Target,
                    tokenizer: TextTokenizer) -> list[SampleRequest]:
     """The benchmark's requests: token ids for random / prefix-repetition on /v1/completions, text otherwise."""
-    if args.num_prompts < 1:
-        raise ValueError("--num-prompts must be >= 1")
-    token_prompts = not target.chat and args.dataset_name in ("random", "prefix-repetition")
+    token_prompts = not target.chat and args.dataset_name in TOKEN_ID_DATASETS
     ids = token_id_pool(args, tokenizer) if token_prompts else None
     corpus = None if token_prompts else CorpusText(tokenizer)
     if args.dataset_name == "random":
@@ -275,7 +280,7 @@ async def run_benchmark(target: Target, requests: list[SampleRequest], request_r
     from tqdm.auto import tqdm
 
     gaps = arrival_gaps(len(requests), request_rate, burstiness, seed)
-    semaphore = asyncio.Semaphore(max_concurrency or len(requests))
+    semaphore = asyncio.Semaphore(max_concurrency if max_concurrency is not None else len(requests))
     bar = tqdm(total=len(requests), disable=disable_tqdm, desc=description or None, unit="req", file=sys.stderr)
     async with streaming_session() as client:
         start = time.perf_counter()
@@ -346,6 +351,7 @@ def prepare(args: argparse.Namespace, result_fields: Iterable[str] = ()
     selected = parse_metric_list(args.percentile_metrics)
     goodput = parse_goodput(args.goodput)
     check_result_args(args)
+    check_serve_args(args)
     target = resolve_target(args)
     tokenizer = resolve_tokenizer(args, target)
     check_result_args(args, [*result_header(args, target, tokenizer, 0.0), "client_cpu_s", *result_fields,

@@ -11,18 +11,34 @@ import os
 from typing import Any
 
 from llmserve.benchmarks.datasets import DATASET_NAMES
+from llmserve.benchmarks.flags import refuse_other_datasets_flags, require_at_least
 from llmserve.benchmarks.results import add_result_args
 
 COMPLETIONS_ENDPOINT = "/v1/completions"
 CHAT_ENDPOINT = "/v1/chat/completions"
 # vLLM's backends that speak the OpenAI API llmserve serves, and the endpoint each talks to
 BACKENDS = {"openai": COMPLETIONS_ENDPOINT, "vllm": COMPLETIONS_ENDPOINT, "openai-chat": CHAT_ENDPOINT}
+# the datasets whose prompts are random token ids on /v1/completions (corpus text on the chat endpoint)
+TOKEN_ID_DATASETS = ("random", "prefix-repetition")
+# each dataset's own flags (dests): another dataset's, set, would do nothing
+DATASET_FLAGS = {
+    "random": ("random_input_len", "random_output_len", "random_range_ratio", "random_prefix_len"),
+    "sharegpt": ("dataset_path", "sharegpt_output_len"),
+    "prefix-repetition": ("prefix_repetition_prefix_len", "prefix_repetition_suffix_len",
+                          "prefix_repetition_num_prefixes", "prefix_repetition_output_len"),
+}
+# the least value each count or length can mean anything at
+LEAST = {"num_prompts": 1, "max_concurrency": 1, "random_input_len": 1, "random_output_len": 1,
+         "random_prefix_len": 0, "sharegpt_output_len": 1, "prefix_repetition_prefix_len": 0,
+         "prefix_repetition_suffix_len": 1, "prefix_repetition_num_prefixes": 1, "prefix_repetition_output_len": 1}
+MIN_TOKEN_ID = 100   # --vocab-size draws ids from [this, vocab size)
 
 _NO_DATASET = "llmserve bench has the random, sharegpt and prefix_repetition datasets only"
 UNSUPPORTED_VLLM_FLAGS = {
     "--profile": "the server has no profiler endpoints (/start_profile); profile it with py-spy",
     "--use-beam-search": "llmserve does not implement beam search",
-    "--lora-modules": "llmserve serves no LoRA adapters",
+    "--lora-modules": "bench serve does not spread requests over adapters; to benchmark one the server serves "
+                      "(llmserve serve --lora-modules NAME=PATH), pass its NAME as --model",
     "--ramp-up-strategy": "no request-rate ramp-up; use llmserve bench sweep for several rates",
     "--ramp-up-start-rps": "no request-rate ramp-up; use llmserve bench sweep for several rates",
     "--ramp-up-end-rps": "no request-rate ramp-up; use llmserve bench sweep for several rates",
@@ -75,7 +91,8 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-mode", default="auto", choices=["auto"], help="a Hugging Face tokenizer")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own Python code")
     g.add_argument("--vocab-size", type=int, default=None,
-                   help="random token-id prompts draw ids in [100, this) (default: the tokenizer's, else 32000)")
+                   help=f"random token-id prompts draw ids in [{MIN_TOKEN_ID}, this) (default: the --tokenizer's "
+                        "vocabulary, else the ids the server's /tokenize gives the bundled corpus)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -148,3 +165,15 @@ def sampling_fields(args: argparse.Namespace, chat: bool) -> dict[str, Any]:
     if args.logprobs is not None:
         fields.update({"logprobs": True, "top_logprobs": args.logprobs} if chat else {"logprobs": args.logprobs})
     return fields
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """Refuse before any request: counts and lengths that cannot work, and flags that would do nothing with the
+    dataset and endpoint chosen (another dataset's, --vocab-size for text prompts)."""
+    require_at_least(args, LEAST)
+    require_at_least(args, {"vocab_size": MIN_TOKEN_ID + 1})
+    refuse_other_datasets_flags(args, DATASET_FLAGS)
+    endpoint = resolve_url(args)[1]
+    if args.vocab_size is not None and (endpoint == CHAT_ENDPOINT or args.dataset_name not in TOKEN_ID_DATASETS):
+        raise ValueError(f"--vocab-size does nothing with --dataset-name {args.dataset_name} on {endpoint}: only "
+                         f"{' and '.join(TOKEN_ID_DATASETS)} on {COMPLETIONS_ENDPOINT} send token-id prompts")

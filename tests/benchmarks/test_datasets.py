@@ -42,6 +42,10 @@ def test_random_token_prompts_bounds_and_seed(tokenizer):
     assert all(r.prompt_len == 16 and r.expected_output_len == 8 for r in fixed)
     with pytest.raises(ValueError):
         uniform_lengths(np.random.default_rng(0), 10, 1.0, 3)
+    for mean in (0, -5):   # refused, not run as 1-token lengths
+        with pytest.raises(ValueError, match="at least 1 token"):
+            uniform_lengths(np.random.default_rng(0), mean, 0.0, 3)
+    assert uniform_lengths(np.random.default_rng(0), 1, 0.9, 50).min() == 1   # spread below 1: at least 1
 
 
 def test_random_text_prompts_have_the_token_count(corpus, tokenizer):

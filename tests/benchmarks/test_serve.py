@@ -6,19 +6,23 @@ switch that writes vLLM's file name ``{backend}-{rate}qps[-concurrency{N}]-{mode
 adds fields; ``--backend`` (openai, vllm, openai-chat) picks the endpoint, ``--host`` / ``--port`` the
 server when there is no ``--base-url``; ``prefix_repetition`` is vLLM's spelling of the dataset. vLLM flags
 for what this benchmark does not do are refused by name with the reason, and result flags that would do
-nothing without ``--save-result`` are refused too.
+nothing without ``--save-result`` are refused too, as are another dataset's flags, ``--vocab-size`` with text
+prompts, and counts and lengths that cannot work. Random token-id prompts draw from ids the server's model has,
+learnt from its ``/tokenize`` when no ``--vocab-size`` or ``--tokenizer`` says them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
 import pytest
 
-from llmserve.benchmarks.datasets import SampleRequest
-from llmserve.benchmarks.serve import Target, request_body
+from llmserve.benchmarks.datasets import ApproxTokenizer, SampleRequest, ServerTokenizer
+from llmserve.benchmarks.serve import Target, request_body, token_id_pool
 from llmserve.entrypoints.cli import main
+from llmserve.testing.lora_adapters import write_lora_adapter
 
 
 def bench(*args: str) -> int:
@@ -111,6 +115,7 @@ def test_request_body_carries_the_sampling_flags():
     (["--use-beam-search"], "beam search"),
     (["--hf-split", "train"], "--hf-split"),
     (["--ramp-up-strategy", "linear"], "ramp-up"),
+    (["--lora-modules", "a=/x"], "pass its NAME as --model"),
     (["--backend", "tgi"], "invalid choice: 'tgi'"),
     (["--dataset-name", "sonnet"], "invalid choice: 'sonnet'"),
     (["--tokenizer-mode", "mistral"], "invalid choice: 'mistral'"),
@@ -130,11 +135,58 @@ def test_vllm_flags_it_cannot_honour_are_refused_by_name(flags, fragment, capsys
     (["--save-result", "--metadata", "model_id=x"], "would overwrite the result's own 'model_id'"),
     (["--backend", "openai-chat", "--endpoint", "/v1/completions"], "talks to /v1/chat/completions"),
     (["--port", "1"], "not both"),
+    (["--max-concurrency", "0"], "--max-concurrency must be at least 1, got 0"),
+    (["--max-concurrency", "-1"], "--max-concurrency must be at least 1, got -1"),
+    (["--num-prompts", "0"], "--num-prompts must be at least 1, got 0"),
+    (["--random-input-len", "-5"], "--random-input-len must be at least 1, got -5"),
+    (["--random-output-len", "0"], "--random-output-len must be at least 1, got 0"),
+    (["--random-prefix-len", "-1"], "--random-prefix-len must be at least 0, got -1"),
+    (["--dataset-name", "sharegpt", "--sharegpt-output-len", "0"], "--sharegpt-output-len must be at least 1"),
+    (["--vocab-size", "100"], "--vocab-size must be at least 101, got 100"),
+    (["--dataset-path", "x.json"], "--dataset-path belongs to --dataset-name sharegpt; it does nothing with "
+                                   "--dataset-name random"),
+    (["--sharegpt-output-len", "7"], "--sharegpt-output-len belongs to --dataset-name sharegpt"),
+    (["--prefix-repetition-prefix-len", "5"], "--prefix-repetition-prefix-len belongs to --dataset-name "
+                                              "prefix-repetition"),
+    (["--dataset-name", "sharegpt", "--random-range-ratio", "0.5"], "--random-range-ratio belongs to "
+                                                                    "--dataset-name random"),
+    (["--dataset-name", "sharegpt", "--random-input-len", "8"], "--random-input-len belongs to --dataset-name random"),
+    (["--dataset-name", "prefix_repetition", "--random-output-len", "8"], "--random-output-len belongs to"),
+    (["--dataset-name", "sharegpt"], "--vocab-size does nothing with --dataset-name sharegpt"),
+    (["--backend", "openai-chat"], "--vocab-size does nothing with --dataset-name random on /v1/chat/completions"),
 ])
 def test_flags_that_would_do_nothing_or_contradict_are_refused(bench_server, flags, fragment, capsys):
     assert bench("serve", "--base-url", bench_server.base_url, "--num-prompts", "1", "--vocab-size", "2000",
                  "--no-warmup", *flags) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_token_prompts_draw_from_the_ids_the_servers_tokenize_gives(bench_server):
+    """The tiny model's vocabulary is 2000 ids; no --vocab-size: the ids come from the server's /tokenize (an id
+    past the vocabulary would fail the warm-up request, exit status 2; a failed request, 1)."""
+    tokenizer = ServerTokenizer(bench_server.base_url, "tiny")
+    pool = token_id_pool(argparse.Namespace(vocab_size=None), tokenizer)
+    assert len(pool) > 1000 and pool == sorted(set(pool)) and 0 <= pool[0] and pool[-1] < 2000
+    assert bench("serve", "--base-url", bench_server.base_url, "--num-prompts", "3", "--random-input-len", "16",
+                 "--random-output-len", "2", "--disable-tqdm") == 0
+    assert bench("serve", "--base-url", bench_server.base_url, "--dataset-name", "prefix_repetition",
+                 "--num-prompts", "2", "--prefix-repetition-prefix-len", "8", "--prefix-repetition-suffix-len", "4",
+                 "--prefix-repetition-num-prefixes", "1", "--prefix-repetition-output-len", "2", "--disable-tqdm") == 0
+    with pytest.raises(ValueError, match="pass --vocab-size"):   # a server without /tokenize
+        token_id_pool(argparse.Namespace(vocab_size=None), ApproxTokenizer())
+
+
+def test_an_adapter_the_server_serves_is_benchmarked_by_its_name_as_model(shared_server, llama_dir, tmp_path,
+                                                                         capsys):
+    adapter = write_lora_adapter(tmp_path / "adapter", llama_dir, r=8, lora_alpha=16, seed=0, std=0.02)
+    server = shared_server("--enable-lora", "--max-lora-rank", "8", "--lora-modules", f"a={adapter}")
+    out = tmp_path / "a.json"
+    assert bench("serve", "--base-url", server.base_url, "--model", "a", "--num-prompts", "2", "--random-input-len",
+                 "8", "--random-output-len", "3", "--save-result", "--result-filename", str(out),
+                 "--disable-tqdm") == 0
+    result = json.loads(out.read_text())
+    assert result["model_id"] == "a" and result["completed"] == 2 and result["total_output_tokens"] == 6
+    assert "model 'a'" in capsys.readouterr().out
 
 
 def test_bench_serve_prefix_repetition_and_bad_server(bench_server, tmp_path):
