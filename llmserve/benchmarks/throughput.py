@@ -31,11 +31,16 @@ import torch
 
 from llmserve.benchmarks.datasets import (CorpusText, HFTokenizer, SampleRequest, allowed_token_ids, load_sharegpt,
                                           sample_random, sample_sharegpt_synthetic)
+from llmserve.benchmarks.flags import flag, refuse_other_datasets_flags, require_at_least
 from llmserve.benchmarks.profiling import StepProfiler, greedy, run_to_completion, summarize
 from llmserve.entrypoints.cli_args import engine_config_from_args
 from llmserve.entrypoints.llm import LLM
 
 DEFAULT_HF_MAX_BATCH = 64
+# each dataset's own flags (dests): another dataset's, set, would do nothing
+DATASET_FLAGS = {"random": ("input_len", "output_len", "random_range_ratio"),
+                 "sharegpt": ("dataset_path", "sharegpt_output_len")}
+HF_FLAGS = ("hf_batch_size", "hf_sequential_prompts")   # the Hugging Face runs' flags: need --compare-hf
 
 
 @dataclass
@@ -170,7 +175,19 @@ def describe(requests: list[SampleRequest]) -> dict[str, float]:
             "mean_output_len": sum(outs) / len(outs), "max_output_len": max(outs)}
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before the engine loads, counts and lengths that cannot work and flags that would do nothing."""
+    require_at_least(args, {"num_prompts": 1, "input_len": 1, "output_len": 1, "sharegpt_output_len": 1,
+                            "hf_batch_size": 1, "hf_sequential_prompts": 1})
+    refuse_other_datasets_flags(args, DATASET_FLAGS)
+    if not args.compare_hf:
+        for dest in HF_FLAGS:
+            if getattr(args, dest) is not None:
+                raise ValueError(f"{flag(dest)} sets up the Hugging Face runs: it does nothing without --compare-hf")
+
+
 def run_throughput_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    check_args(args)
     config = engine_config_from_args(args)
     llm = LLM(**vars(config))
     tokenizer = llm.get_tokenizer()
