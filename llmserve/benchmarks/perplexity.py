@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmserve.benchmarks.flags import require_at_least
 from llmserve.entrypoints.cli_args import engine_config_from_args
 from llmserve.entrypoints.llm import LLM
+from llmserve.model_loader.model_source import is_gguf
+from llmserve.quantization.registry import checkpoint_quantization
 from llmserve.sampling_params import SamplingParams
 
 
@@ -63,7 +66,20 @@ def score(llm: LLM, tokens: list[int], bos: int | None, max_model_len: int, stri
     return nll, count
 
 
+def what_ran(llm: LLM, quantization: str | None) -> tuple[str, str, str | None]:
+    """``(model, dtype, quantisation)`` as the engine runs them: the demo model when none is named, the dtype
+    ``--dtype auto`` chose, the checkpoint's own format without ``--quantization`` (a GGUF file's is gguf)."""
+    engine = llm.engine
+    if quantization is None and is_gguf(engine.model_path):
+        quantization = "gguf"
+    elif quantization is None:
+        raw = checkpoint_quantization(engine.hf_config)
+        quantization = str(raw["quant_method"]).lower() if raw else None
+    return str(engine.model_path), str(engine.dtype).removeprefix("torch."), quantization
+
+
 def run_perplexity_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    require_at_least(args, {"stride": 1, "max_tokens": 1})
     config = engine_config_from_args(args)
     if args.text_file:
         text = Path(args.text_file).read_text(encoding="utf-8")
@@ -81,17 +97,18 @@ def run_perplexity_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if len(tokens) < 2:
             raise ValueError("the text has fewer than 2 tokens: nothing to score")
         max_model_len = llm.engine.max_model_len
-        stride = args.stride or max_model_len // 2
+        stride = args.stride if args.stride is not None else max_model_len // 2
         nll, count = score(llm, tokens, tokenizer.bos_token_id, max_model_len, stride)
+        model, dtype, quantization = what_ran(llm, config.quantization)
     finally:
         llm.shutdown()
     result = {
-        "model": config.model, "quantization": config.quantization, "dtype": config.dtype,
+        "model": model, "quantization": quantization, "dtype": dtype,
         "text": args.text_file or "held-out corpus", "tokens": len(tokens), "scored_tokens": count,
         "max_model_len": max_model_len, "stride": stride, "nll": nll / count, "perplexity": math.exp(nll / count),
         "elapsed_s": time.perf_counter() - start,
     }
-    print(f"{config.model} ({config.quantization or 'unquantised'}, dtype {config.dtype}): perplexity "
+    print(f"{model} ({quantization or 'unquantised'}, dtype {dtype}): perplexity "
           f"{result['perplexity']:.4f} (NLL {result['nll']:.4f} per token) over {count} tokens, windows of "
           f"{max_model_len}, stride {stride}")
     if args.output_json:

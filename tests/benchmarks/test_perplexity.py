@@ -1,5 +1,6 @@
 """``bench perplexity``: windows that score every token once, and the engine's figure equal to transformers' on
-the same windows (Hugging Face's strided-perplexity recipe: labels -100 on the context)."""
+the same windows (Hugging Face's strided-perplexity recipe: labels -100 on the context); the model, dtype and
+quantisation reported are those that ran; a stride or token count below 1 is refused."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from transformers import AutoTokenizer
 
 from llmserve.benchmarks.perplexity import windows
+from llmserve.testing import checkpoints
+from llmserve.testing.quantized_checkpoints import write_quantized_checkpoint
 from llmserve.testing.trained_model import corpus_split
 from tests.benchmarks.test_offline import ENGINE, bench
 from tests.hf_reference import hf_model
@@ -82,3 +85,40 @@ def test_without_bos_every_token_but_the_first_is_scored(tmp_path, checkpoint_di
     result = json.loads(out.read_text())
     assert result["tokens"] == 100 and result["scored_tokens"] == 99
     assert bench("perplexity", str(qwen2), *ENGINE, "--max-model-len", "32", "--stride", "32") == 2
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--stride", "0"], "--stride must be at least 1, got 0"),
+    (["--max-tokens", "-5"], "--max-tokens must be at least 1, got -5"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+])
+def test_a_stride_or_token_count_below_one_is_refused(llama_dir, flags, fragment, capsys):
+    assert bench("perplexity", str(llama_dir), *ENGINE, "--max-model-len", "32", *flags) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_reports_the_model_and_dtype_that_ran(tmp_path, llama_dir, monkeypatch, capsys):
+    """No model named: the demo checkpoint (here the tiny llama) is what ran; --dtype auto: the dtype it chose."""
+    monkeypatch.setattr(checkpoints, "demo_model_path", lambda: llama_dir)
+    out = tmp_path / "ppl.json"
+    assert bench("perplexity", *ENGINE, "--max-model-len", "32", "--max-tokens", "40", "--output-json", str(out)) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == str(llama_dir) and result["quantization"] is None
+    assert result["dtype"] in ("float32", "bfloat16")
+    assert f"{llama_dir} (unquantised, dtype {result['dtype']})" in capsys.readouterr().out
+    gptq, _ = write_quantized_checkpoint(llama_dir, tmp_path / "gptq", "gptq")
+    assert bench("perplexity", str(gptq), *ENGINE, "--dtype", "float32", "--max-model-len", "32", "--max-tokens",
+                 "40", "--output-json", str(out)) == 0
+    result = json.loads(out.read_text())
+    assert (result["model"], result["quantization"], result["dtype"]) == (str(gptq), "gptq", "float32")
+
+
+def test_a_gguf_file_is_reported_as_gguf(tmp_path, llama_dir):
+    pytest.importorskip("gguf")
+    from llmserve.testing.gguf_files import write_gguf
+
+    path, out = write_gguf(llama_dir, tmp_path / "tiny-Q8_0.gguf", "llama", "Q8_0"), tmp_path / "ppl.json"
+    assert bench("perplexity", str(path), *ENGINE, "--dtype", "float32", "--max-model-len", "32", "--max-tokens",
+                 "40", "--output-json", str(out)) == 0
+    result = json.loads(out.read_text())
+    assert (result["model"], result["quantization"]) == (str(path), "gguf")
