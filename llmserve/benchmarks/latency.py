@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from llmserve.benchmarks.flags import require_at_least
 from llmserve.benchmarks.plotting import pyplot, require_matplotlib
 from llmserve.benchmarks.profiling import ModelCosts, decode_steps, profile_decode_steps, summarize
 from llmserve.benchmarks.roofline import measure_matmul, random_prompts
@@ -88,6 +89,7 @@ def plot_latency(rows: list[dict[str, Any]], peak: dict[str, Any] | None, path: 
 
 def run_latency_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     sizes = parse_batch_sizes(args.batch_sizes)
+    require_at_least(args, {"input_len": 1, "skip_steps": 0})
     if args.plot:
         require_matplotlib("bench latency --plot")
     if args.output_len < args.skip_steps + 2:
@@ -97,7 +99,8 @@ def run_latency_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("bench latency times steps, and with speculation a step emits several tokens: use "
                          "bench spec-decode for TPOT with --speculative-config")
     if config.max_num_seqs < max(sizes):
-        config.max_num_seqs = max(sizes)   # the batch must fit in one step
+        raise ValueError(f"--batch-sizes has {max(sizes)} but --max-num-seqs is {config.max_num_seqs}: a batch must "
+                         f"run in one step; raise --max-num-seqs to {max(sizes)} or drop the larger batch sizes")
     llm = LLM(**vars(config))
     engine = llm.engine
     if args.input_len + args.output_len > engine.max_model_len:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llmserve.benchmarks.datasets import HFTokenizer, allowed_token_ids, sample_random
+from llmserve.benchmarks.flags import require_at_least, set_flags
 from llmserve.benchmarks.profiling import greedy
 from llmserve.benchmarks.stepped_in_turn import SteadyConcurrency, run_in_turn
 from llmserve.benchmarks.throughput import HEADER, ThroughputResult, load_average
@@ -91,9 +92,20 @@ def round_result(name: str, run: SteadyConcurrency, prompts: list[list[int]], lo
                             sum(map(len, run.token_ids())), *load)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before any engine loads, counts that cannot work and adapter flags that would do nothing."""
+    require_at_least(args, {"rounds": 1, "num_prompts": 1, "input_len": 1, "output_len": 1, "lora_rank": 1})
+    if args.lora_path and len(args.lora_path) > args.max_loras:
+        raise ValueError(f"--lora-path names {len(args.lora_path)} adapters but --max-loras is {args.max_loras}: the "
+                         f"benchmark runs --max-loras adapters; raise --max-loras to {len(args.lora_path)} or name "
+                         "fewer")
+    if args.lora_path and set_flags(args, ["lora_rank"]):
+        raise ValueError("--lora-rank is the rank of the random adapters, which --lora-path replaces: the given "
+                         "adapters keep their own rank")
+
+
 def run_lora_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
+    check_args(args)
     config = engine_config_from_args(args)
     rounds: dict[str, list[ThroughputResult]] = {name: [] for name in SCENARIOS}
     differing = 0

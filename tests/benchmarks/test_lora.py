@@ -1,7 +1,8 @@
 """``llmserve bench lora`` runs end to end (tiny model): the four configurations as engines of one process stepped
 in turn, every request's tokens counted, ratios of the throughput summed over the rounds against LoRA off (and
 against LoRA-on base requests for the adapter runs), each round's ratios beside them, and base requests' greedy
-outputs the same with LoRA off and on."""
+outputs the same with LoRA off and on; counts below what can work, more --lora-path adapters than --max-loras, and
+--lora-rank with --lora-path (the given adapters keep their own rank) are refused by name."""
 
 from __future__ import annotations
 
@@ -36,5 +37,19 @@ def test_bench_lora(tmp_path, llama_dir, capsys):
     assert report["base_outputs_differing"] == 0
 
 
-def test_bench_lora_refuses_no_rounds(llama_dir):
-    assert main(["--log-level", "warning", "bench", "lora", str(llama_dir), "--rounds", "0"]) == 2
+@pytest.mark.parametrize("flags,fragment", [
+    (["--rounds", "0"], "--rounds must be at least 1, got 0"),
+    (["--num-prompts", "0"], "--num-prompts must be at least 1, got 0"),
+    (["--input-len", "-5"], "--input-len must be at least 1, got -5"),
+    (["--output-len", "0"], "--output-len must be at least 1, got 0"),
+    (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
+    # the benchmark runs --max-loras adapters (fewer paths are cycled): more would be left out
+    (["--lora-path", "a", "b", "c"], "--lora-path names 3 adapters but --max-loras is 1"),
+    (["--max-loras", "2", "--lora-path", "a", "b", "c"], "raise --max-loras to 3 or name fewer"),
+    (["--lora-path", "a", "--lora-rank", "64"], "--lora-rank is the rank of the random adapters, which --lora-path "
+                                                "replaces"),
+])
+def test_bench_lora_refuses_flags_that_cannot_work_or_would_do_nothing(llama_dir, flags, fragment, capsys):
+    assert main(["--log-level", "warning", "bench", "lora", str(llama_dir), "--kv-cache-memory-bytes", "8MiB",
+                 "--num-threads", "1", *flags]) == 2
+    assert fragment in capsys.readouterr().err

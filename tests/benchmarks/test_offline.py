@@ -65,6 +65,17 @@ def test_latency_smoke(tmp_path, llama_dir):
     assert bench("latency", str(llama_dir), "--batch-sizes", "1,x") == 2
 
 
+@pytest.mark.parametrize("flags,fragment", [
+    (["--max-num-seqs", "2", "--batch-sizes", "1,8"], "--batch-sizes has 8 but --max-num-seqs is 2"),
+    (["--batch-sizes", "512"], "raise --max-num-seqs to 512"),   # the default --max-num-seqs is 256
+    (["--input-len", "0"], "--input-len must be at least 1, got 0"),
+    (["--skip-steps", "-1"], "--skip-steps must be at least 0, got -1"),
+])
+def test_latency_refuses_a_batch_the_engine_would_not_run_in_one_step(llama_dir, flags, fragment, capsys):
+    assert bench("latency", str(llama_dir), *ENGINE, "--no-peak", *flags) == 2
+    assert fragment in capsys.readouterr().err
+
+
 def test_latency_torch_profile_writes_each_batch_sizes_operators_and_trace(tmp_path, llama_dir):
     out, profiles = tmp_path / "lat.json", tmp_path / "profiles"
     assert bench("latency", str(llama_dir), *ENGINE, "--input-len", "16", "--output-len", "8", "--batch-sizes", "1,4",
