@@ -27,6 +27,17 @@ from llmserve.spec_decode.proposer import make_proposer
 logger = logging.getLogger(__name__)
 
 
+def extra_hash_keys(request: EngineCoreRequest) -> bytes:
+    """What besides its tokens keys a request's prefix-cache blocks: its ``cache_salt``, its KV variant (what else
+    decides the keys its blocks hold) and its adapter (one adapter's K/V is never another's or the base model's).
+    Each part present is tagged and length-prefixed, so no client-chosen salt can spell another request's keys (a
+    salt equal to an adapter's key is still a salt); a request with none of them has none (b"")."""
+    parts = ((b"salt", request.cache_salt.encode() if request.cache_salt else None),
+             (b"kv", request.kv_variant.encode() if request.kv_variant else None),
+             (b"lora", request.lora_request.hash_key() if request.lora_request is not None else None))
+    return b"".join(b"%s:%d:%s" % (tag, len(value), value) for tag, value in parts if value is not None)
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, max_model_len: int, max_num_batched_tokens: int,
                  report_stats: bool = False) -> None:
@@ -94,14 +105,10 @@ class EngineCore:
             raise ValueError(f"request id {request.request_id!r} is already in the engine core")
         if request.pooling is not None and request.params.n != 1:
             raise ValueError(f"pooling request {request.request_id!r} has n={request.params.n}; it pools one vector")
-        salt = request.cache_salt.encode() if request.cache_salt else b""
-        if request.kv_variant:   # length-prefixed: no salt can spell another salt with a variant
-            salt = b"%d:%s%s" % (len(salt), salt, request.kv_variant.encode())
-        if request.lora_request is not None:   # one adapter's K/V is never another's (or the base model's)
-            salt = b"%d:%s%s" % (len(salt), salt, request.lora_request.hash_key())
         seqs = [Sequence(next(self._seq_ids), request.request_id, index, request.prompt_token_ids, request.params,
                          request.max_tokens, request.eos_token_id, arrival_time=request.arrival_time,
-                         extra_hash_keys=salt, pooling=request.pooling, lora_request=request.lora_request)
+                         extra_hash_keys=extra_hash_keys(request), pooling=request.pooling,
+                         lora_request=request.lora_request)
                 for index in range(request.params.n)]
         seqs[0].pending_forks = seqs[1:]
         self.requests[request.request_id] = seqs

@@ -76,7 +76,8 @@ class LLM:
                 request_id = str(next(self._ids))
                 try:
                     self.engine.add_request(request_id, _prompt_value(prompt), one_params,
-                                            output_kind=OutputKind.FINAL_ONLY, lora_request=lora)
+                                            output_kind=OutputKind.FINAL_ONLY, cache_salt=_cache_salt(prompt),
+                                            lora_request=lora)
                 except InvalidRequestError as exc:
                     raise InvalidRequestError(f"prompt {i}: {exc}", exc.param) from None
                 request_ids.append(request_id)
@@ -143,8 +144,24 @@ def _as_prompt_list(prompts: Any) -> list[PromptType]:
     return prompts
 
 
+_PROMPT_KEYS = ("prompt", "prompt_token_ids", "cache_salt")
+
+
+def _cache_salt(prompt: PromptType) -> str | None:
+    """A prompt dict's ``cache_salt`` (vLLM's TextPrompt / TokensPrompt key): its blocks are shared only with
+    prompts of the same salt."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise InvalidRequestError(f"cache_salt must be a non-empty string, got {salt!r}", "cache_salt")
+    return salt
+
+
 def _prompt_value(prompt: PromptType) -> str | list[int]:
     if isinstance(prompt, dict):
+        unknown = sorted(set(prompt) - set(_PROMPT_KEYS))
+        if unknown:
+            raise InvalidRequestError(f"a prompt dict takes {', '.join(_PROMPT_KEYS)}; not {', '.join(unknown)}",
+                                      "prompt")
         if "prompt_token_ids" in prompt:
             return prompt["prompt_token_ids"]
         if "prompt" in prompt:

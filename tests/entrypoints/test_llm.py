@@ -211,3 +211,27 @@ def test_embed_takes_a_prompt_that_fills_the_context_and_refuses_a_longer_one(ll
                                                   r"However, the input has 65 tokens") as info:
         llm.embed([PROMPTS[0], [5] * 65])
     assert info.value.param == "prompt"
+
+
+def test_a_prompt_dicts_cache_salt_keys_its_prefix_cache_blocks(llama_dir):
+    """vLLM's ``{"prompt_token_ids": ..., "cache_salt": ...}``: the same salt shares cached blocks, another does
+    not; an empty salt and a key the dict does not take are refused."""
+    llm = LLM(str(llama_dir), kv_cache_memory_bytes="8MiB", max_model_len=128, enable_prefix_caching=True)
+    params = SamplingParams(max_tokens=1)
+    prompt = list(range(1, 66))
+    block_manager = llm.engine.core.block_manager
+
+    def hits(**salt: str) -> int:
+        before = block_manager.prefix_hit_tokens
+        llm.generate([{"prompt_token_ids": prompt, **salt}], params)
+        return block_manager.prefix_hit_tokens - before
+
+    hits(cache_salt="tenant-a")
+    assert hits(cache_salt="tenant-a") > 0
+    assert hits(cache_salt="tenant-b") == 0
+    assert hits() == 0
+    with pytest.raises(InvalidRequestError, match="cache_salt must be a non-empty string"):
+        llm.generate([{"prompt_token_ids": prompt, "cache_salt": ""}], params)
+    with pytest.raises(InvalidRequestError, match="a prompt dict takes prompt, prompt_token_ids, cache_salt; not "
+                                                  "multi_modal_data"):
+        llm.generate([{"prompt_token_ids": prompt, "multi_modal_data": {}}], params)

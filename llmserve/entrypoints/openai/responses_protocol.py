@@ -111,6 +111,8 @@ class ResponsesRequest(RequestModel):
     store: Literal[False] = Field(default=False, description=f"{_NOT_STORED}; true is refused (400)")
     metadata: dict[str, str] | None = Field(default=None, max_length=16, description="echoed in the response")
     user: str | None = None
+    # prefix-cache blocks are shared only between requests with the same salt (vLLM's extra field, as on chat)
+    cache_salt: str | None = Field(default=None, min_length=1)
     previous_response_id: None = Field(default=None, description=f"{_NOT_STORED}: refused (400)")
     background: Literal[False] = Field(default=False, description="true is refused (400)")
     reasoning: None = Field(default=None, description="refused (400): no reasoning models")

@@ -75,7 +75,7 @@ class OpenAIServingResponses:
         with _named_as_responses_fields():
             chat_body = body.as_chat_request()
             prompt_ids, params, tool_calling = await chat.prepare(chat_body, body.max_output_tokens, None)
-            submitted = chat.submit("resp", [prompt_ids], params, header_request_id, lora_request=lora)
+            submitted = chat.submit("resp", [prompt_ids], params, header_request_id, body.cache_salt, lora)
         if body.stream:
             return SSEResponse(chat, self._stream(body, submitted, tool_calling))
         output = (await chat.collect(raw, submitted))[0]

@@ -270,3 +270,14 @@ def test_cache_salt_isolates_prefix_cache_hits(metrics_server):
     assert hits_after(cache_salt="tenant-b") == 0
     response = httpx.post(f"{srv.base_url}/v1/completions", json={"prompt": prompt, "cache_salt": ""})
     assert response.status_code == 400 and response.json()["error"]["param"] == "cache_salt"
+
+    def responses_hits_after(salt: str) -> float:   # /v1/responses takes it too (vLLM's extra field)
+        before = scrape(srv.base_url)["vllm:prefix_cache_hits_total"]
+        response = httpx.post(f"{srv.base_url}/v1/responses", timeout=60,
+                              json={"input": prompt, "max_output_tokens": 1, "cache_salt": salt})
+        assert response.status_code == 200, response.text
+        return wait_for(srv.base_url, lambda s: s.idle)["vllm:prefix_cache_hits_total"] - before
+
+    responses_hits_after("tenant-c")
+    assert responses_hits_after("tenant-c") > 0
+    assert responses_hits_after("tenant-d") == 0
