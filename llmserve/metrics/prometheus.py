@@ -18,6 +18,7 @@ _TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2
                           2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)   # vLLM's
 _ABORT_STEP_BUCKETS = (0, 1, 2, 4, 8, 16, 64)
+_REQUEST_TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))   # vLLM's 1-2-5 series
 FINISH_REASONS = ("stop", "length", "abort", "error")   # the engine's finish reasons
 
 
@@ -65,6 +66,16 @@ class EngineMetrics:
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", _LATENCY_BUCKETS)
         self.queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.",
                                     _LATENCY_BUCKETS)
+        self.prefill_time = histogram("vllm:request_prefill_time_seconds", "First scheduled to first token.",
+                                      _LATENCY_BUCKETS)
+        self.decode_time = histogram("vllm:request_decode_time_seconds", "First token to finish.", _LATENCY_BUCKETS)
+        self.inference_time = histogram("vllm:request_inference_time_seconds", "First scheduled to finish.",
+                                        _LATENCY_BUCKETS)
+        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens of a finished request.",
+                                               _REQUEST_TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("vllm:request_generation_tokens",
+                                                   "Tokens a finished request generated (its longest sample).",
+                                                   _REQUEST_TOKEN_BUCKETS)
         self.iteration_tokens = histogram("vllm:iteration_tokens_total",
                                           "Prompt and generation tokens computed per engine step.",
                                           _ITERATION_TOKEN_BUCKETS)
@@ -164,14 +175,22 @@ class EngineMetrics:
             if m.finished_time is not None:
                 self.e2e.observe(m.finished_time - m.arrival_time)
             return
+        self.request_prompt_tokens.observe(len(output.prompt_token_ids))
+        self.request_generation_tokens.observe(output.num_generated_tokens)
         if m.first_token_time is not None:
             self.ttft.observe(m.first_token_time - m.arrival_time)
+            if m.first_scheduled_time is not None:
+                self.prefill_time.observe(m.first_token_time - m.first_scheduled_time)
         if m.queue_time is not None:
             self.queue_time.observe(m.queue_time)
         if m.finished_time is not None:
             self.e2e.observe(m.finished_time - m.arrival_time)
-            if m.first_token_time is not None and output.num_generated_tokens > 1:
-                self.tpot.observe((m.finished_time - m.first_token_time) / (output.num_generated_tokens - 1))
+            if m.first_scheduled_time is not None:
+                self.inference_time.observe(m.finished_time - m.first_scheduled_time)
+            if m.first_token_time is not None:
+                self.decode_time.observe(m.finished_time - m.first_token_time)
+                if output.num_generated_tokens > 1:
+                    self.tpot.observe((m.finished_time - m.first_token_time) / (output.num_generated_tokens - 1))
 
 
 class SpecDecodeMetrics:

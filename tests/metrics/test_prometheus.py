@@ -1,6 +1,7 @@
-"""``EngineMetrics.record_step``: the inter-token-latency histogram counts every generated token but each
+"""``EngineMetrics``: the inter-token-latency histogram counts every generated token but each
 sample's first, however the front end groups tokens into outputs (one per step, or two steps' at once
-when it catches up); tokens reported together share the time since the sample's previous report evenly."""
+when it catches up); tokens reported together share the time since the sample's previous report evenly. A
+finished request feeds vLLM's per-request histograms once, and request_success_total once per sample."""
 
 from __future__ import annotations
 
@@ -48,3 +49,30 @@ def test_tokens_reported_together_share_the_time_since_the_previous_report(monke
     metrics.record_step(STATS, [output("r", [5])])           # the first token, sampled at 1.0
     metrics.record_step(STATS, [output("r", [6, 7, 8, 9])])  # four more, reported together 4 s later
     assert itl_count(metrics) == 4 and itl_value(metrics, "sum") == 4.0
+
+
+def sample(metrics: EngineMetrics, name: str) -> float:
+    for line in generate_latest(metrics.registry).decode().splitlines():
+        if line.startswith(name + "{"):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name}")
+
+
+def test_a_finished_request_feeds_vllms_per_request_histograms():
+    """vLLM's prefill / decode / inference times and prompt / generation token histograms, once per request;
+    request_success_total counts each of its samples, as vLLM counts each sample a request of its own."""
+    metrics = EngineMetrics("m")
+    finished = RequestOutput("r", None, [1, 2, 3], None, [
+        CompletionOutput(0, "", [5, 6, 7, 8], None, None, finish_reason="length"),
+        CompletionOutput(1, "", [5], None, None, finish_reason="stop")], True,
+        RequestMetrics(arrival_time=10.0, first_scheduled_time=10.5, first_token_time=11.0, finished_time=13.0),
+        num_generated_tokens=4)
+    metrics.record_finished(finished)
+    for name, value in (("vllm:request_prefill_time_seconds", 0.5), ("vllm:request_decode_time_seconds", 2.0),
+                        ("vllm:request_inference_time_seconds", 2.5), ("vllm:request_prompt_tokens", 3),
+                        ("vllm:request_generation_tokens", 4)):
+        assert sample(metrics, f"{name}_count") == 1 and sample(metrics, f"{name}_sum") == value, name
+    success = {reason: value for line in generate_latest(metrics.registry).decode().splitlines()
+               if line.startswith("vllm:request_success_total{")
+               for reason, value in [(line.split('finished_reason="')[1].split('"')[0], float(line.split()[-1]))]}
+    assert (success["length"], success["stop"]) == (1, 1)

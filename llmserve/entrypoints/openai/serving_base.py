@@ -148,6 +148,9 @@ class OpenAIServing:
             watcher.cancel()
             self.abort_unfinished(submitted)
             everything.cancel()
+            # an aborted stream's task ends in CancelledError, which the gather keeps (and asyncio logs, with a
+            # traceback, when nobody reads it): read it
+            everything.add_done_callback(lambda f: f.cancelled() or f.exception())
         for output in merged:
             if output.error is not None:
                 log_failed(submitted.log_id, f"failed: {output.error}")

@@ -258,6 +258,8 @@ def test_non_streaming_client_that_gives_up_is_aborted(slow):
     while "request gone-waiting aborted" not in slow.log():
         assert time.monotonic() < deadline, slow.log()[-2000:]
         time.sleep(0.05)
+    time.sleep(0.5)   # the request's futures are collected by then
+    assert "exception was never retrieved" not in slow.log() and "Traceback" not in slow.log()
 
 
 # ------------------------------------------------------------------ --request-timeout
