@@ -102,14 +102,18 @@ class MultiRankExecutor(Executor):
         try:
             return call(*args)
         except WorkerDiedError as exc:
-            self.dead = str(exc)
-            self.shutdown()
-            raise
+            self._die(exc)
+
+    def _die(self, exc: WorkerDiedError) -> NoReturn:
+        """Leave the engine dead with ``exc``'s cause, stop every worker left, and raise ``exc``."""
+        self.dead = str(exc)
+        self.shutdown()
+        raise exc
 
     def _control(self, method: str, *args: Any) -> list[Any]:
         """Call ``method`` on every rank's worker; the JSON results in rank order."""
-        return [json.loads(body) for body in self._guarded(lambda: ready_bodies(self._control_replies(method,
-                                                                                                       list(args))))]
+        replies = self._guarded(self._control_replies, method, list(args))
+        return [json.loads(body) for body in self._guarded(ready_bodies, replies)]
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.step_output(self._guarded(self._step_replies, sched))
@@ -145,13 +149,8 @@ class MultiRankExecutor(Executor):
             return ModelRunnerOutput(error=(causes or errors)[0])
         reply = replies[self.driver_rank]
         if reply[:1] != b"O":
-            return self._guarded(_raise, WorkerDiedError(f"driver rank {self.driver_rank} answered {reply[:1]!r} "
-                                                         f"to a step"))
+            self._die(WorkerDiedError(f"driver rank {self.driver_rank} answered {reply[:1]!r} to a step"))
         return decode(reply[1:], ModelRunnerOutput)
-
-
-def _raise(exc: Exception) -> NoReturn:
-    raise exc
 
 
 def executor_class(backend: str) -> type[Executor]:
