@@ -23,7 +23,8 @@ from llmserve.engine.block_manager import most_blocks_held
 from llmserve.engine.messages import EngineCoreRequest
 from llmserve.errors import InvalidRequestError
 from llmserve.layers.longrope import longrope_prompt_key, longrope_switch_of
-from llmserve.lora.peft import LoRAAdapterError, read_adapter_config
+from llmserve.lora.fit import ModuleShapes, base_module_shapes, check_adapter_fits
+from llmserve.lora.peft import LoRAAdapterError, load_peft_adapter
 from llmserve.lora.request import LoRARequest
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
 from llmserve.model_loader.model_source import fill_in_default_model
@@ -146,6 +147,7 @@ class InputProcessor:
         self.block_size = block_size
         self.group_windows = group_windows or [None]
         self._checked_loras: set[LoRARequest] = set()
+        self._base_shapes: ModuleShapes | None = None   # the checkpoint's modules, read at the first adapter
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams | PoolingParams | None,
                 arrival_time: float | None, cache_salt: str | None,
@@ -182,8 +184,9 @@ class InputProcessor:
                                               lora_request=lora_request)
 
     def _check_lora(self, lora_request: LoRARequest) -> None:
-        """LoRA must be on and the adapter's config readable and within --max-lora-rank (checked once per
-        adapter; its tensors are checked against the model where a worker loads them)."""
+        """LoRA must be on and the adapter readable, within --max-lora-rank and fitting the base model's modules
+        (:func:`~llmserve.lora.fit.check_adapter_fits`, as the server checks an adapter it registers); checked once
+        per adapter, before anything runs."""
         if not isinstance(lora_request, LoRARequest):
             raise InvalidRequestError("lora_request must be a llmserve.lora.request.LoRARequest", "lora_request")
         if lora_request in self._checked_loras:
@@ -193,7 +196,11 @@ class InputProcessor:
             raise InvalidRequestError(f"LoRA adapter {lora_request.lora_name!r} requested but LoRA is not enabled: "
                                       "start the engine with --enable-lora (LLM(enable_lora=True))", "lora_request")
         try:
-            read_adapter_config(lora_request.lora_path, config.max_lora_rank)
+            adapter = load_peft_adapter(lora_request.lora_path, config.max_lora_rank)
+            if self._base_shapes is None:
+                self._base_shapes = base_module_shapes(self.info.model_path) or {}
+            if self._base_shapes:
+                check_adapter_fits(adapter, self._base_shapes, lora_request.lora_name)
         except LoRAAdapterError as exc:
             raise InvalidRequestError(str(exc), "lora_request") from None
         self._checked_loras.add(lora_request)

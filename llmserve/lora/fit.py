@@ -2,8 +2,9 @@
 ``POST /v1/load_lora_adapter``) so that a mismatch is refused there, never in a running batch.
 
 The base model's modules and weight shapes come from its checkpoint's safetensors headers (no tensor is
-read). Every module an adapter targets must be one of them, and its ``lora_A`` ``[r, in]`` and ``lora_B``
-``[out, r]`` must match the module's weight ``[out, in]`` (``[in, out]`` for a ``fan_in_fan_out`` adapter:
+read). Every module an adapter targets must be one of them and a linear layer LoRA adapts (not the LM head, an
+embedding or a norm), and its ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` must match the module's weight
+``[out, in]`` (``[in, out]`` for a ``fan_in_fan_out`` adapter:
 GPT-2's Conv1D). Quantised checkpoints store packed tensors
 (``qweight``): their modules are checked for presence only. A GGUF file or an S3 mirror has no such headers
 here; adapters for them are checked where a worker loads them (the request then fails on its own).
@@ -18,8 +19,10 @@ from safetensors import safe_open
 from llmserve.lora.peft import LoRAAdapterError, PEFTAdapter
 from llmserve.model_loader.loader import safetensors_files
 
-# A module's weight shape [out, in], or None where the checkpoint stores it packed (quantised).
-ModuleShapes = dict[str, tuple[int, int] | None]
+# A module's weight shape ([out, in] for a linear layer), or None where the checkpoint stores it packed (quantised).
+ModuleShapes = dict[str, tuple[int, ...] | None]
+# Modules with a 2-D weight that are not linear layers LoRA adapts here: the LM head and the embeddings.
+_NOT_ADAPTABLE = ("lm_head", "embed_tokens", "embed_in", "embed_out", "wte", "wpe", "word_embeddings")
 
 
 def base_module_shapes(model_path: str | Path) -> ModuleShapes | None:
@@ -35,8 +38,7 @@ def base_module_shapes(model_path: str | Path) -> ModuleShapes | None:
             for key in f.keys():
                 module, _, leaf = key.rpartition(".")
                 if leaf == "weight":
-                    shape = tuple(f.get_slice(key).get_shape())
-                    shapes[module] = (shape[0], shape[1]) if len(shape) == 2 else None
+                    shapes[module] = tuple(f.get_slice(key).get_shape())
                 elif leaf in ("qweight", "weight_packed"):
                     shapes.setdefault(module, None)
     return shapes
@@ -52,6 +54,9 @@ def check_adapter_fits(adapter: PEFTAdapter, shapes: ModuleShapes, name: str) ->
                                + (f" (nor are {len(missing) - 1} more of its modules)" if len(missing) > 1 else ""))
     for module, weights in adapter.modules.items():
         shape = found[module][1]
+        if module.rpartition(".")[2] in _NOT_ADAPTABLE or (shape is not None and len(shape) != 2):
+            raise LoRAAdapterError(f"LoRA adapter {name!r} targets {module}, which is not a linear layer LoRA can "
+                                   f"adapt (the LM head, the embeddings and norms are not)")
         if shape is None:
             continue
         out_features, in_features = shape[::-1] if adapter.fan_in_fan_out else shape
@@ -62,7 +67,7 @@ def check_adapter_fits(adapter: PEFTAdapter, shapes: ModuleShapes, name: str) ->
                 f"[{out_features}, {in_features}] (expected lora_A [r, {in_features}], lora_B [{out_features}, r])")
 
 
-def _lookup(shapes: ModuleShapes, module: str) -> tuple[str, tuple[int, int] | None] | None:
+def _lookup(shapes: ModuleShapes, module: str) -> tuple[str, tuple[int, ...] | None] | None:
     """The module's entry; checkpoints saved without the model's top-level prefix (``h.0.attn`` for
     ``transformer.h.0.attn``) match without it."""
     for candidate in (module, module.partition(".")[2]):

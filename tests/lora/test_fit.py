@@ -46,3 +46,60 @@ def test_the_server_refuses_an_adapter_that_does_not_fit(checkpoint_dir, lora_ad
     assert "other" not in models.lora_requests
     models.load_adapter("own", str(lora_adapter("all-r8")))
     assert "own" in models.lora_requests
+
+
+def _adapter_for(path, base, module: str, a_shape: tuple[int, int], b_shape: tuple[int, int]):
+    """A PEFT adapter (as PEFT writes one) on a single base module."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    prefix = f"base_model.model.{module}"
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(a_shape), f"{prefix}.lora_B.weight": torch.zeros(b_shape)},
+              str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": a_shape[0], "lora_alpha": 16, "target_modules": [module.rpartition(".")[2]],
+        "bias": "none", "base_model_name_or_path": str(base)}))
+    return path
+
+
+@pytest.mark.parametrize("module,a_shape,b_shape", [
+    ("lm_head", (8, 64), (2000, 8)),                             # fits the head's weight, but the head is not adapted
+    ("model.embed_tokens", (8, 2000), (64, 8)),
+    ("model.layers.0.input_layernorm", (8, 64), (64, 8)),        # a norm's weight is a vector
+])
+def test_an_adapter_on_a_module_lora_does_not_adapt_is_refused_where_it_is_registered(llama_dir, tmp_path, module,
+                                                                                      a_shape, b_shape):
+    """Refused at registration (the server's 400, offline's InvalidRequestError), not in every request's step."""
+    from llmserve import LLM, SamplingParams
+    from llmserve.errors import InvalidRequestError
+    from llmserve.lora.request import LoRARequest
+
+    path = _adapter_for(tmp_path / "adapter", llama_dir, module, a_shape, b_shape)
+    with pytest.raises(LoRAAdapterError, match=f"targets {module}, which is not a linear layer LoRA can adapt"):
+        check_adapter_fits(load_peft_adapter(path, 8), base_module_shapes(llama_dir), "odd")
+    models = OpenAIServingModels(["base"], str(llama_dir), 128, enable_lora=True, max_lora_rank=8)
+    with pytest.raises(APIError) as refused:
+        models.load_adapter("odd", str(path))
+    assert refused.value.status == 400 and "not a linear layer LoRA can adapt" in refused.value.message
+    llm = LLM(str(llama_dir), enable_lora=True, max_lora_rank=8, kv_cache_memory_bytes="8MiB", max_model_len=64)
+    with pytest.raises(InvalidRequestError, match="not a linear layer LoRA can adapt") as offline:
+        llm.generate(["a", "b"], SamplingParams(max_tokens=1), lora_request=[None, LoRARequest("odd", 1, str(path))])
+    assert offline.value.param == "lora_request" and str(offline.value).startswith("prompt 1: ")
+
+
+def test_offline_a_pickled_adapter_is_refused_before_anything_runs(llama_dir, lora_adapter, tmp_path):
+    import shutil
+
+    from llmserve import LLM, SamplingParams
+    from llmserve.errors import InvalidRequestError
+    from llmserve.lora.request import LoRARequest
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(lora_adapter("all-r8"), pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    llm = LLM(str(llama_dir), enable_lora=True, max_lora_rank=8, kv_cache_memory_bytes="8MiB", max_model_len=64)
+    with pytest.raises(InvalidRequestError, match=r"adapter_model\.bin \(pickle\) is not loaded"):
+        llm.generate(["a"], SamplingParams(max_tokens=1), lora_request=LoRARequest("p", 1, str(pickled)))
