@@ -107,7 +107,9 @@ class OutputEvents:
                        "logprobs": []},
                       {"type": "response.content_part.done", **where, "content_index": 0, "part": _text_part(text)}]
         else:
-            item = call_item(self.open["id"], self.open["call_id"], self.open["name"], text, "completed")
+            broken = self.tool_stream is not None and self.tool_stream.broken   # announced, then invalid at the end
+            item = call_item(self.open["id"], self.open["call_id"], self.open["name"], text,
+                             "incomplete" if broken else "completed")
             events = [{"type": "response.function_call_arguments.done", **where, "arguments": text}]
         self.items.append(item)
         self.open = None

@@ -29,10 +29,10 @@ class ParsedCall:
         if not self.complete or not isinstance(self.name, str) or not self.name:
             return False
         try:
-            json.loads(self.arguments)
+            arguments = json.loads(self.arguments)
         except ValueError:
             return False
-        return True
+        return isinstance(arguments, dict)   # OpenAI's arguments are always a JSON object
 
 
 @dataclass

@@ -1,5 +1,10 @@
 """OpenAI's streamed tool calls from a parser: each call's ``id``, ``type`` and ``name`` in its first delta,
-then fragments of its ``arguments``; content deltas as usual. One :class:`ToolCallStream` per choice."""
+then fragments of its ``arguments``; content deltas as usual. One :class:`ToolCallStream` per choice.
+
+A stream cannot take back a call it has announced. When the calls turn out invalid at the end (broken JSON,
+or cut by ``max_tokens``), the non-streamed answer falls back to plain content, but the stream keeps the calls
+it announced, sends the rest of their arguments as written and marks itself :attr:`ToolCallStream.broken`;
+it never sends the call's text a second time as content."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class ToolCallStream:
         self.text = ""
         self.content_sent = 0
         self.sent: list[int] = []    # per announced call: how much of its arguments went out
+        self.broken = False          # the announced calls did not end as valid calls
 
     @property
     def called(self) -> bool:
@@ -34,6 +40,9 @@ class ToolCallStream:
         """Add the newly generated text; returns the new content and the ``delta.tool_calls`` entries."""
         self.text += new_text
         parsed = self.parser.parse(self.text, final)
+        if final and self.sent and not parsed.calls:
+            parsed = self.parser.parse(self.text, False)   # the calls as they were streamed, to their end
+            self.broken = True
         content = parsed.content[self.content_sent:]
         self.content_sent = max(self.content_sent, len(parsed.content))
         deltas: list[dict[str, Any]] = []

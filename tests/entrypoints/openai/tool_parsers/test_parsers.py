@@ -30,6 +30,11 @@ CASES = [
                                                                ("get_time", TIME)]),
     ("hermes", '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>', "", [("f", {"a": 1})]),
     ("hermes", "<tool_call>{oops}</tool_call>", "<tool_call>{oops}</tool_call>", []),
+    # arguments are a JSON object or the call is botched (OpenAI's clients json.loads them into keyword arguments)
+    ("hermes", '<tool_call>{"name": "f", "arguments": 5}</tool_call>', '<tool_call>{"name": "f", "arguments": 5}'
+     '</tool_call>', []),
+    ("hermes", '<tool_call>{"name": "f", "arguments": "[1]"}</tool_call>', '<tool_call>{"name": "f", "arguments": '
+     '"[1]"}</tool_call>', []),
     ("llama3_json", "The weather is fine.", "The weather is fine.", []),
     ("llama3_json", '{"name": "get_weather", "parameters": ' + json.dumps(WEATHER) + "}", "",
      [("get_weather", WEATHER)]),

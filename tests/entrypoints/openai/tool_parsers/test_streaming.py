@@ -1,12 +1,17 @@
 """Streamed tool calls in OpenAI's shape: each call's first delta has ``index``, ``id``, ``type`` and the
 function's ``name`` (arguments ``""`` or their first fragment); later deltas carry only ``index`` and the next
 fragment of ``arguments``. Concatenated per index, they are the final parse; ids differ between calls;
-with one call allowed (``parallel_tool_calls: false``) the second is never announced."""
+with one call allowed (``parallel_tool_calls: false``) the second is never announced. A call announced and then
+botched (broken JSON, cut by ``max_tokens``) stays a call in the stream, with what the model wrote as its
+arguments, and the stream says it is broken; its text never comes a second time as content."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
+from llmserve.entrypoints.openai.tool_parsers.forced import RequiredToolParser
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 from llmserve.entrypoints.openai.tool_parsers.streaming import ToolCallStream
 
@@ -59,3 +64,29 @@ def test_plain_content_streams_as_content():
     stream = ToolCallStream(TOOL_CALL_PARSERS["llama3_json"]())
     content, deltas = _run(stream, "  It is sunny in Paris.", 3)
     assert content == "  It is sunny in Paris." and deltas == [] and not stream.called
+
+
+@pytest.mark.parametrize("parser,text,content,arguments", [
+    ("hermes", 'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}, oops}</tool_call>',
+     "Checking.", '{"city": "Paris"}'),
+    ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Par', "", '{"city": "Par'),
+    ("required", '[{"name": "get_weather", "parameters": {"city": "Pa', "", '{"city": "Pa'),
+])
+def test_a_botched_call_stays_the_call_that_was_announced(parser, text, content, arguments):
+    make = TOOL_CALL_PARSERS.get(parser) or (lambda: RequiredToolParser())
+    assert make().parse(text, final=True).content == text   # not streamed: the whole text is the answer
+    for step in (1, 3, len(text)):
+        stream = ToolCallStream(make())
+        got_content, deltas = _run(stream, text, step)
+        calls = _assemble(deltas)
+        if step == len(text):   # nothing was announced before the end: the answer is plain content
+            assert (got_content, calls, stream.broken) == (text, {}, False)
+            continue
+        assert got_content == content and stream.broken and stream.called
+        assert [(c["name"], c["arguments"]) for c in calls.values()] == [("get_weather", arguments)]
+
+
+def test_a_valid_stream_is_not_broken():
+    stream = ToolCallStream(TOOL_CALL_PARSERS["hermes"]())
+    _run(stream, TEXT, 3)
+    assert stream.called and not stream.broken
