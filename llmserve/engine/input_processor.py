@@ -32,7 +32,7 @@ from llmserve.models.registry import resolve_model_class
 from llmserve.pooling_params import PoolingParams
 from llmserve.quantization.registry import checkpoint_quantization
 from llmserve.sampling_params import SamplingParams
-from llmserve.structured_output import StructuredOutputError
+from llmserve.structured_output import StructuredOutputError, import_backend
 from llmserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ class InputProcessor:
         self.group_windows = group_windows or [None]
         self._checked_loras: set[LoRARequest] = set()
         self._base_shapes: ModuleShapes | None = None   # the checkpoint's modules, read at the first adapter
+        self._grammar_validator: Any = None   # checks constraints against the vocabulary (needs the grammar library)
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams | PoolingParams | None,
                 arrival_time: float | None, cache_salt: str | None,
@@ -242,6 +243,10 @@ class InputProcessor:
                                       "structured_outputs")
         try:
             spec.validate()
+            if self._grammar_validator is None:   # built once, at the first constrained request
+                self._grammar_validator = import_backend("compiler").GrammarValidator(
+                    self.tokenizer, self.info.vocab_size, self.info.eos_token_ids)
+            self._grammar_validator.validate(spec)
         except StructuredOutputError as exc:
             raise StructuredOutputError(str(exc), exc.param or "structured_outputs") from None
         if self.info.config.structured_outputs_config.disable_any_whitespace and spec.any_whitespace and \

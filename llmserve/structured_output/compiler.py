@@ -27,6 +27,7 @@ from typing import Any
 import llguidance
 import llguidance.hf
 
+from llmserve.structured_output.grammar_tokens import named_stop_token
 from llmserve.structured_output.matcher import CompiledGrammar
 from llmserve.structured_output.spec import StructuredOutputError, StructuredOutputSpec
 
@@ -68,11 +69,44 @@ def _grammar_text(spec: StructuredOutputSpec) -> str:
         raise _error(spec, str(exc)) from None
 
 
-def validate_spec(spec: StructuredOutputSpec) -> None:
-    """Raise :class:`StructuredOutputError` unless llguidance compiles ``spec`` (no tokenizer needed)."""
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(_grammar_text(spec), None, limits=_LIMITS)
+def validate_spec(spec: StructuredOutputSpec, tokenizer: llguidance.LLTokenizer | None = None) -> None:
+    """Raise :class:`StructuredOutputError` unless llguidance compiles ``spec``. Without ``tokenizer`` what
+    depends on the vocabulary passes unchecked: a grammar's token ranges (``<[100-200]>``) and special tokens
+    (``<|im_end|>``) are checked only against one."""
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(_grammar_text(spec), tokenizer,
+                                                                            limits=_LIMITS)
     if is_error:
         raise _error(spec, messages[0])
+
+
+def grammar_tokenizer(tokenizer: Any, vocab_size: int | None, eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:
+    """llguidance's view of an HF tokenizer: its token trie over ``vocab_size`` ids (the logits' width; at least
+    the tokenizer's), ``eos_token_ids`` the tokens that end a sequence."""
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise TypeError("structured outputs need a fast (tokenizers-backed) Hugging Face tokenizer")
+    if not eos_token_ids:
+        raise ValueError("structured outputs need at least one EOS token id to end a grammar")
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=max(vocab_size or 0, len(tokenizer)),
+                                        eos_token=[int(t) for t in eos_token_ids])
+
+
+class GrammarValidator:
+    """Checks specs against one model's tokenizer as its engine will compile them, so that the front end
+    answers 400 for what only the vocabulary decides: token ranges past it, special tokens it lacks, and a
+    grammar that asks for an EOS token as output (the matcher allows EOS only where the grammar may end)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int | None, eos_token_ids: Sequence[int]) -> None:
+        self._tokenizer = grammar_tokenizer(tokenizer, vocab_size, eos_token_ids)
+        self._vocab: dict[str, int] = tokenizer.get_vocab()
+        self._stop_ids = frozenset(int(t) for t in eos_token_ids)
+
+    def validate(self, spec: StructuredOutputSpec) -> None:
+        validate_spec(spec, self._tokenizer)
+        if spec.kind == "grammar":
+            stop = named_stop_token(_grammar_text(spec), self._vocab.get, self._stop_ids)
+            if stop is not None:
+                raise _error(spec, f"it names the end-of-sequence token {stop} as output; a constrained output "
+                                   "ends with that token where its grammar ends, without the grammar asking for it")
 
 
 def _error(spec: StructuredOutputSpec, message: str) -> StructuredOutputError:
@@ -107,19 +141,14 @@ class GrammarCompiler:
         cache_size: int = 256,
         max_workers: int = 2,
     ) -> None:
-        if getattr(tokenizer, "backend_tokenizer", None) is None:
-            raise TypeError("structured outputs need a fast (tokenizers-backed) Hugging Face tokenizer")
         if eos_token_ids is None:
-            eos_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        if not eos_token_ids:
-            raise ValueError("structured outputs need at least one EOS token id to end a grammar")
+            eos = getattr(tokenizer, "eos_token_id", None)
+            eos_token_ids = [] if eos is None else [eos]
+        self._tokenizer = grammar_tokenizer(tokenizer, vocab_size, eos_token_ids)
         # A model vocabulary smaller than the tokenizer's only drops ids the model never produces; the
         # bitmask keeps the tokenizer's width and the logits' width bounds what is applied.
         self.vocab_size = max(vocab_size or 0, len(tokenizer))
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
-        self._tokenizer = llguidance.hf.from_tokenizer(
-            tokenizer, n_vocab=self.vocab_size, eos_token=list(self.eos_token_ids)
-        )
         self._cache_size = cache_size
         self._cache: OrderedDict[StructuredOutputSpec, Future[CompiledGrammar]] = OrderedDict()
         self._lock = threading.Lock()

@@ -111,3 +111,24 @@ def test_a_tokenizer_without_eos_needs_stop_tokens(tokenizers):
         GrammarCompiler(tokenizer, eos_token_ids=[])
     with pytest.raises(TypeError, match="fast"):
         GrammarCompiler(object())
+
+
+@pytest.mark.parametrize("grammar, message", [
+    ("start: <[99999999-100000000]>", "Token range end too large"),
+    ('start: "a" <|no_such_token|>', "unknown special token"),
+    ('start: "a" <[{eos}]> "b"', "names the end-of-sequence token {eos} as output"),
+    ('start: "a" {eos_text}', "names the end-of-sequence token {eos} as output"),
+])
+def test_the_validator_checks_what_only_the_vocabulary_decides(tokenizers, family, grammar, message):
+    """The front end's check: what compiles without a tokenizer but not for this model is refused before the
+    request is admitted (a grammar asking for EOS as output would find no token allowed after it)."""
+    from llmserve.structured_output.compiler import GrammarValidator, validate_spec
+
+    tokenizer = tokenizers(family)
+    eos = tokenizer.eos_token_id
+    spec = Spec.grammar(grammar.format(eos=eos, eos_text=tokenizer.eos_token))
+    validate_spec(spec)   # passes without the vocabulary
+    with pytest.raises(StructuredOutputError, match="the grammar cannot be compiled") as info:
+        GrammarValidator(tokenizer, len(tokenizer), [eos]).validate(spec)
+    assert message.format(eos=eos) in str(info.value)
+    GrammarValidator(tokenizer, len(tokenizer), [eos]).validate(Spec.grammar('start: "a" <[3]>'))

@@ -135,8 +135,13 @@ def test_vllm_structured_outputs_through_extra_body(client, endpoint, extra_body
     ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "at most one of"),
     ({"guided_choice": ["a"], "ignore_eos": True}, "ignore_eos", "ignore_eos"),
+    # what only the model's vocabulary decides: checked by the front end against its tokenizer
+    ({"structured_outputs": {"grammar": "start: <[99999999-100000000]>"}}, "structured_outputs",
+     "Token range end too large"),
+    ({"guided_grammar": 'start: "a" <|no_such_token|>'}, "structured_outputs", "unknown special token"),
+    ({"guided_grammar": 'start: "a" </s>'}, "structured_outputs", "names the end-of-sequence token"),
 ], ids=["unimplemented-keyword", "json_schema-missing", "bad-regex", "bad-grammar", "two-constraints",
-        "unsupported-option", "guided_json-not-json", "two-forms", "ignore_eos"])
+        "unsupported-option", "guided_json-not-json", "two-forms", "ignore_eos", "token-range", "special-token", "eos-as-output"])
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_bad_constraints_are_400_naming_the_field(client, endpoint, body, param, fragment):
     with pytest.raises(openai.BadRequestError) as info:
