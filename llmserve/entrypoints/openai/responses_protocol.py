@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from llmserve.entrypoints.openai.chat_protocol import FUNCTION_NAME_PATTERN, MAX_TOOLS
@@ -88,6 +88,12 @@ class TextFormat(RequestModel):
     description: str | None = None
     schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
     strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _named_schema(self) -> TextFormat:
+        if self.type == "json_schema" and self.name is None:
+            raise PydanticCustomError("name_required", "name is required with json_schema")
+        return self
 
 
 class TextConfig(RequestModel):
@@ -183,8 +189,6 @@ class ResponsesRequest(RequestModel):
     def _response_format(fmt: TextFormat) -> dict[str, Any]:
         if fmt.type != "json_schema":
             return {"type": fmt.type}
-        if fmt.name is None:
-            raise PydanticCustomError("missing", "text.format.name is required with json_schema")
         schema = JsonSchemaResponseFormat.model_validate(
             {"name": fmt.name, "description": fmt.description, "schema": fmt.schema_, "strict": fmt.strict})
         return {"type": "json_schema", "json_schema": schema.model_dump(by_alias=True, exclude_none=True)}

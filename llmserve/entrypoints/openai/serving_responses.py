@@ -49,16 +49,27 @@ class ResponsesFraming(SSEFraming):
         return []
 
 
+# where a chat error's message says the fault is -> where it is in the Responses request
+_RESPONSES_PATH = {"response_format.json_schema.schema": "text.format.schema", "response_format": "text.format"}
+
+
+def _responses_message(message: str) -> str:
+    for chat_path, path in _RESPONSES_PATH.items():
+        if message.startswith(chat_path):
+            return path + message[len(chat_path):]
+    return message
+
+
 @contextmanager
 def _named_as_responses_fields() -> Iterator[None]:
     try:
         yield
     except APIError as exc:
         exc.param = _RESPONSES_FIELD.get(exc.param, exc.param)
+        exc.message = _responses_message(exc.message)
         raise
     except InvalidRequestError as exc:
-        exc.param = _RESPONSES_FIELD.get(exc.param, exc.param)
-        raise
+        raise type(exc)(_responses_message(str(exc)), _RESPONSES_FIELD.get(exc.param, exc.param)) from None
     except ValidationError as exc:   # the mapped chat request refused something of the input
         error = exc.errors()[0]
         raise APIError(400, f"input: {error['msg']}", "input") from None

@@ -153,6 +153,20 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(qwen2_server, fields,
     assert response.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("fmt,message", [
+    ({"type": "json_schema", "name": "x", "schema": {"type": "array", "uniqueItems": True}},
+     "text.format.schema: the JSON schema cannot be compiled"),
+    ({"type": "json_schema", "schema": {"type": "object"}}, "text.format: name is required with json_schema"),
+])
+def test_a_bad_text_format_is_named_as_the_responses_field(qwen2_server, fmt, message):
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, "text": {"format": fmt}}
+    response = httpx.post(f"{qwen2_server.base_url}/v1/responses", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "text" and error["message"].startswith(message), error
+    assert "response_format" not in error["message"], error
+
+
 def test_auto_tool_choice_needs_a_server_tool_parser(server):
     body = {"model": "tiny", "input": "Hi", "tools": [TIME], "max_output_tokens": 2}
     response = httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=30)
