@@ -9,9 +9,9 @@ what cannot be honoured, naming the field.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from llmserve.entrypoints.openai.request_base import RequestModel
@@ -99,10 +99,22 @@ class ChatMessage(BaseModel):
         return message
 
 
+def _object_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A function's arguments are a JSON object (clients pass them as keyword arguments), as OpenAI requires."""
+    if "type" in schema and schema["type"] != "object":
+        raise PydanticCustomError("schema_not_object", "a function's parameters must be a JSON schema of type "
+                                  "\"object\", got type {got}", {"got": json.dumps(schema["type"])})
+    return schema
+
+
+ToolParameters = Annotated[dict[str, Any], AfterValidator(_object_schema),
+                           Field(description="a JSON schema of the arguments object (type \"object\")")]
+
+
 class FunctionDefinition(RequestModel):
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     description: str | None = None
-    parameters: dict[str, Any] | None = Field(default=None, description="a JSON schema of the arguments object")
+    parameters: ToolParameters | None = None
     strict: bool | None = Field(default=None, description=(
         "true: arguments always match the schema; honoured with tool_choice required or a named function (the "
         "grammar enforces the schema there, strict or not) and refused with auto"))

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from llmserve.entrypoints.openai.chat_protocol import FUNCTION_NAME_PATTERN, MAX_TOOLS
+from llmserve.entrypoints.openai.chat_protocol import FUNCTION_NAME_PATTERN, MAX_TOOLS, ToolParameters
 from llmserve.entrypoints.openai.protocol import ChatCompletionRequest, JsonSchemaResponseFormat
 from llmserve.entrypoints.openai.request_base import RequestModel
 from llmserve.sampling_params import INT64_MAX
@@ -72,7 +72,7 @@ class FunctionTool(RequestModel):
     type: Literal["function"]
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: ToolParameters | None = None
     strict: bool | None = Field(default=None, description="as on chat: honoured with required / named, refused "
                                                            "with auto")
 

@@ -20,8 +20,8 @@ Checked over raw HTTP (httpx, raw sockets) against a server started with ``--max
   counter does not move). Integers beyond 64 bits (``seed``, ``top_k``) are 400 too.
 * Tool calling that cannot be honoured: ``tool_choice`` ``auto`` (also the default when ``tools`` are
   given) on a server without ``--enable-auto-tool-choice``, any ``tool_choice`` but ``none`` without
-  ``tools``, a named function that is not among them, a function defined twice or with a name OpenAI
-  does not allow, ``strict`` with ``auto``, a parameters schema the grammar cannot enforce, a forced call
+  ``tools``, a named function that is not among them, a function defined twice, with parameters not of type
+  ``"object"`` or with a name OpenAI does not allow, ``strict`` with ``auto``, a parameters schema the grammar cannot enforce, a forced call
   together with ``response_format``: 400 naming ``tool_choice`` or ``tools``. A ``tool`` message without
   ``tool_call_id``, assistant ``tool_calls`` whose arguments are not JSON: 400 naming ``messages``.
 * Not supported, so never accepted silently: OpenAI's deprecated ``functions`` / ``function_call`` other
@@ -170,6 +170,8 @@ CHAT_CASES = [
     ("tools-schema-not-enforceable", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": "nonsense"}}}}}], "tool_choice": "required"}, "tools",
      "cannot be enforced"),
+    ("tools-parameters-not-an-object", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "string"}}}], "tool_choice": "required"}, "tools", 'type "object", got type "string"'),
     ("tool_choice-required-with-response_format", {"tools": [F], "tool_choice": "required",
                                                    "response_format": {"type": "json_object"}}, "tool_choice",
      "cannot be combined"),

@@ -144,6 +144,7 @@ def test_function_call_items_in_the_input_render_as_tool_turns(client, checkpoin
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}, "input"),
     ({"input": ""}, "input"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]}, "tools"),
     ({"max_output_tokens": 10**6}, "max_output_tokens"),
 ], ids=lambda v: next(iter(v)) if isinstance(v, dict) else v)
 def test_what_cannot_be_honoured_is_a_400_naming_the_field(qwen2_server, fields, param):
