@@ -8,7 +8,9 @@ sequence cannot get a block, the most recently admitted running sequence is pree
 freed and it goes back to the front of the queue to be recomputed later. A waiting sequence first takes
 the blocks of its longest cached prefix (prefix caching), so only the rest of its prompt is computed.
 With ``max_loras`` set (LoRA on), the running sequences never use more than that many distinct adapters: a
-waiting sequence whose adapter would exceed it is passed over (it keeps its place) until one frees up.
+waiting sequence whose adapter would exceed it is passed over (it keeps its place) until one frees up, and
+no request with an adapter behind it is admitted meanwhile (requests of a running adapter that kept
+arriving would otherwise keep its slot forever); base-model requests are.
 The step is described to the workers as a :class:`~llmserve.engine.messages.SchedulerOutput`.
 
 With speculative decoding, a running sequence that is one token behind gets up to k draft tokens from the
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 from llmserve.engine.block_manager import BlockManager
 from llmserve.engine.messages import (CachedSequenceData, ForkData, ModelRunnerOutput, NewSequenceData,
                                       SchedulerOutput, TokenLogprobs)
-from llmserve.engine.running_adapters import RunningAdapters
+from llmserve.engine.running_adapters import RunningAdapters, adapter_id
 from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.engine.stop_conditions import check_token_stop
 from llmserve.layers import pooler
@@ -227,8 +229,10 @@ class Scheduler:
                         passed_over: list[Sequence]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.adapters.admits(seq):
-                passed_over.append(self.waiting.popleft())   # its adapter would be one too many this step
+            if not self.adapters.admits(seq) or (passed_over and adapter_id(seq) is not None):
+                # its adapter would be one too many this step; and no adapter request overtakes one passed
+                # over, so that the running adapters drain and it gets a slot (base-model requests still go)
+                passed_over.append(self.waiting.popleft())
                 continue
             num_hit = self.block_manager.match_prefix(seq)   # cached prefix blocks count as computed
             num_new = seq.num_tokens - seq.num_computed_tokens

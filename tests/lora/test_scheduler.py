@@ -1,7 +1,8 @@
 """The scheduler with ``max_loras`` (no model): the running sequences never use more distinct adapters than
 that; a waiting request whose adapter would be one too many is passed over, keeps its place at the head of
-the queue, and is admitted as soon as an adapter frees up; base-model requests and requests of running
-adapters behind it are admitted meanwhile."""
+the queue, and is admitted as soon as an adapter frees up; base-model requests behind it are admitted
+meanwhile, requests with an adapter are not (not even a running adapter's: that is what lets the running
+adapters drain, so a steady stream of requests for them cannot starve it)."""
 
 from __future__ import annotations
 
@@ -38,13 +39,32 @@ def test_an_adapter_over_the_limit_waits_in_its_place():
     for seq in (a1, a2, a3, base, a1_again):
         sched.add(seq)
     step = schedule(sched)
-    assert [s for s, _ in step.scheduled] == [a1, a2, base, a1_again]   # a3 passed over
-    assert list(sched.waiting) == [a3]
+    assert [s for s, _ in step.scheduled] == [a1, a2, base]   # a3 passed over; a1_again does not overtake it
+    assert list(sched.waiting) == [a3, a1_again]
     while a3.seq_id not in sched.running:
         complete_step(sched, step)
         step = schedule(sched)
         assert len(running_adapters(sched)) <= 2
-    assert a1.is_finished and a1_again.is_finished and not a2.is_finished   # a1's slot went to a3
+    assert a1.is_finished and not a2.is_finished and not a1_again.is_finished   # a1's slot went to a3
+
+
+def test_a_stream_of_requests_for_running_adapters_cannot_starve_another():
+    """max_loras 1, adapter 1 running with a new request for it every step: adapter 2's request still runs,
+    as soon as adapter 1's requests admitted before it finish."""
+    sched = lora_scheduler(1, max_num_seqs=4)
+    first = with_adapter(4, ADAPTERS[0], max_tokens=3)
+    sched.add(first)
+    step = schedule(sched)
+    other = with_adapter(4, ADAPTERS[1], max_tokens=2)
+    sched.add(other)
+    for _ in range(10):
+        if other.is_finished:
+            break
+        sched.add(with_adapter(4, ADAPTERS[0], max_tokens=3))
+        complete_step(sched, step)
+        step = schedule(sched)
+        assert len(running_adapters(sched)) <= 1
+    assert first.is_finished and other.is_finished
 
 
 def test_random_workloads_never_exceed_max_loras():
