@@ -67,3 +67,13 @@ def current_setup() -> LogSetup:
     root = logging.getLogger()
     is_json = any(isinstance(handler.formatter, JsonFormatter) for handler in root.handlers)
     return LogSetup(root.getEffectiveLevel(), is_json)
+
+
+def log_start_failure(logger: logging.Logger, what: str, exc: BaseException) -> None:
+    """A start-up that failed: a configuration the checks refused (a ValueError naming the numbers, a model
+    that is not there) is one line, its traceback only at debug level; anything else keeps its traceback."""
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        logger.error("%s: %s", what, exc)
+        logger.debug("%s", what, exc_info=exc)
+    else:
+        logger.error("%s", what, exc_info=exc)

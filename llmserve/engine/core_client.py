@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from llmserve.config import EngineConfig
 from llmserve.engine.messages import AbortDelay, EngineCoreOutputs, EngineCoreRequest, decode, encode
 from llmserve.executor.parent_watch import exit_with_parent
-from llmserve.logging_setup import LogSetup, configure_logging, current_setup
+from llmserve.logging_setup import LogSetup, configure_logging, current_setup, log_start_failure
 
 if TYPE_CHECKING:
     from llmserve.engine.core import EngineCore
@@ -206,7 +206,7 @@ def run_engine_core(inputs: Connection, outputs: Connection, config: EngineConfi
     try:
         core = build_engine_core(config)
     except BaseException as exc:   # noqa: BLE001 - reported to the front end, which fails start-up with it
-        logger.exception("the engine core failed to start")
+        log_start_failure(logger, "the engine core failed to start", exc)
         outputs.send_bytes(b"F" + f"{type(exc).__name__}: {exc}".encode())
         return
     outputs.send_bytes(b"R" + json.dumps({"num_kv_blocks": core.block_manager.num_blocks,

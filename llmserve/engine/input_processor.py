@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from llmserve.config import EngineConfig, resolve_dtype_and_reason
+from llmserve.distributed.model_fit import check_parallel_fit
 from llmserve.engine.block_manager import most_blocks_held
 from llmserve.engine.messages import EngineCoreRequest
 from llmserve.errors import InvalidRequestError
@@ -52,6 +53,7 @@ class ModelConfigInfo:
         self.model_path = path
         self.hf_config = load_config(path, config.trust_remote_code, config.revision)
         resolve_model_class(self.hf_config)   # fail on an unsupported architecture before anything heavy
+        check_parallel_fit(self.hf_config, config.tensor_parallel_size, config.pipeline_parallel_size)
         self.dtype, self.dtype_reason = resolve_dtype_and_reason(
             config.dtype, checkpoint_dtype(self.hf_config), self.device,
             quantized=config.quantization is not None or checkpoint_quantization(self.hf_config) is not None)

@@ -29,7 +29,8 @@ from prometheus_client import generate_latest
 import llmserve
 from llmserve.config import EngineConfig
 from llmserve.engine.async_engine import AsyncLLMEngine, ShutdownError
-from llmserve.engine.core_client import EngineCoreClient
+from llmserve.engine.core_client import EngineCoreClient, EngineCoreDiedError
+from llmserve.logging_setup import log_start_failure
 from llmserve.entrypoints.openai.dashboard import dashboard_page, dashboard_stats
 from llmserve.entrypoints.openai.embedding_protocol import EmbeddingRequest
 from llmserve.entrypoints.openai.errors import APIError, error_response, install_error_handlers
@@ -115,7 +116,10 @@ class ServerState:
             self.engine = async_engine
             logger.info("ready: serving %s", ", ".join(names + list(models.lora_requests)))
         except BaseException as exc:   # noqa: BLE001
-            logger.exception("failed to load the model")
+            if isinstance(exc, EngineCoreDiedError):
+                logger.error("failed to load the model: %s", exc)   # the engine core has logged the detail
+            else:
+                log_start_failure(logger, "failed to load the model", exc)
             self.load_error = exc
             self._fatal(1)
 

@@ -5,6 +5,8 @@ long request really is long on any machine, and can sleep while loading (``--loa
 ``fault_server.py``'s injected faults (``--inject-faults``). "Idle" below means /metrics shows
 ``vllm:num_requests_running`` 0 and ``vllm:kv_cache_usage_perc`` 0.
 
+* A configuration the model cannot take (``-tp 3`` over 4 heads, ``-pp 9`` over 2 layers): the server
+  exits 1 within seconds, before any worker starts, with one log line naming the numbers and no traceback.
 * Readiness: the port opens before the model is loaded; until it is, /health answers 503 (never 200 and
   then 503 again), model endpoints answer 503 with ``Retry-After`` (code ``not_ready``) and /version
   answers; then /health answers 200.
@@ -142,6 +144,18 @@ def slow(start_server):
         time.sleep(0.05)
     srv.seen = seen
     return srv
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("-tp", "3"), "num_attention_heads (4) is not divisible by the tensor-parallel size (3)"),
+    (("-pp", "9"), "cannot split 2 decoder layers over 9 pipeline stages"),
+])
+def test_a_split_the_model_cannot_take_fails_start_up_in_one_line(start_server, flags, message):
+    srv = start_server(*flags, ready=False)
+    assert srv.process.wait(60) == 1
+    log = srv.log()
+    assert f"failed to load the model: {message}" in log and "Traceback" not in log, log
+    assert "worker" not in log, log   # refused before any worker process started
 
 
 def test_health_is_503_until_the_model_is_loaded(slow):
