@@ -24,8 +24,8 @@ from llmserve.engine.block_manager import most_blocks_held
 from llmserve.engine.messages import EngineCoreRequest
 from llmserve.errors import InvalidRequestError
 from llmserve.layers.longrope import longrope_prompt_key, longrope_switch_of
-from llmserve.lora.fit import ModuleShapes, base_module_shapes, check_adapter_fits
-from llmserve.lora.peft import LoRAAdapterError, load_peft_adapter
+from llmserve.lora.fit import AdapterChecker
+from llmserve.lora.peft import LoRAAdapterError
 from llmserve.lora.request import LoRARequest
 from llmserve.model_loader.loader import checkpoint_dtype, load_config, resolve_model_path
 from llmserve.model_loader.model_source import fill_in_default_model
@@ -103,6 +103,7 @@ class ModelInfo(ModelConfigInfo):
         self.tokenizer = self.load_tokenizer()
         self.eos_token_id = self._eos_token_id()
         self.extra_eos_token_ids = self._extra_eos_token_ids(self.model_path)
+        self.adapters = AdapterChecker(self.model_path, config.max_lora_rank)   # LoRA adapters, read once each
 
     def load_tokenizer(self) -> Any:
         """A new tokenizer instance (one per thread that uses it: fast tokenizers are not thread-safe)."""
@@ -148,8 +149,6 @@ class InputProcessor:
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
         self.group_windows = group_windows or [None]
-        self._checked_loras: set[LoRARequest] = set()
-        self._base_shapes: ModuleShapes | None = None   # the checkpoint's modules, read at the first adapter
         self._grammar_validator: Any = None   # checks constraints against the vocabulary (needs the grammar library)
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams | PoolingParams | None,
@@ -188,25 +187,17 @@ class InputProcessor:
 
     def _check_lora(self, lora_request: LoRARequest) -> None:
         """LoRA must be on and the adapter readable, within --max-lora-rank and fitting the base model's modules
-        (:func:`~llmserve.lora.fit.check_adapter_fits`, as the server checks an adapter it registers); checked once
-        per adapter, before anything runs."""
+        (:class:`~llmserve.lora.fit.AdapterChecker`, shared with the server, which checks an adapter when it
+        registers it); read once per adapter, before anything runs."""
         if not isinstance(lora_request, LoRARequest):
             raise InvalidRequestError("lora_request must be a llmserve.lora.request.LoRARequest", "lora_request")
-        if lora_request in self._checked_loras:
-            return
-        config = self.info.config
-        if not config.enable_lora:
+        if not self.info.config.enable_lora:
             raise InvalidRequestError(f"LoRA adapter {lora_request.lora_name!r} requested but LoRA is not enabled: "
                                       "start the engine with --enable-lora (LLM(enable_lora=True))", "lora_request")
         try:
-            adapter = load_peft_adapter(lora_request.lora_path, config.max_lora_rank)
-            if self._base_shapes is None:
-                self._base_shapes = base_module_shapes(self.info.model_path) or {}
-            if self._base_shapes:
-                check_adapter_fits(adapter, self._base_shapes, lora_request.lora_name)
+            self.info.adapters.check(lora_request.lora_path, lora_request.lora_name)
         except LoRAAdapterError as exc:
             raise InvalidRequestError(str(exc), "lora_request") from None
-        self._checked_loras.add(lora_request)
 
     def _pooling_request(self, request_id: str, prompt_ids: list[int], params: PoolingParams, arrival: float,
                          cache_salt: str | None) -> EngineCoreRequest:

@@ -12,11 +12,12 @@ here; adapters for them are checked where a worker loads them (the request then 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from safetensors import safe_open
 
-from llmserve.lora.peft import LoRAAdapterError, PEFTAdapter
+from llmserve.lora.peft import LoRAAdapterError, PEFTAdapter, load_peft_adapter
 from llmserve.model_loader.loader import safetensors_files
 
 # A module's weight shape ([out, in] for a linear layer), or None where the checkpoint stores it packed (quantised).
@@ -74,3 +75,30 @@ def _lookup(shapes: ModuleShapes, module: str) -> tuple[str, tuple[int, ...] | N
         if candidate in shapes:
             return candidate, shapes[candidate]
     return None
+
+
+class AdapterChecker:
+    """A front end's check of adapters before a request may use them: readable, within ``max_rank`` and fitting
+    the base model. Each path is read once (a registered adapter is not read again for its first request; the
+    worker reads it when it loads it); the base model's shapes are read at the first adapter. Thread-safe."""
+
+    def __init__(self, model_path: str | Path, max_rank: int) -> None:
+        self.model_path = model_path
+        self.max_rank = max_rank
+        self._base_shapes: ModuleShapes | None = None
+        self._checked: set[str] = set()
+        self._lock = threading.Lock()
+
+    def check(self, path: str, name: str) -> None:
+        """Raise :class:`LoRAAdapterError` (:class:`LoRAAdapterNotFoundError` for a missing folder) unless the
+        adapter at ``path`` may run on this base model."""
+        key = str(Path(path).expanduser())
+        with self._lock:
+            if key in self._checked:
+                return
+            adapter = load_peft_adapter(path, self.max_rank)
+            if self._base_shapes is None:
+                self._base_shapes = base_module_shapes(self.model_path) or {}
+            if self._base_shapes:
+                check_adapter_fits(adapter, self._base_shapes, name)
+            self._checked.add(key)

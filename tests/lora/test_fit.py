@@ -8,7 +8,7 @@ import pytest
 
 from llmserve.entrypoints.openai.errors import APIError
 from llmserve.entrypoints.openai.serving_models import OpenAIServingModels
-from llmserve.lora.fit import base_module_shapes, check_adapter_fits
+from llmserve.lora.fit import AdapterChecker, base_module_shapes, check_adapter_fits
 from llmserve.lora.peft import LoRAAdapterError, load_peft_adapter
 from llmserve.testing.lora_adapters import FUSED_MODULES
 
@@ -39,7 +39,8 @@ def test_checkpoints_without_safetensors_are_not_checked_here(tmp_path):
 def test_the_server_refuses_an_adapter_that_does_not_fit(checkpoint_dir, lora_adapter, llama_dir):
     """Where the server registers adapters (--lora-modules, POST /v1/load_lora_adapter): a 400 naming the module,
     and the adapter is not registered."""
-    models = OpenAIServingModels(["base"], str(llama_dir), 128, enable_lora=True, max_lora_rank=8)
+    models = OpenAIServingModels(["base"], str(llama_dir), 128, enable_lora=True,
+                                 adapters=AdapterChecker(llama_dir, 8))
     with pytest.raises(APIError) as refused:
         models.load_adapter("other", str(lora_adapter("one", "gemma2", target_modules=["q_proj"])))
     assert refused.value.status == 400 and "model.layers.0.self_attn.q_proj has lora_A" in refused.value.message
@@ -80,7 +81,8 @@ def test_an_adapter_on_a_module_lora_does_not_adapt_is_refused_where_it_is_regis
     path = _adapter_for(tmp_path / "adapter", llama_dir, module, a_shape, b_shape)
     with pytest.raises(LoRAAdapterError, match=f"targets {module}, which is not a linear layer LoRA can adapt"):
         check_adapter_fits(load_peft_adapter(path, 8), base_module_shapes(llama_dir), "odd")
-    models = OpenAIServingModels(["base"], str(llama_dir), 128, enable_lora=True, max_lora_rank=8)
+    models = OpenAIServingModels(["base"], str(llama_dir), 128, enable_lora=True,
+                                 adapters=AdapterChecker(llama_dir, 8))
     with pytest.raises(APIError) as refused:
         models.load_adapter("odd", str(path))
     assert refused.value.status == 400 and "not a linear layer LoRA can adapt" in refused.value.message
@@ -103,3 +105,23 @@ def test_offline_a_pickled_adapter_is_refused_before_anything_runs(llama_dir, lo
     llm = LLM(str(llama_dir), enable_lora=True, max_lora_rank=8, kv_cache_memory_bytes="8MiB", max_model_len=64)
     with pytest.raises(InvalidRequestError, match=r"adapter_model\.bin \(pickle\) is not loaded"):
         llm.generate(["a"], SamplingParams(max_tokens=1), lora_request=LoRARequest("p", 1, str(pickled)))
+
+
+def test_an_adapter_is_read_once_per_path(lora_adapter, llama_dir, monkeypatch):
+    """The server's registration and the engine front end share one checker: the adapter a client registered
+    is not read again for its first request; a path that failed is read again (it may have been fixed)."""
+    import llmserve.lora.fit as fit
+
+    reads = []
+    real = fit.load_peft_adapter
+    monkeypatch.setattr(fit, "load_peft_adapter", lambda path, rank: reads.append(path) or real(path, rank))
+    checker = AdapterChecker(llama_dir, 8)
+    path = str(lora_adapter("all-r8"))
+    for _ in range(3):
+        checker.check(path, "own")
+    assert reads == [path]
+    bad = str(lora_adapter("one", "gemma2", target_modules=["q_proj"]))
+    for _ in range(2):
+        with pytest.raises(LoRAAdapterError):
+            checker.check(bad, "other")
+    assert reads == [path, bad, bad]

@@ -97,7 +97,7 @@ class ServerState:
                                           client=self.core)
             info = async_engine.info
             models = OpenAIServingModels(names, str(info.model_path), info.max_model_len, engine_config.enable_lora,
-                                         engine_config.max_lora_rank, self.config.lora_modules)
+                                         info.adapters, self.config.lora_modules)
             limits = ServerLimits(self.config.max_num_queued_reqs, self.config.request_timeout, self.config.max_n)
             self.completions = OpenAIServingCompletion(async_engine, models, limits)
             parser = self.config.tool_call_parser

@@ -21,21 +21,21 @@ from typing import Any
 from llmserve.entrypoints.openai.errors import APIError
 from llmserve.entrypoints.openai.request_base import RequestModel
 from llmserve.entrypoints.openai.server_args import LoRAModulePath
-from llmserve.lora.fit import base_module_shapes, check_adapter_fits
-from llmserve.lora.peft import LoRAAdapterError, LoRAAdapterNotFoundError, load_peft_adapter
+from llmserve.lora.fit import AdapterChecker
+from llmserve.lora.peft import LoRAAdapterError, LoRAAdapterNotFoundError
 from llmserve.lora.request import LoRARequest
 
 class OpenAIServingModels:
     def __init__(self, base_model_names: list[str], model_path: str, max_model_len: int, enable_lora: bool,
-                 max_lora_rank: int, lora_modules: list[LoRAModulePath] = ()) -> None:
-        """Raises ValueError naming a bad ``--lora-modules`` entry (the server does not start)."""
+                 adapters: AdapterChecker, lora_modules: list[LoRAModulePath] = ()) -> None:
+        """``adapters``: the engine front end's checker (an adapter registered here is not read again for its
+        first request). Raises ValueError naming a bad ``--lora-modules`` entry (the server does not start)."""
         self.base_model_names = base_model_names
         self.model_path = model_path
         self.max_model_len = max_model_len
         self.enable_lora = enable_lora
-        self.max_lora_rank = max_lora_rank
+        self.adapters = adapters
         self.lora_requests: dict[str, LoRARequest] = {}
-        self.base_shapes = base_module_shapes(model_path) if enable_lora else None
         self._ids = itertools.count(1)
         self._lock = threading.Lock()   # loads read files off the event loop
         for module in lora_modules:
@@ -72,9 +72,7 @@ class OpenAIServingModels:
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name",
                            "lora_already_loaded")
         try:
-            adapter = load_peft_adapter(path, self.max_lora_rank)
-            if self.base_shapes is not None:
-                check_adapter_fits(adapter, self.base_shapes, name)
+            self.adapters.check(path, name)
         except LoRAAdapterNotFoundError as exc:
             raise APIError(404, str(exc), "lora_path", "lora_not_found") from None
         except LoRAAdapterError as exc:
