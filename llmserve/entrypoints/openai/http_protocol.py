@@ -3,7 +3,8 @@ an OpenAI-compatible server owes its clients.
 
 * A request head h11 cannot parse gets OpenAI's error object (uvicorn sends plain text), and 431 when
   the head is over ``--max-header-bytes`` (what reaches h11 in pieces; a head that arrives whole is
-  measured by :class:`~llmserve.entrypoints.openai.middleware.RequestLimits`).
+  measured by :class:`~llmserve.entrypoints.openai.middleware.RequestLimits`). Such an answer (and a 408)
+  ends with a lingering close, so that the client reads it even while it is still sending.
 * ``--request-read-timeout``: a client gets that long to send a whole request, head and body, counted
   from its first byte (from the connection for the first request). uvicorn has no such bound: a client
   trickling one byte per second, or connecting and sending nothing, would hold its connection and the
@@ -29,6 +30,7 @@ from llmserve.entrypoints.openai.errors import error_body
 # h11 states of the client's side in which its request is still arriving
 _RECEIVING = (h11.IDLE, h11.SEND_BODY)
 BODY_WRITER = "llmserve.http.response.body_writer"
+LINGER_S = 2.0   # how long an answered connection that is closing still drains what the client sends
 
 
 class BodyWriter:
@@ -66,9 +68,12 @@ class LLMServeH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._read_deadline: asyncio.TimerHandle | None = None
+        self._lingering = False
         self._arm_read_deadline()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return   # the connection is answered and closing: what else arrives is dropped
         if self._read_deadline is None and self.conn.their_state is h11.IDLE:
             self._arm_read_deadline()      # the first byte of the next request on this connection
         super().data_received(data)
@@ -123,7 +128,19 @@ class LLMServeH11Protocol(H11Protocol):
         head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
         self.transport.write(head.encode() + body)
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after a lingering close: the write side is shut (the client reads the answer, then EOF) and
+        what the client still sends is read and dropped until it closes or ``LINGER_S`` pass. Closing at once,
+        with the client's bytes unread or still arriving, makes the kernel reset the connection, and a reset
+        can destroy the answer in the client's buffer before it is read (nginx and Apache linger the same way)."""
+        self._lingering = True
+        self._disarm_read_deadline()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.resume_reading()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def http_protocol(read_timeout: float | None) -> type[LLMServeH11Protocol]:

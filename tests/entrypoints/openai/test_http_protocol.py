@@ -4,8 +4,9 @@ Against a server started with ``--request-read-timeout 1``:
 
 * a body trickled one byte at a time, a head trickled the same way and a connection on which nothing is
   sent each get 408 with OpenAI's error object (naming the flag) about one second after their first
-  byte (or the connection), and the connection closes; none of them reaches the engine (the prompt-token
-  counter does not move), and the server logs no traceback;
+  byte (or the connection), and the connection closes, with a lingering close (the client may go on
+  sending for a while without a reset); none of them reaches the engine (the prompt-token counter does
+  not move), and the server logs no traceback;
 * a client that sends its request in pieces but within the time is served, and so is a keep-alive
   connection that idles longer than the timeout between two requests (the deadline starts with a
   request's first byte, not with the connection).
@@ -73,6 +74,21 @@ def test_a_request_that_does_not_arrive_in_time_gets_408(srv, first, rest):
     assert 0.9 < elapsed < 3.0
     assert scrape(srv.base_url)["vllm:prompt_tokens_total"] == prompts_before
     assert "Traceback" not in srv.log()
+
+
+def test_the_answer_is_followed_by_a_lingering_close(srv):
+    """After the 408 the server shuts its side and drains what the client still sends for a while, instead
+    of closing with bytes in flight: a close answered by a reset can destroy the answer before the client
+    reads it. A client that reads the answer to its end can go on sending without a broken pipe."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(HEAD.replace(str(len(BODY)).encode(), b"10000000") + b"{")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        for _ in range(5):
+            sock.sendall(b"x" * 65536)   # BrokenPipeError / ConnectionResetError when the server has closed
+            time.sleep(0.05)
 
 
 def test_requests_that_arrive_in_time_are_served(srv):
