@@ -74,6 +74,7 @@ class RequestState:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     finished_time: float | None = None
     reported: list[int] = field(default_factory=list)   # output tokens already reported, per sample
+    finish_reported: list[bool] = field(default_factory=list)   # per sample, in DELTA mode: its finish went out
     prompt_logprobs_sent: bool = False
     error: str | None = None   # set when the model failed on this request (finish_reason "error")
     embedding: bytes = b""     # a pooling request's vector (float32 little-endian), once computed
@@ -125,7 +126,7 @@ class OutputProcessor:
             logprobs=[[] for _ in range(n)] if params.logprobs is not None else None,
             cumulative_logprobs=[0.0] * n,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-            reported=[0] * n)
+            reported=[0] * n, finish_reported=[False] * n)
 
     def add(self, state: RequestState) -> None:
         self.requests[state.request_id] = state
@@ -263,6 +264,8 @@ class OutputProcessor:
         delta = state.output_kind is OutputKind.DELTA
         completions = []
         for sample, detok in zip(state.samples, state.detokenizers):
+            if delta and state.finish_reported[sample.index]:
+                continue   # a finished sample (n > 1, the others going on) is reported once, with its finish
             start = state.reported[sample.index] if delta else 0
             logprobs = state.logprobs[sample.index][start:] if state.logprobs is not None else None
             if delta:
@@ -270,6 +273,7 @@ class OutputProcessor:
             else:
                 text = detok.output_text
             state.reported[sample.index] = len(sample.output_token_ids)
+            state.finish_reported[sample.index] = sample.finish_reason is not None
             completions.append(CompletionOutput(
                 index=sample.index,
                 text=text,

@@ -21,7 +21,7 @@ from llmserve.engine.output_stream import OutputStream
 from llmserve.entrypoints.openai.errors import APIError, error_body
 from llmserve.entrypoints.openai.serving_models import OpenAIServingModels
 from llmserve.lora.request import LoRARequest
-from llmserve.outputs import EmbeddingRequestOutput, PositionLogprobs, RequestOutput
+from llmserve.outputs import CompletionOutput, EmbeddingRequestOutput, PositionLogprobs, RequestOutput
 from llmserve.pooling_params import PoolingParams
 from llmserve.sampling_params import SamplingParams
 
@@ -180,16 +180,18 @@ async def wait_disconnect(receive: Receive) -> None:
 
 class DeltaMerger:
     """A request's streamed (delta) outputs folded, as they arrive, into one final output (a pooling request
-    has only one). What is kept is each sample's texts, token ids and logprobs and the latest output, not
+    has only one). What is kept is each sample's texts, token ids and logprobs and its latest completion, not
     every output: a stream that kept them all alive until it ended would leave several objects per token
-    for each of the garbage collector's passes to walk again."""
+    for each of the garbage collector's passes to walk again. Samples are keyed by their index: with ``n`` > 1
+    a sample that finished early is in no later output."""
 
     def __init__(self) -> None:
         self.last: AnyRequestOutput | None = None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = None
-        self.texts: list[list[str]] = []
-        self.token_ids: list[list[int]] = []
-        self.logprobs: list[list[PositionLogprobs]] = []
+        self.latest: dict[int, CompletionOutput] = {}
+        self.texts: dict[int, list[str]] = {}
+        self.token_ids: dict[int, list[int]] = {}
+        self.logprobs: dict[int, list[PositionLogprobs]] = {}
 
     def add(self, output: AnyRequestOutput) -> None:
         self.last = output
@@ -197,11 +199,11 @@ class DeltaMerger:
             return
         if self.prompt_logprobs is None:
             self.prompt_logprobs = output.prompt_logprobs
-        for i, completion in enumerate(output.outputs):
-            if i == len(self.texts):
-                self.texts.append([])
-                self.token_ids.append([])
-                self.logprobs.append([])
+        for completion in output.outputs:
+            i = completion.index
+            if i not in self.latest:
+                self.texts[i], self.token_ids[i], self.logprobs[i] = [], [], []
+            self.latest[i] = completion
             self.texts[i].append(completion.text)
             self.token_ids[i].extend(completion.token_ids)
             if completion.logprobs:
@@ -213,11 +215,11 @@ class DeltaMerger:
         if isinstance(last, EmbeddingRequestOutput):
             return last
         merged = [type(completion)(
-            index=completion.index, text="".join(self.texts[i]), token_ids=self.token_ids[i],
+            index=i, text="".join(self.texts[i]), token_ids=self.token_ids[i],
             cumulative_logprob=completion.cumulative_logprob,
             logprobs=None if completion.logprobs is None else self.logprobs[i],
             finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
-            for i, completion in enumerate(last.outputs)]
+            for i, completion in sorted(self.latest.items())]
         return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, self.prompt_logprobs, merged,
                              last.finished, last.metrics, last.num_preemptions, last.num_generated_tokens, last.error)
 

@@ -44,20 +44,18 @@ class OpenAIServingCompletion(OpenAIServing):
             def render(index: int, output: RequestOutput) -> list[dict]:
                 if output.prompt_logprobs is not None:
                     prompt_logprobs[index] = output.prompt_logprobs
-                choices = []
-                for c in output.outputs:
+                chunks = []
+                for c in output.outputs:   # one choice per chunk, as OpenAI and vLLM stream them
                     if not c.text and not c.finish_reason and not c.token_ids:
                         continue
                     key = index * n + c.index
                     choice, offsets[key] = self._choice(body, key, output, c, body.echo and key not in offsets,
                                                         offsets.get(key, 0), prompt_logprobs.get(index))
-                    choices.append(choice)
-                if not choices:
-                    return []
-                chunk = self._chunk(submitted, choices)
-                if include_usage:
-                    chunk["usage"] = None   # OpenAI: every chunk but the last has "usage": null
-                return [chunk]
+                    chunk = self._chunk(submitted, [choice])
+                    if include_usage:
+                        chunk["usage"] = None   # OpenAI: every chunk but the last has "usage": null
+                    chunks.append(chunk)
+                return chunks
 
             def finish(outputs: list[RequestOutput]) -> list[dict]:
                 if not include_usage:

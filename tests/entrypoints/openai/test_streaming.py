@@ -3,10 +3,10 @@
 * Every streamed response is ``text/event-stream`` made only of events ``data: <one-line JSON>\\n\\n``,
   ending with exactly one ``data: [DONE]\\n\\n`` and nothing after it.
 * Completion chunks are ``text_completion`` objects, chat chunks ``chat.completion.chunk`` objects; all
-  chunks of one response share its ``id``, ``created`` and ``model``.
+  chunks of one response share its ``id``, ``created`` and ``model``; a completion chunk holds one choice.
 * A chat choice's first chunk carries only the role (``{"role": "assistant", "content": ""}``), its last
   chunk carries the ``finish_reason`` (exactly once), and no chunk of that choice follows it; with
-  ``n > 1`` this holds for every choice.
+  ``n > 1`` this holds for every choice, also when they finish at different steps (completions alike).
 * With ``stream_options.include_usage`` every chunk but the last has ``"usage": null`` and the last chunk
   (just before ``[DONE]``) has the usage and an empty ``choices`` list (OpenAI's documented behaviour).
 * Tokens are streamed as they are generated: a 16-token greedy completion arrives in more than one chunk.
@@ -203,6 +203,36 @@ def test_streamed_equals_non_streamed(server):
             streamed_tokens.setdefault(choice.index, []).extend(choice.logprobs.tokens if choice.logprobs else [])
     assert streamed == {c.index: c.text for c in whole.choices}
     assert streamed_tokens == {c.index: c.logprobs.tokens for c in whole.choices}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_choices_that_finish_at_different_steps_finish_once_each(server, path):
+    """n = 3 with a stop string: the choices stop at different steps; each choice's finish is sent exactly once
+    and nothing of it follows (an earlier-finished choice is not repeated while the others go on); a completion
+    chunk holds one choice, as OpenAI and vLLM stream them; the texts are the non-streamed ones."""
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+    lengths = set()
+    for seed in range(4):
+        body = {"model": "tiny", "n": 3, "max_tokens": 12, "temperature": 1.0, "seed": seed, "stop": ["e"]}
+        if path == "/v1/completions":
+            body["prompt"] = PROMPTS[0]
+            chunks = raw_stream(server.base_url, path, body)
+            assert all(len(c["choices"]) == 1 for c in chunks)
+            texts, finish = check_completion_choices(chunks)
+            whole = client.completions.create(**body)
+            assert texts == {c.index: c.text for c in whole.choices}
+        else:
+            body["messages"] = [{"role": "user", "content": PROMPTS[0]}]
+            chunks = raw_stream(server.base_url, path, body)
+            texts, finish = check_chat_choices(chunks)
+            whole = client.chat.completions.create(**body)
+            assert texts == {c.index: c.message.content for c in whole.choices}
+        assert finish == {c.index: c.finish_reason for c in whole.choices}
+        for c in whole.choices:
+            lengths.add(c.finish_reason)
+        finishes = [ch["index"] for chunk in chunks for ch in chunk["choices"] if ch["finish_reason"] is not None]
+        assert sorted(finishes) == [0, 1, 2]
+    assert "stop" in lengths   # the stop string did end choices early
 
 
 # ------------------------------------------------------------------ many clients at once
