@@ -82,7 +82,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)   # as vLLM renders text parts for a string template
 
     def for_template(self) -> dict[str, Any]:
         """What the chat template sees: ``name``, ``tool_calls`` and ``tool_call_id`` only when given; a

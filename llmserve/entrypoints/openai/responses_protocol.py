@@ -35,7 +35,7 @@ class InputMessage(RequestModel):
                                                        "files are not supported)")
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
 
 
 class FunctionCallItem(RequestModel):
