@@ -86,6 +86,7 @@ def _serve(conn: Connection, tokenizer_args: dict[str, Any], memory_budget: int)
             text = tokenizer.apply_chat_template(request["conversation"], tools=request["tools"],
                                                  chat_template=request["chat_template"], tokenize=False,
                                                  add_generation_prompt=request["add_generation_prompt"],
+                                                 continue_final_message=request["continue_final_message"],
                                                  **request["template_kwargs"])
             conn.send_bytes(b"T" + text.encode("utf-8", "surrogatepass"))
         except MemoryError:
@@ -130,10 +131,12 @@ class ChatTemplateRenderer:
 
     def render(self, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                chat_template: str | None, add_generation_prompt: bool,
-               template_kwargs: dict[str, Any] | None) -> str:
-        """The prompt text (blocking: call it off the event loop)."""
+               template_kwargs: dict[str, Any] | None, continue_final_message: bool = False) -> str:
+        """The prompt text (blocking: call it off the event loop). ``continue_final_message``: the text ends with
+        the last message's content, left open for the model to continue (transformers cuts what follows it)."""
         request = json.dumps({"conversation": conversation, "tools": tools, "chat_template": chat_template,
                               "add_generation_prompt": add_generation_prompt,
+                              "continue_final_message": continue_final_message,
                               "template_kwargs": template_kwargs or {}}).encode()
         with self._lock:
             conn = self._ensure_started()

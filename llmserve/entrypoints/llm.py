@@ -89,13 +89,17 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None, chat_template: str | None = None,
-             add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None,
+             continue_final_message: bool = False) -> list[RequestOutput]:
         """Apply the tokenizer's chat template (or ``chat_template``) and generate. ``tools`` (OpenAI's
         function tools) are passed to the template, as vLLM's ``LLM.chat`` does; the calls in the output are
-        the model's text (the server's ``--tool-call-parser`` is what reads them)."""
+        the model's text (the server's ``--tool-call-parser`` is what reads them). ``continue_final_message``
+        (with ``add_generation_prompt=False``): the model continues the last message."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt=False")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": _apply_chat_template(self.engine.tokenizer, conv, chat_template,
-                                                             add_generation_prompt, tools)}
+                                                             add_generation_prompt, tools, continue_final_message)}
                    for conv in conversations]
         return self.generate(prompts, sampling_params)
 
@@ -115,11 +119,13 @@ class LLM:
 
 
 def _apply_chat_template(tokenizer: Any, conversation: list[dict[str, Any]], chat_template: str | None,
-                         add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None) -> list[int]:
+                         add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None,
+                         continue_final_message: bool = False) -> list[int]:
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; pass chat_template")
     ids = tokenizer.apply_chat_template(conversation, tools=tools, chat_template=chat_template, tokenize=True,
-                                        add_generation_prompt=add_generation_prompt)
+                                        add_generation_prompt=add_generation_prompt,
+                                        continue_final_message=continue_final_message)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)

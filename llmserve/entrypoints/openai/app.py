@@ -262,7 +262,8 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if body.messages is not None:
             tokens = await state.chat.render_prompt(body.messages, body.add_generation_prompt,
-                                                    add_special_tokens=bool(body.add_special_tokens))
+                                                    add_special_tokens=bool(body.add_special_tokens),
+                                                    continue_final_message=body.continue_final_message)
         else:
             tokens = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}

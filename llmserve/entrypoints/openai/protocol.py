@@ -44,6 +44,21 @@ NOT_SUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "suffix": (lambda v: v == "", "suffix (insertion) is not supported"),
     "continuous_usage_stats": (lambda v: v is False, "usage in every chunk is not supported; the last chunk "
                                                      "has it (include_usage)"),
+    # vLLM's request extras this server does not implement: refused, never accepted and ignored
+    "allowed_token_ids": (lambda v: v is None, "allowed_token_ids is not supported; logit_bias or a structured "
+                                               "output (structured_outputs.choice / regex) restricts the tokens"),
+    "bad_words": (lambda v: not v, "bad_words is not supported"),
+    "return_tokens_as_token_ids": (lambda v: v is False, "return_tokens_as_token_ids is not supported"),
+    "prompt_logprobs": (lambda v: v is None, "prompt_logprobs is not supported here; on /v1/completions, echo with "
+                                             "logprobs returns the prompt's logprobs"),
+    "use_beam_search": (lambda v: v is False, "beam search is not supported"),
+    "logits_processors": (lambda v: not v, "logits_processors are not supported"),
+    "priority": (lambda v: v == 0, "priority scheduling is not supported (requests are served first come, first "
+                                   "served)"),
+    "chat_template": (lambda v: v is None, "a chat template per request is not accepted; the server's is set with "
+                                           "--chat-template"),
+    "documents": (lambda v: v is None, "documents are not supported"),
+    "echo": (lambda v: v is False, "echo is not supported on chat completions"),
 }
 
 
@@ -99,6 +114,14 @@ def _field_error(field: str, exc: StructuredOutputError, path: str) -> Structure
     return StructuredOutputError(message if message.startswith(path) else f"{path}: {message}", field)
 
 
+def _one_ending(continue_final_message: bool, info: ValidationInfo) -> bool:
+    """The prompt ends either with an opened assistant turn or inside the last message, not both (as vLLM)."""
+    if continue_final_message and info.data.get("add_generation_prompt", True):
+        raise PydanticCustomError("both_endings", "continue_final_message needs add_generation_prompt to be false "
+                                  "(the prompt cannot both continue the last message and start a new turn)")
+    return continue_final_message
+
+
 class _SamplingRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's plus vLLM's extras)."""
 
@@ -139,6 +162,28 @@ class _SamplingRequest(RequestModel):
     guided_regex: str | None = Field(default=None, min_length=1, description="as structured_outputs.regex")
     guided_choice: list[str] | None = Field(default=None, min_length=1, description="as structured_outputs.choice")
     guided_grammar: str | None = Field(default=None, min_length=1, description="as structured_outputs.grammar")
+    spaces_between_special_tokens: bool = Field(default=True, description="when special tokens are kept in the "
+                                                                          "text (skip_special_tokens false)")
+    # vLLM extras that are not implemented: a value other than the no-op is a 400 naming the field
+    allowed_token_ids: list[int] | None = Field(default=None, description="not supported (400 unless null)")
+    bad_words: list[str] | None = Field(default=None, description="not supported (400 unless empty)")
+    return_tokens_as_token_ids: bool | None = Field(default=None, description="not supported (400 if true)")
+    prompt_logprobs: int | None = Field(default=None, description="not supported (400 unless null)")
+    use_beam_search: bool | None = Field(default=None, description="not supported (400 if true)")
+    logits_processors: list[Any] | None = Field(default=None, description="not supported (400 unless empty)")
+    priority: int | None = Field(default=None, description="not supported (400 unless 0)")
+
+    _refuse_vllm_extras = field_validator(
+        "allowed_token_ids", "bad_words", "return_tokens_as_token_ids", "prompt_logprobs", "use_beam_search",
+        "logits_processors", "priority", mode="before")(_refuse_unless_noop)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):   # OpenAI and vLLM refuse it too
+            raise PydanticCustomError("stream_options_without_stream", "stream_options is only allowed with "
+                                      "stream: true")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -207,6 +252,7 @@ class _SamplingRequest(RequestModel):
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             structured_outputs=constraint or spec,
@@ -263,14 +309,22 @@ class ChatCompletionRequest(ToolRequest, _SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs: true")
     add_generation_prompt: bool = True
+    continue_final_message: bool = Field(default=False, description=(
+        "the prompt ends with the last message's content, open for the model to continue (with "
+        "add_generation_prompt false)"))
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None, description="extra variables for the chat template (not its own parameters such as tokenize)")
     functions: list[dict[str, Any]] | None = Field(default=None, max_length=0,
                                                    description="deprecated by OpenAI (400) unless empty; use tools")
     function_call: Literal["none"] | None = Field(default=None,
                                                   description="deprecated by OpenAI (400) unless \"none\"")
+    chat_template: str | None = Field(default=None, description="not accepted per request (400); --chat-template")
+    documents: list[Any] | None = Field(default=None, description="not supported (400 unless null)")
+    echo: bool | None = Field(default=None, description="vLLM's chat echo: not supported (400 if true)")
 
-    _refuse_functions = field_validator("functions", "function_call", mode="before")(_refuse_unless_noop)
+    _refuse_functions = field_validator("functions", "function_call", "chat_template", "documents", "echo",
+                                        mode="before")(_refuse_unless_noop)
+    _check_ending = field_validator("continue_final_message")(_one_ending)
 
 
 class TokenizeRequest(RequestModel):
@@ -283,6 +337,9 @@ class TokenizeRequest(RequestModel):
         default=None, description="add the tokenizer's special tokens (BOS); default true for a prompt, false for "
                                   "messages (the chat template writes its own)")
     add_generation_prompt: bool = Field(default=True, description="messages only")
+    continue_final_message: bool = Field(default=False, description="messages only, as on chat completions")
+
+    _check_ending = field_validator("continue_final_message")(_one_ending)
 
 
 class DetokenizeRequest(RequestModel):

@@ -39,7 +39,8 @@ class OpenAIServingChat(OpenAIServing):
 
     async def render_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                             template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False,
-                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+                            tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False
+                            ) -> list[int]:
         """Messages -> token ids through ``--chat-template`` or the tokenizer's template (which writes BOS
         itself where the model wants one; ``add_special_tokens`` adds the tokenizer's on top)."""
         if self.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
@@ -51,7 +52,7 @@ class OpenAIServingChat(OpenAIServing):
         conversation = [m.for_template() for m in messages]
         try:
             text = await asyncio.to_thread(self.renderer.render, conversation, tools or None, self.chat_template,
-                                           add_generation_prompt, template_kwargs)
+                                           add_generation_prompt, template_kwargs, continue_final_message)
         except ChatTemplateError as exc:   # the client's messages, or the template itself
             raise APIError(400, f"the chat template could not render these messages: {exc}", "messages") from None
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -62,7 +63,7 @@ class OpenAIServingChat(OpenAIServing):
         tools = body.checked_tools()
         tool_calling = ToolCalling.for_request(body, tools, self.auto_tool_parser)
         prompt_ids = await self.render_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs,
-                                              tools=tools)
+                                              tools=tools, continue_final_message=body.continue_final_message)
         if not prompt_ids:
             raise APIError(400, "the chat template renders these messages as no tokens at all", "messages")
         params = body.sampling_params(max_tokens, logprobs, constraint=tool_calling.constraint)

@@ -25,8 +25,10 @@ Checked over raw HTTP (httpx, raw sockets) against a server started with ``--max
   together with ``response_format``: 400 naming ``tool_choice`` or ``tools``. A ``tool`` message without
   ``tool_call_id``, assistant ``tool_calls`` whose arguments are not JSON: 400 naming ``messages``.
 * Not supported, so never accepted silently: OpenAI's deprecated ``functions`` / ``function_call`` other
-  than their no-op values, ``suffix``, vLLM's ``stream_options.continuous_usage_stats``: 400 naming the
-  field; their no-op values are served. So are
+  than their no-op values, ``suffix``, vLLM's ``stream_options.continuous_usage_stats`` and its extras
+  ``allowed_token_ids``, ``bad_words``, ``return_tokens_as_token_ids``, ``prompt_logprobs``,
+  ``use_beam_search``, ``logits_processors``, ``priority`` and (chat) ``chat_template``, ``documents``,
+  ``echo``: 400 naming the field; their no-op values are served. So are
   ``chat_template_kwargs`` that would set a parameter of the template renderer (``tokenize``).
   Unknown fields are served, ignored, and logged once per name.
 * Context: prompt + ``max_tokens`` over ``--max-model-len`` is 400 ``"This model's maximum context length
@@ -121,6 +123,14 @@ COMPLETION_CASES = [
     ("stream_options-continuous_usage_stats",
      {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}, "stream_options",
      "stream_options.continuous_usage_stats"),
+    ("stream_options-without-stream", {"stream_options": {"include_usage": True}}, "stream_options",
+     "only allowed with stream: true"),
+    ("allowed_token_ids", {"allowed_token_ids": [5]}, "allowed_token_ids", "not supported"),
+    ("bad_words", {"bad_words": ["x"]}, "bad_words", "not supported"),
+    ("return_tokens_as_token_ids", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids", None),
+    ("prompt_logprobs", {"prompt_logprobs": 1}, "prompt_logprobs", "echo with logprobs"),
+    ("use_beam_search", {"use_beam_search": True}, "use_beam_search", None),
+    ("priority", {"priority": 1}, "priority", None),
     ("prompt-empty-string", {"prompt": ""}, "prompt", None),
     ("prompt-empty-list", {"prompt": []}, "prompt", None),
     ("prompt-empty-token-list", {"prompt": [[]]}, "prompt", None),
@@ -175,6 +185,11 @@ CHAT_CASES = [
     ("tool_choice-required-with-response_format", {"tools": [F], "tool_choice": "required",
                                                    "response_format": {"type": "json_object"}}, "tool_choice",
      "cannot be combined"),
+    ("chat_template", {"chat_template": "{{ messages }}"}, "chat_template", "--chat-template"),
+    ("echo", {"echo": True}, "echo", "not supported"),
+    ("documents", {"documents": [{"text": "x"}]}, "documents", None),
+    ("continue_final_message-with-generation-prompt", {"continue_final_message": True}, "continue_final_message",
+     "add_generation_prompt"),
     ("functions", {"functions": [{"name": "f"}]}, "functions", "deprecated"),
     ("function_call", {"function_call": "auto"}, "function_call", "deprecated"),
     ("chat_template_kwargs-renderer-parameter", {"chat_template_kwargs": {"tokenize": True}},

@@ -525,3 +525,40 @@ def test_explicit_nulls_mean_defaults(client, offline):
                                           extra_body=GREEDY_EXTRA, **nulls)
     assert [c.message.content for c in chat.choices] == [offline.chat(MESSAGES, greedy())[0].outputs[0].text]
     assert chat.usage.completion_tokens == MAX_TOKENS
+
+
+def test_continue_final_message_leaves_the_last_message_open(server, client, offline):
+    """vLLM's ``continue_final_message`` (with ``add_generation_prompt: false``): the prompt ends with the last
+    message's text, nothing of the template after it (no EOS, no new turn), as transformers renders it; the
+    server, /tokenize and the offline ``LLM.chat`` run that same prompt."""
+    import httpx
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, the answer is"}]
+    tokenizer = offline.get_tokenizer()
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                         continue_final_message=True)
+    assert text.endswith("Sure, the answer is")
+    expected_ids = tokenizer.encode(text, add_special_tokens=False)
+    extra = {"continue_final_message": True, "add_generation_prompt": False, "ignore_eos": True}
+    served = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                            extra_body=extra)
+    assert served.usage.prompt_tokens == len(expected_ids)
+    tokens = httpx.post(f"{server.base_url}/tokenize", json={
+        "messages": messages, "continue_final_message": True, "add_generation_prompt": False}).json()["tokens"]
+    assert tokens == expected_ids
+    local = offline.chat(messages, greedy(), add_generation_prompt=False, continue_final_message=True)[0]
+    assert local.prompt_token_ids == expected_ids and local.outputs[0].text == served.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as both:   # a new turn and an open last message at once
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
+                                       extra_body={"continue_final_message": True})
+    assert both.value.body["param"] == "continue_final_message"
+
+
+def test_spaces_between_special_tokens_reaches_the_sampling_params():
+    """vLLM's field is passed on to the detokenizer, as offline (with a fast tokenizer it changes nothing: HF
+    writes no spaces between added tokens either way)."""
+    from llmserve.entrypoints.openai.protocol import CompletionRequest
+
+    for spaces in (True, False):
+        body = CompletionRequest.model_validate({"prompt": "x", "spaces_between_special_tokens": spaces})
+        assert body.sampling_params(4, None).spaces_between_special_tokens is spaces
