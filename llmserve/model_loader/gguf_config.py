@@ -1,5 +1,5 @@
 """A GGUF file's model config: transformers' GGUF config mapping (or, for the architectures it does not
-read, Command-R and Cohere2, a config built here from the metadata), plus what the mapping drops and
+read, Command-R, Cohere2 and DeepSeek-V2/V3, a config built from the metadata), plus what the mapping drops and
 llama.cpp's converter does write, plus what llama.cpp decides without a key: by its own hard-coded rules
 (Gemma's attention scale, the local/global layer patterns) or from the tensors the file holds (Falcon's
 layout, q/k norms, a separate output head).
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmserve.model_loader.gguf_deepseek import deepseek_config
 from llmserve.model_loader.gguf_experts import moe_config
 
 # llama.cpp's layer counts of the Gemma sizes whose attention scale is hidden / heads rather than the head
@@ -62,10 +63,12 @@ def _read_config(path: str, mtime_ns: int, size: int) -> tuple[Any, str]:
         config = AutoConfig.for_model(**_OWN_CONFIGS[meta.arch](meta))
     else:
         config = AutoConfig.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+        _restore_dropped_hyperparameters(config, meta)
+        config = moe_config(config, meta)
     if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-    _restore_dropped_hyperparameters(config, meta)
-    return moe_config(config, meta), meta.arch
+    config.pad_token_id = meta.field("tokenizer.ggml.padding_token_id")   # not the config class's default
+    return config, meta.arch
 
 
 class _Metadata:
@@ -76,6 +79,7 @@ class _Metadata:
 
         from llmserve.model_loader.gguf_loader import open_gguf
 
+        self.path = path
         self.reader = open_gguf(path)
         self._read = read_field
         self.arch = self.field("general.architecture")
@@ -97,7 +101,6 @@ def _restore_dropped_hyperparameters(config: Any, meta: _Metadata) -> None:
     key_length = meta.arch_field("attention.key_length")
     if key_length and hasattr(config, "head_dim"):
         config.head_dim = int(key_length)
-    config.pad_token_id = meta.field("tokenizer.ggml.padding_token_id")   # not the config class's default
     restore = _RESTORERS.get(meta.arch)
     if restore is not None:
         restore(config, meta)
@@ -216,6 +219,7 @@ def _rope_theta(config: Any) -> float:
 
 
 # Architectures whose config transformers' GGUF support does not build: their own config dict.
-_OWN_CONFIGS: dict[str, Callable[[_Metadata], dict[str, Any]]] = {"command-r": _cohere, "cohere2": _cohere}
+_OWN_CONFIGS: dict[str, Callable[[_Metadata], dict[str, Any]]] = {"command-r": _cohere, "cohere2": _cohere,
+                                                                   "deepseek2": deepseek_config}
 _RESTORERS: dict[str, Callable[[Any, _Metadata], None]] = {"gpt2": _gpt2, "phi3": _phi3, "gemma2": _gemma2,
                                                            "gemma3": _gemma3, "falcon": _falcon}

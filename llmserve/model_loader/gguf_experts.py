@@ -1,15 +1,16 @@
 """Mixture-of-experts GGUF files: Mixtral (which llama.cpp writes as a ``llama`` with ``expert_count``),
-Qwen2-MoE (``qwen2moe``) and Qwen3-MoE (``qwen3moe``).
+Qwen2-MoE (``qwen2moe``), Qwen3-MoE (``qwen3moe``) and DeepSeek-V2/V3 (``deepseek2``).
 
 llama.cpp stacks a layer's experts into one tensor per projection (``blk.N.ffn_gate_exps.weight``,
 ``[experts, rows, columns]``); they are handed to the model one expert at a time under a Hugging Face
-checkpoint's names (``block_sparse_moe.experts.E.w1`` for Mixtral, ``mlp.experts.E.gate_proj`` for Qwen), and
-the router (``ffn_gate_inp``) under its own. On CPU the experts of a layer whose stacks are all in packed types
-stay packed as the dense layers do (:mod:`llmserve.quantization.gguf`), each expert its own rows of blocks;
-otherwise they load dequantised into the model's dtype. The config gets what transformers' GGUF mapping drops
-and llama.cpp reads or hard-codes: Mixtral's experts, the Qwen experts' width and shared expert, and whether the
-routing weights are renormalised (llama.cpp: yes for Mixtral and Qwen3-MoE, no for Qwen2-MoE). Other
-architectures with stacked experts (DeepSeek, GPT-OSS...) are refused, naming the architecture.
+checkpoint's names (``block_sparse_moe.experts.E.w1`` for Mixtral, ``mlp.experts.E.gate_proj`` for Qwen and
+DeepSeek), and the router (``ffn_gate_inp``) under its own. On CPU the experts of a layer whose stacks are all in
+packed types stay packed as the dense layers do (:mod:`llmserve.quantization.gguf`), each expert its own rows of
+blocks; otherwise they load dequantised into the model's dtype. The config gets what transformers' GGUF mapping
+drops and llama.cpp reads or hard-codes: Mixtral's experts, the Qwen experts' width and shared expert, and whether
+the routing weights are renormalised (llama.cpp: yes for Mixtral and Qwen3-MoE, no for Qwen2-MoE; DeepSeek's
+config, routing included, is read whole from its keys by :mod:`~llmserve.model_loader.gguf_deepseek`). Other
+architectures with stacked experts (GPT-OSS...) are refused, naming the architecture.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from typing import Any
 
 
 # llama.cpp architecture -> (the sparse block's name in the checkpoint, an expert's gate / up / down names,
-# whether llama.cpp renormalises the top-k routing weights)
+# whether llama.cpp renormalises the top-k routing weights; None: deepseek2's expert_weights_norm says, read with
+# the rest of its config by gguf_deepseek, which moe_config is not applied to)
 MOE_ARCHITECTURES = {"llama": ("block_sparse_moe", ("w1", "w3", "w2"), True),
                      "qwen2moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), False),
-                     "qwen3moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), True)}
+                     "qwen3moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), True),
+                     "deepseek2": ("mlp", ("gate_proj", "up_proj", "down_proj"), None)}
 _EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _ROUTER = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
 _EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.\d+\.\w+\.weight$")
@@ -35,8 +38,8 @@ def check_experts(architecture: str, file_name: str, tensor_names: list[str]) ->
     if stacked is not None and architecture not in MOE_ARCHITECTURES:
         raise ValueError(f"{file_name} is a mixture-of-experts {architecture} model (its experts are stacked "
                          f"tensors such as {stacked}); llmserve loads the experts of GGUF files of "
-                         f"{', '.join(sorted(MOE_ARCHITECTURES))} (Mixtral as llama) only: serve its Hugging Face "
-                         f"checkpoint instead")
+                         f"{', '.join(sorted(MOE_ARCHITECTURES))} (Mixtral as llama, DeepSeek-V2/V3 as deepseek2) "
+                         f"only: serve its Hugging Face checkpoint instead")
 
 
 def is_moe_tensor(name: str) -> bool:

@@ -3,7 +3,8 @@
 The config (:mod:`~llmserve.model_loader.gguf_config`), the tokenizer and its chat template come from the
 file's metadata through transformers' GGUF support, which also knows each architecture's tensor names and
 the reshuffles llama.cpp's converter makes (the Q/K row permutation of Llama-style attention, BLOOM's fused
-QKV...; Falcon's grouped QKV, which it leaves as it is, is undone here). The linear weights a
+QKV...; Falcon's grouped QKV, which it leaves as it is, is undone here). DeepSeek-V2/V3, which it does not read,
+are mapped by :mod:`~llmserve.model_loader.gguf_deepseek`. The linear weights a
 :class:`~llmserve.quantization.gguf.GGUFConfig` packs are handed over as their rows of blocks; every other
 tensor is dequantised tensor by tensor into the model's dtype as it is loaded (peak memory: the model plus one
 tensor) and runs at full precision.
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmserve.model_loader.gguf_deepseek import LatentUpProjections, deepseek_names, pre_tokenizer
 from llmserve.model_loader.gguf_experts import check_experts, is_moe_tensor, moe_names, stacked_experts_layer
 from llmserve.quantization.gguf import GGUFConfig, gguf_quantization_config
 
@@ -31,6 +33,10 @@ logger = logging.getLogger(__name__)
 # The tensor types llama.cpp's quantize writes for the usual mixes (Q4_K_M, Q5_K_M, Q6_K, Q8_0...).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K")
+# Architectures llama.cpp's converter writes whose GGUF layout llmserve does not map (yet), with what is missing.
+NOT_MAPPED = {"gemma4": "Gemma 4's GGUF layout (per-layer inputs, KV-sharing layers, per-layer head sizes and "
+                        "MLP widths, proportional rotary through a rope_freqs tensor, fused expert stacks) is not "
+                        "mapped"}
 _REPO_AND_QUANT = re.compile(r"^(?P<repo>[\w.\-]+/[\w.\-]+):(?P<quant>[\w.\-]+)$")
 
 
@@ -89,8 +95,9 @@ def _repo_gguf_files(repo: str, revision: str | None, download_dir: str | None) 
 
 def open_gguf(path: Path) -> Any:
     """The file's ``GGUFReader``. A file that cannot be read (not GGUF, truncated, corrupt), one part of a file
-    split by llama.cpp's ``llama-gguf-split``, or a mixture-of-experts file of an architecture whose experts are
-    not mapped (:func:`~llmserve.model_loader.gguf_experts.check_experts`) is a ValueError naming it."""
+    split by llama.cpp's ``llama-gguf-split``, one of an architecture in :data:`NOT_MAPPED`, or a
+    mixture-of-experts file of an architecture whose experts are not mapped
+    (:func:`~llmserve.model_loader.gguf_experts.check_experts`) is a ValueError naming it."""
     gguf = import_gguf()
     try:
         reader = gguf.GGUFReader(str(path))
@@ -103,7 +110,11 @@ def open_gguf(path: Path) -> Any:
     if parts > 1:
         raise ValueError(f"{path.name} is one part of a GGUF file split into {parts}; merge the parts first "
                          f"(llama.cpp: llama-gguf-split --merge FIRST-PART OUT.gguf)")
-    check_experts((read_field(reader, "general.architecture") or [""])[0], path.name, [t.name for t in reader.tensors])
+    architecture = (read_field(reader, "general.architecture") or [""])[0]
+    if architecture in NOT_MAPPED:
+        raise ValueError(f"{path.name} is a {architecture} GGUF file: {NOT_MAPPED[architecture]}; serve its Hugging "
+                         f"Face checkpoint instead")
+    check_experts(architecture, path.name, [t.name for t in reader.tensors])
     return reader
 
 
@@ -131,7 +142,7 @@ def _build_tokenizer(path: str, mtime_ns: int, size: int) -> Any:
     file = Path(path)
     tokenizer_class = AutoTokenizer if transformers_reads_config(file) else PreTrainedTokenizerFast
     try:
-        return tokenizer_class.from_pretrained(str(file.parent), gguf_file=file.name)
+        tokenizer = tokenizer_class.from_pretrained(str(file.parent), gguf_file=file.name)
     except Exception as exc:
         try:
             missing = "tokenizer.ggml.model" not in open_gguf(file).fields   # only on failure
@@ -141,6 +152,20 @@ def _build_tokenizer(path: str, mtime_ns: int, size: int) -> Any:
             raise ValueError("the file carries no tokenizer (tokenizer.ggml.model); pass --tokenizer with the "
                              "model's folder or Hugging Face id") from None
         raise
+    _set_pre_tokenizer(tokenizer, file)
+    return tokenizer
+
+
+def _set_pre_tokenizer(tokenizer: Any, path: Path) -> None:
+    """llama.cpp's pre-tokenizer for a byte-level vocabulary whose ``tokenizer.ggml.pre`` transformers does not
+    know (DeepSeek-V3's: :func:`~llmserve.model_loader.gguf_deepseek.pre_tokenizer`); read from the metadata
+    alone (transformers' reader, which leaves the vocabulary unparsed)."""
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    metadata, _ = read_gguf_metadata(str(path), ())
+    splits = pre_tokenizer(metadata.get("tokenizer.ggml.pre"))
+    if splits is not None and metadata.get("tokenizer.ggml.model") == "gpt2":
+        tokenizer.backend_tokenizer.pre_tokenizer = splits
 
 
 class GGUFTensors:
@@ -162,6 +187,9 @@ class GGUFTensors:
         self.parsed = {"config": config.to_dict()}
         processors = {**TENSOR_PROCESSORS, "falcon": _falcon_tensor_processor()}
         self.processor = processors.get(self.architecture, TensorProcessor)(config=self.parsed["config"])
+        if self.architecture == "deepseek2":   # transformers has no GGUF map for it
+            self.names = deepseek_names(t.name for t in self.reader.tensors)
+            return
         with torch.device("meta"):   # only its parameter names are needed (llama.cpp's Mixtral is a llama)
             self.names = get_gguf_hf_weights_map(AutoModelForCausalLM.from_config(config), self.processor,
                                                  model_type="llama" if config.model_type == "mixtral" else None)
@@ -194,7 +222,12 @@ def iterate_gguf_weights(tensors: GGUFTensors,
     then ``<layer>.qweight``, uint8 [rows, row bytes]), its rows in the order transformers' processor puts them
     (found by passing the row indices through it)."""
     gguf = import_gguf()
+    latent_up = LatentUpProjections()
     for tensor in tensors.reader.tensors:
+        if latent_up.holds(tensor.name):   # half of a DeepSeek kv_b_proj
+            for name, weights in latent_up.join(tensor.name, gguf.dequantize(tensor.data, tensor.tensor_type)):
+                yield name, torch.from_numpy(np.require(weights, np.float32, ["C", "W"]))
+            continue
         if is_moe_tensor(tensor.name):   # a layer's stacked experts, or its router
             names = moe_names(tensors.architecture, tensor.name, tensor.data.shape[0])
             if packs is not None and tensor.data.ndim == 3 and packs(names[0]):   # each expert its rows of blocks

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from llmserve.model_loader.loader import iterate_weights
+from llmserve.testing.gguf_deepseek_files import add_deepseek_keys, latent_up_halves
 from llmserve.testing.gguf_kquants import MIXES, mix_tensor_type, quantize_tensor
 
 
@@ -50,7 +51,8 @@ GGUF_ARCHITECTURES = {
     "falcon": GGUFArchitecture("falcon", layer_norm=True, rope_base=False),
     "falcon_mqa": GGUFArchitecture("falcon", layer_norm=True, rope_base=False),
     "mixtral": GGUFArchitecture("llama"), "qwen2_moe": GGUFArchitecture("qwen2moe"),
-    "qwen3_moe": GGUFArchitecture("qwen3moe"),
+    "qwen3_moe": GGUFArchitecture("qwen3moe"), "deepseek_v2_lite": GGUFArchitecture("deepseek2"),
+    "deepseek_v2": GGUFArchitecture("deepseek2"), "deepseek_v3": GGUFArchitecture("deepseek2"),
 }
 # llama.cpp's Mixtral (a llama with experts) and Qwen3-MoE renormalise the top-k routing weights, Qwen2-MoE does not
 _RENORMALISES = {"llama": True, "qwen2moe": False, "qwen3moe": True}
@@ -107,7 +109,8 @@ def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> N
     writer.add_block_count(_find(config, "num_hidden_layers", "n_layer"))
     writer.add_feed_forward_length(_find(config, "intermediate_size", "n_inner") or 4 * hidden)
     writer.add_head_count(heads)
-    writer.add_head_count_kv(_find(config, "num_key_value_heads") or heads)
+    # deepseek2: 1, as llama.cpp runs multi-head latent attention as multi-query attention over the latent
+    writer.add_head_count_kv(1 if arch.name == "deepseek2" else _find(config, "num_key_value_heads") or heads)
     if arch.layer_norm:
         writer.add_layer_norm_eps(_find(config, "layer_norm_epsilon", "layer_norm_eps"))
     else:
@@ -128,6 +131,8 @@ def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> N
         _add_cohere_keys(writer, arch, config)
     if _find(config, "num_local_experts", "num_experts"):
         _add_expert_keys(writer, arch, config)
+    if arch.name == "deepseek2":
+        add_deepseek_keys(writer, config)
 
 
 def _add_expert_keys(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
@@ -262,6 +267,7 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32",
     names = gguf.get_tensor_name_map(arch_id, layers)
     experts: dict[tuple[int, str], dict[int, np.ndarray]] = {}
     for name, tensor in iterate_weights(checkpoint):
+        name = name.replace("e_score_correction_bias", "e_score_correction.bias")   # as the converter renames it
         expert = _EXPERT.match(name)
         if expert:   # stacked per layer and projection below, as the converter does
             experts.setdefault((int(expert[1]), _EXPERT_KIND[expert[3]]), {})[int(expert[2])] = tensor.float().numpy()
@@ -273,7 +279,10 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32",
             raise ValueError(f"llama.cpp's {arch.name} has no tensor for {name}")
         if mapped.endswith("ffn_gate_inp_shexp"):   # llama.cpp's shared-expert gate is a vector
             data = data.reshape(-1)
-        _add_weight(writer, f"{mapped}.{suffix}", data, file_type, qtype, layers)
+        halves = (latent_up_halves(mapped, data, config) if mapped.endswith("attn_kv_b")
+                  else [(mapped, data)])
+        for gguf_name, part in halves:
+            _add_weight(writer, f"{gguf_name}.{suffix}", part, file_type, qtype, layers)
     for (layer, kind), stack in sorted(experts.items()):
         _add_weight(writer, f"blk.{layer}.ffn_{kind}_exps.weight", np.stack([stack[e] for e in sorted(stack)]),
                     file_type, qtype, layers)
@@ -286,16 +295,18 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32",
 
 def _add_weight(writer: Any, gguf_name: str, data: np.ndarray, file_type: str, qtype: Any, layers: int) -> None:
     """One tensor in the file's type: vectors, norms and routers (which llama.cpp's quantize leaves alone) in
-    F32; a stack of experts quantised row by row as a 2-D weight is."""
+    F32; a stack of experts quantised row by row as a 2-D weight is; F16 where the rows do not split into the
+    type's blocks (as the converter falls back)."""
     import gguf
 
+    tensor_type = mix_tensor_type(file_type, gguf_name, layers, data.shape[-1])
     if (data.ndim == 1 or gguf_name.split(".")[-2].endswith(("_norm", "ffn_gate_inp"))
             or qtype == gguf.GGMLQuantizationType.F32):
         writer.add_tensor(gguf_name, data)
-    elif qtype == gguf.GGMLQuantizationType.F16:
+    elif (qtype == gguf.GGMLQuantizationType.F16
+          or data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type]][0]):
         writer.add_tensor(gguf_name, data.astype(np.float16))
     else:
-        tensor_type = mix_tensor_type(file_type, gguf_name, layers, data.shape[-1])
         blocks = quantize_tensor(data.reshape(-1, data.shape[-1]), tensor_type)
         writer.add_tensor(gguf_name, blocks.reshape(*data.shape[:-1], blocks.shape[-1]),
                           raw_dtype=gguf.GGMLQuantizationType[tensor_type])

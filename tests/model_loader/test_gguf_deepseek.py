@@ -1,0 +1,147 @@
+"""DeepSeek-V2/V3 GGUF files (llama.cpp's ``deepseek2``, written from the generated checkpoints the way its
+converter lays them out: ``llmserve.testing.gguf_files``) load and run.
+
+* An F32 file gives the checkpoint's own output (greedy tokens equal, logprobs within 1e-4 of transformers on
+  the safetensors folder), for V2-Lite (queries from ``attn_q``, softmax routing, two shared experts), V2 (low-rank
+  queries, routed weights scaled) and V3 (sigmoid routing with its correction bias ``exp_probs_b``, top-2 within
+  the best 2 of 4 groups, renormalised, YaRN with ``mscale_all_dim``): the config is built from the
+  ``deepseek2.*`` keys, the stacked experts, shared experts and dense leading layers load under DeepSeek's names,
+  and ``kv_b_proj`` is joined back from the ``attn_k_b`` / ``attn_v_b`` halves the converter writes (older
+  files' whole ``attn_kv_b`` loads too). The tokenizer is the file's own.
+* Quantised files (Q8_0; Q4_K_M, which on these narrow tensors falls back to Q5_0 / Q8_0 as llama.cpp's does;
+  tensors whose rows do not split into blocks in F16, as the converter falls back): each tensor loads as the
+  ``gguf`` package dequantises it, routers and norms F32.
+* llama.cpp's ``deepseek-v3`` pre-tokenizer, which transformers does not know, splits text as llama.cpp does.
+* Refused, naming the file and why: a softmax-gated file whose expert groups limit the choice (llama.cpp ranks a
+  group by its best two experts, DeepSeek-V2 by its best one); and the writer refuses checkpoints llama.cpp would
+  run differently (V2's ``group_limited_greedy``; V3 without ``scoring_func: sigmoid``, which llama.cpp would
+  gate by softmax). The tiny V2 and V3 are written from copies made describable (``conftest.DESCRIBABLE``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import pytest
+
+from llmserve.entrypoints.llm import LLM
+from llmserve.model_loader import gguf_loader
+from llmserve.model_loader.gguf_config import load_gguf_config
+from llmserve.sampling_params import SamplingParams
+from llmserve.testing.gguf_files import write_gguf
+from tests.engine_greedy import assert_matches_hf, engine_greedy
+from tests.model_loader.test_gguf import _tiny_gguf
+
+gguf = pytest.importorskip("gguf")
+
+FAMILIES = ["deepseek_v2_lite", "deepseek_v2", "deepseek_v3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f32_file_runs_as_the_checkpoint_it_came_from(gguf_file, gguf_source, caplog, family):
+    path = gguf_file(family, "F32")
+    names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert {"blk.0.attn_k_b.weight", "blk.0.attn_v_b.weight", "blk.1.ffn_gate_exps.weight",
+            "blk.1.ffn_up_shexp.weight", "blk.0.ffn_up.weight"} <= names
+    assert ("blk.1.exp_probs_b.bias" in names) == (family == "deepseek_v3")
+    with caplog.at_level(logging.INFO, logger="llmserve.model_loader.gguf_loader"):
+        results = engine_greedy(path)
+    assert not [r for r in caplog.records if "no counterpart" in r.getMessage()]   # every tensor of the file loads
+    assert_matches_hf(results, gguf_source(family), 1e-4)
+
+
+@pytest.mark.parametrize("file_type,types", [("Q8_0", {"Q8_0", "F16", "F32"}),
+                                             ("Q4_K_M", {"Q5_0", "Q8_0", "F16", "F32"})])
+def test_quantized_file_loads_each_tensor_as_gguf_dequantises_it(gguf_file, gguf_source, file_type, types):
+    """Each checkpoint tensor loads as the ``gguf`` package dequantises its tensor in the file (found by llama.cpp's
+    own name map): an expert as its row of the stack, ``kv_b_proj`` per head as ``attn_k_b`` transposed then
+    ``attn_v_b``. Tensors whose rows do not split into blocks (``attn_k_b``'s 16 columns, ``attn_q_b``'s 24) are
+    F16, as the converter falls back; norms, routers and the correction bias F32. The file then runs."""
+    from llmserve.model_loader.loader import iterate_weights
+
+    path = gguf_file("deepseek_v3", file_type)
+    file = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    assert {t.tensor_type.name for t in file.values()} == types
+    assert file["blk.1.attn_k_b.weight"].tensor_type.name == "F16"
+    config = load_gguf_config(path)
+    loaded = dict(gguf_loader.iterate_gguf_weights(gguf_loader.GGUFTensors(path, config)))
+    assert loaded.keys() == {name for name, _ in iterate_weights(gguf_source("deepseek_v3"))}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, config.num_hidden_layers)
+
+    def dequantised(name: str) -> np.ndarray:
+        return gguf.dequantize(file[name].data, file[name].tensor_type)
+
+    for name, tensor in loaded.items():
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        expert = re.match(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.(\w+)_proj\.weight$", name)
+        if expert:
+            expected = dequantised(f"blk.{layer}.ffn_{expert[2]}_exps.weight")[int(expert[1])]
+        elif name.endswith("kv_b_proj.weight"):
+            expected = np.concatenate([dequantised(f"blk.{layer}.attn_k_b.weight").transpose(0, 2, 1),
+                                       dequantised(f"blk.{layer}.attn_v_b.weight")], axis=1)
+        else:
+            stem, suffix = name.replace("_correction_bias", "_correction.bias").rsplit(".", 1)
+            expected = dequantised(f"{names.get_name(stem)}.{suffix}")
+        assert np.array_equal(tensor.numpy(), expected.reshape(tensor.shape)), name
+    llm = LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256)
+    output = llm.generate([{"prompt_token_ids": [1, 5, 9, 20]}], SamplingParams(max_tokens=4, temperature=0))
+    assert len(output[0].outputs[0].token_ids) == 4
+
+
+def test_a_file_with_the_whole_kv_b_projection_loads_as_one_split(gguf_file, tmp_path):
+    """Files from converters older than the k_b / v_b split hold ``attn_kv_b`` whole: the same weights load."""
+    split = gguf_file("deepseek_v3", "F32")
+    tensors = {t.name: t.data for t in gguf.GGUFReader(str(split)).tensors}
+    whole = {}
+    for name, data in tensors.items():
+        if ".attn_k_b." in name:   # [heads, rank, nope] and [heads, v, rank] -> per head nope + v rows of rank
+            v_b = tensors[name.replace("attn_k_b", "attn_v_b")]
+            whole[name.replace("attn_k_b", "attn_kv_b")] = (
+                np.concatenate([data.transpose(0, 2, 1), v_b], axis=1).reshape(-1, data.shape[1]))
+        elif ".attn_v_b." not in name:
+            whole[name] = data
+    old = _tiny_gguf(tmp_path / "whole-kv-b.gguf", whole, "deepseek2")
+    config = load_gguf_config(split)
+    loaded = dict(gguf_loader.iterate_gguf_weights(gguf_loader.GGUFTensors(split, config)))
+    from_old = dict(gguf_loader.iterate_gguf_weights(gguf_loader.GGUFTensors(old, config)))
+    kv_b = [n for n in loaded if n.endswith("kv_b_proj.weight")]
+    assert len(kv_b) == config.num_hidden_layers
+    assert all((from_old[n] == loaded[n]).all() for n in kv_b)
+
+
+def test_deepseek_v3_pre_tokenizer_splits_as_llama_cpp():
+    """llama.cpp's ``deepseek-v3`` splits: digits in runs of at most three, CJK runs on their own, a punctuation
+    mark with the Latin word after it, other punctuation with the newlines after it (then the bytes as byte-level
+    BPE spells them: ``Ġ`` a space, ``Ċ`` a newline)."""
+    from llmserve.model_loader.gguf_deepseek import pre_tokenizer
+
+    text = "Hi 1234567 日本語です.net!!\n\nok"
+    pieces = [piece for piece, _ in pre_tokenizer("deepseek-v3").pre_tokenize_str(text)]
+    assert pieces == ["Hi", "Ġ", "123", "456", "7", "Ġ", "æĹ¥æľ¬èªŀãģ§ãģĻ", ".net", "!!ĊĊ", "ok"]
+    assert pre_tokenizer("qwen2") is None   # transformers' own
+
+
+def test_files_llmserve_cannot_run_are_refused_naming_the_file(tmp_path):
+    """A softmax-gated file whose groups limit the choice of experts (DeepSeek-V2's routing, which llama.cpp
+    runs with V3's group ranking) and a gating function llmserve does not have."""
+    stack = {"blk.1.ffn_gate_exps.weight": [[[0.0] * 4] * 4] * 2}
+    grouped = _tiny_gguf(tmp_path / "v2.gguf", stack, "deepseek2", deepseek2__expert_group_count=8,
+                         deepseek2__expert_group_used_count=3)
+    with pytest.raises(ValueError, match=r"v2.gguf: softmax-gated deepseek2 experts in 8 groups, 3 used: llama.cpp "
+                                         r"ranks a group by its best two experts"):
+        load_gguf_config(grouped)
+    gating = _tiny_gguf(tmp_path / "gating.gguf", stack, "deepseek2", deepseek2__expert_gating_func=3)
+    with pytest.raises(ValueError, match="gating.gguf: deepseek2 expert gating function 3"):
+        load_gguf_config(gating)
+
+
+def test_checkpoints_llama_cpp_would_run_differently_cannot_be_written(checkpoint_dir, tmp_path):
+    """The converter writes a gating function only from ``scoring_func`` (llama.cpp: softmax without one) and the
+    groups from ``n_group`` (llama.cpp ranks them by their best two experts)."""
+    with pytest.raises(ValueError, match="group_limited_greedy over 4 groups"):
+        write_gguf(checkpoint_dir("deepseek_v2"), tmp_path / "v2.gguf", "deepseek_v2")
+    with pytest.raises(ValueError, match="by sigmoid only with scoring_func sigmoid; this deepseek_v3 checkpoint's "
+                                         "scoring_func is None"):
+        write_gguf(checkpoint_dir("deepseek_v3"), tmp_path / "v3.gguf", "deepseek_v3")
