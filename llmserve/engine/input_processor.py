@@ -216,6 +216,22 @@ class InputProcessor:
         return EngineCoreRequest(request_id, prompt_ids, SamplingParams(max_tokens=0), 0, None, arrival, cache_salt,
                                  params.resolve(self.info.config.pooler_config), self._kv_variant(prompt_ids))
 
+    def _fitting_max_tokens(self, prompt_len: int, most: int) -> int:
+        """A request without ``max_tokens`` may run to the context's end, or to the most tokens the whole KV
+        cache can hold beside its prompt where that is fewer (a cache smaller than one --max-model-len
+        sequence would otherwise refuse every such request); ``most`` if even one token does not fit (the
+        caller's check then refuses the prompt)."""
+        if self._blocks_held(prompt_len, prompt_len + most) <= self.num_kv_blocks:
+            return most
+        low, high = 0, most   # blocks held grow with the tokens: the largest count that fits
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self._blocks_held(prompt_len, prompt_len + mid) <= self.num_kv_blocks:
+                low = mid
+            else:
+                high = mid - 1
+        return low or most
+
     def _blocks_held(self, num_prompt_tokens: int, num_tokens: int) -> int:
         spec = self.info.config.speculative_config
         return most_blocks_held(self.block_size, self.group_windows, num_prompt_tokens, num_tokens,
@@ -276,7 +292,7 @@ class InputProcessor:
                 f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_len} "
                 "tokens, which leaves no room for a completion. Please reduce the length of the prompt.", "prompt")
         if max_tokens is None:
-            return limit - prompt_len
+            return self._fitting_max_tokens(prompt_len, limit - prompt_len)
         if prompt_len + max_tokens > limit:
             raise InvalidRequestError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "

@@ -164,7 +164,9 @@ def test_duplicate_request_id_is_refused_and_the_first_keeps_running(engine, gre
 
 
 def test_request_larger_than_the_whole_cache_is_refused(llama_dir, llm):
-    """4 blocks x 4 tokens: 10 + 6 tokens fit exactly, 10 + 7 could never run."""
+    """4 blocks x 4 tokens: 10 + 6 tokens fit exactly, 10 + 7 could never run. Without max_tokens a request
+    runs to what the cache holds (6 here), not to the context's end it could never reach; a prompt the cache
+    cannot hold with one token more is refused."""
     small = LLM(str(llama_dir), block_size=4, kv_cache_memory_bytes=4 * 4 * block_bytes(llm.engine) // 16,
                 max_model_len=MAX_MODEL_LEN)
     engine = small.engine
@@ -173,9 +175,12 @@ def test_request_larger_than_the_whole_cache_is_refused(llama_dir, llm):
         engine.add_request("big", [5] * 10, SamplingParams(max_tokens=7))
     assert info.value.param == "max_tokens" and "4" in str(info.value)
     with pytest.raises(InvalidRequestError):
-        engine.add_request("big", [5] * 10, SamplingParams(max_tokens=None))   # resolves to 54 tokens
+        engine.add_request("big", [5] * 16, SamplingParams(max_tokens=None))
     engine.add_request("fits", [5] * 10, SamplingParams(max_tokens=6, ignore_eos=True))
     assert len(drain(engine)["fits"].outputs[0].token_ids) == 6
+    engine.add_request("open", [5] * 10, SamplingParams(max_tokens=None, ignore_eos=True))   # not 54 tokens
+    out = drain(engine)["open"].outputs[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
     assert_idle(engine)
 
 
