@@ -61,6 +61,7 @@ class RequestOutput:
     num_preemptions: int = 0
     num_generated_tokens: int = 0     # so far, of the longest sample (streamed outputs hold only what is new)
     error: str | None = None          # why the engine failed this request, if it did
+    num_cached_tokens: int = 0        # prompt tokens served by the prefix cache (vLLM's name)
 
 
 @dataclass

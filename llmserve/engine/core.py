@@ -166,7 +166,7 @@ class EngineCore:
                 seq.request_id, seq.index, [] if token is None else [token],
                 [token_logprobs] if token_logprobs is not None else [],
                 seq.finish_reason, seq.stop_reason, seq.first_scheduled_time, seq.first_token_time,
-                seq.last_token_time, seq.num_preemptions))
+                seq.last_token_time, seq.num_preemptions, seq.num_cached_tokens))
             if seq.is_finished:
                 seqs = self.requests.get(seq.request_id)
                 if seqs is not None and all(s.is_finished for s in seqs):

@@ -134,6 +134,7 @@ class SampleOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0                  # prompt tokens the prefix cache served
 
 
 class SchedulerStats(msgspec.Struct, omit_defaults=True):

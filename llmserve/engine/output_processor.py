@@ -53,6 +53,7 @@ class SampleState:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def is_finished(self) -> bool:
@@ -212,6 +213,7 @@ class OutputProcessor:
         sample.first_token_time = sample.first_token_time or out.first_token_time
         sample.last_token_time = out.last_token_time
         sample.num_preemptions = out.num_preemptions
+        sample.num_cached_tokens = out.num_cached_tokens
         detokenizer = state.detokenizers[out.index]
         for i, token in enumerate(out.new_token_ids):
             sample.output_token_ids.append(token)
@@ -290,7 +292,7 @@ class OutputProcessor:
             state.prompt_logprobs_sent |= complete
             prompt_logprobs = prompt_logprobs if complete else None
         first_scheduled = first_token = last_token = None
-        num_preemptions = num_generated = 0
+        num_preemptions = num_generated = num_cached = 0
         for s in state.samples:   # one pass, no generator expressions: this runs for every streamed token
             if s.first_scheduled_time and (first_scheduled is None or s.first_scheduled_time < first_scheduled):
                 first_scheduled = s.first_scheduled_time
@@ -300,7 +302,8 @@ class OutputProcessor:
                 last_token = s.last_token_time
             num_preemptions += s.num_preemptions
             num_generated = max(num_generated, len(s.output_token_ids))
+            num_cached = max(num_cached, s.num_cached_tokens)   # the samples share the prompt
         metrics = RequestMetrics(state.arrival_time, first_scheduled, first_token, last_token, state.finished_time)
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, prompt_logprobs,
                              completions, finished, metrics, num_preemptions, num_generated_tokens=num_generated,
-                             error=state.error)
+                             error=state.error, num_cached_tokens=num_cached)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -221,13 +222,16 @@ class DeltaMerger:
             finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
             for i, completion in sorted(self.latest.items())]
         return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, self.prompt_logprobs, merged,
-                             last.finished, last.metrics, last.num_preemptions, last.num_generated_tokens, last.error)
+                             last.finished, last.metrics, last.num_preemptions, last.num_generated_tokens, last.error,
+                             last.num_cached_tokens)
 
 
-def usage(outputs: list[RequestOutput]) -> dict[str, int]:
+def usage(outputs: list[RequestOutput]) -> dict[str, Any]:
+    """OpenAI's ``usage``, with ``prompt_tokens_details.cached_tokens``: the prompt tokens the prefix cache served."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}}
 
 
 def log_finished(log_id: str, output: AnyRequestOutput) -> None:
@@ -242,19 +246,52 @@ def log_finished(log_id: str, output: AnyRequestOutput) -> None:
                 extra={"request_id": log_id})
 
 
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character (the printable Latin-1 bytes as
+    themselves, the others from U+0100 on, in order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = (b for b in range(256) if b not in printable)
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
+
+
 def log_failed(log_id: str, what: str) -> None:
     logger.info("request %s %s", log_id, what, extra={"request_id": log_id})
 
 
 class TokenTexts:
     """The text each token id adds to a sequence, as logprobs show it (a sentencepiece "▁the" is " the",
-    which decoding the id alone would strip). Cached: a vocabulary is finite."""
+    which decoding the id alone would strip), and its raw bytes (:meth:`raw_bytes`). Cached: a vocabulary is
+    finite."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
         self.anchor_text = tokenizer.decode(self.anchor)
         self.cache: dict[int, str] = {}
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        # byte-level BPE (GPT-2, Llama 3, Qwen): each character of a token stands for one byte
+        self.byte_of_char = ({c: b for b, c in bytes_to_unicode().items()}
+                             if type(decoder).__name__ == "ByteLevel" else None)
+        self.bytes_cache: dict[int, list[int]] = {}
+
+    def raw_bytes(self, token_id: int) -> list[int]:
+        """The bytes the token stands for (OpenAI's ``bytes``), also where they are not whole UTF-8 characters:
+        a sentencepiece byte-fallback token ``<0xE6>`` is ``[230]``, not the replacement character's bytes."""
+        found = self.bytes_cache.get(token_id)
+        if found is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            fallback = _BYTE_TOKEN.fullmatch(piece or "")
+            if fallback:
+                found = [int(fallback[1], 16)]
+            elif self.byte_of_char is not None and piece and all(c in self.byte_of_char for c in piece):
+                found = [self.byte_of_char[c] for c in piece]
+            else:
+                found = list(self(token_id).encode("utf-8"))
+            self.bytes_cache[token_id] = found
+        return found
 
     def __call__(self, token_id: int) -> str:
         text = self.cache.get(token_id)

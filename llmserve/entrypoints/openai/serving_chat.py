@@ -155,8 +155,8 @@ class OpenAIServingChat(OpenAIServing):
             ranked = sorted((item for item in position.items() if item[1].rank is not None and item[1].rank <= k),
                             key=lambda item: item[1].rank)
             content.append({
-                "token": text, "logprob": position[token_id].logprob, "bytes": list(text.encode("utf-8")),
-                "top_logprobs": [{"token": (t := self.token_text(tid)), "logprob": lp.logprob,
-                                  "bytes": list(t.encode("utf-8"))} for tid, lp in ranked],
+                "token": text, "logprob": position[token_id].logprob, "bytes": self.token_text.raw_bytes(token_id),
+                "top_logprobs": [{"token": self.token_text(tid), "logprob": lp.logprob,
+                                  "bytes": self.token_text.raw_bytes(tid)} for tid, lp in ranked],
             })
         return content

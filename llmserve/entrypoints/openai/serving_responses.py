@@ -103,6 +103,7 @@ class OpenAIServingResponses:
         if output is not None:
             prompt, generated = len(output.prompt_token_ids), len(output.outputs[0].token_ids)
             usage = {"input_tokens": prompt, "output_tokens": generated, "total_tokens": prompt + generated,
+                     "input_tokens_details": {"cached_tokens": output.num_cached_tokens},
                      "output_tokens_details": {"reasoning_tokens": 0}}
         return {
             "id": submitted.request_id, "object": "response", "created_at": submitted.created, "status": status,
