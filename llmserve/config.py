@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -219,6 +219,12 @@ def _json_object_flag(flag: str, value: Mapping[str, Any] | str | None, example:
     return dict(value)
 
 
+# Plain field annotations -> the Python types a value may have (bool is not an int here: True is no block size),
+# and their name in an error.
+_PLAIN_TYPES = {"bool": ((bool,), "a boolean"), "int": ((int,), "an integer"), "float": ((int, float), "a number"),
+                "str": ((str,), "a string")}
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs to start; built from CLI flags or ``LLM(**kwargs)``."""
@@ -275,6 +281,7 @@ class EngineConfig:
     lora_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        self._check_plain_types()
         self.structured_outputs_config = StructuredOutputsConfig.parse(self.structured_outputs_config)
         self.pooler_config = PoolerConfig.parse(self.pooler_config)
         self.speculative_config = SpeculativeConfig.resolve(self.speculative_config, self.speculative_model,
@@ -345,6 +352,23 @@ class EngineConfig:
                              "float16")
         if self.enable_lora and self.pipeline_parallel_size > 1:
             raise ValueError("--enable-lora is not supported with --pipeline-parallel-size > 1")
+
+    def _check_plain_types(self) -> None:
+        """Each field annotated with a plain type (``bool``, ``int``, ``float``, ``str``, or one of them ``| None``)
+        holds that type: ``LLM(enable_prefix_caching="false")`` would otherwise turn the feature on."""
+        for item in fields(self):
+            kinds = [k.strip() for k in str(item.type).split("|")]
+            optional = "None" in kinds
+            kinds = [k for k in kinds if k != "None"]
+            if len(kinds) != 1 or kinds[0] not in _PLAIN_TYPES:
+                continue
+            value = getattr(self, item.name)
+            if value is None and optional:
+                continue
+            allowed, what = _PLAIN_TYPES[kinds[0]]
+            if not isinstance(value, allowed) or (kinds[0] != "bool" and isinstance(value, bool)):
+                flag = "--" + item.name.replace("_", "-")
+                raise ValueError(f"{flag} ({item.name}) must be {what}{' or None' if optional else ''}, got {value!r}")
 
     @property
     def world_size(self) -> int:

@@ -128,6 +128,8 @@ class SamplingParams:
             setattr(self, name, _check_float(name, getattr(self, name)))
         self.top_k = _check_int("top_k", self.top_k)
         self.seed = _check_optional_int("seed", self.seed)
+        if self.seed == -1:
+            self.seed = None   # vLLM's "no seed"
         self.max_tokens = _check_optional_int("max_tokens", self.max_tokens)
         self.min_tokens = _check_int("min_tokens", self.min_tokens)
         self.logprobs = _check_optional_int("logprobs", self.logprobs)

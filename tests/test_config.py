@@ -174,3 +174,25 @@ def test_a_cpu_engine_logs_the_cuda_only_flags_it_ignores(llama_dir, caplog):
     with caplog.at_level("WARNING", logger="llmserve.engine.core"):
         LLM(str(llama_dir), device="cpu", enforce_eager=True, kv_cache_memory_bytes="8MiB", max_model_len=64)
     assert any("--enforce-eager: CUDA only, no effect on this cpu engine" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"enable_prefix_caching": "false"}, r"--enable-prefix-caching \(enable_prefix_caching\) must be a boolean, got "
+                                         r"'false'"),
+    ({"enable_lora": 1}, "must be a boolean"),
+    ({"max_num_seqs": 2.5}, r"--max-num-seqs \(max_num_seqs\) must be an integer"),
+    ({"block_size": "16"}, "must be an integer"),
+    ({"block_size": True}, "must be an integer"),
+    ({"seed": None}, "must be an integer"),
+    ({"max_model_len": "2048"}, "must be an integer or None"),
+    ({"dtype": 16}, "must be a string"),
+])
+def test_a_value_of_the_wrong_type_is_refused_naming_the_flag(kwargs, message):
+    """``LLM(enable_prefix_caching="false")`` used to turn caching on (a non-empty string is true)."""
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**kwargs)
+
+
+def test_values_of_the_right_type_pass():
+    config = EngineConfig(gpu_memory_utilization=1, max_model_len=None, enable_prefix_caching=False)
+    assert config.gpu_memory_utilization == 1 and not config.enable_prefix_caching

@@ -16,6 +16,7 @@ def test_defaults():
     assert p.logprobs is None and p.prompt_logprobs is None
     assert p.skip_special_tokens and p.spaces_between_special_tokens
     assert not p.ignore_eos and not p.include_stop_str_in_output
+    assert SamplingParams(seed=-1).seed is None   # vLLM's "no seed"
 
 
 def test_keyword_only():

@@ -122,7 +122,7 @@ def run_lora_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             warm_up = draw_prompts(args, config.seed + args.rounds, allowed)[:len(adapters)]
             for name, llm in engines.items():   # kernels, allocator, adapters read and resident
                 llm.generate([{"prompt_token_ids": p} for p in warm_up], greedy(2),
-                             lora_request=plans[name][:len(warm_up)])
+                             lora_request=plans[name][:len(warm_up)], use_tqdm=False)
             for index in range(args.rounds):
                 prompts = draw_prompts(args, config.seed + index, allowed)
                 before = load_average()

@@ -55,7 +55,7 @@ def score(llm: LLM, tokens: list[int], bos: int | None, max_model_len: int, stri
                          f"below the window ({max_model_len}) for every token after the first to be scored")
     spans = windows(len(tokens), max_model_len - len(prefix), stride)
     prompts = [{"prompt_token_ids": prefix + tokens[begin:end]} for begin, end, _ in spans]
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=0, prompt_logprobs=0), use_tqdm=False)
     nll, count = 0.0, 0
     for (begin, end, scored_from), output in zip(spans, outputs):
         ids = output.prompt_token_ids

@@ -25,7 +25,7 @@ def mean_ttft(llm: LLM, prompts: list[list[int]], output_len: int) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     ttfts = []
     for i, prompt in enumerate(prompts):
-        out = llm.generate([prompt], params)[0]
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
         if i:
             ttfts.append(out.metrics.time_to_first_token)
     return statistics.mean(ttfts)

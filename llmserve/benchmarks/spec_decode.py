@@ -67,7 +67,7 @@ def run_spec_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         prompts = repeat_prompts(CorpusText(HFTokenizer(engines["off"].get_tokenizer())), num_prompts,
                                  args.passage_len, args.repeat_len)
         for llm in engines.values():   # warm-up: the first steps of an engine pay one-off costs
-            llm.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=8))
+            llm.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
         params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
         runs = {arm: SteadyConcurrency(llm, prompts, params, 1) for arm, llm in engines.items()}
         run_in_turn(list(runs.values()))

@@ -116,7 +116,7 @@ def run_spec_decode_sweep(args: argparse.Namespace, config: EngineConfig) -> dic
         prompts = sweep_prompts(engines["off"], args.workload, max(requests.values()), args.passage_len,
                                 args.repeat_len)
         for llm in engines.values():   # warm-up: the first steps of an engine pay one-off costs
-            llm.generate(prompts[:max(levels)], SamplingParams(temperature=0.0, max_tokens=4))
+            llm.generate(prompts[:max(levels)], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
         totals = {(c, arm): ArmTotals() for c in levels for arm in engines}
         differing = dict.fromkeys(levels, 0)
         params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)

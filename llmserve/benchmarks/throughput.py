@@ -136,11 +136,11 @@ def with_load(run: Any, *args: Any) -> ThroughputResult:
 
 
 def run_engine(llm: LLM, requests: list[SampleRequest]) -> ThroughputResult:
-    llm.generate([requests[0].prompt], greedy(2))   # warm-up
+    llm.generate([requests[0].prompt], greedy(2), use_tqdm=False)   # warm-up
     prompts = [{"prompt_token_ids": r.prompt} for r in requests]
     params = [greedy(r.expected_output_len) for r in requests]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     out_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     return ThroughputResult("llmserve (continuous batching)", len(requests), elapsed,

@@ -21,7 +21,7 @@ def _generate(args: argparse.Namespace) -> int:
                             min_p=args.min_p, max_tokens=args.max_tokens, seed=args.sampling_seed,
                             stop=args.stop or None, ignore_eos=args.ignore_eos)
     prompts = args.prompt or ["Hello, my name is"]
-    for output in llm.generate(prompts, params):
+    for output in llm.generate(prompts, params, use_tqdm=False):
         for completion in output.outputs:
             print(f"--- prompt {output.prompt!r} [{completion.index}] ({completion.finish_reason}, "
                   f"{len(completion.token_ids)} tokens)")

@@ -235,3 +235,38 @@ def test_a_prompt_dicts_cache_salt_keys_its_prefix_cache_blocks(llama_dir):
     with pytest.raises(InvalidRequestError, match="a prompt dict takes prompt, prompt_token_ids, cache_salt; not "
                                                   "multi_modal_data"):
         llm.generate([{"prompt_token_ids": prompt, "multi_modal_data": {}}], params)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda llm: llm.generate("hi", PoolingParams()), TypeError, "expected a SamplingParams"),
+    (lambda llm: llm.generate("hi", {"max_tokens": 1}), TypeError, "expected a SamplingParams"),
+    (lambda llm: llm.generate(["a", "b"], [GREEDY, PoolingParams()]), TypeError, "SamplingParams 1 is a"),
+    (lambda llm: llm.embed(["a"], [GREEDY]), TypeError, "PoolingParams 0 is a SamplingParams"),
+    (lambda llm: llm.generate("hi", GREEDY, lora_request="adapter"), TypeError, "expected a LoRARequest"),
+    (lambda llm: llm.generate(None, GREEDY), TypeError, "prompts must be"),
+    (lambda llm: llm.generate({"prompt_token_ids": "hello"}, GREEDY), InvalidRequestError, "list of token ids"),
+    (lambda llm: llm.generate({"prompt": [5, 6, 7]}, GREEDY), InvalidRequestError, "prompt_token_ids"),
+    (lambda llm: llm.chat([{"content": "hi"}], GREEDY), InvalidRequestError, "message 0 must be a dict with a"),
+], ids=["pooling-params-to-generate", "a-dict", "one-of-a-list", "sampling-params-to-embed", "lora-string",
+        "no-prompts", "text-as-token-ids", "ids-as-prompt", "message-without-role"])
+def test_arguments_of_the_wrong_kind_are_refused_naming_them(llm, call, error, match):
+    """Never run as something else (a string of token ids tokenised as text, embeddings out of generate)."""
+    with pytest.raises(error, match=match):
+        call(llm)
+
+
+def test_chat_takes_text_parts_template_variables_and_shows_progress(llm, capsys):
+    tok = llm.get_tokenizer()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]
+    joined = [{"role": "user", "content": "one\ntwo"}]   # as the server joins them
+    assert llm.chat(parts, GREEDY, use_tqdm=False)[0].prompt_token_ids == llm.chat(joined, GREEDY)[0].prompt_token_ids
+    template = "{{ greeting }} {% for m in messages %}{{ m['content'] }}{% endfor %}"
+    out = llm.chat(joined, GREEDY, chat_template=template, chat_template_kwargs={"greeting": "Howdy"})[0]
+    assert tok.decode(out.prompt_token_ids, skip_special_tokens=True).startswith("Howdy one")
+    with pytest.raises(ValueError, match="may not set 'tokenize'"):
+        llm.chat(joined, GREEDY, chat_template_kwargs={"tokenize": False})
+    capsys.readouterr()
+    llm.generate(PROMPTS, GREEDY)
+    assert "Processed prompts" in capsys.readouterr().err   # vLLM's progress bar, on by default
+    llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert "Processed prompts" not in capsys.readouterr().err
