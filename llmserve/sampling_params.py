@@ -75,6 +75,14 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
+def truncation_problem(value: object) -> str | None:
+    """What is wrong with a ``truncate_prompt_tokens`` (vLLM's): None keeps the prompt, -1 keeps its last
+    --max-model-len tokens, k >= 1 its last k."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1):
+        return f"truncate_prompt_tokens must be -1 or at least 1, got {value!r}."
+    return None
+
+
 @dataclass(kw_only=True)
 class SamplingParams:
     """How to sample the completion(s) of one request.
@@ -110,6 +118,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputSpec | None = None
+    truncate_prompt_tokens: int | None = None   # keep the prompt's last k tokens (-1: --max-model-len)
 
     def __post_init__(self) -> None:
         self._normalise_types()
@@ -227,6 +236,9 @@ class SamplingParams:
 
         if self.n < 1:
             fail("n", f"n must be at least 1, got {self.n}.")
+        problem = truncation_problem(self.truncate_prompt_tokens)
+        if problem is not None:
+            fail("truncate_prompt_tokens", problem)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2.0 <= value <= 2.0:

@@ -162,6 +162,10 @@ class InputProcessor:
         if lora_request is not None:
             self._check_lora(lora_request)
         prompt_text, prompt_ids = self._tokenize(prompt)
+        keep = params.truncate_prompt_tokens
+        keep = self.info.max_model_len if keep == -1 else keep
+        if keep is not None and len(prompt_ids) > keep:   # vLLM's left truncation: the prompt's last tokens
+            prompt_text, prompt_ids = None, prompt_ids[-keep:]
         arrival = time.monotonic() if arrival_time is None else arrival_time
         if isinstance(params, PoolingParams):
             request = self._pooling_request(request_id, prompt_ids, params, arrival, cache_salt)

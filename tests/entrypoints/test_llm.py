@@ -270,3 +270,21 @@ def test_chat_takes_text_parts_template_variables_and_shows_progress(llm, capsys
     assert "Processed prompts" in capsys.readouterr().err   # vLLM's progress bar, on by default
     llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert "Processed prompts" not in capsys.readouterr().err
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
+    """vLLM's left truncation, for generation and embeddings alike: the prompt's last k tokens run, as if given
+    alone (the text of a cut prompt is not reported: it no longer matches); -1 is the context length."""
+    ids = llm.get_tokenizer().encode(PROMPTS[0] + " and then some more words")
+    cut = llm.generate(PROMPTS[0] + " and then some more words", SamplingParams(
+        temperature=0.0, max_tokens=6, ignore_eos=True, truncate_prompt_tokens=3))[0]
+    alone = llm.generate({"prompt_token_ids": ids[-3:]}, GREEDY)[0]
+    assert cut.prompt_token_ids == ids[-3:] and cut.prompt is None
+    assert cut.outputs[0].token_ids == alone.outputs[0].token_ids
+    kept = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, truncate_prompt_tokens=-1))[0]
+    assert kept.prompt_token_ids == ids   # shorter than the context: nothing to cut
+    vectors = llm.embed([ids, ids[-2:]], [PoolingParams(truncate_prompt_tokens=2), PoolingParams()])
+    assert vectors[0].prompt_token_ids == ids[-2:]
+    assert vectors[0].outputs.embedding == pytest.approx(vectors[1].outputs.embedding, abs=1e-6)
+    with pytest.raises(InvalidRequestError, match="truncate_prompt_tokens must be -1 or at least 1"):
+        SamplingParams(truncate_prompt_tokens=0)

@@ -25,6 +25,8 @@ class EmbeddingRequest(RequestModel):
     user: str | None = Field(default=None, description="accepted, not used")
     normalize: bool | None = Field(default=None, description="vLLM's: L2-normalise the vectors (default: as "
                                                              "--pooler-config says, true unless set otherwise)")
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, description=(
+        "vLLM's: keep only the prompt's last k tokens (-1: the model's context length); not 0"))
 
     _not_empty = field_validator("input", mode="before")(refuse_empty_prompts)
 

@@ -164,6 +164,8 @@ class _SamplingRequest(RequestModel):
     guided_grammar: str | None = Field(default=None, min_length=1, description="as structured_outputs.grammar")
     spaces_between_special_tokens: bool = Field(default=True, description="when special tokens are kept in the "
                                                                           "text (skip_special_tokens false)")
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, description=(
+        "vLLM's: keep only the prompt's last k tokens (-1: the model's context length); not 0"))
     # vLLM extras that are not implemented: a value other than the no-op is a 400 naming the field
     allowed_token_ids: list[int] | None = Field(default=None, description="not supported (400 unless null)")
     bad_words: list[str] | None = Field(default=None, description="not supported (400 unless empty)")
@@ -253,6 +255,7 @@ class _SamplingRequest(RequestModel):
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             structured_outputs=constraint or spec,

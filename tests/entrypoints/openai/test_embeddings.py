@@ -87,6 +87,7 @@ def test_base64_is_the_float32_little_endian_bytes_of_the_same_vector(client):
     ({"input": [[1, 2], []]}, "input"), ({"input": [1, 2000]}, "input"), ({"input": [5] * 2049}, "input"),
     ({"input": "fine", "dimensions": 8}, "dimensions"), ({"input": "fine", "encoding_format": "int8"},
                                                          "encoding_format"),
+    ({"input": "fine", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
 ])
 def test_bad_requests_are_400_naming_the_field_and_run_nothing(server, body, param):
     before = scrape(server.base_url)["vllm:prompt_tokens_total"]
@@ -148,3 +149,15 @@ def test_full_queue_is_503_a_slow_request_times_out_and_a_disconnect_aborts(star
     assert ok.status_code == 200 and len(ok.json()["data"]) == 1
     m = scrape(url)
     assert m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+
+
+def test_truncate_prompt_tokens_embeds_the_inputs_last_tokens(client, server):
+    """vLLM's ``truncate_prompt_tokens``: an input over the context length is cut to its last k tokens (-1: the
+    context length) instead of refused; the vector is the cut input's."""
+    long = [5] * 2040 + [7, 8, 9, 10, 11, 12, 13, 14, 15]   # 2049 tokens: one over the context
+    cut = httpx.post(f"{server.base_url}/v1/embeddings", json={"input": long, "truncate_prompt_tokens": -1}).json()
+    assert cut["usage"]["prompt_tokens"] == 2048
+    last = httpx.post(f"{server.base_url}/v1/embeddings", json={"input": long, "truncate_prompt_tokens": 4}).json()
+    alone = client.embeddings.create(model="tiny", input=[long[-4:]], encoding_format="float")
+    assert last["usage"]["prompt_tokens"] == 4
+    assert last["data"][0]["embedding"] == pytest.approx(alone.data[0].embedding, abs=1e-5)

@@ -589,3 +589,19 @@ def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(server, client):
     body = {"model": "tiny", "input": prompt, "max_output_tokens": 1}
     usage = httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=30).json()["usage"]
     assert usage["input_tokens_details"]["cached_tokens"] > 0
+
+
+def test_truncate_prompt_tokens_runs_the_prompts_last_tokens(client, offline):
+    """vLLM's ``truncate_prompt_tokens`` on completions and chat: the prompt's last k tokens run (what the usage
+    counts), as the offline API runs them."""
+    ids = offline.get_tokenizer().encode(PROMPTS[0])
+    out = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                    extra_body={"truncate_prompt_tokens": 3, **GREEDY_EXTRA})
+    assert out.usage.prompt_tokens == 3
+    assert out.choices[0].text == offline_texts(offline, [ids[-3:]])[0]
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1,
+                                          extra_body={"truncate_prompt_tokens": 5})
+    assert chat.usage.prompt_tokens == 5
+    with pytest.raises(openai.BadRequestError) as zero:
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, extra_body={"truncate_prompt_tokens": 0})
+    assert zero.value.body["param"] == "truncate_prompt_tokens"
