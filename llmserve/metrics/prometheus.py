@@ -137,6 +137,9 @@ class EngineMetrics:
                 if output.finished:
                     self.record_finished(output)
                 continue
+            for completion in output.outputs:   # each sample's finish comes once, in the output where it ends
+                if completion.finish_reason is not None or output.finished:
+                    self._request_success.labels(self.model_name, completion.finish_reason or "abort").inc()
             new_tokens = sum(len(c.token_ids) for c in output.outputs)
             if new_tokens:
                 last = self._last_token_time.get(output.request_id)
@@ -166,12 +169,10 @@ class EngineMetrics:
         self.lora_info.labels(*labels).set_to_current_time()
 
     def record_finished(self, output: RequestOutput | EmbeddingRequestOutput) -> None:
+        """A request's end (its samples' finishes are counted as they come, in :meth:`record_step`)."""
         m = output.metrics
-        reasons = ([output.finish_reason] if isinstance(output, EmbeddingRequestOutput)
-                   else [completion.finish_reason for completion in output.outputs])
-        for reason in reasons:
-            self._request_success.labels(self.model_name, reason or "abort").inc()
         if isinstance(output, EmbeddingRequestOutput):
+            self._request_success.labels(self.model_name, output.finish_reason or "abort").inc()
             if m.finished_time is not None:
                 self.e2e.observe(m.finished_time - m.arrival_time)
             return

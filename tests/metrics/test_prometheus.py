@@ -67,7 +67,7 @@ def test_a_finished_request_feeds_vllms_per_request_histograms():
         CompletionOutput(1, "", [5], None, None, finish_reason="stop")], True,
         RequestMetrics(arrival_time=10.0, first_scheduled_time=10.5, first_token_time=11.0, finished_time=13.0),
         num_generated_tokens=4)
-    metrics.record_finished(finished)
+    metrics.record_step(STATS, [finished])
     for name, value in (("vllm:request_prefill_time_seconds", 0.5), ("vllm:request_decode_time_seconds", 2.0),
                         ("vllm:request_inference_time_seconds", 2.5), ("vllm:request_prompt_tokens", 3),
                         ("vllm:request_generation_tokens", 4)):
@@ -76,3 +76,24 @@ def test_a_finished_request_feeds_vllms_per_request_histograms():
                if line.startswith("vllm:request_success_total{")
                for reason, value in [(line.split('finished_reason="')[1].split('"')[0], float(line.split()[-1]))]}
     assert (success["length"], success["stop"]) == (1, 1)
+
+
+def success_counts(metrics: EngineMetrics) -> dict[str, float]:
+    return {line.split('finished_reason="')[1].split('"')[0]: float(line.split()[-1])
+            for line in generate_latest(metrics.registry).decode().splitlines()
+            if line.startswith("vllm:request_success_total{")}
+
+
+def test_a_sample_that_finished_before_the_others_is_counted_once():
+    """Streamed (delta) outputs report a sample's finish once, in the output where it ends; the request's final
+    output then holds only the samples still going."""
+    metrics = EngineMetrics("m")
+    early = RequestOutput("r", None, [1, 2], None, [
+        CompletionOutput(0, "", [5], None, None), CompletionOutput(1, "", [6], None, None, finish_reason="stop")],
+        False, RequestMetrics(arrival_time=0.0, first_token_time=1.0))
+    last = RequestOutput("r", None, [1, 2], None, [CompletionOutput(0, "", [7], None, None, finish_reason="length")],
+                         True, RequestMetrics(arrival_time=0.0, first_token_time=1.0, finished_time=2.0),
+                         num_generated_tokens=2)
+    metrics.record_step(STATS, [early])
+    metrics.record_step(STATS, [last])
+    assert {reason: n for reason, n in success_counts(metrics).items() if n} == {"stop": 1, "length": 1}
