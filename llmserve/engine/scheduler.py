@@ -243,7 +243,8 @@ class Scheduler:
                 break
             num_new = min(num_new, budget)
             self.block_manager.record_prefix_query(seq.num_tokens, num_hit)
-            seq.num_cached_tokens = max(seq.num_cached_tokens, num_hit)
+            # (a recomputed, preempted sequence also hits its own output's blocks: those are no prompt tokens)
+            seq.num_cached_tokens = max(seq.num_cached_tokens, min(num_hit, seq.num_prompt_tokens))
             self.waiting.popleft()
             self.running[seq.seq_id] = seq
             self.adapters.add(seq)

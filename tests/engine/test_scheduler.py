@@ -404,3 +404,18 @@ def test_finish_of_a_preempted_sequence_frees_everything():
         sched.finish(seq)
     assert sched.num_unfinished == 0
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+
+
+def test_cached_tokens_count_prompt_tokens_only_after_a_preemption():
+    """A preempted sequence is recomputed from the prefix cache, which also holds the blocks of its own output:
+    ``num_cached_tokens`` (the usage's cached prompt tokens) never counts those."""
+    sched = make_scheduler(num_blocks=5, block_size=2, max_num_batched_tokens=100, prefix_caching=True)
+    seqs = [make_seq(2, max_tokens=8) for _ in range(2)]
+    for seq in seqs:
+        sched.add(seq)
+    for _ in range(100):
+        if not sched.num_unfinished:
+            break
+        complete_step(sched, schedule(sched))
+        assert all(s.num_cached_tokens <= s.num_prompt_tokens for s in seqs)
+    assert not sched.num_unfinished and sched.num_preemptions > 0
