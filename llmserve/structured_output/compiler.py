@@ -93,20 +93,33 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int | None, eos_token_ids: Seq
 class GrammarValidator:
     """Checks specs against one model's tokenizer as its engine will compile them, so that the front end
     answers 400 for what only the vocabulary decides: token ranges past it, special tokens it lacks, and a
-    grammar that asks for an EOS token as output (the matcher allows EOS only where the grammar may end)."""
+    grammar that asks for an EOS token as output (the matcher allows EOS only where the grammar may end).
+    Specs that passed are remembered (clients repeat their schemas); thread-safe."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int | None, eos_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int | None, eos_token_ids: Sequence[int],
+                 cache_size: int = 256) -> None:
         self._tokenizer = grammar_tokenizer(tokenizer, vocab_size, eos_token_ids)
         self._vocab: dict[str, int] = tokenizer.get_vocab()
         self._stop_ids = frozenset(int(t) for t in eos_token_ids)
+        self._passed: OrderedDict[StructuredOutputSpec, None] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
 
     def validate(self, spec: StructuredOutputSpec) -> None:
+        with self._lock:
+            if spec in self._passed:
+                self._passed.move_to_end(spec)
+                return
         validate_spec(spec, self._tokenizer)
         if spec.kind == "grammar":
             stop = named_stop_token(_grammar_text(spec), self._vocab.get, self._stop_ids)
             if stop is not None:
                 raise _error(spec, f"it names the end-of-sequence token {stop} as output; a constrained output "
                                    "ends with that token where its grammar ends, without the grammar asking for it")
+        with self._lock:
+            self._passed[spec] = None
+            if len(self._passed) > self._cache_size:
+                self._passed.popitem(last=False)
 
 
 def _error(spec: StructuredOutputSpec, message: str) -> StructuredOutputError:

@@ -132,3 +132,21 @@ def test_the_validator_checks_what_only_the_vocabulary_decides(tokenizers, famil
         GrammarValidator(tokenizer, len(tokenizer), [eos]).validate(spec)
     assert message.format(eos=eos) in str(info.value)
     GrammarValidator(tokenizer, len(tokenizer), [eos]).validate(Spec.grammar('start: "a" <[3]>'))
+
+
+def test_the_validator_remembers_the_specs_that_passed(tokenizers, monkeypatch):
+    """A client's repeated schema is checked against the vocabulary once (the check runs where requests are
+    admitted); a spec that failed is checked again."""
+    import llmserve.structured_output.compiler as compiler
+
+    calls = []
+    real = compiler.validate_spec
+    monkeypatch.setattr(compiler, "validate_spec", lambda spec, tok=None: calls.append(spec) or real(spec, tok))
+    tokenizer = tokenizers("llama")
+    validator = compiler.GrammarValidator(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    good, bad = Spec.regex("[ab]+"), Spec.grammar("start: <[99999999]>")
+    for _ in range(3):
+        validator.validate(good)
+        with pytest.raises(StructuredOutputError):
+            validator.validate(bad)
+    assert calls.count(good) == 1 and calls.count(bad) == 3
