@@ -74,7 +74,7 @@ class OutputEvents:
                 events += self._close("completed")
                 item_id = _id("fc")
                 self.open = {"kind": "call", "id": item_id, "call_id": delta["id"], "name": delta["function"]["name"],
-                             "text": "", "index": len(self.items)}
+                             "text": "", "index": len(self.items), "call": delta["index"]}
                 events.append({"type": "response.output_item.added", "output_index": len(self.items),
                                "item": call_item(item_id, delta["id"], self.open["name"], "", "in_progress")})
             fragment = delta["function"]["arguments"]
@@ -107,9 +107,10 @@ class OutputEvents:
                        "logprobs": []},
                       {"type": "response.content_part.done", **where, "content_index": 0, "part": _text_part(text)}]
         else:
-            broken = self.tool_stream is not None and self.tool_stream.broken   # announced, then invalid at the end
+            assert self.tool_stream is not None
+            valid = self.tool_stream.call_is_valid(self.open["call"])   # announced calls may turn out botched
             item = call_item(self.open["id"], self.open["call_id"], self.open["name"], text,
-                             "incomplete" if broken else "completed")
+                             "completed" if valid else "incomplete")
             events = [{"type": "response.function_call_arguments.done", **where, "arguments": text}]
         self.items.append(item)
         self.open = None

@@ -30,3 +30,10 @@ def test_a_botched_call_is_incomplete_and_not_repeated_as_text():
     assert [(i["type"], i["status"]) for i in items] == [("message", "completed"), ("function_call", "incomplete")]
     assert items[0]["content"][0]["text"] == "Sure." and items[1]["arguments"] == '{"a": 1'
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Sure."
+
+
+def test_each_call_is_closed_by_its_own_validity():
+    """A botched first call closed when the second opens is incomplete; the valid second is completed."""
+    items = _done_items(_events('<tool_call>{"name": "f", "arguments": 5}</tool_call>'
+                                '<tool_call>{"name": "g", "arguments": {"a": 1}}</tool_call>'))
+    assert [(i["name"], i["status"]) for i in items] == [("f", "incomplete"), ("g", "completed")]

@@ -31,10 +31,15 @@ class ToolCallStream:
         self.content_sent = 0
         self.sent: list[int] = []    # per announced call: how much of its arguments went out
         self.broken = False          # the announced calls did not end as valid calls
+        self.calls: list[ParsedCall] = []   # the calls as last parsed
 
     @property
     def called(self) -> bool:
         return bool(self.sent)
+
+    def call_is_valid(self, index: int) -> bool:
+        """Whether announced call ``index`` is, as parsed so far, a whole call with a JSON-object of arguments."""
+        return index < len(self.calls) and self.calls[index].is_valid()
 
     def feed(self, new_text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
         """Add the newly generated text; returns the new content and the ``delta.tool_calls`` entries."""
@@ -43,6 +48,7 @@ class ToolCallStream:
         if final and self.sent and not parsed.calls:
             parsed = self.parser.parse(self.text, False)   # the calls as they were streamed, to their end
             self.broken = True
+        self.calls = parsed.calls[:self.max_calls]
         content = parsed.content[self.content_sent:]
         self.content_sent = max(self.content_sent, len(parsed.content))
         deltas: list[dict[str, Any]] = []
