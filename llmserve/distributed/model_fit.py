@@ -26,5 +26,10 @@ def check_parallel_fit(hf_config: Any, tensor_parallel_size: int, pipeline_paral
 
 
 def _int(config: Any, name: str) -> int | None:
-    value = getattr(config, name, None)
+    """The config's one value of ``name``; None where it has none, or one per layer (transformers' heterogeneous
+    configs, such as Gemma 4's, refuse a global read: its layers check their own heads)."""
+    try:
+        value = getattr(config, name, None)
+    except RuntimeError:   # transformers' AmbiguousGlobalPerLayerAttributeError
+        return None
     return value if isinstance(value, int) and not isinstance(value, bool) else None

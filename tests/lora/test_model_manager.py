@@ -32,7 +32,7 @@ def test_adapter_that_does_not_fit_the_model_fails_its_request_only(llama_dir, c
     cannot read (a GGUF file or an S3 mirror: nothing to check it against before it runs), fails where a worker
     loads it; the base request and a good adapter's request in the same batch finish normally. (With the headers
     at hand it is refused before anything runs: tests/lora/test_fit.py.)"""
-    monkeypatch.setattr("llmserve.engine.input_processor.base_module_shapes", lambda path: None)
+    monkeypatch.setattr("llmserve.lora.fit.base_module_shapes", lambda path: None)
     wrong = write_lora_adapter(tmp_path / "wrong", checkpoint_dir("gemma2"), target_modules=["q_proj"])
     good = write_lora_adapter(tmp_path / "good", llama_dir, target_modules=["q_proj"])
     llm = LLM(str(llama_dir), enable_lora=True, max_loras=2, kv_cache_memory_bytes="32MiB")
