@@ -9,9 +9,10 @@ import dataclasses
 import importlib.util
 
 import json
+import numbers
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,10 +220,11 @@ def _json_object_flag(flag: str, value: Mapping[str, Any] | str | None, example:
     return dict(value)
 
 
-# Plain field annotations -> the Python types a value may have (bool is not an int here: True is no block size),
-# and their name in an error.
-_PLAIN_TYPES = {"bool": ((bool,), "a boolean"), "int": ((int,), "an integer"), "float": ((int, float), "a number"),
-                "str": ((str,), "a string")}
+# Plain field annotations -> the values they take (bool is not an int here: True is no block size; NumPy's
+# integers and floats are, a path is a string), the plain value kept, and their name in an error.
+_PLAIN_TYPES: dict[str, tuple[tuple[type, ...], Callable[[Any], Any], str]] = {
+    "bool": ((bool,), bool, "a boolean"), "int": ((numbers.Integral,), int, "an integer"),
+    "float": ((numbers.Real,), float, "a number"), "str": ((str, os.PathLike), os.fspath, "a string")}
 
 
 @dataclass
@@ -365,10 +367,11 @@ class EngineConfig:
             value = getattr(self, item.name)
             if value is None and optional:
                 continue
-            allowed, what = _PLAIN_TYPES[kinds[0]]
+            allowed, plain, what = _PLAIN_TYPES[kinds[0]]
             if not isinstance(value, allowed) or (kinds[0] != "bool" and isinstance(value, bool)):
                 flag = "--" + item.name.replace("_", "-")
                 raise ValueError(f"{flag} ({item.name}) must be {what}{' or None' if optional else ''}, got {value!r}")
+            setattr(self, item.name, plain(value))
 
     @property
     def world_size(self) -> int:

@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,6 +195,11 @@ def test_a_value_of_the_wrong_type_is_refused_naming_the_flag(kwargs, message):
         EngineConfig(**kwargs)
 
 
-def test_values_of_the_right_type_pass():
-    config = EngineConfig(gpu_memory_utilization=1, max_model_len=None, enable_prefix_caching=False)
-    assert config.gpu_memory_utilization == 1 and not config.enable_prefix_caching
+def test_values_of_the_right_type_pass_as_plain_values():
+    """NumPy's integers and floats are numbers and a path is a string, as before the check; they are kept as plain
+    Python values (a config crosses to worker processes)."""
+    config = EngineConfig(model=Path("/models/m"), gpu_memory_utilization=np.float32(0.5), max_model_len=np.int64(128),
+                          seed=np.int64(3), enable_prefix_caching=False)
+    assert (config.model, config.gpu_memory_utilization, config.max_model_len, config.seed) == ("/models/m", 0.5, 128, 3)
+    assert type(config.max_model_len) is int and type(config.gpu_memory_utilization) is float
+    assert not config.enable_prefix_caching
