@@ -91,14 +91,25 @@ class AdapterChecker:
 
     def check(self, path: str, name: str) -> None:
         """Raise :class:`LoRAAdapterError` (:class:`LoRAAdapterNotFoundError` for a missing folder) unless the
-        adapter at ``path`` may run on this base model."""
+        adapter at ``path`` may run on this base model. The files are read outside the lock: a registration
+        reading a large adapter in a thread does not hold up the admission of requests for checked ones."""
         key = str(Path(path).expanduser())
         with self._lock:
             if key in self._checked:
                 return
-            adapter = load_peft_adapter(path, self.max_rank)
-            if self._base_shapes is None:
-                self._base_shapes = base_module_shapes(self.model_path) or {}
-            if self._base_shapes:
-                check_adapter_fits(adapter, self._base_shapes, name)
+        adapter = load_peft_adapter(path, self.max_rank)
+        shapes = self._shapes()
+        if shapes:
+            check_adapter_fits(adapter, shapes, name)
+        with self._lock:
             self._checked.add(key)
+
+    def forget(self, path: str) -> None:
+        """The adapter at ``path`` was unloaded: a later registration of that path reads it again."""
+        with self._lock:
+            self._checked.discard(str(Path(path).expanduser()))
+
+    def _shapes(self) -> ModuleShapes:
+        if self._base_shapes is None:
+            self._base_shapes = base_module_shapes(self.model_path) or {}   # the same for any thread that races
+        return self._base_shapes

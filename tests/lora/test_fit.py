@@ -125,3 +125,23 @@ def test_an_adapter_is_read_once_per_path(lora_adapter, llama_dir, monkeypatch):
         with pytest.raises(LoRAAdapterError):
             checker.check(bad, "other")
     assert reads == [path, bad, bad]
+    checker.forget(path)   # unloaded: a new registration of the path reads it again (it may have changed)
+    checker.check(path, "own")
+    assert reads == [path, bad, bad, path]
+
+
+def test_unloading_an_adapter_lets_its_path_be_read_again(lora_adapter, llama_dir, tmp_path):
+    """A path unloaded and then registered again is read again: an adapter replaced on disk by one over
+    --max-lora-rank is refused, not let through by what was read the first time."""
+    import shutil
+
+    checker = AdapterChecker(llama_dir, 8)
+    models = OpenAIServingModels(["base"], str(llama_dir), 128, enable_lora=True, adapters=checker)
+    path = tmp_path / "adapter"
+    shutil.copytree(lora_adapter("all-r8"), path)
+    models.load_adapter("a", str(path))
+    models.unload_adapter("a")
+    shutil.rmtree(path)
+    with pytest.raises(APIError) as gone:
+        models.load_adapter("a", str(path))
+    assert gone.value.status == 404

@@ -93,6 +93,7 @@ class OpenAIServingModels:
             if lora is None or (lora_int_id is not None and lora_int_id != lora.lora_int_id):
                 raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name", "lora_not_found")
             del self.lora_requests[name]
+        self.adapters.forget(lora.lora_path)
 
 
 class LoadLoRAAdapterRequest(RequestModel):
