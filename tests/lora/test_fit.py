@@ -131,8 +131,8 @@ def test_an_adapter_is_read_once_per_path(lora_adapter, llama_dir, monkeypatch):
 
 
 def test_unloading_an_adapter_lets_its_path_be_read_again(lora_adapter, llama_dir, tmp_path):
-    """A path unloaded and then registered again is read again: an adapter replaced on disk by one over
-    --max-lora-rank is refused, not let through by what was read the first time."""
+    """A path unloaded and then registered again is read again: an adapter since removed from disk is a 404,
+    not let through by what was read the first time."""
     import shutil
 
     checker = AdapterChecker(llama_dir, 8)
