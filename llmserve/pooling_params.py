@@ -11,7 +11,6 @@ from llmserve.errors import InvalidRequestError
 from llmserve.sampling_params import truncation_problem
 
 
-
 @dataclass(kw_only=True)
 class PoolingParams:
     """``normalize``: L2-normalise the pooled vector (None: as ``--pooler-config`` says). The pooling type is

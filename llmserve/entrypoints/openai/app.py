@@ -30,7 +30,6 @@ import llmserve
 from llmserve.config import EngineConfig
 from llmserve.engine.async_engine import AsyncLLMEngine, ShutdownError
 from llmserve.engine.core_client import EngineCoreClient, EngineCoreDiedError
-from llmserve.logging_setup import log_start_failure
 from llmserve.entrypoints.openai.dashboard import dashboard_page, dashboard_stats
 from llmserve.entrypoints.openai.embedding_protocol import EmbeddingRequest
 from llmserve.entrypoints.openai.errors import APIError, error_response, install_error_handlers
@@ -55,6 +54,7 @@ from llmserve.entrypoints.openai.serving_models import (LoadLoRAAdapterRequest, 
 from llmserve.entrypoints.openai.serving_responses import OpenAIServingResponses
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 from llmserve.gc_heap import freeze_startup_heap
+from llmserve.logging_setup import log_start_failure
 from llmserve.metrics.prometheus import EngineMetrics
 
 logger = logging.getLogger("llmserve.api")

@@ -246,6 +246,10 @@ def log_finished(log_id: str, output: AnyRequestOutput) -> None:
                 extra={"request_id": log_id})
 
 
+def log_failed(log_id: str, what: str) -> None:
+    logger.info("request %s %s", log_id, what, extra={"request_id": log_id})
+
+
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -255,10 +259,6 @@ def bytes_to_unicode() -> dict[int, str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     shifted = (b for b in range(256) if b not in printable)
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
-
-
-def log_failed(log_id: str, what: str) -> None:
-    logger.info("request %s %s", log_id, what, extra={"request_id": log_id})
 
 
 class TokenTexts:

@@ -23,8 +23,8 @@ class OpenAIServingEmbedding(OpenAIServing):
     async def create(self, body: EmbeddingRequest, raw: Request, header_request_id: str | None) -> JSONResponse:
         lora = self.check_model(body.model)
         try:
-            submitted = self.submit("embd", body.prompts(), PoolingParams(normalize=body.normalize, truncate_prompt_tokens=body.truncate_prompt_tokens),
-                                    header_request_id, lora_request=lora)
+            params = PoolingParams(normalize=body.normalize, truncate_prompt_tokens=body.truncate_prompt_tokens)
+            submitted = self.submit("embd", body.prompts(), params, header_request_id, lora_request=lora)
         except InvalidRequestError as exc:   # the engine names the prompt; this API calls it input
             raise APIError(400, str(exc), "input" if exc.param == "prompt" else exc.param) from None
         outputs = await self.collect(raw, submitted)
