@@ -22,7 +22,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                         "cache; $LLMSERVE_CACHE_DIR/s3 for s3://)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations; auto = float32 on CPU, the checkpoint's dtype on GPU")
+                   help="weights and activations; auto = bfloat16 on a CPU that multiplies it natively (avx512_bf16 / "
+                        "amx_bf16) unless quantised, else float32; on GPU the checkpoint's dtype (bfloat16 for a "
+                        "float32 checkpoint)")
     g.add_argument("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
                    help="int8 (W8A8) or fp8 (weight-only e4m3): quantise a full-precision checkpoint at load; "
                         "awq, gptq, compressed-tensors: a checkpoint's own format, which is read without the flag")
@@ -41,7 +43,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                    help="fraction of GPU memory for weights + activations + KV cache (GPU only)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="most tokens in one step (default 2048); long prompts are prefilled in chunks of this")
+                   help="most tokens in one step (default 2048, or max(2048, --max-model-len) without chunked "
+                        "prefill); long prompts are prefilled in chunks of this")
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="split long prompts across steps (default on)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
