@@ -43,8 +43,9 @@ def output_items(tool_calling: ToolCalling, text: str, incomplete: bool) -> list
     message, _ = tool_calling.message(text, None)
     calls = message.get("tool_calls") or []
     items = []
-    if message["content"] or not calls:
-        items.append(message_item(_id("msg"), message["content"] or "", "incomplete" if incomplete else "completed"))
+    if message["content"] or not calls:   # a cut leaves the message incomplete only if nothing came after it
+        items.append(message_item(_id("msg"), message["content"] or "",
+                                  "incomplete" if incomplete and not calls else "completed"))
     items += [call_item(_id("fc"), call["id"], call["function"]["name"], call["function"]["arguments"], "completed")
               for call in calls]
     return items
@@ -111,7 +112,8 @@ class OutputEvents:
             valid = self.tool_stream.call_is_valid(self.open["call"])   # announced calls may turn out botched
             item = call_item(self.open["id"], self.open["call_id"], self.open["name"], text,
                              "completed" if valid else "incomplete")
-            events = [{"type": "response.function_call_arguments.done", **where, "arguments": text}]
+            events = [{"type": "response.function_call_arguments.done", **where, "name": self.open["name"],
+                       "arguments": text}]
         self.items.append(item)
         self.open = None
         return events + [{"type": "response.output_item.done", "output_index": where["output_index"], "item": item}]

@@ -91,8 +91,9 @@ class TextFormat(RequestModel):
 
     @model_validator(mode="after")
     def _named_schema(self) -> TextFormat:
-        if self.type == "json_schema" and self.name is None:
-            raise PydanticCustomError("name_required", "name is required with json_schema")
+        if self.type == "json_schema" and (self.name is None or self.schema_ is None):
+            missing = "name" if self.name is None else "schema"
+            raise PydanticCustomError("field_required", "{missing} is required with json_schema", {"missing": missing})
         return self
 
 
@@ -177,8 +178,8 @@ class ResponsesRequest(RequestModel):
             elif isinstance(item, FunctionCallItem):
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
-                if messages and messages[-1].get("tool_calls"):   # parallel calls share one assistant turn
-                    messages[-1]["tool_calls"].append(call)
+                if messages and messages[-1]["role"] == "assistant":   # the turn's text and calls are one message
+                    messages[-1].setdefault("tool_calls", []).append(call)
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             else:

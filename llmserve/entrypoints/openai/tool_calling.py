@@ -14,6 +14,7 @@ from typing import Any
 
 from llmserve.entrypoints.openai.chat_protocol import NamedToolChoice, ToolRequest
 from llmserve.entrypoints.openai.tool_parsers import ToolCallParser
+from llmserve.entrypoints.openai.tool_parsers.base import final_parse
 from llmserve.entrypoints.openai.tool_parsers.forced import (
     NamedToolParser, RequiredToolParser, named_schema, required_schema)
 from llmserve.entrypoints.openai.tool_parsers.streaming import ToolCallStream, new_tool_call_id, tool_call_json
@@ -55,8 +56,8 @@ class ToolCalling:
         """A finished choice's ``message`` and ``finish_reason``."""
         if self.parser is None:
             return {"role": "assistant", "content": text}, finish_reason
-        parsed = self.parser.parse(text, final=True)
-        calls = parsed.calls[:self.max_calls]
+        parsed = final_parse(self.parser, text, self.max_calls)
+        calls = parsed.calls
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content or (None if calls else "")}
         if calls:
             message["tool_calls"] = [tool_call_json(call, new_tool_call_id()) for call in calls]

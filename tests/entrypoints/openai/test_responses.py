@@ -158,6 +158,7 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(qwen2_server, fields,
     ({"type": "json_schema", "name": "x", "schema": {"type": "array", "uniqueItems": True}},
      "text.format.schema: the JSON schema cannot be compiled"),
     ({"type": "json_schema", "schema": {"type": "object"}}, "text.format: name is required with json_schema"),
+    ({"type": "json_schema", "name": "x"}, "text.format: schema is required with json_schema"),
 ])
 def test_a_bad_text_format_is_named_as_the_responses_field(qwen2_server, fmt, message):
     body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, "text": {"format": fmt}}

@@ -1,9 +1,13 @@
-"""The streamed output events of /v1/responses: a function call whose text turned out botched at the end
-is closed ``incomplete`` (never ``completed``), and its text is not sent again as a message."""
+"""The output items of /v1/responses, streamed and not: a function call whose text turned out botched at the
+end is closed ``incomplete`` (never ``completed``), and its text is not sent again as a message; a message
+followed by a call is complete even when the output was cut later; the arguments' done event names the
+function. And the input side: an earlier turn's text and its calls render as one assistant message, as chat
+sends them."""
 
 from __future__ import annotations
 
-from llmserve.entrypoints.openai.responses_output import OutputEvents
+from llmserve.entrypoints.openai.responses_output import OutputEvents, output_items
+from llmserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from llmserve.entrypoints.openai.tool_calling import ToolCalling
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 
@@ -37,3 +41,30 @@ def test_each_call_is_closed_by_its_own_validity():
     items = _done_items(_events('<tool_call>{"name": "f", "arguments": 5}</tool_call>'
                                 '<tool_call>{"name": "g", "arguments": {"a": 1}}</tool_call>'))
     assert [(i["name"], i["status"]) for i in items] == [("f", "incomplete"), ("g", "completed")]
+
+
+def test_the_arguments_done_event_names_the_function():
+    done = [e for e in _events('<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>')
+            if e["type"] == "response.function_call_arguments.done"]
+    assert [(e["name"], e["arguments"]) for e in done] == [("f", '{"a": 1}')]
+
+
+def test_a_message_before_a_call_is_complete_though_the_output_was_cut_after_it():
+    text = 'Let me check. <tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n<tool_call>\n'
+    items = output_items(ToolCalling(TOOL_CALL_PARSERS["hermes"](), None, None, True), text, incomplete=True)
+    assert [(i["type"], i["status"]) for i in items] == [("message", "completed"), ("function_call", "completed")]
+    streamed = _done_items(_events(text))
+    assert [(i["type"], i["status"]) for i in streamed][0] == ("message", "completed")
+
+
+def test_an_earlier_turns_text_and_calls_are_one_assistant_message():
+    """``input += response.output``: a message item then its function_call items render as chat's one assistant
+    message with content and tool_calls (the template would otherwise see two assistant turns)."""
+    request = ResponsesRequest.model_validate({"model": "m", "input": [
+        {"role": "user", "content": "Time?"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sure."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "12:00"}]})
+    messages = [m.model_dump(exclude_none=True) for m in request.as_chat_request().messages]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    assert messages[1]["content"] == "Sure." and [c["id"] for c in messages[1]["tool_calls"]] == ["c1"]

@@ -71,6 +71,19 @@ def finish(text: str, content: str, calls: list[ParsedCall], started: bool, fina
     return ParsedOutput(content, calls)
 
 
+def final_parse(parser: ToolCallParser, text: str, max_calls: int | None) -> ParsedOutput:
+    """A finished generation's parse when only its first ``max_calls`` calls are kept (``parallel_tool_calls:
+    false``): a botched call past them does not turn the kept ones into content."""
+    parsed = parser.parse(text, final=True)
+    if max_calls is None or parsed.calls:
+        return ParsedOutput(parsed.content, parsed.calls[:max_calls])
+    partial = parser.parse(text, final=False)
+    kept = partial.calls[:max_calls]
+    if kept and all(call.is_valid() for call in kept):
+        return ParsedOutput(partial.content, kept)
+    return parsed
+
+
 def call_from_object(text: str, obj: PartialObject, argument_keys: tuple[str, ...]) -> ParsedCall:
     """A call written as ``{"name": ..., "<arguments key>": {...}}``. Arguments given as a JSON string
     (some models quote them) are shown once complete, decoded."""

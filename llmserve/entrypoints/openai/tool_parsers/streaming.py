@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from llmserve.entrypoints.openai.tool_parsers.base import ParsedCall, ToolCallParser
+from llmserve.entrypoints.openai.tool_parsers.base import ParsedCall, ToolCallParser, final_parse
 
 
 def new_tool_call_id() -> str:
@@ -44,7 +44,7 @@ class ToolCallStream:
     def feed(self, new_text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
         """Add the newly generated text; returns the new content and the ``delta.tool_calls`` entries."""
         self.text += new_text
-        parsed = self.parser.parse(self.text, final)
+        parsed = final_parse(self.parser, self.text, self.max_calls) if final else self.parser.parse(self.text, False)
         if final and self.sent and not parsed.calls:
             parsed = self.parser.parse(self.text, False)   # the calls as they were streamed, to their end
             self.broken = True

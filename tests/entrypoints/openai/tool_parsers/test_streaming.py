@@ -90,3 +90,21 @@ def test_a_valid_stream_is_not_broken():
     stream = ToolCallStream(TOOL_CALL_PARSERS["hermes"]())
     _run(stream, TEXT, 3)
     assert stream.called and not stream.broken
+
+
+def test_with_one_call_allowed_a_botched_second_call_does_not_undo_the_first():
+    """``parallel_tool_calls: false`` keeps the first call; what the model wrote after it, botched or not,
+    decides nothing, streamed or not."""
+    from llmserve.entrypoints.openai.tool_calling import ToolCalling
+
+    text = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+            '<tool_call>{"name": "get_time", "arguments": {"tz": }}</tool_call>')
+    calling = ToolCalling(TOOL_CALL_PARSERS["hermes"](), None, 1, True)
+    message, finish = calling.message(text, "stop")
+    assert finish == "tool_calls" and message["content"] is None
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == [
+        ("get_weather", '{"city": "Paris"}')]
+    stream = calling.stream()
+    content, deltas = _run(stream, text, 5)
+    assert content == "" and not stream.broken
+    assert [(c["name"], c["arguments"]) for c in _assemble(deltas).values()] == [("get_weather", '{"city": "Paris"}')]
