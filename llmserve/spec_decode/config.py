@@ -9,6 +9,7 @@ not (EAGLE, MTP, ...) is refused at start-up naming what is supported, never run
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,6 +28,20 @@ _NGRAM_MODEL_NAMES = ("[ngram]", "ngram")
 # vLLM's default n-gram size when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
 
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    """An int or float that is not a bool, NaN or infinite (JSON text may hold Infinity and NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_suffix_depth(value: object) -> None:
+    if not _is_int(value) or value < 2:
+        raise ValueError(f"--speculative-config: suffix_decoding_max_tree_depth must be an integer >= 2, got {value!r}")
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
@@ -82,16 +97,14 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--speculative-config: {name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.suffix_decoding_max_tree_depth, int) or self.suffix_decoding_max_tree_depth < 2:
-            raise ValueError(f"--speculative-config: suffix_decoding_max_tree_depth must be an integer >= 2, got "
-                             f"{self.suffix_decoding_max_tree_depth!r}")
-        if not isinstance(self.suffix_decoding_max_cached_requests, int) or self.suffix_decoding_max_cached_requests < 0:
+        _check_suffix_depth(self.suffix_decoding_max_tree_depth)
+        if not _is_int(self.suffix_decoding_max_cached_requests) or self.suffix_decoding_max_cached_requests < 0:
             raise ValueError(f"--speculative-config: suffix_decoding_max_cached_requests must be an integer >= 0, "
                              f"got {self.suffix_decoding_max_cached_requests!r}")
-        if not isinstance(self.suffix_decoding_max_spec_factor, (int, float)) or self.suffix_decoding_max_spec_factor <= 0:
-            raise ValueError(f"--speculative-config: suffix_decoding_max_spec_factor must be > 0, got "
-                             f"{self.suffix_decoding_max_spec_factor!r}")
-        if not isinstance(self.suffix_decoding_min_token_prob, (int, float)) or not \
+        if not _is_finite_number(self.suffix_decoding_max_spec_factor) or self.suffix_decoding_max_spec_factor <= 0:
+            raise ValueError(f"--speculative-config: suffix_decoding_max_spec_factor must be a finite number > 0, "
+                             f"got {self.suffix_decoding_max_spec_factor!r}")
+        if not _is_finite_number(self.suffix_decoding_min_token_prob) or not \
                 0 <= self.suffix_decoding_min_token_prob <= 1:
             raise ValueError(f"--speculative-config: suffix_decoding_min_token_prob must be in [0, 1], got "
                              f"{self.suffix_decoding_min_token_prob!r}")
@@ -157,9 +170,12 @@ class SpeculativeConfig:
         if fields["method"] != "suffix" and any(key in fields for key in _SUFFIX_KEYS):
             raise ValueError(f"--speculative-config: the suffix_decoding_* keys are for method suffix, not "
                              f"{fields['method']!r}")
+        if fields["method"] != "ngram" and ("prompt_lookup_min" in fields or "prompt_lookup_max" in fields):
+            raise ValueError(f"--speculative-config: prompt_lookup_min / prompt_lookup_max are for method ngram, not "
+                             f"{fields['method']!r}")
         if fields["method"] == "suffix":   # vLLM: the tree depth bounds the drafts unless told otherwise
-            if "prompt_lookup_min" in fields or "prompt_lookup_max" in fields:
-                raise ValueError("--speculative-config: prompt_lookup_min / prompt_lookup_max are for method ngram")
+            if "suffix_decoding_max_tree_depth" in fields:
+                _check_suffix_depth(fields["suffix_decoding_max_tree_depth"])   # named before it is copied
             fields.setdefault("num_speculative_tokens", fields.get("suffix_decoding_max_tree_depth",
                                                                         cls.suffix_decoding_max_tree_depth))
         if "num_speculative_tokens" not in fields:

@@ -103,7 +103,20 @@ def test_suffix_method_takes_vllms_suffix_keys():
                           "are for method suffix"),
                          ({"method": "suffix", "prompt_lookup_max": 3}, "are for method ngram"),
                          ({"method": "suffix", "suffix_decoding_min_token_prob": 2}, "must be in [0, 1]"),
-                         ({"method": "suffix", "suffix_decoding_max_tree_depth": 1}, "must be an integer >= 2")]:
+                         ({"method": "suffix", "suffix_decoding_max_tree_depth": 1}, "must be an integer >= 2"),
+                         # the key at fault named, not num_speculative_tokens (which the depth sets)
+                         ({"method": "suffix", "suffix_decoding_max_tree_depth": 0},
+                          "suffix_decoding_max_tree_depth must be an integer >= 2"),
+                         ({"method": "suffix", "suffix_decoding_max_tree_depth": "8"},
+                          "suffix_decoding_max_tree_depth must be an integer >= 2"),
+                         # JSON text may hold Infinity and NaN: the proposer would die on them mid-run
+                         ({"method": "suffix", "suffix_decoding_max_spec_factor": float("inf")}, "a finite number"),
+                         ({"method": "suffix", "suffix_decoding_max_spec_factor": float("nan")}, "a finite number"),
+                         ({"method": "suffix", "suffix_decoding_max_spec_factor": True}, "a finite number"),
+                         ({"method": "suffix", "suffix_decoding_max_cached_requests": True}, "integer >= 0"),
+                         ({"method": "suffix", "suffix_decoding_min_token_prob": True}, "must be in [0, 1]"),
+                         ({"method": "draft_model", "model": "/models/draft", "num_speculative_tokens": 2,
+                           "prompt_lookup_max": 3}, "are for method ngram, not 'draft_model'")]:
         with pytest.raises(ValueError) as info:
             EngineConfig(speculative_config=bad)
         assert message in str(info.value)
