@@ -236,8 +236,9 @@ class Scheduler:
                 continue
             num_hit = self.block_manager.match_prefix(seq)   # cached prefix blocks count as computed
             num_new = seq.num_tokens - seq.num_computed_tokens
+            lookahead = self.num_lookahead_slots if num_new <= budget else 0   # its step samples: room to draft
             if (num_new > budget and not self.enable_chunked_prefill) or not self.block_manager.allocate(
-                    seq, seq.num_computed_tokens + min(num_new, budget)):
+                    seq, seq.num_computed_tokens + min(num_new, budget) + lookahead):
                 self.block_manager.free(seq)   # give the prefix hits back; they stay cached
                 seq.num_computed_tokens = 0
                 break

@@ -170,7 +170,7 @@ def test_a_draft_models_drafts_come_back_with_the_result_and_get_lookahead_slots
                       proposer=DraftsFromWorker(SpeculativeConfig("draft_model", k, model="d")))
     seq = add(sched)
     out = sched.schedule()
-    assert len(seq.block_table) == -(-len(PROMPT) // BLOCK)          # a new prompt: no lookahead yet
+    assert len(seq.block_table) == -(-(len(PROMPT) + k) // BLOCK)    # a whole prompt's step samples too
     sched.update_from_output(out, ModelRunnerOutput(sampled={seq.seq_id: 2}, draft_token_ids={seq.seq_id: [3, 4]}))
     out = sched.schedule()
     assert out.scheduled_spec_decode_tokens == {seq.seq_id: [3, 4]}
@@ -179,6 +179,19 @@ def test_a_draft_models_drafts_come_back_with_the_result_and_get_lookahead_slots
                                                     draft_token_ids={seq.seq_id: [8]}))
     assert seq.output_token_ids == [2, 3, 4, 7]
     assert sched.schedule().scheduled_spec_decode_tokens == {seq.seq_id: [8]}
+
+
+def test_a_prompt_ending_on_a_block_boundary_leaves_the_draft_model_room_after_its_prefill():
+    """The prefill step samples, so the draft model drafts after it: a prompt that fills its last block exactly
+    gets the k lookahead slots with its blocks (without them it could draft nothing, and its next step would feed
+    the draft model the whole prompt again)."""
+    k = 3
+    sched = Scheduler(BlockManager(32, BLOCK, True), 8, 64,
+                      proposer=DraftsFromWorker(SpeculativeConfig("draft_model", k, model="d")))
+    seq = Sequence(0, "r", 0, PROMPT[:16], SamplingParams(max_tokens=8), 8, None)
+    sched.add(seq)
+    sched.schedule()
+    assert len(seq.block_table) == -(-(16 + k) // BLOCK) == 16 // BLOCK + 1
 
 
 def test_adaptive_caps_limit_the_drafts_and_are_sent_to_a_draft_model():
