@@ -5,9 +5,7 @@ flags and starts the engine core before torch loads."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-
 import json
 import numbers
 import os
@@ -394,7 +392,7 @@ class EngineConfig:
     def cuda_only_flags_set(self) -> list[str]:
         """The CUDA-only flags given values other than their defaults (they do nothing on a CPU engine, which
         logs them rather than refusing a configuration written for either device)."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = {f.name: f.default for f in fields(self)}
         return [f"--{name.replace('_', '-')}" for name in ("gpu_memory_utilization", "enforce_eager",
                                                           "max_seq_len_to_capture")
                 if getattr(self, name) != defaults[name]]

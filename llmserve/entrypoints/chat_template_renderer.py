@@ -17,6 +17,7 @@ little memory.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import resource
@@ -34,6 +35,13 @@ RENDER_TIMEOUT_S = 10.0
 MEMORY_BUDGET_BYTES = 1 << 30
 STARTUP_TIMEOUT_S = 120.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # the folder holding this ``llmserve`` package
+
+
+def renderer_parameters(tokenizer: Any) -> frozenset[str]:
+    """``apply_chat_template``'s own parameters (``tokenize``, ``chat_template``...): a request's
+    ``chat_template_kwargs`` are template variables and may not set them."""
+    signature = inspect.signature(tokenizer.apply_chat_template)
+    return frozenset(name for name, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
 
 
 class ChatTemplateError(ValueError):

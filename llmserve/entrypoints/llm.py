@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from collections.abc import Sequence as SequenceABC
 from typing import Any, TypeVar, Union
 
 from llmserve.config import EngineConfig
+from llmserve.entrypoints.chat_template_renderer import renderer_parameters
 from llmserve.engine.llm_engine import LLMEngine, OutputKind
 from llmserve.engine.output_processor import AnyRequestOutput
 from llmserve.errors import InvalidRequestError
@@ -139,8 +139,7 @@ def _apply_chat_template(tokenizer: Any, conversation: list[dict[str, Any]], cha
                          template_kwargs: dict[str, Any] | None = None) -> list[int]:
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; pass chat_template")
-    own = set(inspect.signature(tokenizer.apply_chat_template).parameters)
-    clash = sorted(own & set(template_kwargs or ()))
+    clash = sorted(renderer_parameters(tokenizer) & set(template_kwargs or ()))
     if clash:
         raise ValueError(f"chat_template_kwargs may not set {clash[0]!r}: it is a parameter of apply_chat_template, "
                          "not a template variable")

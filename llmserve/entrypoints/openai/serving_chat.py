@@ -4,14 +4,13 @@ split into content and tool calls by :class:`ToolCalling`."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from llmserve.engine.async_engine import AsyncLLMEngine
-from llmserve.entrypoints.chat_template_renderer import ChatTemplateError, ChatTemplateRenderer
+from llmserve.entrypoints.chat_template_renderer import ChatTemplateError, ChatTemplateRenderer, renderer_parameters
 from llmserve.entrypoints.openai.errors import APIError
 from llmserve.entrypoints.openai.event_stream import EventStream, SSEResponse
 from llmserve.entrypoints.openai.chat_protocol import ChatMessage
@@ -34,8 +33,7 @@ class OpenAIServingChat(OpenAIServing):
                                              info.config.trust_remote_code, type(self.tokenizer))
         self.auto_tool_parser = auto_tool_parser   # set by --enable-auto-tool-choice --tool-call-parser
         # chat_template_kwargs are the template's variables, never the renderer's own parameters
-        self.renderer_params = {name for name, p in inspect.signature(self.tokenizer.apply_chat_template).parameters
-                                .items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        self.renderer_params = renderer_parameters(self.tokenizer)
 
     async def render_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                             template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False,
