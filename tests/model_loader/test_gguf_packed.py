@@ -6,10 +6,11 @@ The packed path quantises every linear layer's input per row and block of 32 col
 does), so it is compared twice, through the engine (chunked prefill, prefix-cache hits):
 
 * with transformers running the same rounding (each ``nn.Linear`` input rounded as the kernel rounds it): the
-  same greedy tokens, at least half the logprobs within 1e-4 (float32 summation order; measured about 1e-6),
-  all within 0.1: an activation whose float32 value differs in the last bit between the two implementations
-  can land on the other side of a rounding boundary (a step of max|x| / 127 for its block), which moves that
-  step and, through the KV cache, the rest of that sequence (measured: up to 0.064, on one prompt in three);
+  same greedy tokens, the median logprob within a quarter of its distance to plain transformers (most agree
+  to float32 summation order, about 1e-6), all within 0.1: an activation whose float32 value differs in the last
+  bit between the two implementations can land on the other side of a rounding boundary (a step of max|x| / 127
+  for its block), which moves that step and, through the KV cache, the rest of that sequence (measured: up to
+  0.064, on one prompt in three, or on two, depending on the CPU's float32 GEMM in transformers);
 * with plain transformers (float activations): the same greedy tokens on these prompts, logprobs within 0.15
   (the rounding alone moves transformers' own logprobs by up to 0.09 on these random-weight models).
 
@@ -21,6 +22,7 @@ super-block) the same mix falls back to Q5_0 / Q8_0 as llama.cpp's does.
 from __future__ import annotations
 
 import logging
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,15 +71,15 @@ def _check_against_transformers(path: Path, caplog: pytest.LogCaptureFixture, **
     plain = [hf_greedy(path, p, MAX_TOKENS) for p in PROMPTS]
     with rounded_activations(path):
         rounded = [hf_greedy(path, p, MAX_TOKENS) for p in PROMPTS]
-    close = []
+    to_rounded, to_plain = [], []
     for (tokens, logprobs), (ref_tokens, ref_logprobs), (plain_tokens, plain_logprobs) in zip(
             results, rounded * 2, plain * 2):
         assert tokens == ref_tokens == plain_tokens
-        differences = [abs(a - b) for a, b in zip(logprobs, ref_logprobs)]
-        assert max(differences) < 0.1
-        close += [d < 1e-4 for d in differences]
-        assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs)) < 0.15
-    assert sum(close) >= 0.5 * len(close)
+        to_rounded += [abs(a - b) for a, b in zip(logprobs, ref_logprobs)]
+        to_plain += [abs(a - b) for a, b in zip(logprobs, plain_logprobs)]
+    assert max(to_rounded) < 0.1 and max(to_plain) < 0.15
+    # the boundary cases of the docstring move whole sequences, so the median, not each logprob, is the check
+    assert statistics.median(to_rounded) < 0.25 * statistics.median(to_plain)
 
 
 @pytest.mark.parametrize("family,file_type", [("qwen2", "Q8_0"), ("llama", "Q4_1"), ("qwen2", "Q5_0"),
