@@ -3,12 +3,14 @@
 Every kernel sums in float32 and rounds its outputs to bfloat16 once (the layer ops where transformers
 rounds), so each output is within one bfloat16 rounding (relative 2^-8) of the float32 result of the same
 inputs, plus float32 summation-order noise. The linear kernels (pair-blocked and row-major weights) run on
-AVX512-BF16 where the CPU has it and on float32 FMAs over widened weights elsewhere: both builds are tested here (the second with
-``-mno-avx512bf16``, which any x86 compiler accepts)."""
+AVX512-BF16 where the CPU has it and on float32 FMAs over widened weights elsewhere, and calls of many rows on AMX
+tiles where the CPU has those: every build is tested here (the others with ``-mno-avx512bf16`` and
+``-mno-amx-tile``, which any x86 compiler accepts)."""
 
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,16 +22,28 @@ from llmserve.layers.cpu_kernels import CPUKernels, block_weight, cpu_kernels
 BF16_ROUNDING = 2.0 ** -8   # a bfloat16 keeps 8 significant bits
 
 
-@pytest.fixture(scope="module", params=["native", "without-avx512bf16"])
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module", params=["native", "without-avx512bf16", "without-amx"])
 def kernels(request):
     if request.param == "native":
         loaded = cpu_kernels()
         assert loaded is not None, "the test machine has a C compiler"
+        assert loaded.bf16_uses_amx == (_cpu_has_amx() and platform.system() == "Linux")
         return loaded
     if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("-mno-avx512bf16 is an x86 flag")
-    built = CPUKernels(build_library(("-mno-avx512bf16",)))
-    assert not built.bf16_uses_dpbf16
+        pytest.skip(f"{request.param} builds with an x86 flag")
+    if request.param == "without-avx512bf16":
+        built = CPUKernels(build_library(("-mno-avx512bf16",)))
+        assert not built.bf16_uses_dpbf16
+    else:
+        built = CPUKernels(build_library(("-mno-amx-tile", "-mno-amx-bf16")))
+        assert not built.bf16_uses_amx
     return built
 
 
@@ -56,6 +70,18 @@ def test_bf16_linear_matches_float32_torch(kernels, rows, out_features, in_featu
     strided = torch.randn(rows, in_features + 3).bfloat16()[:, 1:1 + in_features]
     _assert_within_bf16(kernels.linear_bf16(strided, blocked, None),
                         strided.float() @ weight.float().T, strided.float().abs() @ weight.float().abs().T)
+
+
+@pytest.mark.parametrize("rows", [4, 16, 31, 33, 70])   # one or two AMX row tiles, full or partial
+@pytest.mark.parametrize("out_features,in_features", [(16, 32), (48, 96), (80, 800)])   # odd block counts
+def test_bf16_linear_of_many_rows_matches_float32_torch(kernels, rows, out_features, in_features):
+    """The calls that go to AMX tiles where the CPU has them: input columns a multiple of 32, rows past one tile."""
+    torch.manual_seed(rows * out_features + in_features)
+    x = torch.randn(rows, in_features + 5).bfloat16()[:, 2:2 + in_features]   # a row stride past the row
+    weight, bias = torch.randn(out_features, in_features).bfloat16(), torch.randn(out_features).bfloat16()
+    scale = x.float().abs() @ weight.float().abs().T + bias.float().abs()
+    _assert_within_bf16(kernels.linear_bf16(x, block_weight(weight), bias),
+                        F.linear(x.float(), weight.float(), bias.float()), scale)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])   # one tile, a tile and a tail, several tiles

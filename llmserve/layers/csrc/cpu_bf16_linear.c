@@ -23,6 +23,12 @@
 
 #define TILE_ROWS 6
 #define TILE_VECS 4     /* blocks per panel, in register tiles of up to that */
+#ifndef AMX_MIN_ROWS
+#define AMX_MIN_ROWS 2  /* from this many rows a panel goes to the AMX tiles where the CPU has them */
+#endif
+
+int llmserve_bf16_amx_panel(const uint16_t *x, long xs, const uint16_t *w, long k, const uint16_t *bias, uint16_t *y,
+                            long ys, long M, int nb);
 
 /* The input pair (x[2c], x[2c+1]) as one 32-bit word; the pair past an odd k is (x[k-1], 0). */
 static inline uint32_t x_pair(const uint16_t *x, long c, long k) {
@@ -120,6 +126,7 @@ static const tile_fn TILES[TILE_VECS + 1] = {NULL, tile_nb1, tile_nb2, tile_nb3,
  * work here and in cpu_grouped_linear.c (one per (expert, panel) pair). */
 void llmserve_bf16_linear_panel(const uint16_t *x, long x_stride, const uint16_t *w, long k, const uint16_t *bias,
                                 uint16_t *y, long y_stride, long M, int nb) {
+    if (M >= AMX_MIN_ROWS && llmserve_bf16_amx_panel(x, x_stride, w, k, bias, y, y_stride, M, nb)) return;
     const long k2 = (k + 1) / 2;
     for (long m0 = 0; m0 < M; m0 += TILE_ROWS) {
         const int mr = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
