@@ -17,6 +17,7 @@ import uuid
 from typing import Any
 
 from llmserve.entrypoints.openai.tool_calling import ToolCalling
+from llmserve.entrypoints.openai.tool_parsers.base import arguments_are_valid
 from llmserve.entrypoints.openai.tool_parsers.streaming import ToolCallStream
 
 
@@ -46,7 +47,8 @@ def output_items(tool_calling: ToolCalling, text: str, incomplete: bool) -> list
     if message["content"] or not calls:   # a cut leaves the message incomplete only if nothing came after it
         items.append(message_item(_id("msg"), message["content"] or "",
                                   "incomplete" if incomplete and not calls else "completed"))
-    items += [call_item(_id("fc"), call["id"], call["function"]["name"], call["function"]["arguments"], "completed")
+    items += [call_item(_id("fc"), call["id"], call["function"]["name"], call["function"]["arguments"],
+                        "completed" if arguments_are_valid(call["function"]["arguments"]) else "incomplete")
               for call in calls]
     return items
 

@@ -10,6 +10,7 @@ from llmserve.entrypoints.openai.responses_output import OutputEvents, output_it
 from llmserve.entrypoints.openai.responses_protocol import ResponsesRequest
 from llmserve.entrypoints.openai.tool_calling import ToolCalling
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
+from llmserve.entrypoints.openai.tool_parsers.forced import NamedToolParser
 
 
 def _events(text: str, step: int = 4) -> list[dict]:
@@ -55,6 +56,16 @@ def test_a_message_before_a_call_is_complete_though_the_output_was_cut_after_it(
     assert [(i["type"], i["status"]) for i in items] == [("message", "completed"), ("function_call", "completed")]
     streamed = _done_items(_events(text))
     assert [(i["type"], i["status"]) for i in streamed][0] == ("message", "completed")
+
+
+def test_a_forced_call_cut_short_is_an_incomplete_call_streamed_or_not():
+    calling = ToolCalling(NamedToolParser("f"), None, None, False)
+    items = output_items(calling, '{"a": 1', incomplete=True)
+    assert [(i["type"], i["name"], i["arguments"], i["status"]) for i in items] == [
+        ("function_call", "f", '{"a": 1', "incomplete")]
+    out = OutputEvents(calling)
+    streamed = _done_items(out.feed('{"a"', final=False) + out.feed(": 1", final=True))
+    assert [(i["type"], i["arguments"], i["status"]) for i in streamed] == [("function_call", '{"a": 1', "incomplete")]
 
 
 def test_an_earlier_turns_text_and_calls_are_one_assistant_message():

@@ -3,7 +3,8 @@
 * ``tool_choice: "required"`` (qwen2 checkpoint): the grammar forces calls, so every call names one of the
   tools and its arguments are valid under that tool's schema; ``finish_reason`` ``"tool_calls"``, content
   null; ``parallel_tool_calls: false`` gives exactly one call. A named function: one call of that function,
-  arguments valid, ``finish_reason`` ``"stop"`` (as OpenAI's API answers a forced call).
+  arguments valid, ``finish_reason`` ``"stop"`` (as OpenAI's API answers a forced call). Cut by ``max_tokens``,
+  a forced call is still the call, its arguments as written, streamed or not.
 * Streaming: each call's first delta carries its id, type and name, later deltas fragments of its arguments;
   reassembled they equal the non-streamed response (greedy), with the same finish reason.
 * ``tool_choice: "auto"`` with each ``--tool-call-parser`` on the family whose format it reads (hermes on
@@ -102,6 +103,20 @@ def test_a_named_function_is_called_with_valid_arguments(qwen2):
     content, streamed, finish = _streamed(qwen2, tools=TOOLS,
                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert (content, finish) == ("", "stop") and _check_calls(streamed) == calls
+
+
+@pytest.mark.parametrize("tool_choice,max_tokens", [   # cut after the call's name, inside its arguments
+    ("required", 20), ({"type": "function", "function": {"name": "get_weather"}}, 6)])
+def test_a_forced_call_cut_by_max_tokens_is_the_call_streamed_or_not(qwen2, tool_choice, max_tokens):
+    choice = _create(qwen2, tools=TOOLS, tool_choice=tool_choice, max_tokens=max_tokens).choices[0]
+    assert choice.finish_reason == "length" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name in SCHEMAS
+    with pytest.raises(ValueError):
+        json.loads(call.function.arguments)   # as the model wrote them, cut short
+    content, streamed, finish = _streamed(qwen2, tools=TOOLS, tool_choice=tool_choice, max_tokens=max_tokens)
+    assert (content, finish) == ("", "length")
+    assert [(c["name"], c["arguments"]) for c in streamed] == [(call.function.name, call.function.arguments)]
 
 
 def test_tool_choice_none_answers_with_text(qwen2):

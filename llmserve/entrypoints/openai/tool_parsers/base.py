@@ -26,13 +26,15 @@ class ParsedCall:
     complete: bool
 
     def is_valid(self) -> bool:
-        if not self.complete or not isinstance(self.name, str) or not self.name:
-            return False
-        try:
-            arguments = json.loads(self.arguments)
-        except ValueError:
-            return False
-        return isinstance(arguments, dict)   # OpenAI's arguments are always a JSON object
+        return self.complete and isinstance(self.name, str) and bool(self.name) and arguments_are_valid(self.arguments)
+
+
+def arguments_are_valid(arguments: str) -> bool:
+    """Whether a call's ``arguments`` text is a JSON object (OpenAI's arguments always are)."""
+    try:
+        return isinstance(json.loads(arguments), dict)
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -52,7 +54,7 @@ class ToolCallParser(ABC):
     def parse(self, text: str, final: bool) -> ParsedOutput:
         """Split ``text`` into content and calls. With ``final`` the generation has ended: calls are then
         all valid, or the whole text is content (a model that started a call and botched it still answers
-        with what it wrote)."""
+        with what it wrote); the forced formats (forced.py) keep every call that has a name."""
 
 
 def hold_back(text: str, marker: str) -> str:

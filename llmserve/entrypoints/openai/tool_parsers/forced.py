@@ -3,7 +3,9 @@
 With ``required`` the output is constrained to a JSON array of ``{"name": ..., "parameters": {...}}``, one
 item per call, each name one of the request's tools and its parameters valid under that tool's schema; with
 a named function the output is that function's arguments object. Property order is the schema's, so a
-call's name arrives before its arguments and streams as OpenAI's do.
+call's name arrives before its arguments and streams as OpenAI's do. Output cut by ``max_tokens`` is still
+the calls (the last one's arguments as written, not valid JSON), streamed or not: the grammar made them calls,
+and a stream has already announced them.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmserve.entrypoints.openai.tool_parsers.base import (
-    ParsedCall, ParsedOutput, ToolCallParser, call_from_object, finish)
+from llmserve.entrypoints.openai.tool_parsers.base import ParsedCall, ParsedOutput, ToolCallParser, call_from_object
 from llmserve.entrypoints.openai.tool_parsers.json_scan import scan_array_of_objects, skip_whitespace
 
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
@@ -46,7 +47,10 @@ class RequiredToolParser(ToolCallParser):
     def parse(self, text: str, final: bool) -> ParsedOutput:
         objects, _ = scan_array_of_objects(text, skip_whitespace(text, 0))
         calls = [call_from_object(text, obj, ("parameters",)) for obj in objects]
-        return finish(text, "", calls, True, final)
+        named = [call for call in calls if call.name is not None]
+        if final:   # cut by max_tokens: the calls named so far, as written (a stream has announced them)
+            return ParsedOutput("", named) if named else ParsedOutput(text)
+        return ParsedOutput("", calls)
 
 
 class NamedToolParser(ToolCallParser):
@@ -54,5 +58,4 @@ class NamedToolParser(ToolCallParser):
         self.name = name
 
     def parse(self, text: str, final: bool) -> ParsedOutput:
-        call = ParsedCall(self.name, text.lstrip(), final)
-        return finish(text, "", [call], True, final)
+        return ParsedOutput("", [ParsedCall(self.name, text.lstrip(), final)])

@@ -2,9 +2,9 @@
 then fragments of its ``arguments``; content deltas as usual. One :class:`ToolCallStream` per choice.
 
 A stream cannot take back a call it has announced. When the calls turn out invalid at the end (broken JSON,
-or cut by ``max_tokens``), the non-streamed answer falls back to plain content, but the stream keeps the calls
-it announced, sends the rest of their arguments as written and marks itself :attr:`ToolCallStream.broken`;
-it never sends the call's text a second time as content."""
+or cut by ``max_tokens``), the non-streamed answer falls back to plain content (a forced call's stays the
+call), but the stream keeps the calls it announced, sends the rest of their arguments as written and marks
+itself :attr:`ToolCallStream.broken`; it never sends the call's text a second time as content."""
 
 from __future__ import annotations
 
@@ -47,7 +47,6 @@ class ToolCallStream:
         parsed = final_parse(self.parser, self.text, self.max_calls) if final else self.parser.parse(self.text, False)
         if final and self.sent and not parsed.calls:
             parsed = self.parser.parse(self.text, False)   # the calls as they were streamed, to their end
-            self.broken = True
         self.calls = parsed.calls[:self.max_calls]
         content = parsed.content[self.content_sent:]
         self.content_sent = max(self.content_sent, len(parsed.content))
@@ -66,4 +65,6 @@ class ToolCallStream:
                     deltas[-1]["function"]["arguments"] += fragment
                 else:
                     deltas.append({"index": index, "function": {"arguments": fragment}})
+        if final and self.sent:
+            self.broken = not all(call.is_valid() for call in self.calls)
         return content, deltas

@@ -119,8 +119,9 @@ def test_forced_parsers():
     text = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_time", "parameters": {}}]'
     assert _calls(RequiredToolParser().parse(text, final=True)) == [("get_weather", {"city": "Paris"}),
                                                                      ("get_time", {})]
-    truncated = RequiredToolParser().parse(text[:30], final=True)
-    assert truncated.content == text[:30] and truncated.calls == []
+    truncated = RequiredToolParser().parse(text[:30], final=True)   # cut by max_tokens: still the call
+    assert truncated.content == "" and [(c.name, c.arguments) for c in truncated.calls] == [("get_weather", "")]
+    assert RequiredToolParser().parse(text[:5], final=True).content == text[:5]   # cut before any name
     named = NamedToolParser("get_weather").parse(' {"city": "Paris"}', final=True)
     assert named.content == "" and _calls(named) == [("get_weather", {"city": "Paris"})]
     assert NamedToolParser("get_weather").parse('{"city": "Par', final=False).calls[0].arguments == '{"city": "Par'

@@ -3,7 +3,8 @@ function's ``name`` (arguments ``""`` or their first fragment); later deltas car
 fragment of ``arguments``. Concatenated per index, they are the final parse; ids differ between calls;
 with one call allowed (``parallel_tool_calls: false``) the second is never announced. A call announced and then
 botched (broken JSON, cut by ``max_tokens``) stays a call in the stream, with what the model wrote as its
-arguments, and the stream says it is broken; its text never comes a second time as content."""
+arguments, and the stream says it is broken; its text never comes a second time as content. A forced call cut
+short is the call streamed or not."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 
 import pytest
 
-from llmserve.entrypoints.openai.tool_parsers.forced import RequiredToolParser
+from llmserve.entrypoints.openai.tool_parsers.forced import NamedToolParser, RequiredToolParser
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
 from llmserve.entrypoints.openai.tool_parsers.streaming import ToolCallStream
 
@@ -70,13 +71,11 @@ def test_plain_content_streams_as_content():
     ("hermes", 'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}, oops}</tool_call>',
      "Checking.", '{"city": "Paris"}'),
     ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Par', "", '{"city": "Par'),
-    ("required", '[{"name": "get_weather", "parameters": {"city": "Pa', "", '{"city": "Pa'),
 ])
 def test_a_botched_call_stays_the_call_that_was_announced(parser, text, content, arguments):
-    make = TOOL_CALL_PARSERS.get(parser) or (lambda: RequiredToolParser())
-    assert make().parse(text, final=True).content == text   # not streamed: the whole text is the answer
+    assert TOOL_CALL_PARSERS[parser]().parse(text, final=True).content == text   # not streamed: all content
     for step in (1, 3, len(text)):
-        stream = ToolCallStream(make())
+        stream = ToolCallStream(TOOL_CALL_PARSERS[parser]())
         got_content, deltas = _run(stream, text, step)
         calls = _assemble(deltas)
         if step == len(text):   # nothing was announced before the end: the answer is plain content
@@ -84,6 +83,22 @@ def test_a_botched_call_stays_the_call_that_was_announced(parser, text, content,
             continue
         assert got_content == content and stream.broken and stream.called
         assert [(c["name"], c["arguments"]) for c in calls.values()] == [("get_weather", arguments)]
+
+
+@pytest.mark.parametrize("make,text", [
+    (RequiredToolParser, '[{"name": "get_weather", "parameters": {"city": "Pa'),
+    (lambda: NamedToolParser("get_weather"), '{"city": "Pa'),
+])
+def test_a_forced_call_cut_short_is_the_call_streamed_or_not(make, text):
+    """The grammar made the output a call: cut by ``max_tokens`` it stays that call, with its arguments as
+    written, in the non-streamed answer as in the stream (which marks itself broken)."""
+    parsed = make().parse(text, final=True)
+    assert parsed.content == "" and [(c.name, c.arguments) for c in parsed.calls] == [("get_weather", '{"city": "Pa')]
+    for step in (1, 3, len(text)):
+        stream = ToolCallStream(make())
+        content, deltas = _run(stream, text, step)
+        assert content == "" and stream.broken
+        assert [(c["name"], c["arguments"]) for c in _assemble(deltas).values()] == [("get_weather", '{"city": "Pa')]
 
 
 def test_a_valid_stream_is_not_broken():
