@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,17 @@ def start_engine_core(config: EngineConfig) -> EngineCoreClient:
     return EngineCoreClient(config, resolve_model_path(config.model, config.revision, config.download_dir))
 
 
+def _build_grammar_validator(inputs: InputProcessor) -> None:
+    """Build the front end's grammar checker ahead of the first constrained request (reading the vocabulary
+    takes a noticeable fraction of a second, which on the event loop would stall every stream)."""
+    try:
+        inputs.grammar_validator(inputs.info.load_tokenizer())   # its own tokenizer: the loop encodes with the other
+    except ImportError:
+        pass   # the grammar library is an optional extra; a constrained request says how to install it
+    except Exception:   # noqa: BLE001 - the first constrained request raises it again, as its own error
+        logger.debug("building the grammar validator failed", exc_info=True)
+
+
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, on_step: StepCallback | None = None,
                  on_dead: Callable[[BaseException], None] | None = None,
@@ -79,6 +91,9 @@ class AsyncLLMEngine:
         num_blocks = self.client.wait_until_ready()
         self.inputs = InputProcessor(self.info, num_blocks, self.info.config.block_size,
                                      self.client.group_windows)
+        if self.info.eos_token_ids:   # structured outputs need one; built here, the first request would wait on the loop
+            threading.Thread(target=_build_grammar_validator, args=(self.inputs,), name="llmserve-grammar-validator",
+                             daemon=True).start()
         self._stats = SchedulerStats(num_blocks=num_blocks, num_free_blocks=num_blocks)
         self._loop = loop
         loop.call_soon_threadsafe(loop.add_reader, self.client.fileno(), self._on_core_output)

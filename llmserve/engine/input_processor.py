@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,18 @@ class InputProcessor:
         self.block_size = block_size
         self.group_windows = group_windows or [None]
         self._grammar_validator: Any = None   # checks constraints against the vocabulary (needs the grammar library)
+        self._grammar_lock = threading.Lock()
+
+    def grammar_validator(self, tokenizer: Any = None) -> Any:
+        """The checker of constraints against this model's vocabulary, built at the first call from
+        ``tokenizer`` (default: this processor's; another thread passes its own instance). It reads the whole
+        vocabulary: the server builds it at start-up, off its event loop. ImportError without the grammar
+        library."""
+        with self._grammar_lock:
+            if self._grammar_validator is None:
+                self._grammar_validator = import_backend("compiler").GrammarValidator(
+                    tokenizer or self.tokenizer, self.info.vocab_size, self.info.eos_token_ids)
+            return self._grammar_validator
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams | PoolingParams | None,
                 arrival_time: float | None, cache_salt: str | None,
@@ -256,10 +269,7 @@ class InputProcessor:
                                       "structured_outputs")
         try:
             spec.validate()
-            if self._grammar_validator is None:   # built once, at the first constrained request
-                self._grammar_validator = import_backend("compiler").GrammarValidator(
-                    self.tokenizer, self.info.vocab_size, self.info.eos_token_ids)
-            self._grammar_validator.validate(spec)
+            self.grammar_validator().validate(spec)
         except StructuredOutputError as exc:
             raise StructuredOutputError(str(exc), exc.param or "structured_outputs") from None
         if self.info.config.structured_outputs_config.disable_any_whitespace and spec.any_whitespace and \
