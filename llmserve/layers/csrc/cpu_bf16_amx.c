@@ -10,7 +10,9 @@
  * Linux hands AMX's tile state to a process only when asked (arch_prctl ARCH_REQ_XCOMP_PERM): the library
  * asks once when it is loaded and, refused or built without AMX, every call falls back to the vector kernel.
  * Only K that is a multiple of 32 takes this path (a tile reads whole 32-column steps; an odd K's padding
- * column would read past the activation row).
+ * column would read past the activation row). Each row's sums are its own (the same for any number of rows in
+ * the call), but they are added in another order than the vector kernel's: a one-row call, which stays on the
+ * vector kernel, can differ from the same row in a many-row call by one bfloat16 rounding step in an output.
  */
 #include <stdint.h>
 #include <string.h>
