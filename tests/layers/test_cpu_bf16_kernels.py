@@ -85,9 +85,9 @@ def test_bf16_linear_of_many_rows_matches_float32_torch(kernels, rows, out_featu
                         F.linear(x.float(), weight.float(), bias.float()), scale)
 
 
-def test_many_rows_run_on_the_amx_tiles_where_linux_grants_them():
-    """The calls of two or more rows with input columns a multiple of 32 are the tile kernel's, bit for bit
-    (its sums round differently from the vector kernel's in a few outputs); other input widths it declines."""
+def test_calls_run_on_the_amx_tiles_where_linux_grants_them():
+    """Calls with input columns a multiple of 32 are the tile kernel's, bit for bit (its sums round differently
+    from the vector kernel's in a few outputs); other input widths it declines."""
     kernels = cpu_kernels()
     assert kernels is not None
     if not kernels.bf16_uses_amx:
@@ -96,7 +96,7 @@ def test_many_rows_run_on_the_amx_tiles_where_linux_grants_them():
     panel.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
                       ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     torch.manual_seed(0)
-    for rows, k in [(2, 64), (33, 96), (70, 800), (64, 2048)]:   # the last ones round differently somewhere
+    for rows, k in [(1, 64), (2, 64), (33, 96), (70, 800), (64, 2048)]:   # the last ones round differently somewhere
         x = torch.randn(rows, k).bfloat16()
         weight, bias = block_weight(torch.randn(48, k).bfloat16()), torch.randn(48).bfloat16()
         direct = torch.zeros(rows, 48, dtype=torch.bfloat16)
@@ -105,6 +105,17 @@ def test_many_rows_run_on_the_amx_tiles_where_linux_grants_them():
     x = torch.randn(4, 40).bfloat16()
     weight = block_weight(torch.randn(16, 40).bfloat16())
     assert panel(x.data_ptr(), 40, weight.data_ptr(), 40, None, torch.empty(4, 16).bfloat16().data_ptr(), 16, 4, 1) == 0
+
+
+@pytest.mark.parametrize("in_features", [96, 770])   # on AMX tiles where the CPU has them, or not
+def test_a_rows_output_does_not_depend_on_the_rows_beside_it(kernels, in_features):
+    torch.manual_seed(in_features)
+    x = torch.randn(37, in_features).bfloat16()
+    weight, bias = block_weight(torch.randn(80, in_features).bfloat16()), torch.randn(80).bfloat16()
+    together = kernels.linear_bf16(x, weight, bias)
+    for i in (0, 16, 36):
+        assert torch.equal(kernels.linear_bf16(x[i:i + 1], weight, bias), together[i:i + 1])
+        assert torch.equal(kernels.linear_bf16(x[i:i + 5], weight, bias), together[i:i + 5])
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])   # one tile, a tile and a tail, several tiles

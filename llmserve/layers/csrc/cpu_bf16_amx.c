@@ -1,5 +1,7 @@
-/* bfloat16 linear layers on AMX tiles (Intel Sapphire Rapids and later), for the many-row calls: prompts and
- * decode steps of many sequences, where the vector kernel (cpu_bf16_linear.c) is bound by its multiply-adds.
+/* bfloat16 linear layers on AMX tiles (Intel Sapphire Rapids and later). With many rows (prompts, decode steps of
+ * many sequences) the vector kernel (cpu_bf16_linear.c) is bound by its multiply-adds and the tiles do about ten
+ * times as many a cycle; with one row both stream the weight, the tiles no slower. Every call whose K suits
+ * them runs here, so a row's output is the same whether it is alone in the call or one of many.
  *
  * The pair-blocked weight ([N/16][K/2][16][2]) is already AMX's operand layout for B: 16 consecutive input
  * pairs of one 16-output block are one 16 x 64-byte tile, contiguous. A (16 rows x 32 input columns) is read
@@ -10,9 +12,8 @@
  * Linux hands AMX's tile state to a process only when asked (arch_prctl ARCH_REQ_XCOMP_PERM): the library
  * asks once when it is loaded and, refused or built without AMX, every call falls back to the vector kernel.
  * Only K that is a multiple of 32 takes this path (a tile reads whole 32-column steps; an odd K's padding
- * column would read past the activation row). Each row's sums are its own (the same for any number of rows in
- * the call), but they are added in another order than the vector kernel's: a one-row call, which stays on the
- * vector kernel, can differ from the same row in a many-row call by one bfloat16 rounding step in an output.
+ * column would read past the activation row). The sums are added in another order than the vector kernel's:
+ * the two can differ by one bfloat16 rounding step in an output.
  */
 #include <stdint.h>
 #include <string.h>

@@ -23,10 +23,6 @@
 
 #define TILE_ROWS 6
 #define TILE_VECS 4     /* blocks per panel, in register tiles of up to that */
-#ifndef AMX_MIN_ROWS
-#define AMX_MIN_ROWS 2  /* from this many rows a panel goes to the AMX tiles where the CPU has them */
-#endif
-
 int llmserve_bf16_amx_panel(const uint16_t *x, long xs, const uint16_t *w, long k, const uint16_t *bias, uint16_t *y,
                             long ys, long M, int nb);
 
@@ -126,7 +122,7 @@ static const tile_fn TILES[TILE_VECS + 1] = {NULL, tile_nb1, tile_nb2, tile_nb3,
  * work here and in cpu_grouped_linear.c (one per (expert, panel) pair). */
 void llmserve_bf16_linear_panel(const uint16_t *x, long x_stride, const uint16_t *w, long k, const uint16_t *bias,
                                 uint16_t *y, long y_stride, long M, int nb) {
-    if (M >= AMX_MIN_ROWS && llmserve_bf16_amx_panel(x, x_stride, w, k, bias, y, y_stride, M, nb)) return;
+    if (llmserve_bf16_amx_panel(x, x_stride, w, k, bias, y, y_stride, M, nb)) return;   /* AMX tiles, if granted */
     const long k2 = (k + 1) / 2;
     for (long m0 = 0; m0 < M; m0 += TILE_ROWS) {
         const int mr = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
