@@ -102,7 +102,7 @@ class CPUKernels:
         self.max_linear_rows: int = lib.llmserve_linear_max_rows()
         self.w8a8_dot_path: str = INT8_DOT_PATHS[lib.llmserve_w8a8_dot_path()]
         self.bf16_uses_dpbf16: bool = bool(lib.llmserve_bf16_uses_dpbf16())
-        self.bf16_uses_amx: bool = bool(lib.llmserve_bf16_uses_amx())   # many-row bfloat16 linears on AMX tiles
+        self.bf16_uses_amx: bool = bool(lib.llmserve_bf16_uses_amx())   # bfloat16 linears on AMX tiles
 
     def linear_small_batch(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ weight.T + bias`` for a 2-D ``x`` of at most ``max_linear_rows`` rows (unit stride

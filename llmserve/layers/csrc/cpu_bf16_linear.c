@@ -5,7 +5,8 @@
  * AVX512-BF16's `vdpbf16ps` (acc[i] += a[2i] b[2i] + a[2i+1] b[2i+1]): with the pair (x[2c], x[2c+1])
  * broadcast to every lane, one instruction does 32 multiply-adds into 16 float32 sums. Where the CPU has no
  * AVX512-BF16 the same layout is widened in registers (a bfloat16 is the high half of a float32: a shift or
- * a mask) and multiplied with float32 FMAs, so one weight copy serves both.
+ * a mask) and multiplied with float32 FMAs, so one weight copy serves both. It is also the B operand of AMX
+ * tiles: where Linux grants them, each panel goes to cpu_bf16_amx.c first (K a multiple of 32).
  *
  * Threads take column panels of 64 outputs and run register tiles of up to 6 rows x 64 outputs through them
  * (fewer outputs where the vector registers hold fewer accumulators: REG_ACCS in cpu_vec.h), so a panel comes

@@ -47,9 +47,9 @@ class RequiredToolParser(ToolCallParser):
     def parse(self, text: str, final: bool) -> ParsedOutput:
         objects, _ = scan_array_of_objects(text, skip_whitespace(text, 0))
         calls = [call_from_object(text, obj, ("parameters",)) for obj in objects]
-        named = [call for call in calls if call.name is not None]
         if final:   # cut by max_tokens: the calls named so far, as written (a stream has announced them)
-            return ParsedOutput("", named) if named else ParsedOutput(text)
+            calls = [call for call in calls if call.name is not None]
+            return ParsedOutput("", calls) if calls else ParsedOutput(text)
         return ParsedOutput("", calls)
 
 
