@@ -5,8 +5,10 @@
   (``llama_model_deepseek2::load_arch_hparams``): no gating function is softmax (older V2 files), no group
   count is no group limit, no ``expert_weights_norm`` is no renormalising, and a scale of 0 or 1 is no scaling.
   Sigmoid gating is DeepSeek-V3's router (``noaux_tc``, with ``exp_probs_b`` as its correction bias); softmax
-  is V2's. llama.cpp ranks expert groups by their best two experts' scores whatever the gating, DeepSeek-V2 by
-  its best one: a softmax file whose groups limit the choice is refused, as llmserve has no such router.
+  is V2's, and a softmax file whose groups limit the choice (the released DeepSeek-V2 and V2.5) runs V2's
+  ``group_limited_greedy``: a group ranked by its best expert, as the checkpoint was trained and as transformers
+  and vLLM run it. llama.cpp ranks groups by their best two experts whatever the gating, so its tokens may
+  differ from such a file's here; the start-up log says so.
 * The tensors keep DeepSeek's checkpoint names. Newer converters split ``kv_b_proj`` into ``attn_k_b`` (its key
   rows, transposed per head, for llama.cpp's absorbed attention) and ``attn_v_b``; older files hold it whole as
   ``attn_kv_b``. Both load (:class:`LatentUpProjections` joins the halves). The converter does not permute the
@@ -17,11 +19,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*
 _SOFTMAX, _SIGMOID = 1, 2
@@ -88,7 +93,8 @@ def deepseek_config(meta: Any) -> dict[str, Any]:
         "moe_intermediate_size": int(field("expert_feed_forward_length") or field("feed_forward_length")),
         "n_shared_experts": int(field("expert_shared_count") or 0), "moe_layer_freq": 1,
         "first_k_dense_replace": int(field("leading_dense_block_count") or 0),
-        "topk_method": "noaux_tc" if sigmoid else "greedy", "n_group": groups, "topk_group": groups_used,
+        "topk_method": "noaux_tc" if sigmoid else "group_limited_greedy" if groups_used < groups else "greedy",
+        "n_group": groups, "topk_group": groups_used,
         "norm_topk_prob": bool(field("expert_weights_norm")),
         "routed_scaling_factor": float(field("expert_weights_scale") or 1.0),
         "bos_token_id": meta.field("tokenizer.ggml.bos_token_id"),
@@ -97,7 +103,7 @@ def deepseek_config(meta: Any) -> dict[str, Any]:
 
 
 def _routing(meta: Any) -> tuple[int, int, int]:
-    """``(gating function, expert groups, groups used)``, refusing the routings llmserve does not run."""
+    """``(gating function, expert groups, groups used)``, refusing a gating function llmserve does not run."""
     gating = int(meta.arch_field("expert_gating_func") or _SOFTMAX)
     groups = int(meta.arch_field("expert_group_count") or 1)
     groups_used = int(meta.arch_field("expert_group_used_count") or groups)
@@ -105,9 +111,9 @@ def _routing(meta: Any) -> tuple[int, int, int]:
         raise ValueError(f"{meta.path.name}: deepseek2 expert gating function {gating}; llmserve runs softmax (1) "
                          f"and sigmoid (2)")
     if gating == _SOFTMAX and groups_used < groups:
-        raise ValueError(f"{meta.path.name}: softmax-gated deepseek2 experts in {groups} groups, {groups_used} used: "
-                         f"llama.cpp ranks a group by its best two experts, DeepSeek-V2 by its best one, and llmserve "
-                         f"runs only the latter; serve the Hugging Face checkpoint instead")
+        logger.warning("%s: softmax-gated experts in %d groups, %d used: running DeepSeek-V2's routing (a group "
+                       "ranked by its best expert, as transformers runs the checkpoint); llama.cpp ranks a group by "
+                       "its best two experts, so its tokens may differ", meta.path.name, groups, groups_used)
     return gating, groups, groups_used
 
 

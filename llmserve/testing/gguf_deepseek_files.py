@@ -10,10 +10,11 @@ import numpy as np
 
 def add_deepseek_keys(writer: Any, config: dict) -> None:
     """DeepSeek's latent attention, experts and YaRN as the converter writes them (the gating function only
-    from ``scoring_func``, the groups from ``n_group``); refused where llama.cpp would run the checkpoint
-    differently: without ``scoring_func: sigmoid`` it scores V3's experts by softmax (and V2's by sigmoid with
-    one), it ranks groups by their best two experts (V2 by its best one), has experts in every layer after the
-    leading dense ones, rotates interleaved pairs, and reads one YaRN ``mscale`` for both of DeepSeek's."""
+    from ``scoring_func``, the groups from ``n_group``); refused where the file could not describe the
+    checkpoint: without ``scoring_func: sigmoid`` it would score V3's experts by softmax (and V2's by sigmoid
+    with one), and llama.cpp has experts in every layer after the leading dense ones, rotates interleaved pairs,
+    and reads one YaRN ``mscale`` for both of DeepSeek's. V2's ``group_limited_greedy`` is written as the
+    converter writes it (softmax gating and the group counts), which a loader runs as V2's routing."""
     import gguf
 
     sigmoid = config["model_type"] == "deepseek_v3"   # llmserve's (and transformers') V3 router
@@ -21,9 +22,9 @@ def add_deepseek_keys(writer: Any, config: dict) -> None:
         raise ValueError(f"llama.cpp scores deepseek2 experts by sigmoid only with scoring_func sigmoid; this "
                          f"{config['model_type']} checkpoint's scoring_func is {config.get('scoring_func')}")
     groups, used = config.get("n_group") or 1, config.get("topk_group") or 1
-    if not sigmoid and used < groups:
-        raise ValueError(f"llama.cpp ranks deepseek2 expert groups by their best two experts: a GGUF file cannot "
-                         f"describe this checkpoint's {config.get('topk_method')} over {groups} groups")
+    if not sigmoid and used < groups and config.get("topk_method") != "group_limited_greedy":
+        raise ValueError(f"the converter writes n_group, which limits the experts to the best groups: a GGUF file "
+                         f"cannot describe this checkpoint's {config.get('topk_method')} over {groups} groups")
     if config.get("moe_layer_freq", 1) != 1 or (sigmoid and not config.get("rope_interleave", True)):
         raise ValueError("llama.cpp's deepseek2 has experts in every layer after the leading dense ones and rotates "
                          "interleaved pairs: a GGUF file cannot describe this checkpoint")

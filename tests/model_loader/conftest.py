@@ -17,12 +17,10 @@ from llmserve.testing.tokenizer_files import BYTELEVEL
 # below 27B, Gemma's attention scale is its head size (the tiny checkpoints use hidden / heads, as the 27B);
 # llama.cpp's Qwen MoE architectures have experts in every layer (the tiny checkpoints have a dense one);
 # llama.cpp gates deepseek2 experts by sigmoid only where the config says scoring_func sigmoid (as DeepSeek-V3's
-# does; the tiny V3 leaves it implied by noaux_tc), and ranks groups by their best two experts, so the tiny V2's
-# group-limited softmax routing becomes plain greedy top-k.
+# does; the tiny V3 leaves it implied by noaux_tc).
 DESCRIBABLE = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3": {"query_pre_attn_scalar": 16},
                "qwen2_moe": {"mlp_only_layers": [], "decoder_sparse_step": 1},
                "qwen3_moe": {"mlp_only_layers": [], "decoder_sparse_step": 1},
-               "deepseek_v2": {"topk_method": "greedy", "n_group": 1, "topk_group": 1},
                "deepseek_v3": {"scoring_func": "sigmoid"}}
 
 

@@ -3,7 +3,8 @@ converter lays them out: ``llmserve.testing.gguf_files``) load and run.
 
 * An F32 file gives the checkpoint's own output (greedy tokens equal, logprobs within 1e-4 of transformers on
   the safetensors folder), for V2-Lite (queries from ``attn_q``, softmax routing, two shared experts), V2 (low-rank
-  queries, routed weights scaled) and V3 (sigmoid routing with its correction bias ``exp_probs_b``, top-2 within
+  queries, softmax routing limited to the best 2 of 4 groups, a group ranked by its best expert as DeepSeek-V2
+  ranks it, not by its best two as llama.cpp does; routed weights scaled) and V3 (sigmoid routing with its correction bias ``exp_probs_b``, top-2 within
   the best 2 of 4 groups, renormalised, YaRN with ``mscale_all_dim``): the config is built from the
   ``deepseek2.*`` keys, the stacked experts, shared experts and dense leading layers load under DeepSeek's names,
   and ``kv_b_proj`` is joined back from the ``attn_k_b`` / ``attn_v_b`` halves the converter writes (older
@@ -12,22 +13,24 @@ converter lays them out: ``llmserve.testing.gguf_files``) load and run.
   tensors whose rows do not split into blocks in F16, as the converter falls back): each tensor loads as the
   ``gguf`` package dequantises it, routers and norms F32.
 * llama.cpp's ``deepseek-v3`` pre-tokenizer, which transformers does not know, splits text as llama.cpp does.
-* Refused, naming the file and why: a softmax-gated file whose expert groups limit the choice (llama.cpp ranks a
-  group by its best two experts, DeepSeek-V2 by its best one); and the writer refuses checkpoints llama.cpp would
-  run differently (V2's ``group_limited_greedy``; V3 without ``scoring_func: sigmoid``, which llama.cpp would
-  gate by softmax). The tiny V2 and V3 are written from copies made describable (``conftest.DESCRIBABLE``).
+* Refused, naming the file and why: a gating function llmserve does not have; and the writer refuses checkpoints
+  a file cannot describe (plain greedy routing over groups, which the file's group counts would limit; V3
+  without ``scoring_func: sigmoid``, which the converter would write as softmax-gated). The tiny V3 is written
+  from a copy made describable (``conftest.DESCRIBABLE``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 
 import numpy as np
 import pytest
 
 from llmserve.entrypoints.llm import LLM
-from llmserve.model_loader import gguf_loader
+from llmserve.model_loader import gguf_config, gguf_loader
 from llmserve.model_loader.gguf_config import load_gguf_config
 from llmserve.sampling_params import SamplingParams
 from llmserve.testing.gguf_files import write_gguf
@@ -123,25 +126,37 @@ def test_deepseek_v3_pre_tokenizer_splits_as_llama_cpp():
     assert pre_tokenizer("qwen2") is None   # transformers' own
 
 
-def test_files_llmserve_cannot_run_are_refused_naming_the_file(tmp_path):
-    """A softmax-gated file whose groups limit the choice of experts (DeepSeek-V2's routing, which llama.cpp
-    runs with V3's group ranking) and a gating function llmserve does not have."""
+def test_a_softmax_file_with_group_limits_runs_deepseek_v2s_routing_and_says_so(gguf_file, caplog):
+    """DeepSeek-V2 and V2.5 files: softmax gating and fewer groups used than there are. They run as the checkpoint
+    was trained (``group_limited_greedy``: a group ranked by its best expert; the F32 test above checks the
+    tokens), and the log names llama.cpp's different ranking (the best two)."""
+    gguf_config._read_config.cache_clear()   # the config of a file is read once; read it again here
+    with caplog.at_level(logging.WARNING, logger="llmserve.model_loader.gguf_deepseek"):
+        config = load_gguf_config(gguf_file("deepseek_v2", "F32"))
+    assert (config.model_type, config.topk_method, config.n_group, config.topk_group) == \
+        ("deepseek_v2", "group_limited_greedy", 4, 2)
+    assert "deepseek_v2-F32.gguf: softmax-gated experts in 4 groups, 2 used: running DeepSeek-V2's routing" \
+        in caplog.text
+    assert "ranks a group by its best two experts" in caplog.text
+    assert load_gguf_config(gguf_file("deepseek_v2_lite", "F32")).topk_method == "greedy"
+
+
+def test_an_unknown_gating_function_is_refused_naming_the_file(tmp_path):
     stack = {"blk.1.ffn_gate_exps.weight": [[[0.0] * 4] * 4] * 2}
-    grouped = _tiny_gguf(tmp_path / "v2.gguf", stack, "deepseek2", deepseek2__expert_group_count=8,
-                         deepseek2__expert_group_used_count=3)
-    with pytest.raises(ValueError, match=r"v2.gguf: softmax-gated deepseek2 experts in 8 groups, 3 used: llama.cpp "
-                                         r"ranks a group by its best two experts"):
-        load_gguf_config(grouped)
     gating = _tiny_gguf(tmp_path / "gating.gguf", stack, "deepseek2", deepseek2__expert_gating_func=3)
     with pytest.raises(ValueError, match="gating.gguf: deepseek2 expert gating function 3"):
         load_gguf_config(gating)
 
 
-def test_checkpoints_llama_cpp_would_run_differently_cannot_be_written(checkpoint_dir, tmp_path):
+def test_checkpoints_a_file_cannot_describe_cannot_be_written(checkpoint_dir, tmp_path):
     """The converter writes a gating function only from ``scoring_func`` (llama.cpp: softmax without one) and the
-    groups from ``n_group`` (llama.cpp ranks them by their best two experts)."""
-    with pytest.raises(ValueError, match="group_limited_greedy over 4 groups"):
-        write_gguf(checkpoint_dir("deepseek_v2"), tmp_path / "v2.gguf", "deepseek_v2")
+    groups from ``n_group``, which limit the choice whatever ``topk_method`` says."""
+    greedy = tmp_path / "greedy-v2"
+    shutil.copytree(checkpoint_dir("deepseek_v2"), greedy)
+    config = json.loads((greedy / "config.json").read_text())
+    (greedy / "config.json").write_text(json.dumps({**config, "topk_method": "greedy"}))
+    with pytest.raises(ValueError, match="cannot describe this checkpoint's greedy over 4 groups"):
+        write_gguf(greedy, tmp_path / "v2.gguf", "deepseek_v2")
     with pytest.raises(ValueError, match="by sigmoid only with scoring_func sigmoid; this deepseek_v3 checkpoint's "
                                          "scoring_func is None"):
         write_gguf(checkpoint_dir("deepseek_v3"), tmp_path / "v3.gguf", "deepseek_v3")
