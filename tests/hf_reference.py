@@ -39,7 +39,14 @@ def hf_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int, adapter: P
               dtype: torch.dtype = torch.float32) -> tuple[list[int], list[float]]:
     """Greedy tokens (EOS not special: never stops early) and their logprobs, with HF's own KV cache
     (``adapter``: with that PEFT adapter), the model in ``dtype`` (logprobs in float32)."""
-    model = hf_model(str(path), None if adapter is None else str(adapter), dtype)
+    return model_greedy(hf_model(str(path), None if adapter is None else str(adapter), dtype), prompt_ids,
+                        max_new_tokens)
+
+
+@torch.inference_mode()
+def model_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int
+                 ) -> tuple[list[int], list[float]]:
+    """:func:`hf_greedy` on a transformers model already built."""
     out = model(torch.tensor([prompt_ids]), use_cache=True)
     tokens, logprobs = [], []
     for _ in range(max_new_tokens):
