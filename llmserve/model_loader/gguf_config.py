@@ -1,5 +1,5 @@
 """A GGUF file's model config: transformers' GGUF config mapping (or, for the architectures it does not
-read, Command-R, Cohere2 and DeepSeek-V2/V3, a config built from the metadata), plus what the mapping drops and
+read, Command-R, Cohere2, DeepSeek-V2/V3 and Gemma 4, a config built from the metadata), plus what the mapping drops and
 llama.cpp's converter does write, plus what llama.cpp decides without a key: by its own hard-coded rules
 (Gemma's attention scale, the local/global layer patterns) or from the tensors the file holds (Falcon's
 layout, q/k norms, a separate output head).
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmserve.model_loader.gguf_deepseek import deepseek_config
+from llmserve.model_loader.gguf_gemma4 import gemma4_config
 from llmserve.model_loader.gguf_experts import moe_config
 
 # llama.cpp's layer counts of the Gemma sizes whose attention scale is hidden / heads rather than the head
@@ -92,6 +93,10 @@ class _Metadata:
     def arch_field(self, key: str) -> Any:
         """An architecture's own key: ``attention.key_length`` is ``{arch}.attention.key_length``."""
         return self.field(f"{self.arch}.{key}")
+
+    def arch_values(self, key: str) -> list[Any]:
+        """An architecture's own key written as one value or an array (one per layer): all its values."""
+        return self._read(self.reader, f"{self.arch}.{key}")
 
     def tensors(self, prefix: str) -> list[Any]:
         return [t for t in self.reader.tensors if t.name.startswith(prefix)]
@@ -220,6 +225,7 @@ def _rope_theta(config: Any) -> float:
 
 # Architectures whose config transformers' GGUF support does not build: their own config dict.
 _OWN_CONFIGS: dict[str, Callable[[_Metadata], dict[str, Any]]] = {"command-r": _cohere, "cohere2": _cohere,
-                                                                   "deepseek2": deepseek_config}
+                                                                   "deepseek2": deepseek_config,
+                                                                   "gemma4": gemma4_config}
 _RESTORERS: dict[str, Callable[[Any, _Metadata], None]] = {"gpt2": _gpt2, "phi3": _phi3, "gemma2": _gemma2,
                                                            "gemma3": _gemma3, "falcon": _falcon}

@@ -1,5 +1,6 @@
 """Mixture-of-experts GGUF files: Mixtral (which llama.cpp writes as a ``llama`` with ``expert_count``),
-Qwen2-MoE (``qwen2moe``), Qwen3-MoE (``qwen3moe``) and DeepSeek-V2/V3 (``deepseek2``).
+Qwen2-MoE (``qwen2moe``), Qwen3-MoE (``qwen3moe``) and DeepSeek-V2/V3 (``deepseek2``); Gemma 4 (``gemma4``),
+whose checkpoints stack their experts as the file does, loads each stack whole (:mod:`gguf_gemma4`).
 
 llama.cpp stacks a layer's experts into one tensor per projection (``blk.N.ffn_gate_exps.weight``,
 ``[experts, rows, columns]``); they are handed to the model one expert at a time under a Hugging Face
@@ -27,6 +28,8 @@ MOE_ARCHITECTURES = {"llama": ("block_sparse_moe", ("w1", "w3", "w2"), True),
                      "qwen2moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), False),
                      "qwen3moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), True),
                      "deepseek2": ("mlp", ("gate_proj", "up_proj", "down_proj"), None)}
+# Architectures whose checkpoints stack their experts as llama.cpp does: each stack loads whole (gguf_gemma4).
+WHOLE_STACKS = ("gemma4",)
 _EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _ROUTER = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
 _EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.\d+\.\w+\.weight$")
@@ -35,11 +38,11 @@ _EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.exp
 def check_experts(architecture: str, file_name: str, tensor_names: list[str]) -> None:
     """Refuse a file with stacked experts of an architecture this module does not map."""
     stacked = next((name for name in tensor_names if "_exps." in name), None)
-    if stacked is not None and architecture not in MOE_ARCHITECTURES:
+    if stacked is not None and architecture not in MOE_ARCHITECTURES and architecture not in WHOLE_STACKS:
         raise ValueError(f"{file_name} is a mixture-of-experts {architecture} model (its experts are stacked "
                          f"tensors such as {stacked}); llmserve loads the experts of GGUF files of "
-                         f"{', '.join(sorted(MOE_ARCHITECTURES))} (Mixtral as llama, DeepSeek-V2/V3 as deepseek2) "
-                         f"only: serve its Hugging Face checkpoint instead")
+                         f"{', '.join(sorted([*MOE_ARCHITECTURES, *WHOLE_STACKS]))} (Mixtral as llama, DeepSeek-V2/V3 "
+                         f"as deepseek2) only: serve its Hugging Face checkpoint instead")
 
 
 def is_moe_tensor(name: str) -> bool:

@@ -3,8 +3,8 @@
 The config (:mod:`~llmserve.model_loader.gguf_config`), the tokenizer and its chat template come from the
 file's metadata through transformers' GGUF support, which also knows each architecture's tensor names and
 the reshuffles llama.cpp's converter makes (the Q/K row permutation of Llama-style attention, BLOOM's fused
-QKV...; Falcon's grouped QKV, which it leaves as it is, is undone here). DeepSeek-V2/V3, which it does not read,
-are mapped by :mod:`~llmserve.model_loader.gguf_deepseek`. The linear weights a
+QKV...; Falcon's grouped QKV, which it leaves as it is, is undone here). DeepSeek-V2/V3 and Gemma 4, which it
+does not read, are mapped by :mod:`~llmserve.model_loader.gguf_deepseek` and :mod:`~llmserve.model_loader.gguf_gemma4`. The linear weights a
 :class:`~llmserve.quantization.gguf.GGUFConfig` packs are handed over as their rows of blocks; every other
 tensor is dequantised tensor by tensor into the model's dtype as it is loaded (peak memory: the model plus one
 tensor) and runs at full precision.
@@ -26,6 +26,7 @@ import torch
 
 from llmserve.model_loader.gguf_deepseek import LatentUpProjections, deepseek_names, pre_tokenizer
 from llmserve.model_loader.gguf_experts import check_experts, is_moe_tensor, moe_names, stacked_experts_layer
+from llmserve.model_loader.gguf_gemma4 import ROPE_FREQS, gemma4_names
 from llmserve.quantization.gguf import GGUFConfig, gguf_quantization_config
 
 logger = logging.getLogger(__name__)
@@ -33,10 +34,10 @@ logger = logging.getLogger(__name__)
 # The tensor types llama.cpp's quantize writes for the usual mixes (Q4_K_M, Q5_K_M, Q6_K, Q8_0...).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K")
-# Architectures llama.cpp's converter writes whose GGUF layout llmserve does not map (yet), with what is missing.
-NOT_MAPPED = {"gemma4": "Gemma 4's GGUF layout (per-layer inputs, KV-sharing layers, per-layer head sizes and "
-                        "MLP widths, proportional rotary through a rope_freqs tensor, fused expert stacks) is not "
-                        "mapped"}
+# Architectures whose tensor names are mapped here (transformers' GGUF map lacks them, or some of their tensors);
+# their tensors load as they are (no processor), a Gemma 4 layer's experts as its one stack.
+_OWN_NAMES: dict[str, Callable[[Iterator[str]], dict[str, str]]] = {"deepseek2": deepseek_names,
+                                                                   "gemma4": gemma4_names}
 _REPO_AND_QUANT = re.compile(r"^(?P<repo>[\w.\-]+/[\w.\-]+):(?P<quant>[\w.\-]+)$")
 
 
@@ -95,8 +96,7 @@ def _repo_gguf_files(repo: str, revision: str | None, download_dir: str | None) 
 
 def open_gguf(path: Path) -> Any:
     """The file's ``GGUFReader``. A file that cannot be read (not GGUF, truncated, corrupt), one part of a file
-    split by llama.cpp's ``llama-gguf-split``, one of an architecture in :data:`NOT_MAPPED`, or a
-    mixture-of-experts file of an architecture whose experts are not mapped
+    split by llama.cpp's ``llama-gguf-split``, or a mixture-of-experts file of an architecture whose experts are not mapped
     (:func:`~llmserve.model_loader.gguf_experts.check_experts`) is a ValueError naming it."""
     gguf = import_gguf()
     try:
@@ -111,9 +111,6 @@ def open_gguf(path: Path) -> Any:
         raise ValueError(f"{path.name} is one part of a GGUF file split into {parts}; merge the parts first "
                          f"(llama.cpp: llama-gguf-split --merge FIRST-PART OUT.gguf)")
     architecture = (read_field(reader, "general.architecture") or [""])[0]
-    if architecture in NOT_MAPPED:
-        raise ValueError(f"{path.name} is a {architecture} GGUF file: {NOT_MAPPED[architecture]}; serve its Hugging "
-                         f"Face checkpoint instead")
     check_experts(architecture, path.name, [t.name for t in reader.tensors])
     return reader
 
@@ -187,8 +184,8 @@ class GGUFTensors:
         self.parsed = {"config": config.to_dict()}
         processors = {**TENSOR_PROCESSORS, "falcon": _falcon_tensor_processor()}
         self.processor = processors.get(self.architecture, TensorProcessor)(config=self.parsed["config"])
-        if self.architecture == "deepseek2":   # transformers has no GGUF map for it
-            self.names = deepseek_names(t.name for t in self.reader.tensors)
+        if self.architecture in _OWN_NAMES:   # transformers has no (complete) GGUF map for it
+            self.names = _OWN_NAMES[self.architecture](t.name for t in self.reader.tensors)
             return
         with torch.device("meta"):   # only its parameter names are needed (llama.cpp's Mixtral is a llama)
             self.names = get_gguf_hf_weights_map(AutoModelForCausalLM.from_config(config), self.processor,
@@ -228,7 +225,9 @@ def iterate_gguf_weights(tensors: GGUFTensors,
             for name, weights in latent_up.join(tensor.name, gguf.dequantize(tensor.data, tensor.tensor_type)):
                 yield name, torch.from_numpy(np.require(weights, np.float32, ["C", "W"]))
             continue
-        if is_moe_tensor(tensor.name):   # a layer's stacked experts, or its router
+        if tensor.name == ROPE_FREQS and tensors.architecture == "gemma4":   # read into the config
+            continue
+        if is_moe_tensor(tensor.name) and tensors.architecture != "gemma4":   # stacked experts, or a router
             names = moe_names(tensors.architecture, tensor.name, tensor.data.shape[0])
             if packs is not None and tensor.data.ndim == 3 and packs(names[0]):   # each expert its rows of blocks
                 for name, rows in zip(names, tensor.data):

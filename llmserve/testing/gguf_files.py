@@ -27,6 +27,7 @@ import torch
 
 from llmserve.model_loader.loader import iterate_weights
 from llmserve.testing.gguf_deepseek_files import add_deepseek_keys, latent_up_halves
+from llmserve.testing.gguf_gemma4_files import add_gemma4_keys, gemma4_tensor_name, rope_freqs
 from llmserve.testing.gguf_kquants import MIXES, mix_tensor_type, quantize_tensor
 
 
@@ -53,6 +54,7 @@ GGUF_ARCHITECTURES = {
     "mixtral": GGUFArchitecture("llama"), "qwen2_moe": GGUFArchitecture("qwen2moe"),
     "qwen3_moe": GGUFArchitecture("qwen3moe"), "deepseek_v2_lite": GGUFArchitecture("deepseek2"),
     "deepseek_v2": GGUFArchitecture("deepseek2"), "deepseek_v3": GGUFArchitecture("deepseek2"),
+    "gemma4": GGUFArchitecture("gemma4"), "gemma4_moe": GGUFArchitecture("gemma4"),
 }
 # llama.cpp's Mixtral (a llama with experts) and Qwen3-MoE renormalise the top-k routing weights, Qwen2-MoE does not
 _RENORMALISES = {"llama": True, "qwen2moe": False, "qwen3moe": True}
@@ -99,6 +101,9 @@ def _converted(arch: GGUFArchitecture, stem: str, data: np.ndarray, config: dict
 def _add_hyperparameters(writer: Any, arch: GGUFArchitecture, config: dict) -> None:
     if arch.name == "falcon":
         _add_falcon_keys(writer, config)
+        return
+    if arch.name == "gemma4":
+        add_gemma4_keys(writer, config)
         return
     hidden = _find(config, "hidden_size", "n_embd")
     heads = _find(config, "num_attention_heads", "n_head")
@@ -256,6 +261,8 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32",
                          else {"F32": 0, "F16": 1}[file_type])
     tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
     model = _tokenizer_model(tokenizer) if with_tokenizer else None
+    if model == "llama" and arch.name == "gemma4":   # the converter's own model name for Gemma 4's vocabulary
+        model = "gemma4"
     if model is not None:
         _add_tokenizer(writer, model, tokenizer, config, checkpoint)
     else:   # no tokenizer in the file (serve it with --tokenizer <checkpoint folder>)
@@ -265,6 +272,8 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32",
     _add_longrope_factors(writer, config)
     layers = _find(config, "num_hidden_layers", "n_layer")
     names = gguf.get_tensor_name_map(arch_id, layers)
+    if arch.name == "gemma4":
+        writer.add_tensor("rope_freqs.weight", rope_freqs(config))
     experts: dict[tuple[int, str], dict[int, np.ndarray]] = {}
     for name, tensor in iterate_weights(checkpoint):
         name = name.replace("e_score_correction_bias", "e_score_correction.bias")   # as the converter renames it
@@ -274,7 +283,11 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32",
             continue
         stem, suffix = name.rsplit(".", 1)
         data = _converted(arch, stem, tensor.to(torch.float32).numpy(), config)
-        mapped = names.get_name(stem) or names.get_name(stem.removeprefix("transformer."))
+        if arch.name == "gemma4":
+            mapped = gemma4_tensor_name(names, name)
+            mapped, suffix = mapped.rsplit(".", 1) if mapped else (None, suffix)
+        else:
+            mapped = names.get_name(stem) or names.get_name(stem.removeprefix("transformer."))
         if mapped is None:   # as the converter's "Can not map tensor"
             raise ValueError(f"llama.cpp's {arch.name} has no tensor for {name}")
         if mapped.endswith("ffn_gate_inp_shexp"):   # llama.cpp's shared-expert gate is a vector
@@ -337,7 +350,8 @@ def _add_tokenizer(writer, model: str, tokenizer: dict, config: dict,  # noqa: A
     """The tokenizer as llama.cpp's converter writes one from ``tokenizer.json``: tokens in id order, their types,
     the merges, the special ids and the chat template; for the ``llama`` model (a sentencepiece-style BPE, as
     its Hugging Face vocabulary path writes it) also scores falling with the id, and whether BOS is added (the
-    post-processor's template starts with it)."""
+    post-processor's template starts with it); for ``gemma4`` (the same vocabulary as Gemma 4's converter writes
+    it) scores of -1000, BOS added, no space prefix and no pre-tokenizer."""
     vocab = dict(tokenizer["model"]["vocab"])
     special = {t["content"]: t["id"] for t in tokenizer["added_tokens"]}
     vocab.update(special)
@@ -346,12 +360,15 @@ def _add_tokenizer(writer, model: str, tokenizer: dict, config: dict,  # noqa: A
         tokens[index] = token
     merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
     writer.add_tokenizer_model(model)
-    writer.add_tokenizer_pre("qwen2" if model == "gpt2" else "default")
+    if model != "gemma4":   # Gemma 4's converter writes no pre-tokenizer (llama.cpp splits on newlines)
+        writer.add_tokenizer_pre("qwen2" if model == "gpt2" else "default")
     writer.add_token_list(tokens)
-    if model == "llama":
-        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    if model in ("llama", "gemma4"):
+        gemma4 = model == "gemma4"
+        writer.add_token_scores([-1000.0] * len(tokens) if gemma4 else [-float(i) for i in range(len(tokens))])
         unk = tokenizer["model"].get("unk_token")
-        writer.add_token_types([_token_type(token, special, unk) for token in tokens])
+        # Gemma 4's converter types the unknown token as the added special token it is (control)
+        writer.add_token_types([_token_type(token, special, None if gemma4 else unk) for token in tokens])
         if unk is not None:
             writer.add_unk_token_id(vocab[unk])
     else:
@@ -362,7 +379,9 @@ def _add_tokenizer(writer, model: str, tokenizer: dict, config: dict,  # noqa: A
     if config.get("bos_token_id") is not None:
         writer.add_bos_token_id(config["bos_token_id"])
     template = (tokenizer.get("post_processor") or {}).get("single") or [{}]
-    writer.add_add_bos_token(model == "llama" and "SpecialToken" in template[0])
+    writer.add_add_bos_token(model == "gemma4" or (model == "llama" and "SpecialToken" in template[0]))
+    if model == "gemma4":
+        writer.add_add_space_prefix(False)
     tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
     if tokenizer_config.get("chat_template"):
         writer.add_chat_template(tokenizer_config["chat_template"])

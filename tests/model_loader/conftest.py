@@ -17,17 +17,18 @@ from llmserve.testing.tokenizer_files import BYTELEVEL
 # below 27B, Gemma's attention scale is its head size (the tiny checkpoints use hidden / heads, as the 27B);
 # llama.cpp's Qwen MoE architectures have experts in every layer (the tiny checkpoints have a dense one);
 # llama.cpp gates deepseek2 experts by sigmoid only where the config says scoring_func sigmoid (as DeepSeek-V3's
-# does; the tiny V3 leaves it implied by noaux_tc).
+# does; the tiny V3 leaves it implied by noaux_tc); llama.cpp's Gemma 4 KV-sharing layers read the last two
+# layers holding a cache, which must be a sliding then a full one (the tiny checkpoints' last two are a full then a
+# sliding one: one layer more shares).
 DESCRIBABLE = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3": {"query_pre_attn_scalar": 16},
                "qwen2_moe": {"mlp_only_layers": [], "decoder_sparse_step": 1},
                "qwen3_moe": {"mlp_only_layers": [], "decoder_sparse_step": 1},
-               "deepseek_v3": {"scoring_func": "sigmoid"}}
+               "deepseek_v3": {"scoring_func": "sigmoid"}, "gemma4": {"num_kv_shared_layers": 3},
+               "gemma4_moe": {"num_kv_shared_layers": 3}}
 
 
-def _sparse_everywhere(folder: Path, config: dict) -> None:
-    """Give each dense layer of a Qwen MoE checkpoint copy a router and experts (and a gated shared expert
-    where the family has one), random and seeded, as its sparse layers have."""
-    import torch
+def _rewrite_tensors(folder: Path, change: Callable[[dict], None]) -> None:
+    """The checkpoint copy's tensors, changed in place by ``change`` and saved as one file."""
     from safetensors.torch import load_file, save_file
 
     files = sorted(folder.glob("*.safetensors"))
@@ -35,30 +36,67 @@ def _sparse_everywhere(folder: Path, config: dict) -> None:
     for f in files:
         f.unlink()
     (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    change(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+
+
+def _seeded_normal() -> Callable[..., object]:
+    import torch
+
     generator = torch.Generator().manual_seed(0)
+    return lambda *shape: torch.randn(*shape, generator=generator) / shape[-1] ** 0.5
+
+
+def _shared_kv_from_config(folder: Path, config: dict) -> None:
+    """A Gemma 4 copy whose ``num_kv_shared_layers`` grew: the newly sharing layers lose their K/V projections
+    and key norm and get double-wide MLPs (random, seeded) where the family has them."""
+    normal = _seeded_normal()
+    hidden, width = config["hidden_size"], 2 * config["intermediate_size"]
+
+    def change(tensors: dict) -> None:
+        for layer in range(config["num_hidden_layers"] - config["num_kv_shared_layers"], config["num_hidden_layers"]):
+            prefix = f"model.layers.{layer}."
+            for name in ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight"):
+                tensors.pop(prefix + name, None)
+            if config.get("use_double_wide_mlp") and tensors[f"{prefix}mlp.down_proj.weight"].shape[1] != width:
+                tensors[f"{prefix}mlp.gate_proj.weight"] = normal(width, hidden)
+                tensors[f"{prefix}mlp.up_proj.weight"] = normal(width, hidden)
+                tensors[f"{prefix}mlp.down_proj.weight"] = normal(hidden, width)
+
+    _rewrite_tensors(folder, change)
+
+
+def _sparse_everywhere(folder: Path, config: dict) -> None:
+    """Give each dense layer of a Qwen MoE checkpoint copy a router and experts (and a gated shared expert
+    where the family has one), random and seeded, as its sparse layers have."""
+    normal = _seeded_normal()
     hidden, width, shared = config["hidden_size"], config["moe_intermediate_size"], \
         config.get("shared_expert_intermediate_size") or 0
 
-    def normal(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) / shape[-1] ** 0.5
+    def change(tensors: dict) -> None:
+        for layer in range(config["num_hidden_layers"]):
+            prefix = f"model.layers.{layer}.mlp."
+            if f"{prefix}gate_proj.weight" not in tensors:
+                continue
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                del tensors[f"{prefix}{projection}.weight"]
+            tensors[f"{prefix}gate.weight"] = normal(config["num_experts"], hidden) * 1.5
+            for expert in range(config["num_experts"]):
+                tensors[f"{prefix}experts.{expert}.gate_proj.weight"] = normal(width, hidden)
+                tensors[f"{prefix}experts.{expert}.up_proj.weight"] = normal(width, hidden)
+                tensors[f"{prefix}experts.{expert}.down_proj.weight"] = normal(hidden, width)
+            if shared:
+                tensors[f"{prefix}shared_expert.gate_proj.weight"] = normal(shared, hidden)
+                tensors[f"{prefix}shared_expert.up_proj.weight"] = normal(shared, hidden)
+                tensors[f"{prefix}shared_expert.down_proj.weight"] = normal(hidden, shared)
+                tensors[f"{prefix}shared_expert_gate.weight"] = normal(1, hidden)
 
-    for layer in range(config["num_hidden_layers"]):
-        prefix = f"model.layers.{layer}.mlp."
-        if f"{prefix}gate_proj.weight" not in tensors:
-            continue
-        for projection in ("gate_proj", "up_proj", "down_proj"):
-            del tensors[f"{prefix}{projection}.weight"]
-        tensors[f"{prefix}gate.weight"] = normal(config["num_experts"], hidden) * 1.5
-        for expert in range(config["num_experts"]):
-            tensors[f"{prefix}experts.{expert}.gate_proj.weight"] = normal(width, hidden)
-            tensors[f"{prefix}experts.{expert}.up_proj.weight"] = normal(width, hidden)
-            tensors[f"{prefix}experts.{expert}.down_proj.weight"] = normal(hidden, width)
-        if shared:
-            tensors[f"{prefix}shared_expert.gate_proj.weight"] = normal(shared, hidden)
-            tensors[f"{prefix}shared_expert.up_proj.weight"] = normal(shared, hidden)
-            tensors[f"{prefix}shared_expert.down_proj.weight"] = normal(hidden, shared)
-            tensors[f"{prefix}shared_expert_gate.weight"] = normal(1, hidden)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+    _rewrite_tensors(folder, change)
+
+
+# The tensors a describable copy's config needs changed, per family.
+_TENSOR_CHANGES = {"qwen2_moe": _sparse_everywhere, "qwen3_moe": _sparse_everywhere,
+                   "gemma4": _shared_kv_from_config, "gemma4_moe": _shared_kv_from_config}
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +116,8 @@ def gguf_source(checkpoint_dir, gguf_dir) -> Callable[[str], Path]:
             shutil.copytree(checkpoint_dir(family), copy)
             config = {**json.loads((copy / "config.json").read_text()), **DESCRIBABLE[family]}
             (copy / "config.json").write_text(json.dumps(config))
-            if family.endswith("_moe"):
-                _sparse_everywhere(copy, config)
+            if family in _TENSOR_CHANGES:
+                _TENSOR_CHANGES[family](copy, config)
         return copy
 
     return get

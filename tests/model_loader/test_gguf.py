@@ -20,12 +20,11 @@
 * A file holding a tensor type llmserve does not run is refused before loading, naming the type; a
   ``.gguf`` path that does not exist is "not found"; ``repo:QUANT`` picks the repo's one file of that
   quantisation (from the cache when offline or when the Hub cannot be reached), and an absent or ambiguous
-  one is an error naming what the repo has; a truncated file, one part of a split file, a Gemma 4 file (which
-  llama.cpp's converter writes, and whose layout llmserve does not map) and a mixture-of-experts file of an
-  architecture whose experts are not mapped (GPT-OSS) are refused naming the file and the reason.
+  one is an error naming what the repo has; a truncated file, one part of a split file and a mixture-of-experts
+  file of an architecture whose experts are not mapped (GPT-OSS) are refused naming the file and the reason.
 * Mixture-of-experts files (Mixtral, which llama.cpp writes as a ``llama`` with experts; Qwen2-MoE; Qwen3-MoE):
   the experts stacked per layer and projection load as the checkpoint's experts, and an F32 file runs as the
-  checkpoint it came from (DeepSeek-V2/V3: ``test_gguf_deepseek.py``).
+  checkpoint it came from (DeepSeek-V2/V3: ``test_gguf_deepseek.py``; Gemma 4: ``test_gguf_gemma4.py``).
 """
 
 from __future__ import annotations
@@ -170,7 +169,7 @@ def _tiny_gguf(path: Path, tensors: dict[str, object], arch: str = "llama", **ke
 
 
 def test_files_it_cannot_load_are_refused_naming_them(gguf_file, tmp_path):
-    """A truncated file, one part of a split file, a Gemma 4 file and a mixture-of-experts file whose experts
+    """A truncated file, one part of a split file and a mixture-of-experts file whose experts
     llmserve does not map (GPT-OSS's): an error that says which and why, before any weight is read (not a NumPy
     error from inside the reader, or a list of missing tensors)."""
     whole = gguf_file("qwen2", "F32").read_bytes()
@@ -185,9 +184,6 @@ def test_files_it_cannot_load_are_refused_naming_them(gguf_file, tmp_path):
     moe = _tiny_gguf(tmp_path / "moe.gguf", {"blk.1.ffn_gate_exps.weight": [[[0.0] * 4] * 4] * 2}, "gpt-oss")
     with pytest.raises(ValueError, match=r"moe.gguf is a mixture-of-experts gpt-oss model \(.*blk.1.ffn_gate_exps"):
         LLM(str(moe), kv_cache_memory_bytes="8MiB", max_model_len=256)
-    gemma4 = _tiny_gguf(tmp_path / "gemma-4.gguf", {"token_embd.weight": [[0.0] * 4] * 8}, "gemma4")
-    with pytest.raises(ValueError, match=r"gemma-4.gguf is a gemma4 GGUF file: Gemma 4's GGUF layout .* is not mapped"):
-        LLM(str(gemma4), kv_cache_memory_bytes="8MiB", max_model_len=256)
 
 
 @pytest.mark.parametrize("hub", ["offline", "unreachable"])

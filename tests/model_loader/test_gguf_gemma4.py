@@ -1,0 +1,154 @@
+"""Gemma 4 GGUF files (llama.cpp's ``gemma4``, written from the generated checkpoints the way its converter lays
+them out: ``llmserve.testing.gguf_files``) load and run.
+
+* An F32 file gives the checkpoint's own output (greedy tokens equal, logprobs within 1e-4 of transformers on the
+  safetensors folder), for the dense model and the one with experts beside each MLP: the config is built from the
+  ``gemma4.*`` keys (layer kinds, both head sizes, the full layers' own KV-head count with ``attention_k_eq_v``
+  inferred from their missing ``attn_v``, KV-sharing layers with double-wide MLPs, per-layer inputs, each kind's
+  rope, proportional rotary from ``rope_freqs``, the soft-cap, the experts), and every tensor of the file loads
+  under Gemma 4's names, the experts as their stacks and the router's scales from ``ffn_gate_inp.scale`` and
+  ``ffn_down_exps.scale``.
+* A quantised file loads each tensor as the ``gguf`` package dequantises it.
+* The tokenizer is the file's, read as transformers reads a ``gemma4`` vocabulary.
+* The writer refuses a checkpoint llama.cpp would run differently: the tiny checkpoints' KV-sharing layers read a
+  full then a sliding layer, where llama.cpp reads a sliding then a full one; they are written from copies in which
+  one layer more shares (``conftest.DESCRIBABLE``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from llmserve.model_loader import gguf_loader
+from llmserve.model_loader.gguf_config import load_gguf_config
+from llmserve.testing.gguf_files import write_gguf
+from tests.engine_greedy import assert_matches_hf, engine_greedy
+
+gguf = pytest.importorskip("gguf")
+
+FAMILIES = ["gemma4", "gemma4_moe"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f32_file_runs_as_the_checkpoint_it_came_from(gguf_file, gguf_source, caplog, family):
+    path = gguf_file(family, "F32")
+    names = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert {"rope_freqs.weight", "per_layer_token_embd.weight", "blk.0.layer_output_scale.weight",
+            "blk.0.inp_gate.weight", "blk.0.attn_v.weight"} <= names
+    assert "blk.2.attn_v.weight" not in names and "blk.3.attn_k.weight" not in names   # k_eq_v; shared K/V
+    assert ({"blk.0.ffn_gate_up_exps.weight", "blk.0.ffn_gate_inp.scale", "blk.0.ffn_down_exps.scale"} <= names) == \
+        (family == "gemma4_moe")
+    config = load_gguf_config(path)
+    sliding, full = config.per_layer_config[0], config.per_layer_config[2]
+    assert (config.layer_types, config.num_kv_shared_layers, sliding.head_dim, full.head_dim,
+            sliding.num_key_value_heads, full.num_key_value_heads, config.attention_k_eq_v, config.use_double_wide_mlp,
+            config.hidden_size_per_layer_input, config.final_logit_softcapping) == \
+        (["sliding_attention", "sliding_attention", "full_attention"] * 2, 3, 16, 24, 2, 1, True, True, 8, 15.0)
+    assert config.rope_parameters["full_attention"] == {"rope_type": "proportional", "rope_theta": 1000000.0,
+                                                        "partial_rotary_factor": 0.25}
+    with caplog.at_level(logging.INFO, logger="llmserve.model_loader.gguf_loader"):
+        results = engine_greedy(path)
+    assert not [r for r in caplog.records if "no counterpart" in r.getMessage()]   # every tensor of the file loads
+    assert_matches_hf(results, gguf_source(family), 1e-4)
+
+
+@pytest.mark.parametrize("file_type", ["Q8_0", "Q4_K_M"])
+def test_quantized_file_loads_each_tensor_as_gguf_dequantises_it(gguf_file, gguf_source, file_type):
+    """Every checkpoint tensor, the expert stacks whole, loads as the ``gguf`` package dequantises the file's
+    tensor; norms, scales and the router F32. The file then runs."""
+    from llmserve.entrypoints.llm import LLM
+    from llmserve.model_loader.loader import iterate_weights
+    from llmserve.sampling_params import SamplingParams
+
+    path = gguf_file("gemma4_moe", file_type)
+    file = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    assert {file[n].tensor_type.name for n in ("blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_inp.scale",
+                                               "blk.0.attn_q_norm.weight", "blk.0.layer_output_scale.weight")} == {"F32"}
+    assert file["blk.0.ffn_gate_up_exps.weight"].tensor_type.name != "F32"
+    config = load_gguf_config(path)
+    tensors = gguf_loader.GGUFTensors(path, config)
+    loaded = dict(gguf_loader.iterate_gguf_weights(tensors))
+    assert loaded.keys() == {name for name, _ in iterate_weights(gguf_source("gemma4_moe"))}
+    by_name = {hf: gguf_name for gguf_name, hf in tensors.names.items()}
+    for name, tensor in loaded.items():
+        source = file[by_name[name]]
+        expected = gguf.dequantize(source.data, source.tensor_type)
+        assert np.array_equal(tensor.numpy(), expected.reshape(tensor.shape)), name
+    llm = LLM(str(path), kv_cache_memory_bytes="8MiB", max_model_len=256)
+    output = llm.generate([{"prompt_token_ids": [1, 5, 9, 20]}], SamplingParams(max_tokens=4, temperature=0))
+    assert len(output[0].outputs[0].token_ids) == 4
+
+
+def test_the_tokenizer_is_the_files_read_as_a_gemma4_vocabulary(gguf_file, gguf_source):
+    """The checkpoint's vocabulary, with Gemma's conventions as transformers reads a ``gemma4`` file: no space
+    prefix before the first word and no BOS added (Gemma 4's chat template writes ``<bos>``)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = gguf_loader.load_gguf_tokenizer(gguf_file("gemma4", "F32"))
+    source = AutoTokenizer.from_pretrained(gguf_source("gemma4"))
+    assert tokenizer.convert_ids_to_tokens(list(range(source.vocab_size))) == \
+        source.convert_ids_to_tokens(list(range(source.vocab_size)))
+
+    def pieces(text: str) -> list[int]:
+        return [source.convert_tokens_to_ids(t.value) for t in source.backend_tokenizer.model.tokenize(text)]
+
+    assert tokenizer("Hello world")["input_ids"] == pieces("Hello") + pieces("\u2581world")
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")
+
+
+def test_checkpoints_llama_cpp_would_run_differently_cannot_be_written(checkpoint_dir, tmp_path):
+    """llama.cpp's KV-sharing layers read the last two layers holding a cache, a sliding then a full one."""
+    with pytest.raises(ValueError, match=r"KV-sharing layers read layers 2 \(sliding\) and 3 \(full\): a GGUF file "
+                                         r"cannot describe layer types"):
+        write_gguf(checkpoint_dir("gemma4"), tmp_path / "gemma4.gguf", "gemma4")
+
+
+def test_files_with_layouts_gemma4_does_not_have_are_refused_naming_the_file(gguf_file, tmp_path):
+    """Per-layer MLP widths other than double-wide sharing layers, and a ``rope_freqs`` that is not proportional
+    rotary (ones, then pairs left unrotated): errors naming the file."""
+    path = gguf_file("gemma4", "F32")
+    reader = gguf.GGUFReader(str(path))
+    for name, keys, tensor, error in (
+            ("widths.gguf", {"gemma4.feed_forward_length": [128, 64, 128, 256, 256, 256]}, None,
+             r"widths.gguf: gemma4 MLP widths per layer \[128, 64, 128, 256, 256, 256\]"),
+            ("rope.gguf", {}, np.array([1.0, 0.5, 1.0] + [1e30] * 9, dtype=np.float32),
+             "rope.gguf: gemma4 rope_freqs is not proportional rotary")):
+        copy = _rewritten(reader, tmp_path / name, keys, tensor)
+        with pytest.raises(ValueError, match=error):
+            load_gguf_config(copy)
+
+
+def test_a_file_whose_sharing_layers_llama_cpp_reads_elsewhere_loads_as_transformers_runs_it(gguf_file, tmp_path,
+                                                                                           caplog):
+    """Two sharing layers after [sliding, sliding, full, sliding]: transformers reads layer 3 for the sliding one
+    and 2 for the full one, llama.cpp layers 2 and 3; the config is transformers' and the log says so."""
+    reader = gguf.GGUFReader(str(gguf_file("gemma4", "F32")))
+    copy = _rewritten(reader, tmp_path / "two-shared.gguf", {"gemma4.attention.shared_kv_layers": 2,
+                                                             "gemma4.feed_forward_length": [128] * 4 + [256] * 2})
+    with caplog.at_level(logging.WARNING, logger="llmserve.model_loader.gguf_gemma4"):
+        assert load_gguf_config(copy).num_kv_shared_layers == 2
+    assert "two-shared.gguf: its KV-sharing layers read the last earlier layer of their kind" in caplog.text
+    assert "llama.cpp reads layers 2 (sliding) and 3 (full)" in caplog.text
+
+
+def _rewritten(reader, out, keys, rope_freqs=None):
+    """A copy of the file with some keys' values or the ``rope_freqs`` tensor replaced."""
+    writer = gguf.GGUFWriter(str(out), "gemma4")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = keys.get(name, field.contents())
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, kind, sub_type=sub)
+    for tensor in reader.tensors:
+        data = rope_freqs if tensor.name == "rope_freqs.weight" and rope_freqs is not None else tensor.data
+        writer.add_tensor(tensor.name, np.asarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
