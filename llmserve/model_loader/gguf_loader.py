@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from llmserve.model_loader.gguf_deepseek import LatentUpProjections, deepseek_names, pre_tokenizer
-from llmserve.model_loader.gguf_experts import check_experts, is_moe_tensor, moe_names, stacked_experts_layer
+from llmserve.model_loader.gguf_experts import (WHOLE_STACKS, check_experts, is_moe_tensor, moe_names,
+                                                 stacked_experts_layer)
 from llmserve.model_loader.gguf_gemma4 import ROPE_FREQS, gemma4_names
 from llmserve.quantization.gguf import GGUFConfig, gguf_quantization_config
 
@@ -204,7 +205,7 @@ def gguf_packing(tensors: GGUFTensors) -> GGUFConfig | None:
     expert_types: dict[int, set[str]] = {}
     for t in tensors.reader.tensors:
         layer = stacked_experts_layer(t.name)
-        if layer is not None:
+        if layer is not None and tensors.architecture not in WHOLE_STACKS:   # whole stacks load dequantised
             expert_types.setdefault(layer, set()).add(t.tensor_type.name)
     return gguf_quantization_config({tensors.names[t.name]: t.tensor_type.name for t in tensors.reader.tensors
                                      if t.name in tensors.names and len(t.shape) == 2 and not is_moe_tensor(t.name)},
@@ -227,7 +228,7 @@ def iterate_gguf_weights(tensors: GGUFTensors,
             continue
         if tensor.name == ROPE_FREQS and tensors.architecture == "gemma4":   # read into the config
             continue
-        if is_moe_tensor(tensor.name) and tensors.architecture != "gemma4":   # stacked experts, or a router
+        if is_moe_tensor(tensor.name) and tensors.architecture not in WHOLE_STACKS:   # stacked experts, a router
             names = moe_names(tensors.architecture, tensor.name, tensor.data.shape[0])
             if packs is not None and tensor.data.ndim == 3 and packs(names[0]):   # each expert its rows of blocks
                 for name, rows in zip(names, tensor.data):

@@ -25,8 +25,6 @@ import json
 import logging
 import re
 import shutil
-import statistics
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -36,8 +34,8 @@ from llmserve.model_loader import gguf_config, gguf_loader
 from llmserve.model_loader.gguf_config import load_gguf_config
 from llmserve.sampling_params import SamplingParams
 from llmserve.testing.gguf_files import write_gguf
-from tests.engine_greedy import MAX_TOKENS, PROMPTS, assert_matches_hf, engine_greedy
-from tests.hf_reference import model_greedy
+from tests.engine_greedy import assert_matches_hf, engine_greedy
+from tests.model_loader.packed_reference import assert_packed_file_matches_rounded_transformers, packed_modules
 from tests.model_loader.test_gguf import _tiny_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -103,78 +101,14 @@ def test_quantized_file_runs_packed_as_transformers_with_rounded_activations(ggu
     """The linear layers whose tensors are all in packed types (latent attention's ``q_a`` / ``kv_a`` / ``o``
     projections, dense and stacked experts, the LM head) stay packed, each input rounded to int8 per 32 columns;
     transformers running the file's weights (dequantised by the ``gguf`` package) with those layers' inputs
-    rounded the same way gives the same greedy tokens, logprobs to float32 summation order (the median within
-    1e-5) but for an input that lands on the other side of a rounding boundary in one of the two (a step of
-    max|x| / 127 in its block; measured: 7e-3 on two tokens of one V2-Lite prompt, whose LM head input crossed
-    one). ``kv_b_proj`` and the F16 fallbacks run in float."""
-    from llmserve.quantization.gguf import GGUFLinearMethod
-    from llmserve.quantization.layer_selection import checkpoint_names
-    from tests.model_helpers import load_tiny
-    from tests.model_loader.test_gguf_packed import _engine_results
-
+    rounded the same way gives the same greedy tokens and logprobs (``packed_reference``; the 7e-3 measured
+    there: two tokens of one V2-Lite prompt, whose LM head input crossed a rounding boundary). ``kv_b_proj`` and
+    the F16 fallbacks run in float."""
     path = gguf_file(family, file_type)
-    packed = {name for prefix, m in load_tiny(path).named_modules()
-              if isinstance(getattr(m, "quant_method", None), GGUFLinearMethod)
-              or isinstance(getattr(getattr(m, "quant_method", None), "linear_method", None), GGUFLinearMethod)
-              for name in checkpoint_names(prefix)}
+    packed = packed_modules(path)
     assert any(".self_attn.kv_a_proj_with_mqa" in n for n in packed) and any(n.endswith("mlp.experts") for n in packed)
     assert not any("kv_b_proj" in n for n in packed)
-    results = _engine_results(path, caplog, dtype="float32")
-    reference = _transformers_on_file_weights(path, gguf_source(family))
-    with _inputs_rounded(reference, packed):
-        expected = [model_greedy(reference, prompt, MAX_TOKENS) for prompt in PROMPTS]
-    distances = []
-    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, expected * 2):
-        assert tokens == ref_tokens
-        distances += [abs(a - b) for a, b in zip(logprobs, ref_logprobs)]
-    assert statistics.median(distances) < 1e-5 and max(distances) < 0.05
-
-
-def _transformers_on_file_weights(path, source):
-    """transformers' model of ``source`` holding the file's weights as llmserve dequantises them."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    floats = dict(gguf_loader.iterate_gguf_weights(gguf_loader.GGUFTensors(path, load_gguf_config(path))))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, experts_implementation="eager")
-    state = {}
-    for name, tensor in model.state_dict().items():
-        stem, _, leaf = name.rpartition(".")
-        if stem.endswith("mlp.experts"):   # transformers stacks the experts: [experts, gate+up | down, in]
-            parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
-            state[name] = torch.stack([torch.cat([floats[f"{stem}.{e}.{part}.weight"] for part in parts])
-                                       for e in range(tensor.shape[0])])
-        else:
-            state[name] = floats.get(name, floats["model.embed_tokens.weight"] if name == "lm_head.weight" else None)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-@contextmanager
-def _inputs_rounded(model, modules: set[str]):
-    """Every ``F.linear`` on a weight of ``modules`` (an expert's slice of the stacks too) with its input rounded
-    as the group-int8 kernel rounds it."""
-    import torch
-
-    from tests.model_loader.test_gguf_packed import _round_like_the_kernel
-
-    weights = set()
-    for name, module in model.named_modules():
-        if name in modules and isinstance(module, torch.nn.Linear):
-            weights.add(module.weight.data_ptr())
-        elif name in modules:   # stacked experts, sliced per expert by transformers' eager loop
-            weights.update(stack[e].data_ptr() for stack in (module.gate_up_proj, module.down_proj)
-                           for e in range(stack.shape[0]))
-    linear = torch.nn.functional.linear
-
-    def rounded(x, weight, bias=None):
-        return linear(_round_like_the_kernel(None, (x,))[0] if weight.data_ptr() in weights else x, weight, bias)
-
-    torch.nn.functional.linear = rounded
-    try:
-        yield
-    finally:
-        torch.nn.functional.linear = linear
+    assert_packed_file_matches_rounded_transformers(path, gguf_source(family), packed, caplog)
 
 
 def test_a_file_with_the_whole_kv_b_projection_loads_as_one_split(gguf_file, tmp_path):

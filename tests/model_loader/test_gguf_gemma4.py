@@ -26,6 +26,7 @@ from llmserve.model_loader import gguf_loader
 from llmserve.model_loader.gguf_config import load_gguf_config
 from llmserve.testing.gguf_files import write_gguf
 from tests.engine_greedy import assert_matches_hf, engine_greedy
+from tests.model_loader.packed_reference import assert_packed_file_matches_rounded_transformers, packed_modules
 
 gguf = pytest.importorskip("gguf")
 
@@ -152,3 +153,17 @@ def _rewritten(reader, out, keys, rope_freqs=None):
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+@pytest.mark.parametrize("family,file_type", [("gemma4", "Q8_0"), ("gemma4_moe", "Q4_K_M")])
+def test_quantized_file_runs_packed_as_transformers_with_rounded_activations(gguf_file, gguf_source, caplog,
+                                                                           family, file_type):
+    """The linear layers whose tensors are all in packed types stay packed (here the 96-, 128- and 256-column
+    ``o_proj`` and ``down_proj``: the 48-column ones do not split into blocks and are F16, as the converter falls
+    back); the experts' stacks load dequantised. The engine gives what transformers gives on the file's weights
+    with those layers' inputs rounded as the kernel rounds them (``packed_reference``)."""
+    path = gguf_file(family, file_type)
+    packed = packed_modules(path)
+    assert {"model.layers.0.self_attn.o_proj", "model.layers.3.mlp.down_proj"} <= packed
+    assert not any("experts" in name for name in packed)
+    assert_packed_file_matches_rounded_transformers(path, gguf_source(family), packed, caplog)

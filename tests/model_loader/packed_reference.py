@@ -1,0 +1,96 @@
+"""The oracle for GGUF files transformers cannot read whose layers run packed: transformers' model of the source
+checkpoint holding the file's weights as the ``gguf`` package dequantises them, with the inputs of the layers
+llmserve keeps packed rounded as the group-int8 kernel rounds them."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmserve.model_loader import gguf_loader
+from llmserve.model_loader.gguf_config import load_gguf_config
+from tests.engine_greedy import MAX_TOKENS, PROMPTS
+from tests.hf_reference import model_greedy
+from tests.model_loader.test_gguf_packed import _engine_results, _round_like_the_kernel
+
+
+def packed_modules(path: Path) -> set[str]:
+    """The checkpoint module names of the layers llmserve runs packed from this file (a fused MoE layer by its
+    ``experts`` module)."""
+    from llmserve.quantization.gguf import GGUFLinearMethod
+    from llmserve.quantization.layer_selection import checkpoint_names
+    from tests.model_helpers import load_tiny
+
+    def packed(module: torch.nn.Module) -> bool:
+        method = getattr(module, "quant_method", None)
+        return isinstance(method, GGUFLinearMethod) or isinstance(getattr(method, "linear_method", None),
+                                                                  GGUFLinearMethod)
+
+    return {name for prefix, m in load_tiny(path).named_modules() if packed(m) for name in checkpoint_names(prefix)}
+
+
+def assert_packed_file_matches_rounded_transformers(path: Path, source: Path, packed: set[str],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The engine's greedy tokens equal the oracle's, logprobs to float32 summation order (the median within
+    1e-5) but for an input that lands on the other side of a rounding boundary in one of the two (a step of
+    max|x| / 127 in its block, which moves that token's logprobs: measured up to 7e-3)."""
+    results = _engine_results(path, caplog, dtype="float32")
+    reference = _transformers_on_file_weights(path, source)
+    with _inputs_rounded(reference, packed):
+        expected = [model_greedy(reference, prompt, MAX_TOKENS) for prompt in PROMPTS]
+    distances = []
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, expected * 2):
+        assert tokens == ref_tokens
+        distances += [abs(a - b) for a, b in zip(logprobs, ref_logprobs)]
+    assert statistics.median(distances) < 1e-5 and max(distances) < 0.05
+
+
+def _transformers_on_file_weights(path: Path, source: Path) -> torch.nn.Module:
+    """transformers' model of ``source`` holding the file's weights as llmserve dequantises them."""
+    from transformers import AutoModelForCausalLM
+
+    floats = dict(gguf_loader.iterate_gguf_weights(gguf_loader.GGUFTensors(path, load_gguf_config(path))))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, experts_implementation="eager")
+    state = {}
+    for name, tensor in model.state_dict().items():
+        stem, _, leaf = name.rpartition(".")
+        if name in floats:
+            state[name] = floats[name]
+        elif stem.endswith("mlp.experts"):   # unstacked by the loader: [experts, gate+up | down, in]
+            parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+            state[name] = torch.stack([torch.cat([floats[f"{stem}.{e}.{part}.weight"] for part in parts])
+                                       for e in range(tensor.shape[0])])
+        elif name == "lm_head.weight":   # tied
+            state[name] = floats["model.embed_tokens.weight"]
+        else:
+            state[name] = tensor   # a buffer the checkpoint does not hold
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@contextmanager
+def _inputs_rounded(model: torch.nn.Module, modules: set[str]) -> Iterator[None]:
+    """Every ``F.linear`` on a weight of ``modules`` (an expert's slice of the stacks too) with its input rounded
+    as the group-int8 kernel rounds it."""
+    weights = set()
+    for name, module in model.named_modules():
+        if name in modules and isinstance(module, torch.nn.Linear):
+            weights.add(module.weight.data_ptr())
+        elif name in modules:   # stacked experts, sliced per expert by transformers' eager loop
+            weights.update(stack[e].data_ptr() for stack in (module.gate_up_proj, module.down_proj)
+                           for e in range(stack.shape[0]))
+    linear = torch.nn.functional.linear
+
+    def rounded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(_round_like_the_kernel(None, (x,))[0] if weight.data_ptr() in weights else x, weight, bias)
+
+    torch.nn.functional.linear = rounded
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
