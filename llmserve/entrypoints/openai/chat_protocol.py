@@ -116,8 +116,9 @@ class FunctionDefinition(RequestModel):
     description: str | None = None
     parameters: ToolParameters | None = None
     strict: bool | None = Field(default=None, description=(
-        "true: arguments always match the schema; honoured with tool_choice required or a named function (the "
-        "grammar enforces the schema there, strict or not) and refused with auto"))
+        "true: arguments always match the schema; with tool_choice required or a named function the grammar "
+        "enforces every schema, strict or not; with auto a grammar in the --tool-call-parser's format enforces "
+        "the strict ones (hermes, llama3_json, mistral; refused for pythonic)"))
 
 
 class ChatTool(RequestModel):
@@ -169,8 +170,4 @@ class ToolRequest(RequestModel):
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise InvalidRequestError(f"tool_choice names the function {choice.function.name!r}, which is not "
                                       f"in tools ({', '.join(names)})", "tool_choice")
-        if choice == "auto" and any(tool.function.strict for tool in tools):
-            raise InvalidRequestError("strict function schemas are enforced with tool_choice \"required\" or a "
-                                      "named function; with \"auto\" the model's arguments are not constrained",
-                                      "tools")
         return [tool.as_template_tool() for tool in tools]

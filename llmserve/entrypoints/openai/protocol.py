@@ -243,9 +243,9 @@ class _SamplingRequest(RequestModel):
         is one the endpoint imposes (a forced tool call), which the request's own may not contradict."""
         spec = self.structured_output_spec()
         if constraint is not None and spec is not None:
-            raise StructuredOutputError("tool_choice \"required\" or a named function constrains the output "
-                                        "itself; it cannot be combined with response_format, structured_outputs "
-                                        "or guided_*", "tool_choice")
+            raise StructuredOutputError("tool_choice \"required\", a named function or a strict tool with \"auto\" "
+                                        "constrains the output itself; it cannot be combined with response_format, "
+                                        "structured_outputs or guided_*", "tool_choice")
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,

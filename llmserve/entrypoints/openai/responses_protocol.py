@@ -73,8 +73,8 @@ class FunctionTool(RequestModel):
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     description: str | None = None
     parameters: ToolParameters | None = None
-    strict: bool | None = Field(default=None, description="as on chat: honoured with required / named, refused "
-                                                           "with auto")
+    strict: bool | None = Field(default=None, description="as on chat: enforced with required / named, and with "
+                                                           "auto by the --tool-call-parser's format (not pythonic)")
 
 
 class NamedFunctionChoice(RequestModel):

@@ -1,7 +1,9 @@
 """One chat request's tool calling: what ``tool_choice`` makes of the request and of its output.
 
 - ``none``: the tools are still shown to the template (as vLLM does), the output is plain content;
-- ``auto``: the model decides; the server's ``--tool-call-parser`` reads calls out of its text;
+- ``auto``: the model decides; the server's ``--tool-call-parser`` reads calls out of its text; with a
+  ``strict`` tool a grammar in the parser's format holds every call to the tools' names and the strict tools'
+  schemas, the text around the calls free (``tool_parsers/strict.py``);
 - ``required``: the grammar forces a JSON array of one or more calls, each valid under its tool's schema;
 - a named function: the grammar forces that function's arguments object.
 """
@@ -13,13 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmserve.entrypoints.openai.chat_protocol import NamedToolChoice, ToolRequest
-from llmserve.entrypoints.openai.tool_parsers import ToolCallParser
+from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser
 from llmserve.entrypoints.openai.tool_parsers.base import final_parse
 from llmserve.entrypoints.openai.tool_parsers.forced import (
     NamedToolParser, RequiredToolParser, named_schema, required_schema)
 from llmserve.entrypoints.openai.tool_parsers.streaming import ToolCallStream, new_tool_call_id, tool_call_json
+from llmserve.entrypoints.openai.tool_parsers.strict import SpecialTokenId
 from llmserve.errors import InvalidRequestError
 from llmserve.structured_output import StructuredOutputError, StructuredOutputSpec
+
+def _no_special_tokens(text: str) -> int | None:
+    return None
+
 
 AUTO_NEEDS_FLAGS = "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set"
 
@@ -32,8 +39,9 @@ class ToolCalling:
     finishes_as_tool_calls: bool          # OpenAI's finish_reason for a forced named call stays "stop"
 
     @classmethod
-    def for_request(cls, request: ToolRequest, tools: list[dict[str, Any]],
-                    auto_parser: type[ToolCallParser] | None) -> ToolCalling:
+    def for_request(cls, request: ToolRequest, tools: list[dict[str, Any]], auto_parser: type[ToolCallParser] | None,
+                    special: SpecialTokenId = _no_special_tokens) -> ToolCalling:
+        """``special``: the id of a format's marker where the tokenizer holds it as one special token."""
         choice = request.effective_tool_choice
         max_calls = None if request.parallel_tool_calls else 1
         if choice == "none":
@@ -41,11 +49,20 @@ class ToolCalling:
         if choice == "auto":
             if auto_parser is None:
                 raise InvalidRequestError(AUTO_NEEDS_FLAGS, "tool_choice")
-            return cls(auto_parser(), None, max_calls, True)
+            parser = auto_parser()
+            if not any(tool["function"].get("strict") for tool in tools):
+                return cls(parser, None, max_calls, True)
+            grammar = parser.strict_grammar(tools, max_calls, special)
+            if grammar is None:
+                raise InvalidRequestError(f"strict function schemas are not enforced with tool_choice \"auto\" in "
+                                          f"the {_parser_name(auto_parser)} format; use tool_choice \"required\" or a named "
+                                          f"function, or leave strict unset", "tools")
+            return cls(parser, _constraint("grammar", grammar), max_calls, True)
         if isinstance(choice, NamedToolChoice):
             tool = next(t for t in tools if t["function"]["name"] == choice.function.name)
-            return cls(NamedToolParser(choice.function.name), _constraint(named_schema(tool)), None, False)
-        return cls(RequiredToolParser(), _constraint(required_schema(tools, request.parallel_tool_calls)),
+            return cls(NamedToolParser(choice.function.name), _constraint("json", json.dumps(named_schema(tool))),
+                       None, False)
+        return cls(RequiredToolParser(), _constraint("json", json.dumps(required_schema(tools, request.parallel_tool_calls))),
                    max_calls, True)
 
     @property
@@ -70,14 +87,19 @@ class ToolCalling:
         return "tool_calls" if called and reason == "stop" and self.finishes_as_tool_calls else reason
 
 
-def _constraint(schema: dict[str, Any]) -> StructuredOutputSpec:
-    """The grammar of a forced call; a tool schema the grammar library cannot compile is the client's 400."""
+def _parser_name(parser: type[ToolCallParser]) -> str:
+    return next((name for name, cls in TOOL_CALL_PARSERS.items() if cls is parser), parser.__name__)
+
+
+def _constraint(kind: str, value: str) -> StructuredOutputSpec:
+    """The grammar of forced or strict calls; a tool schema the grammar library cannot compile is the client's
+    400."""
     try:
-        spec = StructuredOutputSpec(kind="json", value=json.dumps(schema))
+        spec = StructuredOutputSpec(kind=kind, value=value)
         spec.validate()
     except StructuredOutputError as exc:
         raise InvalidRequestError(f"a tool's parameters schema cannot be enforced: {exc}", "tools") from None
     except ImportError as exc:   # llguidance is an optional extra
-        raise InvalidRequestError(f"tool_choice \"required\" or a named function needs the grammar library: {exc}",
-                                  "tool_choice") from None
+        raise InvalidRequestError(f"tool_choice \"required\", a named function or a strict tool needs the grammar "
+                                  f"library: {exc}", "tool_choice") from None
     return spec

@@ -21,7 +21,7 @@ Checked over raw HTTP (httpx, raw sockets) against a server started with ``--max
 * Tool calling that cannot be honoured: ``tool_choice`` ``auto`` (also the default when ``tools`` are
   given) on a server without ``--enable-auto-tool-choice``, any ``tool_choice`` but ``none`` without
   ``tools``, a named function that is not among them, a function defined twice, with parameters not of type
-  ``"object"`` or with a name OpenAI does not allow, ``strict`` with ``auto``, a parameters schema the grammar cannot enforce, a forced call
+  ``"object"`` or with a name OpenAI does not allow, a parameters schema the grammar cannot enforce, a forced call
   together with ``response_format``: 400 naming ``tool_choice`` or ``tools``. A ``tool`` message without
   ``tool_call_id``, assistant ``tool_calls`` whose arguments are not JSON: 400 naming ``messages``.
 * Not supported, so never accepted silently: OpenAI's deprecated ``functions`` / ``function_call`` other
@@ -175,8 +175,6 @@ CHAT_CASES = [
     ("tools-name-pattern", {"tools": [{"type": "function", "function": {"name": "get weather"}}],
                             "tool_choice": "required"}, "tools", None),
     ("tools-duplicate-name", {"tools": [F, F], "tool_choice": "required"}, "tools", "more than once"),
-    ("tools-strict-with-auto", {"tools": [{"type": "function", "function": {"name": "f", "strict": True}}],
-                                "tool_choice": "auto"}, "tools", "strict"),
     ("tools-schema-not-enforceable", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": "nonsense"}}}}}], "tool_choice": "required"}, "tools",
      "cannot be enforced"),

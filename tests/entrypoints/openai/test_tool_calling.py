@@ -10,7 +10,8 @@
 * ``tool_choice: "auto"`` with each ``--tool-call-parser`` on the family whose format it reads (hermes on
   ChatML, llama3_json on Llama 3, mistral on Mistral, pythonic on Gemma 3): the model's text is steered by a
   regex into that format (a random-weight model would not write it unprompted), and the server must find
-  the content and the call in it, streamed or not; text that is not a call stays content.
+  the content and the call in it, streamed or not; text that is not a call stays content. With ``strict``
+  tools a grammar in that format holds the calls to their schemas (pythonic has none: 400).
 * History: assistant ``tool_calls`` and ``tool`` messages are rendered by the chat template with the tools,
   token for token as transformers renders them.
 """
@@ -170,6 +171,28 @@ def test_auto_text_that_is_no_call_stays_content(auto):
     assert choice.message.content in ("It is sunny today.", "It is rainy today.")
     content, streamed, finish = _streamed(client, tools=TOOLS, extra_body=steer)
     assert (content, streamed, finish) == (choice.message.content, [], "stop")
+
+
+STRICT_TOOLS = [{"type": "function", "function": {**tool["function"], "strict": True}} for tool in TOOLS]
+
+
+def test_auto_with_strict_tools_answers_under_the_formats_grammar(auto):
+    """Strict tools with ``auto``: a grammar in the parser's format (its acceptance is tested in
+    tool_parsers/test_strict.py) constrains the output, so the answer is content or calls valid under their
+    schemas, the same streamed; the request's own constraint cannot be added to it. The pythonic format has no
+    such grammar: 400 naming it."""
+    family, client = auto
+    if AUTO_FORMATS[family][0] == "pythonic":
+        with pytest.raises(openai.BadRequestError, match='not enforced with tool_choice "auto" in the pythonic format'):
+            _create(client, tools=STRICT_TOOLS)
+        return
+    choice = _create(client, tools=STRICT_TOOLS).choices[0]
+    calls = _check_calls(choice.message.tool_calls or [])
+    assert calls or choice.message.content
+    content, streamed, finish = _streamed(client, tools=STRICT_TOOLS)
+    assert (content or None, _check_calls(streamed), finish) == (choice.message.content, calls, choice.finish_reason)
+    with pytest.raises(openai.BadRequestError, match="cannot be combined with response_format, structured_outputs"):
+        _create(client, tools=STRICT_TOOLS, extra_body={"structured_outputs": {"regex": "It is sunny"}})
 
 
 def test_history_with_calls_and_results_renders_as_transformers_does(qwen2, checkpoint_dir):

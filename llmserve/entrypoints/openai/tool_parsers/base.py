@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmserve.entrypoints.openai.tool_parsers.json_scan import PartialObject
+from llmserve.entrypoints.openai.tool_parsers.strict import SpecialTokenId
 
 
 @dataclass
@@ -55,6 +57,13 @@ class ToolCallParser(ABC):
         """Split ``text`` into content and calls. With ``final`` the generation has ended: calls are then
         all valid, or the whole text is content (a model that started a call and botched it still answers
         with what it wrote); the forced formats (forced.py) keep every call that has a name."""
+
+    def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None,
+                       special: SpecialTokenId) -> str | None:
+        """The grammar under which the model writes free text and calls in this format whose arguments match
+        the schemas of the ``strict`` tools (``tool_choice: "auto"``: :mod:`.strict`); None where the format
+        has none."""
+        return None
 
 
 def hold_back(text: str, marker: str) -> str:

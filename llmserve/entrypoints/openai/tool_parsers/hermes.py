@@ -10,11 +10,14 @@ Text before the first ``<tool_call>`` is the content; each tag holds one call; a
 
 from __future__ import annotations
 
+from typing import Any
+
 from llmserve.entrypoints.openai.tool_parsers.base import (
     ParsedCall, ParsedOutput, ToolCallParser, call_from_object, finish, hold_back)
 from llmserve.entrypoints.openai.tool_parsers.json_scan import scan_object, skip_whitespace
+from llmserve.entrypoints.openai.tool_parsers.strict import SpecialTokenId, hermes_grammar
 
-START = "<tool_call>"
+START, END = "<tool_call>", "</tool_call>"
 
 
 class HermesToolParser(ToolCallParser):
@@ -35,3 +38,7 @@ class HermesToolParser(ToolCallParser):
                 break
             at = text.find(START, obj.end)
         return finish(text, text[:first], calls, True, final)
+
+    def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None,
+                       special: SpecialTokenId) -> str | None:
+        return hermes_grammar(tools, max_calls, special, START, END)

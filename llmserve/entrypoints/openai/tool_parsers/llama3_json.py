@@ -8,9 +8,12 @@ with one (after whitespace); anything else is plain content.
 
 from __future__ import annotations
 
+from typing import Any
+
 from llmserve.entrypoints.openai.tool_parsers.base import (
     ParsedCall, ParsedOutput, ToolCallParser, call_from_object, finish)
 from llmserve.entrypoints.openai.tool_parsers.json_scan import scan_object, skip_whitespace
+from llmserve.entrypoints.openai.tool_parsers.strict import SpecialTokenId, llama3_json_grammar
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -42,3 +45,7 @@ class Llama3JsonToolParser(ToolCallParser):
                 break
             at = skip_whitespace(text, after + 1)
         return finish(text, "", calls, True, final)
+
+    def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None,
+                       special: SpecialTokenId) -> str | None:
+        return llama3_json_grammar(tools, max_calls, special, PYTHON_TAG)
