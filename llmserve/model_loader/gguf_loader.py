@@ -27,7 +27,7 @@ import torch
 from llmserve.model_loader.gguf_deepseek import LatentUpProjections, deepseek_names, pre_tokenizer
 from llmserve.model_loader.gguf_experts import (WHOLE_STACKS, check_experts, is_moe_tensor, moe_names,
                                                  stacked_experts_layer)
-from llmserve.model_loader.gguf_gemma4 import ROPE_FREQS, gemma4_names
+from llmserve.model_loader.gguf_gemma4 import ROPE_FREQS, gemma4_names, values_from_keys
 from llmserve.quantization.gguf import GGUFConfig, gguf_quantization_config
 
 logger = logging.getLogger(__name__)
@@ -207,9 +207,11 @@ def gguf_packing(tensors: GGUFTensors) -> GGUFConfig | None:
         layer = stacked_experts_layer(t.name)
         if layer is not None and tensors.architecture not in WHOLE_STACKS:   # whole stacks load dequantised
             expert_types.setdefault(layer, set()).add(t.tensor_type.name)
-    return gguf_quantization_config({tensors.names[t.name]: t.tensor_type.name for t in tensors.reader.tensors
-                                     if t.name in tensors.names and len(t.shape) == 2 and not is_moe_tensor(t.name)},
-                                    tensors.architecture, expert_types)
+    weight_types = {tensors.names[t.name]: t.tensor_type.name for t in tensors.reader.tensors
+                    if t.name in tensors.names and len(t.shape) == 2 and not is_moe_tensor(t.name)}
+    if tensors.architecture == "gemma4":
+        weight_types = values_from_keys(weight_types, tensors.parsed["config"])
+    return gguf_quantization_config(weight_types, tensors.architecture, expert_types)
 
 
 def iterate_gguf_weights(tensors: GGUFTensors,

@@ -137,8 +137,6 @@ def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device
     gguf_tensors = GGUFTensors(path, config) if is_gguf(path) else None
     if gguf_tensors is not None and quantization is None and get_tp_group().world_size == 1:
         quant_config = gguf_packing(gguf_tensors)
-        if quant_config is not None:
-            logger.info("Quantisation: %r", quant_config)
     if quant_config is None:
         quant_config = get_quantization_config(config, quantization)
     previous = torch.get_default_dtype()
@@ -148,6 +146,8 @@ def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device
             model = model_cls(config, quant_config)
     finally:
         torch.set_default_dtype(previous)
+    if gguf_tensors is not None and quant_config is not None:   # what the layers took packed, once built
+        logger.info("Quantisation: %r", quant_config)
     model.load_weights(iterate_weights(path, config, quant_config, gguf_tensors))
     del gguf_tensors   # its metadata (the whole vocabulary) is not needed once the weights are in
     for module in model.modules():

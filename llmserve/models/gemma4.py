@@ -302,11 +302,18 @@ class Gemma4ForCausalLM(Gemma2ForCausalLM):
         return super().param_target(name, params)
 
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """A layer sharing K/V keeps only its queries: its K/V weights are dropped, and of a fused ``qkv_proj``
+        (llama.cpp's ``--fuse-qkv`` fuses every layer that holds all three) the query rows are its ``q_proj``
+        (the leaf may be a packed format's, ``qweight`` rows too)."""
         parts = name.split(".")
-        if (len(parts) > 3 and parts[:2] == ["model", "layers"]
-                and int(parts[2]) >= self.model.first_shared_layer
-                and ".".join(parts[3:]).startswith(self.shared_layer_tensors)):
+        if len(parts) <= 3 or parts[:2] != ["model", "layers"] or int(parts[2]) < self.model.first_shared_layer:
+            return name, tensor
+        rest = ".".join(parts[3:])
+        if rest.startswith(self.shared_layer_tensors):
             return None
+        if rest.startswith("self_attn.qkv_proj."):
+            queries = self.config.num_attention_heads * self.config.per_layer_config[int(parts[2])].head_dim
+            return name.replace(".self_attn.qkv_proj.", ".self_attn.q_proj."), tensor[:queries]
         return name, tensor
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -69,7 +69,10 @@ class GGUFConfig(QuantizationConfig):
         return "gguf"
 
     def __repr__(self) -> str:
-        counts = Counter(self.packed_weights.values())
+        """The packed weights (those of the layers that took them, once the model is built) by type."""
+        modules = self._packed_modules
+        counts = Counter(t for name, t in self.packed_weights.items()
+                         if not modules or name.removesuffix(".weight") in modules)
         experts = (f"; the experts of {len(self.packed_experts)} layers "
                    f"({', '.join(sorted(set().union(*self.packed_experts.values())))})" if self.packed_experts else "")
         return (f"gguf (weights kept packed: {', '.join(f'{n} x {t}' for t, n in sorted(counts.items()))}{experts}; "

@@ -145,16 +145,16 @@ def gguf_tokenizer(checkpoint_dir) -> Callable[[str], dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def wide_gguf_file(gguf_dir) -> Callable[[str], Path]:
-    """``wide_gguf_file(file_type)`` -> a Qwen2 checkpoint wide enough for k-quant super-blocks (hidden 256,
-    MLP 512: the ``bench-draft`` size) as a GGUF file of that type (written once)."""
+def wide_gguf_file(gguf_dir) -> Callable[..., Path]:
+    """``wide_gguf_file(file_type, family="qwen2")`` -> a checkpoint wide enough for k-quant super-blocks (hidden
+    256, MLP 512: the ``bench-draft`` size) as a GGUF file of that type (written once)."""
     from llmserve.testing.checkpoints import write_checkpoint
 
-    def get(file_type: str) -> Path:
-        source = gguf_dir / "qwen2-wide-checkpoint"
+    def get(file_type: str, family: str = "qwen2") -> Path:
+        source = gguf_dir / f"{family}-wide-checkpoint"
         if not source.exists():
-            write_checkpoint(source, family="qwen2", size="bench-draft", seed=0)
-        out = gguf_dir / f"qwen2-wide-{file_type}.gguf"
-        return out if out.exists() else write_gguf(source, out, "qwen2", file_type)
+            write_checkpoint(source, family=family, size="bench-draft", seed=0)
+        out = gguf_dir / f"{family}-wide-{file_type}.gguf"
+        return out if out.exists() else write_gguf(source, out, family, file_type)
 
     return get

@@ -1,9 +1,10 @@
-"""The oracle for GGUF files transformers cannot read whose layers run packed: transformers' model of the source
-checkpoint holding the file's weights as the ``gguf`` package dequantises them, with the inputs of the layers
-llmserve keeps packed rounded as the group-int8 kernel rounds them."""
+"""What packed GGUF layers are checked against: the group-int8 kernel's rounding of a layer's input, and, for the
+files transformers cannot read, transformers' model of the source checkpoint holding the file's weights as the
+``gguf`` package dequantises them, with the inputs of the layers llmserve keeps packed rounded that way."""
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,12 +12,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from llmserve.model_loader import gguf_loader
 from llmserve.model_loader.gguf_config import load_gguf_config
-from tests.engine_greedy import MAX_TOKENS, PROMPTS
+from llmserve.quantization.group_int8 import quantize_activations
+from tests.engine_greedy import MAX_TOKENS, PROMPTS, engine_greedy
 from tests.hf_reference import model_greedy
-from tests.model_loader.test_gguf_packed import _engine_results, _round_like_the_kernel
+
+
+def round_like_the_kernel(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A linear layer's input rounded as the group-int8 kernel rounds it (int8 per row and block of 32 columns);
+    a forward pre-hook's signature."""
+    x = args[0]
+    rows = x.reshape(-1, x.shape[-1]).float()
+    q, scale = quantize_activations(rows)
+    return ((q.float().view(rows.shape[0], -1, 32) * scale.unsqueeze(-1)).view(x.shape).to(x.dtype),)
+
+
+def engine_results(path: Path, caplog: pytest.LogCaptureFixture, **engine_args: str) -> list:
+    """:func:`engine_greedy` on a file that must run packed (its start-up log says so)."""
+    with caplog.at_level(logging.INFO, logger="llmserve.model_loader.loader"):
+        results = engine_greedy(path, **engine_args)
+    assert any("Quantisation: gguf" in r.getMessage() for r in caplog.records), "the file did not run packed"
+    return results
 
 
 def packed_modules(path: Path) -> set[str]:
@@ -39,7 +58,7 @@ def assert_packed_file_matches_rounded_transformers(path: Path, source: Path, pa
     """The engine's greedy tokens equal the oracle's, logprobs to float32 summation order (the median within
     1e-5) but for an input that lands on the other side of a rounding boundary in one of the two (a step of
     max|x| / 127 in its block, which moves that token's logprobs: measured up to 7e-3)."""
-    results = _engine_results(path, caplog, dtype="float32")
+    results = engine_results(path, caplog, dtype="float32")
     reference = _transformers_on_file_weights(path, source)
     with _inputs_rounded(reference, packed):
         expected = [model_greedy(reference, prompt, MAX_TOKENS) for prompt in PROMPTS]
@@ -87,7 +106,7 @@ def _inputs_rounded(model: torch.nn.Module, modules: set[str]) -> Iterator[None]
     linear = torch.nn.functional.linear
 
     def rounded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return linear(_round_like_the_kernel(None, (x,))[0] if weight.data_ptr() in weights else x, weight, bias)
+        return linear(round_like_the_kernel(None, (x,))[0] if weight.data_ptr() in weights else x, weight, bias)
 
     torch.nn.functional.linear = rounded
     try:

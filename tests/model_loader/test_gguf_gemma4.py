@@ -108,16 +108,22 @@ def test_checkpoints_llama_cpp_would_run_differently_cannot_be_written(checkpoin
 
 
 def test_files_with_layouts_gemma4_does_not_have_are_refused_naming_the_file(gguf_file, tmp_path):
-    """Per-layer MLP widths other than double-wide sharing layers, and a ``rope_freqs`` that is not proportional
-    rotary (ones, then pairs left unrotated): errors naming the file."""
+    """Per-layer MLP widths other than double-wide sharing layers, a ``rope_freqs`` that is not proportional
+    rotary (ones, then pairs left unrotated, one per pair of the full layers' heads), partial rotary on the
+    sliding layers: errors naming the file."""
     path = gguf_file("gemma4", "F32")
     reader = gguf.GGUFReader(str(path))
     for name, keys, tensor, error in (
             ("widths.gguf", {"gemma4.feed_forward_length": [128, 64, 128, 256, 256, 256]}, None,
              r"widths.gguf: gemma4 MLP widths per layer \[128, 64, 128, 256, 256, 256\]"),
             ("rope.gguf", {}, np.array([1.0, 0.5, 1.0] + [1e30] * 9, dtype=np.float32),
-             "rope.gguf: gemma4 rope_freqs is not proportional rotary")):
-        copy = _rewritten(reader, tmp_path / name, keys, tensor)
+             "rope.gguf: gemma4 rope_freqs is not proportional rotary"),
+            ("short-rope.gguf", {}, np.array([1.0] * 3 + [1e30] * 5, dtype=np.float32),
+             "short-rope.gguf: gemma4 rope_freqs is not proportional rotary"),
+            ("partial-sliding.gguf", {"gemma4.rope.dimension_count_swa": 8}, None,
+             r"partial-sliding.gguf: gemma4 rope with scaling None or 8 of 16 sliding dimensions rotated")):
+        copy = _rewritten(reader, tmp_path / name, keys,
+                          None if tensor is None else lambda arrays, t=tensor: {**arrays, "rope_freqs.weight": t})
         with pytest.raises(ValueError, match=error):
             load_gguf_config(copy)
 
@@ -135,8 +141,9 @@ def test_a_file_whose_sharing_layers_llama_cpp_reads_elsewhere_loads_as_transfor
     assert "llama.cpp reads layers 2 (sliding) and 3 (full)" in caplog.text
 
 
-def _rewritten(reader, out, keys, rope_freqs=None):
-    """A copy of the file with some keys' values or the ``rope_freqs`` tensor replaced."""
+def _rewritten(reader, out, keys, tensors=None):
+    """A copy of an F32 file with some keys' values replaced, and its tensors as ``tensors`` makes them (name ->
+    array, from the file's)."""
     writer = gguf.GGUFWriter(str(out), "gemma4")
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
@@ -145,14 +152,35 @@ def _rewritten(reader, out, keys, rope_freqs=None):
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, value, kind, sub_type=sub)
-    for tensor in reader.tensors:
-        data = rope_freqs if tensor.name == "rope_freqs.weight" and rope_freqs is not None else tensor.data
-        writer.add_tensor(tensor.name, np.asarray(data))
+    arrays = {t.name: np.asarray(t.data) for t in reader.tensors}
+    for name, data in (arrays if tensors is None else tensors(arrays)).items():
+        writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def test_a_file_with_fused_qkv_runs_as_the_unfused_one(gguf_file, tmp_path):
+    """llama.cpp's ``--fuse-qkv`` writes ``attn_qkv`` for every layer holding q, k and v, a sharing layer whose
+    checkpoint kept its (unused) K/V too: the fused layers load as their three projections, a sharing layer's
+    as its query rows."""
+    path = gguf_file("gemma4", "F32")
+    generator = np.random.default_rng(0)
+
+    def fused(arrays: dict) -> dict:
+        arrays = dict(arrays)
+        for layer in (0, 1, 3):   # two sliding layers, and the first sharing one with K/V of its own
+            q = arrays.pop(f"blk.{layer}.attn_q.weight")
+            k = arrays.pop(f"blk.{layer}.attn_k.weight", generator.standard_normal((32, 48), dtype=np.float32))
+            v = arrays.pop(f"blk.{layer}.attn_v.weight", generator.standard_normal((32, 48), dtype=np.float32))
+            arrays[f"blk.{layer}.attn_qkv.weight"] = np.concatenate([q, k, v])
+        return arrays
+
+    copy = _rewritten(gguf.GGUFReader(str(path)), tmp_path / "fused.gguf", {}, fused)
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(engine_greedy(copy), engine_greedy(path)):
+        assert tokens == ref_tokens and np.allclose(logprobs, ref_logprobs, atol=1e-5)
 
 
 @pytest.mark.parametrize("family,file_type", [("gemma4", "Q8_0"), ("gemma4_moe", "Q4_K_M")])
@@ -167,3 +195,16 @@ def test_quantized_file_runs_packed_as_transformers_with_rounded_activations(ggu
     assert {"model.layers.0.self_attn.o_proj", "model.layers.3.mlp.down_proj"} <= packed
     assert not any("experts" in name for name in packed)
     assert_packed_file_matches_rounded_transformers(path, gguf_source(family), packed, caplog)
+
+
+def test_wide_file_packs_the_attention_the_full_layers_values_from_their_keys(wide_gguf_file, caplog):
+    """Wide enough for blocks (hidden 256; two layers, sliding then full, no sharing): every projection packs, the
+    sliding layer's fused q/k/v and the full layer's, whose value rows are its key rows loaded twice
+    (``attention_k_eq_v``: the file has no ``attn_v`` there), and the output equals transformers' with those
+    inputs rounded (``packed_reference``)."""
+    path = wide_gguf_file("Q8_0", "gemma4")
+    assert "blk.1.attn_v.weight" not in {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    packed = packed_modules(path)
+    assert {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"} <= packed
+    assert_packed_file_matches_rounded_transformers(path, path.parent / "gemma4-wide-checkpoint", packed, caplog)
+    assert "Quantisation: gguf" in caplog.text

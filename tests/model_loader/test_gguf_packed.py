@@ -21,7 +21,6 @@ super-block) the same mix falls back to Q5_0 / Q8_0 as llama.cpp's does.
 
 from __future__ import annotations
 
-import logging
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,19 +30,12 @@ import pytest
 import torch
 from torch import nn
 
-from llmserve.quantization.group_int8 import quantize_activations
-from tests.engine_greedy import MAX_TOKENS, PROMPTS, assert_matches_hf, engine_greedy
+from tests.engine_greedy import MAX_TOKENS, PROMPTS, assert_matches_hf
 from tests.hf_reference import hf_greedy, hf_model
+from tests.model_loader.packed_reference import engine_results, round_like_the_kernel
 
 pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
-
-
-def _round_like_the_kernel(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    x = args[0]
-    rows = x.reshape(-1, x.shape[-1]).float()
-    q, scale = quantize_activations(rows)
-    return ((q.float().view(rows.shape[0], -1, 32) * scale.unsqueeze(-1)).view(x.shape).to(x.dtype),)
 
 
 @contextmanager
@@ -51,7 +43,7 @@ def rounded_activations(path: Path) -> Iterator[None]:
     """transformers' model of ``path`` (as :func:`hf_greedy` loads it) with every linear input rounded as the
     group-int8 kernel rounds it."""
     model = hf_model(str(path), None, torch.float32)
-    hooks = [m.register_forward_pre_hook(_round_like_the_kernel) for m in model.modules() if isinstance(m, nn.Linear)]
+    hooks = [m.register_forward_pre_hook(round_like_the_kernel) for m in model.modules() if isinstance(m, nn.Linear)]
     try:
         yield
     finally:
@@ -59,15 +51,8 @@ def rounded_activations(path: Path) -> Iterator[None]:
             hook.remove()
 
 
-def _engine_results(path: Path, caplog: pytest.LogCaptureFixture, **engine_args: str) -> list:
-    with caplog.at_level(logging.INFO, logger="llmserve.model_loader.loader"):
-        results = engine_greedy(path, **engine_args)
-    assert any("Quantisation: gguf" in r.getMessage() for r in caplog.records), "the file did not run packed"
-    return results
-
-
 def _check_against_transformers(path: Path, caplog: pytest.LogCaptureFixture, **engine_args: str) -> None:
-    results = _engine_results(path, caplog, **engine_args)
+    results = engine_results(path, caplog, **engine_args)
     plain = [hf_greedy(path, p, MAX_TOKENS) for p in PROMPTS]
     with rounded_activations(path):
         rounded = [hf_greedy(path, p, MAX_TOKENS) for p in PROMPTS]
@@ -100,7 +85,7 @@ def test_q2_k_file_gives_transformers_greedy_tokens(wide_gguf_file, caplog):
     tokens between float32 and float64 (logprobs by 0.19), so the rounded reference is not a stable oracle
     there; the blocks' decoding and the kernel's 4-bit / 16-column groups are tested exactly elsewhere."""
     path = wide_gguf_file("Q2_K")
-    results = _engine_results(path, caplog)
+    results = engine_results(path, caplog)
     for (tokens, logprobs), prompt in zip(results, PROMPTS * 2):
         plain_tokens, plain_logprobs = hf_greedy(path, prompt, MAX_TOKENS)
         assert tokens == plain_tokens
@@ -113,7 +98,7 @@ def test_on_cuda_packed_files_match_plain_transformers(wide_gguf_file, caplog, f
     """On CUDA the packed weights run through the weight-only Triton kernel with float activations (no int8
     rounding), so in float32 they give plain transformers' greedy tokens and logprobs within 1e-3."""
     path = wide_gguf_file(file_type)
-    results = _engine_results(path, caplog, device="cuda", dtype="float32")
+    results = engine_results(path, caplog, device="cuda", dtype="float32")
     assert_matches_hf(results, path, 1e-3)
 
 
@@ -139,5 +124,5 @@ def test_packed_experts_multiply_as_their_blocks_dequantised(gguf_file, family):
         for module, weight in ((w13, np.concatenate([stacks["ffn_gate_exps"][e], stacks["ffn_up_exps"][e]])),
                                (w2, stacks["ffn_down_exps"][e])):
             x = torch.randn(3, weight.shape[1], generator=generator)
-            expected = _round_like_the_kernel(None, (x,))[0] @ torch.from_numpy(weight).T
+            expected = round_like_the_kernel(None, (x,))[0] @ torch.from_numpy(weight).T
             torch.testing.assert_close(method.apply(module, x), expected, rtol=1e-5, atol=1e-5)
