@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from llmserve.model_loader.gguf_names import checkpoint_names
+
 logger = logging.getLogger(__name__)
 
 # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*
@@ -50,7 +52,6 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
-_LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 _SPLIT_KV_B = re.compile(r"^blk\.(\d+)\.attn_([kv])_b\.weight$")
 
 # llama.cpp's deepseek-v3 pre-tokenizer (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM): three splits in turn.
@@ -140,14 +141,7 @@ def _rope(meta: Any) -> dict[str, Any]:
 def deepseek_names(tensor_names: Iterable[str]) -> dict[str, str]:
     """GGUF tensor name -> checkpoint name, for every tensor but the experts, their router (:mod:`gguf_experts`)
     and the halves of a split ``kv_b_proj`` (:class:`LatentUpProjections`)."""
-    names = {}
-    for name in tensor_names:
-        layer = _LAYER_TENSOR.match(name)
-        if layer and layer[2] in _LAYER_NAMES:
-            names[name] = f"model.layers.{layer[1]}.{_LAYER_NAMES[layer[2]]}"
-        elif name in _GLOBAL_NAMES:
-            names[name] = _GLOBAL_NAMES[name]
-    return names
+    return checkpoint_names(tensor_names, _LAYER_NAMES, _GLOBAL_NAMES)
 
 
 class LatentUpProjections:

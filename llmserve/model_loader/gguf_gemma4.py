@@ -23,11 +23,12 @@ config class refuses the per-layer arrays the converter writes).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+from llmserve.model_loader.gguf_names import checkpoint_names
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
                  "output.weight": "lm_head.weight", "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
                  "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
                  "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight"}
-_LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 # The keys the converter always writes (or with the experts), without which the config cannot be built.
 _REQUIRED = {"block_count", "embedding_length", "attention.head_count", "attention.key_length",
              "attention.sliding_window", "context_length", "attention.layer_norm_rms_epsilon", "rope.freq_base",
@@ -186,14 +186,7 @@ def _warn_if_llama_cpp_shares_differently(meta: Any, layer_types: list[str], sha
 
 def gemma4_names(tensor_names: Iterable[str]) -> dict[str, str]:
     """GGUF tensor name -> checkpoint name, for every tensor but ``rope_freqs`` (read into the config)."""
-    names = {}
-    for name in tensor_names:
-        layer = _LAYER_TENSOR.match(name)
-        if layer and layer[2] in _LAYER_NAMES:
-            names[name] = f"model.layers.{layer[1]}.{_LAYER_NAMES[layer[2]]}"
-        elif name in _GLOBAL_NAMES:
-            names[name] = _GLOBAL_NAMES[name]
-    return names
+    return checkpoint_names(tensor_names, _LAYER_NAMES, _GLOBAL_NAMES)
 
 
 def values_from_keys(weight_types: dict[str, str], config: dict[str, Any]) -> dict[str, str]:

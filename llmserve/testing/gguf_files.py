@@ -299,11 +299,16 @@ def write_gguf(checkpoint: Path, out: Path, family: str, file_type: str = "F32",
     for (layer, kind), stack in sorted(experts.items()):
         _add_weight(writer, f"blk.{layer}.ffn_{kind}_exps.weight", np.stack([stack[e] for e in sorted(stack)]),
                     file_type, qtype, layers)
+    finish_file(writer)
+    return out
+
+
+def finish_file(writer: Any) -> None:
+    """Write a ``GGUFWriter``'s header, metadata and tensors, and close the file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out
 
 
 def _add_weight(writer: Any, gguf_name: str, data: np.ndarray, file_type: str, qtype: Any, layers: int) -> None:

@@ -156,15 +156,14 @@ def _tiny_gguf(path: Path, tensors: dict[str, object], arch: str = "llama", **ke
     import gguf
     import numpy as np
 
+    from llmserve.testing.gguf_files import finish_file
+
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in keys.items():
         writer.add_uint32(key.replace("__", "."), value)
     for name, data in tensors.items():
         writer.add_tensor(name, np.asarray(data, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_file(writer)
     return path
 
 

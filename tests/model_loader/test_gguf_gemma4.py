@@ -24,7 +24,7 @@ import pytest
 
 from llmserve.model_loader import gguf_loader
 from llmserve.model_loader.gguf_config import load_gguf_config
-from llmserve.testing.gguf_files import write_gguf
+from llmserve.testing.gguf_files import finish_file, write_gguf
 from tests.engine_greedy import assert_matches_hf, engine_greedy
 from tests.model_loader.packed_reference import assert_packed_file_matches_rounded_transformers, packed_modules
 
@@ -155,10 +155,7 @@ def _rewritten(reader, out, keys, tensors=None):
     arrays = {t.name: np.asarray(t.data) for t in reader.tensors}
     for name, data in (arrays if tensors is None else tensors(arrays)).items():
         writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_file(writer)
     return out
 
 
