@@ -32,7 +32,9 @@ MOE_ARCHITECTURES = {"llama": ("block_sparse_moe", ("w1", "w3", "w2"), True),
 WHOLE_STACKS = ("gemma4",)
 _EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _ROUTER = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
-_EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.\d+\.\w+\.weight$")
+_EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe\.|mlp\.)?experts\.\d+\.\w+\.weight$")
+# Gemma 4's stacks: gate and up fused, as its checkpoints hold them
+_WHOLE_STACK = re.compile(r"^blk\.(\d+)\.ffn_(gate_up|down)_exps\.weight$")
 
 
 def check_experts(architecture: str, file_name: str, tensor_names: list[str]) -> None:
@@ -62,9 +64,26 @@ def moe_names(architecture: str, name: str, count: int) -> list[str]:
 
 
 def stacked_experts_layer(name: str) -> int | None:
-    """The layer of a stacked-experts tensor (``blk.3.ffn_up_exps.weight``: 3); None for any other tensor."""
-    match = _EXPERTS.match(name)
+    """The layer of a stacked-experts tensor (``blk.3.ffn_up_exps.weight``, Gemma 4's ``blk.3.ffn_gate_up_exps``:
+    3); None for any other tensor."""
+    match = _EXPERTS.match(name) or _WHOLE_STACK.match(name)
     return int(match[1]) if match else None
+
+
+def whole_stack_experts(name: str, stack: Any) -> list[tuple[str, Any]] | None:
+    """A Gemma 4 stack as each expert's projections (``model.layers.N.experts.E.gate_proj``, ``up_proj``: the
+    first and second half of its fused rows; ``down_proj``), for its experts to load packed; None for any other
+    tensor. ``stack``: [experts, rows, ...] (a row's blocks as bytes, or values)."""
+    match = _WHOLE_STACK.match(name)
+    if match is None:
+        return None
+    layer, kind = match.groups()
+    prefix = f"model.layers.{layer}.experts"
+    if kind == "down":
+        return [(f"{prefix}.{e}.down_proj", rows) for e, rows in enumerate(stack)]
+    half = stack.shape[1] // 2
+    return [(f"{prefix}.{e}.{projection}", rows[part]) for e, rows in enumerate(stack)
+            for projection, part in (("gate_proj", slice(0, half)), ("up_proj", slice(half, None)))]
 
 
 def expert_layer(name: str) -> int | None:

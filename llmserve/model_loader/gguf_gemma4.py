@@ -12,7 +12,8 @@ config class refuses the per-layer arrays the converter writes).
   1e30 (no rotation) for the rest; the sliding layers rotate whole heads. A file whose rope the converter could
   not have written from a Gemma 4 (partial sliding rotary, rope scaling) is refused, naming it.
 * The tensors keep Gemma 4's checkpoint names; nothing is reshuffled or shifted (norms are stored as the weights
-  Gemma 4 multiplies by), the experts stay stacked as the checkpoint stacks them (``ffn_gate_up_exps``), the
+  Gemma 4 multiplies by), the experts stay stacked as the checkpoint stacks them (``ffn_gate_up_exps``; kept
+  packed, each expert's rows are split out: :func:`~llmserve.model_loader.gguf_experts.whole_stack_experts`), the
   router's two scales are ``ffn_gate_inp.scale`` and ``ffn_down_exps.scale``, each layer's scalar
   ``layer_output_scale``.
 * A KV-sharing layer reads the last earlier layer of its kind, as transformers runs the checkpoint; llama.cpp

@@ -26,7 +26,7 @@ import torch
 
 from llmserve.model_loader.gguf_deepseek import LatentUpProjections, deepseek_names, pre_tokenizer
 from llmserve.model_loader.gguf_experts import (WHOLE_STACKS, check_experts, is_moe_tensor, moe_names,
-                                                 stacked_experts_layer)
+                                                 stacked_experts_layer, whole_stack_experts)
 from llmserve.model_loader.gguf_gemma4 import ROPE_FREQS, gemma4_names, values_from_keys
 from llmserve.quantization.gguf import GGUFConfig, gguf_quantization_config
 
@@ -205,7 +205,7 @@ def gguf_packing(tensors: GGUFTensors) -> GGUFConfig | None:
     expert_types: dict[int, set[str]] = {}
     for t in tensors.reader.tensors:
         layer = stacked_experts_layer(t.name)
-        if layer is not None and tensors.architecture not in WHOLE_STACKS:   # whole stacks load dequantised
+        if layer is not None:
             expert_types.setdefault(layer, set()).add(t.tensor_type.name)
     weight_types = {tensors.names[t.name]: t.tensor_type.name for t in tensors.reader.tensors
                     if t.name in tensors.names and len(t.shape) == 2 and not is_moe_tensor(t.name)}
@@ -230,14 +230,16 @@ def iterate_gguf_weights(tensors: GGUFTensors,
             continue
         if tensor.name == ROPE_FREQS and tensors.architecture == "gemma4":   # read into the config
             continue
+        experts = whole_stack_experts(tensor.name, tensor.data) if tensors.architecture in WHOLE_STACKS else None
+        if experts and packs is not None and packs(f"{experts[0][0]}.weight"):   # each expert its rows of blocks
+            for layer, rows in experts:
+                yield from _blocks(layer, rows, tensor.tensor_type)
+            continue
         if is_moe_tensor(tensor.name) and tensors.architecture not in WHOLE_STACKS:   # stacked experts, a router
             names = moe_names(tensors.architecture, tensor.name, tensor.data.shape[0])
             if packs is not None and tensor.data.ndim == 3 and packs(names[0]):   # each expert its rows of blocks
                 for name, rows in zip(names, tensor.data):
-                    layer = name.removesuffix(".weight")
-                    yield f"{layer}.qweight_type", torch.full((rows.shape[0],), int(tensor.tensor_type),
-                                                              dtype=torch.uint8)
-                    yield f"{layer}.qweight", torch.from_numpy(np.ascontiguousarray(rows))
+                    yield from _blocks(name.removesuffix(".weight"), rows, tensor.tensor_type)
                 continue
             weights = gguf.dequantize(tensor.data, tensor.tensor_type)
             for name, part in zip(names, weights if weights.ndim == 3 else [weights]):
@@ -251,15 +253,19 @@ def iterate_gguf_weights(tensors: GGUFTensors,
             if order.shape != (rows,) or not np.array_equal(np.sort(order), np.arange(rows)):
                 raise ValueError(f"GGUF tensor {tensor.name}: transformers' processor does more than reorder its "
                                  f"rows, so it cannot load packed")
-            layer = name.removesuffix(".weight")
-            yield f"{layer}.qweight_type", torch.full((rows,), int(tensor.tensor_type), dtype=torch.uint8)
-            yield f"{layer}.qweight", torch.from_numpy(np.ascontiguousarray(tensor.data[order]))
+            yield from _blocks(name.removesuffix(".weight"), tensor.data[order], tensor.tensor_type)
             continue
         name, weights = tensors.process(gguf.dequantize(tensor.data, tensor.tensor_type), tensor.name)
         if name is None:
             logger.info("GGUF tensor %s has no counterpart in the model; skipped", tensor.name)
             continue
         yield name, torch.from_numpy(np.require(weights, np.float32, ["C", "W"]))
+
+
+def _blocks(layer: str, rows: np.ndarray, tensor_type: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """A layer's rows of GGUF blocks as the packed method loads them: their type (one id a row), then the bytes."""
+    yield f"{layer}.qweight_type", torch.full((rows.shape[0],), int(tensor_type), dtype=torch.uint8)
+    yield f"{layer}.qweight", torch.from_numpy(np.ascontiguousarray(rows))
 
 
 def _falcon_tensor_processor() -> type:

@@ -184,9 +184,9 @@ def test_a_file_with_fused_qkv_runs_as_the_unfused_one(gguf_file, tmp_path):
 def test_quantized_file_runs_packed_as_transformers_with_rounded_activations(gguf_file, gguf_source, caplog,
                                                                            family, file_type):
     """The linear layers whose tensors are all in packed types stay packed (here the 96-, 128- and 256-column
-    ``o_proj`` and ``down_proj``: the 48-column ones do not split into blocks and are F16, as the converter falls
-    back); the experts' stacks load dequantised. The engine gives what transformers gives on the file's weights
-    with those layers' inputs rounded as the kernel rounds them (``packed_reference``)."""
+    ``o_proj`` and ``down_proj``: the 48-column ones, the experts' included, do not split into blocks and are F16,
+    as the converter falls back, so they load dequantised). The engine gives what transformers gives on the file's
+    weights with those layers' inputs rounded as the kernel rounds them (``packed_reference``)."""
     path = gguf_file(family, file_type)
     packed = packed_modules(path)
     assert {"model.layers.0.self_attn.o_proj", "model.layers.3.mlp.down_proj"} <= packed
@@ -194,14 +194,17 @@ def test_quantized_file_runs_packed_as_transformers_with_rounded_activations(ggu
     assert_packed_file_matches_rounded_transformers(path, gguf_source(family), packed, caplog)
 
 
-def test_wide_file_packs_the_attention_the_full_layers_values_from_their_keys(wide_gguf_file, caplog):
+@pytest.mark.parametrize("family,file_type", [("gemma4", "Q8_0"), ("gemma4_moe", "Q8_0"), ("gemma4_moe", "Q4_K_M")])
+def test_wide_file_packs_every_projection_and_expert(wide_gguf_file, caplog, family, file_type):
     """Wide enough for blocks (hidden 256; two layers, sliding then full, no sharing): every projection packs, the
     sliding layer's fused q/k/v and the full layer's, whose value rows are its key rows loaded twice
-    (``attention_k_eq_v``: the file has no ``attn_v`` there), and the output equals transformers' with those
-    inputs rounded (``packed_reference``)."""
-    path = wide_gguf_file("Q8_0", "gemma4")
+    (``attention_k_eq_v``: the file has no ``attn_v`` there), and with the MoE block each expert, its gate and up
+    rows split from the fused stack; the output equals transformers' with those inputs rounded
+    (``packed_reference``)."""
+    path = wide_gguf_file(file_type, family)
     assert "blk.1.attn_v.weight" not in {t.name for t in gguf.GGUFReader(str(path)).tensors}
     packed = packed_modules(path)
     assert {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"} <= packed
-    assert_packed_file_matches_rounded_transformers(path, path.parent / "gemma4-wide-checkpoint", packed, caplog)
+    assert ({"model.layers.0.experts", "model.layers.1.experts"} <= packed) == (family == "gemma4_moe")
+    assert_packed_file_matches_rounded_transformers(path, path.parent / f"{family}-wide-checkpoint", packed, caplog)
     assert "Quantisation: gguf" in caplog.text
