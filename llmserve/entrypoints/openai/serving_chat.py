@@ -18,7 +18,7 @@ from llmserve.entrypoints.openai.protocol import ChatCompletionRequest
 from llmserve.entrypoints.openai.serving_base import OpenAIServing, ServerLimits, Submitted, usage
 from llmserve.entrypoints.openai.serving_models import OpenAIServingModels
 from llmserve.entrypoints.openai.tool_calling import ToolCalling
-from llmserve.entrypoints.openai.tool_parsers.strict import special_token_ids
+from llmserve.entrypoints.openai.tool_parsers.strict import Vocabulary
 from llmserve.entrypoints.openai.tool_parsers import ToolCallParser
 from llmserve.outputs import PositionLogprobs, RequestOutput
 from llmserve.sampling_params import SamplingParams
@@ -33,7 +33,7 @@ class OpenAIServingChat(OpenAIServing):
         self.renderer = ChatTemplateRenderer(info.tokenizer_path, info.config.tokenizer_revision,
                                              info.config.trust_remote_code, type(self.tokenizer))
         self.auto_tool_parser = auto_tool_parser   # set by --enable-auto-tool-choice --tool-call-parser
-        self.special_token_id = special_token_ids(self.tokenizer)   # a format's markers, for strict tools' grammars
+        self.vocabulary = Vocabulary.of(self.tokenizer, info.eos_token_ids)   # for strict tools' grammars
         # chat_template_kwargs are the template's variables, never the renderer's own parameters
         self.renderer_params = renderer_parameters(self.tokenizer)
 
@@ -61,7 +61,7 @@ class OpenAIServingChat(OpenAIServing):
                       ) -> tuple[list[int], SamplingParams, ToolCalling]:
         """A chat request's prompt, sampling parameters and tool calling (shared with /v1/responses)."""
         tools = body.checked_tools()
-        tool_calling = ToolCalling.for_request(body, tools, self.auto_tool_parser, self.special_token_id)
+        tool_calling = ToolCalling.for_request(body, tools, self.auto_tool_parser, self.vocabulary)
         prompt_ids = await self.render_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs,
                                               tools=tools, continue_final_message=body.continue_final_message)
         if not prompt_ids:

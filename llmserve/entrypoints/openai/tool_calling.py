@@ -20,13 +20,9 @@ from llmserve.entrypoints.openai.tool_parsers.base import final_parse
 from llmserve.entrypoints.openai.tool_parsers.forced import (
     NamedToolParser, RequiredToolParser, named_schema, required_schema)
 from llmserve.entrypoints.openai.tool_parsers.streaming import ToolCallStream, new_tool_call_id, tool_call_json
-from llmserve.entrypoints.openai.tool_parsers.strict import SpecialTokenId
+from llmserve.entrypoints.openai.tool_parsers.strict import Vocabulary
 from llmserve.errors import InvalidRequestError
 from llmserve.structured_output import StructuredOutputError, StructuredOutputSpec
-
-def _no_special_tokens(text: str) -> int | None:
-    return None
-
 
 AUTO_NEEDS_FLAGS = "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set"
 
@@ -40,8 +36,8 @@ class ToolCalling:
 
     @classmethod
     def for_request(cls, request: ToolRequest, tools: list[dict[str, Any]], auto_parser: type[ToolCallParser] | None,
-                    special: SpecialTokenId = _no_special_tokens) -> ToolCalling:
-        """``special``: the id of a format's marker where the tokenizer holds it as one special token."""
+                    vocabulary: Vocabulary = Vocabulary({}, frozenset())) -> ToolCalling:
+        """``vocabulary``: the tokenizer's added tokens, for a strict tool's grammar (its markers may be tokens)."""
         choice = request.effective_tool_choice
         max_calls = None if request.parallel_tool_calls else 1
         if choice == "none":
@@ -52,7 +48,7 @@ class ToolCalling:
             parser = auto_parser()
             if not any(tool["function"].get("strict") for tool in tools):
                 return cls(parser, None, max_calls, True)
-            grammar = parser.strict_grammar(tools, max_calls, special)
+            grammar = parser.strict_grammar(tools, max_calls, vocabulary)
             if grammar is None:
                 raise InvalidRequestError(f"strict function schemas are not enforced with tool_choice \"auto\" in "
                                           f"the {_parser_name(auto_parser)} format; use tool_choice \"required\" or a named "

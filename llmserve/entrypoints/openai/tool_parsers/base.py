@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmserve.entrypoints.openai.tool_parsers.json_scan import PartialObject
-from llmserve.entrypoints.openai.tool_parsers.strict import SpecialTokenId
+from llmserve.entrypoints.openai.tool_parsers.strict import Vocabulary
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ToolCallParser(ABC):
         with what it wrote); the forced formats (forced.py) keep every call that has a name."""
 
     def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None,
-                       special: SpecialTokenId) -> str | None:
+                       vocabulary: Vocabulary) -> str | None:
         """The grammar under which the model writes free text and calls in this format whose arguments match
         the schemas of the ``strict`` tools (``tool_choice: "auto"``: :mod:`.strict`); None where the format
         has none."""

@@ -15,7 +15,7 @@ from typing import Any
 from llmserve.entrypoints.openai.tool_parsers.base import (
     ParsedCall, ParsedOutput, ToolCallParser, call_from_object, finish, hold_back)
 from llmserve.entrypoints.openai.tool_parsers.json_scan import scan_object, skip_whitespace
-from llmserve.entrypoints.openai.tool_parsers.strict import SpecialTokenId, hermes_grammar
+from llmserve.entrypoints.openai.tool_parsers.strict import Vocabulary, hermes_grammar
 
 START, END = "<tool_call>", "</tool_call>"
 
@@ -40,5 +40,5 @@ class HermesToolParser(ToolCallParser):
         return finish(text, text[:first], calls, True, final)
 
     def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None,
-                       special: SpecialTokenId) -> str | None:
-        return hermes_grammar(tools, max_calls, special, START, END)
+                       vocabulary: Vocabulary) -> str | None:
+        return hermes_grammar(tools, max_calls, vocabulary, START, END)

@@ -13,7 +13,7 @@ from typing import Any
 from llmserve.entrypoints.openai.tool_parsers.base import (
     ParsedCall, ParsedOutput, ToolCallParser, call_from_object, finish)
 from llmserve.entrypoints.openai.tool_parsers.json_scan import scan_object, skip_whitespace
-from llmserve.entrypoints.openai.tool_parsers.strict import SpecialTokenId, llama3_json_grammar
+from llmserve.entrypoints.openai.tool_parsers.strict import Vocabulary, llama3_json_grammar
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -47,5 +47,5 @@ class Llama3JsonToolParser(ToolCallParser):
         return finish(text, "", calls, True, final)
 
     def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None,
-                       special: SpecialTokenId) -> str | None:
-        return llama3_json_grammar(tools, max_calls, special, PYTHON_TAG)
+                       vocabulary: Vocabulary) -> str | None:
+        return llama3_json_grammar(tools, max_calls, vocabulary, PYTHON_TAG)

@@ -14,7 +14,7 @@ from typing import Any
 from llmserve.entrypoints.openai.tool_parsers.base import (
     ParsedCall, ParsedOutput, ToolCallParser, call_from_object, finish, hold_back)
 from llmserve.entrypoints.openai.tool_parsers.json_scan import scan_array_of_objects, scan_object, skip_whitespace
-from llmserve.entrypoints.openai.tool_parsers.strict import SpecialTokenId, mistral_grammar
+from llmserve.entrypoints.openai.tool_parsers.strict import Vocabulary, mistral_grammar
 
 MARKER = "[TOOL_CALLS]"
 ARGS = "[ARGS]"
@@ -37,8 +37,8 @@ class MistralToolParser(ToolCallParser):
         return finish(text, text[:first], calls, True, final)
 
     def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None,
-                       special: SpecialTokenId) -> str | None:
-        return mistral_grammar(tools, max_calls, special, MARKER, ARGS)
+                       vocabulary: Vocabulary) -> str | None:
+        return mistral_grammar(tools, max_calls, vocabulary, MARKER, ARGS)
 
 
 def _named_calls(text: str, at: int) -> list[ParsedCall]:

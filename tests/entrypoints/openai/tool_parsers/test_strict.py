@@ -1,9 +1,13 @@
 """The grammars of ``tool_choice: "auto"`` with strict tools, run by llguidance over each format's model's
 tokenizer (the tiny checkpoints', where the markers are plain text, and one whose markers are special tokens):
 
-* text that is no call is free, and so is content before a format's first call;
-* calls in the format are accepted when they name a tool and a strict tool's arguments match its schema;
-  another name, arguments outside the schema, or text after the calls are not;
+* text that is no call is free, and so is content before a format's first call, added tokens in it too (Qwen3's
+  ``<think>``);
+* calls in the format are accepted when they name a tool and a strict tool's arguments match its schema, in
+  the variants the parser reads (Hermes' keys in either order, Mistral's whitespace and call ids); another
+  name, arguments outside the schema, or text after the calls are not;
+* a marker is taken as its token or spelled out (as the parser finds it in the text): either way the calls
+  that follow are held to the schemas;
 * a tool without ``strict`` takes any JSON object; ``parallel_tool_calls: false`` allows one call;
 * the parsers of those formats give the grammar; pythonic has none.
 """
@@ -16,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
-from llmserve.entrypoints.openai.tool_parsers.strict import special_token_ids
+from llmserve.entrypoints.openai.tool_parsers.strict import Vocabulary
 
 llguidance = pytest.importorskip("llguidance")
 llguidance_hf = pytest.importorskip("llguidance.hf")
@@ -42,6 +46,7 @@ CASES = {
     "hermes": ("qwen2", [
         ("Just text, no call.", True),
         ("Let me check." + _hermes("get_weather", {"city": "Paris", "days": 2}), True),
+        ('<tool_call>\n{"arguments": {"zone": "CET"}, "name": "get_time"}\n</tool_call>', True),
         (_hermes("get_time", {"zone": "UTC"}) + "\n" + _hermes("get_weather", {"city": "Rome", "days": 1}), True),
         (_hermes("get_weather", {"city": "Oslo", "days": 2}), False),
         (_hermes("get_date", {}), False),
@@ -51,6 +56,8 @@ CASES = {
         ("A plain answer.", True),
         ('Sure.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome", "days": 1}}]', True),
         ('[TOOL_CALLS]get_weather[ARGS]{"city": "Rome", "days": 1}[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}', True),
+        ('[TOOL_CALLS] get_weather [ARGS] {"city": "Rome", "days": 1}\n[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}', True),
+        ('[TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "UTC"}, "id": "a1b2c3d4e"}]', True),
         ('[TOOL_CALLS]get_weather[ARGS]{"city": "Rome", "days": 9}', False),
         ('[TOOL_CALLS]get_date[ARGS]{}', False),
         ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"zone": "CET"}}]', False),
@@ -64,16 +71,19 @@ CASES = {
          '{"city": "Paris", "days": 3}}', True),
         ('{"name": "get_time", "parameters": {"zone": "PST"}}', False),
         (' {"any": 1}', False),
+        ('\r{"name": "get_time", "parameters": {"zone": "PST"}}', False),   # the parser skips \r too
         ('<|python_tag|> hello', False),
     ]),
 }
 
 
-def _accepts(tokenizer, grammar: str, text: str) -> bool:
+def _accepts(tokenizer, grammar: str, text: str | list[int]) -> bool:
+    """Whether llguidance lets the model write ``text`` (or these token ids) under ``grammar`` and stop there."""
     matcher = llguidance.LLMatcher(
         llguidance_hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=[tokenizer.eos_token_id]),
         grammar)
-    consumed = matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False))
+    ids = tokenizer.encode(text, add_special_tokens=False) if isinstance(text, str) else text
+    consumed = matcher.consume_tokens(ids)
     return consumed and not matcher.is_error() and matcher.is_accepting()
 
 
@@ -84,7 +94,7 @@ def _tokenizer(checkpoint_dir, family: str):
 
 
 def _grammar(parser: str, tokenizer, tools=TOOLS, max_calls=None) -> str:
-    return TOOL_CALL_PARSERS[parser]().strict_grammar(tools, max_calls, special_token_ids(tokenizer))
+    return TOOL_CALL_PARSERS[parser]().strict_grammar(tools, max_calls, Vocabulary.of(tokenizer))
 
 
 @pytest.mark.parametrize("parser", sorted(CASES))
@@ -106,23 +116,48 @@ def test_a_tool_without_strict_takes_any_object_and_one_call_is_allowed_without_
     assert _accepts(tokenizer, single, one) and not _accepts(tokenizer, single, one + "\n" + one)
 
 
-def test_markers_that_are_special_tokens_are_matched_as_those_tokens(checkpoint_dir, tmp_path):
-    """Hermes 2 Pro holds ``<tool_call>`` and ``</tool_call>`` as special tokens: the grammar takes the tokens
-    (which free text cannot contain), and the markers spelled out in plain text are then just text."""
+@pytest.mark.parametrize("special", [False, True], ids=["added-as-Qwen", "special-as-Hermes-2-Pro"])
+def test_markers_held_as_tokens_are_taken_as_tokens_or_text(checkpoint_dir, tmp_path, special):
+    """Qwen holds ``<tool_call>`` and ``<think>`` as added tokens (not special; llguidance still matches them as
+    tokens), Hermes 2 Pro as special ones: the marker token starts the calls, reasoning between ``<think>`` tokens
+    is free text, and the marker spelled in plain tokens starts calls held to the schemas as well (the parser
+    finds it in the text either way)."""
+    plain = _tokenizer(checkpoint_dir, "qwen2")
+    spelled = plain.encode("<tool_call>", add_special_tokens=False)
     tokenizer = _tokenizer(checkpoint_dir, "qwen2")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>", "<think>", "</think>"], special_tokens=special)
     tokenizer.save_pretrained(tmp_path)
     tokenizer = _tokenizer(lambda _: Path(tmp_path), "")
-    special = special_token_ids(tokenizer)
-    assert special("<tool_call>") is not None and special("get_weather") is None
-    grammar = _grammar("hermes", tokenizer)
-    assert f"<[{special('<tool_call>')}]>" in grammar
-    call = _hermes("get_weather", {"city": "Paris", "days": 2})
     assert len(tokenizer.encode("<tool_call>", add_special_tokens=False)) == 1
-    assert _accepts(tokenizer, grammar, "Let me check." + call)
-    assert not _accepts(tokenizer, grammar, "Let me check." + _hermes("get_weather", {"city": "Oslo", "days": 2}))
-    assert _accepts(tokenizer, grammar, "Just text.")
+    grammar = _grammar("hermes", tokenizer)
+    assert f"<[{tokenizer.convert_tokens_to_ids('<tool_call>')}]>" in grammar
+    call, oslo = _hermes("get_weather", {"city": "Paris", "days": 2}), _hermes("get_weather", {"city": "Oslo", "days": 2})
+    assert _accepts(tokenizer, grammar, "<think>\nThe weather, then.\n</think>\n\nLet me check." + call)
+    assert _accepts(tokenizer, grammar, "<think>\nNo tool needed.\n</think>\n\nIt is sunny.")
+    assert not _accepts(tokenizer, grammar, "Let me check." + oslo)
+    after_marker = tokenizer.encode(oslo.removeprefix("<tool_call>"), add_special_tokens=False)
+    assert _accepts(tokenizer, grammar, spelled + tokenizer.encode(call.removeprefix("<tool_call>"),
+                                                                   add_special_tokens=False))
+    assert not _accepts(tokenizer, grammar, spelled + after_marker)
+
+
+@pytest.mark.parametrize("parser,family,markers,call,outside", [
+    ("mistral", "mistral", ["[TOOL_CALLS]", "[ARGS]", "[THINK]"], '[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}',
+     '[TOOL_CALLS]get_time[ARGS]{"zone": "PST"}'),
+    ("llama3_json", "llama3", ["<|python_tag|>"], '<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}',
+     '<|python_tag|>{"name": "get_time", "parameters": {"zone": "PST"}}')])
+def test_special_token_markers_of_the_other_formats(checkpoint_dir, tmp_path, parser, family, markers, call, outside):
+    """Mistral's control tokens and Llama 3's ``<|python_tag|>`` as special tokens: a call after the token is held
+    to the schema, and other special tokens (Magistral's ``[THINK]``) may stand in free text."""
+    tokenizer = _tokenizer(checkpoint_dir, family)
+    tokenizer.add_tokens(markers, special_tokens=True)
+    tokenizer.save_pretrained(tmp_path)
+    tokenizer = _tokenizer(lambda _: Path(tmp_path), "")
+    grammar = _grammar(parser, tokenizer)
+    assert _accepts(tokenizer, grammar, call) and not _accepts(tokenizer, grammar, outside)
+    if parser == "mistral":
+        assert _accepts(tokenizer, grammar, "[THINK]hmm[THINK] A plain answer.")
 
 
 def test_the_pythonic_format_has_no_strict_grammar():
-    assert TOOL_CALL_PARSERS["pythonic"]().strict_grammar(TOOLS, None, lambda text: None) is None
+    assert TOOL_CALL_PARSERS["pythonic"]().strict_grammar(TOOLS, None, Vocabulary({}, frozenset())) is None
