@@ -177,17 +177,20 @@ def test_tokens_arrive_incrementally(server):
 
 
 def test_a_stream_interval_groups_tokens_into_fewer_chunks_with_the_same_text(start_server, offline):
+    """The first token at once, then at most one chunk per 4 tokens: 5 chunks for 16 (a front end that falls
+    behind the core merges more tokens into a chunk, so a loaded machine sends fewer), the same text."""
     expected = offline.generate(PROMPTS[:1], greedy())[0].outputs[0].text
     coarse = start_server("--stream-interval", "4")
     body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     *chunks, usage = raw_stream(coarse.base_url, "/v1/completions", body)
-    assert len(chunks) == 5 and usage["usage"]["completion_tokens"] == MAX_TOKENS
+    most = 1 + -(-(MAX_TOKENS - 1) // 4)
+    assert 1 <= len(chunks) <= most == 5 and usage["usage"]["completion_tokens"] == MAX_TOKENS
     assert check_completion_choices(chunks) == ({0: expected}, {0: "length"})
     chat = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": MAX_TOKENS,
             "temperature": 0, "ignore_eos": True}
     chunks = raw_stream(coarse.base_url, "/v1/chat/completions", chat)
-    assert len(chunks) == 1 + 5 + 1   # the role, the tokens, the finish reason
+    assert 3 <= len(chunks) <= 1 + most + 1   # the role, the tokens, the finish reason
     check_chat_choices(chunks)
 
 
