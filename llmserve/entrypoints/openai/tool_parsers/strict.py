@@ -95,6 +95,11 @@ def _regex_escape(text: str) -> str:
     return "".join(f"\\{c}" if c in r"\.^$|?*+()[]{}/" else c for c in text)
 
 
+def _free(others: str | None) -> str:
+    """Runs of ``TEXT`` with the added tokens ``others`` between them (two runs never meet)."""
+    return f"free: TEXT ({others} TEXT)*\n" if others else "free: TEXT\n"
+
+
 def _free_text_then(marker: str, vocabulary: Vocabulary, calls: str) -> str:
     """``start``: free text, or free text up to the first ``marker`` and then ``calls``. Free text never holds the
     marker, as text or as a token: where the model writes it, calls follow. Runs of text are separated by added
@@ -102,7 +107,7 @@ def _free_text_then(marker: str, vocabulary: Vocabulary, calls: str) -> str:
     others, token = vocabulary.others(marker), vocabulary.token(marker)
     return "".join([
         f"start: free | pre {calls}" + (f" | free {token} {calls}" if token else "") + "\n",
-        f"free: TEXT ({others} TEXT)*\n" if others else "free: TEXT\n",
+        _free(others),
         f"pre: (TEXT {others})* intro\n" if others else "pre: intro\n",
         f"TEXT: /(?s:.*)/ & ~/(?s:.*){_regex_escape(marker)}(?s:.*)/\n",
         f"intro[lazy]: /(?s:.*)/ {json.dumps(marker)}\n",
@@ -145,8 +150,8 @@ def llama3_json_grammar(tools: list[dict[str, Any]], max_calls: int | None, voca
     others, token = vocabulary.others(tag), vocabulary.token(tag)
     calls = f"{_repeat('call', 'SEP', max_calls)} WS"
     return (_HEADER + f"start: free | LEAD {calls}" + (f" | WS {token} WS {calls}" if token else "") + "\n"
-            + (f"free: TEXT ({others} TEXT)*\n" if others else "free: TEXT\n")
+            + _free(others)
             + f"TEXT: /(?s:.*)/ & ~/{_SPACE}*(\\{{|{_regex_escape(tag)})(?s:.*)/\n"
             + f"LEAD: /{_SPACE}*({_regex_escape(tag)})?{_SPACE}*/\n"
             + f"SEP: /{_SPACE}*;{_SPACE}*/\n"
-            + f"call: %json {json.dumps(call_schema(tools, 'parameters', extra=None))}\n" + _WS)
+            + f"call: %json {json.dumps(call_schema(tools, 'parameters'))}\n" + _WS)
