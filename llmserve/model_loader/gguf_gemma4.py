@@ -53,7 +53,8 @@ _LAYER_NAMES = {
     "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
 }
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight", "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+                 "output.weight": "lm_head.weight",
+                 "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
                  "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
                  "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight"}
 # The keys the converter always writes (or with the experts), without which the config cannot be built.

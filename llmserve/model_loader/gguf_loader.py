@@ -4,7 +4,8 @@ The config (:mod:`~llmserve.model_loader.gguf_config`), the tokenizer and its ch
 file's metadata through transformers' GGUF support, which also knows each architecture's tensor names and
 the reshuffles llama.cpp's converter makes (the Q/K row permutation of Llama-style attention, BLOOM's fused
 QKV...; Falcon's grouped QKV, which it leaves as it is, is undone here). DeepSeek-V2/V3 and Gemma 4, which it
-does not read, are mapped by :mod:`~llmserve.model_loader.gguf_deepseek` and :mod:`~llmserve.model_loader.gguf_gemma4`. The linear weights a
+does not read, are mapped by :mod:`~llmserve.model_loader.gguf_deepseek` and
+:mod:`~llmserve.model_loader.gguf_gemma4`. The linear weights a
 :class:`~llmserve.quantization.gguf.GGUFConfig` packs are handed over as their rows of blocks; every other
 tensor is dequantised tensor by tensor into the model's dtype as it is loaded (peak memory: the model plus one
 tensor) and runs at full precision.
@@ -97,8 +98,8 @@ def _repo_gguf_files(repo: str, revision: str | None, download_dir: str | None) 
 
 def open_gguf(path: Path) -> Any:
     """The file's ``GGUFReader``. A file that cannot be read (not GGUF, truncated, corrupt), one part of a file
-    split by llama.cpp's ``llama-gguf-split``, or a mixture-of-experts file of an architecture whose experts are not mapped
-    (:func:`~llmserve.model_loader.gguf_experts.check_experts`) is a ValueError naming it."""
+    split by llama.cpp's ``llama-gguf-split``, or a mixture-of-experts file of an architecture whose experts are
+    not mapped (:func:`~llmserve.model_loader.gguf_experts.check_experts`) is a ValueError naming it."""
     gguf = import_gguf()
     try:
         reader = gguf.GGUFReader(str(path))

@@ -4,8 +4,9 @@ converter lays them out: ``llmserve.testing.gguf_files``) load and run.
 * An F32 file gives the checkpoint's own output (greedy tokens equal, logprobs within 1e-4 of transformers on
   the safetensors folder), for V2-Lite (queries from ``attn_q``, softmax routing, two shared experts), V2 (low-rank
   queries, softmax routing limited to the best 2 of 4 groups, a group ranked by its best expert as DeepSeek-V2
-  ranks it, not by its best two as llama.cpp does; routed weights scaled) and V3 (sigmoid routing with its correction bias ``exp_probs_b``, top-2 within
-  the best 2 of 4 groups, renormalised, YaRN with ``mscale_all_dim``): the config is built from the
+  ranks it, not by its best two as llama.cpp does; routed weights scaled) and V3 (sigmoid routing with its
+  correction bias ``exp_probs_b``, top-2 within the best 2 of 4 groups, renormalised, YaRN with
+  ``mscale_all_dim``): the config is built from the
   ``deepseek2.*`` keys, the stacked experts, shared experts and dense leading layers load under DeepSeek's names,
   and ``kv_b_proj`` is joined back from the ``attn_k_b`` / ``attn_v_b`` halves the converter writes (older
   files' whole ``attn_kv_b`` loads too). The tokenizer is the file's own.

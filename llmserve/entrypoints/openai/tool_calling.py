@@ -51,15 +51,15 @@ class ToolCalling:
             grammar = parser.strict_grammar(tools, max_calls, vocabulary)
             if grammar is None:
                 raise InvalidRequestError(f"strict function schemas are not enforced with tool_choice \"auto\" in "
-                                          f"the {_parser_name(auto_parser)} format; use tool_choice \"required\" or a named "
-                                          f"function, or leave strict unset", "tools")
+                                          f"the {_parser_name(auto_parser)} format; use tool_choice \"required\" "
+                                          f"or a named function, or leave strict unset", "tools")
             return cls(parser, _constraint("grammar", grammar), max_calls, True)
         if isinstance(choice, NamedToolChoice):
             tool = next(t for t in tools if t["function"]["name"] == choice.function.name)
             return cls(NamedToolParser(choice.function.name), _constraint("json", json.dumps(named_schema(tool))),
                        None, False)
-        return cls(RequiredToolParser(), _constraint("json", json.dumps(required_schema(tools, request.parallel_tool_calls))),
-                   max_calls, True)
+        required = required_schema(tools, request.parallel_tool_calls)
+        return cls(RequiredToolParser(), _constraint("json", json.dumps(required)), max_calls, True)
 
     @property
     def needs_special_tokens(self) -> bool:

@@ -56,7 +56,8 @@ CASES = {
         ("A plain answer.", True),
         ('Sure.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome", "days": 1}}]', True),
         ('[TOOL_CALLS]get_weather[ARGS]{"city": "Rome", "days": 1}[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}', True),
-        ('[TOOL_CALLS] get_weather [ARGS] {"city": "Rome", "days": 1}\n[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}', True),
+        ('[TOOL_CALLS] get_weather [ARGS] {"city": "Rome", "days": 1}\n[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}',
+         True),
         ('[TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "UTC"}, "id": "a1b2c3d4e"}]', True),
         ('[TOOL_CALLS]get_weather[ARGS]{"city": "Rome", "days": 9}', False),
         ('[TOOL_CALLS]get_date[ARGS]{}', False),
@@ -131,7 +132,8 @@ def test_markers_held_as_tokens_are_taken_as_tokens_or_text(checkpoint_dir, tmp_
     assert len(tokenizer.encode("<tool_call>", add_special_tokens=False)) == 1
     grammar = _grammar("hermes", tokenizer)
     assert f"<[{tokenizer.convert_tokens_to_ids('<tool_call>')}]>" in grammar
-    call, oslo = _hermes("get_weather", {"city": "Paris", "days": 2}), _hermes("get_weather", {"city": "Oslo", "days": 2})
+    call = _hermes("get_weather", {"city": "Paris", "days": 2})
+    oslo = _hermes("get_weather", {"city": "Oslo", "days": 2})
     assert _accepts(tokenizer, grammar, "<think>\nThe weather, then.\n</think>\n\nLet me check." + call)
     assert _accepts(tokenizer, grammar, "<think>\nNo tool needed.\n</think>\n\nIt is sunny.")
     assert not _accepts(tokenizer, grammar, "Let me check." + oslo)
