@@ -1,6 +1,7 @@
 """Mixture-of-experts GGUF files: Mixtral (which llama.cpp writes as a ``llama`` with ``expert_count``),
 Qwen2-MoE (``qwen2moe``), Qwen3-MoE (``qwen3moe``) and DeepSeek-V2/V3 (``deepseek2``); Gemma 4 (``gemma4``),
-whose checkpoints stack their experts as the file does, loads each stack whole (:mod:`gguf_gemma4`).
+whose checkpoints stack their experts as the file does, loads each stack whole, or, packed, each expert's rows
+of it (:func:`whole_stack_experts`).
 
 llama.cpp stacks a layer's experts into one tensor per projection (``blk.N.ffn_gate_exps.weight``,
 ``[experts, rows, columns]``); they are handed to the model one expert at a time under a Hugging Face
@@ -28,7 +29,7 @@ MOE_ARCHITECTURES = {"llama": ("block_sparse_moe", ("w1", "w3", "w2"), True),
                      "qwen2moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), False),
                      "qwen3moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), True),
                      "deepseek2": ("mlp", ("gate_proj", "up_proj", "down_proj"), None)}
-# Architectures whose checkpoints stack their experts as llama.cpp does: each stack loads whole (gguf_gemma4).
+# Architectures whose checkpoints stack their experts as llama.cpp does: a stack loads whole, or packed per expert.
 WHOLE_STACKS = ("gemma4",)
 _EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _ROUTER = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")

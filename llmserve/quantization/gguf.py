@@ -39,8 +39,8 @@ from llmserve.quantization.packed import U4, U8, apply_weight_only, set_weight_o
 
 logger = logging.getLogger(__name__)
 
-# llama.cpp architectures whose llmserve layers are named as transformers names the tensors (deepseek2: as
-# gguf_deepseek names them) and whose tensors the GGUF processor only reorders by row (the Q/K permutation), so
+# llama.cpp architectures whose llmserve layers are named as transformers names the tensors (deepseek2, gemma4:
+# as their own maps in model_loader name them) and whose tensors the GGUF processor only reorders by row (the Q/K permutation), so
 # packed rows load as they are.
 PACKED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2", "gemma4")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -70,11 +70,13 @@ class GGUFConfig(QuantizationConfig):
 
     def __repr__(self) -> str:
         """The packed weights (those of the layers that took them, once the model is built) by type."""
-        modules = self._packed_modules
+        built = bool(self._packed_modules or self._packed_expert_layers)
         counts = Counter(t for name, t in self.packed_weights.items()
-                         if not modules or name.removesuffix(".weight") in modules)
-        experts = (f"; the experts of {len(self.packed_experts)} layers "
-                   f"({', '.join(sorted(set().union(*self.packed_experts.values())))})" if self.packed_experts else "")
+                         if not built or name.removesuffix(".weight") in self._packed_modules)
+        layers = {layer: t for layer, t in self.packed_experts.items()
+                  if not built or layer in self._packed_expert_layers}
+        experts = (f"; the experts of {len(layers)} layers ({', '.join(sorted(set().union(*layers.values())))})"
+                   if layers else "")
         return (f"gguf (weights kept packed: {', '.join(f'{n} x {t}' for t, n in sorted(counts.items()))}{experts}; "
                 f"on CPU int8 activations per 32 columns)")
 

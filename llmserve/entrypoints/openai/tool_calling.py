@@ -36,7 +36,7 @@ class ToolCalling:
 
     @classmethod
     def for_request(cls, request: ToolRequest, tools: list[dict[str, Any]], auto_parser: type[ToolCallParser] | None,
-                    vocabulary: Vocabulary = Vocabulary({}, frozenset())) -> ToolCalling:
+                    vocabulary: Vocabulary) -> ToolCalling:
         """``vocabulary``: the tokenizer's added tokens, for a strict tool's grammar (its markers may be tokens)."""
         choice = request.effective_tool_choice
         max_calls = None if request.parallel_tool_calls else 1
