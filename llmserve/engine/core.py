@@ -70,7 +70,7 @@ class EngineCore:
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per rank)", num_blocks,
                     config.block_size, tokens, num_blocks * self.executor.kv_cache_bytes_per_block() / 2**30)
         held = most_blocks_held(config.block_size, windows, max_model_len, max_model_len, max_num_batched_tokens,
-                                config.enable_chunked_prefill, self.scheduler.num_lookahead_slots)
+                                config.enable_chunked_prefill, self.scheduler.speculation.num_lookahead_slots)
         logger.info("Maximum concurrency for %d tokens per request: %.2fx", max_model_len, num_blocks / held)
         if len(windows) > 1:
             kinds = {w: windows.count(w) for w in windows}
@@ -144,7 +144,7 @@ class EngineCore:
             self.scheduler.update_from_output(sched, ModelRunnerOutput())
             return EngineCoreOutputs()   # nothing ran
         step = self.scheduler.update_from_output(sched, self.executor.execute_model(sched))
-        self.scheduler.observe_step_time(time.perf_counter() - start)
+        self.scheduler.speculation.observe_step_time(time.perf_counter() - start)
         self.num_steps += 1
         out = EngineCoreOutputs(failed=step.failed, num_scheduled_tokens=sched.total_num_scheduled_tokens)
         for request_id in step.failed:

@@ -13,14 +13,9 @@ no request with an adapter behind it is admitted meanwhile (requests of a runnin
 arriving would otherwise keep its slot forever); base-model requests are.
 The step is described to the workers as a :class:`~llmserve.engine.messages.SchedulerOutput`.
 
-With speculative decoding, a running sequence that is one token behind gets up to k draft tokens from the
-proposer (:mod:`llmserve.spec_decode`) and is scheduled for 1 + k tokens through the same rule and
-allocation; the result says how many drafts were accepted, and the rejected ones are never counted as
-computed (their K/V slots are written again later), so no block holding them is ever published. A draft
-model's drafts are made in the worker after a step and come back with its result; a sequence whose step
-samples then also gets blocks for the slots the draft model writes after it (the proposer's lookahead).
-With adaptive speculation (:mod:`llmserve.spec_decode.adaptive`), each step caps every decoding sequence's
-drafts (down to none) from its measured acceptance and the batch's size; a draft model is told the caps too.
+With speculative decoding, a decoding sequence may be scheduled for 1 + k tokens, its k drafts through the same
+rule and allocation (:mod:`llmserve.spec_decode.scheduling` decides which and how many, and keeps what the
+accepted ones move).
 
 ``update_from_output`` applies the workers' :class:`~llmserve.engine.messages.ModelRunnerOutput`: it
 advances ``num_computed_tokens``, publishes newly full blocks to the prefix cache, forks parallel
@@ -51,10 +46,9 @@ from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.engine.stop_conditions import check_token_stop
 from llmserve.layers import pooler
 from llmserve.spec_decode.adaptive import AdaptiveSpeculation
-from llmserve.spec_decode.drafts_from_worker import DraftsFromWorker
 from llmserve.spec_decode.metrics import SpecDecodingStats
 from llmserve.spec_decode.proposer import Proposer
-from llmserve.spec_decode.step_cost_fit import DecodingStepShape
+from llmserve.spec_decode.scheduling import DraftScheduling
 
 
 @dataclass
@@ -89,14 +83,11 @@ class Scheduler:
         self._scheduled: list[tuple[Sequence, int]] = []      # the step awaiting its result
         self._forks: dict[int, list[Sequence]] = {}
         self._forget: list[int] = []                          # seq ids the workers must drop
-        self.proposer = proposer
-        self.num_lookahead_slots = proposer.num_lookahead_slots if proposer else 0
-        self.adaptive = adaptive
-        self._draft_caps: dict[int, int] | None = None    # this step's adaptive caps (None: k for all)
-        self._step_shape: DecodingStepShape | None = None   # the step awaiting its result, as priced
-        self._drafts: dict[int, list[int]] = {}               # seq id -> drafts in the step awaiting its result
-        self.spec_stats = SpecDecodingStats(
-            num_accepted_tokens_per_pos=[0] * (proposer.num_speculative_tokens if proposer else 0))
+        self.speculation = DraftScheduling(proposer, adaptive, max_model_len)
+
+    @property
+    def spec_stats(self) -> SpecDecodingStats:
+        return self.speculation.stats
 
     @property
     def num_unfinished(self) -> int:
@@ -117,10 +108,7 @@ class Scheduler:
                 pass
         self.block_manager.free(seq)
         self._release_from_workers(seq)
-        if self.proposer is not None:
-            self.proposer.remove(seq.seq_id, seq.all_token_ids)
-        if self.adaptive is not None:
-            self.adaptive.tracker.remove(seq.seq_id)
+        self.speculation.finished(seq)
         seq.status = SequenceStatus.FINISHED
         for child in seq.pending_forks:
             child.status = SequenceStatus.FINISHED
@@ -132,12 +120,9 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         self.last_preempted = []
-        self._drafts = {}
         suspects = self._next_suspects()
-        if self.adaptive is not None:
-            decoding = [s for s in self.running.values() if s.num_tokens - s.num_computed_tokens == 1]
-            self._draft_caps = self.adaptive.num_drafts([s.seq_id for s in decoding],
-                                                        [s.num_computed_tokens for s in decoding])
+        speculation = self.speculation
+        speculation.begin_step(self.running.values())
         for seq in list(self.running.values()):
             if budget == 0:
                 break
@@ -145,13 +130,12 @@ class Scheduler:
                 continue   # preempted earlier in this loop, or not this step's suspect
             gap = seq.num_tokens - seq.num_computed_tokens
             num_new = min(gap, budget)
-            drafts = self._propose(seq, budget) if gap == 1 and self._may_draft(seq) else []
-            lookahead = self.num_lookahead_slots if num_new == gap else 0
+            drafts = speculation.drafts_for(seq, budget)
+            lookahead = speculation.num_lookahead_slots if num_new == gap else 0
             if self._allocate_or_preempt(seq, num_new + len(drafts), lookahead):
                 scheduled.append((seq, num_new + len(drafts)))
                 budget -= num_new + len(drafts)
-                if drafts:
-                    self._drafts[seq.seq_id] = drafts
+                speculation.scheduled(seq, drafts)
         if not self.last_preempted and not suspects:
             self._admit_waiting(scheduled, budget)
         now = time.monotonic()
@@ -159,46 +143,8 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         self._scheduled = scheduled
-        self._step_shape = self._decoding_shape(scheduled) if self.adaptive is not None else None
+        speculation.end_schedule(scheduled)
         return self._make_output(scheduled)
-
-    def _decoding_shape(self, scheduled: list[tuple[Sequence, int]]) -> DecodingStepShape | None:
-        """A step of decoding sequences only (the steps adaptive speculation's cost model prices), as priced; None
-        for any other step."""
-        tokens = row_context = token_context = 0
-        for seq, n in scheduled:
-            if seq.num_tokens - seq.num_computed_tokens != 1 or not seq.output_token_ids:
-                return None
-            tokens += n
-            row_context += seq.num_computed_tokens
-            token_context += n * seq.num_computed_tokens
-        caps = [c for c in (self._draft_caps or {}).values() if c > 0] if self.num_lookahead_slots else []
-        return DecodingStepShape(len(scheduled), tokens, row_context, token_context, len(caps), max(caps, default=0))
-
-    def observe_step_time(self, seconds: float) -> None:
-        """The step just applied took ``seconds`` from scheduling to its result's bookkeeping: adaptive
-        speculation's measure of what a step costs beyond its cost model."""
-        if self._step_shape is not None:
-            self.adaptive.observe_step(seconds, self._step_shape)
-
-    def _may_draft(self, seq: Sequence) -> bool:
-        """Whether a decoding sequence is asked for drafts this step: always with a proposer, unless adaptive
-        speculation capped it at none."""
-        return self.proposer is not None and (self._draft_caps is None or self._draft_caps.get(seq.seq_id, 0) > 0)
-
-    def _propose(self, seq: Sequence, budget: int) -> list[int]:
-        """Drafts for a decoding sequence: none for pooling or grammar-constrained ones (their matcher lives
-        with the sampler and is not rolled back) or before the first output token; never more than the step's
-        budget, ``max_tokens`` or the context length leave room to emit."""
-        assert self.proposer is not None   # asked only with one (_may_draft)
-        if not seq.output_token_ids or seq.pending_forks or seq.params.structured_outputs is not None:
-            return []
-        room = min(budget, seq.max_tokens - len(seq.output_token_ids))
-        if self.max_model_len is not None:
-            room = min(room, self.max_model_len - seq.num_tokens)
-        if self._draft_caps is not None:
-            room = min(room, self._draft_caps[seq.seq_id] + 1)
-        return self.proposer.propose(seq.seq_id, seq.all_token_ids, room - 1) if room > 1 else []
 
     def _next_suspects(self) -> set[int]:
         """The running sequences of the first suspect request (empty when there is none)."""
@@ -236,7 +182,8 @@ class Scheduler:
                 continue
             num_hit = self.block_manager.match_prefix(seq)   # cached prefix blocks count as computed
             num_new = seq.num_tokens - seq.num_computed_tokens
-            lookahead = self.num_lookahead_slots if num_new <= budget else 0   # its step samples: room to draft
+            # its step samples: room to draft
+            lookahead = self.speculation.num_lookahead_slots if num_new <= budget else 0
             if (num_new > budget and not self.enable_chunked_prefill) or not self.block_manager.allocate(
                     seq, seq.num_computed_tokens + min(num_new, budget) + lookahead):
                 self.block_manager.free(seq)   # give the prefix hits back; they stay cached
@@ -258,7 +205,7 @@ class Scheduler:
         self.adapters.remove(seq)
         self.block_manager.free(seq)
         self._release_from_workers(seq)
-        self._drafts.pop(seq.seq_id, None)
+        self.speculation.preempted(seq)
         seq.num_computed_tokens = 0
         seq.pooled_sum = None
         seq.num_preemptions += 1
@@ -279,10 +226,8 @@ class Scheduler:
                               finished_seq_ids=self._forget)
         self._forget = []
         self._forks = {}
-        out.scheduled_spec_decode_tokens = self._drafts
-        if self._draft_caps is not None and self.num_lookahead_slots:   # what the draft model drafts after the step
-            new = max(self._draft_caps.values(), default=0)   # a sequence not decoding yet: the step's boldest cap
-            out.num_drafts_after_step = {seq.seq_id: self._draft_caps.get(seq.seq_id, new) for seq, _ in scheduled}
+        out.scheduled_spec_decode_tokens = self.speculation.step_drafts()
+        out.num_drafts_after_step = self.speculation.drafts_after_step(scheduled)
         for seq, n in scheduled:
             out.num_scheduled_tokens[seq.seq_id] = n
             if not seq.on_workers:
@@ -307,7 +252,7 @@ class Scheduler:
         """Apply a step's result; every counter the step moved is moved here."""
         scheduled, self._scheduled = self._scheduled, []
         forks, self._forks = self._forks, {}
-        drafts, self._drafts = self._drafts, {}
+        drafts = self.speculation.take_drafts()
         step = StepResult()
         if result.error is not None:
             self._fail_step(scheduled, forks, sched_out, result.error, step)
@@ -347,24 +292,14 @@ class Scheduler:
             for sampled_seq in (seq, *children):
                 self._append_token(sampled_seq, result, now, step)
         if result.draft_token_ids:
-            self._keep_drafts(result.draft_token_ids)
+            self.speculation.keep_drafts(result.draft_token_ids, self.running)
         return step
-
-    def _keep_drafts(self, drafts: dict[int, list[int]]) -> None:
-        """Drafts the worker's draft model made after this step, for the next step of each still-running sequence."""
-        assert isinstance(self.proposer, DraftsFromWorker)
-        for seq_id, tokens in drafts.items():
-            seq = self.running.get(seq_id)
-            if seq is not None and tokens:
-                self.proposer.add(seq_id, seq.num_tokens, tokens)
 
     def _append_drafts(self, seq: Sequence, seq_drafts: list[int], result: ModelRunnerOutput, now: float,
                        step: StepResult) -> None:
         """Append the drafts the target accepted (their K/V is computed), stopping at the first stop."""
         accepted = result.num_accepted_drafts[seq.seq_id]
-        self.spec_stats.observe(len(seq_drafts), accepted)
-        if self.adaptive is not None:
-            self.adaptive.tracker.observe(seq.seq_id, len(seq_drafts), accepted)
+        self.speculation.observe_accepted(seq.seq_id, len(seq_drafts), accepted)
         logprobs = result.draft_logprobs.get(seq.seq_id)
         for i, token in enumerate(seq_drafts[:accepted]):
             self._emit(seq, token, logprobs[i] if logprobs is not None else None, now, step)

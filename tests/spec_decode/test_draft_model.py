@@ -93,7 +93,7 @@ def test_a_sequence_that_drafts_nothing_costs_the_draft_nothing_and_catches_up_l
     nobody drafts); when it drafts again, its first row feeds every token it missed (the prompt through the
     draft's module path): the target as its own draft accepts nearly everything."""
     on = draft_llm(llama_dir, llama_dir)
-    policy = on.engine.scheduler.adaptive = DraftingPhases()
+    policy = on.engine.scheduler.speculation.adaptive = DraftingPhases()
     drafter = on.engine.runner.drafter
     forward, phases = drafter._forward, []
 

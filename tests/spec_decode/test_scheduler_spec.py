@@ -233,10 +233,10 @@ def test_a_decoding_steps_shape_and_time_reach_the_adaptive_policy():
     seq = add(sched)
     out = sched.schedule()
     sched.update_from_output(out, ModelRunnerOutput(sampled={seq.seq_id: 2}, draft_token_ids={seq.seq_id: [3, 4]}))
-    sched.observe_step_time(0.5)
+    sched.speculation.observe_step_time(0.5)
     assert policy.observed == [] and policy.contexts == [[]]
     out = sched.schedule()
     assert out.num_scheduled_tokens == {seq.seq_id: 3} and policy.contexts[-1] == [len(PROMPT)]
     sched.update_from_output(out, ModelRunnerOutput(sampled={seq.seq_id: 7}, num_accepted_drafts={seq.seq_id: 2}))
-    sched.observe_step_time(0.25)
+    sched.speculation.observe_step_time(0.25)
     assert policy.observed == [(0.25, DecodingStepShape(1, 3, len(PROMPT), 3 * len(PROMPT), 1, 2))]
