@@ -15,10 +15,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from llmserve.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     import torch
+
+    from llmserve.structured_output import StructuredOutputSpec
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -150,6 +154,12 @@ class StructuredOutputsConfig:
         for name in ("disable_any_whitespace", "disable_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"--structured-outputs-config: {name} must be true or false")
+
+    def applied_to(self, spec: StructuredOutputSpec) -> StructuredOutputSpec:
+        """A request's constraint under the server-wide whitespace rule."""
+        if self.disable_any_whitespace and spec.any_whitespace and spec.kind in ("json", "json_object"):
+            return msgspec.structs.replace(spec, any_whitespace=False)
+        return spec
 
     @classmethod
     def parse(cls, value: StructuredOutputsConfig | Mapping[str, Any] | str | None) -> StructuredOutputsConfig:

@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from llmserve.config import EngineConfig, resolve_dtype_and_reason
 from llmserve.distributed.model_fit import check_parallel_fit
 from llmserve.engine.block_manager import most_blocks_held
@@ -272,10 +270,10 @@ class InputProcessor:
             self.grammar_validator().validate(spec)
         except StructuredOutputError as exc:
             raise StructuredOutputError(str(exc), exc.param or "structured_outputs") from None
-        if self.info.config.structured_outputs_config.disable_any_whitespace and spec.any_whitespace and \
-                spec.kind in ("json", "json_object"):
+        applied = self.info.config.structured_outputs_config.applied_to(spec)
+        if applied is not spec:
             params = params.clone()   # the caller's object is not changed
-            params.structured_outputs = msgspec.structs.replace(spec, any_whitespace=False)
+            params.structured_outputs = applied
         return params
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

@@ -240,12 +240,8 @@ class _SamplingRequest(RequestModel):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                         constraint: StructuredOutputSpec | None = None) -> SamplingParams:
         """Map the request onto SamplingParams (which validates ranges and names the field). ``constraint``
-        is one the endpoint imposes (a forced tool call), which the request's own may not contradict."""
-        spec = self.structured_output_spec()
-        if constraint is not None and spec is not None:
-            raise StructuredOutputError("tool_choice \"required\", a named function or a strict tool with \"auto\" "
-                                        "constrains the output itself; it cannot be combined with response_format, "
-                                        "structured_outputs or guided_*", "tool_choice")
+        is the endpoint's (tool calling's), which already holds the request's own where the two combine."""
+        spec = constraint or self.structured_output_spec()
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
@@ -258,7 +254,7 @@ class _SamplingRequest(RequestModel):
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
-            structured_outputs=constraint or spec,
+            structured_outputs=spec,
         )
 
     @property

@@ -61,7 +61,10 @@ class OpenAIServingChat(OpenAIServing):
                       ) -> tuple[list[int], SamplingParams, ToolCalling]:
         """A chat request's prompt, sampling parameters and tool calling (shared with /v1/responses)."""
         tools = body.checked_tools()
-        tool_calling = ToolCalling.for_request(body, tools, self.auto_tool_parser, self.vocabulary)
+        answer = body.structured_output_spec()   # the server's whitespace rule too: tools' grammars may hold it
+        if answer is not None:
+            answer = self.engine.info.config.structured_outputs_config.applied_to(answer)
+        tool_calling = ToolCalling.for_request(body, tools, self.auto_tool_parser, self.vocabulary, answer)
         prompt_ids = await self.render_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs,
                                               tools=tools, continue_final_message=body.continue_final_message)
         if not prompt_ids:

@@ -20,7 +20,7 @@ from llmserve.entrypoints.openai.tool_parsers.base import final_parse
 from llmserve.entrypoints.openai.tool_parsers.forced import (
     NamedToolParser, RequiredToolParser, named_schema, required_schema)
 from llmserve.entrypoints.openai.tool_parsers.streaming import ToolCallStream, new_tool_call_id, tool_call_json
-from llmserve.entrypoints.openai.tool_parsers.strict import Vocabulary
+from llmserve.entrypoints.openai.tool_parsers.strict import Vocabulary, answer_rule
 from llmserve.errors import InvalidRequestError
 from llmserve.structured_output import StructuredOutputError, StructuredOutputSpec
 
@@ -36,24 +36,23 @@ class ToolCalling:
 
     @classmethod
     def for_request(cls, request: ToolRequest, tools: list[dict[str, Any]], auto_parser: type[ToolCallParser] | None,
-                    vocabulary: Vocabulary) -> ToolCalling:
-        """``vocabulary``: the tokenizer's added tokens, for a strict tool's grammar (its markers may be tokens)."""
+                    vocabulary: Vocabulary, answer: StructuredOutputSpec | None) -> ToolCalling:
+        """``vocabulary``: the tokenizer's added tokens, for a strict tool's grammar (its markers may be tokens);
+        ``answer``: the request's own constraint (``response_format``, ``structured_outputs``, ``guided_*``),
+        which :attr:`constraint` holds too."""
         choice = request.effective_tool_choice
         max_calls = None if request.parallel_tool_calls else 1
         if choice == "none":
-            return cls(None, None, None, False)
+            return cls(None, answer, None, False)
         if choice == "auto":
             if auto_parser is None:
                 raise InvalidRequestError(AUTO_NEEDS_FLAGS, "tool_choice")
-            parser = auto_parser()
-            if not any(tool["function"].get("strict") for tool in tools):
-                return cls(parser, None, max_calls, True)
-            grammar = parser.strict_grammar(tools, max_calls, vocabulary)
-            if grammar is None:
-                raise InvalidRequestError(f"strict function schemas are not enforced with tool_choice \"auto\" in "
-                                          f"the {_parser_name(auto_parser)} format; use tool_choice \"required\" "
-                                          f"or a named function, or leave strict unset", "tools")
-            return cls(parser, _constraint("grammar", grammar), max_calls, True)
+            return cls(auto_parser(), _auto_constraint(auto_parser, tools, max_calls, vocabulary, answer),
+                       max_calls, True)
+        if answer is not None:
+            raise InvalidRequestError("tool_choice \"required\" or a named function constrains the output to calls; "
+                                      "it cannot be combined with response_format, structured_outputs or guided_*",
+                                      "tool_choice")
         if isinstance(choice, NamedToolChoice):
             tool = next(t for t in tools if t["function"]["name"] == choice.function.name)
             return cls(NamedToolParser(choice.function.name), _constraint("json", json.dumps(named_schema(tool))),
@@ -81,6 +80,36 @@ class ToolCalling:
 
     def finish_reason(self, reason: str | None, called: bool) -> str | None:
         return "tool_calls" if called and reason == "stop" and self.finishes_as_tool_calls else reason
+
+
+def _auto_constraint(parser: type[ToolCallParser], tools: list[dict[str, Any]], max_calls: int | None,
+                     vocabulary: Vocabulary, answer: StructuredOutputSpec | None) -> StructuredOutputSpec | None:
+    """``auto``: with strict tools or a JSON answer, the format's grammar (calls to the tools, and an answer without
+    calls in the JSON asked for); a constraint the format cannot hold beside calls holds the whole output, as
+    without tools, unless a tool is strict (a 400: the client asked for both)."""
+    strict = any(tool["function"].get("strict") for tool in tools)
+    name = _parser_name(parser)
+    if answer is not None and answer.kind not in ("json", "json_object"):
+        if strict:
+            raise InvalidRequestError(f"strict function schemas with tool_choice \"auto\" combine with a JSON "
+                                      f"output constraint only, not with a {answer.kind} one", "tools")
+        return answer
+    if answer is None and not strict:
+        return None
+    rule = None if answer is None else answer_rule(answer.value if answer.kind == "json" else '{"type": "object"}',
+                                                   answer.any_whitespace)
+    grammar = parser().strict_grammar(tools, max_calls, vocabulary, rule)
+    if grammar is not None:
+        return _constraint("grammar", grammar)
+    if not strict:
+        return answer
+    if answer is None or parser().strict_grammar(tools, max_calls, vocabulary) is None:
+        raise InvalidRequestError(f"strict function schemas are not enforced with tool_choice \"auto\" in the {name} "
+                                  f"format; use tool_choice \"required\" or a named function, or leave strict unset",
+                                  "tools")
+    raise InvalidRequestError(f"strict function schemas with tool_choice \"auto\" cannot be combined with a JSON "
+                              f"output constraint in the {name} format, whose calls are JSON answers themselves; "
+                              f"leave strict unset or drop the output constraint", "tools")
 
 
 def _parser_name(parser: type[ToolCallParser]) -> str:

@@ -191,8 +191,38 @@ def test_auto_with_strict_tools_answers_under_the_formats_grammar(auto):
     assert calls or choice.message.content
     content, streamed, finish = _streamed(client, tools=STRICT_TOOLS)
     assert (content or None, _check_calls(streamed), finish) == (choice.message.content, calls, choice.finish_reason)
-    with pytest.raises(openai.BadRequestError, match="cannot be combined with response_format, structured_outputs"):
+    with pytest.raises(openai.BadRequestError, match="combine with a JSON output constraint only, not with a regex"):
         _create(client, tools=STRICT_TOOLS, extra_body={"structured_outputs": {"regex": "It is sunny"}})
+
+
+VERDICT = {"type": "object", "properties": {"verdict": {"enum": ["yes", "no"]}}, "required": ["verdict"],
+           "additionalProperties": False}
+
+
+def test_auto_with_strict_tools_and_a_json_response_format_answers_in_it_or_calls(qwen2, checkpoint_dir):
+    """OpenAI's pair (the Agents SDK sends it for a typed output): strict tools with ``auto`` and a JSON
+    ``response_format``. The output is the answer, JSON under the format's schema (compact: the server's
+    whitespace rule), or calls valid under their schemas; each branch is chosen here by biasing its first token
+    (and EOS, wherever the grammar lets the output end; whitespace, which a random-weight model repeats where the
+    format allows it, is banned), the grammar decides the rest."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir("qwen2"))
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT, "strict": True}}
+
+    blank = {str(i): -100 for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()}
+
+    def bias(first: str) -> dict[str, int]:
+        return {**blank, str(tokenizer.convert_tokens_to_ids(first)): 100, str(tokenizer.eos_token_id): 50}
+
+    choice = _create(qwen2, tools=STRICT_TOOLS, response_format=fmt, logit_bias=bias("{")).choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason == "stop"
+    assert json.loads(choice.message.content) in ({"verdict": "yes"}, {"verdict": "no"})
+    assert " " not in choice.message.content
+    choice = _create(qwen2, tools=STRICT_TOOLS, response_format=fmt, parallel_tool_calls=False,
+                     logit_bias=bias("<")).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert len(_check_calls(choice.message.tool_calls)) == 1
 
 
 def test_history_with_calls_and_results_renders_as_transformers_does(qwen2, checkpoint_dir):

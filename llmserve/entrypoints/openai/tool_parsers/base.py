@@ -58,11 +58,12 @@ class ToolCallParser(ABC):
         all valid, or the whole text is content (a model that started a call and botched it still answers
         with what it wrote); the forced formats (forced.py) keep every call that has a name."""
 
-    def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None,
-                       vocabulary: Vocabulary) -> str | None:
+    def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None, vocabulary: Vocabulary,
+                       answer: str | None = None) -> str | None:
         """The grammar under which the model writes free text and calls in this format whose arguments match
-        the schemas of the ``strict`` tools (``tool_choice: "auto"``: :mod:`.strict`); None where the format
-        has none."""
+        the schemas of the ``strict`` tools (``tool_choice: "auto"``: :mod:`.strict`); with an ``answer`` rule
+        (a JSON ``response_format``: :func:`.strict.answer_rule`), output without calls is that answer. None
+        where the format has no such grammar."""
         return None
 
 

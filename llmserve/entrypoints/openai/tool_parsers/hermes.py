@@ -39,6 +39,6 @@ class HermesToolParser(ToolCallParser):
             at = text.find(START, obj.end)
         return finish(text, text[:first], calls, True, final)
 
-    def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None,
-                       vocabulary: Vocabulary) -> str | None:
-        return hermes_grammar(tools, max_calls, vocabulary, START, END)
+    def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None, vocabulary: Vocabulary,
+                       answer: str | None = None) -> str | None:
+        return hermes_grammar(tools, max_calls, vocabulary, answer, START, END)

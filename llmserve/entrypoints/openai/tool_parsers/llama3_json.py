@@ -46,6 +46,8 @@ class Llama3JsonToolParser(ToolCallParser):
             at = skip_whitespace(text, after + 1)
         return finish(text, "", calls, True, final)
 
-    def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None,
-                       vocabulary: Vocabulary) -> str | None:
+    def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None, vocabulary: Vocabulary,
+                       answer: str | None = None) -> str | None:
+        if answer is not None:
+            return None   # a JSON answer would read as calls
         return llama3_json_grammar(tools, max_calls, vocabulary, PYTHON_TAG)

@@ -36,9 +36,9 @@ class MistralToolParser(ToolCallParser):
             calls = _named_calls(text, at)
         return finish(text, text[:first], calls, True, final)
 
-    def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None,
-                       vocabulary: Vocabulary) -> str | None:
-        return mistral_grammar(tools, max_calls, vocabulary, MARKER, ARGS)
+    def strict_grammar(self, tools: list[dict[str, Any]], max_calls: int | None, vocabulary: Vocabulary,
+                       answer: str | None = None) -> str | None:
+        return mistral_grammar(tools, max_calls, vocabulary, answer, MARKER, ARGS)
 
 
 def _named_calls(text: str, at: int) -> list[ParsedCall]:

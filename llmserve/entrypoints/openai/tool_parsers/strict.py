@@ -10,6 +10,10 @@ llguidance matches added tokens as tokens, never inside a regex). A marker the t
 (Qwen's and Hermes 2 Pro's ``<tool_call>``, Mistral's ``[TOOL_CALLS]``, Llama 3's ``<|python_tag|>``) is matched
 as that token or as its text. So the parser, which finds the markers in the decoded text, reads as calls exactly
 what the grammar held to the schemas. ``max_calls`` 1 (``parallel_tool_calls: false``) allows one call.
+
+With a JSON ``response_format`` (``answer``), the output is that JSON or calls (OpenAI's rule: the format shapes
+the answer, and the model may call tools instead), with no free text before them: it is no answer in the format.
+Llama 3's JSON calls are answers in JSON themselves, so its format has no such grammar.
 """
 
 from __future__ import annotations
@@ -100,10 +104,23 @@ def _free(others: str | None) -> str:
     return f"free: TEXT ({others} TEXT)*\n" if others else "free: TEXT\n"
 
 
-def _free_text_then(marker: str, vocabulary: Vocabulary, calls: str) -> str:
+def answer_rule(schema: str, any_whitespace: bool) -> str:
+    """The ``answer`` rule of a JSON ``response_format``: its schema (JSON text; ``true`` for any value) as the
+    structured-output compiler runs it on its own (``any_whitespace``: whitespace between JSON tokens)."""
+    value = json.loads(schema)
+    value = {} if value is True else value   # (false never gets here: the request's constraint was compiled)
+    guidance = {"whitespace_flexible": any_whitespace, **value.get("x-guidance", {})}   # the schema's own win
+    return f"answer: %json {json.dumps({**value, 'x-guidance': guidance})}\n"
+
+
+def _free_text_then(marker: str, vocabulary: Vocabulary, calls: str, answer: str | None) -> str:
     """``start``: free text, or free text up to the first ``marker`` and then ``calls``. Free text never holds the
     marker, as text or as a token: where the model writes it, calls follow. Runs of text are separated by added
-    tokens, so no two runs meet where they would spell the marker between them."""
+    tokens, so no two runs meet where they would spell the marker between them. With an ``answer`` rule: the
+    answer, or ``calls`` after the marker and nothing but whitespace (llguidance's lexer takes the longest match,
+    so an answer beside free text, which can always go on, could never end)."""
+    if answer:
+        return f"start: answer | WS {vocabulary.marker(marker)} {calls}\n" + answer
     others, token = vocabulary.others(marker), vocabulary.token(marker)
     return "".join([
         f"start: free | pre {calls}" + (f" | free {token} {calls}" if token else "") + "\n",
@@ -115,17 +132,17 @@ def _free_text_then(marker: str, vocabulary: Vocabulary, calls: str) -> str:
 
 
 def hermes_grammar(tools: list[dict[str, Any]], max_calls: int | None, vocabulary: Vocabulary,
-                   start: str, end: str) -> str:
+                   answer: str | None, start: str, end: str) -> str:
     """``text<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` and more such blocks (the keys in
     either order, as Hermes 2 Pro's prompt writes them arguments first)."""
     block = f"WS call WS {vocabulary.marker(end)} WS"
     calls = _repeat(block, vocabulary.marker(start), max_calls)
-    return (_HEADER + _free_text_then(start, vocabulary, calls)
+    return (_HEADER + _free_text_then(start, vocabulary, calls, answer)
             + f"call: %json {json.dumps(call_schema(tools, 'arguments', name_first=False))}\n" + _WS)
 
 
 def mistral_grammar(tools: list[dict[str, Any]], max_calls: int | None, vocabulary: Vocabulary,
-                    marker: str, args: str) -> str:
+                    answer: str | None, marker: str, args: str) -> str:
     """``text[TOOL_CALLS]`` then a JSON array of calls (tokenizer v3 and older; an item may carry the ``id``
     those tokenizers write) or ``name[ARGS]{...}`` calls, each after its own marker (v11 and newer)."""
     array = {"type": "array", "items": call_schema(tools, "arguments", extra={"id": {"type": "string"}}),
@@ -136,7 +153,7 @@ def mistral_grammar(tools: list[dict[str, Any]], max_calls: int | None, vocabula
                        for i, t in enumerate(tools))
     arguments = "".join(f"args_{i}: %json {json.dumps(arguments_schema(t))}\n" for i, t in enumerate(tools))
     calls = f"WS (array | {_repeat('named', f'WS {vocabulary.marker(marker)} WS', max_calls)}) WS"
-    return (_HEADER + _free_text_then(marker, vocabulary, calls) + f"array: %json {json.dumps(array)}\n"
+    return (_HEADER + _free_text_then(marker, vocabulary, calls, answer) + f"array: %json {json.dumps(array)}\n"
             f"named: {named}\n" + arguments + _WS)
 
 

@@ -9,6 +9,8 @@ tokenizer (the tiny checkpoints', where the markers are plain text, and one whos
 * a marker is taken as its token or spelled out (as the parser finds it in the text): either way the calls
   that follow are held to the schemas;
 * a tool without ``strict`` takes any JSON object; ``parallel_tool_calls: false`` allows one call;
+* with a JSON ``response_format``, the output is that JSON (compact where the constraint says so) or calls, with
+  nothing but whitespace before them; Llama 3's format, whose calls are JSON answers, has no such grammar;
 * the parsers of those formats give the grammar; pythonic has none.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from llmserve.entrypoints.openai.tool_parsers import TOOL_CALL_PARSERS
-from llmserve.entrypoints.openai.tool_parsers.strict import Vocabulary
+from llmserve.entrypoints.openai.tool_parsers.strict import Vocabulary, answer_rule
 
 llguidance = pytest.importorskip("llguidance")
 llguidance_hf = pytest.importorskip("llguidance.hf")
@@ -94,8 +96,8 @@ def _tokenizer(checkpoint_dir, family: str):
     return AutoTokenizer.from_pretrained(checkpoint_dir(family))
 
 
-def _grammar(parser: str, tokenizer, tools=TOOLS, max_calls=None) -> str:
-    return TOOL_CALL_PARSERS[parser]().strict_grammar(tools, max_calls, Vocabulary.of(tokenizer))
+def _grammar(parser: str, tokenizer, tools=TOOLS, max_calls=None, answer=None) -> str:
+    return TOOL_CALL_PARSERS[parser]().strict_grammar(tools, max_calls, Vocabulary.of(tokenizer), answer)
 
 
 @pytest.mark.parametrize("parser", sorted(CASES))
@@ -104,6 +106,36 @@ def test_free_text_and_calls_in_the_format_with_valid_arguments_are_accepted(che
     tokenizer = _tokenizer(checkpoint_dir, family)
     grammar = _grammar(parser, tokenizer)
     assert [(text, _accepts(tokenizer, grammar, text)) for text, _ in cases] == cases
+
+
+VERDICT = {"type": "object", "properties": {"verdict": {"enum": ["yes", "no"]}}, "required": ["verdict"],
+           "additionalProperties": False}
+MARKERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}
+
+
+@pytest.mark.parametrize("parser", sorted(MARKERS))
+def test_with_a_json_answer_an_output_without_calls_is_that_json(checkpoint_dir, parser):
+    """The format's cases again: those starting with calls are judged as before, free text is now refused (before
+    calls too); the answer is JSON under its schema, with the whitespace the constraint allows. (Judged on qwen2's
+    byte-level tokens: a sentencepiece tokenizer would spell each text with a leading space.)"""
+    cases = CASES[parser][1]
+    tokenizer = _tokenizer(checkpoint_dir, "qwen2")
+    grammar = _grammar(parser, tokenizer, answer=answer_rule(json.dumps(VERDICT), True))
+    expected = [(text, accepted and text.startswith(MARKERS[parser])) for text, accepted in cases]
+    assert [(text, _accepts(tokenizer, grammar, text)) for text, _ in cases] == expected
+    assert any(accepted for _, accepted in expected)
+    assert _accepts(tokenizer, grammar, "\n" + cases[2][0]) and cases[2][0].startswith(MARKERS[parser])
+    assert _accepts(tokenizer, grammar, '{"verdict": "yes"}') and _accepts(tokenizer, grammar, '{"verdict":"no"}')
+    assert not _accepts(tokenizer, grammar, '{"verdict": "maybe"}')
+    compact = _grammar(parser, tokenizer, answer=answer_rule(json.dumps(VERDICT), False))
+    assert _accepts(tokenizer, compact, '{"verdict":"no"}') and not _accepts(tokenizer, compact, '{"verdict": "no"}')
+    anything = _grammar(parser, tokenizer, answer=answer_rule("true", True))
+    assert _accepts(tokenizer, anything, "[1, 2]") and not _accepts(tokenizer, anything, "It is sunny.")
+
+
+def test_llama3_json_has_no_grammar_with_a_json_answer(checkpoint_dir):
+    tokenizer = _tokenizer(checkpoint_dir, "llama3")
+    assert _grammar("llama3_json", tokenizer, answer=answer_rule(json.dumps(VERDICT), True)) is None
 
 
 def test_a_tool_without_strict_takes_any_object_and_one_call_is_allowed_without_parallel_calls(checkpoint_dir):
