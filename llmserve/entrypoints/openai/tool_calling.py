@@ -3,7 +3,8 @@
 - ``none``: the tools are still shown to the template (as vLLM does), the output is plain content;
 - ``auto``: the model decides; the server's ``--tool-call-parser`` reads calls out of its text; with a
   ``strict`` tool a grammar in the parser's format holds every call to the tools' names and the strict tools'
-  schemas, the text around the calls free (``tool_parsers/strict.py``);
+  schemas, the text around the calls free (``tool_parsers/strict.py``); with a JSON output constraint the same
+  grammar holds an answer without calls to it;
 - ``required``: the grammar forces a JSON array of one or more calls, each valid under its tool's schema;
 - a named function: the grammar forces that function's arguments object.
 """
