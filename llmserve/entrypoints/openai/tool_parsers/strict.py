@@ -18,6 +18,7 @@ Llama 3's JSON calls are answers in JSON themselves, so its format has no such g
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -54,9 +55,14 @@ class Vocabulary:
         token = self.added.get(text)
         return None if token is None else f"<[{token}]>"
 
+    @functools.cached_property
+    def _sorted(self) -> list[tuple[int, str]]:
+        """(id, text) of the added tokens but EOS, by id (once per server: the vocabulary is the server's)."""
+        return sorted((i, text) for text, i in self.added.items() if i not in self.eos)
+
     def others(self, marker: str) -> str | None:
         """The added tokens but ``marker`` and EOS, as one Lark token set; None where there are none."""
-        ids = sorted(i for text, i in self.added.items() if text != marker and i not in self.eos)
+        ids = [i for i, text in self._sorted if text != marker]
         return f"<[{_ranges(ids)}]>" if ids else None
 
 
