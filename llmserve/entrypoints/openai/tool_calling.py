@@ -101,7 +101,7 @@ def _auto_constraint(parser: type[ToolCallParser], tools: list[dict[str, Any]], 
                                                    answer.any_whitespace)
     grammar = parser().strict_grammar(tools, max_calls, vocabulary, rule)
     if grammar is not None:
-        return _constraint("grammar", grammar)
+        return _constraint("grammar", grammar, with_answer=rule is not None)
     if not strict:
         return answer
     if answer is None or parser().strict_grammar(tools, max_calls, vocabulary) is None:
@@ -117,14 +117,16 @@ def _parser_name(parser: type[ToolCallParser]) -> str:
     return next((name for name, cls in TOOL_CALL_PARSERS.items() if cls is parser), parser.__name__)
 
 
-def _constraint(kind: str, value: str) -> StructuredOutputSpec:
-    """The grammar of forced or strict calls; a tool schema the grammar library cannot compile is the client's
-    400."""
+def _constraint(kind: str, value: str, with_answer: bool = False) -> StructuredOutputSpec:
+    """The grammar of forced or strict calls (``with_answer``: and of the request's JSON answer); a schema the
+    grammar library cannot compile is the client's 400."""
     try:
         spec = StructuredOutputSpec(kind=kind, value=value)
         spec.validate()
     except StructuredOutputError as exc:
-        raise InvalidRequestError(f"a tool's parameters schema cannot be enforced: {exc}", "tools") from None
+        what = "the tools' parameters schemas and the output's JSON schema" if with_answer else \
+            "a tool's parameters schema"
+        raise InvalidRequestError(f"{what} cannot be enforced: {exc}", "tools") from None
     except ImportError as exc:   # llguidance is an optional extra
         raise InvalidRequestError(f"tool_choice \"required\", a named function or a strict tool needs the grammar "
                                   f"library: {exc}", "tool_choice") from None

@@ -193,6 +193,15 @@ def test_auto_with_strict_tools_answers_under_the_formats_grammar(auto):
     assert (content or None, _check_calls(streamed), finish) == (choice.message.content, calls, choice.finish_reason)
     with pytest.raises(openai.BadRequestError, match="combine with a JSON output constraint only, not with a regex"):
         _create(client, tools=STRICT_TOOLS, extra_body={"structured_outputs": {"regex": "It is sunny"}})
+    json_object = {"type": "json_object"}
+    if AUTO_FORMATS[family][0] in ("hermes", "mistral"):
+        assert _create(client, tools=STRICT_TOOLS, response_format=json_object, max_tokens=4).choices
+    elif AUTO_FORMATS[family][0] == "llama3_json":
+        with pytest.raises(openai.BadRequestError, match="in the llama3_json format, whose calls are JSON answers"):
+            _create(client, tools=STRICT_TOOLS, response_format=json_object)
+    else:
+        with pytest.raises(openai.BadRequestError, match='not enforced with tool_choice "auto" in the pythonic'):
+            _create(client, tools=STRICT_TOOLS, response_format=json_object)
 
 
 VERDICT = {"type": "object", "properties": {"verdict": {"enum": ["yes", "no"]}}, "required": ["verdict"],
@@ -223,6 +232,28 @@ def test_auto_with_strict_tools_and_a_json_response_format_answers_in_it_or_call
                      logit_bias=bias("<")).choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert len(_check_calls(choice.message.tool_calls)) == 1
+
+
+def test_auto_with_tools_and_a_json_response_format_may_still_call_them(qwen2, checkpoint_dir):
+    """Tools without ``strict`` and a JSON ``response_format``: the format no longer rules the calls out (it
+    shapes the answer); a call names one of the tools and its arguments are some JSON object (the closing brace
+    is biased here, so the object is ``{}``). On /v1/responses the same pair (``text.format``) is accepted."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir("qwen2"))
+    blank = {str(i): -100 for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()}
+    ids = {t: str(tokenizer.convert_tokens_to_ids(t)) for t in ("<", "}")}
+    bias = {**blank, ids["<"]: 100, ids["}"]: 30, str(tokenizer.eos_token_id): 50}
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT}}
+    choice = _create(qwen2, tools=TOOLS, response_format=fmt, parallel_tool_calls=False, logit_bias=bias).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name in SCHEMAS and json.loads(call.function.arguments) == {}
+    response = qwen2.responses.create(
+        model="tiny", input="What is the weather in Paris?", max_output_tokens=4,
+        tools=[{"type": "function", **STRICT_TOOLS[0]["function"]}],
+        text={"format": {"type": "json_schema", "name": "verdict", "schema": VERDICT, "strict": True}})
+    assert response.status in ("completed", "incomplete") and response.output
 
 
 def test_history_with_calls_and_results_renders_as_transformers_does(qwen2, checkpoint_dir):

@@ -115,7 +115,8 @@ def answer_rule(schema: str, any_whitespace: bool) -> str:
     structured-output compiler runs it on its own (``any_whitespace``: whitespace between JSON tokens)."""
     value = json.loads(schema)
     value = {} if value is True else value   # (false never gets here: the request's constraint was compiled)
-    guidance = {"whitespace_flexible": any_whitespace, **value.get("x-guidance", {})}   # the schema's own win
+    own = value.get("x-guidance")   # the schema's own options win, as with the compiler's defaults
+    guidance = {"whitespace_flexible": any_whitespace, **(own if isinstance(own, dict) else {})}
     return f"answer: %json {json.dumps({**value, 'x-guidance': guidance})}\n"
 
 

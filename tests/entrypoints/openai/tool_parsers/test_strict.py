@@ -129,6 +129,11 @@ def test_with_a_json_answer_an_output_without_calls_is_that_json(checkpoint_dir,
     assert not _accepts(tokenizer, grammar, '{"verdict": "maybe"}')
     compact = _grammar(parser, tokenizer, answer=answer_rule(json.dumps(VERDICT), False))
     assert _accepts(tokenizer, compact, '{"verdict":"no"}') and not _accepts(tokenizer, compact, '{"verdict": "no"}')
+    own = _grammar(parser, tokenizer, answer=answer_rule(json.dumps({**VERDICT, "x-guidance": {
+        "whitespace_flexible": False}}), True))   # the schema's own options win
+    assert not _accepts(tokenizer, own, '{"verdict": "no"}')
+    odd = _grammar(parser, tokenizer, answer=answer_rule(json.dumps({**VERDICT, "x-guidance": None}), True))
+    assert _accepts(tokenizer, odd, '{"verdict": "no"}')
     anything = _grammar(parser, tokenizer, answer=answer_rule("true", True))
     assert _accepts(tokenizer, anything, "[1, 2]") and not _accepts(tokenizer, anything, "It is sunny.")
 
