@@ -54,9 +54,9 @@ _RESPONSES_PATH = {"response_format.json_schema.schema": "text.format.schema", "
 
 
 def _responses_message(message: str) -> str:
+    """A chat field's name, wherever the message names it, as this endpoint's (the longer paths first)."""
     for chat_path, path in _RESPONSES_PATH.items():
-        if message.startswith(chat_path):
-            return path + message[len(chat_path):]
+        message = message.replace(chat_path, path)
     return message
 
 

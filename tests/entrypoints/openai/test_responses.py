@@ -169,6 +169,15 @@ def test_a_bad_text_format_is_named_as_the_responses_field(qwen2_server, fmt, me
     assert "response_format" not in error["message"], error
 
 
+def test_a_forced_call_with_a_text_format_is_refused_naming_the_responses_field(qwen2_server):
+    body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, "tools": [TIME], "tool_choice": "required",
+            "text": {"format": {"type": "json_object"}}}
+    response = httpx.post(f"{qwen2_server.base_url}/v1/responses", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert "cannot be combined with text.format" in message and "response_format" not in message, message
+
+
 def test_auto_tool_choice_needs_a_server_tool_parser(server):
     body = {"model": "tiny", "input": "Hi", "tools": [TIME], "max_output_tokens": 2}
     response = httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=30)
