@@ -260,10 +260,14 @@ def build_app(state: ServerState) -> FastAPI:
         engine = state.engine.info
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        for field in ("tools", "chat_template_kwargs"):
+            if body.prompt is not None and getattr(body, field) is not None:
+                raise APIError(400, f"{field} is for messages (a chat template renders them), not a prompt", field)
         if body.messages is not None:
+            tools = [tool.as_template_tool() for tool in body.tools or []]
             tokens = await state.chat.render_prompt(body.messages, body.add_generation_prompt,
-                                                    add_special_tokens=bool(body.add_special_tokens),
-                                                    continue_final_message=body.continue_final_message)
+                                                    body.chat_template_kwargs, bool(body.add_special_tokens),
+                                                    tools=tools, continue_final_message=body.continue_final_message)
         else:
             tokens = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}

@@ -2,7 +2,8 @@
 the OpenAPI document's. ``input`` takes the four prompt shapes of completions; ``dimensions`` is refused
 with a 400 naming it, since these models have no Matryoshka representation to shorten a vector by; ``user``
 is accepted and not used (OpenAI's end-user id, for their abuse monitoring). vLLM's ``normalize`` turns the
-L2 normalisation on or off for this request."""
+L2 normalisation on or off for this request; ``add_special_tokens`` and ``cache_salt`` work as on completions,
+and ``priority`` is refused unless 0."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from llmserve.entrypoints.openai.protocol import PromptInput, prompt_list, refuse_empty_prompts
+from llmserve.entrypoints.openai.protocol import PromptInput, refuse_unless_noop, prompt_list, refuse_empty_prompts
 from llmserve.entrypoints.openai.request_base import RequestModel
 
 
@@ -27,8 +28,14 @@ class EmbeddingRequest(RequestModel):
                                                              "--pooler-config says, true unless set otherwise)")
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1, description=(
         "vLLM's: keep only the prompt's last k tokens (-1: the model's context length); not 0"))
+    add_special_tokens: bool = Field(default=True, description="vLLM's: add the tokenizer's special tokens (BOS)")
+    # prefix-cache blocks are shared only between requests with the same salt (last-token pooling uses the cache)
+    cache_salt: str | None = Field(default=None, min_length=1)
+    priority: int | None = Field(default=None, description="not supported (400 unless 0)")
 
     _not_empty = field_validator("input", mode="before")(refuse_empty_prompts)
+
+    _refuse_priority = field_validator("priority", mode="before")(refuse_unless_noop)
 
     @field_validator("dimensions", mode="before")
     @classmethod

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from llmserve.entrypoints.openai.chat_protocol import ChatMessage, ToolRequest
+from llmserve.entrypoints.openai.chat_protocol import MAX_TOOLS, ChatMessage, ChatTool, ToolRequest
 from llmserve.entrypoints.openai.request_base import RequestModel
 from llmserve.sampling_params import INT64_MAX, INT64_MIN, SamplingParams
 from llmserve.structured_output import StructuredOutputError, StructuredOutputSpec
@@ -59,10 +59,31 @@ NOT_SUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
                                            "--chat-template"),
     "documents": (lambda v: v is None, "documents are not supported"),
     "echo": (lambda v: v is False, "echo is not supported on chat completions"),
+    # OpenAI's chat fields for what this server does not do: only the value that asks for nothing passes
+    "store": (lambda v: v is False, "completions are not stored; send store: false or leave it out"),
+    "modalities": (lambda v: v == ["text"], "only text output is supported: modalities [\"text\"]"),
+    "audio": (lambda v: v is None, "audio output is not supported"),
+    "reasoning_effort": (lambda v: v is None, "reasoning_effort is not supported (no reasoning parser)"),
+    "service_tier": (lambda v: v in ("auto", "default"), "service tiers are not supported; send \"auto\" or "
+                                                          "\"default\""),
+    "prediction": (lambda v: v is None, "predicted outputs are not supported"),
+    "web_search_options": (lambda v: v is None, "web search is not supported"),
+    # vLLM extras for what this server does not do
+    "guided_decoding_backend": (lambda v: v in ("", "auto", "guidance", "llguidance"),
+                                "structured outputs are enforced with llguidance (vLLM's \"guidance\"); other "
+                                "backends are not supported"),
+    "guided_whitespace_pattern": (lambda v: v is None, "a whitespace pattern is not supported; "
+                                                       "structured_outputs.disable_any_whitespace gives compact JSON"),
+    "length_penalty": (lambda v: v == 1, "length_penalty applies to beam search, which is not supported"),
+    "early_stopping": (lambda v: v is False, "early_stopping applies to beam search, which is not supported"),
+    "return_token_ids": (lambda v: v is False, "return_token_ids is not supported"),
+    "prompt_embeds": (lambda v: v is None, "prompt embeddings are not supported"),
+    "mm_processor_kwargs": (lambda v: v is None, "multimodal inputs are not supported"),
+    "vllm_xargs": (lambda v: v is None, "vllm_xargs (custom logits processors' arguments) is not supported"),
 }
 
 
-def _refuse_unless_noop(value: Any, info: ValidationInfo) -> Any:
+def refuse_unless_noop(value: Any, info: ValidationInfo) -> Any:
     """Before validation: a value other than the field's no-op is a 400 naming the field."""
     is_noop, why = NOT_SUPPORTED[info.field_name]
     if value is not None and not is_noop(value):
@@ -74,7 +95,7 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
     continuous_usage_stats: Literal[False] = Field(default=False, description="vLLM's; true is not supported (400)")
 
-    _refuse_continuous_usage = field_validator("continuous_usage_stats", mode="before")(_refuse_unless_noop)
+    _refuse_continuous_usage = field_validator("continuous_usage_stats", mode="before")(refuse_unless_noop)
 
 
 JsonSchema = Annotated[dict[str, Any] | StrictBool, Field(description="a JSON schema (an object, or true / false)")]
@@ -174,10 +195,23 @@ class _SamplingRequest(RequestModel):
     use_beam_search: bool | None = Field(default=None, description="not supported (400 if true)")
     logits_processors: list[Any] | None = Field(default=None, description="not supported (400 unless empty)")
     priority: int | None = Field(default=None, description="not supported (400 unless 0)")
+    guided_decoding_backend: str | None = Field(default=None, description="auto, guidance or llguidance (400 "
+                                                                           "otherwise)")
+    guided_whitespace_pattern: str | None = Field(default=None, description="not supported (400 unless null)")
+    length_penalty: float | None = Field(default=None, description="beam search's: 400 unless 1")
+    early_stopping: bool | None = Field(default=None, description="beam search's: 400 if true")
+    return_token_ids: bool | None = Field(default=None, description="not supported (400 if true)")
+    prompt_embeds: Any = Field(default=None, description="not supported (400 unless null)")
+    mm_processor_kwargs: dict[str, Any] | None = Field(default=None, description="not supported (400 unless null)")
+    vllm_xargs: dict[str, Any] | None = Field(default=None, description="not supported (400 unless null)")
+    request_id: str | None = Field(default=None, min_length=1, max_length=256, description=(
+        "vLLM's: the response's id (as the X-Request-Id header sets it; the header wins)"))
 
     _refuse_vllm_extras = field_validator(
         "allowed_token_ids", "bad_words", "return_tokens_as_token_ids", "prompt_logprobs", "use_beam_search",
-        "logits_processors", "priority", mode="before")(_refuse_unless_noop)
+        "logits_processors", "priority", "guided_decoding_backend", "guided_whitespace_pattern", "length_penalty",
+        "early_stopping", "return_token_ids", "prompt_embeds", "mm_processor_kwargs", "vllm_xargs",
+        mode="before")(refuse_unless_noop)
 
     @field_validator("stream_options")
     @classmethod
@@ -294,8 +328,10 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = Field(default=None, max_length=0, description="not supported (400) unless empty")
+    add_special_tokens: bool = Field(default=True, description="vLLM's: add the tokenizer's special tokens (BOS) to "
+                                                               "a text prompt")
 
-    _refuse_suffix = field_validator("suffix", mode="before")(_refuse_unless_noop)
+    _refuse_suffix = field_validator("suffix", mode="before")(refuse_unless_noop)
     _not_empty = field_validator("prompt", mode="before")(refuse_empty_prompts)
 
     def prompts(self) -> list[str | list[int]]:
@@ -320,9 +356,21 @@ class ChatCompletionRequest(ToolRequest, _SamplingRequest):
     chat_template: str | None = Field(default=None, description="not accepted per request (400); --chat-template")
     documents: list[Any] | None = Field(default=None, description="not supported (400 unless null)")
     echo: bool | None = Field(default=None, description="vLLM's chat echo: not supported (400 if true)")
+    add_special_tokens: bool = Field(default=False, description=(
+        "vLLM's: add the tokenizer's special tokens (BOS) on top of the rendered template, which writes its own"))
+    store: bool | None = Field(default=None, description="completions are not stored: 400 if true")
+    metadata: dict[str, str] | None = Field(default=None, max_length=16, description=(
+        "accepted; OpenAI keeps it with stored completions, and nothing is stored here"))
+    modalities: list[str] | None = Field(default=None, description="[\"text\"] only (400 otherwise)")
+    audio: dict[str, Any] | None = Field(default=None, description="not supported (400 unless null)")
+    reasoning_effort: str | None = Field(default=None, description="not supported (400 unless null)")
+    service_tier: str | None = Field(default=None, description="auto or default (400 otherwise)")
+    prediction: dict[str, Any] | None = Field(default=None, description="not supported (400 unless null)")
+    web_search_options: dict[str, Any] | None = Field(default=None, description="not supported (400 unless null)")
 
     _refuse_functions = field_validator("functions", "function_call", "chat_template", "documents", "echo",
-                                        mode="before")(_refuse_unless_noop)
+                                        "store", "modalities", "audio", "reasoning_effort", "service_tier",
+                                        "prediction", "web_search_options", mode="before")(refuse_unless_noop)
     _check_ending = field_validator("continue_final_message")(_one_ending)
 
 
@@ -337,6 +385,9 @@ class TokenizeRequest(RequestModel):
                                   "messages (the chat template writes its own)")
     add_generation_prompt: bool = Field(default=True, description="messages only")
     continue_final_message: bool = Field(default=False, description="messages only, as on chat completions")
+    tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS,
+                                         description="messages only: rendered by the template, as on chat")
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="messages only, as on chat")
 
     _check_ending = field_validator("continue_final_message")(_one_ending)
 

@@ -96,11 +96,25 @@ class OpenAIServing:
         if n > self.limits.max_n:
             raise APIError(400, f"n must be at most {self.limits.max_n}, got {n}", "n")
 
+    def with_special_tokens(self, prompts: list[str | list[int]], add: bool, field: str) -> list[str | list[int]]:
+        """``prompts`` as the engine takes them: text prompts are tokenised there with the tokenizer's special
+        tokens (BOS); with ``add`` false they are tokenised here without them (token ids pass as they are)."""
+        if add:
+            return prompts
+        out: list[str | list[int]] = []
+        for prompt in prompts:
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False)) if isinstance(prompt, str) else prompt
+            if not ids:
+                raise APIError(400, f"{field} has no tokens once tokenised without special tokens", field)
+            out.append(ids)
+        return out
+
     def submit(self, prefix: str, prompts: list[str | list[int]], params: SamplingParams | PoolingParams,
                header_request_id: str | None, cache_salt: str | None = None,
-               lora_request: LoRARequest | None = None) -> Submitted:
+               lora_request: LoRARequest | None = None, client_request_id: str | None = None) -> Submitted:
         """Validate every prompt, check the queue, then queue them all (or none), with ``lora_request``'s
-        adapter if one is named."""
+        adapter if one is named. ``client_request_id`` (vLLM's ``request_id`` field) names the response
+        (``prefix-id``); the engine's own ids stay unique whatever a client sends."""
         limit = self.limits.max_num_queued_reqs
         if limit is not None and self.engine.num_waiting >= limit:   # full (a batch of prompts may overfill it)
             raise APIError(503, f"the server is overloaded: {self.engine.num_waiting} requests are waiting "
@@ -114,6 +128,8 @@ class OpenAIServing:
         except EngineDeadError as exc:
             raise APIError(503, str(exc), None, "engine_dead") from None
         streams = [self.engine.submit(state) for state in states]
+        if client_request_id is not None:
+            request_id = f"{prefix}-{client_request_id}"
         return Submitted(request_id, header_request_id or request_id, int(time.time()), states, streams,
                          self.model_name if lora_request is None else lora_request.lora_name)
 

@@ -66,7 +66,8 @@ class OpenAIServingChat(OpenAIServing):
             answer = self.engine.info.config.structured_outputs_config.applied_to(answer)
         tool_calling = ToolCalling.for_request(body, tools, self.auto_tool_parser, self.vocabulary, answer)
         prompt_ids = await self.render_prompt(body.messages, body.add_generation_prompt, body.chat_template_kwargs,
-                                              tools=tools, continue_final_message=body.continue_final_message)
+                                              body.add_special_tokens, tools=tools,
+                                              continue_final_message=body.continue_final_message)
         if not prompt_ids:
             raise APIError(400, "the chat template renders these messages as no tokens at all", "messages")
         params = body.sampling_params(max_tokens, logprobs, constraint=tool_calling.constraint)
@@ -82,7 +83,8 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         prompt_ids, params, tool_calling = await self.prepare(body, body.max_completion_tokens or body.max_tokens, logprobs)
-        submitted = self.submit("chatcmpl", [prompt_ids], params, header_request_id, body.cache_salt, lora)
+        submitted = self.submit("chatcmpl", [prompt_ids], params, header_request_id, body.cache_salt, lora,
+                                body.request_id)
         if body.stream:
             return SSEResponse(self, self.event_stream(body, submitted, tool_calling))
         output = (await self.collect(raw, submitted))[0]

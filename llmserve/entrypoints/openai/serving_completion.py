@@ -34,7 +34,8 @@ class OpenAIServingCompletion(OpenAIServing):
         params = body.sampling_params(max_tokens, body.logprobs,
                                       prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None
                                       else None)
-        submitted = self.submit("cmpl", body.prompts(), params, header_request_id, body.cache_salt, lora)
+        prompts = self.with_special_tokens(body.prompts(), body.add_special_tokens, "prompt")
+        submitted = self.submit("cmpl", prompts, params, header_request_id, body.cache_salt, lora, body.request_id)
         n = body.n
         if body.stream:
             include_usage = body.include_usage_in_stream

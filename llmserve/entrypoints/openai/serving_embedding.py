@@ -24,7 +24,8 @@ class OpenAIServingEmbedding(OpenAIServing):
         lora = self.check_model(body.model)
         try:
             params = PoolingParams(normalize=body.normalize, truncate_prompt_tokens=body.truncate_prompt_tokens)
-            submitted = self.submit("embd", body.prompts(), params, header_request_id, lora_request=lora)
+            prompts = self.with_special_tokens(body.prompts(), body.add_special_tokens, "input")
+            submitted = self.submit("embd", prompts, params, header_request_id, body.cache_salt, lora)
         except InvalidRequestError as exc:   # the engine names the prompt; this API calls it input
             raise APIError(400, str(exc), "input" if exc.param == "prompt" else exc.param) from None
         outputs = await self.collect(raw, submitted)

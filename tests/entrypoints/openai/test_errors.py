@@ -27,8 +27,11 @@ Checked over raw HTTP (httpx, raw sockets) against a server started with ``--max
 * Not supported, so never accepted silently: OpenAI's deprecated ``functions`` / ``function_call`` other
   than their no-op values, ``suffix``, vLLM's ``stream_options.continuous_usage_stats`` and its extras
   ``allowed_token_ids``, ``bad_words``, ``return_tokens_as_token_ids``, ``prompt_logprobs``,
-  ``use_beam_search``, ``logits_processors``, ``priority`` and (chat) ``chat_template``, ``documents``,
-  ``echo``: 400 naming the field; their no-op values are served. So are
+  ``use_beam_search``, ``logits_processors``, ``priority``, ``guided_decoding_backend`` (but llguidance's
+  names), ``guided_whitespace_pattern``, ``length_penalty``, ``early_stopping``, ``return_token_ids``,
+  ``prompt_embeds``, ``mm_processor_kwargs``, ``vllm_xargs`` and (chat) ``chat_template``, ``documents``,
+  ``echo`` and OpenAI's ``store``, ``modalities``, ``audio``, ``reasoning_effort``, ``service_tier``,
+  ``prediction``, ``web_search_options``: 400 naming the field; their no-op values are served. So are
   ``chat_template_kwargs`` that would set a parameter of the template renderer (``tokenize``).
   Unknown fields are served, ignored, and logged once per name.
 * Context: prompt + ``max_tokens`` over ``--max-model-len`` is 400 ``"This model's maximum context length
@@ -131,6 +134,14 @@ COMPLETION_CASES = [
     ("prompt_logprobs", {"prompt_logprobs": 1}, "prompt_logprobs", "echo with logprobs"),
     ("use_beam_search", {"use_beam_search": True}, "use_beam_search", None),
     ("priority", {"priority": 1}, "priority", None),
+    ("guided_decoding_backend", {"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend", "llguidance"),
+    ("guided_whitespace_pattern", {"guided_whitespace_pattern": " ?"}, "guided_whitespace_pattern", None),
+    ("length_penalty", {"length_penalty": 0.5}, "length_penalty", "beam search"),
+    ("early_stopping", {"early_stopping": True}, "early_stopping", "beam search"),
+    ("return_token_ids", {"return_token_ids": True}, "return_token_ids", None),
+    ("prompt_embeds", {"prompt_embeds": "AAAA"}, "prompt_embeds", None),
+    ("mm_processor_kwargs", {"mm_processor_kwargs": {"x": 1}}, "mm_processor_kwargs", None),
+    ("vllm_xargs", {"vllm_xargs": {"x": 1}}, "vllm_xargs", None),
     ("prompt-empty-string", {"prompt": ""}, "prompt", None),
     ("prompt-empty-list", {"prompt": []}, "prompt", None),
     ("prompt-empty-token-list", {"prompt": [[]]}, "prompt", None),
@@ -192,6 +203,14 @@ CHAT_CASES = [
     ("function_call", {"function_call": "auto"}, "function_call", "deprecated"),
     ("chat_template_kwargs-renderer-parameter", {"chat_template_kwargs": {"tokenize": True}},
      "chat_template_kwargs", "tokenize"),
+    ("store", {"store": True}, "store", "not stored"),
+    ("modalities-audio", {"modalities": ["text", "audio"]}, "modalities", "only text"),
+    ("audio", {"audio": {"voice": "alloy", "format": "mp3"}}, "audio", None),
+    ("reasoning_effort", {"reasoning_effort": "high"}, "reasoning_effort", None),
+    ("service_tier-flex", {"service_tier": "flex"}, "service_tier", None),
+    ("prediction", {"prediction": {"type": "content", "content": "x"}}, "prediction", None),
+    ("web_search_options", {"web_search_options": {}}, "web_search_options", None),
+    ("length_penalty-on-chat", {"length_penalty": 2.0}, "length_penalty", None),
 ]
 
 
@@ -213,9 +232,13 @@ def test_bad_chat_field_is_400_naming_it(limited, fields, param, fragment):
 
 
 @pytest.mark.parametrize("path,fields", [
-    ("/v1/completions", {"response_format": {"type": "text"}, "suffix": ""}),
+    ("/v1/completions", {"response_format": {"type": "text"}, "suffix": "", "guided_decoding_backend": "auto",
+                         "length_penalty": 1.0, "early_stopping": False, "return_token_ids": False}),
     ("/v1/chat/completions", {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
-                              "functions": [], "function_call": "none"}),
+                              "functions": [], "function_call": "none", "store": False, "modalities": ["text"],
+                              "service_tier": "auto", "metadata": {"team": "a"}, "audio": None,
+                              "reasoning_effort": None, "prediction": None, "web_search_options": None,
+                              "guided_decoding_backend": "guidance"}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi", "name": "ann"},
                                            {"role": "assistant", "content": "Hello", "tool_calls": []},
                                            {"role": "user", "content": "Bye"}]}),
