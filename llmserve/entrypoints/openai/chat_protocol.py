@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from llmserve.entrypoints.openai.request_base import RequestModel
@@ -21,14 +21,12 @@ MAX_TOOLS = 128
 FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 
 
-class TextContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TextContentPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ToolCallFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ToolCallFunction(RequestModel):
     name: str = Field(min_length=1)
     arguments: str = Field(description="the arguments as JSON text, as the assistant produced them")
 
@@ -42,24 +40,41 @@ class ToolCallFunction(BaseModel):
         return value
 
 
-class AssistantToolCall(BaseModel):
+class AssistantToolCall(RequestModel):
     """A call in an earlier assistant message of the conversation."""
 
-    model_config = ConfigDict(extra="ignore")
     id: str = Field(min_length=1)
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
-class ChatMessage(BaseModel):
-    """A message of the conversation. ``tool`` messages answer a call by its ``tool_call_id``."""
+class ChatMessage(RequestModel):
+    """A message of the conversation. ``tool`` messages answer a call by its ``tool_call_id``. An assistant message
+    a client sends back as it came (OpenAI's ``refusal``, ``annotations``, ``audio``, ``function_call``, all null)
+    is taken as it is; what this server cannot render is refused, naming the message."""
 
-    model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     tool_calls: list[AssistantToolCall] | None = Field(default=None, description="assistant messages only")
     tool_call_id: str | None = Field(default=None, min_length=1, description="required in tool messages")
+    reasoning_content: str | None = Field(default=None, description=(
+        "vLLM's: an earlier assistant turn's reasoning, passed to the template (which may render or drop it)"))
+    refusal: str | None = Field(default=None, description="an earlier assistant refusal: its text, when there is "
+                                                          "no content")
+    annotations: list[Any] | None = Field(default=None, max_length=0, description="400 unless empty")
+    audio: None = Field(default=None, description="400 unless null: audio is not supported")
+    function_call: None = Field(default=None, description="400 unless null: OpenAI's deprecated function calling")
+
+    @field_validator("annotations", "audio", "function_call", mode="before")
+    @classmethod
+    def _nothing_to_render(cls, value: Any, info: Any) -> Any:
+        why = {"annotations": "annotations (citations of a tool this server does not run) are not supported",
+               "audio": "audio is not supported", "function_call": "function_call (OpenAI's deprecated function "
+                                                                    "calling) is not supported; use tool_calls"}
+        if value is None or (value == [] and info.field_name == "annotations"):
+            return value
+        raise PydanticCustomError("not_supported", why[info.field_name])
 
     @field_validator("role", mode="before")
     @classmethod
@@ -79,7 +94,7 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)   # as vLLM renders text parts for a string template
@@ -96,6 +111,8 @@ class ChatMessage(BaseModel):
                 for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            message["reasoning_content"] = self.reasoning_content
         return message
 
 
