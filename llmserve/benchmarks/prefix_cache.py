@@ -60,6 +60,8 @@ def steady_state_waste(llm: LLM, rng: random.Random, vocab: int, num_requests: i
 
 
 def run_prefix_cache_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.enable_prefix_caching:
+        raise ValueError("--no-enable-prefix-caching: bench prefix-cache runs with prefix caching on and off itself")
     rng = random.Random(args.seed)
     results: dict[str, Any] = {}
     for caching in (True, False):

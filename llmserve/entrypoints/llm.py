@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence as SequenceABC
 from typing import Any, TypeVar, Union
 
@@ -20,6 +21,8 @@ from llmserve.sampling_params import SamplingParams
 PromptType = Union[str, list[int], dict[str, Any]]
 Params = TypeVar("Params", SamplingParams, PoolingParams)
 
+logger = logging.getLogger(__name__)
+
 
 class LLM:
     """Generate for many prompts at once with continuous batching on a paged KV cache.
@@ -30,7 +33,11 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        config = EngineConfig(model=model, **engine_args)
+        if config.stream_interval != 1:
+            logger.warning("stream_interval %d: no effect here, LLM returns each request once it has finished (it "
+                           "spaces streamed outputs: the server's, or LLMEngine's DELTA outputs)", config.stream_interval)
+        self.engine = LLMEngine(config)
         self._ids = itertools.count()
 
     def shutdown(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from llmserve.entrypoints.cli import build_parser
 from llmserve.benchmarks.prefix_cache import run_prefix_cache_benchmark
 
@@ -18,3 +20,9 @@ def test_prefix_cache_benchmark(llama_dir, capsys):
     assert results["parallel_blocks_used"] == 18
     assert 0 <= results["kv_waste_steady_state"] < 1
     assert "lower" in capsys.readouterr().out
+
+
+def test_prefix_caching_off_is_refused_since_the_benchmark_turns_it_on_and_off(llama_dir):
+    args = build_parser().parse_args(["bench", "prefix-cache", str(llama_dir), "--no-enable-prefix-caching"])
+    with pytest.raises(ValueError, match="on and off itself"):
+        run_prefix_cache_benchmark(args)

@@ -288,3 +288,9 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
     assert vectors[0].outputs.embedding == pytest.approx(vectors[1].outputs.embedding, abs=1e-6)
     with pytest.raises(InvalidRequestError, match="truncate_prompt_tokens must be -1 or at least 1"):
         SamplingParams(truncate_prompt_tokens=0)
+
+
+def test_a_stream_interval_is_named_as_having_no_effect_on_finished_outputs(llama_dir, caplog):
+    with caplog.at_level("WARNING", logger="llmserve.entrypoints.llm"):
+        LLM(str(llama_dir), kv_cache_memory_bytes="8MiB", max_model_len=64, stream_interval=4)
+    assert "stream_interval 4: no effect here" in caplog.text
