@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 from typing import Callable
 
 from llmserve.entrypoints.cli_args import add_engine_args, engine_config_from_args
@@ -13,15 +14,21 @@ from llmserve.logging_setup import add_logging_args, configure_logging, setup_fr
 
 def _generate(args: argparse.Namespace) -> int:
     from llmserve.entrypoints.llm import LLM
+    from llmserve.lora.request import LoRARequest
     from llmserve.sampling_params import SamplingParams
 
     config = engine_config_from_args(args)
+    if args.lora is not None and not config.enable_lora:
+        raise ValueError("generate: --lora needs --enable-lora")
+    if config.enable_lora and args.lora is None:
+        raise ValueError("generate: --enable-lora does nothing without an adapter: name it with --lora PATH")
     llm = LLM(**vars(config))
+    lora = None if args.lora is None else LoRARequest(Path(args.lora).name or "adapter", 1, args.lora)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, max_tokens=args.max_tokens, seed=args.sampling_seed,
                             stop=args.stop or None, ignore_eos=args.ignore_eos)
     prompts = args.prompt or ["Hello, my name is"]
-    for output in llm.generate(prompts, params, use_tqdm=False):
+    for output in llm.generate(prompts, params, lora_request=lora, use_tqdm=False):
         for completion in output.outputs:
             print(f"--- prompt {output.prompt!r} [{completion.index}] ({completion.finish_reason}, "
                   f"{len(completion.token_ids)} tokens)")
@@ -99,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     gen.add_argument("--stop", action="append", help="a stop string (repeat for several)")
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--lora", default=None, metavar="PATH", help="a PEFT LoRA adapter folder to generate with "
+                                                                  "(with --enable-lora)")
     gen.set_defaults(func=_generate)
 
     ckpt = sub.add_parser("make-checkpoint", help="write a small Hugging Face checkpoint with random weights")

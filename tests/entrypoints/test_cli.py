@@ -41,3 +41,17 @@ def test_logging_flags_work_before_and_after_the_command():
                            (["generate", "m"], ("info", "text"))):
         args = parser.parse_args(argv)
         assert (args.log_level, args.log_format) == expected, argv
+
+
+def test_generate_with_a_lora_adapter_and_the_flags_it_needs(llama_dir, checkpoint_dir, tmp_path, capsys):
+    from llmserve.testing.lora_adapters import write_lora_adapter
+
+    adapter = write_lora_adapter(tmp_path / "adapter", checkpoint_dir("llama"))
+    base = ["generate", str(llama_dir), "--kv-cache-memory-bytes", "8MiB", "--prompt", "Hello", "--max-tokens", "4",
+            "--ignore-eos"]
+    assert main([*base, "--enable-lora", "--lora", str(adapter)]) == 0
+    assert "(length, 4 tokens)" in capsys.readouterr().out
+    assert main([*base, "--lora", str(adapter)]) == 2
+    assert "--lora needs --enable-lora" in capsys.readouterr().err
+    assert main([*base, "--enable-lora"]) == 2
+    assert "name it with --lora PATH" in capsys.readouterr().err
