@@ -205,7 +205,7 @@ class _SamplingRequest(RequestModel):
     mm_processor_kwargs: dict[str, Any] | None = Field(default=None, description="not supported (400 unless null)")
     vllm_xargs: dict[str, Any] | None = Field(default=None, description="not supported (400 unless null)")
     request_id: str | None = Field(default=None, min_length=1, max_length=256, description=(
-        "vLLM's: the response's id (as the X-Request-Id header sets it; the header wins)"))
+        "vLLM's: names the response (cmpl-<id>, chatcmpl-<id>) and, without X-Request-Id, its log lines"))
 
     _refuse_vllm_extras = field_validator(
         "allowed_token_ids", "bad_words", "return_tokens_as_token_ids", "prompt_logprobs", "use_beam_search",
