@@ -99,6 +99,8 @@ class TextFormat(RequestModel):
 
 class TextConfig(RequestModel):
     format: TextFormat | None = None
+    verbosity: Literal["medium"] | None = Field(default=None, description="medium only (400 otherwise): a model "
+                                                                           "trained for the hint would be needed")
 
 
 class ResponsesRequest(RequestModel):
@@ -129,6 +131,9 @@ class ResponsesRequest(RequestModel):
     prompt: None = Field(default=None, description="stored prompt templates are refused (400)")
     top_logprobs: Literal[0] | None = Field(default=None, description="refused (400) unless 0")
     max_tool_calls: None = Field(default=None, description="refused (400); parallel_tool_calls: false allows one")
+    service_tier: Literal["auto", "default"] | None = Field(default=None, description="auto or default (400 "
+                                                                                      "otherwise)")
+    safety_identifier: str | None = Field(default=None, description="accepted, unused (as user)")
 
     @field_validator("store", "previous_response_id", "background", "reasoning", "include", "truncation",
                      "conversation", "prompt", "top_logprobs", "max_tool_calls", mode="before")

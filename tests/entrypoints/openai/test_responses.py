@@ -146,6 +146,8 @@ def test_function_call_items_in_the_input_render_as_tool_turns(client, checkpoin
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}]}, "tools"),
     ({"max_output_tokens": 10**6}, "max_output_tokens"),
+    ({"service_tier": "flex"}, "service_tier"),
+    ({"text": {"verbosity": "low"}}, "text"),
 ], ids=lambda v: next(iter(v)) if isinstance(v, dict) else v)
 def test_what_cannot_be_honoured_is_a_400_naming_the_field(qwen2_server, fields, param):
     body = {"model": "tiny", "input": "Hi", "max_output_tokens": 2, **fields}
