@@ -48,8 +48,8 @@ class ToolCalling:
         if choice == "auto":
             if auto_parser is None:
                 raise InvalidRequestError(AUTO_NEEDS_FLAGS, "tool_choice")
-            return cls(auto_parser(), _auto_constraint(auto_parser, tools, max_calls, vocabulary, answer),
-                       max_calls, True)
+            parser = auto_parser()
+            return cls(parser, _auto_constraint(parser, tools, max_calls, vocabulary, answer), max_calls, True)
         if answer is not None:
             raise InvalidRequestError("tool_choice \"required\" or a named function constrains the output to calls; "
                                       "it cannot be combined with response_format, structured_outputs or guided_*",
@@ -83,13 +83,13 @@ class ToolCalling:
         return "tool_calls" if called and reason == "stop" and self.finishes_as_tool_calls else reason
 
 
-def _auto_constraint(parser: type[ToolCallParser], tools: list[dict[str, Any]], max_calls: int | None,
+def _auto_constraint(parser: ToolCallParser, tools: list[dict[str, Any]], max_calls: int | None,
                      vocabulary: Vocabulary, answer: StructuredOutputSpec | None) -> StructuredOutputSpec | None:
     """``auto``: with strict tools or a JSON answer, the format's grammar (calls to the tools, and an answer without
     calls in the JSON asked for); a constraint the format cannot hold beside calls holds the whole output, as
     without tools, unless a tool is strict (a 400: the client asked for both)."""
     strict = any(tool["function"].get("strict") for tool in tools)
-    name = _parser_name(parser)
+    name = _parser_name(type(parser))
     if answer is not None and answer.kind not in ("json", "json_object"):
         if strict:
             raise InvalidRequestError(f"strict function schemas with tool_choice \"auto\" combine with a JSON "
@@ -99,12 +99,12 @@ def _auto_constraint(parser: type[ToolCallParser], tools: list[dict[str, Any]], 
         return None
     rule = None if answer is None else answer_rule(answer.value if answer.kind == "json" else '{"type": "object"}',
                                                    answer.any_whitespace)
-    grammar = parser().strict_grammar(tools, max_calls, vocabulary, rule)
+    grammar = parser.strict_grammar(tools, max_calls, vocabulary, rule)
     if grammar is not None:
         return _constraint("grammar", grammar, with_answer=rule is not None)
     if not strict:
         return answer
-    if answer is None or parser().strict_grammar(tools, max_calls, vocabulary) is None:
+    if answer is None or parser.strict_grammar(tools, max_calls, vocabulary) is None:
         raise InvalidRequestError(f"strict function schemas are not enforced with tool_choice \"auto\" in the {name} "
                                   f"format; use tool_choice \"required\" or a named function, or leave strict unset",
                                   "tools")
