@@ -36,7 +36,8 @@ class LLM:
         config = EngineConfig(model=model, **engine_args)
         if config.stream_interval != 1:
             logger.warning("stream_interval %d: no effect here, LLM returns each request once it has finished (it "
-                           "spaces streamed outputs: the server's, or LLMEngine's DELTA outputs)", config.stream_interval)
+                           "spaces streamed outputs: the server's, or LLMEngine's DELTA outputs)",
+                           config.stream_interval)
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
 
