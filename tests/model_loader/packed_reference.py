@@ -40,7 +40,7 @@ def engine_results(path: Path, caplog: pytest.LogCaptureFixture, **engine_args: 
 
 def packed_modules(path: Path) -> set[str]:
     """The checkpoint module names of the layers llmserve runs packed from this file (a fused MoE layer by its
-    ``experts`` module)."""
+    ``experts`` module; a layer the checkpoint also holds fused, as Phi-3's ``qkv_proj``, by both names)."""
     from llmserve.quantization.gguf import GGUFLinearMethod
     from llmserve.quantization.layer_selection import checkpoint_names
     from tests.model_helpers import load_tiny
@@ -50,7 +50,8 @@ def packed_modules(path: Path) -> set[str]:
         return isinstance(method, GGUFLinearMethod) or isinstance(getattr(method, "linear_method", None),
                                                                   GGUFLinearMethod)
 
-    return {name for prefix, m in load_tiny(path).named_modules() if packed(m) for name in checkpoint_names(prefix)}
+    return {name for prefix, m in load_tiny(path).named_modules() if packed(m)
+            for name in (prefix, *checkpoint_names(prefix))}
 
 
 def assert_packed_file_matches_rounded_transformers(path: Path, source: Path, packed: set[str],
