@@ -198,7 +198,8 @@ DENSE_FAMILIES: dict[str, FamilySpec] = {
         layout="gemma",
         extra_config={"attention_bias": False, "attn_logit_softcapping": 4.0, "final_logit_softcapping": 15.0},
         size_overrides={"tiny": {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2,
-                                 "head_dim": 16, "sliding_window": 10}},
+                                 "head_dim": 16, "sliding_window": 10},
+                        "bench-draft": {"sliding_window": 10}},
     ),
     "gemma3": FamilySpec(
         name="gemma3",
@@ -214,7 +215,8 @@ DENSE_FAMILIES: dict[str, FamilySpec] = {
         layout="gemma",
         extra_config={"attention_bias": False, "attn_logit_softcapping": None, "final_logit_softcapping": None},
         size_overrides={"tiny": {"hidden_size": 48, "num_hidden_layers": 6, "num_attention_heads": 6,
-                                 "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 10}},
+                                 "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 10},
+                        "bench-draft": {"sliding_window": 10}},
     ),
     "gemma4": FamilySpec(
         name="gemma4",
