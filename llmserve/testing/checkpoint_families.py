@@ -261,7 +261,8 @@ DENSE_FAMILIES: dict[str, FamilySpec] = {
         layout="cohere",
         extra_config={"attention_bias": False},
         size_overrides={"tiny": {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 6,
-                                 "num_key_value_heads": 2, "sliding_window": 10}},
+                                 "num_key_value_heads": 2, "sliding_window": 10},
+                        "bench-draft": {"num_hidden_layers": 4, "sliding_window": 10}},
     ),
     "phi3": FamilySpec(
         name="phi3",
