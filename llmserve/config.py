@@ -399,6 +399,17 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
+    def flags_without_effect(self) -> list[str]:
+        """Warnings for flags this engine's device makes no use of: CUDA-only flags on another device, and on CUDA
+        ``--gpu-memory-utilization`` beside ``--kv-cache-memory-bytes`` (which then sizes the KV cache alone)."""
+        device = self.torch_device.type
+        ignored = self.cuda_only_flags_set()
+        if device != "cuda":
+            return [f"{', '.join(ignored)}: CUDA only, no effect on this {device} engine"] if ignored else []
+        if self.kv_cache_memory_bytes is not None and "--gpu-memory-utilization" in ignored:
+            return ["--gpu-memory-utilization: no effect, --kv-cache-memory-bytes sizes the KV cache"]
+        return []
+
     def cuda_only_flags_set(self) -> list[str]:
         """The CUDA-only flags given values other than their defaults (they do nothing on a CPU engine, which
         logs them rather than refusing a configuration written for either device)."""

@@ -170,6 +170,18 @@ def test_cuda_only_flags_given_are_named():
     assert config.cuda_only_flags_set() == ["--gpu-memory-utilization", "--enforce-eager", "--max-seq-len-to-capture"]
 
 
+def test_flags_without_effect_on_each_device():
+    """On CPU every CUDA-only flag given is named; on CUDA only --gpu-memory-utilization beside
+    --kv-cache-memory-bytes, which then sizes the cache alone (a config for a CUDA device builds without one)."""
+    assert EngineConfig(device="cpu").flags_without_effect() == []
+    assert EngineConfig(device="cpu", enforce_eager=True, gpu_memory_utilization=0.5).flags_without_effect() == [
+        "--gpu-memory-utilization, --enforce-eager: CUDA only, no effect on this cpu engine"]
+    assert EngineConfig(device="cuda", gpu_memory_utilization=0.5, kv_cache_memory_bytes="1GiB").flags_without_effect() \
+        == ["--gpu-memory-utilization: no effect, --kv-cache-memory-bytes sizes the KV cache"]
+    assert EngineConfig(device="cuda", gpu_memory_utilization=0.5).flags_without_effect() == []
+    assert EngineConfig(device="cuda", kv_cache_memory_bytes="1GiB", enforce_eager=True).flags_without_effect() == []
+
+
 def test_a_cpu_engine_logs_the_cuda_only_flags_it_ignores(llama_dir, caplog):
     from llmserve.entrypoints.llm import LLM
 

@@ -44,11 +44,8 @@ class EngineCore:
         """``report_stats``: attach the scheduler's stats to every step's outputs (a front end in another
         process reads them for /metrics; in process they are read on demand, and cost nothing per step)."""
         self.report_stats = report_stats
-        ignored = config.cuda_only_flags_set() if config.torch_device.type != "cuda" else []
-        if ignored:
-            logger.warning("%s: CUDA only, no effect on this %s engine", ", ".join(ignored), config.torch_device.type)
-        elif config.kv_cache_memory_bytes is not None and "--gpu-memory-utilization" in config.cuda_only_flags_set():
-            logger.warning("--gpu-memory-utilization: no effect, --kv-cache-memory-bytes sizes the KV cache")
+        for warning in config.flags_without_effect():
+            logger.warning("%s", warning)
         self.executor: Executor = executor_class(config.executor_backend)(config, max_model_len,
                                                                           max_num_batched_tokens)
         try:
