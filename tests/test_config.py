@@ -176,8 +176,9 @@ def test_flags_without_effect_on_each_device():
     assert EngineConfig(device="cpu").flags_without_effect() == []
     assert EngineConfig(device="cpu", enforce_eager=True, gpu_memory_utilization=0.5).flags_without_effect() == [
         "--gpu-memory-utilization, --enforce-eager: CUDA only, no effect on this cpu engine"]
-    assert EngineConfig(device="cuda", gpu_memory_utilization=0.5, kv_cache_memory_bytes="1GiB").flags_without_effect() \
-        == ["--gpu-memory-utilization: no effect, --kv-cache-memory-bytes sizes the KV cache"]
+    on_cuda = EngineConfig(device="cuda", gpu_memory_utilization=0.5, kv_cache_memory_bytes="1GiB")
+    assert on_cuda.flags_without_effect() == [
+        "--gpu-memory-utilization: no effect, --kv-cache-memory-bytes sizes the KV cache"]
     assert EngineConfig(device="cuda", gpu_memory_utilization=0.5).flags_without_effect() == []
     assert EngineConfig(device="cuda", kv_cache_memory_bytes="1GiB", enforce_eager=True).flags_without_effect() == []
 
