@@ -250,8 +250,9 @@ def iterate_gguf_weights(tensors: GGUFTensors,
         if name is not None and packs is not None and packs(name):
             rows = tensor.data.shape[0]
             _, order = tensors.process(np.arange(rows, dtype=np.float64).reshape(rows, 1), tensor.name)
-            order = order.reshape(-1).astype(np.int64)
-            if order.shape != (rows,) or not np.array_equal(np.sort(order), np.arange(rows)):
+            # (a transposing processor would give [1, rows]: the same values, so the shape is checked first)
+            order = order.reshape(-1).astype(np.int64) if order.shape == (rows, 1) else None
+            if order is None or not np.array_equal(np.sort(order), np.arange(rows)):
                 raise ValueError(f"GGUF tensor {tensor.name}: transformers' processor does more than reorder its "
                                  f"rows, so it cannot load packed")
             yield from _blocks(name.removesuffix(".weight"), tensor.data[order], tensor.tensor_type)

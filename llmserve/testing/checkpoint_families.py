@@ -199,7 +199,7 @@ DENSE_FAMILIES: dict[str, FamilySpec] = {
         extra_config={"attention_bias": False, "attn_logit_softcapping": 4.0, "final_logit_softcapping": 15.0},
         size_overrides={"tiny": {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2,
                                  "head_dim": 16, "sliding_window": 10},
-                        "bench-draft": {"sliding_window": 10}},
+                        "bench-draft": {"sliding_window": 4096}},
     ),
     "gemma3": FamilySpec(
         name="gemma3",
@@ -216,7 +216,7 @@ DENSE_FAMILIES: dict[str, FamilySpec] = {
         extra_config={"attention_bias": False, "attn_logit_softcapping": None, "final_logit_softcapping": None},
         size_overrides={"tiny": {"hidden_size": 48, "num_hidden_layers": 6, "num_attention_heads": 6,
                                  "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 10},
-                        "bench-draft": {"sliding_window": 10}},
+                        "bench-draft": {"sliding_window": 4096}},
     ),
     "gemma4": FamilySpec(
         name="gemma4",
@@ -262,7 +262,7 @@ DENSE_FAMILIES: dict[str, FamilySpec] = {
         extra_config={"attention_bias": False},
         size_overrides={"tiny": {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 6,
                                  "num_key_value_heads": 2, "sliding_window": 10},
-                        "bench-draft": {"num_hidden_layers": 4, "sliding_window": 10}},
+                        "bench-draft": {"sliding_window": 4096}},
     ),
     "phi3": FamilySpec(
         name="phi3",
