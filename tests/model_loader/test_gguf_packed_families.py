@@ -10,9 +10,9 @@ with the inputs of the layers llmserve keeps packed rounded as the group-int8 ke
 1e-5. Phi-3's file holds the fused ``attn_qkv`` and ``ffn_up`` (gate and up rows) that its layers take whole;
 Command-R's layers run attention and the MLP from the same LayerNorm output and carry per-head q/k LayerNorms
 (R7B's add sliding-window layers); Gemma's soft-capped, sliding-window layers take the packed projections under
-the llama names. The tiny Phi-3 and Command-R checkpoints (96 columns) take the 32-column formats (Q8_0, and Q5_0,
-whose 5-bit codes run as the kernel's 6-bit ones); the wider ones (256 columns) Q4_K_M's k-quant super-blocks (the tiny Gemma checkpoints, 48
-columns, take no block format).
+the llama names. The tiny Phi-3 and Command-R checkpoints (96 columns) take the 32-column formats (Q8_0; Phi-3's
+also Q5_0, whose 5-bit codes run as the kernel's 6-bit ones); the wider ones (256 columns) Q4_K_M's k-quant
+super-blocks (the tiny Gemma checkpoints, 48 columns, take no block format).
 """
 
 from __future__ import annotations
