@@ -200,9 +200,9 @@ class GGUFTensors:
         return self.names.get(result.name), result.weights
 
 
-def gguf_packing(tensors: GGUFTensors) -> GGUFConfig | None:
+def gguf_packing(tensors: GGUFTensors, rename: Callable[[str], str] | None = None) -> GGUFConfig | None:
     """Which of the file's linear weights (and stacked experts) run packed (:mod:`llmserve.quantization.gguf`);
-    None: none of them."""
+    None: none of them. ``rename``: the model's name for a Hugging Face one (its class's ``checkpoint_name``)."""
     expert_types: dict[int, set[str]] = {}
     for t in tensors.reader.tensors:
         layer = stacked_experts_layer(t.name)
@@ -212,7 +212,7 @@ def gguf_packing(tensors: GGUFTensors) -> GGUFConfig | None:
                     if t.name in tensors.names and len(t.shape) == 2 and not is_moe_tensor(t.name)}
     if tensors.architecture == "gemma4":
         weight_types = values_from_keys(weight_types, tensors.parsed["config"])
-    return gguf_quantization_config(weight_types, tensors.architecture, expert_types)
+    return gguf_quantization_config(weight_types, tensors.architecture, expert_types, rename)
 
 
 def iterate_gguf_weights(tensors: GGUFTensors,
@@ -248,20 +248,29 @@ def iterate_gguf_weights(tensors: GGUFTensors,
             continue
         name = tensors.names.get(tensor.name)
         if name is not None and packs is not None and packs(name):
-            rows = tensor.data.shape[0]
-            _, order = tensors.process(np.arange(rows, dtype=np.float64).reshape(rows, 1), tensor.name)
-            # (a transposing processor would give [1, rows]: the same values, so the shape is checked first)
-            order = order.reshape(-1).astype(np.int64) if order.shape == (rows, 1) else None
-            if order is None or not np.array_equal(np.sort(order), np.arange(rows)):
-                raise ValueError(f"GGUF tensor {tensor.name}: transformers' processor does more than reorder its "
-                                 f"rows, so it cannot load packed")
-            yield from _blocks(name.removesuffix(".weight"), tensor.data[order], tensor.tensor_type)
+            yield from _blocks(name.removesuffix(".weight"), tensor.data[_row_order(tensors, tensor)],
+                               tensor.tensor_type)
             continue
         name, weights = tensors.process(gguf.dequantize(tensor.data, tensor.tensor_type), tensor.name)
         if name is None:
             logger.info("GGUF tensor %s has no counterpart in the model; skipped", tensor.name)
             continue
         yield name, torch.from_numpy(np.require(weights, np.float32, ["C", "W"]))
+
+
+def _row_order(tensors: GGUFTensors, tensor: Any) -> np.ndarray:
+    """The order transformers' processor puts the rows of a 2-D tensor in, found by passing it a matrix of the
+    tensor's shape whose every entry is its row's index (BLOOM's processor reshapes by the column count); an
+    error unless the processor only reorders whole rows (a transposing one, GPT-2's, mixes the indices within
+    a row)."""
+    rows, columns = tensor.data.shape[0], int(tensor.shape[0])
+    indices = np.broadcast_to(np.arange(rows, dtype=np.int32)[:, None], (rows, columns))
+    _, moved = tensors.process(indices, tensor.name)
+    order = moved[:, 0].astype(np.int64) if moved.shape == (rows, columns) else None
+    if order is None or not np.array_equal(np.sort(order), np.arange(rows)) or not (moved == moved[:, :1]).all():
+        raise ValueError(f"GGUF tensor {tensor.name}: transformers' processor does more than reorder its rows, so "
+                         f"it cannot load packed")
+    return order
 
 
 def _blocks(layer: str, rows: np.ndarray, tensor_type: int) -> Iterator[tuple[str, torch.Tensor]]:

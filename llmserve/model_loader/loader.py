@@ -136,7 +136,7 @@ def load_model(config: Any, path: Path, dtype: torch.dtype, device: torch.device
     quant_config = None
     gguf_tensors = GGUFTensors(path, config) if is_gguf(path) else None
     if gguf_tensors is not None and quantization is None and get_tp_group().world_size == 1:
-        quant_config = gguf_packing(gguf_tensors)
+        quant_config = gguf_packing(gguf_tensors, model_cls.checkpoint_name)
     if quant_config is None:
         quant_config = get_quantization_config(config, quantization)
     previous = torch.get_default_dtype()

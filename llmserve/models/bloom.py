@@ -79,6 +79,10 @@ class BloomForCausalLM(LlamaForCausalLM):
                               gated_mlp=False, rotary=False, mlp_size=4 * config.hidden_size,
                               alibi_slopes=tuple(alibi_slopes(config.num_attention_heads)))
 
+    @classmethod
+    def checkpoint_name(cls, name: str) -> str:
+        return _NAMES.rename(name)[0]
+
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         renamed, block = _NAMES.rename(name)
         if block == _FUSED_QKV:

@@ -128,6 +128,10 @@ class FalconForCausalLM(LlamaForCausalLM):
                 f"{cls.__name__}: num_kv_heads={kv_heads} with multi_query=false and the old decoder architecture "
                 f"is not supported: that layout has one key and one value head per query head")
 
+    @classmethod
+    def checkpoint_name(cls, name: str) -> str:
+        return _NAMES.rename(name)[0]
+
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         renamed, block = _NAMES.rename(name)
         if block == _FUSED_QKV:

@@ -70,6 +70,10 @@ class GPT2LMHeadModel(LlamaForCausalLM):
                 "GPT2LMHeadModel with add_cross_attention=true (the decoder of an encoder-decoder model) is not "
                 "supported: llmserve runs decoder-only models")
 
+    @classmethod
+    def checkpoint_name(cls, name: str) -> str:
+        return _NAMES.rename(name)[0]
+
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         if name.endswith(_MASK_BUFFERS):
             return None

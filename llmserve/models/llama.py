@@ -352,6 +352,12 @@ class LlamaForCausalLM(nn.Module):
         whose checkpoints name or store tensors differently overrides this (GPT-2)."""
         return name, tensor
 
+    @classmethod
+    def checkpoint_name(cls, name: str) -> str:
+        """The name :meth:`checkpoint_tensor` gives a checkpoint tensor, known before the model is built (which
+        of a GGUF file's tensors load packed is decided by the layers' names)."""
+        return name
+
     def param_target(self, name: str, params: Mapping[str, nn.Parameter]) -> tuple[str, object]:
         """``(parameter, shard id)`` a checkpoint tensor (as :meth:`checkpoint_tensor` named it) loads into:
         itself, or a fused parameter of :attr:`stacked_params` (a family with stacked experts adds its own)."""

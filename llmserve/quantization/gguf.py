@@ -19,6 +19,7 @@ import itertools
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 # as their own maps in model_loader name them; phi3's fused qkv_proj / gate_up_proj as its fused layers) and whose
 # tensors the GGUF processor only reorders by row (the Q/K permutation), so packed rows load as they are.
 PACKED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2", "gemma4", "phi3", "command-r",
-                         "cohere2", "gemma2", "gemma3")
+                         "cohere2", "gemma2", "gemma3", "bloom", "falcon")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # Bytes per 32 columns of the widest packed type (Q8_0): the width of a layer's loading buffer.
 _WIDEST_BLOCK = 34
@@ -58,10 +59,14 @@ def _type_name(type_id: int) -> str:
 class GGUFConfig(QuantizationConfig):
     """``packed_weights``: the file's tensors (by Hugging Face name, ``...q_proj.weight``) in a packed type,
     with that type. A layer runs packed when all its projections are; :meth:`packs` then tells the loader
-    which tensors to hand over as blocks."""
+    which tensors to hand over as blocks. ``rename``: the model's name for a Hugging Face one, for a family
+    whose checkpoints name its layers otherwise (BLOOM's ``self_attention.query_key_value`` is its
+    ``self_attn.qkv_proj``)."""
 
-    def __init__(self, packed_weights: dict[str, str], packed_experts: dict[int, set[str]] | None = None) -> None:
-        self.packed_weights = dict(packed_weights)
+    def __init__(self, packed_weights: dict[str, str], packed_experts: dict[int, set[str]] | None = None,
+                 rename: Callable[[str], str] | None = None) -> None:
+        self._rename = rename or (lambda name: name)
+        self.packed_weights = {self._rename(name): t for name, t in packed_weights.items()}
         self.packed_experts = dict(packed_experts or {})   # layer -> its stacked experts' types, all packed
         self._packed_modules: set[str] = set()
         self._packed_expert_layers: set[int] = set()
@@ -100,23 +105,25 @@ class GGUFConfig(QuantizationConfig):
         """Whether the tensor ``weight_name`` (Hugging Face name) loads as packed blocks into its layer."""
         from llmserve.model_loader.gguf_experts import expert_layer
 
-        module, _, leaf = weight_name.rpartition(".")
+        module, _, leaf = self._rename(weight_name).rpartition(".")
         return leaf == "weight" and (module in self._packed_modules
                                      or expert_layer(weight_name) in self._packed_expert_layers)
 
 
 def gguf_quantization_config(weight_types: dict[str, str], architecture: str,
-                             expert_types: dict[int, set[str]] | None = None) -> GGUFConfig | None:
+                             expert_types: dict[int, set[str]] | None = None,
+                             rename: Callable[[str], str] | None = None) -> GGUFConfig | None:
     """The packing of a GGUF file of ``architecture`` whose 2-D tensors have ``weight_types`` (Hugging Face
     name -> GGUF type name) and whose layers' stacked experts have ``expert_types`` (layer -> the types of its
-    three stacks: packed when all are); None (logged) when nothing in it runs packed."""
+    three stacks: packed when all are); None (logged) when nothing in it runs packed. ``rename``: as
+    :class:`GGUFConfig` takes it."""
     packed = {name: t for name, t in weight_types.items() if t in PACKED_TYPES}
     experts = {layer: types for layer, types in (expert_types or {}).items() if types <= set(PACKED_TYPES)}
     if architecture not in PACKED_ARCHITECTURES or not (packed or experts):
         logger.info("GGUF %s file: weights dequantised at load (packed types run for the %s architectures)",
                     architecture, ", ".join(PACKED_ARCHITECTURES))
         return None
-    return GGUFConfig(packed, experts)
+    return GGUFConfig(packed, experts, rename)
 
 
 class GGUFLinearMethod(QuantizeMethodBase):

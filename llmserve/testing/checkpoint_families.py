@@ -337,8 +337,7 @@ DENSE_FAMILIES: dict[str, FamilySpec] = {
         branch_gain=4.0,
         layout="bloom",
         # 6 heads: ALiBi slopes for a head count that is not a power of two; the MLP is always 4 x hidden.
-        size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 6,
-                                 "intermediate_size": 384}},
+        size_overrides={"tiny": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 6}},
     ),
     # Falcon-40B/180B's layout: new decoder architecture, 6 query heads in 2 KV groups (GQA ratio 3), ln_attn
     # and ln_mlp, rotary, no biases.

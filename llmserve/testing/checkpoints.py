@@ -155,14 +155,16 @@ def _get_family(family: str) -> FamilySpec:
 
 
 def _get_size(size: str, fam: FamilySpec | None = None) -> SizeSpec:
-    """``size`` with ``fam``'s overrides of it applied (the SizeSpec fields among them)."""
+    """``size`` with ``fam``'s overrides of it applied (the SizeSpec fields among them); BLOOM's MLP is four times
+    its hidden size whatever the size says (its config has no MLP width)."""
     try:
         sz = SIZES[size]
     except KeyError:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}") from None
     overrides = dict(fam.size_overrides.get(size, {})) if fam is not None else {}
     fields = {f.name for f in dataclasses.fields(SizeSpec)}
-    return dataclasses.replace(sz, **{k: v for k, v in overrides.items() if k in fields})
+    sz = dataclasses.replace(sz, **{k: v for k, v in overrides.items() if k in fields})
+    return dataclasses.replace(sz, intermediate_size=4 * sz.hidden_size) if fam and fam.layout == "bloom" else sz
 
 
 def _size_config_overrides(fam: FamilySpec, size: str) -> dict[str, Any]:

@@ -60,8 +60,8 @@ def assert_packed_file_matches_rounded_transformers(path: Path, source: Path, pa
     1e-5) but for an input that lands on the other side of a rounding boundary in one of the two (a step of
     max|x| / 127 in its block, which moves that token's logprobs: measured up to 7e-3)."""
     results = engine_results(path, caplog, dtype="float32")
-    reference = _transformers_on_file_weights(path, source)
-    with _inputs_rounded(reference, packed):
+    reference = transformers_on_file_weights(path, source)
+    with inputs_rounded(reference, packed):
         expected = [model_greedy(reference, prompt, MAX_TOKENS) for prompt in PROMPTS]
     distances = []
     for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, expected * 2):
@@ -70,7 +70,7 @@ def assert_packed_file_matches_rounded_transformers(path: Path, source: Path, pa
     assert statistics.median(distances) < 1e-5 and max(distances) < 0.05
 
 
-def _transformers_on_file_weights(path: Path, source: Path) -> torch.nn.Module:
+def transformers_on_file_weights(path: Path, source: Path) -> torch.nn.Module:
     """transformers' model of ``source`` holding the file's weights as llmserve dequantises them."""
     from transformers import AutoModelForCausalLM
 
@@ -85,8 +85,9 @@ def _transformers_on_file_weights(path: Path, source: Path) -> torch.nn.Module:
             parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
             state[name] = torch.stack([torch.cat([floats[f"{stem}.{e}.{part}.weight"] for part in parts])
                                        for e in range(tensor.shape[0])])
-        elif name == "lm_head.weight":   # tied
-            state[name] = floats["model.embed_tokens.weight"]
+        elif name == "lm_head.weight":   # tied to the input embeddings (BLOOM's transformer.word_embeddings)
+            state[name] = next(floats[n] for n, p in model.named_parameters()
+                               if p is model.get_input_embeddings().weight)
         else:
             state[name] = tensor   # a buffer the checkpoint does not hold
     model.load_state_dict(state)
@@ -94,14 +95,22 @@ def _transformers_on_file_weights(path: Path, source: Path) -> torch.nn.Module:
 
 
 @contextmanager
-def _inputs_rounded(model: torch.nn.Module, modules: set[str]) -> Iterator[None]:
-    """Every ``F.linear`` on a weight of ``modules`` (an expert's slice of the stacks too) with its input rounded
-    as the group-int8 kernel rounds it."""
-    weights = set()
+def inputs_rounded(model: torch.nn.Module, modules: set[str]) -> Iterator[None]:
+    """Every linear layer of ``modules`` (by llmserve's or the checkpoint's name) with its input rounded as the
+    group-int8 kernel rounds it: a forward pre-hook on each (Falcon's multiplies by its weight without
+    ``F.linear``), and ``F.linear`` on an expert's slice of the stacks."""
+    from llmserve.models.registry import resolve_model_class
+
+    checkpoint_name = resolve_model_class(model.config).checkpoint_name   # BLOOM's query_key_value: qkv_proj
+
+    def listed(name: str) -> bool:
+        return name in modules or checkpoint_name(f"{name}.weight").removesuffix(".weight") in modules
+
+    hooks, weights = [], set()
     for name, module in model.named_modules():
-        if name in modules and isinstance(module, torch.nn.Linear):
-            weights.add(module.weight.data_ptr())
-        elif name in modules:   # stacked experts, sliced per expert by transformers' eager loop
+        if listed(name) and isinstance(module, torch.nn.Linear):
+            hooks.append(module.register_forward_pre_hook(round_like_the_kernel))
+        elif listed(name):   # stacked experts, sliced per expert by transformers' eager loop
             weights.update(stack[e].data_ptr() for stack in (module.gate_up_proj, module.down_proj)
                            for e in range(stack.shape[0]))
     linear = torch.nn.functional.linear
@@ -114,3 +123,5 @@ def _inputs_rounded(model: torch.nn.Module, modules: set[str]) -> Iterator[None]
         yield
     finally:
         torch.nn.functional.linear = linear
+        for hook in hooks:
+            hook.remove()

@@ -43,8 +43,20 @@ def test_a_layer_is_packed_only_when_all_its_projections_are():
 def test_only_the_row_layout_architectures_with_packed_tensors_get_a_config():
     types = {"model.layers.0.mlp.down_proj.weight": "Q8_0", "model.embed_tokens.weight": "Q8_0"}
     assert gguf_quantization_config(types, "qwen2") is not None
-    assert gguf_quantization_config(types, "bloom") is None
+    assert gguf_quantization_config(types, "gpt2") is None   # its Conv1D weights are transposed
     assert gguf_quantization_config({"model.layers.0.mlp.down_proj.weight": "F16"}, "llama") is None
+
+
+def test_a_family_naming_its_layers_otherwise_packs_them_under_the_models_names():
+    """BLOOM's checkpoint names its fused qkv ``transformer.h.N.self_attention.query_key_value``; the model's
+    layer is ``model.layers.N.self_attn.qkv_proj``."""
+    from llmserve.models.bloom import BloomForCausalLM
+
+    fused = "transformer.h.0.self_attention.query_key_value.weight"
+    config = gguf_quantization_config({fused: "Q8_0"}, "bloom", rename=BloomForCausalLM.checkpoint_name)
+    assert isinstance(_qkv(config).quant_method, GGUFLinearMethod)
+    assert config.packs(fused) and not config.packs(fused.replace(".weight", ".bias"))
+    assert not config.packs("transformer.h.1.self_attention.query_key_value.weight")
 
 
 def _type_rows(rows: int, type_name: str) -> torch.Tensor:
