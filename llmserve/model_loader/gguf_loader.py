@@ -260,16 +260,21 @@ def iterate_gguf_weights(tensors: GGUFTensors,
 
 def _row_order(tensors: GGUFTensors, tensor: Any) -> np.ndarray:
     """The order transformers' processor puts the rows of a 2-D tensor in, found by passing it a matrix of the
-    tensor's shape whose every entry is its row's index (BLOOM's processor reshapes by the column count); an
-    error unless the processor only reorders whole rows (a transposing one, GPT-2's, mixes the indices within
-    a row)."""
+    tensor's shape whose every entry is its row's index (BLOOM's processor reshapes by the column count).
+
+    A processor that transposes the whole tensor (GPT-2's, into the checkpoint's ``Conv1D`` layout ``[in, out]``)
+    leaves the file's order: a GGUF weight is always ``[out, in]`` (what ggml multiplies by), and the model
+    transposes a ``Conv1D`` weight back to the linear layout, so the file's rows are the layer's output rows.
+    Any other change than reordering whole rows is an error."""
     rows, columns = tensor.data.shape[0], int(tensor.shape[0])
     indices = np.broadcast_to(np.arange(rows, dtype=np.int32)[:, None], (rows, columns))
     _, moved = tensors.process(indices, tensor.name)
+    if moved.shape == (columns, rows) and (moved == indices.T).all():
+        return np.arange(rows)
     order = moved[:, 0].astype(np.int64) if moved.shape == (rows, columns) else None
     if order is None or not np.array_equal(np.sort(order), np.arange(rows)) or not (moved == moved[:, :1]).all():
-        raise ValueError(f"GGUF tensor {tensor.name}: transformers' processor does more than reorder its rows, so "
-                         f"it cannot load packed")
+        raise ValueError(f"GGUF tensor {tensor.name}: transformers' processor does more than reorder or transpose "
+                         f"its rows, so it cannot load packed")
     return order
 
 

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 # as their own maps in model_loader name them; phi3's fused qkv_proj / gate_up_proj as its fused layers) and whose
 # tensors the GGUF processor only reorders by row (the Q/K permutation), so packed rows load as they are.
 PACKED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2", "gemma4", "phi3", "command-r",
-                         "cohere2", "gemma2", "gemma3", "bloom", "falcon")
+                         "cohere2", "gemma2", "gemma3", "bloom", "falcon", "gpt2")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # Bytes per 32 columns of the widest packed type (Q8_0): the width of a layer's loading buffer.
 _WIDEST_BLOCK = 34

@@ -98,7 +98,7 @@ def transformers_on_file_weights(path: Path, source: Path) -> torch.nn.Module:
 def inputs_rounded(model: torch.nn.Module, modules: set[str]) -> Iterator[None]:
     """Every linear layer of ``modules`` (by llmserve's or the checkpoint's name) with its input rounded as the
     group-int8 kernel rounds it: a forward pre-hook on each (Falcon's multiplies by its weight without
-    ``F.linear``), and ``F.linear`` on an expert's slice of the stacks."""
+    ``F.linear``; GPT-2's are ``Conv1D``), and ``F.linear`` on an expert's slice of the stacks."""
     from llmserve.models.registry import resolve_model_class
 
     checkpoint_name = resolve_model_class(model.config).checkpoint_name   # BLOOM's query_key_value: qkv_proj
@@ -106,9 +106,11 @@ def inputs_rounded(model: torch.nn.Module, modules: set[str]) -> Iterator[None]:
     def listed(name: str) -> bool:
         return name in modules or checkpoint_name(f"{name}.weight").removesuffix(".weight") in modules
 
+    from transformers.pytorch_utils import Conv1D
+
     hooks, weights = [], set()
     for name, module in model.named_modules():
-        if listed(name) and isinstance(module, torch.nn.Linear):
+        if listed(name) and isinstance(module, (torch.nn.Linear, Conv1D)):   # GPT-2's projections are Conv1D
             hooks.append(module.register_forward_pre_hook(round_like_the_kernel))
         elif listed(name):   # stacked experts, sliced per expert by transformers' eager loop
             weights.update(stack[e].data_ptr() for stack in (module.gate_up_proj, module.down_proj)

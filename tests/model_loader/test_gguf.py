@@ -10,7 +10,7 @@
   architecture that does not run packed loads) give what transformers gives on the same file (it dequantises
   through the same ``gguf`` package): greedy tokens equal, logprobs within 1e-3, through the engine with chunked
   prefill and prefix caching. Quantized files of the packed architectures run packed: ``test_gguf_packed.py``,
-  ``test_gguf_packed_families.py``, ``test_gguf_packed_bloom_falcon.py``.
+  ``test_gguf_packed_families.py``, ``test_gguf_packed_gpt2_bloom_falcon.py``.
 * The tokenizer and the chat template come from the file's metadata (byte-level BPE as llama.cpp's ``gpt2``
   model; sentencepiece-style BPE as its ``llama`` model, with scores and merges), also where transformers cannot
   read the file's config (Command-R): the same token ids as the checkpoint's own tokenizer; ``--tokenizer``

@@ -40,10 +40,10 @@ def test_a_layer_is_packed_only_when_all_its_projections_are():
     assert not mixed.packs(f"{PREFIX}.q_proj.weight")
 
 
-def test_only_the_row_layout_architectures_with_packed_tensors_get_a_config():
+def test_only_the_listed_architectures_with_packed_tensors_get_a_config():
     types = {"model.layers.0.mlp.down_proj.weight": "Q8_0", "model.embed_tokens.weight": "Q8_0"}
     assert gguf_quantization_config(types, "qwen2") is not None
-    assert gguf_quantization_config(types, "gpt2") is None   # its Conv1D weights are transposed
+    assert gguf_quantization_config(types, "mamba") is None
     assert gguf_quantization_config({"model.layers.0.mlp.down_proj.weight": "F16"}, "llama") is None
 
 

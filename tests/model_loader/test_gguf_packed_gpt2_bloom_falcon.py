@@ -1,10 +1,12 @@
-"""BLOOM and Falcon GGUF files (llama.cpp's ``bloom`` and ``falcon``) run their linear layers packed, as llama files do
-(:mod:`tests.model_loader.test_gguf_packed`).
+"""GPT-2, BLOOM and Falcon GGUF files (llama.cpp's ``gpt2``, ``bloom`` and ``falcon``) run their linear layers packed,
+as llama files do (:mod:`tests.model_loader.test_gguf_packed`).
 
 Their checkpoints name the layers otherwise (``transformer.h.N.self_attention.query_key_value``: the model's
-``model.layers.N.self_attn.qkv_proj``) and fuse q/k/v per head group, which the file stores as all q rows, then k,
-then v. The packed rows therefore take the dequantised path's reorderings exactly: transformers' (or llmserve's
-Falcon) processor puts them in the checkpoint's per-group order and the model restacks them as ``[q; k; v]``.
+``model.layers.N.self_attn.qkv_proj``). BLOOM and Falcon fuse q/k/v per head group, which the file stores as all q
+rows, then k, then v: the packed rows take the dequantised path's reorderings exactly, transformers' (or
+llmserve's Falcon) processor putting them in the checkpoint's per-group order and the model restacking them as
+``[q; k; v]``. GPT-2's checkpoint stores ``Conv1D`` weights ``[in, out]``, which transformers' processor makes of
+the file's ``[out, in]`` and the model transposes back: its packed rows stay in the file's order.
 
 Two checks per file:
 
@@ -40,7 +42,7 @@ from tests.model_loader.packed_reference import (engine_results, inputs_rounded,
 
 pytest.importorskip("gguf")
 
-FAMILIES = ["bloom", "falcon", "falcon_mqa"]
+FAMILIES = ["gpt2", "bloom", "falcon", "falcon_mqa"]
 EVERY_PROJECTION = {f"model.layers.0.{m}" for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.up_proj",
                                                     "mlp.down_proj")}
 
@@ -90,3 +92,27 @@ def test_k_quant_file_runs_packed(wide_gguf_file, gguf_dir, caplog, monkeypatch,
     path = wide_gguf_file("Q4_K_M", family)
     _assert_engine_matches_rounded_transformers(path, gguf_dir / f"{family}-wide-checkpoint", caplog)
     _assert_layers_multiply_as_dequantised(path, monkeypatch)
+
+
+class _Processor:
+    """A stand-in for :class:`~llmserve.model_loader.gguf_loader.GGUFTensors` whose processor applies ``change``."""
+
+    def __init__(self, change):
+        self.change = change
+
+    def process(self, weights, name):
+        return name, self.change(weights)
+
+
+def test_the_row_order_follows_a_processor_that_reorders_or_transposes_and_refuses_any_other():
+    import numpy as np
+
+    from llmserve.model_loader.gguf_loader import _row_order
+
+    tensor = type("Tensor", (), {"data": np.zeros((4, 34), np.uint8), "shape": np.array([32, 4]), "name": "t"})
+    assert _row_order(_Processor(lambda w: w[[2, 0, 3, 1]]), tensor).tolist() == [2, 0, 3, 1]
+    assert _row_order(_Processor(lambda w: w.T), tensor).tolist() == [0, 1, 2, 3]   # GPT-2's Conv1D
+    for change in (lambda w: w[:, ::-1].copy() * 0 + np.arange(32), lambda w: w[[0, 0, 1, 2]],
+                   lambda w: w.reshape(32, 4)):
+        with pytest.raises(ValueError, match="does more than reorder or transpose"):
+            _row_order(_Processor(change), tensor)
