@@ -194,9 +194,15 @@ class GGUFTensors:
                                                  model_type="llama" if config.model_type == "mixtral" else None)
 
     def process(self, weights: np.ndarray, name: str) -> tuple[str | None, np.ndarray]:
-        """``(Hugging Face name or None, weights)`` as transformers' processor reorders the file's tensor."""
+        """``(Hugging Face name or None, weights)`` as transformers' processor reorders the file's tensor. A
+        processor may keep a tensor under a name of its own and return none (GPT-2's, for ``output.weight``: the
+        checkpoint's ``lm_head.weight``): that tensor, under that name."""
+        kept = self.parsed.setdefault("tensors", {})
         result = self.processor.process(weights=weights, name=name, tensor_key_mapping=self.names,
                                         parsed_parameters=self.parsed)
+        if result.name is None and kept:
+            own_name, tensor = kept.popitem()
+            return own_name, tensor.numpy()
         return self.names.get(result.name), result.weights
 
 
@@ -221,7 +227,7 @@ def iterate_gguf_weights(tensors: GGUFTensors,
     layer's stacked experts one expert at a time: :mod:`~llmserve.model_loader.gguf_experts`); a weight
     ``packs`` names is yielded as its rows of GGUF blocks instead (``<layer>.qweight_type``, one type id per row,
     then ``<layer>.qweight``, uint8 [rows, row bytes]), its rows in the order transformers' processor puts them
-    (found by passing the row indices through it)."""
+    (found by passing the row indices through it: :func:`_row_order`)."""
     gguf = import_gguf()
     latent_up = LatentUpProjections()
     for tensor in tensors.reader.tensors:
@@ -259,22 +265,34 @@ def iterate_gguf_weights(tensors: GGUFTensors,
 
 
 def _row_order(tensors: GGUFTensors, tensor: Any) -> np.ndarray:
-    """The order transformers' processor puts the rows of a 2-D tensor in, found by passing it a matrix of the
-    tensor's shape whose every entry is its row's index (BLOOM's processor reshapes by the column count).
+    """The order transformers' processor puts the rows of a 2-D tensor in, found by passing it the row indices: a
+    column of them, or (for a processor that reshapes by the column count, BLOOM's) a matrix of the tensor's shape
+    whose every entry is its row's index.
 
     A processor that transposes the whole tensor (GPT-2's, into the checkpoint's ``Conv1D`` layout ``[in, out]``)
     leaves the file's order: a GGUF weight is always ``[out, in]`` (what ggml multiplies by), and the model
     transposes a ``Conv1D`` weight back to the linear layout, so the file's rows are the layer's output rows.
-    Any other change than reordering whole rows is an error."""
+    Any other change than reordering or transposing whole rows is an error."""
     rows, columns = tensor.data.shape[0], int(tensor.shape[0])
-    indices = np.broadcast_to(np.arange(rows, dtype=np.int32)[:, None], (rows, columns))
-    _, moved = tensors.process(indices, tensor.name)
-    if moved.shape == (columns, rows) and (moved == indices.T).all():
-        return np.arange(rows)
+    try:
+        return _order_of(tensors, tensor.name, np.arange(rows, dtype=np.int32)[:, None])
+    except ValueError as exc:
+        if "cannot load packed" in str(exc):
+            raise
+    return _order_of(tensors, tensor.name, np.broadcast_to(np.arange(rows, dtype=np.int32)[:, None], (rows, columns)))
+
+
+def _order_of(tensors: GGUFTensors, name: str, indices: np.ndarray) -> np.ndarray:
+    """The row order the processor gives ``indices`` (row i's entries all i); a ``ValueError`` saying the tensor
+    cannot load packed unless it reorders or transposes whole rows (the processor's own errors pass through)."""
+    rows, columns = indices.shape
+    _, moved = tensors.process(indices, name)
+    if moved.shape == (columns, rows) and (moved[0] == np.arange(rows)).all() and (moved == moved[:1]).all():
+        return np.arange(rows)   # transposed: the file's order (a square tensor's rows would all be equal)
     order = moved[:, 0].astype(np.int64) if moved.shape == (rows, columns) else None
     if order is None or not np.array_equal(np.sort(order), np.arange(rows)) or not (moved == moved[:, :1]).all():
-        raise ValueError(f"GGUF tensor {tensor.name}: transformers' processor does more than reorder or transpose "
-                         f"its rows, so it cannot load packed")
+        raise ValueError(f"GGUF tensor {name}: transformers' processor does more than reorder or transpose its "
+                         f"rows, so it cannot load packed")
     return order
 
 

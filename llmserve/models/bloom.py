@@ -70,6 +70,7 @@ class BloomModel(LlamaModel):
 
 
 class BloomForCausalLM(LlamaForCausalLM):
+    checkpoint_names = _NAMES
     model_cls = BloomModel
     first_stage_prefixes = ("model.embed_tokens.", "model.embed_layernorm.")
 
@@ -78,10 +79,6 @@ class BloomForCausalLM(LlamaForCausalLM):
         return LlamaBlockSpec(qkv_bias=True, o_bias=True, mlp_bias=True, norm="layer", activation="gelu_pytorch_tanh",
                               gated_mlp=False, rotary=False, mlp_size=4 * config.hidden_size,
                               alibi_slopes=tuple(alibi_slopes(config.num_attention_heads)))
-
-    @classmethod
-    def checkpoint_name(cls, name: str) -> str:
-        return _NAMES.rename(name)[0]
 
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         renamed, block = _NAMES.rename(name)

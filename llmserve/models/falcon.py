@@ -92,6 +92,7 @@ class FalconModel(LlamaModel):
 
 
 class FalconForCausalLM(LlamaForCausalLM):
+    checkpoint_names = _NAMES
     model_cls = FalconModel
 
     @classmethod
@@ -127,10 +128,6 @@ class FalconForCausalLM(LlamaForCausalLM):
             raise UnsupportedModelConfigError(
                 f"{cls.__name__}: num_kv_heads={kv_heads} with multi_query=false and the old decoder architecture "
                 f"is not supported: that layout has one key and one value head per query head")
-
-    @classmethod
-    def checkpoint_name(cls, name: str) -> str:
-        return _NAMES.rename(name)[0]
 
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         renamed, block = _NAMES.rename(name)

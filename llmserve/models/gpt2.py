@@ -53,6 +53,7 @@ class GPT2Model(LlamaModel):
 
 
 class GPT2LMHeadModel(LlamaForCausalLM):
+    checkpoint_names = _NAMES
     model_cls = GPT2Model
     first_stage_prefixes = ("model.embed_tokens.", "model.embed_positions.")
 
@@ -69,10 +70,6 @@ class GPT2LMHeadModel(LlamaForCausalLM):
             raise UnsupportedModelConfigError(
                 "GPT2LMHeadModel with add_cross_attention=true (the decoder of an encoder-decoder model) is not "
                 "supported: llmserve runs decoder-only models")
-
-    @classmethod
-    def checkpoint_name(cls, name: str) -> str:
-        return _NAMES.rename(name)[0]
 
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         if name.endswith(_MASK_BUFFERS):

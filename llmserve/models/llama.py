@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from llmserve.layers.longrope import rotary_embedding
 from llmserve.models.interface import IntermediateTensors, layer_range
 from llmserve.quantization.base import QuantizationConfig
 from llmserve.quantization.kv_cache import kv_scale_name
+
+if TYPE_CHECKING:
+    from llmserve.models.transformer_names import TransformerNames
 
 
 class CheckpointMismatchError(ValueError):
@@ -299,6 +302,8 @@ class LlamaForCausalLM(nn.Module):
     ignored_suffixes = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
     # Parameters only the first pipeline stage holds (the last holds the final norm and the LM head).
     first_stage_prefixes: tuple[str, ...] = ("model.embed_tokens.",)
+    # A family whose checkpoints name tensors ``transformer.h.N.*``: its map onto the shared modules' names.
+    checkpoint_names: TransformerNames | None = None
 
     @classmethod
     def block_spec(cls, config: Any) -> LlamaBlockSpec:
@@ -355,8 +360,10 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def checkpoint_name(cls, name: str) -> str:
         """The name :meth:`checkpoint_tensor` gives a checkpoint tensor, known before the model is built (which
-        of a GGUF file's tensors load packed is decided by the layers' names)."""
-        return name
+        of a GGUF file's tensors load packed is decided by the layers' names): through the family's
+        :attr:`checkpoint_names` where it has them (GPT-2, BLOOM, Falcon). DeepSeek leaves its shared experts'
+        rename out, so that they load dequantised from GGUF files (docs/quantization.md)."""
+        return name if cls.checkpoint_names is None else cls.checkpoint_names.rename(name)[0]
 
     def param_target(self, name: str, params: Mapping[str, nn.Parameter]) -> tuple[str, object]:
         """``(parameter, shard id)`` a checkpoint tensor (as :meth:`checkpoint_tensor` named it) loads into:

@@ -36,5 +36,9 @@ class MixtralForCausalLM(MoEForCausalLM):
     def block_spec(cls, config: Any) -> LlamaBlockSpec:
         return LlamaBlockSpec(activation=hidden_act_of(config))
 
+    @classmethod
+    def checkpoint_name(cls, name: str) -> str:
+        return name.replace(".block_sparse_moe.", ".mlp.")
+
     def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        return name.replace(".block_sparse_moe.", ".mlp."), tensor
+        return self.checkpoint_name(name), tensor

@@ -2,8 +2,8 @@
 
 A layer whose every projection the file stores in one of :data:`~llmserve.quantization.gguf_blocks.PACKED_TYPES`
 gets :class:`GGUFLinearMethod`: the loader hands it each projection's rows of GGUF blocks as they are in the
-file (``<name>.qweight``, uint8 ``[rows, row bytes]``, rows already in transformers' order) and their type
-(``<name>.qweight_type``, one byte per row); after loading they are decoded into codes with the file's scales
+file (``<name>.qweight``, uint8 ``[rows, row bytes]``, rows in the order the model's float weight has them) and
+their type (``<name>.qweight_type``, one byte per row); after loading they are decoded into codes with the file's scales
 (:mod:`llmserve.quantization.gguf_blocks`) and repacked instead of kept as a float copy. On CPU they become
 group-int8 segments (:mod:`llmserve.quantization.group_int8`; a Q4_K weight runs from 4.6 bits), on CUDA the
 weight-only layout with offsets (:func:`~llmserve.quantization.packed.set_weight_only`, a Triton kernel): 4-bit
@@ -40,9 +40,10 @@ from llmserve.quantization.packed import U4, U8, apply_weight_only, set_weight_o
 
 logger = logging.getLogger(__name__)
 
-# llama.cpp architectures whose llmserve layers are named as transformers names the tensors (deepseek2, gemma4:
-# as their own maps in model_loader name them; phi3's fused qkv_proj / gate_up_proj as its fused layers) and whose
-# tensors the GGUF processor only reorders by row (the Q/K permutation), so packed rows load as they are.
+# llama.cpp architectures whose packed rows load into llmserve's layers: named as transformers names the tensors
+# (deepseek2, gemma4: as their own maps in model_loader name them; phi3's fused qkv_proj / gate_up_proj as its fused
+# layers; gpt2, bloom, falcon: through the model's checkpoint_name) and only reordered by row (the Q/K permutation,
+# BLOOM's and Falcon's regrouped qkv) or transposed whole (GPT-2's Conv1D, which the model transposes back).
 PACKED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2", "gemma4", "phi3", "command-r",
                          "cohere2", "gemma2", "gemma3", "bloom", "falcon", "gpt2")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -57,10 +58,10 @@ def _type_name(type_id: int) -> str:
 
 
 class GGUFConfig(QuantizationConfig):
-    """``packed_weights``: the file's tensors (by Hugging Face name, ``...q_proj.weight``) in a packed type,
-    with that type. A layer runs packed when all its projections are; :meth:`packs` then tells the loader
-    which tensors to hand over as blocks. ``rename``: the model's name for a Hugging Face one, for a family
-    whose checkpoints name its layers otherwise (BLOOM's ``self_attention.query_key_value`` is its
+    """``packed_weights``: the file's tensors (by Hugging Face name, ``...q_proj.weight``; kept under the model's
+    names) in a packed type, with that type. A layer runs packed when all its projections are; :meth:`packs` then
+    tells the loader which tensors to hand over as blocks. ``rename``: the model's name for a Hugging Face one, for
+    a family whose checkpoints name its layers otherwise (BLOOM's ``self_attention.query_key_value`` is its
     ``self_attn.qkv_proj``)."""
 
     def __init__(self, packed_weights: dict[str, str], packed_experts: dict[int, set[str]] | None = None,

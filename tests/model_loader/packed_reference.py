@@ -55,10 +55,12 @@ def packed_modules(path: Path) -> set[str]:
 
 
 def assert_packed_file_matches_rounded_transformers(path: Path, source: Path, packed: set[str],
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+                                                    caplog: pytest.LogCaptureFixture,
+                                                    median_within: float | None = 1e-5) -> None:
     """The engine's greedy tokens equal the oracle's, logprobs to float32 summation order (the median within
-    1e-5) but for an input that lands on the other side of a rounding boundary in one of the two (a step of
-    max|x| / 127 in its block, which moves that token's logprobs: measured up to 7e-3)."""
+    ``median_within``) but for an input that lands on the other side of a rounding boundary in one of the two (a
+    step of max|x| / 127 in its block, which moves that token's logprobs: measured up to 7e-3), every one within
+    0.05. ``median_within`` None: no median check, for models where such crossings are common."""
     results = engine_results(path, caplog, dtype="float32")
     reference = transformers_on_file_weights(path, source)
     with inputs_rounded(reference, packed):
@@ -67,7 +69,8 @@ def assert_packed_file_matches_rounded_transformers(path: Path, source: Path, pa
     for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, expected * 2):
         assert tokens == ref_tokens
         distances += [abs(a - b) for a, b in zip(logprobs, ref_logprobs)]
-    assert statistics.median(distances) < 1e-5 and max(distances) < 0.05
+    assert max(distances) < 0.05
+    assert median_within is None or statistics.median(distances) < median_within
 
 
 def transformers_on_file_weights(path: Path, source: Path) -> torch.nn.Module:

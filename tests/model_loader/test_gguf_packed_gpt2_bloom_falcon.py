@@ -34,11 +34,9 @@ import torch
 
 from llmserve.quantization import gguf as gguf_quantization
 from llmserve.quantization.gguf import GGUFLinearMethod
-from tests.engine_greedy import MAX_TOKENS, PROMPTS
-from tests.hf_reference import model_greedy
 from tests.model_helpers import load_tiny
-from tests.model_loader.packed_reference import (engine_results, inputs_rounded, packed_modules,
-                                                 round_like_the_kernel, transformers_on_file_weights)
+from tests.model_loader.packed_reference import (assert_packed_file_matches_rounded_transformers, packed_modules,
+                                                 round_like_the_kernel)
 
 pytest.importorskip("gguf")
 
@@ -69,13 +67,7 @@ def _assert_layers_multiply_as_dequantised(path: Path, monkeypatch: pytest.Monke
 def _assert_engine_matches_rounded_transformers(path: Path, source: Path, caplog: pytest.LogCaptureFixture) -> None:
     packed = packed_modules(path)
     assert EVERY_PROJECTION <= packed
-    results = engine_results(path, caplog, dtype="float32")
-    reference = transformers_on_file_weights(path, source)
-    with inputs_rounded(reference, packed):
-        expected = [model_greedy(reference, prompt, MAX_TOKENS) for prompt in PROMPTS]
-    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, expected * 2):
-        assert tokens == ref_tokens
-        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 0.05
+    assert_packed_file_matches_rounded_transformers(path, source, packed, caplog, median_within=None)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -94,6 +86,32 @@ def test_k_quant_file_runs_packed(wide_gguf_file, gguf_dir, caplog, monkeypatch,
     _assert_layers_multiply_as_dequantised(path, monkeypatch)
 
 
+def test_a_gpt2_file_with_llama_cpps_output_head_packs_it(checkpoint_dir, gguf_dir, caplog, monkeypatch):
+    """llama.cpp's converter writes GPT-2's head as ``output.weight`` (a copy of the embedding), which
+    transformers' processor keeps as ``lm_head.weight`` under a name of its own: the head loads untied, packed."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmserve.model_loader.gguf_config import load_gguf_config
+    from llmserve.testing.gguf_files import write_gguf
+
+    source = shutil.copytree(checkpoint_dir("gpt2"), gguf_dir / "gpt2-untied-checkpoint", dirs_exist_ok=True)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    tensors = {name: t for f in source.glob("*.safetensors") for name, t in load_file(f).items()}
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
+    for f in source.glob("*.safetensors"):
+        f.unlink()
+    save_file({name: t.contiguous() for name, t in tensors.items()}, source / "model.safetensors")
+    path = write_gguf(source, gguf_dir / "gpt2-untied-Q8_0.gguf", "gpt2", "Q8_0")
+    assert not load_gguf_config(path).tie_word_embeddings
+    assert "lm_head" in packed_modules(path)
+    _assert_engine_matches_rounded_transformers(path, source, caplog)
+    _assert_layers_multiply_as_dequantised(path, monkeypatch)
+
+
 class _Processor:
     """A stand-in for :class:`~llmserve.model_loader.gguf_loader.GGUFTensors` whose processor applies ``change``."""
 
@@ -104,15 +122,30 @@ class _Processor:
         return name, self.change(weights)
 
 
+def _full_width(change):
+    """``change``, but refusing a tensor narrower than its 32 columns (as BLOOM's processor reshapes by them)."""
+    def checked(weights):
+        if weights.shape[1] != 32:
+            raise ValueError("cannot reshape")
+        return change(weights)
+    return checked
+
+
 def test_the_row_order_follows_a_processor_that_reorders_or_transposes_and_refuses_any_other():
     import numpy as np
 
     from llmserve.model_loader.gguf_loader import _row_order
 
+    def mixed(weights):   # column 0 in one order, the rest in another
+        out = weights[[3, 2, 1, 0]].copy()
+        out[:, 0] = weights[:, 0]
+        return out
+
     tensor = type("Tensor", (), {"data": np.zeros((4, 34), np.uint8), "shape": np.array([32, 4]), "name": "t"})
     assert _row_order(_Processor(lambda w: w[[2, 0, 3, 1]]), tensor).tolist() == [2, 0, 3, 1]
+    assert _row_order(_Processor(_full_width(lambda w: w[[2, 0, 3, 1]])), tensor).tolist() == [2, 0, 3, 1]
     assert _row_order(_Processor(lambda w: w.T), tensor).tolist() == [0, 1, 2, 3]   # GPT-2's Conv1D
-    for change in (lambda w: w[:, ::-1].copy() * 0 + np.arange(32), lambda w: w[[0, 0, 1, 2]],
-                   lambda w: w.reshape(32, 4)):
+    for change in (lambda w: w * 0 + np.arange(32), lambda w: w[[0, 0, 1, 2]], _full_width(mixed),
+                   _full_width(lambda w: w.reshape(32, 4))):
         with pytest.raises(ValueError, match="does more than reorder or transpose"):
             _row_order(_Processor(change), tensor)

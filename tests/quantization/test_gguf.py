@@ -1,8 +1,9 @@
 """GGUF's linear method: which layers it takes, how it loads rows of blocks, what it computes.
 
 * A layer runs packed only when every projection fused in it is packed in the file (a float ``v_proj`` keeps the
-  whole qkv layer on the dequantised path, and the loader is told so); architectures whose layers are not the
-  plain row layout (BLOOM...) and files with no packed tensor get no config.
+  whole qkv layer on the dequantised path, and the loader is told so); architectures outside the list and files
+  with no packed tensor get no config; a family naming its layers otherwise (BLOOM) packs them under the
+  model's names.
 * A fused layer loads each projection's rows in its own type (Q4_K beside Q6_K, as a Q4_K_M file has them) and
   multiplies as the float64 product of the rounded activations and ``gguf.dequantize`` of the blocks.
 * Rows of the wrong width for their type, or never given a type, are refused.
