@@ -198,11 +198,13 @@ class GGUFTensors:
         processor may keep a tensor under a name of its own and return none (GPT-2's, for ``output.weight``: the
         checkpoint's ``lm_head.weight``): that tensor, under that name."""
         kept = self.parsed.setdefault("tensors", {})
+        before = set(kept)
         result = self.processor.process(weights=weights, name=name, tensor_key_mapping=self.names,
                                         parsed_parameters=self.parsed)
-        if result.name is None and kept:
-            own_name, tensor = kept.popitem()
-            return own_name, tensor.numpy()
+        new = set(kept) - before
+        if result.name is None and len(new) == 1:
+            own_name = new.pop()
+            return own_name, kept.pop(own_name).numpy()
         return self.names.get(result.name), result.weights
 
 
@@ -264,36 +266,43 @@ def iterate_gguf_weights(tensors: GGUFTensors,
         yield name, torch.from_numpy(np.require(weights, np.float32, ["C", "W"]))
 
 
+class NotPackable(ValueError):
+    """transformers' processor changes a tensor in more than its row order, so its rows cannot load packed."""
+
+
 def _row_order(tensors: GGUFTensors, tensor: Any) -> np.ndarray:
-    """The order transformers' processor puts the rows of a 2-D tensor in, found by passing it the row indices: a
-    column of them, or (for a processor that reshapes by the column count, BLOOM's) a matrix of the tensor's shape
-    whose every entry is its row's index.
+    """The order transformers' processor puts the rows of a 2-D tensor in, found by passing it numbered entries:
+    two columns, entry (r, c) numbered 2r + c (a column permutation shows too); for a processor that reshapes by
+    the column count (BLOOM's), a matrix of the tensor's shape whose entries are their row's index.
 
     A processor that transposes the whole tensor (GPT-2's, into the checkpoint's ``Conv1D`` layout ``[in, out]``)
     leaves the file's order: a GGUF weight is always ``[out, in]`` (what ggml multiplies by), and the model
     transposes a ``Conv1D`` weight back to the linear layout, so the file's rows are the layer's output rows.
-    Any other change than reordering or transposing whole rows is an error."""
+    Any other change to the numbered entries raises :class:`NotPackable` (with the full-width matrix a change
+    within a row's columns cannot be seen)."""
     rows, columns = tensor.data.shape[0], int(tensor.shape[0])
     try:
-        return _order_of(tensors, tensor.name, np.arange(rows, dtype=np.int32)[:, None])
-    except ValueError as exc:
-        if "cannot load packed" in str(exc):
-            raise
-    return _order_of(tensors, tensor.name, np.broadcast_to(np.arange(rows, dtype=np.int32)[:, None], (rows, columns)))
+        return _order_of(tensors, tensor.name, np.arange(2 * rows, dtype=np.int64).reshape(rows, 2), 2)
+    except NotPackable:
+        raise
+    except ValueError:   # the processor's own: it needs the real width
+        pass
+    return _order_of(tensors, tensor.name,
+                     np.broadcast_to(np.arange(rows, dtype=np.int32)[:, None], (rows, columns)), 1)
 
 
-def _order_of(tensors: GGUFTensors, name: str, indices: np.ndarray) -> np.ndarray:
-    """The row order the processor gives ``indices`` (row i's entries all i); a ``ValueError`` saying the tensor
-    cannot load packed unless it reorders or transposes whole rows (the processor's own errors pass through)."""
-    rows, columns = indices.shape
-    _, moved = tensors.process(indices, name)
-    if moved.shape == (columns, rows) and (moved[0] == np.arange(rows)).all() and (moved == moved[:1]).all():
-        return np.arange(rows)   # transposed: the file's order (a square tensor's rows would all be equal)
-    order = moved[:, 0].astype(np.int64) if moved.shape == (rows, columns) else None
-    if order is None or not np.array_equal(np.sort(order), np.arange(rows)) or not (moved == moved[:, :1]).all():
-        raise ValueError(f"GGUF tensor {name}: transformers' processor does more than reorder or transpose its "
-                         f"rows, so it cannot load packed")
-    return order
+def _order_of(tensors: GGUFTensors, name: str, numbered: np.ndarray, per_row: int) -> np.ndarray:
+    """The row order the processor gives ``numbered`` (entry (r, c) numbered ``per_row * r + c`` where
+    ``per_row`` is its width, else ``r``); :class:`NotPackable` unless it reorders or transposes whole rows."""
+    rows, columns = numbered.shape
+    _, moved = tensors.process(numbered, name)
+    if moved.shape == (columns, rows) and (moved == numbered.T).all():
+        return np.arange(rows)   # transposed whole: the file's order
+    order = moved[:, 0] // per_row if moved.shape == (rows, columns) else None
+    if order is None or not np.array_equal(np.sort(order), np.arange(rows)) or not (moved == numbered[order]).all():
+        raise NotPackable(f"GGUF tensor {name}: transformers' processor does more than reorder or transpose its "
+                          f"rows, so it cannot load packed")
+    return order.astype(np.int64)
 
 
 def _blocks(layer: str, rows: np.ndarray, tensor_type: int) -> Iterator[tuple[str, torch.Tensor]]:

@@ -2,7 +2,7 @@
 
 A layer whose every projection the file stores in one of :data:`~llmserve.quantization.gguf_blocks.PACKED_TYPES`
 gets :class:`GGUFLinearMethod`: the loader hands it each projection's rows of GGUF blocks as they are in the
-file (``<name>.qweight``, uint8 ``[rows, row bytes]``, rows in the order the model's float weight has them) and
+file (``<name>.qweight``, uint8 ``[rows, row bytes]``, rows in the order transformers' processor gives them) and
 their type (``<name>.qweight_type``, one byte per row); after loading they are decoded into codes with the file's scales
 (:mod:`llmserve.quantization.gguf_blocks`) and repacked instead of kept as a float copy. On CPU they become
 group-int8 segments (:mod:`llmserve.quantization.group_int8`; a Q4_K weight runs from 4.6 bits), on CUDA the

@@ -134,18 +134,29 @@ def _full_width(change):
 def test_the_row_order_follows_a_processor_that_reorders_or_transposes_and_refuses_any_other():
     import numpy as np
 
-    from llmserve.model_loader.gguf_loader import _row_order
+    from llmserve.model_loader.gguf_loader import NotPackable, _row_order
 
     def mixed(weights):   # column 0 in one order, the rest in another
         out = weights[[3, 2, 1, 0]].copy()
         out[:, 0] = weights[:, 0]
         return out
 
+    def refuse(weights):
+        raise ValueError("the processor's own error")
+
+    widths = []
+
+    def recorded(weights):
+        widths.append(weights.shape[1])
+        return weights[[1, 0, 3, 2]]
+
     tensor = type("Tensor", (), {"data": np.zeros((4, 34), np.uint8), "shape": np.array([32, 4]), "name": "t"})
-    assert _row_order(_Processor(lambda w: w[[2, 0, 3, 1]]), tensor).tolist() == [2, 0, 3, 1]
+    assert _row_order(_Processor(recorded), tensor).tolist() == [1, 0, 3, 2] and widths == [2]   # not 32 wide
     assert _row_order(_Processor(_full_width(lambda w: w[[2, 0, 3, 1]])), tensor).tolist() == [2, 0, 3, 1]
     assert _row_order(_Processor(lambda w: w.T), tensor).tolist() == [0, 1, 2, 3]   # GPT-2's Conv1D
-    for change in (lambda w: w * 0 + np.arange(32), lambda w: w[[0, 0, 1, 2]], _full_width(mixed),
-                   _full_width(lambda w: w.reshape(32, 4))):
-        with pytest.raises(ValueError, match="does more than reorder or transpose"):
+    for change in (lambda w: w * 0 + np.arange(32), lambda w: w[[0, 0, 1, 2]], lambda w: w[:, ::-1],
+                   lambda w: w[[1, 0, 2, 3]].T, _full_width(mixed), _full_width(lambda w: w.reshape(32, 4))):
+        with pytest.raises(NotPackable, match="does more than reorder or transpose"):
             _row_order(_Processor(change), tensor)
+    with pytest.raises(ValueError, match="the processor's own error"):
+        _row_order(_Processor(refuse), tensor)
