@@ -62,8 +62,8 @@ def assert_packed_file_matches_rounded_transformers(path: Path, source: Path, pa
     step of max|x| / 127 in its block, which moves that token's logprobs: measured up to 7e-3), every one within
     0.05. ``median_within`` None: no median check, for models where such crossings are common."""
     results = engine_results(path, caplog, dtype="float32")
-    reference = transformers_on_file_weights(path, source)
-    with inputs_rounded(reference, packed):
+    reference = _transformers_on_file_weights(path, source)
+    with _inputs_rounded(reference, packed):
         expected = [model_greedy(reference, prompt, MAX_TOKENS) for prompt in PROMPTS]
     distances = []
     for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, expected * 2):
@@ -73,7 +73,7 @@ def assert_packed_file_matches_rounded_transformers(path: Path, source: Path, pa
     assert median_within is None or statistics.median(distances) < median_within
 
 
-def transformers_on_file_weights(path: Path, source: Path) -> torch.nn.Module:
+def _transformers_on_file_weights(path: Path, source: Path) -> torch.nn.Module:
     """transformers' model of ``source`` holding the file's weights as llmserve dequantises them."""
     from transformers import AutoModelForCausalLM
 
@@ -98,18 +98,18 @@ def transformers_on_file_weights(path: Path, source: Path) -> torch.nn.Module:
 
 
 @contextmanager
-def inputs_rounded(model: torch.nn.Module, modules: set[str]) -> Iterator[None]:
+def _inputs_rounded(model: torch.nn.Module, modules: set[str]) -> Iterator[None]:
     """Every linear layer of ``modules`` (by llmserve's or the checkpoint's name) with its input rounded as the
     group-int8 kernel rounds it: a forward pre-hook on each (Falcon's multiplies by its weight without
     ``F.linear``; GPT-2's are ``Conv1D``), and ``F.linear`` on an expert's slice of the stacks."""
+    from transformers.pytorch_utils import Conv1D
+
     from llmserve.models.registry import resolve_model_class
 
     checkpoint_name = resolve_model_class(model.config).checkpoint_name   # BLOOM's query_key_value: qkv_proj
 
     def listed(name: str) -> bool:
         return name in modules or checkpoint_name(f"{name}.weight").removesuffix(".weight") in modules
-
-    from transformers.pytorch_utils import Conv1D
 
     hooks, weights = [], set()
     for name, module in model.named_modules():
