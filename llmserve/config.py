@@ -263,6 +263,8 @@ class EngineConfig:
     max_logprobs: int = 20
     # streamed requests get an output every this many tokens (and their first and last at once), as vLLM's flag
     stream_interval: int = 1
+    # greedy decode steps an engine step may run in the compiled CPU loop (llmserve.engine.multi_step); 1: off
+    num_scheduler_steps: int = 1
     num_threads: int | None = None
     # GPU only: run every step eagerly instead of replaying CUDA graphs for decode steps.
     enforce_eager: bool = False
@@ -324,6 +326,11 @@ class EngineConfig:
             raise ValueError(f"--max-seq-len-to-capture must be >= 1, got {self.max_seq_len_to_capture}")
         if self.stream_interval < 1:
             raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
+        if self.num_scheduler_steps < 1:
+            raise ValueError(f"--num-scheduler-steps must be >= 1, got {self.num_scheduler_steps}")
+        if self.num_scheduler_steps > 1 and self.speculative_config is not None:
+            raise ValueError("--num-scheduler-steps > 1 and speculative decoding both make several tokens a step: "
+                             "use one of them")
         if self.max_logprobs < 0:
             raise ValueError(f"--max-logprobs must be >= 0, got {self.max_logprobs}")
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:

@@ -9,7 +9,8 @@ cache never hits) are added at once and run for ``--output-len`` greedy tokens.
   decode together for at least a few steps.
 * TPOT is the mean wall time of the decode steps that run all B sequences (after ``--skip-steps`` of
   them), split into model forward (+ LM head), sampler and engine overhead (scheduling, inputs,
-  detokenising). The median is reported too.
+  detokenising). The median is reported too. With ``--num-scheduler-steps`` a step that runs several decode steps
+  counts as that many, each with an equal share of its time.
 * Decode throughput (B / step time) and achieved GFLOP/s use the *median* decode step, which a
   neighbour's burst of CPU use on a shared machine moves far less than the mean. The GFLOP/s is
   compared with this machine's float32 GEMM peak (see :mod:`llmserve.benchmarks.roofline`), measured

@@ -5,7 +5,9 @@ The profiler wraps the runner's ``execute``, the model's ``forward`` (and what r
 the fused CPU decode step, the CUDA graphs' replay) and ``compute_logits`` and the sampler's ``forward`` with
 timers for as long as it is active, and records what each step ran. On CUDA each timed call starts and ends with
 a synchronize: kernels launch asynchronously, and without it their time would land wherever the host next waits
-(the sampled tokens' copy back), counted as engine overhead.
+(the sampled tokens' copy back), counted as engine overhead. A multi-step step (``--num-scheduler-steps``) is
+recorded as the decode steps it ran, each with an equal share of its times (its compiled loop, LM head and
+argmax included, is model forward), so TPOT and tokens per second stay per token.
 """
 
 from __future__ import annotations
@@ -123,14 +125,16 @@ class StepProfiler:
         self.engine = engine
         self.records: list[StepRecord] = []
         self._scheduled: list[tuple[int, int, int]] = []   # (new tokens, computed before, total tokens)
+        self._num_steps = 1   # decode steps the last step ran (a multi-step step's)
 
     def __enter__(self) -> StepProfiler:
         runner = self.engine.runner
         sync = torch.cuda.synchronize if runner.device.type == "cuda" else None
         self._forward = _Timer(runner.model.forward, "model forward", sync)
         # the fused CPU decode step and the CUDA graphs' replay run a step's decoder layers in place of the forward
-        self._fused = (_Timer(runner.fused_decode.forward, "fused CPU decode step", sync)
-                       if runner.fused_decode is not None else None)
+        fused = runner.fused_decode
+        self._fused = _Timer(fused.forward, "fused CPU decode step", sync) if fused is not None else None
+        self._steps = _Timer(fused.decode_steps, "multi-step decode loop", sync) if fused is not None else None
         self._graphs = runner.graphs
         self._replay = _Timer(self._graphs.run, "CUDA graph replay", sync) if self._graphs is not None else None
         self._logits = _Timer(runner.model.compute_logits, "logits", sync)
@@ -142,11 +146,12 @@ class StepProfiler:
             batch = runner.input_batch   # patched from the step's message by execute
             self._scheduled.extend((n, batch.num_computed_tokens(i), batch.seqs[i].num_tokens)
                                    for i, n in sched.num_scheduled_tokens.items())
+            self._num_steps = sched.num_steps
             return output
 
         runner.model.forward, runner.model.compute_logits = self._forward, self._logits
         if self._fused is not None:
-            runner.fused_decode.forward = self._fused
+            runner.fused_decode.forward, runner.fused_decode.decode_steps = self._fused, self._steps
         if self._replay is not None:
             self._graphs.run = self._replay
         runner.sampler.forward, runner.execute_model = self._sampler, traced_execute
@@ -156,38 +161,42 @@ class StepProfiler:
         runner = self.engine.runner
         del runner.model.forward, runner.model.compute_logits, runner.sampler.forward, runner.execute_model
         if self._fused is not None:
-            del runner.fused_decode.forward
+            del runner.fused_decode.forward, runner.fused_decode.decode_steps
         if self._replay is not None:
             del self._graphs.run
 
     def _forward_seconds(self) -> float:
-        in_place = sum(t.seconds for t in (self._fused, self._replay) if t is not None)
+        in_place = sum(t.seconds for t in (self._fused, self._steps, self._replay) if t is not None)
         return self._forward.seconds + in_place + self._logits.seconds
 
-    def step(self) -> tuple[StepRecord, list[Any]]:
+    def step(self) -> tuple[list[StepRecord], list[Any]]:
+        """One engine step: its records (one per decode step it ran) and outputs."""
         before = (self._forward_seconds(), self._sampler.seconds)
-        self._scheduled = []
+        self._scheduled, self._num_steps = [], 1
         start = time.perf_counter()
         with torch.profiler.record_function("llmserve: engine step"):
             outputs = self.engine.step()
         wall = time.perf_counter() - start
-        items = self._scheduled
-        record = StepRecord(
-            num_seqs=len(items), num_tokens=sum(n for n, _, _ in items),
-            num_decodes=sum(1 for n, _, _ in items if n == 1),
-            num_logits=sum(1 for n, done, total in items if done + n == total),
-            kv_tokens_read=sum(done + n for n, done, _ in items),
-            attended=sum(n * done + n * (n + 1) // 2 for n, done, _ in items), wall_s=wall,
-            forward_s=self._forward_seconds() - before[0],
-            sampler_s=self._sampler.seconds - before[1])
-        self.records.append(record)
-        return record, outputs
+        steps = self._num_steps
+        forward, sampler = self._forward_seconds() - before[0], self._sampler.seconds - before[1]
+        records = []
+        for t in range(steps):   # inner step t: every row one token further
+            items = [(n, done + t, total + t) for n, done, total in self._scheduled]
+            records.append(StepRecord(
+                num_seqs=len(items), num_tokens=sum(n for n, _, _ in items),
+                num_decodes=sum(1 for n, _, _ in items if n == 1),
+                num_logits=sum(1 for n, done, total in items if done + n == total),
+                kv_tokens_read=sum(done + n for n, done, _ in items),
+                attended=sum(n * done + n * (n + 1) // 2 for n, done, _ in items), wall_s=wall / steps,
+                forward_s=forward / steps, sampler_s=sampler / steps))
+        self.records += records
+        return records, outputs
 
 
 def run_to_completion(engine: LLMEngine, profiler: StepProfiler) -> list[StepRecord]:
     records = []
     while engine.has_unfinished_requests():
-        records.append(profiler.step()[0])
+        records += profiler.step()[0]
     return records
 
 
@@ -239,8 +248,8 @@ def profile_decode_steps(engine: LLMEngine, prompts: list[list[int]], steps: int
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
     with StepProfiler(engine) as timer:
         while engine.has_unfinished_requests():
-            record, _ = timer.step()
-            if record.pure_decode and record.num_seqs == len(prompts):
+            records, _ = timer.step()
+            if records[-1].pure_decode and records[-1].num_seqs == len(prompts):
                 break
         with profile(activities=activities) as prof:
             for _ in range(steps):

@@ -61,7 +61,8 @@ class EngineCore:
                                    config.enable_chunked_prefill, max_model_len,
                                    make_proposer(spec) if spec is not None else None,
                                    max_loras=config.max_loras if config.enable_lora else None,
-                                   adaptive=self._adaptive_speculation(config, num_blocks, max_num_batched_tokens))
+                                   adaptive=self._adaptive_speculation(config, num_blocks, max_num_batched_tokens),
+                                   num_scheduler_steps=config.num_scheduler_steps)
         self.requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self.num_steps = 0   # steps that ran a batch (how many steps an abort waited is counted against it)
@@ -145,7 +146,8 @@ class EngineCore:
         step = self.scheduler.update_from_output(sched, self.executor.execute_model(sched))
         self.scheduler.speculation.observe_step_time(time.perf_counter() - start)
         self.num_steps += 1
-        out = EngineCoreOutputs(failed=step.failed, num_scheduled_tokens=sched.total_num_scheduled_tokens)
+        out = EngineCoreOutputs(failed=step.failed,
+                                num_scheduled_tokens=sched.total_num_scheduled_tokens * sched.num_steps)
         for request_id in step.failed:
             self.abort(request_id)
         for seq, start, entries in step.prompt_logprobs:
@@ -155,7 +157,7 @@ class EngineCore:
             self.requests.pop(seq.request_id, None)
         last_seq = None
         for seq, token, token_logprobs in step.sampled:
-            if seq is last_seq:   # accepted drafts: the sequence's tokens of this step go out together
+            if seq is last_seq:   # accepted drafts, multi-step tokens: a sequence's tokens of a step go out together
                 out.samples[-1].new_token_ids.append(token)
                 if token_logprobs is not None:
                     out.samples[-1].logprobs.append(token_logprobs)

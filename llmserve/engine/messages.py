@@ -64,6 +64,9 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
     scheduled_spec_decode_tokens: dict[int, list[int]] = {}
     # a draft model under adaptive speculation: seq_id -> how many drafts to make after this step (absent: k)
     num_drafts_after_step: dict[int, int] = {}
+    # multi-step decoding (--num-scheduler-steps): every row decodes this many greedy tokens, each fed back as the
+    # next one's input; its KV-cache slots are allocated for all of them (llmserve.worker.multi_step)
+    num_steps: int = 1
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -95,6 +98,8 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     draft_logprobs: dict[int, list[TokenLogprobs]] = {}
     # seq_id -> tokens a draft model proposes to follow the sequence's tokens after this step (checked next step)
     draft_token_ids: dict[int, list[int]] = {}
+    # a multi-step step: seq_id -> the tokens sampled before ``sampled``, in order (each fed back: its K/V computed)
+    multi_step_tokens: dict[int, list[int]] = {}
     # seq_id -> (first position p, logprobs of prompt tokens p+1, p+2, ...)
     prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] = {}
     # seq_id -> this step's share of its pooled vector (float32 little-endian bytes): the sum of the final

@@ -15,13 +15,15 @@ The step is described to the workers as a :class:`~llmserve.engine.messages.Sche
 
 With speculative decoding, a decoding sequence may be scheduled for 1 + k tokens, its k drafts through the same
 rule and allocation (:mod:`llmserve.spec_decode.scheduling` decides which and how many, and keeps what the
-accepted ones move).
+accepted ones move). With ``--num-scheduler-steps`` above 1, a step of greedy decodes only may run several decode
+steps at once (:mod:`llmserve.engine.multi_step` decides how many and allocates their slots).
 
 ``update_from_output`` applies the workers' :class:`~llmserve.engine.messages.ModelRunnerOutput`: it
 advances ``num_computed_tokens``, publishes newly full blocks to the prefix cache, forks parallel
 samples, appends sampled tokens and finishes sequences on EOS, stop token ids and length (a sequence with
 ``max_tokens`` 0 finishes once its prompt is computed, with no token appended). When a step brings several
-tokens (accepted drafts), they are appended in order and the sequence stops at the first stop. Stop strings
+tokens (accepted drafts, a multi-step step's tokens), they are appended in order and the sequence stops at the
+first stop. Stop strings
 need text, so the engine's output processing applies them through :meth:`finish`. A pooling sequence
 samples nothing: it adds each committed step's share of its pooled vector and finishes with the vector
 once its prompt is computed (:mod:`llmserve.layers.pooler`); preemption starts its sum again from zero.
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from llmserve.engine.block_manager import BlockManager
 from llmserve.engine.messages import (CachedSequenceData, ForkData, ModelRunnerOutput, NewSequenceData,
                                       SchedulerOutput, TokenLogprobs)
+from llmserve.engine.multi_step import multi_step_count
 from llmserve.engine.running_adapters import RunningAdapters, adapter_id
 from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.engine.stop_conditions import check_token_stop
@@ -69,7 +72,7 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None,
                  proposer: Proposer | None = None, max_loras: int | None = None,
-                 adaptive: AdaptiveSpeculation | None = None) -> None:
+                 adaptive: AdaptiveSpeculation | None = None, num_scheduler_steps: int = 1) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -84,6 +87,7 @@ class Scheduler:
         self._forks: dict[int, list[Sequence]] = {}
         self._forget: list[int] = []                          # seq ids the workers must drop
         self.speculation = DraftScheduling(proposer, adaptive, max_model_len)
+        self.num_scheduler_steps = num_scheduler_steps
 
     @property
     def spec_stats(self) -> SpecDecodingStats:
@@ -144,7 +148,10 @@ class Scheduler:
                 seq.first_scheduled_time = now
         self._scheduled = scheduled
         speculation.end_schedule(scheduled)
-        return self._make_output(scheduled)
+        num_steps = multi_step_count(scheduled, self.num_scheduler_steps, self.max_model_len, self.block_manager)
+        out = self._make_output(scheduled)
+        out.num_steps = num_steps
+        return out
 
     def _next_suspects(self) -> set[int]:
         """The running sequences of the first suspect request (empty when there is none)."""
@@ -287,8 +294,10 @@ class Scheduler:
                 seq.pending_forks = []
             if seq_drafts:
                 self._append_drafts(seq, seq_drafts, result, now, step)
-                if seq.status is not SequenceStatus.RUNNING:
-                    continue   # stopped on an accepted draft
+            elif seq.seq_id in result.multi_step_tokens:
+                self._append_computed(seq, result.multi_step_tokens[seq.seq_id], None, now, step)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue   # stopped on an accepted draft or an earlier token of a multi-step step
             for sampled_seq in (seq, *children):
                 self._append_token(sampled_seq, result, now, step)
         if result.draft_token_ids:
@@ -300,8 +309,13 @@ class Scheduler:
         """Append the drafts the target accepted (their K/V is computed), stopping at the first stop."""
         accepted = result.num_accepted_drafts[seq.seq_id]
         self.speculation.observe_accepted(seq.seq_id, len(seq_drafts), accepted)
-        logprobs = result.draft_logprobs.get(seq.seq_id)
-        for i, token in enumerate(seq_drafts[:accepted]):
+        self._append_computed(seq, seq_drafts[:accepted], result.draft_logprobs.get(seq.seq_id), now, step)
+
+    def _append_computed(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs] | None, now: float,
+                         step: StepResult) -> None:
+        """Append tokens whose K/V the step computed (accepted drafts, a multi-step step's tokens before its last),
+        stopping at the first stop."""
+        for i, token in enumerate(tokens):
             self._emit(seq, token, logprobs[i] if logprobs is not None else None, now, step)
             if seq.is_finished:
                 return

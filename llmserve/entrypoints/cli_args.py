@@ -50,6 +50,12 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV blocks of cached prompt prefixes (default on)")
     g.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / prompt_logprobs accepted")
+    g.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="CPU: run up to this many greedy decode steps per engine step in compiled code, each "
+                        "token fed back (less Python per token; a stream's tokens arrive that many at a time). "
+                        "Steps with prefills or with requests that sample, penalise, bias, constrain, adapt or "
+                        "ask logprobs run one token. Needs the fused CPU decode step and an untied LM head "
+                        "(refused at start-up otherwise) and no speculative decoding")
     g.add_argument("--stream-interval", type=int, default=1,
                    help="a streamed request gets an output (an SSE event) every this many tokens, its first and "
                         "last at once: less front-end work per token at high concurrency, coarser streaming")
@@ -105,6 +111,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill, enable_prefix_caching=args.enable_prefix_caching,
         max_logprobs=args.max_logprobs, stream_interval=args.stream_interval,
+        num_scheduler_steps=args.num_scheduler_steps,
         pooler_config=args.pooler_config,
         num_threads=args.num_threads, enforce_eager=args.enforce_eager,
         max_seq_len_to_capture=args.max_seq_len_to_capture,

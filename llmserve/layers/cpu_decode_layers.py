@@ -1,5 +1,6 @@
 """Typed entry point of the one-call decode step (``csrc/cpu_decode_layers.c``): every decoder layer of a
-Llama-shaped model, for rows that each decode one token, in a single call into C.
+Llama-shaped model, for rows that each decode one token, in a single call into C; and, with the token embedding and
+LM head attached, several greedy decode steps in one call (:meth:`DecodeLayersKernel.steps`).
 
 The descriptors (each layer's norm weights, projections and attention scale) are built once from the loaded
 modules; each step passes only its rows' positions, K/V slots, block tables and lengths. The descriptors hold
@@ -57,6 +58,11 @@ class _Model(ctypes.Structure):
                 ("cos", _P), ("sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer))]
 
 
+class _Ends(ctypes.Structure):
+    """The token embedding (row-major, activations' dtype) and the LM head of the multi-step loop."""
+    _fields_ = [("embedding", _P), ("vocab", _L), ("head", _Linear)]
+
+
 def linear_descriptor(layer: nn.Module, dtype: torch.dtype, keep: list[torch.Tensor]) -> _Linear:
     """The projection ``layer`` (a linear layer after ``process_weights_after_loading``) as the C step runs it:
     a blocked float32 or bfloat16 weight, or group-int8 segments (GGUF). Tensors made here are appended to
@@ -78,8 +84,9 @@ def linear_descriptor(layer: nn.Module, dtype: torch.dtype, keep: list[torch.Ten
             weight.data_ptr()
         bias_dtype = torch.float32
     elif weight is not None and weight.dtype == dtype == torch.bfloat16 and weight.dim() == 4:
-        desc.kind, desc.n, desc.k, desc.weight = BF16_BLOCKED, weight.shape[0] * weight.shape[2], \
-            layer.input_size_per_partition, weight.data_ptr()
+        # (k from the layer: the blocked pairs round an odd k up; an LM head's inputs are its embedding_dim)
+        k = getattr(layer, "input_size_per_partition", None) or layer.embedding_dim
+        desc.kind, desc.n, desc.k, desc.weight = BF16_BLOCKED, weight.shape[0] * weight.shape[2], k, weight.data_ptr()
         bias_dtype = torch.bfloat16
     else:
         shape = None if weight is None else (tuple(weight.shape), weight.dtype)
@@ -131,6 +138,11 @@ class DecodeLayersKernel:
         lib.llmserve_decode_layers.argtypes = [ctypes.POINTER(_Model), _P, _P, _L, _P, _P, _P, _L, _P,
                                                 ctypes.POINTER(LoRAStepArgs), _P, _I]
         lib.llmserve_decode_layers.restype = _I
+        lib.llmserve_decode_steps_workspace.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Ends), _L]
+        lib.llmserve_decode_steps_workspace.restype = _L
+        lib.llmserve_decode_steps.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Ends), _L, _L, _P, _P, _P, _L,
+                                               ctypes.POINTER(LoRAStepArgs), _P, _P, _I]
+        lib.llmserve_decode_steps.restype = _I
         self._lib = lib
         self.dtype, self.hidden = dtype, hidden
         self._norms = [t for w in layers for t in (w.input_norm, w.post_norm, w.q_norm, w.k_norm) if t is not None]
@@ -146,6 +158,22 @@ class DecodeLayersKernel:
                              self._layers)
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._workspace = torch.empty(0, dtype=torch.uint8)
+        self._ends: _Ends | None = None
+
+    def attach_ends(self, embedding: torch.Tensor, head: _Linear, keep: list[torch.Tensor]) -> None:
+        """The token embedding ``[vocab, hidden]`` (row-major, in the activations' dtype) and the LM head
+        (:func:`linear_descriptor`, ``vocab`` outputs, its tensors in ``keep``) that :meth:`steps` runs; the
+        weights must outlive the kernel.
+        Raises :class:`FusedDecodeUnsupported` when they do not fit the layers."""
+        if embedding.dtype != self.dtype or embedding.dim() != 2 or embedding.shape[1] != self.hidden \
+                or not embedding.is_contiguous():
+            raise FusedDecodeUnsupported(f"the token embedding is {embedding.dtype} {tuple(embedding.shape)}, not a "
+                                         f"contiguous {self.dtype} [vocab, {self.hidden}]")
+        if head.n != embedding.shape[0] or head.k != self.hidden:
+            raise FusedDecodeUnsupported(f"the LM head is [{head.n}, {head.k}], the embedding "
+                                         f"{tuple(embedding.shape)}")
+        self._keep += [embedding, *keep]
+        self._ends = _Ends(embedding.data_ptr(), embedding.shape[0], head)
 
     def bind_caches(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Each layer's (key, value) cache ``[blocks, block_size, kv_heads, head_dim]`` in the activations' dtype,
@@ -184,10 +212,48 @@ class DecodeLayersKernel:
             self._model, embeddings.data_ptr(), out.data_ptr(), rows, positions.data_ptr(), slots.data_ptr(),
             block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), lora, self._workspace.data_ptr(),
             torch.get_num_threads())
+        self._check(status)
+        return out
+
+    def steps(self, first_tokens: torch.Tensor, start_positions: torch.Tensor, block_tables: torch.Tensor,
+              steps: int, lora: LoRAStepArgs | None = None) -> torch.Tensor:
+        """``steps`` greedy decode steps (:meth:`attach_ends` first): row r feeds ``first_tokens[r]`` at
+        ``start_positions[r]`` (int64 [rows]), then each step's argmax at the next position; returns the tokens
+        int64 [steps, rows], step t's argmax of every row in row t. ``block_tables`` int32 [rows, width] must
+        cover every position the steps reach; ``lora`` as :meth:`forward`'s."""
+        rows = first_tokens.shape[0]
+        if self._ends is None:
+            raise RuntimeError("decode steps: no token embedding and LM head attached")
+        if not self._caches:
+            raise RuntimeError("decode layers: no KV caches bound")
+        for name, t in (("first_tokens", first_tokens), ("start_positions", start_positions)):
+            if t.dtype != torch.int64 or t.shape != (rows,) or not t.is_contiguous():
+                raise ValueError(f"decode steps: {name} must be {rows} contiguous int64")
+        if block_tables.dtype != torch.int32 or block_tables.shape[0] != rows or block_tables.stride(1) != 1:
+            raise ValueError(f"decode steps: block_tables must be int32 [{rows}, width] with unit column stride")
+        if steps < 1 or rows < 1:
+            raise ValueError(f"decode steps: {steps} steps of {rows} rows")
+        reach = int(start_positions.max()) + steps
+        if int(start_positions.min()) < 0 or reach > block_tables.shape[1] * self._model.block_size:
+            raise ValueError(f"decode steps: the block tables ({block_tables.shape[1]} blocks) do not cover position "
+                             f"{reach - 1}")
+        need = self._lib.llmserve_decode_steps_workspace(self._model, self._ends, rows)
+        if self._workspace.numel() < need:
+            self._workspace = torch.empty(need, dtype=torch.uint8)
+        tokens = torch.empty(steps, rows, dtype=torch.int64)
+        status = self._lib.llmserve_decode_steps(
+            self._model, self._ends, rows, steps, first_tokens.data_ptr(), start_positions.data_ptr(),
+            block_tables.data_ptr(), block_tables.stride(0), lora, tokens.data_ptr(), self._workspace.data_ptr(),
+            torch.get_num_threads())
+        if status == -4:
+            raise IndexError(f"decode steps: a first token is outside the vocabulary (0..{self._ends.vocab - 1})")
+        self._check(status)
+        return tokens
+
+    def _check(self, status: int) -> None:
         if status == -1:
             raise IndexError(f"decode layers: a position is outside 0..{self._model.max_position - 1}")
         if status == -2:
             raise MemoryError("decode layers: no memory for the attention scores or a layer's activations")
         if status != 0:
             raise ValueError("decode layers: a kernel refused a layer's operands")
-        return out

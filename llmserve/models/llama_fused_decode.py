@@ -10,6 +10,11 @@ which gives the same hidden states. Steps with LoRA adapter rows run here too wh
 the compiled CPU LoRA kernel (:mod:`llmserve.lora.cpu_ops`): the C step calls it after each projection with the
 module path's operands. :func:`fused_decode_for` decides once per model and
 says why not; :meth:`FusedDecode.forward` decides per step.
+
+Where the token embedding and the LM head are ones the C code reads too (an untied head stored blocked or as GGUF
+group-int8, the model's own ``compute_logits``), :meth:`FusedDecode.decode_steps` runs several greedy decode steps
+in one call, each step's argmax fed back as the next step's token: the multi-step decoding of
+``--num-scheduler-steps`` (:mod:`llmserve.worker.multi_step`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from llmserve.layers.attention.torch_metadata import TorchAttentionMetadata
 from llmserve.layers.cpu_decode_layers import (DecodeLayersKernel, DecoderLayerWeights, FusedDecodeUnsupported,
                                                LoRAStepArgs, attach_lora, linear_descriptor)
 from llmserve.layers.cpu_kernels import cpu_kernels
+from llmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from llmserve.layers.layernorm import RMSNorm
 from llmserve.layers.rotary import RotaryEmbedding
 from llmserve.lora.layers import LoRABatchState, LoRALinearMethod
@@ -87,7 +93,9 @@ def _layer_weights(layer: nn.Module, i: int, dtype: torch.dtype, eps: float,
 class FusedDecode:
     """A model's decoder layers as one C call per all-decode step (built by :func:`fused_decode_for`)."""
 
-    def __init__(self, model: LlamaModel, dtype: torch.dtype) -> None:
+    def __init__(self, model: LlamaModel, dtype: torch.dtype, causal_lm: nn.Module | None = None) -> None:
+        """``causal_lm``: the model ``model`` is the decoder of, whose LM head :meth:`decode_steps` runs (None: no
+        multi-step decoding)."""
         kernels = cpu_kernels()
         if kernels is None:
             raise FusedDecodeUnsupported("the CPU kernels are not available")
@@ -119,6 +127,28 @@ class FusedDecode:
             cos=rotary.cos_cache.contiguous(), sin=rotary.sin_cache.contiguous(), keep=keep)
         self._bound: list[torch.Tensor] = []
         self.calls = 0   # steps run here (the tests count them)
+        # why decode_steps cannot run (None: it can)
+        self.steps_unsupported: str | None = "no LM head given"
+        if causal_lm is not None:
+            try:
+                self._attach_ends(causal_lm, dtype)
+                self.steps_unsupported = None
+            except FusedDecodeUnsupported as exc:
+                self.steps_unsupported = str(exc)
+
+    def _attach_ends(self, causal_lm: nn.Module, dtype: torch.dtype) -> None:
+        """The embedding and LM head for :meth:`decode_steps`, if the C loop computes what the modules do."""
+        model, head = self.model, getattr(causal_lm, "lm_head", None)
+        if type(causal_lm).compute_logits is not LlamaForCausalLM.compute_logits:
+            raise FusedDecodeUnsupported(f"{type(causal_lm).__name__} computes its logits its own way")
+        if type(model).embed is not LlamaModel.embed or type(model.embed_tokens) is not VocabParallelEmbedding:
+            raise FusedDecodeUnsupported(f"{type(model).__name__} embeds its tokens its own way")
+        if type(head) is not ParallelLMHead:
+            raise FusedDecodeUnsupported(f"the LM head is {type(head).__name__}")
+        if head.tied:
+            raise FusedDecodeUnsupported("the LM head is tied to the token embedding (kept row-major)")
+        keep: list[torch.Tensor] = []
+        self.kernel.attach_ends(model.embed_tokens.weight.detach(), linear_descriptor(head, dtype, keep), keep)
 
     def _attach_lora(self, layers: list[nn.Module], weights: list[DecoderLayerWeights]) -> bool:
         """Attaches each LoRA-wrapped projection's slots to its descriptor; whether steps with adapter rows run
@@ -179,13 +209,28 @@ class FusedDecode:
         ``block_tables`` [tokens, width] and ``seq_lens``: token i attends to its sequence's first
         ``seq_lens[i]`` positions), with no attention metadata to build: every token's K/V is written before
         any attends, so several tokens of one sequence each get exactly their causal attention."""
+        self._bind()
+        hidden = self.model.embed(input_ids, positions).contiguous()
+        self.calls += 1
+        return self.kernel.forward(hidden, positions.contiguous(), slots, block_tables, seq_lens, self._lora_step())
+
+    def decode_steps(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+                     steps: int) -> torch.Tensor:
+        """``steps`` greedy decode steps of rows that each decode one token (int64 ``input_ids`` and
+        ``positions`` [rows], int32 ``block_tables`` [rows, width] covering the positions the steps reach): the
+        tokens int64 [steps, rows] that many one-step decodes with greedy sampling would give, each fed back."""
+        if self.steps_unsupported is not None:
+            raise FusedDecodeUnsupported(self.steps_unsupported)
+        self._bind()
+        self.calls += steps
+        return self.kernel.steps(input_ids, positions, block_tables, steps, self._lora_step())
+
+    def _bind(self) -> None:
+        """Hands the kernel the layers' current KV caches (again after the pool was rebound)."""
         caches = [a.key_cache for a in self.attention]
         if len(self._bound) != len(caches) or any(c is not b for c, b in zip(caches, self._bound)):
             self.kernel.bind_caches([(a.key_cache, a.value_cache) for a in self.attention])
             self._bound = caches
-        hidden = self.model.embed(input_ids, positions).contiguous()
-        self.calls += 1
-        return self.kernel.forward(hidden, positions.contiguous(), slots, block_tables, seq_lens, self._lora_step())
 
 
 def token_rows(layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +262,13 @@ def run_step(model: nn.Module, fused: FusedDecode | None, layout: BatchLayout, m
 def fused_decode_for(model: nn.Module, backend: object, dtype: torch.dtype, device: torch.device) -> FusedDecode | None:
     """The fused decode step for ``model`` (a causal LM whose decoder is ``model.model``), or None; logs which,
     and why not, once."""
+    fused = fused_decode_or_reason(model, backend, dtype, device)
+    return None if isinstance(fused, str) else fused
+
+
+def fused_decode_or_reason(model: nn.Module, backend: object, dtype: torch.dtype,
+                           device: torch.device) -> FusedDecode | str:
+    """:func:`fused_decode_for`, with why not in place of None."""
     try:
         if device.type != "cpu":
             raise FusedDecodeUnsupported(f"the model runs on {device.type}")
@@ -226,9 +278,9 @@ def fused_decode_for(model: nn.Module, backend: object, dtype: torch.dtype, devi
             raise FusedDecodeUnsupported(f"the {getattr(backend, 'name', type(backend).__name__)} attention backend")
         if not isinstance(model, LlamaForCausalLM) or type(model).forward is not LlamaForCausalLM.forward:
             raise FusedDecodeUnsupported(f"{type(model).__name__} is not a Llama-shaped causal LM")
-        fused = FusedDecode(model.model, dtype)
+        fused = FusedDecode(model.model, dtype, model)
     except FusedDecodeUnsupported as exc:
         logger.info("Fused CPU decode step: off (%s)", exc)
-        return None
+        return str(exc)
     logger.info("Fused CPU decode step: on (%d layers, one C call per all-decode step)", len(fused.attention))
     return fused

@@ -281,8 +281,9 @@ class InputBatch:
         return torch.Generator(device=self.device)
 
     # ------------------------------------------------------------------ one step's inputs
-    def prepare(self, num_scheduled_tokens: dict[int, int]) -> StepInputs:
-        """Gather the step's flat inputs from the rows of its sequences (decodes first, in a stable order)."""
+    def prepare(self, num_scheduled_tokens: dict[int, int], lookahead: int = 0) -> StepInputs:
+        """Gather the step's flat inputs from the rows of its sequences (decodes first, in a stable order); the
+        block tables reach ``lookahead`` positions past the step's tokens (a multi-step step's later steps)."""
         # (a decode step's batch is small and this runs every step: each NumPy call here costs about what its
         # arithmetic does, so an all-decode step skips the reordering and the per-token expansion)
         seq_ids = list(num_scheduled_tokens)
@@ -310,7 +311,7 @@ class InputBatch:
         # A row is sampled when its step reaches its last token (or last draft); pooling rows never are.
         last = self.num_tokens[rows] + self.num_drafts[rows] if self._draft_rows else self.num_tokens[rows]
         sampled = np.flatnonzero(reach == last if not self._pooling_seqs else (reach == last) & ~self.pools[rows])
-        width = max(1, -(-int(reach.max()) // bs))
+        width = max(1, -(-(int(reach.max()) + lookahead) // bs))
         prompt_rows, pool_rows = [], []
         if self._prompt_logprob_seqs or self._pooling_seqs:
             index = {seq_id: i for i, seq_id in enumerate(seq_ids)}

@@ -43,7 +43,7 @@ from llmserve.layers.attention.layer import Attention
 from llmserve.layers.sampler import Sampler, compute_logprobs
 from llmserve.layers.sampling_batch import SamplingBatch, SamplingRow
 from llmserve.lora.model_manager import LoRAModelManager
-from llmserve.models.llama_fused_decode import fused_decode_for, run_step
+from llmserve.models.llama_fused_decode import fused_decode_or_reason, run_step
 from llmserve.sampling_params import SamplingParams
 from llmserve.spec_decode import rejection_sampler
 from llmserve.spec_decode.draft_model_proposer import DraftModelProposer
@@ -53,6 +53,7 @@ from llmserve.worker.cuda_graphs import DecodeGraphs
 from llmserve.worker.input_batch import CachedSequence, InputBatch
 from llmserve.worker.kv_cache_budget import kv_cache_budget, profile_batch
 from llmserve.worker.kv_cache_groups import bind_kv_caches, group_metadata, kv_cache_groups_for, shared_pages
+from llmserve.worker.multi_step import multi_step_decode, run_multi_step
 from llmserve.worker.structured_output_manager import StructuredOutputManager
 
 if TYPE_CHECKING:
@@ -70,10 +71,13 @@ class ModelRunner:
                  enforce_eager: bool = False, max_seq_len_to_capture: int = 8192,
                  max_model_len: int | None = None,
                  load_grammar_compiler: Callable[[], GrammarCompiler] | None = None,
-                 lora_manager: LoRAModelManager | None = None, drafter: DraftModelProposer | None = None) -> None:
+                 lora_manager: LoRAModelManager | None = None, drafter: DraftModelProposer | None = None,
+                 num_scheduler_steps: int = 1) -> None:
         """``load_grammar_compiler`` is given to the driver only (the rank that samples keeps the grammars);
         ``lora_manager`` (LoRA on) has wrapped the model's linear layers and is told each step's adapters;
-        ``drafter`` (a draft model's speculative decoding) runs eagerly after the target each step."""
+        ``drafter`` (a draft model's speculative decoding) runs eagerly after the target each step;
+        ``num_scheduler_steps`` above 1: multi-step steps may come (raises
+        :class:`~llmserve.worker.multi_step.MultiStepUnsupported` where they cannot run)."""
         self.model = model
         self.backend = backend
         self.block_size = block_size
@@ -95,7 +99,11 @@ class ModelRunner:
         self.max_seq_len_to_capture = min(max_seq_len_to_capture, max_model_len or max_seq_len_to_capture)
         self.graphs: DecodeGraphs | None = None
         self.lora_manager = lora_manager
-        self.fused_decode = fused_decode_for(model, backend, dtype, device)
+        fused = fused_decode_or_reason(model, backend, dtype, device)
+        self.fused_decode = None if isinstance(fused, str) else fused
+        self.multi_step = (None if num_scheduler_steps == 1 else
+                           multi_step_decode(self.fused_decode, fused if isinstance(fused, str) else None,
+                                             self.kv_cache_groups.num_groups))
         self._calibrate_kv: list[Attention] = []   # attention layers whose KV-cache scales the next eager step fits
         self._received = self._sent = False   # this step's pipeline hand-offs, for fail_step
         if device.type == "cpu":
@@ -232,9 +240,13 @@ class ModelRunner:
         self.copy_blocks(sched.block_copies)
         if sched.is_empty:
             return ModelRunnerOutput()
-        step = self.input_batch.prepare(sched.num_scheduled_tokens)
+        step = self.input_batch.prepare(sched.num_scheduled_tokens, sched.num_steps - 1)
         if self.lora_manager is not None:
             self.lora_manager.set_active(step.lora_ids, step.query_lens, self.input_batch.lora_requests)
+        if sched.num_steps > 1:
+            if self.multi_step is None:
+                raise RuntimeError("a multi-step step came to a runner built for one step at a time")
+            return run_multi_step(self.multi_step, step, sched.num_steps)
         layout = BatchLayout(query_lens=step.query_lens, context_lens=step.context_lens,
                              block_tables=step.block_tables[0], slot_mapping=torch.from_numpy(step.slot_mapping[0]),
                              num_decodes=step.num_decodes, block_size=self.block_size)

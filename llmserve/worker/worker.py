@@ -115,7 +115,7 @@ class Worker:
                                   max_seq_len_to_capture=config.max_seq_len_to_capture,
                                   max_model_len=self.max_model_len,
                                   load_grammar_compiler=self._grammar_compiler if driver else None,
-                                  lora_manager=lora, drafter=drafter)
+                                  lora_manager=lora, drafter=drafter, num_scheduler_steps=config.num_scheduler_steps)
 
     def _grammar_compiler(self) -> GrammarCompiler:
         """The compiler of structured-output grammars for this model: its vocabulary (the logits' width) and

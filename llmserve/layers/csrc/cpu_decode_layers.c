@@ -40,6 +40,7 @@ int llmserve_paged_decode_attention(const float *q, long q_stride, const void *k
                                     const float *alibi_slopes, float *out, long out_stride, int num_threads,
                                     int kv_format, float k_scale, float v_scale);
 
+void llmserve_argmax_rows(const float *x, long x_stride, long *out, long rows, long n, int num_threads);
 int llmserve_lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a, long a_slot_stride,
                       const void *bt, long bt_slot_stride, long bt_stride, const long *slot_ranks,
                       const long *bounds, int projections, const long *rows, const long *segments,
@@ -113,11 +114,12 @@ typedef struct {
 
 static long max3(long a, long b, long c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
-static dl_buffers carve(const dl_model *m, long rows, char *base) {
+/* `head_n`: the widest output besides the layers' (the LM head's, for llmserve_decode_steps; 0 for none). */
+static dl_buffers carve(const dl_model *m, long rows, long head_n, char *base) {
     const long s = m->bf16 ? 2 : 4;
     const long q_size = m->num_heads * m->head_dim, qkv_n = q_size + 2 * m->num_kv_heads * m->head_dim;
     const long max_k = max3(m->hidden, q_size, m->intermediate);
-    const long max_n = max3(qkv_n, m->hidden, 2 * m->intermediate);
+    const long layers_n = max3(qkv_n, m->hidden, 2 * m->intermediate), max_n = layers_n > head_n ? layers_n : head_n;
     dl_buffers b;
     long at = 0;
 #define TAKE(field, type, size) do { b.field = (type)(base ? base + at : NULL); at += ((size) + 63) / 64 * 64; } while (0)
@@ -141,7 +143,7 @@ static dl_buffers carve(const dl_model *m, long rows, char *base) {
 }
 
 /* Bytes of workspace llmserve_decode_layers needs for `rows` rows. */
-long llmserve_decode_layers_workspace(const dl_model *m, long rows) { return carve(m, rows, NULL).bytes; }
+long llmserve_decode_layers_workspace(const dl_model *m, long rows) { return carve(m, rows, 0, NULL).bytes; }
 
 /* `count` rows of `n` values from a row stride of `x_stride`: bfloat16 widened to float32 (exact). */
 static void widen_rows(const uint16_t *x, long x_stride, float *out, long count, long n) {
@@ -239,6 +241,40 @@ static int attend(const dl_model *m, const dl_layer *L, long rows, const long *p
     return 0;
 }
 
+/* Every layer of `m` and the final norm for `rows` decode rows, in the buffers `b` (llmserve_decode_layers). */
+static int run_layers(const dl_model *m, const dl_buffers *b, const void *embeddings, void *out, long rows,
+                      const long *positions, const long *slots, const int *block_tables, long table_stride,
+                      const int *seq_lens, const dl_lora_step *lora, int num_threads) {
+    const int bf16 = m->bf16;
+    const long s = bf16 ? 2 : 4, hidden = m->hidden, inter = m->intermediate;
+    for (long i = 0; i < m->num_layers; i++) {
+        const dl_layer *L = &m->layers[i];
+        if (i == 0) {
+            memcpy(b->res, embeddings, rows * hidden * s);
+            llmserve_rms_norm(b->res, hidden, NULL, 0, L->input_norm, m->eps, b->normed, hidden, NULL, 0, rows,
+                              hidden, num_threads, 0, bf16);
+        } else {
+            llmserve_rms_norm(b->h, hidden, b->res, hidden, L->input_norm, m->eps, b->normed, hidden, b->res, hidden,
+                              rows, hidden, num_threads, 0, bf16);
+        }
+        int status = linear(&L->qkv, b->normed, b->qkv, rows, bf16, b, lora, num_threads);
+        if (!status)
+            status = attend(m, L, rows, positions, slots, block_tables, table_stride, seq_lens, b, num_threads);
+        if (!status) status = linear(&L->o, b->attn, b->h, rows, bf16, b, lora, num_threads);
+        if (status) return status;
+        llmserve_rms_norm(b->h, hidden, b->res, hidden, L->post_norm, m->eps, b->normed, hidden, b->res, hidden, rows,
+                          hidden, num_threads, 0, bf16);
+        status = linear(&L->gate_up, b->normed, b->gate_up, rows, bf16, b, lora, num_threads);
+        if (status) return status;
+        llmserve_silu_and_mul(b->gate_up, 2 * inter, b->act, inter, rows, inter, num_threads, bf16);
+        status = linear(&L->down, b->act, b->h, rows, bf16, b, lora, num_threads);
+        if (status) return status;
+    }
+    llmserve_rms_norm(b->h, hidden, b->res, hidden, m->final_norm, m->eps, out, hidden, b->res, hidden, rows, hidden,
+                      num_threads, 0, bf16);
+    return 0;
+}
+
 /* Every layer of `m` and the final norm for `rows` decode rows: `embeddings` [rows, hidden] in, the final norm's
  * output [rows, hidden] in `out`. Per row: its position, its K/V slot (block * block_size + offset), its block
  * table (int32, `table_stride` apart) and its length with the new token. `lora`: the step's adapter rows, NULL
@@ -249,33 +285,82 @@ static int attend(const dl_model *m, const dl_layer *L, long rows, const long *p
 int llmserve_decode_layers(const dl_model *m, const void *embeddings, void *out, long rows, const long *positions,
                            const long *slots, const int *block_tables, long table_stride, const int *seq_lens,
                            const dl_lora_step *lora, void *workspace, int num_threads) {
+    const dl_buffers b = carve(m, rows, 0, workspace);
+    return run_layers(m, &b, embeddings, out, rows, positions, slots, block_tables, table_stride, seq_lens, lora,
+                      num_threads);
+}
+
+/* The token embedding and LM head of llmserve_decode_steps: `embedding` [vocab, hidden] row-major in the
+ * activations' dtype, `head` the LM head's projection (head.n = vocab). */
+typedef struct {
+    const void *embedding;
+    long vocab;
+    dl_linear head;
+} dl_ends;
+
+/* The extra buffers of llmserve_decode_steps after carve's: the step's embeddings and final-norm output, the head's
+ * output in the activations' dtype and widened to float32, each row's position, slot and length. */
+static long steps_bytes(const dl_model *m, const dl_ends *e, long rows, char *base, void **emb, void **normed,
+                        void **logits, float **logits32, long **positions, long **slots, int **seq_lens) {
+    const long s = m->bf16 ? 2 : 4;
+    long at = carve(m, rows, e->vocab, NULL).bytes;
+#define TAKE(ptr, type, size) do { *(ptr) = (type)(base ? base + at : NULL); at += ((size) + 63) / 64 * 64; } while (0)
+    TAKE(emb, void *, rows * m->hidden * s);
+    TAKE(normed, void *, rows * m->hidden * s);
+    TAKE(logits, void *, rows * e->vocab * s);
+    TAKE(logits32, float *, rows * e->vocab * 4);
+    TAKE(positions, long *, rows * 8);
+    TAKE(slots, long *, rows * 8);
+    TAKE(seq_lens, int *, rows * 4);
+#undef TAKE
+    return at;
+}
+
+/* Bytes of workspace llmserve_decode_steps needs for `rows` rows. */
+long llmserve_decode_steps_workspace(const dl_model *m, const dl_ends *e, long rows) {
+    void *p;
+    float *f;
+    long *l;
+    int *i;
+    return steps_bytes(m, e, rows, NULL, &p, &p, &p, &f, &l, &l, &i);
+}
+
+/* `steps` greedy decode steps of `rows` sequences in one call: step 0 feeds each row its token `first_tokens[r]` at
+ * position `start_positions[r]`, every later step the argmax of the row's previous logits at the next position;
+ * tokens[t * rows + r] is row r's argmax after step t. Each step is llmserve_decode_layers, the LM head (a bfloat16
+ * model's logits rounded to bfloat16, as the module path's head returns them) and the first index of each row's
+ * largest logit (llmserve_argmax_rows), so the tokens are those the one-step path samples greedily. A row's K/V
+ * slots follow its block table (int32, `table_stride` apart, covering every position the steps reach). Returns 0,
+ * llmserve_decode_layers' errors, or -4 for a first token outside the vocabulary. */
+int llmserve_decode_steps(const dl_model *m, const dl_ends *e, long rows, long steps, const long *first_tokens,
+                          const long *start_positions, const int *block_tables, long table_stride,
+                          const dl_lora_step *lora, long *tokens, void *workspace, int num_threads) {
     const int bf16 = m->bf16;
-    const long s = bf16 ? 2 : 4, hidden = m->hidden, inter = m->intermediate;
-    const dl_buffers b = carve(m, rows, workspace);
-    for (long i = 0; i < m->num_layers; i++) {
-        const dl_layer *L = &m->layers[i];
-        if (i == 0) {
-            memcpy(b.res, embeddings, rows * hidden * s);
-            llmserve_rms_norm(b.res, hidden, NULL, 0, L->input_norm, m->eps, b.normed, hidden, NULL, 0, rows, hidden,
-                              num_threads, 0, bf16);
-        } else {
-            llmserve_rms_norm(b.h, hidden, b.res, hidden, L->input_norm, m->eps, b.normed, hidden, b.res, hidden,
-                              rows, hidden, num_threads, 0, bf16);
+    const long s = bf16 ? 2 : 4, hidden = m->hidden, vocab = e->vocab, bs = m->block_size;
+    void *emb, *normed, *logits;
+    float *logits32;
+    long *positions, *slots;
+    int *seq_lens;
+    steps_bytes(m, e, rows, workspace, &emb, &normed, &logits, &logits32, &positions, &slots, &seq_lens);
+    const dl_buffers b = carve(m, rows, vocab, workspace);
+    for (long r = 0; r < rows; r++)
+        if (first_tokens[r] < 0 || first_tokens[r] >= vocab) return -4;
+    for (long t = 0; t < steps; t++) {
+        const long *in = t == 0 ? first_tokens : tokens + (t - 1) * rows;
+        for (long r = 0; r < rows; r++) {
+            const long pos = start_positions[r] + t;
+            positions[r] = pos;
+            slots[r] = (long)block_tables[r * table_stride + pos / bs] * bs + pos % bs;
+            seq_lens[r] = (int)(pos + 1);
+            memcpy((char *)emb + r * hidden * s, (const char *)e->embedding + in[r] * hidden * s, hidden * s);
         }
-        int status = linear(&L->qkv, b.normed, b.qkv, rows, bf16, &b, lora, num_threads);
-        if (!status)
-            status = attend(m, L, rows, positions, slots, block_tables, table_stride, seq_lens, &b, num_threads);
-        if (!status) status = linear(&L->o, b.attn, b.h, rows, bf16, &b, lora, num_threads);
+        int status = run_layers(m, &b, emb, normed, rows, positions, slots, block_tables, table_stride, seq_lens,
+                                lora, num_threads);
+        if (!status) status = linear(&e->head, normed, bf16 ? logits : (void *)logits32, rows, bf16, &b, NULL,
+                                     num_threads);
         if (status) return status;
-        llmserve_rms_norm(b.h, hidden, b.res, hidden, L->post_norm, m->eps, b.normed, hidden, b.res, hidden, rows,
-                          hidden, num_threads, 0, bf16);
-        status = linear(&L->gate_up, b.normed, b.gate_up, rows, bf16, &b, lora, num_threads);
-        if (status) return status;
-        llmserve_silu_and_mul(b.gate_up, 2 * inter, b.act, inter, rows, inter, num_threads, bf16);
-        status = linear(&L->down, b.act, b.h, rows, bf16, &b, lora, num_threads);
-        if (status) return status;
+        if (bf16) widen_rows(logits, vocab, logits32, rows, vocab);
+        llmserve_argmax_rows(logits32, vocab, tokens + t * rows, rows, vocab, num_threads);
     }
-    llmserve_rms_norm(b.h, hidden, b.res, hidden, m->final_norm, m->eps, out, hidden, b.res, hidden, rows, hidden,
-                      num_threads, 0, bf16);
     return 0;
 }

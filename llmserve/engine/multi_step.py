@@ -1,0 +1,55 @@
+"""Multi-step decoding (``--num-scheduler-steps N``, vLLM's flag): how many decode steps the next engine step runs.
+
+At batch 1 on a CPU, a small model's decode step is a few milliseconds of kernels and a few hundred microseconds
+of Python around them (scheduling, inputs, sampling, output processing). A multi-step step runs up to N greedy
+decode steps in one call into compiled code, each step's argmax fed back as the next step's token
+(:mod:`llmserve.worker.multi_step`), so that Python cost is paid once per N tokens.
+
+The scheduler takes it only when the loop computes exactly what N single steps would: every row of the step is a
+running sequence decoding its next token, greedy, with nothing that changes its logits or needs them (no
+penalties, logit bias, grammar, logprobs, adapter or unmet ``min_tokens``), and no draft. N is cut to the
+tokens every row may still generate (``max_tokens``, the context), and the step falls back to one token when
+the KV cache has no free blocks for the lookahead. Tokens after a stop (EOS, stop token or string) are computed
+but dropped when the result comes back (:meth:`~llmserve.engine.scheduler.Scheduler.update_from_output`);
+streams receive the step's tokens together.
+"""
+
+from __future__ import annotations
+
+from llmserve.engine.block_manager import BlockManager
+from llmserve.engine.sequence import Sequence
+
+
+def decodes_greedily_alone(seq: Sequence) -> bool:
+    """Whether ``seq``'s next tokens are its logits' argmax, with nothing asked of them but the token: what the
+    compiled multi-step loop computes."""
+    params = seq.params
+    return (seq.pooling is None and seq.lora_request is None and not seq.pending_forks and params.is_greedy
+            and params.logprobs is None and not params.logit_bias and params.structured_outputs is None
+            and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0 and len(seq.output_token_ids) >= params.min_tokens)
+
+
+def tokens_left(seq: Sequence, max_model_len: int | None) -> int:
+    """Tokens ``seq`` may still generate before its length stops it."""
+    left = seq.max_tokens - len(seq.output_token_ids)
+    return left if max_model_len is None else min(left, max_model_len - seq.num_tokens)
+
+
+def multi_step_count(scheduled: list[tuple[Sequence, int]], max_steps: int, max_model_len: int | None,
+                     block_manager: BlockManager) -> int:
+    """How many decode steps the scheduled step runs (1: a plain step). Allocates the KV-cache slots of the extra
+    steps when it returns more than 1 (none are preempted for them)."""
+    if max_steps == 1 or not scheduled:
+        return 1
+    steps = max_steps
+    for seq, num_new in scheduled:
+        if num_new != 1 or seq.num_computed_tokens != seq.num_tokens - 1 or not decodes_greedily_alone(seq):
+            return 1
+        steps = min(steps, tokens_left(seq, max_model_len))
+    if steps <= 1:
+        return 1
+    for seq, _ in scheduled:
+        if not block_manager.allocate(seq, seq.num_tokens - 1 + steps):
+            return 1   # the slots already taken stay with their sequences (their next steps use them)
+    return steps

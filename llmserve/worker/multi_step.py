@@ -1,0 +1,51 @@
+"""The model runner's side of multi-step decoding (``--num-scheduler-steps``, :mod:`llmserve.engine.multi_step`).
+
+A multi-step step's rows are greedy decodes the scheduler has allocated KV-cache slots for, ``num_steps`` tokens
+ahead. The fused CPU decode step runs them all in one call (:meth:`FusedDecode.decode_steps`): per step the
+decoder layers, the LM head and each row's argmax, fed back as the row's next token. The tokens come back as the
+step's sampled token per sequence and the ones before it (:attr:`ModelRunnerOutput.multi_step_tokens`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmserve.engine.messages import ModelRunnerOutput
+from llmserve.models.llama_fused_decode import FusedDecode
+from llmserve.worker.input_batch import StepInputs
+
+
+class MultiStepUnsupported(ValueError):
+    """``--num-scheduler-steps`` above 1 for a model or engine the compiled loop cannot run; says why."""
+
+
+def multi_step_decode(fused: FusedDecode | None, fused_off: str | None, num_kv_cache_groups: int) -> FusedDecode:
+    """The fused decode step that runs multi-step steps; raises :class:`MultiStepUnsupported` naming what is
+    missing (``fused_off``: why the fused step is off, when it is)."""
+    why = None
+    if fused is None:
+        why = f"the fused CPU decode step is off ({fused_off})"
+    elif fused.steps_unsupported is not None:
+        why = fused.steps_unsupported
+    elif num_kv_cache_groups != 1:
+        why = f"the model's attention layers keep {num_kv_cache_groups} KV-cache groups"
+    if why is not None:
+        raise MultiStepUnsupported(f"--num-scheduler-steps > 1 runs decode steps in the compiled CPU loop, which "
+                                   f"this engine cannot: {why}. Leave --num-scheduler-steps at 1")
+    assert fused is not None
+    return fused
+
+
+def run_multi_step(fused: FusedDecode, step: StepInputs, num_steps: int) -> ModelRunnerOutput:
+    """Run a multi-step step (its inputs prepared with ``num_steps - 1`` positions of lookahead in the block
+    tables) and return each sequence's tokens."""
+    seqs = step.sample_seqs
+    if len(seqs) != len(step.input_ids) or step.num_decodes != len(seqs):
+        raise RuntimeError("a multi-step step must decode one token for every row")
+    tokens = fused.decode_steps(torch.from_numpy(step.input_ids), torch.from_numpy(step.positions),
+                                torch.from_numpy(step.block_tables[0]), num_steps).T.tolist()
+    out = ModelRunnerOutput()
+    for seq, row in zip(seqs, tokens):
+        out.sampled[seq.seq_id] = row[-1]
+        out.multi_step_tokens[seq.seq_id] = row[:-1]
+    return out

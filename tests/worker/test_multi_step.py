@@ -1,0 +1,143 @@
+"""Multi-step decoding through the engine (``--num-scheduler-steps``): the compiled loop runs several greedy decode
+steps per engine step and the output is exactly what one step at a time gives: the same tokens, the same finish,
+whatever the dtype or weight format, with stops inside a step's tokens, with rows it cannot run in the batch and
+under KV-cache pressure. Engines it cannot run refuse the flag at start-up, saying why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmserve import LLM, SamplingParams
+from llmserve.config import EngineConfig
+from llmserve.layers.cpu_kernels import cpu_kernels
+from llmserve.testing.gguf_files import write_gguf
+from llmserve.worker.multi_step import MultiStepUnsupported
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="the CPU kernels are not available")
+
+STEPS = 4
+PROMPTS = ["Hello world, this is", "The quick brown fox jumps over the lazy dog and then keeps running far away",
+           "A"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True)   # not a multiple of STEPS
+
+
+def engine(path, steps: int, **kwargs) -> LLM:
+    return LLM(str(path), kv_cache_memory_bytes=kwargs.pop("kv", "32MiB"), block_size=4, num_scheduler_steps=steps,
+               **kwargs)
+
+
+def outputs(llm: LLM, params=GREEDY, prompts=PROMPTS) -> list[tuple[list[int], str, str | None]]:
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
+            for o in llm.generate(prompts, params)]
+
+
+class StepCounter:
+    """The decode steps of each engine step (``num_steps`` of its scheduler output)."""
+
+    def __init__(self, llm: LLM) -> None:
+        core = llm.engine.core
+        schedule = core.scheduler.schedule
+        self.num_steps: list[int] = []
+
+        def counted():
+            out = schedule()
+            self.num_steps.append(out.num_steps)
+            return out
+
+        core.scheduler.schedule = counted
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("llama", "bfloat16"), ("qwen3", "float32"),
+                                          ("qwen2", "bfloat16")])
+def test_the_tokens_are_those_of_one_step_at_a_time(checkpoint_dir, family, dtype):
+    path = checkpoint_dir(family)
+    multi = engine(path, STEPS, dtype=dtype)
+    counter = StepCounter(multi)
+    assert outputs(multi) == outputs(engine(path, 1, dtype=dtype))
+    # after the prompts' step, 10 tokens each: steps of 4, 4 and 2
+    assert [n for n in counter.num_steps if n > 1] == [4, 4, 2]
+
+
+@pytest.mark.parametrize("file_type", ["Q8_0", "Q4_0", "F16"])
+def test_gguf_files_decode_the_same_in_several_steps(checkpoint_dir, tmp_path_factory, file_type):
+    """Their packed (group-int8) LM head and layers run in the loop as in a step of their own."""
+    source = checkpoint_dir("llama")
+    path = write_gguf(source, tmp_path_factory.mktemp("gguf") / f"llama-{file_type}.gguf", "llama", file_type)
+    multi = engine(path, STEPS, tokenizer=str(source))
+    counter = StepCounter(multi)
+    assert outputs(multi) == outputs(engine(path, 1, tokenizer=str(source)))
+    assert max(counter.num_steps) == STEPS
+
+
+def test_stops_inside_a_step_end_the_output_where_one_step_at_a_time_does(checkpoint_dir):
+    path = checkpoint_dir("llama")
+    multi, single = engine(path, 8), engine(path, 1)
+    tokens, text, _ = outputs(single)[1]
+    by_token = SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[tokens[5]])
+    by_text = SamplingParams(temperature=0.0, max_tokens=20, stop=[text[len(text) // 2:len(text) // 2 + 3]])
+    for params in (by_token, by_text):
+        got, want = outputs(multi, params), outputs(single, params)
+        assert got == want
+        assert want[1][2] == "stop"
+    assert multi.engine.block_manager.num_free_blocks == multi.engine.block_manager.num_blocks
+
+
+def test_rows_the_loop_cannot_run_make_plain_steps_with_the_same_output(checkpoint_dir):
+    path = checkpoint_dir("llama")
+    penalised = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, repetition_penalty=1.3)
+    seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)
+    mixed = [GREEDY, penalised, seeded]
+    multi = engine(path, STEPS)
+    counter = StepCounter(multi)
+    assert outputs(multi, mixed) == outputs(engine(path, 1), mixed)
+    # one step a token while the seeded row runs (its 6 tokens), then the greedy row's last 5 in steps of 4 and 1
+    assert counter.num_steps == [1] * 6 + [4, 1]
+
+
+def test_under_kv_cache_pressure_the_output_is_unchanged(checkpoint_dir):
+    """Too few free blocks for the lookahead makes plain steps (preemptions go on as they would)."""
+    path = checkpoint_dir("llama")
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    prompts = PROMPTS * 3
+    single = engine(path, 1, kv="64KiB")
+    multi = engine(path, 8, kv="64KiB")
+    counter = StepCounter(multi)
+    assert outputs(multi, long, prompts) == outputs(single, long, prompts)
+    assert max(counter.num_steps) > 1 and multi.engine.scheduler.num_preemptions > 0
+
+
+def test_a_stream_gets_a_steps_tokens_together(checkpoint_dir):
+    llm = engine(checkpoint_dir("llama"), STEPS)
+    llm.engine.add_request("r", PROMPTS[0], GREEDY)
+    counts = []
+    while llm.engine.has_unfinished_requests():
+        counts += [len(out.outputs[0].token_ids) for out in llm.engine.step()]
+    assert counts == [1, 5, 9, 11]
+
+
+@pytest.mark.parametrize("family,why", [("llama3", "tied to the token embedding"),
+                                        ("gpt2", "fused CPU decode step is off")])
+def test_engines_the_loop_cannot_run_refuse_the_flag(checkpoint_dir, family, why):
+    with pytest.raises(MultiStepUnsupported, match=why):
+        engine(checkpoint_dir(family), 2)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="--num-scheduler-steps must be >= 1"):
+        EngineConfig(num_scheduler_steps=0)
+    with pytest.raises(ValueError, match="speculative decoding"):
+        EngineConfig(num_scheduler_steps=2, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def test_the_loop_refuses_bad_operands(checkpoint_dir):
+    llm = engine(checkpoint_dir("llama"), STEPS)
+    fused = llm.engine.runner.fused_decode
+    vocab = llm.engine.vocab_size
+    tables = torch.zeros(1, 2, dtype=torch.int32)
+    one = torch.tensor([0])
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        fused.decode_steps(torch.tensor([vocab]), one, tables, 2)
+    with pytest.raises(ValueError, match="do not cover position 8"):
+        fused.decode_steps(one, torch.tensor([7]), tables, 2)
