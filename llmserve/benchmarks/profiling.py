@@ -146,7 +146,8 @@ class StepProfiler:
             batch = runner.input_batch   # patched from the step's message by execute
             self._scheduled.extend((n, batch.num_computed_tokens(i), batch.seqs[i].num_tokens)
                                    for i, n in sched.num_scheduled_tokens.items())
-            self._num_steps = sched.num_steps
+            # (a multi-step step may end early, or run as a plain step: its rows' tokens say how many it ran)
+            self._num_steps = 1 + max(map(len, output.multi_step_tokens.values()), default=0) if output is not None else 1
             return output
 
         runner.model.forward, runner.model.compute_logits = self._forward, self._logits
@@ -233,8 +234,8 @@ def decode_steps(engine: LLMEngine, prompts: list[list[int]], output_len: int, s
 
 def profile_decode_steps(engine: LLMEngine, prompts: list[list[int]], steps: int, prefix: Path,
                          request_prefix: str = "torch-profile") -> list[Path]:
-    """Run ``prompts`` until every one decodes, then ``steps`` decode steps of the whole batch under
-    ``torch.profiler`` (host, and the GPU's kernels on CUDA), then the rest. Writes ``<prefix>.txt`` (operators and
+    """Run ``prompts`` until every one decodes, then ``steps`` engine steps decoding the whole batch (with
+    ``--num-scheduler-steps``, each up to that many decode steps) under ``torch.profiler`` (host, and the GPU's kernels on CUDA), then the rest. Writes ``<prefix>.txt`` (operators and
     kernels by their own time) and ``<prefix>.json`` (a trace for Perfetto or chrome://tracing); returns both paths.
     Only this process is seen: profile an engine whose model runs here (one rank, the default executor)."""
     from torch.profiler import ProfilerActivity, profile
@@ -243,8 +244,9 @@ def profile_decode_steps(engine: LLMEngine, prompts: list[list[int]], steps: int
     prefill_steps = -(-sum(map(len, prompts)) // engine.max_num_batched_tokens)
     # Room for the steps until the last prompt is prefilled (the first ones decode meanwhile, taking some of each
     # step's tokens: at most twice the prefill's steps) and for the profiled steps, with every sequence still there.
+    tokens = (2 * prefill_steps + steps + 2) * engine.config.num_scheduler_steps   # an engine step may decode several
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"{request_prefix}-{i}", prompt, greedy(2 * prefill_steps + steps + 2))
+        engine.add_request(f"{request_prefix}-{i}", prompt, greedy(tokens))
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
     with StepProfiler(engine) as timer:
         while engine.has_unfinished_requests():
@@ -259,7 +261,7 @@ def profile_decode_steps(engine: LLMEngine, prompts: list[list[int]], steps: int
     prefix.parent.mkdir(parents=True, exist_ok=True)
     averages = prof.key_averages()
     sections = [("host time", "self_cpu_time_total"), *([("GPU time", "self_device_time_total")] if on_cuda else [])]
-    table.write_text("".join(f"{steps} decode steps of {len(prompts)} sequences, by their own {what}:\n"
+    table.write_text("".join(f"{steps} engine steps decoding {len(prompts)} sequences, by their own {what}:\n"
                              f"{averages.table(sort_by=key, row_limit=40)}\n" for what, key in sections))
     prof.export_chrome_trace(str(trace))
     return [table, trace]

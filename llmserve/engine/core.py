@@ -143,11 +143,13 @@ class EngineCore:
         if sched.is_empty:
             self.scheduler.update_from_output(sched, ModelRunnerOutput())
             return EngineCoreOutputs()   # nothing ran
-        step = self.scheduler.update_from_output(sched, self.executor.execute_model(sched))
+        result = self.executor.execute_model(sched)
+        step = self.scheduler.update_from_output(sched, result)
         self.scheduler.speculation.observe_step_time(time.perf_counter() - start)
         self.num_steps += 1
-        out = EngineCoreOutputs(failed=step.failed,
-                                num_scheduled_tokens=sched.total_num_scheduled_tokens * sched.num_steps)
+        # (a multi-step step computed each row's earlier tokens too)
+        computed = sched.total_num_scheduled_tokens + sum(map(len, result.multi_step_tokens.values()))
+        out = EngineCoreOutputs(failed=step.failed, num_scheduled_tokens=computed)
         for request_id in step.failed:
             self.abort(request_id)
         for seq, start, entries in step.prompt_logprobs:

@@ -9,9 +9,10 @@ The scheduler takes it only when the loop computes exactly what N single steps w
 running sequence decoding its next token, greedy, with nothing that changes its logits or needs them (no
 penalties, logit bias, grammar, logprobs, adapter or unmet ``min_tokens``), and no draft. N is cut to the
 tokens every row may still generate (``max_tokens``, the context), and the step falls back to one token when
-the KV cache has no free blocks for the lookahead. Tokens after a stop (EOS, stop token or string) are computed
-but dropped when the result comes back (:meth:`~llmserve.engine.scheduler.Scheduler.update_from_output`);
-streams receive the step's tokens together.
+the KV cache has too few free blocks for the lookahead (nothing is preempted for it). The loop ends after the first
+step in which a row samples an EOS or stop token; a stop string is found in the text once the tokens are back, and
+the tokens after it are dropped (:meth:`~llmserve.engine.scheduler.Scheduler.update_from_output`). Streams receive
+a step's tokens together.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def multi_step_count(scheduled: list[tuple[Sequence, int]], max_steps: int, max_
         steps = min(steps, tokens_left(seq, max_model_len))
     if steps <= 1:
         return 1
+    # (the step's blocks are allocated, copy-on-write done: the lookahead only adds fresh blocks at the tables' ends)
+    needed = sum(max(0, block_manager.blocks_for(seq.num_tokens - 1 + steps) - len(seq.block_table))
+                 for seq, _ in scheduled)
+    if needed > block_manager.num_free_blocks:
+        return 1
     for seq, _ in scheduled:
-        if not block_manager.allocate(seq, seq.num_tokens - 1 + steps):
-            return 1   # the slots already taken stay with their sequences (their next steps use them)
+        assert block_manager.allocate(seq, seq.num_tokens - 1 + steps)
     return steps

@@ -315,12 +315,14 @@ class Scheduler:
                          step: StepResult) -> None:
         """Append tokens whose K/V the step computed (accepted drafts, a multi-step step's tokens before its last),
         stopping at the first stop."""
+        block_size = self.block_manager.block_size
         for i, token in enumerate(tokens):
             self._emit(seq, token, logprobs[i] if logprobs is not None else None, now, step)
             if seq.is_finished:
                 return
             seq.num_computed_tokens += 1
-        self.block_manager.cache_full_blocks(seq)
+            if seq.num_computed_tokens % block_size == 0:   # published as it fills, before a later stop frees it
+                self.block_manager.cache_full_blocks(seq)
 
     def _pool(self, seq: Sequence, result: ModelRunnerOutput, step: StepResult) -> None:
         """Add the step's share of ``seq``'s pooled vector; finish it with the vector once its prompt is computed."""

@@ -54,8 +54,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                    help="CPU: run up to this many greedy decode steps per engine step in compiled code, each "
                         "token fed back (less Python per token; a stream's tokens arrive that many at a time). "
                         "Steps with prefills or with requests that sample, penalise, bias, constrain, adapt or "
-                        "ask logprobs run one token. Needs the fused CPU decode step and an untied LM head "
-                        "(refused at start-up otherwise) and no speculative decoding")
+                        "ask logprobs run one token. Needs the fused CPU decode step (refused at start-up "
+                        "otherwise) and no speculative decoding")
     g.add_argument("--stream-interval", type=int, default=1,
                    help="a streamed request gets an output (an SSE event) every this many tokens, its first and "
                         "last at once: less front-end work per token at high concurrency, coarser streaming")

@@ -12,6 +12,7 @@ the plan is used. What may run this way, and the per-step choice, are decided in
 from __future__ import annotations
 
 import ctypes
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from llmserve.layers.cpu_kernels import CPUKernels
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 MAX_SEGMENTS = 4   # group-int8 row segments per projection (DL_MAX_SEGMENTS)
-F32_BLOCKED, BF16_BLOCKED, GROUP_INT8 = 0, 1, 2
+F32_BLOCKED, BF16_BLOCKED, GROUP_INT8, F32_ROWS, BF16_ROWS = 0, 1, 2, 3, 4
 
 
 class FusedDecodeUnsupported(ValueError):
@@ -101,6 +102,19 @@ def linear_descriptor(layer: nn.Module, dtype: torch.dtype, keep: list[torch.Ten
     return desc
 
 
+def row_major_descriptor(weight: torch.Tensor, dtype: torch.dtype) -> _Linear:
+    """A plain row-major ``[out, in]`` weight (a tied LM head's, the embedding's own) as the C step runs it: through
+    the kernels the module path runs such a weight with for a few rows (``apply_linear``'s compiled GEMV in
+    float32, its row-major kernel in bfloat16). The weight must outlive the descriptor."""
+    if weight.dtype != dtype or dtype not in (torch.float32, torch.bfloat16) or weight.dim() != 2 \
+            or not weight.is_contiguous():
+        raise FusedDecodeUnsupported(f"a {weight.dtype} {tuple(weight.shape)} row-major weight in a {dtype} model")
+    desc = _Linear()
+    desc.kind = F32_ROWS if dtype == torch.float32 else BF16_ROWS
+    desc.n, desc.k, desc.weight = weight.shape[0], weight.shape[1], weight.data_ptr()
+    return desc
+
+
 def attach_lora(desc: _Linear, slot_args: tuple, in_features: int, w_bf16: int) -> None:
     """Adds a projection's LoRA slots (:attr:`~llmserve.lora.cpu_ops.CPULoRALayer.slot_args` and the rest) to its
     descriptor: a step given adapter rows adds their deltas right after the projection. The slot tensors must
@@ -141,7 +155,7 @@ class DecodeLayersKernel:
         lib.llmserve_decode_steps_workspace.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Ends), _L]
         lib.llmserve_decode_steps_workspace.restype = _L
         lib.llmserve_decode_steps.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Ends), _L, _L, _P, _P, _P, _L,
-                                               ctypes.POINTER(LoRAStepArgs), _P, _P, _I]
+                                               _P, _P, ctypes.POINTER(LoRAStepArgs), _P, _P, _I]
         lib.llmserve_decode_steps.restype = _I
         self._lib = lib
         self.dtype, self.hidden = dtype, hidden
@@ -216,11 +230,12 @@ class DecodeLayersKernel:
         return out
 
     def steps(self, first_tokens: torch.Tensor, start_positions: torch.Tensor, block_tables: torch.Tensor,
-              steps: int, lora: LoRAStepArgs | None = None) -> torch.Tensor:
-        """``steps`` greedy decode steps (:meth:`attach_ends` first): row r feeds ``first_tokens[r]`` at
+              steps: int, stops: list[list[int]] | None = None, lora: LoRAStepArgs | None = None) -> torch.Tensor:
+        """Up to ``steps`` greedy decode steps (:meth:`attach_ends` first): row r feeds ``first_tokens[r]`` at
         ``start_positions[r]`` (int64 [rows]), then each step's argmax at the next position; returns the tokens
-        int64 [steps, rows], step t's argmax of every row in row t. ``block_tables`` int32 [rows, width] must
-        cover every position the steps reach; ``lora`` as :meth:`forward`'s."""
+        int64 [steps run, rows], step t's argmax of every row in row t. The steps end after the first in which a
+        row's token is one of its ``stops`` (per row; None: none). ``block_tables`` int32 [rows, width] must cover
+        every position the steps reach; ``lora`` as :meth:`forward`'s."""
         rows = first_tokens.shape[0]
         if self._ends is None:
             raise RuntimeError("decode steps: no token embedding and LM head attached")
@@ -237,18 +252,26 @@ class DecodeLayersKernel:
         if int(start_positions.min()) < 0 or reach > block_tables.shape[1] * self._model.block_size:
             raise ValueError(f"decode steps: the block tables ({block_tables.shape[1]} blocks) do not cover position "
                              f"{reach - 1}")
+        stop_ids = stop_starts = None
+        if stops is not None:
+            if len(stops) != rows:
+                raise ValueError(f"decode steps: stop tokens for {len(stops)} rows, not {rows}")
+            stop_ids = torch.tensor([t for row in stops for t in row] or [0], dtype=torch.int64)
+            stop_starts = torch.tensor([0, *itertools.accumulate(map(len, stops))], dtype=torch.int64)
         need = self._lib.llmserve_decode_steps_workspace(self._model, self._ends, rows)
         if self._workspace.numel() < need:
             self._workspace = torch.empty(need, dtype=torch.uint8)
         tokens = torch.empty(steps, rows, dtype=torch.int64)
         status = self._lib.llmserve_decode_steps(
             self._model, self._ends, rows, steps, first_tokens.data_ptr(), start_positions.data_ptr(),
-            block_tables.data_ptr(), block_tables.stride(0), lora, tokens.data_ptr(), self._workspace.data_ptr(),
-            torch.get_num_threads())
+            block_tables.data_ptr(), block_tables.stride(0),
+            None if stop_ids is None else stop_ids.data_ptr(), None if stop_starts is None else stop_starts.data_ptr(),
+            lora, tokens.data_ptr(), self._workspace.data_ptr(), torch.get_num_threads())
         if status == -4:
             raise IndexError(f"decode steps: a first token is outside the vocabulary (0..{self._ends.vocab - 1})")
-        self._check(status)
-        return tokens
+        if status < 0:
+            self._check(status)
+        return tokens[:status]
 
     def _check(self, status: int) -> None:
         if status == -1:

@@ -11,9 +11,10 @@ the compiled CPU LoRA kernel (:mod:`llmserve.lora.cpu_ops`): the C step calls it
 module path's operands. :func:`fused_decode_for` decides once per model and
 says why not; :meth:`FusedDecode.forward` decides per step.
 
-Where the token embedding and the LM head are ones the C code reads too (an untied head stored blocked or as GGUF
-group-int8, the model's own ``compute_logits``), :meth:`FusedDecode.decode_steps` runs several greedy decode steps
-in one call, each step's argmax fed back as the next step's token: the multi-step decoding of
+Where the token embedding and the LM head are ones the C code reads too (the model's own ``compute_logits``; a head
+stored blocked or as GGUF group-int8, or tied to the embedding, which the module path multiplies row-major with a
+compiled kernel for up to a few rows and oneDNN above), :meth:`FusedDecode.decode_steps` runs several greedy decode
+steps in one call, each step's argmax fed back as the next step's token: the multi-step decoding of
 ``--num-scheduler-steps`` (:mod:`llmserve.worker.multi_step`).
 """
 
@@ -32,13 +33,14 @@ from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
 from llmserve.layers.attention.layer import Attention
 from llmserve.layers.attention.torch_metadata import TorchAttentionMetadata
 from llmserve.layers.cpu_decode_layers import (DecodeLayersKernel, DecoderLayerWeights, FusedDecodeUnsupported,
-                                               LoRAStepArgs, attach_lora, linear_descriptor)
+                                               LoRAStepArgs, attach_lora, linear_descriptor, row_major_descriptor)
 from llmserve.layers.cpu_kernels import cpu_kernels
 from llmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from llmserve.layers.layernorm import RMSNorm
 from llmserve.layers.rotary import RotaryEmbedding
 from llmserve.lora.layers import LoRABatchState, LoRALinearMethod
 from llmserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
+from llmserve.quantization.unquantized import ROW_MAJOR_BF16_MAX_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +129,9 @@ class FusedDecode:
             cos=rotary.cos_cache.contiguous(), sin=rotary.sin_cache.contiguous(), keep=keep)
         self._bound: list[torch.Tensor] = []
         self.calls = 0   # steps run here (the tests count them)
-        # why decode_steps cannot run (None: it can)
+        # why decode_steps cannot run (None: it can), and the most rows it takes (None: any number)
         self.steps_unsupported: str | None = "no LM head given"
+        self.steps_max_rows: int | None = None
         if causal_lm is not None:
             try:
                 self._attach_ends(causal_lm, dtype)
@@ -145,10 +148,15 @@ class FusedDecode:
             raise FusedDecodeUnsupported(f"{type(model).__name__} embeds its tokens its own way")
         if type(head) is not ParallelLMHead:
             raise FusedDecodeUnsupported(f"the LM head is {type(head).__name__}")
-        if head.tied:
-            raise FusedDecodeUnsupported("the LM head is tied to the token embedding (kept row-major)")
         keep: list[torch.Tensor] = []
-        self.kernel.attach_ends(model.embed_tokens.weight.detach(), linear_descriptor(head, dtype, keep), keep)
+        embedding = model.embed_tokens.weight.detach()
+        if head.tied:   # the module path runs it row-major for a few rows (apply_linear), oneDNN above
+            descriptor = row_major_descriptor(head.weight.detach(), dtype)
+            self.steps_max_rows = (cpu_kernels().max_linear_rows if dtype == torch.float32
+                                   else ROW_MAJOR_BF16_MAX_ROWS)
+        else:
+            descriptor = linear_descriptor(head, dtype, keep)
+        self.kernel.attach_ends(embedding, descriptor, keep)
 
     def _attach_lora(self, layers: list[nn.Module], weights: list[DecoderLayerWeights]) -> bool:
         """Attaches each LoRA-wrapped projection's slots to its descriptor; whether steps with adapter rows run
@@ -215,15 +223,24 @@ class FusedDecode:
         return self.kernel.forward(hidden, positions.contiguous(), slots, block_tables, seq_lens, self._lora_step())
 
     def decode_steps(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-                     steps: int) -> torch.Tensor:
-        """``steps`` greedy decode steps of rows that each decode one token (int64 ``input_ids`` and
+                     steps: int, stops: list[list[int]] | None = None) -> torch.Tensor:
+        """Up to ``steps`` greedy decode steps of rows that each decode one token (int64 ``input_ids`` and
         ``positions`` [rows], int32 ``block_tables`` [rows, width] covering the positions the steps reach): the
-        tokens int64 [steps, rows] that many one-step decodes with greedy sampling would give, each fed back."""
+        tokens int64 [steps run, rows] that as many one-step decodes with greedy sampling would give, each fed back;
+        they end after the first step in which a row samples one of its ``stops`` (per row)."""
         if self.steps_unsupported is not None:
             raise FusedDecodeUnsupported(self.steps_unsupported)
+        if not self.takes_steps(input_ids.shape[0]):
+            raise FusedDecodeUnsupported(f"{input_ids.shape[0]} rows: the LM head runs at most {self.steps_max_rows} "
+                                         f"here")
         self._bind()
         self.calls += steps
-        return self.kernel.steps(input_ids, positions, block_tables, steps, self._lora_step())
+        return self.kernel.steps(input_ids, positions, block_tables, steps, stops, self._lora_step())
+
+    def takes_steps(self, rows: int) -> bool:
+        """Whether :meth:`decode_steps` runs ``rows`` rows (a tied LM head: as many as the module path runs through
+        the same kernel)."""
+        return self.steps_unsupported is None and (self.steps_max_rows is None or rows <= self.steps_max_rows)
 
     def _bind(self) -> None:
         """Hands the kernel the layers' current KV caches (again after the pool was rebound)."""

@@ -243,10 +243,11 @@ class ModelRunner:
         step = self.input_batch.prepare(sched.num_scheduled_tokens, sched.num_steps - 1)
         if self.lora_manager is not None:
             self.lora_manager.set_active(step.lora_ids, step.query_lens, self.input_batch.lora_requests)
-        if sched.num_steps > 1:
+        if sched.num_steps > 1:   # (or, rows the loop's LM head does not take, a plain step: one token each)
             if self.multi_step is None:
                 raise RuntimeError("a multi-step step came to a runner built for one step at a time")
-            return run_multi_step(self.multi_step, step, sched.num_steps)
+            if self.multi_step.takes_steps(len(step.input_ids)):
+                return run_multi_step(self.multi_step, self.input_batch, step, sched.num_steps)
         layout = BatchLayout(query_lens=step.query_lens, context_lens=step.context_lens,
                              block_tables=step.block_tables[0], slot_mapping=torch.from_numpy(step.slot_mapping[0]),
                              num_decodes=step.num_decodes, block_size=self.block_size)

@@ -2,17 +2,21 @@
 
 A multi-step step's rows are greedy decodes the scheduler has allocated KV-cache slots for, ``num_steps`` tokens
 ahead. The fused CPU decode step runs them all in one call (:meth:`FusedDecode.decode_steps`): per step the
-decoder layers, the LM head and each row's argmax, fed back as the row's next token. The tokens come back as the
-step's sampled token per sequence and the ones before it (:attr:`ModelRunnerOutput.multi_step_tokens`).
+decoder layers, the LM head and each row's argmax, fed back as the row's next token, until a row samples one of its
+stop tokens (one step at a time, the next step would run without it). The tokens come back as the step's sampled
+token per sequence and the ones before it (:attr:`ModelRunnerOutput.multi_step_tokens`).
+A step of more rows than a tied LM head runs in the loop (:meth:`FusedDecode.takes_steps`) runs as a plain step
+instead: one token each, the lookahead slots kept for the sequences' next steps.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from llmserve.engine.messages import ModelRunnerOutput
 from llmserve.models.llama_fused_decode import FusedDecode
-from llmserve.worker.input_batch import StepInputs
+from llmserve.worker.input_batch import CachedSequence, InputBatch, StepInputs
 
 
 class MultiStepUnsupported(ValueError):
@@ -36,14 +40,26 @@ def multi_step_decode(fused: FusedDecode | None, fused_off: str | None, num_kv_c
     return fused
 
 
-def run_multi_step(fused: FusedDecode, step: StepInputs, num_steps: int) -> ModelRunnerOutput:
+def stop_tokens(seq: CachedSequence) -> list[int]:
+    """The tokens that end ``seq`` (EOS unless ignored, its stop token ids): its ``min_tokens`` are met, or the
+    scheduler would not have made the step multi-step."""
+    params = seq.params
+    eos = [] if seq.eos_token_id is None or params.ignore_eos else [seq.eos_token_id]
+    return eos + list(params.stop_token_ids or ())
+
+
+def run_multi_step(fused: FusedDecode, batch: InputBatch, step: StepInputs, num_steps: int) -> ModelRunnerOutput:
     """Run a multi-step step (its inputs prepared with ``num_steps - 1`` positions of lookahead in the block
-    tables) and return each sequence's tokens."""
+    tables) and return each sequence's tokens: as many as the steps ran (they end early after a stop token)."""
     seqs = step.sample_seqs
     if len(seqs) != len(step.input_ids) or step.num_decodes != len(seqs):
         raise RuntimeError("a multi-step step must decode one token for every row")
+    rows = np.fromiter((seq.row for seq in seqs), dtype=np.int64, count=len(seqs))
+    if np.any(batch.num_blocks[rows] * batch.block_size < step.positions + num_steps):
+        raise RuntimeError("a multi-step step's sequences do not hold KV-cache blocks for every position it writes")
     tokens = fused.decode_steps(torch.from_numpy(step.input_ids), torch.from_numpy(step.positions),
-                                torch.from_numpy(step.block_tables[0]), num_steps).T.tolist()
+                                torch.from_numpy(step.block_tables[0]), num_steps,
+                                [stop_tokens(seq) for seq in seqs]).T.tolist()
     out = ModelRunnerOutput()
     for seq, row in zip(seqs, tokens):
         out.sampled[seq.seq_id] = row[-1]

@@ -86,7 +86,7 @@ def test_latency_torch_profile_writes_each_batch_sizes_operators_and_trace(tmp_p
             (profiles / f"batch-{row['batch_size']}").with_suffix(".json")
         assert row["torch_profile"] == [str(table), str(trace)]
         text = table.read_text()
-        assert text.startswith(f"5 decode steps of {row['batch_size']} sequences, by their own host time")
+        assert text.startswith(f"5 engine steps decoding {row['batch_size']} sequences, by their own host time")
         assert "Self CPU" in text and "aten::" in text   # the operators the steps ran
         assert "llmserve: engine step" in text and "llmserve: sampler" in text   # and the step's parts, named
         assert json.loads(trace.read_text())["traceEvents"]

@@ -4,9 +4,10 @@ Specified: a step whose rows are all running greedy decodes with nothing asked o
 up to N decode steps (``SchedulerOutput.num_steps``), cut to the tokens every row may still generate; each row
 holds KV-cache blocks for every position the steps write. Any other row in the step (a prefill, a sampling,
 penalised, biased, constrained or adapted request, one that asks logprobs or has not reached ``min_tokens``), a
-setting of 1, or too few free blocks for the lookahead makes it a plain step. When the result comes back, a row's
+setting of 1, or too few free blocks for the lookahead (none taken then) makes it a plain step. When the result comes back, a row's
 tokens are appended in order (``multi_step_tokens`` then ``sampled``), each but the last counted as computed, and
-the row stops at its first stop: the tokens after it are dropped and its blocks freed.
+the row stops at its first stop: the tokens after it are dropped and its blocks freed, those its tokens filled
+published to the prefix cache first. A runner that ran fewer steps returns fewer tokens.
 """
 
 from __future__ import annotations
@@ -25,18 +26,21 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 _ids = iter(range(10**9))
 
 
-def make_seq(prompt_len: int = 5, max_tokens: int = 32, eos: int | None = None, **params) -> Sequence:
+def make_seq(prompt_len: int = 5, max_tokens: int = 32, eos: int | None = None, prompt: list[int] | None = None,
+             **params) -> Sequence:
     seq_id = next(_ids)
-    return Sequence(seq_id, f"r{seq_id}", 0, [7] * prompt_len, SamplingParams(max_tokens=max_tokens, **params),
-                    max_tokens, eos)
+    return Sequence(seq_id, f"r{seq_id}", 0, prompt or [7] * prompt_len,
+                    SamplingParams(max_tokens=max_tokens, **params), max_tokens, eos)
 
 
-def make_scheduler(steps: int = 4, num_blocks: int = 64, max_model_len: int | None = None) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, 4, False), 8, 64, True, max_model_len, num_scheduler_steps=steps)
+def make_scheduler(steps: int = 4, num_blocks: int = 64, max_model_len: int | None = None,
+                   prefix_caching: bool = False) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, 4, prefix_caching), 8, 64, True, max_model_len,
+                     num_scheduler_steps=steps)
 
 
 def run_prefill(sched: Scheduler, *seqs: Sequence) -> None:
-    """Admit and prefill ``seqs`` (one plain step: a prompt is never multi-step), each sampling token 1."""
+    """Admit and prefill ``seqs`` (one plain step: prompts of several tokens), each sampling token 1."""
     for seq in seqs:
         sched.add(seq)
     out = sched.schedule()
@@ -88,6 +92,29 @@ def test_a_stop_inside_the_steps_drops_the_tokens_after_it():
     assert seq.output_token_ids == [1, 2, 9] and seq.finish_reason == "stop"
     assert [t for _, t, _ in step.sampled] == [2, 9]
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+
+
+def test_blocks_filled_before_a_stop_are_published_to_the_prefix_cache():
+    sched = make_scheduler(steps=4, prefix_caching=True)
+    seq = make_seq(temperature=0.0, eos=9)
+    run_prefill(sched, seq)
+    answer(sched, sched.schedule(), {seq.seq_id: [2, 3, 9, 4]})
+    assert seq.output_token_ids == [1, 2, 3, 9]
+    again = make_seq(prompt=[7] * 5 + [1, 2, 3, 5], **GREEDY)
+    assert sched.block_manager.match_prefix(again) == 8   # positions 4-7 (7, 1, 2, 3) were filled by the step
+
+
+def test_a_runner_may_return_fewer_tokens():
+    """(the loop ends after a stop token; a step the loop's LM head does not take runs plain)"""
+    sched = make_scheduler(steps=4)
+    seq = make_seq(**GREEDY)
+    run_prefill(sched, seq)
+    out = sched.schedule()
+    assert out.num_steps == 4
+    sched.update_from_output(out, ModelRunnerOutput(sampled={seq.seq_id: 2}))
+    assert seq.output_token_ids == [1, 2] and seq.num_computed_tokens == 6
+    answer(sched, sched.schedule(), {seq.seq_id: [3, 4]})
+    assert seq.output_token_ids == [1, 2, 3, 4] and seq.num_computed_tokens == 8
 
 
 def test_stop_token_ids_and_min_tokens():
@@ -143,3 +170,12 @@ def test_no_free_blocks_for_the_lookahead_means_a_plain_step():
     assert out.num_steps == 1 and len(seq.block_table) == 2
     answer(sched, out, {seq.seq_id: [2]})
     assert sched.last_preempted == []
+
+
+def test_the_lookahead_is_allocated_for_every_row_or_for_none():
+    sched = make_scheduler(steps=4, num_blocks=5)
+    a, b = make_seq(prompt_len=7, **GREEDY), make_seq(prompt_len=7, **GREEDY)
+    run_prefill(sched, a, b)   # 2 blocks each; 4 steps would need a third each, 1 is free
+    assert sched.block_manager.num_free_blocks == 1
+    assert sched.schedule().num_steps == 1
+    assert len(a.block_table) == len(b.block_table) == 2 and sched.block_manager.num_free_blocks == 1

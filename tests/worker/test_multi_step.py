@@ -117,11 +117,30 @@ def test_a_stream_gets_a_steps_tokens_together(checkpoint_dir):
     assert counts == [1, 5, 9, 11]
 
 
-@pytest.mark.parametrize("family,why", [("llama3", "tied to the token embedding"),
-                                        ("gpt2", "fused CPU decode step is off")])
-def test_engines_the_loop_cannot_run_refuse_the_flag(checkpoint_dir, family, why):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_tied_lm_head_runs_in_the_loop_for_the_rows_its_kernel_takes(checkpoint_dir, dtype):
+    """A tied head keeps the embedding's row-major layout; the module path multiplies it with a compiled kernel for
+    up to 8 rows (float32) or 1 (bfloat16) and oneDNN above, so wider steps run plain, one token each."""
+    path = checkpoint_dir("llama3")
+    multi, single = engine(path, STEPS, dtype=dtype), engine(path, 1, dtype=dtype)
+    counter = StepCounter(multi)
+    fused = multi.engine.runner.fused_decode
+    calls = fused.calls
+    assert outputs(multi, prompts=PROMPTS[:1]) == outputs(single, prompts=PROMPTS[:1])
+    assert [n for n in counter.num_steps if n > 1] == [4, 4, 2] and fused.calls - calls == 10
+    calls = fused.calls
+    assert outputs(multi) == outputs(single)
+    assert fused.calls - calls == 10   # every decode step ran fused, in the loop or (bfloat16) one at a time
+    assert fused.takes_steps(3) == (dtype == "float32")
+
+
+@pytest.mark.parametrize("family,kwargs,why", [
+    ("gpt2", {}, r"fused CPU decode step is off \(layer 0.s rotary embedding is not neox-style"),
+    ("llama", {"kv_cache_dtype": "int8"}, "fused CPU decode step is off .* quantised KV cache"),
+])
+def test_engines_the_loop_cannot_run_refuse_the_flag(checkpoint_dir, family, kwargs, why):
     with pytest.raises(MultiStepUnsupported, match=why):
-        engine(checkpoint_dir(family), 2)
+        engine(checkpoint_dir(family), 2, **kwargs)
 
 
 def test_bad_settings_are_refused():
@@ -141,3 +160,13 @@ def test_the_loop_refuses_bad_operands(checkpoint_dir):
         fused.decode_steps(torch.tensor([vocab]), one, tables, 2)
     with pytest.raises(ValueError, match="do not cover position 8"):
         fused.decode_steps(one, torch.tensor([7]), tables, 2)
+
+
+def test_the_loop_ends_after_the_step_that_samples_a_stop_token(checkpoint_dir):
+    llm = engine(checkpoint_dir("llama"), STEPS)   # idle: its first two blocks are free to write
+    fused = llm.engine.runner.fused_decode
+    tables, first, start = torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([5]), torch.tensor([0])
+    tokens = fused.decode_steps(first, start, tables, 6)[:, 0].tolist()
+    at = next(i for i in range(1, 6) if tokens[i] not in tokens[:i])
+    ended = fused.decode_steps(first, start, tables, 6, [[-1, tokens[at]]])
+    assert ended[:, 0].tolist() == tokens[:at + 1]

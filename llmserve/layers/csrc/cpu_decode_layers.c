@@ -25,6 +25,10 @@ int llmserve_linear_blocked(const float *x, long x_stride, const float *w, const
                             long y_stride, long M, long n, long k, int num_threads);
 int llmserve_bf16_linear_blocked(const uint16_t *x, long x_stride, const uint16_t *w, const uint16_t *bias,
                                  uint16_t *y, long y_stride, long M, long n, long k, int num_threads);
+int llmserve_linear_small_batch(const float *x, long x_stride, const float *w, const float *bias, float *y,
+                                long y_stride, long M, long n, long k, int num_threads);
+void llmserve_bf16_linear_rowmajor(const uint16_t *x, long x_stride, const uint16_t *w, const uint16_t *bias,
+                                   uint16_t *y, long y_stride, long M, long n, long k, int num_threads);
 void llmserve_rms_norm(const void *x, long x_stride, const void *residual, long residual_stride,
                        const float *weight, float eps, void *out, long out_stride, void *residual_out,
                        long residual_out_stride, long rows, long n, int num_threads, int weight_first, int bf16);
@@ -48,7 +52,9 @@ int llmserve_lora_add(const void *x, long x_stride, void *out, long out_stride, 
                       int act_bf16, int w_bf16);
 
 #define DL_MAX_SEGMENTS 4
-enum { DL_F32_BLOCKED = 0, DL_BF16_BLOCKED = 1, DL_GROUP_INT8 = 2 };
+/* (the row-major kinds: a tied LM head, which keeps the embedding's layout, through the kernels the module path
+ * runs it with; the float32 one takes at most 8 rows) */
+enum { DL_F32_BLOCKED = 0, DL_BF16_BLOCKED = 1, DL_GROUP_INT8 = 2, DL_F32_ROWS = 3, DL_BF16_ROWS = 4 };
 enum { DL_KV_F32 = 0, DL_KV_BF16 = 4 };   /* llmserve_paged_decode_attention's kv_format codes */
 
 /* A projection's LoRA slots as llmserve_lora_add takes them (`a` NULL: no adapter slots on it). */
@@ -70,8 +76,8 @@ typedef struct {
 } dl_lora_step;
 
 /* One projection: y [M, n] = x [M, k] W^T + bias. `weight`: blocked float32 [n/16][k][16] or bfloat16
- * [n/16][k/2][16][2]; group-int8: `segments` row segments as cpu_group_int8_linear.c takes them. `bias`: float32,
- * or bfloat16 for a bfloat16 weight; NULL for none. */
+ * [n/16][k/2][16][2], or row-major [n][k] (the _ROWS kinds); group-int8: `segments` row segments as
+ * cpu_group_int8_linear.c takes them. `bias`: float32, or bfloat16 for a bfloat16 weight; NULL for none. */
 typedef struct {
     int kind;
     int segments;
@@ -168,6 +174,12 @@ static int base_linear(const dl_linear *L, const void *x, void *y, long M, int b
     if (L->kind == DL_BF16_BLOCKED)
         return llmserve_bf16_linear_blocked(x, L->k, L->weight, L->bias, y, L->n, M, L->n, L->k, num_threads)
                ? -3 : 0;
+    if (L->kind == DL_F32_ROWS)
+        return llmserve_linear_small_batch(x, L->k, L->weight, L->bias, y, L->n, M, L->n, L->k, num_threads) ? -3 : 0;
+    if (L->kind == DL_BF16_ROWS) {
+        llmserve_bf16_linear_rowmajor(x, L->k, L->weight, L->bias, y, L->n, M, L->n, L->k, num_threads);
+        return 0;
+    }
     const float *xf = x;
     float *yf = bf16 ? b->y32 : y;
     if (bf16) {
@@ -298,16 +310,22 @@ typedef struct {
     dl_linear head;
 } dl_ends;
 
+/* The widest output the head's projection writes through carve's y32: the vocabulary for a group-int8 head in a
+ * bfloat16 model (its float32 result is rounded from there), else none. */
+static long head_scratch(const dl_model *m, const dl_ends *e) {
+    return m->bf16 && e->head.kind == DL_GROUP_INT8 ? e->vocab : 0;
+}
+
 /* The extra buffers of llmserve_decode_steps after carve's: the step's embeddings and final-norm output, the head's
- * output in the activations' dtype and widened to float32, each row's position, slot and length. */
+ * bfloat16 output (a bfloat16 model's) and the float32 logits, each row's position, slot and length. */
 static long steps_bytes(const dl_model *m, const dl_ends *e, long rows, char *base, void **emb, void **normed,
                         void **logits, float **logits32, long **positions, long **slots, int **seq_lens) {
     const long s = m->bf16 ? 2 : 4;
-    long at = carve(m, rows, e->vocab, NULL).bytes;
+    long at = carve(m, rows, head_scratch(m, e), NULL).bytes;
 #define TAKE(ptr, type, size) do { *(ptr) = (type)(base ? base + at : NULL); at += ((size) + 63) / 64 * 64; } while (0)
     TAKE(emb, void *, rows * m->hidden * s);
     TAKE(normed, void *, rows * m->hidden * s);
-    TAKE(logits, void *, rows * e->vocab * s);
+    TAKE(logits, void *, m->bf16 ? rows * e->vocab * 2 : 0);
     TAKE(logits32, float *, rows * e->vocab * 4);
     TAKE(positions, long *, rows * 8);
     TAKE(slots, long *, rows * 8);
@@ -325,16 +343,28 @@ long llmserve_decode_steps_workspace(const dl_model *m, const dl_ends *e, long r
     return steps_bytes(m, e, rows, NULL, &p, &p, &p, &f, &l, &l, &i);
 }
 
-/* `steps` greedy decode steps of `rows` sequences in one call: step 0 feeds each row its token `first_tokens[r]` at
- * position `start_positions[r]`, every later step the argmax of the row's previous logits at the next position;
- * tokens[t * rows + r] is row r's argmax after step t. Each step is llmserve_decode_layers, the LM head (a bfloat16
- * model's logits rounded to bfloat16, as the module path's head returns them) and the first index of each row's
- * largest logit (llmserve_argmax_rows), so the tokens are those the one-step path samples greedily. A row's K/V
- * slots follow its block table (int32, `table_stride` apart, covering every position the steps reach). Returns 0,
- * llmserve_decode_layers' errors, or -4 for a first token outside the vocabulary. */
+/* Whether `token` is one of row r's stop tokens (stop_ids[stop_starts[r] .. stop_starts[r + 1])). */
+static int is_stop(const long *stop_ids, const long *stop_starts, long r, long token) {
+    if (stop_ids == NULL) return 0;
+    for (long i = stop_starts[r]; i < stop_starts[r + 1]; i++)
+        if (stop_ids[i] == token) return 1;
+    return 0;
+}
+
+/* Up to `steps` greedy decode steps of `rows` sequences in one call: step 0 feeds each row its token
+ * `first_tokens[r]` at position `start_positions[r]`, every later step the argmax of the row's previous logits at the
+ * next position; tokens[t * rows + r] is row r's argmax after step t. Each step is llmserve_decode_layers, the LM
+ * head (a bfloat16 model's logits rounded to bfloat16, as the module path's head returns them) and the first index of
+ * each row's largest logit (llmserve_argmax_rows), so the tokens are those the one-step path samples greedily. The
+ * steps end early after the first in which a row's token is one of its stop tokens (`stop_ids` from
+ * `stop_starts[r]` to `stop_starts[r + 1]`; NULL for none): one step at a time, the next step would run without that
+ * row. A row's K/V slots follow its block table (int32, `table_stride` apart, covering every position the steps
+ * reach). Returns the steps run (1..steps), or llmserve_decode_layers' errors, or -4 for a first token outside the
+ * vocabulary. */
 int llmserve_decode_steps(const dl_model *m, const dl_ends *e, long rows, long steps, const long *first_tokens,
                           const long *start_positions, const int *block_tables, long table_stride,
-                          const dl_lora_step *lora, long *tokens, void *workspace, int num_threads) {
+                          const long *stop_ids, const long *stop_starts, const dl_lora_step *lora, long *tokens,
+                          void *workspace, int num_threads) {
     const int bf16 = m->bf16;
     const long s = bf16 ? 2 : 4, hidden = m->hidden, vocab = e->vocab, bs = m->block_size;
     void *emb, *normed, *logits;
@@ -342,7 +372,7 @@ int llmserve_decode_steps(const dl_model *m, const dl_ends *e, long rows, long s
     long *positions, *slots;
     int *seq_lens;
     steps_bytes(m, e, rows, workspace, &emb, &normed, &logits, &logits32, &positions, &slots, &seq_lens);
-    const dl_buffers b = carve(m, rows, vocab, workspace);
+    const dl_buffers b = carve(m, rows, head_scratch(m, e), workspace);
     for (long r = 0; r < rows; r++)
         if (first_tokens[r] < 0 || first_tokens[r] >= vocab) return -4;
     for (long t = 0; t < steps; t++) {
@@ -361,6 +391,8 @@ int llmserve_decode_steps(const dl_model *m, const dl_ends *e, long rows, long s
         if (status) return status;
         if (bf16) widen_rows(logits, vocab, logits32, rows, vocab);
         llmserve_argmax_rows(logits32, vocab, tokens + t * rows, rows, vocab, num_threads);
+        for (long r = 0; r < rows; r++)
+            if (is_stop(stop_ids, stop_starts, r, tokens[t * rows + r])) return (int)(t + 1);
     }
-    return 0;
+    return (int)steps;
 }
