@@ -147,7 +147,8 @@ class StepProfiler:
             self._scheduled.extend((n, batch.num_computed_tokens(i), batch.seqs[i].num_tokens)
                                    for i, n in sched.num_scheduled_tokens.items())
             # (a multi-step step may end early, or run as a plain step: its rows' tokens say how many it ran)
-            self._num_steps = 1 + max(map(len, output.multi_step_tokens.values()), default=0) if output is not None else 1
+            ran = max(map(len, output.multi_step_tokens.values()), default=0) if output is not None else 0
+            self._num_steps = 1 + ran
             return output
 
         runner.model.forward, runner.model.compute_logits = self._forward, self._logits
@@ -235,8 +236,9 @@ def decode_steps(engine: LLMEngine, prompts: list[list[int]], output_len: int, s
 def profile_decode_steps(engine: LLMEngine, prompts: list[list[int]], steps: int, prefix: Path,
                          request_prefix: str = "torch-profile") -> list[Path]:
     """Run ``prompts`` until every one decodes, then ``steps`` engine steps decoding the whole batch (with
-    ``--num-scheduler-steps``, each up to that many decode steps) under ``torch.profiler`` (host, and the GPU's kernels on CUDA), then the rest. Writes ``<prefix>.txt`` (operators and
-    kernels by their own time) and ``<prefix>.json`` (a trace for Perfetto or chrome://tracing); returns both paths.
+    ``--num-scheduler-steps``, each up to that many decode steps) under ``torch.profiler`` (host, and the GPU's
+    kernels on CUDA), then the rest. Writes ``<prefix>.txt`` (operators and kernels by their own time) and
+    ``<prefix>.json`` (a trace for Perfetto or chrome://tracing); returns both paths.
     Only this process is seen: profile an engine whose model runs here (one rank, the default executor)."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -4,10 +4,10 @@ Specified: a step whose rows are all running greedy decodes with nothing asked o
 up to N decode steps (``SchedulerOutput.num_steps``), cut to the tokens every row may still generate; each row
 holds KV-cache blocks for every position the steps write. Any other row in the step (a prefill, a sampling,
 penalised, biased, constrained or adapted request, one that asks logprobs or has not reached ``min_tokens``), a
-setting of 1, or too few free blocks for the lookahead (none taken then) makes it a plain step. When the result comes back, a row's
-tokens are appended in order (``multi_step_tokens`` then ``sampled``), each but the last counted as computed, and
-the row stops at its first stop: the tokens after it are dropped and its blocks freed, those its tokens filled
-published to the prefix cache first. A runner that ran fewer steps returns fewer tokens.
+setting of 1, or too few free blocks for the lookahead (none taken then) makes it a plain step. When the result
+comes back, a row's tokens are appended in order (``multi_step_tokens`` then ``sampled``), each but the last counted
+as computed, and the row stops at its first stop: the tokens after it are dropped and its blocks freed, those its
+tokens filled published to the prefix cache first. A runner that ran fewer steps returns fewer tokens.
 """
 
 from __future__ import annotations
