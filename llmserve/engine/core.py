@@ -62,7 +62,9 @@ class EngineCore:
                                    make_proposer(spec) if spec is not None else None,
                                    max_loras=config.max_loras if config.enable_lora else None,
                                    adaptive=self._adaptive_speculation(config, num_blocks, max_num_batched_tokens),
-                                   num_scheduler_steps=config.num_scheduler_steps)
+                                   num_scheduler_steps=config.num_scheduler_steps,
+                                   multi_step_max_rows=(self.executor.multi_step_max_rows()
+                                                        if config.num_scheduler_steps > 1 else None))
         self.requests: dict[str, list[Sequence]] = {}
         self._seq_ids = itertools.count()
         self.num_steps = 0   # steps that ran a batch (how many steps an abort waited is counted against it)

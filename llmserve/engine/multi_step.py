@@ -9,7 +9,8 @@ The scheduler takes it only when the loop computes exactly what N single steps w
 running sequence decoding its next token, greedy, with nothing that changes its logits or needs them (no
 penalties, logit bias, grammar, logprobs, adapter or unmet ``min_tokens``), and no draft. N is cut to the
 tokens every row may still generate (``max_tokens``, the context), and the step falls back to one token when
-the KV cache has too few free blocks for the lookahead (nothing is preempted for it). The loop ends after the first
+the KV cache has too few free blocks for the lookahead (nothing is preempted for it) or the step has more rows than
+the workers' loop runs (a tied LM head's kernel takes a few). The loop ends after the first
 step in which a row samples an EOS or stop token; a stop string is found in the text once the tokens are back, and
 the tokens after it are dropped (:meth:`~llmserve.engine.scheduler.Scheduler.update_from_output`). Streams receive
 a step's tokens together.
@@ -38,10 +39,11 @@ def tokens_left(seq: Sequence, max_model_len: int | None) -> int:
 
 
 def multi_step_count(scheduled: list[tuple[Sequence, int]], max_steps: int, max_model_len: int | None,
-                     block_manager: BlockManager) -> int:
-    """How many decode steps the scheduled step runs (1: a plain step). Allocates the KV-cache slots of the extra
-    steps when it returns more than 1 (none are preempted for them)."""
-    if max_steps == 1 or not scheduled:
+                     block_manager: BlockManager, max_rows: int | None = None) -> int:
+    """How many decode steps the scheduled step runs (1: a plain step); ``max_rows``: the most rows the workers'
+    loop runs (a tied LM head's kernel), None for any. Allocates the KV-cache slots of the extra steps when it
+    returns more than 1 (none are preempted for them)."""
+    if max_steps == 1 or not scheduled or (max_rows is not None and len(scheduled) > max_rows):
         return 1
     steps = max_steps
     for seq, num_new in scheduled:
@@ -56,5 +58,6 @@ def multi_step_count(scheduled: list[tuple[Sequence, int]], max_steps: int, max_
     if needed > block_manager.num_free_blocks:
         return 1
     for seq, _ in scheduled:
-        assert block_manager.allocate(seq, seq.num_tokens - 1 + steps)
+        allocated = block_manager.allocate(seq, seq.num_tokens - 1 + steps)
+        assert allocated, "the free blocks were counted"
     return steps

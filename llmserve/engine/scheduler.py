@@ -72,7 +72,8 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None,
                  proposer: Proposer | None = None, max_loras: int | None = None,
-                 adaptive: AdaptiveSpeculation | None = None, num_scheduler_steps: int = 1) -> None:
+                 adaptive: AdaptiveSpeculation | None = None, num_scheduler_steps: int = 1,
+                 multi_step_max_rows: int | None = None) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -88,6 +89,7 @@ class Scheduler:
         self._forget: list[int] = []                          # seq ids the workers must drop
         self.speculation = DraftScheduling(proposer, adaptive, max_model_len)
         self.num_scheduler_steps = num_scheduler_steps
+        self.multi_step_max_rows = multi_step_max_rows   # (the workers' loop runs at most this many rows)
 
     @property
     def spec_stats(self) -> SpecDecodingStats:
@@ -148,7 +150,8 @@ class Scheduler:
                 seq.first_scheduled_time = now
         self._scheduled = scheduled
         speculation.end_schedule(scheduled)
-        num_steps = multi_step_count(scheduled, self.num_scheduler_steps, self.max_model_len, self.block_manager)
+        num_steps = multi_step_count(scheduled, self.num_scheduler_steps, self.max_model_len, self.block_manager,
+                                     self.multi_step_max_rows)
         out = self._make_output(scheduled)
         out.num_steps = num_steps
         return out

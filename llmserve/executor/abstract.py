@@ -47,6 +47,11 @@ class Executor(ABC):
         a block table per group and frees the blocks that left a sliding group's window."""
 
     @abstractmethod
+    def multi_step_max_rows(self) -> int | None:
+        """The most rows a multi-step step runs in the workers' compiled loop (None: any number; asked only with
+        ``--num-scheduler-steps`` above 1): the scheduler makes wider steps plain ones."""
+
+    @abstractmethod
     def initialize_cache(self, num_blocks: int) -> None:
         """Allocate ``num_blocks`` blocks on every rank (and capture CUDA graphs where they are used)."""
 
@@ -130,6 +135,9 @@ class MultiRankExecutor(Executor):
         if any(windows != reported[0] for windows in reported):
             raise RuntimeError(f"the ranks disagree on the KV-cache groups' windows: {reported}")
         return reported[0]
+
+    def multi_step_max_rows(self) -> int | None:
+        return self._control("multi_step_max_rows")[self.driver_rank]
 
     def initialize_cache(self, num_blocks: int) -> None:
         self._control("initialize_cache", num_blocks)

@@ -31,6 +31,9 @@ class UniProcExecutor(Executor):
     def kv_cache_group_windows(self) -> list[int | None]:
         return self.worker.kv_cache_group_windows()
 
+    def multi_step_max_rows(self) -> int | None:
+        return self.worker.multi_step_max_rows()
+
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
 

@@ -21,8 +21,8 @@ from llmserve.worker.worker import Worker, WorkerPlacement
 
 logger = logging.getLogger(__name__)
 
-_CONTROL_CALLS = ("available_kv_blocks", "kv_cache_bytes_per_block", "kv_cache_group_windows", "initialize_cache",
-                  "recover_after_failed_step", "measure_step_times")
+_CONTROL_CALLS = ("available_kv_blocks", "kv_cache_bytes_per_block", "kv_cache_group_windows", "multi_step_max_rows",
+                  "initialize_cache", "recover_after_failed_step", "measure_step_times")
 
 
 class WorkerEndpoint:

@@ -234,8 +234,9 @@ class FusedDecode:
             raise FusedDecodeUnsupported(f"{input_ids.shape[0]} rows: the LM head runs at most {self.steps_max_rows} "
                                          f"here")
         self._bind()
-        self.calls += steps
-        return self.kernel.steps(input_ids, positions, block_tables, steps, stops, self._lora_step())
+        tokens = self.kernel.steps(input_ids, positions, block_tables, steps, stops, self._lora_step())
+        self.calls += tokens.shape[0]
+        return tokens
 
     def takes_steps(self, rows: int) -> bool:
         """Whether :meth:`decode_steps` runs ``rows`` rows (a tied LM head: as many as the module path runs through

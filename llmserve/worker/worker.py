@@ -136,6 +136,13 @@ class Worker:
         assert self.runner is not None
         return self.runner.kv_cache_groups.windows
 
+    def multi_step_max_rows(self) -> int | None:
+        """The most rows a multi-step step runs in this rank's compiled loop (None: any; see
+        :meth:`~llmserve.models.llama_fused_decode.FusedDecode.takes_steps`)."""
+        assert self.runner is not None
+        multi_step = self.runner.multi_step
+        return None if multi_step is None else multi_step.steps_max_rows
+
     def available_kv_blocks(self) -> int:
         """How many blocks this rank's KV-cache budget holds (``--kv-cache-memory-bytes`` per rank, or
         on CUDA what a profiled worst-case step leaves of ``--gpu-memory-utilization``)."""

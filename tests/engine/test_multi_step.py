@@ -4,7 +4,8 @@ Specified: a step whose rows are all running greedy decodes with nothing asked o
 up to N decode steps (``SchedulerOutput.num_steps``), cut to the tokens every row may still generate; each row
 holds KV-cache blocks for every position the steps write. Any other row in the step (a prefill, a sampling,
 penalised, biased, constrained or adapted request, one that asks logprobs or has not reached ``min_tokens``), a
-setting of 1, or too few free blocks for the lookahead (none taken then) makes it a plain step. When the result
+setting of 1, more rows than the workers' loop runs, or too few free blocks for the lookahead (none taken then)
+makes it a plain step. When the result
 comes back, a row's tokens are appended in order (``multi_step_tokens`` then ``sampled``), each but the last counted
 as computed, and the row stops at its first stop: the tokens after it are dropped and its blocks freed, those its
 tokens filled published to the prefix cache first. A runner that ran fewer steps returns fewer tokens.
@@ -34,9 +35,9 @@ def make_seq(prompt_len: int = 5, max_tokens: int = 32, eos: int | None = None, 
 
 
 def make_scheduler(steps: int = 4, num_blocks: int = 64, max_model_len: int | None = None,
-                   prefix_caching: bool = False) -> Scheduler:
+                   prefix_caching: bool = False, max_rows: int | None = None) -> Scheduler:
     return Scheduler(BlockManager(num_blocks, 4, prefix_caching), 8, 64, True, max_model_len,
-                     num_scheduler_steps=steps)
+                     num_scheduler_steps=steps, multi_step_max_rows=max_rows)
 
 
 def run_prefill(sched: Scheduler, *seqs: Sequence) -> None:
@@ -153,6 +154,18 @@ def test_an_adapter_row_and_a_prefill_in_the_step_make_it_plain():
     run_prefill(sched, plain)
     sched.add(make_seq(prompt_len=6, **GREEDY))   # admitted this step: its prompt is in it
     assert sched.schedule().num_steps == 1
+
+
+def test_a_step_wider_than_the_workers_loop_runs_is_plain():
+    """(a tied LM head's kernel takes a few rows: the workers report how many)"""
+    sched = make_scheduler(steps=4, max_rows=1)
+    a, b = make_seq(**GREEDY), make_seq(**GREEDY)
+    run_prefill(sched, a, b)
+    out = sched.schedule()
+    assert out.num_steps == 1 and len(a.block_table) == 2   # and no lookahead taken
+    answer(sched, out, {a.seq_id: [2], b.seq_id: [2]})
+    sched.finish(b)
+    assert sched.schedule().num_steps == 4
 
 
 def test_one_step_unless_asked():

@@ -128,10 +128,11 @@ def test_a_tied_lm_head_runs_in_the_loop_for_the_rows_its_kernel_takes(checkpoin
     calls = fused.calls
     assert outputs(multi, prompts=PROMPTS[:1]) == outputs(single, prompts=PROMPTS[:1])
     assert [n for n in counter.num_steps if n > 1] == [4, 4, 2] and fused.calls - calls == 10
-    calls = fused.calls
+    calls, counter.num_steps = fused.calls, []
     assert outputs(multi) == outputs(single)
     assert fused.calls - calls == 10   # every decode step ran fused, in the loop or (bfloat16) one at a time
     assert fused.takes_steps(3) == (dtype == "float32")
+    assert max(counter.num_steps) == (STEPS if dtype == "float32" else 1)   # the scheduler knows the head's rows
 
 
 @pytest.mark.parametrize("family,kwargs,why", [
@@ -170,3 +171,24 @@ def test_the_loop_ends_after_the_step_that_samples_a_stop_token(checkpoint_dir):
     at = next(i for i in range(1, 6) if tokens[i] not in tokens[:i])
     ended = fused.decode_steps(first, start, tables, 6, [[-1, tokens[at]]])
     assert ended[:, 0].tolist() == tokens[:at + 1]
+    # two rows (blocks 0-1 and 2-3), the second one's stop ends both
+    two = fused.decode_steps(torch.tensor([5, 9]), torch.tensor([0, 0]), torch.tensor([[0, 1], [2, 3]],
+                                                                                    dtype=torch.int32), 6)
+    other = two[:, 1].tolist()
+    at = next(i for i in range(1, 6) if other[i] not in other[:i])
+    ended = fused.decode_steps(torch.tensor([5, 9]), torch.tensor([0, 0]), torch.tensor([[0, 1], [2, 3]],
+                                                                                      dtype=torch.int32), 6,
+                               [[], [other[at]]])
+    assert ended.tolist() == two[:at + 1].tolist()
+
+
+def test_worker_processes_run_it_too(checkpoint_dir):
+    """The scheduler asks the workers how many rows their loop runs (a control call to the worker process)."""
+    path = checkpoint_dir("llama")
+    multi = engine(path, STEPS, distributed_executor_backend="mp")
+    try:
+        counter = StepCounter(multi)
+        assert outputs(multi) == outputs(engine(path, 1))
+        assert [n for n in counter.num_steps if n > 1] == [4, 4, 2]
+    finally:
+        multi.engine.shutdown()
