@@ -10,7 +10,8 @@
 * With ``stream_options.include_usage`` every chunk but the last has ``"usage": null`` and the last chunk
   (just before ``[DONE]``) has the usage and an empty ``choices`` list (OpenAI's documented behaviour).
 * Tokens are streamed as they are generated: a 16-token greedy completion arrives in more than one chunk.
-  With ``--stream-interval 4`` it arrives in five (tokens 1, 2-5, 6-9, 10-13, 14-16), with the same text.
+  With ``--stream-interval 4`` it arrives in five (tokens 1, 2-5, 6-9, 10-13, 14-16), with the same text; so it
+  does with ``--num-scheduler-steps 4`` (each step's four tokens together).
 * 64 streaming clients at once (asyncio + ``AsyncOpenAI``, half completions, half chat, each with its own
   prompt, plus raw ``httpx`` streams checked for framing) each receive exactly the offline API's greedy
   text for their prompt, in a well-formed stream, and the server returns to idle afterwards.
@@ -192,6 +193,23 @@ def test_a_stream_interval_groups_tokens_into_fewer_chunks_with_the_same_text(st
     chunks = raw_stream(coarse.base_url, "/v1/chat/completions", chat)
     assert 3 <= len(chunks) <= 1 + most + 1   # the role, the tokens, the finish reason
     check_chat_choices(chunks)
+
+
+def test_multi_step_decoding_streams_each_steps_tokens_together_with_the_same_text(start_server, offline):
+    """``--num-scheduler-steps 4``: a greedy request's first token comes from its prompt's step, the rest four to a
+    step: at most 5 chunks for 16 tokens, the offline text; a stop string inside a step ends the text there."""
+    expected = offline.generate(PROMPTS[:1], greedy())[0].outputs[0].text
+    server = start_server("--num-scheduler-steps", "4")
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    *chunks, usage = raw_stream(server.base_url, "/v1/completions", body)
+    assert 1 <= len(chunks) <= 5 and usage["usage"]["completion_tokens"] == MAX_TOKENS
+    assert check_completion_choices(chunks) == ({0: expected}, {0: "length"})
+    stop = expected[len(expected) // 2:len(expected) // 2 + 2]
+    chunks = raw_stream(server.base_url, "/v1/completions", {**body, "stop": [stop]})
+    text = offline.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                                        stop=[stop]))[0].outputs[0].text
+    assert check_completion_choices(chunks[:-1]) == ({0: text}, {0: "stop"})
 
 
 def test_streamed_equals_non_streamed(server):
