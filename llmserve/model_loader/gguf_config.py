@@ -116,6 +116,12 @@ def _gpt2(config: Any, meta: _Metadata) -> None:
     config.n_inner = int(meta.field("gpt2.feed_forward_length") or 4 * config.n_embd)
 
 
+def _bloom(config: Any, meta: _Metadata) -> None:
+    """BLOOM ties its head to the embedding, but llama.cpp's converter writes the head as ``output.weight`` (a copy
+    of the embedding, quantised as a head: Q6_K in a Q4_K_M file), which llama.cpp multiplies: so do we."""
+    config.tie_word_embeddings = not meta.tensors("output.weight")
+
+
 def _phi3(config: Any, meta: _Metadata) -> None:
     config.sliding_window = int(meta.field("phi3.attention.sliding_window") or 0) or None   # 0: none (Phi-4)
     head_dim = config.hidden_size // config.num_attention_heads
@@ -227,5 +233,5 @@ def _rope_theta(config: Any) -> float:
 _OWN_CONFIGS: dict[str, Callable[[_Metadata], dict[str, Any]]] = {"command-r": _cohere, "cohere2": _cohere,
                                                                    "deepseek2": deepseek_config,
                                                                    "gemma4": gemma4_config}
-_RESTORERS: dict[str, Callable[[Any, _Metadata], None]] = {"gpt2": _gpt2, "phi3": _phi3, "gemma2": _gemma2,
-                                                           "gemma3": _gemma3, "falcon": _falcon}
+_RESTORERS: dict[str, Callable[[Any, _Metadata], None]] = {"gpt2": _gpt2, "bloom": _bloom, "phi3": _phi3,
+                                                           "gemma2": _gemma2, "gemma3": _gemma3, "falcon": _falcon}

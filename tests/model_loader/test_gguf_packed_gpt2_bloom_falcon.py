@@ -86,9 +86,13 @@ def test_k_quant_file_runs_packed(wide_gguf_file, gguf_dir, caplog, monkeypatch,
     _assert_layers_multiply_as_dequantised(path, monkeypatch)
 
 
-def test_a_gpt2_file_with_llama_cpps_output_head_packs_it(checkpoint_dir, gguf_dir, caplog, monkeypatch):
-    """llama.cpp's converter writes GPT-2's head as ``output.weight`` (a copy of the embedding), which
-    transformers' processor keeps as ``lm_head.weight`` under a name of its own: the head loads untied, packed."""
+@pytest.mark.parametrize("family,embedding", [("gpt2", "transformer.wte.weight"),
+                                              ("bloom", "transformer.word_embeddings.weight")])
+def test_a_file_with_llama_cpps_output_head_packs_it(checkpoint_dir, gguf_dir, caplog, monkeypatch, family,
+                                                       embedding):
+    """llama.cpp's converter writes GPT-2's and BLOOM's tied head as ``output.weight`` (a copy of the embedding),
+    which llama.cpp multiplies: the head loads untied, packed (GPT-2's through transformers' processor, which keeps it
+    as ``lm_head.weight`` under a name of its own)."""
     import json
     import shutil
 
@@ -97,15 +101,15 @@ def test_a_gpt2_file_with_llama_cpps_output_head_packs_it(checkpoint_dir, gguf_d
     from llmserve.model_loader.gguf_config import load_gguf_config
     from llmserve.testing.gguf_files import write_gguf
 
-    source = shutil.copytree(checkpoint_dir("gpt2"), gguf_dir / "gpt2-untied-checkpoint", dirs_exist_ok=True)
+    source = shutil.copytree(checkpoint_dir(family), gguf_dir / f"{family}-untied-checkpoint", dirs_exist_ok=True)
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     tensors = {name: t for f in source.glob("*.safetensors") for name, t in load_file(f).items()}
-    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].clone()
+    tensors["lm_head.weight"] = tensors[embedding].clone()
     for f in source.glob("*.safetensors"):
         f.unlink()
     save_file({name: t.contiguous() for name, t in tensors.items()}, source / "model.safetensors")
-    path = write_gguf(source, gguf_dir / "gpt2-untied-Q8_0.gguf", "gpt2", "Q8_0")
+    path = write_gguf(source, gguf_dir / f"{family}-untied-Q8_0.gguf", family, "Q8_0")
     assert not load_gguf_config(path).tie_word_embeddings
     assert "lm_head" in packed_modules(path)
     _assert_engine_matches_rounded_transformers(path, source, caplog)
