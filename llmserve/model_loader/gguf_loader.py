@@ -299,7 +299,9 @@ def _order_of(tensors: GGUFTensors, name: str, numbered: np.ndarray, per_row: in
     if moved.shape == (columns, rows) and (moved == numbered.T).all():
         return np.arange(rows)   # transposed whole: the file's order
     order = moved[:, 0] // per_row if moved.shape == (rows, columns) else None
-    if order is None or not np.array_equal(np.sort(order), np.arange(rows)) or not (moved == numbered[order]).all():
+    # (reordered, a matrix of row indices is its order broadcast: no copy of a full-width probe)
+    if order is None or not np.array_equal(np.sort(order), np.arange(rows)) \
+            or not (moved == (order[:, None] if per_row == 1 else numbered[order])).all():
         raise NotPackable(f"GGUF tensor {name}: transformers' processor does more than reorder or transpose its "
                           f"rows, so it cannot load packed")
     return order.astype(np.int64)
