@@ -263,7 +263,7 @@ class EngineConfig:
     max_logprobs: int = 20
     # streamed requests get an output every this many tokens (and their first and last at once), as vLLM's flag
     stream_interval: int = 1
-    # greedy decode steps an engine step may run in the compiled CPU loop (llmserve.engine.multi_step); 1: off
+    # decode steps an engine step may run in the compiled CPU loop (llmserve.engine.multi_step); 1: off
     num_scheduler_steps: int = 1
     num_threads: int | None = None
     # GPU only: run every step eagerly instead of replaying CUDA graphs for decode steps.

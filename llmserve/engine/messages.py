@@ -64,7 +64,7 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
     scheduled_spec_decode_tokens: dict[int, list[int]] = {}
     # a draft model under adaptive speculation: seq_id -> how many drafts to make after this step (absent: k)
     num_drafts_after_step: dict[int, int] = {}
-    # multi-step decoding (--num-scheduler-steps): every row decodes this many greedy tokens, each fed back as the
+    # multi-step decoding (--num-scheduler-steps): every row decodes this many tokens, each fed back as the
     # next one's input; its KV-cache slots are allocated for all of them (llmserve.worker.multi_step)
     num_steps: int = 1
 

@@ -1,13 +1,14 @@
 """Multi-step decoding (``--num-scheduler-steps N``, vLLM's flag): how many decode steps the next engine step runs.
 
 At batch 1 on a CPU, a small model's decode step is a few milliseconds of kernels and a few hundred microseconds
-of Python around them (scheduling, inputs, sampling, output processing). A multi-step step runs up to N greedy
-decode steps in one call into compiled code, each step's argmax fed back as the next step's token
+of Python around them (scheduling, inputs, sampling, output processing). A multi-step step runs up to N
+decode steps in one call into compiled code, each step's token (argmax or draw) fed back as the next step's input
 (:mod:`llmserve.worker.multi_step`), so that Python cost is paid once per N tokens.
 
-The scheduler takes it only when the loop computes exactly what N single steps would: every row of the step is a
-running sequence decoding its next token, greedy, with nothing that changes its logits or needs them (no
-penalties, logit bias, grammar, logprobs, adapter or unmet ``min_tokens``), and no draft. N is cut to the
+The scheduler takes it only when the loop computes what N single steps would: every row of the step is a running
+sequence decoding its next token, greedy (the same tokens) or random and unseeded (draws from the same
+distribution), with nothing else that changes its logits or needs them (no penalties, logit bias, grammar,
+logprobs, adapter or unmet ``min_tokens``), and no draft. N is cut to the
 tokens every row may still generate (``max_tokens``, the context), and the step falls back to one token when
 the KV cache has too few free blocks for the lookahead (nothing is preempted for it) or the step has more rows than
 the workers' loop runs (a tied LM head's kernel takes a few). The loop ends after the first
@@ -22,11 +23,13 @@ from llmserve.engine.block_manager import BlockManager
 from llmserve.engine.sequence import Sequence
 
 
-def decodes_greedily_alone(seq: Sequence) -> bool:
-    """Whether ``seq``'s next tokens are its logits' argmax, with nothing asked of them but the token: what the
-    compiled multi-step loop computes."""
+def decodes_in_the_loop(seq: Sequence) -> bool:
+    """Whether ``seq``'s next tokens are what the compiled multi-step loop computes: its logits' argmax, or an
+    unseeded draw under temperature, top-k, top-p and min-p (a seeded one must reproduce the sampler's own draws),
+    with nothing else asked of them but the token."""
     params = seq.params
-    return (seq.pooling is None and seq.lora_request is None and not seq.pending_forks and params.is_greedy
+    return (seq.pooling is None and seq.lora_request is None and not seq.pending_forks
+            and (params.is_greedy or params.seed is None)
             and params.logprobs is None and not params.logit_bias and params.structured_outputs is None
             and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
             and params.presence_penalty == 0.0 and len(seq.output_token_ids) >= params.min_tokens)
@@ -47,7 +50,7 @@ def multi_step_count(scheduled: list[tuple[Sequence, int]], max_steps: int, max_
         return 1
     steps = max_steps
     for seq, num_new in scheduled:
-        if num_new != 1 or seq.num_computed_tokens != seq.num_tokens - 1 or not decodes_greedily_alone(seq):
+        if num_new != 1 or seq.num_computed_tokens != seq.num_tokens - 1 or not decodes_in_the_loop(seq):
             return 1
         steps = min(steps, tokens_left(seq, max_model_len))
     if steps <= 1:

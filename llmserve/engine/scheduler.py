@@ -15,8 +15,8 @@ The step is described to the workers as a :class:`~llmserve.engine.messages.Sche
 
 With speculative decoding, a decoding sequence may be scheduled for 1 + k tokens, its k drafts through the same
 rule and allocation (:mod:`llmserve.spec_decode.scheduling` decides which and how many, and keeps what the
-accepted ones move). With ``--num-scheduler-steps`` above 1, a step of greedy decodes only may run several decode
-steps at once (:mod:`llmserve.engine.multi_step` decides how many and allocates their slots).
+accepted ones move). With ``--num-scheduler-steps`` above 1, a step of decodes only (greedy or unseeded) may run
+several decode steps at once (:mod:`llmserve.engine.multi_step` decides how many and allocates their slots).
 
 ``update_from_output`` applies the workers' :class:`~llmserve.engine.messages.ModelRunnerOutput`: it
 advances ``num_computed_tokens``, publishes newly full blocks to the prefix cache, forks parallel

@@ -51,10 +51,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Tr
                    help="reuse the KV blocks of cached prompt prefixes (default on)")
     g.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / prompt_logprobs accepted")
     g.add_argument("--num-scheduler-steps", type=int, default=1,
-                   help="CPU: run up to this many greedy decode steps per engine step in compiled code, each "
+                   help="CPU: run up to this many decode steps per engine step in compiled code, each "
                         "token fed back (less Python per token; a stream's tokens arrive that many at a time). "
-                        "Steps with prefills or with requests that sample, penalise, bias, constrain, adapt or "
-                        "ask logprobs run one token. Needs the fused CPU decode step (refused at start-up "
+                        "Steps with prefills or with requests that are seeded or penalise, bias, constrain, "
+                        "adapt or ask logprobs run one token. Needs the fused CPU decode step (refused at start-up "
                         "otherwise) and no speculative decoding")
     g.add_argument("--stream-interval", type=int, default=1,
                    help="a streamed request gets an output (an SSE event) every this many tokens, its first and "

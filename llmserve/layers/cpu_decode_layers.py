@@ -59,6 +59,12 @@ class _Model(ctypes.Structure):
                 ("cos", _P), ("sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer))]
 
 
+class SampleParams(ctypes.Structure):
+    """A row's sampling in the multi-step loop (``sample_params`` of ``csrc/cpu_sampling.h``): temperature <= 0 is
+    greedy; top_k 0, top_p 1, min_p 0 are off."""
+    _fields_ = [("temperature", _F), ("top_p", _F), ("min_p", _F), ("top_k", _L)]
+
+
 class _Ends(ctypes.Structure):
     """The token embedding (row-major, activations' dtype) and the LM head of the multi-step loop."""
     _fields_ = [("embedding", _P), ("vocab", _L), ("head", _Linear)]
@@ -155,7 +161,8 @@ class DecodeLayersKernel:
         lib.llmserve_decode_steps_workspace.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Ends), _L]
         lib.llmserve_decode_steps_workspace.restype = _L
         lib.llmserve_decode_steps.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Ends), _L, _L, _P, _P, _P, _L,
-                                               _P, _P, ctypes.POINTER(LoRAStepArgs), _P, _P, _I]
+                                               _P, _P, ctypes.POINTER(SampleParams), ctypes.c_uint64,
+                                               ctypes.POINTER(LoRAStepArgs), _P, _P, _I]
         lib.llmserve_decode_steps.restype = _I
         self._lib = lib
         self.dtype, self.hidden = dtype, hidden
@@ -230,12 +237,14 @@ class DecodeLayersKernel:
         return out
 
     def steps(self, first_tokens: torch.Tensor, start_positions: torch.Tensor, block_tables: torch.Tensor,
-              steps: int, stops: list[list[int]] | None = None, lora: LoRAStepArgs | None = None) -> torch.Tensor:
-        """Up to ``steps`` greedy decode steps (:meth:`attach_ends` first): row r feeds ``first_tokens[r]`` at
-        ``start_positions[r]`` (int64 [rows]), then each step's argmax at the next position; returns the tokens
-        int64 [steps run, rows], step t's argmax of every row in row t. The steps end after the first in which a
-        row's token is one of its ``stops`` (per row; None: none). ``block_tables`` int32 [rows, width] must cover
-        every position the steps reach; ``lora`` as :meth:`forward`'s."""
+              steps: int, stops: list[list[int]] | None = None, sampling: list[SampleParams] | None = None,
+              seed: int = 0, lora: LoRAStepArgs | None = None) -> torch.Tensor:
+        """Up to ``steps`` decode steps (:meth:`attach_ends` first): row r feeds ``first_tokens[r]`` at
+        ``start_positions[r]`` (int64 [rows]), then each step's token at the next position; returns the tokens
+        int64 [steps run, rows], step t's of every row in row t: each row's argmax, or a draw under its
+        ``sampling`` (per row; None: every row greedy) from a generator seeded with ``seed``. The steps end after
+        the first in which a row's token is one of its ``stops`` (per row; None: none). ``block_tables`` int32
+        [rows, width] must cover every position the steps reach; ``lora`` as :meth:`forward`'s."""
         rows = first_tokens.shape[0]
         if self._ends is None:
             raise RuntimeError("decode steps: no token embedding and LM head attached")
@@ -258,6 +267,9 @@ class DecodeLayersKernel:
                 raise ValueError(f"decode steps: stop tokens for {len(stops)} rows, not {rows}")
             stop_ids = torch.tensor([t for row in stops for t in row] or [0], dtype=torch.int64)
             stop_starts = torch.tensor([0, *itertools.accumulate(map(len, stops))], dtype=torch.int64)
+        if sampling is not None and len(sampling) != rows:
+            raise ValueError(f"decode steps: sampling parameters for {len(sampling)} rows, not {rows}")
+        sample = (SampleParams * rows)(*sampling) if sampling is not None else None
         need = self._lib.llmserve_decode_steps_workspace(self._model, self._ends, rows)
         if self._workspace.numel() < need:
             self._workspace = torch.empty(need, dtype=torch.uint8)
@@ -266,7 +278,7 @@ class DecodeLayersKernel:
             self._model, self._ends, rows, steps, first_tokens.data_ptr(), start_positions.data_ptr(),
             block_tables.data_ptr(), block_tables.stride(0),
             None if stop_ids is None else stop_ids.data_ptr(), None if stop_starts is None else stop_starts.data_ptr(),
-            lora, tokens.data_ptr(), self._workspace.data_ptr(), torch.get_num_threads())
+            sample, seed & (2**64 - 1), lora, tokens.data_ptr(), self._workspace.data_ptr(), torch.get_num_threads())
         if status == -4:
             raise IndexError(f"decode steps: a first token is outside the vocabulary (0..{self._ends.vocab - 1})")
         if status < 0:

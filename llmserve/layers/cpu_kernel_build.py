@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SOURCES = ("cpu_linear.c", "cpu_bf16_linear.c", "cpu_bf16_amx.c", "cpu_quant_linear.c", "cpu_w8a8_linear.c", "cpu_group_int8_linear.c",
            "cpu_group_int8_quantize.c", "cpu_attention.c", "cpu_layer_ops.c", "cpu_sampling.c", "cpu_lora.c", "cpu_grouped_linear.c",
            "cpu_moe_rows.c", "cpu_decode_layers.c")
-HEADERS = ("cpu_vec.h", "cpu_group_int8.h", "cpu_group_int8_vnni.h", "cpu_group_int8_avx2.h")
+HEADERS = ("cpu_vec.h", "cpu_group_int8.h", "cpu_group_int8_vnni.h", "cpu_group_int8_avx2.h", "cpu_sampling.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _SRC_DIR = Path(__file__).parent / "csrc"
 

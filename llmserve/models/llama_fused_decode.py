@@ -13,8 +13,9 @@ says why not; :meth:`FusedDecode.forward` decides per step.
 
 Where the token embedding and the LM head are ones the C code reads too (the model's own ``compute_logits``; a head
 stored blocked or as GGUF group-int8, or tied to the embedding, which the module path multiplies row-major with a
-compiled kernel for up to a few rows and oneDNN above), :meth:`FusedDecode.decode_steps` runs several greedy decode
-steps in one call, each step's argmax fed back as the next step's token: the multi-step decoding of
+compiled kernel for up to a few rows and oneDNN above), :meth:`FusedDecode.decode_steps` runs several decode
+steps in one call, each step's argmax (or a draw under the row's sampling) fed back as the next step's token: the
+multi-step decoding of
 ``--num-scheduler-steps`` (:mod:`llmserve.worker.multi_step`).
 """
 
@@ -33,7 +34,8 @@ from llmserve.layers.attention.cpu_backend import CPUAttentionBackend
 from llmserve.layers.attention.layer import Attention
 from llmserve.layers.attention.torch_metadata import TorchAttentionMetadata
 from llmserve.layers.cpu_decode_layers import (DecodeLayersKernel, DecoderLayerWeights, FusedDecodeUnsupported,
-                                               LoRAStepArgs, attach_lora, linear_descriptor, row_major_descriptor)
+                                               LoRAStepArgs, SampleParams, attach_lora, linear_descriptor,
+                                               row_major_descriptor)
 from llmserve.layers.cpu_kernels import cpu_kernels
 from llmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from llmserve.layers.layernorm import RMSNorm
@@ -223,18 +225,20 @@ class FusedDecode:
         return self.kernel.forward(hidden, positions.contiguous(), slots, block_tables, seq_lens, self._lora_step())
 
     def decode_steps(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-                     steps: int, stops: list[list[int]] | None = None) -> torch.Tensor:
-        """Up to ``steps`` greedy decode steps of rows that each decode one token (int64 ``input_ids`` and
-        ``positions`` [rows], int32 ``block_tables`` [rows, width] covering the positions the steps reach): the
-        tokens int64 [steps run, rows] that as many one-step decodes with greedy sampling would give, each fed back;
-        they end after the first step in which a row samples one of its ``stops`` (per row)."""
+                     steps: int, stops: list[list[int]] | None = None, sampling: list[SampleParams] | None = None,
+                     seed: int = 0) -> torch.Tensor:
+        """Up to ``steps`` decode steps of rows that each decode one token (int64 ``input_ids`` and ``positions``
+        [rows], int32 ``block_tables`` [rows, width] covering the positions the steps reach): the tokens int64
+        [steps run, rows] that as many one-step decodes would give, each fed back: a greedy row's argmax, a row
+        with ``sampling`` (per row; None: all greedy) a draw from the sampler's distribution (a generator seeded
+        with ``seed``); they end after the first step in which a row samples one of its ``stops`` (per row)."""
         if self.steps_unsupported is not None:
             raise FusedDecodeUnsupported(self.steps_unsupported)
         if not self.takes_steps(input_ids.shape[0]):
             raise FusedDecodeUnsupported(f"{input_ids.shape[0]} rows: the LM head runs at most {self.steps_max_rows} "
                                          f"here")
         self._bind()
-        tokens = self.kernel.steps(input_ids, positions, block_tables, steps, stops, self._lora_step())
+        tokens = self.kernel.steps(input_ids, positions, block_tables, steps, stops, sampling, seed, self._lora_step())
         self.calls += tokens.shape[0]
         return tokens
 

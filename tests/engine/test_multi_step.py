@@ -1,14 +1,14 @@
 """Multi-step decoding in the scheduler (``--num-scheduler-steps``), without a model.
 
-Specified: a step whose rows are all running greedy decodes with nothing asked of their logits but the token runs
-up to N decode steps (``SchedulerOutput.num_steps``), cut to the tokens every row may still generate; each row
-holds KV-cache blocks for every position the steps write. Any other row in the step (a prefill, a sampling,
-penalised, biased, constrained or adapted request, one that asks logprobs or has not reached ``min_tokens``), a
-setting of 1, more rows than the workers' loop runs, or too few free blocks for the lookahead (none taken then)
-makes it a plain step. When the result
-comes back, a row's tokens are appended in order (``multi_step_tokens`` then ``sampled``), each but the last counted
-as computed, and the row stops at its first stop: the tokens after it are dropped and its blocks freed, those its
-tokens filled published to the prefix cache first. A runner that ran fewer steps returns fewer tokens.
+Specified: a step whose rows are all running decodes, greedy or unseeded random, with nothing asked of their logits
+but the token runs up to N decode steps (``SchedulerOutput.num_steps``), cut to the tokens every row may still
+generate; each row holds KV-cache blocks for every position the steps write. Any other row in the step (a prefill,
+a seeded, penalised, biased, constrained or adapted request, one that asks logprobs or has not reached
+``min_tokens``), a setting of 1, more rows than the workers' loop runs, or too few free blocks for the lookahead
+(none taken then) makes it a plain step. When the result comes back, a row's tokens are appended in order
+(``multi_step_tokens`` then ``sampled``), each but the last counted as computed, and the row stops at its first
+stop: the tokens after it are dropped and its blocks freed, those its tokens filled published to the prefix cache
+first. A runner that ran fewer steps returns fewer tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from llmserve.engine.block_manager import BlockManager
 from llmserve.engine.messages import ModelRunnerOutput
-from llmserve.engine.multi_step import decodes_greedily_alone
+from llmserve.engine.multi_step import decodes_in_the_loop
 from llmserve.engine.scheduler import Scheduler
 from llmserve.engine.sequence import Sequence, SequenceStatus
 from llmserve.lora.request import LoRARequest
@@ -132,15 +132,24 @@ def test_stop_token_ids_and_min_tokens():
     assert seq.output_token_ids == [1, 2, 3, 4, 5] and seq.stop_reason == 5
 
 
+def test_unseeded_random_rows_run_in_the_loop_too():
+    sched = make_scheduler(steps=4)
+    greedy, random = make_seq(**GREEDY), make_seq(temperature=0.8, top_p=0.9, top_k=20, min_p=0.05)
+    assert decodes_in_the_loop(random)
+    run_prefill(sched, greedy, random)
+    assert sched.schedule().num_steps == 4
+
+
 @pytest.mark.parametrize("params", [
-    dict(temperature=0.7), dict(temperature=0.0, repetition_penalty=1.2), dict(temperature=0.0, presence_penalty=0.5),
+    dict(temperature=0.7, seed=1), dict(temperature=0.0, repetition_penalty=1.2),
+    dict(temperature=0.0, presence_penalty=0.5),
     dict(temperature=0.0, frequency_penalty=0.5), dict(temperature=0.0, logit_bias={3: 1.0}),
     dict(temperature=0.0, logprobs=0), dict(temperature=0.0, structured_outputs={"choice": ["a", "b"]}),
 ])
 def test_a_row_the_loop_cannot_compute_makes_a_plain_step(params):
     sched = make_scheduler(steps=4)
     plain, other = make_seq(**GREEDY), make_seq(**params)
-    assert not decodes_greedily_alone(other)
+    assert not decodes_in_the_loop(other)
     run_prefill(sched, plain, other)
     assert sched.schedule().num_steps == 1
 
@@ -149,7 +158,7 @@ def test_an_adapter_row_and_a_prefill_in_the_step_make_it_plain():
     sched = make_scheduler(steps=4)
     adapted = make_seq(**GREEDY)
     adapted.lora_request = LoRARequest("a", 1, "/nowhere")
-    assert not decodes_greedily_alone(adapted)
+    assert not decodes_in_the_loop(adapted)
     plain = make_seq(**GREEDY)
     run_prefill(sched, plain)
     sched.add(make_seq(prompt_len=6, **GREEDY))   # admitted this step: its prompt is in it

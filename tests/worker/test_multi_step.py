@@ -87,7 +87,7 @@ def test_stops_inside_a_step_end_the_output_where_one_step_at_a_time_does(checkp
 def test_rows_the_loop_cannot_run_make_plain_steps_with_the_same_output(checkpoint_dir):
     path = checkpoint_dir("llama")
     penalised = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, repetition_penalty=1.3)
-    seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)   # (its own draws: plain steps)
     mixed = [GREEDY, penalised, seeded]
     multi = engine(path, STEPS)
     counter = StepCounter(multi)
@@ -192,3 +192,19 @@ def test_worker_processes_run_it_too(checkpoint_dir):
         assert [n for n in counter.num_steps if n > 1] == [4, 4, 2]
     finally:
         multi.engine.shutdown()
+
+
+def test_unseeded_random_rows_draw_in_the_loop(checkpoint_dir):
+    """(their draws' distribution: tests/layers/test_cpu_sampling.py) A temperature near 0 draws the argmax, so
+    the output is greedy's; a usual one runs in the loop too, whole outputs of valid tokens."""
+    path = checkpoint_dir("llama")
+    multi = engine(path, STEPS)
+    counter = StepCounter(multi)
+    cold = SamplingParams(temperature=1e-4, max_tokens=11, ignore_eos=True)
+    assert [o[0] for o in outputs(multi, cold)] == [o[0] for o in outputs(engine(path, 1))]
+    assert [n for n in counter.num_steps if n > 1] == [4, 4, 2]
+    warm = SamplingParams(temperature=0.9, top_p=0.9, top_k=40, min_p=0.02, max_tokens=11, ignore_eos=True)
+    counter.num_steps = []
+    for tokens, _, finish in outputs(multi, warm):
+        assert len(tokens) == 11 and finish == "length" and all(0 <= t < multi.engine.vocab_size for t in tokens)
+    assert [n for n in counter.num_steps if n > 1] == [4, 4, 2]

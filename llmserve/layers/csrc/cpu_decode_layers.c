@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "cpu_group_int8.h"
+#include "cpu_sampling.h"
 #include "cpu_vec.h"
 
 /* Entry points of the other kernel files of this library. */
@@ -44,7 +45,6 @@ int llmserve_paged_decode_attention(const float *q, long q_stride, const void *k
                                     const float *alibi_slopes, float *out, long out_stride, int num_threads,
                                     int kv_format, float k_scale, float v_scale);
 
-void llmserve_argmax_rows(const float *x, long x_stride, long *out, long rows, long n, int num_threads);
 int llmserve_lora_add(const void *x, long x_stride, void *out, long out_stride, const void *a, long a_slot_stride,
                       const void *bt, long bt_slot_stride, long bt_stride, const long *slot_ranks,
                       const long *bounds, int projections, const long *rows, const long *segments,
@@ -351,11 +351,13 @@ static int is_stop(const long *stop_ids, const long *stop_starts, long r, long t
     return 0;
 }
 
-/* Up to `steps` greedy decode steps of `rows` sequences in one call: step 0 feeds each row its token
- * `first_tokens[r]` at position `start_positions[r]`, every later step the argmax of the row's previous logits at the
- * next position; tokens[t * rows + r] is row r's argmax after step t. Each step is llmserve_decode_layers, the LM
- * head (a bfloat16 model's logits rounded to bfloat16, as the module path's head returns them) and the first index of
- * each row's largest logit (llmserve_argmax_rows), so the tokens are those the one-step path samples greedily. The
+/* Up to `steps` decode steps of `rows` sequences in one call: step 0 feeds each row its token `first_tokens[r]` at
+ * position `start_positions[r]`, every later step the token the row sampled at the step before, at the next
+ * position; tokens[t * rows + r] is row r's token after step t. Each step is llmserve_decode_layers, the LM head (a
+ * bfloat16 model's logits rounded to bfloat16, as the module path's head returns them) and each row's first index
+ * of its largest logit (llmserve_argmax_rows), so a greedy row's tokens are those the one-step path samples; a row
+ * with a positive temperature in `sampling` (NULL: every row greedy) draws instead (llmserve_sample_rows, from a
+ * generator seeded with `seed` and the step). The
  * steps end early after the first in which a row's token is one of its stop tokens (`stop_ids` from
  * `stop_starts[r]` to `stop_starts[r + 1]`; NULL for none): one step at a time, the next step would run without that
  * row. A row's K/V slots follow its block table (int32, `table_stride` apart, covering every position the steps
@@ -363,8 +365,8 @@ static int is_stop(const long *stop_ids, const long *stop_starts, long r, long t
  * vocabulary. */
 int llmserve_decode_steps(const dl_model *m, const dl_ends *e, long rows, long steps, const long *first_tokens,
                           const long *start_positions, const int *block_tables, long table_stride,
-                          const long *stop_ids, const long *stop_starts, const dl_lora_step *lora, long *tokens,
-                          void *workspace, int num_threads) {
+                          const long *stop_ids, const long *stop_starts, const sample_params *sampling, uint64_t seed,
+                          const dl_lora_step *lora, long *tokens, void *workspace, int num_threads) {
     const int bf16 = m->bf16;
     const long s = bf16 ? 2 : 4, hidden = m->hidden, vocab = e->vocab, bs = m->block_size;
     void *emb, *normed, *logits;
@@ -391,6 +393,10 @@ int llmserve_decode_steps(const dl_model *m, const dl_ends *e, long rows, long s
         if (status) return status;
         if (bf16) widen_rows(logits, vocab, logits32, rows, vocab);
         llmserve_argmax_rows(logits32, vocab, tokens + t * rows, rows, vocab, num_threads);
+        if (sampling != NULL
+            && llmserve_sample_rows(logits32, rows, vocab, sampling, seed + 0x9E3779B97F4A7C15ull * (uint64_t)t,
+                                    tokens + t * rows, num_threads))
+            return -2;
         for (long r = 0; r < rows; r++)
             if (is_stop(stop_ids, stop_starts, r, tokens[t * rows + r])) return (int)(t + 1);
     }
