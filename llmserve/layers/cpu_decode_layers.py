@@ -158,7 +158,7 @@ class DecodeLayersKernel:
         lib.llmserve_decode_layers.argtypes = [ctypes.POINTER(_Model), _P, _P, _L, _P, _P, _P, _L, _P,
                                                 ctypes.POINTER(LoRAStepArgs), _P, _I]
         lib.llmserve_decode_layers.restype = _I
-        lib.llmserve_decode_steps_workspace.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Ends), _L]
+        lib.llmserve_decode_steps_workspace.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Ends), _L, _L]
         lib.llmserve_decode_steps_workspace.restype = _L
         lib.llmserve_decode_steps.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Ends), _L, _L, _P, _P, _P, _L,
                                                _P, _P, ctypes.POINTER(SampleParams), ctypes.c_uint64,
@@ -270,7 +270,8 @@ class DecodeLayersKernel:
         if sampling is not None and len(sampling) != rows:
             raise ValueError(f"decode steps: sampling parameters for {len(sampling)} rows, not {rows}")
         sample = (SampleParams * rows)(*sampling) if sampling is not None else None
-        need = self._lib.llmserve_decode_steps_workspace(self._model, self._ends, rows)
+        threads = torch.get_num_threads()
+        need = self._lib.llmserve_decode_steps_workspace(self._model, self._ends, rows, threads if sample else 0)
         if self._workspace.numel() < need:
             self._workspace = torch.empty(need, dtype=torch.uint8)
         tokens = torch.empty(steps, rows, dtype=torch.int64)
@@ -278,7 +279,7 @@ class DecodeLayersKernel:
             self._model, self._ends, rows, steps, first_tokens.data_ptr(), start_positions.data_ptr(),
             block_tables.data_ptr(), block_tables.stride(0),
             None if stop_ids is None else stop_ids.data_ptr(), None if stop_starts is None else stop_starts.data_ptr(),
-            sample, seed & (2**64 - 1), lora, tokens.data_ptr(), self._workspace.data_ptr(), torch.get_num_threads())
+            sample, seed & (2**64 - 1), lora, tokens.data_ptr(), self._workspace.data_ptr(), threads)
         if status == -4:
             raise IndexError(f"decode steps: a first token is outside the vocabulary (0..{self._ends.vocab - 1})")
         if status < 0:

@@ -70,11 +70,12 @@ def run_multi_step(fused: FusedDecode, batch: InputBatch, step: StepInputs, num_
     rows = np.fromiter((seq.row for seq in seqs), dtype=np.int64, count=len(seqs))
     if np.any(batch.num_blocks[rows] * batch.block_size < step.positions + num_steps):
         raise RuntimeError("a multi-step step's sequences do not hold KV-cache blocks for every position it writes")
-    sampling = [sampling_of(seq) for seq in seqs]
+    sampling: list[SampleParams] | None = [sampling_of(seq) for seq in seqs]
+    seed = 0
     if all(s.temperature == 0.0 for s in sampling):
         sampling = None
-    # (the draws' generator is seeded from PyTorch's, which the engine's --seed seeds)
-    seed = int(torch.randint(0, 2**63 - 1, (1,)))
+    else:   # (the draws' generator is seeded from PyTorch's, which the engine's --seed seeds)
+        seed = int(torch.randint(0, 2**63 - 1, (1,)))
     tokens = fused.decode_steps(torch.from_numpy(step.input_ids), torch.from_numpy(step.positions),
                                 torch.from_numpy(step.block_tables[0]), num_steps,
                                 [stop_tokens(seq) for seq in seqs], sampling, seed).T.tolist()

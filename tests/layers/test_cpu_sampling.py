@@ -1,9 +1,10 @@
 """The compiled random sampling of the multi-step decode loop (``llmserve_sample_rows``, ``csrc/cpu_sampling.c``)
 draws from the distribution the sampler draws an unseeded random row from: the logits over the temperature, top-k
 (ties at the k-th kept), top-p over the top-k-renormalised distribution, min-p, as ``llmserve.layers.sampler``
-computes them. (At a tie on the top-p cut the loop keeps every tied token, where the sampler's sort keeps some of
-them in no specified order: the top-p cases use distinct logits.) Checked by drawing 40,000 tokens from rows of the same logits (each row its own generator) against
-those probabilities; greedy rows (temperature 0) are left as they were."""
+computes them. Checked by drawing 40,000 tokens from rows of the same logits (each row its own generator) against
+those probabilities; greedy rows (temperature 0) are left as they were. At a tie on the top-p cut both keep as many
+of the tied tokens as they need (which ones the sampler's sort does not specify; the loop takes the first), so
+there the tied group's probability is compared."""
 
 from __future__ import annotations
 
@@ -26,14 +27,15 @@ DRAWS = 40_000
 def sample_rows(logits: torch.Tensor, params: list[SampleParams], seed: int, out: torch.Tensor | None = None):
     lib = cpu_kernels().library
     lib.llmserve_sample_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
-                                         ctypes.POINTER(SampleParams), ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int]
-    lib.llmserve_sample_rows.restype = ctypes.c_int
+                                         ctypes.POINTER(SampleParams), ctypes.c_uint64, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_int]
+    lib.llmserve_sample_rows.restype = None
     logits = logits.contiguous()   # (kept alive for the call)
     rows, vocab = logits.shape
     out = torch.full((rows,), -1, dtype=torch.int64) if out is None else out
-    status = lib.llmserve_sample_rows(logits.data_ptr(), rows, vocab, (SampleParams * rows)(*params),
-                                      seed, out.data_ptr(), 2)
-    assert status == 0
+    scratch = torch.empty(2, 2 * vocab)   # two threads
+    lib.llmserve_sample_rows(logits.data_ptr(), rows, vocab, (SampleParams * rows)(*params), seed, out.data_ptr(),
+                             scratch.data_ptr(), 2)
     return out
 
 
@@ -62,6 +64,17 @@ def test_draws_follow_the_samplers_distribution(temperature, top_k, top_p, min_p
     freq = torch.bincount(tokens, minlength=LOGITS.numel()).double() / DRAWS
     assert ((freq > 0) <= (want > 0)).all(), (freq, want)   # nothing the sampler masks is drawn
     assert (freq - want.double()).abs().max() < 0.012, (freq, want)   # ~5 standard deviations at most
+
+
+def test_a_tie_on_the_top_p_cut_keeps_as_many_tied_tokens_as_needed():
+    logits = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0, 0.0, -1.0, -2.0])
+    want = expected(logits, 1.0, 0, 0.75, 0.0)
+    tokens = sample_rows(logits.expand(DRAWS, -1), [SampleParams(1.0, 0.75, 0.0, 0)] * DRAWS, seed=99)
+    freq = torch.bincount(tokens, minlength=logits.numel()).double() / DRAWS
+    tied = slice(1, 5)
+    assert int((want[tied] > 0).sum()) == int((freq[tied] > 0).sum()) == 2   # of four tied tokens, two are needed
+    assert abs(float(freq[tied].sum() - want[tied].sum())) < 0.012 and abs(float(freq[0] - want[0])) < 0.012
+    assert freq[5:].sum() == 0
 
 
 def test_greedy_rows_are_left_and_a_seed_repeats_its_draws():

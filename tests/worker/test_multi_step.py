@@ -1,7 +1,8 @@
-"""Multi-step decoding through the engine (``--num-scheduler-steps``): the compiled loop runs several greedy decode
-steps per engine step and the output is exactly what one step at a time gives: the same tokens, the same finish,
+"""Multi-step decoding through the engine (``--num-scheduler-steps``): the compiled loop runs several decode steps
+per engine step. A greedy output is exactly what one step at a time gives: the same tokens, the same finish,
 whatever the dtype or weight format, with stops inside a step's tokens, with rows it cannot run in the batch and
-under KV-cache pressure. Engines it cannot run refuse the flag at start-up, saying why."""
+under KV-cache pressure; unseeded random rows draw in the loop too (their distribution:
+tests/layers/test_cpu_sampling.py). Engines it cannot run refuse the flag at start-up, saying why."""
 
 from __future__ import annotations
 

@@ -316,31 +316,39 @@ static long head_scratch(const dl_model *m, const dl_ends *e) {
     return m->bf16 && e->head.kind == DL_GROUP_INT8 ? e->vocab : 0;
 }
 
-/* The extra buffers of llmserve_decode_steps after carve's: the step's embeddings and final-norm output, the head's
- * bfloat16 output (a bfloat16 model's) and the float32 logits, each row's position, slot and length. */
-static long steps_bytes(const dl_model *m, const dl_ends *e, long rows, char *base, void **emb, void **normed,
-                        void **logits, float **logits32, long **positions, long **slots, int **seq_lens) {
+/* The buffers of llmserve_decode_steps after carve's: the step's embeddings and final-norm output, the head's
+ * bfloat16 output (a bfloat16 model's) and the float32 logits, the draws' scratch (2 x vocab floats for each of
+ * `draw_threads`: 0 without random rows), each row's position, slot and length. */
+typedef struct {
+    void *emb, *normed, *logits;
+    float *logits32, *draws;
+    long *positions, *slots;
+    int *seq_lens;
+    long bytes;
+} dl_steps_buffers;
+
+static dl_steps_buffers steps_carve(const dl_model *m, const dl_ends *e, long rows, long draw_threads, char *base) {
     const long s = m->bf16 ? 2 : 4;
+    dl_steps_buffers b;
     long at = carve(m, rows, head_scratch(m, e), NULL).bytes;
-#define TAKE(ptr, type, size) do { *(ptr) = (type)(base ? base + at : NULL); at += ((size) + 63) / 64 * 64; } while (0)
+#define TAKE(field, type, size) do { b.field = (type)(base ? base + at : NULL); at += ((size) + 63) / 64 * 64; } while (0)
     TAKE(emb, void *, rows * m->hidden * s);
     TAKE(normed, void *, rows * m->hidden * s);
     TAKE(logits, void *, m->bf16 ? rows * e->vocab * 2 : 0);
     TAKE(logits32, float *, rows * e->vocab * 4);
+    TAKE(draws, float *, draw_threads * 2 * e->vocab * 4);
     TAKE(positions, long *, rows * 8);
     TAKE(slots, long *, rows * 8);
     TAKE(seq_lens, int *, rows * 4);
 #undef TAKE
-    return at;
+    b.bytes = at;
+    return b;
 }
 
-/* Bytes of workspace llmserve_decode_steps needs for `rows` rows. */
-long llmserve_decode_steps_workspace(const dl_model *m, const dl_ends *e, long rows) {
-    void *p;
-    float *f;
-    long *l;
-    int *i;
-    return steps_bytes(m, e, rows, NULL, &p, &p, &p, &f, &l, &l, &i);
+/* Bytes of workspace llmserve_decode_steps needs for `rows` rows, with random rows drawn on `draw_threads` threads
+ * (0: none). */
+long llmserve_decode_steps_workspace(const dl_model *m, const dl_ends *e, long rows, long draw_threads) {
+    return steps_carve(m, e, rows, draw_threads, NULL).bytes;
 }
 
 /* Whether `token` is one of row r's stop tokens (stop_ids[stop_starts[r] .. stop_starts[r + 1])). */
@@ -361,19 +369,19 @@ static int is_stop(const long *stop_ids, const long *stop_starts, long r, long t
  * steps end early after the first in which a row's token is one of its stop tokens (`stop_ids` from
  * `stop_starts[r]` to `stop_starts[r + 1]`; NULL for none): one step at a time, the next step would run without that
  * row. A row's K/V slots follow its block table (int32, `table_stride` apart, covering every position the steps
- * reach). Returns the steps run (1..steps), or llmserve_decode_layers' errors, or -4 for a first token outside the
- * vocabulary. */
+ * reach); `workspace`: llmserve_decode_steps_workspace(m, e, rows, sampling ? num_threads : 0) bytes. Returns the
+ * steps run (1..steps), or llmserve_decode_layers' errors, or -4 for a first token outside the vocabulary. */
 int llmserve_decode_steps(const dl_model *m, const dl_ends *e, long rows, long steps, const long *first_tokens,
                           const long *start_positions, const int *block_tables, long table_stride,
                           const long *stop_ids, const long *stop_starts, const sample_params *sampling, uint64_t seed,
                           const dl_lora_step *lora, long *tokens, void *workspace, int num_threads) {
     const int bf16 = m->bf16;
     const long s = bf16 ? 2 : 4, hidden = m->hidden, vocab = e->vocab, bs = m->block_size;
-    void *emb, *normed, *logits;
-    float *logits32;
-    long *positions, *slots;
-    int *seq_lens;
-    steps_bytes(m, e, rows, workspace, &emb, &normed, &logits, &logits32, &positions, &slots, &seq_lens);
+    const dl_steps_buffers sb = steps_carve(m, e, rows, sampling ? num_threads : 0, workspace);
+    void *emb = sb.emb, *normed = sb.normed, *logits = sb.logits;
+    float *logits32 = sb.logits32;
+    long *positions = sb.positions, *slots = sb.slots;
+    int *seq_lens = sb.seq_lens;
     const dl_buffers b = carve(m, rows, head_scratch(m, e), workspace);
     for (long r = 0; r < rows; r++)
         if (first_tokens[r] < 0 || first_tokens[r] >= vocab) return -4;
@@ -393,10 +401,9 @@ int llmserve_decode_steps(const dl_model *m, const dl_ends *e, long rows, long s
         if (status) return status;
         if (bf16) widen_rows(logits, vocab, logits32, rows, vocab);
         llmserve_argmax_rows(logits32, vocab, tokens + t * rows, rows, vocab, num_threads);
-        if (sampling != NULL
-            && llmserve_sample_rows(logits32, rows, vocab, sampling, seed + 0x9E3779B97F4A7C15ull * (uint64_t)t,
-                                    tokens + t * rows, num_threads))
-            return -2;
+        if (sampling != NULL)
+            llmserve_sample_rows(logits32, rows, vocab, sampling, seed + 0x9E3779B97F4A7C15ull * (uint64_t)t,
+                                 tokens + t * rows, sb.draws, num_threads);
         for (long r = 0; r < rows; r++)
             if (is_stop(stop_ids, stop_starts, r, tokens[t * rows + r])) return (int)(t + 1);
     }

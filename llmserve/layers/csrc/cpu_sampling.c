@@ -7,7 +7,6 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "cpu_sampling.h"
@@ -80,10 +79,10 @@ void llmserve_argmax_rows(const float *x, long x_stride, long *out, long rows, l
  *
  * The distribution the sampler (llmserve/layers/sampler.py) draws an unseeded random row from: logits divided by
  * the temperature; top-k (every token >= the k-th largest); top-p over the top-k-renormalised distribution (the
- * smallest set of the most likely tokens whose probability reaches p); min-p (tokens below min_p x the most likely
- * one's probability dropped); then one draw. The draw here is the inverse CDF of one uniform from a per-call
- * generator, where the sampler races exponentials: the same distribution (an unseeded row has no draw to
- * reproduce). */
+ * smallest set of the most likely tokens whose probability reaches p: of tokens tied at its edge, as many as it
+ * needs); min-p (tokens below min_p x the most likely one's probability dropped); then one draw. The draw here is
+ * the inverse CDF of one uniform from a per-call generator, where the sampler races exponentials: the same
+ * distribution (an unseeded row has no draw to reproduce). */
 
 /* xoshiro256+ seeded through splitmix64: a uniform double in [0, 1). */
 typedef struct { uint64_t s[4]; } sample_rng;
@@ -135,9 +134,11 @@ static float kth_largest(float *v, long n, long k) {
     return v[want];
 }
 
-/* The smallest weight t such that the weights >= t sum to at least `target` (0 < target <= their total) over
- * w[0..n) (reordered): the top-p cut. Ties at the cut are all kept. */
-static float top_mass_cut(float *w, long n, double target) {
+/* The top-p cut over the weights w[0..n) (reordered): the largest weight t such that the weights > t and
+ * `*ties` of those equal to t sum to at least `target` (0 < target <= their total), `*ties` the fewest that do, as
+ * the sampler's ascending sort drops the tied tokens it does not need (which of them: unspecified there; here
+ * the first by index). */
+static float top_mass_cut(float *w, long n, double target, long *ties) {
     long lo = 0, hi = n;   /* the undecided range [lo, hi); everything above it is kept */
     double kept = 0.0;
     while (hi - lo > 1) {
@@ -162,16 +163,27 @@ static float top_mass_cut(float *w, long n, double target) {
         if (kept + above >= target) {
             hi = gt;   /* the cut is among the larger ones */
         } else if (kept + above + equal >= target) {
+            const long need = (long)ceil((target - kept - above) / pivot);
+            *ties = need < 1 ? 1 : need > eq_end - gt ? eq_end - gt : need;
             return pivot;
         } else {
             kept += above + equal;
             lo = eq_end;
         }
     }
+    *ties = 1;
     return hi > lo ? w[lo] : 0.0f;   /* (an empty range: rounding put the target at the total; keep all) */
 }
 
-/* One token drawn from `logits` [vocab] under `p` (see above); `scratch` holds 2 x vocab floats. */
+/* Whether weight `e` is in: above `floor_w`, or equal to it while `*ties` of those remain (counted down). */
+static int kept_weight(float e, float floor_w, long *ties) {
+    if (!(e > 0.0f) || !(e >= floor_w)) return 0;   /* (a NaN weight is out) */
+    if (e > floor_w) return 1;
+    return (*ties)-- > 0;
+}
+
+/* One token drawn from `logits` [vocab] under `p` (see above); `scratch` holds 2 x vocab floats. Both passes over
+ * the weights below take the same tokens, in index order. */
 static long sample_row(const float *logits, long vocab, const sample_params *p, sample_rng *rng, float *scratch) {
     float *x = scratch, *w = scratch + vocab;
     float m = -INFINITY;
@@ -192,16 +204,23 @@ static long sample_row(const float *logits, long vocab, const sample_params *p, 
         total += e;
         if (e > 0.0f) w[n++] = e;
     }
-    float floor_w = 0.0f;   /* weights below it are out (top-p, min-p) */
-    if (p->top_p < 1.0f && n > 1) floor_w = top_mass_cut(w, n, (double)p->top_p * total);
-    if (p->min_p > 0.0f && p->min_p > floor_w) floor_w = p->min_p;   /* the most likely token weighs 1 */
+    float floor_w = 0.0f;   /* weights below it are out (top-p, min-p); of those equal to it, `ties` are in */
+    long ties = vocab;
+    if (p->top_p < 1.0f && n > 1) floor_w = top_mass_cut(w, n, (double)p->top_p * total, &ties);
+    if (p->min_p > 0.0f && p->min_p > floor_w) {   /* the most likely token weighs 1 */
+        floor_w = p->min_p;
+        ties = vocab;
+    }
     double kept = 0.0;
-    for (long i = 0; i < vocab; i++) kept += x[i] >= floor_w && x[i] > 0.0f ? x[i] : 0.0f;
+    long quota = ties;
+    for (long i = 0; i < vocab; i++)
+        if (kept_weight(x[i], floor_w, &quota)) kept += x[i];
     const double u = rng_uniform(rng) * kept;
     double sum = 0.0;
     long last = 0;
+    quota = ties;
     for (long i = 0; i < vocab; i++) {
-        if (x[i] <= 0.0f || x[i] < floor_w) continue;
+        if (!kept_weight(x[i], floor_w, &quota)) continue;
         last = i;
         sum += x[i];
         if (sum > u) return i;
@@ -210,18 +229,14 @@ static long sample_row(const float *logits, long vocab, const sample_params *p, 
 }
 
 /* out[r] = a token drawn from row r of `logits` [rows, vocab] under params[r] (see above), from a generator seeded
- * with `seed` and r; rows whose temperature is not positive (greedy) are left as they are. Returns 0, or -2
- * without memory. */
-int llmserve_sample_rows(const float *logits, long rows, long vocab, const sample_params *params, uint64_t seed,
-                         long *out, int num_threads) {
-    float *scratch = malloc(sizeof(float) * 2 * (size_t)vocab * (size_t)num_threads);
-    if (scratch == NULL) return -2;
+ * with `seed` and r; rows whose temperature is not positive (greedy) are left as they are. `scratch`: 2 x vocab
+ * floats per thread. */
+void llmserve_sample_rows(const float *logits, long rows, long vocab, const sample_params *params, uint64_t seed,
+                          long *out, float *scratch, int num_threads) {
     #pragma omp parallel for num_threads(num_threads) if (rows > 1)
     for (long r = 0; r < rows; r++) {
         if (!(params[r].temperature > 0.0f)) continue;
         sample_rng rng = rng_seeded(seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(r + 1)));
         out[r] = sample_row(logits + r * vocab, vocab, &params[r], &rng, scratch + 2 * vocab * omp_get_thread_num());
     }
-    free(scratch);
-    return 0;
 }

@@ -11,8 +11,8 @@ typedef struct {
     long top_k;
 } sample_params;
 
-int llmserve_sample_rows(const float *logits, long rows, long vocab, const sample_params *params, uint64_t seed,
-                         long *out, int num_threads);
+void llmserve_sample_rows(const float *logits, long rows, long vocab, const sample_params *params, uint64_t seed,
+                          long *out, float *scratch, int num_threads);
 void llmserve_argmax_rows(const float *x, long x_stride, long *out, long rows, long n, int num_threads);
 
 #endif
