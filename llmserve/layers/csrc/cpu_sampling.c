@@ -1,4 +1,5 @@
-/* Row reductions over logits for the sampler: log-sum-exp (the logprob normaliser) and argmax (greedy).
+/* Row reductions over logits for the sampler: log-sum-exp (the logprob normaliser) and argmax (greedy); and the
+ * multi-step decode loop's random draws (below).
  *
  * PyTorch's CPU logsumexp makes several passes and materialises exp(x - max) for the whole [rows, vocab]
  * matrix (8 ms for 256 x 32000 floats on two cores); here each row is one pass for the maximum and one
