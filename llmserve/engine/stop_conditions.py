@@ -4,6 +4,13 @@ strings need text, so the engine's output processing applies them instead."""
 from __future__ import annotations
 
 from llmserve.engine.sequence import Sequence
+from llmserve.sampling_params import SamplingParams
+
+
+def stop_token_ids(params: SamplingParams, eos_token_id: int | None) -> list[int]:
+    """The tokens that end a sequence once its ``min_tokens`` are met: EOS unless ignored, its stop token ids."""
+    eos = [] if eos_token_id is None or params.ignore_eos else [eos_token_id]
+    return eos + list(params.stop_token_ids or ())
 
 
 def stops_on_token(seq: Sequence, token: int) -> bool:
@@ -13,7 +20,7 @@ def stops_on_token(seq: Sequence, token: int) -> bool:
     params = seq.params
     if len(seq.output_token_ids) < params.min_tokens and params.structured_outputs is None:
         return False
-    return (token == seq.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids
+    return token in stop_token_ids(params, seq.eos_token_id)
 
 
 def check_token_stop(seq: Sequence, token: int, max_model_len: int | None) -> None:

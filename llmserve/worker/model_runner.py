@@ -101,9 +101,8 @@ class ModelRunner:
         self.lora_manager = lora_manager
         fused = fused_decode_or_reason(model, backend, dtype, device)
         self.fused_decode = None if isinstance(fused, str) else fused
-        self.multi_step = (None if num_scheduler_steps == 1 else
-                           multi_step_decode(self.fused_decode, fused if isinstance(fused, str) else None,
-                                             self.kv_cache_groups.num_groups))
+        self.multi_step = (None if num_scheduler_steps == 1
+                           else multi_step_decode(fused, self.kv_cache_groups.num_groups))
         self._calibrate_kv: list[Attention] = []   # attention layers whose KV-cache scales the next eager step fits
         self._received = self._sent = False   # this step's pipeline hand-offs, for fail_step
         if device.type == "cpu":

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from llmserve.engine.messages import ModelRunnerOutput
+from llmserve.engine.stop_conditions import stop_token_ids
 from llmserve.layers.cpu_decode_layers import SampleParams
 from llmserve.layers.sampling_batch import FLOAT32_MAX
 from llmserve.models.llama_fused_decode import FusedDecode
@@ -27,12 +28,13 @@ class MultiStepUnsupported(ValueError):
     """``--num-scheduler-steps`` above 1 for a model or engine the compiled loop cannot run; says why."""
 
 
-def multi_step_decode(fused: FusedDecode | None, fused_off: str | None, num_kv_cache_groups: int) -> FusedDecode:
-    """The fused decode step that runs multi-step steps; raises :class:`MultiStepUnsupported` naming what is
-    missing (``fused_off``: why the fused step is off, when it is)."""
+def multi_step_decode(fused: FusedDecode | str, num_kv_cache_groups: int) -> FusedDecode:
+    """The fused decode step that runs multi-step steps (given as
+    :func:`~llmserve.models.llama_fused_decode.fused_decode_or_reason` returns it: the step, or why it is off);
+    raises :class:`MultiStepUnsupported` naming what is missing."""
     why = None
-    if fused is None:
-        why = f"the fused CPU decode step is off ({fused_off})"
+    if isinstance(fused, str):
+        why = f"the fused CPU decode step is off ({fused})"
     elif fused.steps_unsupported is not None:
         why = fused.steps_unsupported
     elif num_kv_cache_groups != 1:
@@ -40,16 +42,8 @@ def multi_step_decode(fused: FusedDecode | None, fused_off: str | None, num_kv_c
     if why is not None:
         raise MultiStepUnsupported(f"--num-scheduler-steps > 1 runs decode steps in the compiled CPU loop, which "
                                    f"this engine cannot: {why}. Leave --num-scheduler-steps at 1")
-    assert fused is not None
+    assert not isinstance(fused, str)
     return fused
-
-
-def stop_tokens(seq: CachedSequence) -> list[int]:
-    """The tokens that end ``seq`` (EOS unless ignored, its stop token ids): its ``min_tokens`` are met, or the
-    scheduler would not have made the step multi-step."""
-    params = seq.params
-    eos = [] if seq.eos_token_id is None or params.ignore_eos else [seq.eos_token_id]
-    return eos + list(params.stop_token_ids or ())
 
 
 def sampling_of(seq: CachedSequence) -> SampleParams:
@@ -78,7 +72,9 @@ def run_multi_step(fused: FusedDecode, batch: InputBatch, step: StepInputs, num_
         seed = int(torch.randint(0, 2**63 - 1, (1,)))
     tokens = fused.decode_steps(torch.from_numpy(step.input_ids), torch.from_numpy(step.positions),
                                 torch.from_numpy(step.block_tables[0]), num_steps,
-                                [stop_tokens(seq) for seq in seqs], sampling, seed).T.tolist()
+                                # (min_tokens are met, or the scheduler would not have made the step multi-step)
+                                [stop_token_ids(seq.params, seq.eos_token_id) for seq in seqs], sampling,
+                                seed).T.tolist()
     out = ModelRunnerOutput()
     for seq, row in zip(seqs, tokens):
         out.sampled[seq.seq_id] = row[-1]
