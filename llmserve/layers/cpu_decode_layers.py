@@ -271,7 +271,8 @@ class DecodeLayersKernel:
             raise ValueError(f"decode steps: sampling parameters for {len(sampling)} rows, not {rows}")
         sample = (SampleParams * rows)(*sampling) if sampling is not None else None
         threads = torch.get_num_threads()
-        need = self._lib.llmserve_decode_steps_workspace(self._model, self._ends, rows, threads if sample is not None else 0)
+        draw_threads = threads if sample is not None else 0
+        need = self._lib.llmserve_decode_steps_workspace(self._model, self._ends, rows, draw_threads)
         if self._workspace.numel() < need:
             self._workspace = torch.empty(need, dtype=torch.uint8)
         tokens = torch.empty(steps, rows, dtype=torch.int64)
